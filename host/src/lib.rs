@@ -1,0 +1,30 @@
+//! flash-attn: FlashAttention forward with flash-attn 2's semantics, on CUDA GPUs through kernels written
+//! in Rust and compiled to PTX, and on the CPU where no GPU is present.
+//!
+//! ```no_run
+//! use flash_attn::{fwd, AttnOptions, DType, Device, Tensor};
+//! let (b, s, h, d) = (1, 128, 4, 64);
+//! let x: Vec<f32> = (0..b * s * h * d).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+//! let q = Tensor::from_f32(&x, &[b, s, h, d], DType::BF16)?.to_device(Device::best())?;
+//! let o = fwd(&q, &q, &q, &AttnOptions { causal: true, ..Default::default() })?;
+//! assert_eq!(o.lse.shape(), &[b, h, s]);
+//! # Ok::<(), flash_attn::Error>(())
+//! ```
+
+pub mod api;
+pub mod cpu;
+pub mod cuda;
+mod dispatch;
+pub mod error;
+mod module;
+pub mod params;
+pub mod problem;
+pub mod tensor;
+pub mod validate;
+
+pub use api::{fwd, varlen_fwd, AttnOptions, FwdOutput, Varlen};
+pub use error::{Error, Result};
+pub use tensor::{CpuData, DType, Device, Tensor};
+
+/// Head dimensions with a kernel variant (and accepted by the CPU path).
+pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];

@@ -1,0 +1,67 @@
+//! The single argument of every forward kernel: pointers, 64-bit strides in elements, lengths, and the
+//! mask and softmax constants in their canonical form. This file is compiled for the device (kernels-gpu)
+//! and for the host (host/src/params.rs includes it by path), so there is one definition of the layout.
+//!
+//! Varlen is the general case: with `cu_seqlens_q == 0` the batch is dense, sequence `b` starts at row
+//! `b * seqlen_q` of a `[B*S]`-row view through `*_batch_stride`, and every sequence has `seqlen_q` rows.
+
+/// Forward-pass parameters. All pointers are device addresses; `0` means absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FwdParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    /// f32 log-sum-exp (natural log), indexed `batch*lse_batch_stride + head*lse_head_stride + row`.
+    pub lse: u64,
+    /// int32 `[batch + 1]`, or 0 for a dense batch.
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    /// int32 `[batch]`: rows of each slot that are real; the rest are padding (out 0, LSE -inf). 0 = all.
+    pub seqused_q: u64,
+    pub seqused_k: u64,
+
+    pub q_batch_stride: i64,
+    pub q_row_stride: i64,
+    pub q_head_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_row_stride: i64,
+    pub k_head_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_row_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_row_stride: i64,
+    pub o_head_stride: i64,
+    pub lse_batch_stride: i64,
+    pub lse_head_stride: i64,
+
+    /// Number of sequences.
+    pub batch: i32,
+    /// Query heads and key/value heads; `h % h_k == 0`.
+    pub h: i32,
+    pub h_k: i32,
+    /// Dense: rows per sequence. Varlen: `max_seqlen_q`/`max_seqlen_k` (they only size the grid).
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    /// Rows in the q/o buffers and in the k/v buffers: every index the kernel forms is clamped below these.
+    pub total_q: i32,
+    pub total_k: i32,
+    /// Inclusive window around the bottom-right-aligned diagonal; -1 = unbounded. Causal is (-1, 0).
+    pub window_left: i32,
+    pub window_right: i32,
+    /// Number of query-row blocks the grid's x dimension has (blocks stride over longer sequences).
+    pub m_blocks: i32,
+    /// Scores are `qk * scale_log2` (base 2), or with softcap `tanh(qk * softcap_pre) * scale_log2`.
+    pub scale_log2: f32,
+    /// `softmax_scale / softcap`, or 0 when there is no softcap.
+    pub softcap_pre: f32,
+}
+
+/// Size the host's launch code relies on; both sides assert it.
+pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4;
+const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
+const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
+const _: () = assert!(core::mem::offset_of!(FwdParams, batch) == 184);
