@@ -1,3 +1,290 @@
-//! Placeholder: the helper writes this.
-use crate::{api::{AttnOptions, Varlen}, error::Result, problem::Problem, tensor::Tensor};
-pub fn validate_fwd(_q: &Tensor, _k: &Tensor, _v: &Tensor, _varlen: Option<&Varlen<'_>>, _opts: &AttnOptions) -> Result<Problem> { todo!() }
+//! Every argument check, before anything runs: each failure is a typed `Error` naming the argument. The
+//! result is a `Problem` in canonical form (causal folded into the window, default scale filled in,
+//! strides copied out), so neither the CPU path nor the kernels re-check anything.
+//!
+//! Sizes are checked in u128 so that no combination of shapes and strides can overflow (or panic) here.
+
+use crate::api::{AttnOptions, Varlen};
+use crate::error::{Error, Result};
+use crate::problem::{HostSeqlens, Problem, Strides};
+use crate::tensor::{DType, Device, Tensor};
+use crate::HEAD_DIMS;
+
+const I32_MAX: u128 = i32::MAX as u128;
+const I64_MAX: u128 = i64::MAX as u128;
+
+/// Checks q, k, v (and the varlen lengths) against each other and `opts`, and returns the canonical problem.
+pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions) -> Result<Problem> {
+    check_dtypes(q, k, v)?;
+    check_devices(q, k, v, varlen)?;
+
+    let rank = if varlen.is_some() { 3 } else { 4 };
+    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.rank() != rank {
+            return Err(Error::Rank { arg, got: t.rank(), expected: rank });
+        }
+    }
+    if k.shape() != v.shape() {
+        return Err(Error::Shape { arg: "v", msg: format!("shape {:?} must equal k's shape {:?}", v.shape(), k.shape()) });
+    }
+    // Trailing dims are [.., S, H, D] in both layouts.
+    let (qs, ks) = (q.shape(), k.shape());
+    let (hq, d) = (qs[rank - 2], qs[rank - 1]);
+    let hk = ks[rank - 2];
+    if ks[rank - 1] != d {
+        return Err(Error::Shape { arg: "k", msg: format!("head dim {} must equal q's head dim {d}", ks[rank - 1]) });
+    }
+    if varlen.is_none() && ks[0] != qs[0] {
+        return Err(Error::Shape { arg: "k", msg: format!("batch size {} must equal q's batch size {}", ks[0], qs[0]) });
+    }
+    if !HEAD_DIMS.contains(&d) {
+        return Err(Error::HeadDim { got: d });
+    }
+    if hk == 0 || hq % hk != 0 {
+        return Err(Error::Heads { hq, hk });
+    }
+    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.strides()[rank - 1] != 1 {
+            return Err(Error::NotContiguous { arg });
+        }
+    }
+
+    // Varlen structure: B comes from cu_seqlens; lengths must be int32 vectors of matching size.
+    let (batch, seqlen_q, seqlen_k, total_q, total_k) = match varlen {
+        None => {
+            let total_q = checked_rows("q", qs[0], qs[1])?;
+            let total_k = checked_rows("k", ks[0], ks[1])?;
+            (qs[0], qs[1], ks[1], total_q, total_k)
+        }
+        Some(vl) => {
+            let batch = check_varlen_structure(vl)?;
+            (batch, vl.max_seqlen_q, vl.max_seqlen_k, qs[0], ks[0])
+        }
+    };
+    check_options(opts)?;
+
+    // Everything the kernels index with i32 (rows, heads, sequences) and i64 (element offsets).
+    fits_i32("q", "batch size", batch)?;
+    fits_i32("q", "num_heads", hq)?;
+    fits_i32("k", "num_heads_k", hk)?;
+    fits_i32(if varlen.is_some() { "max_seqlen_q" } else { "q" }, "seqlen_q", seqlen_q)?;
+    fits_i32(if varlen.is_some() { "max_seqlen_k" } else { "k" }, "seqlen_k", seqlen_k)?;
+    fits_i32("q", "total query rows", total_q)?;
+    fits_i32("k", "total key rows", total_k)?;
+    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        check_extent(arg, t)?;
+    }
+    let out_elems = total_q as u128 * hq as u128 * d as u128;
+    if out_elems > I64_MAX || out_elems > usize::MAX as u128 {
+        return Err(Error::TooLarge { arg: "q", msg: format!("the output would have {out_elems} elements, more than i64 can index") });
+    }
+
+    let seqlens = match varlen {
+        Some(vl) if q.device() == Device::Cpu => Some(check_varlen_contents(vl, total_q, total_k)?),
+        _ => None,
+    };
+
+    // Canonical mask: causal is window (left, 0); a bound that can never bind becomes -1 (unbounded).
+    // Row i of a (sq, sk) sequence sees j >= i + sk - sq - left for all i iff left >= sk - 1, and
+    // j <= i + sk - sq + right for all j < sk iff right >= sq - 1; the totals bound every varlen length.
+    let (bound_q, bound_k) = if varlen.is_some() { (total_q, total_k) } else { (seqlen_q, seqlen_k) };
+    let (mut window_left, mut window_right) = opts.window;
+    if opts.causal {
+        window_right = 0;
+    }
+    if window_left >= 0 && window_left as u64 >= bound_k as u64 {
+        window_left = -1;
+    }
+    if window_right >= 0 && window_right as u64 >= bound_q as u64 {
+        window_right = -1;
+    }
+
+    let strides = |t: &Tensor| {
+        let s = t.strides();
+        match varlen {
+            None => Strides { batch: s[0], row: s[1], head: s[2], offset: t.offset() },
+            Some(_) => Strides { batch: 0, row: s[0], head: s[1], offset: t.offset() },
+        }
+    };
+    Ok(Problem {
+        dtype: q.dtype(),
+        device: q.device(),
+        batch,
+        hq,
+        hk,
+        head_dim: d,
+        varlen: varlen.is_some(),
+        seqlen_q,
+        seqlen_k,
+        total_q,
+        total_k,
+        window_left,
+        window_right,
+        scale: opts.softmax_scale.unwrap_or(1.0 / (d as f32).sqrt()),
+        softcap: opts.softcap,
+        q: strides(q),
+        k: strides(k),
+        v: strides(v),
+        has_seqused_q: varlen.is_some_and(|vl| vl.seqused_q.is_some()),
+        has_seqused_k: varlen.is_some_and(|vl| vl.seqused_k.is_some()),
+        seqlens,
+    })
+}
+
+/// Copies the varlen length tensors to the host (from the device if need be) and checks their contents:
+/// the check `validate_fwd` skips for device tensors, for callers who want it. `total_q`/`total_k` are
+/// the row counts of q and k.
+pub fn check_varlen_contents(varlen: &Varlen<'_>, total_q: usize, total_k: usize) -> Result<HostSeqlens> {
+    let batch = check_varlen_structure(varlen)?;
+    let seqlens = HostSeqlens {
+        cu_seqlens_q: varlen.cu_seqlens_q.to_i32_vec()?,
+        cu_seqlens_k: varlen.cu_seqlens_k.to_i32_vec()?,
+        seqused_q: varlen.seqused_q.map(Tensor::to_i32_vec).transpose()?,
+        seqused_k: varlen.seqused_k.map(Tensor::to_i32_vec).transpose()?,
+    };
+    let side = |cu_arg, cu: &[i32], used_arg, used: Option<&[i32]>, max_arg, max_seqlen: usize, total: usize| -> Result<()> {
+        check_cu_seqlens(cu_arg, cu, total)?;
+        for b in 0..batch {
+            let slot = i64::from(cu[b + 1]) - i64::from(cu[b]);
+            let len = match used {
+                Some(u) if u[b] < 0 || i64::from(u[b]) > slot => {
+                    return Err(Error::SeqLens { arg: used_arg, msg: format!("entry {b} is {}, outside 0..={slot} (the length of slot {b} in {cu_arg})", u[b]) });
+                }
+                Some(u) => i64::from(u[b]),
+                None => slot,
+            };
+            if len as u64 > max_seqlen as u64 {
+                return Err(Error::SeqLens { arg: max_arg, msg: format!("{max_seqlen} is below the length {len} of sequence {b}") });
+            }
+        }
+        Ok(())
+    };
+    side("cu_seqlens_q", &seqlens.cu_seqlens_q, "seqused_q", seqlens.seqused_q.as_deref(), "max_seqlen_q", varlen.max_seqlen_q, total_q)?;
+    side("cu_seqlens_k", &seqlens.cu_seqlens_k, "seqused_k", seqlens.seqused_k.as_deref(), "max_seqlen_k", varlen.max_seqlen_k, total_k)?;
+    Ok(seqlens)
+}
+
+fn check_dtypes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    if !matches!(q.dtype(), DType::F16 | DType::BF16) {
+        return Err(Error::DType { arg: "q", got: q.dtype().to_string(), expected: "f16 or bf16" });
+    }
+    for (arg, t) in [("k", k), ("v", v)] {
+        if t.dtype() != q.dtype() {
+            return Err(Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: format!("q's dtype {}", q.dtype()) });
+        }
+    }
+    Ok(())
+}
+
+fn check_devices(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<()> {
+    let mut all = vec![("k", k), ("v", v)];
+    if let Some(vl) = varlen {
+        all.extend([("cu_seqlens_q", vl.cu_seqlens_q), ("cu_seqlens_k", vl.cu_seqlens_k)]);
+        all.extend(vl.seqused_q.map(|t| ("seqused_q", t)));
+        all.extend(vl.seqused_k.map(|t| ("seqused_k", t)));
+    }
+    for (arg, t) in all {
+        if t.device() != q.device() {
+            return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: q.device().to_string() });
+        }
+    }
+    Ok(())
+}
+
+/// Dtype, rank and length of the varlen tensors; returns the number of sequences B.
+fn check_varlen_structure(vl: &Varlen<'_>) -> Result<usize> {
+    let vector = |arg: &'static str, t: &Tensor| -> Result<usize> {
+        if t.dtype() != DType::I32 {
+            return Err(Error::DType { arg, got: t.dtype().to_string(), expected: "i32" });
+        }
+        if t.rank() != 1 {
+            return Err(Error::Rank { arg, got: t.rank(), expected: 1 });
+        }
+        // The kernels read these as plain int32 arrays.
+        if t.shape()[0] > 1 && t.strides()[0] != 1 {
+            return Err(Error::NotContiguous { arg });
+        }
+        Ok(t.shape()[0])
+    };
+    let len_q = vector("cu_seqlens_q", vl.cu_seqlens_q)?;
+    let len_k = vector("cu_seqlens_k", vl.cu_seqlens_k)?;
+    if len_q == 0 {
+        return Err(Error::Shape { arg: "cu_seqlens_q", msg: "must have B+1 >= 1 entries, got 0".into() });
+    }
+    if len_k != len_q {
+        return Err(Error::Shape { arg: "cu_seqlens_k", msg: format!("has {len_k} entries but cu_seqlens_q has {len_q}") });
+    }
+    let batch = len_q - 1;
+    for (arg, t) in [("seqused_q", vl.seqused_q), ("seqused_k", vl.seqused_k)] {
+        if let Some(t) = t {
+            let n = vector(arg, t)?;
+            if n != batch {
+                return Err(Error::Shape { arg, msg: format!("has {n} entries, expected B = {batch} (cu_seqlens has {len_q})") });
+            }
+        }
+    }
+    Ok(batch)
+}
+
+fn check_cu_seqlens(arg: &'static str, cu: &[i32], total: usize) -> Result<()> {
+    if cu[0] != 0 {
+        return Err(Error::SeqLens { arg, msg: format!("must start at 0, starts at {}", cu[0]) });
+    }
+    if let Some(b) = (1..cu.len()).find(|&b| cu[b] < cu[b - 1]) {
+        return Err(Error::SeqLens { arg, msg: format!("must be non-decreasing, but entry {b} ({}) < entry {} ({})", cu[b], b - 1, cu[b - 1]) });
+    }
+    let last = cu[cu.len() - 1];
+    if last as u64 > total as u64 {
+        let of = if arg.ends_with('q') { "q" } else { "k" };
+        return Err(Error::SeqLens { arg, msg: format!("last entry {last} exceeds the {total} rows of {of}") });
+    }
+    Ok(())
+}
+
+fn check_options(opts: &AttnOptions) -> Result<()> {
+    if let Some(s) = opts.softmax_scale
+        && !s.is_finite()
+    {
+        return Err(Error::Value { arg: "softmax_scale", msg: format!("must be finite, got {s}") });
+    }
+    if !(opts.softcap.is_finite() && opts.softcap >= 0.0) {
+        return Err(Error::Value { arg: "softcap", msg: format!("must be finite and >= 0 (0 = off), got {}", opts.softcap) });
+    }
+    let (left, right) = opts.window;
+    for (side, w) in [("left", left), ("right", right)] {
+        if w < -1 {
+            return Err(Error::Value { arg: "window", msg: format!("{side} value {w} must be >= -1 (-1 = unbounded)") });
+        }
+    }
+    Ok(())
+}
+
+fn checked_rows(arg: &'static str, batch: usize, seqlen: usize) -> Result<usize> {
+    let rows = batch as u128 * seqlen as u128;
+    if rows > I32_MAX {
+        return Err(Error::TooLarge { arg, msg: format!("{batch} x {seqlen} rows exceed the i32 row index") });
+    }
+    Ok(rows as usize)
+}
+
+fn fits_i32(arg: &'static str, what: &str, n: usize) -> Result<()> {
+    if n as u128 > I32_MAX {
+        return Err(Error::TooLarge { arg, msg: format!("{what} {n} exceeds the i32 range") });
+    }
+    Ok(())
+}
+
+/// The largest element offset the view reaches, and every stride, must fit i64.
+fn check_extent(arg: &'static str, t: &Tensor) -> Result<()> {
+    if let Some(s) = t.strides().iter().find(|&&s| s as u128 > I64_MAX) {
+        return Err(Error::TooLarge { arg, msg: format!("stride {s} exceeds the i64 range") });
+    }
+    if t.shape().contains(&0) {
+        return Ok(());
+    }
+    let last = t.shape().iter().zip(t.strides()).fold(t.offset() as u128, |acc, (&n, &s)| acc.saturating_add((n as u128 - 1).saturating_mul(s as u128)));
+    if last > I64_MAX {
+        return Err(Error::TooLarge { arg, msg: format!("element offset {last} exceeds the i64 range") });
+    }
+    Ok(())
+}
