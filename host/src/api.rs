@@ -61,6 +61,54 @@ pub fn varlen_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts:
     run(&problem, q, k, v, Some(varlen))
 }
 
+/// Dense forward into caller-provided outputs: `out` `[B, Sq, Hq, D]` in q's dtype (any row/head/batch
+/// strides, last dim contiguous) and `lse` contiguous f32 `[B, Hq, Sq]`, on q's device. Nothing outside
+/// the two views is written.
+pub fn fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    let problem = crate::validate::validate_fwd(q, k, v, None, opts)?;
+    run_into(&problem, q, k, v, None, out, lse)
+}
+
+/// Packed forward into caller-provided outputs: `out` `[Tq, Hq, D]`, `lse` contiguous f32 `[Hq, Tq]`.
+/// With static shapes (graph capture), every row of both is written, padding included.
+pub fn varlen_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    let problem = crate::validate::validate_fwd(q, k, v, Some(varlen), opts)?;
+    run_into(&problem, q, k, v, Some(varlen), out, lse)
+}
+
+fn run_into(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    check_output("out", out, problem.dtype, &problem.out_shape(), problem.device, false)?;
+    check_output("lse", lse, crate::DType::F32, &problem.lse_shape(), problem.device, true)?;
+    match problem.device {
+        Device::Cpu => {
+            let r = crate::cpu::fwd(problem, q, k, v)?;
+            out.copy_from(&r.out)?;
+            lse.copy_from(&r.lse)
+        }
+        Device::Cuda(_) => crate::cuda::fwd_into(problem, q, k, v, varlen, out, lse),
+    }
+}
+
+fn check_output(arg: &'static str, t: &Tensor, dtype: crate::DType, shape: &[usize], device: Device, contiguous: bool) -> Result<()> {
+    use crate::Error;
+    if t.device() != device {
+        return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: device.to_string() });
+    }
+    if t.dtype() != dtype {
+        return Err(Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: dtype.to_string() });
+    }
+    if t.shape() != shape {
+        return Err(Error::Shape { arg, msg: format!("expected shape {shape:?}, got {:?}", t.shape()) });
+    }
+    if contiguous && !t.is_contiguous() {
+        return Err(Error::Shape { arg, msg: "must be contiguous".into() });
+    }
+    if t.strides().last().is_some_and(|&s| s != 1) && t.numel() > 0 {
+        return Err(Error::NotContiguous { arg });
+    }
+    Ok(())
+}
+
 fn run(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<FwdOutput> {
     match problem.device {
         Device::Cpu => crate::cpu::fwd(problem, q, k, v),

@@ -1,18 +1,182 @@
-//! CUDA path (placeholder while the driver layer is written).
+//! The CUDA path: device buffers, and the launch of the fused forward kernel for a validated problem.
+
+use crate::api::Varlen;
+use crate::dispatch::fwd_launch;
 use crate::error::{Error, Result};
+use crate::module::{gpu, Gpu};
+use crate::params::FwdParams;
 use crate::problem::Problem;
-use crate::tensor::Tensor;
-use crate::api::{FwdOutput, Varlen};
+use crate::tensor::{Storage, Tensor};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
-pub fn available() -> bool { false }
-
-#[derive(Clone, Debug)]
-pub struct DeviceBuffer;
-impl DeviceBuffer {
-    pub fn zeros(_o: usize, _n: usize) -> Result<Self> { Err(Error::Cuda("not built".into())) }
-    pub fn from_host(_o: usize, _b: &[u8]) -> Result<Self> { Err(Error::Cuda("not built".into())) }
-    pub fn ordinal(&self) -> usize { 0 }
-    pub fn len_bytes(&self) -> usize { 0 }
-    pub fn to_host(&self) -> Result<Vec<u8>> { Err(Error::Cuda("not built".into())) }
+/// Whether a CUDA driver and at least one GPU are present (never panics without libcuda).
+pub fn available() -> bool {
+    crate::module::cuda_available()
 }
-pub fn fwd(_p: &Problem, _q: &Tensor, _k: &Tensor, _v: &Tensor, _vl: Option<&Varlen<'_>>) -> Result<FwdOutput> { Err(Error::Cuda("not built".into())) }
+
+/// Device memory shared by the tensors viewing it. All work is ordered on the device's one stream.
+#[derive(Clone)]
+pub struct DeviceBuffer {
+    slice: Arc<CudaSlice<u8>>,
+    len: usize,
+    gpu: Arc<Gpu>,
+}
+
+impl std::fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceBuffer(cuda:{}, {} bytes)", self.ordinal(), self.len)
+    }
+}
+
+impl DeviceBuffer {
+    /// `n` zero bytes on device `ordinal`.
+    pub fn zeros(ordinal: usize, n: usize) -> Result<Self> {
+        let gpu = gpu(ordinal)?;
+        let slice = gpu.stream.alloc_zeros::<u8>(n.max(16))?;
+        Ok(DeviceBuffer { slice: Arc::new(slice), len: n, gpu })
+    }
+    /// `n` bytes whose contents the caller will overwrite entirely (kernel outputs).
+    pub(crate) fn uninit(ordinal: usize, n: usize) -> Result<Self> {
+        let gpu = gpu(ordinal)?;
+        let slice = unsafe { gpu.stream.alloc::<u8>(n.max(16))? };
+        Ok(DeviceBuffer { slice: Arc::new(slice), len: n, gpu })
+    }
+    /// A device copy of `bytes`.
+    pub fn from_host(ordinal: usize, bytes: &[u8]) -> Result<Self> {
+        let gpu = gpu(ordinal)?;
+        let mut slice = gpu.stream.alloc_zeros::<u8>(bytes.len().max(16))?;
+        if !bytes.is_empty() {
+            gpu.stream.memcpy_htod(bytes, &mut slice.slice_mut(..bytes.len()))?;
+        }
+        Ok(DeviceBuffer { slice: Arc::new(slice), len: bytes.len(), gpu })
+    }
+    pub fn ordinal(&self) -> usize {
+        self.gpu.ctx.ordinal()
+    }
+    pub fn len_bytes(&self) -> usize {
+        self.len
+    }
+    /// The bytes, copied to the host (waits for all work queued before).
+    pub fn to_host(&self) -> Result<Vec<u8>> {
+        let mut v = self.gpu.stream.clone_dtoh(&*self.slice)?;
+        v.truncate(self.len);
+        Ok(v)
+    }
+    /// Device address of byte 0.
+    pub(crate) fn ptr(&self) -> u64 {
+        let (p, _sync) = self.slice.device_ptr(&self.gpu.stream);
+        p
+    }
+}
+
+/// Device address of a tensor's first element.
+fn addr(t: &Tensor) -> Result<u64> {
+    match &t.storage {
+        Storage::Cuda(b) => Ok(b.ptr() + (t.offset() * t.dtype().size()) as u64),
+        Storage::Cpu(_) => Err(Error::Cuda("internal: host tensor on the CUDA path".into())),
+    }
+}
+
+/// Optional tensor -> address or 0.
+fn opt_addr(t: Option<&Tensor>) -> Result<u64> {
+    t.map(addr).transpose().map(|a| a.unwrap_or(0))
+}
+
+/// The kernels copy rows with 16-byte `cp.async`: every row of q/k/v/out must start 16-byte aligned.
+fn check_aligned(arg: &'static str, t: &Tensor) -> Result<()> {
+    let rank = t.rank();
+    let bad = t.offset() % 8 != 0 || t.strides()[..rank.saturating_sub(1)].iter().zip(t.shape()).any(|(&s, &n)| n > 1 && s % 8 != 0);
+    if bad {
+        return Err(Error::Value { arg, msg: "on CUDA every row must be 16-byte aligned: offset and strides must be multiples of 8 elements".into() });
+    }
+    Ok(())
+}
+
+/// Allocate the outputs on q's device and run the kernel into them.
+pub fn fwd(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<crate::api::FwdOutput> {
+    let ordinal = match q.device() {
+        crate::Device::Cuda(o) => o,
+        crate::Device::Cpu => return Err(Error::Cuda("internal: host tensor on the CUDA path".into())),
+    };
+    let out_shape = p.out_shape();
+    let lse_shape = p.lse_shape();
+    let out = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, out_shape.iter().product::<usize>() * p.dtype.size())?, &out_shape, p.dtype);
+    let lse = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, lse_shape.iter().product::<usize>() * 4)?, &lse_shape, crate::DType::F32);
+    fwd_into(p, q, k, v, varlen, &out, &lse)?;
+    Ok(crate::api::FwdOutput { out, lse })
+}
+
+/// Run the forward kernel writing into `out` (shape `p.out_shape()`, any row/head strides) and `lse`
+/// (contiguous `p.lse_shape()`); both already checked against the problem.
+pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, out: &Tensor, lse: &Tensor) -> Result<()> {
+    for (arg, t) in [("q", q), ("k", k), ("v", v), ("out", out)] {
+        check_aligned(arg, t)?;
+    }
+    if p.total_q == 0 || p.hq == 0 {
+        return Ok(());
+    }
+    let launch = fwd_launch(p).ok_or(Error::HeadDim { got: p.head_dim })?;
+    for (arg, n) in [("num_heads", p.hq), ("batch", launch.grid.2 as usize)] {
+        if n > 65535 {
+            return Err(Error::TooLarge { arg, msg: format!("{n} exceeds the CUDA grid limit of 65535") });
+        }
+    }
+    let ordinal = match q.device() {
+        crate::Device::Cuda(o) => o,
+        crate::Device::Cpu => return Err(Error::Cuda("internal: host tensor on the CUDA path".into())),
+    };
+    let gpu = gpu(ordinal)?;
+    let func = gpu.function(launch.kernel, launch.smem_bytes)?;
+
+    let s = |x: usize| x as i64;
+    let os = out.strides();
+    let (o_batch, o_row, o_head) = if p.varlen { (0, os[0], os[1]) } else { (os[0], os[1], os[2]) };
+    let (lse_batch, lse_head) = if p.varlen { (0, p.total_q) } else { (p.hq * p.seqlen_q, p.seqlen_q) };
+    let (scale_log2, softcap_pre) = if p.softcap > 0.0 {
+        (p.softcap * std::f32::consts::LOG2_E, p.scale / p.softcap)
+    } else {
+        (p.scale * std::f32::consts::LOG2_E, 0.0)
+    };
+    let i32_of = |x: i64| x.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+    let params = FwdParams {
+        q: addr(q)?,
+        k: addr(k)?,
+        v: addr(v)?,
+        o: addr(out)?,
+        lse: addr(lse)?,
+        cu_seqlens_q: opt_addr(varlen.map(|vl| vl.cu_seqlens_q))?,
+        cu_seqlens_k: opt_addr(varlen.map(|vl| vl.cu_seqlens_k))?,
+        seqused_q: opt_addr(varlen.and_then(|vl| vl.seqused_q))?,
+        seqused_k: opt_addr(varlen.and_then(|vl| vl.seqused_k))?,
+        q_batch_stride: s(p.q.batch),
+        q_row_stride: s(p.q.row),
+        q_head_stride: s(p.q.head),
+        k_batch_stride: s(p.k.batch),
+        k_row_stride: s(p.k.row),
+        k_head_stride: s(p.k.head),
+        v_batch_stride: s(p.v.batch),
+        v_row_stride: s(p.v.row),
+        v_head_stride: s(p.v.head),
+        o_batch_stride: s(o_batch),
+        o_row_stride: s(o_row),
+        o_head_stride: s(o_head),
+        lse_batch_stride: s(lse_batch),
+        lse_head_stride: s(lse_head),
+        batch: p.batch as i32,
+        h: p.hq as i32,
+        h_k: p.hk as i32,
+        seqlen_q: p.seqlen_q as i32,
+        seqlen_k: p.seqlen_k as i32,
+        total_q: p.total_q as i32,
+        total_k: p.total_k as i32,
+        window_left: i32_of(p.window_left),
+        window_right: i32_of(p.window_right),
+        m_blocks: launch.grid.0 as i32,
+        scale_log2,
+        softcap_pre,
+    };
+    let cfg = LaunchConfig { grid_dim: launch.grid, block_dim: (launch.block, 1, 1), shared_mem_bytes: launch.smem_bytes as u32 };
+    unsafe { gpu.stream.launch_builder(&func).arg(&params).launch(cfg)? };
+    Ok(())
+}

@@ -22,7 +22,7 @@ pub mod problem;
 pub mod tensor;
 pub mod validate;
 
-pub use api::{fwd, varlen_fwd, AttnOptions, FwdOutput, Varlen};
+pub use api::{fwd, fwd_into, varlen_fwd, varlen_fwd_into, AttnOptions, FwdOutput, Varlen};
 pub use error::{Error, Result};
 pub use tensor::{CpuData, DType, Device, Tensor};
 

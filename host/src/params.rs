@@ -2,3 +2,6 @@
 #[path = "../../kernels-gpu/src/params.rs"]
 mod shared;
 pub use shared::*;
+
+// The kernel takes the struct by value: its bytes are the launch parameter.
+unsafe impl cudarc::driver::DeviceRepr for FwdParams {}

@@ -334,3 +334,29 @@ impl Tensor {
         Ok(self.to_cpu()?.cpu_data().expect("to_cpu returns host storage").to_bytes())
     }
 }
+
+impl Tensor {
+    /// A contiguous tensor over a whole device buffer.
+    pub(crate) fn on_device_buffer(buf: crate::cuda::DeviceBuffer, shape: &[usize], dtype: DType) -> Tensor {
+        Tensor { storage: Storage::Cuda(buf), dtype, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 }
+    }
+}
+
+impl Tensor {
+    /// Copy `src` (same dtype and shape, any layout) into this host tensor's view, in place.
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        if src.dtype != self.dtype || src.shape != self.shape {
+            return Err(Error::Data { msg: format!("copy_from: {} {:?} into {} {:?}", src.dtype, src.shape, self.dtype, self.shape) });
+        }
+        let src = src.to_cpu()?;
+        let dst_idx: Vec<usize> = self.storage_indices().collect();
+        match (&mut self.storage, &src.storage) {
+            (Storage::Cpu(CpuData::F16(d)), Storage::Cpu(CpuData::F16(s))) => dst_idx.iter().zip(s).for_each(|(&i, &x)| d[i] = x),
+            (Storage::Cpu(CpuData::BF16(d)), Storage::Cpu(CpuData::BF16(s))) => dst_idx.iter().zip(s).for_each(|(&i, &x)| d[i] = x),
+            (Storage::Cpu(CpuData::F32(d)), Storage::Cpu(CpuData::F32(s))) => dst_idx.iter().zip(s).for_each(|(&i, &x)| d[i] = x),
+            (Storage::Cpu(CpuData::I32(d)), Storage::Cpu(CpuData::I32(s))) => dst_idx.iter().zip(s).for_each(|(&i, &x)| d[i] = x),
+            _ => return Err(Error::Data { msg: "copy_from writes host tensors only".into() }),
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,119 @@
-fn main() {}
+//! Project tasks: `cargo xtask ptx` (build the device crate to PTX and check it with ptxas for every
+//! target GPU), `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine).
+
+mod ptx;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// ptxas comes from PyPI's nvidia-cuda-nvcc, pinned to the GPU machine's CUDA (13.0).
+const NVCC_WHEEL: &str = "nvidia-cuda-nvcc==13.0.88";
+/// GPUs every kernel must assemble for.
+const PTXAS_ARCHS: &[&str] = &["sm_80", "sm_90a"];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ptx") => cmd_ptx(),
+        Some("bundle") => cmd_bundle(),
+        _ => Err("usage: cargo xtask <ptx|bundle>\n  ptx     build kernels-gpu to PTX and run ptxas on it (sm_80, sm_90a)\n  bundle  build release test/CLI/bench binaries and PTX into bundle/ for the GPU machine".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd.status().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{cmd:?} failed: {status}")) }
+}
+
+/// Path of ptxas, installing the pinned wheel into target/ on first use.
+fn ptxas() -> Result<PathBuf, String> {
+    let dir = root().join("target").join("cuda-nvcc");
+    let bin = dir.join("nvidia/cu13/bin/ptxas");
+    if !bin.exists() {
+        eprintln!("xtask: installing ptxas ({NVCC_WHEEL}) into {}", dir.display());
+        let py = if Command::new("python3").arg("--version").output().is_ok() { "python3" } else { "python" };
+        run(Command::new(py).args(["-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check", "--target"]).arg(&dir).arg(NVCC_WHEEL))?;
+    }
+    if bin.exists() { Ok(bin) } else { Err(format!("ptxas not found at {}", bin.display())) }
+}
+
+fn cmd_ptx() -> Result<(), String> {
+    let out_dir = root().join("target").join("ptx");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let files = ptx::build_ptx(Path::new(&cargo), &root(), &out_dir)?;
+    let ptxas = ptxas()?;
+    let mut spills = 0;
+    for file in &files {
+        for arch in PTXAS_ARCHS {
+            let out = Command::new(&ptxas)
+                .args(["-v", "--warn-on-spills", "-O3", "--gpu-name", arch, "-o", "/dev/null"])
+                .arg(file)
+                .output()
+                .map_err(|e| format!("running ptxas: {e}"))?;
+            let log = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                return Err(format!("ptxas {arch} rejected {}:\n{log}", file.display()));
+            }
+            println!("ptxas {arch} {}:", file.file_name().unwrap().to_string_lossy());
+            println!("  {:<28} {:>5} {:>10} {:>12} {:>12}", "kernel", "regs", "smem(st.)", "stack", "spill st/ld");
+            for k in parse_ptxas(&log) {
+                spills += k.spill_stores + k.spill_loads;
+                println!("  {:<28} {:>5} {:>10} {:>12} {:>6}/{:<6}", k.name, k.regs, k.smem, k.stack, k.spill_stores, k.spill_loads);
+            }
+        }
+    }
+    if spills > 0 {
+        println!("warning: some kernels spill registers (see the table)");
+    }
+    println!("ptx ok: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+#[derive(Default)]
+struct KernelReport {
+    name: String,
+    regs: u32,
+    smem: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+}
+
+/// Pull (kernel, registers, static smem, stack, spills) out of `ptxas -v`.
+fn parse_ptxas(log: &str) -> Vec<KernelReport> {
+    let num_before = |line: &str, unit: &str| -> u32 {
+        line.find(unit).and_then(|i| line[..i].split_whitespace().last()).and_then(|n| n.parse().ok()).unwrap_or(0)
+    };
+    let mut out: Vec<KernelReport> = Vec::new();
+    for line in log.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + 26..];
+            out.push(KernelReport { name: rest[..rest.find('\'').unwrap_or(rest.len())].to_string(), ..Default::default() });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                k.stack = num_before(line, "bytes stack frame");
+                k.spill_stores = num_before(line, "bytes spill stores");
+                k.spill_loads = num_before(line, "bytes spill loads");
+            } else if line.contains("Used") && line.contains("registers") {
+                k.regs = num_before(line, "registers");
+                k.smem = num_before(line, "bytes smem");
+            }
+        }
+    }
+    out
+}
+
+fn cmd_bundle() -> Result<(), String> {
+    Err("bundle: not yet".into())
+}

@@ -1,0 +1,58 @@
+//! Fast math: the special-function unit's exp2/log2/tanh, and f32 -> 16-bit packing.
+use core::arch::asm;
+
+/// 2^x with `ex2.approx.ftz.f32` (2 ulp; exact 0 for -inf).
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("ex2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// log2(x) with `lg2.approx.ftz.f32`.
+#[inline(always)]
+pub fn log2(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("lg2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// tanh(x) with `tanh.approx.f32` (sm_75+, about 2^-11 relative error).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("tanh.approx.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// 1/x, IEEE round-to-nearest.
+#[inline(always)]
+pub fn rcp(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("rcp.rn.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) }
+    r
+}
+
+/// `a * b + c` in one rounding.
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("fma.rn.f32 {r}, {a}, {b}, {c};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c, options(pure, nomem, nostack)) }
+    r
+}
+
+/// Pack two f32 into bf16x2 (`lo` in the low half), round to nearest even.
+#[inline(always)]
+pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {
+    let r: u32;
+    unsafe { asm!("cvt.rn.bf16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) }
+    r
+}
+
+/// Pack two f32 into f16x2 (`lo` in the low half), round to nearest even.
+#[inline(always)]
+pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
+    let r: u32;
+    unsafe { asm!("cvt.rn.f16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) }
+    r
+}

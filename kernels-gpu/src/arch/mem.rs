@@ -1,0 +1,32 @@
+//! Global-memory accesses the compiler would not emit as wanted on its own: 16-byte vectors and
+//! read-only loads of small metadata.
+use core::arch::asm;
+
+/// Store 16 bytes to global memory (`addr` 16-byte aligned).
+#[inline(always)]
+pub unsafe fn st_global_v4(addr: u64, v: [u32; 4]) {
+    unsafe {
+        asm!("st.global.v4.b32 [{a}], {{{x}, {y}, {z}, {w}}};", a = in(reg64) addr,
+            x = in(reg32) v[0], y = in(reg32) v[1], z = in(reg32) v[2], w = in(reg32) v[3], options(nostack))
+    }
+}
+
+/// Store 4 bytes to global memory.
+#[inline(always)]
+pub unsafe fn st_global_u32(addr: u64, v: u32) {
+    unsafe { asm!("st.global.b32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}
+
+/// Store one f32 to global memory.
+#[inline(always)]
+pub unsafe fn st_global_f32(addr: u64, v: f32) {
+    unsafe { asm!("st.global.f32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}
+
+/// Load one i32 through the read-only path (lengths, offsets).
+#[inline(always)]
+pub unsafe fn ld_global_nc_i32(addr: u64) -> i32 {
+    let v: i32;
+    unsafe { asm!("ld.global.nc.b32 {v}, [{a}];", v = out(reg32) v, a = in(reg64) addr, options(nostack, readonly)) }
+    v
+}

@@ -1,0 +1,39 @@
+//! Dynamic shared memory: one extern array whose size is set at launch; addresses are 32-bit offsets in
+//! the shared window (what ldmatrix, cp.async and ld/st.shared take).
+use core::arch::{asm, global_asm};
+
+global_asm!(".extern .shared .align 128 .b8 smem[];");
+
+/// Shared-window address of the first byte of dynamic shared memory.
+#[inline(always)]
+pub fn base() -> u32 {
+    let p: u32;
+    unsafe { asm!("mov.u32 {p}, smem;", p = out(reg32) p, options(pure, nomem, nostack)) }
+    p
+}
+
+/// Store 16 bytes to shared memory.
+#[inline(always)]
+pub unsafe fn st_v4(addr: u32, v: [u32; 4]) {
+    unsafe {
+        asm!("st.shared.v4.b32 [{a}], {{{x}, {y}, {z}, {w}}};", a = in(reg32) addr,
+            x = in(reg32) v[0], y = in(reg32) v[1], z = in(reg32) v[2], w = in(reg32) v[3], options(nostack))
+    }
+}
+
+/// Load 16 bytes from shared memory.
+#[inline(always)]
+pub unsafe fn ld_v4(addr: u32) -> [u32; 4] {
+    let (x, y, z, w): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ld.shared.v4.b32 {{{x}, {y}, {z}, {w}}}, [{a}];", a = in(reg32) addr,
+            x = out(reg32) x, y = out(reg32) y, z = out(reg32) z, w = out(reg32) w, options(nostack, readonly))
+    }
+    [x, y, z, w]
+}
+
+/// Store 4 bytes to shared memory.
+#[inline(always)]
+pub unsafe fn st_u32(addr: u32, v: u32) {
+    unsafe { asm!("st.shared.b32 [{a}], {v};", a = in(reg32) addr, v = in(reg32) v, options(nostack)) }
+}

@@ -1,0 +1,33 @@
+//! Which K/V tiles a block of query rows must visit, and which of those need the mask applied. Tiles that
+//! causal/window mask entirely are never loaded; interior tiles run without the mask.
+
+use crate::mask::key_range;
+
+/// Half-open range `[n_min, n_max)` of K/V tiles of `block_n` keys that rows `[m0, m0 + rows)` can see.
+/// Empty (`n_min >= n_max`) when every row is fully masked.
+#[inline(always)]
+pub fn n_block_range(m0: i32, rows: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32, block_n: i32) -> (i32, i32) {
+    if rows <= 0 || seqlen_k <= 0 {
+        return (0, 0);
+    }
+    // The key range grows monotonically with the row, so the first row bounds `lo` and the last `hi`.
+    let (lo, _) = key_range(m0, seqlen_q, seqlen_k, window_left, window_right);
+    let (_, hi) = key_range(m0 + rows - 1, seqlen_q, seqlen_k, window_left, window_right);
+    if hi < lo {
+        return (0, 0);
+    }
+    (lo / block_n, hi / block_n + 1)
+}
+
+/// Whether tile `[n0, n0 + block_n)` has a key that some row of `[m0, m0 + rows)` must not see.
+#[inline(always)]
+pub fn tile_needs_mask(m0: i32, rows: i32, n0: i32, block_n: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32) -> bool {
+    let n_last = n0 + block_n - 1;
+    if n_last >= seqlen_k {
+        return true;
+    }
+    // Interior iff the first row already sees up to n_last and the last row still sees n0.
+    let (lo_last, _) = key_range(m0 + rows - 1, seqlen_q, seqlen_k, window_left, window_right);
+    let (_, hi_first) = key_range(m0, seqlen_q, seqlen_k, window_left, window_right);
+    !(hi_first >= n_last && lo_last <= n0)
+}

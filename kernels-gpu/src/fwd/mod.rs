@@ -1,0 +1,379 @@
+//! Fused attention forward on tensor cores (mma.sync m16n8k16, f32 accumulate).
+//! A block owns 16*MT*NW query rows of one (sequence, head); it walks the K/V tiles those rows can see,
+//! last to first, through a two-stage cp.async pipeline: S = Q K^T, online softmax in registers, O += P V.
+//! The epilogue writes O / rowsum and the LSE; rows that saw no key, and padding rows, get 0 and -inf.
+
+use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
+use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
+use crate::arch::math::{pack_bf16x2, pack_f16x2, tanh};
+use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v4};
+use crate::arch::mma::{mma_bf16, mma_f16};
+use crate::arch::smem;
+use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sync::sync_threads;
+use crate::block::{n_block_range, tile_needs_mask};
+use crate::mask::key_range;
+use crate::params::FwdParams;
+use crate::seqlen::SeqlenInfo;
+use crate::softmax::{finalize_row, update_row, RowState};
+
+/// The 16-bit input type: which mma and which f32 -> 16-bit packing.
+pub trait Elem {
+    fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
+    fn pack(lo: f32, hi: f32) -> u32;
+}
+
+pub struct BF16;
+pub struct F16;
+
+impl Elem for BF16 {
+    #[inline(always)]
+    fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+        mma_bf16(d, a, b)
+    }
+    #[inline(always)]
+    fn pack(lo: f32, hi: f32) -> u32 {
+        pack_bf16x2(lo, hi)
+    }
+}
+
+impl Elem for F16 {
+    #[inline(always)]
+    fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+        mma_f16(d, a, b)
+    }
+    #[inline(always)]
+    fn pack(lo: f32, hi: f32) -> u32 {
+        pack_f16x2(lo, hi)
+    }
+}
+
+/// Compile-time shape of a kernel: head dim `D` (`DN = D / 8` n8 tiles), `MT` m16 tiles per warp, `NW`
+/// warps, `BN` keys per tile (`NN = BN / 8`). Stable Rust cannot size arrays by `D / 8`, so both are given.
+struct Shape<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>;
+
+impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize> Shape<D, DN, MT, NW, BN, NN> {
+    const BM: usize = 16 * MT * NW;
+    const THREADS: usize = 32 * NW;
+    const ROW_BYTES: u32 = ((D + 8) * 2) as u32;
+    const Q_BYTES: u32 = Self::BM as u32 * Self::ROW_BYTES;
+    const KV_BYTES: u32 = BN as u32 * Self::ROW_BYTES;
+    const CHECK: () = {
+        assert!(DN * 8 == D && NN * 8 == BN && D % 16 == 0 && BN % 16 == 0);
+        assert!((Self::BM * D / 8) % Self::THREADS == 0 && (BN * D / 8) % Self::THREADS == 0);
+    };
+
+    /// Shared address of K stage `s` (V stage `s` follows both K stages).
+    #[inline(always)]
+    fn k_stage(base: u32, s: usize) -> u32 {
+        base + Self::Q_BYTES + s as u32 * Self::KV_BYTES
+    }
+    #[inline(always)]
+    fn v_stage(base: u32, s: usize) -> u32 {
+        base + Self::Q_BYTES + (2 + s as u32) * Self::KV_BYTES
+    }
+}
+
+/// Copy `rows` rows of `D` 16-bit values into a padded shared tile with `threads` threads; rows at or
+/// past `valid_rows` are zero-filled without touching global memory. `rows` and `threads` are
+/// compile-time constants after inlining (stable const generics cannot take `16 * MT * NW`).
+#[inline(always)]
+unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
+    let chunks = D / 8;
+    let row_bytes = ((D + 8) * 2) as u32;
+    let mut i = 0;
+    while i < rows * chunks / threads {
+        let idx = tid + i * threads;
+        let (r, c) = (idx / chunks, idx % chunks);
+        let valid = (r as i32) < valid_rows;
+        let g = if valid { src.wrapping_add((r as i64 * row_stride_bytes + c as i64 * 16) as u64) } else { src };
+        unsafe { cp_async_16(dst + r as u32 * row_bytes + c as u32 * 16, g, valid) };
+        i += 1;
+    }
+}
+
+/// Write rows `[row_begin, row_end)` of one head as padding: out 0, LSE -inf. 16-byte stores.
+#[inline(always)]
+unsafe fn write_padding<const D: usize>(p: &FwdParams, o_head: u64, lse_head: u64, row_begin: i32, row_end: i32, tid: usize, threads: usize) {
+    let chunks = (D / 8) as i64;
+    let n = (row_end - row_begin) as i64 * chunks;
+    let mut idx = tid as i64;
+    while idx < n {
+        let r = row_begin as i64 + idx / chunks;
+        let c = idx % chunks;
+        unsafe { st_global_v4(o_head + ((r * p.o_row_stride + c * 8) * 2) as u64, [0; 4]) };
+        if c == 0 {
+            unsafe { st_global_f32(lse_head + (r * 4) as u64, f32::NEG_INFINITY) };
+        }
+        idx += threads as i64;
+    }
+}
+
+/// Everything one block needs to attend rows `[m0, m0 + BM)` of one (sequence, head).
+struct BlockArgs {
+    /// Q rows `m0..` of this head, and the row stride in bytes.
+    q: u64,
+    q_row_bytes: i64,
+    /// K/V row 0 of this sequence's kv head.
+    k: u64,
+    v: u64,
+    k_row_bytes: i64,
+    v_row_bytes: i64,
+    /// Out row `m0` of this head, its row stride in elements, and LSE row `m0`.
+    o: u64,
+    o_row_stride: i64,
+    lse: u64,
+    m0: i32,
+    seqlen_q: i32,
+    seqlen_k: i32,
+    window_left: i32,
+    window_right: i32,
+    scale_log2: f32,
+    softcap_pre: f32,
+}
+
+/// One block's attention over rows `[m0, m0 + BM) ∩ [0, seqlen_q)`.
+#[inline(always)]
+unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(a: &BlockArgs, tid: usize) {
+    let () = Shape::<D, DN, MT, NW, BN, NN>::CHECK;
+    let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
+    let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
+    let row_bytes = Shape::<D, DN, MT, NW, BN, NN>::ROW_BYTES;
+    let base = smem::base();
+    let warp = tid / 32;
+    let lane = tid % 32;
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let rows = {
+        let r = a.seqlen_q - a.m0;
+        if r > bm as i32 { bm as i32 } else { r }
+    };
+    let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
+
+    let mut acc_o = [[[0f32; 4]; DN]; MT];
+    let mut row_state = [[RowState::EMPTY; 2]; MT];
+
+    if n_max > n_min {
+        // Prologue: Q and the last K/V tile in one group.
+        unsafe { load_tile::<D>(base, a.q, a.q_row_bytes, rows, tid, bm, threads) };
+        let n_tiles = n_max - n_min;
+        unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 0, a, n_max - 1, tid) };
+        commit_group();
+
+        let mut it = 0;
+        while it < n_tiles {
+            let n_block = n_max - 1 - it;
+            let stage = (it & 1) as usize;
+            if it + 1 < n_tiles {
+                unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 1 - stage, a, n_block - 1, tid) };
+                commit_group();
+                wait_group::<1>();
+            } else {
+                wait_group::<0>();
+            }
+            sync_threads();
+            let n0 = n_block * BN as i32;
+            let masked = tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
+            let k_s = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage);
+            let v_s = Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage);
+
+            // S = Q K^T for this warp's 16*MT rows and the tile's BN keys.
+            let mut acc_s = [[[0f32; 4]; NN]; MT];
+            let q_lane = base + ((warp * 16 * MT) as u32 + (lane % 8) as u32 + ((lane / 8) % 2) as u32 * 8) * row_bytes + (lane / 16) as u32 * 16;
+            let k_lane = k_s + ((lane % 8) as u32 + (lane / 16) as u32 * 8) * row_bytes + ((lane / 8) % 2) as u32 * 16;
+            for kk in 0..D / 16 {
+                let mut qa = [[0u32; 4]; MT];
+                for (mt, frag) in qa.iter_mut().enumerate() {
+                    *frag = unsafe { ldmatrix_x4(q_lane + (mt * 16) as u32 * row_bytes + (kk * 32) as u32) };
+                }
+                for np in 0..NN / 2 {
+                    let b = unsafe { ldmatrix_x4(k_lane + (np * 16) as u32 * row_bytes + (kk * 32) as u32) };
+                    for mt in 0..MT {
+                        E::mma(&mut acc_s[mt][2 * np], qa[mt], [b[0], b[1]]);
+                        E::mma(&mut acc_s[mt][2 * np + 1], qa[mt], [b[2], b[3]]);
+                    }
+                }
+            }
+
+            if a.softcap_pre != 0.0 {
+                for row in acc_s.iter_mut() {
+                    for frag in row.iter_mut() {
+                        for x in frag.iter_mut() {
+                            *x = tanh(*x * a.softcap_pre);
+                        }
+                    }
+                }
+            }
+
+            // Mask only tiles that straddle a boundary; interior tiles skip this entirely.
+            if masked {
+                for mt in 0..MT {
+                    for h in 0..2 {
+                        let row = a.m0 + (warp * 16 * MT + mt * 16) as i32 + g + 8 * h as i32;
+                        let (lo, hi) = key_range(row, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
+                        for j in 0..NN {
+                            for e in 0..2 {
+                                let col = n0 + 8 * j as i32 + 2 * t + e as i32;
+                                if col < lo || col > hi {
+                                    acc_s[mt][j][2 * h + e] = f32::NEG_INFINITY;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+
+            // Online softmax per row; P overwrites S.
+            for mt in 0..MT {
+                for h in 0..2 {
+                    let mut s_row = [[0f32; 2]; NN];
+                    for j in 0..NN {
+                        s_row[j] = [acc_s[mt][j][2 * h], acc_s[mt][j][2 * h + 1]];
+                    }
+                    if let Some(f) = update_row(&mut row_state[mt][h], &mut s_row, a.scale_log2) {
+                        for frag in acc_o[mt].iter_mut() {
+                            frag[2 * h] *= f;
+                            frag[2 * h + 1] *= f;
+                        }
+                    }
+                    for j in 0..NN {
+                        acc_s[mt][j][2 * h] = s_row[j][0];
+                        acc_s[mt][j][2 * h + 1] = s_row[j][1];
+                    }
+                }
+            }
+
+            // O += P V: the S accumulator layout of two n8 tiles is exactly the A fragment of one k16 step.
+            let v_lane = v_s + ((lane % 8) as u32 + ((lane / 8) % 2) as u32 * 8) * row_bytes + (lane / 16) as u32 * 16;
+            for kk in 0..NN / 2 {
+                let mut pa = [[0u32; 4]; MT];
+                for mt in 0..MT {
+                    let (s0, s1) = (&acc_s[mt][2 * kk], &acc_s[mt][2 * kk + 1]);
+                    pa[mt] = [E::pack(s0[0], s0[1]), E::pack(s0[2], s0[3]), E::pack(s1[0], s1[1]), E::pack(s1[2], s1[3])];
+                }
+                for dp in 0..DN / 2 {
+                    let b = unsafe { ldmatrix_x4_trans(v_lane + (kk * 16) as u32 * row_bytes + (dp * 32) as u32) };
+                    for mt in 0..MT {
+                        E::mma(&mut acc_o[mt][2 * dp], pa[mt], [b[0], b[1]]);
+                        E::mma(&mut acc_o[mt][2 * dp + 1], pa[mt], [b[2], b[3]]);
+                    }
+                }
+            }
+            // The next iteration's copy overwrites this stage.
+            sync_threads();
+            it += 1;
+        }
+    }
+
+    // Epilogue: O / rowsum in the input type, and the LSE. Empty rows come out as 0 and -inf.
+    for mt in 0..MT {
+        for h in 0..2 {
+            let (inv_sum, lse) = finalize_row(&row_state[mt][h], a.scale_log2);
+            let r = (warp * 16 * MT + mt * 16) as i32 + g + 8 * h as i32;
+            if r < rows {
+                let o_row = a.o + (r as i64 * a.o_row_stride * 2) as u64;
+                for j in 0..DN {
+                    let v = E::pack(acc_o[mt][j][2 * h] * inv_sum, acc_o[mt][j][2 * h + 1] * inv_sum);
+                    unsafe { st_global_u32(o_row + ((8 * j as i32 + 2 * t) * 2) as u64, v) };
+                }
+                if t == 0 {
+                    unsafe { st_global_f32(a.lse + (r * 4) as u64, lse) };
+                }
+            }
+        }
+    }
+}
+
+/// Start the copies of K/V tile `n_block` into stage `stage`.
+#[inline(always)]
+unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tid: usize) {
+    let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
+    let n0 = n_block as i64 * BN as i64;
+    let valid = a.seqlen_k - n_block * BN as i32;
+    let k = a.k.wrapping_add((n0 * a.k_row_bytes) as u64);
+    let v = a.v.wrapping_add((n0 * a.v_row_bytes) as u64);
+    unsafe {
+        load_tile::<D>(Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage), k, a.k_row_bytes, valid, tid, BN, threads);
+        load_tile::<D>(Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage), v, a.v_row_bytes, valid, tid, BN, threads);
+    }
+}
+
+/// Kernel body: find this block's (sequence, head), then stride over its row blocks, last first (long
+/// sequences' and causal blocks' heavy tiles start earliest). Padding rows are written here too.
+#[inline(always)]
+unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(p: &FwdParams) {
+    let bm = Shape::<D, DN, MT, NW, BN, NN>::BM as i32;
+    let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
+    let tid = thread_idx_x() as usize;
+    let bidh = block_idx_y() as i32;
+    let bidb = block_idx_z() as i32;
+    let varlen = p.cu_seqlens_q != 0;
+
+    let read = |ptr: u64, i: i32| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) };
+    let (sq, sk) = if bidb >= p.batch {
+        (SeqlenInfo::tail(read(p.cu_seqlens_q, p.batch), p.total_q), SeqlenInfo { start: 0, slot_len: 0, used: 0 })
+    } else if varlen {
+        let used_q = if p.seqused_q != 0 { Some(read(p.seqused_q, bidb)) } else { None };
+        let used_k = if p.seqused_k != 0 { Some(read(p.seqused_k, bidb)) } else { None };
+        (
+            SeqlenInfo::varlen(read(p.cu_seqlens_q, bidb), read(p.cu_seqlens_q, bidb + 1), used_q, p.total_q),
+            SeqlenInfo::varlen(read(p.cu_seqlens_k, bidb), read(p.cu_seqlens_k, bidb + 1), used_k, p.total_k),
+        )
+    } else {
+        (SeqlenInfo::dense(p.seqlen_q), SeqlenInfo::dense(p.seqlen_k))
+    };
+
+    let b = bidb as i64;
+    let bidh_kv = (bidh / (p.h / p.h_k)) as i64;
+    let h = bidh as i64;
+    let o_head = p.o + ((b * p.o_batch_stride + sq.start as i64 * p.o_row_stride + h * p.o_head_stride) * 2) as u64;
+    let lse_head = p.lse + ((b * p.lse_batch_stride + h * p.lse_head_stride + sq.start as i64) * 4) as u64;
+    let q_head = p.q + ((b * p.q_batch_stride + sq.start as i64 * p.q_row_stride + h * p.q_head_stride) * 2) as u64;
+    let k_head = p.k + ((b * p.k_batch_stride + sk.start as i64 * p.k_row_stride + bidh_kv * p.k_head_stride) * 2) as u64;
+    let v_head = p.v + ((b * p.v_batch_stride + sk.start as i64 * p.v_row_stride + bidh_kv * p.v_head_stride) * 2) as u64;
+
+    let grid_m = grid_dim_x() as i32;
+    let mut m_block = grid_m - 1 - block_idx_x() as i32;
+    while m_block * bm < sq.slot_len {
+        let m0 = m_block * bm;
+        if m0 < sq.used {
+            let args = BlockArgs {
+                q: q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64,
+                q_row_bytes: p.q_row_stride * 2,
+                k: k_head,
+                v: v_head,
+                k_row_bytes: p.k_row_stride * 2,
+                v_row_bytes: p.v_row_stride * 2,
+                o: o_head + ((m0 as i64 * p.o_row_stride) * 2) as u64,
+                o_row_stride: p.o_row_stride,
+                lse: lse_head + (m0 as i64 * 4) as u64,
+                m0,
+                seqlen_q: sq.used,
+                seqlen_k: sk.used,
+                window_left: p.window_left,
+                window_right: p.window_right,
+                scale_log2: p.scale_log2,
+                softcap_pre: p.softcap_pre,
+            };
+            unsafe { attend::<E, D, DN, MT, NW, BN, NN>(&args, tid) };
+        }
+        let pad_begin = if m0 > sq.used { m0 } else { sq.used };
+        let pad_end = if m0 + bm < sq.slot_len { m0 + bm } else { sq.slot_len };
+        if pad_begin < pad_end {
+            unsafe { write_padding::<D>(p, o_head, lse_head, pad_begin, pad_end, tid, threads) };
+        }
+        m_block += grid_m;
+    }
+}
+
+macro_rules! fwd_kernels {
+    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
+        const _: () = {
+            const C: crate::variants::FwdConfig = crate::variants::fwd_config($d);
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }>(&p) }
+            }
+        };
+    )*};
+}
+crate::for_each_fwd_variant!(fwd_kernels);

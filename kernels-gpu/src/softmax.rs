@@ -1,0 +1,73 @@
+//! Online softmax over K/V tiles, in base 2: scores arrive raw (q.k, softcapped if asked), the running max
+//! is kept raw, and `scale_log2 = softmax_scale * log2(e)` (computed once on the host) is folded into the
+//! exponent's single FMA. Each thread owns two rows per 16-row m-tile (g and g + 8 of the mma layout); the
+//! four threads of a quad share a row, so row reductions are two butterfly shuffles.
+
+use crate::arch::math::{exp2, fma, log2, rcp};
+use crate::arch::shfl::shfl_xor_f32;
+
+/// Running max (raw score units) and this thread's partial sum of one row.
+#[derive(Clone, Copy)]
+pub struct RowState {
+    pub max: f32,
+    pub sum: f32,
+}
+
+impl RowState {
+    pub const EMPTY: RowState = RowState { max: f32::NEG_INFINITY, sum: 0.0 };
+}
+
+#[inline(always)]
+fn quad_max(x: f32) -> f32 {
+    let x = x.max(shfl_xor_f32(x, 1));
+    x.max(shfl_xor_f32(x, 2))
+}
+
+#[inline(always)]
+fn quad_sum(x: f32) -> f32 {
+    let x = x + shfl_xor_f32(x, 1);
+    x + shfl_xor_f32(x, 2)
+}
+
+/// Fold one tile of a row into its state. `s` holds this thread's scores of the row (pairs from each n8
+/// tile); they are replaced by the unnormalised probabilities. Returns the factor the row's O accumulator
+/// must be multiplied by, or `None` when the max did not move (no rescale needed).
+#[inline(always)]
+pub fn update_row<const NN: usize>(state: &mut RowState, s: &mut [[f32; 2]; NN], scale_log2: f32) -> Option<f32> {
+    let mut tile_max = f32::NEG_INFINITY;
+    for pair in s.iter() {
+        tile_max = tile_max.max(pair[0]).max(pair[1]);
+    }
+    let new_max = quad_max(tile_max.max(state.max));
+    let rescale = if new_max > state.max {
+        // exp2(-inf) == 0 handles the first tile; the accumulator is zero then anyway.
+        let f = exp2((state.max - new_max) * scale_log2);
+        state.sum *= f;
+        state.max = new_max;
+        Some(f)
+    } else {
+        None
+    };
+    // A row with every key masked so far keeps max -inf: subtract 0 so exp2(-inf) gives 0, not NaN.
+    let max_scaled = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max * scale_log2 };
+    let mut sum = 0.0f32;
+    for pair in s.iter_mut() {
+        pair[0] = exp2(fma(pair[0], scale_log2, -max_scaled));
+        pair[1] = exp2(fma(pair[1], scale_log2, -max_scaled));
+        sum += pair[0] + pair[1];
+    }
+    state.sum += sum;
+    rescale
+}
+
+/// The row's final `(1 / sum, lse)`: `(0, -inf)` for a row that saw no key, so its output is exactly 0.
+#[inline(always)]
+pub fn finalize_row(state: &RowState, scale_log2: f32) -> (f32, f32) {
+    let sum = quad_sum(state.sum);
+    if sum == 0.0 || sum != sum {
+        (0.0, f32::NEG_INFINITY)
+    } else {
+        let lse_log2 = state.max * scale_log2 + log2(sum);
+        (rcp(sum), lse_log2 * core::f32::consts::LN_2)
+    }
+}
