@@ -1,1 +1,413 @@
+//! The GPU suite: the fused CUDA kernels against the f64 reference on every head dim, dtype, mask and
+//! layout; packing independence bitwise; padding written by the kernel; nothing written outside the
+//! outputs, even with bogus device-resident lengths. On a machine without a CUDA GPU every test prints a
+//! notice and passes vacuously (CI has no GPU; run this on the GPU machine before resolving GPU work).
+//!
+//! Tolerances. The kernel rounds P (the softmax numerators, in [0, 1]) to the input dtype before the
+//! P.V tensor-core product and rounds the output once; everything else is f32 (ex2.approx, 2 ulp).
+//! With u the dtype's unit roundoff, each p_j carries a relative error <= u, so
+//! |sum_j p_j v_j / l - ref| <= u * max|v| plus the output rounding u * |ref|; we allow twice the first
+//! term (accumulation-order slack): |out - ref| <= u |ref| + 2 u max|v|. The LSE is f32 throughout; its
+//! error is dominated by the f32 dot products (D terms of magnitude <= |s|max / D), so 2^-14 (1 + |s|max)
+//! absolute is a loose bound that still catches any masking or scaling mistake (those move the LSE by
+//! O(1)).
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::*;
+use flash_attn::{fwd, fwd_into, varlen_fwd, varlen_fwd_into, AttnOptions, DType, Device, Tensor, Varlen};
+use rand::rngs::StdRng;
+use rand::Rng;
+
+const GPU: Device = Device::Cuda(0);
+
+macro_rules! require_gpu {
+    () => {
+        if !flash_attn::cuda::available() {
+            // Written past the test harness's capture, so CI's log shows the skip.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED gpu test at line {}: no CUDA GPU on this machine (the GPU suite runs on the GPU machine)", line!());
+            return;
+        }
+    };
+}
+
+fn gpu_tolerance(dtype: DType, vmax: f64, smax: f64) -> Tolerance {
+    let u = unit_roundoff(dtype);
+    Tolerance { u, atol_out: 2.0 * u * vmax, rtol_lse: 0.0, atol_lse: 2f64.powi(-14) * (1.0 + smax) }
+}
+
+/// A device tensor with `logical` values; with `strided`, a random layout inside a larger NaN-filled
+/// device buffer (so a read outside the view poisons the result).
+fn device_tensor(logical: &[f32], shape: &[usize], dtype: DType, strided: bool, rng: &mut StdRng) -> Tensor {
+    let host = make_tensor(logical, shape, dtype, strided, rng);
+    if !strided {
+        return host.to_device(GPU).unwrap();
+    }
+    // Upload the whole storage, shifted so the view starts 16-byte aligned (the CUDA path's contract;
+    // `unaligned_rows_are_an_error` covers the rest), then take the same view of it on the device.
+    let n = host.storage_len();
+    let shift = (8 - host.offset() % 8) % 8;
+    let mut storage = vec![f32::NAN; shift];
+    storage.extend(host.as_strided(&[n], &[1], 0).unwrap().to_f32_vec().unwrap());
+    let flat = Tensor::from_f32(&storage, &[n + shift], dtype).unwrap().to_device(GPU).unwrap();
+    flat.as_strided(host.shape(), host.strides(), host.offset() + shift).unwrap()
+}
+
+fn i32_tensor(v: &[usize], device: Device) -> Tensor {
+    Tensor::from_i32(v.iter().map(|&x| x as i32).collect(), &[v.len()]).unwrap().to_device(device).unwrap()
+}
+
+struct Case {
+    dtype: DType,
+    d: usize,
+    hq: usize,
+    hk: usize,
+    causal: bool,
+    window: (i64, i64),
+    softcap: f32,
+}
+
+impl Case {
+    fn opts(&self) -> AttnOptions {
+        AttnOptions { softmax_scale: None, causal: self.causal, window: self.window, softcap: self.softcap }
+    }
+    fn ref_opts(&self) -> RefOpts {
+        RefOpts { scale: 1.0 / (self.d as f64).sqrt(), softcap: self.softcap as f64, causal: self.causal, window: self.window }
+    }
+    fn smax(&self) -> f64 {
+        if self.softcap > 0.0 { self.softcap as f64 } else { (self.d as f64).sqrt() }
+    }
+}
+
+fn dense_case(rng: &mut StdRng, c: &Case, b: usize, sq: usize, sk: usize, strided: bool) -> Result<(f64, f64), String> {
+    let q = random_values(rng, b * sq * c.hq * c.d, 1.0, c.dtype);
+    let k = random_values(rng, b * sk * c.hk * c.d, 1.0, c.dtype);
+    let v = random_values(rng, b * sk * c.hk * c.d, 1.0, c.dtype);
+    let qt = device_tensor(&q, &[b, sq, c.hq, c.d], c.dtype, strided, rng);
+    let kt = device_tensor(&k, &[b, sk, c.hk, c.d], c.dtype, strided, rng);
+    let vt = device_tensor(&v, &[b, sk, c.hk, c.d], c.dtype, strided, rng);
+    let o = fwd(&qt, &kt, &vt, &c.opts()).map_err(|e| e.to_string())?;
+    let (ro, rl) = reference_fwd(&q, &k, &v, b, sq, sk, c.hq, c.hk, c.d, &c.ref_opts());
+    let tol = gpu_tolerance(c.dtype, 1.0, c.smax());
+    check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &tol)
+}
+
+#[test]
+fn dense_every_head_dim_and_mask() {
+    require_gpu!();
+    let mut rng = rng(rand::random());
+    let masks: [(bool, (i64, i64), f32); 5] = [(false, (-1, -1), 0.0), (true, (-1, -1), 0.0), (false, (37, 5), 0.0), (true, (70, -1), 0.0), (false, (-1, -1), 15.0)];
+    for dtype in [DType::BF16, DType::F16] {
+        for d in HEAD_DIMS {
+            for (i, &(causal, window, softcap)) in masks.iter().enumerate() {
+                let (hq, hk) = [(2, 2), (4, 2), (3, 1)][i % 3];
+                let c = Case { dtype, d, hq, hk, causal, window, softcap };
+                // Sq < Sk, Sq > Sk, and lengths off the tile grid.
+                for (b, sq, sk) in [(2, 77, 203), (1, 190, 61), (1, 128, 128)] {
+                    let strided = rng.gen_bool(0.5);
+                    dense_case(&mut rng, &c, b, sq, sk, strided).unwrap_or_else(|e| {
+                        panic!("{dtype} d={d} hq={hq} hk={hk} causal={causal} window={window:?} softcap={softcap} b={b} sq={sq} sk={sk} strided={strided}: {e}")
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_long_sequences() {
+    require_gpu!();
+    let mut rng = rng(rand::random());
+    for (d, causal) in [(64, true), (128, false), (128, true), (256, true)] {
+        let c = Case { dtype: DType::BF16, d, hq: 2, hk: 1, causal, window: (-1, -1), softcap: 0.0 };
+        let worst = dense_case(&mut rng, &c, 1, 1500, 1500, false).unwrap_or_else(|e| panic!("d={d} causal={causal}: {e}"));
+        eprintln!("long d={d} causal={causal}: worst out/tol {:.3}, lse/tol {:.3}", worst.0, worst.1);
+    }
+}
+
+/// A random varlen layout: lengths (zero-length sequences included), optional seqused, tail rows.
+struct Layout {
+    slot_q: Vec<usize>,
+    slot_k: Vec<usize>,
+    used_q: Option<Vec<usize>>,
+    used_k: Option<Vec<usize>>,
+    tail_q: usize,
+    tail_k: usize,
+}
+
+impl Layout {
+    fn random(rng: &mut StdRng, b: usize, maxlen: usize) -> Layout {
+        let len = |rng: &mut StdRng| if rng.gen_bool(0.15) { 0 } else { rng.gen_range(1..=maxlen) };
+        let slot_q: Vec<usize> = (0..b).map(|_| len(rng)).collect();
+        let slot_k: Vec<usize> = (0..b).map(|_| len(rng)).collect();
+        let used = |rng: &mut StdRng, slots: &[usize]| slots.iter().map(|&s| rng.gen_range(0..=s)).collect::<Vec<_>>();
+        let used_q = if rng.gen_bool(0.4) { Some(used(rng, &slot_q)) } else { None };
+        let used_k = if rng.gen_bool(0.4) { Some(used(rng, &slot_k)) } else { None };
+        Layout { slot_q, slot_k, used_q, used_k, tail_q: rng.gen_range(0..20), tail_k: rng.gen_range(0..20) }
+    }
+    fn cu(slots: &[usize]) -> Vec<usize> {
+        std::iter::once(0).chain(slots.iter().scan(0, |acc, &s| {
+            *acc += s;
+            Some(*acc)
+        })).collect()
+    }
+    fn used_q(&self) -> Vec<usize> {
+        self.used_q.clone().unwrap_or_else(|| self.slot_q.clone())
+    }
+    fn used_k(&self) -> Vec<usize> {
+        self.used_k.clone().unwrap_or_else(|| self.slot_k.clone())
+    }
+}
+
+fn varlen_case(rng: &mut StdRng, c: &Case, l: &Layout) -> Result<(), String> {
+    let (cu_q, cu_k) = (Layout::cu(&l.slot_q), Layout::cu(&l.slot_k));
+    let tq = cu_q.last().unwrap() + l.tail_q;
+    let tk = cu_k.last().unwrap() + l.tail_k;
+    let q = random_values(rng, tq * c.hq * c.d, 1.0, c.dtype);
+    let k = random_values(rng, tk * c.hk * c.d, 1.0, c.dtype);
+    let v = random_values(rng, tk * c.hk * c.d, 1.0, c.dtype);
+    let strided = rng.gen_bool(0.5);
+    let qt = device_tensor(&q, &[tq, c.hq, c.d], c.dtype, strided, rng);
+    let kt = device_tensor(&k, &[tk, c.hk, c.d], c.dtype, strided, rng);
+    let vt = device_tensor(&v, &[tk, c.hk, c.d], c.dtype, strided, rng);
+    let (cqt, ckt) = (i32_tensor(&cu_q, GPU), i32_tensor(&cu_k, GPU));
+    let uq = l.used_q.as_ref().map(|u| i32_tensor(u, GPU));
+    let uk = l.used_k.as_ref().map(|u| i32_tensor(u, GPU));
+    let (used_q, used_k) = (l.used_q(), l.used_k());
+    let varlen = Varlen {
+        cu_seqlens_q: &cqt,
+        cu_seqlens_k: &ckt,
+        max_seqlen_q: used_q.iter().copied().max().unwrap_or(0),
+        max_seqlen_k: used_k.iter().copied().max().unwrap_or(0),
+        seqused_q: uq.as_ref(),
+        seqused_k: uk.as_ref(),
+    };
+    let o = varlen_fwd(&qt, &kt, &vt, &varlen, &c.opts()).map_err(|e| e.to_string())?;
+    let (ro, rl) = reference_varlen_fwd(&q, &k, &v, &cu_q, &cu_k, &used_q, &used_k, tq, c.hq, c.hk, c.d, &c.ref_opts());
+    check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(c.dtype, 1.0, c.smax())).map(|_| ())
+}
+
+#[test]
+fn varlen_random_layouts() {
+    require_gpu!();
+    let seed: u64 = rand::random();
+    let mut rng = rng(seed);
+    for iter in 0..120 {
+        let dtype = if rng.gen_bool(0.5) { DType::BF16 } else { DType::F16 };
+        let d = HEAD_DIMS[rng.gen_range(0..HEAD_DIMS.len())];
+        let (hq, hk) = [(1, 1), (2, 2), (4, 2), (4, 1), (6, 3)][rng.gen_range(0..5)];
+        let side = |rng: &mut StdRng| if rng.gen_bool(0.5) { -1 } else { rng.gen_range(0..150) };
+        let (causal, window) = (rng.gen_bool(0.4), (side(&mut rng), side(&mut rng)));
+        let softcap = if rng.gen_bool(0.2) { 8.0 } else { 0.0 };
+        let c = Case { dtype, d, hq, hk, causal, window, softcap };
+        let b = rng.gen_range(1..6);
+        let maxlen = if rng.gen_bool(0.3) { 400 } else { 90 };
+        let l = Layout::random(&mut rng, b, maxlen);
+        varlen_case(&mut rng, &c, &l).unwrap_or_else(|e| {
+            panic!("seed {seed} iter {iter}: {dtype} d={d} hq={hq} hk={hk} causal={} window={:?} softcap={} slots q {:?} k {:?} used q {:?} k {:?} tails {} {}: {e}", c.causal, c.window, c.softcap, l.slot_q, l.slot_k, l.used_q, l.used_k, l.tail_q, l.tail_k)
+        });
+    }
+}
+
+/// Packed sequences are independent: varlen on the packed batch equals per-sequence dense calls, bitwise.
+#[test]
+fn packing_is_bitwise_independent() {
+    require_gpu!();
+    let mut rng = rng(rand::random());
+    for (dtype, d, causal, window) in [(DType::BF16, 128, true, (-1, -1)), (DType::F16, 64, false, (40, 3)), (DType::BF16, 256, false, (-1, -1)), (DType::BF16, 96, true, (100, -1))] {
+        let (hq, hk) = (4, 2);
+        let lens: Vec<(usize, usize)> = (0..5).map(|_| (rng.gen_range(1..300), rng.gen_range(1..300))).collect();
+        let cu_q = Layout::cu(&lens.iter().map(|l| l.0).collect::<Vec<_>>());
+        let cu_k = Layout::cu(&lens.iter().map(|l| l.1).collect::<Vec<_>>());
+        let (tq, tk) = (*cu_q.last().unwrap(), *cu_k.last().unwrap());
+        let q = random_values(&mut rng, tq * hq * d, 1.0, dtype);
+        let k = random_values(&mut rng, tk * hk * d, 1.0, dtype);
+        let v = random_values(&mut rng, tk * hk * d, 1.0, dtype);
+        let opts = AttnOptions { causal, window, ..Default::default() };
+        let up = |x: &[f32], shape: &[usize]| Tensor::from_f32(x, shape, dtype).unwrap().to_device(GPU).unwrap();
+        let (cqt, ckt) = (i32_tensor(&cu_q, GPU), i32_tensor(&cu_k, GPU));
+        let max_q = lens.iter().map(|l| l.0).max().unwrap();
+        let max_k = lens.iter().map(|l| l.1).max().unwrap();
+        let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k: None };
+        let packed = varlen_fwd(&up(&q, &[tq, hq, d]), &up(&k, &[tk, hk, d]), &up(&v, &[tk, hk, d]), &varlen, &opts).unwrap();
+        let (pout, plse) = (packed.out.to_bytes().unwrap(), packed.lse.to_f32_vec().unwrap());
+        for (b, &(sq, sk)) in lens.iter().enumerate() {
+            let qs = &q[cu_q[b] * hq * d..][..sq * hq * d];
+            let ks = &k[cu_k[b] * hk * d..][..sk * hk * d];
+            let vs = &v[cu_k[b] * hk * d..][..sk * hk * d];
+            let one = fwd(&up(qs, &[1, sq, hq, d]), &up(ks, &[1, sk, hk, d]), &up(vs, &[1, sk, hk, d]), &opts).unwrap();
+            let row_bytes = hq * d * 2;
+            assert_eq!(&pout[cu_q[b] * row_bytes..][..sq * row_bytes], &one.out.to_bytes().unwrap()[..], "out of sequence {b} differs ({dtype} d={d})");
+            let lse1 = one.lse.to_f32_vec().unwrap();
+            for h in 0..hq {
+                for i in 0..sq {
+                    assert_eq!(plse[h * tq + cu_q[b] + i].to_bits(), lse1[h * sq + i].to_bits(), "lse of sequence {b} head {h} row {i}");
+                }
+            }
+        }
+    }
+}
+
+/// Bit pattern no computation produces (a NaN with a payload): marks memory outside the outputs.
+const CANARY_F32: u32 = 0x7fc0_1234;
+const CANARY_16: u16 = 0x7fa5;
+
+/// Device tensor of `shape` whose view sits at an offset inside a canary-filled buffer, with a padded
+/// row pitch when `pad` (so the gaps between rows are checked too). Returns (view, storage length).
+fn canary_view(shape: &[usize], dtype: DType, pad: bool) -> Tensor {
+    let rank = shape.len();
+    let mut strides = vec![1usize; rank];
+    let mut pitch = shape[rank - 1] + if pad { 8 } else { 0 };
+    for dim in (0..rank - 1).rev() {
+        strides[dim] = pitch;
+        pitch *= shape[dim].max(1);
+    }
+    let offset = 64;
+    let n = offset + pitch + 64;
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => (0..n).flat_map(|_| CANARY_F32.to_le_bytes()).collect(),
+        _ => (0..n).flat_map(|_| CANARY_16.to_le_bytes()).collect(),
+    };
+    let flat = Tensor::from_bytes(&bytes, &[n], dtype).unwrap().to_device(GPU).unwrap();
+    flat.as_strided(shape, &strides, offset).unwrap()
+}
+
+/// (elements outside the view that changed, elements inside still holding the canary).
+fn canary_damage(t: &Tensor) -> (usize, usize) {
+    let n = t.storage_len();
+    let flat = t.as_strided(&[n], &[1], 0).unwrap().to_bytes().unwrap();
+    let size = t.dtype().size();
+    let is_canary = |i: usize| match size {
+        4 => u32::from_le_bytes(flat[i * 4..i * 4 + 4].try_into().unwrap()) == CANARY_F32,
+        _ => u16::from_le_bytes(flat[i * 2..i * 2 + 2].try_into().unwrap()) == CANARY_16,
+    };
+    let mut inside = vec![false; n];
+    let shape = t.shape().to_vec();
+    let total: usize = shape.iter().product();
+    for lin in 0..total {
+        let (mut rem, mut idx) = (lin, t.offset());
+        for d in (0..shape.len()).rev() {
+            idx += (rem % shape[d]) * t.strides()[d];
+            rem /= shape[d];
+        }
+        inside[idx] = true;
+    }
+    let outside_changed = (0..n).filter(|&i| !inside[i] && !is_canary(i)).count();
+    let inside_unwritten = (0..n).filter(|&i| inside[i] && is_canary(i)).count();
+    (outside_changed, inside_unwritten)
+}
+
+#[test]
+fn writes_exactly_the_outputs() {
+    require_gpu!();
+    let mut rng = rng(rand::random());
+    for d in HEAD_DIMS {
+        let dtype = DType::BF16;
+        // Dense, padded output rows.
+        let (b, sq, sk, hq, hk) = (2, 150, 70, 3, 1);
+        let q = device_tensor(&random_values(&mut rng, b * sq * hq * d, 1.0, dtype), &[b, sq, hq, d], dtype, false, &mut rng);
+        let k = device_tensor(&random_values(&mut rng, b * sk * hk * d, 1.0, dtype), &[b, sk, hk, d], dtype, false, &mut rng);
+        let v = device_tensor(&random_values(&mut rng, b * sk * hk * d, 1.0, dtype), &[b, sk, hk, d], dtype, false, &mut rng);
+        let mut out = canary_view(&[b, sq, hq, d], dtype, true);
+        let mut lse = canary_view(&[b, hq, sq], DType::F32, false);
+        fwd_into(&q, &k, &v, &AttnOptions { causal: true, ..Default::default() }, &mut out, &mut lse).unwrap();
+        assert_eq!(canary_damage(&out), (0, 0), "dense out d={d}: (outside written, inside unwritten)");
+        assert_eq!(canary_damage(&lse), (0, 0), "dense lse d={d}");
+
+        // Varlen with seqused, a zero-length slot and tail rows: padding must be written by the kernel.
+        let slots_q = [70usize, 0, 133];
+        let slots_k = [50usize, 10, 200];
+        let (cu_q, cu_k) = (Layout::cu(&slots_q), Layout::cu(&slots_k));
+        let (tq, tk) = (cu_q[3] + 37, cu_k[3] + 5);
+        let q = device_tensor(&random_values(&mut rng, tq * hq * d, 1.0, dtype), &[tq, hq, d], dtype, false, &mut rng);
+        let k = device_tensor(&random_values(&mut rng, tk * hk * d, 1.0, dtype), &[tk, hk, d], dtype, false, &mut rng);
+        let v = device_tensor(&random_values(&mut rng, tk * hk * d, 1.0, dtype), &[tk, hk, d], dtype, false, &mut rng);
+        let (cqt, ckt) = (i32_tensor(&cu_q, GPU), i32_tensor(&cu_k, GPU));
+        let (uq, uk) = (i32_tensor(&[33, 0, 133], GPU), i32_tensor(&[50, 3, 120], GPU));
+        let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: 133, max_seqlen_k: 120, seqused_q: Some(&uq), seqused_k: Some(&uk) };
+        let mut out = canary_view(&[tq, hq, d], dtype, true);
+        let mut lse = canary_view(&[hq, tq], DType::F32, false);
+        varlen_fwd_into(&q, &k, &v, &varlen, &AttnOptions::default(), &mut out, &mut lse).unwrap();
+        assert_eq!(canary_damage(&out), (0, 0), "varlen out d={d}");
+        assert_eq!(canary_damage(&lse), (0, 0), "varlen lse d={d}");
+        // Padding rows are exactly 0 / -inf.
+        let o = out.to_f32_vec().unwrap();
+        let l = lse.to_f32_vec().unwrap();
+        for row in (cu_q[0] + 33..cu_q[1]).chain(cu_q[3]..tq) {
+            assert!(o[row * hq * d..][..hq * d].iter().all(|&x| x == 0.0), "padding row {row} not zero");
+            assert!((0..hq).all(|h| l[h * tq + row] == f32::NEG_INFINITY), "padding row {row} lse not -inf");
+        }
+
+        // Bogus device-resident lengths (not checked on the host): no write outside the outputs, no fault.
+        let bogus_q = i32_tensor(&[0, 900_000, 5], GPU);
+        let bogus_k = Tensor::from_i32(vec![-7, 3, i32::MAX], &[3]).unwrap().to_device(GPU).unwrap();
+        let bogus_used = Tensor::from_i32(vec![-1, 1 << 30], &[2]).unwrap().to_device(GPU).unwrap();
+        let varlen = Varlen { cu_seqlens_q: &bogus_q, cu_seqlens_k: &bogus_k, max_seqlen_q: 64, max_seqlen_k: 64, seqused_q: Some(&bogus_used), seqused_k: Some(&bogus_used) };
+        let mut out = canary_view(&[tq, hq, d], dtype, true);
+        let mut lse = canary_view(&[hq, tq], DType::F32, false);
+        varlen_fwd_into(&q, &k, &v, &varlen, &AttnOptions::default(), &mut out, &mut lse).unwrap();
+        assert_eq!(canary_damage(&out).0, 0, "bogus lengths wrote outside out (d={d})");
+        assert_eq!(canary_damage(&lse).0, 0, "bogus lengths wrote outside lse (d={d})");
+        assert!(out.to_f32_vec().unwrap().iter().all(|x| x.is_finite()), "bogus lengths produced NaN/inf in out");
+    }
+}
+
+#[test]
+fn fully_masked_rows_are_zero_not_nan() {
+    require_gpu!();
+    let mut rng = rng(rand::random());
+    // Sq > Sk with causal: the first Sq - Sk rows see no key.
+    let (sq, sk, h, d) = (100, 30, 2, 64);
+    for dtype in [DType::BF16, DType::F16] {
+        let q = device_tensor(&random_values(&mut rng, sq * h * d, 1.0, dtype), &[1, sq, h, d], dtype, false, &mut rng);
+        let k = device_tensor(&random_values(&mut rng, sk * h * d, 1.0, dtype), &[1, sk, h, d], dtype, false, &mut rng);
+        let o = fwd(&q, &k, &k, &AttnOptions { causal: true, ..Default::default() }).unwrap();
+        let out = o.out.to_f32_vec().unwrap();
+        let lse = o.lse.to_f32_vec().unwrap();
+        for i in 0..sq - sk {
+            assert!(out[i * h * d..][..h * d].iter().all(|&x| x == 0.0));
+            assert!((0..h).all(|hh| lse[hh * sq + i] == f32::NEG_INFINITY));
+        }
+        assert!(out.iter().all(|x| !x.is_nan()));
+    }
+}
+
+#[test]
+fn gpu_matches_cpu_path() {
+    require_gpu!();
+    let mut rng = rng(rand::random());
+    for d in HEAD_DIMS {
+        let (b, sq, sk, hq, hk) = (2, 333, 257, 4, 2);
+        let dtype = DType::BF16;
+        let q = random_values(&mut rng, b * sq * hq * d, 2.0, dtype);
+        let k = random_values(&mut rng, b * sk * hk * d, 2.0, dtype);
+        let v = random_values(&mut rng, b * sk * hk * d, 2.0, dtype);
+        let opts = AttnOptions { causal: true, window: (200, -1), softcap: 0.0, softmax_scale: Some(0.3) };
+        let t = |x: &[f32], s: &[usize]| Tensor::from_f32(x, s, dtype).unwrap();
+        let (qc, kc, vc) = (t(&q, &[b, sq, hq, d]), t(&k, &[b, sk, hk, d]), t(&v, &[b, sk, hk, d]));
+        let cpu = fwd(&qc, &kc, &vc, &opts).unwrap();
+        let gpu = fwd(&qc.to_device(GPU).unwrap(), &kc.to_device(GPU).unwrap(), &vc.to_device(GPU).unwrap(), &opts).unwrap();
+        let (a, b2) = (cpu.out.to_f32_vec().unwrap(), gpu.out.to_f32_vec().unwrap());
+        let max_diff = a.iter().zip(&b2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(max_diff <= 4.0 * 2f32.powi(-8) * 2.0, "d={d}: cpu vs gpu max |diff| {max_diff}");
+        let (la, lb) = (cpu.lse.to_f32_vec().unwrap(), gpu.lse.to_f32_vec().unwrap());
+        for (x, y) in la.iter().zip(&lb) {
+            assert!((x == y) || (x - y).abs() <= 1e-3, "lse {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn unaligned_rows_are_an_error() {
+    require_gpu!();
+    let (s, h, d) = (16, 2, 64);
+    let flat = Tensor::from_f32(&vec![0.5; s * h * d + 4], &[s * h * d + 4], DType::BF16).unwrap().to_device(GPU).unwrap();
+    let q = flat.as_strided(&[1, s, h, d], &[s * h * d, h * d, d, 1], 4).unwrap();
+    let k = flat.as_strided(&[1, s, h, d], &[s * h * d, h * d, d, 1], 0).unwrap();
+    match fwd(&q, &k, &k, &AttnOptions::default()) {
+        Err(flash_attn::Error::Value { arg: "q", .. }) => {}
+        other => panic!("expected an alignment error naming q, got {other:?}"),
+    }
+}

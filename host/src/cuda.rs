@@ -180,3 +180,22 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
     unsafe { gpu.stream.launch_builder(&func).arg(&params).launch(cfg)? };
     Ok(())
 }
+
+/// Milliseconds the work queued by `f` takes on device `ordinal`, measured with CUDA events around it
+/// (for benchmarks: warm up first, take the median of many).
+pub fn time_ms(ordinal: usize, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+    let gpu = gpu(ordinal)?;
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = gpu.ctx.new_event(timing)?;
+    let end = gpu.ctx.new_event(timing)?;
+    start.record(&gpu.stream)?;
+    f()?;
+    end.record(&gpu.stream)?;
+    end.synchronize()?;
+    Ok(start.elapsed_ms(&end)?)
+}
+
+/// Name of device `ordinal` as the driver reports it.
+pub fn device_name(ordinal: usize) -> Result<String> {
+    Ok(gpu(ordinal)?.ctx.name()?)
+}

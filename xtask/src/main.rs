@@ -114,6 +114,55 @@ fn parse_ptxas(log: &str) -> Vec<KernelReport> {
     out
 }
 
+/// Release binaries (every test target, the CLI, the benches) and the PTX, stripped, in `bundle/`: the
+/// GPU machine has no Rust toolchain, so this folder is what travels there (`carry: ["bundle"]`).
 fn cmd_bundle() -> Result<(), String> {
-    Err("bundle: not yet".into())
+    let root = root();
+    let bundle = root.join("bundle");
+    let _ = std::fs::remove_dir_all(&bundle);
+    std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["test", "--release", "--no-run", "--benches", "--tests", "--bins", "--message-format=json", "-p", "flash-attn"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err("building the release test binaries failed".into());
+    }
+    run(Command::new(&cargo).current_dir(&root).args(["build", "--release", "--bin", "flash-attn"]))?;
+    let mut copied = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // {"reason":"compiler-artifact", "target":{"name":"gpu",...}, "executable":"/.../gpu-hash", ...}
+        let (Some(exe), Some(name)) = (json_str(line, "\"executable\":"), json_str(line, "\"name\":")) else { continue };
+        let kind = if line.contains("\"kind\":[\"bench\"]") { "bench" } else if line.contains("\"kind\":[\"bin\"]") { continue } else { "test" };
+        let dest = bundle.join(format!("{kind}-{name}"));
+        std::fs::copy(&exe, &dest).map_err(|e| format!("copy {exe}: {e}"))?;
+        copied.push(dest);
+    }
+    let cli = bundle.join("flash-attn");
+    std::fs::copy(root.join("target/release/flash-attn"), &cli).map_err(|e| e.to_string())?;
+    copied.push(cli);
+    for f in &copied {
+        let _ = Command::new("strip").arg(f).status();
+    }
+    let ptx_dir = bundle.join("ptx");
+    ptx::build_ptx(Path::new(&cargo), &root, &ptx_dir)?;
+    for script in ["torch_fwd.py", "compare.py", "run.sh"] {
+        std::fs::copy(root.join("benches").join(script), bundle.join(script)).map_err(|e| format!("copy {script}: {e}"))?;
+    }
+    let total: u64 = std::fs::read_dir(&bundle).map_err(|e| e.to_string())?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    println!("bundle: {} files, {:.1} MiB in {}", copied.len() + 1, total as f64 / (1 << 20) as f64, bundle.display());
+    for f in &copied {
+        println!("  {}", f.file_name().unwrap().to_string_lossy());
+    }
+    Ok(())
+}
+
+/// The string value following `key` in one line of cargo's JSON output (no escapes in our paths).
+fn json_str<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let rest = rest.strip_prefix('"')?;
+    Some(&rest[..rest.find('"')?])
 }
