@@ -7,8 +7,10 @@
 //!   |out - ref| <= u * |ref| + atol_out,  u = 2^-8 (bf16) or 2^-11 (f16), the unit roundoff of the
 //!   final rounding, and atol_out = 2^-12 * max|v| for the f32 work before it: the softmax weights carry
 //!   the scores' f32 error (about sqrt(D) * 2^-24 * |score| for the dot product, a few ulps for exp and
-//!   tanh) and the weighted sum of up to ~200 keys adds about sk * 2^-24 relative, together far below
-//!   2^-12 for the sizes here (the test reports the worst |diff| / tolerance; it stays well under 1).
+//!   tanh) and the weighted sum of up to 300 keys adds about sk * 2^-24 relative, together far below
+//!   2^-12 for the sizes here. With FA_TEST_VERBOSE=1 the tests print the worst |diff| / tolerance:
+//!   about 0.91 for out (set by the final rounding, which the u * |ref| term bounds tightly) and about
+//!   0.14 for LSE.
 //!   A row the reference leaves empty must be exactly 0.
 //!   LSE is f32 end to end: |lse - ref| <= 2^-20 * |ref| + 2^-20 * (1 + smax), where smax bounds the
 //!   scores' magnitude (|scale| * D * max|q| * max|k|, or the softcap), since their absolute error
@@ -228,7 +230,7 @@ fn bits(x: &[f32]) -> Vec<u32> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn dense_matches_reference(c in dense_case()) {
@@ -244,7 +246,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     /// Varlen over a packed batch equals one dense B=1 call per sequence (on its real rows), bit for bit.
     #[test]
