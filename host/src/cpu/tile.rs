@@ -57,9 +57,12 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize)
             }
             let q_row = &q[r * d..][..d];
             let s_row = &mut scores[a..b];
-            for (sc, k_row) in s_row.iter_mut().zip(k[a * d..b * d].chunks_exact(d)) {
-                let qk = dot(q_row, k_row);
-                *sc = if p.softcap > 0.0 { p.softcap * (qk * softcap_pre).tanh() } else { qk * p.scale };
+            let k_rows = &k[a * d..b * d];
+            for (sc4, k4) in s_row.chunks_mut(4).zip(k_rows.chunks(4 * d)) {
+                let qk = dot4(q_row, k4, d);
+                for (sc, &qk) in sc4.iter_mut().zip(&qk) {
+                    *sc = if p.softcap > 0.0 { p.softcap * (qk * softcap_pre).tanh() } else { qk * p.scale };
+                }
             }
             // Online softmax: rescale what was accumulated under the old max.
             let block_max = s_row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -71,10 +74,25 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize)
                 acc_row.iter_mut().for_each(|o| *o *= alpha);
                 row_max[r] = new_max;
             }
-            for (&sc, v_row) in s_row.iter().zip(v[a * d..b * d].chunks_exact(d)) {
-                let pr = (sc - new_max).exp();
-                row_sum[r] += pr;
-                acc_row.iter_mut().zip(v_row).for_each(|(o, &x)| *o += pr * x);
+            for (sc4, v4) in s_row.chunks(4).zip(v[a * d..b * d].chunks(4 * d)) {
+                let mut pr = [0.0f32; 4];
+                for (pr, &sc) in pr.iter_mut().zip(sc4) {
+                    *pr = (sc - new_max).exp();
+                    row_sum[r] += *pr;
+                }
+                if v4.len() == 4 * d {
+                    // Same order as one key at a time; four keys per pass just saves loads and stores of acc.
+                    let (v0, rest) = v4.split_at(d);
+                    let (v1, rest) = rest.split_at(d);
+                    let (v2, v3) = rest.split_at(d);
+                    for ((o, (&x0, &x1)), (&x2, &x3)) in acc_row.iter_mut().zip(v0.iter().zip(v1)).zip(v2.iter().zip(v3)) {
+                        *o = (((*o + pr[0] * x0) + pr[1] * x1) + pr[2] * x2) + pr[3] * x3;
+                    }
+                } else {
+                    for (&pr, v_row) in pr.iter().zip(v4.chunks_exact(d)) {
+                        acc_row.iter_mut().zip(v_row).for_each(|(o, &x)| *o += pr * x);
+                    }
+                }
             }
         }
     }
@@ -90,14 +108,36 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize)
     TileOut { out: acc, lse }
 }
 
-/// q.k with eight independent partial sums, so it vectorizes; head dims are multiples of 32.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+/// q.k for up to four keys (`k4` holds them, `d` apart), each with eight independent partial sums so it
+/// vectorizes; head dims are multiples of 32. A key's result does not depend on its neighbours.
+#[inline(always)]
+fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
+    let n = k4.len() / d;
+    let mut acc = [[0.0f32; 8]; 4];
+    if n == 4 {
+        let (k0, rest) = k4.split_at(d);
+        let (k1, rest) = rest.split_at(d);
+        let (k2, k3) = rest.split_at(d);
+        fn chunks(x: &[f32]) -> std::slice::Iter<'_, [f32; 8]> {
+            x.as_chunks::<8>().0.iter()
+        }
+        let keys = chunks(k0).zip(chunks(k1)).zip(chunks(k2).zip(chunks(k3)));
+        for (qc, ((c0, c1), (c2, c3))) in chunks(q).zip(keys) {
+            for l in 0..8 {
+                acc[0][l] += qc[l] * c0[l];
+                acc[1][l] += qc[l] * c1[l];
+                acc[2][l] += qc[l] * c2[l];
+                acc[3][l] += qc[l] * c3[l];
+            }
+        }
+    } else {
+        for (t, k_row) in k4.chunks_exact(d).enumerate() {
+            for (x, y) in q.chunks_exact(8).zip(k_row.chunks_exact(8)) {
+                for l in 0..8 {
+                    acc[t][l] += x[l] * y[l];
+                }
+            }
         }
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    acc.map(|a| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])))
 }
