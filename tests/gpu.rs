@@ -411,3 +411,27 @@ fn unaligned_rows_are_an_error() {
         other => panic!("expected an alignment error naming q, got {other:?}"),
     }
 }
+
+/// Softmax scales the fast path could get wrong: negative (max of -s), zero (uniform), tiny, large.
+#[test]
+fn unusual_softmax_scales() {
+    require_gpu!();
+    let mut rng = rng(rand::random());
+    for scale in [-0.2f32, 0.0, 1e-30, 3.0] {
+        for causal in [false, true] {
+            let (b, sq, sk, h, d) = (1, 90, 150, 2, 64);
+            let dtype = DType::BF16;
+            let q = random_values(&mut rng, b * sq * h * d, 1.0, dtype);
+            let k = random_values(&mut rng, b * sk * h * d, 1.0, dtype);
+            let v = random_values(&mut rng, b * sk * h * d, 1.0, dtype);
+            let t = |x: &[f32], s: &[usize]| Tensor::from_f32(x, s, dtype).unwrap().to_device(GPU).unwrap();
+            let opts = AttnOptions { softmax_scale: Some(scale), causal, ..Default::default() };
+            let o = fwd(&t(&q, &[b, sq, h, d]), &t(&k, &[b, sk, h, d]), &t(&v, &[b, sk, h, d]), &opts).unwrap();
+            let r = RefOpts { scale: scale as f64, softcap: 0.0, causal, window: (-1, -1) };
+            let (ro, rl) = reference_fwd(&q, &k, &v, b, sq, sk, h, h, d, &r);
+            let smax = (scale.abs() as f64) * d as f64;
+            check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(dtype, 1.0, smax))
+                .unwrap_or_else(|e| panic!("scale {scale} causal {causal}: {e}"));
+        }
+    }
+}

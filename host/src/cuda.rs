@@ -138,6 +138,9 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
     } else {
         (p.scale * std::f32::consts::LOG2_E, 0.0)
     };
+    // Masked scores are -inf times scale_log2 in the kernel: a zero scale (uniform attention) must stay
+    // nonzero there. The smallest normal float makes every finite score flush to exactly 0.
+    let scale_log2 = if scale_log2 == 0.0 { f32::MIN_POSITIVE } else { scale_log2 };
     let i32_of = |x: i64| x.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
     let params = FwdParams {
         q: addr(q)?,

@@ -17,6 +17,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     /// Largest dynamic shared memory a block may opt in to.
     pub max_smem_optin: usize,
+    /// Multiprocessors, for sizing persistent grids and benchmarks.
+    #[allow(dead_code)]
     pub sm_count: usize,
 }
 

@@ -54,6 +54,7 @@ pub struct FwdParams {
     /// Number of query-row blocks the grid's x dimension has (blocks stride over longer sequences).
     pub m_blocks: i32,
     /// Scores are `qk * scale_log2` (base 2), or with softcap `tanh(qk * softcap_pre) * scale_log2`.
+    /// Never 0; negative for a negative softmax scale without softcap.
     pub scale_log2: f32,
     /// `softmax_scale / softcap`, or 0 when there is no softcap.
     pub softcap_pre: f32,

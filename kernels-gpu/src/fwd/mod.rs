@@ -147,6 +147,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         let r = a.seqlen_q - a.m0;
         if r > bm as i32 { bm as i32 } else { r }
     };
+    let scale_log2 = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
     let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
 
     let mut acc_o = [[[0f32; 4]; DN]; MT];
@@ -202,6 +203,16 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
                         }
                     }
                 }
+            } else if a.scale_log2 < 0.0 {
+                // A negative softmax scale: s * scale == (-s) * |scale|, so the max and the -inf of masked
+                // keys keep their meaning.
+                for row in acc_s.iter_mut() {
+                    for frag in row.iter_mut() {
+                        for x in frag.iter_mut() {
+                            *x = -*x;
+                        }
+                    }
+                }
             }
 
             // Mask only tiles that straddle a boundary; interior tiles skip this entirely.
@@ -229,7 +240,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
                     for j in 0..NN {
                         s_row[j] = [acc_s[mt][j][2 * h], acc_s[mt][j][2 * h + 1]];
                     }
-                    if let Some(f) = update_row(&mut row_state[mt][h], &mut s_row, a.scale_log2) {
+                    if let Some(f) = update_row(&mut row_state[mt][h], &mut s_row, scale_log2) {
                         for frag in acc_o[mt].iter_mut() {
                             frag[2 * h] *= f;
                             frag[2 * h + 1] *= f;
@@ -267,7 +278,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
     // Epilogue: O / rowsum in the input type, and the LSE. Empty rows come out as 0 and -inf.
     for mt in 0..MT {
         for h in 0..2 {
-            let (inv_sum, lse) = finalize_row(&row_state[mt][h], a.scale_log2);
+            let (inv_sum, lse) = finalize_row(&row_state[mt][h], scale_log2);
             let r = (warp * 16 * MT + mt * 16) as i32 + g + 8 * h as i32;
             if r < rows {
                 let o_row = a.o + (r as i64 * a.o_row_stride * 2) as u64;

@@ -1,0 +1,70 @@
+//! The kernels' pure index logic (kernels-gpu/src/{mask,block,seqlen}.rs), compiled for the host and
+//! checked exhaustively against the mask's definition: tile skipping never drops a visible key, the
+//! unmasked fast path is taken only where every key is visible, and clamped lengths stay in bounds
+//! whatever cu_seqlens/seqused hold.
+
+#[path = "../kernels-gpu/src/mask.rs"]
+mod mask;
+#[path = "../kernels-gpu/src/block.rs"]
+mod block;
+#[path = "../kernels-gpu/src/seqlen.rs"]
+mod seqlen;
+
+use proptest::prelude::*;
+
+/// The definition (flash-attn 2): bottom-right aligned diagonal, inclusive window, -1 unbounded.
+fn visible(i: i64, j: i64, sq: i64, sk: i64, left: i64, right: i64) -> bool {
+    let diag = i + sk - sq;
+    j >= 0 && j < sk && (left < 0 || j >= diag - left) && (right < 0 || j <= diag + right)
+}
+
+fn side() -> impl Strategy<Value = i32> {
+    prop_oneof![Just(-1), 0..6i32, 0..300i32, Just(i32::MAX)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn allowed_matches_definition(sq in 0..200i32, sk in 0..200i32, left in side(), right in side(), i in 0..200i32, j in -5..205i32) {
+        prop_assert_eq!(mask::allowed(i, j, sq, sk, left, right), visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64));
+    }
+
+    #[test]
+    fn tile_range_and_mask_flags_are_sound(sq in 1..300i32, sk in 0..300i32, left in side(), right in side(), m_frac in 0.0..1.0f64, bm in prop::sample::select(vec![64i32, 128]), bn in prop::sample::select(vec![32i32, 64, 128])) {
+        let m0 = ((sq - 1) as f64 * m_frac) as i32 / bm * bm;
+        let rows = (sq - m0).min(bm);
+        let (n_min, n_max) = block::n_block_range(m0, rows, sq, sk, left, right, bn);
+        let tiles = (sk + bn - 1) / bn;
+        for n in 0..tiles.max(n_max) {
+            let any_visible = (m0..m0 + rows).any(|i| (n * bn..(n + 1) * bn).any(|j| visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64)));
+            let in_range = n >= n_min && n < n_max;
+            // Skipped tiles hold no visible key; the first and last visited tiles hold one (tight range).
+            prop_assert!(in_range || !any_visible, "tile {} skipped but has a visible key", n);
+            if in_range && (n == n_min || n == n_max - 1) {
+                prop_assert!(any_visible, "tile {} visited but fully masked", n);
+            }
+            if in_range && !block::tile_needs_mask(m0, rows, n * bn, bn, sq, sk, left, right) {
+                let all_visible = (m0..m0 + rows).all(|i| (n * bn..(n + 1) * bn).all(|j| visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64)));
+                prop_assert!(all_visible, "tile {} runs unmasked but hides a key", n);
+            }
+        }
+    }
+
+    #[test]
+    fn varlen_lengths_are_clamped(a in any::<i32>(), b in any::<i32>(), used in proptest::option::of(any::<i32>()), total in -5..100_000i32) {
+        let s = seqlen::SeqlenInfo::varlen(a, b, used, total);
+        prop_assert!(s.start >= 0 && s.slot_len >= 0 && s.used >= 0 && s.used <= s.slot_len);
+        prop_assert!(s.start as i64 + s.slot_len as i64 <= total.max(0) as i64);
+        let t = seqlen::SeqlenInfo::tail(a, total);
+        prop_assert!(t.start >= 0 && t.used == 0 && t.start + t.slot_len == total.max(0));
+    }
+
+    #[test]
+    fn valid_lengths_pass_through(start in 0..1000i32, len in 0..1000i32, extra in 0..100i32, used_frac in 0.0..=1.0f64) {
+        let used = (len as f64 * used_frac) as i32;
+        let s = seqlen::SeqlenInfo::varlen(start, start + len, Some(used), start + len + extra);
+        prop_assert_eq!(s, seqlen::SeqlenInfo { start, slot_len: len, used });
+        prop_assert_eq!(seqlen::SeqlenInfo::dense(len), seqlen::SeqlenInfo { start: 0, slot_len: len, used: len });
+    }
+}
