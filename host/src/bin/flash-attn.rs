@@ -1,1 +1,361 @@
-fn main() {}
+//! The `flash-attn` command line: `run` applies the forward pass to tensors in a safetensors file, `demo`
+//! repeats the packed-versus-separate experiment (a packed varlen batch must give each sequence exactly
+//! what a batch of one gives it). Every failure prints `flash-attn: <message>` and exits with code 2.
+
+use flash_attn::{fwd, varlen_fwd, AttnOptions, DType, Device, Tensor, Varlen};
+use half::bf16;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+Usage:
+  flash-attn run --input IN.safetensors --output OUT.safetensors [options]
+  flash-attn demo [--device cpu|cuda]
+  flash-attn --help
+
+run: reads q, k, v (f16 or bf16): rank 4 [B, S, H, D] for a dense batch, or rank 3 [T, H, D] packed, with
+int32 cu_seqlens_q and cu_seqlens_k [B+1] and optionally int32 seqused_q, seqused_k [B]. Writes out (the
+input dtype) and lse (f32) to OUT.
+  --causal          causal mask, aligned to the bottom-right corner
+  --window L,R      sliding window, inclusive; -1 = unbounded (e.g. --window -1,0 is causal)
+  --softcap X       soft-cap the scores at X (0 = off)
+  --scale X         softmax scale (default 1/sqrt(head_dim))
+  --device D        cpu, cuda or cuda:N (default: the GPU if one is present, else the CPU)
+
+demo: runs a few causal bf16 sequences of different lengths packed (varlen_fwd) and one by one (fwd) and
+prints the largest difference of out and lse between the two; it exits with code 1 if any is not 0.
+
+Exit codes: 0 success, 1 demo found a difference, 2 error.
+";
+
+/// A failure, already phrased for the user.
+struct Fail(String);
+
+impl From<flash_attn::Error> for Fail {
+    fn from(e: flash_attn::Error) -> Self {
+        Fail(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, Fail>;
+
+macro_rules! fail {
+    ($($arg:tt)*) => { return Err(Fail(format!($($arg)*))) };
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") || args.first().is_some_and(|a| a == "help") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let Some((command, rest)) = args.split_first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match command.as_str() {
+        "run" => RunArgs::parse(rest).and_then(|a| run(&a)).map(|()| ExitCode::SUCCESS),
+        "demo" => DemoArgs::parse(rest).and_then(|a| demo(&a)),
+        other => Err(Fail(format!("unknown command '{other}' (expected run or demo; see --help)"))),
+    };
+    result.unwrap_or_else(|Fail(msg)| {
+        eprintln!("flash-attn: {msg}");
+        ExitCode::from(2)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Arguments
+
+/// Walks `--flag` / `--flag value` / `--flag=value` arguments. A value is taken verbatim, so negative
+/// numbers such as `--window -1,0` need no quoting.
+struct Flags<'a> {
+    args: std::slice::Iter<'a, String>,
+}
+
+impl<'a> Flags<'a> {
+    fn new(args: &'a [String]) -> Self {
+        Flags { args: args.iter() }
+    }
+
+    /// The next flag's name and its inline `=value`, if any.
+    fn next_flag(&mut self) -> Result<Option<(&'a str, Option<&'a str>)>> {
+        let Some(arg) = self.args.next() else { return Ok(None) };
+        if !arg.starts_with("--") {
+            fail!("unexpected argument '{arg}' (see --help)");
+        }
+        Ok(Some(match arg.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (arg.as_str(), None),
+        }))
+    }
+
+    fn value(&mut self, name: &str, inline: Option<&'a str>) -> Result<&'a str> {
+        match inline {
+            Some(v) => Ok(v),
+            None => self.args.next().map(String::as_str).ok_or_else(|| Fail(format!("{name} needs a value"))),
+        }
+    }
+}
+
+fn no_value(name: &str, inline: Option<&str>) -> Result<()> {
+    match inline {
+        Some(_) => fail!("{name} takes no value"),
+        None => Ok(()),
+    }
+}
+
+fn parse_f32(name: &str, s: &str) -> Result<f32> {
+    match s.trim().parse::<f32>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        _ => fail!("{name}: expected a finite number, got '{s}'"),
+    }
+}
+
+fn parse_window(s: &str) -> Result<(i64, i64)> {
+    let parsed = s.split_once(',').and_then(|(l, r)| Some((l.trim().parse().ok()?, r.trim().parse().ok()?)));
+    match parsed {
+        Some(w) => Ok(w),
+        None => fail!("--window: expected L,R (two integers, -1 = unbounded), got '{s}'"),
+    }
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    let device = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => fail!("--device: expected cpu, cuda or cuda:N, got '{s}'"),
+        },
+    };
+    if matches!(device, Device::Cuda(_)) && !flash_attn::cuda::available() {
+        fail!("--device {s}: no CUDA driver or GPU is available");
+    }
+    Ok(device)
+}
+
+struct RunArgs {
+    input: PathBuf,
+    output: PathBuf,
+    opts: AttnOptions,
+    device: Device,
+}
+
+impl RunArgs {
+    fn parse(args: &[String]) -> Result<RunArgs> {
+        let (mut input, mut output, mut device) = (None, None, None);
+        let mut opts = AttnOptions::default();
+        let mut flags = Flags::new(args);
+        while let Some((name, inline)) = flags.next_flag()? {
+            match name {
+                "--input" => input = Some(PathBuf::from(flags.value(name, inline)?)),
+                "--output" => output = Some(PathBuf::from(flags.value(name, inline)?)),
+                "--causal" => {
+                    no_value(name, inline)?;
+                    opts.causal = true;
+                }
+                "--window" => opts.window = parse_window(flags.value(name, inline)?)?,
+                "--softcap" => opts.softcap = parse_f32(name, flags.value(name, inline)?)?,
+                "--scale" => opts.softmax_scale = Some(parse_f32(name, flags.value(name, inline)?)?),
+                "--device" => device = Some(parse_device(flags.value(name, inline)?)?),
+                _ => fail!("run: unknown option '{name}' (see --help)"),
+            }
+        }
+        let Some(input) = input else { fail!("run: --input is required") };
+        let Some(output) = output else { fail!("run: --output is required") };
+        Ok(RunArgs { input, output, opts, device: device.unwrap_or_else(Device::best) })
+    }
+}
+
+struct DemoArgs {
+    device: Device,
+}
+
+impl DemoArgs {
+    fn parse(args: &[String]) -> Result<DemoArgs> {
+        let mut device = None;
+        let mut flags = Flags::new(args);
+        while let Some((name, inline)) = flags.next_flag()? {
+            match name {
+                "--device" => device = Some(parse_device(flags.value(name, inline)?)?),
+                _ => fail!("demo: unknown option '{name}' (see --help)"),
+            }
+        }
+        Ok(DemoArgs { device: device.unwrap_or_else(Device::best) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// run
+
+fn run(args: &RunArgs) -> Result<()> {
+    let input = &args.input;
+    let bytes = std::fs::read(input).map_err(|e| Fail(format!("cannot read {}: {e}", input.display())))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| Fail(format!("{}: not a safetensors file: {e:?}", input.display())))?;
+    let get = |name: &str, accepted: &[DType]| load(&file, input, name, accepted);
+
+    let float = [DType::F16, DType::BF16];
+    let missing = |name: &str| Fail(format!("{}: has no tensor '{name}'", input.display()));
+    let q = get("q", &float)?.ok_or_else(|| missing("q"))?;
+    let k = get("k", &float)?.ok_or_else(|| missing("k"))?;
+    let v = get("v", &float)?.ok_or_else(|| missing("v"))?;
+    let cu_seqlens_q = get("cu_seqlens_q", &[DType::I32])?;
+    let cu_seqlens_k = get("cu_seqlens_k", &[DType::I32])?;
+    let seqused_q = get("seqused_q", &[DType::I32])?;
+    let seqused_k = get("seqused_k", &[DType::I32])?;
+
+    let dev = |t: &Tensor| t.to_device(args.device);
+    let result = match q.rank() {
+        4 => {
+            if let Some(name) = [("cu_seqlens_q", &cu_seqlens_q), ("cu_seqlens_k", &cu_seqlens_k), ("seqused_q", &seqused_q), ("seqused_k", &seqused_k)]
+                .into_iter()
+                .find_map(|(name, t)| t.is_some().then_some(name))
+            {
+                fail!("{name} is given but q is rank 4 (dense [B, S, H, D]); packed inputs are rank 3 [T, H, D]");
+            }
+            fwd(&dev(&q)?, &dev(&k)?, &dev(&v)?, &args.opts)?
+        }
+        3 => {
+            let (Some(cu_q), Some(cu_k)) = (&cu_seqlens_q, &cu_seqlens_k) else {
+                let name = if cu_seqlens_q.is_none() { "cu_seqlens_q" } else { "cu_seqlens_k" };
+                fail!("q is rank 3 (packed [T, H, D]) but {} has no tensor '{name}'", input.display());
+            };
+            let host = Varlen {
+                cu_seqlens_q: cu_q,
+                cu_seqlens_k: cu_k,
+                max_seqlen_q: max_seqlen(cu_q, seqused_q.as_ref())?,
+                max_seqlen_k: max_seqlen(cu_k, seqused_k.as_ref())?,
+                seqused_q: seqused_q.as_ref(),
+                seqused_k: seqused_k.as_ref(),
+            };
+            // The library reads lengths on device tensors without checking them; check them here, on the
+            // host, where bad ones can still be reported.
+            flash_attn::validate::check_varlen_contents(&host, q.shape()[0], k.shape()[0])?;
+            let (cu_q_d, cu_k_d) = (dev(cu_q)?, dev(cu_k)?);
+            let used_q_d = seqused_q.as_ref().map(dev).transpose()?;
+            let used_k_d = seqused_k.as_ref().map(dev).transpose()?;
+            let varlen = Varlen { cu_seqlens_q: &cu_q_d, cu_seqlens_k: &cu_k_d, seqused_q: used_q_d.as_ref(), seqused_k: used_k_d.as_ref(), ..host };
+            varlen_fwd(&dev(&q)?, &dev(&k)?, &dev(&v)?, &varlen, &args.opts)?
+        }
+        r => fail!("q: expected rank 4 (dense [B, S, H, D]) or rank 3 (packed [T, H, D]), got rank {r}"),
+    };
+
+    let out_bytes = result.out.to_bytes()?;
+    let lse_bytes = result.lse.to_bytes()?;
+    let tensors = [("out", st_view(&result.out, &out_bytes)?), ("lse", st_view(&result.lse, &lse_bytes)?)];
+    safetensors::serialize_to_file(tensors, &None, &args.output).map_err(|e| Fail(format!("cannot write {}: {e:?}", args.output.display())))
+}
+
+/// Tensor `name` from the file as a host tensor, if present; its dtype must be one of `accepted`.
+fn load(file: &SafeTensors<'_>, path: &Path, name: &str, accepted: &[DType]) -> Result<Option<Tensor>> {
+    let Ok(view) = file.tensor(name) else { return Ok(None) };
+    let dtype = match view.dtype() {
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        Dtype::F32 => Some(DType::F32),
+        Dtype::I32 => Some(DType::I32),
+        _ => None,
+    };
+    match dtype {
+        Some(d) if accepted.contains(&d) => Ok(Some(Tensor::from_bytes(view.data(), view.shape(), d)?)),
+        _ => {
+            let names: Vec<&str> = accepted.iter().map(|d| d.name()).collect();
+            fail!("{}: tensor '{name}' has dtype {:?}, expected {}", path.display(), view.dtype(), names.join(" or "))
+        }
+    }
+}
+
+/// A safetensors view of `data`, the little-endian bytes of `t`.
+fn st_view<'a>(t: &Tensor, data: &'a [u8]) -> Result<TensorView<'a>> {
+    let dtype = match t.dtype() {
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::F32 => Dtype::F32,
+        DType::I32 => Dtype::I32,
+    };
+    TensorView::new(dtype, t.shape().to_vec(), data).map_err(|e| Fail(format!("{e:?}")))
+}
+
+/// The longest sequence: `seqused[b]` where given, else the slot length `cu[b+1] - cu[b]`. Malformed
+/// lengths count as 0 here and are reported by the library's checks, which name the argument.
+fn max_seqlen(cu_seqlens: &Tensor, seqused: Option<&Tensor>) -> Result<usize> {
+    let lens: Vec<i64> = match seqused {
+        Some(u) => u.to_i32_vec()?.into_iter().map(i64::from).collect(),
+        None => cu_seqlens.to_i32_vec()?.windows(2).map(|w| i64::from(w[1]) - i64::from(w[0])).collect(),
+    };
+    Ok(lens.into_iter().max().unwrap_or(0).max(0) as usize)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// demo
+
+fn demo(args: &DemoArgs) -> Result<ExitCode> {
+    const SEQLENS: [usize; 5] = [1, 37, 128, 211, 300];
+    let (hq, hk, d) = (8, 2, 128);
+    let opts = AttnOptions { causal: true, ..Default::default() };
+    let device = args.device;
+    println!("device: {device}");
+    let total: usize = SEQLENS.iter().sum();
+    println!("{} causal bf16 sequences of lengths {SEQLENS:?} ({total} tokens), Hq={hq}, Hk={hk}, D={d}", SEQLENS.len());
+
+    let mut rng = SplitMix64(0x5eed);
+    let mut random = |rows: usize, heads: usize| -> Vec<bf16> { (0..rows * heads * d).map(|_| bf16::from_f32(rng.uniform())).collect() };
+    let (q, k, v) = (random(total, hq), random(total, hk), random(total, hk));
+    let mut cu_seqlens = vec![0i32];
+    for &s in &SEQLENS {
+        cu_seqlens.push(cu_seqlens.last().unwrap() + s as i32);
+    }
+
+    let cu = Tensor::from_i32(cu_seqlens.clone(), &[cu_seqlens.len()])?.to_device(device)?;
+    let max_seqlen = *SEQLENS.iter().max().unwrap();
+    let varlen = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: max_seqlen, max_seqlen_k: max_seqlen, seqused_q: None, seqused_k: None };
+    let packed = |x: &[bf16], heads: usize| Tensor::from_bf16(x.to_vec(), &[total, heads, d])?.to_device(device);
+    let p = varlen_fwd(&packed(&q, hq)?, &packed(&k, hk)?, &packed(&v, hk)?, &varlen, &opts)?;
+    let (p_out, p_lse) = (p.out.to_f32_vec()?, p.lse.to_f32_vec()?);
+
+    let mut overall = 0.0f32;
+    for (b, &s) in SEQLENS.iter().enumerate() {
+        let start = cu_seqlens[b] as usize;
+        let single = |x: &[bf16], heads: usize| Tensor::from_bf16(x[start * heads * d..(start + s) * heads * d].to_vec(), &[1, s, heads, d])?.to_device(device);
+        let one = fwd(&single(&q, hq)?, &single(&k, hk)?, &single(&v, hk)?, &opts)?;
+        let out = one.out.to_f32_vec()?;
+        let lse = one.lse.to_f32_vec()?;
+        // Rows of this sequence: out [T, Hq, D] is row-major by token; lse [Hq, T] is by head, then token.
+        let out_diff = max_abs_diff(&p_out[start * hq * d..(start + s) * hq * d], &out);
+        let lse_diff = (0..hq).map(|h| max_abs_diff(&p_lse[h * total + start..h * total + start + s], &lse[h * s..(h + 1) * s])).fold(0.0, f32::max);
+        println!("seq {b}: len {s:>3}  max |out diff| = {out_diff}  max |lse diff| = {lse_diff}");
+        overall = overall.max(out_diff).max(lse_diff);
+    }
+    println!("overall max abs diff: {overall}");
+    if overall == 0.0 {
+        println!("packed and separate results are identical");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("packed and separate results differ (expected exactly 0)");
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Largest |a - b|, with equal values (-inf lse of empty rows included) counting as 0 and NaN as infinite.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(&x, &y)| if x == y { 0.0 } else if (x - y).is_nan() { f32::INFINITY } else { (x - y).abs() }).fold(0.0, f32::max)
+}
+
+/// A small seeded generator, so the demo is reproducible without a dependency.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}

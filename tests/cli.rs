@@ -1,0 +1,280 @@
+//! The `flash-attn` binary end to end: `run` on safetensors files gives exactly what the library gives,
+//! its options take effect, every bad input exits with code 2 and a message, and `demo` finds no
+//! difference between packed and separate sequences. Everything runs on the CPU.
+
+use flash_attn::{fwd, varlen_fwd, AttnOptions, DType, Tensor, Varlen};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flash-attn");
+
+/// A scratch directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!("flash-attn-cli-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Named tensors for an input file, kept as the library's host tensors.
+type Inputs = Vec<(&'static str, Tensor)>;
+
+fn st_dtype(d: DType) -> Dtype {
+    match d {
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::F32 => Dtype::F32,
+        DType::I32 => Dtype::I32,
+    }
+}
+
+fn write(path: &Path, tensors: &Inputs) {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, t)| t.to_bytes().unwrap()).collect();
+    let views: Vec<(&str, TensorView<'_>)> =
+        tensors.iter().zip(&bytes).map(|((name, t), b)| (*name, TensorView::new(st_dtype(t.dtype()), t.shape().to_vec(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
+
+/// out and lse from a file the CLI wrote, as (dtype, shape, raw bytes).
+fn read_outputs(path: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(name, v)| (name, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect()
+}
+
+fn random(rng: &mut StdRng, shape: &[usize], dtype: DType, amp: f32) -> Tensor {
+    let n = shape.iter().product();
+    let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-amp..amp)).collect();
+    Tensor::from_f32(&x, shape, dtype).unwrap()
+}
+
+fn i32s(x: &[i32]) -> Tensor {
+    Tensor::from_i32(x.to_vec(), &[x.len()]).unwrap()
+}
+
+fn cli<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    Command::new(BIN).args(args).output().expect("the flash-attn binary runs")
+}
+
+/// Runs `flash-attn run --device cpu` on `inputs` with `extra` options; returns out and lse as written.
+fn run_cli(dir: &TempDir, inputs: &Inputs, extra: &[&str]) -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+    write(&input, inputs);
+    let mut args = vec!["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", "cpu"];
+    args.extend_from_slice(extra);
+    let o = cli(&args);
+    assert!(o.status.success(), "flash-attn {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    read_outputs(&output)
+}
+
+/// Asserts the CLI's outputs are bit-identical to the library's.
+#[track_caller]
+fn assert_same(got: &HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>, want: &flash_attn::FwdOutput) {
+    assert_eq!(got.len(), 2, "the output file holds out and lse only");
+    for (name, t) in [("out", &want.out), ("lse", &want.lse)] {
+        let (dtype, shape, bytes) = &got[name];
+        assert_eq!(*dtype, st_dtype(t.dtype()), "{name} dtype");
+        assert_eq!(shape, t.shape(), "{name} shape");
+        assert!(*bytes == t.to_bytes().unwrap(), "{name} differs from the library's");
+    }
+}
+
+fn dense_inputs(dtype: DType, seed: u64) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (b, sq, sk, hq, hk, d) = (2, 9, 13, 4, 2, 32);
+    vec![("q", random(&mut rng, &[b, sq, hq, d], dtype, 2.0)), ("k", random(&mut rng, &[b, sk, hk, d], dtype, 2.0)), ("v", random(&mut rng, &[b, sk, hk, d], dtype, 1.0))]
+}
+
+/// Three sequences (one empty on the query side) packed; with `seqused`, only a prefix of each slot is used.
+fn varlen_inputs(dtype: DType, seqused: bool) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(7);
+    let (hq, hk, d) = (4, 1, 64);
+    let (cu_q, cu_k) = ([0, 5, 5, 17], [0, 8, 11, 20]);
+    let mut t: Inputs = vec![
+        ("q", random(&mut rng, &[17, hq, d], dtype, 2.0)),
+        ("k", random(&mut rng, &[20, hk, d], dtype, 2.0)),
+        ("v", random(&mut rng, &[20, hk, d], dtype, 1.0)),
+        ("cu_seqlens_q", i32s(&cu_q)),
+        ("cu_seqlens_k", i32s(&cu_k)),
+    ];
+    if seqused {
+        t.push(("seqused_q", i32s(&[3, 0, 12])));
+        t.push(("seqused_k", i32s(&[8, 2, 4])));
+    }
+    t
+}
+
+fn get<'a>(inputs: &'a Inputs, name: &str) -> Option<&'a Tensor> {
+    inputs.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
+}
+
+/// The library called directly, with max_seqlen from the lengths as the CLI computes it.
+fn library(inputs: &Inputs, opts: &AttnOptions) -> flash_attn::FwdOutput {
+    let (q, k, v) = (get(inputs, "q").unwrap(), get(inputs, "k").unwrap(), get(inputs, "v").unwrap());
+    let Some(cu_q) = get(inputs, "cu_seqlens_q") else { return fwd(q, k, v, opts).unwrap() };
+    let cu_k = get(inputs, "cu_seqlens_k").unwrap();
+    let (used_q, used_k) = (get(inputs, "seqused_q"), get(inputs, "seqused_k"));
+    let max = |cu: &Tensor, used: Option<&Tensor>| -> usize {
+        match used {
+            Some(u) => u.to_i32_vec().unwrap().into_iter().max().unwrap_or(0) as usize,
+            None => cu.to_i32_vec().unwrap().windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as usize,
+        }
+    };
+    let varlen = Varlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: max(cu_q, used_q), max_seqlen_k: max(cu_k, used_k), seqused_q: used_q, seqused_k: used_k };
+    varlen_fwd(q, k, v, &varlen, opts).unwrap()
+}
+
+#[test]
+fn dense_matches_library() {
+    let dir = TempDir::new();
+    for (dtype, seed) in [(DType::BF16, 1), (DType::F16, 2)] {
+        let inputs = dense_inputs(dtype, seed);
+        assert_same(&run_cli(&dir, &inputs, &[]), &library(&inputs, &AttnOptions::default()));
+    }
+}
+
+#[test]
+fn varlen_matches_library() {
+    let dir = TempDir::new();
+    for (dtype, seqused) in [(DType::BF16, false), (DType::F16, false), (DType::BF16, true)] {
+        let inputs = varlen_inputs(dtype, seqused);
+        assert_same(&run_cli(&dir, &inputs, &[]), &library(&inputs, &AttnOptions::default()));
+        let causal = AttnOptions { causal: true, ..Default::default() };
+        assert_same(&run_cli(&dir, &inputs, &["--causal"]), &library(&inputs, &causal));
+    }
+}
+
+#[test]
+fn options_take_effect() {
+    let dir = TempDir::new();
+    let base = AttnOptions::default();
+    let cases: [(&[&str], AttnOptions); 6] = [
+        (&["--causal"], AttnOptions { causal: true, ..base }),
+        (&["--window", "2,1"], AttnOptions { window: (2, 1), ..base }),
+        (&["--window", "-1,0"], AttnOptions { window: (-1, 0), ..base }),
+        (&["--window=3,-1"], AttnOptions { window: (3, -1), ..base }),
+        (&["--softcap", "0.5"], AttnOptions { softcap: 0.5, ..base }),
+        (&["--scale", "0.02"], AttnOptions { softmax_scale: Some(0.02), ..base }),
+    ];
+    for inputs in [dense_inputs(DType::BF16, 3), varlen_inputs(DType::BF16, false)] {
+        let default = run_cli(&dir, &inputs, &[]);
+        for (args, opts) in &cases {
+            let got = run_cli(&dir, &inputs, args);
+            assert_same(&got, &library(&inputs, opts));
+            assert!(got["out"] != default["out"], "{args:?} left out unchanged");
+            assert!(got["lse"] != default["lse"], "{args:?} left lse unchanged");
+        }
+        // The canonical form: causal is the window (-1, 0).
+        assert!(run_cli(&dir, &inputs, &["--causal"]) == run_cli(&dir, &inputs, &["--window", "-1,0"]));
+        // Options combine.
+        let opts = AttnOptions { causal: true, window: (4, -1), softcap: 1.5, softmax_scale: Some(0.3) };
+        assert_same(&run_cli(&dir, &inputs, &["--causal", "--window", "4,-1", "--softcap", "1.5", "--scale", "0.3"]), &library(&inputs, &opts));
+    }
+}
+
+/// Runs the CLI with `args` and asserts it fails with code 2 and a `flash-attn:` message containing `needle`.
+#[track_caller]
+fn expect_failure<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S], needle: &str) {
+    let o = cli(args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "flash-attn {args:?}: stderr {stderr:?}");
+    assert!(stderr.starts_with("flash-attn: "), "flash-attn {args:?}: stderr {stderr:?}");
+    assert!(stderr.contains(needle), "flash-attn {args:?}: stderr {stderr:?} does not mention {needle:?}");
+}
+
+#[test]
+fn errors_exit_2_with_a_message() {
+    let dir = TempDir::new();
+    let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+    let (inp, out) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["run", "--input", inp, "--output", out, "--device", "cpu"].map(String::from).to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+
+    // Missing input file.
+    expect_failure(&run(&[]), "cannot read");
+
+    // Missing tensor k.
+    let mut inputs = dense_inputs(DType::BF16, 4);
+    inputs.retain(|(n, _)| *n != "k");
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "'k'");
+
+    // q in f32.
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut inputs = dense_inputs(DType::BF16, 4);
+    inputs[0].1 = random(&mut rng, &[2, 9, 4, 32], DType::F32, 1.0);
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "'q'");
+
+    // A library error: head dim 48 has no kernel.
+    let inputs: Inputs = ["q", "k", "v"].map(|n| (n, random(&mut rng, &[1, 4, 2, 48], DType::BF16, 1.0))).to_vec();
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "head dim 48");
+
+    // Rank 3 without cu_seqlens, and bad lengths.
+    let mut inputs = varlen_inputs(DType::BF16, false);
+    inputs.retain(|(n, _)| *n != "cu_seqlens_k");
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "cu_seqlens_k");
+    let mut inputs = varlen_inputs(DType::BF16, false);
+    inputs[3].1 = i32s(&[0, 5, 3, 17]);
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "cu_seqlens_q");
+
+    // Arguments, checked before the input is read.
+    write(&input, &dense_inputs(DType::BF16, 4));
+    expect_failure(&run(&["--bogus"]), "--bogus");
+    for bad in ["1", "a,b", "1,2,3", "", "1.5,0"] {
+        expect_failure(&run(&["--window", bad]), "--window");
+    }
+    expect_failure(&run(&["--window"]), "--window");
+    expect_failure(&run(&["--scale", "x"]), "--scale");
+    expect_failure(&run(&["--softcap", "inf"]), "--softcap");
+    expect_failure(&run(&["--device", "tpu"]), "--device");
+    expect_failure(&["run", "--output", out], "--input");
+    expect_failure(&["frobnicate"], "frobnicate");
+    expect_failure(&["demo", "--causal"], "--causal");
+
+    // No subcommand: usage on stderr, code 2.
+    let o = cli::<&str>(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Usage"));
+    // --help: usage on stdout, code 0.
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let o = cli(args);
+        assert!(o.status.success());
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"));
+    }
+    assert!(!output.exists(), "no output file is written on failure");
+}
+
+#[test]
+fn demo_finds_no_difference() {
+    let o = cli(&["demo", "--device", "cpu"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "demo failed: {stdout}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("device: cpu"), "{stdout}");
+    assert!(stdout.lines().any(|l| l == "overall max abs diff: 0"), "{stdout}");
+}
