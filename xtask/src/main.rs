@@ -2,6 +2,10 @@
 //! target GPU), `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine).
 
 mod ptx;
+#[path = "../../kernels-gpu/src/variants.rs"]
+#[macro_use]
+#[allow(dead_code)]
+mod variants;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -66,10 +70,10 @@ fn cmd_ptx() -> Result<(), String> {
                 return Err(format!("ptxas {arch} rejected {}:\n{log}", file.display()));
             }
             println!("ptxas {arch} {}:", file.file_name().unwrap().to_string_lossy());
-            println!("  {:<28} {:>5} {:>10} {:>12} {:>12}", "kernel", "regs", "smem(st.)", "stack", "spill st/ld");
+            println!("  {:<28} {:>5} {:>10} {:>10} {:>7} {:>12}", "kernel", "regs", "smem(st.)", "smem(dyn)", "stack", "spill st/ld");
             for k in parse_ptxas(&log) {
                 spills += k.spill_stores + k.spill_loads;
-                println!("  {:<28} {:>5} {:>10} {:>12} {:>6}/{:<6}", k.name, k.regs, k.smem, k.stack, k.spill_stores, k.spill_loads);
+                println!("  {:<28} {:>5} {:>10} {:>10} {:>7} {:>6}/{:<6}", k.name, k.regs, k.smem, dynamic_smem(&k.name), k.stack, k.spill_stores, k.spill_loads);
             }
         }
     }
@@ -78,6 +82,18 @@ fn cmd_ptx() -> Result<(), String> {
     }
     println!("ptx ok: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
     Ok(())
+}
+
+/// Dynamic shared memory the host launches a kernel with (from the shared variant table).
+fn dynamic_smem(kernel: &str) -> String {
+    for d in [32, 64, 96, 128, 192, 256] {
+        for dt in [variants::KernelDType::BF16, variants::KernelDType::F16] {
+            if variants::fwd_kernel_name(d, dt) == Some(kernel) {
+                return variants::fwd_config(d).smem_bytes().to_string();
+            }
+        }
+    }
+    "?".into()
 }
 
 #[derive(Default)]

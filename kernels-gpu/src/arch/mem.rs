@@ -11,6 +11,17 @@ pub unsafe fn st_global_v4(addr: u64, v: [u32; 4]) {
     }
 }
 
+/// Load 16 bytes from global memory through the read-only (non-coherent) path (`addr` 16-byte aligned).
+#[inline(always)]
+pub unsafe fn ld_global_nc_v4(addr: u64) -> [u32; 4] {
+    let (x, y, z, w): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ld.global.nc.v4.b32 {{{x}, {y}, {z}, {w}}}, [{a}];", a = in(reg64) addr,
+            x = out(reg32) x, y = out(reg32) y, z = out(reg32) z, w = out(reg32) w, options(nostack, readonly))
+    }
+    [x, y, z, w]
+}
+
 /// Store 4 bytes to global memory.
 #[inline(always)]
 pub unsafe fn st_global_u32(addr: u64, v: u32) {
