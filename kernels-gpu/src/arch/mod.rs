@@ -10,3 +10,4 @@ pub mod shfl;
 pub mod smem;
 pub mod sreg;
 pub mod sync;
+pub mod reg;

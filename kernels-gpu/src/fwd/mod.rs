@@ -8,6 +8,7 @@ use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
 use crate::arch::math::{pack_bf16x2, pack_f16x2, tanh};
 use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::mma::{mma_bf16, mma_f16};
+use crate::arch::reg::{opaque_i64, opaque_u32};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
@@ -81,6 +82,9 @@ impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN
 unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
     let chunks = D / 8;
     let row_bytes = ((D + 8) * 2) as u32;
+    // Recompute the per-thread offsets here, each tile, instead of keeping them all live (opaque_u32).
+    let tid = opaque_u32(tid as u32) as usize;
+    let row_stride_bytes = opaque_i64(row_stride_bytes);
     let mut i = 0;
     while i < rows * chunks / threads {
         let idx = tid + i * threads;
