@@ -37,8 +37,7 @@ impl FwdConfig {
 /// it; the large head dims trade that for eight warps instead.
 pub const fn fwd_config(head_dim: usize) -> FwdConfig {
     match head_dim {
-        32 | 64 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 64 },
-        96 | 128 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 32 },
+        32 | 64 | 96 | 128 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 64 },
         _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64 },
     }
 }
