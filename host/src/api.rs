@@ -115,3 +115,42 @@ fn run(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tensor, va
         Device::Cuda(_) => crate::cuda::fwd(problem, q, k, v, varlen),
     }
 }
+
+/// Gradients of the loss with respect to q, k and v: contiguous, in the input dtype, with q's, k's and
+/// v's shapes.
+#[derive(Clone, Debug)]
+pub struct BwdOutput {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+}
+
+/// Dense backward: the gradients of q, k, v given `dout` (the gradient of `out`) and the forward's `out`
+/// and `lse` (both as `fwd` returned them, for the same `opts`). dout and out are `[B, Sq, Hq, D]` in q's
+/// dtype (head dim contiguous); lse is contiguous f32 `[B, Hq, Sq]`.
+///
+/// `deterministic` asks for bitwise-reproducible gradients. The CPU path always is: every gradient
+/// element is one sequential f32 sum in a fixed order, whatever the number of threads.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
+    let problem = crate::validate::validate_bwd(dout, q, k, v, out, lse, None, opts)?;
+    run_bwd(&problem, dout, q, k, v, out, lse, deterministic)
+}
+
+/// Packed backward: dout and out `[Tq, Hq, D]`, lse `[Hq, Tq]`, sequences given by `varlen` as in
+/// `varlen_fwd`. Rows of no sequence (seqused padding, tail rows) get dq = 0, and keys past a sequence's
+/// used length get dk = dv = 0.
+#[allow(clippy::too_many_arguments)]
+pub fn varlen_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
+    let problem = crate::validate::validate_bwd(dout, q, k, v, out, lse, Some(varlen), opts)?;
+    run_bwd(&problem, dout, q, k, v, out, lse, deterministic)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_bwd(problem: &crate::problem::BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, _deterministic: bool) -> Result<BwdOutput> {
+    match problem.fwd.device {
+        // Deterministic by construction (see cpu/bwd.rs), so the flag changes nothing here.
+        Device::Cpu => crate::cpu::bwd(problem, dout, q, k, v, out, lse),
+        Device::Cuda(_) => Err(crate::Error::Cuda("backward is not implemented on CUDA yet".into())),
+    }
+}

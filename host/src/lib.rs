@@ -1,5 +1,6 @@
 //! flash-attn: FlashAttention forward with flash-attn 2's semantics, on CUDA GPUs through kernels written
-//! in Rust and compiled to PTX, and on the CPU where no GPU is present.
+//! in Rust and compiled to PTX, and on the CPU where no GPU is present; the backward (`bwd`,
+//! `varlen_bwd`) runs on the CPU so far.
 //!
 //! ```no_run
 //! use flash_attn::{fwd, AttnOptions, DType, Device, Tensor};
@@ -22,7 +23,7 @@ pub mod problem;
 pub mod tensor;
 pub mod validate;
 
-pub use api::{fwd, fwd_into, varlen_fwd, varlen_fwd_into, AttnOptions, FwdOutput, Varlen};
+pub use api::{bwd, fwd, fwd_into, varlen_bwd, varlen_fwd, varlen_fwd_into, AttnOptions, BwdOutput, FwdOutput, Varlen};
 pub use error::{Error, Result};
 pub use tensor::{CpuData, DType, Device, Tensor};
 

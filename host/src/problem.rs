@@ -64,4 +64,17 @@ impl Problem {
     pub fn lse_shape(&self) -> Vec<usize> {
         if self.varlen { vec![self.hq, self.total_q] } else { vec![self.batch, self.hq, self.seqlen_q] }
     }
+    /// Shape of k and v (and of dk, dv): `[B, Sk, Hk, D]`, or `[Tk, Hk, D]` for varlen.
+    pub fn kv_shape(&self) -> Vec<usize> {
+        if self.varlen { vec![self.total_k, self.hk, self.head_dim] } else { vec![self.batch, self.seqlen_k, self.hk, self.head_dim] }
+    }
+}
+
+/// A validated backward call: the forward's problem, plus where `dout` and `out` (both of the output's
+/// shape) live. The LSE is contiguous f32 of `fwd.lse_shape()`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BwdProblem {
+    pub fwd: Problem,
+    pub dout: Strides,
+    pub out: Strides,
 }

@@ -6,7 +6,7 @@
 
 use crate::api::{AttnOptions, Varlen};
 use crate::error::{Error, Result};
-use crate::problem::{HostSeqlens, Problem, Strides};
+use crate::problem::{BwdProblem, HostSeqlens, Problem, Strides};
 use crate::tensor::{DType, Device, Tensor};
 use crate::HEAD_DIMS;
 
@@ -129,6 +129,59 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
         has_seqused_k: varlen.is_some_and(|vl| vl.seqused_k.is_some()),
         seqlens,
     })
+}
+
+/// Checks the backward's arguments: q, k, v and the varlen lengths exactly as `validate_fwd` does, then
+/// `dout` and `out` (q's dtype and device, the forward output's shape, head dim contiguous) and `lse`
+/// (f32 on q's device, the forward's LSE shape `[B, Hq, Sq]` or `[Hq, Tq]`, contiguous as the forward
+/// writes it).
+#[allow(clippy::too_many_arguments)]
+pub fn validate_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions) -> Result<BwdProblem> {
+    let fwd = validate_fwd(q, k, v, varlen, opts)?;
+    let out_shape = fwd.out_shape();
+    for (arg, t) in [("dout", dout), ("out", out)] {
+        if t.device() != q.device() {
+            return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: q.device().to_string() });
+        }
+        if t.dtype() != q.dtype() {
+            return Err(Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: format!("q's dtype {}", q.dtype()) });
+        }
+        if t.rank() != out_shape.len() {
+            return Err(Error::Rank { arg, got: t.rank(), expected: out_shape.len() });
+        }
+        if t.shape() != out_shape {
+            return Err(Error::Shape { arg, msg: format!("shape {:?} must equal the output's shape {out_shape:?} (q's shape)", t.shape()) });
+        }
+        if t.strides()[out_shape.len() - 1] != 1 {
+            return Err(Error::NotContiguous { arg });
+        }
+        check_extent(arg, t)?;
+    }
+    let lse_shape = fwd.lse_shape();
+    if lse.device() != q.device() {
+        return Err(Error::DeviceMismatch { arg: "lse", got: lse.device().to_string(), expected: q.device().to_string() });
+    }
+    if lse.dtype() != DType::F32 {
+        return Err(Error::DType { arg: "lse", got: lse.dtype().to_string(), expected: "f32" });
+    }
+    if lse.rank() != lse_shape.len() {
+        return Err(Error::Rank { arg: "lse", got: lse.rank(), expected: lse_shape.len() });
+    }
+    if lse.shape() != lse_shape {
+        return Err(Error::Shape { arg: "lse", msg: format!("shape {:?} must equal the forward's LSE shape {lse_shape:?}", lse.shape()) });
+    }
+    if !lse.is_contiguous() {
+        return Err(Error::Shape { arg: "lse", msg: "must be contiguous".into() });
+    }
+    check_extent("lse", lse)?;
+    let varlen = varlen.is_some();
+    Ok(BwdProblem { dout: operand_strides(dout, varlen), out: operand_strides(out, varlen), fwd })
+}
+
+/// Strides of a `[B, S, H, D]` (or varlen `[T, H, D]`) operand, head dim contiguous.
+fn operand_strides(t: &Tensor, varlen: bool) -> Strides {
+    let s = t.strides();
+    if varlen { Strides { batch: 0, row: s[0], head: s[1], offset: t.offset() } } else { Strides { batch: s[0], row: s[1], head: s[2], offset: t.offset() } }
 }
 
 /// Copies the varlen length tensors to the host (from the device if need be) and checks their contents:

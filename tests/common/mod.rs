@@ -25,6 +25,24 @@ pub struct RefOpts {
 /// f64; a row that sees no key has out 0 and lse -inf.
 #[allow(clippy::too_many_arguments)]
 pub fn reference_attention(q: &[f32], k: &[f32], v: &[f32], sq: usize, sk: usize, hq: usize, hk: usize, d: usize, o: &RefOpts) -> (Vec<f64>, Vec<f64>) {
+    reference_attention_f64(&f64s(q), &f64s(k), &f64s(v), sq, sk, hq, hk, d, o)
+}
+
+pub fn f64s(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Whether query i of a (sq, sk) sequence sees key j: the intersection of every condition in `o`, around
+/// the bottom-right aligned diagonal (query i lines up with key i + sk - sq).
+pub fn visible(o: &RefOpts, i: usize, j: usize, sq: usize, sk: usize) -> bool {
+    let diag = i as i64 + sk as i64 - sq as i64;
+    let j = j as i64;
+    (!o.causal || j <= diag) && (o.window.0 < 0 || j >= diag - o.window.0) && (o.window.1 < 0 || j <= diag + o.window.1)
+}
+
+/// `reference_attention` on f64 inputs (for finite differences).
+#[allow(clippy::too_many_arguments)]
+pub fn reference_attention_f64(q: &[f64], k: &[f64], v: &[f64], sq: usize, sk: usize, hq: usize, hk: usize, d: usize, o: &RefOpts) -> (Vec<f64>, Vec<f64>) {
     let mut out = vec![0.0f64; sq * hq * d];
     let mut lse = vec![f64::NEG_INFINITY; hq * sq];
     for h in 0..hq {
@@ -45,7 +63,7 @@ pub fn reference_attention(q: &[f32], k: &[f32], v: &[f32], sq: usize, sk: usize
                 .map(|&j| {
                     let mut dot = 0.0f64;
                     for x in 0..d {
-                        dot += q[(i * hq + h) * d + x] as f64 * k[(j * hk + hkv) * d + x] as f64;
+                        dot += q[(i * hq + h) * d + x] * k[(j * hk + hkv) * d + x];
                     }
                     let s = o.scale * dot;
                     if o.softcap > 0.0 { o.softcap * (s / o.softcap).tanh() } else { s }
@@ -56,7 +74,7 @@ pub fn reference_attention(q: &[f32], k: &[f32], v: &[f32], sq: usize, sk: usize
             for (&j, s) in keys.iter().zip(&scores) {
                 let p = (s - max).exp() / sum;
                 for x in 0..d {
-                    out[(i * hq + h) * d + x] += p * v[(j * hk + hkv) * d + x] as f64;
+                    out[(i * hq + h) * d + x] += p * v[(j * hk + hkv) * d + x];
                 }
             }
             lse[h * sq + i] = max + sum.ln();
@@ -245,4 +263,113 @@ pub fn dtype() -> impl Strategy<Value = DType> {
 
 pub fn head_dim() -> impl Strategy<Value = usize> {
     proptest::sample::select(HEAD_DIMS.to_vec())
+}
+
+/// The f64 reference backward of one sequence, and what the tolerance needs to know about it.
+pub struct RefGrads {
+    /// `[sq, hq, d]`, `[sk, hk, d]`, `[sk, hk, d]`: the exact gradients of sum(dout * out).
+    pub dq: Vec<f64>,
+    pub dk: Vec<f64>,
+    pub dv: Vec<f64>,
+    /// Per element, the sum of the magnitudes of everything that enters it (the scale of its rounding
+    /// error): dv: sum_i P |dout_i|; dq, dk: |scale| sum P (|dout|.|v_j| + |dout|.|out|) |ds/dx| |k_j| or |q_i|.
+    pub dq_mag: Vec<f64>,
+    pub dk_mag: Vec<f64>,
+    pub dv_mag: Vec<f64>,
+    /// Per element, how far dq and dk move when each row's D = dout . out is computed from the `out` the
+    /// backward is given instead of the exact one: |scale| sum P |ds/dx| E_i |k_j| or |q_i|, with
+    /// E_i = sum |dout_i| |given out_i - exact out_i|. Zero without a given out.
+    pub dq_derr: Vec<f64>,
+    pub dk_derr: Vec<f64>,
+}
+
+/// One sequence's backward, straight from the definition: softmax Jacobian dS_j = P_j (dP_j - sum_l P_l dP_l)
+/// with dP = dout . v, the softcap s = c tanh(x / c) differentiated through its tanh, x = scale q.k. q and
+/// dout are `[sq, hq, d]`, k and v `[sk, hk, d]`; `given_out` (`[sq, hq, d]`) is the out the library's
+/// backward reads, used only for `dq_derr`/`dk_derr`. Rows that see no key contribute nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_attention_bwd(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], given_out: Option<&[f64]>, sq: usize, sk: usize, hq: usize, hk: usize, d: usize, o: &RefOpts) -> RefGrads {
+    let z = |n: usize| vec![0.0f64; n];
+    let mut g = RefGrads { dq: z(sq * hq * d), dk: z(sk * hk * d), dv: z(sk * hk * d), dq_mag: z(sq * hq * d), dk_mag: z(sk * hk * d), dv_mag: z(sk * hk * d), dq_derr: z(sq * hq * d), dk_derr: z(sk * hk * d) };
+    for h in 0..hq {
+        let hkv = h / (hq / hk);
+        for i in 0..sq {
+            let keys: Vec<usize> = (0..sk).filter(|&j| visible(o, i, j, sq, sk)).collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let qi = &q[(i * hq + h) * d..][..d];
+            let gi = &dout[(i * hq + h) * d..][..d];
+            let kj = |j: usize| &k[(j * hk + hkv) * d..][..d];
+            let vj = |j: usize| &v[(j * hk + hkv) * d..][..d];
+            // Scores and ds/dx.
+            let (s, ds_dx): (Vec<f64>, Vec<f64>) = keys
+                .iter()
+                .map(|&j| {
+                    let x = o.scale * (0..d).map(|y| qi[y] * kj(j)[y]).sum::<f64>();
+                    if o.softcap > 0.0 {
+                        let t = (x / o.softcap).tanh();
+                        (o.softcap * t, 1.0 - t * t)
+                    } else {
+                        (x, 1.0)
+                    }
+                })
+                .unzip();
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s.iter().map(|s| (s - max).exp()).sum();
+            let p: Vec<f64> = s.iter().map(|s| (s - max).exp() / sum).collect();
+            let mut out = vec![0.0f64; d];
+            for (&j, &pj) in keys.iter().zip(&p) {
+                (0..d).for_each(|y| out[y] += pj * vj(j)[y]);
+            }
+            let dp: Vec<f64> = keys.iter().map(|&j| (0..d).map(|y| gi[y] * vj(j)[y]).sum()).collect();
+            let p_dot_dp: f64 = p.iter().zip(&dp).map(|(p, dp)| p * dp).sum();
+            // Magnitudes for the tolerance.
+            let d_abs: f64 = (0..d).map(|y| gi[y].abs() * out[y].abs()).sum();
+            let e_i: f64 = given_out.map_or(0.0, |go| (0..d).map(|y| gi[y].abs() * (go[(i * hq + h) * d + y] - out[y]).abs()).sum());
+            for (t, &j) in keys.iter().enumerate() {
+                let ds = p[t] * (dp[t] - p_dot_dp);
+                let dx = ds * ds_dx[t];
+                let dp_abs: f64 = (0..d).map(|y| gi[y].abs() * vj(j)[y].abs()).sum();
+                let mag = o.scale.abs() * p[t] * (dp_abs + d_abs) * ds_dx[t];
+                let derr = o.scale.abs() * p[t] * ds_dx[t] * e_i;
+                for y in 0..d {
+                    let (qa, ka) = ((i * hq + h) * d + y, (j * hk + hkv) * d + y);
+                    g.dq[qa] += o.scale * dx * kj(j)[y];
+                    g.dk[ka] += o.scale * dx * qi[y];
+                    g.dv[ka] += p[t] * gi[y];
+                    g.dq_mag[qa] += mag * kj(j)[y].abs();
+                    g.dk_mag[ka] += mag * qi[y].abs();
+                    g.dv_mag[ka] += p[t] * gi[y].abs();
+                    g.dq_derr[qa] += derr * kj(j)[y].abs();
+                    g.dk_derr[ka] += derr * qi[y].abs();
+                }
+            }
+        }
+    }
+    g
+}
+
+/// A packed batch's reference backward: q/dout/out `[tq, hq, d]`, k/v `[tk, hk, d]`; sequence b is rows
+/// `cu_q[b]..cu_q[b] + used_q[b]` of q and `cu_k[b]..cu_k[b] + used_k[b]` of k/v (a dense batch is
+/// `cu = [0, s, 2s, ..]`). Rows and keys of no sequence get all-zero gradients, magnitudes and errors.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_varlen_bwd(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], given_out: &[f32], cu_q: &[usize], cu_k: &[usize], used_q: &[usize], used_k: &[usize], hq: usize, hk: usize, d: usize, o: &RefOpts) -> RefGrads {
+    let (nq, nk) = (q.len(), k.len());
+    let z = |n: usize| vec![0.0f64; n];
+    let mut g = RefGrads { dq: z(nq), dk: z(nk), dv: z(nk), dq_mag: z(nq), dk_mag: z(nk), dv_mag: z(nk), dq_derr: z(nq), dk_derr: z(nk) };
+    for b in 0..used_q.len() {
+        let (sq, sk) = (used_q[b], used_k[b]);
+        let (qr, kr) = (cu_q[b] * hq * d..(cu_q[b] + sq) * hq * d, cu_k[b] * hk * d..(cu_k[b] + sk) * hk * d);
+        let s = reference_attention_bwd(&f64s(&q[qr.clone()]), &f64s(&k[kr.clone()]), &f64s(&v[kr.clone()]), &f64s(&dout[qr.clone()]), Some(&f64s(&given_out[qr.clone()])), sq, sk, hq, hk, d, o);
+        g.dq[qr.clone()].copy_from_slice(&s.dq);
+        g.dq_mag[qr.clone()].copy_from_slice(&s.dq_mag);
+        g.dq_derr[qr].copy_from_slice(&s.dq_derr);
+        g.dk[kr.clone()].copy_from_slice(&s.dk);
+        g.dv[kr.clone()].copy_from_slice(&s.dv);
+        g.dk_mag[kr.clone()].copy_from_slice(&s.dk_mag);
+        g.dv_mag[kr.clone()].copy_from_slice(&s.dv_mag);
+        g.dk_derr[kr].copy_from_slice(&s.dk_derr);
+    }
+    g
 }

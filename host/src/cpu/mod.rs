@@ -1,13 +1,17 @@
-//! The CPU path: flash-attention's tiled forward in plain Rust. Each work item is one query tile of one
-//! (sequence, head); it walks the key tiles its rows can see, keeping a running row max, sum and f32
-//! accumulator (online softmax), and writes out = acc / sum and lse = max + ln(sum).
+//! The CPU path: flash-attention's tiled forward in plain Rust (the backward is in bwd.rs). Each work
+//! item is one query tile of one (sequence, head); it walks the key tiles its rows can see, keeping a
+//! running row max, sum and f32 accumulator (online softmax), and writes out = acc / sum and
+//! lse = max + ln(sum).
 //!
 //! Tiles start at each sequence's row 0 and every row's arithmetic depends only on its own sequence, so a
 //! packed varlen batch gives bitwise the same result as one call per sequence.
 
+mod bwd;
 mod mask;
 mod seqlen;
 mod tile;
+
+pub use bwd::bwd;
 
 use crate::api::FwdOutput;
 use crate::error::{Error, Result};
@@ -54,20 +58,25 @@ pub fn fwd(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<FwdOutput>
         }
     }
 
-    let out = match p.dtype {
+    let out = to_dtype(&out, &p.out_shape(), p.dtype)?;
+    Ok(FwdOutput { out, lse: Tensor::from_f32(&lse, &p.lse_shape(), DType::F32)? })
+}
+
+/// A contiguous f16/bf16 tensor from f32 values, rounded to nearest once.
+fn to_dtype(x: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
+    match dtype {
         DType::F16 => {
-            let mut o = vec![half::f16::ZERO; out.len()];
-            o.convert_from_f32_slice(&out);
-            Tensor::from_f16(o, &p.out_shape())?
+            let mut o = vec![half::f16::ZERO; x.len()];
+            o.convert_from_f32_slice(x);
+            Tensor::from_f16(o, shape)
         }
         DType::BF16 => {
-            let mut o = vec![half::bf16::ZERO; out.len()];
-            o.convert_from_f32_slice(&out);
-            Tensor::from_bf16(o, &p.out_shape())?
+            let mut o = vec![half::bf16::ZERO; x.len()];
+            o.convert_from_f32_slice(x);
+            Tensor::from_bf16(o, shape)
         }
-        other => return Err(Error::DType { arg: "q", got: other.to_string(), expected: "f16 or bf16" }),
-    };
-    Ok(FwdOutput { out, lse: Tensor::from_f32(&lse, &p.lse_shape(), DType::F32)? })
+        other => Err(Error::DType { arg: "q", got: other.to_string(), expected: "f16 or bf16" }),
+    }
 }
 
 fn host<'a>(arg: &'static str, t: &'a Tensor) -> Result<&'a CpuData> {
