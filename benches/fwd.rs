@@ -45,10 +45,8 @@ static SAMPLES: Mutex<Vec<f64>> = Mutex::new(Vec::new());
 
 /// Time `f` with criterion (CUDA events per sample) and print the RESULT line from the median sample.
 fn bench(c: &mut Criterion, name: &str, flops: f64, mut f: impl FnMut()) {
-    if let Ok(filter) = std::env::var("FA_BENCH_FILTER") {
-        if !name.contains(&filter) {
-            return;
-        }
+    if std::env::var("FA_BENCH_FILTER").is_ok_and(|filter| !name.contains(&filter)) {
+        return;
     }
     SAMPLES.lock().unwrap().clear();
     c.bench_function(name, |b| {

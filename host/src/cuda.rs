@@ -86,7 +86,7 @@ fn opt_addr(t: Option<&Tensor>) -> Result<u64> {
 /// The kernels copy rows with 16-byte `cp.async`: every row of q/k/v/out must start 16-byte aligned.
 fn check_aligned(arg: &'static str, t: &Tensor) -> Result<()> {
     let rank = t.rank();
-    let bad = t.offset() % 8 != 0 || t.strides()[..rank.saturating_sub(1)].iter().zip(t.shape()).any(|(&s, &n)| n > 1 && s % 8 != 0);
+    let bad = !t.offset().is_multiple_of(8) || t.strides()[..rank.saturating_sub(1)].iter().zip(t.shape()).any(|(&s, &n)| n > 1 && !s.is_multiple_of(8));
     if bad {
         return Err(Error::Value { arg, msg: "on CUDA every row must be 16-byte aligned: offset and strides must be multiples of 8 elements".into() });
     }

@@ -125,7 +125,7 @@ impl CpuData {
     }
     /// Storage from raw little-endian bytes (`bytes.len()` must be a multiple of the element size).
     pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Result<CpuData> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return Err(Error::Data { msg: format!("{} bytes is not a whole number of {dtype} elements", bytes.len()) });
         }
         let c2 = || bytes.chunks_exact(2).map(|c| [c[0], c[1]]);

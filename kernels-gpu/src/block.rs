@@ -21,6 +21,7 @@ pub fn n_block_range(m0: i32, rows: i32, seqlen_q: i32, seqlen_k: i32, window_le
 
 /// Whether tile `[n0, n0 + block_n)` has a key that some row of `[m0, m0 + rows)` must not see.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn tile_needs_mask(m0: i32, rows: i32, n0: i32, block_n: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32) -> bool {
     let n_last = n0 + block_n - 1;
     if n_last >= seqlen_k {
