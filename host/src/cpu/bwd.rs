@@ -1,0 +1,259 @@
+//! The CPU backward, flash-attention 2's algorithm: P_ij = exp(s_ij - lse_i) is recomputed from the
+//! forward's LSE, D_i = dout_i . out_i, dS_ij = P_ij (dout_i . v_j - D_i), then dV = P^T dout,
+//! dK = scale dX^T Q and dQ = scale dX K, where dX = dS * ds/dx carries the softcap's tanh (1 - tanh^2).
+//!
+//! Two passes, each writing disjoint outputs, so no sum is ever split between threads and no float
+//! atomics are needed:
+//!   dk/dv: one work item per (sequence, kv head, key tile) walks its group's q heads and the queries
+//!          that see the tile;
+//!   dq:    one work item per (sequence, q head, query tile) walks the key tiles its rows see.
+//! Every gradient element is one sequential f32 sum in a fixed order (q heads of the group, then queries
+//! or keys ascending), so the result is bitwise the same whatever the thread count or schedule:
+//! `deterministic` holds trivially. Each row's and key's arithmetic depends only on its own sequence, so
+//! a packed batch gives bitwise the result of one call per sequence.
+
+use super::mask::key_range;
+use super::seqlen::{self, SeqInfo};
+use super::{host, load_rows, to_dtype, BLOCK_M, BLOCK_N};
+use crate::api::BwdOutput;
+use crate::error::Result;
+use crate::problem::{BwdProblem, Problem, Strides};
+use crate::tensor::{CpuData, Tensor};
+use rayon::prelude::*;
+
+/// The storages and per-row values every work item reads.
+struct Inputs<'a> {
+    q: &'a CpuData,
+    k: &'a CpuData,
+    v: &'a CpuData,
+    dout: &'a CpuData,
+    /// Indexed like the LSE: `SeqInfo::lse_base + h * lse_head_stride + i`.
+    lse: &'a [f32],
+    delta: &'a [f32],
+}
+
+/// One sequence as the backward sees it: its forward `SeqInfo`, where its dout rows start, and the
+/// row of dk/dv that holds its key 0.
+struct Seq {
+    s: SeqInfo,
+    dout_base: usize,
+    key_row0: usize,
+}
+
+/// Backward pass on host tensors described by a validated `BwdProblem`.
+pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<BwdOutput> {
+    let p = &bp.fwd;
+    let (qd, kd, vd, dod, od) = (host("q", q)?, host("k", k)?, host("v", v)?, host("dout", dout)?, host("out", out)?);
+    let lse = lse.to_f32_vec()?;
+    let (infos, lse_head_stride) = seqlen::sequences(p)?;
+    let seqs: Vec<Seq> = infos
+        .iter()
+        .enumerate()
+        .map(|(b, &s)| Seq { s, dout_base: row_base(p, &bp.dout, b), key_row0: key_row0(p, b) })
+        .collect();
+    let out_base: Vec<usize> = (0..seqs.len()).map(|b| row_base(p, &bp.out, b)).collect();
+    let (d, group) = (p.head_dim, p.hq / p.hk);
+
+    // D_i = dout_i . out_i, laid out like the LSE (rows of no sequence are never read).
+    let heads: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|b| (0..p.hq).map(move |h| (b, h))).collect();
+    let rows_delta: Vec<Vec<f32>> = heads
+        .par_iter()
+        .map(|&(b, h)| {
+            let sq = seqs[b].s.seqlen_q;
+            let (mut o, mut g) = (vec![0.0f32; sq * d], vec![0.0f32; sq * d]);
+            load_rows(od, out_base[b] + h * bp.out.head, bp.out.row, sq, d, &mut o);
+            load_rows(dod, seqs[b].dout_base + h * bp.dout.head, bp.dout.row, sq, d, &mut g);
+            o.chunks_exact(d).zip(g.chunks_exact(d)).map(|(o, g)| dot(o, g)).collect()
+        })
+        .collect();
+    let mut delta = vec![0.0f32; lse.len()];
+    for (&(b, h), r) in heads.iter().zip(&rows_delta) {
+        let at = seqs[b].s.lse_base + h * lse_head_stride;
+        delta[at..at + r.len()].copy_from_slice(r);
+    }
+    let x = Inputs { q: qd, k: kd, v: vd, dout: dod, lse: &lse, delta: &delta };
+
+    // dk, dv: per (sequence, kv head, key tile). Keys of no sequence stay 0.
+    let kv_items: Vec<(usize, usize, usize)> =
+        infos.iter().enumerate().flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| (0..s.seqlen_k.div_ceil(BLOCK_N)).map(move |n| (b, hk, n)))).collect();
+    let kv_tiles: Vec<(Vec<f32>, Vec<f32>)> = kv_items.par_iter().map(|&(b, hk, n)| dkdv_tile(p, bp, &x, &seqs[b], lse_head_stride, hk, group, n)).collect();
+    let mut dk = vec![0.0f32; p.total_k * p.hk * d];
+    let mut dv = vec![0.0f32; p.total_k * p.hk * d];
+    for (&(b, hk, n_block), (tk, tv)) in kv_items.iter().zip(&kv_tiles) {
+        for (c, (k_row, v_row)) in tk.chunks_exact(d).zip(tv.chunks_exact(d)).enumerate() {
+            let at = ((seqs[b].key_row0 + n_block * BLOCK_N + c) * p.hk + hk) * d;
+            dk[at..at + d].copy_from_slice(k_row);
+            dv[at..at + d].copy_from_slice(v_row);
+        }
+    }
+
+    // dq: per (sequence, q head, query tile). Rows of no sequence stay 0.
+    let q_items: Vec<(usize, usize, usize)> =
+        infos.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
+    let q_tiles: Vec<Vec<f32>> = q_items.par_iter().map(|&(b, h, m)| dq_tile(p, bp, &x, &seqs[b], lse_head_stride, h, group, m)).collect();
+    let mut dq = vec![0.0f32; p.total_q * p.hq * d];
+    for (&(b, h, m_block), t) in q_items.iter().zip(&q_tiles) {
+        for (r, row) in t.chunks_exact(d).enumerate() {
+            let at = ((seqs[b].s.out_row0 + m_block * BLOCK_M + r) * p.hq + h) * d;
+            dq[at..at + d].copy_from_slice(row);
+        }
+    }
+
+    let kv_shape = p.kv_shape();
+    Ok(BwdOutput { dq: to_dtype(&dq, &p.out_shape(), p.dtype)?, dk: to_dtype(&dk, &kv_shape, p.dtype)?, dv: to_dtype(&dv, &kv_shape, p.dtype)? })
+}
+
+/// dk and dv (`cols * D` each) of key tile `n_block` of kv head `hk`.
+#[allow(clippy::too_many_arguments)]
+fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) {
+    let (s, d) = (&seq.s, p.head_dim);
+    let (sq, sk) = (s.seqlen_q, s.seqlen_k);
+    let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
+    let j0 = n_block * BLOCK_N;
+    let cols = (sk - j0).min(BLOCK_N);
+    let (mut k, mut v) = (vec![0.0f32; cols * d], vec![0.0f32; cols * d]);
+    load_rows(x.k, s.k_base + j0 * p.k.row + hk * p.k.head, p.k.row, cols, d, &mut k);
+    load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
+    let (mut dk, mut dv) = (vec![0.0f32; cols * d], vec![0.0f32; cols * d]);
+    let (mut q, mut g) = (vec![0.0f32; BLOCK_M * d], vec![0.0f32; BLOCK_M * d]);
+    let score = Score::new(p);
+
+    for h in hk * group..(hk + 1) * group {
+        for m_block in 0..sq.div_ceil(BLOCK_M) {
+            let i0 = m_block * BLOCK_M;
+            let rows = (sq - i0).min(BLOCK_M);
+            // Both ends of a row's key range grow with the row, so the tile's rows see keys lo..hi.
+            let (lo, _) = range(i0);
+            let (_, hi) = range(i0 + rows - 1);
+            if hi <= j0 || lo >= j0 + cols {
+                continue;
+            }
+            load_rows(x.q, s.q_base + i0 * p.q.row + h * p.q.head, p.q.row, rows, d, &mut q);
+            load_rows(x.dout, seq.dout_base + i0 * bp.dout.row + h * bp.dout.head, bp.dout.row, rows, d, &mut g);
+            for r in 0..rows {
+                let at = s.lse_base + h * lse_head_stride + i0 + r;
+                let (lse, delta) = (x.lse[at], x.delta[at]);
+                let (a, b) = range(i0 + r);
+                let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
+                if a >= b || lse == f32::NEG_INFINITY {
+                    continue;
+                }
+                let (q_row, g_row) = (&q[r * d..][..d], &g[r * d..][..d]);
+                for c in a..b {
+                    let (k_row, v_row) = (&k[c * d..][..d], &v[c * d..][..d]);
+                    let (pr, dx) = score.grad(q_row, k_row, g_row, v_row, lse, delta);
+                    axpy(&mut dv[c * d..][..d], pr, g_row);
+                    axpy(&mut dk[c * d..][..d], dx, q_row);
+                }
+            }
+        }
+    }
+    dk.iter_mut().for_each(|x| *x *= p.scale);
+    (dk, dv)
+}
+
+/// dq (`rows * D`) of query tile `m_block` of q head `h`.
+#[allow(clippy::too_many_arguments)]
+fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> {
+    let (s, d) = (&seq.s, p.head_dim);
+    let (sq, sk) = (s.seqlen_q, s.seqlen_k);
+    let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
+    let i0 = m_block * BLOCK_M;
+    let rows = (sq - i0).min(BLOCK_M);
+    let hk = h / group;
+    let (mut q, mut g) = (vec![0.0f32; rows * d], vec![0.0f32; rows * d]);
+    load_rows(x.q, s.q_base + i0 * p.q.row + h * p.q.head, p.q.row, rows, d, &mut q);
+    load_rows(x.dout, seq.dout_base + i0 * bp.dout.row + h * bp.dout.head, bp.dout.row, rows, d, &mut g);
+    let at0 = s.lse_base + h * lse_head_stride + i0;
+    let (lse, delta) = (&x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows]);
+    let mut dq = vec![0.0f32; rows * d];
+    let (mut k, mut v) = (vec![0.0f32; BLOCK_N * d], vec![0.0f32; BLOCK_N * d]);
+    let score = Score::new(p);
+
+    let (lo, _) = range(i0);
+    let (_, hi) = range(i0 + rows - 1);
+    for n_block in lo / BLOCK_N..hi.div_ceil(BLOCK_N) {
+        let j0 = n_block * BLOCK_N;
+        let cols = (sk - j0).min(BLOCK_N);
+        load_rows(x.k, s.k_base + j0 * p.k.row + hk * p.k.head, p.k.row, cols, d, &mut k);
+        load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
+        for r in 0..rows {
+            let (a, b) = range(i0 + r);
+            let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
+            if a >= b || lse[r] == f32::NEG_INFINITY {
+                continue;
+            }
+            let (q_row, g_row) = (&q[r * d..][..d], &g[r * d..][..d]);
+            let dq_row = &mut dq[r * d..][..d];
+            for c in a..b {
+                let (_, dx) = score.grad(q_row, &k[c * d..][..d], g_row, &v[c * d..][..d], lse[r], delta[r]);
+                axpy(dq_row, dx, &k[c * d..][..d]);
+            }
+        }
+    }
+    dq.iter_mut().for_each(|x| *x *= p.scale);
+    dq
+}
+
+/// The per-(query, key) arithmetic both passes share, so they agree on every P and dX bit for bit.
+struct Score {
+    scale: f32,
+    softcap: f32,
+    /// scale / softcap, as the forward computes it.
+    softcap_pre: f32,
+}
+
+impl Score {
+    fn new(p: &Problem) -> Score {
+        Score { scale: p.scale, softcap: p.softcap, softcap_pre: if p.softcap > 0.0 { p.scale / p.softcap } else { 0.0 } }
+    }
+
+    /// P_ij and dX_ij (the gradient with respect to q.k, without the factor `scale`).
+    #[inline(always)]
+    fn grad(&self, q: &[f32], k: &[f32], dout: &[f32], v: &[f32], lse: f32, delta: f32) -> (f32, f32) {
+        let qk = dot(q, k);
+        // s = c tanh(x / c) with x = scale q.k: ds/dx = 1 - tanh^2.
+        let (s, ds_dx) = if self.softcap > 0.0 {
+            let t = (qk * self.softcap_pre).tanh();
+            (self.softcap * t, 1.0 - t * t)
+        } else {
+            (qk * self.scale, 1.0)
+        };
+        let pr = (s - lse).exp();
+        let dp = dot(dout, v);
+        (pr, pr * (dp - delta) * ds_dx)
+    }
+}
+
+/// Dot product with eight independent partial sums so it vectorizes; head dims are multiples of 32.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (x, y) in a.as_chunks::<8>().0.iter().zip(b.as_chunks::<8>().0) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
+}
+
+/// Storage index of row 0, head 0 of sequence `b` in an operand with strides `st` shaped like q.
+fn row_base(p: &Problem, st: &Strides, b: usize) -> usize {
+    match &p.seqlens {
+        Some(s) if p.varlen => st.offset + s.cu_seqlens_q[b] as usize * st.row,
+        _ => st.offset + b * st.batch,
+    }
+}
+
+/// Row of the contiguous dk/dv buffers that holds key 0 of sequence `b`.
+fn key_row0(p: &Problem, b: usize) -> usize {
+    match &p.seqlens {
+        Some(s) if p.varlen => s.cu_seqlens_k[b] as usize,
+        _ => b * p.seqlen_k,
+    }
+}
