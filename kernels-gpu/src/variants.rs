@@ -12,6 +12,8 @@ pub struct FwdConfig {
     pub warps: usize,
     /// Keys per K/V tile.
     pub block_n: usize,
+    /// Keep the warp's Q fragments in registers across K/V tiles.
+    pub q_in_regs: bool,
 }
 
 impl FwdConfig {
@@ -37,8 +39,9 @@ impl FwdConfig {
 /// it; the large head dims trade that for eight warps instead.
 pub const fn fwd_config(head_dim: usize) -> FwdConfig {
     match head_dim {
-        32 | 64 | 96 | 128 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 64 },
-        _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64 },
+        32 | 64 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 64, q_in_regs: true },
+        96 | 128 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 64, q_in_regs: false },
+        _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false },
     }
 }
 

@@ -138,7 +138,7 @@ struct BlockArgs {
 
 /// One block's attention over rows `[m0, m0 + BM) ∩ [0, seqlen_q)`.
 #[inline(always)]
-unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(a: &BlockArgs, tid: usize) {
+unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize>(a: &BlockArgs, tid: usize) {
     let () = Shape::<D, DN, MT, NW, BN, NN>::CHECK;
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
@@ -155,6 +155,9 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
     let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
 
     let mut acc_o = [[[0f32; 4]; DN]; MT];
+    // With QR = D / 16, this warp's Q fragments stay in registers after the first tile (fewer
+    // shared-memory reads per mma); with QR = 0 they are re-read from shared memory every tile.
+    let mut q_regs = [[[0u32; 4]; QR]; MT];
     let mut row_state = [[RowState::EMPTY; 2]; MT];
 
     if n_max > n_min {
@@ -185,10 +188,17 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             let mut acc_s = [[[0f32; 4]; NN]; MT];
             let q_lane = base + ((warp * 16 * MT) as u32 + (lane % 8) as u32 + ((lane / 8) % 2) as u32 * 8) * row_bytes + (lane / 16) as u32 * 16;
             let k_lane = k_s + ((lane % 8) as u32 + (lane / 16) as u32 * 8) * row_bytes + ((lane / 8) % 2) as u32 * 16;
+            if QR > 0 && it == 0 {
+                for (mt, regs) in q_regs.iter_mut().enumerate() {
+                    for (kk, frag) in regs.iter_mut().enumerate() {
+                        *frag = unsafe { ldmatrix_x4(q_lane + (mt * 16) as u32 * row_bytes + (kk * 32) as u32) };
+                    }
+                }
+            }
             for kk in 0..D / 16 {
                 let mut qa = [[0u32; 4]; MT];
                 for (mt, frag) in qa.iter_mut().enumerate() {
-                    *frag = unsafe { ldmatrix_x4(q_lane + (mt * 16) as u32 * row_bytes + (kk * 32) as u32) };
+                    *frag = if QR > 0 { q_regs[mt][kk] } else { unsafe { ldmatrix_x4(q_lane + (mt * 16) as u32 * row_bytes + (kk * 32) as u32) } };
                 }
                 for np in 0..NN / 2 {
                     let b = unsafe { ldmatrix_x4(k_lane + (np * 16) as u32 * row_bytes + (kk * 32) as u32) };
@@ -315,7 +325,7 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
 /// Kernel body: find this block's (sequence, head), then stride over its row blocks, last first (long
 /// sequences' and causal blocks' heavy tiles start earliest). Padding rows are written here too.
 #[inline(always)]
-unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(p: &FwdParams) {
+unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize>(p: &FwdParams) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM as i32;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
     let tid = thread_idx_x() as usize;
@@ -369,7 +379,7 @@ unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, c
                 scale_log2: p.scale_log2,
                 softcap_pre: p.softcap_pre,
             };
-            unsafe { attend::<E, D, DN, MT, NW, BN, NN>(&args, tid) };
+            unsafe { attend::<E, D, DN, MT, NW, BN, NN, QR>(&args, tid) };
         }
         let pad_begin = if m0 > sq.used { m0 } else { sq.used };
         let pad_end = if m0 + bm < sq.slot_len { m0 + bm } else { sq.slot_len };
@@ -386,7 +396,7 @@ macro_rules! fwd_kernels {
             const C: crate::variants::FwdConfig = crate::variants::fwd_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }>(&p) }
             }
         };
     )*};
