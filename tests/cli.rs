@@ -2,7 +2,7 @@
 //! its options take effect, every bad input exits with code 2 and a message, and `demo` finds no
 //! difference between packed and separate sequences. Everything runs on the CPU.
 
-use flash_attn::{fwd, varlen_fwd, AttnOptions, DType, Tensor, Varlen};
+use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Tensor, Varlen};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -127,10 +127,9 @@ fn get<'a>(inputs: &'a Inputs, name: &str) -> Option<&'a Tensor> {
     inputs.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
 }
 
-/// The library called directly, with max_seqlen from the lengths as the CLI computes it.
-fn library(inputs: &Inputs, opts: &AttnOptions) -> flash_attn::FwdOutput {
-    let (q, k, v) = (get(inputs, "q").unwrap(), get(inputs, "k").unwrap(), get(inputs, "v").unwrap());
-    let Some(cu_q) = get(inputs, "cu_seqlens_q") else { return fwd(q, k, v, opts).unwrap() };
+/// The varlen layout of packed inputs, with max_seqlen from the lengths as the CLI computes it.
+fn varlen_of(inputs: &Inputs) -> Option<Varlen<'_>> {
+    let cu_q = get(inputs, "cu_seqlens_q")?;
     let cu_k = get(inputs, "cu_seqlens_k").unwrap();
     let (used_q, used_k) = (get(inputs, "seqused_q"), get(inputs, "seqused_k"));
     let max = |cu: &Tensor, used: Option<&Tensor>| -> usize {
@@ -139,8 +138,50 @@ fn library(inputs: &Inputs, opts: &AttnOptions) -> flash_attn::FwdOutput {
             None => cu.to_i32_vec().unwrap().windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as usize,
         }
     };
-    let varlen = Varlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: max(cu_q, used_q), max_seqlen_k: max(cu_k, used_k), seqused_q: used_q, seqused_k: used_k };
-    varlen_fwd(q, k, v, &varlen, opts).unwrap()
+    Some(Varlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: max(cu_q, used_q), max_seqlen_k: max(cu_k, used_k), seqused_q: used_q, seqused_k: used_k })
+}
+
+/// The library's forward called directly.
+fn library(inputs: &Inputs, opts: &AttnOptions) -> flash_attn::FwdOutput {
+    let (q, k, v) = (get(inputs, "q").unwrap(), get(inputs, "k").unwrap(), get(inputs, "v").unwrap());
+    match varlen_of(inputs) {
+        None => fwd(q, k, v, opts).unwrap(),
+        Some(varlen) => varlen_fwd(q, k, v, &varlen, opts).unwrap(),
+    }
+}
+
+/// The library's forward then backward called directly, with `dout` from the inputs.
+fn library_bwd(inputs: &Inputs, opts: &AttnOptions, deterministic: bool) -> (flash_attn::FwdOutput, flash_attn::BwdOutput) {
+    let (q, k, v) = (get(inputs, "q").unwrap(), get(inputs, "k").unwrap(), get(inputs, "v").unwrap());
+    let dout = get(inputs, "dout").unwrap();
+    let f = library(inputs, opts);
+    let g = match varlen_of(inputs) {
+        None => bwd(dout, q, k, v, &f.out, &f.lse, opts, deterministic).unwrap(),
+        Some(varlen) => varlen_bwd(dout, q, k, v, &f.out, &f.lse, &varlen, opts, deterministic).unwrap(),
+    };
+    (f, g)
+}
+
+/// `inputs` with a random `dout` of q's dtype and shape added.
+fn with_dout(mut inputs: Inputs, seed: u64) -> Inputs {
+    let q = get(&inputs, "q").unwrap();
+    let (shape, dtype) = (q.shape().to_vec(), q.dtype());
+    let dout = random(&mut StdRng::seed_from_u64(seed), &shape, dtype, 1.0);
+    inputs.push(("dout", dout));
+    inputs
+}
+
+/// Asserts the CLI's `--backward` outputs are bit-identical to the library's forward and backward.
+#[track_caller]
+fn assert_same_bwd(got: &HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>, want: &(flash_attn::FwdOutput, flash_attn::BwdOutput)) {
+    assert_eq!(got.len(), 5, "the output file holds out, lse, dq, dk and dv only");
+    let (f, g) = want;
+    for (name, t) in [("out", &f.out), ("lse", &f.lse), ("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
+        let (dtype, shape, bytes) = &got[name];
+        assert_eq!(*dtype, st_dtype(t.dtype()), "{name} dtype");
+        assert_eq!(shape, t.shape(), "{name} shape");
+        assert!(*bytes == t.to_bytes().unwrap(), "{name} differs from the library's");
+    }
 }
 
 #[test]
@@ -160,6 +201,31 @@ fn varlen_matches_library() {
         assert_same(&run_cli(&dir, &inputs, &[]), &library(&inputs, &AttnOptions::default()));
         let causal = AttnOptions { causal: true, ..Default::default() };
         assert_same(&run_cli(&dir, &inputs, &["--causal"]), &library(&inputs, &causal));
+    }
+}
+
+#[test]
+fn backward_matches_library() {
+    let dir = TempDir::new();
+    let causal = AttnOptions { causal: true, ..Default::default() };
+    let mut cases: Vec<Inputs> = vec![with_dout(dense_inputs(DType::BF16, 11), 12), with_dout(dense_inputs(DType::F16, 13), 14)];
+    for (dtype, seqused) in [(DType::BF16, false), (DType::F16, false), (DType::BF16, true)] {
+        cases.push(with_dout(varlen_inputs(dtype, seqused), 15));
+    }
+    for inputs in &cases {
+        let plain = run_cli(&dir, inputs, &["--backward"]);
+        assert_same_bwd(&plain, &library_bwd(inputs, &AttnOptions::default(), false));
+        // --deterministic is accepted and, on the CPU, changes no byte.
+        let det = run_cli(&dir, inputs, &["--backward", "--deterministic"]);
+        assert_same_bwd(&det, &library_bwd(inputs, &AttnOptions::default(), true));
+        assert!(det == plain, "--deterministic changed the output");
+        // Options reach the backward pass too.
+        let got = run_cli(&dir, inputs, &["--backward", "--causal", "--softcap", "2", "--scale", "0.2"]);
+        let opts = AttnOptions { softcap: 2.0, softmax_scale: Some(0.2), ..causal };
+        assert_same_bwd(&got, &library_bwd(inputs, &opts, false));
+        assert!(got["dq"] != plain["dq"], "options left dq unchanged");
+        // Without --backward, dout is ignored and only out and lse are written.
+        assert_same(&run_cli(&dir, inputs, &[]), &library(inputs, &AttnOptions::default()));
     }
 }
 
@@ -242,6 +308,22 @@ fn errors_exit_2_with_a_message() {
     inputs[3].1 = i32s(&[0, 5, 3, 17]);
     write(&input, &inputs);
     expect_failure(&run(&[]), "cu_seqlens_q");
+
+    // --backward without dout, and dout of the wrong dtype or shape.
+    write(&input, &dense_inputs(DType::BF16, 4));
+    expect_failure(&run(&["--backward"]), "'dout'");
+    expect_failure(&run(&["--backward", "--deterministic"]), "dout");
+    let mut inputs = with_dout(dense_inputs(DType::F16, 4), 6);
+    inputs[0].1 = random(&mut rng, &[2, 9, 4, 32], DType::BF16, 1.0);
+    inputs[1].1 = random(&mut rng, &[2, 13, 2, 32], DType::BF16, 1.0);
+    inputs[2].1 = random(&mut rng, &[2, 13, 2, 32], DType::BF16, 1.0);
+    write(&input, &inputs);
+    expect_failure(&run(&["--backward"]), "dout");
+    let mut inputs = dense_inputs(DType::BF16, 4);
+    inputs.push(("dout", random(&mut rng, &[2, 8, 4, 32], DType::BF16, 1.0)));
+    write(&input, &inputs);
+    expect_failure(&run(&["--backward"]), "dout");
+    expect_failure(&run(&["--backward=1"]), "--backward");
 
     // Arguments, checked before the input is read.
     write(&input, &dense_inputs(DType::BF16, 4));

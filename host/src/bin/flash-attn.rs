@@ -1,8 +1,9 @@
-//! The `flash-attn` command line: `run` applies the forward pass to tensors in a safetensors file, `demo`
+//! The `flash-attn` command line: `run` applies the forward pass (and with `--backward` the backward
+//! pass) to tensors in a safetensors file, `demo`
 //! repeats the packed-versus-separate experiment (a packed varlen batch must give each sequence exactly
 //! what a batch of one gives it). Every failure prints `flash-attn: <message>` and exits with code 2.
 
-use flash_attn::{fwd, varlen_fwd, AttnOptions, DType, Device, Tensor, Varlen};
+use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Device, Tensor, Varlen};
 use half::bf16;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
@@ -10,13 +11,16 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 Usage:
-  flash-attn run --input IN.safetensors --output OUT.safetensors [options]
+  flash-attn run --input IN.safetensors --output OUT.safetensors [--backward] [options]
   flash-attn demo [--device cpu|cuda]
   flash-attn --help
 
 run: reads q, k, v (f16 or bf16): rank 4 [B, S, H, D] for a dense batch, or rank 3 [T, H, D] packed, with
 int32 cu_seqlens_q and cu_seqlens_k [B+1] and optionally int32 seqused_q, seqused_k [B]. Writes out (the
 input dtype) and lse (f32) to OUT.
+  --backward        also read dout (q's dtype and shape), run the backward pass and write dq, dk, dv
+                    (the input dtype) as well
+  --deterministic   ask the backward pass for bitwise-reproducible gradients (the CPU always is)
   --causal          causal mask, aligned to the bottom-right corner
   --window L,R      sliding window, inclusive; -1 = unbounded (e.g. --window -1,0 is causal)
   --softcap X       soft-cap the scores at X (0 = off)
@@ -141,12 +145,15 @@ struct RunArgs {
     output: PathBuf,
     opts: AttnOptions,
     device: Device,
+    backward: bool,
+    deterministic: bool,
 }
 
 impl RunArgs {
     fn parse(args: &[String]) -> Result<RunArgs> {
         let (mut input, mut output, mut device) = (None, None, None);
         let mut opts = AttnOptions::default();
+        let (mut backward, mut deterministic) = (false, false);
         let mut flags = Flags::new(args);
         while let Some((name, inline)) = flags.next_flag()? {
             match name {
@@ -155,6 +162,14 @@ impl RunArgs {
                 "--causal" => {
                     no_value(name, inline)?;
                     opts.causal = true;
+                }
+                "--backward" => {
+                    no_value(name, inline)?;
+                    backward = true;
+                }
+                "--deterministic" => {
+                    no_value(name, inline)?;
+                    deterministic = true;
                 }
                 "--window" => opts.window = parse_window(flags.value(name, inline)?)?,
                 "--softcap" => opts.softcap = parse_f32(name, flags.value(name, inline)?)?,
@@ -165,7 +180,7 @@ impl RunArgs {
         }
         let Some(input) = input else { fail!("run: --input is required") };
         let Some(output) = output else { fail!("run: --output is required") };
-        Ok(RunArgs { input, output, opts, device: device.unwrap_or_else(Device::best) })
+        Ok(RunArgs { input, output, opts, device: device.unwrap_or_else(Device::best), backward, deterministic })
     }
 }
 
@@ -205,9 +220,15 @@ fn run(args: &RunArgs) -> Result<()> {
     let cu_seqlens_k = get("cu_seqlens_k", &[DType::I32])?;
     let seqused_q = get("seqused_q", &[DType::I32])?;
     let seqused_k = get("seqused_k", &[DType::I32])?;
+    let dout = match args.backward {
+        true => Some(get("dout", &float)?.ok_or_else(|| Fail(format!("{}: has no tensor 'dout' (needed by --backward)", input.display())))?),
+        false => None,
+    };
 
     let dev = |t: &Tensor| t.to_device(args.device);
-    let result = match q.rank() {
+    let (q_d, k_d, v_d) = (dev(&q)?, dev(&k)?, dev(&v)?);
+    // Device copies of the varlen lengths, for packed inputs.
+    let packed = match q.rank() {
         4 => {
             if let Some(name) = [("cu_seqlens_q", &cu_seqlens_q), ("cu_seqlens_k", &cu_seqlens_k), ("seqused_q", &seqused_q), ("seqused_k", &seqused_k)]
                 .into_iter()
@@ -215,7 +236,7 @@ fn run(args: &RunArgs) -> Result<()> {
             {
                 fail!("{name} is given but q is rank 4 (dense [B, S, H, D]); packed inputs are rank 3 [T, H, D]");
             }
-            fwd(&dev(&q)?, &dev(&k)?, &dev(&v)?, &args.opts)?
+            None
         }
         3 => {
             let (Some(cu_q), Some(cu_k)) = (&cu_seqlens_q, &cu_seqlens_k) else {
@@ -233,18 +254,43 @@ fn run(args: &RunArgs) -> Result<()> {
             // The library reads lengths on device tensors without checking them; check them here, on the
             // host, where bad ones can still be reported.
             flash_attn::validate::check_varlen_contents(&host, q.shape()[0], k.shape()[0])?;
-            let (cu_q_d, cu_k_d) = (dev(cu_q)?, dev(cu_k)?);
             let used_q_d = seqused_q.as_ref().map(dev).transpose()?;
             let used_k_d = seqused_k.as_ref().map(dev).transpose()?;
-            let varlen = Varlen { cu_seqlens_q: &cu_q_d, cu_seqlens_k: &cu_k_d, seqused_q: used_q_d.as_ref(), seqused_k: used_k_d.as_ref(), ..host };
-            varlen_fwd(&dev(&q)?, &dev(&k)?, &dev(&v)?, &varlen, &args.opts)?
+            Some((dev(cu_q)?, dev(cu_k)?, used_q_d, used_k_d, host.max_seqlen_q, host.max_seqlen_k))
         }
         r => fail!("q: expected rank 4 (dense [B, S, H, D]) or rank 3 (packed [T, H, D]), got rank {r}"),
     };
+    let varlen = packed.as_ref().map(|(cu_q, cu_k, used_q, used_k, max_q, max_k)| Varlen {
+        cu_seqlens_q: cu_q,
+        cu_seqlens_k: cu_k,
+        max_seqlen_q: *max_q,
+        max_seqlen_k: *max_k,
+        seqused_q: used_q.as_ref(),
+        seqused_k: used_k.as_ref(),
+    });
 
-    let out_bytes = result.out.to_bytes()?;
-    let lse_bytes = result.lse.to_bytes()?;
-    let tensors = [("out", st_view(&result.out, &out_bytes)?), ("lse", st_view(&result.lse, &lse_bytes)?)];
+    let result = match &varlen {
+        None => fwd(&q_d, &k_d, &v_d, &args.opts)?,
+        Some(varlen) => varlen_fwd(&q_d, &k_d, &v_d, varlen, &args.opts)?,
+    };
+    let mut outputs = vec![("out", result.out.to_bytes()?, &result.out), ("lse", result.lse.to_bytes()?, &result.lse)];
+    let grads = match &dout {
+        None => None,
+        Some(dout) => {
+            let (dout, out, lse) = (dev(dout)?, &result.out, &result.lse);
+            Some(match &varlen {
+                None => bwd(&dout, &q_d, &k_d, &v_d, out, lse, &args.opts, args.deterministic)?,
+                Some(varlen) => varlen_bwd(&dout, &q_d, &k_d, &v_d, out, lse, varlen, &args.opts, args.deterministic)?,
+            })
+        }
+    };
+    if let Some(g) = &grads {
+        for (name, t) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
+            outputs.push((name, t.to_bytes()?, t));
+        }
+    }
+
+    let tensors = outputs.iter().map(|(name, bytes, t)| Ok((*name, st_view(t, bytes)?))).collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(tensors, &None, &args.output).map_err(|e| Fail(format!("cannot write {}: {e:?}", args.output.display())))
 }
 
