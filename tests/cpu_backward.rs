@@ -86,28 +86,6 @@ fn reference_gradients_match_finite_differences() {
 // ---------------------------------------------------------------------------------------------------
 // (b) The library against the reference.
 
-#[derive(Clone, Copy, Debug)]
-struct Opts {
-    causal: bool,
-    window: (i64, i64),
-    softcap: f32,
-    scale: Option<f32>,
-}
-
-fn opts() -> impl Strategy<Value = Opts> {
-    let softcap = prop_oneof![3 => Just(0.0f32), 2 => 0.5f32..30.0];
-    let scale = prop_oneof![3 => Just(None), 1 => (-0.3f32..0.3).prop_map(Some)];
-    (any::<bool>(), window_side(), window_side(), softcap, scale).prop_map(|(causal, l, r, softcap, scale)| Opts { causal, window: (l, r), softcap, scale })
-}
-
-impl Opts {
-    fn attn(&self) -> AttnOptions {
-        AttnOptions { softmax_scale: self.scale, causal: self.causal, window: self.window, softcap: self.softcap }
-    }
-    fn reference(&self, d: usize) -> RefOpts {
-        RefOpts { scale: self.scale.map_or(1.0 / (d as f64).sqrt(), f64::from), softcap: self.softcap as f64, causal: self.causal, window: self.window }
-    }
-}
 
 /// Value ranges of q, k (small to sharp softmaxes) and v; dout is within [-1, 1].
 #[derive(Clone, Copy, Debug)]

@@ -24,37 +24,15 @@ use flash_attn::{fwd, varlen_fwd, AttnOptions, DType, FwdOutput, Tensor, Varlen}
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
-/// Mask and score options of one case.
-#[derive(Clone, Copy, Debug)]
-struct Opts {
-    causal: bool,
-    window: (i64, i64),
-    softcap: f32,
-    scale: Option<f32>,
+/// Tolerance of one case: |score| is bounded by |scale| * D * max|q| * max|k|, or by the softcap.
+fn tolerance(o: &Opts, dtype: DType, d: usize, amp: Amp) -> Tolerance {
+    let mut smax = o.reference(d).scale.abs() * d as f64 * amp.q as f64 * amp.k as f64;
+    if o.softcap > 0.0 {
+        smax = smax.min(o.softcap as f64);
+    }
+    Tolerance::new(dtype, amp.v as f64, smax)
 }
 
-fn opts() -> impl Strategy<Value = Opts> {
-    let softcap = prop_oneof![3 => Just(0.0f32), 1 => 0.5f32..30.0];
-    let scale = prop_oneof![3 => Just(None), 1 => (-0.3f32..0.3).prop_map(Some)];
-    (any::<bool>(), window_side(), window_side(), softcap, scale).prop_map(|(causal, l, r, softcap, scale)| Opts { causal, window: (l, r), softcap, scale })
-}
-
-impl Opts {
-    fn attn(&self) -> AttnOptions {
-        AttnOptions { softmax_scale: self.scale, causal: self.causal, window: self.window, softcap: self.softcap }
-    }
-    fn reference(&self, d: usize) -> RefOpts {
-        let scale = self.scale.map_or(1.0 / (d as f64).sqrt(), f64::from);
-        RefOpts { scale, softcap: self.softcap as f64, causal: self.causal, window: self.window }
-    }
-    fn tolerance(&self, dtype: DType, d: usize, amp: Amp) -> Tolerance {
-        let mut smax = self.reference(d).scale.abs() * d as f64 * amp.q as f64 * amp.k as f64;
-        if self.softcap > 0.0 {
-            smax = smax.min(self.softcap as f64);
-        }
-        Tolerance::new(dtype, amp.v as f64, smax)
-    }
-}
 
 /// Value ranges of q, k, v: small to sharp softmaxes.
 #[derive(Clone, Copy, Debug)]
@@ -113,7 +91,7 @@ fn run_dense(c: &DenseCase) -> Result<(f64, f64), String> {
     }
     let (ref_out, ref_lse) = reference_fwd(&q, &k, &v, c.b, c.sq, c.sk, hq, hk, c.d, &c.opts.reference(c.d));
     let (out, lse) = outputs(&o);
-    check_close(&out, &lse, &ref_out, &ref_lse, &c.opts.tolerance(c.dtype, c.d, c.amp))
+    check_close(&out, &lse, &ref_out, &ref_lse, &tolerance(&c.opts, c.dtype, c.d, c.amp))
 }
 
 /// A packed batch: per sequence (real_q, pad_q, real_k, pad_k); padding rows exist only with seqused.
@@ -222,7 +200,7 @@ fn run_varlen(c: &VarlenCase) -> Result<(f64, f64), String> {
     }
     let (ref_out, ref_lse) = reference_varlen_fwd(&p.q, &p.k, &p.v, &p.cu_q, &p.cu_k, &p.real_q, &p.real_k, p.tq, hq, hk, c.d, &c.opts.reference(c.d));
     let (out, lse) = outputs(&o);
-    check_close(&out, &lse, &ref_out, &ref_lse, &c.opts.tolerance(c.dtype, c.d, c.amp))
+    check_close(&out, &lse, &ref_out, &ref_lse, &tolerance(&c.opts, c.dtype, c.d, c.amp))
 }
 
 fn bits(x: &[f32]) -> Vec<u32> {

@@ -373,3 +373,29 @@ pub fn reference_varlen_bwd(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], given
     }
     g
 }
+
+/// Mask and score options of one fuzz case.
+#[derive(Clone, Copy, Debug)]
+pub struct Opts {
+    pub causal: bool,
+    pub window: (i64, i64),
+    pub softcap: f32,
+    pub scale: Option<f32>,
+}
+
+/// Strategy: causal or not, a window side each way, softcap off or on, default or custom (also negative)
+/// scale.
+pub fn opts() -> impl Strategy<Value = Opts> {
+    let softcap = prop_oneof![3 => Just(0.0f32), 2 => 0.5f32..30.0];
+    let scale = prop_oneof![3 => Just(None), 1 => (-0.3f32..0.3).prop_map(Some)];
+    (any::<bool>(), window_side(), window_side(), softcap, scale).prop_map(|(causal, l, r, softcap, scale)| Opts { causal, window: (l, r), softcap, scale })
+}
+
+impl Opts {
+    pub fn attn(&self) -> flash_attn::AttnOptions {
+        flash_attn::AttnOptions { softmax_scale: self.scale, causal: self.causal, window: self.window, softcap: self.softcap }
+    }
+    pub fn reference(&self, d: usize) -> RefOpts {
+        RefOpts { scale: self.scale.map_or(1.0 / (d as f64).sqrt(), f64::from), softcap: self.softcap as f64, causal: self.causal, window: self.window }
+    }
+}
