@@ -390,3 +390,32 @@ proptest! {
         }
     }
 }
+
+/// `fwd_into`: the provided outputs are checked like every other argument, and a strided `out` view
+/// receives exactly what `fwd` returns, with the gaps between its rows left untouched.
+#[test]
+fn fwd_into_outputs() {
+    let (b, s, h, d) = (2, 5, 2, 32);
+    let x: Vec<f32> = (0..b * s * h * d).map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5).collect();
+    let q = Tensor::from_f32(&x, &[b, s, h, d], DType::BF16).unwrap();
+    let opts = AttnOptions { causal: true, ..Default::default() };
+    let mut lse = Tensor::zeros(&[b, h, s], DType::F32, Device::Cpu).unwrap();
+    let mut bad = Tensor::zeros(&[b, s, h, d + 1], DType::BF16, Device::Cpu).unwrap();
+    expect_err(flash_attn::fwd_into(&q, &q, &q, &opts, &mut bad, &mut lse), |e| matches!(e, Error::Shape { arg: "out", .. }), "out");
+    let mut bad = Tensor::zeros(&[b, s, h, d], DType::F16, Device::Cpu).unwrap();
+    expect_err(flash_attn::fwd_into(&q, &q, &q, &opts, &mut bad, &mut lse), |e| matches!(e, Error::DTypeMismatch { arg: "out", .. }), "out");
+    let mut out = Tensor::zeros(&[b, s, h, d], DType::BF16, Device::Cpu).unwrap();
+    let mut bad_lse = Tensor::zeros(&[b, h, s], DType::BF16, Device::Cpu).unwrap();
+    expect_err(flash_attn::fwd_into(&q, &q, &q, &opts, &mut out, &mut bad_lse), |e| matches!(e, Error::DType { arg: "lse", .. }), "lse");
+
+    // A padded out view: rows of 2*h*d elements, the second half of each a gap that must stay 7.
+    let pitch = 2 * h * d;
+    let storage = Tensor::from_f32(&vec![7.0; b * s * pitch], &[b * s * pitch], DType::BF16).unwrap();
+    let mut view = storage.as_strided(&[b, s, h, d], &[s * pitch, pitch, d, 1], 0).unwrap();
+    flash_attn::fwd_into(&q, &q, &q, &opts, &mut view, &mut lse).unwrap();
+    let expect = fwd(&q, &q, &q, &opts).unwrap();
+    assert_eq!(view.to_f32_vec().unwrap(), expect.out.to_f32_vec().unwrap());
+    assert_eq!(lse.to_f32_vec().unwrap(), expect.lse.to_f32_vec().unwrap());
+    let all = view.as_strided(&[b * s, 2, h * d], &[pitch, h * d, 1], 0).unwrap().to_f32_vec().unwrap();
+    assert!(all.chunks(h * d).skip(1).step_by(2).all(|gap| gap.iter().all(|&x| x == 7.0)), "gap written");
+}

@@ -77,8 +77,8 @@ pub fn varlen_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, 
 }
 
 fn run_into(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    check_output("out", out, problem.dtype, &problem.out_shape(), problem.device, false)?;
-    check_output("lse", lse, crate::DType::F32, &problem.lse_shape(), problem.device, true)?;
+    crate::validate::check_like("out", out, problem.device, problem.dtype, &problem.out_shape(), false)?;
+    crate::validate::check_like("lse", lse, problem.device, crate::DType::F32, &problem.lse_shape(), true)?;
     match problem.device {
         Device::Cpu => {
             let r = crate::cpu::fwd(problem, q, k, v)?;
@@ -87,26 +87,6 @@ fn run_into(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tenso
         }
         Device::Cuda(_) => crate::cuda::fwd_into(problem, q, k, v, varlen, out, lse),
     }
-}
-
-fn check_output(arg: &'static str, t: &Tensor, dtype: crate::DType, shape: &[usize], device: Device, contiguous: bool) -> Result<()> {
-    use crate::Error;
-    if t.device() != device {
-        return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: device.to_string() });
-    }
-    if t.dtype() != dtype {
-        return Err(Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: dtype.to_string() });
-    }
-    if t.shape() != shape {
-        return Err(Error::Shape { arg, msg: format!("expected shape {shape:?}, got {:?}", t.shape()) });
-    }
-    if contiguous && !t.is_contiguous() {
-        return Err(Error::Shape { arg, msg: "must be contiguous".into() });
-    }
-    if t.strides().last().is_some_and(|&s| s != 1) && t.numel() > 0 {
-        return Err(Error::NotContiguous { arg });
-    }
-    Ok(())
 }
 
 fn run(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<FwdOutput> {

@@ -139,43 +139,39 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
 pub fn validate_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions) -> Result<BwdProblem> {
     let fwd = validate_fwd(q, k, v, varlen, opts)?;
     let out_shape = fwd.out_shape();
-    for (arg, t) in [("dout", dout), ("out", out)] {
-        if t.device() != q.device() {
-            return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: q.device().to_string() });
-        }
-        if t.dtype() != q.dtype() {
-            return Err(Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: format!("q's dtype {}", q.dtype()) });
-        }
-        if t.rank() != out_shape.len() {
-            return Err(Error::Rank { arg, got: t.rank(), expected: out_shape.len() });
-        }
-        if t.shape() != out_shape {
-            return Err(Error::Shape { arg, msg: format!("shape {:?} must equal the output's shape {out_shape:?} (q's shape)", t.shape()) });
-        }
-        if t.strides()[out_shape.len() - 1] != 1 {
-            return Err(Error::NotContiguous { arg });
-        }
-        check_extent(arg, t)?;
-    }
-    let lse_shape = fwd.lse_shape();
-    if lse.device() != q.device() {
-        return Err(Error::DeviceMismatch { arg: "lse", got: lse.device().to_string(), expected: q.device().to_string() });
-    }
-    if lse.dtype() != DType::F32 {
-        return Err(Error::DType { arg: "lse", got: lse.dtype().to_string(), expected: "f32" });
-    }
-    if lse.rank() != lse_shape.len() {
-        return Err(Error::Rank { arg: "lse", got: lse.rank(), expected: lse_shape.len() });
-    }
-    if lse.shape() != lse_shape {
-        return Err(Error::Shape { arg: "lse", msg: format!("shape {:?} must equal the forward's LSE shape {lse_shape:?}", lse.shape()) });
-    }
-    if !lse.is_contiguous() {
-        return Err(Error::Shape { arg: "lse", msg: "must be contiguous".into() });
-    }
-    check_extent("lse", lse)?;
+    check_like("dout", dout, q.device(), q.dtype(), &out_shape, false)?;
+    check_like("out", out, q.device(), q.dtype(), &out_shape, false)?;
+    check_like("lse", lse, q.device(), DType::F32, &fwd.lse_shape(), true)?;
     let varlen = varlen.is_some();
     Ok(BwdProblem { dout: operand_strides(dout, varlen), out: operand_strides(out, varlen), fwd })
+}
+
+/// A tensor handed in beside q (dout, out, lse, or an output to write into): on q's device, of `dtype`,
+/// of exactly `shape`, head dim contiguous, or wholly contiguous with `contiguous`, and addressable with
+/// i64 offsets.
+pub(crate) fn check_like(arg: &'static str, t: &Tensor, device: crate::Device, dtype: DType, shape: &[usize], contiguous: bool) -> Result<()> {
+    if t.device() != device {
+        return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: device.to_string() });
+    }
+    if t.dtype() != dtype {
+        return Err(match dtype {
+            DType::F32 => Error::DType { arg, got: t.dtype().to_string(), expected: "f32" },
+            _ => Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: format!("q's dtype {dtype}") },
+        });
+    }
+    if t.rank() != shape.len() {
+        return Err(Error::Rank { arg, got: t.rank(), expected: shape.len() });
+    }
+    if t.shape() != shape {
+        return Err(Error::Shape { arg, msg: format!("shape {:?} must be {shape:?} (from q's shape)", t.shape()) });
+    }
+    if contiguous && !t.is_contiguous() {
+        return Err(Error::Shape { arg, msg: "must be contiguous".into() });
+    }
+    if t.strides()[shape.len() - 1] != 1 {
+        return Err(Error::NotContiguous { arg });
+    }
+    check_extent(arg, t)
 }
 
 /// Strides of a `[B, S, H, D]` (or varlen `[T, H, D]`) operand, head dim contiguous.
