@@ -86,19 +86,7 @@ fn reference_gradients_match_finite_differences() {
 // ---------------------------------------------------------------------------------------------------
 // (b) The library against the reference.
 
-
-/// Value ranges of q, k (small to sharp softmaxes) and v; dout is within [-1, 1].
-#[derive(Clone, Copy, Debug)]
-struct Amp {
-    q: f32,
-    k: f32,
-    v: f32,
-}
-
-fn amp() -> impl Strategy<Value = Amp> {
-    let a = || proptest::sample::select(vec![0.5f32, 1.0, 2.0]);
-    (a(), a(), proptest::sample::select(vec![1.0f32, 3.0])).prop_map(|(q, k, v)| Amp { q, k, v })
-}
+// dout is within [-1, 1]; q, k and v take their ranges from `amp()` (common/).
 
 /// Shorter than the forward's sequences: the f64 reference backward does several times its work.
 fn bwd_seqlen() -> impl Strategy<Value = usize> {

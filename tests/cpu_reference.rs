@@ -33,20 +33,6 @@ fn tolerance(o: &Opts, dtype: DType, d: usize, amp: Amp) -> Tolerance {
     Tolerance::new(dtype, amp.v as f64, smax)
 }
 
-
-/// Value ranges of q, k, v: small to sharp softmaxes.
-#[derive(Clone, Copy, Debug)]
-struct Amp {
-    q: f32,
-    k: f32,
-    v: f32,
-}
-
-fn amp() -> impl Strategy<Value = Amp> {
-    let a = || proptest::sample::select(vec![0.5f32, 1.0, 2.0]);
-    (a(), a(), proptest::sample::select(vec![1.0f32, 3.0])).prop_map(|(q, k, v)| Amp { q, k, v })
-}
-
 fn outputs(o: &FwdOutput) -> (Vec<f32>, Vec<f32>) {
     (o.out.to_f32_vec().unwrap(), o.lse.to_f32_vec().unwrap())
 }

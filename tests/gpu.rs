@@ -255,7 +255,7 @@ const CANARY_F32: u32 = 0x7fc0_1234;
 const CANARY_16: u16 = 0x7fa5;
 
 /// Device tensor of `shape` whose view sits at an offset inside a canary-filled buffer, with a padded
-/// row pitch when `pad` (so the gaps between rows are checked too). Returns (view, storage length).
+/// row pitch when `pad` (so the gaps between rows are checked too).
 fn canary_view(shape: &[usize], dtype: DType, pad: bool) -> Tensor {
     let rank = shape.len();
     let mut strides = vec![1usize; rank];

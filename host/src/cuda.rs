@@ -78,6 +78,14 @@ fn addr(t: &Tensor) -> Result<u64> {
     }
 }
 
+/// The CUDA device a tensor lives on.
+fn cuda_ordinal(t: &Tensor) -> Result<usize> {
+    match t.device() {
+        crate::Device::Cuda(o) => Ok(o),
+        crate::Device::Cpu => Err(Error::Cuda("internal: host tensor on the CUDA path".into())),
+    }
+}
+
 /// Optional tensor -> address or 0.
 fn opt_addr(t: Option<&Tensor>) -> Result<u64> {
     t.map(addr).transpose().map(|a| a.unwrap_or(0))
@@ -95,10 +103,7 @@ fn check_aligned(arg: &'static str, t: &Tensor) -> Result<()> {
 
 /// Allocate the outputs on q's device and run the kernel into them.
 pub fn fwd(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<crate::api::FwdOutput> {
-    let ordinal = match q.device() {
-        crate::Device::Cuda(o) => o,
-        crate::Device::Cpu => return Err(Error::Cuda("internal: host tensor on the CUDA path".into())),
-    };
+    let ordinal = cuda_ordinal(q)?;
     let out_shape = p.out_shape();
     let lse_shape = p.lse_shape();
     let out = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, out_shape.iter().product::<usize>() * p.dtype.size())?, &out_shape, p.dtype);
@@ -122,11 +127,7 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
             return Err(Error::TooLarge { arg, msg: format!("{n} exceeds the CUDA grid limit of 65535") });
         }
     }
-    let ordinal = match q.device() {
-        crate::Device::Cuda(o) => o,
-        crate::Device::Cpu => return Err(Error::Cuda("internal: host tensor on the CUDA path".into())),
-    };
-    let gpu = gpu(ordinal)?;
+    let gpu = gpu(cuda_ordinal(q)?)?;
     let func = gpu.function(launch.kernel, launch.smem_bytes)?;
 
     let s = |x: usize| x as i64;

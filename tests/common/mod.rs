@@ -399,3 +399,16 @@ impl Opts {
         RefOpts { scale: self.scale.map_or(1.0 / (d as f64).sqrt(), f64::from), softcap: self.softcap as f64, causal: self.causal, window: self.window }
     }
 }
+
+/// Value ranges of q, k (small to sharp softmaxes) and v.
+#[derive(Clone, Copy, Debug)]
+pub struct Amp {
+    pub q: f32,
+    pub k: f32,
+    pub v: f32,
+}
+
+pub fn amp() -> impl Strategy<Value = Amp> {
+    let a = || proptest::sample::select(vec![0.5f32, 1.0, 2.0]);
+    (a(), a(), proptest::sample::select(vec![1.0f32, 3.0])).prop_map(|(q, k, v)| Amp { q, k, v })
+}
