@@ -26,12 +26,18 @@ impl FwdConfig {
     /// Shared-memory row pitch in bytes: one 16-byte chunk of padding per row, so the 8 rows an
     /// `ldmatrix` reads fall in 8 different bank groups (the pitch is an odd number of chunks).
     pub const fn row_bytes(&self) -> usize {
-        (self.head_dim + 8) * 2
+        row_pitch_bytes(self.head_dim)
     }
     /// Dynamic shared memory: the Q tile and two stages of K and V tiles.
     pub const fn smem_bytes(&self) -> usize {
         (self.block_m() + 4 * self.block_n) * self.row_bytes()
     }
+}
+
+/// Shared-memory pitch of a row of `head_dim` 16-bit values: one 16-byte chunk of padding (see
+/// `FwdConfig::row_bytes`).
+pub const fn row_pitch_bytes(head_dim: usize) -> usize {
+    (head_dim + 8) * 2
 }
 
 /// The shape used for each supported head dim, chosen by measurement on an H200 (benches/RESULTS.md):

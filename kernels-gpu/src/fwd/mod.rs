@@ -17,6 +17,7 @@ use crate::mask::key_range;
 use crate::params::FwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::softmax::{finalize_row, update_row, RowState};
+use crate::variants::{row_pitch_bytes, FwdConfig};
 
 /// The 16-bit input type: which mma and which f32 -> 16-bit packing.
 pub trait Elem {
@@ -54,9 +55,11 @@ impl Elem for F16 {
 struct Shape<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>;
 
 impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize> Shape<D, DN, MT, NW, BN, NN> {
-    const BM: usize = 16 * MT * NW;
-    const THREADS: usize = 32 * NW;
-    const ROW_BYTES: u32 = ((D + 8) * 2) as u32;
+    /// The layout arithmetic is the host's too (grid, shared-memory size): one definition in variants.rs.
+    const CONFIG: FwdConfig = FwdConfig { head_dim: D, m_tiles: MT, warps: NW, block_n: BN, q_in_regs: false };
+    const BM: usize = Self::CONFIG.block_m();
+    const THREADS: usize = Self::CONFIG.threads();
+    const ROW_BYTES: u32 = Self::CONFIG.row_bytes() as u32;
     const Q_BYTES: u32 = Self::BM as u32 * Self::ROW_BYTES;
     const KV_BYTES: u32 = BN as u32 * Self::ROW_BYTES;
     const CHECK: () = {
@@ -81,7 +84,7 @@ impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN
 #[inline(always)]
 unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
     let chunks = D / 8;
-    let row_bytes = ((D + 8) * 2) as u32;
+    let row_bytes = row_pitch_bytes(D) as u32;
     // Recompute the per-thread offsets here, each tile, instead of keeping them all live (opaque_u32).
     let tid = opaque_u32(tid as u32) as usize;
     let row_stride_bytes = opaque_i64(row_stride_bytes);
