@@ -52,6 +52,22 @@ proptest! {
     }
 
     #[test]
+    fn backward_row_block_range_is_tight(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), n_frac in 0.0..1.0f64, bm in prop::sample::select(vec![16i32, 32, 64, 128]), bn in prop::sample::select(vec![32i32, 64, 128])) {
+        let n0 = ((sk - 1) as f64 * n_frac) as i32 / bn * bn;
+        let cols = (sk - n0).min(bn);
+        let (m_min, m_max) = block::m_block_range(n0, cols, sq, sk, left, right, bm);
+        let sees = |m: i32| (m * bm..((m + 1) * bm).min(sq)).any(|i| (n0..n0 + cols).any(|j| visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64)));
+        for m in 0..(sq + bm - 1) / bm {
+            let in_range = m >= m_min && m < m_max;
+            prop_assert!(in_range || !sees(m), "row block {} skipped but sees the key tile", m);
+        }
+        if m_max > m_min {
+            prop_assert!(m_min >= 0 && m_max * bm < sq + bm, "range past the rows");
+            prop_assert!(sees(m_min) && sees(m_max - 1), "range not tight");
+        }
+    }
+
+    #[test]
     fn varlen_lengths_are_clamped(a in any::<i32>(), b in any::<i32>(), used in proptest::option::of(any::<i32>()), total in -5..100_000i32) {
         let s = seqlen::SeqlenInfo::varlen(a, b, used, total);
         prop_assert!(s.start >= 0 && s.slot_len >= 0 && s.used >= 0 && s.used <= s.slot_len);

@@ -114,7 +114,7 @@ pub struct BwdOutput {
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
     let problem = crate::validate::validate_bwd(dout, q, k, v, out, lse, None, opts)?;
-    run_bwd(&problem, dout, q, k, v, out, lse, deterministic)
+    run_bwd(&problem, dout, q, k, v, out, lse, None, deterministic)
 }
 
 /// Packed backward: dout and out `[Tq, Hq, D]`, lse `[Hq, Tq]`, sequences given by `varlen` as in
@@ -123,14 +123,14 @@ pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse:
 #[allow(clippy::too_many_arguments)]
 pub fn varlen_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
     let problem = crate::validate::validate_bwd(dout, q, k, v, out, lse, Some(varlen), opts)?;
-    run_bwd(&problem, dout, q, k, v, out, lse, deterministic)
+    run_bwd(&problem, dout, q, k, v, out, lse, Some(varlen), deterministic)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_bwd(problem: &crate::problem::BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, _deterministic: bool) -> Result<BwdOutput> {
+fn run_bwd(problem: &crate::problem::BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, deterministic: bool) -> Result<BwdOutput> {
     match problem.fwd.device {
         // Deterministic by construction (see cpu/bwd.rs), so the flag changes nothing here.
         Device::Cpu => crate::cpu::bwd(problem, dout, q, k, v, out, lse),
-        Device::Cuda(_) => Err(crate::Error::Cuda("backward is not implemented on CUDA yet".into())),
+        Device::Cuda(_) => crate::cuda::bwd(problem, dout, q, k, v, out, lse, varlen, deterministic),
     }
 }

@@ -1,11 +1,11 @@
 //! The CUDA path: device buffers, and the launch of the fused forward kernel for a validated problem.
 
 use crate::api::Varlen;
-use crate::dispatch::fwd_launch;
+use crate::dispatch::{bwd_launches, fwd_launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Gpu};
-use crate::params::FwdParams;
-use crate::problem::Problem;
+use crate::params::{BwdParams, FwdParams};
+use crate::problem::{BwdProblem, Problem};
 use crate::tensor::{Storage, Tensor};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
@@ -134,11 +134,7 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
     let os = out.strides();
     let (o_batch, o_row, o_head) = if p.varlen { (0, os[0], os[1]) } else { (os[0], os[1], os[2]) };
     let (lse_batch, lse_head) = if p.varlen { (0, p.total_q) } else { (p.hq * p.seqlen_q, p.seqlen_q) };
-    let (scale_log2, softcap_pre) = if p.softcap > 0.0 {
-        (p.softcap * std::f32::consts::LOG2_E, p.scale / p.softcap)
-    } else {
-        (p.scale * std::f32::consts::LOG2_E, 0.0)
-    };
+    let (scale_log2, softcap_pre) = score_constants(p);
     // Masked scores are -inf times scale_log2 in the kernel: a zero scale (uniform attention) must stay
     // nonzero there. The smallest normal float makes every finite score flush to exactly 0.
     let scale_log2 = if scale_log2 == 0.0 { f32::MIN_POSITIVE } else { scale_log2 };
@@ -183,6 +179,135 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
     let cfg = LaunchConfig { grid_dim: launch.grid, block_dim: (launch.block, 1, 1), shared_mem_bytes: launch.smem_bytes as u32 };
     unsafe { gpu.stream.launch_builder(&func).arg(&params).launch(cfg)? };
     Ok(())
+}
+
+/// The softmax constants both passes use: (scale_log2, softcap_pre); see `FwdParams`.
+fn score_constants(p: &Problem) -> (f32, f32) {
+    if p.softcap > 0.0 {
+        (p.softcap * std::f32::consts::LOG2_E, p.scale / p.softcap)
+    } else {
+        (p.scale * std::f32::consts::LOG2_E, 0.0)
+    }
+}
+
+/// Strides (batch, row, head) of a contiguous `[B, S, H, D]` (or varlen `[T, H, D]`) tensor.
+fn contiguous_bsh(varlen: bool, seqlen: usize, heads: usize, d: usize) -> (i64, i64, i64) {
+    let row = (heads * d) as i64;
+    (if varlen { 0 } else { seqlen as i64 * row }, row, d as i64)
+}
+
+/// The backward on CUDA: allocate dq/dk/dv (contiguous, input dtype), the f32 workspace (lse_log2 and
+/// D, shaped like the LSE) and, unless `deterministic`, the zeroed f32 dq accumulator; then run prep,
+/// dk/dv and dq (bwd_launches). Every element of dq/dk/dv is written by the kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, deterministic: bool) -> Result<crate::api::BwdOutput> {
+    let p = &bp.fwd;
+    for (arg, t) in [("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)] {
+        check_aligned(arg, t)?;
+    }
+    let ordinal = cuda_ordinal(q)?;
+    let (q_shape, kv_shape) = (p.out_shape(), p.kv_shape());
+    let bytes = |shape: &[usize], size: usize| shape.iter().product::<usize>() * size;
+    if p.total_q == 0 || p.hq == 0 {
+        // No query attends to anything: every gradient is 0.
+        let zeros = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::on_device_buffer(DeviceBuffer::zeros(ordinal, bytes(shape, p.dtype.size()))?, shape, p.dtype)) };
+        return Ok(crate::api::BwdOutput { dq: zeros(&q_shape)?, dk: zeros(&kv_shape)?, dv: zeros(&kv_shape)? });
+    }
+    let launches = bwd_launches(p, deterministic).ok_or(Error::HeadDim { got: p.head_dim })?;
+    for l in &launches {
+        for (arg, n) in [("num_heads", l.grid.1 as usize), ("batch", l.grid.2 as usize)] {
+            if n > 65535 {
+                return Err(Error::TooLarge { arg, msg: format!("{n} exceeds the CUDA grid limit of 65535") });
+            }
+        }
+    }
+    let gpu = gpu(ordinal)?;
+    let funcs = launches.iter().map(|l| gpu.function(l.kernel, l.smem_bytes)).collect::<Result<Vec<_>>>()?;
+
+    let dq = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, bytes(&q_shape, p.dtype.size()))?, &q_shape, p.dtype);
+    let dk = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, bytes(&kv_shape, p.dtype.size()))?, &kv_shape, p.dtype);
+    let dv = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, bytes(&kv_shape, p.dtype.size()))?, &kv_shape, p.dtype);
+    let lse_len = p.lse_shape().iter().product::<usize>();
+    let ws = DeviceBuffer::uninit(ordinal, 2 * lse_len * 4)?;
+    let dq_accum = if deterministic { None } else { Some(DeviceBuffer::zeros(ordinal, bytes(&q_shape, 4))?) };
+
+    let s = |x: usize| x as i64;
+    let (scale_log2, softcap_pre) = score_constants(p);
+    let (lse_batch, lse_head) = if p.varlen { (0, p.total_q) } else { (p.hq * p.seqlen_q, p.seqlen_q) };
+    let (dq_b, dq_r, dq_h) = contiguous_bsh(p.varlen, p.seqlen_q, p.hq, p.head_dim);
+    let (dk_b, dk_r, dk_h) = contiguous_bsh(p.varlen, p.seqlen_k, p.hk, p.head_dim);
+    let i32_of = |x: i64| x.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+    let params = BwdParams {
+        q: addr(q)?,
+        k: addr(k)?,
+        v: addr(v)?,
+        o: addr(out)?,
+        dout: addr(dout)?,
+        lse: addr(lse)?,
+        dq: addr(&dq)?,
+        dk: addr(&dk)?,
+        dv: addr(&dv)?,
+        dq_accum: dq_accum.as_ref().map_or(0, |b| b.ptr()),
+        lse_log2: ws.ptr(),
+        delta: ws.ptr() + (lse_len * 4) as u64,
+        cu_seqlens_q: opt_addr(varlen.map(|vl| vl.cu_seqlens_q))?,
+        cu_seqlens_k: opt_addr(varlen.map(|vl| vl.cu_seqlens_k))?,
+        seqused_q: opt_addr(varlen.and_then(|vl| vl.seqused_q))?,
+        seqused_k: opt_addr(varlen.and_then(|vl| vl.seqused_k))?,
+        q_batch_stride: s(p.q.batch),
+        q_row_stride: s(p.q.row),
+        q_head_stride: s(p.q.head),
+        k_batch_stride: s(p.k.batch),
+        k_row_stride: s(p.k.row),
+        k_head_stride: s(p.k.head),
+        v_batch_stride: s(p.v.batch),
+        v_row_stride: s(p.v.row),
+        v_head_stride: s(p.v.head),
+        o_batch_stride: s(bp.out.batch),
+        o_row_stride: s(bp.out.row),
+        o_head_stride: s(bp.out.head),
+        do_batch_stride: s(bp.dout.batch),
+        do_row_stride: s(bp.dout.row),
+        do_head_stride: s(bp.dout.head),
+        dq_batch_stride: dq_b,
+        dq_row_stride: dq_r,
+        dq_head_stride: dq_h,
+        dk_batch_stride: dk_b,
+        dk_row_stride: dk_r,
+        dk_head_stride: dk_h,
+        dv_batch_stride: dk_b,
+        dv_row_stride: dk_r,
+        dv_head_stride: dk_h,
+        dqa_batch_stride: dq_b,
+        dqa_row_stride: dq_r,
+        dqa_head_stride: dq_h,
+        lse_batch_stride: s(lse_batch),
+        lse_head_stride: s(lse_head),
+        batch: p.batch as i32,
+        h: p.hq as i32,
+        h_k: p.hk as i32,
+        head_dim: p.head_dim as i32,
+        seqlen_q: p.seqlen_q as i32,
+        seqlen_k: p.seqlen_k as i32,
+        total_q: p.total_q as i32,
+        total_k: p.total_k as i32,
+        window_left: i32_of(p.window_left),
+        window_right: i32_of(p.window_right),
+        scale_log2,
+        softcap_pre,
+        scale: p.scale,
+        _pad: 0,
+    };
+    for (l, f) in launches.iter().zip(&funcs) {
+        if l.grid.2 == 0 {
+            continue;
+        }
+        let cfg = LaunchConfig { grid_dim: l.grid, block_dim: (l.block, 1, 1), shared_mem_bytes: l.smem_bytes as u32 };
+        unsafe { gpu.stream.launch_builder(f).arg(&params).launch(cfg)? };
+    }
+    // The workspace and accumulator must outlive the kernels: the stream orders the frees after them.
+    drop((ws, dq_accum));
+    Ok(crate::api::BwdOutput { dq, dk, dv })
 }
 
 /// Milliseconds the work queued by `f` takes on device `ordinal`, measured with CUDA events around it

@@ -5,7 +5,10 @@
 #[macro_use]
 mod variants;
 
-pub use variants::{fwd_config, fwd_kernel_name, FwdConfig, KernelDType};
+pub use variants::{
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, FwdConfig, KernelDType,
+    BWD_ROWS_PER_BLOCK,
+};
 
 use crate::problem::Problem;
 use crate::tensor::DType;
@@ -22,15 +25,60 @@ pub struct FwdLaunch {
 
 /// Grid: x walks query-row blocks (blocks stride over sequences longer than `seqlen_q`, so a too-small
 /// max_seqlen is slow but never wrong), y heads, z sequences, plus one z slice for varlen's tail rows.
+fn kernel_dtype(dtype: DType) -> Option<KernelDType> {
+    match dtype {
+        DType::BF16 => Some(KernelDType::BF16),
+        DType::F16 => Some(KernelDType::F16),
+        _ => None,
+    }
+}
+
 pub fn fwd_launch(p: &Problem) -> Option<FwdLaunch> {
-    let dtype = match p.dtype {
-        DType::BF16 => KernelDType::BF16,
-        DType::F16 => KernelDType::F16,
-        _ => return None,
-    };
+    let dtype = kernel_dtype(p.dtype)?;
     let kernel = fwd_kernel_name(p.head_dim, dtype)?;
     let config = fwd_config(p.head_dim);
     let m_blocks = p.seqlen_q.max(1).div_ceil(config.block_m());
     let z = p.batch + usize::from(p.varlen);
     Some(FwdLaunch { kernel, config, grid: (m_blocks as u32, p.hq as u32, z as u32), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
 }
+
+/// One kernel launch: export name, grid, threads per block, dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub kernel: &'static str,
+    pub grid: (u32, u32, u32),
+    pub block: u32,
+    pub smem_bytes: usize,
+}
+
+/// The backward's launches, in order: prep (D and lse_log2), dk/dv (with atomic dq unless
+/// deterministic), then dq: the deterministic dq kernel, or the conversion of the f32 accumulator.
+/// Grids walk blocks of rows or keys in x (striding past `seqlen_*`), heads in y, sequences in z plus
+/// varlen's tail slice (whose rows and keys get zero gradients).
+pub fn bwd_launches(p: &Problem, deterministic: bool) -> Option<[Launch; 3]> {
+    let dtype = kernel_dtype(p.dtype)?;
+    let (dkdv, dq) = bwd_kernel_names(p.head_dim, dtype)?;
+    let c = bwd_config(p.head_dim);
+    let z = (p.batch + usize::from(p.varlen)) as u32;
+    let rows = BWD_ROWS_PER_BLOCK;
+    let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
+    let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
+    let main = Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
+    let last = if deterministic {
+        let q = dq_config(p.head_dim);
+        Launch { kernel: dq, grid: (blocks(p.seqlen_q, q.block_m()), p.hq as u32, z), block: q.threads() as u32, smem_bytes: dq_smem_bytes(&q) }
+    } else {
+        Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 }
+    };
+    Some([prep, main, last])
+}
+
+// Every backward shape in the table is one the kernels support (also asserted at PTX build time).
+const _: () = {
+    let dims = [32, 64, 96, 128, 192, 256];
+    let mut i = 0;
+    while i < dims.len() {
+        assert!(bwd_config(dims[i]).is_valid());
+        i += 1;
+    }
+};

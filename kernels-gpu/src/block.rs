@@ -32,3 +32,23 @@ pub fn tile_needs_mask(m0: i32, rows: i32, n0: i32, block_n: i32, seqlen_q: i32,
     let (_, hi_first) = key_range(m0, seqlen_q, seqlen_k, window_left, window_right);
     !(hi_first >= n_last && lo_last <= n0)
 }
+
+/// The backward's transpose of `n_block_range`: half-open range `[m_min, m_max)` of query-row blocks of
+/// `block_m` rows holding a row that sees some key of `[n0, n0 + cols)`. Empty when no row does.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn m_block_range(n0: i32, cols: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32, block_m: i32) -> (i32, i32) {
+    if cols <= 0 || seqlen_q <= 0 || n0 >= seqlen_k {
+        return (0, 0);
+    }
+    // Row i's keys are [diag - left, diag + right] ∩ [0, seqlen_k) with diag = i + seqlen_k - seqlen_q;
+    // both ends grow with i, so the rows that see the tile are one interval [first, last].
+    let shift = seqlen_k as i64 - seqlen_q as i64;
+    let n_last = (n0 as i64 + cols as i64 - 1).min(seqlen_k as i64 - 1);
+    let first = if window_right >= 0 { (n0 as i64 - shift - window_right as i64).max(0) } else { 0 };
+    let last = if window_left >= 0 { (n_last - shift + window_left as i64).min(seqlen_q as i64 - 1) } else { seqlen_q as i64 - 1 };
+    if first > last {
+        return (0, 0);
+    }
+    ((first / block_m as i64) as i32, (last / block_m as i64) as i32 + 1)
+}

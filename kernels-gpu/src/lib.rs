@@ -6,6 +6,7 @@
 
 pub mod arch;
 pub mod block;
+pub mod bwd;
 pub mod fwd;
 pub mod mask;
 pub mod params;

@@ -66,3 +66,84 @@ const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
 const _: () = assert!(core::mem::offset_of!(FwdParams, batch) == 184);
+
+/// Backward-pass parameters, shared by its four kernels (prep, dk/dv with atomic dq, deterministic dq,
+/// dq conversion). Same conventions as `FwdParams`; dq/dk/dv/dq_accum strides are in elements too.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BwdParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub dout: u64,
+    /// The forward's LSE (natural log), indexed like `FwdParams::lse`.
+    pub lse: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    /// f32 `[total_q, h, head_dim]` dq accumulator (atomic path), 0 when unused.
+    pub dq_accum: u64,
+    /// f32 workspace indexed like the LSE: `lse * log2(e)` (+inf for an empty row), and
+    /// `D_i = dout_i . out_i` at the same index.
+    pub lse_log2: u64,
+    pub delta: u64,
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    pub seqused_q: u64,
+    pub seqused_k: u64,
+
+    pub q_batch_stride: i64,
+    pub q_row_stride: i64,
+    pub q_head_stride: i64,
+    pub k_batch_stride: i64,
+    pub k_row_stride: i64,
+    pub k_head_stride: i64,
+    pub v_batch_stride: i64,
+    pub v_row_stride: i64,
+    pub v_head_stride: i64,
+    pub o_batch_stride: i64,
+    pub o_row_stride: i64,
+    pub o_head_stride: i64,
+    pub do_batch_stride: i64,
+    pub do_row_stride: i64,
+    pub do_head_stride: i64,
+    pub dq_batch_stride: i64,
+    pub dq_row_stride: i64,
+    pub dq_head_stride: i64,
+    pub dk_batch_stride: i64,
+    pub dk_row_stride: i64,
+    pub dk_head_stride: i64,
+    pub dv_batch_stride: i64,
+    pub dv_row_stride: i64,
+    pub dv_head_stride: i64,
+    pub dqa_batch_stride: i64,
+    pub dqa_row_stride: i64,
+    pub dqa_head_stride: i64,
+    pub lse_batch_stride: i64,
+    pub lse_head_stride: i64,
+
+    pub batch: i32,
+    pub h: i32,
+    pub h_k: i32,
+    pub head_dim: i32,
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    pub total_q: i32,
+    pub total_k: i32,
+    pub window_left: i32,
+    pub window_right: i32,
+    /// P = exp2(s * scale_log2 - lse_log2) with s = q.k, or with softcap s = tanh(q.k * softcap_pre);
+    /// signed (a negative softmax scale needs no special case here).
+    pub scale_log2: f32,
+    pub softcap_pre: f32,
+    /// The softmax scale, which dq and dk carry.
+    pub scale: f32,
+    pub _pad: i32,
+}
+
+pub const BWD_PARAMS_SIZE: usize = 16 * 8 + 29 * 8 + 14 * 4;
+const _: () = assert!(core::mem::size_of::<BwdParams>() == BWD_PARAMS_SIZE);
+const _: () = assert!(core::mem::align_of::<BwdParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(BwdParams, q_batch_stride) == 128);
+const _: () = assert!(core::mem::offset_of!(BwdParams, batch) == 360);

@@ -90,3 +90,128 @@ macro_rules! name_lookup {
     };
 }
 for_each_fwd_variant!(name_lookup);
+
+/// Tile shape of one backward variant. A block owns `block_n` keys of one kv head and walks the query
+/// blocks (`block_m` rows) of every q head of its group that see them. Warps are laid out `wn = block_n /
+/// 16` along the keys times `wm` along the queries (S^T, dP^T) or along the head dim (dK, dV); for
+/// dQ = dS K they are `block_m / 16` along the queries times the rest along the head dim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BwdConfig {
+    pub head_dim: usize,
+    pub block_n: usize,
+    pub block_m: usize,
+    pub warps: usize,
+}
+
+impl BwdConfig {
+    pub const fn threads(&self) -> usize {
+        32 * self.warps
+    }
+    /// Warps along the keys (16 keys each).
+    pub const fn wn(&self) -> usize {
+        self.block_n / 16
+    }
+    /// Warps along the queries in S^T (and along the head dim in dK/dV).
+    pub const fn wm(&self) -> usize {
+        self.warps / self.wn()
+    }
+    /// Head-dim columns of dQ per warp.
+    pub const fn dq_cols(&self) -> usize {
+        self.head_dim / (self.warps / (self.block_m / 16))
+    }
+    /// Pitch of the P^T / dS^T tiles (`block_n` rows of `block_m` 16-bit values plus one 16-byte chunk).
+    pub const fn p_row_bytes(&self) -> usize {
+        (self.block_m + 8) * 2
+    }
+    /// Dynamic shared memory: K and V, two stages of Q and dO, two stages of the rows' LSE and D, dS^T,
+    /// and P^T when warps split the queries (else P^T stays in registers).
+    pub const fn smem_bytes(&self) -> usize {
+        let rb = row_pitch_bytes(self.head_dim);
+        let p = if self.wm() > 1 { 2 } else { 1 };
+        2 * self.block_n * rb + 4 * self.block_m * rb + 4 * self.block_m * 4 + p * self.block_n * self.p_row_bytes()
+    }
+    /// Whether the shape is one the kernel supports (checked at compile time for every variant).
+    pub const fn is_valid(&self) -> bool {
+        let wn = self.block_n / 16;
+        let rm = self.block_m / 16;
+        self.block_n % 16 == 0
+            && self.block_m % 16 == 0
+            && self.warps % wn == 0
+            && self.warps % rm == 0
+            && (self.block_m / (self.warps / wn)) % 16 == 0
+            && (self.head_dim / (self.warps / wn)) % 16 == 0
+            && self.dq_cols() % 32 == 0
+            && self.head_dim % (self.warps / rm) == 0
+            && self.block_m <= self.threads()
+    }
+}
+
+/// Backward tile shapes per head dim.
+pub const fn bwd_config(head_dim: usize) -> BwdConfig {
+    match head_dim {
+        32 | 64 | 96 | 128 => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 4 },
+        192 => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 8 },
+        _ => BwdConfig { head_dim, block_n: 64, block_m: 32, warps: 8 },
+    }
+}
+
+/// Tile shape of the deterministic dq kernel: one m16 tile per warp, like a forward variant walking K/V
+/// tiles, with Q and dO resident.
+pub const fn dq_config(head_dim: usize) -> FwdConfig {
+    let block_n = if head_dim <= 128 { 64 } else { 32 };
+    FwdConfig { head_dim, m_tiles: 1, warps: 4, block_n, q_in_regs: false }
+}
+
+/// Dynamic shared memory of the dq kernel: Q and dO, two stages of K and V.
+pub const fn dq_smem_bytes(c: &FwdConfig) -> usize {
+    (2 * c.block_m() + 4 * c.block_n) * c.row_bytes()
+}
+
+/// The backward variant table: `(head_dim, dtype, dk/dv kernel, deterministic dq kernel)`.
+#[macro_export]
+macro_rules! for_each_bwd_variant {
+    ($m:ident) => {
+        $m! {
+            (32, BF16, "flash_bwd_hdim32_bf16", "flash_bwd_dq_hdim32_bf16"),
+            (64, BF16, "flash_bwd_hdim64_bf16", "flash_bwd_dq_hdim64_bf16"),
+            (96, BF16, "flash_bwd_hdim96_bf16", "flash_bwd_dq_hdim96_bf16"),
+            (128, BF16, "flash_bwd_hdim128_bf16", "flash_bwd_dq_hdim128_bf16"),
+            (192, BF16, "flash_bwd_hdim192_bf16", "flash_bwd_dq_hdim192_bf16"),
+            (256, BF16, "flash_bwd_hdim256_bf16", "flash_bwd_dq_hdim256_bf16"),
+            (32, F16, "flash_bwd_hdim32_f16", "flash_bwd_dq_hdim32_f16"),
+            (64, F16, "flash_bwd_hdim64_f16", "flash_bwd_dq_hdim64_f16"),
+            (96, F16, "flash_bwd_hdim96_f16", "flash_bwd_dq_hdim96_f16"),
+            (128, F16, "flash_bwd_hdim128_f16", "flash_bwd_dq_hdim128_f16"),
+            (192, F16, "flash_bwd_hdim192_f16", "flash_bwd_dq_hdim192_f16"),
+            (256, F16, "flash_bwd_hdim256_f16", "flash_bwd_dq_hdim256_f16"),
+        }
+    };
+}
+
+macro_rules! bwd_name_lookup {
+    ($(($d:literal, $dt:ident, $name:literal, $dq:literal)),* $(,)?) => {
+        /// Export names of the backward kernels for `(head_dim, dtype)`: (dk/dv + atomic dq, deterministic dq).
+        pub fn bwd_kernel_names(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, &'static str)> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, $dq)); })*
+            None
+        }
+    };
+}
+for_each_bwd_variant!(bwd_name_lookup);
+
+/// Element-wise backward kernels (head dim at run time): D_i and the LSE in base 2; dq from its f32
+/// accumulator. Per dtype.
+pub fn bwd_prep_kernel_name(dtype: KernelDType) -> &'static str {
+    match dtype {
+        KernelDType::BF16 => "flash_bwd_prep_bf16",
+        KernelDType::F16 => "flash_bwd_prep_f16",
+    }
+}
+pub fn bwd_convert_kernel_name(dtype: KernelDType) -> &'static str {
+    match dtype {
+        KernelDType::BF16 => "flash_bwd_dq_convert_bf16",
+        KernelDType::F16 => "flash_bwd_dq_convert_f16",
+    }
+}
+/// Rows per block of the element-wise backward kernels (one thread per row in prep).
+pub const BWD_ROWS_PER_BLOCK: usize = 128;

@@ -24,3 +24,13 @@ pub fn commit_group() {
 pub fn wait_group<const N: u32>() {
     unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) }
 }
+
+/// Copy 4 bytes from global `src` to shared `dst` (both 4-byte aligned); zero-filled when `valid` is false.
+#[inline(always)]
+pub unsafe fn cp_async_4(dst: u32, src: u64, valid: bool) {
+    let src_bytes: u32 = if valid { 4 } else { 0 };
+    unsafe {
+        asm!("cp.async.ca.shared.global [{d}], [{s}], 4, {n};", d = in(reg32) dst, s = in(reg64) src,
+            n = in(reg32) src_bytes, options(nostack))
+    }
+}

@@ -56,3 +56,20 @@ pub fn pack_f16x2(lo: f32, hi: f32) -> u32 {
     unsafe { asm!("cvt.rn.f16x2.f32 {r}, {hi}, {lo};", r = out(reg32) r, hi = in(reg32) hi, lo = in(reg32) lo, options(pure, nomem, nostack)) }
     r
 }
+
+/// The two bf16 halves of `x` as f32 (`lo` from the low half); exact.
+#[inline(always)]
+pub fn unpack_bf16x2(x: u32) -> (f32, f32) {
+    (f32::from_bits(x << 16), f32::from_bits(x & 0xffff_0000))
+}
+
+/// The two f16 halves of `x` as f32 (`lo` from the low half); exact.
+#[inline(always)]
+pub fn unpack_f16x2(x: u32) -> (f32, f32) {
+    let (lo, hi): (f32, f32);
+    unsafe {
+        asm!("{{ .reg .b16 l, h; mov.b32 {{l, h}}, {x}; cvt.f32.f16 {lo}, l; cvt.f32.f16 {hi}, h; }}",
+            x = in(reg32) x, lo = out(reg32) lo, hi = out(reg32) hi, options(pure, nomem, nostack))
+    }
+    (lo, hi)
+}

@@ -41,3 +41,28 @@ pub unsafe fn ld_global_nc_i32(addr: u64) -> i32 {
     unsafe { asm!("ld.global.nc.b32 {v}, [{a}];", v = out(reg32) v, a = in(reg64) addr, options(nostack, readonly)) }
     v
 }
+
+/// Load one f32 through the read-only path.
+#[inline(always)]
+pub unsafe fn ld_global_nc_f32(addr: u64) -> f32 {
+    let v: f32;
+    unsafe { asm!("ld.global.nc.f32 {v}, [{a}];", v = out(reg32) v, a = in(reg64) addr, options(nostack, readonly)) }
+    v
+}
+
+/// Load 16 bytes from global memory (coherent path: data written earlier by this kernel sequence).
+#[inline(always)]
+pub unsafe fn ld_global_v4(addr: u64) -> [u32; 4] {
+    let (x, y, z, w): (u32, u32, u32, u32);
+    unsafe {
+        asm!("ld.global.v4.b32 {{{x}, {y}, {z}, {w}}}, [{a}];", a = in(reg64) addr,
+            x = out(reg32) x, y = out(reg32) y, z = out(reg32) z, w = out(reg32) w, options(nostack, readonly))
+    }
+    [x, y, z, w]
+}
+
+/// `*addr += v` in global memory, atomically, without returning the old value.
+#[inline(always)]
+pub unsafe fn red_add_f32(addr: u64, v: f32) {
+    unsafe { asm!("red.global.add.f32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}

@@ -37,3 +37,14 @@ pub unsafe fn ld_v4(addr: u32) -> [u32; 4] {
 pub unsafe fn st_u32(addr: u32, v: u32) {
     unsafe { asm!("st.shared.b32 [{a}], {v};", a = in(reg32) addr, v = in(reg32) v, options(nostack)) }
 }
+
+/// Load two f32 from shared memory (`addr` 8-byte aligned).
+#[inline(always)]
+pub unsafe fn ld_v2_f32(addr: u32) -> [f32; 2] {
+    let (x, y): (f32, f32);
+    unsafe {
+        asm!("ld.shared.v2.f32 {{{x}, {y}}}, [{a}];", a = in(reg32) addr, x = out(reg32) x, y = out(reg32) y,
+            options(nostack, readonly))
+    }
+    [x, y]
+}

@@ -5,7 +5,7 @@
 
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
-use crate::arch::math::{pack_bf16x2, pack_f16x2, tanh};
+use crate::arch::math::{pack_bf16x2, pack_f16x2, tanh, unpack_bf16x2, unpack_f16x2};
 use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::mma::{mma_bf16, mma_f16};
 use crate::arch::reg::{opaque_i64, opaque_u32};
@@ -23,6 +23,7 @@ use crate::variants::{row_pitch_bytes, FwdConfig};
 pub trait Elem {
     fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
     fn pack(lo: f32, hi: f32) -> u32;
+    fn unpack(x: u32) -> (f32, f32);
 }
 
 pub struct BF16;
@@ -37,6 +38,10 @@ impl Elem for BF16 {
     fn pack(lo: f32, hi: f32) -> u32 {
         pack_bf16x2(lo, hi)
     }
+    #[inline(always)]
+    fn unpack(x: u32) -> (f32, f32) {
+        unpack_bf16x2(x)
+    }
 }
 
 impl Elem for F16 {
@@ -47,6 +52,10 @@ impl Elem for F16 {
     #[inline(always)]
     fn pack(lo: f32, hi: f32) -> u32 {
         pack_f16x2(lo, hi)
+    }
+    #[inline(always)]
+    fn unpack(x: u32) -> (f32, f32) {
+        unpack_f16x2(x)
     }
 }
 
@@ -82,7 +91,7 @@ impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN
 /// past `valid_rows` are zero-filled without touching global memory. `rows` and `threads` are
 /// compile-time constants after inlining (stable const generics cannot take `16 * MT * NW`).
 #[inline(always)]
-unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
+pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
     let chunks = D / 8;
     let row_bytes = row_pitch_bytes(D) as u32;
     // Recompute the per-thread offsets here, each tile, instead of keeping them all live (opaque_u32).

@@ -1,0 +1,95 @@
+//! Scratch check of the CUDA backward against the CPU backward (the oracle): prints, per case, the
+//! largest |gpu - cpu| of dq, dk, dv relative to the largest |cpu|. Run on the GPU machine.
+use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Device, Tensor, Varlen};
+
+fn rnd(n: usize, seed: &mut u64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+        })
+        .collect()
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+    let m = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let d = a.iter().zip(&b).fold(0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) });
+    d / m.max(1e-6)
+}
+
+fn main() {
+    let gpu = Device::Cuda(0);
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    let mut worst = 0f32;
+    for &dt in &[DType::BF16, DType::F16] {
+        for &d in &[32usize, 64, 96, 128, 192, 256] {
+            for (name, sq, sk, hq, hk, opts) in [
+                ("plain", 77, 77, 2, 2, AttnOptions::default()),
+                ("causal", 130, 200, 4, 2, AttnOptions { causal: true, ..Default::default() }),
+                ("causal-sq>sk", 200, 70, 2, 1, AttnOptions { causal: true, ..Default::default() }),
+                ("window", 150, 150, 2, 2, AttnOptions { window: (20, 5), ..Default::default() }),
+                ("softcap", 64, 129, 3, 1, AttnOptions { softcap: 5.0, ..Default::default() }),
+            ] {
+                let b = 2;
+                let q = Tensor::from_f32(&rnd(b * sq * hq * d, &mut seed), &[b, sq, hq, d], dt).unwrap();
+                let k = Tensor::from_f32(&rnd(b * sk * hk * d, &mut seed), &[b, sk, hk, d], dt).unwrap();
+                let v = Tensor::from_f32(&rnd(b * sk * hk * d, &mut seed), &[b, sk, hk, d], dt).unwrap();
+                let g = Tensor::from_f32(&rnd(b * sq * hq * d, &mut seed), &[b, sq, hq, d], dt).unwrap();
+                let f = fwd(&q, &k, &v, &opts).unwrap();
+                let c = bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts, true).unwrap();
+                let on = |t: &Tensor| t.to_device(gpu).unwrap();
+                for det in [false, true] {
+                    match bwd(&on(&g), &on(&q), &on(&k), &on(&v), &on(&f.out), &on(&f.lse), &opts, det) {
+                        Ok(r) => {
+                            let e = [rel(&r.dq, &c.dq), rel(&r.dk, &c.dk), rel(&r.dv, &c.dv)];
+                            worst = worst.max(e[0]).max(e[1]).max(e[2]);
+                            println!("{dt:?} d{d} {name} det={det}: dq {:.2e} dk {:.2e} dv {:.2e}", e[0], e[1], e[2]);
+                        }
+                        Err(e) => println!("{dt:?} d{d} {name} det={det}: ERR {e}"),
+                    }
+                }
+            }
+            // Varlen with seqused and a zero-length sequence.
+            let (hq, hk) = (4, 2);
+            let lens_q = [5usize, 0, 130, 64];
+            let lens_k = [70usize, 3, 129, 1];
+            let used_q = [5i32, 0, 100, 60];
+            let used_k = [60i32, 3, 129, 1];
+            let (tq, tk) = (lens_q.iter().sum::<usize>() + 7, lens_k.iter().sum::<usize>() + 5);
+            let cu = |l: &[usize]| {
+                let mut v = vec![0i32];
+                for &x in l {
+                    v.push(v.last().unwrap() + x as i32);
+                }
+                Tensor::from_i32(v, &[l.len() + 1]).unwrap()
+            };
+            let (cq, ck) = (cu(&lens_q), cu(&lens_k));
+            let (uq, uk) = (Tensor::from_i32(used_q.to_vec(), &[4]).unwrap(), Tensor::from_i32(used_k.to_vec(), &[4]).unwrap());
+            let q = Tensor::from_f32(&rnd(tq * hq * d, &mut seed), &[tq, hq, d], dt).unwrap();
+            let k = Tensor::from_f32(&rnd(tk * hk * d, &mut seed), &[tk, hk, d], dt).unwrap();
+            let v = Tensor::from_f32(&rnd(tk * hk * d, &mut seed), &[tk, hk, d], dt).unwrap();
+            let g = Tensor::from_f32(&rnd(tq * hq * d, &mut seed), &[tq, hq, d], dt).unwrap();
+            let opts = AttnOptions { causal: true, ..Default::default() };
+            let vl = Varlen { cu_seqlens_q: &cq, cu_seqlens_k: &ck, max_seqlen_q: 130, max_seqlen_k: 129, seqused_q: Some(&uq), seqused_k: Some(&uk) };
+            let f = varlen_fwd(&q, &k, &v, &vl, &opts).unwrap();
+            let c = varlen_bwd(&g, &q, &k, &v, &f.out, &f.lse, &vl, &opts, true).unwrap();
+            let on = |t: &Tensor| t.to_device(gpu).unwrap();
+            let (gcq, gck, guq, guk) = (on(&cq), on(&ck), on(&uq), on(&uk));
+            let gvl = Varlen { cu_seqlens_q: &gcq, cu_seqlens_k: &gck, max_seqlen_q: 130, max_seqlen_k: 129, seqused_q: Some(&guq), seqused_k: Some(&guk) };
+            for det in [false, true] {
+                match varlen_bwd(&on(&g), &on(&q), &on(&k), &on(&v), &on(&f.out), &on(&f.lse), &gvl, &opts, det) {
+                    Ok(r) => {
+                        let e = [rel(&r.dq, &c.dq), rel(&r.dk, &c.dk), rel(&r.dv, &c.dv)];
+                        worst = worst.max(e[0]).max(e[1]).max(e[2]);
+                        println!("{dt:?} d{d} varlen det={det}: dq {:.2e} dk {:.2e} dv {:.2e}", e[0], e[1], e[2]);
+                    }
+                    Err(e) => println!("{dt:?} d{d} varlen det={det}: ERR {e}"),
+                }
+            }
+        }
+    }
+    println!("WORST {worst:.3e}");
+}

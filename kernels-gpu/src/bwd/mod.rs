@@ -1,0 +1,620 @@
+//! Attention backward on tensor cores (flash-attention 2's algorithm), four kernels:
+//!   prep:    D_i = dout_i . out_i and the LSE in base 2 (+inf for a row that saw no key, so P = 0);
+//!   dk/dv:   a block owns `BN` keys of one kv head and walks every q head of its group and every query
+//!            block that sees the keys: S^T = K Q^T, dP^T = V dO^T, P = exp2(S scale - lse),
+//!            dS = P (dP - D) [x (1 - tanh^2) with softcap], dV += P^T dO, dK += dS^T Q; with a dq
+//!            accumulator it also adds dQ = dS K to it with f32 atomics (the default path);
+//!   dq:      the deterministic path's dq: a block owns query rows and walks their key tiles (like the
+//!            forward), dQ += dS K in registers: every sum has one fixed order;
+//!   convert: dq = scale * accumulator in the input type.
+//! dK/dV sum over the group's q heads inside one block, so they never need atomics. Rows and keys of no
+//! sequence (seqused padding, tail rows) get zero gradients, written here.
+
+use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
+use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
+use crate::arch::math::{exp2, fma, tanh};
+use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_i32, ld_global_nc_v4, ld_global_v4, red_add_f32, st_global_f32, st_global_u32, st_global_v4};
+use crate::arch::smem;
+use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sync::sync_threads;
+use crate::block::{m_block_range, n_block_range, tile_needs_mask};
+use crate::fwd::{load_tile, Elem, BF16, F16};
+use crate::mask::key_range;
+use crate::params::BwdParams;
+use crate::seqlen::SeqlenInfo;
+use crate::variants::{row_pitch_bytes, BwdConfig, FwdConfig, BWD_ROWS_PER_BLOCK};
+
+/// The (q, k) sequences a block works on: `bidb < batch` is sequence `bidb`; `bidb == batch` (varlen
+/// only) is the buffers' tail past the last sequence, all padding.
+#[inline(always)]
+fn sequences(p: &BwdParams, bidb: i32) -> (SeqlenInfo, SeqlenInfo) {
+    let read = |ptr: u64, i: i32| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) };
+    if bidb >= p.batch {
+        (SeqlenInfo::tail(read(p.cu_seqlens_q, p.batch), p.total_q), SeqlenInfo::tail(read(p.cu_seqlens_k, p.batch), p.total_k))
+    } else if p.cu_seqlens_q != 0 {
+        let used_q = if p.seqused_q != 0 { Some(read(p.seqused_q, bidb)) } else { None };
+        let used_k = if p.seqused_k != 0 { Some(read(p.seqused_k, bidb)) } else { None };
+        (
+            SeqlenInfo::varlen(read(p.cu_seqlens_q, bidb), read(p.cu_seqlens_q, bidb + 1), used_q, p.total_q),
+            SeqlenInfo::varlen(read(p.cu_seqlens_k, bidb), read(p.cu_seqlens_k, bidb + 1), used_k, p.total_k),
+        )
+    } else {
+        (SeqlenInfo::dense(p.seqlen_q), SeqlenInfo::dense(p.seqlen_k))
+    }
+}
+
+/// Byte address of row `row` (of sequence `bidb`, head `h`) in a 16-bit operand.
+#[inline(always)]
+fn row_addr(base: u64, batch_stride: i64, row_stride: i64, head_stride: i64, b: i32, row: i32, h: i32) -> u64 {
+    base.wrapping_add(((b as i64 * batch_stride + row as i64 * row_stride + h as i64 * head_stride) * 2) as u64)
+}
+
+/// Index of the LSE-shaped workspace entry of (sequence `b` starting at packed row `start`, head `h`, row).
+#[inline(always)]
+fn lse_index(p: &BwdParams, b: i32, start: i32, h: i32, row: i32) -> i64 {
+    b as i64 * p.lse_batch_stride + h as i64 * p.lse_head_stride + start as i64 + row as i64
+}
+
+/// P and dS of one score. `s` is q.k; `lse2` the row's LSE in base 2; `dp` = dout . v; `delta` = D_i.
+#[inline(always)]
+fn grad_elem(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, visible: bool) -> (f32, f32) {
+    let (x, dsdx) = if p.softcap_pre != 0.0 {
+        let t = tanh(s * p.softcap_pre);
+        (t, 1.0 - t * t)
+    } else {
+        (s, 1.0)
+    };
+    let pr = if visible { exp2(fma(x, p.scale_log2, -lse2)) } else { 0.0 };
+    (pr, pr * (dp - delta) * dsdx)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// prep
+
+/// D_i and lse_log2 for every real row; one thread per row.
+#[inline(always)]
+unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
+    let bm = BWD_ROWS_PER_BLOCK as i32;
+    let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let (sq, _) = sequences(p, bidb);
+    let chunks = p.head_dim / 8;
+    let mut m_block = block_idx_x() as i32;
+    while m_block * bm < sq.used {
+        let r = m_block * bm + thread_idx_x() as i32;
+        if r < sq.used {
+            let o = row_addr(p.o, p.o_batch_stride, p.o_row_stride, p.o_head_stride, bidb, sq.start + r, h);
+            let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, bidb, sq.start + r, h);
+            let mut acc = [0f32; 2];
+            let mut c = 0;
+            while c < chunks {
+                let (ov, gv) = unsafe { (ld_global_nc_v4(o + c as u64 * 16), ld_global_nc_v4(g + c as u64 * 16)) };
+                for i in 0..4 {
+                    let (o0, o1) = E::unpack(ov[i]);
+                    let (g0, g1) = E::unpack(gv[i]);
+                    acc[0] = fma(o0, g0, acc[0]);
+                    acc[1] = fma(o1, g1, acc[1]);
+                }
+                c += 1;
+            }
+            let at = lse_index(p, bidb, sq.start, h, r) as u64 * 4;
+            let lse = unsafe { ld_global_nc_f32(p.lse + at) };
+            let lse2 = if lse == f32::NEG_INFINITY { f32::INFINITY } else { lse * core::f32::consts::LOG2_E };
+            unsafe {
+                st_global_f32(p.delta + at, acc[0] + acc[1]);
+                st_global_f32(p.lse_log2 + at, lse2);
+            }
+        }
+        m_block += grid_dim_x() as i32;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// convert
+
+/// dq = scale * dq_accum in the input type for real rows, 0 for padding and tail rows; 16-byte stores.
+#[inline(always)]
+unsafe fn convert_entry<E: Elem>(p: &BwdParams) {
+    let bm = BWD_ROWS_PER_BLOCK as i32;
+    let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let (sq, _) = sequences(p, bidb);
+    let chunks = p.head_dim / 8;
+    let threads = BWD_ROWS_PER_BLOCK as i32;
+    let mut m_block = block_idx_x() as i32;
+    while m_block * bm < sq.slot_len {
+        let m0 = m_block * bm;
+        let mut idx = thread_idx_x() as i32;
+        while idx < bm * chunks {
+            let (r, c) = (m0 + idx / chunks, idx % chunks);
+            if r < sq.slot_len {
+                let mut v = [0u32; 4];
+                if r < sq.used {
+                    let a = p.dq_accum.wrapping_add(((bidb as i64 * p.dqa_batch_stride + (sq.start + r) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + c as i64 * 8) * 4) as u64);
+                    let (x0, x1) = unsafe { (ld_global_v4(a), ld_global_v4(a + 16)) };
+                    let f = |x: u32| f32::from_bits(x) * p.scale;
+                    v = [E::pack(f(x0[0]), f(x0[1])), E::pack(f(x0[2]), f(x0[3])), E::pack(f(x1[0]), f(x1[1])), E::pack(f(x1[2]), f(x1[3]))];
+                }
+                let dst = row_addr(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, bidb, sq.start + r, h) + c as u64 * 16;
+                unsafe { st_global_v4(dst, v) };
+            }
+            idx += threads;
+        }
+        m_block += grid_dim_x() as i32;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// dk / dv (+ atomic dq)
+
+/// Compile-time shape of the dk/dv kernel: `D` head dim, `BN` keys, `BM` queries per step, `NW` warps,
+/// `DWN` n8 tiles of dK/dV columns per warp (`D / WM / 8`), `QN` n8 tiles of S^T columns per warp
+/// (`BM / WM / 8`). Stable Rust cannot size arrays by those quotients, so they are given.
+struct KvShape<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>;
+
+impl<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize> KvShape<D, BN, BM, NW, DWN, QN> {
+    const CONFIG: BwdConfig = BwdConfig { head_dim: D, block_n: BN, block_m: BM, warps: NW };
+    const WN: usize = Self::CONFIG.wn();
+    const WM: usize = Self::CONFIG.wm();
+    /// Warps of dQ along the queries, and dQ columns per warp.
+    const RM: usize = BM / 16;
+    const DC: usize = Self::CONFIG.dq_cols();
+    const THREADS: usize = Self::CONFIG.threads();
+    const RB: u32 = row_pitch_bytes(D) as u32;
+    const PB: u32 = Self::CONFIG.p_row_bytes() as u32;
+    const K_OFF: u32 = 0;
+    const V_OFF: u32 = BN as u32 * Self::RB;
+    const QS_OFF: u32 = 2 * BN as u32 * Self::RB;
+    const LSE_OFF: u32 = Self::QS_OFF + 4 * BM as u32 * Self::RB;
+    const DS_OFF: u32 = Self::LSE_OFF + 4 * BM as u32 * 4;
+    const PT_OFF: u32 = Self::DS_OFF + BN as u32 * Self::PB;
+    const CHECK: () = {
+        assert!(Self::CONFIG.is_valid() && BN <= 128);
+        assert!(DWN * 8 * Self::WM == D && QN * 8 * Self::WM == BM && D % 16 == 0);
+        assert!(Self::PT_OFF as usize + if Self::WM > 1 { BN * Self::PB as usize } else { 0 } == Self::CONFIG.smem_bytes());
+        assert!((BN * D / 8) % Self::THREADS == 0 && (BM * D / 8) % Self::THREADS == 0);
+    };
+    #[inline(always)]
+    fn q_stage(base: u32, s: usize) -> u32 {
+        base + Self::QS_OFF + s as u32 * BM as u32 * Self::RB
+    }
+    #[inline(always)]
+    fn do_stage(base: u32, s: usize) -> u32 {
+        base + Self::QS_OFF + (2 + s as u32) * BM as u32 * Self::RB
+    }
+    #[inline(always)]
+    fn lse_stage(base: u32, s: usize) -> u32 {
+        base + Self::LSE_OFF + s as u32 * BM as u32 * 4
+    }
+    #[inline(always)]
+    fn delta_stage(base: u32, s: usize) -> u32 {
+        base + Self::LSE_OFF + (2 + s as u32) * BM as u32 * 4
+    }
+}
+
+/// One key block's view of its sequence and head, fixed over the walk.
+struct KvArgs {
+    bidb: i32,
+    hk: i32,
+    group: i32,
+    sq: SeqlenInfo,
+    sk: SeqlenInfo,
+    n0: i32,
+    cols: i32,
+}
+
+/// Start the copies of step `it` (q head `it / m_count` of the group, query block `m_min + it % m_count`)
+/// into stage `stage`: Q and dO rows (zero past the sequence), and their lse_log2 and D.
+#[inline(always)]
+unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
+    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, DWN, QN>;
+    let threads = S::<D, BN, BM, NW, DWN, QN>::THREADS;
+    let rows = a.sq.used - m0;
+    let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, a.bidb, a.sq.start + m0, h);
+    let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, a.bidb, a.sq.start + m0, h);
+    unsafe {
+        load_tile::<D>(S::<D, BN, BM, NW, DWN, QN>::q_stage(base, stage), q, p.q_row_stride * 2, rows, tid, BM, threads);
+        load_tile::<D>(S::<D, BN, BM, NW, DWN, QN>::do_stage(base, stage), g, p.do_row_stride * 2, rows, tid, BM, threads);
+    }
+    if tid < BM {
+        let r = tid as i32;
+        let valid = r < rows;
+        let at = if valid { lse_index(p, a.bidb, a.sq.start, h, m0 + r) as u64 * 4 } else { 0 };
+        unsafe {
+            cp_async_4(S::<D, BN, BM, NW, DWN, QN>::lse_stage(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
+            cp_async_4(S::<D, BN, BM, NW, DWN, QN>::delta_stage(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
+        }
+    }
+}
+
+/// dK and dV of keys `[n0, n0 + BN)` of kv head `hk` (this warp's part), accumulated over the group's
+/// q heads and the query blocks that see the keys; dQ contributions go to the accumulator if there is one.
+#[inline(always)]
+unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>(
+    p: &BwdParams,
+    a: &KvArgs,
+    tid: usize,
+    acc_dk: &mut [[f32; 4]; DWN],
+    acc_dv: &mut [[f32; 4]; DWN],
+) {
+    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, DWN, QN>;
+    let () = S::<D, BN, BM, NW, DWN, QN>::CHECK;
+    let (wn_count, wm_count) = (S::<D, BN, BM, NW, DWN, QN>::WN, S::<D, BN, BM, NW, DWN, QN>::WM);
+    let (rb, pb) = (S::<D, BN, BM, NW, DWN, QN>::RB, S::<D, BN, BM, NW, DWN, QN>::PB);
+    let threads = S::<D, BN, BM, NW, DWN, QN>::THREADS;
+    let base = smem::base();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let (wn, wm) = (warp % wn_count, warp / wn_count);
+    let kv_row0 = 16 * wn;
+    let q_col0 = wm * QN * 8;
+    let d_col0 = wm * DWN * 8;
+
+    let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, BM as i32);
+    let m_count = if m_max > m_min { m_max - m_min } else { 0 };
+    let steps = m_count * a.group;
+    if steps == 0 {
+        return;
+    }
+    let step = |it: i32| (a.hk * a.group + it / m_count, (m_min + it % m_count) * BM as i32);
+
+    // Prologue: K, V and the first step in one group.
+    let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
+    let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
+    let k_s = base + S::<D, BN, BM, NW, DWN, QN>::K_OFF;
+    let v_s = base + S::<D, BN, BM, NW, DWN, QN>::V_OFF;
+    let ds_s = base + S::<D, BN, BM, NW, DWN, QN>::DS_OFF;
+    let pt_s = base + S::<D, BN, BM, NW, DWN, QN>::PT_OFF;
+    unsafe {
+        load_tile::<D>(k_s, k, p.k_row_stride * 2, a.cols, tid, BN, threads);
+        load_tile::<D>(v_s, v, p.v_row_stride * 2, a.cols, tid, BN, threads);
+        let (h, m0) = step(0);
+        load_q_step::<D, BN, BM, NW, DWN, QN>(p, a, base, 0, h, m0, tid);
+    }
+    commit_group();
+
+    let mut it = 0;
+    while it < steps {
+        let stage = (it & 1) as usize;
+        wait_group::<0>();
+        // Step `it`'s data is visible, and every warp is done with step it-1 (its stage and dS^T).
+        sync_threads();
+        if it + 1 < steps {
+            let (h, m0) = step(it + 1);
+            unsafe { load_q_step::<D, BN, BM, NW, DWN, QN>(p, a, base, 1 - stage, h, m0, tid) };
+            commit_group();
+        }
+        let (h, m0) = step(it);
+        let rows = a.sq.used - m0;
+        let masked = rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
+        let q_s = S::<D, BN, BM, NW, DWN, QN>::q_stage(base, stage);
+        let do_s = S::<D, BN, BM, NW, DWN, QN>::do_stage(base, stage);
+
+        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x QN*8 queries.
+        let mut acc_s = [[0f32; 4]; QN];
+        let mut acc_dp = [[0f32; 4]; QN];
+        let a_lane = ((kv_row0 + lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
+        let b_lane = ((q_col0 + lane % 8 + (lane / 16) * 8) as u32) * rb + ((lane / 8) % 2) as u32 * 16;
+        for kk in 0..D / 16 {
+            let ka = unsafe { ldmatrix_x4(k_s + a_lane + (kk * 32) as u32) };
+            let va = unsafe { ldmatrix_x4(v_s + a_lane + (kk * 32) as u32) };
+            for np in 0..QN / 2 {
+                let qb = unsafe { ldmatrix_x4(q_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
+                E::mma(&mut acc_s[2 * np], ka, [qb[0], qb[1]]);
+                E::mma(&mut acc_s[2 * np + 1], ka, [qb[2], qb[3]]);
+                let ob = unsafe { ldmatrix_x4(do_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
+                E::mma(&mut acc_dp[2 * np], va, [ob[0], ob[1]]);
+                E::mma(&mut acc_dp[2 * np + 1], va, [ob[2], ob[3]]);
+            }
+        }
+
+        // P and dS in place of S^T and dP^T; dS^T (and P^T when warps split the queries) to shared memory.
+        let lse_s = S::<D, BN, BM, NW, DWN, QN>::lse_stage(base, stage);
+        let delta_s = S::<D, BN, BM, NW, DWN, QN>::delta_stage(base, stage);
+        for j in 0..QN {
+            let qc = (q_col0 + 8 * j) as i32 + 2 * t;
+            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc as u32 * 4) };
+            let delta = unsafe { smem::ld_v2_f32(delta_s + qc as u32 * 4) };
+            for e in 0..2 {
+                let (lo, hi) = key_range(m0 + qc + e as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
+                let row_ok = qc + (e as i32) < rows;
+                for half in 0..2 {
+                    let key = a.n0 + kv_row0 as i32 + g + 8 * half as i32;
+                    let visible = !masked || (row_ok && key >= lo && key <= hi);
+                    let i = 2 * half + e;
+                    let (pr, ds) = grad_elem(p, acc_s[j][i], acc_dp[j][i], lse2[e], delta[e], visible);
+                    acc_s[j][i] = pr;
+                    acc_dp[j][i] = ds;
+                }
+            }
+            for half in 0..2usize {
+                let at = ((kv_row0 as i32 + g + 8 * half as i32) as u32) * pb + qc as u32 * 2;
+                unsafe { smem::st_u32(ds_s + at, E::pack(acc_dp[j][2 * half], acc_dp[j][2 * half + 1])) };
+                if wm_count > 1 {
+                    unsafe { smem::st_u32(pt_s + at, E::pack(acc_s[j][2 * half], acc_s[j][2 * half + 1])) };
+                }
+            }
+        }
+        sync_threads();
+
+        // dV += P^T dO and dK += dS^T Q: this warp's 16 keys x DWN*8 columns, k over all BM queries.
+        let pt_lane = ((kv_row0 + lane % 8 + ((lane / 8) % 2) * 8) as u32) * pb + (lane / 16) as u32 * 16;
+        let bt_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (d_col0 * 2) as u32 + (lane / 16) as u32 * 16;
+        for kk in 0..BM / 16 {
+            let (pa, da) = if wm_count == 1 {
+                let (s0, s1) = (&acc_s[2 * kk], &acc_s[2 * kk + 1]);
+                let (d0, d1) = (&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
+                (
+                    [E::pack(s0[0], s0[1]), E::pack(s0[2], s0[3]), E::pack(s1[0], s1[1]), E::pack(s1[2], s1[3])],
+                    [E::pack(d0[0], d0[1]), E::pack(d0[2], d0[3]), E::pack(d1[0], d1[1]), E::pack(d1[2], d1[3])],
+                )
+            } else {
+                unsafe { (ldmatrix_x4(pt_s + pt_lane + (kk * 32) as u32), ldmatrix_x4(ds_s + pt_lane + (kk * 32) as u32)) }
+            };
+            for dp in 0..DWN / 2 {
+                let off = (kk * 16) as u32 * rb + (dp * 32) as u32;
+                let ob = unsafe { ldmatrix_x4_trans(do_s + bt_lane + off) };
+                E::mma(&mut acc_dv[2 * dp], pa, [ob[0], ob[1]]);
+                E::mma(&mut acc_dv[2 * dp + 1], pa, [ob[2], ob[3]]);
+                let qb = unsafe { ldmatrix_x4_trans(q_s + bt_lane + off) };
+                E::mma(&mut acc_dk[2 * dp], da, [qb[0], qb[1]]);
+                E::mma(&mut acc_dk[2 * dp + 1], da, [qb[2], qb[3]]);
+            }
+        }
+
+        // dQ (rows m0..) += dS K, added to the f32 accumulator: warp (rm, cd) owns 16 rows x DC columns.
+        if p.dq_accum != 0 {
+            let rm_count = S::<D, BN, BM, NW, DWN, QN>::RM;
+            let dc = S::<D, BN, BM, NW, DWN, QN>::DC;
+            let (rm, cd) = (warp % rm_count, warp / rm_count);
+            let mut ds_a = [[0u32; 4]; 8];
+            let dsa_lane = ((lane % 8 + (lane / 16) * 8) as u32) * pb + ((rm * 16 + ((lane / 8) % 2) * 8) * 2) as u32;
+            for kk in 0..BN / 16 {
+                ds_a[kk] = unsafe { ldmatrix_x4_trans(ds_s + dsa_lane + (kk * 16) as u32 * pb) };
+            }
+            let kb_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + ((cd * dc) * 2) as u32 + (lane / 16) as u32 * 16;
+            let row_a = rm as i32 * 16 + g;
+            let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + (cd * dc) as i64) * 4) as u64);
+            // Columns in chunks of four n8 tiles (16 accumulator registers live at a time).
+            for c in 0..dc / 32 {
+                let mut acc = [[0f32; 4]; 4];
+                for kk in 0..BN / 16 {
+                    for dp in 0..2 {
+                        let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + ((c * 4 + 2 * dp) * 16) as u32) };
+                        E::mma(&mut acc[2 * dp], ds_a[kk], [b[0], b[1]]);
+                        E::mma(&mut acc[2 * dp + 1], ds_a[kk], [b[2], b[3]]);
+                    }
+                }
+                for j in 0..4 {
+                    for half in 0..2usize {
+                        let r = row_a + 8 * half as i32;
+                        if r < rows {
+                            let col = ((c * 4 + j) * 8) as i64 + 2 * t as i64;
+                            let at = dqa.wrapping_add(((r as i64 * p.dqa_row_stride + col) * 4) as u64);
+                            unsafe {
+                                red_add_f32(at, acc[j][2 * half]);
+                                red_add_f32(at + 4, acc[j][2 * half + 1]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        it += 1;
+    }
+    // The next key block (grid stride) reloads K/V and step 0: every warp must be done reading.
+    sync_threads();
+}
+
+/// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
+#[inline(always)]
+unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>(p: &BwdParams) {
+    let tid = thread_idx_x() as usize;
+    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let (sq, sk) = sequences(p, bidb);
+    let wn_count = BN / 16;
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let (wn, wm) = (warp % wn_count, warp / wn_count);
+    let kv_row = (16 * wn) as i32 + g;
+    let d_col = (wm * DWN * 8) as i32 + 2 * t;
+
+    let mut n_block = block_idx_x() as i32;
+    while n_block * (BN as i32) < sk.slot_len {
+        let n0 = n_block * BN as i32;
+        let mut acc_dk = [[0f32; 4]; DWN];
+        let mut acc_dv = [[0f32; 4]; DWN];
+        if n0 < sk.used {
+            let cols = if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 };
+            let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols };
+            unsafe { dkdv_block::<E, D, BN, BM, NW, DWN, QN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
+        }
+        // Epilogue: dk = scale * acc, dv = acc, in the input type, for every key row of the slot.
+        for half in 0..2usize {
+            let r = n0 + kv_row + 8 * half as i32;
+            if r < sk.slot_len {
+                let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
+                let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
+                for j in 0..DWN {
+                    let off = ((d_col + 8 * j as i32) * 2) as u64;
+                    let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
+                    unsafe {
+                        st_global_u32(dk + off, E::pack(k0, k1));
+                        st_global_u32(dv + off, E::pack(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]));
+                    }
+                }
+            }
+        }
+        n_block += grid_dim_x() as i32;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// deterministic dq
+
+/// dq of rows `[m0, m0 + 16 NW)` of one (sequence, q head): walks the key tiles those rows see, last
+/// first, through a two-stage K/V pipeline; dQ += dS K stays in registers. `DN = D / 8`, `NN = BN / 8`.
+#[inline(always)]
+unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, const BN: usize, const NN: usize>(p: &BwdParams) {
+    const fn cfg(d: usize, nw: usize, bn: usize) -> FwdConfig {
+        FwdConfig { head_dim: d, m_tiles: 1, warps: nw, block_n: bn, q_in_regs: false }
+    }
+    let c = cfg(D, NW, BN);
+    let bm = c.block_m() as i32;
+    let threads = c.threads();
+    let rb = c.row_bytes() as u32;
+    let tid = thread_idx_x() as usize;
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let (sq, sk) = sequences(p, bidb);
+    let hk = h / (p.h / p.h_k);
+    let base = smem::base();
+    let (q_s, do_s) = (base, base + bm as u32 * rb);
+    let kv_stage = |s: usize| base + 2 * bm as u32 * rb + s as u32 * 2 * BN as u32 * rb;
+
+    let mut m_block = grid_dim_x() as i32 - 1 - block_idx_x() as i32;
+    while m_block * bm < sq.slot_len {
+        let m0 = m_block * bm;
+        let rows = sq.used - m0;
+        let mut acc_dq = [[0f32; 4]; DN];
+        let (n_min, n_max) = if rows > 0 { n_block_range(m0, if rows < bm { rows } else { bm }, sq.used, sk.used, p.window_left, p.window_right, BN as i32) } else { (0, 0) };
+        if n_max > n_min {
+            // This thread's two rows: lse_log2 (+inf past the sequence, so P = 0 there) and D.
+            let mut lse2 = [f32::INFINITY; 2];
+            let mut delta = [0f32; 2];
+            for half in 0..2 {
+                let r = (warp * 16) as i32 + g + 8 * half as i32;
+                if r < rows {
+                    let at = lse_index(p, bidb, sq.start, h, m0 + r) as u64 * 4;
+                    unsafe {
+                        lse2[half] = ld_global_nc_f32(p.lse_log2 + at);
+                        delta[half] = ld_global_nc_f32(p.delta + at);
+                    }
+                }
+            }
+            let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, bidb, sq.start + m0, h);
+            let gd = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, bidb, sq.start + m0, h);
+            let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, bidb, sk.start, hk);
+            let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, bidb, sk.start, hk);
+            let load_kv = |stage: usize, n_block: i32| {
+                let n0 = n_block as i64 * BN as i64;
+                let valid = sk.used - n_block * BN as i32;
+                unsafe {
+                    load_tile::<D>(kv_stage(stage), k.wrapping_add((n0 * p.k_row_stride * 2) as u64), p.k_row_stride * 2, valid, tid, BN, threads);
+                    load_tile::<D>(kv_stage(stage) + BN as u32 * rb, v.wrapping_add((n0 * p.v_row_stride * 2) as u64), p.v_row_stride * 2, valid, tid, BN, threads);
+                }
+            };
+            unsafe {
+                load_tile::<D>(q_s, q, p.q_row_stride * 2, rows, tid, bm as usize, threads);
+                load_tile::<D>(do_s, gd, p.do_row_stride * 2, rows, tid, bm as usize, threads);
+            }
+            load_kv(0, n_max - 1);
+            commit_group();
+            let n_tiles = n_max - n_min;
+            let mut it = 0;
+            while it < n_tiles {
+                let n_block = n_max - 1 - it;
+                let stage = (it & 1) as usize;
+                wait_group::<0>();
+                sync_threads();
+                if it + 1 < n_tiles {
+                    load_kv(1 - stage, n_block - 1);
+                    commit_group();
+                }
+                let n0 = n_block * BN as i32;
+                let masked = tile_needs_mask(m0, if rows < bm { rows } else { bm }, n0, BN as i32, sq.used, sk.used, p.window_left, p.window_right);
+                let (k_s, v_s) = (kv_stage(stage), kv_stage(stage) + BN as u32 * rb);
+
+                // S = Q K^T and dP = dO V^T for this warp's 16 rows.
+                let mut acc_s = [[0f32; 4]; NN];
+                let mut acc_dp = [[0f32; 4]; NN];
+                let a_lane = (((warp * 16) + lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
+                let b_lane = ((lane % 8 + (lane / 16) * 8) as u32) * rb + ((lane / 8) % 2) as u32 * 16;
+                for kk in 0..D / 16 {
+                    let qa = unsafe { ldmatrix_x4(q_s + a_lane + (kk * 32) as u32) };
+                    let oa = unsafe { ldmatrix_x4(do_s + a_lane + (kk * 32) as u32) };
+                    for np in 0..NN / 2 {
+                        let kb = unsafe { ldmatrix_x4(k_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
+                        E::mma(&mut acc_s[2 * np], qa, [kb[0], kb[1]]);
+                        E::mma(&mut acc_s[2 * np + 1], qa, [kb[2], kb[3]]);
+                        let vb = unsafe { ldmatrix_x4(v_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
+                        E::mma(&mut acc_dp[2 * np], oa, [vb[0], vb[1]]);
+                        E::mma(&mut acc_dp[2 * np + 1], oa, [vb[2], vb[3]]);
+                    }
+                }
+                for half in 0..2 {
+                    let row = m0 + (warp * 16) as i32 + g + 8 * half as i32;
+                    let (lo, hi) = key_range(row, sq.used, sk.used, p.window_left, p.window_right);
+                    for j in 0..NN {
+                        for e in 0..2 {
+                            let col = n0 + 8 * j as i32 + 2 * t + e as i32;
+                            let visible = !masked || (col >= lo && col <= hi);
+                            let i = 2 * half + e;
+                            let (_, ds) = grad_elem(p, acc_s[j][i], acc_dp[j][i], lse2[half], delta[half], visible);
+                            acc_dp[j][i] = ds;
+                        }
+                    }
+                }
+                // dQ += dS K: dS's accumulator layout is the A fragment; K [keys][d] is read transposed.
+                let kb_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
+                for kk in 0..NN / 2 {
+                    let (d0, d1) = (&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
+                    let da = [E::pack(d0[0], d0[1]), E::pack(d0[2], d0[3]), E::pack(d1[0], d1[1]), E::pack(d1[2], d1[3])];
+                    for dp in 0..DN / 2 {
+                        let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + (dp * 32) as u32) };
+                        E::mma(&mut acc_dq[2 * dp], da, [b[0], b[1]]);
+                        E::mma(&mut acc_dq[2 * dp + 1], da, [b[2], b[3]]);
+                    }
+                }
+                it += 1;
+            }
+            sync_threads();
+        }
+        // Epilogue: every row of the slot in this block; padding rows get 0 (their accumulator is 0).
+        for half in 0..2 {
+            let r = m0 + (warp * 16) as i32 + g + 8 * half as i32;
+            if r < sq.slot_len {
+                let dst = row_addr(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, bidb, sq.start + r, h);
+                for j in 0..DN {
+                    let (x0, x1) = (acc_dq[j][2 * half] * p.scale, acc_dq[j][2 * half + 1] * p.scale);
+                    unsafe { st_global_u32(dst + ((8 * j as i32 + 2 * t) * 2) as u64, E::pack(x0, x1)) };
+                }
+            }
+        }
+        m_block += grid_dim_x() as i32;
+    }
+}
+
+macro_rules! bwd_kernels {
+    ($(($d:literal, $dt:ident, $name:literal, $dq:literal)),* $(,)?) => {$(
+        const _: () = {
+            const C: BwdConfig = crate::variants::bwd_config($d);
+            const Q: FwdConfig = crate::variants::dq_config($d);
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
+                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }>(&p) }
+            }
+            #[unsafe(export_name = $dq)]
+            pub unsafe extern "ptx-kernel" fn dq_kernel(p: BwdParams) {
+                unsafe { dq_entry::<$dt, $d, { $d / 8 }, { Q.warps }, { Q.block_n }, { Q.block_n / 8 }>(&p) }
+            }
+        };
+    )*};
+}
+crate::for_each_bwd_variant!(bwd_kernels);
+
+#[unsafe(export_name = "flash_bwd_prep_bf16")]
+pub unsafe extern "ptx-kernel" fn prep_bf16(p: BwdParams) {
+    unsafe { prep_entry::<BF16>(&p) }
+}
+#[unsafe(export_name = "flash_bwd_prep_f16")]
+pub unsafe extern "ptx-kernel" fn prep_f16(p: BwdParams) {
+    unsafe { prep_entry::<F16>(&p) }
+}
+#[unsafe(export_name = "flash_bwd_dq_convert_bf16")]
+pub unsafe extern "ptx-kernel" fn convert_bf16(p: BwdParams) {
+    unsafe { convert_entry::<BF16>(&p) }
+}
+#[unsafe(export_name = "flash_bwd_dq_convert_f16")]
+pub unsafe extern "ptx-kernel" fn convert_f16(p: BwdParams) {
+    unsafe { convert_entry::<F16>(&p) }
+}
