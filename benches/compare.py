@@ -1,13 +1,29 @@
-"""Join RESULT lines (ours, flash, cudnn) from one run into the markdown table for benches/RESULTS.md."""
+"""Join RESULT lines from one run into the markdown tables for benches/RESULTS.md: the forward (ours, flash,
+cudnn) and, when the run has them, the backward (ours-bwd, flash-bwd, cudnn-bwd and the three -fwdbwd).
+SKIPPED lines are summed up under the tables, one line per backend and reason."""
+import re
 import sys
 from collections import defaultdict
+
+FWD = ("ours", "flash", "cudnn")
+BWD = ("ours-bwd", "flash-bwd", "cudnn-bwd", "ours-fwdbwd", "flash-fwdbwd", "cudnn-fwdbwd")
+NAN = float("nan")
 
 rows = defaultdict(dict)
 order = []
 device = ""
+skipped = defaultdict(int)  # (backend, reason) -> shapes
+notices = []  # whole-bench SKIPPED lines (no GPU)
 for line in sys.stdin:
     if line.startswith("device:"):
         device = line.split(":", 1)[1].strip()
+    if line.startswith("SKIPPED "):
+        # ours: `SKIPPED <shape>: <reason>`; PyTorch: `SKIPPED <backend> <shape>: <reason>`
+        m = re.match(r"SKIPPED (?:([^\s/:]+) )?(\S+/\S+): (.*)", line.strip())
+        if m:
+            skipped[(m.group(1) or "ours", m.group(3))] += 1
+        else:
+            notices.append(line.strip())
     if not line.startswith("RESULT "):
         continue
     parts = line.split()
@@ -16,12 +32,45 @@ for line in sys.stdin:
         order.append(name)
     rows[name][backend] = float(tflops)
 
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if b == b and b > 0 and a == a else "n/a"
+
+
+def fmt(x):
+    return f"{x:.1f}" if x == x else "n/a"
+
+
+def has_any(backends):
+    return [name for name in order if any(b in rows[name] for b in backends)]
+
+
+fwd_names, bwd_names = has_any(FWD), has_any(BWD)
 print(f"GPU: {device}\n")
-print("| shape | ours TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | ours/flash | ours/cuDNN |")
-print("|---|---:|---:|---:|---:|---:|")
-for name in order:
-    r = rows[name]
-    ours, fl, cu = r.get("ours", float("nan")), r.get("flash", float("nan")), r.get("cudnn", float("nan"))
-    ratio = lambda a, b: f"{a / b:.2f}" if b == b and b > 0 and a == a else "n/a"
-    fmt = lambda x: f"{x:.1f}" if x == x else "n/a"
-    print(f"| {name} | {fmt(ours)} | {fmt(fl)} | {fmt(cu)} | {ratio(ours, fl)} | {ratio(ours, cu)} |")
+if fwd_names or not bwd_names:
+    print("| shape | ours TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | ours/flash | ours/cuDNN |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in fwd_names:
+        ours, fl, cu = (rows[name].get(b, NAN) for b in FWD)
+        print(f"| {name} | {fmt(ours)} | {fmt(fl)} | {fmt(cu)} | {ratio(ours, fl)} | {ratio(ours, cu)} |")
+if bwd_names:
+    if fwd_names:
+        print()
+    print("Backward, TFLOP/s (bwd counts 2.5x the forward's FLOPs, fwd+bwd 3.5x; shapes named as in the forward):\n")
+    cols = []
+    for kind in ("bwd", "fwd+bwd"):
+        cols += [f"ours {kind}", f"flash {kind}", f"cuDNN {kind}", "ours/flash", "ours/cuDNN"]
+    print("| shape | " + " | ".join(cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    for name in bwd_names:
+        cells = []
+        for kind in ("bwd", "fwdbwd"):
+            ours, fl, cu = (rows[name].get(f"{b}-{kind}", NAN) for b in FWD)
+            cells += [fmt(ours), fmt(fl), fmt(cu), ratio(ours, fl), ratio(ours, cu)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+if skipped or notices:
+    print("\nSkipped:")
+    for line in notices:
+        print(f"- {line}")
+    for (backend, reason), n in skipped.items():
+        print(f"- {backend}, {n} shape{'s' if n > 1 else ''}: {reason}")

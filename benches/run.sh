@@ -1,10 +1,26 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the bundle folder: our criterion benches and PyTorch's backends on the same
-# shapes in one run, then the comparison table. Usage: bash run.sh [shape-filter]
+# shapes in one run, then the comparison tables (forward, then backward: bwd alone and fwd+bwd).
+# Usage: bash run.sh [--fwd-only | --bwd-only] [shape-filter]
 set -uo pipefail
 cd "$(dirname "$0")"
+fwd=1 bwd=1
+case "${1:-}" in
+    --fwd-only) bwd=0; shift ;;
+    --bwd-only) fwd=0; shift ;;
+    -*) sed -n '4p' "$0"; exit 2 ;;
+esac
 filter="${1:-}"
 out="${OUT:-.}"
-FA_BENCH_FILTER="$filter" ./bench-fwd --bench 2>&1 | tee "$out/ours.log" | grep -E "^(RESULT|device|SKIPPED)"
-python3 torch_fwd.py "$filter" 2>&1 | tee "$out/torch.log" | grep -E "^(RESULT|torch)"
-cat "$out/ours.log" "$out/torch.log" | python3 compare.py | tee "$out/table.md"
+logs=()
+if ((fwd)); then
+    FA_BENCH_FILTER="$filter" ./bench-fwd --bench 2>&1 | tee "$out/ours.log" | grep -E "^(RESULT|device|SKIPPED)"
+    python3 torch_fwd.py "$filter" 2>&1 | tee "$out/torch.log" | grep -E "^(RESULT|torch)"
+    logs+=("$out/ours.log" "$out/torch.log")
+fi
+if ((bwd)); then
+    FA_BENCH_FILTER="$filter" ./bench-bwd --bench 2>&1 | tee "$out/ours-bwd.log" | grep -E "^(RESULT|device|deterministic|SKIPPED)"
+    python3 torch_bwd.py "$filter" 2>&1 | tee "$out/torch-bwd.log" | grep -E "^(RESULT|torch|SKIPPED)"
+    logs+=("$out/ours-bwd.log" "$out/torch-bwd.log")
+fi
+cat "${logs[@]}" | python3 compare.py | tee "$out/table.md"

@@ -165,7 +165,7 @@ fn cmd_bundle() -> Result<(), String> {
     }
     let ptx_dir = bundle.join("ptx");
     ptx::build_ptx(Path::new(&cargo), &root, &ptx_dir)?;
-    for script in ["torch_fwd.py", "compare.py", "run.sh"] {
+    for script in ["torch_fwd.py", "torch_bwd.py", "compare.py", "run.sh"] {
         std::fs::copy(root.join("benches").join(script), bundle.join(script)).map_err(|e| format!("copy {script}: {e}"))?;
     }
     let total: u64 = std::fs::read_dir(&bundle).map_err(|e| e.to_string())?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
