@@ -20,7 +20,46 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
     d / m.max(1e-6)
 }
 
+/// `bwd_check bench [filter]`: median ms of bwd (atomic and deterministic) on the table's shapes.
+fn bench(filter: &str) {
+    let gpu = Device::Cuda(0);
+    let mut seed = 7u64;
+    for &d in &[64usize, 128, 256] {
+        for &s in &[512usize, 2048, 8192, 16384] {
+            for causal in [false, true] {
+                let name = format!("d{d}-s{s}-{}", if causal { "causal" } else { "full" });
+                if !name.contains(filter) {
+                    continue;
+                }
+                let (b, h) = (16384 / s, 16);
+                let n = b * s * h * d;
+                let mk = |seed: &mut u64| Tensor::from_f32(&rnd(n, seed), &[b, s, h, d], DType::BF16).unwrap().to_device(gpu).unwrap();
+                let (q, k, v, g) = (mk(&mut seed), mk(&mut seed), mk(&mut seed), mk(&mut seed));
+                let opts = AttnOptions { causal, ..Default::default() };
+                let f = fwd(&q, &k, &v, &opts).unwrap();
+                let flops = 4.0 * (b * h * s * s * d) as f64 * if causal { 0.5 } else { 1.0 } * 2.5;
+                let mut line = format!("{name}:");
+                for det in [false, true] {
+                    let mut t = Vec::new();
+                    for _ in 0..12 {
+                        t.push(flash_attn::cuda::time_ms(0, || bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts, det).map(|_| ())).unwrap());
+                    }
+                    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    let ms = t[t.len() / 2];
+                    line += &format!(" det={det} {ms:.3} ms {:.0} TFLOP/s", flops / ms as f64 / 1e9);
+                }
+                println!("{line}");
+            }
+        }
+    }
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(|s| s.as_str()) == Some("bench") {
+        bench(args.get(2).map(|s| s.as_str()).unwrap_or(""));
+        return;
+    }
     let gpu = Device::Cuda(0);
     let mut seed = 0x1234_5678_9abc_def1u64;
     let mut worst = 0f32;

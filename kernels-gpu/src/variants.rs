@@ -101,15 +101,17 @@ pub struct BwdConfig {
     pub block_n: usize,
     pub block_m: usize,
     pub warps: usize,
+    /// m16 tiles of keys per warp: two halve the shared-memory reads per tensor-core op.
+    pub key_tiles: usize,
 }
 
 impl BwdConfig {
     pub const fn threads(&self) -> usize {
         32 * self.warps
     }
-    /// Warps along the keys (16 keys each).
+    /// Warps along the keys (`16 * key_tiles` keys each).
     pub const fn wn(&self) -> usize {
-        self.block_n / 16
+        self.block_n / (16 * self.key_tiles)
     }
     /// Warps along the queries in S^T (and along the head dim in dK/dV).
     pub const fn wm(&self) -> usize {
@@ -132,15 +134,15 @@ impl BwdConfig {
     }
     /// Whether the shape is one the kernel supports (checked at compile time for every variant).
     pub const fn is_valid(&self) -> bool {
-        let wn = self.block_n / 16;
+        let wn = self.block_n / (16 * self.key_tiles);
         let rm = self.block_m / 16;
-        self.block_n % 16 == 0
+        self.block_n % (16 * self.key_tiles) == 0
             && self.block_m % 16 == 0
             && self.warps % wn == 0
             && self.warps % rm == 0
             && (self.block_m / (self.warps / wn)) % 16 == 0
             && (self.head_dim / (self.warps / wn)) % 16 == 0
-            && self.dq_cols() % 32 == 0
+            && self.dq_cols() % 16 == 0
             && self.head_dim % (self.warps / rm) == 0
             && self.block_m <= self.threads()
     }
@@ -149,9 +151,8 @@ impl BwdConfig {
 /// Backward tile shapes per head dim.
 pub const fn bwd_config(head_dim: usize) -> BwdConfig {
     match head_dim {
-        32 | 64 | 96 | 128 => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 4 },
-        192 => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 8 },
-        _ => BwdConfig { head_dim, block_n: 64, block_m: 32, warps: 8 },
+        32 | 64 | 96 | 128 => BwdConfig { head_dim, block_n: 128, block_m: 64, warps: 8, key_tiles: 2 },
+        _ => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 8, key_tiles: 2 },
     }
 }
 

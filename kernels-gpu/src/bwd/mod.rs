@@ -13,6 +13,7 @@
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
 use crate::arch::math::{exp2, fma, tanh};
+use crate::arch::reg::opaque_u32;
 use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_i32, ld_global_nc_v4, ld_global_v4, red_add_f32, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
@@ -55,17 +56,33 @@ fn lse_index(p: &BwdParams, b: i32, start: i32, h: i32, row: i32) -> i64 {
     b as i64 * p.lse_batch_stride + h as i64 * p.lse_head_stride + start as i64 + row as i64
 }
 
-/// P and dS of one score. `s` is q.k; `lse2` the row's LSE in base 2; `dp` = dout . v; `delta` = D_i.
+/// P and dS of one visible score without softcap: `s` = q.k, `dp` = dout . v, `lse2` the row's LSE in
+/// base 2, `delta` = D_i.
+#[inline(always)]
+fn grad_elem_plain(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32) {
+    let pr = exp2(fma(s, p.scale_log2, -lse2));
+    (pr, pr * (dp - delta))
+}
+
+/// The same with softcap: the score is `tanh(s * softcap_pre)` (times scale_log2), whose derivative
+/// `1 - tanh^2` multiplies dS.
+#[inline(always)]
+fn grad_elem_softcap(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32) {
+    let t = tanh(s * p.softcap_pre);
+    let pr = exp2(fma(t, p.scale_log2, -lse2));
+    (pr, pr * (dp - delta) * (1.0 - t * t))
+}
+
+/// P and dS of one score, zero when hidden by the mask.
 #[inline(always)]
 fn grad_elem(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, visible: bool) -> (f32, f32) {
-    let (x, dsdx) = if p.softcap_pre != 0.0 {
-        let t = tanh(s * p.softcap_pre);
-        (t, 1.0 - t * t)
+    if !visible {
+        (0.0, 0.0)
+    } else if p.softcap_pre != 0.0 {
+        grad_elem_softcap(p, s, dp, lse2, delta)
     } else {
-        (s, 1.0)
-    };
-    let pr = if visible { exp2(fma(x, p.scale_log2, -lse2)) } else { 0.0 };
-    (pr, pr * (dp - delta) * dsdx)
+        grad_elem_plain(p, s, dp, lse2, delta)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -146,12 +163,12 @@ unsafe fn convert_entry<E: Elem>(p: &BwdParams) {
 // dk / dv (+ atomic dq)
 
 /// Compile-time shape of the dk/dv kernel: `D` head dim, `BN` keys, `BM` queries per step, `NW` warps,
-/// `DWN` n8 tiles of dK/dV columns per warp (`D / WM / 8`), `QN` n8 tiles of S^T columns per warp
+/// `KT` m16 tiles of keys per warp, `DWN` n8 tiles of dK/dV columns per warp (`D / WM / 8`), `QN` n8 tiles of S^T columns per warp
 /// (`BM / WM / 8`). Stable Rust cannot size arrays by those quotients, so they are given.
-struct KvShape<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>;
+struct KvShape<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>;
 
-impl<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize> KvShape<D, BN, BM, NW, DWN, QN> {
-    const CONFIG: BwdConfig = BwdConfig { head_dim: D, block_n: BN, block_m: BM, warps: NW };
+impl<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize> KvShape<D, BN, BM, NW, KT, DWN, QN> {
+    const CONFIG: BwdConfig = BwdConfig { head_dim: D, block_n: BN, block_m: BM, warps: NW, key_tiles: KT };
     const WN: usize = Self::CONFIG.wn();
     const WM: usize = Self::CONFIG.wm();
     /// Warps of dQ along the queries, and dQ columns per warp.
@@ -204,23 +221,42 @@ struct KvArgs {
 /// Start the copies of step `it` (q head `it / m_count` of the group, query block `m_min + it % m_count`)
 /// into stage `stage`: Q and dO rows (zero past the sequence), and their lse_log2 and D.
 #[inline(always)]
-unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
-    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, DWN, QN>;
-    let threads = S::<D, BN, BM, NW, DWN, QN>::THREADS;
+unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
+    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, KT, DWN, QN>;
+    let threads = S::<D, BN, BM, NW, KT, DWN, QN>::THREADS;
     let rows = a.sq.used - m0;
     let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, a.bidb, a.sq.start + m0, h);
     let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, a.bidb, a.sq.start + m0, h);
     unsafe {
-        load_tile::<D>(S::<D, BN, BM, NW, DWN, QN>::q_stage(base, stage), q, p.q_row_stride * 2, rows, tid, BM, threads);
-        load_tile::<D>(S::<D, BN, BM, NW, DWN, QN>::do_stage(base, stage), g, p.do_row_stride * 2, rows, tid, BM, threads);
+        load_tile::<D>(S::<D, BN, BM, NW, KT, DWN, QN>::q_stage(base, stage), q, p.q_row_stride * 2, rows, tid, BM, threads);
+        load_tile::<D>(S::<D, BN, BM, NW, KT, DWN, QN>::do_stage(base, stage), g, p.do_row_stride * 2, rows, tid, BM, threads);
     }
     if tid < BM {
         let r = tid as i32;
         let valid = r < rows;
         let at = if valid { lse_index(p, a.bidb, a.sq.start, h, m0 + r) as u64 * 4 } else { 0 };
         unsafe {
-            cp_async_4(S::<D, BN, BM, NW, DWN, QN>::lse_stage(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
-            cp_async_4(S::<D, BN, BM, NW, DWN, QN>::delta_stage(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
+            cp_async_4(S::<D, BN, BM, NW, KT, DWN, QN>::lse_stage(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
+            cp_async_4(S::<D, BN, BM, NW, KT, DWN, QN>::delta_stage(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
+        }
+    }
+}
+
+/// `acc += A B^T` over the head dim, both operands row-major `[rows][D]` in shared memory: A is `16 * KT`
+/// rows from `a` (this lane's ldmatrix address), B is `8 * QN` rows from `b`.
+#[inline(always)]
+unsafe fn rows_times_cols<E: Elem, const D: usize, const KT: usize, const QN: usize>(acc: &mut [[[f32; 4]; QN]; KT], a: u32, b: u32, rb: u32) {
+    for kk in 0..D / 16 {
+        let mut fa = [[0u32; 4]; KT];
+        for (kt, frag) in fa.iter_mut().enumerate() {
+            *frag = unsafe { ldmatrix_x4(a + (kt * 16) as u32 * rb + (kk * 32) as u32) };
+        }
+        for np in 0..QN / 2 {
+            let fb = unsafe { ldmatrix_x4(b + (np * 16) as u32 * rb + (kk * 32) as u32) };
+            for kt in 0..KT {
+                E::mma(&mut acc[kt][2 * np], fa[kt], [fb[0], fb[1]]);
+                E::mma(&mut acc[kt][2 * np + 1], fa[kt], [fb[2], fb[3]]);
+            }
         }
     }
 }
@@ -228,25 +264,19 @@ unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW
 /// dK and dV of keys `[n0, n0 + BN)` of kv head `hk` (this warp's part), accumulated over the group's
 /// q heads and the query blocks that see the keys; dQ contributions go to the accumulator if there is one.
 #[inline(always)]
-unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>(
+unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>(
     p: &BwdParams,
     a: &KvArgs,
     tid: usize,
-    acc_dk: &mut [[f32; 4]; DWN],
-    acc_dv: &mut [[f32; 4]; DWN],
+    acc_dk: &mut [[[f32; 4]; DWN]; KT],
+    acc_dv: &mut [[[f32; 4]; DWN]; KT],
 ) {
-    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, DWN, QN>;
-    let () = S::<D, BN, BM, NW, DWN, QN>::CHECK;
-    let (wn_count, wm_count) = (S::<D, BN, BM, NW, DWN, QN>::WN, S::<D, BN, BM, NW, DWN, QN>::WM);
-    let (rb, pb) = (S::<D, BN, BM, NW, DWN, QN>::RB, S::<D, BN, BM, NW, DWN, QN>::PB);
-    let threads = S::<D, BN, BM, NW, DWN, QN>::THREADS;
+    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, KT, DWN, QN>;
+    let () = S::<D, BN, BM, NW, KT, DWN, QN>::CHECK;
+    let (wn_count, wm_count) = (S::<D, BN, BM, NW, KT, DWN, QN>::WN, S::<D, BN, BM, NW, KT, DWN, QN>::WM);
+    let (rb, pb) = (S::<D, BN, BM, NW, KT, DWN, QN>::RB, S::<D, BN, BM, NW, KT, DWN, QN>::PB);
+    let threads = S::<D, BN, BM, NW, KT, DWN, QN>::THREADS;
     let base = smem::base();
-    let (warp, lane) = (tid / 32, tid % 32);
-    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-    let (wn, wm) = (warp % wn_count, warp / wn_count);
-    let kv_row0 = 16 * wn;
-    let q_col0 = wm * QN * 8;
-    let d_col0 = wm * DWN * 8;
 
     let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, BM as i32);
     let m_count = if m_max > m_min { m_max - m_min } else { 0 };
@@ -259,135 +289,167 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
     // Prologue: K, V and the first step in one group.
     let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
     let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
-    let k_s = base + S::<D, BN, BM, NW, DWN, QN>::K_OFF;
-    let v_s = base + S::<D, BN, BM, NW, DWN, QN>::V_OFF;
-    let ds_s = base + S::<D, BN, BM, NW, DWN, QN>::DS_OFF;
-    let pt_s = base + S::<D, BN, BM, NW, DWN, QN>::PT_OFF;
     unsafe {
+        let (k_s, v_s) = (base + S::<D, BN, BM, NW, KT, DWN, QN>::K_OFF, base + S::<D, BN, BM, NW, KT, DWN, QN>::V_OFF);
         load_tile::<D>(k_s, k, p.k_row_stride * 2, a.cols, tid, BN, threads);
         load_tile::<D>(v_s, v, p.v_row_stride * 2, a.cols, tid, BN, threads);
         let (h, m0) = step(0);
-        load_q_step::<D, BN, BM, NW, DWN, QN>(p, a, base, 0, h, m0, tid);
+        load_q_step::<D, BN, BM, NW, KT, DWN, QN>(p, a, base, 0, h, m0, tid);
     }
     commit_group();
 
     let mut it = 0;
     while it < steps {
         let stage = (it & 1) as usize;
+        // Per-thread shared-memory offsets are recomputed each step from laundered inputs rather than
+        // hoisted out of the loop and kept live (see arch/reg.rs): that kept dozens of registers busy.
+        let base = opaque_u32(base);
+        let tid = opaque_u32(tid as u32) as usize;
+        let (warp, lane) = (tid / 32, tid % 32);
+        let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+        let (wn, wm) = (warp % wn_count, warp / wn_count);
+        let (kv_row0, q_col0, d_col0) = (16 * KT * wn, wm * QN * 8, wm * DWN * 8);
+        let k_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::K_OFF;
+        let v_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::V_OFF;
+        let ds_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::DS_OFF;
+        let pt_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::PT_OFF;
         wait_group::<0>();
         // Step `it`'s data is visible, and every warp is done with step it-1 (its stage and dS^T).
         sync_threads();
         if it + 1 < steps {
             let (h, m0) = step(it + 1);
-            unsafe { load_q_step::<D, BN, BM, NW, DWN, QN>(p, a, base, 1 - stage, h, m0, tid) };
+            unsafe { load_q_step::<D, BN, BM, NW, KT, DWN, QN>(p, a, base, 1 - stage, h, m0, tid) };
             commit_group();
         }
         let (h, m0) = step(it);
         let rows = a.sq.used - m0;
         let masked = rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
-        let q_s = S::<D, BN, BM, NW, DWN, QN>::q_stage(base, stage);
-        let do_s = S::<D, BN, BM, NW, DWN, QN>::do_stage(base, stage);
+        let q_s = S::<D, BN, BM, NW, KT, DWN, QN>::q_stage(base, stage);
+        let do_s = S::<D, BN, BM, NW, KT, DWN, QN>::do_stage(base, stage);
 
-        // S^T = K Q^T and dP^T = V dO^T: this warp's 16 keys x QN*8 queries.
-        let mut acc_s = [[0f32; 4]; QN];
-        let mut acc_dp = [[0f32; 4]; QN];
+        // S^T = K Q^T and dP^T = V dO^T: this warp's 16*KT keys x QN*8 queries.
+        let mut acc_s = [[[0f32; 4]; QN]; KT];
+        let mut acc_dp = [[[0f32; 4]; QN]; KT];
         let a_lane = ((kv_row0 + lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
         let b_lane = ((q_col0 + lane % 8 + (lane / 16) * 8) as u32) * rb + ((lane / 8) % 2) as u32 * 16;
-        for kk in 0..D / 16 {
-            let ka = unsafe { ldmatrix_x4(k_s + a_lane + (kk * 32) as u32) };
-            let va = unsafe { ldmatrix_x4(v_s + a_lane + (kk * 32) as u32) };
-            for np in 0..QN / 2 {
-                let qb = unsafe { ldmatrix_x4(q_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
-                E::mma(&mut acc_s[2 * np], ka, [qb[0], qb[1]]);
-                E::mma(&mut acc_s[2 * np + 1], ka, [qb[2], qb[3]]);
-                let ob = unsafe { ldmatrix_x4(do_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
-                E::mma(&mut acc_dp[2 * np], va, [ob[0], ob[1]]);
-                E::mma(&mut acc_dp[2 * np + 1], va, [ob[2], ob[3]]);
-            }
+        // Two passes (S^T, then dP^T) keep half the fragments live: registers are what this kernel runs out of.
+        unsafe {
+            rows_times_cols::<E, D, KT, QN>(&mut acc_s, k_s + a_lane, q_s + b_lane, rb);
+            rows_times_cols::<E, D, KT, QN>(&mut acc_dp, v_s + a_lane, do_s + b_lane, rb);
         }
 
         // P and dS in place of S^T and dP^T; dS^T (and P^T when warps split the queries) to shared memory.
-        let lse_s = S::<D, BN, BM, NW, DWN, QN>::lse_stage(base, stage);
-        let delta_s = S::<D, BN, BM, NW, DWN, QN>::delta_stage(base, stage);
+        let lse_s = S::<D, BN, BM, NW, KT, DWN, QN>::lse_stage(base, stage);
+        let delta_s = S::<D, BN, BM, NW, KT, DWN, QN>::delta_stage(base, stage);
+        // Unmasked formula everywhere (inputs past the sequence are zero-filled, so finite), softcap or not
+        // decided once per tile; then, on boundary tiles only, P and dS of hidden pairs are zeroed.
+        let softcap = p.softcap_pre != 0.0;
         for j in 0..QN {
-            let qc = (q_col0 + 8 * j) as i32 + 2 * t;
-            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc as u32 * 4) };
-            let delta = unsafe { smem::ld_v2_f32(delta_s + qc as u32 * 4) };
-            for e in 0..2 {
-                let (lo, hi) = key_range(m0 + qc + e as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
-                let row_ok = qc + (e as i32) < rows;
-                for half in 0..2 {
-                    let key = a.n0 + kv_row0 as i32 + g + 8 * half as i32;
-                    let visible = !masked || (row_ok && key >= lo && key <= hi);
-                    let i = 2 * half + e;
-                    let (pr, ds) = grad_elem(p, acc_s[j][i], acc_dp[j][i], lse2[e], delta[e], visible);
-                    acc_s[j][i] = pr;
-                    acc_dp[j][i] = ds;
+            let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
+            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+            let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+            for kt in 0..KT {
+                for i in 0..4 {
+                    let e = i % 2;
+                    let (pr, ds) = if softcap {
+                        grad_elem_softcap(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[e], delta[e])
+                    } else {
+                        grad_elem_plain(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[e], delta[e])
+                    };
+                    acc_s[kt][j][i] = pr;
+                    acc_dp[kt][j][i] = ds;
                 }
             }
-            for half in 0..2usize {
-                let at = ((kv_row0 as i32 + g + 8 * half as i32) as u32) * pb + qc as u32 * 2;
-                unsafe { smem::st_u32(ds_s + at, E::pack(acc_dp[j][2 * half], acc_dp[j][2 * half + 1])) };
-                if wm_count > 1 {
-                    unsafe { smem::st_u32(pt_s + at, E::pack(acc_s[j][2 * half], acc_s[j][2 * half + 1])) };
+        }
+        if masked {
+            for j in 0..QN {
+                for e in 0..2 {
+                    let qc = (q_col0 + 8 * j) as i32 + 2 * t + e as i32;
+                    let (lo, hi) = key_range(m0 + qc, a.sq.used, a.sk.used, p.window_left, p.window_right);
+                    let row_ok = qc < rows;
+                    for kt in 0..KT {
+                        for half in 0..2 {
+                            let key = a.n0 + (kv_row0 + 16 * kt) as i32 + g + 8 * half as i32;
+                            if !(row_ok && key >= lo && key <= hi) {
+                                acc_s[kt][j][2 * half + e] = 0.0;
+                                acc_dp[kt][j][2 * half + e] = 0.0;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for j in 0..QN {
+            let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
+            for kt in 0..KT {
+                for half in 0..2usize {
+                    let at = ((kv_row0 as i32 + 16 * kt as i32 + g + 8 * half as i32) as u32) * pb + qc * 2;
+                    unsafe { smem::st_u32(ds_s + at, E::pack(acc_dp[kt][j][2 * half], acc_dp[kt][j][2 * half + 1])) };
+                    if wm_count > 1 {
+                        unsafe { smem::st_u32(pt_s + at, E::pack(acc_s[kt][j][2 * half], acc_s[kt][j][2 * half + 1])) };
+                    }
                 }
             }
         }
         sync_threads();
 
-        // dV += P^T dO and dK += dS^T Q: this warp's 16 keys x DWN*8 columns, k over all BM queries.
+        // dV += P^T dO and dK += dS^T Q: this warp's 16*KT keys x DWN*8 columns, k over all BM queries.
         let pt_lane = ((kv_row0 + lane % 8 + ((lane / 8) % 2) * 8) as u32) * pb + (lane / 16) as u32 * 16;
         let bt_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (d_col0 * 2) as u32 + (lane / 16) as u32 * 16;
         for kk in 0..BM / 16 {
-            let (pa, da) = if wm_count == 1 {
-                let (s0, s1) = (&acc_s[2 * kk], &acc_s[2 * kk + 1]);
-                let (d0, d1) = (&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
-                (
-                    [E::pack(s0[0], s0[1]), E::pack(s0[2], s0[3]), E::pack(s1[0], s1[1]), E::pack(s1[2], s1[3])],
-                    [E::pack(d0[0], d0[1]), E::pack(d0[2], d0[3]), E::pack(d1[0], d1[1]), E::pack(d1[2], d1[3])],
-                )
-            } else {
-                unsafe { (ldmatrix_x4(pt_s + pt_lane + (kk * 32) as u32), ldmatrix_x4(ds_s + pt_lane + (kk * 32) as u32)) }
-            };
+            let mut pa = [[0u32; 4]; KT];
+            let mut da = [[0u32; 4]; KT];
+            for kt in 0..KT {
+                if wm_count == 1 {
+                    let (s0, s1) = (&acc_s[kt][2 * kk], &acc_s[kt][2 * kk + 1]);
+                    let (d0, d1) = (&acc_dp[kt][2 * kk], &acc_dp[kt][2 * kk + 1]);
+                    pa[kt] = [E::pack(s0[0], s0[1]), E::pack(s0[2], s0[3]), E::pack(s1[0], s1[1]), E::pack(s1[2], s1[3])];
+                    da[kt] = [E::pack(d0[0], d0[1]), E::pack(d0[2], d0[3]), E::pack(d1[0], d1[1]), E::pack(d1[2], d1[3])];
+                } else {
+                    let off = pt_lane + (kt * 16) as u32 * pb + (kk * 32) as u32;
+                    pa[kt] = unsafe { ldmatrix_x4(pt_s + off) };
+                    da[kt] = unsafe { ldmatrix_x4(ds_s + off) };
+                }
+            }
             for dp in 0..DWN / 2 {
                 let off = (kk * 16) as u32 * rb + (dp * 32) as u32;
                 let ob = unsafe { ldmatrix_x4_trans(do_s + bt_lane + off) };
-                E::mma(&mut acc_dv[2 * dp], pa, [ob[0], ob[1]]);
-                E::mma(&mut acc_dv[2 * dp + 1], pa, [ob[2], ob[3]]);
                 let qb = unsafe { ldmatrix_x4_trans(q_s + bt_lane + off) };
-                E::mma(&mut acc_dk[2 * dp], da, [qb[0], qb[1]]);
-                E::mma(&mut acc_dk[2 * dp + 1], da, [qb[2], qb[3]]);
+                for kt in 0..KT {
+                    E::mma(&mut acc_dv[kt][2 * dp], pa[kt], [ob[0], ob[1]]);
+                    E::mma(&mut acc_dv[kt][2 * dp + 1], pa[kt], [ob[2], ob[3]]);
+                    E::mma(&mut acc_dk[kt][2 * dp], da[kt], [qb[0], qb[1]]);
+                    E::mma(&mut acc_dk[kt][2 * dp + 1], da[kt], [qb[2], qb[3]]);
+                }
             }
         }
 
         // dQ (rows m0..) += dS K, added to the f32 accumulator: warp (rm, cd) owns 16 rows x DC columns.
         if p.dq_accum != 0 {
-            let rm_count = S::<D, BN, BM, NW, DWN, QN>::RM;
-            let dc = S::<D, BN, BM, NW, DWN, QN>::DC;
+            let rm_count = S::<D, BN, BM, NW, KT, DWN, QN>::RM;
+            let dc = S::<D, BN, BM, NW, KT, DWN, QN>::DC;
             let (rm, cd) = (warp % rm_count, warp / rm_count);
-            let mut ds_a = [[0u32; 4]; 8];
             let dsa_lane = ((lane % 8 + (lane / 16) * 8) as u32) * pb + ((rm * 16 + ((lane / 8) % 2) * 8) * 2) as u32;
-            for kk in 0..BN / 16 {
-                ds_a[kk] = unsafe { ldmatrix_x4_trans(ds_s + dsa_lane + (kk * 16) as u32 * pb) };
-            }
             let kb_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + ((cd * dc) * 2) as u32 + (lane / 16) as u32 * 16;
             let row_a = rm as i32 * 16 + g;
             let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + (cd * dc) as i64) * 4) as u64);
-            // Columns in chunks of four n8 tiles (16 accumulator registers live at a time).
-            for c in 0..dc / 32 {
+            // Columns in chunks of CH n8 tiles (4 * CH accumulator registers live at a time).
+            let ch = if dc % 32 == 0 { 4 } else { 2 };
+            for c in 0..dc / (8 * ch) {
                 let mut acc = [[0f32; 4]; 4];
                 for kk in 0..BN / 16 {
-                    for dp in 0..2 {
-                        let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + ((c * 4 + 2 * dp) * 16) as u32) };
-                        E::mma(&mut acc[2 * dp], ds_a[kk], [b[0], b[1]]);
-                        E::mma(&mut acc[2 * dp + 1], ds_a[kk], [b[2], b[3]]);
+                    let ds_a = unsafe { ldmatrix_x4_trans(ds_s + dsa_lane + (kk * 16) as u32 * pb) };
+                    for dp in 0..ch / 2 {
+                        let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + ((c * ch + 2 * dp) * 16) as u32) };
+                        E::mma(&mut acc[2 * dp], ds_a, [b[0], b[1]]);
+                        E::mma(&mut acc[2 * dp + 1], ds_a, [b[2], b[3]]);
                     }
                 }
-                for j in 0..4 {
+                for j in 0..ch {
                     for half in 0..2usize {
                         let r = row_a + 8 * half as i32;
                         if r < rows {
-                            let col = ((c * 4 + j) * 8) as i64 + 2 * t as i64;
+                            let col = ((c * ch + j) * 8) as i64 + 2 * t as i64;
                             let at = dqa.wrapping_add(((r as i64 * p.dqa_row_stride + col) * 4) as u64);
                             unsafe {
                                 red_add_f32(at, acc[j][2 * half]);
@@ -406,39 +468,41 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
 
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 #[inline(always)]
-unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const DWN: usize, const QN: usize>(p: &BwdParams) {
+unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
-    let wn_count = BN / 16;
+    let wn_count = BN / (16 * KT);
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let (wn, wm) = (warp % wn_count, warp / wn_count);
-    let kv_row = (16 * wn) as i32 + g;
+    let kv_row = (16 * KT * wn) as i32 + g;
     let d_col = (wm * DWN * 8) as i32 + 2 * t;
 
     let mut n_block = block_idx_x() as i32;
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
-        let mut acc_dk = [[0f32; 4]; DWN];
-        let mut acc_dv = [[0f32; 4]; DWN];
+        let mut acc_dk = [[[0f32; 4]; DWN]; KT];
+        let mut acc_dv = [[[0f32; 4]; DWN]; KT];
         if n0 < sk.used {
             let cols = if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 };
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols };
-            unsafe { dkdv_block::<E, D, BN, BM, NW, DWN, QN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
+            unsafe { dkdv_block::<E, D, BN, BM, NW, KT, DWN, QN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
         }
         // Epilogue: dk = scale * acc, dv = acc, in the input type, for every key row of the slot.
-        for half in 0..2usize {
-            let r = n0 + kv_row + 8 * half as i32;
-            if r < sk.slot_len {
-                let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
-                let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
-                for j in 0..DWN {
-                    let off = ((d_col + 8 * j as i32) * 2) as u64;
-                    let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
-                    unsafe {
-                        st_global_u32(dk + off, E::pack(k0, k1));
-                        st_global_u32(dv + off, E::pack(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]));
+        for kt in 0..KT {
+            for half in 0..2usize {
+                let r = n0 + kv_row + 16 * kt as i32 + 8 * half as i32;
+                if r < sk.slot_len {
+                    let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
+                    let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
+                    for j in 0..DWN {
+                        let off = ((d_col + 8 * j as i32) * 2) as u64;
+                        let (k0, k1) = (acc_dk[kt][j][2 * half] * p.scale, acc_dk[kt][j][2 * half + 1] * p.scale);
+                        unsafe {
+                            st_global_u32(dk + off, E::pack(k0, k1));
+                            st_global_u32(dv + off, E::pack(acc_dv[kt][j][2 * half], acc_dv[kt][j][2 * half + 1]));
+                        }
                     }
                 }
             }
@@ -514,6 +578,11 @@ unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, co
             while it < n_tiles {
                 let n_block = n_max - 1 - it;
                 let stage = (it & 1) as usize;
+                let base = opaque_u32(base);
+                let tid = opaque_u32(tid as u32) as usize;
+                let (warp, lane) = (tid / 32, tid % 32);
+                let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+                let (q_s, do_s) = (base, base + bm as u32 * rb);
                 wait_group::<0>();
                 sync_threads();
                 if it + 1 < n_tiles {
@@ -591,7 +660,7 @@ macro_rules! bwd_kernels {
             const Q: FwdConfig = crate::variants::dq_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }>(&p) }
+                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { C.key_tiles }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }>(&p) }
             }
             #[unsafe(export_name = $dq)]
             pub unsafe extern "ptx-kernel" fn dq_kernel(p: BwdParams) {
