@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// PTX for sm_80 and newer (JIT-compiled by the driver for the GPU at hand).
 pub const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm80.ptx"));
+/// The same kernels for sm_90 and newer, with Hopper-only instructions; loaded on compute capability >= 9.
+pub const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm90.ptx"));
 
 /// One CUDA device as the library uses it.
 pub struct Gpu {
@@ -17,6 +19,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     /// Largest dynamic shared memory a block may opt in to.
     pub max_smem_optin: usize,
+    /// Compute capability major version: picks the PTX module.
+    pub cc_major: usize,
     /// Multiprocessors, for sizing persistent grids and benchmarks.
     #[allow(dead_code)]
     pub sm_count: usize,
@@ -60,7 +64,8 @@ pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     let stream = ctx.default_stream();
     let max_smem_optin = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
     let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let g = Arc::new(Gpu { ctx, stream, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), max_smem_optin, sm_count });
+    let cc_major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as usize;
+    let g = Arc::new(Gpu { ctx, stream, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), max_smem_optin, cc_major, sm_count });
     map.insert(ordinal, g.clone());
     Ok(g)
 }
@@ -74,7 +79,10 @@ impl Gpu {
         }
         let module = self
             .module
-            .get_or_init(|| self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(PTX_SM80)).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                let ptx = if self.cc_major >= 9 { PTX_SM90 } else { PTX_SM80 };
+                self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| e.to_string())
+            })
             .clone()
             .map_err(|e| Error::Cuda(format!("loading the PTX module: {e}")))?;
         let f = module.load_function(name)?;

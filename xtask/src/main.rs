@@ -12,8 +12,6 @@ use std::process::{Command, ExitCode};
 
 /// ptxas comes from PyPI's nvidia-cuda-nvcc, pinned to the GPU machine's CUDA (13.0).
 const NVCC_WHEEL: &str = "nvidia-cuda-nvcc==13.0.88";
-/// GPUs every kernel must assemble for.
-const PTXAS_ARCHS: &[&str] = &["sm_80", "sm_90a"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -58,8 +56,8 @@ fn cmd_ptx() -> Result<(), String> {
     let files = ptx::build_ptx(Path::new(&cargo), &root(), &out_dir)?;
     let ptxas = ptxas()?;
     let mut spills = 0;
-    for file in &files {
-        for arch in PTXAS_ARCHS {
+    for (file, target) in files.iter().zip(ptx::PTX_TARGETS) {
+        for arch in target.ptxas_archs {
             let out = Command::new(&ptxas)
                 .args(["-v", "--warn-on-spills", "-O3", "--gpu-name", arch, "-o", "/dev/null"])
                 .arg(file)
@@ -173,6 +171,12 @@ fn cmd_bundle() -> Result<(), String> {
     for f in &copied {
         println!("  {}", f.file_name().unwrap().to_string_lossy());
     }
+    // Every binary embeds the PTX of both modules (megabytes of text): the folder outgrows what the device
+    // tool carries (64 MiB), the xz archive does not. On the GPU machine: `tar xJf bundle.tar.xz`.
+    let archive = root.join("bundle.tar.xz");
+    run(Command::new("sh").current_dir(&root).arg("-c").arg("tar cf - bundle | xz -T0 -1 > bundle.tar.xz"))?;
+    let len = std::fs::metadata(&archive).map_err(|e| e.to_string())?.len();
+    println!("archive: {} ({:.1} MiB); on the GPU machine: tar xJf bundle.tar.xz && cd bundle", archive.display(), len as f64 / (1 << 20) as f64);
     Ok(())
 }
 

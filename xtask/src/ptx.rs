@@ -4,30 +4,52 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The PTX modules we build: (file stem, `-C target-cpu`). sm_80 PTX runs on Ampere and Hopper (JIT).
-pub const PTX_TARGETS: &[(&str, &str)] = &[("kernels_sm80", "sm_80")];
+/// One PTX module: the same kernel sources for one GPU generation.
+pub struct PtxTarget {
+    /// File stem of the `.ptx` (the host embeds `<stem>.ptx`).
+    pub stem: &'static str,
+    /// `-C target-cpu`: the PTX `.target`.
+    pub cpu: &'static str,
+    /// PTX ISA version, as a target feature.
+    pub ptx_isa: &'static str,
+    /// `--cfg` flags the device code branches on (`fa_sm90`: Hopper-only instructions).
+    pub cfgs: &'static [&'static str],
+    /// GPUs `cargo xtask ptx` assembles this module for.
+    pub ptxas_archs: &'static [&'static str],
+}
+
+/// sm_80 PTX runs on Ampere and later (JIT); the sm_90 module adds Hopper-only instructions (vector
+/// reductions) and is what the host loads on compute capability 9.0 and newer.
+pub const PTX_TARGETS: &[PtxTarget] = &[
+    PtxTarget { stem: "kernels_sm80", cpu: "sm_80", ptx_isa: "+ptx80", cfgs: &[], ptxas_archs: &["sm_80", "sm_90a"] },
+    PtxTarget { stem: "kernels_sm90", cpu: "sm_90", ptx_isa: "+ptx81", cfgs: &["fa_sm90"], ptxas_archs: &["sm_90a"] },
+];
 
 /// Build every module of `PTX_TARGETS` from `<root>/kernels-gpu` into `out_dir/<stem>.ptx`.
 /// `cargo` is the cargo binary to run (the toolchain is pinned by rust-toolchain.toml).
 pub fn build_ptx(cargo: &Path, root: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
     let mut outputs = Vec::new();
-    for (stem, cpu) in PTX_TARGETS {
-        let out = out_dir.join(format!("{stem}.ptx"));
+    for t in PTX_TARGETS {
+        let out = out_dir.join(format!("{}.ptx", t.stem));
         let mut cmd = Command::new(cargo);
         cmd.current_dir(root.join("kernels-gpu"))
             .args(["rustc", "--release", "--quiet", "--target", "nvptx64-nvidia-cuda", "-Zbuild-std=core"])
             .arg("--target-dir")
-            .arg(root.join("target").join("kernels-gpu"))
-            .args(["--", "-C", &format!("target-cpu={cpu}"), "-C", "target-feature=+ptx80", "-C", "llvm-args=-unroll-threshold=100000 -unroll-full-max-count=100000"])
+            // One target dir per module: they differ in flags, and sharing one would rebuild each time.
+            .arg(root.join("target").join(format!("kernels-gpu-{}", t.stem)))
+            .args(["--", "-C", &format!("target-cpu={}", t.cpu), "-C", &format!("target-feature={}", t.ptx_isa), "-C", "llvm-args=-unroll-threshold=100000 -unroll-full-max-count=100000"])
             .arg(format!("--emit=asm={}", out.display()));
+        for cfg in t.cfgs {
+            cmd.args(["--cfg", cfg]);
+        }
         // Outer-build settings must not leak into the device build.
         for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_MAKEFLAGS", "CARGO_PRIMARY_PACKAGE"] {
             cmd.env_remove(var);
         }
         let status = cmd.status().map_err(|e| format!("running {}: {e}", cargo.display()))?;
         if !status.success() {
-            return Err(format!("building kernels-gpu for {cpu} failed ({status})"));
+            return Err(format!("building kernels-gpu for {} failed ({status})", t.cpu));
         }
         outputs.push(out);
     }

@@ -66,3 +66,14 @@ pub unsafe fn ld_global_v4(addr: u64) -> [u32; 4] {
 pub unsafe fn red_add_f32(addr: u64, v: f32) {
     unsafe { asm!("red.global.add.f32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
 }
+
+/// `addr[0..4] += v` in global memory, atomically per element, one request (`addr` 16-byte aligned;
+/// sm_90, PTX 8.1).
+#[cfg(fa_sm90)]
+#[inline(always)]
+pub unsafe fn red_add_v4_f32(addr: u64, v: [f32; 4]) {
+    unsafe {
+        asm!("red.global.add.v4.f32 [{a}], {{{x}, {y}, {z}, {w}}};", a = in(reg64) addr,
+            x = in(reg32) v[0], y = in(reg32) v[1], z = in(reg32) v[2], w = in(reg32) v[3], options(nostack))
+    }
+}

@@ -14,7 +14,7 @@ use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
 use crate::arch::math::{exp2, fma, tanh};
 use crate::arch::reg::opaque_u32;
-use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_i32, ld_global_nc_v4, ld_global_v4, red_add_f32, st_global_f32, st_global_u32, st_global_v4};
+use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_i32, ld_global_nc_v4, ld_global_v4, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
@@ -261,6 +261,42 @@ unsafe fn rows_times_cols<E: Elem, const D: usize, const KT: usize, const QN: us
     }
 }
 
+/// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq
+/// accumulator at `dqa` (row stride in elements), skipping rows at or past `rows`. On sm_90 the quad's
+/// even and odd lanes first swap halves so each holds four consecutive columns of one row: one 16-byte
+/// vector reduction instead of four scalar ones.
+#[inline(always)]
+unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, rows: i32, t: i32, frag: [f32; 4]) {
+    #[cfg(fa_sm90)]
+    {
+        use crate::arch::mem::red_add_v4_f32;
+        use crate::arch::shfl::shfl_xor_f32;
+        let odd = t & 1 == 1;
+        // Even lanes keep row g and take the odd neighbour's row-g pair; odd lanes keep row g+8.
+        let (send0, send1) = if odd { (frag[0], frag[1]) } else { (frag[2], frag[3]) };
+        let (r0, r1) = (shfl_xor_f32(send0, 1), shfl_xor_f32(send1, 1));
+        let (r, c0, v) = if odd { (row_a + 8, col - 2, [r0, r1, frag[2], frag[3]]) } else { (row_a, col, [frag[0], frag[1], r0, r1]) };
+        if r < rows {
+            unsafe { red_add_v4_f32(dqa.wrapping_add(((r as i64 * row_stride + c0) * 4) as u64), v) };
+        }
+    }
+    #[cfg(not(fa_sm90))]
+    {
+        use crate::arch::mem::red_add_f32;
+        let _ = t;
+        for half in 0..2usize {
+            let r = row_a + 8 * half as i32;
+            if r < rows {
+                let at = dqa.wrapping_add(((r as i64 * row_stride + col) * 4) as u64);
+                unsafe {
+                    red_add_f32(at, frag[2 * half]);
+                    red_add_f32(at + 4, frag[2 * half + 1]);
+                }
+            }
+        }
+    }
+}
+
 /// dK and dV of keys `[n0, n0 + BN)` of kv head `hk` (this warp's part), accumulated over the group's
 /// q heads and the query blocks that see the keys; dQ contributions go to the accumulator if there is one.
 #[inline(always)]
@@ -434,7 +470,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
             let row_a = rm as i32 * 16 + g;
             let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + (cd * dc) as i64) * 4) as u64);
             // Columns in chunks of CH n8 tiles (4 * CH accumulator registers live at a time).
-            let ch = if dc % 32 == 0 { 4 } else { 2 };
+            let ch = if dc % 32 == 0 && !cfg!(fa_sm90) { 4 } else { 2 };
             for c in 0..dc / (8 * ch) {
                 let mut acc = [[0f32; 4]; 4];
                 for kk in 0..BN / 16 {
@@ -446,17 +482,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
                     }
                 }
                 for j in 0..ch {
-                    for half in 0..2usize {
-                        let r = row_a + 8 * half as i32;
-                        if r < rows {
-                            let col = ((c * ch + j) * 8) as i64 + 2 * t as i64;
-                            let at = dqa.wrapping_add(((r as i64 * p.dqa_row_stride + col) * 4) as u64);
-                            unsafe {
-                                red_add_f32(at, acc[j][2 * half]);
-                                red_add_f32(at + 4, acc[j][2 * half + 1]);
-                            }
-                        }
-                    }
+                    let col = ((c * ch + j) * 8) as i64 + 2 * t as i64;
+                    unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row_a, col, rows, t, acc[j]) };
                 }
             }
         }
