@@ -1,13 +1,15 @@
 //! Warp shuffles.
 use core::arch::asm;
 
-/// `shfl.sync.bfly`: the value of lane `lane ^ mask` (all 32 lanes take part).
+/// `shfl.sync.bfly`: the value of lane `lane ^ mask` (all 32 lanes take part). Not `pure`: the compiler
+/// must not sink it into a branch where only some lanes use the result (a full-mask shfl.sync reached by
+/// part of the warp hangs; it did, in the backward's dq reduction).
 #[inline(always)]
 pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     let r: f32;
     unsafe {
         asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 0x1f, 0xffffffff;", r = out(reg32) r, v = in(reg32) v,
-            m = in(reg32) mask, options(pure, nomem, nostack))
+            m = in(reg32) mask, options(nomem, nostack))
     }
     r
 }
