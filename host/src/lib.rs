@@ -1,6 +1,6 @@
 //! flash-attn: FlashAttention forward with flash-attn 2's semantics, on CUDA GPUs through kernels written
-//! in Rust and compiled to PTX, and on the CPU where no GPU is present; the backward (`bwd`,
-//! `varlen_bwd`) runs on the CPU so far.
+//! in Rust and compiled to PTX, and on the CPU where no GPU is present; so does the backward (`bwd`,
+//! `varlen_bwd`).
 //!
 //! ```no_run
 //! use flash_attn::{fwd, AttnOptions, DType, Device, Tensor};
