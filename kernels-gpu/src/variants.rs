@@ -103,6 +103,8 @@ pub struct BwdConfig {
     pub warps: usize,
     /// m16 tiles of keys per warp: two halve the shared-memory reads per tensor-core op.
     pub key_tiles: usize,
+    /// m16 tiles of queries per warp in dQ = dS K (likewise).
+    pub dq_tiles: usize,
 }
 
 impl BwdConfig {
@@ -119,7 +121,7 @@ impl BwdConfig {
     }
     /// Head-dim columns of dQ per warp.
     pub const fn dq_cols(&self) -> usize {
-        self.head_dim / (self.warps / (self.block_m / 16))
+        self.head_dim / (self.warps / (self.block_m / (16 * self.dq_tiles)))
     }
     /// Pitch of the P^T / dS^T tiles (`block_n` rows of `block_m` 16-bit values plus one 16-byte chunk).
     pub const fn p_row_bytes(&self) -> usize {
@@ -135,10 +137,12 @@ impl BwdConfig {
     /// Whether the shape is one the kernel supports (checked at compile time for every variant).
     pub const fn is_valid(&self) -> bool {
         let wn = self.block_n / (16 * self.key_tiles);
-        let rm = self.block_m / 16;
+        let rm = self.block_m / (16 * self.dq_tiles);
         self.block_n % (16 * self.key_tiles) == 0
             && self.block_m % 16 == 0
             && self.warps % wn == 0
+            && self.block_m % (16 * self.dq_tiles) == 0
+            && self.dq_tiles <= 2
             && self.warps % rm == 0
             && (self.block_m / (self.warps / wn)) % 16 == 0
             && (self.head_dim / (self.warps / wn)) % 16 == 0
@@ -151,8 +155,10 @@ impl BwdConfig {
 /// Backward tile shapes per head dim.
 pub const fn bwd_config(head_dim: usize) -> BwdConfig {
     match head_dim {
-        32 | 64 | 96 | 128 => BwdConfig { head_dim, block_n: 128, block_m: 64, warps: 8, key_tiles: 2 },
-        _ => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 8, key_tiles: 2 },
+        // dQ columns per warp must be a multiple of 16: hdim 32 and 96 keep one query tile per warp there.
+        32 | 96 => BwdConfig { head_dim, block_n: 128, block_m: 64, warps: 8, key_tiles: 2, dq_tiles: 1 },
+        64 | 128 => BwdConfig { head_dim, block_n: 128, block_m: 64, warps: 8, key_tiles: 2, dq_tiles: 2 },
+        _ => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 8, key_tiles: 2, dq_tiles: 2 },
     }
 }
 

@@ -165,14 +165,14 @@ unsafe fn convert_entry<E: Elem>(p: &BwdParams) {
 /// Compile-time shape of the dk/dv kernel: `D` head dim, `BN` keys, `BM` queries per step, `NW` warps,
 /// `KT` m16 tiles of keys per warp, `DWN` n8 tiles of dK/dV columns per warp (`D / WM / 8`), `QN` n8 tiles of S^T columns per warp
 /// (`BM / WM / 8`). Stable Rust cannot size arrays by those quotients, so they are given.
-struct KvShape<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>;
+struct KvShape<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize>;
 
-impl<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize> KvShape<D, BN, BM, NW, KT, DWN, QN> {
-    const CONFIG: BwdConfig = BwdConfig { head_dim: D, block_n: BN, block_m: BM, warps: NW, key_tiles: KT };
+impl<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize> KvShape<D, BN, BM, NW, KT, DQT, DWN, QN> {
+    const CONFIG: BwdConfig = BwdConfig { head_dim: D, block_n: BN, block_m: BM, warps: NW, key_tiles: KT, dq_tiles: DQT };
     const WN: usize = Self::CONFIG.wn();
     const WM: usize = Self::CONFIG.wm();
-    /// Warps of dQ along the queries, and dQ columns per warp.
-    const RM: usize = BM / 16;
+    /// Warps of dQ along the queries (`16 * DQT` rows each), and dQ columns per warp.
+    const RM: usize = BM / (16 * DQT);
     const DC: usize = Self::CONFIG.dq_cols();
     const THREADS: usize = Self::CONFIG.threads();
     const RB: u32 = row_pitch_bytes(D) as u32;
@@ -221,23 +221,23 @@ struct KvArgs {
 /// Start the copies of step `it` (q head `it / m_count` of the group, query block `m_min + it % m_count`)
 /// into stage `stage`: Q and dO rows (zero past the sequence), and their lse_log2 and D.
 #[inline(always)]
-unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
-    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, KT, DWN, QN>;
-    let threads = S::<D, BN, BM, NW, KT, DWN, QN>::THREADS;
+unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
+    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, KT, DQT, DWN, QN>;
+    let threads = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::THREADS;
     let rows = a.sq.used - m0;
     let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, a.bidb, a.sq.start + m0, h);
     let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, a.bidb, a.sq.start + m0, h);
     unsafe {
-        load_tile::<D>(S::<D, BN, BM, NW, KT, DWN, QN>::q_stage(base, stage), q, p.q_row_stride * 2, rows, tid, BM, threads);
-        load_tile::<D>(S::<D, BN, BM, NW, KT, DWN, QN>::do_stage(base, stage), g, p.do_row_stride * 2, rows, tid, BM, threads);
+        load_tile::<D>(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::q_stage(base, stage), q, p.q_row_stride * 2, rows, tid, BM, threads);
+        load_tile::<D>(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::do_stage(base, stage), g, p.do_row_stride * 2, rows, tid, BM, threads);
     }
     if tid < BM {
         let r = tid as i32;
         let valid = r < rows;
         let at = if valid { lse_index(p, a.bidb, a.sq.start, h, m0 + r) as u64 * 4 } else { 0 };
         unsafe {
-            cp_async_4(S::<D, BN, BM, NW, KT, DWN, QN>::lse_stage(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
-            cp_async_4(S::<D, BN, BM, NW, KT, DWN, QN>::delta_stage(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
+            cp_async_4(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::lse_stage(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
+            cp_async_4(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
         }
     }
 }
@@ -300,18 +300,18 @@ unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, rows:
 /// dK and dV of keys `[n0, n0 + BN)` of kv head `hk` (this warp's part), accumulated over the group's
 /// q heads and the query blocks that see the keys; dQ contributions go to the accumulator if there is one.
 #[inline(always)]
-unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>(
+unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize>(
     p: &BwdParams,
     a: &KvArgs,
     tid: usize,
     acc_dk: &mut [[[f32; 4]; DWN]; KT],
     acc_dv: &mut [[[f32; 4]; DWN]; KT],
 ) {
-    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, KT, DWN, QN>;
-    let () = S::<D, BN, BM, NW, KT, DWN, QN>::CHECK;
-    let (wn_count, wm_count) = (S::<D, BN, BM, NW, KT, DWN, QN>::WN, S::<D, BN, BM, NW, KT, DWN, QN>::WM);
-    let (rb, pb) = (S::<D, BN, BM, NW, KT, DWN, QN>::RB, S::<D, BN, BM, NW, KT, DWN, QN>::PB);
-    let threads = S::<D, BN, BM, NW, KT, DWN, QN>::THREADS;
+    type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, KT, DQT, DWN, QN>;
+    let () = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::CHECK;
+    let (wn_count, wm_count) = (S::<D, BN, BM, NW, KT, DQT, DWN, QN>::WN, S::<D, BN, BM, NW, KT, DQT, DWN, QN>::WM);
+    let (rb, pb) = (S::<D, BN, BM, NW, KT, DQT, DWN, QN>::RB, S::<D, BN, BM, NW, KT, DQT, DWN, QN>::PB);
+    let threads = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::THREADS;
     let base = smem::base();
 
     let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, BM as i32);
@@ -326,11 +326,11 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
     let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
     let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
     unsafe {
-        let (k_s, v_s) = (base + S::<D, BN, BM, NW, KT, DWN, QN>::K_OFF, base + S::<D, BN, BM, NW, KT, DWN, QN>::V_OFF);
+        let (k_s, v_s) = (base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::K_OFF, base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::V_OFF);
         load_tile::<D>(k_s, k, p.k_row_stride * 2, a.cols, tid, BN, threads);
         load_tile::<D>(v_s, v, p.v_row_stride * 2, a.cols, tid, BN, threads);
         let (h, m0) = step(0);
-        load_q_step::<D, BN, BM, NW, KT, DWN, QN>(p, a, base, 0, h, m0, tid);
+        load_q_step::<D, BN, BM, NW, KT, DQT, DWN, QN>(p, a, base, 0, h, m0, tid);
     }
     commit_group();
 
@@ -345,23 +345,23 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
         let (wn, wm) = (warp % wn_count, warp / wn_count);
         let (kv_row0, q_col0, d_col0) = (16 * KT * wn, wm * QN * 8, wm * DWN * 8);
-        let k_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::K_OFF;
-        let v_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::V_OFF;
-        let ds_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::DS_OFF;
-        let pt_s = base + S::<D, BN, BM, NW, KT, DWN, QN>::PT_OFF;
+        let k_s = base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::K_OFF;
+        let v_s = base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::V_OFF;
+        let ds_s = base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::DS_OFF;
+        let pt_s = base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::PT_OFF;
         wait_group::<0>();
         // Step `it`'s data is visible, and every warp is done with step it-1 (its stage and dS^T).
         sync_threads();
         if it + 1 < steps {
             let (h, m0) = step(it + 1);
-            unsafe { load_q_step::<D, BN, BM, NW, KT, DWN, QN>(p, a, base, 1 - stage, h, m0, tid) };
+            unsafe { load_q_step::<D, BN, BM, NW, KT, DQT, DWN, QN>(p, a, base, 1 - stage, h, m0, tid) };
             commit_group();
         }
         let (h, m0) = step(it);
         let rows = a.sq.used - m0;
         let masked = rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
-        let q_s = S::<D, BN, BM, NW, KT, DWN, QN>::q_stage(base, stage);
-        let do_s = S::<D, BN, BM, NW, KT, DWN, QN>::do_stage(base, stage);
+        let q_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::q_stage(base, stage);
+        let do_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::do_stage(base, stage);
 
         // S^T = K Q^T and dP^T = V dO^T: this warp's 16*KT keys x QN*8 queries.
         let mut acc_s = [[[0f32; 4]; QN]; KT];
@@ -375,8 +375,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         }
 
         // P and dS in place of S^T and dP^T; dS^T (and P^T when warps split the queries) to shared memory.
-        let lse_s = S::<D, BN, BM, NW, KT, DWN, QN>::lse_stage(base, stage);
-        let delta_s = S::<D, BN, BM, NW, KT, DWN, QN>::delta_stage(base, stage);
+        let lse_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::lse_stage(base, stage);
+        let delta_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage);
         // Unmasked formula everywhere (inputs past the sequence are zero-filled, so finite), softcap or not
         // decided once per tile; then, on boundary tiles only, P and dS of hidden pairs are zeroed.
         let softcap = p.softcap_pre != 0.0;
@@ -462,28 +462,35 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
 
         // dQ (rows m0..) += dS K, added to the f32 accumulator: warp (rm, cd) owns 16 rows x DC columns.
         if p.dq_accum != 0 {
-            let rm_count = S::<D, BN, BM, NW, KT, DWN, QN>::RM;
-            let dc = S::<D, BN, BM, NW, KT, DWN, QN>::DC;
+            let rm_count = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::RM;
+            let dc = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::DC;
             let (rm, cd) = (warp % rm_count, warp / rm_count);
-            let dsa_lane = ((lane % 8 + (lane / 16) * 8) as u32) * pb + ((rm * 16 + ((lane / 8) % 2) * 8) * 2) as u32;
+            let dsa_lane = ((lane % 8 + (lane / 16) * 8) as u32) * pb + ((rm * 16 * DQT + ((lane / 8) % 2) * 8) * 2) as u32;
             let kb_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + ((cd * dc) * 2) as u32 + (lane / 16) as u32 * 16;
-            let row_a = rm as i32 * 16 + g;
+            let row_a = (rm * 16 * DQT) as i32 + g;
             let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + (cd * dc) as i64) * 4) as u64);
-            // Columns in chunks of CH n8 tiles (4 * CH accumulator registers live at a time).
-            let ch = if dc % 32 == 0 && !cfg!(fa_sm90) { 4 } else { 2 };
+            // Columns in chunks of CH n8 tiles (4 * CH * DQT accumulator registers live at a time).
+            let ch = if dc % 32 == 0 { 4 } else { 2 };
             for c in 0..dc / (8 * ch) {
-                let mut acc = [[0f32; 4]; 4];
+                let mut acc = [[[0f32; 4]; 4]; DQT];
                 for kk in 0..BN / 16 {
-                    let ds_a = unsafe { ldmatrix_x4_trans(ds_s + dsa_lane + (kk * 16) as u32 * pb) };
+                    let mut ds_a = [[0u32; 4]; DQT];
+                    for (mt, frag) in ds_a.iter_mut().enumerate() {
+                        *frag = unsafe { ldmatrix_x4_trans(ds_s + dsa_lane + (kk * 16) as u32 * pb + (mt * 32) as u32) };
+                    }
                     for dp in 0..ch / 2 {
                         let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + ((c * ch + 2 * dp) * 16) as u32) };
-                        E::mma(&mut acc[2 * dp], ds_a, [b[0], b[1]]);
-                        E::mma(&mut acc[2 * dp + 1], ds_a, [b[2], b[3]]);
+                        for mt in 0..DQT {
+                            E::mma(&mut acc[mt][2 * dp], ds_a[mt], [b[0], b[1]]);
+                            E::mma(&mut acc[mt][2 * dp + 1], ds_a[mt], [b[2], b[3]]);
+                        }
                     }
                 }
-                for j in 0..ch {
-                    let col = ((c * ch + j) * 8) as i64 + 2 * t as i64;
-                    unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row_a, col, rows, t, acc[j]) };
+                for mt in 0..DQT {
+                    for j in 0..ch {
+                        let col = ((c * ch + j) * 8) as i64 + 2 * t as i64;
+                        unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row_a + 16 * mt as i32, col, rows, t, acc[mt][j]) };
+                    }
                 }
             }
         }
@@ -495,7 +502,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
 
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 #[inline(always)]
-unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DWN: usize, const QN: usize>(p: &BwdParams) {
+unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
@@ -514,7 +521,7 @@ unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         if n0 < sk.used {
             let cols = if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 };
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols };
-            unsafe { dkdv_block::<E, D, BN, BM, NW, KT, DWN, QN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
+            unsafe { dkdv_block::<E, D, BN, BM, NW, KT, DQT, DWN, QN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
         }
         // Epilogue: dk = scale * acc, dv = acc, in the input type, for every key row of the slot.
         for kt in 0..KT {
@@ -687,7 +694,7 @@ macro_rules! bwd_kernels {
             const Q: FwdConfig = crate::variants::dq_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { C.key_tiles }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }>(&p) }
+                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { C.key_tiles }, { C.dq_tiles }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }>(&p) }
             }
             #[unsafe(export_name = $dq)]
             pub unsafe extern "ptx-kernel" fn dq_kernel(p: BwdParams) {
