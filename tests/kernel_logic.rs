@@ -77,6 +77,54 @@ proptest! {
     }
 
     #[test]
+    fn grid_slices_find_their_sequences(lens in prop::collection::vec((0..50i32, 0..50i32), 1..6), extra in (0..20i32, 0..20i32), used in any::<bool>(), dense in any::<bool>()) {
+        // Device arrays as one host vector; `read(ptr, i)` reads element i of the array starting at ptr.
+        let mut mem = vec![0i32];
+        for (i, &(q, _)) in lens.iter().enumerate() {
+            mem.push(mem[i] + q);
+        }
+        let cu_k_at = mem.len();
+        mem.push(0);
+        for (i, &(_, k)) in lens.iter().enumerate() {
+            mem.push(mem[cu_k_at + i] + k);
+        }
+        let used_at = mem.len();
+        mem.extend(lens.iter().map(|&(q, _)| q / 2));
+        mem.extend(lens.iter().map(|&(_, k)| k / 3));
+        let batch = lens.len() as i32;
+        let (total_q, total_k) = (mem[cu_k_at - 1] + extra.0, mem[used_at - 1] + extra.1);
+        let addr = |at: usize| if dense { 0 } else { at as u64 + 1 };
+        let l = seqlen::Lengths {
+            cu_seqlens_q: addr(0),
+            cu_seqlens_k: addr(cu_k_at),
+            seqused_q: if used { addr(used_at) } else { 0 },
+            seqused_k: if used { addr(used_at + lens.len()) } else { 0 },
+            batch,
+            seqlen_q: 7,
+            seqlen_k: 9,
+            total_q,
+            total_k,
+        };
+        let read = |ptr: u64, i: i32| mem[ptr as usize - 1 + i as usize];
+        for b in 0..batch {
+            let (sq, sk) = l.slice(b, read);
+            if dense {
+                prop_assert_eq!((sq, sk), (seqlen::SeqlenInfo::dense(7), seqlen::SeqlenInfo::dense(9)));
+            } else {
+                let (q, k) = lens[b as usize];
+                prop_assert_eq!((sq.start, sq.slot_len, sk.start, sk.slot_len), (mem[b as usize], q, mem[cu_k_at + b as usize], k));
+                prop_assert_eq!((sq.used, sk.used), if used { (q / 2, k / 3) } else { (q, k) });
+            }
+        }
+        if !dense {
+            // The extra slice: the rows past the last sequence, all padding.
+            let (tq, tk) = l.slice(batch, read);
+            prop_assert_eq!((tq.start, tq.slot_len, tq.used), (total_q - extra.0, extra.0, 0));
+            prop_assert_eq!((tk.start, tk.slot_len, tk.used), (total_k - extra.1, extra.1, 0));
+        }
+    }
+
+    #[test]
     fn valid_lengths_pass_through(start in 0..1000i32, len in 0..1000i32, extra in 0..100i32, used_frac in 0.0..=1.0f64) {
         let used = (len as f64 * used_frac) as i32;
         let s = seqlen::SeqlenInfo::varlen(start, start + len, Some(used), start + len + extra);

@@ -13,3 +13,29 @@ pub mod params;
 pub mod seqlen;
 pub mod softmax;
 pub mod variants;
+
+// Device-only (params.rs is also compiled by the host, which has no `seqlen`): the length fields of both
+// parameter structs as one `seqlen::Lengths`.
+macro_rules! lengths_of {
+    ($t:ident) => {
+        impl params::$t {
+            /// The fields `seqlen::Lengths::slice` needs.
+            #[inline(always)]
+            pub fn lengths(&self) -> seqlen::Lengths {
+                seqlen::Lengths {
+                    cu_seqlens_q: self.cu_seqlens_q,
+                    cu_seqlens_k: self.cu_seqlens_k,
+                    seqused_q: self.seqused_q,
+                    seqused_k: self.seqused_k,
+                    batch: self.batch,
+                    seqlen_q: self.seqlen_q,
+                    seqlen_k: self.seqlen_k,
+                    total_q: self.total_q,
+                    total_k: self.total_k,
+                }
+            }
+        }
+    };
+}
+lengths_of!(FwdParams);
+lengths_of!(BwdParams);

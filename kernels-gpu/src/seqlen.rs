@@ -45,3 +45,38 @@ impl SeqlenInfo {
 fn clamp(x: i32, lo: i32, hi: i32) -> i32 {
     if x < lo { lo } else if x > hi { hi } else { x }
 }
+
+/// The length arrays and sizes both kernels' parameters carry: device addresses (0 = absent) and counts.
+#[derive(Clone, Copy, Debug)]
+pub struct Lengths {
+    pub cu_seqlens_q: u64,
+    pub cu_seqlens_k: u64,
+    pub seqused_q: u64,
+    pub seqused_k: u64,
+    pub batch: i32,
+    pub seqlen_q: i32,
+    pub seqlen_k: i32,
+    pub total_q: i32,
+    pub total_k: i32,
+}
+
+impl Lengths {
+    /// The (q, k) sequences of grid slice `bidb`: sequence `bidb` when `bidb < batch`, else (varlen only)
+    /// the buffers' tail rows past the last sequence, all padding. `read(ptr, i)` loads int32 `i` of the
+    /// device array at `ptr`.
+    #[inline(always)]
+    pub fn slice(&self, bidb: i32, read: impl Fn(u64, i32) -> i32) -> (SeqlenInfo, SeqlenInfo) {
+        if bidb >= self.batch {
+            (SeqlenInfo::tail(read(self.cu_seqlens_q, self.batch), self.total_q), SeqlenInfo::tail(read(self.cu_seqlens_k, self.batch), self.total_k))
+        } else if self.cu_seqlens_q != 0 {
+            let used_q = if self.seqused_q != 0 { Some(read(self.seqused_q, bidb)) } else { None };
+            let used_k = if self.seqused_k != 0 { Some(read(self.seqused_k, bidb)) } else { None };
+            (
+                SeqlenInfo::varlen(read(self.cu_seqlens_q, bidb), read(self.cu_seqlens_q, bidb + 1), used_q, self.total_q),
+                SeqlenInfo::varlen(read(self.cu_seqlens_k, bidb), read(self.cu_seqlens_k, bidb + 1), used_k, self.total_k),
+            )
+        } else {
+            (SeqlenInfo::dense(self.seqlen_q), SeqlenInfo::dense(self.seqlen_k))
+        }
+    }
+}

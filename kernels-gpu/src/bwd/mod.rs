@@ -25,23 +25,10 @@ use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::variants::{row_pitch_bytes, BwdConfig, FwdConfig, BWD_ROWS_PER_BLOCK};
 
-/// The (q, k) sequences a block works on: `bidb < batch` is sequence `bidb`; `bidb == batch` (varlen
-/// only) is the buffers' tail past the last sequence, all padding.
+/// The (q, k) sequences of grid slice `bidb` (`seqlen::Lengths::slice`).
 #[inline(always)]
 fn sequences(p: &BwdParams, bidb: i32) -> (SeqlenInfo, SeqlenInfo) {
-    let read = |ptr: u64, i: i32| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) };
-    if bidb >= p.batch {
-        (SeqlenInfo::tail(read(p.cu_seqlens_q, p.batch), p.total_q), SeqlenInfo::tail(read(p.cu_seqlens_k, p.batch), p.total_k))
-    } else if p.cu_seqlens_q != 0 {
-        let used_q = if p.seqused_q != 0 { Some(read(p.seqused_q, bidb)) } else { None };
-        let used_k = if p.seqused_k != 0 { Some(read(p.seqused_k, bidb)) } else { None };
-        (
-            SeqlenInfo::varlen(read(p.cu_seqlens_q, bidb), read(p.cu_seqlens_q, bidb + 1), used_q, p.total_q),
-            SeqlenInfo::varlen(read(p.cu_seqlens_k, bidb), read(p.cu_seqlens_k, bidb + 1), used_k, p.total_k),
-        )
-    } else {
-        (SeqlenInfo::dense(p.seqlen_q), SeqlenInfo::dense(p.seqlen_k))
-    }
+    p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) })
 }
 
 /// Byte address of row `row` (of sequence `bidb`, head `h`) in a 16-bit operand.

@@ -15,7 +15,6 @@ use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::mask::key_range;
 use crate::params::FwdParams;
-use crate::seqlen::SeqlenInfo;
 use crate::softmax::{finalize_row, update_row, RowState};
 use crate::variants::{row_pitch_bytes, FwdConfig};
 
@@ -343,21 +342,8 @@ unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, c
     let tid = thread_idx_x() as usize;
     let bidh = block_idx_y() as i32;
     let bidb = block_idx_z() as i32;
-    let varlen = p.cu_seqlens_q != 0;
-
-    let read = |ptr: u64, i: i32| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) };
-    let (sq, sk) = if bidb >= p.batch {
-        (SeqlenInfo::tail(read(p.cu_seqlens_q, p.batch), p.total_q), SeqlenInfo { start: 0, slot_len: 0, used: 0 })
-    } else if varlen {
-        let used_q = if p.seqused_q != 0 { Some(read(p.seqused_q, bidb)) } else { None };
-        let used_k = if p.seqused_k != 0 { Some(read(p.seqused_k, bidb)) } else { None };
-        (
-            SeqlenInfo::varlen(read(p.cu_seqlens_q, bidb), read(p.cu_seqlens_q, bidb + 1), used_q, p.total_q),
-            SeqlenInfo::varlen(read(p.cu_seqlens_k, bidb), read(p.cu_seqlens_k, bidb + 1), used_k, p.total_k),
-        )
-    } else {
-        (SeqlenInfo::dense(p.seqlen_q), SeqlenInfo::dense(p.seqlen_k))
-    };
+    // The tail slice's keys are never read here (its rows are all padding).
+    let (sq, sk) = p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
 
     let b = bidb as i64;
     let bidh_kv = (bidh / (p.h / p.h_k)) as i64;
