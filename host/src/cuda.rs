@@ -101,6 +101,21 @@ fn check_aligned(arg: &'static str, t: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// Grid y walks heads and z sequences: both are limited to 65535 by CUDA.
+fn check_grid(grid: (u32, u32, u32)) -> Result<()> {
+    for (arg, n) in [("num_heads", grid.1), ("batch", grid.2)] {
+        if n > 65535 {
+            return Err(Error::TooLarge { arg, msg: format!("{n} exceeds the CUDA grid limit of 65535") });
+        }
+    }
+    Ok(())
+}
+
+/// (batch, head) strides of the contiguous LSE: `[B, Hq, Sq]`, or `[Hq, Tq]` for varlen.
+fn lse_strides(p: &Problem) -> (usize, usize) {
+    if p.varlen { (0, p.total_q) } else { (p.hq * p.seqlen_q, p.seqlen_q) }
+}
+
 /// Allocate the outputs on q's device and run the kernel into them.
 pub fn fwd(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<crate::api::FwdOutput> {
     let ordinal = cuda_ordinal(q)?;
@@ -122,18 +137,14 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
         return Ok(());
     }
     let launch = fwd_launch(p).ok_or(Error::HeadDim { got: p.head_dim })?;
-    for (arg, n) in [("num_heads", p.hq), ("batch", launch.grid.2 as usize)] {
-        if n > 65535 {
-            return Err(Error::TooLarge { arg, msg: format!("{n} exceeds the CUDA grid limit of 65535") });
-        }
-    }
+    check_grid(launch.grid)?;
     let gpu = gpu(cuda_ordinal(q)?)?;
     let func = gpu.function(launch.kernel, launch.smem_bytes)?;
 
     let s = |x: usize| x as i64;
     let os = out.strides();
     let (o_batch, o_row, o_head) = if p.varlen { (0, os[0], os[1]) } else { (os[0], os[1], os[2]) };
-    let (lse_batch, lse_head) = if p.varlen { (0, p.total_q) } else { (p.hq * p.seqlen_q, p.seqlen_q) };
+    let (lse_batch, lse_head) = lse_strides(p);
     let (scale_log2, softcap_pre) = score_constants(p);
     // Masked scores are -inf times scale_log2 in the kernel: a zero scale (uniform attention) must stay
     // nonzero there. The smallest normal float makes every finite score flush to exactly 0.
@@ -215,11 +226,7 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
     }
     let launches = bwd_launches(p, deterministic).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in &launches {
-        for (arg, n) in [("num_heads", l.grid.1 as usize), ("batch", l.grid.2 as usize)] {
-            if n > 65535 {
-                return Err(Error::TooLarge { arg, msg: format!("{n} exceeds the CUDA grid limit of 65535") });
-            }
-        }
+        check_grid(l.grid)?;
     }
     let gpu = gpu(ordinal)?;
     let funcs = launches.iter().map(|l| gpu.function(l.kernel, l.smem_bytes)).collect::<Result<Vec<_>>>()?;
@@ -233,7 +240,7 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
 
     let s = |x: usize| x as i64;
     let (scale_log2, softcap_pre) = score_constants(p);
-    let (lse_batch, lse_head) = if p.varlen { (0, p.total_q) } else { (p.hq * p.seqlen_q, p.seqlen_q) };
+    let (lse_batch, lse_head) = lse_strides(p);
     let (dq_b, dq_r, dq_h) = contiguous_bsh(p.varlen, p.seqlen_q, p.hq, p.head_dim);
     let (dk_b, dk_r, dk_h) = contiguous_bsh(p.varlen, p.seqlen_k, p.hk, p.head_dim);
     let i32_of = |x: i64| x.clamp(i32::MIN as i64, i32::MAX as i64) as i32;

@@ -89,9 +89,17 @@ fn dynamic_smem(kernel: &str) -> String {
             if variants::fwd_kernel_name(d, dt) == Some(kernel) {
                 return variants::fwd_config(d).smem_bytes().to_string();
             }
+            if let Some((dkdv, dq)) = variants::bwd_kernel_names(d, dt) {
+                if dkdv == kernel {
+                    return variants::bwd_config(d).smem_bytes().to_string();
+                }
+                if dq == kernel {
+                    return variants::dq_smem_bytes(&variants::dq_config(d)).to_string();
+                }
+            }
         }
     }
-    "?".into()
+    "0".into()
 }
 
 #[derive(Default)]
