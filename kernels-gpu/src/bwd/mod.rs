@@ -19,7 +19,7 @@ use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::{m_block_range, n_block_range, tile_needs_mask};
-use crate::fwd::{load_tile, Elem, BF16, F16};
+use crate::fwd::{a_fragment, load_tile, Elem, BF16, F16};
 use crate::mask::key_range;
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
@@ -424,10 +424,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
             let mut da = [[0u32; 4]; KT];
             for kt in 0..KT {
                 if wm_count == 1 {
-                    let (s0, s1) = (&acc_s[kt][2 * kk], &acc_s[kt][2 * kk + 1]);
-                    let (d0, d1) = (&acc_dp[kt][2 * kk], &acc_dp[kt][2 * kk + 1]);
-                    pa[kt] = [E::pack(s0[0], s0[1]), E::pack(s0[2], s0[3]), E::pack(s1[0], s1[1]), E::pack(s1[2], s1[3])];
-                    da[kt] = [E::pack(d0[0], d0[1]), E::pack(d0[2], d0[3]), E::pack(d1[0], d1[1]), E::pack(d1[2], d1[3])];
+                    pa[kt] = a_fragment::<E>(&acc_s[kt][2 * kk], &acc_s[kt][2 * kk + 1]);
+                    da[kt] = a_fragment::<E>(&acc_dp[kt][2 * kk], &acc_dp[kt][2 * kk + 1]);
                 } else {
                     let off = pt_lane + (kt * 16) as u32 * pb + (kk * 32) as u32;
                     pa[kt] = unsafe { ldmatrix_x4(pt_s + off) };
@@ -647,8 +645,7 @@ unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, co
                 // dQ += dS K: dS's accumulator layout is the A fragment; K [keys][d] is read transposed.
                 let kb_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
                 for kk in 0..NN / 2 {
-                    let (d0, d1) = (&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
-                    let da = [E::pack(d0[0], d0[1]), E::pack(d0[2], d0[3]), E::pack(d1[0], d1[1]), E::pack(d1[2], d1[3])];
+                    let da = a_fragment::<E>(&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
                     for dp in 0..DN / 2 {
                         let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + (dp * 32) as u32) };
                         E::mma(&mut acc_dq[2 * dp], da, [b[0], b[1]]);

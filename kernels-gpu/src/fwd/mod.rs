@@ -58,6 +58,13 @@ impl Elem for F16 {
     }
 }
 
+/// The A fragment of one k16 step from two n8 accumulator tiles (the mma's C layout of columns 0-7 and
+/// 8-15 is its A layout), packed to 16 bits.
+#[inline(always)]
+pub(crate) fn a_fragment<E: Elem>(lo: &[f32; 4], hi: &[f32; 4]) -> [u32; 4] {
+    [E::pack(lo[0], lo[1]), E::pack(lo[2], lo[3]), E::pack(hi[0], hi[1]), E::pack(hi[2], hi[3])]
+}
+
 /// Compile-time shape of a kernel: head dim `D` (`DN = D / 8` n8 tiles), `MT` m16 tiles per warp, `NW`
 /// warps, `BN` keys per tile (`NN = BN / 8`). Stable Rust cannot size arrays by `D / 8`, so both are given.
 struct Shape<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>;
@@ -283,8 +290,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             for kk in 0..NN / 2 {
                 let mut pa = [[0u32; 4]; MT];
                 for mt in 0..MT {
-                    let (s0, s1) = (&acc_s[mt][2 * kk], &acc_s[mt][2 * kk + 1]);
-                    pa[mt] = [E::pack(s0[0], s0[1]), E::pack(s0[2], s0[3]), E::pack(s1[0], s1[1]), E::pack(s1[2], s1[3])];
+                    pa[mt] = a_fragment::<E>(&acc_s[mt][2 * kk], &acc_s[mt][2 * kk + 1]);
                 }
                 for dp in 0..DN / 2 {
                     let b = unsafe { ldmatrix_x4_trans(v_lane + (kk * 16) as u32 * row_bytes + (dp * 32) as u32) };
