@@ -236,7 +236,10 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
     let dv = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, bytes(&kv_shape, p.dtype.size()))?, &kv_shape, p.dtype);
     let lse_len = p.lse_shape().iter().product::<usize>();
     let ws = DeviceBuffer::uninit(ordinal, 2 * lse_len * 4)?;
-    let dq_accum = if deterministic { None } else { Some(DeviceBuffer::zeros(ordinal, bytes(&q_shape, 4))?) };
+    // The dk/dv kernel adds whole query blocks to the accumulator without a row check (rows past a
+    // sequence add exact zeros): `block_m` rows of slack keep the last block's adds inside it.
+    let slack = crate::dispatch::bwd_config(p.head_dim).block_m * p.hq * p.head_dim * 4;
+    let dq_accum = if deterministic { None } else { Some(DeviceBuffer::zeros(ordinal, bytes(&q_shape, 4) + slack)?) };
 
     let s = |x: usize| x as i64;
     let (scale_log2, softcap_pre) = score_constants(p);

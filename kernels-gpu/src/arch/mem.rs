@@ -67,6 +67,16 @@ pub unsafe fn red_add_f32(addr: u64, v: f32) {
     unsafe { asm!("red.global.add.f32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
 }
 
+/// `addr[0..2] += v` in global memory, atomically per element, one request (`addr` 8-byte aligned;
+/// sm_90, PTX 8.1).
+#[cfg(fa_sm90)]
+#[inline(always)]
+pub unsafe fn red_add_v2_f32(addr: u64, v: [f32; 2]) {
+    unsafe {
+        asm!("red.global.add.v2.f32 [{a}], {{{x}, {y}}};", a = in(reg64) addr, x = in(reg32) v[0], y = in(reg32) v[1], options(nostack))
+    }
+}
+
 /// `addr[0..4] += v` in global memory, atomically per element, one request (`addr` 16-byte aligned;
 /// sm_90, PTX 8.1).
 #[cfg(fa_sm90)]

@@ -205,8 +205,7 @@ struct KvArgs {
     cols: i32,
 }
 
-/// Start the copies of step `it` (q head `it / m_count` of the group, query block `m_min + it % m_count`)
-/// into stage `stage`: Q and dO rows (zero past the sequence), and their lse_log2 and D.
+/// Start the copies of one step (q head `h`, query rows from `m0`) into stage `stage`: Q and dO rows (zero past the sequence), and their lse_log2 and D.
 #[inline(always)]
 unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
     type S<const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize> = KvShape<D, BN, BM, NW, KT, DQT, DWN, QN>;
@@ -249,38 +248,27 @@ unsafe fn rows_times_cols<E: Elem, const D: usize, const KT: usize, const QN: us
 }
 
 /// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq
-/// accumulator at `dqa` (row stride in elements), skipping rows at or past `rows`. On sm_90 the quad's
-/// even and odd lanes first swap halves so each holds four consecutive columns of one row: one 16-byte
-/// vector reduction instead of four scalar ones.
+/// accumulator at `dqa` (row stride in elements). No row check: rows past the sequence carry dS = 0
+/// exactly (zeroed with the masked pairs), so they add zeros, and the accumulator has `block_m` rows of
+/// slack after its last row (host), so those adds stay inside it. On sm_90 each row's pair is one
+/// 8-byte vector reduction.
 #[inline(always)]
-unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, rows: i32, t: i32, frag: [f32; 4]) {
+unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, frag: [f32; 4]) {
+    let at = dqa.wrapping_add(((row_a as i64 * row_stride + col) * 4) as u64);
+    let at8 = at.wrapping_add((8 * row_stride * 4) as u64);
     #[cfg(fa_sm90)]
-    {
-        use crate::arch::mem::red_add_v4_f32;
-        use crate::arch::shfl::shfl_xor_f32;
-        let odd = t & 1 == 1;
-        // Even lanes keep row g and take the odd neighbour's row-g pair; odd lanes keep row g+8.
-        let (send0, send1) = if odd { (frag[0], frag[1]) } else { (frag[2], frag[3]) };
-        let (r0, r1) = (shfl_xor_f32(send0, 1), shfl_xor_f32(send1, 1));
-        let (r, c0, v) = if odd { (row_a + 8, col - 2, [r0, r1, frag[2], frag[3]]) } else { (row_a, col, [frag[0], frag[1], r0, r1]) };
-        if r < rows {
-            unsafe { red_add_v4_f32(dqa.wrapping_add(((r as i64 * row_stride + c0) * 4) as u64), v) };
-        }
+    unsafe {
+        use crate::arch::mem::red_add_v2_f32;
+        red_add_v2_f32(at, [frag[0], frag[1]]);
+        red_add_v2_f32(at8, [frag[2], frag[3]]);
     }
     #[cfg(not(fa_sm90))]
-    {
+    unsafe {
         use crate::arch::mem::red_add_f32;
-        let _ = t;
-        for half in 0..2usize {
-            let r = row_a + 8 * half as i32;
-            if r < rows {
-                let at = dqa.wrapping_add(((r as i64 * row_stride + col) * 4) as u64);
-                unsafe {
-                    red_add_f32(at, frag[2 * half]);
-                    red_add_f32(at + 4, frag[2 * half + 1]);
-                }
-            }
-        }
+        red_add_f32(at, frag[0]);
+        red_add_f32(at + 4, frag[1]);
+        red_add_f32(at8, frag[2]);
+        red_add_f32(at8 + 4, frag[3]);
     }
 }
 
@@ -307,7 +295,10 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
     if steps == 0 {
         return;
     }
-    let step = |it: i32| (a.hk * a.group + it / m_count, (m_min + it % m_count) * BM as i32);
+    // Steps walk (q head, query block) in order: head-major, blocks m_min..m_max. Counters, not `it /
+    // m_count`: a division by a runtime value costs dozens of instructions per step.
+    let next = |(h, m): (i32, i32)| if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) };
+    let mut cur = (a.hk * a.group, m_min);
 
     // Prologue: K, V and the first step in one group.
     let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
@@ -316,8 +307,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         let (k_s, v_s) = (base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::K_OFF, base + S::<D, BN, BM, NW, KT, DQT, DWN, QN>::V_OFF);
         load_tile::<D>(k_s, k, p.k_row_stride * 2, a.cols, tid, BN, threads);
         load_tile::<D>(v_s, v, p.v_row_stride * 2, a.cols, tid, BN, threads);
-        let (h, m0) = step(0);
-        load_q_step::<D, BN, BM, NW, KT, DQT, DWN, QN>(p, a, base, 0, h, m0, tid);
+        load_q_step::<D, BN, BM, NW, KT, DQT, DWN, QN>(p, a, base, 0, cur.0, cur.1 * BM as i32, tid);
     }
     commit_group();
 
@@ -339,12 +329,13 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         wait_group::<0>();
         // Step `it`'s data is visible, and every warp is done with step it-1 (its stage and dS^T).
         sync_threads();
+        let nxt = next(cur);
         if it + 1 < steps {
-            let (h, m0) = step(it + 1);
-            unsafe { load_q_step::<D, BN, BM, NW, KT, DQT, DWN, QN>(p, a, base, 1 - stage, h, m0, tid) };
+            unsafe { load_q_step::<D, BN, BM, NW, KT, DQT, DWN, QN>(p, a, base, 1 - stage, nxt.0, nxt.1 * BM as i32, tid) };
             commit_group();
         }
-        let (h, m0) = step(it);
+        let (h, m0) = (cur.0, cur.1 * BM as i32);
+        cur = nxt;
         let rows = a.sq.used - m0;
         let masked = rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
         let q_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::q_stage(base, stage);
@@ -366,21 +357,27 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         let delta_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage);
         // Unmasked formula everywhere (inputs past the sequence are zero-filled, so finite), softcap or not
         // decided once per tile; then, on boundary tiles only, P and dS of hidden pairs are zeroed.
-        let softcap = p.softcap_pre != 0.0;
-        for j in 0..QN {
-            let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
-            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
-            let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
-            for kt in 0..KT {
-                for i in 0..4 {
-                    let e = i % 2;
-                    let (pr, ds) = if softcap {
-                        grad_elem_softcap(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[e], delta[e])
-                    } else {
-                        grad_elem_plain(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[e], delta[e])
-                    };
-                    acc_s[kt][j][i] = pr;
-                    acc_dp[kt][j][i] = ds;
+        // The softcap test sits outside the loops: inside, LLVM kept one branch per element.
+        if p.softcap_pre != 0.0 {
+            for j in 0..QN {
+                let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
+                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+                for kt in 0..KT {
+                    for i in 0..4 {
+                        (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_softcap(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
+                    }
+                }
+            }
+        } else {
+            for j in 0..QN {
+                let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
+                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+                for kt in 0..KT {
+                    for i in 0..4 {
+                        (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_plain(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
+                    }
                 }
             }
         }
@@ -474,7 +471,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
                 for mt in 0..DQT {
                     for j in 0..ch {
                         let col = ((c * ch + j) * 8) as i64 + 2 * t as i64;
-                        unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row_a + 16 * mt as i32, col, rows, t, acc[mt][j]) };
+                        unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row_a + 16 * mt as i32, col, acc[mt][j]) };
                     }
                 }
             }

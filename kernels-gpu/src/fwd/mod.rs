@@ -103,6 +103,24 @@ pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_by
     // Recompute the per-thread offsets here, each tile, instead of keeping them all live (opaque_u32).
     let tid = opaque_u32(tid as u32) as usize;
     let row_stride_bytes = opaque_i64(row_stride_bytes);
+    if threads % chunks == 0 {
+        // Each pass covers `threads / chunks` whole rows: a thread keeps its column, and its addresses
+        // advance by a fixed step (one 64-bit multiply per tile instead of one per copy).
+        let pass_rows = threads / chunks;
+        let (r0, c) = (tid / chunks, tid % chunks);
+        let mut g = src.wrapping_add((r0 as i64 * row_stride_bytes + c as i64 * 16) as u64);
+        let g_step = (pass_rows as i64 * row_stride_bytes) as u64;
+        let mut s = dst + r0 as u32 * row_bytes + c as u32 * 16;
+        let mut i = 0;
+        while i < rows / pass_rows {
+            let valid = ((r0 + i * pass_rows) as i32) < valid_rows;
+            unsafe { cp_async_16(s, if valid { g } else { src }, valid) };
+            g = g.wrapping_add(g_step);
+            s += pass_rows as u32 * row_bytes;
+            i += 1;
+        }
+        return;
+    }
     let mut i = 0;
     while i < rows * chunks / threads {
         let idx = tid + i * threads;
