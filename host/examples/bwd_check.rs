@@ -54,8 +54,50 @@ fn bench(filter: &str) {
     }
 }
 
+/// `bwd_check fwd [filter]`: median ms of fwd on the table's shapes, wgmma kernels and mma.sync ones.
+fn bench_fwd(filter: &str) {
+    let gpu = Device::Cuda(0);
+    let mut seed = 7u64;
+    for &d in &[64usize, 128, 256] {
+        for &s in &[512usize, 2048, 8192, 16384] {
+            for causal in [false, true] {
+                let name = format!("d{d}-s{s}-{}", if causal { "causal" } else { "full" });
+                if !name.contains(filter) {
+                    continue;
+                }
+                let (b, h) = (16384 / s, 16);
+                let n = b * s * h * d;
+                let mk = |seed: &mut u64| Tensor::from_f32(&rnd(n, seed), &[b, s, h, d], DType::BF16).unwrap().to_device(gpu).unwrap();
+                let (q, k, v) = (mk(&mut seed), mk(&mut seed), mk(&mut seed));
+                let opts = AttnOptions { causal, ..Default::default() };
+                let flops = 4.0 * (b * h * s * s * d) as f64 * if causal { 0.5 } else { 1.0 };
+                let mut line = format!("{name}:");
+                for wg in [true, false] {
+                    // SAFETY: single-threaded example; the library reads the variable per call.
+                    unsafe {
+                        if wg { std::env::remove_var("FLASH_ATTN_NO_WGMMA") } else { std::env::set_var("FLASH_ATTN_NO_WGMMA", "1") }
+                    }
+                    let mut t = Vec::new();
+                    for _ in 0..15 {
+                        t.push(flash_attn::cuda::time_ms(0, || fwd(&q, &k, &v, &opts).map(|_| ())).unwrap());
+                    }
+                    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    let ms = t[t.len() / 2];
+                    line += &format!(" {} {ms:.3} ms {:.0} TFLOP/s", if wg { "wgmma" } else { "mma" }, flops / ms as f64 / 1e9);
+                }
+                unsafe { std::env::remove_var("FLASH_ATTN_NO_WGMMA") };
+                println!("{line}");
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(|s| s.as_str()) == Some("fwd") {
+        bench_fwd(args.get(2).map(|s| s.as_str()).unwrap_or(""));
+        return;
+    }
     if args.get(1).map(|s| s.as_str()) == Some("bench") {
         bench(args.get(2).map(|s| s.as_str()).unwrap_or(""));
         return;

@@ -136,9 +136,9 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
     if p.total_q == 0 || p.hq == 0 {
         return Ok(());
     }
-    let launch = fwd_launch(p).ok_or(Error::HeadDim { got: p.head_dim })?;
-    check_grid(launch.grid)?;
     let gpu = gpu(cuda_ordinal(q)?)?;
+    let launch = fwd_launch(p, gpu.cc_major >= 9 && std::env::var_os("FLASH_ATTN_NO_WGMMA").is_none()).ok_or(Error::HeadDim { got: p.head_dim })?;
+    check_grid(launch.grid)?;
     let func = gpu.function(launch.kernel, launch.smem_bytes)?;
 
     let s = |x: usize| x as i64;

@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, FwdConfig, KernelDType,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, FwdConfig, KernelDType,
     BWD_ROWS_PER_BLOCK,
 };
 
@@ -33,13 +33,17 @@ fn kernel_dtype(dtype: DType) -> Option<KernelDType> {
     }
 }
 
-pub fn fwd_launch(p: &Problem) -> Option<FwdLaunch> {
+/// `sm90`: the sm_90a module runs, whose wgmma kernels take the head dims they have.
+pub fn fwd_launch(p: &Problem, sm90: bool) -> Option<FwdLaunch> {
     let dtype = kernel_dtype(p.dtype)?;
+    let z = p.batch + usize::from(p.varlen);
+    let grid = |c: &FwdConfig| (p.seqlen_q.max(1).div_ceil(c.block_m()) as u32, p.hq as u32, z as u32);
+    if let (true, Some(config), Some(kernel)) = (sm90, fwd_wg_config(p.head_dim), fwd_wg_kernel_name(p.head_dim, dtype)) {
+        return Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: fwd_wg_smem_bytes(&config) });
+    }
     let kernel = fwd_kernel_name(p.head_dim, dtype)?;
     let config = fwd_config(p.head_dim);
-    let m_blocks = p.seqlen_q.max(1).div_ceil(config.block_m());
-    let z = p.batch + usize::from(p.varlen);
-    Some(FwdLaunch { kernel, config, grid: (m_blocks as u32, p.hq as u32, z as u32), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
+    Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
 }
 
 /// One kernel launch: export name, grid, threads per block, dynamic shared memory.

@@ -91,6 +91,44 @@ macro_rules! name_lookup {
 }
 for_each_fwd_variant!(name_lookup);
 
+/// Hopper (sm_90a module) forward: two warpgroups own 128 query rows (16 per warp, as `m_tiles: 1,
+/// warps: 8`), wgmma products over 128-key tiles in 128-byte-swizzled shared memory. Head dims 64 and 128.
+pub const fn fwd_wg_config(head_dim: usize) -> Option<FwdConfig> {
+    match head_dim {
+        64 | 128 => Some(FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 128, q_in_regs: false }),
+        _ => None,
+    }
+}
+
+/// Dynamic shared memory of the Hopper forward: Q, then two stages of K and of V, unpadded (swizzled).
+pub const fn fwd_wg_smem_bytes(c: &FwdConfig) -> usize {
+    (c.block_m() + 4 * c.block_n) * c.head_dim * 2
+}
+
+/// The Hopper forward's entry points (sm_90a module only), like `for_each_fwd_variant`.
+#[macro_export]
+macro_rules! for_each_fwd_wg_variant {
+    ($m:ident) => {
+        $m! {
+            (64, BF16, "flash_fwd_wg_hdim64_bf16"),
+            (128, BF16, "flash_fwd_wg_hdim128_bf16"),
+            (64, F16, "flash_fwd_wg_hdim64_f16"),
+            (128, F16, "flash_fwd_wg_hdim128_f16"),
+        }
+    };
+}
+
+macro_rules! wg_name_lookup {
+    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {
+        /// Export name of the Hopper forward kernel for `(head_dim, dtype)`, if there is one.
+        pub fn fwd_wg_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
+            None
+        }
+    };
+}
+for_each_fwd_wg_variant!(wg_name_lookup);
+
 /// Tile shape of one backward variant. A block owns `block_n` keys of one kv head and walks the query
 /// blocks (`block_m` rows) of every q head of its group that see them. Warps are laid out `wn = block_n /
 /// 16` along the keys times `wm` along the queries (S^T, dP^T) or along the head dim (dK, dV); for

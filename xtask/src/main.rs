@@ -2,6 +2,7 @@
 //! target GPU), `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine).
 
 mod ptx;
+mod wgmma;
 #[path = "../../kernels-gpu/src/variants.rs"]
 #[macro_use]
 #[allow(dead_code)]
@@ -22,7 +23,11 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ptx") => cmd_ptx(),
         Some("bundle") => cmd_bundle(),
-        _ => Err("usage: cargo xtask <ptx|bundle>\n  ptx     build kernels-gpu to PTX and run ptxas on it (sm_80, sm_90a)\n  bundle  build release test/CLI/bench binaries and PTX into bundle/ for the GPU machine".into()),
+        Some("gen-wgmma") => {
+            let path = root().join("kernels-gpu/src/arch/wgmma_ops.rs");
+            std::fs::write(&path, wgmma::generate()).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        _ => Err("usage: cargo xtask <ptx|bundle|gen-wgmma>\n  ptx     build kernels-gpu to PTX and run ptxas on it (sm_80, sm_90a)\n  bundle  build release test/CLI/bench binaries and PTX into bundle/ for the GPU machine\n  gen-wgmma  write kernels-gpu/src/arch/wgmma_ops.rs".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

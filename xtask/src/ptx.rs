@@ -22,7 +22,7 @@ pub struct PtxTarget {
 /// reductions) and is what the host loads on compute capability 9.0 and newer.
 pub const PTX_TARGETS: &[PtxTarget] = &[
     PtxTarget { stem: "kernels_sm80", cpu: "sm_80", ptx_isa: "+ptx80", cfgs: &[], ptxas_archs: &["sm_80", "sm_90a"] },
-    PtxTarget { stem: "kernels_sm90", cpu: "sm_90", ptx_isa: "+ptx81", cfgs: &["fa_sm90"], ptxas_archs: &["sm_90a"] },
+    PtxTarget { stem: "kernels_sm90", cpu: "sm_90a", ptx_isa: "+ptx81", cfgs: &["fa_sm90"], ptxas_archs: &["sm_90a"] },
 ];
 
 /// Build every module of `PTX_TARGETS` from `<root>/kernels-gpu` into `out_dir/<stem>.ptx`.

@@ -10,4 +10,8 @@ pub mod shfl;
 pub mod smem;
 pub mod sreg;
 pub mod sync;
+#[cfg(fa_sm90)]
+pub mod wgmma;
+#[cfg(fa_sm90)]
+mod wgmma_ops;
 pub mod reg;

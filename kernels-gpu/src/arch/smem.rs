@@ -2,7 +2,8 @@
 //! the shared window (what ldmatrix, cp.async and ld/st.shared take).
 use core::arch::{asm, global_asm};
 
-global_asm!(".extern .shared .align 128 .b8 smem[];");
+// 1024-byte alignment: wgmma's 128-byte-swizzled tiles repeat every 1024 bytes from an aligned base.
+global_asm!(".extern .shared .align 1024 .b8 smem[];");
 
 /// Shared-window address of the first byte of dynamic shared memory.
 #[inline(always)]

@@ -2,6 +2,10 @@
 //! A block owns 16*MT*NW query rows of one (sequence, head); it walks the K/V tiles those rows can see,
 //! last to first, through a two-stage cp.async pipeline: S = Q K^T, online softmax in registers, O += P V.
 //! The epilogue writes O / rowsum and the LSE; rows that saw no key, and padding rows, get 0 and -inf.
+//! On Hopper the sm_90a module's `wg` kernels take head dims 64 and 128 (wgmma).
+
+#[cfg(fa_sm90)]
+mod wg;
 
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
@@ -150,26 +154,26 @@ unsafe fn write_padding<const D: usize>(p: &FwdParams, o_head: u64, lse_head: u6
 }
 
 /// Everything one block needs to attend rows `[m0, m0 + BM)` of one (sequence, head).
-struct BlockArgs {
+pub(crate) struct BlockArgs {
     /// Q rows `m0..` of this head, and the row stride in bytes.
-    q: u64,
-    q_row_bytes: i64,
+    pub(crate) q: u64,
+    pub(crate) q_row_bytes: i64,
     /// K/V row 0 of this sequence's kv head.
-    k: u64,
-    v: u64,
-    k_row_bytes: i64,
-    v_row_bytes: i64,
+    pub(crate) k: u64,
+    pub(crate) v: u64,
+    pub(crate) k_row_bytes: i64,
+    pub(crate) v_row_bytes: i64,
     /// Out row `m0` of this head, its row stride in elements, and LSE row `m0`.
-    o: u64,
-    o_row_stride: i64,
-    lse: u64,
-    m0: i32,
-    seqlen_q: i32,
-    seqlen_k: i32,
-    window_left: i32,
-    window_right: i32,
-    scale_log2: f32,
-    softcap_pre: f32,
+    pub(crate) o: u64,
+    pub(crate) o_row_stride: i64,
+    pub(crate) lse: u64,
+    pub(crate) m0: i32,
+    pub(crate) seqlen_q: i32,
+    pub(crate) seqlen_k: i32,
+    pub(crate) window_left: i32,
+    pub(crate) window_right: i32,
+    pub(crate) scale_log2: f32,
+    pub(crate) softcap_pre: f32,
 }
 
 /// One block's attention over rows `[m0, m0 + BM) ∩ [0, seqlen_q)`.
@@ -361,8 +365,16 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
 /// sequences' and causal blocks' heavy tiles start earliest). Padding rows are written here too.
 #[inline(always)]
 unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize>(p: &FwdParams) {
-    let bm = Shape::<D, DN, MT, NW, BN, NN>::BM as i32;
+    let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
+    unsafe { for_each_row_block::<D>(p, bm, threads, |args, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
+}
+
+/// Shared by the forward kernels: for each `bm`-row block this block owns (grid stride over the
+/// sequence's slot), `attend` the rows inside the sequence and write the padding rows past it.
+#[inline(always)]
+pub(crate) unsafe fn for_each_row_block<const D: usize>(p: &FwdParams, bm: usize, threads: usize, attend: impl Fn(&BlockArgs, usize)) {
+    let bm = bm as i32;
     let tid = thread_idx_x() as usize;
     let bidh = block_idx_y() as i32;
     let bidb = block_idx_z() as i32;
@@ -401,7 +413,7 @@ unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, c
                 scale_log2: p.scale_log2,
                 softcap_pre: p.softcap_pre,
             };
-            unsafe { attend::<E, D, DN, MT, NW, BN, NN, QR>(&args, tid) };
+            attend(&args, tid);
         }
         let pad_begin = if m0 > sq.used { m0 } else { sq.used };
         let pad_end = if m0 + bm < sq.slot_len { m0 + bm } else { sq.slot_len };
