@@ -100,9 +100,9 @@ pub const fn fwd_wg_config(head_dim: usize) -> Option<FwdConfig> {
     }
 }
 
-/// Dynamic shared memory of the Hopper forward: Q, then two stages of K and of V, unpadded (swizzled).
+/// Dynamic shared memory of the Hopper forward: Q, then three stages of K and of V, unpadded (swizzled).
 pub const fn fwd_wg_smem_bytes(c: &FwdConfig) -> usize {
-    (c.block_m() + 4 * c.block_n) * c.head_dim * 2
+    (c.block_m() + 6 * c.block_n) * c.head_dim * 2
 }
 
 /// The Hopper forward's entry points (sm_90a module only), like `for_each_fwd_variant`.

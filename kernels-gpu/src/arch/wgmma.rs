@@ -19,18 +19,6 @@ pub const fn desc_sw128(addr: u32, lbo: u32, sbo: u32) -> u64 {
     (((addr & 0x3ffff) >> 4) as u64) | (((lbo >> 4) as u64) << 16) | (((sbo >> 4) as u64) << 32) | (1u64 << 62)
 }
 
-/// Order this warpgroup's earlier register writes (accumulators, A fragments) before the next wgmma.
-#[inline(always)]
-pub fn fence() {
-    unsafe { asm!("wgmma.fence.sync.aligned;", options(nostack)) }
-}
-
-/// Close the wgmma operations this warpgroup issued since the last commit into one group.
-#[inline(always)]
-pub fn commit() {
-    unsafe { asm!("wgmma.commit_group.sync.aligned;", options(nostack)) }
-}
-
 /// Make this thread's shared-memory writes (cp.async included, once complete) visible to wgmma's reads.
 #[inline(always)]
 pub fn fence_proxy_async_shared() {

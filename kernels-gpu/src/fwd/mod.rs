@@ -367,7 +367,7 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
 unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize>(p: &FwdParams) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    unsafe { for_each_row_block::<D>(p, bm, threads, |args, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
+    unsafe { for_each_row_block::<D>(p, bm, threads, #[inline(always)] |args, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
 }
 
 /// Shared by the forward kernels: for each `bm`-row block this block owns (grid stride over the

@@ -10,6 +10,7 @@ use crate::arch::math::tanh;
 use crate::arch::mem::{st_global_f32, st_global_u32};
 use crate::arch::reg::{opaque_i64, opaque_u32};
 use crate::arch::smem;
+use crate::arch::sreg::thread_idx_x;
 use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::{n_block_range, tile_needs_mask};
@@ -21,65 +22,52 @@ use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes};
 /// Query rows per block (two warpgroups of 64) and threads.
 const BM: usize = 128;
 const THREADS: usize = 256;
+/// K/V stages: tile i is read while i+1's copies land and i+2's are issued.
+const STAGES: usize = 3;
 
-/// The 16-bit input type's wgmma products at the shapes this kernel uses.
+/// The 16-bit input type's wgmma products at the shapes this kernel uses (each one fenced, issued and
+/// committed as one group; arch/wgmma_ops.rs).
 pub trait WgElem: Elem {
-    unsafe fn ss_n128(d: &mut [[f32; 4]; 16], a: u64, b: u64, accumulate: u32);
-    unsafe fn rs_n64(d: &mut [[f32; 4]; 8], a: [u32; 4], b: u64);
-    unsafe fn rs_n128(d: &mut [[f32; 4]; 16], a: [u32; 4], b: u64);
+    unsafe fn ss_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
+    unsafe fn ss_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
+    unsafe fn rs_n64(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]);
+    unsafe fn rs_n128(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
 }
 
-impl WgElem for BF16 {
-    #[inline(always)]
-    unsafe fn ss_n128(d: &mut [[f32; 4]; 16], a: u64, b: u64, accumulate: u32) {
-        unsafe { wgmma::ss_n128_bf16(d, a, b, accumulate) }
-    }
-    #[inline(always)]
-    unsafe fn rs_n64(d: &mut [[f32; 4]; 8], a: [u32; 4], b: u64) {
-        unsafe { wgmma::rs_n64_bf16(d, a, b) }
-    }
-    #[inline(always)]
-    unsafe fn rs_n128(d: &mut [[f32; 4]; 16], a: [u32; 4], b: u64) {
-        unsafe { wgmma::rs_n128_bf16(d, a, b) }
-    }
-}
-
-impl WgElem for F16 {
-    #[inline(always)]
-    unsafe fn ss_n128(d: &mut [[f32; 4]; 16], a: u64, b: u64, accumulate: u32) {
-        unsafe { wgmma::ss_n128_f16(d, a, b, accumulate) }
-    }
-    #[inline(always)]
-    unsafe fn rs_n64(d: &mut [[f32; 4]; 8], a: [u32; 4], b: u64) {
-        unsafe { wgmma::rs_n64_f16(d, a, b) }
-    }
-    #[inline(always)]
-    unsafe fn rs_n128(d: &mut [[f32; 4]; 16], a: [u32; 4], b: u64) {
-        unsafe { wgmma::rs_n128_f16(d, a, b) }
-    }
-}
-
-/// `O += P V` over one k16 step at N = D (`DN = D / 8` accumulator tiles).
-#[inline(always)]
-unsafe fn pv<E: WgElem, const DN: usize>(acc: &mut [[f32; 4]; DN], a: [u32; 4], b: u64) {
-    // DN is 8 or 16 (checked in Tile::CHECK): the casts only name the array's length.
-    unsafe {
-        if DN == 8 {
-            E::rs_n64(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 8]), a, b)
-        } else {
-            E::rs_n128(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 16]), a, b)
+macro_rules! wg_elem {
+    ($t:ident, $ss4:ident, $ss8:ident, $rs64:ident, $rs128:ident) => {
+        impl WgElem for $t {
+            #[inline(always)]
+            unsafe fn ss_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]) {
+                unsafe { wgmma::$ss4(d, a, b) }
+            }
+            #[inline(always)]
+            unsafe fn ss_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]) {
+                unsafe { wgmma::$ss8(d, a, b) }
+            }
+            #[inline(always)]
+            unsafe fn rs_n64(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]) {
+                unsafe { wgmma::$rs64(d, a, b) }
+            }
+            #[inline(always)]
+            unsafe fn rs_n128(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]) {
+                unsafe { wgmma::$rs128(d, a, b) }
+            }
         }
-    }
+    };
 }
+wg_elem!(BF16, ss_n128_k4_bf16, ss_n128_k8_bf16, rs_n64_k8_bf16, rs_n128_k8_bf16);
+wg_elem!(F16, ss_n128_k4_f16, ss_n128_k8_f16, rs_n64_k8_f16, rs_n128_k8_f16);
 
-/// Wait for this warpgroup's O product (`DN` accumulator tiles).
+/// Wait for this warpgroup's O product (`DN` accumulator tiles; DN is 8 or 16, Tile::CHECK, so the
+/// casts only name the array's length).
 #[inline(always)]
 fn wait_o<const DN: usize>(acc: &mut [[f32; 4]; DN]) {
     unsafe {
         if DN == 8 {
-            wgmma::wait_n64(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 8]))
+            wgmma::wait0_n64(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 8]))
         } else {
-            wgmma::wait_n128(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 16]))
+            wgmma::wait0_n128(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 16]))
         }
     }
 }
@@ -98,7 +86,7 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
         };
         assert!(c.block_n == BN && c.block_m() == BM && c.threads() == THREADS && BN == 128);
         assert!(D == 64 || D == 128);
-        assert!(fwd_wg_smem_bytes(&c) == (Self::Q_BYTES + 4 * Self::KV_BYTES) as usize);
+        assert!(fwd_wg_smem_bytes(&c) == (Self::Q_BYTES + 2 * STAGES as u32 * Self::KV_BYTES) as usize);
     };
     #[inline(always)]
     fn k_stage(base: u32, s: usize) -> u32 {
@@ -106,7 +94,7 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
     }
     #[inline(always)]
     fn v_stage(base: u32, s: usize) -> u32 {
-        base + Self::Q_BYTES + (2 + s as u32) * Self::KV_BYTES
+        base + Self::Q_BYTES + (STAGES + s) as u32 * Self::KV_BYTES
     }
 }
 
@@ -144,6 +132,101 @@ unsafe fn load_kv<const D: usize, const BN: usize>(base: u32, stage: usize, a: &
     }
 }
 
+/// S = Q K^T of the tile in `stage` for warpgroup `wg`'s 64 rows: k16 steps along the head dim, four per
+/// 64-column group (+32 bytes inside the swizzled row). Issued and committed, not waited for.
+#[inline(always)]
+unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize>(acc_s: &mut [[f32; 4]; 16], base: u32, wg: u32, stage: usize) {
+    let base = opaque_u32(base);
+    let k_s = Tile::<D, BN>::k_stage(base, stage);
+    let mut qa = [0u64; 8];
+    let mut kb = [0u64; 8];
+    for kk in 0..D / 16 {
+        let col = (kk % 4) as u32 * 32;
+        qa[kk] = desc_sw128(base + (kk / 4) as u32 * (BM as u32 * 128) + wg * 64 * 128 + col, 16, 1024);
+        kb[kk] = desc_sw128(k_s + (kk / 4) as u32 * (BN as u32 * 128) + col, 16, 1024);
+    }
+    unsafe {
+        if D == 64 {
+            E::ss_k4(acc_s, &[qa[0], qa[1], qa[2], qa[3]], &[kb[0], kb[1], kb[2], kb[3]])
+        } else {
+            E::ss_k8(acc_s, &qa, &kb)
+        }
+    }
+}
+
+/// O += P V with V of the tile in `stage` ([keys][D], N-major: 16 keys = two 8-row groups, 2048 bytes;
+/// 64-column groups BN * 128 bytes apart). Issued and committed, not waited for.
+#[inline(always)]
+unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; 8], base: u32, stage: usize) {
+    let v_s = Tile::<D, BN>::v_stage(opaque_u32(base), stage);
+    let mut vb = [0u64; 8];
+    for (kk, d) in vb.iter_mut().enumerate() {
+        *d = desc_sw128(v_s + kk as u32 * 16 * 128, BN as u32 * 128, 1024);
+    }
+    // DN is 8 or 16 (Tile::CHECK): the casts only name the array's length.
+    unsafe {
+        if DN == 8 {
+            E::rs_n64(&mut *(acc_o as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 8]), pa, &vb)
+        } else {
+            E::rs_n128(&mut *(acc_o as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 16]), pa, &vb)
+        }
+    }
+}
+
+/// Scores of tile `n_block` (this warp's 16 rows) -> P as the A fragments of the P V product (`pa`), and
+/// each row's O rescale factor (`factor`, 1 when the max did not move).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn softmax<E: WgElem, const NN: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; 16], row_state: &mut [RowState; 2], pa: &mut [[u32; 4]; 8], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32) {
+    let lane = opaque_u32(thread_idx_x()) as usize % 32;
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let n0 = n_block * 128;
+    if a.softcap_pre != 0.0 {
+        for frag in acc_s.iter_mut() {
+            for x in frag.iter_mut() {
+                *x = tanh(*x * a.softcap_pre);
+            }
+        }
+    } else if a.scale_log2 < 0.0 {
+        for frag in acc_s.iter_mut() {
+            for x in frag.iter_mut() {
+                *x = -*x;
+            }
+        }
+    }
+    if tile_needs_mask(a.m0, rows, n0, 128, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right) {
+        for h in 0..2 {
+            let row = a.m0 + (warp * 16) as i32 + g + 8 * h as i32;
+            let (lo, hi) = key_range(row, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
+            for j in 0..NN {
+                for e in 0..2 {
+                    let col = n0 + 8 * j as i32 + 2 * t + e as i32;
+                    if col < lo || col > hi {
+                        acc_s[j][2 * h + e] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+    for h in 0..2 {
+        let mut s_row = [[0f32; 2]; NN];
+        for j in 0..NN {
+            s_row[j] = [acc_s[j][2 * h], acc_s[j][2 * h + 1]];
+        }
+        if let Some(f) = update_row(&mut row_state[h], &mut s_row, scale_log2) {
+            factor[h] = f;
+        }
+        for j in 0..NN {
+            acc_s[j][2 * h] = s_row[j][0];
+            acc_s[j][2 * h + 1] = s_row[j][1];
+        }
+    }
+    // P's k16 steps are pairs of S tiles: mma.sync's C layout is wgmma's register A.
+    for kk in 0..NN / 2 {
+        pa[kk] = a_fragment::<E>(&acc_s[2 * kk], &acc_s[2 * kk + 1]);
+    }
+}
+
 /// One block's attention over rows `[m0, m0 + 128) ∩ [0, seqlen_q)` (the mma.sync kernel's `attend`
 /// with wgmma products). `DN = D / 8`, `NN = BN / 8`.
 #[inline(always)]
@@ -165,109 +248,68 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     let mut row_state = [RowState::EMPTY; 2];
 
     if n_max > n_min {
-        // Prologue: Q and the last K/V tile in one group.
-        unsafe { load_tile_sw128::<D, BM>(base, a.q, a.q_row_bytes, rows, tid) };
+        // Tiles walk n_max-1 down to n_min; tile i sits in stage i % STAGES. Prologue: Q and tile 0 in
+        // one group, tile 1 in the next; S of tile 0 and its P.
         let n_tiles = n_max - n_min;
-        unsafe { load_kv::<D, BN>(base, 0, a, n_max - 1, tid) };
+        unsafe {
+            load_tile_sw128::<D, BM>(base, a.q, a.q_row_bytes, rows, tid);
+            load_kv::<D, BN>(base, 0, a, n_max - 1, tid);
+        }
         commit_group();
+        if n_tiles > 1 {
+            unsafe { load_kv::<D, BN>(base, 1, a, n_max - 2, tid) };
+        }
+        commit_group();
+        wait_group::<1>();
+        // The copies wrote through the generic proxy; wgmma reads through the async one.
+        wgmma::fence_proxy_async_shared();
+        sync_threads();
+        let mut acc_s = [[0f32; 4]; 16];
+        unsafe { issue_s::<E, D, BN>(&mut acc_s, base, wg, 0) };
+        wgmma::wait0_n128(&mut acc_s);
+        let mut pa = [[0u32; 4]; 8];
+        softmax::<E, NN>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2);
 
-        let mut it = 0;
-        while it < n_tiles {
-            let n_block = n_max - 1 - it;
-            let stage = (it & 1) as usize;
-            if it + 1 < n_tiles {
-                unsafe { load_kv::<D, BN>(base, 1 - stage, a, n_block - 1, tid) };
-                commit_group();
-                wait_group::<1>();
-            } else {
-                wait_group::<0>();
-            }
-            // The copies wrote through the generic proxy; wgmma reads through the async one.
+        // Iteration i < n_tiles - 1: S of tile i+1 and O += P_i V_i go to the tensor cores back to back; the
+        // softmax of tile i+1 runs while O's product is in flight, and O is rescaled once it lands. Both
+        // products are issued unconditionally (the last tile is peeled off below): a product issued in
+        // one branch only would make the compiler copy its in-flight accumulators at the join, and ptxas
+        // then serializes every wgmma.
+        let mut i = 0;
+        while i + 1 < n_tiles {
+            // Tile i+1 has landed, and every warp is done with tile i-1 (its stage takes tile i+2).
+            wait_group::<0>();
             wgmma::fence_proxy_async_shared();
             sync_threads();
-            let n0 = n_block * BN as i32;
-            let masked = tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
-            let base = opaque_u32(base);
-            let k_s = Tile::<D, BN>::k_stage(base, stage);
-            let v_s = Tile::<D, BN>::v_stage(base, stage);
-
-            // S = Q K^T: this warpgroup's 64 rows x BN keys, k16 steps along the head dim (four per
-            // 64-column group: +32 bytes inside the swizzled row).
-            let mut acc_s = [[0f32; 4]; 16];
-            wgmma::fence();
-            for kk in 0..D / 16 {
-                let col = (kk % 4) as u32 * 32;
-                let qa = desc_sw128(base + (kk / 4) as u32 * (BM as u32 * 128) + wg * 64 * 128 + col, 16, 1024);
-                let kb = desc_sw128(k_s + (kk / 4) as u32 * (BN as u32 * 128) + col, 16, 1024);
-                unsafe { E::ss_n128(&mut acc_s, qa, kb, (kk > 0) as u32) };
+            if i + 2 < n_tiles {
+                unsafe { load_kv::<D, BN>(base, ((i + 2) % STAGES as i32) as usize, a, n_max - 3 - i, tid) };
+                commit_group();
             }
-            wgmma::commit();
-            wgmma::wait_n128(&mut acc_s);
-
-            if a.softcap_pre != 0.0 {
-                for frag in acc_s.iter_mut() {
-                    for x in frag.iter_mut() {
-                        *x = tanh(*x * a.softcap_pre);
-                    }
-                }
-            } else if a.scale_log2 < 0.0 {
-                for frag in acc_s.iter_mut() {
-                    for x in frag.iter_mut() {
-                        *x = -*x;
-                    }
-                }
+            unsafe {
+                issue_s::<E, D, BN>(&mut acc_s, base, wg, ((i + 1) % STAGES as i32) as usize);
+                issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, (i % STAGES as i32) as usize);
             }
-
-            if masked {
-                for h in 0..2 {
-                    let row = a.m0 + (warp * 16) as i32 + g + 8 * h as i32;
-                    let (lo, hi) = key_range(row, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
-                    for j in 0..NN {
-                        for e in 0..2 {
-                            let col = n0 + 8 * j as i32 + 2 * t + e as i32;
-                            if col < lo || col > hi {
-                                acc_s[j][2 * h + e] = f32::NEG_INFINITY;
-                            }
-                        }
-                    }
-                }
-            }
-
-            for h in 0..2 {
-                let mut s_row = [[0f32; 2]; NN];
-                for j in 0..NN {
-                    s_row[j] = [acc_s[j][2 * h], acc_s[j][2 * h + 1]];
-                }
-                if let Some(f) = update_row(&mut row_state[h], &mut s_row, scale_log2) {
-                    for frag in acc_o.iter_mut() {
-                        frag[2 * h] *= f;
-                        frag[2 * h + 1] *= f;
-                    }
-                }
-                for j in 0..NN {
-                    acc_s[j][2 * h] = s_row[j][0];
-                    acc_s[j][2 * h + 1] = s_row[j][1];
-                }
-            }
-
-            // O += P V: P's k16 steps are pairs of S tiles (mma.sync's C layout is wgmma's register A);
-            // V [keys][D] is N-major: 16 keys = two 8-row groups (2048 bytes), 64-column groups BN * 128
-            // bytes apart.
-            let mut pa = [[0u32; 4]; 8];
-            for kk in 0..NN / 2 {
-                pa[kk] = a_fragment::<E>(&acc_s[2 * kk], &acc_s[2 * kk + 1]);
-            }
-            wgmma::fence();
-            for kk in 0..BN / 16 {
-                let vb = desc_sw128(v_s + kk as u32 * 16 * 128, BN as u32 * 128, 1024);
-                unsafe { pv::<E, DN>(&mut acc_o, pa[kk], vb) };
-            }
-            wgmma::commit();
+            wgmma::wait1_n128(&mut acc_s);
+            let mut pa_next = [[0u32; 4]; 8];
+            let mut factor = [1f32; 2];
+            softmax::<E, NN>(a, &mut acc_s, &mut row_state, &mut pa_next, &mut factor, n_max - 2 - i, rows, warp, scale_log2);
             wait_o::<DN>(&mut acc_o);
-            // The next iteration's copy overwrites this stage.
-            sync_threads();
-            it += 1;
+            wgmma::keep_a8(&mut pa);
+            for frag in acc_o.iter_mut() {
+                frag[0] *= factor[0];
+                frag[1] *= factor[0];
+                frag[2] *= factor[1];
+                frag[3] *= factor[1];
+            }
+            pa = pa_next;
+            i += 1;
         }
+        // The last tile (landed and visible since the previous barrier): O += P V only.
+        unsafe { issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, ((n_tiles - 1) % STAGES as i32) as usize) };
+        wait_o::<DN>(&mut acc_o);
+        wgmma::keep_a8(&mut pa);
+        // The next row block (grid stride) reloads Q and the stages: every warpgroup must be done.
+        sync_threads();
     }
 
     // Epilogue: O / rowsum in the input type, and the LSE. Empty rows come out as 0 and -inf.
@@ -292,7 +334,7 @@ macro_rules! fwd_wg_kernels {
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { for_each_row_block::<$d>(&p, BM, THREADS, |args, tid| attend::<$dt, $d, { $d / 8 }, 128, 16>(args, tid)) }
+                unsafe { for_each_row_block::<$d>(&p, BM, THREADS, #[inline(always)] |args, tid| attend::<$dt, $d, { $d / 8 }, 128, 16>(args, tid)) }
             }
         };
     )*};
