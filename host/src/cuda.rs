@@ -137,7 +137,9 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
         return Ok(());
     }
     let gpu = gpu(cuda_ordinal(q)?)?;
-    let launch = fwd_launch(p, gpu.cc_major >= 9 && std::env::var_os("FLASH_ATTN_NO_WGMMA").is_none()).ok_or(Error::HeadDim { got: p.head_dim })?;
+    // FLASH_ATTN_NO_WGMMA (any value) keeps Hopper on the mma.sync kernels: a diagnostic for A/B runs.
+    let hopper = gpu.cc_major >= 9 && std::env::var_os("FLASH_ATTN_NO_WGMMA").is_none();
+    let launch = fwd_launch(p, hopper.then_some(gpu.sm_count)).ok_or(Error::HeadDim { got: p.head_dim })?;
     check_grid(launch.grid)?;
     let func = gpu.function(launch.kernel, launch.smem_bytes)?;
 

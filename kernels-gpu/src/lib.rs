@@ -2,7 +2,7 @@
 //! xtask/src/ptx.rs. `params`, `variants`, `seqlen`, `mask` and `block` are pure and also compiled for the
 //! host (and tested there); `arch` holds every piece of inline PTX.
 #![no_std]
-#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)]
+#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, stmt_expr_attributes)]
 
 pub mod arch;
 pub mod block;

@@ -367,13 +367,14 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
 unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize>(p: &FwdParams) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    unsafe { for_each_row_block::<D>(p, bm, threads, #[inline(always)] |args, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
+    unsafe { for_each_row_block::<D>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
 }
 
 /// Shared by the forward kernels: for each `bm`-row block this block owns (grid stride over the
-/// sequence's slot), `attend` the rows inside the sequence and write the padding rows past it.
+/// sequence's slot), `attend` the rows inside the sequence (also given the next such block, if any) and
+/// write the padding rows past it.
 #[inline(always)]
-pub(crate) unsafe fn for_each_row_block<const D: usize>(p: &FwdParams, bm: usize, threads: usize, attend: impl Fn(&BlockArgs, usize)) {
+pub(crate) unsafe fn for_each_row_block<const D: usize>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
     let bidh = block_idx_y() as i32;
@@ -390,30 +391,33 @@ pub(crate) unsafe fn for_each_row_block<const D: usize>(p: &FwdParams, bm: usize
     let k_head = p.k + ((b * p.k_batch_stride + sk.start as i64 * p.k_row_stride + bidh_kv * p.k_head_stride) * 2) as u64;
     let v_head = p.v + ((b * p.v_batch_stride + sk.start as i64 * p.v_row_stride + bidh_kv * p.v_head_stride) * 2) as u64;
 
+    let args_at = #[inline(always)]
+    |m0: i32| BlockArgs {
+        q: q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64,
+        q_row_bytes: p.q_row_stride * 2,
+        k: k_head,
+        v: v_head,
+        k_row_bytes: p.k_row_stride * 2,
+        v_row_bytes: p.v_row_stride * 2,
+        o: o_head + ((m0 as i64 * p.o_row_stride) * 2) as u64,
+        o_row_stride: p.o_row_stride,
+        lse: lse_head + (m0 as i64 * 4) as u64,
+        m0,
+        seqlen_q: sq.used,
+        seqlen_k: sk.used,
+        window_left: p.window_left,
+        window_right: p.window_right,
+        scale_log2: p.scale_log2,
+        softcap_pre: p.softcap_pre,
+    };
     let grid_m = grid_dim_x() as i32;
     let mut m_block = grid_m - 1 - block_idx_x() as i32;
     while m_block * bm < sq.slot_len {
         let m0 = m_block * bm;
         if m0 < sq.used {
-            let args = BlockArgs {
-                q: q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64,
-                q_row_bytes: p.q_row_stride * 2,
-                k: k_head,
-                v: v_head,
-                k_row_bytes: p.k_row_stride * 2,
-                v_row_bytes: p.v_row_stride * 2,
-                o: o_head + ((m0 as i64 * p.o_row_stride) * 2) as u64,
-                o_row_stride: p.o_row_stride,
-                lse: lse_head + (m0 as i64 * 4) as u64,
-                m0,
-                seqlen_q: sq.used,
-                seqlen_k: sk.used,
-                window_left: p.window_left,
-                window_right: p.window_right,
-                scale_log2: p.scale_log2,
-                softcap_pre: p.softcap_pre,
-            };
-            attend(&args, tid);
+            let next_m0 = m0 + grid_m * bm;
+            let next = if next_m0 < sq.used { Some(args_at(next_m0)) } else { None };
+            attend(&args_at(m0), next.as_ref(), tid);
         }
         let pad_begin = if m0 > sq.used { m0 } else { sq.used };
         let pad_end = if m0 + bm < sq.slot_len { m0 + bm } else { sq.slot_len };

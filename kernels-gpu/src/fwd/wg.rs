@@ -227,45 +227,66 @@ fn softmax<E: WgElem, const NN: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; 16]
     }
 }
 
-/// One block's attention over rows `[m0, m0 + 128) ∩ [0, seqlen_q)` (the mma.sync kernel's `attend`
-/// with wgmma products). `DN = D / 8`, `NN = BN / 8`.
+/// Rows of the block inside the sequence (at most BM) and its key tiles `[n_min, n_max)`.
 #[inline(always)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize>(a: &BlockArgs, tid: usize) {
+fn block_plan<const BN: usize>(a: &BlockArgs) -> (i32, i32, i32) {
+    let rows = {
+        let r = a.seqlen_q - a.m0;
+        if r > BM as i32 { BM as i32 } else { r }
+    };
+    let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
+    (rows, n_min, n_max)
+}
+
+/// Start the copies a block's first step needs: Q and its first tile (stage `st0`) in one group, its
+/// second tile (stage `st0 + 1`, if any) in the next.
+#[inline(always)]
+unsafe fn load_first<const D: usize, const BN: usize>(base: u32, a: &BlockArgs, rows: i32, n_max: i32, n_tiles: i32, st0: usize, tid: usize) {
+    unsafe {
+        load_tile_sw128::<D, BM>(base, a.q, a.q_row_bytes, rows, tid);
+        load_kv::<D, BN>(base, st0, a, n_max - 1, tid);
+    }
+    commit_group();
+    if n_tiles > 1 {
+        unsafe { load_kv::<D, BN>(base, (st0 + 1) % STAGES, a, n_max - 2, tid) };
+    }
+    commit_group();
+}
+
+/// One block's attention over rows `[m0, m0 + 128) ∩ [0, seqlen_q)` (the mma.sync kernel's `attend`
+/// with wgmma products). `DN = D / 8`, `NN = BN / 8`. Its tile i sits in stage `(st0 + i) % STAGES`;
+/// `prefetched`: its first copies were started by the previous block. While its last product runs,
+/// it starts the copies of `next` (the same block's next row block, if any). Returns the next block's
+/// `st0` and whether its copies are started.
+#[inline(always)]
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize>(a: &BlockArgs, next: Option<&BlockArgs>, st0: usize, prefetched: bool, tid: usize) -> (usize, bool) {
     let () = Tile::<D, BN>::CHECK;
     let base = smem::base();
     let warp = tid / 32;
     let wg = (warp / 4) as u32;
     let lane = tid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-    let rows = {
-        let r = a.seqlen_q - a.m0;
-        if r > BM as i32 { BM as i32 } else { r }
-    };
     let scale_log2 = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
-    let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
+    let (rows, n_min, n_max) = block_plan::<BN>(a);
 
     let mut acc_o = [[0f32; 4]; DN];
     let mut row_state = [RowState::EMPTY; 2];
+    let mut ret = (st0, false);
 
     if n_max > n_min {
-        // Tiles walk n_max-1 down to n_min; tile i sits in stage i % STAGES. Prologue: Q and tile 0 in
-        // one group, tile 1 in the next; S of tile 0 and its P.
+        // Tiles walk n_max-1 down to n_min. Prologue: Q and tiles 0 and 1 (unless already started), S of
+        // tile 0 and its P.
         let n_tiles = n_max - n_min;
-        unsafe {
-            load_tile_sw128::<D, BM>(base, a.q, a.q_row_bytes, rows, tid);
-            load_kv::<D, BN>(base, 0, a, n_max - 1, tid);
+        let stage = |i: i32| (st0 + i as usize) % STAGES;
+        if !prefetched {
+            unsafe { load_first::<D, BN>(base, a, rows, n_max, n_tiles, st0, tid) };
         }
-        commit_group();
-        if n_tiles > 1 {
-            unsafe { load_kv::<D, BN>(base, 1, a, n_max - 2, tid) };
-        }
-        commit_group();
         wait_group::<1>();
         // The copies wrote through the generic proxy; wgmma reads through the async one.
         wgmma::fence_proxy_async_shared();
         sync_threads();
         let mut acc_s = [[0f32; 4]; 16];
-        unsafe { issue_s::<E, D, BN>(&mut acc_s, base, wg, 0) };
+        unsafe { issue_s::<E, D, BN>(&mut acc_s, base, wg, stage(0)) };
         wgmma::wait0_n128(&mut acc_s);
         let mut pa = [[0u32; 4]; 8];
         softmax::<E, NN>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2);
@@ -282,12 +303,12 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             wgmma::fence_proxy_async_shared();
             sync_threads();
             if i + 2 < n_tiles {
-                unsafe { load_kv::<D, BN>(base, ((i + 2) % STAGES as i32) as usize, a, n_max - 3 - i, tid) };
+                unsafe { load_kv::<D, BN>(base, stage(i + 2), a, n_max - 3 - i, tid) };
                 commit_group();
             }
             unsafe {
-                issue_s::<E, D, BN>(&mut acc_s, base, wg, ((i + 1) % STAGES as i32) as usize);
-                issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, (i % STAGES as i32) as usize);
+                issue_s::<E, D, BN>(&mut acc_s, base, wg, stage(i + 1));
+                issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, stage(i));
             }
             wgmma::wait1_n128(&mut acc_s);
             let mut pa_next = [[0u32; 4]; 8];
@@ -304,12 +325,22 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             pa = pa_next;
             i += 1;
         }
-        // The last tile (landed and visible since the previous barrier): O += P V only.
-        unsafe { issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, ((n_tiles - 1) % STAGES as i32) as usize) };
+        // Every warpgroup is done with Q and with every tile but the last: the next block's Q and first
+        // two tiles (the stages after the last one's) load while the last product and the epilogue run.
+        sync_threads();
+        let st_next = (st0 + n_tiles as usize) % STAGES;
+        ret = (st_next, false);
+        if let Some(nx) = next {
+            let (rows_nx, n_min_nx, n_max_nx) = block_plan::<BN>(nx);
+            if n_max_nx > n_min_nx {
+                unsafe { load_first::<D, BN>(base, nx, rows_nx, n_max_nx, n_max_nx - n_min_nx, st_next, tid) };
+                ret = (st_next, true);
+            }
+        }
+        // The last tile: O += P V only.
+        unsafe { issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, stage(n_tiles - 1)) };
         wait_o::<DN>(&mut acc_o);
         wgmma::keep_a8(&mut pa);
-        // The next row block (grid stride) reloads Q and the stages: every warpgroup must be done.
-        sync_threads();
     }
 
     // Epilogue: O / rowsum in the input type, and the LSE. Empty rows come out as 0 and -inf.
@@ -327,6 +358,21 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
         }
     }
+    ret
+}
+
+/// Kernel body: like `for_each_row_block`, with the row blocks of one (sequence, head) chained so each
+/// block's first copies start under the previous block's last product. The host sizes the grid so a
+/// block usually walks several row blocks.
+#[inline(always)]
+unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize>(p: &FwdParams) {
+    let mut st0 = 0usize;
+    let mut prefetched = false;
+    unsafe {
+        for_each_row_block::<D>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
+            (st0, prefetched) = attend::<E, D, DN, BN, NN>(args, next, st0, prefetched, tid);
+        })
+    }
 }
 
 macro_rules! fwd_wg_kernels {
@@ -334,7 +380,7 @@ macro_rules! fwd_wg_kernels {
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { for_each_row_block::<$d>(&p, BM, THREADS, #[inline(always)] |args, tid| attend::<$dt, $d, { $d / 8 }, 128, 16>(args, tid)) }
+                unsafe { wg_entry::<$dt, $d, { $d / 8 }, 128, 16>(&p) }
             }
         };
     )*};
