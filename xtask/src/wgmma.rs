@@ -16,10 +16,10 @@ fn acc_operands(out: &mut String, n_acc: usize) {
     }
 }
 
-/// (N, k16 steps) of the smem x smem products (S = Q K^T over 128 keys: N = 128, K = head dim).
-const SS: [(usize, usize); 2] = [(128, 4), (128, 8)];
-/// (N, k16 steps) of the register x smem products (O += P V: N = head dim, K = 128 keys).
-const RS: [(usize, usize); 2] = [(64, 8), (128, 8)];
+/// (N, k16 steps) of the smem x smem products (S = Q K^T: N = keys per tile, K = head dim / 16).
+const SS: [(usize, usize); 3] = [(128, 4), (128, 8), (64, 16)];
+/// (N, k16 steps) of the register x smem products (O += P V: N = head dim, K = keys per tile / 16).
+const RS: [(usize, usize); 3] = [(64, 8), (128, 8), (256, 4)];
 
 pub fn generate() -> String {
     let mut o = String::new();
@@ -87,12 +87,14 @@ pub fn generate() -> String {
             writeln!(o, "            options(nostack)\n        )\n    }}\n}}\n").unwrap();
         }
     }
-    writeln!(o, "/// Names the A fragments of an `rs_*` product as live up to here: call it after that product's wait, so the\n/// compiler cannot reuse their registers (e.g. for the next tile's P) while the product still reads them.").unwrap();
-    writeln!(o, "#[inline(always)]\npub fn keep_a8(a: &mut [[u32; 4]; 8]) {{\n    unsafe {{\n        asm!(").unwrap();
-    writeln!(o, "            \"// {}\",", regs(32)).unwrap();
-    for i in 0..32 {
-        writeln!(o, "            inout(reg32) a[{}][{}],", i / 4, i % 4).unwrap();
+    for k in [4, 8] {
+        writeln!(o, "/// Names the A fragments of an `rs_*_k{k}` product as live up to here: call it after that product's wait, so\n/// the compiler cannot reuse their registers (e.g. for the next tile's P) while the product still reads them.").unwrap();
+        writeln!(o, "#[inline(always)]\npub fn keep_a{k}(a: &mut [[u32; 4]; {k}]) {{\n    unsafe {{\n        asm!(").unwrap();
+        writeln!(o, "            \"// {}\",", regs(4 * k)).unwrap();
+        for i in 0..4 * k {
+            writeln!(o, "            inout(reg32) a[{}][{}],", i / 4, i % 4).unwrap();
+        }
+        writeln!(o, "            options(nostack, nomem, preserves_flags)\n        )\n    }}\n}}\n").unwrap();
     }
-    writeln!(o, "            options(nostack, nomem, preserves_flags)\n        )\n    }}\n}}").unwrap();
     o
 }

@@ -1,8 +1,10 @@
 //! Hopper forward (sm_90a): the same algorithm and block walk as the mma.sync kernel, with both products
 //! on wgmma. A block is two warpgroups over 128 query rows (each warp keeps 16 rows, so the accumulator
 //! layout, the masking and the online softmax are the mma.sync kernel's with one m-tile per warp).
-//! Q and two stages of K/V sit in shared memory in the 128-byte swizzle wgmma reads (cp.async fills it):
-//! S = Q K^T reads both from there, O += P V takes P from registers and V transposed on read.
+//! Q and two slots each of K and V tiles sit in shared memory in the 128-byte swizzle wgmma reads
+//! (cp.async fills them; K runs one tile ahead of V): S = Q K^T reads both from there, O += P V takes P
+//! from registers and V transposed on read. Tiles are 128 keys (64 at head dim 256, whose O accumulator
+//! is twice as large).
 
 use super::{a_fragment, for_each_row_block, BlockArgs, Elem, BF16, F16};
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
@@ -22,57 +24,88 @@ use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes};
 /// Query rows per block (two warpgroups of 64) and threads.
 const BM: usize = 128;
 const THREADS: usize = 256;
-/// K/V stages: tile i is read while i+1's copies land and i+2's are issued.
-const STAGES: usize = 3;
+/// Slots per operand. Tile i's step reads K_{i+1} and V_i while K_{i+2} and V_{i+1} land (K runs one tile
+/// ahead of V); tile t of the running count sits in slot t % 2 of each.
+const SLOTS: usize = 2;
 
 /// The 16-bit input type's wgmma products at the shapes this kernel uses (each one fenced, issued and
-/// committed as one group; arch/wgmma_ops.rs).
+/// committed as one group; arch/wgmma_ops.rs): S at 128 keys (head dim 64, 128) or 64 keys (256), O at
+/// the head dim.
 pub trait WgElem: Elem {
-    unsafe fn ss_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
-    unsafe fn ss_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
-    unsafe fn rs_n64(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]);
-    unsafe fn rs_n128(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
+    unsafe fn ss_n128_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
+    unsafe fn ss_n128_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
+    unsafe fn ss_n64_k16(d: &mut [[f32; 4]; 8], a: &[u64; 16], b: &[u64; 16]);
+    unsafe fn rs_n64_k8(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]);
+    unsafe fn rs_n128_k8(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
+    unsafe fn rs_n256_k4(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: &[u64; 4]);
 }
 
 macro_rules! wg_elem {
-    ($t:ident, $ss4:ident, $ss8:ident, $rs64:ident, $rs128:ident) => {
+    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?) => {
         impl WgElem for $t {
-            #[inline(always)]
-            unsafe fn ss_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]) {
-                unsafe { wgmma::$ss4(d, a, b) }
-            }
-            #[inline(always)]
-            unsafe fn ss_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]) {
-                unsafe { wgmma::$ss8(d, a, b) }
-            }
-            #[inline(always)]
-            unsafe fn rs_n64(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]) {
-                unsafe { wgmma::$rs64(d, a, b) }
-            }
-            #[inline(always)]
-            unsafe fn rs_n128(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]) {
-                unsafe { wgmma::$rs128(d, a, b) }
-            }
+            $(
+                #[inline(always)]
+                unsafe fn $name(d: $d, a: $a, b: $b) {
+                    unsafe { wgmma::$f(d, a, b) }
+                }
+            )*
         }
     };
 }
-wg_elem!(BF16, ss_n128_k4_bf16, ss_n128_k8_bf16, rs_n64_k8_bf16, rs_n128_k8_bf16);
-wg_elem!(F16, ss_n128_k4_f16, ss_n128_k8_f16, rs_n64_k8_f16, rs_n128_k8_f16);
+wg_elem!(BF16,
+    ss_n128_k4 => ss_n128_k4_bf16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
+    ss_n128_k8 => ss_n128_k8_bf16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
+    ss_n64_k16 => ss_n64_k16_bf16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
+    rs_n64_k8 => rs_n64_k8_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
+    rs_n128_k8 => rs_n128_k8_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
+    rs_n256_k4 => rs_n256_k4_bf16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
+);
+wg_elem!(F16,
+    ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
+    ss_n128_k8 => ss_n128_k8_f16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
+    ss_n64_k16 => ss_n64_k16_f16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
+    rs_n64_k8 => rs_n64_k8_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
+    rs_n128_k8 => rs_n128_k8_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
+    rs_n256_k4 => rs_n256_k4_f16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
+);
 
-/// Wait for this warpgroup's O product (`DN` accumulator tiles; DN is 8 or 16, Tile::CHECK, so the
-/// casts only name the array's length).
+/// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
+/// cannot name the concrete length the generated wrappers take).
 #[inline(always)]
-fn wait_o<const DN: usize>(acc: &mut [[f32; 4]; DN]) {
+unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) -> &mut [T; M] {
+    debug_assert!(N == M);
+    unsafe { &mut *(x as *mut [T; N] as *mut [T; M]) }
+}
+
+/// Wait until at most `PENDING` (0 or 1) of this warpgroup's wgmma groups are in flight; `acc` (`N8` n8
+/// tiles: 8, 16 or 32) belongs to the groups that completed.
+#[inline(always)]
+fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4]; N8]) {
     unsafe {
-        if DN == 8 {
-            wgmma::wait0_n64(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 8]))
-        } else {
-            wgmma::wait0_n128(&mut *(acc as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 16]))
+        match (PENDING, N8) {
+            (0, 8) => wgmma::wait0_n64(sized(acc)),
+            (0, 16) => wgmma::wait0_n128(sized(acc)),
+            (0, _) => wgmma::wait0_n256(sized(acc)),
+            (_, 8) => wgmma::wait1_n64(sized(acc)),
+            (_, 16) => wgmma::wait1_n128(sized(acc)),
+            (_, _) => wgmma::wait1_n256(sized(acc)),
         }
     }
 }
 
-/// Shared-memory layout for head dim `D` and `BN` keys per tile: Q, K stages, V stages, each tile
+/// `keep_a*` for `KP` P fragments (4 or 8).
+#[inline(always)]
+fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
+    unsafe {
+        if KP == 4 {
+            wgmma::keep_a4(sized(pa))
+        } else {
+            wgmma::keep_a8(sized(pa))
+        }
+    }
+}
+
+/// Shared-memory layout for head dim `D` and `BN` keys per tile: Q, two K slots, two V slots, each tile
 /// `[D / 64][rows][64]` swizzled (sw128_offset), every 64-column group 1024-byte aligned.
 struct Tile<const D: usize, const BN: usize>;
 
@@ -84,17 +117,17 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
             Some(c) => c,
             None => panic!("no Hopper forward for this head dim"),
         };
-        assert!(c.block_n == BN && c.block_m() == BM && c.threads() == THREADS && BN == 128);
-        assert!(D == 64 || D == 128);
-        assert!(fwd_wg_smem_bytes(&c) == (Self::Q_BYTES + 2 * STAGES as u32 * Self::KV_BYTES) as usize);
+        assert!(c.block_n == BN && c.block_m() == BM && c.threads() == THREADS);
+        assert!((D == 64 && BN == 128) || (D == 128 && BN == 128) || (D == 256 && BN == 64));
+        assert!(fwd_wg_smem_bytes(&c) == (Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES) as usize);
     };
     #[inline(always)]
-    fn k_stage(base: u32, s: usize) -> u32 {
-        base + Self::Q_BYTES + s as u32 * Self::KV_BYTES
+    fn k_slot(base: u32, t: usize) -> u32 {
+        base + Self::Q_BYTES + (t % SLOTS) as u32 * Self::KV_BYTES
     }
     #[inline(always)]
-    fn v_stage(base: u32, s: usize) -> u32 {
-        base + Self::Q_BYTES + (STAGES + s) as u32 * Self::KV_BYTES
+    fn v_slot(base: u32, t: usize) -> u32 {
+        base + Self::Q_BYTES + (SLOTS + t % SLOTS) as u32 * Self::KV_BYTES
     }
 }
 
@@ -121,54 +154,59 @@ unsafe fn load_tile_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64,
     }
 }
 
-/// Start the copies of K/V tile `n_block` into stage `stage`.
+/// Start the copies of K (`V == false`) or V tile `n_block` into the slot of running tile `t`.
 #[inline(always)]
-unsafe fn load_kv<const D: usize, const BN: usize>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tid: usize) {
+unsafe fn load_kv<const D: usize, const BN: usize, const V: bool>(base: u32, t: usize, a: &BlockArgs, n_block: i32, tid: usize) {
     let n0 = n_block as i64 * BN as i64;
     let valid = a.seqlen_k - n_block * BN as i32;
-    unsafe {
-        load_tile_sw128::<D, BN>(Tile::<D, BN>::k_stage(base, stage), a.k.wrapping_add((n0 * a.k_row_bytes) as u64), a.k_row_bytes, valid, tid);
-        load_tile_sw128::<D, BN>(Tile::<D, BN>::v_stage(base, stage), a.v.wrapping_add((n0 * a.v_row_bytes) as u64), a.v_row_bytes, valid, tid);
-    }
+    let (dst, src, stride) = if V { (Tile::<D, BN>::v_slot(base, t), a.v, a.v_row_bytes) } else { (Tile::<D, BN>::k_slot(base, t), a.k, a.k_row_bytes) };
+    unsafe { load_tile_sw128::<D, BN>(dst, src.wrapping_add((n0 * stride) as u64), stride, valid, tid) };
 }
 
-/// S = Q K^T of the tile in `stage` for warpgroup `wg`'s 64 rows: k16 steps along the head dim, four per
+/// S = Q K^T of running tile `t` for warpgroup `wg`'s 64 rows: k16 steps along the head dim, four per
 /// 64-column group (+32 bytes inside the swizzled row). Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize>(acc_s: &mut [[f32; 4]; 16], base: u32, wg: u32, stage: usize) {
+unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
-    let k_s = Tile::<D, BN>::k_stage(base, stage);
-    let mut qa = [0u64; 8];
-    let mut kb = [0u64; 8];
+    let k_s = Tile::<D, BN>::k_slot(base, t);
+    let mut qa = [0u64; 16];
+    let mut kb = [0u64; 16];
     for kk in 0..D / 16 {
         let col = (kk % 4) as u32 * 32;
         qa[kk] = desc_sw128(base + (kk / 4) as u32 * (BM as u32 * 128) + wg * 64 * 128 + col, 16, 1024);
         kb[kk] = desc_sw128(k_s + (kk / 4) as u32 * (BN as u32 * 128) + col, 16, 1024);
     }
+    // (D, BN) is one of Tile::CHECK's three.
     unsafe {
-        if D == 64 {
-            E::ss_k4(acc_s, &[qa[0], qa[1], qa[2], qa[3]], &[kb[0], kb[1], kb[2], kb[3]])
-        } else {
-            E::ss_k8(acc_s, &qa, &kb)
+        match D {
+            64 => E::ss_n128_k4(sized(acc_s), &first(&qa), &first(&kb)),
+            128 => E::ss_n128_k8(sized(acc_s), &first(&qa), &first(&kb)),
+            _ => E::ss_n64_k16(sized(acc_s), &qa, &kb),
         }
     }
 }
 
-/// O += P V with V of the tile in `stage` ([keys][D], N-major: 16 keys = two 8-row groups, 2048 bytes;
+/// The first `M` descriptors.
+#[inline(always)]
+fn first<const M: usize>(x: &[u64; 16]) -> [u64; M] {
+    core::array::from_fn(|i| x[i])
+}
+
+/// O += P V with V of running tile `t` ([keys][D], N-major: 16 keys = two 8-row groups, 2048 bytes;
 /// 64-column groups BN * 128 bytes apart). Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; 8], base: u32, stage: usize) {
-    let v_s = Tile::<D, BN>::v_stage(opaque_u32(base), stage);
-    let mut vb = [0u64; 8];
+unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const KP: usize>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
+    let v_s = Tile::<D, BN>::v_slot(opaque_u32(base), t);
+    let mut vb = [0u64; KP];
     for (kk, d) in vb.iter_mut().enumerate() {
         *d = desc_sw128(v_s + kk as u32 * 16 * 128, BN as u32 * 128, 1024);
     }
-    // DN is 8 or 16 (Tile::CHECK): the casts only name the array's length.
+    let mut pa = *pa;
     unsafe {
-        if DN == 8 {
-            E::rs_n64(&mut *(acc_o as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 8]), pa, &vb)
-        } else {
-            E::rs_n128(&mut *(acc_o as *mut [[f32; 4]; DN] as *mut [[f32; 4]; 16]), pa, &vb)
+        match D {
+            64 => E::rs_n64_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
+            128 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
+            _ => E::rs_n256_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
         }
     }
 }
@@ -177,10 +215,10 @@ unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize>(
 /// each row's O rescale factor (`factor`, 1 when the max did not move).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn softmax<E: WgElem, const NN: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; 16], row_state: &mut [RowState; 2], pa: &mut [[u32; 4]; 8], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32) {
+fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], pa: &mut [[u32; 4]; KP], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32) {
     let lane = opaque_u32(thread_idx_x()) as usize % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-    let n0 = n_block * 128;
+    let n0 = n_block * BN as i32;
     if a.softcap_pre != 0.0 {
         for frag in acc_s.iter_mut() {
             for x in frag.iter_mut() {
@@ -194,7 +232,7 @@ fn softmax<E: WgElem, const NN: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; 16]
             }
         }
     }
-    if tile_needs_mask(a.m0, rows, n0, 128, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right) {
+    if tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right) {
         for h in 0..2 {
             let row = a.m0 + (warp * 16) as i32 + g + 8 * h as i32;
             let (lo, hi) = key_range(row, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
@@ -238,28 +276,29 @@ fn block_plan<const BN: usize>(a: &BlockArgs) -> (i32, i32, i32) {
     (rows, n_min, n_max)
 }
 
-/// Start the copies a block's first step needs: Q and its first tile (stage `st0`) in one group, its
-/// second tile (stage `st0 + 1`, if any) in the next.
+/// Start the copies a block's first steps need, its tile 0 being running tile `t0`: Q and K_0 in one
+/// group (the first S), K_1 (if any) and V_0 in the next (the first loop step).
 #[inline(always)]
-unsafe fn load_first<const D: usize, const BN: usize>(base: u32, a: &BlockArgs, rows: i32, n_max: i32, n_tiles: i32, st0: usize, tid: usize) {
+unsafe fn load_first<const D: usize, const BN: usize>(base: u32, a: &BlockArgs, rows: i32, n_max: i32, n_tiles: i32, t0: usize, tid: usize) {
     unsafe {
         load_tile_sw128::<D, BM>(base, a.q, a.q_row_bytes, rows, tid);
-        load_kv::<D, BN>(base, st0, a, n_max - 1, tid);
+        load_kv::<D, BN, false>(base, t0, a, n_max - 1, tid);
     }
     commit_group();
     if n_tiles > 1 {
-        unsafe { load_kv::<D, BN>(base, (st0 + 1) % STAGES, a, n_max - 2, tid) };
+        unsafe { load_kv::<D, BN, false>(base, t0 + 1, a, n_max - 2, tid) };
     }
+    unsafe { load_kv::<D, BN, true>(base, t0, a, n_max - 1, tid) };
     commit_group();
 }
 
 /// One block's attention over rows `[m0, m0 + 128) ∩ [0, seqlen_q)` (the mma.sync kernel's `attend`
-/// with wgmma products). `DN = D / 8`, `NN = BN / 8`. Its tile i sits in stage `(st0 + i) % STAGES`;
-/// `prefetched`: its first copies were started by the previous block. While its last product runs,
-/// it starts the copies of `next` (the same block's next row block, if any). Returns the next block's
-/// `st0` and whether its copies are started.
+/// with wgmma products). `DN = D / 8`, `NN = BN / 8`, `KP = BN / 16`. Its tile i is running tile `t0 + i`;
+/// `prefetched`: its first copies were started by the previous block. While its last product runs, it
+/// starts the copies of `next` (the same block's next row block, if any). Returns the next block's `t0`
+/// and whether its copies are started.
 #[inline(always)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize>(a: &BlockArgs, next: Option<&BlockArgs>, st0: usize, prefetched: bool, tid: usize) -> (usize, bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, next: Option<&BlockArgs>, t0: usize, prefetched: bool, tid: usize) -> (usize, bool) {
     let () = Tile::<D, BN>::CHECK;
     let base = smem::base();
     let warp = tid / 32;
@@ -271,25 +310,25 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 
     let mut acc_o = [[0f32; 4]; DN];
     let mut row_state = [RowState::EMPTY; 2];
-    let mut ret = (st0, false);
+    let mut ret = (t0, false);
 
     if n_max > n_min {
-        // Tiles walk n_max-1 down to n_min. Prologue: Q and tiles 0 and 1 (unless already started), S of
+        // Tiles walk n_max-1 down to n_min. Prologue: the first copies (unless already started), S of
         // tile 0 and its P.
         let n_tiles = n_max - n_min;
-        let stage = |i: i32| (st0 + i as usize) % STAGES;
+        let tile = |i: i32| t0 + i as usize;
         if !prefetched {
-            unsafe { load_first::<D, BN>(base, a, rows, n_max, n_tiles, st0, tid) };
+            unsafe { load_first::<D, BN>(base, a, rows, n_max, n_tiles, t0, tid) };
         }
         wait_group::<1>();
         // The copies wrote through the generic proxy; wgmma reads through the async one.
         wgmma::fence_proxy_async_shared();
         sync_threads();
-        let mut acc_s = [[0f32; 4]; 16];
-        unsafe { issue_s::<E, D, BN>(&mut acc_s, base, wg, stage(0)) };
-        wgmma::wait0_n128(&mut acc_s);
-        let mut pa = [[0u32; 4]; 8];
-        softmax::<E, NN>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2);
+        let mut acc_s = [[0f32; 4]; NN];
+        unsafe { issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, tile(0)) };
+        wait_acc::<0, NN>(&mut acc_s);
+        let mut pa = [[0u32; 4]; KP];
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2);
 
         // Iteration i < n_tiles - 1: S of tile i+1 and O += P_i V_i go to the tensor cores back to back; the
         // softmax of tile i+1 runs while O's product is in flight, and O is rescaled once it lands. Both
@@ -298,24 +337,26 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         // then serializes every wgmma.
         let mut i = 0;
         while i + 1 < n_tiles {
-            // Tile i+1 has landed, and every warp is done with tile i-1 (its stage takes tile i+2).
+            // K_{i+1} and V_i have landed; every warp is done with K_i and V_{i-1}, whose slots take K_{i+2}
+            // and V_{i+1}.
             wait_group::<0>();
             wgmma::fence_proxy_async_shared();
             sync_threads();
             if i + 2 < n_tiles {
-                unsafe { load_kv::<D, BN>(base, stage(i + 2), a, n_max - 3 - i, tid) };
-                commit_group();
+                unsafe { load_kv::<D, BN, false>(base, tile(i + 2), a, n_max - 3 - i, tid) };
             }
+            unsafe { load_kv::<D, BN, true>(base, tile(i + 1), a, n_max - 2 - i, tid) };
+            commit_group();
             unsafe {
-                issue_s::<E, D, BN>(&mut acc_s, base, wg, stage(i + 1));
-                issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, stage(i));
+                issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, tile(i + 1));
+                issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, tile(i));
             }
-            wgmma::wait1_n128(&mut acc_s);
-            let mut pa_next = [[0u32; 4]; 8];
+            wait_acc::<1, NN>(&mut acc_s);
+            let mut pa_next = [[0u32; 4]; KP];
             let mut factor = [1f32; 2];
-            softmax::<E, NN>(a, &mut acc_s, &mut row_state, &mut pa_next, &mut factor, n_max - 2 - i, rows, warp, scale_log2);
-            wait_o::<DN>(&mut acc_o);
-            wgmma::keep_a8(&mut pa);
+            softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa_next, &mut factor, n_max - 2 - i, rows, warp, scale_log2);
+            wait_acc::<0, DN>(&mut acc_o);
+            keep_p::<KP>(&mut pa);
             for frag in acc_o.iter_mut() {
                 frag[0] *= factor[0];
                 frag[1] *= factor[0];
@@ -325,22 +366,25 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             pa = pa_next;
             i += 1;
         }
-        // Every warpgroup is done with Q and with every tile but the last: the next block's Q and first
-        // two tiles (the stages after the last one's) load while the last product and the epilogue run.
+        // V of the last tile has landed (the last loop step waited for it; with one tile, the prologue
+        // did not, so wait here), and every warpgroup is done with Q and all K: the next block's Q, K_0,
+        // K_1 and V_0 (the V slot after the last one's) load while the last product and the epilogue run.
+        wait_group::<0>();
+        wgmma::fence_proxy_async_shared();
         sync_threads();
-        let st_next = (st0 + n_tiles as usize) % STAGES;
-        ret = (st_next, false);
+        let t_next = tile(n_tiles);
+        ret = (t_next, false);
         if let Some(nx) = next {
             let (rows_nx, n_min_nx, n_max_nx) = block_plan::<BN>(nx);
             if n_max_nx > n_min_nx {
-                unsafe { load_first::<D, BN>(base, nx, rows_nx, n_max_nx, n_max_nx - n_min_nx, st_next, tid) };
-                ret = (st_next, true);
+                unsafe { load_first::<D, BN>(base, nx, rows_nx, n_max_nx, n_max_nx - n_min_nx, t_next, tid) };
+                ret = (t_next, true);
             }
         }
         // The last tile: O += P V only.
-        unsafe { issue_pv::<E, D, DN, BN>(&mut acc_o, &pa, base, stage(n_tiles - 1)) };
-        wait_o::<DN>(&mut acc_o);
-        wgmma::keep_a8(&mut pa);
+        unsafe { issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, tile(n_tiles - 1)) };
+        wait_acc::<0, DN>(&mut acc_o);
+        keep_p::<KP>(&mut pa);
     }
 
     // Epilogue: O / rowsum in the input type, and the LSE. Empty rows come out as 0 and -inf.
@@ -365,12 +409,12 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 /// block's first copies start under the previous block's last product. The host sizes the grid so a
 /// block usually walks several row blocks.
 #[inline(always)]
-unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize>(p: &FwdParams) {
-    let mut st0 = 0usize;
+unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(p: &FwdParams) {
+    let mut t0 = 0usize;
     let mut prefetched = false;
     unsafe {
         for_each_row_block::<D>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
-            (st0, prefetched) = attend::<E, D, DN, BN, NN>(args, next, st0, prefetched, tid);
+            (t0, prefetched) = attend::<E, D, DN, BN, NN, KP>(args, next, t0, prefetched, tid);
         })
     }
 }
@@ -378,9 +422,10 @@ unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
 macro_rules! fwd_wg_kernels {
     ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
         const _: () = {
+            const BN: usize = match fwd_wg_config($d) { Some(c) => c.block_n, None => 0 };
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { wg_entry::<$dt, $d, { $d / 8 }, 128, 16>(&p) }
+                unsafe { wg_entry::<$dt, $d, { $d / 8 }, BN, { BN / 8 }, { BN / 16 }>(&p) }
             }
         };
     )*};
