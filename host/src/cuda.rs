@@ -226,11 +226,12 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
         let zeros = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::on_device_buffer(DeviceBuffer::zeros(ordinal, bytes(shape, p.dtype.size()))?, shape, p.dtype)) };
         return Ok(crate::api::BwdOutput { dq: zeros(&q_shape)?, dk: zeros(&kv_shape)?, dv: zeros(&kv_shape)? });
     }
-    let launches = bwd_launches(p, deterministic).ok_or(Error::HeadDim { got: p.head_dim })?;
+    let gpu = gpu(ordinal)?;
+    let hopper = gpu.cc_major >= 9 && std::env::var_os("FLASH_ATTN_NO_WGMMA").is_none();
+    let launches = bwd_launches(p, deterministic, hopper).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in &launches {
         check_grid(l.grid)?;
     }
-    let gpu = gpu(ordinal)?;
     let funcs = launches.iter().map(|l| gpu.function(l.kernel, l.smem_bytes)).collect::<Result<Vec<_>>>()?;
 
     let dq = Tensor::on_device_buffer(DeviceBuffer::uninit(ordinal, bytes(&q_shape, p.dtype.size()))?, &q_shape, p.dtype);

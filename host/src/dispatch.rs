@@ -6,8 +6,8 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, FwdConfig, KernelDType,
-    BWD_ROWS_PER_BLOCK,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, FwdConfig, KernelDType,
+    BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N,
 };
 
 use crate::problem::Problem;
@@ -73,7 +73,9 @@ pub struct Launch {
 /// deterministic), then dq: the deterministic dq kernel, or the conversion of the f32 accumulator.
 /// Grids walk blocks of rows or keys in x (striding past `seqlen_*`), heads in y, sequences in z plus
 /// varlen's tail slice (whose rows and keys get zero gradients).
-pub fn bwd_launches(p: &Problem, deterministic: bool) -> Option<[Launch; 3]> {
+/// `hopper`: the sm_90a module runs, whose wgmma dK/dV kernel takes head dims 64 and 128 unless
+/// `deterministic`.
+pub fn bwd_launches(p: &Problem, deterministic: bool, hopper: bool) -> Option<[Launch; 3]> {
     let dtype = kernel_dtype(p.dtype)?;
     let (dkdv, dq) = bwd_kernel_names(p.head_dim, dtype)?;
     let c = bwd_config(p.head_dim);
@@ -81,7 +83,10 @@ pub fn bwd_launches(p: &Problem, deterministic: bool) -> Option<[Launch; 3]> {
     let rows = BWD_ROWS_PER_BLOCK;
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
-    let main = Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
+    let main = match (hopper && !deterministic, bwd_wg_kernel_name(p.head_dim, dtype)) {
+        (true, Some(kernel)) => Launch { kernel, grid: (blocks(p.seqlen_k, BWD_WG_BLOCK_N), p.hk as u32, z), block: 256, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
+        _ => Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() },
+    };
     let last = if deterministic {
         let q = dq_config(p.head_dim);
         Launch { kernel: dq, grid: (blocks(p.seqlen_q, q.block_m()), p.hq as u32, z), block: q.threads() as u32, smem_bytes: dq_smem_bytes(&q) }

@@ -193,6 +193,40 @@ impl BwdConfig {
     }
 }
 
+/// Hopper (sm_90a module) backward dK/dV kernel: 128 keys per block (64 per warpgroup), 64-row query
+/// steps, head dims 64 and 128 (bwd/wg.rs).
+pub const BWD_WG_BLOCK_N: usize = 128;
+pub const BWD_WG_BLOCK_M: usize = 64;
+
+/// Its dynamic shared memory: K, V, two stages of Q and dO, dS^T, two stages of lse_log2 and D.
+pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
+    (2 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * head_dim * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
+}
+
+/// The Hopper backward's entry points (sm_90a module only).
+#[macro_export]
+macro_rules! for_each_bwd_wg_variant {
+    ($m:ident) => {
+        $m! {
+            (64, BF16, "flash_bwd_wg_hdim64_bf16"),
+            (128, BF16, "flash_bwd_wg_hdim128_bf16"),
+            (64, F16, "flash_bwd_wg_hdim64_f16"),
+            (128, F16, "flash_bwd_wg_hdim128_f16"),
+        }
+    };
+}
+
+macro_rules! bwd_wg_name_lookup {
+    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {
+        /// Export name of the Hopper dK/dV kernel for `(head_dim, dtype)`, if there is one.
+        pub fn bwd_wg_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
+            None
+        }
+    };
+}
+for_each_bwd_wg_variant!(bwd_wg_name_lookup);
+
 /// Backward tile shapes per head dim.
 pub const fn bwd_config(head_dim: usize) -> BwdConfig {
     match head_dim {

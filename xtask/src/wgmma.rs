@@ -17,9 +17,12 @@ fn acc_operands(out: &mut String, n_acc: usize) {
 }
 
 /// (N, k16 steps) of the smem x smem products (S = Q K^T: N = keys per tile, K = head dim / 16).
-const SS: [(usize, usize); 3] = [(128, 4), (128, 8), (64, 16)];
+const SS: [(usize, usize); 5] = [(128, 4), (128, 8), (64, 16), (64, 4), (64, 8)];
 /// (N, k16 steps) of the register x smem products (O += P V: N = head dim, K = keys per tile / 16).
-const RS: [(usize, usize); 3] = [(64, 8), (128, 8), (256, 4)];
+const RS: [(usize, usize); 5] = [(64, 8), (128, 8), (256, 4), (64, 4), (128, 4)];
+/// (N, k16 steps) of the smem x smem products with both operands transposed on read (backward dQ = dS K:
+/// A = dS^T stored keys x queries, B = K stored keys x head dim).
+const TT: [(usize, usize); 1] = [(64, 8)];
 
 pub fn generate() -> String {
     let mut o = String::new();
@@ -42,6 +45,28 @@ pub fn generate() -> String {
             for i in 0..k {
                 let p = if i == 0 { "p0" } else { "p1" };
                 writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {{{}}}, {{{}}}, {p}, 1, 1, 0, 0;\",", regs(acc), acc + i, acc + k + i).unwrap();
+            }
+            writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}}\",").unwrap();
+            acc_operands(&mut o, acc);
+            for i in 0..k {
+                writeln!(o, "            in(reg64) a[{i}],").unwrap();
+            }
+            for i in 0..k {
+                writeln!(o, "            in(reg64) b[{i}],").unwrap();
+            }
+            writeln!(o, "            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
+        }
+        for (n, k) in TT {
+            let acc = n / 2;
+            writeln!(o, "/// `d = sum over {k} k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x{n} N-major, 128-byte-swizzled in\n/// shared memory (descriptors `a[i]`, `b[i]`; both transposed on read); `d`'s values in are ignored.").unwrap();
+            writeln!(o, "#[inline(always)]\npub unsafe fn tt_n{n}_k{k}_{suf}(d: &mut [[f32; 4]; {}], a: &[u64; {k}], b: &[u64; {k}]) {{", n / 8).unwrap();
+            writeln!(o, "    unsafe {{\n        asm!(").unwrap();
+            let zero = acc + 2 * k;
+            writeln!(o, "            \"{{{{ .reg .pred p0, p1; setp.ne.u32 p0, {{{zero}}}, 0; setp.eq.u32 p1, {{{zero}}}, 0;\",").unwrap();
+            writeln!(o, "            \"wgmma.fence.sync.aligned;\",").unwrap();
+            for i in 0..k {
+                let p = if i == 0 { "p0" } else { "p1" };
+                writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {{{}}}, {{{}}}, {p}, 1, 1, 1, 1;\",", regs(acc), acc + i, acc + k + i).unwrap();
             }
             writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}}\",").unwrap();
             acc_operands(&mut o, acc);

@@ -25,6 +25,10 @@ use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::variants::{row_pitch_bytes, BwdConfig, FwdConfig, BWD_ROWS_PER_BLOCK};
 
+// Hopper dK/dV kernel on wgmma (head dims 64 and 128, atomic dq).
+#[cfg(fa_sm90)]
+mod wg;
+
 /// The (q, k) sequences of grid slice `bidb` (`seqlen::Lengths::slice`).
 #[inline(always)]
 fn sequences(p: &BwdParams, bidb: i32) -> (SeqlenInfo, SeqlenInfo) {

@@ -1,0 +1,406 @@
+//! Hopper dK/dV kernel (+ atomic dQ) on wgmma, head dims 64 and 128 (sm_90a module). The algorithm and the
+//! walk are the mma.sync kernel's (a block owns 128 keys of one kv head and walks every q head of its group
+//! and every 64-row query block that sees them); warpgroup w owns keys 64w..64w+63, so each warp keeps 16
+//! keys and the element-wise part is the mma.sync kernel's with one key tile per warp. All operands sit in
+//! shared memory in the 128-byte swizzle (arch/wgmma.rs): per step
+//!   S^T = K Q^T and dP^T = V dO^T (smem x smem, keys x queries),
+//!   P^T, dS^T in registers; dS^T also to shared memory for dQ,
+//!   dV += P^T dO and dK += dS^T Q (P^T, dS^T from registers, dO and Q transposed on read),
+//!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, warpgroup 0 all
+//!   of them at d64), added to the f32 accumulator with 8-byte vector reductions.
+
+use super::{grad_elem_plain, grad_elem_softcap, lse_index, row_addr, sequences, KvArgs};
+use crate::arch::cp_async::{commit_group, cp_async_16, cp_async_4, wait_group};
+use crate::arch::mem::{red_add_v2_f32, st_global_u32};
+use crate::arch::reg::{opaque_i64, opaque_u32};
+use crate::arch::smem;
+use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sync::sync_threads;
+use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
+use crate::block::{m_block_range, tile_needs_mask};
+use crate::fwd::{a_fragment, Elem, BF16, F16};
+use crate::mask::key_range;
+use crate::params::BwdParams;
+use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N};
+
+const BN: usize = BWD_WG_BLOCK_N;
+const BM: usize = BWD_WG_BLOCK_M;
+const THREADS: usize = 256;
+
+/// The input type's wgmma products at this kernel's shapes (arch/wgmma_ops.rs).
+pub trait WgBwdElem: Elem {
+    unsafe fn ss_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
+    unsafe fn ss_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
+    unsafe fn rs_n64_k4(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: &[u64; 4]);
+    unsafe fn rs_n128_k4(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: &[u64; 4]);
+    unsafe fn tt_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
+}
+
+macro_rules! wg_bwd_elem {
+    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?) => {
+        impl WgBwdElem for $t {
+            $(
+                #[inline(always)]
+                unsafe fn $name(d: $d, a: $a, b: $b) {
+                    unsafe { wgmma::$f(d, a, b) }
+                }
+            )*
+        }
+    };
+}
+wg_bwd_elem!(BF16,
+    ss_n64_k4 => ss_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    ss_n64_k8 => ss_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+    rs_n64_k4 => rs_n64_k4_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n128_k4 => rs_n128_k4_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
+    tt_n64_k8 => tt_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+);
+wg_bwd_elem!(F16,
+    ss_n64_k4 => ss_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    ss_n64_k8 => ss_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+    rs_n64_k4 => rs_n64_k4_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n128_k4 => rs_n128_k4_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
+    tt_n64_k8 => tt_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+);
+
+/// `&mut [T; N]` as `&mut [T; M]`, the caller having checked `N == M`.
+#[inline(always)]
+unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) -> &mut [T; M] {
+    unsafe { &mut *(x as *mut [T; N] as *mut [T; M]) }
+}
+
+/// Wait for every wgmma group of this warpgroup; `acc` (`DN` = 8 or 16 n8 tiles) is read only after.
+#[inline(always)]
+fn wait_dim<const DN: usize>(acc: &mut [[f32; 4]; DN]) {
+    unsafe {
+        if DN == 8 {
+            wgmma::wait0_n64(sized(acc))
+        } else {
+            wgmma::wait0_n128(sized(acc))
+        }
+    }
+}
+
+/// Shared memory for head dim `D`: K, V (BN rows), two stages of Q and of dO (BM rows), dS^T (BN keys x
+/// BM queries, queries contiguous), two stages of the rows' lse_log2 and D. Tiles swizzled, 1024-aligned.
+struct Lay<const D: usize>;
+
+impl<const D: usize> Lay<D> {
+    const KV: u32 = (BN * D * 2) as u32;
+    const QT: u32 = (BM * D * 2) as u32;
+    const K: u32 = 0;
+    const V: u32 = Self::KV;
+    const Q: u32 = 2 * Self::KV;
+    const DO: u32 = Self::Q + 2 * Self::QT;
+    const DS: u32 = Self::DO + 2 * Self::QT;
+    const LSE: u32 = Self::DS + (BN * BM * 2) as u32;
+    const CHECK: () = {
+        assert!(D == 64 || D == 128);
+        assert!(BN == 128 && BM == 64);
+        assert!(Self::LSE as usize + 4 * BM * 4 == bwd_wg_smem_bytes(D));
+    };
+    #[inline(always)]
+    fn q(base: u32, s: usize) -> u32 {
+        base + Self::Q + s as u32 * Self::QT
+    }
+    #[inline(always)]
+    fn dout(base: u32, s: usize) -> u32 {
+        base + Self::DO + s as u32 * Self::QT
+    }
+    #[inline(always)]
+    fn lse(base: u32, s: usize) -> u32 {
+        base + Self::LSE + s as u32 * BM as u32 * 4
+    }
+    #[inline(always)]
+    fn delta(base: u32, s: usize) -> u32 {
+        base + Self::LSE + (2 + s as u32) * BM as u32 * 4
+    }
+}
+
+/// Copy `ROWS` rows of `D` 16-bit values into a swizzled tile, rows at or past `valid_rows` zero-filled.
+#[inline(always)]
+unsafe fn load_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize) {
+    let chunks = D / 8;
+    let pass_rows = THREADS / chunks;
+    let tid = opaque_u32(tid as u32) as usize;
+    let row_stride_bytes = opaque_i64(row_stride_bytes);
+    let (r0, c) = (tid / chunks, tid % chunks);
+    let mut g = src.wrapping_add((r0 as i64 * row_stride_bytes + c as i64 * 16) as u64);
+    let g_step = (pass_rows as i64 * row_stride_bytes) as u64;
+    let mut s = dst + sw128_offset(ROWS as u32, r0 as u32, c as u32);
+    let mut i = 0;
+    while i < ROWS / pass_rows {
+        let valid = ((r0 + i * pass_rows) as i32) < valid_rows;
+        unsafe { cp_async_16(s, if valid { g } else { src }, valid) };
+        g = g.wrapping_add(g_step);
+        s += (pass_rows * 128) as u32;
+        i += 1;
+    }
+}
+
+/// Start the copies of one step (q head `h`, query rows from `m0`) into stage `stage`.
+#[inline(always)]
+unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
+    let rows = a.sq.used - m0;
+    let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, a.bidb, a.sq.start + m0, h);
+    let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, a.bidb, a.sq.start + m0, h);
+    unsafe {
+        load_sw128::<D, BM>(Lay::<D>::q(base, stage), q, p.q_row_stride * 2, rows, tid);
+        load_sw128::<D, BM>(Lay::<D>::dout(base, stage), g, p.do_row_stride * 2, rows, tid);
+    }
+    if tid < BM {
+        let r = tid as i32;
+        let valid = r < rows;
+        let at = if valid { lse_index(p, a.bidb, a.sq.start, h, m0 + r) as u64 * 4 } else { 0 };
+        unsafe {
+            cp_async_4(Lay::<D>::lse(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
+            cp_async_4(Lay::<D>::delta(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
+        }
+    }
+}
+
+/// `acc = rows x cols^T` over the head dim for warpgroup `wg`'s 64 keys: `rows` the key tile (K or V),
+/// `cols` the step's query tile (Q or dO), both K-major. Issued and committed, not waited for.
+#[inline(always)]
+unsafe fn issue_keys_x_queries<E: WgBwdElem, const D: usize>(acc: &mut [[f32; 4]; 8], keys: u32, queries: u32, wg: u32) {
+    let mut ad = [0u64; 8];
+    let mut bd = [0u64; 8];
+    for kk in 0..D / 16 {
+        let col = (kk % 4) as u32 * 32;
+        ad[kk] = desc_sw128(keys + (kk / 4) as u32 * (BN as u32 * 128) + wg * 64 * 128 + col, 16, 1024);
+        bd[kk] = desc_sw128(queries + (kk / 4) as u32 * (BM as u32 * 128) + col, 16, 1024);
+    }
+    unsafe {
+        if D == 64 {
+            E::ss_n64_k4(acc, &[ad[0], ad[1], ad[2], ad[3]], &[bd[0], bd[1], bd[2], bd[3]])
+        } else {
+            E::ss_n64_k8(acc, &ad, &bd)
+        }
+    }
+}
+
+/// `acc += frags x tile`: `frags` this warpgroup's keys x the step's 64 queries (four k16 steps), `tile` the
+/// step's query tile (dO or Q, [query][D], transposed on read). Issued and committed, not waited for.
+#[inline(always)]
+unsafe fn issue_keys_x_dim<E: WgBwdElem, const D: usize, const DN: usize>(acc: &mut [[f32; 4]; DN], frags: &[[u32; 4]; 4], tile: u32) {
+    let mut bd = [0u64; 4];
+    for (kk, d) in bd.iter_mut().enumerate() {
+        *d = desc_sw128(tile + kk as u32 * 16 * 128, BM as u32 * 128, 1024);
+    }
+    unsafe {
+        if D == 64 {
+            E::rs_n64_k4(sized(acc), frags, &bd)
+        } else {
+            E::rs_n128_k4(sized(acc), frags, &bd)
+        }
+    }
+}
+
+/// dK and dV of keys `[n0, n0 + 128)` of kv head `hk` (this warpgroup's 64), over the group's q heads and
+/// the query blocks that see the keys; dQ contributions go to the accumulator (always present here).
+#[inline(always)]
+unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
+    let () = Lay::<D>::CHECK;
+    let base = smem::base();
+    let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, BM as i32);
+    let m_count = if m_max > m_min { m_max - m_min } else { 0 };
+    let steps = m_count * a.group;
+    if steps == 0 {
+        return;
+    }
+    let next = |(h, m): (i32, i32)| if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) };
+    let mut cur = (a.hk * a.group, m_min);
+
+    let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
+    let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
+    unsafe {
+        load_sw128::<D, BN>(base + Lay::<D>::K, k, p.k_row_stride * 2, a.cols, tid);
+        load_sw128::<D, BN>(base + Lay::<D>::V, v, p.v_row_stride * 2, a.cols, tid);
+        load_step::<D>(p, a, base, 0, cur.0, cur.1 * BM as i32, tid);
+    }
+    commit_group();
+
+    let mut it = 0;
+    while it < steps {
+        let stage = (it & 1) as usize;
+        let base = opaque_u32(base);
+        let tid = opaque_u32(tid as u32) as usize;
+        let (warp, lane) = (tid / 32, tid % 32);
+        let wg = (warp / 4) as u32;
+        let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+        // This warp's keys (rows of S^T): 16 * warp + g, + 8.
+        let key0 = (16 * warp) as i32 + g;
+        wait_group::<0>();
+        wgmma::fence_proxy_async_shared();
+        // Step it's data is visible, and every warp is done with step it-1 (its stage and dS^T).
+        sync_threads();
+        let nxt = next(cur);
+        if it + 1 < steps {
+            unsafe { load_step::<D>(p, a, base, 1 - stage, nxt.0, nxt.1 * BM as i32, tid) };
+            commit_group();
+        }
+        let (h, m0) = (cur.0, cur.1 * BM as i32);
+        cur = nxt;
+        let rows = a.sq.used - m0;
+        let q_s = Lay::<D>::q(base, stage);
+        let do_s = Lay::<D>::dout(base, stage);
+
+        let mut acc_s = [[0f32; 4]; 8];
+        let mut acc_dp = [[0f32; 4]; 8];
+        unsafe {
+            issue_keys_x_queries::<E, D>(&mut acc_s, base + Lay::<D>::K, q_s, wg);
+            issue_keys_x_queries::<E, D>(&mut acc_dp, base + Lay::<D>::V, do_s, wg);
+        }
+        wgmma::wait1_n64(&mut acc_s);
+        wgmma::wait0_n64(&mut acc_dp);
+
+        // P^T and dS^T in place (the mma.sync kernel's element-wise step, one key tile per warp).
+        let lse_s = Lay::<D>::lse(base, stage);
+        let delta_s = Lay::<D>::delta(base, stage);
+        if p.softcap_pre != 0.0 {
+            for j in 0..8 {
+                let qc = (8 * j) as u32 + 2 * t as u32;
+                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+                for i in 0..4 {
+                    (acc_s[j][i], acc_dp[j][i]) = grad_elem_softcap(p, acc_s[j][i], acc_dp[j][i], lse2[i % 2], delta[i % 2]);
+                }
+            }
+        } else {
+            for j in 0..8 {
+                let qc = (8 * j) as u32 + 2 * t as u32;
+                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+                for i in 0..4 {
+                    (acc_s[j][i], acc_dp[j][i]) = grad_elem_plain(p, acc_s[j][i], acc_dp[j][i], lse2[i % 2], delta[i % 2]);
+                }
+            }
+        }
+        if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
+            for j in 0..8 {
+                for e in 0..2 {
+                    let qc = (8 * j) as i32 + 2 * t + e as i32;
+                    let (lo, hi) = key_range(m0 + qc, a.sq.used, a.sk.used, p.window_left, p.window_right);
+                    let row_ok = qc < rows;
+                    for half in 0..2 {
+                        let key = a.n0 + key0 + 8 * half as i32;
+                        if !(row_ok && key >= lo && key <= hi) {
+                            acc_s[j][2 * half + e] = 0.0;
+                            acc_dp[j][2 * half + e] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+        // dS^T to shared memory, [key][query] swizzled (dQ's A operand, transposed on read).
+        let ds_s = base + Lay::<D>::DS;
+        for j in 0..8 {
+            for half in 0..2usize {
+                let key = (key0 + 8 * half as i32) as u32;
+                let q = (8 * j) as u32 + 2 * t as u32;
+                let at = ds_s + sw128_offset(BN as u32, key, q / 8) + (q % 8) * 2;
+                unsafe { smem::st_u32(at, E::pack(acc_dp[j][2 * half], acc_dp[j][2 * half + 1])) };
+            }
+        }
+        wgmma::fence_proxy_async_shared();
+
+        // dV += P^T dO and dK += dS^T Q.
+        let mut pa = [[0u32; 4]; 4];
+        let mut da = [[0u32; 4]; 4];
+        for kk in 0..4 {
+            pa[kk] = a_fragment::<E>(&acc_s[2 * kk], &acc_s[2 * kk + 1]);
+            da[kk] = a_fragment::<E>(&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
+        }
+        unsafe {
+            issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
+            issue_keys_x_dim::<E, D, DN>(acc_dk, &da, q_s);
+        }
+        // Both warpgroups' dS^T is in shared memory.
+        sync_threads();
+
+        // dQ = dS K: warpgroup wg's 64 head-dim columns (d128), or all 64 on warpgroup 0 (d64).
+        if D == 128 || wg == 0 {
+            let c0 = if D == 128 { wg * 64 } else { 0 };
+            let mut ad = [0u64; 8];
+            let mut bd = [0u64; 8];
+            for kk in 0..8u32 {
+                ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
+                bd[kk as usize] = desc_sw128(base + Lay::<D>::K + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
+            }
+            let mut acc_q = [[0f32; 4]; 8];
+            unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
+            wgmma::wait0_n64(&mut acc_q);
+            // Rows: this warp's 16 queries; rows past the sequence carry exact zeros (the accumulator has
+            // slack rows), as in the mma.sync kernel.
+            let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride) * 4) as u64);
+            let row = (16 * (warp % 4)) as i64 + g as i64;
+            for j in 0..8 {
+                let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
+                let at = dqa.wrapping_add(((row * p.dqa_row_stride + col) * 4) as u64);
+                unsafe {
+                    red_add_v2_f32(at, [acc_q[j][0], acc_q[j][1]]);
+                    red_add_v2_f32(at.wrapping_add((8 * p.dqa_row_stride * 4) as u64), [acc_q[j][2], acc_q[j][3]]);
+                }
+            }
+        }
+        // dV and dK have landed; P^T and dS^T fragments stay live until here.
+        wait_dim::<DN>(acc_dv);
+        wait_dim::<DN>(acc_dk);
+        wgmma::keep_a4(&mut pa);
+        wgmma::keep_a4(&mut da);
+        it += 1;
+    }
+    // The next key block (grid stride) reloads K/V and step 0: every warp must be done reading.
+    sync_threads();
+}
+
+/// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
+#[inline(always)]
+unsafe fn entry<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams) {
+    let tid = thread_idx_x() as usize;
+    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let (sq, sk) = sequences(p, bidb);
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let key0 = (16 * warp) as i32 + g;
+
+    let mut n_block = block_idx_x() as i32;
+    while n_block * (BN as i32) < sk.slot_len {
+        let n0 = n_block * BN as i32;
+        let mut acc_dk = [[0f32; 4]; DN];
+        let mut acc_dv = [[0f32; 4]; DN];
+        if n0 < sk.used {
+            let cols = if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 };
+            let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols };
+            unsafe { block::<E, D, DN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
+        }
+        for half in 0..2usize {
+            let r = n0 + key0 + 8 * half as i32;
+            if r < sk.slot_len {
+                let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
+                let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
+                for j in 0..DN {
+                    let off = ((8 * j as i32 + 2 * t) * 2) as u64;
+                    let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
+                    unsafe {
+                        st_global_u32(dk + off, E::pack(k0, k1));
+                        st_global_u32(dv + off, E::pack(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]));
+                    }
+                }
+            }
+        }
+        n_block += grid_dim_x() as i32;
+    }
+}
+
+macro_rules! bwd_wg_kernels {
+    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
+        const _: () = {
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
+                unsafe { entry::<$dt, $d, { $d / 8 }>(&p) }
+            }
+        };
+    )*};
+}
+crate::for_each_bwd_wg_variant!(bwd_wg_kernels);
