@@ -6,8 +6,8 @@
 //!   S^T = K Q^T and dP^T = V dO^T (smem x smem, keys x queries),
 //!   P^T, dS^T in registers; dS^T also to shared memory for dQ,
 //!   dV += P^T dO and dK += dS^T Q (P^T, dS^T from registers, dO and Q transposed on read),
-//!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, warpgroup 0 all
-//!   of them at d64), added to the f32 accumulator with 8-byte vector reductions.
+//!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
+//!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
 use super::{grad_elem_plain, grad_elem_softcap, lse_index, row_addr, sequences, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_16, cp_async_4, wait_group};
@@ -318,8 +318,9 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
         // Both warpgroups' dS^T is in shared memory.
         sync_threads();
 
-        // dQ = dS K: warpgroup wg's 64 head-dim columns (d128), or all 64 on warpgroup 0 (d64).
-        if D == 128 || wg == 0 {
+        // dQ = dS K: warpgroup wg's 64 head-dim columns (d128); at d64 all 64 columns, on the warpgroups in
+        // turn (even steps warpgroup 0, odd steps 1).
+        if D == 128 || wg == (it & 1) as u32 {
             let c0 = if D == 128 { wg * 64 } else { 0 };
             let mut ad = [0u64; 8];
             let mut bd = [0u64; 8];
