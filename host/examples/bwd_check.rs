@@ -31,7 +31,7 @@ fn bench(filter: &str) {
                 if !name.contains(filter) {
                     continue;
                 }
-                let (b, h) = (16384 / s, 16);
+                let (b, h) = (16384 / s, 2048 / d);
                 let n = b * s * h * d;
                 let mk = |seed: &mut u64| Tensor::from_f32(&rnd(n, seed), &[b, s, h, d], DType::BF16).unwrap().to_device(gpu).unwrap();
                 let (q, k, v, g) = (mk(&mut seed), mk(&mut seed), mk(&mut seed), mk(&mut seed));
@@ -65,7 +65,7 @@ fn bench_fwd(filter: &str) {
                 if !name.contains(filter) {
                     continue;
                 }
-                let (b, h) = (16384 / s, 16);
+                let (b, h) = (16384 / s, 2048 / d);
                 let n = b * s * h * d;
                 let mk = |seed: &mut u64| Tensor::from_f32(&rnd(n, seed), &[b, s, h, d], DType::BF16).unwrap().to_device(gpu).unwrap();
                 let (q, k, v) = (mk(&mut seed), mk(&mut seed), mk(&mut seed));

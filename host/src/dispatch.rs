@@ -41,10 +41,16 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     let grid = |c: &FwdConfig| (p.seqlen_q.max(1).div_ceil(c.block_m()) as u32, p.hq as u32, z as u32);
     if let (Some(sms), Some(config), Some(kernel)) = (hopper_sms, fwd_wg_config(p.head_dim), fwd_wg_kernel_name(p.head_dim, dtype)) {
         let (m, heads, seqs) = grid(&config);
-        // Masked problems keep one row block per block: their blocks' work differs, and many small
-        // blocks balance it (chaining cost up to 10% on causal S = 16384).
+        // Masked problems' row blocks differ in work: chained, they stay balanced only when one block
+        // takes all row blocks of a (head, sequence) and there are at least as many of those as
+        // multiprocessors; else one row block per block (chaining cost up to 10% on causal S = 16384).
         let masked = p.window_left >= 0 || p.window_right >= 0;
-        let gx = if masked { m } else { chained_grid_x(m as usize, heads as usize * seqs as usize, sms) as u32 };
+        let units = heads as usize * seqs as usize;
+        let gx = match (masked, units >= sms) {
+            (false, _) => chained_grid_x(m as usize, units, sms) as u32,
+            (true, true) => 1,
+            (true, false) => m,
+        };
         return Some(FwdLaunch { kernel, config, grid: (gx, heads, seqs), block: config.threads() as u32, smem_bytes: fwd_wg_smem_bytes(&config) });
     }
     let kernel = fwd_kernel_name(p.head_dim, dtype)?;
