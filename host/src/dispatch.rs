@@ -42,11 +42,12 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     if let (Some(sms), Some(config), Some(kernel)) = (hopper_sms, fwd_wg_config(p.head_dim), fwd_wg_kernel_name(p.head_dim, dtype)) {
         let (m, heads, seqs) = grid(&config);
         // Masked problems' row blocks differ in work: chained, they stay balanced only when one block
-        // takes all row blocks of a (head, sequence) and there are at least as many of those as
-        // multiprocessors; else one row block per block (chaining cost up to 10% on causal S = 16384).
+        // takes all row blocks of a (head, sequence), the sequences are equally long (not varlen) and
+        // there are at least as many (head, sequence) pairs as multiprocessors; else one row block per
+        // block (chaining cost up to 10% on causal S = 16384, 15% on the ragged varlen batch).
         let masked = p.window_left >= 0 || p.window_right >= 0;
         let units = heads as usize * seqs as usize;
-        let gx = match (masked, units >= sms) {
+        let gx = match (masked, !p.varlen && units >= sms) {
             (false, _) => chained_grid_x(m as usize, units, sms) as u32,
             (true, true) => 1,
             (true, false) => m,
