@@ -128,12 +128,15 @@ unsafe fn load_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_
     let mut g = src.wrapping_add((r0 as i64 * row_stride_bytes + c as i64 * 16) as u64);
     let g_step = (pass_rows as i64 * row_stride_bytes) as u64;
     let mut s = dst + sw128_offset(ROWS as u32, r0 as u32, c as u32);
+    let mut row = r0 as i32;
     let mut i = 0;
     while i < ROWS / pass_rows {
-        let valid = ((r0 + i * pass_rows) as i32) < valid_rows;
+        let valid = row < valid_rows;
         unsafe { cp_async_16(s, if valid { g } else { src }, valid) };
-        g = g.wrapping_add(g_step);
+        // Laundered: left visible, LLVM rebuilds every copy's address as a 64-bit `row * stride`.
+        g = opaque_i64(g.wrapping_add(g_step) as i64) as u64;
         s += (pass_rows * 128) as u32;
+        row += pass_rows as i32;
         i += 1;
     }
 }
