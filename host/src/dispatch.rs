@@ -41,15 +41,19 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     let grid = |c: &FwdConfig| (p.seqlen_q.max(1).div_ceil(c.block_m()) as u32, p.hq as u32, z as u32);
     if let (Some(sms), Some(config), Some(kernel)) = (hopper_sms, fwd_wg_config(p.head_dim), fwd_wg_kernel_name(p.head_dim, dtype)) {
         let (m, heads, seqs) = grid(&config);
-        // One row block per block, except masked (causal/window) problems with equally long sequences
-        // and at least as many (head, sequence) pairs as multiprocessors: there one block chains all row
-        // blocks of a pair (their work differs; chained, every block gets the same total, and each row
-        // block's first copies start under the previous one's last product: d64 causal S=512 0.99 -> 1.08
-        // of flash). Unmasked problems lose by chaining: the concurrent blocks then stream more heads'
-        // K/V than L2 holds (hdim 128, S=2048: 381 TFLOP/s chained vs 423 not; S=8192: 447 vs 461).
+        // One block chains all row blocks of a (head, sequence) (each row block's first copies start
+        // under the previous one's last product; masked problems' unequal row blocks add up to the same
+        // total per block) when the sequences are equally long (not varlen), there are at least as many
+        // pairs as multiprocessors, and either the problem is masked or the K/V the concurrent blocks
+        // stream fits in half of Hopper's 50 MB L2. Else one row block per block. Measured (H200):
+        // unmasked hdim 128 S=2048 chained past L2 381 TFLOP/s vs 423 not; hdim 64 S=512 (within L2)
+        // 1.02 of flash chained vs 0.94 not; causal hdim 64 S=512 / 2048 1.08-1.12 / 1.05-1.07 chained
+        // vs 0.99 / 0.98 not.
+        const CHAIN_L2_BYTES: usize = 24 << 20;
         let masked = p.window_left >= 0 || p.window_right >= 0;
         let units = heads as usize * seqs as usize;
-        let gx = if masked && !p.varlen && units >= sms { 1 } else { m };
+        let fits_l2 = sms * p.seqlen_k * p.head_dim * 4 <= CHAIN_L2_BYTES;
+        let gx = if !p.varlen && units >= sms && (masked || fits_l2) { 1 } else { m };
         return Some(FwdLaunch { kernel, config, grid: (gx, heads, seqs), block: config.threads() as u32, smem_bytes: fwd_wg_smem_bytes(&config) });
     }
     let kernel = fwd_kernel_name(p.head_dim, dtype)?;
