@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, FwdConfig, KernelDType,
-    BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N,
+    BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS,
 };
 
 use crate::problem::Problem;
@@ -85,7 +85,7 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper: bool) -> Option<[L
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
     let main = match (hopper && !deterministic, bwd_wg_kernel_name(p.head_dim, dtype)) {
-        (true, Some(kernel)) => Launch { kernel, grid: (blocks(p.seqlen_k, BWD_WG_BLOCK_N), p.hk as u32, z), block: 256, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
+        (true, Some(kernel)) => Launch { kernel, grid: (blocks(p.seqlen_k, BWD_WG_BLOCK_N), p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
         _ => Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() },
     };
     let last = if deterministic {

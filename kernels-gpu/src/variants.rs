@@ -197,6 +197,7 @@ impl BwdConfig {
 /// steps, head dims 64 and 128 (bwd/wg.rs).
 pub const BWD_WG_BLOCK_N: usize = 128;
 pub const BWD_WG_BLOCK_M: usize = 64;
+pub const BWD_WG_THREADS: usize = 256;
 
 /// Its dynamic shared memory: K, V, two stages of Q and dO, dS^T, two stages of lse_log2 and D.
 pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {

@@ -10,22 +10,22 @@
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
 use super::{grad_elem_plain, grad_elem_softcap, lse_index, row_addr, sequences, KvArgs};
-use crate::arch::cp_async::{commit_group, cp_async_16, cp_async_4, wait_group};
+use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::mem::{red_add_v2_f32, st_global_u32};
-use crate::arch::reg::{opaque_i64, opaque_u32};
+use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::{m_block_range, tile_needs_mask};
+use crate::fwd::wg::{load_tile_sw128, sized, THREADS as COPY_THREADS};
 use crate::fwd::{a_fragment, Elem, BF16, F16};
 use crate::mask::key_range;
 use crate::params::BwdParams;
-use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N};
+use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
 
 const BN: usize = BWD_WG_BLOCK_N;
 const BM: usize = BWD_WG_BLOCK_M;
-const THREADS: usize = 256;
 
 /// The input type's wgmma products at this kernel's shapes (arch/wgmma_ops.rs).
 pub trait WgBwdElem: Elem {
@@ -63,12 +63,6 @@ wg_bwd_elem!(F16,
     tt_n64_k8 => tt_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
 );
 
-/// `&mut [T; N]` as `&mut [T; M]`, the caller having checked `N == M`.
-#[inline(always)]
-unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) -> &mut [T; M] {
-    unsafe { &mut *(x as *mut [T; N] as *mut [T; M]) }
-}
-
 /// Wait for every wgmma group of this warpgroup; `acc` (`DN` = 8 or 16 n8 tiles) is read only after.
 #[inline(always)]
 fn wait_dim<const DN: usize>(acc: &mut [[f32; 4]; DN]) {
@@ -97,6 +91,8 @@ impl<const D: usize> Lay<D> {
     const CHECK: () = {
         assert!(D == 64 || D == 128);
         assert!(BN == 128 && BM == 64);
+        // The tile copies are the forward's, written for its 256 threads.
+        assert!(BWD_WG_THREADS == COPY_THREADS);
         assert!(Self::LSE as usize + 4 * BM * 4 == bwd_wg_smem_bytes(D));
     };
     #[inline(always)]
@@ -117,30 +113,6 @@ impl<const D: usize> Lay<D> {
     }
 }
 
-/// Copy `ROWS` rows of `D` 16-bit values into a swizzled tile, rows at or past `valid_rows` zero-filled.
-#[inline(always)]
-unsafe fn load_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize) {
-    let chunks = D / 8;
-    let pass_rows = THREADS / chunks;
-    let tid = opaque_u32(tid as u32) as usize;
-    let row_stride_bytes = opaque_i64(row_stride_bytes);
-    let (r0, c) = (tid / chunks, tid % chunks);
-    let mut g = src.wrapping_add((r0 as i64 * row_stride_bytes + c as i64 * 16) as u64);
-    let g_step = (pass_rows as i64 * row_stride_bytes) as u64;
-    let mut s = dst + sw128_offset(ROWS as u32, r0 as u32, c as u32);
-    let mut row = r0 as i32;
-    let mut i = 0;
-    while i < ROWS / pass_rows {
-        let valid = row < valid_rows;
-        unsafe { cp_async_16(s, if valid { g } else { src }, valid) };
-        // Laundered: left visible, LLVM rebuilds every copy's address as a 64-bit `row * stride`.
-        g = opaque_i64(g.wrapping_add(g_step) as i64) as u64;
-        s += (pass_rows * 128) as u32;
-        row += pass_rows as i32;
-        i += 1;
-    }
-}
-
 /// Start the copies of one step (q head `h`, query rows from `m0`) into stage `stage`.
 #[inline(always)]
 unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
@@ -148,8 +120,8 @@ unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage:
     let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, a.bidb, a.sq.start + m0, h);
     let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, a.bidb, a.sq.start + m0, h);
     unsafe {
-        load_sw128::<D, BM>(Lay::<D>::q(base, stage), q, p.q_row_stride * 2, rows, tid);
-        load_sw128::<D, BM>(Lay::<D>::dout(base, stage), g, p.do_row_stride * 2, rows, tid);
+        load_tile_sw128::<D, BM>(Lay::<D>::q(base, stage), q, p.q_row_stride * 2, rows, tid);
+        load_tile_sw128::<D, BM>(Lay::<D>::dout(base, stage), g, p.do_row_stride * 2, rows, tid);
     }
     if tid < BM {
         let r = tid as i32;
@@ -217,8 +189,8 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
     let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
     let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
     unsafe {
-        load_sw128::<D, BN>(base + Lay::<D>::K, k, p.k_row_stride * 2, a.cols, tid);
-        load_sw128::<D, BN>(base + Lay::<D>::V, v, p.v_row_stride * 2, a.cols, tid);
+        load_tile_sw128::<D, BN>(base + Lay::<D>::K, k, p.k_row_stride * 2, a.cols, tid);
+        load_tile_sw128::<D, BN>(base + Lay::<D>::V, v, p.v_row_stride * 2, a.cols, tid);
         load_step::<D>(p, a, base, 0, cur.0, cur.1 * BM as i32, tid);
     }
     commit_group();

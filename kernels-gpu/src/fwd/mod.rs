@@ -5,7 +5,7 @@
 //! On Hopper the sm_90a module's `wg` kernels take head dims 64 and 128 (wgmma).
 
 #[cfg(fa_sm90)]
-mod wg;
+pub(crate) mod wg;
 
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};

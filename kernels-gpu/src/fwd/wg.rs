@@ -23,7 +23,7 @@ use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes};
 
 /// Query rows per block (two warpgroups of 64) and threads.
 const BM: usize = 128;
-const THREADS: usize = 256;
+pub(crate) const THREADS: usize = 256;
 /// Slots per operand. Tile i's step reads K_{i+1} and V_i while K_{i+2} and V_{i+1} land (K runs one tile
 /// ahead of V); tile t of the running count sits in slot t % 2 of each.
 const SLOTS: usize = 2;
@@ -72,7 +72,7 @@ wg_elem!(F16,
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
 /// cannot name the concrete length the generated wrappers take).
 #[inline(always)]
-unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) -> &mut [T; M] {
+pub(crate) unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) -> &mut [T; M] {
     debug_assert!(N == M);
     unsafe { &mut *(x as *mut [T; N] as *mut [T; M]) }
 }
@@ -135,7 +135,7 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
 /// zero-filled without touching global memory. A thread keeps one 16-byte column chunk and walks rows
 /// `THREADS / (D / 8)` apart (a multiple of 8: its swizzled chunk stays the same).
 #[inline(always)]
-unsafe fn load_tile_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize) {
+pub(crate) unsafe fn load_tile_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize) {
     let chunks = D / 8;
     let pass_rows = THREADS / chunks;
     let tid = opaque_u32(tid as u32) as usize;
