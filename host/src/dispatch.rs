@@ -106,3 +106,70 @@ const _: () = {
         i += 1;
     }
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::problem::Strides;
+    use crate::tensor::Device;
+
+    fn problem(head_dim: usize, seqlen: usize, batch: usize, heads: usize, causal: bool, varlen: bool) -> Problem {
+        let s = Strides { batch: seqlen * heads * head_dim, row: heads * head_dim, head: head_dim, offset: 0 };
+        Problem {
+            dtype: DType::BF16,
+            device: Device::Cuda(0),
+            batch,
+            hq: heads,
+            hk: heads,
+            head_dim,
+            varlen,
+            seqlen_q: seqlen,
+            seqlen_k: seqlen,
+            total_q: batch * seqlen,
+            total_k: batch * seqlen,
+            window_left: -1,
+            window_right: if causal { 0 } else { -1 },
+            scale: 1.0,
+            softcap: 0.0,
+            q: s,
+            k: s,
+            v: s,
+            has_seqused_q: false,
+            has_seqused_k: false,
+            seqlens: None,
+        }
+    }
+
+    /// Hopper takes the wgmma kernels where they exist (forward 64/128/256, backward 64/128 outside
+    /// deterministic mode), each within the 227 KiB of shared memory; elsewhere the mma.sync ones.
+    #[test]
+    fn hopper_dispatch_picks_wgmma_kernels_where_they_exist() {
+        for d in [32, 64, 96, 128, 192, 256] {
+            let p = problem(d, 1024, 2, 4, false, false);
+            let f = fwd_launch(&p, Some(132)).unwrap();
+            assert_eq!(f.kernel.contains("_wg_"), matches!(d, 64 | 128 | 256), "fwd d{d}: {}", f.kernel);
+            assert!(f.smem_bytes <= 227 * 1024);
+            assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
+            for det in [false, true] {
+                let b = bwd_launches(&p, det, true).unwrap();
+                assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
+                assert!(b[1].smem_bytes <= 227 * 1024);
+                assert!(!bwd_launches(&p, det, false).unwrap()[1].kernel.contains("_wg_"));
+            }
+        }
+    }
+
+    /// The Hopper forward grid covers every row block of every (head, sequence): chained (x = 1) only
+    /// for equal-length problems with enough pairs that are masked or whose K/V fits L2; else one row
+    /// block per block.
+    #[test]
+    fn hopper_forward_grid_chains_only_where_measured_to_help() {
+        let gx = |d, s, b, h, causal, varlen| fwd_launch(&problem(d, s, b, h, causal, varlen), Some(132)).unwrap().grid.0;
+        assert_eq!(gx(64, 512, 32, 32, false, false), 1); // K/V per pair 128 KiB: fits L2
+        assert_eq!(gx(128, 2048, 8, 16, false, false), 16); // 1 MiB per pair: past L2
+        assert_eq!(gx(128, 2048, 16, 16, true, false), 1); // masked, 256 pairs: balanced when chained
+        assert_eq!(gx(128, 2048, 8, 16, true, false), 16); // masked, 128 pairs < 132 multiprocessors
+        assert_eq!(gx(128, 8192, 2, 16, true, false), 64); // 32 pairs < 132 multiprocessors
+        assert_eq!(gx(128, 4096, 64, 16, true, true), 32); // varlen: ragged lengths
+    }
+}
