@@ -409,8 +409,8 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 }
 
 /// Kernel body: like `for_each_row_block`, with the row blocks of one (sequence, head) chained so each
-/// block's first copies start under the previous block's last product. The host sizes the grid so a
-/// block usually walks several row blocks.
+/// block's first copies start under the previous block's last product, when the host's grid gives a block
+/// several row blocks (`fwd_launch`: masked problems, or K/V that fits L2).
 #[inline(always)]
 unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(p: &FwdParams) {
     let mut t0 = 0usize;
