@@ -276,6 +276,38 @@ unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, frag:
     }
 }
 
+/// P^T and dS^T in place of S^T and dP^T for this thread's `KT` key tiles x `QN` query tiles (queries
+/// from `q_col0`; their lse_log2 and D at `lse_s`, `delta_s`). The unmasked formula everywhere (inputs
+/// past the sequence are zero-filled, so finite); softcap or not decided once per tile, outside the loops
+/// (inside, LLVM kept one branch per element). Shared by the mma.sync and wgmma kernels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_tile<const KT: usize, const QN: usize>(p: &BwdParams, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+    if p.softcap_pre != 0.0 {
+        for j in 0..QN {
+            let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
+            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+            let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+            for kt in 0..KT {
+                for i in 0..4 {
+                    (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_softcap(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
+                }
+            }
+        }
+    } else {
+        for j in 0..QN {
+            let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
+            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+            let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+            for kt in 0..KT {
+                for i in 0..4 {
+                    (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_plain(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
+                }
+            }
+        }
+    }
+}
+
 /// dK and dV of keys `[n0, n0 + BN)` of kv head `hk` (this warp's part), accumulated over the group's
 /// q heads and the query blocks that see the keys; dQ contributions go to the accumulator if there is one.
 #[inline(always)]
@@ -359,32 +391,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         // P and dS in place of S^T and dP^T; dS^T (and P^T when warps split the queries) to shared memory.
         let lse_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::lse_stage(base, stage);
         let delta_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage);
-        // Unmasked formula everywhere (inputs past the sequence are zero-filled, so finite), softcap or not
-        // decided once per tile; then, on boundary tiles only, P and dS of hidden pairs are zeroed.
-        // The softcap test sits outside the loops: inside, LLVM kept one branch per element.
-        if p.softcap_pre != 0.0 {
-            for j in 0..QN {
-                let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
-                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
-                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
-                for kt in 0..KT {
-                    for i in 0..4 {
-                        (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_softcap(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
-                    }
-                }
-            }
-        } else {
-            for j in 0..QN {
-                let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
-                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
-                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
-                for kt in 0..KT {
-                    for i in 0..4 {
-                        (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_plain(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
-                    }
-                }
-            }
-        }
+        grad_tile::<KT, QN>(p, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
+        // On boundary tiles only, P and dS of hidden pairs are zeroed.
         if masked {
             for j in 0..QN {
                 for e in 0..2 {

@@ -9,7 +9,7 @@
 //!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
-use super::{grad_elem_plain, grad_elem_softcap, lse_index, row_addr, sequences, KvArgs};
+use super::{grad_tile, lse_index, row_addr, sequences, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::mem::{red_add_v2_f32, st_global_u32};
 use crate::arch::reg::opaque_u32;
@@ -18,9 +18,9 @@ use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, threa
 use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::{m_block_range, tile_needs_mask};
+use crate::mask::key_range;
 use crate::fwd::wg::{load_tile_sw128, sized, THREADS as COPY_THREADS};
 use crate::fwd::{a_fragment, Elem, BF16, F16};
-use crate::mask::key_range;
 use crate::params::BwdParams;
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
 
@@ -220,37 +220,20 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
         let q_s = Lay::<D>::q(base, stage);
         let do_s = Lay::<D>::dout(base, stage);
 
-        let mut acc_s = [[0f32; 4]; 8];
-        let mut acc_dp = [[0f32; 4]; 8];
+        // One key tile per warp: the shape the shared element-wise helpers take (KT = 1).
+        let mut acc_s = [[[0f32; 4]; 8]; 1];
+        let mut acc_dp = [[[0f32; 4]; 8]; 1];
         unsafe {
-            issue_keys_x_queries::<E, D>(&mut acc_s, base + Lay::<D>::K, q_s, wg);
-            issue_keys_x_queries::<E, D>(&mut acc_dp, base + Lay::<D>::V, do_s, wg);
+            issue_keys_x_queries::<E, D>(&mut acc_s[0], base + Lay::<D>::K, q_s, wg);
+            issue_keys_x_queries::<E, D>(&mut acc_dp[0], base + Lay::<D>::V, do_s, wg);
         }
-        wgmma::wait1_n64(&mut acc_s);
-        wgmma::wait0_n64(&mut acc_dp);
+        wgmma::wait1_n64(&mut acc_s[0]);
+        wgmma::wait0_n64(&mut acc_dp[0]);
 
         // P^T and dS^T in place (the mma.sync kernel's element-wise step, one key tile per warp).
         let lse_s = Lay::<D>::lse(base, stage);
         let delta_s = Lay::<D>::delta(base, stage);
-        if p.softcap_pre != 0.0 {
-            for j in 0..8 {
-                let qc = (8 * j) as u32 + 2 * t as u32;
-                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
-                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
-                for i in 0..4 {
-                    (acc_s[j][i], acc_dp[j][i]) = grad_elem_softcap(p, acc_s[j][i], acc_dp[j][i], lse2[i % 2], delta[i % 2]);
-                }
-            }
-        } else {
-            for j in 0..8 {
-                let qc = (8 * j) as u32 + 2 * t as u32;
-                let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
-                let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
-                for i in 0..4 {
-                    (acc_s[j][i], acc_dp[j][i]) = grad_elem_plain(p, acc_s[j][i], acc_dp[j][i], lse2[i % 2], delta[i % 2]);
-                }
-            }
-        }
+        grad_tile::<1, 8>(p, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
         if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
             for j in 0..8 {
                 for e in 0..2 {
@@ -260,8 +243,8 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
                     for half in 0..2 {
                         let key = a.n0 + key0 + 8 * half as i32;
                         if !(row_ok && key >= lo && key <= hi) {
-                            acc_s[j][2 * half + e] = 0.0;
-                            acc_dp[j][2 * half + e] = 0.0;
+                            acc_s[0][j][2 * half + e] = 0.0;
+                            acc_dp[0][j][2 * half + e] = 0.0;
                         }
                     }
                 }
@@ -274,7 +257,7 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
                 let key = (key0 + 8 * half as i32) as u32;
                 let q = (8 * j) as u32 + 2 * t as u32;
                 let at = ds_s + sw128_offset(BN as u32, key, q / 8) + (q % 8) * 2;
-                unsafe { smem::st_u32(at, E::pack(acc_dp[j][2 * half], acc_dp[j][2 * half + 1])) };
+                unsafe { smem::st_u32(at, E::pack(acc_dp[0][j][2 * half], acc_dp[0][j][2 * half + 1])) };
             }
         }
         wgmma::fence_proxy_async_shared();
@@ -283,8 +266,8 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
         let mut pa = [[0u32; 4]; 4];
         let mut da = [[0u32; 4]; 4];
         for kk in 0..4 {
-            pa[kk] = a_fragment::<E>(&acc_s[2 * kk], &acc_s[2 * kk + 1]);
-            da[kk] = a_fragment::<E>(&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
+            pa[kk] = a_fragment::<E>(&acc_s[0][2 * kk], &acc_s[0][2 * kk + 1]);
+            da[kk] = a_fragment::<E>(&acc_dp[0][2 * kk], &acc_dp[0][2 * kk + 1]);
         }
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
