@@ -276,6 +276,18 @@ unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, frag:
     }
 }
 
+/// The steps a key block walks, (q head, query block) in order: head-major over its group, query blocks
+/// `m_min..m_max` of `bm` rows (those that see its keys). Returns the step count, the successor of a step
+/// and the first step. Counters, not `it / m_count`: a division by a runtime value costs dozens of
+/// instructions per step.
+#[inline(always)]
+fn step_walk(p: &BwdParams, a: &KvArgs, bm: i32) -> (i32, impl Fn((i32, i32)) -> (i32, i32), (i32, i32)) {
+    let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, bm);
+    let m_count = if m_max > m_min { m_max - m_min } else { 0 };
+    let next = move |(h, m): (i32, i32)| if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) };
+    (m_count * a.group, next, (a.hk * a.group, m_min))
+}
+
 /// P^T and dS^T in place of S^T and dP^T for this thread's `KT` key tiles x `QN` query tiles (queries
 /// from `q_col0`; their lse_log2 and D at `lse_s`, `delta_s`). The unmasked formula everywhere (inputs
 /// past the sequence are zero-filled, so finite); softcap or not decided once per tile, outside the loops
@@ -325,16 +337,10 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
     let threads = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::THREADS;
     let base = smem::base();
 
-    let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, BM as i32);
-    let m_count = if m_max > m_min { m_max - m_min } else { 0 };
-    let steps = m_count * a.group;
+    let (steps, next, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
         return;
     }
-    // Steps walk (q head, query block) in order: head-major, blocks m_min..m_max. Counters, not `it /
-    // m_count`: a division by a runtime value costs dozens of instructions per step.
-    let next = |(h, m): (i32, i32)| if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) };
-    let mut cur = (a.hk * a.group, m_min);
 
     // Prologue: K, V and the first step in one group.
     let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);

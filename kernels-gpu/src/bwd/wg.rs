@@ -9,7 +9,7 @@
 //!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
-use super::{grad_tile, lse_index, row_addr, sequences, KvArgs};
+use super::{grad_tile, lse_index, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::mem::{red_add_v2_f32, st_global_u32};
 use crate::arch::reg::opaque_u32;
@@ -17,7 +17,7 @@ use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
-use crate::block::{m_block_range, tile_needs_mask};
+use crate::block::tile_needs_mask;
 use crate::mask::key_range;
 use crate::fwd::wg::{load_tile_sw128, sized, THREADS as COPY_THREADS};
 use crate::fwd::{a_fragment, Elem, BF16, F16};
@@ -177,14 +177,10 @@ unsafe fn issue_keys_x_dim<E: WgBwdElem, const D: usize, const DN: usize>(acc: &
 unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
-    let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, BM as i32);
-    let m_count = if m_max > m_min { m_max - m_min } else { 0 };
-    let steps = m_count * a.group;
+    let (steps, next, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
         return;
     }
-    let next = |(h, m): (i32, i32)| if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) };
-    let mut cur = (a.hk * a.group, m_min);
 
     let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
     let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
