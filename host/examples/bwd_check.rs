@@ -20,8 +20,10 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
     d / m.max(1e-6)
 }
 
-/// `bwd_check bench [filter]`: median ms of bwd (atomic and deterministic) on the table's shapes.
-fn bench(filter: &str) {
+/// The benchmark table's shapes whose name contains `filter`: 16k tokens per batch, H * D = 2048, bf16 on
+/// the GPU. `run` gets the name, (q, k, v, dout) drawn from one seeded stream, the options and the
+/// forward's FLOPs.
+fn for_table_shapes(filter: &str, mut run: impl FnMut(&str, [Tensor; 4], AttnOptions, f64)) {
     let gpu = Device::Cuda(0);
     let mut seed = 7u64;
     for &d in &[64usize, 128, 256] {
@@ -33,63 +35,51 @@ fn bench(filter: &str) {
                 }
                 let (b, h) = (16384 / s, 2048 / d);
                 let n = b * s * h * d;
-                let mk = |seed: &mut u64| Tensor::from_f32(&rnd(n, seed), &[b, s, h, d], DType::BF16).unwrap().to_device(gpu).unwrap();
-                let (q, k, v, g) = (mk(&mut seed), mk(&mut seed), mk(&mut seed), mk(&mut seed));
-                let opts = AttnOptions { causal, ..Default::default() };
-                let f = fwd(&q, &k, &v, &opts).unwrap();
-                let flops = 4.0 * (b * h * s * s * d) as f64 * if causal { 0.5 } else { 1.0 } * 2.5;
-                let mut line = format!("{name}:");
-                for det in [false, true] {
-                    let mut t = Vec::new();
-                    for _ in 0..12 {
-                        t.push(flash_attn::cuda::time_ms(0, || bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts, det).map(|_| ())).unwrap());
-                    }
-                    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                    let ms = t[t.len() / 2];
-                    line += &format!(" det={det} {ms:.3} ms {:.0} TFLOP/s", flops / ms as f64 / 1e9);
-                }
-                println!("{line}");
+                let mut mk = || Tensor::from_f32(&rnd(n, &mut seed), &[b, s, h, d], DType::BF16).unwrap().to_device(gpu).unwrap();
+                let qkvg = [mk(), mk(), mk(), mk()];
+                let flops = 4.0 * (b * h * s * s * d) as f64 * if causal { 0.5 } else { 1.0 };
+                run(&name, qkvg, AttnOptions { causal, ..Default::default() }, flops);
             }
         }
     }
 }
 
+/// Median of `reps` CUDA-event timings of `f`, in ms.
+fn median_ms(reps: usize, mut f: impl FnMut() -> flash_attn::Result<()>) -> f32 {
+    let mut t: Vec<f32> = (0..reps).map(|_| flash_attn::cuda::time_ms(0, &mut f).unwrap()).collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    t[t.len() / 2]
+}
+
+/// `bwd_check bench [filter]`: median ms of bwd (atomic and deterministic) on the table's shapes.
+fn bench(filter: &str) {
+    for_table_shapes(filter, |name, [q, k, v, g], opts, fwd_flops| {
+        let f = fwd(&q, &k, &v, &opts).unwrap();
+        let flops = fwd_flops * 2.5;
+        let mut line = format!("{name}:");
+        for det in [false, true] {
+            let ms = median_ms(12, || bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts, det).map(|_| ()));
+            line += &format!(" det={det} {ms:.3} ms {:.0} TFLOP/s", flops / ms as f64 / 1e9);
+        }
+        println!("{line}");
+    });
+}
+
 /// `bwd_check fwd [filter]`: median ms of fwd on the table's shapes, wgmma kernels and mma.sync ones.
 fn bench_fwd(filter: &str) {
-    let gpu = Device::Cuda(0);
-    let mut seed = 7u64;
-    for &d in &[64usize, 128, 256] {
-        for &s in &[512usize, 2048, 8192, 16384] {
-            for causal in [false, true] {
-                let name = format!("d{d}-s{s}-{}", if causal { "causal" } else { "full" });
-                if !name.contains(filter) {
-                    continue;
-                }
-                let (b, h) = (16384 / s, 2048 / d);
-                let n = b * s * h * d;
-                let mk = |seed: &mut u64| Tensor::from_f32(&rnd(n, seed), &[b, s, h, d], DType::BF16).unwrap().to_device(gpu).unwrap();
-                let (q, k, v) = (mk(&mut seed), mk(&mut seed), mk(&mut seed));
-                let opts = AttnOptions { causal, ..Default::default() };
-                let flops = 4.0 * (b * h * s * s * d) as f64 * if causal { 0.5 } else { 1.0 };
-                let mut line = format!("{name}:");
-                for wg in [true, false] {
-                    // SAFETY: single-threaded example; the library reads the variable per call.
-                    unsafe {
-                        if wg { std::env::remove_var("FLASH_ATTN_NO_WGMMA") } else { std::env::set_var("FLASH_ATTN_NO_WGMMA", "1") }
-                    }
-                    let mut t = Vec::new();
-                    for _ in 0..15 {
-                        t.push(flash_attn::cuda::time_ms(0, || fwd(&q, &k, &v, &opts).map(|_| ())).unwrap());
-                    }
-                    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                    let ms = t[t.len() / 2];
-                    line += &format!(" {} {ms:.3} ms {:.0} TFLOP/s", if wg { "wgmma" } else { "mma" }, flops / ms as f64 / 1e9);
-                }
-                unsafe { std::env::remove_var("FLASH_ATTN_NO_WGMMA") };
-                println!("{line}");
+    for_table_shapes(filter, |name, [q, k, v, _], opts, flops| {
+        let mut line = format!("{name}:");
+        for wg in [true, false] {
+            // SAFETY: single-threaded example; the library reads the variable per call.
+            unsafe {
+                if wg { std::env::remove_var("FLASH_ATTN_NO_WGMMA") } else { std::env::set_var("FLASH_ATTN_NO_WGMMA", "1") }
             }
+            let ms = median_ms(15, || fwd(&q, &k, &v, &opts).map(|_| ()));
+            line += &format!(" {} {ms:.3} ms {:.0} TFLOP/s", if wg { "wgmma" } else { "mma" }, flops / ms as f64 / 1e9);
         }
-    }
+        unsafe { std::env::remove_var("FLASH_ATTN_NO_WGMMA") };
+        println!("{line}");
+    });
 }
 
 fn main() {
