@@ -19,61 +19,13 @@ use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::mask::key_range;
-use crate::fwd::wg::{load_tile_sw128, sized, THREADS as COPY_THREADS};
-use crate::fwd::{a_fragment, Elem, BF16, F16};
+use crate::fwd::wg::{load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
+use crate::fwd::{a_fragment, BF16, F16};
 use crate::params::BwdParams;
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
 
 const BN: usize = BWD_WG_BLOCK_N;
 const BM: usize = BWD_WG_BLOCK_M;
-
-/// The input type's wgmma products at this kernel's shapes (arch/wgmma_ops.rs).
-pub trait WgBwdElem: Elem {
-    unsafe fn ss_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
-    unsafe fn ss_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
-    unsafe fn rs_n64_k4(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    unsafe fn rs_n128_k4(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    unsafe fn tt_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
-}
-
-macro_rules! wg_bwd_elem {
-    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?) => {
-        impl WgBwdElem for $t {
-            $(
-                #[inline(always)]
-                unsafe fn $name(d: $d, a: $a, b: $b) {
-                    unsafe { wgmma::$f(d, a, b) }
-                }
-            )*
-        }
-    };
-}
-wg_bwd_elem!(BF16,
-    ss_n64_k4 => ss_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
-    ss_n64_k8 => ss_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-    rs_n64_k4 => rs_n64_k4_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n128_k4 => rs_n128_k4_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
-    tt_n64_k8 => tt_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-);
-wg_bwd_elem!(F16,
-    ss_n64_k4 => ss_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
-    ss_n64_k8 => ss_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-    rs_n64_k4 => rs_n64_k4_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n128_k4 => rs_n128_k4_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
-    tt_n64_k8 => tt_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-);
-
-/// Wait for every wgmma group of this warpgroup; `acc` (`DN` = 8 or 16 n8 tiles) is read only after.
-#[inline(always)]
-fn wait_dim<const DN: usize>(acc: &mut [[f32; 4]; DN]) {
-    unsafe {
-        if DN == 8 {
-            wgmma::wait0_n64(sized(acc))
-        } else {
-            wgmma::wait0_n128(sized(acc))
-        }
-    }
-}
 
 /// Shared memory for head dim `D`: K, V (BN rows), two stages of Q and of dO (BM rows), dS^T (BN keys x
 /// BM queries, queries contiguous), two stages of the rows' lse_log2 and D. Tiles swizzled, 1024-aligned.
@@ -137,7 +89,7 @@ unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage:
 /// `acc = rows x cols^T` over the head dim for warpgroup `wg`'s 64 keys: `rows` the key tile (K or V),
 /// `cols` the step's query tile (Q or dO), both K-major. Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_keys_x_queries<E: WgBwdElem, const D: usize>(acc: &mut [[f32; 4]; 8], keys: u32, queries: u32, wg: u32) {
+unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8], keys: u32, queries: u32, wg: u32) {
     let mut ad = [0u64; 8];
     let mut bd = [0u64; 8];
     for kk in 0..D / 16 {
@@ -157,7 +109,7 @@ unsafe fn issue_keys_x_queries<E: WgBwdElem, const D: usize>(acc: &mut [[f32; 4]
 /// `acc += frags x tile`: `frags` this warpgroup's keys x the step's 64 queries (four k16 steps), `tile` the
 /// step's query tile (dO or Q, [query][D], transposed on read). Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_keys_x_dim<E: WgBwdElem, const D: usize, const DN: usize>(acc: &mut [[f32; 4]; DN], frags: &[[u32; 4]; 4], tile: u32) {
+unsafe fn issue_keys_x_dim<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32; 4]; DN], frags: &[[u32; 4]; 4], tile: u32) {
     let mut bd = [0u64; 4];
     for (kk, d) in bd.iter_mut().enumerate() {
         *d = desc_sw128(tile + kk as u32 * 16 * 128, BM as u32 * 128, 1024);
@@ -174,7 +126,7 @@ unsafe fn issue_keys_x_dim<E: WgBwdElem, const D: usize, const DN: usize>(acc: &
 /// dK and dV of keys `[n0, n0 + 128)` of kv head `hk` (this warpgroup's 64), over the group's q heads and
 /// the query blocks that see the keys; dQ contributions go to the accumulator (always present here).
 #[inline(always)]
-unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
+unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
     let (steps, next, mut cur) = step_walk(p, a, BM as i32);
@@ -299,8 +251,8 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
             }
         }
         // dV and dK have landed; P^T and dS^T fragments stay live until here.
-        wait_dim::<DN>(acc_dv);
-        wait_dim::<DN>(acc_dk);
+        wait_acc::<0, DN>(acc_dv);
+        wait_acc::<0, DN>(acc_dk);
         wgmma::keep_a4(&mut pa);
         wgmma::keep_a4(&mut da);
         it += 1;
@@ -311,7 +263,7 @@ unsafe fn block<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams, a:
 
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 #[inline(always)]
-unsafe fn entry<E: WgBwdElem, const D: usize, const DN: usize>(p: &BwdParams) {
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);

@@ -28,9 +28,10 @@ pub(crate) const THREADS: usize = 256;
 /// ahead of V); tile t of the running count sits in slot t % 2 of each.
 const SLOTS: usize = 2;
 
-/// The 16-bit input type's wgmma products at the shapes this kernel uses (each one fenced, issued and
-/// committed as one group; arch/wgmma_ops.rs): S at 128 keys (head dim 64, 128) or 64 keys (256), O at
-/// the head dim.
+/// The 16-bit input type's wgmma products at the shapes the Hopper kernels use (each one fenced, issued
+/// and committed as one group; arch/wgmma_ops.rs). Forward: S at 128 keys (head dim 64, 128) or 64 keys
+/// (256), O at the head dim. Backward (bwd/wg.rs): S^T and dP^T at 64 queries, dV and dK at the head dim
+/// over 64 queries, dQ (both operands transposed).
 pub trait WgElem: Elem {
     unsafe fn ss_n128_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn ss_n128_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
@@ -38,6 +39,11 @@ pub trait WgElem: Elem {
     unsafe fn rs_n64_k8(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n128_k8(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n256_k4(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: &[u64; 4]);
+    unsafe fn ss_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
+    unsafe fn ss_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
+    unsafe fn rs_n64_k4(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: &[u64; 4]);
+    unsafe fn rs_n128_k4(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: &[u64; 4]);
+    unsafe fn tt_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
 }
 
 macro_rules! wg_elem {
@@ -59,6 +65,11 @@ wg_elem!(BF16,
     rs_n64_k8 => rs_n64_k8_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_bf16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
+    ss_n64_k4 => ss_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    ss_n64_k8 => ss_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+    rs_n64_k4 => rs_n64_k4_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n128_k4 => rs_n128_k4_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
+    tt_n64_k8 => tt_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
 );
 wg_elem!(F16,
     ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
@@ -67,6 +78,11 @@ wg_elem!(F16,
     rs_n64_k8 => rs_n64_k8_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_f16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
+    ss_n64_k4 => ss_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    ss_n64_k8 => ss_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+    rs_n64_k4 => rs_n64_k4_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n128_k4 => rs_n128_k4_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
+    tt_n64_k8 => tt_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
 );
 
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
@@ -80,7 +96,7 @@ pub(crate) unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) ->
 /// Wait until at most `PENDING` (0 or 1) of this warpgroup's wgmma groups are in flight; `acc` (`N8` n8
 /// tiles: 8, 16 or 32) belongs to the groups that completed.
 #[inline(always)]
-fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4]; N8]) {
+pub(crate) fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4]; N8]) {
     unsafe {
         match (PENDING, N8) {
             (0, 8) => wgmma::wait0_n64(sized(acc)),
