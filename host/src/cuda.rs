@@ -137,8 +137,7 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
         return Ok(());
     }
     let gpu = gpu(cuda_ordinal(q)?)?;
-    // FLASH_ATTN_NO_WGMMA (any value) keeps Hopper on the mma.sync kernels: a diagnostic for A/B runs.
-    let hopper = gpu.cc_major >= 9 && std::env::var_os("FLASH_ATTN_NO_WGMMA").is_none();
+    let hopper = wgmma_kernels(&gpu);
     let launch = fwd_launch(p, hopper.then_some(gpu.sm_count)).ok_or(Error::HeadDim { got: p.head_dim })?;
     check_grid(launch.grid)?;
     let func = gpu.function(launch.kernel, launch.smem_bytes)?;
@@ -194,6 +193,12 @@ pub fn fwd_into(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<
     Ok(())
 }
 
+/// Whether the sm_90a module's wgmma kernels run: a Hopper GPU, unless `FLASH_ATTN_NO_WGMMA` (any value)
+/// keeps it on the mma.sync kernels (a diagnostic for A/B runs; read per call).
+fn wgmma_kernels(gpu: &crate::module::Gpu) -> bool {
+    gpu.cc_major >= 9 && std::env::var_os("FLASH_ATTN_NO_WGMMA").is_none()
+}
+
 /// The softmax constants both passes use: (scale_log2, softcap_pre); see `FwdParams`.
 fn score_constants(p: &Problem) -> (f32, f32) {
     if p.softcap > 0.0 {
@@ -227,7 +232,7 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
         return Ok(crate::api::BwdOutput { dq: zeros(&q_shape)?, dk: zeros(&kv_shape)?, dv: zeros(&kv_shape)? });
     }
     let gpu = gpu(ordinal)?;
-    let hopper = gpu.cc_major >= 9 && std::env::var_os("FLASH_ATTN_NO_WGMMA").is_none();
+    let hopper = wgmma_kernels(&gpu);
     let launches = bwd_launches(p, deterministic, hopper).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in &launches {
         check_grid(l.grid)?;
