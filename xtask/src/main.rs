@@ -94,10 +94,10 @@ fn dynamic_smem(kernel: &str) -> String {
             if variants::fwd_kernel_name(d, dt) == Some(kernel) {
                 return variants::fwd_config(d).smem_bytes().to_string();
             }
-            if let (Some(c), Some(name)) = (variants::fwd_wg_config(d), variants::fwd_wg_kernel_name(d, dt)) {
-                if name == kernel {
-                    return variants::fwd_wg_smem_bytes(&c).to_string();
-                }
+            if let (Some(c), Some(name)) = (variants::fwd_wg_config(d), variants::fwd_wg_kernel_name(d, dt))
+                && name == kernel
+            {
+                return variants::fwd_wg_smem_bytes(&c).to_string();
             }
             if variants::bwd_wg_kernel_name(d, dt) == Some(kernel) {
                 return variants::bwd_wg_smem_bytes(d).to_string();
