@@ -10,7 +10,7 @@
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
 use super::{grad_tile, lse_index, row_addr, sequences, step_walk, KvArgs};
-use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
+use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::{red_add_v2_f32, st_global_u32};
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
@@ -19,7 +19,7 @@ use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::mask::key_range;
-use crate::fwd::wg::{load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
+use crate::fwd::wg::{copies_visible, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::fwd::{a_fragment, BF16, F16};
 use crate::params::BwdParams;
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
@@ -153,10 +153,8 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
         let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
         // This warp's keys (rows of S^T): 16 * warp + g, + 8.
         let key0 = (16 * warp) as i32 + g;
-        wait_group::<0>();
-        wgmma::fence_proxy_async_shared();
         // Step it's data is visible, and every warp is done with step it-1 (its stage and dS^T).
-        sync_threads();
+        copies_visible::<0>();
         let nxt = next(cur);
         if it + 1 < steps {
             unsafe { load_step::<D>(p, a, base, 1 - stage, nxt.0, nxt.1 * BM as i32, tid) };

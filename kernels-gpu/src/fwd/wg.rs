@@ -147,6 +147,16 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
     }
 }
 
+/// Wait until at most `PENDING` of this thread's cp.async groups are in flight, then make every thread's
+/// landed copies visible to wgmma: the copies wrote through the generic proxy, wgmma reads through the
+/// async one (fence), and the barrier gathers all threads' copies. Block-uniform control flow only.
+#[inline(always)]
+pub(crate) fn copies_visible<const PENDING: u32>() {
+    wait_group::<PENDING>();
+    wgmma::fence_proxy_async_shared();
+    sync_threads();
+}
+
 /// Copy `ROWS` rows of `D` 16-bit values into a swizzled tile; rows at or past `valid_rows` are
 /// zero-filled without touching global memory. A thread keeps one 16-byte column chunk and walks rows
 /// `THREADS / (D / 8)` apart (a multiple of 8: its swizzled chunk stays the same).
@@ -339,10 +349,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         if !prefetched {
             unsafe { load_first::<D, BN>(base, a, rows, n_max, n_tiles, t0, tid) };
         }
-        wait_group::<1>();
-        // The copies wrote through the generic proxy; wgmma reads through the async one.
-        wgmma::fence_proxy_async_shared();
-        sync_threads();
+        copies_visible::<1>();
         let mut acc_s = [[0f32; 4]; NN];
         unsafe { issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, tile(0)) };
         wait_acc::<0, NN>(&mut acc_s);
@@ -358,9 +365,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         while i + 1 < n_tiles {
             // K_{i+1} and V_i have landed; every warp is done with K_i and V_{i-1}, whose slots take K_{i+2}
             // and V_{i+1}.
-            wait_group::<0>();
-            wgmma::fence_proxy_async_shared();
-            sync_threads();
+            copies_visible::<0>();
             if i + 2 < n_tiles {
                 unsafe { load_kv::<D, BN, false>(base, tile(i + 2), a, n_max - 3 - i, tid) };
             }
@@ -388,9 +393,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         // V of the last tile has landed (the last loop step waited for it; with one tile, the prologue
         // did not, so wait here), and every warpgroup is done with Q and all K: the next block's Q, K_0,
         // K_1 and V_0 (the V slot after the last one's) load while the last product and the epilogue run.
-        wait_group::<0>();
-        wgmma::fence_proxy_async_shared();
-        sync_threads();
+        copies_visible::<0>();
         let t_next = tile(n_tiles);
         ret = (t_next, false);
         if let Some(nx) = next {
