@@ -855,6 +855,44 @@ fn long_sequences_match_reference() {
     }
 }
 
+/// The Hopper dK/dV kernel with one CTA per (sequence, kv head) (`FLASH_ATTN_BWD_CHAIN_ALL`, which the
+/// dispatch otherwise picks only for many short sequences): each key block's copies start during its
+/// predecessor's last step, and the kernel converts dq itself. Several key blocks per CTA, partial ones,
+/// masks that skip blocks, GQA, seqused and a tail; elsewhere the variable changes nothing.
+#[test]
+fn chained_key_blocks_match_reference() {
+    require_gpu!();
+    let (seed, mut rng) = seeded("chained_key_blocks_match_reference");
+    // SAFETY: the variable only picks among launches that must all be right; the tests run one thread
+    // per process on the GPU machine.
+    unsafe { std::env::set_var("FLASH_ATTN_BWD_CHAIN_ALL", "1") };
+    let amp = Amp { q: 1.0, k: 1.0, v: 1.0 };
+    let dense = [
+        (Case { dtype: DType::BF16, d: 64, hq: 4, hk: 2, opts: plain(true, (-1, -1), 0.0), amp }, (2, 300, 520)),
+        (Case { dtype: DType::F16, d: 128, hq: 2, hk: 1, opts: plain(false, (100, 20), 0.0), amp }, (1, 450, 390)),
+        (Case { dtype: DType::F16, d: 64, hq: 1, hk: 1, opts: plain(false, (-1, -1), 3.0), amp: Amp { q: 2.0, k: 2.0, v: 1.0 } }, (1, 130, 700)),
+        (Case { dtype: DType::BF16, d: 128, hq: 3, hk: 1, opts: plain(true, (-1, -1), 0.0), amp }, (2, 400, 260)),
+    ];
+    for (c, (b, sq, sk)) in dense {
+        let h = Host::dense(&mut rng, &c, b, sq, sk);
+        let strided = random_strides(&mut rng);
+        let worst = run_case(&mut rng, &h, FwdFrom::Kernel, strided, false).unwrap_or_else(|e| panic!("seed {seed}: {c:?} b={b} sq={sq} sk={sk} strided={strided:?}: {e}"));
+        report(&format!("chained {c:?} {b}x{sq}x{sk}"), worst);
+    }
+    let packed = [
+        (
+            Case { dtype: DType::BF16, d: 128, hq: 4, hk: 2, opts: plain(true, (-1, -1), 0.0), amp },
+            Packing { slots_q: vec![300, 0, 129], slots_k: vec![400, 50, 260], used_q: Some(vec![280, 0, 129]), used_k: Some(vec![390, 33, 200]), tail: (7, 5), extra_max: (3, 0) },
+        ),
+        (Case { dtype: DType::F16, d: 64, hq: 2, hk: 1, opts: plain(false, (60, 60), 0.0), amp }, Packing::plain(&[(257, 513), (513, 129)])),
+    ];
+    for (c, p) in &packed {
+        let worst = varlen_case(&mut rng, c, p, false).unwrap_or_else(|e| panic!("seed {seed}: {c:?} {p:?}: {e}"));
+        report(&format!("chained varlen {c:?}"), worst);
+    }
+    unsafe { std::env::remove_var("FLASH_ATTN_BWD_CHAIN_ALL") };
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 4. The CUDA path against the CPU path.
 

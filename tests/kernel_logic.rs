@@ -1,5 +1,5 @@
 //! The kernels' pure index logic (kernels-gpu/src/{mask,block,seqlen}.rs), compiled for the host and
-//! checked exhaustively against the mask's definition: tile skipping never drops a visible key, the
+//! checked exhaustively against the mask's definition: the per-element band test agrees with it, tile skipping never drops a visible key, the
 //! unmasked fast path is taken only where every key is visible, and clamped lengths stay in bounds
 //! whatever cu_seqlens/seqused hold.
 
@@ -28,6 +28,14 @@ proptest! {
     #[test]
     fn allowed_matches_definition(sq in 0..200i32, sk in 0..200i32, left in side(), right in side(), i in 0..200i32, j in -5..205i32) {
         prop_assert_eq!(mask::allowed(i, j, sq, sk, left, right), visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64));
+    }
+
+    #[test]
+    fn band_matches_definition(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), i in -20..300i32, j_frac in 0.0..1.0f64, dr in 0..200i32, dk in -20..200i32) {
+        // Pair (i, j) with j a key, seen from the anchor (i - dr, j - dk).
+        let j = ((sk - 1) as f64 * j_frac) as i32;
+        let band = mask::Band::new(i - dr, j - dk, sq, sk, left, right);
+        prop_assert_eq!(band.sees(dk - dr), visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64));
     }
 
     #[test]

@@ -215,7 +215,7 @@ fn contiguous_bsh(varlen: bool, seqlen: usize, heads: usize, d: usize) -> (i64, 
 }
 
 /// The backward on CUDA: allocate dq/dk/dv (contiguous, input dtype), the f32 workspace (lse_log2 and
-/// D, shaped like the LSE) and, unless `deterministic`, the zeroed f32 dq accumulator; then run prep,
+/// D, shaped like the LSE) and, unless `deterministic`, the f32 dq accumulator; then run prep,
 /// dk/dv and dq (bwd_launches). Every element of dq/dk/dv is written by the kernels.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, deterministic: bool) -> Result<crate::api::BwdOutput> {
@@ -233,7 +233,7 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
     }
     let gpu = gpu(ordinal)?;
     let hopper = wgmma_kernels(&gpu);
-    let launches = bwd_launches(p, deterministic, hopper).ok_or(Error::HeadDim { got: p.head_dim })?;
+    let launches = bwd_launches(p, deterministic, hopper.then_some(gpu.sm_count)).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in &launches {
         check_grid(l.grid)?;
     }
@@ -245,9 +245,10 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
     let lse_len = p.lse_shape().iter().product::<usize>();
     let ws = DeviceBuffer::uninit(ordinal, 2 * lse_len * 4)?;
     // The dk/dv kernel adds whole query blocks to the accumulator without a row check (rows past a
-    // sequence add exact zeros): `block_m` rows of slack keep the last block's adds inside it.
+    // sequence add exact zeros): `block_m` rows of slack keep the last block's adds inside it. The prep
+    // kernel zeroes the rows that are read back (every real row), in the pass that reads dout and out.
     let slack = crate::dispatch::bwd_config(p.head_dim).block_m * p.hq * p.head_dim * 4;
-    let dq_accum = if deterministic { None } else { Some(DeviceBuffer::zeros(ordinal, bytes(&q_shape, 4) + slack)?) };
+    let dq_accum = if deterministic { None } else { Some(DeviceBuffer::uninit(ordinal, bytes(&q_shape, 4) + slack)?) };
 
     let s = |x: usize| x as i64;
     let (scale_log2, softcap_pre) = score_constants(p);

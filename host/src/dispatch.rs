@@ -70,13 +70,14 @@ pub struct Launch {
     pub smem_bytes: usize,
 }
 
-/// The backward's launches, in order: prep (D and lse_log2), dk/dv (with atomic dq unless
-/// deterministic), then dq: the deterministic dq kernel, or the conversion of the f32 accumulator.
+/// The backward's launches, in order: prep (D and lse_log2; zeroes the dq accumulator), dk/dv (with atomic
+/// dq unless deterministic), then dq: the deterministic dq kernel, or the conversion of the f32
+/// accumulator, unless the Hopper dK/dV kernel converts it itself (`bwd_wg_grid_x` of 1).
 /// Grids walk blocks of rows or keys in x (striding past `seqlen_*`), heads in y, sequences in z plus
 /// varlen's tail slice (whose rows and keys get zero gradients).
-/// `hopper`: the sm_90a module runs, whose wgmma dK/dV kernel takes head dims 64 and 128 unless
-/// `deterministic`.
-pub fn bwd_launches(p: &Problem, deterministic: bool, hopper: bool) -> Option<[Launch; 3]> {
+/// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma dK/dV kernel takes head
+/// dims 64 and 128 unless `deterministic`.
+pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>) -> Option<Vec<Launch>> {
     let dtype = kernel_dtype(p.dtype)?;
     let (dkdv, dq) = bwd_kernel_names(p.head_dim, dtype)?;
     let c = bwd_config(p.head_dim);
@@ -84,17 +85,41 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper: bool) -> Option<[L
     let rows = BWD_ROWS_PER_BLOCK;
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
-    let main = match (hopper && !deterministic, bwd_wg_kernel_name(p.head_dim, dtype)) {
-        (true, Some(kernel)) => Launch { kernel, grid: (blocks(p.seqlen_k, BWD_WG_BLOCK_N), p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
-        _ => Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() },
-    };
+    let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
+    if let (Some(sms), Some(kernel), false) = (hopper_sms, bwd_wg_kernel_name(p.head_dim, dtype), deterministic) {
+        let gx = bwd_wg_grid_x(p, sms);
+        let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) };
+        return Some(if gx == 1 { vec![prep, main] } else { vec![prep, main, convert] });
+    }
+    let main = Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
     let last = if deterministic {
         let q = dq_config(p.head_dim);
         Launch { kernel: dq, grid: (blocks(p.seqlen_q, q.block_m()), p.hq as u32, z), block: q.threads() as u32, smem_bytes: dq_smem_bytes(&q) }
     } else {
-        Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 }
+        convert
     };
-    Some([prep, main, last])
+    Some(vec![prep, main, last])
+}
+
+/// Key-block grid (x) of the Hopper dK/dV kernel on `sms` multiprocessors. 1 when the sequences are
+/// equally long (not varlen), the (kv head, sequence) pairs fill at least 4 waves of CTAs (one CTA fills
+/// a multiprocessor) and the Q and dO the concurrent CTAs stream fit in half of Hopper's 50 MB L2: a CTA
+/// then walks every key block of its pair (each block's K/V and first step load during the previous
+/// block's last step; uniform masks give every CTA the same work) and, having added every dq
+/// contribution of its rows itself, converts them (no convert pass). Else one key block per CTA.
+/// Measured (H200, bwd alone): hdim 64 S=512 B=32 133 vs 130 TFLOP/s causal, 219 vs 214 not; chaining
+/// two or four blocks at S=8192 (strided, unequal causal blocks) lost 3-4%.
+/// `FLASH_ATTN_BWD_CHAIN_ALL` (any value) forces 1, for tests of that path on small problems.
+pub fn bwd_wg_grid_x(p: &Problem, sms: usize) -> u32 {
+    const CHAIN_L2_BYTES: usize = 24 << 20;
+    if std::env::var_os("FLASH_ATTN_BWD_CHAIN_ALL").is_some() {
+        return 1;
+    }
+    let n = p.seqlen_k.max(1).div_ceil(BWD_WG_BLOCK_N);
+    let pairs = p.hk * p.batch;
+    let group = p.hq / p.hk.max(1);
+    let fits_l2 = sms * p.seqlen_q * group * p.head_dim * 4 <= CHAIN_L2_BYTES;
+    if !p.varlen && pairs >= 4 * sms && fits_l2 { 1 } else { n as u32 }
 }
 
 // Every backward shape in the table is one the kernels support (also asserted at PTX build time).
@@ -151,12 +176,31 @@ mod tests {
             assert!(f.smem_bytes <= 227 * 1024);
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
-                let b = bwd_launches(&p, det, true).unwrap();
+                let b = bwd_launches(&p, det, Some(132)).unwrap();
                 assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
-                assert!(!bwd_launches(&p, det, false).unwrap()[1].kernel.contains("_wg_"));
+                assert!(!bwd_launches(&p, det, None).unwrap()[1].kernel.contains("_wg_"));
             }
         }
+    }
+
+    /// The Hopper dK/dV grid: one CTA per (kv head, sequence), converting dq itself (two launches), only
+    /// for equal-length problems with at least 4 waves of pairs whose Q/dO fit L2; else one key block
+    /// per CTA and the convert pass.
+    #[test]
+    fn hopper_backward_grid_chains_only_where_measured_to_help() {
+        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132)).unwrap();
+        let gx = |d, s, b, h, causal, varlen| launches(d, s, b, h, causal, varlen)[1].grid.0;
+        assert_eq!(gx(64, 512, 32, 32, true, false), 1); // 1024 pairs, Q/dO 17 MB
+        assert_eq!(launches(64, 512, 32, 32, false, false).len(), 2);
+        assert_eq!(gx(128, 512, 32, 16, true, false), 4); // 512 pairs: under 4 waves
+        assert_eq!(gx(64, 2048, 64, 32, false, false), 16); // Q/dO 69 MB: past L2
+        assert_eq!(gx(128, 8192, 2, 16, true, false), 64);
+        assert_eq!(gx(64, 512, 32, 32, true, true), 4); // varlen
+        assert_eq!(launches(128, 8192, 2, 16, true, false).len(), 3);
+        // One key block per sequence: grid x is 1 either way, and the kernel converts.
+        assert_eq!(gx(64, 100, 1, 2, false, true), 1);
+        assert_eq!(launches(64, 100, 1, 2, false, true).len(), 2);
     }
 
     /// The Hopper forward grid covers every row block of every (head, sequence): chained (x = 1) only

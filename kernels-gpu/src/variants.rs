@@ -199,9 +199,10 @@ pub const BWD_WG_BLOCK_N: usize = 128;
 pub const BWD_WG_BLOCK_M: usize = 64;
 pub const BWD_WG_THREADS: usize = 256;
 
-/// Its dynamic shared memory: K, V, two stages of Q and dO, dS^T, two stages of lse_log2 and D.
+/// Its dynamic shared memory: two buffers of K and V (the next key block's are loaded during the last
+/// step of this one), two stages of Q and dO, dS^T, two stages of lse_log2 and D.
 pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
-    (2 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * head_dim * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
+    (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * head_dim * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
 }
 
 /// The Hopper backward's entry points (sm_90a module only).
@@ -296,5 +297,5 @@ pub fn bwd_convert_kernel_name(dtype: KernelDType) -> &'static str {
         KernelDType::F16 => "flash_bwd_dq_convert_f16",
     }
 }
-/// Rows per block of the element-wise backward kernels (one thread per row in prep).
+/// Rows per block of the element-wise backward kernels (and threads per block).
 pub const BWD_ROWS_PER_BLOCK: usize = 128;

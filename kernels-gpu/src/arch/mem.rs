@@ -50,12 +50,13 @@ pub unsafe fn ld_global_nc_f32(addr: u64) -> f32 {
     v
 }
 
-/// Load 16 bytes from global memory (coherent path: data written earlier by this kernel sequence).
+/// Load 16 bytes from global memory through L2 only (`.cg`): data that reductions of this kernel (made
+/// visible by a barrier) or of an earlier one left there.
 #[inline(always)]
 pub unsafe fn ld_global_v4(addr: u64) -> [u32; 4] {
     let (x, y, z, w): (u32, u32, u32, u32);
     unsafe {
-        asm!("ld.global.v4.b32 {{{x}, {y}, {z}, {w}}}, [{a}];", a = in(reg64) addr,
+        asm!("ld.global.cg.v4.b32 {{{x}, {y}, {z}, {w}}}, [{a}];", a = in(reg64) addr,
             x = out(reg32) x, y = out(reg32) y, z = out(reg32) z, w = out(reg32) w, options(nostack, readonly))
     }
     [x, y, z, w]

@@ -6,3 +6,10 @@ use core::arch::asm;
 pub fn sync_threads() {
     unsafe { asm!("bar.sync 0;", options(nostack)) }
 }
+
+/// `fence.acq_rel.gpu`: this thread's earlier global accesses (reductions included) are ordered before its
+/// later ones for every thread of the GPU; with a barrier after it, the block reads what the block wrote.
+#[inline(always)]
+pub fn fence_gpu() {
+    unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
+}

@@ -1,12 +1,14 @@
 //! Attention backward on tensor cores (flash-attention 2's algorithm), four kernels:
 //!   prep:    D_i = dout_i . out_i and the LSE in base 2 (+inf for a row that saw no key, so P = 0);
+//!            the row's dq accumulator zeroed (atomic path);
 //!   dk/dv:   a block owns `BN` keys of one kv head and walks every q head of its group and every query
 //!            block that sees the keys: S^T = K Q^T, dP^T = V dO^T, P = exp2(S scale - lse),
 //!            dS = P (dP - D) [x (1 - tanh^2) with softcap], dV += P^T dO, dK += dS^T Q; with a dq
 //!            accumulator it also adds dQ = dS K to it with f32 atomics (the default path);
 //!   dq:      the deterministic path's dq: a block owns query rows and walks their key tiles (like the
 //!            forward), dQ += dS K in registers: every sum has one fixed order;
-//!   convert: dq = scale * accumulator in the input type.
+//!   convert: dq = scale * accumulator in the input type (the Hopper dK/dV kernel does it itself when one
+//!            CTA walks all key blocks of its sequence and kv head).
 //! dK/dV sum over the group's q heads inside one block, so they never need atomics. Rows and keys of no
 //! sequence (seqused padding, tail rows) get zero gradients, written here.
 
@@ -14,13 +16,14 @@ use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
 use crate::arch::math::{exp2, fma, tanh};
 use crate::arch::reg::opaque_u32;
+use crate::arch::shfl::shfl_xor_f32;
 use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_i32, ld_global_nc_v4, ld_global_v4, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::{m_block_range, n_block_range, tile_needs_mask};
 use crate::fwd::{a_fragment, load_tile, Elem, BF16, F16};
-use crate::mask::key_range;
+use crate::mask::{key_range, Band};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::variants::{row_pitch_bytes, BwdConfig, FwdConfig, BWD_ROWS_PER_BLOCK};
@@ -79,22 +82,35 @@ fn grad_elem(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, visible: boo
 // ---------------------------------------------------------------------------------------------------
 // prep
 
-/// D_i and lse_log2 for every real row; one thread per row.
+/// Threads per row in prep: each takes every `PREP_LANES`-th 16-byte chunk of the row, so a warp reads
+/// 8 rows x 64 contiguous bytes per load (every head dim is a multiple of 32).
+const PREP_LANES: i32 = 4;
+
+/// D_i and lse_log2 for every real row, and (with an accumulator) the row's f32 dq accumulator zeroed:
+/// the only rows the convert kernel reads (the dk/dv kernels add exact zeros to every other row they
+/// touch, which no one reads).
 #[inline(always)]
 unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
     let bm = BWD_ROWS_PER_BLOCK as i32;
+    let rows_per_pass = BWD_ROWS_PER_BLOCK as i32 / PREP_LANES;
     let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, _) = sequences(p, bidb);
+    let tid = thread_idx_x() as i32;
+    let (sub, row_in_pass) = (tid % PREP_LANES, tid / PREP_LANES);
     let chunks = p.head_dim / 8;
     let mut m_block = block_idx_x() as i32;
     while m_block * bm < sq.used {
-        let r = m_block * bm + thread_idx_x() as i32;
-        if r < sq.used {
-            let o = row_addr(p.o, p.o_batch_stride, p.o_row_stride, p.o_head_stride, bidb, sq.start + r, h);
-            let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, bidb, sq.start + r, h);
+        let mut pass = 0;
+        while pass < bm {
+            let r = m_block * bm + pass + row_in_pass;
+            // All four lanes of a row agree on `valid`: the shuffles below run on full warps.
+            let valid = r < sq.used;
+            let rr = if valid { r } else { 0 };
+            let o = row_addr(p.o, p.o_batch_stride, p.o_row_stride, p.o_head_stride, bidb, sq.start + rr, h);
+            let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, bidb, sq.start + rr, h);
             let mut acc = [0f32; 2];
-            let mut c = 0;
-            while c < chunks {
+            let mut c = sub;
+            while valid && c < chunks {
                 let (ov, gv) = unsafe { (ld_global_nc_v4(o + c as u64 * 16), ld_global_nc_v4(g + c as u64 * 16)) };
                 for i in 0..4 {
                     let (o0, o1) = E::unpack(ov[i]);
@@ -102,15 +118,31 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
                     acc[0] = fma(o0, g0, acc[0]);
                     acc[1] = fma(o1, g1, acc[1]);
                 }
-                c += 1;
+                c += PREP_LANES;
             }
-            let at = lse_index(p, bidb, sq.start, h, r) as u64 * 4;
-            let lse = unsafe { ld_global_nc_f32(p.lse + at) };
-            let lse2 = if lse == f32::NEG_INFINITY { f32::INFINITY } else { lse * core::f32::consts::LOG2_E };
-            unsafe {
-                st_global_f32(p.delta + at, acc[0] + acc[1]);
-                st_global_f32(p.lse_log2 + at, lse2);
+            let mut d = acc[0] + acc[1];
+            d += shfl_xor_f32(d, 1);
+            d += shfl_xor_f32(d, 2);
+            if valid {
+                if p.dq_accum != 0 {
+                    let a = p.dq_accum.wrapping_add(((bidb as i64 * p.dqa_batch_stride + (sq.start + r) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride) * 4) as u64);
+                    let mut c = sub;
+                    while c < 2 * chunks {
+                        unsafe { st_global_v4(a + c as u64 * 16, [0; 4]) };
+                        c += PREP_LANES;
+                    }
+                }
+                if sub == 0 {
+                    let at = lse_index(p, bidb, sq.start, h, r) as u64 * 4;
+                    let lse = unsafe { ld_global_nc_f32(p.lse + at) };
+                    let lse2 = if lse == f32::NEG_INFINITY { f32::INFINITY } else { lse * core::f32::consts::LOG2_E };
+                    unsafe {
+                        st_global_f32(p.delta + at, d);
+                        st_global_f32(p.lse_log2 + at, lse2);
+                    }
+                }
             }
+            pass += rows_per_pass;
         }
         m_block += grid_dim_x() as i32;
     }
@@ -119,33 +151,51 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
 // ---------------------------------------------------------------------------------------------------
 // convert
 
-/// dq = scale * dq_accum in the input type for real rows, 0 for padding and tail rows; 16-byte stores.
+/// dq = scale * dq_accum in the input type for rows `[r0, r1)` of slot `sq` (sequence `bidb`), head `h`:
+/// real rows converted, padding and tail rows 0; 16-byte stores. Thread `tid` of `THREADS` takes every
+/// `THREADS`-th 16-byte chunk, `UNROLL` chunks' loads in flight at once.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn convert_rows<E: Elem, const THREADS: usize, const UNROLL: usize>(p: &BwdParams, bidb: i32, sq: &SeqlenInfo, h: i32, r0: i32, r1: i32, tid: usize) {
+    let chunks = p.head_dim / 8;
+    let total = (r1 - r0) * chunks;
+    let mut idx0 = tid as i32;
+    while idx0 < total {
+        let mut x = [[[0u32; 4]; 2]; UNROLL];
+        for (u, xu) in x.iter_mut().enumerate() {
+            let idx = idx0 + (u * THREADS) as i32;
+            let (r, c) = (r0 + idx / chunks, idx % chunks);
+            if idx < total && r < sq.used {
+                let a = p.dq_accum.wrapping_add(((bidb as i64 * p.dqa_batch_stride + (sq.start + r) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + c as i64 * 8) * 4) as u64);
+                *xu = unsafe { [ld_global_v4(a), ld_global_v4(a + 16)] };
+            }
+        }
+        for (u, xu) in x.iter().enumerate() {
+            let idx = idx0 + (u * THREADS) as i32;
+            let (r, c) = (r0 + idx / chunks, idx % chunks);
+            if idx < total {
+                // Rows past `used` loaded nothing: their zeros pack to zeros.
+                let f = |x: u32| f32::from_bits(x) * p.scale;
+                let v = [E::pack(f(xu[0][0]), f(xu[0][1])), E::pack(f(xu[0][2]), f(xu[0][3])), E::pack(f(xu[1][0]), f(xu[1][1])), E::pack(f(xu[1][2]), f(xu[1][3]))];
+                let dst = row_addr(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, bidb, sq.start + r, h) + c as u64 * 16;
+                unsafe { st_global_v4(dst, v) };
+            }
+        }
+        idx0 += (UNROLL * THREADS) as i32;
+    }
+}
+
+/// The convert kernel: a block converts 128-row blocks of one head (`convert_rows`).
 #[inline(always)]
 unsafe fn convert_entry<E: Elem>(p: &BwdParams) {
     let bm = BWD_ROWS_PER_BLOCK as i32;
     let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, _) = sequences(p, bidb);
-    let chunks = p.head_dim / 8;
-    let threads = BWD_ROWS_PER_BLOCK as i32;
     let mut m_block = block_idx_x() as i32;
     while m_block * bm < sq.slot_len {
         let m0 = m_block * bm;
-        let mut idx = thread_idx_x() as i32;
-        while idx < bm * chunks {
-            let (r, c) = (m0 + idx / chunks, idx % chunks);
-            if r < sq.slot_len {
-                let mut v = [0u32; 4];
-                if r < sq.used {
-                    let a = p.dq_accum.wrapping_add(((bidb as i64 * p.dqa_batch_stride + (sq.start + r) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + c as i64 * 8) * 4) as u64);
-                    let (x0, x1) = unsafe { (ld_global_v4(a), ld_global_v4(a + 16)) };
-                    let f = |x: u32| f32::from_bits(x) * p.scale;
-                    v = [E::pack(f(x0[0]), f(x0[1])), E::pack(f(x0[2]), f(x0[3])), E::pack(f(x1[0]), f(x1[1])), E::pack(f(x1[2]), f(x1[3]))];
-                }
-                let dst = row_addr(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, bidb, sq.start + r, h) + c as u64 * 16;
-                unsafe { st_global_v4(dst, v) };
-            }
-            idx += threads;
-        }
+        let m1 = if sq.slot_len - m0 < bm { sq.slot_len } else { m0 + bm };
+        unsafe { convert_rows::<E, BWD_ROWS_PER_BLOCK, 1>(p, bidb, &sq, h, m0, m1, thread_idx_x() as usize) };
         m_block += grid_dim_x() as i32;
     }
 }
@@ -288,6 +338,31 @@ fn step_walk(p: &BwdParams, a: &KvArgs, bm: i32) -> (i32, impl Fn((i32, i32)) ->
     (m_count * a.group, next, (a.hk * a.group, m_min))
 }
 
+/// Zero P^T and dS^T of the hidden (query, key) pairs among this thread's `KT` key tiles x `QN` query
+/// tiles of the step at query row `m0` (`rows` real rows): keys `n0 + key0 + 16 kt (+ 8)`, query columns
+/// `col0 + 8 j (+ 1)` (the fragment layout of both backward kernels). Shared by the mma.sync and wgmma
+/// kernels; every per-element test is a compare against a compile-time offset (`mask::Band`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn mask_tile<const KT: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], m0: i32, rows: i32, key0: i32, col0: i32) {
+    let band = Band::new(m0 + col0, a.n0 + key0, a.sq.used, a.sk.used, p.window_left, p.window_right);
+    for j in 0..QN {
+        for e in 0..2 {
+            let dr = (8 * j + e) as i32;
+            let row_ok = col0 + dr < rows;
+            for kt in 0..KT {
+                for half in 0..2 {
+                    let dk = (16 * kt + 8 * half) as i32;
+                    if !(row_ok && a.n0 + key0 + dk < a.sk.used && band.sees(dk - dr)) {
+                        acc_s[kt][j][2 * half + e] = 0.0;
+                        acc_dp[kt][j][2 * half + e] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// P^T and dS^T in place of S^T and dP^T for this thread's `KT` key tiles x `QN` query tiles (queries
 /// from `q_col0`; their lse_log2 and D at `lse_s`, `delta_s`). The unmasked formula everywhere (inputs
 /// past the sequence are zero-filled, so finite); softcap or not decided once per tile, outside the loops
@@ -400,22 +475,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         grad_tile::<KT, QN>(p, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
         // On boundary tiles only, P and dS of hidden pairs are zeroed.
         if masked {
-            for j in 0..QN {
-                for e in 0..2 {
-                    let qc = (q_col0 + 8 * j) as i32 + 2 * t + e as i32;
-                    let (lo, hi) = key_range(m0 + qc, a.sq.used, a.sk.used, p.window_left, p.window_right);
-                    let row_ok = qc < rows;
-                    for kt in 0..KT {
-                        for half in 0..2 {
-                            let key = a.n0 + (kv_row0 + 16 * kt) as i32 + g + 8 * half as i32;
-                            if !(row_ok && key >= lo && key <= hi) {
-                                acc_s[kt][j][2 * half + e] = 0.0;
-                                acc_dp[kt][j][2 * half + e] = 0.0;
-                            }
-                        }
-                    }
-                }
-            }
+            mask_tile::<KT, QN>(p, a, &mut acc_s, &mut acc_dp, m0, rows, kv_row0 as i32 + g, q_col0 as i32 + 2 * t);
         }
         for j in 0..QN {
             let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;

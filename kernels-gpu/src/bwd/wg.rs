@@ -9,16 +9,15 @@
 //!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
-use super::{grad_tile, lse_index, row_addr, sequences, step_walk, KvArgs};
+use super::{convert_rows, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::{red_add_v2_f32, st_global_u32};
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
-use crate::arch::sync::sync_threads;
+use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
-use crate::mask::key_range;
 use crate::fwd::wg::{copies_visible, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::fwd::{a_fragment, BF16, F16};
 use crate::params::BwdParams;
@@ -28,7 +27,9 @@ const BN: usize = BWD_WG_BLOCK_N;
 const BM: usize = BWD_WG_BLOCK_M;
 
 /// Shared memory for head dim `D`: K, V (BN rows), two stages of Q and of dO (BM rows), dS^T (BN keys x
-/// BM queries, queries contiguous), two stages of the rows' lse_log2 and D. Tiles swizzled, 1024-aligned.
+/// BM queries, queries contiguous), two stages of the rows' lse_log2 and D, then the second buffer of K
+/// and V (a block's successor loads into the buffer its predecessor did not use). Tiles swizzled,
+/// 1024-aligned.
 struct Lay<const D: usize>;
 
 impl<const D: usize> Lay<D> {
@@ -40,13 +41,23 @@ impl<const D: usize> Lay<D> {
     const DO: u32 = Self::Q + 2 * Self::QT;
     const DS: u32 = Self::DO + 2 * Self::QT;
     const LSE: u32 = Self::DS + (BN * BM * 2) as u32;
+    const KV1: u32 = Self::LSE + (4 * BM * 4) as u32;
     const CHECK: () = {
         assert!(D == 64 || D == 128);
         assert!(BN == 128 && BM == 64);
         // The tile copies are the forward's, written for its 256 threads.
         assert!(BWD_WG_THREADS == COPY_THREADS);
-        assert!(Self::LSE as usize + 4 * BM * 4 == bwd_wg_smem_bytes(D));
+        assert!(Self::KV1 % 1024 == 0 && (Self::KV1 + 2 * Self::KV) as usize == bwd_wg_smem_bytes(D));
     };
+    /// K and V of buffer `kv` (0 or 1).
+    #[inline(always)]
+    fn k(base: u32, kv: u32) -> u32 {
+        base + Self::K + kv * Self::KV1
+    }
+    #[inline(always)]
+    fn v(base: u32, kv: u32) -> u32 {
+        base + Self::V + kv * Self::KV1
+    }
     #[inline(always)]
     fn q(base: u32, s: usize) -> u32 {
         base + Self::Q + s as u32 * Self::QT
@@ -83,6 +94,17 @@ unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage:
             cp_async_4(Lay::<D>::lse(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
             cp_async_4(Lay::<D>::delta(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
         }
+    }
+}
+
+/// Start the copies of key block `a`'s K and V into buffer `kv`.
+#[inline(always)]
+unsafe fn load_kv<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, kv: u32, tid: usize) {
+    let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
+    let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
+    unsafe {
+        load_tile_sw128::<D, BN>(Lay::<D>::k(base, kv), k, p.k_row_stride * 2, a.cols, tid);
+        load_tile_sw128::<D, BN>(Lay::<D>::v(base, kv), v, p.v_row_stride * 2, a.cols, tid);
     }
 }
 
@@ -123,28 +145,45 @@ unsafe fn issue_keys_x_dim<E: WgElem, const D: usize, const DN: usize>(acc: &mut
     }
 }
 
+/// Where a key block's copies stand: its K/V buffer, the stage of its first step, and whether its
+/// predecessor already started its K/V and first step's copies.
+#[derive(Clone, Copy)]
+struct Pipe {
+    kv: u32,
+    stage0: i32,
+    prefetched: bool,
+}
+
+/// The key block after `a` in this CTA (the grid strides over key blocks), if it has keys.
+#[inline(always)]
+fn successor(a: &KvArgs) -> Option<KvArgs> {
+    let n0 = a.n0 + grid_dim_x() as i32 * BN as i32;
+    (n0 < a.sk.used).then(|| KvArgs { n0, cols: if a.sk.used - n0 < BN as i32 { a.sk.used - n0 } else { BN as i32 }, ..*a })
+}
+
 /// dK and dV of keys `[n0, n0 + 128)` of kv head `hk` (this warpgroup's 64), over the group's q heads and
 /// the query blocks that see the keys; dQ contributions go to the accumulator (always present here).
+/// During its last step it starts the copies of its successor (if that has steps). Returns its step count.
 #[inline(always)]
-unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
+unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
-    let (steps, next, mut cur) = step_walk(p, a, BM as i32);
+    let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
-        return;
+        return 0;
+    }
+    if !pipe.prefetched {
+        unsafe {
+            load_kv::<D>(p, a, base, pipe.kv, tid);
+            load_step::<D>(p, a, base, pipe.stage0 as usize, cur.0, cur.1 * BM as i32, tid);
+        }
+        commit_group();
     }
 
-    let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
-    let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
-    unsafe {
-        load_tile_sw128::<D, BN>(base + Lay::<D>::K, k, p.k_row_stride * 2, a.cols, tid);
-        load_tile_sw128::<D, BN>(base + Lay::<D>::V, v, p.v_row_stride * 2, a.cols, tid);
-        load_step::<D>(p, a, base, 0, cur.0, cur.1 * BM as i32, tid);
-    }
-    commit_group();
-
-    let mut it = 0;
-    while it < steps {
+    // `it` counts from the first step's stage, so `it & 1` is every step's stage.
+    let mut it = pipe.stage0;
+    let end = steps + pipe.stage0;
+    while it < end {
         let stage = (it & 1) as usize;
         let base = opaque_u32(base);
         let tid = opaque_u32(tid as u32) as usize;
@@ -155,11 +194,24 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
         let key0 = (16 * warp) as i32 + g;
         // Step it's data is visible, and every warp is done with step it-1 (its stage and dS^T).
         copies_visible::<0>();
-        let nxt = next(cur);
-        if it + 1 < steps {
+        let nxt = next_step(cur);
+        if it + 1 < end {
             unsafe { load_step::<D>(p, a, base, 1 - stage, nxt.0, nxt.1 * BM as i32, tid) };
             commit_group();
+        } else if let Some(b) = successor(a) {
+            // The successor's K/V go to the other buffer (its predecessor's reads are behind the
+            // barrier at the start of this block's first step), its first step to the other stage.
+            let (b_steps, _, first) = step_walk(p, &b, BM as i32);
+            if b_steps > 0 {
+                unsafe {
+                    load_kv::<D>(p, &b, base, 1 - pipe.kv, tid);
+                    load_step::<D>(p, &b, base, 1 - stage, first.0, first.1 * BM as i32, tid);
+                }
+                commit_group();
+            }
         }
+        let k_s = Lay::<D>::k(base, pipe.kv);
+        let v_s = Lay::<D>::v(base, pipe.kv);
         let (h, m0) = (cur.0, cur.1 * BM as i32);
         cur = nxt;
         let rows = a.sq.used - m0;
@@ -170,8 +222,8 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
         let mut acc_s = [[[0f32; 4]; 8]; 1];
         let mut acc_dp = [[[0f32; 4]; 8]; 1];
         unsafe {
-            issue_keys_x_queries::<E, D>(&mut acc_s[0], base + Lay::<D>::K, q_s, wg);
-            issue_keys_x_queries::<E, D>(&mut acc_dp[0], base + Lay::<D>::V, do_s, wg);
+            issue_keys_x_queries::<E, D>(&mut acc_s[0], k_s, q_s, wg);
+            issue_keys_x_queries::<E, D>(&mut acc_dp[0], v_s, do_s, wg);
         }
         wgmma::wait1_n64(&mut acc_s[0]);
         wgmma::wait0_n64(&mut acc_dp[0]);
@@ -181,20 +233,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
         let delta_s = Lay::<D>::delta(base, stage);
         grad_tile::<1, 8>(p, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
         if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
-            for j in 0..8 {
-                for e in 0..2 {
-                    let qc = (8 * j) as i32 + 2 * t + e as i32;
-                    let (lo, hi) = key_range(m0 + qc, a.sq.used, a.sk.used, p.window_left, p.window_right);
-                    let row_ok = qc < rows;
-                    for half in 0..2 {
-                        let key = a.n0 + key0 + 8 * half as i32;
-                        if !(row_ok && key >= lo && key <= hi) {
-                            acc_s[0][j][2 * half + e] = 0.0;
-                            acc_dp[0][j][2 * half + e] = 0.0;
-                        }
-                    }
-                }
-            }
+            mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
         }
         // dS^T to shared memory, [key][query] swizzled (dQ's A operand, transposed on read).
         let ds_s = base + Lay::<D>::DS;
@@ -230,7 +269,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
             let mut bd = [0u64; 8];
             for kk in 0..8u32 {
                 ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
-                bd[kk as usize] = desc_sw128(base + Lay::<D>::K + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
+                bd[kk as usize] = desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
             }
             let mut acc_q = [[0f32; 4]; 8];
             unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
@@ -255,11 +294,14 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
         wgmma::keep_a4(&mut da);
         it += 1;
     }
-    // The next key block (grid stride) reloads K/V and step 0: every warp must be done reading.
+    // Every warp is done reading this block's K/V and stages before anyone moves on (a successor without
+    // steps does not pass a barrier before the next one loads into this buffer).
     sync_threads();
+    steps
 }
 
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
+/// With grid x = 1 also dq of the group's rows (see the end).
 #[inline(always)]
 unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
@@ -269,16 +311,26 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let key0 = (16 * warp) as i32 + g;
 
+    // Key blocks x, x + gx, ...: the host chains a few per CTA so that each one's first copies overlap
+    // its predecessor's last step.
+    let mut pipe = Pipe { kv: 0, stage0: 0, prefetched: false };
     let mut n_block = block_idx_x() as i32;
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc_dk = [[0f32; 4]; DN];
         let mut acc_dv = [[0f32; 4]; DN];
+        let mut prefetched = false;
         if n0 < sk.used {
-            let cols = if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 };
-            let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols };
-            unsafe { block::<E, D, DN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
+            let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
+            let steps = unsafe { block::<E, D, DN>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
+            if steps > 0 {
+                pipe.kv ^= 1;
+                pipe.stage0 ^= steps & 1;
+                // What the last step started (the same test).
+                prefetched = successor(&args).is_some_and(|b| step_walk(p, &b, BM as i32).0 > 0);
+            }
         }
+        pipe.prefetched = prefetched;
         for half in 0..2usize {
             let r = n0 + key0 + 8 * half as i32;
             if r < sk.slot_len {
@@ -295,6 +347,19 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
             }
         }
         n_block += grid_dim_x() as i32;
+    }
+    // One key-block column (grid x = 1): this CTA added every dq contribution of its rows (all q heads of
+    // its group; other sequences' blocks add exact zeros at most), so it converts them itself and the
+    // host skips the convert pass.
+    if grid_dim_x() == 1 {
+        fence_gpu();
+        sync_threads();
+        let group = p.h / p.h_k;
+        let mut h = hk * group;
+        while h < (hk + 1) * group {
+            unsafe { convert_rows::<E, BWD_WG_THREADS, 4>(p, bidb, &sq, h, 0, sq.slot_len, tid) };
+            h += 1;
+        }
     }
 }
 
