@@ -107,8 +107,9 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>)
 /// then walks every key block of its pair (each block's K/V and first step load during the previous
 /// block's last step; uniform masks give every CTA the same work) and, having added every dq
 /// contribution of its rows itself, converts them (no convert pass). Else one key block per CTA.
-/// Measured (H200, bwd alone): hdim 64 S=512 B=32 133 vs 130 TFLOP/s causal, 219 vs 214 not; chaining
-/// two or four blocks at S=8192 (strided, unequal causal blocks) lost 3-4%.
+/// Measured (H200, bwd alone, before the in-kernel convert): hdim 64 S=512 B=32 133 vs 130 TFLOP/s
+/// causal, 219 vs 214 not; chaining two or four strided blocks at S=8192 (unequal causal blocks) lost
+/// 3-4%. With the convert in the kernel: 141 and 222 (benches/RESULTS.md).
 /// `FLASH_ATTN_BWD_CHAIN_ALL` (any value) forces 1, for tests of that path on small problems.
 pub fn bwd_wg_grid_x(p: &Problem, sms: usize) -> u32 {
     const CHAIN_L2_BYTES: usize = 24 << 20;
