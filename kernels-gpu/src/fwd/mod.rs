@@ -249,63 +249,14 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
                 }
             }
 
-            if a.softcap_pre != 0.0 {
-                for row in acc_s.iter_mut() {
-                    for frag in row.iter_mut() {
-                        for x in frag.iter_mut() {
-                            *x = tanh(*x * a.softcap_pre);
-                        }
-                    }
+            // P overwrites S (online softmax); a row whose max moved rescales its O.
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, #[inline(always)]
+            |mt, h, f| {
+                for frag in acc_o[mt].iter_mut() {
+                    frag[2 * h] *= f;
+                    frag[2 * h + 1] *= f;
                 }
-            } else if a.scale_log2 < 0.0 {
-                // A negative softmax scale: s * scale == (-s) * |scale|, so the max and the -inf of masked
-                // keys keep their meaning.
-                for row in acc_s.iter_mut() {
-                    for frag in row.iter_mut() {
-                        for x in frag.iter_mut() {
-                            *x = -*x;
-                        }
-                    }
-                }
-            }
-
-            // Mask only tiles that straddle a boundary; interior tiles skip this entirely.
-            if masked {
-                for mt in 0..MT {
-                    for h in 0..2 {
-                        let row = a.m0 + (warp * 16 * MT + mt * 16) as i32 + g + 8 * h as i32;
-                        let (lo, hi) = key_range(row, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
-                        for j in 0..NN {
-                            for e in 0..2 {
-                                let col = n0 + 8 * j as i32 + 2 * t + e as i32;
-                                if col < lo || col > hi {
-                                    acc_s[mt][j][2 * h + e] = f32::NEG_INFINITY;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-
-            // Online softmax per row; P overwrites S.
-            for mt in 0..MT {
-                for h in 0..2 {
-                    let mut s_row = [[0f32; 2]; NN];
-                    for j in 0..NN {
-                        s_row[j] = [acc_s[mt][j][2 * h], acc_s[mt][j][2 * h + 1]];
-                    }
-                    if let Some(f) = update_row(&mut row_state[mt][h], &mut s_row, scale_log2) {
-                        for frag in acc_o[mt].iter_mut() {
-                            frag[2 * h] *= f;
-                            frag[2 * h + 1] *= f;
-                        }
-                    }
-                    for j in 0..NN {
-                        acc_s[mt][j][2 * h] = s_row[j][0];
-                        acc_s[mt][j][2 * h + 1] = s_row[j][1];
-                    }
-                }
-            }
+            });
 
             // O += P V: the S accumulator layout of two n8 tiles is exactly the A fragment of one k16 step.
             let v_lane = v_s + ((lane % 8) as u32 + ((lane / 8) % 2) as u32 * 8) * row_bytes + (lane / 16) as u32 * 16;
@@ -328,11 +279,79 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         }
     }
 
-    // Epilogue: O / rowsum in the input type, and the LSE. Empty rows come out as 0 and -inf.
+    store_out::<E, MT, DN>(a, &acc_o, &row_state, (warp * 16 * MT) as i32 + g, rows, t, scale_log2);
+}
+
+/// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
+/// m16 x `NN` n8 tiles: tanh for softcap or the sign of a negative scale, -inf on hidden keys when the
+/// tile is `masked` (this thread's rows `row0 + 16 mt (+ 8)`, keys `n0 + 8 j + 2 t (+ 1)`), then each
+/// row's update; `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma
+/// kernels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, mut rescale: impl FnMut(usize, usize, f32)) {
+    if a.softcap_pre != 0.0 {
+        for mt in 0..MT {
+            for j in 0..NN {
+                for i in 0..4 {
+                    acc_s[mt][j][i] = tanh(acc_s[mt][j][i] * a.softcap_pre);
+                }
+            }
+        }
+    } else if a.scale_log2 < 0.0 {
+        // A negative softmax scale: s * scale == (-s) * |scale|, so the max and the -inf of masked keys
+        // keep their meaning.
+        for mt in 0..MT {
+            for j in 0..NN {
+                for i in 0..4 {
+                    acc_s[mt][j][i] = -acc_s[mt][j][i];
+                }
+            }
+        }
+    }
+    // Only tiles that straddle a boundary; interior tiles skip this entirely.
+    if masked {
+        for mt in 0..MT {
+            for h in 0..2 {
+                let (lo, hi) = key_range(row0 + (mt * 16 + 8 * h) as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
+                for j in 0..NN {
+                    for e in 0..2 {
+                        let col = n0 + 8 * j as i32 + 2 * t + e as i32;
+                        if col < lo || col > hi {
+                            acc_s[mt][j][2 * h + e] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for mt in 0..MT {
+        for h in 0..2 {
+            let mut s_row = [[0f32; 2]; NN];
+            for j in 0..NN {
+                s_row[j] = [acc_s[mt][j][2 * h], acc_s[mt][j][2 * h + 1]];
+            }
+            if let Some(f) = update_row(&mut row_state[mt][h], &mut s_row, scale_log2) {
+                rescale(mt, h, f);
+            }
+            for j in 0..NN {
+                acc_s[mt][j][2 * h] = s_row[j][0];
+                acc_s[mt][j][2 * h + 1] = s_row[j][1];
+            }
+        }
+    }
+}
+
+/// The epilogue: O / rowsum in the input type and the LSE, for this thread's rows `r0 + 16 mt (+ 8)` of
+/// the block's `rows` (columns `8 j + 2 t (+ 1)`). Empty rows come out as 0 and -inf. Shared by the
+/// mma.sync and wgmma kernels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs, acc_o: &[[[f32; 4]; DN]; MT], row_state: &[[RowState; 2]; MT], r0: i32, rows: i32, t: i32, scale_log2: f32) {
     for mt in 0..MT {
         for h in 0..2 {
             let (inv_sum, lse) = finalize_row(&row_state[mt][h], scale_log2);
-            let r = (warp * 16 * MT + mt * 16) as i32 + g + 8 * h as i32;
+            let r = r0 + (mt * 16 + 8 * h) as i32;
             if r < rows {
                 let o_row = a.o + (r as i64 * a.o_row_stride * 2) as u64;
                 for j in 0..DN {

@@ -6,19 +6,16 @@
 //! from registers and V transposed on read. Tiles are 128 keys (64 at head dim 256, whose O accumulator
 //! is twice as large).
 
-use super::{a_fragment, for_each_row_block, BlockArgs, Elem, BF16, F16};
+use super::{a_fragment, for_each_row_block, scores_to_p, store_out, BlockArgs, Elem, BF16, F16};
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
-use crate::arch::math::tanh;
-use crate::arch::mem::{st_global_f32, st_global_u32};
 use crate::arch::reg::{opaque_i64, opaque_u32};
 use crate::arch::smem;
 use crate::arch::sreg::thread_idx_x;
 use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::{n_block_range, tile_needs_mask};
-use crate::mask::key_range;
 use crate::params::FwdParams;
-use crate::softmax::{finalize_row, update_row, RowState};
+use crate::softmax::RowState;
 use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes};
 
 /// Query rows per block (two warpgroups of 64) and threads.
@@ -248,46 +245,9 @@ fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usize>(a: &Blo
     let lane = opaque_u32(thread_idx_x()) as usize % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let n0 = n_block * BN as i32;
-    if a.softcap_pre != 0.0 {
-        for frag in acc_s.iter_mut() {
-            for x in frag.iter_mut() {
-                *x = tanh(*x * a.softcap_pre);
-            }
-        }
-    } else if a.scale_log2 < 0.0 {
-        for frag in acc_s.iter_mut() {
-            for x in frag.iter_mut() {
-                *x = -*x;
-            }
-        }
-    }
-    if tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right) {
-        for h in 0..2 {
-            let row = a.m0 + (warp * 16) as i32 + g + 8 * h as i32;
-            let (lo, hi) = key_range(row, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
-            for j in 0..NN {
-                for e in 0..2 {
-                    let col = n0 + 8 * j as i32 + 2 * t + e as i32;
-                    if col < lo || col > hi {
-                        acc_s[j][2 * h + e] = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
-    }
-    for h in 0..2 {
-        let mut s_row = [[0f32; 2]; NN];
-        for j in 0..NN {
-            s_row[j] = [acc_s[j][2 * h], acc_s[j][2 * h + 1]];
-        }
-        if let Some(f) = update_row(&mut row_state[h], &mut s_row, scale_log2) {
-            factor[h] = f;
-        }
-        for j in 0..NN {
-            acc_s[j][2 * h] = s_row[j][0];
-            acc_s[j][2 * h + 1] = s_row[j][1];
-        }
-    }
+    let masked = tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
+    let row0 = a.m0 + (warp * 16) as i32 + g;
+    scores_to_p::<1, NN>(a, core::array::from_mut(acc_s), core::array::from_mut(row_state), masked, row0, n0, t, scale_log2, #[inline(always)] |_, h, f| factor[h] = f);
     // P's k16 steps are pairs of S tiles: mma.sync's C layout is wgmma's register A.
     for kk in 0..NN / 2 {
         pa[kk] = a_fragment::<E>(&acc_s[2 * kk], &acc_s[2 * kk + 1]);
@@ -409,21 +369,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         keep_p::<KP>(&mut pa);
     }
 
-    // Epilogue: O / rowsum in the input type, and the LSE. Empty rows come out as 0 and -inf.
-    for h in 0..2 {
-        let (inv_sum, lse) = finalize_row(&row_state[h], scale_log2);
-        let r = (warp * 16) as i32 + g + 8 * h as i32;
-        if r < rows {
-            let o_row = a.o + (r as i64 * a.o_row_stride * 2) as u64;
-            for j in 0..DN {
-                let v = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
-                unsafe { st_global_u32(o_row + ((8 * j as i32 + 2 * t) * 2) as u64, v) };
-            }
-            if t == 0 {
-                unsafe { st_global_f32(a.lse + (r * 4) as u64, lse) };
-            }
-        }
-    }
+    store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), (warp * 16) as i32 + g, rows, t, scale_log2);
     ret
 }
 
