@@ -11,10 +11,11 @@ use std::time::Duration;
 /// Tokens per batch in the dense table (B = TOKENS / S).
 pub const TOKENS: usize = 16384;
 
-/// The dense table: `(head_dim, seqlen, batch, heads)` for hdim 64/128/256 and S 512..16384, with H * D = 2048.
+/// The dense table: `(head_dim, seqlen, batch, heads)` for hdim 64/96/128/192/256 and S 512..16384, with
+/// H = 2048 / D (rounded down: 21 heads at 96, 10 at 192).
 pub fn dense_shapes() -> Vec<(usize, usize, usize, usize)> {
     let mut shapes = Vec::new();
-    for d in [64usize, 128, 256] {
+    for d in [64usize, 96, 128, 192, 256] {
         for s in [512usize, 2048, 8192, 16384] {
             shapes.push((d, s, TOKENS / s, 2048 / d));
         }

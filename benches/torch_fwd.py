@@ -49,7 +49,7 @@ def main():
     dev = "cuda"
     print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
     tokens = 16384
-    for d in (64, 128, 256):
+    for d in (64, 96, 128, 192, 256):
         h = 2048 // d
         for s in (512, 2048, 8192, 16384):
             b = tokens // s

@@ -26,7 +26,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 fn for_table_shapes(filter: &str, mut run: impl FnMut(&str, [Tensor; 4], AttnOptions, f64)) {
     let gpu = Device::Cuda(0);
     let mut seed = 7u64;
-    for &d in &[64usize, 128, 256] {
+    for &d in &[64usize, 96, 128, 192, 256] {
         for &s in &[512usize, 2048, 8192, 16384] {
             for causal in [false, true] {
                 let name = format!("d{d}-s{s}-{}", if causal { "causal" } else { "full" });

@@ -166,14 +166,14 @@ mod tests {
         }
     }
 
-    /// Hopper takes the wgmma kernels where they exist (forward 64/128/256, backward 64/128 outside
+    /// Hopper takes the wgmma kernels where they exist (forward all but 32, backward 64/128 outside
     /// deterministic mode), each within the 227 KiB of shared memory; elsewhere the mma.sync ones.
     #[test]
     fn hopper_dispatch_picks_wgmma_kernels_where_they_exist() {
         for d in [32, 64, 96, 128, 192, 256] {
             let p = problem(d, 1024, 2, 4, false, false);
             let f = fwd_launch(&p, Some(132)).unwrap();
-            assert_eq!(f.kernel.contains("_wg_"), matches!(d, 64 | 128 | 256), "fwd d{d}: {}", f.kernel);
+            assert_eq!(f.kernel.contains("_wg_"), d != 32, "fwd d{d}: {}", f.kernel);
             assert!(f.smem_bytes <= 227 * 1024);
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {

@@ -95,15 +95,16 @@ for_each_fwd_variant!(name_lookup);
 /// warps: 8`), wgmma products over 128-key tiles (64 at head dim 256) in 128-byte-swizzled shared memory.
 pub const fn fwd_wg_config(head_dim: usize) -> Option<FwdConfig> {
     match head_dim {
-        64 | 128 => Some(FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 128, q_in_regs: false }),
-        256 => Some(FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false }),
+        64 | 96 | 128 => Some(FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 128, q_in_regs: false }),
+        192 | 256 => Some(FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false }),
         _ => None,
     }
 }
 
-/// Dynamic shared memory of the Hopper forward: Q, then two slots of K and of V, unpadded (swizzled).
+/// Dynamic shared memory of the Hopper forward: Q, then two slots of K and of V (swizzled), each row
+/// in whole 64-column groups (head dim 96: the second group half used).
 pub const fn fwd_wg_smem_bytes(c: &FwdConfig) -> usize {
-    (c.block_m() + 4 * c.block_n) * c.head_dim * 2
+    (c.block_m() + 4 * c.block_n) * c.head_dim.div_ceil(64) * 64 * 2
 }
 
 /// The Hopper forward's entry points (sm_90a module only), like `for_each_fwd_variant`.
@@ -112,10 +113,14 @@ macro_rules! for_each_fwd_wg_variant {
     ($m:ident) => {
         $m! {
             (64, BF16, "flash_fwd_wg_hdim64_bf16"),
+            (96, BF16, "flash_fwd_wg_hdim96_bf16"),
             (128, BF16, "flash_fwd_wg_hdim128_bf16"),
+            (192, BF16, "flash_fwd_wg_hdim192_bf16"),
             (256, BF16, "flash_fwd_wg_hdim256_bf16"),
             (64, F16, "flash_fwd_wg_hdim64_f16"),
+            (96, F16, "flash_fwd_wg_hdim96_f16"),
             (128, F16, "flash_fwd_wg_hdim128_f16"),
+            (192, F16, "flash_fwd_wg_hdim192_f16"),
             (256, F16, "flash_fwd_wg_hdim256_f16"),
         }
     };

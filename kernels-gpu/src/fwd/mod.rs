@@ -2,7 +2,7 @@
 //! A block owns 16*MT*NW query rows of one (sequence, head); it walks the K/V tiles those rows can see,
 //! last to first, through a two-stage cp.async pipeline: S = Q K^T, online softmax in registers, O += P V.
 //! The epilogue writes O / rowsum and the LSE; rows that saw no key, and padding rows, get 0 and -inf.
-//! On Hopper the sm_90a module's `wg` kernels take head dims 64 and 128 (wgmma).
+//! On Hopper the sm_90a module's `wg` kernels take head dims 64, 96, 128, 192 and 256 (wgmma).
 
 #[cfg(fa_sm90)]
 pub(crate) mod wg;

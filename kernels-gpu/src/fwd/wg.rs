@@ -3,8 +3,8 @@
 //! layout, the masking and the online softmax are the mma.sync kernel's with one m-tile per warp).
 //! Q and two slots each of K and V tiles sit in shared memory in the 128-byte swizzle wgmma reads
 //! (cp.async fills them; K runs one tile ahead of V): S = Q K^T reads both from there, O += P V takes P
-//! from registers and V transposed on read. Tiles are 128 keys (64 at head dim 256, whose O accumulator
-//! is twice as large).
+//! from registers and V transposed on read. Tiles are 128 keys (64 at head dims 192 and 256, whose O
+//! accumulators are 1.5 and 2 times as large); head dim 96 keeps whole 64-column groups in shared memory.
 
 use super::{a_fragment, for_each_row_block, scores_to_p, store_out, BlockArgs, Elem, BF16, F16};
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
@@ -26,16 +26,20 @@ pub(crate) const THREADS: usize = 256;
 const SLOTS: usize = 2;
 
 /// The 16-bit input type's wgmma products at the shapes the Hopper kernels use (each one fenced, issued
-/// and committed as one group; arch/wgmma_ops.rs). Forward: S at 128 keys (head dim 64, 128) or 64 keys
-/// (256), O at the head dim. Backward (bwd/wg.rs): S^T and dP^T at 64 queries, dV and dK at the head dim
+/// and committed as one group; arch/wgmma_ops.rs). Forward: S at 128 keys (head dim 64, 96, 128) or 64
+/// keys (192, 256), O at the head dim. Backward (bwd/wg.rs): S^T and dP^T at 64 queries, dV and dK at the head dim
 /// over 64 queries, dQ (both operands transposed).
 pub trait WgElem: Elem {
     unsafe fn ss_n128_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn ss_n128_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
     unsafe fn ss_n64_k16(d: &mut [[f32; 4]; 8], a: &[u64; 16], b: &[u64; 16]);
+    unsafe fn ss_n64_k12(d: &mut [[f32; 4]; 8], a: &[u64; 12], b: &[u64; 12]);
+    unsafe fn ss_n128_k6(d: &mut [[f32; 4]; 16], a: &[u64; 6], b: &[u64; 6]);
     unsafe fn rs_n64_k8(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n128_k8(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n256_k4(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: &[u64; 4]);
+    unsafe fn rs_n192_k4(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: &[u64; 4]);
+    unsafe fn rs_n96_k8(d: &mut [[f32; 4]; 12], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn ss_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn ss_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
     unsafe fn rs_n64_k4(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: &[u64; 4]);
@@ -59,9 +63,13 @@ wg_elem!(BF16,
     ss_n128_k4 => ss_n128_k4_bf16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
     ss_n128_k8 => ss_n128_k8_bf16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
     ss_n64_k16 => ss_n64_k16_bf16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
+    ss_n64_k12 => ss_n64_k12_bf16(&mut [[f32; 4]; 8], &[u64; 12], &[u64; 12]),
+    ss_n128_k6 => ss_n128_k6_bf16(&mut [[f32; 4]; 16], &[u64; 6], &[u64; 6]),
     rs_n64_k8 => rs_n64_k8_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_bf16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n192_k4 => rs_n192_k4_bf16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n96_k8 => rs_n96_k8_bf16(&mut [[f32; 4]; 12], &[[u32; 4]; 8], &[u64; 8]),
     ss_n64_k4 => ss_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
     ss_n64_k8 => ss_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
     rs_n64_k4 => rs_n64_k4_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
@@ -72,9 +80,13 @@ wg_elem!(F16,
     ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
     ss_n128_k8 => ss_n128_k8_f16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
     ss_n64_k16 => ss_n64_k16_f16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
+    ss_n64_k12 => ss_n64_k12_f16(&mut [[f32; 4]; 8], &[u64; 12], &[u64; 12]),
+    ss_n128_k6 => ss_n128_k6_f16(&mut [[f32; 4]; 16], &[u64; 6], &[u64; 6]),
     rs_n64_k8 => rs_n64_k8_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_f16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n192_k4 => rs_n192_k4_f16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]),
+    rs_n96_k8 => rs_n96_k8_f16(&mut [[f32; 4]; 12], &[[u32; 4]; 8], &[u64; 8]),
     ss_n64_k4 => ss_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
     ss_n64_k8 => ss_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
     rs_n64_k4 => rs_n64_k4_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
@@ -91,16 +103,20 @@ pub(crate) unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) ->
 }
 
 /// Wait until at most `PENDING` (0 or 1) of this warpgroup's wgmma groups are in flight; `acc` (`N8` n8
-/// tiles: 8, 16 or 32) belongs to the groups that completed.
+/// tiles: 8, 12, 16, 24 or 32) belongs to the groups that completed.
 #[inline(always)]
 pub(crate) fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4]; N8]) {
     unsafe {
         match (PENDING, N8) {
             (0, 8) => wgmma::wait0_n64(sized(acc)),
+            (0, 12) => wgmma::wait0_n96(sized(acc)),
             (0, 16) => wgmma::wait0_n128(sized(acc)),
+            (0, 24) => wgmma::wait0_n192(sized(acc)),
             (0, _) => wgmma::wait0_n256(sized(acc)),
             (_, 8) => wgmma::wait1_n64(sized(acc)),
+            (_, 12) => wgmma::wait1_n96(sized(acc)),
             (_, 16) => wgmma::wait1_n128(sized(acc)),
+            (_, 24) => wgmma::wait1_n192(sized(acc)),
             (_, _) => wgmma::wait1_n256(sized(acc)),
         }
     }
@@ -119,19 +135,20 @@ fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
 }
 
 /// Shared-memory layout for head dim `D` and `BN` keys per tile: Q, two K slots, two V slots, each tile
-/// `[D / 64][rows][64]` swizzled (sw128_offset), every 64-column group 1024-byte aligned.
+/// `[ceil(D / 64)][rows][64]` swizzled (sw128_offset), every 64-column group 1024-byte aligned (at head
+/// dim 96 the second group's rows are half used: the products never read past column 96).
 struct Tile<const D: usize, const BN: usize>;
 
 impl<const D: usize, const BN: usize> Tile<D, BN> {
-    const Q_BYTES: u32 = (BM * D * 2) as u32;
-    const KV_BYTES: u32 = (BN * D * 2) as u32;
+    const Q_BYTES: u32 = (BM * D.div_ceil(64) * 64 * 2) as u32;
+    const KV_BYTES: u32 = (BN * D.div_ceil(64) * 64 * 2) as u32;
     const CHECK: () = {
         let c = match fwd_wg_config(D) {
             Some(c) => c,
             None => panic!("no Hopper forward for this head dim"),
         };
         assert!(c.block_n == BN && c.block_m() == BM && c.threads() == THREADS);
-        assert!((D == 64 && BN == 128) || (D == 128 && BN == 128) || (D == 256 && BN == 64));
+        assert!((D == 64 && BN == 128) || (D == 96 && BN == 128) || (D == 128 && BN == 128) || (D == 192 && BN == 64) || (D == 256 && BN == 64));
         assert!(fwd_wg_smem_bytes(&c) == (Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES) as usize);
     };
     #[inline(always)]
@@ -155,14 +172,32 @@ pub(crate) fn copies_visible<const PENDING: u32>() {
 }
 
 /// Copy `ROWS` rows of `D` 16-bit values into a swizzled tile; rows at or past `valid_rows` are
-/// zero-filled without touching global memory. A thread keeps one 16-byte column chunk and walks rows
-/// `THREADS / (D / 8)` apart (a multiple of 8: its swizzled chunk stays the same).
+/// zero-filled without touching global memory. When the threads divide into the row's 16-byte chunks
+/// (head dims 64, 128, 256) a thread keeps one chunk and walks rows `THREADS / (D / 8)` apart (a multiple
+/// of 8: its swizzled chunk stays the same); else (96, 192) a thread keeps one chunk of a 64-column group
+/// and walks (group, row) pairs `THREADS / 8` apart (at 96 the second group's upper half is left alone).
 #[inline(always)]
 pub(crate) unsafe fn load_tile_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize) {
     let chunks = D / 8;
-    let pass_rows = THREADS / chunks;
     let tid = opaque_u32(tid as u32) as usize;
     let row_stride_bytes = opaque_i64(row_stride_bytes);
+    if THREADS % chunks != 0 {
+        let pass = THREADS / 8;
+        let c8 = tid % 8;
+        let mut i = tid / 8;
+        while i < D.div_ceil(64) * ROWS {
+            let (group, row) = (i / ROWS, i % ROWS);
+            let c = group * 8 + c8;
+            if c < chunks {
+                let valid = (row as i32) < valid_rows;
+                let g = src.wrapping_add((row as i64 * row_stride_bytes + c as i64 * 16) as u64);
+                unsafe { cp_async_16(dst + sw128_offset(ROWS as u32, row as u32, c as u32), if valid { g } else { src }, valid) };
+            }
+            i += pass;
+        }
+        return;
+    }
+    let pass_rows = THREADS / chunks;
     let (r0, c) = (tid / chunks, tid % chunks);
     let mut g = src.wrapping_add((r0 as i64 * row_stride_bytes + c as i64 * 16) as u64);
     let g_step = (pass_rows as i64 * row_stride_bytes) as u64;
@@ -202,11 +237,13 @@ unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(a
         qa[kk] = desc_sw128(base + (kk / 4) as u32 * (BM as u32 * 128) + wg * 64 * 128 + col, 16, 1024);
         kb[kk] = desc_sw128(k_s + (kk / 4) as u32 * (BN as u32 * 128) + col, 16, 1024);
     }
-    // (D, BN) is one of Tile::CHECK's three.
+    // (D, BN) is one of Tile::CHECK's five.
     unsafe {
         match D {
             64 => E::ss_n128_k4(sized(acc_s), &first(&qa), &first(&kb)),
+            96 => E::ss_n128_k6(sized(acc_s), &first(&qa), &first(&kb)),
             128 => E::ss_n128_k8(sized(acc_s), &first(&qa), &first(&kb)),
+            192 => E::ss_n64_k12(sized(acc_s), &first(&qa), &first(&kb)),
             _ => E::ss_n64_k16(sized(acc_s), &qa, &kb),
         }
     }
@@ -231,7 +268,9 @@ unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     unsafe {
         match D {
             64 => E::rs_n64_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
+            96 => E::rs_n96_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             128 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
+            192 => E::rs_n192_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             _ => E::rs_n256_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
         }
     }
