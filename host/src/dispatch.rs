@@ -49,11 +49,13 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
         // unmasked hdim 128 S=2048 chained past L2 381 TFLOP/s vs 423 not; hdim 64 S=512 (within L2)
         // 1.02 of flash chained vs 0.94 not; causal hdim 64 S=512 / 2048 1.08-1.12 / 1.05-1.07 chained
         // vs 0.99 / 0.98 not.
+        // Measured since (hdim 96, 21 heads): 168 pairs chained on 132 multiprocessors (a second wave
+        // 27% full) ran causal S=2048 at 152 TFLOP/s, 0.56 of flash: chaining also needs whole waves.
         const CHAIN_L2_BYTES: usize = 24 << 20;
         let masked = p.window_left >= 0 || p.window_right >= 0;
         let units = heads as usize * seqs as usize;
         let fits_l2 = sms * p.seqlen_k * p.head_dim * 4 <= CHAIN_L2_BYTES;
-        let gx = if !p.varlen && units >= sms && (masked || fits_l2) { 1 } else { m };
+        let gx = if !p.varlen && units >= sms && fills_waves(units, sms) && (masked || fits_l2) { 1 } else { m };
         return Some(FwdLaunch { kernel, config, grid: (gx, heads, seqs), block: config.threads() as u32, smem_bytes: fwd_wg_smem_bytes(&config) });
     }
     let kernel = fwd_kernel_name(p.head_dim, dtype)?;
@@ -103,8 +105,8 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>)
 
 /// Key-block grid (x) of the Hopper dK/dV kernel on `sms` multiprocessors. 1 when the sequences are
 /// equally long (not varlen), the (kv head, sequence) pairs fill at least 4 waves of CTAs (one CTA fills
-/// a multiprocessor) and the Q and dO the concurrent CTAs stream fit in half of Hopper's 50 MB L2: a CTA
-/// then walks every key block of its pair (each block's K/V and first step load during the previous
+/// a multiprocessor, the last wave at least 90% full) and the Q and dO the concurrent CTAs stream fit in
+/// half of Hopper's 50 MB L2: a CTA then walks every key block of its pair (each block's K/V and first step load during the previous
 /// block's last step; uniform masks give every CTA the same work) and, having added every dq
 /// contribution of its rows itself, converts them (no convert pass). Else one key block per CTA.
 /// Measured (H200, bwd alone, before the in-kernel convert): hdim 64 S=512 B=32 133 vs 130 TFLOP/s
@@ -120,7 +122,13 @@ pub fn bwd_wg_grid_x(p: &Problem, sms: usize) -> u32 {
     let pairs = p.hk * p.batch;
     let group = p.hq / p.hk.max(1);
     let fits_l2 = sms * p.seqlen_q * group * p.head_dim * 4 <= CHAIN_L2_BYTES;
-    if !p.varlen && pairs >= 4 * sms && fits_l2 { 1 } else { n as u32 }
+    if !p.varlen && pairs >= 4 * sms && fills_waves(pairs, sms) && fits_l2 { 1 } else { n as u32 }
+}
+
+/// Whether `units` equal CTAs, one per multiprocessor at a time, keep at least 90% of `sms` busy over
+/// the waves they take (the last wave nearly full).
+fn fills_waves(units: usize, sms: usize) -> bool {
+    units * 10 >= units.div_ceil(sms.max(1)) * sms * 9
 }
 
 // Every backward shape in the table is one the kernels support (also asserted at PTX build time).
@@ -198,6 +206,7 @@ mod tests {
         assert_eq!(gx(64, 2048, 64, 32, false, false), 16); // Q/dO 69 MB: past L2
         assert_eq!(gx(128, 8192, 2, 16, true, false), 64);
         assert_eq!(gx(64, 512, 32, 32, true, true), 4); // varlen
+        assert_eq!(gx(64, 512, 35, 16, true, false), 4); // 560 pairs: a fifth wave 24% full
         assert_eq!(launches(128, 8192, 2, 16, true, false).len(), 3);
         // One key block per sequence: grid x is 1 either way, and the kernel converts.
         assert_eq!(gx(64, 100, 1, 2, false, true), 1);
@@ -216,5 +225,7 @@ mod tests {
         assert_eq!(gx(128, 2048, 8, 16, true, false), 16); // masked, 128 pairs < 132 multiprocessors
         assert_eq!(gx(128, 8192, 2, 16, true, false), 64); // 32 pairs < 132 multiprocessors
         assert_eq!(gx(128, 4096, 64, 16, true, true), 32); // varlen: ragged lengths
+        assert_eq!(gx(96, 2048, 8, 21, true, false), 16); // 168 pairs: a second wave 27% full
+        assert_eq!(gx(64, 2048, 8, 32, true, false), 1); // 256 pairs: two waves, 97% full
     }
 }
