@@ -106,9 +106,10 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>)
 /// Key-block grid (x) of the Hopper dK/dV kernel on `sms` multiprocessors. 1 when the sequences are
 /// equally long (not varlen), the (kv head, sequence) pairs fill at least 4 waves of CTAs (one CTA fills
 /// a multiprocessor, the last wave at least 90% full) and the Q and dO the concurrent CTAs stream fit in
-/// half of Hopper's 50 MB L2: a CTA then walks every key block of its pair (each block's K/V and first step load during the previous
-/// block's last step; uniform masks give every CTA the same work) and, having added every dq
-/// contribution of its rows itself, converts them (no convert pass). Else one key block per CTA.
+/// half of Hopper's 50 MB L2: a CTA then walks every key block of its pair (each block's K/V and first
+/// step load during the previous block's last step; uniform masks give every CTA the same work) and,
+/// having added every dq contribution of its rows itself, converts them (no convert pass). Else one key
+/// block per CTA.
 /// Measured (H200, bwd alone, before the in-kernel convert): hdim 64 S=512 B=32 133 vs 130 TFLOP/s
 /// causal, 219 vs 214 not; chaining two or four strided blocks at S=8192 (unequal causal blocks) lost
 /// 3-4%. With the convert in the kernel: 141 and 222 (benches/RESULTS.md).
