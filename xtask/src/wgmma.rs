@@ -19,7 +19,7 @@ fn acc_operands(out: &mut String, n_acc: usize) {
 /// (N, k16 steps) of the smem x smem products (S = Q K^T: N = keys per tile, K = head dim / 16).
 const SS: [(usize, usize); 7] = [(128, 4), (128, 8), (64, 16), (64, 4), (64, 8), (64, 12), (128, 6)];
 /// (N, k16 steps) of the register x smem products (O += P V: N = head dim, K = keys per tile / 16).
-const RS: [(usize, usize); 7] = [(64, 8), (128, 8), (256, 4), (64, 4), (128, 4), (192, 4), (96, 8)];
+const RS: [(usize, usize); 6] = [(64, 8), (128, 8), (256, 4), (64, 4), (128, 4), (192, 4)];
 /// (N, k16 steps) of the smem x smem products with both operands transposed on read (backward dQ = dS K:
 /// A = dS^T stored keys x queries, B = K stored keys x head dim).
 const TT: [(usize, usize); 1] = [(64, 8)];

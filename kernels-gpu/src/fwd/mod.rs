@@ -279,7 +279,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         }
     }
 
-    store_out::<E, MT, DN>(a, &acc_o, &row_state, (warp * 16 * MT) as i32 + g, rows, t, scale_log2);
+    store_out::<E, MT, DN>(a, &acc_o, &row_state, D, (warp * 16 * MT) as i32 + g, rows, t, scale_log2);
 }
 
 /// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
@@ -343,18 +343,18 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
 }
 
 /// The epilogue: O / rowsum in the input type and the LSE, for this thread's rows `r0 + 16 mt (+ 8)` of
-/// the block's `rows` (columns `8 j + 2 t (+ 1)`). Empty rows come out as 0 and -inf. Shared by the
-/// mma.sync and wgmma kernels.
+/// the block's `rows` (columns `8 j + 2 t (+ 1)`, those below `head_dim`). Empty rows come out as 0 and
+/// -inf. Shared by the mma.sync and wgmma kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs, acc_o: &[[[f32; 4]; DN]; MT], row_state: &[[RowState; 2]; MT], r0: i32, rows: i32, t: i32, scale_log2: f32) {
+pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs, acc_o: &[[[f32; 4]; DN]; MT], row_state: &[[RowState; 2]; MT], head_dim: usize, r0: i32, rows: i32, t: i32, scale_log2: f32) {
     for mt in 0..MT {
         for h in 0..2 {
             let (inv_sum, lse) = finalize_row(&row_state[mt][h], scale_log2);
             let r = r0 + (mt * 16 + 8 * h) as i32;
             if r < rows {
                 let o_row = a.o + (r as i64 * a.o_row_stride * 2) as u64;
-                for j in 0..DN {
+                for j in 0..DN.min(head_dim / 8) {
                     let v = E::pack(acc_o[mt][j][2 * h] * inv_sum, acc_o[mt][j][2 * h + 1] * inv_sum);
                     unsafe { st_global_u32(o_row + ((8 * j as i32 + 2 * t) * 2) as u64, v) };
                 }

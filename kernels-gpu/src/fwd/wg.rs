@@ -4,7 +4,8 @@
 //! Q and two slots each of K and V tiles sit in shared memory in the 128-byte swizzle wgmma reads
 //! (cp.async fills them; K runs one tile ahead of V): S = Q K^T reads both from there, O += P V takes P
 //! from registers and V transposed on read. Tiles are 128 keys (64 at head dims 192 and 256, whose O
-//! accumulators are 1.5 and 2 times as large); head dim 96 keeps whole 64-column groups in shared memory.
+//! accumulators are 1.5 and 2 times as large); head dim 96 runs O += P V at 128 columns over zero-filled
+//! V columns (measured: n96 products ran the kernel at 0.83 of flash).
 
 use super::{a_fragment, for_each_row_block, scores_to_p, store_out, BlockArgs, Elem, BF16, F16};
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
@@ -39,7 +40,6 @@ pub trait WgElem: Elem {
     unsafe fn rs_n128_k8(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n256_k4(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: &[u64; 4]);
     unsafe fn rs_n192_k4(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    unsafe fn rs_n96_k8(d: &mut [[f32; 4]; 12], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn ss_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn ss_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
     unsafe fn rs_n64_k4(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: &[u64; 4]);
@@ -69,7 +69,6 @@ wg_elem!(BF16,
     rs_n128_k8 => rs_n128_k8_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_bf16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
     rs_n192_k4 => rs_n192_k4_bf16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n96_k8 => rs_n96_k8_bf16(&mut [[f32; 4]; 12], &[[u32; 4]; 8], &[u64; 8]),
     ss_n64_k4 => ss_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
     ss_n64_k8 => ss_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
     rs_n64_k4 => rs_n64_k4_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
@@ -86,7 +85,6 @@ wg_elem!(F16,
     rs_n128_k8 => rs_n128_k8_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_f16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
     rs_n192_k4 => rs_n192_k4_f16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n96_k8 => rs_n96_k8_f16(&mut [[f32; 4]; 12], &[[u32; 4]; 8], &[u64; 8]),
     ss_n64_k4 => ss_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
     ss_n64_k8 => ss_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
     rs_n64_k4 => rs_n64_k4_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
@@ -103,18 +101,16 @@ pub(crate) unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) ->
 }
 
 /// Wait until at most `PENDING` (0 or 1) of this warpgroup's wgmma groups are in flight; `acc` (`N8` n8
-/// tiles: 8, 12, 16, 24 or 32) belongs to the groups that completed.
+/// tiles: 8, 16, 24 or 32) belongs to the groups that completed.
 #[inline(always)]
 pub(crate) fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4]; N8]) {
     unsafe {
         match (PENDING, N8) {
             (0, 8) => wgmma::wait0_n64(sized(acc)),
-            (0, 12) => wgmma::wait0_n96(sized(acc)),
             (0, 16) => wgmma::wait0_n128(sized(acc)),
             (0, 24) => wgmma::wait0_n192(sized(acc)),
             (0, _) => wgmma::wait0_n256(sized(acc)),
             (_, 8) => wgmma::wait1_n64(sized(acc)),
-            (_, 12) => wgmma::wait1_n96(sized(acc)),
             (_, 16) => wgmma::wait1_n128(sized(acc)),
             (_, 24) => wgmma::wait1_n192(sized(acc)),
             (_, _) => wgmma::wait1_n256(sized(acc)),
@@ -136,7 +132,8 @@ fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
 
 /// Shared-memory layout for head dim `D` and `BN` keys per tile: Q, two K slots, two V slots, each tile
 /// `[ceil(D / 64)][rows][64]` swizzled (sw128_offset), every 64-column group 1024-byte aligned (at head
-/// dim 96 the second group's rows are half used: the products never read past column 96).
+/// dim 96 the second group's upper half is zeros: S reads up to column 96, P V all 128, O's last 32
+/// columns come out 0 and are not stored).
 struct Tile<const D: usize, const BN: usize>;
 
 impl<const D: usize, const BN: usize> Tile<D, BN> {
@@ -175,7 +172,7 @@ pub(crate) fn copies_visible<const PENDING: u32>() {
 /// zero-filled without touching global memory. When the threads divide into the row's 16-byte chunks
 /// (head dims 64, 128, 256) a thread keeps one chunk and walks rows `THREADS / (D / 8)` apart (a multiple
 /// of 8: its swizzled chunk stays the same); else (96, 192) a thread keeps one chunk of a 64-column group
-/// and walks (group, row) pairs `THREADS / 8` apart (at 96 the second group's upper half is left alone).
+/// and walks (group, row) pairs `THREADS / 8` apart (at 96 the second group's upper half is zero-filled).
 #[inline(always)]
 pub(crate) unsafe fn load_tile_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize) {
     let chunks = D / 8;
@@ -188,11 +185,10 @@ pub(crate) unsafe fn load_tile_sw128<const D: usize, const ROWS: usize>(dst: u32
         while i < D.div_ceil(64) * ROWS {
             let (group, row) = (i / ROWS, i % ROWS);
             let c = group * 8 + c8;
-            if c < chunks {
-                let valid = (row as i32) < valid_rows;
-                let g = src.wrapping_add((row as i64 * row_stride_bytes + c as i64 * 16) as u64);
-                unsafe { cp_async_16(dst + sw128_offset(ROWS as u32, row as u32, c as u32), if valid { g } else { src }, valid) };
-            }
+            // Columns past the head dim (96) are zero-filled too: P V reads them (as zeros).
+            let valid = (row as i32) < valid_rows && c < chunks;
+            let g = src.wrapping_add((row as i64 * row_stride_bytes + c as i64 * 16) as u64);
+            unsafe { cp_async_16(dst + sw128_offset(ROWS as u32, row as u32, c as u32), if valid { g } else { src }, valid) };
             i += pass;
         }
         return;
@@ -268,7 +264,7 @@ unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     unsafe {
         match D {
             64 => E::rs_n64_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
-            96 => E::rs_n96_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
+            96 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             128 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             192 => E::rs_n192_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             _ => E::rs_n256_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
@@ -408,7 +404,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         keep_p::<KP>(&mut pa);
     }
 
-    store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), (warp * 16) as i32 + g, rows, t, scale_log2);
+    store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
     ret
 }
 
@@ -432,7 +428,8 @@ macro_rules! fwd_wg_kernels {
             const BN: usize = match fwd_wg_config($d) { Some(c) => c.block_n, None => 0 };
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { wg_entry::<$dt, $d, { $d / 8 }, BN, { BN / 8 }, { BN / 16 }>(&p) }
+                // O in whole 64-column groups: head dim 96 multiplies P by V's zero-filled columns up to 128.
+                unsafe { wg_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }>(&p) }
             }
         };
     )*};
