@@ -169,44 +169,47 @@ pub(crate) fn copies_visible<const PENDING: u32>() {
 }
 
 /// Copy `ROWS` rows of `D` 16-bit values into a swizzled tile; rows at or past `valid_rows` are
-/// zero-filled without touching global memory. When the threads divide into the row's 16-byte chunks
-/// (head dims 64, 128, 256) a thread keeps one chunk and walks rows `THREADS / (D / 8)` apart (a multiple
-/// of 8: its swizzled chunk stays the same); else (96, 192) a thread keeps one chunk of a 64-column group
-/// and walks (group, row) pairs `THREADS / 8` apart (at 96 the second group's upper half is zero-filled).
+/// zero-filled without touching global memory. A thread keeps one 16-byte column chunk and walks rows a
+/// multiple of 8 apart (its swizzled chunk stays the same): where the threads divide into a row's chunks
+/// (head dims 64, 128, 256) all chunks at once, `THREADS / (D / 8)` rows apart; else (96, 192) one
+/// 64-column group after another, `THREADS / 8` rows apart (at 96 the second group's upper half is
+/// zero-filled).
 #[inline(always)]
 pub(crate) unsafe fn load_tile_sw128<const D: usize, const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize) {
     let chunks = D / 8;
     let tid = opaque_u32(tid as u32) as usize;
     let row_stride_bytes = opaque_i64(row_stride_bytes);
-    if THREADS % chunks != 0 {
-        let pass = THREADS / 8;
-        let c8 = tid % 8;
-        let mut i = tid / 8;
-        while i < D.div_ceil(64) * ROWS {
-            let (group, row) = (i / ROWS, i % ROWS);
+    if THREADS % chunks == 0 {
+        let pass_rows = THREADS / chunks;
+        let (r0, c) = (tid / chunks, tid % chunks);
+        unsafe { copy_column::<ROWS>(dst, src, row_stride_bytes, r0, c, pass_rows, valid_rows, true) };
+    } else {
+        let pass_rows = THREADS / 8;
+        let (r0, c8) = (tid / 8, tid % 8);
+        for group in 0..D.div_ceil(64) {
             let c = group * 8 + c8;
-            // Columns past the head dim (96) are zero-filled too: P V reads them (as zeros).
-            let valid = (row as i32) < valid_rows && c < chunks;
-            let g = src.wrapping_add((row as i64 * row_stride_bytes + c as i64 * 16) as u64);
-            unsafe { cp_async_16(dst + sw128_offset(ROWS as u32, row as u32, c as u32), if valid { g } else { src }, valid) };
-            i += pass;
+            unsafe { copy_column::<ROWS>(dst, src, row_stride_bytes, r0, c, pass_rows, valid_rows, c < chunks) };
         }
-        return;
     }
-    let pass_rows = THREADS / chunks;
-    let (r0, c) = (tid / chunks, tid % chunks);
+}
+
+/// Chunk `c` of rows `r0, r0 + step, ..` (`ROWS / step` of them) of a swizzled tile; zero-filled past
+/// `valid_rows` or where `!in_row` (a column past the head dim).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn copy_column<const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i64, r0: usize, c: usize, step: usize, valid_rows: i32, in_row: bool) {
     let mut g = src.wrapping_add((r0 as i64 * row_stride_bytes + c as i64 * 16) as u64);
-    let g_step = (pass_rows as i64 * row_stride_bytes) as u64;
+    let g_step = (step as i64 * row_stride_bytes) as u64;
     let mut s = dst + sw128_offset(ROWS as u32, r0 as u32, c as u32);
     let mut row = r0 as i32;
     let mut i = 0;
-    while i < ROWS / pass_rows {
-        let valid = row < valid_rows;
+    while i < ROWS / step {
+        let valid = in_row && row < valid_rows;
         unsafe { cp_async_16(s, if valid { g } else { src }, valid) };
         // Laundered: left visible, LLVM rebuilds every copy's address as a 64-bit `row * stride`.
         g = opaque_i64(g.wrapping_add(g_step) as i64) as u64;
-        s += (pass_rows * 128) as u32;
-        row += pass_rows as i32;
+        s += (step * 128) as u32;
+        row += step as i32;
         i += 1;
     }
 }
