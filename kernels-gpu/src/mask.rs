@@ -39,7 +39,7 @@ impl Band {
     #[inline(always)]
     pub fn new(row0: i32, key0: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32) -> Band {
         let shift = seqlen_k as i64 - seqlen_q as i64 - (key0 as i64 - row0 as i64);
-        let clamp = |x: i64| if x < -Self::FAR { -Self::FAR } else if x > Self::FAR { Self::FAR } else { x };
+        let clamp = |x: i64| x.clamp(-Self::FAR, Self::FAR);
         let lo = if window_left >= 0 { clamp(shift - window_left as i64) } else { -Self::FAR };
         let hi = if window_right >= 0 { clamp(shift + window_right as i64) } else { Self::FAR };
         Band { lo: lo as i32, hi: hi as i32 }

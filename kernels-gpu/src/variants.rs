@@ -184,16 +184,16 @@ impl BwdConfig {
     pub const fn is_valid(&self) -> bool {
         let wn = self.block_n / (16 * self.key_tiles);
         let rm = self.block_m / (16 * self.dq_tiles);
-        self.block_n % (16 * self.key_tiles) == 0
-            && self.block_m % 16 == 0
-            && self.warps % wn == 0
-            && self.block_m % (16 * self.dq_tiles) == 0
+        self.block_n.is_multiple_of(16 * self.key_tiles)
+            && self.block_m.is_multiple_of(16)
+            && self.warps.is_multiple_of(wn)
+            && self.block_m.is_multiple_of(16 * self.dq_tiles)
             && self.dq_tiles <= 2
-            && self.warps % rm == 0
-            && (self.block_m / (self.warps / wn)) % 16 == 0
-            && (self.head_dim / (self.warps / wn)) % 16 == 0
-            && self.dq_cols() % 16 == 0
-            && self.head_dim % (self.warps / rm) == 0
+            && self.warps.is_multiple_of(rm)
+            && (self.block_m / (self.warps / wn)).is_multiple_of(16)
+            && (self.head_dim / (self.warps / wn)).is_multiple_of(16)
+            && self.dq_cols().is_multiple_of(16)
+            && self.head_dim.is_multiple_of(self.warps / rm)
             && self.block_m <= self.threads()
     }
 }

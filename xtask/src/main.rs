@@ -173,7 +173,7 @@ fn cmd_bundle() -> Result<(), String> {
         let (Some(exe), Some(name)) = (json_str(line, "\"executable\":"), json_str(line, "\"name\":")) else { continue };
         let kind = if line.contains("\"kind\":[\"bench\"]") { "bench" } else if line.contains("\"kind\":[\"bin\"]") { continue } else { "test" };
         let dest = bundle.join(format!("{kind}-{name}"));
-        std::fs::copy(&exe, &dest).map_err(|e| format!("copy {exe}: {e}"))?;
+        std::fs::copy(exe, &dest).map_err(|e| format!("copy {exe}: {e}"))?;
         copied.push(dest);
     }
     let cli = bundle.join("flash-attn");
