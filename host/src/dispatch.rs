@@ -78,7 +78,7 @@ pub struct Launch {
 /// Grids walk blocks of rows or keys in x (striding past `seqlen_*`), heads in y, sequences in z plus
 /// varlen's tail slice (whose rows and keys get zero gradients).
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma dK/dV kernel takes head
-/// dims 64, 96 and 128 unless `deterministic`.
+/// dims 64 and 128 unless `deterministic`.
 pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>) -> Option<Vec<Launch>> {
     let dtype = kernel_dtype(p.dtype)?;
     let (dkdv, dq) = bwd_kernel_names(p.head_dim, dtype)?;
@@ -175,7 +175,7 @@ mod tests {
         }
     }
 
-    /// Hopper takes the wgmma kernels where they exist (forward all but 32, backward 64/96/128 outside
+    /// Hopper takes the wgmma kernels where they exist (forward all but 32, backward 64/128 outside
     /// deterministic mode), each within the 227 KiB of shared memory; elsewhere the mma.sync ones.
     #[test]
     fn hopper_dispatch_picks_wgmma_kernels_where_they_exist() {
@@ -187,7 +187,7 @@ mod tests {
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
                 let b = bwd_launches(&p, det, Some(132)).unwrap();
-                assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 96 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
+                assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
                 assert!(!bwd_launches(&p, det, None).unwrap()[1].kernel.contains("_wg_"));
             }

@@ -199,7 +199,7 @@ impl BwdConfig {
 }
 
 /// Hopper (sm_90a module) backward dK/dV kernel: 128 keys per block (64 per warpgroup), 64-row query
-/// steps, head dims 64, 96 and 128 (bwd/wg.rs).
+/// steps, head dims 64 and 128 (bwd/wg.rs).
 pub const BWD_WG_BLOCK_N: usize = 128;
 pub const BWD_WG_BLOCK_M: usize = 64;
 pub const BWD_WG_THREADS: usize = 256;
@@ -207,7 +207,7 @@ pub const BWD_WG_THREADS: usize = 256;
 /// Its dynamic shared memory: two buffers of K and V (the next key block's are loaded during the last
 /// step of this one), two stages of Q and dO, dS^T, two stages of lse_log2 and D.
 pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
-    (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * head_dim.div_ceil(64) * 64 * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
+    (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * head_dim * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
 }
 
 /// The Hopper backward's entry points (sm_90a module only).
@@ -216,10 +216,8 @@ macro_rules! for_each_bwd_wg_variant {
     ($m:ident) => {
         $m! {
             (64, BF16, "flash_bwd_wg_hdim64_bf16"),
-            (96, BF16, "flash_bwd_wg_hdim96_bf16"),
             (128, BF16, "flash_bwd_wg_hdim128_bf16"),
             (64, F16, "flash_bwd_wg_hdim64_f16"),
-            (96, F16, "flash_bwd_wg_hdim96_f16"),
             (128, F16, "flash_bwd_wg_hdim128_f16"),
         }
     };

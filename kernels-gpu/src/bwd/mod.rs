@@ -28,7 +28,7 @@ use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::variants::{row_pitch_bytes, BwdConfig, FwdConfig, BWD_ROWS_PER_BLOCK};
 
-// Hopper dK/dV kernel on wgmma (head dims 64, 96 and 128, atomic dq).
+// Hopper dK/dV kernel on wgmma (head dims 64 and 128, atomic dq).
 #[cfg(fa_sm90)]
 mod wg;
 

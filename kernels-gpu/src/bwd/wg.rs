@@ -1,4 +1,4 @@
-//! Hopper dK/dV kernel (+ atomic dQ) on wgmma, head dims 64, 96, 128 (sm_90a module). The algorithm and the
+//! Hopper dK/dV kernel (+ atomic dQ) on wgmma, head dims 64 and 128 (sm_90a module). The algorithm and the
 //! walk are the mma.sync kernel's (a block owns 128 keys of one kv head and walks every q head of its group
 //! and every 64-row query block that sees them); warpgroup w owns keys 64w..64w+63, so each warp keeps 16
 //! keys and the element-wise part is the mma.sync kernel's with one key tile per warp. All operands sit in
@@ -6,10 +6,8 @@
 //!   S^T = K Q^T and dP^T = V dO^T (smem x smem, keys x queries),
 //!   P^T, dS^T in registers; dS^T also to shared memory for dQ,
 //!   dV += P^T dO and dK += dS^T Q (P^T, dS^T from registers, dO and Q transposed on read),
-//!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d96/d128, the
-//!   warpgroups take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
-//! Head dim 96 runs as 128 over zero-filled columns 96..127 of every tile, except S^T and dP^T (six k16
-//! steps); those columns of dK, dV and dQ come out 0 and are not written.
+//!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
+//!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
 use super::{convert_rows, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4};
@@ -35,9 +33,8 @@ const BM: usize = BWD_WG_BLOCK_M;
 struct Lay<const D: usize>;
 
 impl<const D: usize> Lay<D> {
-    // Rows in whole 64-column groups (head dim 96: the second group's upper half is zeros).
-    const KV: u32 = (BN * D.div_ceil(64) * 64 * 2) as u32;
-    const QT: u32 = (BM * D.div_ceil(64) * 64 * 2) as u32;
+    const KV: u32 = (BN * D * 2) as u32;
+    const QT: u32 = (BM * D * 2) as u32;
     const K: u32 = 0;
     const V: u32 = Self::KV;
     const Q: u32 = 2 * Self::KV;
@@ -46,7 +43,7 @@ impl<const D: usize> Lay<D> {
     const LSE: u32 = Self::DS + (BN * BM * 2) as u32;
     const KV1: u32 = Self::LSE + (4 * BM * 4) as u32;
     const CHECK: () = {
-        assert!(D == 64 || D == 96 || D == 128);
+        assert!(D == 64 || D == 128);
         assert!(BN == 128 && BM == 64);
         // The tile copies are the forward's, written for its 256 threads.
         assert!(BWD_WG_THREADS == COPY_THREADS);
@@ -123,10 +120,10 @@ unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8
         bd[kk] = desc_sw128(queries + (kk / 4) as u32 * (BM as u32 * 128) + col, 16, 1024);
     }
     unsafe {
-        match D {
-            64 => E::ss_n64_k4(acc, &[ad[0], ad[1], ad[2], ad[3]], &[bd[0], bd[1], bd[2], bd[3]]),
-            96 => E::ss_n64_k6(acc, &[ad[0], ad[1], ad[2], ad[3], ad[4], ad[5]], &[bd[0], bd[1], bd[2], bd[3], bd[4], bd[5]]),
-            _ => E::ss_n64_k8(acc, &ad, &bd),
+        if D == 64 {
+            E::ss_n64_k4(acc, &[ad[0], ad[1], ad[2], ad[3]], &[bd[0], bd[1], bd[2], bd[3]])
+        } else {
+            E::ss_n64_k8(acc, &ad, &bd)
         }
     }
 }
@@ -264,11 +261,10 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
         // Both warpgroups' dS^T is in shared memory.
         sync_threads();
 
-        // dQ = dS K: warpgroup wg's 64 head-dim columns (d96 and d128; at d96 the upper 32 of warpgroup 1's
-        // are K's zero columns, not added); at d64 all 64 columns, on the warpgroups in turn (even steps
-        // warpgroup 0, odd steps 1).
-        if D != 64 || wg == (it & 1) as u32 {
-            let c0 = if D != 64 { wg * 64 } else { 0 };
+        // dQ = dS K: warpgroup wg's 64 head-dim columns (d128); at d64 all 64 columns, on the warpgroups in
+        // turn (even steps warpgroup 0, odd steps 1).
+        if D == 128 || wg == (it & 1) as u32 {
+            let c0 = if D == 128 { wg * 64 } else { 0 };
             let mut ad = [0u64; 8];
             let mut bd = [0u64; 8];
             for kk in 0..8u32 {
@@ -285,11 +281,9 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
             for j in 0..8 {
                 let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
                 let at = dqa.wrapping_add(((row * p.dqa_row_stride + col) * 4) as u64);
-                if D % 64 == 0 || (col as usize) < D {
-                    unsafe {
-                        red_add_v2_f32(at, [acc_q[j][0], acc_q[j][1]]);
-                        red_add_v2_f32(at.wrapping_add((8 * p.dqa_row_stride * 4) as u64), [acc_q[j][2], acc_q[j][3]]);
-                    }
+                unsafe {
+                    red_add_v2_f32(at, [acc_q[j][0], acc_q[j][1]]);
+                    red_add_v2_f32(at.wrapping_add((8 * p.dqa_row_stride * 4) as u64), [acc_q[j][2], acc_q[j][3]]);
                 }
             }
         }
@@ -342,8 +336,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
             if r < sk.slot_len {
                 let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
                 let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
-                // The head dim's columns (at d96 dK/dV's last 32 are zeros from the padding).
-                for j in 0..D / 8 {
+                for j in 0..DN {
                     let off = ((8 * j as i32 + 2 * t) * 2) as u64;
                     let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
                     unsafe {
@@ -375,7 +368,7 @@ macro_rules! bwd_wg_kernels {
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { entry::<$dt, $d, { ($d + 63) / 64 * 8 }>(&p) }
+                unsafe { entry::<$dt, $d, { $d / 8 }>(&p) }
             }
         };
     )*};
