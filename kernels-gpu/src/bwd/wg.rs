@@ -311,8 +311,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let key0 = (16 * warp) as i32 + g;
 
-    // Key blocks x, x + gx, ...: the host chains a few per CTA so that each one's first copies overlap
-    // its predecessor's last step.
+    // Key blocks x, x + gx, ...: the host gives a CTA one key block, or all of them (grid x = 1,
+    // `bwd_wg_grid_x`), each one's first copies then overlapping its predecessor's last step.
     let mut pipe = Pipe { kv: 0, stage0: 0, prefetched: false };
     let mut n_block = block_idx_x() as i32;
     while n_block * (BN as i32) < sk.slot_len {
