@@ -371,25 +371,24 @@ fn mask_tile<const KT: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, acc_s:
 #[allow(clippy::too_many_arguments)]
 fn grad_tile<const KT: usize, const QN: usize>(p: &BwdParams, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
     if p.softcap_pre != 0.0 {
-        for j in 0..QN {
-            let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
-            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
-            let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
-            for kt in 0..KT {
-                for i in 0..4 {
-                    (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_softcap(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
-                }
-            }
-        }
+        grad_tile_with::<KT, QN, true>(p, acc_s, acc_dp, lse_s, delta_s, q_col0, t)
     } else {
-        for j in 0..QN {
-            let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
-            let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
-            let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
-            for kt in 0..KT {
-                for i in 0..4 {
-                    (acc_s[kt][j][i], acc_dp[kt][j][i]) = grad_elem_plain(p, acc_s[kt][j][i], acc_dp[kt][j][i], lse2[i % 2], delta[i % 2]);
-                }
+        grad_tile_with::<KT, QN, false>(p, acc_s, acc_dp, lse_s, delta_s, q_col0, t)
+    }
+}
+
+/// `grad_tile`'s loops, with or without softcap fixed at compile time.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool>(p: &BwdParams, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+    for j in 0..QN {
+        let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
+        let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
+        let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
+        for kt in 0..KT {
+            for i in 0..4 {
+                let (s, dp) = (acc_s[kt][j][i], acc_dp[kt][j][i]);
+                (acc_s[kt][j][i], acc_dp[kt][j][i]) = if SOFTCAP { grad_elem_softcap(p, s, dp, lse2[i % 2], delta[i % 2]) } else { grad_elem_plain(p, s, dp, lse2[i % 2], delta[i % 2]) };
             }
         }
     }

@@ -18,7 +18,7 @@ use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, threa
 use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
-use crate::fwd::wg::{copies_visible, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
+use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::fwd::{a_fragment, BF16, F16};
 use crate::params::BwdParams;
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
@@ -115,13 +115,12 @@ unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8
     let mut ad = [0u64; 8];
     let mut bd = [0u64; 8];
     for kk in 0..D / 16 {
-        let col = (kk % 4) as u32 * 32;
-        ad[kk] = desc_sw128(keys + (kk / 4) as u32 * (BN as u32 * 128) + wg * 64 * 128 + col, 16, 1024);
-        bd[kk] = desc_sw128(queries + (kk / 4) as u32 * (BM as u32 * 128) + col, 16, 1024);
+        ad[kk] = kmajor_desc(keys, BN as u32, wg * 64, kk);
+        bd[kk] = kmajor_desc(queries, BM as u32, 0, kk);
     }
     unsafe {
         if D == 64 {
-            E::ss_n64_k4(acc, &[ad[0], ad[1], ad[2], ad[3]], &[bd[0], bd[1], bd[2], bd[3]])
+            E::ss_n64_k4(acc, &first(&ad), &first(&bd))
         } else {
             E::ss_n64_k8(acc, &ad, &bd)
         }

@@ -232,9 +232,8 @@ unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(a
     let mut qa = [0u64; 16];
     let mut kb = [0u64; 16];
     for kk in 0..D / 16 {
-        let col = (kk % 4) as u32 * 32;
-        qa[kk] = desc_sw128(base + (kk / 4) as u32 * (BM as u32 * 128) + wg * 64 * 128 + col, 16, 1024);
-        kb[kk] = desc_sw128(k_s + (kk / 4) as u32 * (BN as u32 * 128) + col, 16, 1024);
+        qa[kk] = kmajor_desc(base, BM as u32, wg * 64, kk);
+        kb[kk] = kmajor_desc(k_s, BN as u32, 0, kk);
     }
     // (D, BN) is one of Tile::CHECK's five.
     unsafe {
@@ -250,8 +249,15 @@ unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(a
 
 /// The first `M` descriptors.
 #[inline(always)]
-fn first<const M: usize>(x: &[u64; 16]) -> [u64; M] {
+pub(crate) fn first<const M: usize, const N: usize>(x: &[u64; N]) -> [u64; M] {
     core::array::from_fn(|i| x[i])
+}
+
+/// Descriptor of k16 step `kk` of a K-major swizzled tile (`rows` rows per 64-column group) from row
+/// `r0` (a multiple of 8): four k16 steps per group, 32 bytes apart inside the swizzled row.
+#[inline(always)]
+pub(crate) fn kmajor_desc(tile: u32, rows: u32, r0: u32, kk: usize) -> u64 {
+    desc_sw128(tile + (kk / 4) as u32 * (rows * 128) + r0 * 128 + (kk % 4) as u32 * 32, 16, 1024)
 }
 
 /// O += P V with V of running tile `t` ([keys][D], N-major: 16 keys = two 8-row groups, 2048 bytes;
