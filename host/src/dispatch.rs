@@ -33,6 +33,9 @@ fn kernel_dtype(dtype: DType) -> Option<KernelDType> {
     }
 }
 
+/// What chained CTAs (one per multiprocessor) may stream through L2 at once: half of Hopper's 50 MB.
+const CHAIN_L2_BYTES: usize = 24 << 20;
+
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma kernels take the head dims
 /// they have.
 pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
@@ -51,7 +54,6 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
         // vs 0.99 / 0.98 not.
         // Measured since (hdim 96, 21 heads): 168 pairs chained on 132 multiprocessors (a second wave
         // 27% full) ran causal S=2048 at 152 TFLOP/s, 0.56 of flash: chaining also needs whole waves.
-        const CHAIN_L2_BYTES: usize = 24 << 20;
         let masked = p.window_left >= 0 || p.window_right >= 0;
         let units = heads as usize * seqs as usize;
         let fits_l2 = sms * p.seqlen_k * p.head_dim * 4 <= CHAIN_L2_BYTES;
@@ -115,7 +117,6 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>)
 /// 3-4%. With the convert in the kernel: 141 and 222 (benches/RESULTS.md).
 /// `FLASH_ATTN_BWD_CHAIN_ALL` (any value) forces 1, for tests of that path on small problems.
 pub fn bwd_wg_grid_x(p: &Problem, sms: usize) -> u32 {
-    const CHAIN_L2_BYTES: usize = 24 << 20;
     if std::env::var_os("FLASH_ATTN_BWD_CHAIN_ALL").is_some() {
         return 1;
     }
