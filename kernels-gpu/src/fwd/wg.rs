@@ -326,7 +326,8 @@ unsafe fn load_first<const D: usize, const BN: usize>(base: u32, a: &BlockArgs, 
 }
 
 /// One block's attention over rows `[m0, m0 + 128) ∩ [0, seqlen_q)` (the mma.sync kernel's `attend`
-/// with wgmma products). `DN = D / 8`, `NN = BN / 8`, `KP = BN / 16`. Its tile i is running tile `t0 + i`;
+/// with wgmma products). `DN` n8 tiles of O (the head dim in whole 64-column groups), `NN = BN / 8`, `KP = BN / 16`.
+/// Its tile i is running tile `t0 + i`;
 /// `prefetched`: its first copies were started by the previous block. While its last product runs, it
 /// starts the copies of `next` (the same block's next row block, if any). Returns the next block's `t0`
 /// and whether its copies are started.
