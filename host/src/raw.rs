@@ -1,0 +1,139 @@
+//! The zero-copy layer every adapter sits on (our `Tensor` API, candle, Python): the caller's memory as
+//! pointers with shapes and element strides, caller-provided outputs and workspace, the caller's stream.
+//!
+//! On CUDA a call validates everything that needs no device memory, then queues its kernels on the
+//! caller's stream in the device's primary context (the one candle, cubecl and PyTorch use) and returns:
+//! no allocation, no synchronization, no copy to or from the device (cu_seqlens / seqused are read only by
+//! the kernels, which clamp every index), so a call can be captured into a CUDA graph. The first call on
+//! a device loads the PTX module (see `preload`: do it before capturing). Calls from several threads and
+//! on several streams at once are fine: the only shared state is the loaded module.
+//!
+//! Layouts are flash-attn 2's: q `[B, Sq, Hq, D]` (varlen `[Tq, Hq, D]`), k and v `[B, Sk, Hk, D]`
+//! (`[Tk, Hk, D]`), out and dout like q, lse contiguous f32 `[B, Hq, Sq]` (`[Hq, Tq]`), dq like q, dk and
+//! dv like k; any strides with the head dim contiguous (on CUDA every row 16-byte aligned).
+
+use crate::error::Result;
+use crate::types::{AttnOptions, Target, VarlenViews, View};
+use crate::validate;
+
+/// The tensors of a forward call: inputs q, k, v and the outputs it writes, out and lse.
+#[derive(Clone, Copy, Debug)]
+pub struct FwdViews<'a> {
+    pub q: View<'a>,
+    pub k: View<'a>,
+    pub v: View<'a>,
+    pub out: View<'a>,
+    pub lse: View<'a>,
+}
+
+/// The tensors of a backward call: the forward's inputs, its out and lse, the gradient of out (dout), and
+/// the gradients it writes, dq, dk, dv (every element written; padding rows and unseen keys get 0).
+#[derive(Clone, Copy, Debug)]
+pub struct BwdViews<'a> {
+    pub dout: View<'a>,
+    pub q: View<'a>,
+    pub k: View<'a>,
+    pub v: View<'a>,
+    pub out: View<'a>,
+    pub lse: View<'a>,
+    pub dq: View<'a>,
+    pub dk: View<'a>,
+    pub dv: View<'a>,
+}
+
+/// Caller-provided scratch memory for the backward, in the call's memory, 256-byte aligned, at least
+/// `bwd_workspace_bytes` long. Its contents need no initialization and are garbage afterwards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Workspace {
+    pub addr: u64,
+    pub bytes: usize,
+}
+
+/// Bytes of workspace a CUDA backward with q of shape `q_shape` (`[B, Sq, Hq, D]` or `[Tq, Hq, D]`)
+/// needs. The CPU path needs none (`Workspace::default()` will do).
+pub fn bwd_workspace_bytes(q_shape: &[usize], deterministic: bool) -> Result<usize> {
+    Ok(crate::launch::BwdWorkspace::for_q_shape(q_shape, deterministic)?.bytes)
+}
+
+/// Load the kernels of CUDA device `ordinal` now (the PTX module, JIT-compiled by the driver on first
+/// load), so that no later call pays for it, e.g. before capturing a CUDA graph.
+pub fn preload(ordinal: usize) -> Result<()> {
+    crate::module::gpu(ordinal)?.module().map(|_| ())
+}
+
+/// Dense forward: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]` into out `[B, Sq, Hq, D]` and lse
+/// `[B, Hq, Sq]`.
+///
+/// # Safety
+/// Every view must describe memory of `target` that is valid for its whole extent (reads for q, k, v;
+/// writes for out and lse) until the call has completed: on the CPU when it returns, on CUDA when the
+/// stream reaches it. On CUDA, `stream` must be a stream of device `ordinal`'s primary context (or 0 / 2).
+pub unsafe fn fwd(t: &FwdViews<'_>, opts: &AttnOptions, target: Target) -> Result<()> {
+    unsafe { run_fwd(t, None, opts, target) }
+}
+
+/// Packed forward: q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]`, sequences given by `varlen` (int32 views in
+/// the call's memory), into out `[Tq, Hq, D]` and lse `[Hq, Tq]`. Rows of no sequence (seqused padding,
+/// rows past `cu_seqlens_q[B]`) are written as out 0, lse -inf.
+///
+/// # Safety
+/// As for `fwd`; the varlen views too must be valid for reads.
+pub unsafe fn varlen_fwd(t: &FwdViews<'_>, varlen: &VarlenViews<'_>, opts: &AttnOptions, target: Target) -> Result<()> {
+    unsafe { run_fwd(t, Some(varlen), opts, target) }
+}
+
+/// Dense backward: dq, dk, dv from dout and the forward's out and lse (as `fwd` wrote them, for the same
+/// `opts`). `deterministic` asks for bitwise-reproducible gradients (the CPU path always is).
+///
+/// # Safety
+/// As for `fwd`, with dq, dk, dv and the workspace valid for writes.
+pub unsafe fn bwd(t: &BwdViews<'_>, opts: &AttnOptions, deterministic: bool, workspace: Workspace, target: Target) -> Result<()> {
+    unsafe { run_bwd(t, None, opts, deterministic, workspace, target) }
+}
+
+/// Packed backward: as `bwd` over `varlen_fwd`'s layouts. Rows of no sequence get dq = 0, and keys past a
+/// sequence's used length get dk = dv = 0.
+///
+/// # Safety
+/// As for `bwd`; the varlen views too must be valid for reads.
+pub unsafe fn varlen_bwd(t: &BwdViews<'_>, varlen: &VarlenViews<'_>, opts: &AttnOptions, deterministic: bool, workspace: Workspace, target: Target) -> Result<()> {
+    unsafe { run_bwd(t, Some(varlen), opts, deterministic, workspace, target) }
+}
+
+unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions, target: Target) -> Result<()> {
+    let mut p = validate::validate_fwd(&t.q, &t.k, &t.v, varlen, opts)?;
+    validate::check_fwd_outputs(&p, t)?;
+    match target {
+        Target::Cpu => unsafe {
+            if let Some(vl) = varlen {
+                p.seqlens = Some(validate::check_varlen_contents(&crate::cpu::host_seqlens(vl), vl.max_seqlen_q, vl.max_seqlen_k, p.total_q, p.total_k)?);
+            }
+            crate::cpu::fwd_into(&p, t)
+        },
+        Target::Cuda { ordinal, stream } => {
+            validate::check_cuda_rows(&[("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse)])?;
+            unsafe { crate::launch::fwd(&p, t, varlen, opts.kernels, ordinal, stream) }
+        }
+    }
+}
+
+unsafe fn run_bwd(t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions, deterministic: bool, workspace: Workspace, target: Target) -> Result<()> {
+    let mut bp = validate::validate_bwd(&t.dout, &t.q, &t.k, &t.v, &t.out, &t.lse, varlen, opts)?;
+    validate::check_bwd_outputs(&bp, t)?;
+    match target {
+        Target::Cpu => unsafe {
+            if let Some(vl) = varlen {
+                let p = &bp.fwd;
+                bp.fwd.seqlens = Some(validate::check_varlen_contents(&crate::cpu::host_seqlens(vl), vl.max_seqlen_q, vl.max_seqlen_k, p.total_q, p.total_k)?);
+            }
+            crate::cpu::bwd_into(&bp, t)
+        },
+        Target::Cuda { ordinal, stream } => {
+            let rows = [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse), ("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)];
+            validate::check_cuda_rows(&rows)?;
+            let ws = crate::launch::BwdWorkspace::for_q_shape(t.q.shape, deterministic)?;
+            validate::check_workspace(&workspace, ws.bytes, t)?;
+            unsafe { crate::launch::bwd(&bp, t, varlen, opts.kernels, deterministic, &ws, workspace.addr, ordinal, stream) }
+        }
+    }
+}

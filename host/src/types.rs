@@ -1,0 +1,156 @@
+//! The vocabulary every layer shares (element types, devices, options, views of caller memory), with no
+//! behaviour beyond describing them. Everything else imports from here; this imports nothing of ours but
+//! the error type.
+
+/// Element types the library reads or writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+    I32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 | DType::I32 => 4,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+            DType::I32 => "i32",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a tensor lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Options shared by every entry point, with flash-attn 2's meaning.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnOptions {
+    /// Multiplies q.k; `None` = 1/sqrt(head_dim).
+    pub softmax_scale: Option<f32>,
+    /// Causal mask aligned to the bottom-right corner: query i sees key j iff j <= i + Sk - Sq.
+    pub causal: bool,
+    /// Sliding window `(left, right)`, inclusive, around the same diagonal; -1 = unbounded.
+    pub window: (i64, i64),
+    /// Soft-capping of the scores: `softcap * tanh(s / softcap)`; 0 = off.
+    pub softcap: f32,
+    /// Which CUDA kernels run (results are the same up to rounding); the default picks the fastest.
+    pub kernels: KernelChoice,
+}
+
+impl Default for AttnOptions {
+    fn default() -> Self {
+        AttnOptions { softmax_scale: None, causal: false, window: (-1, -1), softcap: 0.0, kernels: KernelChoice::default() }
+    }
+}
+
+/// Kernel selection for A/B comparisons and tests of paths small problems would not take. The
+/// environment can force either for a whole process (`FLASH_ATTN_NO_WGMMA`, `FLASH_ATTN_BWD_CHAIN_ALL`,
+/// any value, read once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct KernelChoice {
+    /// Keep Hopper on the mma.sync kernels instead of the wgmma ones.
+    pub no_wgmma: bool,
+    /// The Hopper backward walks every key block of a (sequence, kv head) in one CTA, which it otherwise
+    /// does only where that measured faster.
+    pub bwd_chain_all: bool,
+}
+
+/// A strided view of caller memory: what the raw layer takes for every tensor argument.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    /// Address of the view's first element: device memory for `Target::Cuda`, host memory for
+    /// `Target::Cpu`.
+    pub addr: u64,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    /// Strides in elements, one per dimension.
+    pub strides: &'a [usize],
+}
+
+impl View<'_> {
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Elements from the first to one past the last element the view reaches (0 when empty), or `None`
+    /// when that does not fit usize.
+    pub fn span(&self) -> Option<usize> {
+        if self.shape.contains(&0) {
+            return Some(0);
+        }
+        self.shape.iter().zip(self.strides).try_fold(1usize, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| x.checked_add(acc)))
+    }
+}
+
+/// The packed-sequence lengths of a raw varlen call, in the call's memory (never read back from a
+/// device).
+#[derive(Clone, Copy, Debug)]
+pub struct VarlenViews<'a> {
+    /// int32 `[B+1]`: sequence b's queries are rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` of q.
+    pub cu_seqlens_q: View<'a>,
+    /// int32 `[B+1]`: sequence b's keys are rows `cu_seqlens_k[b]..cu_seqlens_k[b+1]` of k and v.
+    pub cu_seqlens_k: View<'a>,
+    /// At least every (used) query length.
+    pub max_seqlen_q: usize,
+    /// At least every (used) key length.
+    pub max_seqlen_k: usize,
+    /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
+    pub seqused_q: Option<View<'a>>,
+    /// int32 `[B]`: only the first `seqused_k[b]` keys of slot b are attended to.
+    pub seqused_k: Option<View<'a>>,
+}
+
+/// Where a raw call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Every view is host memory; the CPU path runs and the call returns when it is done.
+    Cpu,
+    /// Every view is device memory of CUDA device `ordinal`, in its primary context. The kernels are
+    /// queued on `stream`, a raw `CUstream` of that context (0 = the legacy default stream, 2 = the
+    /// per-thread default stream), and the call returns without waiting.
+    Cuda { ordinal: usize, stream: usize },
+}
+
+impl Target {
+    pub fn device(self) -> Device {
+        match self {
+            Target::Cpu => Device::Cpu,
+            Target::Cuda { ordinal, .. } => Device::Cuda(ordinal),
+        }
+    }
+}
+
+/// The NULL stream: the legacy default stream (`CU_STREAM_LEGACY`, 1, is the same stream).
+pub const STREAM_LEGACY: usize = 0;
+/// The calling thread's per-thread default stream (`CU_STREAM_PER_THREAD`).
+pub const STREAM_PER_THREAD: usize = 2;
