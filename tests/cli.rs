@@ -252,7 +252,7 @@ fn options_take_effect() {
         // The canonical form: causal is the window (-1, 0).
         assert!(run_cli(&dir, &inputs, &["--causal"]) == run_cli(&dir, &inputs, &["--window", "-1,0"]));
         // Options combine.
-        let opts = AttnOptions { causal: true, window: (4, -1), softcap: 1.5, softmax_scale: Some(0.3) };
+        let opts = AttnOptions { causal: true, window: (4, -1), softcap: 1.5, softmax_scale: Some(0.3), ..Default::default() };
         assert_same(&run_cli(&dir, &inputs, &["--causal", "--window", "4,-1", "--softcap", "1.5", "--scale", "0.3"]), &library(&inputs, &opts));
     }
 }

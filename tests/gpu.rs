@@ -71,7 +71,7 @@ struct Case {
 
 impl Case {
     fn opts(&self) -> AttnOptions {
-        AttnOptions { softmax_scale: None, causal: self.causal, window: self.window, softcap: self.softcap }
+        AttnOptions { softmax_scale: None, causal: self.causal, window: self.window, softcap: self.softcap, ..Default::default() }
     }
     fn ref_opts(&self) -> RefOpts {
         RefOpts { scale: 1.0 / (self.d as f64).sqrt(), softcap: self.softcap as f64, causal: self.causal, window: self.window }
@@ -384,7 +384,7 @@ fn gpu_matches_cpu_path() {
         let q = random_values(&mut rng, b * sq * hq * d, 2.0, dtype);
         let k = random_values(&mut rng, b * sk * hk * d, 2.0, dtype);
         let v = random_values(&mut rng, b * sk * hk * d, 2.0, dtype);
-        let opts = AttnOptions { causal: true, window: (200, -1), softcap: 0.0, softmax_scale: Some(0.3) };
+        let opts = AttnOptions { causal: true, window: (200, -1), softcap: 0.0, softmax_scale: Some(0.3), ..Default::default() };
         let t = |x: &[f32], s: &[usize]| Tensor::from_f32(x, s, dtype).unwrap();
         let (qc, kc, vc) = (t(&q, &[b, sq, hq, d]), t(&k, &[b, sk, hk, d]), t(&v, &[b, sk, hk, d]));
         let cpu = fwd(&qc, &kc, &vc, &opts).unwrap();

@@ -102,7 +102,7 @@ fn amp_of(rng: &mut StdRng) -> Amp {
 }
 
 fn plain(causal: bool, window: (i64, i64), softcap: f32) -> Opts {
-    Opts { causal, window, softcap, scale: None }
+    Opts { causal, window, softcap, scale: None, kernels: Default::default() }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -686,9 +686,9 @@ fn dense_with_reference_forward_inputs() {
     require_gpu!();
     let (seed, mut rng) = seeded("dense_with_reference_forward_inputs");
     let variants = [
-        Opts { causal: true, window: (50, -1), softcap: 0.0, scale: Some(-0.25) },
-        Opts { causal: false, window: (-1, -1), softcap: 3.0, scale: Some(0.3) },
-        Opts { causal: false, window: (20, 60), softcap: 0.0, scale: None },
+        Opts { causal: true, window: (50, -1), softcap: 0.0, scale: Some(-0.25), kernels: Default::default() },
+        Opts { causal: false, window: (-1, -1), softcap: 3.0, scale: Some(0.3), kernels: Default::default() },
+        Opts { causal: false, window: (20, 60), softcap: 0.0, scale: None, kernels: Default::default() },
     ];
     for dtype in [DType::BF16, DType::F16] {
         for d in [64, 128, 256] {
@@ -733,7 +733,7 @@ fn varlen_random_layouts() {
     let (seed, mut rng) = seeded("varlen_random_layouts");
     for iter in 0..60 {
         let side = |rng: &mut StdRng| if rng.gen_bool(0.5) { -1 } else { rng.gen_range(0..120) };
-        let opts = Opts { causal: rng.gen_bool(0.4), window: (side(&mut rng), side(&mut rng)), softcap: if rng.gen_bool(0.2) { 4.0 } else { 0.0 }, scale: None };
+        let opts = Opts { causal: rng.gen_bool(0.4), window: (side(&mut rng), side(&mut rng)), softcap: if rng.gen_bool(0.2) { 4.0 } else { 0.0 }, scale: None, kernels: Default::default() };
         let (hq, hk) = [(1, 1), (2, 2), (4, 2), (4, 1), (6, 3)][rng.gen_range(0..5)];
         let c = Case { dtype: dtype_of(&mut rng), d: HEAD_DIMS[rng.gen_range(0..HEAD_DIMS.len())], hq, hk, opts, amp: amp_of(&mut rng) };
         let b = rng.gen_range(1..6);
@@ -855,23 +855,21 @@ fn long_sequences_match_reference() {
     }
 }
 
-/// The Hopper dK/dV kernel with one CTA per (sequence, kv head) (`FLASH_ATTN_BWD_CHAIN_ALL`, which the
+/// The Hopper dK/dV kernel with one CTA per (sequence, kv head) (`KernelChoice::bwd_chain_all`, which the
 /// dispatch otherwise picks only for many short sequences): each key block's copies start during its
 /// predecessor's last step, and the kernel converts dq itself. Several key blocks per CTA, partial ones,
-/// masks that skip blocks, GQA, seqused and a tail; elsewhere the variable changes nothing.
+/// masks that skip blocks, GQA, seqused and a tail; elsewhere the option changes nothing.
 #[test]
 fn chained_key_blocks_match_reference() {
     require_gpu!();
     let (seed, mut rng) = seeded("chained_key_blocks_match_reference");
-    // SAFETY: the variable only picks among launches that must all be right; the tests run one thread
-    // per process on the GPU machine.
-    unsafe { std::env::set_var("FLASH_ATTN_BWD_CHAIN_ALL", "1") };
+    let chained = |causal, window, softcap| Opts { kernels: flash_attn::KernelChoice { bwd_chain_all: true, ..Default::default() }, ..plain(causal, window, softcap) };
     let amp = Amp { q: 1.0, k: 1.0, v: 1.0 };
     let dense = [
-        (Case { dtype: DType::BF16, d: 64, hq: 4, hk: 2, opts: plain(true, (-1, -1), 0.0), amp }, (2, 300, 520)),
-        (Case { dtype: DType::F16, d: 128, hq: 2, hk: 1, opts: plain(false, (100, 20), 0.0), amp }, (1, 450, 390)),
-        (Case { dtype: DType::F16, d: 64, hq: 1, hk: 1, opts: plain(false, (-1, -1), 3.0), amp: Amp { q: 2.0, k: 2.0, v: 1.0 } }, (1, 130, 700)),
-        (Case { dtype: DType::BF16, d: 128, hq: 3, hk: 1, opts: plain(true, (-1, -1), 0.0), amp }, (2, 400, 260)),
+        (Case { dtype: DType::BF16, d: 64, hq: 4, hk: 2, opts: chained(true, (-1, -1), 0.0), amp }, (2, 300, 520)),
+        (Case { dtype: DType::F16, d: 128, hq: 2, hk: 1, opts: chained(false, (100, 20), 0.0), amp }, (1, 450, 390)),
+        (Case { dtype: DType::F16, d: 64, hq: 1, hk: 1, opts: chained(false, (-1, -1), 3.0), amp: Amp { q: 2.0, k: 2.0, v: 1.0 } }, (1, 130, 700)),
+        (Case { dtype: DType::BF16, d: 128, hq: 3, hk: 1, opts: chained(true, (-1, -1), 0.0), amp }, (2, 400, 260)),
     ];
     for (c, (b, sq, sk)) in dense {
         let h = Host::dense(&mut rng, &c, b, sq, sk);
@@ -881,16 +879,15 @@ fn chained_key_blocks_match_reference() {
     }
     let packed = [
         (
-            Case { dtype: DType::BF16, d: 128, hq: 4, hk: 2, opts: plain(true, (-1, -1), 0.0), amp },
+            Case { dtype: DType::BF16, d: 128, hq: 4, hk: 2, opts: chained(true, (-1, -1), 0.0), amp },
             Packing { slots_q: vec![300, 0, 129], slots_k: vec![400, 50, 260], used_q: Some(vec![280, 0, 129]), used_k: Some(vec![390, 33, 200]), tail: (7, 5), extra_max: (3, 0) },
         ),
-        (Case { dtype: DType::F16, d: 64, hq: 2, hk: 1, opts: plain(false, (60, 60), 0.0), amp }, Packing::plain(&[(257, 513), (513, 129)])),
+        (Case { dtype: DType::F16, d: 64, hq: 2, hk: 1, opts: chained(false, (60, 60), 0.0), amp }, Packing::plain(&[(257, 513), (513, 129)])),
     ];
     for (c, p) in &packed {
         let worst = varlen_case(&mut rng, c, p, false).unwrap_or_else(|e| panic!("seed {seed}: {c:?} {p:?}: {e}"));
         report(&format!("chained varlen {c:?}"), worst);
     }
-    unsafe { std::env::remove_var("FLASH_ATTN_BWD_CHAIN_ALL") };
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -903,9 +900,9 @@ fn gpu_matches_cpu_path() {
     let mut problems = Vec::new();
     for (n, d) in HEAD_DIMS.into_iter().enumerate() {
         let opts = [
-            Opts { causal: true, window: (200, -1), softcap: 0.0, scale: Some(0.3) },
-            Opts { causal: false, window: (-1, -1), softcap: 2.0, scale: None },
-            Opts { causal: false, window: (40, 9), softcap: 0.0, scale: None },
+            Opts { causal: true, window: (200, -1), softcap: 0.0, scale: Some(0.3), kernels: Default::default() },
+            Opts { causal: false, window: (-1, -1), softcap: 2.0, scale: None, kernels: Default::default() },
+            Opts { causal: false, window: (40, 9), softcap: 0.0, scale: None, kernels: Default::default() },
         ][n % 3];
         let c = Case { dtype: [DType::BF16, DType::F16][n % 2], d, hq: 4, hk: 2, opts, amp: Amp { q: 2.0, k: 2.0, v: 2.0 } };
         problems.push(Host::dense(&mut rng, &c, 2, 133, 97));

@@ -2,8 +2,8 @@
 //! the argument; zero-size problems are legal; and no input, however odd, makes a call panic.
 
 use flash_attn::problem::Problem;
-use flash_attn::validate::{check_varlen_contents, validate_fwd};
-use flash_attn::{fwd, varlen_fwd, AttnOptions, DType, Device, Error, FwdOutput, Result, Tensor, Varlen};
+use flash_attn::validate::validate_fwd;
+use flash_attn::{check_varlen_contents, fwd, varlen_fwd, AttnOptions, DType, Device, Error, FwdOutput, Result, Tensor, Varlen};
 use proptest::prelude::*;
 
 fn t(shape: &[usize], dtype: DType) -> Tensor {
@@ -135,7 +135,7 @@ fn options() {
         expect_err(dense_with(AttnOptions { window, ..Default::default() }), |e| matches!(e, Error::Value { arg: "window", .. }), "window");
     }
     for window in [(-1, -1), (0, 0), (3, -1), (i64::MAX, i64::MAX)] {
-        assert!(dense_with(AttnOptions { window, causal: true, softcap: 5.0, softmax_scale: Some(-0.5) }).is_ok(), "{window:?}");
+        assert!(dense_with(AttnOptions { window, causal: true, softcap: 5.0, softmax_scale: Some(-0.5), ..Default::default() }).is_ok(), "{window:?}");
     }
 }
 
@@ -250,17 +250,17 @@ fn zero_sizes_are_legal() {
 fn canonical_problem() {
     let q = t(&[2, 5, 4, 64], DType::BF16);
     let k = t(&[2, 7, 2, 64], DType::BF16);
-    let p: Problem = validate_fwd(&q, &k, &k, None, &AttnOptions { causal: true, window: (3, 9), ..Default::default() }).unwrap();
+    let p: Problem = validate_fwd(&q.view(), &k.view(), &k.view(), None, &AttnOptions { causal: true, window: (3, 9), ..Default::default() }).unwrap();
     assert_eq!((p.window_left, p.window_right), (3, 0));
     assert_eq!(p.scale, 1.0 / 8.0);
     assert_eq!((p.batch, p.seqlen_q, p.seqlen_k, p.total_q, p.total_k, p.hq, p.hk), (2, 5, 7, 10, 14, 4, 2));
-    assert_eq!((p.q.batch, p.q.row, p.q.head, p.q.offset), (5 * 4 * 64, 4 * 64, 64, 0));
-    let p = validate_fwd(&q, &k, &k, None, &AttnOptions { window: (7, 5), ..Default::default() }).unwrap();
+    assert_eq!((p.q.batch, p.q.row, p.q.head), (5 * 4 * 64, 4 * 64, 64));
+    let p = validate_fwd(&q.view(), &k.view(), &k.view(), None, &AttnOptions { window: (7, 5), ..Default::default() }).unwrap();
     assert_eq!((p.window_left, p.window_right), (-1, -1), "windows that cannot bind are unbounded");
     let v = V::ok();
     let (q, k) = (t(&[5, 2, 64], DType::BF16), t(&[8, 2, 64], DType::BF16));
-    let p = validate_fwd(&q, &k, &k, Some(&v.varlen()), &AttnOptions::default()).unwrap();
-    assert!(p.varlen && p.seqlens.is_some());
+    let p = validate_fwd(&q.view(), &k.view(), &k.view(), Some(&v.varlen().views()), &AttnOptions::default()).unwrap();
+    assert!(p.varlen && p.seqlens.is_none(), "lengths are read only where they run (the CPU path)");
     assert_eq!((p.batch, p.seqlen_q, p.seqlen_k, p.total_q, p.total_k), (2, 3, 4, 5, 8));
     assert_eq!((p.q.batch, p.q.row, p.q.head), (0, 128, 64));
 }
@@ -294,7 +294,7 @@ fn garbage() -> impl Strategy<Value = Garbage> {
         proptest::sample::select(vec![0.0f32, 0.0, 0.0, 2.0, -1.0, f32::NAN]),
         proptest::sample::select(vec![None, None, None, Some(0.3f32), Some(-2.0), Some(f32::INFINITY)]),
     )
-        .prop_map(|(causal, l, r, softcap, softmax_scale)| AttnOptions { softmax_scale, causal, window: (l, r), softcap });
+        .prop_map(|(causal, l, r, softcap, softmax_scale)| AttnOptions { softmax_scale, causal, window: (l, r), softcap, ..Default::default() });
     let dtype = prop_oneof![Just(DType::BF16), Just(DType::F16)];
     (any::<bool>(), dims, dtype, seqs, (0usize..=2, 0usize..=2), any::<(bool, bool)>(), edits, 0u8..4, opts).prop_map(
         |(varlen, dims, dtype, seqs, tail, seqused, edits, strided, opts)| Garbage { varlen, dims, dtype, seqs, tail, seqused, edits, strided, opts },

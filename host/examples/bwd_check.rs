@@ -70,14 +70,10 @@ fn bench_fwd(filter: &str) {
     for_table_shapes(filter, |name, [q, k, v, _], opts, flops| {
         let mut line = format!("{name}:");
         for wg in [true, false] {
-            // SAFETY: single-threaded example; the library reads the variable per call.
-            unsafe {
-                if wg { std::env::remove_var("FLASH_ATTN_NO_WGMMA") } else { std::env::set_var("FLASH_ATTN_NO_WGMMA", "1") }
-            }
+            let opts = flash_attn::AttnOptions { kernels: flash_attn::KernelChoice { no_wgmma: !wg, ..Default::default() }, ..opts };
             let ms = median_ms(15, || fwd(&q, &k, &v, &opts).map(|_| ()));
             line += &format!(" {} {ms:.3} ms {:.0} TFLOP/s", if wg { "wgmma" } else { "mma" }, flops / ms as f64 / 1e9);
         }
-        unsafe { std::env::remove_var("FLASH_ATTN_NO_WGMMA") };
         println!("{line}");
     });
 }

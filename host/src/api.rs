@@ -1,27 +1,14 @@
-//! The public entry points. Each validates everything first (validate.rs), then runs on the device the
-//! inputs live on: the CPU path (cpu/) or the fused CUDA kernels (cuda.rs).
+//! The `Tensor` API: allocating entry points over the raw layer. Each checks that every tensor lives on
+//! q's device, allocates the outputs there (and the backward's workspace), and runs `raw` on that device:
+//! the CPU path, or the kernels on the legacy default stream (where `Tensor` orders all its work).
 
-use crate::error::Result;
-use crate::tensor::{Device, Tensor};
+use crate::error::{Error, Result};
+use crate::raw::{self, BwdViews, FwdViews, Workspace};
+use crate::tensor::Tensor;
+use crate::types::{DType, Device, Target, VarlenViews, STREAM_LEGACY};
+use crate::validate;
 
-/// Options shared by every entry point, with flash-attn 2's meaning.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AttnOptions {
-    /// Multiplies q.k; `None` = 1/sqrt(head_dim).
-    pub softmax_scale: Option<f32>,
-    /// Causal mask aligned to the bottom-right corner: query i sees key j iff j <= i + Sk - Sq.
-    pub causal: bool,
-    /// Sliding window `(left, right)`, inclusive, around the same diagonal; -1 = unbounded.
-    pub window: (i64, i64),
-    /// Soft-capping of the scores: `softcap * tanh(s / softcap)`; 0 = off.
-    pub softcap: f32,
-}
-
-impl Default for AttnOptions {
-    fn default() -> Self {
-        AttnOptions { softmax_scale: None, causal: false, window: (-1, -1), softcap: 0.0 }
-    }
-}
+pub use crate::types::AttnOptions;
 
 /// Packed-sequence layout for the varlen entry points.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +27,20 @@ pub struct Varlen<'a> {
     pub seqused_k: Option<&'a Tensor>,
 }
 
+impl<'a> Varlen<'a> {
+    /// The raw layer's view of these tensors.
+    pub fn views(&self) -> VarlenViews<'a> {
+        VarlenViews {
+            cu_seqlens_q: self.cu_seqlens_q.view(),
+            cu_seqlens_k: self.cu_seqlens_k.view(),
+            max_seqlen_q: self.max_seqlen_q,
+            max_seqlen_k: self.max_seqlen_k,
+            seqused_q: self.seqused_q.map(Tensor::view),
+            seqused_k: self.seqused_k.map(Tensor::view),
+        }
+    }
+}
+
 /// Attention output in the input dtype and the f32 row log-sum-exp (natural log; -inf for empty rows).
 #[derive(Clone, Debug)]
 pub struct FwdOutput {
@@ -47,53 +48,6 @@ pub struct FwdOutput {
     pub out: Tensor,
     /// `[B, Hq, Sq]`, or `[Hq, Tq]` for varlen.
     pub lse: Tensor,
-}
-
-/// Dense forward: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]`.
-pub fn fwd(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<FwdOutput> {
-    let problem = crate::validate::validate_fwd(q, k, v, None, opts)?;
-    run(&problem, q, k, v, None)
-}
-
-/// Packed forward: q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]`, sequences given by `varlen`.
-pub fn varlen_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
-    let problem = crate::validate::validate_fwd(q, k, v, Some(varlen), opts)?;
-    run(&problem, q, k, v, Some(varlen))
-}
-
-/// Dense forward into caller-provided outputs: `out` `[B, Sq, Hq, D]` in q's dtype (any row/head/batch
-/// strides, last dim contiguous) and `lse` contiguous f32 `[B, Hq, Sq]`, on q's device. Nothing outside
-/// the two views is written.
-pub fn fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    let problem = crate::validate::validate_fwd(q, k, v, None, opts)?;
-    run_into(&problem, q, k, v, None, out, lse)
-}
-
-/// Packed forward into caller-provided outputs: `out` `[Tq, Hq, D]`, `lse` contiguous f32 `[Hq, Tq]`.
-/// With static shapes (graph capture), every row of both is written, padding included.
-pub fn varlen_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    let problem = crate::validate::validate_fwd(q, k, v, Some(varlen), opts)?;
-    run_into(&problem, q, k, v, Some(varlen), out, lse)
-}
-
-fn run_into(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    crate::validate::check_like("out", out, problem.device, problem.dtype, &problem.out_shape(), false)?;
-    crate::validate::check_like("lse", lse, problem.device, crate::DType::F32, &problem.lse_shape(), true)?;
-    match problem.device {
-        Device::Cpu => {
-            let r = crate::cpu::fwd(problem, q, k, v)?;
-            out.copy_from(&r.out)?;
-            lse.copy_from(&r.lse)
-        }
-        Device::Cuda(_) => crate::cuda::fwd_into(problem, q, k, v, varlen, out, lse),
-    }
-}
-
-fn run(problem: &crate::problem::Problem, q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<FwdOutput> {
-    match problem.device {
-        Device::Cpu => crate::cpu::fwd(problem, q, k, v),
-        Device::Cuda(_) => crate::cuda::fwd(problem, q, k, v, varlen),
-    }
 }
 
 /// Gradients of the loss with respect to q, k and v: contiguous, in the input dtype, with q's, k's and
@@ -105,6 +59,29 @@ pub struct BwdOutput {
     pub dv: Tensor,
 }
 
+/// Dense forward: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]`.
+pub fn fwd(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<FwdOutput> {
+    run_fwd(q, k, v, None, opts)
+}
+
+/// Packed forward: q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]`, sequences given by `varlen`.
+pub fn varlen_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
+    run_fwd(q, k, v, Some(varlen), opts)
+}
+
+/// Dense forward into caller-provided outputs: `out` `[B, Sq, Hq, D]` in q's dtype (any row/head/batch
+/// strides, last dim contiguous) and `lse` contiguous f32 `[B, Hq, Sq]`, on q's device. Nothing outside
+/// the two views is written.
+pub fn fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    run_fwd_into(q, k, v, None, opts, out, lse)
+}
+
+/// Packed forward into caller-provided outputs: `out` `[Tq, Hq, D]`, `lse` contiguous f32 `[Hq, Tq]`.
+/// With static shapes (graph capture), every row of both is written, padding included.
+pub fn varlen_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    run_fwd_into(q, k, v, Some(varlen), opts, out, lse)
+}
+
 /// Dense backward: the gradients of q, k, v given `dout` (the gradient of `out`) and the forward's `out`
 /// and `lse` (both as `fwd` returned them, for the same `opts`). dout and out are `[B, Sq, Hq, D]` in q's
 /// dtype (head dim contiguous); lse is contiguous f32 `[B, Hq, Sq]`.
@@ -113,8 +90,7 @@ pub struct BwdOutput {
 /// element is one sequential f32 sum in a fixed order, whatever the number of threads.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
-    let problem = crate::validate::validate_bwd(dout, q, k, v, out, lse, None, opts)?;
-    run_bwd(&problem, dout, q, k, v, out, lse, None, deterministic)
+    run_bwd(dout, q, k, v, out, lse, None, opts, deterministic)
 }
 
 /// Packed backward: dout and out `[Tq, Hq, D]`, lse `[Hq, Tq]`, sequences given by `varlen` as in
@@ -122,15 +98,94 @@ pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse:
 /// used length get dk = dv = 0.
 #[allow(clippy::too_many_arguments)]
 pub fn varlen_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
-    let problem = crate::validate::validate_bwd(dout, q, k, v, out, lse, Some(varlen), opts)?;
-    run_bwd(&problem, dout, q, k, v, out, lse, Some(varlen), deterministic)
+    run_bwd(dout, q, k, v, out, lse, Some(varlen), opts, deterministic)
+}
+
+/// Copies the varlen length tensors to the host (from the device if need be) and checks their contents:
+/// the check the entry points skip for device tensors, for callers who want it. `total_q`/`total_k` are
+/// the row counts of q and k.
+pub fn check_varlen_contents(varlen: &Varlen<'_>, total_q: usize, total_k: usize) -> Result<crate::problem::HostSeqlens> {
+    let read = |arg: &'static str, t: &Tensor| -> Result<Vec<i32>> {
+        if t.dtype() != DType::I32 {
+            return Err(Error::DType { arg, got: t.dtype().to_string(), expected: "i32" });
+        }
+        if t.rank() != 1 {
+            return Err(Error::Rank { arg, got: t.rank(), expected: 1 });
+        }
+        t.to_i32_vec()
+    };
+    let host = crate::problem::HostSeqlens {
+        cu_seqlens_q: read("cu_seqlens_q", varlen.cu_seqlens_q)?,
+        cu_seqlens_k: read("cu_seqlens_k", varlen.cu_seqlens_k)?,
+        seqused_q: varlen.seqused_q.map(|t| read("seqused_q", t)).transpose()?,
+        seqused_k: varlen.seqused_k.map(|t| read("seqused_k", t)).transpose()?,
+    };
+    validate::check_varlen_contents(&host, varlen.max_seqlen_q, varlen.max_seqlen_k, total_q, total_k)
+}
+
+/// The raw target for tensors on `device`: the `Tensor` API runs on the legacy default stream.
+fn target(device: Device) -> Target {
+    match device {
+        Device::Cpu => Target::Cpu,
+        Device::Cuda(ordinal) => Target::Cuda { ordinal, stream: STREAM_LEGACY },
+    }
+}
+
+/// Every tensor on q's device; returns it.
+fn same_device(q: &Tensor, others: &[(&'static str, &Tensor)], varlen: Option<&Varlen<'_>>) -> Result<Device> {
+    let lens = varlen.map(|vl| [Some(("cu_seqlens_q", vl.cu_seqlens_q)), Some(("cu_seqlens_k", vl.cu_seqlens_k)), vl.seqused_q.map(|t| ("seqused_q", t)), vl.seqused_k.map(|t| ("seqused_k", t))]);
+    for (arg, t) in others.iter().copied().chain(lens.into_iter().flatten().flatten()) {
+        if t.device() != q.device() {
+            return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: q.device().to_string() });
+        }
+    }
+    Ok(q.device())
+}
+
+fn run_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions) -> Result<FwdOutput> {
+    let device = same_device(q, &[("k", k), ("v", v)], varlen)?;
+    let p = validate::validate_fwd(&q.view(), &k.view(), &v.view(), varlen.map(Varlen::views).as_ref(), opts)?;
+    let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
+    let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
+    run_fwd_into(q, k, v, varlen, opts, &mut out, &mut lse)?;
+    Ok(FwdOutput { out, lse })
+}
+
+fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
+    let device = same_device(q, &[("k", k), ("v", v), ("out", out), ("lse", lse)], varlen)?;
+    let views = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view_mut(), lse: lse.view_mut() };
+    // Safety: every view is of a live tensor on `device`, which the legacy stream orders its frees after.
+    unsafe {
+        match varlen {
+            None => raw::fwd(&views, opts, target(device)),
+            Some(vl) => raw::varlen_fwd(&views, &vl.views(), opts, target(device)),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_bwd(problem: &crate::problem::BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, deterministic: bool) -> Result<BwdOutput> {
-    match problem.fwd.device {
-        // Deterministic by construction (see cpu/bwd.rs), so the flag changes nothing here.
-        Device::Cpu => crate::cpu::bwd(problem, dout, q, k, v, out, lse),
-        Device::Cuda(_) => crate::cuda::bwd(problem, dout, q, k, v, out, lse, varlen, deterministic),
-    }
+fn run_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
+    let device = same_device(q, &[("k", k), ("v", v), ("dout", dout), ("out", out), ("lse", lse)], varlen)?;
+    let vl = varlen.map(Varlen::views);
+    let bp = validate::validate_bwd(&dout.view(), &q.view(), &k.view(), &v.view(), &out.view(), &lse.view(), vl.as_ref(), opts)?;
+    let p = &bp.fwd;
+    let mut dq = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
+    let mut dk = Tensor::uninit(&p.kv_shape(), q.dtype(), device)?;
+    let mut dv = Tensor::uninit(&p.kv_shape(), q.dtype(), device)?;
+    // The workspace is freed on the stream after the kernels that use it.
+    let ws_buf = match device {
+        Device::Cpu => None,
+        Device::Cuda(ordinal) => Some(crate::cuda::DeviceBuffer::uninit(ordinal, raw::bwd_workspace_bytes(q.shape(), deterministic)?)?),
+    };
+    let workspace = ws_buf.as_ref().map_or(Workspace::default(), |b| Workspace { addr: b.ptr(), bytes: b.len_bytes() });
+    let views = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+    // Safety: as in run_fwd_into; the workspace is a live buffer of the required size.
+    unsafe {
+        match &vl {
+            None => raw::bwd(&views, opts, deterministic, workspace, target(device)),
+            Some(vl) => raw::varlen_bwd(&views, vl, opts, deterministic, workspace, target(device)),
+        }
+    }?;
+    drop(ws_buf);
+    Ok(BwdOutput { dq, dk, dv })
 }

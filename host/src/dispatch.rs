@@ -1,7 +1,7 @@
 //! (head dim, dtype) -> kernel variant, tile shape, grid and shared memory, from the same table the
-//! device code is generated from (kernels-gpu/src/variants.rs).
+//! device code is generated from (shared/variants.rs, also compiled into kernels-gpu).
 
-#[path = "../../kernels-gpu/src/variants.rs"]
+#[path = "shared/variants.rs"]
 #[macro_use]
 mod variants;
 
@@ -11,7 +11,7 @@ pub use variants::{
 };
 
 use crate::problem::Problem;
-use crate::tensor::DType;
+use crate::types::DType;
 
 /// A launch: which kernel, its grid, block and dynamic shared memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,28 @@ pub struct Launch {
     pub smem_bytes: usize,
 }
 
+/// Two or three launches in order, without allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launches {
+    items: [Launch; 3],
+    len: usize,
+}
+
+impl Launches {
+    fn new(l: &[Launch]) -> Launches {
+        let mut items = [l[0]; 3];
+        items[..l.len()].copy_from_slice(l);
+        Launches { items, len: l.len() }
+    }
+}
+
+impl std::ops::Deref for Launches {
+    type Target = [Launch];
+    fn deref(&self) -> &[Launch] {
+        &self.items[..self.len]
+    }
+}
+
 /// The backward's launches, in order: prep (D and lse_log2; zeroes the dq accumulator), dk/dv (with atomic
 /// dq unless deterministic), then dq: the deterministic dq kernel, or the conversion of the f32
 /// accumulator, unless the Hopper dK/dV kernel converts it itself (`bwd_wg_grid_x` of 1).
@@ -81,7 +103,8 @@ pub struct Launch {
 /// varlen's tail slice (whose rows and keys get zero gradients).
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma dK/dV kernel takes head
 /// dims 64 and 128 unless `deterministic`.
-pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>) -> Option<Vec<Launch>> {
+/// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
+pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let (dkdv, dq) = bwd_kernel_names(p.head_dim, dtype)?;
     let c = bwd_config(p.head_dim);
@@ -91,9 +114,9 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>)
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
     let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
     if let (Some(sms), Some(kernel), false) = (hopper_sms, bwd_wg_kernel_name(p.head_dim, dtype), deterministic) {
-        let gx = bwd_wg_grid_x(p, sms);
+        let gx = if chain_all { 1 } else { bwd_wg_grid_x(p, sms) };
         let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) };
-        return Some(if gx == 1 { vec![prep, main] } else { vec![prep, main, convert] });
+        return Some(if gx == 1 { Launches::new(&[prep, main]) } else { Launches::new(&[prep, main, convert]) });
     }
     let main = Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
     let last = if deterministic {
@@ -102,7 +125,7 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>)
     } else {
         convert
     };
-    Some(vec![prep, main, last])
+    Some(Launches::new(&[prep, main, last]))
 }
 
 /// Key-block grid (x) of the Hopper dK/dV kernel on `sms` multiprocessors. 1 when the sequences are
@@ -115,11 +138,8 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>)
 /// Measured (H200, bwd alone, before the in-kernel convert): hdim 64 S=512 B=32 133 vs 130 TFLOP/s
 /// causal, 219 vs 214 not; chaining two or four strided blocks at S=8192 (unequal causal blocks) lost
 /// 3-4%. With the convert in the kernel: 141 and 222 (benches/RESULTS.md).
-/// `FLASH_ATTN_BWD_CHAIN_ALL` (any value) forces 1, for tests of that path on small problems.
+/// (`KernelChoice::bwd_chain_all` forces 1, for tests of that path on small problems.)
 pub fn bwd_wg_grid_x(p: &Problem, sms: usize) -> u32 {
-    if std::env::var_os("FLASH_ATTN_BWD_CHAIN_ALL").is_some() {
-        return 1;
-    }
     let n = p.seqlen_k.max(1).div_ceil(BWD_WG_BLOCK_N);
     let pairs = p.hk * p.batch;
     let group = p.hq / p.hk.max(1);
@@ -147,13 +167,11 @@ const _: () = {
 mod tests {
     use super::*;
     use crate::problem::Strides;
-    use crate::tensor::Device;
 
     fn problem(head_dim: usize, seqlen: usize, batch: usize, heads: usize, causal: bool, varlen: bool) -> Problem {
-        let s = Strides { batch: seqlen * heads * head_dim, row: heads * head_dim, head: head_dim, offset: 0 };
+        let s = Strides { batch: seqlen * heads * head_dim, row: heads * head_dim, head: head_dim };
         Problem {
             dtype: DType::BF16,
-            device: Device::Cuda(0),
             batch,
             hq: heads,
             hk: heads,
@@ -187,10 +205,10 @@ mod tests {
             assert!(f.smem_bytes <= 227 * 1024);
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
-                let b = bwd_launches(&p, det, Some(132)).unwrap();
+                let b = bwd_launches(&p, det, Some(132), false).unwrap();
                 assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
-                assert!(!bwd_launches(&p, det, None).unwrap()[1].kernel.contains("_wg_"));
+                assert!(!bwd_launches(&p, det, None, false).unwrap()[1].kernel.contains("_wg_"));
             }
         }
     }
@@ -200,7 +218,7 @@ mod tests {
     /// per CTA and the convert pass.
     #[test]
     fn hopper_backward_grid_chains_only_where_measured_to_help() {
-        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132)).unwrap();
+        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false).unwrap();
         let gx = |d, s, b, h, causal, varlen| launches(d, s, b, h, causal, varlen)[1].grid.0;
         assert_eq!(gx(64, 512, 32, 32, true, false), 1); // 1024 pairs, Q/dO 17 MB
         assert_eq!(launches(64, 512, 32, 32, false, false).len(), 2);

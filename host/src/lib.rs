@@ -12,20 +12,26 @@
 //! # Ok::<(), flash_attn::Error>(())
 //! ```
 
+mod alias;
 pub mod api;
 pub mod cpu;
 pub mod cuda;
 mod dispatch;
 pub mod error;
+mod launch;
 mod module;
 pub mod params;
 pub mod problem;
+mod ptx;
+pub mod raw;
 pub mod tensor;
+pub mod types;
 pub mod validate;
 
-pub use api::{bwd, fwd, fwd_into, varlen_bwd, varlen_fwd, varlen_fwd_into, AttnOptions, BwdOutput, FwdOutput, Varlen};
+pub use api::{bwd, check_varlen_contents, fwd, fwd_into, varlen_bwd, varlen_fwd, varlen_fwd_into, BwdOutput, FwdOutput, Varlen};
 pub use error::{Error, Result};
-pub use tensor::{CpuData, DType, Device, Tensor};
+pub use tensor::{CpuData, Tensor};
+pub use types::{AttnOptions, DType, Device, KernelChoice, Target, VarlenViews, View};
 
 /// Head dimensions with a kernel variant (and accepted by the CPU path).
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];

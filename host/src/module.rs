@@ -1,28 +1,33 @@
-//! The embedded PTX (built from kernels-gpu by build.rs) and, per device, its lazily created context,
-//! stream, loaded module and function cache. Everything here is created once per device and reused.
+//! Per CUDA device: its primary context (shared with candle, cubecl and PyTorch), the shipped PTX module
+//! loaded into it once, and a cache of kernel handles. Created lazily and kept for the process; everything
+//! here is safe to use from many threads at once.
 
 use crate::error::{Error, Result};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{result, sys, CudaContext};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// PTX for sm_80 and newer (JIT-compiled by the driver for the GPU at hand).
-pub const PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm80.ptx"));
-/// The same kernels for sm_90 and newer, with Hopper-only instructions; loaded on compute capability >= 9.
-pub const PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm90.ptx"));
+/// A loaded kernel. Driver handles may be used from any thread.
+#[derive(Clone, Copy, Debug)]
+pub struct Function(pub sys::CUfunction);
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+#[derive(Debug)]
+struct Module(sys::CUmodule);
+unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
 
 /// One CUDA device as the library uses it.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
-    module: OnceLock<std::result::Result<Arc<CudaModule>, String>>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    module: OnceLock<std::result::Result<Module, String>>,
+    functions: Mutex<HashMap<&'static str, Function>>,
     /// Largest dynamic shared memory a block may opt in to.
     pub max_smem_optin: usize,
     /// Compute capability major version: picks the PTX module.
     pub cc_major: usize,
-    /// Multiprocessors, for sizing persistent grids and benchmarks.
-    #[allow(dead_code)]
+    /// Multiprocessors, for sizing grids.
     pub sm_count: usize,
 }
 
@@ -44,53 +49,72 @@ pub fn cuda_available() -> bool {
     })
 }
 
-/// The device `ordinal`, created on first use.
+/// The device `ordinal`, created on first use, with its primary context current on the calling thread.
 pub fn gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
-    if !cuda_available() {
-        return Err(Error::Cuda(format!("cuda:{ordinal} requested but no CUDA driver or device is present")));
-    }
-    let mut map = GPUS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(g) = map.get(&ordinal) {
-        return Ok(g.clone());
-    }
-    let count = CudaContext::device_count()? as usize;
-    if ordinal >= count {
-        return Err(Error::Cuda(format!("cuda:{ordinal} does not exist ({count} device(s))")));
-    }
-    let ctx = CudaContext::new(ordinal)?;
-    // One stream orders every operation of the library, so cudarc's per-buffer events are not needed.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.default_stream();
-    let max_smem_optin = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
-    let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-    let cc_major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as usize;
-    let g = Arc::new(Gpu { ctx, stream, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), max_smem_optin, cc_major, sm_count });
-    map.insert(ordinal, g.clone());
+    let g = {
+        let mut map = GPUS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(&ordinal) {
+            Some(g) => g.clone(),
+            None => {
+                let g = Arc::new(Gpu::new(ordinal)?);
+                map.insert(ordinal, g.clone());
+                g
+            }
+        }
+    };
+    g.ctx.bind_to_thread()?;
     Ok(g)
 }
 
 impl Gpu {
+    fn new(ordinal: usize) -> Result<Gpu> {
+        if !cuda_available() {
+            return Err(Error::Cuda(format!("cuda:{ordinal} requested but no CUDA driver or device is present")));
+        }
+        let count = CudaContext::device_count()? as usize;
+        if ordinal >= count {
+            return Err(Error::Cuda(format!("cuda:{ordinal} does not exist ({count} device(s))")));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // Our own buffers (the Tensor API) are ordered on one stream; cudarc's per-buffer events would
+        // only add synchronization.
+        unsafe { ctx.disable_event_tracking() };
+        let attr = |a| ctx.attribute(a).map(|x| x as usize);
+        let max_smem_optin = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let cc_major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        Ok(Gpu { ctx, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), max_smem_optin, cc_major, sm_count })
+    }
+
+    /// The PTX module for this device, loaded (and JIT-compiled by the driver) on first use.
+    pub(crate) fn module(&self) -> Result<sys::CUmodule> {
+        let m = self.module.get_or_init(|| {
+            let ptx = if self.cc_major >= 9 { crate::ptx::PTX_SM90 } else { crate::ptx::PTX_SM80 };
+            let image = std::ffi::CString::new(ptx).map_err(|e| e.to_string())?;
+            self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+            unsafe { result::module::load_data(image.as_ptr() as *const _) }.map(Module).map_err(|e| e.to_string())
+        });
+        match m {
+            Ok(m) => Ok(m.0),
+            Err(e) => Err(Error::Cuda(format!("loading the PTX module: {e}"))),
+        }
+    }
+
     /// The kernel `name` with its dynamic shared-memory limit raised to `smem_bytes`.
-    pub fn function(&self, name: &'static str, smem_bytes: usize) -> Result<CudaFunction> {
+    pub fn function(&self, name: &'static str, smem_bytes: usize) -> Result<Function> {
         let mut funcs = self.functions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = funcs.get(name) {
-            return Ok(f.clone());
+            return Ok(*f);
         }
-        let module = self
-            .module
-            .get_or_init(|| {
-                let ptx = if self.cc_major >= 9 { PTX_SM90 } else { PTX_SM80 };
-                self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| e.to_string())
-            })
-            .clone()
-            .map_err(|e| Error::Cuda(format!("loading the PTX module: {e}")))?;
-        let f = module.load_function(name)?;
         if smem_bytes > self.max_smem_optin {
             return Err(Error::Cuda(format!("{name} needs {smem_bytes} bytes of shared memory; this GPU allows {}", self.max_smem_optin)));
         }
-        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32)?;
-        funcs.insert(name, f.clone());
-        Ok(f)
+        let module = self.module()?;
+        let cname = std::ffi::CString::new(name).map_err(|e| Error::Cuda(e.to_string()))?;
+        let f = unsafe { result::module::get_function(module, cname) }?;
+        unsafe { result::function::set_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32) }?;
+        funcs.insert(name, Function(f));
+        Ok(Function(f))
     }
 }

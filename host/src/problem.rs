@@ -1,7 +1,7 @@
 //! The validated, canonical description of one attention call: what `validate` produces and both the CPU
 //! and CUDA paths consume. Nothing downstream re-checks arguments.
 
-use crate::tensor::{DType, Device};
+use crate::types::DType;
 
 /// Row/head/batch strides of one `[.., S, H, D]` operand in elements (the head dim is contiguous).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -9,8 +9,6 @@ pub struct Strides {
     pub batch: usize,
     pub row: usize,
     pub head: usize,
-    /// Element offset of the view's first element in its storage.
-    pub offset: usize,
 }
 
 /// Host copies of the varlen length tensors (present whenever they were host tensors, or when the caller
@@ -26,7 +24,6 @@ pub struct HostSeqlens {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Problem {
     pub dtype: DType,
-    pub device: Device,
     /// Number of sequences.
     pub batch: usize,
     pub hq: usize,
@@ -51,22 +48,48 @@ pub struct Problem {
     pub v: Strides,
     pub has_seqused_q: bool,
     pub has_seqused_k: bool,
-    /// Varlen lengths on the host: always present on the CPU path.
+    /// Varlen lengths on the host: filled in (and checked) on the CPU path, never on CUDA.
     pub seqlens: Option<HostSeqlens>,
+}
+
+/// A shape of rank <= 4 without allocating (the CUDA path allocates nothing per call).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    dims: [usize; 4],
+    rank: usize,
+}
+
+impl Dims {
+    pub fn new(d: &[usize]) -> Dims {
+        let mut dims = [0; 4];
+        dims[..d.len()].copy_from_slice(d);
+        Dims { dims, rank: d.len() }
+    }
+}
+
+impl std::ops::Deref for Dims {
+    type Target = [usize];
+    fn deref(&self) -> &[usize] {
+        &self.dims[..self.rank]
+    }
 }
 
 impl Problem {
     /// Output shape: `[B, Sq, Hq, D]`, or `[Tq, Hq, D]` for varlen.
-    pub fn out_shape(&self) -> Vec<usize> {
-        if self.varlen { vec![self.total_q, self.hq, self.head_dim] } else { vec![self.batch, self.seqlen_q, self.hq, self.head_dim] }
+    pub fn out_shape(&self) -> Dims {
+        if self.varlen { Dims::new(&[self.total_q, self.hq, self.head_dim]) } else { Dims::new(&[self.batch, self.seqlen_q, self.hq, self.head_dim]) }
     }
     /// LSE shape: `[B, Hq, Sq]`, or `[Hq, Tq]` for varlen.
-    pub fn lse_shape(&self) -> Vec<usize> {
-        if self.varlen { vec![self.hq, self.total_q] } else { vec![self.batch, self.hq, self.seqlen_q] }
+    pub fn lse_shape(&self) -> Dims {
+        if self.varlen { Dims::new(&[self.hq, self.total_q]) } else { Dims::new(&[self.batch, self.hq, self.seqlen_q]) }
     }
     /// Shape of k and v (and of dk, dv): `[B, Sk, Hk, D]`, or `[Tk, Hk, D]` for varlen.
-    pub fn kv_shape(&self) -> Vec<usize> {
-        if self.varlen { vec![self.total_k, self.hk, self.head_dim] } else { vec![self.batch, self.seqlen_k, self.hk, self.head_dim] }
+    pub fn kv_shape(&self) -> Dims {
+        if self.varlen { Dims::new(&[self.total_k, self.hk, self.head_dim]) } else { Dims::new(&[self.batch, self.seqlen_k, self.hk, self.head_dim]) }
+    }
+    /// (batch, head) strides of the contiguous LSE.
+    pub fn lse_strides(&self) -> (usize, usize) {
+        if self.varlen { (0, self.total_q) } else { (self.hq * self.seqlen_q, self.seqlen_q) }
     }
 }
 

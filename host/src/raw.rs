@@ -102,7 +102,7 @@ pub unsafe fn varlen_bwd(t: &BwdViews<'_>, varlen: &VarlenViews<'_>, opts: &Attn
 
 unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions, target: Target) -> Result<()> {
     let mut p = validate::validate_fwd(&t.q, &t.k, &t.v, varlen, opts)?;
-    validate::check_fwd_outputs(&p, t)?;
+    validate::check_fwd_outputs(&p, t, varlen)?;
     match target {
         Target::Cpu => unsafe {
             if let Some(vl) = varlen {
@@ -119,7 +119,7 @@ unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
 
 unsafe fn run_bwd(t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions, deterministic: bool, workspace: Workspace, target: Target) -> Result<()> {
     let mut bp = validate::validate_bwd(&t.dout, &t.q, &t.k, &t.v, &t.out, &t.lse, varlen, opts)?;
-    validate::check_bwd_outputs(&bp, t)?;
+    validate::check_bwd_outputs(&bp, t, varlen)?;
     match target {
         Target::Cpu => unsafe {
             if let Some(vl) = varlen {

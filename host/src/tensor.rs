@@ -2,62 +2,10 @@
 //! offset. Enough to hand attention its inputs without copies; not a general array library.
 
 use crate::error::{Error, Result};
+use crate::types::View;
 use half::{bf16, f16};
 
-/// Element types the library reads or writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DType {
-    F16,
-    BF16,
-    F32,
-    I32,
-}
-
-impl DType {
-    pub fn size(self) -> usize {
-        match self {
-            DType::F16 | DType::BF16 => 2,
-            DType::F32 | DType::I32 => 4,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            DType::F32 => "f32",
-            DType::I32 => "i32",
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// Where a tensor lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Device {
-    Cpu,
-    Cuda(usize),
-}
-
-impl Device {
-    /// CUDA device 0 when a driver and a GPU are present, else the CPU.
-    pub fn best() -> Device {
-        if crate::cuda::available() { Device::Cuda(0) } else { Device::Cpu }
-    }
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
+pub use crate::types::{DType, Device};
 
 /// Host storage, typed so reads need no casts.
 #[derive(Clone, Debug)]
@@ -336,9 +284,49 @@ impl Tensor {
 }
 
 impl Tensor {
-    /// A contiguous tensor over a whole device buffer.
-    pub(crate) fn on_device_buffer(buf: crate::cuda::DeviceBuffer, shape: &[usize], dtype: DType) -> Tensor {
-        Tensor { storage: Storage::Cuda(buf), dtype, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 }
+    /// A contiguous tensor whose contents the caller overwrites entirely (zeros on the host).
+    pub(crate) fn uninit(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Tensor::zeros(shape, dtype, device),
+            Device::Cuda(ordinal) => {
+                let n = numel(shape)?.checked_mul(dtype.size()).ok_or_else(|| Error::Data { msg: format!("shape {shape:?} overflows usize") })?;
+                let buf = crate::cuda::DeviceBuffer::uninit(ordinal, n)?;
+                Ok(Tensor { storage: Storage::Cuda(buf), dtype, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 })
+            }
+        }
+    }
+
+    /// Address of the view's first element (host or device).
+    fn addr(&self) -> u64 {
+        let base = match &self.storage {
+            Storage::Cpu(d) => match d {
+                CpuData::F16(v) => v.as_ptr() as u64,
+                CpuData::BF16(v) => v.as_ptr() as u64,
+                CpuData::F32(v) => v.as_ptr() as u64,
+                CpuData::I32(v) => v.as_ptr() as u64,
+            },
+            Storage::Cuda(b) => b.ptr(),
+        };
+        base + (self.offset * self.dtype.size()) as u64
+    }
+
+    /// The tensor as the raw layer sees it, for reading.
+    pub fn view(&self) -> View<'_> {
+        View { addr: self.addr(), dtype: self.dtype, shape: &self.shape, strides: &self.strides }
+    }
+
+    /// The tensor as the raw layer sees it, for writing (the pointer comes from unique access).
+    pub fn view_mut(&mut self) -> View<'_> {
+        let base = match &mut self.storage {
+            Storage::Cpu(d) => match d {
+                CpuData::F16(v) => v.as_mut_ptr() as u64,
+                CpuData::BF16(v) => v.as_mut_ptr() as u64,
+                CpuData::F32(v) => v.as_mut_ptr() as u64,
+                CpuData::I32(v) => v.as_mut_ptr() as u64,
+            },
+            Storage::Cuda(b) => b.ptr(),
+        };
+        View { addr: base + (self.offset * self.dtype.size()) as u64, dtype: self.dtype, shape: &self.shape, strides: &self.strides }
     }
 }
 

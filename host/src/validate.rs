@@ -4,19 +4,21 @@
 //!
 //! Sizes are checked in u128 so that no combination of shapes and strides can overflow (or panic) here.
 
-use crate::api::{AttnOptions, Varlen};
 use crate::error::{Error, Result};
 use crate::problem::{BwdProblem, HostSeqlens, Problem, Strides};
-use crate::tensor::{DType, Device, Tensor};
+use crate::raw::{BwdViews, FwdViews, Workspace};
+use crate::types::{AttnOptions, DType, VarlenViews, View};
 use crate::HEAD_DIMS;
 
 const I32_MAX: u128 = i32::MAX as u128;
 const I64_MAX: u128 = i64::MAX as u128;
 
 /// Checks q, k, v (and the varlen lengths) against each other and `opts`, and returns the canonical problem.
-pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions) -> Result<Problem> {
+pub fn validate_fwd(q: &View<'_>, k: &View<'_>, v: &View<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions) -> Result<Problem> {
     check_dtypes(q, k, v)?;
-    check_devices(q, k, v, varlen)?;
+    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        check_strides_len(arg, t)?;
+    }
 
     let rank = if varlen.is_some() { 3 } else { 4 };
     for (arg, t) in [("q", q), ("k", k), ("v", v)] {
@@ -24,11 +26,11 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
             return Err(Error::Rank { arg, got: t.rank(), expected: rank });
         }
     }
-    if k.shape() != v.shape() {
-        return Err(Error::Shape { arg: "v", msg: format!("shape {:?} must equal k's shape {:?}", v.shape(), k.shape()) });
+    if k.shape != v.shape {
+        return Err(Error::Shape { arg: "v", msg: format!("shape {:?} must equal k's shape {:?}", v.shape, k.shape) });
     }
     // Trailing dims are [.., S, H, D] in both layouts.
-    let (qs, ks) = (q.shape(), k.shape());
+    let (qs, ks) = (q.shape, k.shape);
     let (hq, d) = (qs[rank - 2], qs[rank - 1]);
     let hk = ks[rank - 2];
     if ks[rank - 1] != d {
@@ -44,7 +46,7 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
         return Err(Error::Heads { hq, hk });
     }
     for (arg, t) in [("q", q), ("k", k), ("v", v)] {
-        if t.strides()[rank - 1] != 1 {
+        if t.strides[rank - 1] != 1 {
             return Err(Error::NotContiguous { arg });
         }
     }
@@ -79,11 +81,6 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
         return Err(Error::TooLarge { arg: "q", msg: format!("the output would have {out_elems} elements, more than i64 can index") });
     }
 
-    let seqlens = match varlen {
-        Some(vl) if q.device() == Device::Cpu => Some(check_varlen_contents(vl, total_q, total_k)?),
-        _ => None,
-    };
-
     // Canonical mask: causal is window (left, 0); a bound that can never bind becomes -1 (unbounded).
     // Row i of a (sq, sk) sequence sees j >= i + sk - sq - left for all i iff left >= sk - 1, and
     // j <= i + sk - sq + right for all j < sk iff right >= sq - 1; the totals bound every varlen length.
@@ -99,16 +96,9 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
         window_right = -1;
     }
 
-    let strides = |t: &Tensor| {
-        let s = t.strides();
-        match varlen {
-            None => Strides { batch: s[0], row: s[1], head: s[2], offset: t.offset() },
-            Some(_) => Strides { batch: 0, row: s[0], head: s[1], offset: t.offset() },
-        }
-    };
+    let strides = |t: &View<'_>| operand_strides(t, varlen.is_some());
     Ok(Problem {
-        dtype: q.dtype(),
-        device: q.device(),
+        dtype: q.dtype,
         batch,
         hq,
         hk,
@@ -127,7 +117,7 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
         v: strides(v),
         has_seqused_q: varlen.is_some_and(|vl| vl.seqused_q.is_some()),
         has_seqused_k: varlen.is_some_and(|vl| vl.seqused_k.is_some()),
-        seqlens,
+        seqlens: None,
     })
 }
 
@@ -136,61 +126,166 @@ pub fn validate_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'
 /// (f32 on q's device, the forward's LSE shape `[B, Hq, Sq]` or `[Hq, Tq]`, contiguous as the forward
 /// writes it).
 #[allow(clippy::too_many_arguments)]
-pub fn validate_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions) -> Result<BwdProblem> {
+pub fn validate_bwd(dout: &View<'_>, q: &View<'_>, k: &View<'_>, v: &View<'_>, out: &View<'_>, lse: &View<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions) -> Result<BwdProblem> {
     let fwd = validate_fwd(q, k, v, varlen, opts)?;
     let out_shape = fwd.out_shape();
-    check_like("dout", dout, q.device(), q.dtype(), &out_shape, false)?;
-    check_like("out", out, q.device(), q.dtype(), &out_shape, false)?;
-    check_like("lse", lse, q.device(), DType::F32, &fwd.lse_shape(), true)?;
+    check_like("dout", dout, q.dtype, &out_shape, false)?;
+    check_like("out", out, q.dtype, &out_shape, false)?;
+    check_like("lse", lse, DType::F32, &fwd.lse_shape(), true)?;
     let varlen = varlen.is_some();
     Ok(BwdProblem { dout: operand_strides(dout, varlen), out: operand_strides(out, varlen), fwd })
 }
 
-/// A tensor handed in beside q (dout, out, lse, or an output to write into): on q's device, of `dtype`,
-/// of exactly `shape`, head dim contiguous, or wholly contiguous with `contiguous`, and addressable with
-/// i64 offsets.
-pub(crate) fn check_like(arg: &'static str, t: &Tensor, device: crate::Device, dtype: DType, shape: &[usize], contiguous: bool) -> Result<()> {
-    if t.device() != device {
-        return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: device.to_string() });
-    }
-    if t.dtype() != dtype {
+/// A tensor handed in beside q (dout, out, lse, or an output to write into): of `dtype`, of exactly
+/// `shape`, head dim contiguous, or wholly contiguous with `contiguous`, and addressable with i64 offsets.
+pub fn check_like(arg: &'static str, t: &View<'_>, dtype: DType, shape: &[usize], contiguous: bool) -> Result<()> {
+    check_strides_len(arg, t)?;
+    if t.dtype != dtype {
         return Err(match dtype {
-            DType::F32 => Error::DType { arg, got: t.dtype().to_string(), expected: "f32" },
-            _ => Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: format!("q's dtype {dtype}") },
+            DType::F32 => Error::DType { arg, got: t.dtype.to_string(), expected: "f32" },
+            _ => Error::DTypeMismatch { arg, got: t.dtype.to_string(), expected: format!("q's dtype {dtype}") },
         });
     }
     if t.rank() != shape.len() {
         return Err(Error::Rank { arg, got: t.rank(), expected: shape.len() });
     }
-    if t.shape() != shape {
-        return Err(Error::Shape { arg, msg: format!("shape {:?} must be {shape:?} (from q's shape)", t.shape()) });
+    if t.shape != shape {
+        return Err(Error::Shape { arg, msg: format!("shape {:?} must be {shape:?} (from q's shape)", t.shape) });
     }
-    if contiguous && !t.is_contiguous() {
+    if contiguous && !is_contiguous(t) {
         return Err(Error::Shape { arg, msg: "must be contiguous".into() });
     }
-    if t.strides()[shape.len() - 1] != 1 {
+    if !shape.is_empty() && t.strides[shape.len() - 1] != 1 {
         return Err(Error::NotContiguous { arg });
     }
     check_extent(arg, t)
 }
 
-/// Strides of a `[B, S, H, D]` (or varlen `[T, H, D]`) operand, head dim contiguous.
-fn operand_strides(t: &Tensor, varlen: bool) -> Strides {
-    let s = t.strides();
-    if varlen { Strides { batch: 0, row: s[0], head: s[1], offset: t.offset() } } else { Strides { batch: s[0], row: s[1], head: s[2], offset: t.offset() } }
+/// Whether the view is row-major contiguous (dimensions of extent 1, and empty views, may have any
+/// strides).
+pub fn is_contiguous(t: &View<'_>) -> bool {
+    if t.numel() == 0 {
+        return true;
+    }
+    let mut expected = 1usize;
+    for (&n, &s) in t.shape.iter().zip(t.strides).rev() {
+        if n != 1 && s != expected {
+            return false;
+        }
+        expected = expected.saturating_mul(n);
+    }
+    true
 }
 
-/// Copies the varlen length tensors to the host (from the device if need be) and checks their contents:
-/// the check `validate_fwd` skips for device tensors, for callers who want it. `total_q`/`total_k` are
-/// the row counts of q and k.
-pub fn check_varlen_contents(varlen: &Varlen<'_>, total_q: usize, total_k: usize) -> Result<HostSeqlens> {
-    let batch = check_varlen_structure(varlen)?;
-    let seqlens = HostSeqlens {
-        cu_seqlens_q: varlen.cu_seqlens_q.to_i32_vec()?,
-        cu_seqlens_k: varlen.cu_seqlens_k.to_i32_vec()?,
-        seqused_q: varlen.seqused_q.map(Tensor::to_i32_vec).transpose()?,
-        seqused_k: varlen.seqused_k.map(Tensor::to_i32_vec).transpose()?,
-    };
+fn check_strides_len(arg: &'static str, t: &View<'_>) -> Result<()> {
+    if t.strides.len() != t.shape.len() {
+        return Err(Error::Shape { arg, msg: format!("{} strides for {} dimensions", t.strides.len(), t.shape.len()) });
+    }
+    Ok(())
+}
+
+/// Strides of a `[B, S, H, D]` (or varlen `[T, H, D]`) operand, head dim contiguous.
+fn operand_strides(t: &View<'_>, varlen: bool) -> Strides {
+    let s = t.strides;
+    if varlen { Strides { batch: 0, row: s[0], head: s[1] } } else { Strides { batch: s[0], row: s[1], head: s[2] } }
+}
+
+/// The forward's outputs: out like q's output shape in q's dtype, lse contiguous f32; neither may
+/// overlap an input or the other.
+pub fn check_fwd_outputs(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>) -> Result<()> {
+    check_like("out", &t.out, p.dtype, &p.out_shape(), false)?;
+    check_like("lse", &t.lse, DType::F32, &p.lse_shape(), true)?;
+    let inputs = [("q", &t.q), ("k", &t.k), ("v", &t.v)];
+    check_no_alias(&[("out", &t.out), ("lse", &t.lse)], &inputs, varlen)
+}
+
+/// The backward's outputs: dq like q, dk and dv like k, in q's dtype; none may overlap an input or
+/// another output.
+pub fn check_bwd_outputs(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>) -> Result<()> {
+    let p = &bp.fwd;
+    check_like("dq", &t.dq, p.dtype, &p.out_shape(), false)?;
+    check_like("dk", &t.dk, p.dtype, &p.kv_shape(), false)?;
+    check_like("dv", &t.dv, p.dtype, &p.kv_shape(), false)?;
+    let inputs = [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse)];
+    check_no_alias(&[("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)], &inputs, varlen)
+}
+
+/// No output shares an element with an input (varlen lengths included) or with another output.
+fn check_no_alias(outputs: &[(&'static str, &View<'_>)], inputs: &[(&'static str, &View<'_>)], varlen: Option<&VarlenViews<'_>>) -> Result<()> {
+    let lens = varlen.map(|vl| [Some(("cu_seqlens_q", vl.cu_seqlens_q)), Some(("cu_seqlens_k", vl.cu_seqlens_k)), vl.seqused_q.map(|t| ("seqused_q", t)), vl.seqused_k.map(|t| ("seqused_k", t))]);
+    for (i, &(arg, o)) in outputs.iter().enumerate() {
+        let others = inputs.iter().copied().chain(outputs[i + 1..].iter().copied());
+        let lens = lens.iter().flatten().flatten().map(|(a, t)| (*a, t));
+        for (other, t) in others.chain(lens) {
+            if crate::alias::overlap(o, t) {
+                return Err(Error::Value { arg, msg: format!("overlaps {other}: an output may not alias an input or another output") });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The backward's workspace: at least `needed` bytes, 256-byte aligned, overlapping no tensor.
+pub fn check_workspace(ws: &Workspace, needed: usize, t: &BwdViews<'_>) -> Result<()> {
+    if ws.bytes < needed {
+        return Err(Error::Value { arg: "workspace", msg: format!("{} bytes is less than the {needed} bytes needed (bwd_workspace_bytes)", ws.bytes) });
+    }
+    if !ws.addr.is_multiple_of(256) {
+        return Err(Error::Value { arg: "workspace", msg: format!("address {:#x} must be 256-byte aligned", ws.addr) });
+    }
+    // The workspace as 4-byte words (all its sections are f32).
+    let shape = [ws.bytes.div_ceil(4)];
+    let w = View { addr: ws.addr, dtype: DType::I32, shape: &shape, strides: &[1] };
+    for (arg, v) in [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse), ("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)] {
+        if crate::alias::overlap(&w, v) {
+            return Err(Error::Value { arg: "workspace", msg: format!("overlaps {arg}") });
+        }
+    }
+    Ok(())
+}
+
+/// The kernels copy rows with 16-byte `cp.async`: on CUDA every view starts 16-byte aligned and every
+/// stride but the last (of a dimension longer than 1) is a multiple of 16 bytes.
+pub fn check_cuda_rows(views: &[(&'static str, &View<'_>)]) -> Result<()> {
+    for &(arg, t) in views {
+        let size = t.dtype.size() as u64;
+        let rank = t.rank();
+        let bad = !t.addr.is_multiple_of(16) || t.strides[..rank.saturating_sub(1)].iter().zip(t.shape).any(|(&s, &n)| n > 1 && !(s as u64 * size).is_multiple_of(16));
+        if bad {
+            return Err(Error::Value { arg, msg: "on CUDA every row must be 16-byte aligned: the address and strides must be multiples of 16 bytes (8 elements of f16/bf16)".into() });
+        }
+    }
+    Ok(())
+}
+
+/// Grid y walks heads and z sequences: both are limited to 65535 by CUDA.
+pub fn check_grid(grid: (u32, u32, u32)) -> Result<()> {
+    for (arg, n) in [("num_heads", grid.1), ("batch", grid.2)] {
+        if n > 65535 {
+            return Err(Error::TooLarge { arg, msg: format!("{n} exceeds the CUDA grid limit of 65535") });
+        }
+    }
+    Ok(())
+}
+
+/// Checks the contents of the varlen lengths (host copies): the check `validate_fwd` cannot make for
+/// device memory. `total_q`/`total_k` are the row counts of q and k.
+pub fn check_varlen_contents(seqlens: &HostSeqlens, max_seqlen_q: usize, max_seqlen_k: usize, total_q: usize, total_k: usize) -> Result<HostSeqlens> {
+    let len_q = seqlens.cu_seqlens_q.len();
+    if len_q == 0 {
+        return Err(Error::Shape { arg: "cu_seqlens_q", msg: "must have B+1 >= 1 entries, got 0".into() });
+    }
+    let batch = len_q - 1;
+    if seqlens.cu_seqlens_k.len() != len_q {
+        return Err(Error::Shape { arg: "cu_seqlens_k", msg: format!("has {} entries but cu_seqlens_q has {len_q}", seqlens.cu_seqlens_k.len()) });
+    }
+    for (arg, used) in [("seqused_q", &seqlens.seqused_q), ("seqused_k", &seqlens.seqused_k)] {
+        if let Some(u) = used
+            && u.len() != batch
+        {
+            return Err(Error::Shape { arg, msg: format!("has {} entries, expected B = {batch} (cu_seqlens has {len_q})", u.len()) });
+        }
+    }
     let side = |cu_arg, cu: &[i32], used_arg, used: Option<&[i32]>, max_arg, max_seqlen: usize, total: usize| -> Result<()> {
         check_cu_seqlens(cu_arg, cu, total)?;
         for b in 0..batch {
@@ -208,55 +303,44 @@ pub fn check_varlen_contents(varlen: &Varlen<'_>, total_q: usize, total_k: usize
         }
         Ok(())
     };
-    side("cu_seqlens_q", &seqlens.cu_seqlens_q, "seqused_q", seqlens.seqused_q.as_deref(), "max_seqlen_q", varlen.max_seqlen_q, total_q)?;
-    side("cu_seqlens_k", &seqlens.cu_seqlens_k, "seqused_k", seqlens.seqused_k.as_deref(), "max_seqlen_k", varlen.max_seqlen_k, total_k)?;
-    Ok(seqlens)
+    side("cu_seqlens_q", &seqlens.cu_seqlens_q, "seqused_q", seqlens.seqused_q.as_deref(), "max_seqlen_q", max_seqlen_q, total_q)?;
+    side("cu_seqlens_k", &seqlens.cu_seqlens_k, "seqused_k", seqlens.seqused_k.as_deref(), "max_seqlen_k", max_seqlen_k, total_k)?;
+    Ok(seqlens.clone())
 }
 
-fn check_dtypes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
-    if !matches!(q.dtype(), DType::F16 | DType::BF16) {
-        return Err(Error::DType { arg: "q", got: q.dtype().to_string(), expected: "f16 or bf16" });
+fn check_dtypes(q: &View<'_>, k: &View<'_>, v: &View<'_>) -> Result<()> {
+    if !matches!(q.dtype, DType::F16 | DType::BF16) {
+        return Err(Error::DType { arg: "q", got: q.dtype.to_string(), expected: "f16 or bf16" });
     }
     for (arg, t) in [("k", k), ("v", v)] {
-        if t.dtype() != q.dtype() {
-            return Err(Error::DTypeMismatch { arg, got: t.dtype().to_string(), expected: format!("q's dtype {}", q.dtype()) });
-        }
-    }
-    Ok(())
-}
-
-fn check_devices(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>) -> Result<()> {
-    let mut all = vec![("k", k), ("v", v)];
-    if let Some(vl) = varlen {
-        all.extend([("cu_seqlens_q", vl.cu_seqlens_q), ("cu_seqlens_k", vl.cu_seqlens_k)]);
-        all.extend(vl.seqused_q.map(|t| ("seqused_q", t)));
-        all.extend(vl.seqused_k.map(|t| ("seqused_k", t)));
-    }
-    for (arg, t) in all {
-        if t.device() != q.device() {
-            return Err(Error::DeviceMismatch { arg, got: t.device().to_string(), expected: q.device().to_string() });
+        if t.dtype != q.dtype {
+            return Err(Error::DTypeMismatch { arg, got: t.dtype.to_string(), expected: format!("q's dtype {}", q.dtype) });
         }
     }
     Ok(())
 }
 
 /// Dtype, rank and length of the varlen tensors; returns the number of sequences B.
-fn check_varlen_structure(vl: &Varlen<'_>) -> Result<usize> {
-    let vector = |arg: &'static str, t: &Tensor| -> Result<usize> {
-        if t.dtype() != DType::I32 {
-            return Err(Error::DType { arg, got: t.dtype().to_string(), expected: "i32" });
+fn check_varlen_structure(vl: &VarlenViews<'_>) -> Result<usize> {
+    let vector = |arg: &'static str, t: &View<'_>| -> Result<usize> {
+        check_strides_len(arg, t)?;
+        if t.dtype != DType::I32 {
+            return Err(Error::DType { arg, got: t.dtype.to_string(), expected: "i32" });
         }
         if t.rank() != 1 {
             return Err(Error::Rank { arg, got: t.rank(), expected: 1 });
         }
         // The kernels read these as plain int32 arrays.
-        if t.shape()[0] > 1 && t.strides()[0] != 1 {
+        if t.shape[0] > 1 && t.strides[0] != 1 {
             return Err(Error::NotContiguous { arg });
         }
-        Ok(t.shape()[0])
+        if !t.addr.is_multiple_of(4) {
+            return Err(Error::Value { arg, msg: "must be 4-byte aligned".into() });
+        }
+        Ok(t.shape[0])
     };
-    let len_q = vector("cu_seqlens_q", vl.cu_seqlens_q)?;
-    let len_k = vector("cu_seqlens_k", vl.cu_seqlens_k)?;
+    let len_q = vector("cu_seqlens_q", &vl.cu_seqlens_q)?;
+    let len_k = vector("cu_seqlens_k", &vl.cu_seqlens_k)?;
     if len_q == 0 {
         return Err(Error::Shape { arg: "cu_seqlens_q", msg: "must have B+1 >= 1 entries, got 0".into() });
     }
@@ -266,7 +350,7 @@ fn check_varlen_structure(vl: &Varlen<'_>) -> Result<usize> {
     let batch = len_q - 1;
     for (arg, t) in [("seqused_q", vl.seqused_q), ("seqused_k", vl.seqused_k)] {
         if let Some(t) = t {
-            let n = vector(arg, t)?;
+            let n = vector(arg, &t)?;
             if n != batch {
                 return Err(Error::Shape { arg, msg: format!("has {n} entries, expected B = {batch} (cu_seqlens has {len_q})") });
             }
@@ -324,15 +408,16 @@ fn fits_i32(arg: &'static str, what: &str, n: usize) -> Result<()> {
 }
 
 /// The largest element offset the view reaches, and every stride, must fit i64.
-fn check_extent(arg: &'static str, t: &Tensor) -> Result<()> {
-    if let Some(s) = t.strides().iter().find(|&&s| s as u128 > I64_MAX) {
+fn check_extent(arg: &'static str, t: &View<'_>) -> Result<()> {
+    if let Some(s) = t.strides.iter().find(|&&s| s as u128 > I64_MAX) {
         return Err(Error::TooLarge { arg, msg: format!("stride {s} exceeds the i64 range") });
     }
-    if t.shape().contains(&0) {
+    if t.shape.contains(&0) {
         return Ok(());
     }
-    let last = t.shape().iter().zip(t.strides()).fold(t.offset() as u128, |acc, (&n, &s)| acc.saturating_add((n as u128 - 1).saturating_mul(s as u128)));
-    if last > I64_MAX {
+    let last = t.shape.iter().zip(t.strides).fold(0u128, |acc, (&n, &s)| acc.saturating_add((n as u128 - 1).saturating_mul(s as u128)));
+    // Byte addresses of the whole view must not wrap either.
+    if last > I64_MAX || (t.addr as u128).saturating_add(last.saturating_mul(t.dtype.size() as u128)) > u64::MAX as u128 {
         return Err(Error::TooLarge { arg, msg: format!("element offset {last} exceeds the i64 range") });
     }
     Ok(())

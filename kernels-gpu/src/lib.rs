@@ -9,9 +9,12 @@ pub mod block;
 pub mod bwd;
 pub mod fwd;
 pub mod mask;
+// Shared with the host, which ships them in its package (host/src/shared/).
+#[path = "../../host/src/shared/params.rs"]
 pub mod params;
 pub mod seqlen;
 pub mod softmax;
+#[path = "../../host/src/shared/variants.rs"]
 pub mod variants;
 
 // Device-only (params.rs is also compiled by the host, which has no `seqlen`): the length fields of both

@@ -381,6 +381,8 @@ pub struct Opts {
     pub window: (i64, i64),
     pub softcap: f32,
     pub scale: Option<f32>,
+    /// Kernel selection (CUDA only; results agree up to rounding).
+    pub kernels: flash_attn::KernelChoice,
 }
 
 /// Strategy: causal or not, a window side each way, softcap off or on, default or custom (also negative)
@@ -388,12 +390,12 @@ pub struct Opts {
 pub fn opts() -> impl Strategy<Value = Opts> {
     let softcap = prop_oneof![3 => Just(0.0f32), 2 => 0.5f32..30.0];
     let scale = prop_oneof![3 => Just(None), 1 => (-0.3f32..0.3).prop_map(Some)];
-    (any::<bool>(), window_side(), window_side(), softcap, scale).prop_map(|(causal, l, r, softcap, scale)| Opts { causal, window: (l, r), softcap, scale })
+    (any::<bool>(), window_side(), window_side(), softcap, scale).prop_map(|(causal, l, r, softcap, scale)| Opts { causal, window: (l, r), softcap, scale, kernels: Default::default() })
 }
 
 impl Opts {
     pub fn attn(&self) -> flash_attn::AttnOptions {
-        flash_attn::AttnOptions { softmax_scale: self.scale, causal: self.causal, window: self.window, softcap: self.softcap }
+        flash_attn::AttnOptions { softmax_scale: self.scale, causal: self.causal, window: self.window, softcap: self.softcap, kernels: self.kernels }
     }
     pub fn reference(&self, d: usize) -> RefOpts {
         RefOpts { scale: self.scale.map_or(1.0 / (d as f64).sqrt(), f64::from), softcap: self.softcap as f64, causal: self.causal, window: self.window }

@@ -253,7 +253,7 @@ fn run(args: &RunArgs) -> Result<()> {
             };
             // The library reads lengths on device tensors without checking them; check them here, on the
             // host, where bad ones can still be reported.
-            flash_attn::validate::check_varlen_contents(&host, q.shape()[0], k.shape()[0])?;
+            flash_attn::check_varlen_contents(&host, q.shape()[0], k.shape()[0])?;
             let used_q_d = seqused_q.as_ref().map(dev).transpose()?;
             let used_k_d = seqused_k.as_ref().map(dev).transpose()?;
             Some((dev(cu_q)?, dev(cu_k)?, used_q_d, used_k_d, host.max_seqlen_q, host.max_seqlen_k))

@@ -14,19 +14,17 @@
 
 use super::mask::key_range;
 use super::seqlen::{self, SeqInfo};
-use super::{host, load_rows, to_dtype, BLOCK_M, BLOCK_N};
-use crate::api::BwdOutput;
+use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::error::Result;
 use crate::problem::{BwdProblem, Problem, Strides};
-use crate::tensor::{CpuData, Tensor};
 use rayon::prelude::*;
 
 /// The storages and per-row values every work item reads.
 struct Inputs<'a> {
-    q: &'a CpuData,
-    k: &'a CpuData,
-    v: &'a CpuData,
-    dout: &'a CpuData,
+    q: HostSlice<'a>,
+    k: HostSlice<'a>,
+    v: HostSlice<'a>,
+    dout: HostSlice<'a>,
     /// Indexed like the LSE: `SeqInfo::lse_base + h * lse_head_stride + i`.
     lse: &'a [f32],
     delta: &'a [f32],
@@ -40,11 +38,10 @@ struct Seq {
     key_row0: usize,
 }
 
-/// Backward pass on host tensors described by a validated `BwdProblem`.
-pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<BwdOutput> {
+/// Backward pass on host memory described by a validated `BwdProblem`: dq, dk, dv in f32, contiguous
+/// in q's and k's shapes.
+pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, od: HostSlice<'_>, lse: &[f32]) -> Result<[Vec<f32>; 3]> {
     let p = &bp.fwd;
-    let (qd, kd, vd, dod, od) = (host("q", q)?, host("k", k)?, host("v", v)?, host("dout", dout)?, host("out", out)?);
-    let lse = lse.to_f32_vec()?;
     let (infos, lse_head_stride) = seqlen::sequences(p)?;
     let seqs: Vec<Seq> = infos
         .iter()
@@ -71,7 +68,7 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
         let at = seqs[b].s.lse_base + h * lse_head_stride;
         delta[at..at + r.len()].copy_from_slice(r);
     }
-    let x = Inputs { q: qd, k: kd, v: vd, dout: dod, lse: &lse, delta: &delta };
+    let x = Inputs { q: qd, k: kd, v: vd, dout: dod, lse, delta: &delta };
 
     // dk, dv: per (sequence, kv head, key tile). Keys of no sequence stay 0.
     let kv_items: Vec<(usize, usize, usize)> =
@@ -99,8 +96,7 @@ pub fn bwd(bp: &BwdProblem, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, o
         }
     }
 
-    let kv_shape = p.kv_shape();
-    Ok(BwdOutput { dq: to_dtype(&dq, &p.out_shape(), p.dtype)?, dk: to_dtype(&dk, &kv_shape, p.dtype)?, dv: to_dtype(&dv, &kv_shape, p.dtype)? })
+    Ok([dq, dk, dv])
 }
 
 /// dk and dv (`cols * D` each) of key tile `n_block` of kv head `hk`.
@@ -245,8 +241,8 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// Storage index of row 0, head 0 of sequence `b` in an operand with strides `st` shaped like q.
 fn row_base(p: &Problem, st: &Strides, b: usize) -> usize {
     match &p.seqlens {
-        Some(s) if p.varlen => st.offset + s.cu_seqlens_q[b] as usize * st.row,
-        _ => st.offset + b * st.batch,
+        Some(s) if p.varlen => s.cu_seqlens_q[b] as usize * st.row,
+        _ => b * st.batch,
     }
 }
 

@@ -11,13 +11,12 @@ mod mask;
 mod seqlen;
 mod tile;
 
-pub use bwd::bwd;
-
-use crate::api::FwdOutput;
 use crate::error::{Error, Result};
-use crate::problem::Problem;
-use crate::tensor::{CpuData, DType, Tensor};
+use crate::problem::{BwdProblem, HostSeqlens, Problem};
+use crate::raw::{BwdViews, FwdViews};
+use crate::types::{DType, VarlenViews, View};
 use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use rayon::prelude::*;
 use seqlen::SeqInfo;
 
@@ -25,9 +24,105 @@ use seqlen::SeqInfo;
 pub(crate) const BLOCK_M: usize = 64;
 pub(crate) const BLOCK_N: usize = 64;
 
-/// Forward pass on host tensors described by a validated `Problem`.
-pub fn fwd(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<FwdOutput> {
-    let (qd, kd, vd) = (host("q", q)?, host("k", k)?, host("v", v)?);
+/// Host memory of one input, typed so reads need no casts: its elements from the view's first one to
+/// its last (indices are strides from there).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum HostSlice<'a> {
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    F32(&'a [f32]),
+}
+
+/// The view's elements as a host slice.
+///
+/// # Safety
+/// The view must be valid host memory for reads over its whole span, unchanged while the slice lives.
+unsafe fn host_slice<'a>(arg: &'static str, t: &View<'_>) -> Result<HostSlice<'a>> {
+    let span = t.span().ok_or_else(|| Error::TooLarge { arg, msg: "the view's span exceeds usize".into() })?;
+    // A dangling but aligned pointer for empty views, which from_raw_parts requires to be non-null.
+    let ptr = |align: usize| if span == 0 { align as *const u8 } else { t.addr as *const u8 };
+    unsafe {
+        Ok(match t.dtype {
+            DType::F16 => HostSlice::F16(std::slice::from_raw_parts(ptr(2) as *const f16, span)),
+            DType::BF16 => HostSlice::BF16(std::slice::from_raw_parts(ptr(2) as *const bf16, span)),
+            DType::F32 => HostSlice::F32(std::slice::from_raw_parts(ptr(4) as *const f32, span)),
+            DType::I32 => return Err(Error::DType { arg, got: "i32".into(), expected: "f16, bf16 or f32" }),
+        })
+    }
+}
+
+/// Host copies of the varlen lengths (checked by the caller).
+///
+/// # Safety
+/// The views must be valid host memory (their structure already validated: contiguous int32 vectors).
+pub(crate) unsafe fn host_seqlens(vl: &VarlenViews<'_>) -> HostSeqlens {
+    let read = |t: &View<'_>| -> Vec<i32> { if t.shape[0] == 0 { Vec::new() } else { unsafe { std::slice::from_raw_parts(t.addr as *const i32, t.shape[0]).to_vec() } } };
+    HostSeqlens { cu_seqlens_q: read(&vl.cu_seqlens_q), cu_seqlens_k: read(&vl.cu_seqlens_k), seqused_q: vl.seqused_q.as_ref().map(read), seqused_k: vl.seqused_k.as_ref().map(read) }
+}
+
+/// Write `values` (row-major over the view's shape) into a view whose last dimension is contiguous,
+/// rounding to its dtype once.
+///
+/// # Safety
+/// The view must be valid host memory for writes over its whole span, aliasing nothing being read.
+unsafe fn scatter(t: &View<'_>, values: &[f32]) {
+    let rank = t.rank();
+    let n = t.numel();
+    if n == 0 {
+        return;
+    }
+    let last = t.shape[rank - 1];
+    for (r, src) in values.chunks_exact(last).enumerate() {
+        let (mut lin, mut off) = (r, 0usize);
+        for d in (0..rank - 1).rev() {
+            off += (lin % t.shape[d]) * t.strides[d];
+            lin /= t.shape[d];
+        }
+        let at = t.addr as usize + off * t.dtype.size();
+        unsafe {
+            match t.dtype {
+                DType::F16 => std::slice::from_raw_parts_mut(at as *mut f16, last).convert_from_f32_slice(src),
+                DType::BF16 => std::slice::from_raw_parts_mut(at as *mut bf16, last).convert_from_f32_slice(src),
+                DType::F32 => std::slice::from_raw_parts_mut(at as *mut f32, last).copy_from_slice(src),
+                DType::I32 => unreachable!("validated outputs are f16, bf16 or f32"),
+            }
+        }
+    }
+}
+
+/// The forward on host memory, into the caller's out and lse.
+///
+/// # Safety
+/// As `raw::fwd` on `Target::Cpu`; `p.seqlens` is filled in for varlen.
+pub(crate) unsafe fn fwd_into(p: &Problem, t: &FwdViews<'_>) -> Result<()> {
+    let (q, k, v) = unsafe { (host_slice("q", &t.q)?, host_slice("k", &t.k)?, host_slice("v", &t.v)?) };
+    let (out, lse) = fwd(p, q, k, v)?;
+    unsafe {
+        scatter(&t.out, &out);
+        scatter(&t.lse, &lse);
+    }
+    Ok(())
+}
+
+/// The backward on host memory, into the caller's dq, dk, dv.
+///
+/// # Safety
+/// As `raw::bwd` on `Target::Cpu`; `bp.fwd.seqlens` is filled in for varlen.
+pub(crate) unsafe fn bwd_into(bp: &BwdProblem, t: &BwdViews<'_>) -> Result<()> {
+    let [dout, q, k, v, out] = unsafe { [host_slice("dout", &t.dout)?, host_slice("q", &t.q)?, host_slice("k", &t.k)?, host_slice("v", &t.v)?, host_slice("out", &t.out)?] };
+    let HostSlice::F32(lse) = (unsafe { host_slice("lse", &t.lse)? }) else { unreachable!("validated lse is f32") };
+    let [dq, dk, dv] = bwd::bwd(bp, dout, q, k, v, out, lse)?;
+    unsafe {
+        scatter(&t.dq, &dq);
+        scatter(&t.dk, &dk);
+        scatter(&t.dv, &dv);
+    }
+    Ok(())
+}
+
+/// Forward pass on host memory described by a validated `Problem`: out (f32, contiguous `out_shape`)
+/// and lse (contiguous `lse_shape`).
+fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>) -> Result<(Vec<f32>, Vec<f32>)> {
     let (seqs, lse_head_stride) = seqlen::sequences(p)?;
     let d = p.head_dim;
     let group = p.hq / p.hk;
@@ -57,42 +152,18 @@ pub fn fwd(p: &Problem, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<FwdOutput>
             lse[s.lse_base + h * lse_head_stride + i0 + r] = l;
         }
     }
-
-    let out = to_dtype(&out, &p.out_shape(), p.dtype)?;
-    Ok(FwdOutput { out, lse: Tensor::from_f32(&lse, &p.lse_shape(), DType::F32)? })
-}
-
-/// A contiguous f16/bf16 tensor from f32 values, rounded to nearest once.
-fn to_dtype(x: &[f32], shape: &[usize], dtype: DType) -> Result<Tensor> {
-    match dtype {
-        DType::F16 => {
-            let mut o = vec![half::f16::ZERO; x.len()];
-            o.convert_from_f32_slice(x);
-            Tensor::from_f16(o, shape)
-        }
-        DType::BF16 => {
-            let mut o = vec![half::bf16::ZERO; x.len()];
-            o.convert_from_f32_slice(x);
-            Tensor::from_bf16(o, shape)
-        }
-        other => Err(Error::DType { arg: "q", got: other.to_string(), expected: "f16 or bf16" }),
-    }
-}
-
-fn host<'a>(arg: &'static str, t: &'a Tensor) -> Result<&'a CpuData> {
-    t.cpu_data().ok_or_else(|| Error::DeviceMismatch { arg, got: t.device().to_string(), expected: "cpu".into() })
+    Ok((out, lse))
 }
 
 /// Rows `first, first + stride, ..` (n of them, each `d` contiguous elements) of `data`, widened to f32
 /// into `dst` (`n * d` long).
-fn load_rows(data: &CpuData, first: usize, stride: usize, n: usize, d: usize, dst: &mut [f32]) {
+fn load_rows(data: HostSlice<'_>, first: usize, stride: usize, n: usize, d: usize, dst: &mut [f32]) {
     for (r, row) in dst.chunks_exact_mut(d).take(n).enumerate() {
         let at = first + r * stride;
         match data {
-            CpuData::F16(x) => x[at..at + d].convert_to_f32_slice(row),
-            CpuData::BF16(x) => x[at..at + d].convert_to_f32_slice(row),
-            CpuData::F32(x) => row.copy_from_slice(&x[at..at + d]),
-            CpuData::I32(x) => row.iter_mut().zip(&x[at..at + d]).for_each(|(o, &i)| *o = i as f32),
+            HostSlice::F16(x) => x[at..at + d].convert_to_f32_slice(row),
+            HostSlice::BF16(x) => x[at..at + d].convert_to_f32_slice(row),
+            HostSlice::F32(x) => row.copy_from_slice(&x[at..at + d]),
         }
     }
 }

@@ -24,9 +24,9 @@ pub(crate) fn sequences(p: &Problem) -> Result<(Vec<SeqInfo>, usize)> {
     if !p.varlen {
         let seqs = (0..p.batch)
             .map(|b| SeqInfo {
-                q_base: p.q.offset + b * p.q.batch,
-                k_base: p.k.offset + b * p.k.batch,
-                v_base: p.v.offset + b * p.v.batch,
+                q_base: b * p.q.batch,
+                k_base: b * p.k.batch,
+                v_base: b * p.v.batch,
                 out_row0: b * p.seqlen_q,
                 lse_base: b * p.hq * p.seqlen_q,
                 seqlen_q: p.seqlen_q,
@@ -45,9 +45,9 @@ pub(crate) fn sequences(p: &Problem) -> Result<(Vec<SeqInfo>, usize)> {
         .map(|b| {
             let (row_q, row_k) = (s.cu_seqlens_q[b] as usize, s.cu_seqlens_k[b] as usize);
             SeqInfo {
-                q_base: p.q.offset + row_q * p.q.row,
-                k_base: p.k.offset + row_k * p.k.row,
-                v_base: p.v.offset + row_k * p.v.row,
+                q_base: row_q * p.q.row,
+                k_base: row_k * p.k.row,
+                v_base: row_k * p.v.row,
                 out_row0: row_q,
                 lse_base: row_q,
                 seqlen_q: len(&s.cu_seqlens_q, &s.seqused_q, b),

@@ -3,15 +3,14 @@
 
 use super::mask::key_range;
 use super::seqlen::SeqInfo;
-use super::{load_rows, BLOCK_M, BLOCK_N};
+use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::problem::Problem;
-use crate::tensor::CpuData;
 
 /// The input storages and the element offset of this work item's q head and kv head.
 pub(crate) struct Operands<'a> {
-    pub q: &'a CpuData,
-    pub k: &'a CpuData,
-    pub v: &'a CpuData,
+    pub q: HostSlice<'a>,
+    pub k: HostSlice<'a>,
+    pub v: HostSlice<'a>,
     pub q_head: usize,
     pub k_head: usize,
     pub v_head: usize,
