@@ -1,0 +1,276 @@
+//! The CUDA path: a validated problem's kernels queued on the caller's stream over the caller's memory.
+//! Nothing here allocates, synchronizes or copies; dispatch.rs picks the kernels, validate.rs has
+//! checked every argument (and checks the grids here before anything is queued).
+
+use crate::dispatch::{bwd_launches, fwd_launch, Launch};
+use crate::error::{Error, Result};
+use crate::module::{gpu, Function, Gpu};
+use crate::params::{BwdParams, FwdParams};
+use crate::problem::{BwdProblem, Problem};
+use crate::raw::{BwdViews, FwdViews};
+use crate::types::{KernelChoice, VarlenViews, View};
+use crate::validate::check_grid;
+use cudarc::driver::{result, sys};
+use std::sync::OnceLock;
+
+/// The environment's process-wide kernel overrides (read once: a call must not allocate).
+fn env_choice() -> KernelChoice {
+    static ENV: OnceLock<KernelChoice> = OnceLock::new();
+    *ENV.get_or_init(|| KernelChoice { no_wgmma: std::env::var_os("FLASH_ATTN_NO_WGMMA").is_some(), bwd_chain_all: std::env::var_os("FLASH_ATTN_BWD_CHAIN_ALL").is_some() })
+}
+
+/// The kernel choice in force: the call's, or the environment's where it forces one.
+fn choice(call: KernelChoice) -> KernelChoice {
+    let env = env_choice();
+    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all }
+}
+
+/// Multiprocessors for the sm_90a module's wgmma kernels: a Hopper GPU unless `no_wgmma`.
+fn hopper_sms(gpu: &Gpu, k: KernelChoice) -> Option<usize> {
+    (gpu.cc_major >= 9 && !k.no_wgmma).then_some(gpu.sm_count)
+}
+
+/// The softmax constants both passes use: (scale_log2, softcap_pre); see `FwdParams`.
+fn score_constants(p: &Problem) -> (f32, f32) {
+    if p.softcap > 0.0 {
+        (p.softcap * std::f32::consts::LOG2_E, p.scale / p.softcap)
+    } else {
+        (p.scale * std::f32::consts::LOG2_E, 0.0)
+    }
+}
+
+fn i32_of(x: i64) -> i32 {
+    x.clamp(i32::MIN as i64, i32::MAX as i64) as i32
+}
+
+/// (batch, row, head) strides of a `[B, S, H, D]` (varlen `[T, H, D]`) view.
+fn bsh(v: &View<'_>, varlen: bool) -> (i64, i64, i64) {
+    let s = |i: usize| v.strides[i] as i64;
+    if varlen { (0, s(0), s(1)) } else { (s(0), s(1), s(2)) }
+}
+
+/// Queue `launch` of `f` with `params` (passed by value) on `stream`.
+unsafe fn queue<P>(f: Function, l: &Launch, params: &P, stream: usize) -> Result<()> {
+    let mut args = [params as *const P as *mut std::ffi::c_void];
+    unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+    Ok(())
+}
+
+/// The forward's kernel on `stream`.
+///
+/// # Safety
+/// As `raw::fwd` on CUDA.
+pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, kernels: KernelChoice, ordinal: usize, stream: usize) -> Result<()> {
+    let gpu = gpu(ordinal)?;
+    let launch = fwd_launch(p, hopper_sms(&gpu, choice(kernels))).ok_or(Error::HeadDim { got: p.head_dim })?;
+    check_grid(launch.grid)?;
+    if p.total_q == 0 || p.hq == 0 {
+        return Ok(());
+    }
+    let f = gpu.function(launch.kernel, launch.smem_bytes)?;
+    let (o_batch, o_row, o_head) = bsh(&t.out, p.varlen);
+    let (lse_batch, lse_head) = p.lse_strides();
+    let (scale_log2, softcap_pre) = score_constants(p);
+    // Masked scores are -inf times scale_log2 in the kernel: a zero scale (uniform attention) must stay
+    // nonzero there. The smallest normal float makes every finite score flush to exactly 0.
+    let scale_log2 = if scale_log2 == 0.0 { f32::MIN_POSITIVE } else { scale_log2 };
+    let s = |x: usize| x as i64;
+    let params = FwdParams {
+        q: t.q.addr,
+        k: t.k.addr,
+        v: t.v.addr,
+        o: t.out.addr,
+        lse: t.lse.addr,
+        cu_seqlens_q: varlen.map_or(0, |vl| vl.cu_seqlens_q.addr),
+        cu_seqlens_k: varlen.map_or(0, |vl| vl.cu_seqlens_k.addr),
+        seqused_q: varlen.and_then(|vl| vl.seqused_q).map_or(0, |t| t.addr),
+        seqused_k: varlen.and_then(|vl| vl.seqused_k).map_or(0, |t| t.addr),
+        q_batch_stride: s(p.q.batch),
+        q_row_stride: s(p.q.row),
+        q_head_stride: s(p.q.head),
+        k_batch_stride: s(p.k.batch),
+        k_row_stride: s(p.k.row),
+        k_head_stride: s(p.k.head),
+        v_batch_stride: s(p.v.batch),
+        v_row_stride: s(p.v.row),
+        v_head_stride: s(p.v.head),
+        o_batch_stride: o_batch,
+        o_row_stride: o_row,
+        o_head_stride: o_head,
+        lse_batch_stride: s(lse_batch),
+        lse_head_stride: s(lse_head),
+        batch: p.batch as i32,
+        h: p.hq as i32,
+        h_k: p.hk as i32,
+        seqlen_q: p.seqlen_q as i32,
+        seqlen_k: p.seqlen_k as i32,
+        total_q: p.total_q as i32,
+        total_k: p.total_k as i32,
+        window_left: i32_of(p.window_left),
+        window_right: i32_of(p.window_right),
+        m_blocks: launch.grid.0 as i32,
+        scale_log2,
+        softcap_pre,
+    };
+    let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
+    unsafe { queue(f, &l, &params, stream) }
+}
+
+/// Where the backward's scratch lives in the caller's workspace: the f32 dq accumulator (not in
+/// deterministic mode), then lse_log2 and D (each shaped like the LSE), each section 256-byte aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BwdWorkspace {
+    pub dq_accum: Option<usize>,
+    pub lse_log2: usize,
+    pub delta: usize,
+    pub bytes: usize,
+}
+
+impl BwdWorkspace {
+    /// The layout for q of shape `[B, Sq, Hq, D]` or `[Tq, Hq, D]`.
+    pub fn for_q_shape(q_shape: &[usize], deterministic: bool) -> Result<BwdWorkspace> {
+        if !matches!(q_shape.len(), 3 | 4) {
+            return Err(Error::Rank { arg: "q", got: q_shape.len(), expected: 4 });
+        }
+        let (hq, d) = (q_shape[q_shape.len() - 2], q_shape[q_shape.len() - 1]);
+        if !crate::HEAD_DIMS.contains(&d) {
+            return Err(Error::HeadDim { got: d });
+        }
+        let too_large = || Error::TooLarge { arg: "q", msg: format!("shape {q_shape:?} needs a workspace larger than usize") };
+        let elems = q_shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or_else(too_large)?;
+        let lse_len = elems / d;
+        let align = |x: usize| x.checked_next_multiple_of(256).ok_or_else(too_large);
+        // The dk/dv kernel adds whole query blocks to the accumulator without a row check (rows past a
+        // sequence add exact zeros): `block_m` rows of slack keep the last block's adds inside it.
+        let slack = crate::dispatch::bwd_config(d).block_m * hq * d * 4;
+        let accum = if deterministic { 0 } else { align(elems.checked_mul(4).and_then(|x| x.checked_add(slack)).ok_or_else(too_large)?)? };
+        let lse_bytes = align(lse_len.checked_mul(4).ok_or_else(too_large)?)?;
+        let bytes = accum.checked_add(2 * lse_bytes).ok_or_else(too_large)?;
+        Ok(BwdWorkspace { dq_accum: (!deterministic).then_some(0), lse_log2: accum, delta: accum + lse_bytes, bytes })
+    }
+}
+
+/// The backward's kernels on `stream`: prep, dk/dv, and dq (bwd_launches). Every element of dq, dk, dv
+/// is written.
+///
+/// # Safety
+/// As `raw::bwd` on CUDA; `ws_addr` holds at least `ws.bytes`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, kernels: KernelChoice, deterministic: bool, ws: &BwdWorkspace, ws_addr: u64, ordinal: usize, stream: usize) -> Result<()> {
+    let p = &bp.fwd;
+    let gpu = gpu(ordinal)?;
+    let k = choice(kernels);
+    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all).ok_or(Error::HeadDim { got: p.head_dim })?;
+    for l in launches.iter() {
+        check_grid(l.grid)?;
+    }
+    if p.total_q == 0 || p.hq == 0 {
+        // No query attends to anything: every gradient is 0 (dq is empty).
+        for v in [&t.dk, &t.dv] {
+            unsafe { zero(v, p.varlen, stream) }?;
+        }
+        return Ok(());
+    }
+    let mut funcs = [None; 3];
+    for (f, l) in funcs.iter_mut().zip(launches.iter()) {
+        *f = Some(gpu.function(l.kernel, l.smem_bytes)?);
+    }
+
+    let s = |x: usize| x as i64;
+    let (scale_log2, softcap_pre) = score_constants(p);
+    let (lse_batch, lse_head) = p.lse_strides();
+    let (dq_b, dq_r, dq_h) = bsh(&t.dq, p.varlen);
+    let (dk_b, dk_r, dk_h) = bsh(&t.dk, p.varlen);
+    let (dv_b, dv_r, dv_h) = bsh(&t.dv, p.varlen);
+    // The accumulator is contiguous like q.
+    let acc_row = (p.hq * p.head_dim) as i64;
+    let (acc_b, acc_r, acc_h) = (if p.varlen { 0 } else { p.seqlen_q as i64 * acc_row }, acc_row, p.head_dim as i64);
+    let params = BwdParams {
+        q: t.q.addr,
+        k: t.k.addr,
+        v: t.v.addr,
+        o: t.out.addr,
+        dout: t.dout.addr,
+        lse: t.lse.addr,
+        dq: t.dq.addr,
+        dk: t.dk.addr,
+        dv: t.dv.addr,
+        dq_accum: ws.dq_accum.map_or(0, |o| ws_addr + o as u64),
+        lse_log2: ws_addr + ws.lse_log2 as u64,
+        delta: ws_addr + ws.delta as u64,
+        cu_seqlens_q: varlen.map_or(0, |vl| vl.cu_seqlens_q.addr),
+        cu_seqlens_k: varlen.map_or(0, |vl| vl.cu_seqlens_k.addr),
+        seqused_q: varlen.and_then(|vl| vl.seqused_q).map_or(0, |t| t.addr),
+        seqused_k: varlen.and_then(|vl| vl.seqused_k).map_or(0, |t| t.addr),
+        q_batch_stride: s(p.q.batch),
+        q_row_stride: s(p.q.row),
+        q_head_stride: s(p.q.head),
+        k_batch_stride: s(p.k.batch),
+        k_row_stride: s(p.k.row),
+        k_head_stride: s(p.k.head),
+        v_batch_stride: s(p.v.batch),
+        v_row_stride: s(p.v.row),
+        v_head_stride: s(p.v.head),
+        o_batch_stride: s(bp.out.batch),
+        o_row_stride: s(bp.out.row),
+        o_head_stride: s(bp.out.head),
+        do_batch_stride: s(bp.dout.batch),
+        do_row_stride: s(bp.dout.row),
+        do_head_stride: s(bp.dout.head),
+        dq_batch_stride: dq_b,
+        dq_row_stride: dq_r,
+        dq_head_stride: dq_h,
+        dk_batch_stride: dk_b,
+        dk_row_stride: dk_r,
+        dk_head_stride: dk_h,
+        dv_batch_stride: dv_b,
+        dv_row_stride: dv_r,
+        dv_head_stride: dv_h,
+        dqa_batch_stride: acc_b,
+        dqa_row_stride: acc_r,
+        dqa_head_stride: acc_h,
+        lse_batch_stride: s(lse_batch),
+        lse_head_stride: s(lse_head),
+        batch: p.batch as i32,
+        h: p.hq as i32,
+        h_k: p.hk as i32,
+        head_dim: p.head_dim as i32,
+        seqlen_q: p.seqlen_q as i32,
+        seqlen_k: p.seqlen_k as i32,
+        total_q: p.total_q as i32,
+        total_k: p.total_k as i32,
+        window_left: i32_of(p.window_left),
+        window_right: i32_of(p.window_right),
+        scale_log2,
+        softcap_pre,
+        scale: p.scale,
+        _pad: 0,
+    };
+    for (l, f) in launches.iter().zip(funcs) {
+        if l.grid.2 == 0 {
+            continue;
+        }
+        unsafe { queue(f.expect("a function per launch"), l, &params, stream) }?;
+    }
+    Ok(())
+}
+
+/// Zero a `[B, S, H, D]` (varlen `[T, H, D]`) view of 2-byte elements on `stream`: one pitched memset
+/// per (batch, head) over its rows.
+unsafe fn zero(v: &View<'_>, varlen: bool, stream: usize) -> Result<()> {
+    if v.numel() == 0 {
+        return Ok(());
+    }
+    let size = v.dtype.size();
+    let (b, r, h) = bsh(v, varlen);
+    let (batches, rows, heads, d) = if varlen { (1, v.shape[0], v.shape[1], v.shape[2]) } else { (v.shape[0], v.shape[1], v.shape[2], v.shape[3]) };
+    for bi in 0..batches {
+        for hi in 0..heads {
+            let at = v.addr + ((bi as i64 * b + hi as i64 * h) as usize * size) as u64;
+            // With one row the pitch is unused; it must still be at least the width.
+            let pitch = if rows > 1 { r as usize * size } else { d * size };
+            unsafe { sys::cuMemsetD2D8Async(at, pitch, 0, d * size, rows, stream as sys::CUstream) }.result()?;
+        }
+    }
+    Ok(())
+}
