@@ -33,11 +33,6 @@ macro_rules! require_gpu {
     };
 }
 
-fn gpu_tolerance(dtype: DType, vmax: f64, smax: f64) -> Tolerance {
-    let u = unit_roundoff(dtype);
-    Tolerance { u, atol_out: 2.0 * u * vmax, rtol_lse: 0.0, atol_lse: 2f64.powi(-14) * (1.0 + smax) }
-}
-
 /// A device tensor with `logical` values; with `strided`, a random layout inside a larger NaN-filled
 /// device buffer (so a read outside the view poisons the result).
 fn device_tensor(logical: &[f32], shape: &[usize], dtype: DType, strided: bool, rng: &mut StdRng) -> Tensor {

@@ -177,9 +177,14 @@ pub fn is_contiguous(t: &View<'_>) -> bool {
     true
 }
 
+/// One stride per dimension, and the address aligned to the element size (on every target: host slices
+/// need it too).
 fn check_strides_len(arg: &'static str, t: &View<'_>) -> Result<()> {
     if t.strides.len() != t.shape.len() {
         return Err(Error::Shape { arg, msg: format!("{} strides for {} dimensions", t.strides.len(), t.shape.len()) });
+    }
+    if !t.addr.is_multiple_of(t.dtype.size() as u64) {
+        return Err(Error::Value { arg, msg: format!("address {:#x} is not aligned to its {}-byte elements", t.addr, t.dtype.size()) });
     }
     Ok(())
 }

@@ -211,6 +211,12 @@ impl Tolerance {
     }
 }
 
+/// The GPU kernels' tolerance (tests/gpu.rs explains it): P is rounded to the input dtype before P.V.
+pub fn gpu_tolerance(dtype: DType, vmax: f64, smax: f64) -> Tolerance {
+    let u = unit_roundoff(dtype);
+    Tolerance { u, atol_out: 2.0 * u * vmax, rtol_lse: 0.0, atol_lse: 2f64.powi(-14) * (1.0 + smax) }
+}
+
 /// Compares the library's out and lse (as f32 values in logical order) to the reference; the first
 /// mismatch is reported. On success, returns the largest |diff| / tolerance seen for out and for lse.
 pub fn check_close(out: &[f32], lse: &[f32], ref_out: &[f64], ref_lse: &[f64], tol: &Tolerance) -> Result<(f64, f64), String> {
