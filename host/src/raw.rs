@@ -13,41 +13,9 @@
 //! dv like k; any strides with the head dim contiguous (on CUDA every row 16-byte aligned).
 
 use crate::error::Result;
-use crate::types::{AttnOptions, Target, VarlenViews, View};
+pub use crate::types::{BwdViews, FwdViews, Workspace};
+use crate::types::{AttnOptions, Target, VarlenViews};
 use crate::validate;
-
-/// The tensors of a forward call: inputs q, k, v and the outputs it writes, out and lse.
-#[derive(Clone, Copy, Debug)]
-pub struct FwdViews<'a> {
-    pub q: View<'a>,
-    pub k: View<'a>,
-    pub v: View<'a>,
-    pub out: View<'a>,
-    pub lse: View<'a>,
-}
-
-/// The tensors of a backward call: the forward's inputs, its out and lse, the gradient of out (dout), and
-/// the gradients it writes, dq, dk, dv (every element written; padding rows and unseen keys get 0).
-#[derive(Clone, Copy, Debug)]
-pub struct BwdViews<'a> {
-    pub dout: View<'a>,
-    pub q: View<'a>,
-    pub k: View<'a>,
-    pub v: View<'a>,
-    pub out: View<'a>,
-    pub lse: View<'a>,
-    pub dq: View<'a>,
-    pub dk: View<'a>,
-    pub dv: View<'a>,
-}
-
-/// Caller-provided scratch memory for the backward, in the call's memory, 256-byte aligned, at least
-/// `bwd_workspace_bytes` long. Its contents need no initialization and are garbage afterwards.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Workspace {
-    pub addr: u64,
-    pub bytes: usize,
-}
 
 /// Bytes of workspace a CUDA backward with q of shape `q_shape` (`[B, Sq, Hq, D]` or `[Tq, Hq, D]`)
 /// needs. The CPU path needs none (`Workspace::default()` will do).

@@ -6,8 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::problem::{BwdProblem, HostSeqlens, Problem, Strides};
-use crate::raw::{BwdViews, FwdViews, Workspace};
-use crate::types::{AttnOptions, DType, VarlenViews, View};
+use crate::types::{AttnOptions, BwdViews, DType, FwdViews, VarlenViews, View, Workspace};
 use crate::HEAD_DIMS;
 
 const I32_MAX: u128 = i32::MAX as u128;

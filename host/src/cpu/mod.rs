@@ -13,8 +13,7 @@ mod tile;
 
 use crate::error::{Error, Result};
 use crate::problem::{BwdProblem, HostSeqlens, Problem};
-use crate::raw::{BwdViews, FwdViews};
-use crate::types::{DType, VarlenViews, View};
+use crate::types::{BwdViews, DType, FwdViews, VarlenViews, View};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
