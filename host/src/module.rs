@@ -41,12 +41,19 @@ impl std::fmt::Debug for Gpu {
 pub fn cuda_available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        // cudarc panics on first use when libcuda is missing: ask first.
-        if !unsafe { sys::is_culib_present() } {
+        // cudarc panics on first use when libcuda is missing: ask first. (cudarc's own probe exists only
+        // under its dynamic-loading feature, which candle's dynamic-linking turns off.)
+        if !libcuda_loadable() {
             return false;
         }
         std::panic::catch_unwind(|| CudaContext::device_count().map(|n| n > 0).unwrap_or(false)).unwrap_or(false)
     })
+}
+
+/// Whether the driver library can be opened (the names the NVIDIA driver installs).
+fn libcuda_loadable() -> bool {
+    let names: &[&str] = if cfg!(windows) { &["nvcuda.dll"] } else { &["libcuda.so.1", "libcuda.so"] };
+    names.iter().any(|&name| unsafe { libloading::Library::new(name) }.is_ok())
 }
 
 /// The device `ordinal`, created on first use, with its primary context current on the calling thread.
