@@ -1,0 +1,243 @@
+"""flash_attn_rs: FlashAttention with kernels written in Rust (compiled to PTX), behind flash-attn 2's
+Python API.
+
+    from flash_attn_rs import flash_attn_func, flash_attn_varlen_func
+    out = flash_attn_func(q, k, v, causal=True)               # q [B, Sq, H, D], k/v [B, Sk, Hk, D]
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+
+The flash_attn_*_func functions take flash-attn 2.8's arguments, defaults and layouts and return what it
+returns (with `return_attn_probs=True`: `(out, softmax_lse, None)`); `flash_attn_varlen_func` also takes
+`seqused_q` / `seqused_k` (int32 `[B]`: only the first `seqused[b]` rows of slot b are real). `fwd`,
+`varlen_fwd`, `bwd` and `varlen_bwd` are the kernels hub's low-level functions (flash-attn's C++ ops),
+returning lists whose first entries are out and softmax_lse (dq, dk, dv for the backward).
+
+- PyTorch tensors: CUDA tensors (float16 / bfloat16) run the GPU kernels on the current stream, in place,
+  without synchronizing; CPU tensors run the CPU path. Differentiable (the backward reads the saved out
+  and lse; `deterministic=True` gives bitwise-reproducible gradients), traceable by
+  `torch.compile(fullgraph=True)`, capturable in CUDA graphs.
+- numpy arrays (no torch needed): the CPU path on float16 arrays (or ml_dtypes' bfloat16), returning
+  numpy arrays (softmax_lse float32).
+
+Not implemented (NotImplementedError): dropout (`dropout_p > 0`), `alibi_slopes`, `block_table`,
+`leftpad_k`, the attention probabilities. Head dims up to 256 (32, 64, 96, 128, 192 and 256 directly,
+others zero-padded to the next of these). Bad arguments raise TypeError, ValueError or RuntimeError (CUDA)
+naming the argument.
+
+Importing this package needs neither torch nor numpy, and no CUDA: libcuda is loaded at the first CUDA
+call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
+"""
+
+import os as _os
+
+from . import _common, _native
+from ._common import HEAD_DIMS, PACK_KV, PACK_NONE, PACK_QKV
+
+__version__ = _native.__version__
+
+try:
+    import numpy as _np
+    from . import _numpy_impl
+except ImportError:  # pragma: no cover - numpy is optional
+    _np = _numpy_impl = None
+
+_torch = None
+if not _os.environ.get("FLASH_ATTN_RS_NO_TORCH"):
+    try:
+        import torch as _torch
+    except ImportError:
+        _torch = None
+if _torch is not None:
+    from . import _torch_impl  # registers the custom ops (flash_attn_rs::fwd, fwd_into, bwd)
+else:
+    _torch_impl = None
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "fwd",
+    "varlen_fwd",
+    "bwd",
+    "varlen_bwd",
+    "preload",
+    "cuda_available",
+    "HEAD_DIMS",
+]
+
+
+def _path(x, name):
+    """The torch or numpy implementation, by the type of the first tensor argument."""
+    if _torch is not None and isinstance(x, _torch.Tensor):
+        return _torch_impl
+    if _np is not None and isinstance(x, _np.ndarray):
+        return _numpy_impl
+    kinds = " or ".join(k for k, m in (("torch.Tensor", _torch), ("numpy.ndarray", _np)) if m is not None)
+    raise TypeError(f"{name}: expected a {kinds or 'torch.Tensor or numpy.ndarray (install torch or numpy)'}, "
+                    f"got {type(x).__name__}")
+
+
+def _result(out, lse, return_attn_probs):
+    return (out, lse, None) if return_attn_probs else out
+
+
+# --- flash-attn 2.8's functions ----------------------------------------------------------------------
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Attention over q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` (H a multiple of Hk: GQA/MQA).
+
+    causal: the mask aligned to the bottom-right corner (query i sees key j <= i + Sk - Sq);
+    window_size (left, right): query i sees keys i + Sk - Sq - left ..= i + Sk - Sq + right (-1 = unbounded);
+    softcap > 0: scores become softcap * tanh(score / softcap); softmax_scale defaults to 1/sqrt(D).
+    Returns out `[B, Sq, H, D]`, or with return_attn_probs (out, softmax_lse `[B, H, Sq]` float32, None).
+    A query that sees no key gets out 0 and softmax_lse -inf.
+    """
+    path = _path(q, "q")
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    out, lse = path.attention(PACK_NONE, q, k, v, None, o)
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash_attn_func over one packed qkv `[B, S, 3, H, D]` (its gradient is one packed tensor too)."""
+    path = _path(qkv, "qkv")
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    out, lse = path.attention(PACK_QKV, qkv, None, None, None, o)
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash_attn_func over q `[B, Sq, H, D]` and one packed kv `[B, Sk, 2, Hk, D]`."""
+    path = _path(q, "q")
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    out, lse = path.attention(PACK_KV, q, kv, None, None, o)
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, seqused_q=None,
+                           seqused_k=None):
+    """Attention over packed sequences: q `[Tq, H, D]`, k and v `[Tk, Hk, D]`; sequence b is rows
+    cu_seqlens_q[b]..cu_seqlens_q[b+1] of q and cu_seqlens_k[b]..cu_seqlens_k[b+1] of k and v (int32
+    `[B+1]`, on q's device); max_seqlen_q/k bound the lengths. seqused_q / seqused_k (int32 `[B]`, optional):
+    only the first seqused[b] rows of slot b are used; the other query rows (and rows past
+    cu_seqlens_q[B]) get out 0 and softmax_lse -inf. Masks as in flash_attn_func, per sequence.
+    Returns out `[Tq, H, D]`, or with return_attn_probs (out, softmax_lse `[H, Tq]` float32, None).
+    """
+    path = _path(q, "q")
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    _common.unsupported_varlen(block_table)
+    lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
+    out, lse = path.attention(PACK_NONE, q, k, v, lens, o)
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """flash_attn_varlen_func over one packed qkv `[T, 3, H, D]` (one cu_seqlens for q and k)."""
+    path = _path(qkv, "qkv")
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    lens = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None)
+    out, lse = path.attention(PACK_QKV, qkv, None, None, lens, o)
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash_attn_varlen_func over q `[Tq, H, D]` and one packed kv `[Tk, 2, Hk, D]`."""
+    path = _path(q, "q")
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None)
+    out, lse = path.attention(PACK_KV, q, kv, None, lens, o)
+    return _result(out, lse, return_attn_probs)
+
+
+# --- The kernels hub's low-level functions (flash-attn's C++ ops) ------------------------------------
+
+def _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap, alibi_slopes,
+                 return_softmax=False, deterministic=False):
+    if return_softmax:
+        raise NotImplementedError("return_softmax: the attention probabilities are not returned by flash_attn_rs")
+    return _common.options(p_dropout, softmax_scale, is_causal, (window_size_left, window_size_right), softcap,
+                           alibi_slopes, deterministic)
+
+
+def fwd(q, k, v, out=None, alibi_slopes=None, p_dropout=0.0, softmax_scale=None, is_causal=False,
+        window_size_left=-1, window_size_right=-1, softcap=0.0, return_softmax=False, gen=None):
+    """flash-attn's `fwd` op: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` (D one of HEAD_DIMS), into `out`
+    if given. Returns [out, softmax_lse, None, None] (flash-attn's S_dmask and rng_state are not made)."""
+    path = _path(q, "q")
+    o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
+                     alibi_slopes, return_softmax)
+    return path.fwd(q, k, v, out, None, o.softmax_scale, o)
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, leftpad_k=None, block_table=None,
+               alibi_slopes=None, max_seqlen_q=0, max_seqlen_k=0, p_dropout=0.0, softmax_scale=None,
+               zero_tensors=False, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
+               return_softmax=False, gen=None):
+    """flash-attn's `varlen_fwd` op: q `[Tq, H, D]`, k and v `[Tk, Hk, D]`, int32 cu_seqlens `[B+1]`.
+    Returns [out, softmax_lse `[H, Tq]`, None, None]. zero_tensors is accepted and has no effect (every
+    row of out is written)."""
+    path = _path(q, "q")
+    o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
+                     alibi_slopes, return_softmax)
+    _common.unsupported_varlen(block_table, leftpad_k)
+    lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, seqused_k)
+    return path.fwd(q, k, v, out, lens, o.softmax_scale, o)
+
+
+def bwd(dout, q, k, v, out, softmax_lse, dq=None, dk=None, dv=None, alibi_slopes=None, p_dropout=0.0,
+        softmax_scale=None, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
+        deterministic=False, gen=None, rng_state=None):
+    """flash-attn's `bwd` op: gradients of q, k, v from dout and the forward's out and softmax_lse, into
+    dq, dk, dv if given. Returns [dq, dk, dv, None] (flash-attn's softmax_d is not made)."""
+    path = _path(q, "q")
+    o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
+                     alibi_slopes, deterministic=deterministic)
+    return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, None, o.softmax_scale, o)
+
+
+def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=None, dk=None, dv=None,
+               alibi_slopes=None, max_seqlen_q=0, max_seqlen_k=0, p_dropout=0.0, softmax_scale=None,
+               zero_tensors=False, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
+               deterministic=False, gen=None, rng_state=None):
+    """flash-attn's `varlen_bwd` op over varlen_fwd's layouts. Returns [dq, dk, dv, None]."""
+    path = _path(q, "q")
+    o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
+                     alibi_slopes, deterministic=deterministic)
+    lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None)
+    return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o.softmax_scale, o)
+
+
+# --- Utilities ---------------------------------------------------------------------------------------
+
+def cuda_available():
+    """Whether a CUDA driver loads and reports a device (False, never an error, without one)."""
+    return _native.cuda_available()
+
+
+def preload(device=0):
+    """Loads the kernels onto CUDA device `device` (an ordinal, "cuda:N" or a torch.device) now, e.g.
+    before capturing a CUDA graph, so that no later call pays for it. RuntimeError without CUDA."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        ordinal = device
+    elif isinstance(device, str) or (_torch is not None and isinstance(device, _torch.device)):
+        s = str(device)
+        if s == "cuda":
+            ordinal = _torch.cuda.current_device() if _torch is not None else 0
+        elif s.startswith("cuda:") and s[5:].isdigit():
+            ordinal = int(s[5:])
+        else:
+            raise ValueError(f"device: expected a CUDA device (an ordinal or 'cuda:N'), got {device!r}")
+    else:
+        raise TypeError(f"device: expected an int, str or torch.device, got {type(device).__name__}")
+    _native.preload(ordinal)

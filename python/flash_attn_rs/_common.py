@@ -1,0 +1,125 @@
+"""What the torch and numpy paths share: checking flash-attn's options, and the head-dim padding.
+
+Nothing here touches a tensor's data, so it also runs while torch.compile traces a call.
+"""
+
+import math
+import operator
+
+from . import _native
+
+#: Head dims with a kernel of their own. Any other head dim up to the largest is zero-padded to the next
+#: one (padding q and k with zeros leaves every score unchanged; v's zero columns give output columns
+#: that are cut off again), as flash-attn pads head dims to a multiple of 8.
+HEAD_DIMS = tuple(_native.HEAD_DIMS)
+
+#: How q, k and v arrive: three tensors, q and a packed kv (`[..., 2, Hk, D]`), or one packed qkv
+#: (`[..., 3, H, D]`).
+PACK_NONE, PACK_KV, PACK_QKV = 0, 1, 2
+
+
+class Options:
+    """flash-attn's keyword arguments, checked and in canonical form."""
+
+    __slots__ = ("softmax_scale", "causal", "window_left", "window_right", "softcap", "deterministic")
+
+    def __init__(self, softmax_scale, causal, window_left, window_right, softcap, deterministic):
+        self.softmax_scale = softmax_scale
+        self.causal = causal
+        self.window_left = window_left
+        self.window_right = window_right
+        self.softcap = softcap
+        self.deterministic = deterministic
+
+
+def _is_int(x):
+    return isinstance(x, int) or hasattr(type(x), "__index__")
+
+
+def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
+    """Checks flash-attn's options; raises NotImplementedError for the features this package lacks."""
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not implemented by flash_attn_rs (pass None)")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p: must be a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0:
+        if not 0 < dropout_p < 1:
+            raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
+        raise NotImplementedError("dropout_p: dropout is not implemented by flash_attn_rs (dropout_p must be 0.0)")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale: must be a float or None, got {type(softmax_scale).__name__}")
+        softmax_scale = float(softmax_scale)
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale: must be finite, got {softmax_scale}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap: must be a float, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if math.isnan(softcap) or math.isinf(softcap):
+        raise ValueError(f"softcap: must be finite (0.0 = off), got {softcap}")
+    # flash-attn: softcap > 0 turns it on, anything else leaves it off.
+    softcap = max(softcap, 0.0)
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size: must be a pair (left, right) of ints, got {window_size!r}") from None
+    if not (_is_int(left) and _is_int(right)) or isinstance(left, bool) or isinstance(right, bool):
+        raise TypeError(f"window_size: must be a pair (left, right) of ints, got {window_size!r}")
+    left, right = int(left), int(right)
+    # flash-attn: a negative side is unbounded.
+    left = -1 if left < 0 else left
+    right = -1 if right < 0 else right
+    if left >= 2**62 or right >= 2**62:
+        raise ValueError(f"window_size: {window_size!r} is out of range")
+    return Options(softmax_scale, bool(causal), left, right, softcap, bool(deterministic))
+
+
+def padded_head_dim(d, arg):
+    """The head dim the kernels run at for head dim `d`: `d` itself or the next supported one."""
+    for h in HEAD_DIMS:
+        if d <= h:
+            if d == 0:
+                break
+            return h
+    raise ValueError(f"{arg}: head dim {d} is not supported: flash_attn_rs runs head dims 1 to {HEAD_DIMS[-1]} "
+                     f"({', '.join(map(str, HEAD_DIMS))} directly, others zero-padded to the next of these)")
+
+
+def check_rank(t, name, rank):
+    if t.ndim != rank:
+        raise ValueError(f"{name}: expected {rank} dimensions, got {t.ndim} (shape {tuple(t.shape)})")
+
+
+def check_packed(t, name, n, rank):
+    """A packed qkv (`n` = 3) or kv (`n` = 2): `rank` dimensions, the packing axis third from last."""
+    check_rank(t, name, rank)
+    if t.shape[-3] != n:
+        what = "q, k, v" if n == 3 else "k, v"
+        raise ValueError(f"{name}: dimension {rank - 3} must have size {n} ({what}), got shape {tuple(t.shape)}")
+
+
+def check_head_dims(d, others):
+    """Every (name, tensor) of `others` has head dim `d` (before padding, so the message is the user's)."""
+    for name, t in others:
+        if t.shape[-1] != d:
+            raise ValueError(f"{name}: head dim {t.shape[-1]} must equal q's head dim {d}")
+
+
+def index(x, name):
+    """An int argument (max_seqlen_q, ...), as a Python int."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name}: must be an int, got bool")
+    try:
+        x = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name}: must be an int, got {type(x).__name__}") from None
+    if x < 0:
+        raise ValueError(f"{name}: must be >= 0, got {x}")
+    return x
+
+
+def unsupported_varlen(block_table, leftpad_k=None):
+    if block_table is not None:
+        raise NotImplementedError("block_table: paged KV is not implemented by flash_attn_rs (pass None)")
+    if leftpad_k is not None:
+        raise NotImplementedError("leftpad_k: is not implemented by flash_attn_rs (pass None)")

@@ -1,0 +1,422 @@
+"""The PyTorch path: tensors used in place, on CUDA (the kernels, on the current stream) or the CPU.
+
+Three custom ops (namespace `flash_attn_rs`), so that torch.compile(fullgraph=True) traces the public
+functions without graph breaks (plain eager calls run the same bodies without the ops' dispatch, see
+`_eager`):
+
+- `fwd`: the forward of every flash_attn_*_func (dense or varlen; q, k, v separate, kv packed or qkv
+  packed), returning new out and lse, with its backward registered (`register_autograd`): it reads the
+  saved out and lse and writes the gradients of packed inputs into one packed buffer, as flash-attn does.
+- `fwd_into`: the hub's fwd / varlen_fwd into a caller's out.
+- `bwd`: the backward into dq, dk, dv (mutated in place).
+
+Outputs and the backward's workspace come from torch.empty on q's device (so from PyTorch's caching
+allocator, and from a graph's private pool while capturing a CUDA graph); the kernels are queued on
+`torch.cuda.current_stream(device)`; nothing synchronizes. The library needs every row of q, k, v, out
+and the gradients 16-byte aligned on CUDA: an input that is not (a view at an odd offset, say) is copied,
+and a caller's output that is not is written through a temporary.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _common, _native
+from ._common import PACK_KV, PACK_QKV
+
+_DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.int32: "i32"}
+_FLOAT = "torch.float16 or torch.bfloat16"
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+# --- Real tensors (inside the ops) -------------------------------------------------------------------
+
+def _desc(t, name, expected=_FLOAT):
+    """The native module's view of `t`: (address, dtype, shape, element strides)."""
+    dt = _DTYPES.get(t.dtype)
+    if dt is None:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported here, expected {expected}")
+    shape, strides = tuple(t.shape), t.stride()
+    if shape and shape[-1] == 1 and strides[-1] != 1:
+        # Any stride will do for a dimension of extent 1, but the library wants the last one to be 1.
+        strides = strides[:-1] + (1,)
+    return (t.data_ptr(), dt, shape, strides)
+
+
+def _device(q):
+    """The native module's device argument for q's device."""
+    dev = q.device
+    if dev.type == "cuda":
+        stream = _raw_stream(dev.index) if _raw_stream is not None else torch.cuda.current_stream(dev).cuda_stream
+        return ("cuda", dev.index, stream)
+    if dev.type == "cpu":
+        return "cpu"
+    raise ValueError(f"q: device {dev} is not supported (cpu or cuda)")
+
+
+def _on_device(q, call, *args):
+    """Runs a native call with q's device current, so that binding its context leaves PyTorch's current
+    device as it was."""
+    if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
+        with torch.cuda.device(q.device):
+            call(*args)
+    else:
+        call(*args)
+
+
+def _same_device(q, named):
+    for name, t in named:
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name}: is on {t.device} but q is on {q.device}")
+
+
+def _rows_aligned(t):
+    """The library's layout: head dim contiguous and, on CUDA, every row 16-byte aligned."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return False
+    if not t.is_cuda:
+        return True
+    es = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    return all(n <= 1 or (s * es) % 16 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1]))
+
+
+def _input(t):
+    return t if t is None or _rows_aligned(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _lse_input(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _split(q, k, v, pack):
+    """q, k, v as views of the packed tensors (the packing axis is third from last in every layout)."""
+    if pack == PACK_QKV:
+        return q.select(-3, 0), q.select(-3, 1), q.select(-3, 2)
+    if pack == PACK_KV:
+        return q, k.select(-3, 0), k.select(-3, 1)
+    return q, k, v
+
+
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _varlen_descs(q, cu_q, cu_k, used_q, used_k):
+    named = (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k), ("seqused_q", used_q), ("seqused_k", used_k))
+    _same_device(q, named)
+    return [None if t is None else _desc(t, n, "torch.int32") for n, t in named]
+
+
+def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal, wl, wr, softcap):
+    _same_device(q, (("k", k), ("v", v), ("out", out), ("lse", lse)))
+    q, k, v = _input(q), _input(k), _input(v)
+    args = (_desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"), _desc(lse, "lse", "torch.float32"))
+    tail = (scale, causal, wl, wr, softcap, _device(q))
+    if cu_q is None and cu_k is None:
+        _on_device(q, _native.fwd, *args, *tail)
+    else:
+        if cu_q is None or cu_k is None:
+            raise ValueError("cu_seqlens_q, cu_seqlens_k: give both or neither")
+        d_cu_q, d_cu_k, d_used_q, d_used_k = _varlen_descs(q, cu_q, cu_k, used_q, used_k)
+        _on_device(q, _native.varlen_fwd, *args, d_cu_q, d_cu_k, max_q, max_k, d_used_q, d_used_k, *tail)
+
+
+def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal,
+                wl, wr, softcap, deterministic):
+    _same_device(q, (("dout", dout), ("k", k), ("v", v), ("out", out), ("softmax_lse", lse), ("dq", dq),
+                     ("dk", dk), ("dv", dv)))
+    dout, q, k, v, out = _input(dout), _input(q), _input(k), _input(v), _input(out)
+    lse = _lse_input(lse)
+    # Gradients the library cannot write in place go through temporaries.
+    targets = [g if _rows_aligned(g) else torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk, dv)]
+    device = _device(q)
+    workspace = None
+    if device != "cpu":
+        nbytes = _native.bwd_workspace_bytes(tuple(q.shape), deterministic)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+        workspace = (ws.data_ptr(), nbytes)
+    args = (_desc(dout, "dout"), _desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"),
+            _desc(lse, "softmax_lse", "torch.float32"), _desc(targets[0], "dq"), _desc(targets[1], "dk"),
+            _desc(targets[2], "dv"))
+    tail = (scale, causal, wl, wr, softcap, deterministic, workspace, device)
+    if cu_q is None and cu_k is None:
+        _on_device(q, _native.bwd, *args, *tail)
+    else:
+        if cu_q is None or cu_k is None:
+            raise ValueError("cu_seqlens_q, cu_seqlens_k: give both or neither")
+        d_cu_q, d_cu_k, d_used_q, d_used_k = _varlen_descs(q, cu_q, cu_k, used_q, used_k)
+        _on_device(q, _native.varlen_bwd, *args, d_cu_q, d_cu_k, max_q, max_k, d_used_q, d_used_k, *tail)
+    for g, t in zip((dq, dk, dv), targets):
+        if t is not g:
+            g.copy_(t)
+
+
+# --- The custom ops, and the eager path around them ------------------------------------------------
+#
+# Each op's body is a plain function; the op wraps it. In plain eager mode (no torch.compile, no tracing or
+# dispatch mode, no functorch transform, plain tensors) the public functions call the bodies directly
+# (through an autograd.Function where a gradient is needed), skipping the custom ops' Python dispatch:
+# about 60 µs a call, 250 µs more with autograd, where the library call itself takes about 10. Everything
+# else (torch.compile, torch.export, make_fx, FakeTensor, tensor subclasses) goes through the ops.
+
+def _fwd_body(q: Tensor, k: Optional[Tensor], v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+              cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
+              max_seqlen_q: int, max_seqlen_k: int, pack: int, softmax_scale: float, causal: bool,
+              window_size_left: int, window_size_right: int, softcap: float,
+              deterministic: bool) -> Tuple[Tensor, Tensor]:
+    qq, kk, vv = _split(q, k, v, pack)
+    out = torch.empty(qq.shape, dtype=qq.dtype, device=qq.device)
+    lse = torch.empty(_lse_shape(qq, cu_seqlens_q is not None), dtype=torch.float32, device=qq.device)
+    _launch_fwd(qq, kk, vv, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+                max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap)
+    return out, lse
+
+
+def _fwd_into_body(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q: Optional[Tensor],
+                   cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
+                   max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window_size_left: int,
+                   window_size_right: int, softcap: float) -> Tensor:
+    lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+    target = out if _rows_aligned(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    _launch_fwd(q, k, v, target, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+                max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap)
+    if target is not out:
+        out.copy_(target)
+    return lse
+
+
+def _bwd_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor, dq: Tensor,
+              dk: Tensor, dv: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+              seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+              softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int, softcap: float,
+              deterministic: bool) -> None:
+    _launch_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                deterministic)
+
+
+_fwd = torch.library.custom_op("flash_attn_rs::fwd", _fwd_body, mutates_args=())
+_fwd_into = torch.library.custom_op("flash_attn_rs::fwd_into", _fwd_into_body, mutates_args=("out",))
+_bwd = torch.library.custom_op("flash_attn_rs::bwd", _bwd_body, mutates_args=("dq", "dk", "dv"))
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, pack,
+              softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic):
+    qq = q.select(-3, 0) if pack == PACK_QKV else q
+    out = torch.empty(qq.shape, dtype=qq.dtype, device=qq.device)
+    lse = torch.empty(_lse_shape(qq, cu_seqlens_q is not None), dtype=torch.float32, device=qq.device)
+    return out, lse
+
+
+@_fwd_into.register_fake
+def _fwd_into_fake(q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k,
+                   softmax_scale, causal, window_size_left, window_size_right, softcap):
+    return torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+
+
+@_bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+              max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
+              deterministic):
+    return None
+
+
+def _backward(saved, params, dout, bwd):
+    """The gradients of fwd's differentiable inputs (q, k, v; or q, kv; or qkv, each packed gradient one
+    buffer), by `bwd` (the op, or its body on the eager path) from the saved out and lse."""
+    q, k, v, cu_q, cu_k, used_q, used_k, out, lse = saved
+    max_q, max_k, pack, scale, causal, wl, wr, softcap, det = params
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
+    qq, kk, vv = _split(q, k, v, pack)
+    dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
+    bwd(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal, wl, wr,
+        softcap, det)
+    return tuple(grads)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal, wl, wr, softcap, det) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, used_q, used_k, out, lse)
+    ctx.params = (max_q, max_k, pack, scale, causal, wl, wr, softcap, det)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    # dlse is dropped: the LSE is an auxiliary output, as in flash-attn.
+    return _backward(ctx.saved_tensors, ctx.params, dout, torch.ops.flash_attn_rs.bwd) + (None,) * 13
+
+
+_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+class _EagerFwd(torch.autograd.Function):
+    """The fwd op's autograd on the eager path: the same bodies, without the op dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal, wl, wr, softcap, det):
+        out, lse = _fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal, wl, wr,
+                             softcap, det)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, used_q, used_k, out, lse)
+        ctx.params = (max_q, max_k, pack, scale, causal, wl, wr, softcap, det)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        return _backward(ctx.saved_tensors, ctx.params, dout, _bwd_body) + (None,) * 13
+
+
+#: Set to False to send every call through the custom ops (tests compare the two paths).
+EAGER_FAST_PATH = True
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors):
+    """Whether a call may skip the custom ops: plain eager mode on plain tensors."""
+    if not EAGER_FAST_PATH or torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def _call_fwd(*args):
+    q, k, v, cu_q, cu_k, used_q, used_k = args[:7]
+    if not _eager(q, k, v, cu_q, cu_k, used_q, used_k):
+        return torch.ops.flash_attn_rs.fwd(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+        return _EagerFwd.apply(*args)
+    return _fwd_body(*args)
+
+
+def _call_fwd_into(*args):
+    return _fwd_into_body(*args) if _eager(*args[:8]) and not args[3].requires_grad else \
+        torch.ops.flash_attn_rs.fwd_into(*args)
+
+
+def _call_bwd(*args):
+    return _bwd_body(*args) if _eager(*args[:13]) else torch.ops.flash_attn_rs.bwd(*args)
+
+
+# --- The public functions' torch path (traced by torch.compile) --------------------------------------
+
+def _tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor (like q), got {type(t).__name__}")
+    return t
+
+
+def _maybe_contiguous(t):
+    return t.contiguous() if t.stride(-1) != 1 else t
+
+
+def _pad(t, dp):
+    d = t.shape[-1]
+    return t if d == dp else torch.nn.functional.pad(t, [0, dp - d])
+
+
+def _seqlen(x, name):
+    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
+        raise TypeError(f"{name}: must be an int, got {type(x).__name__}")
+    return x
+
+
+def _optional_tensor(t, name):
+    return None if t is None else _tensor(t, name)
+
+
+def _lens(lens):
+    cu_q, cu_k, max_q, max_k, used_q, used_k = lens
+    return (_tensor(cu_q, "cu_seqlens_q"), _tensor(cu_k, "cu_seqlens_k"), _optional_tensor(used_q, "seqused_q"),
+            _optional_tensor(used_k, "seqused_k"), _seqlen(max_q, "max_seqlen_q"), _seqlen(max_k, "max_seqlen_k"))
+
+
+def attention(pack, q, k, v, lens, o):
+    """flash_attn_*_func on tensors: returns (out, lse); differentiable in q, k, v (or kv, qkv)."""
+    varlen = lens is not None
+    rank = 3 if varlen else 4
+    if pack == PACK_QKV:
+        _common.check_packed(q, "qkv", 3, rank + 1)
+        d = q.shape[-1]
+    elif pack == PACK_KV:
+        k = _tensor(k, "kv")
+        _common.check_rank(q, "q", rank)
+        _common.check_packed(k, "kv", 2, rank + 1)
+        d = q.shape[-1]
+        _common.check_head_dims(d, [("kv", k)])
+    else:
+        k, v = _tensor(k, "k"), _tensor(v, "v")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _common.check_rank(t, name, rank)
+        d = q.shape[-1]
+        _common.check_head_dims(d, [("k", k), ("v", v)])
+    scale = o.softmax_scale if o.softmax_scale is not None else d ** -0.5
+    dp = _common.padded_head_dim(d, "q")
+    q = _maybe_contiguous(_pad(q, dp))
+    k = None if k is None else _maybe_contiguous(_pad(k, dp))
+    v = None if v is None else _maybe_contiguous(_pad(v, dp))
+    if varlen:
+        cu_q, cu_k, used_q, used_k, max_q, max_k = _lens(lens)
+    else:
+        cu_q = cu_k = used_q = used_k = None
+        max_q = max_k = 0
+    out, lse = _call_fwd(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o.causal, o.window_left,
+                         o.window_right, o.softcap, o.deterministic)
+    return (out[..., :d] if dp != d else out), lse
+
+
+def fwd(q, k, v, out, lens, scale, o) -> List[Optional[Tensor]]:
+    """The hub's fwd / varlen_fwd; returns [out, softmax_lse, None, None]."""
+    k, v = _tensor(k, "k"), _tensor(v, "v")
+    rank = 3 if lens is not None else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _common.check_rank(t, name, rank)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k, v = _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v)
+    if lens is not None:
+        cu_q, cu_k, used_q, used_k, max_q, max_k = _lens(lens)
+    else:
+        cu_q = cu_k = used_q = used_k = None
+        max_q = max_k = 0
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        _tensor(out, "out")
+        if tuple(out.shape) != tuple(q.shape):
+            raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
+    lse = _call_fwd_into(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, o.causal, o.window_left,
+                         o.window_right, o.softcap)
+    return [out, lse, None, None]
+
+
+def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Tensor]]:
+    """The hub's bwd / varlen_bwd; returns [dq, dk, dv, None]."""
+    k, v, out, lse, dout = _tensor(k, "k"), _tensor(v, "v"), _tensor(out, "out"), _tensor(lse, "softmax_lse"), \
+        _tensor(dout, "dout")
+    rank = 3 if lens is not None else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _common.check_rank(t, name, rank)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if lens is not None:
+        cu_q, cu_k, used_q, used_k, max_q, max_k = _lens(lens)
+    else:
+        cu_q = cu_k = used_q = used_k = None
+        max_q = max_k = 0
+    grads = []
+    for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if g is None:
+            g = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        elif tuple(_tensor(g, name).shape) != tuple(like.shape):
+            raise ValueError(f"{name}: shape {tuple(g.shape)} must be {tuple(like.shape)}")
+        grads.append(g)
+    _call_bwd(_maybe_contiguous(dout), _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v),
+              _maybe_contiguous(out), lse, grads[0], grads[1], grads[2], cu_q, cu_k, used_q, used_k, max_q, max_k,
+              scale, o.causal, o.window_left, o.window_right, o.softcap, o.deterministic)
+    return grads + [None]

@@ -1,0 +1,430 @@
+//! `flash_attn_rs._native`: the raw layer (`flash_attn::raw`) as Python functions of plain ints, strings
+//! and tuples. The Python package (python/flash_attn_rs/) turns PyTorch tensors and numpy arrays into
+//! these arguments; nothing here knows either library.
+//!
+//! A tensor argument is a tuple `(address, dtype, shape, strides)`: the address of its first element (host
+//! memory for the CPU, device memory for CUDA), a dtype name (`"f16"`, `"bf16"`, `"f32"`, `"i32"`, or
+//! `"float16"`, `"bfloat16"`, `"float32"`, `"int32"`), and the shape and strides in elements. The device is
+//! `"cpu"` or `("cuda", ordinal, stream)` with `stream` a raw `CUstream` (e.g.
+//! `torch.cuda.current_stream().cuda_stream`; 0 = the legacy default stream).
+//!
+//! Every argument is checked here or by the raw layer before anything runs; a bad one raises TypeError
+//! (wrong Python type, wrong dtype), ValueError (shape, value, lengths, head dim, heads, size, layout) or
+//! RuntimeError (CUDA), with a message naming the argument. The library call runs with the GIL released;
+//! a panic inside it, should one ever happen, comes back as RuntimeError. What cannot be checked is that
+//! an address really points at that much memory of the named device: these functions are as unsafe as the
+//! raw layer, and the Python package is the safe way in.
+
+use flash_attn::raw::{self, BwdViews, FwdViews, Workspace};
+use flash_attn::{AttnOptions, DType, Error, Target, VarlenViews, View};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyFloat, PyInt, PyString, PyTuple};
+
+/// A library error as the Python exception its kind calls for, with the library's message (which names
+/// the argument).
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::DType { .. } | Error::DTypeMismatch { .. } => PyTypeError::new_err(msg),
+        Error::Cuda(_) => PyRuntimeError::new_err(msg),
+        Error::Io(_) => PyOSError::new_err(msg),
+        // DeviceMismatch, Rank, Shape, NotContiguous, HeadDim, Heads, Value, SeqLens, TooLarge, Data, and
+        // any kind added later.
+        _ => PyValueError::new_err(msg),
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// A Python int (not a bool) in `0..=max`.
+fn uint(obj: &Bound<'_, PyAny>, arg: &str, what: &str, max: u64) -> PyResult<u64> {
+    if !obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!("{arg}: {what} must be an int, got {}", type_name(obj))));
+    }
+    match obj.extract::<u64>() {
+        Ok(v) if v <= max => Ok(v),
+        _ => Err(PyValueError::new_err(format!("{arg}: {what} {} is out of range 0..={max}", obj.repr().map(|r| r.to_string()).unwrap_or_default()))),
+    }
+}
+
+/// A Python int (not a bool) that fits i64.
+fn int(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<i64> {
+    if !obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!("{arg}: must be an int, got {}", type_name(obj))));
+    }
+    obj.extract::<i64>().map_err(|_| PyValueError::new_err(format!("{arg}: {} does not fit a 64-bit integer", obj.repr().map(|r| r.to_string()).unwrap_or_default())))
+}
+
+/// A Python float or int as f32 (range and finiteness are the library's to check).
+fn float(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<f32> {
+    if !(obj.is_instance_of::<PyFloat>() || obj.is_instance_of::<PyInt>()) || obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!("{arg}: must be a float, got {}", type_name(obj))));
+    }
+    let v: f64 = obj.extract().map_err(|_| PyValueError::new_err(format!("{arg}: does not fit a float")))?;
+    Ok(v as f32)
+}
+
+fn flag(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<bool> {
+    obj.cast::<PyBool>().map(|b| b.is_true()).map_err(|_| PyTypeError::new_err(format!("{arg}: must be a bool, got {}", type_name(obj))))
+}
+
+/// A tuple (or list) of ints, each in `0..=max`.
+fn uints(obj: &Bound<'_, PyAny>, arg: &str, what: &str, max: u64) -> PyResult<Vec<usize>> {
+    if obj.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(format!("{arg}: {what} must be a tuple of ints, got str")));
+    }
+    let seq = obj.try_iter().map_err(|_| PyTypeError::new_err(format!("{arg}: {what} must be a tuple of ints, got {}", type_name(obj))))?;
+    let mut v = Vec::new();
+    for item in seq {
+        let item = item?;
+        v.push(uint(&item, arg, what, max)? as usize);
+        if v.len() > 64 {
+            return Err(PyValueError::new_err(format!("{arg}: {what} has more than 64 entries")));
+        }
+    }
+    Ok(v)
+}
+
+fn dtype(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<DType> {
+    let s = obj.cast::<PyString>().map_err(|_| PyTypeError::new_err(format!("{arg}: dtype must be a str, got {}", type_name(obj))))?;
+    Ok(match &*s.to_cow()? {
+        "f16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f32" | "float32" => DType::F32,
+        "i32" | "int32" => DType::I32,
+        other => return Err(PyTypeError::new_err(format!("{arg}: dtype {other} is not supported here, expected f16, bf16, f32 or i32"))),
+    })
+}
+
+/// One tensor argument, owned, so that views of it can cross into the GIL-free call.
+struct Arg {
+    addr: u64,
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+impl Arg {
+    fn parse(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Arg> {
+        let t = obj.cast::<PyTuple>().map_err(|_| PyTypeError::new_err(format!("{arg}: expected a tuple (address, dtype, shape, strides), got {}", type_name(obj))))?;
+        if t.len() != 4 {
+            return Err(PyTypeError::new_err(format!("{arg}: expected a tuple (address, dtype, shape, strides), got {} items", t.len())));
+        }
+        let addr = uint(&t.get_item(0)?, arg, "address", u64::MAX)?;
+        let dtype = dtype(&t.get_item(1)?, arg)?;
+        // Every size and stride below 2^62 elements: the library's checks (in u128) then see no overflow.
+        let shape = uints(&t.get_item(2)?, arg, "shape", 1 << 62)?;
+        let strides = uints(&t.get_item(3)?, arg, "strides", 1 << 62)?;
+        if shape.len() != strides.len() {
+            return Err(PyValueError::new_err(format!("{arg}: {} strides for {} dimensions", strides.len(), shape.len())));
+        }
+        Ok(Arg { addr, dtype, shape, strides })
+    }
+
+    fn optional(obj: Option<&Bound<'_, PyAny>>, arg: &str) -> PyResult<Option<Arg>> {
+        match obj {
+            Some(o) if !o.is_none() => Arg::parse(o, arg).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn view(&self) -> View<'_> {
+        View { addr: self.addr, dtype: self.dtype, shape: &self.shape, strides: &self.strides }
+    }
+}
+
+/// `"cpu"` or `("cuda", ordinal, stream)`.
+fn target(obj: &Bound<'_, PyAny>) -> PyResult<Target> {
+    const EXPECTED: &str = "device: expected \"cpu\" or (\"cuda\", ordinal, stream)";
+    if let Ok(s) = obj.cast::<PyString>() {
+        return match &*s.to_cow()? {
+            "cpu" => Ok(Target::Cpu),
+            other => Err(PyValueError::new_err(format!("{EXPECTED}, got {other:?}"))),
+        };
+    }
+    let t = obj.cast::<PyTuple>().map_err(|_| PyTypeError::new_err(format!("{EXPECTED}, got {}", type_name(obj))))?;
+    if t.len() != 3 {
+        return Err(PyTypeError::new_err(format!("{EXPECTED}, got a tuple of {}", t.len())));
+    }
+    let kind = t.get_item(0)?;
+    if kind.cast::<PyString>().map(|s| s.to_cow().map(|s| s != "cuda").unwrap_or(true)).unwrap_or(true) {
+        return Err(PyValueError::new_err(format!("{EXPECTED}, got device type {}", kind.repr()?)));
+    }
+    let ordinal = uint(&t.get_item(1)?, "device", "ordinal", i32::MAX as u64)? as usize;
+    let stream = uint(&t.get_item(2)?, "device", "stream", usize::MAX as u64)? as usize;
+    Ok(Target::Cuda { ordinal, stream })
+}
+
+fn options(softmax_scale: &Bound<'_, PyAny>, causal: &Bound<'_, PyAny>, window_left: &Bound<'_, PyAny>, window_right: &Bound<'_, PyAny>, softcap: &Bound<'_, PyAny>) -> PyResult<AttnOptions> {
+    let softmax_scale = if softmax_scale.is_none() { None } else { Some(float(softmax_scale, "softmax_scale")?) };
+    Ok(AttnOptions {
+        softmax_scale,
+        causal: flag(causal, "causal")?,
+        window: (int(window_left, "window_size_left")?, int(window_right, "window_size_right")?),
+        softcap: float(softcap, "softcap")?,
+        ..Default::default()
+    })
+}
+
+fn workspace(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Workspace> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(Workspace::default()) };
+    let t = obj.cast::<PyTuple>().map_err(|_| PyTypeError::new_err(format!("workspace: expected a tuple (address, bytes) or None, got {}", type_name(obj))))?;
+    if t.len() != 2 {
+        return Err(PyTypeError::new_err(format!("workspace: expected a tuple (address, bytes), got {} items", t.len())));
+    }
+    Ok(Workspace { addr: uint(&t.get_item(0)?, "workspace", "address", u64::MAX)?, bytes: uint(&t.get_item(1)?, "workspace", "bytes", 1 << 62)? as usize })
+}
+
+/// The varlen arguments, owned.
+struct Lens {
+    cu_q: Arg,
+    cu_k: Arg,
+    max_q: usize,
+    max_k: usize,
+    used_q: Option<Arg>,
+    used_k: Option<Arg>,
+}
+
+impl Lens {
+    fn parse(cu_q: &Bound<'_, PyAny>, cu_k: &Bound<'_, PyAny>, max_q: &Bound<'_, PyAny>, max_k: &Bound<'_, PyAny>, used_q: Option<&Bound<'_, PyAny>>, used_k: Option<&Bound<'_, PyAny>>) -> PyResult<Lens> {
+        Ok(Lens {
+            cu_q: Arg::parse(cu_q, "cu_seqlens_q")?,
+            cu_k: Arg::parse(cu_k, "cu_seqlens_k")?,
+            max_q: uint(max_q, "max_seqlen_q", "value", 1 << 62)? as usize,
+            max_k: uint(max_k, "max_seqlen_k", "value", 1 << 62)? as usize,
+            used_q: Arg::optional(used_q, "seqused_q")?,
+            used_k: Arg::optional(used_k, "seqused_k")?,
+        })
+    }
+
+    fn views(&self) -> VarlenViews<'_> {
+        VarlenViews {
+            cu_seqlens_q: self.cu_q.view(),
+            cu_seqlens_k: self.cu_k.view(),
+            max_seqlen_q: self.max_q,
+            max_seqlen_k: self.max_k,
+            seqused_q: self.used_q.as_ref().map(Arg::view),
+            seqused_k: self.used_k.as_ref().map(Arg::view),
+        }
+    }
+}
+
+/// Runs `f` (a raw call) without the GIL; a panic comes back as RuntimeError rather than unwinding into
+/// Python.
+fn call<F>(py: Python<'_>, f: F) -> PyResult<()>
+where
+    F: FnOnce() -> flash_attn::Result<()> + Send,
+{
+    match py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
+        Ok(r) => r.map_err(to_py),
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+            Err(PyRuntimeError::new_err(format!("flash_attn_rs: internal error: {msg}")))
+        }
+    }
+}
+
+/// fwd(q, k, v, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, device)
+///
+/// Dense forward: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]` into out `[B, Sq, Hq, D]` and lse
+/// (contiguous f32 `[B, Hq, Sq]`). `softmax_scale` None = 1/sqrt(D). On CUDA the kernels are queued on
+/// the stream and the call returns.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn fwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    softmax_scale: &Bound<'_, PyAny>,
+    causal: &Bound<'_, PyAny>,
+    window_size_left: &Bound<'_, PyAny>,
+    window_size_right: &Bound<'_, PyAny>,
+    softcap: &Bound<'_, PyAny>,
+    device: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
+    let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
+    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let target = target(device)?;
+    call(py, || {
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
+        unsafe { raw::fwd(&t, &opts, target) }
+    })
+}
+
+/// varlen_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
+///            seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, device)
+///
+/// Packed forward: q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]`, int32 cu_seqlens `[B+1]` (and optional
+/// seqused `[B]`, or None) into out `[Tq, Hq, D]` and lse (contiguous f32 `[Hq, Tq]`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn varlen_fwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    cu_seqlens_q: &Bound<'_, PyAny>,
+    cu_seqlens_k: &Bound<'_, PyAny>,
+    max_seqlen_q: &Bound<'_, PyAny>,
+    max_seqlen_k: &Bound<'_, PyAny>,
+    seqused_q: &Bound<'_, PyAny>,
+    seqused_k: &Bound<'_, PyAny>,
+    softmax_scale: &Bound<'_, PyAny>,
+    causal: &Bound<'_, PyAny>,
+    window_size_left: &Bound<'_, PyAny>,
+    window_size_right: &Bound<'_, PyAny>,
+    softcap: &Bound<'_, PyAny>,
+    device: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
+    let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
+    let lens = Lens::parse(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, Some(seqused_q), Some(seqused_k))?;
+    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let target = target(device)?;
+    call(py, || {
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
+        unsafe { raw::varlen_fwd(&t, &lens.views(), &opts, target) }
+    })
+}
+
+/// bwd(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, window_size_left, window_size_right,
+///     softcap, deterministic, workspace, device)
+///
+/// Dense backward into dq (like q), dk and dv (like k). `workspace` is `(address, bytes)` of at least
+/// `bwd_workspace_bytes(q_shape, deterministic)` bytes of the device's memory, 256-byte aligned (None on
+/// the CPU).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn bwd(
+    py: Python<'_>,
+    dout: &Bound<'_, PyAny>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    softmax_scale: &Bound<'_, PyAny>,
+    causal: &Bound<'_, PyAny>,
+    window_size_left: &Bound<'_, PyAny>,
+    window_size_right: &Bound<'_, PyAny>,
+    softcap: &Bound<'_, PyAny>,
+    deterministic: &Bound<'_, PyAny>,
+    workspace: &Bound<'_, PyAny>,
+    device: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let dout = Arg::parse(dout, "dout")?;
+    let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
+    let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
+    let (dq, dk, dv) = (Arg::parse(dq, "dq")?, Arg::parse(dk, "dk")?, Arg::parse(dv, "dv")?);
+    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let deterministic = flag(deterministic, "deterministic")?;
+    let ws = self::workspace(Some(workspace))?;
+    let target = target(device)?;
+    call(py, || {
+        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() };
+        unsafe { raw::bwd(&t, &opts, deterministic, ws, target) }
+    })
+}
+
+/// varlen_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+///            max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal, window_size_left,
+///            window_size_right, softcap, deterministic, workspace, device)
+///
+/// Packed backward, over `varlen_fwd`'s layouts.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn varlen_bwd(
+    py: Python<'_>,
+    dout: &Bound<'_, PyAny>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    cu_seqlens_q: &Bound<'_, PyAny>,
+    cu_seqlens_k: &Bound<'_, PyAny>,
+    max_seqlen_q: &Bound<'_, PyAny>,
+    max_seqlen_k: &Bound<'_, PyAny>,
+    seqused_q: &Bound<'_, PyAny>,
+    seqused_k: &Bound<'_, PyAny>,
+    softmax_scale: &Bound<'_, PyAny>,
+    causal: &Bound<'_, PyAny>,
+    window_size_left: &Bound<'_, PyAny>,
+    window_size_right: &Bound<'_, PyAny>,
+    softcap: &Bound<'_, PyAny>,
+    deterministic: &Bound<'_, PyAny>,
+    workspace: &Bound<'_, PyAny>,
+    device: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let dout = Arg::parse(dout, "dout")?;
+    let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
+    let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
+    let (dq, dk, dv) = (Arg::parse(dq, "dq")?, Arg::parse(dk, "dk")?, Arg::parse(dv, "dv")?);
+    let lens = Lens::parse(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, Some(seqused_q), Some(seqused_k))?;
+    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let deterministic = flag(deterministic, "deterministic")?;
+    let ws = self::workspace(Some(workspace))?;
+    let target = target(device)?;
+    call(py, || {
+        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() };
+        unsafe { raw::varlen_bwd(&t, &lens.views(), &opts, deterministic, ws, target) }
+    })
+}
+
+/// bwd_workspace_bytes(q_shape, deterministic) -> int
+///
+/// Bytes of workspace a CUDA backward with q of shape `q_shape` (`[B, Sq, Hq, D]` or `[Tq, Hq, D]`)
+/// needs (the CPU needs none).
+#[pyfunction]
+fn bwd_workspace_bytes(q_shape: &Bound<'_, PyAny>, deterministic: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let shape = uints(q_shape, "q_shape", "shape", 1 << 62)?;
+    let deterministic = flag(deterministic, "deterministic")?;
+    raw::bwd_workspace_bytes(&shape, deterministic).map_err(to_py)
+}
+
+/// preload(ordinal)
+///
+/// Loads the kernels of CUDA device `ordinal` now (e.g. before capturing a CUDA graph) so that no later
+/// call pays for it. RuntimeError without CUDA.
+#[pyfunction]
+fn preload(py: Python<'_>, ordinal: &Bound<'_, PyAny>) -> PyResult<()> {
+    let ordinal = uint(ordinal, "ordinal", "value", i32::MAX as u64)? as usize;
+    call(py, || raw::preload(ordinal))
+}
+
+/// cuda_available() -> bool
+///
+/// Whether a CUDA driver loads and reports at least one device (never fails without one).
+#[pyfunction]
+fn cuda_available(py: Python<'_>) -> bool {
+    py.detach(|| std::panic::catch_unwind(flash_attn::cuda::available).unwrap_or(false))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(varlen_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(varlen_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(bwd_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(preload, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add("HEAD_DIMS", PyTuple::new(m.py(), flash_attn::HEAD_DIMS)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

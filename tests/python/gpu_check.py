@@ -1,0 +1,665 @@
+"""flash_attn_rs on PyTorch tensors, on the GPU machine (torch 2.11, Python 3.12, one CUDA GPU).
+
+    python/build.sh                                   # here: target/wheels/flash_attn_rs-*-abi3-*.whl
+    # on the GPU machine (carry target/wheels):
+    pip install --no-deps --target /tmp/fa target/wheels/flash_attn_rs-*.whl
+    PYTHONPATH=/tmp/fa python3 tests/python/gpu_check.py [--quick] [--device cpu] [--no-bench]
+
+Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
+- forward and gradients against PyTorch's SDPA math backend in float64 (causal bottom-right through an
+  explicit mask, GQA through repeat_interleave), and against a float64 reference of the definition for
+  what SDPA lacks (sliding window, softcap), in bf16 and f16; deterministic=True gives the same bits twice;
+- the eager path (plain tensors, no compile) and the custom ops give the same bits;
+- torch.compile(fullgraph=True) of small attention modules (dense, qkv-packed, varlen): no graph break,
+  same results and gradients as eager;
+- CUDA graph capture and replay of the forward and of forward + backward, with new inputs copied in;
+- a non-default stream: the kernels run after earlier work on that stream, not on the default stream;
+- packed versus separate: flash_attn_varlen_func over a packed batch (and its gradients) against
+  flash_attn_func per sequence;
+- a kernels-hub-style script through fwd / varlen_fwd / bwd against SDPA.
+Then, unless --no-bench: Python-level overhead per call against calling the native function directly,
+and for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct".
+
+--device cpu runs what applies to CPU tensors (the CPU path), at smaller sizes: for a machine without a GPU.
+"""
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import traceback
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+import flash_attn_rs as fa
+from flash_attn_rs import _native
+
+FAILURES = []
+
+
+def report(name, ok, detail=""):
+    print(f"{'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def check(name):
+    """Decorator: runs a check, turning an exception into a FAIL line."""
+    def wrap(fn):
+        def run(*args, **kwargs):
+            try:
+                fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the run
+                traceback.print_exc()
+                report(name, False, f"{type(e).__name__}: {e}")
+        return run
+    return wrap
+
+
+# --- References (float64) ----------------------------------------------------------------------------
+
+def visible(sq, sk, causal, window, device):
+    left, right = window
+    if causal:
+        right = 0
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    diag = i + sk - sq
+    mask = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        mask &= j >= diag - left
+    if right >= 0:
+        mask &= j <= diag + right
+    return mask
+
+
+def ref_attention(q, k, v, scale, causal=False, window=(-1, -1), softcap=0.0):
+    """q [B, Sq, H, D], k, v [B, Sk, Hk, D] (float64, differentiable): out [B, Sq, H, D], lse [B, H, Sq]."""
+    h, hk = q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(h // hk, dim=2), v.repeat_interleave(h // hk, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    mask = visible(q.shape[1], k.shape[1], causal, window, q.device)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def sdpa_math(q, k, v, scale, causal, dtype=torch.float64):
+    """PyTorch's SDPA math backend in `dtype` on [B, S, H, D] tensors; causal aligned bottom-right through an
+    explicit mask, GQA through repeat_interleave."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    h, hk = q.shape[2], k.shape[2]
+    qt = q.to(dtype).transpose(1, 2)
+    kt = k.to(dtype).repeat_interleave(h // hk, dim=2).transpose(1, 2)
+    vt = v.to(dtype).repeat_interleave(h // hk, dim=2).transpose(1, 2)
+    mask = visible(q.shape[1], k.shape[1], True, (-1, -1), q.device) if causal else None
+    with sdpa_kernel(SDPBackend.MATH):
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# --- Forward and gradients ---------------------------------------------------------------------------
+
+def grads_of(fn, inputs, dout):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in inputs]
+
+
+def compare(name, ours, ref, lowp, factor, floor):
+    """|ours - ref| <= factor * |lowp - ref| + floor: ours is no less accurate than the same math done in
+    the input dtype (the criterion of flash-attn's own tests)."""
+    e, base = max_err(ours, ref), max_err(lowp, ref)
+    ok = math.isfinite(e) and e <= factor * base + floor
+    return ok, f"{name} err {e:.2e} (input-dtype math {base:.2e})"
+
+
+def forward_backward_case(dev, dtype, b, sq, sk, h, hk, d, causal, window=(-1, -1), softcap=0.0, use_sdpa=True):
+    seed = zlib.crc32(repr((b, sq, sk, h, hk, d, causal, window, softcap, str(dtype))).encode())
+    torch.manual_seed(seed)
+    q = torch.randn(b, sq, h, d, device=dev, dtype=dtype)
+    k = torch.randn(b, sk, hk, d, device=dev, dtype=dtype)
+    v = torch.randn(b, sk, hk, d, device=dev, dtype=dtype)
+    dout = torch.randn(b, sq, h, d, device=dev, dtype=dtype)
+    scale = d ** -0.5
+    opts = dict(causal=causal, window_size=window, softcap=softcap)
+
+    out, (dq, dk, dv) = grads_of(lambda q, k, v: fa.flash_attn_func(q, k, v, **opts), (q, k, v), dout)
+    _, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+    if use_sdpa:
+        ref = lambda q, k, v, dt: sdpa_math(q, k, v, scale, causal, dt)  # noqa: E731
+    else:
+        ref = lambda q, k, v, dt: ref_attention(q.to(dt), k.to(dt), v.to(dt), scale, causal, window, softcap)[0]  # noqa: E731
+    ro, (rq, rk, rv) = grads_of(lambda q, k, v: ref(q, k, v, torch.float64), (q.double(), k.double(), v.double()),
+                                dout.double())
+    lo, (lq, lk, lv) = grads_of(lambda q, k, v: ref(q, k, v, torch.float32 if dtype == torch.float32 else dtype)
+                                .to(dtype), (q, k, v), dout)
+    _, rlse = ref_attention(q.double(), k.double(), v.double(), scale, causal, window, softcap)
+
+    what = f"{str(dtype)[6:]} B{b} Sq{sq} Sk{sk} H{h}/{hk} D{d} causal={causal} window={window} softcap={softcap}"
+    details, ok_all = [], True
+    for name, ours, r, low, factor in (("out", out, ro, lo, 2), ("dq", dq, rq, lq, 3), ("dk", dk, rk, lk, 3),
+                                       ("dv", dv, rv, lv, 3)):
+        ok, det = compare(name, ours, r, low, factor, 1e-3 if name == "out" else 3e-3)
+        ok_all &= ok
+        details.append(det)
+    finite = torch.isfinite(rlse)
+    lse_err = (lse.double() - rlse).abs()[finite].max().item() if finite.any() else 0.0
+    lse_ok = lse_err <= 1e-3 * (1 + rlse[finite].abs().max().item()) and bool(
+        torch.equal(torch.isneginf(lse), ~finite))
+    ok_all &= lse_ok
+    details.append(f"lse err {lse_err:.2e}")
+    report(f"forward+backward vs {'SDPA math' if use_sdpa else 'f64 reference'} [{what}]", ok_all,
+           ", ".join(details) + f" (seed {seed})")
+
+
+@check("forward and gradients")
+def check_forward_backward(dev, quick):
+    big = not quick and dev.type == "cuda"
+    for dtype in (torch.bfloat16, torch.float16):
+        forward_backward_case(dev, dtype, 2, 128, 128, 4, 4, 64, False)
+        forward_backward_case(dev, dtype, 2, 100, 300, 8, 2, 128, True)  # GQA, Sq < Sk causal (bottom-right)
+        forward_backward_case(dev, dtype, 1, 77, 77, 6, 1, 96, True)  # MQA
+        if big:
+            forward_backward_case(dev, dtype, 2, 1024, 1024, 8, 2, 128, True)
+            forward_backward_case(dev, dtype, 1, 513, 1031, 4, 4, 256, False)
+            forward_backward_case(dev, dtype, 3, 257, 257, 4, 2, 192, True)
+            forward_backward_case(dev, dtype, 2, 300, 200, 4, 4, 32, False)
+    # What SDPA does not do: window, softcap, head dims zero-padded to a supported one.
+    forward_backward_case(dev, torch.bfloat16, 2, 150, 220, 4, 2, 64, False, (32, 8), 0.0, use_sdpa=False)
+    forward_backward_case(dev, torch.bfloat16, 2, 150, 220, 4, 2, 64, True, (40, -1), 0.0, use_sdpa=False)
+    forward_backward_case(dev, torch.float16, 2, 130, 130, 4, 4, 128, True, (-1, -1), 30.0, use_sdpa=False)
+    forward_backward_case(dev, torch.bfloat16, 1, 90, 90, 2, 2, 80, True)  # head dim 80 -> 96
+    forward_backward_case(dev, torch.float16, 1, 64, 100, 2, 1, 40, False)  # head dim 40 -> 64
+
+
+@check("deterministic backward")
+def check_deterministic(dev, quick):
+    torch.manual_seed(1)
+    q = torch.randn(2, 512, 8, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 512, 2, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 512, 2, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(2, 512, 8, 128, device=dev, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        g = torch.autograd.grad(fa.flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+        runs.append(g)
+    same = all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r))
+    g_default = torch.autograd.grad(fa.flash_attn_func(q, k, v, causal=True), (q, k, v), dout)
+    close = all(max_err(a, b) <= 2e-2 * b.abs().max().item() for a, b in zip(g_default, runs[0]))
+    report("deterministic=True: bitwise-equal gradients over 3 runs, close to the default mode", same and close,
+           f"same={same} close={close}")
+
+
+@check("eager path and custom ops agree")
+def check_paths(dev, quick):
+    """Plain eager calls skip the custom ops' dispatch (an autograd.Function around the same bodies): both
+    routes give the same bits (forward, and deterministic gradients), for every packing."""
+    from flash_attn_rs import _torch_impl
+    torch.manual_seed(9)
+    qkv = torch.randn(2, 130, 3, 4, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(2, 130, 4, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(2, 170, 2, 2, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor([0, 60, 130, 260], dtype=torch.int32, device=dev)
+    calls = {
+        "flash_attn_func": (lambda: fa.flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], causal=True, deterministic=True,
+                                                       return_attn_probs=True), (q, kv)),
+        "flash_attn_kvpacked_func": (lambda: fa.flash_attn_kvpacked_func(q, kv, window_size=(9, 3), deterministic=True,
+                                                                         return_attn_probs=True), (q, kv)),
+        "flash_attn_qkvpacked_func": (lambda: fa.flash_attn_qkvpacked_func(qkv, softcap=5.0, deterministic=True,
+                                                                           return_attn_probs=True), (qkv,)),
+        "flash_attn_varlen_qkvpacked_func": (lambda: fa.flash_attn_varlen_qkvpacked_func(
+            qkv.view(-1, 3, 4, 64), cu, 130, causal=True, deterministic=True, return_attn_probs=True), (qkv,)),
+    }
+    for name, (fn, inputs) in calls.items():
+        results = []
+        for fast in (True, False):
+            _torch_impl.EAGER_FAST_PATH = fast
+            try:
+                out, lse, _ = fn()
+                grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+            finally:
+                _torch_impl.EAGER_FAST_PATH = True
+            results.append((out, lse) + tuple(grads))
+        same = all(torch.equal(a, b) for a, b in zip(*results))
+        report(f"eager path == custom ops: {name} (out, lse, deterministic gradients)", same)
+
+
+# --- torch.compile -----------------------------------------------------------------------------------
+
+class Attention(torch.nn.Module):
+    def __init__(self, dim, heads, kv_heads, packed):
+        super().__init__()
+        self.h, self.hk, self.hd, self.packed = heads, kv_heads, dim // heads, packed
+        self.qkv = torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.hd)
+        self.o = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        qkv = self.qkv(x)
+        if self.packed:
+            out = fa.flash_attn_qkvpacked_func(qkv.view(b, s, 3, self.h, self.hd), causal=True)
+        else:
+            q, k, v = qkv.view(b, s, self.h + 2 * self.hk, self.hd).split([self.h, self.hk, self.hk], dim=2)
+            out = fa.flash_attn_func(q, k, v, causal=True, window_size=(64, -1))
+        return self.o(out.reshape(b, s, -1))
+
+
+class VarlenAttention(torch.nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.h, self.hd = heads, dim // heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        t = x.shape[0]
+        q, k, v = self.qkv(x).view(t, 3, self.h, self.hd).unbind(1)
+        return fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+
+
+@check("torch.compile")
+def check_compile(dev, quick):
+    dtype = torch.bfloat16
+    for packed, hk in ((False, 2), (True, 4)):
+        torch.manual_seed(2)
+        m = Attention(256, 4, hk, packed).to(dev, dtype)
+        x = torch.randn(2, 200, 256, device=dev, dtype=dtype, requires_grad=True)
+        eager_out = m(x)
+        eager_grads = torch.autograd.grad(eager_out.float().square().sum(), [x] + list(m.parameters()))
+        torch._dynamo.reset()
+        cm = torch.compile(m, fullgraph=True)
+        out = cm(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x] + list(m.parameters()))
+        e = max_err(out, eager_out) / eager_out.abs().max().item()
+        ge = max(max_err(a, b) / max(b.abs().max().item(), 1e-6) for a, b in zip(grads, eager_grads))
+        report(f"torch.compile(fullgraph=True) of an attention module ({'qkv-packed' if packed else 'GQA, window'})",
+               e < 2e-2 and ge < 5e-2, f"relative err out {e:.2e}, gradients {ge:.2e}")
+    torch.manual_seed(3)
+    m = VarlenAttention(128, 2).to(dev, dtype)
+    lens = [37, 100, 1, 64]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=dev)
+    x = torch.randn(sum(lens), 128, device=dev, dtype=dtype, requires_grad=True)
+    eager_out = m(x, cu, max(lens))
+    eager_g = torch.autograd.grad(eager_out.float().sum(), x)[0]
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True)
+    out = cm(x, cu, max(lens))
+    g = torch.autograd.grad(out.float().sum(), x)[0]
+    e = max_err(out, eager_out) / eager_out.abs().max().item()
+    ge = max_err(g, eager_g) / eager_g.abs().max().item()
+    report("torch.compile(fullgraph=True) of a varlen attention module", e < 2e-2 and ge < 5e-2,
+           f"relative err out {e:.2e}, gradient {ge:.2e}")
+
+
+# --- CUDA graphs and streams -------------------------------------------------------------------------
+
+@check("CUDA graph")
+def check_cuda_graph(dev, quick):
+    fa.preload(dev)
+    torch.manual_seed(4)
+    shape_q, shape_kv = (2, 256, 8, 128), (2, 256, 2, 128)
+    q = torch.randn(shape_q, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(shape_kv, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(shape_kv, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(shape_q, device=dev, dtype=torch.bfloat16)
+
+    def step():
+        out = fa.flash_attn_func(q, k, v, causal=True)
+        return (out,) + torch.autograd.grad(out, (q, k, v), dout)
+
+    # Warm up on a side stream (as PyTorch asks before capturing), then capture forward + backward.
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = step()
+    g_fwd = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g_fwd):
+        static_fwd = fa.flash_attn_func(q, k, v, causal=True)
+    ok, worst = True, 0.0
+    for _ in range(3):
+        with torch.no_grad():
+            q.copy_(torch.randn_like(q))
+            k.copy_(torch.randn_like(k))
+            v.copy_(torch.randn_like(v))
+        dout.copy_(torch.randn_like(dout))
+        g.replay()
+        g_fwd.replay()
+        want = step()
+        # The forward is deterministic: the same bits. The default backward sums dq with atomics: close.
+        ok &= torch.equal(static_fwd, want[0]) and torch.equal(static[0], want[0])
+        for a, b in zip(static[1:], want[1:]):
+            worst = max(worst, max_err(a, b) / b.abs().max().item())
+    torch.cuda.synchronize()
+    ok &= worst <= 1e-2
+    report("CUDA graph capture and replay (forward; forward + backward with workspace), new inputs each replay",
+           ok, f"gradients' relative err {worst:.1e}")
+
+
+@check("non-default stream")
+def check_stream(dev, quick):
+    torch.manual_seed(5)
+    q1 = torch.randn(1, 1024, 8, 128, device=dev, dtype=torch.bfloat16)
+    q2 = torch.randn_like(q1)
+    k = torch.randn(1, 1024, 8, 128, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    want1, want2 = fa.flash_attn_func(q1, k, v), fa.flash_attn_func(q2, k, v)
+    q = q1.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(200_000_000)  # keeps s busy for a while (~0.1 s)
+        q.copy_(q2)  # queued behind the sleep on s
+        out = fa.flash_attn_func(q, k, v)  # must run after the copy: on s, not on the default stream
+    s.synchronize()
+    torch.cuda.current_stream().wait_stream(s)
+    ok = torch.equal(out, want2) and not torch.equal(out, want1)
+    report("kernels run on the current (non-default) stream, after earlier work on it", ok)
+
+
+# --- Packed versus separate --------------------------------------------------------------------------
+
+@check("packed versus separate")
+def check_packed_vs_separate(dev, quick):
+    torch.manual_seed(6)
+    lens_q, lens_k = [1, 77, 256, 130, 5], [40, 77, 300, 130, 1]
+    h, hk, d = 8, 2, 128
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=dev)
+    q = torch.randn(sum(lens_q), h, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lens_k), hk, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(sum(lens_k), hk, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(sum(lens_q), h, d, device=dev, dtype=torch.bfloat16)
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                            return_attn_probs=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    worst = {"out": 0.0, "lse": 0.0, "dq": 0.0, "dk": 0.0, "dv": 0.0}
+    for i in range(len(lens_q)):
+        qs, ks = slice(cu_q[i].item(), cu_q[i + 1].item()), slice(cu_k[i].item(), cu_k[i + 1].item())
+        qi, ki, vi = (t[None, sl].detach().requires_grad_(True) for t, sl in ((q, qs), (k, ks), (v, ks)))
+        oi, li, _ = fa.flash_attn_func(qi, ki, vi, causal=True, return_attn_probs=True)
+        gi = torch.autograd.grad(oi, (qi, ki, vi), dout[None, qs])
+        for name, a, b in (("out", out[qs], oi[0]), ("dq", dq[qs], gi[0][0]), ("dk", dk[ks], gi[1][0]),
+                           ("dv", dv[ks], gi[2][0])):
+            worst[name] = max(worst[name], max_err(a, b) / max(b.abs().max().item(), 1e-6))
+        fin = torch.isfinite(li[0])
+        worst["lse"] = max(worst["lse"], max_err(lse[:, qs][fin], li[0][fin]) if fin.any() else 0.0)
+    ok = worst["out"] <= 1e-2 and worst["lse"] <= 1e-3 and max(worst["dq"], worst["dk"], worst["dv"]) <= 2e-2
+    report("flash_attn_varlen_func over a packed batch == flash_attn_func per sequence (out, lse, gradients)", ok,
+           ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    # Packed inputs through the packed functions, and their gradients in one packed tensor.
+    qkv = torch.randn(2, 150, 3, 4, 64, device=dev, dtype=torch.float16, requires_grad=True)
+    o1 = fa.flash_attn_qkvpacked_func(qkv, causal=True)
+    g1 = torch.autograd.grad(o1, qkv, torch.ones_like(o1))[0]
+    qkv2 = qkv.detach().clone().requires_grad_(True)
+    o2 = fa.flash_attn_func(*qkv2.unbind(2), causal=True)
+    g2 = torch.autograd.grad(o2, qkv2, torch.ones_like(o2))[0]
+    report("flash_attn_qkvpacked_func == flash_attn_func on the unpacked views (out and packed gradient)",
+           torch.equal(o1, o2) and max_err(g1, g2) <= 1e-2 * g2.abs().max().item() and g1.shape == qkv.shape)
+
+
+# --- The hub's functions -----------------------------------------------------------------------------
+
+@check("kernels-hub-style script")
+def check_hub(dev, quick):
+    import flash_attn_rs as flash_attn  # what kernels.get_kernel("kernels-community/flash-attn") would give
+    torch.manual_seed(7)
+    b, s, h, d = 2, 333, 8, 128
+    q = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
+    out, softmax_lse, *_ = flash_attn.fwd(q, k, v, is_causal=True)
+    ref = sdpa_math(q, k, v, d ** -0.5, True)
+    low = sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16)
+    ok, det = compare("out", out, ref, low, 2, 1e-3)
+    _, rlse = ref_attention(q.double(), k.double(), v.double(), d ** -0.5, True)
+    ok &= max_err(softmax_lse, rlse) <= 1e-3 * (1 + rlse.abs().max().item())
+    report("hub fwd(q, k, v, is_causal=True) vs SDPA math", ok, det)
+    # varlen_fwd over the same batch packed, into a given out.
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=dev)
+    given = torch.empty(b * s, h, d, device=dev, dtype=torch.bfloat16)
+    res = flash_attn.varlen_fwd(q.reshape(b * s, h, d), k.reshape(b * s, h, d), v.reshape(b * s, h, d), cu, cu,
+                                out=given, max_seqlen_q=s, max_seqlen_k=s, is_causal=True)
+    ok2, det2 = compare("out", res[0].view(b, s, h, d), ref, low, 2, 1e-3)
+    report("hub varlen_fwd(..., out=given) vs SDPA math", ok2 and res[0] is given, det2)
+    # bwd into given buffers against autograd through SDPA math in float64.
+    dout = torch.randn_like(q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    res = flash_attn.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, is_causal=True)
+    _, (rq, rk, rv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True), (q.double(), k.double(),
+                                                                                     v.double()), dout.double())
+    _, (lq, lk, lv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16), (q, k, v), dout)
+    oks = [compare(n, a, r, lo, 3, 3e-3) for n, a, r, lo in (("dq", dq, rq, lq), ("dk", dk, rk, lk),
+                                                              ("dv", dv, rv, lv))]
+    report("hub bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, is_causal=True) vs SDPA math",
+           all(o for o, _ in oks) and res[0] is dq, ", ".join(d for _, d in oks))
+
+
+# --- Errors ------------------------------------------------------------------------------------------
+
+@check("errors")
+def check_errors(dev, quick):
+    q = torch.randn(1, 16, 2, 64, device=dev, dtype=torch.bfloat16)
+    cases = [
+        ("float32 q", lambda: fa.flash_attn_func(q.float(), q.float(), q.float()), TypeError),
+        ("cu_seqlens int64", lambda: fa.flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 16], device=dev),
+                                                               torch.tensor([0, 16], device=dev), 16, 16), TypeError),
+        ("dropout", lambda: fa.flash_attn_func(q, q, q, dropout_p=0.5), NotImplementedError),
+        ("heads", lambda: fa.flash_attn_func(torch.randn(1, 16, 3, 64, device=dev, dtype=torch.bfloat16), q, q),
+         ValueError),
+        ("numpy k", lambda: fa.flash_attn_func(q, q.cpu().float().numpy(), q), TypeError),
+        ("window_size", lambda: fa.flash_attn_func(q, q, q, window_size=3), TypeError),
+        ("head dim 512", lambda: fa.flash_attn_func(*(torch.zeros(1, 4, 1, 512, device=dev,
+                                                                  dtype=torch.bfloat16),) * 3), ValueError),
+    ]
+    if dev.type == "cuda":
+        cu = torch.tensor([0, 16], dtype=torch.int32)
+        cases += [
+            ("k on the CPU", lambda: fa.flash_attn_func(q, q.cpu(), q.cpu()), ValueError),
+            ("cu_seqlens on the CPU", lambda: fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 16, 16), ValueError),
+        ]
+    for name, fn, exc in cases:
+        try:
+            fn()
+            report(f"error: {name}", False, "no exception")
+        except exc as e:
+            report(f"error: {name}", True, f"{type(e).__name__}: {e}")
+
+
+@check("layouts")
+def check_layouts(dev, quick):
+    """Tensors the kernels cannot read in place (rows not 16-byte aligned, head dim not contiguous) are
+    copied; a caller's out that cannot be written in place is written through a temporary."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(2, 100, 4, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    want = fa.flash_attn_func(q, k, v, causal=True)
+    buf = torch.empty(q.numel() + 4, device=dev, dtype=torch.bfloat16)
+    q_odd = buf[4:].view(q.shape)  # 8 bytes past an aligned start
+    q_odd.copy_(q)
+    k_t = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # head dim stride 100*4... not 1
+    ok = torch.equal(fa.flash_attn_func(q_odd, k_t, v, causal=True), want)
+    out_buf = torch.zeros(q.numel() + 4, device=dev, dtype=torch.bfloat16)
+    out_odd = out_buf[4:].view(q.shape)
+    res = fa.fwd(q, k, v, out=out_odd, is_causal=True)
+    ok &= res[0] is out_odd and torch.equal(out_odd, want) and bool((out_buf[:4] == 0).all())
+    report("misaligned and non-contiguous inputs copied, a misaligned out written through a temporary", ok)
+
+
+# --- Benchmarks --------------------------------------------------------------------------------------
+
+def host_us_per_call(fn, n=200, reps=7):
+    """Median host time per call (µs) over `reps` loops of `n` calls, synchronizing between loops only."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def gpu_ms(fn, n=20, reps=5):
+    """Median per-call time (ms) by CUDA events over loops of `n` calls."""
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / n)
+    return statistics.median(ts)
+
+
+def direct_fwd(q, k, v, causal):
+    """The native forward with everything precomputed: what a caller holding raw pointers pays."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32)
+    desc = lambda t, dt: (t.data_ptr(), dt, tuple(t.shape), t.stride())  # noqa: E731
+    dev = ("cuda", q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
+    args = (desc(q, "bf16"), desc(k, "bf16"), desc(v, "bf16"), desc(out, "bf16"), desc(lse, "f32"),
+            q.shape[-1] ** -0.5, causal, -1, -1, 0.0, dev)
+    return lambda: _native.fwd(*args), out, lse
+
+
+def direct_bwd(q, k, v, out, lse, causal):
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    nbytes = _native.bwd_workspace_bytes(tuple(q.shape), False)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+    desc = lambda t, dt: (t.data_ptr(), dt, tuple(t.shape), t.stride())  # noqa: E731
+    dev = ("cuda", q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
+    args = tuple(desc(t, "bf16") for t in (dout, q, k, v, out)) + (desc(lse, "f32"),) + tuple(
+        desc(t, "bf16") for t in (dq, dk, dv)) + (q.shape[-1] ** -0.5, causal, -1, -1, 0.0, False,
+                                                 (ws.data_ptr(), nbytes), dev)
+    return lambda: _native.bwd(*args), dout
+
+
+def bench(dev, quick):
+    print("\n# Python-level overhead per call (host µs; B1 S128 H8 D64 bf16, forward)", flush=True)
+    q = torch.randn(1, 128, 8, 64, device=dev, dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    native, _, _ = direct_fwd(q, k, v, True)
+    scale = 64 ** -0.5
+
+    def op():
+        torch.ops.flash_attn_rs.fwd(q, k, v, None, None, None, None, 0, 0, 0, scale, True, -1, -1, 0.0, False)
+
+    from flash_attn_rs import _torch_impl
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    rows = [
+        ("_native.fwd, arguments precomputed", native, True),
+        ("torch.ops.flash_attn_rs.fwd (the custom op)", op, True),
+        ("flash_attn_func, no grad", lambda: fa.flash_attn_func(q, k, v, causal=True), True),
+        ("flash_attn_func, requires_grad inputs", lambda: fa.flash_attn_func(qg, kg, vg, causal=True), True),
+        ("hub fwd", lambda: fa.fwd(q, k, v, is_causal=True), True),
+        ("flash_attn_func, no grad, via the custom op", lambda: fa.flash_attn_func(q, k, v, causal=True), False),
+        ("flash_attn_func, requires_grad, via the custom op", lambda: fa.flash_attn_func(qg, kg, vg, causal=True),
+         False),
+    ]
+    base = None
+    for name, fn, fast in rows:
+        _torch_impl.EAGER_FAST_PATH = fast
+        try:
+            with torch.no_grad() if "no grad" in name else torch.enable_grad():
+                us = host_us_per_call(fn)
+        finally:
+            _torch_impl.EAGER_FAST_PATH = True
+        base = base or us
+        print(f"  {name:<50} {us:8.1f} µs/call  (+{us - base:6.1f} µs over direct)", flush=True)
+    kernel = gpu_ms(native, n=200) * 1000
+    print(f"  (GPU time of that kernel: {kernel:.1f} µs)", flush=True)
+
+    print("\n# Head dim 128, bf16: ours via Python (flash_attn_func, autograd) vs ours direct (_native), ms",
+          flush=True)
+    print(f"  {'shape':<28} {'causal':<6} {'fwd py':>8} {'fwd dir':>8} {'ratio':>6} {'f+b py':>8} {'f+b dir':>8}"
+          f" {'ratio':>6}", flush=True)
+    shapes = [(8, 2048, 16), (4, 4096, 16), (2, 8192, 16), (1, 16384, 16)]
+    if quick:
+        shapes = shapes[:2]
+    for b, s, h in shapes:
+        for causal in (False, True):
+            q = torch.randn(b, s, h, 128, device=dev, dtype=torch.bfloat16)
+            k, v = torch.randn_like(q), torch.randn_like(q)
+            nf, out, lse = direct_fwd(q, k, v, causal)
+            nf()
+            nb, dout = direct_bwd(q, k, v, out, lse, causal)
+            qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+            with torch.no_grad():
+                py_f = gpu_ms(lambda: fa.flash_attn_func(q, k, v, causal=causal))
+            dir_f = gpu_ms(nf)
+
+            def py_fb():
+                o = fa.flash_attn_func(qg, kg, vg, causal=causal)
+                torch.autograd.grad(o, (qg, kg, vg), dout)
+
+            def dir_fb():
+                nf()
+                nb()
+
+            py_b, dir_b = gpu_ms(py_fb, n=10), gpu_ms(dir_fb, n=10)
+            print(f"  B{b} S{s} H{h} D128{'':<10} {str(causal):<6} {py_f:8.3f} {dir_f:8.3f} {py_f / dir_f:6.3f} "
+                  f"{py_b:8.3f} {dir_b:8.3f} {py_b / dir_b:6.3f}", flush=True)
+            del q, k, v, out, lse, dout, qg, kg, vg
+            torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--quick", action="store_true", help="fewer and smaller cases")
+    p.add_argument("--no-bench", action="store_true")
+    a = p.parse_args()
+    print(f"torch {torch.__version__}, python {sys.version.split()[0]}, flash_attn_rs {fa.__version__}, "
+          f"cuda_available={fa.cuda_available()}", flush=True)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("FAIL no CUDA device (use --device cpu for the CPU path)")
+        return 1
+    dev = torch.device("cuda", torch.cuda.current_device()) if a.device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(dev)}", flush=True)
+    quick = a.quick or dev.type == "cpu"
+    check_forward_backward(dev, quick)
+    check_deterministic(dev, quick)
+    check_paths(dev, quick)
+    check_compile(dev, quick)
+    check_packed_vs_separate(dev, quick)
+    check_hub(dev, quick)
+    check_errors(dev, quick)
+    check_layouts(dev, quick)
+    if dev.type == "cuda":
+        check_cuda_graph(dev, quick)
+        check_stream(dev, quick)
+        if not a.no_bench:
+            try:
+                bench(dev, quick)
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                report("benchmarks", False, f"{type(e).__name__}: {e}")
+    print(f"\n{'FAIL' if FAILURES else 'PASS'}: {len(FAILURES)} check(s) failed" +
+          (": " + ", ".join(FAILURES) if FAILURES else ""), flush=True)
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

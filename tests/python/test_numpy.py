@@ -1,0 +1,618 @@
+"""flash_attn_rs on numpy arrays (the CPU path; no GPU, no torch): every public function against a float64
+reference written from the definition of attention, and every kind of bad input a Python exception that
+names the argument.
+
+Each test draws fresh random inputs; the seed is printed (pytest shows it for a failing test) and is in
+every assertion message. FA_TEST_SEED=<seed> replays a run.
+"""
+
+import os
+import random
+import sys
+
+import numpy as np
+import pytest
+
+import flash_attn_rs as fa
+from flash_attn_rs import _native
+
+F16 = np.float16
+U16 = 2.0 ** -11  # float16's unit roundoff
+
+
+# --- Seeds -------------------------------------------------------------------------------------------
+
+def new_rng(test):
+    seed = int(os.environ.get("FA_TEST_SEED") or random.SystemRandom().randrange(2**63))
+    print(f"{test}: seed {seed} (FA_TEST_SEED={seed} replays it)")
+    return seed, np.random.default_rng(seed)
+
+
+def randn(rng, shape, dtype=F16, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# --- The float64 reference ---------------------------------------------------------------------------
+
+def visible(sq, sk, causal, window):
+    """mask[i, j]: query i sees key j (bottom-right aligned: the diagonal is j = i + sk - sq)."""
+    left, right = window
+    if causal:
+        right = 0
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    diag = i + sk - sq
+    mask = np.ones((sq, sk), bool)
+    if left >= 0:
+        mask &= j >= diag - left
+    if right >= 0:
+        mask &= j <= diag + right
+    return mask
+
+
+def ref_probs(q, k, scale, causal, window, softcap):
+    """One sequence: q [sq, hq, d], k [sk, hk, d] (float64). Returns P [hq, sq, sk], lse [hq, sq], the
+    scores before the softcap and the mask."""
+    sq, hq, _ = q.shape
+    sk, hk, _ = k.shape
+    kk = np.repeat(k, hq // hk, axis=1)
+    x = np.einsum("qhd,khd->hqk", q, kk) * scale
+    s = softcap * np.tanh(x / softcap) if softcap > 0 else x
+    mask = visible(sq, sk, causal, window)[None]
+    s = np.where(mask, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True) if sk else np.full((hq, sq, 1), -np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(mask, np.exp(s - m), 0.0)
+    tot = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(tot > 0, tot, 1.0)
+    lse = np.where(tot[..., 0] > 0, np.log(np.where(tot[..., 0] > 0, tot[..., 0], 1.0)) + m[..., 0], -np.inf)
+    return p, lse, x, mask
+
+
+def ref_attention(q, k, v, scale, causal=False, window=(-1, -1), softcap=0.0):
+    """One sequence: out [sq, hq, d] and lse [hq, sq], in float64, from the definition."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    hq, hk = q.shape[1], k.shape[1]
+    p, lse, _, _ = ref_probs(q, k, scale, causal, window, softcap)
+    vv = np.repeat(v, hq // hk, axis=1)
+    out = np.einsum("hqk,khd->qhd", p, vv)
+    return out, lse
+
+
+def ref_attention_bwd(q, k, v, out, dout, scale, causal=False, window=(-1, -1), softcap=0.0):
+    """One sequence's gradients of sum(dout * out). D_i = dout_i . out_i uses the `out` given (the one
+    the library's backward reads)."""
+    q, k, v, out, dout = (np.asarray(t, np.float64) for t in (q, k, v, out, dout))
+    hq, hk = q.shape[1], k.shape[1]
+    g = hq // hk
+    p, _, x, mask = ref_probs(q, k, scale, causal, window, softcap)
+    kk, vv = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    dv = np.einsum("hqk,qhd->khd", p, dout)
+    dp = np.einsum("qhd,khd->hqk", dout, vv)
+    dd = np.einsum("qhd,qhd->hq", dout, out)[..., None]
+    ds = p * (dp - dd)
+    if softcap > 0:
+        ds = ds * (1.0 - np.tanh(x / softcap) ** 2)
+    ds = np.where(mask, ds, 0.0)
+    dq = scale * np.einsum("hqk,khd->qhd", ds, kk)
+    dk = scale * np.einsum("hqk,qhd->khd", ds, q)
+    sk, d = k.shape[0], k.shape[2]
+    dk = dk.reshape(sk, hk, g, d).sum(axis=2)
+    dv = dv.reshape(sk, hk, g, d).sum(axis=2)
+    return dq, dk, dv
+
+
+# --- Tolerances --------------------------------------------------------------------------------------
+
+def check_out(got, ref, vmax, seed, what="out", u=U16):
+    """The library computes in f32 and rounds out once: |diff| <= u |ref| + 2^-12 vmax (tests/common's
+    bound), with a factor 2 to spare. A row the reference leaves empty must be exactly 0."""
+    got = np.asarray(got, np.float64)
+    assert got.shape == ref.shape, f"seed {seed}: {what} shape {got.shape} != {ref.shape}"
+    bound = 2 * (u * np.abs(ref) + 2.0 ** -12 * vmax)
+    bad = ~(np.abs(got - ref) <= bound)
+    assert not bad.any(), (f"seed {seed}: {what} differs at {np.argwhere(bad)[:5].tolist()}: "
+                           f"got {got[bad][:5]}, reference {ref[bad][:5]}")
+    assert np.all(got[ref == 0] == 0), f"seed {seed}: {what}: rows that see no key must be exactly 0"
+
+
+def check_lse(got, ref, smax, seed, what="lse"):
+    got = np.asarray(got, np.float64)
+    assert got.shape == ref.shape, f"seed {seed}: {what} shape {got.shape} != {ref.shape}"
+    inf = np.isneginf(ref)
+    assert np.array_equal(np.isneginf(got), inf), f"seed {seed}: {what}: -inf exactly where no key is seen"
+    bound = 4 * 2.0 ** -20 * (np.abs(ref[~inf]) + 1 + smax)
+    diff = np.abs(got[~inf] - ref[~inf])
+    assert np.all(diff <= bound), f"seed {seed}: {what}: max |diff| {diff.max():.3e}"
+
+
+def check_grad(got, ref, seed, what, u=U16):
+    """Gradients: rounded once to f16 from f32 sums; 2u |ref| plus 2^-9 of the largest magnitude."""
+    got = np.asarray(got, np.float64)
+    assert got.shape == ref.shape, f"seed {seed}: {what} shape {got.shape} != {ref.shape}"
+    if ref.size == 0:
+        return
+    bound = 2 * u * np.abs(ref) + 2.0 ** -9 * max(np.abs(ref).max(), 1e-3)
+    bad = ~(np.abs(got - ref) <= bound)
+    assert not bad.any(), (f"seed {seed}: {what} differs at {np.argwhere(bad)[:5].tolist()}: "
+                           f"got {got[bad][:5]}, reference {ref[bad][:5]}")
+
+
+def smax_of(q, k, scale, softcap):
+    if softcap > 0:
+        return softcap
+    return abs(scale) * q.shape[-1] * np.abs(q.astype(np.float64)).max() * np.abs(k.astype(np.float64)).max()
+
+
+MASKS = [
+    # (causal, window, softcap)
+    (False, (-1, -1), 0.0),
+    (True, (-1, -1), 0.0),
+    (False, (20, 5), 0.0),
+    (False, (0, 0), 0.0),
+    (True, (7, -1), 0.0),
+    (False, (-1, 3), 0.0),
+    (False, (-1, -1), 5.0),
+    (True, (16, -1), 2.0),
+]
+
+
+# --- Dense -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal,window,softcap", MASKS)
+@pytest.mark.parametrize("sq,sk,hq,hk,d", [(37, 53, 4, 2, 64), (70, 29, 3, 1, 32), (64, 64, 2, 2, 128)])
+def test_dense_forward(causal, window, softcap, sq, sk, hq, hk, d):
+    seed, rng = new_rng("test_dense_forward")
+    b = 2
+    q, k, v = randn(rng, (b, sq, hq, d)), randn(rng, (b, sk, hk, d)), randn(rng, (b, sk, hk, d))
+    out, lse, probs = fa.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                         return_attn_probs=True)
+    assert probs is None
+    assert out.dtype == F16 and out.shape == q.shape, seed
+    assert lse.dtype == np.float32 and lse.shape == (b, hq, sq), seed
+    scale = d ** -0.5
+    for i in range(b):
+        ro, rl = ref_attention(q[i], k[i], v[i], scale, causal, window, softcap)
+        check_out(out[i], ro, np.abs(v).max(), seed)
+        check_lse(lse[i], rl, smax_of(q, k, scale, softcap), seed)
+
+
+def test_defaults_and_scale():
+    """softmax_scale None is 1/sqrt(D); causal=False, window (-1, -1), softcap 0 are flash-attn's defaults;
+    a given scale is used as is; return_attn_probs=False returns out alone."""
+    seed, rng = new_rng("test_defaults_and_scale")
+    q, k, v = randn(rng, (1, 20, 2, 64)), randn(rng, (1, 30, 2, 64)), randn(rng, (1, 30, 2, 64))
+    out = fa.flash_attn_func(q, k, v)
+    assert isinstance(out, np.ndarray)
+    explicit = fa.flash_attn_func(q, k, v, 0.0, 64 ** -0.5, False, (-1, -1), 0.0, None, False, False)
+    assert np.array_equal(out, explicit), seed
+    out2 = fa.flash_attn_func(q, k, v, softmax_scale=0.3)
+    ro, _ = ref_attention(q[0], k[0], v[0], 0.3)
+    check_out(out2[0], ro, np.abs(v).max(), seed)
+    # flash-attn: a negative softcap is off, a negative window side unbounded.
+    assert np.array_equal(fa.flash_attn_func(q, k, v, softcap=-1.0), out), seed
+    assert np.array_equal(fa.flash_attn_func(q, k, v, window_size=(-5, -2)), out), seed
+
+
+def test_causal_bottom_right_and_empty_rows():
+    """Sq > Sk, causal: query i sees keys j <= i + Sk - Sq, so the first Sq - Sk rows see nothing and
+    come out exactly 0 with lse -inf (never NaN)."""
+    seed, rng = new_rng("test_causal_bottom_right_and_empty_rows")
+    sq, sk = 9, 4
+    q, k, v = randn(rng, (1, sq, 2, 64)), randn(rng, (1, sk, 2, 64)), randn(rng, (1, sk, 2, 64))
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert np.all(out[0, : sq - sk] == 0), seed
+    assert np.all(np.isneginf(lse[0, :, : sq - sk])), seed
+    assert np.all(np.isfinite(lse[0, :, sq - sk:])), seed
+    # Row sq - sk sees key 0 only: out = v[0], lse = its score.
+    np.testing.assert_allclose(out[0, sq - sk], v[0, 0], rtol=0, atol=1e-3, err_msg=f"seed {seed}")
+    ro, rl = ref_attention(q[0], k[0], v[0], 64 ** -0.5, causal=True)
+    check_out(out[0], ro, np.abs(v).max(), seed)
+    check_lse(lse[0], rl, smax_of(q, k, 64 ** -0.5, 0), seed)
+
+
+@pytest.mark.parametrize("d", [8, 40, 80, 100, 160, 200])
+def test_head_dim_padding(d):
+    """Head dims without a kernel run zero-padded to the next one, with the scale of the real head dim."""
+    seed, rng = new_rng("test_head_dim_padding")
+    q, k, v = randn(rng, (2, 19, 2, d)), randn(rng, (2, 23, 1, d)), randn(rng, (2, 23, 1, d))
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert out.shape == q.shape, seed
+    for i in range(2):
+        ro, rl = ref_attention(q[i], k[i], v[i], d ** -0.5, causal=True)
+        check_out(out[i], ro, np.abs(v).max(), seed)
+        check_lse(lse[i], rl, smax_of(q, k, d ** -0.5, 0), seed)
+
+
+def test_strided_and_foreign_layouts():
+    """Views the library cannot take (negative strides, head dim not contiguous, big-endian, unaligned)
+    are copied first; strided views it can take are read in place; every result equals the contiguous one."""
+    seed, rng = new_rng("test_strided_and_foreign_layouts")
+    q, k, v = randn(rng, (2, 33, 4, 64)), randn(rng, (2, 41, 2, 64)), randn(rng, (2, 41, 2, 64))
+    want = fa.flash_attn_func(q, k, v, causal=True)
+    # [B, H, S, D] storage viewed as [B, S, H, D] (what a transpose gives).
+    qt = np.ascontiguousarray(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    assert not qt.flags.c_contiguous
+    assert np.array_equal(fa.flash_attn_func(qt, k, v, causal=True), want), seed
+    # Negative strides.
+    kr = np.ascontiguousarray(k[:, ::-1])[:, ::-1]
+    assert np.array_equal(fa.flash_attn_func(q, kr, v, causal=True), want), seed
+    # Head dim not contiguous.
+    vf = np.asfortranarray(v)
+    assert np.array_equal(fa.flash_attn_func(q, k, vf, causal=True), want), seed
+    # Big-endian float16.
+    qb = q.astype(q.dtype.newbyteorder(">"))
+    assert np.array_equal(fa.flash_attn_func(qb, k, v, causal=True), want), seed
+    # Unaligned: float16 elements at an odd byte offset.
+    raw = np.zeros(q.nbytes + 1, np.uint8)
+    qu = raw[1:].view(F16).reshape(q.shape)
+    qu[...] = q
+    assert qu.ctypes.data % 2 == 1
+    assert np.array_equal(fa.flash_attn_func(qu, k, v, causal=True), want), seed
+    # Broadcast kv heads (stride 0) read in place.
+    k1, v1 = k[:, :, :1], v[:, :, :1]
+    kb, vb = np.broadcast_to(k1, k.shape), np.broadcast_to(v1, v.shape)
+    assert np.array_equal(fa.flash_attn_func(q, kb, vb), fa.flash_attn_func(q, k1, v1)), seed
+
+
+# --- Packed inputs -----------------------------------------------------------------------------------
+
+def test_qkvpacked_and_kvpacked_equal_separate():
+    seed, rng = new_rng("test_qkvpacked_and_kvpacked_equal_separate")
+    qkv = randn(rng, (2, 45, 3, 4, 64))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    want, want_lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    out, lse, _ = fa.flash_attn_qkvpacked_func(qkv, causal=True, return_attn_probs=True)
+    assert np.array_equal(out, want) and np.array_equal(lse, want_lse), seed
+    q2, kv = randn(rng, (2, 17, 4, 64)), randn(rng, (2, 45, 2, 2, 64))
+    want = fa.flash_attn_func(q2, kv[:, :, 0], kv[:, :, 1], window_size=(8, 8))
+    assert np.array_equal(fa.flash_attn_kvpacked_func(q2, kv, window_size=(8, 8)), want), seed
+    # Padded head dim through the packed path.
+    qkv40 = randn(rng, (1, 12, 3, 2, 40))
+    want = fa.flash_attn_func(qkv40[:, :, 0], qkv40[:, :, 1], qkv40[:, :, 2], causal=True)
+    assert np.array_equal(fa.flash_attn_qkvpacked_func(qkv40, causal=True), want), seed
+
+
+def random_lengths(rng, b, max_len, allow_zero=True):
+    lens = rng.integers(0 if allow_zero else 1, max_len + 1, size=b)
+    return lens
+
+
+def cu(lens):
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+
+
+@pytest.mark.parametrize("causal,window,softcap", MASKS)
+def test_varlen_forward(causal, window, softcap):
+    """Each packed sequence against the reference of that sequence alone (GQA, a zero-length sequence
+    among them)."""
+    seed, rng = new_rng("test_varlen_forward")
+    b, hq, hk, d = 4, 4, 2, 64
+    lq = random_lengths(rng, b, 70)
+    lk = random_lengths(rng, b, 90)
+    lq[1] = 0
+    cq, ck = cu(lq), cu(lk)
+    q, k, v = randn(rng, (cq[-1], hq, d)), randn(rng, (ck[-1], hk, d)), randn(rng, (ck[-1], hk, d))
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cq, ck, int(lq.max()), int(lk.max()), causal=causal,
+                                            window_size=window, softcap=softcap, return_attn_probs=True)
+    assert out.shape == q.shape and lse.shape == (hq, cq[-1]), seed
+    scale = d ** -0.5
+    for i in range(b):
+        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        ro, rl = ref_attention(q[qs], k[ks], v[ks], scale, causal, window, softcap)
+        check_out(out[qs], ro, np.abs(v).max(), seed, what=f"out of sequence {i}")
+        check_lse(lse[:, qs], rl, smax_of(q, k, scale, softcap), seed, what=f"lse of sequence {i}")
+
+
+def test_varlen_equals_per_sequence_calls():
+    """Packed-versus-separate: varlen over a packed batch gives each sequence's flash_attn_func result."""
+    seed, rng = new_rng("test_varlen_equals_per_sequence_calls")
+    b, h, d = 3, 2, 128
+    lq, lk = random_lengths(rng, b, 50, False), random_lengths(rng, b, 80, False)
+    cq, ck = cu(lq), cu(lk)
+    q, k, v = randn(rng, (cq[-1], h, d)), randn(rng, (ck[-1], h, d)), randn(rng, (ck[-1], h, d))
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cq, ck, int(lq.max()), int(lk.max()), causal=True,
+                                            return_attn_probs=True)
+    for i in range(b):
+        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        o1, l1, _ = fa.flash_attn_func(q[None, qs], k[None, ks], v[None, ks], causal=True, return_attn_probs=True)
+        np.testing.assert_allclose(out[qs].astype(np.float64), o1[0].astype(np.float64), rtol=2 * U16,
+                                   atol=2.0 ** -12, err_msg=f"seed {seed}: sequence {i}")
+        np.testing.assert_allclose(lse[:, qs], l1[0], rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}: sequence {i}")
+
+
+def test_varlen_packed_variants():
+    seed, rng = new_rng("test_varlen_packed_variants")
+    lens = random_lengths(rng, 3, 40, False)
+    c = cu(lens)
+    qkv = randn(rng, (c[-1], 3, 2, 64))
+    want = fa.flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], c, c, int(lens.max()), int(lens.max()),
+                                     causal=True)
+    got = fa.flash_attn_varlen_qkvpacked_func(qkv, c, int(lens.max()), causal=True)
+    assert np.array_equal(got, want), seed
+    q, kv = randn(rng, (c[-1], 4, 64)), randn(rng, (c[-1], 2, 2, 64))
+    want = fa.flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], c, c, int(lens.max()), int(lens.max()), softcap=3.0)
+    got = fa.flash_attn_varlen_kvpacked_func(q, kv, c, c, int(lens.max()), int(lens.max()), softcap=3.0)
+    assert np.array_equal(got, want), seed
+
+
+def test_seqused():
+    """seqused_q / seqused_k: only the first seqused[b] rows of slot b are real; the other query rows,
+    and rows past cu_seqlens_q[B], come out 0 with lse -inf."""
+    seed, rng = new_rng("test_seqused")
+    b, h, d = 3, 2, 64
+    slot_q, slot_k = np.array([20, 16, 24]), np.array([30, 12, 40])
+    used_q = np.array([13, 0, 24], np.int32)
+    used_k = np.array([30, 5, 17], np.int32)
+    cq, ck = cu(slot_q), cu(slot_k)
+    extra = 5  # rows of q past cu_seqlens_q[B]
+    q = randn(rng, (cq[-1] + extra, h, d))
+    k, v = randn(rng, (ck[-1], h, d)), randn(rng, (ck[-1], h, d))
+    for causal in (False, True):
+        out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cq, ck, 24, 40, causal=causal, return_attn_probs=True,
+                                                seqused_q=used_q, seqused_k=used_k)
+        real = np.zeros(q.shape[0], bool)
+        for i in range(b):
+            qs = slice(cq[i], cq[i] + used_q[i])
+            ks = slice(ck[i], ck[i] + used_k[i])
+            real[qs] = True
+            ro, rl = ref_attention(q[qs], k[ks], v[ks], d ** -0.5, causal)
+            check_out(out[qs], ro, np.abs(v).max(), seed, what=f"out of sequence {i}")
+            check_lse(lse[:, qs], rl, smax_of(q, k, d ** -0.5, 0), seed, what=f"lse of sequence {i}")
+        assert np.all(out[~real] == 0), seed
+        assert np.all(np.isneginf(lse[:, ~real])), seed
+
+
+def test_bf16_with_ml_dtypes():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    seed, rng = new_rng("test_bf16_with_ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    q, k, v = randn(rng, (1, 30, 2, 64), bf16), randn(rng, (1, 40, 2, 64), bf16), randn(rng, (1, 40, 2, 64), bf16)
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert out.dtype == bf16, seed
+    ro, rl = ref_attention(q[0].astype(np.float64), k[0].astype(np.float64), v[0].astype(np.float64), 0.125, True)
+    check_out(out[0].astype(np.float64), ro, np.abs(v.astype(np.float64)).max(), seed, u=2.0 ** -8)
+    check_lse(lse[0], rl, smax_of(q.astype(np.float64), k.astype(np.float64), 0.125, 0), seed)
+
+
+# --- The hub's low-level functions -------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal,window,softcap", [MASKS[0], MASKS[1], MASKS[2], MASKS[6], MASKS[7]])
+def test_hub_fwd_bwd(causal, window, softcap):
+    """fwd writes into a given out and returns it with the lse; bwd's gradients (GQA: dk/dv summed over each
+    kv head's query heads) against the reference; deterministic=True gives the same bits."""
+    seed, rng = new_rng("test_hub_fwd_bwd")
+    b, sq, sk, hq, hk, d = 2, 29, 37, 4, 2, 64
+    q, k, v = randn(rng, (b, sq, hq, d)), randn(rng, (b, sk, hk, d)), randn(rng, (b, sk, hk, d))
+    dout = randn(rng, (b, sq, hq, d))
+    out = np.full(q.shape, 7.0, F16)
+    res = fa.fwd(q, k, v, out, None, 0.0, None, causal, window[0], window[1], softcap, False, None)
+    assert isinstance(res, list) and len(res) == 4 and res[0] is out, seed
+    lse = res[1]
+    assert lse.shape == (b, hq, sq) and lse.dtype == np.float32, seed
+    dq, dk, dv, extra = fa.bwd(dout, q, k, v, out, lse, is_causal=causal, window_size_left=window[0],
+                               window_size_right=window[1], softcap=softcap)
+    assert extra is None
+    scale = d ** -0.5
+    for i in range(b):
+        ro, _ = ref_attention(q[i], k[i], v[i], scale, causal, window, softcap)
+        check_out(out[i], ro, np.abs(v).max(), seed)
+        rq, rk, rv = ref_attention_bwd(q[i], k[i], v[i], out[i], dout[i], scale, causal, window, softcap)
+        check_grad(dq[i], rq, seed, "dq")
+        check_grad(dk[i], rk, seed, "dk")
+        check_grad(dv[i], rv, seed, "dv")
+    # Into given buffers; deterministic is the CPU path's only mode anyway.
+    gq, gk, gv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    res = fa.bwd(dout, q, k, v, out, lse, gq, gk, gv, None, 0.0, None, causal, window[0], window[1], softcap,
+                 True)
+    assert res[0] is gq and res[1] is gk and res[2] is gv, seed
+    assert np.array_equal(gq, dq) and np.array_equal(gk, dk) and np.array_equal(gv, dv), seed
+
+
+def test_hub_varlen_fwd_bwd():
+    seed, rng = new_rng("test_hub_varlen_fwd_bwd")
+    h, hk, d = 4, 1, 32
+    lq, lk = np.array([11, 0, 25]), np.array([19, 7, 25])
+    cq, ck = cu(lq), cu(lk)
+    q, k, v = randn(rng, (cq[-1], h, d)), randn(rng, (ck[-1], hk, d)), randn(rng, (ck[-1], hk, d))
+    dout = randn(rng, q.shape)
+    out, lse, *_ = fa.varlen_fwd(q, k, v, cq, ck, max_seqlen_q=25, max_seqlen_k=25, is_causal=True)
+    assert lse.shape == (h, cq[-1]), seed
+    dq, dk, dv, _ = fa.varlen_bwd(dout, q, k, v, out, lse, cq, ck, max_seqlen_q=25, max_seqlen_k=25,
+                                  is_causal=True)
+    for i in range(3):
+        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        ro, rl = ref_attention(q[qs], k[ks], v[ks], d ** -0.5, True)
+        check_out(out[qs], ro, np.abs(v).max(), seed)
+        rq, rk, rv = ref_attention_bwd(q[qs], k[ks], v[ks], out[qs], dout[qs], d ** -0.5, True)
+        check_grad(dq[qs], rq, seed, f"dq of sequence {i}")
+        check_grad(dk[ks], rk, seed, f"dk of sequence {i}")
+        check_grad(dv[ks], rv, seed, f"dv of sequence {i}")
+    # seqused_k through the hub: keys past it are not seen.
+    used_k = np.array([5, 7, 1], np.int32)
+    out2, lse2, *_ = fa.varlen_fwd(q, k, v, cq, ck, seqused_k=used_k, max_seqlen_q=25, max_seqlen_k=25)
+    for i in range(3):
+        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i] + used_k[i])
+        ro, _ = ref_attention(q[qs], k[ks], v[ks], d ** -0.5)
+        check_out(out2[qs], ro, np.abs(v).max(), seed)
+
+
+# --- Bad input ---------------------------------------------------------------------------------------
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    q, k, v = randn(rng, (1, 8, 4, 64)), randn(rng, (1, 8, 2, 64)), randn(rng, (1, 8, 2, 64))
+    c = np.array([0, 8], np.int32)
+    return q, k, v, c
+
+
+def _vq():
+    q, k, v, c = _inputs()
+    return q[0], k[0], v[0], c
+
+
+BAD = [
+    # (name, call, exception, words the message must contain)
+    ("q a list", lambda q, k, v, c: fa.flash_attn_func(q.tolist(), k, v), TypeError, ["q", "list"]),
+    ("k a list", lambda q, k, v, c: fa.flash_attn_func(q, k.tolist(), v), TypeError, ["k"]),
+    ("q float32", lambda q, k, v, c: fa.flash_attn_func(q.astype(np.float32), k.astype(np.float32),
+                                                        v.astype(np.float32)), TypeError, ["q", "f32"]),
+    ("q float64", lambda q, k, v, c: fa.flash_attn_func(q.astype(np.float64), k, v), TypeError, ["q", "float64"]),
+    ("v int8", lambda q, k, v, c: fa.flash_attn_func(q, k, v.astype(np.int8)), TypeError, ["v", "int8"]),
+    ("k float32 beside f16 q", lambda q, k, v, c: fa.flash_attn_func(q, k.astype(np.float32), v), TypeError,
+     ["k", "f32"]),
+    ("q rank 3", lambda q, k, v, c: fa.flash_attn_func(q[0], k, v), ValueError, ["q", "4 dimensions"]),
+    ("k batch", lambda q, k, v, c: fa.flash_attn_func(q, np.concatenate([k, k]), np.concatenate([v, v])),
+     ValueError, ["k", "batch"]),
+    ("v shape", lambda q, k, v, c: fa.flash_attn_func(q, k, v[:, :4]), ValueError, ["v"]),
+    ("heads", lambda q, k, v, c: fa.flash_attn_func(q[:, :, :3], k, v), ValueError, ["num_heads"]),
+    ("head dim mismatch", lambda q, k, v, c: fa.flash_attn_func(q, k[..., :32], v[..., :32]), ValueError,
+     ["k", "head dim"]),
+    ("head dim 300", lambda q, k, v, c: fa.flash_attn_func(*(np.zeros((1, 4, 1, 300), F16),) * 3), ValueError,
+     ["head dim 300"]),
+    ("dropout", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=0.1), NotImplementedError, ["dropout_p"]),
+    ("dropout 1.5", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=1.5), ValueError, ["dropout_p"]),
+    ("alibi", lambda q, k, v, c: fa.flash_attn_func(q, k, v, alibi_slopes=np.ones(4, np.float32)),
+     NotImplementedError, ["alibi_slopes"]),
+    ("window str", lambda q, k, v, c: fa.flash_attn_func(q, k, v, window_size="ab"), TypeError, ["window_size"]),
+    ("window 3", lambda q, k, v, c: fa.flash_attn_func(q, k, v, window_size=(1, 2, 3)), TypeError,
+     ["window_size"]),
+    ("window float", lambda q, k, v, c: fa.flash_attn_func(q, k, v, window_size=(1.5, 2)), TypeError,
+     ["window_size"]),
+    ("scale nan", lambda q, k, v, c: fa.flash_attn_func(q, k, v, softmax_scale=float("nan")), ValueError,
+     ["softmax_scale"]),
+    ("scale str", lambda q, k, v, c: fa.flash_attn_func(q, k, v, softmax_scale="1"), TypeError, ["softmax_scale"]),
+    ("softcap inf", lambda q, k, v, c: fa.flash_attn_func(q, k, v, softcap=float("inf")), ValueError, ["softcap"]),
+    ("qkv not packed", lambda q, k, v, c: fa.flash_attn_qkvpacked_func(np.zeros((1, 4, 2, 2, 64), F16)), ValueError,
+     ["qkv", "3"]),
+    ("kv rank", lambda q, k, v, c: fa.flash_attn_kvpacked_func(q, k), ValueError, ["kv", "5 dimensions"]),
+    ("cu_seqlens int64", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c.astype(np.int64), c, 8, 8),
+     TypeError, ["cu_seqlens_q"]),
+    ("cu_seqlens list", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], [0, 8], c, 8, 8), TypeError,
+     ["cu_seqlens_q"]),
+    ("cu_seqlens decreasing", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        *_vq()[:3], np.array([0, 6, 3], np.int32), np.array([0, 4, 8], np.int32), 8, 8), ValueError,
+     ["cu_seqlens_q", "non-decreasing"]),
+    ("cu_seqlens past q", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        *_vq()[:3], np.array([0, 9], np.int32), c, 9, 8), ValueError, ["cu_seqlens_q"]),
+    ("cu_seqlens lengths differ", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        *_vq()[:3], np.array([0, 4, 8], np.int32), c, 8, 8), ValueError, ["cu_seqlens_k"]),
+    ("cu_seqlens 2-d", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c[None], c[None], 8, 8),
+     ValueError, ["cu_seqlens_q"]),
+    ("max_seqlen small", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c, c, 7, 8), ValueError,
+     ["max_seqlen_q"]),
+    ("max_seqlen negative", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c, c, -1, 8), ValueError,
+     ["max_seqlen_q"]),
+    ("max_seqlen float", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c, c, 8.0, 8), TypeError,
+     ["max_seqlen_q"]),
+    ("seqused too long", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        *_vq()[:3], c, c, 8, 9, seqused_k=np.array([9], np.int32)), ValueError, ["seqused_k"]),
+    ("seqused negative", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        *_vq()[:3], c, c, 8, 8, seqused_q=np.array([-1], np.int32)), ValueError, ["seqused_q"]),
+    ("seqused count", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        *_vq()[:3], c, c, 8, 8, seqused_q=np.array([1, 2], np.int32)), ValueError, ["seqused_q"]),
+    ("block_table", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c, c, 8, 8, block_table=c),
+     NotImplementedError, ["block_table"]),
+    ("varlen rank", lambda q, k, v, c: fa.flash_attn_varlen_func(q, k, v, c, c, 8, 8), ValueError,
+     ["q", "3 dimensions"]),
+    ("hub out shape", lambda q, k, v, c: fa.fwd(q, k, v, out=np.empty((1, 8, 4, 32), F16)), ValueError, ["out"]),
+    ("hub out dtype", lambda q, k, v, c: fa.fwd(q, k, v, out=np.empty(q.shape, np.float32)), TypeError, ["out"]),
+    ("hub out read-only", lambda q, k, v, c: fa.fwd(q, k, v, out=np.broadcast_to(np.zeros(1, F16), q.shape)),
+     ValueError, ["out", "read-only"]),
+    ("hub out aliases q", lambda q, k, v, c: fa.fwd(q, k, v, out=q), ValueError, ["out", "overlaps q"]),
+    ("hub return_softmax", lambda q, k, v, c: fa.fwd(q, k, v, return_softmax=True), NotImplementedError,
+     ["return_softmax"]),
+    ("hub head dim 40", lambda q, k, v, c: fa.fwd(*(np.zeros((1, 4, 1, 40), F16),) * 3), ValueError, ["head dim 40"]),
+    ("hub leftpad_k", lambda q, k, v, c: fa.varlen_fwd(*_vq()[:3], c, c, leftpad_k=c, max_seqlen_q=8,
+                                                      max_seqlen_k=8), NotImplementedError, ["leftpad_k"]),
+    ("hub lse shape", lambda q, k, v, c: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 7), np.float32)), ValueError,
+     ["lse"]),
+    ("hub lse dtype", lambda q, k, v, c: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 8), F16)), TypeError, ["lse"]),
+    ("hub dq shape", lambda q, k, v, c: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 8), np.float32),
+                                              dq=np.empty_like(k)), ValueError, ["dq"]),
+    ("hub dk aliases dv", lambda q, k, v, c: (lambda g: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 8), np.float32),
+                                                               dk=g, dv=g))(np.empty_like(k)), ValueError, ["dk"]),
+    ("preload without CUDA", lambda q, k, v, c: fa.preload(0) if not fa.cuda_available() else
+     (_ for _ in ()).throw(RuntimeError("cuda: skipped, CUDA present")), RuntimeError, ["cuda"]),
+    ("preload bad device", lambda q, k, v, c: fa.preload("gpu"), ValueError, ["device"]),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises(name, call, exc, words):
+    with pytest.raises(exc) as info:
+        call(*_inputs())
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{name}: message {msg!r} lacks {w!r}"
+
+
+NATIVE_BAD = [
+    ("tensor not a tuple", dict(q=[0, "f16", (1,), (1,)]), TypeError, "q"),
+    ("tensor of 3", dict(q=(0, "f16", (1,))), TypeError, "q"),
+    ("address str", dict(q=("0", "f16", (1, 1, 1, 64), (64, 64, 64, 1))), TypeError, "q"),
+    ("address negative", dict(q=(-16, "f16", (1, 1, 1, 64), (64, 64, 64, 1))), ValueError, "q"),
+    ("address huge", dict(q=(2**70, "f16", (1, 1, 1, 64), (64, 64, 64, 1))), ValueError, "q"),
+    ("dtype unknown", dict(q=(0, "f64", (1, 1, 1, 64), (64, 64, 64, 1))), TypeError, "q"),
+    ("dtype int", dict(q=(0, 2, (1, 1, 1, 64), (64, 64, 64, 1))), TypeError, "q"),
+    ("shape negative", dict(q=(0, "f16", (1, -1, 1, 64), (64, 64, 64, 1))), ValueError, "q"),
+    ("shape str", dict(q=(0, "f16", "abcd", (64, 64, 64, 1))), TypeError, "q"),
+    ("strides count", dict(q=(0, "f16", (1, 1, 1, 64), (64, 1))), ValueError, "q"),
+    ("shape huge", dict(q=(0, "f16", (2**63, 1, 1, 64), (64, 64, 64, 1))), ValueError, "q"),
+    ("rank", dict(q=(0, "f16", (1, 1, 64), (64, 64, 1))), ValueError, "q"),
+    ("causal int", dict(causal=1), TypeError, "causal"),
+    ("window str", dict(window_size_left="1"), TypeError, "window_size_left"),
+    ("window huge", dict(window_size_left=2**80), ValueError, "window_size_left"),
+    ("softcap str", dict(softcap="0"), TypeError, "softcap"),
+    ("device unknown", dict(device="tpu"), ValueError, "device"),
+    ("device tuple", dict(device=("cuda", 0)), TypeError, "device"),
+    ("device ordinal", dict(device=("cuda", -1, 0)), ValueError, "device"),
+    ("device int", dict(device=0), TypeError, "device"),
+]
+
+
+@pytest.mark.parametrize("name,change,exc,word", NATIVE_BAD, ids=[b[0] for b in NATIVE_BAD])
+def test_native_bad_arguments(name, change, exc, word):
+    """The native module checks every argument before anything runs (its addresses here point at nothing:
+    nothing may be read)."""
+    t = (0, "f16", (1, 1, 1, 64), (64, 64, 64, 1))
+    lse = (0, "f32", (1, 1, 1), (1, 1, 1))
+    args = dict(q=t, k=t, v=t, out=t, lse=lse, softmax_scale=None, causal=False, window_size_left=-1,
+                window_size_right=-1, softcap=0.0, device="cpu")
+    args.update(change)
+    with pytest.raises(exc) as info:
+        _native.fwd(*args.values())
+    assert word in str(info.value), f"{name}: {info.value}"
+
+
+def test_native_cuda_without_a_gpu_is_an_error():
+    if _native.cuda_available():
+        pytest.skip("CUDA is present")
+    q, out = np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16)
+    d = (q.ctypes.data, "f16", q.shape, (2048, 128, 64, 1))
+    o = (out.ctypes.data, "f16", q.shape, (2048, 128, 64, 1))
+    lse = np.zeros((1, 2, 16), np.float32)
+    if q.ctypes.data % 16 or out.ctypes.data % 16:
+        pytest.skip("numpy gave a buffer that is not 16-byte aligned")
+    with pytest.raises(RuntimeError, match="cuda"):
+        _native.fwd(d, d, d, o, (lse.ctypes.data, "f32", lse.shape, (32, 16, 1)), None, False, -1, -1, 0.0,
+                    ("cuda", 0, 0))
+    with pytest.raises(RuntimeError, match="cuda"):
+        _native.preload(0)
+
+
+def test_native_workspace_bytes():
+    assert isinstance(_native.bwd_workspace_bytes((2, 128, 4, 64), False), int)
+    assert _native.bwd_workspace_bytes((2, 128, 4, 64), True) >= 0
+    with pytest.raises(TypeError):
+        _native.bwd_workspace_bytes("abc", False)
+    with pytest.raises(TypeError):
+        _native.bwd_workspace_bytes((2, 128, 4, 64), 1)
+
+
+def test_import_needs_no_torch():
+    """The package imports without torch (and, here, without CUDA): numpy arrays need neither."""
+    if fa._torch is None:
+        assert "flash_attn_rs._torch_impl" not in sys.modules
+    assert fa.cuda_available() in (True, False)
+    assert fa.HEAD_DIMS == (32, 64, 96, 128, 192, 256)
