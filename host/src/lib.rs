@@ -14,6 +14,8 @@
 
 mod alias;
 pub mod api;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 pub mod cuda;
 mod dispatch;

@@ -1,0 +1,974 @@
+//! candle-flash-attn 0.11's functions on candle tensors (feature `candle`), on our kernels.
+//!
+//! A drop-in for the `candle-flash-attn` crate: the same public functions with the same argument names,
+//! order and types, returning `candle_core::Result<Tensor>`, with the same window semantics (`None` =
+//! unbounded, a window larger than the key length counts as unbounded, `causal` = window
+//! `(None, Some(0))`, bottom-right aligned). Layouts are candle-flash-attn's: q `[B, Sq, Hq, D]`, k and v
+//! `[B, Sk, Hk, D]`; packed (varlen) q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]` with cumulative lengths
+//! `seqlens_q` / `seqlens_k`, u32 `[B+1]` (i32 accepted too). Inputs are f16 or bf16 (as in
+//! candle-flash-attn; f32 is an error), head dims 32, 64, 96, 128, 192, 256, GQA/MQA with `Hq % Hk == 0`.
+//!
+//! Beyond candle-flash-attn:
+//! - CPU tensors work (our CPU path), not only CUDA ones.
+//! - Gradients flow through candle's autograd (`Var` + `backward()`): the op's backward runs our backward
+//!   kernels from the forward's saved LSE (no second forward). The LSE outputs of the `*_with_lse`
+//!   functions are not differentiable.
+//! - `*_with_lse` functions return `(out, lse)`, lse f32 `[B, Hq, Sq]` (varlen `[Hq, Tq]`), natural log;
+//!   a fully masked row gives out 0 and lse -inf.
+//! - [`flash_attn_varlen_seqused`] / [`flash_attn_varlen_seqused_with_lse`]: per-slot used lengths
+//!   `seqused_q` / `seqused_k` (u32 `[B]`): only the first `seqused[b]` rows of slot b are real; padding
+//!   rows come out as 0 (lse -inf) and get zero gradients.
+//!
+//! Not supported (a candle error, never a panic): ALiBi (`alibi_slopes` given: "not supported yet";
+//! `None` works), and `mm_prefix_ranges` of [`flash_attn_varlen_paged_windowed`]. The paged function
+//! itself works, by gathering the used cache blocks with candle ops (a copy, unlike everything else).
+//!
+//! On CUDA (feature `candle-cuda`) the calls are zero-copy on candle's storage: outputs, LSE and the
+//! backward's workspace come from candle's device allocator, the kernels are queued on the device's
+//! candle stream, and nothing synchronizes. Inputs whose head dim is not contiguous (or, on CUDA, whose
+//! rows are not 16-byte aligned) are first copied contiguous with candle ops.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp3, DType as CDType, Layout, Result, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::raw::{self, BwdViews, FwdViews, Workspace};
+use crate::types::{AttnOptions, DType, Target, VarlenViews, View};
+
+/// A flash-attn error as a candle error, keeping its message (which names the argument at fault).
+fn fa_err(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("flash-attn: {e}"))
+}
+
+macro_rules! fail {
+    ($($arg:tt)*) => {
+        return Err(candle_core::Error::Msg(format!("flash-attn: {}", format_args!($($arg)*))))
+    };
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The op: one CustomOp3 over (q, k, v) whose forward stashes the LSE for the backward and the caller.
+// ---------------------------------------------------------------------------------------------------
+
+/// The packed-sequence arguments of a varlen call, as candle tensors on q's device.
+#[derive(Clone)]
+struct VarlenArgs {
+    seqlens_q: Tensor,
+    seqlens_k: Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    seqused_q: Option<Tensor>,
+    seqused_k: Option<Tensor>,
+}
+
+struct FlashAttnOp {
+    opts: AttnOptions,
+    varlen: Option<VarlenArgs>,
+    /// Filled by the forward: the LSE the backward needs (and `*_with_lse` returns). Shared with the
+    /// caller, which reads it right after the forward.
+    lse: Arc<Mutex<Option<Tensor>>>,
+    /// Bitwise-reproducible CUDA backward (the CPU path always is).
+    deterministic: bool,
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// f16/bf16 only, as candle-flash-attn.
+fn float_dtype(arg: &str, dt: CDType) -> Result<DType> {
+    match dt {
+        CDType::F16 => Ok(DType::F16),
+        CDType::BF16 => Ok(DType::BF16),
+        dt => fail!("{arg}: dtype {dt:?} is not supported, flash-attn only supports f16 and bf16 inputs"),
+    }
+}
+
+impl FlashAttnOp {
+    fn lse_shape(&self, q_dims: &[usize]) -> Result<Vec<usize>> {
+        match (&self.varlen, q_dims) {
+            (None, &[b, s, h, _]) => Ok(vec![b, h, s]),
+            (Some(_), &[t, h, _]) => Ok(vec![h, t]),
+            (None, d) => fail!("q: expected 4 dimensions [B, S, H, D], got shape {d:?}"),
+            (Some(_), d) => fail!("q: expected 3 dimensions [T, H, D], got shape {d:?}"),
+        }
+    }
+
+    fn store_lse(&self, lse: Tensor) {
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+    }
+
+    fn saved_lse(&self) -> Result<Tensor> {
+        match self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some(lse) => Ok(lse),
+            None => fail!("backward: the forward's LSE is missing"),
+        }
+    }
+}
+
+impl CustomOp3 for FlashAttnOp {
+    fn name(&self) -> &'static str {
+        if self.varlen.is_some() { "flash-attn-varlen" } else { "flash-attn" }
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout, k: &CpuStorage, k_l: &Layout, v: &CpuStorage, v_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dtype = float_dtype("q", q.dtype())?;
+        let out_shape = q_l.dims().to_vec();
+        let lse_shape = self.lse_shape(&out_shape)?;
+        let (out_strides, lse_strides) = (contiguous_strides(&out_shape), contiguous_strides(&lse_shape));
+        let mut out = host::alloc(dtype, numel(&out_shape));
+        let mut lse = vec![0f32; numel(&lse_shape)];
+        let t = FwdViews {
+            q: host::view("q", q, q_l)?,
+            k: host::view("k", k, k_l)?,
+            v: host::view("v", v, v_l)?,
+            out: View { addr: host::addr_mut(&mut out), dtype, shape: &out_shape, strides: &out_strides },
+            lse: View { addr: lse.as_mut_ptr() as u64, dtype: DType::F32, shape: &lse_shape, strides: &lse_strides },
+        };
+        match &self.varlen {
+            None => unsafe { raw::fwd(&t, &self.opts, Target::Cpu) }.map_err(fa_err)?,
+            Some(vl) => host::with_varlen(vl, |vv| unsafe { raw::varlen_fwd(&t, vv, &self.opts, Target::Cpu) }.map_err(fa_err))?,
+        }
+        self.store_lse(Tensor::from_storage(Storage::Cpu(CpuStorage::F32(lse)), lse_shape, BackpropOp::none(), false));
+        Ok((out, Shape::from(out_shape)))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dtype = float_dtype("q", q.dtype())?;
+        let dev = q.device().clone();
+        let (stream, target) = cuda::target(&dev);
+        let out_shape = q_l.dims().to_vec();
+        let lse_shape = self.lse_shape(&out_shape)?;
+        let (out_strides, lse_strides) = (contiguous_strides(&out_shape), contiguous_strides(&lse_shape));
+        let mut out = cuda::alloc(&dev, q.dtype(), numel(&out_shape))?;
+        let mut lse = cuda::alloc(&dev, CDType::F32, numel(&lse_shape))?;
+        {
+            let (qv, _gq) = cuda::view("q", q, q_l, &stream)?;
+            let (kv, _gk) = cuda::view("k", k, k_l, &stream)?;
+            let (vv, _gv) = cuda::view("v", v, v_l, &stream)?;
+            let (out_addr, _go) = cuda::addr_mut(&mut out, &stream)?;
+            let (lse_addr, _gl) = cuda::addr_mut(&mut lse, &stream)?;
+            let t = FwdViews {
+                q: qv,
+                k: kv,
+                v: vv,
+                out: View { addr: out_addr, dtype, shape: &out_shape, strides: &out_strides },
+                lse: View { addr: lse_addr, dtype: DType::F32, shape: &lse_shape, strides: &lse_strides },
+            };
+            match &self.varlen {
+                None => unsafe { raw::fwd(&t, &self.opts, target) }.map_err(fa_err)?,
+                Some(vl) => cuda::with_varlen(vl, &dev, &stream, |vls| unsafe { raw::varlen_fwd(&t, vls, &self.opts, target) }.map_err(fa_err))?,
+            }
+        }
+        self.store_lse(Tensor::from_storage(Storage::Cuda(lse), lse_shape, BackpropOp::none(), false));
+        Ok((out, Shape::from(out_shape)))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.saved_lse()?;
+        // The incoming gradient may be broadcast (stride 0, e.g. from a sum) or of another dtype.
+        let dout = conform(&grad_res.to_dtype(q.dtype())?)?;
+        let out = conform(res)?;
+        let (dq, dk, dv) = match q.device() {
+            candle_core::Device::Cpu => self.host_bwd(&dout, q, k, v, &out, &lse)?,
+            #[cfg(feature = "candle-cuda")]
+            candle_core::Device::Cuda(_) => self.cuda_bwd(&dout, q, k, v, &out, &lse)?,
+            d => fail!("backward: device {:?} is not supported (build with feature candle-cuda for CUDA)", d.location()),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl FlashAttnOp {
+    fn host_bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let dtype = float_dtype("q", q.dtype())?;
+        let guards = [dout, q, k, v, out, lse].map(|t| t.storage_and_layout());
+        let names = ["dout", "q", "k", "v", "out", "lse"];
+        let mut views = Vec::with_capacity(6);
+        for (name, (s, l)) in names.iter().zip(&guards) {
+            let Storage::Cpu(c) = &**s else { fail!("backward: {name} is not on the CPU like q") };
+            views.push(host::view(name, c, l)?);
+        }
+        let (q_shape, kv_shape) = (q.dims().to_vec(), k.dims().to_vec());
+        let (q_strides, kv_strides) = (contiguous_strides(&q_shape), contiguous_strides(&kv_shape));
+        let mut dq = host::alloc(dtype, numel(&q_shape));
+        let mut dk = host::alloc(dtype, numel(&kv_shape));
+        let mut dv = host::alloc(dtype, numel(&kv_shape));
+        let t = BwdViews {
+            dout: views[0],
+            q: views[1],
+            k: views[2],
+            v: views[3],
+            out: views[4],
+            lse: views[5],
+            dq: View { addr: host::addr_mut(&mut dq), dtype, shape: &q_shape, strides: &q_strides },
+            dk: View { addr: host::addr_mut(&mut dk), dtype, shape: &kv_shape, strides: &kv_strides },
+            dv: View { addr: host::addr_mut(&mut dv), dtype, shape: &kv_shape, strides: &kv_strides },
+        };
+        let ws = Workspace::default();
+        match &self.varlen {
+            None => unsafe { raw::bwd(&t, &self.opts, self.deterministic, ws, Target::Cpu) }.map_err(fa_err)?,
+            Some(vl) => host::with_varlen(vl, |vv| unsafe { raw::varlen_bwd(&t, vv, &self.opts, self.deterministic, ws, Target::Cpu) }.map_err(fa_err))?,
+        }
+        drop(guards);
+        let wrap = |s: CpuStorage, shape: &[usize]| Tensor::from_storage(Storage::Cpu(s), shape.to_vec(), BackpropOp::none(), false);
+        Ok((wrap(dq, &q_shape), wrap(dk, &kv_shape), wrap(dv, &kv_shape)))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+        let dtype = float_dtype("q", q.dtype())?;
+        let dev = match q.device() {
+            candle_core::Device::Cuda(d) => d.clone(),
+            _ => fail!("backward: q is not a CUDA tensor"),
+        };
+        let (stream, target) = cuda::target(&dev);
+        let (q_shape, kv_shape) = (q.dims().to_vec(), k.dims().to_vec());
+        let (q_strides, kv_strides) = (contiguous_strides(&q_shape), contiguous_strides(&kv_shape));
+        let mut dq = cuda::alloc(&dev, q.dtype(), numel(&q_shape))?;
+        let mut dk = cuda::alloc(&dev, q.dtype(), numel(&kv_shape))?;
+        let mut dv = cuda::alloc(&dev, q.dtype(), numel(&kv_shape))?;
+        let ws_bytes = raw::bwd_workspace_bytes(&q_shape, self.deterministic).map_err(fa_err)?;
+        // 256 bytes more than needed, so that the workspace can start 256-byte aligned.
+        let mut ws = unsafe { dev.alloc::<u8>(ws_bytes + 256)? };
+        {
+            let guards = [dout, q, k, v, out, lse].map(|t| t.storage_and_layout());
+            let names = ["dout", "q", "k", "v", "out", "lse"];
+            let mut views = Vec::with_capacity(6);
+            let mut syncs = Vec::with_capacity(6);
+            for (name, (s, l)) in names.iter().zip(&guards) {
+                let Storage::Cuda(c) = &**s else { fail!("backward: {name} is not on q's CUDA device") };
+                let (view, sync) = cuda::view(name, c, l, &stream)?;
+                views.push(view);
+                syncs.push(sync);
+            }
+            let (dq_addr, _g1) = cuda::addr_mut(&mut dq, &stream)?;
+            let (dk_addr, _g2) = cuda::addr_mut(&mut dk, &stream)?;
+            let (dv_addr, _g3) = cuda::addr_mut(&mut dv, &stream)?;
+            let (ws_addr, _g4) = ws.device_ptr_mut(&stream);
+            let workspace = Workspace { addr: (ws_addr as u64).div_ceil(256) * 256, bytes: ws_bytes };
+            let t = BwdViews {
+                dout: views[0],
+                q: views[1],
+                k: views[2],
+                v: views[3],
+                out: views[4],
+                lse: views[5],
+                dq: View { addr: dq_addr, dtype, shape: &q_shape, strides: &q_strides },
+                dk: View { addr: dk_addr, dtype, shape: &kv_shape, strides: &kv_strides },
+                dv: View { addr: dv_addr, dtype, shape: &kv_shape, strides: &kv_strides },
+            };
+            match &self.varlen {
+                None => unsafe { raw::bwd(&t, &self.opts, self.deterministic, workspace, target) }.map_err(fa_err)?,
+                Some(vl) => cuda::with_varlen(vl, &dev, &stream, |vls| {
+                    unsafe { raw::varlen_bwd(&t, vls, &self.opts, self.deterministic, workspace, target) }.map_err(fa_err)
+                })?,
+            }
+        }
+        // `ws` is freed stream-ordered (after the kernels) when it drops here.
+        drop(ws);
+        let wrap = |s, shape: &[usize]| Tensor::from_storage(Storage::Cuda(s), shape.to_vec(), BackpropOp::none(), false);
+        Ok((wrap(dq, &q_shape), wrap(dk, &kv_shape), wrap(dv, &kv_shape)))
+    }
+}
+
+/// Host memory: views of candle's CPU storage.
+mod host {
+    use super::*;
+
+    /// Address and our dtype of a CPU storage (u32 is read as int32: the same bits for values < 2^31).
+    fn addr(arg: &str, s: &CpuStorage) -> Result<(u64, DType)> {
+        Ok(match s {
+            CpuStorage::F16(v) => (v.as_ptr() as u64, DType::F16),
+            CpuStorage::BF16(v) => (v.as_ptr() as u64, DType::BF16),
+            CpuStorage::F32(v) => (v.as_ptr() as u64, DType::F32),
+            CpuStorage::I32(v) => (v.as_ptr() as u64, DType::I32),
+            CpuStorage::U32(v) => (v.as_ptr() as u64, DType::I32),
+            s => fail!("{arg}: dtype {:?} is not supported", s.dtype()),
+        })
+    }
+
+    pub(super) fn view<'a>(arg: &str, s: &'a CpuStorage, l: &'a Layout) -> Result<View<'a>> {
+        let (base, dtype) = addr(arg, s)?;
+        Ok(View { addr: base + (l.start_offset() * dtype.size()) as u64, dtype, shape: l.dims(), strides: l.stride() })
+    }
+
+    pub(super) fn alloc(dtype: DType, n: usize) -> CpuStorage {
+        match dtype {
+            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
+            DType::F32 => CpuStorage::F32(vec![0.0; n]),
+            DType::I32 => CpuStorage::I32(vec![0; n]),
+        }
+    }
+
+    pub(super) fn addr_mut(s: &mut CpuStorage) -> u64 {
+        match s {
+            CpuStorage::F16(v) => v.as_mut_ptr() as u64,
+            CpuStorage::BF16(v) => v.as_mut_ptr() as u64,
+            CpuStorage::F32(v) => v.as_mut_ptr() as u64,
+            CpuStorage::I32(v) => v.as_mut_ptr() as u64,
+            _ => unreachable!("alloc makes only the four dtypes above"),
+        }
+    }
+
+    fn int_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout) -> Result<View<'a>> {
+        let Storage::Cpu(c) = s else { fail!("{arg}: must be on the CPU like q") };
+        if !matches!(c, CpuStorage::U32(_) | CpuStorage::I32(_)) {
+            fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", c.dtype());
+        }
+        view(arg, c, l)
+    }
+
+    /// The varlen lengths as int32 views of their CPU storage, alive while `f` runs.
+    pub(super) fn with_varlen<R>(vl: &VarlenArgs, f: impl FnOnce(&VarlenViews<'_>) -> Result<R>) -> Result<R> {
+        let cq = vl.seqlens_q.storage_and_layout();
+        let ck = vl.seqlens_k.storage_and_layout();
+        let uq = vl.seqused_q.as_ref().map(|t| t.storage_and_layout());
+        let uk = vl.seqused_k.as_ref().map(|t| t.storage_and_layout());
+        let views = VarlenViews {
+            cu_seqlens_q: int_view("seqlens_q", &cq.0, cq.1)?,
+            cu_seqlens_k: int_view("seqlens_k", &ck.0, ck.1)?,
+            max_seqlen_q: vl.max_seqlen_q,
+            max_seqlen_k: vl.max_seqlen_k,
+            seqused_q: uq.as_ref().map(|(s, l)| int_view("seqused_q", s, l)).transpose()?,
+            seqused_k: uk.as_ref().map(|(s, l)| int_view("seqused_k", s, l)).transpose()?,
+        };
+        f(&views)
+    }
+}
+
+/// Device memory: views of candle's CUDA storage, on candle's stream.
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    use super::*;
+    use candle_core::backend::BackendDevice;
+    use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+    use candle_core::{CudaDevice, CudaStorage};
+
+    /// candle's stream of `dev` and the raw layer's target for it (the context is the device's primary
+    /// one, as cudarc's always is).
+    pub(super) fn target(dev: &CudaDevice) -> (Arc<CudaStream>, Target) {
+        let stream = dev.cuda_stream();
+        let target = Target::Cuda { ordinal: stream.context().ordinal(), stream: stream.cu_stream() as usize };
+        (stream, target)
+    }
+
+    /// A view of a CUDA storage and the guard that records its use on `stream` (drop it after the launch).
+    pub(super) fn view<'a>(arg: &str, s: &'a CudaStorage, l: &'a Layout, stream: &'a CudaStream) -> Result<(View<'a>, SyncOnDrop<'a>)> {
+        let (ptr, dtype, sync) = match s.dtype() {
+            CDType::F16 => {
+                let (p, g) = s.as_cuda_slice::<f16>()?.device_ptr(stream);
+                (p, DType::F16, g)
+            }
+            CDType::BF16 => {
+                let (p, g) = s.as_cuda_slice::<bf16>()?.device_ptr(stream);
+                (p, DType::BF16, g)
+            }
+            CDType::F32 => {
+                let (p, g) = s.as_cuda_slice::<f32>()?.device_ptr(stream);
+                (p, DType::F32, g)
+            }
+            CDType::I32 => {
+                let (p, g) = s.as_cuda_slice::<i32>()?.device_ptr(stream);
+                (p, DType::I32, g)
+            }
+            // u32 cumulative lengths are read as int32: the same bits for values < 2^31.
+            CDType::U32 => {
+                let (p, g) = s.as_cuda_slice::<u32>()?.device_ptr(stream);
+                (p, DType::I32, g)
+            }
+            dt => fail!("{arg}: dtype {dt:?} is not supported"),
+        };
+        let addr = ptr as u64 + (l.start_offset() * dtype.size()) as u64;
+        Ok((View { addr, dtype, shape: l.dims(), strides: l.stride() }, sync))
+    }
+
+    /// Uninitialized device memory from candle's allocator (every element is written by the kernels).
+    pub(super) fn alloc(dev: &CudaDevice, dtype: CDType, n: usize) -> Result<CudaStorage> {
+        Ok(match dtype {
+            CDType::F16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f16>(n)? }, dev.clone()),
+            CDType::BF16 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<bf16>(n)? }, dev.clone()),
+            CDType::F32 => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
+            dt => fail!("internal: cannot allocate an output of dtype {dt:?}"),
+        })
+    }
+
+    pub(super) fn addr_mut<'a>(s: &'a mut CudaStorage, stream: &'a CudaStream) -> Result<(u64, SyncOnDrop<'a>)> {
+        let (p, g) = match s.dtype() {
+            CDType::F16 => s.as_cuda_slice_mut::<f16>()?.device_ptr_mut(stream),
+            CDType::BF16 => s.as_cuda_slice_mut::<bf16>()?.device_ptr_mut(stream),
+            CDType::F32 => s.as_cuda_slice_mut::<f32>()?.device_ptr_mut(stream),
+            dt => fail!("internal: cannot write an output of dtype {dt:?}"),
+        };
+        Ok((p as u64, g))
+    }
+
+    fn int_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout, dev: &CudaDevice, stream: &'a CudaStream) -> Result<(View<'a>, SyncOnDrop<'a>)> {
+        let Storage::Cuda(c) = s else { fail!("{arg}: must be on q's CUDA device") };
+        if !c.device().same_device(dev) {
+            fail!("{arg}: must be on q's CUDA device");
+        }
+        if !matches!(c.dtype(), CDType::U32 | CDType::I32) {
+            fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", c.dtype());
+        }
+        view(arg, c, l, stream)
+    }
+
+    /// The varlen lengths as int32 views of their device storage, alive while `f` runs.
+    pub(super) fn with_varlen<R>(vl: &VarlenArgs, dev: &CudaDevice, stream: &CudaStream, f: impl FnOnce(&VarlenViews<'_>) -> Result<R>) -> Result<R> {
+        let cq = vl.seqlens_q.storage_and_layout();
+        let ck = vl.seqlens_k.storage_and_layout();
+        let uq = vl.seqused_q.as_ref().map(|t| t.storage_and_layout());
+        let uk = vl.seqused_k.as_ref().map(|t| t.storage_and_layout());
+        let (cu_seqlens_q, _g1) = int_view("seqlens_q", &cq.0, cq.1, dev, stream)?;
+        let (cu_seqlens_k, _g2) = int_view("seqlens_k", &ck.0, ck.1, dev, stream)?;
+        let uq = uq.as_ref().map(|(s, l)| int_view("seqused_q", s, l, dev, stream)).transpose()?;
+        let uk = uk.as_ref().map(|(s, l)| int_view("seqused_k", s, l, dev, stream)).transpose()?;
+        let views = VarlenViews {
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q: vl.max_seqlen_q,
+            max_seqlen_k: vl.max_seqlen_k,
+            seqused_q: uq.as_ref().map(|(v, _)| *v),
+            seqused_k: uk.as_ref().map(|(v, _)| *v),
+        };
+        f(&views)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Argument checks at the tensor level (so that every bad input is an error before anything runs).
+// ---------------------------------------------------------------------------------------------------
+
+/// The layout the raw layer takes: head dim contiguous, and on CUDA every row 16-byte aligned; anything
+/// else is copied contiguous first (a differentiable candle copy).
+fn conform(t: &Tensor) -> Result<Tensor> {
+    let l = t.layout();
+    let (dims, strides) = (l.dims(), l.stride());
+    let rank = dims.len();
+    if rank == 0 {
+        return Ok(t.clone());
+    }
+    let esize = t.dtype().size_in_bytes();
+    let last_ok = strides[rank - 1] == 1;
+    let aligned = !t.device().is_cuda()
+        || ((l.start_offset() * esize).is_multiple_of(16) && dims[..rank - 1].iter().zip(strides).all(|(&n, &s)| n <= 1 || (s * esize).is_multiple_of(16)));
+    if last_ok && aligned { Ok(t.clone()) } else { t.force_contiguous() }
+}
+
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, rank: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let layout = if rank == 4 { "[B, S, H, D]" } else { "[T, H, D]" };
+    for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        if t.rank() != rank {
+            fail!("{arg}: expected {rank} dimensions {layout}, got shape {:?}", t.dims());
+        }
+        float_dtype(arg, t.dtype())?;
+        if !t.device().same_device(q.device()) {
+            fail!("{arg}: is on {:?} but q is on {:?}", t.device().location(), q.device().location());
+        }
+    }
+    Ok((conform(q)?, conform(k)?, conform(v)?))
+}
+
+/// Cumulative lengths / used lengths: rank 1, u32 (or i32), on q's device, contiguous.
+fn check_lens(arg: &str, t: &Tensor, q: &Tensor, len: Option<usize>) -> Result<Tensor> {
+    if t.rank() != 1 {
+        fail!("{arg}: expected 1 dimension, got shape {:?}", t.dims());
+    }
+    if !matches!(t.dtype(), CDType::U32 | CDType::I32) {
+        fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", t.dtype());
+    }
+    if !t.device().same_device(q.device()) {
+        fail!("{arg}: is on {:?} but q is on {:?}", t.device().location(), q.device().location());
+    }
+    if let Some(n) = len
+        && t.dim(0)? != n
+    {
+        fail!("{arg}: has {} entries, expected {n}", t.dim(0)?);
+    }
+    t.contiguous()
+}
+
+fn no_alibi(alibi_slopes: Option<&Tensor>) -> Result<()> {
+    if alibi_slopes.is_some() {
+        fail!("alibi_slopes: ALiBi is not supported yet (pass None)");
+    }
+    Ok(())
+}
+
+/// candle-flash-attn's window semantics: `None`, or a size above `seqlen_k`, is unbounded; `(None,
+/// Some(0))` is causal; with only the right bound given, the left one is unbounded, and with only the
+/// left one, the right one is `seqlen_k` (as flash-attn's C++ API that candle-flash-attn calls).
+fn options(softmax_scale: f32, window_size_left: Option<usize>, window_size_right: Option<usize>, softcap: Option<f32>, seqlen_k: usize) -> AttnOptions {
+    let bound = |w: Option<usize>| w.filter(|&w| w <= seqlen_k).map_or(-1, |w| w as i64);
+    let (left, mut right) = (bound(window_size_left), bound(window_size_right));
+    let causal = left < 0 && right == 0;
+    // (left < 0, right >= 0): candle sets left = seqlen_k, which never binds: -1 is the same mask.
+    if left >= 0 && right < 0 {
+        right = seqlen_k as i64;
+    }
+    AttnOptions { softmax_scale: Some(softmax_scale), causal, window: (left, right), softcap: softcap.unwrap_or(0.0), ..Default::default() }
+}
+
+fn causal_window(causal: bool) -> (Option<usize>, Option<usize>) {
+    (None, if causal { Some(0) } else { None })
+}
+
+/// Applies the op; returns (out, lse).
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOptions, varlen: Option<VarlenArgs>) -> Result<(Tensor, Tensor)> {
+    let slot = Arc::new(Mutex::new(None));
+    let op = FlashAttnOp { opts, varlen, lse: slot.clone(), deterministic: false };
+    let out = q.apply_op3_arc(k, v, Arc::new(Box::new(op)))?;
+    let lse = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match lse {
+        Some(lse) => Ok((out, lse)),
+        None => fail!("internal: the forward did not produce its LSE"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dense(q: &Tensor, k: &Tensor, v: &Tensor, alibi_slopes: Option<&Tensor>, softmax_scale: f32, window_size_left: Option<usize>, window_size_right: Option<usize>, softcap: Option<f32>) -> Result<(Tensor, Tensor)> {
+    no_alibi(alibi_slopes)?;
+    let (q, k, v) = check_qkv(q, k, v, 4)?;
+    let opts = options(softmax_scale, window_size_left, window_size_right, softcap, k.dim(1)?);
+    apply(&q, &k, &v, opts, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    seqused_q: Option<&Tensor>,
+    seqused_k: Option<&Tensor>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<(Tensor, Tensor)> {
+    no_alibi(alibi_slopes)?;
+    let (q, k, v) = check_qkv(q, k, v, 3)?;
+    let seqlens_q = check_lens("seqlens_q", seqlens_q, &q, None)?;
+    let entries = seqlens_q.dim(0)?;
+    if entries == 0 {
+        fail!("seqlens_q: must have B+1 >= 1 entries, got 0");
+    }
+    let seqlens_k = check_lens("seqlens_k", seqlens_k, &q, Some(entries))?;
+    let seqused_q = seqused_q.map(|t| check_lens("seqused_q", t, &q, Some(entries - 1))).transpose()?;
+    let seqused_k = seqused_k.map(|t| check_lens("seqused_k", t, &q, Some(entries - 1))).transpose()?;
+    let opts = options(softmax_scale, window_size_left, window_size_right, softcap, max_seqlen_k);
+    let vl = VarlenArgs { seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k };
+    apply(&q, &k, &v, opts, Some(vl))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// candle-flash-attn 0.11's public functions.
+// ---------------------------------------------------------------------------------------------------
+
+/// Flash-attention v2 layer: `softmax(Q @ K^T . softmax_scale) @ V`, GQA/MQA when k and v have fewer
+/// heads than q (`Hq % Hk == 0`).
+///
+/// * `q` - `(batch, seq_len_q, num_heads_q, head_size)`.
+/// * `k`, `v` - `(batch, seq_len_kv, num_heads_kv, head_size)`.
+/// * `causal` - bottom-right aligned causal mask (window `(None, Some(0))`).
+///
+/// Returns `(batch, seq_len_q, num_heads_q, head_size)`.
+pub fn flash_attn(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32, causal: bool) -> Result<Tensor> {
+    let (l, r) = causal_window(causal);
+    Ok(dense(q, k, v, None, softmax_scale, l, r, None)?.0)
+}
+
+/// [`flash_attn`] with a sliding window: `window_size_left` / `window_size_right` keys on either side of
+/// the (bottom-right aligned) diagonal, `None` = unbounded; `(None, Some(0))` is causal.
+pub fn flash_attn_windowed(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32, window_size_left: Option<usize>, window_size_right: Option<usize>) -> Result<Tensor> {
+    Ok(dense(q, k, v, None, softmax_scale, window_size_left, window_size_right, None)?.0)
+}
+
+/// ALiBi is not supported yet: always an error.
+pub fn flash_attn_alibi(q: &Tensor, k: &Tensor, v: &Tensor, alibi_slopes: &Tensor, softmax_scale: f32, causal: bool) -> Result<Tensor> {
+    let (l, r) = causal_window(causal);
+    Ok(dense(q, k, v, Some(alibi_slopes), softmax_scale, l, r, None)?.0)
+}
+
+/// ALiBi is not supported yet: always an error.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_alibi_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    Ok(dense(q, k, v, Some(alibi_slopes), softmax_scale, window_size_left, window_size_right, None)?.0)
+}
+
+/// [`flash_attn_windowed`] with soft-capping of the scores (`softcap * tanh(s / softcap)`, 0 = off).
+/// `alibi_slopes` must be `None` (ALiBi is not supported yet).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_alibi_windowed_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<Tensor> {
+    Ok(dense(q, k, v, alibi_slopes, softmax_scale, window_size_left, window_size_right, Some(softcap))?.0)
+}
+
+/// Flash-attention v2 over packed sequences.
+///
+/// * `q` - `(total_q, num_heads_q, head_size)`; `k`, `v` - `(total_kv, num_heads_kv, head_size)`.
+/// * `seqlens_q`, `seqlens_k` - u32 `[batch + 1]` cumulative lengths (`0, len_1, len_1 + len_2, ..`):
+///   sequence b is rows `seqlens[b]..seqlens[b+1]`.
+/// * `max_seqlen_q`, `max_seqlen_k` - at least every sequence's length.
+///
+/// Returns `(total_q, num_heads_q, head_size)`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let (l, r) = causal_window(causal);
+    Ok(varlen(q, k, v, None, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, l, r, None)?.0)
+}
+
+/// [`flash_attn_varlen`] with a sliding window (see [`flash_attn_windowed`]; a window above
+/// `max_seqlen_k` is unbounded).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    Ok(varlen(q, k, v, None, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, window_size_left, window_size_right, None)?.0)
+}
+
+/// Packed queries over a paged K/V cache: k and v `(num_blocks, page_block_size, num_heads_kv,
+/// head_size)`, `block_table` u32 (or i32) `(batch, max_blocks)`: key j of sequence b is row
+/// `j % page_block_size` of block `block_table[b, j / page_block_size]`; sequence b has
+/// `seqlens_k[b+1] - seqlens_k[b]` keys. `mm_prefix_ranges` must be `None` (not supported yet).
+///
+/// Unlike the other functions this copies: the blocks each sequence can reach are gathered into one
+/// packed k/v with candle ops (gradients flow back through the gather), then attended to with per-slot
+/// used key lengths. Block-table entries past a sequence's keys may be anything (they are clamped).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_paged_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    block_table: &Tensor,
+    mm_prefix_ranges: Option<&Tensor>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    page_block_size: usize,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    if mm_prefix_ranges.is_some() {
+        fail!("mm_prefix_ranges: not supported yet (pass None)");
+    }
+    for (arg, t) in [("k", k), ("v", v)] {
+        if t.rank() != 4 {
+            fail!("{arg}: the paged cache must have 4 dimensions [num_blocks, page_block_size, H, D], got shape {:?}", t.dims());
+        }
+        if !t.device().same_device(q.device()) {
+            fail!("{arg}: is on {:?} but q is on {:?}", t.device().location(), q.device().location());
+        }
+    }
+    if k.dims() != v.dims() {
+        fail!("v: shape {:?} does not match k's {:?}", v.dims(), k.dims());
+    }
+    let (num_blocks, pbs, hk, d) = k.dims4()?;
+    if pbs != page_block_size || pbs == 0 {
+        fail!("page_block_size: {page_block_size} does not match k's shape {:?}", k.dims());
+    }
+    if block_table.rank() != 2 {
+        fail!("block_table: expected 2 dimensions [B, max_blocks], got shape {:?}", block_table.dims());
+    }
+    if !matches!(block_table.dtype(), CDType::U32 | CDType::I32) {
+        fail!("block_table: dtype {:?} is not supported, expected u32 or i32", block_table.dtype());
+    }
+    if !block_table.device().same_device(q.device()) {
+        fail!("block_table: is on {:?} but q is on {:?}", block_table.device().location(), q.device().location());
+    }
+    let (batch, max_blocks) = block_table.dims2()?;
+    let seqlens_k = check_lens("seqlens_k", seqlens_k, q, Some(batch + 1))?;
+    if num_blocks == 0 || max_blocks == 0 {
+        fail!("block_table / k: the paged cache has no blocks");
+    }
+    let dev = q.device();
+    // Row of the flattened cache for every (b, block slot, offset), clamped into the cache.
+    let table = block_table.to_dtype(CDType::U32)?;
+    let offsets = Tensor::arange(0u32, pbs as u32, dev)?.reshape((1, 1, pbs))?;
+    let rows = table.unsqueeze(2)?.broadcast_mul(&Tensor::new(&[pbs as u32], dev)?.reshape((1, 1, 1))?)?.broadcast_add(&offsets)?;
+    let rows = rows.minimum(&Tensor::new(&[(num_blocks * pbs - 1) as u32], dev)?.reshape((1, 1, 1))?.broadcast_as(rows.shape())?)?;
+    let rows = rows.flatten_all()?;
+    let slot = max_blocks * pbs;
+    let gather = |t: &Tensor| t.reshape((num_blocks * pbs, hk, d))?.index_select(&rows, 0);
+    let (k_packed, v_packed) = (gather(k)?, gather(v)?);
+    let cu_k = Tensor::arange_step(0u32, ((batch + 1) * slot) as u32, slot as u32, dev)?;
+    let seqlens_k_u32 = seqlens_k.to_dtype(CDType::U32)?;
+    let used_k = (seqlens_k_u32.narrow(0, 1, batch)? - seqlens_k_u32.narrow(0, 0, batch)?)?;
+    Ok(varlen(
+        q,
+        &k_packed,
+        &v_packed,
+        None,
+        seqlens_q,
+        &cu_k,
+        None,
+        Some(&used_k),
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        softcap,
+    )?
+    .0)
+}
+
+/// ALiBi is not supported yet: always an error.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let (l, r) = causal_window(causal);
+    Ok(varlen(q, k, v, Some(alibi_slopes), seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, l, r, None)?.0)
+}
+
+/// ALiBi is not supported yet: always an error.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    Ok(varlen(q, k, v, Some(alibi_slopes), seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, window_size_left, window_size_right, None)?.0)
+}
+
+/// [`flash_attn_varlen_windowed`] with soft-capping (`softcap * tanh(s / softcap)`, 0 = off).
+/// `alibi_slopes` must be `None` (ALiBi is not supported yet).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi_windowed_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<Tensor> {
+    Ok(varlen(q, k, v, alibi_slopes, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, window_size_left, window_size_right, Some(softcap))?.0)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Beyond candle-flash-attn: the LSE, and per-slot used lengths.
+// ---------------------------------------------------------------------------------------------------
+
+/// [`flash_attn`] returning `(out, lse)`: lse f32 `(batch, num_heads_q, seq_len_q)`, the natural-log
+/// sum of exp of each row's (scaled, masked) scores (-inf for a fully masked row). The lse is not
+/// differentiable (gradients flow through out).
+pub fn flash_attn_with_lse(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f32, causal: bool) -> Result<(Tensor, Tensor)> {
+    let (l, r) = causal_window(causal);
+    dense(q, k, v, None, softmax_scale, l, r, None)
+}
+
+/// The general dense call returning `(out, lse)`: window as [`flash_attn_windowed`], softcap as
+/// [`flash_attn_alibi_windowed_softcap`] (0 = off), lse as [`flash_attn_with_lse`].
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_windowed_softcap_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<(Tensor, Tensor)> {
+    dense(q, k, v, None, softmax_scale, window_size_left, window_size_right, Some(softcap))
+}
+
+/// [`flash_attn_varlen`] returning `(out, lse)`: lse f32 `(num_heads_q, total_q)`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (l, r) = causal_window(causal);
+    varlen(q, k, v, None, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, l, r, None)
+}
+
+/// The general varlen call returning `(out, lse)` (lse f32 `(num_heads_q, total_q)`).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_windowed_softcap_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<(Tensor, Tensor)> {
+    varlen(q, k, v, None, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, window_size_left, window_size_right, Some(softcap))
+}
+
+/// Packed attention with per-slot used lengths (flash-attn's `seqused_q` / `seqused_k`).
+///
+/// `seqlens_q` / `seqlens_k` (u32 `[batch + 1]`) give each slot's rows as in [`flash_attn_varlen`];
+/// `seqused_q` / `seqused_k` (u32 `[batch]`, optional) say that only the first `seqused[b]` rows of slot
+/// b are real (queries, resp. keys). Padding query rows, and rows past `seqlens_q[batch]`, come out as 0
+/// and get zero gradients; masks (causal / window, as [`flash_attn_varlen_windowed`]) align to the used
+/// lengths. `max_seqlen_q` / `max_seqlen_k` bound the used lengths. softcap 0 = off.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_seqused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    seqused_q: Option<&Tensor>,
+    seqused_k: Option<&Tensor>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<Tensor> {
+    Ok(flash_attn_varlen_seqused_with_lse(
+        q,
+        k,
+        v,
+        seqlens_q,
+        seqlens_k,
+        seqused_q,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        softcap,
+    )?
+    .0)
+}
+
+/// [`flash_attn_varlen_seqused`] returning `(out, lse)` (lse f32 `(num_heads_q, total_q)`, -inf on
+/// padding rows).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_seqused_with_lse(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    seqused_q: Option<&Tensor>,
+    seqused_k: Option<&Tensor>,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<(Tensor, Tensor)> {
+    varlen(
+        q,
+        k,
+        v,
+        None,
+        seqlens_q,
+        seqlens_k,
+        seqused_q,
+        seqused_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        Some(softcap),
+    )
+}

@@ -1,0 +1,730 @@
+//! `flash_attn::candle` (feature `candle`): candle-flash-attn 0.11's functions on candle tensors, against a
+//! naive attention composed from candle ops in f32 (q k^T * scale, softcap, masks built as tensors,
+//! softmax, times v; GQA by repeating kv heads), on fresh random inputs (the seed is printed;
+//! `FA_TEST_SEED=<seed>` replays a run):
+//! forward dense (causal, windows, softcap, GQA, strided inputs), varlen against per-sequence dense calls
+//! of the reference, seqused, paged, `*_with_lse` against the reference's logsumexp, gradients through
+//! candle's autograd (`Var` + `backward()`, loss = sum(out * w)) against the reference's, bad inputs
+//! through every function (errors, never panics), and the same comparisons on candle CUDA tensors when
+//! built with `candle-cuda` and a GPU is present (else `SKIPPED candle cuda: ...`).
+//!
+//! Tolerances: inputs are rounded to bf16/f16 before both sides see them, so the differences are the
+//! library's (f32 accumulation, P rounded to the input dtype on the GPU, out and gradients rounded to the
+//! input dtype once): relative to the largest reference magnitude, out 2e-2 (bf16) / 4e-3 (f16), LSE 2e-3
+//! absolute, gradients 6e-2 / 1.5e-2.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use flash_attn::candle as fa;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+// ---------------------------------------------------------------------------------------------------
+// Random inputs
+
+fn seed() -> u64 {
+    let s = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    println!("seed = {s} (FA_TEST_SEED={s} replays this run)");
+    s
+}
+
+/// Uniform(-amp, amp) values of `shape`, rounded to `dtype` (returned in `dtype`, on the CPU).
+fn rand_tensor(rng: &mut StdRng, shape: &[usize], amp: f32, dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-amp..amp)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn u32s(v: &[u32], dev: &Device) -> Tensor {
+    Tensor::new(v, dev).unwrap()
+}
+
+fn cumsum(lens: &[usize]) -> Vec<u32> {
+    let mut c = vec![0u32];
+    for &l in lens {
+        c.push(c.last().unwrap() + l as u32);
+    }
+    c
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The naive reference (f32 candle ops; differentiable)
+
+/// A window as candle-flash-attn resolves it against `bound` (the key length; `max_seqlen_k` for varlen):
+/// `None` or a size above `bound` is unbounded (`None` here); left-only gets right = `bound`.
+fn resolve(win: (Option<usize>, Option<usize>), bound: usize) -> (Option<usize>, Option<usize>) {
+    let l = win.0.filter(|&w| w <= bound);
+    let mut r = win.1.filter(|&w| w <= bound);
+    if l.is_some() && r.is_none() {
+        r = Some(bound);
+    }
+    (l, r)
+}
+
+/// Visible iff j >= i + sk - sq - left and j <= i + sk - sq + right, for a resolved window.
+fn visible(i: usize, j: usize, sq: usize, sk: usize, (l, r): (Option<usize>, Option<usize>)) -> bool {
+    let diag = i as i64 + sk as i64 - sq as i64;
+    l.is_none_or(|l| j as i64 >= diag - l as i64) && r.is_none_or(|r| j as i64 <= diag + r as i64)
+}
+
+/// Reference attention on f32 `[B, Sq, Hq, D]`, `[B, Sk, Hk, D]`: (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]`).
+/// `win` is resolved (see `resolve`).
+fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, win: (Option<usize>, Option<usize>), softcap: f32) -> Result<(Tensor, Tensor)> {
+    let (b, sq, hq, d) = q.dims4()?;
+    let (_, sk, hk, _) = k.dims4()?;
+    let dev = q.device();
+    let rep = hq / hk;
+    let expand = |t: &Tensor| -> Result<Tensor> { t.unsqueeze(3)?.broadcast_as((b, sk, hk, rep, d))?.contiguous()?.reshape((b, sk, hq, d)) };
+    let qt = q.transpose(1, 2)?.contiguous()?;
+    let kt = expand(k)?.transpose(1, 2)?.contiguous()?;
+    let vt = expand(v)?.transpose(1, 2)?.contiguous()?;
+    let mut s = (qt.matmul(&kt.t()?.contiguous()?)? * scale as f64)?;
+    if softcap > 0.0 {
+        s = ((s / softcap as f64)?.tanh()? * softcap as f64)?;
+    }
+    let mut m01 = vec![0f32; sq * sk];
+    for i in 0..sq {
+        for j in 0..sk {
+            m01[i * sk + j] = if visible(i, j, sq, sk, win) { 1.0 } else { 0.0 };
+        }
+    }
+    let mask01 = Tensor::from_vec(m01, (1, 1, sq, sk), dev)?;
+    let maskneg = ((mask01.clone() - 1.0)? * 1e30)?;
+    let s = s.broadcast_add(&maskneg)?;
+    let m = s.max_keepdim(3)?.detach();
+    let e = s.broadcast_sub(&m)?.exp()?.broadcast_mul(&mask01)?;
+    let sum = e.sum_keepdim(3)?;
+    let p = e.broadcast_div(&(&sum + 1e-30)?)?;
+    let out = p.matmul(&vt)?.transpose(1, 2)?;
+    let lse = (m + sum.log()?)?.squeeze(3)?;
+    Ok((out, lse))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Comparisons
+
+fn host(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// max |a - b| (equal infinities count as 0) and max |b|.
+fn max_err(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let (a, b) = (host(a), host(b));
+    let mut err = 0f32;
+    let mut mag = 0f32;
+    for (x, y) in a.iter().zip(&b) {
+        assert!(!x.is_nan(), "NaN in the result");
+        if x.is_infinite() || y.is_infinite() {
+            assert_eq!(x, y, "infinities differ");
+            continue;
+        }
+        err = err.max((x - y).abs());
+        mag = mag.max(y.abs());
+    }
+    (err, mag)
+}
+
+fn out_tol(dt: DType) -> f32 {
+    if dt == DType::BF16 { 2e-2 } else { 4e-3 }
+}
+fn grad_tol(dt: DType) -> f32 {
+    if dt == DType::BF16 { 6e-2 } else { 1.5e-2 }
+}
+
+/// Relative to the reference's largest magnitude (at least 1e-2).
+fn check(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let (err, mag) = max_err(got, want);
+    let bound = tol * mag.max(1e-2);
+    println!("  {what}: max err {err:.3e} (max |ref| {mag:.3e}, bound {bound:.3e})");
+    assert!(err <= bound, "{what}: max err {err:e} > {bound:e} (max |ref| {mag:e})");
+}
+
+fn check_abs(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    let (err, _) = max_err(got, want);
+    println!("  {what}: max err {err:.3e} (bound {tol:.1e})");
+    assert!(err <= tol, "{what}: max err {err:e} > {tol:e}");
+}
+
+fn f32v(t: &Tensor) -> Var {
+    Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Dense
+
+#[derive(Clone, Copy, Debug)]
+struct Dense {
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    win: (Option<usize>, Option<usize>),
+    softcap: f32,
+    dtype: DType,
+}
+
+fn dense_cases() -> Vec<Dense> {
+    let c = |b, sq, sk, hq, hk, d, win, softcap, dtype| Dense { b, sq, sk, hq, hk, d, win, softcap, dtype };
+    vec![
+        c(2, 37, 37, 4, 4, 64, (None, None), 0.0, DType::BF16),
+        c(2, 37, 37, 4, 4, 64, (None, Some(0)), 0.0, DType::F16),
+        c(1, 19, 45, 6, 2, 128, (None, Some(0)), 0.0, DType::BF16),
+        c(2, 45, 19, 4, 1, 32, (None, Some(0)), 0.0, DType::F16),
+        c(1, 33, 40, 4, 2, 96, (Some(7), Some(3)), 0.0, DType::BF16),
+        c(1, 40, 33, 2, 2, 64, (Some(5), None), 0.0, DType::F16),
+        c(1, 30, 30, 2, 1, 256, (None, Some(4)), 0.0, DType::BF16),
+        c(2, 28, 31, 4, 2, 192, (None, None), 30.0, DType::BF16),
+        c(1, 24, 24, 2, 2, 64, (Some(3), Some(0)), 5.0, DType::F16),
+        c(1, 16, 16, 2, 2, 64, (Some(100), Some(100)), 0.0, DType::BF16),
+        // Left-only window: right becomes Sk (candle-flash-attn's rule), which binds when Sq > 2 Sk.
+        c(1, 40, 12, 2, 2, 64, (Some(3), None), 0.0, DType::BF16),
+    ]
+}
+
+/// Our call for a dense case through the most specific candle-flash-attn function that expresses it.
+fn run_dense(c: &Dense, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    match (c.win, c.softcap) {
+        ((None, None), 0.0) => fa::flash_attn(q, k, v, scale, false),
+        ((None, Some(0)), 0.0) => fa::flash_attn(q, k, v, scale, true),
+        ((l, r), 0.0) => fa::flash_attn_windowed(q, k, v, scale, l, r),
+        ((l, r), cap) => fa::flash_attn_alibi_windowed_softcap(q, k, v, None, scale, l, r, cap),
+    }
+}
+
+fn dense_inputs(rng: &mut StdRng, c: &Dense) -> (Tensor, Tensor, Tensor) {
+    let q = rand_tensor(rng, &[c.b, c.sq, c.hq, c.d], 2.0, c.dtype);
+    let k = rand_tensor(rng, &[c.b, c.sk, c.hk, c.d], 2.0, c.dtype);
+    let v = rand_tensor(rng, &[c.b, c.sk, c.hk, c.d], 1.0, c.dtype);
+    (q, k, v)
+}
+
+/// Forward, LSE and gradients of one dense case on `dev`, against the reference on the CPU.
+fn dense_case(rng: &mut StdRng, c: &Dense, dev: &Device) {
+    println!("{c:?} on {:?}", dev.location());
+    let (q, k, v) = dense_inputs(rng, c);
+    let scale = 1.0 / (c.d as f32).sqrt() * rng.gen_range(0.5..1.5);
+    let w = rand_tensor(rng, &[c.b, c.sq, c.hq, c.d], 1.0, DType::F32);
+
+    // Reference (f32, CPU) with gradients.
+    let (rq, rk, rv) = (f32v(&q), f32v(&k), f32v(&v));
+    let (rout, rlse) = reference(rq.as_tensor(), rk.as_tensor(), rv.as_tensor(), scale, resolve(c.win, c.sk), c.softcap).unwrap();
+    let rgrads = (&rout * &w).unwrap().sum_all().unwrap().backward().unwrap();
+
+    // Ours.
+    let [qv, kv, vv] = [&q, &k, &v].map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap());
+    let out = run_dense(c, qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), scale).unwrap();
+    assert_eq!(out.dims(), q.dims());
+    assert_eq!(out.dtype(), c.dtype);
+    check("out", &out, &rout, out_tol(c.dtype));
+    let (out2, lse) = fa::flash_attn_windowed_softcap_with_lse(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), scale, c.win.0, c.win.1, c.softcap).unwrap();
+    assert_eq!(lse.dims(), &[c.b, c.hq, c.sq]);
+    assert_eq!(lse.dtype(), DType::F32);
+    check_abs("lse", &lse, &rlse, 2e-3);
+    check_abs("out == out of *_with_lse", &out2, &out, 0.0);
+
+    let w_dev = w.to_device(dev).unwrap();
+    let grads = (out.to_dtype(DType::F32).unwrap() * &w_dev).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, ours, theirs) in [("dq", &qv, &rq), ("dk", &kv, &rk), ("dv", &vv, &rv)] {
+        let g = grads.get(ours.as_tensor()).expect("no gradient");
+        assert_eq!(g.dims(), ours.dims());
+        check(name, g, rgrads.get(theirs.as_tensor()).unwrap(), grad_tol(c.dtype));
+    }
+}
+
+#[test]
+fn dense_forward_lse_and_gradients() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    for c in dense_cases() {
+        dense_case(&mut rng, &c, &Device::Cpu);
+    }
+}
+
+/// Strided inputs: q/k/v as transposes of `[B, H, S, D]` tensors (strides passed through), and a q whose
+/// head dim is not contiguous (copied first); a broadcast incoming gradient (loss = out.sum()).
+#[test]
+fn dense_strided_inputs() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let (b, s, h, d) = (2, 21, 4, 64);
+    for dtype in [DType::BF16, DType::F16] {
+        let qh = rand_tensor(&mut rng, &[b, h, s, d], 2.0, dtype);
+        let kh = rand_tensor(&mut rng, &[b, h, s, d], 2.0, dtype);
+        let vh = rand_tensor(&mut rng, &[b, h, s, d], 1.0, dtype);
+        let (q, k, v) = (qh.transpose(1, 2).unwrap(), kh.transpose(1, 2).unwrap(), vh.transpose(1, 2).unwrap());
+        assert!(!q.is_contiguous());
+        let scale = 0.125;
+        let (rout, _) = reference(&q.to_dtype(DType::F32).unwrap(), &k.to_dtype(DType::F32).unwrap(), &v.to_dtype(DType::F32).unwrap(), scale, (None, Some(0)), 0.0).unwrap();
+        let out = fa::flash_attn(&q, &k, &v, scale, true).unwrap();
+        check("out (strided q/k/v)", &out, &rout, out_tol(dtype));
+        // q with the head dim strided: [B, S, H, D] from a [B, S, D, H] tensor.
+        let qt = q.contiguous().unwrap().transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
+        assert_eq!(qt.stride()[3], h);
+        let out = fa::flash_attn(&qt, &k, &v, scale, true).unwrap();
+        check("out (head dim strided)", &out, &rout, out_tol(dtype));
+
+        // Gradients with a broadcast (stride 0) incoming gradient, through the strided views.
+        let [qv, kv, vv] = [&qh, &kh, &vh].map(|t| Var::from_tensor(t).unwrap());
+        let out = fa::flash_attn(&qv.transpose(1, 2).unwrap(), &kv.transpose(1, 2).unwrap(), &vv.transpose(1, 2).unwrap(), scale, true).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let (rq, rk, rv) = (f32v(&qh), f32v(&kh), f32v(&vh));
+        let (rout, _) = reference(&rq.transpose(1, 2).unwrap(), &rk.transpose(1, 2).unwrap(), &rv.transpose(1, 2).unwrap(), scale, (None, Some(0)), 0.0).unwrap();
+        let rgrads = rout.sum_all().unwrap().backward().unwrap();
+        for (name, ours, theirs) in [("dq", &qv, &rq), ("dk", &kv, &rk), ("dv", &vv, &rv)] {
+            check(name, grads.get(ours.as_tensor()).unwrap(), rgrads.get(theirs.as_tensor()).unwrap(), grad_tol(dtype));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Varlen, seqused, paged
+
+#[derive(Clone, Debug)]
+struct Packed {
+    /// Rows of each slot (the cumulative lengths' differences).
+    slots_q: Vec<usize>,
+    slots_k: Vec<usize>,
+    /// Used rows of each slot (seqused; equal to the slots without it).
+    used_q: Option<Vec<usize>>,
+    used_k: Option<Vec<usize>>,
+    /// Rows after the last slot (no sequence's).
+    tail_q: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    win: (Option<usize>, Option<usize>),
+    softcap: f32,
+    dtype: DType,
+}
+
+fn packed_cases(rng: &mut StdRng) -> Vec<Packed> {
+    let mut lens = |n: usize, max: usize| -> Vec<usize> { (0..n).map(|_| rng.gen_range(0..=max)).collect() };
+    let (a, b2, c, d, e, f) = (lens(3, 40), lens(3, 40), lens(4, 30), lens(4, 30), lens(2, 50), lens(2, 50));
+    let p = |slots_q: Vec<usize>, slots_k: Vec<usize>, hq, hk, d, win, softcap, dtype| Packed {
+        slots_q,
+        slots_k,
+        used_q: None,
+        used_k: None,
+        tail_q: 0,
+        hq,
+        hk,
+        d,
+        win,
+        softcap,
+        dtype,
+    };
+    let mut cases = vec![
+        p(a.clone(), b2.clone(), 4, 2, 64, (None, None), 0.0, DType::BF16),
+        p(a.clone(), a.clone(), 4, 4, 128, (None, Some(0)), 0.0, DType::F16),
+        p(c.clone(), d.clone(), 6, 2, 32, (None, Some(0)), 0.0, DType::BF16),
+        p(e.clone(), f.clone(), 2, 1, 96, (Some(6), Some(2)), 0.0, DType::F16),
+        p(vec![17, 0, 33], vec![25, 9, 0], 2, 2, 64, (None, None), 20.0, DType::BF16),
+        // Windows resolve against max_seqlen_k (30), not each sequence's length (as candle-flash-attn).
+        p(vec![8, 5], vec![1, 30], 2, 1, 64, (Some(6), Some(2)), 0.0, DType::F16),
+    ];
+    // seqused: slots with padding, used <= slot; and rows past the last slot.
+    let mut s = p(vec![20, 31, 12], vec![24, 18, 30], 4, 2, 64, (None, Some(0)), 0.0, DType::BF16);
+    s.used_q = Some(vec![13, 31, 0]);
+    s.used_k = Some(vec![24, 7, 19]);
+    s.tail_q = 5;
+    cases.push(s);
+    let mut s = p(vec![16, 16], vec![40, 40], 2, 2, 128, (Some(9), Some(0)), 0.0, DType::F16);
+    s.used_k = Some(vec![33, 12]);
+    cases.push(s);
+    let mut s = p(vec![16, 16, 8], vec![16, 16, 8], 2, 1, 64, (None, None), 0.0, DType::BF16);
+    s.used_q = Some(vec![9, 16, 3]);
+    cases.push(s);
+    cases
+}
+
+fn rows(p: &Packed, side_q: bool) -> (Vec<usize>, Vec<usize>) {
+    if side_q {
+        (p.slots_q.clone(), p.used_q.clone().unwrap_or_else(|| p.slots_q.clone()))
+    } else {
+        (p.slots_k.clone(), p.used_k.clone().unwrap_or_else(|| p.slots_k.clone()))
+    }
+}
+
+/// The reference over a packed layout: per-sequence dense calls over the used rows of each slot, zeros
+/// (lse -inf) elsewhere. q, k, v f32 `[T, H, D]`; returns out `[Tq, Hq, D]`, lse `[Hq, Tq]`.
+fn reference_packed(p: &Packed, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
+    let (slots_q, used_q) = rows(p, true);
+    let (slots_k, used_k) = rows(p, false);
+    let (cq, ck) = (cumsum(&slots_q), cumsum(&slots_k));
+    let win = resolve(p.win, used_k.iter().copied().max().unwrap_or(0));
+    let dev = q.device();
+    let mut outs = vec![];
+    let mut lses = vec![];
+    let pad = |n: usize, outs: &mut Vec<Tensor>, lses: &mut Vec<Tensor>| -> Result<()> {
+        if n > 0 {
+            outs.push(Tensor::zeros((n, p.hq, p.d), DType::F32, dev)?);
+            lses.push(Tensor::full(f32::NEG_INFINITY, (p.hq, n), dev)?);
+        }
+        Ok(())
+    };
+    for b in 0..slots_q.len() {
+        let (uq, uk) = (used_q[b], used_k[b]);
+        if uq > 0 {
+            let qb = q.narrow(0, cq[b] as usize, uq)?.unsqueeze(0)?;
+            let kb = k.narrow(0, ck[b] as usize, uk)?.unsqueeze(0)?;
+            let vb = v.narrow(0, ck[b] as usize, uk)?.unsqueeze(0)?;
+            let (o, l) = if uk > 0 {
+                reference(&qb, &kb, &vb, scale, win, p.softcap)?
+            } else {
+                (Tensor::zeros((1, uq, p.hq, p.d), DType::F32, dev)?, Tensor::full(f32::NEG_INFINITY, (1, p.hq, uq), dev)?)
+            };
+            outs.push(o.squeeze(0)?);
+            lses.push(l.squeeze(0)?);
+        }
+        pad(slots_q[b] - uq, &mut outs, &mut lses)?;
+    }
+    pad(p.tail_q, &mut outs, &mut lses)?;
+    if outs.is_empty() {
+        return Ok((Tensor::zeros((0, p.hq, p.d), DType::F32, dev)?, Tensor::zeros((p.hq, 0), DType::F32, dev)?));
+    }
+    Ok((Tensor::cat(&outs, 0)?, Tensor::cat(&lses, 1)?))
+}
+
+/// Our call for a packed case through the most specific function that expresses it; (out, lse).
+fn run_packed(p: &Packed, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, dev: &Device) -> Result<(Tensor, Option<Tensor>)> {
+    let (slots_q, used_q) = rows(p, true);
+    let (slots_k, used_k) = rows(p, false);
+    let (cq, ck) = (u32s(&cumsum(&slots_q), dev), u32s(&cumsum(&slots_k), dev));
+    let (mq, mk) = (used_q.iter().copied().max().unwrap_or(0), used_k.iter().copied().max().unwrap_or(0));
+    if p.used_q.is_some() || p.used_k.is_some() {
+        let uq = p.used_q.as_ref().map(|u| u32s(&u.iter().map(|&x| x as u32).collect::<Vec<_>>(), dev));
+        let uk = p.used_k.as_ref().map(|u| u32s(&u.iter().map(|&x| x as u32).collect::<Vec<_>>(), dev));
+        let out = fa::flash_attn_varlen_seqused(q, k, v, &cq, &ck, uq.as_ref(), uk.as_ref(), mq, mk, scale, p.win.0, p.win.1, p.softcap)?;
+        let (out2, lse) = fa::flash_attn_varlen_seqused_with_lse(q, k, v, &cq, &ck, uq.as_ref(), uk.as_ref(), mq, mk, scale, p.win.0, p.win.1, p.softcap)?;
+        check_abs("out == out of *_with_lse", &out2, &out, 0.0);
+        return Ok((out, Some(lse)));
+    }
+    let out = match (p.win, p.softcap) {
+        ((None, None), 0.0) => fa::flash_attn_varlen(q, k, v, &cq, &ck, mq, mk, scale, false)?,
+        ((None, Some(0)), 0.0) => fa::flash_attn_varlen(q, k, v, &cq, &ck, mq, mk, scale, true)?,
+        ((l, r), 0.0) => fa::flash_attn_varlen_windowed(q, k, v, &cq, &ck, mq, mk, scale, l, r)?,
+        ((l, r), cap) => fa::flash_attn_varlen_alibi_windowed_softcap(q, k, v, None, &cq, &ck, mq, mk, scale, l, r, cap)?,
+    };
+    let (out2, lse) = fa::flash_attn_varlen_windowed_softcap_with_lse(q, k, v, &cq, &ck, mq, mk, scale, p.win.0, p.win.1, p.softcap)?;
+    check_abs("out == out of *_with_lse", &out2, &out, 0.0);
+    if p.win == (None, Some(0)) && p.softcap == 0.0 {
+        let (out3, lse3) = fa::flash_attn_varlen_with_lse(q, k, v, &cq, &ck, mq, mk, scale, true)?;
+        check_abs("flash_attn_varlen_with_lse out", &out3, &out, 0.0);
+        check_abs("flash_attn_varlen_with_lse lse", &lse3, &lse, 0.0);
+    }
+    Ok((out, Some(lse)))
+}
+
+fn packed_case(rng: &mut StdRng, p: &Packed, dev: &Device) {
+    println!("{p:?} on {:?}", dev.location());
+    let tq = p.slots_q.iter().sum::<usize>() + p.tail_q;
+    let tk = p.slots_k.iter().sum::<usize>();
+    let q = rand_tensor(rng, &[tq, p.hq, p.d], 2.0, p.dtype);
+    let k = rand_tensor(rng, &[tk, p.hk, p.d], 2.0, p.dtype);
+    let v = rand_tensor(rng, &[tk, p.hk, p.d], 1.0, p.dtype);
+    let w = rand_tensor(rng, &[tq, p.hq, p.d], 1.0, DType::F32);
+    let scale = 1.0 / (p.d as f32).sqrt();
+
+    let (rq, rk, rv) = (f32v(&q), f32v(&k), f32v(&v));
+    let (rout, rlse) = reference_packed(p, rq.as_tensor(), rk.as_tensor(), rv.as_tensor(), scale).unwrap();
+    let rgrads = (&rout * &w).unwrap().sum_all().unwrap().backward().unwrap();
+
+    let [qv, kv, vv] = [&q, &k, &v].map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap());
+    let (out, lse) = run_packed(p, qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), scale, dev).unwrap();
+    assert_eq!(out.dims(), q.dims());
+    check("out", &out, &rout, out_tol(p.dtype));
+    if let Some(lse) = lse {
+        assert_eq!(lse.dims(), &[p.hq, tq]);
+        check_abs("lse", &lse, &rlse, 2e-3);
+    }
+    let grads = (out.to_dtype(DType::F32).unwrap() * w.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, ours, theirs) in [("dq", &qv, &rq), ("dk", &kv, &rk), ("dv", &vv, &rv)] {
+        let want = rgrads.get(theirs.as_tensor()).cloned().unwrap_or_else(|| theirs.zeros_like().unwrap());
+        check(name, grads.get(ours.as_tensor()).expect("no gradient"), &want, grad_tol(p.dtype));
+    }
+}
+
+#[test]
+fn varlen_and_seqused_forward_lse_and_gradients() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    for p in packed_cases(&mut rng) {
+        packed_case(&mut rng, &p, &Device::Cpu);
+    }
+}
+
+/// i32 cumulative lengths work like u32 ones.
+#[test]
+fn varlen_i32_seqlens() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let (hq, d) = (2, 64);
+    let lens = [13usize, 29, 7];
+    let t: usize = lens.iter().sum();
+    let q = rand_tensor(&mut rng, &[t, hq, d], 2.0, DType::BF16);
+    let k = rand_tensor(&mut rng, &[t, hq, d], 2.0, DType::BF16);
+    let v = rand_tensor(&mut rng, &[t, hq, d], 1.0, DType::BF16);
+    let cu = cumsum(&lens);
+    let cu_u = u32s(&cu, &Device::Cpu);
+    let cu_i = Tensor::new(cu.iter().map(|&x| x as i32).collect::<Vec<_>>().as_slice(), &Device::Cpu).unwrap();
+    let a = fa::flash_attn_varlen(&q, &k, &v, &cu_u, &cu_u, 29, 29, 0.125, true).unwrap();
+    let b = fa::flash_attn_varlen(&q, &k, &v, &cu_i, &cu_i, 29, 29, 0.125, true).unwrap();
+    check_abs("i32 == u32 seqlens", &a, &b, 0.0);
+}
+
+/// The paged cache against varlen over the same keys laid out contiguously.
+fn paged_case(rng: &mut StdRng, dev: &Device) {
+    let (hq, hk, d, pbs, nblocks) = (4, 2, 64, 16, 12);
+    let dtype = DType::BF16;
+    let lens_q = [5usize, 1, 9];
+    let lens_k = [40usize, 16, 3];
+    let max_blocks = 3;
+    // A random permutation of blocks, max_blocks per sequence; unused entries are garbage.
+    let mut perm: Vec<u32> = (0..nblocks as u32).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, rng.gen_range(0..=i));
+    }
+    let mut table = vec![0u32; lens_q.len() * max_blocks];
+    for b in 0..lens_q.len() {
+        for s in 0..max_blocks {
+            table[b * max_blocks + s] = if s * pbs < lens_k[b] { perm[b * max_blocks + s] } else { u32::MAX - s as u32 };
+        }
+    }
+    let kc = rand_tensor(rng, &[nblocks, pbs, hk, d], 2.0, dtype);
+    let vc = rand_tensor(rng, &[nblocks, pbs, hk, d], 1.0, dtype);
+    let tq: usize = lens_q.iter().sum();
+    let q = rand_tensor(rng, &[tq, hq, d], 2.0, dtype);
+    // Contiguous copy of each sequence's keys.
+    let gather = |c: &Tensor| -> Tensor {
+        let mut parts = vec![];
+        for b in 0..lens_q.len() {
+            for s in 0..lens_k[b].div_ceil(pbs) {
+                let blk = c.get(table[b * max_blocks + s] as usize).unwrap();
+                parts.push(blk.narrow(0, 0, (lens_k[b] - s * pbs).min(pbs)).unwrap());
+            }
+        }
+        Tensor::cat(&parts, 0).unwrap()
+    };
+    let (k, v) = (gather(&kc), gather(&vc));
+    let (cq, ck) = (cumsum(&lens_q), cumsum(&lens_k));
+    for win in [(None, None), (None, Some(0)), (Some(4), Some(2))] {
+        let want = fa::flash_attn_varlen_windowed(&q, &k, &v, &u32s(&cq, &Device::Cpu), &u32s(&ck, &Device::Cpu), 9, 40, 0.125, win.0, win.1).unwrap();
+        let got = fa::flash_attn_varlen_paged_windowed(
+            &q.to_device(dev).unwrap(),
+            &kc.to_device(dev).unwrap(),
+            &vc.to_device(dev).unwrap(),
+            &u32s(&cq, dev),
+            &u32s(&ck, dev),
+            &u32s(&table, dev).reshape((lens_q.len(), max_blocks)).unwrap(),
+            None,
+            9,
+            40,
+            0.125,
+            win.0,
+            win.1,
+            pbs,
+            None,
+        )
+        .unwrap();
+        check(&format!("paged {win:?} vs varlen"), &got, &want, out_tol(dtype));
+    }
+}
+
+#[test]
+fn paged_matches_varlen() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    paged_case(&mut rng, &Device::Cpu);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Bad inputs: an error, never a panic, through every function.
+
+fn expect_err(what: &str, f: impl FnOnce() -> Result<Tensor>) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(_)) => panic!("{what}: expected an error, got Ok"),
+        Ok(Err(e)) => println!("  {what}: {e}"),
+        Err(_) => panic!("{what}: panicked instead of returning an error"),
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let t = |rng: &mut StdRng, shape: &[usize], dt: DType| rand_tensor(rng, shape, 1.0, dt);
+    let bf = DType::BF16;
+    let q = t(&mut rng, &[1, 8, 4, 64], bf);
+    let k = t(&mut rng, &[1, 8, 2, 64], bf);
+    let q32 = q.to_dtype(DType::F32).unwrap();
+    let k32 = k.to_dtype(DType::F32).unwrap();
+    let kf16 = k.to_dtype(DType::F16).unwrap();
+    let q3 = t(&mut rng, &[8, 4, 64], bf);
+    let k3 = t(&mut rng, &[8, 2, 64], bf);
+    let q_d40 = t(&mut rng, &[1, 8, 4, 40], bf);
+    let k_d40 = t(&mut rng, &[1, 8, 2, 40], bf);
+    let q_h3 = t(&mut rng, &[1, 8, 3, 64], bf);
+    let k_b2 = t(&mut rng, &[2, 8, 2, 64], bf);
+    let k_d32 = t(&mut rng, &[1, 8, 2, 32], bf);
+    let alibi = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    let (qr, kr) = (&q, &k);
+
+    // Dense.
+    expect_err("f32 q/k/v", || fa::flash_attn(&q32, &k32, &k32, 0.1, false));
+    expect_err("f32 q only", || fa::flash_attn(&q32, qr, qr, 0.1, false));
+    expect_err("q rank 3", || fa::flash_attn(&q3, kr, kr, 0.1, false));
+    expect_err("k rank 3", || fa::flash_attn(qr, &k3, &k3, 0.1, false));
+    expect_err("head dim 40", || fa::flash_attn(&q_d40, &k_d40, &k_d40, 0.1, false));
+    expect_err("k head dim != q head dim", || fa::flash_attn(qr, &k_d32, &k_d32, 0.1, false));
+    expect_err("Hq % Hk != 0", || fa::flash_attn(&q_h3, kr, kr, 0.1, false));
+    expect_err("k dtype != q dtype", || fa::flash_attn(qr, &kf16, &kf16, 0.1, false));
+    expect_err("v dtype != k dtype", || fa::flash_attn(qr, kr, &kf16, 0.1, false));
+    expect_err("batch mismatch", || fa::flash_attn(qr, &k_b2, &k_b2, 0.1, false));
+    expect_err("v shape != k shape", || fa::flash_attn(qr, kr, &k_b2, 0.1, false));
+    expect_err("windowed: f32", || fa::flash_attn_windowed(&q32, &k32, &k32, 0.1, Some(1), None));
+    expect_err("windowed: rank", || fa::flash_attn_windowed(&q3, &k3, &k3, 0.1, Some(1), Some(0)));
+    expect_err("alibi", || fa::flash_attn_alibi(qr, kr, kr, &alibi, 0.1, true));
+    expect_err("alibi_windowed", || fa::flash_attn_alibi_windowed(qr, kr, kr, &alibi, 0.1, None, None));
+    expect_err("alibi_windowed_softcap Some(alibi)", || fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, Some(&alibi), 0.1, None, None, 0.0));
+    expect_err("alibi_windowed_softcap bad head dim", || fa::flash_attn_alibi_windowed_softcap(&q_d40, &k_d40, &k_d40, None, 0.1, None, None, 1.0));
+    expect_err("with_lse f32", || fa::flash_attn_with_lse(&q32, &k32, &k32, 0.1, true).map(|r| r.0));
+    expect_err("windowed_softcap_with_lse Hq % Hk", || fa::flash_attn_windowed_softcap_with_lse(&q_h3, kr, kr, 0.1, None, None, 0.0).map(|r| r.0));
+
+    // Varlen.
+    let cu = u32s(&[0, 3, 8], &dev);
+    let cu2 = u32s(&[0, 8], &dev);
+    let cu_long = u32s(&[0, 3, 9], &dev);
+    let cu_down = u32s(&[0, 5, 3], &dev);
+    let cu_f32 = Tensor::new(&[0f32, 3., 8.], &dev).unwrap();
+    let cu_rank2 = u32s(&[0, 3, 8], &dev).reshape((1, 3)).unwrap();
+    let cu_empty = Tensor::zeros(0, DType::U32, &dev).unwrap();
+    let cu_huge = u32s(&[0, 3, 0x8000_0000], &dev);
+    let k3f16 = k3.to_dtype(DType::F16).unwrap();
+    let q3_32 = q3.to_dtype(DType::F32).unwrap();
+    let q3_d40 = t(&mut rng, &[8, 4, 40], bf);
+    let k3_d40 = t(&mut rng, &[8, 2, 40], bf);
+    let q3_h3 = t(&mut rng, &[8, 3, 64], bf);
+    let (q3r, k3r, cur) = (&q3, &k3, &cu);
+    expect_err("varlen f32", || fa::flash_attn_varlen(&q3_32, &q3_32, &q3_32, cur, cur, 5, 5, 0.1, false));
+    expect_err("varlen q rank 4", || fa::flash_attn_varlen(qr, kr, kr, cur, cur, 5, 5, 0.1, false));
+    expect_err("varlen head dim 40", || fa::flash_attn_varlen(&q3_d40, &k3_d40, &k3_d40, cur, cur, 5, 5, 0.1, false));
+    expect_err("varlen Hq % Hk", || fa::flash_attn_varlen(&q3_h3, k3r, k3r, cur, cur, 5, 5, 0.1, false));
+    expect_err("varlen k dtype", || fa::flash_attn_varlen(q3r, &k3f16, &k3f16, cur, cur, 5, 5, 0.1, false));
+    expect_err("seqlens_k length != seqlens_q length", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu2, 5, 8, 0.1, false));
+    expect_err("seqlens_q past total_q", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_long, cur, 6, 5, 0.1, false));
+    expect_err("seqlens_k past total_k", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu_long, 5, 6, 0.1, false));
+    expect_err("seqlens decreasing", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_down, &cu_down, 5, 5, 0.1, false));
+    expect_err("seqlens >= 2^31 (as u32)", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_huge, cur, 5, 5, 0.1, false));
+    expect_err("seqlens f32", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_f32, &cu_f32, 5, 5, 0.1, false));
+    expect_err("seqlens rank 2", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_rank2, &cu_rank2, 5, 5, 0.1, false));
+    expect_err("seqlens empty", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_empty, &cu_empty, 5, 5, 0.1, false));
+    expect_err("max_seqlen_q too small", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, cur, 2, 5, 0.1, false));
+    expect_err("max_seqlen_k too small", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, cur, 5, 2, 0.1, false));
+    expect_err("varlen_windowed seqlens len", || fa::flash_attn_varlen_windowed(q3r, k3r, k3r, cur, &cu2, 5, 8, 0.1, Some(2), Some(0)));
+    expect_err("varlen_alibi", || fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi, cur, cur, 5, 5, 0.1, true));
+    expect_err("varlen_alibi_windowed", || fa::flash_attn_varlen_alibi_windowed(q3r, k3r, k3r, &alibi, cur, cur, 5, 5, 0.1, None, Some(0)));
+    expect_err("varlen_alibi_windowed_softcap Some", || fa::flash_attn_varlen_alibi_windowed_softcap(q3r, k3r, k3r, Some(&alibi), cur, cur, 5, 5, 0.1, None, None, 0.0));
+    expect_err("varlen_alibi_windowed_softcap f32", || fa::flash_attn_varlen_alibi_windowed_softcap(&q3_32, &q3_32, &q3_32, None, cur, cur, 5, 5, 0.1, None, None, 0.0));
+    expect_err("varlen_with_lse bad lens", || fa::flash_attn_varlen_with_lse(q3r, k3r, k3r, &cu_long, cur, 6, 5, 0.1, true).map(|r| r.0));
+    expect_err("varlen_windowed_softcap_with_lse rank", || fa::flash_attn_varlen_windowed_softcap_with_lse(qr, kr, kr, cur, cur, 5, 5, 0.1, None, None, 0.0).map(|r| r.0));
+
+    // Seqused.
+    let used2 = u32s(&[2, 5], &dev);
+    let used3 = u32s(&[1, 1, 1], &dev);
+    let used_big = u32s(&[4, 5], &dev);
+    let used_f32 = Tensor::new(&[1f32, 1.], &dev).unwrap();
+    expect_err("seqused_q wrong length", || fa::flash_attn_varlen_seqused(q3r, k3r, k3r, cur, cur, Some(&used3), None, 5, 5, 0.1, None, None, 0.0));
+    expect_err("seqused_k wrong length", || fa::flash_attn_varlen_seqused(q3r, k3r, k3r, cur, cur, None, Some(&used3), 5, 5, 0.1, None, None, 0.0));
+    expect_err("seqused_q > slot", || fa::flash_attn_varlen_seqused(q3r, k3r, k3r, cur, cur, Some(&used_big), None, 5, 5, 0.1, None, None, 0.0));
+    expect_err("seqused_k > slot", || fa::flash_attn_varlen_seqused(q3r, k3r, k3r, cur, cur, Some(&used2), Some(&used_big), 5, 5, 0.1, None, None, 0.0));
+    expect_err("seqused f32", || fa::flash_attn_varlen_seqused(q3r, k3r, k3r, cur, cur, Some(&used_f32), None, 5, 5, 0.1, None, None, 0.0));
+    expect_err("seqused_with_lse rank", || fa::flash_attn_varlen_seqused_with_lse(qr, kr, kr, cur, cur, None, None, 5, 5, 0.1, None, None, 0.0).map(|r| r.0));
+
+    // Paged.
+    let kc = t(&mut rng, &[4, 16, 2, 64], bf);
+    let table = u32s(&[0, 1, 2, 3], &dev).reshape((2, 2)).unwrap();
+    let cuk = u32s(&[0, 20, 30], &dev);
+    let (kcr, tr, cukr) = (&kc, &table, &cuk);
+    let paged = |q: &Tensor, k: &Tensor, cq: &Tensor, ck: &Tensor, tbl: &Tensor, mm: Option<&Tensor>, pbs: usize| {
+        fa::flash_attn_varlen_paged_windowed(q, k, k, cq, ck, tbl, mm, 5, 20, 0.1, None, None, pbs, None)
+    };
+    assert!(paged(q3r, kcr, cur, cukr, tr, None, 16).is_ok(), "paged: the good call must work");
+    expect_err("paged mm_prefix_ranges", || paged(q3r, kcr, cur, cukr, tr, Some(&cu), 16));
+    expect_err("paged page_block_size mismatch", || paged(q3r, kcr, cur, cukr, tr, None, 32));
+    expect_err("paged k rank 3", || paged(q3r, k3r, cur, cukr, tr, None, 16));
+    expect_err("paged block_table rank 1", || paged(q3r, kcr, cur, cukr, cur, None, 16));
+    expect_err("paged block_table f32", || paged(q3r, kcr, cur, cukr, &cu_f32.reshape((1, 3)).unwrap(), None, 16));
+    expect_err("paged seqlens_k length", || paged(q3r, kcr, cur, &cu2, tr, None, 16));
+    expect_err("paged q f32", || paged(&q3_32, kcr, cur, cukr, tr, None, 16));
+}
+
+/// Odd but legal-looking inputs must not panic (an error or a result, either is fine).
+#[test]
+fn odd_inputs_do_not_panic() {
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let q0 = rand_tensor(&mut rng, &[1, 0, 2, 64], 1.0, DType::BF16);
+    let q = rand_tensor(&mut rng, &[1, 8, 2, 64], 1.0, DType::BF16);
+    let k0 = rand_tensor(&mut rng, &[1, 0, 2, 64], 1.0, DType::BF16);
+    type Case<'a> = (&'a str, Box<dyn FnOnce() -> Result<Tensor> + 'a>);
+    let cases: Vec<Case> = vec![
+        ("empty q", Box::new(|| fa::flash_attn(&q0, &q, &q, 0.1, true))),
+        ("empty k", Box::new(|| fa::flash_attn(&q, &k0, &k0, 0.1, true))),
+        ("negative softcap", Box::new(|| fa::flash_attn_alibi_windowed_softcap(&q, &q, &q, None, 0.1, None, None, -1.0))),
+        ("NaN scale", Box::new(|| fa::flash_attn(&q, &q, &q, f32::NAN, false))),
+        ("huge windows", Box::new(|| fa::flash_attn_windowed(&q, &q, &q, 0.1, Some(usize::MAX), Some(usize::MAX)))),
+        ("zero-length sequences", Box::new(|| {
+            let q3 = q.squeeze(0)?;
+            fa::flash_attn_varlen(&q3, &q3, &q3, &u32s(&[0, 0, 8, 8], &dev), &u32s(&[0, 8, 8, 8], &dev), 8, 8, 0.1, true)
+        })),
+    ];
+    for (what, f) in cases {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(r) => println!("  {what}: {}", r.map(|t| format!("ok {:?}", t.dims())).unwrap_or_else(|e| format!("error: {e}"))),
+            Err(_) => panic!("{what}: panicked"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CUDA: the same comparisons on candle CUDA tensors.
+
+#[cfg(feature = "candle-cuda")]
+fn cuda_device() -> std::result::Result<Device, String> {
+    Device::new_cuda(0).map_err(|e| format!("no CUDA device ({e})"))
+}
+
+#[cfg(not(feature = "candle-cuda"))]
+fn cuda_device() -> std::result::Result<Device, String> {
+    Err("built without feature candle-cuda".into())
+}
+
+#[test]
+fn cuda_forward_and_gradients() {
+    let dev = match cuda_device() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("SKIPPED candle cuda: {why}");
+            return;
+        }
+    };
+    let mut rng = StdRng::seed_from_u64(seed());
+    for c in dense_cases() {
+        dense_case(&mut rng, &c, &dev);
+    }
+    for p in packed_cases(&mut rng) {
+        packed_case(&mut rng, &p, &dev);
+    }
+    paged_case(&mut rng, &dev);
+    // CUDA results against our CPU path on the same inputs (also covers a longer sequence).
+    let c = Dense { b: 2, sq: 300, sk: 517, hq: 8, hk: 2, d: 128, win: (None, Some(0)), softcap: 0.0, dtype: DType::BF16 };
+    let (q, k, v) = dense_inputs(&mut rng, &c);
+    let cpu = fa::flash_attn_with_lse(&q, &k, &v, 0.09, true).unwrap();
+    let gpu = fa::flash_attn_with_lse(&q.to_device(&dev).unwrap(), &k.to_device(&dev).unwrap(), &v.to_device(&dev).unwrap(), 0.09, true).unwrap();
+    check("cuda out vs cpu out", &gpu.0, &cpu.0, out_tol(c.dtype));
+    check_abs("cuda lse vs cpu lse", &gpu.1, &cpu.1, 2e-3);
+    // Inputs on different devices are an error.
+    expect_err("q on cuda, k on cpu", || fa::flash_attn(&q.to_device(&dev).unwrap(), &k, &v, 0.1, false));
+    let q3 = q.get(0).unwrap().to_device(&dev).unwrap();
+    let k3 = k.get(0).unwrap().to_device(&dev).unwrap();
+    expect_err("seqlens on cpu, q on cuda", || fa::flash_attn_varlen(&q3, &k3, &k3, &u32s(&[0, 300], &Device::Cpu), &u32s(&[0, 517], &Device::Cpu), 300, 517, 0.1, false));
+}
