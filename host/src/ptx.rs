@@ -1,7 +1,7 @@
 //! The two PTX modules, shipped in the package (`host/ptx/`): a dependent crate builds on stable with no
 //! nightly and no CUDA. Inside this repository `cargo xtask ptx` rebuilds them from kernels-gpu into
-//! `target/ptx/`; the test `shipped_ptx_is_fresh` fails until `cargo xtask ship-ptx` copies a changed
-//! build here, so the shipped modules are never stale.
+//! `target/ptx/`; the test `shipped_ptx_is_fresh` (tests/ptx_fresh.rs) fails until `cargo xtask ship-ptx`
+//! copies a changed build here, so the shipped modules are never stale.
 
 /// PTX for sm_80 and newer (JIT-compiled by the driver for the GPU at hand).
 pub const PTX_SM80: &str = include_str!("../ptx/kernels_sm80.ptx");

@@ -1,9 +1,12 @@
 //! Project tasks: `cargo xtask ptx` (build the device crate to PTX and check it with ptxas for every
-//! target GPU), `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine).
+//! target GPU), `cargo xtask ship-ptx` (the same, then copy the PTX into `host/ptx/`, which the package
+//! embeds), `cargo xtask package-check` (the packaged crate builds and runs on stable with no CUDA),
+//! `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine).
 
+mod package_check;
 mod ptx;
 mod wgmma;
-#[path = "../../kernels-gpu/src/variants.rs"]
+#[path = "../../host/src/shared/variants.rs"]
 #[macro_use]
 #[allow(dead_code)]
 mod variants;
@@ -14,6 +17,16 @@ use std::process::{Command, ExitCode};
 /// ptxas comes from PyPI's nvidia-cuda-nvcc, pinned to the GPU machine's CUDA (13.0).
 const NVCC_WHEEL: &str = "nvidia-cuda-nvcc==13.0.88";
 
+const USAGE: &str = "usage: cargo xtask <ptx|ship-ptx|package-check|bundle|gen-wgmma>
+  ptx            build kernels-gpu to PTX in target/ptx/ and run ptxas on it (sm_80, sm_90a)
+  ship-ptx       the same, then copy target/ptx/*.ptx into host/ptx/ (the PTX the crate embeds and ships;
+                 run after changing kernels-gpu: the ptx_fresh test fails until the two agree)
+  package-check  cargo package flash-attn, then build and run a scratch crate depending on the unpacked
+                 .crate with `cargo +stable` (no nightly, no CUDA), and check cudarc's features compose
+                 with candle-core's `cuda`
+  bundle         build release test/CLI/bench binaries and PTX into bundle/ for the GPU machine
+  gen-wgmma      write kernels-gpu/src/arch/wgmma_ops.rs";
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -22,12 +35,14 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ptx") => cmd_ptx(),
+        Some("ship-ptx") => cmd_ship_ptx(),
+        Some("package-check") => package_check::run_check(&root()),
         Some("bundle") => cmd_bundle(),
         Some("gen-wgmma") => {
             let path = root().join("kernels-gpu/src/arch/wgmma_ops.rs");
             std::fs::write(&path, wgmma::generate()).map_err(|e| format!("{}: {e}", path.display()))
         }
-        _ => Err("usage: cargo xtask <ptx|bundle|gen-wgmma>\n  ptx     build kernels-gpu to PTX and run ptxas on it (sm_80, sm_90a)\n  bundle  build release test/CLI/bench binaries and PTX into bundle/ for the GPU machine\n  gen-wgmma  write kernels-gpu/src/arch/wgmma_ops.rs".into()),
+        _ => Err(USAGE.into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,6 +99,27 @@ fn cmd_ptx() -> Result<(), String> {
         println!("warning: some kernels spill registers (see the table)");
     }
     println!("ptx ok: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    Ok(())
+}
+
+/// `cargo xtask ptx`, then copy its modules into `host/ptx/`: the PTX the host embeds (`include_str!`) and
+/// the package ships, so that a dependent crate builds with no nightly and no CUDA.
+fn cmd_ship_ptx() -> Result<(), String> {
+    cmd_ptx()?;
+    let root = root();
+    let dest = root.join("host").join("ptx");
+    std::fs::create_dir_all(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
+    for t in ptx::PTX_TARGETS {
+        let file = format!("{}.ptx", t.stem);
+        let (src, dst) = (root.join("target").join("ptx").join(&file), dest.join(&file));
+        let new = std::fs::read(&src).map_err(|e| format!("read {}: {e}", src.display()))?;
+        if std::fs::read(&dst).ok().as_deref() == Some(&new[..]) {
+            println!("ship-ptx: {} unchanged", dst.display());
+        } else {
+            std::fs::write(&dst, &new).map_err(|e| format!("write {}: {e}", dst.display()))?;
+            println!("ship-ptx: updated {} ({} bytes)", dst.display(), new.len());
+        }
+    }
     Ok(())
 }
 

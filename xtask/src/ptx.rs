@@ -1,5 +1,5 @@
-//! Building the device crate into PTX. One definition, used by `host/build.rs` (so a plain `cargo build`
-//! always embeds PTX made from the current kernel sources) and by `cargo xtask ptx` (which adds ptxas).
+//! Building the device crate into PTX, for `cargo xtask ptx` (which adds ptxas), `ship-ptx` (which copies
+//! the result into `host/ptx/`, what the package embeds) and `bundle`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,30 +27,55 @@ pub const PTX_TARGETS: &[PtxTarget] = &[
 
 /// Build every module of `PTX_TARGETS` from `<root>/kernels-gpu` into `out_dir/<stem>.ptx`.
 /// `cargo` is the cargo binary to run (the toolchain is pinned by rust-toolchain.toml).
+///
+/// rustc writes the PTX to a fixed path inside the module's own target dir, then it is copied to `out_dir`.
+/// Cargo does not track `--emit` outputs: when the crate is fresh it skips rustc and writes nothing, so
+/// emitting straight into `out_dir` would leave a deleted or differently placed file missing (and every new
+/// `out_dir` would change the arguments and force a rebuild). A missing emitted file is rebuilt after
+/// `cargo clean -p kernels-gpu` (the built `core` is kept).
 pub fn build_ptx(cargo: &Path, root: &Path, out_dir: &Path) -> Result<Vec<PathBuf>, String> {
     std::fs::create_dir_all(out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
     let mut outputs = Vec::new();
     for t in PTX_TARGETS {
+        // One target dir per module: they differ in flags, and sharing one would rebuild each time.
+        let target_dir = root.join("target").join(format!("kernels-gpu-{}", t.stem));
+        let emitted = target_dir.join(format!("{}.ptx", t.stem));
+        let device_cargo = |args: &[&str]| {
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(root.join("kernels-gpu")).args(args).arg("--target-dir").arg(&target_dir);
+            // Outer-build settings must not leak into the device build.
+            for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_MAKEFLAGS", "CARGO_PRIMARY_PACKAGE"] {
+                cmd.env_remove(var);
+            }
+            cmd
+        };
+        for attempt in 0..2 {
+            if attempt == 1 {
+                let mut clean = device_cargo(&["clean", "--quiet", "--release", "--target", "nvptx64-nvidia-cuda", "-p", "kernels-gpu"]);
+                let status = clean.status().map_err(|e| format!("running {}: {e}", cargo.display()))?;
+                if !status.success() {
+                    return Err(format!("cargo clean -p kernels-gpu in {} failed ({status})", target_dir.display()));
+                }
+            }
+            let mut cmd = device_cargo(&["rustc", "--release", "--quiet", "--target", "nvptx64-nvidia-cuda", "-Zbuild-std=core"]);
+            cmd.args(["--", "-C", &format!("target-cpu={}", t.cpu), "-C", &format!("target-feature={}", t.ptx_isa), "-C", "llvm-args=-unroll-threshold=100000 -unroll-full-max-count=100000"])
+                .arg(format!("--emit=asm={}", emitted.display()));
+            for cfg in t.cfgs {
+                cmd.args(["--cfg", cfg]);
+            }
+            let status = cmd.status().map_err(|e| format!("running {}: {e}", cargo.display()))?;
+            if !status.success() {
+                return Err(format!("building kernels-gpu for {} failed ({status})", t.cpu));
+            }
+            if emitted.exists() {
+                break;
+            }
+        }
+        if !emitted.exists() {
+            return Err(format!("building kernels-gpu for {} left no {}", t.cpu, emitted.display()));
+        }
         let out = out_dir.join(format!("{}.ptx", t.stem));
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(root.join("kernels-gpu"))
-            .args(["rustc", "--release", "--quiet", "--target", "nvptx64-nvidia-cuda", "-Zbuild-std=core"])
-            .arg("--target-dir")
-            // One target dir per module: they differ in flags, and sharing one would rebuild each time.
-            .arg(root.join("target").join(format!("kernels-gpu-{}", t.stem)))
-            .args(["--", "-C", &format!("target-cpu={}", t.cpu), "-C", &format!("target-feature={}", t.ptx_isa), "-C", "llvm-args=-unroll-threshold=100000 -unroll-full-max-count=100000"])
-            .arg(format!("--emit=asm={}", out.display()));
-        for cfg in t.cfgs {
-            cmd.args(["--cfg", cfg]);
-        }
-        // Outer-build settings must not leak into the device build.
-        for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CARGO_MAKEFLAGS", "CARGO_PRIMARY_PACKAGE"] {
-            cmd.env_remove(var);
-        }
-        let status = cmd.status().map_err(|e| format!("running {}: {e}", cargo.display()))?;
-        if !status.success() {
-            return Err(format!("building kernels-gpu for {} failed ({status})", t.cpu));
-        }
+        std::fs::copy(&emitted, &out).map_err(|e| format!("copy {} to {}: {e}", emitted.display(), out.display()))?;
         outputs.push(out);
     }
     Ok(outputs)
