@@ -1,8 +1,8 @@
-//! Host cost of the raw layer on CUDA: the cold start (first module load of a process, PTX JIT
-//! included) and, with criterion, the host time of one `raw::fwd` / `raw::bwd` call (validation and
+//! Host cost of the raw layer on CUDA: the cold start (first module load of a process: the shipped cubin),
+//! the same load through the driver's PTX JIT, and, with criterion, the host time of one `raw::fwd` / `raw::bwd` call (validation and
 //! launch; the GPU is not waited for) on a small problem, on a caller's non-blocking stream. Each call
 //! batch is followed by an untimed synchronize so the launch queue never fills. Prints
-//! `COLD_START <ms>` and `LAUNCH fwd|bwd <median us>`. Skips with a notice when there is no GPU.
+//! `COLD_START <ms>`, `PTX_JIT <ms>` and `LAUNCH fwd|bwd <median us>`. Skips with a notice when there is no GPU.
 
 use criterion::Criterion;
 use cudarc::driver::{CudaContext, DevicePtr};
@@ -17,11 +17,17 @@ fn main() {
         println!("SKIPPED launch benches: no CUDA GPU on this machine");
         return;
     }
+    let ctx = CudaContext::new(0).unwrap();
     let t0 = Instant::now();
     raw::preload(0).unwrap();
-    println!("COLD_START {:.1} ms (module load incl. PTX JIT, {})", t0.elapsed().as_secs_f64() * 1e3, cuda::device_name(0).unwrap());
+    println!("COLD_START {:.1} ms (first load of the kernels: the shipped cubin, {})", t0.elapsed().as_secs_f64() * 1e3, cuda::device_name(0).unwrap());
+    // What the load costs without the cubin: the driver JIT-compiles the PTX (run with CUDA_CACHE_DISABLE=1
+    // to keep its disk cache out of it).
+    let ptx = std::ffi::CString::new(flash_attn::ptx::PTX_SM90).unwrap();
+    let t0 = Instant::now();
+    let jit = unsafe { cudarc::driver::result::module::load_data(ptx.as_ptr() as *const _) };
+    println!("PTX_JIT {:.1} ms (the sm_90a PTX module through the driver's JIT; ok: {})", t0.elapsed().as_secs_f64() * 1e3, jit.is_ok());
 
-    let ctx = CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
     let (b, s, h, d) = (1, 128, 4, 64);
     let n = b * s * h * d;

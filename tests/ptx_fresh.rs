@@ -1,5 +1,5 @@
-//! The PTX shipped in `host/ptx/` (embedded by the library, published in the package) is exactly what the
-//! kernel sources build to: `cargo xtask ptx` builds `target/ptx/` (`./x test` runs it before the tests)
+//! The PTX and cubins shipped in `host/ptx/` (embedded by the library, published in the package) are exactly
+//! what the kernel sources build to: `cargo xtask ptx` builds `target/ptx/` (`./x test` runs it before the tests)
 //! and this compares the two byte for byte. The build is deterministic: two clean builds, in different
 //! directories with different toolchain locations, give identical bytes.
 
@@ -12,8 +12,11 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn read_fresh(stem: &str) -> (PathBuf, Vec<u8>) {
-    let path = root().join("target").join("ptx").join(format!("{stem}.ptx"));
+/// The shipped files of each module: its PTX and the cubin of its shipped architecture.
+const EXTENSIONS: [&str; 2] = ["ptx", "cubin"];
+
+fn read_fresh(file: &str) -> (PathBuf, Vec<u8>) {
+    let path = root().join("target").join("ptx").join(file);
     match std::fs::read(&path) {
         Ok(bytes) => (path, bytes),
         Err(e) => panic!("no fresh PTX build at {} ({e}): run `cargo xtask ptx` first (`./x test` does)", path.display()),
@@ -23,9 +26,9 @@ fn read_fresh(stem: &str) -> (PathBuf, Vec<u8>) {
 #[test]
 fn shipped_ptx_is_fresh() {
     let mut stale = Vec::new();
-    for stem in STEMS {
-        let (fresh_path, fresh) = read_fresh(stem);
-        let shipped_path = root().join("host").join("ptx").join(format!("{stem}.ptx"));
+    for file in STEMS.iter().flat_map(|stem| EXTENSIONS.map(|ext| format!("{stem}.{ext}"))) {
+        let (fresh_path, fresh) = read_fresh(&file);
+        let shipped_path = root().join("host").join("ptx").join(&file);
         let shipped = std::fs::read(&shipped_path).unwrap_or_else(|e| panic!("{}: {e}: run `cargo xtask ship-ptx`", shipped_path.display()));
         if shipped != fresh {
             let line = shipped.split(|&b| b == b'\n').zip(fresh.split(|&b| b == b'\n')).position(|(a, b)| a != b);
@@ -34,7 +37,7 @@ fn shipped_ptx_is_fresh() {
                 None => "one is a prefix of the other".into(),
             };
             stale.push(format!(
-                "  host/ptx/{stem}.ptx ({} bytes) != {} ({} bytes), {at}",
+                "  host/ptx/{file} ({} bytes) != {} ({} bytes), {at}",
                 shipped.len(),
                 fresh_path.display(),
                 fresh.len()
@@ -54,7 +57,7 @@ fn shipped_ptx_is_fresh() {
 fn fresh_ptx_is_newer_than_kernel_sources() {
     let mut newer = Vec::new();
     for stem in STEMS {
-        let (fresh_path, _) = read_fresh(stem);
+        let (fresh_path, _) = read_fresh(&format!("{stem}.ptx"));
         let built = std::fs::metadata(&fresh_path).and_then(|m| m.modified()).unwrap();
         let dep_info = root()
             .join("target")

@@ -26,7 +26,7 @@ fn choice(call: KernelChoice) -> KernelChoice {
 
 /// Multiprocessors for the sm_90a module's wgmma kernels: a Hopper GPU unless `no_wgmma`.
 fn hopper_sms(gpu: &Gpu, k: KernelChoice) -> Option<usize> {
-    (gpu.cc_major >= 9 && !k.no_wgmma).then_some(gpu.sm_count)
+    (gpu.is_hopper() && !k.no_wgmma).then_some(gpu.sm_count)
 }
 
 /// The softmax constants both passes use: (scale_log2, softcap_pre); see `FwdParams`.

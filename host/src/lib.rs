@@ -24,7 +24,7 @@ mod launch;
 mod module;
 pub mod params;
 pub mod problem;
-mod ptx;
+pub mod ptx;
 pub mod raw;
 pub mod tensor;
 pub mod types;

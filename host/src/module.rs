@@ -1,5 +1,5 @@
-//! Per CUDA device: its primary context (shared with candle, cubecl and PyTorch), the shipped PTX module
-//! loaded into it once, and a cache of kernel handles. Created lazily and kept for the process; everything
+//! Per CUDA device: its primary context (shared with candle, cubecl and PyTorch), the shipped kernel module
+//! (cubin or PTX) loaded into it once, and a cache of kernel handles. Created lazily and kept for the process; everything
 //! here is safe to use from many threads at once.
 
 use crate::error::{Error, Result};
@@ -25,8 +25,9 @@ pub struct Gpu {
     functions: Mutex<HashMap<&'static str, Function>>,
     /// Largest dynamic shared memory a block may opt in to.
     pub max_smem_optin: usize,
-    /// Compute capability major version: picks the PTX module.
+    /// Compute capability: picks the module (`module`).
     pub cc_major: usize,
+    pub cc_minor: usize,
     /// Multiprocessors, for sizing grids.
     pub sm_count: usize,
 }
@@ -91,21 +92,40 @@ impl Gpu {
         let max_smem_optin = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let cc_major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        Ok(Gpu { ctx, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), max_smem_optin, cc_major, sm_count })
+        let cc_minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        Ok(Gpu { ctx, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), max_smem_optin, cc_major, cc_minor, sm_count })
     }
 
-    /// The PTX module for this device, loaded (and JIT-compiled by the driver) on first use.
+    /// The kernels for this device, loaded on first use: the shipped cubin where it runs natively
+    /// (compute capability 9.0: sm_90a; 8.x: sm_80), else, or if the driver refuses it, the PTX for the
+    /// driver to JIT-compile (sm_90a PTX on 9.0, sm_80 PTX elsewhere).
     pub(crate) fn module(&self) -> Result<sys::CUmodule> {
         let m = self.module.get_or_init(|| {
-            let ptx = if self.cc_major >= 9 { crate::ptx::PTX_SM90 } else { crate::ptx::PTX_SM80 };
-            let image = std::ffi::CString::new(ptx).map_err(|e| e.to_string())?;
             self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+            let hopper = self.is_hopper();
+            let cubin = match (self.cc_major, hopper) {
+                (_, true) => Some(crate::ptx::CUBIN_SM90),
+                (8, _) => Some(crate::ptx::CUBIN_SM80),
+                _ => None,
+            };
+            if let Some(image) = cubin
+                && let Ok(m) = unsafe { result::module::load_data(image.as_ptr() as *const _) }
+            {
+                return Ok(Module(m));
+            }
+            let ptx = if hopper { crate::ptx::PTX_SM90 } else { crate::ptx::PTX_SM80 };
+            let image = std::ffi::CString::new(ptx).map_err(|e| e.to_string())?;
             unsafe { result::module::load_data(image.as_ptr() as *const _) }.map(Module).map_err(|e| e.to_string())
         });
         match m {
             Ok(m) => Ok(m.0),
-            Err(e) => Err(Error::Cuda(format!("loading the PTX module: {e}"))),
+            Err(e) => Err(Error::Cuda(format!("loading the kernel module: {e}"))),
         }
+    }
+
+    /// Compute capability 9.0 (H100, H200): the sm_90a module, whose wgmma kernels run nowhere else.
+    pub(crate) fn is_hopper(&self) -> bool {
+        (self.cc_major, self.cc_minor) == (9, 0)
     }
 
     /// The kernel `name` with its dynamic shared-memory limit raised to `smem_bytes`.

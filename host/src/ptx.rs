@@ -1,4 +1,4 @@
-//! The two PTX modules, shipped in the package (`host/ptx/`): a dependent crate builds on stable with no
+//! The two PTX modules and their cubins, shipped in the package (`host/ptx/`): a dependent crate builds on stable with no
 //! nightly and no CUDA. Inside this repository `cargo xtask ptx` rebuilds them from kernels-gpu into
 //! `target/ptx/`; the test `shipped_ptx_is_fresh` (tests/ptx_fresh.rs) fails until `cargo xtask ship-ptx`
 //! copies a changed build here, so the shipped modules are never stale.
@@ -7,3 +7,7 @@
 pub const PTX_SM80: &str = include_str!("../ptx/kernels_sm80.ptx");
 /// The same kernels for sm_90a, with Hopper-only instructions; loaded on compute capability 9.x.
 pub const PTX_SM90: &str = include_str!("../ptx/kernels_sm90.ptx");
+/// The sm_80 module assembled for sm_80 (runs on compute capability 8.x without a JIT).
+pub const CUBIN_SM80: &[u8] = include_bytes!("../ptx/kernels_sm80.cubin");
+/// The sm_90a module assembled for sm_90a (compute capability 9.0 only).
+pub const CUBIN_SM90: &[u8] = include_bytes!("../ptx/kernels_sm90.cubin");

@@ -78,8 +78,11 @@ fn cmd_ptx() -> Result<(), String> {
     let mut spills = 0;
     for (file, target) in files.iter().zip(ptx::PTX_TARGETS) {
         for arch in target.ptxas_archs {
+            // The shipped architecture's cubin is kept (ptxas output is deterministic); the rest is a check.
+            let cubin = if *arch == target.cubin_arch { out_dir.join(format!("{}.cubin", target.stem)) } else { PathBuf::from("/dev/null") };
             let out = Command::new(&ptxas)
-                .args(["-v", "--warn-on-spills", "-O3", "--gpu-name", arch, "-o", "/dev/null"])
+                .args(["-v", "--warn-on-spills", "-O3", "--gpu-name", arch, "-o"])
+                .arg(&cubin)
                 .arg(file)
                 .output()
                 .map_err(|e| format!("running ptxas: {e}"))?;
@@ -102,15 +105,14 @@ fn cmd_ptx() -> Result<(), String> {
     Ok(())
 }
 
-/// `cargo xtask ptx`, then copy its modules into `host/ptx/`: the PTX the host embeds (`include_str!`) and
-/// the package ships, so that a dependent crate builds with no nightly and no CUDA.
+/// `cargo xtask ptx`, then copy its modules and cubins into `host/ptx/`: what the host embeds and the
+/// package ships, so that a dependent crate builds with no nightly and no CUDA.
 fn cmd_ship_ptx() -> Result<(), String> {
     cmd_ptx()?;
     let root = root();
     let dest = root.join("host").join("ptx");
     std::fs::create_dir_all(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
-    for t in ptx::PTX_TARGETS {
-        let file = format!("{}.ptx", t.stem);
+    for file in ptx::PTX_TARGETS.iter().flat_map(|t| [format!("{}.ptx", t.stem), format!("{}.cubin", t.stem)]) {
         let (src, dst) = (root.join("target").join("ptx").join(&file), dest.join(&file));
         let new = std::fs::read(&src).map_err(|e| format!("read {}: {e}", src.display()))?;
         if std::fs::read(&dst).ok().as_deref() == Some(&new[..]) {

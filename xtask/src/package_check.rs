@@ -67,8 +67,7 @@ pub fn run_check(root: &Path) -> Result<(), String> {
     if crate_dir.join("build.rs").exists() {
         return Err(format!("{} has a build script: the package must build without one", krate.display()));
     }
-    for t in crate::ptx::PTX_TARGETS {
-        let rel = format!("ptx/{}.ptx", t.stem);
+    for rel in crate::ptx::PTX_TARGETS.iter().flat_map(|t| [format!("ptx/{}.ptx", t.stem), format!("ptx/{}.cubin", t.stem)]) {
         let packed = std::fs::read(crate_dir.join(&rel)).map_err(|e| format!("{} lacks {rel}: {e}", krate.display()))?;
         let shipped = std::fs::read(root.join("host").join(&rel)).map_err(|e| format!("host/{rel}: {e}"))?;
         if packed != shipped {
@@ -76,7 +75,7 @@ pub fn run_check(root: &Path) -> Result<(), String> {
         }
     }
     let size = std::fs::metadata(&krate).map_err(|e| e.to_string())?.len();
-    println!("package-check: {} ({:.1} MiB) holds both PTX modules, no build script [{:.0}s]", krate.display(), size as f64 / (1 << 20) as f64, t.elapsed().as_secs_f64());
+    println!("package-check: {} ({:.1} MiB) holds both PTX modules and their cubins, no build script [{:.0}s]", krate.display(), size as f64 / (1 << 20) as f64, t.elapsed().as_secs_f64());
     let lock = crate_dir.join("Cargo.lock");
 
     // 2. The unpacked crate's own targets (library and CLI) on stable, then a dependent binary, run.

@@ -16,13 +16,17 @@ pub struct PtxTarget {
     pub cfgs: &'static [&'static str],
     /// GPUs `cargo xtask ptx` assembles this module for.
     pub ptxas_archs: &'static [&'static str],
+    /// The one of `ptxas_archs` whose cubin is shipped beside the PTX (`<stem>.cubin`): loading a cubin
+    /// skips the driver's JIT, which takes seconds on a cold cache.
+    pub cubin_arch: &'static str,
 }
 
-/// sm_80 PTX runs on Ampere and later (JIT); the sm_90 module adds Hopper-only instructions (vector
-/// reductions) and is what the host loads on compute capability 9.0 and newer.
+/// sm_80 PTX runs on Ampere and later (its sm_80 cubin on compute capability 8.x, the PTX JIT-compiled
+/// elsewhere); the sm_90a module adds Hopper-only instructions (wgmma, vector reductions) and is what the
+/// host loads on compute capability 9.0 (its cubin; sm_90a code runs on no other GPU).
 pub const PTX_TARGETS: &[PtxTarget] = &[
-    PtxTarget { stem: "kernels_sm80", cpu: "sm_80", ptx_isa: "+ptx80", cfgs: &[], ptxas_archs: &["sm_80", "sm_90a"] },
-    PtxTarget { stem: "kernels_sm90", cpu: "sm_90a", ptx_isa: "+ptx81", cfgs: &["fa_sm90"], ptxas_archs: &["sm_90a"] },
+    PtxTarget { stem: "kernels_sm80", cpu: "sm_80", ptx_isa: "+ptx80", cfgs: &[], ptxas_archs: &["sm_80", "sm_90a"], cubin_arch: "sm_80" },
+    PtxTarget { stem: "kernels_sm90", cpu: "sm_90a", ptx_isa: "+ptx81", cfgs: &["fa_sm90"], ptxas_archs: &["sm_90a"], cubin_arch: "sm_90a" },
 ];
 
 /// Build every module of `PTX_TARGETS` from `<root>/kernels-gpu` into `out_dir/<stem>.ptx`.
