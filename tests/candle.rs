@@ -278,6 +278,31 @@ fn dense_strided_inputs() {
     }
 }
 
+/// candle-flash-attn's `FlashAttn` op struct applied directly: the same forward and gradients as the
+/// functions.
+#[test]
+fn op_struct_matches_functions() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let c = Dense { b: 2, sq: 23, sk: 29, hq: 4, hk: 2, d: 64, win: (Some(9), Some(0)), softcap: 0.0, dtype: DType::BF16 };
+    let (q, k, v) = dense_inputs(&mut rng, &c);
+    let w = rand_tensor(&mut rng, &[c.b, c.sq, c.hq, c.d], 1.0, DType::F32);
+    let op = || fa::FlashAttn { softmax_scale: 0.11, alibi_slopes: None, window_size_left: c.win.0, window_size_right: c.win.1, softcap: None };
+    let [q1, k1, v1] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+    let [q2, k2, v2] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+    let out1 = q1.apply_op3(&k1, &v1, op()).unwrap();
+    let out2 = fa::flash_attn_windowed(&q2, &k2, &v2, 0.11, c.win.0, c.win.1).unwrap();
+    check_abs("FlashAttn op out vs flash_attn_windowed", &out1, &out2, 0.0);
+    let g1 = (out1.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (out2.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, a, b) in [("dq", &q1, &q2), ("dk", &k1, &k2), ("dv", &v1, &v2)] {
+        check_abs(name, g1.get(a.as_tensor()).unwrap(), g2.get(b.as_tensor()).unwrap(), 0.0);
+    }
+    let alibi = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+    expect_err("FlashAttn op with alibi", || q.apply_op3(&k, &v, fa::FlashAttn { alibi_slopes: Some(alibi.clone()), ..op() }));
+    expect_err("FlashAttn op with rank-3 k", || q.apply_op3(&k.get(0).unwrap(), &v, op()));
+    expect_err("FlashAttn op with f32", || q.to_dtype(DType::F32)?.apply_op3(&k.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, op()));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Varlen, seqused, paged
 
@@ -528,6 +553,15 @@ fn paged_case(rng: &mut StdRng, dev: &Device) {
         .unwrap();
         check(&format!("paged {win:?} vs varlen"), &got, &want, out_tol(dtype));
     }
+    // An i32 block table with -1 past each sequence's blocks (CPU only: candle's CUDA backend cannot cast
+    // i32).
+    if dev.is_cpu() {
+        let table_i32: Vec<i32> = table.iter().map(|&x| if x >= nblocks as u32 { -1 } else { x as i32 }).collect();
+        let table_i32 = Tensor::new(table_i32.as_slice(), dev).unwrap().reshape((lens_q.len(), max_blocks)).unwrap();
+        let want = fa::flash_attn_varlen(&q, &k, &v, &u32s(&cq, dev), &u32s(&ck, dev), 9, 40, 0.125, true).unwrap();
+        let got = fa::flash_attn_varlen_paged_windowed(&q, &kc, &vc, &u32s(&cq, dev), &u32s(&ck, dev), &table_i32, None, 9, 40, 0.125, None, Some(0), pbs, None).unwrap();
+        check("paged (i32 table) vs varlen", &got, &want, out_tol(dtype));
+    }
 }
 
 #[test]
@@ -654,6 +688,7 @@ fn bad_inputs_are_errors() {
     expect_err("paged block_table rank 1", || paged(q3r, kcr, cur, cukr, cur, None, 16));
     expect_err("paged block_table f32", || paged(q3r, kcr, cur, cukr, &cu_f32.reshape((1, 3)).unwrap(), None, 16));
     expect_err("paged seqlens_k length", || paged(q3r, kcr, cur, &cu2, tr, None, 16));
+    expect_err("paged seqlens_k decreasing", || paged(q3r, kcr, cur, &u32s(&[0, 20, 10], &dev), tr, None, 16));
     expect_err("paged q f32", || paged(&q3_32, kcr, cur, cukr, tr, None, 16));
 }
 

@@ -589,8 +589,60 @@ fn varlen(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// candle-flash-attn 0.11's public functions.
+// candle-flash-attn 0.11's public op struct and functions.
 // ---------------------------------------------------------------------------------------------------
+
+/// candle-flash-attn's dense op, for code that applies it directly (`q.apply_op3(k, v, FlashAttn { .. })`).
+/// The functions below are the better way in: they copy inputs whose head dim is strided (or, on CUDA,
+/// whose rows are misaligned), which this op reports as errors instead, and their backward reuses the
+/// forward's LSE where this op's backward, having nowhere to keep it, runs the forward once more.
+pub struct FlashAttn {
+    pub softmax_scale: f32,
+    /// Must be `None`: ALiBi is not supported yet.
+    pub alibi_slopes: Option<Tensor>,
+    pub window_size_left: Option<usize>,
+    pub window_size_right: Option<usize>,
+    pub softcap: Option<f32>,
+}
+
+impl FlashAttn {
+    fn op(&self, k_dims: &[usize]) -> Result<FlashAttnOp> {
+        no_alibi(self.alibi_slopes.as_ref())?;
+        let &[_, seqlen_k, _, _] = k_dims else { fail!("k: expected 4 dimensions [B, S, H, D], got shape {k_dims:?}") };
+        let opts = options(self.softmax_scale, self.window_size_left, self.window_size_right, self.softcap, seqlen_k);
+        Ok(FlashAttnOp { opts, varlen: None, lse: Arc::new(Mutex::new(None)), deterministic: false })
+    }
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "flash-attn"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout, k: &CpuStorage, k_l: &Layout, v: &CpuStorage, v_l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.op(k_l.dims())?.cpu_fwd(q, q_l, k, k_l, v, v_l)
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.op(k_l.dims())?.cuda_fwd(q, q_l, k, k_l, v, v_l)
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = self.op(k.dims())?;
+        let (_, lse) = apply(&q.detach(), &k.detach(), &v.detach(), op.opts, None)?;
+        op.store_lse(lse);
+        op.bwd(q, k, v, res, grad_res)
+    }
+}
 
 /// Flash-attention v2 layer: `softmax(Q @ K^T . softmax_scale) @ V`, GQA/MQA when k and v have fewer
 /// heads than q (`Hq % Hk == 0`).
@@ -746,19 +798,25 @@ pub fn flash_attn_varlen_paged_windowed(
     if num_blocks == 0 || max_blocks == 0 {
         fail!("block_table / k: the paged cache has no blocks");
     }
+    let slot = max_blocks * pbs;
+    if num_blocks.checked_mul(pbs).is_none_or(|n| n > i32::MAX as usize) || (batch + 1).checked_mul(slot).is_none_or(|n| n > i32::MAX as usize) {
+        fail!("block_table / k: the paged cache or the gathered keys would exceed 2^31 - 1 rows");
+    }
     let dev = q.device();
-    // Row of the flattened cache for every (b, block slot, offset), clamped into the cache.
+    // Row of the flattened cache for every (b, block slot, offset); entries past the cache (garbage past a
+    // sequence's blocks) are clamped first, so nothing overflows.
     let table = block_table.to_dtype(CDType::U32)?;
+    let table = table.broadcast_minimum(&Tensor::new(&[(num_blocks - 1) as u32], dev)?.reshape((1, 1))?)?;
     let offsets = Tensor::arange(0u32, pbs as u32, dev)?.reshape((1, 1, pbs))?;
     let rows = table.unsqueeze(2)?.broadcast_mul(&Tensor::new(&[pbs as u32], dev)?.reshape((1, 1, 1))?)?.broadcast_add(&offsets)?;
-    let rows = rows.minimum(&Tensor::new(&[(num_blocks * pbs - 1) as u32], dev)?.reshape((1, 1, 1))?.broadcast_as(rows.shape())?)?;
     let rows = rows.flatten_all()?;
-    let slot = max_blocks * pbs;
     let gather = |t: &Tensor| t.reshape((num_blocks * pbs, hk, d))?.index_select(&rows, 0);
     let (k_packed, v_packed) = (gather(k)?, gather(v)?);
     let cu_k = Tensor::arange_step(0u32, ((batch + 1) * slot) as u32, slot as u32, dev)?;
-    let seqlens_k_u32 = seqlens_k.to_dtype(CDType::U32)?;
-    let used_k = (seqlens_k_u32.narrow(0, 1, batch)? - seqlens_k_u32.narrow(0, 0, batch)?)?;
+    // Lengths in i64 (u32 arithmetic would wrap, or panic in debug builds, on decreasing entries); a
+    // negative one becomes a u32 above any slot, which the length checks reject.
+    let seqlens_k = seqlens_k.to_dtype(CDType::I64)?;
+    let used_k = (seqlens_k.narrow(0, 1, batch)? - seqlens_k.narrow(0, 0, batch)?)?.to_dtype(CDType::U32)?;
     Ok(varlen(
         q,
         &k_packed,
