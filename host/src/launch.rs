@@ -6,7 +6,7 @@ use crate::dispatch::{bwd_launches, fwd_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
 use crate::params::{BwdParams, FwdParams};
-use crate::problem::{BwdProblem, Problem};
+use crate::problem::{BwdProblem, Problem, Strides};
 use crate::types::{BwdViews, FwdViews, KernelChoice, VarlenViews, View};
 use crate::validate::check_grid;
 use cudarc::driver::{result, sys};
@@ -48,6 +48,18 @@ fn bsh(v: &View<'_>, varlen: bool) -> (i64, i64, i64) {
     if varlen { (0, s(0), s(1)) } else { (s(0), s(1), s(2)) }
 }
 
+/// (batch, row, head) strides of a validated operand, as the kernels take them.
+fn strides(st: &Strides) -> (i64, i64, i64) {
+    (st.batch as i64, st.row as i64, st.head as i64)
+}
+
+/// Device addresses of the varlen lengths, 0 where absent: cu_seqlens_q, cu_seqlens_k, seqused_q,
+/// seqused_k.
+fn length_addrs(varlen: Option<&VarlenViews<'_>>) -> [u64; 4] {
+    let opt = |t: Option<View<'_>>| t.map_or(0, |t| t.addr);
+    varlen.map_or([0; 4], |vl| [vl.cu_seqlens_q.addr, vl.cu_seqlens_k.addr, opt(vl.seqused_q), opt(vl.seqused_k)])
+}
+
 /// Queue `launch` of `f` with `params` (passed by value) on `stream`.
 unsafe fn queue<P>(f: Function, l: &Launch, params: &P, stream: usize) -> Result<()> {
     let mut args = [params as *const P as *mut std::ffi::c_void];
@@ -73,6 +85,8 @@ pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenVi
     // Masked scores are -inf times scale_log2 in the kernel: a zero scale (uniform attention) must stay
     // nonzero there. The smallest normal float makes every finite score flush to exactly 0.
     let scale_log2 = if scale_log2 == 0.0 { f32::MIN_POSITIVE } else { scale_log2 };
+    let [cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k] = length_addrs(varlen);
+    let [(q_b, q_r, q_h), (k_b, k_r, k_h), (v_b, v_r, v_h)] = [p.q, p.k, p.v].map(|st| strides(&st));
     let s = |x: usize| x as i64;
     let params = FwdParams {
         q: t.q.addr,
@@ -80,19 +94,19 @@ pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenVi
         v: t.v.addr,
         o: t.out.addr,
         lse: t.lse.addr,
-        cu_seqlens_q: varlen.map_or(0, |vl| vl.cu_seqlens_q.addr),
-        cu_seqlens_k: varlen.map_or(0, |vl| vl.cu_seqlens_k.addr),
-        seqused_q: varlen.and_then(|vl| vl.seqused_q).map_or(0, |t| t.addr),
-        seqused_k: varlen.and_then(|vl| vl.seqused_k).map_or(0, |t| t.addr),
-        q_batch_stride: s(p.q.batch),
-        q_row_stride: s(p.q.row),
-        q_head_stride: s(p.q.head),
-        k_batch_stride: s(p.k.batch),
-        k_row_stride: s(p.k.row),
-        k_head_stride: s(p.k.head),
-        v_batch_stride: s(p.v.batch),
-        v_row_stride: s(p.v.row),
-        v_head_stride: s(p.v.head),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_q,
+        seqused_k,
+        q_batch_stride: q_b,
+        q_row_stride: q_r,
+        q_head_stride: q_h,
+        k_batch_stride: k_b,
+        k_row_stride: k_r,
+        k_head_stride: k_h,
+        v_batch_stride: v_b,
+        v_row_stride: v_r,
+        v_head_stride: v_h,
         o_batch_stride: o_batch,
         o_row_stride: o_row,
         o_head_stride: o_head,
@@ -175,9 +189,12 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         *f = Some(gpu.function(l.kernel, l.smem_bytes)?);
     }
 
+    let [cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k] = length_addrs(varlen);
+    let [(q_b, q_r, q_h), (k_b, k_r, k_h), (v_b, v_r, v_h)] = [p.q, p.k, p.v].map(|st| strides(&st));
     let s = |x: usize| x as i64;
     let (scale_log2, softcap_pre) = score_constants(p);
     let (lse_batch, lse_head) = p.lse_strides();
+    let [(o_b, o_r, o_h), (do_b, do_r, do_h)] = [bp.out, bp.dout].map(|st| strides(&st));
     let (dq_b, dq_r, dq_h) = bsh(&t.dq, p.varlen);
     let (dk_b, dk_r, dk_h) = bsh(&t.dk, p.varlen);
     let (dv_b, dv_r, dv_h) = bsh(&t.dv, p.varlen);
@@ -197,25 +214,25 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         dq_accum: ws.dq_accum.map_or(0, |o| ws_addr + o as u64),
         lse_log2: ws_addr + ws.lse_log2 as u64,
         delta: ws_addr + ws.delta as u64,
-        cu_seqlens_q: varlen.map_or(0, |vl| vl.cu_seqlens_q.addr),
-        cu_seqlens_k: varlen.map_or(0, |vl| vl.cu_seqlens_k.addr),
-        seqused_q: varlen.and_then(|vl| vl.seqused_q).map_or(0, |t| t.addr),
-        seqused_k: varlen.and_then(|vl| vl.seqused_k).map_or(0, |t| t.addr),
-        q_batch_stride: s(p.q.batch),
-        q_row_stride: s(p.q.row),
-        q_head_stride: s(p.q.head),
-        k_batch_stride: s(p.k.batch),
-        k_row_stride: s(p.k.row),
-        k_head_stride: s(p.k.head),
-        v_batch_stride: s(p.v.batch),
-        v_row_stride: s(p.v.row),
-        v_head_stride: s(p.v.head),
-        o_batch_stride: s(bp.out.batch),
-        o_row_stride: s(bp.out.row),
-        o_head_stride: s(bp.out.head),
-        do_batch_stride: s(bp.dout.batch),
-        do_row_stride: s(bp.dout.row),
-        do_head_stride: s(bp.dout.head),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_q,
+        seqused_k,
+        q_batch_stride: q_b,
+        q_row_stride: q_r,
+        q_head_stride: q_h,
+        k_batch_stride: k_b,
+        k_row_stride: k_r,
+        k_head_stride: k_h,
+        v_batch_stride: v_b,
+        v_row_stride: v_r,
+        v_head_stride: v_h,
+        o_batch_stride: o_b,
+        o_row_stride: o_r,
+        o_head_stride: o_h,
+        do_batch_stride: do_b,
+        do_row_stride: do_r,
+        do_head_stride: do_h,
         dq_batch_stride: dq_b,
         dq_row_stride: dq_r,
         dq_head_stride: dq_h,
