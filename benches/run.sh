@@ -12,6 +12,12 @@ case "${1:-}" in
 esac
 filter="${1:-}"
 out="${OUT:-.}"
+# The Python package, when its wheel was carried too (python/build.sh, carry target/wheels): the forward
+# table then gains an "ours via Python" column at head dim 128.
+whl=$(ls ../target/wheels/flash_attn_rs-*.whl 2>/dev/null | head -n 1)
+if [ -n "$whl" ] && python3 -m pip install -q --no-deps --target /tmp/flash_attn_rs "$whl" 2>/dev/null; then
+    export PYTHONPATH="/tmp/flash_attn_rs${PYTHONPATH:+:$PYTHONPATH}"
+fi
 logs=()
 if ((fwd)); then
     FA_BENCH_FILTER="$filter" ./bench-fwd --bench 2>&1 | tee "$out/ours.log" | grep -E "^(RESULT|device|SKIPPED)"

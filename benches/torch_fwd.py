@@ -1,8 +1,15 @@
 """PyTorch's side of the forward comparison, on the same shapes as benches/fwd.rs: SDPA with the flash
-backend and with the cuDNN backend, and aten._flash_attention_forward for the ragged varlen batch.
-Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA events, warm-up, median of 30."""
+backend and with the cuDNN backend, and aten._flash_attention_forward for the ragged varlen batch; and, at
+head dim 128 when the flash_attn_rs wheel is importable, our kernels through the Python package
+(`flash_attn_func`, backend `python`). Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA
+events, warm-up, median of 30."""
 import sys
 import torch
+
+try:
+    import flash_attn_rs
+except ImportError:
+    flash_attn_rs = None
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -65,6 +72,10 @@ def main():
                         with sdpa_kernel(kind):
                             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                     report(backend, name, flops, run)
+                if flash_attn_rs is not None and d == 128:
+                    # The [B, S, H, D] tensors the SDPA inputs are transposed views of.
+                    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+                    report("python", name, flops, lambda causal=causal: flash_attn_rs.flash_attn_func(qs, ks, vs, causal=causal))
     lens = ragged_lengths()
     h, d = 16, 128
     total = sum(lens)
