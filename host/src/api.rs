@@ -120,7 +120,7 @@ pub fn check_varlen_contents(varlen: &Varlen<'_>, total_q: usize, total_k: usize
         seqused_q: varlen.seqused_q.map(|t| read("seqused_q", t)).transpose()?,
         seqused_k: varlen.seqused_k.map(|t| read("seqused_k", t)).transpose()?,
     };
-    validate::check_varlen_contents(&host, varlen.max_seqlen_q, varlen.max_seqlen_k, total_q, total_k)
+    validate::check_varlen_contents(host, varlen.max_seqlen_q, varlen.max_seqlen_k, total_q, total_k)
 }
 
 /// The raw target for tensors on `device`: the `Tensor` API runs on the legacy default stream.

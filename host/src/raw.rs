@@ -5,7 +5,7 @@
 //! caller's stream in the device's primary context (the one candle, cubecl and PyTorch use) and returns:
 //! no allocation, no synchronization, no copy to or from the device (cu_seqlens / seqused are read only by
 //! the kernels, which clamp every index), so a call can be captured into a CUDA graph. The first call on
-//! a device loads the PTX module (see `preload`: do it before capturing). Calls from several threads and
+//! a device loads the kernels (see `preload`: do it before capturing). Calls from several threads and
 //! on several streams at once are fine: the only shared state is the loaded module.
 //!
 //! Layouts are flash-attn 2's: q `[B, Sq, Hq, D]` (varlen `[Tq, Hq, D]`), k and v `[B, Sk, Hk, D]`
@@ -23,8 +23,8 @@ pub fn bwd_workspace_bytes(q_shape: &[usize], deterministic: bool) -> Result<usi
     Ok(crate::launch::BwdWorkspace::for_q_shape(q_shape, deterministic)?.bytes)
 }
 
-/// Load the kernels of CUDA device `ordinal` now (the PTX module, JIT-compiled by the driver on first
-/// load), so that no later call pays for it, e.g. before capturing a CUDA graph.
+/// Load the kernels of CUDA device `ordinal` now (the shipped cubin, or the PTX through the driver's JIT
+/// where no cubin runs), so that no later call pays for it, e.g. before capturing a CUDA graph.
 pub fn preload(ordinal: usize) -> Result<()> {
     crate::module::gpu(ordinal)?.module().map(|_| ())
 }
@@ -68,14 +68,22 @@ pub unsafe fn varlen_bwd(t: &BwdViews<'_>, varlen: &VarlenViews<'_>, opts: &Attn
     unsafe { run_bwd(t, Some(varlen), opts, deterministic, workspace, target) }
 }
 
+/// On the CPU the varlen lengths are host memory: read and check them (the kernels never need this).
+///
+/// # Safety
+/// The varlen views must be valid host memory.
+unsafe fn host_seqlens(varlen: Option<&VarlenViews<'_>>, p: &crate::problem::Problem) -> Result<Option<crate::problem::HostSeqlens>> {
+    let Some(vl) = varlen else { return Ok(None) };
+    let host = unsafe { crate::cpu::host_seqlens(vl) };
+    validate::check_varlen_contents(host, vl.max_seqlen_q, vl.max_seqlen_k, p.total_q, p.total_k).map(Some)
+}
+
 unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions, target: Target) -> Result<()> {
     let mut p = validate::validate_fwd(&t.q, &t.k, &t.v, varlen, opts)?;
     validate::check_fwd_outputs(&p, t, varlen)?;
     match target {
         Target::Cpu => unsafe {
-            if let Some(vl) = varlen {
-                p.seqlens = Some(validate::check_varlen_contents(&crate::cpu::host_seqlens(vl), vl.max_seqlen_q, vl.max_seqlen_k, p.total_q, p.total_k)?);
-            }
+            p.seqlens = host_seqlens(varlen, &p)?;
             crate::cpu::fwd_into(&p, t)
         },
         Target::Cuda { ordinal, stream } => {
@@ -90,10 +98,7 @@ unsafe fn run_bwd(t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
     validate::check_bwd_outputs(&bp, t, varlen)?;
     match target {
         Target::Cpu => unsafe {
-            if let Some(vl) = varlen {
-                let p = &bp.fwd;
-                bp.fwd.seqlens = Some(validate::check_varlen_contents(&crate::cpu::host_seqlens(vl), vl.max_seqlen_q, vl.max_seqlen_k, p.total_q, p.total_k)?);
-            }
+            bp.fwd.seqlens = host_seqlens(varlen, &bp.fwd)?;
             crate::cpu::bwd_into(&bp, t)
         },
         Target::Cuda { ordinal, stream } => {

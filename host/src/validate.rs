@@ -274,7 +274,7 @@ pub fn check_grid(grid: (u32, u32, u32)) -> Result<()> {
 
 /// Checks the contents of the varlen lengths (host copies): the check `validate_fwd` cannot make for
 /// device memory. `total_q`/`total_k` are the row counts of q and k.
-pub fn check_varlen_contents(seqlens: &HostSeqlens, max_seqlen_q: usize, max_seqlen_k: usize, total_q: usize, total_k: usize) -> Result<HostSeqlens> {
+pub fn check_varlen_contents(seqlens: HostSeqlens, max_seqlen_q: usize, max_seqlen_k: usize, total_q: usize, total_k: usize) -> Result<HostSeqlens> {
     let len_q = seqlens.cu_seqlens_q.len();
     if len_q == 0 {
         return Err(Error::Shape { arg: "cu_seqlens_q", msg: "must have B+1 >= 1 entries, got 0".into() });
@@ -309,7 +309,7 @@ pub fn check_varlen_contents(seqlens: &HostSeqlens, max_seqlen_q: usize, max_seq
     };
     side("cu_seqlens_q", &seqlens.cu_seqlens_q, "seqused_q", seqlens.seqused_q.as_deref(), "max_seqlen_q", max_seqlen_q, total_q)?;
     side("cu_seqlens_k", &seqlens.cu_seqlens_k, "seqused_k", seqlens.seqused_k.as_deref(), "max_seqlen_k", max_seqlen_k, total_k)?;
-    Ok(seqlens.clone())
+    Ok(seqlens)
 }
 
 fn check_dtypes(q: &View<'_>, k: &View<'_>, v: &View<'_>) -> Result<()> {
