@@ -48,8 +48,9 @@ if not _os.environ.get("FLASH_ATTN_RS_NO_TORCH"):
         _torch = None
 if _torch is not None:
     from . import _torch_impl  # registers the custom ops (flash_attn_rs::fwd, fwd_into, bwd)
+    _dense_fast = _torch_impl.dense_fast
 else:
-    _torch_impl = None
+    _torch_impl = _dense_fast = None
 
 __all__ = [
     "flash_attn_func",
@@ -95,6 +96,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Returns out `[B, Sq, H, D]`, or with return_attn_probs (out, softmax_lse `[B, H, Sq]` float32, None).
     A query that sees no key gets out 0 and softmax_lse -inf.
     """
+    if _dense_fast is not None:
+        r = _dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+        if r is not None:
+            return (r[0], r[1], None) if return_attn_probs else r[0]
     path = _path(q, "q")
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
     out, lse = path.attention(PACK_NONE, q, k, v, None, o)

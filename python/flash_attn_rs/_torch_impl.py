@@ -17,13 +17,14 @@ and the gradients 16-byte aligned on CUDA: an input that is not (a view at an od
 and a caller's output that is not is written through a temporary.
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _common, _native
-from ._common import PACK_KV, PACK_QKV
+from ._common import PACK_KV, PACK_NONE, PACK_QKV
 
 _DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.int32: "i32"}
 _FLOAT = "torch.float16 or torch.bfloat16"
@@ -301,6 +302,116 @@ def _call_fwd_into(*args):
 
 def _call_bwd(*args):
     return _bwd_body(*args) if _eager(*args[:13]) else torch.ops.flash_attn_rs.bwd(*args)
+
+
+# --- flash_attn_func's fast path ----------------------------------------------------------------------
+#
+# The common eager call (plain q, k, v of a kernel's head dim, float16 / bfloat16, head dim contiguous, on
+# one device: the CPU, or the current CUDA device; the options in their plain types) in as few Python steps
+# as it takes: the options checked inline, out and lse made by one allocation each, the tensors handed to
+# the native `fwd_dense` as addresses, shapes and strides (which checks the CUDA row alignment and launches).
+# Anything else, and every error, goes the general way (`attention`), which checks and says what is wrong;
+# misaligned inputs go through `_fwd_body`, which copies them. Nothing here reads device memory or
+# synchronizes.
+
+_HALF = {torch.float16: "f16", torch.bfloat16: "bf16"}
+_KERNEL_HEAD_DIMS = frozenset(_common.HEAD_DIMS)
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+_empty, _empty_like, _float32, _contiguous = torch.empty, torch.empty_like, torch.float32, torch.contiguous_format
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_grad_enabled = torch.is_grad_enabled
+_cuda_current = getattr(torch._C, "_cuda_getDevice", None)
+_isfinite = math.isfinite
+_native_fwd_dense = _native.fwd_dense
+
+
+def _dense_launch(q, k, v, a):
+    """The forward of `dense_fast`'s checked call `a` (its `_FastFwd` params): (out, lse)."""
+    dt, qs, qst, kst, vst, ordinal, stream, scale, causal, wl, wr, softcap, _ = a
+    out = _empty_like(q, memory_format=_contiguous)
+    lse = _empty(qs[0], qs[2], qs[1], dtype=_float32, device=q.device)
+    if _native_fwd_dense(dt, q.data_ptr(), qs, qst, k.data_ptr(), k.shape, kst, v.data_ptr(), v.shape, vst,
+                         out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream):
+        # A row of q, k or v is not 16-byte aligned: the general body copies it.
+        return _fwd_body(q, k, v, None, None, None, None, 0, 0, PACK_NONE, scale, causal, wl, wr, softcap, a[12])
+    return out, lse
+
+
+class _FastFwd(torch.autograd.Function):
+    """`_EagerFwd` for `dense_fast`: the same forward and backward, four arguments to apply."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a):
+        out, lse = _dense_launch(q, k, v, a)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.a = a
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        _, _, _, _, _, _, _, scale, causal, wl, wr, softcap, det = ctx.a
+        grads = _backward((q, k, v, None, None, None, None, out, lse),
+                          (0, 0, PACK_NONE, scale, causal, wl, wr, softcap, det), dout, _bwd_body)
+        return grads + (None,)
+
+
+# Function.apply without its Python wrapper, which binds no defaults here (no setup_context) and, outside
+# functorch transforms (checked), only unwraps dead functorch wrappers: done here for the three tensors.
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+try:
+    _fast_fwd_apply = super(torch.autograd.Function, _FastFwd).apply if _unwrap_if_dead is not None else None
+except AttributeError:  # pragma: no cover - another torch
+    _fast_fwd_apply = None
+
+
+def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
+    """flash_attn_func's (out, lse) for the common call, or None: then `attention` must run."""
+    if not EAGER_FAST_PATH or _is_compiling() or _functorch_active() or _dispatch_depth():
+        return None
+    if (type(q) not in _PLAIN or type(k) not in _PLAIN or type(v) not in _PLAIN or alibi_slopes is not None
+            or type(causal) is not bool or type(deterministic) is not bool or type(dropout_p) is not float
+            or dropout_p != 0.0 or type(softcap) is not float or not _isfinite(softcap)
+            or type(window_size) is not tuple or len(window_size) != 2):
+        return None
+    wl, wr = window_size
+    if type(wl) is not int or type(wr) is not int or wl >= 2**62 or wr >= 2**62:
+        return None
+    if softmax_scale is not None and (type(softmax_scale) is not float or not _isfinite(softmax_scale)):
+        return None
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return None
+    dt = _HALF.get(q.dtype)
+    if dt is None or k.dtype is not q.dtype or v.dtype is not q.dtype:
+        return None
+    qs = q.shape
+    d = qs[3]
+    if d not in _KERNEL_HEAD_DIMS or k.shape[3] != d or v.shape[3] != d:
+        return None
+    qst, kst, vst = q.stride(), k.stride(), v.stride()
+    if qst[3] != 1 or kst[3] != 1 or vst[3] != 1:
+        return None
+    if q.is_cuda:
+        ordinal = q.get_device()
+        if (not (k.is_cuda and v.is_cuda) or k.get_device() != ordinal or v.get_device() != ordinal
+                or _raw_stream is None or _cuda_current is None or _cuda_current() != ordinal):
+            return None
+        stream = _raw_stream(ordinal)
+    elif q.is_cpu and k.is_cpu and v.is_cpu:
+        ordinal, stream = -1, 0
+    else:
+        return None
+    a = (dt, qs, qst, kst, vst, ordinal, stream, d ** -0.5 if softmax_scale is None else softmax_scale, causal,
+         -1 if wl < 0 else wl, -1 if wr < 0 else wr, max(softcap, 0.0), deterministic)
+    if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if _fast_fwd_apply is None:
+            return _FastFwd.apply(q, k, v, a)
+        return _fast_fwd_apply(_unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v), a)
+    return _dense_launch(q, k, v, a)
 
 
 # --- The public functions' torch path (traced by torch.compile) --------------------------------------

@@ -258,6 +258,89 @@ fn fwd(
     })
 }
 
+/// Whether `a`'s rows are what the CUDA kernels need: head dim contiguous, the first element and every
+/// stride of a dimension longer than 1 a multiple of 16 bytes.
+fn rows_aligned(a: &Arg) -> bool {
+    let es = a.dtype.size();
+    let n = a.shape.len();
+    if n == 0 || (a.strides[n - 1] != 1 && a.shape[n - 1] > 1) || a.addr % 16 != 0 {
+        return false;
+    }
+    a.shape[..n - 1].iter().zip(&a.strides[..n - 1]).all(|(&d, &s)| d <= 1 || (s * es) % 16 == 0)
+}
+
+/// fwd_dense(dtype, q, q_shape, q_strides, k, k_shape, k_strides, v, v_shape, v_strides, out, lse,
+///           softmax_scale, causal, window_size_left, window_size_right, softcap, ordinal, stream) -> int
+///
+/// `fwd` in the form the Python package's fast path calls it (fewer Python objects to build): q, k and v
+/// are addresses with their shapes and element strides, all of dtype `dtype`; out and lse are the
+/// addresses of new contiguous buffers of q's shape (dtype `dtype`) and of `[B, Hq, Sq]` (f32). `ordinal`
+/// -1 is the CPU, else CUDA device `ordinal` with `stream` a raw `CUstream`. On CUDA, where a row of q, k
+/// or v is not 16-byte aligned this launches nothing and returns a mask of them (1 q, 2 k, 4 v), for the
+/// caller to copy them; else it runs (queues) the forward and returns 0.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn fwd_dense(
+    py: Python<'_>,
+    dtype: &Bound<'_, PyAny>,
+    q: &Bound<'_, PyAny>,
+    q_shape: &Bound<'_, PyAny>,
+    q_strides: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    k_shape: &Bound<'_, PyAny>,
+    k_strides: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    v_shape: &Bound<'_, PyAny>,
+    v_strides: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    softmax_scale: &Bound<'_, PyAny>,
+    causal: &Bound<'_, PyAny>,
+    window_size_left: &Bound<'_, PyAny>,
+    window_size_right: &Bound<'_, PyAny>,
+    softcap: &Bound<'_, PyAny>,
+    ordinal: &Bound<'_, PyAny>,
+    stream: &Bound<'_, PyAny>,
+) -> PyResult<u32> {
+    let dtype = self::dtype(dtype, "dtype")?;
+    let arg = |addr: &Bound<'_, PyAny>, shape: &Bound<'_, PyAny>, strides: &Bound<'_, PyAny>, name: &str| -> PyResult<Arg> {
+        let a = Arg {
+            addr: uint(addr, name, "address", u64::MAX)?,
+            dtype,
+            shape: uints(shape, name, "shape", 1 << 62)?,
+            strides: uints(strides, name, "strides", 1 << 62)?,
+        };
+        if a.shape.len() != a.strides.len() {
+            return Err(PyValueError::new_err(format!("{name}: {} strides for {} dimensions", a.strides.len(), a.shape.len())));
+        }
+        Ok(a)
+    };
+    let (q, k, v) = (arg(q, q_shape, q_strides, "q")?, arg(k, k_shape, k_strides, "k")?, arg(v, v_shape, v_strides, "v")?);
+    if q.shape.len() != 4 {
+        return Err(PyValueError::new_err(format!("q: expected 4 dimensions, got {}", q.shape.len())));
+    }
+    let (b, s, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let out = Arg { addr: uint(out, "out", "address", u64::MAX)?, dtype, shape: q.shape.clone(), strides: vec![s * h * d, h * d, d, 1] };
+    let lse = Arg { addr: uint(lse, "lse", "address", u64::MAX)?, dtype: DType::F32, shape: vec![b, h, s], strides: vec![h * s, s, 1] };
+    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let target = if int(ordinal, "ordinal")? < 0 {
+        Target::Cpu
+    } else {
+        Target::Cuda { ordinal: uint(ordinal, "device", "ordinal", i32::MAX as u64)? as usize, stream: uint(stream, "device", "stream", usize::MAX as u64)? as usize }
+    };
+    if matches!(target, Target::Cuda { .. }) {
+        let mask = [&q, &k, &v].iter().enumerate().filter(|(_, a)| !rows_aligned(a)).fold(0u32, |m, (i, _)| m | 1 << i);
+        if mask != 0 {
+            return Ok(mask);
+        }
+    }
+    call(py, || {
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
+        unsafe { raw::fwd(&t, &opts, target) }
+    })?;
+    Ok(0)
+}
+
 /// varlen_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
 ///            seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, device)
 ///
@@ -418,6 +501,7 @@ fn cuda_available(py: Python<'_>) -> bool {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(fwd_dense, m)?)?;
     m.add_function(wrap_pyfunction!(varlen_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(varlen_bwd, m)?)?;
