@@ -48,17 +48,18 @@ def has_any(backends):
 fwd_names, bwd_names = has_any(FWD), has_any(BWD)
 print(f"GPU: {device}\n")
 if fwd_names or not bwd_names:
-    # Ours through the Python package (flash_attn_rs), where the run has it (head dim 128).
+    # Ours through the Python package (flash_attn_rs), where the run has it (head dim 128), against ours
+    # direct: the native call with precomputed arguments on the same tensors, in the same harness.
     py = any("python" in rows[name] for name in fwd_names)
-    extra = (" ours via Python TFLOP/s | Python/ours |", "---:|---:|") if py else ("", "")
+    extra = (" ours via Python TFLOP/s | ours direct TFLOP/s | Python/direct |", "---:|---:|---:|") if py else ("", "")
     print("| shape | ours TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | ours/flash | ours/cuDNN |" + extra[0])
     print("|---|---:|---:|---:|---:|---:|" + extra[1])
     for name in fwd_names:
         ours, fl, cu = (rows[name].get(b, NAN) for b in FWD)
         line = f"| {name} | {fmt(ours)} | {fmt(fl)} | {fmt(cu)} | {ratio(ours, fl)} | {ratio(ours, cu)} |"
         if py:
-            p = rows[name].get("python", NAN)
-            line += f" {fmt(p)} | {ratio(p, ours)} |"
+            p, d = rows[name].get("python", NAN), rows[name].get("direct", NAN)
+            line += f" {fmt(p)} | {fmt(d)} | {ratio(p, d)} |"
         print(line)
 if bwd_names:
     if fwd_names:

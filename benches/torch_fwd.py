@@ -1,7 +1,8 @@
 """PyTorch's side of the forward comparison, on the same shapes as benches/fwd.rs: SDPA with the flash
 backend and with the cuDNN backend, and aten._flash_attention_forward for the ragged varlen batch; and, at
 head dim 128 when the flash_attn_rs wheel is importable, our kernels through the Python package
-(`flash_attn_func`, backend `python`). Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA
+(`flash_attn_func`, backend `python`) and, on the same tensors, through its native call with precomputed
+arguments (backend `direct`). Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA
 events, warm-up, median of 30."""
 import sys
 import torch
@@ -50,6 +51,44 @@ def report(backend, name, flops, fn):
         print(f"RESULT {backend} {name} nan nan  # {type(e).__name__}: {str(e)[:80]}", flush=True)
 
 
+def loop_ms(fn, n=10):
+    """Milliseconds per call of `n` calls queued back to back between two events, as a training loop
+    queues them (a call's host time overlaps the previous call's kernel)."""
+    fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / n
+
+
+def report_pair(name, flops, python, direct_call, rounds=9):
+    """`python` and `direct` measured in alternation (rounds of 10 back-to-back calls each, the median of
+    the rounds): the clock and power state of the GPU drift over seconds, and the two are compared with
+    each other."""
+    times = {"python": [], "direct": []}
+    for _ in range(rounds):
+        for backend, fn in (("python", python), ("direct", direct_call)):
+            times[backend].append(loop_ms(fn))
+    for backend, ts in times.items():
+        ms = sorted(ts)[len(ts) // 2]
+        print(f"RESULT {backend} {name} {ms:.4f} {flops / (ms * 1e-3) / 1e12:.1f}", flush=True)
+
+
+def direct(q, k, v, causal):
+    """Our forward through the native module with every argument precomputed: the kernels as a caller holding
+    raw pointers runs them, on the same tensors and in the same harness as the Python column."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32)
+    desc = lambda t, dt: (t.data_ptr(), dt, tuple(t.shape), t.stride())  # noqa: E731
+    dev = ("cuda", q.device.index, torch.cuda.current_stream(q.device).cuda_stream)
+    args = (desc(q, "bf16"), desc(k, "bf16"), desc(v, "bf16"), desc(out, "bf16"), desc(lse, "f32"),
+            q.shape[-1] ** -0.5, causal, -1, -1, 0.0, dev)
+    return lambda: flash_attn_rs._native.fwd(*args)
+
+
 def main():
     filt = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.manual_seed(0)
@@ -75,7 +114,7 @@ def main():
                 if flash_attn_rs is not None and d == 128:
                     # The [B, S, H, D] tensors the SDPA inputs are transposed views of.
                     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
-                    report("python", name, flops, lambda causal=causal: flash_attn_rs.flash_attn_func(qs, ks, vs, causal=causal))
+                    report_pair(name, flops, lambda causal=causal: flash_attn_rs.flash_attn_func(qs, ks, vs, causal=causal), direct(qs, ks, vs, causal))
     lens = ragged_lengths()
     h, d = 16, 128
     total = sum(lens)
