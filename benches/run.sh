@@ -15,7 +15,8 @@ out="${OUT:-.}"
 # The Python package, when its wheel was carried too (python/build.sh, carry target/wheels): the forward
 # table then gains an "ours via Python" column at head dim 128.
 whl=$(ls ../target/wheels/flash_attn_rs-*.whl 2>/dev/null | head -n 1)
-if [ -n "$whl" ] && python3 -m pip install -q --no-deps --target /tmp/flash_attn_rs "$whl" 2>/dev/null; then
+# A wheel is a zip archive: unpacked with Python's zipfile, so no pip is needed in the torch environment.
+if [ -n "$whl" ] && python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$whl" /tmp/flash_attn_rs; then
     export PYTHONPATH="/tmp/flash_attn_rs${PYTHONPATH:+:$PYTHONPATH}"
 fi
 logs=()
