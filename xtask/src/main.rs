@@ -197,7 +197,7 @@ fn cmd_bundle() -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .current_dir(&root)
-        .args(["test", "--release", "--no-run", "--benches", "--tests", "--bins", "--message-format=json", "-p", "flash-attn"])
+        .args(["test", "--release", "--no-run", "--benches", "--tests", "--bins", "--examples", "--message-format=json", "-p", "flash-attn"])
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| e.to_string())?;
@@ -209,7 +209,7 @@ fn cmd_bundle() -> Result<(), String> {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // {"reason":"compiler-artifact", "target":{"name":"gpu",...}, "executable":"/.../gpu-hash", ...}
         let (Some(exe), Some(name)) = (json_str(line, "\"executable\":"), json_str(line, "\"name\":")) else { continue };
-        let kind = if line.contains("\"kind\":[\"bench\"]") { "bench" } else if line.contains("\"kind\":[\"bin\"]") { continue } else { "test" };
+        let kind = if line.contains("\"kind\":[\"bench\"]") { "bench" } else if line.contains("\"kind\":[\"example\"]") { "example" } else if line.contains("\"kind\":[\"bin\"]") { continue } else { "test" };
         let dest = bundle.join(format!("{kind}-{name}"));
         std::fs::copy(exe, &dest).map_err(|e| format!("copy {exe}: {e}"))?;
         copied.push(dest);
@@ -222,7 +222,7 @@ fn cmd_bundle() -> Result<(), String> {
     }
     let ptx_dir = bundle.join("ptx");
     ptx::build_ptx(Path::new(&cargo), &root, &ptx_dir)?;
-    for script in ["torch_fwd.py", "torch_bwd.py", "compare.py", "run.sh"] {
+    for script in ["torch_fwd.py", "torch_bwd.py", "compare.py", "run.sh", "sanitize.sh"] {
         std::fs::copy(root.join("benches").join(script), bundle.join(script)).map_err(|e| format!("copy {script}: {e}"))?;
     }
     let total: u64 = std::fs::read_dir(&bundle).map_err(|e| e.to_string())?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
