@@ -197,7 +197,7 @@ fn cmd_bundle() -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .current_dir(&root)
-        .args(["test", "--release", "--no-run", "--benches", "--tests", "--bins", "--examples", "--message-format=json", "-p", "flash-attn"])
+        .args(["test", "--release", "--no-run", "--benches", "--tests", "--bins", "--message-format=json", "-p", "flash-attn"])
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(|e| e.to_string())?;
@@ -209,9 +209,17 @@ fn cmd_bundle() -> Result<(), String> {
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // {"reason":"compiler-artifact", "target":{"name":"gpu",...}, "executable":"/.../gpu-hash", ...}
         let (Some(exe), Some(name)) = (json_str(line, "\"executable\":"), json_str(line, "\"name\":")) else { continue };
-        let kind = if line.contains("\"kind\":[\"bench\"]") { "bench" } else if line.contains("\"kind\":[\"example\"]") { "example" } else if line.contains("\"kind\":[\"bin\"]") { continue } else { "test" };
+        let kind = if line.contains("\"kind\":[\"bench\"]") { "bench" } else if line.contains("\"kind\":[\"bin\"]") { continue } else { "test" };
         let dest = bundle.join(format!("{kind}-{name}"));
         std::fs::copy(exe, &dest).map_err(|e| format!("copy {exe}: {e}"))?;
+        copied.push(dest);
+    }
+    // The examples as plain binaries (`cargo test --examples` would build them with the test harness).
+    run(Command::new(&cargo).current_dir(&root).args(["build", "--release", "--examples", "-p", "flash-attn"]))?;
+    let examples = std::fs::read_dir(root.join("host/examples")).map_err(|e| e.to_string())?;
+    for name in examples.filter_map(|e| Some(e.ok()?.path().file_stem()?.to_string_lossy().into_owned())) {
+        let dest = bundle.join(format!("example-{name}"));
+        std::fs::copy(root.join("target/release/examples").join(&name), &dest).map_err(|e| format!("copy example {name}: {e}"))?;
         copied.push(dest);
     }
     let cli = bundle.join("flash-attn");
