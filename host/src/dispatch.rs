@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, FwdConfig, KernelDType,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_smem_bytes, FWD_WS_THREADS, FwdConfig, KernelDType,
     BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS,
 };
 
@@ -63,6 +63,22 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     let kernel = fwd_kernel_name(p.head_dim, dtype)?;
     let config = fwd_config(p.head_dim);
     Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
+}
+
+/// The warp-specialized Hopper forward (fwd/ws.rs) on `sms` multiprocessors: a persistent grid of at
+/// most one block per multiprocessor over the (row block, head, sequence) tiles; `m_blocks` row blocks
+/// per sequence slot. None where it has no kernel.
+pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
+    let dtype = kernel_dtype(p.dtype)?;
+    let config = fwd_wg_config(p.head_dim)?;
+    let kernel = fwd_ws_kernel_name(p.head_dim, dtype)?;
+    let m_blocks = p.seqlen_q.max(1).div_ceil(config.block_m());
+    let tiles = m_blocks.checked_mul(p.hq)?.checked_mul(p.batch + usize::from(p.varlen))?;
+    if tiles > i32::MAX as usize {
+        return None;
+    }
+    let grid = (tiles.min(sms).max(1) as u32, 1, 1);
+    Some((FwdLaunch { kernel, config, grid, block: FWD_WS_THREADS as u32, smem_bytes: fwd_ws_smem_bytes(&config) }, m_blocks as i32))
 }
 
 /// One kernel launch: export name, grid, threads per block, dynamic shared memory.

@@ -2,10 +2,10 @@
 //! Nothing here allocates, synchronizes or copies; dispatch.rs picks the kernels, validate.rs has
 //! checked every argument (and checks the grids here before anything is queued).
 
-use crate::dispatch::{bwd_launches, fwd_launch, Launch};
+use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
-use crate::params::{BwdParams, FwdParams};
+use crate::params::{BwdParams, FwdParams, TmaMaps};
 use crate::problem::{BwdProblem, Problem, Strides};
 use crate::types::{BwdViews, FwdViews, KernelChoice, VarlenViews, View};
 use crate::validate::check_grid;
@@ -125,8 +125,78 @@ pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenVi
         scale_log2,
         softcap_pre,
     };
+    if let Some(ws) = ws_forward(p, t, &gpu, kernels) {
+        let (launch, m_blocks) = ws;
+        let f = gpu.function(launch.kernel, launch.smem_bytes)?;
+        let params = FwdParams { m_blocks, ..params };
+        let maps = tma_maps(p, t, &launch.config)?;
+        let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
+        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
+        unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+        return Ok(());
+    }
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
     unsafe { queue(f, &l, &params, stream) }
+}
+
+/// Whether the warp-specialized forward (opt-in for now: `FLASH_ATTN_FWD_WS`) takes this problem: a
+/// Hopper GPU, a head dim it has, and operands the copy engine can address (see `tma_maps`).
+fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -> Option<(crate::dispatch::FwdLaunch, i32)> {
+    static OPT_IN: OnceLock<bool> = OnceLock::new();
+    if !*OPT_IN.get_or_init(|| std::env::var_os("FLASH_ATTN_FWD_WS").is_some()) {
+        return None;
+    }
+    let sms = hopper_sms(gpu, choice(kernels))?;
+    let addressable = [(&t.q, &p.q), (&t.k, &p.k), (&t.v, &p.v)].iter().all(|(v, st)| {
+        let ok = |x: usize| (x * 2) % 16 == 0 && ((x * 2) as u64) < (1u64 << 40);
+        v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (p.varlen || (st.batch > 0 && ok(st.batch)))
+    });
+    if !addressable {
+        return None;
+    }
+    fwd_ws_launch(p, sms)
+}
+
+/// The copy engine's view of q, k and v (`TmaMaps`): 4-d tensors `[batch][rows][heads][head dim]`
+/// (varlen: one batch of every packed row), boxes of 64 columns x 128 query rows / `block_n` keys, in the
+/// 128-byte swizzle the wgmma tiles use; rows past a tensor's end read as zeros.
+fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) -> Result<TmaMaps> {
+    let dtype = match p.dtype {
+        crate::types::DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let map = |v: &View<'_>, st: &Strides, rows: usize, heads: usize, box_rows: usize| -> Result<[u64; 16]> {
+        let (batches, batch_bytes) = if p.varlen { (1, (st.row * 2 * rows.max(1)) as u64) } else { (p.batch, (st.batch * 2) as u64) };
+        let dims = [p.head_dim as u64, rows.max(1) as u64, heads as u64, batches.max(1) as u64];
+        let strides = [(st.row * 2) as u64, (st.head * 2) as u64, batch_bytes.next_multiple_of(16)];
+        let boxes = [64u32, box_rows as u32, 1, 1];
+        let elem = [1u32; 4];
+        let mut m = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                m.as_mut_ptr(),
+                dtype,
+                4,
+                v.addr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        r.result()?;
+        Ok(unsafe { m.assume_init() }.opaque)
+    };
+    let (rows_q, rows_k) = if p.varlen { (p.total_q, p.total_k) } else { (p.seqlen_q, p.seqlen_k) };
+    Ok(TmaMaps {
+        q: map(&t.q, &p.q, rows_q, p.hq, config.block_m())?,
+        k: map(&t.k, &p.k, rows_k, p.hk, config.block_n)?,
+        v: map(&t.v, &p.v, rows_k, p.hk, config.block_n)?,
+    })
 }
 
 /// Where the backward's scratch lives in the caller's workspace: the f32 dq accumulator (not in

@@ -12,6 +12,8 @@ pub mod mask;
 // Shared with the host, which ships them in its package (host/src/shared/).
 #[path = "../../host/src/shared/params.rs"]
 pub mod params;
+#[cfg(fa_sm90)]
+pub mod pipeline;
 pub mod seqlen;
 pub mod softmax;
 #[path = "../../host/src/shared/variants.rs"]

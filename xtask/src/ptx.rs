@@ -79,8 +79,42 @@ pub fn build_ptx(cargo: &Path, root: &Path, out_dir: &Path) -> Result<Vec<PathBu
             return Err(format!("building kernels-gpu for {} left no {}", t.cpu, emitted.display()));
         }
         let out = out_dir.join(format!("{}.ptx", t.stem));
-        std::fs::copy(&emitted, &out).map_err(|e| format!("copy {} to {}: {e}", emitted.display(), out.display()))?;
+        let ptx = std::fs::read_to_string(&emitted).map_err(|e| format!("read {}: {e}", emitted.display()))?;
+        std::fs::write(&out, launch_bounds(&ptx)).map_err(|e| format!("write {}: {e}", out.display()))?;
         outputs.push(out);
     }
     Ok(outputs)
+}
+
+/// Kernels whose register budget comes from their block size (ptxas assumes 1024 threads otherwise):
+/// export-name prefix, threads per block. rustc has no launch-bounds attribute, so the directives are
+/// added to the emitted PTX. The warp-specialized forward: 384 threads (`FWD_WS_THREADS`), one block per
+/// multiprocessor.
+const LAUNCH_BOUNDS: &[(&str, u32)] = &[("flash_fwd_ws_", 384)];
+
+/// `ptx` with `.maxntid N, 1, 1` and `.minnctapersm 1` after the parameter list of each kernel in
+/// `LAUNCH_BOUNDS`, whose second parameter (`TmaMaps`: tensor maps, which the copy engine reads in place)
+/// gets the 64-byte alignment a tensor map needs.
+fn launch_bounds(ptx: &str) -> String {
+    let mut out = String::with_capacity(ptx.len() + 1024);
+    let mut pending: Option<u32> = None;
+    for line in ptx.lines() {
+        if let Some(name) = line.trim_start().strip_prefix(".visible .entry ") {
+            pending = LAUNCH_BOUNDS.iter().find(|(prefix, _)| name.starts_with(prefix)).map(|&(_, n)| n);
+        }
+        if pending.is_some() && line.contains("_param_1[") {
+            out.push_str(&line.replacen(".param .align 16 ", ".param .align 64 ", 1));
+            out.push('\n');
+            continue;
+        }
+        if let (Some(n), true) = (pending, line.trim() == ")") {
+            out.push_str(line);
+            out.push_str(&format!("\n.maxntid {n}, 1, 1\n.minnctapersm 1\n"));
+            pending = None;
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }

@@ -67,6 +67,21 @@ const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
 const _: () = assert!(core::mem::offset_of!(FwdParams, batch) == 184);
 
+/// The Hopper warp-specialized forward's second parameter: the tensor maps (`cuTensorMapEncodeTiled`,
+/// 128 opaque bytes each) of q, k and v as 4-d tensors `[batch][rows][heads][head dim]` (varlen: one
+/// batch of all packed rows), boxes of 64 columns in the 128-byte swizzle. Passed by value: the copy
+/// engine reads a map where it lies, in kernel parameter space, 64-byte aligned. Rust's kernel ABI takes
+/// alignments up to 16, so xtask raises this parameter's to 64 in the emitted PTX.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TmaMaps {
+    pub q: [u64; 16],
+    pub k: [u64; 16],
+    pub v: [u64; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<TmaMaps>() == 384);
+
 /// Backward-pass parameters, shared by its four kernels (prep, dk/dv with atomic dq, deterministic dq,
 /// dq conversion). Same conventions as `FwdParams`; dq/dk/dv/dq_accum strides are in elements too.
 #[repr(C)]

@@ -137,6 +137,50 @@ macro_rules! wg_name_lookup {
 }
 for_each_fwd_wg_variant!(wg_name_lookup);
 
+/// The Hopper warp-specialized forward (fwd/ws.rs): a producer warpgroup (one thread issues the bulk
+/// tensor copies) and two consumer warpgroups of 64 query rows each over the tiles of `fwd_wg_config`,
+/// on a persistent grid.
+pub const FWD_WS_THREADS: usize = 384;
+/// Bytes after the tiles for the pipeline's barriers (Q full / empty, two stages each of K and V full /
+/// empty: 10 barriers of 8 bytes).
+pub const FWD_WS_BARRIER_BYTES: usize = 128;
+
+/// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
+/// barriers.
+pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
+    fwd_wg_smem_bytes(c) + FWD_WS_BARRIER_BYTES
+}
+
+/// The warp-specialized forward's entry points (sm_90a module only), like `for_each_fwd_variant`.
+#[macro_export]
+macro_rules! for_each_fwd_ws_variant {
+    ($m:ident) => {
+        $m! {
+            (64, BF16, "flash_fwd_ws_hdim64_bf16"),
+            (96, BF16, "flash_fwd_ws_hdim96_bf16"),
+            (128, BF16, "flash_fwd_ws_hdim128_bf16"),
+            (192, BF16, "flash_fwd_ws_hdim192_bf16"),
+            (256, BF16, "flash_fwd_ws_hdim256_bf16"),
+            (64, F16, "flash_fwd_ws_hdim64_f16"),
+            (96, F16, "flash_fwd_ws_hdim96_f16"),
+            (128, F16, "flash_fwd_ws_hdim128_f16"),
+            (192, F16, "flash_fwd_ws_hdim192_f16"),
+            (256, F16, "flash_fwd_ws_hdim256_f16"),
+        }
+    };
+}
+
+macro_rules! ws_name_lookup {
+    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {
+        /// Export name of the warp-specialized forward kernel for `(head_dim, dtype)`, if there is one.
+        pub fn fwd_ws_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
+            None
+        }
+    };
+}
+for_each_fwd_ws_variant!(ws_name_lookup);
+
 /// Tile shape of one backward variant. A block owns `block_n` keys of one kv head and walks the query
 /// blocks (`block_m` rows) of every q head of its group that see them. Warps are laid out `wn = block_n /
 /// 16` along the keys times `wm` along the queries (S^T, dP^T) or along the head dim (dK, dV); for

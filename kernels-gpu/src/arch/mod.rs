@@ -4,12 +4,16 @@
 pub mod cp_async;
 pub mod ldmatrix;
 pub mod math;
+#[cfg(fa_sm90)]
+pub mod mbarrier;
 pub mod mem;
 pub mod mma;
 pub mod shfl;
 pub mod smem;
 pub mod sreg;
 pub mod sync;
+#[cfg(fa_sm90)]
+pub mod tma;
 #[cfg(fa_sm90)]
 pub mod wgmma;
 #[cfg(fa_sm90)]

@@ -13,3 +13,16 @@ pub fn sync_threads() {
 pub fn fence_gpu() {
     unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
 }
+
+/// `bar.sync id, threads`: wait at named barrier `id` until `threads` threads (this warp's included)
+/// have arrived. Warp-uniform control flow only.
+#[inline(always)]
+pub fn named_sync(id: u32, threads: u32) {
+    unsafe { asm!("bar.sync {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack)) }
+}
+
+/// `bar.arrive id, threads`: count this warp at named barrier `id` without waiting.
+#[inline(always)]
+pub fn named_arrive(id: u32, threads: u32) {
+    unsafe { asm!("bar.arrive {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack)) }
+}

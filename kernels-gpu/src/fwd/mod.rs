@@ -6,6 +6,8 @@
 
 #[cfg(fa_sm90)]
 pub(crate) mod wg;
+#[cfg(fa_sm90)]
+mod ws;
 
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
@@ -19,6 +21,7 @@ use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::mask::key_range;
 use crate::params::FwdParams;
+use crate::seqlen::SeqlenInfo;
 use crate::softmax::{finalize_row, update_row, RowState};
 use crate::variants::{row_pitch_bytes, FwdConfig};
 
@@ -389,6 +392,78 @@ unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, c
     unsafe { for_each_row_block::<D>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
 }
 
+/// One (sequence, head) of a forward problem: its rows in the buffers and its lengths. Grid slice
+/// `bidb` is sequence `bidb` (or, past the last one, varlen's tail rows: all padding).
+pub(crate) struct HeadSlice {
+    pub(crate) sq: SeqlenInfo,
+    pub(crate) sk: SeqlenInfo,
+    pub(crate) bidb: i32,
+    pub(crate) bidh: i32,
+    pub(crate) bidh_kv: i32,
+    q_head: u64,
+    k_head: u64,
+    v_head: u64,
+    o_head: u64,
+    lse_head: u64,
+}
+
+impl HeadSlice {
+    #[inline(always)]
+    pub(crate) fn new(p: &FwdParams, bidb: i32, bidh: i32) -> HeadSlice {
+        // The tail slice's keys are never read (its rows are all padding).
+        let (sq, sk) = p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
+        let bidh_kv = bidh / (p.h / p.h_k);
+        let (b, h, hk) = (bidb as i64, bidh as i64, bidh_kv as i64);
+        HeadSlice {
+            sq,
+            sk,
+            bidb,
+            bidh,
+            bidh_kv,
+            q_head: p.q + ((b * p.q_batch_stride + sq.start as i64 * p.q_row_stride + h * p.q_head_stride) * 2) as u64,
+            k_head: p.k + ((b * p.k_batch_stride + sk.start as i64 * p.k_row_stride + hk * p.k_head_stride) * 2) as u64,
+            v_head: p.v + ((b * p.v_batch_stride + sk.start as i64 * p.v_row_stride + hk * p.v_head_stride) * 2) as u64,
+            o_head: p.o + ((b * p.o_batch_stride + sq.start as i64 * p.o_row_stride + h * p.o_head_stride) * 2) as u64,
+            lse_head: p.lse + ((b * p.lse_batch_stride + h * p.lse_head_stride + sq.start as i64) * 4) as u64,
+        }
+    }
+
+    /// What `attend` needs for the rows from `m0`.
+    #[inline(always)]
+    pub(crate) fn args_at(&self, p: &FwdParams, m0: i32) -> BlockArgs {
+        BlockArgs {
+            q: self.q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64,
+            q_row_bytes: p.q_row_stride * 2,
+            k: self.k_head,
+            v: self.v_head,
+            k_row_bytes: p.k_row_stride * 2,
+            v_row_bytes: p.v_row_stride * 2,
+            o: self.o_head + ((m0 as i64 * p.o_row_stride) * 2) as u64,
+            o_row_stride: p.o_row_stride,
+            lse: self.lse_head + (m0 as i64 * 4) as u64,
+            m0,
+            seqlen_q: self.sq.used,
+            seqlen_k: self.sk.used,
+            window_left: p.window_left,
+            window_right: p.window_right,
+            scale_log2: p.scale_log2,
+            softcap_pre: p.softcap_pre,
+        }
+    }
+
+    /// Write the padding rows of `[m0, m0 + bm)` (those past the real rows, inside the slot) with
+    /// `threads` threads.
+    #[inline(always)]
+    pub(crate) unsafe fn pad_block<const D: usize>(&self, p: &FwdParams, m0: i32, bm: i32, tid: usize, threads: usize) {
+        let (sq, o_head, lse_head) = (self.sq, self.o_head, self.lse_head);
+        let pad_begin = if m0 > sq.used { m0 } else { sq.used };
+        let pad_end = if m0 + bm < sq.slot_len { m0 + bm } else { sq.slot_len };
+        if pad_begin < pad_end {
+            unsafe { write_padding::<D>(p, o_head, lse_head, pad_begin, pad_end, tid, threads) };
+        }
+    }
+}
+
 /// Shared by the forward kernels: for each `bm`-row block this block owns (grid stride over the
 /// sequence's slot), `attend` the rows inside the sequence (also given the next such block, if any) and
 /// write the padding rows past it.
@@ -396,53 +471,18 @@ unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, c
 pub(crate) unsafe fn for_each_row_block<const D: usize>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
-    let bidh = block_idx_y() as i32;
-    let bidb = block_idx_z() as i32;
-    // The tail slice's keys are never read here (its rows are all padding).
-    let (sq, sk) = p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
-
-    let b = bidb as i64;
-    let bidh_kv = (bidh / (p.h / p.h_k)) as i64;
-    let h = bidh as i64;
-    let o_head = p.o + ((b * p.o_batch_stride + sq.start as i64 * p.o_row_stride + h * p.o_head_stride) * 2) as u64;
-    let lse_head = p.lse + ((b * p.lse_batch_stride + h * p.lse_head_stride + sq.start as i64) * 4) as u64;
-    let q_head = p.q + ((b * p.q_batch_stride + sq.start as i64 * p.q_row_stride + h * p.q_head_stride) * 2) as u64;
-    let k_head = p.k + ((b * p.k_batch_stride + sk.start as i64 * p.k_row_stride + bidh_kv * p.k_head_stride) * 2) as u64;
-    let v_head = p.v + ((b * p.v_batch_stride + sk.start as i64 * p.v_row_stride + bidh_kv * p.v_head_stride) * 2) as u64;
-
-    let args_at = #[inline(always)]
-    |m0: i32| BlockArgs {
-        q: q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64,
-        q_row_bytes: p.q_row_stride * 2,
-        k: k_head,
-        v: v_head,
-        k_row_bytes: p.k_row_stride * 2,
-        v_row_bytes: p.v_row_stride * 2,
-        o: o_head + ((m0 as i64 * p.o_row_stride) * 2) as u64,
-        o_row_stride: p.o_row_stride,
-        lse: lse_head + (m0 as i64 * 4) as u64,
-        m0,
-        seqlen_q: sq.used,
-        seqlen_k: sk.used,
-        window_left: p.window_left,
-        window_right: p.window_right,
-        scale_log2: p.scale_log2,
-        softcap_pre: p.softcap_pre,
-    };
+    let head = HeadSlice::new(p, block_idx_z() as i32, block_idx_y() as i32);
+    let sq = head.sq;
     let grid_m = grid_dim_x() as i32;
     let mut m_block = grid_m - 1 - block_idx_x() as i32;
     while m_block * bm < sq.slot_len {
         let m0 = m_block * bm;
         if m0 < sq.used {
             let next_m0 = m0 + grid_m * bm;
-            let next = if next_m0 < sq.used { Some(args_at(next_m0)) } else { None };
-            attend(&args_at(m0), next.as_ref(), tid);
+            let next = if next_m0 < sq.used { Some(head.args_at(p, next_m0)) } else { None };
+            attend(&head.args_at(p, m0), next.as_ref(), tid);
         }
-        let pad_begin = if m0 > sq.used { m0 } else { sq.used };
-        let pad_end = if m0 + bm < sq.slot_len { m0 + bm } else { sq.slot_len };
-        if pad_begin < pad_end {
-            unsafe { write_padding::<D>(p, o_head, lse_head, pad_begin, pad_end, tid, threads) };
-        }
+        unsafe { head.pad_block::<D>(p, m0, bm, tid, threads) };
         m_block += grid_m;
     }
 }

@@ -120,7 +120,7 @@ pub(crate) fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4];
 
 /// `keep_a*` for `KP` P fragments (4 or 8).
 #[inline(always)]
-fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
+pub(crate) fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
     unsafe {
         if KP == 4 {
             wgmma::keep_a4(sized(pa))
@@ -134,12 +134,12 @@ fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
 /// `[ceil(D / 64)][rows][64]` swizzled (sw128_offset), every 64-column group 1024-byte aligned (at head
 /// dim 96 the second group's upper half is zeros: S reads up to column 96, P V all 128, O's last 32
 /// columns come out 0 and are not stored).
-struct Tile<const D: usize, const BN: usize>;
+pub(crate) struct Tile<const D: usize, const BN: usize>;
 
 impl<const D: usize, const BN: usize> Tile<D, BN> {
-    const Q_BYTES: u32 = (BM * D.div_ceil(64) * 64 * 2) as u32;
-    const KV_BYTES: u32 = (BN * D.div_ceil(64) * 64 * 2) as u32;
-    const CHECK: () = {
+    pub(crate) const Q_BYTES: u32 = (BM * D.div_ceil(64) * 64 * 2) as u32;
+    pub(crate) const KV_BYTES: u32 = (BN * D.div_ceil(64) * 64 * 2) as u32;
+    pub(crate) const CHECK: () = {
         let c = match fwd_wg_config(D) {
             Some(c) => c,
             None => panic!("no Hopper forward for this head dim"),
@@ -149,11 +149,11 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
         assert!(fwd_wg_smem_bytes(&c) == (Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES) as usize);
     };
     #[inline(always)]
-    fn k_slot(base: u32, t: usize) -> u32 {
+    pub(crate) fn k_slot(base: u32, t: usize) -> u32 {
         base + Self::Q_BYTES + (t % SLOTS) as u32 * Self::KV_BYTES
     }
     #[inline(always)]
-    fn v_slot(base: u32, t: usize) -> u32 {
+    pub(crate) fn v_slot(base: u32, t: usize) -> u32 {
         base + Self::Q_BYTES + (SLOTS + t % SLOTS) as u32 * Self::KV_BYTES
     }
 }
@@ -226,7 +226,7 @@ unsafe fn load_kv<const D: usize, const BN: usize, const V: bool>(base: u32, t: 
 /// S = Q K^T of running tile `t` for warpgroup `wg`'s 64 rows: k16 steps along the head dim, four per
 /// 64-column group (+32 bytes inside the swizzled row). Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
+pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
     let k_s = Tile::<D, BN>::k_slot(base, t);
     let mut qa = [0u64; 16];
@@ -263,7 +263,7 @@ pub(crate) fn kmajor_desc(tile: u32, rows: u32, r0: u32, kk: usize) -> u64 {
 /// O += P V with V of running tile `t` ([keys][D], N-major: 16 keys = two 8-row groups, 2048 bytes;
 /// 64-column groups BN * 128 bytes apart). Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const KP: usize>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
+pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const KP: usize>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
     let v_s = Tile::<D, BN>::v_slot(opaque_u32(base), t);
     let mut vb = [0u64; KP];
     for (kk, d) in vb.iter_mut().enumerate() {
@@ -285,14 +285,28 @@ unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
 /// each row's O rescale factor (`factor`, 1 when the max did not move).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], pa: &mut [[u32; 4]; KP], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32) {
+pub(crate) fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], pa: &mut [[u32; 4]; KP], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32) {
+    softmax_in_place::<BN, NN>(a, acc_s, row_state, factor, n_block, rows, warp, scale_log2);
+    pack_p::<E, NN, KP>(acc_s, pa);
+}
+
+/// `softmax` with P left in `acc_s` (f32): `pack_p` converts it when the registers of the previous P
+/// are free.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn softmax_in_place<const BN: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32) {
     let lane = opaque_u32(thread_idx_x()) as usize % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let n0 = n_block * BN as i32;
     let masked = tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
     let row0 = a.m0 + (warp * 16) as i32 + g;
     scores_to_p::<1, NN>(a, core::array::from_mut(acc_s), core::array::from_mut(row_state), masked, row0, n0, t, scale_log2, #[inline(always)] |_, h, f| factor[h] = f);
-    // P's k16 steps are pairs of S tiles: mma.sync's C layout is wgmma's register A.
+}
+
+/// P (f32, in the accumulator layout) -> the A fragments of the P V product: its k16 steps are pairs of
+/// S tiles (mma.sync's C layout is wgmma's register A).
+#[inline(always)]
+pub(crate) fn pack_p<E: WgElem, const NN: usize, const KP: usize>(acc_s: &[[f32; 4]; NN], pa: &mut [[u32; 4]; KP]) {
     for kk in 0..NN / 2 {
         pa[kk] = a_fragment::<E>(&acc_s[2 * kk], &acc_s[2 * kk + 1]);
     }
@@ -300,7 +314,7 @@ fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usize>(a: &Blo
 
 /// Rows of the block inside the sequence (at most BM) and its key tiles `[n_min, n_max)`.
 #[inline(always)]
-fn block_plan<const BN: usize>(a: &BlockArgs) -> (i32, i32, i32) {
+pub(crate) fn block_plan<const BN: usize>(a: &BlockArgs) -> (i32, i32, i32) {
     let rows = {
         let r = a.seqlen_q - a.m0;
         if r > BM as i32 { BM as i32 } else { r }

@@ -1,0 +1,47 @@
+//! The bulk tensor copy engine (TMA, sm_90) and the warpgroup register reallocation (sm_90a).
+//! A tensor map is the opaque 128-byte descriptor the host builds (`cuTensorMapEncodeTiled`); the copy
+//! takes its generic address, which must point into kernel parameter, constant or global space.
+use core::arch::asm;
+
+/// Generic address of kernel parameter `$param` (its PTX name, `<export name>_param_<i>`), for a tensor
+/// map passed by value. Only inside the kernel that declares it.
+#[macro_export]
+macro_rules! param_address {
+    ($param:expr) => {{
+        let a: u64;
+        unsafe { core::arch::asm!(concat!("mov.b64 {a}, ", $param, ";\n\tcvta.param.u64 {a}, {a};"), a = out(reg64) a, options(pure, nomem, nostack)) }
+        a
+    }};
+}
+
+/// Copy the box at coordinates `c` (innermost first) of the 4-d tensor `map` into shared memory at
+/// `dst`, completing `bytes` of the transaction count of the barrier at `bar`. Out-of-bounds elements
+/// are zero-filled.
+#[inline(always)]
+pub unsafe fn load_4d(dst: u32, map: u64, c: [i32; 4], bar: u32) {
+    unsafe {
+        asm!(
+            "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [{d}], [{m}, {{{c0}, {c1}, {c2}, {c3}}}], [{b}];",
+            d = in(reg32) dst, m = in(reg64) map, c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+            b = in(reg32) bar, options(nostack)
+        )
+    }
+}
+
+/// Fetch the tensor map at `map` into the copy engine's descriptor cache.
+#[inline(always)]
+pub unsafe fn prefetch_map(map: u64) {
+    unsafe { asm!("prefetch.tensormap [{m}];", m = in(reg64) map, options(nostack)) }
+}
+
+/// Raise this warpgroup's registers per thread to `N` (all its threads, warp-uniform).
+#[inline(always)]
+pub fn regs_inc<const N: u32>() {
+    unsafe { asm!("setmaxnreg.inc.sync.aligned.u32 {n};", n = const N, options(nostack)) }
+}
+
+/// Lower this warpgroup's registers per thread to `N`.
+#[inline(always)]
+pub fn regs_dec<const N: u32>() {
+    unsafe { asm!("setmaxnreg.dec.sync.aligned.u32 {n};", n = const N, options(nostack)) }
+}

@@ -1,0 +1,342 @@
+//! Hopper forward, warp-specialized (sm_90a): the wg kernel's tiles and products fed by the bulk tensor
+//! copy engine. Warpgroup 0 produces: one thread walks the work tiles and copies Q, K and V into a Q stage
+//! and two K and V stages, completing on barriers; warpgroups 1 and 2 consume (64 query rows each): they
+//! wait for a stage, run S = Q K^T and O += P V on wgmma with the online softmax in registers, release it.
+//! The consumers take turns at the tensor cores (one's products run under the other's softmax), and the
+//! grid is persistent: blocks stride over (row block, head, sequence) tiles, heaviest row blocks first.
+
+use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, softmax, softmax_in_place, wait_acc, Tile, WgElem};
+use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
+use crate::arch::smem;
+use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
+use crate::arch::sync::{named_arrive, named_sync, sync_threads};
+use crate::arch::wgmma::{fence_proxy_async_shared, sw128_offset};
+use crate::arch::{mbarrier, tma};
+use crate::params::{FwdParams, TmaMaps};
+use crate::pipeline::{Pipeline, Stage};
+use crate::softmax::RowState;
+use crate::variants::{fwd_wg_config, FWD_WS_BARRIER_BYTES, FWD_WS_THREADS};
+
+/// Query rows per tile (64 per consumer warpgroup) and consumer threads.
+const BM: usize = 128;
+const CONSUMERS: usize = 256;
+/// K and V stages (the wg kernel's two slots each: `Tile` lays them out).
+const KV_STAGES: u32 = 2;
+/// Named barriers (0 is the block's): 1 + w, consumer warpgroup w's turn at the tensor cores; 3, both
+/// consumer warpgroups.
+const BAR_TURN: u32 = 1;
+const BAR_CONSUMERS: u32 = 3;
+/// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
+const PRODUCER_REGS: u32 = 24;
+const CONSUMER_REGS: u32 = 240;
+const _: () = assert!(FWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
+
+/// The three pipelines, their barriers after the tiles.
+struct Pipes {
+    q: Pipeline<1>,
+    k: Pipeline<KV_STAGES>,
+    v: Pipeline<KV_STAGES>,
+}
+
+impl Pipes {
+    #[inline(always)]
+    fn at<const D: usize, const BN: usize>(base: u32) -> Pipes {
+        let bars = base + Tile::<D, BN>::Q_BYTES + 4 * Tile::<D, BN>::KV_BYTES;
+        const { assert!(Pipeline::<1>::BYTES + 2 * Pipeline::<KV_STAGES>::BYTES <= FWD_WS_BARRIER_BYTES as u32) };
+        Pipes { q: Pipeline::at(bars), k: Pipeline::at(bars + Pipeline::<1>::BYTES), v: Pipeline::at(bars + Pipeline::<1>::BYTES + Pipeline::<KV_STAGES>::BYTES) }
+    }
+}
+
+/// The tile scheduler: tile `t` is row block `m_blocks - 1 - t / (heads * slices)` of head `t % heads`
+/// of sequence slice `t / heads % slices`, so the first wave takes the last (for causal: heaviest) row
+/// blocks; block `b` takes tiles `b, b + grid, ..`. Producer and consumers walk it alike. A tile also
+/// covers row blocks `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`).
+struct Tiles {
+    m_blocks: i32,
+    heads: i32,
+    per_row_block: i32,
+    count: i32,
+    next: i32,
+}
+
+impl Tiles {
+    #[inline(always)]
+    fn new(p: &FwdParams) -> Tiles {
+        let slices = p.batch + (p.cu_seqlens_q != 0) as i32;
+        let per_row_block = p.h * slices;
+        Tiles { m_blocks: p.m_blocks, heads: p.h, per_row_block, count: p.m_blocks * per_row_block, next: block_idx_x() as i32 }
+    }
+
+    /// The next (first row block, head, sequence slice).
+    #[inline(always)]
+    fn next(&mut self) -> Option<(i32, i32, i32)> {
+        if self.next >= self.count {
+            return None;
+        }
+        let t = self.next;
+        self.next += grid_dim_x() as i32;
+        let r = t % self.per_row_block;
+        Some((self.m_blocks - 1 - t / self.per_row_block, r % self.heads, r / self.heads))
+    }
+
+    /// Walk every row block of every tile of this block: `f(head, m0)`.
+    #[inline(always)]
+    fn for_each(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
+        while let Some((m_block, bidh, bidb)) = self.next() {
+            let head = HeadSlice::new(p, bidb, bidh);
+            let mut mb = m_block;
+            while mb * (BM as i32) < head.sq.slot_len {
+                f(&head, mb * BM as i32);
+                mb += self.m_blocks;
+            }
+        }
+    }
+}
+
+/// Where the copy engine reads a head's rows: (first row, batch coordinate) of the 4-d tensor maps
+/// (varlen: rows of the packed buffer, one batch; dense: rows of sequence `bidb`).
+#[inline(always)]
+fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
+    if p.cu_seqlens_q != 0 { (head.sq.start, head.sk.start, 0) } else { (0, 0, head.bidb) }
+}
+
+/// The producer thread: for every row block with keys to see, Q, then K_0, and (K_{i+1}, V_i) in the
+/// order the consumers use them.
+#[inline(always)]
+unsafe fn produce<const D: usize, const BN: usize>(p: &FwdParams, maps: u64, pipes: &Pipes) {
+    let base = smem::base();
+    let (q_map, k_map, v_map) = (maps, maps + 128, maps + 256);
+    unsafe {
+        tma::prefetch_map(q_map);
+        tma::prefetch_map(k_map);
+        tma::prefetch_map(v_map);
+    }
+    let groups = D.div_ceil(64);
+    let mut qs = Stage::<1>::START;
+    let mut ks = Stage::<KV_STAGES>::START;
+    let mut vs = Stage::<KV_STAGES>::START;
+    Tiles::new(p).for_each(p, #[inline(always)] |head, m0| {
+        if m0 >= head.sq.used {
+            return;
+        }
+        let (_, n_min, n_max) = block_plan::<BN>(&head.args_at(p, m0));
+        if n_max <= n_min {
+            return;
+        }
+        let (q_row, k_row, b) = row_coords(p, head);
+        unsafe {
+            pipes.q.producer_acquire(qs);
+            let bar = pipes.q.producer_expect(qs, Tile::<D, BN>::Q_BYTES);
+            for c in 0..groups {
+                tma::load_4d(base + (c * BM * 128) as u32, q_map, [(c * 64) as i32, q_row + m0, head.bidh, b], bar);
+            }
+        }
+        qs.advance();
+        let load = #[inline(always)]
+        |pipe: &Pipeline<KV_STAGES>, s: &mut Stage<KV_STAGES>, map: u64, v: bool, n_block: i32| {
+            let dst = if v { Tile::<D, BN>::v_slot(base, s.index as usize) } else { Tile::<D, BN>::k_slot(base, s.index as usize) };
+            unsafe {
+                pipe.producer_acquire(*s);
+                let bar = pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
+                for c in 0..groups {
+                    tma::load_4d(dst + (c * BN * 128) as u32, map, [(c * 64) as i32, k_row + n_block * BN as i32, head.bidh_kv, b], bar);
+                }
+            }
+            s.advance();
+        };
+        load(&pipes.k, &mut ks, k_map, false, n_max - 1);
+        let n_tiles = n_max - n_min;
+        let mut i = 0;
+        while i < n_tiles {
+            if i + 1 < n_tiles {
+                load(&pipes.k, &mut ks, k_map, false, n_max - 2 - i);
+            }
+            load(&pipes.v, &mut vs, v_map, true, n_max - 1 - i);
+            i += 1;
+        }
+    });
+}
+
+/// Zero rows `[valid, BN)` of V stage `slot` (keys past the sequence, which the copy engine read from
+/// whatever follows it in the buffer), by both consumer warpgroups, before either multiplies by them.
+#[inline(always)]
+unsafe fn clear_v_tail<const D: usize, const BN: usize>(base: u32, slot: u32, valid: i32, ctid: usize) {
+    if valid >= BN as i32 {
+        return;
+    }
+    let v_s = Tile::<D, BN>::v_slot(base, slot as usize);
+    let chunks = D / 8;
+    let n = (BN - valid as usize) * chunks;
+    let mut idx = ctid;
+    while idx < n {
+        let (r, c) = (valid as usize + idx / chunks, idx % chunks);
+        unsafe { smem::st_v4(v_s + sw128_offset(BN as u32, r as u32, c as u32), [0; 4]) };
+        idx += CONSUMERS;
+    }
+    fence_proxy_async_shared();
+    named_sync(BAR_CONSUMERS, CONSUMERS as u32);
+}
+
+/// Wait for this consumer warpgroup's turn at the tensor cores / hand the turn to the other one.
+#[inline(always)]
+fn take_turn(wg: u32) {
+    named_sync(BAR_TURN + wg, CONSUMERS as u32);
+}
+#[inline(always)]
+fn pass_turn(wg: u32) {
+    named_arrive(BAR_TURN + (1 - wg), CONSUMERS as u32);
+}
+
+/// The stages a consumer has reached.
+struct ConsumerStages {
+    q: Stage<1>,
+    k: Stage<KV_STAGES>,
+    v: Stage<KV_STAGES>,
+}
+
+/// One consumer warpgroup's rows of one row block (the wg kernel's `attend` on pipeline stages); `leader`
+/// releases the stages for its warpgroup.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
+    let base = smem::base();
+    let warp = ctid / 32;
+    let wg = (warp / 4) as u32;
+    let lane = ctid % 32;
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let scale_log2 = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
+    let (rows, n_min, n_max) = block_plan::<BN>(a);
+    let mut acc_o = [[0f32; 4]; DN];
+    let mut row_state = [RowState::EMPTY; 2];
+
+    if n_max > n_min {
+        let n_tiles = n_max - n_min;
+        let tail_valid = a.seqlen_k - (n_max - 1) * BN as i32;
+        let release = |pipe: &Pipeline<KV_STAGES>, s: &mut Stage<KV_STAGES>| {
+            if leader {
+                unsafe { pipe.consumer_release(*s) };
+            }
+            s.advance();
+        };
+        let release_q = |s: Stage<1>| {
+            if leader {
+                unsafe { pipes.q.consumer_release(s) };
+            }
+        };
+        let mut acc_s = [[0f32; 4]; NN];
+        let mut pa = [[0u32; 4]; KP];
+        unsafe {
+            pipes.q.consumer_wait(st.q);
+            pipes.k.consumer_wait(st.k);
+        }
+        take_turn(wg);
+        unsafe { issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, st.k.index as usize) };
+        pass_turn(wg);
+        wait_acc::<0, NN>(&mut acc_s);
+        release(&pipes.k, &mut st.k);
+        if n_tiles == 1 {
+            release_q(st.q);
+        }
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2);
+
+        // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
+        // the second product, O rescaled once it lands.
+        let mut i = 0;
+        while i + 1 < n_tiles {
+            unsafe {
+                pipes.k.consumer_wait(st.k);
+                pipes.v.consumer_wait(st.v);
+            }
+            if i == 0 {
+                unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+            }
+            take_turn(wg);
+            unsafe {
+                issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, st.k.index as usize);
+                issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize);
+            }
+            pass_turn(wg);
+            wait_acc::<1, NN>(&mut acc_s);
+            release(&pipes.k, &mut st.k);
+            if i + 2 == n_tiles {
+                release_q(st.q);
+            }
+            // P stays in acc_s until the product reading the previous P has landed: one P's registers.
+            let mut factor = [1f32; 2];
+            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2);
+            wait_acc::<0, DN>(&mut acc_o);
+            keep_p::<KP>(&mut pa);
+            release(&pipes.v, &mut st.v);
+            for frag in acc_o.iter_mut() {
+                frag[0] *= factor[0];
+                frag[1] *= factor[0];
+                frag[2] *= factor[1];
+                frag[3] *= factor[1];
+            }
+            pack_p::<E, NN, KP>(&acc_s, &mut pa);
+            i += 1;
+        }
+        unsafe { pipes.v.consumer_wait(st.v) };
+        if n_tiles == 1 {
+            unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+        }
+        unsafe { issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize) };
+        wait_acc::<0, DN>(&mut acc_o);
+        keep_p::<KP>(&mut pa);
+        release(&pipes.v, &mut st.v);
+        st.q.advance();
+    }
+    store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
+}
+
+/// Kernel body: barriers set up by thread 0, then the roles.
+#[inline(always)]
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(p: &FwdParams, maps: u64) {
+    let () = Tile::<D, BN>::CHECK;
+    let tid = thread_idx_x() as usize;
+    let pipes = Pipes::at::<D, BN>(smem::base());
+    if tid == 0 {
+        unsafe {
+            pipes.q.init(2);
+            pipes.k.init(2);
+            pipes.v.init(2);
+        }
+        mbarrier::fence_init();
+    }
+    sync_threads();
+    if tid < 128 {
+        tma::regs_dec::<PRODUCER_REGS>();
+        if tid == 0 {
+            unsafe { produce::<D, BN>(p, maps, &pipes) };
+        }
+    } else {
+        tma::regs_inc::<CONSUMER_REGS>();
+        let ctid = tid - 128;
+        let leader = ctid % 128 == 0;
+        // Warpgroup 0 takes the first turn.
+        if ctid >= 128 {
+            pass_turn(1);
+        }
+        let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
+        Tiles::new(p).for_each(p, #[inline(always)] |head, m0| {
+            if m0 < head.sq.used {
+                unsafe { attend::<E, D, DN, BN, NN, KP>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+            }
+            unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
+        });
+    }
+}
+
+macro_rules! fwd_ws_kernels {
+    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
+        const _: () = {
+            const BN: usize = match fwd_wg_config($d) { Some(c) => c.block_n, None => 0 };
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }>(&p, maps) }
+            }
+        };
+    )*};
+}
+crate::for_each_fwd_ws_variant!(fwd_ws_kernels);
