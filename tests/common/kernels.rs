@@ -105,7 +105,7 @@ impl Tally {
     pub fn report(&self) {
         let dev = match gpu() {
             Some((name, (ma, mi), _)) => format!("{name}, sm_{ma}{mi}{}", if hopper() { "" } else { ": not Hopper, no_wgmma not repeated" }),
-            None => "no GPU".to_string(),
+            None => "no GPU (the CPU path)".to_string(),
         };
         let mut s = format!("KERNELS {} passed on {dev}:\n", self.test);
         for ((choice, family), (n, dims)) in &self.runs {
