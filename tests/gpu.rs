@@ -3,6 +3,12 @@
 //! outputs, even with bogus device-resident lengths. On a machine without a CUDA GPU every test prints a
 //! notice and passes vacuously (CI has no GPU; run this on the GPU machine before resolving GPU work).
 //!
+//! Kernel families. On a Hopper GPU every kernel test runs each case twice on the same inputs and
+//! reference: with the default choice (the wgmma forward at head dims 64-256, mma.sync at 32) and with
+//! `KernelChoice::no_wgmma` (the mma.sync forward at every head dim), which no other test reaches there.
+//! Each passing test prints `KERNELS <test> passed on <GPU>:` and a line per (choice -> family) with its
+//! runs and head dims (tests/common/kernels.rs); elsewhere only the default runs (it is mma.sync).
+//!
 //! Tolerances. The kernel rounds P (the softmax numerators, in [0, 1]) to the input dtype before the
 //! P.V tensor-core product and rounds the output once; everything else is f32 (ex2.approx, 2 ulp).
 //! With u the dtype's unit roundoff, each p_j carries a relative error <= u, so
@@ -14,9 +20,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/kernels.rs"]
+mod kernels;
 
 use common::*;
-use flash_attn::{fwd, fwd_into, varlen_fwd, varlen_fwd_into, AttnOptions, DType, Device, Tensor, Varlen};
+use flash_attn::{fwd, fwd_into, varlen_fwd, varlen_fwd_into, AttnOptions, DType, Device, KernelChoice, Tensor, Varlen};
+use kernels::{fwd_choices, fwd_family, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -65,8 +74,8 @@ struct Case {
 }
 
 impl Case {
-    fn opts(&self) -> AttnOptions {
-        AttnOptions { softmax_scale: None, causal: self.causal, window: self.window, softcap: self.softcap, ..Default::default() }
+    fn opts(&self, kernels: KernelChoice) -> AttnOptions {
+        AttnOptions { softmax_scale: None, causal: self.causal, window: self.window, softcap: self.softcap, kernels }
     }
     fn ref_opts(&self) -> RefOpts {
         RefOpts { scale: 1.0 / (self.d as f64).sqrt(), softcap: self.softcap as f64, causal: self.causal, window: self.window }
@@ -76,23 +85,33 @@ impl Case {
     }
 }
 
-fn dense_case(rng: &mut StdRng, c: &Case, b: usize, sq: usize, sk: usize, strided: bool) -> Result<(f64, f64), String> {
+/// One dense problem under every kernel choice (`fwd_choices`) against one reference; returns the worst
+/// (out, lse) |diff| / tolerance over them.
+fn dense_case(rng: &mut StdRng, c: &Case, b: usize, sq: usize, sk: usize, strided: bool, tally: &mut Tally) -> Result<(f64, f64), String> {
     let q = random_values(rng, b * sq * c.hq * c.d, 1.0, c.dtype);
     let k = random_values(rng, b * sk * c.hk * c.d, 1.0, c.dtype);
     let v = random_values(rng, b * sk * c.hk * c.d, 1.0, c.dtype);
     let qt = device_tensor(&q, &[b, sq, c.hq, c.d], c.dtype, strided, rng);
     let kt = device_tensor(&k, &[b, sk, c.hk, c.d], c.dtype, strided, rng);
     let vt = device_tensor(&v, &[b, sk, c.hk, c.d], c.dtype, strided, rng);
-    let o = fwd(&qt, &kt, &vt, &c.opts()).map_err(|e| e.to_string())?;
     let (ro, rl) = reference_fwd(&q, &k, &v, b, sq, sk, c.hq, c.hk, c.d, &c.ref_opts());
     let tol = gpu_tolerance(c.dtype, 1.0, c.smax());
-    check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &tol)
+    let mut worst = (0.0f64, 0.0f64);
+    for (name, choice) in fwd_choices() {
+        let family = fwd_family(c.d, c.dtype, choice);
+        let o = fwd(&qt, &kt, &vt, &c.opts(choice)).map_err(|e| format!("[{name}: {family}] {e}"))?;
+        let w = check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &tol).map_err(|e| format!("[{name}: {family}] {e}"))?;
+        worst = (worst.0.max(w.0), worst.1.max(w.1));
+        tally.add(name, family, c.d);
+    }
+    Ok(worst)
 }
 
 #[test]
 fn dense_every_head_dim_and_mask() {
     require_gpu!();
     let mut rng = rng(rand::random());
+    let mut tally = Tally::new("gpu::dense_every_head_dim_and_mask");
     let masks: [(bool, (i64, i64), f32); 5] = [(false, (-1, -1), 0.0), (true, (-1, -1), 0.0), (false, (37, 5), 0.0), (true, (70, -1), 0.0), (false, (-1, -1), 15.0)];
     for dtype in [DType::BF16, DType::F16] {
         for d in HEAD_DIMS {
@@ -102,24 +121,27 @@ fn dense_every_head_dim_and_mask() {
                 // Sq < Sk, Sq > Sk, and lengths off the tile grid.
                 for (b, sq, sk) in [(2, 77, 203), (1, 190, 61), (1, 128, 128)] {
                     let strided = rng.gen_bool(0.5);
-                    dense_case(&mut rng, &c, b, sq, sk, strided).unwrap_or_else(|e| {
+                    dense_case(&mut rng, &c, b, sq, sk, strided, &mut tally).unwrap_or_else(|e| {
                         panic!("{dtype} d={d} hq={hq} hk={hk} causal={causal} window={window:?} softcap={softcap} b={b} sq={sq} sk={sk} strided={strided}: {e}")
                     });
                 }
             }
         }
     }
+    tally.report();
 }
 
 #[test]
 fn dense_long_sequences() {
     require_gpu!();
     let mut rng = rng(rand::random());
+    let mut tally = Tally::new("gpu::dense_long_sequences");
     for (d, causal) in [(64, true), (128, false), (128, true), (256, true)] {
         let c = Case { dtype: DType::BF16, d, hq: 2, hk: 1, causal, window: (-1, -1), softcap: 0.0 };
-        let worst = dense_case(&mut rng, &c, 1, 1500, 1500, false).unwrap_or_else(|e| panic!("d={d} causal={causal}: {e}"));
+        let worst = dense_case(&mut rng, &c, 1, 1500, 1500, false, &mut tally).unwrap_or_else(|e| panic!("d={d} causal={causal}: {e}"));
         eprintln!("long d={d} causal={causal}: worst out/tol {:.3}, lse/tol {:.3}", worst.0, worst.1);
     }
+    tally.report();
 }
 
 /// A random varlen layout: lengths (zero-length sequences included), optional seqused, tail rows.
@@ -156,7 +178,8 @@ impl Layout {
     }
 }
 
-fn varlen_case(rng: &mut StdRng, c: &Case, l: &Layout) -> Result<(), String> {
+/// One packed problem under every kernel choice against one reference.
+fn varlen_case(rng: &mut StdRng, c: &Case, l: &Layout, tally: &mut Tally) -> Result<(), String> {
     let (cu_q, cu_k) = (Layout::cu(&l.slot_q), Layout::cu(&l.slot_k));
     let tq = cu_q.last().unwrap() + l.tail_q;
     let tk = cu_k.last().unwrap() + l.tail_k;
@@ -179,9 +202,14 @@ fn varlen_case(rng: &mut StdRng, c: &Case, l: &Layout) -> Result<(), String> {
         seqused_q: uq.as_ref(),
         seqused_k: uk.as_ref(),
     };
-    let o = varlen_fwd(&qt, &kt, &vt, &varlen, &c.opts()).map_err(|e| e.to_string())?;
     let (ro, rl) = reference_varlen_fwd(&q, &k, &v, &cu_q, &cu_k, &used_q, &used_k, tq, c.hq, c.hk, c.d, &c.ref_opts());
-    check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(c.dtype, 1.0, c.smax())).map(|_| ())
+    for (name, choice) in fwd_choices() {
+        let family = fwd_family(c.d, c.dtype, choice);
+        let o = varlen_fwd(&qt, &kt, &vt, &varlen, &c.opts(choice)).map_err(|e| format!("[{name}: {family}] {e}"))?;
+        check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(c.dtype, 1.0, c.smax())).map_err(|e| format!("[{name}: {family}] {e}"))?;
+        tally.add(name, family, c.d);
+    }
+    Ok(())
 }
 
 #[test]
@@ -189,6 +217,7 @@ fn varlen_random_layouts() {
     require_gpu!();
     let seed: u64 = rand::random();
     let mut rng = rng(seed);
+    let mut tally = Tally::new("gpu::varlen_random_layouts");
     for iter in 0..120 {
         let dtype = if rng.gen_bool(0.5) { DType::BF16 } else { DType::F16 };
         let d = HEAD_DIMS[rng.gen_range(0..HEAD_DIMS.len())];
@@ -200,10 +229,11 @@ fn varlen_random_layouts() {
         let b = rng.gen_range(1..6);
         let maxlen = if rng.gen_bool(0.3) { 400 } else { 90 };
         let l = Layout::random(&mut rng, b, maxlen);
-        varlen_case(&mut rng, &c, &l).unwrap_or_else(|e| {
+        varlen_case(&mut rng, &c, &l, &mut tally).unwrap_or_else(|e| {
             panic!("seed {seed} iter {iter}: {dtype} d={d} hq={hq} hk={hk} causal={} window={:?} softcap={} slots q {:?} k {:?} used q {:?} k {:?} tails {} {}: {e}", c.causal, c.window, c.softcap, l.slot_q, l.slot_k, l.used_q, l.used_k, l.tail_q, l.tail_k)
         });
     }
+    tally.report();
 }
 
 /// Packed sequences are independent: varlen on the packed batch equals per-sequence dense calls, bitwise.
@@ -211,6 +241,7 @@ fn varlen_random_layouts() {
 fn packing_is_bitwise_independent() {
     require_gpu!();
     let mut rng = rng(rand::random());
+    let mut tally = Tally::new("gpu::packing_is_bitwise_independent");
     for (dtype, d, causal, window) in [(DType::BF16, 128, true, (-1, -1)), (DType::F16, 64, false, (40, 3)), (DType::BF16, 256, false, (-1, -1)), (DType::BF16, 96, true, (100, -1))] {
         let (hq, hk) = (4, 2);
         let lens: Vec<(usize, usize)> = (0..5).map(|_| (rng.gen_range(1..300), rng.gen_range(1..300))).collect();
@@ -220,29 +251,38 @@ fn packing_is_bitwise_independent() {
         let q = random_values(&mut rng, tq * hq * d, 1.0, dtype);
         let k = random_values(&mut rng, tk * hk * d, 1.0, dtype);
         let v = random_values(&mut rng, tk * hk * d, 1.0, dtype);
-        let opts = AttnOptions { causal, window, ..Default::default() };
         let up = |x: &[f32], shape: &[usize]| Tensor::from_f32(x, shape, dtype).unwrap().to_device(GPU).unwrap();
         let (cqt, ckt) = (i32_tensor(&cu_q, GPU), i32_tensor(&cu_k, GPU));
         let max_q = lens.iter().map(|l| l.0).max().unwrap();
         let max_k = lens.iter().map(|l| l.1).max().unwrap();
         let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k: None };
-        let packed = varlen_fwd(&up(&q, &[tq, hq, d]), &up(&k, &[tk, hk, d]), &up(&v, &[tk, hk, d]), &varlen, &opts).unwrap();
-        let (pout, plse) = (packed.out.to_bytes().unwrap(), packed.lse.to_f32_vec().unwrap());
-        for (b, &(sq, sk)) in lens.iter().enumerate() {
-            let qs = &q[cu_q[b] * hq * d..][..sq * hq * d];
-            let ks = &k[cu_k[b] * hk * d..][..sk * hk * d];
-            let vs = &v[cu_k[b] * hk * d..][..sk * hk * d];
-            let one = fwd(&up(qs, &[1, sq, hq, d]), &up(ks, &[1, sk, hk, d]), &up(vs, &[1, sk, hk, d]), &opts).unwrap();
-            let row_bytes = hq * d * 2;
-            assert_eq!(&pout[cu_q[b] * row_bytes..][..sq * row_bytes], &one.out.to_bytes().unwrap()[..], "out of sequence {b} differs ({dtype} d={d})");
-            let lse1 = one.lse.to_f32_vec().unwrap();
-            for h in 0..hq {
-                for i in 0..sq {
-                    assert_eq!(plse[h * tq + cu_q[b] + i].to_bits(), lse1[h * sq + i].to_bits(), "lse of sequence {b} head {h} row {i}");
+        let (qp, kp, vp) = (up(&q, &[tq, hq, d]), up(&k, &[tk, hk, d]), up(&v, &[tk, hk, d]));
+        let singles: Vec<[Tensor; 3]> = lens
+            .iter()
+            .enumerate()
+            .map(|(b, &(sq, sk))| [up(&q[cu_q[b] * hq * d..][..sq * hq * d], &[1, sq, hq, d]), up(&k[cu_k[b] * hk * d..][..sk * hk * d], &[1, sk, hk, d]), up(&v[cu_k[b] * hk * d..][..sk * hk * d], &[1, sk, hk, d])])
+            .collect();
+        for (name, choice) in fwd_choices() {
+            let family = fwd_family(d, dtype, choice);
+            let opts = AttnOptions { causal, window, kernels: choice, ..Default::default() };
+            let packed = varlen_fwd(&qp, &kp, &vp, &varlen, &opts).unwrap();
+            let (pout, plse) = (packed.out.to_bytes().unwrap(), packed.lse.to_f32_vec().unwrap());
+            for (b, &(sq, _)) in lens.iter().enumerate() {
+                let [qs, ks, vs] = &singles[b];
+                let one = fwd(qs, ks, vs, &opts).unwrap();
+                let row_bytes = hq * d * 2;
+                assert_eq!(&pout[cu_q[b] * row_bytes..][..sq * row_bytes], &one.out.to_bytes().unwrap()[..], "[{name}: {family}] out of sequence {b} differs ({dtype} d={d})");
+                let lse1 = one.lse.to_f32_vec().unwrap();
+                for h in 0..hq {
+                    for i in 0..sq {
+                        assert_eq!(plse[h * tq + cu_q[b] + i].to_bits(), lse1[h * sq + i].to_bits(), "[{name}: {family}] lse of sequence {b} head {h} row {i}");
+                    }
                 }
             }
+            tally.add(name, family, d);
         }
     }
+    tally.report();
 }
 
 /// Bit pattern no computation produces (a NaN with a payload): marks memory outside the outputs.
@@ -298,81 +338,96 @@ fn canary_damage(t: &Tensor) -> (usize, usize) {
 fn writes_exactly_the_outputs() {
     require_gpu!();
     let mut rng = rng(rand::random());
+    let mut tally = Tally::new("gpu::writes_exactly_the_outputs");
     for d in HEAD_DIMS {
         let dtype = DType::BF16;
-        // Dense, padded output rows.
         let (b, sq, sk, hq, hk) = (2, 150, 70, 3, 1);
         let q = device_tensor(&random_values(&mut rng, b * sq * hq * d, 1.0, dtype), &[b, sq, hq, d], dtype, false, &mut rng);
         let k = device_tensor(&random_values(&mut rng, b * sk * hk * d, 1.0, dtype), &[b, sk, hk, d], dtype, false, &mut rng);
         let v = device_tensor(&random_values(&mut rng, b * sk * hk * d, 1.0, dtype), &[b, sk, hk, d], dtype, false, &mut rng);
-        let mut out = canary_view(&[b, sq, hq, d], dtype, true);
-        let mut lse = canary_view(&[b, hq, sq], DType::F32, false);
-        fwd_into(&q, &k, &v, &AttnOptions { causal: true, ..Default::default() }, &mut out, &mut lse).unwrap();
-        assert_eq!(canary_damage(&out), (0, 0), "dense out d={d}: (outside written, inside unwritten)");
-        assert_eq!(canary_damage(&lse), (0, 0), "dense lse d={d}");
-
         // Varlen with seqused, a zero-length slot and tail rows: padding must be written by the kernel.
         let slots_q = [70usize, 0, 133];
         let slots_k = [50usize, 10, 200];
         let (cu_q, cu_k) = (Layout::cu(&slots_q), Layout::cu(&slots_k));
         let (tq, tk) = (cu_q[3] + 37, cu_k[3] + 5);
-        let q = device_tensor(&random_values(&mut rng, tq * hq * d, 1.0, dtype), &[tq, hq, d], dtype, false, &mut rng);
-        let k = device_tensor(&random_values(&mut rng, tk * hk * d, 1.0, dtype), &[tk, hk, d], dtype, false, &mut rng);
-        let v = device_tensor(&random_values(&mut rng, tk * hk * d, 1.0, dtype), &[tk, hk, d], dtype, false, &mut rng);
+        let pq = device_tensor(&random_values(&mut rng, tq * hq * d, 1.0, dtype), &[tq, hq, d], dtype, false, &mut rng);
+        let pk = device_tensor(&random_values(&mut rng, tk * hk * d, 1.0, dtype), &[tk, hk, d], dtype, false, &mut rng);
+        let pv = device_tensor(&random_values(&mut rng, tk * hk * d, 1.0, dtype), &[tk, hk, d], dtype, false, &mut rng);
         let (cqt, ckt) = (i32_tensor(&cu_q, GPU), i32_tensor(&cu_k, GPU));
         let (uq, uk) = (i32_tensor(&[33, 0, 133], GPU), i32_tensor(&[50, 3, 120], GPU));
         let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: 133, max_seqlen_k: 120, seqused_q: Some(&uq), seqused_k: Some(&uk) };
-        let mut out = canary_view(&[tq, hq, d], dtype, true);
-        let mut lse = canary_view(&[hq, tq], DType::F32, false);
-        varlen_fwd_into(&q, &k, &v, &varlen, &AttnOptions::default(), &mut out, &mut lse).unwrap();
-        assert_eq!(canary_damage(&out), (0, 0), "varlen out d={d}");
-        assert_eq!(canary_damage(&lse), (0, 0), "varlen lse d={d}");
-        // Padding rows are exactly 0 / -inf.
-        let o = out.to_f32_vec().unwrap();
-        let l = lse.to_f32_vec().unwrap();
-        for row in (cu_q[0] + 33..cu_q[1]).chain(cu_q[3]..tq) {
-            assert!(o[row * hq * d..][..hq * d].iter().all(|&x| x == 0.0), "padding row {row} not zero");
-            assert!((0..hq).all(|h| l[h * tq + row] == f32::NEG_INFINITY), "padding row {row} lse not -inf");
-        }
-
         // Bogus device-resident lengths (not checked on the host): no write outside the outputs, no fault.
         let bogus_q = i32_tensor(&[0, 900_000, 5], GPU);
         let bogus_k = Tensor::from_i32(vec![-7, 3, i32::MAX], &[3]).unwrap().to_device(GPU).unwrap();
         let bogus_used = Tensor::from_i32(vec![-1, 1 << 30], &[2]).unwrap().to_device(GPU).unwrap();
-        let varlen = Varlen { cu_seqlens_q: &bogus_q, cu_seqlens_k: &bogus_k, max_seqlen_q: 64, max_seqlen_k: 64, seqused_q: Some(&bogus_used), seqused_k: Some(&bogus_used) };
-        let mut out = canary_view(&[tq, hq, d], dtype, true);
-        let mut lse = canary_view(&[hq, tq], DType::F32, false);
-        varlen_fwd_into(&q, &k, &v, &varlen, &AttnOptions::default(), &mut out, &mut lse).unwrap();
-        assert_eq!(canary_damage(&out).0, 0, "bogus lengths wrote outside out (d={d})");
-        assert_eq!(canary_damage(&lse).0, 0, "bogus lengths wrote outside lse (d={d})");
-        assert!(out.to_f32_vec().unwrap().iter().all(|x| x.is_finite()), "bogus lengths produced NaN/inf in out");
+        let bogus = Varlen { cu_seqlens_q: &bogus_q, cu_seqlens_k: &bogus_k, max_seqlen_q: 64, max_seqlen_k: 64, seqused_q: Some(&bogus_used), seqused_k: Some(&bogus_used) };
+        for (name, choice) in fwd_choices() {
+            let family = fwd_family(d, dtype, choice);
+            let at = format!("[{name}: {family}] d={d}");
+            // Dense, padded output rows.
+            let mut out = canary_view(&[b, sq, hq, d], dtype, true);
+            let mut lse = canary_view(&[b, hq, sq], DType::F32, false);
+            fwd_into(&q, &k, &v, &AttnOptions { causal: true, kernels: choice, ..Default::default() }, &mut out, &mut lse).unwrap();
+            assert_eq!(canary_damage(&out), (0, 0), "{at}: dense out: (outside written, inside unwritten)");
+            assert_eq!(canary_damage(&lse), (0, 0), "{at}: dense lse");
+
+            let opts = AttnOptions { kernels: choice, ..Default::default() };
+            let mut out = canary_view(&[tq, hq, d], dtype, true);
+            let mut lse = canary_view(&[hq, tq], DType::F32, false);
+            varlen_fwd_into(&pq, &pk, &pv, &varlen, &opts, &mut out, &mut lse).unwrap();
+            assert_eq!(canary_damage(&out), (0, 0), "{at}: varlen out");
+            assert_eq!(canary_damage(&lse), (0, 0), "{at}: varlen lse");
+            // Padding rows are exactly 0 / -inf.
+            let o = out.to_f32_vec().unwrap();
+            let l = lse.to_f32_vec().unwrap();
+            for row in (cu_q[0] + 33..cu_q[1]).chain(cu_q[3]..tq) {
+                assert!(o[row * hq * d..][..hq * d].iter().all(|&x| x == 0.0), "{at}: padding row {row} not zero");
+                assert!((0..hq).all(|h| l[h * tq + row] == f32::NEG_INFINITY), "{at}: padding row {row} lse not -inf");
+            }
+
+            let mut out = canary_view(&[tq, hq, d], dtype, true);
+            let mut lse = canary_view(&[hq, tq], DType::F32, false);
+            varlen_fwd_into(&pq, &pk, &pv, &bogus, &opts, &mut out, &mut lse).unwrap();
+            assert_eq!(canary_damage(&out).0, 0, "{at}: bogus lengths wrote outside out");
+            assert_eq!(canary_damage(&lse).0, 0, "{at}: bogus lengths wrote outside lse");
+            assert!(out.to_f32_vec().unwrap().iter().all(|x| x.is_finite()), "{at}: bogus lengths produced NaN/inf in out");
+            tally.add(name, family, d);
+        }
     }
+    tally.report();
 }
 
 #[test]
 fn fully_masked_rows_are_zero_not_nan() {
     require_gpu!();
     let mut rng = rng(rand::random());
+    let mut tally = Tally::new("gpu::fully_masked_rows_are_zero_not_nan");
     // Sq > Sk with causal: the first Sq - Sk rows see no key.
     let (sq, sk, h, d) = (100, 30, 2, 64);
     for dtype in [DType::BF16, DType::F16] {
         let q = device_tensor(&random_values(&mut rng, sq * h * d, 1.0, dtype), &[1, sq, h, d], dtype, false, &mut rng);
         let k = device_tensor(&random_values(&mut rng, sk * h * d, 1.0, dtype), &[1, sk, h, d], dtype, false, &mut rng);
-        let o = fwd(&q, &k, &k, &AttnOptions { causal: true, ..Default::default() }).unwrap();
-        let out = o.out.to_f32_vec().unwrap();
-        let lse = o.lse.to_f32_vec().unwrap();
-        for i in 0..sq - sk {
-            assert!(out[i * h * d..][..h * d].iter().all(|&x| x == 0.0));
-            assert!((0..h).all(|hh| lse[hh * sq + i] == f32::NEG_INFINITY));
+        for (name, choice) in fwd_choices() {
+            let family = fwd_family(d, dtype, choice);
+            let o = fwd(&q, &k, &k, &AttnOptions { causal: true, kernels: choice, ..Default::default() }).unwrap();
+            let out = o.out.to_f32_vec().unwrap();
+            let lse = o.lse.to_f32_vec().unwrap();
+            for i in 0..sq - sk {
+                assert!(out[i * h * d..][..h * d].iter().all(|&x| x == 0.0), "[{name}: {family}] {dtype}: row {i} sees no key, out not 0");
+                assert!((0..h).all(|hh| lse[hh * sq + i] == f32::NEG_INFINITY), "[{name}: {family}] {dtype}: row {i} sees no key, lse not -inf");
+            }
+            assert!(out.iter().all(|x| !x.is_nan()), "[{name}: {family}] {dtype}: NaN in out");
+            tally.add(name, family, d);
         }
-        assert!(out.iter().all(|x| !x.is_nan()));
     }
+    tally.report();
 }
 
 #[test]
 fn gpu_matches_cpu_path() {
     require_gpu!();
     let mut rng = rng(rand::random());
+    let mut tally = Tally::new("gpu::gpu_matches_cpu_path");
     for d in HEAD_DIMS {
         let (b, sq, sk, hq, hk) = (2, 333, 257, 4, 2);
         let dtype = DType::BF16;
@@ -383,15 +438,21 @@ fn gpu_matches_cpu_path() {
         let t = |x: &[f32], s: &[usize]| Tensor::from_f32(x, s, dtype).unwrap();
         let (qc, kc, vc) = (t(&q, &[b, sq, hq, d]), t(&k, &[b, sk, hk, d]), t(&v, &[b, sk, hk, d]));
         let cpu = fwd(&qc, &kc, &vc, &opts).unwrap();
-        let gpu = fwd(&qc.to_device(GPU).unwrap(), &kc.to_device(GPU).unwrap(), &vc.to_device(GPU).unwrap(), &opts).unwrap();
-        let (a, b2) = (cpu.out.to_f32_vec().unwrap(), gpu.out.to_f32_vec().unwrap());
-        let max_diff = a.iter().zip(&b2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(max_diff <= 4.0 * 2f32.powi(-8) * 2.0, "d={d}: cpu vs gpu max |diff| {max_diff}");
-        let (la, lb) = (cpu.lse.to_f32_vec().unwrap(), gpu.lse.to_f32_vec().unwrap());
-        for (x, y) in la.iter().zip(&lb) {
-            assert!((x == y) || (x - y).abs() <= 1e-3, "lse {x} vs {y}");
+        let (a, la) = (cpu.out.to_f32_vec().unwrap(), cpu.lse.to_f32_vec().unwrap());
+        let (qg, kg, vg) = (qc.to_device(GPU).unwrap(), kc.to_device(GPU).unwrap(), vc.to_device(GPU).unwrap());
+        for (name, choice) in fwd_choices() {
+            let family = fwd_family(d, dtype, choice);
+            let gpu = fwd(&qg, &kg, &vg, &AttnOptions { kernels: choice, ..opts }).unwrap();
+            let b2 = gpu.out.to_f32_vec().unwrap();
+            let max_diff = a.iter().zip(&b2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(max_diff <= 4.0 * 2f32.powi(-8) * 2.0, "[{name}: {family}] d={d}: cpu vs gpu max |diff| {max_diff}");
+            for (x, y) in la.iter().zip(&gpu.lse.to_f32_vec().unwrap()) {
+                assert!((x == y) || (x - y).abs() <= 1e-3, "[{name}: {family}] d={d}: lse {x} vs {y}");
+            }
+            tally.add(name, family, d);
         }
     }
+    tally.report();
 }
 
 #[test]
@@ -412,6 +473,7 @@ fn unaligned_rows_are_an_error() {
 fn unusual_softmax_scales() {
     require_gpu!();
     let mut rng = rng(rand::random());
+    let mut tally = Tally::new("gpu::unusual_softmax_scales");
     for scale in [-0.2f32, 0.0, 1e-30, 3.0] {
         for causal in [false, true] {
             let (b, sq, sk, h, d) = (1, 90, 150, 2, 64);
@@ -420,13 +482,19 @@ fn unusual_softmax_scales() {
             let k = random_values(&mut rng, b * sk * h * d, 1.0, dtype);
             let v = random_values(&mut rng, b * sk * h * d, 1.0, dtype);
             let t = |x: &[f32], s: &[usize]| Tensor::from_f32(x, s, dtype).unwrap().to_device(GPU).unwrap();
-            let opts = AttnOptions { softmax_scale: Some(scale), causal, ..Default::default() };
-            let o = fwd(&t(&q, &[b, sq, h, d]), &t(&k, &[b, sk, h, d]), &t(&v, &[b, sk, h, d]), &opts).unwrap();
+            let (qt, kt, vt) = (t(&q, &[b, sq, h, d]), t(&k, &[b, sk, h, d]), t(&v, &[b, sk, h, d]));
             let r = RefOpts { scale: scale as f64, softcap: 0.0, causal, window: (-1, -1) };
             let (ro, rl) = reference_fwd(&q, &k, &v, b, sq, sk, h, h, d, &r);
             let smax = (scale.abs() as f64) * d as f64;
-            check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(dtype, 1.0, smax))
-                .unwrap_or_else(|e| panic!("scale {scale} causal {causal}: {e}"));
+            for (name, choice) in fwd_choices() {
+                let family = fwd_family(d, dtype, choice);
+                let opts = AttnOptions { softmax_scale: Some(scale), causal, kernels: choice, ..Default::default() };
+                let o = fwd(&qt, &kt, &vt, &opts).unwrap();
+                check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(dtype, 1.0, smax))
+                    .unwrap_or_else(|e| panic!("[{name}: {family}] scale {scale} causal {causal}: {e}"));
+                tally.add(name, family, d);
+            }
         }
     }
+    tally.report();
 }

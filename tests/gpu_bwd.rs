@@ -6,6 +6,16 @@
 //! vacuously; FA_GPU_BWD_ON_CPU=1 runs the suite on the CPU path instead, a dry run of this file's own
 //! logic (layouts, reference bookkeeping, tolerances) that says nothing about the kernels.
 //!
+//! Kernel families. On a Hopper GPU the kernel tests run each backward on the same inputs, out, LSE and
+//! reference under several `KernelChoice`s: the default (the wgmma dK/dV kernel at head dims 64 and 128
+//! outside deterministic mode, mma.sync elsewhere), `no_wgmma` (the mma.sync kernels at every head dim,
+//! which no other test reaches at 64 and 128 there) and, where a wgmma backward has several key blocks,
+//! `bwd_chain_all` (one CTA walks them all and converts dq itself). The forward stays the default's
+//! (gpu.rs covers the forward's families). Each passing test prints `KERNELS <test> passed on <GPU>:`
+//! and a line per (choice -> family) with its runs and head dims (tests/common/kernels.rs). The
+//! deterministic backward is mma.sync whatever the choice, so `deterministic_runs_are_bitwise_identical`
+//! runs once.
+//!
 //! Tolerances. The kernel recomputes the scores in f32 (tensor-core products of dtype inputs, exact,
 //! summed in f32) and P = exp(S - LSE) from the forward's LSE; rounds P to the input dtype for
 //! dV = P^T dO; forms dS = P (dP - D) tanh' in f32, with dP = dO V^T and D = rowsum(dO * out); rounds dS
@@ -45,9 +55,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/kernels.rs"]
+mod kernels;
 
 use common::*;
-use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, BwdOutput, DType, Device, Error, FwdOutput, Tensor, Varlen};
+use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, BwdOutput, DType, Device, Error, FwdOutput, KernelChoice, Tensor, Varlen};
+use kernels::Tally;
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -225,6 +238,13 @@ impl Host {
     fn longest(&self) -> (usize, usize) {
         (self.used_q.iter().copied().max().unwrap_or(0), self.used_k.iter().copied().max().unwrap_or(0))
     }
+    /// The seqlen_k the dispatch sees: sk, or varlen's max_seqlen_k.
+    fn max_k(&self) -> usize {
+        match self.dense {
+            Some((_, _, sk)) => sk,
+            None => self.longest().1 + self.extra_max.1,
+        }
+    }
 
     /// NaN in every row of `x` (rows of `row_elems` values) that belongs to no sequence.
     fn poison(x: &mut [f32], row_elems: usize, real: &[(usize, usize)]) {
@@ -376,12 +396,63 @@ impl Dev {
         .map_err(|e| format!("forward: {e}"))
     }
     fn bwd(&self, out: &Tensor, lse: &Tensor, deterministic: bool) -> Result<BwdOutput, String> {
+        self.bwd_with(out, lse, deterministic, self.opts.kernels)
+    }
+    /// The backward under kernel choice `kernels`.
+    fn bwd_with(&self, out: &Tensor, lse: &Tensor, deterministic: bool, kernels: KernelChoice) -> Result<BwdOutput, String> {
+        let opts = AttnOptions { kernels, ..self.opts };
         match &self.lengths {
-            None => bwd(&self.dout, &self.q, &self.k, &self.v, out, lse, &self.opts, deterministic),
-            Some(l) => varlen_bwd(&self.dout, &self.q, &self.k, &self.v, out, lse, &l.get(), &self.opts, deterministic),
+            None => bwd(&self.dout, &self.q, &self.k, &self.v, out, lse, &opts, deterministic),
+            Some(l) => varlen_bwd(&self.dout, &self.q, &self.k, &self.v, out, lse, &l.get(), &opts, deterministic),
         }
         .map_err(|e| format!("backward (deterministic {deterministic}): {e}"))
     }
+}
+
+/// Which kernel choices a case's backward runs under.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernels {
+    /// The default, and on Hopper `no_wgmma` and (where it differs) `bwd_chain_all` (see the header).
+    Every,
+    /// Only the case's own `opts.kernels`.
+    AsGiven,
+}
+
+/// (name, choice) pairs for `h`'s backward; one on the CPU path.
+fn choices(h: &Host, deterministic: bool, k: Kernels) -> Vec<(&'static str, KernelChoice)> {
+    if dry_run() || k == Kernels::AsGiven {
+        let own = h.c.opts.kernels;
+        let name = match (own.no_wgmma, own.bwd_chain_all) {
+            (false, false) => "default",
+            (true, false) => "no_wgmma",
+            (false, true) => "bwd_chain_all",
+            (true, true) => "no_wgmma+chain",
+        };
+        return vec![(name, own)];
+    }
+    kernels::bwd_choices(h.c.d, h.c.dtype, deterministic, h.max_k())
+}
+
+/// The family `choice` runs `h`'s backward on (tests/common/kernels.rs).
+fn family(h: &Host, deterministic: bool, choice: KernelChoice) -> &'static str {
+    if dry_run() { "cpu path" } else { kernels::bwd_family(h.c.d, h.c.dtype, deterministic, choice, h.max_k()) }
+}
+
+/// The backward of `dv` under each of `choices(h, ..)`, checked against `exp`; the worst |diff| / tolerance
+/// over them.
+#[allow(clippy::too_many_arguments)]
+fn check_choices(h: &Host, dv: &Dev, out: &Tensor, lse: &Tensor, exp: &Expected, deterministic: bool, k: Kernels, tally: &mut Tally) -> Result<[f64; 3], String> {
+    let mut worst = [0.0f64; 3];
+    for (name, choice) in choices(h, deterministic, k) {
+        let fam = family(h, deterministic, choice);
+        let at = |e: String| format!("[{name}: {fam}] {e}");
+        let g = dv.bwd_with(out, lse, deterministic, choice).map_err(at)?;
+        check_layout(&g, h).map_err(at)?;
+        let w = exp.check(&grads(&g)).map_err(at)?;
+        (0..3).for_each(|i| worst[i] = worst[i].max(w[i]));
+        tally.add(name, fam, h.c.d);
+    }
+    Ok(worst)
 }
 
 /// dq, dk, dv as f32 values in logical order.
@@ -603,9 +674,10 @@ enum FwdFrom {
     Reference,
 }
 
-/// One problem end to end: forward, backward (q, k, v, dout, out laid out per `strided`), checked against
-/// the reference.
-fn run_case(rng: &mut StdRng, h: &Host, from: FwdFrom, strided: [bool; 5], deterministic: bool) -> Result<[f64; 3], String> {
+/// One problem end to end: forward, backward (q, k, v, dout, out laid out per `strided`) under each kernel
+/// choice of `k`, checked against the reference.
+#[allow(clippy::too_many_arguments)]
+fn run_case(rng: &mut StdRng, h: &Host, from: FwdFrom, strided: [bool; 5], deterministic: bool, k: Kernels, tally: &mut Tally) -> Result<[f64; 3], String> {
     let dv = h.upload(rng, [strided[0], strided[1], strided[2], strided[3]]);
     let (out_vals, out, lse) = match from {
         FwdFrom::Kernel => {
@@ -620,9 +692,7 @@ fn run_case(rng: &mut StdRng, h: &Host, from: FwdFrom, strided: [bool; 5], deter
             (vals, out, lse)
         }
     };
-    let g = dv.bwd(&out, &lse, deterministic)?;
-    check_layout(&g, h)?;
-    h.expected(&out_vals).check(&grads(&g))
+    check_choices(h, &dv, &out, &lse, &h.expected(&out_vals), deterministic, k, tally)
 }
 
 fn random_strides(rng: &mut StdRng) -> [bool; 5] {
@@ -640,6 +710,7 @@ const SHAPES: [(usize, usize, usize, usize, usize); 6] = [(2, 65, 130, 4, 2), (1
 fn dense_every_head_dim_dtype_and_mask() {
     require_gpu!();
     let (seed, mut rng) = seeded("dense_every_head_dim_dtype_and_mask");
+    let mut tally = Tally::new("gpu_bwd::dense_every_head_dim_dtype_and_mask");
     // None, causal, a window bounded on both sides, causal with a left window.
     let masks = [plain(false, (-1, -1), 0.0), plain(true, (-1, -1), 0.0), plain(false, (37, 5), 0.0), plain(true, (40, -1), 0.0)];
     for dtype in [DType::BF16, DType::F16] {
@@ -649,19 +720,21 @@ fn dense_every_head_dim_dtype_and_mask() {
                     let c = Case { dtype, d, hq, hk, opts, amp: amp_of(&mut rng) };
                     let strided = random_strides(&mut rng);
                     let h = Host::dense(&mut rng, &c, b, sq, sk);
-                    let worst = run_case(&mut rng, &h, FwdFrom::Kernel, strided, false)
+                    let worst = run_case(&mut rng, &h, FwdFrom::Kernel, strided, false, Kernels::Every, &mut tally)
                         .unwrap_or_else(|e| panic!("seed {seed}: {c:?} b={b} sq={sq} sk={sk} strided={strided:?}: {e}"));
                     report(&format!("{dtype} d={d} {opts:?} {b}x{sq}x{sk}"), worst);
                 }
             }
         }
     }
+    tally.report();
 }
 
 #[test]
 fn dense_softcap_every_head_dim() {
     require_gpu!();
     let (seed, mut rng) = seeded("dense_softcap_every_head_dim");
+    let mut tally = Tally::new("gpu_bwd::dense_softcap_every_head_dim");
     // Sharp scores (q, k up to 2) against small caps, so tanh' is far from 1 and its absence shows.
     let caps = [plain(false, (-1, -1), 1.5), plain(true, (-1, -1), 5.0), plain(false, (30, 30), 0.7)];
     for dtype in [DType::BF16, DType::F16] {
@@ -671,13 +744,14 @@ fn dense_softcap_every_head_dim() {
                     let c = Case { dtype, d, hq, hk, opts, amp: Amp { q: 2.0, k: 2.0, v: 1.0 } };
                     let strided = random_strides(&mut rng);
                     let h = Host::dense(&mut rng, &c, b, sq, sk);
-                    let worst = run_case(&mut rng, &h, FwdFrom::Kernel, strided, false)
+                    let worst = run_case(&mut rng, &h, FwdFrom::Kernel, strided, false, Kernels::Every, &mut tally)
                         .unwrap_or_else(|e| panic!("seed {seed}: {c:?} b={b} sq={sq} sk={sk} strided={strided:?}: {e}"));
                     report(&format!("softcap {dtype} d={d} {opts:?}"), worst);
                 }
             }
         }
     }
+    tally.report();
 }
 
 /// out and LSE from the f64 reference instead of the kernel's forward; custom (negative) scales.
@@ -685,6 +759,7 @@ fn dense_softcap_every_head_dim() {
 fn dense_with_reference_forward_inputs() {
     require_gpu!();
     let (seed, mut rng) = seeded("dense_with_reference_forward_inputs");
+    let mut tally = Tally::new("gpu_bwd::dense_with_reference_forward_inputs");
     let variants = [
         Opts { causal: true, window: (50, -1), softcap: 0.0, scale: Some(-0.25), kernels: Default::default() },
         Opts { causal: false, window: (-1, -1), softcap: 3.0, scale: Some(0.3), kernels: Default::default() },
@@ -698,13 +773,14 @@ fn dense_with_reference_forward_inputs() {
                     let h = Host::dense(&mut rng, &c, b, sq, sk);
                     let strided = random_strides(&mut rng);
                     for deterministic in [false, true] {
-                        run_case(&mut rng, &h, FwdFrom::Reference, strided, deterministic)
+                        run_case(&mut rng, &h, FwdFrom::Reference, strided, deterministic, Kernels::Every, &mut tally)
                             .unwrap_or_else(|e| panic!("seed {seed}: {c:?} b={b} sq={sq} sk={sk} strided={strided:?} deterministic={deterministic}: {e}"));
                     }
                 }
             }
         }
     }
+    tally.report();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -713,7 +789,7 @@ fn dense_with_reference_forward_inputs() {
 /// A packed problem with every padding row of q, k, v, dout and out NaN (the forward ran on a clean
 /// copy: this suite checks the backward), random layouts, checked against the reference per sequence
 /// (padding gradients exactly 0).
-fn varlen_case(rng: &mut StdRng, c: &Case, p: &Packing, deterministic: bool) -> Result<[f64; 3], String> {
+fn varlen_case(rng: &mut StdRng, c: &Case, p: &Packing, deterministic: bool, k: Kernels, tally: &mut Tally) -> Result<[f64; 3], String> {
     let clean = Host::packed(rng, c, p);
     let f = clean.upload(rng, [false; 4]).fwd()?;
     let mut out = f.out.to_f32_vec().unwrap();
@@ -722,15 +798,14 @@ fn varlen_case(rng: &mut StdRng, c: &Case, p: &Packing, deterministic: bool) -> 
     let strided: [bool; 5] = std::array::from_fn(|_| rng.gen_bool(0.4));
     let dv = h.upload(rng, [strided[0], strided[1], strided[2], strided[3]]);
     let out_t = device_tensor(&out, &h.q_shape(), c.dtype, strided[4], rng);
-    let g = dv.bwd(&out_t, &f.lse, deterministic)?;
-    check_layout(&g, &h)?;
-    h.expected(&out).check(&grads(&g))
+    check_choices(&h, &dv, &out_t, &f.lse, &h.expected(&out), deterministic, k, tally)
 }
 
 #[test]
 fn varlen_random_layouts() {
     require_gpu!();
     let (seed, mut rng) = seeded("varlen_random_layouts");
+    let mut tally = Tally::new("gpu_bwd::varlen_random_layouts");
     for iter in 0..60 {
         let side = |rng: &mut StdRng| if rng.gen_bool(0.5) { -1 } else { rng.gen_range(0..120) };
         let opts = Opts { causal: rng.gen_bool(0.4), window: (side(&mut rng), side(&mut rng)), softcap: if rng.gen_bool(0.2) { 4.0 } else { 0.0 }, scale: None, kernels: Default::default() };
@@ -740,9 +815,10 @@ fn varlen_random_layouts() {
         let maxlen = if rng.gen_bool(0.25) { 200 } else { 80 };
         let p = Packing::random(&mut rng, b, maxlen);
         let deterministic = rng.gen_bool(0.3);
-        let worst = varlen_case(&mut rng, &c, &p, deterministic).unwrap_or_else(|e| panic!("seed {seed} iter {iter}: {c:?} {p:?} deterministic={deterministic}: {e}"));
+        let worst = varlen_case(&mut rng, &c, &p, deterministic, Kernels::Every, &mut tally).unwrap_or_else(|e| panic!("seed {seed} iter {iter}: {c:?} {p:?} deterministic={deterministic}: {e}"));
         report(&format!("varlen iter {iter}"), worst);
     }
+    tally.report();
 }
 
 /// Varlen over a packed batch equals one dense B=1 backward per sequence (given the same out and LSE
@@ -752,6 +828,7 @@ fn varlen_random_layouts() {
 fn packing_independence() {
     require_gpu!();
     let (seed, mut rng) = seeded("packing_independence");
+    let mut tally = Tally::new("gpu_bwd::packing_independence");
     let configs = [
         (DType::BF16, 128, plain(true, (-1, -1), 0.0)),
         (DType::F16, 64, plain(false, (40, 3), 0.0)),
@@ -768,38 +845,52 @@ fn packing_independence() {
         let out = f.out.to_f32_vec().unwrap();
         let lse = f.lse.to_f32_vec().unwrap();
         let exp = h.expected(&out);
-        let packed = [false, true].map(|det| dv.bwd(&f.out, &f.lse, det).unwrap_or_else(|e| panic!("{ctx}: {e}")));
-        for (g, det) in packed.iter().zip([false, true]) {
-            exp.check(&grads(g)).unwrap_or_else(|e| panic!("{ctx}: packed, deterministic {det}: {e}"));
-        }
-        // Per sequence, assembled into packed order.
+        // Per sequence: dense B=1 tensors of its rows.
         let (hq, hk, tq) = (c.hq, c.hk, h.tq());
-        let mut singles = [[vec![], vec![], vec![]], [vec![], vec![], vec![]]];
-        let mut single_bits: [[Vec<u8>; 3]; 2] = Default::default();
-        for (b, &(sq, sk)) in lens.iter().enumerate() {
-            let rows = |x: &[f32], row0: usize, n: usize, heads: usize| x[row0 * heads * d..][..n * heads * d].to_vec();
-            let one = |x: Vec<f32>, n: usize, heads: usize| Tensor::from_f32(&x, &[1, n, heads, d], dtype).unwrap().to_device(dev()).unwrap();
-            let lse1: Vec<f32> = (0..hq).flat_map(|hh| lse[hh * tq + h.cu_q[b]..][..sq].to_vec()).collect();
-            let lse1 = Tensor::from_f32(&lse1, &[1, hq, sq], DType::F32).unwrap().to_device(dev()).unwrap();
-            let (qb, kb) = (h.cu_q[b], h.cu_k[b]);
-            let (q1, k1, v1) = (one(rows(&h.q, qb, sq, hq), sq, hq), one(rows(&h.k, kb, sk, hk), sk, hk), one(rows(&h.v, kb, sk, hk), sk, hk));
-            let (dout1, out1) = (one(rows(&h.dout, qb, sq, hq), sq, hq), one(rows(&out, qb, sq, hq), sq, hq));
-            for (m, det) in [false, true].into_iter().enumerate() {
-                let g = bwd(&dout1, &q1, &k1, &v1, &out1, &lse1, &c.opts.attn(), det).unwrap_or_else(|e| panic!("{ctx}: sequence {b}: {e}"));
-                for (w, x) in grads(&g).into_iter().enumerate() {
-                    singles[m][w].extend(x);
-                }
-                for (w, x) in bits(&g).into_iter().enumerate() {
-                    single_bits[m][w].extend(x);
+        let rows = |x: &[f32], row0: usize, n: usize, heads: usize| x[row0 * heads * d..][..n * heads * d].to_vec();
+        let one = |x: Vec<f32>, n: usize, heads: usize| Tensor::from_f32(&x, &[1, n, heads, d], dtype).unwrap().to_device(dev()).unwrap();
+        let seqs: Vec<[Tensor; 6]> = lens
+            .iter()
+            .enumerate()
+            .map(|(b, &(sq, sk))| {
+                let lse1: Vec<f32> = (0..hq).flat_map(|hh| lse[hh * tq + h.cu_q[b]..][..sq].to_vec()).collect();
+                let lse1 = Tensor::from_f32(&lse1, &[1, hq, sq], DType::F32).unwrap().to_device(dev()).unwrap();
+                let (qb, kb) = (h.cu_q[b], h.cu_k[b]);
+                [one(rows(&h.dout, qb, sq, hq), sq, hq), one(rows(&h.q, qb, sq, hq), sq, hq), one(rows(&h.k, kb, sk, hk), sk, hk), one(rows(&h.v, kb, sk, hk), sk, hk), one(rows(&out, qb, sq, hq), sq, hq), lse1]
+            })
+            .collect();
+        for (name, choice) in choices(&h, false, Kernels::Every) {
+            let fams = [false, true].map(|det| family(&h, det, choice));
+            let ctx = format!("{ctx} [{name}: {} / {}]", fams[0], fams[1]);
+            let packed = [false, true].map(|det| dv.bwd_with(&f.out, &f.lse, det, choice).unwrap_or_else(|e| panic!("{ctx}: {e}")));
+            for (g, det) in packed.iter().zip([false, true]) {
+                exp.check(&grads(g)).unwrap_or_else(|e| panic!("{ctx}: packed, deterministic {det}: {e}"));
+            }
+            // Per sequence, assembled into packed order.
+            let mut singles = [[vec![], vec![], vec![]], [vec![], vec![], vec![]]];
+            let mut single_bits: [[Vec<u8>; 3]; 2] = Default::default();
+            for (b, [dout1, q1, k1, v1, out1, lse1]) in seqs.iter().enumerate() {
+                for (m, det) in [false, true].into_iter().enumerate() {
+                    let g = bwd(dout1, q1, k1, v1, out1, lse1, &AttnOptions { kernels: choice, ..c.opts.attn() }, det).unwrap_or_else(|e| panic!("{ctx}: sequence {b}: {e}"));
+                    for (w, x) in grads(&g).into_iter().enumerate() {
+                        singles[m][w].extend(x);
+                    }
+                    for (w, x) in bits(&g).into_iter().enumerate() {
+                        single_bits[m][w].extend(x);
+                    }
                 }
             }
+            let packed_bits = bits(&packed[1]);
+            for w in 0..3 {
+                assert!(packed_bits[w] == single_bits[1][w], "{ctx}: deterministic {} of the packed batch differs from the per-sequence calls (first differing byte {:?})", NAMES[w], packed_bits[w].iter().zip(&single_bits[1][w]).position(|(a, b)| a != b));
+            }
+            exp.check_pair(&grads(&packed[0]), &singles[0], Other::Kernel).unwrap_or_else(|e| panic!("{ctx}: default mode, packed vs per sequence: {e}"));
+            for fam in fams {
+                tally.add(name, fam, d);
+            }
         }
-        let packed_bits = bits(&packed[1]);
-        for w in 0..3 {
-            assert!(packed_bits[w] == single_bits[1][w], "{ctx}: deterministic {} of the packed batch differs from the per-sequence calls (first differing byte {:?})", NAMES[w], packed_bits[w].iter().zip(&single_bits[1][w]).position(|(a, b)| a != b));
-        }
-        exp.check_pair(&grads(&packed[0]), &singles[0], Other::Kernel).unwrap_or_else(|e| panic!("{ctx}: default mode, packed vs per sequence: {e}"));
     }
+    tally.report();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -843,16 +934,18 @@ fn deterministic_runs_are_bitwise_identical() {
 fn long_sequences_match_reference() {
     require_gpu!();
     let (seed, mut rng) = seeded("long_sequences_match_reference");
+    let mut tally = Tally::new("gpu_bwd::long_sequences_match_reference");
     let amp = Amp { q: 1.0, k: 1.0, v: 1.0 };
     let dense = Host::dense(&mut rng, &Case { dtype: DType::F16, d: 64, hq: 2, hk: 1, opts: plain(false, (-1, -1), 0.0), amp }, 1, 1100, 1300);
     let packed = Host::packed(&mut rng, &Case { dtype: DType::BF16, d: 128, hq: 2, hk: 1, opts: plain(true, (-1, -1), 0.0), amp }, &Packing::plain(&[(700, 1030), (1030, 300)]));
     for h in [dense, packed] {
         for deterministic in [false, true] {
-            let worst = run_case(&mut rng, &h, FwdFrom::Kernel, [false; 5], deterministic)
+            let worst = run_case(&mut rng, &h, FwdFrom::Kernel, [false; 5], deterministic, Kernels::Every, &mut tally)
                 .unwrap_or_else(|e| panic!("seed {seed}: {:?} {:?} deterministic={deterministic}: {e}", h.c, h.dense));
             report(&format!("long {:?} deterministic {deterministic}", h.dense), worst);
         }
     }
+    tally.report();
 }
 
 /// The Hopper dK/dV kernel with one CTA per (sequence, kv head) (`KernelChoice::bwd_chain_all`, which the
@@ -863,6 +956,7 @@ fn long_sequences_match_reference() {
 fn chained_key_blocks_match_reference() {
     require_gpu!();
     let (seed, mut rng) = seeded("chained_key_blocks_match_reference");
+    let mut tally = Tally::new("gpu_bwd::chained_key_blocks_match_reference");
     let chained = |causal, window, softcap| Opts { kernels: flash_attn::KernelChoice { bwd_chain_all: true, ..Default::default() }, ..plain(causal, window, softcap) };
     let amp = Amp { q: 1.0, k: 1.0, v: 1.0 };
     let dense = [
@@ -874,7 +968,7 @@ fn chained_key_blocks_match_reference() {
     for (c, (b, sq, sk)) in dense {
         let h = Host::dense(&mut rng, &c, b, sq, sk);
         let strided = random_strides(&mut rng);
-        let worst = run_case(&mut rng, &h, FwdFrom::Kernel, strided, false).unwrap_or_else(|e| panic!("seed {seed}: {c:?} b={b} sq={sq} sk={sk} strided={strided:?}: {e}"));
+        let worst = run_case(&mut rng, &h, FwdFrom::Kernel, strided, false, Kernels::AsGiven, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {c:?} b={b} sq={sq} sk={sk} strided={strided:?}: {e}"));
         report(&format!("chained {c:?} {b}x{sq}x{sk}"), worst);
     }
     let packed = [
@@ -885,9 +979,10 @@ fn chained_key_blocks_match_reference() {
         (Case { dtype: DType::F16, d: 64, hq: 2, hk: 1, opts: chained(false, (60, 60), 0.0), amp }, Packing::plain(&[(257, 513), (513, 129)])),
     ];
     for (c, p) in &packed {
-        let worst = varlen_case(&mut rng, c, p, false).unwrap_or_else(|e| panic!("seed {seed}: {c:?} {p:?}: {e}"));
+        let worst = varlen_case(&mut rng, c, p, false, Kernels::AsGiven, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {c:?} {p:?}: {e}"));
         report(&format!("chained varlen {c:?}"), worst);
     }
+    tally.report();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -897,6 +992,7 @@ fn chained_key_blocks_match_reference() {
 fn gpu_matches_cpu_path() {
     require_gpu!();
     let (seed, mut rng) = seeded("gpu_matches_cpu_path");
+    let mut tally = Tally::new("gpu_bwd::gpu_matches_cpu_path");
     let mut problems = Vec::new();
     for (n, d) in HEAD_DIMS.into_iter().enumerate() {
         let opts = [
@@ -915,7 +1011,6 @@ fn gpu_matches_cpu_path() {
         let strided = random_strides(&mut rng);
         let dv = h.upload(&mut rng, [strided[0], strided[1], strided[2], strided[3]]);
         let f = dv.fwd().unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        let gpu = dv.bwd(&f.out, &f.lse, false).unwrap_or_else(|e| panic!("{ctx}: {e}"));
         // The CPU path, handed the same out and LSE.
         let host = |t: &Tensor| t.to_device(Device::Cpu).unwrap();
         let lengths = dv.lengths.as_ref().map(|l| Lengths { cu_q: host(&l.cu_q), cu_k: host(&l.cu_k), used_q: l.used_q.as_ref().map(host), used_k: l.used_k.as_ref().map(host), max_q: l.max_q, max_k: l.max_k });
@@ -923,10 +1018,16 @@ fn gpu_matches_cpu_path() {
         let cpu = on_cpu.bwd(&host(&f.out), &host(&f.lse), false).unwrap_or_else(|e| panic!("{ctx}: CPU path: {e}"));
         let out = f.out.to_f32_vec().unwrap();
         let exp = h.expected(&out);
-        exp.check(&grads(&gpu)).unwrap_or_else(|e| panic!("{ctx}: against the reference: {e}"));
-        let worst = exp.check_pair(&grads(&gpu), &grads(&cpu), Other::Cpu).unwrap_or_else(|e| panic!("{ctx}: CUDA vs CPU: {e}"));
-        report("cuda vs cpu", worst);
+        for (name, choice) in choices(h, false, Kernels::Every) {
+            let fam = family(h, false, choice);
+            let gpu = dv.bwd_with(&f.out, &f.lse, false, choice).unwrap_or_else(|e| panic!("{ctx} [{name}: {fam}]: {e}"));
+            exp.check(&grads(&gpu)).unwrap_or_else(|e| panic!("{ctx} [{name}: {fam}]: against the reference: {e}"));
+            let worst = exp.check_pair(&grads(&gpu), &grads(&cpu), Other::Cpu).unwrap_or_else(|e| panic!("{ctx} [{name}: {fam}]: CUDA vs CPU: {e}"));
+            report("cuda vs cpu", worst);
+            tally.add(name, fam, h.c.d);
+        }
     }
+    tally.report();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -936,6 +1037,7 @@ fn gpu_matches_cpu_path() {
 fn fully_masked_rows_have_zero_dq() {
     require_gpu!();
     let (seed, mut rng) = seeded("fully_masked_rows_have_zero_dq");
+    let mut tally = Tally::new("gpu_bwd::fully_masked_rows_have_zero_dq");
     // (b, sq, sk, opts, rows of each sequence that see no key)
     let dense: [(usize, usize, usize, Opts, usize); 5] = [
         (1, 100, 30, plain(true, (-1, -1), 0.0), 70),
@@ -951,14 +1053,20 @@ fn fully_masked_rows_have_zero_dq() {
             let ctx = format!("seed {seed}: {c:?} b={b} sq={sq} sk={sk}");
             let dv = h.upload(&mut rng, [false; 4]);
             let f = dv.fwd().unwrap_or_else(|e| panic!("{ctx}: {e}"));
+            let exp = h.expected(&f.out.to_f32_vec().unwrap());
             for det in [false, true] {
-                let g = grads(&dv.bwd(&f.out, &f.lse, det).unwrap_or_else(|e| panic!("{ctx}: {e}")));
-                let row = c.hq * c.d;
-                for bi in 0..b {
-                    assert!(g[0][bi * sq * row..][..empty * row].iter().all(|&x| x == 0.0), "{ctx} deterministic={det}: dq of a row that sees no key is not 0");
+                for (name, choice) in choices(&h, det, Kernels::Every) {
+                    let fam = family(&h, det, choice);
+                    let ctx = format!("{ctx} deterministic={det} [{name}: {fam}]");
+                    let g = grads(&dv.bwd_with(&f.out, &f.lse, det, choice).unwrap_or_else(|e| panic!("{ctx}: {e}")));
+                    let row = c.hq * c.d;
+                    for bi in 0..b {
+                        assert!(g[0][bi * sq * row..][..empty * row].iter().all(|&x| x == 0.0), "{ctx}: dq of a row that sees no key is not 0");
+                    }
+                    assert!(g.iter().flatten().all(|x| x.is_finite()), "{ctx}: NaN or inf in a gradient");
+                    exp.check(&g).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                    tally.add(name, fam, c.d);
                 }
-                assert!(g.iter().flatten().all(|x| x.is_finite()), "{ctx} deterministic={det}: NaN or inf in a gradient");
-                h.expected(&f.out.to_f32_vec().unwrap()).check(&g).unwrap_or_else(|e| panic!("{ctx} deterministic={det}: {e}"));
             }
         }
     }
@@ -966,8 +1074,9 @@ fn fully_masked_rows_have_zero_dq() {
     let c = Case { dtype: DType::BF16, d: 128, hq: 2, hk: 2, opts: plain(true, (-1, -1), 0.0), amp: Amp { q: 1.0, k: 1.0, v: 1.0 } };
     let p = Packing { slots_q: vec![30, 80, 5], slots_k: vec![0, 20, 5], used_q: None, used_k: None, tail: (0, 0), extra_max: (0, 0) };
     for det in [false, true] {
-        varlen_case(&mut rng, &c, &p, det).unwrap_or_else(|e| panic!("seed {seed}: {p:?} deterministic={det}: {e}"));
+        varlen_case(&mut rng, &c, &p, det, Kernels::Every, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {p:?} deterministic={det}: {e}"));
     }
+    tally.report();
 }
 
 /// Zero-size problems are legal and give empty or all-zero gradients.

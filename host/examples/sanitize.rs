@@ -1,12 +1,61 @@
-//! The driver benches/sanitize.sh runs under compute-sanitizer: every kernel family on small problems, once
-//! each. Both dtypes, every head dim, dense and packed (varlen with seqused padding, an empty sequence and
-//! tail rows), causal and window + softcap, GQA, forward, backward and deterministic backward, on the wgmma
-//! kernels (Hopper) and on the mma.sync ones (`no_wgmma`). Prints one line per case and `SANITIZE done
-//! <n> cases`; an error from the library exits 1.
+//! The driver benches/sanitize.sh runs under compute-sanitizer (memcheck, racecheck, synccheck,
+//! initcheck): every kernel family once per layout and mask, on problems as small as still reach every
+//! code path. Run on the GPU machine; without a CUDA GPU it prints a notice and exits 0.
 //!
-//! `sanitize [head dims, comma-separated] [wgmma|mma]` restricts the cases (racecheck is slow).
+//! `sanitize [HEAD_DIMS|all] [wgmma|mma|both] [bf16|f16] [--plan]`, in any order: head dims as a comma
+//! list (default every one the kernels have), the kernel family (default both), one dtype (default
+//! both). `--plan` prints the cases and the launch count for an H200 without running anything (no GPU
+//! needed).
+//!
+//! Per (dtype, head dim) and for each of two masks, on a dense problem and on a packed one: causal
+//! (interior tiles, diagonal tiles, tiles past the diagonal skipped, rows that see no key) and a window
+//! (20, 10) with softcap (tiles skipped on both sides, tanh). The kernels decide per tile whether to
+//! mask, so an unmasked problem adds no path beyond the interior tiles.
+//! - mma.sync (`no_wgmma`): forward, backward with atomic dq (prep, dK/dV, convert) and deterministic
+//!   backward (prep, dK/dV, dq kernel);
+//! - wgmma, Hopper only and only where the variant table has them (what the default choice runs there):
+//!   the forward (head dims 64-256), and at head dims 64 and 128 the backward with a CTA per key block
+//!   (prep, dK/dV, convert) and with `bwd_chain_all` (a CTA walks every key block and converts dq; prep,
+//!   dK/dV); plus one forward whose grid chains row blocks (one CTA per (head, sequence), as many heads
+//!   as multiprocessors: the dispatch's own choice at that size).
+//! The deterministic backward is mma.sync under any choice, and so is everything at head dim 32: each
+//! runs once.
+//!
+//! Sizes: dense b=2, sq=190 (2 forward row blocks of 128, 3 backward query steps of 64), sk=280 (3 K/V
+//! tiles of 128, 5 of 64: both pipeline stages reused; causal: the first row block skips the last
+//! tile), 2 q heads on 1 kv head (GQA). Packed: 4 sequences with seqused below the slots (q 70 of 75,
+//! 0 of 0, 140 of 140, 30 of 30; k 40 of 60, 33 of 40, 170 of 200, 0 of 20): rows that see no key
+//! (sq > sk), keys no query sees, a sequence with no key, an empty slot, 7 + 5 tail rows; max_seqlen_k
+//! 170 (2 wgmma key blocks). Every output is copied back after its call (so initcheck also sees any
+//! output byte no kernel wrote) and the case's line is printed only then. Prints `SANITIZE plan ...`
+//! first and `SANITIZE done <cases> cases, <launches> kernel launches` last; an error from the library
+//! exits 1.
+
+#[path = "../src/shared/variants.rs"]
+#[allow(dead_code, unused_macros)]
+mod variants;
 
 use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Device, KernelChoice, Tensor, Varlen, HEAD_DIMS};
+use std::time::Instant;
+
+const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false };
+const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false };
+const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true };
+
+/// Dense problem: (b, sq, sk, hq, hk).
+const DENSE: (usize, usize, usize, usize, usize) = (2, 190, 280, 2, 1);
+/// Packed problem: slots, seqused, tail rows (q, k).
+const SLOTS_Q: [usize; 4] = [75, 0, 140, 30];
+const SLOTS_K: [usize; 4] = [60, 40, 200, 20];
+const USED_Q: [usize; 4] = [70, 0, 140, 30];
+const USED_K: [usize; 4] = [40, 33, 170, 0];
+const TAIL: (usize, usize) = (7, 5);
+/// The chained-grid forward: b=1, as many q heads as multiprocessors on one kv head, sq=130 (2 row
+/// blocks), sk=200.
+const CHAINED: (usize, usize) = (130, 200);
+
+/// (name, causal, window, softcap)
+const MASKS: [(&str, bool, (i64, i64), f32); 2] = [("causal", true, (-1, -1), 0.0), ("window(20,10)+softcap3", false, (20, 10), 3.0)];
 
 fn values(n: usize, seed: &mut u64) -> Vec<f32> {
     (0..n)
@@ -19,50 +68,190 @@ fn values(n: usize, seed: &mut u64) -> Vec<f32> {
         .collect()
 }
 
-fn main() -> flash_attn::Result<()> {
-    if !flash_attn::cuda::available() {
-        println!("SKIPPED sanitize: no CUDA GPU on this machine");
-        return Ok(());
+fn prefix(x: &[usize]) -> Vec<i32> {
+    std::iter::once(0).chain(x.iter().scan(0, |a, &l| {
+        *a += l as i32;
+        Some(*a)
+    })).collect()
+}
+
+fn kernel_dtype(dtype: DType) -> variants::KernelDType {
+    if dtype == DType::F16 { variants::KernelDType::F16 } else { variants::KernelDType::BF16 }
+}
+
+/// What one (dtype, head dim) runs: the wgmma pieces that exist for it on this GPU, and whether the
+/// mma.sync pieces run.
+struct Plan {
+    mma: bool,
+    wg_fwd: bool,
+    wg_bwd: bool,
+}
+
+impl Plan {
+    fn new(d: usize, dtype: DType, hopper: bool, families: (bool, bool)) -> Plan {
+        let kd = kernel_dtype(dtype);
+        Plan {
+            mma: families.1,
+            wg_fwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some(),
+            wg_bwd: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some(),
+        }
     }
-    let args: Vec<String> = std::env::args().collect();
-    let dims: Vec<usize> = args.get(1).map_or(HEAD_DIMS.to_vec(), |a| a.split(',').filter_map(|d| d.parse().ok()).collect());
-    let paths: &[bool] = match args.get(2).map(String::as_str) {
-        Some("wgmma") => &[false],
-        Some("mma") => &[true],
-        _ => &[false, true],
-    };
-    let gpu = Device::Cuda(0);
-    let mut seed = 11u64;
-    let mut cases = 0;
-    let (hq, hk) = (4, 2);
-    for dtype in [DType::BF16, DType::F16] {
-        for &d in &dims {
-            let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
-            // Dense: b=2, sq=70, sk=150.
-            let (q, k, v, g) = (t(&[2, 70, hq, d])?, t(&[2, 150, hk, d])?, t(&[2, 150, hk, d])?, t(&[2, 70, hq, d])?);
-            // Packed: slots of 50, 0 and 80 queries (keys 60, 40, 90), seqused below each slot, 7 + 5 tail rows.
-            let (tq, tk) = (137, 195);
-            let (pq, pk, pv, pg) = (t(&[tq, hq, d])?, t(&[tk, hk, d])?, t(&[tk, hk, d])?, t(&[tq, hq, d])?);
-            let i32s = |x: &[i32]| Tensor::from_i32(x.to_vec(), &[x.len()])?.to_device(gpu);
-            let (cu_q, cu_k, used_q, used_k) = (i32s(&[0, 50, 50, 130])?, i32s(&[0, 60, 100, 190])?, i32s(&[45, 0, 80])?, i32s(&[60, 33, 70])?);
-            let varlen = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: 80, max_seqlen_k: 70, seqused_q: Some(&used_q), seqused_k: Some(&used_k) };
-            for &no_wgmma in paths {
-                for (causal, window, softcap) in [(true, (-1, -1), 0.0), (false, (20, 10), 3.0)] {
-                    let opts = AttnOptions { causal, window, softcap, kernels: KernelChoice { no_wgmma, ..Default::default() }, ..Default::default() };
-                    let f = fwd(&q, &k, &v, &opts)?;
-                    let pf = varlen_fwd(&pq, &pk, &pv, &varlen, &opts)?;
-                    for det in [false, true] {
-                        bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts, det)?;
-                        varlen_bwd(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, &varlen, &opts, det)?;
-                    }
-                    // Copying a result back waits for the kernels, so an error surfaces in this case.
-                    f.out.to_f32_vec()?;
-                    cases += 1;
-                    println!("case {dtype} d{d} {} causal={causal} window={window:?} softcap={softcap}: fwd, varlen fwd, bwd, varlen bwd (atomic and deterministic)", if no_wgmma { "mma.sync" } else { "default kernels" });
+    /// Kernel launches per mask (dense + packed), and of the chained forward.
+    fn launches(&self) -> usize {
+        let blocks = |sk: usize| sk.div_ceil(variants::BWD_WG_BLOCK_N);
+        // The wgmma backward: prep + dK/dV, + convert unless one CTA covers the key blocks.
+        let wg = |gx: usize| if gx == 1 { 2 } else { 3 };
+        let max_k = USED_K.iter().copied().max().unwrap();
+        let mut n = 0;
+        if self.mma {
+            n += 2 * (1 + 3 + 3);
+        }
+        if self.wg_fwd || self.wg_bwd {
+            n += 2;
+        }
+        if self.wg_bwd {
+            n += wg(blocks(DENSE.2)) + wg(blocks(max_k)) + 2 * wg(1);
+        }
+        n * MASKS.len() + usize::from(self.wg_fwd)
+    }
+}
+
+/// Every output's bytes back on the host (waits for the kernels; initcheck checks the copy's source).
+fn fetch(ts: &[&Tensor]) -> flash_attn::Result<()> {
+    for t in ts {
+        t.to_bytes()?;
+    }
+    Ok(())
+}
+
+fn main() -> flash_attn::Result<()> {
+    let mut dims: Vec<usize> = HEAD_DIMS.to_vec();
+    let mut families = (true, true); // (wgmma, mma.sync)
+    let mut dtypes = vec![DType::BF16, DType::F16];
+    let mut plan_only = false;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "wgmma" => families = (true, false),
+            "mma" | "mma.sync" => families = (false, true),
+            "both" => families = (true, true),
+            "bf16" => dtypes = vec![DType::BF16],
+            "f16" => dtypes = vec![DType::F16],
+            "all" => dims = HEAD_DIMS.to_vec(),
+            "--plan" => plan_only = true,
+            _ if a.chars().all(|c| c.is_ascii_digit() || c == ',') => {
+                dims = a.split(',').filter_map(|d| d.parse().ok()).collect();
+                if let Some(bad) = dims.iter().find(|d| !HEAD_DIMS.contains(d)) {
+                    eprintln!("sanitize: no kernel for head dim {bad} (have {HEAD_DIMS:?})");
+                    std::process::exit(2);
                 }
+            }
+            _ => {
+                eprintln!("usage: sanitize [HEAD_DIMS, e.g. 64,128 or all] [wgmma|mma|both] [bf16|f16] [--plan]");
+                std::process::exit(2);
             }
         }
     }
-    println!("SANITIZE done {cases} cases");
+    let (hopper, sms, device) = if plan_only {
+        (true, 132, "an H200 (plan only: compute capability 9.0, 132 multiprocessors)".to_string())
+    } else {
+        if !flash_attn::cuda::available() {
+            println!("SKIPPED sanitize: no CUDA GPU on this machine");
+            return Ok(());
+        }
+        let name = flash_attn::cuda::device_name(0)?;
+        let ctx = cudarc::driver::CudaContext::new(0).map_err(|e| flash_attn::Error::Cuda(e.to_string()))?;
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let attr = |a| ctx.attribute(a).map_err(|e| flash_attn::Error::Cuda(e.to_string()));
+        let cc = (attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?);
+        let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        (cc == (9, 0), sms, format!("{name} (sm_{}{}, {sms} multiprocessors)", cc.0, cc.1))
+    };
+    let plans: Vec<(DType, usize, Plan)> = dtypes.iter().flat_map(|&dt| dims.iter().map(move |&d| (dt, d, Plan::new(d, dt, hopper, families)))).collect();
+    let total: usize = plans.iter().map(|p| p.2.launches()).sum();
+    let cases = plans.iter().filter(|p| p.2.launches() > 0).count() * MASKS.len() + plans.iter().filter(|p| p.2.wg_fwd).count();
+    println!("SANITIZE plan: {cases} cases, {total} kernel launches on {device}; head dims {dims:?}, dtypes {dtypes:?}, families {}{}", if families.0 { "wgmma " } else { "" }, if families.1 { "mma.sync" } else { "" });
+    if families.0 && !families.1 && !hopper {
+        println!("SANITIZE note: no wgmma kernels on this GPU (they need compute capability 9.0): nothing to run");
+    }
+    if plan_only {
+        for (dtype, d, p) in &plans {
+            println!("  {dtype} d{d}: mma.sync {}, wgmma fwd {}, wgmma bwd {}: {} launches", p.mma, p.wg_fwd, p.wg_bwd, p.launches());
+        }
+        return Ok(());
+    }
+
+    let gpu = Device::Cuda(0);
+    let mut seed = 11u64;
+    let (mut done, mut launched) = (0, 0);
+    let start = Instant::now();
+    let (b, sq, sk, hq, hk) = DENSE;
+    let (cu_q, cu_k) = (prefix(&SLOTS_Q), prefix(&SLOTS_K));
+    let (tq, tk) = (*cu_q.last().unwrap() as usize + TAIL.0, *cu_k.last().unwrap() as usize + TAIL.1);
+    let i32s = |x: Vec<i32>| -> flash_attn::Result<Tensor> {
+        let n = x.len();
+        Tensor::from_i32(x, &[n])?.to_device(gpu)
+    };
+    let used = |x: &[usize]| x.iter().map(|&v| v as i32).collect::<Vec<_>>();
+    let (cu_q, cu_k, used_q, used_k) = (i32s(cu_q)?, i32s(cu_k)?, i32s(used(&USED_Q))?, i32s(used(&USED_K))?);
+    let varlen = Varlen {
+        cu_seqlens_q: &cu_q,
+        cu_seqlens_k: &cu_k,
+        max_seqlen_q: USED_Q.iter().copied().max().unwrap(),
+        max_seqlen_k: USED_K.iter().copied().max().unwrap(),
+        seqused_q: Some(&used_q),
+        seqused_k: Some(&used_k),
+    };
+    for (dtype, d, plan) in &plans {
+        let (dtype, d) = (*dtype, *d);
+        if plan.launches() == 0 {
+            continue;
+        }
+        let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
+        let (q, k, v, g) = (t(&[b, sq, hq, d])?, t(&[b, sk, hk, d])?, t(&[b, sk, hk, d])?, t(&[b, sq, hq, d])?);
+        let (pq, pk, pv, pg) = (t(&[tq, hq, d])?, t(&[tk, hk, d])?, t(&[tk, hk, d])?, t(&[tq, hq, d])?);
+        for (mask, causal, window, softcap) in MASKS {
+            let case_start = Instant::now();
+            let opts = |kernels| AttnOptions { causal, window, softcap, kernels, ..Default::default() };
+            let mut ran: Vec<String> = Vec::new();
+            // The forward under `kernels`, then the backward from its out and LSE for each (choice,
+            // deterministic) in `bwds`; every output fetched.
+            let mut run = |kernels: KernelChoice, label: &str, bwds: &[(KernelChoice, bool, &str)]| -> flash_attn::Result<()> {
+                let f = fwd(&q, &k, &v, &opts(kernels))?;
+                let pf = varlen_fwd(&pq, &pk, &pv, &varlen, &opts(kernels))?;
+                fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                ran.push(format!("{label} fwd"));
+                for &(choice, det, what) in bwds {
+                    let gd = bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts(choice), det)?;
+                    let gp = varlen_bwd(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, &varlen, &opts(choice), det)?;
+                    fetch(&[&gd.dq, &gd.dk, &gd.dv, &gp.dq, &gp.dk, &gp.dv])?;
+                    ran.push(what.to_string());
+                }
+                Ok(())
+            };
+            if plan.mma {
+                run(NO_WGMMA, "mma.sync", &[(NO_WGMMA, false, "mma.sync bwd"), (NO_WGMMA, true, "mma.sync deterministic bwd")])?;
+            }
+            if plan.wg_fwd || plan.wg_bwd {
+                let bwds: &[(KernelChoice, bool, &str)] = if plan.wg_bwd { &[(DEFAULT, false, "wgmma bwd"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")] } else { &[] };
+                run(DEFAULT, if plan.wg_fwd { "wgmma" } else { "default (mma.sync)" }, bwds)?;
+            }
+            done += 1;
+            println!("case {done}/{cases} {dtype} d{d} {mask}: dense {b}x{sq}x{sk} and packed {tq}x{tk}: {} ({:.2} s, {:.0} s total)", ran.join(", "), case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
+        }
+        if plan.wg_fwd {
+            // One CTA per (head, sequence) walking both row blocks: as many heads as multiprocessors fill
+            // one whole wave, and the problem is masked (dispatch.rs `fwd_launch`).
+            let case_start = Instant::now();
+            let (cq, ck) = CHAINED;
+            let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
+            let (q, k, v) = (t(&[1, cq, sms, d])?, t(&[1, ck, 1, d])?, t(&[1, ck, 1, d])?);
+            let f = fwd(&q, &k, &v, &AttnOptions { causal: true, ..Default::default() })?;
+            fetch(&[&f.out, &f.lse])?;
+            done += 1;
+            println!("case {done}/{cases} {dtype} d{d} causal: wgmma fwd with chained row blocks, 1x{cq}x{ck}, {sms} q heads on 1 kv head ({:.2} s, {:.0} s total)", case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
+        }
+        launched += plan.launches();
+    }
+    println!("SANITIZE done {done} cases, {launched} kernel launches in {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -230,9 +230,14 @@ fn cmd_bundle() -> Result<(), String> {
     }
     let ptx_dir = bundle.join("ptx");
     ptx::build_ptx(Path::new(&cargo), &root, &ptx_dir)?;
-    for script in ["torch_fwd.py", "torch_bwd.py", "compare.py", "run.sh", "sanitize.sh"] {
+    // Every script of benches/ (run.sh and the PyTorch comparison, sanitize.sh over example-sanitize).
+    let benches = std::fs::read_dir(root.join("benches")).map_err(|e| e.to_string())?;
+    let mut scripts: Vec<String> = benches.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".sh") || n.ends_with(".py")).collect();
+    scripts.sort();
+    for script in &scripts {
         std::fs::copy(root.join("benches").join(script), bundle.join(script)).map_err(|e| format!("copy {script}: {e}"))?;
     }
+    println!("bundle scripts: {}", scripts.join(", "));
     let total: u64 = std::fs::read_dir(&bundle).map_err(|e| e.to_string())?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
     println!("bundle: {} files, {:.1} MiB in {}", copied.len() + 1, total as f64 / (1 << 20) as f64, bundle.display());
     for f in &copied {

@@ -1,0 +1,117 @@
+//! Which kernel family a CUDA call runs on, and a per-test tally of the families that passed, for the GPU
+//! suites (gpu.rs, gpu_bwd.rs). On a Hopper GPU (compute capability 9.0) the default choice runs the
+//! wgmma kernels where the variant table has them (forward: head dims 64-256; backward dK/dV: 64 and 128,
+//! not deterministic) and mma.sync elsewhere; `no_wgmma` keeps every call on mma.sync, so the suites run
+//! their cases under both to cover both families at every head dim. `bwd_chain_all` is a third backward
+//! path (one CTA walks every key block and converts dq itself) where a wgmma backward has several key
+//! blocks. The rules mirror host/src/dispatch.rs (`fwd_launch`, `bwd_launches`; pinned by its
+//! `hopper_dispatch_picks_wgmma_kernels_where_they_exist`) over the same table (host/src/shared/).
+//! The labels only name what ran; a case runs under `no_wgmma` on Hopper whatever they say.
+#![allow(dead_code)]
+
+#[path = "../../host/src/shared/variants.rs"]
+#[allow(unused_macros)]
+mod variants;
+
+use flash_attn::{DType, KernelChoice};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::sync::OnceLock;
+
+pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false };
+pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false };
+pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true };
+
+/// GPU 0 as the dispatch sees it: (name, compute capability, multiprocessors); None without CUDA.
+pub fn gpu() -> Option<&'static (String, (i32, i32), i32)> {
+    static GPU: OnceLock<Option<(String, (i32, i32), i32)>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        if !flash_attn::cuda::available() {
+            return None;
+        }
+        // The library's context first (the primary one, which this retains too), so that dropping ours
+        // does not tear it down.
+        let name = flash_attn::cuda::device_name(0).ok()?;
+        let ctx = cudarc::driver::CudaContext::new(0).ok()?;
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let a = |x| ctx.attribute(x).ok();
+        Some((name, (a(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?, a(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?), a(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?))
+    })
+    .as_ref()
+}
+
+/// Compute capability 9.0: the sm_90a module and its wgmma kernels (host/src/module.rs).
+pub fn hopper() -> bool {
+    gpu().is_some_and(|g| g.1 == (9, 0))
+}
+
+fn kernel_dtype(dtype: DType) -> variants::KernelDType {
+    if dtype == DType::F16 { variants::KernelDType::F16 } else { variants::KernelDType::BF16 }
+}
+
+/// The forward kernel family `choice` runs at head dim `d`: "wgmma" or "mma.sync".
+pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str {
+    if hopper() && !choice.no_wgmma && variants::fwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() { "wgmma" } else { "mma.sync" }
+}
+
+/// The backward's dK/dV kernel family: "wgmma" (a CTA per key block; one block is the chained kernel
+/// too), "wgmma chained" (`bwd_chain_all` over several key blocks), "mma.sync" (atomic dq) or "mma.sync
+/// deterministic" (the separate dq kernel). `max_seqlen_k`: sk, or varlen's max_seqlen_k.
+pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelChoice, max_seqlen_k: usize) -> &'static str {
+    if hopper() && !choice.no_wgmma && !deterministic && variants::bwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
+        if choice.bwd_chain_all && max_seqlen_k > variants::BWD_WG_BLOCK_N { "wgmma chained" } else { "wgmma" }
+    } else if deterministic {
+        "mma.sync deterministic"
+    } else {
+        "mma.sync"
+    }
+}
+
+/// The forward's choices worth running here: the default, and on Hopper `no_wgmma` (elsewhere it changes
+/// nothing).
+pub fn fwd_choices() -> Vec<(&'static str, KernelChoice)> {
+    if hopper() { vec![("default", DEFAULT), ("no_wgmma", NO_WGMMA)] } else { vec![("default", DEFAULT)] }
+}
+
+/// The backward's: as the forward's, plus `bwd_chain_all` where it picks another path than the default
+/// (the chained wgmma kernel over several key blocks).
+pub fn bwd_choices(d: usize, dtype: DType, deterministic: bool, max_seqlen_k: usize) -> Vec<(&'static str, KernelChoice)> {
+    let mut c = fwd_choices();
+    if bwd_family(d, dtype, deterministic, CHAIN_ALL, max_seqlen_k) != bwd_family(d, dtype, deterministic, DEFAULT, max_seqlen_k) {
+        c.push(("bwd_chain_all", CHAIN_ALL));
+    }
+    c
+}
+
+/// What one test ran and passed: per (kernel choice, family), the runs and head dims.
+pub struct Tally {
+    test: &'static str,
+    runs: BTreeMap<(&'static str, &'static str), (usize, BTreeSet<usize>)>,
+}
+
+impl Tally {
+    pub fn new(test: &'static str) -> Tally {
+        Tally { test, runs: BTreeMap::new() }
+    }
+
+    pub fn add(&mut self, choice: &'static str, family: &'static str, d: usize) {
+        let e = self.runs.entry((choice, family)).or_default();
+        e.0 += 1;
+        e.1.insert(d);
+    }
+
+    /// One line per (choice, family), written past the test harness's capture so that the GPU
+    /// machine's log shows which kernels each passing test ran.
+    pub fn report(&self) {
+        let dev = match gpu() {
+            Some((name, (ma, mi), _)) => format!("{name}, sm_{ma}{mi}{}", if hopper() { "" } else { ": not Hopper, no_wgmma not repeated" }),
+            None => "no GPU (the CPU path)".to_string(),
+        };
+        let mut s = format!("KERNELS {} passed on {dev}:\n", self.test);
+        for ((choice, family), (n, dims)) in &self.runs {
+            let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+            s += &format!("    {choice:<14} -> {family:<23} {n:>4} runs, head dims {}\n", dims.join(","));
+        }
+        let _ = std::io::stderr().write_all(s.as_bytes());
+    }
+}
