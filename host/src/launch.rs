@@ -15,13 +15,14 @@ use std::sync::OnceLock;
 /// The environment's process-wide kernel overrides (read once: a call must not allocate).
 fn env_choice() -> KernelChoice {
     static ENV: OnceLock<KernelChoice> = OnceLock::new();
-    *ENV.get_or_init(|| KernelChoice { no_wgmma: std::env::var_os("FLASH_ATTN_NO_WGMMA").is_some(), bwd_chain_all: std::env::var_os("FLASH_ATTN_BWD_CHAIN_ALL").is_some() })
+    let set = |name| std::env::var_os(name).is_some();
+    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_ws: set("FLASH_ATTN_FWD_WS") })
 }
 
 /// The kernel choice in force: the call's, or the environment's where it forces one.
 fn choice(call: KernelChoice) -> KernelChoice {
     let env = env_choice();
-    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all }
+    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_ws: call.fwd_ws || env.fwd_ws }
 }
 
 /// Multiprocessors for the sm_90a module's wgmma kernels: a Hopper GPU unless `no_wgmma`.
@@ -139,14 +140,14 @@ pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenVi
     unsafe { queue(f, &l, &params, stream) }
 }
 
-/// Whether the warp-specialized forward (opt-in for now: `FLASH_ATTN_FWD_WS`) takes this problem: a
+/// Whether the warp-specialized forward (opt-in for now: `KernelChoice::fwd_ws`) takes this problem: a
 /// Hopper GPU, a head dim it has, and operands the copy engine can address (see `tma_maps`).
 fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -> Option<(crate::dispatch::FwdLaunch, i32)> {
-    static OPT_IN: OnceLock<bool> = OnceLock::new();
-    if !*OPT_IN.get_or_init(|| std::env::var_os("FLASH_ATTN_FWD_WS").is_some()) {
+    let kernels = choice(kernels);
+    if !kernels.fwd_ws {
         return None;
     }
-    let sms = hopper_sms(gpu, choice(kernels))?;
+    let sms = hopper_sms(gpu, kernels)?;
     let addressable = [(&t.q, &p.q), (&t.k, &p.k), (&t.v, &p.v)].iter().all(|(v, st)| {
         let ok = |x: usize| (x * 2) % 16 == 0 && ((x * 2) as u64) < (1u64 << 40);
         v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (p.varlen || (st.batch > 0 && ok(st.batch)))

@@ -72,8 +72,8 @@ impl Default for AttnOptions {
 }
 
 /// Kernel selection for A/B comparisons and tests of paths small problems would not take. The
-/// environment can force either for a whole process (`FLASH_ATTN_NO_WGMMA`, `FLASH_ATTN_BWD_CHAIN_ALL`,
-/// any value, read once).
+/// environment can force each for a whole process (`FLASH_ATTN_NO_WGMMA`, `FLASH_ATTN_BWD_CHAIN_ALL`,
+/// `FLASH_ATTN_FWD_WS`, any value, read once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct KernelChoice {
     /// Keep Hopper on the mma.sync kernels instead of the wgmma ones.
@@ -81,6 +81,10 @@ pub struct KernelChoice {
     /// The Hopper backward walks every key block of a (sequence, kv head) in one CTA, which it otherwise
     /// does only where that measured faster.
     pub bwd_chain_all: bool,
+    /// Hopper forward: the warp-specialized kernel (bulk tensor copies, a producer warpgroup, two
+    /// consumer warpgroups, persistent grid) where it applies, instead of the wgmma kernel; opt-in while
+    /// it is slower (benches/RESULTS.md). Also `FLASH_ATTN_FWD_WS`.
+    pub fwd_ws: bool,
 }
 
 /// A strided view of caller memory: what the raw layer takes for every tensor argument.
