@@ -110,6 +110,10 @@ impl Plan {
         if self.wg_fwd || self.wg_bwd {
             n += 2;
         }
+        if self.wg_fwd {
+            // The warp-specialized forward, dense and packed.
+            n += 2;
+        }
         if self.wg_bwd {
             n += wg(blocks(DENSE.2)) + wg(blocks(max_k)) + 2 * wg(1);
         }
