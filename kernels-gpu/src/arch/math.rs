@@ -73,3 +73,16 @@ pub fn unpack_f16x2(x: u32) -> (f32, f32) {
     }
     (lo, hi)
 }
+
+/// `a / b` and `a % b` without Rust's divide-by-zero check, whose `trap` path (reachable from a warp-
+/// specialized kernel's consumer code) makes ptxas compile that code against the kernel's entry
+/// register count instead of its `setmaxnreg` budget. The callers' divisors are nonzero by validation
+/// (head counts, tile counts); a zero gives an unspecified quotient, never a trap.
+#[inline(always)]
+pub fn div_rem_u32(a: u32, b: u32) -> (u32, u32) {
+    let (q, r): (u32, u32);
+    unsafe {
+        asm!("div.u32 {q}, {a}, {b};", "rem.u32 {r}, {a}, {b};", q = out(reg32) q, r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, options(pure, nomem, nostack))
+    }
+    (q, r)
+}

@@ -11,7 +11,7 @@ mod ws;
 
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
 use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
-use crate::arch::math::{pack_bf16x2, pack_f16x2, tanh, unpack_bf16x2, unpack_f16x2};
+use crate::arch::math::{div_rem_u32, pack_bf16x2, pack_f16x2, tanh, unpack_bf16x2, unpack_f16x2};
 use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::mma::{mma_bf16, mma_f16};
 use crate::arch::reg::{opaque_i64, opaque_u32};
@@ -412,7 +412,8 @@ impl HeadSlice {
     pub(crate) fn new(p: &FwdParams, bidb: i32, bidh: i32) -> HeadSlice {
         // The tail slice's keys are never read (its rows are all padding).
         let (sq, sk) = p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
-        let bidh_kv = bidh / (p.h / p.h_k);
+        // Unchecked divisions (arch::math::div_rem_u32): h and h_k are positive by validation.
+        let bidh_kv = div_rem_u32(bidh as u32, div_rem_u32(p.h as u32, p.h_k as u32).0).0 as i32;
         let (b, h, hk) = (bidb as i64, bidh as i64, bidh_kv as i64);
         HeadSlice {
             sq,

@@ -7,6 +7,7 @@
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
+use crate::arch::math::div_rem_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads};
@@ -75,8 +76,11 @@ impl Tiles {
         }
         let t = self.next;
         self.next += grid_dim_x() as i32;
-        let r = t % self.per_row_block;
-        Some((self.m_blocks - 1 - t / self.per_row_block, r % self.heads, r / self.heads))
+        // Unchecked divisions: a trap path here would cost the consumers their register budget (see
+        // div_rem_u32); both divisors are positive (the host launches only with tiles to do).
+        let (m, r) = div_rem_u32(t as u32, self.per_row_block as u32);
+        let (bidb, bidh) = div_rem_u32(r, self.heads as u32);
+        Some((self.m_blocks - 1 - m as i32, bidh as i32, bidb as i32))
     }
 
     /// Walk every row block of every tile of this block: `f(head, m0)`.
