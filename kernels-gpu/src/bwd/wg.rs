@@ -9,7 +9,8 @@
 //!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
-use super::{convert_rows, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
+use super::convert::convert_rows;
+use super::{grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::{red_add_v2_f32, st_global_u32};
 use crate::arch::reg::opaque_u32;
