@@ -1,5 +1,6 @@
 //! The kernels' pure index logic (kernels-gpu/src/{mask,block,seqlen}.rs), compiled for the host and
-//! checked exhaustively against the mask's definition: the per-element band test agrees with it, tile skipping never drops a visible key, the
+//! checked exhaustively against the mask's definition: the per-element band test and both fragment
+//! walkers agree with it, tile skipping never drops a visible key, the
 //! unmasked fast path is taken only where every key is visible, and clamped lengths stay in bounds
 //! whatever cu_seqlens/seqused hold.
 
@@ -36,6 +37,43 @@ proptest! {
         let j = ((sk - 1) as f64 * j_frac) as i32;
         let band = mask::Band::new(i - dr, j - dk, sq, sk, left, right);
         prop_assert_eq!(band.sees(dk - dr), visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64));
+    }
+
+    #[test]
+    fn query_major_walker_hides_exactly_the_masked_pairs(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), m_frac in 0.0..1.0f64, n_frac in 0.0..1.0f64, g in 0..8i32, t in 0..4i32) {
+        // Thread (g, t) of a warp with two m16 tiles from query m0 and eight n8 tiles from key n0 (the
+        // forward's shape), rows past sq included.
+        let (m0, n0) = ((sq as f64 * m_frac) as i32 / 16 * 16, (sk as f64 * n_frac) as i32 / 64 * 64);
+        let (row0, key0) = (m0 + g, n0 + 2 * t);
+        let mut hidden = [[[false; 4]; 8]; 2];
+        mask::for_each_hidden_qk::<2, 8>(row0, key0, sq, sk, left, right, |mt, j, i| hidden[mt][j][i] = true);
+        for mt in 0..2 {
+            for j in 0..8 {
+                for i in 0..4 {
+                    let (q, k) = (row0 + 16 * mt as i32 + 8 * (i as i32 / 2), key0 + 8 * j as i32 + i as i32 % 2);
+                    prop_assert_eq!(hidden[mt][j][i], !visible(q as i64, k as i64, sq as i64, sk as i64, left as i64, right as i64), "query {} key {}", q, k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn key_major_walker_hides_exactly_the_masked_pairs(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), m_frac in 0.0..1.0f64, n_frac in 0.0..1.0f64, g in 0..8i32, t in 0..4i32, warp_q in 0..2i32, warp_k in 0..4i32) {
+        // Thread (g, t) of the dk/dv kernels' shape: two m16 tiles of keys from n0 + 32 warp_k, four n8
+        // tiles of queries from m0 + 32 warp_q; queries at or past sq are padding (hidden).
+        let (m0, n0) = ((sq as f64 * m_frac) as i32 / 64 * 64, (sk as f64 * n_frac) as i32 / 128 * 128);
+        let (row0, key0) = (m0 + 32 * warp_q + 2 * t, n0 + 32 * warp_k + g);
+        let mut hidden = [[[false; 4]; 4]; 2];
+        mask::for_each_hidden_kq::<2, 4>(row0, sq - row0, key0, sq, sk, left, right, |kt, j, i| hidden[kt][j][i] = true);
+        for kt in 0..2 {
+            for j in 0..4 {
+                for i in 0..4 {
+                    let (k, q) = (key0 + 16 * kt as i32 + 8 * (i as i32 / 2), row0 + 8 * j as i32 + i as i32 % 2);
+                    let shown = q < sq && visible(q as i64, k as i64, sq as i64, sk as i64, left as i64, right as i64);
+                    prop_assert_eq!(hidden[kt][j][i], !shown, "query {} key {}", q, k);
+                }
+            }
+        }
     }
 
     #[test]

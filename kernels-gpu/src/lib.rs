@@ -14,6 +14,7 @@ pub mod mask;
 pub mod params;
 pub mod seqlen;
 pub mod softmax;
+pub mod tile;
 #[path = "../../host/src/shared/variants.rs"]
 pub mod variants;
 

@@ -4,7 +4,7 @@
 use super::{row_addr, sequences};
 use crate::arch::mem::{ld_global_v4, st_global_v4};
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
-use crate::fwd::{Elem, BF16, F16};
+use crate::tile::{Elem, BF16, F16};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::variants::BWD_ROWS_PER_BLOCK;

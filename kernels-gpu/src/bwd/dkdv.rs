@@ -4,15 +4,14 @@
 
 use super::{grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
-use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::tile_needs_mask;
-use crate::fwd::{a_fragment, load_tile, Elem, BF16, F16};
 use crate::params::BwdParams;
+use crate::tile::{a_fragment, load_tile, mma_x4, warp_gemm, Elem, SmemTile, BF16, F16};
 use crate::variants::{row_pitch_bytes, BwdConfig};
 
 /// Compile-time shape of the dk/dv kernel: `D` head dim, `BN` keys, `BM` queries per step, `NW` warps,
@@ -79,25 +78,6 @@ unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW
         unsafe {
             cp_async_4(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::lse_stage(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
             cp_async_4(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
-        }
-    }
-}
-
-/// `acc += A B^T` over the head dim, both operands row-major `[rows][D]` in shared memory: A is `16 * KT`
-/// rows from `a` (this lane's ldmatrix address), B is `8 * QN` rows from `b`.
-#[inline(always)]
-unsafe fn rows_times_cols<E: Elem, const D: usize, const KT: usize, const QN: usize>(acc: &mut [[[f32; 4]; QN]; KT], a: u32, b: u32, rb: u32) {
-    for kk in 0..D / 16 {
-        let mut fa = [[0u32; 4]; KT];
-        for (kt, frag) in fa.iter_mut().enumerate() {
-            *frag = unsafe { ldmatrix_x4(a + (kt * 16) as u32 * rb + (kk * 32) as u32) };
-        }
-        for np in 0..QN / 2 {
-            let fb = unsafe { ldmatrix_x4(b + (np * 16) as u32 * rb + (kk * 32) as u32) };
-            for kt in 0..KT {
-                E::mma(&mut acc[kt][2 * np], fa[kt], [fb[0], fb[1]]);
-                E::mma(&mut acc[kt][2 * np + 1], fa[kt], [fb[2], fb[3]]);
-            }
         }
     }
 }
@@ -193,13 +173,19 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         // S^T = K Q^T and dP^T = V dO^T: this warp's 16*KT keys x QN*8 queries.
         let mut acc_s = [[[0f32; 4]; QN]; KT];
         let mut acc_dp = [[[0f32; 4]; QN]; KT];
-        let a_lane = ((kv_row0 + lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
-        let b_lane = ((q_col0 + lane % 8 + (lane / 16) * 8) as u32) * rb + ((lane / 8) % 2) as u32 * 16;
+        let (k, v) = (SmemTile::new(k_s, rb).at(kv_row0, 0).a(lane), SmemTile::new(v_s, rb).at(kv_row0, 0).a(lane));
+        let (q, dout) = (SmemTile::new(q_s, rb).at(q_col0, 0).b(lane), SmemTile::new(do_s, rb).at(q_col0, 0).b(lane));
         // Two passes (S^T, then dP^T) keep half the fragments live: registers are what this kernel runs out of.
-        unsafe {
-            rows_times_cols::<E, D, KT, QN>(&mut acc_s, k_s + a_lane, q_s + b_lane, rb);
-            rows_times_cols::<E, D, KT, QN>(&mut acc_dp, v_s + a_lane, do_s + b_lane, rb);
-        }
+        warp_gemm::<E, KT, QN>(
+            &mut acc_s, D / 16, QN / 2,
+            #[inline(always)] |kk, kt| unsafe { k.load(kt * 16, kk * 16) },
+            #[inline(always)] |kk, np| unsafe { q.load(np * 16, kk * 16) },
+        );
+        warp_gemm::<E, KT, QN>(
+            &mut acc_dp, D / 16, QN / 2,
+            #[inline(always)] |kk, kt| unsafe { v.load(kt * 16, kk * 16) },
+            #[inline(always)] |kk, np| unsafe { dout.load(np * 16, kk * 16) },
+        );
 
         // P and dS in place of S^T and dP^T; dS^T (and P^T when warps split the queries) to shared memory.
         let lse_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::lse_stage(base, stage);
@@ -224,8 +210,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         sync_threads();
 
         // dV += P^T dO and dK += dS^T Q: this warp's 16*KT keys x DWN*8 columns, k over all BM queries.
-        let pt_lane = ((kv_row0 + lane % 8 + ((lane / 8) % 2) * 8) as u32) * pb + (lane / 16) as u32 * 16;
-        let bt_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (d_col0 * 2) as u32 + (lane / 16) as u32 * 16;
+        let (pt, ds) = (SmemTile::new(pt_s, pb).at(kv_row0, 0).a(lane), SmemTile::new(ds_s, pb).at(kv_row0, 0).a(lane));
+        let (dout_t, q_t) = (SmemTile::new(do_s, rb).at(0, d_col0).b_trans(lane), SmemTile::new(q_s, rb).at(0, d_col0).b_trans(lane));
         for kk in 0..BM / 16 {
             let mut pa = [[0u32; 4]; KT];
             let mut da = [[0u32; 4]; KT];
@@ -234,20 +220,16 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
                     pa[kt] = a_fragment::<E>(&acc_s[kt][2 * kk], &acc_s[kt][2 * kk + 1]);
                     da[kt] = a_fragment::<E>(&acc_dp[kt][2 * kk], &acc_dp[kt][2 * kk + 1]);
                 } else {
-                    let off = pt_lane + (kt * 16) as u32 * pb + (kk * 32) as u32;
-                    pa[kt] = unsafe { ldmatrix_x4(pt_s + off) };
-                    da[kt] = unsafe { ldmatrix_x4(ds_s + off) };
+                    pa[kt] = unsafe { pt.load(kt * 16, kk * 16) };
+                    da[kt] = unsafe { ds.load(kt * 16, kk * 16) };
                 }
             }
             for dp in 0..DWN / 2 {
-                let off = (kk * 16) as u32 * rb + (dp * 32) as u32;
-                let ob = unsafe { ldmatrix_x4_trans(do_s + bt_lane + off) };
-                let qb = unsafe { ldmatrix_x4_trans(q_s + bt_lane + off) };
+                let ob = unsafe { dout_t.load(kk * 16, dp * 16) };
+                let qb = unsafe { q_t.load(kk * 16, dp * 16) };
                 for kt in 0..KT {
-                    E::mma(&mut acc_dv[kt][2 * dp], pa[kt], [ob[0], ob[1]]);
-                    E::mma(&mut acc_dv[kt][2 * dp + 1], pa[kt], [ob[2], ob[3]]);
-                    E::mma(&mut acc_dk[kt][2 * dp], da[kt], [qb[0], qb[1]]);
-                    E::mma(&mut acc_dk[kt][2 * dp + 1], da[kt], [qb[2], qb[3]]);
+                    mma_x4::<E, DWN>(&mut acc_dv[kt], dp, pa[kt], ob);
+                    mma_x4::<E, DWN>(&mut acc_dk[kt], dp, da[kt], qb);
                 }
             }
         }
@@ -257,27 +239,19 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
             let rm_count = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::RM;
             let dc = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::DC;
             let (rm, cd) = (warp % rm_count, warp / rm_count);
-            let dsa_lane = ((lane % 8 + (lane / 16) * 8) as u32) * pb + ((rm * 16 * DQT + ((lane / 8) % 2) * 8) * 2) as u32;
-            let kb_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + ((cd * dc) * 2) as u32 + (lane / 16) as u32 * 16;
+            let ds_t = SmemTile::new(ds_s, pb).at(0, rm * 16 * DQT).a_trans(lane);
+            let k_t = SmemTile::new(k_s, rb).at(0, cd * dc).b_trans(lane);
             let row_a = (rm * 16 * DQT) as i32 + g;
             let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + (cd * dc) as i64) * 4) as u64);
             // Columns in chunks of CH n8 tiles (4 * CH * DQT accumulator registers live at a time).
             let ch = if dc % 32 == 0 { 4 } else { 2 };
             for c in 0..dc / (8 * ch) {
                 let mut acc = [[[0f32; 4]; 4]; DQT];
-                for kk in 0..BN / 16 {
-                    let mut ds_a = [[0u32; 4]; DQT];
-                    for (mt, frag) in ds_a.iter_mut().enumerate() {
-                        *frag = unsafe { ldmatrix_x4_trans(ds_s + dsa_lane + (kk * 16) as u32 * pb + (mt * 32) as u32) };
-                    }
-                    for dp in 0..ch / 2 {
-                        let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + ((c * ch + 2 * dp) * 16) as u32) };
-                        for mt in 0..DQT {
-                            E::mma(&mut acc[mt][2 * dp], ds_a[mt], [b[0], b[1]]);
-                            E::mma(&mut acc[mt][2 * dp + 1], ds_a[mt], [b[2], b[3]]);
-                        }
-                    }
-                }
+                warp_gemm::<E, DQT, 4>(
+                    &mut acc, BN / 16, ch / 2,
+                    #[inline(always)] |kk, mt| unsafe { ds_t.load(kk * 16, mt * 16) },
+                    #[inline(always)] |kk, dp| unsafe { k_t.load(kk * 16, (c * ch + 2 * dp) * 8) },
+                );
                 for mt in 0..DQT {
                     for j in 0..ch {
                         let col = ((c * ch + j) * 8) as i64 + 2 * t as i64;

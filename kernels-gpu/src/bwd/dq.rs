@@ -4,24 +4,21 @@
 
 use super::{grad_elem_plain, grad_elem_softcap, lse_index, row_addr, sequences};
 use crate::arch::cp_async::{commit_group, wait_group};
-use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
 use crate::arch::mem::{ld_global_nc_f32, st_global_u32};
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
-use crate::fwd::{a_fragment, load_tile, Elem, BF16, F16};
-use crate::mask::key_range;
+use crate::mask::for_each_hidden_qk;
 use crate::params::BwdParams;
+use crate::tile::{a_fragment, load_tile, mma_x4, warp_gemm, Elem, SmemTile, BF16, F16};
 use crate::variants::FwdConfig;
 
-/// P and dS of one score, zero when hidden by the mask.
+/// P and dS of one score.
 #[inline(always)]
-fn grad_elem(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, visible: bool) -> (f32, f32) {
-    if !visible {
-        (0.0, 0.0)
-    } else if p.softcap_pre != 0.0 {
+fn grad_elem(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32) {
+    if p.softcap_pre != 0.0 {
         grad_elem_softcap(p, s, dp, lse2, delta)
     } else {
         grad_elem_plain(p, s, dp, lse2, delta)
@@ -110,43 +107,33 @@ unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, co
                 // S = Q K^T and dP = dO V^T for this warp's 16 rows.
                 let mut acc_s = [[0f32; 4]; NN];
                 let mut acc_dp = [[0f32; 4]; NN];
-                let a_lane = (((warp * 16) + lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
-                let b_lane = ((lane % 8 + (lane / 16) * 8) as u32) * rb + ((lane / 8) % 2) as u32 * 16;
+                let (q, dout) = (SmemTile::new(q_s, rb).at(warp * 16, 0).a(lane), SmemTile::new(do_s, rb).at(warp * 16, 0).a(lane));
+                let (k, v) = (SmemTile::new(k_s, rb).b(lane), SmemTile::new(v_s, rb).b(lane));
                 for kk in 0..D / 16 {
-                    let qa = unsafe { ldmatrix_x4(q_s + a_lane + (kk * 32) as u32) };
-                    let oa = unsafe { ldmatrix_x4(do_s + a_lane + (kk * 32) as u32) };
+                    let qa = unsafe { q.load(0, kk * 16) };
+                    let oa = unsafe { dout.load(0, kk * 16) };
                     for np in 0..NN / 2 {
-                        let kb = unsafe { ldmatrix_x4(k_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
-                        E::mma(&mut acc_s[2 * np], qa, [kb[0], kb[1]]);
-                        E::mma(&mut acc_s[2 * np + 1], qa, [kb[2], kb[3]]);
-                        let vb = unsafe { ldmatrix_x4(v_s + b_lane + (np * 16) as u32 * rb + (kk * 32) as u32) };
-                        E::mma(&mut acc_dp[2 * np], oa, [vb[0], vb[1]]);
-                        E::mma(&mut acc_dp[2 * np + 1], oa, [vb[2], vb[3]]);
+                        mma_x4::<E, NN>(&mut acc_s, np, qa, unsafe { k.load(np * 16, kk * 16) });
+                        mma_x4::<E, NN>(&mut acc_dp, np, oa, unsafe { v.load(np * 16, kk * 16) });
                     }
                 }
-                for half in 0..2 {
-                    let row = m0 + (warp * 16) as i32 + g + 8 * half as i32;
-                    let (lo, hi) = key_range(row, sq.used, sk.used, p.window_left, p.window_right);
-                    for j in 0..NN {
-                        for e in 0..2 {
-                            let col = n0 + 8 * j as i32 + 2 * t + e as i32;
-                            let visible = !masked || (col >= lo && col <= hi);
-                            let i = 2 * half + e;
-                            let (_, ds) = grad_elem(p, acc_s[j][i], acc_dp[j][i], lse2[half], delta[half], visible);
-                            acc_dp[j][i] = ds;
-                        }
+                // dS in place of dP; on boundary tiles, zero where the mask hides the pair.
+                for j in 0..NN {
+                    for i in 0..4 {
+                        acc_dp[j][i] = grad_elem(p, acc_s[j][i], acc_dp[j][i], lse2[i / 2], delta[i / 2]).1;
                     }
+                }
+                if masked {
+                    let row0 = m0 + (warp * 16) as i32 + g;
+                    for_each_hidden_qk::<1, NN>(row0, n0 + 2 * t, sq.used, sk.used, p.window_left, p.window_right, #[inline(always)] |_, j, i| acc_dp[j][i] = 0.0);
                 }
                 // dQ += dS K: dS's accumulator layout is the A fragment; K [keys][d] is read transposed.
-                let kb_lane = ((lane % 8 + ((lane / 8) % 2) * 8) as u32) * rb + (lane / 16) as u32 * 16;
-                for kk in 0..NN / 2 {
-                    let da = a_fragment::<E>(&acc_dp[2 * kk], &acc_dp[2 * kk + 1]);
-                    for dp in 0..DN / 2 {
-                        let b = unsafe { ldmatrix_x4_trans(k_s + kb_lane + (kk * 16) as u32 * rb + (dp * 32) as u32) };
-                        E::mma(&mut acc_dq[2 * dp], da, [b[0], b[1]]);
-                        E::mma(&mut acc_dq[2 * dp + 1], da, [b[2], b[3]]);
-                    }
-                }
+                let k_t = SmemTile::new(k_s, rb).b_trans(lane);
+                warp_gemm::<E, 1, DN>(
+                    core::array::from_mut(&mut acc_dq), NN / 2, DN / 2,
+                    #[inline(always)] |kk, _| a_fragment::<E>(&acc_dp[2 * kk], &acc_dp[2 * kk + 1]),
+                    #[inline(always)] |kk, dp| unsafe { k_t.load(kk * 16, dp * 16) },
+                );
                 it += 1;
             }
             sync_threads();

@@ -24,7 +24,7 @@ use crate::arch::math::{exp2, fma, tanh};
 use crate::arch::mem::ld_global_nc_i32;
 use crate::arch::smem;
 use crate::block::m_block_range;
-use crate::mask::Band;
+use crate::mask::for_each_hidden_kq;
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 
@@ -92,26 +92,14 @@ fn step_walk(p: &BwdParams, a: &KvArgs, bm: i32) -> (i32, impl Fn((i32, i32)) ->
 /// Zero P^T and dS^T of the hidden (query, key) pairs among this thread's `KT` key tiles x `QN` query
 /// tiles of the step at query row `m0` (`rows` real rows): keys `n0 + key0 + 16 kt (+ 8)`, query columns
 /// `col0 + 8 j (+ 1)` (the fragment layout of both backward kernels). Shared by the mma.sync and wgmma
-/// kernels; every per-element test is a compare against a compile-time offset (`mask::Band`).
+/// kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn mask_tile<const KT: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], m0: i32, rows: i32, key0: i32, col0: i32) {
-    let band = Band::new(m0 + col0, a.n0 + key0, a.sq.used, a.sk.used, p.window_left, p.window_right);
-    for j in 0..QN {
-        for e in 0..2 {
-            let dr = (8 * j + e) as i32;
-            let row_ok = col0 + dr < rows;
-            for kt in 0..KT {
-                for half in 0..2 {
-                    let dk = (16 * kt + 8 * half) as i32;
-                    if !(row_ok && a.n0 + key0 + dk < a.sk.used && band.sees(dk - dr)) {
-                        acc_s[kt][j][2 * half + e] = 0.0;
-                        acc_dp[kt][j][2 * half + e] = 0.0;
-                    }
-                }
-            }
-        }
-    }
+    for_each_hidden_kq::<KT, QN>(m0 + col0, rows - col0, a.n0 + key0, a.sq.used, a.sk.used, p.window_left, p.window_right, #[inline(always)] |kt, j, i| {
+        acc_s[kt][j][i] = 0.0;
+        acc_dp[kt][j][i] = 0.0;
+    });
 }
 
 /// P^T and dS^T in place of S^T and dP^T for this thread's `KT` key tiles x `QN` query tiles (queries

@@ -20,8 +20,8 @@ use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
-use crate::fwd::{a_fragment, BF16, F16};
 use crate::params::BwdParams;
+use crate::tile::{a_fragment, BF16, F16};
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
 
 const BN: usize = BWD_WG_BLOCK_N;
