@@ -1,7 +1,7 @@
 //! convert: dq = scale * the f32 accumulator, in the input type; rows of no sequence get 0. Head dim at
 //! run time. The Hopper dK/dV kernel runs `convert_rows` itself when one CTA walks all key blocks.
 
-use super::{row_addr, sequences};
+use super::{dqa_addr, row_addr, sequences};
 use crate::arch::mem::{ld_global_v4, st_global_v4};
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::tile::{Elem, BF16, F16};
@@ -24,7 +24,7 @@ pub(super) unsafe fn convert_rows<E: Elem, const THREADS: usize, const UNROLL: u
             let idx = idx0 + (u * THREADS) as i32;
             let (r, c) = (r0 + idx / chunks, idx % chunks);
             if idx < total && r < sq.used {
-                let a = p.dq_accum.wrapping_add(((bidb as i64 * p.dqa_batch_stride + (sq.start + r) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + c as i64 * 8) * 4) as u64);
+                let a = dqa_addr(p, bidb, sq.start + r, h, c as i64 * 8);
                 *xu = unsafe { [ld_global_v4(a), ld_global_v4(a + 16)] };
             }
         }

@@ -2,7 +2,7 @@
 //! group and every query block that sees the keys (S^T = K Q^T, dP^T = V dO^T, P and dS in registers,
 //! dV += P^T dO, dK += dS^T Q); dQ = dS K goes to the f32 accumulator with atomics when there is one.
 
-use super::{grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
+use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
@@ -79,31 +79,6 @@ unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW
             cp_async_4(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::lse_stage(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
             cp_async_4(S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
         }
-    }
-}
-
-/// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq
-/// accumulator at `dqa` (row stride in elements). No row check: rows past the sequence carry dS = 0
-/// exactly (zeroed with the masked pairs), so they add zeros, and the accumulator has `block_m` rows of
-/// slack after its last row (host), so those adds stay inside it. On sm_90 each row's pair is one
-/// 8-byte vector reduction.
-#[inline(always)]
-unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, frag: [f32; 4]) {
-    let at = dqa.wrapping_add(((row_a as i64 * row_stride + col) * 4) as u64);
-    let at8 = at.wrapping_add((8 * row_stride * 4) as u64);
-    #[cfg(fa_sm90)]
-    unsafe {
-        use crate::arch::mem::red_add_v2_f32;
-        red_add_v2_f32(at, [frag[0], frag[1]]);
-        red_add_v2_f32(at8, [frag[2], frag[3]]);
-    }
-    #[cfg(not(fa_sm90))]
-    unsafe {
-        use crate::arch::mem::red_add_f32;
-        red_add_f32(at, frag[0]);
-        red_add_f32(at + 4, frag[1]);
-        red_add_f32(at8, frag[2]);
-        red_add_f32(at8 + 4, frag[3]);
     }
 }
 
@@ -242,7 +217,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
             let ds_t = SmemTile::new(ds_s, pb).at(0, rm * 16 * DQT).a_trans(lane);
             let k_t = SmemTile::new(k_s, rb).at(0, cd * dc).b_trans(lane);
             let row_a = (rm * 16 * DQT) as i32 + g;
-            let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + (cd * dc) as i64) * 4) as u64);
+            let dqa = dqa_addr(p, a.bidb, a.sq.start + m0, h, (cd * dc) as i64);
             // Columns in chunks of CH n8 tiles (4 * CH * DQT accumulator registers live at a time).
             let ch = if dc % 32 == 0 { 4 } else { 2 };
             for c in 0..dc / (8 * ch) {

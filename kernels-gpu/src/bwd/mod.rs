@@ -46,6 +46,13 @@ fn lse_index(p: &BwdParams, b: i32, start: i32, h: i32, row: i32) -> i64 {
     b as i64 * p.lse_batch_stride + h as i64 * p.lse_head_stride + start as i64 + row as i64
 }
 
+/// Byte address of column `col` of packed row `row` (head `h`, sequence slice `b`) in the f32 dq
+/// accumulator.
+#[inline(always)]
+fn dqa_addr(p: &BwdParams, b: i32, row: i32, h: i32, col: i64) -> u64 {
+    p.dq_accum.wrapping_add(((b as i64 * p.dqa_batch_stride + row as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + col) * 4) as u64)
+}
+
 /// P and dS of one visible score without softcap: `s` = q.k, `dp` = dout . v, `lse2` the row's LSE in
 /// base 2, `delta` = D_i.
 #[inline(always)]
@@ -87,6 +94,31 @@ fn step_walk(p: &BwdParams, a: &KvArgs, bm: i32) -> (i32, impl Fn((i32, i32)) ->
     let m_count = if m_max > m_min { m_max - m_min } else { 0 };
     let next = move |(h, m): (i32, i32)| if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) };
     (m_count * a.group, next, (a.hk * a.group, m_min))
+}
+
+/// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq
+/// accumulator at `dqa` (row stride in elements). No row check: rows past the sequence carry dS = 0
+/// exactly (zeroed with the masked pairs), so they add zeros, and the accumulator has `block_m` rows of
+/// slack after its last row (host), so those adds stay inside it. On sm_90 each row's pair is one
+/// 8-byte vector reduction.
+#[inline(always)]
+unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, frag: [f32; 4]) {
+    let at = dqa.wrapping_add(((row_a as i64 * row_stride + col) * 4) as u64);
+    let at8 = at.wrapping_add((8 * row_stride * 4) as u64);
+    #[cfg(fa_sm90)]
+    unsafe {
+        use crate::arch::mem::red_add_v2_f32;
+        red_add_v2_f32(at, [frag[0], frag[1]]);
+        red_add_v2_f32(at8, [frag[2], frag[3]]);
+    }
+    #[cfg(not(fa_sm90))]
+    unsafe {
+        use crate::arch::mem::red_add_f32;
+        red_add_f32(at, frag[0]);
+        red_add_f32(at + 4, frag[1]);
+        red_add_f32(at8, frag[2]);
+        red_add_f32(at8 + 4, frag[3]);
+    }
 }
 
 /// Zero P^T and dS^T of the hidden (query, key) pairs among this thread's `KT` key tiles x `QN` query

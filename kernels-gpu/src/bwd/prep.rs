@@ -1,7 +1,7 @@
 //! prep: D_i = dout_i . out_i and the LSE in base 2 for every real row, and (atomic dq path) the row's
 //! f32 dq accumulator zeroed. Head dim at run time; four threads per row.
 
-use super::{lse_index, row_addr, sequences};
+use super::{dqa_addr, lse_index, row_addr, sequences};
 use crate::arch::math::fma;
 use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_v4, st_global_f32, st_global_v4};
 use crate::arch::shfl::shfl_xor_f32;
@@ -53,7 +53,7 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
             d += shfl_xor_f32(d, 2);
             if valid {
                 if p.dq_accum != 0 {
-                    let a = p.dq_accum.wrapping_add(((bidb as i64 * p.dqa_batch_stride + (sq.start + r) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride) * 4) as u64);
+                    let a = dqa_addr(p, bidb, sq.start + r, h, 0);
                     let mut c = sub;
                     while c < 2 * chunks {
                         unsafe { st_global_v4(a + c as u64 * 16, [0; 4]) };

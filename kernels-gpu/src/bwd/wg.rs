@@ -10,9 +10,9 @@
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
 use super::convert::convert_rows;
-use super::{grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
+use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4};
-use crate::arch::mem::{red_add_v2_f32, st_global_u32};
+use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
@@ -276,15 +276,11 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
             wgmma::wait0_n64(&mut acc_q);
             // Rows: this warp's 16 queries; rows past the sequence carry exact zeros (the accumulator has
             // slack rows), as in the mma.sync kernel.
-            let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride) * 4) as u64);
-            let row = (16 * (warp % 4)) as i64 + g as i64;
+            let dqa = dqa_addr(p, a.bidb, a.sq.start + m0, h, 0);
+            let row = (16 * (warp % 4)) as i32 + g;
             for j in 0..8 {
                 let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
-                let at = dqa.wrapping_add(((row * p.dqa_row_stride + col) * 4) as u64);
-                unsafe {
-                    red_add_v2_f32(at, [acc_q[j][0], acc_q[j][1]]);
-                    red_add_v2_f32(at.wrapping_add((8 * p.dqa_row_stride * 4) as u64), [acc_q[j][2], acc_q[j][3]]);
-                }
+                unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
             }
         }
         // dV and dK have landed; P^T and dS^T fragments stay live until here.
