@@ -1,6 +1,6 @@
 //! Attention backward on tensor cores (flash-attention 2's algorithm), four kernels:
 //!   prep:    D_i = dout_i . out_i and the LSE in base 2 (+inf for a row that saw no key, so P = 0);
-//!            the row's dq accumulator zeroed (atomic path);
+//!            the dq accumulator zeroed on every row the dk/dv kernels add to (atomic path);
 //!   dk/dv:   a block owns `BN` keys of one kv head and walks every q head of its group and every query
 //!            block that sees the keys: S^T = K Q^T, dP^T = V dO^T, P = exp2(S scale - lse),
 //!            dS = P (dP - D) [x (1 - tanh^2) with softcap], dV += P^T dO, dK += dS^T Q; with a dq
@@ -98,9 +98,9 @@ fn step_walk(p: &BwdParams, a: &KvArgs, bm: i32) -> (i32, impl Fn((i32, i32)) ->
 
 /// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq
 /// accumulator at `dqa` (row stride in elements). No row check: rows past the sequence carry dS = 0
-/// exactly (zeroed with the masked pairs), so they add zeros, and the accumulator has `block_m` rows of
-/// slack after its last row (host), so those adds stay inside it. On sm_90 each row's pair is one
-/// 8-byte vector reduction.
+/// exactly (zeroed with the masked pairs), so they add zeros to rows prep zeroed (`dq_accum_rows`), and
+/// the accumulator has `DQ_ACCUM_BLOCK_M` rows of slack after its last row (host), so those adds stay
+/// inside it. On sm_90 each row's pair is one 8-byte vector reduction.
 #[inline(always)]
 unsafe fn add_dq_fragment(dqa: u64, row_stride: i64, row_a: i32, col: i64, frag: [f32; 4]) {
     let at = dqa.wrapping_add(((row_a as i64 * row_stride + col) * 4) as u64);

@@ -1,5 +1,5 @@
-//! prep: D_i = dout_i . out_i and the LSE in base 2 for every real row, and (atomic dq path) the row's
-//! f32 dq accumulator zeroed. Head dim at run time; four threads per row.
+//! prep: D_i = dout_i . out_i and the LSE in base 2 for every real row, and (atomic dq path) the f32 dq
+//! accumulator zeroed wherever the dk/dv kernels add to it. Head dim at run time; four threads per row.
 
 use super::{dqa_addr, lse_index, row_addr, sequences};
 use crate::arch::math::fma;
@@ -8,15 +8,18 @@ use crate::arch::shfl::shfl_xor_f32;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::tile::{Elem, BF16, F16};
 use crate::params::BwdParams;
-use crate::variants::BWD_ROWS_PER_BLOCK;
+use crate::block::dq_accum_rows;
+use crate::variants::{BWD_ROWS_PER_BLOCK, DQ_ACCUM_BLOCK_M};
 
 /// Threads per row in prep: each takes every `PREP_LANES`-th 16-byte chunk of the row, so a warp reads
 /// 8 rows x 64 contiguous bytes per load (every head dim is a multiple of 32).
 const PREP_LANES: i32 = 4;
 
-/// D_i and lse_log2 for every real row, and (with an accumulator) the row's f32 dq accumulator zeroed:
-/// the only rows the convert kernel reads (the dk/dv kernels add exact zeros to every other row they
-/// touch, which no one reads).
+/// D_i and lse_log2 for every real row and, with an accumulator, the f32 dq accumulator zeroed on every
+/// row the dk/dv kernels add to: the real rows (which the convert kernel reads back) and the rest of the
+/// last query block (`dq_accum_rows`), to which they add exact zeros. Those are padding rows past
+/// seqused, the next sequence's rows, tail rows or the host's slack rows past the last sequence: left
+/// unwritten, each reduction would read a word nothing wrote (compute-sanitizer's initcheck flags it).
 #[inline(always)]
 unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
     let bm = BWD_ROWS_PER_BLOCK as i32;
@@ -26,6 +29,8 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
     let tid = thread_idx_x() as i32;
     let (sub, row_in_pass) = (tid % PREP_LANES, tid / PREP_LANES);
     let chunks = p.head_dim / 8;
+    // A multiple of DQ_ACCUM_BLOCK_M, so of prep's blocks only those holding real rows hold these rows.
+    let accum_rows = if p.dq_accum != 0 { dq_accum_rows(sq.used, DQ_ACCUM_BLOCK_M as i32) } else { 0 };
     let mut m_block = block_idx_x() as i32;
     while m_block * bm < sq.used {
         let mut pass = 0;
@@ -51,23 +56,21 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
             let mut d = acc[0] + acc[1];
             d += shfl_xor_f32(d, 1);
             d += shfl_xor_f32(d, 2);
-            if valid {
-                if p.dq_accum != 0 {
-                    let a = dqa_addr(p, bidb, sq.start + r, h, 0);
-                    let mut c = sub;
-                    while c < 2 * chunks {
-                        unsafe { st_global_v4(a + c as u64 * 16, [0; 4]) };
-                        c += PREP_LANES;
-                    }
+            if r < accum_rows {
+                let a = dqa_addr(p, bidb, sq.start + r, h, 0);
+                let mut c = sub;
+                while c < 2 * chunks {
+                    unsafe { st_global_v4(a + c as u64 * 16, [0; 4]) };
+                    c += PREP_LANES;
                 }
-                if sub == 0 {
-                    let at = lse_index(p, bidb, sq.start, h, r) as u64 * 4;
-                    let lse = unsafe { ld_global_nc_f32(p.lse + at) };
-                    let lse2 = if lse == f32::NEG_INFINITY { f32::INFINITY } else { lse * core::f32::consts::LOG2_E };
-                    unsafe {
-                        st_global_f32(p.delta + at, d);
-                        st_global_f32(p.lse_log2 + at, lse2);
-                    }
+            }
+            if valid && sub == 0 {
+                let at = lse_index(p, bidb, sq.start, h, r) as u64 * 4;
+                let lse = unsafe { ld_global_nc_f32(p.lse + at) };
+                let lse2 = if lse == f32::NEG_INFINITY { f32::INFINITY } else { lse * core::f32::consts::LOG2_E };
+                unsafe {
+                    st_global_f32(p.delta + at, d);
+                    st_global_f32(p.lse_log2 + at, lse2);
                 }
             }
             pass += rows_per_pass;

@@ -22,7 +22,7 @@ use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::params::BwdParams;
 use crate::tile::{a_fragment, BF16, F16};
-use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
+use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
 
 const BN: usize = BWD_WG_BLOCK_N;
 const BM: usize = BWD_WG_BLOCK_M;
@@ -45,7 +45,7 @@ impl<const D: usize> Lay<D> {
     const KV1: u32 = Self::LSE + (4 * BM * 4) as u32;
     const CHECK: () = {
         assert!(D == 64 || D == 128);
-        assert!(BN == 128 && BM == 64);
+        assert!(BN == 128 && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
         // The tile copies are the forward's, written for its 256 threads.
         assert!(BWD_WG_THREADS == COPY_THREADS);
         assert!(Self::KV1 % 1024 == 0 && (Self::KV1 + 2 * Self::KV) as usize == bwd_wg_smem_bytes(D));
@@ -274,8 +274,8 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
             let mut acc_q = [[0f32; 4]; 8];
             unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
             wgmma::wait0_n64(&mut acc_q);
-            // Rows: this warp's 16 queries; rows past the sequence carry exact zeros (the accumulator has
-            // slack rows), as in the mma.sync kernel.
+            // Rows: this warp's 16 queries; rows past the sequence carry exact zeros to rows prep zeroed
+            // (the accumulator has slack rows), as in the mma.sync kernel.
             let dqa = dqa_addr(p, a.bidb, a.sq.start + m0, h, 0);
             let row = (16 * (warp % 4)) as i32 + g;
             for j in 0..8 {
