@@ -1,7 +1,9 @@
 //! The kernels' pure index logic (kernels-gpu/src/{mask,block,seqlen}.rs), compiled for the host and
-//! checked exhaustively against the mask's definition: the per-element band test agrees with it, tile skipping never drops a visible key, the
-//! unmasked fast path is taken only where every key is visible, and clamped lengths stay in bounds
-//! whatever cu_seqlens/seqused hold.
+//! checked exhaustively against the mask's definition: the per-element band test and both fragment
+//! walkers agree with it, tile skipping never drops a visible key, the
+//! unmasked fast path is taken only where every key is visible, clamped lengths stay in bounds
+//! whatever cu_seqlens/seqused hold, and every dq accumulator word the dk/dv kernels add to was zeroed by
+//! prep first.
 
 #[path = "../kernels-gpu/src/mask.rs"]
 mod mask;
@@ -9,6 +11,9 @@ mod mask;
 mod block;
 #[path = "../kernels-gpu/src/seqlen.rs"]
 mod seqlen;
+#[allow(dead_code)]
+#[path = "../host/src/shared/variants.rs"]
+mod variants;
 
 use proptest::prelude::*;
 
@@ -36,6 +41,43 @@ proptest! {
         let j = ((sk - 1) as f64 * j_frac) as i32;
         let band = mask::Band::new(i - dr, j - dk, sq, sk, left, right);
         prop_assert_eq!(band.sees(dk - dr), visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64));
+    }
+
+    #[test]
+    fn query_major_walker_hides_exactly_the_masked_pairs(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), m_frac in 0.0..1.0f64, n_frac in 0.0..1.0f64, g in 0..8i32, t in 0..4i32) {
+        // Thread (g, t) of a warp with two m16 tiles from query m0 and eight n8 tiles from key n0 (the
+        // forward's shape), rows past sq included.
+        let (m0, n0) = ((sq as f64 * m_frac) as i32 / 16 * 16, (sk as f64 * n_frac) as i32 / 64 * 64);
+        let (row0, key0) = (m0 + g, n0 + 2 * t);
+        let mut hidden = [[[false; 4]; 8]; 2];
+        mask::for_each_hidden_qk::<2, 8>(row0, key0, sq, sk, left, right, |mt, j, i| hidden[mt][j][i] = true);
+        for mt in 0..2 {
+            for j in 0..8 {
+                for i in 0..4 {
+                    let (q, k) = (row0 + 16 * mt as i32 + 8 * (i as i32 / 2), key0 + 8 * j as i32 + i as i32 % 2);
+                    prop_assert_eq!(hidden[mt][j][i], !visible(q as i64, k as i64, sq as i64, sk as i64, left as i64, right as i64), "query {} key {}", q, k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn key_major_walker_hides_exactly_the_masked_pairs(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), m_frac in 0.0..1.0f64, n_frac in 0.0..1.0f64, g in 0..8i32, t in 0..4i32, warp_q in 0..2i32, warp_k in 0..4i32) {
+        // Thread (g, t) of the dk/dv kernels' shape: two m16 tiles of keys from n0 + 32 warp_k, four n8
+        // tiles of queries from m0 + 32 warp_q; queries at or past sq are padding (hidden).
+        let (m0, n0) = ((sq as f64 * m_frac) as i32 / 64 * 64, (sk as f64 * n_frac) as i32 / 128 * 128);
+        let (row0, key0) = (m0 + 32 * warp_q + 2 * t, n0 + 32 * warp_k + g);
+        let mut hidden = [[[false; 4]; 4]; 2];
+        mask::for_each_hidden_kq::<2, 4>(row0, sq - row0, key0, sq, sk, left, right, |kt, j, i| hidden[kt][j][i] = true);
+        for kt in 0..2 {
+            for j in 0..4 {
+                for i in 0..4 {
+                    let (k, q) = (key0 + 16 * kt as i32 + 8 * (i as i32 / 2), row0 + 8 * j as i32 + i as i32 % 2);
+                    let shown = q < sq && visible(q as i64, k as i64, sq as i64, sk as i64, left as i64, right as i64);
+                    prop_assert_eq!(hidden[kt][j][i], !shown, "query {} key {}", q, k);
+                }
+            }
+        }
     }
 
     #[test]
@@ -72,6 +114,47 @@ proptest! {
         if m_max > m_min {
             prop_assert!(m_min >= 0 && m_max * bm < sq + bm, "range past the rows");
             prop_assert!(sees(m_min) && sees(m_max - 1), "range not tight");
+        }
+    }
+
+    #[test]
+    fn prep_zeroes_every_accumulator_row_the_dkdv_kernels_add_to(lens in prop::collection::vec((0..200i32, 0..200i32), 1..5), padded in any::<bool>(), tail in 0..70i32, dense in any::<bool>(), left in side(), right in side()) {
+        // The f32 dq accumulator's rows as the kernels index them: a dense batch's sequence b starts at
+        // row b * seqlen_q, a packed one's at cu_seqlens_q[b] (seqused below the slot when `padded`,
+        // `tail` rows after the last slot); the host allocates DQ_ACCUM_BLOCK_M rows of slack.
+        let lens: Vec<(i32, i32)> = if dense { vec![lens[0]; lens.len()] } else { lens };
+        let used = |n: i32| if padded && !dense { n * 2 / 3 } else { n };
+        let mut seqs = Vec::new();
+        let mut start = 0;
+        for &(q, k) in &lens {
+            seqs.push((seqlen::SeqlenInfo { start, slot_len: q, used: used(q) }, used(k)));
+            start += q;
+        }
+        let total_rows = start + if dense { 0 } else { tail };
+        let slack = variants::DQ_ACCUM_BLOCK_M as i32;
+        // Prep (grid z = the sequences, no tail slice) zeroes rows [start, start + dq_accum_rows(used)).
+        let mut zeroed = vec![false; (total_rows + slack) as usize];
+        for (sq, _) in &seqs {
+            for r in 0..block::dq_accum_rows(sq.used, variants::DQ_ACCUM_BLOCK_M as i32) {
+                let row = sq.start + r;
+                prop_assert!(row < total_rows + slack, "prep zeroes row {} past the slack", row);
+                zeroed[row as usize] = true;
+            }
+        }
+        // Every dk/dv kernel's walk: key blocks of block_n, the query blocks of block_m that see them
+        // (m_block_range), each adding whole blocks of rows.
+        let mut shapes: Vec<(i32, i32)> = [32, 64, 96, 128, 192, 256].iter().map(|&d| { let c = variants::bwd_config(d); (c.block_n as i32, c.block_m as i32) }).collect();
+        shapes.push((variants::BWD_WG_BLOCK_N as i32, variants::BWD_WG_BLOCK_M as i32));
+        for &(bn, bm) in &shapes {
+            for (sq, used_k) in &seqs {
+                for n0 in (0..*used_k).step_by(bn as usize) {
+                    let (m_min, m_max) = block::m_block_range(n0, (used_k - n0).min(bn), sq.used, *used_k, left, right, bm);
+                    for row in (sq.start + m_min * bm)..(sq.start + m_max.max(m_min) * bm) {
+                        prop_assert!(row < total_rows + slack, "block_m {} adds to row {} past the slack", bm, row);
+                        prop_assert!(zeroed[row as usize], "block_m {} adds to row {}, which prep never wrote", bm, row);
+                    }
+                }
+            }
         }
     }
 

@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_smem_bytes, FWD_WS_THREADS, FwdConfig, KernelDType,
-    BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS,
+    BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M,
 };
 
 use crate::problem::Problem;

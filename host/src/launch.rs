@@ -224,9 +224,10 @@ impl BwdWorkspace {
         let elems = q_shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x)).ok_or_else(too_large)?;
         let lse_len = elems / d;
         let align = |x: usize| x.checked_next_multiple_of(256).ok_or_else(too_large);
-        // The dk/dv kernel adds whole query blocks to the accumulator without a row check (rows past a
-        // sequence add exact zeros): `block_m` rows of slack keep the last block's adds inside it.
-        let slack = crate::dispatch::bwd_config(d).block_m * hq * d * 4;
+        // The dk/dv kernels add whole query blocks to the accumulator without a row check (rows past a
+        // sequence add exact zeros, to rows prep zeroed): `DQ_ACCUM_BLOCK_M` rows of slack keep the last
+        // block's adds and prep's zeroing inside it.
+        let slack = crate::dispatch::DQ_ACCUM_BLOCK_M * hq * d * 4;
         let accum = if deterministic { 0 } else { align(elems.checked_mul(4).and_then(|x| x.checked_add(slack)).ok_or_else(too_large)?)? };
         let lse_bytes = align(lse_len.checked_mul(4).ok_or_else(too_large)?)?;
         let bytes = accum.checked_add(2 * lse_bytes).ok_or_else(too_large)?;

@@ -52,3 +52,12 @@ pub fn m_block_range(n0: i32, cols: i32, seqlen_q: i32, seqlen_k: i32, window_le
     }
     ((first / block_m as i64) as i32, (last / block_m as i64) as i32 + 1)
 }
+
+/// Rows of a sequence's f32 dq accumulator that the dk/dv kernels add to: every query block of
+/// `block_m` rows `m_block_range` can return lies below `seqlen_q` rounded up to a block (the rows past
+/// `seqlen_q` get exact zeros). The backward's prep zeroes all of them, so no reduction reads a word
+/// nothing wrote.
+#[inline(always)]
+pub fn dq_accum_rows(seqlen_q: i32, block_m: i32) -> i32 {
+    if seqlen_q <= 0 { 0 } else { ((seqlen_q - 1) / block_m + 1) * block_m }
+}

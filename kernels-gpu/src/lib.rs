@@ -16,6 +16,7 @@ pub mod params;
 pub mod pipeline;
 pub mod seqlen;
 pub mod softmax;
+pub mod tile;
 #[path = "../../host/src/shared/variants.rs"]
 pub mod variants;
 

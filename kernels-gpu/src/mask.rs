@@ -50,3 +50,55 @@ impl Band {
         off >= self.lo && off <= self.hi
     }
 }
+
+// The kernels apply the mask through these two walkers over a thread's mma accumulator fragments, one
+// per layout (element `i` of an m16 x n8 tile sits at row `8 (i / 2)`, column `i % 2` of the thread's
+// part).
+
+/// `hide(mt, j, i)` for each element of a thread's query-major fragments (S = Q K^T: the forward kernels
+/// and the backward's dq kernel) whose key its query does not see: `MT` m16 tiles of queries x `NN` n8
+/// tiles of keys, element `i` of tile (mt, j) at query `row0 + 16 mt + 8 (i / 2)`, key
+/// `key0 + 8 j + i % 2`. One `key_range` per query (it also bounds the keys by `seqlen_k`), two compares
+/// per element.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn for_each_hidden_qk<const MT: usize, const NN: usize>(row0: i32, key0: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32, mut hide: impl FnMut(usize, usize, usize)) {
+    for mt in 0..MT {
+        for h in 0..2 {
+            let (lo, hi) = key_range(row0 + (mt * 16 + 8 * h) as i32, seqlen_q, seqlen_k, window_left, window_right);
+            for j in 0..NN {
+                for e in 0..2 {
+                    let key = key0 + 8 * j as i32 + e as i32;
+                    if key < lo || key > hi {
+                        hide(mt, j, 2 * h + e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `hide(kt, j, i)` for each hidden element of a thread's key-major fragments (S^T = K Q^T: both dk/dv
+/// kernels): `KT` m16 tiles of keys x `QN` n8 tiles of queries, element `i` of tile (kt, j) at key
+/// `key0 + 16 kt + 8 (i / 2)`, query `row0 + 8 j + i % 2`; queries from the `rows`-th on are hidden too
+/// (padding rows). One `Band` for the tile: each element compares against compile-time offsets, where
+/// a `key_range` per query would cost `2 QN` of them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn for_each_hidden_kq<const KT: usize, const QN: usize>(row0: i32, rows: i32, key0: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32, mut hide: impl FnMut(usize, usize, usize)) {
+    let band = Band::new(row0, key0, seqlen_q, seqlen_k, window_left, window_right);
+    for j in 0..QN {
+        for e in 0..2 {
+            let dr = (8 * j + e) as i32;
+            let row_ok = dr < rows;
+            for kt in 0..KT {
+                for h in 0..2 {
+                    let dk = (16 * kt + 8 * h) as i32;
+                    if !(row_ok && key0 + dk < seqlen_k && band.sees(dk - dr)) {
+                        hide(kt, j, 2 * h + e);
+                    }
+                }
+            }
+        }
+    }
+}

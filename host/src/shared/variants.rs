@@ -239,8 +239,15 @@ impl BwdConfig {
             && self.dq_cols().is_multiple_of(16)
             && self.head_dim.is_multiple_of(self.warps / rm)
             && self.block_m <= self.threads()
+            && DQ_ACCUM_BLOCK_M.is_multiple_of(self.block_m)
     }
 }
+
+/// The dq accumulator's row granularity: both dk/dv kernels add whole query blocks (of a `block_m`
+/// dividing this) to it, rows past a sequence getting exact zeros, so the prep kernel zeroes each
+/// sequence's rows up to a multiple of this (`block::dq_accum_rows`) and the host allocates this many
+/// rows of slack past the last one.
+pub const DQ_ACCUM_BLOCK_M: usize = 64;
 
 /// Hopper (sm_90a module) backward dK/dV kernel: 128 keys per block (64 per warpgroup), 64-row query
 /// steps, head dims 64 and 128 (bwd/wg.rs).
@@ -346,5 +353,8 @@ pub fn bwd_convert_kernel_name(dtype: KernelDType) -> &'static str {
         KernelDType::F16 => "flash_bwd_dq_convert_f16",
     }
 }
-/// Rows per block of the element-wise backward kernels (and threads per block).
+/// Rows per block of the element-wise backward kernels (and threads per block). A multiple of
+/// `DQ_ACCUM_BLOCK_M`: prep's blocks that hold a sequence's real rows hold all the accumulator rows it
+/// zeroes.
 pub const BWD_ROWS_PER_BLOCK: usize = 128;
+const _: () = assert!(BWD_ROWS_PER_BLOCK.is_multiple_of(DQ_ACCUM_BLOCK_M));

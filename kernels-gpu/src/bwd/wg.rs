@@ -9,9 +9,10 @@
 //!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
-use super::{convert_rows, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
+use super::convert::convert_rows;
+use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{commit_group, cp_async_4};
-use crate::arch::mem::{red_add_v2_f32, st_global_u32};
+use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
@@ -19,9 +20,9 @@ use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
-use crate::fwd::{a_fragment, BF16, F16};
 use crate::params::BwdParams;
-use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS};
+use crate::tile::{a_fragment, BF16, F16};
+use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
 
 const BN: usize = BWD_WG_BLOCK_N;
 const BM: usize = BWD_WG_BLOCK_M;
@@ -44,7 +45,7 @@ impl<const D: usize> Lay<D> {
     const KV1: u32 = Self::LSE + (4 * BM * 4) as u32;
     const CHECK: () = {
         assert!(D == 64 || D == 128);
-        assert!(BN == 128 && BM == 64);
+        assert!(BN == 128 && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
         // The tile copies are the forward's, written for its 256 threads.
         assert!(BWD_WG_THREADS == COPY_THREADS);
         assert!(Self::KV1 % 1024 == 0 && (Self::KV1 + 2 * Self::KV) as usize == bwd_wg_smem_bytes(D));
@@ -273,17 +274,13 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
             let mut acc_q = [[0f32; 4]; 8];
             unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
             wgmma::wait0_n64(&mut acc_q);
-            // Rows: this warp's 16 queries; rows past the sequence carry exact zeros (the accumulator has
-            // slack rows), as in the mma.sync kernel.
-            let dqa = p.dq_accum.wrapping_add(((a.bidb as i64 * p.dqa_batch_stride + (a.sq.start + m0) as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride) * 4) as u64);
-            let row = (16 * (warp % 4)) as i64 + g as i64;
+            // Rows: this warp's 16 queries; rows past the sequence carry exact zeros to rows prep zeroed
+            // (the accumulator has slack rows), as in the mma.sync kernel.
+            let dqa = dqa_addr(p, a.bidb, a.sq.start + m0, h, 0);
+            let row = (16 * (warp % 4)) as i32 + g;
             for j in 0..8 {
                 let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
-                let at = dqa.wrapping_add(((row * p.dqa_row_stride + col) * 4) as u64);
-                unsafe {
-                    red_add_v2_f32(at, [acc_q[j][0], acc_q[j][1]]);
-                    red_add_v2_f32(at.wrapping_add((8 * p.dqa_row_stride * 4) as u64), [acc_q[j][2], acc_q[j][3]]);
-                }
+                unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
             }
         }
         // dV and dK have landed; P^T and dS^T fragments stay live until here.

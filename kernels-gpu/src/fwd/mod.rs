@@ -9,68 +9,22 @@ pub(crate) mod wg;
 #[cfg(fa_sm90)]
 mod ws;
 
-use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
-use crate::arch::ldmatrix::{ldmatrix_x4, ldmatrix_x4_trans};
-use crate::arch::math::{div_rem_u32, pack_bf16x2, pack_f16x2, tanh, unpack_bf16x2, unpack_f16x2};
+use crate::arch::cp_async::{commit_group, wait_group};
+use crate::arch::math::{div_rem_u32, tanh};
 use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v4};
-use crate::arch::mma::{mma_bf16, mma_f16};
-use crate::arch::reg::{opaque_i64, opaque_u32};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
-use crate::mask::key_range;
+use crate::mask::for_each_hidden_qk;
 use crate::params::FwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::softmax::{finalize_row, update_row, RowState};
-use crate::variants::{row_pitch_bytes, FwdConfig};
-
-/// The 16-bit input type: which mma and which f32 -> 16-bit packing.
-pub trait Elem {
-    fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]);
-    fn pack(lo: f32, hi: f32) -> u32;
-    fn unpack(x: u32) -> (f32, f32);
-}
-
-pub struct BF16;
-pub struct F16;
-
-impl Elem for BF16 {
-    #[inline(always)]
-    fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
-        mma_bf16(d, a, b)
-    }
-    #[inline(always)]
-    fn pack(lo: f32, hi: f32) -> u32 {
-        pack_bf16x2(lo, hi)
-    }
-    #[inline(always)]
-    fn unpack(x: u32) -> (f32, f32) {
-        unpack_bf16x2(x)
-    }
-}
-
-impl Elem for F16 {
-    #[inline(always)]
-    fn mma(d: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
-        mma_f16(d, a, b)
-    }
-    #[inline(always)]
-    fn pack(lo: f32, hi: f32) -> u32 {
-        pack_f16x2(lo, hi)
-    }
-    #[inline(always)]
-    fn unpack(x: u32) -> (f32, f32) {
-        unpack_f16x2(x)
-    }
-}
-
-/// The A fragment of one k16 step from two n8 accumulator tiles (the mma's C layout of columns 0-7 and
-/// 8-15 is its A layout), packed to 16 bits.
-#[inline(always)]
-pub(crate) fn a_fragment<E: Elem>(lo: &[f32; 4], hi: &[f32; 4]) -> [u32; 4] {
-    [E::pack(lo[0], lo[1]), E::pack(lo[2], lo[3]), E::pack(hi[0], hi[1]), E::pack(hi[2], hi[3])]
-}
+use crate::tile::{warp_gemm, SmemTile};
+use crate::variants::FwdConfig;
+// The tile vocabulary, also imported from here by the kernels of this module.
+pub(crate) use crate::tile::{a_fragment, load_tile};
+pub use crate::tile::{Elem, BF16, F16};
 
 /// Compile-time shape of a kernel: head dim `D` (`DN = D / 8` n8 tiles), `MT` m16 tiles per warp, `NW`
 /// warps, `BN` keys per tile (`NN = BN / 8`). Stable Rust cannot size arrays by `D / 8`, so both are given.
@@ -97,45 +51,6 @@ impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN
     #[inline(always)]
     fn v_stage(base: u32, s: usize) -> u32 {
         base + Self::Q_BYTES + (2 + s as u32) * Self::KV_BYTES
-    }
-}
-
-/// Copy `rows` rows of `D` 16-bit values into a padded shared tile with `threads` threads; rows at or
-/// past `valid_rows` are zero-filled without touching global memory. `rows` and `threads` are
-/// compile-time constants after inlining (stable const generics cannot take `16 * MT * NW`).
-#[inline(always)]
-pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
-    let chunks = D / 8;
-    let row_bytes = row_pitch_bytes(D) as u32;
-    // Recompute the per-thread offsets here, each tile, instead of keeping them all live (opaque_u32).
-    let tid = opaque_u32(tid as u32) as usize;
-    let row_stride_bytes = opaque_i64(row_stride_bytes);
-    if threads % chunks == 0 {
-        // Each pass covers `threads / chunks` whole rows: a thread keeps its column, and its addresses
-        // advance by a fixed step (one 64-bit multiply per tile instead of one per copy).
-        let pass_rows = threads / chunks;
-        let (r0, c) = (tid / chunks, tid % chunks);
-        let mut g = src.wrapping_add((r0 as i64 * row_stride_bytes + c as i64 * 16) as u64);
-        let g_step = (pass_rows as i64 * row_stride_bytes) as u64;
-        let mut s = dst + r0 as u32 * row_bytes + c as u32 * 16;
-        let mut i = 0;
-        while i < rows / pass_rows {
-            let valid = ((r0 + i * pass_rows) as i32) < valid_rows;
-            unsafe { cp_async_16(s, if valid { g } else { src }, valid) };
-            g = g.wrapping_add(g_step);
-            s += pass_rows as u32 * row_bytes;
-            i += 1;
-        }
-        return;
-    }
-    let mut i = 0;
-    while i < rows * chunks / threads {
-        let idx = tid + i * threads;
-        let (r, c) = (idx / chunks, idx % chunks);
-        let valid = (r as i32) < valid_rows;
-        let g = if valid { src.wrapping_add((r as i64 * row_stride_bytes + c as i64 * 16) as u64) } else { src };
-        unsafe { cp_async_16(dst + r as u32 * row_bytes + c as u32 * 16, g, valid) };
-        i += 1;
     }
 }
 
@@ -229,28 +144,20 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 
             // S = Q K^T for this warp's 16*MT rows and the tile's BN keys.
             let mut acc_s = [[[0f32; 4]; NN]; MT];
-            let q_lane = base + ((warp * 16 * MT) as u32 + (lane % 8) as u32 + ((lane / 8) % 2) as u32 * 8) * row_bytes + (lane / 16) as u32 * 16;
-            let k_lane = k_s + ((lane % 8) as u32 + (lane / 16) as u32 * 8) * row_bytes + ((lane / 8) % 2) as u32 * 16;
+            let q = SmemTile::new(base, row_bytes).at(warp * 16 * MT, 0).a(lane);
+            let k = SmemTile::new(k_s, row_bytes).b(lane);
             if QR > 0 && it == 0 {
                 for (mt, regs) in q_regs.iter_mut().enumerate() {
                     for (kk, frag) in regs.iter_mut().enumerate() {
-                        *frag = unsafe { ldmatrix_x4(q_lane + (mt * 16) as u32 * row_bytes + (kk * 32) as u32) };
+                        *frag = unsafe { q.load(mt * 16, kk * 16) };
                     }
                 }
             }
-            for kk in 0..D / 16 {
-                let mut qa = [[0u32; 4]; MT];
-                for (mt, frag) in qa.iter_mut().enumerate() {
-                    *frag = if QR > 0 { q_regs[mt][kk] } else { unsafe { ldmatrix_x4(q_lane + (mt * 16) as u32 * row_bytes + (kk * 32) as u32) } };
-                }
-                for np in 0..NN / 2 {
-                    let b = unsafe { ldmatrix_x4(k_lane + (np * 16) as u32 * row_bytes + (kk * 32) as u32) };
-                    for mt in 0..MT {
-                        E::mma(&mut acc_s[mt][2 * np], qa[mt], [b[0], b[1]]);
-                        E::mma(&mut acc_s[mt][2 * np + 1], qa[mt], [b[2], b[3]]);
-                    }
-                }
-            }
+            warp_gemm::<E, MT, NN>(
+                &mut acc_s, D / 16, NN / 2,
+                #[inline(always)] |kk, mt| if QR > 0 { q_regs[mt][kk] } else { unsafe { q.load(mt * 16, kk * 16) } },
+                #[inline(always)] |kk, np| unsafe { k.load(np * 16, kk * 16) },
+            );
 
             // P overwrites S (online softmax); a row whose max moved rescales its O.
             scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, #[inline(always)]
@@ -262,20 +169,12 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             });
 
             // O += P V: the S accumulator layout of two n8 tiles is exactly the A fragment of one k16 step.
-            let v_lane = v_s + ((lane % 8) as u32 + ((lane / 8) % 2) as u32 * 8) * row_bytes + (lane / 16) as u32 * 16;
-            for kk in 0..NN / 2 {
-                let mut pa = [[0u32; 4]; MT];
-                for mt in 0..MT {
-                    pa[mt] = a_fragment::<E>(&acc_s[mt][2 * kk], &acc_s[mt][2 * kk + 1]);
-                }
-                for dp in 0..DN / 2 {
-                    let b = unsafe { ldmatrix_x4_trans(v_lane + (kk * 16) as u32 * row_bytes + (dp * 32) as u32) };
-                    for mt in 0..MT {
-                        E::mma(&mut acc_o[mt][2 * dp], pa[mt], [b[0], b[1]]);
-                        E::mma(&mut acc_o[mt][2 * dp + 1], pa[mt], [b[2], b[3]]);
-                    }
-                }
-            }
+            let v = SmemTile::new(v_s, row_bytes).b_trans(lane);
+            warp_gemm::<E, MT, DN>(
+                &mut acc_o, NN / 2, DN / 2,
+                #[inline(always)] |kk, mt| a_fragment::<E>(&acc_s[mt][2 * kk], &acc_s[mt][2 * kk + 1]),
+                #[inline(always)] |kk, dp| unsafe { v.load(kk * 16, dp * 16) },
+            );
             // The next iteration's copy overwrites this stage.
             sync_threads();
             it += 1;
@@ -314,19 +213,7 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
     }
     // Only tiles that straddle a boundary; interior tiles skip this entirely.
     if masked {
-        for mt in 0..MT {
-            for h in 0..2 {
-                let (lo, hi) = key_range(row0 + (mt * 16 + 8 * h) as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
-                for j in 0..NN {
-                    for e in 0..2 {
-                        let col = n0 + 8 * j as i32 + 2 * t + e as i32;
-                        if col < lo || col > hi {
-                            acc_s[mt][j][2 * h + e] = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-            }
-        }
+        for_each_hidden_qk::<MT, NN>(row0, n0 + 2 * t, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, #[inline(always)] |mt, j, i| acc_s[mt][j][i] = f32::NEG_INFINITY);
     }
     for mt in 0..MT {
         for h in 0..2 {
