@@ -38,10 +38,10 @@ mod variants;
 use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Device, KernelChoice, Tensor, Varlen, HEAD_DIMS};
 use std::time::Instant;
 
-const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_ws: false };
-const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_ws: false };
-const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_ws: false };
-const FWD_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_ws: true };
+const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
+const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false };
+const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false };
+const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true };
 
 /// Dense problem: (b, sq, sk, hq, hk).
 const DENSE: (usize, usize, usize, usize, usize) = (2, 190, 280, 2, 1);
@@ -111,7 +111,7 @@ impl Plan {
             n += 2;
         }
         if self.wg_fwd {
-            // The warp-specialized forward, dense and packed.
+            // The forward without warp specialization (fwd_no_ws), dense and packed.
             n += 2;
         }
         if self.wg_bwd {
@@ -238,10 +238,10 @@ fn main() -> flash_attn::Result<()> {
             }
             if plan.wg_fwd || plan.wg_bwd {
                 let bwds: &[(KernelChoice, bool, &str)] = if plan.wg_bwd { &[(DEFAULT, false, "wgmma bwd"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")] } else { &[] };
-                run(DEFAULT, if plan.wg_fwd { "wgmma" } else { "default (mma.sync)" }, bwds)?;
+                run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, bwds)?;
             }
             if plan.wg_fwd {
-                run(FWD_WS, "wgmma ws", &[])?;
+                run(FWD_NO_WS, "wgmma (fwd_no_ws)", &[])?;
             }
             done += 1;
             println!("case {done}/{cases} {dtype} d{d} {mask}: dense {b}x{sq}x{sk} and packed {tq}x{tk}: {} ({:.2} s, {:.0} s total)", ran.join(", "), case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());

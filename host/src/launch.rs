@@ -16,13 +16,13 @@ use std::sync::OnceLock;
 fn env_choice() -> KernelChoice {
     static ENV: OnceLock<KernelChoice> = OnceLock::new();
     let set = |name| std::env::var_os(name).is_some();
-    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_ws: set("FLASH_ATTN_FWD_WS") })
+    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS") })
 }
 
 /// The kernel choice in force: the call's, or the environment's where it forces one.
 fn choice(call: KernelChoice) -> KernelChoice {
     let env = env_choice();
-    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_ws: call.fwd_ws || env.fwd_ws }
+    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws }
 }
 
 /// Multiprocessors for the sm_90a module's wgmma kernels: a Hopper GPU unless `no_wgmma`.
@@ -140,11 +140,11 @@ pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenVi
     unsafe { queue(f, &l, &params, stream) }
 }
 
-/// Whether the warp-specialized forward (opt-in for now: `KernelChoice::fwd_ws`) takes this problem: a
-/// Hopper GPU, a head dim it has, and operands the copy engine can address (see `tma_maps`).
+/// Whether the warp-specialized forward takes this problem: a Hopper GPU (unless `no_wgmma` or
+/// `fwd_no_ws`), a head dim it has, and operands the copy engine can address (see `tma_maps`).
 fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -> Option<(crate::dispatch::FwdLaunch, i32)> {
     let kernels = choice(kernels);
-    if !kernels.fwd_ws {
+    if kernels.fwd_no_ws {
         return None;
     }
     let sms = hopper_sms(gpu, kernels)?;

@@ -73,7 +73,7 @@ impl Default for AttnOptions {
 
 /// Kernel selection for A/B comparisons and tests of paths small problems would not take. The
 /// environment can force each for a whole process (`FLASH_ATTN_NO_WGMMA`, `FLASH_ATTN_BWD_CHAIN_ALL`,
-/// `FLASH_ATTN_FWD_WS`, any value, read once).
+/// `FLASH_ATTN_FWD_NO_WS`, any value, read once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct KernelChoice {
     /// Keep Hopper on the mma.sync kernels instead of the wgmma ones.
@@ -81,10 +81,11 @@ pub struct KernelChoice {
     /// The Hopper backward walks every key block of a (sequence, kv head) in one CTA, which it otherwise
     /// does only where that measured faster.
     pub bwd_chain_all: bool,
-    /// Hopper forward: the warp-specialized kernel (bulk tensor copies, a producer warpgroup, two
-    /// consumer warpgroups, persistent grid) where it applies, instead of the wgmma kernel; opt-in while
-    /// it is slower (benches/RESULTS.md). Also `FLASH_ATTN_FWD_WS`.
-    pub fwd_ws: bool,
+    /// Keep the Hopper forward on the wgmma kernel without warp specialization (cp.async copies by every
+    /// thread, one CTA per row block) instead of the warp-specialized one (bulk tensor copies, a producer
+    /// warpgroup, two consumer warpgroups, persistent grid), which is the default where the copy engine
+    /// can address the operands.
+    pub fwd_no_ws: bool,
 }
 
 /// A strided view of caller memory: what the raw layer takes for every tensor argument.

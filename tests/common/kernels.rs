@@ -18,10 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::OnceLock;
 
-pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_ws: false };
-pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_ws: false };
-pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_ws: false };
-pub const FWD_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_ws: true };
+pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false };
+pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
+pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false };
+pub const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true };
 
 /// GPU 0 as the dispatch sees it: (name, compute capability, multiprocessors); None without CUDA.
 pub fn gpu() -> Option<&'static (String, (i32, i32), i32)> {
@@ -50,10 +50,10 @@ fn kernel_dtype(dtype: DType) -> variants::KernelDType {
     if dtype == DType::F16 { variants::KernelDType::F16 } else { variants::KernelDType::BF16 }
 }
 
-/// The forward kernel family `choice` runs at head dim `d`: "wgmma ws" (the warp-specialized kernel, for
-/// operands the copy engine can address), "wgmma" or "mma.sync".
+/// The forward kernel family `choice` runs at head dim `d`: "wgmma ws" (the warp-specialized kernel; the
+/// suites' operands are ones the copy engine can address), "wgmma" or "mma.sync".
 pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str {
-    if hopper() && !choice.no_wgmma && choice.fwd_ws && variants::fwd_ws_kernel_name(d, kernel_dtype(dtype)).is_some() {
+    if hopper() && !choice.no_wgmma && !choice.fwd_no_ws && variants::fwd_ws_kernel_name(d, kernel_dtype(dtype)).is_some() {
         "wgmma ws"
     } else if hopper() && !choice.no_wgmma && variants::fwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
         "wgmma"
@@ -75,10 +75,10 @@ pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelCho
     }
 }
 
-/// The forward's choices worth running here: the default, and on Hopper `no_wgmma` and `fwd_ws`
+/// The forward's choices worth running here: the default, and on Hopper `no_wgmma` and `fwd_no_ws`
 /// (elsewhere they change nothing).
 pub fn fwd_choices() -> Vec<(&'static str, KernelChoice)> {
-    if hopper() { vec![("default", DEFAULT), ("no_wgmma", NO_WGMMA), ("fwd_ws", FWD_WS)] } else { vec![("default", DEFAULT)] }
+    if hopper() { vec![("default", DEFAULT), ("no_wgmma", NO_WGMMA), ("fwd_no_ws", FWD_NO_WS)] } else { vec![("default", DEFAULT)] }
 }
 
 /// The backward's: the default and `no_wgmma` on Hopper, plus `bwd_chain_all` where it picks another path than the default
