@@ -16,6 +16,7 @@ pub struct Strides {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct HostSeqlens {
     pub cu_seqlens_q: Vec<i32>,
+    /// Empty for a paged call without it (`Problem::keys` has the key counts then).
     pub cu_seqlens_k: Vec<i32>,
     pub seqused_q: Option<Vec<i32>>,
     pub seqused_k: Option<Vec<i32>>,
@@ -30,7 +31,8 @@ pub struct Problem {
     pub hk: usize,
     pub head_dim: usize,
     pub varlen: bool,
-    /// Dense: rows per sequence. Varlen: max_seqlen_q / max_seqlen_k.
+    /// Dense: rows per sequence. Varlen: max_seqlen_q / max_seqlen_k. KV cache: Sq / the keys a cache
+    /// row holds.
     pub seqlen_q: usize,
     pub seqlen_k: usize,
     /// Rows of the q (and out) buffer and of the k/v buffers: B*S dense, T varlen.
