@@ -170,7 +170,7 @@ fn run_paged(c: &PagedCase) -> (FwdOutput, FwdOutput) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// Paged keys give bitwise the contiguous result (which cpu_reference.rs checks against the f64
     /// reference): any page size, block order, spare blocks and table entries past the used ones.
@@ -433,7 +433,7 @@ fn run_kv_case(c: &KvCase) -> std::result::Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     /// Append + rotary (both layouts, tables in q's dtype or f32), leftpad, batch_idx, paged or not, any
     /// split count: out and lse against the f64 reference, the caches exactly as the reference appends.

@@ -174,11 +174,11 @@ pub fn validate_varlen_paged(q: &View<'_>, k: &View<'_>, v: &View<'_>, pv: &Page
     }
     let batch = len_q - 1;
     if let Some(cu_k) = &pv.cu_seqlens_k {
-        check_entries("cu_seqlens_k", cu_k, len_q, &format!("{len_q}, as many as cu_seqlens_q"))?;
+        check_entries("cu_seqlens_k", cu_k, len_q, || format!("{len_q}, as many as cu_seqlens_q"))?;
     }
     for (arg, t) in [("seqused_q", pv.seqused_q), ("seqused_k", pv.seqused_k)] {
         if let Some(t) = t {
-            check_entries(arg, &t, batch, &format!("B = {batch} (cu_seqlens_q has {len_q})"))?;
+            check_entries(arg, &t, batch, || format!("B = {batch} (cu_seqlens_q has {len_q})"))?;
         }
     }
     if pv.cu_seqlens_k.is_none() && pv.seqused_k.is_none() {
@@ -314,21 +314,21 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
     let (hq, hk, d) = check_operands(&t.q, ("k_cache", &t.k_cache), ("v_cache", &t.v_cache), 4, 4)?;
     let (qs, cs) = (t.q.shape, t.k_cache.shape);
     let (batch, seqlen_q) = (qs[0], qs[1]);
-    let per_row = format!("B = {batch} (q's batch size)");
-    check_entries("cache_seqlens", &t.cache_seqlens, batch, &per_row)?;
+    let per_row = || format!("B = {batch} (q's batch size)");
+    check_entries("cache_seqlens", &t.cache_seqlens, batch, per_row)?;
     let paged = t.block_table.as_ref().map(|bt| check_block_table(bt, batch, "k_cache", &t.k_cache)).transpose()?;
     match &t.cache_batch_idx {
         Some(_) if paged.is_some() => {
             return Err(Error::Value { arg: "cache_batch_idx", msg: "picks rows of a contiguous cache; a paged cache (block_table) has none".into() });
         }
-        Some(idx) => check_entries("cache_batch_idx", idx, batch, &per_row)?,
+        Some(idx) => check_entries("cache_batch_idx", idx, batch, per_row)?,
         None if paged.is_none() && cs[0] < batch => {
             return Err(Error::Shape { arg: "k_cache", msg: format!("has {} rows, fewer than q's batch size {batch} (cache_batch_idx picks the rows of another cache)", cs[0]) });
         }
         None => {}
     }
     if let Some(lp) = &t.cache_leftpad {
-        check_entries("cache_leftpad", lp, batch, &per_row)?;
+        check_entries("cache_leftpad", lp, batch, per_row)?;
     }
     let (k_new, v_new, seqlen_new) = match (&t.k_new, &t.v_new) {
         (None, None) => (None, None, 0),
@@ -806,7 +806,7 @@ fn check_varlen_structure(vl: &VarlenViews<'_>) -> Result<usize> {
     let batch = len_q - 1;
     for (arg, t) in [("seqused_q", vl.seqused_q), ("seqused_k", vl.seqused_k)] {
         if let Some(t) = t {
-            check_entries(arg, &t, batch, &format!("B = {batch} (cu_seqlens has {len_q})"))?;
+            check_entries(arg, &t, batch, || format!("B = {batch} (cu_seqlens has {len_q})"))?;
         }
     }
     Ok(batch)
@@ -828,11 +828,12 @@ fn int_vector(arg: &'static str, t: &View<'_>) -> Result<usize> {
     Ok(t.shape[0])
 }
 
-/// An int32 vector of exactly `n` entries (`what` says where n comes from).
-fn check_entries(arg: &'static str, t: &View<'_>, n: usize, what: &str) -> Result<()> {
+/// An int32 vector of exactly `n` entries (`what` says where n comes from; formatted only on error, since
+/// the CUDA path allocates nothing per call).
+fn check_entries(arg: &'static str, t: &View<'_>, n: usize, what: impl Fn() -> String) -> Result<()> {
     let len = int_vector(arg, t)?;
     if len != n {
-        return Err(Error::Shape { arg, msg: format!("has {len} entries, expected {what}") });
+        return Err(Error::Shape { arg, msg: format!("has {len} entries, expected {}", what()) });
     }
     Ok(())
 }
