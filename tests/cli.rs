@@ -1,8 +1,9 @@
-//! The `flash-attn` binary end to end: `run` on safetensors files gives exactly what the library gives,
-//! its options take effect, every bad input exits with code 2 and a message, and `demo` finds no
-//! difference between packed and separate sequences. Everything runs on the CPU.
+//! The `flash-attn` binary end to end: `run` on safetensors files gives exactly what the library gives
+//! (dense, packed, packed over paged K/V, and the KV-cache forward with its updated caches), its options
+//! take effect, every bad input exits with code 2 and a message, and `demo` finds no difference between
+//! packed and separate sequences. Everything runs on the CPU.
 
-use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Tensor, Varlen};
+use flash_attn::{bwd, fwd, fwd_kvcache, varlen_bwd, varlen_fwd, varlen_fwd_paged, AttnOptions, DType, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -349,6 +350,223 @@ fn errors_exit_2_with_a_message() {
         assert!(o.status.success());
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"));
     }
+    assert!(!output.exists(), "no output file is written on failure");
+}
+
+/// A KV-cache input file: B = 3, Sq = 2, S_new = 3, Hq = 4, Hk = 2, D = 64, caches of 40 entries per row
+/// (contiguous, 5 rows picked by cache_batch_idx; or paged, 8 blocks of 5 per row from a pool of 30),
+/// rotary over half the head dim in f32, leftpad on the first row.
+fn kvcache_inputs(dtype: DType, paged: bool, seed: u64) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (b, sq, s_new, hq, hk, d, cap) = (3, 2, 3, 4, 2, 64, 40);
+    let cache_shape = if paged { [30, 5, hk, d] } else { [5, cap, hk, d] };
+    let mut t: Inputs = vec![
+        ("q", random(&mut rng, &[b, sq, hq, d], dtype, 2.0)),
+        ("k_cache", random(&mut rng, &cache_shape, dtype, 2.0)),
+        ("v_cache", random(&mut rng, &cache_shape, dtype, 1.0)),
+        ("cache_seqlens", i32s(&[10, 0, 37])),
+        ("k_new", random(&mut rng, &[b, s_new, hk, d], dtype, 2.0)),
+        ("v_new", random(&mut rng, &[b, s_new, hk, d], dtype, 1.0)),
+        ("rotary_cos", random(&mut rng, &[cap + sq, 16], DType::F32, 1.0)),
+        ("rotary_sin", random(&mut rng, &[cap + sq, 16], DType::F32, 1.0)),
+        ("cache_leftpad", i32s(&[4, 0, 0])),
+    ];
+    if paged {
+        let mut blocks: Vec<i32> = (0..30).collect();
+        blocks.reverse();
+        t.push(("block_table", Tensor::from_i32(blocks[..24].to_vec(), &[3, 8]).unwrap()));
+    } else {
+        t.push(("cache_batch_idx", i32s(&[3, 0, 1])));
+    }
+    t
+}
+
+/// The library's KV-cache forward on copies of the caches: out, lse and the updated caches.
+fn library_kvcache(inputs: &Inputs, opts: &AttnOptions, kv: &KvCacheOptions) -> Vec<(&'static str, Tensor)> {
+    let (mut k_cache, mut v_cache) = (get(inputs, "k_cache").unwrap().clone(), get(inputs, "v_cache").unwrap().clone());
+    let cache = KvCache {
+        cache_seqlens: get(inputs, "cache_seqlens").unwrap(),
+        block_table: get(inputs, "block_table"),
+        k_new: get(inputs, "k_new"),
+        v_new: get(inputs, "v_new"),
+        rotary_cos: get(inputs, "rotary_cos"),
+        rotary_sin: get(inputs, "rotary_sin"),
+        cache_batch_idx: get(inputs, "cache_batch_idx"),
+        cache_leftpad: get(inputs, "cache_leftpad"),
+    };
+    let o = fwd_kvcache(get(inputs, "q").unwrap(), &mut k_cache, &mut v_cache, &cache, opts, kv).unwrap();
+    vec![("out", o.out), ("lse", o.lse), ("k_cache", k_cache), ("v_cache", v_cache)]
+}
+
+/// Asserts the CLI wrote exactly `want`, bit for bit.
+#[track_caller]
+fn assert_same_tensors(got: &HashMap<String, (Dtype, Vec<usize>, Vec<u8>)>, want: &[(&str, Tensor)]) {
+    assert_eq!(got.len(), want.len(), "the output file holds {:?}", want.iter().map(|w| w.0).collect::<Vec<_>>());
+    for (name, t) in want {
+        let (dtype, shape, bytes) = &got[*name];
+        assert_eq!(*dtype, st_dtype(t.dtype()), "{name} dtype");
+        assert_eq!(shape, t.shape(), "{name} shape");
+        assert!(*bytes == t.to_bytes().unwrap(), "{name} differs from the library's");
+    }
+}
+
+#[test]
+fn kvcache_matches_library() {
+    let dir = TempDir::new();
+    let base = AttnOptions::default();
+    let cases: [(&[&str], AttnOptions, KvCacheOptions); 5] = [
+        (&[], base, KvCacheOptions::default()),
+        (&["--causal"], AttnOptions { causal: true, ..base }, KvCacheOptions::default()),
+        (&["--causal", "--rotary-interleaved", "--num-splits", "3"], AttnOptions { causal: true, ..base }, KvCacheOptions { rotary_interleaved: true, num_splits: 3 }),
+        (&["--window", "6,-1", "--softcap", "2", "--num-splits=2"], AttnOptions { window: (6, -1), softcap: 2.0, ..base }, KvCacheOptions { num_splits: 2, ..Default::default() }),
+        (&["--scale", "0.1", "--num-splits", "0"], AttnOptions { softmax_scale: Some(0.1), ..base }, KvCacheOptions::default()),
+    ];
+    for (dtype, paged) in [(DType::BF16, false), (DType::F16, true), (DType::BF16, true)] {
+        let inputs = kvcache_inputs(dtype, paged, 21);
+        let default = run_cli(&dir, &inputs, &[]);
+        for (args, opts, kv) in &cases {
+            let got = run_cli(&dir, &inputs, args);
+            assert_same_tensors(&got, &library_kvcache(&inputs, opts, kv));
+            if !args.is_empty() {
+                assert!(got["out"] != default["out"], "{args:?} left out unchanged");
+            }
+        }
+        // The appended rows changed the caches; without k_new / v_new they come back as they went in.
+        assert!(default["k_cache"].2 != get(&inputs, "k_cache").unwrap().to_bytes().unwrap());
+        let mut read_only = inputs.clone();
+        read_only.retain(|(n, _)| !["k_new", "v_new"].contains(n));
+        let got = run_cli(&dir, &read_only, &["--causal"]);
+        assert_same_tensors(&got, &library_kvcache(&read_only, &AttnOptions { causal: true, ..base }, &KvCacheOptions::default()));
+        assert!(got["k_cache"].2 == get(&inputs, "k_cache").unwrap().to_bytes().unwrap(), "k_cache changed without k_new");
+        // Only the required inputs.
+        let mut minimal = read_only.clone();
+        minimal.retain(|(n, _)| ["q", "k_cache", "v_cache", "cache_seqlens", "block_table"].contains(n));
+        assert_same_tensors(&run_cli(&dir, &minimal, &[]), &library_kvcache(&minimal, &base, &KvCacheOptions::default()));
+    }
+}
+
+/// Packed q over paged k, v: key counts from cu_seqlens_k, from seqused_k alone, or both.
+fn paged_inputs(dtype: DType, counts: u8) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(8);
+    let (hq, hk, d) = (4, 2, 32);
+    let mut t: Inputs = vec![
+        ("q", random(&mut rng, &[17, hq, d], dtype, 2.0)),
+        ("k", random(&mut rng, &[7, 4, hk, d], dtype, 2.0)),
+        ("v", random(&mut rng, &[7, 4, hk, d], dtype, 1.0)),
+        ("cu_seqlens_q", i32s(&[0, 5, 5, 17])),
+        ("block_table", Tensor::from_i32(vec![6, 2, 0, 5, 1, 3, 4, 0, 0], &[3, 3]).unwrap()),
+    ];
+    if counts != 2 {
+        t.push(("cu_seqlens_k", i32s(&[0, 9, 12, 23])));
+    }
+    if counts != 0 {
+        t.push(("seqused_k", i32s(&[7, 3, 4])));
+    }
+    t
+}
+
+#[test]
+fn paged_varlen_matches_library() {
+    let dir = TempDir::new();
+    for (dtype, counts) in [(DType::BF16, 0), (DType::F16, 1), (DType::BF16, 2)] {
+        let inputs = paged_inputs(dtype, counts);
+        for (args, opts) in [(&[][..], AttnOptions::default()), (&["--causal", "--softcap", "3"][..], AttnOptions { causal: true, softcap: 3.0, ..Default::default() })] {
+            let (cu_k, used_k) = (get(&inputs, "cu_seqlens_k"), get(&inputs, "seqused_k"));
+            let max_k = match used_k {
+                Some(u) => u.to_i32_vec().unwrap().into_iter().max().unwrap() as usize,
+                None => cu_k.unwrap().to_i32_vec().unwrap().windows(2).map(|w| w[1] - w[0]).max().unwrap() as usize,
+            };
+            let varlen = PagedVarlen {
+                cu_seqlens_q: get(&inputs, "cu_seqlens_q").unwrap(),
+                cu_seqlens_k: cu_k,
+                max_seqlen_q: 12,
+                max_seqlen_k: max_k,
+                seqused_q: None,
+                seqused_k: used_k,
+                block_table: get(&inputs, "block_table").unwrap(),
+            };
+            let (q, k, v) = (get(&inputs, "q").unwrap(), get(&inputs, "k").unwrap(), get(&inputs, "v").unwrap());
+            let want = varlen_fwd_paged(q, k, v, &varlen, &opts).unwrap();
+            assert_same(&run_cli(&dir, &inputs, args), &want);
+        }
+    }
+}
+
+#[test]
+fn kvcache_and_paged_errors_exit_2() {
+    let dir = TempDir::new();
+    let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+    let (inp, out) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["run", "--input", inp, "--output", out, "--device", "cpu"].map(String::from).to_vec();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // KV-cache flags and inputs without k_cache.
+    write(&input, &dense_inputs(DType::BF16, 4));
+    expect_failure(&run(&["--num-splits", "2"]), "--num-splits");
+    expect_failure(&run(&["--rotary-interleaved"]), "--rotary-interleaved");
+    expect_failure(&run(&["--num-splits", "x"]), "--num-splits");
+    expect_failure(&run(&["--num-splits", "-1"]), "--num-splits");
+    expect_failure(&run(&["--rotary-interleaved=1"]), "--rotary-interleaved");
+    let mut inputs = dense_inputs(DType::BF16, 4);
+    inputs.push(("cache_seqlens", i32s(&[1, 1])));
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "cache_seqlens");
+
+    // KV-cache mode: what it refuses, what it misses, and the library's own checks.
+    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+    write(&input, &inputs);
+    expect_failure(&run(&["--backward"]), "--backward");
+    inputs.push(("k", random(&mut StdRng::seed_from_u64(1), &[3, 2, 2, 64], DType::BF16, 1.0)));
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "k is given");
+    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+    inputs.retain(|(n, _)| *n != "cache_seqlens");
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "'cache_seqlens'");
+    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+    inputs.retain(|(n, _)| *n != "v_new");
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "v_new");
+    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+    inputs.iter_mut().find(|(n, _)| *n == "cache_seqlens").unwrap().1 = i32s(&[10, 0, 38]);
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "cache_seqlens");
+    let mut inputs = kvcache_inputs(DType::BF16, true, 5);
+    inputs.iter_mut().find(|(n, _)| *n == "block_table").unwrap().1 = Tensor::from_i32((0..24).map(|i| if i == 16 { 30 } else { i }).collect(), &[3, 8]).unwrap();
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "block_table");
+    let mut inputs = kvcache_inputs(DType::BF16, true, 5);
+    inputs.push(("cache_batch_idx", i32s(&[0, 1, 2])));
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "cache_batch_idx");
+    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+    inputs.iter_mut().find(|(n, _)| *n == "rotary_cos").unwrap().1 = random(&mut StdRng::seed_from_u64(2), &[42, 16], DType::F16, 1.0);
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "rotary_cos");
+    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+    inputs.iter_mut().find(|(n, _)| *n == "cache_leftpad").unwrap().1 = i32s(&[11, 0, 0]);
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "cache_leftpad");
+    write(&input, &kvcache_inputs(DType::BF16, false, 5));
+    expect_failure(&run(&["--num-splits", "500"]), "num_splits");
+
+    // Paged varlen: no key counts, a dense q, --backward, a block outside k.
+    let mut inputs = paged_inputs(DType::BF16, 1);
+    inputs.retain(|(n, _)| !["cu_seqlens_k", "seqused_k"].contains(n));
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "seqused_k");
+    write(&input, &paged_inputs(DType::BF16, 0));
+    expect_failure(&run(&["--backward"]), "--backward");
+    let mut inputs = dense_inputs(DType::BF16, 4);
+    inputs.push(("block_table", Tensor::from_i32(vec![0, 1], &[2, 1]).unwrap()));
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "block_table");
+    let mut inputs = paged_inputs(DType::BF16, 0);
+    inputs.iter_mut().find(|(n, _)| *n == "block_table").unwrap().1 = Tensor::from_i32(vec![6, 2, 7, 5, 1, 3, 4, 0, 0], &[3, 3]).unwrap();
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "block_table");
     assert!(!output.exists(), "no output file is written on failure");
 }
 

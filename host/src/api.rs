@@ -3,9 +3,9 @@
 //! the CPU path, or the kernels on the legacy default stream (where `Tensor` orders all its work).
 
 use crate::error::{Error, Result};
-use crate::raw::{self, BwdViews, FwdViews, Workspace};
+use crate::raw::{self, BwdViews, CombineViews, FwdViews, KvCacheViews, Workspace};
 use crate::tensor::Tensor;
-use crate::types::{DType, Device, Target, VarlenViews, STREAM_LEGACY};
+use crate::types::{DType, Device, KvCacheOptions, PagedVarlenViews, Target, VarlenViews, STREAM_LEGACY};
 use crate::validate;
 
 pub use crate::types::AttnOptions;
@@ -38,6 +38,85 @@ impl<'a> Varlen<'a> {
             seqused_q: self.seqused_q.map(Tensor::view),
             seqused_k: self.seqused_k.map(Tensor::view),
         }
+    }
+}
+
+/// Packed sequences over a paged K/V cache, for `varlen_fwd_paged`: k and v are
+/// `[num_blocks, page_size, Hk, D]`, and key t of sequence b is row `t % page_size` of block
+/// `block_table[b][t / page_size]`.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedVarlen<'a> {
+    /// int32 `[B+1]`: sequence b's queries are rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` of q.
+    pub cu_seqlens_q: &'a Tensor,
+    /// int32 `[B+1]`: sequence b has `cu_seqlens_k[b+1] - cu_seqlens_k[b]` keys. `None`: `seqused_k`
+    /// gives the key counts and is required.
+    pub cu_seqlens_k: Option<&'a Tensor>,
+    /// At least every (used) query length.
+    pub max_seqlen_q: usize,
+    /// At least every key count.
+    pub max_seqlen_k: usize,
+    /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
+    pub seqused_q: Option<&'a Tensor>,
+    /// int32 `[B]`: sequence b attends to its first `seqused_k[b]` keys.
+    pub seqused_k: Option<&'a Tensor>,
+    /// int32 `[B, max_blocks]`: each sequence's pages, in order.
+    pub block_table: &'a Tensor,
+}
+
+impl<'a> PagedVarlen<'a> {
+    /// The raw layer's view of these tensors.
+    pub fn views(&self) -> PagedVarlenViews<'a> {
+        PagedVarlenViews {
+            cu_seqlens_q: self.cu_seqlens_q.view(),
+            cu_seqlens_k: self.cu_seqlens_k.map(Tensor::view),
+            max_seqlen_q: self.max_seqlen_q,
+            max_seqlen_k: self.max_seqlen_k,
+            seqused_q: self.seqused_q.map(Tensor::view),
+            seqused_k: self.seqused_k.map(Tensor::view),
+            block_table: self.block_table.view(),
+        }
+    }
+    fn tensors(&self) -> impl Iterator<Item = (&'static str, &'a Tensor)> {
+        let opt = [("cu_seqlens_k", self.cu_seqlens_k), ("seqused_q", self.seqused_q), ("seqused_k", self.seqused_k)];
+        [("cu_seqlens_q", self.cu_seqlens_q), ("block_table", self.block_table)].into_iter().chain(opt.into_iter().filter_map(|(a, t)| t.map(|t| (a, t))))
+    }
+}
+
+/// The KV-cache forward's inputs beside q and the caches (flash-attn's `flash_attn_with_kvcache`; see
+/// `raw::KvCacheViews` for the layouts). `KvCache::new(cache_seqlens)` leaves every optional one out.
+#[derive(Clone, Copy, Debug)]
+pub struct KvCache<'a> {
+    /// int32 `[B]`: the end of row b's valid cache entries before the append.
+    pub cache_seqlens: &'a Tensor,
+    /// int32 `[B, max_blocks]`: the caches are paged, `[num_blocks, page_size, Hk, D]`.
+    pub block_table: Option<&'a Tensor>,
+    /// `[B, S_new, Hk, D]`: keys and values appended at positions `cache_seqlens[b]..` (both or neither).
+    pub k_new: Option<&'a Tensor>,
+    pub v_new: Option<&'a Tensor>,
+    /// `[S_ro, rotary_dim / 2]`, q's dtype or f32: rotary embedding of q and k_new (both or neither).
+    pub rotary_cos: Option<&'a Tensor>,
+    pub rotary_sin: Option<&'a Tensor>,
+    /// int32 `[B]`: the cache row of batch entry b (contiguous caches only).
+    pub cache_batch_idx: Option<&'a Tensor>,
+    /// int32 `[B]`: the first valid cache entry of each row.
+    pub cache_leftpad: Option<&'a Tensor>,
+}
+
+impl<'a> KvCache<'a> {
+    pub fn new(cache_seqlens: &'a Tensor) -> KvCache<'a> {
+        KvCache { cache_seqlens, block_table: None, k_new: None, v_new: None, rotary_cos: None, rotary_sin: None, cache_batch_idx: None, cache_leftpad: None }
+    }
+    fn tensors(&self) -> impl Iterator<Item = (&'static str, &'a Tensor)> {
+        let opt = [
+            ("block_table", self.block_table),
+            ("k_new", self.k_new),
+            ("v_new", self.v_new),
+            ("rotary_cos", self.rotary_cos),
+            ("rotary_sin", self.rotary_sin),
+            ("cache_batch_idx", self.cache_batch_idx),
+            ("cache_leftpad", self.cache_leftpad),
+        ];
+        std::iter::once(("cache_seqlens", self.cache_seqlens)).chain(opt.into_iter().filter_map(|(a, t)| t.map(|t| (a, t))))
     }
 }
 
@@ -99,6 +178,70 @@ pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse:
 #[allow(clippy::too_many_arguments)]
 pub fn varlen_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
     run_bwd(dout, q, k, v, out, lse, Some(varlen), opts, deterministic)
+}
+
+/// Packed forward over a paged K/V cache: q `[Tq, Hq, D]`, k and v `[num_blocks, page_size, Hk, D]`,
+/// sequences and pages given by `varlen`. Out `[Tq, Hq, D]`, lse `[Hq, Tq]` as `varlen_fwd`. CPU only
+/// for now (CUDA tensors: `Error::Unsupported`).
+pub fn varlen_fwd_paged(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedVarlen<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
+    let others: Vec<(&'static str, &Tensor)> = [("k", k), ("v", v)].into_iter().chain(varlen.tensors()).collect();
+    let device = same_device(q, &others, None)?;
+    let vl = varlen.views();
+    let p = validate::validate_varlen_paged(&q.view(), &k.view(), &v.view(), &vl, opts)?;
+    let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
+    let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
+    let views = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view_mut(), lse: lse.view_mut() };
+    // Safety: every view is of a live tensor on `device`.
+    unsafe { raw::varlen_fwd_paged(&views, &vl, opts, target(device)) }?;
+    Ok(FwdOutput { out, lse })
+}
+
+/// KV-cache forward, flash-attn's `flash_attn_with_kvcache`: q `[B, Sq, Hq, D]` over the caches
+/// `[B_cache, S_cache, Hk, D]` (or paged, with `cache.block_table`), after appending `cache.k_new` /
+/// `cache.v_new` to them in place (k_new rotated when `cache.rotary_cos` / `rotary_sin` are given; q is
+/// rotated too). Out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]`. CPU only for now (CUDA tensors:
+/// `Error::Unsupported`).
+pub fn fwd_kvcache(q: &Tensor, k_cache: &mut Tensor, v_cache: &mut Tensor, cache: &KvCache<'_>, opts: &AttnOptions, kv: &KvCacheOptions) -> Result<FwdOutput> {
+    let others: Vec<(&'static str, &Tensor)> = [("k_cache", &*k_cache), ("v_cache", &*v_cache)].into_iter().chain(cache.tensors()).collect();
+    let device = same_device(q, &others, None)?;
+    // The outputs are q's size (everything else is checked by the raw layer).
+    let &[b, sq, hq, d] = q.shape() else { return Err(Error::Rank { arg: "q", got: q.rank(), expected: 4 }) };
+    let mut out = Tensor::uninit(&[b, sq, hq, d], q.dtype(), device)?;
+    let mut lse = Tensor::uninit(&[b, hq, sq], DType::F32, device)?;
+    let views = KvCacheViews {
+        q: q.view(),
+        k_cache: k_cache.view_mut(),
+        v_cache: v_cache.view_mut(),
+        cache_seqlens: cache.cache_seqlens.view(),
+        block_table: cache.block_table.map(Tensor::view),
+        k_new: cache.k_new.map(Tensor::view),
+        v_new: cache.v_new.map(Tensor::view),
+        rotary_cos: cache.rotary_cos.map(Tensor::view),
+        rotary_sin: cache.rotary_sin.map(Tensor::view),
+        cache_batch_idx: cache.cache_batch_idx.map(Tensor::view),
+        cache_leftpad: cache.cache_leftpad.map(Tensor::view),
+        out: out.view_mut(),
+        lse: lse.view_mut(),
+    };
+    // Safety: every view is of a live tensor on `device`; the caches are borrowed mutably.
+    unsafe { raw::fwd_kvcache(&views, opts, kv, Workspace::default(), target(device)) }?;
+    Ok(FwdOutput { out, lse })
+}
+
+/// Merges partial attention results over disjoint key sets of the same queries: `partial_out`
+/// `[n, B, Sq, H, D]` (or packed `[n, T, H, D]`; f16, bf16 or f32) with f32 `partial_lse`
+/// `[n, B, H, Sq]` (`[n, H, T]`), into out (partial_out's dtype, the shape without n) and lse: the
+/// exact log-sum-exp merge. Out and lse of split-KV, or of context parallelism's shards. CPU only for
+/// now.
+pub fn combine(partial_out: &Tensor, partial_lse: &Tensor) -> Result<FwdOutput> {
+    let device = same_device(partial_out, &[("partial_lse", partial_lse)], None)?;
+    let (os, ls) = (partial_out.shape(), partial_lse.shape());
+    let mut out = Tensor::uninit(os.get(1..).unwrap_or(&[]), partial_out.dtype(), device)?;
+    let mut lse = Tensor::uninit(ls.get(1..).unwrap_or(&[]), DType::F32, device)?;
+    let views = CombineViews { partial_out: partial_out.view(), partial_lse: partial_lse.view(), out: out.view_mut(), lse: lse.view_mut() };
+    // Safety: every view is of a live tensor on `device`.
+    unsafe { raw::combine(&views, target(device)) }?;
+    Ok(FwdOutput { out, lse })
 }
 
 /// Copies the varlen length tensors to the host (from the device if need be) and checks their contents:

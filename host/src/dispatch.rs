@@ -207,6 +207,8 @@ mod tests {
             has_seqused_q: false,
             has_seqused_k: false,
             seqlens: None,
+            paged: None,
+            keys: None,
         }
     }
 

@@ -33,6 +33,8 @@ pub enum Error {
     Cuda(String),
     /// Reading or writing a file (CLI).
     Io(String),
+    /// A feature that exists on another target but not (yet) on this one: `feature` names it.
+    Unsupported { feature: &'static str, msg: String },
 }
 
 impl fmt::Display for Error {
@@ -52,6 +54,7 @@ impl fmt::Display for Error {
             Error::Data { msg } => write!(f, "{msg}"),
             Error::Cuda(msg) => write!(f, "cuda: {msg}"),
             Error::Io(msg) => write!(f, "io: {msg}"),
+            Error::Unsupported { feature, msg } => write!(f, "{feature}: {msg}"),
         }
     }
 }

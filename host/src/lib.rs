@@ -1,6 +1,7 @@
 //! flash-attn: FlashAttention forward with flash-attn 2's semantics, on CUDA GPUs through kernels written
 //! in Rust and compiled to PTX, and on the CPU where no GPU is present; so does the backward (`bwd`,
-//! `varlen_bwd`).
+//! `varlen_bwd`). For inference, `varlen_fwd_paged` (paged K/V), `fwd_kvcache` (append to a KV cache,
+//! rotary, split-KV) and `combine` (merge partial results) run on the CPU so far.
 //!
 //! ```no_run
 //! use flash_attn::{fwd, AttnOptions, DType, Device, Tensor};
@@ -30,10 +31,10 @@ pub mod tensor;
 pub mod types;
 pub mod validate;
 
-pub use api::{bwd, check_varlen_contents, fwd, fwd_into, varlen_bwd, varlen_fwd, varlen_fwd_into, BwdOutput, FwdOutput, Varlen};
+pub use api::{bwd, check_varlen_contents, combine, fwd, fwd_into, fwd_kvcache, varlen_bwd, varlen_fwd, varlen_fwd_into, varlen_fwd_paged, BwdOutput, FwdOutput, KvCache, PagedVarlen, Varlen};
 pub use error::{Error, Result};
 pub use tensor::{CpuData, Tensor};
-pub use types::{AttnOptions, DType, Device, KernelChoice, Target, VarlenViews, View};
+pub use types::{AttnOptions, CombineViews, DType, Device, KernelChoice, KvCacheOptions, KvCacheViews, PagedVarlenViews, Target, VarlenViews, View};
 
 /// Head dimensions with a kernel variant (and accepted by the CPU path).
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];

@@ -16,6 +16,7 @@ pub struct Strides {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct HostSeqlens {
     pub cu_seqlens_q: Vec<i32>,
+    /// Empty for a paged call without it (`Problem::keys` has the key counts then).
     pub cu_seqlens_k: Vec<i32>,
     pub seqused_q: Option<Vec<i32>>,
     pub seqused_k: Option<Vec<i32>>,
@@ -30,7 +31,8 @@ pub struct Problem {
     pub hk: usize,
     pub head_dim: usize,
     pub varlen: bool,
-    /// Dense: rows per sequence. Varlen: max_seqlen_q / max_seqlen_k.
+    /// Dense: rows per sequence. Varlen: max_seqlen_q / max_seqlen_k. KV cache: Sq / the keys a cache
+    /// row holds.
     pub seqlen_q: usize,
     pub seqlen_k: usize,
     /// Rows of the q (and out) buffer and of the k/v buffers: B*S dense, T varlen.
@@ -50,6 +52,44 @@ pub struct Problem {
     pub has_seqused_k: bool,
     /// Varlen lengths on the host: filled in (and checked) on the CPU path, never on CUDA.
     pub seqlens: Option<HostSeqlens>,
+    /// k and v are pages of a paged cache (`[num_blocks, page_size, Hk, D]`; `k.batch`, `v.batch` are
+    /// the block strides).
+    pub paged: Option<Paged>,
+    /// Where each sequence's keys are, when not where `cu_seqlens_k` (varlen) or the batch index (dense)
+    /// puts them: filled in (and checked) on the CPU path for paged and KV-cache calls.
+    pub keys: Option<HostKeys>,
+}
+
+/// A paged K/V layout: key position t of sequence b is row `t % page_size` of block
+/// `block_table[b][t / page_size]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paged {
+    pub page_size: usize,
+    pub num_blocks: usize,
+    /// Entries per row of the block table: a sequence holds at most `max_blocks * page_size` keys.
+    pub max_blocks: usize,
+}
+
+impl Paged {
+    /// Keys one sequence can hold.
+    pub fn capacity(&self) -> usize {
+        self.max_blocks.saturating_mul(self.page_size)
+    }
+}
+
+/// Each sequence's keys, resolved on the host from the call's index tensors (cu_seqlens_k or seqused_k,
+/// cache_seqlens, cache_batch_idx, cache_leftpad) after their contents were checked.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct HostKeys {
+    /// Keys sequence b attends to.
+    pub seqlen_k: Vec<usize>,
+    /// The entry of k/v's first dimension that holds sequence b's keys (a cache row), or with a paged
+    /// layout the row of the block table that lists its pages.
+    pub batch: Vec<usize>,
+    /// Position of sequence b's key 0 in that entry (its cache_leftpad, else 0).
+    pub first: Vec<usize>,
+    /// A paged layout's block table, row-major `[B, max_blocks]`.
+    pub block_table: Option<Vec<i32>>,
 }
 
 /// A shape of rank <= 4 without allocating (the CUDA path allocates nothing per call).
@@ -91,6 +131,105 @@ impl Problem {
     pub fn lse_strides(&self) -> (usize, usize) {
         if self.varlen { (0, self.total_q) } else { (self.hq * self.seqlen_q, self.seqlen_q) }
     }
+}
+
+/// Host copies of a paged varlen call's index tensors, read before their contents are checked.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct HostPagedSeqlens {
+    pub cu_seqlens_q: Vec<i32>,
+    pub cu_seqlens_k: Option<Vec<i32>>,
+    pub seqused_q: Option<Vec<i32>>,
+    pub seqused_k: Option<Vec<i32>>,
+    /// Row-major `[B, max_blocks]`.
+    pub block_table: Vec<i32>,
+}
+
+/// Host copies of a KV-cache call's index tensors, read before their contents are checked.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct HostKvCache {
+    pub cache_seqlens: Vec<i32>,
+    pub cache_batch_idx: Option<Vec<i32>>,
+    pub cache_leftpad: Option<Vec<i32>>,
+    /// Row-major `[B, max_blocks]`.
+    pub block_table: Option<Vec<i32>>,
+}
+
+/// A validated KV-cache call (`KvCacheViews`): the attention after the append as a `Problem` (q dense
+/// `[B, Sq, Hq, D]`, k and v the caches, `seqlen_k` the keys a cache row can hold), and the append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvCacheProblem {
+    pub fwd: Problem,
+    /// Entries of the cache's first dimension: rows of a contiguous cache, or blocks of a paged one.
+    pub cache_batch: usize,
+    /// Rows of k_new / v_new per sequence (0 without them).
+    pub seqlen_new: usize,
+    pub k_new: Option<Strides>,
+    pub v_new: Option<Strides>,
+    pub rotary: Option<Rotary>,
+    pub has_cache_batch_idx: bool,
+    pub has_cache_leftpad: bool,
+    /// As asked for (0 = the heuristic, resolved by the path that runs it).
+    pub num_splits: usize,
+}
+
+/// Rotary embedding of a KV-cache call's q and k_new.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotary {
+    /// Features rotated (the first `dim` of each head): twice the width of cos / sin.
+    pub dim: usize,
+    /// Positions cos / sin hold (S_ro).
+    pub seqlen: usize,
+    /// Pairs (2i, 2i+1) instead of (i, i + dim/2).
+    pub interleaved: bool,
+    /// cos / sin element type: q's or f32.
+    pub dtype: DType,
+    /// Row strides of cos and sin.
+    pub cos_row: usize,
+    pub sin_row: usize,
+    /// Query row i of batch entry b is at position `cache_seqlens[b] + i` (causal or windowed
+    /// attention); otherwise every row is at `cache_seqlens[b]`.
+    pub q_per_row: bool,
+}
+
+/// A validated combine (`CombineViews`), packed layouts as a batch of one: partial results
+/// `[n, B, S, H, D]` with LSE `[n, B, H, S]` merged into `[B, S, H, D]` and `[B, H, S]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CombineProblem {
+    pub splits: usize,
+    pub batch: usize,
+    pub seqlen: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Element strides of partial_out: split, batch, row, head.
+    pub partial_out: [usize; 4],
+    /// Element strides of partial_lse: split, batch, head, row.
+    pub partial_lse: [usize; 4],
+    pub out: Strides,
+}
+
+/// The most splits of a key range a split-KV call makes.
+pub const MAX_SPLITS: usize = 128;
+
+/// How many splits of the key range keep `processors` busy when attention has `tiles` independent work
+/// tiles (query tiles times heads times batch) and each row sees up to `key_blocks` blocks of keys.
+///
+/// Splitting only pays when the tiles leave processors idle: from 80% of a wave on, one split. Otherwise
+/// each candidate count s (every split keeps at least one key block, at most `MAX_SPLITS`) fills its
+/// last wave of `tiles * s` units to some fraction; the smallest s within 85% of the best fill wins,
+/// since every split adds a partial result to write and merge.
+pub fn num_splits_heuristic(tiles: usize, key_blocks: usize, processors: usize) -> usize {
+    let most = key_blocks.min(MAX_SPLITS);
+    if tiles == 0 || processors == 0 || most <= 1 || tiles.saturating_mul(5) >= processors.saturating_mul(4) {
+        return 1;
+    }
+    // s splits of key_blocks must each get a block of their own, or a smaller s does the same work.
+    let distinct = |s: usize| key_blocks.div_ceil(key_blocks.div_ceil(s)) == s;
+    let fill = |s: usize| {
+        let units = tiles * s;
+        units as f64 / (units.div_ceil(processors) * processors) as f64
+    };
+    let best = (1..=most).filter(|&s| distinct(s)).map(fill).fold(0.0, f64::max);
+    (1..=most).find(|&s| distinct(s) && fill(s) >= 0.85 * best).unwrap_or(1)
 }
 
 /// A validated backward call: the forward's problem, plus where `dout` and `out` (both of the output's

@@ -11,9 +11,14 @@
 //! Layouts are flash-attn 2's: q `[B, Sq, Hq, D]` (varlen `[Tq, Hq, D]`), k and v `[B, Sk, Hk, D]`
 //! (`[Tk, Hk, D]`), out and dout like q, lse contiguous f32 `[B, Hq, Sq]` (`[Hq, Tq]`), dq like q, dk and
 //! dv like k; any strides with the head dim contiguous (on CUDA every row 16-byte aligned).
+//!
+//! Inference (issue 13): `varlen_fwd_paged` (k and v in pages through a block table), `fwd_kvcache`
+//! (flash-attn's `flash_attn_with_kvcache`: append to the cache in place, rotary, split-KV) and
+//! `combine` (merge partial results) run on the CPU; on CUDA they validate everything and then return
+//! `Error::Unsupported` naming the entry point, until their kernels exist.
 
-use crate::error::Result;
-pub use crate::types::{BwdViews, FwdViews, Workspace};
+use crate::error::{Error, Result};
+pub use crate::types::{BwdViews, CombineViews, FwdViews, KvCacheOptions, KvCacheViews, PagedVarlenViews, Workspace};
 use crate::types::{AttnOptions, Target, VarlenViews};
 use crate::validate;
 
@@ -66,6 +71,80 @@ pub unsafe fn bwd(t: &BwdViews<'_>, opts: &AttnOptions, deterministic: bool, wor
 /// As for `bwd`; the varlen views too must be valid for reads.
 pub unsafe fn varlen_bwd(t: &BwdViews<'_>, varlen: &VarlenViews<'_>, opts: &AttnOptions, deterministic: bool, workspace: Workspace, target: Target) -> Result<()> {
     unsafe { run_bwd(t, Some(varlen), opts, deterministic, workspace, target) }
+}
+
+/// Packed forward over a paged K/V cache: q `[Tq, Hq, D]`; k and v `[num_blocks, page_size, Hk, D]`
+/// (any page size >= 1), key t of sequence b in row `t % page_size` of block
+/// `block_table[b][t / page_size]`; key counts from `cu_seqlens_k` (and `seqused_k` where given) or, with
+/// no `cu_seqlens_k`, from `seqused_k`. Out and lse as `varlen_fwd`; on the CPU bitwise what
+/// `varlen_fwd` gives with the same keys in contiguous rows.
+///
+/// # Safety
+/// As for `varlen_fwd`; the block table too must be valid for reads.
+pub unsafe fn varlen_fwd_paged(t: &FwdViews<'_>, varlen: &PagedVarlenViews<'_>, opts: &AttnOptions, target: Target) -> Result<()> {
+    let mut p = validate::validate_varlen_paged(&t.q, &t.k, &t.v, varlen, opts)?;
+    validate::check_paged_fwd_outputs(&p, t, varlen)?;
+    match target {
+        Target::Cpu => unsafe {
+            let host = crate::cpu::host_paged_seqlens(varlen);
+            let (seqlens, keys) = validate::check_paged_varlen_contents(&p, host, varlen.max_seqlen_q, varlen.max_seqlen_k)?;
+            (p.seqlens, p.keys) = (Some(seqlens), Some(keys));
+            crate::cpu::fwd_into(&p, t)
+        },
+        Target::Cuda { .. } => Err(no_kernels("varlen_fwd_paged")),
+    }
+}
+
+/// KV-cache forward, flash-attn's `flash_attn_with_kvcache` (see `KvCacheViews`): appends k_new and v_new
+/// (k_new rotated) to the caches in place at positions `cache_seqlens[b]..`, then attends q (rotated)
+/// over each row's `cache_seqlens[b] - cache_leftpad[b] + S_new` cache entries into out `[B, Sq, Hq, D]`
+/// and lse `[B, Hq, Sq]`. `kv.num_splits` splits each row's keys (0 = `problem::num_splits_heuristic`
+/// over the processors: this machine's threads on the CPU); the results of any split count agree up to
+/// rounding. The workspace holds the splits' partial results on CUDA (`kvcache_workspace_bytes`); the
+/// CPU needs none.
+///
+/// # Safety
+/// As for `fwd`, with the caches valid for writes when k_new is given (for reads otherwise), and every
+/// other view valid for reads.
+pub unsafe fn fwd_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOptions, workspace: Workspace, target: Target) -> Result<()> {
+    let mut kp = validate::validate_kvcache(t, opts, kv)?;
+    let _ = workspace;
+    match target {
+        Target::Cpu => unsafe {
+            let keys = validate::check_kvcache_contents(&kp, crate::cpu::host_kvcache(t))?;
+            kp.fwd.keys = Some(keys);
+            crate::cpu::kvcache::fwd_kvcache_into(&kp, t)
+        },
+        Target::Cuda { .. } => Err(no_kernels("fwd_kvcache")),
+    }
+}
+
+/// Bytes of workspace `fwd_kvcache` needs for these views and options on `target`: 0 on the CPU.
+pub fn kvcache_workspace_bytes(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOptions, target: Target) -> Result<usize> {
+    validate::validate_kvcache(t, opts, kv)?;
+    match target {
+        Target::Cpu => Ok(0),
+        Target::Cuda { .. } => Err(no_kernels("fwd_kvcache")),
+    }
+}
+
+/// Merges partial attention results over disjoint key sets of the same queries (see `CombineViews`):
+/// out = sum_i exp(lse_i - lse) out_i with lse = log sum_i exp(lse_i), the exact log-sum-exp merge (in
+/// f64 on the CPU, rounded once). Rows no partial saw a key for are out 0, lse -inf.
+///
+/// # Safety
+/// Every view must be valid memory of `target` (reads for the partials, writes for out and lse).
+pub unsafe fn combine(t: &CombineViews<'_>, target: Target) -> Result<()> {
+    let cp = validate::validate_combine(t)?;
+    match target {
+        Target::Cpu => unsafe { crate::cpu::combine::combine_into(&cp, t) },
+        Target::Cuda { .. } => Err(no_kernels("combine")),
+    }
+}
+
+/// The error of an entry point that has no CUDA kernels yet.
+fn no_kernels(feature: &'static str) -> Error {
+    Error::Unsupported { feature, msg: "has no CUDA kernels yet (issue 13); it runs on the CPU (Target::Cpu, Device::Cpu)".into() }
 }
 
 /// On the CPU the varlen lengths are host memory: read and check them (the kernels never need this).

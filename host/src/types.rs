@@ -135,6 +135,91 @@ pub struct VarlenViews<'a> {
     pub seqused_k: Option<View<'a>>,
 }
 
+/// The packed-sequence lengths of a varlen call over a paged K/V cache, in the call's memory: k and v
+/// are `[num_blocks, page_size, Hk, D]`, and key t of sequence b is row `t % page_size` of block
+/// `block_table[b][t / page_size]`.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedVarlenViews<'a> {
+    /// int32 `[B+1]`: sequence b's queries are rows `cu_seqlens_q[b]..cu_seqlens_q[b+1]` of q.
+    pub cu_seqlens_q: View<'a>,
+    /// int32 `[B+1]`: sequence b has `cu_seqlens_k[b+1] - cu_seqlens_k[b]` keys (where they are is the
+    /// block table's business). `None`: `seqused_k` gives the key counts and is required.
+    pub cu_seqlens_k: Option<View<'a>>,
+    /// At least every (used) query length.
+    pub max_seqlen_q: usize,
+    /// At least every key count.
+    pub max_seqlen_k: usize,
+    /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
+    pub seqused_q: Option<View<'a>>,
+    /// int32 `[B]`: sequence b attends to its first `seqused_k[b]` keys.
+    pub seqused_k: Option<View<'a>>,
+    /// int32 `[B, max_blocks]` (last dim contiguous): the pages of each sequence, in order.
+    pub block_table: View<'a>,
+}
+
+/// The tensors of a KV-cache forward (flash-attn's `flash_attn_with_kvcache`): attention of q over the
+/// cache after appending the new keys and values to it in place.
+///
+/// Row b of the batch sees the cache entries at positions `cache_leftpad[b]..cache_seqlens[b] + S_new`:
+/// first `k_new[b]`, `v_new[b]` are written at positions `cache_seqlens[b]..` (k_new rotated first when
+/// rotary is given), then q (rotated too) attends to the `cache_seqlens[b] - cache_leftpad[b] + S_new`
+/// keys, bottom-right aligned as everywhere else.
+#[derive(Clone, Copy, Debug)]
+pub struct KvCacheViews<'a> {
+    /// `[B, Sq, Hq, D]`.
+    pub q: View<'a>,
+    /// `[B_cache, S_cache, Hk, D]`, or `[num_blocks, page_size, Hk, D]` with `block_table`. Written (the
+    /// appended rows only) when `k_new` is given.
+    pub k_cache: View<'a>,
+    pub v_cache: View<'a>,
+    /// int32 `[B]`: the end of row b's valid cache entries before the append.
+    pub cache_seqlens: View<'a>,
+    /// int32 `[B, max_blocks]`: a paged cache, as in `PagedVarlenViews`.
+    pub block_table: Option<View<'a>>,
+    /// `[B, S_new, Hk, D]`, q's dtype: keys and values to append (both or neither).
+    pub k_new: Option<View<'a>>,
+    pub v_new: Option<View<'a>>,
+    /// `[S_ro, rotary_dim / 2]`, q's dtype or f32 (both the same): rotary embedding of the first
+    /// `rotary_dim` features of q and k_new (both or neither). The cached keys are taken as already
+    /// rotated.
+    pub rotary_cos: Option<View<'a>>,
+    pub rotary_sin: Option<View<'a>>,
+    /// int32 `[B]`: the cache row batch entry b uses (contiguous caches only; default b).
+    pub cache_batch_idx: Option<View<'a>>,
+    /// int32 `[B]`: the first valid cache entry of each row (default 0).
+    pub cache_leftpad: Option<View<'a>>,
+    /// `[B, Sq, Hq, D]` in q's dtype.
+    pub out: View<'a>,
+    /// Contiguous f32 `[B, Hq, Sq]`.
+    pub lse: View<'a>,
+}
+
+/// The KV-cache forward's options beyond `AttnOptions`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvCacheOptions {
+    /// Rotary pairs are features (2i, 2i+1) (GPT-J style) instead of (i, i + rotary_dim/2) (GPT-NeoX).
+    pub rotary_interleaved: bool,
+    /// Split each row's keys into this many ranges, attend to each separately and merge the partial
+    /// results (`combine`): more parallel work for few long rows (decode). 0 = a heuristic from the
+    /// problem's size and the processor count (`problem::num_splits_heuristic`).
+    pub num_splits: usize,
+}
+
+/// The tensors of a combine: `n` partial attention results over disjoint key sets of the same queries
+/// (splits of the key range, or the shards of context parallelism), merged into the result over all of
+/// them.
+#[derive(Clone, Copy, Debug)]
+pub struct CombineViews<'a> {
+    /// `[n, B, Sq, H, D]` (or packed `[n, T, H, D]`), f16, bf16 or f32.
+    pub partial_out: View<'a>,
+    /// f32 `[n, B, H, Sq]` (or `[n, H, T]`), natural-log LSE; -inf marks a partial that saw no key.
+    pub partial_lse: View<'a>,
+    /// `[B, Sq, H, D]` (`[T, H, D]`), f16, bf16 or f32.
+    pub out: View<'a>,
+    /// Contiguous f32 `[B, H, Sq]` (`[H, T]`).
+    pub lse: View<'a>,
+}
+
 /// The tensors of a forward call: inputs q, k, v and the outputs it writes, out and lse.
 #[derive(Clone, Copy, Debug)]
 pub struct FwdViews<'a> {

@@ -1,9 +1,10 @@
 //! The `flash-attn` command line: `run` applies the forward pass (and with `--backward` the backward
-//! pass) to tensors in a safetensors file, `demo`
+//! pass) to tensors in a safetensors file, packed ones over a paged K/V cache too, or with a `k_cache` the
+//! KV-cache forward (writing the updated caches back); `demo`
 //! repeats the packed-versus-separate experiment (a packed varlen batch must give each sequence exactly
 //! what a batch of one gives it). Every failure prints `flash-attn: <message>` and exits with code 2.
 
-use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Device, Tensor, Varlen};
+use flash_attn::{bwd, fwd, fwd_kvcache, varlen_bwd, varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen};
 use half::bf16;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,13 @@ Usage:
 run: reads q, k, v (f16 or bf16): rank 4 [B, S, H, D] for a dense batch, or rank 3 [T, H, D] packed, with
 int32 cu_seqlens_q and cu_seqlens_k [B+1] and optionally int32 seqused_q, seqused_k [B]. Writes out (the
 input dtype) and lse (f32) to OUT.
+  Paged K/V: a packed q with k, v of rank 4 [num_blocks, page_size, H, D] and an int32 block_table
+  [B, max_blocks]; the key counts come from cu_seqlens_k, or from seqused_k when cu_seqlens_k is absent.
+  KV cache (flash_attn_with_kvcache), when the file holds k_cache: q [B, Sq, H, D], k_cache and v_cache
+  [B_cache, S_cache, H, D] (paged with block_table), int32 cache_seqlens [B]; optionally k_new and v_new
+  [B, S_new, H, D] (appended at cache_seqlens), rotary_cos and rotary_sin [S_ro, rotary_dim / 2] (q's
+  dtype or f32), int32 cache_batch_idx and cache_leftpad [B]. Writes out, lse and the updated k_cache,
+  v_cache.
   --backward        also read dout (q's dtype and shape), run the backward pass and write dq, dk, dv
                     (the input dtype) as well
   --deterministic   ask the backward pass for bitwise-reproducible gradients (the CPU always is)
@@ -25,6 +33,8 @@ input dtype) and lse (f32) to OUT.
   --window L,R      sliding window, inclusive; -1 = unbounded (e.g. --window -1,0 is causal)
   --softcap X       soft-cap the scores at X (0 = off)
   --scale X         softmax scale (default 1/sqrt(head_dim))
+  --rotary-interleaved  KV cache: rotary pairs are features (2i, 2i+1), not (i, i + rotary_dim/2)
+  --num-splits N    KV cache: split each row's keys into N ranges (default 0: a heuristic)
   --device D        cpu, cuda or cuda:N (default: the GPU if one is present, else the CPU)
 
 demo: runs a few causal bf16 sequences of different lengths packed (varlen_fwd) and one by one (fwd) and
@@ -147,13 +157,16 @@ struct RunArgs {
     device: Device,
     backward: bool,
     deterministic: bool,
+    /// The KV-cache flags, if given (they make sense only for a file with k_cache).
+    rotary_interleaved: bool,
+    num_splits: Option<usize>,
 }
 
 impl RunArgs {
     fn parse(args: &[String]) -> Result<RunArgs> {
         let (mut input, mut output, mut device) = (None, None, None);
         let mut opts = AttnOptions::default();
-        let (mut backward, mut deterministic) = (false, false);
+        let (mut backward, mut deterministic, mut rotary_interleaved, mut num_splits) = (false, false, false, None);
         let mut flags = Flags::new(args);
         while let Some((name, inline)) = flags.next_flag()? {
             match name {
@@ -171,6 +184,17 @@ impl RunArgs {
                     no_value(name, inline)?;
                     deterministic = true;
                 }
+                "--rotary-interleaved" => {
+                    no_value(name, inline)?;
+                    rotary_interleaved = true;
+                }
+                "--num-splits" => {
+                    let v = flags.value(name, inline)?;
+                    match v.trim().parse::<usize>() {
+                        Ok(n) => num_splits = Some(n),
+                        Err(_) => fail!("--num-splits: expected a count >= 0 (0 = a heuristic), got '{v}'"),
+                    }
+                }
                 "--window" => opts.window = parse_window(flags.value(name, inline)?)?,
                 "--softcap" => opts.softcap = parse_f32(name, flags.value(name, inline)?)?,
                 "--scale" => opts.softmax_scale = Some(parse_f32(name, flags.value(name, inline)?)?),
@@ -180,7 +204,7 @@ impl RunArgs {
         }
         let Some(input) = input else { fail!("run: --input is required") };
         let Some(output) = output else { fail!("run: --output is required") };
-        Ok(RunArgs { input, output, opts, device: device.unwrap_or_else(Device::best), backward, deterministic })
+        Ok(RunArgs { input, output, opts, device: device.unwrap_or_else(Device::best), backward, deterministic, rotary_interleaved, num_splits })
     }
 }
 
@@ -205,10 +229,24 @@ impl DemoArgs {
 // ---------------------------------------------------------------------------------------------------------
 // run
 
+/// Names only a KV-cache input file holds (beside k_cache).
+const KVCACHE_ONLY: [&str; 7] = ["cache_seqlens", "k_new", "v_new", "rotary_cos", "rotary_sin", "cache_batch_idx", "cache_leftpad"];
+
 fn run(args: &RunArgs) -> Result<()> {
     let input = &args.input;
     let bytes = std::fs::read(input).map_err(|e| Fail(format!("cannot read {}: {e}", input.display())))?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| Fail(format!("{}: not a safetensors file: {e:?}", input.display())))?;
+    if file.tensor("k_cache").is_ok() {
+        return run_kvcache(args, &file);
+    }
+    if let Some(name) = KVCACHE_ONLY.iter().find(|n| file.tensor(n).is_ok()) {
+        fail!("{name} is given but {} holds no k_cache (KV-cache inputs need k_cache and v_cache)", input.display());
+    }
+    for (flag, given) in [("--rotary-interleaved", args.rotary_interleaved), ("--num-splits", args.num_splits.is_some())] {
+        if given {
+            fail!("{flag} applies to the KV-cache forward only, but {} holds no k_cache", input.display());
+        }
+    }
     let get = |name: &str, accepted: &[DType]| load(&file, input, name, accepted);
 
     let float = [DType::F16, DType::BF16];
@@ -220,6 +258,7 @@ fn run(args: &RunArgs) -> Result<()> {
     let cu_seqlens_k = get("cu_seqlens_k", &[DType::I32])?;
     let seqused_q = get("seqused_q", &[DType::I32])?;
     let seqused_k = get("seqused_k", &[DType::I32])?;
+    let block_table = get("block_table", &[DType::I32])?;
     let dout = match args.backward {
         true => Some(get("dout", &float)?.ok_or_else(|| Fail(format!("{}: has no tensor 'dout' (needed by --backward)", input.display())))?),
         false => None,
@@ -227,6 +266,30 @@ fn run(args: &RunArgs) -> Result<()> {
 
     let dev = |t: &Tensor| t.to_device(args.device);
     let (q_d, k_d, v_d) = (dev(&q)?, dev(&k)?, dev(&v)?);
+    if let Some(table) = &block_table {
+        if q.rank() != 3 {
+            fail!("block_table is given but q is rank {} (paged K/V takes a packed q [T, H, D])", q.rank());
+        }
+        if args.backward {
+            fail!("--backward: paged K/V (block_table) has no backward pass");
+        }
+        let Some(cu_q) = &cu_seqlens_q else { fail!("q is rank 3 (packed [T, H, D]) but {} has no tensor 'cu_seqlens_q'", input.display()) };
+        // Key counts: seqused_k where given, else the slots of cu_seqlens_k.
+        let max_k = seqused_k.as_ref().or(cu_seqlens_k.as_ref()).map_or(Ok(0), |t| max_seqlen(t, seqused_k.as_ref()))?;
+        let opt = |t: &Option<Tensor>| t.as_ref().map(dev).transpose();
+        let (cu_q_d, cu_k_d, used_q_d, used_k_d, table_d) = (dev(cu_q)?, opt(&cu_seqlens_k)?, opt(&seqused_q)?, opt(&seqused_k)?, dev(table)?);
+        let varlen = PagedVarlen {
+            cu_seqlens_q: &cu_q_d,
+            cu_seqlens_k: cu_k_d.as_ref(),
+            max_seqlen_q: max_seqlen(cu_q, seqused_q.as_ref())?,
+            max_seqlen_k: max_k,
+            seqused_q: used_q_d.as_ref(),
+            seqused_k: used_k_d.as_ref(),
+            block_table: &table_d,
+        };
+        let result = varlen_fwd_paged(&q_d, &k_d, &v_d, &varlen, &args.opts)?;
+        return write_outputs(&args.output, &[("out", &result.out), ("lse", &result.lse)]);
+    }
     // Device copies of the varlen lengths, for packed inputs.
     let packed = match q.rank() {
         4 => {
@@ -273,7 +336,7 @@ fn run(args: &RunArgs) -> Result<()> {
         None => fwd(&q_d, &k_d, &v_d, &args.opts)?,
         Some(varlen) => varlen_fwd(&q_d, &k_d, &v_d, varlen, &args.opts)?,
     };
-    let mut outputs = vec![("out", result.out.to_bytes()?, &result.out), ("lse", result.lse.to_bytes()?, &result.lse)];
+    let mut outputs = vec![("out", &result.out), ("lse", &result.lse)];
     let grads = match &dout {
         None => None,
         Some(dout) => {
@@ -285,13 +348,56 @@ fn run(args: &RunArgs) -> Result<()> {
         }
     };
     if let Some(g) = &grads {
-        for (name, t) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
-            outputs.push((name, t.to_bytes()?, t));
+        outputs.extend([("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)]);
+    }
+    write_outputs(&args.output, &outputs)
+}
+
+/// KV-cache mode (the file holds k_cache): `fwd_kvcache`, then out, lse and the updated caches.
+fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
+    let input = &args.input;
+    for name in ["k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "dout"] {
+        if file.tensor(name).is_ok() {
+            fail!("{name} is given but {} holds k_cache: the KV-cache forward reads q, k_cache, v_cache, cache_seqlens and its optional inputs", input.display());
         }
     }
+    if args.backward {
+        fail!("--backward: the KV-cache forward has no backward pass");
+    }
+    let get = |name: &str, accepted: &[DType]| load(file, input, name, accepted);
+    let missing = |name: &str| Fail(format!("{}: has no tensor '{name}' (KV-cache inputs need q, k_cache, v_cache and cache_seqlens)", input.display()));
+    let (float, int) = ([DType::F16, DType::BF16], [DType::I32]);
+    let dev = |t: Option<Tensor>| t.map(|t| t.to_device(args.device)).transpose();
+    let required = |name: &str, accepted: &[DType]| get(name, accepted)?.ok_or_else(|| missing(name))?.to_device(args.device).map_err(Fail::from);
+    let q = required("q", &float)?;
+    let mut k_cache = required("k_cache", &float)?;
+    let mut v_cache = required("v_cache", &float)?;
+    let cache_seqlens = required("cache_seqlens", &int)?;
+    let block_table = dev(get("block_table", &int)?)?;
+    let (k_new, v_new) = (dev(get("k_new", &float)?)?, dev(get("v_new", &float)?)?);
+    let rotary = [DType::F16, DType::BF16, DType::F32];
+    let (rotary_cos, rotary_sin) = (dev(get("rotary_cos", &rotary)?)?, dev(get("rotary_sin", &rotary)?)?);
+    let (cache_batch_idx, cache_leftpad) = (dev(get("cache_batch_idx", &int)?)?, dev(get("cache_leftpad", &int)?)?);
+    let cache = KvCache {
+        cache_seqlens: &cache_seqlens,
+        block_table: block_table.as_ref(),
+        k_new: k_new.as_ref(),
+        v_new: v_new.as_ref(),
+        rotary_cos: rotary_cos.as_ref(),
+        rotary_sin: rotary_sin.as_ref(),
+        cache_batch_idx: cache_batch_idx.as_ref(),
+        cache_leftpad: cache_leftpad.as_ref(),
+    };
+    let kv = KvCacheOptions { rotary_interleaved: args.rotary_interleaved, num_splits: args.num_splits.unwrap_or(0) };
+    let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &args.opts, &kv)?;
+    write_outputs(&args.output, &[("out", &result.out), ("lse", &result.lse), ("k_cache", &k_cache), ("v_cache", &v_cache)])
+}
 
-    let tensors = outputs.iter().map(|(name, bytes, t)| Ok((*name, st_view(t, bytes)?))).collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(tensors, &None, &args.output).map_err(|e| Fail(format!("cannot write {}: {e:?}", args.output.display())))
+/// Writes the named tensors to a safetensors file.
+fn write_outputs(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let bytes = tensors.iter().map(|(_, t)| t.to_bytes()).collect::<flash_attn::Result<Vec<_>>>()?;
+    let views = tensors.iter().zip(&bytes).map(|((name, t), b)| Ok((*name, st_view(t, b)?))).collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, &None, path).map_err(|e| Fail(format!("cannot write {}: {e:?}", path.display())))
 }
 
 /// Tensor `name` from the file as a host tensor, if present; its dtype must be one of `accepted`.

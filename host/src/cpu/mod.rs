@@ -4,16 +4,23 @@
 //! lse = max + ln(sum).
 //!
 //! Tiles start at each sequence's row 0 and every row's arithmetic depends only on its own sequence, so a
-//! packed varlen batch gives bitwise the same result as one call per sequence.
+//! packed varlen batch gives bitwise the same result as one call per sequence. Keys come through
+//! `kv::KeyRows` (contiguous rows or pages), which changes addresses only: a paged call is bitwise the
+//! contiguous one. The KV-cache forward (kvcache.rs) appends to the cache first; with split-KV, each
+//! split of a row's key tiles is a work item of its own and `combine::merge` joins them.
 
 mod bwd;
+pub(crate) mod combine;
+mod kv;
+pub(crate) mod kvcache;
 mod mask;
+mod rotary;
 mod seqlen;
 mod tile;
 
 use crate::error::{Error, Result};
-use crate::problem::{BwdProblem, HostSeqlens, Problem};
-use crate::types::{BwdViews, DType, FwdViews, VarlenViews, View};
+use crate::problem::{BwdProblem, HostKvCache, HostPagedSeqlens, HostSeqlens, Problem};
+use crate::types::{BwdViews, DType, FwdViews, KvCacheViews, PagedVarlenViews, VarlenViews, View};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -59,6 +66,75 @@ pub(crate) unsafe fn host_seqlens(vl: &VarlenViews<'_>) -> HostSeqlens {
     HostSeqlens { cu_seqlens_q: read(&vl.cu_seqlens_q), cu_seqlens_k: read(&vl.cu_seqlens_k), seqused_q: vl.seqused_q.as_ref().map(read), seqused_k: vl.seqused_k.as_ref().map(read) }
 }
 
+/// The int32 entries of a validated index tensor (a contiguous vector, or a matrix with contiguous
+/// rows), row-major.
+///
+/// # Safety
+/// The view must be valid host memory.
+unsafe fn read_i32(t: &View<'_>) -> Vec<i32> {
+    let (rows, cols, pitch) = match t.shape {
+        [n] => (1, *n, 0),
+        [r, c] => (*r, *c, t.strides[0]),
+        _ => unreachable!("validated index tensors are vectors or matrices"),
+    };
+    let mut v = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        if cols > 0 {
+            let at = t.addr as usize + r * pitch * 4;
+            v.extend_from_slice(unsafe { std::slice::from_raw_parts(at as *const i32, cols) });
+        }
+    }
+    v
+}
+
+/// Host copies of a paged varlen call's index tensors (checked by the caller).
+///
+/// # Safety
+/// The views must be valid host memory (their structure already validated).
+pub(crate) unsafe fn host_paged_seqlens(pv: &PagedVarlenViews<'_>) -> HostPagedSeqlens {
+    unsafe {
+        HostPagedSeqlens {
+            cu_seqlens_q: read_i32(&pv.cu_seqlens_q),
+            cu_seqlens_k: pv.cu_seqlens_k.as_ref().map(|t| read_i32(t)),
+            seqused_q: pv.seqused_q.as_ref().map(|t| read_i32(t)),
+            seqused_k: pv.seqused_k.as_ref().map(|t| read_i32(t)),
+            block_table: read_i32(&pv.block_table),
+        }
+    }
+}
+
+/// Host copies of a KV-cache call's index tensors (checked by the caller).
+///
+/// # Safety
+/// The views must be valid host memory (their structure already validated).
+pub(crate) unsafe fn host_kvcache(t: &KvCacheViews<'_>) -> HostKvCache {
+    unsafe {
+        HostKvCache {
+            cache_seqlens: read_i32(&t.cache_seqlens),
+            cache_batch_idx: t.cache_batch_idx.as_ref().map(|t| read_i32(t)),
+            cache_leftpad: t.cache_leftpad.as_ref().map(|t| read_i32(t)),
+            block_table: t.block_table.as_ref().map(|t| read_i32(t)),
+        }
+    }
+}
+
+/// Write `src` (one row of the last dimension) at element offset `at` of a view, rounding to its dtype.
+///
+/// # Safety
+/// The view must be valid host memory for writes at `at..at + src.len()`, aliasing nothing being read.
+unsafe fn store_row(t: &View<'_>, at: usize, src: &[f32]) {
+    let at = t.addr as usize + at * t.dtype.size();
+    let n = src.len();
+    unsafe {
+        match t.dtype {
+            DType::F16 => std::slice::from_raw_parts_mut(at as *mut f16, n).convert_from_f32_slice(src),
+            DType::BF16 => std::slice::from_raw_parts_mut(at as *mut bf16, n).convert_from_f32_slice(src),
+            DType::F32 => std::slice::from_raw_parts_mut(at as *mut f32, n).copy_from_slice(src),
+            DType::I32 => unreachable!("validated outputs are f16, bf16 or f32"),
+        }
+    }
+}
+
 /// Write `values` (row-major over the view's shape) into a view whose last dimension is contiguous,
 /// rounding to its dtype once.
 ///
@@ -77,15 +153,7 @@ unsafe fn scatter(t: &View<'_>, values: &[f32]) {
             off += (lin % t.shape[d]) * t.strides[d];
             lin /= t.shape[d];
         }
-        let at = t.addr as usize + off * t.dtype.size();
-        unsafe {
-            match t.dtype {
-                DType::F16 => std::slice::from_raw_parts_mut(at as *mut f16, last).convert_from_f32_slice(src),
-                DType::BF16 => std::slice::from_raw_parts_mut(at as *mut bf16, last).convert_from_f32_slice(src),
-                DType::F32 => std::slice::from_raw_parts_mut(at as *mut f32, last).copy_from_slice(src),
-                DType::I32 => unreachable!("validated outputs are f16, bf16 or f32"),
-            }
-        }
+        unsafe { store_row(t, off, src) };
     }
 }
 
@@ -95,7 +163,7 @@ unsafe fn scatter(t: &View<'_>, values: &[f32]) {
 /// As `raw::fwd` on `Target::Cpu`; `p.seqlens` is filled in for varlen.
 pub(crate) unsafe fn fwd_into(p: &Problem, t: &FwdViews<'_>) -> Result<()> {
     let (q, k, v) = unsafe { (host_slice("q", &t.q)?, host_slice("k", &t.k)?, host_slice("v", &t.v)?) };
-    let (out, lse) = fwd(p, q, k, v)?;
+    let (out, lse) = fwd(p, q, k, v, 1)?;
     unsafe {
         scatter(&t.out, &out);
         scatter(&t.lse, &lse);
@@ -120,34 +188,48 @@ pub(crate) unsafe fn bwd_into(bp: &BwdProblem, t: &BwdViews<'_>) -> Result<()> {
 }
 
 /// Forward pass on host memory described by a validated `Problem`: out (f32, contiguous `out_shape`)
-/// and lse (contiguous `lse_shape`).
-fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>) -> Result<(Vec<f32>, Vec<f32>)> {
+/// and lse (contiguous `lse_shape`). With `splits` > 1 each row's key tiles are cut into that many
+/// ranges (as even as whole tiles allow; some may be empty), attended to separately and merged.
+fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, splits: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let (seqs, lse_head_stride) = seqlen::sequences(p)?;
+    let keys = kv::KeyRows::new(p);
     let d = p.head_dim;
     let group = p.hq / p.hk;
+    let splits = splits.max(1);
 
-    let items: Vec<(usize, usize, usize)> = seqs
+    let items: Vec<(usize, usize, usize, usize)> = seqs
         .iter()
         .enumerate()
-        .flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m))))
+        .flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).flat_map(move |m| (0..splits).map(move |i| (b, h, m, i)))))
         .collect();
     let tiles: Vec<tile::TileOut> = items
         .par_iter()
-        .map(|&(b, h, m_block)| {
-            let operands = tile::Operands { q: qd, k: kd, v: vd, q_head: h * p.q.head, k_head: (h / group) * p.k.head, v_head: (h / group) * p.v.head };
-            tile::attend(p, &operands, &seqs[b], m_block)
+        .map(|&(b, h, m_block, split)| {
+            let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, q_head: h * p.q.head, k_head: (h / group) * p.k.head, v_head: (h / group) * p.v.head };
+            let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
+            let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
+            tile::attend(p, &operands, &seqs[b], m_block, n_blocks)
         })
         .collect();
 
     // Rows no tile covers (varlen padding past seqused_q or cu_seqlens_q[B]) stay out 0, LSE -inf.
     let mut out = vec![0.0f32; p.total_q * p.hq * d];
     let mut lse = vec![f32::NEG_INFINITY; p.hq * p.total_q];
-    for (&(b, h, m_block), t) in items.iter().zip(&tiles) {
+    let mut parts = vec![0.0f32; splits];
+    for (work, split_tiles) in items.chunks_exact(splits).zip(tiles.chunks_exact(splits)) {
+        let (b, h, m_block, _) = work[0];
         let s: &SeqInfo = &seqs[b];
         let i0 = m_block * BLOCK_M;
-        for (r, (o_row, &l)) in t.out.chunks_exact(d).zip(&t.lse).enumerate() {
+        for r in 0..split_tiles[0].lse.len() {
             let row = s.out_row0 + i0 + r;
-            out[(row * p.hq + h) * d..][..d].copy_from_slice(o_row);
+            let o_row = &mut out[(row * p.hq + h) * d..][..d];
+            let l = if splits == 1 {
+                o_row.copy_from_slice(&split_tiles[0].out[r * d..][..d]);
+                split_tiles[0].lse[r]
+            } else {
+                parts.iter_mut().zip(split_tiles).for_each(|(x, t)| *x = t.lse[r]);
+                combine::merge(&parts, |i| &split_tiles[i].out[r * d..][..d], o_row)
+            };
             lse[s.lse_base + h * lse_head_stride + i0 + r] = l;
         }
     }

@@ -1,6 +1,8 @@
 //! One query tile of one (sequence, head): the mainloop over key tiles with the online softmax, and the
 //! epilogue that normalizes the accumulator and forms the LSE. Empty rows end with sum 0: out 0, LSE -inf.
+//! A split-KV work item walks only its range of key tiles; its result is merged with the other splits'.
 
+use super::kv::KeyRows;
 use super::mask::key_range;
 use super::seqlen::SeqInfo;
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
@@ -11,6 +13,8 @@ pub(crate) struct Operands<'a> {
     pub q: HostSlice<'a>,
     pub k: HostSlice<'a>,
     pub v: HostSlice<'a>,
+    /// Where the rows of k and v are.
+    pub keys: &'a KeyRows<'a>,
     pub q_head: usize,
     pub k_head: usize,
     pub v_head: usize,
@@ -22,7 +26,8 @@ pub(crate) struct TileOut {
     pub lse: Vec<f32>,
 }
 
-pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize) -> TileOut {
+/// Query tile `m_block` of sequence `s` over the key tiles of `n_blocks` that its rows can see.
+pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
     let d = p.head_dim;
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let i0 = m_block * BLOCK_M;
@@ -41,11 +46,11 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize)
     let mut v = vec![0.0f32; BLOCK_N * d];
     let mut scores = [0.0f32; BLOCK_N];
     let softcap_pre = if p.softcap > 0.0 { p.scale / p.softcap } else { 0.0 };
-    for n_block in lo / BLOCK_N..hi.div_ceil(BLOCK_N) {
+    for n_block in (lo / BLOCK_N).max(n_blocks.start)..hi.div_ceil(BLOCK_N).min(n_blocks.end) {
         let j0 = n_block * BLOCK_N;
         let cols = (sk - j0).min(BLOCK_N);
-        load_rows(x.k, s.k_base + j0 * p.k.row + x.k_head, p.k.row, cols, d, &mut k);
-        load_rows(x.v, s.v_base + j0 * p.v.row + x.v_head, p.v.row, cols, d, &mut v);
+        x.keys.load(x.k, &p.k, s, s.k_base, x.k_head, j0, cols, d, &mut k);
+        x.keys.load(x.v, &p.v, s, s.v_base, x.v_head, j0, cols, d, &mut v);
         for r in 0..rows {
             let (a, b) = range(i0 + r);
             let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
