@@ -195,6 +195,7 @@ proptest! {
             seqlen_k: 9,
             total_q,
             total_k,
+            paged_keys: None,
         };
         let read = |ptr: u64, i: i32| mem[ptr as usize - 1 + i as usize];
         for b in 0..batch {
@@ -213,6 +214,33 @@ proptest! {
             prop_assert_eq!((tq.start, tq.slot_len, tq.used), (total_q - extra.0, extra.0, 0));
             prop_assert_eq!((tk.start, tk.slot_len, tk.used), (total_k - extra.1, extra.1, 0));
         }
+    }
+
+    /// Paged key counts (the paged forward kernels): within [0, capacity] whatever cu_seqlens_k and
+    /// seqused_k hold, exact for valid ones, and no cu_seqlens_k read without one.
+    #[test]
+    fn paged_key_counts_are_clamped(a in any::<i32>(), b in any::<i32>(), used in proptest::option::of(any::<i32>()), cu in any::<bool>(), capacity in -5..100_000i32) {
+        let slot = cu.then_some((a, b));
+        let s = seqlen::SeqlenInfo::counted(slot, used, capacity);
+        prop_assert!(s.start == 0 && s.used >= 0 && s.used <= s.slot_len && s.slot_len <= capacity.max(0));
+        let cap = capacity.max(0) as i64;
+        let want_slot = match (slot, used) {
+            (Some((a, b)), _) => (b as i64 - a as i64).clamp(0, cap),
+            (None, Some(u)) => (u as i64).clamp(0, cap),
+            (None, None) => cap,
+        };
+        prop_assert_eq!(s.slot_len as i64, want_slot);
+        prop_assert_eq!(s.used as i64, used.map_or(want_slot, |u| (u as i64).clamp(0, want_slot)));
+        let l = seqlen::Lengths { cu_seqlens_q: 1, cu_seqlens_k: if cu { 4 } else { 0 }, seqused_q: 0, seqused_k: if used.is_some() { 7 } else { 0 }, batch: 2, seqlen_q: 0, seqlen_k: 0, total_q: 10, total_k: 0, paged_keys: Some(capacity) };
+        let mem = [0, 3, 10, 0, a, b, used.unwrap_or(0), used.unwrap_or(0)];
+        let read = |ptr: u64, i: i32| {
+            assert!(ptr != 0, "read of an absent array");
+            mem[ptr as usize - 1 + i as usize]
+        };
+        let (_, sk) = l.slice(0, read);
+        prop_assert_eq!(sk, seqlen::SeqlenInfo::counted(cu.then_some((0, a)), used, capacity));
+        let (tq, tk) = l.slice(2, read);
+        prop_assert_eq!((tq.start, tq.slot_len, tk.slot_len, tk.used), (10, 0, 0, 0));
     }
 
     #[test]

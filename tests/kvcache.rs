@@ -1,7 +1,8 @@
 //! Inference on the CPU (issue 13): paged K/V, the KV-cache forward (append, rotary, cache_batch_idx,
 //! cache_leftpad), split-KV and the public combine, each against an f64 reference written here from the
 //! definitions (plus `common`'s attention reference), over random layouts; paged == contiguous bit for
-//! bit; every bad input a typed error naming the argument; CUDA targets an `Unsupported` error.
+//! bit; every bad input a typed error naming the argument; CUDA targets (but paged varlen, which
+//! tests/gpu_paged.rs runs) an `Unsupported` error.
 //!
 //! Rotary exactness. The library rotates in f32 and rounds the rotated q and k_new to their dtype (as the
 //! kernels hold them); the reference rotates in f64. To compare the rounded values bit for bit the
@@ -921,7 +922,8 @@ fn kvcache_raw_outputs_and_cuda() {
     assert!(run(read_only, Target::Cpu).is_ok());
     expect_err(run(KvCacheViews { out: at(1, qs), ..read_only }, Target::Cpu), |e| matches!(e, Error::Value { arg: "out", .. }), "k_cache");
 
-    // Paged varlen and combine on CUDA: validated first, then Unsupported.
+    // Paged varlen on CUDA runs (tests/gpu_paged.rs): here only its validation before any launch. Combine
+    // on CUDA: validated first, then Unsupported.
     let qv = at(0, leak(vec![4, h, d]));
     let pages = at(1, leak(vec![2, 4, h, d]));
     let cu = [0i32, 4];
@@ -931,7 +933,10 @@ fn kvcache_raw_outputs_and_cuda() {
     let lse2 = vec![0.0f32; h * 4];
     let fv = raw::FwdViews { q: qv, k: pages, v: at(2, leak(vec![2, 4, h, d])), out: at(5, leak(vec![4, h, d])), lse: View { addr: lse2.as_ptr() as u64, dtype: DType::F32, shape: leak(vec![h, 4]), strides: leak(vec![4, 1]) } };
     assert!(unsafe { raw::varlen_fwd_paged(&fv, &pv, &o, Target::Cpu) }.is_ok());
-    expect_err(unsafe { raw::varlen_fwd_paged(&fv, &pv, &o, cuda) }, |e| matches!(e, Error::Unsupported { feature: "varlen_fwd_paged", .. }), "varlen_fwd_paged");
+    // Rows of k not 16-byte aligned: an error before anything runs.
+    let odd_pages = View { addr: pages.addr + 2, ..pages };
+    let odd_v = View { addr: fv.v.addr + 2, ..fv.v };
+    expect_err(unsafe { raw::varlen_fwd_paged(&raw::FwdViews { k: odd_pages, v: odd_v, ..fv }, &pv, &o, cuda) }, |e| matches!(e, Error::Value { arg: "k" | "q", .. }), "16-byte aligned"); // q too where malloc gave this buffer less than 16-byte alignment
     expect_err(unsafe { raw::varlen_fwd_paged(&fv, &PagedVarlenViews { cu_seqlens_k: None, ..pv }, &o, cuda) }, |e| matches!(e, Error::Value { arg: "seqused_k", .. }), "seqused_k");
     let lse3 = vec![0.0f32; h * 4];
     let lse_out = View { addr: lse3.as_ptr() as u64, ..fv.lse };

@@ -181,8 +181,8 @@ pub fn varlen_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tenso
 }
 
 /// Packed forward over a paged K/V cache: q `[Tq, Hq, D]`, k and v `[num_blocks, page_size, Hk, D]`,
-/// sequences and pages given by `varlen`. Out `[Tq, Hq, D]`, lse `[Hq, Tq]` as `varlen_fwd`. CPU only
-/// for now (CUDA tensors: `Error::Unsupported`).
+/// sequences and pages given by `varlen`. Out `[Tq, Hq, D]`, lse `[Hq, Tq]` as `varlen_fwd`. On CUDA the
+/// index tensors' contents are not checked (see `raw::varlen_fwd_paged`: the kernels clamp them).
 pub fn varlen_fwd_paged(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedVarlen<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
     let others: Vec<(&'static str, &Tensor)> = [("k", k), ("v", v)].into_iter().chain(varlen.tensors()).collect();
     let device = same_device(q, &others, None)?;

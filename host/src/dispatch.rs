@@ -6,7 +6,8 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_smem_bytes, FWD_WS_THREADS, FwdConfig, KernelDType,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_paged_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_smem_bytes,
+    tma_page_box_rows, FWD_WS_THREADS, FwdConfig, KernelDType, TMA_PAGE_BOX_MIN,
     BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M,
 };
 
@@ -37,12 +38,14 @@ fn kernel_dtype(dtype: DType) -> Option<KernelDType> {
 const CHAIN_L2_BYTES: usize = 24 << 20;
 
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma kernels take the head dims
-/// they have.
+/// they have. A paged problem (`Problem::paged`) runs the paged twin of the same kernel.
 pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     let dtype = kernel_dtype(p.dtype)?;
+    let paged = p.paged.is_some();
     let z = p.batch + usize::from(p.varlen);
     let grid = |c: &FwdConfig| (p.seqlen_q.max(1).div_ceil(c.block_m()) as u32, p.hq as u32, z as u32);
-    if let (Some(sms), Some(config), Some(kernel)) = (hopper_sms, fwd_wg_config(p.head_dim), fwd_wg_kernel_name(p.head_dim, dtype)) {
+    let wg_name = if paged { fwd_wg_paged_kernel_name(p.head_dim, dtype) } else { fwd_wg_kernel_name(p.head_dim, dtype) };
+    if let (Some(sms), Some(config), Some(kernel)) = (hopper_sms, fwd_wg_config(p.head_dim), wg_name) {
         let (m, heads, seqs) = grid(&config);
         // One block chains all row blocks of a (head, sequence) (each row block's first copies start
         // under the previous one's last product; masked problems' unequal row blocks add up to the same
@@ -60,18 +63,24 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
         let gx = if !p.varlen && units >= sms && fills_waves(units, sms) && (masked || fits_l2) { 1 } else { m };
         return Some(FwdLaunch { kernel, config, grid: (gx, heads, seqs), block: config.threads() as u32, smem_bytes: fwd_wg_smem_bytes(&config) });
     }
-    let kernel = fwd_kernel_name(p.head_dim, dtype)?;
+    let kernel = if paged { fwd_paged_kernel_name(p.head_dim, dtype)? } else { fwd_kernel_name(p.head_dim, dtype)? };
     let config = fwd_config(p.head_dim);
     Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
 }
 
 /// The warp-specialized Hopper forward (fwd/ws.rs) on `sms` multiprocessors: a persistent grid of at
 /// most one block per multiprocessor over the (row block, head, sequence) tiles; `m_blocks` row blocks
-/// per sequence slot. None where it has no kernel.
+/// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
+/// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
+/// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all.
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
-    let kernel = fwd_ws_kernel_name(p.head_dim, dtype)?;
+    let kernel = match p.paged {
+        None => fwd_ws_kernel_name(p.head_dim, dtype)?,
+        Some(pg) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => fwd_ws_paged_kernel_name(p.head_dim, dtype)?,
+        Some(_) => return None,
+    };
     let m_blocks = p.seqlen_q.max(1).div_ceil(config.block_m());
     let tiles = m_blocks.checked_mul(p.hq)?.checked_mul(p.batch + usize::from(p.varlen))?;
     if tiles > i32::MAX as usize {
@@ -249,6 +258,37 @@ mod tests {
         // One key block per sequence: grid x is 1 either way, and the kernel converts.
         assert_eq!(gx(64, 100, 1, 2, false, true), 1);
         assert_eq!(launches(64, 100, 1, 2, false, true).len(), 2);
+    }
+
+    /// A paged problem runs the paged twin of each kernel; the warp-specialized one only for page sizes
+    /// whose copies are whole 8-row boxes (multiples of 8), with `tma_page_box_rows` rows per copy.
+    #[test]
+    fn paged_problems_run_the_paged_twins() {
+        use crate::problem::Paged;
+        for d in [32, 64, 96, 128, 192, 256] {
+            for page in [1, 3, 8, 16, 24, 64, 100, 256] {
+                let mut p = problem(d, 300, 2, 4, true, true);
+                p.paged = Some(Paged { page_size: page, num_blocks: 40, max_blocks: 10 });
+                for sms in [None, Some(132)] {
+                    let f = fwd_launch(&p, sms).unwrap();
+                    assert!(f.kernel.ends_with("_paged"), "d{d} page {page}: {}", f.kernel);
+                    assert_eq!(fwd_launch(&problem(d, 300, 2, 4, true, true), sms).unwrap().kernel, f.kernel.strip_suffix("_paged").unwrap());
+                }
+                let ws = fwd_ws_launch(&p, 132);
+                assert_eq!(ws.is_some(), d != 32 && page % 8 == 0, "d{d} page {page}");
+                if let Some((l, _)) = ws {
+                    assert!(l.kernel.contains("_ws_") && l.kernel.ends_with("_paged"));
+                }
+            }
+        }
+        assert_eq!(tma_page_box_rows(16, 128), 16);
+        assert_eq!(tma_page_box_rows(24, 128), 8);
+        assert_eq!(tma_page_box_rows(256, 128), 128);
+        assert_eq!(tma_page_box_rows(256, 64), 64);
+        assert_eq!(tma_page_box_rows(3, 64), 1);
+        let mut p = problem(128, 300, 2, 4, true, true);
+        p.paged = Some(Paged { page_size: 16, num_blocks: 0, max_blocks: 10 });
+        assert!(fwd_ws_launch(&p, 132).is_none(), "no blocks: the cp.async kernel (it reads nothing)");
     }
 
     /// The Hopper forward grid covers every row block of every (head, sequence): chained (x = 1) only

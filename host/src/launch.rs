@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
 use crate::params::{BwdParams, FwdParams, TmaMaps};
 use crate::problem::{BwdProblem, Problem, Strides};
-use crate::types::{BwdViews, FwdViews, KernelChoice, VarlenViews, View};
+use crate::types::{BwdViews, FwdViews, KernelChoice, PagedVarlenViews, VarlenViews, View};
 use crate::validate::check_grid;
 use cudarc::driver::{result, sys};
 use std::sync::OnceLock;
@@ -73,6 +73,25 @@ unsafe fn queue<P>(f: Function, l: &Launch, params: &P, stream: usize) -> Result
 /// # Safety
 /// As `raw::fwd` on CUDA.
 pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, kernels: KernelChoice, ordinal: usize, stream: usize) -> Result<()> {
+    unsafe { fwd_any(p, t, length_addrs(varlen), None, kernels, ordinal, stream) }
+}
+
+/// The paged forward's kernel on `stream`: the paged twin of the kernel `fwd` would run (see
+/// `fwd_ws_launch` for the page sizes the warp-specialized kernel leaves to the cp.async ones).
+///
+/// # Safety
+/// As `raw::varlen_fwd_paged` on CUDA.
+pub(crate) unsafe fn fwd_paged(p: &Problem, t: &FwdViews<'_>, pv: &PagedVarlenViews<'_>, kernels: KernelChoice, ordinal: usize, stream: usize) -> Result<()> {
+    let opt = |t: Option<View<'_>>| t.map_or(0, |t| t.addr);
+    let lengths = [pv.cu_seqlens_q.addr, opt(pv.cu_seqlens_k), opt(pv.seqused_q), opt(pv.seqused_k)];
+    let table = &pv.block_table;
+    unsafe { fwd_any(p, t, lengths, Some((table.addr, table.strides[0] as i64)), kernels, ordinal, stream) }
+}
+
+/// `fwd` and `fwd_paged`: `lengths` as `length_addrs`, `block_table` (address, row stride in elements)
+/// for a paged problem.
+#[allow(clippy::too_many_arguments)]
+unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Option<(u64, i64)>, kernels: KernelChoice, ordinal: usize, stream: usize) -> Result<()> {
     let gpu = gpu(ordinal)?;
     let launch = fwd_launch(p, hopper_sms(&gpu, choice(kernels))).ok_or(Error::HeadDim { got: p.head_dim })?;
     check_grid(launch.grid)?;
@@ -86,8 +105,16 @@ pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenVi
     // Masked scores are -inf times scale_log2 in the kernel: a zero scale (uniform attention) must stay
     // nonzero there. The smallest normal float makes every finite score flush to exactly 0.
     let scale_log2 = if scale_log2 == 0.0 { f32::MIN_POSITIVE } else { scale_log2 };
-    let [cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k] = length_addrs(varlen);
+    let [cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k] = lengths;
+    // Paged: k / v batch strides are the block strides. A cache without blocks (or a table without
+    // entries) holds no keys: max_blocks 0 clamps every key count to 0, so nothing is read.
     let [(q_b, q_r, q_h), (k_b, k_r, k_h), (v_b, v_r, v_h)] = [p.q, p.k, p.v].map(|st| strides(&st));
+    let (table, table_stride) = block_table.unwrap_or((0, 0));
+    let (page_size, max_blocks, num_blocks) = match p.paged {
+        Some(pg) if pg.num_blocks > 0 => (pg.page_size, pg.max_blocks, pg.num_blocks),
+        Some(pg) => (pg.page_size, 0, 1),
+        None => (1, 0, 0),
+    };
     let s = |x: usize| x as i64;
     let params = FwdParams {
         q: t.q.addr,
@@ -125,6 +152,12 @@ pub(crate) unsafe fn fwd(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenVi
         m_blocks: launch.grid.0 as i32,
         scale_log2,
         softcap_pre,
+        block_table: table,
+        block_table_stride: table_stride,
+        page_size: page_size as i32,
+        max_blocks: max_blocks as i32,
+        num_blocks: num_blocks as i32,
+        _pad: 0,
     };
     if let Some(ws) = ws_forward(p, t, &gpu, kernels) {
         let (launch, m_blocks) = ws;
@@ -148,9 +181,11 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
         return None;
     }
     let sms = hopper_sms(gpu, kernels)?;
-    let addressable = [(&t.q, &p.q), (&t.k, &p.k), (&t.v, &p.v)].iter().all(|(v, st)| {
+    // Paged k / v are addressed per block: their batch strides are the block strides.
+    let addressable = [(&t.q, &p.q, false), (&t.k, &p.k, true), (&t.v, &p.v, true)].iter().all(|(v, st, kv)| {
         let ok = |x: usize| (x * 2) % 16 == 0 && ((x * 2) as u64) < (1u64 << 40);
-        v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (p.varlen || (st.batch > 0 && ok(st.batch)))
+        let batched = !p.varlen || (*kv && p.paged.is_some());
+        v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (!batched || (st.batch > 0 && ok(st.batch)))
     });
     if !addressable {
         return None;
@@ -159,15 +194,19 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
 }
 
 /// The copy engine's view of q, k and v (`TmaMaps`): 4-d tensors `[batch][rows][heads][head dim]`
-/// (varlen: one batch of every packed row), boxes of 64 columns x 128 query rows / `block_n` keys, in the
-/// 128-byte swizzle the wgmma tiles use; rows past a tensor's end read as zeros.
+/// (varlen: one batch of every packed row; paged k / v: `[num_blocks][page_size]`), boxes of 64 columns x
+/// 128 query rows / `block_n` keys (paged: `tma_page_box_rows`), in the 128-byte swizzle the wgmma tiles
+/// use; rows past a tensor's end read as zeros.
 fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) -> Result<TmaMaps> {
     let dtype = match p.dtype {
         crate::types::DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
     };
-    let map = |v: &View<'_>, st: &Strides, rows: usize, heads: usize, box_rows: usize| -> Result<[u64; 16]> {
-        let (batches, batch_bytes) = if p.varlen { (1, (st.row * 2 * rows.max(1)) as u64) } else { (p.batch, (st.batch * 2) as u64) };
+    let map = |v: &View<'_>, st: &Strides, rows: usize, heads: usize, box_rows: usize, batches: Option<usize>| -> Result<[u64; 16]> {
+        let (batches, batch_bytes) = match batches {
+            Some(n) => (n, (st.batch * 2) as u64),
+            None => (1, (st.row * 2 * rows.max(1)) as u64),
+        };
         let dims = [p.head_dim as u64, rows.max(1) as u64, heads as u64, batches.max(1) as u64];
         let strides = [(st.row * 2) as u64, (st.head * 2) as u64, batch_bytes.next_multiple_of(16)];
         let boxes = [64u32, box_rows as u32, 1, 1];
@@ -193,10 +232,15 @@ fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) 
         Ok(unsafe { m.assume_init() }.opaque)
     };
     let (rows_q, rows_k) = if p.varlen { (p.total_q, p.total_k) } else { (p.seqlen_q, p.seqlen_k) };
+    let dense = (!p.varlen).then_some(p.batch);
+    let (rows_k, box_k, batches_k) = match p.paged {
+        Some(pg) => (pg.page_size, crate::dispatch::tma_page_box_rows(pg.page_size, config.block_n), Some(pg.num_blocks)),
+        None => (rows_k, config.block_n, dense),
+    };
     Ok(TmaMaps {
-        q: map(&t.q, &p.q, rows_q, p.hq, config.block_m())?,
-        k: map(&t.k, &p.k, rows_k, p.hk, config.block_n)?,
-        v: map(&t.v, &p.v, rows_k, p.hk, config.block_n)?,
+        q: map(&t.q, &p.q, rows_q, p.hq, config.block_m(), dense)?,
+        k: map(&t.k, &p.k, rows_k, p.hk, box_k, batches_k)?,
+        v: map(&t.v, &p.v, rows_k, p.hk, box_k, batches_k)?,
     })
 }
 

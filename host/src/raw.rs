@@ -12,10 +12,10 @@
 //! (`[Tk, Hk, D]`), out and dout like q, lse contiguous f32 `[B, Hq, Sq]` (`[Hq, Tq]`), dq like q, dk and
 //! dv like k; any strides with the head dim contiguous (on CUDA every row 16-byte aligned).
 //!
-//! Inference (issue 13): `varlen_fwd_paged` (k and v in pages through a block table), `fwd_kvcache`
-//! (flash-attn's `flash_attn_with_kvcache`: append to the cache in place, rotary, split-KV) and
-//! `combine` (merge partial results) run on the CPU; on CUDA they validate everything and then return
-//! `Error::Unsupported` naming the entry point, until their kernels exist.
+//! Inference (issue 13): `varlen_fwd_paged` (k and v in pages through a block table) runs on both;
+//! `fwd_kvcache` (flash-attn's `flash_attn_with_kvcache`: append to the cache in place, rotary,
+//! split-KV) and `combine` (merge partial results) run on the CPU; on CUDA they validate everything and
+//! then return `Error::Unsupported` naming the entry point, until their kernels exist.
 
 use crate::error::{Error, Result};
 pub use crate::types::{BwdViews, CombineViews, FwdViews, KvCacheOptions, KvCacheViews, PagedVarlenViews, Workspace};
@@ -77,7 +77,11 @@ pub unsafe fn varlen_bwd(t: &BwdViews<'_>, varlen: &VarlenViews<'_>, opts: &Attn
 /// (any page size >= 1), key t of sequence b in row `t % page_size` of block
 /// `block_table[b][t / page_size]`; key counts from `cu_seqlens_k` (and `seqused_k` where given) or, with
 /// no `cu_seqlens_k`, from `seqused_k`. Out and lse as `varlen_fwd`; on the CPU bitwise what
-/// `varlen_fwd` gives with the same keys in contiguous rows.
+/// `varlen_fwd` gives with the same keys in contiguous rows. On CUDA the contents of the index tensors
+/// are not checked (the kernels clamp every block-table entry into `[0, num_blocks)` and every key count
+/// to the keys a table row addresses, so a bogus table reads only inside k and v); every row of q, k, v
+/// and out must be 16-byte aligned. Page sizes that are multiples of 8 run on Hopper's warp-specialized
+/// kernel (bulk tensor copies of whole pages or 8-row parts of them), others on the cp.async kernels.
 ///
 /// # Safety
 /// As for `varlen_fwd`; the block table too must be valid for reads.
@@ -91,7 +95,10 @@ pub unsafe fn varlen_fwd_paged(t: &FwdViews<'_>, varlen: &PagedVarlenViews<'_>, 
             (p.seqlens, p.keys) = (Some(seqlens), Some(keys));
             crate::cpu::fwd_into(&p, t)
         },
-        Target::Cuda { .. } => Err(no_kernels("varlen_fwd_paged")),
+        Target::Cuda { ordinal, stream } => {
+            validate::check_cuda_rows(&[("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out)])?;
+            unsafe { crate::launch::fwd_paged(&p, t, varlen, opts.kernels, ordinal, stream) }
+        }
     }
 }
 

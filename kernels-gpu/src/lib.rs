@@ -38,6 +38,7 @@ macro_rules! lengths_of {
                     seqlen_k: self.seqlen_k,
                     total_q: self.total_q,
                     total_k: self.total_k,
+                    paged_keys: None,
                 }
             }
         }

@@ -33,6 +33,29 @@ impl SeqlenInfo {
         SeqlenInfo { start, slot_len, used }
     }
 
+    /// A paged sequence's keys: counted by the slot `[cu_start, cu_end)` of cu_seqlens_k (where given)
+    /// cut to `seqused`, else by `seqused`, and clamped to the `capacity` keys a block-table row
+    /// addresses. Where they lie is the block table's business: `start` is 0.
+    pub fn counted(slot: Option<(i32, i32)>, seqused: Option<i32>, capacity: i32) -> SeqlenInfo {
+        let cap = if capacity > 0 { capacity } else { 0 };
+        let slot_len = match slot {
+            // In i64: bogus entries may be anything.
+            Some((a, b)) => {
+                let n = b as i64 - a as i64;
+                if n < 0 { 0 } else if n > cap as i64 { cap } else { n as i32 }
+            }
+            None => match seqused {
+                Some(u) => clamp(u, 0, cap),
+                None => cap,
+            },
+        };
+        let used = match seqused {
+            Some(u) => clamp(u, 0, slot_len),
+            None => slot_len,
+        };
+        SeqlenInfo { start: 0, slot_len, used }
+    }
+
     /// The rows past the last sequence of a varlen batch (`[cu_last, total)`): all padding.
     pub fn tail(cu_last: i32, total: i32) -> SeqlenInfo {
         let total = if total > 0 { total } else { 0 };
@@ -58,6 +81,9 @@ pub struct Lengths {
     pub seqlen_k: i32,
     pub total_q: i32,
     pub total_k: i32,
+    /// Paged K/V (the paged forward kernels set it): `Some(keys a block-table row addresses)`; the key
+    /// side is then `SeqlenInfo::counted` (cu_seqlens_k may be absent, 0) and the tail slice has no keys.
+    pub paged_keys: Option<i32>,
 }
 
 impl Lengths {
@@ -67,14 +93,25 @@ impl Lengths {
     #[inline(always)]
     pub fn slice(&self, bidb: i32, read: impl Fn(u64, i32) -> i32) -> (SeqlenInfo, SeqlenInfo) {
         if bidb >= self.batch {
-            (SeqlenInfo::tail(read(self.cu_seqlens_q, self.batch), self.total_q), SeqlenInfo::tail(read(self.cu_seqlens_k, self.batch), self.total_k))
+            let tail_q = SeqlenInfo::tail(read(self.cu_seqlens_q, self.batch), self.total_q);
+            // A paged tail has no keys (and cu_seqlens_k may be absent).
+            let tail_k = match self.paged_keys {
+                Some(_) => SeqlenInfo { start: 0, slot_len: 0, used: 0 },
+                None => SeqlenInfo::tail(read(self.cu_seqlens_k, self.batch), self.total_k),
+            };
+            (tail_q, tail_k)
         } else if self.cu_seqlens_q != 0 {
             let used_q = if self.seqused_q != 0 { Some(read(self.seqused_q, bidb)) } else { None };
             let used_k = if self.seqused_k != 0 { Some(read(self.seqused_k, bidb)) } else { None };
-            (
-                SeqlenInfo::varlen(read(self.cu_seqlens_q, bidb), read(self.cu_seqlens_q, bidb + 1), used_q, self.total_q),
-                SeqlenInfo::varlen(read(self.cu_seqlens_k, bidb), read(self.cu_seqlens_k, bidb + 1), used_k, self.total_k),
-            )
+            let sq = SeqlenInfo::varlen(read(self.cu_seqlens_q, bidb), read(self.cu_seqlens_q, bidb + 1), used_q, self.total_q);
+            let sk = match self.paged_keys {
+                None => SeqlenInfo::varlen(read(self.cu_seqlens_k, bidb), read(self.cu_seqlens_k, bidb + 1), used_k, self.total_k),
+                Some(capacity) => {
+                    let slot = if self.cu_seqlens_k != 0 { Some((read(self.cu_seqlens_k, bidb), read(self.cu_seqlens_k, bidb + 1))) } else { None };
+                    SeqlenInfo::counted(slot, used_k, capacity)
+                }
+            };
+            (sq, sk)
         } else {
             (SeqlenInfo::dense(self.seqlen_q), SeqlenInfo::dense(self.seqlen_k))
         }

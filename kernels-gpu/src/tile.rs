@@ -203,3 +203,28 @@ pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_by
         i += 1;
     }
 }
+
+/// `load_tile` into `N` tiles at once (K and V) for rows that are not evenly strided (paged K/V): row
+/// `r`'s addresses are `row(r)`, asked once per row and only for rows below `valid_rows` (the rest are
+/// zero-filled; `fallback`, readable addresses, stand in for their sources). A rolled loop (an opaque
+/// trip count): each row's lookup is a division and a load, not worth keeping every row's live.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn load_tile_rows<const D: usize, const N: usize>(dst: [u32; N], fallback: [u64; N], valid_rows: i32, tid: usize, rows: usize, threads: usize, row: impl Fn(i32) -> [u64; N]) {
+    let chunks = D / 8;
+    let row_bytes = row_pitch_bytes(D) as u32;
+    let tid = opaque_u32(tid as u32) as usize;
+    let n = opaque_u32((rows * chunks / threads) as u32) as usize;
+    let mut i = 0;
+    while i < n {
+        let idx = tid + i * threads;
+        let (r, c) = (idx / chunks, idx % chunks);
+        let valid = (r as i32) < valid_rows;
+        let g = if valid { row(r as i32) } else { fallback };
+        for j in 0..N {
+            let src = if valid { g[j].wrapping_add(c as u64 * 16) } else { g[j] };
+            unsafe { cp_async_16(dst[j] + r as u32 * row_bytes + c as u32 * 16, src, valid) };
+        }
+        i += 1;
+    }
+}

@@ -58,18 +58,34 @@ pub struct FwdParams {
     pub scale_log2: f32,
     /// `softmax_scale / softcap`, or 0 when there is no softcap.
     pub softcap_pre: f32,
+
+    /// Paged K/V: int32 `[batch, max_blocks]`, 0 = contiguous K/V. Key t of sequence b is row
+    /// `t % page_size` of block `block_table[b][t / page_size]` of k and v, whose `*_batch_stride` are
+    /// then the block strides; `cu_seqlens_k` (0 = absent: `seqused_k` alone) and `seqused_k` only count
+    /// keys. Entries are clamped into `[0, num_blocks)` and key counts to `max_blocks * page_size`.
+    pub block_table: u64,
+    /// Elements between rows of the block table.
+    pub block_table_stride: i64,
+    /// Keys per block (>= 1), entries per block-table row, and blocks in k / v (both >= 1 when paged).
+    pub page_size: i32,
+    pub max_blocks: i32,
+    pub num_blocks: i32,
+    pub _pad: i32,
 }
 
 /// Size the host's launch code relies on; both sides assert it.
-pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4;
+pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4;
 const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
 const _: () = assert!(core::mem::offset_of!(FwdParams, batch) == 184);
+const _: () = assert!(core::mem::offset_of!(FwdParams, block_table) == 232);
+const _: () = assert!(core::mem::offset_of!(FwdParams, page_size) == 248);
 
 /// The Hopper warp-specialized forward's second parameter: the tensor maps (`cuTensorMapEncodeTiled`,
 /// 128 opaque bytes each) of q, k and v as 4-d tensors `[batch][rows][heads][head dim]` (varlen: one
-/// batch of all packed rows), boxes of 64 columns in the 128-byte swizzle. Passed by value: the copy
+/// batch of all packed rows; paged K/V: `[num_blocks][page_size][heads][head dim]` in boxes of
+/// `variants::tma_page_box_rows` rows), boxes of 64 columns in the 128-byte swizzle. Passed by value: the copy
 /// engine reads a map where it lies, in kernel parameter space, 64-byte aligned. Rust's kernel ABI takes
 /// alignments up to 16, so xtask raises this parameter's to 64 in the emitted PTX.
 #[repr(C, align(16))]

@@ -60,6 +60,8 @@ pub enum KernelDType {
 
 /// The variant table: `(head_dim, dtype, export name)`, written once. `fwd/mod.rs` expands it into the
 /// kernel entry points and `fwd_kernel_name` into the host's lookup, so a name is never typed twice.
+/// Every forward entry point has a twin over paged K/V, its name with `_paged` (`fwd_paged_kernel_name`,
+/// and likewise for the wg and ws tables).
 #[macro_export]
 macro_rules! for_each_fwd_variant {
     ($m:ident) => {
@@ -85,6 +87,11 @@ macro_rules! name_lookup {
         /// Export name of the forward kernel for `(head_dim, dtype)`, if there is one.
         pub fn fwd_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
+            None
+        }
+        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
+        pub fn fwd_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
             None
         }
     };
@@ -133,6 +140,11 @@ macro_rules! wg_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
+        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
+        pub fn fwd_wg_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
+            None
+        }
     };
 }
 for_each_fwd_wg_variant!(wg_name_lookup);
@@ -144,6 +156,22 @@ pub const FWD_WS_THREADS: usize = 384;
 /// Bytes after the tiles for the pipeline's barriers (Q full / empty, two stages each of K and V full /
 /// empty: 10 barriers of 8 bytes).
 pub const FWD_WS_BARRIER_BYTES: usize = 128;
+
+/// Rows per bulk tensor copy of a paged K/V tile in the warp-specialized forward: the largest power of
+/// two dividing both the page size and `block_n` (rows of one box lie in one page, and the boxes of a
+/// tile start at page offsets that are multiples of it): page 16 -> 16-row boxes, 8 per 128-key tile;
+/// page >= 128 (a multiple of 128) -> one box per tile. The host takes paged problems to the
+/// warp-specialized kernel only where this is at least `TMA_PAGE_BOX_MIN` (boxes of whole 8-row swizzle
+/// atoms, 1024-byte aligned in the tile, the layout one whole-tile box gives); other page sizes run on
+/// the cp.async kernels.
+pub const fn tma_page_box_rows(page_size: usize, block_n: usize) -> usize {
+    if page_size == 0 {
+        return block_n;
+    }
+    let low = page_size & page_size.wrapping_neg();
+    if low < block_n { low } else { block_n }
+}
+pub const TMA_PAGE_BOX_MIN: usize = 8;
 
 /// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
 /// barriers.
@@ -175,6 +203,11 @@ macro_rules! ws_name_lookup {
         /// Export name of the warp-specialized forward kernel for `(head_dim, dtype)`, if there is one.
         pub fn fwd_ws_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
+            None
+        }
+        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
+        pub fn fwd_ws_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
             None
         }
     };

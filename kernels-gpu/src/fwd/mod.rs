@@ -4,6 +4,7 @@
 //! The epilogue writes O / rowsum and the LSE; rows that saw no key, and padding rows, get 0 and -inf.
 //! On Hopper the sm_90a module's `wg` kernels take head dims 64, 96, 128, 192 and 256 (wgmma).
 
+pub(crate) mod kv;
 #[cfg(fa_sm90)]
 pub(crate) mod wg;
 #[cfg(fa_sm90)]
@@ -23,7 +24,8 @@ use crate::softmax::{finalize_row, update_row, RowState};
 use crate::tile::{warp_gemm, SmemTile};
 use crate::variants::FwdConfig;
 // The tile vocabulary, also imported from here by the kernels of this module.
-pub(crate) use crate::tile::{a_fragment, load_tile};
+pub(crate) use crate::tile::{a_fragment, load_tile, load_tile_rows};
+use kv::{KvRows, Pages, Rows};
 pub use crate::tile::{Elem, BF16, F16};
 
 /// Compile-time shape of a kernel: head dim `D` (`DN = D / 8` n8 tiles), `MT` m16 tiles per warp, `NW`
@@ -76,11 +78,8 @@ pub(crate) struct BlockArgs {
     /// Q rows `m0..` of this head, and the row stride in bytes.
     pub(crate) q: u64,
     pub(crate) q_row_bytes: i64,
-    /// K/V row 0 of this sequence's kv head.
-    pub(crate) k: u64,
-    pub(crate) v: u64,
-    pub(crate) k_row_bytes: i64,
-    pub(crate) v_row_bytes: i64,
+    /// Where this sequence's K/V rows of its kv head are (contiguous or paged).
+    pub(crate) kv: KvRows,
     /// Out row `m0` of this head, its row stride in elements, and LSE row `m0`.
     pub(crate) o: u64,
     pub(crate) o_row_stride: i64,
@@ -260,23 +259,47 @@ pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs
 #[inline(always)]
 unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tid: usize) {
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    let n0 = n_block as i64 * BN as i64;
     let valid = a.seqlen_k - n_block * BN as i32;
-    let k = a.k.wrapping_add((n0 * a.k_row_bytes) as u64);
-    let v = a.v.wrapping_add((n0 * a.v_row_bytes) as u64);
+    let (k_dst, v_dst) = (Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage), Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage));
+    if a.kv.pages.paged() {
+        unsafe { load_kv_paged::<D>(k_dst, v_dst, a, n_block, valid, tid, BN, threads) };
+        return;
+    }
+    let (k, v) = (a.kv.tile::<false>(n_block, BN), a.kv.tile::<true>(n_block, BN));
     unsafe {
-        load_tile::<D>(Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage), k, a.k_row_bytes, valid, tid, BN, threads);
-        load_tile::<D>(Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage), v, a.v_row_bytes, valid, tid, BN, threads);
+        load_tile::<D>(k_dst, k, a.kv.k.row_bytes, valid, tid, BN, threads);
+        load_tile::<D>(v_dst, v, a.kv.v.row_bytes, valid, tid, BN, threads);
+    }
+}
+
+/// Paged K and V of tile `n_block` (`bn` keys, `valid` of them in the sequence): at the row stride where
+/// the tile's keys share a page, else row by row through the block table (one lookup per row for both).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n_block: i32, valid: i32, tid: usize, bn: usize, threads: usize) {
+    let n0 = n_block * bn as i32;
+    let (k, v) = (&a.kv.k, &a.kv.v);
+    unsafe {
+        match a.kv.page_run(n0, if valid < bn as i32 { valid } else { bn as i32 }) {
+            Some((block, off)) => {
+                load_tile::<D>(k_dst, k.at(block, off), k.row_bytes, valid, tid, bn, threads);
+                load_tile::<D>(v_dst, v.at(block, off), v.row_bytes, valid, tid, bn, threads);
+            }
+            None => load_tile_rows::<D, 2>([k_dst, v_dst], [k.base, v.base], valid, tid, bn, threads, #[inline(always)] |r| {
+                let (block, off) = a.kv.pages.locate(n0 + r);
+                [k.at(block, off), v.at(block, off)]
+            }),
+        }
     }
 }
 
 /// Kernel body: find this block's (sequence, head), then stride over its row blocks, last first (long
 /// sequences' and causal blocks' heavy tiles start earliest). Padding rows are written here too.
 #[inline(always)]
-unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize>(p: &FwdParams) {
+unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool>(p: &FwdParams) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    unsafe { for_each_row_block::<D>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
+    unsafe { for_each_row_block::<D, PAGED>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
 }
 
 /// One (sequence, head) of a forward problem: its rows in the buffers and its lengths. Grid slice
@@ -288,20 +311,33 @@ pub(crate) struct HeadSlice {
     pub(crate) bidh: i32,
     pub(crate) bidh_kv: i32,
     q_head: u64,
-    k_head: u64,
-    v_head: u64,
+    pub(crate) kv: KvRows,
     o_head: u64,
     lse_head: u64,
 }
 
 impl HeadSlice {
     #[inline(always)]
-    pub(crate) fn new(p: &FwdParams, bidb: i32, bidh: i32) -> HeadSlice {
+    pub(crate) fn new<const PAGED: bool>(p: &FwdParams, bidb: i32, bidh: i32) -> HeadSlice {
         // The tail slice's keys are never read (its rows are all padding).
-        let (sq, sk) = p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
+        let mut lengths = p.lengths();
+        if PAGED {
+            lengths.paged_keys = Some(Pages::capacity(p));
+        }
+        let (sq, sk) = lengths.slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
         // Unchecked divisions (arch::math::div_rem_u32): h and h_k are positive by validation.
         let bidh_kv = div_rem_u32(bidh as u32, div_rem_u32(p.h as u32, p.h_k as u32).0).0 as i32;
         let (b, h, hk) = (bidb as i64, bidh as i64, bidh_kv as i64);
+        // Paged: k and v are [num_blocks, page_size, Hk, D] (the batch strides are the block strides) and
+        // the sequence's keys start at block 0's row 0 (sk.start is 0), through its block table row.
+        let pages = Pages::new::<PAGED>(p, bidb);
+        let kb = if pages.paged() { 0 } else { b };
+        let rows = |base: u64, batch: i64, row: i64, head: i64| Rows {
+            base: base + ((kb * batch + sk.start as i64 * row + hk * head) * 2) as u64,
+            row_bytes: row * 2,
+            block_bytes: batch * 2,
+        };
+        let kv = KvRows { k: rows(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride), v: rows(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride), pages };
         HeadSlice {
             sq,
             sk,
@@ -309,8 +345,7 @@ impl HeadSlice {
             bidh,
             bidh_kv,
             q_head: p.q + ((b * p.q_batch_stride + sq.start as i64 * p.q_row_stride + h * p.q_head_stride) * 2) as u64,
-            k_head: p.k + ((b * p.k_batch_stride + sk.start as i64 * p.k_row_stride + hk * p.k_head_stride) * 2) as u64,
-            v_head: p.v + ((b * p.v_batch_stride + sk.start as i64 * p.v_row_stride + hk * p.v_head_stride) * 2) as u64,
+            kv,
             o_head: p.o + ((b * p.o_batch_stride + sq.start as i64 * p.o_row_stride + h * p.o_head_stride) * 2) as u64,
             lse_head: p.lse + ((b * p.lse_batch_stride + h * p.lse_head_stride + sq.start as i64) * 4) as u64,
         }
@@ -322,10 +357,7 @@ impl HeadSlice {
         BlockArgs {
             q: self.q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64,
             q_row_bytes: p.q_row_stride * 2,
-            k: self.k_head,
-            v: self.v_head,
-            k_row_bytes: p.k_row_stride * 2,
-            v_row_bytes: p.v_row_stride * 2,
+            kv: self.kv,
             o: self.o_head + ((m0 as i64 * p.o_row_stride) * 2) as u64,
             o_row_stride: p.o_row_stride,
             lse: self.lse_head + (m0 as i64 * 4) as u64,
@@ -356,10 +388,10 @@ impl HeadSlice {
 /// sequence's slot), `attend` the rows inside the sequence (also given the next such block, if any) and
 /// write the padding rows past it.
 #[inline(always)]
-pub(crate) unsafe fn for_each_row_block<const D: usize>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
+pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
-    let head = HeadSlice::new(p, block_idx_z() as i32, block_idx_y() as i32);
+    let head = HeadSlice::new::<PAGED>(p, block_idx_z() as i32, block_idx_y() as i32);
     let sq = head.sq;
     let grid_m = grid_dim_x() as i32;
     let mut m_block = grid_m - 1 - block_idx_x() as i32;
@@ -375,13 +407,18 @@ pub(crate) unsafe fn for_each_row_block<const D: usize>(p: &FwdParams, bm: usize
     }
 }
 
+// Each variant twice: over contiguous K/V, and over paged K/V (`_paged`, `variants::paged_kernel_name`).
 macro_rules! fwd_kernels {
     ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
         const _: () = {
             const C: crate::variants::FwdConfig = crate::variants::fwd_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false>(&p) }
+            }
+            #[unsafe(export_name = concat!($name, "_paged"))]
+            pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true>(&p) }
             }
         };
     )*};

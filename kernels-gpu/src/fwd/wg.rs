@@ -214,13 +214,48 @@ unsafe fn copy_column<const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i
     }
 }
 
-/// Start the copies of K (`V == false`) or V tile `n_block` into the slot of running tile `t`.
+/// Start the copies of K (`V == false`) or V tile `n_block` into the slot of running tile `t`. Paged:
+/// rows at the row stride where the tile's keys share a page, else row by row through the block table.
 #[inline(always)]
 unsafe fn load_kv<const D: usize, const BN: usize, const V: bool>(base: u32, t: usize, a: &BlockArgs, n_block: i32, tid: usize) {
-    let n0 = n_block as i64 * BN as i64;
     let valid = a.seqlen_k - n_block * BN as i32;
-    let (dst, src, stride) = if V { (Tile::<D, BN>::v_slot(base, t), a.v, a.v_row_bytes) } else { (Tile::<D, BN>::k_slot(base, t), a.k, a.k_row_bytes) };
-    unsafe { load_tile_sw128::<D, BN>(dst, src.wrapping_add((n0 * stride) as u64), stride, valid, tid) };
+    let dst = if V { Tile::<D, BN>::v_slot(base, t) } else { Tile::<D, BN>::k_slot(base, t) };
+    let rows = a.kv.rows::<V>();
+    if !a.kv.pages.paged() {
+        unsafe { load_tile_sw128::<D, BN>(dst, a.kv.tile::<V>(n_block, BN), rows.row_bytes, valid, tid) };
+        return;
+    }
+    let n0 = n_block * BN as i32;
+    unsafe {
+        match a.kv.page_run(n0, if valid < BN as i32 { valid } else { BN as i32 }) {
+            Some((block, off)) => load_tile_sw128::<D, BN>(dst, rows.at(block, off), rows.row_bytes, valid, tid),
+            None => load_tile_sw128_rows::<D, BN>(dst, rows.base, valid, tid, #[inline(always)] |r| {
+                let (block, off) = a.kv.pages.locate(n0 + r);
+                rows.at(block, off)
+            }),
+        }
+    }
+}
+
+/// `load_tile_sw128` for rows that are not evenly strided (paged K/V): row `r`'s address is `row(r)`,
+/// asked only for rows below `valid_rows` (the rest, and columns past the head dim, are zero-filled;
+/// `fallback`, any readable address, stands in for their source). A rolled loop, as `load_tile_rows`.
+#[inline(always)]
+unsafe fn load_tile_sw128_rows<const D: usize, const ROWS: usize>(dst: u32, fallback: u64, valid_rows: i32, tid: usize, row: impl Fn(i32) -> u64) {
+    let chunks = D / 8;
+    // Chunks per row in whole 64-column groups.
+    let padded = D.div_ceil(64) * 8;
+    let tid = opaque_u32(tid as u32) as usize;
+    let n = opaque_u32((ROWS * padded / THREADS) as u32) as usize;
+    let mut i = 0;
+    while i < n {
+        let idx = tid + i * THREADS;
+        let (r, c) = (idx / padded, idx % padded);
+        let valid = c < chunks && (r as i32) < valid_rows;
+        let g = if valid { row(r as i32).wrapping_add(c as u64 * 16) } else { fallback };
+        unsafe { cp_async_16(dst + sw128_offset(ROWS as u32, r as u32, c as u32), g, valid) };
+        i += 1;
+    }
 }
 
 /// S = Q K^T of running tile `t` for warpgroup `wg`'s 64 rows: k16 steps along the head dim, four per
@@ -436,11 +471,11 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 /// block's first copies start under the previous block's last product, when the host's grid gives a block
 /// several row blocks (`fwd_launch`: masked problems, or K/V that fits L2).
 #[inline(always)]
-unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(p: &FwdParams) {
+unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool>(p: &FwdParams) {
     let mut t0 = 0usize;
     let mut prefetched = false;
     unsafe {
-        for_each_row_block::<D>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
+        for_each_row_block::<D, PAGED>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
             (t0, prefetched) = attend::<E, D, DN, BN, NN, KP>(args, next, t0, prefetched, tid);
         })
     }
@@ -453,7 +488,11 @@ macro_rules! fwd_wg_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
                 // O in whole 64-column groups: head dim 96 multiplies P by V's zero-filled columns up to 128.
-                unsafe { wg_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }>(&p) }
+                unsafe { wg_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false>(&p) }
+            }
+            #[unsafe(export_name = concat!($name, "_paged"))]
+            pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
+                unsafe { wg_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true>(&p) }
             }
         };
     )*};

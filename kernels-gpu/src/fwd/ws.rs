@@ -16,7 +16,7 @@ use crate::arch::{mbarrier, tma};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
-use crate::variants::{fwd_wg_config, FWD_WS_BARRIER_BYTES, FWD_WS_THREADS};
+use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_THREADS};
 
 /// Query rows per tile (64 per consumer warpgroup) and consumer threads.
 const BM: usize = 128;
@@ -88,9 +88,9 @@ impl Tiles {
 
     /// Walk every row block of every tile of this block: `f(head, m0)`.
     #[inline(always)]
-    fn for_each(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
+    fn for_each<const PAGED: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
         while let Some((m_block, bidh, bidb)) = self.next() {
-            let head = HeadSlice::new(p, bidb, bidh);
+            let head = HeadSlice::new::<PAGED>(p, bidb, bidh);
             let mut mb = m_block;
             while mb * (BM as i32) < head.sq.slot_len {
                 f(&head, mb * BM as i32);
@@ -108,9 +108,12 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
 }
 
 /// The producer thread: for every row block with keys to see, Q, then K_0, and (K_{i+1}, V_i) in the
-/// order the consumers use them.
+/// order the consumers use them. Paged K/V: a tile is `BN / box` copies of `box` rows
+/// (`tma_page_box_rows`), each from the block holding its rows (the maps are `[num_blocks][page_size]
+/// [heads][head dim]`); the boxes of whole 8-row swizzle atoms land where one whole-tile box would put
+/// their rows.
 #[inline(always)]
-unsafe fn produce<const D: usize, const BN: usize>(p: &FwdParams, maps: u64, pipes: &Pipes) {
+unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdParams, maps: u64, pipes: &Pipes) {
     let base = smem::base();
     let (q_map, k_map, v_map) = (maps, maps + 128, maps + 256);
     unsafe {
@@ -122,7 +125,8 @@ unsafe fn produce<const D: usize, const BN: usize>(p: &FwdParams, maps: u64, pip
     let mut qs = Stage::<1>::START;
     let mut ks = Stage::<KV_STAGES>::START;
     let mut vs = Stage::<KV_STAGES>::START;
-    Tiles::new(p).for_each(p, #[inline(always)] |head, m0| {
+    let box_rows = if PAGED { tma_page_box_rows(p.page_size as usize, BN) as i32 } else { BN as i32 };
+    Tiles::new(p).for_each::<PAGED>(p, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
             return;
         }
@@ -145,8 +149,20 @@ unsafe fn produce<const D: usize, const BN: usize>(p: &FwdParams, maps: u64, pip
             unsafe {
                 pipe.producer_acquire(*s);
                 let bar = pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
-                for c in 0..groups {
-                    tma::load_4d(dst + (c * BN * 128) as u32, map, [(c * 64) as i32, k_row + n_block * BN as i32, head.bidh_kv, b], bar);
+                if PAGED {
+                    let mut r = 0;
+                    while r < BN as i32 {
+                        // Boxes past the sequence's keys copy clamped blocks: masked (K) or zeroed (V).
+                        let (block, off) = head.kv.pages.locate(n_block * BN as i32 + r);
+                        for c in 0..groups {
+                            tma::load_4d(dst + (c * BN * 128) as u32 + r as u32 * 128, map, [(c * 64) as i32, off, head.bidh_kv, block], bar);
+                        }
+                        r += box_rows;
+                    }
+                } else {
+                    for c in 0..groups {
+                        tma::load_4d(dst + (c * BN * 128) as u32, map, [(c * 64) as i32, k_row + n_block * BN as i32, head.bidh_kv, b], bar);
+                    }
                 }
             }
             s.advance();
@@ -302,7 +318,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 
 /// Kernel body: barriers set up by thread 0, then the roles.
 #[inline(always)]
-unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(p: &FwdParams, maps: u64) {
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool>(p: &FwdParams, maps: u64) {
     let () = Tile::<D, BN>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D, BN>(smem::base());
@@ -318,7 +334,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     if tid < 128 {
         tma::regs_dec::<PRODUCER_REGS>();
         if tid == 0 {
-            unsafe { produce::<D, BN>(p, maps, &pipes) };
+            unsafe { produce::<D, BN, PAGED>(p, maps, &pipes) };
         }
     } else {
         tma::regs_inc::<CONSUMER_REGS>();
@@ -329,7 +345,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             pass_turn(1);
         }
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
-        Tiles::new(p).for_each(p, #[inline(always)] |head, m0| {
+        Tiles::new(p).for_each::<PAGED>(p, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
                 unsafe { attend::<E, D, DN, BN, NN, KP>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
@@ -345,7 +361,12 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false>(&p, maps) }
+            }
+            #[unsafe(export_name = concat!($name, "_paged"))]
+            pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_paged_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true>(&p, maps) }
             }
         };
     )*};
