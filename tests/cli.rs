@@ -393,6 +393,7 @@ fn library_kvcache(inputs: &Inputs, opts: &AttnOptions, kv: &KvCacheOptions) -> 
         rotary_sin: get(inputs, "rotary_sin"),
         cache_batch_idx: get(inputs, "cache_batch_idx"),
         cache_leftpad: get(inputs, "cache_leftpad"),
+        alibi_slopes: get(inputs, "alibi_slopes"),
     };
     let o = fwd_kvcache(get(inputs, "q").unwrap(), &mut k_cache, &mut v_cache, &cache, opts, kv).unwrap();
     vec![("out", o.out), ("lse", o.lse), ("k_cache", k_cache), ("v_cache", v_cache)]

@@ -209,6 +209,8 @@ mod tests {
             seqlens: None,
             paged: None,
             keys: None,
+            alibi: None,
+            dropout: None,
         }
     }
 

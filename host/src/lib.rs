@@ -20,6 +20,7 @@ pub mod candle;
 pub mod cpu;
 pub mod cuda;
 mod dispatch;
+pub mod dropout;
 pub mod error;
 mod launch;
 mod module;
@@ -31,10 +32,13 @@ pub mod tensor;
 pub mod types;
 pub mod validate;
 
-pub use api::{bwd, check_varlen_contents, combine, fwd, fwd_into, fwd_kvcache, varlen_bwd, varlen_fwd, varlen_fwd_into, varlen_fwd_paged, BwdOutput, FwdOutput, KvCache, PagedVarlen, Varlen};
+pub use api::{
+    bwd, bwd_with, check_varlen_contents, combine, fwd, fwd_into, fwd_kvcache, fwd_with, varlen_bwd, varlen_bwd_with, varlen_fwd, varlen_fwd_into, varlen_fwd_paged, varlen_fwd_paged_with, varlen_fwd_with, BwdOutput, Extras,
+    FwdOutput, KvCache, PagedVarlen, Varlen,
+};
 pub use error::{Error, Result};
 pub use tensor::{CpuData, Tensor};
-pub use types::{AttnOptions, CombineViews, DType, Device, KernelChoice, KvCacheOptions, KvCacheViews, PagedVarlenViews, Target, VarlenViews, View};
+pub use types::{AttnOptions, CombineViews, DType, Device, Dropout, KernelChoice, KvCacheOptions, KvCacheViews, PagedVarlenViews, Target, VarlenViews, View};
 
 /// Head dimensions with a kernel variant (and accepted by the CPU path).
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
