@@ -473,3 +473,325 @@ proptest! {
         run_case(&c).map_err(TestCaseError::fail)?;
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The mask's statistics and its dependence on seed, offset, sequence and head
+
+/// Dense bf16 inputs `[b, s, h, d]` for q, k, v (and dout).
+fn dense_inputs(rng: &mut StdRng, b: usize, s: usize, h: usize, d: usize) -> [Tensor; 4] {
+    std::array::from_fn(|_| Tensor::from_f32(&random_values(rng, b * s * h * d, 1.0, DType::BF16), &[b, s, h, d], DType::BF16).unwrap())
+}
+
+fn probs_of(q: &Tensor, k: &Tensor, v: &Tensor, extras: &Extras<'_>, opts: &AttnOptions) -> (FwdOutput, Vec<f32>) {
+    let o = fwd_with(q, k, v, &Extras { return_attn_probs: true, ..*extras }, opts).unwrap();
+    let m = o.s_dmask.as_ref().unwrap().to_f32_vec().unwrap();
+    (o, m)
+}
+
+fn dropout(p: f32, seed: u64, offset: u64) -> AttnOptions {
+    AttnOptions { dropout: Dropout { p, seed, offset }, ..Default::default() }
+}
+
+#[test]
+fn keep_rate_is_binomial() {
+    let (seed, mut r) = seeded("keep_rate_is_binomial");
+    let (b, s, h, d) = (2, 256, 4, 32);
+    let [q, k, v, _] = dense_inputs(&mut r, b, s, h, d);
+    for p in [0.1f32, 0.5, 0.9] {
+        let (_, m) = probs_of(&q, &k, &v, &Extras::default(), &dropout(p, r.r#gen(), r.r#gen()));
+        let keep_p = DropoutParams::new(p, 0, 0).unwrap().threshold as f64 / 2f64.powi(32);
+        // Overall, and per (i % 16, j % 2) class: each Philox lane and row half on its own.
+        let mut dropped = [0usize; 32];
+        for (e, x) in m.iter().enumerate() {
+            let (i, j) = ((e / s) % s, e % s);
+            dropped[(i % 16) * 2 + j % 2] += usize::from(x.is_sign_negative());
+        }
+        let check = |n: usize, count: usize, what: &str| {
+            let mean = n as f64 * (1.0 - keep_p);
+            let sigma = (n as f64 * keep_p * (1.0 - keep_p)).sqrt();
+            assert!((count as f64 - mean).abs() <= 6.0 * sigma, "seed {seed}, p {p}, {what}: {count} of {n} dropped, expected {mean:.0} +- {sigma:.0}");
+        };
+        check(m.len(), dropped.iter().sum(), "all");
+        for (class, &c) in dropped.iter().enumerate() {
+            check(m.len() / 32, c, &format!("class i%16 = {}, j%2 = {}", class / 2, class % 2));
+        }
+        // Heads draw independent masks: two heads agree on about p^2 + (1-p)^2 of their scores.
+        let agree = (0..s * s).filter(|&e| m[e].is_sign_negative() == m[s * s + e].is_sign_negative()).count();
+        let want = p as f64 * p as f64 + (1.0 - p as f64).powi(2);
+        let sigma = (s as f64 * s as f64 * want * (1.0 - want)).sqrt();
+        assert!((agree as f64 - want * (s * s) as f64).abs() <= 6.0 * sigma, "seed {seed}, p {p}: heads 0 and 1 agree on {agree} of {}", s * s);
+    }
+}
+
+#[test]
+fn seed_and_offset_select_the_mask() {
+    let (seed, mut r) = seeded("seed_and_offset_select_the_mask");
+    let (b, s, h, d) = (2, 40, 3, 64);
+    let [q, k, v, _] = dense_inputs(&mut r, b, s, h, d);
+    let (key, offset) = (r.r#gen::<u64>(), r.r#gen::<u64>() >> 1);
+    let signs = |m: &[f32]| m.iter().map(|x| x.is_sign_negative()).collect::<Vec<_>>();
+    let (o1, m1) = probs_of(&q, &k, &v, &Extras::default(), &dropout(0.3, key, offset));
+    let (o2, m2) = probs_of(&q, &k, &v, &Extras::default(), &dropout(0.3, key, offset));
+    assert_eq!(bits(&o1.out), bits(&o2.out), "seed {seed}: same (seed, offset), same out");
+    assert_eq!(m1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), m2.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "seed {seed}: same (seed, offset), same s_dmask");
+    let (o3, m3) = probs_of(&q, &k, &v, &Extras::default(), &dropout(0.3, key ^ 1, offset));
+    let (_, m4) = probs_of(&q, &k, &v, &Extras::default(), &dropout(0.3, key, offset + 1000));
+    assert_ne!(signs(&m1), signs(&m3), "seed {seed}: another seed, another mask");
+    assert_ne!(bits(&o1.out), bits(&o3.out), "seed {seed}: another seed, another out");
+    assert_ne!(signs(&m1), signs(&m4), "seed {seed}: another offset, another mask");
+    // The subsequence is offset + b * Hq + h: one more offset is the next head's mask.
+    let (_, m5) = probs_of(&q, &k, &v, &Extras::default(), &dropout(0.3, key, offset + 1));
+    let head = |m: &[f32], bi: usize, hi: usize| signs(&m[(bi * h + hi) * s * s..][..s * s]);
+    for (bi, hi) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+        let (nb, nh) = if hi + 1 < h { (bi, hi + 1) } else { (bi + 1, 0) };
+        assert_eq!(head(&m5, bi, hi), head(&m1, nb, nh), "seed {seed}: (b {bi}, h {hi}) at offset + 1 is (b {nb}, h {nh}) at offset");
+    }
+    // p = 0: no dropout whatever the seed, bitwise the call without it (and nothing negative).
+    let (o6, m6) = probs_of(&q, &k, &v, &Extras::default(), &dropout(0.0, key, offset));
+    let plain = fwd(&q, &k, &v, &AttnOptions::default()).unwrap();
+    assert_eq!(bits(&o6.out), bits(&plain.out), "seed {seed}: p = 0 is no dropout");
+    assert!(m6.iter().all(|x| !x.is_sign_negative()), "seed {seed}: p = 0 drops nothing");
+}
+
+/// Zero slopes and p = 0 give bitwise the plain forward and backward; the backward is bitwise
+/// reproducible with dropout and ALiBi.
+#[test]
+fn neutral_settings_are_bitwise_plain_and_backward_is_deterministic() {
+    let (seed, mut r) = seeded("neutral_settings_are_bitwise_plain");
+    let (b, s, h, d) = (2, 70, 4, 64);
+    let [q, k, v, dout] = dense_inputs(&mut r, b, s, h, d);
+    let zeros = Tensor::from_f32(&vec![0.0; h], &[h], DType::F32).unwrap();
+    let causal = AttnOptions { causal: true, dropout: Dropout { p: 0.0, seed: r.r#gen(), offset: 3 }, ..Default::default() };
+    let neutral = Extras { alibi_slopes: Some(&zeros), return_attn_probs: false };
+    let (a, p) = (fwd_with(&q, &k, &v, &neutral, &causal).unwrap(), fwd(&q, &k, &v, &AttnOptions { causal: true, ..Default::default() }).unwrap());
+    assert_eq!((bits(&a.out), bits(&a.lse)), (bits(&p.out), bits(&p.lse)), "seed {seed}: forward");
+    let ga = bwd_with(&dout, &q, &k, &v, &a.out, &a.lse, &neutral, &causal, false).unwrap();
+    let gp = flash_attn::bwd(&dout, &q, &k, &v, &p.out, &p.lse, &AttnOptions { causal: true, ..Default::default() }, false).unwrap();
+    assert_eq!([bits(&ga.dq), bits(&ga.dk), bits(&ga.dv)], [bits(&gp.dq), bits(&gp.dk), bits(&gp.dv)], "seed {seed}: backward");
+
+    let slopes = Tensor::from_f32(&(0..b * h).map(|i| 0.5f32.powi(i as i32 % 8)).collect::<Vec<_>>(), &[b, h], DType::F32).unwrap();
+    let extras = Extras { alibi_slopes: Some(&slopes), return_attn_probs: false };
+    let opts = AttnOptions { window: (20, 3), softcap: 5.0, dropout: Dropout { p: 0.2, seed: r.r#gen(), offset: r.r#gen() }, ..Default::default() };
+    let f = fwd_with(&q, &k, &v, &extras, &opts).unwrap();
+    let g1 = bwd_with(&dout, &q, &k, &v, &f.out, &f.lse, &extras, &opts, true).unwrap();
+    let g2 = bwd_with(&dout, &q, &k, &v, &f.out, &f.lse, &extras, &opts, false).unwrap();
+    assert_eq!([bits(&g1.dq), bits(&g1.dk), bits(&g1.dv)], [bits(&g2.dq), bits(&g2.dk), bits(&g2.dv)], "seed {seed}: deterministic backward");
+}
+
+/// Sequence b of a packed call draws its mask as a call of its own at offset + b * Hq, with its row of
+/// [B, Hq] slopes: bit for bit, forward, s_dmask and backward.
+#[test]
+fn packed_sequences_are_calls_at_shifted_offsets() {
+    let (seed, mut r) = seeded("packed_sequences_are_calls_at_shifted_offsets");
+    let (hq, hk, d) = (4, 2, 64);
+    let lens: Vec<(usize, usize)> = (0..3).map(|_| (r.gen_range(1..90), r.gen_range(1..90))).collect();
+    let (cu_q, cu_k) = (prefix(lens.iter().map(|l| l.0)), prefix(lens.iter().map(|l| l.1)));
+    let (tq, tk) = (*cu_q.last().unwrap(), *cu_k.last().unwrap());
+    let vals = |r: &mut StdRng, n: usize| random_values(r, n, 1.0, DType::F16);
+    let (q, k, v, dout) = (vals(&mut r, tq * hq * d), vals(&mut r, tk * hk * d), vals(&mut r, tk * hk * d), vals(&mut r, tq * hq * d));
+    let slopes: Vec<f32> = (0..3 * hq).map(|_| r.gen_range(0.0f32..0.5)).collect();
+    let t = |x: &[f32], shape: &[usize]| Tensor::from_f32(x, shape, DType::F16).unwrap();
+    let (cu_q_t, cu_k_t) = (i32s(&cu_q), i32s(&cu_k));
+    let max = |v: Vec<usize>| v.into_iter().max().unwrap();
+    let (max_q, max_k) = (max(lens.iter().map(|l| l.0).collect()), max(lens.iter().map(|l| l.1).collect()));
+    let vl = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k: None };
+    let slopes_t = Tensor::from_f32(&slopes, &[3, hq], DType::F32).unwrap();
+    let extras = Extras { alibi_slopes: Some(&slopes_t), return_attn_probs: true };
+    let opts = AttnOptions { causal: true, dropout: Dropout { p: 0.4, seed: r.r#gen(), offset: r.r#gen::<u64>() >> 1 }, ..Default::default() };
+    let (qt, kt, vt, gt) = (t(&q, &[tq, hq, d]), t(&k, &[tk, hk, d]), t(&v, &[tk, hk, d]), t(&dout, &[tq, hq, d]));
+    let f = varlen_fwd_with(&qt, &kt, &vt, &vl, &extras, &opts).unwrap();
+    let g = varlen_bwd_with(&gt, &qt, &kt, &vt, &f.out, &f.lse, &vl, &extras, &opts, false).unwrap();
+    let (out, lse, mask) = (bits(&f.out), bits(&f.lse), bits(f.s_dmask.as_ref().unwrap()));
+    let (dq, dk, dv) = (bits(&g.dq), bits(&g.dk), bits(&g.dv));
+    for (b, &(sq, sk)) in lens.iter().enumerate() {
+        let one = |x: &[f32], row0: usize, n: usize, h: usize| t(&x[row0 * h * d..][..n * h * d], &[1, n, h, d]);
+        let (q1, k1, v1, g1) = (one(&q, cu_q[b], sq, hq), one(&k, cu_k[b], sk, hk), one(&v, cu_k[b], sk, hk), one(&dout, cu_q[b], sq, hq));
+        let s1 = Tensor::from_f32(&slopes[b * hq..][..hq], &[hq], DType::F32).unwrap();
+        let e1 = Extras { alibi_slopes: Some(&s1), return_attn_probs: true };
+        let o1 = AttnOptions { dropout: Dropout { offset: opts.dropout.offset + (b * hq) as u64, ..opts.dropout }, ..opts };
+        let f1 = fwd_with(&q1, &k1, &v1, &e1, &o1).unwrap();
+        let ctx = format!("seed {seed}, sequence {b} ({sq} x {sk})");
+        assert_eq!(bits(&f1.out), out[cu_q[b] * hq * d..][..sq * hq * d], "{ctx}: out");
+        let lse1: Vec<u32> = (0..hq).flat_map(|h| lse[h * tq + cu_q[b]..][..sq].to_vec()).collect();
+        assert_eq!(bits(&f1.lse), lse1, "{ctx}: lse");
+        let m1 = bits(f1.s_dmask.as_ref().unwrap());
+        for h in 0..hq {
+            for i in 0..sq {
+                assert_eq!(m1[(h * sq + i) * sk..][..sk], mask[((b * hq + h) * max_q + i) * max_k..][..sk], "{ctx}: s_dmask head {h} row {i}");
+            }
+        }
+        let g1 = bwd_with(&g1, &q1, &k1, &v1, &f1.out, &f1.lse, &e1, &o1, false).unwrap();
+        assert_eq!(bits(&g1.dq), dq[cu_q[b] * hq * d..][..sq * hq * d], "{ctx}: dq");
+        assert_eq!(bits(&g1.dk), dk[cu_k[b] * hk * d..][..sk * hk * d], "{ctx}: dk");
+        assert_eq!(bits(&g1.dv), dv[cu_k[b] * hk * d..][..sk * hk * d], "{ctx}: dv");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Paged K/V and the KV cache
+
+/// ALiBi, dropout and s_dmask over paged K/V are bitwise the contiguous varlen call; ALiBi in the
+/// KV-cache forward is the dense call over each row's cache entries (unsplit: bitwise; split: close).
+#[test]
+fn paged_and_kvcache_paths() {
+    let (seed, mut r) = seeded("paged_and_kvcache_paths");
+    let (hq, hk, d, page) = (4, 2, 64, 16);
+    let lens = [(5usize, 40usize), (33, 17)];
+    let (cu_q, cu_k) = (prefix(lens.iter().map(|l| l.0)), prefix(lens.iter().map(|l| l.1)));
+    let (tq, tk) = (cu_q[2], cu_k[2]);
+    let q = random_values(&mut r, tq * hq * d, 1.0, DType::BF16);
+    let k = random_values(&mut r, tk * hk * d, 1.0, DType::BF16);
+    let v = random_values(&mut r, tk * hk * d, 1.0, DType::BF16);
+    // Pages: sequence b's keys in blocks listed by block_table row b (blocks in reverse order).
+    let blocks: Vec<usize> = lens.iter().map(|l| l.1.div_ceil(page)).collect();
+    let num_blocks = blocks.iter().sum::<usize>();
+    let (mut kp, mut vp) = (vec![0.0f32; num_blocks * page * hk * d], vec![0.0f32; num_blocks * page * hk * d]);
+    let mut table = vec![0i32; 2 * 3];
+    let mut next = num_blocks;
+    for (b, l) in lens.iter().enumerate() {
+        for i in 0..blocks[b] {
+            next -= 1;
+            table[b * 3 + i] = next as i32;
+        }
+        for t in 0..l.1 {
+            let dst = (table[b * 3 + t / page] as usize * page + t % page) * hk * d;
+            kp[dst..dst + hk * d].copy_from_slice(&k[(cu_k[b] + t) * hk * d..][..hk * d]);
+            vp[dst..dst + hk * d].copy_from_slice(&v[(cu_k[b] + t) * hk * d..][..hk * d]);
+        }
+    }
+    let bf = |x: &[f32], shape: &[usize]| Tensor::from_f32(x, shape, DType::BF16).unwrap();
+    let slopes = Tensor::from_f32(&[0.5, 0.25, 0.125, 0.0625], &[hq], DType::F32).unwrap();
+    let extras = Extras { alibi_slopes: Some(&slopes), return_attn_probs: true };
+    let opts = AttnOptions { window: (9, 2), dropout: Dropout { p: 0.25, seed: r.r#gen(), offset: 7 }, ..Default::default() };
+    let (cu_q_t, cu_k_t, table_t) = (i32s(&cu_q), i32s(&cu_k), Tensor::from_i32(table, &[2, 3]).unwrap());
+    let vl = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: 33, max_seqlen_k: 40, seqused_q: None, seqused_k: None };
+    let contiguous = varlen_fwd_with(&bf(&q, &[tq, hq, d]), &bf(&k, &[tk, hk, d]), &bf(&v, &[tk, hk, d]), &vl, &extras, &opts).unwrap();
+    let pv = PagedVarlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: Some(&cu_k_t), max_seqlen_q: 33, max_seqlen_k: 40, seqused_q: None, seqused_k: None, block_table: &table_t };
+    let paged = varlen_fwd_paged_with(&bf(&q, &[tq, hq, d]), &bf(&kp, &[num_blocks, page, hk, d]), &bf(&vp, &[num_blocks, page, hk, d]), &pv, &extras, &opts).unwrap();
+    for (name, a, b) in [("out", &paged.out, &contiguous.out), ("lse", &paged.lse, &contiguous.lse), ("s_dmask", paged.s_dmask.as_ref().unwrap(), contiguous.s_dmask.as_ref().unwrap())] {
+        assert_eq!(bits(a), bits(b), "seed {seed}: paged {name}");
+    }
+
+    // KV cache: B = 2 rows of 24 valid entries in a cache of 32, Sq = 3, causal, [B, Hq] slopes.
+    let (b, sq, cap, valid) = (2, 3, 32, 24);
+    let qd = random_values(&mut r, b * sq * hq * d, 1.0, DType::BF16);
+    let kc = random_values(&mut r, b * cap * hk * d, 1.0, DType::BF16);
+    let vc = random_values(&mut r, b * cap * hk * d, 1.0, DType::BF16);
+    let slopes2 = Tensor::from_f32(&(0..b * hq).map(|i| 1.0 / (i + 2) as f32).collect::<Vec<_>>(), &[b, hq], DType::F32).unwrap();
+    let seqlens = i32s(&[valid; 2]);
+    let causal = AttnOptions { causal: true, ..Default::default() };
+    let cache = KvCache { alibi_slopes: Some(&slopes2), ..KvCache::new(&seqlens) };
+    let crop = |x: &[f32]| -> Vec<f32> { (0..b).flat_map(|bi| x[bi * cap * hk * d..][..valid * hk * d].to_vec()).collect() };
+    let dense = fwd_with(&bf(&qd, &[b, sq, hq, d]), &bf(&crop(&kc), &[b, valid, hk, d]), &bf(&crop(&vc), &[b, valid, hk, d]), &Extras { alibi_slopes: Some(&slopes2), return_attn_probs: false }, &causal).unwrap();
+    for splits in [1, 3] {
+        let (mut kt, mut vt) = (bf(&kc, &[b, cap, hk, d]), bf(&vc, &[b, cap, hk, d]));
+        let o = fwd_kvcache(&bf(&qd, &[b, sq, hq, d]), &mut kt, &mut vt, &cache, &causal, &KvCacheOptions { num_splits: splits, ..Default::default() }).unwrap();
+        if splits == 1 {
+            assert_eq!((bits(&o.out), bits(&o.lse)), (bits(&dense.out), bits(&dense.lse)), "seed {seed}: KV cache with ALiBi, unsplit");
+        } else {
+            let (a, w) = (o.out.to_f32_vec().unwrap(), dense.out.to_f32_vec().unwrap());
+            assert!(a.iter().zip(&w).all(|(x, y)| (x - y).abs() <= 2f32.powi(-7) * y.abs() + 2f32.powi(-12)), "seed {seed}: KV cache with ALiBi, {splits} splits");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Bad input
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let (b, s, h, d) = (2, 8, 4, 32);
+    let mut r = rng(1);
+    let [q, k, v, dout] = dense_inputs(&mut r, b, s, h, d);
+    let o = AttnOptions::default();
+    let f32s = |shape: &[usize]| Tensor::from_f32(&vec![0.5; shape.iter().product()], shape, DType::F32).unwrap();
+    let with = |t: &Tensor| fwd_with(&q, &k, &v, &Extras { alibi_slopes: Some(t), return_attn_probs: false }, &o);
+    let shape_err = |e: &Error| matches!(e, Error::Shape { arg: "alibi_slopes", .. });
+    expect_err(with(&f32s(&[h + 1])), shape_err, "alibi_slopes");
+    expect_err(with(&f32s(&[b + 1, h])), shape_err, "alibi_slopes");
+    expect_err(with(&f32s(&[1, b, h])), shape_err, "alibi_slopes");
+    expect_err(with(&f32s(&[])), shape_err, "alibi_slopes");
+    expect_err(with(&Tensor::from_f32(&[0.5; 4], &[h], DType::BF16).unwrap()), |e| matches!(e, Error::DType { arg: "alibi_slopes", .. }), "alibi_slopes");
+    let strided = f32s(&[2 * h]).as_strided(&[h], &[2], 0).unwrap();
+    expect_err(with(&strided), |e| matches!(e, Error::NotContiguous { arg: "alibi_slopes" }), "alibi_slopes");
+    for bad in [f32::NAN, f32::INFINITY] {
+        let t = Tensor::from_f32(&[0.5, bad, 0.5, 0.5], &[h], DType::F32).unwrap();
+        expect_err(with(&t), |e| matches!(e, Error::Value { arg: "alibi_slopes", .. }), "alibi_slopes");
+    }
+    let slopes_gpu_less = f32s(&[h]);
+    let extras = Extras { alibi_slopes: Some(&slopes_gpu_less), return_attn_probs: false };
+    for p in [1.0f32, 1.5, -0.1, f32::NAN, f32::INFINITY] {
+        let opts = AttnOptions { dropout: Dropout { p, seed: 1, offset: 0 }, ..o };
+        expect_err(fwd(&q, &k, &v, &opts), |e| matches!(e, Error::Value { arg: "dropout_p", .. }), "dropout_p");
+        expect_err(bwd_with(&dout, &q, &k, &v, &dout, &f32s(&[b, h, s]), &extras, &opts, false), |e| matches!(e, Error::Value { arg: "dropout_p", .. }), "dropout_p");
+    }
+    // The backward checks the slopes too.
+    let lse = f32s(&[b, h, s]);
+    let bad = Extras { alibi_slopes: Some(&f32s(&[3])), return_attn_probs: false };
+    expect_err(bwd_with(&dout, &q, &k, &v, &dout, &lse, &bad, &o, false), shape_err, "alibi_slopes");
+    // The KV cache takes no dropout.
+    let seqlens = i32s(&[4, 4]);
+    let (mut kc, mut vc) = (k.clone(), v.clone());
+    let opts = AttnOptions { dropout: Dropout { p: 0.1, seed: 1, offset: 0 }, ..o };
+    expect_err(fwd_kvcache(&q, &mut kc, &mut vc, &KvCache::new(&seqlens), &opts, &KvCacheOptions::default()), |e| matches!(e, Error::Value { arg: "dropout_p", .. }), "dropout_p");
+
+    // Raw: s_dmask of the wrong shape or dtype, or overlapping another tensor.
+    let (n, m) = (b * s * h * d, b * h * s * s);
+    let buf = vec![0.0f32; 4 * n + m + 64];
+    let (sh, ls, ms) = (leak(vec![b, s, h, d]), leak(vec![b, h, s]), leak(vec![b, h, s, s]));
+    let at = |i: usize| View { addr: buf.as_ptr() as u64 + (i * n * 2) as u64, dtype: DType::BF16, shape: sh, strides: leak(contiguous(sh)) };
+    let lse_v = View { addr: buf.as_ptr() as u64 + (4 * n * 2) as u64, dtype: DType::F32, shape: ls, strides: leak(contiguous(ls)) };
+    let mask = View { addr: buf.as_ptr() as u64 + (2 * 4 * n) as u64 + 4096, dtype: DType::F32, shape: ms, strides: leak(contiguous(ms)) };
+    let good = raw::FwdViews { q: at(0), k: at(1), v: at(2), out: at(3), lse: lse_v, alibi_slopes: None, s_dmask: Some(mask) };
+    let run = |t: raw::FwdViews<'_>| unsafe { raw::fwd(&t, &o, Target::Cpu) };
+    run(good).unwrap();
+    let wrong = leak(vec![b, h, s, s + 1]);
+    expect_err(run(raw::FwdViews { s_dmask: Some(View { shape: wrong, strides: leak(contiguous(wrong)), ..mask }), ..good }), |e| matches!(e, Error::Shape { arg: "s_dmask", .. }), "s_dmask");
+    expect_err(run(raw::FwdViews { s_dmask: Some(View { dtype: DType::F16, ..mask }), ..good }), |e| matches!(e, Error::DType { arg: "s_dmask", .. }), "s_dmask");
+    // (Two outputs overlapping: the first one is named, the other in the message.)
+    expect_err(run(raw::FwdViews { s_dmask: Some(View { addr: at(3).addr, ..mask }), ..good }), |e| matches!(e, Error::Value { arg: "out", .. }), "s_dmask");
+    expect_err(run(raw::FwdViews { s_dmask: Some(View { addr: at(0).addr, ..mask }), ..good }), |e| matches!(e, Error::Value { arg: "s_dmask", .. }), "s_dmask");
+    let slopes_v = View { addr: at(3).addr, dtype: DType::F32, shape: leak(vec![h]), strides: leak(vec![1]) };
+    expect_err(run(raw::FwdViews { alibi_slopes: Some(slopes_v), s_dmask: None, ..good }), |e| matches!(e, Error::Value { arg: "out", .. }), "alibi_slopes");
+}
+
+/// On CUDA a call asking for ALiBi, dropout or the probabilities is validated, then refused with
+/// `Unsupported` naming it (no GPU needed: nothing is launched, and these addresses are never read).
+#[test]
+fn cuda_target_is_unsupported() {
+    let (b, s, h, d) = (1, 16, 2, 64);
+    let (sh, ls, ms) = (leak(vec![b, s, h, d]), leak(vec![b, h, s]), leak(vec![b, h, s, s]));
+    let at = |i: u64, shape: &'static [usize], dtype: DType| View { addr: (i + 1) << 24, dtype, shape, strides: leak(contiguous(shape)) };
+    let t = |i: u64| at(i, sh, DType::BF16);
+    let slopes = at(10, leak(vec![h]), DType::F32);
+    let fv = raw::FwdViews { q: t(0), k: t(1), v: t(2), out: t(3), lse: at(4, ls, DType::F32), alibi_slopes: None, s_dmask: None };
+    let cuda = Target::Cuda { ordinal: 0, stream: 0 };
+    let o = AttnOptions::default();
+    let unsupported = |r: Result<()>, feature: &str| match r {
+        Err(Error::Unsupported { feature: f, .. }) if f.starts_with(feature) => {}
+        other => panic!("{feature}: expected Unsupported, got {other:?}"),
+    };
+    unsupported(unsafe { raw::fwd(&raw::FwdViews { alibi_slopes: Some(slopes), ..fv }, &o, cuda) }, "alibi_slopes");
+    unsupported(unsafe { raw::fwd(&fv, &dropout(0.1, 1, 2), cuda) }, "dropout");
+    unsupported(unsafe { raw::fwd(&raw::FwdViews { s_dmask: Some(at(5, ms, DType::F32)), ..fv }, &o, cuda) }, "return_attn_probs");
+    let bv = raw::BwdViews { dout: t(5), q: t(0), k: t(1), v: t(2), out: t(3), lse: fv.lse, dq: t(6), dk: t(7), dv: t(8), alibi_slopes: None };
+    let ws = Workspace { addr: 1 << 40, bytes: raw::bwd_workspace_bytes(sh, false).unwrap() };
+    unsupported(unsafe { raw::bwd(&raw::BwdViews { alibi_slopes: Some(slopes), ..bv }, &o, false, ws, cuda) }, "alibi_slopes");
+    unsupported(unsafe { raw::bwd(&bv, &dropout(0.5, 1, 2), false, ws, cuda) }, "dropout");
+    // Validation comes first: bad slopes are reported as such on CUDA too.
+    let bad = View { dtype: DType::I32, ..slopes };
+    expect_err(unsafe { raw::fwd(&raw::FwdViews { alibi_slopes: Some(bad), ..fv }, &o, cuda) }, |e| matches!(e, Error::DType { arg: "alibi_slopes", .. }), "alibi_slopes");
+    let _ = Device::Cpu;
+}
+
+fn leak<T>(v: Vec<T>) -> &'static [T] {
+    Box::leak(v.into_boxed_slice())
+}
+
+fn contiguous(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        st[i] = st[i + 1] * shape[i + 1];
+    }
+    st
+}
