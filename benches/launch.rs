@@ -40,8 +40,8 @@ fn main() {
     let (lshape, lstrides) = ([b, h, s], [h * s, s, 1]);
     let view = |addr| View { addr, dtype: DType::BF16, shape: &shape, strides: &strides };
     let lse_v = View { addr: lse.device_ptr(&stream).0, dtype: DType::F32, shape: &lshape, strides: &lstrides };
-    let fv = FwdViews { q: view(p(&q)), k: view(p(&k)), v: view(p(&v)), out: view(p(&out)), lse: lse_v };
-    let bv = BwdViews { dout: view(p(&dout)), q: fv.q, k: fv.k, v: fv.v, out: fv.out, lse: lse_v, dq: view(p(&dq)), dk: view(p(&dk)), dv: view(p(&dv)) };
+    let fv = FwdViews { q: view(p(&q)), k: view(p(&k)), v: view(p(&v)), out: view(p(&out)), lse: lse_v, alibi_slopes: None, s_dmask: None };
+    let bv = BwdViews { dout: view(p(&dout)), q: fv.q, k: fv.k, v: fv.v, out: fv.out, lse: lse_v, dq: view(p(&dq)), dk: view(p(&dk)), dv: view(p(&dv)), alibi_slopes: None };
     let wsv = Workspace { addr: ws.device_ptr(&stream).0, bytes: ws.len() };
     let target = Target::Cuda { ordinal: 0, stream: stream.cu_stream() as usize };
     let opts = AttnOptions { causal: true, ..Default::default() };

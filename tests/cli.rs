@@ -3,7 +3,10 @@
 //! take effect, every bad input exits with code 2 and a message, and `demo` finds no difference between
 //! packed and separate sequences. Everything runs on the CPU.
 
-use flash_attn::{bwd, fwd, fwd_kvcache, varlen_bwd, varlen_fwd, varlen_fwd_paged, AttnOptions, DType, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen};
+use flash_attn::{
+    bwd, bwd_with, fwd, fwd_kvcache, fwd_with, varlen_bwd, varlen_bwd_with, varlen_fwd, varlen_fwd_paged, varlen_fwd_with, AttnOptions, DType, Dropout, Extras, KvCache, KvCacheOptions, PagedVarlen,
+    Tensor, Varlen,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -393,6 +396,7 @@ fn library_kvcache(inputs: &Inputs, opts: &AttnOptions, kv: &KvCacheOptions) -> 
         rotary_sin: get(inputs, "rotary_sin"),
         cache_batch_idx: get(inputs, "cache_batch_idx"),
         cache_leftpad: get(inputs, "cache_leftpad"),
+        alibi_slopes: get(inputs, "alibi_slopes"),
     };
     let o = fwd_kvcache(get(inputs, "q").unwrap(), &mut k_cache, &mut v_cache, &cache, opts, kv).unwrap();
     vec![("out", o.out), ("lse", o.lse), ("k_cache", k_cache), ("v_cache", v_cache)]
@@ -568,6 +572,84 @@ fn kvcache_and_paged_errors_exit_2() {
     write(&input, &inputs);
     expect_failure(&run(&[]), "block_table");
     assert!(!output.exists(), "no output file is written on failure");
+}
+
+/// ALiBi (an `alibi_slopes` tensor in the file), dropout (`--dropout P --seed S [--offset O]`) and
+/// `--return-probs`, dense and packed, forward and with `--backward` (the same mask): exactly the
+/// library's `*_with` calls.
+#[test]
+fn alibi_dropout_and_probs_match_library() {
+    let dir = TempDir::new();
+    let slopes = |shape: &[usize]| Tensor::from_f32(&(0..shape.iter().product::<usize>()).map(|i| 0.5f32.powi(i as i32 % 5)).collect::<Vec<_>>(), shape, DType::F32).unwrap();
+    let cases: [(Inputs, &[&str], AttnOptions, bool); 4] = [
+        (dense_inputs(DType::BF16, 3), &["--causal", "--dropout", "0.3", "--seed", "42"], AttnOptions { causal: true, dropout: Dropout { p: 0.3, seed: 42, offset: 0 }, ..Default::default() }, true),
+        (varlen_inputs(DType::F16, true), &["--dropout=0.5", "--seed", "7", "--offset", "18446744073709551615", "--return-probs"], AttnOptions { dropout: Dropout { p: 0.5, seed: 7, offset: u64::MAX }, ..Default::default() }, false),
+        (dense_inputs(DType::F16, 4), &["--window", "3,2", "--return-probs"], AttnOptions { window: (3, 2), ..Default::default() }, true),
+        (varlen_inputs(DType::BF16, false), &["--softcap", "2", "--return-probs", "--dropout", "0.1", "--seed", "5", "--offset", "9"], AttnOptions { softcap: 2.0, dropout: Dropout { p: 0.1, seed: 5, offset: 9 }, ..Default::default() }, true),
+    ];
+    for (i, (mut inputs, args, opts, alibi)) in cases.into_iter().enumerate() {
+        let hq = get(&inputs, "q").unwrap().shape()[get(&inputs, "q").unwrap().rank() - 2];
+        if alibi {
+            inputs.push(("alibi_slopes", if i % 2 == 0 { slopes(&[hq]) } else { slopes(&[3, hq]) }));
+        }
+        let probs = args.contains(&"--return-probs");
+        let inputs = with_dout(inputs, 11 + i as u64);
+        let extras = Extras { alibi_slopes: get(&inputs, "alibi_slopes"), return_attn_probs: probs };
+        let (q, k, v) = (get(&inputs, "q").unwrap(), get(&inputs, "k").unwrap(), get(&inputs, "v").unwrap());
+        let f = match varlen_of(&inputs) {
+            None => fwd_with(q, k, v, &extras, &opts).unwrap(),
+            Some(vl) => varlen_fwd_with(q, k, v, &vl, &extras, &opts).unwrap(),
+        };
+        let mut want = vec![("out", f.out.clone()), ("lse", f.lse.clone())];
+        want.extend(f.s_dmask.clone().map(|m| ("s_dmask", m)));
+        assert_same_tensors(&run_cli(&dir, &inputs, args), &want);
+
+        // --backward: the gradients of the same mask.
+        let dout = get(&inputs, "dout").unwrap();
+        let g = match varlen_of(&inputs) {
+            None => bwd_with(dout, q, k, v, &f.out, &f.lse, &extras, &opts, false).unwrap(),
+            Some(vl) => varlen_bwd_with(dout, q, k, v, &f.out, &f.lse, &vl, &extras, &opts, false).unwrap(),
+        };
+        want.extend([("dq", g.dq), ("dk", g.dk), ("dv", g.dv)]);
+        let args: Vec<&str> = args.iter().copied().chain(["--backward"]).collect();
+        assert_same_tensors(&run_cli(&dir, &inputs, &args), &want);
+    }
+    // ALiBi in the KV-cache forward.
+    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+    let hq = get(&inputs, "q").unwrap().shape()[2];
+    inputs.push(("alibi_slopes", slopes(&[hq])));
+    let opts = AttnOptions { causal: true, ..Default::default() };
+    let want = library_kvcache(&inputs, &opts, &KvCacheOptions::default());
+    assert_same_tensors(&run_cli(&dir, &inputs, &["--causal"]), &want);
+}
+
+#[test]
+fn alibi_dropout_errors_exit_2() {
+    let dir = TempDir::new();
+    let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+    let (inp, out) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let run = |extra: &[&str]| -> Vec<String> { ["run", "--input", inp, "--output", out, "--device", "cpu"].iter().chain(extra).map(|s| s.to_string()).collect() };
+    let mut inputs = dense_inputs(DType::BF16, 1);
+    write(&input, &inputs);
+    expect_failure(&run(&["--dropout", "0.2"]), "--seed");
+    expect_failure(&run(&["--seed", "3"]), "--dropout");
+    expect_failure(&run(&["--offset", "3"]), "--dropout");
+    expect_failure(&run(&["--dropout", "1", "--seed", "3"]), "dropout_p");
+    expect_failure(&run(&["--dropout", "-0.5", "--seed", "3"]), "dropout_p");
+    expect_failure(&run(&["--dropout", "x", "--seed", "3"]), "--dropout");
+    expect_failure(&run(&["--dropout", "0.1", "--seed", "-3"]), "--seed");
+    expect_failure(&run(&["--return-probs=1"]), "--return-probs");
+    inputs.push(("alibi_slopes", Tensor::from_f32(&[0.5; 3], &[3], DType::F32).unwrap()));
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "alibi_slopes");
+    inputs.pop();
+    inputs.push(("alibi_slopes", i32s(&[1, 2, 3, 4])));
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "alibi_slopes");
+    let kv = kvcache_inputs(DType::BF16, false, 2);
+    write(&input, &kv);
+    expect_failure(&run(&["--return-probs"]), "--return-probs");
+    expect_failure(&run(&["--dropout", "0.1", "--seed", "1"]), "dropout_p");
 }
 
 #[test]

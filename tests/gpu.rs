@@ -75,7 +75,7 @@ struct Case {
 
 impl Case {
     fn opts(&self, kernels: KernelChoice) -> AttnOptions {
-        AttnOptions { softmax_scale: None, causal: self.causal, window: self.window, softcap: self.softcap, kernels }
+        AttnOptions { softmax_scale: None, causal: self.causal, window: self.window, softcap: self.softcap, kernels, ..Default::default() }
     }
     fn ref_opts(&self) -> RefOpts {
         RefOpts { scale: 1.0 / (self.d as f64).sqrt(), softcap: self.softcap as f64, causal: self.causal, window: self.window }

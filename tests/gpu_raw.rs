@@ -154,6 +154,8 @@ impl Buffers {
             v: view(ptr(&self.v, stream), &st.kv, &st.skv, bf),
             out: view(ptr(&self.out, stream), &st.q, &st.sq, bf),
             lse: view(ptr(&self.lse, stream), &st.lse, &st.slse, f32_),
+            alibi_slopes: None,
+            s_dmask: None,
         };
         let bv = BwdViews {
             dout: view(ptr(&self.dout, stream), &st.q, &st.sq, bf),
@@ -165,6 +167,7 @@ impl Buffers {
             dq: view(ptr(&self.dq, stream), &st.q, &st.sq, bf),
             dk: view(ptr(&self.dk, stream), &st.kv, &st.skv, bf),
             dv: view(ptr(&self.dv, stream), &st.kv, &st.skv, bf),
+            alibi_slopes: None,
         };
         (fv, bv, Workspace { addr: ptr(&self.ws, stream), bytes: self.ws.len() })
     }
@@ -325,8 +328,8 @@ fn packed_qkv_views() {
     let (lse_shape, lse_strides) = ([b, h, s_], contiguous(&[b, h, s_]));
     let at = |buf: &CudaSlice<u16>, i: usize| ptr(buf, &stream) + (i * h * d * 2) as u64;
     let v = |addr, strides| View { addr, dtype: DType::BF16, shape: &shape, strides };
-    let fv = FwdViews { q: v(at(&qkv_buf, 0), &strides), k: v(at(&qkv_buf, 1), &strides), v: v(at(&qkv_buf, 2), &strides), out: v(ptr(&out_buf, &stream), &cont), lse: View { addr: ptr(&lse_buf, &stream), dtype: DType::F32, shape: &lse_shape, strides: &lse_strides } };
-    let bv = BwdViews { dout: v(ptr(&dout_buf, &stream), &cont), q: fv.q, k: fv.k, v: fv.v, out: fv.out, lse: fv.lse, dq: v(at(&dq_buf, 0), &strides), dk: v(at(&dq_buf, 1), &strides), dv: v(at(&dq_buf, 2), &strides) };
+    let fv = FwdViews { q: v(at(&qkv_buf, 0), &strides), k: v(at(&qkv_buf, 1), &strides), v: v(at(&qkv_buf, 2), &strides), out: v(ptr(&out_buf, &stream), &cont), lse: View { addr: ptr(&lse_buf, &stream), dtype: DType::F32, shape: &lse_shape, strides: &lse_strides }, alibi_slopes: None, s_dmask: None };
+    let bv = BwdViews { dout: v(ptr(&dout_buf, &stream), &cont), q: fv.q, k: fv.k, v: fv.v, out: fv.out, lse: fv.lse, dq: v(at(&dq_buf, 0), &strides), dk: v(at(&dq_buf, 1), &strides), dv: v(at(&dq_buf, 2), &strides), alibi_slopes: None };
     let target = Target::Cuda { ordinal: 0, stream: stream.cu_stream() as usize };
     let o = AttnOptions::default();
     unsafe {

@@ -740,6 +740,7 @@ impl Bad {
             rotary_sin: self.sin.as_ref(),
             cache_batch_idx: self.batch_idx.as_ref(),
             cache_leftpad: self.leftpad.as_ref(),
+            alibi_slopes: None,
         };
         fwd_kvcache(&self.q, &mut self.k_cache, &mut self.v_cache, &cache, &self.opts, &self.kv)
     }
@@ -903,6 +904,7 @@ fn kvcache_raw_outputs_and_cuda() {
         cache_leftpad: None,
         out: at(5, qs),
         lse: View { addr: lse.as_ptr() as u64, dtype: DType::F32, shape: leak(vec![b, h, 1]), strides: leak(vec![h, 1, 1]) },
+        alibi_slopes: None,
     };
     let o = AttnOptions::default();
     let kv = KvCacheOptions::default();
@@ -931,7 +933,7 @@ fn kvcache_raw_outputs_and_cuda() {
     let i32v = |x: &[i32], shape: &'static [usize]| View { addr: x.as_ptr() as u64, dtype: DType::I32, shape, strides: leak(contiguous(shape)) };
     let pv = PagedVarlenViews { cu_seqlens_q: i32v(&cu, leak(vec![2])), cu_seqlens_k: Some(i32v(&cu, leak(vec![2]))), max_seqlen_q: 4, max_seqlen_k: 4, seqused_q: None, seqused_k: None, block_table: i32v(&table, leak(vec![1, 1])) };
     let lse2 = vec![0.0f32; h * 4];
-    let fv = raw::FwdViews { q: qv, k: pages, v: at(2, leak(vec![2, 4, h, d])), out: at(5, leak(vec![4, h, d])), lse: View { addr: lse2.as_ptr() as u64, dtype: DType::F32, shape: leak(vec![h, 4]), strides: leak(vec![4, 1]) } };
+    let fv = raw::FwdViews { q: qv, k: pages, v: at(2, leak(vec![2, 4, h, d])), out: at(5, leak(vec![4, h, d])), lse: View { addr: lse2.as_ptr() as u64, dtype: DType::F32, shape: leak(vec![h, 4]), strides: leak(vec![4, 1]) }, alibi_slopes: None, s_dmask: None };
     assert!(unsafe { raw::varlen_fwd_paged(&fv, &pv, &o, Target::Cpu) }.is_ok());
     // Rows of k not 16-byte aligned: an error before anything runs.
     let odd_pages = View { addr: pages.addr + 2, ..pages };
@@ -1058,6 +1060,7 @@ proptest! {
             rotary_sin: g.rotary.then_some(&cos),
             cache_batch_idx: batch_idx.as_ref(),
             cache_leftpad: leftpad.as_ref(),
+            alibi_slopes: None,
         };
         let kv = KvCacheOptions { rotary_interleaved: g.num_splits % 2 == 0, num_splits: g.num_splits };
         let r = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &AttnOptions { causal: g.rotary, ..Default::default() }, &kv);

@@ -63,6 +63,8 @@ fn dense_forward_into_strided_caller_memory() {
             v: view(&vb, 0, DType::BF16, ks, leak(contiguous(ks))),
             out: View { addr: out.as_mut_ptr() as u64 + 16, dtype: DType::BF16, shape: qs, strides: out_strides },
             lse: View { addr: lse.as_mut_ptr() as u64, dtype: DType::F32, shape: ls, strides: leak(contiguous(ls)) },
+            alibi_slopes: None,
+            s_dmask: None,
         };
         let opts = AttnOptions { causal, window, softcap, ..Default::default() };
         unsafe { raw::fwd(&views, &opts, Target::Cpu) }.unwrap();
@@ -104,6 +106,8 @@ fn varlen_forward_on_host_memory() {
         v: view(&vb, 0, DType::BF16, ks, leak(contiguous(ks))),
         out: View { addr: out.as_mut_ptr() as u64, dtype: DType::BF16, shape: qs, strides: leak(contiguous(qs)) },
         lse: View { addr: lse.as_mut_ptr() as u64, dtype: DType::F32, shape: ls, strides: leak(contiguous(ls)) },
+        alibi_slopes: None,
+        s_dmask: None,
     };
     let vec1 = |x: &Vec<i32>| view(x, 0, DType::I32, leak(vec![x.len()]), leak(vec![1]));
     let vl = VarlenViews { cu_seqlens_q: vec1(&cu_q), cu_seqlens_k: vec1(&cu_k), max_seqlen_q: 45, max_seqlen_k: 50, seqused_q: Some(vec1(&used_q)), seqused_k: Some(vec1(&used_k)) };
@@ -151,6 +155,7 @@ fn backward_into_a_packed_gradient_buffer() {
         dq: g(0),
         dk: g(1),
         dv: g(2),
+        alibi_slopes: None,
     };
     unsafe { raw::bwd(&bv, &opts, false, Workspace::default(), Target::Cpu) }.unwrap();
     for (i, (name, w)) in [("dq", &want.dq), ("dk", &want.dk), ("dv", &want.dv)].into_iter().enumerate() {
@@ -173,7 +178,7 @@ fn bad_raw_calls_are_typed_errors() {
     let cont = leak(contiguous(sh));
     let at = |i: usize| View { addr: buf.as_ptr() as u64 + (i * n * 2) as u64, dtype: DType::BF16, shape: sh, strides: cont };
     let lse_v = View { addr: lse.as_ptr() as u64, dtype: DType::F32, shape: ls, strides: leak(contiguous(ls)) };
-    let good = FwdViews { q: at(0), k: at(1), v: at(2), out: at(3), lse: lse_v };
+    let good = FwdViews { q: at(0), k: at(1), v: at(2), out: at(3), lse: lse_v, alibi_slopes: None, s_dmask: None };
     let o = AttnOptions::default();
     let cuda = Target::Cuda { ordinal: 0, stream: 0 };
     let fwd_err = |t: FwdViews<'_>, target| unsafe { raw::fwd(&t, &o, target) }.expect_err("must fail");
@@ -196,7 +201,7 @@ fn bad_raw_calls_are_typed_errors() {
     // The backward: workspace too small or misaligned on CUDA; dq aliasing dk.
     let grads = vec![bf16::ZERO; 3 * n];
     let g = |i: usize| View { addr: grads.as_ptr() as u64 + (i * n * 2) as u64, dtype: DType::BF16, shape: sh, strides: cont };
-    let bv = BwdViews { dout: at(3), q: at(0), k: at(1), v: at(2), out: at(3), lse: lse_v, dq: g(0), dk: g(1), dv: g(2) };
+    let bv = BwdViews { dout: at(3), q: at(0), k: at(1), v: at(2), out: at(3), lse: lse_v, dq: g(0), dk: g(1), dv: g(2), alibi_slopes: None };
     let need = raw::bwd_workspace_bytes(sh, false).unwrap();
     assert!(need > 0 && raw::bwd_workspace_bytes(sh, true).unwrap() < need, "the deterministic backward needs no dq accumulator");
     let bwd_err = |t: BwdViews<'_>, ws, target| unsafe { raw::bwd(&t, &o, false, ws, target) }.expect_err("must fail");

@@ -100,11 +100,13 @@ pub struct KvCache<'a> {
     pub cache_batch_idx: Option<&'a Tensor>,
     /// int32 `[B]`: the first valid cache entry of each row.
     pub cache_leftpad: Option<&'a Tensor>,
+    /// f32 `[Hq]` or `[B, Hq]`: ALiBi over each row's keys (see `raw::KvCacheViews::alibi_slopes`).
+    pub alibi_slopes: Option<&'a Tensor>,
 }
 
 impl<'a> KvCache<'a> {
     pub fn new(cache_seqlens: &'a Tensor) -> KvCache<'a> {
-        KvCache { cache_seqlens, block_table: None, k_new: None, v_new: None, rotary_cos: None, rotary_sin: None, cache_batch_idx: None, cache_leftpad: None }
+        KvCache { cache_seqlens, block_table: None, k_new: None, v_new: None, rotary_cos: None, rotary_sin: None, cache_batch_idx: None, cache_leftpad: None, alibi_slopes: None }
     }
     fn tensors(&self) -> impl Iterator<Item = (&'static str, &'a Tensor)> {
         let opt = [
@@ -115,9 +117,23 @@ impl<'a> KvCache<'a> {
             ("rotary_sin", self.rotary_sin),
             ("cache_batch_idx", self.cache_batch_idx),
             ("cache_leftpad", self.cache_leftpad),
+            ("alibi_slopes", self.alibi_slopes),
         ];
         std::iter::once(("cache_seqlens", self.cache_seqlens)).chain(opt.into_iter().filter_map(|(a, t)| t.map(|t| (a, t))))
     }
+}
+
+/// The optional inputs and outputs of a call beyond q, k, v and `AttnOptions`: flash-attn's
+/// `alibi_slopes` and `return_attn_probs`. Give the backward the same as the forward (it reads the
+/// slopes; dropout's mask comes from `AttnOptions::dropout`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras<'a> {
+    /// f32 `[Hq]` or `[B, Hq]` (B sequences for varlen), on q's device: ALiBi, the score of query i and
+    /// key j becoming `softcap(scale * q_i . k_j) - slope * |i + Sk - Sq - j|` (see
+    /// `raw::FwdViews::alibi_slopes`).
+    pub alibi_slopes: Option<&'a Tensor>,
+    /// The forward also returns `s_dmask`, the probabilities (`FwdOutput::s_dmask`). O(S^2): for tests.
+    pub return_attn_probs: bool,
 }
 
 /// Attention output in the input dtype and the f32 row log-sum-exp (natural log; -inf for empty rows).
@@ -127,6 +143,10 @@ pub struct FwdOutput {
     pub out: Tensor,
     /// `[B, Hq, Sq]`, or `[Hq, Tq]` for varlen.
     pub lse: Tensor,
+    /// With `Extras::return_attn_probs`: f32 `[B, Hq, Sq, Sk]` (varlen `[B, Hq, max_seqlen_q,
+    /// max_seqlen_k]`, zero-padded), the softmax probabilities before dropout's scaling, negated where
+    /// dropout dropped them, 0 where the mask hides a key (see `raw::FwdViews::s_dmask`).
+    pub s_dmask: Option<Tensor>,
 }
 
 /// Gradients of the loss with respect to q, k and v: contiguous, in the input dtype, with q's, k's and
@@ -140,25 +160,36 @@ pub struct BwdOutput {
 
 /// Dense forward: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]`.
 pub fn fwd(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions) -> Result<FwdOutput> {
-    run_fwd(q, k, v, None, opts)
+    run_fwd(q, k, v, None, &Extras::default(), opts)
 }
 
 /// Packed forward: q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]`, sequences given by `varlen`.
 pub fn varlen_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
-    run_fwd(q, k, v, Some(varlen), opts)
+    run_fwd(q, k, v, Some(varlen), &Extras::default(), opts)
+}
+
+/// `fwd` with ALiBi slopes and / or the probabilities (`extras`). CPU only for now (CUDA tensors:
+/// `Error::Unsupported`, as for dropout).
+pub fn fwd_with(q: &Tensor, k: &Tensor, v: &Tensor, extras: &Extras<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
+    run_fwd(q, k, v, None, extras, opts)
+}
+
+/// `varlen_fwd` with ALiBi slopes (`[Hq]` or `[B, Hq]`, B sequences) and / or the probabilities.
+pub fn varlen_fwd_with(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, extras: &Extras<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
+    run_fwd(q, k, v, Some(varlen), extras, opts)
 }
 
 /// Dense forward into caller-provided outputs: `out` `[B, Sq, Hq, D]` in q's dtype (any row/head/batch
 /// strides, last dim contiguous) and `lse` contiguous f32 `[B, Hq, Sq]`, on q's device. Nothing outside
 /// the two views is written.
 pub fn fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    run_fwd_into(q, k, v, None, opts, out, lse)
+    run_fwd_into(q, k, v, None, None, opts, out, lse, None)
 }
 
 /// Packed forward into caller-provided outputs: `out` `[Tq, Hq, D]`, `lse` contiguous f32 `[Hq, Tq]`.
 /// With static shapes (graph capture), every row of both is written, padding included.
 pub fn varlen_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    run_fwd_into(q, k, v, Some(varlen), opts, out, lse)
+    run_fwd_into(q, k, v, Some(varlen), None, opts, out, lse, None)
 }
 
 /// Dense backward: the gradients of q, k, v given `dout` (the gradient of `out`) and the forward's `out`
@@ -169,7 +200,14 @@ pub fn varlen_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, 
 /// element is one sequential f32 sum in a fixed order, whatever the number of threads.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
-    run_bwd(dout, q, k, v, out, lse, None, opts, deterministic)
+    run_bwd(dout, q, k, v, out, lse, None, None, opts, deterministic)
+}
+
+/// `bwd` of a forward run with `fwd_with`: give it the same `extras` (the ALiBi slopes are read;
+/// `return_attn_probs` is ignored) and the same `opts` (dropout's mask is regenerated from them).
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_with(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, extras: &Extras<'_>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
+    run_bwd(dout, q, k, v, out, lse, None, extras.alibi_slopes, opts, deterministic)
 }
 
 /// Packed backward: dout and out `[Tq, Hq, D]`, lse `[Hq, Tq]`, sequences given by `varlen` as in
@@ -177,23 +215,44 @@ pub fn bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse:
 /// used length get dk = dv = 0.
 #[allow(clippy::too_many_arguments)]
 pub fn varlen_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: &Varlen<'_>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
-    run_bwd(dout, q, k, v, out, lse, Some(varlen), opts, deterministic)
+    run_bwd(dout, q, k, v, out, lse, Some(varlen), None, opts, deterministic)
+}
+
+/// `varlen_bwd` of a forward run with `varlen_fwd_with` (the same `extras` and `opts`).
+#[allow(clippy::too_many_arguments)]
+pub fn varlen_bwd_with(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: &Varlen<'_>, extras: &Extras<'_>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
+    run_bwd(dout, q, k, v, out, lse, Some(varlen), extras.alibi_slopes, opts, deterministic)
 }
 
 /// Packed forward over a paged K/V cache: q `[Tq, Hq, D]`, k and v `[num_blocks, page_size, Hk, D]`,
 /// sequences and pages given by `varlen`. Out `[Tq, Hq, D]`, lse `[Hq, Tq]` as `varlen_fwd`. On CUDA the
 /// index tensors' contents are not checked (see `raw::varlen_fwd_paged`: the kernels clamp them).
 pub fn varlen_fwd_paged(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedVarlen<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
-    let others: Vec<(&'static str, &Tensor)> = [("k", k), ("v", v)].into_iter().chain(varlen.tensors()).collect();
+    varlen_fwd_paged_with(q, k, v, varlen, &Extras::default(), opts)
+}
+
+/// `varlen_fwd_paged` with ALiBi slopes and / or the probabilities (`extras`).
+pub fn varlen_fwd_paged_with(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedVarlen<'_>, extras: &Extras<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
+    let others: Vec<(&'static str, &Tensor)> = [("k", k), ("v", v)].into_iter().chain(varlen.tensors()).chain(extras.alibi_slopes.map(|t| ("alibi_slopes", t))).collect();
     let device = same_device(q, &others, None)?;
     let vl = varlen.views();
-    let p = validate::validate_varlen_paged(&q.view(), &k.view(), &v.view(), &vl, opts)?;
+    let mut p = validate::validate_varlen_paged(&q.view(), &k.view(), &v.view(), &vl, opts)?;
+    validate::check_alibi(&mut p, extras.alibi_slopes.map(Tensor::view).as_ref())?;
     let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
     let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
-    let views = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view_mut(), lse: lse.view_mut() };
+    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape(), DType::F32, device)?) } else { None };
+    let views = FwdViews {
+        q: q.view(),
+        k: k.view(),
+        v: v.view(),
+        out: out.view_mut(),
+        lse: lse.view_mut(),
+        alibi_slopes: extras.alibi_slopes.map(Tensor::view),
+        s_dmask: s_dmask.as_mut().map(Tensor::view_mut),
+    };
     // Safety: every view is of a live tensor on `device`.
     unsafe { raw::varlen_fwd_paged(&views, &vl, opts, target(device)) }?;
-    Ok(FwdOutput { out, lse })
+    Ok(FwdOutput { out, lse, s_dmask })
 }
 
 /// KV-cache forward, flash-attn's `flash_attn_with_kvcache`: q `[B, Sq, Hq, D]` over the caches
@@ -220,12 +279,13 @@ pub fn fwd_kvcache(q: &Tensor, k_cache: &mut Tensor, v_cache: &mut Tensor, cache
         rotary_sin: cache.rotary_sin.map(Tensor::view),
         cache_batch_idx: cache.cache_batch_idx.map(Tensor::view),
         cache_leftpad: cache.cache_leftpad.map(Tensor::view),
+        alibi_slopes: cache.alibi_slopes.map(Tensor::view),
         out: out.view_mut(),
         lse: lse.view_mut(),
     };
     // Safety: every view is of a live tensor on `device`; the caches are borrowed mutably.
     unsafe { raw::fwd_kvcache(&views, opts, kv, Workspace::default(), target(device)) }?;
-    Ok(FwdOutput { out, lse })
+    Ok(FwdOutput { out, lse, s_dmask: None })
 }
 
 /// Merges partial attention results over disjoint key sets of the same queries: `partial_out`
@@ -241,7 +301,7 @@ pub fn combine(partial_out: &Tensor, partial_lse: &Tensor) -> Result<FwdOutput> 
     let views = CombineViews { partial_out: partial_out.view(), partial_lse: partial_lse.view(), out: out.view_mut(), lse: lse.view_mut() };
     // Safety: every view is of a live tensor on `device`.
     unsafe { raw::combine(&views, target(device)) }?;
-    Ok(FwdOutput { out, lse })
+    Ok(FwdOutput { out, lse, s_dmask: None })
 }
 
 /// Copies the varlen length tensors to the host (from the device if need be) and checks their contents:
@@ -285,18 +345,36 @@ fn same_device(q: &Tensor, others: &[(&'static str, &Tensor)], varlen: Option<&V
     Ok(q.device())
 }
 
-fn run_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions) -> Result<FwdOutput> {
-    let device = same_device(q, &[("k", k), ("v", v)], varlen)?;
-    let p = validate::validate_fwd(&q.view(), &k.view(), &v.view(), varlen.map(Varlen::views).as_ref(), opts)?;
+fn run_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, extras: &Extras<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
+    let slopes = extras.alibi_slopes.map(|t| ("alibi_slopes", t));
+    let others: Vec<(&'static str, &Tensor)> = [("k", k), ("v", v)].into_iter().chain(slopes).collect();
+    let device = same_device(q, &others, varlen)?;
+    let mut p = validate::validate_fwd(&q.view(), &k.view(), &v.view(), varlen.map(Varlen::views).as_ref(), opts)?;
+    validate::check_alibi(&mut p, extras.alibi_slopes.map(Tensor::view).as_ref())?;
     let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
     let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
-    run_fwd_into(q, k, v, varlen, opts, &mut out, &mut lse)?;
-    Ok(FwdOutput { out, lse })
+    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape(), DType::F32, device)?) } else { None };
+    run_fwd_into(q, k, v, varlen, extras.alibi_slopes, opts, &mut out, &mut lse, s_dmask.as_mut())?;
+    Ok(FwdOutput { out, lse, s_dmask })
 }
 
-fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor) -> Result<()> {
-    let device = same_device(q, &[("k", k), ("v", v), ("out", out), ("lse", lse)], varlen)?;
-    let views = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view_mut(), lse: lse.view_mut() };
+#[allow(clippy::too_many_arguments)]
+fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, alibi_slopes: Option<&Tensor>, opts: &AttnOptions, out: &mut Tensor, lse: &mut Tensor, s_dmask: Option<&mut Tensor>) -> Result<()> {
+    let mut others = vec![("k", k), ("v", v), ("out", &*out), ("lse", &*lse)];
+    others.extend(alibi_slopes.map(|t| ("alibi_slopes", t)));
+    let device = same_device(q, &others, varlen)?;
+    if let Some(m) = &s_dmask {
+        same_device(q, &[("s_dmask", m)], None)?;
+    }
+    let views = FwdViews {
+        q: q.view(),
+        k: k.view(),
+        v: v.view(),
+        out: out.view_mut(),
+        lse: lse.view_mut(),
+        alibi_slopes: alibi_slopes.map(Tensor::view),
+        s_dmask: s_dmask.map(|m| m.view_mut()),
+    };
     // Safety: every view is of a live tensor on `device`, which the legacy stream orders its frees after.
     unsafe {
         match varlen {
@@ -307,8 +385,21 @@ fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, varlen: Option<&Varlen<'_>>, opts: &AttnOptions, deterministic: bool) -> Result<BwdOutput> {
-    let device = same_device(q, &[("k", k), ("v", v), ("dout", dout), ("out", out), ("lse", lse)], varlen)?;
+fn run_bwd(
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    varlen: Option<&Varlen<'_>>,
+    alibi_slopes: Option<&Tensor>,
+    opts: &AttnOptions,
+    deterministic: bool,
+) -> Result<BwdOutput> {
+    let mut others = vec![("k", k), ("v", v), ("dout", dout), ("out", out), ("lse", lse)];
+    others.extend(alibi_slopes.map(|t| ("alibi_slopes", t)));
+    let device = same_device(q, &others, varlen)?;
     let vl = varlen.map(Varlen::views);
     let bp = validate::validate_bwd(&dout.view(), &q.view(), &k.view(), &v.view(), &out.view(), &lse.view(), vl.as_ref(), opts)?;
     let p = &bp.fwd;
@@ -321,7 +412,18 @@ fn run_bwd(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse:
         Device::Cuda(ordinal) => Some(crate::cuda::DeviceBuffer::uninit(ordinal, raw::bwd_workspace_bytes(q.shape(), deterministic)?)?),
     };
     let workspace = ws_buf.as_ref().map_or(Workspace::default(), |b| Workspace { addr: b.ptr(), bytes: b.len_bytes() });
-    let views = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() };
+    let views = BwdViews {
+        dout: dout.view(),
+        q: q.view(),
+        k: k.view(),
+        v: v.view(),
+        out: out.view(),
+        lse: lse.view(),
+        dq: dq.view_mut(),
+        dk: dk.view_mut(),
+        dv: dv.view_mut(),
+        alibi_slopes: alibi_slopes.map(Tensor::view),
+    };
     // Safety: as in run_fwd_into; the workspace is a live buffer of the required size.
     unsafe {
         match &vl {

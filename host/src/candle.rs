@@ -135,6 +135,8 @@ impl CustomOp3 for FlashAttnOp {
             v: host::view("v", v, v_l)?,
             out: View { addr: host::addr_mut(&mut out), dtype, shape: &out_shape, strides: &out_strides },
             lse: View { addr: lse.as_mut_ptr() as u64, dtype: DType::F32, shape: &lse_shape, strides: &lse_strides },
+            alibi_slopes: None,
+            s_dmask: None,
         };
         match &self.varlen {
             None => unsafe { raw::fwd(&t, &self.opts, Target::Cpu) }.map_err(fa_err)?,
@@ -174,6 +176,8 @@ impl CustomOp3 for FlashAttnOp {
                 v: vv,
                 out: View { addr: out_addr, dtype, shape: &out_shape, strides: &out_strides },
                 lse: View { addr: lse_addr, dtype: DType::F32, shape: &lse_shape, strides: &lse_strides },
+                alibi_slopes: None,
+                s_dmask: None,
             };
             match &self.varlen {
                 None => unsafe { raw::fwd(&t, &self.opts, target) }.map_err(fa_err)?,
@@ -224,6 +228,7 @@ impl FlashAttnOp {
             dq: View { addr: host::addr_mut(&mut dq), dtype, shape: &q_shape, strides: &q_strides },
             dk: View { addr: host::addr_mut(&mut dk), dtype, shape: &kv_shape, strides: &kv_strides },
             dv: View { addr: host::addr_mut(&mut dv), dtype, shape: &kv_shape, strides: &kv_strides },
+            alibi_slopes: None,
         };
         let ws = Workspace::default();
         match &self.varlen {
@@ -278,6 +283,7 @@ impl FlashAttnOp {
                 dq: View { addr: dq_addr, dtype, shape: &q_shape, strides: &q_strides },
                 dk: View { addr: dk_addr, dtype, shape: &kv_shape, strides: &kv_strides },
                 dv: View { addr: dv_addr, dtype, shape: &kv_shape, strides: &kv_strides },
+                alibi_slopes: None,
             };
             match &self.varlen {
                 None => unsafe { raw::bwd(&t, &self.opts, self.deterministic, workspace, target) }.map_err(fa_err)?,

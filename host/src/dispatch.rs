@@ -218,6 +218,8 @@ mod tests {
             seqlens: None,
             paged: None,
             keys: None,
+            alibi: None,
+            dropout: None,
         }
     }
 

@@ -1,7 +1,9 @@
 //! flash-attn: FlashAttention forward with flash-attn 2's semantics, on CUDA GPUs through kernels written
 //! in Rust and compiled to PTX, and on the CPU where no GPU is present; so does the backward (`bwd`,
 //! `varlen_bwd`). For inference, `varlen_fwd_paged` (paged K/V), `fwd_kvcache` (append to a KV cache,
-//! rotary, split-KV) and `combine` (merge partial results) run on the CPU so far.
+//! rotary, split-KV) and `combine` (merge partial results) run on the CPU so far, and so do ALiBi,
+//! dropout and the attention probabilities (`fwd_with`, `bwd_with`, `AttnOptions::dropout`; the mask's
+//! definition is in `dropout`).
 //!
 //! ```no_run
 //! use flash_attn::{fwd, AttnOptions, DType, Device, Tensor};
@@ -20,6 +22,7 @@ pub mod candle;
 pub mod cpu;
 pub mod cuda;
 mod dispatch;
+pub mod dropout;
 pub mod error;
 mod launch;
 mod module;
@@ -31,10 +34,13 @@ pub mod tensor;
 pub mod types;
 pub mod validate;
 
-pub use api::{bwd, check_varlen_contents, combine, fwd, fwd_into, fwd_kvcache, varlen_bwd, varlen_fwd, varlen_fwd_into, varlen_fwd_paged, BwdOutput, FwdOutput, KvCache, PagedVarlen, Varlen};
+pub use api::{
+    bwd, bwd_with, check_varlen_contents, combine, fwd, fwd_into, fwd_kvcache, fwd_with, varlen_bwd, varlen_bwd_with, varlen_fwd, varlen_fwd_into, varlen_fwd_paged, varlen_fwd_paged_with, varlen_fwd_with, BwdOutput, Extras,
+    FwdOutput, KvCache, PagedVarlen, Varlen,
+};
 pub use error::{Error, Result};
 pub use tensor::{CpuData, Tensor};
-pub use types::{AttnOptions, CombineViews, DType, Device, KernelChoice, KvCacheOptions, KvCacheViews, PagedVarlenViews, Target, VarlenViews, View};
+pub use types::{AttnOptions, CombineViews, DType, Device, Dropout, KernelChoice, KvCacheOptions, KvCacheViews, PagedVarlenViews, Target, VarlenViews, View};
 
 /// Head dimensions with a kernel variant (and accepted by the CPU path).
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];

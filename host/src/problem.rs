@@ -1,6 +1,7 @@
 //! The validated, canonical description of one attention call: what `validate` produces and both the CPU
 //! and CUDA paths consume. Nothing downstream re-checks arguments.
 
+pub use crate::dropout::DropoutParams;
 use crate::types::DType;
 
 /// Row/head/batch strides of one `[.., S, H, D]` operand in elements (the head dim is contiguous).
@@ -58,6 +59,18 @@ pub struct Problem {
     /// Where each sequence's keys are, when not where `cu_seqlens_k` (varlen) or the batch index (dense)
     /// puts them: filled in (and checked) on the CPU path for paged and KV-cache calls.
     pub keys: Option<HostKeys>,
+    /// ALiBi: where the slope of (sequence b, head h) is in the call's `alibi_slopes`.
+    pub alibi: Option<Alibi>,
+    /// Dropout with p > 0 (p = 0 is `None`: nothing drawn, nothing scaled).
+    pub dropout: Option<DropoutParams>,
+}
+
+/// The layout of ALiBi's slopes (f32): the slope of sequence b, head h is element
+/// `b * batch_stride + h * head_stride` (`batch_stride` 0 for slopes `[Hq]` shared by every sequence).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alibi {
+    pub batch_stride: usize,
+    pub head_stride: usize,
 }
 
 /// A paged K/V layout: key position t of sequence b is row `t % page_size` of block
@@ -126,6 +139,11 @@ impl Problem {
     /// Shape of k and v (and of dk, dv): `[B, Sk, Hk, D]`, or `[Tk, Hk, D]` for varlen.
     pub fn kv_shape(&self) -> Dims {
         if self.varlen { Dims::new(&[self.total_k, self.hk, self.head_dim]) } else { Dims::new(&[self.batch, self.seqlen_k, self.hk, self.head_dim]) }
+    }
+    /// Shape of the probabilities (`s_dmask`): `[B, Hq, Sq, Sk]`, for varlen `[B, Hq, max_seqlen_q,
+    /// max_seqlen_k]`.
+    pub fn s_dmask_shape(&self) -> Dims {
+        Dims::new(&[self.batch, self.hq, self.seqlen_q, self.seqlen_k])
     }
     /// (batch, head) strides of the contiguous LSE.
     pub fn lse_strides(&self) -> (usize, usize) {

@@ -16,6 +16,10 @@
 //! `fwd_kvcache` (flash-attn's `flash_attn_with_kvcache`: append to the cache in place, rotary,
 //! split-KV) and `combine` (merge partial results) run on the CPU; on CUDA they validate everything and
 //! then return `Error::Unsupported` naming the entry point, until their kernels exist.
+//!
+//! ALiBi (`alibi_slopes` in the views), dropout (`AttnOptions::dropout`) and the probabilities
+//! (`FwdViews::s_dmask`, flash-attn's `return_attn_probs`) run on the CPU, forward and backward; on CUDA
+//! a call asking for one validates everything, then returns `Error::Unsupported` naming it (issue 14).
 
 use crate::error::{Error, Result};
 pub use crate::types::{BwdViews, CombineViews, FwdViews, KvCacheOptions, KvCacheViews, PagedVarlenViews, Workspace};
@@ -87,6 +91,7 @@ pub unsafe fn varlen_bwd(t: &BwdViews<'_>, varlen: &VarlenViews<'_>, opts: &Attn
 /// As for `varlen_fwd`; the block table too must be valid for reads.
 pub unsafe fn varlen_fwd_paged(t: &FwdViews<'_>, varlen: &PagedVarlenViews<'_>, opts: &AttnOptions, target: Target) -> Result<()> {
     let mut p = validate::validate_varlen_paged(&t.q, &t.k, &t.v, varlen, opts)?;
+    validate::check_alibi(&mut p, t.alibi_slopes.as_ref())?;
     validate::check_paged_fwd_outputs(&p, t, varlen)?;
     match target {
         Target::Cpu => unsafe {
@@ -97,6 +102,7 @@ pub unsafe fn varlen_fwd_paged(t: &FwdViews<'_>, varlen: &PagedVarlenViews<'_>, 
         },
         Target::Cuda { ordinal, stream } => {
             validate::check_cuda_rows(&[("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out)])?;
+            no_cuda_mods(&p, t.s_dmask.is_some())?;
             unsafe { crate::launch::fwd_paged(&p, t, varlen, opts.kernels, ordinal, stream) }
         }
     }
@@ -154,6 +160,18 @@ fn no_kernels(feature: &'static str) -> Error {
     Error::Unsupported { feature, msg: "has no CUDA kernels yet (issue 13); it runs on the CPU (Target::Cpu, Device::Cpu)".into() }
 }
 
+/// ALiBi, dropout and the probabilities have no CUDA kernels yet (issue 14): after every other check,
+/// the error naming the first of them the call asks for.
+fn no_cuda_mods(p: &crate::problem::Problem, s_dmask: bool) -> Result<()> {
+    let feature = match () {
+        _ if p.alibi.is_some() => "alibi_slopes",
+        _ if p.dropout.is_some() => "dropout",
+        _ if s_dmask => "return_attn_probs (s_dmask)",
+        _ => return Ok(()),
+    };
+    Err(Error::Unsupported { feature, msg: "has no CUDA kernels yet (issue 14); it runs on the CPU (Target::Cpu, Device::Cpu)".into() })
+}
+
 /// On the CPU the varlen lengths are host memory: read and check them (the kernels never need this).
 ///
 /// # Safety
@@ -166,6 +184,7 @@ unsafe fn host_seqlens(varlen: Option<&VarlenViews<'_>>, p: &crate::problem::Pro
 
 unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions, target: Target) -> Result<()> {
     let mut p = validate::validate_fwd(&t.q, &t.k, &t.v, varlen, opts)?;
+    validate::check_alibi(&mut p, t.alibi_slopes.as_ref())?;
     validate::check_fwd_outputs(&p, t, varlen)?;
     match target {
         Target::Cpu => unsafe {
@@ -174,6 +193,7 @@ unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
         },
         Target::Cuda { ordinal, stream } => {
             validate::check_cuda_rows(&[("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out)])?;
+            no_cuda_mods(&p, t.s_dmask.is_some())?;
             unsafe { crate::launch::fwd(&p, t, varlen, opts.kernels, ordinal, stream) }
         }
     }
@@ -181,6 +201,7 @@ unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
 
 unsafe fn run_bwd(t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &AttnOptions, deterministic: bool, workspace: Workspace, target: Target) -> Result<()> {
     let mut bp = validate::validate_bwd(&t.dout, &t.q, &t.k, &t.v, &t.out, &t.lse, varlen, opts)?;
+    validate::check_alibi(&mut bp.fwd, t.alibi_slopes.as_ref())?;
     validate::check_bwd_outputs(&bp, t, varlen)?;
     match target {
         Target::Cpu => unsafe {
@@ -193,6 +214,7 @@ unsafe fn run_bwd(t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
             validate::check_cuda_rows(&rows)?;
             let ws = crate::launch::BwdWorkspace::for_q_shape(t.q.shape, deterministic)?;
             validate::check_workspace(&workspace, ws.bytes, t)?;
+            no_cuda_mods(&bp.fwd, false)?;
             unsafe { crate::launch::bwd(&bp, t, varlen, opts.kernels, deterministic, &ws, workspace.addr, ordinal, stream) }
         }
     }

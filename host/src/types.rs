@@ -63,12 +63,31 @@ pub struct AttnOptions {
     pub softcap: f32,
     /// Which CUDA kernels run (results are the same up to rounding); the default picks the fastest.
     pub kernels: KernelChoice,
+    /// Dropout on the attention probabilities (training); the default, p = 0, is off and costs nothing.
+    /// The backward must be given the same options: it regenerates the forward's mask.
+    pub dropout: Dropout,
 }
 
 impl Default for AttnOptions {
     fn default() -> Self {
-        AttnOptions { softmax_scale: None, causal: false, window: (-1, -1), softcap: 0.0, kernels: KernelChoice::default() }
+        AttnOptions { softmax_scale: None, causal: false, window: (-1, -1), softcap: 0.0, kernels: KernelChoice::default(), dropout: Dropout::default() }
     }
+}
+
+/// Dropout of the attention probabilities, flash-attn's `dropout_p`: each score is dropped with
+/// probability `p` (its probability set to 0), the kept ones are scaled by `1 / (1 - p)`, and the LSE is
+/// that of the scores before dropout. The mask is a function of (`seed`, `offset`) and each score's
+/// position only (counter-based Philox4x32-10; `crate::dropout` defines it exactly), so the forward and
+/// the backward, on the CPU and on CUDA, draw the same mask bit for bit; nothing is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Dropout {
+    /// In [0, 1); 0 = off.
+    pub p: f32,
+    /// The Philox key.
+    pub seed: u64,
+    /// Added to each head's Philox subsequence: a call uses `offset .. offset + B * Hq`, so independent
+    /// masks for consecutive calls advance it by at least that (torch style).
+    pub offset: u64,
 }
 
 /// Kernel selection for A/B comparisons and tests of paths small problems would not take. The
@@ -188,6 +207,9 @@ pub struct KvCacheViews<'a> {
     pub cache_batch_idx: Option<View<'a>>,
     /// int32 `[B]`: the first valid cache entry of each row (default 0).
     pub cache_leftpad: Option<View<'a>>,
+    /// f32 `[Hq]` or `[B, Hq]`: ALiBi as in `FwdViews`, over each row's `Sk = cache_seqlens[b] -
+    /// cache_leftpad[b] + S_new` keys.
+    pub alibi_slopes: Option<View<'a>>,
     /// `[B, Sq, Hq, D]` in q's dtype.
     pub out: View<'a>,
     /// Contiguous f32 `[B, Hq, Sq]`.
@@ -220,7 +242,8 @@ pub struct CombineViews<'a> {
     pub lse: View<'a>,
 }
 
-/// The tensors of a forward call: inputs q, k, v and the outputs it writes, out and lse.
+/// The tensors of a forward call: inputs q, k, v (and ALiBi's slopes) and the outputs it writes, out
+/// and lse (and the probabilities).
 #[derive(Clone, Copy, Debug)]
 pub struct FwdViews<'a> {
     pub q: View<'a>,
@@ -228,6 +251,17 @@ pub struct FwdViews<'a> {
     pub v: View<'a>,
     pub out: View<'a>,
     pub lse: View<'a>,
+    /// f32 `[Hq]` or `[B, Hq]` (last dimension contiguous): ALiBi. The score of query i and key j of a
+    /// (Sq, Sk) sequence becomes `softcap(scale * q_i . k_j) - slope * |i + Sk - Sq - j|` (flash-attn 2's
+    /// definition; the bias after scale and softcap), in every mask mode, and the LSE is that of these
+    /// scores. Varlen: each sequence's own (used) lengths.
+    pub alibi_slopes: Option<View<'a>>,
+    /// flash-attn's `return_attn_probs`: written with the softmax probabilities P = exp(s - lse)
+    /// (normalized, before dropout's 1 / (1 - p)), negated where dropout dropped them; +0 where the mask
+    /// hides a key and in padding. `[B, Hq, Sq, Sk]`, varlen `[B, Hq, max_seqlen_q, max_seqlen_k]` (each
+    /// sequence at the top left of its block, the rest 0); f32 or q's dtype, last dimension contiguous.
+    /// O(S^2) memory and time: for testing and debugging.
+    pub s_dmask: Option<View<'a>>,
 }
 
 /// The tensors of a backward call: the forward's inputs, its out and lse, the gradient of out (dout), and
@@ -243,6 +277,9 @@ pub struct BwdViews<'a> {
     pub dq: View<'a>,
     pub dk: View<'a>,
     pub dv: View<'a>,
+    /// The forward's ALiBi slopes (`FwdViews::alibi_slopes`). The bias depends on neither q nor k: it
+    /// shifts P only, and adds nothing to their gradients.
+    pub alibi_slopes: Option<View<'a>>,
 }
 
 /// Caller-provided scratch memory for the backward, in the call's memory, 256-byte aligned, at least

@@ -5,7 +5,7 @@
 //! Sizes are checked in u128 so that no combination of shapes and strides can overflow (or panic) here.
 
 use crate::error::{Error, Result};
-use crate::problem::{BwdProblem, CombineProblem, Dims, HostKeys, HostKvCache, HostPagedSeqlens, HostSeqlens, KvCacheProblem, Paged, Problem, Rotary, Strides, MAX_SPLITS};
+use crate::problem::{Alibi, BwdProblem, CombineProblem, Dims, DropoutParams, HostKeys, HostKvCache, HostPagedSeqlens, HostSeqlens, KvCacheProblem, Paged, Problem, Rotary, Strides, MAX_SPLITS};
 use crate::types::{AttnOptions, BwdViews, CombineViews, DType, FwdViews, KvCacheOptions, KvCacheViews, PagedVarlenViews, VarlenViews, View, Workspace};
 use crate::HEAD_DIMS;
 
@@ -76,6 +76,8 @@ pub fn validate_fwd(q: &View<'_>, k: &View<'_>, v: &View<'_>, varlen: Option<&Va
         seqlens: None,
         paged: None,
         keys: None,
+        alibi: None,
+        dropout: dropout(opts),
     })
 }
 
@@ -224,6 +226,8 @@ pub fn validate_varlen_paged(q: &View<'_>, k: &View<'_>, v: &View<'_>, pv: &Page
         seqlens: None,
         paged: Some(paged),
         keys: None,
+        alibi: None,
+        dropout: dropout(opts),
     })
 }
 
@@ -254,9 +258,14 @@ fn check_block_table(t: &View<'_>, batch: usize, k_arg: &'static str, k: &View<'
 pub fn check_paged_fwd_outputs(p: &Problem, t: &FwdViews<'_>, pv: &PagedVarlenViews<'_>) -> Result<()> {
     check_like("out", &t.out, p.dtype, &p.out_shape(), false)?;
     check_like("lse", &t.lse, DType::F32, &p.lse_shape(), true)?;
+    if let Some(m) = &t.s_dmask {
+        check_s_dmask(p, m)?;
+    }
     let lens = [Some(("cu_seqlens_q", pv.cu_seqlens_q)), pv.cu_seqlens_k.map(|t| ("cu_seqlens_k", t)), pv.seqused_q.map(|t| ("seqused_q", t)), pv.seqused_k.map(|t| ("seqused_k", t)), Some(("block_table", pv.block_table))];
-    let inputs = [("q", &t.q), ("k", &t.k), ("v", &t.v)].into_iter().chain(lens.iter().flatten().map(|(a, t)| (*a, t)));
-    no_alias(&[("out", &t.out), ("lse", &t.lse)], inputs)
+    let extra = t.alibi_slopes.as_ref().map(|x| ("alibi_slopes", x));
+    let inputs = [("q", &t.q), ("k", &t.k), ("v", &t.v)].into_iter().chain(extra).chain(lens.iter().flatten().map(|(a, t)| (*a, t)));
+    let (outputs, n_out) = fwd_outputs(t);
+    no_alias(&outputs[..n_out], inputs)
 }
 
 /// Checks the contents of a paged varlen call's index tensors (host copies), for `p` as
@@ -357,6 +366,9 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
         (None, Some(_)) => return Err(Error::Value { arg: "k_new", msg: "is missing: k_new and v_new are appended together".into() }),
     };
     check_options(opts)?;
+    if opts.dropout.p > 0.0 {
+        return Err(Error::Value { arg: "dropout_p", msg: "the KV-cache forward (inference, as flash_attn_with_kvcache) takes no dropout: set it to 0".into() });
+    }
     if kv.num_splits > MAX_SPLITS {
         return Err(Error::Value { arg: "num_splits", msg: format!("{} exceeds the most splits, {MAX_SPLITS} (0 = a heuristic)", kv.num_splits) });
     }
@@ -380,7 +392,12 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
     fits_i32("k_cache", "keys per cache row", capacity)?;
     fits_i32("k_new", "seqlen_new", seqlen_new)?;
     let views = [Some(("q", &t.q)), Some(("k_cache", &t.k_cache)), Some(("v_cache", &t.v_cache)), t.k_new.as_ref().map(|x| ("k_new", x)), t.v_new.as_ref().map(|x| ("v_new", x))];
-    let more = [t.rotary_cos.as_ref().map(|x| ("rotary_cos", x)), t.rotary_sin.as_ref().map(|x| ("rotary_sin", x)), t.block_table.as_ref().map(|x| ("block_table", x))];
+    let more = [
+        t.rotary_cos.as_ref().map(|x| ("rotary_cos", x)),
+        t.rotary_sin.as_ref().map(|x| ("rotary_sin", x)),
+        t.block_table.as_ref().map(|x| ("block_table", x)),
+        t.alibi_slopes.as_ref().map(|x| ("alibi_slopes", x)),
+    ];
     for (arg, x) in views.iter().chain(&more).flatten() {
         check_extent(arg, x)?;
     }
@@ -400,7 +417,7 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
     }
 
     let (window_left, window_right) = canonical_window(opts, seqlen_q, capacity);
-    let fwd = Problem {
+    let mut fwd = Problem {
         dtype: t.q.dtype,
         batch,
         hq,
@@ -423,7 +440,10 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
         seqlens: None,
         paged,
         keys: None,
+        alibi: None,
+        dropout: None,
     };
+    check_alibi(&mut fwd, t.alibi_slopes.as_ref())?;
     Ok(KvCacheProblem {
         fwd,
         cache_batch: cs[0],
@@ -664,9 +684,36 @@ fn operand_strides(t: &View<'_>, varlen: bool) -> Strides {
 pub fn check_fwd_outputs(p: &Problem, t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>) -> Result<()> {
     check_like("out", &t.out, p.dtype, &p.out_shape(), false)?;
     check_like("lse", &t.lse, DType::F32, &p.lse_shape(), true)?;
-    let inputs = [("q", &t.q), ("k", &t.k), ("v", &t.v)];
-    check_no_alias(&[("out", &t.out), ("lse", &t.lse)], &inputs, varlen)
+    if let Some(m) = &t.s_dmask {
+        check_s_dmask(p, m)?;
+    }
+    let (outputs, n_out) = fwd_outputs(t);
+    let mut inputs = [("q", &t.q), ("k", &t.k), ("v", &t.v), ("q", &t.q)];
+    let n_in = with_alibi(&mut inputs, 3, &t.alibi_slopes);
+    check_no_alias(&outputs[..n_out], &inputs[..n_in], varlen)
 }
+
+/// The forward's outputs (out, lse, and s_dmask where given) as a list and its length (no allocation:
+/// the CUDA path allocates nothing per call).
+fn fwd_outputs<'v, 'a>(t: &'v FwdViews<'a>) -> ([(&'static str, &'v View<'a>); 3], usize) {
+    match &t.s_dmask {
+        Some(m) => ([("out", &t.out), ("lse", &t.lse), ("s_dmask", m)], 3),
+        None => ([("out", &t.out), ("lse", &t.lse), ("lse", &t.lse)], 2),
+    }
+}
+
+/// `list[..n]` with the slopes appended where given (`list` has room): the new length.
+fn with_alibi<'v, 'a>(list: &mut [(&'static str, &'v View<'a>)], n: usize, slopes: &'v Option<View<'a>>) -> usize {
+    match slopes {
+        Some(x) => {
+            list[n] = ("alibi_slopes", x);
+            n + 1
+        }
+        None => n,
+    }
+}
+
+
 
 /// The backward's outputs: dq like q, dk and dv like k, in q's dtype; none may overlap an input or
 /// another output.
@@ -675,8 +722,9 @@ pub fn check_bwd_outputs(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
     check_like("dq", &t.dq, p.dtype, &p.out_shape(), false)?;
     check_like("dk", &t.dk, p.dtype, &p.kv_shape(), false)?;
     check_like("dv", &t.dv, p.dtype, &p.kv_shape(), false)?;
-    let inputs = [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse)];
-    check_no_alias(&[("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)], &inputs, varlen)
+    let mut inputs = [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse), ("lse", &t.lse)];
+    let n_in = with_alibi(&mut inputs, 6, &t.alibi_slopes);
+    check_no_alias(&[("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)], &inputs[..n_in], varlen)
 }
 
 /// No output shares an element with an input (varlen lengths included) or with another output.
@@ -709,7 +757,8 @@ pub fn check_workspace(ws: &Workspace, needed: usize, t: &BwdViews<'_>) -> Resul
     // The workspace as 4-byte words (all its sections are f32).
     let shape = [ws.bytes.div_ceil(4)];
     let w = View { addr: ws.addr, dtype: DType::I32, shape: &shape, strides: &[1] };
-    for (arg, v) in [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse), ("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)] {
+    let views = [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse), ("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)];
+    for (arg, v) in views.into_iter().chain(t.alibi_slopes.as_ref().map(|x| ("alibi_slopes", x))) {
         if crate::alias::overlap(&w, v) {
             return Err(Error::Value { arg: "workspace", msg: format!("overlaps {arg}") });
         }
@@ -870,7 +919,57 @@ fn check_options(opts: &AttnOptions) -> Result<()> {
             return Err(Error::Value { arg: "window", msg: format!("{side} value {w} must be >= -1 (-1 = unbounded)") });
         }
     }
+    let p = opts.dropout.p;
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::Value { arg: "dropout_p", msg: format!("must be in [0, 1) (0 = off), got {p}") });
+    }
     Ok(())
+}
+
+/// The canonical dropout of checked options: `None` at p = 0.
+fn dropout(opts: &AttnOptions) -> Option<DropoutParams> {
+    DropoutParams::new(opts.dropout.p, opts.dropout.seed, opts.dropout.offset)
+}
+
+/// ALiBi's slopes for `p`: f32 `[Hq]` (every sequence) or `[B, Hq]`, the last dimension contiguous;
+/// records their layout in `p.alibi`. The values are the kernels' business (the CPU path checks that
+/// they are finite, where it reads them).
+pub fn check_alibi(p: &mut Problem, slopes: Option<&View<'_>>) -> Result<()> {
+    let Some(t) = slopes else {
+        p.alibi = None;
+        return Ok(());
+    };
+    let arg = "alibi_slopes";
+    check_strides_len(arg, t)?;
+    if t.dtype != DType::F32 {
+        return Err(Error::DType { arg, got: t.dtype.to_string(), expected: "f32" });
+    }
+    let per_batch = match t.shape {
+        &[h] if h == p.hq => false,
+        &[b, h] if b == p.batch && h == p.hq => true,
+        s => {
+            let what = if p.varlen { "B the number of sequences" } else { "B the batch size" };
+            return Err(Error::Shape { arg, msg: format!("shape {s:?} must be [Hq] = [{}] or [B, Hq] = [{}, {}] ({what})", p.hq, p.batch, p.hq) });
+        }
+    };
+    let rank = t.rank();
+    if t.shape[rank - 1] > 1 && t.strides[rank - 1] != 1 {
+        return Err(Error::NotContiguous { arg });
+    }
+    check_extent(arg, t)?;
+    p.alibi = Some(Alibi { batch_stride: if per_batch && t.shape[0] > 1 { t.strides[0] } else { 0 }, head_stride: if t.shape[rank - 1] > 1 { 1 } else { 0 } });
+    Ok(())
+}
+
+/// `s_dmask` (return_attn_probs) for `p`: f32 or q's dtype, `[B, Hq, Sq, Sk]` (varlen: `[B, Hq,
+/// max_seqlen_q, max_seqlen_k]`), last dimension contiguous.
+fn check_s_dmask(p: &Problem, t: &View<'_>) -> Result<()> {
+    let arg = "s_dmask";
+    let dtype = if t.dtype == DType::F32 { DType::F32 } else { p.dtype };
+    if t.dtype != dtype {
+        return Err(Error::DType { arg, got: t.dtype.to_string(), expected: "f32 or q's dtype" });
+    }
+    check_like(arg, t, dtype, &p.s_dmask_shape(), false)
 }
 
 fn checked_rows(arg: &'static str, batch: usize, seqlen: usize) -> Result<usize> {

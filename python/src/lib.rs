@@ -253,7 +253,7 @@ fn fwd(
     let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
     let target = target(device)?;
     call(py, || {
-        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: None, s_dmask: None };
         unsafe { raw::fwd(&t, &opts, target) }
     })
 }
@@ -335,7 +335,7 @@ fn fwd_dense(
         }
     }
     call(py, || {
-        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: None, s_dmask: None };
         unsafe { raw::fwd(&t, &opts, target) }
     })?;
     Ok(0)
@@ -374,7 +374,7 @@ fn varlen_fwd(
     let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
     let target = target(device)?;
     call(py, || {
-        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view() };
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: None, s_dmask: None };
         unsafe { raw::varlen_fwd(&t, &lens.views(), &opts, target) }
     })
 }
@@ -416,7 +416,7 @@ fn bwd(
     let ws = self::workspace(Some(workspace))?;
     let target = target(device)?;
     call(py, || {
-        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() };
+        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view(), alibi_slopes: None };
         unsafe { raw::bwd(&t, &opts, deterministic, ws, target) }
     })
 }
@@ -464,7 +464,7 @@ fn varlen_bwd(
     let ws = self::workspace(Some(workspace))?;
     let target = target(device)?;
     call(py, || {
-        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view() };
+        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view(), alibi_slopes: None };
         unsafe { raw::varlen_bwd(&t, &lens.views(), &opts, deterministic, ws, target) }
     })
 }

@@ -401,7 +401,7 @@ pub fn opts() -> impl Strategy<Value = Opts> {
 
 impl Opts {
     pub fn attn(&self) -> flash_attn::AttnOptions {
-        flash_attn::AttnOptions { softmax_scale: self.scale, causal: self.causal, window: self.window, softcap: self.softcap, kernels: self.kernels }
+        flash_attn::AttnOptions { softmax_scale: self.scale, causal: self.causal, window: self.window, softcap: self.softcap, kernels: self.kernels, ..Default::default() }
     }
     pub fn reference(&self, d: usize) -> RefOpts {
         RefOpts { scale: self.scale.map_or(1.0 / (d as f64).sqrt(), f64::from), softcap: self.softcap as f64, causal: self.causal, window: self.window }

@@ -4,7 +4,10 @@
 //! repeats the packed-versus-separate experiment (a packed varlen batch must give each sequence exactly
 //! what a batch of one gives it). Every failure prints `flash-attn: <message>` and exits with code 2.
 
-use flash_attn::{bwd, fwd, fwd_kvcache, varlen_bwd, varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen};
+use flash_attn::{
+    bwd_with, fwd, fwd_kvcache, fwd_with, varlen_bwd_with, varlen_fwd, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, DType, Device, Dropout, Extras, KvCache, KvCacheOptions,
+    PagedVarlen, Tensor, Varlen,
+};
 use half::bf16;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::path::{Path, PathBuf};
@@ -26,6 +29,8 @@ input dtype) and lse (f32) to OUT.
   [B, S_new, H, D] (appended at cache_seqlens), rotary_cos and rotary_sin [S_ro, rotary_dim / 2] (q's
   dtype or f32), int32 cache_batch_idx and cache_leftpad [B]. Writes out, lse and the updated k_cache,
   v_cache.
+  ALiBi, in every mode: an f32 tensor alibi_slopes [H] or [B, H] (H the query heads) in IN switches it on;
+  the score of query i and key j becomes softcap(scale q.k) - slope |i + Sk - Sq - j|.
   --backward        also read dout (q's dtype and shape), run the backward pass and write dq, dk, dv
                     (the input dtype) as well
   --deterministic   ask the backward pass for bitwise-reproducible gradients (the CPU always is)
@@ -33,6 +38,12 @@ input dtype) and lse (f32) to OUT.
   --window L,R      sliding window, inclusive; -1 = unbounded (e.g. --window -1,0 is causal)
   --softcap X       soft-cap the scores at X (0 = off)
   --scale X         softmax scale (default 1/sqrt(head_dim))
+  --dropout P --seed S [--offset O]
+                    dropout of the attention probabilities with probability P in [0, 1), the mask drawn
+                    by Philox4x32-10 keyed by S (u64) at subsequence offset O (u64, default 0); the
+                    backward (--backward) regenerates the same mask. Not for the KV-cache forward.
+  --return-probs    also write s_dmask (f32 [B, H, Sq, Sk], packed [B, H, max_seqlen_q, max_seqlen_k]):
+                    the softmax probabilities, negated where dropped. O(S^2): for testing
   --rotary-interleaved  KV cache: rotary pairs are features (2i, 2i+1), not (i, i + rotary_dim/2)
   --num-splits N    KV cache: split each row's keys into N ranges (default 0: a heuristic)
   --device D        cpu, cuda or cuda:N (default: the GPU if one is present, else the CPU)
@@ -127,6 +138,13 @@ fn parse_f32(name: &str, s: &str) -> Result<f32> {
     }
 }
 
+fn parse_u64(name: &str, s: &str) -> Result<u64> {
+    match s.trim().parse::<u64>() {
+        Ok(x) => Ok(x),
+        Err(_) => fail!("{name}: expected an integer in 0..2^64, got '{s}'"),
+    }
+}
+
 fn parse_window(s: &str) -> Result<(i64, i64)> {
     let parsed = s.split_once(',').and_then(|(l, r)| Some((l.trim().parse().ok()?, r.trim().parse().ok()?)));
     match parsed {
@@ -160,6 +178,8 @@ struct RunArgs {
     /// The KV-cache flags, if given (they make sense only for a file with k_cache).
     rotary_interleaved: bool,
     num_splits: Option<usize>,
+    /// Write s_dmask too.
+    return_probs: bool,
 }
 
 impl RunArgs {
@@ -167,6 +187,7 @@ impl RunArgs {
         let (mut input, mut output, mut device) = (None, None, None);
         let mut opts = AttnOptions::default();
         let (mut backward, mut deterministic, mut rotary_interleaved, mut num_splits) = (false, false, false, None);
+        let (mut dropout, mut seed, mut offset, mut return_probs) = (None, None, None, false);
         let mut flags = Flags::new(args);
         while let Some((name, inline)) = flags.next_flag()? {
             match name {
@@ -195,6 +216,13 @@ impl RunArgs {
                         Err(_) => fail!("--num-splits: expected a count >= 0 (0 = a heuristic), got '{v}'"),
                     }
                 }
+                "--return-probs" => {
+                    no_value(name, inline)?;
+                    return_probs = true;
+                }
+                "--dropout" => dropout = Some(parse_f32(name, flags.value(name, inline)?)?),
+                "--seed" => seed = Some(parse_u64(name, flags.value(name, inline)?)?),
+                "--offset" => offset = Some(parse_u64(name, flags.value(name, inline)?)?),
                 "--window" => opts.window = parse_window(flags.value(name, inline)?)?,
                 "--softcap" => opts.softcap = parse_f32(name, flags.value(name, inline)?)?,
                 "--scale" => opts.softmax_scale = Some(parse_f32(name, flags.value(name, inline)?)?),
@@ -204,7 +232,13 @@ impl RunArgs {
         }
         let Some(input) = input else { fail!("run: --input is required") };
         let Some(output) = output else { fail!("run: --output is required") };
-        Ok(RunArgs { input, output, opts, device: device.unwrap_or_else(Device::best), backward, deterministic, rotary_interleaved, num_splits })
+        match (dropout, seed) {
+            (Some(p), Some(seed)) => opts.dropout = Dropout { p, seed, offset: offset.unwrap_or(0) },
+            (Some(_), None) => fail!("--dropout needs --seed S (the mask's Philox key)"),
+            (None, _) if seed.is_some() || offset.is_some() => fail!("--{} applies only with --dropout P", if seed.is_some() { "seed" } else { "offset" }),
+            (None, _) => {}
+        }
+        Ok(RunArgs { input, output, opts, device: device.unwrap_or_else(Device::best), backward, deterministic, rotary_interleaved, num_splits, return_probs })
     }
 }
 
@@ -259,6 +293,7 @@ fn run(args: &RunArgs) -> Result<()> {
     let seqused_q = get("seqused_q", &[DType::I32])?;
     let seqused_k = get("seqused_k", &[DType::I32])?;
     let block_table = get("block_table", &[DType::I32])?;
+    let alibi_slopes = get("alibi_slopes", &[DType::F32])?;
     let dout = match args.backward {
         true => Some(get("dout", &float)?.ok_or_else(|| Fail(format!("{}: has no tensor 'dout' (needed by --backward)", input.display())))?),
         false => None,
@@ -266,6 +301,8 @@ fn run(args: &RunArgs) -> Result<()> {
 
     let dev = |t: &Tensor| t.to_device(args.device);
     let (q_d, k_d, v_d) = (dev(&q)?, dev(&k)?, dev(&v)?);
+    let slopes_d = alibi_slopes.as_ref().map(dev).transpose()?;
+    let extras = Extras { alibi_slopes: slopes_d.as_ref(), return_attn_probs: args.return_probs };
     if let Some(table) = &block_table {
         if q.rank() != 3 {
             fail!("block_table is given but q is rank {} (paged K/V takes a packed q [T, H, D])", q.rank());
@@ -287,8 +324,8 @@ fn run(args: &RunArgs) -> Result<()> {
             seqused_k: used_k_d.as_ref(),
             block_table: &table_d,
         };
-        let result = varlen_fwd_paged(&q_d, &k_d, &v_d, &varlen, &args.opts)?;
-        return write_outputs(&args.output, &[("out", &result.out), ("lse", &result.lse)]);
+        let result = varlen_fwd_paged_with(&q_d, &k_d, &v_d, &varlen, &extras, &args.opts)?;
+        return write_outputs(&args.output, &fwd_outputs(&result));
     }
     // Device copies of the varlen lengths, for packed inputs.
     let packed = match q.rank() {
@@ -333,17 +370,17 @@ fn run(args: &RunArgs) -> Result<()> {
     });
 
     let result = match &varlen {
-        None => fwd(&q_d, &k_d, &v_d, &args.opts)?,
-        Some(varlen) => varlen_fwd(&q_d, &k_d, &v_d, varlen, &args.opts)?,
+        None => fwd_with(&q_d, &k_d, &v_d, &extras, &args.opts)?,
+        Some(varlen) => varlen_fwd_with(&q_d, &k_d, &v_d, varlen, &extras, &args.opts)?,
     };
-    let mut outputs = vec![("out", &result.out), ("lse", &result.lse)];
+    let mut outputs = fwd_outputs(&result);
     let grads = match &dout {
         None => None,
         Some(dout) => {
             let (dout, out, lse) = (dev(dout)?, &result.out, &result.lse);
             Some(match &varlen {
-                None => bwd(&dout, &q_d, &k_d, &v_d, out, lse, &args.opts, args.deterministic)?,
-                Some(varlen) => varlen_bwd(&dout, &q_d, &k_d, &v_d, out, lse, varlen, &args.opts, args.deterministic)?,
+                None => bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, &extras, &args.opts, args.deterministic)?,
+                Some(varlen) => varlen_bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, varlen, &extras, &args.opts, args.deterministic)?,
             })
         }
     };
@@ -351,6 +388,13 @@ fn run(args: &RunArgs) -> Result<()> {
         outputs.extend([("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)]);
     }
     write_outputs(&args.output, &outputs)
+}
+
+/// out, lse and, where returned, s_dmask.
+fn fwd_outputs(result: &flash_attn::FwdOutput) -> Vec<(&'static str, &Tensor)> {
+    let mut outputs = vec![("out", &result.out), ("lse", &result.lse)];
+    outputs.extend(result.s_dmask.as_ref().map(|m| ("s_dmask", m)));
+    outputs
 }
 
 /// KV-cache mode (the file holds k_cache): `fwd_kvcache`, then out, lse and the updated caches.
@@ -363,6 +407,9 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
     }
     if args.backward {
         fail!("--backward: the KV-cache forward has no backward pass");
+    }
+    if args.return_probs {
+        fail!("--return-probs: the KV-cache forward does not return the probabilities");
     }
     let get = |name: &str, accepted: &[DType]| load(file, input, name, accepted);
     let missing = |name: &str| Fail(format!("{}: has no tensor '{name}' (KV-cache inputs need q, k_cache, v_cache and cache_seqlens)", input.display()));
@@ -378,6 +425,7 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
     let rotary = [DType::F16, DType::BF16, DType::F32];
     let (rotary_cos, rotary_sin) = (dev(get("rotary_cos", &rotary)?)?, dev(get("rotary_sin", &rotary)?)?);
     let (cache_batch_idx, cache_leftpad) = (dev(get("cache_batch_idx", &int)?)?, dev(get("cache_leftpad", &int)?)?);
+    let alibi_slopes = dev(get("alibi_slopes", &[DType::F32])?)?;
     let cache = KvCache {
         cache_seqlens: &cache_seqlens,
         block_table: block_table.as_ref(),
@@ -387,6 +435,7 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
         rotary_sin: rotary_sin.as_ref(),
         cache_batch_idx: cache_batch_idx.as_ref(),
         cache_leftpad: cache_leftpad.as_ref(),
+        alibi_slopes: alibi_slopes.as_ref(),
     };
     let kv = KvCacheOptions { rotary_interleaved: args.rotary_interleaved, num_splits: args.num_splits.unwrap_or(0) };
     let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &args.opts, &kv)?;

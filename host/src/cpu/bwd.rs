@@ -1,6 +1,8 @@
 //! The CPU backward, flash-attention 2's algorithm: P_ij = exp(s_ij - lse_i) is recomputed from the
-//! forward's LSE, D_i = dout_i . out_i, dS_ij = P_ij (dout_i . v_j - D_i), then dV = P^T dout,
-//! dK = scale dX^T Q and dQ = scale dX K, where dX = dS * ds/dx carries the softcap's tanh (1 - tanh^2).
+//! forward's LSE (s with ALiBi's bias), Z_ij the dropout factor regenerated from the same Philox counters
+//! (1 / (1 - p) kept, 0 dropped; 1 without dropout), D_i = dout_i . out_i,
+//! dS_ij = P_ij (Z_ij dout_i . v_j - D_i), then dV = (P Z)^T dout, dK = scale dX^T Q and dQ = scale dX K,
+//! where dX = dS * ds/dx carries the softcap's tanh (1 - tanh^2); the bias is constant in q and k.
 //!
 //! Two passes, each writing disjoint outputs, so no sum is ever split between threads and no float
 //! atomics are needed:
@@ -13,6 +15,7 @@
 //! a packed batch gives bitwise the result of one call per sequence.
 
 use super::mask::key_range;
+use super::score::{Mods, Score};
 use super::seqlen::{self, SeqInfo};
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::error::Result;
@@ -28,6 +31,8 @@ struct Inputs<'a> {
     /// Indexed like the LSE: `SeqInfo::lse_base + h * lse_head_stride + i`.
     lse: &'a [f32],
     delta: &'a [f32],
+    /// ALiBi and dropout.
+    mods: &'a Mods,
 }
 
 /// One sequence as the backward sees it: its forward `SeqInfo`, where its dout rows start, and the
@@ -40,7 +45,8 @@ struct Seq {
 
 /// Backward pass on host memory described by a validated `BwdProblem`: dq, dk, dv in f32, contiguous
 /// in q's and k's shapes.
-pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, od: HostSlice<'_>, lse: &[f32]) -> Result<[Vec<f32>; 3]> {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, od: HostSlice<'_>, lse: &[f32], mods: &Mods) -> Result<[Vec<f32>; 3]> {
     let p = &bp.fwd;
     let (infos, lse_head_stride) = seqlen::sequences(p)?;
     let seqs: Vec<Seq> = infos
@@ -68,12 +74,12 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
         let at = seqs[b].s.lse_base + h * lse_head_stride;
         delta[at..at + r.len()].copy_from_slice(r);
     }
-    let x = Inputs { q: qd, k: kd, v: vd, dout: dod, lse, delta: &delta };
+    let x = Inputs { q: qd, k: kd, v: vd, dout: dod, lse, delta: &delta, mods };
 
     // dk, dv: per (sequence, kv head, key tile). Keys of no sequence stay 0.
     let kv_items: Vec<(usize, usize, usize)> =
         infos.iter().enumerate().flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| (0..s.seqlen_k.div_ceil(BLOCK_N)).map(move |n| (b, hk, n)))).collect();
-    let kv_tiles: Vec<(Vec<f32>, Vec<f32>)> = kv_items.par_iter().map(|&(b, hk, n)| dkdv_tile(p, bp, &x, &seqs[b], lse_head_stride, hk, group, n)).collect();
+    let kv_tiles: Vec<(Vec<f32>, Vec<f32>)> = kv_items.par_iter().map(|&(b, hk, n)| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n)).collect();
     let mut dk = vec![0.0f32; p.total_k * p.hk * d];
     let mut dv = vec![0.0f32; p.total_k * p.hk * d];
     for (&(b, hk, n_block), (tk, tv)) in kv_items.iter().zip(&kv_tiles) {
@@ -87,7 +93,7 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
     // dq: per (sequence, q head, query tile). Rows of no sequence stay 0.
     let q_items: Vec<(usize, usize, usize)> =
         infos.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
-    let q_tiles: Vec<Vec<f32>> = q_items.par_iter().map(|&(b, h, m)| dq_tile(p, bp, &x, &seqs[b], lse_head_stride, h, group, m)).collect();
+    let q_tiles: Vec<Vec<f32>> = q_items.par_iter().map(|&(b, h, m)| dq_tile(p, bp, &x, &seqs[b], b, lse_head_stride, h, group, m)).collect();
     let mut dq = vec![0.0f32; p.total_q * p.hq * d];
     for (&(b, h, m_block), t) in q_items.iter().zip(&q_tiles) {
         for (r, row) in t.chunks_exact(d).enumerate() {
@@ -101,7 +107,7 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
 
 /// dk and dv (`cols * D` each) of key tile `n_block` of kv head `hk`.
 #[allow(clippy::too_many_arguments)]
-fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) {
+fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) {
     let (s, d) = (&seq.s, p.head_dim);
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
@@ -112,9 +118,11 @@ fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_s
     load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
     let (mut dk, mut dv) = (vec![0.0f32; cols * d], vec![0.0f32; cols * d]);
     let (mut q, mut g) = (vec![0.0f32; BLOCK_M * d], vec![0.0f32; BLOCK_M * d]);
-    let score = Score::new(p);
+    let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
 
     for h in hk * group..(hk + 1) * group {
+        let mods = x.mods.head(bidb, h);
+        let score = Score::new(p, &mods, sq, sk);
         for m_block in 0..sq.div_ceil(BLOCK_M) {
             let i0 = m_block * BLOCK_M;
             let rows = (sq - i0).min(BLOCK_M);
@@ -134,11 +142,12 @@ fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_s
                 if a >= b || lse == f32::NEG_INFINITY {
                     continue;
                 }
-                let (q_row, g_row) = (&q[r * d..][..d], &g[r * d..][..d]);
+                let (i, q_row, g_row) = (i0 + r, &q[r * d..][..d], &g[r * d..][..d]);
+                mods.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
                 for c in a..b {
                     let (k_row, v_row) = (&k[c * d..][..d], &v[c * d..][..d]);
-                    let (pr, dx) = score.grad(q_row, k_row, g_row, v_row, lse, delta);
-                    axpy(&mut dv[c * d..][..d], pr, g_row);
+                    let (pz, dx) = grad(&score, q_row, k_row, g_row, v_row, lse, delta, i, j0 + c, factor[c]);
+                    axpy(&mut dv[c * d..][..d], pz, g_row);
                     axpy(&mut dk[c * d..][..d], dx, q_row);
                 }
             }
@@ -150,7 +159,7 @@ fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_s
 
 /// dq (`rows * D`) of query tile `m_block` of q head `h`.
 #[allow(clippy::too_many_arguments)]
-fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> {
+fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> {
     let (s, d) = (&seq.s, p.head_dim);
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
@@ -164,7 +173,9 @@ fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_str
     let (lse, delta) = (&x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows]);
     let mut dq = vec![0.0f32; rows * d];
     let (mut k, mut v) = (vec![0.0f32; BLOCK_N * d], vec![0.0f32; BLOCK_N * d]);
-    let score = Score::new(p);
+    let mods = x.mods.head(bidb, h);
+    let score = Score::new(p, &mods, sq, sk);
+    let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
 
     let (lo, _) = range(i0);
     let (_, hi) = range(i0 + rows - 1);
@@ -179,10 +190,11 @@ fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_str
             if a >= b || lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            let (q_row, g_row) = (&q[r * d..][..d], &g[r * d..][..d]);
+            let (i, q_row, g_row) = (i0 + r, &q[r * d..][..d], &g[r * d..][..d]);
             let dq_row = &mut dq[r * d..][..d];
+            mods.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
             for c in a..b {
-                let (_, dx) = score.grad(q_row, &k[c * d..][..d], g_row, &v[c * d..][..d], lse[r], delta[r]);
+                let (_, dx) = grad(&score, q_row, &k[c * d..][..d], g_row, &v[c * d..][..d], lse[r], delta[r], i, j0 + c, factor[c]);
                 axpy(dq_row, dx, &k[c * d..][..d]);
             }
         }
@@ -191,34 +203,18 @@ fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, lse_head_str
     dq
 }
 
-/// The per-(query, key) arithmetic both passes share, so they agree on every P and dX bit for bit.
-struct Score {
-    scale: f32,
-    softcap: f32,
-    /// scale / softcap, as the forward computes it.
-    softcap_pre: f32,
-}
-
-impl Score {
-    fn new(p: &Problem) -> Score {
-        Score { scale: p.scale, softcap: p.softcap, softcap_pre: if p.softcap > 0.0 { p.scale / p.softcap } else { 0.0 } }
-    }
-
-    /// P_ij and dX_ij (the gradient with respect to q.k, without the factor `scale`).
-    #[inline(always)]
-    fn grad(&self, q: &[f32], k: &[f32], dout: &[f32], v: &[f32], lse: f32, delta: f32) -> (f32, f32) {
-        let qk = dot(q, k);
-        // s = c tanh(x / c) with x = scale q.k: ds/dx = 1 - tanh^2.
-        let (s, ds_dx) = if self.softcap > 0.0 {
-            let t = (qk * self.softcap_pre).tanh();
-            (self.softcap * t, 1.0 - t * t)
-        } else {
-            (qk * self.scale, 1.0)
-        };
-        let pr = (s - lse).exp();
-        let dp = dot(dout, v);
-        (pr, pr * (dp - delta) * ds_dx)
-    }
+/// The per-(query, key) arithmetic both passes share, so they agree on every P and dX bit for bit:
+/// (P_ij Z_ij, dX_ij) with Z_ij = `factor` dropout's 1 / (1 - p) where kept, 0 where dropped (1 without
+/// dropout), and dX the gradient with respect to q.k without the factor `scale`:
+/// dX = P (Z dout.v - D) ds/dx, since out = sum_j P_j Z_j v_j makes dL/dP_j = Z_j dout.v_j and
+/// sum_j P_j Z_j dout.v_j = dout.out = D.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn grad(score: &Score, q: &[f32], k: &[f32], dout: &[f32], v: &[f32], lse: f32, delta: f32, i: usize, j: usize, factor: f32) -> (f32, f32) {
+    let (s, ds_dx) = score.score_grad(dot(q, k), i, j);
+    let pr = (s - lse).exp();
+    let dp = dot(dout, v);
+    (pr * factor, pr * (dp * factor - delta) * ds_dx)
 }
 
 /// Dot product with eight independent partial sums so it vectorizes; head dims are multiples of 32.

@@ -15,6 +15,7 @@ mod kv;
 pub(crate) mod kvcache;
 mod mask;
 mod rotary;
+mod score;
 mod seqlen;
 mod tile;
 
@@ -24,6 +25,7 @@ use crate::types::{BwdViews, DType, FwdViews, KvCacheViews, PagedVarlenViews, Va
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use score::Mods;
 use seqlen::SeqInfo;
 
 /// Query rows per work item and keys per tile.
@@ -163,12 +165,49 @@ unsafe fn scatter(t: &View<'_>, values: &[f32]) {
 /// As `raw::fwd` on `Target::Cpu`; `p.seqlens` is filled in for varlen.
 pub(crate) unsafe fn fwd_into(p: &Problem, t: &FwdViews<'_>) -> Result<()> {
     let (q, k, v) = unsafe { (host_slice("q", &t.q)?, host_slice("k", &t.k)?, host_slice("v", &t.v)?) };
-    let (out, lse) = fwd(p, q, k, v, 1)?;
+    let mods = unsafe { Mods::read(p, t.alibi_slopes.as_ref())? };
+    let (out, lse) = fwd(p, q, k, v, &mods, 1)?;
+    let s_dmask = match &t.s_dmask {
+        Some(_) => Some(probs(p, q, k, &mods, &lse)?),
+        None => None,
+    };
     unsafe {
         scatter(&t.out, &out);
         scatter(&t.lse, &lse);
+        if let (Some(view), Some(values)) = (&t.s_dmask, &s_dmask) {
+            scatter(view, values);
+        }
     }
     Ok(())
+}
+
+/// The probabilities of every (sequence, head) (`tile::probs`), contiguous `[B, Hq, Sq, Sk]` (varlen:
+/// `[B, Hq, max_seqlen_q, max_seqlen_k]`, each sequence at the top left of its block, zero-padded).
+fn probs(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, mods: &Mods, lse: &[f32]) -> Result<Vec<f32>> {
+    let (seqs, lse_head_stride) = seqlen::sequences(p)?;
+    let keys = kv::KeyRows::new(p);
+    let group = p.hq / p.hk;
+    let (sq_max, sk_max) = (p.seqlen_q, p.seqlen_k);
+    let items: Vec<(usize, usize, usize)> = seqs.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
+    let tiles: Vec<Vec<f32>> = items
+        .par_iter()
+        .map(|&(b, h, m_block)| {
+            let s = &seqs[b];
+            let operands = tile::Operands { q: qd, k: kd, v: kd, keys: &keys, q_head: h * p.q.head, k_head: (h / group) * p.k.head, v_head: 0 };
+            let at = s.lse_base + h * lse_head_stride + m_block * BLOCK_M;
+            let rows = (s.seqlen_q - m_block * BLOCK_M).min(BLOCK_M);
+            tile::probs(p, &operands, s, &mods.head(b, h), m_block, &lse[at..at + rows])
+        })
+        .collect();
+    let mut all = vec![0.0f32; p.batch * p.hq * sq_max * sk_max];
+    for (&(b, h, m_block), t) in items.iter().zip(&tiles) {
+        let sk = seqs[b].seqlen_k;
+        for (r, row) in t.chunks_exact(sk.max(1)).enumerate() {
+            let at = ((b * p.hq + h) * sq_max + m_block * BLOCK_M + r) * sk_max;
+            all[at..at + sk].copy_from_slice(&row[..sk]);
+        }
+    }
+    Ok(all)
 }
 
 /// The backward on host memory, into the caller's dq, dk, dv.
@@ -178,7 +217,8 @@ pub(crate) unsafe fn fwd_into(p: &Problem, t: &FwdViews<'_>) -> Result<()> {
 pub(crate) unsafe fn bwd_into(bp: &BwdProblem, t: &BwdViews<'_>) -> Result<()> {
     let [dout, q, k, v, out] = unsafe { [host_slice("dout", &t.dout)?, host_slice("q", &t.q)?, host_slice("k", &t.k)?, host_slice("v", &t.v)?, host_slice("out", &t.out)?] };
     let HostSlice::F32(lse) = (unsafe { host_slice("lse", &t.lse)? }) else { unreachable!("validated lse is f32") };
-    let [dq, dk, dv] = bwd::bwd(bp, dout, q, k, v, out, lse)?;
+    let mods = unsafe { Mods::read(&bp.fwd, t.alibi_slopes.as_ref())? };
+    let [dq, dk, dv] = bwd::bwd(bp, dout, q, k, v, out, lse, &mods)?;
     unsafe {
         scatter(&t.dq, &dq);
         scatter(&t.dk, &dk);
@@ -190,7 +230,7 @@ pub(crate) unsafe fn bwd_into(bp: &BwdProblem, t: &BwdViews<'_>) -> Result<()> {
 /// Forward pass on host memory described by a validated `Problem`: out (f32, contiguous `out_shape`)
 /// and lse (contiguous `lse_shape`). With `splits` > 1 each row's key tiles are cut into that many
 /// ranges (as even as whole tiles allow; some may be empty), attended to separately and merged.
-fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, splits: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mods: &Mods, splits: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let (seqs, lse_head_stride) = seqlen::sequences(p)?;
     let keys = kv::KeyRows::new(p);
     let d = p.head_dim;
@@ -208,7 +248,7 @@ fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, spl
             let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, q_head: h * p.q.head, k_head: (h / group) * p.k.head, v_head: (h / group) * p.v.head };
             let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
             let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
-            tile::attend(p, &operands, &seqs[b], m_block, n_blocks)
+            tile::attend(p, &operands, &seqs[b], &mods.head(b, h), m_block, n_blocks)
         })
         .collect();
 

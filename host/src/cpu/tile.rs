@@ -4,6 +4,7 @@
 
 use super::kv::KeyRows;
 use super::mask::key_range;
+use super::score::{HeadMods, Score};
 use super::seqlen::SeqInfo;
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::problem::Problem;
@@ -26,8 +27,10 @@ pub(crate) struct TileOut {
     pub lse: Vec<f32>,
 }
 
-/// Query tile `m_block` of sequence `s` over the key tiles of `n_blocks` that its rows can see.
-pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
+/// Query tile `m_block` of sequence `s` over the key tiles of `n_blocks` that its rows can see, with the
+/// head's ALiBi and dropout (`m`): dropped probabilities count in the row sum (the LSE is that of every
+/// visible score) but not in the accumulator, and kept ones enter it times 1 / (1 - p).
+pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
     let d = p.head_dim;
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let i0 = m_block * BLOCK_M;
@@ -45,7 +48,8 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize,
     let mut k = vec![0.0f32; BLOCK_N * d];
     let mut v = vec![0.0f32; BLOCK_N * d];
     let mut scores = [0.0f32; BLOCK_N];
-    let softcap_pre = if p.softcap > 0.0 { p.scale / p.softcap } else { 0.0 };
+    let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
+    let score = Score::new(p, m, sq, sk);
     for n_block in (lo / BLOCK_N).max(n_blocks.start)..hi.div_ceil(BLOCK_N).min(n_blocks.end) {
         let j0 = n_block * BLOCK_N;
         let cols = (sk - j0).min(BLOCK_N);
@@ -59,14 +63,18 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize,
                 // other rows share its tile.
                 continue;
             }
-            let q_row = &q[r * d..][..d];
+            let (i, q_row) = (i0 + r, &q[r * d..][..d]);
             let s_row = &mut scores[a..b];
             let k_rows = &k[a * d..b * d];
-            for (sc4, k4) in s_row.chunks_mut(4).zip(k_rows.chunks(4 * d)) {
+            for (t, (sc4, k4)) in s_row.chunks_mut(4).zip(k_rows.chunks(4 * d)).enumerate() {
                 let qk = dot4(q_row, k4, d);
-                for (sc, &qk) in sc4.iter_mut().zip(&qk) {
-                    *sc = if p.softcap > 0.0 { p.softcap * (qk * softcap_pre).tanh() } else { qk * p.scale };
+                for (u, (sc, &qk)) in sc4.iter_mut().zip(&qk).enumerate() {
+                    *sc = score.score(qk, i, j0 + a + 4 * t + u);
                 }
+            }
+            let dropout = m.dropout.is_some();
+            if dropout {
+                m.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
             }
             // Online softmax: rescale what was accumulated under the old max.
             let block_max = s_row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -78,11 +86,14 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize,
                 acc_row.iter_mut().for_each(|o| *o *= alpha);
                 row_max[r] = new_max;
             }
-            for (sc4, v4) in s_row.chunks(4).zip(v[a * d..b * d].chunks(4 * d)) {
+            for ((sc4, f4), v4) in s_row.chunks(4).zip(factor[a..b].chunks(4)).zip(v[a * d..b * d].chunks(4 * d)) {
                 let mut pr = [0.0f32; 4];
-                for (pr, &sc) in pr.iter_mut().zip(sc4) {
+                for ((pr, &sc), &f) in pr.iter_mut().zip(sc4).zip(f4) {
                     *pr = (sc - new_max).exp();
                     row_sum[r] += *pr;
+                    if dropout {
+                        *pr *= f;
+                    }
                 }
                 if v4.len() == 4 * d {
                     // Same order as one key at a time; four keys per pass just saves loads and stores of acc.
@@ -110,6 +121,50 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m_block: usize,
         }
     }
     TileOut { out: acc, lse }
+}
+
+/// The probabilities of query tile `m_block` of sequence `s` (`s_dmask` rows, `rows * seqlen_k`):
+/// P = exp(s - lse) for the keys each row sees, negated where dropout drops them, +0 elsewhere; `lse`
+/// holds the tile's rows' forward LSE. The scores are the forward's bit for bit.
+pub(crate) fn probs(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, lse: &[f32]) -> Vec<f32> {
+    let d = p.head_dim;
+    let (sq, sk) = (s.seqlen_q, s.seqlen_k);
+    let i0 = m_block * BLOCK_M;
+    let rows = (sq - i0).min(BLOCK_M);
+    let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
+    let mut q = vec![0.0f32; rows * d];
+    load_rows(x.q, s.q_base + i0 * p.q.row + x.q_head, p.q.row, rows, d, &mut q);
+    let mut probs = vec![0.0f32; rows * sk];
+    let mut k = vec![0.0f32; BLOCK_N * d];
+    let (mut keep, mut factor) = ([true; BLOCK_N], [1.0f32; BLOCK_N]);
+    let score = Score::new(p, m, sq, sk);
+    let (lo, _) = range(i0);
+    let (_, hi) = range(i0 + rows - 1);
+    for n_block in lo / BLOCK_N..hi.div_ceil(BLOCK_N) {
+        let j0 = n_block * BLOCK_N;
+        let cols = (sk - j0).min(BLOCK_N);
+        x.keys.load(x.k, &p.k, s, s.k_base, x.k_head, j0, cols, d, &mut k);
+        for r in 0..rows {
+            let (a, b) = range(i0 + r);
+            let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
+            if a >= b {
+                continue;
+            }
+            let i = i0 + r;
+            if m.dropout.is_some() {
+                m.dropout_row(i, j0 + a, &mut keep[a..b], &mut factor[a..b]);
+            }
+            let out = &mut probs[r * sk + j0..][..cols];
+            for (t, k4) in k[a * d..b * d].chunks(4 * d).enumerate() {
+                for (u, &qk) in dot4(&q[r * d..][..d], k4, d).iter().enumerate().take(k4.len() / d) {
+                    let c = a + 4 * t + u;
+                    let pr = (score.score(qk, i, j0 + c) - lse[r]).exp();
+                    out[c] = if keep[c] { pr } else { -pr };
+                }
+            }
+        }
+    }
+    probs
 }
 
 /// q.k for up to four keys (`k4` holds them, `d` apart), each with eight independent partial sums so it

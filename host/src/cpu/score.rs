@@ -1,0 +1,121 @@
+//! The score of query i and key j, and what happens to its probability, in one place for the forward,
+//! the backward and the probabilities (`s_dmask`), so all three agree bit for bit:
+//!   s = softcap(scale * q.k) - slope * |i + Sk - Sq - j|   (ALiBi's bias after scale and softcap)
+//!   P = exp(s - lse), times 1 / (1 - p) where dropout keeps it and 0 where it drops it.
+
+use crate::dropout::DropoutParams;
+use crate::error::{Error, Result};
+use crate::problem::Problem;
+use crate::types::View;
+
+/// The call's ALiBi slopes (host copies, `[B, Hq]` row-major) and dropout.
+pub(crate) struct Mods {
+    slopes: Option<Vec<f32>>,
+    dropout: Option<DropoutParams>,
+    hq: usize,
+}
+
+impl Mods {
+    /// Reads the slopes `p.alibi` describes from `slopes` and checks that they are finite.
+    ///
+    /// # Safety
+    /// `slopes` must be valid host memory (its layout already validated into `p.alibi`).
+    pub(crate) unsafe fn read(p: &Problem, slopes: Option<&View<'_>>) -> Result<Mods> {
+        let slopes = match (p.alibi, slopes) {
+            (Some(a), Some(t)) => {
+                let mut v = Vec::with_capacity(p.batch * p.hq);
+                for b in 0..p.batch {
+                    for h in 0..p.hq {
+                        let at = t.addr as usize + (b * a.batch_stride + h * a.head_stride) * 4;
+                        // Safety: the validated view covers every (b, h) element.
+                        let x = unsafe { *(at as *const f32) };
+                        if !x.is_finite() {
+                            let at = if a.batch_stride > 0 { format!("[{b}, {h}]") } else { format!("[{h}]") };
+                            return Err(Error::Value { arg: "alibi_slopes", msg: format!("entry {at} is {x}: slopes must be finite") });
+                        }
+                        v.push(x);
+                    }
+                }
+                Some(v)
+            }
+            _ => None,
+        };
+        Ok(Mods { slopes, dropout: p.dropout, hq: p.hq })
+    }
+
+    /// The modifiers of sequence b, query head h.
+    pub(crate) fn head(&self, b: usize, h: usize) -> HeadMods {
+        HeadMods { slope: self.slopes.as_ref().map(|s| s[b * self.hq + h]), dropout: self.dropout, bh: (b * self.hq + h) as u64 }
+    }
+}
+
+/// The modifiers of one (sequence, query head).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HeadMods {
+    pub slope: Option<f32>,
+    pub dropout: Option<DropoutParams>,
+    /// b * Hq + h: the head's Philox subsequence before the offset.
+    pub bh: u64,
+}
+
+impl HeadMods {
+    /// The factor of each probability of query i against keys j0.. (`factor.len()` of them): dropout's
+    /// 1 / (1 - p) where kept, 0 where dropped; all 1 without dropout.
+    pub(crate) fn dropout_row(&self, i: usize, j0: usize, keep: &mut [bool], factor: &mut [f32]) {
+        match &self.dropout {
+            None => factor.fill(1.0),
+            Some(d) => {
+                let keep = &mut keep[..factor.len()];
+                d.keep_row(self.bh, i as u32, j0 as u32, keep);
+                factor.iter_mut().zip(keep.iter()).for_each(|(f, &k)| *f = if k { d.scale } else { 0.0 });
+            }
+        }
+    }
+}
+
+/// The score arithmetic of one (sequence, head) of a (seqlen_q, seqlen_k) sequence.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Score {
+    scale: f32,
+    softcap: f32,
+    /// scale / softcap, computed once.
+    softcap_pre: f32,
+    slope: Option<f32>,
+    /// seqlen_k - seqlen_q: query i lines up with key i + shift.
+    shift: i64,
+}
+
+impl Score {
+    pub(crate) fn new(p: &Problem, m: &HeadMods, seqlen_q: usize, seqlen_k: usize) -> Score {
+        let softcap_pre = if p.softcap > 0.0 { p.scale / p.softcap } else { 0.0 };
+        Score { scale: p.scale, softcap: p.softcap, softcap_pre, slope: m.slope, shift: seqlen_k as i64 - seqlen_q as i64 }
+    }
+
+    /// The score of query i and key j from their dot product.
+    #[inline(always)]
+    pub(crate) fn score(&self, qk: f32, i: usize, j: usize) -> f32 {
+        let s = if self.softcap > 0.0 { self.softcap * (qk * self.softcap_pre).tanh() } else { qk * self.scale };
+        self.biased(s, i, j)
+    }
+
+    /// The score and its derivative with respect to x = scale q.k (s = c tanh(x / c): 1 - tanh^2; ALiBi's
+    /// bias is constant in x).
+    #[inline(always)]
+    pub(crate) fn score_grad(&self, qk: f32, i: usize, j: usize) -> (f32, f32) {
+        let (s, ds_dx) = if self.softcap > 0.0 {
+            let t = (qk * self.softcap_pre).tanh();
+            (self.softcap * t, 1.0 - t * t)
+        } else {
+            (qk * self.scale, 1.0)
+        };
+        (self.biased(s, i, j), ds_dx)
+    }
+
+    #[inline(always)]
+    fn biased(&self, s: f32, i: usize, j: usize) -> f32 {
+        match self.slope {
+            Some(slope) => s - slope * (i as i64 + self.shift - j as i64).unsigned_abs() as f32,
+            None => s,
+        }
+    }
+}
