@@ -35,7 +35,7 @@
 #[allow(dead_code, unused_macros)]
 mod variants;
 
-use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, DType, Device, KernelChoice, Tensor, Varlen, HEAD_DIMS};
+use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, KernelChoice, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
 use std::time::Instant;
 
 const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
@@ -54,6 +54,8 @@ const TAIL: (usize, usize) = (7, 5);
 /// The chained-grid forward: b=1, as many q heads as multiprocessors on one kv head, sq=130 (2 row
 /// blocks), sk=200.
 const CHAINED: (usize, usize) = (130, 200);
+/// Page sizes of the paged forward cases.
+const PAGES: [usize; 2] = [16, 3];
 
 /// (name, causal, window, softcap)
 const MASKS: [(&str, bool, (i64, i64), f32); 2] = [("causal", true, (-1, -1), 0.0), ("window(20,10)+softcap3", false, (20, 10), 3.0)];
@@ -97,22 +99,24 @@ impl Plan {
             wg_bwd: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some(),
         }
     }
-    /// Kernel launches per mask (dense + packed), and of the chained forward.
+    /// Kernel launches per mask (dense, packed, paged), and of the chained forward.
     fn launches(&self) -> usize {
         let blocks = |sk: usize| sk.div_ceil(variants::BWD_WG_BLOCK_N);
         // The wgmma backward: prep + dK/dV, + convert unless one CTA covers the key blocks.
         let wg = |gx: usize| if gx == 1 { 2 } else { 3 };
         let max_k = USED_K.iter().copied().max().unwrap();
         let mut n = 0;
+        // Each forward run: dense, packed, and packed over each page size.
+        let fwd = 2 + PAGES.len();
         if self.mma {
-            n += 2 * (1 + 3 + 3);
+            n += fwd + 2 * (3 + 3);
         }
         if self.wg_fwd || self.wg_bwd {
-            n += 2;
+            n += fwd;
         }
         if self.wg_fwd {
-            // The forward without warp specialization (fwd_no_ws), dense and packed.
-            n += 2;
+            // The forward without warp specialization (fwd_no_ws).
+            n += fwd;
         }
         if self.wg_bwd {
             n += wg(blocks(DENSE.2)) + wg(blocks(max_k)) + 2 * wg(1);
@@ -214,6 +218,16 @@ fn main() -> flash_attn::Result<()> {
         let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
         let (q, k, v, g) = (t(&[b, sq, hq, d])?, t(&[b, sk, hk, d])?, t(&[b, sk, hk, d])?, t(&[b, sq, hq, d])?);
         let (pq, pk, pv, pg) = (t(&[tq, hq, d])?, t(&[tk, hk, d])?, t(&[tk, hk, d])?, t(&[tq, hq, d])?);
+        // Paged K/V (pages of 16 rows: the bulk-copy path, and 3: the cp.async gather), each sequence's
+        // pages scattered over a pool with spare blocks, key counts from seqused_k.
+        let mut pools = Vec::new();
+        for page in PAGES {
+            let max_blocks = USED_K.iter().copied().max().unwrap().div_ceil(page);
+            let blocks = USED_K.len() * max_blocks + 3;
+            let table: Vec<i32> = (0..USED_K.len() * max_blocks).map(|i| ((i * 7 + 2) % blocks) as i32).collect();
+            let table = Tensor::from_i32(table, &[USED_K.len(), max_blocks])?.to_device(gpu)?;
+            pools.push((page, t(&[blocks, page, hk, d])?, t(&[blocks, page, hk, d])?, table));
+        }
         for (mask, causal, window, softcap) in MASKS {
             let case_start = Instant::now();
             let opts = |kernels| AttnOptions { causal, window, softcap, kernels, ..Default::default() };
@@ -225,6 +239,12 @@ fn main() -> flash_attn::Result<()> {
                 let pf = varlen_fwd(&pq, &pk, &pv, &varlen, &opts(kernels))?;
                 fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
                 ran.push(format!("{label} fwd"));
+                for (page, kp, vp, table) in &pools {
+                    let paged = PagedVarlen { cu_seqlens_q: &cu_q, cu_seqlens_k: None, max_seqlen_q: varlen.max_seqlen_q, max_seqlen_k: varlen.max_seqlen_k, seqused_q: Some(&used_q), seqused_k: Some(&used_k), block_table: table };
+                    let o = varlen_fwd_paged(&pq, kp, vp, &paged, &opts(kernels))?;
+                    fetch(&[&o.out, &o.lse])?;
+                    ran.push(format!("{label} paged{page} fwd"));
+                }
                 for &(choice, det, what) in bwds {
                     let gd = bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts(choice), det)?;
                     let gp = varlen_bwd(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, &varlen, &opts(choice), det)?;
@@ -253,7 +273,7 @@ fn main() -> flash_attn::Result<()> {
             let (cq, ck) = CHAINED;
             let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
             let (q, k, v) = (t(&[1, cq, sms, d])?, t(&[1, ck, 1, d])?, t(&[1, ck, 1, d])?);
-            let f = fwd(&q, &k, &v, &AttnOptions { causal: true, ..Default::default() })?;
+            let f = fwd(&q, &k, &v, &AttnOptions { causal: true, kernels: FWD_NO_WS, ..Default::default() })?;
             fetch(&[&f.out, &f.lse])?;
             done += 1;
             println!("case {done}/{cases} {dtype} d{d} causal: wgmma fwd with chained row blocks, 1x{cq}x{ck}, {sms} q heads on 1 kv head ({:.2} s, {:.0} s total)", case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
