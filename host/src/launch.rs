@@ -93,7 +93,16 @@ pub(crate) unsafe fn fwd_paged(p: &Problem, t: &FwdViews<'_>, pv: &PagedVarlenVi
 #[allow(clippy::too_many_arguments)]
 unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Option<(u64, i64)>, kernels: KernelChoice, ordinal: usize, stream: usize) -> Result<()> {
     let gpu = gpu(ordinal)?;
-    let launch = fwd_launch(p, hopper_sms(&gpu, choice(kernels))).ok_or(Error::HeadDim { got: p.head_dim })?;
+    // The warp-specialized kernel where it takes the problem (its persistent grid walks `m_blocks` row
+    // blocks per sequence), else `fwd_launch`'s (one row block per grid x index).
+    let ws = ws_forward(p, t, &gpu, kernels);
+    let (launch, m_blocks) = match ws {
+        Some(ws) => ws,
+        None => {
+            let l = fwd_launch(p, hopper_sms(&gpu, choice(kernels))).ok_or(Error::HeadDim { got: p.head_dim })?;
+            (l, l.grid.0 as i32)
+        }
+    };
     check_grid(launch.grid)?;
     if p.total_q == 0 || p.hq == 0 {
         return Ok(());
@@ -149,7 +158,7 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         total_k: p.total_k as i32,
         window_left: i32_of(p.window_left),
         window_right: i32_of(p.window_right),
-        m_blocks: launch.grid.0 as i32,
+        m_blocks,
         scale_log2,
         softcap_pre,
         block_table: table,
@@ -159,18 +168,15 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         num_blocks: num_blocks as i32,
         _pad: 0,
     };
-    if let Some(ws) = ws_forward(p, t, &gpu, kernels) {
-        let (launch, m_blocks) = ws;
-        let f = gpu.function(launch.kernel, launch.smem_bytes)?;
-        let params = FwdParams { m_blocks, ..params };
-        let maps = tma_maps(p, t, &launch.config)?;
-        let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
-        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
-        unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
-        return Ok(());
-    }
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
-    unsafe { queue(f, &l, &params, stream) }
+    if ws.is_none() {
+        return unsafe { queue(f, &l, &params, stream) };
+    }
+    // The tensor maps travel as the kernel's second parameter.
+    let maps = tma_maps(p, t, &launch.config)?;
+    let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
+    unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+    Ok(())
 }
 
 /// Whether the warp-specialized forward takes this problem: a Hopper GPU (unless `no_wgmma` or
