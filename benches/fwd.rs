@@ -3,12 +3,14 @@
 //! events through criterion's `iter_custom`. Besides criterion's report, each shape prints one line
 //! `RESULT ours <shape> <median ms> <TFLOP/s>` that benches/compare.py joins with PyTorch's numbers.
 //! Skips with a notice when there is no GPU. FLOPs: 4 * B * H * Sq * Sk * D, halved for causal.
+//! The ragged batch also runs over paged K/V (`varlen_fwd_paged`: pages of 16, 64 and 256 rows, each
+//! sequence's pages scattered over the pool), named `paged/...`, to set against the contiguous row.
 //! Filter shapes with FA_BENCH_FILTER=substring.
 
 mod common;
 
 use common::{bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, ragged_lengths, ragged_name, RAGGED_D, RAGGED_H};
-use flash_attn::{cuda, fwd, varlen_fwd, AttnOptions, Varlen};
+use flash_attn::{cuda, fwd, varlen_fwd, varlen_fwd_paged, AttnOptions, Device, PagedVarlen, Tensor, Varlen};
 
 fn main() {
     if !cuda::available() {
@@ -38,4 +40,31 @@ fn main() {
         let opts = AttnOptions { causal, ..Default::default() };
         bench(&mut c, "ours", &ragged_name(causal), flops, || varlen_fwd(&q, &k, &v, &varlen, &opts).map(|o| drop(std::hint::black_box(o))));
     }
+    for page in [16, 64, 256] {
+        let max_blocks = max.div_ceil(page);
+        let blocks: usize = lens.iter().map(|l| l.div_ceil(page)).sum::<usize>() + 7;
+        // Sequence b's i-th page: a fixed scatter over the pool (stride coprime with its size).
+        let stride = (1..).map(|s| 2 * s + 1).find(|s| gcd(*s, blocks) == 1).unwrap();
+        let mut next = 0;
+        let mut table = vec![0i32; lens.len() * max_blocks];
+        for (b, l) in lens.iter().enumerate() {
+            for i in 0..l.div_ceil(page) {
+                table[b * max_blocks + i] = ((next * stride) % blocks) as i32;
+                next += 1;
+            }
+        }
+        let table = Tensor::from_i32(table, &[lens.len(), max_blocks]).unwrap().to_device(Device::Cuda(0)).unwrap();
+        let (kp, vp) = (device_tensor(&[blocks, page, h, d], 7), device_tensor(&[blocks, page, h, d], 8));
+        for causal in [false, true] {
+            let flops: f64 = lens.iter().map(|&l| fwd_flops(h, l, l, d, causal)).sum();
+            let paged = PagedVarlen { cu_seqlens_q: &cu, cu_seqlens_k: Some(&cu), max_seqlen_q: max, max_seqlen_k: max, seqused_q: None, seqused_k: None, block_table: &table };
+            let opts = AttnOptions { causal, ..Default::default() };
+            let name = format!("paged/hdim{d}/ragged64/page{page}/h{h}/causal{}", causal as u8);
+            bench(&mut c, "ours", &name, flops, || varlen_fwd_paged(&q, &kp, &vp, &paged, &opts).map(|o| drop(std::hint::black_box(o))));
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
