@@ -347,6 +347,17 @@ pub(crate) fn pack_p<E: WgElem, const NN: usize, const KP: usize>(acc_s: &[[f32;
     }
 }
 
+/// O's rows (this thread's two: g and g + 8 of its warp's 16) times their softmax rescale factors.
+#[inline(always)]
+pub(crate) fn rescale_o<const DN: usize>(acc_o: &mut [[f32; 4]; DN], factor: &[f32; 2]) {
+    for frag in acc_o.iter_mut() {
+        frag[0] *= factor[0];
+        frag[1] *= factor[0];
+        frag[2] *= factor[1];
+        frag[3] *= factor[1];
+    }
+}
+
 /// Rows of the block inside the sequence (at most BM) and its key tiles `[n_min, n_max)`.
 #[inline(always)]
 pub(crate) fn block_plan<const BN: usize>(a: &BlockArgs) -> (i32, i32, i32) {
@@ -435,12 +446,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa_next, &mut factor, n_max - 2 - i, rows, warp, scale_log2);
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
-            for frag in acc_o.iter_mut() {
-                frag[0] *= factor[0];
-                frag[1] *= factor[0];
-                frag[2] *= factor[1];
-                frag[3] *= factor[1];
-            }
+            rescale_o(&mut acc_o, &factor);
             pa = pa_next;
             i += 1;
         }

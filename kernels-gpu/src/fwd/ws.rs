@@ -5,7 +5,7 @@
 //! The consumers take turns at the tensor cores (one's products run under the other's softmax), and the
 //! grid is persistent: blocks stride over (row block, head, sequence) tiles, heaviest row blocks first.
 
-use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, softmax, softmax_in_place, wait_acc, Tile, WgElem};
+use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, rescale_o, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
 use crate::arch::smem;
@@ -294,12 +294,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
             release(&pipes.v, &mut st.v);
-            for frag in acc_o.iter_mut() {
-                frag[0] *= factor[0];
-                frag[1] *= factor[0];
-                frag[2] *= factor[1];
-                frag[3] *= factor[1];
-            }
+            rescale_o(&mut acc_o, &factor);
             pack_p::<E, NN, KP>(&acc_s, &mut pa);
             i += 1;
         }
