@@ -71,6 +71,12 @@ fn visible(i: usize, j: usize, sq: usize, sk: usize, (l, r): (Option<usize>, Opt
 /// Reference attention on f32 `[B, Sq, Hq, D]`, `[B, Sk, Hk, D]`: (out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]`).
 /// `win` is resolved (see `resolve`).
 fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, win: (Option<usize>, Option<usize>), softcap: f32) -> Result<(Tensor, Tensor)> {
+    reference_with(q, k, v, scale, win, softcap, None)
+}
+
+/// `reference` with ALiBi: f32 slopes `[Hq]` or `[B, Hq]` add `-slope * |i + sk - sq - j|` to the
+/// (scaled, softcapped) score of query i and key j.
+fn reference_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, win: (Option<usize>, Option<usize>), softcap: f32, alibi: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let (b, sq, hq, d) = q.dims4()?;
     let (_, sk, hk, _) = k.dims4()?;
     let dev = q.device();
@@ -88,6 +94,12 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, win: (Option<usize>
         for j in 0..sk {
             m01[i * sk + j] = if visible(i, j, sq, sk, win) { 1.0 } else { 0.0 };
         }
+    }
+    if let Some(slopes) = alibi {
+        let dist: Vec<f32> = (0..sq * sk).map(|x| ((x / sk) as f32 + sk as f32 - sq as f32 - (x % sk) as f32).abs()).collect();
+        let dist = Tensor::from_vec(dist, (1, 1, sq, sk), dev)?;
+        let slopes = slopes.reshape((slopes.elem_count() / hq, hq, 1, 1))?;
+        s = s.broadcast_sub(&slopes.broadcast_mul(&dist)?)?;
     }
     let mask01 = Tensor::from_vec(m01, (1, 1, sq, sk), dev)?;
     let maskneg = ((mask01.clone() - 1.0)? * 1e30)?;
@@ -297,8 +309,8 @@ fn op_struct_matches_functions() {
     for (name, a, b) in [("dq", &q1, &q2), ("dk", &k1, &k2), ("dv", &v1, &v2)] {
         check_abs(name, g1.get(a.as_tensor()).unwrap(), g2.get(b.as_tensor()).unwrap(), 0.0);
     }
-    let alibi = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
-    expect_err("FlashAttn op with alibi", || q.apply_op3(&k, &v, fa::FlashAttn { alibi_slopes: Some(alibi.clone()), ..op() }));
+    let alibi = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    expect_err("FlashAttn op with alibi [Hq - 1]", || q.apply_op3(&k, &v, fa::FlashAttn { alibi_slopes: Some(alibi.clone()), ..op() }));
     expect_err("FlashAttn op with rank-3 k", || q.apply_op3(&k.get(0).unwrap(), &v, op()));
     expect_err("FlashAttn op with f32", || q.to_dtype(DType::F32)?.apply_op3(&k.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, op()));
 }
@@ -497,77 +509,272 @@ fn varlen_i32_seqlens() {
     check_abs("i32 == u32 seqlens", &a, &b, 0.0);
 }
 
-/// The paged cache against varlen over the same keys laid out contiguously.
-fn paged_case(rng: &mut StdRng, dev: &Device) {
-    let (hq, hk, d, pbs, nblocks) = (4, 2, 64, 16, 12);
-    let dtype = DType::BF16;
-    let lens_q = [5usize, 1, 9];
-    let lens_k = [40usize, 16, 3];
-    let max_blocks = 3;
-    // A random permutation of blocks, max_blocks per sequence; unused entries are garbage.
+/// A paged K/V cache and the same keys laid out contiguously (varlen), for comparing the two.
+struct PagedSetup {
+    q: Tensor,
+    /// The cache `[nblocks, pbs, Hk, D]`.
+    kc: Tensor,
+    vc: Tensor,
+    /// Each sequence's keys in order, packed `[Tk, Hk, D]`.
+    k: Tensor,
+    v: Tensor,
+    /// Row of the flattened cache each packed key comes from (to map packed gradients onto the cache).
+    map: Vec<u32>,
+    table: Vec<u32>,
+    batch: usize,
+    max_blocks: usize,
+    nblocks: usize,
+    pbs: usize,
+    cq: Vec<u32>,
+    ck: Vec<u32>,
+    max_q: usize,
+    max_k: usize,
+    /// Loss weights: loss = sum(out * w).
+    w: Tensor,
+}
+
+/// Random lengths (some 0), a random block table over a cache with `spare` blocks no sequence uses,
+/// garbage entries past each sequence's blocks (and a spare column), and with `share` the first block
+/// of sequence 1 also sequence 0's (prefix sharing: its gradients sum).
+#[allow(clippy::too_many_arguments)]
+fn paged_setup(rng: &mut StdRng, pbs: usize, hq: usize, hk: usize, d: usize, lens_q: &[usize], lens_k: &[usize], spare: usize, share: bool, dtype: DType) -> PagedSetup {
+    let batch = lens_q.len();
+    let need: Vec<usize> = lens_k.iter().map(|l| l.div_ceil(pbs)).collect();
+    let max_blocks = need.iter().copied().max().unwrap_or(0) + 1;
+    let nblocks = need.iter().sum::<usize>() + spare;
     let mut perm: Vec<u32> = (0..nblocks as u32).collect();
     for i in (1..perm.len()).rev() {
         perm.swap(i, rng.gen_range(0..=i));
     }
-    let mut table = vec![0u32; lens_q.len() * max_blocks];
-    for b in 0..lens_q.len() {
+    let mut next = perm.into_iter();
+    let mut table = vec![0u32; batch * max_blocks];
+    for b in 0..batch {
         for s in 0..max_blocks {
-            table[b * max_blocks + s] = if s * pbs < lens_k[b] { perm[b * max_blocks + s] } else { u32::MAX - s as u32 };
+            table[b * max_blocks + s] = if s < need[b] { next.next().unwrap() } else { [u32::MAX - s as u32, rng.gen_range(0..1000), nblocks as u32][s % 3] };
         }
+    }
+    if share && batch > 1 && need[0] > 0 && need[1] > 0 {
+        table[max_blocks] = table[0];
     }
     let kc = rand_tensor(rng, &[nblocks, pbs, hk, d], 2.0, dtype);
     let vc = rand_tensor(rng, &[nblocks, pbs, hk, d], 1.0, dtype);
-    let tq: usize = lens_q.iter().sum();
-    let q = rand_tensor(rng, &[tq, hq, d], 2.0, dtype);
-    // Contiguous copy of each sequence's keys.
-    let gather = |c: &Tensor| -> Tensor {
-        let mut parts = vec![];
-        for b in 0..lens_q.len() {
-            for s in 0..lens_k[b].div_ceil(pbs) {
-                let blk = c.get(table[b * max_blocks + s] as usize).unwrap();
-                parts.push(blk.narrow(0, 0, (lens_k[b] - s * pbs).min(pbs)).unwrap());
-            }
+    let q = rand_tensor(rng, &[lens_q.iter().sum(), hq, d], 2.0, dtype);
+    let mut map = vec![];
+    for b in 0..batch {
+        for j in 0..lens_k[b] {
+            map.push(table[b * max_blocks + j / pbs] * pbs as u32 + (j % pbs) as u32);
         }
-        Tensor::cat(&parts, 0).unwrap()
-    };
-    let (k, v) = (gather(&kc), gather(&vc));
-    let (cq, ck) = (cumsum(&lens_q), cumsum(&lens_k));
-    for win in [(None, None), (None, Some(0)), (Some(4), Some(2))] {
-        let want = fa::flash_attn_varlen_windowed(&q, &k, &v, &u32s(&cq, &Device::Cpu), &u32s(&ck, &Device::Cpu), 9, 40, 0.125, win.0, win.1).unwrap();
-        let got = fa::flash_attn_varlen_paged_windowed(
-            &q.to_device(dev).unwrap(),
-            &kc.to_device(dev).unwrap(),
-            &vc.to_device(dev).unwrap(),
-            &u32s(&cq, dev),
-            &u32s(&ck, dev),
-            &u32s(&table, dev).reshape((lens_q.len(), max_blocks)).unwrap(),
-            None,
-            9,
-            40,
-            0.125,
-            win.0,
-            win.1,
-            pbs,
-            None,
-        )
-        .unwrap();
-        check(&format!("paged {win:?} vs varlen"), &got, &want, out_tol(dtype));
     }
-    // An i32 block table with -1 past each sequence's blocks (CPU only: candle's CUDA backend cannot cast
-    // i32).
-    if dev.is_cpu() {
-        let table_i32: Vec<i32> = table.iter().map(|&x| if x >= nblocks as u32 { -1 } else { x as i32 }).collect();
-        let table_i32 = Tensor::new(table_i32.as_slice(), dev).unwrap().reshape((lens_q.len(), max_blocks)).unwrap();
-        let want = fa::flash_attn_varlen(&q, &k, &v, &u32s(&cq, dev), &u32s(&ck, dev), 9, 40, 0.125, true).unwrap();
-        let got = fa::flash_attn_varlen_paged_windowed(&q, &kc, &vc, &u32s(&cq, dev), &u32s(&ck, dev), &table_i32, None, 9, 40, 0.125, None, Some(0), pbs, None).unwrap();
-        check("paged (i32 table) vs varlen", &got, &want, out_tol(dtype));
+    let rows = Tensor::new(map.as_slice(), &Device::Cpu).unwrap();
+    let gather = |c: &Tensor| c.reshape((nblocks * pbs, hk, d)).unwrap().index_select(&rows, 0).unwrap();
+    let (k, v) = (gather(&kc), gather(&vc));
+    let max_q = lens_q.iter().copied().max().unwrap_or(0);
+    let max_k = lens_k.iter().copied().max().unwrap_or(0);
+    let w = rand_tensor(rng, q.dims(), 1.0, DType::F32);
+    PagedSetup { q, kc, vc, k, v, map, table, batch, max_blocks, nblocks, pbs, cq: cumsum(lens_q), ck: cumsum(lens_k), max_q, max_k, w }
+}
+
+/// Forward and gradients of the paged call on `dev` against varlen over the contiguous keys on the CPU
+/// (the packed dk, dv summed onto the cache rows they come from): bitwise on the CPU (`exact`), else
+/// within the tolerances. `table_i32`: the block table as i32 (garbage entries as -1 or beyond).
+fn paged_vs_contiguous(p: &PagedSetup, dev: &Device, win: (Option<usize>, Option<usize>), softcap: f32, table_i32: bool, exact: bool) {
+    let dtype = p.q.dtype();
+    let (hk, d) = (p.kc.dim(2).unwrap(), p.kc.dim(3).unwrap());
+    let scale = 1.0 / (d as f32).sqrt();
+    let w = &p.w;
+    let cpu = Device::Cpu;
+
+    // Varlen over the contiguous keys, on the CPU.
+    let [rq, rk, rv] = [&p.q, &p.k, &p.v].map(|t| Var::from_tensor(t).unwrap());
+    let (cq, ck) = (u32s(&p.cq, &cpu), u32s(&p.ck, &cpu));
+    let want = fa::flash_attn_varlen_alibi_windowed_softcap(&rq, &rk, &rv, None, &cq, &ck, p.max_q, p.max_k, scale, win.0, win.1, softcap).unwrap();
+    let rgrads = (want.to_dtype(DType::F32).unwrap() * w).unwrap().sum_all().unwrap().backward().unwrap();
+    let rows = Tensor::new(p.map.as_slice(), &cpu).unwrap();
+    let onto_cache = |g: &Tensor| {
+        Tensor::zeros((p.nblocks * p.pbs, hk, d), dtype, &cpu).unwrap().index_add(&rows, g, 0).unwrap().reshape(p.kc.dims()).unwrap()
+    };
+    let want_dk = onto_cache(rgrads.get(&rk).unwrap());
+    let want_dv = onto_cache(rgrads.get(&rv).unwrap());
+
+    // Paged, on `dev`.
+    let [q, kc, vc] = [&p.q, &p.kc, &p.vc].map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap());
+    let table = if table_i32 {
+        let t: Vec<i32> = p.table.iter().map(|&x| if x >= p.nblocks as u32 { -1 } else { x as i32 }).collect();
+        Tensor::new(t.as_slice(), &cpu).unwrap().to_device(dev).unwrap()
+    } else {
+        u32s(&p.table, dev)
+    };
+    let table = table.reshape((p.batch, p.max_blocks)).unwrap();
+    let got = fa::flash_attn_varlen_paged_windowed(&q, &kc, &vc, &u32s(&p.cq, dev), &u32s(&p.ck, dev), &table, None, p.max_q, p.max_k, scale, win.0, win.1, p.pbs, Some(softcap))
+        .unwrap();
+    assert_eq!(got.dims(), p.q.dims());
+    let grads = (got.to_dtype(DType::F32).unwrap() * w.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let (dq, dk, dv) = (grads.get(&q).expect("no dq"), grads.get(&kc).expect("no dk"), grads.get(&vc).expect("no dv"));
+    assert_eq!(dk.dims(), p.kc.dims());
+    let results = [("out", &got, &want, out_tol(dtype)), ("dq", dq, rgrads.get(&rq).unwrap(), grad_tol(dtype)), ("dk", dk, &want_dk, grad_tol(dtype)), ("dv", dv, &want_dv, grad_tol(dtype))];
+    for (name, got, want, tol) in results {
+        if exact {
+            check_abs(&format!("paged {name} == contiguous"), got, want, 0.0);
+        } else {
+            check(&format!("paged {name} vs contiguous"), got, want, tol);
+        }
+    }
+}
+
+/// Page sizes 1, 3, 16 (and any others given), random tables with spare blocks, shared blocks, GQA,
+/// windows, softcap, u32 and i32 tables.
+fn paged_cases(rng: &mut StdRng, dev: &Device, page_sizes: &[usize], exact: bool) {
+    for &pbs in page_sizes {
+        for (i, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
+            let mut lens = |n: usize, max: usize| -> Vec<usize> { (0..n).map(|_| rng.gen_range(0..=max)).collect() };
+            let (lens_q, mut lens_k) = (lens(3, 12), lens(3, 45));
+            lens_k[1] = lens_k[1].max(1);
+            lens_k[0] = lens_k[0].max(pbs); // sequence 0 has a first block to share
+            let (hq, hk, d) = [(4, 2, 64), (2, 2, 128)][i];
+            let p = paged_setup(rng, pbs, hq, hk, d, &lens_q, &lens_k, 5, i == 1, dtype);
+            for (win, softcap) in [((None, None), 0.0), ((None, Some(0)), 0.0), ((Some(5), Some(2)), 0.0), ((None, Some(0)), 15.0)] {
+                println!("paged pbs {pbs} {dtype:?} lens_q {lens_q:?} lens_k {lens_k:?} hq {hq} hk {hk} d {d} win {win:?} softcap {softcap} shared {} on {:?}", i == 1, dev.location());
+                paged_vs_contiguous(&p, dev, win, softcap, false, exact);
+            }
+            println!("paged pbs {pbs} i32 table on {:?}", dev.location());
+            paged_vs_contiguous(&p, dev, (None, Some(0)), 0.0, true, exact);
+        }
     }
 }
 
 #[test]
-fn paged_matches_varlen() {
+fn paged_matches_contiguous_bitwise() {
     let mut rng = StdRng::seed_from_u64(seed());
-    paged_case(&mut rng, &Device::Cpu);
+    paged_cases(&mut rng, &Device::Cpu, &[1, 3, 16], true);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// ALiBi
+
+/// ALiBi slopes f32 `[Hq]` or `[B, Hq]` (`per_batch`), on the CPU.
+fn slopes(rng: &mut StdRng, b: usize, hq: usize, per_batch: bool) -> Tensor {
+    let n = if per_batch { b * hq } else { hq };
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(0.02f32..0.8)).collect();
+    let t = Tensor::from_vec(v, n, &Device::Cpu).unwrap();
+    if per_batch { t.reshape((b, hq)).unwrap() } else { t }
+}
+
+/// Dense ALiBi through every function that takes slopes (and the op struct): forward and gradients
+/// against the reference.
+#[test]
+fn alibi_dense_forward_and_gradients() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let c = |b, sq, sk, hq, hk, d, win, softcap, dtype| Dense { b, sq, sk, hq, hk, d, win, softcap, dtype };
+    let cases = [
+        c(2, 29, 29, 4, 2, 64, (None, None), 0.0, DType::BF16),
+        c(2, 19, 37, 4, 4, 64, (None, Some(0)), 0.0, DType::F16),
+        c(1, 37, 19, 6, 2, 128, (None, Some(0)), 0.0, DType::BF16),
+        c(2, 24, 31, 2, 1, 32, (Some(6), Some(3)), 0.0, DType::F16),
+        c(1, 30, 30, 4, 2, 96, (Some(4), Some(0)), 8.0, DType::BF16),
+        c(2, 17, 23, 2, 2, 64, (None, None), 12.0, DType::F16),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        for per_batch in [false, true] {
+            println!("alibi {c:?} per_batch {per_batch}");
+            let (q, k, v) = dense_inputs(&mut rng, c);
+            let al = slopes(&mut rng, c.b, c.hq, per_batch);
+            let scale = 1.0 / (c.d as f32).sqrt();
+            let w = rand_tensor(&mut rng, &[c.b, c.sq, c.hq, c.d], 1.0, DType::F32);
+            let (rq, rk, rv) = (f32v(&q), f32v(&k), f32v(&v));
+            let (rout, _) = reference_with(rq.as_tensor(), rk.as_tensor(), rv.as_tensor(), scale, resolve(c.win, c.sk), c.softcap, Some(&al)).unwrap();
+            let rgrads = (&rout * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let [qv, kv, vv] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let (qt, kt, vt) = (qv.as_tensor(), kv.as_tensor(), vv.as_tensor());
+            let out = match (c.win, c.softcap, i % 2) {
+                ((None, None), 0.0, _) => fa::flash_attn_alibi(qt, kt, vt, &al, scale, false),
+                ((None, Some(0)), 0.0, 0) => fa::flash_attn_alibi(qt, kt, vt, &al, scale, true),
+                ((l, r), 0.0, _) => fa::flash_attn_alibi_windowed(qt, kt, vt, &al, scale, l, r),
+                ((l, r), cap, _) => fa::flash_attn_alibi_windowed_softcap(qt, kt, vt, Some(&al), scale, l, r, cap),
+            }
+            .unwrap();
+            check("out", &out, &rout, out_tol(c.dtype));
+            let grads = (out.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, ours, theirs) in [("dq", &qv, &rq), ("dk", &kv, &rk), ("dv", &vv, &rv)] {
+                check(name, grads.get(ours.as_tensor()).expect("no gradient"), rgrads.get(theirs.as_tensor()).unwrap(), grad_tol(c.dtype));
+            }
+            // The op struct: the same forward and gradients.
+            if c.softcap == 0.0 {
+                let op = fa::FlashAttn { softmax_scale: scale, alibi_slopes: Some(al.clone()), window_size_left: c.win.0, window_size_right: c.win.1, softcap: None };
+                let [q2, k2, v2] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+                let out2 = q2.apply_op3(&k2, &v2, op).unwrap();
+                check_abs("FlashAttn op (alibi) out", &out2, &out, 0.0);
+                let g2 = (out2.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                for (name, a, b) in [("dq", &q2, &qv), ("dk", &k2, &kv), ("dv", &v2, &vv)] {
+                    check_abs(&format!("FlashAttn op (alibi) {name}"), g2.get(a.as_tensor()).unwrap(), grads.get(b.as_tensor()).unwrap(), 0.0);
+                }
+            }
+        }
+    }
+}
+
+/// Varlen ALiBi (slopes over each sequence's own lengths) through every varlen function that takes
+/// them: forward and gradients against per-sequence reference calls.
+#[test]
+fn alibi_varlen_forward_and_gradients() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let cases = [
+        (vec![13usize, 0, 29], vec![21usize, 7, 29], 4, 2, 64, (None, None), 0.0, DType::BF16),
+        (vec![9, 31], vec![40, 31], 4, 4, 128, (None, Some(0)), 0.0, DType::F16),
+        (vec![17, 5, 22], vec![17, 12, 3], 2, 1, 64, (Some(5), Some(1)), 0.0, DType::BF16),
+        (vec![11, 20], vec![25, 8], 4, 2, 32, (None, Some(0)), 10.0, DType::F16),
+    ];
+    for (lens_q, lens_k, hq, hk, d, win, softcap, dtype) in cases {
+        for per_batch in [false, true] {
+            println!("varlen alibi lens_q {lens_q:?} lens_k {lens_k:?} hq {hq} hk {hk} d {d} win {win:?} softcap {softcap} {dtype:?} per_batch {per_batch}");
+            let batch = lens_q.len();
+            let (tq, tk) = (lens_q.iter().sum::<usize>(), lens_k.iter().sum::<usize>());
+            let q = rand_tensor(&mut rng, &[tq, hq, d], 2.0, dtype);
+            let k = rand_tensor(&mut rng, &[tk, hk, d], 2.0, dtype);
+            let v = rand_tensor(&mut rng, &[tk, hk, d], 1.0, dtype);
+            let w = rand_tensor(&mut rng, &[tq, hq, d], 1.0, DType::F32);
+            let al = slopes(&mut rng, batch, hq, per_batch);
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mq, mk) = (*lens_q.iter().max().unwrap(), *lens_k.iter().max().unwrap());
+            let (cq, ck) = (cumsum(&lens_q), cumsum(&lens_k));
+
+            // Reference: one dense call per sequence.
+            let (rq, rk, rv) = (f32v(&q), f32v(&k), f32v(&v));
+            let mut outs = vec![];
+            for b in 0..batch {
+                let (lq, lk) = (lens_q[b], lens_k[b]);
+                if lq == 0 {
+                    continue;
+                }
+                let qb = rq.narrow(0, cq[b] as usize, lq).unwrap().unsqueeze(0).unwrap();
+                let kb = rk.narrow(0, ck[b] as usize, lk).unwrap().unsqueeze(0).unwrap();
+                let vb = rv.narrow(0, ck[b] as usize, lk).unwrap().unsqueeze(0).unwrap();
+                let sb = if per_batch { al.get(b).unwrap() } else { al.clone() };
+                outs.push(reference_with(&qb, &kb, &vb, scale, resolve(win, mk), softcap, Some(&sb)).unwrap().0.squeeze(0).unwrap());
+            }
+            let rout = Tensor::cat(&outs, 0).unwrap();
+            let rgrads = (&rout * &w).unwrap().sum_all().unwrap().backward().unwrap();
+
+            let [qv, kv, vv] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let (qt, kt, vt) = (qv.as_tensor(), kv.as_tensor(), vv.as_tensor());
+            let (cqt, ckt) = (u32s(&cq, &Device::Cpu), u32s(&ck, &Device::Cpu));
+            let out = match (win, softcap) {
+                ((None, None), 0.0) => fa::flash_attn_varlen_alibi(qt, kt, vt, &al, &cqt, &ckt, mq, mk, scale, false),
+                ((None, Some(0)), 0.0) => fa::flash_attn_varlen_alibi(qt, kt, vt, &al, &cqt, &ckt, mq, mk, scale, true),
+                ((l, r), 0.0) => fa::flash_attn_varlen_alibi_windowed(qt, kt, vt, &al, &cqt, &ckt, mq, mk, scale, l, r),
+                ((l, r), cap) => fa::flash_attn_varlen_alibi_windowed_softcap(qt, kt, vt, Some(&al), &cqt, &ckt, mq, mk, scale, l, r, cap),
+            }
+            .unwrap();
+            check("out", &out, &rout, out_tol(dtype));
+            if softcap == 0.0 {
+                let out2 = fa::flash_attn_varlen_alibi_windowed(qt, kt, vt, &al, &cqt, &ckt, mq, mk, scale, win.0, win.1).unwrap();
+                check_abs("varlen_alibi_windowed == the same call", &out2, &out, 0.0);
+            }
+            let grads = (out.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, ours, theirs) in [("dq", &qv, &rq), ("dk", &kv, &rk), ("dv", &vv, &rv)] {
+                check(name, grads.get(ours.as_tensor()).expect("no gradient"), rgrads.get(theirs.as_tensor()).unwrap(), grad_tol(dtype));
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -600,6 +807,11 @@ fn bad_inputs_are_errors() {
     let k_b2 = t(&mut rng, &[2, 8, 2, 64], bf);
     let k_d32 = t(&mut rng, &[1, 8, 2, 32], bf);
     let alibi = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    let alibi3 = Tensor::zeros(3, DType::F32, &dev).unwrap();
+    let alibi_b2 = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+    let alibi_r3 = Tensor::zeros((1, 1, 4), DType::F32, &dev).unwrap();
+    let alibi_bf16 = alibi.to_dtype(bf).unwrap();
+    let alibi_strided = Tensor::zeros((4, 2), DType::F32, &dev).unwrap().narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
     let (qr, kr) = (&q, &k);
 
     // Dense.
@@ -616,9 +828,17 @@ fn bad_inputs_are_errors() {
     expect_err("v shape != k shape", || fa::flash_attn(qr, kr, &k_b2, 0.1, false));
     expect_err("windowed: f32", || fa::flash_attn_windowed(&q32, &k32, &k32, 0.1, Some(1), None));
     expect_err("windowed: rank", || fa::flash_attn_windowed(&q3, &k3, &k3, 0.1, Some(1), Some(0)));
-    expect_err("alibi", || fa::flash_attn_alibi(qr, kr, kr, &alibi, 0.1, true));
-    expect_err("alibi_windowed", || fa::flash_attn_alibi_windowed(qr, kr, kr, &alibi, 0.1, None, None));
-    expect_err("alibi_windowed_softcap Some(alibi)", || fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, Some(&alibi), 0.1, None, None, 0.0));
+    assert!(fa::flash_attn_alibi(qr, kr, kr, &alibi, 0.1, true).is_ok(), "alibi: the good call must work");
+    assert!(fa::flash_attn_alibi(qr, kr, kr, &alibi_strided, 0.1, true).is_ok(), "alibi: strided slopes are copied");
+    expect_err("alibi [Hq - 1]", || fa::flash_attn_alibi(qr, kr, kr, &alibi3, 0.1, true));
+    expect_err("alibi [B + 1, Hq]", || fa::flash_attn_alibi(qr, kr, kr, &alibi_b2, 0.1, true));
+    expect_err("alibi rank 3", || fa::flash_attn_alibi(qr, kr, kr, &alibi_r3, 0.1, true));
+    expect_err("alibi bf16", || fa::flash_attn_alibi(qr, kr, kr, &alibi_bf16, 0.1, true));
+    expect_err("alibi f32 q", || fa::flash_attn_alibi(&q32, &k32, &k32, &alibi, 0.1, true));
+    expect_err("alibi_windowed [Hq - 1]", || fa::flash_attn_alibi_windowed(qr, kr, kr, &alibi3, 0.1, None, None));
+    expect_err("alibi_windowed_softcap Some([Hq - 1])", || fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, Some(&alibi3), 0.1, None, None, 0.0));
+    expect_err("FlashAttn op alibi [Hq - 1]", || q.apply_op3(kr, kr, fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(alibi3.clone()), window_size_left: None, window_size_right: None, softcap: None }));
+    expect_err("FlashAttn op alibi bf16", || q.apply_op3(kr, kr, fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(alibi_bf16.clone()), window_size_left: None, window_size_right: None, softcap: None }));
     expect_err("alibi_windowed_softcap bad head dim", || fa::flash_attn_alibi_windowed_softcap(&q_d40, &k_d40, &k_d40, None, 0.1, None, None, 1.0));
     expect_err("with_lse f32", || fa::flash_attn_with_lse(&q32, &k32, &k32, 0.1, true).map(|r| r.0));
     expect_err("windowed_softcap_with_lse Hq % Hk", || fa::flash_attn_windowed_softcap_with_lse(&q_h3, kr, kr, 0.1, None, None, 0.0).map(|r| r.0));
@@ -654,9 +874,12 @@ fn bad_inputs_are_errors() {
     expect_err("max_seqlen_q too small", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, cur, 2, 5, 0.1, false));
     expect_err("max_seqlen_k too small", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, cur, 5, 2, 0.1, false));
     expect_err("varlen_windowed seqlens len", || fa::flash_attn_varlen_windowed(q3r, k3r, k3r, cur, &cu2, 5, 8, 0.1, Some(2), Some(0)));
-    expect_err("varlen_alibi", || fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi, cur, cur, 5, 5, 0.1, true));
-    expect_err("varlen_alibi_windowed", || fa::flash_attn_varlen_alibi_windowed(q3r, k3r, k3r, &alibi, cur, cur, 5, 5, 0.1, None, Some(0)));
-    expect_err("varlen_alibi_windowed_softcap Some", || fa::flash_attn_varlen_alibi_windowed_softcap(q3r, k3r, k3r, Some(&alibi), cur, cur, 5, 5, 0.1, None, None, 0.0));
+    assert!(fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi_b2, cur, cur, 5, 5, 0.1, true).is_ok(), "varlen_alibi [B, Hq]: the good call must work");
+    expect_err("varlen_alibi [Hq - 1]", || fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi3, cur, cur, 5, 5, 0.1, true));
+    expect_err("varlen_alibi [B + 1, Hq]", || fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi_b2, &cu2, &cu2, 8, 8, 0.1, true));
+    expect_err("varlen_alibi bad lens", || fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi, &cu_long, cur, 6, 5, 0.1, true));
+    expect_err("varlen_alibi_windowed bf16 slopes", || fa::flash_attn_varlen_alibi_windowed(q3r, k3r, k3r, &alibi_bf16, cur, cur, 5, 5, 0.1, None, Some(0)));
+    expect_err("varlen_alibi_windowed_softcap Some(rank 3)", || fa::flash_attn_varlen_alibi_windowed_softcap(q3r, k3r, k3r, Some(&alibi_r3), cur, cur, 5, 5, 0.1, None, None, 0.0));
     expect_err("varlen_alibi_windowed_softcap f32", || fa::flash_attn_varlen_alibi_windowed_softcap(&q3_32, &q3_32, &q3_32, None, cur, cur, 5, 5, 0.1, None, None, 0.0));
     expect_err("varlen_with_lse bad lens", || fa::flash_attn_varlen_with_lse(q3r, k3r, k3r, &cu_long, cur, 6, 5, 0.1, true).map(|r| r.0));
     expect_err("varlen_windowed_softcap_with_lse rank", || fa::flash_attn_varlen_windowed_softcap_with_lse(qr, kr, kr, cur, cur, 5, 5, 0.1, None, None, 0.0).map(|r| r.0));
@@ -690,6 +913,26 @@ fn bad_inputs_are_errors() {
     expect_err("paged seqlens_k length", || paged(q3r, kcr, cur, &cu2, tr, None, 16));
     expect_err("paged seqlens_k decreasing", || paged(q3r, kcr, cur, &u32s(&[0, 20, 10], &dev), tr, None, 16));
     expect_err("paged q f32", || paged(&q3_32, kcr, cur, cukr, tr, None, 16));
+    expect_err("paged q rank 4", || paged(qr, kcr, cur, cukr, tr, None, 16));
+    expect_err("paged v shape != k shape", || {
+        fa::flash_attn_varlen_paged_windowed(q3r, kcr, &kc.narrow(0, 0, 3)?, cur, cukr, tr, None, 5, 20, 0.1, None, None, 16, None)
+    });
+    expect_err("paged v dtype != k dtype", || {
+        fa::flash_attn_varlen_paged_windowed(q3r, kcr, &kc.to_dtype(DType::F16)?, cur, cukr, tr, None, 5, 20, 0.1, None, None, 16, None)
+    });
+    expect_err("paged page_block_size 0", || paged(q3r, &kc.narrow(1, 0, 0).unwrap(), cur, &u32s(&[0, 0, 0], &dev), tr, None, 0));
+    expect_err("paged block_table rows != B", || paged(q3r, kcr, cur, cukr, &u32s(&[0, 1, 2], &dev).reshape((3, 1)).unwrap(), None, 16));
+    expect_err("paged block entry out of range", || paged(q3r, kcr, cur, cukr, &u32s(&[0, 1, 4, 3], &dev).reshape((2, 2)).unwrap(), None, 16));
+    let tbl_neg = Tensor::new(&[0i32, 1, -1, 3], &dev).unwrap().reshape((2, 2)).unwrap();
+    expect_err("paged block entry -1 (i32)", || paged(q3r, kcr, cur, cukr, &tbl_neg, None, 16));
+    expect_err("paged keys past the table row", || {
+        fa::flash_attn_varlen_paged_windowed(q3r, kcr, kcr, cur, &u32s(&[0, 20, 53], &dev), tr, None, 5, 40, 0.1, None, None, 16, None)
+    });
+    expect_err("paged max_seqlen_k too small", || fa::flash_attn_varlen_paged_windowed(q3r, kcr, kcr, cur, cukr, tr, None, 5, 19, 0.1, None, None, 16, None));
+    expect_err("paged max_seqlen_q too small", || fa::flash_attn_varlen_paged_windowed(q3r, kcr, kcr, cur, cukr, tr, None, 4, 20, 0.1, None, None, 16, None));
+    expect_err("paged seqlens_q past total_q", || paged(q3r, kcr, &cu_long, cukr, tr, None, 16));
+    expect_err("paged head dim 40", || paged(&q3_d40, &t(&mut rng, &[4, 16, 2, 40], bf), cur, cukr, tr, None, 16));
+    expect_err("paged Hq % Hk", || paged(&q3_h3, kcr, cur, cukr, tr, None, 16));
 }
 
 /// Odd but legal-looking inputs must not panic (an error or a result, either is fine).
@@ -749,7 +992,7 @@ fn cuda_forward_and_gradients() {
     for p in packed_cases(&mut rng) {
         packed_case(&mut rng, &p, &dev);
     }
-    paged_case(&mut rng, &dev);
+    paged_cases(&mut rng, &dev, &[1, 3, 16], false);
     // CUDA results against our CPU path on the same inputs (also covers a longer sequence).
     let c = Dense { b: 2, sq: 300, sk: 517, hq: 8, hk: 2, d: 128, win: (None, Some(0)), softcap: 0.0, dtype: DType::BF16 };
     let (q, k, v) = dense_inputs(&mut rng, &c);
@@ -762,4 +1005,45 @@ fn cuda_forward_and_gradients() {
     let q3 = q.get(0).unwrap().to_device(&dev).unwrap();
     let k3 = k.get(0).unwrap().to_device(&dev).unwrap();
     expect_err("seqlens on cpu, q on cuda", || fa::flash_attn_varlen(&q3, &k3, &k3, &u32s(&[0, 300], &Device::Cpu), &u32s(&[0, 517], &Device::Cpu), 300, 517, 0.1, false));
+}
+
+/// The paged forward on CUDA (zero-copy over the cache; page sizes for both the cp.async kernels and
+/// Hopper's warp-specialized one) and its backward, against varlen over contiguous keys on the CPU; and
+/// ALiBi on CUDA tensors: an error carrying the library's Unsupported message (no kernels yet).
+#[test]
+fn cuda_paged_and_alibi() {
+    let dev = match cuda_device() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("SKIPPED candle cuda: {why}");
+            return;
+        }
+    };
+    let mut rng = StdRng::seed_from_u64(seed());
+    paged_cases(&mut rng, &dev, &[1, 3, 8, 16, 32, 64, 256], false);
+    // A longer cache: several pages per sequence on the warp-specialized kernel, GQA, causal.
+    let p = paged_setup(&mut rng, 64, 8, 2, 128, &[300, 1, 77], &[700, 513, 77], 7, true, DType::BF16);
+    paged_vs_contiguous(&p, &dev, (None, Some(0)), 0.0, false, false);
+
+    let (q, k) = (rand_tensor(&mut rng, &[1, 8, 4, 64], 1.0, DType::BF16).to_device(&dev).unwrap(), rand_tensor(&mut rng, &[1, 8, 2, 64], 1.0, DType::BF16).to_device(&dev).unwrap());
+    let al = slopes(&mut rng, 1, 4, false).to_device(&dev).unwrap();
+    let (q3, k3) = (q.squeeze(0).unwrap(), k.squeeze(0).unwrap());
+    let cu = u32s(&[0, 8], &dev);
+    let unsupported = |what: &str, r: Result<Tensor>| match r {
+        Ok(_) => panic!("{what}: ALiBi on CUDA must be an error until the kernels exist"),
+        Err(e) => {
+            let msg = e.to_string();
+            println!("  {what}: {msg}");
+            assert!(msg.contains("alibi_slopes") && msg.contains("no CUDA kernels"), "{what}: unexpected error {msg}");
+        }
+    };
+    unsupported("flash_attn_alibi", fa::flash_attn_alibi(&q, &k, &k, &al, 0.1, true));
+    unsupported("flash_attn_alibi_windowed", fa::flash_attn_alibi_windowed(&q, &k, &k, &al, 0.1, Some(3), Some(0)));
+    unsupported("flash_attn_alibi_windowed_softcap", fa::flash_attn_alibi_windowed_softcap(&q, &k, &k, Some(&al), 0.1, None, None, 5.0));
+    unsupported("flash_attn_varlen_alibi", fa::flash_attn_varlen_alibi(&q3, &k3, &k3, &al, &cu, &cu, 8, 8, 0.1, false));
+    unsupported("flash_attn_varlen_alibi_windowed", fa::flash_attn_varlen_alibi_windowed(&q3, &k3, &k3, &al, &cu, &cu, 8, 8, 0.1, None, Some(0)));
+    unsupported("flash_attn_varlen_alibi_windowed_softcap", fa::flash_attn_varlen_alibi_windowed_softcap(&q3, &k3, &k3, Some(&al), &cu, &cu, 8, 8, 0.1, None, None, 0.0));
+    let op = fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(al.clone()), window_size_left: None, window_size_right: None, softcap: None };
+    unsupported("FlashAttn op", q.apply_op3(&k, &k, op));
+    expect_err("alibi slopes on the CPU, q on CUDA", || fa::flash_attn_alibi(&q, &k, &k, &al.to_device(&Device::Cpu)?, 0.1, true));
 }

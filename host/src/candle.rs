@@ -18,13 +18,17 @@
 //! - [`flash_attn_varlen_seqused`] / [`flash_attn_varlen_seqused_with_lse`]: per-slot used lengths
 //!   `seqused_q` / `seqused_k` (u32 `[B]`): only the first `seqused[b]` rows of slot b are real; padding
 //!   rows come out as 0 (lse -inf) and get zero gradients.
+//! - [`flash_attn_varlen_paged_windowed`] is differentiable too (its backward gathers the pages; see
+//!   there), and accepts any page size.
 //!
-//! Not supported (a candle error, never a panic): ALiBi (`alibi_slopes` given: "not supported yet";
-//! `None` works), and `mm_prefix_ranges` of [`flash_attn_varlen_paged_windowed`]. The paged function
-//! itself works, by gathering the used cache blocks with candle ops (a copy, unlike everything else).
+//! ALiBi (`flash_attn_alibi*`, `flash_attn_varlen_alibi*`, `FlashAttn::alibi_slopes`: f32 `[Hq]` or
+//! `[B, Hq]`) runs on the CPU, forward and backward; on CUDA tensors it is a candle error carrying the
+//! library's "alibi_slopes: has no CUDA kernels yet" until the kernels exist. Not supported (a candle
+//! error, never a panic): `mm_prefix_ranges` of [`flash_attn_varlen_paged_windowed`].
 //!
-//! On CUDA (feature `candle-cuda`) the calls are zero-copy on candle's storage: outputs, LSE and the
-//! backward's workspace come from candle's device allocator, the kernels are queued on the device's
+//! On CUDA (feature `candle-cuda`) the calls are zero-copy on candle's storage (the paged forward too:
+//! the kernels read the pages in place): outputs, LSE and the backward's workspace come from candle's
+//! device allocator, the kernels are queued on the device's
 //! candle stream, and nothing synchronizes. Inputs whose head dim is not contiguous (or, on CUDA, whose
 //! rows are not 16-byte aligned) are first copied contiguous with candle ops.
 
@@ -35,7 +39,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, DType as CDType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use crate::raw::{self, BwdViews, FwdViews, Workspace};
+use crate::raw::{self, BwdViews, FwdViews, PagedVarlenViews, Workspace};
 use crate::types::{AttnOptions, DType, Target, VarlenViews, View};
 
 /// A flash-attn error as a candle error, keeping its message (which names the argument at fault).
@@ -64,9 +68,21 @@ struct VarlenArgs {
     seqused_k: Option<Tensor>,
 }
 
+/// The paged K/V cache of a paged varlen call: k and v are `[num_blocks, page_block_size, Hk, D]` and
+/// `block_table` (u32 or i32 `[B, max_blocks]`, contiguous, on q's device) lists each sequence's blocks;
+/// `VarlenArgs::seqlens_k` gives the key counts (its differences).
+#[derive(Clone)]
+struct PagedArgs {
+    block_table: Tensor,
+}
+
 struct FlashAttnOp {
     opts: AttnOptions,
     varlen: Option<VarlenArgs>,
+    /// With `varlen`: k and v are a paged cache (forward `raw::varlen_fwd_paged`).
+    paged: Option<PagedArgs>,
+    /// ALiBi slopes, f32 `[Hq]` or `[B, Hq]` on q's device (last dim contiguous).
+    alibi: Option<Tensor>,
     /// Filled by the forward: the LSE the backward needs (and `*_with_lse` returns). Shared with the
     /// caller, which reads it right after the forward.
     lse: Arc<Mutex<Option<Tensor>>>,
@@ -119,7 +135,11 @@ impl FlashAttnOp {
 
 impl CustomOp3 for FlashAttnOp {
     fn name(&self) -> &'static str {
-        if self.varlen.is_some() { "flash-attn-varlen" } else { "flash-attn" }
+        match (&self.varlen, &self.paged) {
+            (None, _) => "flash-attn",
+            (Some(_), None) => "flash-attn-varlen",
+            (Some(_), Some(_)) => "flash-attn-varlen-paged",
+        }
     }
 
     fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout, k: &CpuStorage, k_l: &Layout, v: &CpuStorage, v_l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -129,19 +149,22 @@ impl CustomOp3 for FlashAttnOp {
         let (out_strides, lse_strides) = (contiguous_strides(&out_shape), contiguous_strides(&lse_shape));
         let mut out = host::alloc(dtype, numel(&out_shape));
         let mut lse = vec![0f32; numel(&lse_shape)];
+        let alibi = self.alibi.as_ref().map(|t| t.storage_and_layout());
         let t = FwdViews {
             q: host::view("q", q, q_l)?,
             k: host::view("k", k, k_l)?,
             v: host::view("v", v, v_l)?,
             out: View { addr: host::addr_mut(&mut out), dtype, shape: &out_shape, strides: &out_strides },
             lse: View { addr: lse.as_mut_ptr() as u64, dtype: DType::F32, shape: &lse_shape, strides: &lse_strides },
-            alibi_slopes: None,
+            alibi_slopes: alibi.as_ref().map(|(s, l)| host::storage_view("alibi_slopes", s, l)).transpose()?,
             s_dmask: None,
         };
-        match &self.varlen {
-            None => unsafe { raw::fwd(&t, &self.opts, Target::Cpu) }.map_err(fa_err)?,
-            Some(vl) => host::with_varlen(vl, |vv| unsafe { raw::varlen_fwd(&t, vv, &self.opts, Target::Cpu) }.map_err(fa_err))?,
+        match (&self.varlen, &self.paged) {
+            (None, _) => unsafe { raw::fwd(&t, &self.opts, Target::Cpu) }.map_err(fa_err)?,
+            (Some(vl), None) => host::with_varlen(vl, |vv| unsafe { raw::varlen_fwd(&t, vv, &self.opts, Target::Cpu) }.map_err(fa_err))?,
+            (Some(vl), Some(pg)) => host::with_paged(vl, pg, |pv| unsafe { raw::varlen_fwd_paged(&t, pv, &self.opts, Target::Cpu) }.map_err(fa_err))?,
         }
+        drop(alibi);
         self.store_lse(Tensor::from_storage(Storage::Cpu(CpuStorage::F32(lse)), lse_shape, BackpropOp::none(), false));
         Ok((out, Shape::from(out_shape)))
     }
@@ -164,26 +187,32 @@ impl CustomOp3 for FlashAttnOp {
         let (out_strides, lse_strides) = (contiguous_strides(&out_shape), contiguous_strides(&lse_shape));
         let mut out = cuda::alloc(&dev, q.dtype(), numel(&out_shape))?;
         let mut lse = cuda::alloc(&dev, CDType::F32, numel(&lse_shape))?;
+        let alibi = self.alibi.as_ref().map(|t| t.storage_and_layout());
         {
             let (qv, _gq) = cuda::view("q", q, q_l, &stream)?;
             let (kv, _gk) = cuda::view("k", k, k_l, &stream)?;
             let (vv, _gv) = cuda::view("v", v, v_l, &stream)?;
             let (out_addr, _go) = cuda::addr_mut(&mut out, &stream)?;
             let (lse_addr, _gl) = cuda::addr_mut(&mut lse, &stream)?;
+            let alibi = alibi.as_ref().map(|(s, l)| cuda::storage_view("alibi_slopes", s, l, &dev, &stream)).transpose()?;
             let t = FwdViews {
                 q: qv,
                 k: kv,
                 v: vv,
                 out: View { addr: out_addr, dtype, shape: &out_shape, strides: &out_strides },
                 lse: View { addr: lse_addr, dtype: DType::F32, shape: &lse_shape, strides: &lse_strides },
-                alibi_slopes: None,
+                alibi_slopes: alibi.as_ref().map(|(view, _)| *view),
                 s_dmask: None,
             };
-            match &self.varlen {
-                None => unsafe { raw::fwd(&t, &self.opts, target) }.map_err(fa_err)?,
-                Some(vl) => cuda::with_varlen(vl, &dev, &stream, |vls| unsafe { raw::varlen_fwd(&t, vls, &self.opts, target) }.map_err(fa_err))?,
+            match (&self.varlen, &self.paged) {
+                (None, _) => unsafe { raw::fwd(&t, &self.opts, target) }.map_err(fa_err)?,
+                (Some(vl), None) => cuda::with_varlen(vl, &dev, &stream, |vls| unsafe { raw::varlen_fwd(&t, vls, &self.opts, target) }.map_err(fa_err))?,
+                (Some(vl), Some(pg)) => {
+                    cuda::with_paged(vl, pg, &dev, &stream, |pv| unsafe { raw::varlen_fwd_paged(&t, pv, &self.opts, target) }.map_err(fa_err))?
+                }
             }
         }
+        drop(alibi);
         self.store_lse(Tensor::from_storage(Storage::Cuda(lse), lse_shape, BackpropOp::none(), false));
         Ok((out, Shape::from(out_shape)))
     }
@@ -193,26 +222,87 @@ impl CustomOp3 for FlashAttnOp {
         // The incoming gradient may be broadcast (stride 0, e.g. from a sum) or of another dtype.
         let dout = conform(&grad_res.to_dtype(q.dtype())?)?;
         let out = conform(res)?;
-        let (dq, dk, dv) = match q.device() {
-            candle_core::Device::Cpu => self.host_bwd(&dout, q, k, v, &out, &lse)?,
-            #[cfg(feature = "candle-cuda")]
-            candle_core::Device::Cuda(_) => self.cuda_bwd(&dout, q, k, v, &out, &lse)?,
-            d => fail!("backward: device {:?} is not supported (build with feature candle-cuda for CUDA)", d.location()),
+        let (dq, dk, dv) = match (&self.varlen, &self.paged) {
+            (Some(vl), Some(pg)) => self.paged_bwd(vl, pg, &dout, q, k, v, &out, &lse)?,
+            (vl, _) => self.run_bwd(vl.as_ref(), &dout, q, k, v, &out, &lse)?,
         };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
+/// `t` in `dtype`, through the host where candle's device backend has no such cast (i32 on CUDA).
+fn cast(t: &Tensor, dtype: CDType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    t.to_dtype(dtype).or_else(|_| t.to_device(&candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(t.device()))
+}
+
 impl FlashAttnOp {
-    fn host_bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[allow(clippy::too_many_arguments)]
+    fn run_bwd(&self, varlen: Option<&VarlenArgs>, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        match q.device() {
+            candle_core::Device::Cpu => self.host_bwd(varlen, dout, q, k, v, out, lse),
+            #[cfg(feature = "candle-cuda")]
+            candle_core::Device::Cuda(_) => self.cuda_bwd(varlen, dout, q, k, v, out, lse),
+            d => fail!("backward: device {:?} is not supported (build with feature candle-cuda for CUDA)", d.location()),
+        }
+    }
+
+    /// The paged forward's backward. There are no paged backward kernels: each sequence's slot of
+    /// `max_blocks * page_block_size` keys is gathered from the cache (candle ops: a copy, in the backward
+    /// only), the varlen backward runs over the slots with the sequences' key counts as used lengths, and
+    /// dk, dv are scatter-added back into the cache's shape: a block that several sequences list sums
+    /// their gradients, a block none reaches gets 0. Block-table entries past a sequence's keys are
+    /// clamped into the cache (their keys get zero gradients from the varlen backward).
+    #[allow(clippy::too_many_arguments)]
+    fn paged_bwd(&self, vl: &VarlenArgs, pg: &PagedArgs, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (num_blocks, pbs, hk, d) = k.dims4()?;
+        let (batch, max_blocks) = pg.block_table.dims2()?;
+        let dev = q.device();
+        let (rows_k, slot) = (num_blocks * pbs, max_blocks * pbs);
+        if rows_k == 0 || slot == 0 {
+            // No key anywhere: out is 0 whatever q, k, v are.
+            return Ok((q.zeros_like()?, k.zeros_like()?, v.zeros_like()?));
+        }
+        if rows_k > i32::MAX as usize || (batch + 1).checked_mul(slot).is_none_or(|n| n > i32::MAX as usize) {
+            fail!("backward: the paged cache or its gathered slots exceed 2^31 - 1 rows");
+        }
+        // Row of the flattened cache for every (sequence, block slot, offset).
+        let table = cast(&pg.block_table, CDType::U32)?; // i32 -1 wraps above num_blocks, then is clamped
+        let table = table.broadcast_minimum(&Tensor::new(&[(num_blocks - 1) as u32], dev)?.reshape((1, 1))?)?;
+        let offsets = Tensor::arange(0u32, pbs as u32, dev)?.reshape((1, 1, pbs))?;
+        let rows = table.unsqueeze(2)?.broadcast_mul(&Tensor::new(&[pbs as u32], dev)?.reshape((1, 1, 1))?)?.broadcast_add(&offsets)?.flatten_all()?;
+        let gather = |t: &Tensor| t.reshape((rows_k, hk, d))?.index_select(&rows, 0);
+        let (k_slots, v_slots) = (gather(k)?, gather(v)?);
+        // Key counts in i64 (no u32 wrap on decreasing entries, which CUDA does not check), clamped to what
+        // a slot holds and to max_seqlen_k.
+        let lens = cast(&vl.seqlens_k, CDType::I64)?;
+        let used = (lens.narrow(0, 1, batch)? - lens.narrow(0, 0, batch)?)?;
+        let used = used.broadcast_maximum(&Tensor::new(&[0i64], dev)?)?.broadcast_minimum(&Tensor::new(&[slot.min(vl.max_seqlen_k) as i64], dev)?)?;
+        let slots = VarlenArgs {
+            seqlens_q: vl.seqlens_q.clone(),
+            seqlens_k: Tensor::arange_step(0u32, ((batch + 1) * slot) as u32, slot as u32, dev)?,
+            max_seqlen_q: vl.max_seqlen_q,
+            max_seqlen_k: vl.max_seqlen_k,
+            seqused_q: vl.seqused_q.clone(),
+            seqused_k: Some(cast(&used, CDType::U32)?),
+        };
+        let (dq, dk_slots, dv_slots) = self.run_bwd(Some(&slots), dout, q, &k_slots, &v_slots, out, lse)?;
+        let scatter = |g: &Tensor| Tensor::zeros((rows_k, hk, d), g.dtype(), dev)?.index_add(&rows, g, 0)?.reshape((num_blocks, pbs, hk, d));
+        Ok((dq, scatter(&dk_slots)?, scatter(&dv_slots)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn host_bwd(&self, varlen: Option<&VarlenArgs>, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let dtype = float_dtype("q", q.dtype())?;
         let guards = [dout, q, k, v, out, lse].map(|t| t.storage_and_layout());
         let names = ["dout", "q", "k", "v", "out", "lse"];
         let mut views = Vec::with_capacity(6);
         for (name, (s, l)) in names.iter().zip(&guards) {
-            let Storage::Cpu(c) = &**s else { fail!("backward: {name} is not on the CPU like q") };
-            views.push(host::view(name, c, l)?);
+            views.push(host::storage_view(name, s, l)?);
         }
+        let alibi = self.alibi.as_ref().map(|t| t.storage_and_layout());
         let (q_shape, kv_shape) = (q.dims().to_vec(), k.dims().to_vec());
         let (q_strides, kv_strides) = (contiguous_strides(&q_shape), contiguous_strides(&kv_shape));
         let mut dq = host::alloc(dtype, numel(&q_shape));
@@ -228,20 +318,21 @@ impl FlashAttnOp {
             dq: View { addr: host::addr_mut(&mut dq), dtype, shape: &q_shape, strides: &q_strides },
             dk: View { addr: host::addr_mut(&mut dk), dtype, shape: &kv_shape, strides: &kv_strides },
             dv: View { addr: host::addr_mut(&mut dv), dtype, shape: &kv_shape, strides: &kv_strides },
-            alibi_slopes: None,
+            alibi_slopes: alibi.as_ref().map(|(s, l)| host::storage_view("alibi_slopes", s, l)).transpose()?,
         };
         let ws = Workspace::default();
-        match &self.varlen {
+        match varlen {
             None => unsafe { raw::bwd(&t, &self.opts, self.deterministic, ws, Target::Cpu) }.map_err(fa_err)?,
             Some(vl) => host::with_varlen(vl, |vv| unsafe { raw::varlen_bwd(&t, vv, &self.opts, self.deterministic, ws, Target::Cpu) }.map_err(fa_err))?,
         }
-        drop(guards);
+        drop((guards, alibi));
         let wrap = |s: CpuStorage, shape: &[usize]| Tensor::from_storage(Storage::Cpu(s), shape.to_vec(), BackpropOp::none(), false);
         Ok((wrap(dq, &q_shape), wrap(dk, &kv_shape), wrap(dv, &kv_shape)))
     }
 
     #[cfg(feature = "candle-cuda")]
-    fn cuda_bwd(&self, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_bwd(&self, varlen: Option<&VarlenArgs>, dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
         let dtype = float_dtype("q", q.dtype())?;
         let dev = match q.device() {
@@ -263,11 +354,12 @@ impl FlashAttnOp {
             let mut views = Vec::with_capacity(6);
             let mut syncs = Vec::with_capacity(6);
             for (name, (s, l)) in names.iter().zip(&guards) {
-                let Storage::Cuda(c) = &**s else { fail!("backward: {name} is not on q's CUDA device") };
-                let (view, sync) = cuda::view(name, c, l, &stream)?;
+                let (view, sync) = cuda::storage_view(name, s, l, &dev, &stream)?;
                 views.push(view);
                 syncs.push(sync);
             }
+            let alibi = self.alibi.as_ref().map(|t| t.storage_and_layout());
+            let alibi = alibi.as_ref().map(|(s, l)| cuda::storage_view("alibi_slopes", s, l, &dev, &stream)).transpose()?;
             let (dq_addr, _g1) = cuda::addr_mut(&mut dq, &stream)?;
             let (dk_addr, _g2) = cuda::addr_mut(&mut dk, &stream)?;
             let (dv_addr, _g3) = cuda::addr_mut(&mut dv, &stream)?;
@@ -283,9 +375,9 @@ impl FlashAttnOp {
                 dq: View { addr: dq_addr, dtype, shape: &q_shape, strides: &q_strides },
                 dk: View { addr: dk_addr, dtype, shape: &kv_shape, strides: &kv_strides },
                 dv: View { addr: dv_addr, dtype, shape: &kv_shape, strides: &kv_strides },
-                alibi_slopes: None,
+                alibi_slopes: alibi.as_ref().map(|(view, _)| *view),
             };
-            match &self.varlen {
+            match varlen {
                 None => unsafe { raw::bwd(&t, &self.opts, self.deterministic, workspace, target) }.map_err(fa_err)?,
                 Some(vl) => cuda::with_varlen(vl, &dev, &stream, |vls| {
                     unsafe { raw::varlen_bwd(&t, vls, &self.opts, self.deterministic, workspace, target) }.map_err(fa_err)
@@ -339,12 +431,17 @@ mod host {
         }
     }
 
-    fn int_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout) -> Result<View<'a>> {
+    /// A view of a tensor's storage, which must be on the CPU.
+    pub(super) fn storage_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout) -> Result<View<'a>> {
         let Storage::Cpu(c) = s else { fail!("{arg}: must be on the CPU like q") };
-        if !matches!(c, CpuStorage::U32(_) | CpuStorage::I32(_)) {
-            fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", c.dtype());
-        }
         view(arg, c, l)
+    }
+
+    fn int_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout) -> Result<View<'a>> {
+        if !matches!(s.dtype(), CDType::U32 | CDType::I32) {
+            fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", s.dtype());
+        }
+        storage_view(arg, s, l)
     }
 
     /// The varlen lengths as int32 views of their CPU storage, alive while `f` runs.
@@ -360,6 +457,23 @@ mod host {
             max_seqlen_k: vl.max_seqlen_k,
             seqused_q: uq.as_ref().map(|(s, l)| int_view("seqused_q", s, l)).transpose()?,
             seqused_k: uk.as_ref().map(|(s, l)| int_view("seqused_k", s, l)).transpose()?,
+        };
+        f(&views)
+    }
+
+    /// The paged call's lengths and block table as int32 views of their CPU storage, alive while `f` runs.
+    pub(super) fn with_paged<R>(vl: &VarlenArgs, pg: &PagedArgs, f: impl FnOnce(&PagedVarlenViews<'_>) -> Result<R>) -> Result<R> {
+        let cq = vl.seqlens_q.storage_and_layout();
+        let ck = vl.seqlens_k.storage_and_layout();
+        let bt = pg.block_table.storage_and_layout();
+        let views = PagedVarlenViews {
+            cu_seqlens_q: int_view("seqlens_q", &cq.0, cq.1)?,
+            cu_seqlens_k: Some(int_view("seqlens_k", &ck.0, ck.1)?),
+            max_seqlen_q: vl.max_seqlen_q,
+            max_seqlen_k: vl.max_seqlen_k,
+            seqused_q: None,
+            seqused_k: None,
+            block_table: int_view("block_table", &bt.0, bt.1)?,
         };
         f(&views)
     }
@@ -431,15 +545,20 @@ mod cuda {
         Ok((p as u64, g))
     }
 
-    fn int_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout, dev: &CudaDevice, stream: &'a CudaStream) -> Result<(View<'a>, SyncOnDrop<'a>)> {
+    /// A view of a tensor's storage, which must be on `dev`, and its guard (as `view`).
+    pub(super) fn storage_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout, dev: &CudaDevice, stream: &'a CudaStream) -> Result<(View<'a>, SyncOnDrop<'a>)> {
         let Storage::Cuda(c) = s else { fail!("{arg}: must be on q's CUDA device") };
         if !c.device().same_device(dev) {
             fail!("{arg}: must be on q's CUDA device");
         }
-        if !matches!(c.dtype(), CDType::U32 | CDType::I32) {
-            fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", c.dtype());
-        }
         view(arg, c, l, stream)
+    }
+
+    fn int_view<'a>(arg: &str, s: &'a Storage, l: &'a Layout, dev: &CudaDevice, stream: &'a CudaStream) -> Result<(View<'a>, SyncOnDrop<'a>)> {
+        if !matches!(s.dtype(), CDType::U32 | CDType::I32) {
+            fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", s.dtype());
+        }
+        storage_view(arg, s, l, dev, stream)
     }
 
     /// The varlen lengths as int32 views of their device storage, alive while `f` runs.
@@ -459,6 +578,27 @@ mod cuda {
             max_seqlen_k: vl.max_seqlen_k,
             seqused_q: uq.as_ref().map(|(v, _)| *v),
             seqused_k: uk.as_ref().map(|(v, _)| *v),
+        };
+        f(&views)
+    }
+
+    /// The paged call's lengths and block table as int32 views of their device storage, alive while `f`
+    /// runs.
+    pub(super) fn with_paged<R>(vl: &VarlenArgs, pg: &PagedArgs, dev: &CudaDevice, stream: &CudaStream, f: impl FnOnce(&PagedVarlenViews<'_>) -> Result<R>) -> Result<R> {
+        let cq = vl.seqlens_q.storage_and_layout();
+        let ck = vl.seqlens_k.storage_and_layout();
+        let bt = pg.block_table.storage_and_layout();
+        let (cu_seqlens_q, _g1) = int_view("seqlens_q", &cq.0, cq.1, dev, stream)?;
+        let (cu_seqlens_k, _g2) = int_view("seqlens_k", &ck.0, ck.1, dev, stream)?;
+        let (block_table, _g3) = int_view("block_table", &bt.0, bt.1, dev, stream)?;
+        let views = PagedVarlenViews {
+            cu_seqlens_q,
+            cu_seqlens_k: Some(cu_seqlens_k),
+            max_seqlen_q: vl.max_seqlen_q,
+            max_seqlen_k: vl.max_seqlen_k,
+            seqused_q: None,
+            seqused_k: None,
+            block_table,
         };
         f(&views)
     }
@@ -484,10 +624,17 @@ fn conform(t: &Tensor) -> Result<Tensor> {
     if last_ok && aligned { Ok(t.clone()) } else { t.force_contiguous() }
 }
 
-fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, rank: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    let layout = if rank == 4 { "[B, S, H, D]" } else { "[T, H, D]" };
+/// q of rank `q_rank`, k and v of rank `kv_rank` (4: `[B, S, H, D]`, or a paged cache with q of rank
+/// 3; 3: `[T, H, D]`), f16/bf16, on q's device; conformed.
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, q_rank: usize, kv_rank: usize) -> Result<(Tensor, Tensor, Tensor)> {
     for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+        let rank = if arg == "q" { q_rank } else { kv_rank };
         if t.rank() != rank {
+            let layout = match (rank, q_rank) {
+                (3, _) => "[T, H, D]",
+                (_, 3) => "[num_blocks, page_block_size, H, D] (the paged cache)",
+                _ => "[B, S, H, D]",
+            };
             fail!("{arg}: expected {rank} dimensions {layout}, got shape {:?}", t.dims());
         }
         float_dtype(arg, t.dtype())?;
@@ -517,11 +664,20 @@ fn check_lens(arg: &str, t: &Tensor, q: &Tensor, len: Option<usize>) -> Result<T
     t.contiguous()
 }
 
-fn no_alibi(alibi_slopes: Option<&Tensor>) -> Result<()> {
-    if alibi_slopes.is_some() {
-        fail!("alibi_slopes: ALiBi is not supported yet (pass None)");
+/// ALiBi slopes: f32, on q's device, rank 1 (`[Hq]`) or 2 (`[B, Hq]`; the library checks the sizes),
+/// made contiguous.
+fn check_alibi(alibi_slopes: Option<&Tensor>, q: &Tensor) -> Result<Option<Tensor>> {
+    let Some(t) = alibi_slopes else { return Ok(None) };
+    if t.dtype() != CDType::F32 {
+        fail!("alibi_slopes: dtype {:?} is not supported, expected f32", t.dtype());
     }
-    Ok(())
+    if !matches!(t.rank(), 1 | 2) {
+        fail!("alibi_slopes: expected [Hq] or [B, Hq], got shape {:?}", t.dims());
+    }
+    if !t.device().same_device(q.device()) {
+        fail!("alibi_slopes: is on {:?} but q is on {:?}", t.device().location(), q.device().location());
+    }
+    t.contiguous().map(Some)
 }
 
 /// candle-flash-attn's window semantics: `None`, or a size above `seqlen_k`, is unbounded; `(None,
@@ -542,10 +698,15 @@ fn causal_window(causal: bool) -> (Option<usize>, Option<usize>) {
     (None, if causal { Some(0) } else { None })
 }
 
+impl FlashAttnOp {
+    fn new(opts: AttnOptions, varlen: Option<VarlenArgs>, paged: Option<PagedArgs>, alibi: Option<Tensor>) -> Self {
+        FlashAttnOp { opts, varlen, paged, alibi, lse: Arc::new(Mutex::new(None)), deterministic: false }
+    }
+}
+
 /// Applies the op; returns (out, lse).
-fn apply(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOptions, varlen: Option<VarlenArgs>) -> Result<(Tensor, Tensor)> {
-    let slot = Arc::new(Mutex::new(None));
-    let op = FlashAttnOp { opts, varlen, lse: slot.clone(), deterministic: false };
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: FlashAttnOp) -> Result<(Tensor, Tensor)> {
+    let slot = op.lse.clone();
     let out = q.apply_op3_arc(k, v, Arc::new(Box::new(op)))?;
     let lse = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
     match lse {
@@ -556,10 +717,23 @@ fn apply(q: &Tensor, k: &Tensor, v: &Tensor, opts: AttnOptions, varlen: Option<V
 
 #[allow(clippy::too_many_arguments)]
 fn dense(q: &Tensor, k: &Tensor, v: &Tensor, alibi_slopes: Option<&Tensor>, softmax_scale: f32, window_size_left: Option<usize>, window_size_right: Option<usize>, softcap: Option<f32>) -> Result<(Tensor, Tensor)> {
-    no_alibi(alibi_slopes)?;
-    let (q, k, v) = check_qkv(q, k, v, 4)?;
+    let (q, k, v) = check_qkv(q, k, v, 4, 4)?;
+    let alibi = check_alibi(alibi_slopes, &q)?;
     let opts = options(softmax_scale, window_size_left, window_size_right, softcap, k.dim(1)?);
-    apply(&q, &k, &v, opts, None)
+    apply(&q, &k, &v, FlashAttnOp::new(opts, None, None, alibi))
+}
+
+/// The checked varlen lengths (cumulative, and used where given) of packed q.
+fn varlen_args(q: &Tensor, seqlens_q: &Tensor, seqlens_k: &Tensor, seqused_q: Option<&Tensor>, seqused_k: Option<&Tensor>, max_seqlen_q: usize, max_seqlen_k: usize) -> Result<VarlenArgs> {
+    let seqlens_q = check_lens("seqlens_q", seqlens_q, q, None)?;
+    let entries = seqlens_q.dim(0)?;
+    if entries == 0 {
+        fail!("seqlens_q: must have B+1 >= 1 entries, got 0");
+    }
+    let seqlens_k = check_lens("seqlens_k", seqlens_k, q, Some(entries))?;
+    let seqused_q = seqused_q.map(|t| check_lens("seqused_q", t, q, Some(entries - 1))).transpose()?;
+    let seqused_k = seqused_k.map(|t| check_lens("seqused_k", t, q, Some(entries - 1))).transpose()?;
+    Ok(VarlenArgs { seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -579,19 +753,11 @@ fn varlen(
     window_size_right: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<(Tensor, Tensor)> {
-    no_alibi(alibi_slopes)?;
-    let (q, k, v) = check_qkv(q, k, v, 3)?;
-    let seqlens_q = check_lens("seqlens_q", seqlens_q, &q, None)?;
-    let entries = seqlens_q.dim(0)?;
-    if entries == 0 {
-        fail!("seqlens_q: must have B+1 >= 1 entries, got 0");
-    }
-    let seqlens_k = check_lens("seqlens_k", seqlens_k, &q, Some(entries))?;
-    let seqused_q = seqused_q.map(|t| check_lens("seqused_q", t, &q, Some(entries - 1))).transpose()?;
-    let seqused_k = seqused_k.map(|t| check_lens("seqused_k", t, &q, Some(entries - 1))).transpose()?;
+    let (q, k, v) = check_qkv(q, k, v, 3, 3)?;
+    let alibi = check_alibi(alibi_slopes, &q)?;
+    let vl = varlen_args(&q, seqlens_q, seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k)?;
     let opts = options(softmax_scale, window_size_left, window_size_right, softcap, max_seqlen_k);
-    let vl = VarlenArgs { seqlens_q, seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k };
-    apply(&q, &k, &v, opts, Some(vl))
+    apply(&q, &k, &v, FlashAttnOp::new(opts, Some(vl), None, alibi))
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -604,7 +770,8 @@ fn varlen(
 /// forward's LSE where this op's backward, having nowhere to keep it, runs the forward once more.
 pub struct FlashAttn {
     pub softmax_scale: f32,
-    /// Must be `None`: ALiBi is not supported yet.
+    /// f32 `[Hq]` (or `[B, Hq]`), contiguous, on q's device: ALiBi (CPU only for now; on CUDA an
+    /// error). Not differentiated.
     pub alibi_slopes: Option<Tensor>,
     pub window_size_left: Option<usize>,
     pub window_size_right: Option<usize>,
@@ -613,10 +780,9 @@ pub struct FlashAttn {
 
 impl FlashAttn {
     fn op(&self, k_dims: &[usize]) -> Result<FlashAttnOp> {
-        no_alibi(self.alibi_slopes.as_ref())?;
         let &[_, seqlen_k, _, _] = k_dims else { fail!("k: expected 4 dimensions [B, S, H, D], got shape {k_dims:?}") };
         let opts = options(self.softmax_scale, self.window_size_left, self.window_size_right, self.softcap, seqlen_k);
-        Ok(FlashAttnOp { opts, varlen: None, lse: Arc::new(Mutex::new(None)), deterministic: false })
+        Ok(FlashAttnOp::new(opts, None, None, self.alibi_slopes.clone()))
     }
 }
 
@@ -644,7 +810,7 @@ impl CustomOp3 for FlashAttn {
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = self.op(k.dims())?;
-        let (_, lse) = apply(&q.detach(), &k.detach(), &v.detach(), op.opts, None)?;
+        let (_, lse) = apply(&q.detach(), &k.detach(), &v.detach(), self.op(k.dims())?)?;
         op.store_lse(lse);
         op.bwd(q, k, v, res, grad_res)
     }
@@ -669,13 +835,16 @@ pub fn flash_attn_windowed(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f3
     Ok(dense(q, k, v, None, softmax_scale, window_size_left, window_size_right, None)?.0)
 }
 
-/// ALiBi is not supported yet: always an error.
+/// [`flash_attn`] with ALiBi: `alibi_slopes` f32 `(num_heads_q)` (or `(batch, num_heads_q)`) adds
+/// `-slope * |i + seq_len_kv - seq_len_q - j|` to the score of query i and key j (after the scale; bottom-right
+/// aligned like the masks). CPU only for now: on CUDA tensors an error (the library has no ALiBi kernels
+/// yet). Gradients flow to q, k, v (not to the slopes).
 pub fn flash_attn_alibi(q: &Tensor, k: &Tensor, v: &Tensor, alibi_slopes: &Tensor, softmax_scale: f32, causal: bool) -> Result<Tensor> {
     let (l, r) = causal_window(causal);
     Ok(dense(q, k, v, Some(alibi_slopes), softmax_scale, l, r, None)?.0)
 }
 
-/// ALiBi is not supported yet: always an error.
+/// [`flash_attn_windowed`] with ALiBi (see [`flash_attn_alibi`]; CPU only for now).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_alibi_windowed(
     q: &Tensor,
@@ -689,8 +858,8 @@ pub fn flash_attn_alibi_windowed(
     Ok(dense(q, k, v, Some(alibi_slopes), softmax_scale, window_size_left, window_size_right, None)?.0)
 }
 
-/// [`flash_attn_windowed`] with soft-capping of the scores (`softcap * tanh(s / softcap)`, 0 = off).
-/// `alibi_slopes` must be `None` (ALiBi is not supported yet).
+/// [`flash_attn_windowed`] with soft-capping of the scores (`softcap * tanh(s / softcap)`, 0 = off) and
+/// optional ALiBi (see [`flash_attn_alibi`]; the bias is added after the softcap; CPU only for now).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_alibi_windowed_softcap(
     q: &Tensor,
@@ -750,11 +919,16 @@ pub fn flash_attn_varlen_windowed(
 /// Packed queries over a paged K/V cache: k and v `(num_blocks, page_block_size, num_heads_kv,
 /// head_size)`, `block_table` u32 (or i32) `(batch, max_blocks)`: key j of sequence b is row
 /// `j % page_block_size` of block `block_table[b, j / page_block_size]`; sequence b has
-/// `seqlens_k[b+1] - seqlens_k[b]` keys. `mm_prefix_ranges` must be `None` (not supported yet).
+/// `seqlens_k[b+1] - seqlens_k[b]` keys. Block-table entries past a sequence's keys are never read (may
+/// be anything); any page size works. `mm_prefix_ranges` must be `None` (not supported yet).
 ///
-/// Unlike the other functions this copies: the blocks each sequence can reach are gathered into one
-/// packed k/v with candle ops (gradients flow back through the gather), then attended to with per-slot
-/// used key lengths. Block-table entries past a sequence's keys may be anything (they are clamped).
+/// Zero-copy like the others: the kernels read the pages in place (on the CPU, bitwise what
+/// [`flash_attn_varlen_windowed`] gives over the same keys laid out contiguously). On CUDA the
+/// contents of `seqlens_*` and `block_table` are not checked (the kernels clamp every index into k and v).
+///
+/// Gradients (candle-flash-attn has none): dq, and dk, dv in the cache's shape (a block listed by several
+/// sequences sums their gradients; unlisted blocks get 0). The backward copies: it gathers each
+/// sequence's `max_blocks * page_block_size` slot of keys with candle ops and runs the varlen backward.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_paged_windowed(
     q: &Tensor,
@@ -775,19 +949,8 @@ pub fn flash_attn_varlen_paged_windowed(
     if mm_prefix_ranges.is_some() {
         fail!("mm_prefix_ranges: not supported yet (pass None)");
     }
-    for (arg, t) in [("k", k), ("v", v)] {
-        if t.rank() != 4 {
-            fail!("{arg}: the paged cache must have 4 dimensions [num_blocks, page_block_size, H, D], got shape {:?}", t.dims());
-        }
-        if !t.device().same_device(q.device()) {
-            fail!("{arg}: is on {:?} but q is on {:?}", t.device().location(), q.device().location());
-        }
-    }
-    if k.dims() != v.dims() {
-        fail!("v: shape {:?} does not match k's {:?}", v.dims(), k.dims());
-    }
-    let (num_blocks, pbs, hk, d) = k.dims4()?;
-    if pbs != page_block_size || pbs == 0 {
+    let (q, k, v) = check_qkv(q, k, v, 3, 4)?;
+    if k.dim(1)? != page_block_size {
         fail!("page_block_size: {page_block_size} does not match k's shape {:?}", k.dims());
     }
     if block_table.rank() != 2 {
@@ -799,50 +962,17 @@ pub fn flash_attn_varlen_paged_windowed(
     if !block_table.device().same_device(q.device()) {
         fail!("block_table: is on {:?} but q is on {:?}", block_table.device().location(), q.device().location());
     }
-    let (batch, max_blocks) = block_table.dims2()?;
-    let seqlens_k = check_lens("seqlens_k", seqlens_k, q, Some(batch + 1))?;
-    if num_blocks == 0 || max_blocks == 0 {
-        fail!("block_table / k: the paged cache has no blocks");
+    let vl = varlen_args(&q, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k)?;
+    if vl.seqlens_q.dim(0)? != block_table.dim(0)? + 1 {
+        fail!("block_table: has {} rows, expected one per sequence ({})", block_table.dim(0)?, vl.seqlens_q.dim(0)? - 1);
     }
-    let slot = max_blocks * pbs;
-    if num_blocks.checked_mul(pbs).is_none_or(|n| n > i32::MAX as usize) || (batch + 1).checked_mul(slot).is_none_or(|n| n > i32::MAX as usize) {
-        fail!("block_table / k: the paged cache or the gathered keys would exceed 2^31 - 1 rows");
-    }
-    let dev = q.device();
-    // Row of the flattened cache for every (b, block slot, offset); entries past the cache (garbage past a
-    // sequence's blocks) are clamped first, so nothing overflows.
-    let table = block_table.to_dtype(CDType::U32)?;
-    let table = table.broadcast_minimum(&Tensor::new(&[(num_blocks - 1) as u32], dev)?.reshape((1, 1))?)?;
-    let offsets = Tensor::arange(0u32, pbs as u32, dev)?.reshape((1, 1, pbs))?;
-    let rows = table.unsqueeze(2)?.broadcast_mul(&Tensor::new(&[pbs as u32], dev)?.reshape((1, 1, 1))?)?.broadcast_add(&offsets)?;
-    let rows = rows.flatten_all()?;
-    let gather = |t: &Tensor| t.reshape((num_blocks * pbs, hk, d))?.index_select(&rows, 0);
-    let (k_packed, v_packed) = (gather(k)?, gather(v)?);
-    let cu_k = Tensor::arange_step(0u32, ((batch + 1) * slot) as u32, slot as u32, dev)?;
-    // Lengths in i64 (u32 arithmetic would wrap, or panic in debug builds, on decreasing entries); a
-    // negative one becomes a u32 above any slot, which the length checks reject.
-    let seqlens_k = seqlens_k.to_dtype(CDType::I64)?;
-    let used_k = (seqlens_k.narrow(0, 1, batch)? - seqlens_k.narrow(0, 0, batch)?)?.to_dtype(CDType::U32)?;
-    Ok(varlen(
-        q,
-        &k_packed,
-        &v_packed,
-        None,
-        seqlens_q,
-        &cu_k,
-        None,
-        Some(&used_k),
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        window_size_left,
-        window_size_right,
-        softcap,
-    )?
-    .0)
+    let paged = PagedArgs { block_table: block_table.contiguous()? };
+    let opts = options(softmax_scale, window_size_left, window_size_right, softcap, max_seqlen_k);
+    Ok(apply(&q, &k, &v, FlashAttnOp::new(opts, Some(vl), Some(paged), None))?.0)
 }
 
-/// ALiBi is not supported yet: always an error.
+/// [`flash_attn_varlen`] with ALiBi: `alibi_slopes` f32 `(num_heads_q)` (or `(batch, num_heads_q)`),
+/// over each sequence's own lengths (see [`flash_attn_alibi`]; CPU only for now).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_alibi(
     q: &Tensor,
@@ -860,7 +990,7 @@ pub fn flash_attn_varlen_alibi(
     Ok(varlen(q, k, v, Some(alibi_slopes), seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, l, r, None)?.0)
 }
 
-/// ALiBi is not supported yet: always an error.
+/// [`flash_attn_varlen_windowed`] with ALiBi (see [`flash_attn_varlen_alibi`]; CPU only for now).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_alibi_windowed(
     q: &Tensor,
@@ -878,8 +1008,8 @@ pub fn flash_attn_varlen_alibi_windowed(
     Ok(varlen(q, k, v, Some(alibi_slopes), seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, window_size_left, window_size_right, None)?.0)
 }
 
-/// [`flash_attn_varlen_windowed`] with soft-capping (`softcap * tanh(s / softcap)`, 0 = off).
-/// `alibi_slopes` must be `None` (ALiBi is not supported yet).
+/// [`flash_attn_varlen_windowed`] with soft-capping (`softcap * tanh(s / softcap)`, 0 = off) and
+/// optional ALiBi (see [`flash_attn_varlen_alibi`]; CPU only for now).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_alibi_windowed_softcap(
     q: &Tensor,
