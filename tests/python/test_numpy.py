@@ -449,13 +449,14 @@ def test_hub_varlen_fwd_bwd():
 
 # --- Paged K/V ---------------------------------------------------------------------------------------
 
-def to_pages(rng, keys, lens, page, hk, d, spare=3):
-    """Packed keys `[Tk, hk, d]` of sequences of `lens` scattered into shuffled pages: (pages
-    [num_blocks, page, hk, d] filled with noise elsewhere, block_table int32 [B, max_blocks])."""
+def to_pages(rng, arrays, lens, page, spare=3):
+    """Packed keys / values `[Tk, hk, d]` (each of `arrays`) of sequences of `lens` scattered into the same
+    shuffled pages, noise elsewhere: ([pages [num_blocks, page, hk, d] of each], block_table int32
+    [B, max_blocks], unused entries pointing anywhere inside the cache)."""
     need = [(int(n) + page - 1) // page for n in lens]
     max_blocks = max(max(need), 1)
     num_blocks = sum(need) + spare
-    pages = randn(rng, (num_blocks, page, hk, d))
+    pages = [randn(rng, (num_blocks, page) + a.shape[1:]) for a in arrays]
     order = rng.permutation(num_blocks)
     table = np.zeros((len(lens), max_blocks), np.int32)
     start, used = 0, 0
@@ -465,8 +466,8 @@ def to_pages(rng, keys, lens, page, hk, d, spare=3):
             used += 1
             table[b, i] = blk
             rows = min(page, int(n) - i * page)
-            pages[blk, :rows] = keys[start + i * page: start + i * page + rows]
-        # Unused table entries point anywhere inside the cache.
+            for p, a in zip(pages, arrays):
+                p[blk, :rows] = a[start + i * page: start + i * page + rows]
         table[b, need[b]:] = rng.integers(0, num_blocks, size=max_blocks - need[b])
         start += int(n)
     return pages, table
@@ -485,15 +486,7 @@ def test_paged_equals_contiguous(page, causal, window, softcap):
     cq, ck = cu(lq), cu(lk)
     q = randn(rng, (cq[-1], hq, d))
     k, v = randn(rng, (ck[-1], hk, d)), randn(rng, (ck[-1], hk, d))
-    kp, table = to_pages(rng, k, lk, page, hk, d)
-    vp, _ = to_pages(np.random.default_rng(0), v, lk, page, hk, d)
-    vp = np.zeros_like(kp)
-    # The same table for v: scatter v the same way.
-    start = 0
-    for i, n in enumerate(lk):
-        for t in range(int(n)):
-            vp[table[i, t // page], t % page] = v[start + t]
-        start += int(n)
+    (kp, vp), table = to_pages(rng, [k, v], lk, page)
     mq, mk = int(lq.max()), int(lk.max())
     opts = dict(causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
     want, want_lse, _ = fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **opts)
@@ -522,7 +515,7 @@ def test_paged_padded_head_dim_and_alibi():
     cq, ck = cu(lq), cu(lk)
     d, page = 40, 8
     q, k = randn(rng, (cq[-1], 2, d)), randn(rng, (ck[-1], 1, d))
-    kp, table = to_pages(rng, k, lk, page, 1, d)
+    (kp,), table = to_pages(rng, [k], lk, page)
     slopes = np.array([0.25, 0.5], np.float32)
     want = fa.flash_attn_varlen_func(q, k, k, cq, ck, 9, 20, causal=True, alibi_slopes=slopes)
     got = fa.flash_attn_varlen_func(q, kp, kp, cq, ck, 9, 20, causal=True, alibi_slopes=slopes, block_table=table)
