@@ -5,11 +5,12 @@ Python API.
     out = flash_attn_func(q, k, v, causal=True)               # q [B, Sq, H, D], k/v [B, Sk, Hk, D]
     out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
 
-The flash_attn_*_func functions take flash-attn 2.8's arguments, defaults and layouts and return what it
-returns (with `return_attn_probs=True`: `(out, softmax_lse, None)`); `flash_attn_varlen_func` also takes
-`seqused_q` / `seqused_k` (int32 `[B]`: only the first `seqused[b]` rows of slot b are real). `fwd`,
-`varlen_fwd`, `bwd` and `varlen_bwd` are the kernels hub's low-level functions (flash-attn's C++ ops),
-returning lists whose first entries are out and softmax_lse (dq, dk, dv for the backward).
+The flash_attn_*_func functions and flash_attn_with_kvcache take flash-attn 2.8's arguments, defaults and
+layouts and return what it returns (with `return_attn_probs=True`: `(out, softmax_lse, S_dmask)`, S_dmask
+None unless dropout_p > 0); `flash_attn_varlen_func` also takes `seqused_q` / `seqused_k` (int32 `[B]`:
+only the first `seqused[b]` rows of slot b are real) and `block_table` (paged K/V). `fwd`, `varlen_fwd`,
+`bwd` and `varlen_bwd` are the kernels hub's low-level functions (flash-attn's C++ ops), returning lists
+whose first entries are out and softmax_lse (dq, dk, dv for the backward).
 
 - PyTorch tensors: CUDA tensors (float16 / bfloat16) run the GPU kernels on the current stream, in place,
   without synchronizing; CPU tensors run the CPU path. Differentiable (the backward reads the saved out
@@ -18,10 +19,16 @@ returning lists whose first entries are out and softmax_lse (dq, dk, dv for the 
 - numpy arrays (no torch needed): the CPU path on float16 arrays (or ml_dtypes' bfloat16), returning
   numpy arrays (softmax_lse float32).
 
-Not implemented (NotImplementedError): dropout (`dropout_p > 0`), `alibi_slopes`, `block_table`,
-`leftpad_k`, the attention probabilities. Head dims up to 256 (32, 64, 96, 128, 192 and 256 directly,
-others zero-padded to the next of these). Bad arguments raise TypeError, ValueError or RuntimeError (CUDA)
-naming the argument.
+CPU only so far (NotImplementedError on CUDA tensors, from the library's Unsupported error): dropout
+(`dropout_p > 0`), `alibi_slopes`, the attention probabilities (S_dmask), flash_attn_with_kvcache. Paged
+K/V (`block_table`) runs on both. Not implemented anywhere: the hub's `leftpad_k`. Dropout's (seed,
+offset): the keyword-only `rng_state=(seed, offset)` of the flash_attn_*_func functions, else a seed drawn
+from torch's default CPU generator (torch tensors: torch.manual_seed replays it) or numpy's global RNG
+(np.random.seed), offset 0; the backward (autograd, or the hub's bwd given fwd's rng_state) regenerates
+the same mask. ALiBi, dropout and S_dmask run eagerly on torch (torch.compile breaks the graph there).
+Head dims up to 256 (32, 64, 96, 128, 192 and 256 directly, others zero-padded to the next of these; not
+for flash_attn_with_kvcache). Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the
+argument.
 
 Importing this package needs neither torch nor numpy, and no CUDA: libcuda is loaded at the first CUDA
 call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
@@ -59,6 +66,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "fwd",
     "varlen_fwd",
     "bwd",
@@ -80,134 +88,184 @@ def _path(x, name):
                     f"got {type(x).__name__}")
 
 
-def _result(out, lse, return_attn_probs):
-    return (out, lse, None) if return_attn_probs else out
+def _result(r, return_attn_probs):
+    out, lse, s_dmask = r
+    return (out, lse, s_dmask) if return_attn_probs else out
 
 
 # --- flash-attn 2.8's functions ----------------------------------------------------------------------
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, rng_state=None):
     """Attention over q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` (H a multiple of Hk: GQA/MQA).
 
     causal: the mask aligned to the bottom-right corner (query i sees key j <= i + Sk - Sq);
     window_size (left, right): query i sees keys i + Sk - Sq - left ..= i + Sk - Sq + right (-1 = unbounded);
-    softcap > 0: scores become softcap * tanh(score / softcap); softmax_scale defaults to 1/sqrt(D).
-    Returns out `[B, Sq, H, D]`, or with return_attn_probs (out, softmax_lse `[B, H, Sq]` float32, None).
-    A query that sees no key gets out 0 and softmax_lse -inf.
+    softcap > 0: scores become softcap * tanh(score / softcap); softmax_scale defaults to 1/sqrt(D);
+    alibi_slopes (float32 `[H]` or `[B, H]`): the score of query i, key j gets - slope * |i + Sk - Sq - j|;
+    dropout_p: dropout of the probabilities (the backward regenerates the same mask). The mask's
+    (seed, offset): `rng_state` if given, else drawn (torch CPU tensors: a seed from torch's default CPU
+    generator, so torch.manual_seed replays it; numpy: from np.random's global RNG), offset 0.
+    Returns out `[B, Sq, H, D]`, or with return_attn_probs (out, softmax_lse `[B, H, Sq]` float32, S_dmask),
+    S_dmask `[B, H, Sq, Sk]` in q's dtype (the probabilities, negated where dropped) when dropout_p > 0,
+    else None (as flash-attn). A query that sees no key gets out 0 and softmax_lse -inf.
+    ALiBi, dropout and S_dmask run on the CPU; on CUDA they raise NotImplementedError (no kernels yet).
     """
-    if _dense_fast is not None:
+    if _dense_fast is not None and rng_state is None:
         r = _dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
         if r is not None:
             return (r[0], r[1], None) if return_attn_probs else r[0]
     path = _path(q, "q")
-    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
-    out, lse = path.attention(PACK_NONE, q, k, v, None, o)
-    return _result(out, lse, return_attn_probs)
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, rng_state)
+    return _result(path.attention(PACK_NONE, q, k, v, None, o), return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              rng_state=None):
     """flash_attn_func over one packed qkv `[B, S, 3, H, D]` (its gradient is one packed tensor too)."""
     path = _path(qkv, "qkv")
-    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
-    out, lse = path.attention(PACK_QKV, qkv, None, None, None, o)
-    return _result(out, lse, return_attn_probs)
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, rng_state)
+    return _result(path.attention(PACK_QKV, qkv, None, None, None, o), return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             rng_state=None):
     """flash_attn_func over q `[B, Sq, H, D]` and one packed kv `[B, Sk, 2, Hk, D]`."""
     path = _path(q, "q")
-    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
-    out, lse = path.attention(PACK_KV, q, kv, None, None, o)
-    return _result(out, lse, return_attn_probs)
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, rng_state)
+    return _result(path.attention(PACK_KV, q, kv, None, None, o), return_attn_probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, seqused_q=None,
-                           seqused_k=None):
+                           seqused_k=None, *, rng_state=None):
     """Attention over packed sequences: q `[Tq, H, D]`, k and v `[Tk, Hk, D]`; sequence b is rows
     cu_seqlens_q[b]..cu_seqlens_q[b+1] of q and cu_seqlens_k[b]..cu_seqlens_k[b+1] of k and v (int32
     `[B+1]`, on q's device); max_seqlen_q/k bound the lengths. seqused_q / seqused_k (int32 `[B]`, optional):
     only the first seqused[b] rows of slot b are used; the other query rows (and rows past
-    cu_seqlens_q[B]) get out 0 and softmax_lse -inf. Masks as in flash_attn_func, per sequence.
-    Returns out `[Tq, H, D]`, or with return_attn_probs (out, softmax_lse `[H, Tq]` float32, None).
+    cu_seqlens_q[B]) get out 0 and softmax_lse -inf. Masks, ALiBi, dropout as in flash_attn_func, per
+    sequence (S_dmask `[B, H, max_seqlen_q, max_seqlen_k]`, each sequence at its block's top left).
+
+    block_table (int32 `[B, max_blocks]`): paged K/V. k and v are then `[num_blocks, page_size, Hk, D]`
+    and key t of sequence b is row t % page_size of block block_table[b][t // page_size]; sequence b has
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] keys (cut to seqused_k[b] where given), or, with cu_seqlens_k None
+    (flash-attn 3's way), seqused_k[b]. Forward only (no gradient), CUDA and CPU.
+    Returns out `[Tq, H, D]`, or with return_attn_probs (out, softmax_lse `[H, Tq]` float32, S_dmask).
     """
     path = _path(q, "q")
-    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
-    _common.unsupported_varlen(block_table)
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, rng_state)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k)
-    out, lse = path.attention(PACK_NONE, q, k, v, lens, o)
-    return _result(out, lse, return_attn_probs)
+    if block_table is not None:
+        return _result(path.paged(q, k, v, lens, block_table, o), return_attn_probs)
+    out = path.attention(PACK_NONE, q, k, v, lens, o)
+    return _result(out, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False):
+                                     return_attn_probs=False, *, rng_state=None):
     """flash_attn_varlen_func over one packed qkv `[T, 3, H, D]` (one cu_seqlens for q and k)."""
     path = _path(qkv, "qkv")
-    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, rng_state)
     lens = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None)
-    out, lse = path.attention(PACK_QKV, qkv, None, None, lens, o)
-    return _result(out, lse, return_attn_probs)
+    return _result(path.attention(PACK_QKV, qkv, None, None, lens, o), return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    rng_state=None):
     """flash_attn_varlen_func over q `[Tq, H, D]` and one packed kv `[Tk, 2, Hk, D]`."""
     path = _path(q, "q")
-    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+    o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, rng_state)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None)
-    out, lse = path.attention(PACK_KV, q, kv, None, lens, o)
-    return _result(out, lse, return_attn_probs)
+    return _result(path.attention(PACK_KV, q, kv, None, lens, o), return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Decoding attention over a KV cache, flash-attn's flash_attn_with_kvcache: q `[B, Sq, H, D]`;
+    k_cache, v_cache `[B_cache, S_cache, Hk, D]` (or pages `[num_blocks, page_size, Hk, D]` with
+    block_table int32 `[B, max_blocks]`). If k, v (`[B, S_new, Hk, D]`) are given they are written into
+    the caches in place at positions cache_seqlens[b].. (rotated first when rotary_cos / rotary_sin
+    `[S_ro, rotary_dim / 2]` are given; q is rotated too, at position cache_seqlens[b] + i under causal or
+    local attention, else cache_seqlens[b]); then q attends to each row's cache_seqlens[b] -
+    cache_leftpad[b] + S_new entries. cache_seqlens: an int or int32 `[B]` (None: the whole cache);
+    cache_batch_idx (int32 `[B]`): the cache row of each batch entry; num_splits: split-KV (0 = heuristic).
+    Returns out `[B, Sq, H, D]`, or (out, softmax_lse `[B, H, Sq]`) with return_softmax_lse.
+    CPU (numpy arrays, CPU tensors) only so far: CUDA tensors raise NotImplementedError. No gradient.
+    """
+    path = _path(q, "q")
+    o = _common.options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, False)
+    if isinstance(rotary_interleaved, bool) is False:
+        raise TypeError(f"rotary_interleaved: must be a bool, got {type(rotary_interleaved).__name__}")
+    num_splits = _common.index(num_splits, "num_splits")
+    out, lse = path.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                            cache_leftpad, block_table, o, rotary_interleaved, num_splits)
+    return (out, lse) if return_softmax_lse else out
 
 
 # --- The kernels hub's low-level functions (flash-attn's C++ ops) ------------------------------------
 
 def _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap, alibi_slopes,
-                 return_softmax=False, deterministic=False):
-    if return_softmax:
-        raise NotImplementedError("return_softmax: the attention probabilities are not returned by flash_attn_rs")
-    return _common.options(p_dropout, softmax_scale, is_causal, (window_size_left, window_size_right), softcap,
-                           alibi_slopes, deterministic)
+                 return_softmax=False, deterministic=False, rng_state=None):
+    o = _common.options(p_dropout, softmax_scale, is_causal, (window_size_left, window_size_right), softcap,
+                        alibi_slopes, deterministic, False, rng_state)
+    # The hub's return_softmax makes S_dmask whenever asked (flash-attn's op requires p_dropout > 0 for it).
+    o.return_probs = bool(return_softmax)
+    return o
 
 
 def fwd(q, k, v, out=None, alibi_slopes=None, p_dropout=0.0, softmax_scale=None, is_causal=False,
         window_size_left=-1, window_size_right=-1, softcap=0.0, return_softmax=False, gen=None):
     """flash-attn's `fwd` op: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` (D one of HEAD_DIMS), into `out`
-    if given. Returns [out, softmax_lse, None, None] (flash-attn's S_dmask and rng_state are not made)."""
+    if given. Returns [out, softmax_lse, S_dmask, rng_state]: S_dmask `[B, H, Sq, Sk]` with return_softmax
+    (else None), rng_state int64 `[2]` (seed, offset) with p_dropout > 0 (else None), for bwd. `gen`: the
+    generator the dropout seed is drawn from (torch: a torch.Generator; numpy: a numpy.random.Generator)."""
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, return_softmax)
-    return path.fwd(q, k, v, out, None, o.softmax_scale, o)
+    return path.fwd(q, k, v, out, None, o.softmax_scale, o, gen)
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, leftpad_k=None, block_table=None,
                alibi_slopes=None, max_seqlen_q=0, max_seqlen_k=0, p_dropout=0.0, softmax_scale=None,
                zero_tensors=False, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
                return_softmax=False, gen=None):
-    """flash-attn's `varlen_fwd` op: q `[Tq, H, D]`, k and v `[Tk, Hk, D]`, int32 cu_seqlens `[B+1]`.
-    Returns [out, softmax_lse `[H, Tq]`, None, None]. zero_tensors is accepted and has no effect (every
+    """flash-attn's `varlen_fwd` op: q `[Tq, H, D]`, k and v `[Tk, Hk, D]` (with block_table int32
+    `[B, max_blocks]`: pages `[num_blocks, page_size, Hk, D]`), int32 cu_seqlens `[B+1]`. Returns [out,
+    softmax_lse `[H, Tq]`, S_dmask, rng_state] as `fwd`. zero_tensors is accepted and has no effect (every
     row of out is written)."""
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, return_softmax)
-    _common.unsupported_varlen(block_table, leftpad_k)
+    _common.unsupported_varlen(leftpad_k)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, seqused_k)
-    return path.fwd(q, k, v, out, lens, o.softmax_scale, o)
+    if block_table is not None:
+        return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
+    return path.fwd(q, k, v, out, lens, o.softmax_scale, o, gen)
 
 
 def bwd(dout, q, k, v, out, softmax_lse, dq=None, dk=None, dv=None, alibi_slopes=None, p_dropout=0.0,
         softmax_scale=None, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
         deterministic=False, gen=None, rng_state=None):
     """flash-attn's `bwd` op: gradients of q, k, v from dout and the forward's out and softmax_lse, into
-    dq, dk, dv if given. Returns [dq, dk, dv, None] (flash-attn's softmax_d is not made)."""
+    dq, dk, dv if given. With p_dropout > 0, rng_state must be the forward's (ValueError otherwise: a fresh
+    draw would not be the forward's mask). Returns [dq, dk, dv, None] (flash-attn's softmax_d is not made)."""
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
-                     alibi_slopes, deterministic=deterministic)
+                     alibi_slopes, deterministic=deterministic, rng_state=rng_state)
     return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, None, o.softmax_scale, o)
 
 
@@ -218,7 +276,7 @@ def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=N
     """flash-attn's `varlen_bwd` op over varlen_fwd's layouts. Returns [dq, dk, dv, None]."""
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
-                     alibi_slopes, deterministic=deterministic)
+                     alibi_slopes, deterministic=deterministic, rng_state=rng_state)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None)
     return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o.softmax_scale, o)
 

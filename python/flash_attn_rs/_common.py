@@ -19,33 +19,64 @@ PACK_NONE, PACK_KV, PACK_QKV = 0, 1, 2
 
 
 class Options:
-    """flash-attn's keyword arguments, checked and in canonical form."""
+    """flash-attn's keyword arguments, checked and in canonical form. `alibi_slopes` is the caller's
+    tensor or array (checked by the path that runs it); `return_probs`: make S_dmask (flash-attn makes it
+    only with return_attn_probs and dropout_p > 0); `rng_state`: an explicit dropout (seed, offset) or
+    None (drawn by the path)."""
 
-    __slots__ = ("softmax_scale", "causal", "window_left", "window_right", "softcap", "deterministic")
+    __slots__ = ("softmax_scale", "causal", "window_left", "window_right", "softcap", "deterministic",
+                 "dropout_p", "alibi_slopes", "return_probs", "rng_state")
 
-    def __init__(self, softmax_scale, causal, window_left, window_right, softcap, deterministic):
+    def __init__(self, softmax_scale, causal, window_left, window_right, softcap, deterministic, dropout_p=0.0,
+                 alibi_slopes=None, return_probs=False, rng_state=None):
         self.softmax_scale = softmax_scale
         self.causal = causal
         self.window_left = window_left
         self.window_right = window_right
         self.softcap = softcap
         self.deterministic = deterministic
+        self.dropout_p = dropout_p
+        self.alibi_slopes = alibi_slopes
+        self.return_probs = return_probs
+        self.rng_state = rng_state
+
+    @property
+    def extras(self):
+        """Whether the call needs ALiBi, dropout or S_dmask (CPU only so far)."""
+        return self.alibi_slopes is not None or self.dropout_p > 0 or self.return_probs
 
 
 def _is_int(x):
     return isinstance(x, int) or hasattr(type(x), "__index__")
 
 
-def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
-    """Checks flash-attn's options; raises NotImplementedError for the features this package lacks."""
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not implemented by flash_attn_rs (pass None)")
+def rng_state(x):
+    """An explicit dropout (seed, offset): a pair of ints, or a 2-element array or tensor (what the hub's
+    fwd returns as rng_state), each in 0..2**64; None stays None."""
+    if x is None:
+        return None
+    try:
+        vals = x.tolist() if hasattr(x, "tolist") else list(x)
+    except TypeError:
+        raise TypeError(f"rng_state: expected (seed, offset), got {type(x).__name__}") from None
+    if len(vals) != 2 or not all(_is_int(v) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"rng_state: expected two ints (seed, offset), got {vals!r}")
+    # An int64 tensor holds a seed past 2**63 as a negative number: take its two's complement bits.
+    seed, offset = (int(v) + 2**64 if -2**63 <= int(v) < 0 else int(v) for v in vals)
+    if not (0 <= seed < 2**64 and 0 <= offset < 2**64):
+        raise ValueError(f"rng_state: seed and offset must be in 0..2**64, got {vals!r}")
+    return seed, offset
+
+
+def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+            return_probs=False, rng_state_=None):
+    """Checks flash-attn's options. `return_probs`: the caller asked for the probabilities
+    (return_attn_probs / return_softmax); as in flash-attn, S_dmask is made only when dropout_p > 0 too."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p: must be a float, got {type(dropout_p).__name__}")
-    if dropout_p != 0:
-        if not 0 < dropout_p < 1:
-            raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
-        raise NotImplementedError("dropout_p: dropout is not implemented by flash_attn_rs (dropout_p must be 0.0)")
+    dropout_p = float(dropout_p)
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
             raise TypeError(f"softmax_scale: must be a float or None, got {type(softmax_scale).__name__}")
@@ -71,7 +102,8 @@ def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes
     right = -1 if right < 0 else right
     if left >= 2**62 or right >= 2**62:
         raise ValueError(f"window_size: {window_size!r} is out of range")
-    return Options(softmax_scale, bool(causal), left, right, softcap, bool(deterministic))
+    return Options(softmax_scale, bool(causal), left, right, softcap, bool(deterministic), dropout_p, alibi_slopes,
+                   bool(return_probs) and dropout_p > 0, rng_state(rng_state_))
 
 
 def padded_head_dim(d, arg):
@@ -105,6 +137,19 @@ def check_head_dims(d, others):
             raise ValueError(f"{name}: head dim {t.shape[-1]} must equal q's head dim {d}")
 
 
+def s_dmask_shape(q, lens, k=None):
+    """S_dmask's shape: `[B, H, Sq, Sk]`, varlen `[B, H, max_seqlen_q, max_seqlen_k]`."""
+    if lens is None:
+        return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    cu_q, _, max_q, max_k = lens[:4]
+    return (cu_q.shape[0] - 1 if cu_q.ndim == 1 else 0, q.shape[1], max_q, max_k)
+
+
+def dropout_arg(o, seed_offset):
+    """The native dropout argument: None, or (p, seed, offset)."""
+    return (o.dropout_p,) + tuple(seed_offset) if o.dropout_p > 0 else None
+
+
 def index(x, name):
     """An int argument (max_seqlen_q, ...), as a Python int."""
     if isinstance(x, bool):
@@ -118,8 +163,6 @@ def index(x, name):
     return x
 
 
-def unsupported_varlen(block_table, leftpad_k=None):
-    if block_table is not None:
-        raise NotImplementedError("block_table: paged KV is not implemented by flash_attn_rs (pass None)")
+def unsupported_varlen(leftpad_k=None):
     if leftpad_k is not None:
         raise NotImplementedError("leftpad_k: is not implemented by flash_attn_rs (pass None)")

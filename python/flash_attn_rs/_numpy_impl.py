@@ -106,8 +106,39 @@ def _split(q, k, v, pack):
     return q, k, v
 
 
+def seed_offset(o, gen=None):
+    """The dropout (seed, offset) of a call: the explicit rng_state, else a seed drawn from `gen` (a
+    numpy.random.Generator) or numpy's global RNG (np.random, so np.random.seed replays it), offset 0."""
+    if o.dropout_p == 0:
+        return None
+    if o.rng_state is not None:
+        return o.rng_state
+    if gen is None:
+        seed = np.random.randint(0, 2**63 - 1, dtype=np.int64)
+    elif isinstance(gen, np.random.Generator):
+        seed = gen.integers(0, 2**63 - 1, dtype=np.int64)
+    else:
+        raise TypeError(f"gen: expected a numpy.random.Generator or None, got {type(gen).__name__}")
+    return int(seed), 0
+
+
+def _extras(o, q, lens, k, seeds):
+    """The native forward's optional arguments (alibi_slopes, s_dmask, dropout) and the S_dmask array (or
+    None). `lens`: the checked varlen tuple (cu_q, cu_k, max_q, max_k, ...) or None."""
+    alibi = None if o.alibi_slopes is None else _array(o.alibi_slopes, "alibi_slopes", "float32")
+    s_dmask = np.zeros(_common.s_dmask_shape(q, lens, k), q.dtype) if o.return_probs else None
+    kw = {}
+    if alibi is not None:
+        kw["alibi_slopes"] = _desc(alibi, "alibi_slopes", "float32")
+    if s_dmask is not None:
+        kw["s_dmask"] = _desc(s_dmask, "s_dmask")
+    if o.dropout_p > 0:
+        kw["dropout"] = _common.dropout_arg(o, seeds)
+    return kw, (alibi, s_dmask)
+
+
 def attention(pack, q, k, v, lens, o):
-    """flash_attn_*_func on numpy arrays: returns (out, lse)."""
+    """flash_attn_*_func on numpy arrays: returns (out, lse, S_dmask or None)."""
     varlen = lens is not None
     rank = 3 if varlen else 4
     if pack == PACK_QKV:
@@ -133,23 +164,28 @@ def attention(pack, q, k, v, lens, o):
     out = np.empty(q.shape, q.dtype)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     lse = np.empty(lse_shape, np.float32)
-    _run_fwd(q, k, v, out, lse, lens, scale, o)
-    return (out[..., :d] if dp != d else out), lse
+    s_dmask = _run_fwd(q, k, v, out, lse, lens, scale, o, seed_offset(o))
+    return (out[..., :d] if dp != d else out), lse, s_dmask
 
 
-def _run_fwd(q, k, v, out, lse, lens, scale, o):
+def _run_fwd(q, k, v, out, lse, lens, scale, o, seeds=None):
+    """Runs the forward; returns S_dmask (or None)."""
     args = (_desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"), _desc(lse, "lse", "float32"))
     tail = (scale, o.causal, o.window_left, o.window_right, o.softcap, "cpu")
     if lens is None:
-        _native.fwd(*args, *tail)
+        kw, keep = _extras(o, q, None, k, seeds)
+        _native.fwd(*args, *tail, **kw)
     else:
         keep, (cu_q, cu_k, max_q, max_k, used_q, used_k) = _lens(lens)
-        _native.varlen_fwd(*args, cu_q, cu_k, max_q, max_k, used_q, used_k, *tail)
-        del keep
+        kw, keep2 = _extras(o, q, (keep[0], None, max_q, max_k), k, seeds)
+        _native.varlen_fwd(*args, cu_q, cu_k, max_q, max_k, used_q, used_k, *tail, **kw)
+        keep = keep2
+    return keep[1]
 
 
-def fwd(q, k, v, out, lens, scale, o):
-    """The hub's fwd / varlen_fwd: no padding, optional caller's out; returns [out, lse, None, None]."""
+def fwd(q, k, v, out, lens, scale, o, gen=None):
+    """The hub's fwd / varlen_fwd: no padding, optional caller's out; returns [out, lse, S_dmask,
+    rng_state] (S_dmask with return_softmax, rng_state int64 [seed, offset] with dropout, else None)."""
     q, k, v = _array(q, "q"), _array(k, "k"), _array(v, "v")
     varlen = lens is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -162,14 +198,20 @@ def fwd(q, k, v, out, lens, scale, o):
         target, copy_back = _output(out, "out", q.shape, q.dtype)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     lse = np.empty(lse_shape, np.float32)
-    _run_fwd(q, k, v, target, lse, lens, scale, o)
+    seeds = seed_offset(o, gen)
+    s_dmask = _run_fwd(q, k, v, target, lse, lens, scale, o, seeds)
     if copy_back:
         out[...] = target
-    return [target if out is None else out, lse, None, None]
+    rng = None if seeds is None else _rng_array(seeds)
+    return [target if out is None else out, lse, s_dmask, rng]
+
+
+def _rng_array(seeds):
+    return np.array([s - 2**64 if s >= 2**63 else s for s in seeds], np.int64)
 
 
 def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o):
-    """The hub's bwd / varlen_bwd; returns [dq, dk, dv, None]."""
+    """The hub's bwd / varlen_bwd; returns [dq, dk, dv, None]. With dropout, o.rng_state is the forward's."""
     q, k, v = _array(q, "q"), _array(k, "k"), _array(v, "v")
     dout, out = _array(dout, "dout"), _array(out, "out")
     lse = _array(lse, "softmax_lse", "float32")
@@ -180,6 +222,9 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o):
         _common.check_rank(t, name, 3 if varlen else 4)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if o.dropout_p > 0 and o.rng_state is None:
+        raise ValueError("rng_state: the forward's rng_state (seed, offset) is needed for a backward with "
+                         "p_dropout > 0 (it regenerates the forward's mask)")
     grads = []
     for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if g is None:
@@ -191,15 +236,133 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o):
     args = (_desc(dout, "dout"), _desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"),
             _desc(lse, "softmax_lse", "float32"), _desc(tq, "dq"), _desc(tk, "dk"), _desc(tv, "dv"))
     tail = (scale, o.causal, o.window_left, o.window_right, o.softcap, o.deterministic, None, "cpu")
+    kw, keep_alibi = _bwd_extras(o)
     if lens is None:
-        _native.bwd(*args, *tail)
+        _native.bwd(*args, *tail, **kw)
     else:
         keep, (cu_q, cu_k, max_q, max_k, used_q, used_k) = _lens(lens)
-        _native.varlen_bwd(*args, cu_q, cu_k, max_q, max_k, used_q, used_k, *tail)
+        _native.varlen_bwd(*args, cu_q, cu_k, max_q, max_k, used_q, used_k, *tail, **kw)
         del keep
+    del keep_alibi
     result = []
     for (t, user), given in zip(grads, (dq, dk, dv)):
         if user is not None:
             user[...] = t
         result.append(t if given is None else given)
     return result + [None]
+
+
+def _bwd_extras(o):
+    kw, alibi = {}, None
+    if o.alibi_slopes is not None:
+        alibi = _array(o.alibi_slopes, "alibi_slopes", "float32")
+        kw["alibi_slopes"] = _desc(alibi, "alibi_slopes", "float32")
+    if o.dropout_p > 0:
+        kw["dropout"] = _common.dropout_arg(o, o.rng_state)
+    return kw, alibi
+
+
+def paged(q, k, v, lens, block_table, o):
+    """flash_attn_varlen_func with block_table: q `[Tq, H, D]`, k and v `[num_blocks, page_size, Hk, D]`.
+    Returns (out, lse, S_dmask or None)."""
+    q, k, v = _array(q, "q"), _array(k, "k"), _array(v, "v")
+    _common.check_rank(q, "q", 3)
+    _common.check_rank(k, "k", 4)
+    _common.check_rank(v, "v", 4)
+    d = q.shape[-1]
+    _common.check_head_dims(d, [("k", k), ("v", v)])
+    scale = o.softmax_scale if o.softmax_scale is not None else d ** -0.5
+    dp = _common.padded_head_dim(d, "q")
+    q, k, v = _pad(q, dp), _pad(k, dp), _pad(v, dp)
+    cu_q, cu_k, max_q, max_k, used_q, used_k = lens
+    names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "block_table")
+    arrays = [None if t is None else _array(t, n, "int32")
+              for n, t in zip(names, (cu_q, cu_k, used_q, used_k, block_table))]
+    if arrays[0] is None:
+        raise TypeError("cu_seqlens_q: expected a numpy.ndarray, got NoneType")
+    descs = [None if t is None else _desc(t, n, "int32") for n, t in zip(names, arrays)]
+    max_q, max_k = _common.index(max_q, "max_seqlen_q"), _common.index(max_k, "max_seqlen_k")
+    out = np.empty(q.shape, q.dtype)
+    lse = np.empty((q.shape[1], q.shape[0]), np.float32)
+    kw, keep = _extras(o, q, (arrays[0], None, max_q, max_k), k, seed_offset(o))
+    _native.varlen_fwd_paged(_desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"),
+                             _desc(lse, "lse", "float32"), descs[0], descs[1], max_q, max_k, descs[2], descs[3],
+                             descs[4], scale, o.causal, o.window_left, o.window_right, o.softcap, "cpu", **kw)
+    return (out[..., :d] if dp != d else out), lse, keep[1]
+
+
+def _cache(a, name, writable):
+    """A caller's cache, used in place where the library can take its layout, else through a copy (written
+    back afterwards when `writable`): (array for the library, array to write back into or None)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray (like q), got {type(a).__name__}")
+    _dtype_name(a, name, _FLOAT)
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name}: is read-only (k and v are appended to it in place)")
+    if a.dtype.isnative and _layout_ok(a):
+        return a, None
+    return _array(a, name), (a if writable else None)
+
+
+def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+            block_table, o, rotary_interleaved, num_splits):
+    """flash_attn_with_kvcache on numpy arrays: returns (out, lse); k and v are written into the caller's
+    k_cache and v_cache."""
+    q = _array(q, "q")
+    _common.check_rank(q, "q", 4)
+    appending = k is not None or v is not None
+    kc, kc_back = _cache(k_cache, "k_cache", appending)
+    vc, vc_back = _cache(v_cache, "v_cache", appending)
+    scale = o.softmax_scale if o.softmax_scale is not None else q.shape[-1] ** -0.5
+    if block_table is not None:
+        block_table = _array(block_table, "block_table", "int32")
+    if cache_seqlens is None or isinstance(cache_seqlens, (int, np.integer)):
+        if isinstance(cache_seqlens, bool):
+            raise TypeError("cache_seqlens: must be an int or an int32 array, got bool")
+        if cache_seqlens is None:
+            # flash-attn: without cache_seqlens every row's cache is full.
+            _common.check_rank(kc, "k_cache", 4)
+            if block_table is not None:
+                _common.check_rank(block_table, "block_table", 2)
+                cache_seqlens = block_table.shape[1] * kc.shape[1]
+            else:
+                cache_seqlens = kc.shape[1]
+        n = int(cache_seqlens)
+        if not -2**31 <= n < 2**31:
+            raise ValueError(f"cache_seqlens: {n} is out of range")
+        cache_seqlens = np.full(q.shape[0], n, np.int32)
+    opt = {}
+    keep = []
+    for name, t, expected in (("block_table", block_table, "int32"), ("k_new", k, _FLOAT), ("v_new", v, _FLOAT),
+                              ("rotary_cos", rotary_cos, "float16, bfloat16 or float32"),
+                              ("rotary_sin", rotary_sin, "float16, bfloat16 or float32"),
+                              ("cache_batch_idx", cache_batch_idx, "int32"), ("cache_leftpad", cache_leftpad, "int32"),
+                              ("alibi_slopes", o.alibi_slopes, "float32")):
+        if t is not None:
+            label = name[0] if name in ("k_new", "v_new") else name
+            a = _array(t, label, expected)
+            keep.append(a)
+            opt[name] = _desc(a, label, expected)
+    seqlens = _array(cache_seqlens, "cache_seqlens", "int32")
+    out = np.empty(q.shape, q.dtype)
+    lse = np.empty((q.shape[0], q.shape[2], q.shape[1]), np.float32)
+    _native.fwd_kvcache(_desc(q, "q"), _desc(kc, "k_cache"), _desc(vc, "v_cache"),
+                        _desc(seqlens, "cache_seqlens", "int32"), _desc(out, "out"), _desc(lse, "lse", "float32"),
+                        scale, o.causal, o.window_left, o.window_right, o.softcap, rotary_interleaved, num_splits,
+                        "cpu", **opt)
+    if kc_back is not None:
+        kc_back[...] = kc
+    if vc_back is not None:
+        vc_back[...] = vc
+    return out, lse
+
+
+def fwd_paged(q, k, v, out, lens, block_table, o, gen=None):
+    """The hub's varlen_fwd with block_table: [out, lse, S_dmask, rng_state] as `fwd`."""
+    seeds = seed_offset(o, gen)
+    o.rng_state = seeds
+    res, lse, s_dmask = paged(q, k, v, lens, block_table, o)
+    if out is not None:
+        _output(out, "out", res.shape, res.dtype)
+        out[...] = res
+    return [res if out is None else out, lse, s_dmask, None if seeds is None else _rng_array(seeds)]

@@ -56,14 +56,14 @@ def _device(q):
     raise ValueError(f"q: device {dev} is not supported (cpu or cuda)")
 
 
-def _on_device(q, call, *args):
+def _on_device(q, call, *args, **kwargs):
     """Runs a native call with q's device current, so that binding its context leaves PyTorch's current
     device as it was."""
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
-            call(*args)
+            call(*args, **kwargs)
     else:
-        call(*args)
+        call(*args, **kwargs)
 
 
 def _same_device(q, named):
@@ -111,22 +111,24 @@ def _varlen_descs(q, cu_q, cu_k, used_q, used_k):
     return [None if t is None else _desc(t, n, "torch.int32") for n, t in named]
 
 
-def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal, wl, wr, softcap):
+def _launch_fwd(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal, wl, wr, softcap,
+                extras=None):
     _same_device(q, (("k", k), ("v", v), ("out", out), ("lse", lse)))
     q, k, v = _input(q), _input(k), _input(v)
     args = (_desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"), _desc(lse, "lse", "torch.float32"))
     tail = (scale, causal, wl, wr, softcap, _device(q))
+    extras = extras or {}
     if cu_q is None and cu_k is None:
-        _on_device(q, _native.fwd, *args, *tail)
+        _on_device(q, _native.fwd, *args, *tail, **extras)
     else:
         if cu_q is None or cu_k is None:
             raise ValueError("cu_seqlens_q, cu_seqlens_k: give both or neither")
         d_cu_q, d_cu_k, d_used_q, d_used_k = _varlen_descs(q, cu_q, cu_k, used_q, used_k)
-        _on_device(q, _native.varlen_fwd, *args, d_cu_q, d_cu_k, max_q, max_k, d_used_q, d_used_k, *tail)
+        _on_device(q, _native.varlen_fwd, *args, d_cu_q, d_cu_k, max_q, max_k, d_used_q, d_used_k, *tail, **extras)
 
 
 def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal,
-                wl, wr, softcap, deterministic):
+                wl, wr, softcap, deterministic, extras=None):
     _same_device(q, (("dout", dout), ("k", k), ("v", v), ("out", out), ("softmax_lse", lse), ("dq", dq),
                      ("dk", dk), ("dv", dv)))
     dout, q, k, v, out = _input(dout), _input(q), _input(k), _input(v), _input(out)
@@ -143,13 +145,14 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k,
             _desc(lse, "softmax_lse", "torch.float32"), _desc(targets[0], "dq"), _desc(targets[1], "dk"),
             _desc(targets[2], "dv"))
     tail = (scale, causal, wl, wr, softcap, deterministic, workspace, device)
+    extras = extras or {}
     if cu_q is None and cu_k is None:
-        _on_device(q, _native.bwd, *args, *tail)
+        _on_device(q, _native.bwd, *args, *tail, **extras)
     else:
         if cu_q is None or cu_k is None:
             raise ValueError("cu_seqlens_q, cu_seqlens_k: give both or neither")
         d_cu_q, d_cu_k, d_used_q, d_used_k = _varlen_descs(q, cu_q, cu_k, used_q, used_k)
-        _on_device(q, _native.varlen_bwd, *args, d_cu_q, d_cu_k, max_q, max_k, d_used_q, d_used_k, *tail)
+        _on_device(q, _native.varlen_bwd, *args, d_cu_q, d_cu_k, max_q, max_k, d_used_q, d_used_k, *tail, **extras)
     for g, t in zip((dq, dk, dv), targets):
         if t is not g:
             g.copy_(t)
@@ -476,13 +479,17 @@ def attention(pack, q, k, v, lens, o):
     else:
         cu_q = cu_k = used_q = used_k = None
         max_q = max_k = 0
-    out, lse = _call_fwd(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o.causal, o.window_left,
-                         o.window_right, o.softcap, o.deterministic)
-    return (out[..., :d] if dp != d else out), lse
+    if o.extras:
+        out, lse, s_dmask = _attention_ext(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o)
+    else:
+        out, lse = _call_fwd(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o.causal,
+                             o.window_left, o.window_right, o.softcap, o.deterministic)
+        s_dmask = None
+    return (out[..., :d] if dp != d else out), lse, s_dmask
 
 
-def fwd(q, k, v, out, lens, scale, o) -> List[Optional[Tensor]]:
-    """The hub's fwd / varlen_fwd; returns [out, softmax_lse, None, None]."""
+def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
+    """The hub's fwd / varlen_fwd; returns [out, softmax_lse, S_dmask, rng_state]."""
     k, v = _tensor(k, "k"), _tensor(v, "v")
     rank = 3 if lens is not None else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -495,12 +502,22 @@ def fwd(q, k, v, out, lens, scale, o) -> List[Optional[Tensor]]:
     else:
         cu_q = cu_k = used_q = used_k = None
         max_q = max_k = 0
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    else:
+    if out is not None:
         _tensor(out, "out")
         if tuple(out.shape) != tuple(q.shape):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
+    if o.extras:
+        seeds = seed_offset(o, q, gen)
+        res, lse, s_dmask = _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, PACK_NONE, scale,
+                                          o.causal, o.window_left, o.window_right, o.softcap, o.alibi_slopes,
+                                          _common.dropout_arg(o, seeds), o.return_probs)
+        if out is None:
+            out = res
+        else:
+            out.copy_(res)
+        return [out, lse, s_dmask if o.return_probs else None, _rng_tensor(seeds, q)]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _call_fwd_into(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, o.causal, o.window_left,
                          o.window_right, o.softcap)
     return [out, lse, None, None]
@@ -527,7 +544,260 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
         elif tuple(_tensor(g, name).shape) != tuple(like.shape):
             raise ValueError(f"{name}: shape {tuple(g.shape)} must be {tuple(like.shape)}")
         grads.append(g)
-    _call_bwd(_maybe_contiguous(dout), _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v),
-              _maybe_contiguous(out), lse, grads[0], grads[1], grads[2], cu_q, cu_k, used_q, used_k, max_q, max_k,
-              scale, o.causal, o.window_left, o.window_right, o.softcap, o.deterministic)
+    args = (_maybe_contiguous(dout), _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v),
+            _maybe_contiguous(out), lse, grads[0], grads[1], grads[2], cu_q, cu_k, used_q, used_k, max_q, max_k,
+            scale, o.causal, o.window_left, o.window_right, o.softcap, o.deterministic)
+    if o.alibi_slopes is not None or o.dropout_p > 0:
+        if o.dropout_p > 0 and o.rng_state is None:
+            raise ValueError("rng_state: the forward's rng_state (seed, offset) is needed for a backward with "
+                             "p_dropout > 0 (it regenerates the forward's mask)")
+        alibi = _alibi(o.alibi_slopes, q)
+        _launch_bwd(*args, extras=_bwd_extras(alibi, _common.dropout_arg(o, o.rng_state)))
+    else:
+        _call_bwd(*args)
     return grads + [None]
+
+
+# --- ALiBi, dropout, S_dmask (eager: the CPU path so far; CUDA raises NotImplementedError) ----------------
+
+def seed_offset(o, q, gen=None):
+    """The dropout (seed, offset) of a call: the explicit rng_state, else a seed drawn from `gen` or torch's
+    default CPU generator (torch.manual_seed replays it), offset 0. On CUDA (no dropout kernels yet: the
+    call raises NotImplementedError) nothing is drawn."""
+    if o.dropout_p == 0:
+        return None
+    if o.rng_state is not None:
+        return o.rng_state
+    if q.device.type != "cpu":
+        return (0, 0)
+    if gen is not None and not isinstance(gen, torch.Generator):
+        raise TypeError(f"gen: expected a torch.Generator or None, got {type(gen).__name__}")
+    device = gen.device if gen is not None else "cpu"
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=gen, dtype=torch.int64, device=device).item())
+    return seed, 0
+
+
+def _rng_tensor(seeds, q):
+    if seeds is None:
+        return None
+    return torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64, device=q.device)
+
+
+def _alibi(alibi, q):
+    if alibi is None:
+        return None
+    alibi = _tensor(alibi, "alibi_slopes")
+    _same_device(q, (("alibi_slopes", alibi),))
+    return _maybe_contiguous(alibi) if alibi.ndim else alibi
+
+
+def _bwd_extras(alibi, dropout):
+    extras = {}
+    if alibi is not None:
+        extras["alibi_slopes"] = _desc(alibi, "alibi_slopes", "torch.float32")
+    if dropout is not None:
+        extras["dropout"] = dropout
+    return extras
+
+
+def _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal, wl, wr, softcap, alibi,
+                  dropout, want_probs):
+    """The forward with ALiBi / dropout / S_dmask: (out, lse, S_dmask, or an empty tensor)."""
+    qq, kk, vv = _split(q, k, v, pack)
+    out = torch.empty(qq.shape, dtype=qq.dtype, device=qq.device)
+    varlen = cu_q is not None
+    lse = torch.empty(_lse_shape(qq, varlen), dtype=torch.float32, device=qq.device)
+    alibi = _alibi(alibi, qq)
+    extras = _bwd_extras(alibi, dropout)
+    if want_probs:
+        shape = (cu_q.shape[0] - 1 if cu_q.ndim == 1 else 0, qq.shape[1], max_q, max_k) if varlen else \
+            (qq.shape[0], qq.shape[2], qq.shape[1], kk.shape[1])
+        s_dmask = torch.zeros(shape, dtype=qq.dtype, device=qq.device)
+        extras["s_dmask"] = _desc(s_dmask, "s_dmask")
+    else:
+        s_dmask = torch.empty(0, dtype=qq.dtype, device=qq.device)
+    _launch_fwd(qq, kk, vv, out, lse, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal, wl, wr, softcap,
+                extras)
+    return out, lse, s_dmask
+
+
+class _ExtFwd(torch.autograd.Function):
+    """Autograd of the forward with ALiBi / dropout / S_dmask: the backward gets the same slopes and the same
+    (p, seed, offset), so it regenerates the forward's dropout mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal, wl, wr, softcap, det,
+                alibi, dropout, want_probs):
+        out, lse, s_dmask = _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal,
+                                          wl, wr, softcap, alibi, dropout, want_probs)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi)
+        ctx.params = (max_q, max_k, pack, scale, causal, wl, wr, softcap, det, dropout)
+        ctx.mark_non_differentiable(lse, s_dmask)
+        return out, lse, s_dmask
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse, ds_dmask):
+        q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi = ctx.saved_tensors
+        max_q, max_k, pack, scale, causal, wl, wr, softcap, det, dropout = ctx.params
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
+        qq, kk, vv = _split(q, k, v, pack)
+        dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
+        extras = _bwd_extras(_alibi(alibi, qq), dropout)
+        _launch_bwd(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal,
+                    wl, wr, softcap, det, extras)
+        return tuple(grads) + (None,) * 16
+
+
+def _attention_ext(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o):
+    seeds = seed_offset(o, q)
+    args = (q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o.causal, o.window_left,
+            o.window_right, o.softcap, o.deterministic, o.alibi_slopes, _common.dropout_arg(o, seeds),
+            o.return_probs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
+        out, lse, s_dmask = _ExtFwd.apply(*args)
+    else:
+        out, lse, s_dmask = _ext_fwd_body(*args[:15], *args[16:])
+    return out, lse, (s_dmask if o.return_probs else None)
+
+
+# --- Paged K/V (flash_attn_varlen_func with block_table): a custom op, forward only ------------------------
+
+def _launch_paged(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, table, max_q, max_k, scale, causal, wl, wr, softcap,
+                  extras=None):
+    _same_device(q, (("k", k), ("v", v), ("out", out), ("lse", lse), ("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k),
+                     ("seqused_q", used_q), ("seqused_k", used_k), ("block_table", table)))
+    q, k, v = _input(q), _input(k), _input(v)
+    idx = [None if t is None else _desc(t, n, "torch.int32") for n, t in
+           (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k), ("seqused_q", used_q), ("seqused_k", used_k),
+            ("block_table", table))]
+    _on_device(q, _native.varlen_fwd_paged, _desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"),
+               _desc(lse, "lse", "torch.float32"), idx[0], idx[1], max_q, max_k, idx[2], idx[3], idx[4], scale, causal,
+               wl, wr, softcap, _device(q), **(extras or {}))
+
+
+def _paged_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
+                seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], block_table: Tensor, max_seqlen_q: int,
+                max_seqlen_k: int, softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int,
+                softcap: float) -> Tuple[Tensor, Tensor]:
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    _launch_paged(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, block_table, max_seqlen_q,
+                  max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap)
+    return out, lse
+
+
+_fwd_paged = torch.library.custom_op("flash_attn_rs::fwd_paged", _paged_body, mutates_args=())
+
+
+@_fwd_paged.register_fake
+def _fwd_paged_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, block_table, max_seqlen_q,
+                    max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
+
+
+def paged(q, k, v, lens, block_table, o):
+    """flash_attn_varlen_func with block_table: (out, lse, S_dmask or None); forward only (the op has no
+    autograd: a backward through it raises)."""
+    k, v, block_table = _tensor(k, "k"), _tensor(v, "v"), _tensor(block_table, "block_table")
+    _common.check_rank(q, "q", 3)
+    _common.check_rank(k, "k", 4)
+    _common.check_rank(v, "v", 4)
+    d = q.shape[-1]
+    _common.check_head_dims(d, [("k", k), ("v", v)])
+    scale = o.softmax_scale if o.softmax_scale is not None else d ** -0.5
+    dp = _common.padded_head_dim(d, "q")
+    q, k, v = (_maybe_contiguous(_pad(t, dp)) for t in (q, k, v))
+    cu_q, cu_k, max_q, max_k, used_q, used_k = lens
+    cu_q = _tensor(cu_q, "cu_seqlens_q")
+    cu_k, used_q, used_k = (_optional_tensor(t, n) for t, n in ((cu_k, "cu_seqlens_k"), (used_q, "seqused_q"),
+                                                               (used_k, "seqused_k")))
+    max_q, max_k = _seqlen(max_q, "max_seqlen_q"), _seqlen(max_k, "max_seqlen_k")
+    block_table = _maybe_contiguous(block_table) if block_table.ndim else block_table
+    s_dmask = None
+    if o.extras:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+        alibi = _alibi(o.alibi_slopes, q)
+        extras = _bwd_extras(alibi, _common.dropout_arg(o, seed_offset(o, q)))
+        if o.return_probs:
+            s_dmask = torch.zeros(_common.s_dmask_shape(q, (cu_q, None, max_q, max_k)), dtype=q.dtype, device=q.device)
+            extras["s_dmask"] = _desc(s_dmask, "s_dmask")
+        _launch_paged(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o.causal,
+                      o.window_left, o.window_right, o.softcap, extras)
+    else:
+        args = (q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o.causal, o.window_left,
+                o.window_right, o.softcap)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if _eager(q, k, v, cu_q, cu_k, used_q, used_k, block_table) and not grad:
+            out, lse = _paged_body(*args)
+        else:
+            out, lse = torch.ops.flash_attn_rs.fwd_paged(*args)
+    return (out[..., :d] if dp != d else out), lse, s_dmask
+
+
+def fwd_paged(q, k, v, out, lens, block_table, o, gen=None):
+    """The hub's varlen_fwd with block_table: [out, lse, S_dmask, rng_state]."""
+    seeds = seed_offset(o, q, gen)
+    o.rng_state = seeds
+    res, lse, s_dmask = paged(q, k, v, lens, block_table, o)
+    if out is not None:
+        _tensor(out, "out")
+        if tuple(out.shape) != tuple(res.shape):
+            raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(res.shape)} (from q's shape)")
+        out.copy_(res)
+    return [res if out is None else out, lse, s_dmask, _rng_tensor(seeds, q)]
+
+
+# --- flash_attn_with_kvcache (eager; CPU so far) ------------------------------------------------------------
+
+def _opt_input(t, name):
+    """An optional tensor argument with its last dimension contiguous (copied if not)."""
+    if t is None:
+        return None
+    t = _tensor(t, name)
+    return _maybe_contiguous(t) if t.ndim else t
+
+
+def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+            block_table, o, rotary_interleaved, num_splits):
+    """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
+    place. CUDA: NotImplementedError (after every check) until the kernels exist."""
+    k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
+    _common.check_rank(q, "q", 4)
+    q = _maybe_contiguous(q)
+    scale = o.softmax_scale if o.softmax_scale is not None else q.shape[-1] ** -0.5
+    named = [("block_table", block_table), ("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+             ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("alibi_slopes", o.alibi_slopes)]
+    named = [(n, _opt_input(t, n)) for n, t in named]
+    table = named[0][1]
+    if cache_seqlens is None or (not isinstance(cache_seqlens, torch.Tensor)):
+        if cache_seqlens is None:
+            # flash-attn: without cache_seqlens every row's cache is full.
+            _common.check_rank(k_cache, "k_cache", 4)
+            if table is not None:
+                _common.check_rank(table, "block_table", 2)
+                n = table.shape[1] * k_cache.shape[1]
+            else:
+                n = k_cache.shape[1]
+        else:
+            if isinstance(cache_seqlens, bool) or not _common._is_int(cache_seqlens):
+                raise TypeError(f"cache_seqlens: must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
+            n = int(cache_seqlens)
+        if not -2**31 <= n < 2**31:
+            raise ValueError(f"cache_seqlens: {n} is out of range")
+        cache_seqlens = torch.full((q.shape[0],), n, dtype=torch.int32, device=q.device)
+    _same_device(q, [("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)] + named)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+    expected = {"block_table": "torch.int32", "cache_batch_idx": "torch.int32", "cache_leftpad": "torch.int32",
+                "alibi_slopes": "torch.float32", "rotary_cos": "torch.float16, torch.bfloat16 or torch.float32",
+                "rotary_sin": "torch.float16, torch.bfloat16 or torch.float32"}
+    kw = {("k_new" if n == "k" else "v_new" if n == "v" else n): _desc(t, n, expected.get(n, _FLOAT))
+          for n, t in named if t is not None}
+    _on_device(q, _native.fwd_kvcache, _desc(q, "q"), _desc(k_cache, "k_cache"), _desc(v_cache, "v_cache"),
+               _desc(cache_seqlens, "cache_seqlens", "torch.int32"), _desc(out, "out"),
+               _desc(lse, "lse", "torch.float32"), scale, o.causal, o.window_left, o.window_right, o.softcap,
+               rotary_interleaved, num_splits, _device(q), **kw)
+    return out, lse

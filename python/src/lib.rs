@@ -9,15 +9,16 @@
 //! `torch.cuda.current_stream().cuda_stream`; 0 = the legacy default stream).
 //!
 //! Every argument is checked here or by the raw layer before anything runs; a bad one raises TypeError
-//! (wrong Python type, wrong dtype), ValueError (shape, value, lengths, head dim, heads, size, layout) or
+//! (wrong Python type, wrong dtype), ValueError (shape, value, lengths, head dim, heads, size, layout),
+//! NotImplementedError (a feature this target has no kernels for yet: `Error::Unsupported`) or
 //! RuntimeError (CUDA), with a message naming the argument. The library call runs with the GIL released;
 //! a panic inside it, should one ever happen, comes back as RuntimeError. What cannot be checked is that
 //! an address really points at that much memory of the named device: these functions are as unsafe as the
 //! raw layer, and the Python package is the safe way in.
 
-use flash_attn::raw::{self, BwdViews, FwdViews, Workspace};
-use flash_attn::{AttnOptions, DType, Error, Target, VarlenViews, View};
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use flash_attn::raw::{self, BwdViews, FwdViews, KvCacheOptions, KvCacheViews, PagedVarlenViews, Workspace};
+use flash_attn::{AttnOptions, DType, Dropout, Error, Target, VarlenViews, View};
+use pyo3::exceptions::{PyNotImplementedError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyFloat, PyInt, PyString, PyTuple};
 
@@ -29,6 +30,8 @@ fn to_py(e: Error) -> PyErr {
         Error::DType { .. } | Error::DTypeMismatch { .. } => PyTypeError::new_err(msg),
         Error::Cuda(_) => PyRuntimeError::new_err(msg),
         Error::Io(_) => PyOSError::new_err(msg),
+        // A feature this target lacks (e.g. no CUDA kernels yet): the message names it.
+        Error::Unsupported { .. } => PyNotImplementedError::new_err(msg),
         // DeviceMismatch, Rank, Shape, NotContiguous, HeadDim, Heads, Value, SeqLens, TooLarge, Data, and
         // any kind added later.
         _ => PyValueError::new_err(msg),
@@ -169,6 +172,18 @@ fn options(softmax_scale: &Bound<'_, PyAny>, causal: &Bound<'_, PyAny>, window_l
     })
 }
 
+/// `opts` with the dropout of `obj`: None (off) or a tuple `(p, seed, offset)` (seed and offset in
+/// `0..2^64`).
+fn with_dropout(mut opts: AttnOptions, obj: Option<&Bound<'_, PyAny>>) -> PyResult<AttnOptions> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(opts) };
+    let t = obj.cast::<PyTuple>().map_err(|_| PyTypeError::new_err(format!("dropout: expected a tuple (p, seed, offset) or None, got {}", type_name(obj))))?;
+    if t.len() != 3 {
+        return Err(PyTypeError::new_err(format!("dropout: expected a tuple (p, seed, offset), got {} items", t.len())));
+    }
+    opts.dropout = Dropout { p: float(&t.get_item(0)?, "dropout_p")?, seed: uint(&t.get_item(1)?, "dropout", "seed", u64::MAX)?, offset: uint(&t.get_item(2)?, "dropout", "offset", u64::MAX)? };
+    Ok(opts)
+}
+
 fn workspace(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Workspace> {
     let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(Workspace::default()) };
     let t = obj.cast::<PyTuple>().map_err(|_| PyTypeError::new_err(format!("workspace: expected a tuple (address, bytes) or None, got {}", type_name(obj))))?;
@@ -227,12 +242,16 @@ where
     }
 }
 
-/// fwd(q, k, v, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, device)
+/// fwd(q, k, v, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, device,
+///     alibi_slopes=None, s_dmask=None, dropout=None)
 ///
 /// Dense forward: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]` into out `[B, Sq, Hq, D]` and lse
 /// (contiguous f32 `[B, Hq, Sq]`). `softmax_scale` None = 1/sqrt(D). On CUDA the kernels are queued on
-/// the stream and the call returns.
+/// the stream and the call returns. Optional: ALiBi slopes (f32 `[Hq]` or `[B, Hq]`), the probabilities
+/// into `s_dmask` (`[B, Hq, Sq, Sk]`, f32 or q's dtype), dropout `(p, seed, offset)`; on CUDA each of
+/// these raises NotImplementedError (no kernels yet).
 #[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, device, alibi_slopes=None, s_dmask=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]
 fn fwd(
     py: Python<'_>,
@@ -247,15 +266,37 @@ fn fwd(
     window_size_right: &Bound<'_, PyAny>,
     softcap: &Bound<'_, PyAny>,
     device: &Bound<'_, PyAny>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    s_dmask: Option<&Bound<'_, PyAny>>,
+    dropout: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
     let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
-    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let ext = FwdExtras::parse(alibi_slopes, s_dmask)?;
+    let opts = with_dropout(options(softmax_scale, causal, window_size_left, window_size_right, softcap)?, dropout)?;
     let target = target(device)?;
     call(py, || {
-        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: None, s_dmask: None };
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: ext.alibi(), s_dmask: ext.s_dmask() };
         unsafe { raw::fwd(&t, &opts, target) }
     })
+}
+
+/// The optional tensors of a forward: ALiBi slopes and the probabilities' output.
+struct FwdExtras {
+    alibi: Option<Arg>,
+    s_dmask: Option<Arg>,
+}
+
+impl FwdExtras {
+    fn parse(alibi_slopes: Option<&Bound<'_, PyAny>>, s_dmask: Option<&Bound<'_, PyAny>>) -> PyResult<FwdExtras> {
+        Ok(FwdExtras { alibi: Arg::optional(alibi_slopes, "alibi_slopes")?, s_dmask: Arg::optional(s_dmask, "s_dmask")? })
+    }
+    fn alibi(&self) -> Option<View<'_>> {
+        self.alibi.as_ref().map(Arg::view)
+    }
+    fn s_dmask(&self) -> Option<View<'_>> {
+        self.s_dmask.as_ref().map(Arg::view)
+    }
 }
 
 /// Whether `a`'s rows are what the CUDA kernels need: head dim contiguous, the first element and every
@@ -342,11 +383,14 @@ fn fwd_dense(
 }
 
 /// varlen_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
-///            seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, device)
+///            seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, device,
+///            alibi_slopes=None, s_dmask=None, dropout=None)
 ///
 /// Packed forward: q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]`, int32 cu_seqlens `[B+1]` (and optional
-/// seqused `[B]`, or None) into out `[Tq, Hq, D]` and lse (contiguous f32 `[Hq, Tq]`).
+/// seqused `[B]`, or None) into out `[Tq, Hq, D]` and lse (contiguous f32 `[Hq, Tq]`). The optional
+/// arguments as for `fwd` (s_dmask `[B, Hq, max_seqlen_q, max_seqlen_k]`).
 #[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, device, alibi_slopes=None, s_dmask=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]
 fn varlen_fwd(
     py: Python<'_>,
@@ -367,15 +411,152 @@ fn varlen_fwd(
     window_size_right: &Bound<'_, PyAny>,
     softcap: &Bound<'_, PyAny>,
     device: &Bound<'_, PyAny>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    s_dmask: Option<&Bound<'_, PyAny>>,
+    dropout: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
     let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
     let lens = Lens::parse(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, Some(seqused_q), Some(seqused_k))?;
-    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let ext = FwdExtras::parse(alibi_slopes, s_dmask)?;
+    let opts = with_dropout(options(softmax_scale, causal, window_size_left, window_size_right, softcap)?, dropout)?;
     let target = target(device)?;
     call(py, || {
-        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: None, s_dmask: None };
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: ext.alibi(), s_dmask: ext.s_dmask() };
         unsafe { raw::varlen_fwd(&t, &lens.views(), &opts, target) }
+    })
+}
+
+/// varlen_fwd_paged(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
+///                  seqused_k, block_table, softmax_scale, causal, window_size_left, window_size_right,
+///                  softcap, device, alibi_slopes=None, s_dmask=None, dropout=None)
+///
+/// Packed forward over paged K/V: q `[Tq, Hq, D]`, k and v `[num_blocks, page_size, Hk, D]`, int32
+/// block_table `[B, max_blocks]`; key counts from cu_seqlens_k `[B+1]` (cut to seqused_k where given) or,
+/// with cu_seqlens_k None, from seqused_k `[B]`. Out and lse as `varlen_fwd`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, block_table, softmax_scale, causal, window_size_left, window_size_right, softcap, device, alibi_slopes=None, s_dmask=None, dropout=None))]
+#[allow(clippy::too_many_arguments)]
+fn varlen_fwd_paged(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    cu_seqlens_q: &Bound<'_, PyAny>,
+    cu_seqlens_k: &Bound<'_, PyAny>,
+    max_seqlen_q: &Bound<'_, PyAny>,
+    max_seqlen_k: &Bound<'_, PyAny>,
+    seqused_q: &Bound<'_, PyAny>,
+    seqused_k: &Bound<'_, PyAny>,
+    block_table: &Bound<'_, PyAny>,
+    softmax_scale: &Bound<'_, PyAny>,
+    causal: &Bound<'_, PyAny>,
+    window_size_left: &Bound<'_, PyAny>,
+    window_size_right: &Bound<'_, PyAny>,
+    softcap: &Bound<'_, PyAny>,
+    device: &Bound<'_, PyAny>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    s_dmask: Option<&Bound<'_, PyAny>>,
+    dropout: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
+    let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
+    let cu_q = Arg::parse(cu_seqlens_q, "cu_seqlens_q")?;
+    let cu_k = Arg::optional(Some(cu_seqlens_k), "cu_seqlens_k")?;
+    let max_q = uint(max_seqlen_q, "max_seqlen_q", "value", 1 << 62)? as usize;
+    let max_k = uint(max_seqlen_k, "max_seqlen_k", "value", 1 << 62)? as usize;
+    let used_q = Arg::optional(Some(seqused_q), "seqused_q")?;
+    let used_k = Arg::optional(Some(seqused_k), "seqused_k")?;
+    let table = Arg::parse(block_table, "block_table")?;
+    let ext = FwdExtras::parse(alibi_slopes, s_dmask)?;
+    let opts = with_dropout(options(softmax_scale, causal, window_size_left, window_size_right, softcap)?, dropout)?;
+    let target = target(device)?;
+    call(py, || {
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: ext.alibi(), s_dmask: ext.s_dmask() };
+        let paged = PagedVarlenViews {
+            cu_seqlens_q: cu_q.view(),
+            cu_seqlens_k: cu_k.as_ref().map(Arg::view),
+            max_seqlen_q: max_q,
+            max_seqlen_k: max_k,
+            seqused_q: used_q.as_ref().map(Arg::view),
+            seqused_k: used_k.as_ref().map(Arg::view),
+            block_table: table.view(),
+        };
+        unsafe { raw::varlen_fwd_paged(&t, &paged, &opts, target) }
+    })
+}
+
+/// fwd_kvcache(q, k_cache, v_cache, cache_seqlens, out, lse, softmax_scale, causal, window_size_left,
+///             window_size_right, softcap, rotary_interleaved, num_splits, device, block_table=None,
+///             k_new=None, v_new=None, rotary_cos=None, rotary_sin=None, cache_batch_idx=None,
+///             cache_leftpad=None, alibi_slopes=None)
+///
+/// flash-attn's `flash_attn_with_kvcache`: appends k_new / v_new (`[B, S_new, Hk, D]`) to the caches
+/// (`[B_cache, S_cache, Hk, D]`, or pages `[num_blocks, page_size, Hk, D]` with block_table) in place at
+/// `cache_seqlens[b]..` (int32 `[B]`), rotary on q and k_new, then attends q `[B, Sq, Hq, D]` over the
+/// cache into out (like q) and lse (contiguous f32 `[B, Hq, Sq]`). `num_splits` 0 = heuristic. On CUDA:
+/// NotImplementedError (no kernels yet), after every check.
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, rotary_interleaved, num_splits, device, block_table=None, k_new=None, v_new=None, rotary_cos=None, rotary_sin=None, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None))]
+#[allow(clippy::too_many_arguments)]
+fn fwd_kvcache(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    cache_seqlens: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    softmax_scale: &Bound<'_, PyAny>,
+    causal: &Bound<'_, PyAny>,
+    window_size_left: &Bound<'_, PyAny>,
+    window_size_right: &Bound<'_, PyAny>,
+    softcap: &Bound<'_, PyAny>,
+    rotary_interleaved: &Bound<'_, PyAny>,
+    num_splits: &Bound<'_, PyAny>,
+    device: &Bound<'_, PyAny>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    k_new: Option<&Bound<'_, PyAny>>,
+    v_new: Option<&Bound<'_, PyAny>>,
+    rotary_cos: Option<&Bound<'_, PyAny>>,
+    rotary_sin: Option<&Bound<'_, PyAny>>,
+    cache_batch_idx: Option<&Bound<'_, PyAny>>,
+    cache_leftpad: Option<&Bound<'_, PyAny>>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let q = Arg::parse(q, "q")?;
+    let (k_cache, v_cache) = (Arg::parse(k_cache, "k_cache")?, Arg::parse(v_cache, "v_cache")?);
+    let seqlens = Arg::parse(cache_seqlens, "cache_seqlens")?;
+    let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
+    let table = Arg::optional(block_table, "block_table")?;
+    let (k_new, v_new) = (Arg::optional(k_new, "k")?, Arg::optional(v_new, "v")?);
+    let (cos, sin) = (Arg::optional(rotary_cos, "rotary_cos")?, Arg::optional(rotary_sin, "rotary_sin")?);
+    let batch_idx = Arg::optional(cache_batch_idx, "cache_batch_idx")?;
+    let leftpad = Arg::optional(cache_leftpad, "cache_leftpad")?;
+    let alibi = Arg::optional(alibi_slopes, "alibi_slopes")?;
+    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let kv = KvCacheOptions { rotary_interleaved: flag(rotary_interleaved, "rotary_interleaved")?, num_splits: uint(num_splits, "num_splits", "value", 1 << 20)? as usize };
+    let target = target(device)?;
+    call(py, || {
+        let t = KvCacheViews {
+            q: q.view(),
+            k_cache: k_cache.view(),
+            v_cache: v_cache.view(),
+            cache_seqlens: seqlens.view(),
+            block_table: table.as_ref().map(Arg::view),
+            k_new: k_new.as_ref().map(Arg::view),
+            v_new: v_new.as_ref().map(Arg::view),
+            rotary_cos: cos.as_ref().map(Arg::view),
+            rotary_sin: sin.as_ref().map(Arg::view),
+            cache_batch_idx: batch_idx.as_ref().map(Arg::view),
+            cache_leftpad: leftpad.as_ref().map(Arg::view),
+            alibi_slopes: alibi.as_ref().map(Arg::view),
+            out: out.view(),
+            lse: lse.view(),
+        };
+        unsafe { raw::fwd_kvcache(&t, &opts, &kv, Workspace::default(), target) }
     })
 }
 
@@ -384,8 +565,10 @@ fn varlen_fwd(
 ///
 /// Dense backward into dq (like q), dk and dv (like k). `workspace` is `(address, bytes)` of at least
 /// `bwd_workspace_bytes(q_shape, deterministic)` bytes of the device's memory, 256-byte aligned (None on
-/// the CPU).
+/// the CPU). Optional: the forward's ALiBi slopes and dropout `(p, seed, offset)` (the same mask is
+/// regenerated); on CUDA each raises NotImplementedError.
 #[pyfunction]
+#[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic, workspace, device, alibi_slopes=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     py: Python<'_>,
@@ -406,17 +589,20 @@ fn bwd(
     deterministic: &Bound<'_, PyAny>,
     workspace: &Bound<'_, PyAny>,
     device: &Bound<'_, PyAny>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    dropout: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let dout = Arg::parse(dout, "dout")?;
     let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
     let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
     let (dq, dk, dv) = (Arg::parse(dq, "dq")?, Arg::parse(dk, "dk")?, Arg::parse(dv, "dv")?);
-    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let alibi = Arg::optional(alibi_slopes, "alibi_slopes")?;
+    let opts = with_dropout(options(softmax_scale, causal, window_size_left, window_size_right, softcap)?, dropout)?;
     let deterministic = flag(deterministic, "deterministic")?;
     let ws = self::workspace(Some(workspace))?;
     let target = target(device)?;
     call(py, || {
-        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view(), alibi_slopes: None };
+        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view(), alibi_slopes: alibi.as_ref().map(Arg::view) };
         unsafe { raw::bwd(&t, &opts, deterministic, ws, target) }
     })
 }
@@ -425,8 +611,9 @@ fn bwd(
 ///            max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal, window_size_left,
 ///            window_size_right, softcap, deterministic, workspace, device)
 ///
-/// Packed backward, over `varlen_fwd`'s layouts.
+/// Packed backward, over `varlen_fwd`'s layouts (optional arguments as for `bwd`).
 #[pyfunction]
+#[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic, workspace, device, alibi_slopes=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]
 fn varlen_bwd(
     py: Python<'_>,
@@ -453,18 +640,21 @@ fn varlen_bwd(
     deterministic: &Bound<'_, PyAny>,
     workspace: &Bound<'_, PyAny>,
     device: &Bound<'_, PyAny>,
+    alibi_slopes: Option<&Bound<'_, PyAny>>,
+    dropout: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let dout = Arg::parse(dout, "dout")?;
     let (q, k, v) = (Arg::parse(q, "q")?, Arg::parse(k, "k")?, Arg::parse(v, "v")?);
     let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
     let (dq, dk, dv) = (Arg::parse(dq, "dq")?, Arg::parse(dk, "dk")?, Arg::parse(dv, "dv")?);
     let lens = Lens::parse(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, Some(seqused_q), Some(seqused_k))?;
-    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let alibi = Arg::optional(alibi_slopes, "alibi_slopes")?;
+    let opts = with_dropout(options(softmax_scale, causal, window_size_left, window_size_right, softcap)?, dropout)?;
     let deterministic = flag(deterministic, "deterministic")?;
     let ws = self::workspace(Some(workspace))?;
     let target = target(device)?;
     call(py, || {
-        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view(), alibi_slopes: None };
+        let t = BwdViews { dout: dout.view(), q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), dq: dq.view(), dk: dk.view(), dv: dv.view(), alibi_slopes: alibi.as_ref().map(Arg::view) };
         unsafe { raw::varlen_bwd(&t, &lens.views(), &opts, deterministic, ws, target) }
     })
 }
@@ -503,6 +693,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd, m)?)?;
     m.add_function(wrap_pyfunction!(fwd_dense, m)?)?;
     m.add_function(wrap_pyfunction!(varlen_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(varlen_fwd_paged, m)?)?;
+    m.add_function(wrap_pyfunction!(fwd_kvcache, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(varlen_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(bwd_workspace_bytes, m)?)?;

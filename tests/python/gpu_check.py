@@ -16,7 +16,15 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
 - a non-default stream: the kernels run after earlier work on that stream, not on the default stream;
 - packed versus separate: flash_attn_varlen_func over a packed batch (and its gradients) against
   flash_attn_func per sequence;
-- a kernels-hub-style script through fwd / varlen_fwd / bwd against SDPA.
+- a kernels-hub-style script through fwd / varlen_fwd / bwd against SDPA;
+- paged K/V (flash_attn_varlen_func with block_table, the hub's varlen_fwd with block_table): against the
+  contiguous varlen call over the same keys and against flash-attn's semantics computed in torch (keys
+  gathered through the block table), page sizes 16, 256 and 3, key counts from cu_seqlens_k or seqused_k;
+  torch.compile(fullgraph=True) of a paged call;
+- ALiBi, dropout, S_dmask, flash_attn_with_kvcache: on CUDA each raises NotImplementedError naming the
+  feature (no kernels yet); on the CPU (--device cpu) they run: ALiBi against the reference, dropout's
+  autograd gradients equal the hub's bwd given the forward's rng_state, torch.manual_seed replays the mask,
+  the KV cache is appended in place.
 Then, unless --no-bench: Python-level overhead per call against calling the native function directly,
 and for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct".
 
@@ -474,7 +482,14 @@ def check_errors(dev, quick):
         ("float32 q", lambda: fa.flash_attn_func(q.float(), q.float(), q.float()), TypeError),
         ("cu_seqlens int64", lambda: fa.flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([0, 16], device=dev),
                                                                torch.tensor([0, 16], device=dev), 16, 16), TypeError),
-        ("dropout", lambda: fa.flash_attn_func(q, q, q, dropout_p=0.5), NotImplementedError),
+        ("dropout_p 1.5", lambda: fa.flash_attn_func(q, q, q, dropout_p=1.5), ValueError),
+        ("alibi_slopes count", lambda: fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(3, device=dev)), ValueError),
+        ("block_table float", lambda: fa.flash_attn_varlen_func(
+            q[0], q.view(2, 8, 2, 64), q.view(2, 8, 2, 64), torch.tensor([0, 16], dtype=torch.int32, device=dev),
+            torch.tensor([0, 16], dtype=torch.int32, device=dev), 16, 16,
+            block_table=torch.tensor([[0, 1]], dtype=torch.float32, device=dev)), TypeError),
+        ("hub bwd p_dropout without rng_state", lambda: fa.bwd(q, q, q, q, q, torch.zeros(1, 2, 16, device=dev),
+                                                               p_dropout=0.1), ValueError),
         ("heads", lambda: fa.flash_attn_func(torch.randn(1, 16, 3, 64, device=dev, dtype=torch.bfloat16), q, q),
          ValueError),
         ("numpy k", lambda: fa.flash_attn_func(q, q.cpu().float().numpy(), q), TypeError),
@@ -513,6 +528,175 @@ def check_layouts(dev, quick):
     res = fa.fwd(q, k, v, out=out_odd, is_causal=True)
     ok &= res[0] is out_odd and torch.equal(out_odd, want) and bool((out_buf[:4] == 0).all())
     report("misaligned and non-contiguous inputs copied, a misaligned out written through a temporary", ok)
+
+
+# --- Paged K/V ---------------------------------------------------------------------------------------
+
+def _paged_case(dev, dtype, lens_q, lens_k, page, h, hk, d, causal, seed):
+    """Packed q, contiguous k/v and the same keys scattered into shuffled pages with a block table."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=dev)
+    q = torch.randn(sum(lens_q), h, d, generator=g).to(dev, dtype)
+    k = torch.randn(sum(lens_k), hk, d, generator=g).to(dev, dtype)
+    v = torch.randn(sum(lens_k), hk, d, generator=g).to(dev, dtype)
+    need = [(n + page - 1) // page for n in lens_k]
+    max_blocks = max(max(need), 1)
+    num_blocks = sum(need) + 2
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    table = torch.randint(0, num_blocks, (len(lens_k), max_blocks), generator=g, dtype=torch.int32)
+    kp = torch.randn(num_blocks, page, hk, d, generator=g).to(dev, dtype)
+    vp = torch.randn(num_blocks, page, hk, d, generator=g).to(dev, dtype)
+    used, start = 0, 0
+    for b, n in enumerate(lens_k):
+        for i in range(need[b]):
+            blk = order[used]
+            used += 1
+            table[b, i] = blk
+            rows = min(page, n - i * page)
+            kp[blk, :rows] = k[start + i * page: start + i * page + rows]
+            vp[blk, :rows] = v[start + i * page: start + i * page + rows]
+        start += n
+    return q, k, v, kp, vp, table.to(dev), cu_q, cu_k
+
+
+def _gather_ref(q, kp, vp, table, cu_q, lens_k, causal, scale):
+    """flash-attn's paged semantics in torch: key t of sequence b is row t % page of block
+    table[b][t // page]; float64 attention per sequence."""
+    page = kp.shape[1]
+    outs = []
+    for b, n in enumerate(lens_k):
+        t = torch.arange(n, device=kp.device)
+        blocks = table[b].long()[t // page]
+        kb, vb = kp[blocks, t % page], vp[blocks, t % page]
+        qs = q[cu_q[b]:cu_q[b + 1]]
+        o, _ = ref_attention(qs[None].double(), kb[None].double(), vb[None].double(), scale, causal)
+        outs.append(o[0])
+    return torch.cat(outs)
+
+
+@check("paged K/V")
+def check_paged(dev, quick):
+    lens_q, lens_k = [1, 77, 200, 5], [300, 77, 200, 1]
+    h, hk, d = 8, 2, 128
+    for page in (16, 256, 3):
+        for causal in (False, True):
+            q, k, v, kp, vp, table, cu_q, cu_k = _paged_case(dev, torch.bfloat16, lens_q, lens_k, page, h, hk, d,
+                                                             causal, 100 + page)
+            mq, mk = max(lens_q), max(lens_k)
+            want, want_lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, mq, mk, causal=causal,
+                                                          return_attn_probs=True)
+            got, got_lse, _ = fa.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, mq, mk, causal=causal,
+                                                        block_table=table, return_attn_probs=True)
+            used_k = torch.tensor(lens_k, dtype=torch.int32, device=dev)
+            got2 = fa.flash_attn_varlen_func(q, kp, vp, cu_q, None, mq, mk, causal=causal, block_table=table,
+                                             seqused_k=used_k)
+            ref = _gather_ref(q, kp, vp, table, cu_q, lens_k, causal, d ** -0.5)
+            err, base = max_err(got, ref), max_err(want, ref)
+            fin = torch.isfinite(want_lse)
+            ok = (err <= 2 * base + 1e-3 and torch.equal(got2, got) and torch.equal(torch.isfinite(got_lse), fin)
+                  and max_err(got_lse[fin], want_lse[fin]) <= 1e-3)
+            report(f"paged (page {page}, causal={causal}) vs contiguous varlen and vs torch gather reference", ok,
+                   f"bitwise contiguous: {torch.equal(got, want)}, err vs float64 {err:.2e} "
+                   f"(contiguous {base:.2e})")
+    # The hub's varlen_fwd with block_table, into a given out; the caller's stream.
+    q, k, v, kp, vp, table, cu_q, cu_k = _paged_case(dev, torch.float16, lens_q, lens_k, 16, h, hk, d, True, 7)
+    given = torch.empty_like(q)
+    stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            res = fa.varlen_fwd(q, kp, vp, cu_q, cu_k, out=given, block_table=table, max_seqlen_q=max(lens_q),
+                                max_seqlen_k=max(lens_k), is_causal=True)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+    else:
+        res = fa.varlen_fwd(q, kp, vp, cu_q, cu_k, out=given, block_table=table, max_seqlen_q=max(lens_q),
+                            max_seqlen_k=max(lens_k), is_causal=True)
+    want = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
+    ref = _gather_ref(q, kp, vp, table, cu_q, lens_k, True, d ** -0.5)
+    report("hub varlen_fwd(..., block_table=..., out=given) on a side stream", res[0] is given and
+           max_err(given, ref) <= 2 * max_err(want, ref) + 1e-3, f"err {max_err(given, ref):.2e}")
+    # torch.compile(fullgraph=True) traces the paged op.
+    fn = torch.compile(lambda q, kp, vp, cu_q, cu_k, table: fa.flash_attn_varlen_func(
+        q, kp, vp, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, block_table=table), fullgraph=True)
+    got = fn(q, kp, vp, cu_q, cu_k, table)
+    eager = fa.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                      block_table=table)
+    report("torch.compile(fullgraph=True) of a paged call == eager", torch.equal(got, eager))
+
+
+# --- ALiBi, dropout, S_dmask, KV cache ---------------------------------------------------------------
+
+@check("ALiBi, dropout, S_dmask, KV cache")
+def check_extras(dev, quick):
+    torch.manual_seed(9)
+    b, s, h, d = 2, 64, 4, 64
+    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    slopes = torch.rand(h, device=dev) * 0.5
+    kc, vc = (torch.zeros(b, 128, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    if dev.type == "cuda":
+        cu = torch.tensor([0, s, 2 * s], dtype=torch.int32, device=dev)
+        cases = [
+            ("dropout_p", lambda: fa.flash_attn_func(q, k, v, dropout_p=0.1), "dropout"),
+            ("dropout_p + return_attn_probs", lambda: fa.flash_attn_func(q, k, v, dropout_p=0.1,
+                                                                         return_attn_probs=True), "dropout"),
+            ("alibi_slopes", lambda: fa.flash_attn_func(q, k, v, alibi_slopes=slopes), "alibi_slopes"),
+            ("varlen alibi_slopes", lambda: fa.flash_attn_varlen_func(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, s, s, alibi_slopes=slopes),
+             "alibi_slopes"),
+            ("qkvpacked dropout_p", lambda: fa.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), dropout_p=0.2),
+             "dropout"),
+            ("hub fwd return_softmax", lambda: fa.fwd(q, k, v, return_softmax=True), "return_attn_probs"),
+            ("hub bwd alibi_slopes", lambda: fa.bwd(q, q, k, v, q, torch.zeros(b, h, s, device=dev),
+                                                    alibi_slopes=slopes), "alibi_slopes"),
+            ("flash_attn_with_kvcache", lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :1], v[:, :1],
+                                                                           cache_seqlens=5), "fwd_kvcache"),
+            ("paged alibi_slopes", lambda: fa.flash_attn_varlen_func(
+                q.flatten(0, 1), k.view(8, 16, h, d), v.view(8, 16, h, d), cu, cu, s, s, alibi_slopes=slopes,
+                block_table=torch.arange(8, dtype=torch.int32, device=dev).view(2, 4)), "alibi_slopes"),
+        ]
+        for name, fn, word in cases:
+            try:
+                fn()
+                report(f"CUDA {name}: NotImplementedError", False, "no exception")
+            except NotImplementedError as e:
+                report(f"CUDA {name}: NotImplementedError", word in str(e), str(e))
+        # The caches are untouched by the refused call.
+        report("CUDA flash_attn_with_kvcache refused before writing the caches", bool((kc == 0).all()))
+        return
+    # The CPU path: ALiBi against the reference.
+    qd, kd, vd = q.double(), k.double(), v.double()
+    out = fa.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
+    dist = (torch.arange(s)[:, None] - torch.arange(s)[None, :]).abs().double()
+    sc = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * d ** -0.5 - slopes.double()[None, :, None, None] * dist
+    sc = sc.masked_fill(~visible(s, s, True, (-1, -1), dev), float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(sc, -1), vd)
+    report("CPU alibi_slopes vs reference", max_err(out, ref) <= 2e-2, f"err {max_err(out, ref):.2e}")
+    # Dropout: autograd's gradients equal the hub's bwd given the forward's rng_state; manual_seed replays.
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    rs = (2**63 + 5, 3)
+    o, lse, sd = fa.flash_attn_func(qg, kg, vg, dropout_p=0.2, causal=True, return_attn_probs=True, rng_state=rs)
+    dout = torch.randn_like(o)
+    o.backward(dout)
+    dq, dk, dv, _ = fa.bwd(dout, q, k, v, o.detach(), lse, p_dropout=0.2, is_causal=True, rng_state=rs)
+    frac = (torch.signbit(sd) & visible(s, s, True, (-1, -1), dev)).float().sum() / (b * h * s * (s + 1) / 2)
+    report("CPU dropout: autograd gradients == hub bwd with the forward's rng_state",
+           torch.equal(qg.grad, dq) and torch.equal(kg.grad, dk) and torch.equal(vg.grad, dv),
+           f"dropped {frac:.3f} (p 0.2)")
+    torch.manual_seed(11)
+    o1 = fa.flash_attn_func(q, k, v, dropout_p=0.3)
+    torch.manual_seed(11)
+    o2 = fa.flash_attn_func(q, k, v, dropout_p=0.3)
+    o3 = fa.flash_attn_func(q, k, v, dropout_p=0.3)
+    report("CPU dropout: torch.manual_seed replays the mask, the next call draws another",
+           torch.equal(o1, o2) and not torch.equal(o2, o3))
+    # KV cache on CPU tensors: appended in place, the result equal to attention over the updated cache.
+    o, lse = fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :2], v[:, :2], cache_seqlens=5, causal=True,
+                                        return_softmax_lse=True)
+    ok = torch.equal(kc[:, 5:7], k[:, :2]) and torch.equal(vc[:, 5:7], v[:, :2]) and bool((kc[:, 7:] == 0).all())
+    want = fa.flash_attn_func(q[:, :1], kc[:, :7], vc[:, :7], causal=True)
+    report("CPU flash_attn_with_kvcache appends in place and attends over the cache",
+           ok and max_err(o, want) <= 1e-2, f"err {max_err(o, want):.2e}")
 
 
 # --- Benchmarks --------------------------------------------------------------------------------------
@@ -667,6 +851,8 @@ def main():
     check_hub(dev, quick)
     check_errors(dev, quick)
     check_layouts(dev, quick)
+    check_paged(dev, quick)
+    check_extras(dev, quick)
     if dev.type == "cuda":
         check_cuda_graph(dev, quick)
         check_stream(dev, quick)

@@ -50,14 +50,18 @@ def visible(sq, sk, causal, window):
     return mask
 
 
-def ref_probs(q, k, scale, causal, window, softcap):
-    """One sequence: q [sq, hq, d], k [sk, hk, d] (float64). Returns P [hq, sq, sk], lse [hq, sq], the
-    scores before the softcap and the mask."""
+def ref_probs(q, k, scale, causal, window, softcap, alibi=None):
+    """One sequence: q [sq, hq, d], k [sk, hk, d] (float64), alibi slopes [hq] or None. Returns P
+    [hq, sq, sk], lse [hq, sq], the scores before the softcap and the mask."""
     sq, hq, _ = q.shape
     sk, hk, _ = k.shape
     kk = np.repeat(k, hq // hk, axis=1)
     x = np.einsum("qhd,khd->hqk", q, kk) * scale
     s = softcap * np.tanh(x / softcap) if softcap > 0 else x
+    if alibi is not None:
+        # flash-attn: - slope * |i + sk - sq - j|, after scale and softcap.
+        dist = np.abs(np.arange(sq)[:, None] + sk - sq - np.arange(sk)[None, :])
+        s = s - np.asarray(alibi, np.float64)[:, None, None] * dist[None]
     mask = visible(sq, sk, causal, window)[None]
     s = np.where(mask, s, -np.inf)
     m = s.max(axis=-1, keepdims=True) if sk else np.full((hq, sq, 1), -np.inf)
@@ -69,26 +73,32 @@ def ref_probs(q, k, scale, causal, window, softcap):
     return p, lse, x, mask
 
 
-def ref_attention(q, k, v, scale, causal=False, window=(-1, -1), softcap=0.0):
-    """One sequence: out [sq, hq, d] and lse [hq, sq], in float64, from the definition."""
+def ref_attention(q, k, v, scale, causal=False, window=(-1, -1), softcap=0.0, alibi=None, keep=None,
+                  dropout_p=0.0):
+    """One sequence: out [sq, hq, d] and lse [hq, sq], in float64, from the definition. `keep` [hq, sq, sk]
+    (bool): dropout's keep mask, kept probabilities scaled by 1 / (1 - dropout_p)."""
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     hq, hk = q.shape[1], k.shape[1]
-    p, lse, _, _ = ref_probs(q, k, scale, causal, window, softcap)
+    p, lse, _, _ = ref_probs(q, k, scale, causal, window, softcap, alibi)
+    if keep is not None:
+        p = np.where(keep, p / (1 - dropout_p), 0.0)
     vv = np.repeat(v, hq // hk, axis=1)
     out = np.einsum("hqk,khd->qhd", p, vv)
     return out, lse
 
 
-def ref_attention_bwd(q, k, v, out, dout, scale, causal=False, window=(-1, -1), softcap=0.0):
+def ref_attention_bwd(q, k, v, out, dout, scale, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
+                      keep=None, dropout_p=0.0):
     """One sequence's gradients of sum(dout * out). D_i = dout_i . out_i uses the `out` given (the one
-    the library's backward reads)."""
+    the library's backward reads). ALiBi and dropout (`keep`) as in ref_attention."""
     q, k, v, out, dout = (np.asarray(t, np.float64) for t in (q, k, v, out, dout))
     hq, hk = q.shape[1], k.shape[1]
     g = hq // hk
-    p, _, x, mask = ref_probs(q, k, scale, causal, window, softcap)
+    p, _, x, mask = ref_probs(q, k, scale, causal, window, softcap, alibi)
     kk, vv = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
-    dv = np.einsum("hqk,qhd->khd", p, dout)
-    dp = np.einsum("qhd,khd->hqk", dout, vv)
+    m = np.ones_like(p) if keep is None else np.where(keep, 1 / (1 - dropout_p), 0.0)
+    dv = np.einsum("hqk,qhd->khd", p * m, dout)
+    dp = np.einsum("qhd,khd->hqk", dout, vv) * m
     dd = np.einsum("qhd,qhd->hq", dout, out)[..., None]
     ds = p * (dp - dd)
     if softcap > 0:
@@ -437,6 +447,362 @@ def test_hub_varlen_fwd_bwd():
         check_out(out2[qs], ro, np.abs(v).max(), seed)
 
 
+# --- Paged K/V ---------------------------------------------------------------------------------------
+
+def to_pages(rng, arrays, lens, page, spare=3):
+    """Packed keys / values `[Tk, hk, d]` (each of `arrays`) of sequences of `lens` scattered into the same
+    shuffled pages, noise elsewhere: ([pages [num_blocks, page, hk, d] of each], block_table int32
+    [B, max_blocks], unused entries pointing anywhere inside the cache)."""
+    need = [(int(n) + page - 1) // page for n in lens]
+    max_blocks = max(max(need), 1)
+    num_blocks = sum(need) + spare
+    pages = [randn(rng, (num_blocks, page) + a.shape[1:]) for a in arrays]
+    order = rng.permutation(num_blocks)
+    table = np.zeros((len(lens), max_blocks), np.int32)
+    start, used = 0, 0
+    for b, n in enumerate(lens):
+        for i in range(need[b]):
+            blk = order[used]
+            used += 1
+            table[b, i] = blk
+            rows = min(page, int(n) - i * page)
+            for p, a in zip(pages, arrays):
+                p[blk, :rows] = a[start + i * page: start + i * page + rows]
+        table[b, need[b]:] = rng.integers(0, num_blocks, size=max_blocks - need[b])
+        start += int(n)
+    return pages, table
+
+
+@pytest.mark.parametrize("page", [16, 3, 1, 256])
+@pytest.mark.parametrize("causal,window,softcap", [MASKS[0], MASKS[1], MASKS[2], MASKS[7]])
+def test_paged_equals_contiguous(page, causal, window, softcap):
+    """flash_attn_varlen_func with block_table: bitwise the contiguous varlen result over the same keys
+    (the CPU path), key counts from cu_seqlens_k, from cu_seqlens_k cut by seqused_k, or from seqused_k
+    alone (cu_seqlens_k None)."""
+    seed, rng = new_rng("test_paged_equals_contiguous")
+    b, hq, hk, d = 4, 4, 2, 64
+    lq, lk = random_lengths(rng, b, 40), random_lengths(rng, b, 70)
+    lk[0] = max(lk[0], 1)
+    cq, ck = cu(lq), cu(lk)
+    q = randn(rng, (cq[-1], hq, d))
+    k, v = randn(rng, (ck[-1], hk, d)), randn(rng, (ck[-1], hk, d))
+    (kp, vp), table = to_pages(rng, [k, v], lk, page)
+    mq, mk = int(lq.max()), int(lk.max())
+    opts = dict(causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
+    want, want_lse, _ = fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **opts)
+    got, got_lse, _ = fa.flash_attn_varlen_func(q, kp, vp, cq, ck, mq, mk, block_table=table, **opts)
+    assert np.array_equal(got, want) and np.array_equal(got_lse, want_lse), seed
+    # seqused_k alone (flash-attn 3), and cutting cu_seqlens_k.
+    used = lk.astype(np.int32)
+    got2 = fa.flash_attn_varlen_func(q, kp, vp, cq, None, mq, mk, block_table=table, seqused_k=used, **opts)
+    assert np.array_equal(got2[0], want) and np.array_equal(got2[1], want_lse), seed
+    cut = (lk // 2).astype(np.int32)
+    want3 = fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, seqused_k=cut, **opts)
+    got3 = fa.flash_attn_varlen_func(q, kp, vp, cq, ck, mq, mk, block_table=table, seqused_k=cut, **opts)
+    assert np.array_equal(got3[0], want3[0]) and np.array_equal(got3[1], want3[1]), seed
+    # The hub's varlen_fwd with block_table, into a given out.
+    out = np.empty_like(q)
+    res = fa.varlen_fwd(q, kp, vp, cq, ck, out=out, block_table=table, max_seqlen_q=mq, max_seqlen_k=mk,
+                        is_causal=causal, window_size_left=window[0], window_size_right=window[1], softcap=softcap)
+    assert res[0] is out and np.array_equal(out, want) and np.array_equal(res[1], want_lse), seed
+
+
+def test_paged_padded_head_dim_and_alibi():
+    """A head dim without a kernel (zero-padded pages) and ALiBi through the paged path equal the
+    contiguous ones."""
+    seed, rng = new_rng("test_paged_padded_head_dim_and_alibi")
+    lq, lk = np.array([5, 9]), np.array([20, 13])
+    cq, ck = cu(lq), cu(lk)
+    d, page = 40, 8
+    q, k = randn(rng, (cq[-1], 2, d)), randn(rng, (ck[-1], 1, d))
+    (kp,), table = to_pages(rng, [k], lk, page)
+    slopes = np.array([0.25, 0.5], np.float32)
+    want = fa.flash_attn_varlen_func(q, k, k, cq, ck, 9, 20, causal=True, alibi_slopes=slopes)
+    got = fa.flash_attn_varlen_func(q, kp, kp, cq, ck, 9, 20, causal=True, alibi_slopes=slopes, block_table=table)
+    assert got.shape == q.shape and np.array_equal(got, want), seed
+
+
+# --- KV cache ----------------------------------------------------------------------------------------
+
+def rotate(x, cos, sin, pos, interleaved):
+    """flash-attn's rotary embedding of x [..., d] at positions `pos` (broadcast over x's leading dims but
+    the last two), in float32 as the library computes it, rounded to x's dtype."""
+    half = cos.shape[1]
+    rd = 2 * half
+    y = x.astype(np.float32)
+    c = cos[pos].astype(np.float32)[..., None, :]
+    s_ = sin[pos].astype(np.float32)[..., None, :]
+    if interleaved:
+        a, b = y[..., 0:rd:2].copy(), y[..., 1:rd:2].copy()
+        y[..., 0:rd:2] = a * c - b * s_
+        y[..., 1:rd:2] = a * s_ + b * c
+    else:
+        a, b = y[..., :half].copy(), y[..., half:rd].copy()
+        y[..., :half] = a * c - b * s_
+        y[..., half:rd] = a * s_ + b * c
+    return y.astype(x.dtype)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_append_rotary(interleaved, causal, paged):
+    """flash_attn_with_kvcache: k and v appended in place (k rotated) at cache_seqlens, q rotated at its
+    position, attention over each row's cache against a reference written here; cache_seqlens as an int
+    and as an array; entries beyond the appended ones untouched; paged equals contiguous bitwise."""
+    seed, rng = new_rng("test_kvcache_append_rotary")
+    b, s_cache, hq, hk, d, s_new, sq, rd = 3, 64, 4, 2, 64, 3, 3, 32
+    seqlens = np.array([0, 17, 50], np.int32)
+    k_cache, v_cache = randn(rng, (b, s_cache, hk, d)), randn(rng, (b, s_cache, hk, d))
+    q, k_new, v_new = randn(rng, (b, sq, hq, d)), randn(rng, (b, s_new, hk, d)), randn(rng, (b, s_new, hk, d))
+    angle = np.arange(s_cache)[:, None] * (1.0 / 10000 ** (np.arange(rd // 2) / (rd // 2)))[None]
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    kc0, vc0 = k_cache.copy(), v_cache.copy()
+    if paged:
+        page = 16
+        nb = b * s_cache // page
+        perm = rng.permutation(nb).astype(np.int32)
+        table = perm.reshape(b, s_cache // page)
+        kc, vc = np.empty((nb, page, hk, d), F16), np.empty((nb, page, hk, d), F16)
+        kc[table.reshape(-1)] = k_cache.reshape(nb, page, hk, d)
+        vc[table.reshape(-1)] = v_cache.reshape(nb, page, hk, d)
+    else:
+        table, kc, vc = None, k_cache, v_cache
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
+                                         cache_seqlens=seqlens, block_table=table, causal=causal,
+                                         rotary_interleaved=interleaved, return_softmax_lse=True)
+    if paged:
+        k_cache, v_cache = kc[table.reshape(-1)].reshape(kc0.shape), vc[table.reshape(-1)].reshape(vc0.shape)
+    for i in range(b):
+        n = int(seqlens[i])
+        pos = n + np.arange(s_new)
+        k_rot = rotate(k_new[i], cos, sin, pos, interleaved)
+        assert np.array_equal(k_cache[i, n:n + s_new], k_rot), f"seed {seed}: k appended rotated in row {i}"
+        assert np.array_equal(v_cache[i, n:n + s_new], v_new[i]), f"seed {seed}: v appended in row {i}"
+        rest = np.ones(s_cache, bool)
+        rest[n:n + s_new] = False
+        assert np.array_equal(k_cache[i, rest], kc0[i, rest]), f"seed {seed}: k_cache untouched elsewhere"
+        assert np.array_equal(v_cache[i, rest], vc0[i, rest]), f"seed {seed}: v_cache untouched elsewhere"
+        qpos = n + np.arange(sq) if causal else np.full(sq, n)
+        q_rot = rotate(q[i], cos, sin, qpos, interleaved)
+        sk = n + s_new
+        ro, rl = ref_attention(q_rot, k_cache[i, :sk], v_cache[i, :sk], d ** -0.5, causal)
+        check_out(out[i], ro, np.abs(v_cache).max(), seed, what=f"out of row {i}")
+        check_lse(lse[i], rl, smax_of(q_rot, k_cache, d ** -0.5, 0), seed, what=f"lse of row {i}")
+    # cache_seqlens as an int: every row at the same position; without k / v nothing is written.
+    kc1, vc1 = kc0.copy(), vc0.copy()
+    o1 = fa.flash_attn_with_kvcache(q, kc1, vc1, cache_seqlens=20, causal=causal)
+    assert np.array_equal(kc1, kc0) and np.array_equal(vc1, vc0), seed
+    o2 = fa.flash_attn_with_kvcache(q, kc0, vc0, cache_seqlens=np.full(b, 20, np.int32), causal=causal)
+    assert np.array_equal(o1, o2), seed
+    for i in range(b):
+        ro, _ = ref_attention(q[i], kc0[i, :20], vc0[i, :20], d ** -0.5, causal)
+        check_out(o1[i], ro, np.abs(vc0).max(), seed)
+
+
+def test_kvcache_batch_idx_leftpad_splits():
+    """cache_batch_idx picks cache rows, cache_leftpad skips each row's first entries, num_splits gives
+    the unsplit result up to rounding, and a cache the library cannot take in place (non-contiguous head
+    dim) is still updated in the caller's array."""
+    seed, rng = new_rng("test_kvcache_batch_idx_leftpad_splits")
+    b, s_cache, h, d = 2, 96, 2, 64
+    kc, vc = randn(rng, (4, s_cache, h, d)), randn(rng, (4, s_cache, h, d))
+    q, kn, vn = randn(rng, (b, 1, h, d)), randn(rng, (b, 1, h, d)), randn(rng, (b, 1, h, d))
+    idx = np.array([3, 1], np.int32)
+    left = np.array([5, 0], np.int32)
+    seqlens = np.array([40, 90], np.int32)
+    kc0, vc0 = kc.copy(), vc.copy()
+    out, lse = fa.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, cache_batch_idx=idx,
+                                         cache_leftpad=left, causal=True, num_splits=1, return_softmax_lse=True)
+    for i in range(b):
+        r, n = idx[i], seqlens[i]
+        assert np.array_equal(kc[r, n], kn[i, 0]) and np.array_equal(vc[r, n], vn[i, 0]), seed
+        ro, rl = ref_attention(q[i], kc[r, left[i]:n + 1], vc[r, left[i]:n + 1], d ** -0.5, True)
+        check_out(out[i], ro, np.abs(vc).max(), seed)
+        check_lse(lse[i], rl, smax_of(q, kc, d ** -0.5, 0), seed)
+    untouched = [0, 2]
+    assert np.array_equal(kc[untouched], kc0[untouched]), seed
+    for splits in (0, 3, 7):
+        o2 = fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens + 1, cache_batch_idx=idx,
+                                        cache_leftpad=left, causal=True, num_splits=splits)
+        np.testing.assert_allclose(o2.astype(np.float64), out.astype(np.float64), rtol=2 * U16, atol=2.0 ** -11,
+                                   err_msg=f"seed {seed}: num_splits {splits}")
+    # A Fortran-ordered cache (head dim not contiguous): updated through a copy, in the caller's array.
+    kf, vf = np.asfortranarray(kc0), np.asfortranarray(vc0)
+    o3 = fa.flash_attn_with_kvcache(q, kf, vf, kn, vn, cache_seqlens=seqlens, cache_batch_idx=idx,
+                                    cache_leftpad=left, causal=True, num_splits=1)
+    assert np.array_equal(kf, kc) and np.array_equal(vf, vc) and np.array_equal(o3, out), seed
+
+
+# --- ALiBi, dropout, S_dmask -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal,window,softcap", [MASKS[0], MASKS[1], MASKS[2], MASKS[6]])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_alibi_forward_backward(causal, window, softcap, per_batch):
+    """alibi_slopes ([H] or [B, H]) against the reference (- slope * |i + Sk - Sq - j|), forward and the
+    hub's backward, dense and varlen (each sequence's own lengths)."""
+    seed, rng = new_rng("test_alibi_forward_backward")
+    b, sq, sk, hq, hk, d = 2, 23, 31, 4, 2, 64
+    q, k, v = randn(rng, (b, sq, hq, d)), randn(rng, (b, sk, hk, d)), randn(rng, (b, sk, hk, d))
+    slopes = (rng.random((b, hq) if per_batch else hq) * 0.5).astype(np.float32)
+    opts = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes)
+    out, lse, probs = fa.flash_attn_func(q, k, v, return_attn_probs=True, **opts)
+    assert probs is None, seed
+    scale = d ** -0.5
+    dout = randn(rng, q.shape)
+    dq, dk, dv, _ = fa.bwd(dout, q, k, v, out, lse, alibi_slopes=slopes, is_causal=causal,
+                           window_size_left=window[0], window_size_right=window[1], softcap=softcap)
+    for i in range(b):
+        sl = slopes[i] if per_batch else slopes
+        ro, rl = ref_attention(q[i], k[i], v[i], scale, causal, window, softcap, alibi=sl)
+        check_out(out[i], ro, np.abs(v).max(), seed)
+        check_lse(lse[i], rl, smax_of(q, k, scale, softcap) + sl.max() * sk, seed)
+        rq, rk, rv = ref_attention_bwd(q[i], k[i], v[i], out[i], dout[i], scale, causal, window, softcap, alibi=sl)
+        check_grad(dq[i], rq, seed, "dq")
+        check_grad(dk[i], rk, seed, "dk")
+        check_grad(dv[i], rv, seed, "dv")
+    # Varlen: the batch packed, with one shorter sequence.
+    lq, lk = np.array([sq, 9]), np.array([sk, 30])
+    cq, ck = cu(lq), cu(lk)
+    qv = np.concatenate([q[0], q[1, :9]])
+    kv_, vv = np.concatenate([k[0], k[1, :30]]), np.concatenate([v[0], v[1, :30]])
+    ov = fa.flash_attn_varlen_func(qv, kv_, vv, cq, ck, sq, sk, **opts)
+    for i in range(2):
+        sl = slopes[i] if per_batch else slopes
+        qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+        ro, _ = ref_attention(qv[qs], kv_[ks], vv[ks], scale, causal, window, softcap, alibi=sl)
+        check_out(ov[qs], ro, np.abs(v).max(), seed, what=f"varlen out of sequence {i}")
+
+
+def keep_of(s_dmask):
+    """Dropout's keep mask from S_dmask: dropped probabilities are stored negated (sign bit set)."""
+    return ~np.signbit(s_dmask)
+
+
+@pytest.mark.parametrize("p", [0.17, 0.5])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_forward_backward(p, causal):
+    """dropout_p with return_attn_probs: S_dmask holds P (|S_dmask| against the reference) negated where
+    dropped; out and the hub's backward (given fwd's rng_state) against the reference with that keep
+    mask; about p of the probabilities dropped; the same rng_state gives the same bits, another seed
+    another mask; np.random.seed replays the drawn seed."""
+    seed, rng = new_rng("test_dropout_forward_backward")
+    b, sq, sk, hq, hk, d = 2, 37, 45, 4, 2, 64
+    q, k, v = randn(rng, (b, sq, hq, d)), randn(rng, (b, sk, hk, d)), randn(rng, (b, sk, hk, d))
+    rs = (int(rng.integers(0, 2**63)), int(rng.integers(0, 1000)))
+    out, lse, s_dmask = fa.flash_attn_func(q, k, v, dropout_p=p, causal=causal, return_attn_probs=True,
+                                           rng_state=rs)
+    assert s_dmask.shape == (b, hq, sq, sk) and s_dmask.dtype == F16, seed
+    scale = d ** -0.5
+    keep = keep_of(s_dmask)
+    visible_all = np.broadcast_to(visible(sq, sk, causal, (-1, -1)), keep.shape)
+    frac = 1 - keep[visible_all].mean()
+    assert abs(frac - p) < 0.05, f"seed {seed}: dropped {frac:.3f} of the probabilities, p = {p}"
+    res = fa.fwd(q, k, v, p_dropout=p, is_causal=causal, return_softmax=True)
+    rng_state = res[3]
+    assert rng_state.dtype == np.int64 and rng_state.shape == (2,), seed
+    dout = randn(rng, q.shape)
+    dq, dk, dv, _ = fa.bwd(dout, q, k, v, res[0], res[1], p_dropout=p, is_causal=causal, rng_state=rng_state)
+    keep2 = keep_of(res[2])
+    for i in range(b):
+        pr, rl, _, _ = ref_probs(q[i].astype(np.float64), k[i].astype(np.float64), scale, causal, (-1, -1), 0.0)
+        np.testing.assert_allclose(np.abs(s_dmask[i].astype(np.float64)), pr, rtol=2 * U16, atol=2.0 ** -14,
+                                   err_msg=f"seed {seed}: |S_dmask| is P")
+        ro, _ = ref_attention(q[i], k[i], v[i], scale, causal, keep=keep[i], dropout_p=p)
+        check_out(out[i], ro, np.abs(v).max() / (1 - p), seed)
+        check_lse(lse[i], rl, smax_of(q, k, scale, 0), seed)
+        ro2, _ = ref_attention(q[i], k[i], v[i], scale, causal, keep=keep2[i], dropout_p=p)
+        check_out(res[0][i], ro2, np.abs(v).max() / (1 - p), seed, what="hub out")
+        rq, rk, rv = ref_attention_bwd(q[i], k[i], v[i], res[0][i], dout[i], scale, causal, keep=keep2[i],
+                                       dropout_p=p)
+        check_grad(dq[i], rq, seed, "dq")
+        check_grad(dk[i], rk, seed, "dk")
+        check_grad(dv[i], rv, seed, "dv")
+    again = fa.flash_attn_func(q, k, v, dropout_p=p, causal=causal, rng_state=rs)
+    assert np.array_equal(again, out), seed
+    other = fa.flash_attn_func(q, k, v, dropout_p=p, causal=causal, rng_state=(rs[0] ^ 1, rs[1]))
+    assert not np.array_equal(other, out), seed
+    np.random.seed(seed % 2**32)
+    a = fa.flash_attn_func(q, k, v, dropout_p=p, causal=causal)
+    np.random.seed(seed % 2**32)
+    b2 = fa.flash_attn_func(q, k, v, dropout_p=p, causal=causal)
+    assert np.array_equal(a, b2), seed
+    # The hub's rng_state fed back as the functions' rng_state gives the hub's output.
+    assert np.array_equal(fa.flash_attn_func(q, k, v, dropout_p=p, causal=causal, rng_state=rng_state), res[0]), seed
+
+
+def test_dropout_varlen_and_packed():
+    """Varlen dropout: S_dmask [B, H, max_seqlen_q, max_seqlen_k] (each sequence top left, zero padding),
+    out against the reference with its keep mask; the packed variants equal the separate call."""
+    seed, rng = new_rng("test_dropout_varlen_and_packed")
+    lens = np.array([13, 30, 1])
+    c = cu(lens)
+    h, d, p = 2, 32, 0.3
+    qkv = randn(rng, (c[-1], 3, h, d))
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    rs = (12345, 7)
+    out, lse, s = fa.flash_attn_varlen_func(q, k, v, c, c, 30, 30, dropout_p=p, causal=True,
+                                            return_attn_probs=True, rng_state=rs)
+    assert s.shape == (3, h, 30, 30), seed
+    for i in range(3):
+        n = int(lens[i])
+        sl = slice(c[i], c[i + 1])
+        assert np.all(s[i, :, n:] == 0) and np.all(s[i, :, :, n:] == 0), seed
+        ro, _ = ref_attention(q[sl], k[sl], v[sl], d ** -0.5, True, keep=keep_of(s[i, :, :n, :n]), dropout_p=p)
+        check_out(out[sl], ro, np.abs(v).max() / (1 - p), seed, what=f"out of sequence {i}")
+    o2 = fa.flash_attn_varlen_qkvpacked_func(qkv, c, 30, dropout_p=p, causal=True, rng_state=rs)
+    assert np.array_equal(o2, out), seed
+    o3 = fa.flash_attn_varlen_kvpacked_func(q, qkv[:, 1:], c, c, 30, 30, dropout_p=p, causal=True, rng_state=rs)
+    assert np.array_equal(o3, out), seed
+    # Dense packed variants too.
+    qkv4 = randn(rng, (2, 20, 3, h, d))
+    want = fa.flash_attn_func(qkv4[:, :, 0], qkv4[:, :, 1], qkv4[:, :, 2], dropout_p=p, rng_state=rs,
+                              alibi_slopes=np.array([0.1, 0.2], np.float32))
+    got = fa.flash_attn_qkvpacked_func(qkv4, dropout_p=p, rng_state=rs, alibi_slopes=np.array([0.1, 0.2], np.float32))
+    assert np.array_equal(got, want), seed
+    got = fa.flash_attn_kvpacked_func(qkv4[:, :, 0], qkv4[:, :, 1:], dropout_p=p, rng_state=rs,
+                                      alibi_slopes=np.array([0.1, 0.2], np.float32))
+    assert np.array_equal(got, want), seed
+
+
+def _aligned(shape, dtype):
+    """A zeroed array whose data is 16-byte aligned (the CUDA row check passes before the feature check)."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(n + 16, np.uint8)
+    off = (-raw.ctypes.data) % 16
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def _d(a):
+    return (a.ctypes.data, {np.dtype(F16): "f16", np.dtype(np.float32): "f32", np.dtype(np.int32): "i32"}[a.dtype],
+            a.shape, tuple(s // a.itemsize for s in a.strides))
+
+
+def test_native_cuda_unsupported_is_not_implemented():
+    """On CUDA the library validates, then refuses what has no kernels yet (Error::Unsupported):
+    NotImplementedError naming the feature. No device memory is touched, so this runs without a GPU."""
+    q, out = _aligned((1, 16, 2, 64), F16), _aligned((1, 16, 2, 64), F16)
+    lse = _aligned((1, 2, 16), np.float32)
+    dev = ("cuda", 0, 0)
+    args = (_d(q), _d(q), _d(q), _d(out), _d(lse), None, False, -1, -1, 0.0, dev)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        _native.fwd(*args, dropout=(0.1, 1, 2))
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        _native.fwd(*args, alibi_slopes=_d(_aligned((2,), np.float32)))
+    with pytest.raises(NotImplementedError, match="return_attn_probs"):
+        _native.fwd(*args, s_dmask=_d(_aligned((1, 2, 16, 16), np.float32)))
+    cache = _aligned((1, 32, 2, 64), F16)
+    seqlens = _aligned((1,), np.int32)
+    with pytest.raises(NotImplementedError, match="fwd_kvcache"):
+        _native.fwd_kvcache(_d(q), _d(cache), _d(cache), _d(seqlens), _d(out), _d(lse), None, False, -1, -1, 0.0,
+                            False, 0, dev)
+    # A bad argument is still a ValueError first.
+    with pytest.raises(ValueError):
+        _native.fwd(*args[:3], _d(out[:, :8]), *args[4:], dropout=(0.1, 1, 2))
+    with pytest.raises(TypeError, match="dropout"):
+        _native.fwd(*args, dropout=(0.1, 1))
+
+
 # --- Bad input ---------------------------------------------------------------------------------------
 
 def _inputs():
@@ -470,10 +836,21 @@ BAD = [
      ["k", "head dim"]),
     ("head dim 300", lambda q, k, v, c: fa.flash_attn_func(*(np.zeros((1, 4, 1, 300), F16),) * 3), ValueError,
      ["head dim 300"]),
-    ("dropout", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=0.1), NotImplementedError, ["dropout_p"]),
+    ("dropout negative", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=-0.1), ValueError, ["dropout_p"]),
+    ("dropout str", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p="0.1"), TypeError, ["dropout_p"]),
+    ("rng_state 3", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=0.1, rng_state=(1, 2, 3)), TypeError,
+     ["rng_state"]),
+    ("rng_state negative", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=0.1, rng_state=(1, -2**64)),
+     ValueError, ["rng_state"]),
+    ("hub bwd dropout without rng_state", lambda q, k, v, c: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 8), np.float32),
+                                                                    p_dropout=0.1), ValueError, ["rng_state"]),
     ("dropout 1.5", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=1.5), ValueError, ["dropout_p"]),
-    ("alibi", lambda q, k, v, c: fa.flash_attn_func(q, k, v, alibi_slopes=np.ones(4, np.float32)),
-     NotImplementedError, ["alibi_slopes"]),
+    ("alibi count", lambda q, k, v, c: fa.flash_attn_func(q, k, v, alibi_slopes=np.ones(3, np.float32)),
+     ValueError, ["alibi_slopes"]),
+    ("alibi float16", lambda q, k, v, c: fa.flash_attn_func(q, k, v, alibi_slopes=np.ones(4, F16)),
+     TypeError, ["alibi_slopes"]),
+    ("alibi list", lambda q, k, v, c: fa.flash_attn_func(q, k, v, alibi_slopes=[1.0] * 4), TypeError,
+     ["alibi_slopes"]),
     ("window str", lambda q, k, v, c: fa.flash_attn_func(q, k, v, window_size="ab"), TypeError, ["window_size"]),
     ("window 3", lambda q, k, v, c: fa.flash_attn_func(q, k, v, window_size=(1, 2, 3)), TypeError,
      ["window_size"]),
@@ -511,8 +888,52 @@ BAD = [
         *_vq()[:3], c, c, 8, 8, seqused_q=np.array([-1], np.int32)), ValueError, ["seqused_q"]),
     ("seqused count", lambda q, k, v, c: fa.flash_attn_varlen_func(
         *_vq()[:3], c, c, 8, 8, seqused_q=np.array([1, 2], np.int32)), ValueError, ["seqused_q"]),
-    ("block_table", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c, c, 8, 8, block_table=c),
-     NotImplementedError, ["block_table"]),
+    ("block_table float", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        _vq()[0], k.reshape(2, 4, 2, 64), v.reshape(2, 4, 2, 64), c, c, 8, 8,
+        block_table=np.array([[0, 1]], np.float32)), TypeError, ["block_table"]),
+    ("block_table out of range", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        _vq()[0], k.reshape(2, 4, 2, 64), v.reshape(2, 4, 2, 64), c, c, 8, 8,
+        block_table=np.array([[0, 2]], np.int32)), ValueError, ["block_table"]),
+    ("block_table too short", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        _vq()[0], k.reshape(2, 4, 2, 64), v.reshape(2, 4, 2, 64), c, c, 8, 8,
+        block_table=np.array([[0]], np.int32)), ValueError, []),
+    ("paged k rank", lambda q, k, v, c: fa.flash_attn_varlen_func(*_vq()[:3], c, c, 8, 8,
+                                                                  block_table=np.array([[0]], np.int32)),
+     ValueError, ["k", "4 dimensions"]),
+    ("paged without key counts", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        _vq()[0], k.reshape(2, 4, 2, 64), v.reshape(2, 4, 2, 64), c, None, 8, 8,
+        block_table=np.array([[0, 1]], np.int32)), ValueError, ["seqused_k"]),
+    ("kvcache k without v", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), k=k[:, :1], cache_seqlens=3),
+     ValueError, ["v"]),
+    ("kvcache past capacity", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), k=k[:, :4], v=v[:, :4],
+        cache_seqlens=14), ValueError, ["cache_seqlens"]),
+    ("kvcache read-only cache", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.broadcast_to(np.zeros(1, F16), (1, 16, 2, 64)), np.zeros((1, 16, 2, 64), F16), k=k[:, :1],
+        v=v[:, :1], cache_seqlens=3), ValueError, ["k_cache", "read-only"]),
+    ("kvcache cache_seqlens float", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=3.0), TypeError,
+     ["cache_seqlens"]),
+    ("kvcache cache_seqlens int64", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=np.array([3])),
+     TypeError, ["cache_seqlens"]),
+    ("kvcache rotary without k", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=3,
+        rotary_cos=np.ones((16, 16), np.float32)), ValueError, ["rotary"]),
+    ("kvcache rotary too short", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), k=k[:, :2], v=v[:, :2],
+        cache_seqlens=3, rotary_cos=np.ones((4, 16), np.float32), rotary_sin=np.ones((4, 16), np.float32)),
+     ValueError, ["rotary"]),
+    ("kvcache rotary_interleaved int", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=3,
+        rotary_interleaved=1), TypeError, ["rotary_interleaved"]),
+    ("kvcache num_splits negative", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=3, num_splits=-1),
+     ValueError, ["num_splits"]),
+    ("kvcache cache_batch_idx out of range", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+        q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=3,
+        cache_batch_idx=np.array([1], np.int32)), ValueError, ["cache_batch_idx"]),
     ("varlen rank", lambda q, k, v, c: fa.flash_attn_varlen_func(q, k, v, c, c, 8, 8), ValueError,
      ["q", "3 dimensions"]),
     ("hub out shape", lambda q, k, v, c: fa.fwd(q, k, v, out=np.empty((1, 8, 4, 32), F16)), ValueError, ["out"]),
@@ -520,8 +941,6 @@ BAD = [
     ("hub out read-only", lambda q, k, v, c: fa.fwd(q, k, v, out=np.broadcast_to(np.zeros(1, F16), q.shape)),
      ValueError, ["out", "read-only"]),
     ("hub out aliases q", lambda q, k, v, c: fa.fwd(q, k, v, out=q), ValueError, ["out", "overlaps q"]),
-    ("hub return_softmax", lambda q, k, v, c: fa.fwd(q, k, v, return_softmax=True), NotImplementedError,
-     ["return_softmax"]),
     ("hub head dim 40", lambda q, k, v, c: fa.fwd(*(np.zeros((1, 4, 1, 40), F16),) * 3), ValueError, ["head dim 40"]),
     ("hub leftpad_k", lambda q, k, v, c: fa.varlen_fwd(*_vq()[:3], c, c, leftpad_k=c, max_seqlen_q=8,
                                                       max_seqlen_k=8), NotImplementedError, ["leftpad_k"]),
