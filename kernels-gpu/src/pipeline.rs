@@ -73,13 +73,6 @@ impl<const S: u32> Pipeline<S> {
         bar
     }
 
-    /// The barrier the copies into stage `s` complete on (for producer threads other than the one that
-    /// announced them).
-    #[inline(always)]
-    pub fn full_barrier(&self, s: Stage<S>) -> u32 {
-        self.full(s.index)
-    }
-
     /// Consumer: wait until stage `s` has landed.
     #[inline(always)]
     pub unsafe fn consumer_wait(&self, s: Stage<S>) {

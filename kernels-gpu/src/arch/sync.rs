@@ -14,13 +14,6 @@ pub fn fence_gpu() {
     unsafe { asm!("fence.acq_rel.gpu;", options(nostack)) }
 }
 
-/// `bar.warp.sync`: the warp's threads reconverge here; memory accesses before it are ordered before those
-/// after it among them.
-#[inline(always)]
-pub fn sync_warp() {
-    unsafe { asm!("bar.warp.sync -1;", options(nostack)) }
-}
-
 /// `bar.sync id, threads`: wait at named barrier `id` until `threads` threads (this warp's included)
 /// have arrived. Warp-uniform control flow only.
 #[inline(always)]

@@ -10,7 +10,7 @@ use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
-use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
+use crate::arch::sync::{named_arrive, named_sync, sync_threads};
 use crate::arch::wgmma::{fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
 use crate::params::{FwdParams, TmaMaps};
@@ -107,15 +107,13 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
     if p.cu_seqlens_q != 0 { (head.sq.start, head.sk.start, 0) } else { (0, 0, head.bidb) }
 }
 
-/// The producer: for every row block with keys to see, Q, then K_0, and (K_{i+1}, V_i) in the order the
-/// consumers use them; thread 0 waits for the stages and issues the copies. Paged K/V: a tile is
-/// `BN / box` copies of `box` rows (`tma_page_box_rows`), each from the block holding its rows (the maps
-/// are `[num_blocks][page_size][heads][head dim]`); the boxes of whole 8-row swizzle atoms land where one
-/// whole-tile box would put their rows. There the whole warp produces: lane j looks up box j's block and
-/// issues its copies, so a tile's block-table loads are in flight together instead of one after another
-/// (measured with one thread, pages of 16: 0.64x contiguous).
+/// The producer thread: for every row block with keys to see, Q, then K_0, and (K_{i+1}, V_i) in the
+/// order the consumers use them. Paged K/V: a tile is `BN / box` copies of `box` rows
+/// (`tma_page_box_rows`), each from the block holding its rows (the maps are `[num_blocks][page_size]
+/// [heads][head dim]`); the boxes of whole 8-row swizzle atoms land where one whole-tile box would put
+/// their rows.
 #[inline(always)]
-unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
+unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdParams, maps: u64, pipes: &Pipes) {
     let base = smem::base();
     let (q_map, k_map, v_map) = (maps, maps + 128, maps + 256);
     unsafe {
@@ -137,13 +135,11 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdPar
             return;
         }
         let (q_row, k_row, b) = row_coords(p, head);
-        if lane == 0 {
-            unsafe {
-                pipes.q.producer_acquire(qs);
-                let bar = pipes.q.producer_expect(qs, Tile::<D, BN>::Q_BYTES);
-                for c in 0..groups {
-                    tma::load_4d(base + (c * BM * 128) as u32, q_map, [(c * 64) as i32, q_row + m0, head.bidh, b], bar);
-                }
+        unsafe {
+            pipes.q.producer_acquire(qs);
+            let bar = pipes.q.producer_expect(qs, Tile::<D, BN>::Q_BYTES);
+            for c in 0..groups {
+                tma::load_4d(base + (c * BM * 128) as u32, q_map, [(c * 64) as i32, q_row + m0, head.bidh, b], bar);
             }
         }
         qs.advance();
@@ -151,25 +147,19 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdPar
         |pipe: &Pipeline<KV_STAGES>, s: &mut Stage<KV_STAGES>, map: u64, v: bool, n_block: i32| {
             let dst = if v { Tile::<D, BN>::v_slot(base, s.index as usize) } else { Tile::<D, BN>::k_slot(base, s.index as usize) };
             unsafe {
-                if lane == 0 {
-                    pipe.producer_acquire(*s);
-                    pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
-                }
+                pipe.producer_acquire(*s);
+                let bar = pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
                 if PAGED {
-                    // The stage is free and its bytes announced before any lane copies into it.
-                    sync_warp();
-                    let bar = pipe.full_barrier(*s);
-                    let mut r = lane as i32 * box_rows;
+                    let mut r = 0;
                     while r < BN as i32 {
                         // Boxes past the sequence's keys copy clamped blocks: masked (K) or zeroed (V).
                         let (block, off) = head.kv.pages.locate(n_block * BN as i32 + r);
                         for c in 0..groups {
                             tma::load_4d(dst + (c * BN * 128) as u32 + r as u32 * 128, map, [(c * 64) as i32, off, head.bidh_kv, block], bar);
                         }
-                        r += 32 * box_rows;
+                        r += box_rows;
                     }
                 } else {
-                    let bar = pipe.full_barrier(*s);
                     for c in 0..groups {
                         tma::load_4d(dst + (c * BN * 128) as u32, map, [(c * 64) as i32, k_row + n_block * BN as i32, head.bidh_kv, b], bar);
                     }
@@ -338,9 +328,8 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     sync_threads();
     if tid < 128 {
         tma::regs_dec::<PRODUCER_REGS>();
-        if tid == 0 || (PAGED && tid < 32) {
-            // Contiguous: thread 0 alone (lane 0 folds to a constant).
-            unsafe { produce::<D, BN, PAGED>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
+        if tid == 0 {
+            unsafe { produce::<D, BN, PAGED>(p, maps, &pipes) };
         }
     } else {
         tma::regs_inc::<CONSUMER_REGS>();
