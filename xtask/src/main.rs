@@ -76,6 +76,7 @@ fn cmd_ptx() -> Result<(), String> {
     let files = ptx::build_ptx(Path::new(&cargo), &root(), &out_dir)?;
     let ptxas = ptxas()?;
     let mut spills = 0;
+    let mut losses = Vec::new();
     for (file, target) in files.iter().zip(ptx::PTX_TARGETS) {
         for arch in target.ptxas_archs {
             // The shipped architecture's cubin is kept (ptxas output is deterministic); the rest is a check.
@@ -92,6 +93,7 @@ fn cmd_ptx() -> Result<(), String> {
             }
             println!("ptxas {arch} {}:", file.file_name().unwrap().to_string_lossy());
             println!("  {:<28} {:>5} {:>10} {:>10} {:>7} {:>12}", "kernel", "regs", "smem(st.)", "smem(dyn)", "stack", "spill st/ld");
+            losses.extend(performance_losses(&log).into_iter().map(|l| format!("{arch}: {l}")));
             for k in parse_ptxas(&log) {
                 spills += k.spill_stores + k.spill_loads;
                 println!("  {:<28} {:>5} {:>10} {:>10} {:>7} {:>6}/{:<6}", k.name, k.regs, k.smem, dynamic_smem(&k.name), k.stack, k.spill_stores, k.spill_loads);
@@ -101,8 +103,36 @@ fn cmd_ptx() -> Result<(), String> {
     if spills > 0 {
         println!("warning: some kernels spill registers (see the table)");
     }
+    if !losses.is_empty() {
+        return Err(format!("ptxas reports lost wgmma / setmaxnreg performance (e.g. a `trap` path reachable from warp-specialized consumer code makes ptxas ignore their setmaxnreg budget and serialize every wgmma; see benches/RESULTS.md):\n{}", losses.join("\n")));
+    }
     println!("ptx ok: {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
     Ok(())
+}
+
+/// ptxas's notes that it serialized wgmma, injected waits into a wgmma pipeline, or ignored setmaxnreg
+/// (its "Potential Performance Loss" infos and the setmaxnreg warnings): a kernel that compiles with
+/// one runs far below what its source intends, so `cargo xtask ptx` fails on them.
+fn performance_losses(log: &str) -> Vec<String> {
+    log.lines().filter(|l| l.contains("Potential Performance Loss") || (l.contains("setmaxnreg") && l.contains("ignored"))).map(|l| l.trim().to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::performance_losses;
+
+    #[test]
+    fn wgmma_serialization_and_ignored_setmaxnreg_are_losses() {
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n\
+                   ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the function 'k'\n\
+                   ptxas warning : (C7508) Potential Performance Loss: setmaxnreg ignored; unable to determine register count at entry\n\
+                   ptxas info    : Used 168 registers, used 16 barriers\n\
+                       0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads";
+        let found = performance_losses(log);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("C7512") && found[1].contains("C7508"));
+        assert!(performance_losses("ptxas info    : Used 255 registers\n").is_empty());
+    }
 }
 
 /// `cargo xtask ptx`, then copy its modules and cubins into `host/ptx/`: what the host embeds and the
