@@ -58,6 +58,87 @@ pub enum KernelDType {
     BF16,
 }
 
+/// Every head dim the kernels take, one line each, and whether the Hopper (sm_90a) forwards (the wgmma
+/// and the warp-specialized kernel: `hopper_fwd`) and the Hopper dK/dV kernel (`hopper_bwd`) have it
+/// (`-`: no). Every head dim has the mma.sync forward and backward. The `for_each_*_variant` lists and
+/// so every kernel entry point and host lookup come from here: a new head dim is a line here plus its
+/// tile shapes (`fwd_config`, `fwd_wg_config`, `bwd_config`).
+#[macro_export]
+macro_rules! head_dim_table {
+    ($expand:ident!($($args:tt)*)) => {
+        $crate::$expand! { $($args)*;
+            (32, -, -),
+            (64, hopper_fwd, hopper_bwd),
+            (96, hopper_fwd, -),
+            (128, hopper_fwd, hopper_bwd),
+            (192, hopper_fwd, -),
+            (256, hopper_fwd, -),
+        }
+    };
+}
+
+/// `$m!` over `(head_dim, dtype, export name)` for head dims `$d`: every bf16 entry, then every f16 one,
+/// named `<stem><head dim>_<dtype>`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_emit {
+    ($m:ident, $stem:literal; $($d:literal)*) => {
+        $m! {
+            $(($d, BF16, concat!($stem, stringify!($d), "_bf16")),)*
+            $(($d, F16, concat!($stem, stringify!($d), "_f16")),)*
+        }
+    };
+}
+
+/// Every head dim of the table.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_all {
+    ($m:ident, $stem:literal; $(($d:literal, $f:tt, $b:tt)),* $(,)?) => {
+        $crate::__variants_emit!($m, $stem; $($d)*);
+    };
+}
+
+/// The head dims marked `hopper_fwd`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_hopper_fwd {
+    ($m:ident, $stem:literal; $($rows:tt)*) => { $crate::__variants_hopper_fwd!(@ $m, $stem, []; $($rows)*); };
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, hopper_fwd, $b:tt), $($rest:tt)*) => {
+        $crate::__variants_hopper_fwd!(@ $m, $stem, [$($acc)* $d]; $($rest)*);
+    };
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, -, $b:tt), $($rest:tt)*) => {
+        $crate::__variants_hopper_fwd!(@ $m, $stem, [$($acc)*]; $($rest)*);
+    };
+    (@ $m:ident, $stem:literal, [$($acc:literal)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
+}
+
+/// The head dims marked `hopper_bwd`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_hopper_bwd {
+    ($m:ident, $stem:literal; $($rows:tt)*) => { $crate::__variants_hopper_bwd!(@ $m, $stem, []; $($rows)*); };
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, hopper_bwd), $($rest:tt)*) => {
+        $crate::__variants_hopper_bwd!(@ $m, $stem, [$($acc)* $d]; $($rest)*);
+    };
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, -), $($rest:tt)*) => {
+        $crate::__variants_hopper_bwd!(@ $m, $stem, [$($acc)*]; $($rest)*);
+    };
+    (@ $m:ident, $stem:literal, [$($acc:literal)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
+}
+
+/// The backward's `(head_dim, dtype, dk/dv kernel, deterministic dq kernel)` over every head dim.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_bwd {
+    ($m:ident; $(($d:literal, $f:tt, $b:tt)),* $(,)?) => {
+        $m! {
+            $(($d, BF16, concat!("flash_bwd_hdim", stringify!($d), "_bf16"), concat!("flash_bwd_dq_hdim", stringify!($d), "_bf16")),)*
+            $(($d, F16, concat!("flash_bwd_hdim", stringify!($d), "_f16"), concat!("flash_bwd_dq_hdim", stringify!($d), "_f16")),)*
+        }
+    };
+}
+
 /// The variant table: `(head_dim, dtype, export name)`, written once. `fwd/mod.rs` expands it into the
 /// kernel entry points and `fwd_kernel_name` into the host's lookup, so a name is never typed twice.
 /// Every forward entry point has a twin over paged K/V, its name with `_paged` (`fwd_paged_kernel_name`,
@@ -65,25 +146,12 @@ pub enum KernelDType {
 #[macro_export]
 macro_rules! for_each_fwd_variant {
     ($m:ident) => {
-        $m! {
-            (32, BF16, "flash_fwd_hdim32_bf16"),
-            (64, BF16, "flash_fwd_hdim64_bf16"),
-            (96, BF16, "flash_fwd_hdim96_bf16"),
-            (128, BF16, "flash_fwd_hdim128_bf16"),
-            (192, BF16, "flash_fwd_hdim192_bf16"),
-            (256, BF16, "flash_fwd_hdim256_bf16"),
-            (32, F16, "flash_fwd_hdim32_f16"),
-            (64, F16, "flash_fwd_hdim64_f16"),
-            (96, F16, "flash_fwd_hdim96_f16"),
-            (128, F16, "flash_fwd_hdim128_f16"),
-            (192, F16, "flash_fwd_hdim192_f16"),
-            (256, F16, "flash_fwd_hdim256_f16"),
-        }
+        $crate::head_dim_table!(__variants_all!($m, "flash_fwd_hdim"));
     };
 }
 
 macro_rules! name_lookup {
-    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {
         /// Export name of the forward kernel for `(head_dim, dtype)`, if there is one.
         pub fn fwd_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
@@ -118,23 +186,12 @@ pub const fn fwd_wg_smem_bytes(c: &FwdConfig) -> usize {
 #[macro_export]
 macro_rules! for_each_fwd_wg_variant {
     ($m:ident) => {
-        $m! {
-            (64, BF16, "flash_fwd_wg_hdim64_bf16"),
-            (96, BF16, "flash_fwd_wg_hdim96_bf16"),
-            (128, BF16, "flash_fwd_wg_hdim128_bf16"),
-            (192, BF16, "flash_fwd_wg_hdim192_bf16"),
-            (256, BF16, "flash_fwd_wg_hdim256_bf16"),
-            (64, F16, "flash_fwd_wg_hdim64_f16"),
-            (96, F16, "flash_fwd_wg_hdim96_f16"),
-            (128, F16, "flash_fwd_wg_hdim128_f16"),
-            (192, F16, "flash_fwd_wg_hdim192_f16"),
-            (256, F16, "flash_fwd_wg_hdim256_f16"),
-        }
+        $crate::head_dim_table!(__variants_hopper_fwd!($m, "flash_fwd_wg_hdim"));
     };
 }
 
 macro_rules! wg_name_lookup {
-    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {
         /// Export name of the Hopper forward kernel for `(head_dim, dtype)`, if there is one.
         pub fn fwd_wg_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
@@ -183,23 +240,12 @@ pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
 #[macro_export]
 macro_rules! for_each_fwd_ws_variant {
     ($m:ident) => {
-        $m! {
-            (64, BF16, "flash_fwd_ws_hdim64_bf16"),
-            (96, BF16, "flash_fwd_ws_hdim96_bf16"),
-            (128, BF16, "flash_fwd_ws_hdim128_bf16"),
-            (192, BF16, "flash_fwd_ws_hdim192_bf16"),
-            (256, BF16, "flash_fwd_ws_hdim256_bf16"),
-            (64, F16, "flash_fwd_ws_hdim64_f16"),
-            (96, F16, "flash_fwd_ws_hdim96_f16"),
-            (128, F16, "flash_fwd_ws_hdim128_f16"),
-            (192, F16, "flash_fwd_ws_hdim192_f16"),
-            (256, F16, "flash_fwd_ws_hdim256_f16"),
-        }
+        $crate::head_dim_table!(__variants_hopper_fwd!($m, "flash_fwd_ws_hdim"));
     };
 }
 
 macro_rules! ws_name_lookup {
-    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {
         /// Export name of the warp-specialized forward kernel for `(head_dim, dtype)`, if there is one.
         pub fn fwd_ws_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
@@ -298,17 +344,12 @@ pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
 #[macro_export]
 macro_rules! for_each_bwd_wg_variant {
     ($m:ident) => {
-        $m! {
-            (64, BF16, "flash_bwd_wg_hdim64_bf16"),
-            (128, BF16, "flash_bwd_wg_hdim128_bf16"),
-            (64, F16, "flash_bwd_wg_hdim64_f16"),
-            (128, F16, "flash_bwd_wg_hdim128_f16"),
-        }
+        $crate::head_dim_table!(__variants_hopper_bwd!($m, "flash_bwd_wg_hdim"));
     };
 }
 
 macro_rules! bwd_wg_name_lookup {
-    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {
         /// Export name of the Hopper dK/dV kernel for `(head_dim, dtype)`, if there is one.
         pub fn bwd_wg_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
@@ -344,25 +385,12 @@ pub const fn dq_smem_bytes(c: &FwdConfig) -> usize {
 #[macro_export]
 macro_rules! for_each_bwd_variant {
     ($m:ident) => {
-        $m! {
-            (32, BF16, "flash_bwd_hdim32_bf16", "flash_bwd_dq_hdim32_bf16"),
-            (64, BF16, "flash_bwd_hdim64_bf16", "flash_bwd_dq_hdim64_bf16"),
-            (96, BF16, "flash_bwd_hdim96_bf16", "flash_bwd_dq_hdim96_bf16"),
-            (128, BF16, "flash_bwd_hdim128_bf16", "flash_bwd_dq_hdim128_bf16"),
-            (192, BF16, "flash_bwd_hdim192_bf16", "flash_bwd_dq_hdim192_bf16"),
-            (256, BF16, "flash_bwd_hdim256_bf16", "flash_bwd_dq_hdim256_bf16"),
-            (32, F16, "flash_bwd_hdim32_f16", "flash_bwd_dq_hdim32_f16"),
-            (64, F16, "flash_bwd_hdim64_f16", "flash_bwd_dq_hdim64_f16"),
-            (96, F16, "flash_bwd_hdim96_f16", "flash_bwd_dq_hdim96_f16"),
-            (128, F16, "flash_bwd_hdim128_f16", "flash_bwd_dq_hdim128_f16"),
-            (192, F16, "flash_bwd_hdim192_f16", "flash_bwd_dq_hdim192_f16"),
-            (256, F16, "flash_bwd_hdim256_f16", "flash_bwd_dq_hdim256_f16"),
-        }
+        $crate::head_dim_table!(__variants_bwd!($m));
     };
 }
 
 macro_rules! bwd_name_lookup {
-    ($(($d:literal, $dt:ident, $name:literal, $dq:literal)),* $(,)?) => {
+    ($(($d:literal, $dt:ident, $name:expr, $dq:expr)),* $(,)?) => {
         /// Export names of the backward kernels for `(head_dim, dtype)`: (dk/dv + atomic dq, deterministic dq).
         pub fn bwd_kernel_names(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, &'static str)> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, $dq)); })*

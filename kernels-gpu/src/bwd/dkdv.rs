@@ -287,7 +287,7 @@ unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, 
 }
 
 macro_rules! dkdv_kernels {
-    ($(($d:literal, $dt:ident, $name:literal, $dq:literal)),* $(,)?) => {$(
+    ($(($d:literal, $dt:ident, $name:expr, $dq:expr)),* $(,)?) => {$(
         const _: () = {
             const C: BwdConfig = crate::variants::bwd_config($d);
             #[unsafe(export_name = $name)]

@@ -154,7 +154,7 @@ unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, co
 }
 
 macro_rules! dq_kernels {
-    ($(($d:literal, $dt:ident, $name:literal, $dq:literal)),* $(,)?) => {$(
+    ($(($d:literal, $dt:ident, $name:expr, $dq:expr)),* $(,)?) => {$(
         const _: () = {
             const Q: FwdConfig = crate::variants::dq_config($d);
             #[unsafe(export_name = $dq)]

@@ -360,7 +360,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
 }
 
 macro_rules! bwd_wg_kernels {
-    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {

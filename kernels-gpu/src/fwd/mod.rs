@@ -409,7 +409,7 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool>(p: &F
 
 // Each variant twice: over contiguous K/V, and over paged K/V (`_paged`, `variants::paged_kernel_name`).
 macro_rules! fwd_kernels {
-    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             const C: crate::variants::FwdConfig = crate::variants::fwd_config($d);
             #[unsafe(export_name = $name)]

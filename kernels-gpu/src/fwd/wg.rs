@@ -488,7 +488,7 @@ unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
 }
 
 macro_rules! fwd_wg_kernels {
-    ($(($d:literal, $dt:ident, $name:literal)),* $(,)?) => {$(
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             const BN: usize = match fwd_wg_config($d) { Some(c) => c.block_n, None => 0 };
             #[unsafe(export_name = $name)]
