@@ -74,15 +74,16 @@ fn philox_known_answers() {
 fn documented_keep(p: f32, seed: u64, offset: u64, bh: u64, i: u32, j: u32) -> bool {
     let key = [seed as u32, (seed >> 32) as u32];
     let sub = offset.wrapping_add(bh);
-    let counter = [j / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32];
-    let lane = (j % 2 + 2 * ((i / 8) % 2)) as usize;
-    let threshold = ((1.0 - p as f64) * 2f64.powi(32)).floor().min(u32::MAX as f64) as u32;
-    philox4x32_10(counter, key)[lane] < threshold
+    let counter = [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32];
+    let word = (j % 2 + 2 * ((i / 8) % 2)) as usize;
+    let draw = (philox4x32_10(counter, key)[word] >> (16 * ((j / 8) % 2))) & 0xffff;
+    let threshold = ((1.0 - p as f64) * 2f64.powi(16)).floor().min(65535.0) as u32;
+    draw < threshold
 }
 
 #[test]
 fn keep_threshold_and_scale() {
-    for (p, t) in [(0.5f32, 1u32 << 31), (0.25, 3 << 30), (0.75, 1 << 30), (1.0 - f32::EPSILON / 2.0, 256), (1e-30, u32::MAX)] {
+    for (p, t) in [(0.5f32, 1u32 << 15), (0.25, 3 << 14), (0.75, 1 << 14), (1.0 - f32::EPSILON / 2.0, 0), (1e-30, 65535), (0.1, 58982)] {
         let d = DropoutParams::new(p, 0, 0).unwrap();
         assert_eq!(d.threshold, t, "p = {p}");
         assert_eq!(d.scale, (1.0 / (1.0 - p as f64)) as f32, "p = {p}");
@@ -499,12 +500,12 @@ fn keep_rate_is_binomial() {
     let [q, k, v, _] = dense_inputs(&mut r, b, s, h, d);
     for p in [0.1f32, 0.5, 0.9] {
         let (_, m) = probs_of(&q, &k, &v, &Extras::default(), &dropout(p, r.r#gen(), r.r#gen()));
-        let keep_p = DropoutParams::new(p, 0, 0).unwrap().threshold as f64 / 2f64.powi(32);
-        // Overall, and per (i % 16, j % 2) class: each Philox lane and row half on its own.
-        let mut dropped = [0usize; 32];
+        let keep_p = DropoutParams::new(p, 0, 0).unwrap().threshold as f64 / 2f64.powi(16);
+        // Overall, and per (i % 16, j % 16) class: each Philox word, 16-bit half and row half on its own.
+        let mut dropped = [0usize; 256];
         for (e, x) in m.iter().enumerate() {
             let (i, j) = ((e / s) % s, e % s);
-            dropped[(i % 16) * 2 + j % 2] += usize::from(x.is_sign_negative());
+            dropped[(i % 16) * 16 + j % 16] += usize::from(x.is_sign_negative());
         }
         let check = |n: usize, count: usize, what: &str| {
             let mean = n as f64 * (1.0 - keep_p);
@@ -513,7 +514,7 @@ fn keep_rate_is_binomial() {
         };
         check(m.len(), dropped.iter().sum(), "all");
         for (class, &c) in dropped.iter().enumerate() {
-            check(m.len() / 32, c, &format!("class i%16 = {}, j%2 = {}", class / 2, class % 2));
+            check(m.len() / 256, c, &format!("class i%16 = {}, j%16 = {}", class / 16, class % 16));
         }
         // Heads draw independent masks: two heads agree on about p^2 + (1-p)^2 of their scores.
         let agree = (0..s * s).filter(|&e| m[e].is_sign_negative() == m[s * s + e].is_sign_negative()).count();

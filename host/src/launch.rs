@@ -5,7 +5,7 @@
 use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
-use crate::params::{BwdParams, FwdParams, TmaMaps};
+use crate::params::{BwdParams, FwdParams, ScoreMods, TmaMaps, DROPOUT_OFF};
 use crate::problem::{BwdProblem, Problem, Strides};
 use crate::types::{BwdViews, FwdViews, KernelChoice, PagedVarlenViews, VarlenViews, View};
 use crate::validate::check_grid;
@@ -37,6 +37,20 @@ fn score_constants(p: &Problem) -> (f32, f32) {
     } else {
         (p.scale * std::f32::consts::LOG2_E, 0.0)
     }
+}
+
+/// ALiBi's slopes (device memory, the layout validated into `p.alibi`) and the dropout of `p`, as the
+/// kernels read them (`ScoreMods::NONE` without either).
+fn score_mods(p: &Problem, slopes: Option<&View<'_>>) -> ScoreMods {
+    let mut m = ScoreMods::NONE;
+    if let (Some(a), Some(v)) = (p.alibi, slopes) {
+        (m.alibi_slopes, m.alibi_batch_stride, m.alibi_head_stride) = (v.addr, a.batch_stride as i64, a.head_stride as i64);
+    }
+    if let Some(d) = p.dropout {
+        (m.dropout_seed, m.dropout_offset, m.dropout_threshold, m.dropout_scale) = (d.seed, d.offset, d.threshold, d.scale);
+        debug_assert!(m.dropout_threshold < DROPOUT_OFF);
+    }
+    m
 }
 
 fn i32_of(x: i64) -> i32 {
@@ -167,6 +181,7 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         max_blocks: max_blocks as i32,
         num_blocks: num_blocks as i32,
         _pad: 0,
+        mods: score_mods(p, t.alibi_slopes.as_ref()),
     };
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
     if ws.is_none() {
@@ -383,6 +398,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         softcap_pre,
         scale: p.scale,
         _pad: 0,
+        mods: score_mods(p, t.alibi_slopes.as_ref()),
     };
     for (l, f) in launches.iter().zip(funcs) {
         if l.grid.2 == 0 {

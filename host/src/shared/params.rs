@@ -5,6 +5,41 @@
 //! Varlen is the general case: with `cu_seqlens_q == 0` the batch is dense, sequence `b` starts at row
 //! `b * seqlen_q` of a `[B*S]`-row view through `*_batch_stride`, and every sequence has `seqlen_q` rows.
 
+/// ALiBi and dropout (the `_mods` kernels and the paged forward read these; every other kernel ignores
+/// them). Shared by both parameter structs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScoreMods {
+    /// f32 ALiBi slopes, element `b * alibi_batch_stride + h * alibi_head_stride` for sequence b, query
+    /// head h; 0 = no ALiBi.
+    pub alibi_slopes: u64,
+    pub alibi_batch_stride: i64,
+    pub alibi_head_stride: i64,
+    /// Dropout's Philox key (the seed) and subsequence offset (`shared/dropout.rs`).
+    pub dropout_seed: u64,
+    pub dropout_offset: u64,
+    /// Keep a score iff its 16-bit draw is below this; `DROPOUT_OFF` (2^16) = no dropout.
+    pub dropout_threshold: u32,
+    /// `1 / (1 - p)` (f32), the factor of every kept probability; 1 without dropout.
+    pub dropout_scale: f32,
+}
+
+/// `ScoreMods::dropout_threshold` of a call without dropout: every 16-bit draw is below it.
+pub const DROPOUT_OFF: u32 = 1 << 16;
+pub const SCORE_MODS_SIZE: usize = 5 * 8 + 2 * 4;
+const _: () = assert!(core::mem::size_of::<ScoreMods>() == SCORE_MODS_SIZE);
+
+impl Default for ScoreMods {
+    fn default() -> ScoreMods {
+        ScoreMods::NONE
+    }
+}
+
+impl ScoreMods {
+    /// No ALiBi, no dropout.
+    pub const NONE: ScoreMods = ScoreMods { alibi_slopes: 0, alibi_batch_stride: 0, alibi_head_stride: 0, dropout_seed: 0, dropout_offset: 0, dropout_threshold: DROPOUT_OFF, dropout_scale: 1.0 };
+}
+
 /// Forward-pass parameters. All pointers are device addresses; `0` means absent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -71,10 +106,12 @@ pub struct FwdParams {
     pub max_blocks: i32,
     pub num_blocks: i32,
     pub _pad: i32,
+    /// ALiBi and dropout.
+    pub mods: ScoreMods,
 }
 
 /// Size the host's launch code relies on; both sides assert it.
-pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4;
+pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE;
 const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
@@ -171,10 +208,31 @@ pub struct BwdParams {
     /// The softmax scale, which dq and dk carry.
     pub scale: f32,
     pub _pad: i32,
+    /// ALiBi and dropout, as the forward had them.
+    pub mods: ScoreMods,
 }
 
-pub const BWD_PARAMS_SIZE: usize = 16 * 8 + 29 * 8 + 14 * 4;
+pub const BWD_PARAMS_SIZE: usize = 16 * 8 + 29 * 8 + 14 * 4 + SCORE_MODS_SIZE;
 const _: () = assert!(core::mem::size_of::<BwdParams>() == BWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<BwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(BwdParams, q_batch_stride) == 128);
 const _: () = assert!(core::mem::offset_of!(BwdParams, batch) == 360);
+
+/// The probabilities kernel's parameter (`variants::probs_kernel_name`): the forward's parameters (its
+/// q, k, lengths, mask, scale, softcap and `mods`; its `lse` as the forward wrote it) and where P goes:
+/// `s_dmask[b][h][i][j]` at `b * s_batch_stride + h * s_head_stride + i * s_row_stride + j` for every
+/// i < `s_rows`, j < `s_cols` (each sequence's scores at the top left; the rest 0). Grid: x over key
+/// blocks of `PROBS_THREADS`, y strides over the rows, z = batch * h.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProbsParams {
+    pub fwd: FwdParams,
+    pub s_dmask: u64,
+    pub s_batch_stride: i64,
+    pub s_head_stride: i64,
+    pub s_row_stride: i64,
+    pub s_rows: i32,
+    pub s_cols: i32,
+    pub head_dim: i32,
+    pub _pad: i32,
+}

@@ -157,9 +157,15 @@ macro_rules! name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
-        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
+        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`. The paged
+        /// twins also apply `FwdParams::mods` (ALiBi, dropout).
         pub fn fwd_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
+            None
+        }
+        /// Its twin with score modifiers (`FwdParams::mods`: ALiBi, dropout): the export name with `_mods`.
+        pub fn fwd_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
             None
         }
     };
@@ -197,7 +203,9 @@ macro_rules! wg_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
-        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
+        /// Its twin over paged K/V (`FwdParams::block_table`, with `FwdParams::mods`): the export name
+        /// with `_paged`. (The wg kernel has no `_mods` twin: modifiers over contiguous K/V run on the
+        /// warp-specialized kernel, or the mma.sync one.)
         pub fn fwd_wg_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
             None
@@ -251,9 +259,15 @@ macro_rules! ws_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
-        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
+        /// Its twin over paged K/V (`FwdParams::block_table`, with `FwdParams::mods`): the export name
+        /// with `_paged`.
         pub fn fwd_ws_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
+            None
+        }
+        /// Its twin with score modifiers (`FwdParams::mods`): the export name with `_mods`.
+        pub fn fwd_ws_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
             None
         }
     };
@@ -355,6 +369,11 @@ macro_rules! bwd_wg_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
+        /// Its twin with score modifiers (`BwdParams::mods`): the export name with `_mods`.
+        pub fn bwd_wg_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
+            None
+        }
     };
 }
 for_each_bwd_wg_variant!(bwd_wg_name_lookup);
@@ -396,6 +415,11 @@ macro_rules! bwd_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, $dq)); })*
             None
         }
+        /// Their twins with score modifiers (`BwdParams::mods`): the export names with `_mods`.
+        pub fn bwd_mods_kernel_names(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, &'static str)> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_mods"), concat!($dq, "_mods"))); })*
+            None
+        }
     };
 }
 for_each_bwd_variant!(bwd_name_lookup);
@@ -414,6 +438,20 @@ pub fn bwd_convert_kernel_name(dtype: KernelDType) -> &'static str {
         KernelDType::F16 => "flash_bwd_dq_convert_f16",
     }
 }
+/// The probabilities kernel (flash-attn's `return_attn_probs`, `s_dmask`; head dim at run time, one
+/// thread per score): per input dtype, writing f32 (`out_f32`) or the input dtype. Its parameter is
+/// `ProbsParams`.
+pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
+    match (dtype, out_f32) {
+        (KernelDType::BF16, true) => "flash_probs_bf16_f32",
+        (KernelDType::BF16, false) => "flash_probs_bf16",
+        (KernelDType::F16, true) => "flash_probs_f16_f32",
+        (KernelDType::F16, false) => "flash_probs_f16",
+    }
+}
+/// Threads per block of the probabilities kernel (keys of one query row).
+pub const PROBS_THREADS: usize = 128;
+
 /// Rows per block of the element-wise backward kernels (and threads per block). A multiple of
 /// `DQ_ACCUM_BLOCK_M`: prep's blocks that hold a sequence's real rows hold all the accumulator rows it
 /// zeroes.

@@ -13,3 +13,14 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     }
     r
 }
+
+/// `shfl.sync.idx`: lane `src`'s value (all 32 lanes take part; not `pure`, as above).
+#[inline(always)]
+pub fn shfl_idx_u32(v: u32, src: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("shfl.sync.idx.b32 {r}, {v}, {s}, 0x1f, 0xffffffff;", r = out(reg32) r, v = in(reg32) v,
+            s = in(reg32) src, options(nomem, nostack))
+    }
+    r
+}

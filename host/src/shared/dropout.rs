@@ -1,0 +1,87 @@
+//! Dropout's keep-mask: a pure function of (seed, offset, sequence, head, query, key), so the forward,
+//! the backward (which regenerates it, nothing is stored) and every target draw the same mask bit for
+//! bit. Integer arithmetic only: this file is compiled for the kernels (kernels-gpu) and for the host
+//! (`flash_attn::dropout`), so there is one definition.
+//!
+//! # The mask
+//!
+//! Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3", SC11; the
+//! Random123 definition) maps a 128-bit counter `[c0, c1, c2, c3]` and a 64-bit key `[k0, k1]` to four
+//! 32-bit words `x[0..4]`, eight 16-bit draws. Score (i, j) of query head `h` of sequence `b` (the batch
+//! index, or the sequence's index in `cu_seqlens` for packed inputs; `i` and `j` count from the
+//! sequence's first query and first key, 0-based) is kept iff
+//!
+//! ```text
+//! key     = [seed as u32, (seed >> 32) as u32]
+//! sub     = offset.wrapping_add(b * Hq + h)                      (u64; Hq = the number of query heads)
+//! counter = [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
+//! word    = j % 2 + 2 * ((i / 8) % 2)
+//! draw    = (philox4x32_10(counter, key)[word] >> (16 * ((j / 8) % 2))) & 0xffff
+//! keep    = draw < threshold,   threshold = min(floor((1 - p) * 2^16), 2^16 - 1)   (f64, on the host)
+//! ```
+//!
+//! So one Philox call decides the 2 x 4 scores of rows {i, i + 8} and keys {j, j + 1, j + 8, j + 9}
+//! (i % 16 < 8, j % 16 < 8, j even): exactly the eight accumulator elements one thread holds in a 16 x
+//! 16 block of an `mma.sync` m16n8 or `wgmma` m64nN product of S = Q K^T (a kernel computing S^T = K
+//! Q^T makes the same call and trades the draws with two warp shuffles). Kept scores are scaled by
+//! `1 / (1 - p)` (an f32 computed on the host). The keep probability is `threshold / 2^16`, within
+//! 2^-16 of 1 - p.
+//!
+//! A call uses the subsequences `offset .. offset + B * Hq`: callers drawing independent masks for
+//! consecutive calls with one seed advance `offset` by at least `B * Hq` (torch's generator, as
+//! flash-attn uses it, advances by `B * Hq * 32`).
+
+/// Philox4x32's multipliers and Weyl key increments (Random123).
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+/// The 64-bit product `a * b` as (high word, low word).
+#[inline(always)]
+fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let x = a as u64 * b as u64;
+    ((x >> 32) as u32, x as u32)
+}
+
+/// Philox4x32-10: ten rounds of the Philox S-box over the counter, the key bumped by the Weyl sequence
+/// between rounds.
+#[inline(always)]
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut c, mut k) = (counter, key);
+    let mut round = 0;
+    while round < 10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let (hi0, lo0) = mulhilo(M0, c[0]);
+        let (hi1, lo1) = mulhilo(M1, c[2]);
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+        round += 1;
+    }
+    c
+}
+
+/// The Philox key of `seed`.
+#[inline(always)]
+pub fn key(seed: u64) -> [u32; 2] {
+    [seed as u32, (seed >> 32) as u32]
+}
+
+/// The counter of the call deciding score (i, j) of subsequence `sub` (`offset + b * Hq + h`).
+#[inline(always)]
+pub fn counter(sub: u64, i: u32, j: u32) -> [u32; 4] {
+    [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
+}
+
+/// Score (i, j)'s 16-bit draw among its call's words.
+#[inline(always)]
+pub fn draw(words: &[u32; 4], i: u32, j: u32) -> u32 {
+    (words[(j % 2 + 2 * ((i / 8) % 2)) as usize] >> (16 * ((j / 8) % 2))) & 0xffff
+}
+
+/// The keep threshold of dropout probability `p` in (0, 1): keep iff a 16-bit draw is below it.
+pub fn keep_threshold(p: f32) -> u32 {
+    let t = ((1.0 - p as f64) * 65536.0).floor();
+    if t >= 65535.0 { 65535 } else if t <= 0.0 { 0 } else { t as u32 }
+}

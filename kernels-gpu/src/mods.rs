@@ -1,0 +1,157 @@
+//! Score modifiers: ALiBi's bias and dropout's keep-mask on a thread's accumulator fragments. Kernels
+//! are generic over `MODS`: the `_mods` twins (and the paged forwards) read `params::ScoreMods` into a
+//! `HeadMods` per (sequence, head); every other kernel builds `HeadMods::OFF`, whose constants remove
+//! every use at compile time. Inside a `_mods` kernel, ALiBi with no slopes is a bias of 0 and dropout
+//! off is one uniform branch per tile.
+//!
+//! Dropout's draws are `dropout.rs`'s (the host's file, compiled here too): one Philox call per 16 x 16
+//! block of scores per thread, whose eight 16-bit draws are exactly the thread's elements there in the
+//! query-major layout (S = Q K^T); the key-major kernels (S^T = K Q^T) make the same call as the lane
+//! in that position and trade the decisions with two shuffles.
+
+use crate::arch::math::fma;
+use crate::arch::mem::ld_global_nc_f32;
+use crate::arch::shfl::shfl_idx_u32;
+use crate::dropout::{key, philox4x32_10};
+use crate::params::{ScoreMods, DROPOUT_OFF};
+
+const LOG2_E: f32 = core::f32::consts::LOG2_E;
+
+/// The modifiers of one (sequence, query head).
+#[derive(Clone, Copy)]
+pub(crate) struct HeadMods {
+    /// Whether this kernel has modifiers at all (compile time).
+    pub on: bool,
+    /// ALiBi's slope times log2(e) (0 without ALiBi): the bias of score (i, j) in base 2 is
+    /// `-slope_log2 * |i + seqlen_k - seqlen_q - j|`.
+    pub slope_log2: f32,
+    pub dropout: bool,
+    /// The head's Philox subsequence (`offset + b * Hq + h`) and the seed.
+    pub sub: u64,
+    pub seed: u64,
+    pub threshold: u32,
+    /// 1 / (1 - p), or 1.
+    pub scale: f32,
+}
+
+impl HeadMods {
+    pub(crate) const OFF: HeadMods = HeadMods { on: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
+
+    /// Sequence `b`'s query head `h` of `hq`, from the parameters when `MODS`.
+    #[inline(always)]
+    pub(crate) fn new<const MODS: bool>(m: &ScoreMods, b: i32, h: i32, hq: i32) -> HeadMods {
+        if !MODS {
+            return HeadMods::OFF;
+        }
+        let slope = if m.alibi_slopes != 0 {
+            let at = b as i64 * m.alibi_batch_stride + h as i64 * m.alibi_head_stride;
+            unsafe { ld_global_nc_f32(m.alibi_slopes.wrapping_add((at * 4) as u64)) }
+        } else {
+            0.0
+        };
+        HeadMods {
+            on: true,
+            slope_log2: slope * LOG2_E,
+            dropout: m.dropout_threshold < DROPOUT_OFF,
+            sub: m.dropout_offset.wrapping_add((b as i64 * hq as i64 + h as i64) as u64),
+            seed: m.dropout_seed,
+            threshold: m.dropout_threshold,
+            scale: m.dropout_scale,
+        }
+    }
+
+    /// The eight draws of the call for counter `(x, y)` as keep bits: bit `2 w + half` for word `w`'s
+    /// 16-bit half `half`.
+    #[inline(always)]
+    fn keep_bits(&self, x: u32, y: u32) -> u32 {
+        let w = philox4x32_10([x, y, self.sub as u32, (self.sub >> 32) as u32], key(self.seed));
+        let mut bits = 0u32;
+        for (i, word) in w.iter().enumerate() {
+            bits |= (((word & 0xffff) < self.threshold) as u32) << (2 * i);
+            bits |= (((word >> 16) < self.threshold) as u32) << (2 * i + 1);
+        }
+        bits
+    }
+}
+
+/// ALiBi in base 2 on query-major fragments (S = Q K^T: `MT` m16 x `NN` n8 tiles, element `i` of tile
+/// (mt, j) at query `row0 + 16 mt + 8 (i / 2)`, key `key0 + 8 j + i % 2`): `s = s * scale + bias`.
+/// `shift` = seqlen_k - seqlen_q.
+#[inline(always)]
+pub(crate) fn alibi_qk<const MT: usize, const NN: usize>(acc: &mut [[[f32; 4]; NN]; MT], slope_log2: f32, scale: f32, row0: i32, key0: i32, shift: i32) {
+    for mt in 0..MT {
+        for h in 0..2 {
+            let base = (row0 + (16 * mt + 8 * h) as i32 + shift - key0) as f32;
+            for j in 0..NN {
+                for e in 0..2 {
+                    let d = base - (8 * j + e) as f32;
+                    acc[mt][j][2 * h + e] = fma(acc[mt][j][2 * h + e], scale, -slope_log2 * d.abs());
+                }
+            }
+        }
+    }
+}
+
+/// The base-2 ALiBi bias of key-major fragments (S^T = K Q^T: `KT` m16 tiles of keys x `QN` n8 tiles
+/// of queries, element `i` of tile (kt, j) at key `key0 + 16 kt + 8 (i / 2)`, query `row0 + 8 j + i %
+/// 2`), for `f(kt, j, i, bias)`.
+#[inline(always)]
+pub(crate) fn alibi_kq<const KT: usize, const QN: usize>(slope_log2: f32, row0: i32, key0: i32, shift: i32, mut f: impl FnMut(usize, usize, usize, f32)) {
+    for kt in 0..KT {
+        for h in 0..2 {
+            let base = (row0 + shift - key0 - (16 * kt + 8 * h) as i32) as f32;
+            for j in 0..QN {
+                for e in 0..2 {
+                    let d = base + (8 * j + e) as f32;
+                    f(kt, j, 2 * h + e, -slope_log2 * d.abs());
+                }
+            }
+        }
+    }
+}
+
+/// Dropout's decisions for query-major fragments (as `alibi_qk`; `row0 = 16 a + g`, `key0 = 16 c + 2
+/// t`: this lane's position in 16 x 16 blocks): `f(mt, j, i, keep)`. `NN` even.
+#[inline(always)]
+pub(crate) fn keep_qk<const MT: usize, const NN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
+    let y0 = ((row0 >> 4) * 8 + (row0 & 7)) as u32;
+    let x0 = ((key0 >> 4) * 4 + ((key0 & 7) >> 1)) as u32;
+    for mt in 0..MT {
+        for k in 0..NN / 2 {
+            let bits = m.keep_bits(x0 + 4 * k as u32, y0 + 8 * mt as u32);
+            for kk in 0..2 {
+                for i in 0..4 {
+                    f(mt, 2 * k + kk, i, (bits >> (2 * i + kk)) & 1 != 0);
+                }
+            }
+        }
+    }
+}
+
+/// Dropout's decisions for key-major fragments (as `alibi_kq`; `key0 = 16 a + g`, `row0 = 16 c + 2 t`):
+/// `f(kt, j, i, keep)`. Each lane draws for the (query, key) block position of the query-major lane
+/// with its (g, t), then takes its own decisions from the two lanes that drew them (`4 (2 t + e) + g /
+/// 2`). Every lane of the warp must call this (shuffles). `QN` even.
+#[inline(always)]
+pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
+    let (g, t) = ((key0 & 7) as u32, ((row0 & 7) >> 1) as u32);
+    // As the query-major lane (g, t): query row g of its 16-row block, key pair t.
+    let y0 = ((row0 >> 4) * 8) as u32 + g;
+    let x0 = ((key0 >> 4) * 4) as u32 + t;
+    for kt in 0..KT {
+        for k in 0..QN / 2 {
+            let bits = m.keep_bits(x0 + 4 * kt as u32, y0 + 8 * k as u32);
+            for e in 0..2u32 {
+                // Lane (2t + e, g / 2) drew queries 2t + e (+ 8) against keys (g & !1) + {0, 1} (+ 8).
+                let theirs = shfl_idx_u32(bits, 4 * (2 * t + e) + g / 2);
+                for kk in 0..2u32 {
+                    for h in 0..2u32 {
+                        // Their word g % 2 + 2 kk (query 8 kk + 2t + e, key g % 2 (+ 8 h)), half h.
+                        let bit = (theirs >> (2 * (g % 2 + 2 * kk) + h)) & 1;
+                        f(kt, (2 * k as u32 + kk) as usize, (2 * h + e) as usize, bit != 0);
+                    }
+                }
+            }
+        }
+    }
+}
