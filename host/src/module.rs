@@ -13,8 +13,9 @@ pub struct Function(pub sys::CUfunction);
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
+/// A loaded module, and whether it is the sm_90a one (its Hopper kernels exist).
 #[derive(Debug)]
-struct Module(sys::CUmodule);
+struct Module(sys::CUmodule, bool);
 unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
@@ -97,35 +98,37 @@ impl Gpu {
     }
 
     /// The kernels for this device, loaded on first use: the shipped cubin where it runs natively
-    /// (compute capability 9.0: sm_90a; 8.x: sm_80), else, or if the driver refuses it, the PTX for the
-    /// driver to JIT-compile (sm_90a PTX on 9.0, sm_80 PTX elsewhere).
+    /// (compute capability 9.0: sm_90a; 8.x: sm_80), else, or if the driver refuses it, the sm_80 PTX for
+    /// the driver to JIT-compile (on 9.0 that module has no Hopper kernels: `is_hopper` is then false).
     pub(crate) fn module(&self) -> Result<sys::CUmodule> {
+        self.loaded().map(|m| m.0)
+    }
+
+    fn loaded(&self) -> Result<&Module> {
         let m = self.module.get_or_init(|| {
             self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
-            let hopper = self.is_hopper();
-            let cubin = match (self.cc_major, hopper) {
-                (_, true) => Some(crate::ptx::CUBIN_SM90),
-                (8, _) => Some(crate::ptx::CUBIN_SM80),
+            let cubin = match (self.cc_major, self.cc_minor) {
+                (9, 0) => Some((crate::ptx::CUBIN_SM90, true)),
+                (8, _) => Some((crate::ptx::CUBIN_SM80, false)),
                 _ => None,
             };
-            if let Some(image) = cubin
+            if let Some((image, sm90)) = cubin
                 && let Ok(m) = unsafe { result::module::load_data(image.as_ptr() as *const _) }
             {
-                return Ok(Module(m));
+                return Ok(Module(m, sm90));
             }
-            let ptx = if hopper { crate::ptx::PTX_SM90 } else { crate::ptx::PTX_SM80 };
-            let image = std::ffi::CString::new(ptx).map_err(|e| e.to_string())?;
-            unsafe { result::module::load_data(image.as_ptr() as *const _) }.map(Module).map_err(|e| e.to_string())
+            let image = std::ffi::CString::new(crate::ptx::PTX_SM80).map_err(|e| e.to_string())?;
+            unsafe { result::module::load_data(image.as_ptr() as *const _) }.map(|m| Module(m, false)).map_err(|e| e.to_string())
         });
         match m {
-            Ok(m) => Ok(m.0),
+            Ok(m) => Ok(m),
             Err(e) => Err(Error::Cuda(format!("loading the kernel module: {e}"))),
         }
     }
 
-    /// Compute capability 9.0 (H100, H200): the sm_90a module, whose wgmma kernels run nowhere else.
+    /// Compute capability 9.0 (H100, H200) with the sm_90a module loaded: its wgmma kernels run here.
     pub(crate) fn is_hopper(&self) -> bool {
-        (self.cc_major, self.cc_minor) == (9, 0)
+        (self.cc_major, self.cc_minor) == (9, 0) && self.loaded().is_ok_and(|m| m.1)
     }
 
     /// The kernel `name` with its dynamic shared-memory limit raised to `smem_bytes`.

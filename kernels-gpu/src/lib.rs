@@ -7,8 +7,12 @@
 pub mod arch;
 pub mod block;
 pub mod bwd;
+// Dropout's keep-mask, shared with the host (host/src/shared/).
+#[path = "../../host/src/shared/dropout.rs"]
+pub mod dropout;
 pub mod fwd;
 pub mod mask;
+pub mod mods;
 // Shared with the host, which ships them in its package (host/src/shared/).
 #[path = "../../host/src/shared/params.rs"]
 pub mod params;

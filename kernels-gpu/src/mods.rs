@@ -37,13 +37,14 @@ pub(crate) struct HeadMods {
 impl HeadMods {
     pub(crate) const OFF: HeadMods = HeadMods { on: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
 
-    /// Sequence `b`'s query head `h` of `hq`, from the parameters when `MODS`.
+    /// Sequence `b`'s query head `h` of `hq`, from the parameters when `MODS`. (The slopes are read
+    /// only for `b < batch`: varlen's tail slice has none, and attends nothing.)
     #[inline(always)]
-    pub(crate) fn new<const MODS: bool>(m: &ScoreMods, b: i32, h: i32, hq: i32) -> HeadMods {
+    pub(crate) fn new<const MODS: bool>(m: &ScoreMods, b: i32, h: i32, hq: i32, batch: i32) -> HeadMods {
         if !MODS {
             return HeadMods::OFF;
         }
-        let slope = if m.alibi_slopes != 0 {
+        let slope = if m.alibi_slopes != 0 && b < batch {
             let at = b as i64 * m.alibi_batch_stride + h as i64 * m.alibi_head_stride;
             unsafe { ld_global_nc_f32(m.alibi_slopes.wrapping_add((at * 4) as u64)) }
         } else {
@@ -86,24 +87,6 @@ pub(crate) fn alibi_qk<const MT: usize, const NN: usize>(acc: &mut [[[f32; 4]; N
                 for e in 0..2 {
                     let d = base - (8 * j + e) as f32;
                     acc[mt][j][2 * h + e] = fma(acc[mt][j][2 * h + e], scale, -slope_log2 * d.abs());
-                }
-            }
-        }
-    }
-}
-
-/// The base-2 ALiBi bias of key-major fragments (S^T = K Q^T: `KT` m16 tiles of keys x `QN` n8 tiles
-/// of queries, element `i` of tile (kt, j) at key `key0 + 16 kt + 8 (i / 2)`, query `row0 + 8 j + i %
-/// 2`), for `f(kt, j, i, bias)`.
-#[inline(always)]
-pub(crate) fn alibi_kq<const KT: usize, const QN: usize>(slope_log2: f32, row0: i32, key0: i32, shift: i32, mut f: impl FnMut(usize, usize, usize, f32)) {
-    for kt in 0..KT {
-        for h in 0..2 {
-            let base = (row0 + shift - key0 - (16 * kt + 8 * h) as i32) as f32;
-            for j in 0..QN {
-                for e in 0..2 {
-                    let d = base + (8 * j + e) as f32;
-                    f(kt, j, 2 * h + e, -slope_log2 * d.abs());
                 }
             }
         }

@@ -142,7 +142,14 @@ fn cmd_ship_ptx() -> Result<(), String> {
     let root = root();
     let dest = root.join("host").join("ptx");
     std::fs::create_dir_all(&dest).map_err(|e| format!("create {}: {e}", dest.display()))?;
-    for file in ptx::PTX_TARGETS.iter().flat_map(|t| [format!("{}.ptx", t.stem), format!("{}.cubin", t.stem)]) {
+    for t in ptx::PTX_TARGETS.iter().filter(|t| !t.ship_ptx) {
+        let stale = dest.join(format!("{}.ptx", t.stem));
+        if stale.exists() {
+            std::fs::remove_file(&stale).map_err(|e| format!("remove {}: {e}", stale.display()))?;
+            println!("ship-ptx: removed {} (not shipped)", stale.display());
+        }
+    }
+    for file in ptx::PTX_TARGETS.iter().flat_map(|t| t.shipped_files()) {
         let (src, dst) = (root.join("target").join("ptx").join(&file), dest.join(&file));
         let new = std::fs::read(&src).map_err(|e| format!("read {}: {e}", src.display()))?;
         if std::fs::read(&dst).ok().as_deref() == Some(&new[..]) {
@@ -157,8 +164,8 @@ fn cmd_ship_ptx() -> Result<(), String> {
 
 /// Dynamic shared memory the host launches a kernel with (from the shared variant table).
 fn dynamic_smem(kernel: &str) -> String {
-    // A paged twin launches like its contiguous kernel.
-    let kernel = kernel.strip_suffix("_paged").unwrap_or(kernel);
+    // A paged or modifier twin launches like its contiguous kernel.
+    let kernel = kernel.strip_suffix("_paged").or_else(|| kernel.strip_suffix("_mods")).unwrap_or(kernel);
     for d in [32, 64, 96, 128, 192, 256] {
         for dt in [variants::KernelDType::BF16, variants::KernelDType::F16] {
             if variants::fwd_kernel_name(d, dt) == Some(kernel) {

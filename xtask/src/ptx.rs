@@ -19,14 +19,29 @@ pub struct PtxTarget {
     /// The one of `ptxas_archs` whose cubin is shipped beside the PTX (`<stem>.cubin`): loading a cubin
     /// skips the driver's JIT, which takes seconds on a cold cache.
     pub cubin_arch: &'static str,
+    /// Whether the package ships the PTX too (for the driver's JIT on GPUs no cubin runs on). The sm_90a
+    /// PTX runs only where its cubin does, so only the cubin ships (the crate stays under crates.io's
+    /// 10 MB; a driver refusing the cubin gets the sm_80 PTX).
+    pub ship_ptx: bool,
+}
+
+impl PtxTarget {
+    /// The files `cargo xtask ship-ptx` copies into `host/ptx/` (the library embeds them).
+    pub fn shipped_files(&self) -> Vec<String> {
+        let mut files = vec![format!("{}.cubin", self.stem)];
+        if self.ship_ptx {
+            files.insert(0, format!("{}.ptx", self.stem));
+        }
+        files
+    }
 }
 
 /// sm_80 PTX runs on Ampere and later (its sm_80 cubin on compute capability 8.x, the PTX JIT-compiled
 /// elsewhere); the sm_90a module adds Hopper-only instructions (wgmma, vector reductions) and is what the
 /// host loads on compute capability 9.0 (its cubin; sm_90a code runs on no other GPU).
 pub const PTX_TARGETS: &[PtxTarget] = &[
-    PtxTarget { stem: "kernels_sm80", cpu: "sm_80", ptx_isa: "+ptx80", cfgs: &[], ptxas_archs: &["sm_80", "sm_90a"], cubin_arch: "sm_80" },
-    PtxTarget { stem: "kernels_sm90", cpu: "sm_90a", ptx_isa: "+ptx81", cfgs: &["fa_sm90"], ptxas_archs: &["sm_90a"], cubin_arch: "sm_90a" },
+    PtxTarget { stem: "kernels_sm80", cpu: "sm_80", ptx_isa: "+ptx80", cfgs: &[], ptxas_archs: &["sm_80", "sm_90a"], cubin_arch: "sm_80", ship_ptx: true },
+    PtxTarget { stem: "kernels_sm90", cpu: "sm_90a", ptx_isa: "+ptx81", cfgs: &["fa_sm90"], ptxas_archs: &["sm_90a"], cubin_arch: "sm_90a", ship_ptx: false },
 ];
 
 /// Build every module of `PTX_TARGETS` from `<root>/kernels-gpu` into `out_dir/<stem>.ptx`.

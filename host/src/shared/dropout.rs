@@ -82,6 +82,7 @@ pub fn draw(words: &[u32; 4], i: u32, j: u32) -> u32 {
 
 /// The keep threshold of dropout probability `p` in (0, 1): keep iff a 16-bit draw is below it.
 pub fn keep_threshold(p: f32) -> u32 {
-    let t = ((1.0 - p as f64) * 65536.0).floor();
+    // `as` truncates: the floor of a positive value.
+    let t = (1.0 - p as f64) * 65536.0;
     if t >= 65535.0 { 65535 } else if t <= 0.0 { 0 } else { t as u32 }
 }

@@ -28,6 +28,12 @@ pub unsafe fn st_global_u32(addr: u64, v: u32) {
     unsafe { asm!("st.global.b32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
 }
 
+/// Store the low 2 bytes of `v` to global memory.
+#[inline(always)]
+pub unsafe fn st_global_u16(addr: u64, v: u32) {
+    unsafe { asm!("{{ .reg .b16 h; cvt.u16.u32 h, {v}; st.global.b16 [{a}], h; }}", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}
+
 /// Store one f32 to global memory.
 #[inline(always)]
 pub unsafe fn st_global_f32(addr: u64, v: f32) {

@@ -2,7 +2,8 @@
 //! group and every query block that sees the keys (S^T = K Q^T, dP^T = V dO^T, P and dS in registers,
 //! dV += P^T dO, dK += dS^T Q); dQ = dS K goes to the f32 accumulator with atomics when there is one.
 
-use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
+use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
@@ -85,7 +86,7 @@ unsafe fn load_q_step<const D: usize, const BN: usize, const BM: usize, const NW
 /// dK and dV of keys `[n0, n0 + BN)` of kv head `hk` (this warp's part), accumulated over the group's
 /// q heads and the query blocks that see the keys; dQ contributions go to the accumulator if there is one.
 #[inline(always)]
-unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize>(
+unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize, const MODS: bool>(
     p: &BwdParams,
     a: &KvArgs,
     tid: usize,
@@ -165,7 +166,9 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         // P and dS in place of S^T and dP^T; dS^T (and P^T when warps split the queries) to shared memory.
         let lse_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::lse_stage(base, stage);
         let delta_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage);
-        grad_tile::<KT, QN>(p, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
+        let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
+        let at = KqAt { row0: m0 + q_col0 as i32 + 2 * t, key0: a.n0 + kv_row0 as i32 + g, shift: a.sk.used - a.sq.used };
+        grad_tile::<KT, QN, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
         // On boundary tiles only, P and dS of hidden pairs are zeroed.
         if masked {
             mask_tile::<KT, QN>(p, a, &mut acc_s, &mut acc_dp, m0, rows, kv_row0 as i32 + g, q_col0 as i32 + 2 * t);
@@ -243,7 +246,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
 
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 #[inline(always)]
-unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize>(p: &BwdParams) {
+unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize, const MODS: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
@@ -262,7 +265,7 @@ unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         if n0 < sk.used {
             let cols = if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 };
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols };
-            unsafe { dkdv_block::<E, D, BN, BM, NW, KT, DQT, DWN, QN>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
+            unsafe { dkdv_block::<E, D, BN, BM, NW, KT, DQT, DWN, QN, MODS>(p, &args, tid, &mut acc_dk, &mut acc_dv) };
         }
         // Epilogue: dk = scale * acc, dv = acc, in the input type, for every key row of the slot.
         for kt in 0..KT {
@@ -292,7 +295,11 @@ macro_rules! dkdv_kernels {
             const C: BwdConfig = crate::variants::bwd_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { C.key_tiles }, { C.dq_tiles }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }>(&p) }
+                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { C.key_tiles }, { C.dq_tiles }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }, false>(&p) }
+            }
+            #[unsafe(export_name = concat!($name, "_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
+                unsafe { dkdv_entry::<$dt, $d, { C.block_n }, { C.block_m }, { C.warps }, { C.key_tiles }, { C.dq_tiles }, { $d / C.wm() / 8 }, { C.block_m / C.wm() / 8 }, true>(&p) }
             }
         };
     )*};

@@ -10,7 +10,9 @@ use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
+use crate::arch::math::fma;
 use crate::mask::for_each_hidden_qk;
+use crate::mods::{keep_qk, HeadMods};
 use crate::params::BwdParams;
 use crate::tile::{a_fragment, load_tile, mma_x4, warp_gemm, Elem, SmemTile, BF16, F16};
 use crate::variants::FwdConfig;
@@ -28,7 +30,7 @@ fn grad_elem(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32
 /// dq of rows `[m0, m0 + 16 NW)` of one (sequence, q head): walks the key tiles those rows see, last
 /// first, through a two-stage K/V pipeline; dQ += dS K stays in registers. `DN = D / 8`, `NN = BN / 8`.
 #[inline(always)]
-unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, const BN: usize, const NN: usize>(p: &BwdParams) {
+unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, const BN: usize, const NN: usize, const MODS: bool>(p: &BwdParams) {
     const fn cfg(d: usize, nw: usize, bn: usize) -> FwdConfig {
         FwdConfig { head_dim: d, m_tiles: 1, warps: nw, block_n: bn, q_in_regs: false }
     }
@@ -42,6 +44,7 @@ unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, co
     let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
     let hk = h / (p.h / p.h_k);
+    let mods = HeadMods::new::<MODS>(&p.mods, bidb, h, p.h, p.batch);
     let base = smem::base();
     let (q_s, do_s) = (base, base + bm as u32 * rb);
     let kv_stage = |s: usize| base + 2 * bm as u32 * rb + s as u32 * 2 * BN as u32 * rb;
@@ -117,14 +120,29 @@ unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, co
                         mma_x4::<E, NN>(&mut acc_dp, np, oa, unsafe { v.load(np * 16, kk * 16) });
                     }
                 }
-                // dS in place of dP; on boundary tiles, zero where the mask hides the pair.
+                // dS in place of dP (with score modifiers: ALiBi's bias in the exponent, dP Z for dropout);
+                // on boundary tiles, zero where the mask hides the pair.
+                let row0 = m0 + (warp * 16) as i32 + g;
+                const { assert!(NN * 4 <= 32) };
+                let mut keep = !0u32;
+                if mods.dropout {
+                    keep = 0;
+                    keep_qk::<1, NN>(&mods, row0, n0 + 2 * t, #[inline(always)] |_, j, i, k| keep |= (k as u32) << (j * 4 + i));
+                }
+                // ALiBi: |query + shift - key| = |base + 8 (i / 2) - (8 j + i % 2)|.
+                let base = (row0 + sk.used - sq.used - n0 - 2 * t) as f32;
                 for j in 0..NN {
                     for i in 0..4 {
-                        acc_dp[j][i] = grad_elem(p, acc_s[j][i], acc_dp[j][i], lse2[i / 2], delta[i / 2]).1;
+                        let (mut l, mut dp) = (lse2[i / 2], acc_dp[j][i]);
+                        if MODS {
+                            let d = base + ((8 * (i / 2)) as i32 - (8 * j + i % 2) as i32) as f32;
+                            l = fma(mods.slope_log2, d.abs(), l);
+                            dp *= if (keep >> (j * 4 + i)) & 1 != 0 { mods.scale } else { 0.0 };
+                        }
+                        acc_dp[j][i] = grad_elem(p, acc_s[j][i], dp, l, delta[i / 2]).1;
                     }
                 }
                 if masked {
-                    let row0 = m0 + (warp * 16) as i32 + g;
                     for_each_hidden_qk::<1, NN>(row0, n0 + 2 * t, sq.used, sk.used, p.window_left, p.window_right, #[inline(always)] |_, j, i| acc_dp[j][i] = 0.0);
                 }
                 // dQ += dS K: dS's accumulator layout is the A fragment; K [keys][d] is read transposed.
@@ -159,7 +177,11 @@ macro_rules! dq_kernels {
             const Q: FwdConfig = crate::variants::dq_config($d);
             #[unsafe(export_name = $dq)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { dq_entry::<$dt, $d, { $d / 8 }, { Q.warps }, { Q.block_n }, { Q.block_n / 8 }>(&p) }
+                unsafe { dq_entry::<$dt, $d, { $d / 8 }, { Q.warps }, { Q.block_n }, { Q.block_n / 8 }, false>(&p) }
+            }
+            #[unsafe(export_name = concat!($dq, "_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
+                unsafe { dq_entry::<$dt, $d, { $d / 8 }, { Q.warps }, { Q.block_n }, { Q.block_n / 8 }, true>(&p) }
             }
         };
     )*};

@@ -25,6 +25,7 @@ use crate::arch::mem::ld_global_nc_i32;
 use crate::arch::smem;
 use crate::block::m_block_range;
 use crate::mask::for_each_hidden_kq;
+use crate::mods::{keep_kq, HeadMods};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 
@@ -54,7 +55,7 @@ fn dqa_addr(p: &BwdParams, b: i32, row: i32, h: i32, col: i64) -> u64 {
 }
 
 /// P and dS of one visible score without softcap: `s` = q.k, `dp` = dout . v, `lse2` the row's LSE in
-/// base 2, `delta` = D_i.
+/// base 2 (less ALiBi's base-2 bias, with score modifiers), `delta` = D_i.
 #[inline(always)]
 fn grad_elem_plain(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32) {
     let pr = exp2(fma(s, p.scale_log2, -lse2));
@@ -134,32 +135,64 @@ fn mask_tile<const KT: usize, const QN: usize>(p: &BwdParams, a: &KvArgs, acc_s:
     });
 }
 
+/// Where a thread's key-major fragments are: the query of element 0 of its tile (0, 0) (`row0`: the
+/// step's first query + its column offset + 2 t) and its key (`key0`: the key block's first key + its row
+/// offset + g), and seqlen_k - seqlen_q (`shift`). For the score modifiers.
+#[derive(Clone, Copy)]
+struct KqAt {
+    row0: i32,
+    key0: i32,
+    shift: i32,
+}
+
 /// P^T and dS^T in place of S^T and dP^T for this thread's `KT` key tiles x `QN` query tiles (queries
 /// from `q_col0`; their lse_log2 and D at `lse_s`, `delta_s`). The unmasked formula everywhere (inputs
-/// past the sequence are zero-filled, so finite); softcap or not decided once per tile, outside the loops
-/// (inside, LLVM kept one branch per element). Shared by the mma.sync and wgmma kernels.
+/// past the sequence are zero-filled, so finite); softcap, and dropout, decided once per tile, outside
+/// the loops (inside, LLVM kept one branch per element). With score modifiers (`MODS`): ALiBi's bias
+/// in the exponent, and dropout: P^T (what dV takes) is P Z and dS = P (dP Z - D), with Z = 1 / (1 - p)
+/// where kept and 0 where dropped. Shared by the mma.sync and wgmma kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile<const KT: usize, const QN: usize>(p: &BwdParams, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
-    if p.softcap_pre != 0.0 {
-        grad_tile_with::<KT, QN, true>(p, acc_s, acc_dp, lse_s, delta_s, q_col0, t)
-    } else {
-        grad_tile_with::<KT, QN, false>(p, acc_s, acc_dp, lse_s, delta_s, q_col0, t)
+fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+    match (p.softcap_pre != 0.0, mods.dropout) {
+        (true, true) => grad_tile_with::<KT, QN, true, MODS, true>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (true, false) => grad_tile_with::<KT, QN, true, MODS, false>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (false, true) => grad_tile_with::<KT, QN, false, MODS, true>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (false, false) => grad_tile_with::<KT, QN, false, MODS, false>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
     }
 }
 
-/// `grad_tile`'s loops, with or without softcap fixed at compile time.
+/// `grad_tile`'s loops, with softcap and dropout fixed at compile time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool>(p: &BwdParams, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const MODS: bool, const DROP: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+    const { assert!(KT * QN * 4 <= 64) };
+    // Dropout's decisions, bit (kt QN + j) 4 + i.
+    let mut keep = 0u64;
+    if DROP {
+        keep_kq::<KT, QN>(mods, at.row0, at.key0, #[inline(always)] |kt, j, i, k| keep |= (k as u64) << ((kt * QN + j) * 4 + i));
+    }
+    // ALiBi: |query + shift - key| = |base + (8 j + i % 2) - (16 kt + 8 (i / 2))|.
+    let base = (at.row0 + at.shift - at.key0) as f32;
     for j in 0..QN {
         let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
         let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
         let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
         for kt in 0..KT {
             for i in 0..4 {
-                let (s, dp) = (acc_s[kt][j][i], acc_dp[kt][j][i]);
-                (acc_s[kt][j][i], acc_dp[kt][j][i]) = if SOFTCAP { grad_elem_softcap(p, s, dp, lse2[i % 2], delta[i % 2]) } else { grad_elem_plain(p, s, dp, lse2[i % 2], delta[i % 2]) };
+                let (s, mut dp) = (acc_s[kt][j][i], acc_dp[kt][j][i]);
+                let mut l = lse2[i % 2];
+                if MODS {
+                    let d = base + ((8 * j + i % 2) as i32 - (16 * kt + 8 * (i / 2)) as i32) as f32;
+                    l = fma(mods.slope_log2, d.abs(), l);
+                }
+                let z = if DROP && (keep >> ((kt * QN + j) * 4 + i)) & 1 != 0 { mods.scale } else { 0.0 };
+                if DROP {
+                    dp *= z;
+                }
+                let (pr, ds) = if SOFTCAP { grad_elem_softcap(p, s, dp, l, delta[i % 2]) } else { grad_elem_plain(p, s, dp, l, delta[i % 2]) };
+                acc_s[kt][j][i] = if DROP { pr * z } else { pr };
+                acc_dp[kt][j][i] = ds;
             }
         }
     }

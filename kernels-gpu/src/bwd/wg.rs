@@ -10,7 +10,8 @@
 //!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KvArgs};
+use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
@@ -165,7 +166,7 @@ fn successor(a: &KvArgs) -> Option<KvArgs> {
 /// the query blocks that see the keys; dQ contributions go to the accumulator (always present here).
 /// During its last step it starts the copies of its successor (if that has steps). Returns its step count.
 #[inline(always)]
-unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
+unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
     let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
@@ -231,7 +232,9 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
         // P^T and dS^T in place (the mma.sync kernel's element-wise step, one key tile per warp).
         let lse_s = Lay::<D>::lse(base, stage);
         let delta_s = Lay::<D>::delta(base, stage);
-        grad_tile::<1, 8>(p, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
+        let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
+        let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
+        grad_tile::<1, 8, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
         if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
             mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
         }
@@ -299,7 +302,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &K
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 /// With grid x = 1 also dq of the group's rows (see the end).
 #[inline(always)]
-unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
@@ -318,7 +321,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams) {
         let mut prefetched = false;
         if n0 < sk.used {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
-            let steps = unsafe { block::<E, D, DN>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
+            let steps = unsafe { block::<E, D, DN, MODS>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
             if steps > 0 {
                 pipe.kv ^= 1;
                 pipe.stage0 ^= steps & 1;
@@ -364,7 +367,11 @@ macro_rules! bwd_wg_kernels {
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { entry::<$dt, $d, { $d / 8 }>(&p) }
+                unsafe { entry::<$dt, $d, { $d / 8 }, false>(&p) }
+            }
+            #[unsafe(export_name = concat!($name, "_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
+                unsafe { entry::<$dt, $d, { $d / 8 }, true>(&p) }
             }
         };
     )*};

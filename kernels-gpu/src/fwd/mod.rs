@@ -5,6 +5,7 @@
 //! On Hopper the sm_90a module's `wg` kernels take head dims 64, 96, 128, 192 and 256 (wgmma).
 
 pub(crate) mod kv;
+mod probs;
 #[cfg(fa_sm90)]
 pub(crate) mod wg;
 #[cfg(fa_sm90)]
@@ -18,6 +19,7 @@ use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, threa
 use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::mask::for_each_hidden_qk;
+use crate::mods::{alibi_qk, keep_qk, HeadMods};
 use crate::params::FwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::softmax::{finalize_row, update_row, RowState};
@@ -91,6 +93,17 @@ pub(crate) struct BlockArgs {
     pub(crate) window_right: i32,
     pub(crate) scale_log2: f32,
     pub(crate) softcap_pre: f32,
+    /// ALiBi and dropout (`HeadMods::OFF` in kernels without them).
+    pub(crate) mods: HeadMods,
+}
+
+impl BlockArgs {
+    /// The scale the online softmax works in: `|scale_log2|` on raw scores, or 1 where the score
+    /// modifiers have put the scores in base 2 already (`scores_to_p`).
+    #[inline(always)]
+    pub(crate) fn softmax_scale(&self) -> f32 {
+        if self.mods.on { 1.0 } else if self.scale_log2 < 0.0 { -self.scale_log2 } else { self.scale_log2 }
+    }
 }
 
 /// One block's attention over rows `[m0, m0 + BM) ∩ [0, seqlen_q)`.
@@ -108,7 +121,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         let r = a.seqlen_q - a.m0;
         if r > bm as i32 { bm as i32 } else { r }
     };
-    let scale_log2 = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
+    let scale_log2 = a.softmax_scale();
     let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
 
     let mut acc_o = [[[0f32; 4]; DN]; MT];
@@ -184,10 +197,11 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 }
 
 /// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
-/// m16 x `NN` n8 tiles: tanh for softcap or the sign of a negative scale, -inf on hidden keys when the
-/// tile is `masked` (this thread's rows `row0 + 16 mt (+ 8)`, keys `n0 + 8 j + 2 t (+ 1)`), then each
-/// row's update; `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma
-/// kernels.
+/// m16 x `NN` n8 tiles: tanh for softcap or the sign of a negative scale, with score modifiers the
+/// scale and ALiBi's bias (base 2 from there on: `BlockArgs::softmax_scale` is 1), -inf on hidden keys
+/// when the tile is `masked` (this thread's rows `row0 + 16 mt (+ 8)`, keys `n0 + 8 j + 2 t (+ 1)`),
+/// then each row's update (the row sums take every probability), then dropout's zeros;
+/// `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, mut rescale: impl FnMut(usize, usize, f32)) {
@@ -210,6 +224,10 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
             }
         }
     }
+    if a.mods.on {
+        let scale = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
+        alibi_qk::<MT, NN>(acc_s, a.mods.slope_log2, scale, row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
+    }
     // Only tiles that straddle a boundary; interior tiles skip this entirely.
     if masked {
         for_each_hidden_qk::<MT, NN>(row0, n0 + 2 * t, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, #[inline(always)] |mt, j, i| acc_s[mt][j][i] = f32::NEG_INFINITY);
@@ -229,6 +247,14 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
             }
         }
     }
+    // Dropped probabilities leave O (kept ones are scaled by 1 / (1 - p) in the epilogue).
+    if a.mods.dropout {
+        keep_qk::<MT, NN>(&a.mods, row0, n0 + 2 * t, #[inline(always)] |mt, j, i, keep| {
+            if !keep {
+                acc_s[mt][j][i] = 0.0;
+            }
+        });
+    }
 }
 
 /// The epilogue: O / rowsum in the input type and the LSE, for this thread's rows `r0 + 16 mt (+ 8)` of
@@ -240,6 +266,7 @@ pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs
     for mt in 0..MT {
         for h in 0..2 {
             let (inv_sum, lse) = finalize_row(&row_state[mt][h], scale_log2);
+            let inv_sum = inv_sum * a.mods.scale;
             let r = r0 + (mt * 16 + 8 * h) as i32;
             if r < rows {
                 let o_row = a.o + (r as i64 * a.o_row_stride * 2) as u64;
@@ -296,10 +323,10 @@ unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n
 /// Kernel body: find this block's (sequence, head), then stride over its row blocks, last first (long
 /// sequences' and causal blocks' heavy tiles start earliest). Padding rows are written here too.
 #[inline(always)]
-unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool>(p: &FwdParams) {
+unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    unsafe { for_each_row_block::<D, PAGED>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
+    unsafe { for_each_row_block::<D, PAGED, MODS>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
 }
 
 /// One (sequence, head) of a forward problem: its rows in the buffers and its lengths. Grid slice
@@ -314,11 +341,12 @@ pub(crate) struct HeadSlice {
     pub(crate) kv: KvRows,
     o_head: u64,
     lse_head: u64,
+    mods: HeadMods,
 }
 
 impl HeadSlice {
     #[inline(always)]
-    pub(crate) fn new<const PAGED: bool>(p: &FwdParams, bidb: i32, bidh: i32) -> HeadSlice {
+    pub(crate) fn new<const PAGED: bool, const MODS: bool>(p: &FwdParams, bidb: i32, bidh: i32) -> HeadSlice {
         // The tail slice's keys are never read (its rows are all padding).
         let mut lengths = p.lengths();
         if PAGED {
@@ -348,6 +376,7 @@ impl HeadSlice {
             kv,
             o_head: p.o + ((b * p.o_batch_stride + sq.start as i64 * p.o_row_stride + h * p.o_head_stride) * 2) as u64,
             lse_head: p.lse + ((b * p.lse_batch_stride + h * p.lse_head_stride + sq.start as i64) * 4) as u64,
+            mods: HeadMods::new::<MODS>(&p.mods, bidb, bidh, p.h, p.batch),
         }
     }
 
@@ -368,6 +397,7 @@ impl HeadSlice {
             window_right: p.window_right,
             scale_log2: p.scale_log2,
             softcap_pre: p.softcap_pre,
+            mods: self.mods,
         }
     }
 
@@ -388,10 +418,10 @@ impl HeadSlice {
 /// sequence's slot), `attend` the rows inside the sequence (also given the next such block, if any) and
 /// write the padding rows past it.
 #[inline(always)]
-pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
+pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
-    let head = HeadSlice::new::<PAGED>(p, block_idx_z() as i32, block_idx_y() as i32);
+    let head = HeadSlice::new::<PAGED, MODS>(p, block_idx_z() as i32, block_idx_y() as i32);
     let sq = head.sq;
     let grid_m = grid_dim_x() as i32;
     let mut m_block = grid_m - 1 - block_idx_x() as i32;
@@ -407,18 +437,23 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool>(p: &F
     }
 }
 
-// Each variant twice: over contiguous K/V, and over paged K/V (`_paged`, `variants::paged_kernel_name`).
+// Each variant three times: over contiguous K/V; with score modifiers (`_mods`); over paged K/V with score
+// modifiers (`_paged`).
 macro_rules! fwd_kernels {
     ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             const C: crate::variants::FwdConfig = crate::variants::fwd_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, false>(&p) }
+            }
+            #[unsafe(export_name = concat!($name, "_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams) {
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, true>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, true>(&p) }
             }
         };
     )*};

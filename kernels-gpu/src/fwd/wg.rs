@@ -399,7 +399,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     let wg = (warp / 4) as u32;
     let lane = tid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-    let scale_log2 = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
+    let scale_log2 = a.softmax_scale();
     let (rows, n_min, n_max) = block_plan::<BN>(a);
 
     let mut acc_o = [[0f32; 4]; DN];
@@ -481,7 +481,8 @@ unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     let mut t0 = 0usize;
     let mut prefetched = false;
     unsafe {
-        for_each_row_block::<D, PAGED>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
+        // The paged twins apply the score modifiers too.
+        for_each_row_block::<D, PAGED, PAGED>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
             (t0, prefetched) = attend::<E, D, DN, BN, NN, KP>(args, next, t0, prefetched, tid);
         })
     }

@@ -86,11 +86,12 @@ impl Tiles {
         Some((self.m_blocks - 1 - m as i32, bidh as i32, bidb as i32))
     }
 
-    /// Walk every row block of every tile of this block: `f(head, m0)`.
+    /// Walk every row block of every tile of this block: `f(head, m0)` (with the score modifiers where
+    /// `MODS`).
     #[inline(always)]
-    fn for_each<const PAGED: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
+    fn for_each<const PAGED: bool, const MODS: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
         while let Some((m_block, bidh, bidb)) = self.next() {
-            let head = HeadSlice::new::<PAGED>(p, bidb, bidh);
+            let head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
             let mut mb = m_block;
             while mb * (BM as i32) < head.sq.slot_len {
                 f(&head, mb * BM as i32);
@@ -126,7 +127,7 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdPar
     let mut ks = Stage::<KV_STAGES>::START;
     let mut vs = Stage::<KV_STAGES>::START;
     let box_rows = if PAGED { tma_page_box_rows(p.page_size as usize, BN) as i32 } else { BN as i32 };
-    Tiles::new(p).for_each::<PAGED>(p, #[inline(always)] |head, m0| {
+    Tiles::new(p).for_each::<PAGED, false>(p, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
             return;
         }
@@ -231,7 +232,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     let wg = (warp / 4) as u32;
     let lane = ctid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-    let scale_log2 = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
+    let scale_log2 = a.softmax_scale();
     let (rows, n_min, n_max) = block_plan::<BN>(a);
     let mut acc_o = [[0f32; 4]; DN];
     let mut row_state = [RowState::EMPTY; 2];
@@ -313,7 +314,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 
 /// Kernel body: barriers set up by thread 0, then the roles.
 #[inline(always)]
-unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool>(p: &FwdParams, maps: u64) {
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams, maps: u64) {
     let () = Tile::<D, BN>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D, BN>(smem::base());
@@ -340,7 +341,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             pass_turn(1);
         }
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
-        Tiles::new(p).for_each::<PAGED>(p, #[inline(always)] |head, m0| {
+        Tiles::new(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
                 unsafe { attend::<E, D, DN, BN, NN, KP>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
@@ -356,12 +357,18 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false>(&p, maps) }
             }
+            #[unsafe(export_name = concat!($name, "_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_mods_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
+            }
+            // Paged K/V, with the score modifiers.
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true>(&p, maps) }
             }
         };
     )*};
