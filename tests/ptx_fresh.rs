@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 /// The files `host/src/ptx.rs` embeds from the modules `xtask/src/ptx.rs` builds (`PTX_TARGETS`,
 /// `shipped_files`): both cubins, and the PTX of sm_80 only (sm_90a PTX runs only where its cubin does).
 const SHIPPED: [&str; 3] = ["kernels_sm80.ptx", "kernels_sm80.cubin", "kernels_sm90.cubin"];
+/// Every module built (the sources of each are checked against its PTX build).
+const STEMS: [&str; 2] = ["kernels_sm80", "kernels_sm90"];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
