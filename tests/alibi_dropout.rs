@@ -211,7 +211,8 @@ fn check_probs(got: &[f32], want: &[f64], rel: f64) -> std::result::Result<(), S
             continue;
         }
         let g = g.abs() as f64;
-        if !((g - w).abs() <= rel * w + 2f64.powi(-40)) {
+        let diff = (g - w).abs();
+        if diff.is_nan() || diff > rel * w + 2f64.powi(-40) {
             return Err(format!("|s_dmask[{e}]| = {g}, reference P {w}"));
         }
     }

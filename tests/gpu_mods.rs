@@ -20,7 +20,8 @@
 //!   heads: its zero set is the CPU's;
 //! - dq (atomic and deterministic kernels): compared within the tolerance below, where a wrong keep bit
 //!   moves dq_i by |scale| P_ij |dP_ij| / (1 - p) |k_j|, far past it.
-//! (Scores there are kept small, so that no kept probability underflows on either side.)
+//!
+//! Scores there are kept small, so that no kept probability underflows on either side.
 //!
 //! Tolerances (tests/common's, with the modifiers' bounds). Scores are bounded by smax = |scale| D qmax
 //! kmax (or the softcap) plus the largest ALiBi bias (max slope * longest distance); values by vmax =
@@ -296,7 +297,7 @@ impl On {
     }
     fn varlen(&self, l: &Layout) -> Option<Varlen<'_>> {
         let (max_q, max_k) = l.max();
-        (!l.dense).then(|| Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() })
+        (!l.dense).then_some(Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() })
     }
     fn extras(&self, probs: bool) -> Extras<'_> {
         Extras { alibi_slopes: self.slopes.as_ref(), return_attn_probs: probs }
@@ -787,7 +788,7 @@ fn paged_family(d: usize, dtype: DType, choice: KernelChoice, page: usize) -> &'
         return "cpu path";
     }
     match fwd_family(d, dtype, choice) {
-        "wgmma ws" if page % 8 != 0 => "wgmma paged",
+        "wgmma ws" if !page.is_multiple_of(8) => "wgmma paged",
         "wgmma ws" => "wgmma ws paged",
         "wgmma" => "wgmma paged",
         _ => "mma.sync paged",

@@ -106,7 +106,8 @@ pub(crate) unsafe fn fwd_paged(p: &Problem, t: &FwdViews<'_>, pv: &PagedVarlenVi
 /// for a paged problem.
 #[allow(clippy::too_many_arguments)]
 unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Option<(u64, i64)>, kernels: KernelChoice, ordinal: usize, stream: usize) -> Result<()> {
-    let probs = t.s_dmask.as_ref().map(|m| probs(p, m)).transpose()?;
+    // (An empty s_dmask has nothing to write: no launch, whose grid would be empty.)
+    let probs = t.s_dmask.as_ref().filter(|m| m.numel() > 0).map(|m| probs(p, m)).transpose()?;
     let gpu = gpu(ordinal)?;
     // The warp-specialized kernel where it takes the problem (its persistent grid walks `m_blocks` row
     // blocks per sequence), else `fwd_launch`'s (one row block per grid x index).
@@ -256,7 +257,7 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
     let sms = hopper_sms(gpu, kernels)?;
     // Paged k / v are addressed per block: their batch strides are the block strides.
     let addressable = [(&t.q, &p.q, false), (&t.k, &p.k, true), (&t.v, &p.v, true)].iter().all(|(v, st, kv)| {
-        let ok = |x: usize| (x * 2) % 16 == 0 && ((x * 2) as u64) < (1u64 << 40);
+        let ok = |x: usize| (x * 2).is_multiple_of(16) && ((x * 2) as u64) < (1u64 << 40);
         let batched = !p.varlen || (*kv && p.paged.is_some());
         v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (!batched || (st.batch > 0 && ok(st.batch)))
     });

@@ -305,10 +305,10 @@ impl FwdExtras {
 fn rows_aligned(a: &Arg) -> bool {
     let es = a.dtype.size();
     let n = a.shape.len();
-    if n == 0 || (a.strides[n - 1] != 1 && a.shape[n - 1] > 1) || a.addr % 16 != 0 {
+    if n == 0 || (a.strides[n - 1] != 1 && a.shape[n - 1] > 1) || !a.addr.is_multiple_of(16) {
         return false;
     }
-    a.shape[..n - 1].iter().zip(&a.strides[..n - 1]).all(|(&d, &s)| d <= 1 || (s * es) % 16 == 0)
+    a.shape[..n - 1].iter().zip(&a.strides[..n - 1]).all(|(&d, &s)| d <= 1 || (s * es).is_multiple_of(16))
 }
 
 /// fwd_dense(dtype, q, q_shape, q_strides, k, k_shape, k_strides, v, v_shape, v_strides, out, lse,
