@@ -5,13 +5,14 @@
 //! FLOPs, flash-attn's convention: backward 2.5x the forward's (5 matmuls to its 2), fwd + bwd 3.5x.
 //! A shape whose backward returns an error (not implemented on CUDA yet, too little shared memory)
 //! prints `SKIPPED <shape>: <error>` and the run goes on. Skips with a notice when there is no GPU.
+//! The score modifiers' rows (`mods/...`, benches/fwd.rs's): without, with ALiBi, with dropout (p = 0.1).
 //! Filter shapes with FA_BENCH_FILTER=substring; FA_BENCH_DETERMINISTIC=1 times the deterministic
 //! backward (default: not, like PyTorch's default).
 
 mod common;
 
-use common::{bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, ragged_lengths, ragged_name, selected, RAGGED_D, RAGGED_H};
-use flash_attn::{bwd, cuda, fwd, varlen_bwd, varlen_fwd, AttnOptions, FwdOutput, Result, Varlen};
+use common::{alibi_slopes, bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, mods_name, mods_shapes, ragged_lengths, ragged_name, selected, MODS, MODS_DROPOUT, RAGGED_D, RAGGED_H};
+use flash_attn::{bwd, bwd_with, cuda, fwd, fwd_with, varlen_bwd, varlen_fwd, AttnOptions, Dropout, Extras, FwdOutput, Result, Varlen};
 use std::hint::black_box;
 
 const BWD_FLOPS: f64 = 2.5;
@@ -61,6 +62,28 @@ fn main() {
                 || fwd(&q, &k, &v, &opts),
                 |o| bwd(&dout, &q, &k, &v, &o.out, &o.lse, &opts, deterministic).map(|g| drop(black_box(g))),
             );
+        }
+    }
+    for (d, s, b, h) in mods_shapes() {
+        if !MODS.iter().any(|m| [false, true].iter().any(|&c| selected(&mods_name(d, s, b, h, c, m)))) {
+            continue;
+        }
+        let shape = [b, s, h, d];
+        let (q, k, v, dout) = (device_tensor(&shape, 1), device_tensor(&shape, 2), device_tensor(&shape, 3), device_tensor(&shape, 7));
+        let slopes = alibi_slopes(h);
+        for causal in [false, true] {
+            for m in MODS {
+                let extras = Extras { alibi_slopes: (m == "alibi").then_some(&slopes), return_attn_probs: false };
+                let dropout = if m.starts_with("dropout") { Dropout { p: MODS_DROPOUT, seed: 0x5eed, offset: 0 } } else { Dropout::default() };
+                let opts = AttnOptions { causal, dropout, ..Default::default() };
+                bench_shape(
+                    &mut c,
+                    &mods_name(d, s, b, h, causal, m),
+                    b as f64 * fwd_flops(h, s, s, d, causal),
+                    || fwd_with(&q, &k, &v, &extras, &opts),
+                    |o| bwd_with(&dout, &q, &k, &v, &o.out, &o.lse, &extras, &opts, deterministic).map(|g| drop(black_box(g))),
+                );
+            }
         }
     }
     let lens = ragged_lengths();

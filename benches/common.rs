@@ -1,6 +1,6 @@
 //! What benches/fwd.rs and benches/bwd.rs share: the shape table and its names (benches/compare.py joins
-//! on them, benches/torch_*.py restate them), the ragged batch, random device inputs, and the timing loop
-//! that prints the `RESULT` lines.
+//! on them, benches/torch_*.py restate them), the score-modifier rows, the ragged batch, random device
+//! inputs, and the timing loop that prints the `RESULT` lines.
 #![allow(dead_code)]
 
 use criterion::Criterion;
@@ -25,6 +25,28 @@ pub fn dense_shapes() -> Vec<(usize, usize, usize, usize)> {
 
 pub fn dense_name(d: usize, s: usize, b: usize, h: usize, causal: bool) -> String {
     format!("fwd/hdim{d}/s{s}/b{b}/h{h}/causal{}", causal as u8)
+}
+
+/// The score-modifier rows: hdim 64 and 128 at S 2048 and 8192 (the dense table's batch and heads), each
+/// without modifiers, with ALiBi and with dropout (p = `MODS_DROPOUT`), named `mods_name`.
+pub fn mods_shapes() -> Vec<(usize, usize, usize, usize)> {
+    dense_shapes().into_iter().filter(|&(d, s, _, _)| matches!(d, 64 | 128) && matches!(s, 2048 | 8192)).collect()
+}
+
+/// Dropout probability of the `dropout` rows (flash-attn's typical training value).
+pub const MODS_DROPOUT: f32 = 0.1;
+
+/// The modifier variants of `mods_shapes`: none, ALiBi, dropout.
+pub const MODS: [&str; 3] = ["none", "alibi", "dropout0.1"];
+
+pub fn mods_name(d: usize, s: usize, b: usize, h: usize, causal: bool, m: &str) -> String {
+    format!("mods/hdim{d}/s{s}/b{b}/h{h}/causal{}/{m}", causal as u8)
+}
+
+/// f32 ALiBi slopes `[h]` on GPU 0: the geometric sequence 2^(-8 (i + 1) / h) of the ALiBi paper.
+pub fn alibi_slopes(h: usize) -> Tensor {
+    let v: Vec<f32> = (0..h).map(|i| 2f32.powf(-8.0 * (i + 1) as f32 / h as f32)).collect();
+    Tensor::from_f32(&v, &[h], DType::F32).unwrap().to_device(Device::Cuda(0)).unwrap()
 }
 
 /// Forward FLOPs of one sequence pair: 4 * H * Sq * Sk * D (two matmuls), halved for causal.

@@ -1,5 +1,7 @@
 """Join RESULT lines from one run into the markdown tables for benches/RESULTS.md: the forward (ours, flash,
-cudnn) and, when the run has them, the backward (ours-bwd, flash-bwd, cudnn-bwd and the three -fwdbwd).
+cudnn) and, when the run has them, the backward (ours-bwd, flash-bwd, cudnn-bwd and the three -fwdbwd),
+then the score modifiers (`mods/<shape>/<none|alibi|dropout0.1>` rows): per shape and pass, each
+modifier's TFLOP/s (same FLOPs counted) and its cost against no modifier, ours and PyTorch's.
 SKIPPED lines are summed up under the tables, one line per backend and reason."""
 import re
 import sys
@@ -46,8 +48,11 @@ def has_any(backends):
 
 
 fwd_names, bwd_names = has_any(FWD), has_any(BWD)
+mods_names = [name for name in order if name.startswith("mods/")]
+fwd_names = [name for name in fwd_names if not name.startswith("mods/")]
+bwd_names = [name for name in bwd_names if not name.startswith("mods/")]
 print(f"GPU: {device}\n")
-if fwd_names or not bwd_names:
+if fwd_names or not (bwd_names or mods_names):
     # Ours through the Python package (flash_attn_rs), where the run has it (head dim 128), against ours
     # direct: the native call with precomputed arguments on the same tensors, in the same harness.
     py = any("python" in rows[name] for name in fwd_names)
@@ -76,6 +81,33 @@ if bwd_names:
             ours, fl, cu = (rows[name].get(f"{b}-{kind}", NAN) for b in FWD)
             cells += [fmt(ours), fmt(fl), fmt(cu), ratio(ours, fl), ratio(ours, cu)]
         print(f"| {name} | " + " | ".join(cells) + " |")
+if mods_names:
+    # mods/<shape>/<modifier>: one row per (shape, pass), a column per (backend, modifier).
+    shapes = []
+    for name in mods_names:
+        base = name.rsplit("/", 1)[0]
+        if base not in shapes:
+            shapes.append(base)
+    mods = []
+    for name in mods_names:
+        m = name.rsplit("/", 1)[1]
+        if m != "none" and m not in mods:
+            mods.append(m)
+    print("\nScore modifiers, TFLOP/s (the same FLOPs counted with and without; cost = TFLOP/s without / with):\n")
+    cols = ["ours none"] + [f"ours {m}" for m in mods] + [f"ours {m} cost" for m in mods]
+    cols += ["flash none"] + [f"flash {m}" for m in mods] + [f"flash {m} cost" for m in mods] + [f"ours/flash {m}" for m in mods]
+    print("| shape | pass | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---:|" * len(cols))
+    for base in shapes:
+        for kind, suffix in (("fwd", ""), ("bwd", "-bwd"), ("fwd+bwd", "-fwdbwd")):
+            get = lambda backend, m: rows.get(f"{base}/{m}", {}).get(backend + suffix, NAN)  # noqa: E731
+            if all(get(b, m) != get(b, m) for b in ("ours", "flash") for m in ["none"] + mods):
+                continue
+            ours0, fl0 = get("ours", "none"), get("flash", "none")
+            cells = [fmt(ours0)] + [fmt(get("ours", m)) for m in mods] + [ratio(ours0, get("ours", m)) for m in mods]
+            cells += [fmt(fl0)] + [fmt(get("flash", m)) for m in mods] + [ratio(fl0, get("flash", m)) for m in mods]
+            cells += [ratio(get("ours", m), get("flash", m)) for m in mods]
+            print(f"| {base} | {kind} | " + " | ".join(cells) + " |")
 if skipped or notices:
     print("\nSkipped:")
     for line in notices:

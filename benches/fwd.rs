@@ -5,12 +5,14 @@
 //! Skips with a notice when there is no GPU. FLOPs: 4 * B * H * Sq * Sk * D, halved for causal.
 //! The ragged batch also runs over paged K/V (`varlen_fwd_paged`: pages of 16, 64 and 256 rows, each
 //! sequence's pages scattered over the pool), named `paged/...`, to set against the contiguous row.
+//! The score modifiers (`mods/...`): hdim 64 and 128 at S 2048 and 8192, causal and not, each without
+//! modifiers, with ALiBi (slopes `[H]`) and with dropout (p = 0.1), the same FLOPs counted for all three.
 //! Filter shapes with FA_BENCH_FILTER=substring.
 
 mod common;
 
-use common::{bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, ragged_lengths, ragged_name, RAGGED_D, RAGGED_H};
-use flash_attn::{cuda, fwd, varlen_fwd, varlen_fwd_paged, AttnOptions, Device, PagedVarlen, Tensor, Varlen};
+use common::{alibi_slopes, bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, mods_name, mods_shapes, ragged_lengths, ragged_name, selected, MODS, MODS_DROPOUT, RAGGED_D, RAGGED_H};
+use flash_attn::{cuda, fwd, fwd_with, varlen_fwd, varlen_fwd_paged, AttnOptions, Device, Dropout, Extras, PagedVarlen, Tensor, Varlen};
 
 fn main() {
     if !cuda::available() {
@@ -26,6 +28,23 @@ fn main() {
             bench(&mut c, "ours", &dense_name(d, s, b, h, causal), b as f64 * fwd_flops(h, s, s, d, causal), || {
                 fwd(&q, &k, &v, &opts).map(|o| drop(std::hint::black_box(o)))
             });
+        }
+    }
+    for (d, s, b, h) in mods_shapes() {
+        if !MODS.iter().any(|m| [false, true].iter().any(|&c| selected(&mods_name(d, s, b, h, c, m)))) {
+            continue;
+        }
+        let (q, k, v) = (device_tensor(&[b, s, h, d], 1), device_tensor(&[b, s, h, d], 2), device_tensor(&[b, s, h, d], 3));
+        let slopes = alibi_slopes(h);
+        for causal in [false, true] {
+            for m in MODS {
+                let extras = Extras { alibi_slopes: (m == "alibi").then_some(&slopes), return_attn_probs: false };
+                let dropout = if m.starts_with("dropout") { Dropout { p: MODS_DROPOUT, seed: 0x5eed, offset: 0 } } else { Dropout::default() };
+                let opts = AttnOptions { causal, dropout, ..Default::default() };
+                bench(&mut c, "ours", &mods_name(d, s, b, h, causal, m), b as f64 * fwd_flops(h, s, s, d, causal), || {
+                    fwd_with(&q, &k, &v, &extras, &opts).map(|o| drop(std::hint::black_box(o)))
+                });
+            }
         }
     }
     let lens = ragged_lengths();

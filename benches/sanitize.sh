@@ -2,12 +2,15 @@
 # On the GPU machine, from the bundle folder: compute-sanitizer's memcheck, racecheck, synccheck and
 # initcheck over every kernel family (example-sanitize, host/examples/sanitize.rs: both dtypes, every head
 # dim, dense and packed with seqused padding and tail rows, causal + window and unmasked + softcap, GQA,
-# forward, backward, deterministic backward; the wgmma kernels (Hopper) and the mma.sync ones).
+# forward, backward, deterministic backward, paged forward; each without and with ALiBi + dropout +
+# s_dmask (the _mods kernels and the probabilities kernel); the wgmma kernels (Hopper) and the mma.sync
+# ones).
 #
 # Usage: bash sanitize.sh [all | TOOL[,TOOL...]] [driver arguments]
 #   TOOL: memcheck, racecheck, synccheck, initcheck (default and `all`: the four, in that order)
 #   driver arguments (any order): head dims `64,128` or `all`; `wgmma`, `mma` or `both` (default);
-#   `bf16` or `f16` (default both). E.g. `bash sanitize.sh racecheck 128 mma`.
+#   `bf16` or `f16` (default both); `plain` or `mods` (runs without / with the score modifiers only;
+#   default both). E.g. `bash sanitize.sh racecheck 128 mma mods`.
 # Prints one summary line per tool (errors; racecheck: hazards, errors and warnings) and a final
 # `sanitize: PASS` or `sanitize: FAIL`; exits 1 on any finding, on a tool that did not finish (timeout,
 # crash, refused device) or on a driver error. Logs: ${OUT:-.}/sanitize-TOOL.log.
@@ -22,7 +25,7 @@ limit=${SANITIZE_TIMEOUT:-400}
 all="memcheck racecheck synccheck initcheck"
 case "${1:-all}" in
     all) tools=$all; shift || true ;;
-    -h|--help) sed -n '2,17p' "$self"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$self"; exit 0 ;;
     memcheck*|racecheck*|synccheck*|initcheck*) tools=${1//,/ }; shift ;;
     *) tools=$all ;;  # no tool named: the arguments are the driver's
 esac

@@ -1,7 +1,8 @@
 """PyTorch's side of the backward comparison, on the shapes (and shape names) of benches/bwd.rs: SDPA with
 the flash backend and with the cuDNN backend, and aten._flash_attention_forward / _backward for the ragged
-varlen batch. Each is timed twice: the backward alone (given one forward's graph or outputs) and forward +
-backward. Prints `RESULT <backend>-bwd|<backend>-fwdbwd <shape> <median ms> <TFLOP/s>` lines, or
+varlen batch; on the score-modifier rows (`mods/...`) SDPA flash and cuDNN without modifiers and with
+dropout_p = 0.1 (no ALiBi there). Each is timed twice: the backward alone (given one forward's graph or
+outputs) and forward + backward. Prints `RESULT <backend>-bwd|<backend>-fwdbwd <shape> <median ms> <TFLOP/s>` lines, or
 `SKIPPED <backend>-<kind> <shape>: <error>` where a backend rejects a shape or an op is missing.
 CUDA events, warm-up, median of 30 (torch_fwd.py's timing). FLOPs: backward 2.5x the forward's
 4*B*H*Sq*Sk*D (halved for causal), forward + backward 3.5x."""
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torch_fwd import median_ms, ragged_lengths
+from torch_fwd import MODS_DROPOUT, MODS_SHAPES, median_ms, ragged_lengths
 
 BWD_FLOPS, FWDBWD_FLOPS = 2.5, 3.5
 
@@ -67,6 +68,25 @@ def main():
                     def forward(kind=kind, causal=causal):
                         with sdpa_kernel(kind):
                             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                    def backward(out):
+                        return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+                    bench_pair(backend, name, flops, forward, backward)
+    for d, s in MODS_SHAPES:
+        h, b = 2048 // d, tokens // s
+        q, k, v = (rand(b, s, h, d).requires_grad_().transpose(1, 2) for _ in range(3))
+        dout = rand(b, s, h, d).transpose(1, 2)
+        for causal in (False, True):
+            flops = 4 * b * h * s * s * d / (2 if causal else 1)
+            for mod, p in (("none", 0.0), (f"dropout{MODS_DROPOUT}", MODS_DROPOUT)):
+                name = f"mods/hdim{d}/s{s}/b{b}/h{h}/causal{int(causal)}/{mod}"
+                if filt not in name:
+                    continue
+                for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    def forward(kind=kind, causal=causal, p=p):
+                        with sdpa_kernel(kind):
+                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
 
                     def backward(out):
                         return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)

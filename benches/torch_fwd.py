@@ -2,8 +2,10 @@
 backend and with the cuDNN backend, and aten._flash_attention_forward for the ragged varlen batch; and, at
 head dim 128 when the flash_attn_rs wheel is importable, our kernels through the Python package
 (`flash_attn_func`, backend `python`) and, on the same tensors, through its native call with precomputed
-arguments (backend `direct`). Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA
-events, warm-up, median of 30."""
+arguments (backend `direct`). The score-modifier rows (`mods/...`, benches/fwd.rs's): SDPA flash and
+cuDNN without modifiers and with dropout_p = 0.1 (SDPA's flash backend takes no ALiBi bias: the `alibi`
+rows are ours only). Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA events,
+warm-up, median of 30."""
 import sys
 import torch
 
@@ -15,6 +17,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MASK64 = (1 << 64) - 1
+# benches/common.rs's score-modifier rows: (head dim, seqlen) and the dropout probability.
+MODS_SHAPES = [(d, s) for d in (64, 128) for s in (2048, 8192)]
+MODS_DROPOUT = 0.1
 
 
 def ragged_lengths():
@@ -115,6 +120,20 @@ def main():
                     # The [B, S, H, D] tensors the SDPA inputs are transposed views of.
                     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
                     report_pair(name, flops, lambda causal=causal: flash_attn_rs.flash_attn_func(qs, ks, vs, causal=causal), direct(qs, ks, vs, causal))
+    for d, s in MODS_SHAPES:
+        h, b = 2048 // d, tokens // s
+        q, k, v = (torch.rand(b, s, h, d, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2) for _ in range(3))
+        for causal in (False, True):
+            flops = 4 * b * h * s * s * d / (2 if causal else 1)
+            for mod, p in (("none", 0.0), (f"dropout{MODS_DROPOUT}", MODS_DROPOUT)):
+                name = f"mods/hdim{d}/s{s}/b{b}/h{h}/causal{int(causal)}/{mod}"
+                if filt not in name:
+                    continue
+                for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    def run(kind=kind, causal=causal, p=p):
+                        with sdpa_kernel(kind):
+                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
+                    report(backend, name, flops, run)
     lens = ragged_lengths()
     h, d = 16, 128
     total = sum(lens)

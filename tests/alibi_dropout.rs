@@ -8,8 +8,8 @@
 //! the mask as documented in `flash_attn::dropout` (Philox4x32-10 counters written out again here), whose
 //! Philox is checked against Random123's published known answers. Plus keep-rate statistics, seeds and
 //! offsets, the packing rule (sequence b of a packed call = a call of its own at offset + b * Hq),
-//! bitwise determinism, the paged and KV-cache paths, every bad input, and the CUDA target's
-//! `Unsupported`.
+//! bitwise determinism, the paged and KV-cache paths, every bad input, and the CUDA target's checks
+//! before anything is launched (tests/gpu_mods.rs runs the CUDA kernels against this CPU path).
 //!
 //! Tolerances are cpu_reference.rs's and cpu_backward.rs's with the score bound smax grown by the
 //! largest bias (max |slope| * the longest distance) and the value bound by dropout's 1 / (1 - p).
@@ -211,7 +211,8 @@ fn check_probs(got: &[f32], want: &[f64], rel: f64) -> std::result::Result<(), S
             continue;
         }
         let g = g.abs() as f64;
-        if !((g - w).abs() <= rel * w + 2f64.powi(-40)) {
+        let diff = (g - w).abs();
+        if diff.is_nan() || diff > rel * w + 2f64.powi(-40) {
             return Err(format!("|s_dmask[{e}]| = {g}, reference P {w}"));
         }
     }
@@ -756,39 +757,51 @@ fn bad_inputs_are_typed_errors() {
     expect_err(run(raw::FwdViews { alibi_slopes: Some(slopes_v), s_dmask: None, ..good }), |e| matches!(e, Error::Value { arg: "out", .. }), "alibi_slopes");
 }
 
-/// On CUDA a call asking for ALiBi, dropout or the probabilities is validated, then refused with
-/// `Unsupported` naming it (no GPU needed: nothing is launched, and these addresses are never read).
+/// On CUDA a call asking for ALiBi, dropout or the probabilities runs the kernels (tests/gpu_mods.rs);
+/// its arguments are checked first, so bad ones are the same errors as on the CPU, plus what the CUDA
+/// path alone needs (the probabilities kernel's grid), before any device is touched: no GPU needed (these
+/// addresses are never read), and on a GPU machine nothing is launched either.
 #[test]
-fn cuda_target_is_unsupported() {
+fn cuda_target_checks_before_launching() {
     let (b, s, h, d) = (1, 16, 2, 64);
     let (sh, ls, ms) = (leak(vec![b, s, h, d]), leak(vec![b, h, s]), leak(vec![b, h, s, s]));
     let at = |i: u64, shape: &'static [usize], dtype: DType| View { addr: (i + 1) << 24, dtype, shape, strides: leak(contiguous(shape)) };
     let t = |i: u64| at(i, sh, DType::BF16);
     let slopes = at(10, leak(vec![h]), DType::F32);
-    let fv = raw::FwdViews { q: t(0), k: t(1), v: t(2), out: t(3), lse: at(4, ls, DType::F32), alibi_slopes: None, s_dmask: None };
+    let fv = raw::FwdViews { q: t(0), k: t(1), v: t(2), out: t(3), lse: at(4, ls, DType::F32), alibi_slopes: Some(slopes), s_dmask: None };
     let cuda = Target::Cuda { ordinal: 0, stream: 0 };
-    let o = AttnOptions::default();
-    let unsupported = |r: Result<()>, feature: &str| match r {
-        Err(Error::Unsupported { feature: f, .. }) if f.starts_with(feature) => {}
-        other => panic!("{feature}: expected Unsupported, got {other:?}"),
-    };
-    unsupported(unsafe { raw::fwd(&raw::FwdViews { alibi_slopes: Some(slopes), ..fv }, &o, cuda) }, "alibi_slopes");
-    unsupported(unsafe { raw::fwd(&fv, &dropout(0.1, 1, 2), cuda) }, "dropout");
-    unsupported(unsafe { raw::fwd(&raw::FwdViews { s_dmask: Some(at(5, ms, DType::F32)), ..fv }, &o, cuda) }, "return_attn_probs");
-    let bv = raw::BwdViews { dout: t(5), q: t(0), k: t(1), v: t(2), out: t(3), lse: fv.lse, dq: t(6), dk: t(7), dv: t(8), alibi_slopes: None };
+    let o = dropout(0.1, 1, 2);
+    let fwd_err = |t: raw::FwdViews<'_>| unsafe { raw::fwd(&t, &o, cuda) };
+    // Slopes: dtype, shape, layout.
+    expect_err(fwd_err(raw::FwdViews { alibi_slopes: Some(View { dtype: DType::I32, ..slopes }), ..fv }), |e| matches!(e, Error::DType { arg: "alibi_slopes", .. }), "alibi_slopes");
+    expect_err(fwd_err(raw::FwdViews { alibi_slopes: Some(at(10, leak(vec![h + 1]), DType::F32)), ..fv }), |e| matches!(e, Error::Shape { arg: "alibi_slopes", .. }), "alibi_slopes");
+    expect_err(fwd_err(raw::FwdViews { alibi_slopes: Some(View { strides: leak(vec![2]), ..slopes }), ..fv }), |e| matches!(e, Error::NotContiguous { arg: "alibi_slopes" }), "alibi_slopes");
+    expect_err(fwd_err(raw::FwdViews { alibi_slopes: Some(View { addr: slopes.addr + 2, ..slopes }), ..fv }), |e| matches!(e, Error::Value { arg: "alibi_slopes", .. }), "alibi_slopes");
+    // s_dmask: shape, dtype, the probabilities kernel's layout (last dimension contiguous, elements
+    // aligned), overlap with an input.
+    let mask = at(5, ms, DType::F32);
+    let with_mask = |m: View<'static>| raw::FwdViews { s_dmask: Some(m), ..fv };
+    expect_err(fwd_err(with_mask(at(5, leak(vec![b, h, s, s + 1]), DType::F32))), |e| matches!(e, Error::Shape { arg: "s_dmask", .. }), "s_dmask");
+    expect_err(fwd_err(with_mask(View { dtype: DType::F16, ..mask })), |e| matches!(e, Error::DType { arg: "s_dmask", .. }), "s_dmask");
+    expect_err(fwd_err(with_mask(View { strides: leak(vec![h * s * s * 2, s * s * 2, s * 2, 2]), ..mask })), |e| matches!(e, Error::NotContiguous { arg: "s_dmask" }), "s_dmask");
+    expect_err(fwd_err(with_mask(View { addr: mask.addr + 2, ..mask })), |e| matches!(e, Error::Value { arg: "s_dmask", .. }), "s_dmask");
+    expect_err(fwd_err(with_mask(View { addr: fv.q.addr, ..mask })), |e| matches!(e, Error::Value { arg: "s_dmask", .. }), "s_dmask");
+    // The probabilities kernel has a grid z index per (sequence, head): at most 65535 of them.
+    let (bb, hh) = (300, 256);
+    let (bsh, bls, bms) = (leak(vec![bb, 1, hh, 32]), leak(vec![bb, hh, 1]), leak(vec![bb, hh, 1, 1]));
+    let big = |i: u64| at(i * 64, bsh, DType::BF16);
+    let bfv = raw::FwdViews { q: big(0), k: big(1), v: big(2), out: big(3), lse: at(4 * 64, bls, DType::F32), alibi_slopes: None, s_dmask: Some(at(5 * 64, bms, DType::F32)) };
+    expect_err(fwd_err(bfv), |e| matches!(e, Error::TooLarge { arg: "s_dmask", .. }), "65535");
+    // Backward and paged forward: the slopes and the dropout probability are checked there too.
+    let bv = raw::BwdViews { dout: t(5), q: t(0), k: t(1), v: t(2), out: t(3), lse: fv.lse, dq: t(6), dk: t(7), dv: t(8), alibi_slopes: Some(View { dtype: DType::F16, ..slopes }) };
     let ws = Workspace { addr: 1 << 40, bytes: raw::bwd_workspace_bytes(sh, false).unwrap() };
-    unsupported(unsafe { raw::bwd(&raw::BwdViews { alibi_slopes: Some(slopes), ..bv }, &o, false, ws, cuda) }, "alibi_slopes");
-    unsupported(unsafe { raw::bwd(&bv, &dropout(0.5, 1, 2), false, ws, cuda) }, "dropout");
-    // Paged K/V has CUDA kernels; the modifiers do not.
+    expect_err(unsafe { raw::bwd(&bv, &o, false, ws, cuda) }, |e| matches!(e, Error::DType { arg: "alibi_slopes", .. }), "alibi_slopes");
+    expect_err(unsafe { raw::bwd(&raw::BwdViews { alibi_slopes: None, ..bv }, &dropout(1.5, 1, 2), false, ws, cuda) }, |e| matches!(e, Error::Value { arg: "dropout_p", .. }), "dropout_p");
     let packed = |i: u64| at(i, leak(vec![s, h, d]), DType::BF16);
     let (pages, i32v) = (leak(vec![2, 8, h, d]), |i: u64, shape: Vec<usize>| at(i, leak(shape), DType::I32));
-    let pv = raw::FwdViews { q: packed(0), k: at(1, pages, DType::BF16), v: at(2, pages, DType::BF16), out: packed(3), lse: at(4, leak(vec![h, s]), DType::F32), alibi_slopes: Some(slopes), s_dmask: None };
+    let pv = raw::FwdViews { q: packed(0), k: at(1, pages, DType::BF16), v: at(2, pages, DType::BF16), out: packed(3), lse: at(4, leak(vec![h, s]), DType::F32), alibi_slopes: Some(at(10, leak(vec![b + 1, h]), DType::F32)), s_dmask: None };
     let paged = raw::PagedVarlenViews { cu_seqlens_q: i32v(11, vec![b + 1]), cu_seqlens_k: Some(i32v(12, vec![b + 1])), max_seqlen_q: s, max_seqlen_k: s, seqused_q: None, seqused_k: None, block_table: i32v(13, vec![b, 2]) };
-    unsupported(unsafe { raw::varlen_fwd_paged(&pv, &paged, &o, cuda) }, "alibi_slopes");
-    unsupported(unsafe { raw::varlen_fwd_paged(&raw::FwdViews { alibi_slopes: None, ..pv }, &paged, &dropout(0.1, 1, 2), cuda) }, "dropout");
-    // Validation comes first: bad slopes are reported as such on CUDA too.
-    let bad = View { dtype: DType::I32, ..slopes };
-    expect_err(unsafe { raw::fwd(&raw::FwdViews { alibi_slopes: Some(bad), ..fv }, &o, cuda) }, |e| matches!(e, Error::DType { arg: "alibi_slopes", .. }), "alibi_slopes");
+    expect_err(unsafe { raw::varlen_fwd_paged(&pv, &paged, &o, cuda) }, |e| matches!(e, Error::Shape { arg: "alibi_slopes", .. }), "alibi_slopes");
     let _ = Device::Cpu;
 }
 

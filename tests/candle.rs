@@ -664,6 +664,12 @@ fn slopes(rng: &mut StdRng, b: usize, hq: usize, per_batch: bool) -> Tensor {
 #[test]
 fn alibi_dense_forward_and_gradients() {
     let mut rng = StdRng::seed_from_u64(seed());
+    alibi_dense_cases(&mut rng, &Device::Cpu);
+}
+
+/// `alibi_dense_forward_and_gradients` with q, k, v, the slopes and the loss weights on `dev` (the
+/// reference on the CPU).
+fn alibi_dense_cases(rng: &mut StdRng, dev: &Device) {
     let c = |b, sq, sk, hq, hk, d, win, softcap, dtype| Dense { b, sq, sk, hq, hk, d, win, softcap, dtype };
     let cases = [
         c(2, 29, 29, 4, 2, 64, (None, None), 0.0, DType::BF16),
@@ -675,14 +681,15 @@ fn alibi_dense_forward_and_gradients() {
     ];
     for (i, c) in cases.iter().enumerate() {
         for per_batch in [false, true] {
-            println!("alibi {c:?} per_batch {per_batch}");
-            let (q, k, v) = dense_inputs(&mut rng, c);
-            let al = slopes(&mut rng, c.b, c.hq, per_batch);
+            println!("alibi {c:?} per_batch {per_batch} on {:?}", dev.location());
+            let (q, k, v) = dense_inputs(rng, c);
+            let al = slopes(rng, c.b, c.hq, per_batch);
             let scale = 1.0 / (c.d as f32).sqrt();
-            let w = rand_tensor(&mut rng, &[c.b, c.sq, c.hq, c.d], 1.0, DType::F32);
+            let w = rand_tensor(rng, &[c.b, c.sq, c.hq, c.d], 1.0, DType::F32);
             let (rq, rk, rv) = (f32v(&q), f32v(&k), f32v(&v));
             let (rout, _) = reference_with(rq.as_tensor(), rk.as_tensor(), rv.as_tensor(), scale, resolve(c.win, c.sk), c.softcap, Some(&al)).unwrap();
             let rgrads = (&rout * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (q, k, v, al, w) = (q.to_device(dev).unwrap(), k.to_device(dev).unwrap(), v.to_device(dev).unwrap(), al.to_device(dev).unwrap(), w.to_device(dev).unwrap());
             let [qv, kv, vv] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
             let (qt, kt, vt) = (qv.as_tensor(), kv.as_tensor(), vv.as_tensor());
             let out = match (c.win, c.softcap, i % 2) {
@@ -717,6 +724,12 @@ fn alibi_dense_forward_and_gradients() {
 #[test]
 fn alibi_varlen_forward_and_gradients() {
     let mut rng = StdRng::seed_from_u64(seed());
+    alibi_varlen_cases(&mut rng, &Device::Cpu);
+}
+
+/// `alibi_varlen_forward_and_gradients` with every tensor of the call on `dev` (the reference on the
+/// CPU).
+fn alibi_varlen_cases(rng: &mut StdRng, dev: &Device) {
     let cases = [
         (vec![13usize, 0, 29], vec![21usize, 7, 29], 4, 2, 64, (None, None), 0.0, DType::BF16),
         (vec![9, 31], vec![40, 31], 4, 4, 128, (None, Some(0)), 0.0, DType::F16),
@@ -725,14 +738,14 @@ fn alibi_varlen_forward_and_gradients() {
     ];
     for (lens_q, lens_k, hq, hk, d, win, softcap, dtype) in cases {
         for per_batch in [false, true] {
-            println!("varlen alibi lens_q {lens_q:?} lens_k {lens_k:?} hq {hq} hk {hk} d {d} win {win:?} softcap {softcap} {dtype:?} per_batch {per_batch}");
+            println!("varlen alibi lens_q {lens_q:?} lens_k {lens_k:?} hq {hq} hk {hk} d {d} win {win:?} softcap {softcap} {dtype:?} per_batch {per_batch} on {:?}", dev.location());
             let batch = lens_q.len();
             let (tq, tk) = (lens_q.iter().sum::<usize>(), lens_k.iter().sum::<usize>());
-            let q = rand_tensor(&mut rng, &[tq, hq, d], 2.0, dtype);
-            let k = rand_tensor(&mut rng, &[tk, hk, d], 2.0, dtype);
-            let v = rand_tensor(&mut rng, &[tk, hk, d], 1.0, dtype);
-            let w = rand_tensor(&mut rng, &[tq, hq, d], 1.0, DType::F32);
-            let al = slopes(&mut rng, batch, hq, per_batch);
+            let q = rand_tensor(rng, &[tq, hq, d], 2.0, dtype);
+            let k = rand_tensor(rng, &[tk, hk, d], 2.0, dtype);
+            let v = rand_tensor(rng, &[tk, hk, d], 1.0, dtype);
+            let w = rand_tensor(rng, &[tq, hq, d], 1.0, DType::F32);
+            let al = slopes(rng, batch, hq, per_batch);
             let scale = 1.0 / (d as f32).sqrt();
             let (mq, mk) = (*lens_q.iter().max().unwrap(), *lens_k.iter().max().unwrap());
             let (cq, ck) = (cumsum(&lens_q), cumsum(&lens_k));
@@ -754,9 +767,10 @@ fn alibi_varlen_forward_and_gradients() {
             let rout = Tensor::cat(&outs, 0).unwrap();
             let rgrads = (&rout * &w).unwrap().sum_all().unwrap().backward().unwrap();
 
+            let (q, k, v, al, w) = (q.to_device(dev).unwrap(), k.to_device(dev).unwrap(), v.to_device(dev).unwrap(), al.to_device(dev).unwrap(), w.to_device(dev).unwrap());
             let [qv, kv, vv] = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
             let (qt, kt, vt) = (qv.as_tensor(), kv.as_tensor(), vv.as_tensor());
-            let (cqt, ckt) = (u32s(&cq, &Device::Cpu), u32s(&ck, &Device::Cpu));
+            let (cqt, ckt) = (u32s(&cq, dev), u32s(&ck, dev));
             let out = match (win, softcap) {
                 ((None, None), 0.0) => fa::flash_attn_varlen_alibi(qt, kt, vt, &al, &cqt, &ckt, mq, mk, scale, false),
                 ((None, Some(0)), 0.0) => fa::flash_attn_varlen_alibi(qt, kt, vt, &al, &cqt, &ckt, mq, mk, scale, true),
@@ -1009,7 +1023,8 @@ fn cuda_forward_and_gradients() {
 
 /// The paged forward on CUDA (zero-copy over the cache; page sizes for both the cp.async kernels and
 /// Hopper's warp-specialized one) and its backward, against varlen over contiguous keys on the CPU; and
-/// ALiBi on CUDA tensors: an error carrying the library's Unsupported message (no kernels yet).
+/// ALiBi on CUDA tensors (zero-copy slopes) through every function and the op struct, forward and
+/// gradients against the reference, plus CUDA against our CPU path on the same inputs.
 #[test]
 fn cuda_paged_and_alibi() {
     let dev = match cuda_device() {
@@ -1025,25 +1040,14 @@ fn cuda_paged_and_alibi() {
     let p = paged_setup(&mut rng, 64, 8, 2, 128, &[300, 1, 77], &[700, 513, 77], 7, true, DType::BF16);
     paged_vs_contiguous(&p, &dev, (None, Some(0)), 0.0, false, false);
 
-    let (q, k) = (rand_tensor(&mut rng, &[1, 8, 4, 64], 1.0, DType::BF16).to_device(&dev).unwrap(), rand_tensor(&mut rng, &[1, 8, 2, 64], 1.0, DType::BF16).to_device(&dev).unwrap());
-    let al = slopes(&mut rng, 1, 4, false).to_device(&dev).unwrap();
-    let (q3, k3) = (q.squeeze(0).unwrap(), k.squeeze(0).unwrap());
-    let cu = u32s(&[0, 8], &dev);
-    let unsupported = |what: &str, r: Result<Tensor>| match r {
-        Ok(_) => panic!("{what}: ALiBi on CUDA must be an error until the kernels exist"),
-        Err(e) => {
-            let msg = e.to_string();
-            println!("  {what}: {msg}");
-            assert!(msg.contains("alibi_slopes") && msg.contains("no CUDA kernels"), "{what}: unexpected error {msg}");
-        }
-    };
-    unsupported("flash_attn_alibi", fa::flash_attn_alibi(&q, &k, &k, &al, 0.1, true));
-    unsupported("flash_attn_alibi_windowed", fa::flash_attn_alibi_windowed(&q, &k, &k, &al, 0.1, Some(3), Some(0)));
-    unsupported("flash_attn_alibi_windowed_softcap", fa::flash_attn_alibi_windowed_softcap(&q, &k, &k, Some(&al), 0.1, None, None, 5.0));
-    unsupported("flash_attn_varlen_alibi", fa::flash_attn_varlen_alibi(&q3, &k3, &k3, &al, &cu, &cu, 8, 8, 0.1, false));
-    unsupported("flash_attn_varlen_alibi_windowed", fa::flash_attn_varlen_alibi_windowed(&q3, &k3, &k3, &al, &cu, &cu, 8, 8, 0.1, None, Some(0)));
-    unsupported("flash_attn_varlen_alibi_windowed_softcap", fa::flash_attn_varlen_alibi_windowed_softcap(&q3, &k3, &k3, Some(&al), &cu, &cu, 8, 8, 0.1, None, None, 0.0));
-    let op = fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(al.clone()), window_size_left: None, window_size_right: None, softcap: None };
-    unsupported("FlashAttn op", q.apply_op3(&k, &k, op));
-    expect_err("alibi slopes on the CPU, q on CUDA", || fa::flash_attn_alibi(&q, &k, &k, &al.to_device(&Device::Cpu)?, 0.1, true));
+    alibi_dense_cases(&mut rng, &dev);
+    alibi_varlen_cases(&mut rng, &dev);
+    // A longer ALiBi call (several key blocks, GQA, causal): CUDA against our CPU path.
+    let c = Dense { b: 2, sq: 300, sk: 517, hq: 8, hk: 2, d: 128, win: (None, Some(0)), softcap: 0.0, dtype: DType::BF16 };
+    let (q, k, v) = dense_inputs(&mut rng, &c);
+    let al = slopes(&mut rng, c.b, c.hq, true);
+    let cpu = fa::flash_attn_alibi(&q, &k, &v, &al, 0.09, true).unwrap();
+    let [qg, kg, vg, ag] = [&q, &k, &v, &al].map(|t| t.to_device(&dev).unwrap());
+    check("cuda alibi out vs cpu out", &fa::flash_attn_alibi(&qg, &kg, &vg, &ag, 0.09, true).unwrap(), &cpu, out_tol(c.dtype));
+    expect_err("alibi slopes on the CPU, q on CUDA", || fa::flash_attn_alibi(&qg, &kg, &kg, &al, 0.1, true));
 }

@@ -2,10 +2,10 @@
 //! initcheck): every kernel family once per layout and mask, on problems as small as still reach every
 //! code path. Run on the GPU machine; without a CUDA GPU it prints a notice and exits 0.
 //!
-//! `sanitize [HEAD_DIMS|all] [wgmma|mma|both] [bf16|f16] [--plan]`, in any order: head dims as a comma
-//! list (default every one the kernels have), the kernel family (default both), one dtype (default
-//! both). `--plan` prints the cases and the launch count for an H200 without running anything (no GPU
-//! needed).
+//! `sanitize [HEAD_DIMS|all] [wgmma|mma|both] [bf16|f16] [plain|mods] [--plan]`, in any order: head
+//! dims as a comma list (default every one the kernels have), the kernel family (default both), one
+//! dtype (default both), runs without or with the score modifiers only (default both). `--plan` prints
+//! the cases and the launch count for an H200 without running anything (no GPU needed).
 //!
 //! Per (dtype, head dim) and for each of two masks, on a dense problem and on a packed one: causal
 //! (interior tiles, diagonal tiles, tiles past the diagonal skipped, rows that see no key) and a window
@@ -18,8 +18,14 @@
 //!   (prep, dK/dV, convert) and with `bwd_chain_all` (a CTA walks every key block and converts dq; prep,
 //!   dK/dV); plus one forward whose grid chains row blocks (one CTA per (head, sequence), as many heads
 //!   as multiprocessors: the dispatch's own choice at that size).
+//!
 //! The deterministic backward is mma.sync under any choice, and so is everything at head dim 32: each
 //! runs once.
+//! Every run above runs twice: as described, and with the score modifiers (the `_mods` kernels and the
+//! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
+//! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
+//! forward, backward and deterministic backward; on Hopper the forward's `fwd_no_ws` run is then the
+//! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin).
 //!
 //! Sizes: dense b=2, sq=190 (2 forward row blocks of 128, 3 backward query steps of 64), sk=280 (3 K/V
 //! tiles of 128, 5 of 64: both pipeline stages reused; causal: the first row block skips the last
@@ -35,7 +41,7 @@
 #[allow(dead_code, unused_macros)]
 mod variants;
 
-use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, KernelChoice, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
+use flash_attn::{bwd_with, fwd, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, DType, Device, Dropout, Extras, KernelChoice, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
 use std::time::Instant;
 
 const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
@@ -56,6 +62,9 @@ const TAIL: (usize, usize) = (7, 5);
 const CHAINED: (usize, usize) = (130, 200);
 /// Page sizes of the paged forward cases.
 const PAGES: [usize; 2] = [16, 3];
+
+/// The modifiers' dropout (the slopes are drawn per problem).
+const DROPOUT: Dropout = Dropout { p: 0.17, seed: 0x005e_ed0f_d40f, offset: 7 };
 
 /// (name, causal, window, softcap)
 const MASKS: [(&str, bool, (i64, i64), f32); 2] = [("causal", true, (-1, -1), 0.0), ("window(20,10)+softcap3", false, (20, 10), 3.0)];
@@ -88,18 +97,22 @@ struct Plan {
     mma: bool,
     wg_fwd: bool,
     wg_bwd: bool,
+    /// Runs without and with the score modifiers.
+    mods: (bool, bool),
 }
 
 impl Plan {
-    fn new(d: usize, dtype: DType, hopper: bool, families: (bool, bool)) -> Plan {
+    fn new(d: usize, dtype: DType, hopper: bool, families: (bool, bool), mods: (bool, bool)) -> Plan {
         let kd = kernel_dtype(dtype);
         Plan {
             mma: families.1,
             wg_fwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some(),
             wg_bwd: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some(),
+            mods,
         }
     }
-    /// Kernel launches per mask (dense, packed, paged), and of the chained forward.
+    /// Kernel launches per mask (dense, packed, paged; without and with the modifiers, which add the
+    /// probabilities kernel after each forward), and of the chained forward.
     fn launches(&self) -> usize {
         let blocks = |sk: usize| sk.div_ceil(variants::BWD_WG_BLOCK_N);
         // The wgmma backward: prep + dK/dV, + convert unless one CTA covers the key blocks.
@@ -121,7 +134,9 @@ impl Plan {
         if self.wg_bwd {
             n += wg(blocks(DENSE.2)) + wg(blocks(max_k)) + 2 * wg(1);
         }
-        n * MASKS.len() + usize::from(self.wg_fwd)
+        let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
+        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd);
+        per_mask * MASKS.len() + usize::from(self.wg_fwd && self.mods.0)
     }
 }
 
@@ -136,6 +151,7 @@ fn fetch(ts: &[&Tensor]) -> flash_attn::Result<()> {
 fn main() -> flash_attn::Result<()> {
     let mut dims: Vec<usize> = HEAD_DIMS.to_vec();
     let mut families = (true, true); // (wgmma, mma.sync)
+    let mut mods = (true, true); // (without, with the score modifiers)
     let mut dtypes = vec![DType::BF16, DType::F16];
     let mut plan_only = false;
     for a in std::env::args().skip(1) {
@@ -143,6 +159,8 @@ fn main() -> flash_attn::Result<()> {
             "wgmma" => families = (true, false),
             "mma" | "mma.sync" => families = (false, true),
             "both" => families = (true, true),
+            "plain" => mods = (true, false),
+            "mods" => mods = (false, true),
             "bf16" => dtypes = vec![DType::BF16],
             "f16" => dtypes = vec![DType::F16],
             "all" => dims = HEAD_DIMS.to_vec(),
@@ -155,7 +173,7 @@ fn main() -> flash_attn::Result<()> {
                 }
             }
             _ => {
-                eprintln!("usage: sanitize [HEAD_DIMS, e.g. 64,128 or all] [wgmma|mma|both] [bf16|f16] [--plan]");
+                eprintln!("usage: sanitize [HEAD_DIMS, e.g. 64,128 or all] [wgmma|mma|both] [bf16|f16] [plain|mods] [--plan]");
                 std::process::exit(2);
             }
         }
@@ -175,10 +193,15 @@ fn main() -> flash_attn::Result<()> {
         let sms = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         (cc == (9, 0), sms, format!("{name} (sm_{}{}, {sms} multiprocessors)", cc.0, cc.1))
     };
-    let plans: Vec<(DType, usize, Plan)> = dtypes.iter().flat_map(|&dt| dims.iter().map(move |&d| (dt, d, Plan::new(d, dt, hopper, families)))).collect();
+    let plans: Vec<(DType, usize, Plan)> = dtypes.iter().flat_map(|&dt| dims.iter().map(move |&d| (dt, d, Plan::new(d, dt, hopper, families, mods)))).collect();
     let total: usize = plans.iter().map(|p| p.2.launches()).sum();
-    let cases = plans.iter().filter(|p| p.2.launches() > 0).count() * MASKS.len() + plans.iter().filter(|p| p.2.wg_fwd).count();
-    println!("SANITIZE plan: {cases} cases, {total} kernel launches on {device}; head dims {dims:?}, dtypes {dtypes:?}, families {}{}", if families.0 { "wgmma " } else { "" }, if families.1 { "mma.sync" } else { "" });
+    let cases = plans.iter().filter(|p| p.2.launches() > 0).count() * MASKS.len() + plans.iter().filter(|p| p.2.wg_fwd && mods.0).count();
+    let runs = match mods {
+        (true, true) => "without and with the score modifiers",
+        (true, false) => "without the score modifiers",
+        _ => "with the score modifiers (ALiBi, dropout, s_dmask)",
+    };
+    println!("SANITIZE plan: {cases} cases, {total} kernel launches on {device}; head dims {dims:?}, dtypes {dtypes:?}, families {}{}, {runs}", if families.0 { "wgmma " } else { "" }, if families.1 { "mma.sync" } else { "" });
     if families.0 && !families.1 && !hopper {
         println!("SANITIZE note: no wgmma kernels on this GPU (they need compute capability 9.0): nothing to run");
     }
@@ -228,45 +251,60 @@ fn main() -> flash_attn::Result<()> {
             let table = Tensor::from_i32(table, &[USED_K.len(), max_blocks])?.to_device(gpu)?;
             pools.push((page, t(&[blocks, page, hk, d])?, t(&[blocks, page, hk, d])?, table));
         }
+        // ALiBi slopes (f32 on the device): per sequence for the dense problem, per head for the packed one.
+        let slopes = |shape: &[usize], seed: &mut u64| -> flash_attn::Result<Tensor> {
+            let v: Vec<f32> = values(shape.iter().product(), seed).iter().map(|x| 0.02 + 0.1 * x.abs()).collect();
+            Tensor::from_f32(&v, shape, DType::F32)?.to_device(gpu)
+        };
+        let (dense_slopes, packed_slopes) = (slopes(&[b, hq], &mut seed)?, slopes(&[hq], &mut seed)?);
         for (mask, causal, window, softcap) in MASKS {
             let case_start = Instant::now();
-            let opts = |kernels| AttnOptions { causal, window, softcap, kernels, ..Default::default() };
+            let opts = |kernels, mods: bool| AttnOptions { causal, window, softcap, kernels, dropout: if mods { DROPOUT } else { Dropout::default() }, ..Default::default() };
             let mut ran: Vec<String> = Vec::new();
             // The forward under `kernels`, then the backward from its out and LSE for each (choice,
-            // deterministic) in `bwds`; every output fetched.
-            let mut run = |kernels: KernelChoice, label: &str, bwds: &[(KernelChoice, bool, &str)]| -> flash_attn::Result<()> {
-                let f = fwd(&q, &k, &v, &opts(kernels))?;
-                let pf = varlen_fwd(&pq, &pk, &pv, &varlen, &opts(kernels))?;
+            // deterministic) in `bwds`; every output fetched. `mods`: with ALiBi, dropout and s_dmask.
+            let mut run = |kernels: KernelChoice, label: &str, bwds: &[(KernelChoice, bool, &str)], mods: bool| -> flash_attn::Result<()> {
+                let (dense_x, packed_x) = match mods {
+                    true => (Extras { alibi_slopes: Some(&dense_slopes), return_attn_probs: true }, Extras { alibi_slopes: Some(&packed_slopes), return_attn_probs: true }),
+                    false => (Extras::default(), Extras::default()),
+                };
+                let tag = if mods { " +mods" } else { "" };
+                let f = fwd_with(&q, &k, &v, &dense_x, &opts(kernels, mods))?;
+                let pf = varlen_fwd_with(&pq, &pk, &pv, &varlen, &packed_x, &opts(kernels, mods))?;
                 fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
-                ran.push(format!("{label} fwd"));
+                fetch(&f.s_dmask.iter().chain(&pf.s_dmask).collect::<Vec<_>>())?;
+                ran.push(format!("{label} fwd{tag}"));
                 for (page, kp, vp, table) in &pools {
                     let paged = PagedVarlen { cu_seqlens_q: &cu_q, cu_seqlens_k: None, max_seqlen_q: varlen.max_seqlen_q, max_seqlen_k: varlen.max_seqlen_k, seqused_q: Some(&used_q), seqused_k: Some(&used_k), block_table: table };
-                    let o = varlen_fwd_paged(&pq, kp, vp, &paged, &opts(kernels))?;
+                    let o = varlen_fwd_paged_with(&pq, kp, vp, &paged, &packed_x, &opts(kernels, mods))?;
                     fetch(&[&o.out, &o.lse])?;
-                    ran.push(format!("{label} paged{page} fwd"));
+                    fetch(&o.s_dmask.iter().collect::<Vec<_>>())?;
+                    ran.push(format!("{label} paged{page} fwd{tag}"));
                 }
                 for &(choice, det, what) in bwds {
-                    let gd = bwd(&g, &q, &k, &v, &f.out, &f.lse, &opts(choice), det)?;
-                    let gp = varlen_bwd(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, &varlen, &opts(choice), det)?;
+                    let gd = bwd_with(&g, &q, &k, &v, &f.out, &f.lse, &dense_x, &opts(choice, mods), det)?;
+                    let gp = varlen_bwd_with(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, &varlen, &packed_x, &opts(choice, mods), det)?;
                     fetch(&[&gd.dq, &gd.dk, &gd.dv, &gp.dq, &gp.dk, &gp.dv])?;
-                    ran.push(what.to_string());
+                    ran.push(format!("{what}{tag}"));
                 }
                 Ok(())
             };
-            if plan.mma {
-                run(NO_WGMMA, "mma.sync", &[(NO_WGMMA, false, "mma.sync bwd"), (NO_WGMMA, true, "mma.sync deterministic bwd")])?;
-            }
-            if plan.wg_fwd || plan.wg_bwd {
-                let bwds: &[(KernelChoice, bool, &str)] = if plan.wg_bwd { &[(DEFAULT, false, "wgmma bwd"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")] } else { &[] };
-                run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, bwds)?;
-            }
-            if plan.wg_fwd {
-                run(FWD_NO_WS, "wgmma (fwd_no_ws)", &[])?;
+            for mods in [false, true].into_iter().filter(|&m| if m { plan.mods.1 } else { plan.mods.0 }) {
+                if plan.mma {
+                    run(NO_WGMMA, "mma.sync", &[(NO_WGMMA, false, "mma.sync bwd"), (NO_WGMMA, true, "mma.sync deterministic bwd")], mods)?;
+                }
+                if plan.wg_fwd || plan.wg_bwd {
+                    let bwds: &[(KernelChoice, bool, &str)] = if plan.wg_bwd { &[(DEFAULT, false, "wgmma bwd"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")] } else { &[] };
+                    run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, bwds, mods)?;
+                }
+                if plan.wg_fwd {
+                    run(FWD_NO_WS, if mods { "mma.sync (fwd_no_ws)" } else { "wgmma (fwd_no_ws)" }, &[], mods)?;
+                }
             }
             done += 1;
             println!("case {done}/{cases} {dtype} d{d} {mask}: dense {b}x{sq}x{sk} and packed {tq}x{tk}: {} ({:.2} s, {:.0} s total)", ran.join(", "), case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
         }
-        if plan.wg_fwd {
+        if plan.wg_fwd && plan.mods.0 {
             // One CTA per (head, sequence) walking both row blocks: as many heads as multiprocessors fill
             // one whole wave, and the problem is masked (dispatch.rs `fwd_launch`).
             let case_start = Instant::now();

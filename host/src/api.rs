@@ -168,8 +168,7 @@ pub fn varlen_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &Varlen<'_>, opts:
     run_fwd(q, k, v, Some(varlen), &Extras::default(), opts)
 }
 
-/// `fwd` with ALiBi slopes and / or the probabilities (`extras`). CPU only for now (CUDA tensors:
-/// `Error::Unsupported`, as for dropout).
+/// `fwd` with ALiBi slopes and / or the probabilities (`extras`), on either device (with dropout too).
 pub fn fwd_with(q: &Tensor, k: &Tensor, v: &Tensor, extras: &Extras<'_>, opts: &AttnOptions) -> Result<FwdOutput> {
     run_fwd(q, k, v, None, extras, opts)
 }

@@ -22,9 +22,9 @@
 //!   there), and accepts any page size.
 //!
 //! ALiBi (`flash_attn_alibi*`, `flash_attn_varlen_alibi*`, `FlashAttn::alibi_slopes`: f32 `[Hq]` or
-//! `[B, Hq]`) runs on the CPU, forward and backward; on CUDA tensors it is a candle error carrying the
-//! library's "alibi_slopes: has no CUDA kernels yet" until the kernels exist. Not supported (a candle
-//! error, never a panic): `mm_prefix_ranges` of [`flash_attn_varlen_paged_windowed`].
+//! `[B, Hq]`, on q's device) runs on both, forward and backward; on CUDA the kernels read the slopes in
+//! place, like every other input (their values are not checked there: device memory). Not supported (a
+//! candle error, never a panic): `mm_prefix_ranges` of [`flash_attn_varlen_paged_windowed`].
 //!
 //! On CUDA (feature `candle-cuda`) the calls are zero-copy on candle's storage (the paged forward too:
 //! the kernels read the pages in place): outputs, LSE and the backward's workspace come from candle's
@@ -770,8 +770,7 @@ fn varlen(
 /// forward's LSE where this op's backward, having nowhere to keep it, runs the forward once more.
 pub struct FlashAttn {
     pub softmax_scale: f32,
-    /// f32 `[Hq]` (or `[B, Hq]`), contiguous, on q's device: ALiBi (CPU only for now; on CUDA an
-    /// error). Not differentiated.
+    /// f32 `[Hq]` (or `[B, Hq]`), contiguous, on q's device: ALiBi. Not differentiated.
     pub alibi_slopes: Option<Tensor>,
     pub window_size_left: Option<usize>,
     pub window_size_right: Option<usize>,
@@ -837,14 +836,14 @@ pub fn flash_attn_windowed(q: &Tensor, k: &Tensor, v: &Tensor, softmax_scale: f3
 
 /// [`flash_attn`] with ALiBi: `alibi_slopes` f32 `(num_heads_q)` (or `(batch, num_heads_q)`) adds
 /// `-slope * |i + seq_len_kv - seq_len_q - j|` to the score of query i and key j (after the scale; bottom-right
-/// aligned like the masks). CPU only for now: on CUDA tensors an error (the library has no ALiBi kernels
-/// yet). Gradients flow to q, k, v (not to the slopes).
+/// aligned like the masks). CPU and CUDA (the slopes read in place). Gradients flow to q, k, v (not to
+/// the slopes).
 pub fn flash_attn_alibi(q: &Tensor, k: &Tensor, v: &Tensor, alibi_slopes: &Tensor, softmax_scale: f32, causal: bool) -> Result<Tensor> {
     let (l, r) = causal_window(causal);
     Ok(dense(q, k, v, Some(alibi_slopes), softmax_scale, l, r, None)?.0)
 }
 
-/// [`flash_attn_windowed`] with ALiBi (see [`flash_attn_alibi`]; CPU only for now).
+/// [`flash_attn_windowed`] with ALiBi (see [`flash_attn_alibi`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_alibi_windowed(
     q: &Tensor,
@@ -859,7 +858,7 @@ pub fn flash_attn_alibi_windowed(
 }
 
 /// [`flash_attn_windowed`] with soft-capping of the scores (`softcap * tanh(s / softcap)`, 0 = off) and
-/// optional ALiBi (see [`flash_attn_alibi`]; the bias is added after the softcap; CPU only for now).
+/// optional ALiBi (see [`flash_attn_alibi`]; the bias is added after the softcap).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_alibi_windowed_softcap(
     q: &Tensor,
@@ -972,7 +971,7 @@ pub fn flash_attn_varlen_paged_windowed(
 }
 
 /// [`flash_attn_varlen`] with ALiBi: `alibi_slopes` f32 `(num_heads_q)` (or `(batch, num_heads_q)`),
-/// over each sequence's own lengths (see [`flash_attn_alibi`]; CPU only for now).
+/// over each sequence's own lengths (see [`flash_attn_alibi`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_alibi(
     q: &Tensor,
@@ -990,7 +989,7 @@ pub fn flash_attn_varlen_alibi(
     Ok(varlen(q, k, v, Some(alibi_slopes), seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k, softmax_scale, l, r, None)?.0)
 }
 
-/// [`flash_attn_varlen_windowed`] with ALiBi (see [`flash_attn_varlen_alibi`]; CPU only for now).
+/// [`flash_attn_varlen_windowed`] with ALiBi (see [`flash_attn_varlen_alibi`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_alibi_windowed(
     q: &Tensor,
@@ -1009,7 +1008,7 @@ pub fn flash_attn_varlen_alibi_windowed(
 }
 
 /// [`flash_attn_varlen_windowed`] with soft-capping (`softcap * tanh(s / softcap)`, 0 = off) and
-/// optional ALiBi (see [`flash_attn_varlen_alibi`]; CPU only for now).
+/// optional ALiBi (see [`flash_attn_varlen_alibi`]).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen_alibi_windowed_softcap(
     q: &Tensor,

@@ -6,9 +6,9 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_paged_kernel_name, fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_smem_bytes,
-    tma_page_box_rows, FWD_WS_THREADS, FwdConfig, KernelDType, TMA_PAGE_BOX_MIN,
-    BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, FWD_WS_THREADS, FwdConfig, KernelDType,
+    TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
 use crate::problem::Problem;
@@ -37,14 +37,41 @@ fn kernel_dtype(dtype: DType) -> Option<KernelDType> {
 /// What chained CTAs (one per multiprocessor) may stream through L2 at once: half of Hopper's 50 MB.
 const CHAIN_L2_BYTES: usize = 24 << 20;
 
+/// Which twin of each kernel a problem runs: the decision "score modifiers or not" is made here only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Twin {
+    /// Contiguous K/V, no ALiBi, no dropout: the plain kernels.
+    Plain,
+    /// Contiguous K/V with ALiBi and / or dropout (`FwdParams::mods`, `BwdParams::mods`): the `_mods`
+    /// twins. The cp.async wgmma forward has none: such a problem runs the mma.sync `_mods` forward there.
+    Mods,
+    /// Paged K/V (forward only): the `_paged` twins, which apply the modifiers too.
+    Paged,
+}
+
+impl Twin {
+    fn of(p: &Problem) -> Twin {
+        match () {
+            _ if p.paged.is_some() => Twin::Paged,
+            _ if p.alibi.is_some() || p.dropout.is_some() => Twin::Mods,
+            _ => Twin::Plain,
+        }
+    }
+}
+
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma kernels take the head dims
-/// they have. A paged problem (`Problem::paged`) runs the paged twin of the same kernel.
+/// they have. A paged problem (`Problem::paged`) runs the paged twin of the same kernel; one with ALiBi or
+/// dropout over contiguous K/V the `_mods` twin, on the mma.sync kernel (the wgmma one has no such twin).
 pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     let dtype = kernel_dtype(p.dtype)?;
-    let paged = p.paged.is_some();
+    let twin = Twin::of(p);
     let z = p.batch + usize::from(p.varlen);
     let grid = |c: &FwdConfig| (p.seqlen_q.max(1).div_ceil(c.block_m()) as u32, p.hq as u32, z as u32);
-    let wg_name = if paged { fwd_wg_paged_kernel_name(p.head_dim, dtype) } else { fwd_wg_kernel_name(p.head_dim, dtype) };
+    let wg_name = match twin {
+        Twin::Plain => fwd_wg_kernel_name(p.head_dim, dtype),
+        Twin::Paged => fwd_wg_paged_kernel_name(p.head_dim, dtype),
+        Twin::Mods => None,
+    };
     if let (Some(sms), Some(config), Some(kernel)) = (hopper_sms, fwd_wg_config(p.head_dim), wg_name) {
         let (m, heads, seqs) = grid(&config);
         // One block chains all row blocks of a (head, sequence) (each row block's first copies start
@@ -63,7 +90,11 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
         let gx = if !p.varlen && units >= sms && fills_waves(units, sms) && (masked || fits_l2) { 1 } else { m };
         return Some(FwdLaunch { kernel, config, grid: (gx, heads, seqs), block: config.threads() as u32, smem_bytes: fwd_wg_smem_bytes(&config) });
     }
-    let kernel = if paged { fwd_paged_kernel_name(p.head_dim, dtype)? } else { fwd_kernel_name(p.head_dim, dtype)? };
+    let kernel = match twin {
+        Twin::Plain => fwd_kernel_name(p.head_dim, dtype),
+        Twin::Mods => fwd_mods_kernel_name(p.head_dim, dtype),
+        Twin::Paged => fwd_paged_kernel_name(p.head_dim, dtype),
+    }?;
     let config = fwd_config(p.head_dim);
     Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
 }
@@ -72,14 +103,16 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
 /// most one block per multiprocessor over the (row block, head, sequence) tiles; `m_blocks` row blocks
 /// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
 /// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
-/// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all.
+/// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
+/// its `_mods` twin (paged: the `_paged` one).
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
-    let kernel = match p.paged {
-        None => fwd_ws_kernel_name(p.head_dim, dtype)?,
-        Some(pg) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => fwd_ws_paged_kernel_name(p.head_dim, dtype)?,
-        Some(_) => return None,
+    let kernel = match (Twin::of(p), p.paged) {
+        (Twin::Plain, _) => fwd_ws_kernel_name(p.head_dim, dtype)?,
+        (Twin::Mods, _) => fwd_ws_mods_kernel_name(p.head_dim, dtype)?,
+        (Twin::Paged, Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => fwd_ws_paged_kernel_name(p.head_dim, dtype)?,
+        (Twin::Paged, _) => return None,
     };
     let m_blocks = p.seqlen_q.max(1).div_ceil(config.block_m());
     let tiles = m_blocks.checked_mul(p.hq)?.checked_mul(p.batch + usize::from(p.varlen))?;
@@ -129,16 +162,19 @@ impl std::ops::Deref for Launches {
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma dK/dV kernel takes head
 /// dims 64 and 128 unless `deterministic`.
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
+/// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
 pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
-    let (dkdv, dq) = bwd_kernel_names(p.head_dim, dtype)?;
+    let mods = Twin::of(p) == Twin::Mods;
+    let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
+    let wg_kernel = if mods { bwd_wg_mods_kernel_name(p.head_dim, dtype) } else { bwd_wg_kernel_name(p.head_dim, dtype) };
     let c = bwd_config(p.head_dim);
     let z = (p.batch + usize::from(p.varlen)) as u32;
     let rows = BWD_ROWS_PER_BLOCK;
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
     let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
-    if let (Some(sms), Some(kernel), false) = (hopper_sms, bwd_wg_kernel_name(p.head_dim, dtype), deterministic) {
+    if let (Some(sms), Some(kernel), false) = (hopper_sms, wg_kernel, deterministic) {
         let gx = if chain_all { 1 } else { bwd_wg_grid_x(p, sms) };
         let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) };
         return Some(if gx == 1 { Launches::new(&[prep, main]) } else { Launches::new(&[prep, main, convert]) });
@@ -151,6 +187,19 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
         convert
     };
     Some(Launches::new(&[prep, main, last]))
+}
+
+/// The probabilities kernel (`s_dmask`, flash-attn's return_attn_probs) after the forward of `p`, writing
+/// f32 (`out_f32`) or q's dtype: one thread per key, x over blocks of `PROBS_THREADS` keys, y over the
+/// rows (at most 65535: the kernel strides over the rest), z over the (sequence, head) pairs (the caller
+/// checks this against CUDA's 65535). Rows and keys are `Problem::s_dmask_shape`'s.
+pub fn probs_launch(p: &Problem, out_f32: bool) -> Option<Launch> {
+    let dtype = kernel_dtype(p.dtype)?;
+    let shape = p.s_dmask_shape();
+    let (rows, cols) = (shape[2], shape[3]);
+    let pairs = p.batch.saturating_mul(p.hq).min(u32::MAX as usize);
+    let grid = (cols.div_ceil(PROBS_THREADS) as u32, rows.min(65535) as u32, pairs as u32);
+    Some(Launch { kernel: probs_kernel_name(dtype, out_f32), grid, block: PROBS_THREADS as u32, smem_bytes: 0 })
 }
 
 /// Key-block grid (x) of the Hopper dK/dV kernel on `sms` multiprocessors. 1 when the sequences are
@@ -291,6 +340,80 @@ mod tests {
         let mut p = problem(128, 300, 2, 4, true, true);
         p.paged = Some(Paged { page_size: 16, num_blocks: 0, max_blocks: 10 });
         assert!(fwd_ws_launch(&p, 132).is_none(), "no blocks: the cp.async kernel (it reads nothing)");
+    }
+
+    /// ALiBi or dropout over contiguous K/V run the `_mods` twins: the warp-specialized one on Hopper, the
+    /// mma.sync one wherever the cp.async wgmma forward would run (it has no twin: `fwd_no_ws`, operands
+    /// the copy engine cannot address, or no Hopper); paged K/V the `_paged` twins, which apply them too.
+    /// The backward's dK/dV and deterministic dq kernels (mma.sync and Hopper) run their `_mods` twins in
+    /// the plain launch shapes; prep and convert are shared.
+    #[test]
+    fn score_mods_run_the_mods_twins() {
+        use crate::dropout::DropoutParams;
+        use crate::problem::{Alibi, Paged};
+        let alibi = Some(Alibi { batch_stride: 0, head_stride: 1 });
+        let dropout = DropoutParams::new(0.1, 1, 2);
+        for d in [32, 64, 96, 128, 192, 256] {
+            for dtype in [DType::BF16, DType::F16] {
+                let kd = kernel_dtype(dtype).unwrap();
+                for (a, dr) in [(alibi, None), (None, dropout), (alibi, dropout)] {
+                    let plain = Problem { dtype, ..problem(d, 300, 2, 4, true, false) };
+                    let p = Problem { alibi: a, dropout: dr, ..plain.clone() };
+                    let at = format!("d{d} {dtype} alibi {} dropout {}", a.is_some(), dr.is_some());
+                    // Forward: mma.sync `_mods` with its plain launch shape, on any GPU but the ws path.
+                    for sms in [None, Some(132)] {
+                        let (f, f0) = (fwd_launch(&p, sms).unwrap(), fwd_launch(&plain, None).unwrap());
+                        assert_eq!(f.kernel, fwd_mods_kernel_name(d, kd).unwrap(), "{at} sms {sms:?}");
+                        assert_eq!(f.kernel, format!("{}_mods", f0.kernel));
+                        assert_eq!((f.config, f.grid, f.block, f.smem_bytes), (f0.config, f0.grid, f0.block, f0.smem_bytes), "{at}");
+                    }
+                    let ws = fwd_ws_launch(&p, 132);
+                    assert_eq!(ws.map(|w| w.0.kernel), fwd_ws_mods_kernel_name(d, kd), "{at}");
+                    if let (Some(w), Some(w0)) = (ws, fwd_ws_launch(&plain, 132)) {
+                        assert_eq!(w.0.kernel, format!("{}_mods", w0.0.kernel));
+                        assert_eq!((w.0.grid, w.0.block, w.0.smem_bytes, w.1), (w0.0.grid, w0.0.block, w0.0.smem_bytes, w0.1));
+                    }
+                    // Paged: the paged twins, which carry the modifiers (no `_mods` suffix).
+                    let pg = Some(Paged { page_size: 16, num_blocks: 40, max_blocks: 10 });
+                    let (pp, pp0) = (Problem { paged: pg, varlen: true, ..p.clone() }, Problem { paged: pg, varlen: true, ..plain.clone() });
+                    for sms in [None, Some(132)] {
+                        assert_eq!(fwd_launch(&pp, sms), fwd_launch(&pp0, sms), "{at} paged");
+                    }
+                    assert_eq!(fwd_ws_launch(&pp, 132), fwd_ws_launch(&pp0, 132), "{at} paged ws");
+                    // Backward: every launch as the plain one's, the dK/dV / dq kernels renamed.
+                    let (dkdv, dq) = bwd_mods_kernel_names(d, kd).unwrap();
+                    for (det, sms, chain) in [(false, None, false), (true, None, false), (false, Some(132), false), (true, Some(132), false), (false, Some(132), true)] {
+                        let (b, b0) = (bwd_launches(&p, det, sms, chain).unwrap(), bwd_launches(&plain, det, sms, chain).unwrap());
+                        assert_eq!(b.len(), b0.len(), "{at} det {det}");
+                        let wg = sms.is_some() && !det && bwd_wg_kernel_name(d, kd).is_some();
+                        for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {
+                            assert_eq!((l.grid, l.block, l.smem_bytes), (l0.grid, l0.block, l0.smem_bytes), "{at} det {det} launch {i}");
+                            let want = match i {
+                                1 if wg => bwd_wg_mods_kernel_name(d, kd).unwrap(),
+                                1 => dkdv,
+                                2 if det => dq,
+                                _ => l0.kernel,
+                            };
+                            assert_eq!(l.kernel, want, "{at} det {det} sms {sms:?} launch {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The probabilities kernel: one thread per key in blocks of `PROBS_THREADS`, y over the rows capped
+    /// at 65535, z over (sequence, head) pairs; its name by q's dtype and whether s_dmask is f32.
+    #[test]
+    fn probs_launch_covers_every_score() {
+        let p = problem(64, 300, 3, 5, true, false);
+        let l = probs_launch(&Problem { seqlen_k: 129, ..p.clone() }, true).unwrap();
+        assert_eq!((l.kernel, l.grid, l.block, l.smem_bytes), ("flash_probs_bf16_f32", (2, 300, 15), PROBS_THREADS as u32, 0));
+        let l = probs_launch(&Problem { dtype: DType::F16, seqlen_q: 100_000, seqlen_k: 128, ..p.clone() }, false).unwrap();
+        assert_eq!((l.kernel, l.grid), ("flash_probs_f16", (1, 65535, 15)));
+        assert_eq!(probs_launch(&Problem { seqlen_q: 0, seqlen_k: 0, ..p.clone() }, false).unwrap().grid, (0, 0, 15));
+        assert_eq!(probs_launch(&p, false).unwrap().kernel, "flash_probs_bf16");
+        assert!(probs_launch(&Problem { dtype: DType::F32, ..p }, true).is_none());
     }
 
     /// The Hopper forward grid covers every row block of every (head, sequence): chained (x = 1) only

@@ -2,12 +2,12 @@
 //! Nothing here allocates, synchronizes or copies; dispatch.rs picks the kernels, validate.rs has
 //! checked every argument (and checks the grids here before anything is queued).
 
-use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, Launch};
+use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, probs_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
-use crate::params::{BwdParams, FwdParams, ScoreMods, TmaMaps, DROPOUT_OFF};
+use crate::params::{BwdParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF};
 use crate::problem::{BwdProblem, Problem, Strides};
-use crate::types::{BwdViews, FwdViews, KernelChoice, PagedVarlenViews, VarlenViews, View};
+use crate::types::{BwdViews, DType, FwdViews, KernelChoice, PagedVarlenViews, VarlenViews, View};
 use crate::validate::check_grid;
 use cudarc::driver::{result, sys};
 use std::sync::OnceLock;
@@ -106,6 +106,8 @@ pub(crate) unsafe fn fwd_paged(p: &Problem, t: &FwdViews<'_>, pv: &PagedVarlenVi
 /// for a paged problem.
 #[allow(clippy::too_many_arguments)]
 unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Option<(u64, i64)>, kernels: KernelChoice, ordinal: usize, stream: usize) -> Result<()> {
+    // (An empty s_dmask has nothing to write: no launch, whose grid would be empty.)
+    let probs = t.s_dmask.as_ref().filter(|m| m.numel() > 0).map(|m| probs(p, m)).transpose()?;
     let gpu = gpu(ordinal)?;
     // The warp-specialized kernel where it takes the problem (its persistent grid walks `m_blocks` row
     // blocks per sequence), else `fwd_launch`'s (one row block per grid x index).
@@ -118,10 +120,19 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         }
     };
     check_grid(launch.grid)?;
+    // No query row, or no key: every probability is 0 (the kernel has no row or key to clamp to).
+    let zero_probs = p.total_q == 0 || p.total_k == 0;
     if p.total_q == 0 || p.hq == 0 {
-        return Ok(());
+        return match &t.s_dmask {
+            Some(m) => unsafe { zero_s_dmask(m, stream) },
+            None => Ok(()),
+        };
     }
     let f = gpu.function(launch.kernel, launch.smem_bytes)?;
+    let probs_f = match probs {
+        Some(l) if !zero_probs => Some(gpu.function(l.kernel, l.smem_bytes)?),
+        _ => None,
+    };
     let (o_batch, o_row, o_head) = bsh(&t.out, p.varlen);
     let (lse_batch, lse_head) = p.lse_strides();
     let (scale_log2, softcap_pre) = score_constants(p);
@@ -185,12 +196,54 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
     };
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
     if ws.is_none() {
-        return unsafe { queue(f, &l, &params, stream) };
+        unsafe { queue(f, &l, &params, stream) }?;
+    } else {
+        // The tensor maps travel as the kernel's second parameter.
+        let maps = tma_maps(p, t, &launch.config)?;
+        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
+        unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
     }
-    // The tensor maps travel as the kernel's second parameter.
-    let maps = tma_maps(p, t, &launch.config)?;
-    let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
-    unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+    let (Some(m), Some(l)) = (&t.s_dmask, probs) else { return Ok(()) };
+    let Some(pf) = probs_f else { return unsafe { zero_s_dmask(m, stream) } };
+    // After the forward on the same stream: P from the LSE it wrote, with the same parameters.
+    let s = |i: usize| m.strides[i] as i64;
+    let probs_params = ProbsParams { fwd: params, s_dmask: m.addr, s_batch_stride: s(0), s_head_stride: s(1), s_row_stride: s(2), s_rows: m.shape[2] as i32, s_cols: m.shape[3] as i32, head_dim: p.head_dim as i32, _pad: 0 };
+    unsafe { queue(pf, &l, &probs_params, stream) }
+}
+
+/// The probabilities kernel's launch for the validated `s_dmask` view (`[B, Hq, Sq, Sk]`, last dimension
+/// contiguous, element aligned: `validate::check_s_dmask`), checked before anything is queued: its grid
+/// has a z index per (sequence, head) pair.
+fn probs(p: &Problem, s_dmask: &View<'_>) -> Result<Launch> {
+    let l = probs_launch(p, s_dmask.dtype == DType::F32).ok_or(Error::HeadDim { got: p.head_dim })?;
+    if p.batch.saturating_mul(p.hq) > 65535 {
+        let msg = format!("{} sequences x {} heads exceed the CUDA grid limit of 65535 (sequence, head) pairs of the probabilities kernel", p.batch, p.hq);
+        return Err(Error::TooLarge { arg: "s_dmask", msg });
+    }
+    Ok(l)
+}
+
+/// Zero `s_dmask` (`[B, Hq, Sq, Sk]`, last dimension contiguous) on `stream`: one pitched memset per
+/// (sequence, head).
+unsafe fn zero_s_dmask(v: &View<'_>, stream: usize) -> Result<()> {
+    if v.numel() == 0 {
+        return Ok(());
+    }
+    let size = v.dtype.size();
+    for b in 0..v.shape[0] {
+        for h in 0..v.shape[1] {
+            let at = v.addr + ((b * v.strides[0] + h * v.strides[1]) * size) as u64;
+            unsafe { zero_rows(at, v.shape[2], v.strides[2] * size, v.shape[3] * size, stream) }?;
+        }
+    }
+    Ok(())
+}
+
+/// Zero `rows` rows of `width` bytes, `pitch` bytes apart, from device address `at` on `stream`.
+unsafe fn zero_rows(at: u64, rows: usize, pitch: usize, width: usize, stream: usize) -> Result<()> {
+    // With one row the pitch is unused; it must still be at least the width.
+    let pitch = if rows > 1 { pitch } else { width };
+    unsafe { sys::cuMemsetD2D8Async(at, pitch, 0, width, rows, stream as sys::CUstream) }.result()?;
     Ok(())
 }
 
@@ -204,7 +257,7 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
     let sms = hopper_sms(gpu, kernels)?;
     // Paged k / v are addressed per block: their batch strides are the block strides.
     let addressable = [(&t.q, &p.q, false), (&t.k, &p.k, true), (&t.v, &p.v, true)].iter().all(|(v, st, kv)| {
-        let ok = |x: usize| (x * 2) % 16 == 0 && ((x * 2) as u64) < (1u64 << 40);
+        let ok = |x: usize| (x * 2).is_multiple_of(16) && ((x * 2) as u64) < (1u64 << 40);
         let batched = !p.varlen || (*kv && p.paged.is_some());
         v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (!batched || (st.batch > 0 && ok(st.batch)))
     });
@@ -421,9 +474,7 @@ unsafe fn zero(v: &View<'_>, varlen: bool, stream: usize) -> Result<()> {
     for bi in 0..batches {
         for hi in 0..heads {
             let at = v.addr + ((bi as i64 * b + hi as i64 * h) as usize * size) as u64;
-            // With one row the pitch is unused; it must still be at least the width.
-            let pitch = if rows > 1 { r as usize * size } else { d * size };
-            unsafe { sys::cuMemsetD2D8Async(at, pitch, 0, d * size, rows, stream as sys::CUstream) }.result()?;
+            unsafe { zero_rows(at, rows, r as usize * size, d * size, stream) }?;
         }
     }
     Ok(())

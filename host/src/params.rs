@@ -6,3 +6,4 @@ pub use shared::*;
 // The kernel takes the struct by value: its bytes are the launch parameter.
 unsafe impl cudarc::driver::DeviceRepr for FwdParams {}
 unsafe impl cudarc::driver::DeviceRepr for BwdParams {}
+unsafe impl cudarc::driver::DeviceRepr for ProbsParams {}

@@ -18,8 +18,11 @@
 //! then return `Error::Unsupported` naming the entry point, until their kernels exist.
 //!
 //! ALiBi (`alibi_slopes` in the views), dropout (`AttnOptions::dropout`) and the probabilities
-//! (`FwdViews::s_dmask`, flash-attn's `return_attn_probs`) run on the CPU, forward and backward; on CUDA
-//! a call asking for one validates everything, then returns `Error::Unsupported` naming it (issue 14).
+//! (`FwdViews::s_dmask`, flash-attn's `return_attn_probs`) run on both targets, forward and backward
+//! (the paged forward too), with the same dropout mask bit for bit (`crate::dropout`). On CUDA the
+//! slopes are device memory like cu_seqlens: their layout is checked, their values are not (the CPU
+//! path checks that they are finite, where it reads them); `s_dmask` is written by a kernel queued after
+//! the forward's, on the same stream.
 
 use crate::error::{Error, Result};
 pub use crate::types::{BwdViews, CombineViews, FwdViews, KvCacheOptions, KvCacheViews, PagedVarlenViews, Workspace};
@@ -102,7 +105,6 @@ pub unsafe fn varlen_fwd_paged(t: &FwdViews<'_>, varlen: &PagedVarlenViews<'_>, 
         },
         Target::Cuda { ordinal, stream } => {
             validate::check_cuda_rows(&[("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out)])?;
-            no_cuda_mods(&p, t.s_dmask.is_some())?;
             unsafe { crate::launch::fwd_paged(&p, t, varlen, opts.kernels, ordinal, stream) }
         }
     }
@@ -160,18 +162,6 @@ fn no_kernels(feature: &'static str) -> Error {
     Error::Unsupported { feature, msg: "has no CUDA kernels yet (issue 13); it runs on the CPU (Target::Cpu, Device::Cpu)".into() }
 }
 
-/// ALiBi, dropout and the probabilities have no CUDA kernels yet (issue 14): after every other check,
-/// the error naming the first of them the call asks for.
-fn no_cuda_mods(p: &crate::problem::Problem, s_dmask: bool) -> Result<()> {
-    let feature = match () {
-        _ if p.alibi.is_some() => "alibi_slopes",
-        _ if p.dropout.is_some() => "dropout",
-        _ if s_dmask => "return_attn_probs (s_dmask)",
-        _ => return Ok(()),
-    };
-    Err(Error::Unsupported { feature, msg: "has no CUDA kernels yet (issue 14); it runs on the CPU (Target::Cpu, Device::Cpu)".into() })
-}
-
 /// On the CPU the varlen lengths are host memory: read and check them (the kernels never need this).
 ///
 /// # Safety
@@ -193,7 +183,6 @@ unsafe fn run_fwd(t: &FwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
         },
         Target::Cuda { ordinal, stream } => {
             validate::check_cuda_rows(&[("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out)])?;
-            no_cuda_mods(&p, t.s_dmask.is_some())?;
             unsafe { crate::launch::fwd(&p, t, varlen, opts.kernels, ordinal, stream) }
         }
     }
@@ -214,7 +203,6 @@ unsafe fn run_bwd(t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
             validate::check_cuda_rows(&rows)?;
             let ws = crate::launch::BwdWorkspace::for_q_shape(t.q.shape, deterministic)?;
             validate::check_workspace(&workspace, ws.bytes, t)?;
-            no_cuda_mods(&bp.fwd, false)?;
             unsafe { crate::launch::bwd(&bp, t, varlen, opts.kernels, deterministic, &ws, workspace.addr, ordinal, stream) }
         }
     }

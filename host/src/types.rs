@@ -254,7 +254,8 @@ pub struct FwdViews<'a> {
     /// f32 `[Hq]` or `[B, Hq]` (last dimension contiguous): ALiBi. The score of query i and key j of a
     /// (Sq, Sk) sequence becomes `softcap(scale * q_i . k_j) - slope * |i + Sk - Sq - j|` (flash-attn 2's
     /// definition; the bias after scale and softcap), in every mask mode, and the LSE is that of these
-    /// scores. Varlen: each sequence's own (used) lengths.
+    /// scores. Varlen: each sequence's own (used) lengths. The CPU path checks that the slopes are
+    /// finite; on CUDA (device memory, like cu_seqlens) their values are not checked.
     pub alibi_slopes: Option<View<'a>>,
     /// flash-attn's `return_attn_probs`: written with the softmax probabilities P = exp(s - lse)
     /// (normalized, before dropout's 1 / (1 - p)), negated where dropout dropped them; +0 where the mask

@@ -19,13 +19,15 @@ whose first entries are out and softmax_lse (dq, dk, dv for the backward).
 - numpy arrays (no torch needed): the CPU path on float16 arrays (or ml_dtypes' bfloat16), returning
   numpy arrays (softmax_lse float32).
 
-CPU only so far (NotImplementedError on CUDA tensors, from the library's Unsupported error): dropout
-(`dropout_p > 0`), `alibi_slopes`, the attention probabilities (S_dmask), flash_attn_with_kvcache. Paged
-K/V (`block_table`) runs on both. Not implemented anywhere: the hub's `leftpad_k`. Dropout's (seed,
-offset): the keyword-only `rng_state=(seed, offset)` of the flash_attn_*_func functions, else a seed drawn
-from torch's default CPU generator (torch tensors: torch.manual_seed replays it) or numpy's global RNG
-(np.random.seed), offset 0; the backward (autograd, or the hub's bwd given fwd's rng_state) regenerates
-the same mask. ALiBi, dropout and S_dmask run eagerly on torch (torch.compile breaks the graph there).
+Dropout (`dropout_p > 0`), `alibi_slopes` and the attention probabilities (S_dmask) run on both CPU and
+CUDA tensors, and so does paged K/V (`block_table`). CPU only so far (NotImplementedError on CUDA
+tensors, from the library's Unsupported error): flash_attn_with_kvcache. Not implemented anywhere: the
+hub's `leftpad_k`. Dropout's (seed, offset): the keyword-only `rng_state=(seed, offset)` of the
+flash_attn_*_func functions, else a seed drawn from torch's default CPU generator (torch tensors on either
+device: torch.manual_seed replays it) or numpy's global RNG (np.random.seed), offset 0; the mask is the
+same on both devices for the same (seed, offset), and the backward (autograd, or the hub's bwd given fwd's
+rng_state) regenerates it. ALiBi, dropout and S_dmask run eagerly on torch (torch.compile breaks the graph
+there; a captured CUDA graph replays the seed drawn at capture).
 Head dims up to 256 (32, 64, 96, 128, 192 and 256 directly, others zero-padded to the next of these; not
 for flash_attn_with_kvcache). Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the
 argument.
@@ -104,12 +106,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softcap > 0: scores become softcap * tanh(score / softcap); softmax_scale defaults to 1/sqrt(D);
     alibi_slopes (float32 `[H]` or `[B, H]`): the score of query i, key j gets - slope * |i + Sk - Sq - j|;
     dropout_p: dropout of the probabilities (the backward regenerates the same mask). The mask's
-    (seed, offset): `rng_state` if given, else drawn (torch CPU tensors: a seed from torch's default CPU
-    generator, so torch.manual_seed replays it; numpy: from np.random's global RNG), offset 0.
+    (seed, offset): `rng_state` if given, else drawn (torch tensors, CPU or CUDA: a seed from torch's
+    default CPU generator, so torch.manual_seed replays it; numpy: from np.random's global RNG), offset 0;
+    the same (seed, offset) gives the same mask on the CPU and on CUDA.
     Returns out `[B, Sq, H, D]`, or with return_attn_probs (out, softmax_lse `[B, H, Sq]` float32, S_dmask),
     S_dmask `[B, H, Sq, Sk]` in q's dtype (the probabilities, negated where dropped) when dropout_p > 0,
     else None (as flash-attn). A query that sees no key gets out 0 and softmax_lse -inf.
-    ALiBi, dropout and S_dmask run on the CPU; on CUDA they raise NotImplementedError (no kernels yet).
+    ALiBi, dropout and S_dmask run on CPU and CUDA tensors alike.
     """
     if _dense_fast is not None and rng_state is None:
         r = _dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)

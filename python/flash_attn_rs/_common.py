@@ -42,7 +42,7 @@ class Options:
 
     @property
     def extras(self):
-        """Whether the call needs ALiBi, dropout or S_dmask (CPU only so far)."""
+        """Whether the call needs ALiBi, dropout or S_dmask (the eager path that passes them on)."""
         return self.alibi_slopes is not None or self.dropout_p > 0 or self.return_probs
 
 

@@ -558,18 +558,22 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
     return grads + [None]
 
 
-# --- ALiBi, dropout, S_dmask (eager: the CPU path so far; CUDA raises NotImplementedError) ----------------
+# --- ALiBi, dropout, S_dmask (eager, on the CPU and on CUDA) ----------------------------------------------
+#
+# The same bodies as above (`_launch_fwd` / `_launch_bwd` with the native call's optional arguments) under
+# an autograd.Function; not custom ops, so torch.compile breaks the graph here. The dropout mask is a
+# function of (seed, offset) and the positions (flash_attn.dropout), identical on both devices: the
+# backward regenerates it from the forward's (p, seed, offset), nothing is stored.
 
 def seed_offset(o, q, gen=None):
-    """The dropout (seed, offset) of a call: the explicit rng_state, else a seed drawn from `gen` or torch's
-    default CPU generator (torch.manual_seed replays it), offset 0. On CUDA (no dropout kernels yet: the
-    call raises NotImplementedError) nothing is drawn."""
+    """The dropout (seed, offset) of a call, whatever q's device: the explicit rng_state, else a seed drawn
+    from `gen` or torch's default CPU generator (torch.manual_seed replays it; CPU and CUDA tensors given
+    the same seed draw the same mask), offset 0. Drawn on the host when the call is made: a captured CUDA
+    graph replays the seed of its capture (pass rng_state to choose it)."""
     if o.dropout_p == 0:
         return None
     if o.rng_state is not None:
         return o.rng_state
-    if q.device.type != "cpu":
-        return (0, 0)
     if gen is not None and not isinstance(gen, torch.Generator):
         raise TypeError(f"gen: expected a torch.Generator or None, got {type(gen).__name__}")
     device = gen.device if gen is not None else "cpu"

@@ -247,9 +247,10 @@ where
 ///
 /// Dense forward: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]` into out `[B, Sq, Hq, D]` and lse
 /// (contiguous f32 `[B, Hq, Sq]`). `softmax_scale` None = 1/sqrt(D). On CUDA the kernels are queued on
-/// the stream and the call returns. Optional: ALiBi slopes (f32 `[Hq]` or `[B, Hq]`), the probabilities
-/// into `s_dmask` (`[B, Hq, Sq, Sk]`, f32 or q's dtype), dropout `(p, seed, offset)`; on CUDA each of
-/// these raises NotImplementedError (no kernels yet).
+/// the stream and the call returns. Optional: ALiBi slopes (f32 `[Hq]` or `[B, Hq]`; on CUDA device
+/// memory, their values unchecked), the probabilities into `s_dmask` (`[B, Hq, Sq, Sk]`, f32 or q's
+/// dtype; on CUDA written by a kernel queued after the forward's), dropout `(p, seed, offset)` (the same
+/// mask on both targets).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, device, alibi_slopes=None, s_dmask=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]
@@ -304,10 +305,10 @@ impl FwdExtras {
 fn rows_aligned(a: &Arg) -> bool {
     let es = a.dtype.size();
     let n = a.shape.len();
-    if n == 0 || (a.strides[n - 1] != 1 && a.shape[n - 1] > 1) || a.addr % 16 != 0 {
+    if n == 0 || (a.strides[n - 1] != 1 && a.shape[n - 1] > 1) || !a.addr.is_multiple_of(16) {
         return false;
     }
-    a.shape[..n - 1].iter().zip(&a.strides[..n - 1]).all(|(&d, &s)| d <= 1 || (s * es) % 16 == 0)
+    a.shape[..n - 1].iter().zip(&a.strides[..n - 1]).all(|(&d, &s)| d <= 1 || (s * es).is_multiple_of(16))
 }
 
 /// fwd_dense(dtype, q, q_shape, q_strides, k, k_shape, k_strides, v, v_shape, v_strides, out, lse,
@@ -566,7 +567,7 @@ fn fwd_kvcache(
 /// Dense backward into dq (like q), dk and dv (like k). `workspace` is `(address, bytes)` of at least
 /// `bwd_workspace_bytes(q_shape, deterministic)` bytes of the device's memory, 256-byte aligned (None on
 /// the CPU). Optional: the forward's ALiBi slopes and dropout `(p, seed, offset)` (the same mask is
-/// regenerated); on CUDA each raises NotImplementedError.
+/// regenerated).
 #[pyfunction]
 #[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic, workspace, device, alibi_slopes=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]

@@ -21,10 +21,11 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   contiguous varlen call over the same keys and against flash-attn's semantics computed in torch (keys
   gathered through the block table), page sizes 16, 256 and 3, key counts from cu_seqlens_k or seqused_k;
   torch.compile(fullgraph=True) of a paged call;
-- ALiBi, dropout, S_dmask, flash_attn_with_kvcache: on CUDA each raises NotImplementedError naming the
-  feature (no kernels yet); on the CPU (--device cpu) they run: ALiBi against the reference, dropout's
-  autograd gradients equal the hub's bwd given the forward's rng_state, torch.manual_seed replays the mask,
-  the KV cache is appended in place.
+- ALiBi, dropout, S_dmask on either device: ALiBi against the reference (dense, varlen, paged), dropout's
+  autograd gradients equal the hub's bwd given the forward's rng_state, torch.manual_seed replays the mask;
+  on CUDA the same rng_state drops the same scores as the CPU (S_dmask's signs bitwise);
+  flash_attn_with_kvcache raises NotImplementedError on CUDA (no kernels yet) and on the CPU appends in
+  place.
 Then, unless --no-bench: Python-level overhead per call against calling the native function directly,
 and for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct".
 
@@ -634,53 +635,37 @@ def check_extras(dev, quick):
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
     slopes = torch.rand(h, device=dev) * 0.5
     kc, vc = (torch.zeros(b, 128, h, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    if dev.type == "cuda":
-        cu = torch.tensor([0, s, 2 * s], dtype=torch.int32, device=dev)
-        cases = [
-            ("dropout_p", lambda: fa.flash_attn_func(q, k, v, dropout_p=0.1), "dropout"),
-            ("dropout_p + return_attn_probs", lambda: fa.flash_attn_func(q, k, v, dropout_p=0.1,
-                                                                         return_attn_probs=True), "dropout"),
-            ("alibi_slopes", lambda: fa.flash_attn_func(q, k, v, alibi_slopes=slopes), "alibi_slopes"),
-            ("varlen alibi_slopes", lambda: fa.flash_attn_varlen_func(
-                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, s, s, alibi_slopes=slopes),
-             "alibi_slopes"),
-            ("qkvpacked dropout_p", lambda: fa.flash_attn_qkvpacked_func(torch.stack([q, k, v], 2), dropout_p=0.2),
-             "dropout"),
-            ("hub fwd return_softmax", lambda: fa.fwd(q, k, v, return_softmax=True), "return_attn_probs"),
-            ("hub bwd alibi_slopes", lambda: fa.bwd(q, q, k, v, q, torch.zeros(b, h, s, device=dev),
-                                                    alibi_slopes=slopes), "alibi_slopes"),
-            ("flash_attn_with_kvcache", lambda: fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :1], v[:, :1],
-                                                                           cache_seqlens=5), "fwd_kvcache"),
-            ("paged alibi_slopes", lambda: fa.flash_attn_varlen_func(
-                q.flatten(0, 1), k.view(8, 16, h, d), v.view(8, 16, h, d), cu, cu, s, s, alibi_slopes=slopes,
-                block_table=torch.arange(8, dtype=torch.int32, device=dev).view(2, 4)), "alibi_slopes"),
-        ]
-        for name, fn, word in cases:
-            try:
-                fn()
-                report(f"CUDA {name}: NotImplementedError", False, "no exception")
-            except NotImplementedError as e:
-                report(f"CUDA {name}: NotImplementedError", word in str(e), str(e))
-        # The caches are untouched by the refused call.
-        report("CUDA flash_attn_with_kvcache refused before writing the caches", bool((kc == 0).all()))
-        return
-    # The CPU path: ALiBi against the reference.
+    where = dev.type.upper()
+    # ALiBi against the reference (dense, varlen, paged).
     qd, kd, vd = q.double(), k.double(), v.double()
     out = fa.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
-    dist = (torch.arange(s)[:, None] - torch.arange(s)[None, :]).abs().double()
+    dist = (torch.arange(s, device=dev)[:, None] - torch.arange(s, device=dev)[None, :]).abs().double()
     sc = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * d ** -0.5 - slopes.double()[None, :, None, None] * dist
     sc = sc.masked_fill(~visible(s, s, True, (-1, -1), dev), float("-inf"))
     ref = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(sc, -1), vd)
-    report("CPU alibi_slopes vs reference", max_err(out, ref) <= 2e-2, f"err {max_err(out, ref):.2e}")
+    report(f"{where} alibi_slopes vs reference", max_err(out, ref) <= 2e-2, f"err {max_err(out, ref):.2e}")
+    cu = torch.tensor([0, s, 2 * s], dtype=torch.int32, device=dev)
+    out_v = fa.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, s, s, causal=True,
+                                      alibi_slopes=slopes)
+    report(f"{where} varlen alibi_slopes vs reference", max_err(out_v.view_as(ref), ref) <= 2e-2,
+           f"err {max_err(out_v.view_as(ref), ref):.2e}")
+    table = torch.arange(8, dtype=torch.int32, device=dev).view(2, 4)
+    out_p = fa.flash_attn_varlen_func(q.flatten(0, 1), k.reshape(8, 16, h, d), v.reshape(8, 16, h, d), cu, cu, s, s,
+                                      causal=True, alibi_slopes=slopes, block_table=table)
+    report(f"{where} paged alibi_slopes vs reference", max_err(out_p.view_as(ref), ref) <= 2e-2,
+           f"err {max_err(out_p.view_as(ref), ref):.2e}")
     # Dropout: autograd's gradients equal the hub's bwd given the forward's rng_state; manual_seed replays.
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     rs = (2**63 + 5, 3)
-    o, lse, sd = fa.flash_attn_func(qg, kg, vg, dropout_p=0.2, causal=True, return_attn_probs=True, rng_state=rs)
+    # Deterministic on both sides: CUDA's default backward adds dq with atomics (not bitwise reproducible).
+    o, lse, sd = fa.flash_attn_func(qg, kg, vg, dropout_p=0.2, causal=True, return_attn_probs=True, rng_state=rs,
+                                    deterministic=True)
     dout = torch.randn_like(o)
     o.backward(dout)
-    dq, dk, dv, _ = fa.bwd(dout, q, k, v, o.detach(), lse, p_dropout=0.2, is_causal=True, rng_state=rs)
+    dq, dk, dv, _ = fa.bwd(dout, q, k, v, o.detach(), lse, p_dropout=0.2, is_causal=True, rng_state=rs,
+                           deterministic=True)
     frac = (torch.signbit(sd) & visible(s, s, True, (-1, -1), dev)).float().sum() / (b * h * s * (s + 1) / 2)
-    report("CPU dropout: autograd gradients == hub bwd with the forward's rng_state",
+    report(f"{where} dropout: autograd gradients == hub bwd with the forward's rng_state",
            torch.equal(qg.grad, dq) and torch.equal(kg.grad, dk) and torch.equal(vg.grad, dv),
            f"dropped {frac:.3f} (p 0.2)")
     torch.manual_seed(11)
@@ -688,8 +673,28 @@ def check_extras(dev, quick):
     torch.manual_seed(11)
     o2 = fa.flash_attn_func(q, k, v, dropout_p=0.3)
     o3 = fa.flash_attn_func(q, k, v, dropout_p=0.3)
-    report("CPU dropout: torch.manual_seed replays the mask, the next call draws another",
+    report(f"{where} dropout: torch.manual_seed replays the mask, the next call draws another",
            torch.equal(o1, o2) and not torch.equal(o2, o3))
+    if dev.type == "cuda":
+        # The same (seed, offset) drops the same scores on both devices; the results agree up to rounding.
+        cpu = [t.cpu() for t in (q, k, v, slopes)]
+        oc, lc, sdc = fa.flash_attn_func(*cpu[:3], dropout_p=0.2, causal=True, alibi_slopes=cpu[3],
+                                         return_attn_probs=True, rng_state=rs)
+        og, lg, sdg = fa.flash_attn_func(q, k, v, dropout_p=0.2, causal=True, alibi_slopes=slopes,
+                                         return_attn_probs=True, rng_state=rs)
+        report("CUDA dropout + alibi: S_dmask's dropped set == the CPU's",
+               torch.equal(torch.signbit(sdg.cpu()), torch.signbit(sdc)))
+        report("CUDA dropout + alibi: out, lse, S_dmask vs the CPU's",
+               max_err(og.cpu(), oc) <= 3e-2 and max_err(lg.cpu(), lc) <= 1e-3 and max_err(sdg.cpu(), sdc) <= 1e-2,
+               f"out {max_err(og.cpu(), oc):.2e}, lse {max_err(lg.cpu(), lc):.2e}, S_dmask {max_err(sdg.cpu(), sdc):.2e}")
+        try:
+            fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :1], v[:, :1], cache_seqlens=5)
+            report("CUDA flash_attn_with_kvcache: NotImplementedError", False, "no exception")
+        except NotImplementedError as e:
+            report("CUDA flash_attn_with_kvcache: NotImplementedError", "fwd_kvcache" in str(e), str(e))
+        # The caches are untouched by the refused call.
+        report("CUDA flash_attn_with_kvcache refused before writing the caches", bool((kc == 0).all()))
+        return
     # KV cache on CPU tensors: appended in place, the result equal to attention over the updated cache.
     o, lse = fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :2], v[:, :2], cache_seqlens=5, causal=True,
                                         return_softmax_lse=True)

@@ -778,19 +778,25 @@ def _d(a):
             a.shape, tuple(s // a.itemsize for s in a.strides))
 
 
-def test_native_cuda_unsupported_is_not_implemented():
-    """On CUDA the library validates, then refuses what has no kernels yet (Error::Unsupported):
-    NotImplementedError naming the feature. No device memory is touched, so this runs without a GPU."""
+def test_native_cuda_checks_before_launching():
+    """On CUDA the library checks every argument before anything runs: a bad one is the same error as on
+    the CPU, ALiBi, dropout and S_dmask included (they run on CUDA; no GPU is needed here, no device
+    memory is touched, and on a GPU machine nothing is launched). flash_attn_with_kvcache has no kernels
+    yet: NotImplementedError naming it (Error::Unsupported), after its checks."""
     q, out = _aligned((1, 16, 2, 64), F16), _aligned((1, 16, 2, 64), F16)
     lse = _aligned((1, 2, 16), np.float32)
     dev = ("cuda", 0, 0)
     args = (_d(q), _d(q), _d(q), _d(out), _d(lse), None, False, -1, -1, 0.0, dev)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        _native.fwd(*args, dropout=(0.1, 1, 2))
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        _native.fwd(*args, alibi_slopes=_d(_aligned((2,), np.float32)))
-    with pytest.raises(NotImplementedError, match="return_attn_probs"):
-        _native.fwd(*args, s_dmask=_d(_aligned((1, 2, 16, 16), np.float32)))
+    with pytest.raises(ValueError, match="dropout_p"):
+        _native.fwd(*args, dropout=(1.5, 1, 2))
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        _native.fwd(*args, alibi_slopes=_d(_aligned((3,), np.float32)))
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        _native.fwd(*args, alibi_slopes=_d(_aligned((2,), np.int32)))
+    with pytest.raises(ValueError, match="s_dmask"):
+        _native.fwd(*args, s_dmask=_d(_aligned((1, 2, 16, 15), np.float32)))
+    with pytest.raises(ValueError, match="s_dmask"):
+        _native.fwd(*args, s_dmask=_d(_aligned((1, 2, 16, 32), np.float32)[..., ::2]))
     cache = _aligned((1, 32, 2, 64), F16)
     seqlens = _aligned((1,), np.int32)
     with pytest.raises(NotImplementedError, match="fwd_kvcache"):
