@@ -1,8 +1,9 @@
 //! Score modifiers: ALiBi's bias and dropout's keep-mask on a thread's accumulator fragments. Kernels
 //! are generic over `MODS`: the `_mods` twins (and the paged forwards) read `params::ScoreMods` into a
 //! `HeadMods` per (sequence, head); every other kernel builds `HeadMods::OFF`, whose constants remove
-//! every use at compile time. Inside a `_mods` kernel, ALiBi with no slopes is a bias of 0 and dropout
-//! off is one uniform branch per tile.
+//! every use at compile time. Inside a `_mods` kernel each modifier the call does not have costs a
+//! uniform branch, and leaves the arithmetic exactly the plain kernel's (so the paged twins, which carry
+//! the modifiers, give bit for bit what the contiguous kernels give on the same keys).
 //!
 //! Dropout's draws are `dropout.rs`'s (the host's file, compiled here too): one Philox call per 16 x 16
 //! block of scores per thread, whose eight 16-bit draws are exactly the thread's elements there in the
@@ -22,6 +23,8 @@ const LOG2_E: f32 = core::f32::consts::LOG2_E;
 pub(crate) struct HeadMods {
     /// Whether this kernel has modifiers at all (compile time).
     pub on: bool,
+    /// Whether this call has ALiBi (uniform; false wherever `on` is).
+    pub alibi: bool,
     /// ALiBi's slope times log2(e) (0 without ALiBi): the bias of score (i, j) in base 2 is
     /// `-slope_log2 * |i + seqlen_k - seqlen_q - j|`.
     pub slope_log2: f32,
@@ -35,7 +38,7 @@ pub(crate) struct HeadMods {
 }
 
 impl HeadMods {
-    pub(crate) const OFF: HeadMods = HeadMods { on: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
+    pub(crate) const OFF: HeadMods = HeadMods { on: false, alibi: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
 
     /// Sequence `b`'s query head `h` of `hq`, from the parameters when `MODS`. (The slopes are read
     /// only for `b < batch`: varlen's tail slice has none, and attends nothing.)
@@ -52,6 +55,7 @@ impl HeadMods {
         };
         HeadMods {
             on: true,
+            alibi: m.alibi_slopes != 0,
             slope_log2: slope * LOG2_E,
             dropout: m.dropout_threshold < DROPOUT_OFF,
             sub: m.dropout_offset.wrapping_add((b as i64 * hq as i64 + h as i64) as u64),

@@ -236,3 +236,9 @@ pub struct ProbsParams {
     pub head_dim: i32,
     pub _pad: i32,
 }
+
+pub const PROBS_PARAMS_SIZE: usize = FWD_PARAMS_SIZE + 4 * 8 + 4 * 4;
+const _: () = assert!(core::mem::size_of::<ProbsParams>() == PROBS_PARAMS_SIZE);
+const _: () = assert!(core::mem::align_of::<ProbsParams>() == 8);
+const _: () = assert!(core::mem::offset_of!(ProbsParams, s_dmask) == FWD_PARAMS_SIZE);
+const _: () = assert!(core::mem::offset_of!(FwdParams, mods) == 264 && core::mem::offset_of!(BwdParams, mods) == 416);

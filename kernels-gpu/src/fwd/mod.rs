@@ -98,11 +98,11 @@ pub(crate) struct BlockArgs {
 }
 
 impl BlockArgs {
-    /// The scale the online softmax works in: `|scale_log2|` on raw scores, or 1 where the score
-    /// modifiers have put the scores in base 2 already (`scores_to_p`).
+    /// The scale the online softmax works in: `|scale_log2|` on raw scores, or 1 where ALiBi has put
+    /// the scores in base 2 already (`scores_to_p`).
     #[inline(always)]
     pub(crate) fn softmax_scale(&self) -> f32 {
-        if self.mods.on { 1.0 } else if self.scale_log2 < 0.0 { -self.scale_log2 } else { self.scale_log2 }
+        if self.mods.alibi { 1.0 } else if self.scale_log2 < 0.0 { -self.scale_log2 } else { self.scale_log2 }
     }
 }
 
@@ -197,8 +197,8 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 }
 
 /// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
-/// m16 x `NN` n8 tiles: tanh for softcap or the sign of a negative scale, with score modifiers the
-/// scale and ALiBi's bias (base 2 from there on: `BlockArgs::softmax_scale` is 1), -inf on hidden keys
+/// m16 x `NN` n8 tiles: tanh for softcap or the sign of a negative scale, with ALiBi the scale and its
+/// bias (base 2 from there on: `BlockArgs::softmax_scale` is 1), -inf on hidden keys
 /// when the tile is `masked` (this thread's rows `row0 + 16 mt (+ 8)`, keys `n0 + 8 j + 2 t (+ 1)`),
 /// then each row's update (the row sums take every probability), then dropout's zeros;
 /// `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma kernels.
@@ -224,7 +224,7 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
             }
         }
     }
-    if a.mods.on {
+    if a.mods.alibi {
         let scale = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
         alibi_qk::<MT, NN>(acc_s, a.mods.slope_log2, scale, row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
     }
