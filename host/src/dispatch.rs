@@ -6,8 +6,8 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, FWD_WS_THREADS, FwdConfig, KernelDType,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -45,13 +45,17 @@ enum Twin {
     /// Contiguous K/V with ALiBi and / or dropout (`FwdParams::mods`, `BwdParams::mods`): the `_mods`
     /// twins. The cp.async wgmma forward has none: such a problem runs the mma.sync `_mods` forward there.
     Mods,
-    /// Paged K/V (forward only): the `_paged` twins, which apply the modifiers too.
+    /// Paged K/V (forward only): the `_paged` twins.
     Paged,
+    /// Paged K/V with ALiBi and / or dropout: the `_paged_mods` twins (mma.sync and warp-specialized; the
+    /// cp.async wgmma forward has none: the mma.sync one runs there).
+    PagedMods,
 }
 
 impl Twin {
     fn of(p: &Problem) -> Twin {
         match () {
+            _ if p.paged.is_some() && (p.alibi.is_some() || p.dropout.is_some()) => Twin::PagedMods,
             _ if p.paged.is_some() => Twin::Paged,
             _ if p.alibi.is_some() || p.dropout.is_some() => Twin::Mods,
             _ => Twin::Plain,
@@ -70,7 +74,7 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     let wg_name = match twin {
         Twin::Plain => fwd_wg_kernel_name(p.head_dim, dtype),
         Twin::Paged => fwd_wg_paged_kernel_name(p.head_dim, dtype),
-        Twin::Mods => None,
+        Twin::Mods | Twin::PagedMods => None,
     };
     if let (Some(sms), Some(config), Some(kernel)) = (hopper_sms, fwd_wg_config(p.head_dim), wg_name) {
         let (m, heads, seqs) = grid(&config);
@@ -94,6 +98,7 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
         Twin::Plain => fwd_kernel_name(p.head_dim, dtype),
         Twin::Mods => fwd_mods_kernel_name(p.head_dim, dtype),
         Twin::Paged => fwd_paged_kernel_name(p.head_dim, dtype),
+        Twin::PagedMods => fwd_paged_mods_kernel_name(p.head_dim, dtype),
     }?;
     let config = fwd_config(p.head_dim);
     Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
@@ -111,8 +116,10 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let kernel = match (Twin::of(p), p.paged) {
         (Twin::Plain, _) => fwd_ws_kernel_name(p.head_dim, dtype)?,
         (Twin::Mods, _) => fwd_ws_mods_kernel_name(p.head_dim, dtype)?,
-        (Twin::Paged, Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => fwd_ws_paged_kernel_name(p.head_dim, dtype)?,
-        (Twin::Paged, _) => return None,
+        (twin @ (Twin::Paged | Twin::PagedMods), Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => {
+            if twin == Twin::Paged { fwd_ws_paged_kernel_name(p.head_dim, dtype)? } else { fwd_ws_paged_mods_kernel_name(p.head_dim, dtype)? }
+        }
+        (Twin::Paged | Twin::PagedMods, _) => return None,
     };
     let m_blocks = p.seqlen_q.max(1).div_ceil(config.block_m());
     let tiles = m_blocks.checked_mul(p.hq)?.checked_mul(p.batch + usize::from(p.varlen))?;
@@ -344,7 +351,7 @@ mod tests {
 
     /// ALiBi or dropout over contiguous K/V run the `_mods` twins: the warp-specialized one on Hopper, the
     /// mma.sync one wherever the cp.async wgmma forward would run (it has no twin: `fwd_no_ws`, operands
-    /// the copy engine cannot address, or no Hopper); paged K/V the `_paged` twins, which apply them too.
+    /// the copy engine cannot address, or no Hopper); paged K/V the `_paged_mods` twins likewise.
     /// The backward's dK/dV and deterministic dq kernels (mma.sync and Hopper) run their `_mods` twins in
     /// the plain launch shapes; prep and convert are shared.
     #[test]
@@ -373,13 +380,24 @@ mod tests {
                         assert_eq!(w.0.kernel, format!("{}_mods", w0.0.kernel));
                         assert_eq!((w.0.grid, w.0.block, w.0.smem_bytes, w.1), (w0.0.grid, w0.0.block, w0.0.smem_bytes, w0.1));
                     }
-                    // Paged: the paged twins, which carry the modifiers (no `_mods` suffix).
-                    let pg = Some(Paged { page_size: 16, num_blocks: 40, max_blocks: 10 });
-                    let (pp, pp0) = (Problem { paged: pg, varlen: true, ..p.clone() }, Problem { paged: pg, varlen: true, ..plain.clone() });
-                    for sms in [None, Some(132)] {
-                        assert_eq!(fwd_launch(&pp, sms), fwd_launch(&pp0, sms), "{at} paged");
+                    // Paged: the `_paged_mods` twins, in the launch shapes of the mma.sync / ws `_paged` ones.
+                    for page in [16, 3] {
+                        let pg = Some(Paged { page_size: page, num_blocks: 40, max_blocks: 10 });
+                        let (pp, pp0) = (Problem { paged: pg, varlen: true, ..p.clone() }, Problem { paged: pg, varlen: true, ..plain.clone() });
+                        for sms in [None, Some(132)] {
+                            let (f, f0) = (fwd_launch(&pp, sms).unwrap(), fwd_launch(&pp0, None).unwrap());
+                            assert_eq!(f.kernel, fwd_paged_mods_kernel_name(d, kd).unwrap(), "{at} paged {page} sms {sms:?}");
+                            assert_eq!(f.kernel, format!("{}_mods", f0.kernel));
+                            assert_eq!((f.grid, f.block, f.smem_bytes), (f0.grid, f0.block, f0.smem_bytes), "{at} paged");
+                        }
+                        match (fwd_ws_launch(&pp, 132), fwd_ws_launch(&pp0, 132)) {
+                            (Some(w), Some(w0)) => {
+                                assert_eq!(w.0.kernel, format!("{}_mods", w0.0.kernel), "{at} paged ws");
+                                assert_eq!((w.0.grid, w.0.block, w.0.smem_bytes, w.1), (w0.0.grid, w0.0.block, w0.0.smem_bytes, w0.1));
+                            }
+                            (w, w0) => assert!(w.is_none() && w0.is_none(), "{at} paged {page} ws"),
+                        }
                     }
-                    assert_eq!(fwd_ws_launch(&pp, 132), fwd_ws_launch(&pp0, 132), "{at} paged ws");
                     // Backward: every launch as the plain one's, the dK/dV / dq kernels renamed.
                     let (dkdv, dq) = bwd_mods_kernel_names(d, kd).unwrap();
                     for (det, sms, chain) in [(false, None, false), (true, None, false), (false, Some(132), false), (true, Some(132), false), (false, Some(132), true)] {

@@ -1,9 +1,9 @@
 //! Score modifiers: ALiBi's bias and dropout's keep-mask on a thread's accumulator fragments. Kernels
-//! are generic over `MODS`: the `_mods` twins (and the paged forwards) read `params::ScoreMods` into a
+//! are generic over `MODS`: the `_mods` and `_paged_mods` twins read `params::ScoreMods` into a
 //! `HeadMods` per (sequence, head); every other kernel builds `HeadMods::OFF`, whose constants remove
 //! every use at compile time. Inside a `_mods` kernel each modifier the call does not have costs a
-//! uniform branch, and leaves the arithmetic exactly the plain kernel's (so the paged twins, which carry
-//! the modifiers, give bit for bit what the contiguous kernels give on the same keys).
+//! uniform branch, and leaves the arithmetic exactly the plain kernel's. (Measured, H200: carrying them
+//! in every paged kernel cost the ragged paged batch 9% at page 256, hence separate `_paged_mods`.)
 //!
 //! Dropout's draws are `dropout.rs`'s (the host's file, compiled here too): one Philox call per 16 x 16
 //! block of scores per thread, whose eight 16-bit draws are exactly the thread's elements there in the
@@ -79,37 +79,53 @@ impl HeadMods {
     }
 }
 
-/// ALiBi in base 2 on query-major fragments (S = Q K^T: `MT` m16 x `NN` n8 tiles, element `i` of tile
-/// (mt, j) at query `row0 + 16 mt + 8 (i / 2)`, key `key0 + 8 j + i % 2`): `s = s * scale + bias`.
-/// `shift` = seqlen_k - seqlen_q.
+/// ALiBi on query-major fragments of raw scores (S = Q K^T: `MT` m16 x `NN` n8 tiles, element `i` of
+/// tile (mt, j) at query `row0 + 16 mt + 8 (i / 2)`, key `key0 + 8 j + i % 2`): `s -= slope_raw |i +
+/// shift - j|`, with `slope_raw` the slope in the softmax's raw units (`HeadMods::raw_slope`). One add
+/// and one FMA per score. `shift` = seqlen_k - seqlen_q.
 #[inline(always)]
-pub(crate) fn alibi_qk<const MT: usize, const NN: usize>(acc: &mut [[[f32; 4]; NN]; MT], slope_log2: f32, scale: f32, row0: i32, key0: i32, shift: i32) {
+pub(crate) fn alibi_qk<const MT: usize, const NN: usize>(acc: &mut [[[f32; 4]; NN]; MT], slope_raw: f32, row0: i32, key0: i32, shift: i32) {
     for mt in 0..MT {
         for h in 0..2 {
             let base = (row0 + (16 * mt + 8 * h) as i32 + shift - key0) as f32;
             for j in 0..NN {
                 for e in 0..2 {
                     let d = base - (8 * j + e) as f32;
-                    acc[mt][j][2 * h + e] = fma(acc[mt][j][2 * h + e], scale, -slope_log2 * d.abs());
+                    acc[mt][j][2 * h + e] = fma(-slope_raw, d.abs(), acc[mt][j][2 * h + e]);
                 }
             }
         }
     }
 }
 
+/// The smallest |scale_log2| the forward's ALiBi divides by (`HeadMods::raw_slope`): a smaller scale (0
+/// is passed as the smallest normal float) adds at most |q.k| 2^-60 to a base-2 score.
+pub(crate) const MIN_ALIBI_SCALE: f32 = f32::from_bits((127 - 60) << 23);
+
+impl HeadMods {
+    /// ALiBi's slope in the forward's raw score units (the softmax multiplies raw scores by
+    /// `scale`, at least `MIN_ALIBI_SCALE`): slope log2(e) / scale.
+    #[inline(always)]
+    pub(crate) fn raw_slope(&self, scale: f32) -> f32 {
+        self.slope_log2 / scale
+    }
+}
+
 /// Dropout's decisions for query-major fragments (as `alibi_qk`; `row0 = 16 a + g`, `key0 = 16 c + 2
-/// t`: this lane's position in 16 x 16 blocks): `f(mt, j, i, keep)`. `NN` even.
+/// t`: this lane's position in 16 x 16 blocks): `f(mt, j, i, keep)`. `NN` even. Each decision is one
+/// compare of the draw's word (the high half: `word < threshold << 16`; the low half shifted up first).
 #[inline(always)]
 pub(crate) fn keep_qk<const MT: usize, const NN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
     let y0 = ((row0 >> 4) * 8 + (row0 & 7)) as u32;
     let x0 = ((key0 >> 4) * 4 + ((key0 & 7) >> 1)) as u32;
+    // threshold <= 2^16 - 1 where dropout is on.
+    let thr_hi = m.threshold << 16;
     for mt in 0..MT {
         for k in 0..NN / 2 {
-            let bits = m.keep_bits(x0 + 4 * k as u32, y0 + 8 * mt as u32);
-            for kk in 0..2 {
-                for i in 0..4 {
-                    f(mt, 2 * k + kk, i, (bits >> (2 * i + kk)) & 1 != 0);
-                }
+            let w = philox4x32_10([x0 + 4 * k as u32, y0 + 8 * mt as u32, m.sub as u32, (m.sub >> 32) as u32], key(m.seed));
+            for (i, word) in w.iter().enumerate() {
+                f(mt, 2 * k, i, (word << 16) < thr_hi);
+                f(mt, 2 * k + 1, i, *word < thr_hi);
             }
         }
     }

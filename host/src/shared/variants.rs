@@ -157,10 +157,14 @@ macro_rules! name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
-        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`. The paged
-        /// twins also apply `FwdParams::mods` (ALiBi, dropout).
+        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
         pub fn fwd_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
+            None
+        }
+        /// Paged K/V with score modifiers: the export name with `_paged_mods`.
+        pub fn fwd_paged_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged_mods")); })*
             None
         }
         /// Its twin with score modifiers (`FwdParams::mods`: ALiBi, dropout): the export name with `_mods`.
@@ -203,9 +207,9 @@ macro_rules! wg_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
-        /// Its twin over paged K/V (`FwdParams::block_table`, with `FwdParams::mods`): the export name
-        /// with `_paged`. (The wg kernel has no `_mods` twin: modifiers over contiguous K/V run on the
-        /// warp-specialized kernel, or the mma.sync one.)
+        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`. (The wg
+        /// kernel has no twins with score modifiers: those run on the warp-specialized kernel, or the
+        /// mma.sync one.)
         pub fn fwd_wg_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
             None
@@ -259,10 +263,14 @@ macro_rules! ws_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
-        /// Its twin over paged K/V (`FwdParams::block_table`, with `FwdParams::mods`): the export name
-        /// with `_paged`.
+        /// Its twin over paged K/V (`FwdParams::block_table`): the export name with `_paged`.
         pub fn fwd_ws_paged_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged")); })*
+            None
+        }
+        /// Paged K/V with score modifiers: the export name with `_paged_mods`.
+        pub fn fwd_ws_paged_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged_mods")); })*
             None
         }
         /// Its twin with score modifiers (`FwdParams::mods`): the export name with `_mods`.

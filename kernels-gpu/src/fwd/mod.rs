@@ -19,7 +19,7 @@ use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, threa
 use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::mask::for_each_hidden_qk;
-use crate::mods::{alibi_qk, keep_qk, HeadMods};
+use crate::mods::{alibi_qk, keep_qk, HeadMods, MIN_ALIBI_SCALE};
 use crate::params::FwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::softmax::{finalize_row, update_row, RowState};
@@ -98,11 +98,12 @@ pub(crate) struct BlockArgs {
 }
 
 impl BlockArgs {
-    /// The scale the online softmax works in: `|scale_log2|` on raw scores, or 1 where ALiBi has put
-    /// the scores in base 2 already (`scores_to_p`).
+    /// The scale the online softmax multiplies raw scores by: `|scale_log2|` (with ALiBi at least
+    /// `MIN_ALIBI_SCALE`, which its bias in raw units is divided by).
     #[inline(always)]
     pub(crate) fn softmax_scale(&self) -> f32 {
-        if self.mods.alibi { 1.0 } else if self.scale_log2 < 0.0 { -self.scale_log2 } else { self.scale_log2 }
+        let s = if self.scale_log2 < 0.0 { -self.scale_log2 } else { self.scale_log2 };
+        if self.mods.alibi && s < MIN_ALIBI_SCALE { MIN_ALIBI_SCALE } else { s }
     }
 }
 
@@ -197,8 +198,8 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 }
 
 /// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
-/// m16 x `NN` n8 tiles: tanh for softcap or the sign of a negative scale, with ALiBi the scale and its
-/// bias (base 2 from there on: `BlockArgs::softmax_scale` is 1), -inf on hidden keys
+/// m16 x `NN` n8 tiles: tanh for softcap or the sign of a negative scale, ALiBi's bias (in raw units),
+/// -inf on hidden keys
 /// when the tile is `masked` (this thread's rows `row0 + 16 mt (+ 8)`, keys `n0 + 8 j + 2 t (+ 1)`),
 /// then each row's update (the row sums take every probability), then dropout's zeros;
 /// `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma kernels.
@@ -225,8 +226,7 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
         }
     }
     if a.mods.alibi {
-        let scale = if a.scale_log2 < 0.0 { -a.scale_log2 } else { a.scale_log2 };
-        alibi_qk::<MT, NN>(acc_s, a.mods.slope_log2, scale, row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
+        alibi_qk::<MT, NN>(acc_s, a.mods.raw_slope(a.softmax_scale()), row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
     }
     // Only tiles that straddle a boundary; interior tiles skip this entirely.
     if masked {
@@ -437,8 +437,8 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const
     }
 }
 
-// Each variant three times: over contiguous K/V; with score modifiers (`_mods`); over paged K/V with score
-// modifiers (`_paged`).
+// Each variant four times: over contiguous K/V; with score modifiers (`_mods`); over paged K/V (`_paged`);
+// both (`_paged_mods`).
 macro_rules! fwd_kernels {
     ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
@@ -453,6 +453,10 @@ macro_rules! fwd_kernels {
             }
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false>(&p) }
+            }
+            #[unsafe(export_name = concat!($name, "_paged_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams) {
                 unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, true>(&p) }
             }
         };

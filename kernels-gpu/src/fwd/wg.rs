@@ -481,8 +481,8 @@ unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     let mut t0 = 0usize;
     let mut prefetched = false;
     unsafe {
-        // The paged twins apply the score modifiers too.
-        for_each_row_block::<D, PAGED, PAGED>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
+        // No score modifiers (the mma.sync and ws kernels have them).
+        for_each_row_block::<D, PAGED, false>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
             (t0, prefetched) = attend::<E, D, DN, BN, NN, KP>(args, next, t0, prefetched, tid);
         })
     }

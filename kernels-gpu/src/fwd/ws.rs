@@ -364,10 +364,14 @@ macro_rules! fwd_ws_kernels {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
                 unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
             }
-            // Paged K/V, with the score modifiers.
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false>(&p, maps) }
+            }
+            #[unsafe(export_name = concat!($name, "_paged_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
                 unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true>(&p, maps) }
             }
         };
