@@ -67,7 +67,7 @@ pub fn run_check(root: &Path) -> Result<(), String> {
     if crate_dir.join("build.rs").exists() {
         return Err(format!("{} has a build script: the package must build without one", krate.display()));
     }
-    for rel in crate::ptx::PTX_TARGETS.iter().flat_map(|t| [format!("ptx/{}.ptx", t.stem), format!("ptx/{}.cubin", t.stem)]) {
+    for rel in crate::ptx::PTX_TARGETS.iter().flat_map(|t| t.shipped_files()).map(|f| format!("ptx/{f}")) {
         let packed = std::fs::read(crate_dir.join(&rel)).map_err(|e| format!("{} lacks {rel}: {e}", krate.display()))?;
         let shipped = std::fs::read(root.join("host").join(&rel)).map_err(|e| format!("host/{rel}: {e}"))?;
         if packed != shipped {
@@ -75,7 +75,11 @@ pub fn run_check(root: &Path) -> Result<(), String> {
         }
     }
     let size = std::fs::metadata(&krate).map_err(|e| e.to_string())?.len();
-    println!("package-check: {} ({:.1} MiB) holds both PTX modules and their cubins, no build script [{:.0}s]", krate.display(), size as f64 / (1 << 20) as f64, t.elapsed().as_secs_f64());
+    // crates.io refuses packages over 10 MB.
+    if size > 10_000_000 {
+        return Err(format!("{} is {size} bytes: crates.io takes at most 10 MB", krate.display()));
+    }
+    println!("package-check: {} ({:.1} MiB) holds the shipped kernel modules (sm_80 PTX, both cubins), no build script [{:.0}s]", krate.display(), size as f64 / (1 << 20) as f64, t.elapsed().as_secs_f64());
     let lock = crate_dir.join("Cargo.lock");
 
     // 2. The unpacked crate's own targets (library and CLI) on stable, then a dependent binary, run.
