@@ -33,10 +33,7 @@ const GPU: Device = Device::Cuda(0);
 
 macro_rules! require_gpu {
     () => {
-        if !flash_attn::cuda::available() {
-            // Written past the test harness's capture, so CI's log shows the skip.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED gpu test at line {}: no CUDA GPU on this machine (the GPU suite runs on the GPU machine)", line!());
+        if !kernels::gpu_or_skip("gpu", false, line!()) {
             return;
         }
     };

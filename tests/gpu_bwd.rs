@@ -60,7 +60,7 @@ mod kernels;
 
 use common::*;
 use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, BwdOutput, DType, Device, Error, FwdOutput, KernelChoice, Tensor, Varlen};
-use kernels::Tally;
+use kernels::{seeded, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -75,21 +75,12 @@ fn dry_run() -> bool {
 
 macro_rules! require_gpu {
     () => {
-        if !dry_run() && !flash_attn::cuda::available() {
-            // Written past the test harness's capture, so CI's log shows the skip.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED gpu_bwd test at line {}: no CUDA GPU on this machine (the GPU suite runs on the GPU machine)", line!());
+        if !kernels::gpu_or_skip("gpu_bwd", dry_run(), line!()) {
             return;
         }
     };
 }
 
-/// A fresh seed per run (or FA_TEST_SEED), printed so that a failure reproduces.
-fn seeded(test: &str) -> (u64, StdRng) {
-    let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("{test}: seed {seed} (rerun with FA_TEST_SEED={seed})");
-    (seed, rng(seed))
-}
 
 /// tanh.approx.f32's relative error (2^-11 documented), with a factor 2 to spare.
 const TANH_EPS: f64 = 1.0 / 1024.0;

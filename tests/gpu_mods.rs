@@ -47,11 +47,10 @@ use flash_attn::raw::{self, FwdViews};
 use flash_attn::{
     bwd_with, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, BwdOutput, DType, Device, Dropout, Extras, FwdOutput, KernelChoice, PagedVarlen, Target, Tensor, Varlen,
 };
-use kernels::{bwd_choices, bwd_family, fwd_choices, fwd_family, Tally};
+use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, Tally};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use std::io::Write;
 
 /// The device under test: CUDA 0, or the CPU path with FA_GPU_MODS_ON_CPU=1 (see the header).
 fn dev() -> Device {
@@ -64,20 +63,12 @@ fn dry_run() -> bool {
 
 macro_rules! require_gpu {
     () => {
-        if !dry_run() && !flash_attn::cuda::available() {
-            // Written past the test harness's capture, so CI's log shows the skip.
-            let _ = writeln!(std::io::stderr(), "SKIPPED gpu_mods test at line {}: no CUDA GPU on this machine (the GPU suite runs on the GPU machine)", line!());
+        if !kernels::gpu_or_skip("gpu_mods", dry_run(), line!()) {
             return;
         }
     };
 }
 
-/// A fresh seed per run (or FA_TEST_SEED), printed so that a failure reproduces.
-fn seeded(test: &str) -> (u64, StdRng) {
-    let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    let _ = writeln!(std::io::stderr(), "{test}: seed {seed} (rerun with FA_TEST_SEED={seed})");
-    (seed, rng(seed))
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Cases and inputs

@@ -18,29 +18,21 @@ mod kernels;
 
 use common::*;
 use flash_attn::{varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, FwdOutput, KernelChoice, PagedVarlen, Tensor, Varlen};
-use kernels::{fwd_choices, fwd_family, Tally};
+use kernels::{seeded, fwd_choices, fwd_family, Tally};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
-use std::io::Write;
 
 const GPU: Device = Device::Cuda(0);
 
 macro_rules! require_gpu {
     () => {
-        if !flash_attn::cuda::available() {
-            // Written past the test harness's capture, so CI's log shows the skip.
-            let _ = writeln!(std::io::stderr(), "SKIPPED gpu_paged test at line {}: no CUDA GPU on this machine (the GPU suite runs on the GPU machine)", line!());
+        if !kernels::gpu_or_skip("gpu_paged", false, line!()) {
             return;
         }
     };
 }
 
-fn seeded(test: &str) -> StdRng {
-    let seed: u64 = rand::thread_rng().r#gen();
-    let _ = writeln!(std::io::stderr(), "{test}: seed {seed}");
-    rng(seed)
-}
 
 /// The family a paged call runs on: the contiguous call's, except that the warp-specialized kernel takes
 /// only page sizes that are multiples of 8 (host/src/dispatch.rs `fwd_ws_launch`).
@@ -267,7 +259,7 @@ fn random_seqs(rng: &mut StdRng, n: usize, max_q: usize, max_k: usize) -> Vec<(u
 #[test]
 fn paged_every_page_size_head_dim_and_mask() {
     require_gpu!();
-    let mut rng = seeded("gpu_paged::paged_every_page_size_head_dim_and_mask");
+    let (_, mut rng) = seeded("gpu_paged::paged_every_page_size_head_dim_and_mask");
     let mut tally = Tally::new("gpu_paged::paged_every_page_size_head_dim_and_mask");
     let mut i = 0;
     for dtype in [DType::BF16, DType::F16] {
@@ -291,7 +283,7 @@ fn paged_every_page_size_head_dim_and_mask() {
 #[test]
 fn paged_decode_and_long_prefill() {
     require_gpu!();
-    let mut rng = seeded("gpu_paged::paged_decode_and_long_prefill");
+    let (_, mut rng) = seeded("gpu_paged::paged_decode_and_long_prefill");
     let mut tally = Tally::new("gpu_paged::paged_decode_and_long_prefill");
     for (d, page, sq, sk, causal) in [(128, 16, 1, 3000, true), (128, 256, 4, 2500, true), (64, 64, 1, 1500, false), (256, 16, 4, 900, true), (128, 64, 700, 700, true), (96, 3, 300, 500, true)] {
         let seqs: Vec<(usize, usize, usize)> = (0..3).map(|_| sk - rng.gen_range(0..sk / 4)).map(|k| (sq, k, k)).collect();
@@ -308,7 +300,7 @@ fn paged_decode_and_long_prefill() {
 #[test]
 fn bogus_block_table_does_not_fault() {
     require_gpu!();
-    let mut rng = seeded("gpu_paged::bogus_block_table_does_not_fault");
+    let (_, mut rng) = seeded("gpu_paged::bogus_block_table_does_not_fault");
     let mut tally = Tally::new("gpu_paged::bogus_block_table_does_not_fault");
     for dtype in [DType::BF16, DType::F16] {
         for d in [32, 64, 128, 256] {

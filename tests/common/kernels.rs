@@ -18,6 +18,24 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::sync::OnceLock;
 
+/// The GPU suites' skip guard: whether a test of `suite` runs here (a CUDA GPU, or `dry_run`: the suite's
+/// CPU-against-CPU dry run). If not, the notice is written past the test harness's capture (so CI's log
+/// shows the skip) and the test returns (`require_gpu!` in each suite).
+pub fn gpu_or_skip(suite: &str, dry_run: bool, line: u32) -> bool {
+    if dry_run || flash_attn::cuda::available() {
+        return true;
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPED {suite} test at line {line}: no CUDA GPU on this machine (the GPU suite runs on the GPU machine)");
+    false
+}
+
+/// A fresh seed per run (or FA_TEST_SEED), printed past the capture so that a failure reproduces.
+pub fn seeded(test: &str) -> (u64, rand::rngs::StdRng) {
+    let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let _ = writeln!(std::io::stderr(), "{test}: seed {seed} (rerun with FA_TEST_SEED={seed})");
+    (seed, super::common::rng(seed))
+}
+
 pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false };
 pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
 pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false };
