@@ -21,9 +21,7 @@ const LOG2_E: f32 = core::f32::consts::LOG2_E;
 /// The modifiers of one (sequence, query head).
 #[derive(Clone, Copy)]
 pub(crate) struct HeadMods {
-    /// Whether this kernel has modifiers at all (compile time).
-    pub on: bool,
-    /// Whether this call has ALiBi (uniform; false wherever `on` is).
+    /// Whether this call has ALiBi (uniform; false in kernels without modifiers).
     pub alibi: bool,
     /// ALiBi's slope times log2(e) (0 without ALiBi): the bias of score (i, j) in base 2 is
     /// `-slope_log2 * |i + seqlen_k - seqlen_q - j|`.
@@ -38,7 +36,7 @@ pub(crate) struct HeadMods {
 }
 
 impl HeadMods {
-    pub(crate) const OFF: HeadMods = HeadMods { on: false, alibi: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
+    pub(crate) const OFF: HeadMods = HeadMods { alibi: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
 
     /// Sequence `b`'s query head `h` of `hq`, from the parameters when `MODS`. (The slopes are read
     /// only for `b < batch`: varlen's tail slice has none, and attends nothing.)
@@ -54,7 +52,6 @@ impl HeadMods {
             0.0
         };
         HeadMods {
-            on: true,
             alibi: m.alibi_slopes != 0,
             slope_log2: slope * LOG2_E,
             dropout: m.dropout_threshold < DROPOUT_OFF,

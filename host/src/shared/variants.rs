@@ -40,16 +40,6 @@ pub const fn row_pitch_bytes(head_dim: usize) -> usize {
     (head_dim + 8) * 2
 }
 
-/// The shape used for each supported head dim, chosen by measurement on an H200 (benches/RESULTS.md):
-/// two m16 tiles per warp halve the K/V shared-memory reads per tensor-core op where the registers allow
-/// it; the large head dims trade that for eight warps instead.
-pub const fn fwd_config(head_dim: usize) -> FwdConfig {
-    match head_dim {
-        32 | 64 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 64, q_in_regs: true },
-        96 | 128 => FwdConfig { head_dim, m_tiles: 2, warps: 4, block_n: 64, q_in_regs: false },
-        _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false },
-    }
-}
 
 /// Element types with a kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,24 +48,106 @@ pub enum KernelDType {
     BF16,
 }
 
-/// Every head dim the kernels take, one line each, and whether the Hopper (sm_90a) forwards (the wgmma
-/// and the warp-specialized kernel: `hopper_fwd`) and the Hopper dK/dV kernel (`hopper_bwd`) have it
-/// (`-`: no). Every head dim has the mma.sync forward and backward. The `for_each_*_variant` lists and
-/// so every kernel entry point and host lookup come from here: a new head dim is a line here plus its
-/// tile shapes (`fwd_config`, `fwd_wg_config`, `bwd_config`).
+/// Every head dim the kernels take, one line each, with all of its tile shapes:
+///
+/// ```text
+/// (head dim,
+///  [mma.sync forward: m16 tiles per warp, warps, keys per tile, Q fragments in registers (q_regs) or -],
+///  [backward dK/dV: keys per block, queries per step, warps, key tiles per warp, dq tiles per warp],
+///  keys per tile of the deterministic dq kernel,
+///  Hopper forward (wgmma and warp-specialized kernels): keys per tile, or - (none),
+///  Hopper dK/dV kernel: hopper_bwd, or - (none))
+/// ```
+///
+/// Every head dim has the mma.sync forward and backward. The shapes (`fwd_config`, `fwd_wg_config`,
+/// `bwd_config`, `dq_config`), the `for_each_*_variant` lists and so every kernel entry point and host
+/// lookup come from here: a new head dim is a line here (plus, on Hopper, the wgmma shapes it needs).
 #[macro_export]
 macro_rules! head_dim_table {
     ($expand:ident!($($args:tt)*)) => {
         $crate::$expand! { $($args)*;
-            (32, -, -),
-            (64, hopper_fwd, hopper_bwd),
-            (96, hopper_fwd, -),
-            (128, hopper_fwd, hopper_bwd),
-            (192, hopper_fwd, -),
-            (256, hopper_fwd, -),
+            (32, [2, 4, 64, q_regs], [128, 64, 8, 2, 1], 64, -, -),
+            (64, [2, 4, 64, q_regs], [128, 64, 8, 2, 2], 64, 128, hopper_bwd),
+            (96, [2, 4, 64, -], [128, 64, 8, 2, 1], 64, 128, -),
+            (128, [2, 4, 64, -], [128, 64, 8, 2, 2], 64, 128, hopper_bwd),
+            (192, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, -),
+            (256, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, -),
         }
     };
 }
+
+/// The tile-shape functions from the table's lines (one `match` arm per head dim; head dims outside
+/// the table get the largest head dims' shapes, and no Hopper forward).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_shapes {
+    (; $(($d:literal, [$mt:literal, $w:literal, $bn:literal, $qr:tt], [$bbn:literal, $bbm:literal, $bw:literal, $kt:literal, $dqt:literal], $dqn:literal, $hf:tt, $hb:tt)),* $(,)?) => {
+        /// The mma.sync forward's shape for each head dim, chosen by measurement on an H200
+        /// (benches/RESULTS.md): two m16 tiles per warp halve the K/V shared-memory reads per tensor-core
+        /// op where the registers allow it; the large head dims trade that for eight warps instead.
+        pub const fn fwd_config(head_dim: usize) -> FwdConfig {
+            match head_dim {
+                $($d => FwdConfig { head_dim, m_tiles: $mt, warps: $w, block_n: $bn, q_in_regs: $crate::__variants_flag!($qr) },)*
+                _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false },
+            }
+        }
+
+        /// Hopper (sm_90a module) forward: two warpgroups own 128 query rows (16 per warp, as `m_tiles:
+        /// 1, warps: 8`), wgmma products over 128-key tiles (64 at head dims 192 and 256) in
+        /// 128-byte-swizzled shared memory.
+        pub const fn fwd_wg_config(head_dim: usize) -> Option<FwdConfig> {
+            match head_dim {
+                $($d => $crate::__variants_wg!(head_dim, $hf),)*
+                _ => None,
+            }
+        }
+
+        /// Backward tile shapes per head dim (dQ columns per warp must be a multiple of 16: head dims 32
+        /// and 96 keep one query tile per warp there).
+        pub const fn bwd_config(head_dim: usize) -> BwdConfig {
+            match head_dim {
+                $($d => BwdConfig { head_dim, block_n: $bbn, block_m: $bbm, warps: $bw, key_tiles: $kt, dq_tiles: $dqt },)*
+                _ => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 8, key_tiles: 2, dq_tiles: 2 },
+            }
+        }
+
+        /// Tile shape of the deterministic dq kernel: one m16 tile per warp, like a forward variant
+        /// walking K/V tiles, with Q and dO resident.
+        pub const fn dq_config(head_dim: usize) -> FwdConfig {
+            let block_n = match head_dim {
+                $($d => $dqn,)*
+                _ => 32,
+            };
+            FwdConfig { head_dim, m_tiles: 1, warps: 4, block_n, q_in_regs: false }
+        }
+    };
+}
+
+/// `q_regs` -> true, `-` -> false.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_flag {
+    (q_regs) => {
+        true
+    };
+    (-) => {
+        false
+    };
+}
+
+/// A Hopper forward column: `-` -> None, N -> the wgmma shape over N-key tiles.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __variants_wg {
+    ($h:ident, -) => {
+        None
+    };
+    ($h:ident, $n:literal) => {
+        Some(FwdConfig { head_dim: $h, m_tiles: 1, warps: 8, block_n: $n, q_in_regs: false })
+    };
+}
+
+head_dim_table!(__variants_shapes!());
 
 /// `$m!` over `(head_dim, dtype, export name)` for head dims `$d`: every bf16 entry, then every f16 one,
 /// named `<stem><head dim>_<dtype>`.
@@ -94,21 +166,21 @@ macro_rules! __variants_emit {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __variants_all {
-    ($m:ident, $stem:literal; $(($d:literal, $f:tt, $b:tt)),* $(,)?) => {
+    ($m:ident, $stem:literal; $(($d:literal, $($shapes:tt)*)),* $(,)?) => {
         $crate::__variants_emit!($m, $stem; $($d)*);
     };
 }
 
-/// The head dims marked `hopper_fwd`.
+/// The head dims with a Hopper forward.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __variants_hopper_fwd {
     ($m:ident, $stem:literal; $($rows:tt)*) => { $crate::__variants_hopper_fwd!(@ $m, $stem, []; $($rows)*); };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, hopper_fwd, $b:tt), $($rest:tt)*) => {
-        $crate::__variants_hopper_fwd!(@ $m, $stem, [$($acc)* $d]; $($rest)*);
-    };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, -, $b:tt), $($rest:tt)*) => {
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, -, $hb:tt), $($rest:tt)*) => {
         $crate::__variants_hopper_fwd!(@ $m, $stem, [$($acc)*]; $($rest)*);
+    };
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, $n:literal, $hb:tt), $($rest:tt)*) => {
+        $crate::__variants_hopper_fwd!(@ $m, $stem, [$($acc)* $d]; $($rest)*);
     };
     (@ $m:ident, $stem:literal, [$($acc:literal)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
 }
@@ -118,10 +190,10 @@ macro_rules! __variants_hopper_fwd {
 #[macro_export]
 macro_rules! __variants_hopper_bwd {
     ($m:ident, $stem:literal; $($rows:tt)*) => { $crate::__variants_hopper_bwd!(@ $m, $stem, []; $($rows)*); };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, hopper_bwd), $($rest:tt)*) => {
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, $hf:tt, hopper_bwd), $($rest:tt)*) => {
         $crate::__variants_hopper_bwd!(@ $m, $stem, [$($acc)* $d]; $($rest)*);
     };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, -), $($rest:tt)*) => {
+    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, $hf:tt, -), $($rest:tt)*) => {
         $crate::__variants_hopper_bwd!(@ $m, $stem, [$($acc)*]; $($rest)*);
     };
     (@ $m:ident, $stem:literal, [$($acc:literal)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
@@ -131,7 +203,7 @@ macro_rules! __variants_hopper_bwd {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __variants_bwd {
-    ($m:ident; $(($d:literal, $f:tt, $b:tt)),* $(,)?) => {
+    ($m:ident; $(($d:literal, $($shapes:tt)*)),* $(,)?) => {
         $m! {
             $(($d, BF16, concat!("flash_bwd_hdim", stringify!($d), "_bf16"), concat!("flash_bwd_dq_hdim", stringify!($d), "_bf16")),)*
             $(($d, F16, concat!("flash_bwd_hdim", stringify!($d), "_f16"), concat!("flash_bwd_dq_hdim", stringify!($d), "_f16")),)*
@@ -176,15 +248,6 @@ macro_rules! name_lookup {
 }
 for_each_fwd_variant!(name_lookup);
 
-/// Hopper (sm_90a module) forward: two warpgroups own 128 query rows (16 per warp, as `m_tiles: 1,
-/// warps: 8`), wgmma products over 128-key tiles (64 at head dim 256) in 128-byte-swizzled shared memory.
-pub const fn fwd_wg_config(head_dim: usize) -> Option<FwdConfig> {
-    match head_dim {
-        64 | 96 | 128 => Some(FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 128, q_in_regs: false }),
-        192 | 256 => Some(FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false }),
-        _ => None,
-    }
-}
 
 /// Dynamic shared memory of the Hopper forward: Q, then two slots of K and of V (swizzled), each row
 /// in whole 64-column groups (head dim 96: the second group half used).
@@ -386,22 +449,7 @@ macro_rules! bwd_wg_name_lookup {
 }
 for_each_bwd_wg_variant!(bwd_wg_name_lookup);
 
-/// Backward tile shapes per head dim.
-pub const fn bwd_config(head_dim: usize) -> BwdConfig {
-    match head_dim {
-        // dQ columns per warp must be a multiple of 16: hdim 32 and 96 keep one query tile per warp there.
-        32 | 96 => BwdConfig { head_dim, block_n: 128, block_m: 64, warps: 8, key_tiles: 2, dq_tiles: 1 },
-        64 | 128 => BwdConfig { head_dim, block_n: 128, block_m: 64, warps: 8, key_tiles: 2, dq_tiles: 2 },
-        _ => BwdConfig { head_dim, block_n: 64, block_m: 64, warps: 8, key_tiles: 2, dq_tiles: 2 },
-    }
-}
 
-/// Tile shape of the deterministic dq kernel: one m16 tile per warp, like a forward variant walking K/V
-/// tiles, with Q and dO resident.
-pub const fn dq_config(head_dim: usize) -> FwdConfig {
-    let block_n = if head_dim <= 128 { 64 } else { 32 };
-    FwdConfig { head_dim, m_tiles: 1, warps: 4, block_n, q_in_regs: false }
-}
 
 /// Dynamic shared memory of the dq kernel: Q and dO, two stages of K and V.
 pub const fn dq_smem_bytes(c: &FwdConfig) -> usize {
