@@ -39,25 +39,13 @@ macro_rules! require_gpu {
     };
 }
 
-/// A device tensor with `logical` values; with `strided`, a random layout inside a larger NaN-filled
-/// device buffer (so a read outside the view poisons the result).
+/// A device tensor with `logical` values (common::make_tensor_on).
 fn device_tensor(logical: &[f32], shape: &[usize], dtype: DType, strided: bool, rng: &mut StdRng) -> Tensor {
-    let host = make_tensor(logical, shape, dtype, strided, rng);
-    if !strided {
-        return host.to_device(GPU).unwrap();
-    }
-    // Upload the whole storage, shifted so the view starts 16-byte aligned (the CUDA path's contract;
-    // `unaligned_rows_are_an_error` covers the rest), then take the same view of it on the device.
-    let n = host.storage_len();
-    let shift = (8 - host.offset() % 8) % 8;
-    let mut storage = vec![f32::NAN; shift];
-    storage.extend(host.as_strided(&[n], &[1], 0).unwrap().to_f32_vec().unwrap());
-    let flat = Tensor::from_f32(&storage, &[n + shift], dtype).unwrap().to_device(GPU).unwrap();
-    flat.as_strided(host.shape(), host.strides(), host.offset() + shift).unwrap()
+    make_tensor_on(logical, shape, dtype, strided, rng, GPU)
 }
 
 fn i32_tensor(v: &[usize], device: Device) -> Tensor {
-    Tensor::from_i32(v.iter().map(|&x| x as i32).collect(), &[v.len()]).unwrap().to_device(device).unwrap()
+    i32_tensor_on(v, device)
 }
 
 struct Case {

@@ -237,23 +237,9 @@ impl Host {
     }
 }
 
-fn i32_tensor(v: &[usize], device: Device) -> Tensor {
-    Tensor::from_i32(v.iter().map(|&x| x as i32).collect(), &[v.len()]).unwrap().to_device(device).unwrap()
-}
-
-/// A tensor of `logical` values on `device`; with `strided`, a random layout inside a larger NaN-filled
-/// buffer (16-byte aligned rows, the CUDA path's contract), so that a read outside the view shows.
+/// A tensor of `logical` values on `device` (common::make_tensor_on).
 fn upload(logical: &[f32], shape: &[usize], dtype: DType, strided: bool, rng: &mut StdRng, device: Device) -> Tensor {
-    let host = make_tensor(logical, shape, dtype, strided, rng);
-    if !strided {
-        return host.to_device(device).unwrap();
-    }
-    let n = host.storage_len();
-    let shift = (8 - host.offset() % 8) % 8;
-    let mut storage = vec![f32::NAN; shift];
-    storage.extend(host.as_strided(&[n], &[1], 0).unwrap().to_f32_vec().unwrap());
-    let flat = Tensor::from_f32(&storage, &[n + shift], dtype).unwrap().to_device(device).unwrap();
-    flat.as_strided(host.shape(), host.strides(), host.offset() + shift).unwrap()
+    make_tensor_on(logical, shape, dtype, strided, rng, device)
 }
 
 /// The problem's tensors on one device.
@@ -280,10 +266,10 @@ impl On {
             v: upload(&h.v, &ks, c.dtype, strided, rng, device),
             dout: upload(&h.dout, &qs, c.dtype, strided, rng, device),
             slopes,
-            cu_q: i32_tensor(&l.cu_q(), device),
-            cu_k: i32_tensor(&l.cu_k(), device),
-            used_q: l.used_q.as_ref().map(|u| i32_tensor(u, device)),
-            used_k: l.used_k.as_ref().map(|u| i32_tensor(u, device)),
+            cu_q: i32_tensor_on(&l.cu_q(), device),
+            cu_k: i32_tensor_on(&l.cu_k(), device),
+            used_q: l.used_q.as_ref().map(|u| i32_tensor_on(u, device)),
+            used_k: l.used_k.as_ref().map(|u| i32_tensor_on(u, device)),
         }
     }
     fn varlen(&self, l: &Layout) -> Option<Varlen<'_>> {
@@ -847,7 +833,7 @@ fn paged_forward_matches_cpu_paged_path() {
                 let shape = [blocks, page, hk, d];
                 let (q, kpt, vpt) = (t(&h.q, &[tq, hq, d], dtype), t(&kp, &shape, dtype), t(&vp, &shape, dtype));
                 let slopes = t(&h.slopes, &h.slopes_shape(), DType::F32);
-                let (cu_q, used_k) = (i32_tensor(&h.l.cu_q(), device), i32_tensor(&keys, device));
+                let (cu_q, used_k) = (i32_tensor_on(&h.l.cu_q(), device), i32_tensor_on(&keys, device));
                 let table_t = Tensor::from_i32(table.clone(), &[seqs.len(), max_blocks]).unwrap().to_device(device).unwrap();
                 let paged = PagedVarlen { cu_seqlens_q: &cu_q, cu_seqlens_k: None, max_seqlen_q: h.l.max().0, max_seqlen_k: h.l.max().1, seqused_q: None, seqused_k: Some(&used_k), block_table: &table_t };
                 varlen_fwd_paged_with(&q, &kpt, &vpt, &paged, &Extras { alibi_slopes: Some(&slopes), return_attn_probs: true }, &c.opts(kernels))

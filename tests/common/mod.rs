@@ -183,6 +183,27 @@ pub fn make_tensor(logical: &[f32], shape: &[usize], dtype: DType, strided: bool
     Tensor::from_f32(&storage, &[n], dtype).unwrap().as_strided(shape, &strides, offset).unwrap()
 }
 
+/// `make_tensor` on `device`: with `strided`, the whole NaN-filled storage is uploaded, shifted so the view
+/// starts 16-byte aligned (the CUDA path's contract), and the same view taken of it there (a read
+/// outside the view poisons the result).
+pub fn make_tensor_on(logical: &[f32], shape: &[usize], dtype: DType, strided: bool, rng: &mut StdRng, device: flash_attn::Device) -> Tensor {
+    let host = make_tensor(logical, shape, dtype, strided, rng);
+    if !strided {
+        return host.to_device(device).unwrap();
+    }
+    let n = host.storage_len();
+    let shift = (8 - host.offset() % 8) % 8;
+    let mut storage = vec![f32::NAN; shift];
+    storage.extend(host.as_strided(&[n], &[1], 0).unwrap().to_f32_vec().unwrap());
+    let flat = Tensor::from_f32(&storage, &[n + shift], dtype).unwrap().to_device(device).unwrap();
+    flat.as_strided(host.shape(), host.strides(), host.offset() + shift).unwrap()
+}
+
+/// A vector of lengths or offsets as an int32 tensor on `device`.
+pub fn i32_tensor_on(v: &[usize], device: flash_attn::Device) -> Tensor {
+    Tensor::from_i32(v.iter().map(|&x| x as i32).collect(), &[v.len()]).unwrap().to_device(device).unwrap()
+}
+
 /// Unit roundoff of the output dtype.
 pub fn unit_roundoff(dtype: DType) -> f64 {
     match dtype {
