@@ -1,6 +1,6 @@
 """The PyTorch path: tensors used in place, on CUDA (the kernels, on the current stream) or the CPU.
 
-Three custom ops (namespace `flash_attn_rs`), so that torch.compile(fullgraph=True) traces the public
+Custom ops (namespace `flash_attn_rs`), so that torch.compile(fullgraph=True) traces the public
 functions without graph breaks (plain eager calls run the same bodies without the ops' dispatch, see
 `_eager`):
 
@@ -9,6 +9,8 @@ functions without graph breaks (plain eager calls run the same bodies without th
   saved out and lse and writes the gradients of packed inputs into one packed buffer, as flash-attn does.
 - `fwd_into`: the hub's fwd / varlen_fwd into a caller's out.
 - `bwd`: the backward into dq, dk, dv (mutated in place).
+- `fwd_ext` / `bwd_ext`: the same with ALiBi, dropout (its (seed, offset) an int64 [2] CPU tensor) and
+  S_dmask; `fwd_paged`: paged K/V, forward only.
 
 Outputs and the backward's workspace come from torch.empty on q's device (so from PyTorch's caching
 allocator, and from a graph's private pool while capturing a CUDA graph); the kernels are queued on
@@ -558,12 +560,13 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
     return grads + [None]
 
 
-# --- ALiBi, dropout, S_dmask (eager, on the CPU and on CUDA) ----------------------------------------------
+# --- ALiBi, dropout, S_dmask (on the CPU and on CUDA) --------------------------------------------------
 #
-# The same bodies as above (`_launch_fwd` / `_launch_bwd` with the native call's optional arguments) under
-# an autograd.Function; not custom ops, so torch.compile breaks the graph here. The dropout mask is a
-# function of (seed, offset) and the positions (flash_attn.dropout), identical on both devices: the
-# backward regenerates it from the forward's (p, seed, offset), nothing is stored.
+# The same bodies as above (`_launch_fwd` / `_launch_bwd` with the native call's optional arguments): in
+# plain eager mode under an autograd.Function, else through the custom ops `fwd_ext` / `bwd_ext` (so
+# torch.compile(fullgraph=True) traces them). The dropout mask is a function of (seed, offset) and the
+# positions (flash_attn.dropout), identical on both devices: the backward regenerates it from the
+# forward's (p, seed, offset), nothing is stored.
 
 def seed_offset(o, q, gen=None):
     """The dropout (seed, offset) of a call, whatever q's device: the explicit rng_state, else a seed drawn
@@ -653,7 +656,112 @@ class _ExtFwd(torch.autograd.Function):
         return tuple(grads) + (None,) * 16
 
 
+# The same forward and backward as custom ops (`fwd_ext`, `bwd_ext`), for torch.compile / export / tracing:
+# the dropout's (seed, offset) travel as an int64 [2] CPU tensor (`rng_state`), read on the host inside
+# the ops, so a compiled graph draws its seed with a traceable torch.randint.
+
+def _seeds_of(dropout_p, rng_state):
+    """The native dropout argument from an int64 [2] (seed, offset) tensor (two's complement for >= 2^63)."""
+    if dropout_p == 0 or rng_state is None:
+        return None
+    seed, offset = (int(x) for x in rng_state.tolist())
+    return dropout_p, seed % 2**64, offset % 2**64
+
+
+def _fwd_ext_body(q: Tensor, k: Optional[Tensor], v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                  cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, pack: int, softmax_scale: float, causal: bool,
+                  window_size_left: int, window_size_right: int, softcap: float, deterministic: bool,
+                  alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Optional[Tensor],
+                  return_probs: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _ext_fwd_body(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, pack,
+                         softmax_scale, causal, window_size_left, window_size_right, softcap, alibi_slopes,
+                         _seeds_of(dropout_p, rng_state), return_probs)
+
+
+def _bwd_ext_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor, dq: Tensor,
+                  dk: Tensor, dv: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int, softcap: float,
+                  deterministic: bool, alibi_slopes: Optional[Tensor], dropout_p: float,
+                  rng_state: Optional[Tensor]) -> None:
+    extras = _bwd_extras(_alibi(alibi_slopes, q), _seeds_of(dropout_p, rng_state))
+    _launch_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                deterministic, extras)
+
+
+_fwd_ext = torch.library.custom_op("flash_attn_rs::fwd_ext", _fwd_ext_body, mutates_args=())
+_bwd_ext = torch.library.custom_op("flash_attn_rs::bwd_ext", _bwd_ext_body, mutates_args=("dq", "dk", "dv"))
+
+
+@_fwd_ext.register_fake
+def _fwd_ext_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, pack,
+                  softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic, alibi_slopes,
+                  dropout_p, rng_state, return_probs):
+    qq, kk, _ = _split(q, k, v, pack)
+    varlen = cu_seqlens_q is not None
+    out = torch.empty(qq.shape, dtype=qq.dtype, device=qq.device)
+    lse = torch.empty(_lse_shape(qq, varlen), dtype=torch.float32, device=qq.device)
+    if return_probs:
+        shape = (cu_seqlens_q.shape[0] - 1, qq.shape[1], max_seqlen_q, max_seqlen_k) if varlen else \
+            (qq.shape[0], qq.shape[2], qq.shape[1], kk.shape[1])
+        s_dmask = torch.empty(shape, dtype=qq.dtype, device=qq.device)
+    else:
+        s_dmask = torch.empty(0, dtype=qq.dtype, device=qq.device)
+    return out, lse, s_dmask
+
+
+@_bwd_ext.register_fake
+def _bwd_ext_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                  max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                  deterministic, alibi_slopes, dropout_p, rng_state):
+    return None
+
+
+def _fwd_ext_setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal, wl, wr, softcap, det, alibi, p, rng,
+     _) = inputs
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi, rng)
+    ctx.params = (max_q, max_k, pack, scale, causal, wl, wr, softcap, det, p)
+
+
+def _fwd_ext_backward(ctx, dout, dlse, ds_dmask):
+    q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi, rng = ctx.saved_tensors
+    max_q, max_k, pack, scale, causal, wl, wr, softcap, det, p = ctx.params
+    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
+    qq, kk, vv = _split(q, k, v, pack)
+    dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
+    torch.ops.flash_attn_rs.bwd_ext(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k,
+                                    scale, causal, wl, wr, softcap, det, alibi, p, rng)
+    return tuple(grads) + (None,) * 17
+
+
+_fwd_ext.register_autograd(_fwd_ext_backward, setup_context=_fwd_ext_setup_context)
+
+
+def _rng_state_tensor(o):
+    """A traced call's dropout (seed, offset) as an int64 [2] CPU tensor: the explicit rng_state, else a seed
+    drawn with torch.randint from the default CPU generator (inside a compiled graph, the graph's own draw),
+    offset 0; None without dropout."""
+    if o.dropout_p == 0:
+        return None
+    if o.rng_state is not None:
+        return torch.tensor([x - 2**64 if x >= 2**63 else x for x in o.rng_state], dtype=torch.int64)
+    seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64)])
+
+
 def _attention_ext(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o):
+    alibi = o.alibi_slopes
+    if not _eager(q, k, v, cu_q, cu_k, used_q, used_k, alibi if isinstance(alibi, torch.Tensor) else None):
+        if alibi is not None:
+            alibi = _alibi(alibi, q)
+        out, lse, s_dmask = torch.ops.flash_attn_rs.fwd_ext(
+            q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o.causal, o.window_left, o.window_right,
+            o.softcap, o.deterministic, alibi, float(o.dropout_p), _rng_state_tensor(o), bool(o.return_probs))
+        return out, lse, (s_dmask if o.return_probs else None)
     seeds = seed_offset(o, q)
     args = (q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o.causal, o.window_left,
             o.window_right, o.softcap, o.deterministic, o.alibi_slopes, _common.dropout_arg(o, seeds),

@@ -23,6 +23,7 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   torch.compile(fullgraph=True) of a paged call;
 - ALiBi, dropout, S_dmask on either device: ALiBi against the reference (dense, varlen, paged), dropout's
   autograd gradients equal the hub's bwd given the forward's rng_state, torch.manual_seed replays the mask;
+  the custom ops fwd_ext / bwd_ext give the eager path's bits and torch.compile(fullgraph=True) traces them;
   on CUDA the same rng_state drops the same scores as the CPU (S_dmask's signs bitwise);
   flash_attn_with_kvcache raises NotImplementedError on CUDA (no kernels yet) and on the CPU appends in
   place.
@@ -675,6 +676,34 @@ def check_extras(dev, quick):
     o3 = fa.flash_attn_func(q, k, v, dropout_p=0.3)
     report(f"{where} dropout: torch.manual_seed replays the mask, the next call draws another",
            torch.equal(o1, o2) and not torch.equal(o2, o3))
+    # The custom ops (fwd_ext / bwd_ext: what torch.compile traces) give the eager path's bits, gradients too,
+    # and torch.compile(fullgraph=True) traces ALiBi + dropout + S_dmask without a graph break.
+    def extras_call(q, k, v):
+        return fa.flash_attn_func(q, k, v, dropout_p=0.2, causal=True, alibi_slopes=slopes, return_attn_probs=True,
+                                  rng_state=rs, deterministic=True)
+
+    def run(fn):
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        o, lse, sd = fn(qg, kg, vg)
+        o.backward(dout)
+        return [o.detach(), lse, sd, qg.grad, kg.grad, vg.grad]
+
+    eager = run(extras_call)
+    fa._torch_impl.EAGER_FAST_PATH = False
+    try:
+        via_ops = run(extras_call)
+    finally:
+        fa._torch_impl.EAGER_FAST_PATH = True
+    report(f"{where} alibi + dropout + S_dmask: custom ops == eager path (out, lse, S_dmask, gradients)",
+           all(torch.equal(a, b) for a, b in zip(eager, via_ops)))
+    torch._dynamo.reset()
+    compiled = run(torch.compile(extras_call, fullgraph=True))
+    report(f"{where} alibi + dropout + S_dmask: torch.compile(fullgraph=True) == eager (same rng_state)",
+           all(torch.equal(a, b) for a, b in zip(eager, compiled)))
+    # Without rng_state a compiled call draws a fresh seed per call (its graph's torch.randint).
+    cf = torch.compile(lambda q, k, v: fa.flash_attn_func(q, k, v, dropout_p=0.3), fullgraph=True)
+    c1, c2 = cf(q, k, v), cf(q, k, v)
+    report(f"{where} dropout under torch.compile: each call draws its own mask", not torch.equal(c1, c2))
     if dev.type == "cuda":
         # The same (seed, offset) drops the same scores on both devices; the results agree up to rounding.
         cpu = [t.cpu() for t in (q, k, v, slopes)]
