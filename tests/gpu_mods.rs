@@ -766,7 +766,7 @@ fn deterministic_runs_are_bitwise_identical() {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// 5. The paged forward (its kernels apply the modifiers too) against the CPU paged path.
+// 5. The paged forward with the modifiers (the `_paged_mods` kernels) against the CPU paged path.
 
 /// The paged family: the warp-specialized paged kernel takes page sizes that are multiples of 8
 /// (dispatch.rs `fwd_ws_launch`), the cp.async wgmma paged kernel the others on Hopper.
