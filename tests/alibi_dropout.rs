@@ -111,95 +111,6 @@ fn mask_follows_the_documented_counters() {
 // ---------------------------------------------------------------------------------------------------
 // The reference
 
-/// One sequence's options for the reference.
-struct RefCase<'a> {
-    o: RefOpts,
-    /// Per query head, or none.
-    slopes: Option<&'a [f64]>,
-    /// Dropout probability (0 = off) and keep(h, i, j).
-    p: f64,
-    keep: &'a dyn Fn(usize, usize, usize) -> bool,
-}
-
-/// Forward and backward of one sequence: q, dout `[sq, hq, d]`, k, v `[sk, hk, d]` (f64); `given_out` is
-/// what the library's backward reads (for the D-term error bound). Returns out `[sq, hq, d]`, lse
-/// `[hq, sq]`, P `[hq, sq, sk]` (0 where invisible) and the gradients with their magnitudes.
-struct RefOut {
-    out: Vec<f64>,
-    lse: Vec<f64>,
-    probs: Vec<f64>,
-    g: RefGrads,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn reference(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], given_out: &[f64], sq: usize, sk: usize, hq: usize, hk: usize, d: usize, c: &RefCase<'_>) -> RefOut {
-    let z = |n: usize| vec![0.0f64; n];
-    let (mut out, mut lse, mut probs) = (z(sq * hq * d), vec![f64::NEG_INFINITY; hq * sq], z(hq * sq * sk));
-    let mut g = RefGrads { dq: z(sq * hq * d), dk: z(sk * hk * d), dv: z(sk * hk * d), dq_mag: z(sq * hq * d), dk_mag: z(sk * hk * d), dv_mag: z(sk * hk * d), dq_derr: z(sq * hq * d), dk_derr: z(sk * hk * d) };
-    let o = &c.o;
-    for h in 0..hq {
-        let hkv = h / (hq / hk);
-        for i in 0..sq {
-            let keys: Vec<usize> = (0..sk).filter(|&j| visible(o, i, j, sq, sk)).collect();
-            if keys.is_empty() {
-                continue;
-            }
-            let qi = &q[(i * hq + h) * d..][..d];
-            let gi = &dout[(i * hq + h) * d..][..d];
-            let kj = |j: usize| &k[(j * hk + hkv) * d..][..d];
-            let vj = |j: usize| &v[(j * hk + hkv) * d..][..d];
-            let (s, ds_dx): (Vec<f64>, Vec<f64>) = keys
-                .iter()
-                .map(|&j| {
-                    let x = o.scale * (0..d).map(|y| qi[y] * kj(j)[y]).sum::<f64>();
-                    let (s, ds) = if o.softcap > 0.0 {
-                        let t = (x / o.softcap).tanh();
-                        (o.softcap * t, 1.0 - t * t)
-                    } else {
-                        (x, 1.0)
-                    };
-                    let bias = c.slopes.map_or(0.0, |sl| sl[h] * (i as f64 + sk as f64 - sq as f64 - j as f64).abs());
-                    (s - bias, ds)
-                })
-                .unzip();
-            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = s.iter().map(|s| (s - max).exp()).sum();
-            lse[h * sq + i] = max + sum.ln();
-            let p: Vec<f64> = s.iter().map(|s| (s - max).exp() / sum).collect();
-            let zf: Vec<f64> = keys.iter().map(|&j| if (c.keep)(h, i, j) { 1.0 / (1.0 - c.p) } else { 0.0 }).collect();
-            let mut oi = vec![0.0f64; d];
-            for (t, &j) in keys.iter().enumerate() {
-                probs[(h * sq + i) * sk + j] = p[t];
-                (0..d).for_each(|y| oi[y] += p[t] * zf[t] * vj(j)[y]);
-            }
-            out[(i * hq + h) * d..][..d].copy_from_slice(&oi);
-            // Backward.
-            let dp: Vec<f64> = keys.iter().enumerate().map(|(t, &j)| zf[t] * (0..d).map(|y| gi[y] * vj(j)[y]).sum::<f64>()).collect();
-            let delta: f64 = (0..d).map(|y| gi[y] * oi[y]).sum();
-            let d_abs: f64 = (0..d).map(|y| gi[y].abs() * oi[y].abs()).sum();
-            let e_i: f64 = (0..d).map(|y| gi[y].abs() * (given_out[(i * hq + h) * d + y] - oi[y]).abs()).sum();
-            for (t, &j) in keys.iter().enumerate() {
-                let dx = p[t] * (dp[t] - delta) * ds_dx[t];
-                let dp_abs: f64 = zf[t] * (0..d).map(|y| gi[y].abs() * vj(j)[y].abs()).sum::<f64>();
-                let mag = o.scale.abs() * p[t] * (dp_abs + d_abs) * ds_dx[t];
-                let derr = o.scale.abs() * p[t] * ds_dx[t] * e_i;
-                for y in 0..d {
-                    let (qa, ka) = ((i * hq + h) * d + y, (j * hk + hkv) * d + y);
-                    g.dq[qa] += o.scale * dx * kj(j)[y];
-                    g.dk[ka] += o.scale * dx * qi[y];
-                    g.dv[ka] += p[t] * zf[t] * gi[y];
-                    g.dq_mag[qa] += mag * kj(j)[y].abs();
-                    g.dk_mag[ka] += mag * qi[y].abs();
-                    g.dv_mag[ka] += p[t] * zf[t] * gi[y].abs();
-                    g.dq_derr[qa] += derr * kj(j)[y].abs();
-                    g.dk_derr[ka] += derr * qi[y].abs();
-                }
-            }
-        }
-    }
-    RefOut { out, lse, probs, g }
-}
-
 /// The reference's P against the library's |s_dmask| (P = exp(s - lse): relative error of the score's
 /// and the LSE's absolute errors).
 fn check_probs(got: &[f32], want: &[f64], rel: f64) -> std::result::Result<(), String> {
@@ -219,27 +130,6 @@ fn check_probs(got: &[f32], want: &[f64], rel: f64) -> std::result::Result<(), S
     Ok(())
 }
 
-/// One gradient against the reference: |g - ref| <= u |ref| + tiny + (1 + 2u) (c mag + derr), exactly 0
-/// where nothing enters (cpu_backward.rs).
-fn check_grad(name: &str, got: &[f32], r: &[f64], mag: &[f64], derr: Option<&[f64]>, dtype: DType, c: f64) -> std::result::Result<(), String> {
-    let u = unit_roundoff(dtype);
-    let tiny = u * if dtype == DType::F16 { 2f64.powi(-14) } else { 2f64.powi(-126) };
-    for (e, (&g, &r)) in got.iter().zip(r).enumerate() {
-        let g = g as f64;
-        let rest = c * mag[e] + derr.map_or(0.0, |x| x[e]);
-        if r == 0.0 && rest == 0.0 {
-            if g != 0.0 {
-                return Err(format!("{name}[{e}] = {g}, must be exactly 0"));
-            }
-            continue;
-        }
-        let bound = u * r.abs() + tiny + (1.0 + 2.0 * u) * rest;
-        if !(g.is_finite() && (g - r).abs() <= bound) {
-            return Err(format!("{name}[{e}] = {g}, reference {r} (|diff| {:.3e}, tolerance {bound:.3e})", (g - r).abs()));
-        }
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------------------
 // Cases
@@ -430,10 +320,10 @@ fn run_case(c: &Case) -> std::result::Result<(), String> {
         }
         let keep = |h: usize, i: usize, j: usize| !mask[at(b, h, i, j)].is_sign_negative();
         let slopes: Vec<f64> = s.slopes[b * hq..][..hq].iter().map(|&x| x as f64).collect();
-        let rc = RefCase { o, slopes: s.slopes_t.as_ref().map(|_| &slopes[..]), p: c.p as f64, keep: &keep };
+        let rc = RefMods { slopes: s.slopes_t.as_ref().map(|_| &slopes[..]), p: c.p as f64, keep: &keep };
         let qr = rq * hq * d..(rq + sq) * hq * d;
         let kr = rk * hk * d..(rk + sk) * hk * d;
-        let r = reference(&f64s(&s.q[qr.clone()]), &f64s(&s.k[kr.clone()]), &f64s(&s.v[kr.clone()]), &f64s(&s.dout[qr.clone()]), &f64s(&out[qr.clone()]), sq, sk, hq, hk, d, &rc);
+        let r = reference_attention_full(&f64s(&s.q[qr.clone()]), &f64s(&s.k[kr.clone()]), &f64s(&s.v[kr.clone()]), &f64s(&s.dout[qr.clone()]), Some(&f64s(&out[qr.clone()])), sq, sk, hq, hk, d, &o, &rc);
 
         // Bounds: |score| <= |scale| D (q, k in [-1, 1]) or the softcap, plus the largest bias.
         let mut smax = o.scale.abs() * d as f64;

@@ -233,32 +233,6 @@ impl Setup {
     }
 }
 
-/// Checks one gradient against the reference (see the tolerances at the top); returns the worst
-/// |diff| / tolerance.
-fn check_grad(name: &str, got: &[f32], r: &[f64], mag: &[f64], derr: Option<&[f64]>, dtype: DType, c: f64) -> std::result::Result<f64, String> {
-    if got.len() != r.len() {
-        return Err(format!("{name}: {} elements, reference {}", got.len(), r.len()));
-    }
-    let u = unit_roundoff(dtype);
-    let tiny = u * if dtype == DType::F16 { 2f64.powi(-14) } else { 2f64.powi(-126) };
-    let mut worst = 0.0f64;
-    for (e, (&g, &r)) in got.iter().zip(r).enumerate() {
-        let g = g as f64;
-        let rest = c * mag[e] + derr.map_or(0.0, |x| x[e]);
-        if r == 0.0 && rest == 0.0 {
-            if g != 0.0 {
-                return Err(format!("{name}[{e}] = {g}, must be exactly 0"));
-            }
-            continue;
-        }
-        let bound = u * r.abs() + tiny + (1.0 + 2.0 * u) * rest;
-        worst = worst.max((g - r).abs() / bound);
-        if !(g.is_finite() && (g - r).abs() <= bound) {
-            return Err(format!("{name}[{e}] = {g}, reference {r} (|diff| {:.3e}, tolerance {bound:.3e}, mag {:.3e})", (g - r).abs(), mag[e]));
-        }
-    }
-    Ok(worst)
-}
 
 fn run_case(c: &Case) -> std::result::Result<[f64; 3], String> {
     let (hq, hk, d) = (c.heads.0, c.heads.1, c.d);

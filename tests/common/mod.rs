@@ -310,13 +310,44 @@ pub struct RefGrads {
     pub dk_derr: Vec<f64>,
 }
 
-/// One sequence's backward, straight from the definition: softmax Jacobian dS_j = P_j (dP_j - sum_l P_l dP_l)
-/// with dP = dout . v, the softcap s = c tanh(x / c) differentiated through its tanh, x = scale q.k. q and
-/// dout are `[sq, hq, d]`, k and v `[sk, hk, d]`; `given_out` (`[sq, hq, d]`) is the out the library's
-/// backward reads, used only for `dq_derr`/`dk_derr`. Rows that see no key contribute nothing.
+/// ALiBi and dropout for `reference_attention_full`: the slope of each query head (the bias of score (i, j)
+/// is `-slope * |i + sk - sq - j|`, after the scale and the softcap), and dropout's probability with its
+/// keep(h, i, j) decisions (kept probabilities scaled by 1 / (1 - p)).
+pub struct RefMods<'a> {
+    pub slopes: Option<&'a [f64]>,
+    pub p: f64,
+    pub keep: &'a dyn Fn(usize, usize, usize) -> bool,
+}
+
+fn keep_all(_: usize, _: usize, _: usize) -> bool {
+    true
+}
+
+impl RefMods<'static> {
+    /// No ALiBi, no dropout.
+    pub fn none() -> RefMods<'static> {
+        RefMods { slopes: None, p: 0.0, keep: &keep_all }
+    }
+}
+
+/// One sequence's forward and backward: out `[sq, hq, d]`, lse `[hq, sq]`, P `[hq, sq, sk]` (0 where
+/// invisible) and the gradients with their magnitudes.
+pub struct RefOut {
+    pub out: Vec<f64>,
+    pub lse: Vec<f64>,
+    pub probs: Vec<f64>,
+    pub g: RefGrads,
+}
+
+/// One sequence's backward, straight from the definition: softmax Jacobian dS_j = P_j (dP_j Z_j - D) with
+/// dP = dout . v, Z dropout's factor (1 without it) and D = dout . out, the softcap s = c tanh(x / c)
+/// differentiated through its tanh, x = scale q.k (ALiBi's bias is constant in x). q and dout are
+/// `[sq, hq, d]`, k and v `[sk, hk, d]`; `given_out` (`[sq, hq, d]`) is the out the library's backward
+/// reads, used only for `dq_derr`/`dk_derr`. Rows that see no key contribute nothing.
 #[allow(clippy::too_many_arguments)]
-pub fn reference_attention_bwd(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], given_out: Option<&[f64]>, sq: usize, sk: usize, hq: usize, hk: usize, d: usize, o: &RefOpts) -> RefGrads {
+pub fn reference_attention_full(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], given_out: Option<&[f64]>, sq: usize, sk: usize, hq: usize, hk: usize, d: usize, o: &RefOpts, m: &RefMods<'_>) -> RefOut {
     let z = |n: usize| vec![0.0f64; n];
+    let (mut out, mut lse, mut probs) = (z(sq * hq * d), vec![f64::NEG_INFINITY; hq * sq], z(hq * sq * sk));
     let mut g = RefGrads { dq: z(sq * hq * d), dk: z(sk * hk * d), dv: z(sk * hk * d), dq_mag: z(sq * hq * d), dk_mag: z(sk * hk * d), dv_mag: z(sk * hk * d), dq_derr: z(sq * hq * d), dk_derr: z(sk * hk * d) };
     for h in 0..hq {
         let hkv = h / (hq / hk);
@@ -334,47 +365,86 @@ pub fn reference_attention_bwd(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], gi
                 .iter()
                 .map(|&j| {
                     let x = o.scale * (0..d).map(|y| qi[y] * kj(j)[y]).sum::<f64>();
-                    if o.softcap > 0.0 {
+                    let (s, ds) = if o.softcap > 0.0 {
                         let t = (x / o.softcap).tanh();
                         (o.softcap * t, 1.0 - t * t)
                     } else {
                         (x, 1.0)
-                    }
+                    };
+                    let bias = m.slopes.map_or(0.0, |sl| sl[h] * (i as f64 + sk as f64 - sq as f64 - j as f64).abs());
+                    (s - bias, ds)
                 })
                 .unzip();
             let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = s.iter().map(|s| (s - max).exp()).sum();
+            lse[h * sq + i] = max + sum.ln();
             let p: Vec<f64> = s.iter().map(|s| (s - max).exp() / sum).collect();
-            let mut out = vec![0.0f64; d];
-            for (&j, &pj) in keys.iter().zip(&p) {
-                (0..d).for_each(|y| out[y] += pj * vj(j)[y]);
-            }
-            let dp: Vec<f64> = keys.iter().map(|&j| (0..d).map(|y| gi[y] * vj(j)[y]).sum()).collect();
-            let p_dot_dp: f64 = p.iter().zip(&dp).map(|(p, dp)| p * dp).sum();
-            // Magnitudes for the tolerance.
-            let d_abs: f64 = (0..d).map(|y| gi[y].abs() * out[y].abs()).sum();
-            let e_i: f64 = given_out.map_or(0.0, |go| (0..d).map(|y| gi[y].abs() * (go[(i * hq + h) * d + y] - out[y]).abs()).sum());
+            let zf: Vec<f64> = keys.iter().map(|&j| if (m.keep)(h, i, j) { 1.0 / (1.0 - m.p) } else { 0.0 }).collect();
+            let mut oi = vec![0.0f64; d];
             for (t, &j) in keys.iter().enumerate() {
-                let ds = p[t] * (dp[t] - p_dot_dp);
-                let dx = ds * ds_dx[t];
-                let dp_abs: f64 = (0..d).map(|y| gi[y].abs() * vj(j)[y].abs()).sum();
+                probs[(h * sq + i) * sk + j] = p[t];
+                (0..d).for_each(|y| oi[y] += p[t] * zf[t] * vj(j)[y]);
+            }
+            out[(i * hq + h) * d..][..d].copy_from_slice(&oi);
+            let dp: Vec<f64> = keys.iter().enumerate().map(|(t, &j)| zf[t] * (0..d).map(|y| gi[y] * vj(j)[y]).sum::<f64>()).collect();
+            let delta: f64 = (0..d).map(|y| gi[y] * oi[y]).sum();
+            // Magnitudes for the tolerance.
+            let d_abs: f64 = (0..d).map(|y| gi[y].abs() * oi[y].abs()).sum();
+            let e_i: f64 = given_out.map_or(0.0, |go| (0..d).map(|y| gi[y].abs() * (go[(i * hq + h) * d + y] - oi[y]).abs()).sum());
+            for (t, &j) in keys.iter().enumerate() {
+                let dx = p[t] * (dp[t] - delta) * ds_dx[t];
+                let dp_abs: f64 = zf[t] * (0..d).map(|y| gi[y].abs() * vj(j)[y].abs()).sum::<f64>();
                 let mag = o.scale.abs() * p[t] * (dp_abs + d_abs) * ds_dx[t];
                 let derr = o.scale.abs() * p[t] * ds_dx[t] * e_i;
                 for y in 0..d {
                     let (qa, ka) = ((i * hq + h) * d + y, (j * hk + hkv) * d + y);
                     g.dq[qa] += o.scale * dx * kj(j)[y];
                     g.dk[ka] += o.scale * dx * qi[y];
-                    g.dv[ka] += p[t] * gi[y];
+                    g.dv[ka] += p[t] * zf[t] * gi[y];
                     g.dq_mag[qa] += mag * kj(j)[y].abs();
                     g.dk_mag[ka] += mag * qi[y].abs();
-                    g.dv_mag[ka] += p[t] * gi[y].abs();
+                    g.dv_mag[ka] += p[t] * zf[t] * gi[y].abs();
                     g.dq_derr[qa] += derr * kj(j)[y].abs();
                     g.dk_derr[ka] += derr * qi[y].abs();
                 }
             }
         }
     }
-    g
+    RefOut { out, lse, probs, g }
+}
+
+/// `reference_attention_full`'s gradients without ALiBi or dropout.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_attention_bwd(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], given_out: Option<&[f64]>, sq: usize, sk: usize, hq: usize, hk: usize, d: usize, o: &RefOpts) -> RefGrads {
+    reference_attention_full(q, k, v, dout, given_out, sq, sk, hq, hk, d, o, &RefMods::none()).g
+}
+
+/// One gradient against a reference: |g - ref| <= u |ref| + tiny + (1 + 2u) (c mag + derr), u the dtype's
+/// unit roundoff, tiny u times its smallest normal; exactly 0 where nothing enters (ref, mag and derr
+/// all 0). Returns the worst |diff| / bound (cpu_backward.rs's header has the model).
+pub fn check_grad(name: &str, got: &[f32], r: &[f64], mag: &[f64], derr: Option<&[f64]>, dtype: DType, c: f64) -> std::result::Result<f64, String> {
+    if got.len() != r.len() {
+        return Err(format!("{name}: {} elements, reference {}", got.len(), r.len()));
+    }
+    let u = unit_roundoff(dtype);
+    let tiny = u * if dtype == DType::F16 { 2f64.powi(-14) } else { 2f64.powi(-126) };
+    let mut worst = 0.0f64;
+    for (e, (&g, &r)) in got.iter().zip(r).enumerate() {
+        let g = g as f64;
+        let rest = c * mag[e] + derr.map_or(0.0, |x| x[e]);
+        if r == 0.0 && rest == 0.0 {
+            if g != 0.0 {
+                return Err(format!("{name}[{e}] = {g}, must be exactly 0"));
+            }
+            continue;
+        }
+        let bound = u * r.abs() + tiny + (1.0 + 2.0 * u) * rest;
+        worst = worst.max((g - r).abs() / bound);
+        if !(g.is_finite() && (g - r).abs() <= bound) {
+            return Err(format!("{name}[{e}] = {g}, reference {r} (|diff| {:.3e}, tolerance {bound:.3e}, mag {:.3e})", (g - r).abs(), mag[e]));
+        }
+    }
+    Ok(worst)
 }
 
 /// A packed batch's reference backward: q/dout/out `[tq, hq, d]`, k/v `[tk, hk, d]`; sequence b is rows
