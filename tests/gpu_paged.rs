@@ -20,7 +20,6 @@ use common::*;
 use flash_attn::{varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, FwdOutput, KernelChoice, PagedVarlen, Tensor, Varlen};
 use kernels::{seeded, fwd_choices, fwd_family, Tally};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::Rng;
 
 const GPU: Device = Device::Cuda(0);
@@ -132,26 +131,8 @@ fn inputs(c: &Case, rng: &mut StdRng) -> Inputs {
     // Each sequence gets the blocks its keys need from a shuffled pool with spare blocks; its table row
     // is garbage past them (never read for keys: the kernels' clamped tile copies may read them, and the
     // blocks they name, only for keys they mask or zero). Rows no key lives in are NaN.
-    let needed: Vec<usize> = (0..c.seqs.len()).map(|b| c.keys(b).div_ceil(page)).collect();
-    let max_blocks = needed.iter().copied().max().unwrap_or(0) + rng.gen_range(0..3);
-    let num_blocks = (needed.iter().sum::<usize>() + c.extra_blocks).max(1);
-    let mut pool: Vec<usize> = (0..num_blocks).collect();
-    pool.shuffle(rng);
-    let mut table = vec![0i32; c.seqs.len() * max_blocks];
-    let mut kp = vec![f32::NAN; num_blocks * page * hk * d];
-    let mut vp = kp.clone();
-    let mut next = pool.into_iter();
-    for b in 0..c.seqs.len() {
-        for i in 0..max_blocks {
-            table[b * max_blocks + i] = if i < needed[b] { next.next().unwrap() as i32 } else { rng.gen_range(-1000..1000) };
-        }
-        for t in 0..c.keys(b) {
-            let block = table[b * max_blocks + t / page] as usize;
-            let (src, dst) = ((cu_k[b] + t) * hk * d, (block * page + t % page) * hk * d);
-            kp[dst..dst + hk * d].copy_from_slice(&k[src..src + hk * d]);
-            vp[dst..dst + hk * d].copy_from_slice(&v[src..src + hk * d]);
-        }
-    }
+    let keys: Vec<usize> = (0..c.seqs.len()).map(|b| c.keys(b)).collect();
+    let PagedCopy { kp, vp, table, max_blocks, num_blocks } = paged_copy(rng, &k, &v, &cu_k, &keys, hk, d, page, c.extra_blocks, 1, 0..3, -1000..1000);
     Inputs { q, k, v, kp, vp, table, max_blocks, num_blocks, cu_q, cu_k, used_k }
 }
 

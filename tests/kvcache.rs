@@ -127,27 +127,8 @@ fn run_paged(c: &PagedCase) -> (FwdOutput, FwdOutput) {
     // over a shuffled pool with spare blocks; unused rows and blocks are NaN, so reading one shows.
     let page = c.page_size;
     let keys_of = |b: usize| if c.counts == 2 { used_k[b] } else { c.seqs[b].1 };
-    let needed: Vec<usize> = (0..c.seqs.len()).map(|b| keys_of(b).div_ceil(page)).collect();
-    let max_blocks = needed.iter().copied().max().unwrap_or(0) + rng.gen_range(0..2);
-    let num_blocks = needed.iter().sum::<usize>() + c.extra_blocks;
-    let mut pool: Vec<usize> = (0..num_blocks).collect();
-    pool.shuffle(&mut rng);
-    let mut table = vec![0i32; c.seqs.len() * max_blocks];
-    let mut kp = vec![f32::NAN; num_blocks * page * hk * d];
-    let mut vp = kp.clone();
-    let mut next = pool.into_iter();
-    for b in 0..c.seqs.len() {
-        for i in 0..max_blocks {
-            // Entries past what a sequence reads are never looked at: leave garbage there.
-            table[b * max_blocks + i] = if i < needed[b] { next.next().unwrap() as i32 } else { rng.gen_range(-5..1000) };
-        }
-        for t in 0..keys_of(b) {
-            let block = table[b * max_blocks + t / page] as usize;
-            let (src, dst) = ((cu_k[b] + t) * hk * d, (block * page + t % page) * hk * d);
-            kp[dst..dst + hk * d].copy_from_slice(&k[src..src + hk * d]);
-            vp[dst..dst + hk * d].copy_from_slice(&v[src..src + hk * d]);
-        }
-    }
+    let keys: Vec<usize> = (0..c.seqs.len()).map(keys_of).collect();
+    let PagedCopy { kp, vp, table, max_blocks, num_blocks } = paged_copy(&mut rng, &k, &v, &cu_k, &keys, hk, d, page, c.extra_blocks, 0, 0..2, -5..1000);
     let t = |x: &[f32], shape: &[usize]| Tensor::from_f32(x, shape, c.dtype).unwrap();
     let (cu_q_t, cu_k_t, used_t) = (i32s(&cu_q), i32s(&cu_k), i32s(&used_k));
     let max_q = c.seqs.iter().map(|s| s.0).max().unwrap_or(0);

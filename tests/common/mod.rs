@@ -7,6 +7,7 @@ use flash_attn::{DType, Tensor};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
@@ -510,4 +511,43 @@ pub struct Amp {
 pub fn amp() -> impl Strategy<Value = Amp> {
     let a = || proptest::sample::select(vec![0.5f32, 1.0, 2.0]);
     (a(), a(), proptest::sample::select(vec![1.0f32, 3.0])).prop_map(|(q, k, v)| Amp { q, k, v })
+}
+
+/// A paged copy of packed k and v (`[tk, hk, d]`, sequence b's `keys[b]` keys from row `cu_k[b]`): each
+/// sequence takes the blocks of `page` rows its keys need from a shuffled pool of those plus
+/// `extra_blocks` (at least `min_blocks` in all); table rows are `max_blocks` entries long (the longest
+/// need plus a draw from `slack`), garbage from `garbage` past a sequence's blocks (entries no key is
+/// read through); rows no key lives in are NaN, so reading one shows.
+pub struct PagedCopy {
+    pub kp: Vec<f32>,
+    pub vp: Vec<f32>,
+    /// `[keys.len(), max_blocks]`, row-major.
+    pub table: Vec<i32>,
+    pub max_blocks: usize,
+    pub num_blocks: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn paged_copy(rng: &mut StdRng, k: &[f32], v: &[f32], cu_k: &[usize], keys: &[usize], hk: usize, d: usize, page: usize, extra_blocks: usize, min_blocks: usize, slack: std::ops::Range<usize>, garbage: std::ops::Range<i32>) -> PagedCopy {
+    let needed: Vec<usize> = keys.iter().map(|n| n.div_ceil(page)).collect();
+    let max_blocks = needed.iter().copied().max().unwrap_or(0) + rng.gen_range(slack);
+    let num_blocks = (needed.iter().sum::<usize>() + extra_blocks).max(min_blocks);
+    let mut pool: Vec<usize> = (0..num_blocks).collect();
+    pool.shuffle(rng);
+    let mut table = vec![0i32; keys.len() * max_blocks];
+    let mut kp = vec![f32::NAN; num_blocks * page * hk * d];
+    let mut vp = kp.clone();
+    let mut next = pool.into_iter();
+    for b in 0..keys.len() {
+        for i in 0..max_blocks {
+            table[b * max_blocks + i] = if i < needed[b] { next.next().unwrap() as i32 } else { rng.gen_range(garbage.clone()) };
+        }
+        for t in 0..keys[b] {
+            let block = table[b * max_blocks + t / page] as usize;
+            let (src, dst) = ((cu_k[b] + t) * hk * d, (block * page + t % page) * hk * d);
+            kp[dst..dst + hk * d].copy_from_slice(&k[src..src + hk * d]);
+            vp[dst..dst + hk * d].copy_from_slice(&v[src..src + hk * d]);
+        }
+    }
+    PagedCopy { kp, vp, table, max_blocks, num_blocks }
 }
