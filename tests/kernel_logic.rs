@@ -196,6 +196,8 @@ proptest! {
             total_q,
             total_k,
             paged_keys: None,
+            k_first: 0,
+            seqused_k_add: 0,
         };
         let read = |ptr: u64, i: i32| mem[ptr as usize - 1 + i as usize];
         for b in 0..batch {
@@ -231,7 +233,7 @@ proptest! {
         };
         prop_assert_eq!(s.slot_len as i64, want_slot);
         prop_assert_eq!(s.used as i64, used.map_or(want_slot, |u| (u as i64).clamp(0, want_slot)));
-        let l = seqlen::Lengths { cu_seqlens_q: 1, cu_seqlens_k: if cu { 4 } else { 0 }, seqused_q: 0, seqused_k: if used.is_some() { 7 } else { 0 }, batch: 2, seqlen_q: 0, seqlen_k: 0, total_q: 10, total_k: 0, paged_keys: Some(capacity) };
+        let l = seqlen::Lengths { cu_seqlens_q: 1, cu_seqlens_k: if cu { 4 } else { 0 }, seqused_q: 0, seqused_k: if used.is_some() { 7 } else { 0 }, batch: 2, seqlen_q: 0, seqlen_k: 0, total_q: 10, total_k: 0, paged_keys: Some(capacity), k_first: 0, seqused_k_add: 0 };
         let mem = [0, 3, 10, 0, a, b, used.unwrap_or(0), used.unwrap_or(0)];
         let read = |ptr: u64, i: i32| {
             assert!(ptr != 0, "read of an absent array");
@@ -241,6 +243,25 @@ proptest! {
         prop_assert_eq!(sk, seqlen::SeqlenInfo::counted(cu.then_some((0, a)), used, capacity));
         let (tq, tk) = l.slice(2, read);
         prop_assert_eq!((tq.start, tq.slot_len, tk.slot_len, tk.used), (10, 0, 0, 0));
+    }
+
+    /// KV-cache keys (dense q over a paged or one-page-per-row cache): key 0 at the row's leftpad and
+    /// `cache_seqlens + S_new - leftpad` keys, both clamped into the row whatever the device holds.
+    #[test]
+    fn cache_key_ranges_are_clamped(seqlen in any::<i32>(), first in proptest::option::of(any::<i32>()), add in 0..100_000i32, capacity in -5..100_000i32, with_seqlens in any::<bool>()) {
+        let l = seqlen::Lengths { cu_seqlens_q: 0, cu_seqlens_k: 0, seqused_q: 0, seqused_k: if with_seqlens { 1 } else { 0 }, batch: 1, seqlen_q: 3, seqlen_k: 0, total_q: 3, total_k: 0, paged_keys: Some(capacity), k_first: if first.is_some() { 2 } else { 0 }, seqused_k_add: add };
+        let mem = [seqlen, first.unwrap_or(0)];
+        let (sq, sk) = l.slice(0, |ptr, i| {
+            assert!(ptr != 0 && i == 0, "read of an absent array");
+            mem[ptr as usize - 1]
+        });
+        prop_assert_eq!(sq, seqlen::SeqlenInfo::dense(3));
+        let cap = capacity.max(0) as i64;
+        let start = first.map_or(0, |f| (f as i64).clamp(0, cap));
+        let end = if with_seqlens { seqlen as i64 + add as i64 } else { cap };
+        let n = (end - start).clamp(0, cap - start);
+        prop_assert_eq!(sk, seqlen::SeqlenInfo { start: start as i32, slot_len: n as i32, used: n as i32 });
+        prop_assert!(sk.start as i64 + sk.used as i64 <= cap);
     }
 
     #[test]

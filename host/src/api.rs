@@ -257,8 +257,8 @@ pub fn varlen_fwd_paged_with(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedV
 /// KV-cache forward, flash-attn's `flash_attn_with_kvcache`: q `[B, Sq, Hq, D]` over the caches
 /// `[B_cache, S_cache, Hk, D]` (or paged, with `cache.block_table`), after appending `cache.k_new` /
 /// `cache.v_new` to them in place (k_new rotated when `cache.rotary_cos` / `rotary_sin` are given; q is
-/// rotated too). Out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]`. CPU only for now (CUDA tensors:
-/// `Error::Unsupported`).
+/// rotated too). Out `[B, Sq, Hq, D]`, lse `[B, Hq, Sq]`. On CUDA the kernels clamp the index
+/// tensors' contents instead of checking them (see `raw::fwd_kvcache`).
 pub fn fwd_kvcache(q: &Tensor, k_cache: &mut Tensor, v_cache: &mut Tensor, cache: &KvCache<'_>, opts: &AttnOptions, kv: &KvCacheOptions) -> Result<FwdOutput> {
     let others: Vec<(&'static str, &Tensor)> = [("k_cache", &*k_cache), ("v_cache", &*v_cache)].into_iter().chain(cache.tensors()).collect();
     let device = same_device(q, &others, None)?;
@@ -282,16 +282,21 @@ pub fn fwd_kvcache(q: &Tensor, k_cache: &mut Tensor, v_cache: &mut Tensor, cache
         out: out.view_mut(),
         lse: lse.view_mut(),
     };
+    // The workspace (q rotated, split-KV's partials) is freed on the stream after the kernels using it.
+    let ws_buf = match (device, raw::kvcache_workspace_bytes(&views, opts, kv, target(device))?) {
+        (Device::Cuda(ordinal), bytes) if bytes > 0 => Some(crate::cuda::DeviceBuffer::uninit(ordinal, bytes)?),
+        _ => None,
+    };
+    let workspace = ws_buf.as_ref().map_or(Workspace::default(), |b| Workspace { addr: b.ptr(), bytes: b.len_bytes() });
     // Safety: every view is of a live tensor on `device`; the caches are borrowed mutably.
-    unsafe { raw::fwd_kvcache(&views, opts, kv, Workspace::default(), target(device)) }?;
+    unsafe { raw::fwd_kvcache(&views, opts, kv, workspace, target(device)) }?;
     Ok(FwdOutput { out, lse, s_dmask: None })
 }
 
 /// Merges partial attention results over disjoint key sets of the same queries: `partial_out`
 /// `[n, B, Sq, H, D]` (or packed `[n, T, H, D]`; f16, bf16 or f32) with f32 `partial_lse`
 /// `[n, B, H, Sq]` (`[n, H, T]`), into out (partial_out's dtype, the shape without n) and lse: the
-/// exact log-sum-exp merge. Out and lse of split-KV, or of context parallelism's shards. CPU only for
-/// now.
+/// exact log-sum-exp merge. Out and lse of split-KV, or of context parallelism's shards.
 pub fn combine(partial_out: &Tensor, partial_lse: &Tensor) -> Result<FwdOutput> {
     let device = same_device(partial_out, &[("partial_lse", partial_lse)], None)?;
     let (os, ls) = (partial_out.shape(), partial_lse.shape());

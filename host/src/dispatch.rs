@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, FWD_WS_THREADS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -102,6 +102,20 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     }?;
     let config = fwd_config(p.head_dim);
     Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
+}
+
+/// The KV-cache forward's tile shape: the mma.sync forward's.
+pub fn kvcache_config(head_dim: usize) -> FwdConfig {
+    fwd_config(head_dim)
+}
+
+/// The KV-cache forward over `p` (its cache as pages: `p.paged`): the paged twin of the mma.sync
+/// forward (`_paged_mods` with ALiBi), grid z over `batch * splits` (split-KV's slices).
+pub fn kvcache_launch(p: &Problem, splits: usize) -> Option<FwdLaunch> {
+    debug_assert!(p.paged.is_some() && !p.varlen);
+    let mut l = fwd_launch(p, None)?;
+    l.grid.2 = u32::try_from(p.batch.checked_mul(splits)?).ok()?;
+    Some(l)
 }
 
 /// The warp-specialized Hopper forward (fwd/ws.rs) on `sms` multiprocessors: a persistent grid of at

@@ -5,9 +5,10 @@
 use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, probs_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
-use crate::params::{BwdParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF};
-use crate::problem::{BwdProblem, Problem, Strides};
-use crate::types::{BwdViews, DType, FwdViews, KernelChoice, PagedVarlenViews, VarlenViews, View};
+use crate::params::{AppendParams, BwdParams, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
+use crate::problem::{BwdProblem, CombineProblem, KvCacheProblem, Problem, Strides};
+use crate::types::{BwdViews, CombineViews, DType, FwdViews, KernelChoice, KvCacheViews, PagedVarlenViews, VarlenViews, View};
+use crate::dispatch::{kvcache_append_kernel_name, KernelDType, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS};
 use crate::validate::check_grid;
 use cudarc::driver::{result, sys};
 use std::sync::OnceLock;
@@ -133,6 +134,28 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         Some(l) if !zero_probs => Some(gpu.function(l.kernel, l.smem_bytes)?),
         _ => None,
     };
+    let params = fwd_params(p, t, lengths, block_table, m_blocks);
+    let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
+    if ws.is_none() {
+        unsafe { queue(f, &l, &params, stream) }?;
+    } else {
+        // The tensor maps travel as the kernel's second parameter.
+        let maps = tma_maps(p, t, &launch.config)?;
+        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
+        unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+    }
+    let (Some(m), Some(l)) = (&t.s_dmask, probs) else { return Ok(()) };
+    let Some(pf) = probs_f else { return unsafe { zero_s_dmask(m, stream) } };
+    // After the forward on the same stream: P from the LSE it wrote, with the same parameters.
+    let s = |i: usize| m.strides[i] as i64;
+    let probs_params = ProbsParams { fwd: params, s_dmask: m.addr, s_batch_stride: s(0), s_head_stride: s(1), s_row_stride: s(2), s_rows: m.shape[2] as i32, s_cols: m.shape[3] as i32, head_dim: p.head_dim as i32, _pad: 0 };
+    unsafe { queue(pf, &l, &probs_params, stream) }
+}
+
+/// The forward kernels' parameter for problem `p` over the views `t`: `lengths` as `length_addrs`,
+/// `block_table` (address, row stride in elements) for a paged problem, `m_blocks` row blocks per
+/// sequence. One sequence's keys in one row, no split (the KV cache sets those fields).
+fn fwd_params(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Option<(u64, i64)>, m_blocks: i32) -> FwdParams {
     let (o_batch, o_row, o_head) = bsh(&t.out, p.varlen);
     let (lse_batch, lse_head) = p.lse_strides();
     let (scale_log2, softcap_pre) = score_constants(p);
@@ -150,7 +173,7 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         None => (1, 0, 0),
     };
     let s = |x: usize| x as i64;
-    let params = FwdParams {
+    FwdParams {
         q: t.q.addr,
         k: t.k.addr,
         v: t.v.addr,
@@ -191,24 +214,12 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         page_size: page_size as i32,
         max_blocks: max_blocks as i32,
         num_blocks: num_blocks as i32,
-        _pad: 0,
+        num_splits: 1,
         mods: score_mods(p, t.alibi_slopes.as_ref()),
-    };
-    let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
-    if ws.is_none() {
-        unsafe { queue(f, &l, &params, stream) }?;
-    } else {
-        // The tensor maps travel as the kernel's second parameter.
-        let maps = tma_maps(p, t, &launch.config)?;
-        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
-        unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+        cache_leftpad: 0,
+        seqused_k_add: 0,
+        _pad: 0,
     }
-    let (Some(m), Some(l)) = (&t.s_dmask, probs) else { return Ok(()) };
-    let Some(pf) = probs_f else { return unsafe { zero_s_dmask(m, stream) } };
-    // After the forward on the same stream: P from the LSE it wrote, with the same parameters.
-    let s = |i: usize| m.strides[i] as i64;
-    let probs_params = ProbsParams { fwd: params, s_dmask: m.addr, s_batch_stride: s(0), s_head_stride: s(1), s_row_stride: s(2), s_rows: m.shape[2] as i32, s_cols: m.shape[3] as i32, head_dim: p.head_dim as i32, _pad: 0 };
-    unsafe { queue(pf, &l, &probs_params, stream) }
 }
 
 /// The probabilities kernel's launch for the validated `s_dmask` view (`[B, Hq, Sq, Sk]`, last dimension
@@ -478,4 +489,259 @@ unsafe fn zero(v: &View<'_>, varlen: bool, stream: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a CUDA KV-cache call's scratch lives in the caller's workspace (each section 256-byte
+/// aligned): q rotated (`[B, Sq, Hq, D]` in q's dtype, with rotary), and with split-KV the f32 partial
+/// results (`[splits, B, Sq, Hq, D]`) and their LSEs (`[splits, B, Hq, Sq]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvWorkspace {
+    pub splits: usize,
+    pub q_rot: Option<usize>,
+    pub partials: Option<(usize, usize)>,
+    pub bytes: usize,
+}
+
+impl KvWorkspace {
+    /// The layout for `kp` on device `ordinal` (whose multiprocessor count the split heuristic reads).
+    pub fn new(kp: &KvCacheProblem, ordinal: usize) -> Result<KvWorkspace> {
+        let p = &kp.fwd;
+        let splits = match kp.num_splits {
+            0 => {
+                let c = crate::dispatch::kvcache_config(p.head_dim);
+                let tiles = p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m());
+                crate::problem::num_splits_heuristic(tiles, p.seqlen_k.div_ceil(c.block_n), gpu(ordinal)?.sm_count)
+            }
+            n => n,
+        };
+        // Grid z holds batch * splits slices.
+        let splits = splits.min((65535 / p.batch.max(1)).max(1));
+        let too_large = || Error::TooLarge { arg: "q", msg: "the KV-cache workspace exceeds the address space".into() };
+        let q_elems = p.batch.checked_mul(p.seqlen_q).and_then(|x| x.checked_mul(p.hq)).and_then(|x| x.checked_mul(p.head_dim)).ok_or_else(too_large)?;
+        let lse_elems = p.batch * p.hq * p.seqlen_q;
+        let align = |x: usize| x.checked_next_multiple_of(256).ok_or_else(too_large);
+        let mut bytes = 0usize;
+        let q_rot = if kp.rotary.is_some() {
+            let at = bytes;
+            bytes = align(q_elems.checked_mul(2).ok_or_else(too_large)?)?;
+            Some(at)
+        } else {
+            None
+        };
+        let partials = if splits > 1 {
+            let o = bytes;
+            let l = align(o.checked_add(q_elems.checked_mul(4 * splits).ok_or_else(too_large)?).ok_or_else(too_large)?)?;
+            bytes = align(l + lse_elems * 4 * splits)?;
+            Some((o, l))
+        } else {
+            None
+        };
+        Ok(KvWorkspace { splits, q_rot, partials, bytes })
+    }
+}
+
+/// The KV-cache forward on `stream`: the append (k_new / v_new into the caches, k turned; q turned into
+/// the workspace) where there is one, then the paged forward's mma.sync kernel over the caches (a
+/// contiguous cache read as one page per row, through cache_batch_idx or row b), keys counted from
+/// cache_seqlens + S_new - cache_leftpad on the device; with split-KV its partial results go to the
+/// workspace and the combine kernel merges them into out and lse.
+///
+/// # Safety
+/// As `raw::fwd_kvcache` on CUDA, with `ws_addr` the caller's workspace of at least `ws.bytes` bytes.
+pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: &KvWorkspace, ws_addr: u64, ordinal: usize, stream: usize) -> Result<()> {
+    let p = &kp.fwd;
+    let gpu = gpu(ordinal)?;
+    let dtype = match p.dtype {
+        DType::BF16 => KernelDType::BF16,
+        _ => KernelDType::F16,
+    };
+    // The cache as pages: a contiguous one is B_cache pages of S_cache keys, one per row.
+    let mut fp = p.clone();
+    let (cache_rows, cache_keys) = (kp.cache_batch, t.k_cache.shape[1]);
+    let pages = p.paged.unwrap_or(crate::problem::Paged { page_size: cache_keys, num_blocks: cache_rows, max_blocks: 1 });
+    fp.paged = Some(pages);
+    let table = match (&t.block_table, &t.cache_batch_idx) {
+        (Some(bt), _) => Some((bt.addr, bt.strides[0] as i64)),
+        (None, Some(idx)) => Some((idx.addr, 1)),
+        (None, None) => Some((0, 0)),
+    };
+    let launch = crate::dispatch::kvcache_launch(&fp, ws.splits).ok_or(Error::HeadDim { got: p.head_dim })?;
+    check_grid(launch.grid)?;
+    if p.batch == 0 || p.seqlen_q == 0 || p.hq == 0 {
+        return unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) };
+    }
+    let f = gpu.function(launch.kernel, launch.smem_bytes)?;
+    let combine_f = if ws.splits > 1 { Some(gpu.function(COMBINE_KERNEL_NAME, 0)?) } else { None };
+    unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }?;
+
+    let q_shape = [p.batch, p.seqlen_q, p.hq, p.head_dim];
+    let q_rot_strides = [p.seqlen_q * p.hq * p.head_dim, p.hq * p.head_dim, p.head_dim, 1];
+    let q = match ws.q_rot {
+        Some(at) => View { addr: ws_addr + at as u64, dtype: p.dtype, shape: &q_shape, strides: &q_rot_strides },
+        None => t.q,
+    };
+    if ws.q_rot.is_some() {
+        fp.q = Strides { batch: q_rot_strides[0], row: q_rot_strides[1], head: q_rot_strides[2] };
+    }
+    let views = FwdViews { q, k: t.k_cache, v: t.v_cache, out: t.out, lse: t.lse, alibi_slopes: t.alibi_slopes, s_dmask: None };
+    let opt = |v: &Option<View<'_>>| v.as_ref().map_or(0, |v| v.addr);
+    let mut params = fwd_params(&fp, &views, [0, 0, 0, t.cache_seqlens.addr], table, launch.grid.0 as i32);
+    (params.cache_leftpad, params.seqused_k_add) = (opt(&t.cache_leftpad), kp.seqlen_new as i32);
+    let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
+    let Some((o_at, lse_at)) = ws.partials else {
+        return unsafe { queue(f, &l, &params, stream) };
+    };
+    // Split-KV: f32 partials, the o strides in 2-byte units (FwdParams::num_splits).
+    let (d, hq, sq) = (p.head_dim as i64, p.hq as i64, p.seqlen_q as i64);
+    params.num_splits = ws.splits as i32;
+    (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * sq * hq * d, 2 * hq * d, 2 * d);
+    (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hq * sq, sq);
+    unsafe { queue(f, &l, &params, stream) }?;
+    let b = p.batch as i64;
+    let out = |i: usize| t.out.strides[i] as i64;
+    let cp = CombineParams {
+        partial_out: params.o,
+        partial_lse: params.lse,
+        out: t.out.addr,
+        lse: t.lse.addr,
+        po_strides: [b * sq * hq * d, sq * hq * d, hq * d, d],
+        pl_strides: [b * hq * sq, hq * sq, sq, 1],
+        out_strides: [out(0), out(1), out(2)],
+        lse_strides: [hq * sq, sq, 1],
+        rows: b * sq * hq,
+        splits: ws.splits as i32,
+        batch: p.batch as i32,
+        seqlen: p.seqlen_q as i32,
+        heads: p.hq as i32,
+        head_dim: p.head_dim as i32,
+        in_dtype: DTYPE_F32,
+        out_dtype: dtype_code(p.dtype),
+        _pad: 0,
+    };
+    unsafe { queue_combine(combine_f.expect("loaded with splits > 1"), &cp, stream) }
+}
+
+/// The append kernel (k_new / v_new into the caches, q turned into the workspace), where there is
+/// anything to append or turn.
+unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: KernelDType, ws: &KvWorkspace, ws_addr: u64, gpu: &Gpu, stream: usize) -> Result<()> {
+    let p = &kp.fwd;
+    let pairs = p.head_dim / 2;
+    let append_items = if kp.k_new.is_some() { p.batch * kp.seqlen_new * p.hk * pairs } else { 0 };
+    let q_items = if kp.rotary.is_some() { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
+    let items = append_items + q_items;
+    if items == 0 {
+        return Ok(());
+    }
+    let blocks = items.div_ceil(APPEND_THREADS);
+    check_grid((blocks as u32, 1, 1))?;
+    if blocks > i32::MAX as usize {
+        return Err(Error::TooLarge { arg: "q", msg: format!("{items} feature pairs exceed the append kernel's grid") });
+    }
+    let f = gpu.function(kvcache_append_kernel_name(dtype), 0)?;
+    let st = |s: Option<Strides>| s.map_or([0; 3], |s| [s.batch as i64, s.row as i64, s.head as i64]);
+    let opt = |v: &Option<View<'_>>| v.as_ref().map_or(0, |v| v.addr);
+    let (paged, pages) = match p.paged {
+        Some(pg) => (true, pg),
+        None => (false, crate::problem::Paged { page_size: t.k_cache.shape[1], num_blocks: kp.cache_batch, max_blocks: 1 }),
+    };
+    let rot = kp.rotary;
+    let ap = AppendParams {
+        k_new: opt(&t.k_new),
+        v_new: opt(&t.v_new),
+        k_cache: t.k_cache.addr,
+        v_cache: t.v_cache.addr,
+        q: t.q.addr,
+        q_rot: ws.q_rot.map_or(0, |at| ws_addr + at as u64),
+        cache_seqlens: t.cache_seqlens.addr,
+        cache_batch_idx: opt(&t.cache_batch_idx),
+        block_table: if paged { opt(&t.block_table) } else { 0 },
+        rotary_cos: opt(&t.rotary_cos),
+        rotary_sin: opt(&t.rotary_sin),
+        k_new_strides: st(kp.k_new),
+        v_new_strides: st(kp.v_new),
+        k_strides: st(Some(p.k)),
+        v_strides: st(Some(p.v)),
+        q_strides: st(Some(p.q)),
+        block_table_stride: t.block_table.as_ref().map_or(0, |bt| bt.strides[0] as i64),
+        cos_row: rot.map_or(0, |r| r.cos_row as i64),
+        sin_row: rot.map_or(0, |r| r.sin_row as i64),
+        append_items: append_items as i64,
+        items: items as i64,
+        batch: p.batch as i32,
+        seqlen_new: kp.seqlen_new as i32,
+        seqlen_q: p.seqlen_q as i32,
+        h: p.hq as i32,
+        h_k: p.hk as i32,
+        head_dim: p.head_dim as i32,
+        cache_batch: pages.num_blocks as i32,
+        cache_rows: pages.page_size as i32,
+        max_blocks: pages.max_blocks as i32,
+        rotary_dim: rot.map_or(0, |r| r.dim as i32),
+        rotary_len: rot.map_or(0, |r| r.seqlen as i32),
+        interleaved: rot.is_some_and(|r| r.interleaved) as i32,
+        rotary_f32: rot.is_some_and(|r| r.dtype == DType::F32) as i32,
+        q_per_row: rot.is_some_and(|r| r.q_per_row) as i32,
+    };
+    let l = Launch { kernel: "", grid: (blocks as u32, 1, 1), block: APPEND_THREADS as u32, smem_bytes: 0 };
+    unsafe { queue(f, &l, &ap, stream) }
+}
+
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => DTYPE_F32,
+        DType::BF16 => DTYPE_BF16,
+        _ => DTYPE_F16,
+    }
+}
+
+/// The combine kernel with `cp` on `stream`: one warp per output row.
+unsafe fn queue_combine(f: Function, cp: &CombineParams, stream: usize) -> Result<()> {
+    if cp.rows == 0 {
+        return Ok(());
+    }
+    let blocks = (cp.rows as usize).div_ceil(COMBINE_WARPS);
+    if blocks > i32::MAX as usize {
+        return Err(Error::TooLarge { arg: "partial_out", msg: format!("{} rows exceed the combine kernel's grid", cp.rows) });
+    }
+    let l = Launch { kernel: COMBINE_KERNEL_NAME, grid: (blocks as u32, 1, 1), block: (COMBINE_WARPS * 32) as u32, smem_bytes: 0 };
+    unsafe { queue(f, &l, cp, stream) }
+}
+
+/// The public combine on `stream`.
+///
+/// # Safety
+/// As `raw::combine` on CUDA.
+pub(crate) unsafe fn combine(cp: &CombineProblem, t: &CombineViews<'_>, ordinal: usize, stream: usize) -> Result<()> {
+    let gpu = gpu(ordinal)?;
+    let f = gpu.function(COMBINE_KERNEL_NAME, 0)?;
+    let s = |x: usize| x as i64;
+    let [so, bo, ro, ho] = cp.partial_out.map(s);
+    let [sl, bl, hl, rl] = cp.partial_lse.map(s);
+    let (lb, lh, lr) = if t.partial_out.rank() == 4 { (0, s(cp.seqlen), 1) } else { (s(cp.heads * cp.seqlen), s(cp.seqlen), 1) };
+    let rows = cp.batch.checked_mul(cp.seqlen).and_then(|x| x.checked_mul(cp.heads)).ok_or_else(|| Error::TooLarge { arg: "partial_out", msg: "too many rows".into() })?;
+    for (arg, x) in [("partial_out", cp.splits), ("partial_out", cp.batch), ("partial_out", cp.seqlen), ("partial_out", cp.heads), ("partial_out", cp.head_dim)] {
+        if x > i32::MAX as usize {
+            return Err(Error::TooLarge { arg, msg: format!("dimension {x} exceeds i32") });
+        }
+    }
+    let cpar = CombineParams {
+        partial_out: t.partial_out.addr,
+        partial_lse: t.partial_lse.addr,
+        out: t.out.addr,
+        lse: t.lse.addr,
+        po_strides: [so, bo, ro, ho],
+        pl_strides: [sl, bl, hl, rl],
+        out_strides: [s(cp.out.batch), s(cp.out.row), s(cp.out.head)],
+        lse_strides: [lb, lh, lr],
+        rows: rows as i64,
+        splits: cp.splits as i32,
+        batch: cp.batch as i32,
+        seqlen: cp.seqlen as i32,
+        heads: cp.heads as i32,
+        head_dim: cp.head_dim as i32,
+        in_dtype: dtype_code(t.partial_out.dtype),
+        out_dtype: dtype_code(t.out.dtype),
+        _pad: 0,
+    };
+    unsafe { queue_combine(f, &cpar, stream) }
 }

@@ -7,3 +7,5 @@ pub use shared::*;
 unsafe impl cudarc::driver::DeviceRepr for FwdParams {}
 unsafe impl cudarc::driver::DeviceRepr for BwdParams {}
 unsafe impl cudarc::driver::DeviceRepr for ProbsParams {}
+unsafe impl cudarc::driver::DeviceRepr for AppendParams {}
+unsafe impl cudarc::driver::DeviceRepr for CombineParams {}

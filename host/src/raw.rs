@@ -12,10 +12,10 @@
 //! (`[Tk, Hk, D]`), out and dout like q, lse contiguous f32 `[B, Hq, Sq]` (`[Hq, Tq]`), dq like q, dk and
 //! dv like k; any strides with the head dim contiguous (on CUDA every row 16-byte aligned).
 //!
-//! Inference (issue 13): `varlen_fwd_paged` (k and v in pages through a block table) runs on both;
-//! `fwd_kvcache` (flash-attn's `flash_attn_with_kvcache`: append to the cache in place, rotary,
-//! split-KV) and `combine` (merge partial results) run on the CPU; on CUDA they validate everything and
-//! then return `Error::Unsupported` naming the entry point, until their kernels exist.
+//! Inference (issue 13): `varlen_fwd_paged` (k and v in pages through a block table), `fwd_kvcache`
+//! (flash-attn's `flash_attn_with_kvcache`: append to the cache in place, rotary, split-KV) and
+//! `combine` (merge partial results) run on both. On CUDA the KV cache takes a workspace
+//! (`kvcache_workspace_bytes`: q rotated, split-KV's partial results).
 //!
 //! ALiBi (`alibi_slopes` in the views), dropout (`AttnOptions::dropout`) and the probabilities
 //! (`FwdViews::s_dmask`, flash-attn's `return_attn_probs`) run on both targets, forward and backward
@@ -24,7 +24,7 @@
 //! path checks that they are finite, where it reads them); `s_dmask` is written by a kernel queued after
 //! the forward's, on the same stream.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 pub use crate::types::{BwdViews, CombineViews, FwdViews, KvCacheOptions, KvCacheViews, PagedVarlenViews, Workspace};
 use crate::types::{AttnOptions, Target, VarlenViews};
 use crate::validate;
@@ -115,31 +115,38 @@ pub unsafe fn varlen_fwd_paged(t: &FwdViews<'_>, varlen: &PagedVarlenViews<'_>, 
 /// over each row's `cache_seqlens[b] - cache_leftpad[b] + S_new` cache entries into out `[B, Sq, Hq, D]`
 /// and lse `[B, Hq, Sq]`. `kv.num_splits` splits each row's keys (0 = `problem::num_splits_heuristic`
 /// over the processors: this machine's threads on the CPU); the results of any split count agree up to
-/// rounding. The workspace holds the splits' partial results on CUDA (`kvcache_workspace_bytes`); the
-/// CPU needs none.
+/// rounding. On CUDA the workspace (`kvcache_workspace_bytes`, 256-byte aligned, overlapping no
+/// tensor of the call) holds q rotated and the splits' partial results; the CPU needs none. On CUDA the
+/// index tensors' contents are not checked (device memory): the kernels clamp every cache row, block
+/// and key count, and skip appended rows past a cache row's capacity.
 ///
 /// # Safety
 /// As for `fwd`, with the caches valid for writes when k_new is given (for reads otherwise), and every
 /// other view valid for reads.
 pub unsafe fn fwd_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOptions, workspace: Workspace, target: Target) -> Result<()> {
     let mut kp = validate::validate_kvcache(t, opts, kv)?;
-    let _ = workspace;
     match target {
         Target::Cpu => unsafe {
             let keys = validate::check_kvcache_contents(&kp, crate::cpu::host_kvcache(t))?;
             kp.fwd.keys = Some(keys);
             crate::cpu::kvcache::fwd_kvcache_into(&kp, t)
         },
-        Target::Cuda { .. } => Err(no_kernels("fwd_kvcache")),
+        Target::Cuda { ordinal, stream } => {
+            // The caches and q are read by 16-byte copies; out is written 4 bytes at a time.
+            validate::check_cuda_rows(&[("q", &t.q), ("k_cache", &t.k_cache), ("v_cache", &t.v_cache), ("out", &t.out)])?;
+            let ws = crate::launch::KvWorkspace::new(&kp, ordinal)?;
+            validate::check_workspace_of(&workspace, ws.bytes, "kvcache_workspace_bytes", t.named())?;
+            unsafe { crate::launch::fwd_kvcache(&kp, t, &ws, workspace.addr, ordinal, stream) }
+        }
     }
 }
 
 /// Bytes of workspace `fwd_kvcache` needs for these views and options on `target`: 0 on the CPU.
 pub fn kvcache_workspace_bytes(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOptions, target: Target) -> Result<usize> {
-    validate::validate_kvcache(t, opts, kv)?;
+    let kp = validate::validate_kvcache(t, opts, kv)?;
     match target {
         Target::Cpu => Ok(0),
-        Target::Cuda { .. } => Err(no_kernels("fwd_kvcache")),
+        Target::Cuda { ordinal, .. } => Ok(crate::launch::KvWorkspace::new(&kp, ordinal)?.bytes),
     }
 }
 
@@ -153,13 +160,8 @@ pub unsafe fn combine(t: &CombineViews<'_>, target: Target) -> Result<()> {
     let cp = validate::validate_combine(t)?;
     match target {
         Target::Cpu => unsafe { crate::cpu::combine::combine_into(&cp, t) },
-        Target::Cuda { .. } => Err(no_kernels("combine")),
+        Target::Cuda { ordinal, stream } => unsafe { crate::launch::combine(&cp, t, ordinal, stream) },
     }
-}
-
-/// The error of an entry point that has no CUDA kernels yet.
-fn no_kernels(feature: &'static str) -> Error {
-    Error::Unsupported { feature, msg: "has no CUDA kernels yet (issue 13); it runs on the CPU (Target::Cpu, Device::Cpu)".into() }
 }
 
 /// On the CPU the varlen lengths are host memory: read and check them (the kernels never need this).

@@ -216,6 +216,24 @@ pub struct KvCacheViews<'a> {
     pub lse: View<'a>,
 }
 
+impl<'a> KvCacheViews<'a> {
+    /// Every view of the call, named as its argument.
+    pub(crate) fn named(&self) -> impl Iterator<Item = (&'static str, View<'a>)> {
+        let given = [("q", self.q), ("k_cache", self.k_cache), ("v_cache", self.v_cache), ("cache_seqlens", self.cache_seqlens), ("out", self.out), ("lse", self.lse)];
+        let optional = [
+            ("block_table", self.block_table),
+            ("k_new", self.k_new),
+            ("v_new", self.v_new),
+            ("rotary_cos", self.rotary_cos),
+            ("rotary_sin", self.rotary_sin),
+            ("cache_batch_idx", self.cache_batch_idx),
+            ("cache_leftpad", self.cache_leftpad),
+            ("alibi_slopes", self.alibi_slopes),
+        ];
+        given.into_iter().chain(optional.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))))
+    }
+}
+
 /// The KV-cache forward's options beyond `AttnOptions`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KvCacheOptions {

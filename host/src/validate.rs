@@ -748,18 +748,28 @@ fn no_alias<'v, 'a: 'v>(outputs: &[(&'static str, &'v View<'a>)], inputs: impl I
 
 /// The backward's workspace: at least `needed` bytes, 256-byte aligned, overlapping no tensor.
 pub fn check_workspace(ws: &Workspace, needed: usize, t: &BwdViews<'_>) -> Result<()> {
+    let views = [("dout", t.dout), ("q", t.q), ("k", t.k), ("v", t.v), ("out", t.out), ("lse", t.lse), ("dq", t.dq), ("dk", t.dk), ("dv", t.dv)];
+    let slopes = t.alibi_slopes.map(|x| ("alibi_slopes", x));
+    check_workspace_of(ws, needed, "bwd_workspace_bytes", views.into_iter().chain(slopes))
+}
+
+/// A caller's workspace: at least `needed` bytes (as `sizer` gives them), 256-byte aligned, overlapping
+/// none of `views`.
+pub fn check_workspace_of<'a>(ws: &Workspace, needed: usize, sizer: &str, views: impl IntoIterator<Item = (&'static str, View<'a>)>) -> Result<()> {
+    if needed == 0 {
+        return Ok(());
+    }
     if ws.bytes < needed {
-        return Err(Error::Value { arg: "workspace", msg: format!("{} bytes is less than the {needed} bytes needed (bwd_workspace_bytes)", ws.bytes) });
+        return Err(Error::Value { arg: "workspace", msg: format!("{} bytes is less than the {needed} bytes needed ({sizer})", ws.bytes) });
     }
     if !ws.addr.is_multiple_of(256) {
         return Err(Error::Value { arg: "workspace", msg: format!("address {:#x} must be 256-byte aligned", ws.addr) });
     }
-    // The workspace as 4-byte words (all its sections are f32).
+    // The workspace as 4-byte words.
     let shape = [ws.bytes.div_ceil(4)];
     let w = View { addr: ws.addr, dtype: DType::I32, shape: &shape, strides: &[1] };
-    let views = [("dout", &t.dout), ("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out), ("lse", &t.lse), ("dq", &t.dq), ("dk", &t.dk), ("dv", &t.dv)];
-    for (arg, v) in views.into_iter().chain(t.alibi_slopes.as_ref().map(|x| ("alibi_slopes", x))) {
-        if crate::alias::overlap(&w, v) {
+    for (arg, v) in views {
+        if crate::alias::overlap(&w, &v) {
             return Err(Error::Value { arg: "workspace", msg: format!("overlaps {arg}") });
         }
     }

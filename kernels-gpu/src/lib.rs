@@ -11,6 +11,7 @@ pub mod bwd;
 #[path = "../../host/src/shared/dropout.rs"]
 pub mod dropout;
 pub mod fwd;
+pub mod kvcache;
 pub mod mask;
 pub mod mods;
 // Shared with the host, which ships them in its package (host/src/shared/).
@@ -43,6 +44,8 @@ macro_rules! lengths_of {
                     total_q: self.total_q,
                     total_k: self.total_k,
                     paged_keys: None,
+                    k_first: 0,
+                    seqused_k_add: 0,
                 }
             }
         }

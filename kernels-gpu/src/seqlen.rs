@@ -84,6 +84,10 @@ pub struct Lengths {
     /// Paged K/V (the paged forward kernels set it): `Some(keys a block-table row addresses)`; the key
     /// side is then `SeqlenInfo::counted` (cu_seqlens_k may be absent, 0) and the tail slice has no keys.
     pub paged_keys: Option<i32>,
+    /// KV cache (paged only): int32 `[batch]` positions of each sequence's key 0 in its block-table
+    /// row (0 = none), and the rows appended to the cache, counted on top of `seqused_k`.
+    pub k_first: u64,
+    pub seqused_k_add: i32,
 }
 
 impl Lengths {
@@ -113,7 +117,25 @@ impl Lengths {
             };
             (sq, sk)
         } else {
-            (SeqlenInfo::dense(self.seqlen_q), SeqlenInfo::dense(self.seqlen_k))
+            let sk = match self.paged_keys {
+                None => SeqlenInfo::dense(self.seqlen_k),
+                Some(capacity) => self.cache_keys(bidb, capacity, &read),
+            };
+            (SeqlenInfo::dense(self.seqlen_q), sk)
         }
+    }
+
+    /// Dense queries over a paged (or KV-cache) sequence's keys: `seqused_k[b] + seqused_k_add` keys of
+    /// its table row (all `capacity` without seqused_k), from position `k_first[b]` on (`start`), all
+    /// clamped to the row: `start + used <= capacity`.
+    #[inline(always)]
+    fn cache_keys(&self, bidb: i32, capacity: i32, read: &impl Fn(u64, i32) -> i32) -> SeqlenInfo {
+        let cap = if capacity > 0 { capacity } else { 0 };
+        let first = if self.k_first != 0 { clamp(read(self.k_first, bidb), 0, cap) } else { 0 };
+        let end = if self.seqused_k != 0 { read(self.seqused_k, bidb) as i64 + self.seqused_k_add as i64 } else { cap as i64 };
+        let n = end - first as i64;
+        let room = (cap - first) as i64;
+        let n = if n < 0 { 0 } else if n > room { room as i32 } else { n as i32 };
+        SeqlenInfo { start: first, slot_len: n, used: n }
     }
 }

@@ -105,13 +105,24 @@ pub struct FwdParams {
     pub page_size: i32,
     pub max_blocks: i32,
     pub num_blocks: i32,
-    pub _pad: i32,
+    /// Split-KV (paged kernels only; 1 elsewhere): grid z is `batch * num_splits`, slice z attends the
+    /// `z % num_splits`-th of each row block's key tiles and writes f32 partial results: out at
+    /// `o + split * batch * o_batch_stride` (the o strides then count 2-byte units: twice the f32
+    /// buffer's element strides), lse at `lse + split * batch * lse_batch_stride`.
+    pub num_splits: i32,
     /// ALiBi and dropout.
     pub mods: ScoreMods,
+    /// KV cache (paged kernels only; 0 elsewhere): int32 `[batch]`, the position of each sequence's key 0
+    /// in its block-table row (flash-attn's `cache_leftpad`); its keys are counted `seqused_k[b] +
+    /// seqused_k_add - cache_leftpad[b]` (seqused_k is then the cache's lengths before the append, and
+    /// seqused_k_add the rows appended).
+    pub cache_leftpad: u64,
+    pub seqused_k_add: i32,
+    pub _pad: i32,
 }
 
 /// Size the host's launch code relies on; both sides assert it.
-pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE;
+pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE + 8 + 2 * 4;
 const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
@@ -242,3 +253,89 @@ const _: () = assert!(core::mem::size_of::<ProbsParams>() == PROBS_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<ProbsParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(ProbsParams, s_dmask) == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::offset_of!(FwdParams, mods) == 264 && core::mem::offset_of!(BwdParams, mods) == 416);
+
+/// The KV-cache append kernel's parameter (`kvcache::append`): grid x over `items` = `B * S_new * Hk *
+/// D/2` feature pairs of k_new and v_new (the first `append_items`), then `B * Sq * Hq * D/2` pairs of q
+/// (rotated into `q_rot`, contiguous `[B, Sq, Hq, D]`) when rotary is on. Strides in elements
+/// (batch, row, head); device indices are clamped: an entry past a cache row's capacity is not written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AppendParams {
+    pub k_new: u64,
+    pub v_new: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub q: u64,
+    pub q_rot: u64,
+    pub cache_seqlens: u64,
+    /// int32 `[batch]` rows of a contiguous cache (0 = row b), or 0.
+    pub cache_batch_idx: u64,
+    /// int32 `[batch, max_blocks]` (0 = contiguous).
+    pub block_table: u64,
+    pub rotary_cos: u64,
+    pub rotary_sin: u64,
+    pub k_new_strides: [i64; 3],
+    pub v_new_strides: [i64; 3],
+    pub k_strides: [i64; 3],
+    pub v_strides: [i64; 3],
+    pub q_strides: [i64; 3],
+    pub block_table_stride: i64,
+    pub cos_row: i64,
+    pub sin_row: i64,
+    pub append_items: i64,
+    pub items: i64,
+    pub batch: i32,
+    pub seqlen_new: i32,
+    pub seqlen_q: i32,
+    pub h: i32,
+    pub h_k: i32,
+    pub head_dim: i32,
+    /// Contiguous: the cache's rows (`B_cache`) and keys per row; paged: blocks and the page size.
+    pub cache_batch: i32,
+    pub cache_rows: i32,
+    pub max_blocks: i32,
+    /// Features rotated (0 = no rotary) and the positions the tables hold.
+    pub rotary_dim: i32,
+    pub rotary_len: i32,
+    /// Pairs (2i, 2i+1); the tables are f32 (else q's dtype); q row i at `cache_seqlens[b] + i` (else
+    /// every row at `cache_seqlens[b]`).
+    pub interleaved: i32,
+    pub rotary_f32: i32,
+    pub q_per_row: i32,
+}
+
+pub const APPEND_PARAMS_SIZE: usize = 11 * 8 + 15 * 8 + 5 * 8 + 14 * 4;
+const _: () = assert!(core::mem::size_of::<AppendParams>() == APPEND_PARAMS_SIZE);
+
+/// The combine kernel's parameter (`kvcache::combine`): one warp per (batch, row, head) merges `splits`
+/// partial (out, lse) pairs. Element strides: partial_out (split, batch, row, head), partial_lse (split,
+/// batch, head, row), out (batch, row, head), lse (batch, head, row). Dtypes: 0 f32, 1 bf16, 2 f16.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CombineParams {
+    pub partial_out: u64,
+    pub partial_lse: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub po_strides: [i64; 4],
+    pub pl_strides: [i64; 4],
+    pub out_strides: [i64; 3],
+    pub lse_strides: [i64; 3],
+    pub rows: i64,
+    pub splits: i32,
+    pub batch: i32,
+    pub seqlen: i32,
+    pub heads: i32,
+    pub head_dim: i32,
+    pub in_dtype: i32,
+    pub out_dtype: i32,
+    pub _pad: i32,
+}
+
+pub const COMBINE_PARAMS_SIZE: usize = 4 * 8 + 14 * 8 + 8 + 8 * 4;
+const _: () = assert!(core::mem::size_of::<CombineParams>() == COMBINE_PARAMS_SIZE);
+
+/// `CombineParams`' dtype codes.
+pub const DTYPE_F32: i32 = 0;
+pub const DTYPE_BF16: i32 = 1;
+pub const DTYPE_F16: i32 = 2;

@@ -508,6 +508,18 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
 /// Threads per block of the probabilities kernel (keys of one query row).
 pub const PROBS_THREADS: usize = 128;
 
+/// The KV cache's kernels (kernels-gpu/src/kvcache.rs): threads per block of the append (one feature
+/// pair each), warps per block of the combine (one output row each).
+pub const APPEND_THREADS: usize = 256;
+pub const COMBINE_WARPS: usize = 8;
+pub fn kvcache_append_kernel_name(dtype: KernelDType) -> &'static str {
+    match dtype {
+        KernelDType::BF16 => "flash_kvcache_append_bf16",
+        KernelDType::F16 => "flash_kvcache_append_f16",
+    }
+}
+pub const COMBINE_KERNEL_NAME: &str = "flash_combine";
+
 /// Rows per block of the element-wise backward kernels (and threads per block). A multiple of
 /// `DQ_ACCUM_BLOCK_M`: prep's blocks that hold a sequence's real rows hold all the accumulator rows it
 /// zeroes.

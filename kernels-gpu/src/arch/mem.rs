@@ -94,3 +94,17 @@ pub unsafe fn red_add_v4_f32(addr: u64, v: [f32; 4]) {
             x = in(reg32) v[0], y = in(reg32) v[1], z = in(reg32) v[2], w = in(reg32) v[3], options(nostack))
     }
 }
+
+/// Store two f32 to global memory (`addr` 8-byte aligned).
+#[inline(always)]
+pub unsafe fn st_global_v2_f32(addr: u64, v: [f32; 2]) {
+    unsafe { asm!("st.global.v2.f32 [{a}], {{{x}, {y}}};", a = in(reg64) addr, x = in(reg32) v[0], y = in(reg32) v[1], options(nostack)) }
+}
+
+/// Load 2 bytes through the read-only path, zero-extended.
+#[inline(always)]
+pub unsafe fn ld_global_nc_u16(addr: u64) -> u32 {
+    let v: u32;
+    unsafe { asm!("{{ .reg .b16 h; ld.global.nc.b16 h, [{a}]; cvt.u32.u16 {v}, h; }}", v = out(reg32) v, a = in(reg64) addr, options(nostack, readonly)) }
+    v
+}

@@ -30,7 +30,12 @@ impl Rows {
 #[derive(Clone, Copy)]
 pub(crate) struct Pages {
     pub(crate) paged: bool,
+    /// The sequence's block-table row; 0 = the identity table (a contiguous KV cache as one page per
+    /// row: entry `page` of row b is block `ident + page`).
     pub(crate) table: u64,
+    pub(crate) ident: i32,
+    /// Position of the sequence's key 0 in its row (a KV cache's left padding; else 0).
+    pub(crate) first: i32,
     pub(crate) page_size: i32,
     pub(crate) max_blocks: i32,
     pub(crate) num_blocks: i32,
@@ -41,8 +46,9 @@ impl Pages {
     /// in the others, whose paged paths then fold away.
     #[inline(always)]
     pub(crate) fn new<const PAGED: bool>(p: &FwdParams, bidb: i32) -> Pages {
-        let table = if PAGED { p.block_table.wrapping_add((bidb as i64 * p.block_table_stride * 4) as u64) } else { 0 };
-        Pages { paged: PAGED, table, page_size: p.page_size, max_blocks: p.max_blocks, num_blocks: p.num_blocks }
+        let table = if PAGED && p.block_table != 0 { p.block_table.wrapping_add((bidb as i64 * p.block_table_stride * 4) as u64) } else { 0 };
+        let ident = (bidb as i64 * p.max_blocks as i64) as i32;
+        Pages { paged: PAGED, table, ident, first: 0, page_size: p.page_size, max_blocks: p.max_blocks, num_blocks: p.num_blocks }
     }
 
     #[inline(always)]
@@ -56,15 +62,16 @@ impl Pages {
         p.max_blocks.saturating_mul(p.page_size)
     }
 
-    /// (block, row in it) of key `t >= 0` of a paged sequence. The table index is clamped into the row
-    /// and the entry into `[0, num_blocks)` (keys a sequence attends to are below `max_blocks *
-    /// page_size`, so only copies past its end, which are masked or zeroed, ever clamp).
+    /// (block, row in it) of key `t >= 0` of a paged sequence (at position `first + t` of its row). The
+    /// table index is clamped into the row and the entry into `[0, num_blocks)` (keys a sequence attends
+    /// to are below `max_blocks * page_size`, so only copies past its end, which are masked or zeroed,
+    /// ever clamp).
     #[inline(always)]
     pub(crate) unsafe fn locate(&self, t: i32) -> (i32, i32) {
         // Unchecked division: the page size is at least 1 (validation); see div_rem_u32.
-        let (page, off) = div_rem_u32(t as u32, self.page_size as u32);
+        let (page, off) = div_rem_u32((self.first + t) as u32, self.page_size as u32);
         let page = clamp(page as i32, 0, self.max_blocks - 1);
-        let block = unsafe { ld_global_nc_i32(self.table.wrapping_add(page as u64 * 4)) };
+        let block = if self.table != 0 { unsafe { ld_global_nc_i32(self.table.wrapping_add(page as u64 * 4)) } } else { self.ident + page };
         (clamp(block, 0, self.num_blocks - 1), off as i32)
     }
 }

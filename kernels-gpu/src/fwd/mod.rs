@@ -13,7 +13,7 @@ mod ws;
 
 use crate::arch::cp_async::{commit_group, wait_group};
 use crate::arch::math::{div_rem_u32, tanh};
-use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v4};
+use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
@@ -95,9 +95,28 @@ pub(crate) struct BlockArgs {
     pub(crate) softcap_pre: f32,
     /// ALiBi and dropout (`HeadMods::OFF` in kernels without them).
     pub(crate) mods: HeadMods,
+    /// Split-KV (paged kernels): this block attends split `split` of `num_splits` of its key tiles and
+    /// writes `o` as f32 (`o_f32`; its row stride then counts 2-byte units). 0, 1, false elsewhere.
+    pub(crate) split: i32,
+    pub(crate) num_splits: i32,
+    pub(crate) o_f32: bool,
 }
 
 impl BlockArgs {
+    /// This block's share `[lo, hi)` of the key tiles `[n_min, n_max)`: all of them, or with split-KV
+    /// the `split`-th of `num_splits` nearly equal runs (possibly empty: the block then writes 0 / -inf).
+    #[inline(always)]
+    pub(crate) fn split_range(&self, n_min: i32, n_max: i32) -> (i32, i32) {
+        if self.num_splits <= 1 || n_max <= n_min {
+            return (n_min, n_max);
+        }
+        // Unchecked division: num_splits > 1 here.
+        let per = div_rem_u32((n_max - n_min + self.num_splits - 1) as u32, self.num_splits as u32).0 as i32;
+        let lo = n_min + self.split * per;
+        let hi = if lo + per < n_max { lo + per } else { n_max };
+        if lo < hi { (lo, hi) } else { (n_min, n_min) }
+    }
+
     /// The scale the online softmax multiplies raw scores by: `|scale_log2|` (with ALiBi at least
     /// `MIN_ALIBI_SCALE`, which its bias in raw units is divided by).
     #[inline(always)]
@@ -124,6 +143,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
     };
     let scale_log2 = a.softmax_scale();
     let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
+    let (n_min, n_max) = a.split_range(n_min, n_max);
 
     let mut acc_o = [[[0f32; 4]; DN]; MT];
     // With QR = D / 16, this warp's Q fragments stay in registers after the first tile (fewer
@@ -271,8 +291,12 @@ pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs
             if r < rows {
                 let o_row = a.o + (r as i64 * a.o_row_stride * 2) as u64;
                 for j in 0..DN.min(head_dim / 8) {
-                    let v = E::pack(acc_o[mt][j][2 * h] * inv_sum, acc_o[mt][j][2 * h + 1] * inv_sum);
-                    unsafe { st_global_u32(o_row + ((8 * j as i32 + 2 * t) * 2) as u64, v) };
+                    let (x, y) = (acc_o[mt][j][2 * h] * inv_sum, acc_o[mt][j][2 * h + 1] * inv_sum);
+                    if a.o_f32 {
+                        unsafe { st_global_v2_f32(o_row + ((8 * j as i32 + 2 * t) * 4) as u64, [x, y]) };
+                    } else {
+                        unsafe { st_global_u32(o_row + ((8 * j as i32 + 2 * t) * 2) as u64, E::pack(x, y)) };
+                    }
                 }
                 if t == 0 {
                     unsafe { st_global_f32(a.lse + (r * 4) as u64, lse) };
@@ -342,6 +366,9 @@ pub(crate) struct HeadSlice {
     o_head: u64,
     lse_head: u64,
     mods: HeadMods,
+    split: i32,
+    num_splits: i32,
+    o_f32: bool,
 }
 
 impl HeadSlice {
@@ -351,17 +378,21 @@ impl HeadSlice {
         let mut lengths = p.lengths();
         if PAGED {
             lengths.paged_keys = Some(Pages::capacity(p));
+            (lengths.k_first, lengths.seqused_k_add) = (p.cache_leftpad, p.seqused_k_add);
         }
         let (sq, sk) = lengths.slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
         // Unchecked divisions (arch::math::div_rem_u32): h and h_k are positive by validation.
         let bidh_kv = div_rem_u32(bidh as u32, div_rem_u32(p.h as u32, p.h_k as u32).0).0 as i32;
         let (b, h, hk) = (bidb as i64, bidh as i64, bidh_kv as i64);
         // Paged: k and v are [num_blocks, page_size, Hk, D] (the batch strides are the block strides) and
-        // the sequence's keys start at block 0's row 0 (sk.start is 0), through its block table row.
-        let pages = Pages::new::<PAGED>(p, bidb);
-        let kb = if pages.paged() { 0 } else { b };
+        // the sequence's keys are at positions sk.start.. of its block table row.
+        let mut pages = Pages::new::<PAGED>(p, bidb);
+        let (kb, k0) = if pages.paged() { (0, 0) } else { (b, sk.start as i64) };
+        if pages.paged() {
+            pages.first = sk.start;
+        }
         let rows = |base: u64, batch: i64, row: i64, head: i64| Rows {
-            base: base + ((kb * batch + sk.start as i64 * row + hk * head) * 2) as u64,
+            base: base + ((kb * batch + k0 * row + hk * head) * 2) as u64,
             row_bytes: row * 2,
             block_bytes: batch * 2,
         };
@@ -377,7 +408,20 @@ impl HeadSlice {
             o_head: p.o + ((b * p.o_batch_stride + sq.start as i64 * p.o_row_stride + h * p.o_head_stride) * 2) as u64,
             lse_head: p.lse + ((b * p.lse_batch_stride + h * p.lse_head_stride + sq.start as i64) * 4) as u64,
             mods: HeadMods::new::<MODS>(&p.mods, bidb, bidh, p.h, p.batch),
+            split: 0,
+            num_splits: 1,
+            o_f32: false,
         }
+    }
+
+    /// Split-KV's slice `split` of `num_splits`: f32 partial results at the split's offsets.
+    #[inline(always)]
+    fn into_split(mut self, p: &FwdParams, split: i32, num_splits: i32) -> HeadSlice {
+        let (o_off, lse_off) = (split as i64 * p.batch as i64 * p.o_batch_stride, split as i64 * p.batch as i64 * p.lse_batch_stride);
+        self.o_head = self.o_head.wrapping_add((o_off * 2) as u64);
+        self.lse_head = self.lse_head.wrapping_add((lse_off * 4) as u64);
+        (self.split, self.num_splits, self.o_f32) = (split, num_splits, true);
+        self
     }
 
     /// What `attend` needs for the rows from `m0`.
@@ -398,6 +442,9 @@ impl HeadSlice {
             scale_log2: p.scale_log2,
             softcap_pre: p.softcap_pre,
             mods: self.mods,
+            split: self.split,
+            num_splits: self.num_splits,
+            o_f32: self.o_f32,
         }
     }
 
@@ -421,7 +468,14 @@ impl HeadSlice {
 pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
-    let head = HeadSlice::new::<PAGED, MODS>(p, block_idx_z() as i32, block_idx_y() as i32);
+    let z = block_idx_z() as i32;
+    let head = if PAGED && p.num_splits > 1 {
+        // Unchecked division: num_splits > 1.
+        let (bidb, split) = div_rem_u32(z as u32, p.num_splits as u32);
+        HeadSlice::new::<PAGED, MODS>(p, bidb as i32, block_idx_y() as i32).into_split(p, split as i32, p.num_splits)
+    } else {
+        HeadSlice::new::<PAGED, MODS>(p, z, block_idx_y() as i32)
+    };
     let sq = head.sq;
     let grid_m = grid_dim_x() as i32;
     let mut m_block = grid_m - 1 - block_idx_x() as i32;

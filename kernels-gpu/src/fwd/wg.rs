@@ -366,6 +366,7 @@ pub(crate) fn block_plan<const BN: usize>(a: &BlockArgs) -> (i32, i32, i32) {
         if r > BM as i32 { BM as i32 } else { r }
     };
     let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
+    let (n_min, n_max) = a.split_range(n_min, n_max);
     (rows, n_min, n_max)
 }
 
