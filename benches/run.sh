@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the bundle folder: our criterion benches and PyTorch's backends on the same
 # shapes in one run, then the comparison tables (forward, then backward: bwd alone and fwd+bwd).
-# Usage: bash run.sh [--fwd-only | --bwd-only] [shape-filter]
+# Usage: bash run.sh [--fwd-only | --bwd-only | --decode] [shape-filter]
+# (--decode: the KV-cache decode table alone, benches/decode.rs against torch_decode.py.)
 set -uo pipefail
 cd "$(dirname "$0")"
 fwd=1 bwd=1
 case "${1:-}" in
     --fwd-only) bwd=0; shift ;;
     --bwd-only) fwd=0; shift ;;
-    -*) sed -n '4p' "$0"; exit 2 ;;
+    --decode)
+        shift
+        out="${OUT:-.}"
+        FA_BENCH_FILTER="${1:-}" ./bench-decode --bench 2>&1 | tee "$out/ours-decode.log" | grep -E "^(RESULT|device|SKIPPED)"
+        python3 torch_decode.py "${1:-}" 2>&1 | tee "$out/torch-decode.log" | grep -E "^(RESULT|torch)"
+        cat "$out/ours-decode.log" "$out/torch-decode.log" | python3 decode_table.py | tee "$out/decode-table.md"
+        exit 0 ;;
+    -*) sed -n '4,5p' "$0"; exit 2 ;;
 esac
 filter="${1:-}"
 out="${OUT:-.}"

@@ -20,8 +20,8 @@ whose first entries are out and softmax_lse (dq, dk, dv for the backward).
   numpy arrays (softmax_lse float32).
 
 Dropout (`dropout_p > 0`), `alibi_slopes` and the attention probabilities (S_dmask) run on both CPU and
-CUDA tensors, and so does paged K/V (`block_table`). CPU only so far (NotImplementedError on CUDA
-tensors, from the library's Unsupported error): flash_attn_with_kvcache. Not implemented anywhere: the
+CUDA tensors, and so do paged K/V (`block_table`) and flash_attn_with_kvcache (its CUDA workspace, for
+q rotated and split-KV's partials, comes from PyTorch's caching allocator). Not implemented anywhere: the
 hub's `leftpad_k`. Dropout's (seed, offset): the keyword-only `rng_state=(seed, offset)` of the
 flash_attn_*_func functions, else a seed drawn from torch's default CPU generator (torch tensors on either
 device: torch.manual_seed replays it) or numpy's global RNG (np.random.seed), offset 0; the mask is the
@@ -207,7 +207,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     cache_leftpad[b] + S_new entries. cache_seqlens: an int or int32 `[B]` (None: the whole cache);
     cache_batch_idx (int32 `[B]`): the cache row of each batch entry; num_splits: split-KV (0 = heuristic).
     Returns out `[B, Sq, H, D]`, or (out, softmax_lse `[B, H, Sq]`) with return_softmax_lse.
-    CPU (numpy arrays, CPU tensors) only so far: CUDA tensors raise NotImplementedError. No gradient.
+    CPU (numpy arrays, CPU tensors) and CUDA tensors. No gradient.
     """
     path = _path(q, "q")
     o = _common.options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, False)

@@ -63,9 +63,8 @@ def _on_device(q, call, *args, **kwargs):
     device as it was."""
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
-            call(*args, **kwargs)
-    else:
-        call(*args, **kwargs)
+            return call(*args, **kwargs)
+    return call(*args, **kwargs)
 
 
 def _same_device(q, named):
@@ -862,7 +861,7 @@ def fwd_paged(q, k, v, out, lens, block_table, o, gen=None):
     return [res if out is None else out, lse, s_dmask, _rng_tensor(seeds, q)]
 
 
-# --- flash_attn_with_kvcache (eager; CPU so far) ------------------------------------------------------------
+# --- flash_attn_with_kvcache (eager) ------------------------------------------------------------
 
 def _opt_input(t, name):
     """An optional tensor argument with its last dimension contiguous (copied if not)."""
@@ -875,7 +874,7 @@ def _opt_input(t, name):
 def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, o, rotary_interleaved, num_splits):
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
-    place. CUDA: NotImplementedError (after every check) until the kernels exist."""
+    place."""
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
     _common.check_rank(q, "q", 4)
     q = _maybe_contiguous(q)
@@ -908,8 +907,14 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
                 "rotary_sin": "torch.float16, torch.bfloat16 or torch.float32"}
     kw = {("k_new" if n == "k" else "v_new" if n == "v" else n): _desc(t, n, expected.get(n, _FLOAT))
           for n, t in named if t is not None}
-    _on_device(q, _native.fwd_kvcache, _desc(q, "q"), _desc(k_cache, "k_cache"), _desc(v_cache, "v_cache"),
-               _desc(cache_seqlens, "cache_seqlens", "torch.int32"), _desc(out, "out"),
-               _desc(lse, "lse", "torch.float32"), scale, o.causal, o.window_left, o.window_right, o.softcap,
-               rotary_interleaved, num_splits, _device(q), **kw)
+    args = (_desc(q, "q"), _desc(k_cache, "k_cache"), _desc(v_cache, "v_cache"),
+            _desc(cache_seqlens, "cache_seqlens", "torch.int32"), _desc(out, "out"), _desc(lse, "lse", "torch.float32"),
+            scale, o.causal, o.window_left, o.window_right, o.softcap, rotary_interleaved, num_splits, _device(q))
+    # A call without the workspace it needs (CUDA: q rotated, split-KV's partials) runs nothing and says
+    # how many bytes: they come from PyTorch's caching allocator, on the call's stream.
+    need = _on_device(q, _native.fwd_kvcache, *args, **kw)
+    if need:
+        ws = torch.empty(need, dtype=torch.uint8, device=q.device)
+        need = _on_device(q, _native.fwd_kvcache, *args, workspace=(ws.data_ptr(), need), **kw)
+        assert need == 0, need
     return out, lse

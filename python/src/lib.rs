@@ -229,9 +229,9 @@ impl Lens {
 
 /// Runs `f` (a raw call) without the GIL; a panic comes back as RuntimeError rather than unwinding into
 /// Python.
-fn call<F>(py: Python<'_>, f: F) -> PyResult<()>
+fn call<T: Send, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
-    F: FnOnce() -> flash_attn::Result<()> + Send,
+    F: FnOnce() -> flash_attn::Result<T> + Send,
 {
     match py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))) {
         Ok(r) => r.map_err(to_py),
@@ -492,15 +492,17 @@ fn varlen_fwd_paged(
 /// fwd_kvcache(q, k_cache, v_cache, cache_seqlens, out, lse, softmax_scale, causal, window_size_left,
 ///             window_size_right, softcap, rotary_interleaved, num_splits, device, block_table=None,
 ///             k_new=None, v_new=None, rotary_cos=None, rotary_sin=None, cache_batch_idx=None,
-///             cache_leftpad=None, alibi_slopes=None)
+///             cache_leftpad=None, alibi_slopes=None, workspace=None) -> int
 ///
 /// flash-attn's `flash_attn_with_kvcache`: appends k_new / v_new (`[B, S_new, Hk, D]`) to the caches
 /// (`[B_cache, S_cache, Hk, D]`, or pages `[num_blocks, page_size, Hk, D]` with block_table) in place at
 /// `cache_seqlens[b]..` (int32 `[B]`), rotary on q and k_new, then attends q `[B, Sq, Hq, D]` over the
-/// cache into out (like q) and lse (contiguous f32 `[B, Hq, Sq]`). `num_splits` 0 = heuristic. On CUDA:
-/// NotImplementedError (no kernels yet), after every check.
+/// cache into out (like q) and lse (contiguous f32 `[B, Hq, Sq]`). `num_splits` 0 = heuristic. CUDA
+/// needs a workspace `(address, bytes)` of the device's memory, 256-byte aligned, for q rotated and
+/// split-KV's partials: a call whose workspace (None = 0 bytes) is smaller than it needs validates,
+/// runs nothing and returns the bytes it needs; a call that runs returns 0.
 #[pyfunction]
-#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, rotary_interleaved, num_splits, device, block_table=None, k_new=None, v_new=None, rotary_cos=None, rotary_sin=None, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None))]
+#[pyo3(signature = (q, k_cache, v_cache, cache_seqlens, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, rotary_interleaved, num_splits, device, block_table=None, k_new=None, v_new=None, rotary_cos=None, rotary_sin=None, cache_batch_idx=None, cache_leftpad=None, alibi_slopes=None, workspace=None))]
 #[allow(clippy::too_many_arguments)]
 fn fwd_kvcache(
     py: Python<'_>,
@@ -526,7 +528,9 @@ fn fwd_kvcache(
     cache_batch_idx: Option<&Bound<'_, PyAny>>,
     cache_leftpad: Option<&Bound<'_, PyAny>>,
     alibi_slopes: Option<&Bound<'_, PyAny>>,
-) -> PyResult<()> {
+    workspace: Option<&Bound<'_, PyAny>>,
+) -> PyResult<usize> {
+    let ws = self::workspace(workspace)?;
     let q = Arg::parse(q, "q")?;
     let (k_cache, v_cache) = (Arg::parse(k_cache, "k_cache")?, Arg::parse(v_cache, "v_cache")?);
     let seqlens = Arg::parse(cache_seqlens, "cache_seqlens")?;
@@ -557,7 +561,11 @@ fn fwd_kvcache(
             out: out.view(),
             lse: lse.view(),
         };
-        unsafe { raw::fwd_kvcache(&t, &opts, &kv, Workspace::default(), target) }
+        let need = raw::kvcache_workspace_bytes(&t, &opts, &kv, target)?;
+        if need > ws.bytes {
+            return Ok(need);
+        }
+        unsafe { raw::fwd_kvcache(&t, &opts, &kv, ws, target) }.map(|()| 0)
     })
 }
 

@@ -25,8 +25,8 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   autograd gradients equal the hub's bwd given the forward's rng_state, torch.manual_seed replays the mask;
   the custom ops fwd_ext / bwd_ext give the eager path's bits and torch.compile(fullgraph=True) traces them;
   on CUDA the same rng_state drops the same scores as the CPU (S_dmask's signs bitwise);
-  flash_attn_with_kvcache raises NotImplementedError on CUDA (no kernels yet) and on the CPU appends in
-  place.
+  flash_attn_with_kvcache on CUDA equals the CPU's call (caches bitwise, out and lse within rounding;
+  rotary, paged, split-KV) and on the CPU appends in place.
 Then, unless --no-bench: Python-level overhead per call against calling the native function directly,
 and for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct".
 
@@ -716,13 +716,32 @@ def check_extras(dev, quick):
         report("CUDA dropout + alibi: out, lse, S_dmask vs the CPU's",
                max_err(og.cpu(), oc) <= 3e-2 and max_err(lg.cpu(), lc) <= 1e-3 and max_err(sdg.cpu(), sdc) <= 1e-2,
                f"out {max_err(og.cpu(), oc):.2e}, lse {max_err(lg.cpu(), lc):.2e}, S_dmask {max_err(sdg.cpu(), sdc):.2e}")
-        try:
-            fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :1], v[:, :1], cache_seqlens=5)
-            report("CUDA flash_attn_with_kvcache: NotImplementedError", False, "no exception")
-        except NotImplementedError as e:
-            report("CUDA flash_attn_with_kvcache: NotImplementedError", "fwd_kvcache" in str(e), str(e))
-        # The caches are untouched by the refused call.
-        report("CUDA flash_attn_with_kvcache refused before writing the caches", bool((kc == 0).all()))
+        # KV cache: the same call on both devices (append with rotary, per-row lengths, a paged cache, split-KV
+        # counts incl. the heuristic): the caches bitwise equal, out and lse within rounding.
+        half = 16
+        pos = torch.arange(160, dtype=torch.float32)[:, None] * 10000 ** (-torch.arange(half) / half)
+        cos, sin = pos.cos(), pos.sin()
+        seqlens = torch.tensor([5, 97], dtype=torch.int32)
+        for paged, num_splits in ((False, 1), (False, 0), (True, 3), (True, 0)):
+            kc0, vc0 = (torch.randn(b, 128, h, d, dtype=torch.bfloat16) for _ in range(2))
+            table = None
+            if paged:
+                kc0, vc0 = kc0.view(b * 8, 16, h, d), vc0.view(b * 8, 16, h, d)
+                table = torch.randperm(b * 8, dtype=torch.int32).view(b, 8)
+            res = {}
+            for name, on in (("cpu", lambda t: t), ("cuda", lambda t: None if t is None else t.to(dev))):
+                kcx, vcx = on(kc0.clone()), on(vc0.clone())
+                o, lse = fa.flash_attn_with_kvcache(on(q[:, :3].cpu()), kcx, vcx, on(k[:, :2].cpu()), on(v[:, :2].cpu()),
+                                                    rotary_cos=on(cos), rotary_sin=on(sin), cache_seqlens=on(seqlens),
+                                                    block_table=on(table), causal=True, num_splits=num_splits,
+                                                    return_softmax_lse=True)
+                res[name] = [t.cpu() for t in (o, lse, kcx, vcx)]
+            (oc, lc, kcc, vcc), (og, lg, kcg, vcg) = res["cpu"], res["cuda"]
+            report(f"CUDA flash_attn_with_kvcache (paged {paged}, num_splits {num_splits}): caches == the CPU's",
+                   torch.equal(kcc, kcg) and torch.equal(vcc, vcg) and not torch.equal(kcc, kc0))
+            report(f"CUDA flash_attn_with_kvcache (paged {paged}, num_splits {num_splits}): out, lse vs the CPU's",
+                   max_err(og, oc) <= 2e-2 and max_err(lg, lc) <= 1e-3,
+                   f"out {max_err(og, oc):.2e}, lse {max_err(lg, lc):.2e}")
         return
     # KV cache on CPU tensors: appended in place, the result equal to attention over the updated cache.
     o, lse = fa.flash_attn_with_kvcache(q[:, :1], kc, vc, k[:, :2], v[:, :2], cache_seqlens=5, causal=True,

@@ -781,8 +781,8 @@ def _d(a):
 def test_native_cuda_checks_before_launching():
     """On CUDA the library checks every argument before anything runs: a bad one is the same error as on
     the CPU, ALiBi, dropout and S_dmask included (they run on CUDA; no GPU is needed here, no device
-    memory is touched, and on a GPU machine nothing is launched). flash_attn_with_kvcache has no kernels
-    yet: NotImplementedError naming it (Error::Unsupported), after its checks."""
+    memory is touched, and on a GPU machine nothing is launched). flash_attn_with_kvcache without the
+    workspace it needs (here: split-KV's partials) validates, runs nothing and returns the bytes it needs."""
     q, out = _aligned((1, 16, 2, 64), F16), _aligned((1, 16, 2, 64), F16)
     lse = _aligned((1, 2, 16), np.float32)
     dev = ("cuda", 0, 0)
@@ -799,9 +799,12 @@ def test_native_cuda_checks_before_launching():
         _native.fwd(*args, s_dmask=_d(_aligned((1, 2, 16, 32), np.float32)[..., ::2]))
     cache = _aligned((1, 32, 2, 64), F16)
     seqlens = _aligned((1,), np.int32)
-    with pytest.raises(NotImplementedError, match="fwd_kvcache"):
+    need = _native.fwd_kvcache(_d(q), _d(cache), _d(cache), _d(seqlens), _d(out), _d(lse), None, False, -1, -1,
+                               0.0, False, 2, dev)
+    assert need >= 2 * 16 * 2 * 64 * 4, need
+    with pytest.raises(ValueError, match="workspace"):
         _native.fwd_kvcache(_d(q), _d(cache), _d(cache), _d(seqlens), _d(out), _d(lse), None, False, -1, -1, 0.0,
-                            False, 0, dev)
+                            False, 2, dev, workspace=(q.ctypes.data, need))
     # A bad argument is still a ValueError first.
     with pytest.raises(ValueError):
         _native.fwd(*args[:3], _d(out[:, :8]), *args[4:], dropout=(0.1, 1, 2))

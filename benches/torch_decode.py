@@ -1,0 +1,66 @@
+"""PyTorch's side of the decode comparison, on benches/decode.rs's contiguous shapes: SDPA with the flash
+and the cuDNN backends (q [B, Hq, Sq, D] over the cache [B, Hk, ctx, D] as transposed views of the
+[B, ctx, Hk, D] cache, enable_gqa, not causal), and the copy bandwidth of this GPU in the same run (a
+2 GiB device-to-device copy: 2 x its bytes moved). Prints `RESULT <backend> <shape> <median ms> <GB/s>`
+with decode.rs's byte count. CUDA events, warm-up, median of 30."""
+import sys
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+HQ, HK, D = 32, 8, 128
+MAX_CACHE_BYTES = 17 << 30
+
+
+def median_ms(fn, iters=30, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def report(backend, name, nbytes, fn):
+    try:
+        ms = median_ms(fn)
+        print(f"RESULT {backend} {name} {ms:.4f} {nbytes / (ms * 1e-3) / 1e9:.1f}", flush=True)
+    except Exception as e:  # a backend that rejects a shape is reported, not fatal
+        print(f"RESULT {backend} {name} nan nan  # {type(e).__name__}: {str(e)[:80]}", flush=True)
+
+
+def main():
+    filt = sys.argv[1] if len(sys.argv) > 1 else ""
+    dev = "cuda"
+    print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    n = 2 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device=dev).fill_(1), torch.empty(n, dtype=torch.uint8, device=dev)
+    report("copy", "copy/2GiB", 2 * n, lambda: dst.copy_(src))
+    del src, dst
+    for sq in (1, 4):
+        for ctx in (1024, 8192, 32768, 131072):
+            for b in (1, 8, 64):
+                kv_bytes = 2 * b * ctx * HK * D * 2
+                name = f"decode/sq{sq}/ctx{ctx}/b{b}/page0"
+                if kv_bytes > MAX_CACHE_BYTES or filt not in name:
+                    continue
+                q = torch.rand(b, sq, HQ, D, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2)
+                k, v = (torch.rand(b, ctx, HK, D, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2) for _ in range(2))
+                nbytes = kv_bytes + 2 * b * sq * HQ * D * 2
+                for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    def run(kind=kind):
+                        with sdpa_kernel(kind):
+                            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                    report(backend, name, nbytes, run)
+                del q, k, v
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
