@@ -802,6 +802,10 @@ fn kvcache_errors_name_the_argument() {
     let mut b = Bad::contiguous();
     (b.cos, b.sin) = (Some(zeros(&[20, 0], DType::F32)), Some(zeros(&[20, 0], DType::F32)));
     expect_err(b.run(), |e| value(e, "rotary_cos"), "rotary_cos");
+    // No positions at all: an error of the shape on both devices (CUDA never reads the positions).
+    let mut b = Bad::contiguous();
+    (b.cos, b.sin) = (Some(zeros(&[0, 16], DType::F32)), Some(zeros(&[0, 16], DType::F32)));
+    expect_err(b.run(), |e| value(e, "rotary_cos"), "rotary_cos");
     let mut b = Bad::contiguous();
     b.sin = Some(zeros(&[20, 15], DType::F32));
     expect_err(b.run(), |e| shape(e, "rotary_sin"), "rotary_sin");
@@ -1178,8 +1182,10 @@ fn gpu_splits_agree_within_rounding() {
         for splits in [n, 0] {
             let (many, ..) = c.run_on(&x, splits, GPU).unwrap();
             let (on, ln) = outputs(&many);
+            // P is rounded to the input dtype before P V, against each split's own running max: the
+            // difference is the GPU tolerance's, 2u of |V|'s bound per row (|v| <= 1), not relative to out.
             for (i, (&a, &b)) in on.iter().zip(&o1).enumerate() {
-                prop_assert!((a - b).abs() <= 2.0 * u * a.abs().max(b.abs()) + 1e-4, "{:?} splits {}: out[{}] {} vs {}", c, splits, i, a, b);
+                prop_assert!((a - b).abs() <= 2.0 * u * a.abs().max(b.abs()) + 4.0 * u, "{:?} splits {}: out[{}] {} vs {}", c, splits, i, a, b);
             }
             for (i, (&a, &b)) in ln.iter().zip(&l1).enumerate() {
                 let ok = if b == f32::NEG_INFINITY { a == b } else { (a - b).abs() <= 2f32.powi(-16) * (1.0 + b.abs()) };

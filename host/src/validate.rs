@@ -485,6 +485,9 @@ fn check_rotary(cos: &View<'_>, sin: &View<'_>, q_dtype: DType, d: usize, interl
     if 2 * half > d {
         return Err(Error::Value { arg: "rotary_cos", msg: format!("rotary_dim {} (twice its {half} columns) exceeds the head dim {d}", 2 * half) });
     }
+    if cos.shape[0] == 0 {
+        return Err(Error::Value { arg: "rotary_cos", msg: "has no rows: [S_ro, rotary_dim / 2] needs a row for every position it turns (S_ro >= 1)".into() });
+    }
     fits_i32("rotary_cos", "positions", cos.shape[0])?;
     Ok(Rotary { dim: 2 * half, seqlen: cos.shape[0], interleaved, dtype: cos.dtype, cos_row: cos.strides[0], sin_row: sin.strides[0], q_per_row })
 }

@@ -38,7 +38,8 @@ unsafe fn st_elem<E: Elem>(addr: u64, x: f32) {
 /// (c, c + dim/2); past the rotated features, the plain pair (2c, 2c+1).
 #[inline(always)]
 fn pair(ap: &AppendParams, c: i32) -> (i32, i32, bool) {
-    let half = ap.rotary_dim / 2;
+    // (Validation gives rotary tables at least one position; a table without one turns nothing.)
+    let half = if ap.rotary_len > 0 { ap.rotary_dim / 2 } else { 0 };
     if c < half {
         if ap.interleaved != 0 { (2 * c, 2 * c + 1, true) } else { (c, c + half, true) }
     } else {
