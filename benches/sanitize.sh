@@ -2,7 +2,8 @@
 # On the GPU machine, from the bundle folder: compute-sanitizer's memcheck, racecheck, synccheck and
 # initcheck over every kernel family (example-sanitize, host/examples/sanitize.rs: both dtypes, every head
 # dim, dense and packed with seqused padding and tail rows, causal + window and unmasked + softcap, GQA,
-# forward, backward, deterministic backward, paged forward; each without and with ALiBi + dropout +
+# forward, backward, deterministic backward, paged forward, the KV cache (append + rotary, decode,
+# split-KV's combine); each without and with ALiBi + dropout +
 # s_dmask (the _mods kernels and the probabilities kernel); the wgmma kernels (Hopper) and the mma.sync
 # ones).
 #

@@ -312,11 +312,11 @@ impl KvCase {
 
     /// Runs the library on the case; returns its out and lse and the caches afterwards.
     fn run(&self, x: &KvInputs, num_splits: usize) -> Result<(FwdOutput, Tensor, Tensor)> {
-        self.run_on(x, num_splits, Device::Cpu)
+        self.run_on(x, num_splits, Device::Cpu, None)
     }
 
-    /// `run` on `device` (the results brought back to the host).
-    fn run_on(&self, x: &KvInputs, num_splits: usize, device: Device) -> Result<(FwdOutput, Tensor, Tensor)> {
+    /// `run` on `device` (the results brought back to the host), with ALiBi `[Hq]` if given.
+    fn run_on(&self, x: &KvInputs, num_splits: usize, device: Device, alibi: Option<&[f32]>) -> Result<(FwdOutput, Tensor, Tensor)> {
         let (hq, hk) = self.heads;
         let (b, d) = (self.b(), self.d);
         let t = |v: &[f32], shape: &[usize], dtype: DType| Tensor::from_f32(v, shape, dtype).unwrap().to_device(device).unwrap();
@@ -348,6 +348,8 @@ impl KvCase {
             cache.cache_batch_idx = Some(&batch_idx);
         }
         cache.block_table = table.as_ref();
+        let slopes = alibi.map(|s| Tensor::from_f32(s, &[s.len()], DType::F32).unwrap().to_device(device).unwrap());
+        cache.alibi_slopes = slopes.as_ref();
         let kv = KvCacheOptions { num_splits, ..self.kv_options() };
         let o = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &self.opts.attn(), &kv)?;
         let host = |t: &Tensor| t.to_device(Device::Cpu).unwrap();
@@ -411,7 +413,7 @@ fn run_kv_case(c: &KvCase) -> std::result::Result<(), String> {
 /// afterwards bitwise what the reference appends (every other entry, NaN or not, unchanged).
 fn run_kv_case_on(c: &KvCase, device: Device) -> std::result::Result<(), String> {
     let x = c.inputs();
-    let (o, k_cache, v_cache) = c.run_on(&x, c.num_splits, device).map_err(|e| e.to_string())?;
+    let (o, k_cache, v_cache) = c.run_on(&x, c.num_splits, device, None).map_err(|e| e.to_string())?;
     let (ref_out, ref_lse, k_after, v_after) = c.reference(&x);
     let (out, lse) = outputs(&o);
     let r = c.opts.reference(c.d);
@@ -1176,11 +1178,11 @@ fn gpu_splits_agree_within_rounding() {
     let mut runner = proptest::test_runner::TestRunner::new_with_rng(ProptestConfig { cases: 100, ..ProptestConfig::default() }, proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes(seed)));
     let r = runner.run(&(kv_case(), 2usize..=40), |(c, n)| {
         let x = c.inputs();
-        let (one, ..) = c.run_on(&x, 1, GPU).unwrap();
+        let (one, ..) = c.run_on(&x, 1, GPU, None).unwrap();
         let (o1, l1) = outputs(&one);
         let u = unit_roundoff(c.dtype) as f32;
         for splits in [n, 0] {
-            let (many, ..) = c.run_on(&x, splits, GPU).unwrap();
+            let (many, ..) = c.run_on(&x, splits, GPU, None).unwrap();
             let (on, ln) = outputs(&many);
             // P is rounded to the input dtype before P V, against each split's own running max: the
             // difference is the GPU tolerance's, 2u of |V|'s bound per row (|v| <= 1), not relative to out.
@@ -1293,4 +1295,34 @@ fn gpu_kvcache_bogus_indices_do_not_fault() {
     }
     eprintln!("gpu_kvcache_bogus_indices_do_not_fault: {} calls reached the kernels", ran.get());
     assert!(ran.get() > 0);
+}
+
+/// ALiBi over a KV cache on CUDA (the paged forward's `_mods` twin: the decode kernels take no ALiBi)
+/// against the CPU path on the same inputs (which alibi_dropout.rs checks against the reference): out
+/// and lse within the GPU kernels' tolerance, the caches bitwise equal, any split count.
+#[test]
+fn gpu_kvcache_alibi_matches_cpu() {
+    require_gpu!();
+    let (seed, _) = kernels::seeded("gpu_kvcache_alibi_matches_cpu");
+    let mut runner = proptest::test_runner::TestRunner::new_with_rng(ProptestConfig { cases: 60, ..ProptestConfig::default() }, proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes(seed)));
+    let r = runner.run(&(kv_case(), 0usize..=6), |(c, splits)| {
+        let x = c.inputs();
+        let slopes: Vec<f32> = (0..c.heads.0).map(|h| 0.5f32.powi(h as i32 % 8 + 1)).collect();
+        let (oc, kc, vc) = c.run_on(&x, splits, Device::Cpu, Some(&slopes)).unwrap();
+        let (og, kg, vg) = c.run_on(&x, splits, GPU, Some(&slopes)).unwrap();
+        prop_assert!(kc.to_bytes().unwrap() == kg.to_bytes().unwrap() && vc.to_bytes().unwrap() == vg.to_bytes().unwrap(), "{:?}: caches differ", c);
+        let ((o1, l1), (o2, l2)) = (outputs(&oc), outputs(&og));
+        let u = unit_roundoff(c.dtype) as f32;
+        for (i, (&a, &b)) in o2.iter().zip(&o1).enumerate() {
+            prop_assert!((a - b).abs() <= 2.0 * u * a.abs().max(b.abs()) + 4.0 * u, "{:?} splits {}: out[{}] {} vs the CPU's {}", c, splits, i, a, b);
+        }
+        for (i, (&a, &b)) in l2.iter().zip(&l1).enumerate() {
+            let ok = if b == f32::NEG_INFINITY { a == b } else { (a - b).abs() <= 2f32.powi(-12) * (1.0 + b.abs()) };
+            prop_assert!(ok, "{:?} splits {}: lse[{}] {} vs the CPU's {}", c, splits, i, a, b);
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        panic!("seed {seed}: {e}");
+    }
 }

@@ -19,6 +19,11 @@
 //!   dK/dV); plus one forward whose grid chains row blocks (one CTA per (head, sequence), as many heads
 //!   as multiprocessors: the dispatch's own choice at that size).
 //!
+//! - the KV cache (`KV_CASES`, with the mma.sync family): the append kernel (new keys rotated, q rotated
+//!   or packed), the decode kernel (packed GQA, f32 partials, the combine) over a contiguous cache read
+//!   through cache_batch_idx and over pages, the paged forward for many query rows and for ALiBi (with
+//!   the modifiers' runs), split and not; and the public combine.
+//!
 //! The deterministic backward is mma.sync under any choice, and so is everything at head dim 32: each
 //! runs once.
 //! Every run above runs twice: as described, and with the score modifiers (the `_mods` kernels and the
@@ -41,7 +46,7 @@
 #[allow(dead_code, unused_macros)]
 mod variants;
 
-use flash_attn::{bwd_with, fwd, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, DType, Device, Dropout, Extras, KernelChoice, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
+use flash_attn::{bwd_with, combine, fwd, fwd_kvcache, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, DType, Device, Dropout, Extras, KernelChoice, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
 use std::time::Instant;
 
 const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
@@ -62,6 +67,15 @@ const TAIL: (usize, usize) = (7, 5);
 const CHAINED: (usize, usize) = (130, 200);
 /// Page sizes of the paged forward cases.
 const PAGES: [usize; 2] = [16, 3];
+
+/// KV-cache cases (issue 13), per (dtype, head dim): (page size, 0 = contiguous with cache_batch_idx;
+/// query rows; num_splits, 0 = the heuristic; causal, else window (20, 0) + softcap; ALiBi). B = 2, Hq
+/// = 2 on Hk = 1, cache rows of 96 keys with cache_seqlens [40, 77], leftpad [3, 0], two new keys
+/// rotated (rotary_dim D/2, f32 tables), so: the append kernel, then the decode kernel (q packed, up to
+/// 64 packed rows; always merged by the combine) or, with 40 query rows (80 packed) or ALiBi, the paged
+/// forward (merged where split).
+const KV_CASES: [(usize, usize, usize, bool, bool); 6] = [(0, 1, 0, true, false), (0, 1, 3, false, false), (16, 3, 1, true, false), (16, 3, 4, false, false), (0, 40, 2, true, false), (16, 1, 2, true, true)];
+const KV_CAPACITY: usize = 96;
 
 /// The modifiers' dropout (the slopes are drawn per problem).
 const DROPOUT: Dropout = Dropout { p: 0.17, seed: 0x005e_ed0f_d40f, offset: 7 };
@@ -136,7 +150,16 @@ impl Plan {
         }
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
         let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd);
-        per_mask * MASKS.len() + usize::from(self.wg_fwd && self.mods.0)
+        per_mask * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.kv_launches()
+    }
+    /// The KV-cache cases' launches (run once per dtype and head dim, with the mma.sync family): the
+    /// append, the attention, the combine (decode: always; else where split), the public combine.
+    fn kv_launches(&self) -> usize {
+        if !self.mma {
+            return 0;
+        }
+        let n: usize = KV_CASES.iter().filter(|c| if c.4 { self.mods.1 } else { self.mods.0 }).map(|&(_, sq, splits, _, alibi)| 2 + usize::from(!alibi && sq * 2 <= 64 || splits != 1)).sum();
+        n + usize::from(self.mods.0)
     }
 }
 
@@ -195,7 +218,7 @@ fn main() -> flash_attn::Result<()> {
     };
     let plans: Vec<(DType, usize, Plan)> = dtypes.iter().flat_map(|&dt| dims.iter().map(move |&d| (dt, d, Plan::new(d, dt, hopper, families, mods)))).collect();
     let total: usize = plans.iter().map(|p| p.2.launches()).sum();
-    let cases = plans.iter().filter(|p| p.2.launches() > 0).count() * MASKS.len() + plans.iter().filter(|p| p.2.wg_fwd && mods.0).count();
+    let cases = plans.iter().filter(|p| p.2.launches() > 0).count() * MASKS.len() + plans.iter().filter(|p| p.2.wg_fwd && mods.0).count() + plans.iter().filter(|p| p.2.kv_launches() > 0).count();
     let runs = match mods {
         (true, true) => "without and with the score modifiers",
         (true, false) => "without the score modifiers",
@@ -315,6 +338,51 @@ fn main() -> flash_attn::Result<()> {
             fetch(&[&f.out, &f.lse])?;
             done += 1;
             println!("case {done}/{cases} {dtype} d{d} causal: wgmma fwd with chained row blocks, 1x{cq}x{ck}, {sms} q heads on 1 kv head ({:.2} s, {:.0} s total)", case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
+        }
+        if plan.kv_launches() > 0 {
+            // The KV cache: append + rotary, decode or paged forward, split-KV's combine; the public combine.
+            let case_start = Instant::now();
+            let mut ran = Vec::new();
+            let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
+            let half = d / 4;
+            let f32t = |v: Vec<f32>, shape: &[usize]| -> flash_attn::Result<Tensor> { Tensor::from_f32(&v, shape, DType::F32)?.to_device(gpu) };
+            let cos = f32t((0..160 * half).map(|i| ((i / half) as f32 * 0.01 * (i % half + 1) as f32).cos()).collect(), &[160, half])?;
+            let sin = f32t((0..160 * half).map(|i| ((i / half) as f32 * 0.01 * (i % half + 1) as f32).sin()).collect(), &[160, half])?;
+            let seqlens = i32s(vec![40, 77])?;
+            let leftpad = i32s(vec![3, 0])?;
+            let batch_idx = i32s(vec![2, 0])?;
+            let slopes = f32t(vec![0.25, 0.0625], &[2])?;
+            let (k_new, v_new) = (t(&[2, 2, 1, d])?, t(&[2, 2, 1, d])?);
+            let pages = KV_CAPACITY / 16;
+            let table = Tensor::from_i32((0..2 * pages as i32).map(|i| (i * 5 + 1) % (2 * pages as i32 + 1)).collect(), &[2, pages])?.to_device(gpu)?;
+            for &(page, sq, splits, causal, alibi) in KV_CASES.iter().filter(|c| if c.4 { plan.mods.1 } else { plan.mods.0 }) {
+                let q = t(&[2, sq, 2, d])?;
+                let shape = if page == 0 { [3, KV_CAPACITY, 1, d] } else { [2 * pages + 1, page, 1, d] };
+                let (mut kc, mut vc) = (t(&shape)?, t(&shape)?);
+                let mut cache = KvCache::new(&seqlens);
+                (cache.k_new, cache.v_new, cache.rotary_cos, cache.rotary_sin, cache.cache_leftpad) = (Some(&k_new), Some(&v_new), Some(&cos), Some(&sin), Some(&leftpad));
+                if page == 0 {
+                    cache.cache_batch_idx = Some(&batch_idx);
+                } else {
+                    cache.block_table = Some(&table);
+                }
+                if alibi {
+                    cache.alibi_slopes = Some(&slopes);
+                }
+                let opts = if causal { AttnOptions { causal: true, ..Default::default() } } else { AttnOptions { window: (20, 0), softcap: 3.0, ..Default::default() } };
+                let o = fwd_kvcache(&q, &mut kc, &mut vc, &cache, &opts, &KvCacheOptions { rotary_interleaved: sq == 3, num_splits: splits })?;
+                fetch(&[&o.out, &o.lse, &kc, &vc])?;
+                ran.push(format!("kvcache page{page} sq{sq} splits{splits}{}", if alibi { " +alibi" } else { "" }));
+            }
+            if plan.mods.0 {
+                let po = t(&[3, 2, 5, 2, d])?;
+                let pl = f32t(values(3 * 2 * 2 * 5, &mut seed).iter().enumerate().map(|(i, x)| if i % 7 == 0 { f32::NEG_INFINITY } else { 4.0 * x }).collect(), &[3, 2, 2, 5])?;
+                let o = combine(&po, &pl)?;
+                fetch(&[&o.out, &o.lse])?;
+                ran.push("combine".into());
+            }
+            done += 1;
+            println!("case {done}/{cases} {dtype} d{d} kv cache: {} ({:.2} s, {:.0} s total)", ran.join(", "), case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
         }
         launched += plan.launches();
     }

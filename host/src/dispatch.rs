@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, FWD_WS_THREADS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -104,17 +104,38 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     Some(FwdLaunch { kernel, config, grid: grid(&config), block: config.threads() as u32, smem_bytes: config.smem_bytes() })
 }
 
-/// The KV-cache forward's tile shape: the mma.sync forward's.
-pub fn kvcache_config(head_dim: usize) -> FwdConfig {
-    fwd_config(head_dim)
+/// Packed rows (q heads per kv head times queries) up to which a KV-cache call runs the `_decode`
+/// kernels; more rows (prefill-like calls) run the paged forward.
+pub const DECODE_MAX_ROWS: usize = 64;
+
+/// Whether a KV-cache call over `p` runs the `_decode` kernels (q packed per kv head): no ALiBi (their
+/// rows are of several heads), a head dim they have, at most `DECODE_MAX_ROWS` packed rows.
+pub fn kvcache_decodes(p: &Problem) -> bool {
+    let rows = p.seqlen_q.saturating_mul(p.hq / p.hk.max(1));
+    p.alibi.is_none() && kernel_dtype(p.dtype).is_some_and(|dt| fwd_decode_kernel_name(p.head_dim, dt).is_some()) && rows <= DECODE_MAX_ROWS
 }
 
-/// The KV-cache forward over `p` (its cache as pages: `p.paged`): the paged twin of the mma.sync
-/// forward (`_paged_mods` with ALiBi), grid z over `batch * splits` (split-KV's slices).
+/// The KV-cache forward's tile shape: the decode kernels' (`kvcache_decodes`), else the mma.sync
+/// forward's.
+pub fn kvcache_config(p: &Problem) -> FwdConfig {
+    if kvcache_decodes(p) { decode_config(p.head_dim) } else { fwd_config(p.head_dim) }
+}
+
+/// The KV-cache forward over `p` (its cache as pages: `p.paged`), grid z over `batch * splits`
+/// (split-KV's slices): the `_decode` kernel over `seqlen_q * Hq / Hk` packed rows of each kv head
+/// where `kvcache_decodes`, else the paged twin of the mma.sync forward (`_paged_mods` with ALiBi).
 pub fn kvcache_launch(p: &Problem, splits: usize) -> Option<FwdLaunch> {
     debug_assert!(p.paged.is_some() && !p.varlen);
+    let z = u32::try_from(p.batch.checked_mul(splits)?).ok()?;
+    if kvcache_decodes(p) {
+        let config = decode_config(p.head_dim);
+        let rows = p.seqlen_q * (p.hq / p.hk);
+        let kernel = fwd_decode_kernel_name(p.head_dim, kernel_dtype(p.dtype)?)?;
+        let grid = (rows.max(1).div_ceil(config.block_m()) as u32, p.hk as u32, z);
+        return Some(FwdLaunch { kernel, config, grid, block: config.threads() as u32, smem_bytes: config.smem_bytes() });
+    }
     let mut l = fwd_launch(p, None)?;
-    l.grid.2 = u32::try_from(p.batch.checked_mul(splits)?).ok()?;
+    l.grid.2 = z;
     Some(l)
 }
 

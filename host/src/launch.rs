@@ -218,7 +218,7 @@ fn fwd_params(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Opt
         mods: score_mods(p, t.alibi_slopes.as_ref()),
         cache_leftpad: 0,
         seqused_k_add: 0,
-        _pad: 0,
+        q_pack: 1,
     }
 }
 
@@ -492,11 +492,15 @@ unsafe fn zero(v: &View<'_>, varlen: bool, stream: usize) -> Result<()> {
 }
 
 /// Where a CUDA KV-cache call's scratch lives in the caller's workspace (each section 256-byte
-/// aligned): q rotated (`[B, Sq, Hq, D]` in q's dtype, with rotary), and with split-KV the f32 partial
-/// results (`[splits, B, Sq, Hq, D]`) and their LSEs (`[splits, B, Hq, Sq]`).
+/// aligned): q rotated (`[B, Sq, Hq, D]` in q's dtype, with rotary; for the decode kernels always, packed
+/// `[B, Hk, Sq * G, D]`), and with split-KV (and always for the decode kernels) the f32 partial results
+/// (`[splits, B, Sq, Hq, D]`, packed `[splits, B, Hk, Sq * G, D]`) and their LSEs (`[splits, B, Hq, Sq]`,
+/// packed `[splits, B, Hk, Sq * G]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvWorkspace {
     pub splits: usize,
+    /// The decode kernels run (`dispatch::kvcache_decodes`): q packed, partials merged by the combine.
+    pub decode: bool,
     pub q_rot: Option<usize>,
     pub partials: Option<(usize, usize)>,
     pub bytes: usize,
@@ -506,11 +510,20 @@ impl KvWorkspace {
     /// The layout for `kp` on device `ordinal` (whose multiprocessor count the split heuristic reads).
     pub fn new(kp: &KvCacheProblem, ordinal: usize) -> Result<KvWorkspace> {
         let p = &kp.fwd;
+        let decode = crate::dispatch::kvcache_decodes(p);
         let splits = match kp.num_splits {
             0 => {
-                let c = crate::dispatch::kvcache_config(p.head_dim);
-                let tiles = p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m());
-                crate::problem::num_splits_heuristic(tiles, p.seqlen_k.div_ceil(c.block_n), gpu(ordinal)?.sm_count)
+                let c = crate::dispatch::kvcache_config(p);
+                let gpu = gpu(ordinal)?;
+                // Work tiles: row blocks of each head (decode: packed rows of each kv head); the decode
+                // kernels run several blocks per multiprocessor (their shared memory allowing).
+                let (tiles, processors) = if decode {
+                    let per_sm = ((gpu.max_smem_optin + 1024) / (c.smem_bytes() + 1024)).clamp(1, 16);
+                    (p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()), gpu.sm_count * per_sm)
+                } else {
+                    (p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()), gpu.sm_count)
+                };
+                crate::problem::num_splits_heuristic(tiles, p.seqlen_k.div_ceil(c.block_n), processors)
             }
             n => n,
         };
@@ -521,14 +534,14 @@ impl KvWorkspace {
         let lse_elems = p.batch * p.hq * p.seqlen_q;
         let align = |x: usize| x.checked_next_multiple_of(256).ok_or_else(too_large);
         let mut bytes = 0usize;
-        let q_rot = if kp.rotary.is_some() {
+        let q_rot = if kp.rotary.is_some() || decode {
             let at = bytes;
             bytes = align(q_elems.checked_mul(2).ok_or_else(too_large)?)?;
             Some(at)
         } else {
             None
         };
-        let partials = if splits > 1 {
+        let partials = if splits > 1 || decode {
             let o = bytes;
             let l = align(o.checked_add(q_elems.checked_mul(4 * splits).ok_or_else(too_large)?).ok_or_else(too_large)?)?;
             bytes = align(l + lse_elems * 4 * splits)?;
@@ -536,7 +549,7 @@ impl KvWorkspace {
         } else {
             None
         };
-        Ok(KvWorkspace { splits, q_rot, partials, bytes })
+        Ok(KvWorkspace { splits, decode, q_rot, partials, bytes })
     }
 }
 
@@ -571,7 +584,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         return unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) };
     }
     let f = gpu.function(launch.kernel, launch.smem_bytes)?;
-    let combine_f = if ws.splits > 1 { Some(gpu.function(COMBINE_KERNEL_NAME, 0)?) } else { None };
+    let combine_f = if ws.partials.is_some() { Some(gpu.function(COMBINE_KERNEL_NAME, 0)?) } else { None };
     unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }?;
 
     let q_shape = [p.batch, p.seqlen_q, p.hq, p.head_dim];
@@ -593,19 +606,32 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     };
     // Split-KV: f32 partials, the o strides in 2-byte units (FwdParams::num_splits).
     let (d, hq, sq) = (p.head_dim as i64, p.hq as i64, p.seqlen_q as i64);
-    params.num_splits = ws.splits as i32;
-    (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * sq * hq * d, 2 * hq * d, 2 * d);
-    (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hq * sq, sq);
-    unsafe { queue(f, &l, &params, stream) }?;
     let b = p.batch as i64;
+    params.num_splits = ws.splits as i32;
+    let pack = if ws.decode { (p.hq / p.hk) as i64 } else { 1 };
+    let (po_strides, pl_strides) = if ws.decode {
+        // Packed: each kv head's `rows` rows (query i of q head hk * pack + g at row i * pack + g) in q
+        // (the append kernel wrote it so), the partial out and lse.
+        let (hk, rows) = (p.hk as i64, sq * pack);
+        (params.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride) = (ws_addr + ws.q_rot.expect("decode packs q") as u64, hk * rows * d, d, rows * d);
+        (params.h, params.h_k, params.seqlen_q, params.total_q, params.q_pack) = (p.hk as i32, p.hk as i32, rows as i32, (b * rows) as i32, pack as i32);
+        (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * hk * rows * d, 2 * d, 2 * rows * d);
+        (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hk * rows, rows);
+        ([b * hk * rows * d, hk * rows * d, d, rows * d], [b * hk * rows, hk * rows, rows, 1])
+    } else {
+        (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * sq * hq * d, 2 * hq * d, 2 * d);
+        (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hq * sq, sq);
+        ([b * sq * hq * d, sq * hq * d, hq * d, d], [b * hq * sq, hq * sq, sq, 1])
+    };
+    unsafe { queue(f, &l, &params, stream) }?;
     let out = |i: usize| t.out.strides[i] as i64;
     let cp = CombineParams {
         partial_out: params.o,
         partial_lse: params.lse,
         out: t.out.addr,
         lse: t.lse.addr,
-        po_strides: [b * sq * hq * d, sq * hq * d, hq * d, d],
-        pl_strides: [b * hq * sq, hq * sq, sq, 1],
+        po_strides,
+        pl_strides,
         out_strides: [out(0), out(1), out(2)],
         lse_strides: [hq * sq, sq, 1],
         rows: b * sq * hq,
@@ -616,9 +642,9 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         head_dim: p.head_dim as i32,
         in_dtype: DTYPE_F32,
         out_dtype: dtype_code(p.dtype),
-        _pad: 0,
+        pack: pack as i32,
     };
-    unsafe { queue_combine(combine_f.expect("loaded with splits > 1"), &cp, stream) }
+    unsafe { queue_combine(combine_f.expect("loaded with partials"), &cp, stream) }
 }
 
 /// The append kernel (k_new / v_new into the caches, q turned into the workspace), where there is
@@ -627,7 +653,8 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
     let p = &kp.fwd;
     let pairs = p.head_dim / 2;
     let append_items = if kp.k_new.is_some() { p.batch * kp.seqlen_new * p.hk * pairs } else { 0 };
-    let q_items = if kp.rotary.is_some() { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
+    // q into the workspace: rotated, and for the decode kernels packed (rotated or not).
+    let q_items = if kp.rotary.is_some() || ws.decode { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
     let items = append_items + q_items;
     if items == 0 {
         return Ok(());
@@ -681,6 +708,8 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
         interleaved: rot.is_some_and(|r| r.interleaved) as i32,
         rotary_f32: rot.is_some_and(|r| r.dtype == DType::F32) as i32,
         q_per_row: rot.is_some_and(|r| r.q_per_row) as i32,
+        q_pack: if ws.decode { (p.hq / p.hk) as i32 } else { 0 },
+        _pad: 0,
     };
     let l = Launch { kernel: "", grid: (blocks as u32, 1, 1), block: APPEND_THREADS as u32, smem_bytes: 0 };
     unsafe { queue(f, &l, &ap, stream) }
@@ -741,7 +770,7 @@ pub(crate) unsafe fn combine(cp: &CombineProblem, t: &CombineViews<'_>, ordinal:
         head_dim: cp.head_dim as i32,
         in_dtype: dtype_code(t.partial_out.dtype),
         out_dtype: dtype_code(t.out.dtype),
-        _pad: 0,
+        pack: 1,
     };
     unsafe { queue_combine(f, &cpar, stream) }
 }

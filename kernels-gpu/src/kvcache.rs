@@ -128,7 +128,14 @@ unsafe fn append_entry<E: Elem>(ap: &AppendParams) {
         let pos = unsafe { ld_global_nc_i32(ap.cache_seqlens + b as u64 * 4) } + if ap.q_per_row != 0 { i } else { 0 };
         let s = &ap.q_strides;
         let src = |f: i32| ap.q + ((b as i64 * s[0] + i as i64 * s[1] + h as i64 * s[2] + f as i64) * 2) as u64;
-        let dst = |f: i32| ap.q_rot + ((rh * ap.head_dim as i64 + f as i64) * 2) as u64;
+        // Packed for the decode kernels: row i * G + g of kv head hk (h = hk * G + g), else as q.
+        let at = if ap.q_pack > 0 {
+            let (hk, g) = div_rem_u32(h as u32, ap.q_pack as u32);
+            ((b as i64 * ap.h_k as i64 + hk as i64) * ap.seqlen_q as i64 + i as i64) * ap.q_pack as i64 + g as i64
+        } else {
+            rh
+        };
+        let dst = |f: i32| ap.q_rot + ((at * ap.head_dim as i64 + f as i64) * 2) as u64;
         unsafe {
             let (x, y) = (ld_elem::<E>(src(fa)), ld_elem::<E>(src(fb)));
             let (x, y) = if turns { rotate::<E>(ap, x, y, pos, c) } else { (x, y) };
@@ -185,8 +192,15 @@ pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
     let h = (warp % cp.heads as i64) as i32;
     let br = warp / cp.heads as i64;
     let (b, r) = ((br / cp.seqlen as i64) as i32, (br % cp.seqlen as i64) as i32);
+    // Where the partials of out row (b, r, h) are: packed (kv head, packed row), or the same.
+    let (ph_idx, pr_idx) = if cp.pack > 1 {
+        let (hk, g) = div_rem_u32(h as u32, cp.pack as u32);
+        (hk as i64, r as i64 * cp.pack as i64 + g as i64)
+    } else {
+        (h as i64, r as i64)
+    };
     let [ps, pb, ph, pr] = cp.pl_strides;
-    let lse_at = |i: i32| unsafe { ld_global_nc_f32(cp.partial_lse + ((i as i64 * ps + b as i64 * pb + h as i64 * ph + r as i64 * pr) * 4) as u64) };
+    let lse_at = |i: i32| unsafe { ld_global_nc_f32(cp.partial_lse + ((i as i64 * ps + b as i64 * pb + ph_idx * ph + pr_idx * pr) * 4) as u64) };
     // Base-2 exponents throughout: l * log2(e).
     let mut max = f32::NEG_INFINITY;
     let mut i = lane;
@@ -232,7 +246,7 @@ pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
         for i in 0..cp.splits {
             let w = exp2(lse_at(i) * LOG2_E - lse2);
             if w > 0.0 {
-                acc += w * unsafe { load_any(cp.partial_out, i as i64 * os + b as i64 * ob + r as i64 * or + h as i64 * oh + c as i64, cp.in_dtype) };
+                acc += w * unsafe { load_any(cp.partial_out, i as i64 * os + b as i64 * ob + pr_idx * or + ph_idx * oh + c as i64, cp.in_dtype) };
             }
         }
         unsafe { store_any(cp.out, out_row + c as i64, cp.out_dtype, acc) };

@@ -118,7 +118,10 @@ pub struct FwdParams {
     /// seqused_k_add the rows appended).
     pub cache_leftpad: u64,
     pub seqused_k_add: i32,
-    pub _pad: i32,
+    /// Packed GQA (the `_decode` kernels; 1 elsewhere): q rows per query position. The kernel's heads
+    /// are then the kv heads and row `r` of a head is query `r / q_pack` (of `seqlen_q / q_pack`) of
+    /// q head `h * q_pack + r % q_pack`, as the KV cache's append kernel lays q out.
+    pub q_pack: i32,
 }
 
 /// Size the host's launch code relies on; both sides assert it.
@@ -302,9 +305,14 @@ pub struct AppendParams {
     pub interleaved: i32,
     pub rotary_f32: i32,
     pub q_per_row: i32,
+    /// q's heads per kv head when q goes out packed for the `_decode` kernels (`FwdParams::q_pack`):
+    /// q_rot is then `[B, Hk, Sq * q_pack, D]`, row `i * q_pack + g` holding q head `hk * q_pack + g`
+    /// of query i; 0 = `[B, Sq, Hq, D]`.
+    pub q_pack: i32,
+    pub _pad: i32,
 }
 
-pub const APPEND_PARAMS_SIZE: usize = 11 * 8 + 15 * 8 + 5 * 8 + 14 * 4;
+pub const APPEND_PARAMS_SIZE: usize = 11 * 8 + 15 * 8 + 5 * 8 + 16 * 4;
 const _: () = assert!(core::mem::size_of::<AppendParams>() == APPEND_PARAMS_SIZE);
 
 /// The combine kernel's parameter (`kvcache::combine`): one warp per (batch, row, head) merges `splits`
@@ -329,7 +337,9 @@ pub struct CombineParams {
     pub head_dim: i32,
     pub in_dtype: i32,
     pub out_dtype: i32,
-    pub _pad: i32,
+    /// Packed partials (`FwdParams::q_pack`, the `_decode` kernels): out row (b, i, h) is partial row
+    /// `i * pack + h % pack` of head `h / pack`; 1 = the same (b, i, h).
+    pub pack: i32,
 }
 
 pub const COMBINE_PARAMS_SIZE: usize = 4 * 8 + 14 * 8 + 8 + 8 * 4;

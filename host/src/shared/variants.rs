@@ -239,6 +239,11 @@ macro_rules! name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_paged_mods")); })*
             None
         }
+        /// Decode over a KV cache with q packed (`FwdParams::q_pack`): the export name with `_decode`.
+        pub fn fwd_decode_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_decode")); })*
+            None
+        }
         /// Its twin with score modifiers (`FwdParams::mods`: ALiBi, dropout): the export name with `_mods`.
         pub fn fwd_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
@@ -505,6 +510,14 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
         (KernelDType::F16, false) => "flash_probs_f16",
     }
 }
+/// The decode kernels' shape (`_decode`, the KV cache with q packed): one warp of 16 packed rows (the q
+/// heads of a kv head times the queries), key tiles of 64 (32 past head dim 128) in two stages: about
+/// 68-72 KB of shared memory, three blocks per multiprocessor, enough bytes in flight to stream the
+/// cache at the memory's bandwidth while the tensor cores do 16 rows of work per key.
+pub const fn decode_config(head_dim: usize) -> FwdConfig {
+    FwdConfig { head_dim, m_tiles: 1, warps: 1, block_n: if head_dim > 128 { 32 } else { 64 }, q_in_regs: false }
+}
+
 /// Threads per block of the probabilities kernel (keys of one query row).
 pub const PROBS_THREADS: usize = 128;
 

@@ -18,7 +18,7 @@ use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::{n_block_range, tile_needs_mask};
-use crate::mask::for_each_hidden_qk;
+use crate::mask::{allowed, for_each_hidden_qk};
 use crate::mods::{alibi_qk, keep_qk, HeadMods, MIN_ALIBI_SCALE};
 use crate::params::FwdParams;
 use crate::seqlen::SeqlenInfo;
@@ -100,9 +100,25 @@ pub(crate) struct BlockArgs {
     pub(crate) split: i32,
     pub(crate) num_splits: i32,
     pub(crate) o_f32: bool,
+    /// Packed GQA (`FwdParams::q_pack`, the `_decode` kernels): row r is query `r / q_pack` of
+    /// `seqlen_q / q_pack`; 1 elsewhere.
+    pub(crate) q_pack: i32,
 }
 
 impl BlockArgs {
+    /// The queries rows `[m0, m0 + rows)` are: (first, count), and how many the sequence has.
+    #[inline(always)]
+    pub(crate) fn queries(&self, rows: i32) -> (i32, i32, i32) {
+        if self.q_pack <= 1 {
+            return (self.m0, rows, self.seqlen_q);
+        }
+        // Unchecked divisions: q_pack > 1.
+        let pack = self.q_pack as u32;
+        let first = div_rem_u32(self.m0 as u32, pack).0 as i32;
+        let last = div_rem_u32((self.m0 + rows - 1) as u32, pack).0 as i32;
+        (first, last - first + 1, div_rem_u32(self.seqlen_q as u32, pack).0 as i32)
+    }
+
     /// This block's share `[lo, hi)` of the key tiles `[n_min, n_max)`: all of them, or with split-KV
     /// the `split`-th of `num_splits` nearly equal runs (possibly empty: the block then writes 0 / -inf).
     #[inline(always)]
@@ -142,7 +158,8 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         if r > bm as i32 { bm as i32 } else { r }
     };
     let scale_log2 = a.softmax_scale();
-    let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
+    let (qm0, qrows, sq) = a.queries(rows);
+    let (n_min, n_max) = n_block_range(qm0, qrows, sq, a.seqlen_k, a.window_left, a.window_right, BN as i32);
     let (n_min, n_max) = a.split_range(n_min, n_max);
 
     let mut acc_o = [[[0f32; 4]; DN]; MT];
@@ -171,7 +188,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             }
             sync_threads();
             let n0 = n_block * BN as i32;
-            let masked = tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
+            let masked = tile_needs_mask(qm0, qrows, n0, BN as i32, sq, a.seqlen_k, a.window_left, a.window_right);
             let k_s = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage);
             let v_s = Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage);
 
@@ -249,7 +266,22 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
         alibi_qk::<MT, NN>(acc_s, a.mods.raw_slope(a.softmax_scale()), row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
     }
     // Only tiles that straddle a boundary; interior tiles skip this entirely.
-    if masked {
+    if masked && a.q_pack > 1 {
+        // Packed rows: each row's own query (row / q_pack).
+        let (pack, sq) = (a.q_pack as u32, div_rem_u32(a.seqlen_q as u32, a.q_pack as u32).0 as i32);
+        for mt in 0..MT {
+            for h in 0..2 {
+                let qi = div_rem_u32((row0 + (16 * mt + 8 * h) as i32) as u32, pack).0 as i32;
+                for j in 0..NN {
+                    for e in 0..2 {
+                        if !allowed(qi, n0 + 2 * t + (8 * j + e) as i32, sq, a.seqlen_k, a.window_left, a.window_right) {
+                            acc_s[mt][j][2 * h + e] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    } else if masked {
         for_each_hidden_qk::<MT, NN>(row0, n0 + 2 * t, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, #[inline(always)] |mt, j, i| acc_s[mt][j][i] = f32::NEG_INFINITY);
     }
     for mt in 0..MT {
@@ -347,10 +379,10 @@ unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n
 /// Kernel body: find this block's (sequence, head), then stride over its row blocks, last first (long
 /// sequences' and causal blocks' heavy tiles start earliest). Padding rows are written here too.
 #[inline(always)]
-unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams) {
+unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool, const MODS: bool, const DECODE: bool>(p: &FwdParams) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    unsafe { for_each_row_block::<D, PAGED, MODS>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
+    unsafe { for_each_row_block::<D, PAGED, MODS, DECODE>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
 }
 
 /// One (sequence, head) of a forward problem: its rows in the buffers and its lengths. Grid slice
@@ -369,6 +401,7 @@ pub(crate) struct HeadSlice {
     split: i32,
     num_splits: i32,
     o_f32: bool,
+    q_pack: i32,
 }
 
 impl HeadSlice {
@@ -411,6 +444,7 @@ impl HeadSlice {
             split: 0,
             num_splits: 1,
             o_f32: false,
+            q_pack: 1,
         }
     }
 
@@ -445,6 +479,7 @@ impl HeadSlice {
             split: self.split,
             num_splits: self.num_splits,
             o_f32: self.o_f32,
+            q_pack: self.q_pack,
         }
     }
 
@@ -465,17 +500,22 @@ impl HeadSlice {
 /// sequence's slot), `attend` the rows inside the sequence (also given the next such block, if any) and
 /// write the padding rows past it.
 #[inline(always)]
-pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
+/// `DECODE` (the `_decode` kernels): q packed (`FwdParams::q_pack`), f32 partial results whatever the
+/// split count (the combine kernel unpacks them).
+pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const MODS: bool, const DECODE: bool>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
     let z = block_idx_z() as i32;
-    let head = if PAGED && p.num_splits > 1 {
-        // Unchecked division: num_splits > 1.
+    let mut head = if DECODE || (PAGED && p.num_splits > 1) {
+        // Unchecked division: num_splits >= 1.
         let (bidb, split) = div_rem_u32(z as u32, p.num_splits as u32);
         HeadSlice::new::<PAGED, MODS>(p, bidb as i32, block_idx_y() as i32).into_split(p, split as i32, p.num_splits)
     } else {
         HeadSlice::new::<PAGED, MODS>(p, z, block_idx_y() as i32)
     };
+    if DECODE {
+        head.q_pack = p.q_pack;
+    }
     let sq = head.sq;
     let grid_m = grid_dim_x() as i32;
     let mut m_block = grid_m - 1 - block_idx_x() as i32;
@@ -491,27 +531,33 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const
     }
 }
 
-// Each variant four times: over contiguous K/V; with score modifiers (`_mods`); over paged K/V (`_paged`);
-// both (`_paged_mods`).
+// Each variant five times: over contiguous K/V; with score modifiers (`_mods`); over paged K/V (`_paged`);
+// both (`_paged_mods`); decode over a paged (or KV) cache with q packed (`_decode`).
 macro_rules! fwd_kernels {
     ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             const C: crate::variants::FwdConfig = crate::variants::fwd_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, false>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, false, false>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, true>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, true, false>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false, false>(&p) }
+            }
+            // Decode over a KV cache (packed GQA, one warp per 16 packed rows, f32 partials).
+            #[unsafe(export_name = concat!($name, "_decode"))]
+            pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams) {
+                const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 }, 0, true, false, true>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, true>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, true, false>(&p) }
             }
         };
     )*};
