@@ -1,8 +1,9 @@
 //! Decode benchmarks on the GPU (issue 13): `raw::fwd_kvcache` with one or four query rows per sequence
 //! (Hq 32, Hk 8, D 128, bf16, no new keys, not causal: each row sees the whole cache) over caches of 1k to
 //! 128k keys, batch 1, 8 and 64 (caches above `MAX_CACHE_BYTES` skipped), contiguous and paged (pages of
-//! 16, 64 and 256 rows scattered over the pool), num_splits from the heuristic. Out, lse and the
-//! workspace are allocated once, so a timed call is the kernels alone (plus the launch). Each shape
+//! 16, 64 and 256 rows scattered over the pool: the same bytes as the contiguous cache), num_splits
+//! from the heuristic. Out, lse and the workspace are allocated once, so a timed call is the kernels
+//! alone plus the host's validation and launches (which bound the small shapes: about 25 us). Each shape
 //! prints `RESULT ours <shape> <median ms> <GB/s>` with the bytes a decode must move: K and V of every
 //! row (B * ctx * Hk * D * 2 * 2) plus q and out; benches/decode_table.py sets them against PyTorch's
 //! SDPA and the copy bandwidth torch_decode.py measures in the same run. FA_BENCH_FILTER selects shapes.
@@ -27,66 +28,75 @@ fn main() {
     let mut c = common::criterion();
     let gpu = Device::Cuda(0);
     let target = Target::Cuda { ordinal: 0, stream: flash_attn::types::STREAM_LEGACY };
-    for sq in [1usize, 4] {
-        for ctx in [1024usize, 8192, 32768, 131072] {
-            for b in [1usize, 8, 64] {
-                let kv_bytes = 2 * b * ctx * HK * D * 2;
-                if kv_bytes > MAX_CACHE_BYTES {
-                    continue;
-                }
-                for page in [0usize, 16, 64, 256] {
-                    let name = format!("decode/sq{sq}/ctx{ctx}/b{b}/page{page}");
-                    if !selected(&name) {
-                        continue;
-                    }
-                    let q = device_tensor(&[b, sq, HQ, D], 1);
-                    let (k, v, table) = if page == 0 {
-                        (device_tensor(&[b, ctx, HK, D], 2), device_tensor(&[b, ctx, HK, D], 3), None)
-                    } else {
-                        let per_row = ctx / page;
-                        let blocks = b * per_row;
-                        // Row r's i-th page: a fixed scatter over the pool (an odd stride coprime with it).
-                        let stride = (1..).map(|s| 2 * s + 1).find(|s| gcd(*s, blocks) == 1).unwrap();
-                        let entries: Vec<i32> = (0..blocks).map(|i| ((i * stride) % blocks) as i32).collect();
-                        let table = Tensor::from_i32(entries, &[b, per_row]).unwrap().to_device(gpu).unwrap();
-                        (device_tensor(&[blocks, page, HK, D], 2), device_tensor(&[blocks, page, HK, D], 3), Some(table))
-                    };
-                    let seqlens = Tensor::from_i32(vec![ctx as i32; b], &[b]).unwrap().to_device(gpu).unwrap();
-                    let mut out = Tensor::zeros(&[b, sq, HQ, D], DType::BF16, gpu).unwrap();
-                    let mut lse = Tensor::zeros(&[b, HQ, sq], DType::F32, gpu).unwrap();
-                    let (mut k, mut v) = (k, v);
-                    let opts = AttnOptions::default();
-                    let kv = KvCacheOptions::default();
-                    let views = |k: &mut Tensor, v: &mut Tensor, out: &mut Tensor, lse: &mut Tensor| -> KvCacheViews<'static> {
-                        // Safety of the 'static: the tensors outlive every use below (one shape's loop).
-                        unsafe { std::mem::transmute::<KvCacheViews<'_>, KvCacheViews<'static>>(KvCacheViews {
-                            q: q.view(),
-                            k_cache: k.view_mut(),
-                            v_cache: v.view_mut(),
-                            cache_seqlens: seqlens.view(),
-                            block_table: table.as_ref().map(Tensor::view),
-                            k_new: None,
-                            v_new: None,
-                            rotary_cos: None,
-                            rotary_sin: None,
-                            cache_batch_idx: None,
-                            cache_leftpad: None,
-                            alibi_slopes: None,
-                            out: out.view_mut(),
-                            lse: lse.view_mut(),
-                        }) }
-                    };
-                    let t = views(&mut k, &mut v, &mut out, &mut lse);
-                    let bytes = raw::kvcache_workspace_bytes(&t, &opts, &kv, target).unwrap();
-                    let ws = Tensor::zeros(&[bytes.div_ceil(4).max(64)], DType::F32, gpu).unwrap();
-                    let workspace = Workspace { addr: ws.view().addr, bytes };
-                    let moved = (kv_bytes + 2 * b * sq * HQ * D * 2) as f64;
-                    // bench's last column is `flops / s / 1e12`: moved bytes * 1e3 make it GB/s.
-                    bench(&mut c, "ours", &name, moved * 1e3, || unsafe { raw::fwd_kvcache(&t, &opts, &kv, workspace, target) });
-                }
+    for ctx in [1024usize, 8192, 32768, 131072] {
+        for b in [1usize, 8, 64] {
+            let kv_bytes = 2 * b * ctx * HK * D * 2;
+            let names: Vec<(usize, usize, String)> = [1usize, 4].iter().flat_map(|&sq| [0usize, 16, 64, 256].map(move |page| (sq, page, format!("decode/sq{sq}/ctx{ctx}/b{b}/page{page}")))).filter(|n| selected(&n.2)).collect();
+            if kv_bytes > MAX_CACHE_BYTES || names.is_empty() {
+                continue;
+            }
+            // One cache per (context, batch), contiguous `[b, ctx, Hk, D]` or the same bytes as pages.
+            let (k, v) = (filled(b * ctx * HK * D, 2), filled(b * ctx * HK * D, 3));
+            let seqlens = Tensor::from_i32(vec![ctx as i32; b], &[b]).unwrap().to_device(gpu).unwrap();
+            for (sq, page, name) in names {
+                let q = device_tensor(&[b, sq, HQ, D], 1);
+                let (shape, table) = if page == 0 {
+                    ([b, ctx, HK, D], None)
+                } else {
+                    let per_row = ctx / page;
+                    let blocks = b * per_row;
+                    // Row r's i-th page: a fixed scatter over the pool (an odd stride coprime with it).
+                    let stride = (1..).map(|s| 2 * s + 1).find(|s| gcd(*s, blocks) == 1).unwrap();
+                    let entries: Vec<i32> = (0..blocks).map(|i| ((i * stride) % blocks) as i32).collect();
+                    ([blocks, page, HK, D], Some(Tensor::from_i32(entries, &[b, per_row]).unwrap().to_device(gpu).unwrap()))
+                };
+                let strides = [shape[1] * HK * D, HK * D, D, 1];
+                let (mut kc, mut vc) = (k.as_strided(&shape, &strides, 0).unwrap(), v.as_strided(&shape, &strides, 0).unwrap());
+                let mut out = Tensor::zeros(&[b, sq, HQ, D], DType::BF16, gpu).unwrap();
+                let mut lse = Tensor::zeros(&[b, HQ, sq], DType::F32, gpu).unwrap();
+                let opts = AttnOptions::default();
+                let kv = KvCacheOptions::default();
+                let t = KvCacheViews {
+                    q: q.view(),
+                    k_cache: kc.view_mut(),
+                    v_cache: vc.view_mut(),
+                    cache_seqlens: seqlens.view(),
+                    block_table: table.as_ref().map(Tensor::view),
+                    k_new: None,
+                    v_new: None,
+                    rotary_cos: None,
+                    rotary_sin: None,
+                    cache_batch_idx: None,
+                    cache_leftpad: None,
+                    alibi_slopes: None,
+                    out: out.view_mut(),
+                    lse: lse.view_mut(),
+                };
+                let bytes = raw::kvcache_workspace_bytes(&t, &opts, &kv, target).unwrap();
+                let ws = Tensor::zeros(&[bytes.div_ceil(4).max(64)], DType::F32, gpu).unwrap();
+                let workspace = Workspace { addr: ws.view().addr, bytes };
+                let moved = (kv_bytes + 2 * b * sq * HQ * D * 2) as f64;
+                // bench's last column is `flops / s / 1e12`: moved bytes * 1e3 make it GB/s.
+                bench(&mut c, "ours", &name, moved * 1e3, || unsafe { raw::fwd_kvcache(&t, &opts, &kv, workspace, target) });
             }
         }
     }
+}
+
+/// `n` bf16 values on GPU 0, uniform in [-0.5, 0.5): one 32 MiB random chunk copied over the buffer
+/// (device to device; random values for every byte would take minutes on the host at 16 GiB).
+fn filled(n: usize, seed: u64) -> Tensor {
+    let chunk_elems = (16usize << 20).min(n);
+    let chunk = device_tensor(&[chunk_elems], seed);
+    let big = Tensor::zeros(&[n], DType::BF16, Device::Cuda(0)).unwrap();
+    let (dst, src) = (big.view().addr, chunk.view().addr);
+    let mut at = 0;
+    while at < n {
+        let len = chunk_elems.min(n - at);
+        unsafe { cudarc::driver::result::memcpy_dtod_sync(dst + (at * 2) as u64, src, len * 2) }.unwrap();
+        at += len;
+    }
+    big
 }
 
 fn gcd(a: usize, b: usize) -> usize {

@@ -75,15 +75,22 @@ fn i32s(x: &[i32]) -> Tensor {
     Tensor::from_i32(x.to_vec(), &[x.len()]).unwrap()
 }
 
+/// The CLI binary: cargo's, or FLASH_ATTN_CLI (the bundle's copy on the GPU machine).
 fn cli<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    Command::new(BIN).args(args).output().expect("the flash-attn binary runs")
+    let bin = std::env::var_os("FLASH_ATTN_CLI").unwrap_or_else(|| BIN.into());
+    Command::new(bin).args(args).output().expect("the flash-attn binary runs")
 }
 
 /// Runs `flash-attn run --device cpu` on `inputs` with `extra` options; returns out and lse as written.
 fn run_cli(dir: &TempDir, inputs: &Inputs, extra: &[&str]) -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    run_cli_on(dir, inputs, extra, "cpu")
+}
+
+/// `run_cli` with `--device device`.
+fn run_cli_on(dir: &TempDir, inputs: &Inputs, extra: &[&str], device: &str) -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
     let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
     write(&input, inputs);
-    let mut args = vec!["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", "cpu"];
+    let mut args = vec!["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", device];
     args.extend_from_slice(extra);
     let o = cli(&args);
     assert!(o.status.success(), "flash-attn {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -386,6 +393,13 @@ fn kvcache_inputs(dtype: DType, paged: bool, seed: u64) -> Inputs {
 
 /// The library's KV-cache forward on copies of the caches: out, lse and the updated caches.
 fn library_kvcache(inputs: &Inputs, opts: &AttnOptions, kv: &KvCacheOptions) -> Vec<(&'static str, Tensor)> {
+    library_kvcache_on(inputs, opts, kv, flash_attn::Device::Cpu)
+}
+
+/// `library_kvcache` on `device` (the results back on the host).
+fn library_kvcache_on(inputs: &Inputs, opts: &AttnOptions, kv: &KvCacheOptions, device: flash_attn::Device) -> Vec<(&'static str, Tensor)> {
+    let on: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (*n, t.to_device(device).unwrap())).collect();
+    let inputs = &on;
     let (mut k_cache, mut v_cache) = (get(inputs, "k_cache").unwrap().clone(), get(inputs, "v_cache").unwrap().clone());
     let cache = KvCache {
         cache_seqlens: get(inputs, "cache_seqlens").unwrap(),
@@ -399,7 +413,8 @@ fn library_kvcache(inputs: &Inputs, opts: &AttnOptions, kv: &KvCacheOptions) -> 
         alibi_slopes: get(inputs, "alibi_slopes"),
     };
     let o = fwd_kvcache(get(inputs, "q").unwrap(), &mut k_cache, &mut v_cache, &cache, opts, kv).unwrap();
-    vec![("out", o.out), ("lse", o.lse), ("k_cache", k_cache), ("v_cache", v_cache)]
+    let host = |t: Tensor| t.to_device(flash_attn::Device::Cpu).unwrap();
+    vec![("out", host(o.out)), ("lse", host(o.lse)), ("k_cache", host(k_cache)), ("v_cache", host(v_cache))]
 }
 
 /// Asserts the CLI wrote exactly `want`, bit for bit.
@@ -446,6 +461,27 @@ fn kvcache_matches_library() {
         let mut minimal = read_only.clone();
         minimal.retain(|(n, _)| ["q", "k_cache", "v_cache", "cache_seqlens", "block_table"].contains(n));
         assert_same_tensors(&run_cli(&dir, &minimal, &[]), &library_kvcache(&minimal, &base, &KvCacheOptions::default()));
+    }
+}
+
+/// On a GPU (skipped with a notice elsewhere): `--device cuda` writes bitwise what the library's CUDA
+/// path returns for the same call (the caches too), contiguous and paged, split or not.
+#[test]
+fn kvcache_on_cuda_matches_library() {
+    if !flash_attn::cuda::available() {
+        eprintln!("SKIPPED kvcache_on_cuda_matches_library: no CUDA GPU on this machine");
+        return;
+    }
+    let dir = TempDir::new();
+    let base = AttnOptions::default();
+    for (dtype, paged) in [(DType::BF16, false), (DType::F16, true)] {
+        let inputs = kvcache_inputs(dtype, paged, 21);
+        for (args, opts, kv) in [
+            (&["--causal"][..], AttnOptions { causal: true, ..base }, KvCacheOptions::default()),
+            (&["--window", "6,-1", "--softcap", "2", "--num-splits=2", "--rotary-interleaved"][..], AttnOptions { window: (6, -1), softcap: 2.0, ..base }, KvCacheOptions { num_splits: 2, rotary_interleaved: true }),
+        ] {
+            assert_same_tensors(&run_cli_on(&dir, &inputs, args, "cuda"), &library_kvcache_on(&inputs, &opts, &kv, flash_attn::Device::Cuda(0)));
+        }
     }
 }
 
@@ -501,76 +537,80 @@ fn kvcache_and_paged_errors_exit_2() {
     let dir = TempDir::new();
     let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
     let (inp, out) = (input.to_str().unwrap(), output.to_str().unwrap());
-    let run = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["run", "--input", inp, "--output", out, "--device", "cpu"].map(String::from).to_vec();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
-    // KV-cache flags and inputs without k_cache.
-    write(&input, &dense_inputs(DType::BF16, 4));
-    expect_failure(&run(&["--num-splits", "2"]), "--num-splits");
-    expect_failure(&run(&["--rotary-interleaved"]), "--rotary-interleaved");
-    expect_failure(&run(&["--num-splits", "x"]), "--num-splits");
-    expect_failure(&run(&["--num-splits", "-1"]), "--num-splits");
-    expect_failure(&run(&["--rotary-interleaved=1"]), "--rotary-interleaved");
-    let mut inputs = dense_inputs(DType::BF16, 4);
-    inputs.push(("cache_seqlens", i32s(&[1, 1])));
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "cache_seqlens");
+    // On a GPU too: the CLI checks the index tensors' host copies (the library's CUDA path clamps them).
+    let devices: &[&str] = if flash_attn::cuda::available() { &["cpu", "cuda"] } else { &["cpu"] };
+    for &device in devices {
+        let run = |extra: &[&str]| -> Vec<String> {
+            let mut a: Vec<String> = ["run", "--input", inp, "--output", out, "--device", device].map(String::from).to_vec();
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        // KV-cache flags and inputs without k_cache.
+        write(&input, &dense_inputs(DType::BF16, 4));
+        expect_failure(&run(&["--num-splits", "2"]), "--num-splits");
+        expect_failure(&run(&["--rotary-interleaved"]), "--rotary-interleaved");
+        expect_failure(&run(&["--num-splits", "x"]), "--num-splits");
+        expect_failure(&run(&["--num-splits", "-1"]), "--num-splits");
+        expect_failure(&run(&["--rotary-interleaved=1"]), "--rotary-interleaved");
+        let mut inputs = dense_inputs(DType::BF16, 4);
+        inputs.push(("cache_seqlens", i32s(&[1, 1])));
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "cache_seqlens");
 
-    // KV-cache mode: what it refuses, what it misses, and the library's own checks.
-    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
-    write(&input, &inputs);
-    expect_failure(&run(&["--backward"]), "--backward");
-    inputs.push(("k", random(&mut StdRng::seed_from_u64(1), &[3, 2, 2, 64], DType::BF16, 1.0)));
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "k is given");
-    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
-    inputs.retain(|(n, _)| *n != "cache_seqlens");
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "'cache_seqlens'");
-    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
-    inputs.retain(|(n, _)| *n != "v_new");
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "v_new");
-    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
-    inputs.iter_mut().find(|(n, _)| *n == "cache_seqlens").unwrap().1 = i32s(&[10, 0, 38]);
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "cache_seqlens");
-    let mut inputs = kvcache_inputs(DType::BF16, true, 5);
-    inputs.iter_mut().find(|(n, _)| *n == "block_table").unwrap().1 = Tensor::from_i32((0..24).map(|i| if i == 16 { 30 } else { i }).collect(), &[3, 8]).unwrap();
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "block_table");
-    let mut inputs = kvcache_inputs(DType::BF16, true, 5);
-    inputs.push(("cache_batch_idx", i32s(&[0, 1, 2])));
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "cache_batch_idx");
-    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
-    inputs.iter_mut().find(|(n, _)| *n == "rotary_cos").unwrap().1 = random(&mut StdRng::seed_from_u64(2), &[42, 16], DType::F16, 1.0);
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "rotary_cos");
-    let mut inputs = kvcache_inputs(DType::BF16, false, 5);
-    inputs.iter_mut().find(|(n, _)| *n == "cache_leftpad").unwrap().1 = i32s(&[11, 0, 0]);
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "cache_leftpad");
-    write(&input, &kvcache_inputs(DType::BF16, false, 5));
-    expect_failure(&run(&["--num-splits", "500"]), "num_splits");
+        // KV-cache mode: what it refuses, what it misses, and the library's own checks.
+        let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+        write(&input, &inputs);
+        expect_failure(&run(&["--backward"]), "--backward");
+        inputs.push(("k", random(&mut StdRng::seed_from_u64(1), &[3, 2, 2, 64], DType::BF16, 1.0)));
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "k is given");
+        let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+        inputs.retain(|(n, _)| *n != "cache_seqlens");
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "'cache_seqlens'");
+        let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+        inputs.retain(|(n, _)| *n != "v_new");
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "v_new");
+        let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+        inputs.iter_mut().find(|(n, _)| *n == "cache_seqlens").unwrap().1 = i32s(&[10, 0, 38]);
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "cache_seqlens");
+        let mut inputs = kvcache_inputs(DType::BF16, true, 5);
+        inputs.iter_mut().find(|(n, _)| *n == "block_table").unwrap().1 = Tensor::from_i32((0..24).map(|i| if i == 16 { 30 } else { i }).collect(), &[3, 8]).unwrap();
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "block_table");
+        let mut inputs = kvcache_inputs(DType::BF16, true, 5);
+        inputs.push(("cache_batch_idx", i32s(&[0, 1, 2])));
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "cache_batch_idx");
+        let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+        inputs.iter_mut().find(|(n, _)| *n == "rotary_cos").unwrap().1 = random(&mut StdRng::seed_from_u64(2), &[42, 16], DType::F16, 1.0);
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "rotary_cos");
+        let mut inputs = kvcache_inputs(DType::BF16, false, 5);
+        inputs.iter_mut().find(|(n, _)| *n == "cache_leftpad").unwrap().1 = i32s(&[11, 0, 0]);
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "cache_leftpad");
+        write(&input, &kvcache_inputs(DType::BF16, false, 5));
+        expect_failure(&run(&["--num-splits", "500"]), "num_splits");
 
-    // Paged varlen: no key counts, a dense q, --backward, a block outside k.
-    let mut inputs = paged_inputs(DType::BF16, 1);
-    inputs.retain(|(n, _)| !["cu_seqlens_k", "seqused_k"].contains(n));
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "seqused_k");
-    write(&input, &paged_inputs(DType::BF16, 0));
-    expect_failure(&run(&["--backward"]), "--backward");
-    let mut inputs = dense_inputs(DType::BF16, 4);
-    inputs.push(("block_table", Tensor::from_i32(vec![0, 1], &[2, 1]).unwrap()));
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "block_table");
-    let mut inputs = paged_inputs(DType::BF16, 0);
-    inputs.iter_mut().find(|(n, _)| *n == "block_table").unwrap().1 = Tensor::from_i32(vec![6, 2, 7, 5, 1, 3, 4, 0, 0], &[3, 3]).unwrap();
-    write(&input, &inputs);
-    expect_failure(&run(&[]), "block_table");
+        // Paged varlen: no key counts, a dense q, --backward, a block outside k.
+        let mut inputs = paged_inputs(DType::BF16, 1);
+        inputs.retain(|(n, _)| !["cu_seqlens_k", "seqused_k"].contains(n));
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "seqused_k");
+        write(&input, &paged_inputs(DType::BF16, 0));
+        expect_failure(&run(&["--backward"]), "--backward");
+        let mut inputs = dense_inputs(DType::BF16, 4);
+        inputs.push(("block_table", Tensor::from_i32(vec![0, 1], &[2, 1]).unwrap()));
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "block_table");
+        let mut inputs = paged_inputs(DType::BF16, 0);
+        inputs.iter_mut().find(|(n, _)| *n == "block_table").unwrap().1 = Tensor::from_i32(vec![6, 2, 7, 5, 1, 3, 4, 0, 0], &[3, 3]).unwrap();
+        write(&input, &inputs);
+        expect_failure(&run(&[]), "block_table");
+    }
     assert!(!output.exists(), "no output file is written on failure");
 }
 

@@ -570,6 +570,28 @@ fn num_splits_heuristic() {
     }
 }
 
+/// The decode kernels' split count: within 80% of the ideal time (equal work on every processor) once
+/// a row has 32 key blocks, the cases the comment names, and the same bounds and degenerate inputs.
+#[test]
+fn num_splits_waves() {
+    use flash_attn::problem::{num_splits_waves as w, MAX_SPLITS};
+    assert_eq!(w(512, 512, 396), 3);
+    assert_eq!(w(8, 512, 396), 47);
+    assert_eq!(w(64, 512, 396), 6);
+    for (t, k, p) in [(0, 10, 10), (1, 0, 10), (1, 1, 10), (1, 10, 0), (1000, 1, 396)] {
+        assert_eq!(w(t, k, p), 1, "{t} {k} {p}");
+    }
+    let (seed, mut rng) = seeded("num_splits_waves");
+    for _ in 0..2000 {
+        let (t, k, p) = (rng.gen_range(1..5000usize), rng.gen_range(32..5000usize), rng.gen_range(1..2000usize));
+        let s = w(t, k, p);
+        assert!((1..=MAX_SPLITS.min(k)).contains(&s), "seed {seed}: {t} {k} {p}: {s}");
+        let cost = (t * s).div_ceil(p) * k.div_ceil(s);
+        let ideal = (t * k) as f64 / p as f64;
+        assert!(ideal / cost as f64 >= 0.8 || (t * MAX_SPLITS) < p, "seed {seed}: tiles {t}, key blocks {k}, processors {p}: {s} splits at {:.2} of the ideal", ideal / cost as f64);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Combine
 

@@ -330,6 +330,59 @@ pub fn check_varlen_contents(varlen: &Varlen<'_>, total_q: usize, total_k: usize
     validate::check_varlen_contents(host, varlen.max_seqlen_q, varlen.max_seqlen_k, total_q, total_k)
 }
 
+/// What the CUDA path leaves to the kernels' clamps, checked on host tensors: a paged call's lengths and
+/// block table (every tensor on the CPU; k and v are read for their shapes only). The same typed errors
+/// the CPU path gives: for callers that hold the indices on the host anyway (the CLI) and want a bad
+/// one reported rather than clamped on the device.
+pub fn check_paged_varlen_contents(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedVarlen<'_>, opts: &AttnOptions) -> Result<()> {
+    let others: Vec<(&'static str, &Tensor)> = [("k", k), ("v", v)].into_iter().chain(varlen.tensors()).collect();
+    host_only(q, &others)?;
+    let vl = varlen.views();
+    let p = validate::validate_varlen_paged(&q.view(), &k.view(), &v.view(), &vl, opts)?;
+    // Safety: every view is of a live host tensor.
+    let host = unsafe { crate::cpu::host_paged_seqlens(&vl) };
+    validate::check_paged_varlen_contents(&p, host, vl.max_seqlen_q, vl.max_seqlen_k).map(|_| ())
+}
+
+/// `check_paged_varlen_contents` for the KV cache: cache_seqlens, cache_leftpad, cache_batch_idx, the
+/// block table and the rotary tables' positions against the caches, on host tensors.
+pub fn check_kvcache_contents(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, cache: &KvCache<'_>, opts: &AttnOptions, kv: &KvCacheOptions) -> Result<()> {
+    let others: Vec<(&'static str, &Tensor)> = [("k_cache", k_cache), ("v_cache", v_cache)].into_iter().chain(cache.tensors()).collect();
+    host_only(q, &others)?;
+    let &[b, sq, hq, d] = q.shape() else { return Err(Error::Rank { arg: "q", got: q.rank(), expected: 4 }) };
+    let mut out = Tensor::uninit(&[b, sq, hq, d], q.dtype(), Device::Cpu)?;
+    let mut lse = Tensor::uninit(&[b, hq, sq], DType::F32, Device::Cpu)?;
+    let views = KvCacheViews {
+        q: q.view(),
+        k_cache: k_cache.view(),
+        v_cache: v_cache.view(),
+        cache_seqlens: cache.cache_seqlens.view(),
+        block_table: cache.block_table.map(Tensor::view),
+        k_new: cache.k_new.map(Tensor::view),
+        v_new: cache.v_new.map(Tensor::view),
+        rotary_cos: cache.rotary_cos.map(Tensor::view),
+        rotary_sin: cache.rotary_sin.map(Tensor::view),
+        cache_batch_idx: cache.cache_batch_idx.map(Tensor::view),
+        cache_leftpad: cache.cache_leftpad.map(Tensor::view),
+        alibi_slopes: cache.alibi_slopes.map(Tensor::view),
+        out: out.view_mut(),
+        lse: lse.view_mut(),
+    };
+    let kp = validate::validate_kvcache(&views, opts, kv)?;
+    // Safety: every view is of a live host tensor.
+    validate::check_kvcache_contents(&kp, unsafe { crate::cpu::host_kvcache(&views) }).map(|_| ())
+}
+
+/// Every tensor on the CPU (the content checks read them).
+fn host_only(q: &Tensor, others: &[(&'static str, &Tensor)]) -> Result<()> {
+    for (arg, t) in std::iter::once(("q", q)).chain(others.iter().copied()) {
+        if t.device() != Device::Cpu {
+            return Err(Error::Value { arg, msg: format!("is on {:?}: the content checks read host tensors", t.device()) });
+        }
+    }
+    Ok(())
+}
+
 /// The raw target for tensors on `device`: the `Tensor` API runs on the legacy default stream.
 fn target(device: Device) -> Target {
     match device {

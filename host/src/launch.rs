@@ -523,7 +523,8 @@ impl KvWorkspace {
                 } else {
                     (p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()), gpu.sm_count)
                 };
-                crate::problem::num_splits_heuristic(tiles, p.seqlen_k.div_ceil(c.block_n), processors)
+                let key_blocks = p.seqlen_k.div_ceil(c.block_n);
+                if decode { crate::problem::num_splits_waves(tiles, key_blocks, processors) } else { crate::problem::num_splits_heuristic(tiles, key_blocks, processors) }
             }
             n => n,
         };

@@ -35,7 +35,7 @@ pub mod types;
 pub mod validate;
 
 pub use api::{
-    bwd, bwd_with, check_varlen_contents, combine, fwd, fwd_into, fwd_kvcache, fwd_with, varlen_bwd, varlen_bwd_with, varlen_fwd, varlen_fwd_into, varlen_fwd_paged, varlen_fwd_paged_with, varlen_fwd_with, BwdOutput, Extras,
+    bwd, bwd_with, check_kvcache_contents, check_paged_varlen_contents, check_varlen_contents, combine, fwd, fwd_into, fwd_kvcache, fwd_with, varlen_bwd, varlen_bwd_with, varlen_fwd, varlen_fwd_into, varlen_fwd_paged, varlen_fwd_paged_with, varlen_fwd_with, BwdOutput, Extras,
     FwdOutput, KvCache, PagedVarlen, Varlen,
 };
 pub use error::{Error, Result};

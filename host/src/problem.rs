@@ -250,6 +250,23 @@ pub fn num_splits_heuristic(tiles: usize, key_blocks: usize, processors: usize) 
     (1..=most).find(|&s| distinct(s) && fill(s) >= 0.85 * best).unwrap_or(1)
 }
 
+/// Splits for the decode kernels (split-KV over `key_blocks` blocks of keys per row, `tiles` units of
+/// work, `processors` blocks running at once): with the cost of a count the waves times the key blocks
+/// per split (the slowest processor's time when every block of keys costs the same), the smallest count
+/// (up to `MAX_SPLITS`, each split keeping a key block) within 5% of the cheapest: every split adds a
+/// partial result to write and merge. Unlike `num_splits_heuristic` it also splits
+/// work that fills more than a wave, to even out the last one (b = 64, 8 kv heads on 396 decode blocks:
+/// 3 splits, 97% of the ideal, against 65% unsplit).
+pub fn num_splits_waves(tiles: usize, key_blocks: usize, processors: usize) -> usize {
+    if tiles == 0 || processors == 0 || key_blocks <= 1 {
+        return 1;
+    }
+    let cost = |s: usize| tiles.saturating_mul(s).div_ceil(processors).saturating_mul(key_blocks.div_ceil(s));
+    let most = key_blocks.min(MAX_SPLITS);
+    let best = (1..=most).map(cost).min().unwrap_or(0);
+    (1..=most).find(|&s| cost(s) as f64 <= best as f64 * 1.05).unwrap_or(1)
+}
+
 /// A validated backward call: the forward's problem, plus where `dout` and `out` (both of the output's
 /// shape) live. The LSE is contiguous f32 of `fwd.lse_shape()`.
 #[derive(Clone, Debug, PartialEq)]

@@ -313,12 +313,19 @@ fn run(args: &RunArgs) -> Result<()> {
         let Some(cu_q) = &cu_seqlens_q else { fail!("q is rank 3 (packed [T, H, D]) but {} has no tensor 'cu_seqlens_q'", input.display()) };
         // Key counts: seqused_k where given, else the slots of cu_seqlens_k.
         let max_k = seqused_k.as_ref().or(cu_seqlens_k.as_ref()).map_or(Ok(0), |t| max_seqlen(t, seqused_k.as_ref()))?;
+        let max_q = max_seqlen(cu_q, seqused_q.as_ref())?;
+        // The library reads device lengths and tables without checking them (the kernels clamp): check
+        // the host copies here, where a bad one can still be reported.
+        if args.device != Device::Cpu {
+            let host = PagedVarlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_seqlens_k.as_ref(), max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: seqused_q.as_ref(), seqused_k: seqused_k.as_ref(), block_table: table };
+            flash_attn::check_paged_varlen_contents(&q, &k, &v, &host, &args.opts)?;
+        }
         let opt = |t: &Option<Tensor>| t.as_ref().map(dev).transpose();
         let (cu_q_d, cu_k_d, used_q_d, used_k_d, table_d) = (dev(cu_q)?, opt(&cu_seqlens_k)?, opt(&seqused_q)?, opt(&seqused_k)?, dev(table)?);
         let varlen = PagedVarlen {
             cu_seqlens_q: &cu_q_d,
             cu_seqlens_k: cu_k_d.as_ref(),
-            max_seqlen_q: max_seqlen(cu_q, seqused_q.as_ref())?,
+            max_seqlen_q: max_q,
             max_seqlen_k: max_k,
             seqused_q: used_q_d.as_ref(),
             seqused_k: used_k_d.as_ref(),
@@ -414,30 +421,36 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
     let get = |name: &str, accepted: &[DType]| load(file, input, name, accepted);
     let missing = |name: &str| Fail(format!("{}: has no tensor '{name}' (KV-cache inputs need q, k_cache, v_cache and cache_seqlens)", input.display()));
     let (float, int) = ([DType::F16, DType::BF16], [DType::I32]);
-    let dev = |t: Option<Tensor>| t.map(|t| t.to_device(args.device)).transpose();
-    let required = |name: &str, accepted: &[DType]| get(name, accepted)?.ok_or_else(|| missing(name))?.to_device(args.device).map_err(Fail::from);
-    let q = required("q", &float)?;
-    let mut k_cache = required("k_cache", &float)?;
-    let mut v_cache = required("v_cache", &float)?;
-    let cache_seqlens = required("cache_seqlens", &int)?;
-    let block_table = dev(get("block_table", &int)?)?;
-    let (k_new, v_new) = (dev(get("k_new", &float)?)?, dev(get("v_new", &float)?)?);
+    let required = |name: &str, accepted: &[DType]| get(name, accepted)?.ok_or_else(|| missing(name));
     let rotary = [DType::F16, DType::BF16, DType::F32];
-    let (rotary_cos, rotary_sin) = (dev(get("rotary_cos", &rotary)?)?, dev(get("rotary_sin", &rotary)?)?);
-    let (cache_batch_idx, cache_leftpad) = (dev(get("cache_batch_idx", &int)?)?, dev(get("cache_leftpad", &int)?)?);
-    let alibi_slopes = dev(get("alibi_slopes", &[DType::F32])?)?;
-    let cache = KvCache {
-        cache_seqlens: &cache_seqlens,
-        block_table: block_table.as_ref(),
-        k_new: k_new.as_ref(),
-        v_new: v_new.as_ref(),
-        rotary_cos: rotary_cos.as_ref(),
-        rotary_sin: rotary_sin.as_ref(),
-        cache_batch_idx: cache_batch_idx.as_ref(),
-        cache_leftpad: cache_leftpad.as_ref(),
-        alibi_slopes: alibi_slopes.as_ref(),
-    };
+    let (q_h, kc_h, vc_h, seqlens_h) = (required("q", &float)?, required("k_cache", &float)?, required("v_cache", &float)?, required("cache_seqlens", &int)?);
+    let optional_h = [
+        get("block_table", &int)?,
+        get("k_new", &float)?,
+        get("v_new", &float)?,
+        get("rotary_cos", &rotary)?,
+        get("rotary_sin", &rotary)?,
+        get("cache_batch_idx", &int)?,
+        get("cache_leftpad", &int)?,
+        get("alibi_slopes", &[DType::F32])?,
+    ];
+    fn cache_of<'a>(cache_seqlens: &'a Tensor, t: &'a [Option<Tensor>; 8]) -> KvCache<'a> {
+        let [block_table, k_new, v_new, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes] = t.each_ref().map(Option::as_ref);
+        KvCache { cache_seqlens, block_table, k_new, v_new, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes }
+    }
     let kv = KvCacheOptions { rotary_interleaved: args.rotary_interleaved, num_splits: args.num_splits.unwrap_or(0) };
+    // On a GPU the library reads the index tensors without checking them (the kernels clamp): their host
+    // copies are checked here, where a bad one can still be reported.
+    if args.device != Device::Cpu {
+        flash_attn::check_kvcache_contents(&q_h, &kc_h, &vc_h, &cache_of(&seqlens_h, &optional_h), &args.opts, &kv)?;
+    }
+    let to = |t: &Tensor| t.to_device(args.device);
+    let (q, mut k_cache, mut v_cache, cache_seqlens) = (to(&q_h)?, to(&kc_h)?, to(&vc_h)?, to(&seqlens_h)?);
+    let mut optional: [Option<Tensor>; 8] = Default::default();
+    for (d, h) in optional.iter_mut().zip(&optional_h) {
+        *d = h.as_ref().map(to).transpose()?;
+    }
+    let cache = cache_of(&cache_seqlens, &optional);
     let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &args.opts, &kv)?;
     write_outputs(&args.output, &[("out", &result.out), ("lse", &result.lse), ("k_cache", &k_cache), ("v_cache", &v_cache)])
 }

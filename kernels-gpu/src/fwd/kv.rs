@@ -4,9 +4,13 @@
 //! `block_table[t / page_size]`). Only addresses differ, so a paged call's arithmetic is the contiguous one.
 //! Every index read from device memory is clamped: a bogus block table never reads outside k / v.
 
+use crate::arch::cp_async::cp_async_16;
 use crate::arch::math::div_rem_u32;
 use crate::arch::mem::ld_global_nc_i32;
+use crate::arch::reg::opaque_u32;
+use crate::arch::shfl::shfl_idx_u32;
 use crate::params::FwdParams;
+use crate::variants::row_pitch_bytes;
 
 /// One operand's rows: key 0 of the sequence (contiguous), or row 0 of block 0 (paged), of this kv head.
 #[derive(Clone, Copy)]
@@ -70,9 +74,16 @@ impl Pages {
     pub(crate) unsafe fn locate(&self, t: i32) -> (i32, i32) {
         // Unchecked division: the page size is at least 1 (validation); see div_rem_u32.
         let (page, off) = div_rem_u32((self.first + t) as u32, self.page_size as u32);
-        let page = clamp(page as i32, 0, self.max_blocks - 1);
+        (unsafe { self.block(page as i32) }, off as i32)
+    }
+
+    /// The block of entry `page` of the row: the index clamped into the row, the entry into `[0,
+    /// num_blocks)`.
+    #[inline(always)]
+    pub(crate) unsafe fn block(&self, page: i32) -> i32 {
+        let page = clamp(page, 0, self.max_blocks - 1);
         let block = if self.table != 0 { unsafe { ld_global_nc_i32(self.table.wrapping_add(page as u64 * 4)) } } else { self.ident + page };
-        (clamp(block, 0, self.num_blocks - 1), off as i32)
+        clamp(block, 0, self.num_blocks - 1)
     }
 }
 
@@ -104,6 +115,47 @@ impl KvRows {
     pub(crate) fn tile<const V: bool>(&self, n_block: i32, bn: usize) -> u64 {
         let rows = self.rows::<V>();
         rows.base.wrapping_add((n_block as i64 * bn as i64 * rows.row_bytes) as u64)
+    }
+
+    /// Paged K/V: copy `bn` keys from `n0` (the first `valid` of them real; the rest zero-filled) into
+    /// K and V tiles (`D` columns, padded rows) with `threads` threads, when the tile's keys span at most
+    /// 32 pages: each lane of a warp reads one block-table entry, and every row takes its block from the
+    /// lane holding its page (a shuffle, no dependent load per row). False (nothing copied) for more
+    /// pages: the caller goes row by row. Called by whole warps, outside divergent code.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn load_pages<const D: usize>(&self, k_dst: u32, v_dst: u32, n0: i32, valid: i32, tid: usize, bn: usize, threads: usize) -> bool {
+        let page_size = self.pages.page_size as u32;
+        let pos0 = (self.pages.first + n0) as u32;
+        // Unchecked divisions: the page size is at least 1.
+        let (p0, off0) = div_rem_u32(pos0, page_size);
+        let span = div_rem_u32(off0 + bn as u32 - 1, page_size).0 + 1;
+        if span > 32 {
+            return false;
+        }
+        let lane = (tid % 32) as u32;
+        let mine = if lane < span { unsafe { self.pages.block(p0 as i32 + lane as i32) } } else { 0 };
+        let chunks = D / 8;
+        let row_bytes = row_pitch_bytes(D) as u32;
+        let tid = opaque_u32(tid as u32) as usize;
+        let n = opaque_u32((bn * chunks / threads) as u32) as usize;
+        let mut i = 0;
+        while i < n {
+            let idx = tid + i * threads;
+            let (r, c) = (idx / chunks, idx % chunks);
+            let (page, off) = div_rem_u32(pos0 + r as u32, page_size);
+            let slot = page - p0;
+            let block = shfl_idx_u32(mine as u32, if slot < 32 { slot } else { 0 }) as i32;
+            let ok = (r as i32) < valid;
+            let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
+            let at = r as u32 * row_bytes + c as u32 * 16;
+            unsafe {
+                cp_async_16(k_dst + at, if ok { k.wrapping_add(c as u64 * 16) } else { self.k.base }, ok);
+                cp_async_16(v_dst + at, if ok { v.wrapping_add(c as u64 * 16) } else { self.v.base }, ok);
+            }
+            i += 1;
+        }
+        true
     }
 
     /// Paged K/V: (block, row in it) of key `n0` when keys `n0..n0 + n` share its page (so they follow

@@ -368,6 +368,8 @@ unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n
                 load_tile::<D>(k_dst, k.at(block, off), k.row_bytes, valid, tid, bn, threads);
                 load_tile::<D>(v_dst, v.at(block, off), v.row_bytes, valid, tid, bn, threads);
             }
+            // Up to 32 pages: their table entries read once per warp; more (tiny pages): row by row.
+            None if a.kv.load_pages::<D>(k_dst, v_dst, n0, valid, tid, bn, threads) => {}
             None => load_tile_rows::<D, 2>([k_dst, v_dst], [k.base, v.base], valid, tid, bn, threads, #[inline(always)] |r| {
                 let (block, off) = a.kv.pages.locate(n0 + r);
                 [k.at(block, off), v.at(block, off)]
