@@ -7,13 +7,20 @@
 
 use crate::arch::math::{div_rem_u32, exp2, log2};
 use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_i32, ld_global_nc_u16, st_global_f32, st_global_u16};
-use crate::arch::shfl::shfl_xor_f32;
+use crate::arch::shfl::{shfl_idx_u32, shfl_xor_f32};
 use crate::arch::sreg::{block_idx_x, thread_idx_x};
 use crate::params::{AppendParams, CombineParams, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
 use crate::tile::{Elem, BF16, F16};
 use crate::variants::{APPEND_THREADS, COMBINE_WARPS};
 
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
+/// Columns of the combine's output a warp holds at once (four per lane).
+const COMBINE_COLS: usize = 128;
+
+#[inline(always)]
+fn shfl_idx_f32(v: f32, src: u32) -> f32 {
+    f32::from_bits(shfl_idx_u32(v.to_bits(), src))
+}
 const LN_2: f32 = core::f32::consts::LN_2;
 
 #[inline(always)]
@@ -240,17 +247,52 @@ pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
         sum += shfl_xor_f32(sum, s as u32);
     }
     let lse2 = max2 + log2(sum);
-    let mut c = lane;
-    while c < cp.head_dim {
-        let mut acc = 0f32;
-        for i in 0..cp.splits {
-            let w = exp2(lse_at(i) * LOG2_E - lse2);
-            if w > 0.0 {
-                acc += w * unsafe { load_any(cp.partial_out, i as i64 * os + b as i64 * ob + pr_idx * or + ph_idx * oh + c as i64, cp.in_dtype) };
+    // The columns in blocks of COMBINE_COLS, lane l taking columns l, l + 32, ...; the splits 32 at a
+    // time, lane j holding split j's weight (shuffled to every lane), their loads unrolled so that many
+    // are in flight at once (few rows and many splits: decode).
+    let row = b as i64 * ob + pr_idx * or + ph_idx * oh;
+    let mut c0 = 0;
+    while c0 < cp.head_dim {
+        let mut acc = [0f32; COMBINE_COLS / 32];
+        let mut chunk = 0;
+        while chunk < cp.splits {
+            let i = chunk + lane;
+            let w_mine = if i < cp.splits { exp2(lse_at(i) * LOG2_E - lse2) } else { 0.0 };
+            let n = if cp.splits - chunk < 32 { cp.splits - chunk } else { 32 };
+            let mut j = 0;
+            while j < 32 {
+                // Unrolled by 4: shuffles for every lane, loads only for real splits and columns.
+                let mut part = [[0f32; COMBINE_COLS / 32]; 4];
+                let mut w = [0f32; 4];
+                for u in 0..4 {
+                    w[u] = shfl_idx_f32(w_mine, (j + u as i32) as u32);
+                    if j + (u as i32) < n && w[u] > 0.0 {
+                        for (k, x) in part[u].iter_mut().enumerate() {
+                            let c = c0 + lane + 32 * k as i32;
+                            if c < cp.head_dim {
+                                *x = unsafe { load_any(cp.partial_out, (chunk + j + u as i32) as i64 * os + row + c as i64, cp.in_dtype) };
+                            }
+                        }
+                    }
+                }
+                for u in 0..4 {
+                    if j + (u as i32) < n && w[u] > 0.0 {
+                        for k in 0..COMBINE_COLS / 32 {
+                            acc[k] += w[u] * part[u][k];
+                        }
+                    }
+                }
+                j += 4;
+            }
+            chunk += 32;
+        }
+        for (k, &a) in acc.iter().enumerate() {
+            let c = c0 + lane + 32 * k as i32;
+            if c < cp.head_dim {
+                unsafe { store_any(cp.out, out_row + c as i64, cp.out_dtype, a) };
             }
         }
-        unsafe { store_any(cp.out, out_row + c as i64, cp.out_dtype, acc) };
-        c += 32;
+        c0 += COMBINE_COLS as i32;
     }
     if lane == 0 {
         unsafe { st_global_f32(cp.lse + (lse_idx * 4) as u64, lse2 * LN_2) };

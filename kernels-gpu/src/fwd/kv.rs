@@ -138,6 +138,31 @@ impl KvRows {
         let chunks = D / 8;
         let row_bytes = row_pitch_bytes(D) as u32;
         let tid = opaque_u32(tid as u32) as usize;
+        if threads % chunks == 0 {
+            // Each pass covers `threads / chunks` whole rows: a thread keeps its column and walks its rows
+            // `pass` apart, its page slot and row in the page advanced without a division.
+            let pass = (threads / chunks) as u32;
+            let (r0, c) = ((tid / chunks) as u32, (tid % chunks) as u64);
+            let (mut slot, mut off) = div_rem_u32(off0 + r0, page_size);
+            let mut r = r0;
+            while r < bn as u32 {
+                let block = shfl_idx_u32(mine as u32, if slot < 32 { slot } else { 0 }) as i32;
+                let ok = (r as i32) < valid;
+                let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
+                let at = r * row_bytes + c as u32 * 16;
+                unsafe {
+                    cp_async_16(k_dst + at, if ok { k.wrapping_add(c * 16) } else { self.k.base }, ok);
+                    cp_async_16(v_dst + at, if ok { v.wrapping_add(c * 16) } else { self.v.base }, ok);
+                }
+                r += pass;
+                off += pass;
+                while off >= page_size {
+                    off -= page_size;
+                    slot += 1;
+                }
+            }
+            return true;
+        }
         let n = opaque_u32((bn * chunks / threads) as u32) as usize;
         let mut i = 0;
         while i < n {
