@@ -40,6 +40,9 @@ pub(crate) struct Pages {
     pub(crate) ident: i32,
     /// Position of the sequence's key 0 in its row (a KV cache's left padding; else 0).
     pub(crate) first: i32,
+    /// The table may be the identity and `first` nonzero (a KV cache; false in kernels that never run
+    /// one, where the paths for them fold away).
+    pub(crate) kv_cache: bool,
     pub(crate) page_size: i32,
     pub(crate) max_blocks: i32,
     pub(crate) num_blocks: i32,
@@ -52,7 +55,7 @@ impl Pages {
     pub(crate) fn new<const PAGED: bool>(p: &FwdParams, bidb: i32) -> Pages {
         let table = if PAGED && p.block_table != 0 { p.block_table.wrapping_add((bidb as i64 * p.block_table_stride * 4) as u64) } else { 0 };
         let ident = (bidb as i64 * p.max_blocks as i64) as i32;
-        Pages { paged: PAGED, table, ident, first: 0, page_size: p.page_size, max_blocks: p.max_blocks, num_blocks: p.num_blocks }
+        Pages { paged: PAGED, table, ident, first: 0, kv_cache: PAGED, page_size: p.page_size, max_blocks: p.max_blocks, num_blocks: p.num_blocks }
     }
 
     #[inline(always)]
@@ -73,8 +76,14 @@ impl Pages {
     #[inline(always)]
     pub(crate) unsafe fn locate(&self, t: i32) -> (i32, i32) {
         // Unchecked division: the page size is at least 1 (validation); see div_rem_u32.
-        let (page, off) = div_rem_u32((self.first + t) as u32, self.page_size as u32);
+        let (page, off) = div_rem_u32((self.first() + t) as u32, self.page_size as u32);
         (unsafe { self.block(page as i32) }, off as i32)
+    }
+
+    /// `first`, or 0 where no KV cache runs.
+    #[inline(always)]
+    pub(crate) fn first(&self) -> i32 {
+        if self.kv_cache { self.first } else { 0 }
     }
 
     /// The block of entry `page` of the row: the index clamped into the row, the entry into `[0,
@@ -82,7 +91,7 @@ impl Pages {
     #[inline(always)]
     pub(crate) unsafe fn block(&self, page: i32) -> i32 {
         let page = clamp(page, 0, self.max_blocks - 1);
-        let block = if self.table != 0 { unsafe { ld_global_nc_i32(self.table.wrapping_add(page as u64 * 4)) } } else { self.ident + page };
+        let block = if self.kv_cache && self.table == 0 { self.ident + page } else { unsafe { ld_global_nc_i32(self.table.wrapping_add(page as u64 * 4)) } };
         clamp(block, 0, self.num_blocks - 1)
     }
 }
@@ -92,6 +101,21 @@ impl Pages {
 fn clamp(x: i32, lo: i32, hi: i32) -> i32 {
     let x = if x > hi { hi } else { x };
     if x < lo { lo } else { x }
+}
+
+/// A tile's block-table entries, read ahead (`KvRows::tile_pages`): its first page `p0`, the first key's
+/// row in it, the pages it spans, and this lane's raw entry (of page `p0 + lane`).
+#[derive(Clone, Copy)]
+pub(crate) struct TilePages {
+    pub(crate) p0: u32,
+    pub(crate) off0: u32,
+    pub(crate) span: u32,
+    pub(crate) raw: i32,
+}
+
+impl TilePages {
+    /// No entries (kernels over contiguous K/V).
+    pub(crate) const NONE: TilePages = TilePages { p0: 0, off0: 0, span: 0, raw: 0 };
 }
 
 /// A sequence's K and V rows of one kv head.
@@ -117,36 +141,51 @@ impl KvRows {
         rows.base.wrapping_add((n_block as i64 * bn as i64 * rows.row_bytes) as u64)
     }
 
+    /// The block-table entries of the tile of `bn` keys from `n0`, read ahead of their use: lane l holds
+    /// the raw entry of page `p0 + l` (clamped where used). A tile over more than 32 pages gets none
+    /// (`span` > 32: its rows go one by one). The load is issued here and waited for only where the tile
+    /// is copied, so reading the entries of the tile after next hides their latency.
+    #[inline(always)]
+    pub(crate) unsafe fn tile_pages(&self, n0: i32, bn: usize, tid: usize) -> TilePages {
+        let page_size = self.pages.page_size as u32;
+        // Unchecked divisions: the page size is at least 1.
+        let (p0, off0) = div_rem_u32((self.pages.first() + n0) as u32, page_size);
+        let span = div_rem_u32(off0 + bn as u32 - 1, page_size).0 + 1;
+        let lane = (tid % 32) as u32;
+        let pages = &self.pages;
+        let page = p0 as i32 + lane as i32;
+        let raw = if lane >= span || lane >= 32 {
+            0
+        } else if pages.kv_cache && pages.table == 0 {
+            pages.ident + clamp(page, 0, pages.max_blocks - 1)
+        } else {
+            unsafe { ld_global_nc_i32(pages.table.wrapping_add(clamp(page, 0, pages.max_blocks - 1) as u64 * 4)) }
+        };
+        TilePages { p0, off0, span, raw }
+    }
+
     /// Paged K/V: copy `bn` keys from `n0` (the first `valid` of them real; the rest zero-filled) into
-    /// K and V tiles (`D` columns, padded rows) with `threads` threads, when the tile's keys span at most
-    /// 32 pages: each lane of a warp reads one block-table entry, and every row takes its block from the
-    /// lane holding its page (a shuffle, no dependent load per row). False (nothing copied) for more
-    /// pages: the caller goes row by row. Called by whole warps, outside divergent code.
+    /// K and V tiles (`D` columns, padded rows) with `threads` threads, their pages' entries `tp` (from
+    /// `tile_pages`, for the same tile): each row takes its block from the lane holding its page (a
+    /// shuffle), walking its rows without divisions. Called by whole warps, outside divergent code, for
+    /// tiles of at most 32 pages.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn load_pages<const D: usize>(&self, k_dst: u32, v_dst: u32, n0: i32, valid: i32, tid: usize, bn: usize, threads: usize) -> bool {
+    pub(crate) unsafe fn load_pages<const D: usize>(&self, k_dst: u32, v_dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
         let page_size = self.pages.page_size as u32;
-        let pos0 = (self.pages.first + n0) as u32;
-        // Unchecked divisions: the page size is at least 1.
-        let (p0, off0) = div_rem_u32(pos0, page_size);
-        let span = div_rem_u32(off0 + bn as u32 - 1, page_size).0 + 1;
-        if span > 32 {
-            return false;
-        }
-        let lane = (tid % 32) as u32;
-        let mine = if lane < span { unsafe { self.pages.block(p0 as i32 + lane as i32) } } else { 0 };
         let chunks = D / 8;
         let row_bytes = row_pitch_bytes(D) as u32;
+        let block_of = |slot: u32| clamp(shfl_idx_u32(tp.raw as u32, if slot < 32 { slot } else { 0 }) as i32, 0, self.pages.num_blocks - 1);
         let tid = opaque_u32(tid as u32) as usize;
         if threads % chunks == 0 {
             // Each pass covers `threads / chunks` whole rows: a thread keeps its column and walks its rows
             // `pass` apart, its page slot and row in the page advanced without a division.
             let pass = (threads / chunks) as u32;
             let (r0, c) = ((tid / chunks) as u32, (tid % chunks) as u64);
-            let (mut slot, mut off) = div_rem_u32(off0 + r0, page_size);
+            let (mut slot, mut off) = div_rem_u32(tp.off0 + r0, page_size);
             let mut r = r0;
             while r < bn as u32 {
-                let block = shfl_idx_u32(mine as u32, if slot < 32 { slot } else { 0 }) as i32;
+                let block = block_of(slot);
                 let ok = (r as i32) < valid;
                 let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
                 let at = r * row_bytes + c as u32 * 16;
@@ -161,16 +200,15 @@ impl KvRows {
                     slot += 1;
                 }
             }
-            return true;
+            return;
         }
         let n = opaque_u32((bn * chunks / threads) as u32) as usize;
         let mut i = 0;
         while i < n {
             let idx = tid + i * threads;
             let (r, c) = (idx / chunks, idx % chunks);
-            let (page, off) = div_rem_u32(pos0 + r as u32, page_size);
-            let slot = page - p0;
-            let block = shfl_idx_u32(mine as u32, if slot < 32 { slot } else { 0 }) as i32;
+            let (slot, off) = div_rem_u32(tp.off0 + r as u32, page_size);
+            let block = block_of(slot);
             let ok = (r as i32) < valid;
             let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
             let at = r as u32 * row_bytes + c as u32 * 16;
@@ -180,14 +218,14 @@ impl KvRows {
             }
             i += 1;
         }
-        true
     }
 
     /// Paged K/V: (block, row in it) of key `n0` when keys `n0..n0 + n` share its page (so they follow
     /// at the row stride), else None (rows one by one: `Pages::locate`).
     #[inline(always)]
     pub(crate) unsafe fn page_run(&self, n0: i32, n: i32) -> Option<(i32, i32)> {
-        let (block, off) = unsafe { self.pages.locate(n0) };
-        if off + n <= self.pages.page_size { Some((block, off)) } else { None }
+        // Which page first (arithmetic), so that a tile over several pages reads no table entry here.
+        let (page, off) = div_rem_u32((self.pages.first() + n0) as u32, self.pages.page_size as u32);
+        if off as i32 + n <= self.pages.page_size { Some((unsafe { self.pages.block(page as i32) }, off as i32)) } else { None }
     }
 }

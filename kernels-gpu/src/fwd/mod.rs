@@ -13,6 +13,7 @@ mod ws;
 
 use crate::arch::cp_async::{commit_group, wait_group};
 use crate::arch::math::{div_rem_u32, tanh};
+use crate::arch::shfl::shfl_idx_u32;
 use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
@@ -27,7 +28,7 @@ use crate::tile::{warp_gemm, SmemTile};
 use crate::variants::FwdConfig;
 // The tile vocabulary, also imported from here by the kernels of this module.
 pub(crate) use crate::tile::{a_fragment, load_tile, load_tile_rows};
-use kv::{KvRows, Pages, Rows};
+use kv::{KvRows, Pages, Rows, TilePages};
 pub use crate::tile::{Elem, BF16, F16};
 
 /// Compile-time shape of a kernel: head dim `D` (`DN = D / 8` n8 tiles), `MT` m16 tiles per warp, `NW`
@@ -169,19 +170,26 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
     let mut row_state = [[RowState::EMPTY; 2]; MT];
 
     if n_max > n_min {
-        // Prologue: Q and the last K/V tile in one group.
+        // Prologue: Q and the last K/V tile in one group. Paged: each tile's block-table entries are read
+        // a tile ahead (`TilePages`), so that their latency hides under the previous tile's products.
         unsafe { load_tile::<D>(base, a.q, a.q_row_bytes, rows, tid, bm, threads) };
         let n_tiles = n_max - n_min;
-        unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 0, a, n_max - 1, tid) };
+        let paged = a.kv.pages.paged();
+        let pages_of = |n_block: i32| if paged { unsafe { a.kv.tile_pages(n_block * BN as i32, BN, tid) } } else { TilePages::NONE };
+        unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
         commit_group();
+        let mut ahead = if n_tiles > 1 { pages_of(n_max - 2) } else { TilePages::NONE };
 
         let mut it = 0;
         while it < n_tiles {
             let n_block = n_max - 1 - it;
             let stage = (it & 1) as usize;
             if it + 1 < n_tiles {
-                unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 1 - stage, a, n_block - 1, tid) };
+                unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 1 - stage, a, n_block - 1, ahead, tid) };
                 commit_group();
+                if it + 2 < n_tiles {
+                    ahead = pages_of(n_block - 2);
+                }
                 wait_group::<1>();
             } else {
                 wait_group::<0>();
@@ -340,12 +348,12 @@ pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs
 
 /// Start the copies of K/V tile `n_block` into stage `stage`.
 #[inline(always)]
-unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tid: usize) {
+unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tp: TilePages, tid: usize) {
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
     let valid = a.seqlen_k - n_block * BN as i32;
     let (k_dst, v_dst) = (Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage), Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage));
     if a.kv.pages.paged() {
-        unsafe { load_kv_paged::<D>(k_dst, v_dst, a, n_block, valid, tid, BN, threads) };
+        unsafe { load_kv_paged::<D>(k_dst, v_dst, a, n_block, valid, tp, tid, BN, threads) };
         return;
     }
     let (k, v) = (a.kv.tile::<false>(n_block, BN), a.kv.tile::<true>(n_block, BN));
@@ -359,21 +367,24 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
 /// the tile's keys share a page, else row by row through the block table (one lookup per row for both).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n_block: i32, valid: i32, tid: usize, bn: usize, threads: usize) {
+unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n_block: i32, valid: i32, tp: TilePages, tid: usize, bn: usize, threads: usize) {
     let n0 = n_block * bn as i32;
     let (k, v) = (&a.kv.k, &a.kv.v);
     unsafe {
-        match a.kv.page_run(n0, if valid < bn as i32 { valid } else { bn as i32 }) {
-            Some((block, off)) => {
-                load_tile::<D>(k_dst, k.at(block, off), k.row_bytes, valid, tid, bn, threads);
-                load_tile::<D>(v_dst, v.at(block, off), v.row_bytes, valid, tid, bn, threads);
-            }
-            // Up to 32 pages: their table entries read once per warp; more (tiny pages): row by row.
-            None if a.kv.load_pages::<D>(k_dst, v_dst, n0, valid, tid, bn, threads) => {}
-            None => load_tile_rows::<D, 2>([k_dst, v_dst], [k.base, v.base], valid, tid, bn, threads, #[inline(always)] |r| {
+        if tp.span == 1 {
+            // One page: its rows follow at the row stride.
+            let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
+            let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
+            load_tile::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
+            load_tile::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
+        } else if tp.span <= 32 {
+            a.kv.load_pages::<D>(k_dst, v_dst, tp, valid, tid, bn, threads);
+        } else {
+            // More than 32 pages (tiny pages): row by row.
+            load_tile_rows::<D, 2>([k_dst, v_dst], [k.base, v.base], valid, tid, bn, threads, #[inline(always)] |r| {
                 let (block, off) = a.kv.pages.locate(n0 + r);
                 [k.at(block, off), v.at(block, off)]
-            }),
+            });
         }
     }
 }

@@ -91,7 +91,9 @@ impl Tiles {
     #[inline(always)]
     fn for_each<const PAGED: bool, const MODS: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
         while let Some((m_block, bidh, bidb)) = self.next() {
-            let head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
+            let mut head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
+            // Varlen pages only (the KV cache runs the mma.sync kernels): no identity table, no leftpad.
+            head.kv.pages.kv_cache = false;
             let mut mb = m_block;
             while mb * (BM as i32) < head.sq.slot_len {
                 f(&head, mb * BM as i32);
