@@ -8,31 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# torch_fwd's timing; its report's last column is `flops / s / 1e12`: bytes * 1e3 make it GB/s.
+from torch_fwd import report
+
 HQ, HK, D = 32, 8, 128
 MAX_CACHE_BYTES = 17 << 30
-
-
-def median_ms(fn, iters=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def report(backend, name, nbytes, fn):
-    try:
-        ms = median_ms(fn)
-        print(f"RESULT {backend} {name} {ms:.4f} {nbytes / (ms * 1e-3) / 1e9:.1f}", flush=True)
-    except Exception as e:  # a backend that rejects a shape is reported, not fatal
-        print(f"RESULT {backend} {name} nan nan  # {type(e).__name__}: {str(e)[:80]}", flush=True)
 
 
 def main():
@@ -41,7 +21,7 @@ def main():
     print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
     n = 2 << 30
     src, dst = torch.empty(n, dtype=torch.uint8, device=dev).fill_(1), torch.empty(n, dtype=torch.uint8, device=dev)
-    report("copy", "copy/2GiB", 2 * n, lambda: dst.copy_(src))
+    report("copy", "copy/2GiB", 2 * n * 1e3, lambda: dst.copy_(src))
     del src, dst
     for sq in (1, 4):
         for ctx in (1024, 8192, 32768, 131072):
@@ -57,7 +37,7 @@ def main():
                     def run(kind=kind):
                         with sdpa_kernel(kind):
                             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-                    report(backend, name, nbytes, run)
+                    report(backend, name, nbytes * 1e3, run)
                 del q, k, v
                 torch.cuda.empty_cache()
 

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::raw::{self, BwdViews, CombineViews, FwdViews, KvCacheViews, Workspace};
 use crate::tensor::Tensor;
-use crate::types::{DType, Device, KvCacheOptions, PagedVarlenViews, Target, VarlenViews, STREAM_LEGACY};
+use crate::types::{DType, Device, KvCacheOptions, PagedVarlenViews, Target, VarlenViews, View, STREAM_LEGACY};
 use crate::validate;
 
 pub use crate::types::AttnOptions;
@@ -107,6 +107,28 @@ pub struct KvCache<'a> {
 impl<'a> KvCache<'a> {
     pub fn new(cache_seqlens: &'a Tensor) -> KvCache<'a> {
         KvCache { cache_seqlens, block_table: None, k_new: None, v_new: None, rotary_cos: None, rotary_sin: None, cache_batch_idx: None, cache_leftpad: None, alibi_slopes: None }
+    }
+    /// The raw layer's views of a call with these inputs.
+    fn views<'v>(&self, q: &'v Tensor, k_cache: View<'v>, v_cache: View<'v>, out: View<'v>, lse: View<'v>) -> KvCacheViews<'v>
+    where
+        'a: 'v,
+    {
+        KvCacheViews {
+            q: q.view(),
+            k_cache,
+            v_cache,
+            cache_seqlens: self.cache_seqlens.view(),
+            block_table: self.block_table.map(Tensor::view),
+            k_new: self.k_new.map(Tensor::view),
+            v_new: self.v_new.map(Tensor::view),
+            rotary_cos: self.rotary_cos.map(Tensor::view),
+            rotary_sin: self.rotary_sin.map(Tensor::view),
+            cache_batch_idx: self.cache_batch_idx.map(Tensor::view),
+            cache_leftpad: self.cache_leftpad.map(Tensor::view),
+            alibi_slopes: self.alibi_slopes.map(Tensor::view),
+            out,
+            lse,
+        }
     }
     fn tensors(&self) -> impl Iterator<Item = (&'static str, &'a Tensor)> {
         let opt = [
@@ -266,22 +288,7 @@ pub fn fwd_kvcache(q: &Tensor, k_cache: &mut Tensor, v_cache: &mut Tensor, cache
     let &[b, sq, hq, d] = q.shape() else { return Err(Error::Rank { arg: "q", got: q.rank(), expected: 4 }) };
     let mut out = Tensor::uninit(&[b, sq, hq, d], q.dtype(), device)?;
     let mut lse = Tensor::uninit(&[b, hq, sq], DType::F32, device)?;
-    let views = KvCacheViews {
-        q: q.view(),
-        k_cache: k_cache.view_mut(),
-        v_cache: v_cache.view_mut(),
-        cache_seqlens: cache.cache_seqlens.view(),
-        block_table: cache.block_table.map(Tensor::view),
-        k_new: cache.k_new.map(Tensor::view),
-        v_new: cache.v_new.map(Tensor::view),
-        rotary_cos: cache.rotary_cos.map(Tensor::view),
-        rotary_sin: cache.rotary_sin.map(Tensor::view),
-        cache_batch_idx: cache.cache_batch_idx.map(Tensor::view),
-        cache_leftpad: cache.cache_leftpad.map(Tensor::view),
-        alibi_slopes: cache.alibi_slopes.map(Tensor::view),
-        out: out.view_mut(),
-        lse: lse.view_mut(),
-    };
+    let views = cache.views(q, k_cache.view_mut(), v_cache.view_mut(), out.view_mut(), lse.view_mut());
     // The workspace (q rotated, split-KV's partials) is freed on the stream after the kernels using it.
     let ws_buf = match (device, raw::kvcache_workspace_bytes(&views, opts, kv, target(device))?) {
         (Device::Cuda(ordinal), bytes) if bytes > 0 => Some(crate::cuda::DeviceBuffer::uninit(ordinal, bytes)?),
@@ -352,22 +359,7 @@ pub fn check_kvcache_contents(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, ca
     let &[b, sq, hq, d] = q.shape() else { return Err(Error::Rank { arg: "q", got: q.rank(), expected: 4 }) };
     let mut out = Tensor::uninit(&[b, sq, hq, d], q.dtype(), Device::Cpu)?;
     let mut lse = Tensor::uninit(&[b, hq, sq], DType::F32, Device::Cpu)?;
-    let views = KvCacheViews {
-        q: q.view(),
-        k_cache: k_cache.view(),
-        v_cache: v_cache.view(),
-        cache_seqlens: cache.cache_seqlens.view(),
-        block_table: cache.block_table.map(Tensor::view),
-        k_new: cache.k_new.map(Tensor::view),
-        v_new: cache.v_new.map(Tensor::view),
-        rotary_cos: cache.rotary_cos.map(Tensor::view),
-        rotary_sin: cache.rotary_sin.map(Tensor::view),
-        cache_batch_idx: cache.cache_batch_idx.map(Tensor::view),
-        cache_leftpad: cache.cache_leftpad.map(Tensor::view),
-        alibi_slopes: cache.alibi_slopes.map(Tensor::view),
-        out: out.view_mut(),
-        lse: lse.view_mut(),
-    };
+    let views = cache.views(q, k_cache.view(), v_cache.view(), out.view_mut(), lse.view_mut());
     let kp = validate::validate_kvcache(&views, opts, kv)?;
     // Safety: every view is of a live host tensor.
     validate::check_kvcache_contents(&kp, unsafe { crate::cpu::host_kvcache(&views) }).map(|_| ())
