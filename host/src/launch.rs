@@ -614,7 +614,8 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         // Packed: each kv head's `rows` rows (query i of q head hk * pack + g at row i * pack + g) in q
         // (the append kernel wrote it so), the partial out and lse.
         let (hk, rows) = (p.hk as i64, sq * pack);
-        (params.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride) = (ws_addr + ws.q_rot.expect("decode packs q") as u64, hk * rows * d, d, rows * d);
+        let q_at = ws.q_rot.ok_or_else(|| Error::Cuda("internal: the decode workspace has no section for q".into()))?;
+        (params.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride) = (ws_addr + q_at as u64, hk * rows * d, d, rows * d);
         (params.h, params.h_k, params.seqlen_q, params.total_q, params.q_pack) = (p.hk as i32, p.hk as i32, rows as i32, (b * rows) as i32, pack as i32);
         (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * hk * rows * d, 2 * d, 2 * rows * d);
         (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hk * rows, rows);
@@ -645,7 +646,8 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         out_dtype: dtype_code(p.dtype),
         pack: pack as i32,
     };
-    unsafe { queue_combine(combine_f.expect("loaded with partials"), &cp, stream) }
+    let combine_f = combine_f.ok_or_else(|| Error::Cuda("internal: the combine kernel was not loaded".into()))?;
+    unsafe { queue_combine(combine_f, &cp, stream) }
 }
 
 /// The append kernel (k_new / v_new into the caches, q turned into the workspace), where there is

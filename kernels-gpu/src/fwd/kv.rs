@@ -103,11 +103,10 @@ fn clamp(x: i32, lo: i32, hi: i32) -> i32 {
     if x < lo { lo } else { x }
 }
 
-/// A tile's block-table entries, read ahead (`KvRows::tile_pages`): its first page `p0`, the first key's
-/// row in it, the pages it spans, and this lane's raw entry (of page `p0 + lane`).
+/// A tile's block-table entries, read ahead (`KvRows::tile_pages`): the first key's row in its first
+/// page, the pages it spans, and this lane's raw entry (of the lane-th page).
 #[derive(Clone, Copy)]
 pub(crate) struct TilePages {
-    pub(crate) p0: u32,
     pub(crate) off0: u32,
     pub(crate) span: u32,
     pub(crate) raw: i32,
@@ -115,7 +114,7 @@ pub(crate) struct TilePages {
 
 impl TilePages {
     /// No entries (kernels over contiguous K/V).
-    pub(crate) const NONE: TilePages = TilePages { p0: 0, off0: 0, span: 0, raw: 0 };
+    pub(crate) const NONE: TilePages = TilePages { off0: 0, span: 0, raw: 0 };
 }
 
 /// A sequence's K and V rows of one kv head.
@@ -161,7 +160,7 @@ impl KvRows {
         } else {
             unsafe { ld_global_nc_i32(pages.table.wrapping_add(clamp(page, 0, pages.max_blocks - 1) as u64 * 4)) }
         };
-        TilePages { p0, off0, span, raw }
+        TilePages { off0, span, raw }
     }
 
     /// Paged K/V: copy `bn` keys from `n0` (the first `valid` of them real; the rest zero-filled) into
