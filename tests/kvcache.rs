@@ -1333,3 +1333,35 @@ fn gpu_kvcache_alibi_matches_cpu() {
         panic!("seed {seed}: {e}");
     }
 }
+
+/// Caches with no rows (contiguous, rows picked by cache_batch_idx) or no blocks (paged) on CUDA: the
+/// append has nowhere to write and is not run, nothing faults, every row sees no key (out 0, lse -inf).
+/// (The CPU path rejects the indices; the device cannot read them.)
+#[test]
+fn gpu_empty_caches_do_not_fault() {
+    require_gpu!();
+    let (b, hq, hk, d) = (2, 4, 2, 64);
+    let on = |t: Tensor| t.to_device(GPU).unwrap();
+    let q = on(Tensor::from_f32(&vec![0.5; b * hq * d], &[b, 1, hq, d], DType::BF16).unwrap());
+    let new = on(Tensor::from_f32(&vec![1.0; b * hk * d], &[b, 1, hk, d], DType::BF16).unwrap());
+    let seqlens = on(ints(&[3, 0], &[b]));
+    let rows = on(ints(&[0, 1], &[b]));
+    let table = on(ints(&[0, 1, 2, 3], &[b, 2]));
+    for paged in [false, true] {
+        let shape = if paged { [0, 16, hk, d] } else { [0, 32, hk, d] };
+        let (mut kc, mut vc) = (on(zeros(&shape, DType::BF16)), on(zeros(&shape, DType::BF16)));
+        let mut cache = KvCache::new(&seqlens);
+        (cache.k_new, cache.v_new) = (Some(&new), Some(&new));
+        if paged {
+            cache.block_table = Some(&table);
+        } else {
+            cache.cache_batch_idx = Some(&rows);
+        }
+        for splits in [1, 3] {
+            let o = fwd_kvcache(&q, &mut kc, &mut vc, &cache, &AttnOptions { causal: true, ..Default::default() }, &KvCacheOptions { num_splits: splits, ..Default::default() }).unwrap();
+            let (out, lse) = outputs(&o);
+            assert!(out.iter().all(|&x| x == 0.0), "paged {paged} splits {splits}: out not 0");
+            assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY), "paged {paged} splits {splits}: lse not -inf");
+        }
+    }
+}

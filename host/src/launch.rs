@@ -571,9 +571,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     };
     // The cache as pages: a contiguous one is B_cache pages of S_cache keys, one per row.
     let mut fp = p.clone();
-    let (cache_rows, cache_keys) = (kp.cache_batch, t.k_cache.shape[1]);
-    let pages = p.paged.unwrap_or(crate::problem::Paged { page_size: cache_keys, num_blocks: cache_rows, max_blocks: 1 });
-    fp.paged = Some(pages);
+    fp.paged = Some(cache_pages(kp, t));
     let table = match (&t.block_table, &t.cache_batch_idx) {
         (Some(bt), _) => Some((bt.addr, bt.strides[0] as i64)),
         (None, Some(idx)) => Some((idx.addr, 1)),
@@ -650,12 +648,19 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     unsafe { queue_combine(combine_f, &cp, stream) }
 }
 
+/// The caches as pages: a paged cache's, or a contiguous one's B_cache rows as pages of S_cache keys.
+fn cache_pages(kp: &KvCacheProblem, t: &KvCacheViews<'_>) -> crate::problem::Paged {
+    kp.fwd.paged.unwrap_or(crate::problem::Paged { page_size: t.k_cache.shape[1], num_blocks: kp.cache_batch, max_blocks: 1 })
+}
+
 /// The append kernel (k_new / v_new into the caches, q turned into the workspace), where there is
 /// anything to append or turn.
 unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: KernelDType, ws: &KvWorkspace, ws_addr: u64, gpu: &Gpu, stream: usize) -> Result<()> {
     let p = &kp.fwd;
     let pairs = p.head_dim / 2;
-    let append_items = if kp.k_new.is_some() { p.batch * kp.seqlen_new * p.hk * pairs } else { 0 };
+    // A cache of no rows (or no blocks) has nowhere to put the new keys: the kernel clamps indices into
+    // the cache, so it must not run on an empty one.
+    let append_items = if kp.k_new.is_some() && kp.cache_batch > 0 { p.batch * kp.seqlen_new * p.hk * pairs } else { 0 };
     // q into the workspace: rotated, and for the decode kernels packed (rotated or not).
     let q_items = if kp.rotary.is_some() || ws.decode { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
     let items = append_items + q_items;
@@ -670,10 +675,7 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
     let f = gpu.function(kvcache_append_kernel_name(dtype), 0)?;
     let st = |s: Option<Strides>| s.map_or([0; 3], |s| [s.batch as i64, s.row as i64, s.head as i64]);
     let opt = |v: &Option<View<'_>>| v.as_ref().map_or(0, |v| v.addr);
-    let (paged, pages) = match p.paged {
-        Some(pg) => (true, pg),
-        None => (false, crate::problem::Paged { page_size: t.k_cache.shape[1], num_blocks: kp.cache_batch, max_blocks: 1 }),
-    };
+    let pages = cache_pages(kp, t);
     let rot = kp.rotary;
     let ap = AppendParams {
         k_new: opt(&t.k_new),
@@ -684,7 +686,7 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
         q_rot: ws.q_rot.map_or(0, |at| ws_addr + at as u64),
         cache_seqlens: t.cache_seqlens.addr,
         cache_batch_idx: opt(&t.cache_batch_idx),
-        block_table: if paged { opt(&t.block_table) } else { 0 },
+        block_table: opt(&t.block_table),
         rotary_cos: opt(&t.rotary_cos),
         rotary_sin: opt(&t.rotary_sin),
         k_new_strides: st(kp.k_new),
