@@ -1071,6 +1071,41 @@ struct Garbage {
     num_splits: usize,
 }
 
+impl Garbage {
+    /// The call on `device`: zero q and caches (Hk 1, D 32; paged `[5, 4]`, else `[3, 12]`), new keys and
+    /// values of 1.0, zero rotary tables of 8 columns, causal with rotary; out, lse and the caches.
+    fn run_on(&self, device: Device) -> Result<(FwdOutput, Tensor, Tensor)> {
+        let g = self;
+        let b = g.seqlens.len();
+        let (hk, d) = (1, 32);
+        let on = |t: Tensor| t.to_device(device).unwrap();
+        let q = on(zeros(&[b, 2, 2, d], DType::F16));
+        let cache_shape = if g.paged { [5, 4, hk, d] } else { [3, 12, hk, d] };
+        let (mut k_cache, mut v_cache) = (on(zeros(&cache_shape, DType::F16)), on(zeros(&cache_shape, DType::F16)));
+        let new = on(Tensor::from_f32(&vec![1.0; b * g.s_new * hk * d], &[b, g.s_new, hk, d], DType::F16).unwrap());
+        let seqlens = on(ints(&g.seqlens, &[b]));
+        let leftpad = g.leftpad.as_ref().map(|x| on(ints(x, &[x.len()])));
+        let batch_idx = g.batch_idx.as_ref().map(|x| on(ints(x, &[x.len()])));
+        let cols = if b == 0 { 0 } else { g.table.len() / b.max(1) };
+        let table = on(ints(&g.table[..b * cols], &[b, cols]));
+        let cos = on(zeros(&[g.s_ro, 8], DType::F32));
+        let cache = KvCache {
+            cache_seqlens: &seqlens,
+            block_table: g.paged.then_some(&table),
+            k_new: Some(&new),
+            v_new: Some(&new),
+            rotary_cos: g.rotary.then_some(&cos),
+            rotary_sin: g.rotary.then_some(&cos),
+            cache_batch_idx: batch_idx.as_ref(),
+            cache_leftpad: leftpad.as_ref(),
+            alibi_slopes: None,
+        };
+        let kv = KvCacheOptions { rotary_interleaved: g.num_splits % 2 == 0, num_splits: g.num_splits };
+        let o = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &AttnOptions { causal: g.rotary, ..Default::default() }, &kv)?;
+        Ok((o, k_cache, v_cache))
+    }
+}
+
 fn garbage() -> impl Strategy<Value = Garbage> {
     let small = || prop_oneof![6 => -2i32..=20, 1 => Just(i32::MAX), 1 => Just(i32::MIN)];
     let vecs = (proptest::collection::vec(small(), 0..=3), proptest::option::of(proptest::collection::vec(small(), 0..=3)), proptest::option::of(proptest::collection::vec(small(), 0..=3)), proptest::collection::vec(small(), 0..=9));
@@ -1092,32 +1127,8 @@ proptest! {
 
     #[test]
     fn kvcache_never_panics(g in garbage()) {
-        let b = g.seqlens.len();
-        let (hk, d) = (1, 32);
-        let q = zeros(&[b, 2, 2, d], DType::F16);
-        let cache_shape = if g.paged { [5, 4, hk, d] } else { [3, 12, hk, d] };
-        let (mut k_cache, mut v_cache) = (zeros(&cache_shape, DType::F16), zeros(&cache_shape, DType::F16));
-        let new = zeros(&[b, g.s_new, hk, d], DType::F16);
-        let seqlens = ints(&g.seqlens, &[b]);
-        let leftpad = g.leftpad.as_ref().map(|x| ints(x, &[x.len()]));
-        let batch_idx = g.batch_idx.as_ref().map(|x| ints(x, &[x.len()]));
-        let cols = if b == 0 { 0 } else { g.table.len() / b.max(1) };
-        let table = ints(&g.table[..b * cols], &[b, cols]);
-        let cos = zeros(&[g.s_ro, 8], DType::F32);
-        let cache = KvCache {
-            cache_seqlens: &seqlens,
-            block_table: g.paged.then_some(&table),
-            k_new: Some(&new),
-            v_new: Some(&new),
-            rotary_cos: g.rotary.then_some(&cos),
-            rotary_sin: g.rotary.then_some(&cos),
-            cache_batch_idx: batch_idx.as_ref(),
-            cache_leftpad: leftpad.as_ref(),
-            alibi_slopes: None,
-        };
-        let kv = KvCacheOptions { rotary_interleaved: g.num_splits % 2 == 0, num_splits: g.num_splits };
-        let r = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &AttnOptions { causal: g.rotary, ..Default::default() }, &kv);
-        if let Ok(o) = r {
+        let r = g.run_on(Device::Cpu);
+        if let Ok((o, ..)) = r {
             prop_assert!(o.out.to_f32_vec().unwrap().iter().all(|x| x.is_finite()));
             prop_assert!(o.lse.to_f32_vec().unwrap().iter().all(|x| !x.is_nan()));
         }
@@ -1145,7 +1156,7 @@ macro_rules! require_gpu {
 fn gpu_kvcache_matches_reference() {
     require_gpu!();
     let (seed, _) = kernels::seeded("gpu_kvcache_matches_reference");
-    let mut runner = proptest::test_runner::TestRunner::new_with_rng(ProptestConfig { cases: 300, ..ProptestConfig::default() }, proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes(seed)));
+    let mut runner = seeded_runner(seed, 300);
     let case = (kv_case(), proptest::sample::select(vec![32usize, 64, 96, 128, 192, 256]));
     let r = runner.run(&case, |(c, d)| {
         let c = KvCase { d, ..c };
@@ -1156,10 +1167,27 @@ fn gpu_kvcache_matches_reference() {
     }
 }
 
-fn seed_bytes(seed: u64) -> [u8; 32] {
+/// A proptest runner of `cases` cases drawing from `seed` (printed by the test: a failure reproduces).
+fn seeded_runner(seed: u64, cases: u32) -> proptest::test_runner::TestRunner {
     let mut b = [0u8; 32];
     b[..8].copy_from_slice(&seed.to_le_bytes());
-    b
+    let rng = proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &b);
+    proptest::test_runner::TestRunner::new_with_rng(ProptestConfig { cases, ..ProptestConfig::default() }, rng)
+}
+
+/// `got` (out, lse) against `want` within the GPU kernels' rounding: out within 2u relative plus 4u (P is
+/// rounded to the input dtype before P V; |v| <= 1), lse within `lse_tol` relative to 1 + |lse| (-inf
+/// exactly).
+fn within_gpu_rounding(c: &KvCase, what: &str, got: (&[f32], &[f32]), want: (&[f32], &[f32]), lse_tol: f32) -> std::result::Result<(), TestCaseError> {
+    let u = unit_roundoff(c.dtype) as f32;
+    for (i, (&a, &b)) in got.0.iter().zip(want.0).enumerate() {
+        prop_assert!((a - b).abs() <= 2.0 * u * a.abs().max(b.abs()) + 4.0 * u, "{:?} {}: out[{}] {} vs {}", c, what, i, a, b);
+    }
+    for (i, (&a, &b)) in got.1.iter().zip(want.1).enumerate() {
+        let ok = if b == f32::NEG_INFINITY { a == b } else { (a - b).abs() <= lse_tol * (1.0 + b.abs()) };
+        prop_assert!(ok, "{:?} {}: lse[{}] {} vs {}", c, what, i, a, b);
+    }
+    Ok(())
 }
 
 /// Hand-made leftpad / cache_batch_idx rows and decode with many splits on CUDA.
@@ -1182,24 +1210,17 @@ fn gpu_leftpad_batch_idx_and_decode_splits() {
 fn gpu_splits_agree_within_rounding() {
     require_gpu!();
     let (seed, _) = kernels::seeded("gpu_splits_agree_within_rounding");
-    let mut runner = proptest::test_runner::TestRunner::new_with_rng(ProptestConfig { cases: 100, ..ProptestConfig::default() }, proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes(seed)));
+    let mut runner = seeded_runner(seed, 100);
     let r = runner.run(&(kv_case(), 2usize..=40), |(c, n)| {
         let x = c.inputs();
         let (one, ..) = c.run_on(&x, 1, GPU, None).unwrap();
         let (o1, l1) = outputs(&one);
-        let u = unit_roundoff(c.dtype) as f32;
         for splits in [n, 0] {
             let (many, ..) = c.run_on(&x, splits, GPU, None).unwrap();
             let (on, ln) = outputs(&many);
-            // P is rounded to the input dtype before P V, against each split's own running max: the
-            // difference is the GPU tolerance's, 2u of |V|'s bound per row (|v| <= 1), not relative to out.
-            for (i, (&a, &b)) in on.iter().zip(&o1).enumerate() {
-                prop_assert!((a - b).abs() <= 2.0 * u * a.abs().max(b.abs()) + 4.0 * u, "{:?} splits {}: out[{}] {} vs {}", c, splits, i, a, b);
-            }
-            for (i, (&a, &b)) in ln.iter().zip(&l1).enumerate() {
-                let ok = if b == f32::NEG_INFINITY { a == b } else { (a - b).abs() <= 2f32.powi(-16) * (1.0 + b.abs()) };
-                prop_assert!(ok, "{:?} splits {}: lse[{}] {} vs {}", c, splits, i, a, b);
-            }
+            // P is rounded before P V against each split's own running max: the GPU tolerance's 2u of
+            // |V|'s bound per row, not relative to out.
+            within_gpu_rounding(&c, &format!("splits {splits} vs 1"), (&on, &ln), (&o1, &l1), 2f32.powi(-16))?;
         }
         Ok(())
     });
@@ -1259,36 +1280,11 @@ fn gpu_combine_matches_the_merge() {
 fn gpu_kvcache_bogus_indices_do_not_fault() {
     require_gpu!();
     let (seed, _) = kernels::seeded("gpu_kvcache_bogus_indices_do_not_fault");
-    let mut runner = proptest::test_runner::TestRunner::new_with_rng(ProptestConfig { cases: 300, ..ProptestConfig::default() }, proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes(seed)));
+    let mut runner = seeded_runner(seed, 300);
     let ran = std::cell::Cell::new(0usize);
     let r = runner.run(&garbage(), |g| {
-        let b = g.seqlens.len();
-        let (hk, d) = (1, 32);
-        let on = |t: Tensor| t.to_device(GPU).unwrap();
-        let q = on(zeros(&[b, 2, 2, d], DType::F16));
-        let cache_shape = if g.paged { [5, 4, hk, d] } else { [3, 12, hk, d] };
-        let (mut k_cache, mut v_cache) = (on(zeros(&cache_shape, DType::F16)), on(zeros(&cache_shape, DType::F16)));
-        let new = on(Tensor::from_f32(&vec![1.0; b * g.s_new * hk * d], &[b, g.s_new, hk, d], DType::F16).unwrap());
-        let seqlens = on(ints(&g.seqlens, &[b]));
-        let leftpad = g.leftpad.as_ref().map(|x| on(ints(x, &[x.len()])));
-        let batch_idx = g.batch_idx.as_ref().map(|x| on(ints(x, &[x.len()])));
-        let cols = if b == 0 { 0 } else { g.table.len() / b.max(1) };
-        let table = on(ints(&g.table[..b * cols], &[b, cols]));
-        let cos = on(zeros(&[g.s_ro, 8], DType::F32));
-        let cache = KvCache {
-            cache_seqlens: &seqlens,
-            block_table: g.paged.then_some(&table),
-            k_new: Some(&new),
-            v_new: Some(&new),
-            rotary_cos: g.rotary.then_some(&cos),
-            rotary_sin: g.rotary.then_some(&cos),
-            cache_batch_idx: batch_idx.as_ref(),
-            cache_leftpad: leftpad.as_ref(),
-            alibi_slopes: None,
-        };
-        let kv = KvCacheOptions { rotary_interleaved: g.num_splits % 2 == 0, num_splits: g.num_splits };
-        let r = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &AttnOptions { causal: g.rotary, ..Default::default() }, &kv);
-        if let Ok(o) = r {
+        let r = g.run_on(GPU);
+        if let Ok((o, k_cache, v_cache)) = r {
             ran.set(ran.get() + 1);
             prop_assert!(o.out.to_f32_vec().unwrap().iter().all(|x| x.is_finite()));
             prop_assert!(o.lse.to_f32_vec().unwrap().iter().all(|x| !x.is_nan()));
@@ -1311,7 +1307,7 @@ fn gpu_kvcache_bogus_indices_do_not_fault() {
 fn gpu_kvcache_alibi_matches_cpu() {
     require_gpu!();
     let (seed, _) = kernels::seeded("gpu_kvcache_alibi_matches_cpu");
-    let mut runner = proptest::test_runner::TestRunner::new_with_rng(ProptestConfig { cases: 60, ..ProptestConfig::default() }, proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &seed_bytes(seed)));
+    let mut runner = seeded_runner(seed, 60);
     let r = runner.run(&(kv_case(), 0usize..=6), |(c, splits)| {
         let x = c.inputs();
         let slopes: Vec<f32> = (0..c.heads.0).map(|h| 0.5f32.powi(h as i32 % 8 + 1)).collect();
@@ -1319,14 +1315,7 @@ fn gpu_kvcache_alibi_matches_cpu() {
         let (og, kg, vg) = c.run_on(&x, splits, GPU, Some(&slopes)).unwrap();
         prop_assert!(kc.to_bytes().unwrap() == kg.to_bytes().unwrap() && vc.to_bytes().unwrap() == vg.to_bytes().unwrap(), "{:?}: caches differ", c);
         let ((o1, l1), (o2, l2)) = (outputs(&oc), outputs(&og));
-        let u = unit_roundoff(c.dtype) as f32;
-        for (i, (&a, &b)) in o2.iter().zip(&o1).enumerate() {
-            prop_assert!((a - b).abs() <= 2.0 * u * a.abs().max(b.abs()) + 4.0 * u, "{:?} splits {}: out[{}] {} vs the CPU's {}", c, splits, i, a, b);
-        }
-        for (i, (&a, &b)) in l2.iter().zip(&l1).enumerate() {
-            let ok = if b == f32::NEG_INFINITY { a == b } else { (a - b).abs() <= 2f32.powi(-12) * (1.0 + b.abs()) };
-            prop_assert!(ok, "{:?} splits {}: lse[{}] {} vs the CPU's {}", c, splits, i, a, b);
-        }
+        within_gpu_rounding(&c, &format!("splits {splits} vs the CPU's"), (&o2, &l2), (&o1, &l1), 2f32.powi(-12))?;
         Ok(())
     });
     if let Err(e) = r {
