@@ -1239,7 +1239,7 @@ fn gpu_combine_matches_the_merge() {
     for trial in 0..60 {
         let n = rng.gen_range(0..40);
         let packed = rng.gen_bool(0.5);
-        let (b, s, h, d) = (rng.gen_range(1..3), rng.gen_range(0..9), rng.gen_range(1..4), [8, 64, 128, 256][rng.gen_range(0..4)]);
+        let (b, s, h, d) = (rng.gen_range(1..3), rng.gen_range(0..9), rng.gen_range(1..4), [8, 40, 64, 96, 128, 200, 256][rng.gen_range(0..7)]);
         let (in_dt, out_dt) = (dtypes[trial % 3], dtypes[trial / 3 % 3]);
         let (out_shape, lse_shape) = if packed { (vec![n, s, h, d], vec![n, h, s]) } else { (vec![n, b, s, h, d], vec![n, b, h, s]) };
         let bb = if packed { 1 } else { b };

@@ -8,7 +8,7 @@ use crate::module::{gpu, Function, Gpu};
 use crate::params::{AppendParams, BwdParams, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
 use crate::problem::{BwdProblem, CombineProblem, KvCacheProblem, Problem, Strides};
 use crate::types::{BwdViews, CombineViews, DType, FwdViews, KernelChoice, KvCacheViews, PagedVarlenViews, VarlenViews, View};
-use crate::dispatch::{kvcache_append_kernel_name, KernelDType, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS};
+use crate::dispatch::{combine_warps_per_row, kvcache_append_kernel_name, KernelDType, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS};
 use crate::validate::check_grid;
 use cudarc::driver::{result, sys};
 use std::sync::OnceLock;
@@ -492,8 +492,8 @@ unsafe fn zero(v: &View<'_>, varlen: bool, stream: usize) -> Result<()> {
 }
 
 /// Where a CUDA KV-cache call's scratch lives in the caller's workspace (each section 256-byte
-/// aligned): q rotated (`[B, Sq, Hq, D]` in q's dtype, with rotary; for the decode kernels always, packed
-/// `[B, Hk, Sq * G, D]`), and with split-KV (and always for the decode kernels) the f32 partial results
+/// aligned): q rotated (`[B, Sq, Hq, D]` in q's dtype, with rotary; for the decode kernels packed
+/// `[B, Hk, Sq * G, D]`, rotated or not, unless Sq = 1 without rotary: then they read q itself), and with split-KV (and always for the decode kernels) the f32 partial results
 /// (`[splits, B, Sq, Hq, D]`, packed `[splits, B, Hk, Sq * G, D]`) and their LSEs (`[splits, B, Hq, Sq]`,
 /// packed `[splits, B, Hk, Sq * G]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -535,7 +535,9 @@ impl KvWorkspace {
         let lse_elems = p.batch * p.hq * p.seqlen_q;
         let align = |x: usize| x.checked_next_multiple_of(256).ok_or_else(too_large);
         let mut bytes = 0usize;
-        let q_rot = if kp.rotary.is_some() || decode {
+        // The decode kernels read q's rows packed per kv head: for one query per sequence without rotary
+        // those are q's own (the group's heads at the head stride), else a packed copy here.
+        let q_rot = if kp.rotary.is_some() || (decode && p.seqlen_q != 1) {
             let at = bytes;
             bytes = align(q_elems.checked_mul(2).ok_or_else(too_large)?)?;
             Some(at)
@@ -612,8 +614,12 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         // Packed: each kv head's `rows` rows (query i of q head hk * pack + g at row i * pack + g) in q
         // (the append kernel wrote it so), the partial out and lse.
         let (hk, rows) = (p.hk as i64, sq * pack);
-        let q_at = ws.q_rot.ok_or_else(|| Error::Cuda("internal: the decode workspace has no section for q".into()))?;
-        (params.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride) = (ws_addr + q_at as u64, hk * rows * d, d, rows * d);
+        (params.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride) = match ws.q_rot {
+            Some(q_at) => (ws_addr + q_at as u64, hk * rows * d, d, rows * d),
+            // One query per sequence: packed row g of kv head hk is q head hk * pack + g.
+            None if sq == 1 => (t.q.addr, p.q.batch as i64, p.q.head as i64, pack * p.q.head as i64),
+            None => return Err(Error::Cuda("internal: the decode workspace has no section for q".into())),
+        };
         (params.h, params.h_k, params.seqlen_q, params.total_q, params.q_pack) = (p.hk as i32, p.hk as i32, rows as i32, (b * rows) as i32, pack as i32);
         (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * hk * rows * d, 2 * d, 2 * rows * d);
         (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hk * rows, rows);
@@ -662,7 +668,7 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
     // the cache, so it must not run on an empty one.
     let append_items = if kp.k_new.is_some() && kp.cache_batch > 0 { p.batch * kp.seqlen_new * p.hk * pairs } else { 0 };
     // q into the workspace: rotated, and for the decode kernels packed (rotated or not).
-    let q_items = if kp.rotary.is_some() || ws.decode { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
+    let q_items = if ws.q_rot.is_some() { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
     let items = append_items + q_items;
     if items == 0 {
         return Ok(());
@@ -728,12 +734,13 @@ fn dtype_code(d: DType) -> i32 {
     }
 }
 
-/// The combine kernel with `cp` on `stream`: one warp per output row.
+/// The combine kernel with `cp` on `stream`: one warp per 32 columns of each output row.
 unsafe fn queue_combine(f: Function, cp: &CombineParams, stream: usize) -> Result<()> {
     if cp.rows == 0 {
         return Ok(());
     }
-    let blocks = (cp.rows as usize).div_ceil(COMBINE_WARPS);
+    let warps = (cp.rows as usize).checked_mul(combine_warps_per_row(cp.head_dim as usize));
+    let blocks = warps.map_or(usize::MAX, |w| w.div_ceil(COMBINE_WARPS));
     if blocks > i32::MAX as usize {
         return Err(Error::TooLarge { arg: "partial_out", msg: format!("{} rows exceed the combine kernel's grid", cp.rows) });
     }

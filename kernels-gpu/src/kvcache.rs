@@ -11,11 +11,9 @@ use crate::arch::shfl::{shfl_idx_u32, shfl_xor_f32};
 use crate::arch::sreg::{block_idx_x, thread_idx_x};
 use crate::params::{AppendParams, CombineParams, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
 use crate::tile::{Elem, BF16, F16};
-use crate::variants::{APPEND_THREADS, COMBINE_WARPS};
+use crate::variants::{combine_warps_per_row, APPEND_THREADS, COMBINE_WARPS};
 
 const LOG2_E: f32 = core::f32::consts::LOG2_E;
-/// Columns of the combine's output a warp holds at once (four per lane).
-const COMBINE_COLS: usize = 128;
 
 #[inline(always)]
 fn shfl_idx_f32(v: f32, src: u32) -> f32 {
@@ -162,18 +160,6 @@ pub unsafe extern "ptx-kernel" fn append_f16(p: AppendParams) {
     unsafe { append_entry::<F16>(&p) }
 }
 
-/// Element `idx` of a `dtype` tensor at `base`, as f32.
-#[inline(always)]
-unsafe fn load_any(base: u64, idx: i64, dtype: i32) -> f32 {
-    unsafe {
-        match dtype {
-            DTYPE_F32 => ld_global_nc_f32(base + (idx * 4) as u64),
-            DTYPE_BF16 => ld_elem::<BF16>(base + (idx * 2) as u64),
-            _ => ld_elem::<F16>(base + (idx * 2) as u64),
-        }
-    }
-}
-
 #[inline(always)]
 unsafe fn store_any(base: u64, idx: i64, dtype: i32, x: f32) {
     unsafe {
@@ -186,18 +172,57 @@ unsafe fn store_any(base: u64, idx: i64, dtype: i32, x: f32) {
     }
 }
 
-/// One warp per (batch, row, head): lse = max + log(sum_i exp(lse_i - max)), out = sum_i w_i out_i with
-/// w_i = exp(lse_i - lse); a row no partial saw a key for (every lse_i -inf) is out 0, lse -inf.
-/// Splits are walked 32 at a time by the lanes, then the columns by the lanes.
+/// A partial result's element type: its loads as f32 (one kernel body per type).
+trait Partial {
+    const BYTES: i64;
+    unsafe fn load(addr: u64) -> f32;
+}
+struct PartialF32;
+impl Partial for PartialF32 {
+    const BYTES: i64 = 4;
+    #[inline(always)]
+    unsafe fn load(addr: u64) -> f32 {
+        unsafe { ld_global_nc_f32(addr) }
+    }
+}
+impl<E: Elem> Partial for E {
+    const BYTES: i64 = 2;
+    #[inline(always)]
+    unsafe fn load(addr: u64) -> f32 {
+        unsafe { ld_elem::<E>(addr) }
+    }
+}
+
+/// Splits whose partial loads a lane has in flight at once (`combine_with`).
+const COMBINE_UNROLL: usize = 16;
+
+/// lse = max + log(sum_i exp(lse_i - max)), out = sum_i w_i out_i with w_i = exp(lse_i - lse); a row no
+/// partial saw a key for (every lse_i -inf) is out 0, lse -inf. One warp per (batch, row, head) and 32
+/// columns (`combine_warps_per_row`): few rows with many splits (decode) still spread over the GPU.
+/// Each warp reads the row's LSEs itself (a lane per split, 32 at a time), then walks the splits with
+/// `COMBINE_UNROLL` loads in flight per lane (each a column), lane j holding split j's weight.
 #[unsafe(export_name = "flash_combine")]
 pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
+    unsafe {
+        match cp.in_dtype {
+            DTYPE_F32 => combine_with::<PartialF32>(&cp),
+            DTYPE_BF16 => combine_with::<BF16>(&cp),
+            _ => combine_with::<F16>(&cp),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn combine_with<P: Partial>(cp: &CombineParams) {
+    let col_warps = combine_warps_per_row(cp.head_dim as usize) as i64;
     let warp = block_idx_x() as i64 * COMBINE_WARPS as i64 + (thread_idx_x() / 32) as i64;
     let lane = (thread_idx_x() % 32) as i32;
-    if warp >= cp.rows {
+    let (row_idx, chunk) = (warp / col_warps, (warp % col_warps) as i32);
+    if row_idx >= cp.rows {
         return;
     }
-    let h = (warp % cp.heads as i64) as i32;
-    let br = warp / cp.heads as i64;
+    let h = (row_idx % cp.heads as i64) as i32;
+    let br = row_idx / cp.heads as i64;
     let (b, r) = ((br / cp.seqlen as i64) as i32, (br % cp.seqlen as i64) as i32);
     // Where the partials of out row (b, r, h) are: packed (kv head, packed row), or the same.
     let (ph_idx, pr_idx) = if cp.pack > 1 {
@@ -208,9 +233,10 @@ pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
     };
     let [ps, pb, ph, pr] = cp.pl_strides;
     let lse_at = |i: i32| unsafe { ld_global_nc_f32(cp.partial_lse + ((i as i64 * ps + b as i64 * pb + ph_idx * ph + pr_idx * pr) * 4) as u64) };
-    // Base-2 exponents throughout: l * log2(e).
-    let mut max = f32::NEG_INFINITY;
-    let mut i = lane;
+    // Base-2 exponents throughout: l * log2(e). Lane j keeps split j's LSE of the first 32.
+    let first = if lane < cp.splits { lse_at(lane) } else { f32::NEG_INFINITY };
+    let mut max = first;
+    let mut i = lane + 32;
     while i < cp.splits {
         let l = lse_at(i);
         max = if l > max { l } else { max };
@@ -225,20 +251,20 @@ pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
     let out_row = b as i64 * ob2 + r as i64 * or2 + h as i64 * oh2;
     let [lb, lh, lr] = cp.lse_strides;
     let lse_idx = b as i64 * lb + h as i64 * lh + r as i64 * lr;
+    let c = chunk * 32 + lane;
+    let col = c < cp.head_dim;
     if max == f32::NEG_INFINITY || max != max {
-        let mut c = lane;
-        while c < cp.head_dim {
+        if col {
             unsafe { store_any(cp.out, out_row + c as i64, cp.out_dtype, 0.0) };
-            c += 32;
         }
-        if lane == 0 {
+        if chunk == 0 && lane == 0 {
             unsafe { st_global_f32(cp.lse + (lse_idx * 4) as u64, f32::NEG_INFINITY) };
         }
         return;
     }
     let max2 = max * LOG2_E;
-    let mut sum = 0f32;
-    let mut i = lane;
+    let mut sum = if lane < cp.splits { exp2(first * LOG2_E - max2) } else { 0.0 };
+    let mut i = lane + 32;
     while i < cp.splits {
         sum += exp2(lse_at(i) * LOG2_E - max2);
         i += 32;
@@ -247,54 +273,40 @@ pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
         sum += shfl_xor_f32(sum, s as u32);
     }
     let lse2 = max2 + log2(sum);
-    // The columns in blocks of COMBINE_COLS, lane l taking columns l, l + 32, ...; the splits 32 at a
-    // time, lane j holding split j's weight (shuffled to every lane), their loads unrolled so that many
-    // are in flight at once (few rows and many splits: decode).
-    let row = b as i64 * ob + pr_idx * or + ph_idx * oh;
-    let mut c0 = 0;
-    while c0 < cp.head_dim {
-        let mut acc = [0f32; COMBINE_COLS / 32];
-        let mut chunk = 0;
-        while chunk < cp.splits {
-            let i = chunk + lane;
-            let w_mine = if i < cp.splits { exp2(lse_at(i) * LOG2_E - lse2) } else { 0.0 };
-            let n = if cp.splits - chunk < 32 { cp.splits - chunk } else { 32 };
-            let mut j = 0;
-            while j < 32 {
-                // Unrolled by 4: shuffles for every lane, loads only for real splits and columns.
-                let mut part = [[0f32; COMBINE_COLS / 32]; 4];
-                let mut w = [0f32; 4];
-                for u in 0..4 {
-                    w[u] = shfl_idx_f32(w_mine, (j + u as i32) as u32);
-                    if j + (u as i32) < n && w[u] > 0.0 {
-                        for (k, x) in part[u].iter_mut().enumerate() {
-                            let c = c0 + lane + 32 * k as i32;
-                            if c < cp.head_dim {
-                                *x = unsafe { load_any(cp.partial_out, (chunk + j + u as i32) as i64 * os + row + c as i64, cp.in_dtype) };
-                            }
-                        }
-                    }
+    // This lane's column of every split, the splits 32 at a time (lane j holding split j's weight,
+    // shuffled to every lane), `COMBINE_UNROLL` loads issued before their products. A split of weight 0
+    // (no key) is not read: its partial may be anything.
+    let src = cp.partial_out.wrapping_add(((b as i64 * ob + pr_idx * or + ph_idx * oh + c as i64) * P::BYTES) as u64);
+    let mut acc = 0f32;
+    let mut chunk0 = 0;
+    while chunk0 < cp.splits {
+        let i = chunk0 + lane;
+        let l = if chunk0 == 0 { first } else if i < cp.splits { lse_at(i) } else { f32::NEG_INFINITY };
+        let w_mine = if i < cp.splits { exp2(l * LOG2_E - lse2) } else { 0.0 };
+        let n = if cp.splits - chunk0 < 32 { cp.splits - chunk0 } else { 32 };
+        let mut j = 0;
+        while j < n {
+            let mut part = [0f32; COMBINE_UNROLL];
+            let mut w = [0f32; COMBINE_UNROLL];
+            for u in 0..COMBINE_UNROLL {
+                w[u] = shfl_idx_f32(w_mine, (j as u32 + u as u32) % 32);
+                if j + (u as i32) < n && w[u] > 0.0 && col {
+                    part[u] = unsafe { P::load(src.wrapping_add(((chunk0 + j + u as i32) as i64 * os * P::BYTES) as u64)) };
                 }
-                for u in 0..4 {
-                    if j + (u as i32) < n && w[u] > 0.0 {
-                        for k in 0..COMBINE_COLS / 32 {
-                            acc[k] += w[u] * part[u][k];
-                        }
-                    }
+            }
+            for u in 0..COMBINE_UNROLL {
+                if j + (u as i32) < n && w[u] > 0.0 {
+                    acc += w[u] * part[u];
                 }
-                j += 4;
             }
-            chunk += 32;
+            j += COMBINE_UNROLL as i32;
         }
-        for (k, &a) in acc.iter().enumerate() {
-            let c = c0 + lane + 32 * k as i32;
-            if c < cp.head_dim {
-                unsafe { store_any(cp.out, out_row + c as i64, cp.out_dtype, a) };
-            }
-        }
-        c0 += COMBINE_COLS as i32;
+        chunk0 += 32;
     }
-    if lane == 0 {
+    if col {
+        unsafe { store_any(cp.out, out_row + c as i64, cp.out_dtype, acc) };
+    }
+    if chunk == 0 && lane == 0 {
         unsafe { st_global_f32(cp.lse + (lse_idx * 4) as u64, lse2 * LN_2) };
     }
 }

@@ -522,9 +522,15 @@ pub const fn decode_config(head_dim: usize) -> FwdConfig {
 pub const PROBS_THREADS: usize = 128;
 
 /// The KV cache's kernels (kernels-gpu/src/kvcache.rs): threads per block of the append (one feature
-/// pair each), warps per block of the combine (one output row each).
+/// pair each), warps per block of the combine (each 32 columns of one output row).
 pub const APPEND_THREADS: usize = 256;
 pub const COMBINE_WARPS: usize = 8;
+
+/// The combine's warps per output row: one per 32 columns of the head dim.
+pub const fn combine_warps_per_row(head_dim: usize) -> usize {
+    let w = head_dim.div_ceil(32);
+    if w == 0 { 1 } else { w }
+}
 pub fn kvcache_append_kernel_name(dtype: KernelDType) -> &'static str {
     match dtype {
         KernelDType::BF16 => "flash_kvcache_append_bf16",

@@ -165,9 +165,9 @@ impl KvRows {
 
     /// Paged K/V: copy `bn` keys from `n0` (the first `valid` of them real; the rest zero-filled) into
     /// K and V tiles (`D` columns, padded rows) with `threads` threads, their pages' entries `tp` (from
-    /// `tile_pages`, for the same tile): each row takes its block from the lane holding its page (a
-    /// shuffle), walking its rows without divisions. Called by whole warps, outside divergent code, for
-    /// tiles of at most 32 pages.
+    /// `tile_pages`, for the same tile): each page's block from the lane holding it (a shuffle), its
+    /// rows walked without divisions. Called by whole warps, outside divergent code, for tiles of at
+    /// most 32 pages.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn load_pages<const D: usize>(&self, k_dst: u32, v_dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
@@ -177,27 +177,40 @@ impl KvRows {
         let block_of = |slot: u32| clamp(shfl_idx_u32(tp.raw as u32, if slot < 32 { slot } else { 0 }) as i32, 0, self.pages.num_blocks - 1);
         let tid = opaque_u32(tid as u32) as usize;
         if threads % chunks == 0 {
-            // Each pass covers `threads / chunks` whole rows: a thread keeps its column and walks its rows
-            // `pass` apart, its page slot and row in the page advanced without a division.
+            // Each pass covers `threads / chunks` whole rows, a thread keeping its column. The warp walks
+            // the tile's pages together (one shuffle each); in a page a thread's rows follow at `pass`
+            // rows, its addresses advanced by a fixed step, no lookup per row.
             let pass = (threads / chunks) as u32;
             let (r0, c) = ((tid / chunks) as u32, (tid % chunks) as u64);
-            let (mut slot, mut off) = div_rem_u32(tp.off0 + r0, page_size);
-            let mut r = r0;
-            while r < bn as u32 {
+            let (k_step, v_step) = ((pass as i64 * self.k.row_bytes) as u64, (pass as i64 * self.v.row_bytes) as u64);
+            // Tile rows [lo, hi) lie in page slot `slot`, from its row `first_off`.
+            let mut lo = 0u32;
+            let mut first_off = tp.off0;
+            let mut slot = 0u32;
+            while slot < tp.span {
                 let block = block_of(slot);
-                let ok = (r as i32) < valid;
-                let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
-                let at = r * row_bytes + c as u32 * 16;
-                unsafe {
-                    cp_async_16(k_dst + at, if ok { k.wrapping_add(c * 16) } else { self.k.base }, ok);
-                    cp_async_16(v_dst + at, if ok { v.wrapping_add(c * 16) } else { self.v.base }, ok);
+                let in_page = page_size - first_off;
+                let hi = if in_page < bn as u32 - lo { lo + in_page } else { bn as u32 };
+                // This thread's first row at or after lo.
+                let mut r = lo + (r0 + pass - lo % pass) % pass;
+                let off = first_off + (r - lo);
+                let mut k = self.k.at(block, off as i32).wrapping_add(c * 16);
+                let mut v = self.v.at(block, off as i32).wrapping_add(c * 16);
+                let mut at = r * row_bytes + c as u32 * 16;
+                while r < hi {
+                    let ok = (r as i32) < valid;
+                    unsafe {
+                        cp_async_16(k_dst + at, if ok { k } else { self.k.base }, ok);
+                        cp_async_16(v_dst + at, if ok { v } else { self.v.base }, ok);
+                    }
+                    k = k.wrapping_add(k_step);
+                    v = v.wrapping_add(v_step);
+                    at += pass * row_bytes;
+                    r += pass;
                 }
-                r += pass;
-                off += pass;
-                while off >= page_size {
-                    off -= page_size;
-                    slot += 1;
-                }
+                lo = hi;
+                first_off = 0;
+                slot += 1;
             }
             return;
         }
