@@ -742,7 +742,16 @@ fn deterministic_runs_are_bitwise_identical() {
     for (d, dtype) in [(64, DType::BF16), (128, DType::F16), (96, DType::BF16)] {
         let dropout = Dropout { p: 0.3, seed: rng.r#gen(), offset: rng.r#gen() };
         let c = Case { dtype, d, hq: 4, hk: 1, causal: true, window: (-1, -1), softcap: 0.0, slopes: Slopes::PerSequence, slope_max: 0.1, dropout, amp: 1.0 };
-        let l = Layout::random(&mut rng, 3, 200);
+        // A layout where the masks matter: at least 256 (query, key) pairs that see each other (causal,
+        // bottom-right: a sequence with sq <= sk rows sees at least sq * sk / 2), so that another mask
+        // changing no output is out of reach (random layouts have all-empty batches a few % of the time).
+        let l = loop {
+            let l = Layout::random(&mut rng, 3, 200);
+            let seen: usize = l.used_q().iter().zip(l.used_k()).map(|(&q, k)| if q <= k { q * k / 2 } else { k * (k + 1) / 2 }).sum();
+            if seen >= 256 {
+                break l;
+            }
+        };
         let h = Host::new(&mut rng, c, l);
         let ctx = format!("seed {seed}: {}", h.describe());
         let on = On::new(&h, dev(), false, &mut rng);

@@ -219,6 +219,7 @@ fn fwd_params(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Opt
         cache_leftpad: 0,
         seqused_k_add: 0,
         q_pack: 1,
+        q_pack_head_stride: 0,
     }
 }
 
@@ -492,8 +493,8 @@ unsafe fn zero(v: &View<'_>, varlen: bool, stream: usize) -> Result<()> {
 }
 
 /// Where a CUDA KV-cache call's scratch lives in the caller's workspace (each section 256-byte
-/// aligned): q rotated (`[B, Sq, Hq, D]` in q's dtype, with rotary; for the decode kernels packed
-/// `[B, Hk, Sq * G, D]`, rotated or not, unless Sq = 1 without rotary: then they read q itself), and with split-KV (and always for the decode kernels) the f32 partial results
+/// aligned): q rotated (`[B, Sq, Hq, D]` in q's dtype, with rotary), and with split-KV (and always for
+/// the decode kernels) the f32 partial results
 /// (`[splits, B, Sq, Hq, D]`, packed `[splits, B, Hk, Sq * G, D]`) and their LSEs (`[splits, B, Hq, Sq]`,
 /// packed `[splits, B, Hk, Sq * G]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -535,9 +536,7 @@ impl KvWorkspace {
         let lse_elems = p.batch * p.hq * p.seqlen_q;
         let align = |x: usize| x.checked_next_multiple_of(256).ok_or_else(too_large);
         let mut bytes = 0usize;
-        // The decode kernels read q's rows packed per kv head: for one query per sequence without rotary
-        // those are q's own (the group's heads at the head stride), else a packed copy here.
-        let q_rot = if kp.rotary.is_some() || (decode && p.seqlen_q != 1) {
+        let q_rot = if kp.rotary.is_some() {
             let at = bytes;
             bytes = align(q_elems.checked_mul(2).ok_or_else(too_large)?)?;
             Some(at)
@@ -611,15 +610,12 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     params.num_splits = ws.splits as i32;
     let pack = if ws.decode { (p.hq / p.hk) as i64 } else { 1 };
     let (po_strides, pl_strides) = if ws.decode {
-        // Packed: each kv head's `rows` rows (query i of q head hk * pack + g at row i * pack + g) in q
-        // (the append kernel wrote it so), the partial out and lse.
+        // Packed: each kv head's `rows` rows (query i of q head hk * pack + g at row i * pack + g), the
+        // partial out and lse.
         let (hk, rows) = (p.hk as i64, sq * pack);
-        (params.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride) = match ws.q_rot {
-            Some(q_at) => (ws_addr + q_at as u64, hk * rows * d, d, rows * d),
-            // One query per sequence: packed row g of kv head hk is q head hk * pack + g.
-            None if sq == 1 => (t.q.addr, p.q.batch as i64, p.q.head as i64, pack * p.q.head as i64),
-            None => return Err(Error::Cuda("internal: the decode workspace has no section for q".into())),
-        };
+        // q (or its rotated copy) read in place: packed row i * pack + g of kv head hk is query i of q
+        // head hk * pack + g.
+        (params.q_head_stride, params.q_pack_head_stride) = (pack * params.q_head_stride, params.q_head_stride);
         (params.h, params.h_k, params.seqlen_q, params.total_q, params.q_pack) = (p.hk as i32, p.hk as i32, rows as i32, (b * rows) as i32, pack as i32);
         (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * hk * rows * d, 2 * d, 2 * rows * d);
         (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hk * rows, rows);
@@ -719,8 +715,6 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
         interleaved: rot.is_some_and(|r| r.interleaved) as i32,
         rotary_f32: rot.is_some_and(|r| r.dtype == DType::F32) as i32,
         q_per_row: rot.is_some_and(|r| r.q_per_row) as i32,
-        q_pack: if ws.decode { (p.hq / p.hk) as i32 } else { 0 },
-        _pad: 0,
     };
     let l = Launch { kernel: "", grid: (blocks as u32, 1, 1), block: APPEND_THREADS as u32, smem_bytes: 0 };
     unsafe { queue(f, &l, &ap, stream) }

@@ -133,14 +133,7 @@ unsafe fn append_entry<E: Elem>(ap: &AppendParams) {
         let pos = unsafe { ld_global_nc_i32(ap.cache_seqlens + b as u64 * 4) } + if ap.q_per_row != 0 { i } else { 0 };
         let s = &ap.q_strides;
         let src = |f: i32| ap.q + ((b as i64 * s[0] + i as i64 * s[1] + h as i64 * s[2] + f as i64) * 2) as u64;
-        // Packed for the decode kernels: row i * G + g of kv head hk (h = hk * G + g), else as q.
-        let at = if ap.q_pack > 0 {
-            let (hk, g) = div_rem_u32(h as u32, ap.q_pack as u32);
-            ((b as i64 * ap.h_k as i64 + hk as i64) * ap.seqlen_q as i64 + i as i64) * ap.q_pack as i64 + g as i64
-        } else {
-            rh
-        };
-        let dst = |f: i32| ap.q_rot + ((at * ap.head_dim as i64 + f as i64) * 2) as u64;
+        let dst = |f: i32| ap.q_rot + ((rh * ap.head_dim as i64 + f as i64) * 2) as u64;
         unsafe {
             let (x, y) = (ld_elem::<E>(src(fa)), ld_elem::<E>(src(fb)));
             let (x, y) = if turns { rotate::<E>(ap, x, y, pos, c) } else { (x, y) };

@@ -65,6 +65,13 @@ impl<const S: u32> Pipeline<S> {
         unsafe { mbarrier::wait(self.empty(s.index), s.phase ^ 1) }
     }
 
+    /// The barrier stage `s`'s copies complete on (for producer threads other than the one that
+    /// announced them).
+    #[inline(always)]
+    pub fn full_barrier(&self, s: Stage<S>) -> u32 {
+        self.full(s.index)
+    }
+
     /// Producer: announce `bytes` of copies into stage `s`; returns the barrier the copies complete on.
     #[inline(always)]
     pub unsafe fn producer_expect(&self, s: Stage<S>, bytes: u32) -> u32 {

@@ -120,12 +120,15 @@ pub struct FwdParams {
     pub seqused_k_add: i32,
     /// Packed GQA (the `_decode` kernels; 1 elsewhere): q rows per query position. The kernel's heads
     /// are then the kv heads and row `r` of a head is query `r / q_pack` (of `seqlen_q / q_pack`) of
-    /// q head `h * q_pack + r % q_pack`, as the KV cache's append kernel lays q out.
+    /// q head `h * q_pack + r % q_pack`: with q_pack > 1 the kernel reads that row of q at
+    /// `(r / q_pack) * q_row_stride + (r % q_pack) * q_pack_head_stride` past its head's first row
+    /// (`q_head_stride` is then q_pack times q's head stride, which `q_pack_head_stride` is).
     pub q_pack: i32,
+    pub q_pack_head_stride: i64,
 }
 
 /// Size the host's launch code relies on; both sides assert it.
-pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE + 8 + 2 * 4;
+pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE + 8 + 2 * 4 + 8;
 const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
@@ -305,14 +308,9 @@ pub struct AppendParams {
     pub interleaved: i32,
     pub rotary_f32: i32,
     pub q_per_row: i32,
-    /// q's heads per kv head when q goes out packed for the `_decode` kernels (`FwdParams::q_pack`):
-    /// q_rot is then `[B, Hk, Sq * q_pack, D]`, row `i * q_pack + g` holding q head `hk * q_pack + g`
-    /// of query i; 0 = `[B, Sq, Hq, D]`.
-    pub q_pack: i32,
-    pub _pad: i32,
 }
 
-pub const APPEND_PARAMS_SIZE: usize = 11 * 8 + 15 * 8 + 5 * 8 + 16 * 4;
+pub const APPEND_PARAMS_SIZE: usize = 11 * 8 + 15 * 8 + 5 * 8 + 14 * 4;
 const _: () = assert!(core::mem::size_of::<AppendParams>() == APPEND_PARAMS_SIZE);
 
 /// The combine kernel's parameter (`kvcache::combine`): one warp per (batch, row, head) merges `splits`

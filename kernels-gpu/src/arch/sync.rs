@@ -26,3 +26,9 @@ pub fn named_sync(id: u32, threads: u32) {
 pub fn named_arrive(id: u32, threads: u32) {
     unsafe { asm!("bar.arrive {i}, {n};", i = in(reg32) id, n = in(reg32) threads, options(nostack)) }
 }
+
+/// `bar.warp.sync`: the warp's lanes reconverge here; orders their memory accesses.
+#[inline(always)]
+pub fn sync_warp() {
+    unsafe { asm!("bar.warp.sync 0xffffffff;", options(nostack)) }
+}

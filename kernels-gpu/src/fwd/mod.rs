@@ -78,9 +78,11 @@ unsafe fn write_padding<const D: usize>(p: &FwdParams, o_head: u64, lse_head: u6
 
 /// Everything one block needs to attend rows `[m0, m0 + BM)` of one (sequence, head).
 pub(crate) struct BlockArgs {
-    /// Q rows `m0..` of this head, and the row stride in bytes.
+    /// Q rows `m0..` of this head, and the row stride in bytes; packed GQA (`q_pack > 1`): the first row
+    /// of the group's first q head, and `q_pack_bytes` between the group's heads.
     pub(crate) q: u64,
     pub(crate) q_row_bytes: i64,
+    pub(crate) q_pack_bytes: i64,
     /// Where this sequence's K/V rows of its kv head are (contiguous or paged).
     pub(crate) kv: KvRows,
     /// Out row `m0` of this head, its row stride in elements, and LSE row `m0`.
@@ -172,7 +174,19 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
     if n_max > n_min {
         // Prologue: Q and the last K/V tile in one group. Paged: each tile's block-table entries are read
         // a tile ahead (`TilePages`), so that their latency hides under the previous tile's products.
-        unsafe { load_tile::<D>(base, a.q, a.q_row_bytes, rows, tid, bm, threads) };
+        if a.q_pack > 1 {
+            // Packed GQA: packed row m0 + r is query (m0 + r) / q_pack of the group's q head
+            // (m0 + r) % q_pack. Unchecked division: q_pack > 1.
+            let pack = a.q_pack as u32;
+            unsafe {
+                load_tile_rows::<D, 1>([base], [a.q], rows, tid, bm, threads, #[inline(always)] |r| {
+                    let (i, g) = div_rem_u32((a.m0 + r) as u32, pack);
+                    [a.q.wrapping_add((i as i64 * a.q_row_bytes + g as i64 * a.q_pack_bytes) as u64)]
+                })
+            };
+        } else {
+            unsafe { load_tile::<D>(base, a.q, a.q_row_bytes, rows, tid, bm, threads) };
+        }
         let n_tiles = n_max - n_min;
         let paged = a.kv.pages.paged();
         let pages_of = |n_block: i32| if paged { unsafe { a.kv.tile_pages(n_block * BN as i32, BN, tid) } } else { TilePages::NONE };
@@ -475,8 +489,9 @@ impl HeadSlice {
     #[inline(always)]
     pub(crate) fn args_at(&self, p: &FwdParams, m0: i32) -> BlockArgs {
         BlockArgs {
-            q: self.q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64,
+            q: if self.q_pack > 1 { self.q_head } else { self.q_head + ((m0 as i64 * p.q_row_stride) * 2) as u64 },
             q_row_bytes: p.q_row_stride * 2,
+            q_pack_bytes: p.q_pack_head_stride * 2,
             kv: self.kv,
             o: self.o_head + ((m0 as i64 * p.o_row_stride) * 2) as u64,
             o_row_stride: p.o_row_stride,

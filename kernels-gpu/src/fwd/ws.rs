@@ -10,7 +10,7 @@ use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
-use crate::arch::sync::{named_arrive, named_sync, sync_threads};
+use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
 use crate::arch::wgmma::{fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
 use crate::params::{FwdParams, TmaMaps};
@@ -110,25 +110,33 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
     if p.cu_seqlens_q != 0 { (head.sq.start, head.sk.start, 0) } else { (0, 0, head.bidb) }
 }
 
-/// The producer thread: for every row block with keys to see, Q, then K_0, and (K_{i+1}, V_i) in the
-/// order the consumers use them. Paged K/V: a tile is `BN / box` copies of `box` rows
-/// (`tma_page_box_rows`), each from the block holding its rows (the maps are `[num_blocks][page_size]
-/// [heads][head dim]`); the boxes of whole 8-row swizzle atoms land where one whole-tile box would put
-/// their rows.
+/// The producer: for every row block with keys to see, Q, then K_0, and (K_{i+1}, V_i) in the order the
+/// consumers use them; lane 0 waits for the stages and announces their bytes. Contiguous K/V: lane 0
+/// alone (the kernel runs only it). Paged K/V: a tile is `BN / box` copies of `box` rows
+/// (`tma_page_box_rows`, at least 8: at most 16 boxes), each from the block holding its rows (the maps
+/// are `[num_blocks][page_size][heads][head dim]`); the boxes of whole 8-row swizzle atoms land where one
+/// whole-tile box would put their rows. There the whole warp produces: lane j looks up box j's block one
+/// K tile ahead (the lookups of a tile in flight together, under the wait for a free stage) and issues
+/// box j's copies (a lookup per box by one thread: pages of 16 at 0.66x contiguous).
 #[inline(always)]
-unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdParams, maps: u64, pipes: &Pipes) {
+unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
     let base = smem::base();
     let (q_map, k_map, v_map) = (maps, maps + 128, maps + 256);
-    unsafe {
-        tma::prefetch_map(q_map);
-        tma::prefetch_map(k_map);
-        tma::prefetch_map(v_map);
+    if lane == 0 {
+        unsafe {
+            tma::prefetch_map(q_map);
+            tma::prefetch_map(k_map);
+            tma::prefetch_map(v_map);
+        }
     }
     let groups = D.div_ceil(64);
     let mut qs = Stage::<1>::START;
     let mut ks = Stage::<KV_STAGES>::START;
     let mut vs = Stage::<KV_STAGES>::START;
     let box_rows = if PAGED { tma_page_box_rows(p.page_size as usize, BN) as i32 } else { BN as i32 };
+    // This lane's box of a paged tile: its first row in the tile, and whether the tile has it.
+    let box_r = lane as i32 * box_rows;
+    let has_box = box_r < BN as i32;
     Tiles::new(p).for_each::<PAGED, false>(p, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
             return;
@@ -138,29 +146,35 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdPar
             return;
         }
         let (q_row, k_row, b) = row_coords(p, head);
-        unsafe {
-            pipes.q.producer_acquire(qs);
-            let bar = pipes.q.producer_expect(qs, Tile::<D, BN>::Q_BYTES);
-            for c in 0..groups {
-                tma::load_4d(base + (c * BM * 128) as u32, q_map, [(c * 64) as i32, q_row + m0, head.bidh, b], bar);
+        if lane == 0 {
+            unsafe {
+                pipes.q.producer_acquire(qs);
+                let bar = pipes.q.producer_expect(qs, Tile::<D, BN>::Q_BYTES);
+                for c in 0..groups {
+                    tma::load_4d(base + (c * BM * 128) as u32, q_map, [(c * 64) as i32, q_row + m0, head.bidh, b], bar);
+                }
             }
         }
         qs.advance();
+        // (block, row in it) of this lane's box of tile `n_block` (boxes past the sequence's keys copy
+        // clamped blocks: masked (K) or zeroed (V)).
+        let lookup = #[inline(always)] |n_block: i32| if PAGED && has_box { unsafe { head.kv.pages.locate(n_block * BN as i32 + box_r) } } else { (0, 0) };
         let load = #[inline(always)]
-        |pipe: &Pipeline<KV_STAGES>, s: &mut Stage<KV_STAGES>, map: u64, v: bool, n_block: i32| {
+        |pipe: &Pipeline<KV_STAGES>, s: &mut Stage<KV_STAGES>, map: u64, v: bool, n_block: i32, (block, off): (i32, i32)| {
             let dst = if v { Tile::<D, BN>::v_slot(base, s.index as usize) } else { Tile::<D, BN>::k_slot(base, s.index as usize) };
             unsafe {
-                pipe.producer_acquire(*s);
-                let bar = pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
+                if lane == 0 {
+                    pipe.producer_acquire(*s);
+                    pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
+                }
+                let bar = pipe.full_barrier(*s);
                 if PAGED {
-                    let mut r = 0;
-                    while r < BN as i32 {
-                        // Boxes past the sequence's keys copy clamped blocks: masked (K) or zeroed (V).
-                        let (block, off) = head.kv.pages.locate(n_block * BN as i32 + r);
+                    // The stage is free and its bytes announced before any lane copies into it.
+                    sync_warp();
+                    if has_box {
                         for c in 0..groups {
-                            tma::load_4d(dst + (c * BN * 128) as u32 + r as u32 * 128, map, [(c * 64) as i32, off, head.bidh_kv, block], bar);
+                            tma::load_4d(dst + (c * BN * 128) as u32 + box_r as u32 * 128, map, [(c * 64) as i32, off, head.bidh_kv, block], bar);
                         }
-                        r += box_rows;
                     }
                 } else {
                     for c in 0..groups {
@@ -170,14 +184,27 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdPar
             }
             s.advance();
         };
-        load(&pipes.k, &mut ks, k_map, false, n_max - 1);
+        // K runs a tile ahead of V; each K tile's boxes are looked up before the previous one's copies.
+        let mut k_at = lookup(n_max - 1);
+        load(&pipes.k, &mut ks, k_map, false, n_max - 1, k_at);
         let n_tiles = n_max - n_min;
+        let mut v_at = k_at;
+        if n_tiles > 1 {
+            k_at = lookup(n_max - 2);
+        }
         let mut i = 0;
         while i < n_tiles {
             if i + 1 < n_tiles {
-                load(&pipes.k, &mut ks, k_map, false, n_max - 2 - i);
+                load(&pipes.k, &mut ks, k_map, false, n_max - 2 - i, k_at);
+                let next_v = k_at;
+                if i + 2 < n_tiles {
+                    k_at = lookup(n_max - 3 - i);
+                }
+                load(&pipes.v, &mut vs, v_map, true, n_max - 1 - i, v_at);
+                v_at = next_v;
+            } else {
+                load(&pipes.v, &mut vs, v_map, true, n_max - 1 - i, v_at);
             }
-            load(&pipes.v, &mut vs, v_map, true, n_max - 1 - i);
             i += 1;
         }
     });
@@ -331,8 +358,9 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     sync_threads();
     if tid < 128 {
         tma::regs_dec::<PRODUCER_REGS>();
-        if tid == 0 {
-            unsafe { produce::<D, BN, PAGED>(p, maps, &pipes) };
+        if tid == 0 || (PAGED && tid < 32) {
+            // Contiguous: thread 0 alone (its lane folds to a constant).
+            unsafe { produce::<D, BN, PAGED>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
         }
     } else {
         tma::regs_inc::<CONSUMER_REGS>();
