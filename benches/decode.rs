@@ -6,7 +6,8 @@
 //! alone plus the host's validation and launches (which bound the small shapes: about 25 us). Each shape
 //! prints `RESULT ours <shape> <median ms> <GB/s>` with the bytes a decode must move: K and V of every
 //! row (B * ctx * Hk * D * 2 * 2) plus q and out; benches/decode_table.py sets them against PyTorch's
-//! SDPA and the copy bandwidth torch_decode.py measures in the same run. FA_BENCH_FILTER selects shapes.
+//! SDPA and the copy bandwidth torch_decode.py measures in the same run. FA_BENCH_FILTER selects shapes;
+//! FA_DECODE_SPLITS=n fixes num_splits (default 0, the heuristic).
 
 mod common;
 
@@ -55,7 +56,8 @@ fn main() {
                 let mut out = Tensor::zeros(&[b, sq, HQ, D], DType::BF16, gpu).unwrap();
                 let mut lse = Tensor::zeros(&[b, HQ, sq], DType::F32, gpu).unwrap();
                 let opts = AttnOptions::default();
-                let kv = KvCacheOptions::default();
+                // FA_DECODE_SPLITS=n fixes num_splits (0: the heuristic), for sweeps of the split count.
+                let kv = KvCacheOptions { num_splits: std::env::var("FA_DECODE_SPLITS").ok().and_then(|s| s.parse().ok()).unwrap_or(0), ..KvCacheOptions::default() };
                 let t = KvCacheViews {
                     q: q.view(),
                     k_cache: kc.view_mut(),
