@@ -663,7 +663,7 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
     // A cache of no rows (or no blocks) has nowhere to put the new keys: the kernel clamps indices into
     // the cache, so it must not run on an empty one.
     let append_items = if kp.k_new.is_some() && kp.cache_batch > 0 { p.batch * kp.seqlen_new * p.hk * pairs } else { 0 };
-    // q into the workspace: rotated, and for the decode kernels packed (rotated or not).
+    // q into the workspace, rotated (the decode kernels read q, or this copy, in place).
     let q_items = if ws.q_rot.is_some() { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
     let items = append_items + q_items;
     if items == 0 {

@@ -2,7 +2,7 @@
 //! reads a contiguous cache as one page per row): the append of k_new / v_new into the caller's cache
 //! with rotary embedding (and q's rotation into a scratch copy), and the combine of split-KV's partial
 //! results (also the public `combine`). Both are memory-bound and run one thread per feature pair /
-//! one warp per output row. Every index read from device memory is clamped or checked, so bogus
+//! one warp per 32 columns of an output row. Every index read from device memory is clamped or checked, so bogus
 //! lengths, rows or tables never touch memory outside the tensors.
 
 use crate::arch::math::{div_rem_u32, exp2, log2};

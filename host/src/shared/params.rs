@@ -313,8 +313,8 @@ pub struct AppendParams {
 pub const APPEND_PARAMS_SIZE: usize = 11 * 8 + 15 * 8 + 5 * 8 + 14 * 4;
 const _: () = assert!(core::mem::size_of::<AppendParams>() == APPEND_PARAMS_SIZE);
 
-/// The combine kernel's parameter (`kvcache::combine`): one warp per (batch, row, head) merges `splits`
-/// partial (out, lse) pairs. Element strides: partial_out (split, batch, row, head), partial_lse (split,
+/// The combine kernel's parameter (`kvcache::combine`): the warps of a (batch, row, head), one per 32
+/// columns, merge `splits` partial (out, lse) pairs. Element strides: partial_out (split, batch, row, head), partial_lse (split,
 /// batch, head, row), out (batch, row, head), lse (batch, head, row). Dtypes: 0 f32, 1 bf16, 2 f16.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
