@@ -202,7 +202,7 @@ impl std::ops::Deref for Launches {
 /// Grids walk blocks of rows or keys in x (striding past `seqlen_*`), heads in y, sequences in z plus
 /// varlen's tail slice (whose rows and keys get zero gradients).
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma dK/dV kernel takes head
-/// dims 64 and 128 unless `deterministic`.
+/// dims 64, 96 and 128 unless `deterministic`.
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
 pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool) -> Option<Launches> {
@@ -314,7 +314,7 @@ mod tests {
         }
     }
 
-    /// Hopper takes the wgmma kernels where they exist (forward all but 32, backward 64/128 outside
+    /// Hopper takes the wgmma kernels where they exist (forward all but 32, backward 64/96/128 outside
     /// deterministic mode), each within the 227 KiB of shared memory; elsewhere the mma.sync ones.
     #[test]
     fn hopper_dispatch_picks_wgmma_kernels_where_they_exist() {
@@ -326,7 +326,7 @@ mod tests {
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
                 let b = bwd_launches(&p, det, Some(132), false).unwrap();
-                assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
+                assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 96 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
                 assert!(!bwd_launches(&p, det, None, false).unwrap()[1].kernel.contains("_wg_"));
             }

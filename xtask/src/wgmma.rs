@@ -17,7 +17,7 @@ fn acc_operands(out: &mut String, n_acc: usize) {
 }
 
 /// (N, k16 steps) of the smem x smem products (S = Q K^T: N = keys per tile, K = head dim / 16).
-const SS: [(usize, usize); 7] = [(128, 4), (128, 8), (64, 16), (64, 4), (64, 8), (64, 12), (128, 6)];
+const SS: [(usize, usize); 8] = [(128, 4), (128, 8), (64, 16), (64, 4), (64, 8), (64, 12), (128, 6), (64, 6)];
 /// (N, k16 steps) of the register x smem products (O += P V: N = head dim, K = keys per tile / 16).
 const RS: [(usize, usize); 6] = [(64, 8), (128, 8), (256, 4), (64, 4), (128, 4), (192, 4)];
 /// (N, k16 steps) of the smem x smem products with both operands transposed on read (backward dQ = dS K:
@@ -91,7 +91,7 @@ pub fn generate() -> String {
             writeln!(o, "            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
         }
     }
-    for n in SS.iter().chain(RS.iter()).map(|&(n, _)| n).collect::<std::collections::BTreeSet<_>>() {
+    for n in SS.iter().chain(RS.iter()).chain(TT.iter()).map(|&(n, _)| n).collect::<std::collections::BTreeSet<_>>() {
         let acc = n / 2;
         for pending in [0, 1] {
             writeln!(o, "/// Wait until at most {pending} wgmma group(s) of this warpgroup are in flight; `d` (the accumulators of the\n/// groups that completed) is read only after.").unwrap();

@@ -68,7 +68,7 @@ macro_rules! head_dim_table {
         $crate::$expand! { $($args)*;
             (32, [2, 4, 64, q_regs], [128, 64, 8, 2, 1], 64, -, -),
             (64, [2, 4, 64, q_regs], [128, 64, 8, 2, 2], 64, 128, hopper_bwd),
-            (96, [2, 4, 64, -], [128, 64, 8, 2, 1], 64, 128, -),
+            (96, [2, 4, 64, -], [128, 64, 8, 2, 1], 64, 128, hopper_bwd),
             (128, [2, 4, 64, -], [128, 64, 8, 2, 2], 64, 128, hopper_bwd),
             (192, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, -),
             (256, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, -),
@@ -419,7 +419,7 @@ impl BwdConfig {
 pub const DQ_ACCUM_BLOCK_M: usize = 64;
 
 /// Hopper (sm_90a module) backward dK/dV kernel: 128 keys per block (64 per warpgroup), 64-row query
-/// steps, head dims 64 and 128 (bwd/wg.rs).
+/// steps, head dims 64, 96 and 128 (bwd/wg.rs).
 pub const BWD_WG_BLOCK_N: usize = 128;
 pub const BWD_WG_BLOCK_M: usize = 64;
 pub const BWD_WG_THREADS: usize = 256;
@@ -427,7 +427,9 @@ pub const BWD_WG_THREADS: usize = 256;
 /// Its dynamic shared memory: two buffers of K and V (the next key block's are loaded during the last
 /// step of this one), two stages of Q and dO, dS^T, two stages of lse_log2 and D.
 pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
-    (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * head_dim * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
+    // Tiles of whole 64-column groups (head dim 96: two).
+    let padded = head_dim.div_ceil(64) * 64;
+    (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * padded * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
 }
 
 /// The Hopper backward's entry points (sm_90a module only).

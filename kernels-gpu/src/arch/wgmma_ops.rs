@@ -605,6 +605,71 @@ pub unsafe fn ss_n128_k6_bf16(d: &mut [[f32; 4]; 16], a: &[u64; 6], b: &[u64; 6]
     }
 }
 
+/// `d = sum over 6 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared
+/// memory (descriptors `a[i]`, `b[i]`); `d`'s values in are ignored.
+#[inline(always)]
+pub unsafe fn ss_n64_k6_bf16(d: &mut [[f32; 4]; 8], a: &[u64; 6], b: &[u64; 6]) {
+    unsafe {
+        asm!(
+            "{{ .reg .pred p0, p1; setp.ne.u32 p0, {44}, 0; setp.eq.u32 p1, {44}, 0;",
+            "wgmma.fence.sync.aligned;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {32}, {38}, p0, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {33}, {39}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {34}, {40}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {35}, {41}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {36}, {42}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {37}, {43}, p1, 1, 1, 0, 0;",
+            "wgmma.commit_group.sync.aligned; }}",
+            inout(reg32) d[0][0],
+            inout(reg32) d[0][1],
+            inout(reg32) d[0][2],
+            inout(reg32) d[0][3],
+            inout(reg32) d[1][0],
+            inout(reg32) d[1][1],
+            inout(reg32) d[1][2],
+            inout(reg32) d[1][3],
+            inout(reg32) d[2][0],
+            inout(reg32) d[2][1],
+            inout(reg32) d[2][2],
+            inout(reg32) d[2][3],
+            inout(reg32) d[3][0],
+            inout(reg32) d[3][1],
+            inout(reg32) d[3][2],
+            inout(reg32) d[3][3],
+            inout(reg32) d[4][0],
+            inout(reg32) d[4][1],
+            inout(reg32) d[4][2],
+            inout(reg32) d[4][3],
+            inout(reg32) d[5][0],
+            inout(reg32) d[5][1],
+            inout(reg32) d[5][2],
+            inout(reg32) d[5][3],
+            inout(reg32) d[6][0],
+            inout(reg32) d[6][1],
+            inout(reg32) d[6][2],
+            inout(reg32) d[6][3],
+            inout(reg32) d[7][0],
+            inout(reg32) d[7][1],
+            inout(reg32) d[7][2],
+            inout(reg32) d[7][3],
+            in(reg64) a[0],
+            in(reg64) a[1],
+            in(reg64) a[2],
+            in(reg64) a[3],
+            in(reg64) a[4],
+            in(reg64) a[5],
+            in(reg64) b[0],
+            in(reg64) b[1],
+            in(reg64) b[2],
+            in(reg64) b[3],
+            in(reg64) b[4],
+            in(reg64) b[5],
+            in(reg32) 0u32,
+            options(nostack)
+        )
+    }
+}
+
 /// `d = sum over 8 k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x64 N-major, 128-byte-swizzled in
 /// shared memory (descriptors `a[i]`, `b[i]`; both transposed on read); `d`'s values in are ignored.
 #[inline(always)]
@@ -1859,6 +1924,71 @@ pub unsafe fn ss_n128_k6_f16(d: &mut [[f32; 4]; 16], a: &[u64; 6], b: &[u64; 6])
             inout(reg32) d[15][1],
             inout(reg32) d[15][2],
             inout(reg32) d[15][3],
+            in(reg64) a[0],
+            in(reg64) a[1],
+            in(reg64) a[2],
+            in(reg64) a[3],
+            in(reg64) a[4],
+            in(reg64) a[5],
+            in(reg64) b[0],
+            in(reg64) b[1],
+            in(reg64) b[2],
+            in(reg64) b[3],
+            in(reg64) b[4],
+            in(reg64) b[5],
+            in(reg32) 0u32,
+            options(nostack)
+        )
+    }
+}
+
+/// `d = sum over 6 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared
+/// memory (descriptors `a[i]`, `b[i]`); `d`'s values in are ignored.
+#[inline(always)]
+pub unsafe fn ss_n64_k6_f16(d: &mut [[f32; 4]; 8], a: &[u64; 6], b: &[u64; 6]) {
+    unsafe {
+        asm!(
+            "{{ .reg .pred p0, p1; setp.ne.u32 p0, {44}, 0; setp.eq.u32 p1, {44}, 0;",
+            "wgmma.fence.sync.aligned;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {32}, {38}, p0, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {33}, {39}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {34}, {40}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {35}, {41}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {36}, {42}, p1, 1, 1, 0, 0;",
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12}, {13}, {14}, {15}, {16}, {17}, {18}, {19}, {20}, {21}, {22}, {23}, {24}, {25}, {26}, {27}, {28}, {29}, {30}, {31}}}, {37}, {43}, p1, 1, 1, 0, 0;",
+            "wgmma.commit_group.sync.aligned; }}",
+            inout(reg32) d[0][0],
+            inout(reg32) d[0][1],
+            inout(reg32) d[0][2],
+            inout(reg32) d[0][3],
+            inout(reg32) d[1][0],
+            inout(reg32) d[1][1],
+            inout(reg32) d[1][2],
+            inout(reg32) d[1][3],
+            inout(reg32) d[2][0],
+            inout(reg32) d[2][1],
+            inout(reg32) d[2][2],
+            inout(reg32) d[2][3],
+            inout(reg32) d[3][0],
+            inout(reg32) d[3][1],
+            inout(reg32) d[3][2],
+            inout(reg32) d[3][3],
+            inout(reg32) d[4][0],
+            inout(reg32) d[4][1],
+            inout(reg32) d[4][2],
+            inout(reg32) d[4][3],
+            inout(reg32) d[5][0],
+            inout(reg32) d[5][1],
+            inout(reg32) d[5][2],
+            inout(reg32) d[5][3],
+            inout(reg32) d[6][0],
+            inout(reg32) d[6][1],
+            inout(reg32) d[6][2],
+            inout(reg32) d[6][3],
+            inout(reg32) d[7][0],
+            inout(reg32) d[7][1],
+            inout(reg32) d[7][2],
+            inout(reg32) d[7][3],
             in(reg64) a[0],
             in(reg64) a[1],
             in(reg64) a[2],

@@ -16,7 +16,7 @@ mod convert;
 mod dkdv;
 mod dq;
 mod prep;
-// Hopper dK/dV kernel on wgmma (head dims 64 and 128, atomic dq).
+// Hopper dK/dV kernel on wgmma (head dims 64, 96 and 128, atomic dq).
 #[cfg(fa_sm90)]
 mod wg;
 

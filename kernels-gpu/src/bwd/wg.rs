@@ -1,4 +1,4 @@
-//! Hopper dK/dV kernel (+ atomic dQ) on wgmma, head dims 64 and 128 (sm_90a module). The algorithm and the
+//! Hopper dK/dV kernel (+ atomic dQ) on wgmma, head dims 64, 96 and 128 (sm_90a module). The algorithm and the
 //! walk are the mma.sync kernel's (a block owns 128 keys of one kv head and walks every q head of its group
 //! and every 64-row query block that sees them); warpgroup w owns keys 64w..64w+63, so each warp keeps 16
 //! keys and the element-wise part is the mma.sync kernel's with one key tile per warp. All operands sit in
@@ -6,8 +6,11 @@
 //!   S^T = K Q^T and dP^T = V dO^T (smem x smem, keys x queries),
 //!   P^T, dS^T in registers; dS^T also to shared memory for dQ,
 //!   dV += P^T dO and dK += dS^T Q (P^T, dS^T from registers, dO and Q transposed on read),
-//!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d128, the warpgroups
-//!   take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
+//!   dQ = dS K (both transposed on read; warpgroup w takes head-dim columns 64w.. at d96 and d128, the
+//!   warpgroups take all 64 in turn at d64), added to the f32 accumulator with 8-byte vector reductions.
+//! Head dim 96 lays its tiles out as two 64-column groups (the second half-filled with zeros, as the
+//! forward's): S^T and dP^T take six k16 steps; dV, dK and dQ, whose B operands are read transposed
+//! (N-major, in whole 64-column groups), run over 128 columns (the last 32 zero, never stored).
 
 use super::convert::convert_rows;
 use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
@@ -30,13 +33,14 @@ const BM: usize = BWD_WG_BLOCK_M;
 
 /// Shared memory for head dim `D`: K, V (BN rows), two stages of Q and of dO (BM rows), dS^T (BN keys x
 /// BM queries, queries contiguous), two stages of the rows' lse_log2 and D, then the second buffer of K
-/// and V (a block's successor loads into the buffer its predecessor did not use). Tiles swizzled,
-/// 1024-aligned.
+/// and V (a block's successor loads into the buffer its predecessor did not use). Tiles swizzled in
+/// 64-column groups (`DP` columns: the head dim rounded up to a group), 1024-aligned.
 struct Lay<const D: usize>;
 
 impl<const D: usize> Lay<D> {
-    const KV: u32 = (BN * D * 2) as u32;
-    const QT: u32 = (BM * D * 2) as u32;
+    const DP: usize = D.div_ceil(64) * 64;
+    const KV: u32 = (BN * Self::DP * 2) as u32;
+    const QT: u32 = (BM * Self::DP * 2) as u32;
     const K: u32 = 0;
     const V: u32 = Self::KV;
     const Q: u32 = 2 * Self::KV;
@@ -45,7 +49,7 @@ impl<const D: usize> Lay<D> {
     const LSE: u32 = Self::DS + (BN * BM * 2) as u32;
     const KV1: u32 = Self::LSE + (4 * BM * 4) as u32;
     const CHECK: () = {
-        assert!(D == 64 || D == 128);
+        assert!(D == 64 || D == 96 || D == 128);
         assert!(BN == 128 && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
         // The tile copies are the forward's, written for its 256 threads.
         assert!(BWD_WG_THREADS == COPY_THREADS);
@@ -121,10 +125,10 @@ unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8
         bd[kk] = kmajor_desc(queries, BM as u32, 0, kk);
     }
     unsafe {
-        if D == 64 {
-            E::ss_n64_k4(acc, &first(&ad), &first(&bd))
-        } else {
-            E::ss_n64_k8(acc, &ad, &bd)
+        match D {
+            64 => E::ss_n64_k4(acc, &first(&ad), &first(&bd)),
+            96 => E::ss_n64_k6(acc, &first(&ad), &first(&bd)),
+            _ => E::ss_n64_k8(acc, &ad, &bd),
         }
     }
 }
@@ -264,10 +268,11 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         // Both warpgroups' dS^T is in shared memory.
         sync_threads();
 
-        // dQ = dS K: warpgroup wg's 64 head-dim columns (d128); at d64 all 64 columns, on the warpgroups in
-        // turn (even steps warpgroup 0, odd steps 1).
-        if D == 128 || wg == (it & 1) as u32 {
-            let c0 = if D == 128 { wg * 64 } else { 0 };
+        // dQ = dS K: warpgroup wg's 64 head-dim columns (d96, d128; at d96 the second's last 32 are zero
+        // and not added); at d64 all 64 columns, on the warpgroups in turn (even steps warpgroup 0, odd
+        // steps 1).
+        if D != 64 || wg == (it & 1) as u32 {
+            let c0 = if D != 64 { wg * 64 } else { 0 };
             let mut ad = [0u64; 8];
             let mut bd = [0u64; 8];
             for kk in 0..8u32 {
@@ -283,7 +288,9 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
             let row = (16 * (warp % 4)) as i32 + g;
             for j in 0..8 {
                 let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
-                unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
+                if D != 96 || col < D as i64 {
+                    unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
+                }
             }
         }
         // dV and dK have landed; P^T and dS^T fragments stay live until here.
@@ -335,7 +342,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
             if r < sk.slot_len {
                 let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
                 let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
-                for j in 0..DN {
+                // (d96: the accumulators' last four column tiles are the zero padding.)
+                for j in 0..D / 8 {
                     let off = ((8 * j as i32 + 2 * t) * 2) as u64;
                     let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
                     unsafe {
@@ -367,11 +375,11 @@ macro_rules! bwd_wg_kernels {
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { entry::<$dt, $d, { $d / 8 }, false>(&p) }
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, false>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
-                unsafe { entry::<$dt, $d, { $d / 8 }, true>(&p) }
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, true>(&p) }
             }
         };
     )*};

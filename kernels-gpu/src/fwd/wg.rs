@@ -45,6 +45,7 @@ pub trait WgElem: Elem {
     unsafe fn rs_n64_k4(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: &[u64; 4]);
     unsafe fn rs_n128_k4(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: &[u64; 4]);
     unsafe fn tt_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
+    unsafe fn ss_n64_k6(d: &mut [[f32; 4]; 8], a: &[u64; 6], b: &[u64; 6]);
 }
 
 macro_rules! wg_elem {
@@ -74,6 +75,7 @@ wg_elem!(BF16,
     rs_n64_k4 => rs_n64_k4_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
     rs_n128_k4 => rs_n128_k4_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
     tt_n64_k8 => tt_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+    ss_n64_k6 => ss_n64_k6_bf16(&mut [[f32; 4]; 8], &[u64; 6], &[u64; 6]),
 );
 wg_elem!(F16,
     ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
@@ -90,6 +92,7 @@ wg_elem!(F16,
     rs_n64_k4 => rs_n64_k4_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
     rs_n128_k4 => rs_n128_k4_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
     tt_n64_k8 => tt_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
+    ss_n64_k6 => ss_n64_k6_f16(&mut [[f32; 4]; 8], &[u64; 6], &[u64; 6]),
 );
 
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
