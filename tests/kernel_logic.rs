@@ -145,6 +145,7 @@ proptest! {
         // (m_block_range), each adding whole blocks of rows.
         let mut shapes: Vec<(i32, i32)> = [32, 64, 96, 128, 192, 256].iter().map(|&d| { let c = variants::bwd_config(d); (c.block_n as i32, c.block_m as i32) }).collect();
         shapes.push((variants::BWD_WG_BLOCK_N as i32, variants::BWD_WG_BLOCK_M as i32));
+        shapes.push((variants::bwd_wg_block_n(256) as i32, variants::BWD_WG_BLOCK_M as i32));
         for &(bn, bm) in &shapes {
             for (sq, used_k) in &seqs {
                 for n0 in (0..*used_k).step_by(bn as usize) {

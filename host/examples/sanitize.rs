@@ -111,6 +111,8 @@ struct Plan {
     mma: bool,
     wg_fwd: bool,
     wg_bwd: bool,
+    /// Keys per block of the Hopper dK/dV kernel at this head dim.
+    wg_block_n: usize,
     /// Runs without and with the score modifiers.
     mods: (bool, bool),
 }
@@ -122,13 +124,14 @@ impl Plan {
             mma: families.1,
             wg_fwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some(),
             wg_bwd: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some(),
+            wg_block_n: variants::bwd_wg_block_n(d),
             mods,
         }
     }
     /// Kernel launches per mask (dense, packed, paged; without and with the modifiers, which add the
     /// probabilities kernel after each forward), and of the chained forward.
     fn launches(&self) -> usize {
-        let blocks = |sk: usize| sk.div_ceil(variants::BWD_WG_BLOCK_N);
+        let blocks = |sk: usize| sk.div_ceil(self.wg_block_n);
         // The wgmma backward: prep + dK/dV, + convert unless one CTA covers the key blocks.
         let wg = |gx: usize| if gx == 1 { 2 } else { 3 };
         let max_k = USED_K.iter().copied().max().unwrap();

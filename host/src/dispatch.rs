@@ -6,9 +6,9 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
-    TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
+    TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
 use crate::problem::Problem;
@@ -202,7 +202,7 @@ impl std::ops::Deref for Launches {
 /// Grids walk blocks of rows or keys in x (striding past `seqlen_*`), heads in y, sequences in z plus
 /// varlen's tail slice (whose rows and keys get zero gradients).
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma dK/dV kernel takes head
-/// dims 64, 96 and 128 unless `deterministic`.
+/// dims 64 to 256 unless `deterministic`.
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
 pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool) -> Option<Launches> {
@@ -256,7 +256,7 @@ pub fn probs_launch(p: &Problem, out_f32: bool) -> Option<Launch> {
 /// 3-4%. With the convert in the kernel: 141 and 222 (benches/RESULTS.md).
 /// (`KernelChoice::bwd_chain_all` forces 1, for tests of that path on small problems.)
 pub fn bwd_wg_grid_x(p: &Problem, sms: usize) -> u32 {
-    let n = p.seqlen_k.max(1).div_ceil(BWD_WG_BLOCK_N);
+    let n = p.seqlen_k.max(1).div_ceil(bwd_wg_block_n(p.head_dim));
     let pairs = p.hk * p.batch;
     let group = p.hq / p.hk.max(1);
     let fits_l2 = sms * p.seqlen_q * group * p.head_dim * 4 <= CHAIN_L2_BYTES;
@@ -314,7 +314,7 @@ mod tests {
         }
     }
 
-    /// Hopper takes the wgmma kernels where they exist (forward all but 32, backward 64/96/128 outside
+    /// Hopper takes the wgmma kernels where they exist (forward and backward all but 32, the backward outside
     /// deterministic mode), each within the 227 KiB of shared memory; elsewhere the mma.sync ones.
     #[test]
     fn hopper_dispatch_picks_wgmma_kernels_where_they_exist() {
@@ -326,7 +326,7 @@ mod tests {
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
                 let b = bwd_launches(&p, det, Some(132), false).unwrap();
-                assert_eq!(b[1].kernel.contains("_wg_"), !det && matches!(d, 64 | 96 | 128), "bwd d{d} det {det}: {}", b[1].kernel);
+                assert_eq!(b[1].kernel.contains("_wg_"), !det && d != 32, "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
                 assert!(!bwd_launches(&p, det, None, false).unwrap()[1].kernel.contains("_wg_"));
             }

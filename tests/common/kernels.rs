@@ -85,7 +85,7 @@ pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str 
 /// deterministic" (the separate dq kernel). `max_seqlen_k`: sk, or varlen's max_seqlen_k.
 pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelChoice, max_seqlen_k: usize) -> &'static str {
     if hopper() && !choice.no_wgmma && !deterministic && variants::bwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
-        if choice.bwd_chain_all && max_seqlen_k > variants::BWD_WG_BLOCK_N { "wgmma chained" } else { "wgmma" }
+        if choice.bwd_chain_all && max_seqlen_k > variants::bwd_wg_block_n(d) { "wgmma chained" } else { "wgmma" }
     } else if deterministic {
         "mma.sync deterministic"
     } else {

@@ -70,8 +70,8 @@ macro_rules! head_dim_table {
             (64, [2, 4, 64, q_regs], [128, 64, 8, 2, 2], 64, 128, hopper_bwd),
             (96, [2, 4, 64, -], [128, 64, 8, 2, 1], 64, 128, hopper_bwd),
             (128, [2, 4, 64, -], [128, 64, 8, 2, 2], 64, 128, hopper_bwd),
-            (192, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, -),
-            (256, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, -),
+            (192, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, hopper_bwd),
+            (256, [1, 8, 64, -], [64, 64, 8, 2, 2], 32, 64, hopper_bwd),
         }
     };
 }
@@ -429,7 +429,18 @@ pub const BWD_WG_THREADS: usize = 256;
 pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
     // Tiles of whole 64-column groups (head dim 96: two).
     let padded = head_dim.div_ceil(64) * 64;
+    if head_dim > 128 {
+        // The wide kernel (bwd/wide.rs): one K/V buffer, P^T beside dS^T.
+        let n = bwd_wg_block_n(head_dim);
+        return (2 * n + 4 * BWD_WG_BLOCK_M) * padded * 2 + 2 * n * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4;
+    }
     (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * padded * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
+}
+
+/// Keys per block of the Hopper dK/dV kernel: 128, or 64 past head dim 128 (bwd/wide.rs), where the
+/// accumulators of 128 keys would not fit the registers.
+pub const fn bwd_wg_block_n(head_dim: usize) -> usize {
+    if head_dim > 128 { 64 } else { BWD_WG_BLOCK_N }
 }
 
 /// The Hopper backward's entry points (sm_90a module only).

@@ -16,9 +16,12 @@ mod convert;
 mod dkdv;
 mod dq;
 mod prep;
-// Hopper dK/dV kernel on wgmma (head dims 64, 96 and 128, atomic dq).
+// Hopper dK/dV kernels on wgmma (atomic dq): 128 keys per block at head dims 64, 96 and 128, 64 at 192
+// and 256.
 #[cfg(fa_sm90)]
 mod wg;
+#[cfg(fa_sm90)]
+mod wide;
 
 use crate::arch::math::{exp2, fma, tanh};
 use crate::arch::mem::ld_global_nc_i32;

@@ -370,16 +370,35 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
     }
 }
 
+/// The Hopper dK/dV kernel of each head dim: this file's 128-key kernel up to 128, the 64-key one of
+/// wide.rs above (only the one a head dim runs is instantiated).
+pub(super) struct Dim<const D: usize>;
+pub(super) trait Kernel {
+    unsafe fn run<E: WgElem, const MODS: bool>(p: &BwdParams);
+}
+macro_rules! dim_kernel {
+    ($($d:literal => $entry:ident),*) => {$(
+        impl Kernel for Dim<$d> {
+            #[inline(always)]
+            unsafe fn run<E: WgElem, const MODS: bool>(p: &BwdParams) {
+                unsafe { $entry::<E, $d, { ($d as usize).div_ceil(64) * 8 }, MODS>(p) }
+            }
+        }
+    )*};
+}
+use super::wide::entry as wide_entry;
+dim_kernel!(64 => entry, 96 => entry, 128 => entry, 192 => wide_entry, 256 => wide_entry);
+
 macro_rules! bwd_wg_kernels {
     ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, false>(&p) }
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, false>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
-                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, true>(&p) }
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, true>(&p) }
             }
         };
     )*};

@@ -46,6 +46,11 @@ pub trait WgElem: Elem {
     unsafe fn rs_n128_k4(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: &[u64; 4]);
     unsafe fn tt_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
     unsafe fn ss_n64_k6(d: &mut [[f32; 4]; 8], a: &[u64; 6], b: &[u64; 6]);
+    unsafe fn ss_n32_k12(d: &mut [[f32; 4]; 4], a: &[u64; 12], b: &[u64; 12]);
+    unsafe fn ss_n32_k16(d: &mut [[f32; 4]; 4], a: &[u64; 16], b: &[u64; 16]);
+    unsafe fn st_n192_k4(d: &mut [[f32; 4]; 24], a: &[u64; 4], b: &[u64; 4]);
+    unsafe fn st_n256_k4(d: &mut [[f32; 4]; 32], a: &[u64; 4], b: &[u64; 4]);
+    unsafe fn tt_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
 }
 
 macro_rules! wg_elem {
@@ -76,6 +81,11 @@ wg_elem!(BF16,
     rs_n128_k4 => rs_n128_k4_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
     tt_n64_k8 => tt_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
     ss_n64_k6 => ss_n64_k6_bf16(&mut [[f32; 4]; 8], &[u64; 6], &[u64; 6]),
+    ss_n32_k12 => ss_n32_k12_bf16(&mut [[f32; 4]; 4], &[u64; 12], &[u64; 12]),
+    ss_n32_k16 => ss_n32_k16_bf16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
+    st_n192_k4 => st_n192_k4_bf16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
+    st_n256_k4 => st_n256_k4_bf16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
+    tt_n64_k4 => tt_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
 );
 wg_elem!(F16,
     ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
@@ -93,6 +103,11 @@ wg_elem!(F16,
     rs_n128_k4 => rs_n128_k4_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
     tt_n64_k8 => tt_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
     ss_n64_k6 => ss_n64_k6_f16(&mut [[f32; 4]; 8], &[u64; 6], &[u64; 6]),
+    ss_n32_k12 => ss_n32_k12_f16(&mut [[f32; 4]; 4], &[u64; 12], &[u64; 12]),
+    ss_n32_k16 => ss_n32_k16_f16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
+    st_n192_k4 => st_n192_k4_f16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
+    st_n256_k4 => st_n256_k4_f16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
+    tt_n64_k4 => tt_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
 );
 
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
@@ -104,15 +119,17 @@ pub(crate) unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) ->
 }
 
 /// Wait until at most `PENDING` (0 or 1) of this warpgroup's wgmma groups are in flight; `acc` (`N8` n8
-/// tiles: 8, 16, 24 or 32) belongs to the groups that completed.
+/// tiles: 4, 8, 16, 24 or 32) belongs to the groups that completed.
 #[inline(always)]
 pub(crate) fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4]; N8]) {
     unsafe {
         match (PENDING, N8) {
+            (0, 4) => wgmma::wait0_n32(sized(acc)),
             (0, 8) => wgmma::wait0_n64(sized(acc)),
             (0, 16) => wgmma::wait0_n128(sized(acc)),
             (0, 24) => wgmma::wait0_n192(sized(acc)),
             (0, _) => wgmma::wait0_n256(sized(acc)),
+            (_, 4) => wgmma::wait1_n32(sized(acc)),
             (_, 8) => wgmma::wait1_n64(sized(acc)),
             (_, 16) => wgmma::wait1_n128(sized(acc)),
             (_, 24) => wgmma::wait1_n192(sized(acc)),
