@@ -28,9 +28,10 @@ const TT: [(usize, usize); 2] = [(64, 8), (64, 4)];
 const ST: [(usize, usize); 2] = [(192, 4), (256, 4)];
 
 /// One smem x smem batch: `{prefix}_n{n}_k{k}_{suf}`, k products of m64n{n}k16 with descriptors for both
-/// operands (`trans`: the imm-trans-a, imm-trans-b pair), the first one ignoring `d`'s values in.
+/// operands (`trans`: the imm-trans-a, imm-trans-b pair), the first one ignoring `d`'s values in unless
+/// `keep_d` (then every product adds to `d`).
 #[allow(clippy::too_many_arguments)]
-fn smem_x_smem(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: usize, k: usize, trans: &str) {
+fn smem_x_smem(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: usize, k: usize, trans: &str, keep_d: bool) {
     let acc = n / 2;
     writeln!(o, "/// {doc}").unwrap();
     writeln!(o, "#[inline(always)]\npub unsafe fn {prefix}_n{n}_k{k}_{suf}(d: &mut [[f32; 4]; {}], a: &[u64; {k}], b: &[u64; {k}]) {{", n / 8).unwrap();
@@ -39,32 +40,8 @@ fn smem_x_smem(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: 
     writeln!(o, "            \"{{{{ .reg .pred p0, p1; setp.ne.u32 p0, {{{zero}}}, 0; setp.eq.u32 p1, {{{zero}}}, 0;\",").unwrap();
     writeln!(o, "            \"wgmma.fence.sync.aligned;\",").unwrap();
     for i in 0..k {
-        let p = if i == 0 { "p0" } else { "p1" };
+        let p = if i == 0 && !keep_d { "p0" } else { "p1" };
         writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {{{}}}, {{{}}}, {p}, 1, 1, {trans};\",", regs(acc), acc + i, acc + k + i).unwrap();
-    }
-    writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}}\",").unwrap();
-    acc_operands(o, acc);
-    for i in 0..k {
-        writeln!(o, "            in(reg64) a[{i}],").unwrap();
-    }
-    for i in 0..k {
-        writeln!(o, "            in(reg64) b[{i}],").unwrap();
-    }
-    writeln!(o, "            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
-}
-
-/// `smem_x_smem` whose products all add to `d` (scale-d 1 throughout).
-#[allow(clippy::too_many_arguments)]
-fn smem_x_smem_acc(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: usize, k: usize, trans: &str) {
-    let acc = n / 2;
-    writeln!(o, "/// {doc}").unwrap();
-    writeln!(o, "#[inline(always)]\npub unsafe fn {prefix}_n{n}_k{k}_{suf}(d: &mut [[f32; 4]; {}], a: &[u64; {k}], b: &[u64; {k}]) {{", n / 8).unwrap();
-    writeln!(o, "    unsafe {{\n        asm!(").unwrap();
-    let one = acc + 2 * k;
-    writeln!(o, "            \"{{{{ .reg .pred p1; setp.eq.u32 p1, {{{one}}}, 0;\",").unwrap();
-    writeln!(o, "            \"wgmma.fence.sync.aligned;\",").unwrap();
-    for i in 0..k {
-        writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {{{}}}, {{{}}}, p1, 1, 1, {trans};\",", regs(acc), acc + i, acc + k + i).unwrap();
     }
     writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}}\",").unwrap();
     acc_operands(o, acc);
@@ -89,15 +66,15 @@ pub fn generate() -> String {
     for (ty, suf) in TYPES {
         for (n, k) in SS {
             let doc = format!("`d = sum over {k} k16 steps of A_i B_i^T`: A_i 64x16 and B_i {n}x16, K-major 128-byte-swizzled in shared\n/// memory (descriptors `a[i]`, `b[i]`); `d`'s values in are ignored.");
-            smem_x_smem(&mut o, &doc, "ss", ty, suf, n, k, "0, 0");
+            smem_x_smem(&mut o, &doc, "ss", ty, suf, n, k, "0, 0", false);
         }
         for (n, k) in ST {
             let doc = format!("`d += sum over {k} k16 steps of A_i B_i`: A_i 64x16 K-major and B_i 16x{n} N-major, 128-byte-swizzled in\n/// shared memory (descriptors `a[i]`, `b[i]`; B transposed on read); `d`'s values in are kept.");
-            smem_x_smem_acc(&mut o, &doc, "st", ty, suf, n, k, "0, 1");
+            smem_x_smem(&mut o, &doc, "st", ty, suf, n, k, "0, 1", true);
         }
         for (n, k) in TT {
             let doc = format!("`d = sum over {k} k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x{n} N-major, 128-byte-swizzled in\n/// shared memory (descriptors `a[i]`, `b[i]`; both transposed on read); `d`'s values in are ignored.");
-            smem_x_smem(&mut o, &doc, "tt", ty, suf, n, k, "1, 1");
+            smem_x_smem(&mut o, &doc, "tt", ty, suf, n, k, "1, 1", false);
         }
         for (n, k) in RS {
             let acc = n / 2;

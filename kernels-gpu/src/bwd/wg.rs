@@ -85,20 +85,27 @@ impl<const D: usize> Lay<D> {
 /// Start the copies of one step (q head `h`, query rows from `m0`) into stage `stage`.
 #[inline(always)]
 unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
+    unsafe { load_step_to::<D>(p, a, [Lay::<D>::q(base, stage), Lay::<D>::dout(base, stage), Lay::<D>::lse(base, stage), Lay::<D>::delta(base, stage)], h, m0, tid) }
+}
+
+/// The copies of one step of either Hopper dK/dV kernel (q head `h`, `BM` query rows from `m0`): Q and dO
+/// into the swizzled tiles at `dst[0]`, `dst[1]`, the rows' lse_log2 and D to `dst[2]`, `dst[3]`.
+#[inline(always)]
+pub(super) unsafe fn load_step_to<const D: usize>(p: &BwdParams, a: &KvArgs, dst: [u32; 4], h: i32, m0: i32, tid: usize) {
     let rows = a.sq.used - m0;
     let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, a.bidb, a.sq.start + m0, h);
     let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, a.bidb, a.sq.start + m0, h);
     unsafe {
-        load_tile_sw128::<D, BM>(Lay::<D>::q(base, stage), q, p.q_row_stride * 2, rows, tid);
-        load_tile_sw128::<D, BM>(Lay::<D>::dout(base, stage), g, p.do_row_stride * 2, rows, tid);
+        load_tile_sw128::<D, BM>(dst[0], q, p.q_row_stride * 2, rows, tid);
+        load_tile_sw128::<D, BM>(dst[1], g, p.do_row_stride * 2, rows, tid);
     }
     if tid < BM {
         let r = tid as i32;
         let valid = r < rows;
         let at = if valid { lse_index(p, a.bidb, a.sq.start, h, m0 + r) as u64 * 4 } else { 0 };
         unsafe {
-            cp_async_4(Lay::<D>::lse(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
-            cp_async_4(Lay::<D>::delta(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
+            cp_async_4(dst[2] + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
+            cp_async_4(dst[3] + tid as u32 * 4, p.delta.wrapping_add(at), valid);
         }
     }
 }

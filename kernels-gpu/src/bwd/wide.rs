@@ -13,8 +13,9 @@
 //! predecessor's last step.
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
-use crate::arch::cp_async::{commit_group, cp_async_4};
+use super::wg::load_step_to;
+use super::{add_dq_fragment, dqa_addr, grad_tile, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
@@ -74,22 +75,7 @@ impl<const D: usize> Lay<D> {
 /// Start the copies of one step (q head `h`, query rows from `m0`) into stage `stage`.
 #[inline(always)]
 unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
-    let rows = a.sq.used - m0;
-    let q = row_addr(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, a.bidb, a.sq.start + m0, h);
-    let g = row_addr(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride, a.bidb, a.sq.start + m0, h);
-    unsafe {
-        load_tile_sw128::<D, BM>(Lay::<D>::q(base, stage), q, p.q_row_stride * 2, rows, tid);
-        load_tile_sw128::<D, BM>(Lay::<D>::dout(base, stage), g, p.do_row_stride * 2, rows, tid);
-    }
-    if tid < BM {
-        let r = tid as i32;
-        let valid = r < rows;
-        let at = if valid { lse_index(p, a.bidb, a.sq.start, h, m0 + r) as u64 * 4 } else { 0 };
-        unsafe {
-            cp_async_4(Lay::<D>::lse(base, stage) + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
-            cp_async_4(Lay::<D>::delta(base, stage) + tid as u32 * 4, p.delta.wrapping_add(at), valid);
-        }
-    }
+    unsafe { load_step_to::<D>(p, a, [Lay::<D>::q(base, stage), Lay::<D>::dout(base, stage), Lay::<D>::lse(base, stage), Lay::<D>::delta(base, stage)], h, m0, tid) }
 }
 
 /// `acc = keys x queries^T` over the head dim: `keys` the key tile (K or V, all 64 keys), `queries` the
