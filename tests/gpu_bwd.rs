@@ -7,14 +7,13 @@
 //! logic (layouts, reference bookkeeping, tolerances) that says nothing about the kernels.
 //!
 //! Kernel families. On a Hopper GPU the kernel tests run each backward on the same inputs, out, LSE and
-//! reference under several `KernelChoice`s: the default (the wgmma dK/dV kernel at head dims 64 and 128
-//! outside deterministic mode, mma.sync elsewhere), `no_wgmma` (the mma.sync kernels at every head dim,
-//! which no other test reaches at 64 and 128 there) and, where a wgmma backward has several key blocks,
-//! `bwd_chain_all` (one CTA walks them all and converts dq itself). The forward stays the default's
-//! (gpu.rs covers the forward's families). Each passing test prints `KERNELS <test> passed on <GPU>:`
-//! and a line per (choice -> family) with its runs and head dims (tests/common/kernels.rs). The
-//! deterministic backward is mma.sync whatever the choice, so `deterministic_runs_are_bitwise_identical`
-//! runs once.
+//! reference under several `KernelChoice`s: the default (the wgmma dK/dV kernel at head dims 64 to 256,
+//! in deterministic mode with key blocks split over copies of the dq accumulator; mma.sync at 32),
+//! `no_wgmma` (the mma.sync kernels at every head dim, which no other test reaches there) and, where a
+//! wgmma backward has several key blocks, `bwd_chain_all` (one CTA walks them all and converts dq itself).
+//! The forward stays the default's (gpu.rs covers the forward's families). Each passing test prints
+//! `KERNELS <test> passed on <GPU>:` and a line per (choice -> family) with its runs and head dims
+//! (tests/common/kernels.rs). `deterministic_runs_are_bitwise_identical` runs under each choice.
 //!
 //! Tolerances. The kernel recomputes the scores in f32 (tensor-core products of dtype inputs, exact,
 //! summed in f32) and P = exp(S - LSE) from the forward's LSE; rounds P to the input dtype for
@@ -894,17 +893,22 @@ fn deterministic_runs_are_bitwise_identical() {
     ];
     let mut problems: Vec<(String, Host, bool)> = dense.iter().map(|(c, (b, sq, sk), strided)| (format!("dense {c:?} {b}x{sq}x{sk}"), Host::dense(&mut rng, c, *b, *sq, *sk), *strided)).collect();
     problems.extend(packed.iter().map(|(c, p)| (format!("varlen {c:?} {p:?}"), Host::packed(&mut rng, c, p), false)));
+    let mut tally = Tally::new("gpu_bwd::deterministic_runs_are_bitwise_identical");
     for (what, h, strided) in &problems {
         let dv = h.upload(&mut rng, [*strided; 4]);
         let f = dv.fwd().unwrap_or_else(|e| panic!("seed {seed}: {what}: {e}"));
-        let first = bits(&dv.bwd(&f.out, &f.lse, true).unwrap_or_else(|e| panic!("seed {seed}: {what}: {e}")));
-        for run in 1..4 {
-            let again = bits(&dv.bwd(&f.out, &f.lse, true).unwrap());
-            for w in 0..3 {
-                assert!(again[w] == first[w], "seed {seed}: {what}: run {run}: deterministic {} differs from run 0", NAMES[w]);
+        for (name, choice) in choices(h, true, Kernels::Every) {
+            let first = bits(&dv.bwd_with(&f.out, &f.lse, true, choice).unwrap_or_else(|e| panic!("seed {seed}: {what} {name}: {e}")));
+            for run in 1..4 {
+                let again = bits(&dv.bwd_with(&f.out, &f.lse, true, choice).unwrap());
+                for w in 0..3 {
+                    assert!(again[w] == first[w], "seed {seed}: {what} {name}: run {run}: deterministic {} differs from run 0", NAMES[w]);
+                }
             }
+            tally.add(name, family(h, true, choice), h.c.d);
         }
     }
+    tally.report();
 }
 
 /// Long sequences (many key tiles per dq row, many query tiles per dk row) against the reference, in

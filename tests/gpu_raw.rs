@@ -128,7 +128,8 @@ impl Buffers {
     fn new(stream: &Arc<CudaStream>, x: &Inputs, deterministic: bool) -> Buffers {
         let (b, sq, sk, hq, hk, d) = DIMS;
         let up = |v: &[f32]| stream.clone_htod(&bits(v)).unwrap();
-        let ws_bytes = raw::bwd_workspace_bytes(&[b, sq, hq, d], deterministic).unwrap();
+        // The size the Tensor API allocates: the same dq copies in deterministic mode, so the same bits.
+        let ws_bytes = raw::bwd_workspace_bytes_fast(&[b, sq, hq, d], b, hk, deterministic).unwrap();
         Buffers {
             q: up(&x.q),
             k: up(&x.k),
@@ -321,7 +322,8 @@ fn packed_qkv_views() {
     let dout_buf = stream.clone_htod(&bits(&dout)).unwrap();
     let out_buf = stream.alloc_zeros::<u16>(b * s_ * h * d).unwrap();
     let lse_buf = stream.alloc_zeros::<f32>(b * h * s_).unwrap();
-    let ws_buf = stream.alloc_zeros::<u8>(raw::bwd_workspace_bytes(&[b, s_, h, d], true).unwrap()).unwrap();
+    // The size the Tensor API allocates (the same dq copies, so the same bits).
+    let ws_buf = stream.alloc_zeros::<u8>(raw::bwd_workspace_bytes_fast(&[b, s_, h, d], b, h, true).unwrap()).unwrap();
     let shape = [b, s_, h, d];
     let strides = [s_ * 3 * h * d, 3 * h * d, d, 1];
     let cont = contiguous(&shape);

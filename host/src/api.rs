@@ -458,7 +458,7 @@ fn run_bwd(
     // The workspace is freed on the stream after the kernels that use it.
     let ws_buf = match device {
         Device::Cpu => None,
-        Device::Cuda(ordinal) => Some(crate::cuda::DeviceBuffer::uninit(ordinal, raw::bwd_workspace_bytes(q.shape(), deterministic)?)?),
+        Device::Cuda(ordinal) => Some(crate::cuda::DeviceBuffer::uninit(ordinal, raw::bwd_workspace_bytes_fast(q.shape(), p.batch, p.hk, deterministic)?)?),
     };
     let workspace = ws_buf.as_ref().map_or(Workspace::default(), |b| Workspace { addr: b.ptr(), bytes: b.len_bytes() });
     let views = BwdViews {

@@ -345,7 +345,11 @@ impl FlashAttnOp {
         let mut dq = cuda::alloc(&dev, q.dtype(), numel(&q_shape))?;
         let mut dk = cuda::alloc(&dev, q.dtype(), numel(&kv_shape))?;
         let mut dv = cuda::alloc(&dev, q.dtype(), numel(&kv_shape))?;
-        let ws_bytes = raw::bwd_workspace_bytes(&q_shape, self.deterministic).map_err(fa_err)?;
+        let sequences = match varlen {
+            Some(vl) => vl.seqlens_q.dims1()?.saturating_sub(1),
+            None => q_shape[0],
+        };
+        let ws_bytes = raw::bwd_workspace_bytes_fast(&q_shape, sequences, kv_shape[kv_shape.len() - 2], self.deterministic).map_err(fa_err)?;
         // 256 bytes more than needed, so that the workspace can start 256-byte aligned.
         let mut ws = unsafe { dev.alloc::<u8>(ws_bytes + 256)? };
         {

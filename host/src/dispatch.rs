@@ -179,13 +179,16 @@ pub struct Launch {
 pub struct Launches {
     items: [Launch; 3],
     len: usize,
+    /// The backward's copies of the f32 dq accumulator (`BwdParams::dq_splits`): more than one only in
+    /// the deterministic mode on Hopper; 0 where nothing accumulates dq (the mma.sync deterministic path).
+    pub dq_splits: usize,
 }
 
 impl Launches {
-    fn new(l: &[Launch]) -> Launches {
+    fn new(l: &[Launch], dq_splits: usize) -> Launches {
         let mut items = [l[0]; 3];
         items[..l.len()].copy_from_slice(l);
-        Launches { items, len: l.len() }
+        Launches { items, len: l.len(), dq_splits }
     }
 }
 
@@ -202,10 +205,11 @@ impl std::ops::Deref for Launches {
 /// Grids walk blocks of rows or keys in x (striding past `seqlen_*`), heads in y, sequences in z plus
 /// varlen's tail slice (whose rows and keys get zero gradients).
 /// `hopper_sms`: the sm_90a module runs on this many multiprocessors; its wgmma dK/dV kernel takes head
-/// dims 64 to 256 unless `deterministic`.
+/// dims 64 to 256, in deterministic mode too where the workspace holds `dq_copies >= 1` copies of the dq
+/// accumulator (`bwd_det_splits`; else the mma.sync kernels and the deterministic dq kernel).
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
-pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool) -> Option<Launches> {
+pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let mods = Twin::of(p) == Twin::Mods;
     let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
@@ -216,10 +220,18 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
     let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
-    if let (Some(sms), Some(kernel), false) = (hopper_sms, wg_kernel, deterministic) {
-        let gx = if chain_all { 1 } else { bwd_wg_grid_x(p, sms) };
-        let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) };
-        return Some(if gx == 1 { Launches::new(&[prep, main]) } else { Launches::new(&[prep, main, convert]) });
+    if let (Some(sms), Some(kernel)) = (hopper_sms, wg_kernel) {
+        let (gx, splits) = match deterministic {
+            false => (if chain_all { 1 } else { bwd_wg_grid_x(p, sms) }, 1),
+            true => {
+                let s = bwd_det_splits(p, sms, dq_copies, chain_all);
+                (s as u32, s)
+            }
+        };
+        if gx > 0 {
+            let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) };
+            return Some(if gx == 1 { Launches::new(&[prep, main], splits) } else { Launches::new(&[prep, main, convert], splits) });
+        }
     }
     let main = Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
     let last = if deterministic {
@@ -228,7 +240,49 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     } else {
         convert
     };
-    Some(Launches::new(&[prep, main, last]))
+    Some(Launches::new(&[prep, main, last], usize::from(!deterministic)))
+}
+
+/// The deterministic backward on Hopper: how many CTAs (grid x) share each (kv head, sequence) pair's key
+/// blocks, CTA x walking blocks x, x + s, ... in order and adding its dq contributions to copy x of the
+/// f32 accumulator; the convert sums the copies in order, so every dq sum has one fixed order. (Within a
+/// CTA each dq element gets one add per key block, from one thread, and the block-wide barriers between
+/// key blocks order those adds.) 0 when the workspace holds no copy (`dq_copies`): the mma.sync path.
+/// 1 where the default mode chains every key block in one CTA anyway (or `chain_all`); else the smallest
+/// count, up to the copies and the key blocks, whose CTAs (one per multiprocessor) fill at least 90% of
+/// the waves they take, or failing that the one filling them best.
+pub fn bwd_det_splits(p: &Problem, sms: usize, dq_copies: usize, chain_all: bool) -> usize {
+    if dq_copies == 0 {
+        return 0;
+    }
+    if chain_all || bwd_wg_grid_x(p, sms) == 1 {
+        return 1;
+    }
+    let n = p.seqlen_k.max(1).div_ceil(bwd_wg_block_n(p.head_dim));
+    let pairs = (p.hk * p.batch).max(1);
+    let fill = |units: usize| units as f64 / (units.div_ceil(sms.max(1)) * sms.max(1)) as f64;
+    let mut best = (1, fill(pairs));
+    for s in 1..=dq_copies.min(n).max(1) {
+        let f = fill(pairs * s);
+        if f >= 0.9 {
+            return s;
+        }
+        if f > best.1 + 1e-9 {
+            best = (s, f);
+        }
+    }
+    best.0
+}
+
+/// The most copies of the dq accumulator the deterministic backward uses (`bwd_det_splits`), whatever
+/// the workspace holds.
+pub const DQ_COPIES_MAX: usize = 16;
+
+/// The copies of the dq accumulator a workspace sized for full speed holds (`raw::bwd_workspace_bytes_fast`):
+/// enough for `bwd_det_splits` on a 132-multiprocessor GPU (H100 / H200) when `pairs` (kv heads times
+/// sequences) CTAs would leave it idle, at most `DQ_COPIES_MAX`.
+pub fn dq_copies_for(pairs: usize) -> usize {
+    132usize.div_ceil(pairs.max(1)).clamp(1, DQ_COPIES_MAX)
 }
 
 /// The probabilities kernel (`s_dmask`, flash-attn's return_attn_probs) after the forward of `p`, writing
@@ -325,12 +379,52 @@ mod tests {
             assert!(f.smem_bytes <= 227 * 1024);
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
-                let b = bwd_launches(&p, det, Some(132), false).unwrap();
+                let b = bwd_launches(&p, det, Some(132), false, 0).unwrap();
                 assert_eq!(b[1].kernel.contains("_wg_"), !det && d != 32, "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
-                assert!(!bwd_launches(&p, det, None, false).unwrap()[1].kernel.contains("_wg_"));
+                assert!(!bwd_launches(&p, det, None, false, 0).unwrap()[1].kernel.contains("_wg_"));
             }
         }
+    }
+
+    /// The deterministic backward on Hopper: the wgmma kernel wherever the workspace holds a dq copy, its
+    /// grid x the split count (each split its own copy, never more than the copies or the key blocks),
+    /// two launches when one CTA walks every key block (it converts dq itself); the mma.sync kernels and
+    /// the dq kernel without copies or without sm_90a.
+    #[test]
+    fn deterministic_hopper_backward_splits_key_blocks_over_dq_copies() {
+        for d in [64, 96, 128, 192, 256] {
+            for (s, b, h, causal) in [(1024, 2, 4, false), (8192, 2, 16, true), (512, 32, 32, false), (300, 1, 1, true), (16384, 1, 8, false)] {
+                let p = problem(d, s, b, h, causal, false);
+                let n = s.div_ceil(bwd_wg_block_n(d));
+                for copies in [0, 1, 2, 5, DQ_COPIES_MAX] {
+                    let l = bwd_launches(&p, true, Some(132), false, copies).unwrap();
+                    let at = format!("d{d} s{s} b{b} h{h} copies {copies}");
+                    if copies == 0 {
+                        assert!(!l[1].kernel.contains("_wg_"), "{at}");
+                        assert_eq!(l.dq_splits, 0, "{at}");
+                        continue;
+                    }
+                    assert!(l[1].kernel.contains("_wg_"), "{at}: {}", l[1].kernel);
+                    let splits = l[1].grid.0 as usize;
+                    assert_eq!(splits, l.dq_splits, "{at}");
+                    assert!(splits >= 1 && splits <= copies.min(n), "{at}: {splits}");
+                    assert_eq!(l.len(), if splits == 1 { 2 } else { 3 }, "{at}");
+                    // Chained in the default mode -> one split; `chain_all` too.
+                    if bwd_wg_grid_x(&p, 132) == 1 {
+                        assert_eq!(splits, 1, "{at}");
+                    }
+                    assert_eq!(bwd_launches(&p, true, Some(132), true, copies).unwrap()[1].grid.0, 1, "{at} chain_all");
+                    assert!(!bwd_launches(&p, true, None, false, copies).unwrap()[1].kernel.contains("_wg_"), "{at}");
+                }
+            }
+        }
+        // Splits fill the machine where copies allow: 32 pairs -> 4 (128 CTAs), 8 pairs -> 15 (120).
+        assert_eq!(bwd_det_splits(&problem(128, 8192, 2, 16, false, false), 132, DQ_COPIES_MAX, false), 4);
+        assert_eq!(bwd_det_splits(&problem(256, 16384, 1, 8, true, false), 132, DQ_COPIES_MAX, false), 15);
+        assert_eq!(dq_copies_for(32), 5);
+        assert_eq!(dq_copies_for(8), 16);
+        assert_eq!(dq_copies_for(1000), 1);
     }
 
     /// The Hopper dK/dV grid: one CTA per (kv head, sequence), converting dq itself (two launches), only
@@ -338,7 +432,7 @@ mod tests {
     /// per CTA and the convert pass.
     #[test]
     fn hopper_backward_grid_chains_only_where_measured_to_help() {
-        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false).unwrap();
+        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false, 1).unwrap();
         let gx = |d, s, b, h, causal, varlen| launches(d, s, b, h, causal, varlen)[1].grid.0;
         assert_eq!(gx(64, 512, 32, 32, true, false), 1); // 1024 pairs, Q/dO 17 MB
         assert_eq!(launches(64, 512, 32, 32, false, false).len(), 2);
@@ -436,7 +530,7 @@ mod tests {
                     // Backward: every launch as the plain one's, the dK/dV / dq kernels renamed.
                     let (dkdv, dq) = bwd_mods_kernel_names(d, kd).unwrap();
                     for (det, sms, chain) in [(false, None, false), (true, None, false), (false, Some(132), false), (true, Some(132), false), (false, Some(132), true)] {
-                        let (b, b0) = (bwd_launches(&p, det, sms, chain).unwrap(), bwd_launches(&plain, det, sms, chain).unwrap());
+                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0).unwrap(), bwd_launches(&plain, det, sms, chain, 0).unwrap());
                         assert_eq!(b.len(), b0.len(), "{at} det {det}");
                         let wg = sms.is_some() && !det && bwd_wg_kernel_name(d, kd).is_some();
                         for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {

@@ -330,19 +330,29 @@ fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) 
     })
 }
 
-/// Where the backward's scratch lives in the caller's workspace: the f32 dq accumulator (not in
-/// deterministic mode), then lse_log2 and D (each shaped like the LSE), each section 256-byte aligned.
+/// Where the backward's scratch lives in the caller's workspace, each section 256-byte aligned: the f32
+/// dq accumulator then lse_log2 and D (each shaped like the LSE); in deterministic mode lse_log2 and D
+/// first, then as many copies of the accumulator as the workspace holds (`dq_copies`, `accum_bytes`
+/// apart: the Hopper kernels' split accumulators, `dispatch::bwd_det_splits`; none: the mma.sync path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BwdWorkspace {
     pub dq_accum: Option<usize>,
     pub lse_log2: usize,
     pub delta: usize,
     pub bytes: usize,
+    pub dq_copies: usize,
+    pub accum_bytes: usize,
 }
 
 impl BwdWorkspace {
-    /// The layout for q of shape `[B, Sq, Hq, D]` or `[Tq, Hq, D]`.
+    /// The smallest layout for q of shape `[B, Sq, Hq, D]` or `[Tq, Hq, D]` (deterministic: no
+    /// accumulator).
     pub fn for_q_shape(q_shape: &[usize], deterministic: bool) -> Result<BwdWorkspace> {
+        Self::with_copies(q_shape, deterministic, usize::from(!deterministic))
+    }
+
+    /// The layout with `copies` accumulators (default mode: always 1).
+    pub fn with_copies(q_shape: &[usize], deterministic: bool, copies: usize) -> Result<BwdWorkspace> {
         if !matches!(q_shape.len(), 3 | 4) {
             return Err(Error::Rank { arg: "q", got: q_shape.len(), expected: 4 });
         }
@@ -358,10 +368,27 @@ impl BwdWorkspace {
         // sequence add exact zeros, to rows prep zeroed): `DQ_ACCUM_BLOCK_M` rows of slack keep the last
         // block's adds and prep's zeroing inside it.
         let slack = crate::dispatch::DQ_ACCUM_BLOCK_M * hq * d * 4;
-        let accum = if deterministic { 0 } else { align(elems.checked_mul(4).and_then(|x| x.checked_add(slack)).ok_or_else(too_large)?)? };
+        let accum = align(elems.checked_mul(4).and_then(|x| x.checked_add(slack)).ok_or_else(too_large)?)?;
         let lse_bytes = align(lse_len.checked_mul(4).ok_or_else(too_large)?)?;
-        let bytes = accum.checked_add(2 * lse_bytes).ok_or_else(too_large)?;
-        Ok(BwdWorkspace { dq_accum: (!deterministic).then_some(0), lse_log2: accum, delta: accum + lse_bytes, bytes })
+        let copies = if deterministic { copies } else { 1 };
+        let accums = accum.checked_mul(copies).ok_or_else(too_large)?;
+        let bytes = accums.checked_add(2 * lse_bytes).ok_or_else(too_large)?;
+        Ok(if deterministic {
+            BwdWorkspace { dq_accum: (copies > 0).then_some(2 * lse_bytes), lse_log2: 0, delta: lse_bytes, bytes, dq_copies: copies, accum_bytes: accum }
+        } else {
+            BwdWorkspace { dq_accum: Some(0), lse_log2: accum, delta: accum + lse_bytes, bytes, dq_copies: 1, accum_bytes: accum }
+        })
+    }
+
+    /// The layout a caller's workspace of `bytes` (at least `for_q_shape`'s) holds: in deterministic
+    /// mode as many accumulator copies as fit, at most `dispatch::DQ_COPIES_MAX`.
+    pub fn fitting(q_shape: &[usize], deterministic: bool, bytes: usize) -> Result<BwdWorkspace> {
+        let min = Self::for_q_shape(q_shape, deterministic)?;
+        if !deterministic || bytes <= min.bytes {
+            return Ok(min);
+        }
+        let copies = ((bytes - min.bytes) / min.accum_bytes).min(crate::dispatch::DQ_COPIES_MAX);
+        Self::with_copies(q_shape, deterministic, copies)
     }
 }
 
@@ -375,7 +402,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
     let p = &bp.fwd;
     let gpu = gpu(ordinal)?;
     let k = choice(kernels);
-    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all).ok_or(Error::HeadDim { got: p.head_dim })?;
+    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all, ws.dq_copies).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in launches.iter() {
         check_grid(l.grid)?;
     }
@@ -413,7 +440,9 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         dq: t.dq.addr,
         dk: t.dk.addr,
         dv: t.dv.addr,
-        dq_accum: ws.dq_accum.map_or(0, |o| ws_addr + o as u64),
+        // None where nothing accumulates dq (`dq_splits` 0: the mma.sync deterministic path, whose dK/dV
+        // kernel would otherwise add to copies prep did not zero).
+        dq_accum: if launches.dq_splits > 0 { ws.dq_accum.map_or(0, |o| ws_addr + o as u64) } else { 0 },
         lse_log2: ws_addr + ws.lse_log2 as u64,
         delta: ws_addr + ws.delta as u64,
         cu_seqlens_q,
@@ -464,6 +493,12 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         scale: p.scale,
         _pad: 0,
         mods: score_mods(p, t.alibi_slopes.as_ref()),
+        // Copies past the first only where the Hopper kernel splits (`bwd_det_splits`); prep zeroes and
+        // the convert sums `dq_splits` of them.
+        // (The default mode's CTAs all add to the one accumulator: stride 0.)
+        dqa_split_stride: if deterministic { (ws.accum_bytes / 4) as i64 } else { 0 },
+        dq_splits: launches.dq_splits as i32,
+        _pad2: 0,
     };
     for (l, f) in launches.iter().zip(funcs) {
         if l.grid.2 == 0 {
@@ -779,4 +814,37 @@ pub(crate) unsafe fn combine(cp: &CombineProblem, t: &CombineViews<'_>, ordinal:
         pack: 1,
     };
     unsafe { queue_combine(f, &cpar, stream) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BwdWorkspace;
+
+    /// Workspace layouts: sections 256-byte aligned and disjoint inside `bytes`; the deterministic mode's
+    /// smallest one has no accumulator, and a caller's larger workspace holds as many copies as fit.
+    #[test]
+    fn bwd_workspace_sections_fit_and_copies_follow_the_bytes() {
+        for shape in [vec![2, 300, 4, 64], vec![1000, 3, 128], vec![1, 1, 1, 256]] {
+            let plain = BwdWorkspace::for_q_shape(&shape, false).unwrap();
+            assert_eq!((plain.dq_accum, plain.dq_copies), (Some(0), 1));
+            let min = BwdWorkspace::for_q_shape(&shape, true).unwrap();
+            assert_eq!((min.dq_accum, min.dq_copies), (None, 0));
+            assert!(min.bytes < plain.bytes);
+            for copies in [1, 3, 16] {
+                let w = BwdWorkspace::with_copies(&shape, true, copies).unwrap();
+                let lse = w.delta - w.lse_log2;
+                assert_eq!(w.dq_accum, Some(2 * lse));
+                assert_eq!(w.bytes, 2 * lse + copies * w.accum_bytes);
+                assert!([w.lse_log2, w.delta, w.accum_bytes].iter().all(|x| x % 256 == 0));
+                assert!(w.accum_bytes >= shape.iter().product::<usize>() * 4);
+                for extra in [0, 255, w.accum_bytes - 1] {
+                    let f = BwdWorkspace::fitting(&shape, true, w.bytes + extra).unwrap();
+                    assert_eq!(f, w, "{shape:?} copies {copies} extra {extra}");
+                }
+                assert_eq!(BwdWorkspace::fitting(&shape, false, w.bytes).unwrap(), plain);
+            }
+            assert_eq!(BwdWorkspace::fitting(&shape, true, min.bytes).unwrap(), min);
+            assert_eq!(BwdWorkspace::fitting(&shape, true, usize::MAX / 2).unwrap().dq_copies, crate::dispatch::DQ_COPIES_MAX);
+        }
+    }
 }

@@ -30,9 +30,22 @@ use crate::types::{AttnOptions, Target, VarlenViews};
 use crate::validate;
 
 /// Bytes of workspace a CUDA backward with q of shape `q_shape` (`[B, Sq, Hq, D]` or `[Tq, Hq, D]`)
-/// needs. The CPU path needs none (`Workspace::default()` will do).
+/// needs at least. The CPU path needs none (`Workspace::default()` will do). In deterministic mode this
+/// smallest workspace runs the slower mma.sync path on Hopper; `bwd_workspace_bytes_fast` gives the
+/// size at which the call runs at full speed.
 pub fn bwd_workspace_bytes(q_shape: &[usize], deterministic: bool) -> Result<usize> {
     Ok(crate::launch::BwdWorkspace::for_q_shape(q_shape, deterministic)?.bytes)
+}
+
+/// Bytes of workspace at which a CUDA backward runs at full speed, for q of shape `q_shape` over
+/// `sequences` sequences (dense: `q_shape[0]`; packed: `cu_seqlens_q`'s length - 1) and `kv_heads` kv
+/// heads. The default mode: `bwd_workspace_bytes`. The deterministic mode on Hopper keeps the wgmma
+/// kernels by giving CTAs that share a (sequence, kv head) pair's key blocks their own f32 dq
+/// accumulator, summed in a fixed order: up to `ceil(132 / (sequences * kv_heads))` copies (at most 16)
+/// of `4 * q.len()` bytes each. Any size from `bwd_workspace_bytes` up works; larger ones use more copies.
+pub fn bwd_workspace_bytes_fast(q_shape: &[usize], sequences: usize, kv_heads: usize, deterministic: bool) -> Result<usize> {
+    let copies = if deterministic { crate::dispatch::dq_copies_for(sequences.saturating_mul(kv_heads)) } else { 1 };
+    Ok(crate::launch::BwdWorkspace::with_copies(q_shape, deterministic, copies)?.bytes)
 }
 
 /// Load the kernels of CUDA device `ordinal` now (the shipped cubin, or the PTX through the driver's JIT
@@ -205,6 +218,7 @@ unsafe fn run_bwd(t: &BwdViews<'_>, varlen: Option<&VarlenViews<'_>>, opts: &Att
             validate::check_cuda_rows(&rows)?;
             let ws = crate::launch::BwdWorkspace::for_q_shape(t.q.shape, deterministic)?;
             validate::check_workspace(&workspace, ws.bytes, t)?;
+            let ws = crate::launch::BwdWorkspace::fitting(t.q.shape, deterministic, workspace.bytes)?;
             unsafe { crate::launch::bwd(&bp, t, varlen, opts.kernels, deterministic, &ws, workspace.addr, ordinal, stream) }
         }
     }

@@ -139,7 +139,12 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k,
     device = _device(q)
     workspace = None
     if device != "cpu":
-        nbytes = _native.bwd_workspace_bytes(tuple(q.shape), deterministic)
+        # The full-speed size (the deterministic mode on Hopper splits dq over copies of its accumulator);
+        # malformed shapes are reported by the call itself.
+        cu_shape = tuple(getattr(cu_q, "shape", ()))
+        sequences = (q.shape[0] if q.dim() else 1) if cu_q is None else (max(cu_shape[0] - 1, 1) if len(cu_shape) == 1 else 1)
+        kv_heads = k.shape[-2] if k.dim() >= 2 else 1
+        nbytes = _native.bwd_workspace_bytes(tuple(q.shape), deterministic, sequences, kv_heads)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
         workspace = (ws.data_ptr(), nbytes)
     args = (_desc(dout, "dout"), _desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"),

@@ -668,15 +668,25 @@ fn varlen_bwd(
     })
 }
 
-/// bwd_workspace_bytes(q_shape, deterministic) -> int
+/// bwd_workspace_bytes(q_shape, deterministic, sequences=None, kv_heads=None) -> int
 ///
 /// Bytes of workspace a CUDA backward with q of shape `q_shape` (`[B, Sq, Hq, D]` or `[Tq, Hq, D]`)
-/// needs (the CPU needs none).
+/// needs (the CPU needs none). With `sequences` (the batch, or len(cu_seqlens_q) - 1) and `kv_heads`:
+/// the size at which it runs at full speed (the deterministic mode on Hopper needs more).
 #[pyfunction]
-fn bwd_workspace_bytes(q_shape: &Bound<'_, PyAny>, deterministic: &Bound<'_, PyAny>) -> PyResult<usize> {
+#[pyo3(signature = (q_shape, deterministic, sequences=None, kv_heads=None))]
+fn bwd_workspace_bytes(q_shape: &Bound<'_, PyAny>, deterministic: &Bound<'_, PyAny>, sequences: Option<&Bound<'_, PyAny>>, kv_heads: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
     let shape = uints(q_shape, "q_shape", "shape", 1 << 62)?;
     let deterministic = flag(deterministic, "deterministic")?;
-    raw::bwd_workspace_bytes(&shape, deterministic).map_err(to_py)
+    match (sequences, kv_heads) {
+        (None, None) => raw::bwd_workspace_bytes(&shape, deterministic).map_err(to_py),
+        (Some(b), Some(h)) => {
+            let b = uint(b, "sequences", "count", 1 << 31)? as usize;
+            let h = uint(h, "kv_heads", "count", 1 << 31)? as usize;
+            raw::bwd_workspace_bytes_fast(&shape, b, h, deterministic).map_err(to_py)
+        }
+        _ => Err(PyValueError::new_err("bwd_workspace_bytes: give both sequences and kv_heads, or neither")),
+    }
 }
 
 /// preload(ordinal)

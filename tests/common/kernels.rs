@@ -1,7 +1,7 @@
 //! Which kernel family a CUDA call runs on, and a per-test tally of the families that passed, for the GPU
 //! suites (gpu.rs, gpu_bwd.rs). On a Hopper GPU (compute capability 9.0) the default choice runs the
-//! wgmma kernels where the variant table has them (forward: head dims 64-256; backward dK/dV: 64 and 128,
-//! not deterministic) and mma.sync elsewhere; `no_wgmma` keeps every call on mma.sync, so the suites run
+//! wgmma kernels where the variant table has them (forward: head dims 64-256; backward dK/dV: 64-256,
+//! deterministic too where the workspace holds split dq accumulators) and mma.sync elsewhere; `no_wgmma` keeps every call on mma.sync, so the suites run
 //! their cases under both to cover both families at every head dim. `bwd_chain_all` is a third backward
 //! path (one CTA walks every key block and converts dq itself) where a wgmma backward has several key
 //! blocks. The rules mirror host/src/dispatch.rs (`fwd_launch`, `bwd_launches`; pinned by its
@@ -84,8 +84,15 @@ pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str 
 /// too), "wgmma chained" (`bwd_chain_all` over several key blocks), "mma.sync" (atomic dq) or "mma.sync
 /// deterministic" (the separate dq kernel). `max_seqlen_k`: sk, or varlen's max_seqlen_k.
 pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelChoice, max_seqlen_k: usize) -> &'static str {
-    if hopper() && !choice.no_wgmma && !deterministic && variants::bwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
-        if choice.bwd_chain_all && max_seqlen_k > variants::bwd_wg_block_n(d) { "wgmma chained" } else { "wgmma" }
+    if hopper() && !choice.no_wgmma && variants::bwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
+        // (Deterministic: through the `Tensor` API, whose workspace holds the split dq accumulators.)
+        let chained = choice.bwd_chain_all && max_seqlen_k > variants::bwd_wg_block_n(d);
+        match (deterministic, chained) {
+            (false, false) => "wgmma",
+            (false, true) => "wgmma chained",
+            (true, false) => "wgmma deterministic",
+            (true, true) => "wgmma deterministic chained",
+        }
     } else if deterministic {
         "mma.sync deterministic"
     } else {

@@ -1032,6 +1032,13 @@ def test_native_cuda_without_a_gpu_is_an_error():
 def test_native_workspace_bytes():
     assert isinstance(_native.bwd_workspace_bytes((2, 128, 4, 64), False), int)
     assert _native.bwd_workspace_bytes((2, 128, 4, 64), True) >= 0
+    # The full-speed size: the default mode's is the same; the deterministic one holds dq copies.
+    assert _native.bwd_workspace_bytes((2, 128, 4, 64), False, 2, 4) == _native.bwd_workspace_bytes((2, 128, 4, 64), False)
+    assert _native.bwd_workspace_bytes((2, 128, 4, 64), True, 2, 4) > _native.bwd_workspace_bytes((2, 128, 4, 64), True)
+    with pytest.raises(ValueError, match="sequences and kv_heads"):
+        _native.bwd_workspace_bytes((2, 128, 4, 64), True, 2)
+    with pytest.raises(ValueError, match="kv_heads"):
+        _native.bwd_workspace_bytes((2, 128, 4, 64), True, 2, -1)
     with pytest.raises(TypeError):
         _native.bwd_workspace_bytes("abc", False)
     with pytest.raises(TypeError):

@@ -227,9 +227,15 @@ pub struct BwdParams {
     pub _pad: i32,
     /// ALiBi and dropout, as the forward had them.
     pub mods: ScoreMods,
+    /// The deterministic backward on Hopper: `dq_splits` f32 dq accumulators `dqa_split_stride` elements
+    /// apart, the wgmma dK/dV kernel's CTA x adding into copy x (its key blocks in a fixed order), the
+    /// convert summing the copies in order 0, 1, ... Otherwise 1 and 0: one accumulator all CTAs add to.
+    pub dqa_split_stride: i64,
+    pub dq_splits: i32,
+    pub _pad2: i32,
 }
 
-pub const BWD_PARAMS_SIZE: usize = 16 * 8 + 29 * 8 + 14 * 4 + SCORE_MODS_SIZE;
+pub const BWD_PARAMS_SIZE: usize = 16 * 8 + 29 * 8 + 14 * 4 + SCORE_MODS_SIZE + 16;
 const _: () = assert!(core::mem::size_of::<BwdParams>() == BWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<BwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(BwdParams, q_batch_stride) == 128);

@@ -1,5 +1,6 @@
-//! convert: dq = scale * the f32 accumulator, in the input type; rows of no sequence get 0. Head dim at
-//! run time. The Hopper dK/dV kernel runs `convert_rows` itself when one CTA walks all key blocks.
+//! convert: dq = scale * the f32 accumulator (the sum of its copies in order 0, 1, ..., see
+//! `BwdParams::dq_splits`), in the input type; rows of no sequence get 0. Head dim at run time. The
+//! Hopper dK/dV kernel runs `convert_rows` itself when one CTA walks all key blocks.
 
 use super::{dqa_addr, row_addr, sequences};
 use crate::arch::mem::{ld_global_v4, st_global_v4};
@@ -27,6 +28,26 @@ pub(super) unsafe fn convert_rows<E: Elem, const THREADS: usize, const UNROLL: u
                 let a = dqa_addr(p, bidb, sq.start + r, h, c as i64 * 8);
                 *xu = unsafe { [ld_global_v4(a), ld_global_v4(a + 16)] };
             }
+        }
+        // The other copies of the accumulator, added in order (deterministic on Hopper). (The copy loop
+        // outside the chunk loop, so that the chunk loop unrolls and `x` stays in registers.)
+        let mut split = 1;
+        while split < p.dq_splits {
+            let off = (split as i64 * p.dqa_split_stride * 4) as u64;
+            for (u, xu) in x.iter_mut().enumerate() {
+                let idx = idx0 + (u * THREADS) as i32;
+                let (r, c) = (r0 + idx / chunks, idx % chunks);
+                if idx < total && r < sq.used {
+                    let a = dqa_addr(p, bidb, sq.start + r, h, c as i64 * 8).wrapping_add(off);
+                    let y = unsafe { [ld_global_v4(a), ld_global_v4(a + 16)] };
+                    for i in 0..2 {
+                        for j in 0..4 {
+                            xu[i][j] = (f32::from_bits(xu[i][j]) + f32::from_bits(y[i][j])).to_bits();
+                        }
+                    }
+                }
+            }
+            split += 1;
         }
         for (u, xu) in x.iter().enumerate() {
             let idx = idx0 + (u * THREADS) as i32;

@@ -5,8 +5,10 @@
 //!            block that sees the keys: S^T = K Q^T, dP^T = V dO^T, P = exp2(S scale - lse),
 //!            dS = P (dP - D) [x (1 - tanh^2) with softcap], dV += P^T dO, dK += dS^T Q; with a dq
 //!            accumulator it also adds dQ = dS K to it with f32 atomics (the default path);
-//!   dq:      the deterministic path's dq: a block owns query rows and walks their key tiles (like the
-//!            forward), dQ += dS K in registers: every sum has one fixed order;
+//!   dq:      the deterministic path's dq on mma.sync: a block owns query rows and walks their key tiles
+//!            (like the forward), dQ += dS K in registers: every sum has one fixed order (on Hopper the
+//!            deterministic mode keeps the wgmma dK/dV kernel instead: its CTAs walk fixed key blocks,
+//!            each adding into its own copy of the accumulator, `BwdParams::dq_splits`);
 //!   convert: dq = scale * accumulator in the input type (the Hopper dK/dV kernel does it itself when one
 //!            CTA walks all key blocks of its sequence and kv head).
 //! dK/dV sum over the group's q heads inside one block, so they never need atomics. Rows and keys of no
@@ -55,6 +57,15 @@ fn lse_index(p: &BwdParams, b: i32, start: i32, h: i32, row: i32) -> i64 {
 #[inline(always)]
 fn dqa_addr(p: &BwdParams, b: i32, row: i32, h: i32, col: i64) -> u64 {
     p.dq_accum.wrapping_add(((b as i64 * p.dqa_batch_stride + row as i64 * p.dqa_row_stride + h as i64 * p.dqa_head_stride + col) * 4) as u64)
+}
+
+/// `dqa_addr` in this CTA's copy of the accumulator: copy `block_idx_x` in the deterministic backward
+/// on Hopper (`BwdParams::dq_splits`), else the one copy (stride 0).
+#[cfg(fa_sm90)]
+#[inline(always)]
+fn dqa_addr_split(p: &BwdParams, b: i32, row: i32, h: i32) -> u64 {
+    let split = crate::arch::sreg::block_idx_x() as i64 * p.dqa_split_stride;
+    dqa_addr(p, b, row, h, 0).wrapping_add((split * 4) as u64)
 }
 
 /// P and dS of one visible score without softcap: `s` = q.k, `dp` = dout . v, `lse2` the row's LSE in

@@ -1,5 +1,5 @@
 //! prep: D_i = dout_i . out_i and the LSE in base 2 for every real row, and (atomic dq path) the f32 dq
-//! accumulator zeroed wherever the dk/dv kernels add to it. Head dim at run time; four threads per row.
+//! accumulator (each of its copies) zeroed wherever the dk/dv kernels add to it. Head dim at run time; four threads per row.
 
 use super::{dqa_addr, lse_index, row_addr, sequences};
 use crate::arch::math::fma;
@@ -57,11 +57,16 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
             d += shfl_xor_f32(d, 1);
             d += shfl_xor_f32(d, 2);
             if r < accum_rows {
-                let a = dqa_addr(p, bidb, sq.start + r, h, 0);
-                let mut c = sub;
-                while c < 2 * chunks {
-                    unsafe { st_global_v4(a + c as u64 * 16, [0; 4]) };
-                    c += PREP_LANES;
+                // Every copy of the accumulator (`BwdParams::dq_splits`).
+                let mut split = 0;
+                while split < p.dq_splits {
+                    let a = dqa_addr(p, bidb, sq.start + r, h, 0).wrapping_add((split as i64 * p.dqa_split_stride * 4) as u64);
+                    let mut c = sub;
+                    while c < 2 * chunks {
+                        unsafe { st_global_v4(a + c as u64 * 16, [0; 4]) };
+                        c += PREP_LANES;
+                    }
+                    split += 1;
                 }
             }
             if valid && sub == 0 {

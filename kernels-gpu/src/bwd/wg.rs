@@ -13,7 +13,7 @@
 //! (N-major, in whole 64-column groups), run over 128 columns (the last 32 zero, never stored).
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::st_global_u32;
@@ -291,7 +291,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
             wgmma::wait0_n64(&mut acc_q);
             // Rows: this warp's 16 queries; rows past the sequence carry exact zeros to rows prep zeroed
             // (the accumulator has slack rows), as in the mma.sync kernel.
-            let dqa = dqa_addr(p, a.bidb, a.sq.start + m0, h, 0);
+            let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
             let row = (16 * (warp % 4)) as i32 + g;
             for j in 0..8 {
                 let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;

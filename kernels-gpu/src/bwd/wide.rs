@@ -14,7 +14,7 @@
 
 use super::convert::convert_rows;
 use super::wg::load_step_to;
-use super::{add_dq_fragment, dqa_addr, grad_tile, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
@@ -208,7 +208,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         }
 
         // dQ = dS K, 64 head-dim columns at a time: chunk c on warpgroup c % 2.
-        let dqa = dqa_addr(p, a.bidb, a.sq.start + m0, h, 0);
+        let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
         let row = (16 * (warp % 4)) as i32 + g;
         let mut c = wg as usize;
         while c < D / 64 {
