@@ -64,28 +64,14 @@ impl<const D: usize> Lay<D> {
     fn v(base: u32, kv: u32) -> u32 {
         base + Self::V + kv * Self::KV1
     }
-    #[inline(always)]
-    fn q(base: u32, s: usize) -> u32 {
-        base + Self::Q + s as u32 * Self::QT
-    }
-    #[inline(always)]
-    fn dout(base: u32, s: usize) -> u32 {
-        base + Self::DO + s as u32 * Self::QT
-    }
-    #[inline(always)]
-    fn lse(base: u32, s: usize) -> u32 {
-        base + Self::LSE + s as u32 * BM as u32 * 4
-    }
-    #[inline(always)]
-    fn delta(base: u32, s: usize) -> u32 {
-        base + Self::LSE + (2 + s as u32) * BM as u32 * 4
-    }
+    /// The step stages (`StepStages`).
+    const STAGES: StepStages = StepStages { q: Self::Q, dout: Self::DO, qt: Self::QT, lse: Self::LSE };
 }
 
 /// Start the copies of one step (q head `h`, query rows from `m0`) into stage `stage`.
 #[inline(always)]
 unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
-    unsafe { load_step_to::<D>(p, a, [Lay::<D>::q(base, stage), Lay::<D>::dout(base, stage), Lay::<D>::lse(base, stage), Lay::<D>::delta(base, stage)], h, m0, tid) }
+    unsafe { load_step_to::<D>(p, a, Lay::<D>::STAGES.at(base, stage), h, m0, tid) }
 }
 
 /// The copies of one step of either Hopper dK/dV kernel (q head `h`, `BM` query rows from `m0`): Q and dO
@@ -107,6 +93,26 @@ pub(super) unsafe fn load_step_to<const D: usize>(p: &BwdParams, a: &KvArgs, dst
             cp_async_4(dst[2] + tid as u32 * 4, p.lse_log2.wrapping_add(at), valid);
             cp_async_4(dst[3] + tid as u32 * 4, p.delta.wrapping_add(at), valid);
         }
+    }
+}
+
+/// Where either Hopper dK/dV kernel keeps its steps' operands in shared memory: two stages of the Q and
+/// dO tiles (`qt` bytes each, from offsets `q` and `dout`) and of the rows' lse_log2 and D (`BM` f32
+/// each from `lse`: lse_log2 of stages 0 and 1, then D of stages 0 and 1).
+pub(super) struct StepStages {
+    pub q: u32,
+    pub dout: u32,
+    pub qt: u32,
+    pub lse: u32,
+}
+
+impl StepStages {
+    /// Stage `s`'s Q, dO, lse_log2 and D above `base` (`load_step_to`'s destinations).
+    #[inline(always)]
+    pub(super) fn at(&self, base: u32, s: usize) -> [u32; 4] {
+        let s = s as u32;
+        let rows = BM as u32 * 4;
+        [base + self.q + s * self.qt, base + self.dout + s * self.qt, base + self.lse + s * rows, base + self.lse + (2 + s) * rows]
     }
 }
 
@@ -227,8 +233,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         let (h, m0) = (cur.0, cur.1 * BM as i32);
         cur = nxt;
         let rows = a.sq.used - m0;
-        let q_s = Lay::<D>::q(base, stage);
-        let do_s = Lay::<D>::dout(base, stage);
+        let [q_s, do_s, lse_s, delta_s] = Lay::<D>::STAGES.at(base, stage);
 
         // One key tile per warp: the shape the shared element-wise helpers take (KT = 1).
         let mut acc_s = [[[0f32; 4]; 8]; 1];
@@ -241,8 +246,6 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         wgmma::wait0_n64(&mut acc_dp[0]);
 
         // P^T and dS^T in place (the mma.sync kernel's element-wise step, one key tile per warp).
-        let lse_s = Lay::<D>::lse(base, stage);
-        let delta_s = Lay::<D>::delta(base, stage);
         let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
         let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
         grad_tile::<1, 8, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);

@@ -13,7 +13,7 @@
 //! predecessor's last step.
 
 use super::convert::convert_rows;
-use super::wg::load_step_to;
+use super::wg::{load_step_to, StepStages};
 use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
@@ -54,28 +54,14 @@ impl<const D: usize> Lay<D> {
         assert!(BWD_WG_THREADS == COPY_THREADS);
         assert!(Self::LSE % 1024 == 0 && Self::END as usize == bwd_wg_smem_bytes(D));
     };
-    #[inline(always)]
-    fn q(base: u32, s: usize) -> u32 {
-        base + Self::Q + s as u32 * Self::QT
-    }
-    #[inline(always)]
-    fn dout(base: u32, s: usize) -> u32 {
-        base + Self::DO + s as u32 * Self::QT
-    }
-    #[inline(always)]
-    fn lse(base: u32, s: usize) -> u32 {
-        base + Self::LSE + s as u32 * BM as u32 * 4
-    }
-    #[inline(always)]
-    fn delta(base: u32, s: usize) -> u32 {
-        base + Self::LSE + (2 + s as u32) * BM as u32 * 4
-    }
+    /// The step stages (`StepStages`).
+    const STAGES: StepStages = StepStages { q: Self::Q, dout: Self::DO, qt: Self::QT, lse: Self::LSE };
 }
 
 /// Start the copies of one step (q head `h`, query rows from `m0`) into stage `stage`.
 #[inline(always)]
 unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage: usize, h: i32, m0: i32, tid: usize) {
-    unsafe { load_step_to::<D>(p, a, [Lay::<D>::q(base, stage), Lay::<D>::dout(base, stage), Lay::<D>::lse(base, stage), Lay::<D>::delta(base, stage)], h, m0, tid) }
+    unsafe { load_step_to::<D>(p, a, Lay::<D>::STAGES.at(base, stage), h, m0, tid) }
 }
 
 /// `acc = keys x queries^T` over the head dim: `keys` the key tile (K or V, all 64 keys), `queries` the
@@ -160,8 +146,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         let (h, m0) = (cur.0, cur.1 * BM as i32);
         cur = nxt;
         let rows = a.sq.used - m0;
-        let q_s = Lay::<D>::q(base, stage);
-        let do_s = Lay::<D>::dout(base, stage);
+        let [q_s, do_s, lse_s, delta_s] = Lay::<D>::STAGES.at(base, stage);
 
         let mut acc_s = [[[0f32; 4]; 4]; 1];
         let mut acc_dp = [[[0f32; 4]; 4]; 1];
@@ -173,8 +158,6 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         wait_acc::<0, 4>(&mut acc_dp[0]);
 
         // P^T and dS^T in place (one key tile, four query tiles per warp).
-        let lse_s = Lay::<D>::lse(base, stage);
-        let delta_s = Lay::<D>::delta(base, stage);
         let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
         let at = KqAt { row0: m0 + q0 as i32 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
         grad_tile::<1, 4, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, q0 as usize, t);
