@@ -258,20 +258,23 @@ pub fn bwd_det_splits(p: &Problem, sms: usize, dq_copies: usize, chain_all: bool
     if chain_all || bwd_wg_grid_x(p, sms) == 1 {
         return 1;
     }
-    let n = p.seqlen_k.max(1).div_ceil(bwd_wg_block_n(p.head_dim));
     let pairs = (p.hk * p.batch).max(1);
     let fill = |units: usize| units as f64 / (units.div_ceil(sms.max(1)) * sms.max(1)) as f64;
     let mut best = (1, fill(pairs));
-    for s in 1..=dq_copies.min(n).max(1) {
-        let f = fill(pairs * s);
-        if f >= 0.9 {
+    for s in 1..=dq_copies.min(bwd_wg_key_blocks(p)).max(1) {
+        if fills_waves(pairs * s, sms) {
             return s;
         }
-        if f > best.1 + 1e-9 {
-            best = (s, f);
+        if fill(pairs * s) > best.1 + 1e-9 {
+            best = (s, fill(pairs * s));
         }
     }
     best.0
+}
+
+/// The Hopper dK/dV kernel's key blocks per (kv head, sequence).
+fn bwd_wg_key_blocks(p: &Problem) -> usize {
+    p.seqlen_k.max(1).div_ceil(bwd_wg_block_n(p.head_dim))
 }
 
 /// The most copies of the dq accumulator the deterministic backward uses (`bwd_det_splits`), whatever
@@ -310,7 +313,7 @@ pub fn probs_launch(p: &Problem, out_f32: bool) -> Option<Launch> {
 /// 3-4%. With the convert in the kernel: 141 and 222 (benches/RESULTS.md).
 /// (`KernelChoice::bwd_chain_all` forces 1, for tests of that path on small problems.)
 pub fn bwd_wg_grid_x(p: &Problem, sms: usize) -> u32 {
-    let n = p.seqlen_k.max(1).div_ceil(bwd_wg_block_n(p.head_dim));
+    let n = bwd_wg_key_blocks(p);
     let pairs = p.hk * p.batch;
     let group = p.hq / p.hk.max(1);
     let fits_l2 = sms * p.seqlen_q * group * p.head_dim * 4 <= CHAIN_L2_BYTES;

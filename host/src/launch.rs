@@ -440,7 +440,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         dq: t.dq.addr,
         dk: t.dk.addr,
         dv: t.dv.addr,
-        // None where nothing accumulates dq (`dq_splits` 0: the mma.sync deterministic path, whose dK/dV
+        // 0 where nothing accumulates dq (`dq_splits` 0: the mma.sync deterministic path, whose dK/dV
         // kernel would otherwise add to copies prep did not zero).
         dq_accum: if launches.dq_splits > 0 { ws.dq_accum.map_or(0, |o| ws_addr + o as u64) } else { 0 },
         lse_log2: ws_addr + ws.lse_log2 as u64,
@@ -493,10 +493,10 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         scale: p.scale,
         _pad: 0,
         mods: score_mods(p, t.alibi_slopes.as_ref()),
-        // Copies past the first only where the Hopper kernel splits (`bwd_det_splits`); prep zeroes and
-        // the convert sums `dq_splits` of them.
-        // (The default mode's CTAs all add to the one accumulator: stride 0.)
-        dqa_split_stride: if deterministic { (ws.accum_bytes / 4) as i64 } else { 0 },
+        // Copies past the first only where the Hopper kernel splits (`bwd_det_splits`): CTA x adds to copy
+        // x, prep zeroes and the convert sums `dq_splits` of them. Otherwise every CTA adds to the one
+        // accumulator (stride 0).
+        dqa_split_stride: if launches.dq_splits > 1 { (ws.accum_bytes / 4) as i64 } else { 0 },
         dq_splits: launches.dq_splits as i32,
         _pad2: 0,
     };
