@@ -293,6 +293,10 @@ pub const FWD_WS_THREADS: usize = 384;
 /// Bytes after the tiles for the pipeline's barriers (Q full / empty, two stages each of K and V full /
 /// empty: 10 barriers of 8 bytes).
 pub const FWD_WS_BARRIER_BYTES: usize = 128;
+/// The warp-specialized forward's tile scheduler walks the (sequence, head) pairs in sections whose K
+/// and V take at most this many bytes (a third of the H100 / H200 L2, so that the section being
+/// finished and the next one both stay in it).
+pub const FWD_WS_L2_SECTION_BYTES: usize = 16 << 20;
 
 /// Rows per bulk tensor copy of a paged K/V tile in the warp-specialized forward: the largest power of
 /// two dividing both the page size and `block_n` (rows of one box lie in one page, and the boxes of a

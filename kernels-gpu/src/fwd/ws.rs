@@ -16,7 +16,7 @@ use crate::arch::{mbarrier, tma};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
-use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_THREADS};
+use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS};
 
 /// Query rows per tile (64 per consumer warpgroup) and consumer threads.
 const BM: usize = 128;
@@ -51,24 +51,49 @@ impl Pipes {
     }
 }
 
-/// The tile scheduler: tile `t` is row block `m_blocks - 1 - t / (heads * slices)` of head `t % heads`
-/// of sequence slice `t / heads % slices`, so the first wave takes the last (for causal: heaviest) row
-/// blocks; block `b` takes tiles `b, b + grid, ..`. Producer and consumers walk it alike. A tile also
-/// covers row blocks `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`).
+/// Waves of tiles per section at least, for causal and windowed problems (see `Tiles::new`).
+const WS_MASKED_WAVES: u32 = 4;
+
+/// The tile scheduler. The (sequence slice, head) pairs are cut into sections whose K and V fit a share
+/// of L2 together (`FWD_WS_L2_SECTION_BYTES`; GQA's q heads of one kv head count once, they are
+/// neighbours); a section's tiles come before the next section's, and inside a section tile `r` is row
+/// block `m_blocks - 1 - r / n` of its pair `r % n` (n pairs in the section), so the first tiles of a
+/// section are its last (for causal: heaviest) row blocks. Block `b` takes tiles `b, b + grid, ..`, so
+/// the blocks in flight share a few heads' keys and values in L2 instead of streaming every head's from
+/// DRAM (one section of all pairs, as before: H200 hdim 128 S=8192, 2.5 GB of DRAM reads for 256 MB of
+/// q, k, v, o, nsight compute). Producer and consumers walk it alike. A tile also covers row blocks
+/// `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`).
 struct Tiles {
     m_blocks: i32,
     heads: i32,
-    per_row_block: i32,
+    pairs: i32,
+    /// Pairs per section (>= 1, at most `pairs`).
+    section: i32,
     count: i32,
     next: i32,
 }
 
 impl Tiles {
     #[inline(always)]
-    fn new(p: &FwdParams) -> Tiles {
+    fn new<const D: usize>(p: &FwdParams) -> Tiles {
         let slices = p.batch + (p.cu_seqlens_q != 0) as i32;
-        let per_row_block = p.h * slices;
-        Tiles { m_blocks: p.m_blocks, heads: p.h, per_row_block, count: p.m_blocks * per_row_block, next: block_idx_x() as i32 }
+        let pairs = p.h * slices;
+        // Unchecked divisions (see `next`): h_k >= 1, and the key count is made >= 1.
+        let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
+        let keys = if p.seqlen_k > 1 { p.seqlen_k } else { 1 };
+        let kv_heads = div_rem_u32((FWD_WS_L2_SECTION_BYTES / (4 * D)) as u32, keys as u32).0 as i32;
+        let mut section = if kv_heads > 1 { kv_heads } else { 1 }.saturating_mul(group);
+        if p.window_left >= 0 || p.window_right >= 0 {
+            // Causal / windowed row blocks differ in work: a section of at least `WS_MASKED_WAVES`
+            // waves of tiles, so that walking each section heaviest first still balances the blocks
+            // (H200, sections of one or two waves: causal hdim 256 S >= 2048 0.75-0.83x one section).
+            let waves = div_rem_u32(WS_MASKED_WAVES * grid_dim_x() + p.m_blocks as u32 - 1, p.m_blocks as u32).0 as i32;
+            if section < waves {
+                section = waves;
+            }
+        }
+        let section = if section < pairs { section } else { pairs };
+        Tiles { m_blocks: p.m_blocks, heads: p.h, pairs, section, count: p.m_blocks * pairs, next: block_idx_x() as i32 }
     }
 
     /// The next (first row block, head, sequence slice).
@@ -80,9 +105,13 @@ impl Tiles {
         let t = self.next;
         self.next += grid_dim_x() as i32;
         // Unchecked divisions: a trap path here would cost the consumers their register budget (see
-        // div_rem_u32); both divisors are positive (the host launches only with tiles to do).
-        let (m, r) = div_rem_u32(t as u32, self.per_row_block as u32);
-        let (bidb, bidh) = div_rem_u32(r, self.heads as u32);
+        // div_rem_u32); every divisor is positive (the host launches only with tiles to do). The last
+        // section may hold fewer pairs; the ones before it are whole.
+        let (sec, r) = div_rem_u32(t as u32, (self.m_blocks * self.section) as u32);
+        let first = sec as i32 * self.section;
+        let n = if self.pairs - first < self.section { self.pairs - first } else { self.section };
+        let (m, j) = div_rem_u32(r, n as u32);
+        let (bidb, bidh) = div_rem_u32((first + j as i32) as u32, self.heads as u32);
         Some((self.m_blocks - 1 - m as i32, bidh as i32, bidb as i32))
     }
 
@@ -137,7 +166,7 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdPar
     // This lane's box of a paged tile: its first row in the tile, and whether the tile has it.
     let box_r = lane as i32 * box_rows;
     let has_box = box_r < BN as i32;
-    Tiles::new(p).for_each::<PAGED, false>(p, #[inline(always)] |head, m0| {
+    Tiles::new::<D>(p).for_each::<PAGED, false>(p, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
             return;
         }
@@ -371,7 +400,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             pass_turn(1);
         }
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
-        Tiles::new(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
+        Tiles::new::<D>(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
                 unsafe { attend::<E, D, DN, BN, NN, KP>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
