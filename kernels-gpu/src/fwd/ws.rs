@@ -86,7 +86,7 @@ impl Tiles {
         if p.window_left >= 0 || p.window_right >= 0 {
             // Causal / windowed row blocks differ in work: a section of at least `WS_MASKED_WAVES`
             // waves of tiles, so that walking each section heaviest first still balances the blocks
-            // (H200, sections of one or two waves: causal hdim 256 S >= 2048 0.75-0.83x one section).
+            // (H200, sections of one or two waves: causal hdim 256 S >= 2048 0.73-0.83x one section).
             let waves = div_rem_u32(WS_MASKED_WAVES * grid_dim_x() + p.m_blocks as u32 - 1, p.m_blocks as u32).0 as i32;
             if section < waves {
                 section = waves;
