@@ -30,7 +30,9 @@
 //! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
 //! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
 //! forward, backward and deterministic backward; on Hopper the forward's `fwd_no_ws` run is then the
-//! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin).
+//! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin). Where the default backward is
+//! the warp-specialized kernel (head dims 64-128), the `fwd_no_ws` run without modifiers also runs the
+//! backward without it (`bwd_no_ws`).
 //!
 //! Sizes: dense b=2, sq=190 (2 forward row blocks of 128, 3 backward query steps of 64), sk=280 (3 K/V
 //! tiles of 128, 5 of 64: both pipeline stages reused; causal: the first row block skips the last
@@ -49,10 +51,11 @@ mod variants;
 use flash_attn::{bwd_with, combine, fwd, fwd_kvcache, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, DType, Device, Dropout, Extras, KernelChoice, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
 use std::time::Instant;
 
-const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
-const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false };
-const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false };
-const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true };
+const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
+const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
+const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false };
+const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false };
+const NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: true };
 
 /// Dense problem: (b, sq, sk, hq, hk).
 const DENSE: (usize, usize, usize, usize, usize) = (2, 190, 280, 2, 1);
@@ -111,6 +114,9 @@ struct Plan {
     mma: bool,
     wg_fwd: bool,
     wg_bwd: bool,
+    /// The default backward is the warp-specialized one (head dims 64-128): the `fwd_no_ws` run then
+    /// also runs the backward without it (`bwd_no_ws`), without score modifiers.
+    ws_bwd: bool,
     /// Keys per block of the Hopper dK/dV kernel at this head dim.
     wg_block_n: usize,
     /// Runs without and with the score modifiers.
@@ -124,6 +130,7 @@ impl Plan {
             mma: families.1,
             wg_fwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some(),
             wg_bwd: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some(),
+            ws_bwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some() && variants::bwd_ws_kernel_name(d, kd).is_some(),
             wg_block_n: variants::bwd_wg_block_n(d),
             mods,
         }
@@ -153,7 +160,8 @@ impl Plan {
         }
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
         let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd);
-        per_mask * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.kv_launches()
+        let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
+        (per_mask + no_ws_bwd) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.kv_launches()
     }
     /// The KV-cache cases' launches (run once per dtype and head dim, with the mma.sync family): the
     /// append, the attention, the combine (decode: always; else where split), the public combine.
@@ -324,7 +332,8 @@ fn main() -> flash_attn::Result<()> {
                     run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, bwds, mods)?;
                 }
                 if plan.wg_fwd {
-                    run(FWD_NO_WS, if mods { "mma.sync (fwd_no_ws)" } else { "wgmma (fwd_no_ws)" }, &[], mods)?;
+                    let bwds: &[(KernelChoice, bool, &str)] = if plan.ws_bwd && !mods { &[(NO_WS, false, "wgmma bwd (bwd_no_ws)")] } else { &[] };
+                    run(if bwds.is_empty() { FWD_NO_WS } else { NO_WS }, if mods { "mma.sync (fwd_no_ws)" } else { "wgmma (fwd_no_ws)" }, bwds, mods)?;
                 }
             }
             done += 1;

@@ -6,9 +6,9 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
-    TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
+    TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
 use crate::problem::Problem;
@@ -182,13 +182,16 @@ pub struct Launches {
     /// The backward's copies of the f32 dq accumulator (`BwdParams::dq_splits`): more than one only in
     /// the deterministic mode on Hopper; 0 where nothing accumulates dq (the mma.sync deterministic path).
     pub dq_splits: usize,
+    /// The dK/dV launch (the second) is the warp-specialized kernel, whose second parameter is the
+    /// tensor maps (`params::BwdTmaMaps`).
+    pub ws: bool,
 }
 
 impl Launches {
     fn new(l: &[Launch], dq_splits: usize) -> Launches {
         let mut items = [l[0]; 3];
         items[..l.len()].copy_from_slice(l);
-        Launches { items, len: l.len(), dq_splits }
+        Launches { items, len: l.len(), dq_splits, ws: false }
     }
 }
 
@@ -209,7 +212,9 @@ impl std::ops::Deref for Launches {
 /// accumulator (`bwd_det_splits`; else the mma.sync kernels and the deterministic dq kernel).
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
-pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize) -> Option<Launches> {
+/// `ws`: the default mode without score modifiers runs the warp-specialized dK/dV kernel (head dims 64,
+/// 96, 128) in the wgmma kernel's grid (the caller checked that the copy engine can address the operands).
+pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let mods = Twin::of(p) == Twin::Mods;
     let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
@@ -229,8 +234,14 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
             }
         };
         if gx > 0 {
-            let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) };
-            return Some(if gx == 1 { Launches::new(&[prep, main], splits) } else { Launches::new(&[prep, main, convert], splits) });
+            let ws_kernel = if ws && !deterministic && !mods { bwd_ws_kernel_name(p.head_dim, dtype) } else { None };
+            let main = match ws_kernel {
+                Some(kernel) => Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) },
+                None => Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
+            };
+            let mut l = if gx == 1 { Launches::new(&[prep, main], splits) } else { Launches::new(&[prep, main, convert], splits) };
+            l.ws = ws_kernel.is_some();
+            return Some(l);
         }
     }
     let main = Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
@@ -382,10 +393,37 @@ mod tests {
             assert!(f.smem_bytes <= 227 * 1024);
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
-                let b = bwd_launches(&p, det, Some(132), false, 0).unwrap();
+                let b = bwd_launches(&p, det, Some(132), false, 0, false).unwrap();
                 assert_eq!(b[1].kernel.contains("_wg_"), !det && d != 32, "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
-                assert!(!bwd_launches(&p, det, None, false, 0).unwrap()[1].kernel.contains("_wg_"));
+                assert!(!bwd_launches(&p, det, None, false, 0, false).unwrap()[1].kernel.contains("_wg_"));
+            }
+        }
+    }
+
+    /// The warp-specialized dK/dV kernel: where allowed, in the default mode without score modifiers at
+    /// head dims 64, 96 and 128, in the wgmma kernel's grid with 384 threads; never in deterministic mode,
+    /// with modifiers, at other head dims or without sm_90a.
+    #[test]
+    fn hopper_backward_takes_the_warp_specialized_kernel_where_it_exists() {
+        for d in [32, 64, 96, 128, 192, 256] {
+            for (s, b, h, causal, varlen) in [(1024, 2, 4, false, false), (512, 32, 32, true, false), (300, 3, 2, true, true)] {
+                let p = problem(d, s, b, h, causal, varlen);
+                let wg = bwd_launches(&p, false, Some(132), false, 1, false).unwrap();
+                let ws = bwd_launches(&p, false, Some(132), false, 1, true).unwrap();
+                let at = format!("d{d} s{s} b{b} h{h} causal {causal} varlen {varlen}");
+                assert!(!wg.ws, "{at}");
+                assert_eq!(ws.ws, matches!(d, 64 | 96 | 128), "{at}");
+                if ws.ws {
+                    assert!(ws[1].kernel.starts_with("flash_bwd_ws_hdim"), "{at}: {}", ws[1].kernel);
+                    assert_eq!((ws[1].grid, ws.len(), ws.dq_splits), (wg[1].grid, wg.len(), wg.dq_splits), "{at}");
+                    assert_eq!(ws[1].block as usize, BWD_WS_THREADS);
+                    assert!(ws[1].smem_bytes <= 227 * 1024, "{at}: {}", ws[1].smem_bytes);
+                } else {
+                    assert_eq!(ws, wg, "{at}");
+                }
+                assert!(!bwd_launches(&p, true, Some(132), false, 1, true).unwrap().ws, "{at}");
+                assert!(!bwd_launches(&p, false, None, false, 1, true).unwrap().ws, "{at}");
             }
         }
     }
@@ -401,7 +439,7 @@ mod tests {
                 let p = problem(d, s, b, h, causal, false);
                 let n = s.div_ceil(bwd_wg_block_n(d));
                 for copies in [0, 1, 2, 5, DQ_COPIES_MAX] {
-                    let l = bwd_launches(&p, true, Some(132), false, copies).unwrap();
+                    let l = bwd_launches(&p, true, Some(132), false, copies, false).unwrap();
                     let at = format!("d{d} s{s} b{b} h{h} copies {copies}");
                     if copies == 0 {
                         assert!(!l[1].kernel.contains("_wg_"), "{at}");
@@ -417,8 +455,8 @@ mod tests {
                     if bwd_wg_grid_x(&p, 132) == 1 {
                         assert_eq!(splits, 1, "{at}");
                     }
-                    assert_eq!(bwd_launches(&p, true, Some(132), true, copies).unwrap()[1].grid.0, 1, "{at} chain_all");
-                    assert!(!bwd_launches(&p, true, None, false, copies).unwrap()[1].kernel.contains("_wg_"), "{at}");
+                    assert_eq!(bwd_launches(&p, true, Some(132), true, copies, false).unwrap()[1].grid.0, 1, "{at} chain_all");
+                    assert!(!bwd_launches(&p, true, None, false, copies, false).unwrap()[1].kernel.contains("_wg_"), "{at}");
                 }
             }
         }
@@ -435,7 +473,7 @@ mod tests {
     /// per CTA and the convert pass.
     #[test]
     fn hopper_backward_grid_chains_only_where_measured_to_help() {
-        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false, 1).unwrap();
+        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false, 1, false).unwrap();
         let gx = |d, s, b, h, causal, varlen| launches(d, s, b, h, causal, varlen)[1].grid.0;
         assert_eq!(gx(64, 512, 32, 32, true, false), 1); // 1024 pairs, Q/dO 17 MB
         assert_eq!(launches(64, 512, 32, 32, false, false).len(), 2);
@@ -533,7 +571,7 @@ mod tests {
                     // Backward: every launch as the plain one's, the dK/dV / dq kernels renamed.
                     let (dkdv, dq) = bwd_mods_kernel_names(d, kd).unwrap();
                     for (det, sms, chain) in [(false, None, false), (true, None, false), (false, Some(132), false), (true, Some(132), false), (false, Some(132), true)] {
-                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0).unwrap(), bwd_launches(&plain, det, sms, chain, 0).unwrap());
+                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0, false).unwrap(), bwd_launches(&plain, det, sms, chain, 0, false).unwrap());
                         assert_eq!(b.len(), b0.len(), "{at} det {det}");
                         let wg = sms.is_some() && !det && bwd_wg_kernel_name(d, kd).is_some();
                         for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {

@@ -5,7 +5,7 @@
 use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, probs_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
-use crate::params::{AppendParams, BwdParams, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
+use crate::params::{AppendParams, BwdParams, BwdTmaMaps, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
 use crate::problem::{BwdProblem, CombineProblem, KvCacheProblem, Problem, Strides};
 use crate::types::{BwdViews, CombineViews, DType, FwdViews, KernelChoice, KvCacheViews, PagedVarlenViews, VarlenViews, View};
 use crate::dispatch::{combine_warps_per_row, kvcache_append_kernel_name, KernelDType, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS};
@@ -17,13 +17,13 @@ use std::sync::OnceLock;
 fn env_choice() -> KernelChoice {
     static ENV: OnceLock<KernelChoice> = OnceLock::new();
     let set = |name| std::env::var_os(name).is_some();
-    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS") })
+    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS"), bwd_no_ws: set("FLASH_ATTN_BWD_NO_WS") })
 }
 
 /// The kernel choice in force: the call's, or the environment's where it forces one.
 fn choice(call: KernelChoice) -> KernelChoice {
     let env = env_choice();
-    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws }
+    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws, bwd_no_ws: call.bwd_no_ws || env.bwd_no_ws }
 }
 
 /// Multiprocessors for the sm_90a module's wgmma kernels: a Hopper GPU unless `no_wgmma`.
@@ -268,15 +268,70 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
     }
     let sms = hopper_sms(gpu, kernels)?;
     // Paged k / v are addressed per block: their batch strides are the block strides.
-    let addressable = [(&t.q, &p.q, false), (&t.k, &p.k, true), (&t.v, &p.v, true)].iter().all(|(v, st, kv)| {
-        let ok = |x: usize| (x * 2).is_multiple_of(16) && ((x * 2) as u64) < (1u64 << 40);
-        let batched = !p.varlen || (*kv && p.paged.is_some());
-        v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (!batched || (st.batch > 0 && ok(st.batch)))
-    });
+    let addressable = [(&t.q, &p.q, false), (&t.k, &p.k, true), (&t.v, &p.v, true)].iter().all(|(v, st, kv)| copy_addressable(v, st, !p.varlen || (*kv && p.paged.is_some())));
     if !addressable {
         return None;
     }
     fwd_ws_launch(p, sms)
+}
+
+/// Whether the copy engine can address view `v` (strides `st`; `batched`: through its batch stride too):
+/// a 16-byte aligned start and positive strides that are multiples of 16 bytes below 2^40.
+fn copy_addressable(v: &View<'_>, st: &Strides, batched: bool) -> bool {
+    let ok = |x: usize| (x * 2).is_multiple_of(16) && ((x * 2) as u64) < (1u64 << 40);
+    v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (!batched || (st.batch > 0 && ok(st.batch)))
+}
+
+/// The warp-specialized backward's tensor maps (`BwdTmaMaps`): q and dout in boxes of 64 rows, k and v
+/// of 128 keys (`tma_maps`' layout).
+fn bwd_tma_maps(bp: &BwdProblem, t: &BwdViews<'_>) -> Result<BwdTmaMaps> {
+    let p = &bp.fwd;
+    let (rows_q, rows_k) = if p.varlen { (p.total_q, p.total_k) } else { (p.seqlen_q, p.seqlen_k) };
+    let dense = (!p.varlen).then_some(p.batch);
+    let (bm, bn) = (crate::dispatch::BWD_WG_BLOCK_M, crate::dispatch::BWD_WG_BLOCK_N);
+    Ok(BwdTmaMaps {
+        q: tensor_map(p, &t.q, &p.q, rows_q, p.hq, bm, dense)?,
+        k: tensor_map(p, &t.k, &p.k, rows_k, p.hk, bn, dense)?,
+        v: tensor_map(p, &t.v, &p.v, rows_k, p.hk, bn, dense)?,
+        dout: tensor_map(p, &t.dout, &bp.dout, rows_q, p.hq, bm, dense)?,
+    })
+}
+
+/// One tensor map of `tma_maps`: `v` (strides `st`) as `[batches][rows][heads][head dim]` (`batches`
+/// None: one batch of `rows` rows, varlen's packed rows), boxes of 64 columns x `box_rows` rows.
+#[allow(clippy::too_many_arguments)]
+fn tensor_map(p: &Problem, v: &View<'_>, st: &Strides, rows: usize, heads: usize, box_rows: usize, batches: Option<usize>) -> Result<[u64; 16]> {
+    let dtype = match p.dtype {
+        crate::types::DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let (batches, batch_bytes) = match batches {
+        Some(n) => (n, (st.batch * 2) as u64),
+        None => (1, (st.row * 2 * rows.max(1)) as u64),
+    };
+    let dims = [p.head_dim as u64, rows.max(1) as u64, heads as u64, batches.max(1) as u64];
+    let strides = [(st.row * 2) as u64, (st.head * 2) as u64, batch_bytes.next_multiple_of(16)];
+    let boxes = [64u32, box_rows as u32, 1, 1];
+    let elem = [1u32; 4];
+    let mut m = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            m.as_mut_ptr(),
+            dtype,
+            4,
+            v.addr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result()?;
+    Ok(unsafe { m.assume_init() }.opaque)
 }
 
 /// The copy engine's view of q, k and v (`TmaMaps`): 4-d tensors `[batch][rows][heads][head dim]`
@@ -284,39 +339,7 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
 /// 128 query rows / `block_n` keys (paged: `tma_page_box_rows`), in the 128-byte swizzle the wgmma tiles
 /// use; rows past a tensor's end read as zeros.
 fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) -> Result<TmaMaps> {
-    let dtype = match p.dtype {
-        crate::types::DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-    };
-    let map = |v: &View<'_>, st: &Strides, rows: usize, heads: usize, box_rows: usize, batches: Option<usize>| -> Result<[u64; 16]> {
-        let (batches, batch_bytes) = match batches {
-            Some(n) => (n, (st.batch * 2) as u64),
-            None => (1, (st.row * 2 * rows.max(1)) as u64),
-        };
-        let dims = [p.head_dim as u64, rows.max(1) as u64, heads as u64, batches.max(1) as u64];
-        let strides = [(st.row * 2) as u64, (st.head * 2) as u64, batch_bytes.next_multiple_of(16)];
-        let boxes = [64u32, box_rows as u32, 1, 1];
-        let elem = [1u32; 4];
-        let mut m = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
-        let r = unsafe {
-            sys::cuTensorMapEncodeTiled(
-                m.as_mut_ptr(),
-                dtype,
-                4,
-                v.addr as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                elem.as_ptr(),
-                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        };
-        r.result()?;
-        Ok(unsafe { m.assume_init() }.opaque)
-    };
+    let map = |v: &View<'_>, st: &Strides, rows: usize, heads: usize, box_rows: usize, batches: Option<usize>| tensor_map(p, v, st, rows, heads, box_rows, batches);
     let (rows_q, rows_k) = if p.varlen { (p.total_q, p.total_k) } else { (p.seqlen_q, p.seqlen_k) };
     let dense = (!p.varlen).then_some(p.batch);
     let (rows_k, box_k, batches_k) = match p.paged {
@@ -402,7 +425,9 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
     let p = &bp.fwd;
     let gpu = gpu(ordinal)?;
     let k = choice(kernels);
-    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all, ws.dq_copies).ok_or(Error::HeadDim { got: p.head_dim })?;
+    // The warp-specialized dK/dV kernel where the copy engine can address q, k, v and dout.
+    let ws_ok = !k.bwd_no_ws && [(&t.q, &p.q), (&t.k, &p.k), (&t.v, &p.v), (&t.dout, &bp.dout)].iter().all(|(v, st)| copy_addressable(v, st, !p.varlen));
+    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all, ws.dq_copies, ws_ok).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in launches.iter() {
         check_grid(l.grid)?;
     }
@@ -500,11 +525,20 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         dq_splits: launches.dq_splits as i32,
         _pad2: 0,
     };
-    for (l, f) in launches.iter().zip(funcs) {
+    // The tensor maps travel as the warp-specialized kernel's second parameter (built before any launch).
+    let maps = if launches.ws { Some(bwd_tma_maps(bp, t)?) } else { None };
+    for (i, (l, f)) in launches.iter().zip(funcs).enumerate() {
         if l.grid.2 == 0 {
             continue;
         }
-        unsafe { queue(f.expect("a function per launch"), l, &params, stream) }?;
+        let f = f.expect("a function per launch");
+        match (&maps, i) {
+            (Some(maps), 1) => {
+                let mut args = [&params as *const BwdParams as *mut std::ffi::c_void, maps as *const BwdTmaMaps as *mut std::ffi::c_void];
+                unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+            }
+            _ => unsafe { queue(f, l, &params, stream) }?,
+        }
     }
     Ok(())
 }

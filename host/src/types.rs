@@ -92,7 +92,7 @@ pub struct Dropout {
 
 /// Kernel selection for A/B comparisons and tests of paths small problems would not take. The
 /// environment can force each for a whole process (`FLASH_ATTN_NO_WGMMA`, `FLASH_ATTN_BWD_CHAIN_ALL`,
-/// `FLASH_ATTN_FWD_NO_WS`, any value, read once).
+/// `FLASH_ATTN_FWD_NO_WS`, `FLASH_ATTN_BWD_NO_WS`, any value, read once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct KernelChoice {
     /// Keep Hopper on the mma.sync kernels instead of the wgmma ones.
@@ -105,6 +105,11 @@ pub struct KernelChoice {
     /// warpgroup, two consumer warpgroups, persistent grid), which is the default where the copy engine
     /// can address the operands.
     pub fwd_no_ws: bool,
+    /// Keep the Hopper backward (head dims 64, 96, 128) on the wgmma dK/dV kernel without warp
+    /// specialization (cp.async copies by every thread) instead of the warp-specialized one (bulk tensor
+    /// copies by a producer warpgroup), the default mode's kernel where the copy engine can address the
+    /// operands.
+    pub bwd_no_ws: bool,
 }
 
 /// A strided view of caller memory: what the raw layer takes for every tensor argument.

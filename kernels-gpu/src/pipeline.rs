@@ -51,9 +51,16 @@ impl<const S: u32> Pipeline<S> {
     /// One thread, before any other use (then `mbarrier::fence_init` and a block barrier).
     #[inline(always)]
     pub unsafe fn init(&self, consumers: u32) {
+        unsafe { self.init_with(1, consumers) }
+    }
+
+    /// `init` with `producers` arrivals per fill of a stage (the announcing one plus, say, cp.async
+    /// arrivals of the threads that copy part of it).
+    #[inline(always)]
+    pub unsafe fn init_with(&self, producers: u32, consumers: u32) {
         for i in 0..S {
             unsafe {
-                mbarrier::init(self.full(i), 1);
+                mbarrier::init(self.full(i), producers);
                 mbarrier::init(self.empty(i), consumers);
             }
         }

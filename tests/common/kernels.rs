@@ -36,10 +36,11 @@ pub fn seeded(test: &str) -> (u64, rand::rngs::StdRng) {
     (seed, super::common::rng(seed))
 }
 
-pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false };
-pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false };
-pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false };
-pub const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true };
+pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
+pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
+pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false };
+pub const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false };
+pub const BWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: true };
 
 /// GPU 0 as the dispatch sees it: (name, compute capability, multiprocessors); None without CUDA.
 pub fn gpu() -> Option<&'static (String, (i32, i32), i32)> {
@@ -80,14 +81,19 @@ pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str 
     }
 }
 
-/// The backward's dK/dV kernel family: "wgmma" (a CTA per key block; one block is the chained kernel
-/// too), "wgmma chained" (`bwd_chain_all` over several key blocks), "mma.sync" (atomic dq) or "mma.sync
-/// deterministic" (the separate dq kernel). `max_seqlen_k`: sk, or varlen's max_seqlen_k.
+/// The backward's dK/dV kernel family without score modifiers: "wgmma ws" (the warp-specialized kernel,
+/// default mode at head dims 64-128; the suites' operands are ones the copy engine can address), "wgmma"
+/// (a CTA per key block; one block is the chained kernel too), "wgmma chained" (`bwd_chain_all` over
+/// several key blocks; "wgmma ws chained"), "mma.sync" (atomic dq) or "mma.sync deterministic" (the
+/// separate dq kernel). `max_seqlen_k`: sk, or varlen's max_seqlen_k. With score modifiers: `no_ws` of it.
 pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelChoice, max_seqlen_k: usize) -> &'static str {
     if hopper() && !choice.no_wgmma && variants::bwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
         // (Deterministic: through the `Tensor` API, whose workspace holds the split dq accumulators.)
         let chained = choice.bwd_chain_all && max_seqlen_k > variants::bwd_wg_block_n(d);
+        let ws = !deterministic && !choice.bwd_no_ws && variants::bwd_ws_kernel_name(d, kernel_dtype(dtype)).is_some();
         match (deterministic, chained) {
+            (false, false) if ws => "wgmma ws",
+            (false, true) if ws => "wgmma ws chained",
             (false, false) => "wgmma",
             (false, true) => "wgmma chained",
             (true, false) => "wgmma deterministic",
@@ -107,13 +113,26 @@ pub fn fwd_choices() -> Vec<(&'static str, KernelChoice)> {
 }
 
 /// The backward's: the default and `no_wgmma` on Hopper, plus `bwd_chain_all` where it picks another path than the default
-/// (the chained wgmma kernel over several key blocks).
+/// (the chained wgmma kernel over several key blocks) and `bwd_no_ws` where the default is the
+/// warp-specialized kernel (the wgmma one without it).
 pub fn bwd_choices(d: usize, dtype: DType, deterministic: bool, max_seqlen_k: usize) -> Vec<(&'static str, KernelChoice)> {
     let mut c = if hopper() { vec![("default", DEFAULT), ("no_wgmma", NO_WGMMA)] } else { vec![("default", DEFAULT)] };
     if bwd_family(d, dtype, deterministic, CHAIN_ALL, max_seqlen_k) != bwd_family(d, dtype, deterministic, DEFAULT, max_seqlen_k) {
         c.push(("bwd_chain_all", CHAIN_ALL));
     }
+    if bwd_family(d, dtype, deterministic, BWD_NO_WS, max_seqlen_k) != bwd_family(d, dtype, deterministic, DEFAULT, max_seqlen_k) {
+        c.push(("bwd_no_ws", BWD_NO_WS));
+    }
     c
+}
+
+/// The family with score modifiers, which run the `_mods` twins (no warp-specialized one).
+pub fn no_ws(family: &'static str) -> &'static str {
+    match family {
+        "wgmma ws" => "wgmma",
+        "wgmma ws chained" => "wgmma chained",
+        f => f,
+    }
 }
 
 /// What one test ran and passed: per (kernel choice, family), the runs and head dims.

@@ -103,9 +103,9 @@ pub fn build_ptx(cargo: &Path, root: &Path, out_dir: &Path) -> Result<Vec<PathBu
 
 /// Kernels whose register budget comes from their block size (ptxas assumes 1024 threads otherwise):
 /// export-name prefix, threads per block. rustc has no launch-bounds attribute, so the directives are
-/// added to the emitted PTX. The warp-specialized forward: 384 threads (`FWD_WS_THREADS`), one block per
-/// multiprocessor.
-const LAUNCH_BOUNDS: &[(&str, u32)] = &[("flash_fwd_ws_", 384)];
+/// added to the emitted PTX. The warp-specialized forward and backward: 384 threads (`FWD_WS_THREADS`,
+/// `BWD_WS_THREADS`), one block per multiprocessor.
+const LAUNCH_BOUNDS: &[(&str, u32)] = &[("flash_fwd_ws_", 384), ("flash_bwd_ws_", 384)];
 
 /// `ptx` with `.maxntid N, 1, 1` and `.minnctapersm 1` after the parameter list of each kernel in
 /// `LAUNCH_BOUNDS`, whose second parameter (`TmaMaps`: tensor maps, which the copy engine reads in place)

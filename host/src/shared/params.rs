@@ -152,6 +152,19 @@ pub struct TmaMaps {
 
 const _: () = assert!(core::mem::size_of::<TmaMaps>() == 384);
 
+/// The warp-specialized backward's tensor maps (as `TmaMaps`): q, k, v and dout, boxes of 64 columns x
+/// 64 query rows (q, dout) / 128 keys (k, v).
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BwdTmaMaps {
+    pub q: [u64; 16],
+    pub k: [u64; 16],
+    pub v: [u64; 16],
+    pub dout: [u64; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<BwdTmaMaps>() == 512);
+
 /// Backward-pass parameters, shared by its four kernels (prep, dk/dv with atomic dq, deterministic dq,
 /// dq conversion). Same conventions as `FwdParams`; dq/dk/dv/dq_accum strides are in elements too.
 #[repr(C)]

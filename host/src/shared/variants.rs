@@ -441,6 +441,41 @@ pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
     (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * padded * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
 }
 
+/// The Hopper warp-specialized dK/dV kernel (bwd/ws.rs), head dims 64, 96 and 128: the wg kernel's
+/// 128-key blocks and 64-row steps, fed by a producer warpgroup (bulk tensor copies of K, V, Q and dO;
+/// cp.async of lse_log2 and D) to two consumer warpgroups.
+pub const BWD_WS_THREADS: usize = 384;
+/// Step stages (Q, dO, lse_log2 and D of one 64-row step each).
+pub const BWD_WS_STAGES: usize = 2;
+/// Bytes after the tiles for the barriers (K/V full / empty, each step stage's full / empty).
+pub const BWD_WS_BARRIER_BYTES: usize = 128;
+
+/// Its dynamic shared memory: K and V, the step stages' Q and dO, two dS^T buffers, the stages' lse_log2
+/// and D, the barriers.
+pub const fn bwd_ws_smem_bytes(head_dim: usize) -> usize {
+    let padded = head_dim.div_ceil(64) * 64;
+    (2 * BWD_WG_BLOCK_N + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M) * padded * 2 + 2 * BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M * 4 + BWD_WS_BARRIER_BYTES
+}
+
+/// The warp-specialized backward's entry points (sm_90a module only): head dims 64, 96 and 128.
+#[macro_export]
+macro_rules! for_each_bwd_ws_variant {
+    ($m:ident) => {
+        $crate::__variants_emit!($m, "flash_bwd_ws_hdim"; 64 96 128);
+    };
+}
+
+macro_rules! bwd_ws_name_lookup {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {
+        /// Export name of the warp-specialized Hopper dK/dV kernel for `(head_dim, dtype)`, if there is one.
+        pub fn bwd_ws_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
+            None
+        }
+    };
+}
+for_each_bwd_ws_variant!(bwd_ws_name_lookup);
+
 /// Keys per block of the Hopper dK/dV kernel: 128, or 64 past head dim 128 (bwd/wide.rs), where the
 /// accumulators of 128 keys would not fit the registers.
 pub const fn bwd_wg_block_n(head_dim: usize) -> usize {

@@ -3,12 +3,21 @@
 //! Hopper dK/dV kernel runs `convert_rows` itself when one CTA walks all key blocks.
 
 use super::{dqa_addr, row_addr, sequences};
+use crate::arch::math::div_rem_u32;
 use crate::arch::mem::{ld_global_v4, st_global_v4};
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::tile::{Elem, BF16, F16};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::variants::BWD_ROWS_PER_BLOCK;
+
+/// Row and 16-byte chunk of chunk index `idx >= 0` (`chunks > 0` per row) from row `r0`: unchecked
+/// division (`div_rem_u32`), so that no trap path reaches the warp-specialized kernel's consumers.
+#[inline(always)]
+fn row_chunk(r0: i32, idx: i32, chunks: i32) -> (i32, i32) {
+    let (q, r) = div_rem_u32(idx as u32, chunks as u32);
+    (r0 + q as i32, r as i32)
+}
 
 /// dq = scale * dq_accum in the input type for rows `[r0, r1)` of slot `sq` (sequence `bidb`), head `h`:
 /// real rows converted, padding and tail rows 0; 16-byte stores. Thread `tid` of `THREADS` takes every
@@ -23,7 +32,7 @@ pub(super) unsafe fn convert_rows<E: Elem, const THREADS: usize, const UNROLL: u
         let mut x = [[[0u32; 4]; 2]; UNROLL];
         for (u, xu) in x.iter_mut().enumerate() {
             let idx = idx0 + (u * THREADS) as i32;
-            let (r, c) = (r0 + idx / chunks, idx % chunks);
+            let (r, c) = row_chunk(r0, idx, chunks);
             if idx < total && r < sq.used {
                 let a = dqa_addr(p, bidb, sq.start + r, h, c as i64 * 8);
                 *xu = unsafe { [ld_global_v4(a), ld_global_v4(a + 16)] };
@@ -36,7 +45,7 @@ pub(super) unsafe fn convert_rows<E: Elem, const THREADS: usize, const UNROLL: u
             let off = (split as i64 * p.dqa_split_stride * 4) as u64;
             for (u, xu) in x.iter_mut().enumerate() {
                 let idx = idx0 + (u * THREADS) as i32;
-                let (r, c) = (r0 + idx / chunks, idx % chunks);
+                let (r, c) = row_chunk(r0, idx, chunks);
                 if idx < total && r < sq.used {
                     let a = dqa_addr(p, bidb, sq.start + r, h, c as i64 * 8).wrapping_add(off);
                     let y = unsafe { [ld_global_v4(a), ld_global_v4(a + 16)] };
@@ -51,7 +60,7 @@ pub(super) unsafe fn convert_rows<E: Elem, const THREADS: usize, const UNROLL: u
         }
         for (u, xu) in x.iter().enumerate() {
             let idx = idx0 + (u * THREADS) as i32;
-            let (r, c) = (r0 + idx / chunks, idx % chunks);
+            let (r, c) = row_chunk(r0, idx, chunks);
             if idx < total {
                 // Rows past `used` loaded nothing: their zeros pack to zeros.
                 let f = |x: u32| f32::from_bits(x) * p.scale;

@@ -24,6 +24,9 @@ mod prep;
 mod wg;
 #[cfg(fa_sm90)]
 mod wide;
+// The warp-specialized one (bulk tensor copies by a producer warpgroup) at 64, 96 and 128.
+#[cfg(fa_sm90)]
+mod ws;
 
 use crate::arch::math::{exp2, fma, tanh};
 use crate::arch::mem::ld_global_nc_i32;

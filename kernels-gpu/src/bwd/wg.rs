@@ -130,7 +130,7 @@ unsafe fn load_kv<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, kv: u32,
 /// `acc = rows x cols^T` over the head dim for warpgroup `wg`'s 64 keys: `rows` the key tile (K or V),
 /// `cols` the step's query tile (Q or dO), both K-major. Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8], keys: u32, queries: u32, wg: u32) {
+pub(super) unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8], keys: u32, queries: u32, wg: u32) {
     let mut ad = [0u64; 8];
     let mut bd = [0u64; 8];
     for kk in 0..D / 16 {
@@ -149,7 +149,7 @@ unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8
 /// `acc += frags x tile`: `frags` this warpgroup's keys x the step's 64 queries (four k16 steps), `tile` the
 /// step's query tile (dO or Q, [query][D], transposed on read). Issued and committed, not waited for.
 #[inline(always)]
-unsafe fn issue_keys_x_dim<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32; 4]; DN], frags: &[[u32; 4]; 4], tile: u32) {
+pub(super) unsafe fn issue_keys_x_dim<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32; 4]; DN], frags: &[[u32; 4]; 4], tile: u32) {
     let mut bd = [0u64; 4];
     for (kk, d) in bd.iter_mut().enumerate() {
         *d = desc_sw128(tile + kk as u32 * 16 * 128, BM as u32 * 128, 1024);

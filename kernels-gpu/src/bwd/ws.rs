@@ -1,0 +1,403 @@
+//! Hopper dK/dV kernel (+ atomic dQ), warp-specialized (sm_90a): the wg kernel's products and
+//! element-wise step (wg.rs: a block owns 128 keys of one kv head, consumer warpgroup w keys 64w..,
+//! 64-row query steps over every q head of the group) fed by the bulk tensor copy engine. Warpgroup 0
+//! produces: its first warp walks the same key blocks and steps, lane 0 copying K and V (one stage per key
+//! block) and each step's Q and dO (`STAGES` stages) with tensor copies, the 32 lanes the step's lse_log2
+//! and D rows with cp.async, all completing on the stages' barriers. Warpgroups 1 and 2 consume: they
+//! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
+//! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
+//! at step i - 2, before either warpgroup passed step i - 1's barrier).
+//! The copy engine reads rows past a sequence (the next sequence's, or the caller's padding, not zeros),
+//! so the consumers zero those rows of a partial key block's K and V and of a partial step's Q and dO
+//! before the products read them: the same operands the wg kernel's zero-filling copies give.
+
+use super::convert::convert_rows;
+use super::wg::{issue_keys_x_dim, issue_keys_x_queries};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
+use crate::arch::math::div_rem_u32;
+use crate::arch::mem::st_global_u32;
+use crate::arch::reg::opaque_u32;
+use crate::arch::smem;
+use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
+use crate::arch::wgmma::{self, desc_sw128, fence_proxy_async_shared, sw128_offset};
+use crate::arch::{mbarrier, tma};
+use crate::block::tile_needs_mask;
+use crate::fwd::wg::{wait_acc, WgElem};
+use crate::mods::HeadMods;
+use crate::params::{BwdParams, BwdTmaMaps};
+use crate::pipeline::{Pipeline, Stage};
+use crate::tile::{a_fragment, BF16, F16};
+use crate::variants::{bwd_ws_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WS_BARRIER_BYTES, BWD_WS_STAGES, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M};
+
+const BN: usize = BWD_WG_BLOCK_N;
+const BM: usize = BWD_WG_BLOCK_M;
+const STAGES: u32 = BWD_WS_STAGES as u32;
+const CONSUMERS: usize = 256;
+/// Named barriers (0 is the block's): both consumer warpgroups.
+const BAR_CONSUMERS: u32 = 1;
+/// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
+const PRODUCER_REGS: u32 = 24;
+const CONSUMER_REGS: u32 = 240;
+const _: () = assert!(BWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
+/// Arrivals that fill a step stage: the producer lane announcing the tensor copies' bytes, and the 32
+/// lanes' cp.async arrivals (lse_log2 and D).
+const STEP_PRODUCERS: u32 = 1 + 32;
+
+/// Shared memory for head dim `D`: K and V (BN rows), `STAGES` stages of Q and of dO (BM rows), two dS^T
+/// buffers (BN keys x BM queries, queries contiguous), the stages' lse_log2 and D rows, the barriers.
+/// Tiles in 64-column groups (`DP` columns: the head dim rounded up), 128-byte swizzled, 1024-aligned.
+struct Lay<const D: usize>;
+
+impl<const D: usize> Lay<D> {
+    const DP: usize = D.div_ceil(64) * 64;
+    const KV: u32 = (BN * Self::DP * 2) as u32;
+    const QT: u32 = (BM * Self::DP * 2) as u32;
+    const DST: u32 = (BN * BM * 2) as u32;
+    const K: u32 = 0;
+    const V: u32 = Self::KV;
+    const Q: u32 = 2 * Self::KV;
+    const DO: u32 = Self::Q + STAGES * Self::QT;
+    const DS: u32 = Self::DO + STAGES * Self::QT;
+    const LSE: u32 = Self::DS + 2 * Self::DST;
+    const DELTA: u32 = Self::LSE + STAGES * (BM * 4) as u32;
+    const BARS: u32 = Self::DELTA + STAGES * (BM * 4) as u32;
+    const CHECK: () = {
+        assert!(D == 64 || D == 96 || D == 128);
+        assert!(BN == 128 && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
+        assert!(Self::LSE % 1024 == 0 && Self::BARS % 8 == 0);
+        assert!(Pipeline::<1>::BYTES + Pipeline::<STAGES>::BYTES <= BWD_WS_BARRIER_BYTES as u32);
+        assert!((Self::BARS as usize + BWD_WS_BARRIER_BYTES) == bwd_ws_smem_bytes(D));
+    };
+    /// Stage `s`'s Q, dO, lse_log2 and D.
+    #[inline(always)]
+    fn stage(base: u32, s: u32) -> [u32; 4] {
+        [base + Self::Q + s * Self::QT, base + Self::DO + s * Self::QT, base + Self::LSE + s * (BM * 4) as u32, base + Self::DELTA + s * (BM * 4) as u32]
+    }
+}
+
+/// The two pipelines: K/V (one stage, a key block's) and the steps'.
+struct Pipes {
+    kv: Pipeline<1>,
+    step: Pipeline<STAGES>,
+}
+
+impl Pipes {
+    #[inline(always)]
+    fn at<const D: usize>(base: u32) -> Pipes {
+        let bars = base + Lay::<D>::BARS;
+        Pipes { kv: Pipeline::at(bars), step: Pipeline::at(bars + Pipeline::<1>::BYTES) }
+    }
+}
+
+/// The key blocks this CTA walks (grid x strides over them, as the wg kernel's): `f(n0, args)` for each,
+/// `args` when the block has keys of the sequence.
+#[inline(always)]
+fn for_each_key_block(p: &BwdParams, mut f: impl FnMut(i32, Option<KvArgs>)) {
+    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let (sq, sk) = sequences(p, bidb);
+    // Unchecked (`div_rem_u32`): h_k >= 1 by validation.
+    let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
+    let mut n_block = block_idx_x() as i32;
+    while n_block * (BN as i32) < sk.slot_len {
+        let n0 = n_block * BN as i32;
+        let args = (n0 < sk.used).then(|| KvArgs { bidb, hk, group, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } });
+        f(n0, args);
+        n_block += grid_dim_x() as i32;
+    }
+}
+
+/// The producer warp: for every key block with steps, K and V, then each step's Q, dO (lane 0, tensor
+/// copies) and lse_log2, D (every lane, two rows each of both, zero-filled past the sequence).
+#[inline(always)]
+unsafe fn produce<const D: usize>(p: &BwdParams, maps: u64, pipes: &Pipes, lane: u32) {
+    let base = smem::base();
+    let (q_map, k_map, v_map, do_map) = (maps, maps + 128, maps + 256, maps + 384);
+    if lane == 0 {
+        unsafe {
+            for m in [q_map, k_map, v_map, do_map] {
+                tma::prefetch_map(m);
+            }
+        }
+    }
+    let groups = D.div_ceil(64);
+    let varlen = p.cu_seqlens_q != 0;
+    let mut kvs = Stage::<1>::START;
+    let mut ss = Stage::<STAGES>::START;
+    for_each_key_block(p, #[inline(always)] |_, args| {
+        let Some(a) = args else { return };
+        let (steps, next_step, mut cur) = step_walk(p, &a, BM as i32);
+        if steps == 0 {
+            return;
+        }
+        // Rows of the 4-d maps: varlen, packed rows of batch 0; dense, rows of sequence `bidb`.
+        let (q_row, k_row, b) = if varlen { (a.sq.start, a.sk.start, 0) } else { (0, 0, a.bidb) };
+        if lane == 0 {
+            unsafe {
+                pipes.kv.producer_acquire(kvs);
+                let bar = pipes.kv.producer_expect(kvs, 2 * Lay::<D>::KV);
+                for c in 0..groups {
+                    let col = (c * 64) as i32;
+                    tma::load_4d(base + Lay::<D>::K + (c * BN * 128) as u32, k_map, [col, k_row + a.n0, a.hk, b], bar);
+                    tma::load_4d(base + Lay::<D>::V + (c * BN * 128) as u32, v_map, [col, k_row + a.n0, a.hk, b], bar);
+                }
+            }
+        }
+        kvs.advance();
+        let mut it = 0;
+        while it < steps {
+            let (h, m0) = (cur.0, cur.1 * BM as i32);
+            cur = next_step(cur);
+            let [q_s, do_s, lse_s, delta_s] = Lay::<D>::stage(base, ss.index);
+            unsafe {
+                // Every lane waits: its cp.async writes the stage too.
+                pipes.step.producer_acquire(ss);
+                if lane == 0 {
+                    let bar = pipes.step.producer_expect(ss, 2 * Lay::<D>::QT);
+                    for c in 0..groups {
+                        let col = (c * 64) as i32;
+                        tma::load_4d(q_s + (c * BM * 128) as u32, q_map, [col, q_row + m0, h, b], bar);
+                        tma::load_4d(do_s + (c * BM * 128) as u32, do_map, [col, q_row + m0, h, b], bar);
+                    }
+                }
+                let rows = a.sq.used - m0;
+                for half in 0..2u32 {
+                    let r = (lane + 32 * half) as i32;
+                    let valid = r < rows;
+                    let at = if valid { lse_index(p, a.bidb, a.sq.start, h, m0 + r) as u64 * 4 } else { 0 };
+                    cp_async_4(lse_s + r as u32 * 4, p.lse_log2.wrapping_add(at), valid);
+                    cp_async_4(delta_s + r as u32 * 4, p.delta.wrapping_add(at), valid);
+                }
+                arrive_on_noinc(pipes.step.full_barrier(ss));
+            }
+            ss.advance();
+            it += 1;
+        }
+    });
+    // The last lse_log2 and D copies have landed before the warp leaves.
+    wait_group::<0>();
+}
+
+/// Zero rows `[valid, ROWS)` of a `ROWS`-row swizzled tile at `tile` (`D` columns in 64-column groups):
+/// by every consumer thread, then visible to wgmma and to both warpgroups (a consumer barrier).
+#[inline(always)]
+unsafe fn zero_rows<const D: usize, const ROWS: usize>(tiles: [u32; 2], valid: i32, ctid: usize) {
+    let chunks = D.div_ceil(64) * 8;
+    let n = (ROWS - valid as usize) * chunks;
+    let mut idx = ctid;
+    while idx < n {
+        let (r, c) = ((valid as usize + idx / chunks) as u32, (idx % chunks) as u32);
+        for t in tiles {
+            unsafe { smem::st_v4(t + sw128_offset(ROWS as u32, r, c), [0; 4]) };
+        }
+        idx += CONSUMERS;
+    }
+    fence_proxy_async_shared();
+    named_sync(BAR_CONSUMERS, CONSUMERS as u32);
+}
+
+/// Where a consumer thread stands: its pipelines' stages and the steps it ran (dS^T buffer parity, and
+/// the head dim 64 warpgroups' dQ turns).
+struct Consumer {
+    kv: Stage<1>,
+    step: Stage<STAGES>,
+    steps_done: u32,
+}
+
+/// One key block's steps for this consumer thread (`ctid`, warpgroup `ctid / 128` with keys 64 wg..): the
+/// wg kernel's `block` on pipeline stages; `leader` releases the stages for its warpgroup.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn consume<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
+    let base = smem::base();
+    let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
+    if steps == 0 {
+        return;
+    }
+    let (k_s, v_s) = (base + Lay::<D>::K, base + Lay::<D>::V);
+    unsafe { pipes.kv.consumer_wait(st.kv) };
+    if a.cols < BN as i32 {
+        unsafe { zero_rows::<D, BN>([k_s, v_s], a.cols, ctid) };
+    }
+    let mut it = 0;
+    while it < steps {
+        let base = opaque_u32(base);
+        let ctid = opaque_u32(ctid as u32) as usize;
+        let (warp, lane) = (ctid / 32, ctid % 32);
+        let wg = (warp / 4) as u32;
+        let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+        let key0 = (16 * warp) as i32 + g;
+        let (h, m0) = (cur.0, cur.1 * BM as i32);
+        cur = next_step(cur);
+        let rows = a.sq.used - m0;
+        let [q_s, do_s, lse_s, delta_s] = Lay::<D>::stage(base, st.step.index);
+        unsafe { pipes.step.consumer_wait(st.step) };
+        if rows < BM as i32 {
+            unsafe { zero_rows::<D, BM>([q_s, do_s], rows, ctid) };
+        }
+
+        let mut acc_s = [[[0f32; 4]; 8]; 1];
+        let mut acc_dp = [[[0f32; 4]; 8]; 1];
+        unsafe {
+            issue_keys_x_queries::<E, D>(&mut acc_s[0], k_s, q_s, wg);
+            issue_keys_x_queries::<E, D>(&mut acc_dp[0], v_s, do_s, wg);
+        }
+        wgmma::wait1_n64(&mut acc_s[0]);
+        wgmma::wait0_n64(&mut acc_dp[0]);
+
+        let mods = HeadMods::new::<false>(&p.mods, a.bidb, h, p.h, p.batch);
+        let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
+        grad_tile::<1, 8, false>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
+        if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
+            mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
+        }
+        // dS^T to this step's buffer, [key][query] swizzled (dQ's A operand, transposed on read).
+        let parity = st.steps_done & 1;
+        let ds_s = base + Lay::<D>::DS + parity * Lay::<D>::DST;
+        for j in 0..8 {
+            for half in 0..2usize {
+                let key = (key0 + 8 * half as i32) as u32;
+                let q = (8 * j) as u32 + 2 * t as u32;
+                let at = ds_s + sw128_offset(BN as u32, key, q / 8) + (q % 8) * 2;
+                unsafe { smem::st_u32(at, E::pack(acc_dp[0][j][2 * half], acc_dp[0][j][2 * half + 1])) };
+            }
+        }
+        fence_proxy_async_shared();
+
+        // dV += P^T dO and dK += dS^T Q.
+        let mut pa = [[0u32; 4]; 4];
+        let mut da = [[0u32; 4]; 4];
+        for kk in 0..4 {
+            pa[kk] = a_fragment::<E>(&acc_s[0][2 * kk], &acc_s[0][2 * kk + 1]);
+            da[kk] = a_fragment::<E>(&acc_dp[0][2 * kk], &acc_dp[0][2 * kk + 1]);
+        }
+        unsafe {
+            issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
+            issue_keys_x_dim::<E, D, DN>(acc_dk, &da, q_s);
+        }
+        // Both warpgroups' dS^T is in the buffer.
+        named_sync(BAR_CONSUMERS, CONSUMERS as u32);
+
+        // dQ = dS K (the wg kernel's split: warpgroup wg's 64 head-dim columns at d96 and d128, all 64 on
+        // the warpgroups in turn at d64).
+        if D != 64 || wg == parity {
+            let c0 = if D != 64 { wg * 64 } else { 0 };
+            let mut ad = [0u64; 8];
+            let mut bd = [0u64; 8];
+            for kk in 0..8u32 {
+                ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
+                bd[kk as usize] = desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
+            }
+            let mut acc_q = [[0f32; 4]; 8];
+            unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
+            wgmma::wait0_n64(&mut acc_q);
+            let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
+            let row = (16 * (warp % 4)) as i32 + g;
+            for j in 0..8 {
+                let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
+                if D != 96 || col < D as i64 {
+                    unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
+                }
+            }
+        }
+        wait_acc::<0, DN>(acc_dv);
+        wait_acc::<0, DN>(acc_dk);
+        wgmma::keep_a4(&mut pa);
+        wgmma::keep_a4(&mut da);
+        // This warpgroup is done with the stage (its products have landed).
+        if leader {
+            unsafe { pipes.step.consumer_release(st.step) };
+        }
+        st.step.advance();
+        st.steps_done += 1;
+        it += 1;
+    }
+    // K and V are read (the last dQ product has landed).
+    if leader {
+        unsafe { pipes.kv.consumer_release(st.kv) };
+    }
+    st.kv.advance();
+}
+
+/// Kernel body: barriers set up by thread 0, then the roles. Keys of no sequence get dk = dv = 0; with
+/// grid x = 1 the consumers also convert dq of the group's rows (as the wg kernel).
+#[inline(always)]
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, maps: u64) {
+    let () = Lay::<D>::CHECK;
+    let tid = thread_idx_x() as usize;
+    let pipes = Pipes::at::<D>(smem::base());
+    if tid == 0 {
+        unsafe {
+            pipes.kv.init(2);
+            pipes.step.init_with(STEP_PRODUCERS, 2);
+        }
+        mbarrier::fence_init();
+    }
+    sync_threads();
+    if tid < 128 {
+        tma::regs_dec::<PRODUCER_REGS>();
+        if tid < 32 {
+            unsafe { produce::<D>(p, maps, &pipes, tid as u32) };
+        }
+        return;
+    }
+    tma::regs_inc::<CONSUMER_REGS>();
+    let ctid = tid - 128;
+    let leader = ctid % 128 == 0;
+    let (warp, lane) = (ctid / 32, ctid % 32);
+    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+    let key0 = (16 * warp) as i32 + g;
+    let mut st = Consumer { kv: Stage::START, step: Stage::START, steps_done: 0 };
+    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    for_each_key_block(p, #[inline(always)] |n0, args| {
+        let mut acc_dk = [[0f32; 4]; DN];
+        let mut acc_dv = [[0f32; 4]; DN];
+        let sk = match &args {
+            Some(a) => {
+                unsafe { consume::<E, D, DN>(p, a, &pipes, &mut st, ctid, leader, &mut acc_dk, &mut acc_dv) };
+                a.sk
+            }
+            None => sequences(p, bidb).1,
+        };
+        for half in 0..2usize {
+            let r = n0 + key0 + 8 * half as i32;
+            if r < sk.slot_len {
+                let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
+                let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
+                for j in 0..D / 8 {
+                    let off = ((8 * j as i32 + 2 * t) * 2) as u64;
+                    let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
+                    unsafe {
+                        st_global_u32(dk + off, E::pack(k0, k1));
+                        st_global_u32(dv + off, E::pack(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]));
+                    }
+                }
+            }
+        }
+    });
+    if grid_dim_x() == 1 {
+        fence_gpu();
+        named_sync(BAR_CONSUMERS, CONSUMERS as u32);
+        let (sq, _) = sequences(p, bidb);
+        let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
+        let mut h = hk * group;
+        while h < (hk + 1) * group {
+            unsafe { convert_rows::<E, CONSUMERS, 4>(p, bidb, &sq, h, 0, sq.slot_len, ctid) };
+            h += 1;
+        }
+    }
+}
+
+macro_rules! bwd_ws_kernels {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
+        const _: () = {
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_param_1"));
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }>(&p, maps) }
+            }
+        };
+    )*};
+}
+crate::for_each_bwd_ws_variant!(bwd_ws_kernels);
