@@ -7,6 +7,11 @@
 //! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
 //! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
 //! at step i - 2, before either warpgroup passed step i - 1's barrier).
+//! The deterministic mode stays on the wg kernel: this one runs it correctly (the wg kernel's dq order:
+//! within a CTA an element's adds come from one thread at head dims 96 and 128, from the warpgroups in
+//! turn with a consumer barrier between them at 64), but its CTAs walk several key blocks there, and with
+//! one K/V stage each block's copies wait for the previous block's last step (H200 hdim 128: 0.95x the
+//! wg kernel, which loads the next block's K/V during that step).
 //! The copy engine reads rows past a sequence (the next sequence's, or the caller's padding, not zeros),
 //! so the consumers zero those rows of a partial key block's K and V and of a partial step's Q and dO
 //! before the products read them: the same operands the wg kernel's zero-filling copies give.
