@@ -296,6 +296,8 @@ pub const FWD_WS_BARRIER_BYTES: usize = 128;
 /// The warp-specialized forward's tile scheduler walks the (sequence, head) pairs in sections whose K
 /// and V take at most this many bytes (a third of the H100 / H200 L2, so that the section being
 /// finished and the next one both stay in it).
+/// (Read by the device code only.)
+#[cfg_attr(not(target_os = "cuda"), allow(dead_code))]
 pub const FWD_WS_L2_SECTION_BYTES: usize = 16 << 20;
 
 /// Rows per bulk tensor copy of a paged K/V tile in the warp-specialized forward: the largest power of
