@@ -279,7 +279,7 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
 /// a 16-byte aligned start and positive strides that are multiples of 16 bytes below 2^40.
 fn copy_addressable(v: &View<'_>, st: &Strides, batched: bool) -> bool {
     let ok = |x: usize| (x * 2).is_multiple_of(16) && ((x * 2) as u64) < (1u64 << 40);
-    v.addr % 16 == 0 && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (!batched || (st.batch > 0 && ok(st.batch)))
+    v.addr.is_multiple_of(16) && st.row > 0 && st.head > 0 && ok(st.row) && ok(st.head) && (!batched || (st.batch > 0 && ok(st.batch)))
 }
 
 /// The warp-specialized backward's tensor maps (`BwdTmaMaps`): q and dout in boxes of 64 rows, k and v
