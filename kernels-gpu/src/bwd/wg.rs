@@ -25,6 +25,7 @@ use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::params::BwdParams;
+use crate::seqlen::SeqlenInfo;
 use crate::tile::{a_fragment, BF16, F16};
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
 
@@ -163,6 +164,103 @@ pub(super) unsafe fn issue_keys_x_dim<E: WgElem, const D: usize, const DN: usize
     }
 }
 
+/// One step of either 128-key Hopper dK/dV kernel for this thread (warpgroup `wg`, keys 64 wg.. of the
+/// block; this warp's 16 from `key0`, the thread's fragment column pair `t`): S^T = K Q^T and dP^T = V dO^T (`kv`: K, V; `stage`: Q, dO, lse_log2,
+/// D of q head `h`, rows from `m0`), P^T and dS^T in place (the mma.sync kernel's element-wise step, one
+/// key tile per warp, masked where the tile needs it), dS^T to `ds_s` ([key][query] swizzled: dQ's A
+/// operand, transposed on read) and made visible to wgmma. Returns P^T's and dS^T's A fragments (dV's
+/// and dK's).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: &BwdParams, a: &KvArgs, kv: [u32; 2], stage: [u32; 4], ds_s: u32, h: i32, m0: i32, wg: u32, key0: i32, t: i32) -> ([[u32; 4]; 4], [[u32; 4]; 4]) {
+    let [k_s, v_s] = kv;
+    let [q_s, do_s, lse_s, delta_s] = stage;
+    let rows = a.sq.used - m0;
+    // One key tile per warp: the shape the shared element-wise helpers take (KT = 1).
+    let mut acc_s = [[[0f32; 4]; 8]; 1];
+    let mut acc_dp = [[[0f32; 4]; 8]; 1];
+    unsafe {
+        issue_keys_x_queries::<E, D>(&mut acc_s[0], k_s, q_s, wg);
+        issue_keys_x_queries::<E, D>(&mut acc_dp[0], v_s, do_s, wg);
+    }
+    wgmma::wait1_n64(&mut acc_s[0]);
+    wgmma::wait0_n64(&mut acc_dp[0]);
+    let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
+    let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
+    grad_tile::<1, 8, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
+    if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
+        mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
+    }
+    for j in 0..8 {
+        for half in 0..2usize {
+            let key = (key0 + 8 * half as i32) as u32;
+            let q = (8 * j) as u32 + 2 * t as u32;
+            let at = ds_s + sw128_offset(BN as u32, key, q / 8) + (q % 8) * 2;
+            unsafe { smem::st_u32(at, E::pack(acc_dp[0][j][2 * half], acc_dp[0][j][2 * half + 1])) };
+        }
+    }
+    wgmma::fence_proxy_async_shared();
+    let mut pa = [[0u32; 4]; 4];
+    let mut da = [[0u32; 4]; 4];
+    for kk in 0..4 {
+        pa[kk] = a_fragment::<E>(&acc_s[0][2 * kk], &acc_s[0][2 * kk + 1]);
+        da[kk] = a_fragment::<E>(&acc_dp[0][2 * kk], &acc_dp[0][2 * kk + 1]);
+    }
+    (pa, da)
+}
+
+/// dQ = dS K of one step (q head `h`, rows from `m0`; both warpgroups' dS^T at `ds_s`, K at `k_s`) for
+/// warpgroup `wg`: its 64 head-dim columns at d96 and d128 (at d96 the second's last 32 are zero and not
+/// added), all 64 at d64 (the caller alternates the warpgroups), added to the f32 accumulator. Rows: warp
+/// `warp`'s 16 queries (fragment row `g`, column pair `t`); rows past the sequence carry exact zeros to rows prep zeroed (the accumulator has
+/// slack rows), as in the mma.sync kernel.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn step_dq<E: WgElem, const D: usize>(p: &BwdParams, a: &KvArgs, ds_s: u32, k_s: u32, h: i32, m0: i32, wg: u32, warp: usize, g: i32, t: i32) {
+    let c0 = if D != 64 { wg * 64 } else { 0 };
+    let mut ad = [0u64; 8];
+    let mut bd = [0u64; 8];
+    for kk in 0..8u32 {
+        ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
+        bd[kk as usize] = desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
+    }
+    let mut acc_q = [[0f32; 4]; 8];
+    unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
+    wgmma::wait0_n64(&mut acc_q);
+    let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
+    let row = (16 * (warp % 4)) as i32 + g;
+    for j in 0..8 {
+        let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
+        if D != 96 || col < D as i64 {
+            unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
+        }
+    }
+}
+
+/// dK (scaled) and dV of keys `[n0, n0 + 128)` of kv head `hk`, sequence `bidb` (slot `sk`), from this
+/// thread's accumulators (its warp's 16 keys from `key0`, column pair `t`): rows past the slot are
+/// not written, rows of no key hold zeros. (d96: the accumulators' last four column tiles are the zero
+/// padding.)
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn store_dk_dv<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, sk: &SeqlenInfo, bidb: i32, hk: i32, n0: i32, acc_dk: &[[f32; 4]; DN], acc_dv: &[[f32; 4]; DN], key0: i32, t: i32) {
+    for half in 0..2usize {
+        let r = n0 + key0 + 8 * half as i32;
+        if r < sk.slot_len {
+            let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
+            let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
+            for j in 0..D / 8 {
+                let off = ((8 * j as i32 + 2 * t) * 2) as u64;
+                let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
+                unsafe {
+                    st_global_u32(dk + off, E::pack(k0, k1));
+                    st_global_u32(dv + off, E::pack(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]));
+                }
+            }
+        }
+    }
+}
+
 /// Where a key block's copies stand: its K/V buffer, the stage of its first step, and whether its
 /// predecessor already started its K/V and first step's copies.
 #[derive(Clone, Copy)]
@@ -232,45 +330,11 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         let v_s = Lay::<D>::v(base, pipe.kv);
         let (h, m0) = (cur.0, cur.1 * BM as i32);
         cur = nxt;
-        let rows = a.sq.used - m0;
         let [q_s, do_s, lse_s, delta_s] = Lay::<D>::STAGES.at(base, stage);
 
-        // One key tile per warp: the shape the shared element-wise helpers take (KT = 1).
-        let mut acc_s = [[[0f32; 4]; 8]; 1];
-        let mut acc_dp = [[[0f32; 4]; 8]; 1];
-        unsafe {
-            issue_keys_x_queries::<E, D>(&mut acc_s[0], k_s, q_s, wg);
-            issue_keys_x_queries::<E, D>(&mut acc_dp[0], v_s, do_s, wg);
-        }
-        wgmma::wait1_n64(&mut acc_s[0]);
-        wgmma::wait0_n64(&mut acc_dp[0]);
-
-        // P^T and dS^T in place (the mma.sync kernel's element-wise step, one key tile per warp).
-        let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
-        let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
-        grad_tile::<1, 8, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
-        if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
-            mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
-        }
-        // dS^T to shared memory, [key][query] swizzled (dQ's A operand, transposed on read).
         let ds_s = base + Lay::<D>::DS;
-        for j in 0..8 {
-            for half in 0..2usize {
-                let key = (key0 + 8 * half as i32) as u32;
-                let q = (8 * j) as u32 + 2 * t as u32;
-                let at = ds_s + sw128_offset(BN as u32, key, q / 8) + (q % 8) * 2;
-                unsafe { smem::st_u32(at, E::pack(acc_dp[0][j][2 * half], acc_dp[0][j][2 * half + 1])) };
-            }
-        }
-        wgmma::fence_proxy_async_shared();
-
+        let (mut pa, mut da) = unsafe { step_grads::<E, D, MODS>(p, a, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
         // dV += P^T dO and dK += dS^T Q.
-        let mut pa = [[0u32; 4]; 4];
-        let mut da = [[0u32; 4]; 4];
-        for kk in 0..4 {
-            pa[kk] = a_fragment::<E>(&acc_s[0][2 * kk], &acc_s[0][2 * kk + 1]);
-            da[kk] = a_fragment::<E>(&acc_dp[0][2 * kk], &acc_dp[0][2 * kk + 1]);
-        }
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
             issue_keys_x_dim::<E, D, DN>(acc_dk, &da, q_s);
@@ -278,30 +342,9 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         // Both warpgroups' dS^T is in shared memory.
         sync_threads();
 
-        // dQ = dS K: warpgroup wg's 64 head-dim columns (d96, d128; at d96 the second's last 32 are zero
-        // and not added); at d64 all 64 columns, on the warpgroups in turn (even steps warpgroup 0, odd
-        // steps 1).
+        // dQ: at d64 on the warpgroups in turn (even steps warpgroup 0, odd steps 1).
         if D != 64 || wg == (it & 1) as u32 {
-            let c0 = if D != 64 { wg * 64 } else { 0 };
-            let mut ad = [0u64; 8];
-            let mut bd = [0u64; 8];
-            for kk in 0..8u32 {
-                ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
-                bd[kk as usize] = desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
-            }
-            let mut acc_q = [[0f32; 4]; 8];
-            unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
-            wgmma::wait0_n64(&mut acc_q);
-            // Rows: this warp's 16 queries; rows past the sequence carry exact zeros to rows prep zeroed
-            // (the accumulator has slack rows), as in the mma.sync kernel.
-            let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
-            let row = (16 * (warp % 4)) as i32 + g;
-            for j in 0..8 {
-                let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
-                if D != 96 || col < D as i64 {
-                    unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
-                }
-            }
+            unsafe { step_dq::<E, D>(p, a, ds_s, k_s, h, m0, wg, warp, g, t) };
         }
         // dV and dK have landed; P^T and dS^T fragments stay live until here.
         wait_acc::<0, DN>(acc_dv);
@@ -347,22 +390,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
             }
         }
         pipe.prefetched = prefetched;
-        for half in 0..2usize {
-            let r = n0 + key0 + 8 * half as i32;
-            if r < sk.slot_len {
-                let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
-                let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
-                // (d96: the accumulators' last four column tiles are the zero padding.)
-                for j in 0..D / 8 {
-                    let off = ((8 * j as i32 + 2 * t) * 2) as u64;
-                    let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
-                    unsafe {
-                        st_global_u32(dk + off, E::pack(k0, k1));
-                        st_global_u32(dv + off, E::pack(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]));
-                    }
-                }
-            }
-        }
+        unsafe { store_dk_dv::<E, D, DN>(p, &sk, bidb, hk, n0, &acc_dk, &acc_dv, key0, t) };
         n_block += grid_dim_x() as i32;
     }
     // One key-block column (grid x = 1): this CTA added every dq contribution of its rows (all q heads of

@@ -17,23 +17,20 @@
 //! before the products read them: the same operands the wg kernel's zero-filling copies give.
 
 use super::convert::convert_rows;
-use super::wg::{issue_keys_x_dim, issue_keys_x_queries};
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv};
+use super::{lse_index, sequences, step_walk, KvArgs};
 use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
-use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
-use crate::arch::wgmma::{self, desc_sw128, fence_proxy_async_shared, sw128_offset};
+use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
-use crate::block::tile_needs_mask;
 use crate::fwd::wg::{wait_acc, WgElem};
-use crate::mods::HeadMods;
 use crate::params::{BwdParams, BwdTmaMaps};
 use crate::pipeline::{Pipeline, Stage};
-use crate::tile::{a_fragment, BF16, F16};
+use crate::tile::{BF16, F16};
 use crate::variants::{bwd_ws_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WS_BARRIER_BYTES, BWD_WS_STAGES, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M};
 
 const BN: usize = BWD_WG_BLOCK_N;
@@ -242,41 +239,11 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: 
             unsafe { zero_rows::<D, BM>([q_s, do_s], rows, ctid) };
         }
 
-        let mut acc_s = [[[0f32; 4]; 8]; 1];
-        let mut acc_dp = [[[0f32; 4]; 8]; 1];
-        unsafe {
-            issue_keys_x_queries::<E, D>(&mut acc_s[0], k_s, q_s, wg);
-            issue_keys_x_queries::<E, D>(&mut acc_dp[0], v_s, do_s, wg);
-        }
-        wgmma::wait1_n64(&mut acc_s[0]);
-        wgmma::wait0_n64(&mut acc_dp[0]);
-
-        let mods = HeadMods::new::<false>(&p.mods, a.bidb, h, p.h, p.batch);
-        let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
-        grad_tile::<1, 8, false>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
-        if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
-            mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
-        }
-        // dS^T to this step's buffer, [key][query] swizzled (dQ's A operand, transposed on read).
+        // dS^T to this step's buffer.
         let parity = st.steps_done & 1;
         let ds_s = base + Lay::<D>::DS + parity * Lay::<D>::DST;
-        for j in 0..8 {
-            for half in 0..2usize {
-                let key = (key0 + 8 * half as i32) as u32;
-                let q = (8 * j) as u32 + 2 * t as u32;
-                let at = ds_s + sw128_offset(BN as u32, key, q / 8) + (q % 8) * 2;
-                unsafe { smem::st_u32(at, E::pack(acc_dp[0][j][2 * half], acc_dp[0][j][2 * half + 1])) };
-            }
-        }
-        fence_proxy_async_shared();
-
+        let (mut pa, mut da) = unsafe { step_grads::<E, D, false>(p, a, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
         // dV += P^T dO and dK += dS^T Q.
-        let mut pa = [[0u32; 4]; 4];
-        let mut da = [[0u32; 4]; 4];
-        for kk in 0..4 {
-            pa[kk] = a_fragment::<E>(&acc_s[0][2 * kk], &acc_s[0][2 * kk + 1]);
-            da[kk] = a_fragment::<E>(&acc_dp[0][2 * kk], &acc_dp[0][2 * kk + 1]);
-        }
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
             issue_keys_x_dim::<E, D, DN>(acc_dk, &da, q_s);
@@ -284,27 +251,9 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: 
         // Both warpgroups' dS^T is in the buffer.
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
 
-        // dQ = dS K (the wg kernel's split: warpgroup wg's 64 head-dim columns at d96 and d128, all 64 on
-        // the warpgroups in turn at d64).
+        // dQ (at d64 on the warpgroups in turn).
         if D != 64 || wg == parity {
-            let c0 = if D != 64 { wg * 64 } else { 0 };
-            let mut ad = [0u64; 8];
-            let mut bd = [0u64; 8];
-            for kk in 0..8u32 {
-                ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
-                bd[kk as usize] = desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
-            }
-            let mut acc_q = [[0f32; 4]; 8];
-            unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
-            wgmma::wait0_n64(&mut acc_q);
-            let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
-            let row = (16 * (warp % 4)) as i32 + g;
-            for j in 0..8 {
-                let col = (c0 as usize + 8 * j) as i64 + 2 * t as i64;
-                if D != 96 || col < D as i64 {
-                    unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
-                }
-            }
+            unsafe { step_dq::<E, D>(p, a, ds_s, k_s, h, m0, wg, warp, g, t) };
         }
         wait_acc::<0, DN>(acc_dv);
         wait_acc::<0, DN>(acc_dk);
@@ -365,21 +314,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, maps:
             }
             None => sequences(p, bidb).1,
         };
-        for half in 0..2usize {
-            let r = n0 + key0 + 8 * half as i32;
-            if r < sk.slot_len {
-                let dk = row_addr(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidb, sk.start + r, hk);
-                let dv = row_addr(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidb, sk.start + r, hk);
-                for j in 0..D / 8 {
-                    let off = ((8 * j as i32 + 2 * t) * 2) as u64;
-                    let (k0, k1) = (acc_dk[j][2 * half] * p.scale, acc_dk[j][2 * half + 1] * p.scale);
-                    unsafe {
-                        st_global_u32(dk + off, E::pack(k0, k1));
-                        st_global_u32(dv + off, E::pack(acc_dv[j][2 * half], acc_dv[j][2 * half + 1]));
-                    }
-                }
-            }
-        }
+        unsafe { store_dk_dv::<E, D, DN>(p, &sk, bidb, hk, n0, &acc_dk, &acc_dv, key0, t) };
     });
     if grid_dim_x() == 1 {
         fence_gpu();
