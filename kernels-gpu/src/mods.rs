@@ -21,6 +21,8 @@ const LOG2_E: f32 = core::f32::consts::LOG2_E;
 /// The modifiers of one (sequence, query head).
 #[derive(Clone, Copy)]
 pub(crate) struct HeadMods {
+    /// Whether this kernel has modifiers at all (a compile-time constant once inlined).
+    pub modded: bool,
     /// Whether this call has ALiBi (uniform; false in kernels without modifiers).
     pub alibi: bool,
     /// ALiBi's slope times log2(e) (0 without ALiBi): the bias of score (i, j) in base 2 is
@@ -36,7 +38,7 @@ pub(crate) struct HeadMods {
 }
 
 impl HeadMods {
-    pub(crate) const OFF: HeadMods = HeadMods { alibi: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
+    pub(crate) const OFF: HeadMods = HeadMods { modded: false, alibi: false, slope_log2: 0.0, dropout: false, sub: 0, seed: 0, threshold: DROPOUT_OFF, scale: 1.0 };
 
     /// Sequence `b`'s query head `h` of `hq`, from the parameters when `MODS`. (The slopes are read
     /// only for `b < batch`: varlen's tail slice has none, and attends nothing.)
@@ -52,6 +54,7 @@ impl HeadMods {
             0.0
         };
         HeadMods {
+            modded: true,
             alibi: m.alibi_slopes != 0,
             slope_log2: slope * LOG2_E,
             dropout: m.dropout_threshold < DROPOUT_OFF,

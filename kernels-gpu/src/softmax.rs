@@ -34,9 +34,25 @@ fn quad_sum(x: f32) -> f32 {
 /// must be multiplied by, or `None` when the max did not move (no rescale needed).
 #[inline(always)]
 pub fn update_row<const NN: usize>(state: &mut RowState, s: &mut [[f32; 2]; NN], scale_log2: f32) -> Option<f32> {
+    update_row_with::<NN, false>(state, s, scale_log2, 0.0)
+}
+
+/// `update_row` of the scores `s + offset` (one offset for this thread's part of the row: ALiBi's linear
+/// form, fwd/mod.rs), without forming them: the offset joins the tile max and the exponent's constant.
+#[inline(always)]
+pub fn update_row_offset<const NN: usize>(state: &mut RowState, s: &mut [[f32; 2]; NN], scale_log2: f32, offset: f32) -> Option<f32> {
+    update_row_with::<NN, true>(state, s, scale_log2, offset)
+}
+
+#[inline(always)]
+fn update_row_with<const NN: usize, const OFFSET: bool>(state: &mut RowState, s: &mut [[f32; 2]; NN], scale_log2: f32, offset: f32) -> Option<f32> {
     let mut tile_max = f32::NEG_INFINITY;
     for pair in s.iter() {
         tile_max = tile_max.max(pair[0]).max(pair[1]);
+    }
+    if OFFSET {
+        // -inf (every key of this part hidden) stays -inf.
+        tile_max += offset;
     }
     let new_max = quad_max(tile_max.max(state.max));
     let rescale = if new_max > state.max {
@@ -49,7 +65,13 @@ pub fn update_row<const NN: usize>(state: &mut RowState, s: &mut [[f32; 2]; NN],
         None
     };
     // A row with every key masked so far keeps max -inf: subtract 0 so exp2(-inf) gives 0, not NaN.
-    let max_scaled = if new_max == f32::NEG_INFINITY { 0.0 } else { new_max * scale_log2 };
+    let max_scaled = if new_max == f32::NEG_INFINITY {
+        0.0
+    } else if OFFSET {
+        (new_max - offset) * scale_log2
+    } else {
+        new_max * scale_log2
+    };
     let mut sum = 0.0f32;
     for pair in s.iter_mut() {
         pair[0] = exp2(fma(pair[0], scale_log2, -max_scaled));

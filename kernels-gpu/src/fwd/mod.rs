@@ -12,7 +12,7 @@ pub(crate) mod wg;
 mod ws;
 
 use crate::arch::cp_async::{commit_group, wait_group};
-use crate::arch::math::{div_rem_u32, tanh};
+use crate::arch::math::{div_rem_u32, fma, tanh};
 use crate::arch::shfl::shfl_idx_u32;
 use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
@@ -23,7 +23,7 @@ use crate::mask::{allowed, for_each_hidden_qk};
 use crate::mods::{alibi_qk, keep_qk, HeadMods, MIN_ALIBI_SCALE};
 use crate::params::FwdParams;
 use crate::seqlen::SeqlenInfo;
-use crate::softmax::{finalize_row, update_row, RowState};
+use crate::softmax::{finalize_row, update_row, update_row_offset, RowState};
 use crate::tile::{warp_gemm, SmemTile};
 use crate::variants::FwdConfig;
 // The tile vocabulary, also imported from here by the kernels of this module.
@@ -232,7 +232,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             );
 
             // P overwrites S (online softmax); a row whose max moved rescales its O.
-            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, #[inline(always)]
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, false, #[inline(always)]
             |mt, h, f| {
                 for frag in acc_o[mt].iter_mut() {
                     frag[2 * h] *= f;
@@ -262,9 +262,12 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 /// when the tile is `masked` (this thread's rows `row0 + 16 mt (+ 8)`, keys `n0 + 8 j + 2 t (+ 1)`),
 /// then each row's update (the row sums take every probability), then dropout's zeros;
 /// `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma kernels.
+/// `linear_alibi` (a constant per kernel): ALiBi's linear form on tiles beside the diagonal (below). The
+/// wgmma kernels take it at head dims <= 64 (H200, hdim 64: ALiBi's forward cost 1.32-1.34 -> 1.23-1.29); at 128 it
+/// raised the `_mods` kernels' spills (188/200 -> 380/476 bytes) and the cost (1.10-1.11 -> 1.13-1.20).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, mut rescale: impl FnMut(usize, usize, f32)) {
+pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, mut rescale: impl FnMut(usize, usize, f32)) {
     if a.softcap_pre != 0.0 {
         for mt in 0..MT {
             for j in 0..NN {
@@ -284,8 +287,30 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
             }
         }
     }
+    // ALiBi. Where this warp's rows and the tile's keys lie on one side of the diagonal (`side` +-1: every
+    // tile of a causal mask but the diagonal's), |i + shift - j| = side (i + shift - j) is linear: each
+    // score gets side slope c (c = 8 j + e, its key's offset from key0: one FFMA), each thread-row the rest,
+    // -side slope (row + shift - key0), as the offset of its softmax update. Else the general form.
+    // (Without `linear_alibi`, the general form exactly as it was: that branch's code is unchanged.)
+    let (side, slope_raw) = if linear_alibi && a.mods.alibi {
+        let slope_raw = a.mods.raw_slope(a.softmax_scale());
+        (alibi_side::<MT, NN>(row0, n0, a.seqlen_k - a.seqlen_q), slope_raw)
+    } else {
+        (0, 0.0)
+    };
     if a.mods.alibi {
-        alibi_qk::<MT, NN>(acc_s, a.mods.raw_slope(a.softmax_scale()), row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
+        if side == 0 {
+            alibi_qk::<MT, NN>(acc_s, a.mods.raw_slope(a.softmax_scale()), row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
+        } else {
+            let sl = if side > 0 { slope_raw } else { -slope_raw };
+            for mt in 0..MT {
+                for j in 0..NN {
+                    for i in 0..4 {
+                        acc_s[mt][j][i] = fma(sl, (8 * j + i % 2) as f32, acc_s[mt][j][i]);
+                    }
+                }
+            }
+        }
     }
     // Only tiles that straddle a boundary; interior tiles skip this entirely.
     if masked && a.q_pack > 1 {
@@ -312,7 +337,19 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
             for j in 0..NN {
                 s_row[j] = [acc_s[mt][j][2 * h], acc_s[mt][j][2 * h + 1]];
             }
-            if let Some(f) = update_row(&mut row_state[mt][h], &mut s_row, scale_log2) {
+            // One update loop in a kernel with modifiers (an offset of 0 leaves the plain arithmetic).
+            let moved = if linear_alibi && a.mods.modded {
+                let base = (row0 + (16 * mt + 8 * h) as i32 + a.seqlen_k - a.seqlen_q - n0 - 2 * t) as f32;
+                let offset = match side {
+                    0 => 0.0,
+                    s if s > 0 => -slope_raw * base,
+                    _ => slope_raw * base,
+                };
+                update_row_offset(&mut row_state[mt][h], &mut s_row, scale_log2, offset)
+            } else {
+                update_row(&mut row_state[mt][h], &mut s_row, scale_log2)
+            };
+            if let Some(f) = moved {
                 rescale(mt, h, f);
             }
             for j in 0..NN {
@@ -328,6 +365,21 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
                 acc_s[mt][j][i] = 0.0;
             }
         });
+    }
+}
+
+/// Which side of the diagonal this warp's rows (`row0 - g` to `+ 16 MT`) and the tile's keys (`n0` to
+/// `+ 8 NN`) lie on: +1 where every i + shift - j >= 0, -1 where every one is <= 0, else 0. Warp-uniform.
+#[inline(always)]
+fn alibi_side<const MT: usize, const NN: usize>(row0: i32, n0: i32, shift: i32) -> i32 {
+    let (r_lo, r_hi) = ((row0 & !7) as i64, (row0 & !7) as i64 + (16 * MT) as i64 - 1);
+    let (k_lo, k_hi) = (n0 as i64, n0 as i64 + (8 * NN) as i64 - 1);
+    if r_lo + shift as i64 - k_hi >= 0 {
+        1
+    } else if r_hi + shift as i64 - k_lo <= 0 {
+        -1
+    } else {
+        0
     }
 }
 
