@@ -105,9 +105,9 @@ pub fn device_tensor(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_f32(&random_bf16(n, seed), shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap()
 }
 
-/// Whether FA_BENCH_FILTER (a substring of the shape name) selects `name`.
+/// Whether FA_BENCH_FILTER (a substring of the shape name, or several separated by commas) selects `name`.
 pub fn selected(name: &str) -> bool {
-    std::env::var("FA_BENCH_FILTER").map_or(true, |filter| name.contains(&filter))
+    std::env::var("FA_BENCH_FILTER").map_or(true, |filter| filter.split(',').any(|f| name.contains(f)))
 }
 
 pub fn criterion() -> Criterion {

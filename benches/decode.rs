@@ -7,7 +7,8 @@
 //! prints `RESULT ours <shape> <median ms> <GB/s>` with the bytes a decode must move: K and V of every
 //! row (B * ctx * Hk * D * 2 * 2) plus q and out; benches/decode_table.py sets them against PyTorch's
 //! SDPA and the copy bandwidth torch_decode.py measures in the same run. FA_BENCH_FILTER selects shapes;
-//! FA_DECODE_SPLITS=n fixes num_splits (default 0, the heuristic).
+//! FA_DECODE_SPLITS=n fixes num_splits (default 0, the heuristic); FA_DECODE_APPEND=1 appends one new
+//! key per row in every call (the serving step: append, then decode and combine).
 
 mod common;
 
@@ -29,16 +30,21 @@ fn main() {
     let mut c = common::criterion();
     let gpu = Device::Cuda(0);
     let target = Target::Cuda { ordinal: 0, stream: flash_attn::types::STREAM_LEGACY };
+    // FA_DECODE_APPEND=1: each call also appends one new key and value per row (`k_new`, `v_new`; the
+    // cache holds ctx - 1 keys before it, the same slot rewritten every call), rows named `.../new1`.
+    let append = std::env::var_os("FA_DECODE_APPEND").is_some();
+    let suffix = if append { "/new1" } else { "" };
     for ctx in [1024usize, 8192, 32768, 131072] {
         for b in [1usize, 8, 64] {
             let kv_bytes = 2 * b * ctx * HK * D * 2;
-            let names: Vec<(usize, usize, String)> = [1usize, 4].iter().flat_map(|&sq| [0usize, 16, 64, 256].map(move |page| (sq, page, format!("decode/sq{sq}/ctx{ctx}/b{b}/page{page}")))).filter(|n| selected(&n.2)).collect();
+            let names: Vec<(usize, usize, String)> = [1usize, 4].iter().flat_map(|&sq| [0usize, 16, 64, 256].map(move |page| (sq, page, format!("decode/sq{sq}/ctx{ctx}/b{b}/page{page}{suffix}")))).filter(|n| selected(&n.2)).collect();
             if kv_bytes > MAX_CACHE_BYTES || names.is_empty() {
                 continue;
             }
             // One cache per (context, batch), contiguous `[b, ctx, Hk, D]` or the same bytes as pages.
             let (k, v) = (filled(b * ctx * HK * D, 2), filled(b * ctx * HK * D, 3));
-            let seqlens = Tensor::from_i32(vec![ctx as i32; b], &[b]).unwrap().to_device(gpu).unwrap();
+            let seqlens = Tensor::from_i32(vec![(ctx - usize::from(append)) as i32; b], &[b]).unwrap().to_device(gpu).unwrap();
+            let (k_new, v_new) = (device_tensor(&[b, 1, HK, D], 4), device_tensor(&[b, 1, HK, D], 5));
             for (sq, page, name) in names {
                 let q = device_tensor(&[b, sq, HQ, D], 1);
                 let (shape, table) = if page == 0 {
@@ -64,8 +70,8 @@ fn main() {
                     v_cache: vc.view_mut(),
                     cache_seqlens: seqlens.view(),
                     block_table: table.as_ref().map(Tensor::view),
-                    k_new: None,
-                    v_new: None,
+                    k_new: append.then(|| k_new.view()),
+                    v_new: append.then(|| v_new.view()),
                     rotary_cos: None,
                     rotary_sin: None,
                     cache_batch_idx: None,

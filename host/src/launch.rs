@@ -26,6 +26,14 @@ fn choice(call: KernelChoice) -> KernelChoice {
     KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws, bwd_no_ws: call.bwd_no_ws || env.bwd_no_ws }
 }
 
+/// Whether a kernel that depends on the previous launch of the same call goes out as a programmatic
+/// dependent launch on `gpu` (the Hopper module's kernels wait for their predecessor with
+/// `griddepcontrol.wait`): not where `FLASH_ATTN_NO_PDL` is set (any value, read once; for A/B runs).
+fn pdl(gpu: &Gpu) -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    gpu.is_hopper() && !*OFF.get_or_init(|| std::env::var_os("FLASH_ATTN_NO_PDL").is_some())
+}
+
 /// Multiprocessors for the sm_90a module's wgmma kernels: a Hopper GPU unless `no_wgmma`.
 fn hopper_sms(gpu: &Gpu, k: KernelChoice) -> Option<usize> {
     (gpu.is_hopper() && !k.no_wgmma).then_some(gpu.sm_count)
@@ -80,6 +88,31 @@ fn length_addrs(varlen: Option<&VarlenViews<'_>>) -> [u64; 4] {
 unsafe fn queue<P>(f: Function, l: &Launch, params: &P, stream: usize) -> Result<()> {
     let mut args = [params as *const P as *mut std::ffi::c_void];
     unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
+    Ok(())
+}
+
+/// `queue` as a programmatic dependent launch: `f`'s blocks may start once every block of the
+/// previous kernel on `stream` has started (or triggered `launch_dependents`), and `f` waits for that
+/// kernel's completion at its `griddepcontrol.wait` before reading what it wrote.
+unsafe fn queue_dependent<P>(f: Function, l: &Launch, params: &P, stream: usize) -> Result<()> {
+    let mut args = [params as *const P as *mut std::ffi::c_void];
+    // SAFETY (zeroed): a plain C struct and union of integers.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: l.grid.0,
+        gridDimY: l.grid.1,
+        gridDimZ: l.grid.2,
+        blockDimX: l.block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: l.smem_bytes as u32,
+        hStream: stream as sys::CUstream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    unsafe { sys::cuLaunchKernelEx(&config, f.0, args.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
     Ok(())
 }
 
@@ -650,11 +683,20 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     let launch = crate::dispatch::kvcache_launch(&fp, ws.splits).ok_or(Error::HeadDim { got: p.head_dim })?;
     check_grid(launch.grid)?;
     if p.batch == 0 || p.seqlen_q == 0 || p.hq == 0 {
-        return unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) };
+        return unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }.map(|_| ());
     }
     let f = gpu.function(launch.kernel, launch.smem_bytes)?;
     let combine_f = if ws.partials.is_some() { Some(gpu.function(COMBINE_KERNEL_NAME, 0)?) } else { None };
-    unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }?;
+    let appended = unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }?;
+    // The decode kernels wait for the append at their start (`griddepcontrol.wait`), so on Hopper they go
+    // out as its programmatic dependents; the other kernels do not wait, so they follow it plainly.
+    let after_append = |f: Function, l: &Launch, params: &FwdParams| {
+        if appended && ws.decode && pdl(&gpu) {
+            unsafe { queue_dependent(f, l, params, stream) }
+        } else {
+            unsafe { queue(f, l, params, stream) }
+        }
+    };
 
     let q_shape = [p.batch, p.seqlen_q, p.hq, p.head_dim];
     let q_rot_strides = [p.seqlen_q * p.hq * p.head_dim, p.hq * p.head_dim, p.head_dim, 1];
@@ -671,7 +713,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     (params.cache_leftpad, params.seqused_k_add) = (opt(&t.cache_leftpad), kp.seqlen_new as i32);
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
     let Some((o_at, lse_at)) = ws.partials else {
-        return unsafe { queue(f, &l, &params, stream) };
+        return after_append(f, &l, &params);
     };
     // Split-KV: f32 partials, the o strides in 2-byte units (FwdParams::num_splits).
     let (d, hq, sq) = (p.head_dim as i64, p.hq as i64, p.seqlen_q as i64);
@@ -694,7 +736,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hq * sq, sq);
         ([b * sq * hq * d, sq * hq * d, hq * d, d], [b * hq * sq, hq * sq, sq, 1])
     };
-    unsafe { queue(f, &l, &params, stream) }?;
+    after_append(f, &l, &params)?;
     let out = |i: usize| t.out.strides[i] as i64;
     let cp = CombineParams {
         partial_out: params.o,
@@ -716,7 +758,8 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         pack: pack as i32,
     };
     let combine_f = combine_f.ok_or_else(|| Error::Cuda("internal: the combine kernel was not loaded".into()))?;
-    unsafe { queue_combine(combine_f, &cp, stream) }
+    // The decode kernels let the combine start early (`launch_dependents`); measured in RESULTS.md.
+    unsafe { queue_combine(combine_f, &cp, ws.decode && pdl(&gpu), stream) }
 }
 
 /// The caches as pages: a paged cache's, or a contiguous one's B_cache rows as pages of S_cache keys.
@@ -725,8 +768,8 @@ fn cache_pages(kp: &KvCacheProblem, t: &KvCacheViews<'_>) -> crate::problem::Pag
 }
 
 /// The append kernel (k_new / v_new into the caches, q turned into the workspace), where there is
-/// anything to append or turn.
-unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: KernelDType, ws: &KvWorkspace, ws_addr: u64, gpu: &Gpu, stream: usize) -> Result<()> {
+/// anything to append or turn: whether it was queued.
+unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: KernelDType, ws: &KvWorkspace, ws_addr: u64, gpu: &Gpu, stream: usize) -> Result<bool> {
     let p = &kp.fwd;
     let pairs = p.head_dim / 2;
     // A cache of no rows (or no blocks) has nowhere to put the new keys: the kernel clamps indices into
@@ -736,7 +779,7 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
     let q_items = if ws.q_rot.is_some() { p.batch * p.seqlen_q * p.hq * pairs } else { 0 };
     let items = append_items + q_items;
     if items == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let blocks = items.div_ceil(APPEND_THREADS);
     check_grid((blocks as u32, 1, 1))?;
@@ -786,7 +829,7 @@ unsafe fn kvcache_append(kp: &KvCacheProblem, t: &KvCacheViews<'_>, dtype: Kerne
         q_per_row: rot.is_some_and(|r| r.q_per_row) as i32,
     };
     let l = Launch { kernel: "", grid: (blocks as u32, 1, 1), block: APPEND_THREADS as u32, smem_bytes: 0 };
-    unsafe { queue(f, &l, &ap, stream) }
+    unsafe { queue(f, &l, &ap, stream) }.map(|()| true)
 }
 
 fn dtype_code(d: DType) -> i32 {
@@ -797,8 +840,9 @@ fn dtype_code(d: DType) -> i32 {
     }
 }
 
-/// The combine kernel with `cp` on `stream`: one warp per 32 columns of each output row.
-unsafe fn queue_combine(f: Function, cp: &CombineParams, stream: usize) -> Result<()> {
+/// The combine kernel with `cp` on `stream`: one warp per 32 columns of each output row; `dependent`:
+/// as a programmatic dependent launch (`queue_dependent`) of the kernel before it.
+unsafe fn queue_combine(f: Function, cp: &CombineParams, dependent: bool, stream: usize) -> Result<()> {
     if cp.rows == 0 {
         return Ok(());
     }
@@ -808,7 +852,11 @@ unsafe fn queue_combine(f: Function, cp: &CombineParams, stream: usize) -> Resul
         return Err(Error::TooLarge { arg: "partial_out", msg: format!("{} rows exceed the combine kernel's grid", cp.rows) });
     }
     let l = Launch { kernel: COMBINE_KERNEL_NAME, grid: (blocks as u32, 1, 1), block: (COMBINE_WARPS * 32) as u32, smem_bytes: 0 };
-    unsafe { queue(f, &l, cp, stream) }
+    if dependent {
+        unsafe { queue_dependent(f, &l, cp, stream) }
+    } else {
+        unsafe { queue(f, &l, cp, stream) }
+    }
 }
 
 /// The public combine on `stream`.
@@ -847,7 +895,7 @@ pub(crate) unsafe fn combine(cp: &CombineProblem, t: &CombineViews<'_>, ordinal:
         out_dtype: dtype_code(t.out.dtype),
         pack: 1,
     };
-    unsafe { queue_combine(f, &cpar, stream) }
+    unsafe { queue_combine(f, &cpar, false, stream) }
 }
 
 #[cfg(test)]

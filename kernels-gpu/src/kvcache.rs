@@ -196,6 +196,9 @@ const COMBINE_UNROLL: usize = 16;
 /// `COMBINE_UNROLL` loads in flight per lane (each a column), lane j holding split j's weight.
 #[unsafe(export_name = "flash_combine")]
 pub unsafe extern "ptx-kernel" fn combine(cp: CombineParams) {
+    // After the decode kernel, the host launches this one programmatically (Hopper): its blocks start
+    // while the decode's last ones run, and wait here for the partials.
+    crate::arch::sync::grid_dependency_wait();
     unsafe {
         match cp.in_dtype {
             DTYPE_F32 => combine_with::<PartialF32>(&cp),

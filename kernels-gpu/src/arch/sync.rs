@@ -32,3 +32,25 @@ pub fn named_arrive(id: u32, threads: u32) {
 pub fn sync_warp() {
     unsafe { asm!("bar.warp.sync 0xffffffff;", options(nostack)) }
 }
+
+/// `griddepcontrol.wait` (sm_90, programmatic dependent launch): block until the grids this one was
+/// launched after have completed and their memory is visible. Immediate for a grid launched without the
+/// programmatic-serialization attribute (the stream already ordered it); nothing before sm_90.
+#[inline(always)]
+pub fn grid_dependency_wait() {
+    #[cfg(fa_sm90)]
+    unsafe {
+        asm!("griddepcontrol.wait;", options(nostack))
+    }
+}
+
+/// `griddepcontrol.launch_dependents` (sm_90): once every block of this grid has run this (or exited),
+/// a grid launched after it with programmatic serialization may start; it still waits for this grid's
+/// completion at its `grid_dependency_wait`. Nothing before sm_90.
+#[inline(always)]
+pub fn launch_dependents() {
+    #[cfg(fa_sm90)]
+    unsafe {
+        asm!("griddepcontrol.launch_dependents;", options(nostack))
+    }
+}

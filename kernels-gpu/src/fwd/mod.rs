@@ -595,6 +595,12 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const
     };
     if DECODE {
         head.q_pack = p.q_pack;
+        // The combine after this grid (launched programmatically on Hopper) may start once every block
+        // of this one has: its blocks take the slots ours leave and wait for our partials.
+        crate::arch::sync::launch_dependents();
+        // After an append (launched programmatically after it on Hopper): its new keys and turned q
+        // before any read of the cache or q.
+        crate::arch::sync::grid_dependency_wait();
     }
     let sq = head.sq;
     let grid_m = grid_dim_x() as i32;
