@@ -91,10 +91,13 @@ unsafe fn queue<P>(f: Function, l: &Launch, params: &P, stream: usize) -> Result
     Ok(())
 }
 
-/// `queue` as a programmatic dependent launch: `f`'s blocks may start once every block of the
-/// previous kernel on `stream` has started (or triggered `launch_dependents`), and `f` waits for that
-/// kernel's completion at its `griddepcontrol.wait` before reading what it wrote.
-unsafe fn queue_dependent<P>(f: Function, l: &Launch, params: &P, stream: usize) -> Result<()> {
+/// `queue`, or where `dependent` as a programmatic dependent launch: `f`'s blocks may start once every
+/// block of the previous kernel on `stream` has started (or triggered `launch_dependents`), and `f` waits
+/// for that kernel's completion at its `griddepcontrol.wait` before reading what it wrote.
+unsafe fn queue_after<P>(f: Function, l: &Launch, params: &P, dependent: bool, stream: usize) -> Result<()> {
+    if !dependent {
+        return unsafe { queue(f, l, params, stream) };
+    }
     let mut args = [params as *const P as *mut std::ffi::c_void];
     // SAFETY (zeroed): a plain C struct and union of integers.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -690,13 +693,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     let appended = unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }?;
     // The decode kernels wait for the append at their start (`griddepcontrol.wait`), so on Hopper they go
     // out as its programmatic dependents; the other kernels do not wait, so they follow it plainly.
-    let after_append = |f: Function, l: &Launch, params: &FwdParams| {
-        if appended && ws.decode && pdl(&gpu) {
-            unsafe { queue_dependent(f, l, params, stream) }
-        } else {
-            unsafe { queue(f, l, params, stream) }
-        }
-    };
+    let after_append = appended && ws.decode && pdl(&gpu);
 
     let q_shape = [p.batch, p.seqlen_q, p.hq, p.head_dim];
     let q_rot_strides = [p.seqlen_q * p.hq * p.head_dim, p.hq * p.head_dim, p.head_dim, 1];
@@ -713,7 +710,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     (params.cache_leftpad, params.seqused_k_add) = (opt(&t.cache_leftpad), kp.seqlen_new as i32);
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
     let Some((o_at, lse_at)) = ws.partials else {
-        return after_append(f, &l, &params);
+        return unsafe { queue_after(f, &l, &params, after_append, stream) };
     };
     // Split-KV: f32 partials, the o strides in 2-byte units (FwdParams::num_splits).
     let (d, hq, sq) = (p.head_dim as i64, p.hq as i64, p.seqlen_q as i64);
@@ -736,7 +733,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hq * sq, sq);
         ([b * sq * hq * d, sq * hq * d, hq * d, d], [b * hq * sq, hq * sq, sq, 1])
     };
-    after_append(f, &l, &params)?;
+    unsafe { queue_after(f, &l, &params, after_append, stream) }?;
     let out = |i: usize| t.out.strides[i] as i64;
     let cp = CombineParams {
         partial_out: params.o,
@@ -841,7 +838,7 @@ fn dtype_code(d: DType) -> i32 {
 }
 
 /// The combine kernel with `cp` on `stream`: one warp per 32 columns of each output row; `dependent`:
-/// as a programmatic dependent launch (`queue_dependent`) of the kernel before it.
+/// as a programmatic dependent launch (`queue_after`) of the kernel before it.
 unsafe fn queue_combine(f: Function, cp: &CombineParams, dependent: bool, stream: usize) -> Result<()> {
     if cp.rows == 0 {
         return Ok(());
@@ -852,11 +849,7 @@ unsafe fn queue_combine(f: Function, cp: &CombineParams, dependent: bool, stream
         return Err(Error::TooLarge { arg: "partial_out", msg: format!("{} rows exceed the combine kernel's grid", cp.rows) });
     }
     let l = Launch { kernel: COMBINE_KERNEL_NAME, grid: (blocks as u32, 1, 1), block: (COMBINE_WARPS * 32) as u32, smem_bytes: 0 };
-    if dependent {
-        unsafe { queue_dependent(f, &l, cp, stream) }
-    } else {
-        unsafe { queue(f, &l, cp, stream) }
-    }
+    unsafe { queue_after(f, &l, cp, dependent, stream) }
 }
 
 /// The public combine on `stream`.
