@@ -25,6 +25,8 @@ const USAGE: &str = "usage: cargo xtask <ptx|ship-ptx|package-check|bundle|gen-w
                  .crate with `cargo +stable` (no nightly, no CUDA), and check cudarc's features compose
                  with candle-core's `cuda`
   bundle         build release test/CLI/bench binaries and PTX into bundle/ for the GPU machine
+                 (`bundle --only test-gpu_bwd,bench-bwd,example-sanitize,flash-attn`: just those
+                 binaries and the scripts, no PTX: a few MiB, so several variants fit one device call)
   gen-wgmma      write kernels-gpu/src/arch/wgmma_ops.rs";
 
 fn root() -> PathBuf {
@@ -37,7 +39,11 @@ fn main() -> ExitCode {
         Some("ptx") => cmd_ptx(),
         Some("ship-ptx") => cmd_ship_ptx(),
         Some("package-check") => package_check::run_check(&root()),
-        Some("bundle") => cmd_bundle(),
+        Some("bundle") => match (args.get(1).map(String::as_str), args.get(2)) {
+            (None, _) => cmd_bundle(),
+            (Some("--only"), Some(names)) => cmd_bundle_only(names),
+            _ => Err(USAGE.into()),
+        },
         Some("gen-wgmma") => {
             let path = root().join("kernels-gpu/src/arch/wgmma_ops.rs");
             std::fs::write(&path, wgmma::generate()).map_err(|e| format!("{}: {e}", path.display()))
@@ -291,6 +297,62 @@ fn cmd_bundle() -> Result<(), String> {
     run(Command::new("sh").current_dir(&root).arg("-c").arg("tar cf - bundle | xz -T1 --lzma2=preset=2,dict=256MiB > bundle.tar.xz"))?;
     let len = std::fs::metadata(&archive).map_err(|e| e.to_string())?.len();
     println!("archive: {} ({:.1} MiB); on the GPU machine: tar xJf bundle.tar.xz && cd bundle", archive.display(), len as f64 / (1 << 20) as f64);
+    Ok(())
+}
+
+/// `bundle --only a,b,...`: the named binaries (`test-NAME`, `bench-NAME`, `example-NAME`, `flash-attn`),
+/// stripped, and the bench scripts in `bundle/` and `bundle.tar.xz`, without the PTX folder: for A/B
+/// runs of several branches in one device call (each variant's archive is a few MiB).
+fn cmd_bundle_only(names: &str) -> Result<(), String> {
+    let root = root();
+    let bundle = root.join("bundle");
+    let _ = std::fs::remove_dir_all(&bundle);
+    std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut copied = Vec::new();
+    for name in names.split(',').filter(|n| !n.is_empty()) {
+        let dest = bundle.join(name);
+        if name == "flash-attn" {
+            run(Command::new(&cargo).current_dir(&root).args(["build", "--release", "--bin", "flash-attn"]))?;
+            std::fs::copy(root.join("target/release/flash-attn"), &dest).map_err(|e| e.to_string())?;
+        } else if let Some(example) = name.strip_prefix("example-") {
+            run(Command::new(&cargo).current_dir(&root).args(["build", "--release", "-p", "flash-attn", "--example", example]))?;
+            std::fs::copy(root.join("target/release/examples").join(example), &dest).map_err(|e| format!("copy example {example}: {e}"))?;
+        } else {
+            let (flag, target) = match name.split_once('-') {
+                Some(("test", t)) => ("--test", t),
+                Some(("bench", t)) => ("--bench", t),
+                _ => return Err(format!("bundle --only: `{name}` is not test-NAME, bench-NAME, example-NAME or flash-attn")),
+            };
+            let out = Command::new(&cargo)
+                .current_dir(&root)
+                .args(["test", "--release", "--no-run", "-p", "flash-attn", flag, target, "--message-format=json"])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!("building {name} failed"));
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let exe = stdout
+                .lines()
+                .filter(|l| json_str(l, "\"name\":") == Some(target))
+                .find_map(|l| json_str(l, "\"executable\":"))
+                .ok_or_else(|| format!("cargo built no executable for {name}"))?;
+            std::fs::copy(exe, &dest).map_err(|e| format!("copy {exe}: {e}"))?;
+        }
+        copied.push(dest);
+    }
+    for f in &copied {
+        let _ = Command::new("strip").arg(f).status();
+    }
+    let benches = std::fs::read_dir(root.join("benches")).map_err(|e| e.to_string())?;
+    for script in benches.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".sh") || n.ends_with(".py")) {
+        std::fs::copy(root.join("benches").join(&script), bundle.join(&script)).map_err(|e| format!("copy {script}: {e}"))?;
+    }
+    run(Command::new("sh").current_dir(&root).arg("-c").arg("tar cf - bundle | xz -T1 --lzma2=preset=2,dict=256MiB > bundle.tar.xz"))?;
+    let len = std::fs::metadata(root.join("bundle.tar.xz")).map_err(|e| e.to_string())?.len();
+    println!("archive: bundle.tar.xz ({:.1} MiB, {} binaries); copy it aside per variant, e.g. target/bundle-NAME.tar.xz", len as f64 / (1 << 20) as f64, copied.len());
     Ok(())
 }
 
