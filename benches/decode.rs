@@ -44,7 +44,7 @@ fn main() {
             // One cache per (context, batch), contiguous `[b, ctx, Hk, D]` or the same bytes as pages.
             let (k, v) = (filled(b * ctx * HK * D, 2), filled(b * ctx * HK * D, 3));
             let seqlens = Tensor::from_i32(vec![(ctx - usize::from(append)) as i32; b], &[b]).unwrap().to_device(gpu).unwrap();
-            let (k_new, v_new) = (device_tensor(&[b, 1, HK, D], 4), device_tensor(&[b, 1, HK, D], 5));
+            let new = append.then(|| (device_tensor(&[b, 1, HK, D], 4), device_tensor(&[b, 1, HK, D], 5)));
             for (sq, page, name) in names {
                 let q = device_tensor(&[b, sq, HQ, D], 1);
                 let (shape, table) = if page == 0 {
@@ -70,8 +70,8 @@ fn main() {
                     v_cache: vc.view_mut(),
                     cache_seqlens: seqlens.view(),
                     block_table: table.as_ref().map(Tensor::view),
-                    k_new: append.then(|| k_new.view()),
-                    v_new: append.then(|| v_new.view()),
+                    k_new: new.as_ref().map(|n| n.0.view()),
+                    v_new: new.as_ref().map(|n| n.1.view()),
                     rotary_cos: None,
                     rotary_sin: None,
                     cache_batch_idx: None,
