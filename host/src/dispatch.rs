@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
@@ -185,13 +185,15 @@ pub struct Launches {
     /// The dK/dV launch (the second) is the warp-specialized kernel, whose second parameter is the
     /// tensor maps (`params::BwdTmaMaps`).
     pub ws: bool,
+    /// The deterministic mode in order (`BwdParams::dq_sem`): one accumulator and the turn counters.
+    pub ordered: bool,
 }
 
 impl Launches {
     fn new(l: &[Launch], dq_splits: usize) -> Launches {
         let mut items = [l[0]; 3];
         items[..l.len()].copy_from_slice(l);
-        Launches { items, len: l.len(), dq_splits, ws: false }
+        Launches { items, len: l.len(), dq_splits, ws: false, ordered: false }
     }
 }
 
@@ -225,6 +227,18 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
     let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
+    // The deterministic mode in order: the warp-specialized kernel's `_det` twin, one CTA per key block
+    // (CTA x on block gx - 1 - x), each step's dq added after the CTA before it added its own, into one
+    // accumulator (the workspace holds one and the turn counters: `dq_copies >= 1`).
+    if let (true, true, false, Some(_), Some(kernel)) = (deterministic, ws, mods, hopper_sms, bwd_ws_det_kernel_name(p.head_dim, dtype)) {
+        if dq_copies >= 1 && !chain_all {
+            let gx = bwd_wg_key_blocks(p) as u32;
+            let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) };
+            let mut l = if gx == 1 { Launches::new(&[prep, main], 1) } else { Launches::new(&[prep, main, convert], 1) };
+            (l.ws, l.ordered) = (true, true);
+            return Some(l);
+        }
+    }
     if let (Some(sms), Some(kernel)) = (hopper_sms, wg_kernel) {
         let (gx, splits) = match deterministic {
             false => (if chain_all { 1 } else { bwd_wg_grid_x(p, sms) }, 1),
@@ -402,8 +416,8 @@ mod tests {
     }
 
     /// The warp-specialized dK/dV kernel: where allowed, in the default mode without score modifiers at
-    /// head dims 64, 96 and 128, in the wgmma kernel's grid with 384 threads; never in deterministic mode,
-    /// with modifiers, at other head dims or without sm_90a.
+    /// head dims 64, 96 and 128, in the wgmma kernel's grid with 384 threads, and its ordered twin in
+    /// deterministic mode; never with modifiers, at other head dims or without sm_90a.
     #[test]
     fn hopper_backward_takes_the_warp_specialized_kernel_where_it_exists() {
         for d in [32, 64, 96, 128, 192, 256] {
@@ -422,7 +436,17 @@ mod tests {
                 } else {
                     assert_eq!(ws, wg, "{at}");
                 }
-                assert!(!bwd_launches(&p, true, Some(132), false, 1, true).unwrap().ws, "{at}");
+                // Deterministic: the ordered `_det` twin where the ws kernel exists and the workspace
+                // holds an accumulator, one CTA per key block; else the split wgmma kernel.
+                let det = bwd_launches(&p, true, Some(132), false, 1, true).unwrap();
+                assert_eq!((det.ws, det.ordered), (ws.ws, ws.ws), "{at}");
+                if det.ordered {
+                    assert_eq!(det[1].kernel, format!("{}_det", ws[1].kernel), "{at}");
+                    assert_eq!((det[1].grid.0 as usize, det.dq_splits), (s.div_ceil(128), 1), "{at}");
+                    assert_eq!(det.len(), if s <= 128 { 2 } else { 3 }, "{at}");
+                }
+                assert!(!bwd_launches(&p, true, Some(132), false, 1, false).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, true, Some(132), false, 0, true).unwrap().ordered, "{at}");
                 assert!(!bwd_launches(&p, false, None, false, 1, true).unwrap().ws, "{at}");
             }
         }

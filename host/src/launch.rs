@@ -396,6 +396,9 @@ fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BwdWorkspace {
     pub dq_accum: Option<usize>,
+    /// The ordered deterministic mode's turn counters (`BwdParams::dq_sem`: u32 `[rows][Hq][2]`), after
+    /// the accumulator copies: in deterministic mode with at least one copy.
+    pub dq_sem: Option<usize>,
     pub lse_log2: usize,
     pub delta: usize,
     pub bytes: usize,
@@ -433,9 +436,12 @@ impl BwdWorkspace {
         let accums = accum.checked_mul(copies).ok_or_else(too_large)?;
         let bytes = accums.checked_add(2 * lse_bytes).ok_or_else(too_large)?;
         Ok(if deterministic {
-            BwdWorkspace { dq_accum: (copies > 0).then_some(2 * lse_bytes), lse_log2: 0, delta: lse_bytes, bytes, dq_copies: copies, accum_bytes: accum }
+            // Two u32 counters per row and head: twice the LSE's 4 bytes.
+            let sems = if copies > 0 { 2 * lse_bytes } else { 0 };
+            let total = bytes.checked_add(sems).ok_or_else(too_large)?;
+            BwdWorkspace { dq_accum: (copies > 0).then_some(2 * lse_bytes), dq_sem: (copies > 0).then_some(bytes), lse_log2: 0, delta: lse_bytes, bytes: total, dq_copies: copies, accum_bytes: accum }
         } else {
-            BwdWorkspace { dq_accum: Some(0), lse_log2: accum, delta: accum + lse_bytes, bytes, dq_copies: 1, accum_bytes: accum }
+            BwdWorkspace { dq_accum: Some(0), dq_sem: None, lse_log2: accum, delta: accum + lse_bytes, bytes, dq_copies: 1, accum_bytes: accum }
         })
     }
 
@@ -446,7 +452,8 @@ impl BwdWorkspace {
         if !deterministic || bytes <= min.bytes {
             return Ok(min);
         }
-        let copies = ((bytes - min.bytes) / min.accum_bytes).min(crate::dispatch::DQ_COPIES_MAX);
+        // With copies come the turn counters (as large as lse_log2 and D together: `min.delta` each).
+        let copies = ((bytes - min.bytes).saturating_sub(2 * min.delta) / min.accum_bytes).min(crate::dispatch::DQ_COPIES_MAX);
         Self::with_copies(q_shape, deterministic, copies)
     }
 }
@@ -560,6 +567,12 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         dqa_split_stride: if launches.dq_splits > 1 { (ws.accum_bytes / 4) as i64 } else { 0 },
         dq_splits: launches.dq_splits as i32,
         _pad2: 0,
+        // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
+        dq_sem: match (launches.ordered, ws.dq_sem) {
+            (true, Some(o)) => ws_addr + o as u64,
+            _ => 0,
+        },
+        sem_batch_stride: if p.varlen { 0 } else { 2 * (p.seqlen_q * p.hq) as i64 },
     };
     // The tensor maps travel as the warp-specialized kernel's second parameter (built before any launch).
     let maps = if launches.ws { Some(bwd_tma_maps(bp, t)?) } else { None };
@@ -903,13 +916,16 @@ mod tests {
             let plain = BwdWorkspace::for_q_shape(&shape, false).unwrap();
             assert_eq!((plain.dq_accum, plain.dq_copies), (Some(0), 1));
             let min = BwdWorkspace::for_q_shape(&shape, true).unwrap();
-            assert_eq!((min.dq_accum, min.dq_copies), (None, 0));
+            assert_eq!((min.dq_accum, min.dq_copies, min.dq_sem), (None, 0, None));
             assert!(min.bytes < plain.bytes);
             for copies in [1, 3, 16] {
                 let w = BwdWorkspace::with_copies(&shape, true, copies).unwrap();
                 let lse = w.delta - w.lse_log2;
                 assert_eq!(w.dq_accum, Some(2 * lse));
-                assert_eq!(w.bytes, 2 * lse + copies * w.accum_bytes);
+                // The turn counters after the copies: two u32 per row and head.
+                assert_eq!(w.dq_sem, Some(2 * lse + copies * w.accum_bytes));
+                assert_eq!(w.bytes, 4 * lse + copies * w.accum_bytes);
+                assert!(2 * lse >= shape.iter().product::<usize>() / shape[shape.len() - 1] * 8);
                 assert!([w.lse_log2, w.delta, w.accum_bytes].iter().all(|x| x % 256 == 0));
                 assert!(w.accum_bytes >= shape.iter().product::<usize>() * 4);
                 for extra in [0, 255, w.accum_bytes - 1] {

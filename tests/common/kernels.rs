@@ -90,10 +90,12 @@ pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelCho
     if hopper() && !choice.no_wgmma && variants::bwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
         // (Deterministic: through the `Tensor` API, whose workspace holds the split dq accumulators.)
         let chained = choice.bwd_chain_all && max_seqlen_k > variants::bwd_wg_block_n(d);
-        let ws = !deterministic && !choice.bwd_no_ws && variants::bwd_ws_kernel_name(d, kernel_dtype(dtype)).is_some();
+        let ws = !choice.bwd_no_ws && variants::bwd_ws_kernel_name(d, kernel_dtype(dtype)).is_some();
         match (deterministic, chained) {
             (false, false) if ws => "wgmma ws",
             (false, true) if ws => "wgmma ws chained",
+            // The ordered twin (one accumulator, turn counters), not under bwd_chain_all.
+            (true, _) if ws && !choice.bwd_chain_all => "wgmma ws deterministic ordered",
             (false, false) => "wgmma",
             (false, true) => "wgmma chained",
             (true, false) => "wgmma deterministic",

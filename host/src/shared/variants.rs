@@ -474,6 +474,11 @@ macro_rules! bwd_ws_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
+        /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.
+        pub fn bwd_ws_det_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_det")); })*
+            None
+        }
     };
 }
 for_each_bwd_ws_variant!(bwd_ws_name_lookup);
