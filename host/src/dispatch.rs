@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
@@ -227,15 +227,22 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
     let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
-    // The deterministic mode in order: the warp-specialized kernel's `_det` twin, one CTA per key block
-    // (CTA x on block gx - 1 - x), each step's dq added after the CTA before it added its own, into one
-    // accumulator (the workspace holds one and the turn counters: `dq_copies >= 1`).
-    if let (true, true, false, Some(_), Some(kernel)) = (deterministic, ws, mods, hopper_sms, bwd_ws_det_kernel_name(p.head_dim, dtype)) {
-        if dq_copies >= 1 && !chain_all {
+    // The deterministic mode in order: the `_det` twin of the warp-specialized kernel (where allowed) or
+    // of the wgmma one, one CTA per key block (CTA x on block gx - 1 - x), each step's dq added after the
+    // CTA before it added its own, into one accumulator (the workspace holds one and the turn counters:
+    // `dq_copies >= 1`).
+    if deterministic && !mods && !chain_all && dq_copies >= 1 && hopper_sms.is_some() {
+        let ws_det = if ws { bwd_ws_det_kernel_name(p.head_dim, dtype) } else { None };
+        let main = match (ws_det, bwd_wg_det_kernel_name(p.head_dim, dtype)) {
+            (Some(kernel), _) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) }),
+            (None, Some(kernel)) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) }),
+            (None, None) => None,
+        };
+        if let Some(mut main) = main {
             let gx = bwd_wg_key_blocks(p) as u32;
-            let main = Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) };
+            main.grid = (gx, p.hk as u32, z);
             let mut l = if gx == 1 { Launches::new(&[prep, main], 1) } else { Launches::new(&[prep, main, convert], 1) };
-            (l.ws, l.ordered) = (true, true);
+            (l.ws, l.ordered) = (ws_det.is_some(), true);
             return Some(l);
         }
     }
@@ -436,31 +443,42 @@ mod tests {
                 } else {
                     assert_eq!(ws, wg, "{at}");
                 }
-                // Deterministic: the ordered `_det` twin where the ws kernel exists and the workspace
-                // holds an accumulator, one CTA per key block; else the split wgmma kernel.
-                let det = bwd_launches(&p, true, Some(132), false, 1, true).unwrap();
-                assert_eq!((det.ws, det.ordered), (ws.ws, ws.ws), "{at}");
-                if det.ordered {
-                    assert_eq!(det[1].kernel, format!("{}_det", ws[1].kernel), "{at}");
-                    assert_eq!((det[1].grid.0 as usize, det.dq_splits), (s.div_ceil(128), 1), "{at}");
-                    assert_eq!(det.len(), if s <= 128 { 2 } else { 3 }, "{at}");
+                // Deterministic where the workspace holds an accumulator: the ordered `_det` twin of the
+                // ws kernel where it exists and is allowed, else of the wgmma kernel; one CTA per key block.
+                let n = s.div_ceil(bwd_wg_block_n(d));
+                for allow_ws in [true, false] {
+                    let det = bwd_launches(&p, true, Some(132), false, 1, allow_ws).unwrap();
+                    let at = format!("{at} ws allowed {allow_ws}");
+                    if d == 32 {
+                        assert!(!det.ordered && !det.ws, "{at}");
+                        continue;
+                    }
+                    assert!(det.ordered, "{at}");
+                    assert_eq!(det.ws, allow_ws && ws.ws, "{at}");
+                    let twin = if det.ws { &ws[1] } else { &wg[1] };
+                    assert_eq!(det[1].kernel, format!("{}_det", twin.kernel), "{at}");
+                    assert_eq!((det[1].block, det[1].smem_bytes), (twin.block, twin.smem_bytes), "{at}");
+                    assert_eq!((det[1].grid.0 as usize, det.dq_splits), (n, 1), "{at}");
+                    assert_eq!(det.len(), if n == 1 { 2 } else { 3 }, "{at}");
                 }
-                assert!(!bwd_launches(&p, true, Some(132), false, 1, false).unwrap().ordered, "{at}");
                 assert!(!bwd_launches(&p, true, Some(132), false, 0, true).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, true, Some(132), true, 1, true).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, true, None, false, 1, true).unwrap().ordered, "{at}");
                 assert!(!bwd_launches(&p, false, None, false, 1, true).unwrap().ws, "{at}");
             }
         }
     }
 
-    /// The deterministic backward on Hopper: the wgmma kernel wherever the workspace holds a dq copy, its
-    /// grid x the split count (each split its own copy, never more than the copies or the key blocks),
-    /// two launches when one CTA walks every key block (it converts dq itself); the mma.sync kernels and
-    /// the dq kernel without copies or without sm_90a.
+    /// The deterministic backward on Hopper with score modifiers (no ordered twin): the wgmma kernel
+    /// wherever the workspace holds a dq copy, its grid x the split count (each split its own copy, never
+    /// more than the copies or the key blocks), two launches when one CTA walks every key block (it
+    /// converts dq itself); the mma.sync kernels and the dq kernel without copies or without sm_90a.
     #[test]
     fn deterministic_hopper_backward_splits_key_blocks_over_dq_copies() {
+        let alibi = Some(crate::problem::Alibi { batch_stride: 0, head_stride: 1 });
         for d in [64, 96, 128, 192, 256] {
             for (s, b, h, causal) in [(1024, 2, 4, false), (8192, 2, 16, true), (512, 32, 32, false), (300, 1, 1, true), (16384, 1, 8, false)] {
-                let p = problem(d, s, b, h, causal, false);
+                let p = Problem { alibi, ..problem(d, s, b, h, causal, false) };
                 let n = s.div_ceil(bwd_wg_block_n(d));
                 for copies in [0, 1, 2, 5, DQ_COPIES_MAX] {
                     let l = bwd_launches(&p, true, Some(132), false, copies, false).unwrap();

@@ -94,8 +94,10 @@ pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelCho
         match (deterministic, chained) {
             (false, false) if ws => "wgmma ws",
             (false, true) if ws => "wgmma ws chained",
-            // The ordered twin (one accumulator, turn counters), not under bwd_chain_all.
+            // The ordered twins (one accumulator, turn counters; without score modifiers), not under
+            // bwd_chain_all.
             (true, _) if ws && !choice.bwd_chain_all => "wgmma ws deterministic ordered",
+            (true, _) if !choice.bwd_chain_all => "wgmma deterministic ordered",
             (false, false) => "wgmma",
             (false, true) => "wgmma chained",
             (true, false) => "wgmma deterministic",
@@ -133,6 +135,8 @@ pub fn no_ws(family: &'static str) -> &'static str {
     match family {
         "wgmma ws" => "wgmma",
         "wgmma ws chained" => "wgmma chained",
+        // Score modifiers have no ordered deterministic twin: the split copies.
+        "wgmma ws deterministic ordered" | "wgmma deterministic ordered" => "wgmma deterministic",
         f => f,
     }
 }

@@ -509,6 +509,11 @@ macro_rules! bwd_wg_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
             None
         }
+        /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.
+        pub fn bwd_wg_det_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_det")); })*
+            None
+        }
     };
 }
 for_each_bwd_wg_variant!(bwd_wg_name_lookup);

@@ -309,13 +309,14 @@ fn successor(a: &KvArgs) -> Option<KvArgs> {
 /// the query blocks that see the keys; dQ contributions go to the accumulator (always present here).
 /// During its last step it starts the copies of its successor (if that has steps). Returns its step count.
 #[inline(always)]
-unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
+unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
     let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
         return 0;
     }
+    let turn = if ORDERED { DqTurn::of(p, a, BN as i32, BM as i32) } else { DqTurn { x: 0, pred: (0, 0) } };
     if !pipe.prefetched {
         unsafe {
             load_kv::<D>(p, a, base, pipe.kv, tid);
@@ -372,7 +373,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
 
         // dQ: at d64 on the warpgroups in turn (even steps warpgroup 0, odd steps 1).
         if D != 64 || wg == (it & 1) as u32 {
-            unsafe { step_dq::<E, D, false>(p, a, ds_s, k_s, h, m0, wg, warp, g, t, &DqTurn { x: 0, pred: (0, 0) }) };
+            unsafe { step_dq::<E, D, ORDERED>(p, a, ds_s, k_s, h, m0, wg, warp, g, t, &turn) };
         }
         // dV and dK have landed; P^T and dS^T fragments stay live until here.
         wait_acc::<0, DN>(acc_dv);
@@ -390,7 +391,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 /// With grid x = 1 also dq of the group's rows (see the end).
 #[inline(always)]
-unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams) {
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
@@ -401,7 +402,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
     // Key blocks x, x + gx, ...: the host gives a CTA one key block, or all of them (grid x = 1,
     // `bwd_wg_grid_x`), each one's first copies then overlapping its predecessor's last step.
     let mut pipe = Pipe { kv: 0, stage0: 0, prefetched: false };
-    let mut n_block = block_idx_x() as i32;
+    // The ordered deterministic mode (`ORDERED`, bwd/ws.rs): one key block per CTA, in reverse.
+    let mut n_block = if ORDERED { (grid_dim_x() - 1 - block_idx_x()) as i32 } else { block_idx_x() as i32 };
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc_dk = [[0f32; 4]; DN];
@@ -409,7 +411,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         let mut prefetched = false;
         if n0 < sk.used {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
-            let steps = unsafe { block::<E, D, DN, MODS>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
+            let steps = unsafe { block::<E, D, DN, MODS, ORDERED>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
             if steps > 0 {
                 pipe.kv ^= 1;
                 pipe.stage0 ^= steps & 1;
@@ -440,14 +442,14 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
 /// wide.rs above (only the one a head dim runs is instantiated).
 pub(super) struct Dim<const D: usize>;
 pub(super) trait Kernel {
-    unsafe fn run<E: WgElem, const MODS: bool>(p: &BwdParams);
+    unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams);
 }
 macro_rules! dim_kernel {
     ($($d:literal => $entry:ident),*) => {$(
         impl Kernel for Dim<$d> {
             #[inline(always)]
-            unsafe fn run<E: WgElem, const MODS: bool>(p: &BwdParams) {
-                unsafe { $entry::<E, $d, { ($d as usize).div_ceil(64) * 8 }, MODS>(p) }
+            unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
+                unsafe { $entry::<E, $d, { ($d as usize).div_ceil(64) * 8 }, MODS, ORDERED>(p) }
             }
         }
     )*};
@@ -460,11 +462,16 @@ macro_rules! bwd_wg_kernels {
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, false>(&p) }
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, false>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, true>(&p) }
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, true, false>(&p) }
+            }
+            // The ordered deterministic mode (`BwdParams::dq_sem`).
+            #[unsafe(export_name = concat!($name, "_det"))]
+            pub unsafe extern "ptx-kernel" fn kernel_det(p: BwdParams) {
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, true>(&p) }
             }
         };
     )*};
