@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
@@ -216,7 +216,7 @@ impl std::ops::Deref for Launches {
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
 /// `ws`: the default mode without score modifiers runs the warp-specialized dK/dV kernel (head dims 64,
 /// 96, 128) in the wgmma kernel's grid (the caller checked that the copy engine can address the operands).
-pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool) -> Option<Launches> {
+pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool, ordered_all: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let mods = Twin::of(p) == Twin::Mods;
     let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
@@ -231,7 +231,7 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     // of the wgmma one, one CTA per key block (CTA x on block gx - 1 - x), each step's dq added after the
     // CTA before it added its own, into one accumulator (the workspace holds one and the turn counters:
     // `dq_copies >= 1`).
-    if deterministic && !mods && !chain_all && dq_copies >= 1 && hopper_sms.is_some() {
+    if deterministic && !mods && !chain_all && dq_copies >= 1 && hopper_sms.is_some() && (ordered_all || bwd_ordered_by_default(p.head_dim)) {
         let ws_det = if ws { bwd_ws_det_kernel_name(p.head_dim, dtype) } else { None };
         let main = match (ws_det, bwd_wg_det_kernel_name(p.head_dim, dtype)) {
             (Some(kernel), _) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) }),
@@ -414,10 +414,10 @@ mod tests {
             assert!(f.smem_bytes <= 227 * 1024);
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
-                let b = bwd_launches(&p, det, Some(132), false, 0, false).unwrap();
+                let b = bwd_launches(&p, det, Some(132), false, 0, false, false).unwrap();
                 assert_eq!(b[1].kernel.contains("_wg_"), !det && d != 32, "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
-                assert!(!bwd_launches(&p, det, None, false, 0, false).unwrap()[1].kernel.contains("_wg_"));
+                assert!(!bwd_launches(&p, det, None, false, 0, false, false).unwrap()[1].kernel.contains("_wg_"));
             }
         }
     }
@@ -430,8 +430,8 @@ mod tests {
         for d in [32, 64, 96, 128, 192, 256] {
             for (s, b, h, causal, varlen) in [(1024, 2, 4, false, false), (512, 32, 32, true, false), (300, 3, 2, true, true)] {
                 let p = problem(d, s, b, h, causal, varlen);
-                let wg = bwd_launches(&p, false, Some(132), false, 1, false).unwrap();
-                let ws = bwd_launches(&p, false, Some(132), false, 1, true).unwrap();
+                let wg = bwd_launches(&p, false, Some(132), false, 1, false, false).unwrap();
+                let ws = bwd_launches(&p, false, Some(132), false, 1, true, false).unwrap();
                 let at = format!("d{d} s{s} b{b} h{h} causal {causal} varlen {varlen}");
                 assert!(!wg.ws, "{at}");
                 assert_eq!(ws.ws, matches!(d, 64 | 96 | 128), "{at}");
@@ -446,10 +446,12 @@ mod tests {
                 // Deterministic where the workspace holds an accumulator: the ordered `_det` twin of the
                 // ws kernel where it exists and is allowed, else of the wgmma kernel; one CTA per key block.
                 let n = s.div_ceil(bwd_wg_block_n(d));
-                for allow_ws in [true, false] {
-                    let det = bwd_launches(&p, true, Some(132), false, 1, allow_ws).unwrap();
-                    let at = format!("{at} ws allowed {allow_ws}");
-                    if d == 32 {
+                // By default only at the head dims where it measured faster (bwd_ordered_by_default);
+                // `ordered_all` everywhere.
+                for (allow_ws, all) in [(true, true), (false, true), (true, false), (false, false)] {
+                    let det = bwd_launches(&p, true, Some(132), false, 1, allow_ws, all).unwrap();
+                    let at = format!("{at} ws allowed {allow_ws} ordered_all {all}");
+                    if d == 32 || !(all || bwd_ordered_by_default(d)) {
                         assert!(!det.ordered && !det.ws, "{at}");
                         continue;
                     }
@@ -461,10 +463,10 @@ mod tests {
                     assert_eq!((det[1].grid.0 as usize, det.dq_splits), (n, 1), "{at}");
                     assert_eq!(det.len(), if n == 1 { 2 } else { 3 }, "{at}");
                 }
-                assert!(!bwd_launches(&p, true, Some(132), false, 0, true).unwrap().ordered, "{at}");
-                assert!(!bwd_launches(&p, true, Some(132), true, 1, true).unwrap().ordered, "{at}");
-                assert!(!bwd_launches(&p, true, None, false, 1, true).unwrap().ordered, "{at}");
-                assert!(!bwd_launches(&p, false, None, false, 1, true).unwrap().ws, "{at}");
+                assert!(!bwd_launches(&p, true, Some(132), false, 0, true, false).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, true, Some(132), true, 1, true, false).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, true, None, false, 1, true, false).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, false, None, false, 1, true, false).unwrap().ws, "{at}");
             }
         }
     }
@@ -481,7 +483,7 @@ mod tests {
                 let p = Problem { alibi, ..problem(d, s, b, h, causal, false) };
                 let n = s.div_ceil(bwd_wg_block_n(d));
                 for copies in [0, 1, 2, 5, DQ_COPIES_MAX] {
-                    let l = bwd_launches(&p, true, Some(132), false, copies, false).unwrap();
+                    let l = bwd_launches(&p, true, Some(132), false, copies, false, false).unwrap();
                     let at = format!("d{d} s{s} b{b} h{h} copies {copies}");
                     if copies == 0 {
                         assert!(!l[1].kernel.contains("_wg_"), "{at}");
@@ -497,8 +499,8 @@ mod tests {
                     if bwd_wg_grid_x(&p, 132) == 1 {
                         assert_eq!(splits, 1, "{at}");
                     }
-                    assert_eq!(bwd_launches(&p, true, Some(132), true, copies, false).unwrap()[1].grid.0, 1, "{at} chain_all");
-                    assert!(!bwd_launches(&p, true, None, false, copies, false).unwrap()[1].kernel.contains("_wg_"), "{at}");
+                    assert_eq!(bwd_launches(&p, true, Some(132), true, copies, false, false).unwrap()[1].grid.0, 1, "{at} chain_all");
+                    assert!(!bwd_launches(&p, true, None, false, copies, false, false).unwrap()[1].kernel.contains("_wg_"), "{at}");
                 }
             }
         }
@@ -515,7 +517,7 @@ mod tests {
     /// per CTA and the convert pass.
     #[test]
     fn hopper_backward_grid_chains_only_where_measured_to_help() {
-        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false, 1, false).unwrap();
+        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false, 1, false, false).unwrap();
         let gx = |d, s, b, h, causal, varlen| launches(d, s, b, h, causal, varlen)[1].grid.0;
         assert_eq!(gx(64, 512, 32, 32, true, false), 1); // 1024 pairs, Q/dO 17 MB
         assert_eq!(launches(64, 512, 32, 32, false, false).len(), 2);
@@ -613,7 +615,7 @@ mod tests {
                     // Backward: every launch as the plain one's, the dK/dV / dq kernels renamed.
                     let (dkdv, dq) = bwd_mods_kernel_names(d, kd).unwrap();
                     for (det, sms, chain) in [(false, None, false), (true, None, false), (false, Some(132), false), (true, Some(132), false), (false, Some(132), true)] {
-                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0, false).unwrap(), bwd_launches(&plain, det, sms, chain, 0, false).unwrap());
+                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0, false, false).unwrap(), bwd_launches(&plain, det, sms, chain, 0, false, false).unwrap());
                         assert_eq!(b.len(), b0.len(), "{at} det {det}");
                         let wg = sms.is_some() && !det && bwd_wg_kernel_name(d, kd).is_some();
                         for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {

@@ -17,13 +17,13 @@ use std::sync::OnceLock;
 fn env_choice() -> KernelChoice {
     static ENV: OnceLock<KernelChoice> = OnceLock::new();
     let set = |name| std::env::var_os(name).is_some();
-    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS"), bwd_no_ws: set("FLASH_ATTN_BWD_NO_WS") })
+    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS"), bwd_no_ws: set("FLASH_ATTN_BWD_NO_WS"), bwd_ordered_all: set("FLASH_ATTN_BWD_ORDERED_ALL") })
 }
 
 /// The kernel choice in force: the call's, or the environment's where it forces one.
 fn choice(call: KernelChoice) -> KernelChoice {
     let env = env_choice();
-    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws, bwd_no_ws: call.bwd_no_ws || env.bwd_no_ws }
+    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws, bwd_no_ws: call.bwd_no_ws || env.bwd_no_ws, bwd_ordered_all: call.bwd_ordered_all || env.bwd_ordered_all }
 }
 
 /// Whether a kernel that depends on the previous launch of the same call goes out as a programmatic
@@ -470,7 +470,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
     let k = choice(kernels);
     // The warp-specialized dK/dV kernel where the copy engine can address q, k, v and dout.
     let ws_ok = !k.bwd_no_ws && [(&t.q, &p.q), (&t.k, &p.k), (&t.v, &p.v), (&t.dout, &bp.dout)].iter().all(|(v, st)| copy_addressable(v, st, !p.varlen));
-    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all, ws.dq_copies, ws_ok).ok_or(Error::HeadDim { got: p.head_dim })?;
+    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all, ws.dq_copies, ws_ok, k.bwd_ordered_all).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in launches.iter() {
         check_grid(l.grid)?;
     }
