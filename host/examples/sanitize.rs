@@ -24,8 +24,12 @@
 //!   through cache_batch_idx and over pages, the paged forward for many query rows and for ALiBi (with
 //!   the modifiers' runs), split and not; and the public combine.
 //!
-//! The deterministic backward is mma.sync under any choice, and so is everything at head dim 32: each
-//! runs once.
+//! - wgmma's deterministic backward (the workspace holds the accumulator copies): the ordered `_det`
+//!   twins at head dims 192 and 256 (prep, dK/dV with the turn counters, convert), the split copies at
+//!   64-128 (prep, dK/dV, the ordered sum of the copies), and there the ordered twin too
+//!   (`bwd_ordered_all`, without score modifiers).
+//!
+//! Everything at head dim 32 is mma.sync under any choice: it runs once.
 //! Every run above runs twice: as described, and with the score modifiers (the `_mods` kernels and the
 //! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
 //! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
@@ -51,11 +55,12 @@ mod variants;
 use flash_attn::{bwd_with, combine, fwd, fwd_kvcache, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, DType, Device, Dropout, Extras, KernelChoice, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
 use std::time::Instant;
 
-const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
-const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
-const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false };
-const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false };
-const NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: true };
+const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
+const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
+const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
+const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false, bwd_ordered_all: false };
+const ORDERED_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: true };
+const NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: true, bwd_ordered_all: false };
 
 /// Dense problem: (b, sq, sk, hq, hk).
 const DENSE: (usize, usize, usize, usize, usize) = (2, 190, 280, 2, 1);
@@ -117,6 +122,9 @@ struct Plan {
     /// The default backward is the warp-specialized one (head dims 64-128): the `fwd_no_ws` run then
     /// also runs the backward without it (`bwd_no_ws`), without score modifiers.
     ws_bwd: bool,
+    /// The deterministic backward's default is the split accumulator copies (head dims 64-128): the
+    /// ordered `_det` twin also runs (`bwd_ordered_all`), without score modifiers.
+    ordered_opt_in: bool,
     /// Keys per block of the Hopper dK/dV kernel at this head dim.
     wg_block_n: usize,
     /// Runs without and with the score modifiers.
@@ -131,6 +139,7 @@ impl Plan {
             wg_fwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some(),
             wg_bwd: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some(),
             ws_bwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some() && variants::bwd_ws_kernel_name(d, kd).is_some(),
+            ordered_opt_in: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some() && !variants::bwd_ordered_by_default(d),
             wg_block_n: variants::bwd_wg_block_n(d),
             mods,
         }
@@ -156,12 +165,14 @@ impl Plan {
             n += fwd;
         }
         if self.wg_bwd {
-            n += wg(blocks(DENSE.2)) + wg(blocks(max_k)) + 2 * wg(1);
+            // Default, deterministic (ordered or split copies: one CTA or split per key block here), chained.
+            n += 2 * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2 * wg(1);
         }
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
         let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd);
         let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
-        (per_mask + no_ws_bwd) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.kv_launches()
+        let ordered = usize::from(self.ordered_opt_in && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
+        (per_mask + no_ws_bwd + ordered) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.kv_launches()
     }
     /// The KV-cache cases' launches (run once per dtype and head dim, with the mma.sync family): the
     /// append, the attention, the combine (decode: always; else where split), the public combine.
@@ -328,7 +339,11 @@ fn main() -> flash_attn::Result<()> {
                     run(NO_WGMMA, "mma.sync", &[(NO_WGMMA, false, "mma.sync bwd"), (NO_WGMMA, true, "mma.sync deterministic bwd")], mods)?;
                 }
                 if plan.wg_fwd || plan.wg_bwd {
-                    let bwds: &[(KernelChoice, bool, &str)] = if plan.wg_bwd { &[(DEFAULT, false, "wgmma bwd"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")] } else { &[] };
+                    let bwds: &[(KernelChoice, bool, &str)] = match (plan.wg_bwd, plan.ordered_opt_in && !mods) {
+                        (false, _) => &[],
+                        (true, false) => &[(DEFAULT, false, "wgmma bwd"), (DEFAULT, true, "wgmma deterministic bwd"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")],
+                        (true, true) => &[(DEFAULT, false, "wgmma bwd"), (DEFAULT, true, "wgmma deterministic bwd"), (ORDERED_ALL, true, "wgmma deterministic ordered bwd (bwd_ordered_all)"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")],
+                    };
                     run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, bwds, mods)?;
                 }
                 if plan.wg_fwd {

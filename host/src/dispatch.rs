@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
@@ -185,13 +185,15 @@ pub struct Launches {
     /// The dK/dV launch (the second) is the warp-specialized kernel, whose second parameter is the
     /// tensor maps (`params::BwdTmaMaps`).
     pub ws: bool,
+    /// The deterministic mode in order (`BwdParams::dq_sem`): one accumulator and the turn counters.
+    pub ordered: bool,
 }
 
 impl Launches {
     fn new(l: &[Launch], dq_splits: usize) -> Launches {
         let mut items = [l[0]; 3];
         items[..l.len()].copy_from_slice(l);
-        Launches { items, len: l.len(), dq_splits, ws: false }
+        Launches { items, len: l.len(), dq_splits, ws: false, ordered: false }
     }
 }
 
@@ -214,7 +216,7 @@ impl std::ops::Deref for Launches {
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
 /// `ws`: the default mode without score modifiers runs the warp-specialized dK/dV kernel (head dims 64,
 /// 96, 128) in the wgmma kernel's grid (the caller checked that the copy engine can address the operands).
-pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool) -> Option<Launches> {
+pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool, ordered_all: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let mods = Twin::of(p) == Twin::Mods;
     let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
@@ -225,6 +227,25 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
     let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
     let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
+    // The deterministic mode in order: the `_det` twin of the warp-specialized kernel (where allowed) or
+    // of the wgmma one, one CTA per key block (CTA x on block gx - 1 - x), each step's dq added after the
+    // CTA before it added its own, into one accumulator (the workspace holds one and the turn counters:
+    // `dq_copies >= 1`).
+    if deterministic && !mods && !chain_all && dq_copies >= 1 && hopper_sms.is_some() && (ordered_all || bwd_ordered_by_default(p.head_dim)) {
+        let ws_det = if ws { bwd_ws_det_kernel_name(p.head_dim, dtype) } else { None };
+        let main = match (ws_det, bwd_wg_det_kernel_name(p.head_dim, dtype)) {
+            (Some(kernel), _) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) }),
+            (None, Some(kernel)) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) }),
+            (None, None) => None,
+        };
+        if let Some(mut main) = main {
+            let gx = bwd_wg_key_blocks(p) as u32;
+            main.grid = (gx, p.hk as u32, z);
+            let mut l = if gx == 1 { Launches::new(&[prep, main], 1) } else { Launches::new(&[prep, main, convert], 1) };
+            (l.ws, l.ordered) = (ws_det.is_some(), true);
+            return Some(l);
+        }
+    }
     if let (Some(sms), Some(kernel)) = (hopper_sms, wg_kernel) {
         let (gx, splits) = match deterministic {
             false => (if chain_all { 1 } else { bwd_wg_grid_x(p, sms) }, 1),
@@ -393,24 +414,24 @@ mod tests {
             assert!(f.smem_bytes <= 227 * 1024);
             assert!(!fwd_launch(&p, None).unwrap().kernel.contains("_wg_"));
             for det in [false, true] {
-                let b = bwd_launches(&p, det, Some(132), false, 0, false).unwrap();
+                let b = bwd_launches(&p, det, Some(132), false, 0, false, false).unwrap();
                 assert_eq!(b[1].kernel.contains("_wg_"), !det && d != 32, "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
-                assert!(!bwd_launches(&p, det, None, false, 0, false).unwrap()[1].kernel.contains("_wg_"));
+                assert!(!bwd_launches(&p, det, None, false, 0, false, false).unwrap()[1].kernel.contains("_wg_"));
             }
         }
     }
 
     /// The warp-specialized dK/dV kernel: where allowed, in the default mode without score modifiers at
-    /// head dims 64, 96 and 128, in the wgmma kernel's grid with 384 threads; never in deterministic mode,
-    /// with modifiers, at other head dims or without sm_90a.
+    /// head dims 64, 96 and 128, in the wgmma kernel's grid with 384 threads, and its ordered twin in
+    /// deterministic mode; never with modifiers, at other head dims or without sm_90a.
     #[test]
     fn hopper_backward_takes_the_warp_specialized_kernel_where_it_exists() {
         for d in [32, 64, 96, 128, 192, 256] {
             for (s, b, h, causal, varlen) in [(1024, 2, 4, false, false), (512, 32, 32, true, false), (300, 3, 2, true, true)] {
                 let p = problem(d, s, b, h, causal, varlen);
-                let wg = bwd_launches(&p, false, Some(132), false, 1, false).unwrap();
-                let ws = bwd_launches(&p, false, Some(132), false, 1, true).unwrap();
+                let wg = bwd_launches(&p, false, Some(132), false, 1, false, false).unwrap();
+                let ws = bwd_launches(&p, false, Some(132), false, 1, true, false).unwrap();
                 let at = format!("d{d} s{s} b{b} h{h} causal {causal} varlen {varlen}");
                 assert!(!wg.ws, "{at}");
                 assert_eq!(ws.ws, matches!(d, 64 | 96 | 128), "{at}");
@@ -422,24 +443,47 @@ mod tests {
                 } else {
                     assert_eq!(ws, wg, "{at}");
                 }
-                assert!(!bwd_launches(&p, true, Some(132), false, 1, true).unwrap().ws, "{at}");
-                assert!(!bwd_launches(&p, false, None, false, 1, true).unwrap().ws, "{at}");
+                // Deterministic where the workspace holds an accumulator: the ordered `_det` twin of the
+                // ws kernel where it exists and is allowed, else of the wgmma kernel; one CTA per key block.
+                let n = s.div_ceil(bwd_wg_block_n(d));
+                // By default only at the head dims where it measured faster (bwd_ordered_by_default);
+                // `ordered_all` everywhere.
+                for (allow_ws, all) in [(true, true), (false, true), (true, false), (false, false)] {
+                    let det = bwd_launches(&p, true, Some(132), false, 1, allow_ws, all).unwrap();
+                    let at = format!("{at} ws allowed {allow_ws} ordered_all {all}");
+                    if d == 32 || !(all || bwd_ordered_by_default(d)) {
+                        assert!(!det.ordered && !det.ws, "{at}");
+                        continue;
+                    }
+                    assert!(det.ordered, "{at}");
+                    assert_eq!(det.ws, allow_ws && ws.ws, "{at}");
+                    let twin = if det.ws { &ws[1] } else { &wg[1] };
+                    assert_eq!(det[1].kernel, format!("{}_det", twin.kernel), "{at}");
+                    assert_eq!((det[1].block, det[1].smem_bytes), (twin.block, twin.smem_bytes), "{at}");
+                    assert_eq!((det[1].grid.0 as usize, det.dq_splits), (n, 1), "{at}");
+                    assert_eq!(det.len(), if n == 1 { 2 } else { 3 }, "{at}");
+                }
+                assert!(!bwd_launches(&p, true, Some(132), false, 0, true, false).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, true, Some(132), true, 1, true, false).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, true, None, false, 1, true, false).unwrap().ordered, "{at}");
+                assert!(!bwd_launches(&p, false, None, false, 1, true, false).unwrap().ws, "{at}");
             }
         }
     }
 
-    /// The deterministic backward on Hopper: the wgmma kernel wherever the workspace holds a dq copy, its
-    /// grid x the split count (each split its own copy, never more than the copies or the key blocks),
-    /// two launches when one CTA walks every key block (it converts dq itself); the mma.sync kernels and
-    /// the dq kernel without copies or without sm_90a.
+    /// The deterministic backward on Hopper with score modifiers (no ordered twin): the wgmma kernel
+    /// wherever the workspace holds a dq copy, its grid x the split count (each split its own copy, never
+    /// more than the copies or the key blocks), two launches when one CTA walks every key block (it
+    /// converts dq itself); the mma.sync kernels and the dq kernel without copies or without sm_90a.
     #[test]
     fn deterministic_hopper_backward_splits_key_blocks_over_dq_copies() {
+        let alibi = Some(crate::problem::Alibi { batch_stride: 0, head_stride: 1 });
         for d in [64, 96, 128, 192, 256] {
             for (s, b, h, causal) in [(1024, 2, 4, false), (8192, 2, 16, true), (512, 32, 32, false), (300, 1, 1, true), (16384, 1, 8, false)] {
-                let p = problem(d, s, b, h, causal, false);
+                let p = Problem { alibi, ..problem(d, s, b, h, causal, false) };
                 let n = s.div_ceil(bwd_wg_block_n(d));
                 for copies in [0, 1, 2, 5, DQ_COPIES_MAX] {
-                    let l = bwd_launches(&p, true, Some(132), false, copies, false).unwrap();
+                    let l = bwd_launches(&p, true, Some(132), false, copies, false, false).unwrap();
                     let at = format!("d{d} s{s} b{b} h{h} copies {copies}");
                     if copies == 0 {
                         assert!(!l[1].kernel.contains("_wg_"), "{at}");
@@ -455,8 +499,8 @@ mod tests {
                     if bwd_wg_grid_x(&p, 132) == 1 {
                         assert_eq!(splits, 1, "{at}");
                     }
-                    assert_eq!(bwd_launches(&p, true, Some(132), true, copies, false).unwrap()[1].grid.0, 1, "{at} chain_all");
-                    assert!(!bwd_launches(&p, true, None, false, copies, false).unwrap()[1].kernel.contains("_wg_"), "{at}");
+                    assert_eq!(bwd_launches(&p, true, Some(132), true, copies, false, false).unwrap()[1].grid.0, 1, "{at} chain_all");
+                    assert!(!bwd_launches(&p, true, None, false, copies, false, false).unwrap()[1].kernel.contains("_wg_"), "{at}");
                 }
             }
         }
@@ -473,7 +517,7 @@ mod tests {
     /// per CTA and the convert pass.
     #[test]
     fn hopper_backward_grid_chains_only_where_measured_to_help() {
-        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false, 1, false).unwrap();
+        let launches = |d, s, b, h, causal, varlen| bwd_launches(&problem(d, s, b, h, causal, varlen), false, Some(132), false, 1, false, false).unwrap();
         let gx = |d, s, b, h, causal, varlen| launches(d, s, b, h, causal, varlen)[1].grid.0;
         assert_eq!(gx(64, 512, 32, 32, true, false), 1); // 1024 pairs, Q/dO 17 MB
         assert_eq!(launches(64, 512, 32, 32, false, false).len(), 2);
@@ -571,7 +615,7 @@ mod tests {
                     // Backward: every launch as the plain one's, the dK/dV / dq kernels renamed.
                     let (dkdv, dq) = bwd_mods_kernel_names(d, kd).unwrap();
                     for (det, sms, chain) in [(false, None, false), (true, None, false), (false, Some(132), false), (true, Some(132), false), (false, Some(132), true)] {
-                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0, false).unwrap(), bwd_launches(&plain, det, sms, chain, 0, false).unwrap());
+                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0, false, false).unwrap(), bwd_launches(&plain, det, sms, chain, 0, false, false).unwrap());
                         assert_eq!(b.len(), b0.len(), "{at} det {det}");
                         let wg = sms.is_some() && !det && bwd_wg_kernel_name(d, kd).is_some();
                         for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {

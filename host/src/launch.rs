@@ -17,13 +17,13 @@ use std::sync::OnceLock;
 fn env_choice() -> KernelChoice {
     static ENV: OnceLock<KernelChoice> = OnceLock::new();
     let set = |name| std::env::var_os(name).is_some();
-    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS"), bwd_no_ws: set("FLASH_ATTN_BWD_NO_WS") })
+    *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS"), bwd_no_ws: set("FLASH_ATTN_BWD_NO_WS"), bwd_ordered_all: set("FLASH_ATTN_BWD_ORDERED_ALL") })
 }
 
 /// The kernel choice in force: the call's, or the environment's where it forces one.
 fn choice(call: KernelChoice) -> KernelChoice {
     let env = env_choice();
-    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws, bwd_no_ws: call.bwd_no_ws || env.bwd_no_ws }
+    KernelChoice { no_wgmma: call.no_wgmma || env.no_wgmma, bwd_chain_all: call.bwd_chain_all || env.bwd_chain_all, fwd_no_ws: call.fwd_no_ws || env.fwd_no_ws, bwd_no_ws: call.bwd_no_ws || env.bwd_no_ws, bwd_ordered_all: call.bwd_ordered_all || env.bwd_ordered_all }
 }
 
 /// Whether a kernel that depends on the previous launch of the same call goes out as a programmatic
@@ -396,6 +396,9 @@ fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BwdWorkspace {
     pub dq_accum: Option<usize>,
+    /// The ordered deterministic mode's turn counters (`BwdParams::dq_sem`: u32 `[rows][Hq][2]`), after
+    /// the accumulator copies: in deterministic mode with at least one copy.
+    pub dq_sem: Option<usize>,
     pub lse_log2: usize,
     pub delta: usize,
     pub bytes: usize,
@@ -433,9 +436,12 @@ impl BwdWorkspace {
         let accums = accum.checked_mul(copies).ok_or_else(too_large)?;
         let bytes = accums.checked_add(2 * lse_bytes).ok_or_else(too_large)?;
         Ok(if deterministic {
-            BwdWorkspace { dq_accum: (copies > 0).then_some(2 * lse_bytes), lse_log2: 0, delta: lse_bytes, bytes, dq_copies: copies, accum_bytes: accum }
+            // Two u32 counters per row and head: twice the LSE's 4 bytes.
+            let sems = if copies > 0 { 2 * lse_bytes } else { 0 };
+            let total = bytes.checked_add(sems).ok_or_else(too_large)?;
+            BwdWorkspace { dq_accum: (copies > 0).then_some(2 * lse_bytes), dq_sem: (copies > 0).then_some(bytes), lse_log2: 0, delta: lse_bytes, bytes: total, dq_copies: copies, accum_bytes: accum }
         } else {
-            BwdWorkspace { dq_accum: Some(0), lse_log2: accum, delta: accum + lse_bytes, bytes, dq_copies: 1, accum_bytes: accum }
+            BwdWorkspace { dq_accum: Some(0), dq_sem: None, lse_log2: accum, delta: accum + lse_bytes, bytes, dq_copies: 1, accum_bytes: accum }
         })
     }
 
@@ -446,7 +452,8 @@ impl BwdWorkspace {
         if !deterministic || bytes <= min.bytes {
             return Ok(min);
         }
-        let copies = ((bytes - min.bytes) / min.accum_bytes).min(crate::dispatch::DQ_COPIES_MAX);
+        // With copies come the turn counters (as large as lse_log2 and D together: `min.delta` each).
+        let copies = ((bytes - min.bytes).saturating_sub(2 * min.delta) / min.accum_bytes).min(crate::dispatch::DQ_COPIES_MAX);
         Self::with_copies(q_shape, deterministic, copies)
     }
 }
@@ -463,7 +470,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
     let k = choice(kernels);
     // The warp-specialized dK/dV kernel where the copy engine can address q, k, v and dout.
     let ws_ok = !k.bwd_no_ws && [(&t.q, &p.q), (&t.k, &p.k), (&t.v, &p.v), (&t.dout, &bp.dout)].iter().all(|(v, st)| copy_addressable(v, st, !p.varlen));
-    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all, ws.dq_copies, ws_ok).ok_or(Error::HeadDim { got: p.head_dim })?;
+    let launches = bwd_launches(p, deterministic, hopper_sms(&gpu, k), k.bwd_chain_all, ws.dq_copies, ws_ok, k.bwd_ordered_all).ok_or(Error::HeadDim { got: p.head_dim })?;
     for l in launches.iter() {
         check_grid(l.grid)?;
     }
@@ -560,6 +567,12 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         dqa_split_stride: if launches.dq_splits > 1 { (ws.accum_bytes / 4) as i64 } else { 0 },
         dq_splits: launches.dq_splits as i32,
         _pad2: 0,
+        // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
+        dq_sem: match (launches.ordered, ws.dq_sem) {
+            (true, Some(o)) => ws_addr + o as u64,
+            _ => 0,
+        },
+        sem_batch_stride: if p.varlen { 0 } else { 2 * (p.seqlen_q * p.hq) as i64 },
     };
     // The tensor maps travel as the warp-specialized kernel's second parameter (built before any launch).
     let maps = if launches.ws { Some(bwd_tma_maps(bp, t)?) } else { None };
@@ -903,13 +916,16 @@ mod tests {
             let plain = BwdWorkspace::for_q_shape(&shape, false).unwrap();
             assert_eq!((plain.dq_accum, plain.dq_copies), (Some(0), 1));
             let min = BwdWorkspace::for_q_shape(&shape, true).unwrap();
-            assert_eq!((min.dq_accum, min.dq_copies), (None, 0));
+            assert_eq!((min.dq_accum, min.dq_copies, min.dq_sem), (None, 0, None));
             assert!(min.bytes < plain.bytes);
             for copies in [1, 3, 16] {
                 let w = BwdWorkspace::with_copies(&shape, true, copies).unwrap();
                 let lse = w.delta - w.lse_log2;
                 assert_eq!(w.dq_accum, Some(2 * lse));
-                assert_eq!(w.bytes, 2 * lse + copies * w.accum_bytes);
+                // The turn counters after the copies: two u32 per row and head.
+                assert_eq!(w.dq_sem, Some(2 * lse + copies * w.accum_bytes));
+                assert_eq!(w.bytes, 4 * lse + copies * w.accum_bytes);
+                assert!(2 * lse >= shape.iter().product::<usize>() / shape[shape.len() - 1] * 8);
                 assert!([w.lse_log2, w.delta, w.accum_bytes].iter().all(|x| x % 256 == 0));
                 assert!(w.accum_bytes >= shape.iter().product::<usize>() * 4);
                 for extra in [0, 255, w.accum_bytes - 1] {

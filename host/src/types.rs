@@ -92,7 +92,7 @@ pub struct Dropout {
 
 /// Kernel selection for A/B comparisons and tests of paths small problems would not take. The
 /// environment can force each for a whole process (`FLASH_ATTN_NO_WGMMA`, `FLASH_ATTN_BWD_CHAIN_ALL`,
-/// `FLASH_ATTN_FWD_NO_WS`, `FLASH_ATTN_BWD_NO_WS`, any value, read once).
+/// `FLASH_ATTN_FWD_NO_WS`, `FLASH_ATTN_BWD_NO_WS`, `FLASH_ATTN_BWD_ORDERED_ALL`, any value, read once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct KernelChoice {
     /// Keep Hopper on the mma.sync kernels instead of the wgmma ones.
@@ -110,6 +110,9 @@ pub struct KernelChoice {
     /// copies by a producer warpgroup), the default mode's kernel where the copy engine can address the
     /// operands.
     pub bwd_no_ws: bool,
+    /// Run the deterministic Hopper backward in order (one dq accumulator and turn counters) at every
+    /// head dim, not only where it measured faster than the split accumulator copies (192, 256).
+    pub bwd_ordered_all: bool,
 }
 
 /// A strided view of caller memory: what the raw layer takes for every tensor argument.

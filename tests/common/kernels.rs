@@ -36,11 +36,12 @@ pub fn seeded(test: &str) -> (u64, rand::rngs::StdRng) {
     (seed, super::common::rng(seed))
 }
 
-pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
-pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false };
-pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false };
-pub const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false };
-pub const BWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: true };
+pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
+pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
+pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
+pub const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false, bwd_ordered_all: false };
+pub const ORDERED_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: true };
+pub const BWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: true, bwd_ordered_all: false };
 
 /// GPU 0 as the dispatch sees it: (name, compute capability, multiprocessors); None without CUDA.
 pub fn gpu() -> Option<&'static (String, (i32, i32), i32)> {
@@ -90,10 +91,15 @@ pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelCho
     if hopper() && !choice.no_wgmma && variants::bwd_wg_kernel_name(d, kernel_dtype(dtype)).is_some() {
         // (Deterministic: through the `Tensor` API, whose workspace holds the split dq accumulators.)
         let chained = choice.bwd_chain_all && max_seqlen_k > variants::bwd_wg_block_n(d);
-        let ws = !deterministic && !choice.bwd_no_ws && variants::bwd_ws_kernel_name(d, kernel_dtype(dtype)).is_some();
+        let ws = !choice.bwd_no_ws && variants::bwd_ws_kernel_name(d, kernel_dtype(dtype)).is_some();
+        let ordered = !choice.bwd_chain_all && (choice.bwd_ordered_all || variants::bwd_ordered_by_default(d));
         match (deterministic, chained) {
             (false, false) if ws => "wgmma ws",
             (false, true) if ws => "wgmma ws chained",
+            // The ordered twins (one accumulator, turn counters; without score modifiers), not under
+            // bwd_chain_all; by default at head dims 192 and 256 only.
+            (true, _) if ws && ordered => "wgmma ws deterministic ordered",
+            (true, _) if ordered => "wgmma deterministic ordered",
             (false, false) => "wgmma",
             (false, true) => "wgmma chained",
             (true, false) => "wgmma deterministic",
@@ -113,8 +119,9 @@ pub fn fwd_choices() -> Vec<(&'static str, KernelChoice)> {
 }
 
 /// The backward's: the default and `no_wgmma` on Hopper, plus `bwd_chain_all` where it picks another path than the default
-/// (the chained wgmma kernel over several key blocks) and `bwd_no_ws` where the default is the
-/// warp-specialized kernel (the wgmma one without it).
+/// (the chained wgmma kernel over several key blocks), `bwd_no_ws` where the default is the
+/// warp-specialized kernel (the wgmma one without it) and `bwd_ordered_all` where the deterministic
+/// default is the split copies (the ordered `_det` twins at head dims 64-128).
 pub fn bwd_choices(d: usize, dtype: DType, deterministic: bool, max_seqlen_k: usize) -> Vec<(&'static str, KernelChoice)> {
     let mut c = if hopper() { vec![("default", DEFAULT), ("no_wgmma", NO_WGMMA)] } else { vec![("default", DEFAULT)] };
     if bwd_family(d, dtype, deterministic, CHAIN_ALL, max_seqlen_k) != bwd_family(d, dtype, deterministic, DEFAULT, max_seqlen_k) {
@@ -122,6 +129,9 @@ pub fn bwd_choices(d: usize, dtype: DType, deterministic: bool, max_seqlen_k: us
     }
     if bwd_family(d, dtype, deterministic, BWD_NO_WS, max_seqlen_k) != bwd_family(d, dtype, deterministic, DEFAULT, max_seqlen_k) {
         c.push(("bwd_no_ws", BWD_NO_WS));
+    }
+    if bwd_family(d, dtype, deterministic, ORDERED_ALL, max_seqlen_k) != bwd_family(d, dtype, deterministic, DEFAULT, max_seqlen_k) {
+        c.push(("bwd_ordered_all", ORDERED_ALL));
     }
     c
 }
@@ -131,6 +141,8 @@ pub fn no_ws(family: &'static str) -> &'static str {
     match family {
         "wgmma ws" => "wgmma",
         "wgmma ws chained" => "wgmma chained",
+        // Score modifiers have no ordered deterministic twin: the split copies.
+        "wgmma ws deterministic ordered" | "wgmma deterministic ordered" => "wgmma deterministic",
         f => f,
     }
 }

@@ -246,9 +246,15 @@ pub struct BwdParams {
     pub dqa_split_stride: i64,
     pub dq_splits: i32,
     pub _pad2: i32,
+    /// The deterministic backward in order (0: off): one f32 dq accumulator and a u32 turn counter per
+    /// (accumulator row, q head, column half) here, zeroed by prep, `[rows][Hq][2]` like the accumulator
+    /// (`sem_batch_stride` counters between dense batches, 0 for varlen). The dK/dV kernels' CTA x takes
+    /// key block `gx - 1 - x` and adds a step's dq after CTA x - 1 did (it wrote x; CTA x writes x + 1).
+    pub dq_sem: u64,
+    pub sem_batch_stride: i64,
 }
 
-pub const BWD_PARAMS_SIZE: usize = 16 * 8 + 29 * 8 + 14 * 4 + SCORE_MODS_SIZE + 16;
+pub const BWD_PARAMS_SIZE: usize = 16 * 8 + 29 * 8 + 14 * 4 + SCORE_MODS_SIZE + 32;
 const _: () = assert!(core::mem::size_of::<BwdParams>() == BWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<BwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(BwdParams, q_batch_stride) == 128);

@@ -474,6 +474,11 @@ macro_rules! bwd_ws_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
+        /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.
+        pub fn bwd_ws_det_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_det")); })*
+            None
+        }
     };
 }
 for_each_bwd_ws_variant!(bwd_ws_name_lookup);
@@ -504,9 +509,23 @@ macro_rules! bwd_wg_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
             None
         }
+        /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.
+        pub fn bwd_wg_det_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_det")); })*
+            None
+        }
     };
 }
 for_each_bwd_wg_variant!(bwd_wg_name_lookup);
+
+/// Whether the deterministic Hopper backward runs in order (the `_det` twins: one dq accumulator, each key
+/// block's reductions after the next block's) rather than over split accumulator copies, unless the
+/// caller asks for it everywhere (`KernelChoice::bwd_ordered_all`). Measured on the H200 (RESULTS.md):
+/// faster at head dims 192 and 256 (the wide kernels: 1.27-1.37x the split copies), slower at 64
+/// (0.84-0.89x) and 128 (0.93-0.98x), whose copies spread the reductions over more CTAs.
+pub fn bwd_ordered_by_default(head_dim: usize) -> bool {
+    head_dim > 128
+}
 
 
 

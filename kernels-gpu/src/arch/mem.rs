@@ -108,3 +108,18 @@ pub unsafe fn ld_global_nc_u16(addr: u64) -> u32 {
     unsafe { asm!("{{ .reg .b16 h; ld.global.nc.b16 h, [{a}]; cvt.u32.u16 {v}, h; }}", v = out(reg32) v, a = in(reg64) addr, options(nostack, readonly)) }
     v
 }
+
+/// `ld.acquire.gpu.global.u32`: a turn counter's value; later accesses of this thread stay after it.
+#[inline(always)]
+pub unsafe fn ld_acquire_gpu_u32(addr: u64) -> u32 {
+    let v: u32;
+    unsafe { asm!("ld.acquire.gpu.global.u32 {v}, [{a}];", v = out(reg32) v, a = in(reg64) addr, options(nostack)) };
+    v
+}
+
+/// `st.release.gpu.global.u32`: publish a turn counter after this thread's earlier accesses (and, after a
+/// barrier, its block's: the release is cumulative).
+#[inline(always)]
+pub unsafe fn st_release_gpu_u32(addr: u64, v: u32) {
+    unsafe { asm!("st.release.gpu.global.u32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}

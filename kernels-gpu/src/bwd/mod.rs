@@ -71,6 +71,41 @@ fn dqa_addr_split(p: &BwdParams, b: i32, row: i32, h: i32) -> u64 {
     dqa_addr(p, b, row, h, 0).wrapping_add((split * 4) as u64)
 }
 
+/// The ordered deterministic mode's turns (`BwdParams::dq_sem`) for one key block: this CTA's index `x`
+/// among its (sequence, kv head)'s (it takes key block `gx - 1 - x`), and the query blocks `[pred.0,
+/// pred.1)` its predecessor (CTA x - 1, the key block one higher) adds dq to, each after which it writes
+/// x into that (row block, head, half)'s counter: there this CTA waits for x before its own adds.
+#[cfg(fa_sm90)]
+#[derive(Clone, Copy)]
+pub(super) struct DqTurn {
+    pub x: u32,
+    pub pred: (i32, i32),
+}
+
+#[cfg(fa_sm90)]
+impl DqTurn {
+    /// The turns of key block `a` (CTA x), whose predecessor's block starts `bn` keys later.
+    #[inline(always)]
+    pub(super) fn of(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> DqTurn {
+        let n0 = a.n0 + bn;
+        let pred = if n0 < a.sk.used {
+            let cols = if a.sk.used - n0 < bn { a.sk.used - n0 } else { bn };
+            m_block_range(n0, cols, a.sq.used, a.sk.used, p.window_left, p.window_right, bm)
+        } else {
+            (0, 0)
+        };
+        DqTurn { x: crate::arch::sreg::block_idx_x(), pred }
+    }
+
+    /// The counter of accumulator row `row` (its step's first, from the sequence's start) of sequence
+    /// `b`, q head `h`, column half `half`.
+    #[inline(always)]
+    pub(super) fn counter(p: &BwdParams, b: i32, row: i32, h: i32, half: u32) -> u64 {
+        let at = b as i64 * p.sem_batch_stride + (row as i64 * p.h as i64 + h as i64) * 2 + half as i64;
+        p.dq_sem.wrapping_add((at * 4) as u64)
+    }
+}
+
 /// P and dS of one visible score without softcap: `s` = q.k, `dp` = dout . v, `lse2` the row's LSE in
 /// base 2 (less ALiBi's base-2 bias, with score modifiers), `delta` = D_i.
 #[inline(always)]
@@ -92,7 +127,7 @@ fn grad_elem_softcap(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (
 // Shared by the dk/dv kernels (mma.sync, dkdv.rs, and wgmma, wg.rs): the walk and the element-wise step.
 
 /// One key block's view of its sequence and head, fixed over the walk.
-struct KvArgs {
+pub(super) struct KvArgs {
     bidb: i32,
     hk: i32,
     group: i32,

@@ -3,13 +3,13 @@
 
 use super::{dqa_addr, lse_index, row_addr, sequences};
 use crate::arch::math::fma;
-use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_v4, st_global_f32, st_global_v4};
+use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_v4, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::shfl::shfl_xor_f32;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::tile::{Elem, BF16, F16};
 use crate::params::BwdParams;
 use crate::block::dq_accum_rows;
-use crate::variants::{BWD_ROWS_PER_BLOCK, DQ_ACCUM_BLOCK_M};
+use crate::variants::{BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, DQ_ACCUM_BLOCK_M};
 
 /// Threads per row in prep: each takes every `PREP_LANES`-th 16-byte chunk of the row, so a warp reads
 /// 8 rows x 64 contiguous bytes per load (every head dim is a multiple of 32).
@@ -68,6 +68,12 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
                     }
                     split += 1;
                 }
+            }
+            // The ordered deterministic mode's turn counters (`BwdParams::dq_sem`): one per step (row block
+            // of the dK/dV kernels) and column half, the step's first row's.
+            if p.dq_sem != 0 && valid && sub < 2 && r % BWD_WG_BLOCK_M as i32 == 0 {
+                let at = bidb as i64 * p.sem_batch_stride + ((sq.start + r) as i64 * p.h as i64 + h as i64) * 2 + sub as i64;
+                unsafe { st_global_u32(p.dq_sem.wrapping_add((at * 4) as u64), 0) };
             }
             if valid && sub == 0 {
                 let at = lse_index(p, bidb, sq.start, h, r) as u64 * 4;

@@ -13,14 +13,14 @@
 //! (N-major, in whole 64-column groups), run over 128 columns (the last 32 zero, never stored).
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, DqTurn, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
-use crate::arch::mem::st_global_u32;
+use crate::arch::mem::{ld_acquire_gpu_u32, st_global_u32, st_release_gpu_u32};
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
-use crate::arch::sync::{fence_gpu, sync_threads};
+use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
@@ -214,9 +214,14 @@ pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: 
 /// added), all 64 at d64 (the caller alternates the warpgroups), added to the f32 accumulator. Rows: warp
 /// `warp`'s 16 queries (fragment row `g`, column pair `t`); rows past the sequence carry exact zeros to rows prep zeroed (the accumulator has
 /// slack rows), as in the mma.sync kernel.
+///
+/// `ORDERED` (the ordered deterministic mode, `BwdParams::dq_sem`): the adds wait for this step's turn
+/// (`turn`: CTA x - 1's adds done where it has any) and then pass it on (x + 1), one counter per column
+/// half (the warpgroup's; at d64 the one), waited on by the warpgroup's first thread and shared by its
+/// named barrier `BAR_TURN + wg`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn step_dq<E: WgElem, const D: usize>(p: &BwdParams, a: &KvArgs, ds_s: u32, k_s: u32, h: i32, m0: i32, wg: u32, warp: usize, g: i32, t: i32) {
+pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, ds_s: u32, k_s: u32, h: i32, m0: i32, wg: u32, warp: usize, g: i32, t: i32, turn: &DqTurn) {
     let c0 = if D != 64 { wg * 64 } else { 0 };
     let mut ad = [0u64; 8];
     let mut bd = [0u64; 8];
@@ -226,6 +231,17 @@ pub(super) unsafe fn step_dq<E: WgElem, const D: usize>(p: &BwdParams, a: &KvArg
     }
     let mut acc_q = [[0f32; 4]; 8];
     unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
+    let leader = warp % 4 == 0 && g == 0 && t == 0;
+    let counter = if ORDERED { DqTurn::counter(p, a.bidb, a.sq.start + m0, h, if D == 64 { 0 } else { wg }) } else { 0 };
+    if ORDERED {
+        let m = m0 / BM as i32;
+        if turn.pred.0 <= m && m < turn.pred.1 {
+            if leader {
+                while unsafe { ld_acquire_gpu_u32(counter) } != turn.x {}
+            }
+            named_sync(BAR_TURN + wg, 128);
+        }
+    }
     wgmma::wait0_n64(&mut acc_q);
     let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
     let row = (16 * (warp % 4)) as i32 + g;
@@ -235,7 +251,19 @@ pub(super) unsafe fn step_dq<E: WgElem, const D: usize>(p: &BwdParams, a: &KvArg
             unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
         }
     }
+    if ORDERED {
+        // Every thread's reductions ordered before the warpgroup's release of the turn.
+        fence_gpu();
+        named_sync(BAR_TURN + wg, 128);
+        if leader {
+            unsafe { st_release_gpu_u32(counter, turn.x + 1) };
+        }
+    }
 }
+
+/// Named barriers 2 and 3: the ordered mode's turn of warpgroup 0 and 1 (`step_dq`; the wg kernel uses
+/// barrier 0, the ws kernel 0 and 1).
+pub(super) const BAR_TURN: u32 = 2;
 
 /// dK (scaled) and dV of keys `[n0, n0 + 128)` of kv head `hk`, sequence `bidb` (slot `sk`), from this
 /// thread's accumulators (its warp's 16 keys from `key0`, column pair `t`): rows past the slot are
@@ -281,13 +309,14 @@ fn successor(a: &KvArgs) -> Option<KvArgs> {
 /// the query blocks that see the keys; dQ contributions go to the accumulator (always present here).
 /// During its last step it starts the copies of its successor (if that has steps). Returns its step count.
 #[inline(always)]
-unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
+unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
     let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
         return 0;
     }
+    let turn = if ORDERED { DqTurn::of(p, a, BN as i32, BM as i32) } else { DqTurn { x: 0, pred: (0, 0) } };
     if !pipe.prefetched {
         unsafe {
             load_kv::<D>(p, a, base, pipe.kv, tid);
@@ -344,7 +373,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
 
         // dQ: at d64 on the warpgroups in turn (even steps warpgroup 0, odd steps 1).
         if D != 64 || wg == (it & 1) as u32 {
-            unsafe { step_dq::<E, D>(p, a, ds_s, k_s, h, m0, wg, warp, g, t) };
+            unsafe { step_dq::<E, D, ORDERED>(p, a, ds_s, k_s, h, m0, wg, warp, g, t, &turn) };
         }
         // dV and dK have landed; P^T and dS^T fragments stay live until here.
         wait_acc::<0, DN>(acc_dv);
@@ -362,7 +391,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 /// With grid x = 1 also dq of the group's rows (see the end).
 #[inline(always)]
-unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams) {
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
@@ -373,7 +402,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
     // Key blocks x, x + gx, ...: the host gives a CTA one key block, or all of them (grid x = 1,
     // `bwd_wg_grid_x`), each one's first copies then overlapping its predecessor's last step.
     let mut pipe = Pipe { kv: 0, stage0: 0, prefetched: false };
-    let mut n_block = block_idx_x() as i32;
+    // The ordered deterministic mode (`ORDERED`, bwd/ws.rs): one key block per CTA, in reverse.
+    let mut n_block = if ORDERED { (grid_dim_x() - 1 - block_idx_x()) as i32 } else { block_idx_x() as i32 };
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc_dk = [[0f32; 4]; DN];
@@ -381,7 +411,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         let mut prefetched = false;
         if n0 < sk.used {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
-            let steps = unsafe { block::<E, D, DN, MODS>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
+            let steps = unsafe { block::<E, D, DN, MODS, ORDERED>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
             if steps > 0 {
                 pipe.kv ^= 1;
                 pipe.stage0 ^= steps & 1;
@@ -412,14 +442,14 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
 /// wide.rs above (only the one a head dim runs is instantiated).
 pub(super) struct Dim<const D: usize>;
 pub(super) trait Kernel {
-    unsafe fn run<E: WgElem, const MODS: bool>(p: &BwdParams);
+    unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams);
 }
 macro_rules! dim_kernel {
     ($($d:literal => $entry:ident),*) => {$(
         impl Kernel for Dim<$d> {
             #[inline(always)]
-            unsafe fn run<E: WgElem, const MODS: bool>(p: &BwdParams) {
-                unsafe { $entry::<E, $d, { ($d as usize).div_ceil(64) * 8 }, MODS>(p) }
+            unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
+                unsafe { $entry::<E, $d, { ($d as usize).div_ceil(64) * 8 }, MODS, ORDERED>(p) }
             }
         }
     )*};
@@ -432,11 +462,16 @@ macro_rules! bwd_wg_kernels {
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, false>(&p) }
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, false>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, true>(&p) }
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, true, false>(&p) }
+            }
+            // The ordered deterministic mode (`BwdParams::dq_sem`).
+            #[unsafe(export_name = concat!($name, "_det"))]
+            pub unsafe extern "ptx-kernel" fn kernel_det(p: BwdParams) {
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, true>(&p) }
             }
         };
     )*};

@@ -14,13 +14,14 @@
 
 use super::convert::convert_rows;
 use super::wg::{load_step_to, StepStages};
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use super::wg::BAR_TURN;
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, DqTurn, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
-use crate::arch::mem::st_global_u32;
+use crate::arch::mem::{ld_acquire_gpu_u32, st_global_u32, st_release_gpu_u32};
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
-use crate::arch::sync::{fence_gpu, sync_threads};
+use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
@@ -108,13 +109,14 @@ unsafe fn issue_grad<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32
 /// q heads and the query blocks that see the keys; dQ contributions go to the accumulator. Returns its
 /// step count.
 #[inline(always)]
-unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams, a: &KvArgs, tid: usize, acc: &mut [[f32; 4]; DN]) -> i32 {
+unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, tid: usize, acc: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
     let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
         return 0;
     }
+    let turn = if ORDERED { DqTurn::of(p, a, BN as i32, BM as i32) } else { DqTurn { x: 0, pred: (0, 0) } };
     unsafe {
         let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
         let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
@@ -193,6 +195,18 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
         // dQ = dS K, 64 head-dim columns at a time: chunk c on warpgroup c % 2.
         let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
         let row = (16 * (warp % 4)) as i32 + g;
+        // The ordered mode: this warpgroup's chunks after CTA x - 1's (one counter per warpgroup half).
+        let leader = warp % 4 == 0 && lane == 0;
+        let counter = if ORDERED { DqTurn::counter(p, a.bidb, a.sq.start + m0, h, wg) } else { 0 };
+        if ORDERED {
+            let m = m0 / BM as i32;
+            if turn.pred.0 <= m && m < turn.pred.1 {
+                if leader {
+                    while unsafe { ld_acquire_gpu_u32(counter) } != turn.x {}
+                }
+                named_sync(BAR_TURN + wg, 128);
+            }
+        }
         let mut c = wg as usize;
         while c < D / 64 {
             let mut ad = [0u64; 4];
@@ -212,6 +226,13 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
             }
             c += 2;
         }
+        if ORDERED {
+            fence_gpu();
+            named_sync(BAR_TURN + wg, 128);
+            if leader {
+                unsafe { st_release_gpu_u32(counter, turn.x + 1) };
+            }
+        }
         // dV / dK have landed (the next step overwrites P^T and dS^T).
         wait_acc::<0, DN>(acc);
         it += 1;
@@ -224,7 +245,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p:
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 /// With grid x = 1 also dq of the group's rows (as the 128-key kernel).
 #[inline(always)]
-pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool>(p: &BwdParams) {
+pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
@@ -233,13 +254,14 @@ pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MOD
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let key0 = (16 * (warp % 4)) as i32 + g;
 
-    let mut n_block = block_idx_x() as i32;
+    // The ordered deterministic mode: one key block per CTA, in reverse (bwd/ws.rs).
+    let mut n_block = if ORDERED { (grid_dim_x() - 1 - block_idx_x()) as i32 } else { block_idx_x() as i32 };
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc = [[0f32; 4]; DN];
         if n0 < sk.used {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
-            unsafe { block::<E, D, DN, MODS>(p, &args, tid, &mut acc) };
+            unsafe { block::<E, D, DN, MODS, ORDERED>(p, &args, tid, &mut acc) };
         }
         // Warpgroup 0 writes dV, warpgroup 1 dK (scaled).
         for half in 0..2usize {

@@ -7,18 +7,19 @@
 //! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
 //! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
 //! at step i - 2, before either warpgroup passed step i - 1's barrier).
-//! The deterministic mode stays on the wg kernel: this one runs it correctly (the wg kernel's dq order:
-//! within a CTA an element's adds come from one thread at head dims 96 and 128, from the warpgroups in
-//! turn with a consumer barrier between them at 64), but its CTAs walk several key blocks there, and with
-//! one K/V stage each block's copies wait for the previous block's last step (H200 hdim 128: 0.95x the
-//! wg kernel, which loads the next block's K/V during that step).
+//! The deterministic mode runs the `_det` twin (`ORDERED`): one key block per CTA as in the default mode,
+//! CTA x on block gx - 1 - x, and every step's dq adds in a fixed order across CTAs: CTA x adds after
+//! CTA x - 1 (the next key block) where that one adds to the same rows, waiting on a counter per (row
+//! block, q head, column half) that prep zeroes (`BwdParams::dq_sem`, `step_dq`). Within a CTA an
+//! element gets one add per step, from one thread. (The split copies the wg kernel runs it with make its
+//! CTAs walk several key blocks, which one K/V stage here serializes: 0.95x the wg kernel at hdim 128.)
 //! The copy engine reads rows past a sequence (the next sequence's, or the caller's padding, not zeros),
 //! so the consumers zero those rows of a partial key block's K and V and of a partial step's Q and dO
 //! before the products read them: the same operands the wg kernel's zero-filling copies give.
 
 use super::convert::convert_rows;
 use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv};
-use super::{lse_index, sequences, step_walk, KvArgs};
+use super::{lse_index, sequences, step_walk, DqTurn, KvArgs};
 use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
 use crate::arch::reg::opaque_u32;
@@ -96,12 +97,14 @@ impl Pipes {
 /// The key blocks this CTA walks (grid x strides over them, as the wg kernel's): `f(n0, args)` for each,
 /// `args` when the block has keys of the sequence.
 #[inline(always)]
-fn for_each_key_block(p: &BwdParams, mut f: impl FnMut(i32, Option<KvArgs>)) {
+fn for_each_key_block<const ORDERED: bool>(p: &BwdParams, mut f: impl FnMut(i32, Option<KvArgs>)) {
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
     // Unchecked (`div_rem_u32`): h_k >= 1 by validation.
     let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
-    let mut n_block = block_idx_x() as i32;
+    // The ordered deterministic mode: one key block per CTA, in reverse (CTA x - 1 holds the next block,
+    // whose dq adds come first: on a causal mask it reaches each query block first).
+    let mut n_block = if ORDERED { (grid_dim_x() - 1 - block_idx_x()) as i32 } else { block_idx_x() as i32 };
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let args = (n0 < sk.used).then(|| KvArgs { bidb, hk, group, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } });
@@ -113,7 +116,7 @@ fn for_each_key_block(p: &BwdParams, mut f: impl FnMut(i32, Option<KvArgs>)) {
 /// The producer warp: for every key block with steps, K and V, then each step's Q, dO (lane 0, tensor
 /// copies) and lse_log2, D (every lane, two rows each of both, zero-filled past the sequence).
 #[inline(always)]
-unsafe fn produce<const D: usize>(p: &BwdParams, maps: u64, pipes: &Pipes, lane: u32) {
+unsafe fn produce<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64, pipes: &Pipes, lane: u32) {
     let base = smem::base();
     let (q_map, k_map, v_map, do_map) = (maps, maps + 128, maps + 256, maps + 384);
     if lane == 0 {
@@ -127,7 +130,7 @@ unsafe fn produce<const D: usize>(p: &BwdParams, maps: u64, pipes: &Pipes, lane:
     let varlen = p.cu_seqlens_q != 0;
     let mut kvs = Stage::<1>::START;
     let mut ss = Stage::<STAGES>::START;
-    for_each_key_block(p, #[inline(always)] |_, args| {
+    for_each_key_block::<ORDERED>(p, #[inline(always)] |_, args| {
         let Some(a) = args else { return };
         let (steps, next_step, mut cur) = step_walk(p, &a, BM as i32);
         if steps == 0 {
@@ -211,12 +214,13 @@ struct Consumer {
 /// wg kernel's `block` on pipeline stages; `leader` releases the stages for its warpgroup.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn consume<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
+unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
     let base = smem::base();
     let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
         return;
     }
+    let turn = if ORDERED { DqTurn::of(p, a, BN as i32, BM as i32) } else { DqTurn { x: 0, pred: (0, 0) } };
     let (k_s, v_s) = (base + Lay::<D>::K, base + Lay::<D>::V);
     unsafe { pipes.kv.consumer_wait(st.kv) };
     if a.cols < BN as i32 {
@@ -253,7 +257,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: 
 
         // dQ (at d64 on the warpgroups in turn).
         if D != 64 || wg == parity {
-            unsafe { step_dq::<E, D>(p, a, ds_s, k_s, h, m0, wg, warp, g, t) };
+            unsafe { step_dq::<E, D, ORDERED>(p, a, ds_s, k_s, h, m0, wg, warp, g, t, &turn) };
         }
         wait_acc::<0, DN>(acc_dv);
         wait_acc::<0, DN>(acc_dk);
@@ -277,7 +281,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, a: 
 /// Kernel body: barriers set up by thread 0, then the roles. Keys of no sequence get dk = dv = 0; with
 /// grid x = 1 the consumers also convert dq of the group's rows (as the wg kernel).
 #[inline(always)]
-unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, maps: u64) {
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const ORDERED: bool>(p: &BwdParams, maps: u64) {
     let () = Lay::<D>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D>(smem::base());
@@ -292,7 +296,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, maps:
     if tid < 128 {
         tma::regs_dec::<PRODUCER_REGS>();
         if tid < 32 {
-            unsafe { produce::<D>(p, maps, &pipes, tid as u32) };
+            unsafe { produce::<D, ORDERED>(p, maps, &pipes, tid as u32) };
         }
         return;
     }
@@ -304,12 +308,12 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize>(p: &BwdParams, maps:
     let key0 = (16 * warp) as i32 + g;
     let mut st = Consumer { kv: Stage::START, step: Stage::START, steps_done: 0 };
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
-    for_each_key_block(p, #[inline(always)] |n0, args| {
+    for_each_key_block::<ORDERED>(p, #[inline(always)] |n0, args| {
         let mut acc_dk = [[0f32; 4]; DN];
         let mut acc_dv = [[0f32; 4]; DN];
         let sk = match &args {
             Some(a) => {
-                unsafe { consume::<E, D, DN>(p, a, &pipes, &mut st, ctid, leader, &mut acc_dk, &mut acc_dv) };
+                unsafe { consume::<E, D, DN, ORDERED>(p, a, &pipes, &mut st, ctid, leader, &mut acc_dk, &mut acc_dv) };
                 a.sk
             }
             None => sequences(p, bidb).1,
@@ -335,7 +339,13 @@ macro_rules! bwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams, _maps: BwdTmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }>(&p, maps) }
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, false>(&p, maps) }
+            }
+            // The ordered deterministic mode (`BwdParams::dq_sem`).
+            #[unsafe(export_name = concat!($name, "_det"))]
+            pub unsafe extern "ptx-kernel" fn kernel_det(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_det_param_1"));
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, true>(&p, maps) }
             }
         };
     )*};
