@@ -289,6 +289,27 @@ pub(super) unsafe fn store_dk_dv<E: WgElem, const D: usize, const DN: usize>(p: 
     }
 }
 
+/// Where thread `tid` of the 128-key kernels' two (consumer) warpgroups sits: its warp, its warpgroup
+/// (keys 64 wg..), its fragment row `g` and column pair `t`, and its warp's first key row `key0` = 16 warp
+/// + g (it holds keys key0 and key0 + 8 of the block's S^T).
+#[derive(Clone, Copy)]
+pub(super) struct Place {
+    pub warp: usize,
+    pub wg: u32,
+    pub g: i32,
+    pub t: i32,
+    pub key0: i32,
+}
+
+impl Place {
+    #[inline(always)]
+    pub(super) fn of(tid: usize) -> Place {
+        let (warp, lane) = (tid / 32, tid % 32);
+        let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
+        Place { warp, wg: (warp / 4) as u32, g, t, key0: (16 * warp) as i32 + g }
+    }
+}
+
 /// Where a key block's copies stand: its K/V buffer, the stage of its first step, and whether its
 /// predecessor already started its K/V and first step's copies.
 #[derive(Clone, Copy)]
@@ -332,11 +353,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         let stage = (it & 1) as usize;
         let base = opaque_u32(base);
         let tid = opaque_u32(tid as u32) as usize;
-        let (warp, lane) = (tid / 32, tid % 32);
-        let wg = (warp / 4) as u32;
-        let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-        // This warp's keys (rows of S^T): 16 * warp + g, + 8.
-        let key0 = (16 * warp) as i32 + g;
+        let Place { warp, wg, g, t, key0 } = Place::of(tid);
         // Step it's data is visible, and every warp is done with step it-1 (its stage and dS^T).
         copies_visible::<0>();
         let nxt = next_step(cur);
@@ -395,9 +412,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     let tid = thread_idx_x() as usize;
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     let (sq, sk) = sequences(p, bidb);
-    let (warp, lane) = (tid / 32, tid % 32);
-    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-    let key0 = (16 * warp) as i32 + g;
+    let Place { t, key0, .. } = Place::of(tid);
 
     // Key blocks x, x + gx, ...: the host gives a CTA one key block, or all of them (grid x = 1,
     // `bwd_wg_grid_x`), each one's first copies then overlapping its predecessor's last step.

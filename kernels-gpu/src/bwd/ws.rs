@@ -18,7 +18,7 @@
 //! before the products read them: the same operands the wg kernel's zero-filling copies give.
 
 use super::convert::convert_rows;
-use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv};
+use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
 use super::{lse_index, sequences, step_walk, DqTurn, KvArgs};
 use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
@@ -230,10 +230,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: boo
     while it < steps {
         let base = opaque_u32(base);
         let ctid = opaque_u32(ctid as u32) as usize;
-        let (warp, lane) = (ctid / 32, ctid % 32);
-        let wg = (warp / 4) as u32;
-        let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-        let key0 = (16 * warp) as i32 + g;
+        let Place { warp, wg, g, t, key0 } = Place::of(ctid);
         let (h, m0) = (cur.0, cur.1 * BM as i32);
         cur = next_step(cur);
         let rows = a.sq.used - m0;
@@ -303,9 +300,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const ORDERED: bool>
     tma::regs_inc::<CONSUMER_REGS>();
     let ctid = tid - 128;
     let leader = ctid % 128 == 0;
-    let (warp, lane) = (ctid / 32, ctid % 32);
-    let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
-    let key0 = (16 * warp) as i32 + g;
+    let Place { t, key0, .. } = Place::of(ctid);
     let mut st = Consumer { kv: Stage::START, step: Stage::START, steps_done: 0 };
     let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
     for_each_key_block::<ORDERED>(p, #[inline(always)] |n0, args| {
