@@ -521,8 +521,8 @@ for_each_bwd_wg_variant!(bwd_wg_name_lookup);
 /// Whether the deterministic Hopper backward runs in order (the `_det` twins: one dq accumulator, each key
 /// block's reductions after the next block's) rather than over split accumulator copies, unless the
 /// caller asks for it everywhere (`KernelChoice::bwd_ordered_all`). Measured on the H200 (RESULTS.md):
-/// faster at head dims 192 and 256 (the wide kernels: 1.27-1.37x the split copies), slower at 64
-/// (0.84-0.89x) and 128 (0.93-0.98x), whose copies spread the reductions over more CTAs.
+/// faster at head dim 256 (the wide kernels, which 192 shares: 1.16-1.37x the split copies), slower at 64
+/// (0.84-0.93x) and 128 (0.92-0.98x).
 pub fn bwd_ordered_by_default(head_dim: usize) -> bool {
     head_dim > 128
 }
