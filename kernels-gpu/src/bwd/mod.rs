@@ -104,6 +104,31 @@ impl DqTurn {
         let at = b as i64 * p.sem_batch_stride + (row as i64 * p.h as i64 + h as i64) * 2 + half as i64;
         p.dq_sem.wrapping_add((at * 4) as u64)
     }
+
+    /// Waits for this step's turn on `counter` (the step's row block starts at `m0`, `bm` rows per block)
+    /// where CTA x - 1 adds to the same rows: the warpgroup's `leader` spins with `ld.acquire` until that
+    /// CTA passed the turn on, and the warpgroup meets at named barrier `bar`.
+    #[inline(always)]
+    pub(super) unsafe fn wait(&self, counter: u64, m0: i32, bm: i32, leader: bool, bar: u32) {
+        let m = m0 / bm;
+        if self.pred.0 <= m && m < self.pred.1 {
+            if leader {
+                while unsafe { crate::arch::mem::ld_acquire_gpu_u32(counter) } != self.x {}
+            }
+            crate::arch::sync::named_sync(bar, 128);
+        }
+    }
+
+    /// Passes the turn on to CTA x + 1 once every thread of the warpgroup has made its reductions:
+    /// fence, named barrier `bar`, then the `leader`'s `st.release` of x + 1.
+    #[inline(always)]
+    pub(super) unsafe fn pass(&self, counter: u64, leader: bool, bar: u32) {
+        crate::arch::sync::fence_gpu();
+        crate::arch::sync::named_sync(bar, 128);
+        if leader {
+            unsafe { crate::arch::mem::st_release_gpu_u32(counter, self.x + 1) };
+        }
+    }
 }
 
 /// P and dS of one visible score without softcap: `s` = q.k, `dp` = dout . v, `lse2` the row's LSE in

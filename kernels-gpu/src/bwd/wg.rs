@@ -16,11 +16,11 @@ use super::convert::convert_rows;
 use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, DqTurn, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
-use crate::arch::mem::{ld_acquire_gpu_u32, st_global_u32, st_release_gpu_u32};
+use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
-use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
+use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
@@ -234,13 +234,7 @@ pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: 
     let leader = warp % 4 == 0 && g == 0 && t == 0;
     let counter = if ORDERED { DqTurn::counter(p, a.bidb, a.sq.start + m0, h, if D == 64 { 0 } else { wg }) } else { 0 };
     if ORDERED {
-        let m = m0 / BM as i32;
-        if turn.pred.0 <= m && m < turn.pred.1 {
-            if leader {
-                while unsafe { ld_acquire_gpu_u32(counter) } != turn.x {}
-            }
-            named_sync(BAR_TURN + wg, 128);
-        }
+        unsafe { turn.wait(counter, m0, BM as i32, leader, BAR_TURN + wg) };
     }
     wgmma::wait0_n64(&mut acc_q);
     let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
@@ -252,12 +246,7 @@ pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: 
         }
     }
     if ORDERED {
-        // Every thread's reductions ordered before the warpgroup's release of the turn.
-        fence_gpu();
-        named_sync(BAR_TURN + wg, 128);
-        if leader {
-            unsafe { st_release_gpu_u32(counter, turn.x + 1) };
-        }
+        unsafe { turn.pass(counter, leader, BAR_TURN + wg) };
     }
 }
 

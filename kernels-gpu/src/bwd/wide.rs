@@ -17,11 +17,11 @@ use super::wg::{load_step_to, StepStages};
 use super::wg::BAR_TURN;
 use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, DqTurn, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
-use crate::arch::mem::{ld_acquire_gpu_u32, st_global_u32, st_release_gpu_u32};
+use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
-use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
+use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
@@ -199,13 +199,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         let leader = warp % 4 == 0 && lane == 0;
         let counter = if ORDERED { DqTurn::counter(p, a.bidb, a.sq.start + m0, h, wg) } else { 0 };
         if ORDERED {
-            let m = m0 / BM as i32;
-            if turn.pred.0 <= m && m < turn.pred.1 {
-                if leader {
-                    while unsafe { ld_acquire_gpu_u32(counter) } != turn.x {}
-                }
-                named_sync(BAR_TURN + wg, 128);
-            }
+            unsafe { turn.wait(counter, m0, BM as i32, leader, BAR_TURN + wg) };
         }
         let mut c = wg as usize;
         while c < D / 64 {
@@ -227,11 +221,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
             c += 2;
         }
         if ORDERED {
-            fence_gpu();
-            named_sync(BAR_TURN + wg, 128);
-            if leader {
-                unsafe { st_release_gpu_u32(counter, turn.x + 1) };
-            }
+            unsafe { turn.pass(counter, leader, BAR_TURN + wg) };
         }
         // dV / dK have landed (the next step overwrites P^T and dS^T).
         wait_acc::<0, DN>(acc);
