@@ -7,12 +7,14 @@
 //! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
 //! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
 //! at step i - 2, before either warpgroup passed step i - 1's barrier).
-//! The deterministic mode runs the `_det` twin (`ORDERED`): one key block per CTA as in the default mode,
-//! CTA x on block gx - 1 - x, and every step's dq adds in a fixed order across CTAs: CTA x adds after
-//! CTA x - 1 (the next key block) where that one adds to the same rows, waiting on a counter per (row
-//! block, q head, column half) that prep zeroes (`BwdParams::dq_sem`, `step_dq`). Within a CTA an
-//! element gets one add per step, from one thread. (The split copies the wg kernel runs it with make its
-//! CTAs walk several key blocks, which one K/V stage here serializes: 0.95x the wg kernel at hdim 128.)
+//! The deterministic mode stays on the wg kernel's split copies by default at these head dims (they
+//! measured faster: RESULTS.md); under `bwd_ordered_all` it runs the `_det` twin (`ORDERED`): one key
+//! block per CTA as in the default mode, CTA x on block gx - 1 - x, and every step's dq adds in a fixed
+//! order across CTAs: CTA x adds after CTA x - 1 (the next key block) where that one adds to the same
+//! rows, waiting on a counter per (row block, q head, column half) that prep zeroes
+//! (`BwdParams::dq_sem`, `step_dq`). Within a CTA an element gets one add per step, from one thread.
+//! (This kernel does not run the split copies: their CTAs walk several key blocks, which one K/V stage
+//! here serializes: 0.95x the wg kernel at hdim 128.)
 //! The copy engine reads rows past a sequence (the next sequence's, or the caller's padding, not zeros),
 //! so the consumers zero those rows of a partial key block's K and V and of a partial step's Q and dO
 //! before the products read them: the same operands the wg kernel's zero-filling copies give.
