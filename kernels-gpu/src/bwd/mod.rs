@@ -71,6 +71,15 @@ fn dqa_addr_split(p: &BwdParams, b: i32, row: i32, h: i32) -> u64 {
     dqa_addr(p, b, row, h, 0).wrapping_add((split * 4) as u64)
 }
 
+/// The ordered deterministic mode's turn counter (`BwdParams::dq_sem`) of accumulator row `row` (its
+/// step's first, from the sequence's start) of sequence `b`, q head `h`, column half `half`: prep zeroes
+/// it, the dK/dV kernels wait on it and pass it on (`DqTurn`).
+#[inline(always)]
+fn dq_turn_counter(p: &BwdParams, b: i32, row: i32, h: i32, half: u32) -> u64 {
+    let at = b as i64 * p.sem_batch_stride + (row as i64 * p.h as i64 + h as i64) * 2 + half as i64;
+    p.dq_sem.wrapping_add((at * 4) as u64)
+}
+
 /// The ordered deterministic mode's turns (`BwdParams::dq_sem`) for one key block: this CTA's index `x`
 /// among its (sequence, kv head)'s (it takes key block `gx - 1 - x`), and the query blocks `[pred.0,
 /// pred.1)` its predecessor (CTA x - 1, the key block one higher) adds dq to, each after which it writes
@@ -84,9 +93,13 @@ pub(super) struct DqTurn {
 
 #[cfg(fa_sm90)]
 impl DqTurn {
-    /// The turns of key block `a` (CTA x), whose predecessor's block starts `bn` keys later.
+    /// The turns of key block `a` (CTA x), whose predecessor's block starts `bn` keys later; outside the
+    /// ordered mode (`ORDERED` false) none, unused.
     #[inline(always)]
-    pub(super) fn of(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> DqTurn {
+    pub(super) fn of<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> DqTurn {
+        if !ORDERED {
+            return DqTurn { x: 0, pred: (0, 0) };
+        }
         let n0 = a.n0 + bn;
         let pred = if n0 < a.sk.used {
             let cols = if a.sk.used - n0 < bn { a.sk.used - n0 } else { bn };
@@ -95,14 +108,6 @@ impl DqTurn {
             (0, 0)
         };
         DqTurn { x: crate::arch::sreg::block_idx_x(), pred }
-    }
-
-    /// The counter of accumulator row `row` (its step's first, from the sequence's start) of sequence
-    /// `b`, q head `h`, column half `half`.
-    #[inline(always)]
-    pub(super) fn counter(p: &BwdParams, b: i32, row: i32, h: i32, half: u32) -> u64 {
-        let at = b as i64 * p.sem_batch_stride + (row as i64 * p.h as i64 + h as i64) * 2 + half as i64;
-        p.dq_sem.wrapping_add((at * 4) as u64)
     }
 
     /// Waits for this step's turn on `counter` (the step's row block starts at `m0`, `bm` rows per block)

@@ -1,7 +1,7 @@
 //! prep: D_i = dout_i . out_i and the LSE in base 2 for every real row, and (atomic dq path) the f32 dq
 //! accumulator (each of its copies) zeroed wherever the dk/dv kernels add to it. Head dim at run time; four threads per row.
 
-use super::{dqa_addr, lse_index, row_addr, sequences};
+use super::{dq_turn_counter, dqa_addr, lse_index, row_addr, sequences};
 use crate::arch::math::fma;
 use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_v4, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::shfl::shfl_xor_f32;
@@ -72,8 +72,7 @@ unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
             // The ordered deterministic mode's turn counters (`BwdParams::dq_sem`): one per step (row block
             // of the dK/dV kernels) and column half, the step's first row's.
             if p.dq_sem != 0 && valid && sub < 2 && r % BWD_WG_BLOCK_M as i32 == 0 {
-                let at = bidb as i64 * p.sem_batch_stride + ((sq.start + r) as i64 * p.h as i64 + h as i64) * 2 + sub as i64;
-                unsafe { st_global_u32(p.dq_sem.wrapping_add((at * 4) as u64), 0) };
+                unsafe { st_global_u32(dq_turn_counter(p, bidb, sq.start + r, h, sub as u32), 0) };
             }
             if valid && sub == 0 {
                 let at = lse_index(p, bidb, sq.start, h, r) as u64 * 4;

@@ -13,7 +13,7 @@
 //! (N-major, in whole 64-column groups), run over 128 columns (the last 32 zero, never stored).
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::st_global_u32;
@@ -232,7 +232,7 @@ pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: 
     let mut acc_q = [[0f32; 4]; 8];
     unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
     let leader = warp % 4 == 0 && g == 0 && t == 0;
-    let counter = if ORDERED { DqTurn::counter(p, a.bidb, a.sq.start + m0, h, if D == 64 { 0 } else { wg }) } else { 0 };
+    let counter = if ORDERED { dq_turn_counter(p, a.bidb, a.sq.start + m0, h, if D == 64 { 0 } else { wg }) } else { 0 };
     if ORDERED {
         unsafe { turn.wait(counter, m0, BM as i32, leader, BAR_TURN + wg) };
     }
@@ -326,7 +326,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     if steps == 0 {
         return 0;
     }
-    let turn = if ORDERED { DqTurn::of(p, a, BN as i32, BM as i32) } else { DqTurn { x: 0, pred: (0, 0) } };
+    let turn = DqTurn::of::<ORDERED>(p, a, BN as i32, BM as i32);
     if !pipe.prefetched {
         unsafe {
             load_kv::<D>(p, a, base, pipe.kv, tid);

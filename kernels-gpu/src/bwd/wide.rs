@@ -15,7 +15,7 @@
 use super::convert::convert_rows;
 use super::wg::{load_step_to, StepStages};
 use super::wg::BAR_TURN;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
@@ -116,7 +116,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     if steps == 0 {
         return 0;
     }
-    let turn = if ORDERED { DqTurn::of(p, a, BN as i32, BM as i32) } else { DqTurn { x: 0, pred: (0, 0) } };
+    let turn = DqTurn::of::<ORDERED>(p, a, BN as i32, BM as i32);
     unsafe {
         let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
         let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
@@ -197,7 +197,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         let row = (16 * (warp % 4)) as i32 + g;
         // The ordered mode: this warpgroup's chunks after CTA x - 1's (one counter per warpgroup half).
         let leader = warp % 4 == 0 && lane == 0;
-        let counter = if ORDERED { DqTurn::counter(p, a.bidb, a.sq.start + m0, h, wg) } else { 0 };
+        let counter = if ORDERED { dq_turn_counter(p, a.bidb, a.sq.start + m0, h, wg) } else { 0 };
         if ORDERED {
             unsafe { turn.wait(counter, m0, BM as i32, leader, BAR_TURN + wg) };
         }

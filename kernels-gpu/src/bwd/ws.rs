@@ -222,7 +222,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: boo
     if steps == 0 {
         return;
     }
-    let turn = if ORDERED { DqTurn::of(p, a, BN as i32, BM as i32) } else { DqTurn { x: 0, pred: (0, 0) } };
+    let turn = DqTurn::of::<ORDERED>(p, a, BN as i32, BM as i32);
     let (k_s, v_s) = (base + Lay::<D>::K, base + Lay::<D>::V);
     unsafe { pipes.kv.consumer_wait(st.kv) };
     if a.cols < BN as i32 {
