@@ -24,3 +24,14 @@ pub fn shfl_idx_u32(v: u32, src: u32) -> u32 {
     }
     r
 }
+
+/// `vote.sync.any`: whether `p` holds on any lane (all 32 lanes take part; not `pure`, as above).
+#[inline(always)]
+pub fn any_lane(p: bool) -> bool {
+    let r: u32;
+    unsafe {
+        asm!("{{ .reg .pred p, q; setp.ne.u32 p, {v}, 0; vote.sync.any.pred q, p, 0xffffffff; selp.u32 {r}, 1, 0, q; }}",
+            r = out(reg32) r, v = in(reg32) p as u32, options(nomem, nostack))
+    }
+    r != 0
+}

@@ -232,7 +232,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             );
 
             // P overwrites S (online softmax); a row whose max moved rescales its O.
-            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, false, #[inline(always)]
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, false, false, #[inline(always)]
             |mt, h, f| {
                 for frag in acc_o[mt].iter_mut() {
                     frag[2 * h] *= f;
@@ -262,12 +262,13 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 /// when the tile is `masked` (this thread's rows `row0 + 16 mt (+ 8)`, keys `n0 + 8 j + 2 t (+ 1)`),
 /// then each row's update (the row sums take every probability), then dropout's zeros;
 /// `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma kernels.
+/// `lazy` (a constant per kernel): `softmax::RESCALE_LOG2`'s lazy max.
 /// `linear_alibi` (a constant per kernel): ALiBi's linear form on tiles beside the diagonal (below). The
 /// wgmma kernels take it at head dims <= 64 (H200, hdim 64: ALiBi's forward cost 1.32-1.34 -> 1.23-1.29); at 128 it
 /// raised the `_mods` kernels' spills (188/200 -> 380/476 bytes) and the cost (1.10-1.11 -> 1.13-1.20).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, mut rescale: impl FnMut(usize, usize, f32)) {
+pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, lazy: bool, mut rescale: impl FnMut(usize, usize, f32)) {
     if a.softcap_pre != 0.0 {
         for mt in 0..MT {
             for j in 0..NN {
@@ -345,9 +346,9 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
                     s if s > 0 => -slope_raw * base,
                     _ => slope_raw * base,
                 };
-                update_row_offset(&mut row_state[mt][h], &mut s_row, scale_log2, offset)
+                if lazy { update_row_offset::<NN, true>(&mut row_state[mt][h], &mut s_row, scale_log2, offset) } else { update_row_offset::<NN, false>(&mut row_state[mt][h], &mut s_row, scale_log2, offset) }
             } else {
-                update_row(&mut row_state[mt][h], &mut s_row, scale_log2)
+                if lazy { update_row::<NN, true>(&mut row_state[mt][h], &mut s_row, scale_log2) } else { update_row::<NN, false>(&mut row_state[mt][h], &mut s_row, scale_log2) }
             };
             if let Some(f) = moved {
                 rescale(mt, h, f);

@@ -8,6 +8,7 @@
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, rescale_o, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
+use crate::arch::shfl::any_lane;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
@@ -323,7 +324,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         if n_tiles == 1 {
             release_q(st.q);
         }
-        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, D <= 64);
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, D <= 64, D > 64);
 
         // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
         // the second product, O rescaled once it lands.
@@ -349,11 +350,17 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
             // P stays in acc_s until the product reading the previous P has landed: one P's registers.
             let mut factor = [1f32; 2];
-            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, D <= 64);
+            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, D <= 64, D > 64);
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
             release(&pipes.v, &mut st.v);
-            rescale_o(&mut acc_o, &factor);
+            // Above head dim 64 the max is lazy and O rescaled only when a row of the warp moved its
+            // max, which after a row's first tiles is rare (`softmax::RESCALE_LOG2`; H200, S=8192:
+            // hdim 256 1.04-1.07x, hdim 128 1.01-1.02x; at 64, where O is 32 registers, the vote cost
+            // more than it saved: 0.98x).
+            if D <= 64 || any_lane(factor[0] != 1.0 || factor[1] != 1.0) {
+                rescale_o(&mut acc_o, &factor);
+            }
             pack_p::<E, NN, KP>(&acc_s, &mut pa);
             i += 1;
         }
