@@ -292,6 +292,10 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     let lane = ctid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let scale_log2 = a.softmax_scale();
+    // The lazy max (`softmax::RESCALE_LOG2`) above head dim 64, without score modifiers (H200, S=8192:
+    // hdim 256 1.05-1.07x, 192 1.03x, 128 1.01-1.02x; at 64, where O is 32 registers, the vote cost
+    // more than it saved, 0.98x; ALiBi at 128 lost 3%: its max moves along the keys).
+    let lazy = D > 64 && !a.mods.modded;
     let (rows, n_min, n_max) = block_plan::<BN>(a);
     let mut acc_o = [[0f32; 4]; DN];
     let mut row_state = [RowState::EMPTY; 2];
@@ -324,7 +328,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         if n_tiles == 1 {
             release_q(st.q);
         }
-        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, D <= 64, D > 64);
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, D <= 64, lazy);
 
         // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
         // the second product, O rescaled once it lands.
@@ -350,15 +354,13 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
             // P stays in acc_s until the product reading the previous P has landed: one P's registers.
             let mut factor = [1f32; 2];
-            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, D <= 64, D > 64);
+            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, D <= 64, lazy);
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
             release(&pipes.v, &mut st.v);
-            // Above head dim 64 the max is lazy and O rescaled only when a row of the warp moved its
-            // max, which after a row's first tiles is rare (`softmax::RESCALE_LOG2`; H200, S=8192:
-            // hdim 256 1.04-1.07x, hdim 128 1.01-1.02x; at 64, where O is 32 registers, the vote cost
-            // more than it saved: 0.98x).
-            if D <= 64 || any_lane(factor[0] != 1.0 || factor[1] != 1.0) {
+            // With `lazy`, O is rescaled only when a row of the warp moved its max, which after a row's
+            // first tiles is rare.
+            if !lazy || any_lane(factor[0] != 1.0 || factor[1] != 1.0) {
                 rescale_o(&mut acc_o, &factor);
             }
             pack_p::<E, NN, KP>(&acc_s, &mut pa);
