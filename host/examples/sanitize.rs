@@ -55,12 +55,12 @@ mod variants;
 use flash_attn::{bwd_with, combine, fwd, fwd_kvcache, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, DType, Device, Dropout, Extras, KernelChoice, KvCache, KvCacheOptions, PagedVarlen, Tensor, Varlen, HEAD_DIMS};
 use std::time::Instant;
 
-const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
+const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, ..DEFAULT };
 const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
-const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
-const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false, bwd_ordered_all: false };
-const ORDERED_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: true };
-const NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: true, bwd_ordered_all: false };
+const CHAIN_ALL: KernelChoice = KernelChoice { bwd_chain_all: true, ..DEFAULT };
+const FWD_NO_WS: KernelChoice = KernelChoice { fwd_no_ws: true, ..DEFAULT };
+const ORDERED_ALL: KernelChoice = KernelChoice { bwd_ordered_all: true, ..DEFAULT };
+const NO_WS: KernelChoice = KernelChoice { fwd_no_ws: true, bwd_no_ws: true, ..DEFAULT };
 
 /// Dense problem: (b, sq, sk, hq, hk).
 const DENSE: (usize, usize, usize, usize, usize) = (2, 190, 280, 2, 1);

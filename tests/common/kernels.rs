@@ -37,11 +37,11 @@ pub fn seeded(test: &str) -> (u64, rand::rngs::StdRng) {
 }
 
 pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
-pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
-pub const CHAIN_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: true, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
-pub const FWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: true, bwd_no_ws: false, bwd_ordered_all: false };
-pub const ORDERED_ALL: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: true };
-pub const BWD_NO_WS: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: true, bwd_ordered_all: false };
+pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, ..DEFAULT };
+pub const CHAIN_ALL: KernelChoice = KernelChoice { bwd_chain_all: true, ..DEFAULT };
+pub const FWD_NO_WS: KernelChoice = KernelChoice { fwd_no_ws: true, ..DEFAULT };
+pub const ORDERED_ALL: KernelChoice = KernelChoice { bwd_ordered_all: true, ..DEFAULT };
+pub const BWD_NO_WS: KernelChoice = KernelChoice { bwd_no_ws: true, ..DEFAULT };
 
 /// GPU 0 as the dispatch sees it: (name, compute capability, multiprocessors); None without CUDA.
 pub fn gpu() -> Option<&'static (String, (i32, i32), i32)> {
