@@ -339,12 +339,14 @@ fn main() -> flash_attn::Result<()> {
                     run(NO_WGMMA, "mma.sync", &[(NO_WGMMA, false, "mma.sync bwd"), (NO_WGMMA, true, "mma.sync deterministic bwd")], mods)?;
                 }
                 if plan.wg_fwd || plan.wg_bwd {
-                    let bwds: &[(KernelChoice, bool, &str)] = match (plan.wg_bwd, plan.ordered_opt_in && !mods) {
-                        (false, _) => &[],
-                        (true, false) => &[(DEFAULT, false, "wgmma bwd"), (DEFAULT, true, "wgmma deterministic bwd"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")],
-                        (true, true) => &[(DEFAULT, false, "wgmma bwd"), (DEFAULT, true, "wgmma deterministic bwd"), (ORDERED_ALL, true, "wgmma deterministic ordered bwd (bwd_ordered_all)"), (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")],
-                    };
-                    run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, bwds, mods)?;
+                    let all: [(bool, (KernelChoice, bool, &str)); 4] = [
+                        (true, (DEFAULT, false, "wgmma bwd")),
+                        (true, (DEFAULT, true, "wgmma deterministic bwd")),
+                        (plan.ordered_opt_in && !mods, (ORDERED_ALL, true, "wgmma deterministic ordered bwd (bwd_ordered_all)")),
+                        (true, (CHAIN_ALL, false, "wgmma chained bwd (bwd_chain_all)")),
+                    ];
+                    let bwds: Vec<_> = all.into_iter().filter(|&(on, _)| on && plan.wg_bwd).map(|(_, b)| b).collect();
+                    run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, &bwds, mods)?;
                 }
                 if plan.wg_fwd {
                     let bwds: &[(KernelChoice, bool, &str)] = if plan.ws_bwd && !mods { &[(NO_WS, false, "wgmma bwd (bwd_no_ws)")] } else { &[] };
