@@ -31,6 +31,11 @@ const SLOTS: usize = 2;
 /// keys (192, 256), O at the head dim. Backward (bwd/wg.rs): S^T and dP^T at 64 queries, dV and dK at the head dim
 /// over 64 queries, dQ (both operands transposed).
 pub trait WgElem: Elem {
+    unsafe fn ss_n128_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
+    unsafe fn ss_n128_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
+    unsafe fn ss_n64_k16(d: &mut [[f32; 4]; 8], a: &[u64; 16], b: &[u64; 16]);
+    unsafe fn ss_n64_k12(d: &mut [[f32; 4]; 8], a: &[u64; 12], b: &[u64; 12]);
+    unsafe fn ss_n128_k6(d: &mut [[f32; 4]; 16], a: &[u64; 6], b: &[u64; 6]);
     unsafe fn rs_n64_k8(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n128_k8(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n256_k4(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: &[u64; 4]);
@@ -46,11 +51,7 @@ pub trait WgElem: Elem {
     unsafe fn st_n192_k4(d: &mut [[f32; 4]; 24], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn st_n256_k4(d: &mut [[f32; 4]; 32], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn tt_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
-    // The forward's S with its descriptors formed in the asm block (`ss_*_inc`).
-    unsafe fn ss_n128_k4_inc(d: &mut [[f32; 4]; 16], a0: u64, b0: u64, a_group: u64, b_group: u64);
-    unsafe fn ss_n128_k6_inc(d: &mut [[f32; 4]; 16], a0: u64, b0: u64, a_group: u64, b_group: u64);
-    unsafe fn ss_n128_k8_inc(d: &mut [[f32; 4]; 16], a0: u64, b0: u64, a_group: u64, b_group: u64);
-    unsafe fn ss_n64_k12_inc(d: &mut [[f32; 4]; 8], a0: u64, b0: u64, a_group: u64, b_group: u64);
+    /// `ss_n64_k16` with its descriptors formed in the asm block (`ss_*_inc`).
     unsafe fn ss_n64_k16_inc(d: &mut [[f32; 4]; 8], a0: u64, b0: u64, a_group: u64, b_group: u64);
 }
 
@@ -73,6 +74,11 @@ macro_rules! wg_elem {
     };
 }
 wg_elem!(BF16,
+    ss_n128_k4 => ss_n128_k4_bf16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
+    ss_n128_k8 => ss_n128_k8_bf16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
+    ss_n64_k16 => ss_n64_k16_bf16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
+    ss_n64_k12 => ss_n64_k12_bf16(&mut [[f32; 4]; 8], &[u64; 12], &[u64; 12]),
+    ss_n128_k6 => ss_n128_k6_bf16(&mut [[f32; 4]; 16], &[u64; 6], &[u64; 6]),
     rs_n64_k8 => rs_n64_k8_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_bf16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
@@ -88,13 +94,14 @@ wg_elem!(BF16,
     st_n192_k4 => st_n192_k4_bf16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
     st_n256_k4 => st_n256_k4_bf16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
     tt_n64_k4 => tt_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]);
-    ss_n128_k4_inc => ss_n128_k4_bf16_inc(&mut [[f32; 4]; 16]),
-    ss_n128_k6_inc => ss_n128_k6_bf16_inc(&mut [[f32; 4]; 16]),
-    ss_n128_k8_inc => ss_n128_k8_bf16_inc(&mut [[f32; 4]; 16]),
-    ss_n64_k12_inc => ss_n64_k12_bf16_inc(&mut [[f32; 4]; 8]),
     ss_n64_k16_inc => ss_n64_k16_bf16_inc(&mut [[f32; 4]; 8]),
 );
 wg_elem!(F16,
+    ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
+    ss_n128_k8 => ss_n128_k8_f16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
+    ss_n64_k16 => ss_n64_k16_f16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
+    ss_n64_k12 => ss_n64_k12_f16(&mut [[f32; 4]; 8], &[u64; 12], &[u64; 12]),
+    ss_n128_k6 => ss_n128_k6_f16(&mut [[f32; 4]; 16], &[u64; 6], &[u64; 6]),
     rs_n64_k8 => rs_n64_k8_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_f16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
@@ -110,10 +117,6 @@ wg_elem!(F16,
     st_n192_k4 => st_n192_k4_f16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
     st_n256_k4 => st_n256_k4_f16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
     tt_n64_k4 => tt_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]);
-    ss_n128_k4_inc => ss_n128_k4_f16_inc(&mut [[f32; 4]; 16]),
-    ss_n128_k6_inc => ss_n128_k6_f16_inc(&mut [[f32; 4]; 16]),
-    ss_n128_k8_inc => ss_n128_k8_f16_inc(&mut [[f32; 4]; 16]),
-    ss_n64_k12_inc => ss_n64_k12_f16_inc(&mut [[f32; 4]; 8]),
     ss_n64_k16_inc => ss_n64_k16_f16_inc(&mut [[f32; 4]; 8]),
 );
 
@@ -291,18 +294,28 @@ unsafe fn load_tile_sw128_rows<const D: usize, const ROWS: usize>(dst: u32, fall
 pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
     let k_s = Tile::<D, BN>::k_slot(base, t);
-    // Step kk's descriptors are the first's plus (kk / 4) groups and (kk % 4) 32-byte steps (`kmajor_desc`),
-    // formed inside the asm block: two 64-bit registers instead of one per step and operand.
-    let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0), kmajor_desc(k_s, BN as u32, 0, 0));
-    let (q_group, k_group) = ((BM * 128 / 16) as u64, (BN * 128 / 16) as u64);
+    if D == 256 {
+        // Step kk's descriptors are the first's plus (kk / 4) groups and (kk % 4) 32-byte steps
+        // (`kmajor_desc`), formed inside the asm block: two 64-bit registers instead of 32 (ptxas, ws
+        // kernel: spills 352/392 -> 184/176 bytes; at 128 and 192 they grew, 148 -> 200, 124 -> 148).
+        let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0), kmajor_desc(k_s, BN as u32, 0, 0));
+        unsafe { E::ss_n64_k16_inc(sized(acc_s), qa, kb, (BM * 8) as u64, (BN * 8) as u64) };
+        return;
+    }
+    let mut qa = [0u64; 16];
+    let mut kb = [0u64; 16];
+    for kk in 0..D / 16 {
+        qa[kk] = kmajor_desc(base, BM as u32, wg * 64, kk);
+        kb[kk] = kmajor_desc(k_s, BN as u32, 0, kk);
+    }
     // (D, BN) is one of Tile::CHECK's five.
     unsafe {
         match D {
-            64 => E::ss_n128_k4_inc(sized(acc_s), qa, kb, q_group, k_group),
-            96 => E::ss_n128_k6_inc(sized(acc_s), qa, kb, q_group, k_group),
-            128 => E::ss_n128_k8_inc(sized(acc_s), qa, kb, q_group, k_group),
-            192 => E::ss_n64_k12_inc(sized(acc_s), qa, kb, q_group, k_group),
-            _ => E::ss_n64_k16_inc(sized(acc_s), qa, kb, q_group, k_group),
+            64 => E::ss_n128_k4(sized(acc_s), &first(&qa), &first(&kb)),
+            96 => E::ss_n128_k6(sized(acc_s), &first(&qa), &first(&kb)),
+            128 => E::ss_n128_k8(sized(acc_s), &first(&qa), &first(&kb)),
+            192 => E::ss_n64_k12(sized(acc_s), &first(&qa), &first(&kb)),
+            _ => E::ss_n64_k16(sized(acc_s), &qa, &kb),
         }
     }
 }
