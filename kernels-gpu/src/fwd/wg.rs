@@ -51,15 +51,23 @@ pub trait WgElem: Elem {
     unsafe fn st_n192_k4(d: &mut [[f32; 4]; 24], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn st_n256_k4(d: &mut [[f32; 4]; 32], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn tt_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
+    /// `ss_n64_k16` with its descriptors formed in the asm block (`ss_*_inc`).
+    unsafe fn ss_n64_k16_inc(d: &mut [[f32; 4]; 8], a0: u64, b0: u64, a_group: u64, b_group: u64);
 }
 
 macro_rules! wg_elem {
-    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?) => {
+    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?; $($iname:ident => $if:ident($id:ty)),* $(,)?) => {
         impl WgElem for $t {
             $(
                 #[inline(always)]
                 unsafe fn $name(d: $d, a: $a, b: $b) {
                     unsafe { wgmma::$f(d, a, b) }
+                }
+            )*
+            $(
+                #[inline(always)]
+                unsafe fn $iname(d: $id, a0: u64, b0: u64, a_group: u64, b_group: u64) {
+                    unsafe { wgmma::$if(d, a0, b0, a_group, b_group) }
                 }
             )*
         }
@@ -85,7 +93,8 @@ wg_elem!(BF16,
     ss_n32_k16 => ss_n32_k16_bf16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
     st_n192_k4 => st_n192_k4_bf16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
     st_n256_k4 => st_n256_k4_bf16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
-    tt_n64_k4 => tt_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    tt_n64_k4 => tt_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]);
+    ss_n64_k16_inc => ss_n64_k16_bf16_inc(&mut [[f32; 4]; 8]),
 );
 wg_elem!(F16,
     ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
@@ -107,7 +116,8 @@ wg_elem!(F16,
     ss_n32_k16 => ss_n32_k16_f16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
     st_n192_k4 => st_n192_k4_f16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
     st_n256_k4 => st_n256_k4_f16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
-    tt_n64_k4 => tt_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    tt_n64_k4 => tt_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]);
+    ss_n64_k16_inc => ss_n64_k16_f16_inc(&mut [[f32; 4]; 8]),
 );
 
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
@@ -284,6 +294,14 @@ unsafe fn load_tile_sw128_rows<const D: usize, const ROWS: usize>(dst: u32, fall
 pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
     let k_s = Tile::<D, BN>::k_slot(base, t);
+    if D == 256 {
+        // Step kk's descriptors are the first's plus (kk / 4) groups and (kk % 4) 32-byte steps
+        // (`kmajor_desc`), formed inside the asm block: two 64-bit registers instead of 32 (ptxas, ws
+        // kernel: spills 352/392 -> 184/176 bytes; at 128 and 192 they grew, 148 -> 200, 124 -> 148).
+        let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0), kmajor_desc(k_s, BN as u32, 0, 0));
+        unsafe { E::ss_n64_k16_inc(sized(acc_s), qa, kb, (BM * 8) as u64, (BN * 8) as u64) };
+        return;
+    }
     let mut qa = [0u64; 16];
     let mut kb = [0u64; 16];
     for kk in 0..D / 16 {
