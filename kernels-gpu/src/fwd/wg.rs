@@ -289,12 +289,14 @@ unsafe fn load_tile_sw128_rows<const D: usize, const ROWS: usize>(dst: u32, fall
 }
 
 /// S = Q K^T of running tile `t` for warpgroup `wg`'s 64 rows: k16 steps along the head dim, four per
-/// 64-column group (+32 bytes inside the swizzled row). Issued and committed, not waited for.
+/// 64-column group (+32 bytes inside the swizzled row). Issued and committed, not waited for. `INC`: at
+/// head dim 256 the descriptors are formed inside the asm block (the ws kernel; in the wg kernel's paged
+/// twin they raised ptxas's spills from 20 to 200 bytes, so the wg kernel keeps them in registers).
 #[inline(always)]
-pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
+pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize, const INC: bool>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
     let k_s = Tile::<D, BN>::k_slot(base, t);
-    if D == 256 {
+    if INC && D == 256 {
         // Step kk's descriptors are the first's plus (kk / 4) groups and (kk % 4) 32-byte steps
         // (`kmajor_desc`), formed inside the asm block: two 64-bit registers instead of 32 (ptxas, ws
         // kernel: spills 352/392 -> 184/176 bytes; at 128 and 192 they grew, 148 -> 200, 124 -> 148).
@@ -455,7 +457,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         }
         copies_visible::<1>();
         let mut acc_s = [[0f32; 4]; NN];
-        unsafe { issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, tile(0)) };
+        unsafe { issue_s::<E, D, BN, NN, false>(&mut acc_s, base, wg, tile(0)) };
         wait_acc::<0, NN>(&mut acc_s);
         let mut pa = [[0u32; 4]; KP];
         softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, D <= 64, false);
@@ -476,7 +478,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             unsafe { load_kv::<D, BN, true>(base, tile(i + 1), a, n_max - 2 - i, tid) };
             commit_group();
             unsafe {
-                issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, tile(i + 1));
+                issue_s::<E, D, BN, NN, false>(&mut acc_s, base, wg, tile(i + 1));
                 issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, tile(i));
             }
             wait_acc::<1, NN>(&mut acc_s);

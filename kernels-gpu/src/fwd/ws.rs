@@ -321,7 +321,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             pipes.k.consumer_wait(st.k);
         }
         take_turn(wg);
-        unsafe { issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, st.k.index as usize) };
+        unsafe { issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize) };
         pass_turn(wg);
         wait_acc::<0, NN>(&mut acc_s);
         release(&pipes.k, &mut st.k);
@@ -343,7 +343,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
             take_turn(wg);
             unsafe {
-                issue_s::<E, D, BN, NN>(&mut acc_s, base, wg, st.k.index as usize);
+                issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize);
                 issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize);
             }
             pass_turn(wg);
