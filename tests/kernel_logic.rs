@@ -1,7 +1,7 @@
 //! The kernels' pure index logic (kernels-gpu/src/{mask,block,seqlen}.rs), compiled for the host and
 //! checked exhaustively against the mask's definition: the per-element band test and both fragment
 //! walkers agree with it, tile skipping never drops a visible key, the
-//! unmasked fast path is taken only where every key is visible, clamped lengths stay in bounds
+//! unmasked fast path is taken only where every key is visible (and the backward's per-key-block form of that decision agrees), clamped lengths stay in bounds
 //! whatever cu_seqlens/seqused hold, and every dq accumulator word the dk/dv kernels add to was zeroed by
 //! prep first.
 
@@ -99,6 +99,18 @@ proptest! {
                 prop_assert!(all_visible, "tile {} runs unmasked but hides a key", n);
             }
         }
+    }
+
+    #[test]
+    fn interior_rows_decide_exactly_the_unmasked_tiles(sq in 1..300i32, sk in 1..300i32, left in side(), right in side(), n_frac in 0.0..1.0f64, m_frac in 0.0..1.0f64, rows in 1..140i32, bn in prop::sample::select(vec![64i32, 128])) {
+        // The backward's per-key-block form of the mask decision: a tile needs the mask iff some (row,
+        // key) of it, keys past the sequence included, is hidden; and it agrees with tile_needs_mask.
+        let n0 = ((sk - 1) as f64 * n_frac) as i32 / bn * bn;
+        let m0 = ((sq - 1) as f64 * m_frac) as i32;
+        let needs = block::InteriorRows::of(n0, bn, sq, sk, left, right).needs_mask(m0, rows);
+        let all_visible = (m0..m0 + rows).all(|i| (n0..n0 + bn).all(|j| visible(i as i64, j as i64, sq as i64, sk as i64, left as i64, right as i64)));
+        prop_assert_eq!(needs, !all_visible);
+        prop_assert_eq!(needs, block::tile_needs_mask(m0, rows, n0, bn, sq, sk, left, right));
     }
 
     #[test]

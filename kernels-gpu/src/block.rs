@@ -33,6 +33,40 @@ pub fn tile_needs_mask(m0: i32, rows: i32, n0: i32, block_n: i32, seqlen_q: i32,
     !(hi_first >= n_last && lo_last <= n0)
 }
 
+/// `tile_needs_mask` for one key tile and every row block, decided once per tile: the tile
+/// `[n0, n0 + block_n)` is interior for rows `[m0, m0 + rows)` (rows >= 1) iff `first <= m0` and
+/// `m0 + rows - 1 <= last`. A backward block keeps these two values across its steps instead of the
+/// 64-bit pieces of `key_range`, which ptxas spilled and reloaded every step (hdim 128, nsight compute).
+#[derive(Clone, Copy)]
+pub struct InteriorRows {
+    first: i32,
+    last: i32,
+}
+
+impl InteriorRows {
+    /// Row `i` sees key `n0 + block_n - 1` iff `i >= n_last - shift - right` (any row when `right` is
+    /// unbounded) and key `n0` iff `i <= n0 - shift + left` (`key_range`, shift = seqlen_k - seqlen_q);
+    /// no row when the tile reaches past the keys.
+    #[inline(always)]
+    pub fn of(n0: i32, block_n: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32) -> InteriorRows {
+        let n_last = n0 + block_n - 1;
+        if n_last >= seqlen_k {
+            return InteriorRows { first: i32::MAX, last: -1 };
+        }
+        let shift = seqlen_k as i64 - seqlen_q as i64;
+        let first = if window_right >= 0 { n_last as i64 - shift - window_right as i64 } else { 0 };
+        let last = if window_left >= 0 { n0 as i64 - shift + window_left as i64 } else { i32::MAX as i64 };
+        let clamp = |x: i64| if x < -1 { -1 } else if x > i32::MAX as i64 { i32::MAX } else { x as i32 };
+        InteriorRows { first: clamp(first), last: clamp(last) }
+    }
+
+    /// `tile_needs_mask(m0, rows, ..)` of the tile this was made for.
+    #[inline(always)]
+    pub fn needs_mask(&self, m0: i32, rows: i32) -> bool {
+        !(m0 >= self.first && m0 + rows - 1 <= self.last)
+    }
+}
+
 /// The backward's transpose of `n_block_range`: half-open range `[m_min, m_max)` of query-row blocks of
 /// `block_m` rows holding a row that sees some key of `[n0, n0 + cols)`. Empty when no row does.
 #[inline(always)]

@@ -22,7 +22,7 @@ use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
-use crate::block::tile_needs_mask;
+use crate::block::InteriorRows;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
@@ -172,7 +172,7 @@ pub(super) unsafe fn issue_keys_x_dim<E: WgElem, const D: usize, const DN: usize
 /// and dK's).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: &BwdParams, a: &KvArgs, kv: [u32; 2], stage: [u32; 4], ds_s: u32, h: i32, m0: i32, wg: u32, key0: i32, t: i32) -> ([[u32; 4]; 4], [[u32; 4]; 4]) {
+pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: &BwdParams, a: &KvArgs, interior: InteriorRows, kv: [u32; 2], stage: [u32; 4], ds_s: u32, h: i32, m0: i32, wg: u32, key0: i32, t: i32) -> ([[u32; 4]; 4], [[u32; 4]; 4]) {
     let [k_s, v_s] = kv;
     let [q_s, do_s, lse_s, delta_s] = stage;
     let rows = a.sq.used - m0;
@@ -188,7 +188,7 @@ pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: 
     let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
     let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
     grad_tile::<1, 8, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
-    if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
+    if rows < BM as i32 || interior.needs_mask(m0, BM as i32) {
         mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
     }
     for j in 0..8 {
@@ -335,6 +335,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         commit_group();
     }
 
+    let interior = InteriorRows::of(a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
     // `it` counts from the first step's stage, so `it & 1` is every step's stage.
     let mut it = pipe.stage0;
     let end = steps + pipe.stage0;
@@ -368,7 +369,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         let [q_s, do_s, lse_s, delta_s] = Lay::<D>::STAGES.at(base, stage);
 
         let ds_s = base + Lay::<D>::DS;
-        let (mut pa, mut da) = unsafe { step_grads::<E, D, MODS>(p, a, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
+        let (mut pa, mut da) = unsafe { step_grads::<E, D, MODS>(p, a, interior, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
         // dV += P^T dO and dK += dS^T Q.
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);

@@ -22,6 +22,7 @@
 use super::convert::convert_rows;
 use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
 use super::{lse_index, sequences, step_walk, DqTurn, KvArgs};
+use crate::block::InteriorRows;
 use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
 use crate::arch::reg::opaque_u32;
@@ -223,6 +224,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: boo
         return;
     }
     let turn = DqTurn::of::<ORDERED>(p, a, BN as i32, BM as i32);
+    let interior = InteriorRows::of(a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
     let (k_s, v_s) = (base + Lay::<D>::K, base + Lay::<D>::V);
     unsafe { pipes.kv.consumer_wait(st.kv) };
     if a.cols < BN as i32 {
@@ -245,7 +247,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: boo
         // dS^T to this step's buffer.
         let parity = st.steps_done & 1;
         let ds_s = base + Lay::<D>::DS + parity * Lay::<D>::DST;
-        let (mut pa, mut da) = unsafe { step_grads::<E, D, false>(p, a, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
+        let (mut pa, mut da) = unsafe { step_grads::<E, D, false>(p, a, interior, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
         // dV += P^T dO and dK += dS^T Q.
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
