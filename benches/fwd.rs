@@ -5,7 +5,7 @@
 //! Skips with a notice when there is no GPU. FLOPs: 4 * B * H * Sq * Sk * D, halved for causal.
 //! The ragged batch also runs over paged K/V (`varlen_fwd_paged`: pages of 16, 64 and 256 rows, each
 //! sequence's pages scattered over the pool), named `paged/...`, to set against the contiguous row.
-//! The score modifiers (`mods/...`): hdim 64 and 128 at S 2048 and 8192, causal and not, each without
+//! The score modifiers (`mods/...`): hdim 64, 128 and 256 at S 2048 and 8192, causal and not, each without
 //! modifiers, with ALiBi (slopes `[H]`) and with dropout (p = 0.1), the same FLOPs counted for all three.
 //! Filter shapes with FA_BENCH_FILTER=substring.
 
