@@ -1,9 +1,9 @@
 //! The kernels' pure index logic (kernels-gpu/src/{mask,block,seqlen}.rs), compiled for the host and
 //! checked exhaustively against the mask's definition: the per-element band test and both fragment
-//! walkers agree with it, tile skipping never drops a visible key, the
-//! unmasked fast path is taken only where every key is visible (and the backward's per-key-block form of that decision agrees), clamped lengths stay in bounds
-//! whatever cu_seqlens/seqused hold, and every dq accumulator word the dk/dv kernels add to was zeroed by
-//! prep first.
+//! walkers agree with it, tile skipping never drops a visible key, the unmasked fast path is taken only
+//! where every key is visible (and the backward's per-key-block form of that decision agrees), clamped
+//! lengths stay in bounds whatever cu_seqlens/seqused hold, and every dq accumulator word the dk/dv
+//! kernels add to was zeroed by prep first.
 
 #[path = "../kernels-gpu/src/mask.rs"]
 mod mask;
