@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_config, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -147,7 +147,7 @@ pub fn kvcache_launch(p: &Problem, splits: usize) -> Option<FwdLaunch> {
 /// its `_mods` twin (paged: the `_paged` one).
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
-    let config = fwd_wg_config(p.head_dim)?;
+    let config = fwd_ws_config(p.head_dim, Twin::of(p) == Twin::Plain)?;
     let kernel = match (Twin::of(p), p.paged) {
         (Twin::Plain, _) => fwd_ws_kernel_name(p.head_dim, dtype)?,
         (Twin::Mods, _) => fwd_ws_mods_kernel_name(p.head_dim, dtype)?,
@@ -592,7 +592,10 @@ mod tests {
                     assert_eq!(ws.map(|w| w.0.kernel), fwd_ws_mods_kernel_name(d, kd), "{at}");
                     if let (Some(w), Some(w0)) = (ws, fwd_ws_launch(&plain, 132)) {
                         assert_eq!(w.0.kernel, format!("{}_mods", w0.0.kernel));
-                        assert_eq!((w.0.grid, w.0.block, w.0.smem_bytes, w.1), (w0.0.grid, w0.0.block, w0.0.smem_bytes, w0.1));
+                        assert_eq!((w.0.grid, w.0.block, w.1), (w0.0.grid, w0.0.block, w0.1));
+                        // The plain kernel's tiles may be wider (`fwd_ws_config`); the twin's are the wg kernel's.
+                        assert_eq!((w.0.config, w.0.smem_bytes), (fwd_wg_config(d).unwrap(), fwd_ws_smem_bytes(&fwd_wg_config(d).unwrap())), "{at}");
+                        assert_eq!(w0.0.config, fwd_ws_config(d, true).unwrap());
                     }
                     // Paged: the `_paged_mods` twins, in the launch shapes of the mma.sync / ws `_paged` ones.
                     for page in [16, 3] {

@@ -316,6 +316,18 @@ pub const fn tma_page_box_rows(page_size: usize, block_n: usize) -> usize {
 }
 pub const TMA_PAGE_BOX_MIN: usize = 8;
 
+/// The warp-specialized forward's tiles: `fwd_wg_config`'s, except for the plain kernel (contiguous K/V,
+/// no score modifiers; `wide`) at head dim 192: 112-key tiles instead of 64 (two stages of K and V beside
+/// Q fill 216 KB of shared memory; the 64-key tile pays every per-tile cost, barriers, row reductions and
+/// the products' issue, 75% more often). The paged twins keep whole pages per copy, and the `_mods` twins
+/// their registers. Measured and not kept: 80 keys at head dim 256 and 176 at 128 (benches/RESULTS.md).
+pub const fn fwd_ws_config(head_dim: usize, wide: bool) -> Option<FwdConfig> {
+    match fwd_wg_config(head_dim) {
+        Some(c) if wide && head_dim == 192 => Some(FwdConfig { block_n: 112, ..c }),
+        c => c,
+    }
+}
+
 /// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
 /// barriers.
 pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
