@@ -135,20 +135,18 @@ pub(crate) unsafe fn sized<T, const N: usize, const M: usize>(x: &mut [T; N]) ->
 }
 
 /// Wait until at most `PENDING` (0 or 1) of this warpgroup's wgmma groups are in flight; `acc` (`N8` n8
-/// tiles: 4, 8, 14, 16, 24 or 32) belongs to the groups that completed.
+/// tiles: 4, 8, 16, 24 or 32) belongs to the groups that completed.
 #[inline(always)]
 pub(crate) fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4]; N8]) {
     unsafe {
         match (PENDING, N8) {
             (0, 4) => wgmma::wait0_n32(sized(acc)),
             (0, 8) => wgmma::wait0_n64(sized(acc)),
-            (0, 14) => wgmma::wait0_n112(sized(acc)),
             (0, 16) => wgmma::wait0_n128(sized(acc)),
             (0, 24) => wgmma::wait0_n192(sized(acc)),
             (0, _) => wgmma::wait0_n256(sized(acc)),
             (_, 4) => wgmma::wait1_n32(sized(acc)),
             (_, 8) => wgmma::wait1_n64(sized(acc)),
-            (_, 14) => wgmma::wait1_n112(sized(acc)),
             (_, 16) => wgmma::wait1_n128(sized(acc)),
             (_, 24) => wgmma::wait1_n192(sized(acc)),
             (_, _) => wgmma::wait1_n256(sized(acc)),
