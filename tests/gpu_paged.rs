@@ -18,7 +18,7 @@ mod kernels;
 
 use common::*;
 use flash_attn::{varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, FwdOutput, KernelChoice, PagedVarlen, Tensor, Varlen};
-use kernels::{seeded, fwd_choices, fwd_family, Tally};
+use kernels::{seeded, fwd_choices, fwd_family, fwd_ws_plain_wider, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -34,10 +34,13 @@ macro_rules! require_gpu {
 
 
 /// The family a paged call runs on: the contiguous call's, except that the warp-specialized kernel takes
-/// only page sizes that are multiples of 8 (host/src/dispatch.rs `fwd_ws_launch`).
+/// only page sizes that are multiples of 8 (host/src/dispatch.rs `fwd_ws_launch`), and that its paged
+/// twin keeps narrower key tiles where the plain kernel's are wider (`fwd_ws_config`, head dim 192): the
+/// same family is expected to agree bit for bit.
 fn paged_family(d: usize, dtype: DType, choice: KernelChoice, page: usize) -> &'static str {
     match fwd_family(d, dtype, choice) {
         "wgmma ws" if page % 8 != 0 => "wgmma",
+        "wgmma ws" if fwd_ws_plain_wider(d) => "wgmma ws paged, narrower tiles",
         f => f,
     }
 }

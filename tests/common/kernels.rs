@@ -82,6 +82,13 @@ pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str 
     }
 }
 
+/// Whether the warp-specialized forward's plain kernel takes wider key tiles than its `_mods` and paged
+/// twins at head dim `d` (`fwd_ws_config`): results then agree within rounding, not bit for bit.
+pub fn fwd_ws_plain_wider(d: usize) -> bool {
+    let n = |wide| variants::fwd_ws_config(d, wide).map(|c| c.block_n);
+    n(true) != n(false)
+}
+
 /// The backward's dK/dV kernel family without score modifiers: "wgmma ws" (the warp-specialized kernel,
 /// default mode at head dims 64-128; the suites' operands are ones the copy engine can address), "wgmma"
 /// (a CTA per key block; one block is the chained kernel too), "wgmma chained" (`bwd_chain_all` over
