@@ -18,7 +18,7 @@ mod kernels;
 
 use common::*;
 use flash_attn::{varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, FwdOutput, KernelChoice, PagedVarlen, Tensor, Varlen};
-use kernels::{seeded, fwd_choices, fwd_family, fwd_ws_plain_wider, Tally};
+use kernels::{seeded, fwd_choices, fwd_family, fwd_family_keys, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -34,13 +34,10 @@ macro_rules! require_gpu {
 
 
 /// The family a paged call runs on: the contiguous call's, except that the warp-specialized kernel takes
-/// only page sizes that are multiples of 8 (host/src/dispatch.rs `fwd_ws_launch`), and that its paged
-/// twin keeps narrower key tiles where the plain kernel's are wider (`fwd_ws_config`, head dim 192): the
-/// same family is expected to agree bit for bit.
+/// only page sizes that are multiples of 8 (host/src/dispatch.rs `fwd_ws_launch`).
 fn paged_family(d: usize, dtype: DType, choice: KernelChoice, page: usize) -> &'static str {
     match fwd_family(d, dtype, choice) {
         "wgmma ws" if page % 8 != 0 => "wgmma",
-        "wgmma ws" if fwd_ws_plain_wider(d) => "wgmma ws paged, narrower tiles",
         f => f,
     }
 }
@@ -215,7 +212,8 @@ fn paged_case(c: &Case, rng: &mut StdRng, tally: &mut Tally) -> Result<(), Strin
         check_close(&got.0, &got.1, &ro, &rl, &tol).map_err(|e| at(format!("vs the reference: {e}")))?;
         check_against_cpu(&got, &cpu, c.dtype, c.smax()).map_err(at)?;
         let want = host(&run_contiguous(c, &x, choice));
-        if family == fwd_family(c.d, c.dtype, choice) {
+        let max_k = (0..c.seqs.len()).map(|i| c.keys(i)).max().unwrap_or(0);
+        if family == fwd_family_keys(c.d, c.dtype, choice, max_k) {
             if bits(&got.0) != bits(&want.0) || bits(&got.1) != bits(&want.1) {
                 return Err(at("paged differs from contiguous varlen_fwd on the same keys (the same kernel family: expected bit for bit)".into()));
             }

@@ -82,11 +82,13 @@ pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str 
     }
 }
 
-/// Whether the warp-specialized forward's plain kernel takes wider key tiles than its `_mods` and paged
-/// twins at head dim `d` (`fwd_ws_config`): results then agree within rounding, not bit for bit.
-pub fn fwd_ws_plain_wider(d: usize) -> bool {
-    let n = |wide| variants::fwd_ws_config(d, wide).map(|c| c.block_n);
-    n(true) != n(false)
+/// `fwd_family` of a plain problem with `max_seqlen_k` keys: "wgmma ws wide" where the dispatch runs the
+/// wide-tile ws kernel (`fwd_ws_wide_kernel`, from `FWD_WS_WIDE_MIN_KEYS` keys on).
+pub fn fwd_family_keys(d: usize, dtype: DType, choice: KernelChoice, max_seqlen_k: usize) -> &'static str {
+    match fwd_family(d, dtype, choice) {
+        "wgmma ws" if max_seqlen_k >= variants::FWD_WS_WIDE_MIN_KEYS && variants::fwd_ws_wide_kernel(d, kernel_dtype(dtype)).is_some() => "wgmma ws wide",
+        f => f,
+    }
 }
 
 /// The backward's dK/dV kernel family without score modifiers: "wgmma ws" (the warp-specialized kernel,

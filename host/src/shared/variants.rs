@@ -316,18 +316,6 @@ pub const fn tma_page_box_rows(page_size: usize, block_n: usize) -> usize {
 }
 pub const TMA_PAGE_BOX_MIN: usize = 8;
 
-/// The warp-specialized forward's tiles: `fwd_wg_config`'s, except for the plain kernel (contiguous K/V,
-/// no score modifiers; `wide`) at head dim 192: 112-key tiles instead of 64 (two stages of K and V beside
-/// Q fill 216 KB of shared memory; the 64-key tile pays every per-tile cost, barriers, row reductions and
-/// the products' issue, 75% more often). The paged twins keep whole pages per copy, and the `_mods` twins
-/// their registers. Measured and not kept: 80 keys at head dim 256 and 176 at 128 (benches/RESULTS.md).
-pub const fn fwd_ws_config(head_dim: usize, wide: bool) -> Option<FwdConfig> {
-    match fwd_wg_config(head_dim) {
-        Some(c) if wide && head_dim == 192 => Some(FwdConfig { block_n: 112, ..c }),
-        c => c,
-    }
-}
-
 /// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
 /// barriers.
 pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
@@ -367,6 +355,42 @@ macro_rules! ws_name_lookup {
     };
 }
 for_each_fwd_ws_variant!(ws_name_lookup);
+
+/// The warp-specialized forward's wide-tile plain kernels (contiguous K/V, no score modifiers; export
+/// name `_wide`): (head dim, keys per tile, dtype, name). At head dim 192, two stages of 112-key K and V
+/// tiles beside Q fill 216 KB of shared memory, and every per-tile cost (barriers, row reductions, the
+/// products' issue) comes 43% less often than over 64 keys. Below `FWD_WS_WIDE_MIN_KEYS` keys the
+/// partly filled last tile costs more than that saves, and the 64-key kernel runs (benches/RESULTS.md;
+/// measured there and not kept: 80 keys at head dim 256, 176 at 128).
+#[macro_export]
+macro_rules! for_each_fwd_ws_wide_variant {
+    ($m:ident) => {
+        $m! {
+            (192, 112, BF16, "flash_fwd_ws_hdim192_bf16_wide"),
+            (192, 112, F16, "flash_fwd_ws_hdim192_f16_wide"),
+        }
+    };
+}
+
+/// Keys (`seqlen_k`; varlen: `max_seqlen_k`) from which a plain problem runs the wide-tile kernel.
+pub const FWD_WS_WIDE_MIN_KEYS: usize = 2048;
+
+macro_rules! ws_wide_lookup {
+    ($(($d:literal, $bn:literal, $dt:ident, $name:expr)),* $(,)?) => {
+        /// Keys per tile of the wide-tile ws forward at `head_dim`, if there is one.
+        pub const fn fwd_ws_wide_block_n(head_dim: usize) -> Option<usize> {
+            $(if head_dim == $d { return Some($bn); })*
+            None
+        }
+        /// Export name and tiles of the wide-tile ws forward for `(head_dim, dtype)`, if there is one.
+        pub fn fwd_ws_wide_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { block_n: fwd_ws_wide_block_n(head_dim)?, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, config)); })*
+            None
+        }
+    };
+}
+for_each_fwd_ws_wide_variant!(ws_wide_lookup);
 
 /// Tile shape of one backward variant. A block owns `block_n` keys of one kv head and walks the query
 /// blocks (`block_m` rows) of every q head of its group that see them. Warps are laid out `wn = block_n /

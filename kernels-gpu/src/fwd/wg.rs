@@ -17,7 +17,7 @@ use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::params::FwdParams;
 use crate::softmax::RowState;
-use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes, FwdConfig};
+use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes, fwd_ws_wide_block_n, FwdConfig};
 
 /// Query rows per block (two warpgroups of 64) and threads.
 const BM: usize = 128;
@@ -181,8 +181,8 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
             None => panic!("no Hopper forward for this head dim"),
         };
         assert!(c.block_m() == BM && c.threads() == THREADS);
-        // The wg kernel's shapes; the warp-specialized one also takes 112 keys at head dim 192.
-        assert!(c.block_n == BN || (D == 192 && BN == 112));
+        // The wg kernel's shapes, or the warp-specialized wide-tile kernel's.
+        assert!(c.block_n == BN || matches!(fwd_ws_wide_block_n(D), Some(n) if n == BN));
         assert!((D == 64 && BN == 128) || (D == 96 && BN == 128) || (D == 128 && BN == 128) || (D == 192 && (BN == 64 || BN == 112)) || (D == 256 && BN == 64));
         assert!(fwd_wg_smem_bytes(&FwdConfig { block_n: BN, ..c }) == (Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES) as usize);
     };

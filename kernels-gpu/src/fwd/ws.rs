@@ -17,7 +17,7 @@ use crate::arch::{mbarrier, tma};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
-use crate::variants::{fwd_ws_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS};
+use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS};
 
 /// Query rows per tile (64 per consumer warpgroup) and consumer threads.
 const BM: usize = 128;
@@ -379,9 +379,9 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
 }
 
-/// `wait_acc` for S, which also takes the plain kernel's 112-key tile at head dim 192 (`fwd_ws_config`).
-/// Kept out of `wait_acc`: with the n112 arms there, LLVM laid out every ws forward kernel differently
-/// and the hdim 256 one spilled 340 bytes instead of 184 and ran 7-8% slower (benches/RESULTS.md).
+/// `wait_acc` for S, which also takes the wide kernel's 112-key tile at head dim 192. Kept out of
+/// `wait_acc`: with the n112 arms there, LLVM laid out every ws forward kernel differently and the hdim
+/// 256 one spilled 340 bytes instead of 184 and ran 7-8% slower (benches/RESULTS.md).
 #[inline(always)]
 fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
     if NN == 14 {
@@ -433,29 +433,42 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
 macro_rules! fwd_ws_kernels {
     ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
-            const BN_PLAIN: usize = match fwd_ws_config($d, true) { Some(c) => c.block_n, None => 0 };
-            const BN_TWINS: usize = match fwd_ws_config($d, false) { Some(c) => c.block_n, None => 0 };
+            const BN: usize = match fwd_wg_config($d) { Some(c) => c.block_n, None => 0 };
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN_PLAIN, { BN_PLAIN / 8 }, { BN_PLAIN / 16 }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN_TWINS, { BN_TWINS / 8 }, { BN_TWINS / 16 }, false, true>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN_TWINS, { BN_TWINS / 8 }, { BN_TWINS / 16 }, true, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN_TWINS, { BN_TWINS / 8 }, { BN_TWINS / 16 }, true, true>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true>(&p, maps) }
             }
         };
     )*};
 }
 crate::for_each_fwd_ws_variant!(fwd_ws_kernels);
+
+/// The wide-tile plain kernels (`for_each_fwd_ws_wide_variant`).
+macro_rules! fwd_ws_wide_kernels {
+    ($(($d:literal, $bn:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
+        const _: () = {
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false>(&p, maps) }
+            }
+        };
+    )*};
+}
+crate::for_each_fwd_ws_wide_variant!(fwd_ws_wide_kernels);
