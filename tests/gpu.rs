@@ -25,7 +25,7 @@ mod kernels;
 
 use common::*;
 use flash_attn::{fwd, fwd_into, varlen_fwd, varlen_fwd_into, AttnOptions, DType, Device, KernelChoice, Tensor, Varlen};
-use kernels::{fwd_choices, fwd_family, Tally};
+use kernels::{fwd_choices, fwd_family, fwd_family_keys, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -83,7 +83,7 @@ fn dense_case(rng: &mut StdRng, c: &Case, b: usize, sq: usize, sk: usize, stride
     let tol = gpu_tolerance(c.dtype, 1.0, c.smax());
     let mut worst = (0.0f64, 0.0f64);
     for (name, choice) in fwd_choices() {
-        let family = fwd_family(c.d, c.dtype, choice);
+        let family = fwd_family_keys(c.d, c.dtype, choice, sk);
         let o = fwd(&qt, &kt, &vt, &c.opts(choice)).map_err(|e| format!("[{name}: {family}] {e}"))?;
         let w = check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &tol).map_err(|e| format!("[{name}: {family}] {e}"))?;
         worst = (worst.0.max(w.0), worst.1.max(w.1));
@@ -125,6 +125,24 @@ fn dense_long_sequences() {
         let c = Case { dtype: DType::BF16, d, hq: 2, hk: 1, causal, window: (-1, -1), softcap: 0.0 };
         let worst = dense_case(&mut rng, &c, 1, 1500, 1500, false, &mut tally).unwrap_or_else(|e| panic!("d={d} causal={causal}: {e}"));
         eprintln!("long d={d} causal={causal}: worst out/tol {:.3}, lse/tol {:.3}", worst.0, worst.1);
+    }
+    // Head dim 192 from `FWD_WS_WIDE_MIN_KEYS` keys on: the wide-tile ws kernel (112-key tiles), both
+    // dtypes, every mask, a key count off its tile grid and one on the threshold.
+    let masks: [(bool, (i64, i64), f32); 4] = [(false, (-1, -1), 0.0), (true, (-1, -1), 0.0), (false, (300, 90), 0.0), (false, (-1, -1), 15.0)];
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, &(causal, window, softcap)) in masks.iter().enumerate() {
+            let c = Case { dtype, d: 192, hq: 2, hk: 1, causal, window, softcap };
+            let (sq, sk) = [(300, 2048), (700, 2161)][i % 2];
+            let strided = i >= 2 && rng.gen_bool(0.5);
+            let worst = dense_case(&mut rng, &c, 1, sq, sk, strided, &mut tally).unwrap_or_else(|e| panic!("{dtype} d=192 causal={causal} window={window:?} softcap={softcap} sq={sq} sk={sk} strided={strided}: {e}"));
+            eprintln!("long {dtype} d=192 causal={causal} window={window:?} softcap={softcap} {sq}x{sk}: worst out/tol {:.3}, lse/tol {:.3}", worst.0, worst.1);
+        }
+        // Packed, max_seqlen_k 2150: seqused below the slots, a short sequence, an empty one, tail rows.
+        let l = Layout { slot_q: vec![200, 0, 90, 30], slot_k: vec![2200, 40, 2100, 70], used_q: Some(vec![180, 0, 90, 30]), used_k: Some(vec![2150, 40, 1900, 0]), tail_q: 5, tail_k: 7 };
+        for (causal, window) in [(true, (-1, -1)), (false, (250, 40))] {
+            let c = Case { dtype, d: 192, hq: 4, hk: 2, causal, window, softcap: 0.0 };
+            varlen_case(&mut rng, &c, &l, &mut tally).unwrap_or_else(|e| panic!("{dtype} d=192 packed causal={causal} window={window:?}: {e}"));
+        }
     }
     tally.report();
 }
@@ -189,7 +207,7 @@ fn varlen_case(rng: &mut StdRng, c: &Case, l: &Layout, tally: &mut Tally) -> Res
     };
     let (ro, rl) = reference_varlen_fwd(&q, &k, &v, &cu_q, &cu_k, &used_q, &used_k, tq, c.hq, c.hk, c.d, &c.ref_opts());
     for (name, choice) in fwd_choices() {
-        let family = fwd_family(c.d, c.dtype, choice);
+        let family = fwd_family_keys(c.d, c.dtype, choice, varlen.max_seqlen_k);
         let o = varlen_fwd(&qt, &kt, &vt, &varlen, &c.opts(choice)).map_err(|e| format!("[{name}: {family}] {e}"))?;
         check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(c.dtype, 1.0, c.smax())).map_err(|e| format!("[{name}: {family}] {e}"))?;
         tally.add(name, family, c.d);
@@ -221,7 +239,10 @@ fn varlen_random_layouts() {
     tally.report();
 }
 
-/// Packed sequences are independent: varlen on the packed batch equals per-sequence dense calls, bitwise.
+/// Packed sequences are independent: varlen on the packed batch equals per-sequence dense calls, bitwise
+/// (where both run the same kernel: here every sequence has fewer keys than `FWD_WS_WIDE_MIN_KEYS`; a
+/// packed call whose max_seqlen_k reaches it runs the wide-tile kernel at head dim 192, and its short
+/// sequences then agree with their own calls to rounding).
 #[test]
 fn packing_is_bitwise_independent() {
     require_gpu!();

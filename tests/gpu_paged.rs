@@ -18,7 +18,7 @@ mod kernels;
 
 use common::*;
 use flash_attn::{varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, FwdOutput, KernelChoice, PagedVarlen, Tensor, Varlen};
-use kernels::{seeded, fwd_choices, fwd_family, Tally};
+use kernels::{seeded, fwd_choices, fwd_family, fwd_family_keys, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -212,7 +212,8 @@ fn paged_case(c: &Case, rng: &mut StdRng, tally: &mut Tally) -> Result<(), Strin
         check_close(&got.0, &got.1, &ro, &rl, &tol).map_err(|e| at(format!("vs the reference: {e}")))?;
         check_against_cpu(&got, &cpu, c.dtype, c.smax()).map_err(at)?;
         let want = host(&run_contiguous(c, &x, choice));
-        if family == fwd_family(c.d, c.dtype, choice) {
+        let max_k = (0..c.seqs.len()).map(|i| c.keys(i)).max().unwrap_or(0);
+        if family == fwd_family_keys(c.d, c.dtype, choice, max_k) {
             if bits(&got.0) != bits(&want.0) || bits(&got.1) != bits(&want.1) {
                 return Err(at("paged differs from contiguous varlen_fwd on the same keys (the same kernel family: expected bit for bit)".into()));
             }

@@ -81,7 +81,7 @@ proptest! {
     }
 
     #[test]
-    fn tile_range_and_mask_flags_are_sound(sq in 1..300i32, sk in 0..300i32, left in side(), right in side(), m_frac in 0.0..1.0f64, bm in prop::sample::select(vec![64i32, 128]), bn in prop::sample::select(vec![32i32, 64, 128])) {
+    fn tile_range_and_mask_flags_are_sound(sq in 1..300i32, sk in 0..300i32, left in side(), right in side(), m_frac in 0.0..1.0f64, bm in prop::sample::select(vec![64i32, 128]), bn in prop::sample::select(vec![32i32, 64, 112, 128])) {
         let m0 = ((sq - 1) as f64 * m_frac) as i32 / bm * bm;
         let rows = (sq - m0).min(bm);
         let (n_min, n_max) = block::n_block_range(m0, rows, sq, sk, left, right, bn);
@@ -114,7 +114,7 @@ proptest! {
     }
 
     #[test]
-    fn backward_row_block_range_is_tight(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), n_frac in 0.0..1.0f64, bm in prop::sample::select(vec![16i32, 32, 64, 128]), bn in prop::sample::select(vec![32i32, 64, 128])) {
+    fn backward_row_block_range_is_tight(sq in 0..300i32, sk in 1..300i32, left in side(), right in side(), n_frac in 0.0..1.0f64, bm in prop::sample::select(vec![16i32, 32, 64, 128]), bn in prop::sample::select(vec![32i32, 64, 112, 128])) {
         let n0 = ((sk - 1) as f64 * n_frac) as i32 / bn * bn;
         let cols = (sk - n0).min(bn);
         let (m_min, m_max) = block::m_block_range(n0, cols, sq, sk, left, right, bm);

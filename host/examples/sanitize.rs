@@ -17,7 +17,9 @@
 //!   the forward (head dims 64-256), and at head dims 64 and 128 the backward with a CTA per key block
 //!   (prep, dK/dV, convert) and with `bwd_chain_all` (a CTA walks every key block and converts dq; prep,
 //!   dK/dV); plus one forward whose grid chains row blocks (one CTA per (head, sequence), as many heads
-//!   as multiprocessors: the dispatch's own choice at that size).
+//!   as multiprocessors: the dispatch's own choice at that size), and the wide-tile ws forward where
+//!   there is one (head dim 192: what a plain problem with `FWD_WS_WIDE_MIN_KEYS` keys or more runs),
+//!   dense and packed (`WIDE_*`), both masks.
 //!
 //! - the KV cache (`KV_CASES`, with the mma.sync family): the append kernel (new keys rotated, q rotated
 //!   or packed), the decode kernel (packed GQA, f32 partials, the combine) over a contiguous cache read
@@ -73,6 +75,13 @@ const TAIL: (usize, usize) = (7, 5);
 /// The chained-grid forward: b=1, as many q heads as multiprocessors on one kv head, sq=130 (2 row
 /// blocks), sk=200.
 const CHAINED: (usize, usize) = (130, 200);
+/// The wide-tile forward's problems: dense (b=1, sq, sk = the threshold + 50: 18 tiles of 112 keys and
+/// a partial one; causal: the second row block walks them all); packed, slots / seqused (q, k) and tail
+/// rows: 2 sequences, q 150 of 160 and 40 of 40, k 2098 of 2150 and 60 of 60 (max_seqlen_k 2098).
+const WIDE_DENSE: (usize, usize) = (190, variants::FWD_WS_WIDE_MIN_KEYS + 50);
+const WIDE_SLOTS: [(usize, usize); 2] = [(160, 2150), (40, 60)];
+const WIDE_USED: [(usize, usize); 2] = [(150, variants::FWD_WS_WIDE_MIN_KEYS + 50), (40, 60)];
+const WIDE_TAIL: (usize, usize) = (3, 2);
 /// Page sizes of the paged forward cases.
 const PAGES: [usize; 2] = [16, 3];
 
@@ -125,6 +134,8 @@ struct Plan {
     /// The deterministic backward's default is the split accumulator copies (head dims 64-128): the
     /// ordered `_det` twin also runs (`bwd_ordered_all`), without score modifiers.
     ordered_opt_in: bool,
+    /// The wide-tile ws forward exists for it (`for_each_fwd_ws_wide_variant`).
+    wide: bool,
     /// Keys per block of the Hopper dK/dV kernel at this head dim.
     wg_block_n: usize,
     /// Runs without and with the score modifiers.
@@ -140,6 +151,7 @@ impl Plan {
             wg_bwd: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some(),
             ws_bwd: families.0 && hopper && variants::fwd_wg_kernel_name(d, kd).is_some() && variants::bwd_ws_kernel_name(d, kd).is_some(),
             ordered_opt_in: families.0 && hopper && variants::bwd_wg_kernel_name(d, kd).is_some() && !variants::bwd_ordered_by_default(d),
+            wide: families.0 && hopper && variants::fwd_ws_kernel_name(d, kd).is_some() && variants::fwd_ws_wide_kernel(d, kd).is_some(),
             wg_block_n: variants::bwd_wg_block_n(d),
             mods,
         }
@@ -172,7 +184,11 @@ impl Plan {
         let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd);
         let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         let ordered = usize::from(self.ordered_opt_in && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
-        (per_mask + no_ws_bwd + ordered) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.kv_launches()
+        (per_mask + no_ws_bwd + ordered) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
+    }
+    /// The wide-tile forward's launches: dense and packed, per mask, without the modifiers.
+    fn wide_launches(&self) -> usize {
+        usize::from(self.wide && self.mods.0) * 2 * MASKS.len()
     }
     /// The KV-cache cases' launches (run once per dtype and head dim, with the mma.sync family): the
     /// append, the attention, the combine (decode: always; else where split), the public combine.
@@ -240,7 +256,7 @@ fn main() -> flash_attn::Result<()> {
     };
     let plans: Vec<(DType, usize, Plan)> = dtypes.iter().flat_map(|&dt| dims.iter().map(move |&d| (dt, d, Plan::new(d, dt, hopper, families, mods)))).collect();
     let total: usize = plans.iter().map(|p| p.2.launches()).sum();
-    let cases = plans.iter().filter(|p| p.2.launches() > 0).count() * MASKS.len() + plans.iter().filter(|p| p.2.wg_fwd && mods.0).count() + plans.iter().filter(|p| p.2.kv_launches() > 0).count();
+    let cases = plans.iter().filter(|p| p.2.launches() > 0).count() * MASKS.len() + plans.iter().filter(|p| p.2.wg_fwd && mods.0).count() + plans.iter().filter(|p| p.2.wide_launches() > 0).count() + plans.iter().filter(|p| p.2.kv_launches() > 0).count();
     let runs = match mods {
         (true, true) => "without and with the score modifiers",
         (true, false) => "without the score modifiers",
@@ -367,6 +383,34 @@ fn main() -> flash_attn::Result<()> {
             fetch(&[&f.out, &f.lse])?;
             done += 1;
             println!("case {done}/{cases} {dtype} d{d} causal: wgmma fwd with chained row blocks, 1x{cq}x{ck}, {sms} q heads on 1 kv head ({:.2} s, {:.0} s total)", case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
+        }
+        if plan.wide_launches() > 0 {
+            let case_start = Instant::now();
+            let (wq, wk) = WIDE_DENSE;
+            let cuw = |f: fn(&(usize, usize)) -> usize| prefix(&WIDE_SLOTS.iter().map(f).collect::<Vec<_>>());
+            let (cu_wq, cu_wk) = (cuw(|s| s.0), cuw(|s| s.1));
+            let (twq, twk) = (*cu_wq.last().unwrap() as usize + WIDE_TAIL.0, *cu_wk.last().unwrap() as usize + WIDE_TAIL.1);
+            let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
+            let (q, k, v) = (t(&[1, wq, hq, d])?, t(&[1, wk, hk, d])?, t(&[1, wk, hk, d])?);
+            let (pq, pk, pv) = (t(&[twq, hq, d])?, t(&[twk, hk, d])?, t(&[twk, hk, d])?);
+            let (cu_wq, cu_wk) = (i32s(cu_wq)?, i32s(cu_wk)?);
+            let (used_wq, used_wk) = (i32s(WIDE_USED.iter().map(|u| u.0 as i32).collect())?, i32s(WIDE_USED.iter().map(|u| u.1 as i32).collect())?);
+            let wide_varlen = Varlen {
+                cu_seqlens_q: &cu_wq,
+                cu_seqlens_k: &cu_wk,
+                max_seqlen_q: WIDE_USED.iter().map(|u| u.0).max().unwrap(),
+                max_seqlen_k: WIDE_USED.iter().map(|u| u.1).max().unwrap(),
+                seqused_q: Some(&used_wq),
+                seqused_k: Some(&used_wk),
+            };
+            for (_, causal, window, softcap) in MASKS {
+                let opts = AttnOptions { causal, window, softcap, kernels: DEFAULT, ..Default::default() };
+                let f = fwd(&q, &k, &v, &opts)?;
+                let pf = varlen_fwd_with(&pq, &pk, &pv, &wide_varlen, &Extras::default(), &opts)?;
+                fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+            }
+            done += 1;
+            println!("case {done}/{cases} {dtype} d{d} causal, window(20,10)+softcap3: wide-tile ws fwd, dense 1x{wq}x{wk} and packed {twq}x{twk} ({:.2} s, {:.0} s total)", case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
         }
         if plan.kv_launches() > 0 {
             // The KV cache: append + rotary, decode or paged forward, split-KV's combine; the public combine.

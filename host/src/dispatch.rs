@@ -7,8 +7,8 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
-    TMA_PAGE_BOX_MIN, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
+    TMA_PAGE_BOX_MIN, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
 use crate::problem::Problem;
@@ -148,11 +148,14 @@ pub fn kvcache_launch(p: &Problem, splits: usize) -> Option<FwdLaunch> {
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
-    let kernel = match (Twin::of(p), p.paged) {
-        (Twin::Plain, _) => fwd_ws_kernel_name(p.head_dim, dtype)?,
-        (Twin::Mods, _) => fwd_ws_mods_kernel_name(p.head_dim, dtype)?,
+    let (kernel, config) = match (Twin::of(p), p.paged) {
+        (Twin::Plain, _) => match fwd_ws_wide_kernel(p.head_dim, dtype) {
+            Some(wide) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
+            _ => (fwd_ws_kernel_name(p.head_dim, dtype)?, config),
+        },
+        (Twin::Mods, _) => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
         (twin @ (Twin::Paged | Twin::PagedMods), Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => {
-            if twin == Twin::Paged { fwd_ws_paged_kernel_name(p.head_dim, dtype)? } else { fwd_ws_paged_mods_kernel_name(p.head_dim, dtype)? }
+            (if twin == Twin::Paged { fwd_ws_paged_kernel_name(p.head_dim, dtype)? } else { fwd_ws_paged_mods_kernel_name(p.head_dim, dtype)? }, config)
         }
         (Twin::Paged | Twin::PagedMods, _) => return None,
     };
@@ -561,6 +564,45 @@ mod tests {
         let mut p = problem(128, 300, 2, 4, true, true);
         p.paged = Some(Paged { page_size: 16, num_blocks: 0, max_blocks: 10 });
         assert!(fwd_ws_launch(&p, 132).is_none(), "no blocks: the cp.async kernel (it reads nothing)");
+    }
+
+    /// A plain problem with `FWD_WS_WIDE_MIN_KEYS` keys or more runs the wide-tile ws kernel where there
+    /// is one (head dim 192: 112 keys, its shared memory and the same grid); fewer keys, score modifiers
+    /// or paged K/V run the 64-key kernels.
+    #[test]
+    fn long_plain_problems_run_the_wide_kernel() {
+        use crate::problem::{Alibi, Paged};
+        for d in [32, 64, 96, 128, 192, 256] {
+            for dtype in [DType::BF16, DType::F16] {
+                let kd = kernel_dtype(dtype).unwrap();
+                for varlen in [false, true] {
+                    for sk in [FWD_WS_WIDE_MIN_KEYS - 1, FWD_WS_WIDE_MIN_KEYS, 3 * FWD_WS_WIDE_MIN_KEYS] {
+                        let p = Problem { dtype, seqlen_k: sk, ..problem(d, 300, 2, 4, true, varlen) };
+                        let (Some(w), Some(short)) = (fwd_ws_launch(&p, 132), fwd_ws_launch(&Problem { seqlen_k: 300, ..p.clone() }, 132)) else {
+                            assert!(fwd_ws_kernel_name(d, kd).is_none(), "d{d}");
+                            continue;
+                        };
+                        assert_eq!(short.0.kernel, fwd_ws_kernel_name(d, kd).unwrap());
+                        assert_eq!((w.0.grid, w.0.block, w.1), (short.0.grid, short.0.block, short.1), "d{d} sk {sk}");
+                        match fwd_ws_wide_kernel(d, kd) {
+                            Some((name, c)) if sk >= FWD_WS_WIDE_MIN_KEYS => {
+                                assert_eq!((d, c.block_n), (192, 112));
+                                assert_eq!((w.0.kernel, w.0.config, w.0.smem_bytes), (name, c, fwd_ws_smem_bytes(&c)));
+                                assert!(w.0.smem_bytes <= 227 * 1024, "d{d}: {} bytes", w.0.smem_bytes);
+                                assert_eq!(name, format!("{}_wide", short.0.kernel));
+                            }
+                            _ => assert_eq!(w.0, short.0, "d{d} sk {sk}"),
+                        }
+                        let alibi = Problem { alibi: Some(Alibi { batch_stride: 0, head_stride: 1 }), ..p.clone() };
+                        assert_eq!(fwd_ws_launch(&alibi, 132).unwrap().0.kernel, fwd_ws_mods_kernel_name(d, kd).unwrap());
+                        let paged = Problem { paged: Some(Paged { page_size: 64, num_blocks: 100, max_blocks: 50 }), ..p.clone() };
+                        if let Some(pw) = fwd_ws_launch(&paged, 132) {
+                            assert_eq!((pw.0.kernel, pw.0.config), (fwd_ws_paged_kernel_name(d, kd).unwrap(), fwd_wg_config(d).unwrap()));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// ALiBi or dropout over contiguous K/V run the `_mods` twins: the warp-specialized one on Hopper, the

@@ -82,6 +82,15 @@ pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str 
     }
 }
 
+/// `fwd_family` of a plain problem with `max_seqlen_k` keys: "wgmma ws wide" where the dispatch runs the
+/// wide-tile ws kernel (`fwd_ws_wide_kernel`, from `FWD_WS_WIDE_MIN_KEYS` keys on).
+pub fn fwd_family_keys(d: usize, dtype: DType, choice: KernelChoice, max_seqlen_k: usize) -> &'static str {
+    match fwd_family(d, dtype, choice) {
+        "wgmma ws" if max_seqlen_k >= variants::FWD_WS_WIDE_MIN_KEYS && variants::fwd_ws_wide_kernel(d, kernel_dtype(dtype)).is_some() => "wgmma ws wide",
+        f => f,
+    }
+}
+
 /// The backward's dK/dV kernel family without score modifiers: "wgmma ws" (the warp-specialized kernel,
 /// default mode at head dims 64-128; the suites' operands are ones the copy engine can address), "wgmma"
 /// (a CTA per key block; one block is the chained kernel too), "wgmma chained" (`bwd_chain_all` over

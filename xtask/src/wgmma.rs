@@ -19,7 +19,7 @@ fn acc_operands(out: &mut String, n_acc: usize) {
 /// (N, k16 steps) of the smem x smem products (S = Q K^T: N = keys per tile, K = head dim / 16).
 const SS: [(usize, usize); 10] = [(128, 4), (128, 8), (64, 16), (64, 4), (64, 8), (64, 12), (128, 6), (64, 6), (32, 12), (32, 16)];
 /// (N, k16 steps) of the register x smem products (O += P V: N = head dim, K = keys per tile / 16).
-const RS: [(usize, usize); 6] = [(64, 8), (128, 8), (256, 4), (64, 4), (128, 4), (192, 4)];
+const RS: [(usize, usize); 7] = [(64, 8), (128, 8), (256, 4), (64, 4), (128, 4), (192, 4), (192, 7)];
 /// (N, k16 steps) of the smem x smem products with both operands transposed on read (backward dQ = dS K:
 /// A = dS^T stored keys x queries, B = K stored keys x head dim).
 const TT: [(usize, usize); 2] = [(64, 8), (64, 4)];
@@ -88,7 +88,7 @@ fn smem_x_smem_inc(o: &mut String, prefix: &str, ty: &str, suf: &str, n: usize, 
 }
 
 /// (N, k16 steps) of the forward's S = Q K^T that also get an `_inc` form (`smem_x_smem_inc`).
-const SS_INC: [(usize, usize); 1] = [(64, 16)];
+const SS_INC: [(usize, usize); 2] = [(64, 16), (112, 12)];
 
 pub fn generate() -> String {
     let mut o = String::new();
@@ -138,7 +138,7 @@ pub fn generate() -> String {
             writeln!(o, "            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
         }
     }
-    for n in SS.iter().chain(RS.iter()).chain(TT.iter()).map(|&(n, _)| n).collect::<std::collections::BTreeSet<_>>() {
+    for n in SS.iter().chain(SS_INC.iter()).chain(RS.iter()).chain(TT.iter()).map(|&(n, _)| n).collect::<std::collections::BTreeSet<_>>() {
         let acc = n / 2;
         for pending in [0, 1] {
             writeln!(o, "/// Wait until at most {pending} wgmma group(s) of this warpgroup are in flight; `d` (the accumulators of the\n/// groups that completed) is read only after.").unwrap();
@@ -149,7 +149,7 @@ pub fn generate() -> String {
             writeln!(o, "            options(nostack)\n        )\n    }}\n}}\n").unwrap();
         }
     }
-    for k in [4, 8] {
+    for k in [4, 7, 8] {
         writeln!(o, "/// Names the A fragments of an `rs_*_k{k}` product as live up to here: call it after that product's wait, so\n/// the compiler cannot reuse their registers (e.g. for the next tile's P) while the product still reads them.").unwrap();
         writeln!(o, "#[inline(always)]\npub fn keep_a{k}(a: &mut [[u32; 4]; {k}]) {{\n    unsafe {{\n        asm!(").unwrap();
         writeln!(o, "            \"// {}\",", regs(4 * k)).unwrap();

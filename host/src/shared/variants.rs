@@ -356,6 +356,42 @@ macro_rules! ws_name_lookup {
 }
 for_each_fwd_ws_variant!(ws_name_lookup);
 
+/// The warp-specialized forward's wide-tile plain kernels (contiguous K/V, no score modifiers; export
+/// name `_wide`): (head dim, keys per tile, dtype, name). At head dim 192, two stages of 112-key K and V
+/// tiles beside Q fill 216 KB of shared memory, and every per-tile cost (barriers, row reductions, the
+/// products' issue) comes 43% less often than over 64 keys. Below `FWD_WS_WIDE_MIN_KEYS` keys the
+/// partly filled last tile costs more than that saves, and the 64-key kernel runs (benches/RESULTS.md;
+/// measured there and not kept: 80 keys at head dim 256, 176 at 128).
+#[macro_export]
+macro_rules! for_each_fwd_ws_wide_variant {
+    ($m:ident) => {
+        $m! {
+            (192, 112, BF16, "flash_fwd_ws_hdim192_bf16_wide"),
+            (192, 112, F16, "flash_fwd_ws_hdim192_f16_wide"),
+        }
+    };
+}
+
+/// Keys (`seqlen_k`; varlen: `max_seqlen_k`) from which a plain problem runs the wide-tile kernel.
+pub const FWD_WS_WIDE_MIN_KEYS: usize = 2048;
+
+macro_rules! ws_wide_lookup {
+    ($(($d:literal, $bn:literal, $dt:ident, $name:expr)),* $(,)?) => {
+        /// Keys per tile of the wide-tile ws forward at `head_dim`, if there is one.
+        pub const fn fwd_ws_wide_block_n(head_dim: usize) -> Option<usize> {
+            $(if head_dim == $d { return Some($bn); })*
+            None
+        }
+        /// Export name and tiles of the wide-tile ws forward for `(head_dim, dtype)`, if there is one.
+        pub fn fwd_ws_wide_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { block_n: fwd_ws_wide_block_n(head_dim)?, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, config)); })*
+            None
+        }
+    };
+}
+for_each_fwd_ws_wide_variant!(ws_wide_lookup);
+
 /// Tile shape of one backward variant. A block owns `block_n` keys of one kv head and walks the query
 /// blocks (`block_m` rows) of every q head of its group that see them. Warps are laid out `wn = block_n /
 /// 16` along the keys times `wm` along the queries (S^T, dP^T) or along the head dim (dK, dV); for

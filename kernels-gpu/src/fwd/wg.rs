@@ -17,7 +17,7 @@ use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::params::FwdParams;
 use crate::softmax::RowState;
-use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes};
+use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes, fwd_ws_wide_block_n, FwdConfig};
 
 /// Query rows per block (two warpgroups of 64) and threads.
 const BM: usize = 128;
@@ -53,6 +53,8 @@ pub trait WgElem: Elem {
     unsafe fn tt_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
     /// `ss_n64_k16` with its descriptors formed in the asm block (`ss_*_inc`).
     unsafe fn ss_n64_k16_inc(d: &mut [[f32; 4]; 8], a0: u64, b0: u64, a_group: u64, b_group: u64);
+    unsafe fn ss_n112_k12_inc(d: &mut [[f32; 4]; 14], a0: u64, b0: u64, a_group: u64, b_group: u64);
+    unsafe fn rs_n192_k7(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: &[u64; 7]);
 }
 
 macro_rules! wg_elem {
@@ -93,8 +95,10 @@ wg_elem!(BF16,
     ss_n32_k16 => ss_n32_k16_bf16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
     st_n192_k4 => st_n192_k4_bf16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
     st_n256_k4 => st_n256_k4_bf16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
-    tt_n64_k4 => tt_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]);
+    tt_n64_k4 => tt_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    rs_n192_k7 => rs_n192_k7_bf16(&mut [[f32; 4]; 24], &[[u32; 4]; 7], &[u64; 7]);
     ss_n64_k16_inc => ss_n64_k16_bf16_inc(&mut [[f32; 4]; 8]),
+    ss_n112_k12_inc => ss_n112_k12_bf16_inc(&mut [[f32; 4]; 14]),
 );
 wg_elem!(F16,
     ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
@@ -116,8 +120,10 @@ wg_elem!(F16,
     ss_n32_k16 => ss_n32_k16_f16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
     st_n192_k4 => st_n192_k4_f16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
     st_n256_k4 => st_n256_k4_f16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
-    tt_n64_k4 => tt_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]);
+    tt_n64_k4 => tt_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
+    rs_n192_k7 => rs_n192_k7_f16(&mut [[f32; 4]; 24], &[[u32; 4]; 7], &[u64; 7]);
     ss_n64_k16_inc => ss_n64_k16_f16_inc(&mut [[f32; 4]; 8]),
+    ss_n112_k12_inc => ss_n112_k12_f16_inc(&mut [[f32; 4]; 14]),
 );
 
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
@@ -148,14 +154,14 @@ pub(crate) fn wait_acc<const PENDING: u32, const N8: usize>(acc: &mut [[f32; 4];
     }
 }
 
-/// `keep_a*` for `KP` P fragments (4 or 8).
+/// `keep_a*` for `KP` P fragments (4, 7 or 8).
 #[inline(always)]
 pub(crate) fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
     unsafe {
-        if KP == 4 {
-            wgmma::keep_a4(sized(pa))
-        } else {
-            wgmma::keep_a8(sized(pa))
+        match KP {
+            4 => wgmma::keep_a4(sized(pa)),
+            7 => wgmma::keep_a7(sized(pa)),
+            _ => wgmma::keep_a8(sized(pa)),
         }
     }
 }
@@ -174,9 +180,11 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
             Some(c) => c,
             None => panic!("no Hopper forward for this head dim"),
         };
-        assert!(c.block_n == BN && c.block_m() == BM && c.threads() == THREADS);
-        assert!((D == 64 && BN == 128) || (D == 96 && BN == 128) || (D == 128 && BN == 128) || (D == 192 && BN == 64) || (D == 256 && BN == 64));
-        assert!(fwd_wg_smem_bytes(&c) == (Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES) as usize);
+        assert!(c.block_m() == BM && c.threads() == THREADS);
+        // The wg kernel's shapes, or the warp-specialized wide-tile kernel's.
+        assert!(c.block_n == BN || matches!(fwd_ws_wide_block_n(D), Some(n) if n == BN));
+        assert!((D == 64 && BN == 128) || (D == 96 && BN == 128) || (D == 128 && BN == 128) || (D == 192 && (BN == 64 || BN == 112)) || (D == 256 && BN == 64));
+        assert!(fwd_wg_smem_bytes(&FwdConfig { block_n: BN, ..c }) == (Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES) as usize);
     };
     #[inline(always)]
     pub(crate) fn k_slot(base: u32, t: usize) -> u32 {
@@ -296,6 +304,11 @@ unsafe fn load_tile_sw128_rows<const D: usize, const ROWS: usize>(dst: u32, fall
 pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize, const INC: bool>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
     let k_s = Tile::<D, BN>::k_slot(base, t);
+    if INC && D == 192 && BN == 112 {
+        let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0), kmajor_desc(k_s, BN as u32, 0, 0));
+        unsafe { E::ss_n112_k12_inc(sized(acc_s), qa, kb, (BM * 8) as u64, (BN * 8) as u64) };
+        return;
+    }
     if INC && D == 256 {
         // Step kk's descriptors are the first's plus (kk / 4) groups and (kk % 4) 32-byte steps
         // (`kmajor_desc`), formed inside the asm block: two 64-bit registers instead of 32 (ptxas, ws
@@ -350,6 +363,7 @@ pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const 
             64 => E::rs_n64_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             96 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             128 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
+            192 if KP == 7 => E::rs_n192_k7(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             192 => E::rs_n192_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             _ => E::rs_n256_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
         }

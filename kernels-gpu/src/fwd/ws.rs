@@ -5,14 +5,14 @@
 //! The consumers take turns at the tensor cores (one's products run under the other's softmax), and the
 //! grid is persistent: blocks stride over (row block, head, sequence) tiles, heaviest row blocks first.
 
-use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, rescale_o, softmax, softmax_in_place, wait_acc, Tile, WgElem};
+use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
 use crate::arch::shfl::any_lane;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
-use crate::arch::wgmma::{fence_proxy_async_shared, sw128_offset};
+use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
@@ -323,7 +323,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         take_turn(wg);
         unsafe { issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize) };
         pass_turn(wg);
-        wait_acc::<0, NN>(&mut acc_s);
+        wait_s::<0, NN>(&mut acc_s);
         release(&pipes.k, &mut st.k);
         if n_tiles == 1 {
             release_q(st.q);
@@ -347,7 +347,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
                 issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize);
             }
             pass_turn(wg);
-            wait_acc::<1, NN>(&mut acc_s);
+            wait_s::<1, NN>(&mut acc_s);
             release(&pipes.k, &mut st.k);
             if i + 2 == n_tiles {
                 release_q(st.q);
@@ -377,6 +377,18 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         st.q.advance();
     }
     store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
+}
+
+/// `wait_acc` for S, which also takes the wide kernel's 112-key tile at head dim 192. Kept out of
+/// `wait_acc`: with the n112 arms there, LLVM laid out every ws forward kernel differently and the hdim
+/// 256 one spilled 340 bytes instead of 184 and ran 7-8% slower (benches/RESULTS.md).
+#[inline(always)]
+fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
+    if NN == 14 {
+        unsafe { if PENDING == 0 { wgmma::wait0_n112(sized(acc_s)) } else { wgmma::wait1_n112(sized(acc_s)) } }
+    } else {
+        wait_acc::<PENDING, NN>(acc_s)
+    }
 }
 
 /// Kernel body: barriers set up by thread 0, then the roles.
@@ -446,3 +458,17 @@ macro_rules! fwd_ws_kernels {
     )*};
 }
 crate::for_each_fwd_ws_variant!(fwd_ws_kernels);
+
+/// The wide-tile plain kernels (`for_each_fwd_ws_wide_variant`).
+macro_rules! fwd_ws_wide_kernels {
+    ($(($d:literal, $bn:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
+        const _: () = {
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false>(&p, maps) }
+            }
+        };
+    )*};
+}
+crate::for_each_fwd_ws_wide_variant!(fwd_ws_wide_kernels);
