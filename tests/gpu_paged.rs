@@ -87,6 +87,10 @@ impl Case {
             _ => self.seqs[b].2,
         }
     }
+    /// max_seqlen_k: the most keys any sequence attends to.
+    fn max_keys(&self) -> usize {
+        (0..self.seqs.len()).map(|b| self.keys(b)).max().unwrap_or(0)
+    }
     fn describe(&self) -> String {
         format!(
             "{} d={} hq={} hk={} causal={} window={:?} softcap={} page={} counts={:?} seqs={:?} extra_blocks={}",
@@ -145,7 +149,7 @@ fn run_paged(c: &Case, x: &Inputs, device: Device, kernels: KernelChoice) -> fla
     let table = i32_tensor(&x.table, &[b, x.max_blocks], device);
     let shape = [x.num_blocks, c.page, c.hk, c.d];
     let max_q = c.seqs.iter().map(|s| s.0).max().unwrap_or(0);
-    let max_k = (0..b).map(|i| c.keys(i)).max().unwrap_or(0);
+    let max_k = c.max_keys();
     let paged = PagedVarlen {
         cu_seqlens_q: &cu_q,
         cu_seqlens_k: (!matches!(c.counts, Counts::UsedOnly)).then_some(&cu_k),
@@ -165,7 +169,7 @@ fn run_contiguous(c: &Case, x: &Inputs, kernels: KernelChoice) -> FwdOutput {
     let ints = |v: &[usize]| i32_tensor(&v.iter().map(|&x| x as i32).collect::<Vec<_>>(), &[v.len()], GPU);
     let (cu_q, cu_k, used_k) = (ints(&x.cu_q), ints(&x.cu_k), ints(&x.used_k));
     let max_q = c.seqs.iter().map(|s| s.0).max().unwrap_or(0);
-    let max_k = (0..c.seqs.len()).map(|i| c.keys(i)).max().unwrap_or(0);
+    let max_k = c.max_keys();
     let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k: (!matches!(c.counts, Counts::CuSeqlens)).then_some(&used_k) };
     varlen_fwd(&t(&x.q, &[tq, c.hq, c.d]), &t(&x.k, &[tk, c.hk, c.d]), &t(&x.v, &[tk, c.hk, c.d]), &vl, &c.opts(kernels)).unwrap()
 }
@@ -212,7 +216,7 @@ fn paged_case(c: &Case, rng: &mut StdRng, tally: &mut Tally) -> Result<(), Strin
         check_close(&got.0, &got.1, &ro, &rl, &tol).map_err(|e| at(format!("vs the reference: {e}")))?;
         check_against_cpu(&got, &cpu, c.dtype, c.smax()).map_err(at)?;
         let want = host(&run_contiguous(c, &x, choice));
-        let max_k = (0..c.seqs.len()).map(|i| c.keys(i)).max().unwrap_or(0);
+        let max_k = c.max_keys();
         if family == fwd_family_keys(c.d, c.dtype, choice, max_k) {
             if bits(&got.0) != bits(&want.0) || bits(&got.1) != bits(&want.1) {
                 return Err(at("paged differs from contiguous varlen_fwd on the same keys (the same kernel family: expected bit for bit)".into()));
