@@ -34,7 +34,10 @@
 //! every term entering the element (dv: sum_i P |Z| |dout_i|; dq, dk: |scale| sum P (|Z| |dout|.|v_j| +
 //! |dout|.|out_i|) tanh' |k_j| or |q_i|), k = 3 for dq and dk (dS and the P it is made from rounded to
 //! the dtype, with slack), 2 for dv, c = 2 (2^-15 (1 + smax) + 2^-23 (D + n)) (+ softcap's tanh.approx),
-//! tiny = u min_normal (1 + n max(|scale|, 1) amax). Elements no term enters are exactly 0 on both.
+//! tiny = (u min_normal + 2 min_f32) (1 + n max(|scale|, 1) amax) vmax: the dtype's rounding among its
+//! subnormals, and the kernels' f32 arithmetic flushing subnormal products and partial sums to zero (up
+//! to f32's smallest normal, min_f32, each; steep ALiBi slopes over long distances give such P; bf16
+//! gradients can be that small). Elements no term enters are exactly 0 on both.
 //! Both backwards are handed the CUDA forward's out and LSE.
 
 #[path = "common/mod.rs"]
@@ -447,7 +450,10 @@ fn check_grads(h: &Host, got: &BwdOutput, cpu: &BwdOutput, mag: &[Vec<f64>; 3]) 
     let n = h.l.max().0.max(h.l.max().1) as f64;
     let min_normal = min_normal(c.dtype);
     let amax = (c.amp as f64).max(1.0);
-    let tiny = u * min_normal * (1.0 + n * c.scale().abs().max(1.0) * amax) * c.vmax();
+    // f32 arithmetic that flushes subnormals (ex2.approx.ftz, and sums of such terms) loses up to f32's
+    // smallest normal per product and per partial sum: ALiBi's large biases make such probabilities.
+    let ftz = 2.0 * f64::from(f32::MIN_POSITIVE);
+    let tiny = (u * min_normal + ftz) * (1.0 + n * c.scale().abs().max(1.0) * amax) * c.vmax();
     let cf = 2.0 * (2f64.powi(-15) * (1.0 + h.smax()) + 2f64.powi(-23) * (c.d as f64 + n)) + c.tanh_slack();
     let mut worst = [0.0f64; 3];
     for (x, (name, g, r, k)) in [("dq", &got.dq, &cpu.dq, 3.0), ("dk", &got.dk, &cpu.dk, 3.0), ("dv", &got.dv, &cpu.dv, 2.0)].into_iter().enumerate() {
