@@ -23,7 +23,7 @@ fn main() {
     println!("COLD_START {:.1} ms (first load of the kernels: the shipped cubin, {})", t0.elapsed().as_secs_f64() * 1e3, cuda::device_name(0).unwrap());
     // What the load costs without the cubin: the driver JIT-compiles the PTX (run with CUDA_CACHE_DISABLE=1
     // to keep its disk cache out of it).
-    let ptx = std::ffi::CString::new(flash_attn::ptx::PTX_SM80).unwrap();
+    let ptx = std::ffi::CString::new(flash_attn::ptx::ptx_sm80().unwrap()).unwrap();
     let t0 = Instant::now();
     let jit = unsafe { cudarc::driver::result::module::load_data(ptx.as_ptr() as *const _) };
     println!("PTX_JIT {:.1} ms (the sm_80 PTX module through the driver's JIT; ok: {})", t0.elapsed().as_secs_f64() * 1e3, jit.is_ok());

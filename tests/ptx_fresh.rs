@@ -1,13 +1,21 @@
-//! The PTX and cubins shipped in `host/ptx/` (embedded by the library, published in the package) are exactly
-//! what the kernel sources build to: `cargo xtask ptx` builds `target/ptx/` (`./x test` runs it before the tests)
-//! and this compares the two byte for byte. The build is deterministic: two clean builds, in different
-//! directories with different toolchain locations, give identical bytes.
+//! The PTX and cubins shipped in `host/ptx/` (zstd-compressed; embedded by the library, published in the
+//! package) are exactly what the kernel sources build to: `cargo xtask ptx` builds `target/ptx/` (`./x test`
+//! runs it before the tests) and this compares the library's decompressed modules with it byte for byte.
+//! The build is deterministic: two clean builds, in different directories with different toolchain
+//! locations, give identical bytes.
 
 use std::path::{Path, PathBuf};
 
-/// The files `host/src/ptx.rs` embeds from the modules `xtask/src/ptx.rs` builds (`PTX_TARGETS`,
+/// The modules `host/src/ptx.rs` embeds from those `xtask/src/ptx.rs` builds (`PTX_TARGETS`,
 /// `shipped_files`): both cubins, and the PTX of sm_80 only (sm_90a PTX runs only where its cubin does).
-const SHIPPED: [&str; 3] = ["kernels_sm80.ptx", "kernels_sm80.cubin", "kernels_sm90.cubin"];
+fn shipped() -> [(&'static str, &'static [u8]); 3] {
+    let get = |r: Result<&'static [u8], String>| r.unwrap_or_else(|e| panic!("{e}: run `cargo xtask ship-ptx`"));
+    [
+        ("kernels_sm80.ptx", get(flash_attn::ptx::ptx_sm80().map(str::as_bytes))),
+        ("kernels_sm80.cubin", get(flash_attn::ptx::cubin_sm80())),
+        ("kernels_sm90.cubin", get(flash_attn::ptx::cubin_sm90())),
+    ]
+}
 /// Every module built (the sources of each are checked against its PTX build).
 const STEMS: [&str; 2] = ["kernels_sm80", "kernels_sm90"];
 
@@ -27,18 +35,16 @@ fn read_fresh(file: &str) -> (PathBuf, Vec<u8>) {
 #[test]
 fn shipped_ptx_is_fresh() {
     let mut stale = Vec::new();
-    for file in SHIPPED.iter().map(|f| f.to_string()) {
-        let (fresh_path, fresh) = read_fresh(&file);
-        let shipped_path = root().join("host").join("ptx").join(&file);
-        let shipped = std::fs::read(&shipped_path).unwrap_or_else(|e| panic!("{}: {e}: run `cargo xtask ship-ptx`", shipped_path.display()));
-        if shipped != fresh {
+    for (file, shipped) in shipped() {
+        let (fresh_path, fresh) = read_fresh(file);
+        if shipped != &fresh[..] {
             let line = shipped.split(|&b| b == b'\n').zip(fresh.split(|&b| b == b'\n')).position(|(a, b)| a != b);
             let at = match line {
                 Some(i) => format!("first difference at line {}", i + 1),
                 None => "one is a prefix of the other".into(),
             };
             stale.push(format!(
-                "  host/ptx/{file} ({} bytes) != {} ({} bytes), {at}",
+                "  host/ptx/{file}.zst, decompressed ({} bytes) != {} ({} bytes), {at}",
                 shipped.len(),
                 fresh_path.display(),
                 fresh.len()

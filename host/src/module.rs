@@ -108,8 +108,8 @@ impl Gpu {
         let m = self.module.get_or_init(|| {
             self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
             let cubin = match (self.cc_major, self.cc_minor) {
-                (9, 0) => Some((crate::ptx::CUBIN_SM90, true)),
-                (8, _) => Some((crate::ptx::CUBIN_SM80, false)),
+                (9, 0) => Some((crate::ptx::cubin_sm90()?, true)),
+                (8, _) => Some((crate::ptx::cubin_sm80()?, false)),
                 _ => None,
             };
             if let Some((image, sm90)) = cubin
@@ -117,7 +117,7 @@ impl Gpu {
             {
                 return Ok(Module(m, sm90));
             }
-            let image = std::ffi::CString::new(crate::ptx::PTX_SM80).map_err(|e| e.to_string())?;
+            let image = std::ffi::CString::new(crate::ptx::ptx_sm80()?).map_err(|e| e.to_string())?;
             unsafe { result::module::load_data(image.as_ptr() as *const _) }.map(|m| Module(m, false)).map_err(|e| e.to_string())
         });
         match m {

@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask ptx` (build the device crate to PTX and check it with ptxas for every
-//! target GPU), `cargo xtask ship-ptx` (the same, then copy the PTX into `host/ptx/`, which the package
+//! target GPU), `cargo xtask ship-ptx` (the same, then compress the PTX into `host/ptx/`, which the package
 //! embeds), `cargo xtask package-check` (the packaged crate builds and runs on stable with no CUDA),
 //! `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine).
 
@@ -19,7 +19,7 @@ const NVCC_WHEEL: &str = "nvidia-cuda-nvcc==13.0.88";
 
 const USAGE: &str = "usage: cargo xtask <ptx|ship-ptx|package-check|bundle|gen-wgmma>
   ptx            build kernels-gpu to PTX in target/ptx/ and run ptxas on it (sm_80, sm_90a)
-  ship-ptx       the same, then copy target/ptx/*.ptx into host/ptx/ (the PTX the crate embeds and ships;
+  ship-ptx       the same, then compress the shipped modules into host/ptx/*.zst (what the crate embeds and ships;
                  run after changing kernels-gpu: the ptx_fresh test fails until the two agree)
   package-check  cargo package flash-attn, then build and run a scratch crate depending on the unpacked
                  .crate with `cargo +stable` (no nightly, no CUDA), and check cudarc's features compose
@@ -141,8 +141,8 @@ mod tests {
     }
 }
 
-/// `cargo xtask ptx`, then copy its modules and cubins into `host/ptx/`: what the host embeds and the
-/// package ships, so that a dependent crate builds with no nightly and no CUDA.
+/// `cargo xtask ptx`, then compress its shipped modules and cubins into `host/ptx/` (`<file>.zst`): what
+/// the host embeds and the package ships, so that a dependent crate builds with no nightly and no CUDA.
 fn cmd_ship_ptx() -> Result<(), String> {
     cmd_ptx()?;
     let root = root();
@@ -155,14 +155,23 @@ fn cmd_ship_ptx() -> Result<(), String> {
             println!("ship-ptx: removed {} (not shipped)", stale.display());
         }
     }
+    // Shipped zstd-compressed (level 19: PTX and cubins shrink 7-23x, the `.crate` stays far under
+    // crates.io's limit); a file whose content did not change is left as it is.
     for file in ptx::PTX_TARGETS.iter().flat_map(|t| t.shipped_files()) {
-        let (src, dst) = (root.join("target").join("ptx").join(&file), dest.join(&file));
+        let (src, dst) = (root.join("target").join("ptx").join(&file), dest.join(format!("{file}.zst")));
         let new = std::fs::read(&src).map_err(|e| format!("read {}: {e}", src.display()))?;
-        if std::fs::read(&dst).ok().as_deref() == Some(&new[..]) {
+        let old = std::fs::read(&dst).ok().and_then(|packed| zstd::decode_all(&packed[..]).ok());
+        if old.as_deref() == Some(&new[..]) {
             println!("ship-ptx: {} unchanged", dst.display());
         } else {
-            std::fs::write(&dst, &new).map_err(|e| format!("write {}: {e}", dst.display()))?;
-            println!("ship-ptx: updated {} ({} bytes)", dst.display(), new.len());
+            let packed = zstd::encode_all(&new[..], 19).map_err(|e| format!("compress {}: {e}", src.display()))?;
+            std::fs::write(&dst, &packed).map_err(|e| format!("write {}: {e}", dst.display()))?;
+            println!("ship-ptx: updated {} ({} bytes, {} compressed)", dst.display(), new.len(), packed.len());
+        }
+        let raw = dest.join(&file);
+        if raw.exists() {
+            std::fs::remove_file(&raw).map_err(|e| format!("remove {}: {e}", raw.display()))?;
+            println!("ship-ptx: removed {} (shipped compressed now)", raw.display());
         }
     }
     Ok(())

@@ -67,7 +67,7 @@ pub fn run_check(root: &Path) -> Result<(), String> {
     if crate_dir.join("build.rs").exists() {
         return Err(format!("{} has a build script: the package must build without one", krate.display()));
     }
-    for rel in crate::ptx::PTX_TARGETS.iter().flat_map(|t| t.shipped_files()).map(|f| format!("ptx/{f}")) {
+    for rel in crate::ptx::PTX_TARGETS.iter().flat_map(|t| t.shipped_files()).map(|f| format!("ptx/{f}.zst")) {
         let packed = std::fs::read(crate_dir.join(&rel)).map_err(|e| format!("{} lacks {rel}: {e}", krate.display()))?;
         let shipped = std::fs::read(root.join("host").join(&rel)).map_err(|e| format!("host/{rel}: {e}"))?;
         if packed != shipped {

@@ -26,7 +26,7 @@ pub struct PtxTarget {
 }
 
 impl PtxTarget {
-    /// The files `cargo xtask ship-ptx` copies into `host/ptx/` (the library embeds them).
+    /// The files `cargo xtask ship-ptx` compresses into `host/ptx/` (`<file>.zst`; the library embeds them).
     pub fn shipped_files(&self) -> Vec<String> {
         let mut files = vec![format!("{}.cubin", self.stem)];
         if self.ship_ptx {
