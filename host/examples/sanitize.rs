@@ -35,6 +35,7 @@
 //! Every run above runs twice: as described, and with the score modifiers (the `_mods` kernels and the
 //! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
 //! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
+//! plus, where the ws forward runs, ALiBi alone (its `_alibi` copy), dense and packed,
 //! forward, backward and deterministic backward; on Hopper the forward's `fwd_no_ws` run is then the
 //! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin). Where the default backward is
 //! the warp-specialized kernel (head dims 64-128), the `fwd_no_ws` run without modifiers also runs the
@@ -181,7 +182,8 @@ impl Plan {
             n += 2 * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2 * wg(1);
         }
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
-        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd);
+        // With the modifiers, the ws forward's ALiBi-only run (`_alibi`): dense and packed.
+        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd + 2 * usize::from(self.wg_fwd));
         let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         let ordered = usize::from(self.ordered_opt_in && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         (per_mask + no_ws_bwd + ordered) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
@@ -368,6 +370,14 @@ fn main() -> flash_attn::Result<()> {
                     let bwds: &[(KernelChoice, bool, &str)] = if plan.ws_bwd && !mods { &[(NO_WS, false, "wgmma bwd (bwd_no_ws)")] } else { &[] };
                     run(if bwds.is_empty() { FWD_NO_WS } else { NO_WS }, if mods { "mma.sync (fwd_no_ws)" } else { "wgmma (fwd_no_ws)" }, bwds, mods)?;
                 }
+            }
+            if plan.wg_fwd && plan.mods.1 {
+                // ALiBi without dropout: the ws forward's `_alibi` copy, dense and packed.
+                let o = opts(DEFAULT, false);
+                let f = fwd_with(&q, &k, &v, &Extras { alibi_slopes: Some(&dense_slopes), return_attn_probs: false }, &o)?;
+                let pf = varlen_fwd_with(&pq, &pk, &pv, &varlen, &Extras { alibi_slopes: Some(&packed_slopes), return_attn_probs: false }, &o)?;
+                fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                ran.push("wgmma ws fwd +alibi (`_alibi`)".to_string());
             }
             done += 1;
             println!("case {done}/{cases} {dtype} d{d} {mask}: dense {b}x{sq}x{sk} and packed {tq}x{tk}: {} ({:.2} s, {:.0} s total)", ran.join(", "), case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());

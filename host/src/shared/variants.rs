@@ -352,6 +352,12 @@ macro_rules! ws_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
             None
         }
+        /// The `_mods` twin for ALiBi without dropout, its dropout compiled out: the export name with
+        /// `_alibi`.
+        pub fn fwd_ws_alibi_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_alibi")); })*
+            None
+        }
     };
 }
 for_each_fwd_ws_variant!(ws_name_lookup);
