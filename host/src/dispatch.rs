@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
@@ -217,14 +217,19 @@ impl std::ops::Deref for Launches {
 /// dims 64 to 256, in deterministic mode too where the workspace holds `dq_copies >= 1` copies of the dq
 /// accumulator (`bwd_det_splits`; else the mma.sync kernels and the deterministic dq kernel).
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
-/// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
+/// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes (ALiBi
+/// alone: the wgmma dK/dV kernel's `_alibi` copy, its dropout compiled out).
 /// `ws`: the default mode without score modifiers runs the warp-specialized dK/dV kernel (head dims 64,
 /// 96, 128) in the wgmma kernel's grid (the caller checked that the copy engine can address the operands).
 pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool, ordered_all: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let mods = Twin::of(p) == Twin::Mods;
     let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
-    let wg_kernel = if mods { bwd_wg_mods_kernel_name(p.head_dim, dtype) } else { bwd_wg_kernel_name(p.head_dim, dtype) };
+    let wg_kernel = match (mods, p.dropout.is_some()) {
+        (true, false) => bwd_wg_alibi_kernel_name(p.head_dim, dtype),
+        (true, true) => bwd_wg_mods_kernel_name(p.head_dim, dtype),
+        _ => bwd_wg_kernel_name(p.head_dim, dtype),
+    };
     let c = bwd_config(p.head_dim);
     let z = (p.batch + usize::from(p.varlen)) as u32;
     let rows = BWD_ROWS_PER_BLOCK;
@@ -665,6 +670,7 @@ mod tests {
                         for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {
                             assert_eq!((l.grid, l.block, l.smem_bytes), (l0.grid, l0.block, l0.smem_bytes), "{at} det {det} launch {i}");
                             let want = match i {
+                                1 if wg && dr.is_none() => bwd_wg_alibi_kernel_name(d, kd).unwrap(),
                                 1 if wg => bwd_wg_mods_kernel_name(d, kd).unwrap(),
                                 1 => dkdv,
                                 2 if det => dq,

@@ -551,6 +551,12 @@ macro_rules! bwd_wg_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
             None
         }
+        /// The `_mods` twin for ALiBi without dropout, its dropout compiled out: the export name with
+        /// `_alibi`.
+        pub fn bwd_wg_alibi_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_alibi")); })*
+            None
+        }
         /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.
         pub fn bwd_wg_det_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_det")); })*
