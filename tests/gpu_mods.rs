@@ -480,12 +480,15 @@ fn check_grads(h: &Host, got: &BwdOutput, cpu: &BwdOutput, mag: &[Vec<f64>; 3]) 
 /// The forward family a call with modifiers runs: the warp-specialized `_mods` kernel where the plain
 /// call would run the warp-specialized one (the suite's operands are ones the copy engine can address
 /// unless strided), else mma.sync `_mods` (the cp.async wgmma forward has no such twin).
-fn mods_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str {
+fn mods_family(h: &Host, choice: KernelChoice) -> &'static str {
     if dry_run() {
         return "cpu path";
     }
-    match fwd_family(d, dtype, choice) {
-        "wgmma ws" => "wgmma ws _mods",
+    match (fwd_family(h.c.d, h.c.dtype, choice), h.c.slopes, h.c.dropout.p > 0.0) {
+        (_, Slopes::None, false) => fwd_family(h.c.d, h.c.dtype, choice),
+        // ALiBi without dropout: the `_mods` kernel's `_alibi` copy, its dropout compiled out.
+        ("wgmma ws", _, false) => "wgmma ws _alibi",
+        ("wgmma ws", _, true) => "wgmma ws _mods",
         _ => "mma.sync _mods",
     }
 }
@@ -504,7 +507,7 @@ fn run_case(rng: &mut StdRng, h: &Host, backward: bool, tally: &mut Tally) -> Re
     let gpu_on = On::new(h, dev(), strided, rng);
     let mut first: Option<FwdOutput> = None;
     for (name, choice) in fwd_kernel_choices() {
-        let fam = mods_family(d, h.c.dtype, choice);
+        let fam = mods_family(h, choice);
         let at = |e: String| format!("[{name}: {fam}{}] {e}", if strided { ", strided inputs" } else { "" });
         let got = gpu_on.fwd(h, choice).map_err(|e| at(e.to_string()))?;
         check_fwd(h, &got, &cpu).map_err(|e| at(format!("forward vs CPU: {e}")))?;
@@ -701,7 +704,7 @@ fn dropout_mask_is_the_cpu_mask_bit_for_bit() {
                 let visible = cpu_probs.iter().filter(|v| **v != 0.0 || v.is_sign_negative()).count();
                 assert!(dropped > 0 || visible < 50, "{ctx}: the CPU dropped none of {visible} scores at p {p}");
                 for (name, choice) in fwd_kernel_choices() {
-                    let fam = mods_family(d, dtype, choice);
+                    let fam = mods_family(&h, choice);
                     let got = gpu_on.fwd(&h, choice).unwrap_or_else(|e| panic!("{ctx} [{name}: {fam}]: {e}"));
                     let gout = host_f32(&got.out);
                     if zeros(&gout) != zeros(&cpu_out) {
@@ -927,7 +930,7 @@ fn probs_write_exactly_s_dmask() {
         // The values of that view: the CPU's.
         let cpu = On::new(&h, Device::Cpu, false, &mut rng).fwd(&h, KernelChoice::default()).unwrap_or_else(|e| panic!("{ctx}: CPU: {e}"));
         check_probs(&h, &s, cpu.s_dmask.as_ref().unwrap()).unwrap_or_else(|e| panic!("{ctx}: {e}"));
-        tally.add("default", mods_family(d, dtype, KernelChoice::default()), d);
+        tally.add("default", mods_family(&h, KernelChoice::default()), d);
     }
     tally.report();
 }

@@ -35,6 +35,8 @@
 //! Every run above runs twice: as described, and with the score modifiers (the `_mods` kernels and the
 //! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
 //! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
+//! plus, where the ws forward runs, ALiBi alone (its and the wgmma dK/dV kernel's `_alibi` copies: the
+//! forward and the default backward), dense and packed,
 //! forward, backward and deterministic backward; on Hopper the forward's `fwd_no_ws` run is then the
 //! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin). Where the default backward is
 //! the warp-specialized kernel (head dims 64-128), the `fwd_no_ws` run without modifiers also runs the
@@ -181,7 +183,10 @@ impl Plan {
             n += 2 * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2 * wg(1);
         }
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
-        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd);
+        // With the modifiers, the ALiBi-only run (the `_alibi` kernels): forward, and backward where the
+        // wgmma one runs, dense and packed.
+        let alibi = usize::from(self.wg_fwd) * (2 + usize::from(self.wg_bwd) * (wg(blocks(DENSE.2)) + wg(blocks(max_k))));
+        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd + alibi);
         let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         let ordered = usize::from(self.ordered_opt_in && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         (per_mask + no_ws_bwd + ordered) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
@@ -367,6 +372,22 @@ fn main() -> flash_attn::Result<()> {
                 if plan.wg_fwd {
                     let bwds: &[(KernelChoice, bool, &str)] = if plan.ws_bwd && !mods { &[(NO_WS, false, "wgmma bwd (bwd_no_ws)")] } else { &[] };
                     run(if bwds.is_empty() { FWD_NO_WS } else { NO_WS }, if mods { "mma.sync (fwd_no_ws)" } else { "wgmma (fwd_no_ws)" }, bwds, mods)?;
+                }
+            }
+            if plan.wg_fwd && plan.mods.1 {
+                // ALiBi without dropout: the ws forward's and the wgmma dK/dV kernel's `_alibi` copies,
+                // dense and packed.
+                let o = opts(DEFAULT, false);
+                let (dense_x, packed_x) = (Extras { alibi_slopes: Some(&dense_slopes), return_attn_probs: false }, Extras { alibi_slopes: Some(&packed_slopes), return_attn_probs: false });
+                let f = fwd_with(&q, &k, &v, &dense_x, &o)?;
+                let pf = varlen_fwd_with(&pq, &pk, &pv, &varlen, &packed_x, &o)?;
+                fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                ran.push("wgmma ws fwd +alibi".to_string());
+                if plan.wg_bwd {
+                    let gd = bwd_with(&g, &q, &k, &v, &f.out, &f.lse, &dense_x, &o, false)?;
+                    let gp = varlen_bwd_with(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, &varlen, &packed_x, &o, false)?;
+                    fetch(&[&gd.dq, &gd.dk, &gd.dv, &gp.dq, &gp.dk, &gp.dv])?;
+                    ran.push("wgmma bwd +alibi".to_string());
                 }
             }
             done += 1;

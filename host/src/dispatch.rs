@@ -6,8 +6,8 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
+    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -144,7 +144,7 @@ pub fn kvcache_launch(p: &Problem, splits: usize) -> Option<FwdLaunch> {
 /// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
 /// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
 /// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
-/// its `_mods` twin (paged: the `_paged` one).
+/// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy; paged: the `_paged` one).
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
@@ -153,6 +153,7 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
             Some(wide) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
             _ => (fwd_ws_kernel_name(p.head_dim, dtype)?, config),
         },
+        (Twin::Mods, _) if p.dropout.is_none() => (fwd_ws_alibi_kernel_name(p.head_dim, dtype)?, config),
         (Twin::Mods, _) => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
         (twin @ (Twin::Paged | Twin::PagedMods), Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => {
             (if twin == Twin::Paged { fwd_ws_paged_kernel_name(p.head_dim, dtype)? } else { fwd_ws_paged_mods_kernel_name(p.head_dim, dtype)? }, config)
@@ -216,14 +217,19 @@ impl std::ops::Deref for Launches {
 /// dims 64 to 256, in deterministic mode too where the workspace holds `dq_copies >= 1` copies of the dq
 /// accumulator (`bwd_det_splits`; else the mma.sync kernels and the deterministic dq kernel).
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
-/// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes.
+/// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes (ALiBi
+/// alone: the wgmma dK/dV kernel's `_alibi` copy, its dropout compiled out).
 /// `ws`: the default mode without score modifiers runs the warp-specialized dK/dV kernel (head dims 64,
 /// 96, 128) in the wgmma kernel's grid (the caller checked that the copy engine can address the operands).
 pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool, ordered_all: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let mods = Twin::of(p) == Twin::Mods;
     let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
-    let wg_kernel = if mods { bwd_wg_mods_kernel_name(p.head_dim, dtype) } else { bwd_wg_kernel_name(p.head_dim, dtype) };
+    let wg_kernel = match (mods, p.dropout.is_some()) {
+        (true, false) => bwd_wg_alibi_kernel_name(p.head_dim, dtype),
+        (true, true) => bwd_wg_mods_kernel_name(p.head_dim, dtype),
+        _ => bwd_wg_kernel_name(p.head_dim, dtype),
+    };
     let c = bwd_config(p.head_dim);
     let z = (p.batch + usize::from(p.varlen)) as u32;
     let rows = BWD_ROWS_PER_BLOCK;
@@ -594,7 +600,7 @@ mod tests {
                             _ => assert_eq!(w.0, short.0, "d{d} sk {sk}"),
                         }
                         let alibi = Problem { alibi: Some(Alibi { batch_stride: 0, head_stride: 1 }), ..p.clone() };
-                        assert_eq!(fwd_ws_launch(&alibi, 132).unwrap().0.kernel, fwd_ws_mods_kernel_name(d, kd).unwrap());
+                        assert_eq!(fwd_ws_launch(&alibi, 132).unwrap().0.kernel, fwd_ws_alibi_kernel_name(d, kd).unwrap());
                         let paged = Problem { paged: Some(Paged { page_size: 64, num_blocks: 100, max_blocks: 50 }), ..p.clone() };
                         if let Some(pw) = fwd_ws_launch(&paged, 132) {
                             assert_eq!((pw.0.kernel, pw.0.config), (fwd_ws_paged_kernel_name(d, kd).unwrap(), fwd_wg_config(d).unwrap()));
@@ -605,7 +611,7 @@ mod tests {
         }
     }
 
-    /// ALiBi or dropout over contiguous K/V run the `_mods` twins: the warp-specialized one on Hopper, the
+    /// ALiBi or dropout over contiguous K/V run the `_mods` twins (ALiBi alone the warp-specialized one's `_alibi` copy): the warp-specialized one on Hopper, the
     /// mma.sync one wherever the cp.async wgmma forward would run (it has no twin: `fwd_no_ws`, operands
     /// the copy engine cannot address, or no Hopper); paged K/V the `_paged_mods` twins likewise.
     /// The backward's dK/dV and deterministic dq kernels (mma.sync and Hopper) run their `_mods` twins in
@@ -631,9 +637,10 @@ mod tests {
                         assert_eq!((f.config, f.grid, f.block, f.smem_bytes), (f0.config, f0.grid, f0.block, f0.smem_bytes), "{at}");
                     }
                     let ws = fwd_ws_launch(&p, 132);
-                    assert_eq!(ws.map(|w| w.0.kernel), fwd_ws_mods_kernel_name(d, kd), "{at}");
+                    let twin = if dr.is_none() { fwd_ws_alibi_kernel_name(d, kd) } else { fwd_ws_mods_kernel_name(d, kd) };
+                    assert_eq!(ws.map(|w| w.0.kernel), twin, "{at}");
                     if let (Some(w), Some(w0)) = (ws, fwd_ws_launch(&plain, 132)) {
-                        assert_eq!(w.0.kernel, format!("{}_mods", w0.0.kernel));
+                        assert_eq!(w.0.kernel, format!("{}_{}", w0.0.kernel, if dr.is_none() { "alibi" } else { "mods" }));
                         assert_eq!((w.0.grid, w.0.block, w.0.smem_bytes, w.1), (w0.0.grid, w0.0.block, w0.0.smem_bytes, w0.1));
                     }
                     // Paged: the `_paged_mods` twins, in the launch shapes of the mma.sync / ws `_paged` ones.
@@ -663,6 +670,7 @@ mod tests {
                         for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {
                             assert_eq!((l.grid, l.block, l.smem_bytes), (l0.grid, l0.block, l0.smem_bytes), "{at} det {det} launch {i}");
                             let want = match i {
+                                1 if wg && dr.is_none() => bwd_wg_alibi_kernel_name(d, kd).unwrap(),
                                 1 if wg => bwd_wg_mods_kernel_name(d, kd).unwrap(),
                                 1 => dkdv,
                                 2 if det => dq,

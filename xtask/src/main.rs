@@ -179,8 +179,9 @@ fn cmd_ship_ptx() -> Result<(), String> {
 
 /// Dynamic shared memory the host launches a kernel with (from the shared variant table).
 fn dynamic_smem(kernel: &str) -> String {
-    // A paged, modifier or ordered deterministic twin launches like its contiguous kernel.
-    let kernel = kernel.strip_suffix("_mods").unwrap_or(kernel);
+    // A paged, modifier (`_alibi`: the ALiBi-only copy) or ordered deterministic twin launches like its
+    // contiguous kernel.
+    let kernel = kernel.strip_suffix("_mods").or_else(|| kernel.strip_suffix("_alibi")).unwrap_or(kernel);
     let kernel = kernel.strip_suffix("_det").unwrap_or(kernel);
     let kernel = kernel.strip_suffix("_paged").unwrap_or(kernel);
     for d in [32, 64, 96, 128, 192, 256] {

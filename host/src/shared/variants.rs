@@ -352,6 +352,12 @@ macro_rules! ws_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
             None
         }
+        /// The `_mods` twin for ALiBi without dropout, its dropout compiled out: the export name with
+        /// `_alibi`.
+        pub fn fwd_ws_alibi_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_alibi")); })*
+            None
+        }
     };
 }
 for_each_fwd_ws_variant!(ws_name_lookup);
@@ -543,6 +549,12 @@ macro_rules! bwd_wg_name_lookup {
         /// Its twin with score modifiers (`BwdParams::mods`): the export name with `_mods`.
         pub fn bwd_wg_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
+            None
+        }
+        /// The `_mods` twin for ALiBi without dropout, its dropout compiled out: the export name with
+        /// `_alibi`.
+        pub fn bwd_wg_alibi_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_alibi")); })*
             None
         }
         /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.

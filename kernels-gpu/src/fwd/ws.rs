@@ -14,7 +14,7 @@ use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
 use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
-use crate::params::{FwdParams, TmaMaps};
+use crate::params::{FwdParams, ScoreMods, TmaMaps, DROPOUT_OFF};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
 use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS};
@@ -442,6 +442,14 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
+            }
+            /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
+            /// the compiler drops the dropout code (and its registers) from this copy.
+            #[unsafe(export_name = concat!($name, "_alibi"))]
+            pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
+                let p = FwdParams { mods: ScoreMods { dropout_threshold: DROPOUT_OFF, dropout_scale: 1.0, ..p.mods }, ..p };
                 unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged"))]
