@@ -160,11 +160,11 @@ fn cmd_ship_ptx() -> Result<(), String> {
     for file in ptx::PTX_TARGETS.iter().flat_map(|t| t.shipped_files()) {
         let (src, dst) = (root.join("target").join("ptx").join(&file), dest.join(format!("{file}.zst")));
         let new = std::fs::read(&src).map_err(|e| format!("read {}: {e}", src.display()))?;
-        let old = std::fs::read(&dst).ok().and_then(|packed| zstd::decode_all(&packed[..]).ok());
-        if old.as_deref() == Some(&new[..]) {
+        let old = std::fs::read(&dst).ok().filter(|packed| packed.starts_with(&SKIPPABLE_MAGIC.to_le_bytes()));
+        if old.and_then(|packed| zstd::decode_all(&packed[..]).ok()).as_deref() == Some(&new[..]) {
             println!("ship-ptx: {} unchanged", dst.display());
         } else {
-            let packed = zstd::encode_all(&new[..], 19).map_err(|e| format!("compress {}: {e}", src.display()))?;
+            let packed = pack_chunks(&new).map_err(|e| format!("compress {}: {e}", src.display()))?;
             std::fs::write(&dst, &packed).map_err(|e| format!("write {}: {e}", dst.display()))?;
             println!("ship-ptx: updated {} ({} bytes, {} compressed)", dst.display(), new.len(), packed.len());
         }
@@ -175,6 +175,51 @@ fn cmd_ship_ptx() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The magic of the zstd skippable frame that leads a shipped module (host/src/ptx.rs reads it).
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+/// Raw bytes per zstd frame of a shipped module: frames decompress in parallel on first use.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// A module as host/src/ptx.rs unpacks it: a skippable frame whose payload is the frame count and each
+/// frame's (compressed, raw) length as little-endian u32s, then one zstd frame (level 19) per
+/// `CHUNK_BYTES` of the module. Any zstd decoder reads it as the whole module (it skips the index).
+fn pack_chunks(raw: &[u8]) -> Result<Vec<u8>, String> {
+    let chunks: Vec<&[u8]> = raw.chunks(CHUNK_BYTES).collect();
+    // One worker per core, each taking the next chunk (level 19 holds ~100 MB per compressor).
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(chunks.len());
+    let mut done: Vec<(usize, std::io::Result<Vec<u8>>)> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(c) = chunks.get(i) else { return mine };
+                        mine.push((i, zstd::encode_all(*c, 19)));
+                    }
+                })
+            })
+            .collect();
+        jobs.into_iter().flat_map(|j| j.join().unwrap_or_default()).collect()
+    });
+    done.sort_by_key(|d| d.0);
+    if done.len() != chunks.len() {
+        return Err("a compression thread panicked".into());
+    }
+    let frames = done.into_iter().map(|(_, f)| f.map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
+    let mut index = vec![frames.len() as u32];
+    for (f, c) in frames.iter().zip(&chunks) {
+        index.extend([f.len() as u32, c.len() as u32]);
+    }
+    let mut out = Vec::with_capacity(8 + 4 * index.len() + frames.iter().map(Vec::len).sum::<usize>());
+    out.extend(SKIPPABLE_MAGIC.to_le_bytes());
+    out.extend((4 * index.len() as u32).to_le_bytes());
+    out.extend(index.iter().flat_map(|v| v.to_le_bytes()));
+    frames.iter().for_each(|f| out.extend(f));
+    Ok(out)
 }
 
 /// Dynamic shared memory the host launches a kernel with (from the shared variant table).
