@@ -13,6 +13,8 @@ type Unpacked = OnceLock<Result<Vec<u8>, String>>;
 /// `pack_chunks`): its payload is the frame count n, then each frame's compressed and raw length, all
 /// little-endian u32; n zstd frames follow, one per 1 MiB of the module.
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+/// The most raw bytes a frame holds (xtask's `CHUNK_BYTES`): a damaged index cannot ask for more memory.
+const MAX_FRAME_BYTES: usize = 1 << 20;
 
 /// The shipped module `packed`, decompressed once into `cell`: its frames on up to one thread per core
 /// (the 15 MB sm_90a cubin took ~0.1 s on one).
@@ -28,13 +30,16 @@ fn frames(packed: &[u8]) -> Option<Vec<(&[u8], usize)>> {
         return None;
     }
     let (len, n) = (word(4)?, word(8)?);
-    if len != 4 + 8 * n {
+    if n > packed.len() || len != 4 + 8 * n {
         return None;
     }
     let mut at = 8 + len;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let (c, r) = (word(12 + 8 * i)?, word(16 + 8 * i)?);
+        if r > MAX_FRAME_BYTES {
+            return None;
+        }
         out.push((packed.get(at..at.checked_add(c)?)?, r));
         at += c;
     }
@@ -116,7 +121,7 @@ mod tests {
             ("truncated", PACKED[..PACKED.len() - 1].to_vec()),
             ("trailing byte", [PACKED, &[0]].concat()),
         ];
-        for (what, at, delta) in [("frame count", 8, 1i64), ("a compressed length", 12, -1), ("a raw length", 16, 1), ("a raw length", 16, -1)] {
+        for (what, at, delta) in [("frame count", 8, 1i64), ("a compressed length", 12, -1), ("a raw length", 16, 1), ("a raw length", 16, -1), ("a raw length of 4 GiB", 16, u32::MAX as i64 - (1 << 20))] {
             let mut p = PACKED.to_vec();
             let v = u32::from_le_bytes(p[at..at + 4].try_into().unwrap()) as i64 + delta;
             p[at..at + 4].copy_from_slice(&(v as u32).to_le_bytes());

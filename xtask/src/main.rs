@@ -179,7 +179,8 @@ fn cmd_ship_ptx() -> Result<(), String> {
 
 /// The magic of the zstd skippable frame that leads a shipped module (host/src/ptx.rs reads it).
 const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
-/// Raw bytes per zstd frame of a shipped module: frames decompress in parallel on first use.
+/// Raw bytes per zstd frame of a shipped module: frames decompress in parallel on first use (at most
+/// host/src/ptx.rs's `MAX_FRAME_BYTES`).
 const CHUNK_BYTES: usize = 1 << 20;
 
 /// A module as host/src/ptx.rs unpacks it: a skippable frame whose payload is the frame count and each
