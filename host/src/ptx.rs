@@ -72,7 +72,8 @@ fn unpack_frames(packed: &[u8]) -> Result<Vec<u8>, String> {
         }
     };
     std::thread::scope(|s| {
-        let jobs: Vec<_> = (1..workers).map(|_| s.spawn(decode)).collect();
+        // A thread the OS will not start leaves its frames to the others (this one included).
+        let jobs: Vec<_> = (1..workers).filter_map(|_| std::thread::Builder::new().spawn_scoped(s, decode).ok()).collect();
         let mine = decode();
         jobs.into_iter().map(|j| j.join().unwrap_or_else(|_| Err("a decompression thread panicked".into()))).chain([mine]).collect::<Result<(), String>>()
     })?;
