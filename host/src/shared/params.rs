@@ -38,6 +38,12 @@ impl Default for ScoreMods {
 impl ScoreMods {
     /// No ALiBi, no dropout.
     pub const NONE: ScoreMods = ScoreMods { alibi_slopes: 0, alibi_batch_stride: 0, alibi_head_stride: 0, dropout_seed: 0, dropout_offset: 0, dropout_threshold: DROPOUT_OFF, dropout_scale: 1.0 };
+
+    /// These modifiers with dropout off (`NONE`'s threshold and scale). The `_alibi` kernel copies call it
+    /// at entry, so the compiler drops their dropout code.
+    pub const fn without_dropout(self) -> ScoreMods {
+        ScoreMods { dropout_threshold: Self::NONE.dropout_threshold, dropout_scale: Self::NONE.dropout_scale, ..self }
+    }
 }
 
 /// Forward-pass parameters. All pointers are device addresses; `0` means absent.

@@ -24,7 +24,7 @@ use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::InteriorRows;
 use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
-use crate::params::{BwdParams, ScoreMods, DROPOUT_OFF};
+use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::tile::{a_fragment, BF16, F16};
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
@@ -477,7 +477,7 @@ macro_rules! bwd_wg_kernels {
             /// the compiler drops the dropout code (and its registers) from this copy.
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: BwdParams) {
-                let p = BwdParams { mods: ScoreMods { dropout_threshold: DROPOUT_OFF, dropout_scale: 1.0, ..p.mods }, ..p };
+                let p = BwdParams { mods: p.mods.without_dropout(), ..p };
                 unsafe { <Dim<$d> as Kernel>::run::<$dt, true, false>(&p) }
             }
             // The ordered deterministic mode (`BwdParams::dq_sem`).

@@ -14,7 +14,7 @@ use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
 use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
-use crate::params::{FwdParams, ScoreMods, TmaMaps, DROPOUT_OFF};
+use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
 use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS};
@@ -449,7 +449,7 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
-                let p = FwdParams { mods: ScoreMods { dropout_threshold: DROPOUT_OFF, dropout_scale: 1.0, ..p.mods }, ..p };
+                let p = FwdParams { mods: p.mods.without_dropout(), ..p };
                 unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged"))]
