@@ -36,7 +36,8 @@
 //! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
 //! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
 //! plus, where the ws forward runs, ALiBi alone (its and the wgmma dK/dV kernel's `_alibi` copies: the
-//! forward and the default backward), dense and packed,
+//! forward and the default backward) and dropout alone (its `_dropout` copy: the forward), dense and
+//! packed,
 //! forward, backward and deterministic backward; on Hopper the forward's `fwd_no_ws` run is then the
 //! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin). Where the default backward is
 //! the warp-specialized kernel (head dims 64-128), the `fwd_no_ws` run without modifiers also runs the
@@ -184,8 +185,8 @@ impl Plan {
         }
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
         // With the modifiers, the ALiBi-only run (the `_alibi` kernels): forward, and backward where the
-        // wgmma one runs, dense and packed.
-        let alibi = usize::from(self.wg_fwd) * (2 + usize::from(self.wg_bwd) * (wg(blocks(DENSE.2)) + wg(blocks(max_k))));
+        // wgmma one runs, dense and packed; then the dropout-only forward (`_dropout`), dense and packed.
+        let alibi = usize::from(self.wg_fwd) * (2 + usize::from(self.wg_bwd) * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2);
         let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd + alibi);
         let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         let ordered = usize::from(self.ordered_opt_in && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
@@ -389,6 +390,12 @@ fn main() -> flash_attn::Result<()> {
                     fetch(&[&gd.dq, &gd.dk, &gd.dv, &gp.dq, &gp.dk, &gp.dv])?;
                     ran.push("wgmma bwd +alibi".to_string());
                 }
+                // Dropout without ALiBi: the ws forward's `_dropout` copy, dense and packed.
+                let o = opts(DEFAULT, true);
+                let f = fwd_with(&q, &k, &v, &Extras::default(), &o)?;
+                let pf = varlen_fwd_with(&pq, &pk, &pv, &varlen, &Extras::default(), &o)?;
+                fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                ran.push("wgmma ws fwd +dropout".to_string());
             }
             done += 1;
             println!("case {done}/{cases} {dtype} d{d} {mask}: dense {b}x{sq}x{sk} and packed {tq}x{tk}: {} ({:.2} s, {:.0} s total)", ran.join(", "), case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());

@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -144,7 +144,8 @@ pub fn kvcache_launch(p: &Problem, splits: usize) -> Option<FwdLaunch> {
 /// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
 /// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
 /// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
-/// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy; paged: the `_paged` one).
+/// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy, dropout alone its `_dropout` copy; paged: the
+/// `_paged` one).
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
@@ -154,7 +155,10 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
             _ => (fwd_ws_kernel_name(p.head_dim, dtype)?, config),
         },
         (Twin::Mods, _) if p.dropout.is_none() => (fwd_ws_alibi_kernel_name(p.head_dim, dtype)?, config),
-        (Twin::Mods, _) => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
+        (Twin::Mods, _) => match fwd_ws_dropout_kernel_name(p.head_dim, dtype) {
+            Some(name) if p.alibi.is_none() => (name, config),
+            _ => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
+        },
         (twin @ (Twin::Paged | Twin::PagedMods), Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => {
             (if twin == Twin::Paged { fwd_ws_paged_kernel_name(p.head_dim, dtype)? } else { fwd_ws_paged_mods_kernel_name(p.head_dim, dtype)? }, config)
         }
@@ -611,7 +615,8 @@ mod tests {
         }
     }
 
-    /// ALiBi or dropout over contiguous K/V run the `_mods` twins (ALiBi alone the warp-specialized one's `_alibi` copy): the warp-specialized one on Hopper, the
+    /// ALiBi or dropout over contiguous K/V run the `_mods` twins (ALiBi alone the warp-specialized one's
+    /// `_alibi` copy, dropout alone its `_dropout` copy): the warp-specialized one on Hopper, the
     /// mma.sync one wherever the cp.async wgmma forward would run (it has no twin: `fwd_no_ws`, operands
     /// the copy engine cannot address, or no Hopper); paged K/V the `_paged_mods` twins likewise.
     /// The backward's dK/dV and deterministic dq kernels (mma.sync and Hopper) run their `_mods` twins in
@@ -637,10 +642,14 @@ mod tests {
                         assert_eq!((f.config, f.grid, f.block, f.smem_bytes), (f0.config, f0.grid, f0.block, f0.smem_bytes), "{at}");
                     }
                     let ws = fwd_ws_launch(&p, 132);
-                    let twin = if dr.is_none() { fwd_ws_alibi_kernel_name(d, kd) } else { fwd_ws_mods_kernel_name(d, kd) };
+                    let (twin, copy) = match (a, dr) {
+                        (_, None) => (fwd_ws_alibi_kernel_name(d, kd), "alibi"),
+                        (None, _) if d != 96 => (fwd_ws_dropout_kernel_name(d, kd), "dropout"),
+                        _ => (fwd_ws_mods_kernel_name(d, kd), "mods"),
+                    };
                     assert_eq!(ws.map(|w| w.0.kernel), twin, "{at}");
                     if let (Some(w), Some(w0)) = (ws, fwd_ws_launch(&plain, 132)) {
-                        assert_eq!(w.0.kernel, format!("{}_{}", w0.0.kernel, if dr.is_none() { "alibi" } else { "mods" }));
+                        assert_eq!(w.0.kernel, format!("{}_{copy}", w0.0.kernel));
                         assert_eq!((w.0.grid, w.0.block, w.0.smem_bytes, w.1), (w0.0.grid, w0.0.block, w0.0.smem_bytes, w0.1));
                     }
                     // Paged: the `_paged_mods` twins, in the launch shapes of the mma.sync / ws `_paged` ones.
@@ -712,5 +721,56 @@ mod tests {
         assert_eq!(gx(128, 4096, 64, 16, true, true), 32); // varlen: ragged lengths
         assert_eq!(gx(96, 2048, 8, 21, true, false), 16); // 168 pairs: a second wave 27% full
         assert_eq!(gx(64, 2048, 8, 32, true, false), 1); // 256 pairs: two waves, 97% full
+    }
+
+    /// The kernels in a shipped cubin: its `.text.<name>` sections (64-bit little-endian ELF).
+    fn cubin_kernels(elf: &[u8]) -> std::collections::BTreeSet<String> {
+        let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+        let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+        let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+        assert_eq!(&elf[..5], b"\x7fELF\x02", "a 64-bit ELF");
+        let (shoff, shentsize, shnum, shstrndx) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+        let header = |i: usize| shoff + i * shentsize;
+        let strtab = u64_at(header(shstrndx) + 0x18);
+        (0..shnum)
+            .filter_map(|i| {
+                let name = &elf[strtab + u32_at(header(i))..];
+                let name = std::str::from_utf8(&name[..name.iter().position(|&c| c == 0).unwrap()]).unwrap();
+                name.strip_prefix(".text.").map(str::to_string)
+            })
+            .collect()
+    }
+
+    /// The shipped sm_90a cubin holds exactly the kernels the lookups name: none missing (a launch would
+    /// fail), none that no dispatch can reach (dead code in the package; e.g. a `_dropout` copy at head
+    /// dim 96, which `fwd_ws_dropout_kernel_name` leaves out); the sm_80 cubin holds a subset of them.
+    #[test]
+    fn shipped_kernels_are_the_named_ones() {
+        let mut named = std::collections::BTreeSet::new();
+        for d in 0..=512 {
+            for kd in [KernelDType::F16, KernelDType::BF16] {
+                let singles = [
+                    fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name, fwd_decode_kernel_name, fwd_wg_kernel_name, fwd_wg_paged_kernel_name,
+                    fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name,
+                    bwd_ws_kernel_name, bwd_ws_det_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_det_kernel_name,
+                ];
+                named.extend(singles.iter().filter_map(|f| f(d, kd)));
+                named.extend(fwd_ws_wide_kernel(d, kd).map(|w| w.0));
+                for pair in [bwd_kernel_names(d, kd), bwd_mods_kernel_names(d, kd)].into_iter().flatten() {
+                    named.extend([pair.0, pair.1]);
+                }
+            }
+        }
+        for kd in [KernelDType::F16, KernelDType::BF16] {
+            named.extend([bwd_prep_kernel_name(kd), bwd_convert_kernel_name(kd), probs_kernel_name(kd, false), probs_kernel_name(kd, true), kvcache_append_kernel_name(kd)]);
+        }
+        named.insert(COMBINE_KERNEL_NAME);
+        let named: std::collections::BTreeSet<String> = named.into_iter().map(str::to_string).collect();
+        let sm90 = cubin_kernels(crate::ptx::cubin_sm90().unwrap());
+        assert_eq!(named.difference(&sm90).collect::<Vec<_>>(), Vec::<&String>::new(), "named but not in the sm_90a cubin");
+        assert_eq!(sm90.difference(&named).collect::<Vec<_>>(), Vec::<&String>::new(), "in the sm_90a cubin but named by no lookup");
+        let sm80 = cubin_kernels(crate::ptx::cubin_sm80().unwrap());
+        assert!(!sm80.is_empty());
+        assert_eq!(sm80.difference(&named).collect::<Vec<_>>(), Vec::<&String>::new(), "in the sm_80 cubin but named by no lookup");
     }
 }

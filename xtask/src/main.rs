@@ -227,7 +227,7 @@ fn pack_chunks(raw: &[u8]) -> Result<Vec<u8>, String> {
 fn dynamic_smem(kernel: &str) -> String {
     // A paged, modifier (`_alibi`: the ALiBi-only copy) or ordered deterministic twin launches like its
     // contiguous kernel.
-    let kernel = kernel.strip_suffix("_mods").or_else(|| kernel.strip_suffix("_alibi")).unwrap_or(kernel);
+    let kernel = kernel.strip_suffix("_mods").or_else(|| kernel.strip_suffix("_alibi")).or_else(|| kernel.strip_suffix("_dropout")).unwrap_or(kernel);
     let kernel = kernel.strip_suffix("_det").unwrap_or(kernel);
     let kernel = kernel.strip_suffix("_paged").unwrap_or(kernel);
     for d in [32, 64, 96, 128, 192, 256] {

@@ -44,6 +44,12 @@ impl ScoreMods {
     pub const fn without_dropout(self) -> ScoreMods {
         ScoreMods { dropout_threshold: Self::NONE.dropout_threshold, dropout_scale: Self::NONE.dropout_scale, ..self }
     }
+
+    /// These modifiers without ALiBi (`NONE`'s slopes). The `_dropout` kernel copies call it at entry, so
+    /// the compiler drops their ALiBi code.
+    pub const fn without_alibi(self) -> ScoreMods {
+        ScoreMods { alibi_slopes: Self::NONE.alibi_slopes, ..self }
+    }
 }
 
 /// Forward-pass parameters. All pointers are device addresses; `0` means absent.

@@ -154,7 +154,9 @@ head_dim_table!(__variants_shapes!());
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __variants_emit {
-    ($m:ident, $stem:literal; $($d:literal)*) => {
+    // Head dims as token trees (not `literal` fragments, which later macros could not match against a
+    // number: kernels-gpu/src/fwd/ws.rs's `fwd_ws_dropout_kernel!` leaves out 96).
+    ($m:ident, $stem:literal; $($d:tt)*) => {
         $m! {
             $(($d, BF16, concat!($stem, stringify!($d), "_bf16")),)*
             $(($d, F16, concat!($stem, stringify!($d), "_f16")),)*
@@ -176,13 +178,13 @@ macro_rules! __variants_all {
 #[macro_export]
 macro_rules! __variants_hopper_fwd {
     ($m:ident, $stem:literal; $($rows:tt)*) => { $crate::__variants_hopper_fwd!(@ $m, $stem, []; $($rows)*); };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, -, $hb:tt), $($rest:tt)*) => {
+    (@ $m:ident, $stem:literal, [$($acc:tt)*]; ($d:tt, $f:tt, $b:tt, $q:tt, -, $hb:tt), $($rest:tt)*) => {
         $crate::__variants_hopper_fwd!(@ $m, $stem, [$($acc)*]; $($rest)*);
     };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, $n:literal, $hb:tt), $($rest:tt)*) => {
+    (@ $m:ident, $stem:literal, [$($acc:tt)*]; ($d:tt, $f:tt, $b:tt, $q:tt, $n:literal, $hb:tt), $($rest:tt)*) => {
         $crate::__variants_hopper_fwd!(@ $m, $stem, [$($acc)* $d]; $($rest)*);
     };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
+    (@ $m:ident, $stem:literal, [$($acc:tt)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
 }
 
 /// The head dims marked `hopper_bwd`.
@@ -356,6 +358,12 @@ macro_rules! ws_name_lookup {
         /// `_alibi`.
         pub fn fwd_ws_alibi_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_alibi")); })*
+            None
+        }
+        /// The `_mods` twin for dropout without ALiBi, its ALiBi code compiled out: the export name with
+        /// `_dropout`. None at head dim 96, which has no such copy (kernels-gpu/src/fwd/ws.rs: it spilled).
+        pub fn fwd_ws_dropout_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && head_dim != 96 && dtype == KernelDType::$dt { return Some(concat!($name, "_dropout")); })*
             None
         }
     };

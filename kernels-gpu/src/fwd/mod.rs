@@ -265,7 +265,8 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 /// `lazy` (a constant per kernel): `softmax::RESCALE_LOG2`'s lazy max.
 /// `linear_alibi` (a constant per kernel): ALiBi's linear form on tiles beside the diagonal (below). The
 /// wgmma kernels take it at head dims <= 64 (H200, hdim 64: ALiBi's forward cost 1.32-1.34 -> 1.23-1.29); at 128 it
-/// raised the `_mods` kernels' spills (188/200 -> 380/476 bytes) and the cost (1.10-1.11 -> 1.13-1.20).
+/// raised the `_mods` kernels' spills (188/200 -> 380/476 bytes) and the cost (1.10-1.11 -> 1.13-1.20);
+/// the ws forward's `_alibi` copies (no dropout code) take it up to head dim 128.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, lazy: bool, mut rescale: impl FnMut(usize, usize, f32)) {

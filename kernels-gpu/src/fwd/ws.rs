@@ -285,7 +285,7 @@ struct ConsumerStages {
 /// releases the stages for its warpgroup.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
     let base = smem::base();
     let warp = ctid / 32;
     let wg = (warp / 4) as u32;
@@ -328,7 +328,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         if n_tiles == 1 {
             release_q(st.q);
         }
-        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, D <= 64, lazy);
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, LINEAR, lazy);
 
         // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
         // the second product, O rescaled once it lands.
@@ -354,7 +354,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
             // P stays in acc_s until the product reading the previous P has landed: one P's registers.
             let mut factor = [1f32; 2];
-            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, D <= 64, lazy);
+            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, LINEAR, lazy);
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
             release(&pipes.v, &mut st.v);
@@ -393,7 +393,7 @@ fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
 
 /// Kernel body: barriers set up by thread 0, then the roles.
 #[inline(always)]
-unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams, maps: u64) {
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool>(p: &FwdParams, maps: u64) {
     let () = Tile::<D, BN>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D, BN>(smem::base());
@@ -423,44 +423,63 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
         Tiles::new::<D>(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
-                unsafe { attend::<E, D, DN, BN, NN, KP>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
             unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
         });
     }
 }
 
+/// The `_mods` kernel for dropout without ALiBi: the parameters' slopes are set off at entry, so the
+/// compiler drops the ALiBi code from this copy. None at head dim 96, where the copy spilled in its tile
+/// loop (7 spill loads; `_mods` has none) and `fwd_ws_dropout_kernel_name` sends dropout to `_mods`.
+macro_rules! fwd_ws_dropout_kernel {
+    (96, $dt:ident, $name:expr, $bn:ident) => {};
+    ($d:tt, $dt:ident, $name:expr, $bn:ident) => {
+        #[unsafe(export_name = concat!($name, "_dropout"))]
+        pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
+            let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
+            let p = FwdParams { mods: p.mods.without_alibi(), ..p };
+            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }>(&p, maps) }
+        }
+    };
+}
+
 macro_rules! fwd_ws_kernels {
-    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
+    // `$d` a token tree, so `fwd_ws_dropout_kernel!` can match the literal 96.
+    ($(($d:tt, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             const BN: usize = match fwd_wg_config($d) { Some(c) => c.block_n, None => 0 };
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }>(&p, maps) }
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
-            /// the compiler drops the dropout code (and its registers) from this copy.
+            /// the compiler drops the dropout code (and its registers) from this copy. Without them
+            /// ALiBi's linear form fits up to head dim 128 (no spill in the tile loop; 192 untried on the
+            /// GPU, at 256 it spills).
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }>(&p, maps) }
             }
+            fwd_ws_dropout_kernel!($d, $dt, $name, BN);
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }>(&p, maps) }
             }
         };
     )*};
@@ -474,7 +493,7 @@ macro_rules! fwd_ws_wide_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }>(&p, maps) }
             }
         };
     )*};
