@@ -488,8 +488,9 @@ fn mods_family(h: &Host, choice: KernelChoice) -> &'static str {
         (_, Slopes::None, false) => fwd_family(h.c.d, h.c.dtype, choice),
         // ALiBi without dropout: the `_mods` kernel's `_alibi` copy, its dropout compiled out.
         ("wgmma ws", _, false) => "wgmma ws _alibi",
-        // Dropout without ALiBi: its `_dropout` copy, the ALiBi code compiled out.
-        ("wgmma ws", Slopes::None, true) => "wgmma ws _dropout",
+        // Dropout without ALiBi: its `_dropout` copy, the ALiBi code compiled out (none at head dim 96,
+        // which runs `_mods`).
+        ("wgmma ws", Slopes::None, true) if h.c.d != 96 => "wgmma ws _dropout",
         ("wgmma ws", _, true) => "wgmma ws _mods",
         _ => "mma.sync _mods",
     }
