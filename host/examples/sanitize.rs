@@ -36,8 +36,8 @@
 //! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
 //! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
 //! plus, where the ws forward runs, ALiBi alone (its and the wgmma dK/dV kernel's `_alibi` copies: the
-//! forward and the default backward) and dropout alone (its `_dropout` copy: the forward), dense and
-//! packed,
+//! forward and the default backward) and dropout alone (its `_dropout` copy, `_mods` at head dim 96: the
+//! forward), dense and packed,
 //! forward, backward and deterministic backward; on Hopper the forward's `fwd_no_ws` run is then the
 //! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin). Where the default backward is
 //! the warp-specialized kernel (head dims 64-128), the `fwd_no_ws` run without modifiers also runs the

@@ -225,8 +225,8 @@ fn pack_chunks(raw: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Dynamic shared memory the host launches a kernel with (from the shared variant table).
 fn dynamic_smem(kernel: &str) -> String {
-    // A paged, modifier (`_alibi`: the ALiBi-only copy) or ordered deterministic twin launches like its
-    // contiguous kernel.
+    // A paged, modifier (`_alibi` / `_dropout`: the ALiBi-only / dropout-only copies) or ordered
+    // deterministic twin launches like its contiguous kernel.
     let kernel = kernel.strip_suffix("_mods").or_else(|| kernel.strip_suffix("_alibi")).or_else(|| kernel.strip_suffix("_dropout")).unwrap_or(kernel);
     let kernel = kernel.strip_suffix("_det").unwrap_or(kernel);
     let kernel = kernel.strip_suffix("_paged").unwrap_or(kernel);
