@@ -7,43 +7,18 @@
 use std::io::Read;
 use std::sync::OnceLock;
 
-type Unpacked = OnceLock<Result<Vec<u8>, String>>;
+#[path = "shared/packed.rs"]
+#[allow(dead_code)] // `index` is the writer's (xtask)
+mod packed;
+use packed::frames;
 
-/// The magic of the zstd skippable frame that leads each shipped module (written by xtask's
-/// `pack_chunks`): its payload is the frame count n, then each frame's compressed and raw length, all
-/// little-endian u32; n zstd frames follow, one per 1 MiB of the module.
-const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
-/// The most raw bytes a frame holds (xtask's `CHUNK_BYTES`): a damaged index cannot ask for more memory.
-const MAX_FRAME_BYTES: usize = 1 << 20;
+type Unpacked = OnceLock<Result<Vec<u8>, String>>;
 
 /// The shipped module `packed`, decompressed once into `cell`: its frames on up to one thread per core
 /// (the 15 MB sm_90a cubin took ~0.1 s on one).
 fn unpack(cell: &'static Unpacked, packed: &[u8], what: &str) -> Result<&'static [u8], String> {
     let out = cell.get_or_init(|| unpack_frames(packed).map_err(|e| format!("the shipped {what} does not decompress: {e}")));
     out.as_deref().map_err(Clone::clone)
-}
-
-/// (compressed, raw) frames of `packed` per its index; None where the index is malformed.
-fn frames(packed: &[u8]) -> Option<Vec<(&[u8], usize)>> {
-    let word = |at: usize| Some(u32::from_le_bytes(packed.get(at..at + 4)?.try_into().ok()?) as usize);
-    if word(0)? != SKIPPABLE_MAGIC as usize {
-        return None;
-    }
-    let (len, n) = (word(4)?, word(8)?);
-    if n > packed.len() || len != 4 + 8 * n {
-        return None;
-    }
-    let mut at = 8 + len;
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let (c, r) = (word(12 + 8 * i)?, word(16 + 8 * i)?);
-        if r > MAX_FRAME_BYTES {
-            return None;
-        }
-        out.push((packed.get(at..at.checked_add(c)?)?, r));
-        at += c;
-    }
-    (at == packed.len()).then_some(out)
 }
 
 fn unpack_frames(packed: &[u8]) -> Result<Vec<u8>, String> {

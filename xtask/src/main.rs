@@ -6,6 +6,9 @@
 mod package_check;
 mod ptx;
 mod wgmma;
+#[path = "../../host/src/shared/packed.rs"]
+#[allow(dead_code)] // `frames` is the reader's (host/src/ptx.rs); the tests use it
+mod packed;
 #[path = "../../host/src/shared/variants.rs"]
 #[macro_use]
 #[allow(dead_code)]
@@ -125,7 +128,33 @@ fn performance_losses(log: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::performance_losses;
+    use super::{pack_chunks, packed, performance_losses};
+
+    /// `pack_chunks` writes what the library's reader takes: an index of frames of at most
+    /// `FRAME_BYTES`, each decompressing to its slice of the module.
+    #[test]
+    fn packed_modules_read_back() {
+        let mut x = 0x9e37_79b9u32;
+        let raw: Vec<u8> = (0..2 * packed::FRAME_BYTES + 12345)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x % 7) as u8
+            })
+            .collect();
+        let p = pack_chunks(&raw).unwrap();
+        let frames = packed::frames(&p).expect("an index the reader accepts");
+        assert_eq!(frames.len(), 3);
+        let mut back = Vec::new();
+        for (c, r) in frames {
+            let f = zstd::decode_all(c).unwrap();
+            assert_eq!(f.len(), r);
+            back.extend(f);
+        }
+        assert_eq!(back, raw);
+        assert_eq!(zstd::decode_all(&p[..]).unwrap(), raw, "a plain zstd decoder skips the index");
+    }
 
     #[test]
     fn wgmma_serialization_and_ignored_setmaxnreg_are_losses() {
@@ -160,7 +189,7 @@ fn cmd_ship_ptx() -> Result<(), String> {
     for file in ptx::PTX_TARGETS.iter().flat_map(|t| t.shipped_files()) {
         let (src, dst) = (root.join("target").join("ptx").join(&file), dest.join(format!("{file}.zst")));
         let new = std::fs::read(&src).map_err(|e| format!("read {}: {e}", src.display()))?;
-        let old = std::fs::read(&dst).ok().filter(|packed| packed.starts_with(&SKIPPABLE_MAGIC.to_le_bytes()));
+        let old = std::fs::read(&dst).ok().filter(|packed| packed.starts_with(&packed::SKIPPABLE_MAGIC.to_le_bytes()));
         if old.and_then(|packed| zstd::decode_all(&packed[..]).ok()).as_deref() == Some(&new[..]) {
             println!("ship-ptx: {} unchanged", dst.display());
         } else {
@@ -177,17 +206,10 @@ fn cmd_ship_ptx() -> Result<(), String> {
     Ok(())
 }
 
-/// The magic of the zstd skippable frame that leads a shipped module (host/src/ptx.rs reads it).
-const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
-/// Raw bytes per zstd frame of a shipped module: frames decompress in parallel on first use (at most
-/// host/src/ptx.rs's `MAX_FRAME_BYTES`).
-const CHUNK_BYTES: usize = 1 << 20;
-
-/// A module as host/src/ptx.rs unpacks it: a skippable frame whose payload is the frame count and each
-/// frame's (compressed, raw) length as little-endian u32s, then one zstd frame (level 19) per
-/// `CHUNK_BYTES` of the module. Any zstd decoder reads it as the whole module (it skips the index).
+/// A module in the shipped format (host/src/shared/packed.rs): the index, then one zstd frame (level 19)
+/// per `packed::FRAME_BYTES` of the module.
 fn pack_chunks(raw: &[u8]) -> Result<Vec<u8>, String> {
-    let chunks: Vec<&[u8]> = raw.chunks(CHUNK_BYTES).collect();
+    let chunks: Vec<&[u8]> = raw.chunks(packed::FRAME_BYTES).collect();
     // One worker per core, each taking the next chunk (level 19 holds ~100 MB per compressor).
     let next = std::sync::atomic::AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(chunks.len());
@@ -211,14 +233,8 @@ fn pack_chunks(raw: &[u8]) -> Result<Vec<u8>, String> {
         return Err("a compression thread panicked".into());
     }
     let frames = done.into_iter().map(|(_, f)| f.map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?;
-    let mut index = vec![frames.len() as u32];
-    for (f, c) in frames.iter().zip(&chunks) {
-        index.extend([f.len() as u32, c.len() as u32]);
-    }
-    let mut out = Vec::with_capacity(8 + 4 * index.len() + frames.iter().map(Vec::len).sum::<usize>());
-    out.extend(SKIPPABLE_MAGIC.to_le_bytes());
-    out.extend((4 * index.len() as u32).to_le_bytes());
-    out.extend(index.iter().flat_map(|v| v.to_le_bytes()));
+    let lengths: Vec<(usize, usize)> = frames.iter().zip(&chunks).map(|(f, c)| (f.len(), c.len())).collect();
+    let mut out = packed::index(&lengths);
     frames.iter().for_each(|f| out.extend(f));
     Ok(out)
 }
