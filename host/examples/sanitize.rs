@@ -184,10 +184,11 @@ impl Plan {
             n += 2 * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2 * wg(1);
         }
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
-        // With the modifiers, the ALiBi-only run (the `_alibi` kernels): forward, and backward where the
-        // wgmma one runs, dense and packed; then the dropout-only forward (`_dropout`), dense and packed.
-        let alibi = usize::from(self.wg_fwd) * (2 + usize::from(self.wg_bwd) * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2);
-        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd + alibi);
+        // With the modifiers, the single-modifier runs: ALiBi alone (the `_alibi` kernels: forward, and
+        // backward where the wgmma one runs), then dropout alone (the forward's `_dropout`), each dense
+        // and packed.
+        let single = usize::from(self.wg_fwd) * (2 + usize::from(self.wg_bwd) * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2);
+        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd + single);
         let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         let ordered = usize::from(self.ordered_opt_in && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
         (per_mask + no_ws_bwd + ordered) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
