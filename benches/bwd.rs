@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{alibi_slopes, bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, mods_name, mods_shapes, ragged_lengths, ragged_name, selected, MODS, MODS_DROPOUT, RAGGED_D, RAGGED_H};
+use common::{alibi_slopes, bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, mods_name, mods_shapes, ragged_lengths, selected, skewed_lengths, varlen_name, MODS, MODS_DROPOUT, RAGGED_D, RAGGED_H};
 use flash_attn::{bwd, bwd_with, cuda, fwd, fwd_with, varlen_bwd, varlen_fwd, AttnOptions, Dropout, Extras, FwdOutput, Result, Varlen};
 use std::hint::black_box;
 
@@ -86,22 +86,29 @@ fn main() {
             }
         }
     }
-    let lens = ragged_lengths();
     let (h, d) = (RAGGED_H, RAGGED_D);
-    let total: usize = lens.iter().sum();
-    let cu = cu_seqlens(&lens);
-    let shape = [total, h, d];
-    let (q, k, v, dout) = (device_tensor(&shape, 4), device_tensor(&shape, 5), device_tensor(&shape, 6), device_tensor(&shape, 8));
-    let max = *lens.iter().max().unwrap();
-    let varlen = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: max, max_seqlen_k: max, seqused_q: None, seqused_k: None };
-    for causal in [false, true] {
-        let opts = AttnOptions { causal, ..Default::default() };
-        bench_shape(
-            &mut c,
-            &ragged_name(causal),
-            lens.iter().map(|&l| fwd_flops(h, l, l, d, causal)).sum(),
-            || varlen_fwd(&q, &k, &v, &varlen, &opts),
-            |o| varlen_bwd(&dout, &q, &k, &v, &o.out, &o.lse, &varlen, &opts, deterministic).map(|g| drop(black_box(g))),
-        );
+    for (batch, lens) in [("ragged64", ragged_lengths()), ("skewed64", skewed_lengths())] {
+        if ![false, true].iter().any(|&c| selected(&varlen_name(batch, c, true)) || selected(&varlen_name(batch, c, false))) {
+            continue;
+        }
+        let total: usize = lens.iter().sum();
+        let cu = cu_seqlens(&lens);
+        let shape = [total, h, d];
+        let (q, k, v, dout) = (device_tensor(&shape, 4), device_tensor(&shape, 5), device_tensor(&shape, 6), device_tensor(&shape, 8));
+        let max = *lens.iter().max().unwrap();
+        for causal in [false, true] {
+            for max_given in [true, false] {
+                let m = max_given.then_some(max);
+                let varlen = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: m, max_seqlen_k: m, seqused_q: None, seqused_k: None };
+                let opts = AttnOptions { causal, ..Default::default() };
+                bench_shape(
+                    &mut c,
+                    &varlen_name(batch, causal, max_given),
+                    lens.iter().map(|&l| fwd_flops(h, l, l, d, causal)).sum(),
+                    || varlen_fwd(&q, &k, &v, &varlen, &opts),
+                    |o| varlen_bwd(&dout, &q, &k, &v, &o.out, &o.lse, &varlen, &opts, deterministic).map(|g| drop(black_box(g))),
+                );
+            }
+        }
     }
 }

@@ -76,6 +76,17 @@ pub fn ragged_name(causal: bool) -> String {
     format!("varlen/hdim{RAGGED_D}/ragged64/h{RAGGED_H}/causal{}", causal as u8)
 }
 
+/// A skewed batch: one sequence of 16384 tokens and 63 of 256 (the mean, 500, far below the longest).
+pub fn skewed_lengths() -> Vec<usize> {
+    std::iter::once(16384).chain(std::iter::repeat_n(256, 63)).collect()
+}
+
+/// The varlen rows: `batch` (`ragged64`, `skewed64`), with max_seqlen given or not (`/nomax`: the kernels
+/// schedule by the mean length).
+pub fn varlen_name(batch: &str, causal: bool, max_given: bool) -> String {
+    format!("varlen/hdim{RAGGED_D}/{batch}/h{RAGGED_H}/causal{}{}", causal as u8, if max_given { "" } else { "/nomax" })
+}
+
 /// The ragged batch's int32 `cu_seqlens` on the GPU (the same for q and k).
 pub fn cu_seqlens(lens: &[usize]) -> Tensor {
     let cu: Vec<i32> = std::iter::once(0)

@@ -7,11 +7,13 @@
 //! sequence's pages scattered over the pool), named `paged/...`, to set against the contiguous row.
 //! The score modifiers (`mods/...`): hdim 64, 128 and 256 at S 2048 and 8192, causal and not, each without
 //! modifiers, with ALiBi (slopes `[H]`) and with dropout (p = 0.1), the same FLOPs counted for all three.
+//! The ragged batch and a skewed one (`skewed64`: one sequence of 16384 tokens, 63 of 256) also run without
+//! max_seqlen (`/nomax`: scheduled by the mean length).
 //! Filter shapes with FA_BENCH_FILTER=substring.
 
 mod common;
 
-use common::{alibi_slopes, bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, mods_name, mods_shapes, ragged_lengths, ragged_name, selected, MODS, MODS_DROPOUT, RAGGED_D, RAGGED_H};
+use common::{alibi_slopes, bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, mods_name, mods_shapes, ragged_lengths, selected, skewed_lengths, varlen_name, MODS, MODS_DROPOUT, RAGGED_D, RAGGED_H};
 use flash_attn::{cuda, fwd, fwd_with, varlen_fwd, varlen_fwd_paged, AttnOptions, Device, Dropout, Extras, PagedVarlen, Tensor, Varlen};
 
 fn main() {
@@ -47,18 +49,30 @@ fn main() {
             }
         }
     }
-    let lens = ragged_lengths();
     let (h, d) = (RAGGED_H, RAGGED_D);
+    for (batch, lens) in [("ragged64", ragged_lengths()), ("skewed64", skewed_lengths())] {
+        if ![false, true].iter().any(|&c| selected(&varlen_name(batch, c, true)) || selected(&varlen_name(batch, c, false))) {
+            continue;
+        }
+        let total: usize = lens.iter().sum();
+        let cu = cu_seqlens(&lens);
+        let (q, k, v) = (device_tensor(&[total, h, d], 4), device_tensor(&[total, h, d], 5), device_tensor(&[total, h, d], 6));
+        let max = *lens.iter().max().unwrap();
+        for causal in [false, true] {
+            let flops: f64 = lens.iter().map(|&l| fwd_flops(h, l, l, d, causal)).sum();
+            for max_given in [true, false] {
+                let m = max_given.then_some(max);
+                let varlen = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: m, max_seqlen_k: m, seqused_q: None, seqused_k: None };
+                let opts = AttnOptions { causal, ..Default::default() };
+                bench(&mut c, "ours", &varlen_name(batch, causal, max_given), flops, || varlen_fwd(&q, &k, &v, &varlen, &opts).map(|o| drop(std::hint::black_box(o))));
+            }
+        }
+    }
+    let lens = ragged_lengths();
     let total: usize = lens.iter().sum();
     let cu = cu_seqlens(&lens);
-    let (q, k, v) = (device_tensor(&[total, h, d], 4), device_tensor(&[total, h, d], 5), device_tensor(&[total, h, d], 6));
+    let q = device_tensor(&[total, h, d], 4);
     let max = *lens.iter().max().unwrap();
-    for causal in [false, true] {
-        let flops: f64 = lens.iter().map(|&l| fwd_flops(h, l, l, d, causal)).sum();
-        let varlen = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: max, max_seqlen_k: max, seqused_q: None, seqused_k: None };
-        let opts = AttnOptions { causal, ..Default::default() };
-        bench(&mut c, "ours", &ragged_name(causal), flops, || varlen_fwd(&q, &k, &v, &varlen, &opts).map(|o| drop(std::hint::black_box(o))));
-    }
     for page in [16, 64, 256] {
         let max_blocks = max.div_ceil(page);
         let blocks: usize = lens.iter().map(|l| l.div_ceil(page)).sum::<usize>() + 7;
@@ -76,7 +90,7 @@ fn main() {
         let (kp, vp) = (device_tensor(&[blocks, page, h, d], 7), device_tensor(&[blocks, page, h, d], 8));
         for causal in [false, true] {
             let flops: f64 = lens.iter().map(|&l| fwd_flops(h, l, l, d, causal)).sum();
-            let paged = PagedVarlen { cu_seqlens_q: &cu, cu_seqlens_k: Some(&cu), max_seqlen_q: max, max_seqlen_k: max, seqused_q: None, seqused_k: None, block_table: &table };
+            let paged = PagedVarlen { cu_seqlens_q: &cu, cu_seqlens_k: Some(&cu), max_seqlen_q: Some(max), max_seqlen_k: Some(max), seqused_q: None, seqused_k: None, block_table: &table };
             let opts = AttnOptions { causal, ..Default::default() };
             let name = format!("paged/hdim{d}/ragged64/page{page}/h{h}/causal{}", causal as u8);
             bench(&mut c, "ours", &name, flops, || varlen_fwd_paged(&q, &kp, &vp, &paged, &opts).map(|o| drop(std::hint::black_box(o))));

@@ -260,8 +260,8 @@ impl Setup {
         self.varlen.as_ref().map(|(cu_q, cu_k, used_q, used_k)| Varlen {
             cu_seqlens_q: cu_q,
             cu_seqlens_k: cu_k,
-            max_seqlen_q: self.max_q,
-            max_seqlen_k: self.max_k,
+            max_seqlen_q: Some(self.max_q),
+            max_seqlen_k: Some(self.max_k),
             seqused_q: used_q.as_ref(),
             seqused_k: used_k.as_ref(),
         })
@@ -486,7 +486,7 @@ fn packed_sequences_are_calls_at_shifted_offsets() {
     let (cu_q_t, cu_k_t) = (i32s(&cu_q), i32s(&cu_k));
     let max = |v: Vec<usize>| v.into_iter().max().unwrap();
     let (max_q, max_k) = (max(lens.iter().map(|l| l.0).collect()), max(lens.iter().map(|l| l.1).collect()));
-    let vl = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k: None };
+    let vl = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: None, seqused_k: None };
     let slopes_t = Tensor::from_f32(&slopes, &[3, hq], DType::F32).unwrap();
     let extras = Extras { alibi_slopes: Some(&slopes_t), return_attn_probs: true };
     let opts = AttnOptions { causal: true, dropout: Dropout { p: 0.4, seed: r.r#gen(), offset: r.r#gen::<u64>() >> 1 }, ..Default::default() };
@@ -556,9 +556,9 @@ fn paged_and_kvcache_paths() {
     let extras = Extras { alibi_slopes: Some(&slopes), return_attn_probs: true };
     let opts = AttnOptions { window: (9, 2), dropout: Dropout { p: 0.25, seed: r.r#gen(), offset: 7 }, ..Default::default() };
     let (cu_q_t, cu_k_t, table_t) = (i32s(&cu_q), i32s(&cu_k), Tensor::from_i32(table, &[2, 3]).unwrap());
-    let vl = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: 33, max_seqlen_k: 40, seqused_q: None, seqused_k: None };
+    let vl = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: Some(33), max_seqlen_k: Some(40), seqused_q: None, seqused_k: None };
     let contiguous = varlen_fwd_with(&bf(&q, &[tq, hq, d]), &bf(&k, &[tk, hk, d]), &bf(&v, &[tk, hk, d]), &vl, &extras, &opts).unwrap();
-    let pv = PagedVarlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: Some(&cu_k_t), max_seqlen_q: 33, max_seqlen_k: 40, seqused_q: None, seqused_k: None, block_table: &table_t };
+    let pv = PagedVarlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: Some(&cu_k_t), max_seqlen_q: Some(33), max_seqlen_k: Some(40), seqused_q: None, seqused_k: None, block_table: &table_t };
     let paged = varlen_fwd_paged_with(&bf(&q, &[tq, hq, d]), &bf(&kp, &[num_blocks, page, hk, d]), &bf(&vp, &[num_blocks, page, hk, d]), &pv, &extras, &opts).unwrap();
     for (name, a, b) in [("out", &paged.out, &contiguous.out), ("lse", &paged.lse, &contiguous.lse), ("s_dmask", paged.s_dmask.as_ref().unwrap(), contiguous.s_dmask.as_ref().unwrap())] {
         assert_eq!(bits(a), bits(b), "seed {seed}: paged {name}");
@@ -690,7 +690,7 @@ fn cuda_target_checks_before_launching() {
     let packed = |i: u64| at(i, leak(vec![s, h, d]), DType::BF16);
     let (pages, i32v) = (leak(vec![2, 8, h, d]), |i: u64, shape: Vec<usize>| at(i, leak(shape), DType::I32));
     let pv = raw::FwdViews { q: packed(0), k: at(1, pages, DType::BF16), v: at(2, pages, DType::BF16), out: packed(3), lse: at(4, leak(vec![h, s]), DType::F32), alibi_slopes: Some(at(10, leak(vec![b + 1, h]), DType::F32)), s_dmask: None };
-    let paged = raw::PagedVarlenViews { cu_seqlens_q: i32v(11, vec![b + 1]), cu_seqlens_k: Some(i32v(12, vec![b + 1])), max_seqlen_q: s, max_seqlen_k: s, seqused_q: None, seqused_k: None, block_table: i32v(13, vec![b, 2]) };
+    let paged = raw::PagedVarlenViews { cu_seqlens_q: i32v(11, vec![b + 1]), cu_seqlens_k: Some(i32v(12, vec![b + 1])), max_seqlen_q: Some(s), max_seqlen_k: Some(s), seqused_q: None, seqused_k: None, block_table: i32v(13, vec![b, 2]) };
     expect_err(unsafe { raw::varlen_fwd_paged(&pv, &paged, &o, cuda) }, |e| matches!(e, Error::Shape { arg: "alibi_slopes", .. }), "alibi_slopes");
     let _ = Device::Cpu;
 }

@@ -149,7 +149,7 @@ fn varlen_of(inputs: &Inputs) -> Option<Varlen<'_>> {
             None => cu.to_i32_vec().unwrap().windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as usize,
         }
     };
-    Some(Varlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: max(cu_q, used_q), max_seqlen_k: max(cu_k, used_k), seqused_q: used_q, seqused_k: used_k })
+    Some(Varlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: Some(max(cu_q, used_q)), max_seqlen_k: Some(max(cu_k, used_k)), seqused_q: used_q, seqused_k: used_k })
 }
 
 /// The library's forward called directly.
@@ -519,8 +519,8 @@ fn paged_varlen_matches_library() {
             let varlen = PagedVarlen {
                 cu_seqlens_q: get(&inputs, "cu_seqlens_q").unwrap(),
                 cu_seqlens_k: cu_k,
-                max_seqlen_q: 12,
-                max_seqlen_k: max_k,
+                max_seqlen_q: Some(12),
+                max_seqlen_k: Some(max_k),
                 seqused_q: None,
                 seqused_k: used_k,
                 block_table: get(&inputs, "block_table").unwrap(),

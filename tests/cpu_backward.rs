@@ -163,7 +163,7 @@ struct VarlenTensors {
 
 impl VarlenTensors {
     fn get(&self) -> Varlen<'_> {
-        Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q: self.max_q, max_seqlen_k: self.max_k, seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() }
+        Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q: Some(self.max_q), max_seqlen_k: Some(self.max_k), seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() }
     }
 }
 
@@ -388,14 +388,14 @@ fn validate_bwd_errors() {
     // Varlen: lse is [Hq, Tq]; the lengths are checked as in the forward.
     let (qv, kv) = (z(&[10, 4, 64], bf), z(&[14, 2, 64], bf));
     let (cu_q, cu_k) = (i32s(&[0, 5, 10]), i32s(&[0, 7, 14]));
-    let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: 5, max_seqlen_k: 7, seqused_q: None, seqused_k: None };
+    let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: Some(5), max_seqlen_k: Some(7), seqused_q: None, seqused_k: None };
     let vcall = |dout: &Tensor, lse: &Tensor, vl: &Varlen<'_>| varlen_bwd(dout, &qv, &kv, &kv, &qv, lse, vl, &o, false);
     vcall(&qv, &z(&[4, 10], DType::F32), &vl).unwrap();
     expect_err(vcall(&qv, &z(&[2, 4, 5], DType::F32), &vl), |e| matches!(e, Error::Rank { arg: "lse", .. }), "lse");
     expect_err(vcall(&qv, &z(&[4, 9], DType::F32), &vl), |e| matches!(e, Error::Shape { arg: "lse", .. }), "lse");
     expect_err(vcall(&q, &z(&[4, 10], DType::F32), &vl), |e| matches!(e, Error::Rank { arg: "dout", .. }), "dout");
     expect_err(vcall(&z(&[10, 2, 64], bf), &z(&[4, 10], DType::F32), &vl), |e| matches!(e, Error::Shape { arg: "dout", .. }), "dout");
-    let short = Varlen { max_seqlen_q: 4, ..vl };
+    let short = Varlen { max_seqlen_q: Some(4), ..vl };
     expect_err(vcall(&qv, &z(&[4, 10], DType::F32), &short), |e| matches!(e, Error::SeqLens { arg: "max_seqlen_q", .. }), "max_seqlen_q");
 
     // The canonical problem carries dout's and out's strides.

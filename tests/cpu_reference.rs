@@ -168,8 +168,8 @@ impl Packed {
         let vl = Varlen {
             cu_seqlens_q: &self.cu_q_t,
             cu_seqlens_k: &self.cu_k_t,
-            max_seqlen_q: self.max_q,
-            max_seqlen_k: self.max_k,
+            max_seqlen_q: Some(self.max_q),
+            max_seqlen_k: Some(self.max_k),
             seqused_q: self.used_q_t.as_ref(),
             seqused_k: self.used_k_t.as_ref(),
         };
@@ -295,7 +295,7 @@ fn fully_masked_rows_are_zero_with_lse_minus_inf() {
     let q = Tensor::from_f32(&vec![0.5; 5 * 2 * 64], &[5, 2, 64], DType::F16).unwrap();
     let k = Tensor::from_f32(&vec![0.5; 3 * 2 * 64], &[3, 2, 64], DType::F16).unwrap();
     let (cu_q, cu_k) = (Tensor::from_i32(vec![0, 2, 5], &[3]).unwrap(), Tensor::from_i32(vec![0, 0, 3], &[3]).unwrap());
-    let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: 3, max_seqlen_k: 3, seqused_q: None, seqused_k: None };
+    let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: Some(3), max_seqlen_k: Some(3), seqused_q: None, seqused_k: None };
     let (out, lse) = outputs(&varlen_fwd(&q, &k, &k, &vl, &AttnOptions::default()).unwrap());
     for h in 0..2 {
         for i in 0..5 {

@@ -197,17 +197,19 @@ fn varlen_case(rng: &mut StdRng, c: &Case, l: &Layout, tally: &mut Tally) -> Res
     let uq = l.used_q.as_ref().map(|u| i32_tensor(u, GPU));
     let uk = l.used_k.as_ref().map(|u| i32_tensor(u, GPU));
     let (used_q, used_k) = (l.used_q(), l.used_k());
-    let varlen = Varlen {
-        cu_seqlens_q: &cqt,
-        cu_seqlens_k: &ckt,
-        max_seqlen_q: used_q.iter().copied().max().unwrap_or(0),
-        max_seqlen_k: used_k.iter().copied().max().unwrap_or(0),
-        seqused_q: uq.as_ref(),
-        seqused_k: uk.as_ref(),
+    // The max lengths: exact, a loose bound, or not given (the kernels schedule by the mean lengths and
+    // stride over the longer sequences).
+    let (max_q, max_k) = (used_q.iter().copied().max().unwrap_or(0), used_k.iter().copied().max().unwrap_or(0));
+    let (max_q, max_k) = match rng.gen_range(0..3) {
+        0 => (Some(max_q), Some(max_k)),
+        1 => (Some(max_q + rng.gen_range(1..300)), Some(max_k + rng.gen_range(1..300))),
+        _ => (None, None),
     };
+    let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: uq.as_ref(), seqused_k: uk.as_ref() };
+    let sched_k = max_k.unwrap_or(tk.div_ceil(l.slot_q.len().max(1)));
     let (ro, rl) = reference_varlen_fwd(&q, &k, &v, &cu_q, &cu_k, &used_q, &used_k, tq, c.hq, c.hk, c.d, &c.ref_opts());
     for (name, choice) in fwd_choices() {
-        let family = fwd_family_keys(c.d, c.dtype, choice, varlen.max_seqlen_k);
+        let family = fwd_family_keys(c.d, c.dtype, choice, sched_k);
         let o = varlen_fwd(&qt, &kt, &vt, &varlen, &c.opts(choice)).map_err(|e| format!("[{name}: {family}] {e}"))?;
         check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &gpu_tolerance(c.dtype, 1.0, c.smax())).map_err(|e| format!("[{name}: {family}] {e}"))?;
         tally.add(name, family, c.d);
@@ -261,7 +263,7 @@ fn packing_is_bitwise_independent() {
         let (cqt, ckt) = (i32_tensor(&cu_q, GPU), i32_tensor(&cu_k, GPU));
         let max_q = lens.iter().map(|l| l.0).max().unwrap();
         let max_k = lens.iter().map(|l| l.1).max().unwrap();
-        let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k: None };
+        let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: None, seqused_k: None };
         let (qp, kp, vp) = (up(&q, &[tq, hq, d]), up(&k, &[tk, hk, d]), up(&v, &[tk, hk, d]));
         let singles: Vec<[Tensor; 3]> = lens
             .iter()
@@ -361,12 +363,12 @@ fn writes_exactly_the_outputs() {
         let pv = device_tensor(&random_values(&mut rng, tk * hk * d, 1.0, dtype), &[tk, hk, d], dtype, false, &mut rng);
         let (cqt, ckt) = (i32_tensor(&cu_q, GPU), i32_tensor(&cu_k, GPU));
         let (uq, uk) = (i32_tensor(&[33, 0, 133], GPU), i32_tensor(&[50, 3, 120], GPU));
-        let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: 133, max_seqlen_k: 120, seqused_q: Some(&uq), seqused_k: Some(&uk) };
+        let varlen = Varlen { cu_seqlens_q: &cqt, cu_seqlens_k: &ckt, max_seqlen_q: Some(133), max_seqlen_k: Some(120), seqused_q: Some(&uq), seqused_k: Some(&uk) };
         // Bogus device-resident lengths (not checked on the host): no write outside the outputs, no fault.
         let bogus_q = i32_tensor(&[0, 900_000, 5], GPU);
         let bogus_k = Tensor::from_i32(vec![-7, 3, i32::MAX], &[3]).unwrap().to_device(GPU).unwrap();
         let bogus_used = Tensor::from_i32(vec![-1, 1 << 30], &[2]).unwrap().to_device(GPU).unwrap();
-        let bogus = Varlen { cu_seqlens_q: &bogus_q, cu_seqlens_k: &bogus_k, max_seqlen_q: 64, max_seqlen_k: 64, seqused_q: Some(&bogus_used), seqused_k: Some(&bogus_used) };
+        let bogus = Varlen { cu_seqlens_q: &bogus_q, cu_seqlens_k: &bogus_k, max_seqlen_q: Some(64), max_seqlen_k: Some(64), seqused_q: Some(&bogus_used), seqused_k: Some(&bogus_used) };
         for (name, choice) in fwd_choices() {
             let family = fwd_family(d, dtype, choice);
             let at = format!("[{name}: {family}] d={d}");

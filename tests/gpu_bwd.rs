@@ -139,7 +139,7 @@ struct Host {
     used_k: Vec<usize>,
     /// Varlen: whether seqused_q/k are passed (else the slots are the lengths), and slack in max_seqlen.
     pass_used: (bool, bool),
-    extra_max: (usize, usize),
+    extra_max: Option<(usize, usize)>,
 }
 
 fn prefix(lens: &[usize]) -> Vec<usize> {
@@ -157,12 +157,12 @@ struct Packing {
     used_q: Option<Vec<usize>>,
     used_k: Option<Vec<usize>>,
     tail: (usize, usize),
-    extra_max: (usize, usize),
+    extra_max: Option<(usize, usize)>,
 }
 
 impl Packing {
     fn plain(lens: &[(usize, usize)]) -> Packing {
-        Packing { slots_q: lens.iter().map(|l| l.0).collect(), slots_k: lens.iter().map(|l| l.1).collect(), used_q: None, used_k: None, tail: (0, 0), extra_max: (0, 0) }
+        Packing { slots_q: lens.iter().map(|l| l.0).collect(), slots_k: lens.iter().map(|l| l.1).collect(), used_q: None, used_k: None, tail: (0, 0), extra_max: Some((0, 0)) }
     }
     /// `b` sequences up to `maxlen` long, some empty, sometimes with seqused (padding), tail rows, slack.
     fn random(rng: &mut StdRng, b: usize, maxlen: usize) -> Packing {
@@ -173,7 +173,12 @@ impl Packing {
         let used_q = rng.gen_bool(0.5).then(|| used(rng, &slots_q));
         let used_k = rng.gen_bool(0.5).then(|| used(rng, &slots_k));
         let tail = (if rng.gen_bool(0.5) { rng.gen_range(1..20) } else { 0 }, if rng.gen_bool(0.5) { rng.gen_range(1..20) } else { 0 });
-        let extra_max = if rng.gen_bool(0.3) { (rng.gen_range(0..4), rng.gen_range(0..4)) } else { (0, 0) };
+        // The max lengths passed: exact, a loose bound, or none (scheduled by the mean lengths).
+        let extra_max = match rng.gen_range(0..10) {
+            0..3 => Some((rng.gen_range(0..4), rng.gen_range(0..4))),
+            3..5 => None,
+            _ => Some((0, 0)),
+        };
         Packing { slots_q, slots_k, used_q, used_k, tail, extra_max }
     }
 }
@@ -191,7 +196,7 @@ impl Host {
     fn dense(rng: &mut StdRng, c: &Case, b: usize, sq: usize, sk: usize) -> Host {
         let [q, k, v, dout] = Host::values(rng, c, b * sq, b * sk);
         let (cu_q, cu_k) = (prefix(&vec![sq; b]), prefix(&vec![sk; b]));
-        Host { c: *c, dense: Some((b, sq, sk)), q, k, v, dout, cu_q, cu_k, used_q: vec![sq; b], used_k: vec![sk; b], pass_used: (false, false), extra_max: (0, 0) }
+        Host { c: *c, dense: Some((b, sq, sk)), q, k, v, dout, cu_q, cu_k, used_q: vec![sq; b], used_k: vec![sk; b], pass_used: (false, false), extra_max: Some((0, 0)) }
     }
 
     fn packed(rng: &mut StdRng, c: &Case, p: &Packing) -> Host {
@@ -228,11 +233,12 @@ impl Host {
     fn longest(&self) -> (usize, usize) {
         (self.used_q.iter().copied().max().unwrap_or(0), self.used_k.iter().copied().max().unwrap_or(0))
     }
-    /// The seqlen_k the dispatch sees: sk, or varlen's max_seqlen_k.
+    /// The seqlen_k the dispatch sees: sk, varlen's max_seqlen_k, or without one the mean key rows.
     fn max_k(&self) -> usize {
-        match self.dense {
-            Some((_, _, sk)) => sk,
-            None => self.longest().1 + self.extra_max.1,
+        match (self.dense, self.extra_max) {
+            (Some((_, _, sk)), _) => sk,
+            (None, Some(extra)) => self.longest().1 + extra.1,
+            (None, None) => (self.k.len() / (self.c.hk * self.c.d)).div_ceil(self.used_k.len().max(1)),
         }
     }
 
@@ -270,8 +276,8 @@ impl Host {
                 cu_k: i32_tensor(&self.cu_k),
                 used_q: self.pass_used.0.then(|| i32_tensor(&self.used_q)),
                 used_k: self.pass_used.1.then(|| i32_tensor(&self.used_k)),
-                max_q: lq + self.extra_max.0,
-                max_k: lk + self.extra_max.1,
+                max_q: self.extra_max.map(|e| lq + e.0),
+                max_k: self.extra_max.map(|e| lk + e.1),
             }
         });
         Dev {
@@ -345,8 +351,8 @@ struct Lengths {
     cu_k: Tensor,
     used_q: Option<Tensor>,
     used_k: Option<Tensor>,
-    max_q: usize,
-    max_k: usize,
+    max_q: Option<usize>,
+    max_k: Option<usize>,
 }
 
 impl Lengths {
@@ -887,7 +893,12 @@ fn deterministic_runs_are_bitwise_identical() {
     let packed = [
         (
             Case { dtype: DType::BF16, d: 96, hq: 6, hk: 2, opts: plain(true, (-1, -1), 0.0), amp: Amp { q: 1.0, k: 1.0, v: 1.0 } },
-            Packing { slots_q: vec![1200, 0, 333, 1, 64], slots_k: vec![1500, 7, 1100, 1024, 0], used_q: Some(vec![1100, 0, 333, 1, 60]), used_k: Some(vec![1500, 5, 1000, 1024, 0]), tail: (9, 4), extra_max: (0, 0) },
+            Packing { slots_q: vec![1200, 0, 333, 1, 64], slots_k: vec![1500, 7, 1100, 1024, 0], used_q: Some(vec![1100, 0, 333, 1, 60]), used_k: Some(vec![1500, 5, 1000, 1024, 0]), tail: (9, 4), extra_max: Some((0, 0)) },
+        ),
+        // No max lengths: grids from the mean lengths, the long sequences walked in more steps.
+        (
+            Case { dtype: DType::F16, d: 128, hq: 4, hk: 2, opts: plain(true, (-1, -1), 0.0), amp: Amp { q: 1.0, k: 1.0, v: 1.0 } },
+            Packing { slots_q: vec![1500, 3, 40, 0, 700], slots_k: vec![1700, 9, 64, 1, 700], used_q: None, used_k: Some(vec![1600, 9, 60, 1, 650]), tail: (5, 0), extra_max: None },
         ),
         (Case { dtype: DType::F16, d: 256, hq: 4, hk: 1, opts: plain(false, (-1, -1), 8.0), amp: Amp { q: 1.0, k: 1.0, v: 1.0 } }, Packing::plain(&[(700, 1030), (1030, 700)])),
     ];
@@ -957,7 +968,7 @@ fn chained_key_blocks_match_reference() {
     let packed = [
         (
             Case { dtype: DType::BF16, d: 128, hq: 4, hk: 2, opts: chained(true, (-1, -1), 0.0), amp },
-            Packing { slots_q: vec![300, 0, 129], slots_k: vec![400, 50, 260], used_q: Some(vec![280, 0, 129]), used_k: Some(vec![390, 33, 200]), tail: (7, 5), extra_max: (3, 0) },
+            Packing { slots_q: vec![300, 0, 129], slots_k: vec![400, 50, 260], used_q: Some(vec![280, 0, 129]), used_k: Some(vec![390, 33, 200]), tail: (7, 5), extra_max: Some((3, 0)) },
         ),
         (Case { dtype: DType::F16, d: 64, hq: 2, hk: 1, opts: chained(false, (60, 60), 0.0), amp }, Packing::plain(&[(257, 513), (513, 129)])),
     ];
@@ -987,7 +998,7 @@ fn gpu_matches_cpu_path() {
         problems.push(Host::dense(&mut rng, &c, 2, 133, 97));
     }
     let c = Case { dtype: DType::BF16, d: 128, hq: 3, hk: 1, opts: plain(true, (-1, -1), 0.0), amp: Amp { q: 1.0, k: 1.0, v: 1.0 } };
-    let p = Packing { slots_q: vec![90, 0, 150], slots_k: vec![60, 20, 150], used_q: Some(vec![70, 0, 150]), used_k: Some(vec![60, 13, 99]), tail: (5, 3), extra_max: (1, 0) };
+    let p = Packing { slots_q: vec![90, 0, 150], slots_k: vec![60, 20, 150], used_q: Some(vec![70, 0, 150]), used_k: Some(vec![60, 13, 99]), tail: (5, 3), extra_max: Some((1, 0)) };
     problems.push(Host::packed(&mut rng, &c, &p));
     for h in &problems {
         let ctx = format!("seed {seed}: {:?} {:?}", h.c, h.dense);
@@ -1055,7 +1066,7 @@ fn fully_masked_rows_have_zero_dq() {
     }
     // Varlen: a sequence with queries but no keys, one whose early rows see nothing (causal, Sq > Sk).
     let c = Case { dtype: DType::BF16, d: 128, hq: 2, hk: 2, opts: plain(true, (-1, -1), 0.0), amp: Amp { q: 1.0, k: 1.0, v: 1.0 } };
-    let p = Packing { slots_q: vec![30, 80, 5], slots_k: vec![0, 20, 5], used_q: None, used_k: None, tail: (0, 0), extra_max: (0, 0) };
+    let p = Packing { slots_q: vec![30, 80, 5], slots_k: vec![0, 20, 5], used_q: None, used_k: None, tail: (0, 0), extra_max: Some((0, 0)) };
     for det in [false, true] {
         varlen_case(&mut rng, &c, &p, det, Kernels::Every, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {p:?} deterministic={det}: {e}"));
     }
@@ -1110,7 +1121,7 @@ fn unaligned_rows_are_an_error() {
     // Varlen too.
     let (q3, bad3) = (aligned.as_strided(&[s, h, d], &[h * d, d, 1], 0).unwrap(), shifted.as_strided(&[s, h, d], &[h * d, d, 1], 4).unwrap());
     let cu = i32_tensor(&[0, s]);
-    let vl = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: s, max_seqlen_k: s, seqused_q: None, seqused_k: None };
+    let vl = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: Some(s), max_seqlen_k: Some(s), seqused_q: None, seqused_k: None };
     let lse3 = Tensor::zeros(&[h, s], DType::F32, dev()).unwrap();
     match varlen_bwd(&bad3, &q3, &q3, &q3, &q3, &lse3, &vl, &AttnOptions::default(), true) {
         Err(Error::Value { arg: "dout", .. }) => {}

@@ -277,7 +277,7 @@ impl On {
     }
     fn varlen(&self, l: &Layout) -> Option<Varlen<'_>> {
         let (max_q, max_k) = l.max();
-        (!l.dense).then_some(Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() })
+        (!l.dense).then_some(Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() })
     }
     fn extras(&self, probs: bool) -> Extras<'_> {
         Extras { alibi_slopes: self.slopes.as_ref(), return_attn_probs: probs }
@@ -857,7 +857,7 @@ fn paged_forward_matches_cpu_paged_path() {
                 let slopes = t(&h.slopes, &h.slopes_shape(), DType::F32);
                 let (cu_q, used_k) = (i32_tensor_on(&h.l.cu_q(), device), i32_tensor_on(&keys, device));
                 let table_t = Tensor::from_i32(table.clone(), &[seqs.len(), max_blocks]).unwrap().to_device(device).unwrap();
-                let paged = PagedVarlen { cu_seqlens_q: &cu_q, cu_seqlens_k: None, max_seqlen_q: h.l.max().0, max_seqlen_k: h.l.max().1, seqused_q: None, seqused_k: Some(&used_k), block_table: &table_t };
+                let paged = PagedVarlen { cu_seqlens_q: &cu_q, cu_seqlens_k: None, max_seqlen_q: Some(h.l.max().0), max_seqlen_k: Some(h.l.max().1), seqused_q: None, seqused_k: Some(&used_k), block_table: &table_t };
                 varlen_fwd_paged_with(&q, &kpt, &vpt, &paged, &Extras { alibi_slopes: Some(&slopes), return_attn_probs: true }, &c.opts(kernels))
             };
             let cpu = run(Device::Cpu, KernelChoice::default()).unwrap_or_else(|e| panic!("{ctx}: CPU paged path: {e}"));

@@ -68,6 +68,8 @@ struct Case {
     page: usize,
     counts: Counts,
     extra_blocks: usize,
+    /// The paged call gets max_seqlen_q/k (else none: scheduled by the mean lengths).
+    give_max: bool,
 }
 
 impl Case {
@@ -93,8 +95,8 @@ impl Case {
     }
     fn describe(&self) -> String {
         format!(
-            "{} d={} hq={} hk={} causal={} window={:?} softcap={} page={} counts={:?} seqs={:?} extra_blocks={}",
-            self.dtype, self.d, self.hq, self.hk, self.causal, self.window, self.softcap, self.page, self.counts, self.seqs, self.extra_blocks
+            "{} d={} hq={} hk={} causal={} window={:?} softcap={} page={} counts={:?} seqs={:?} extra_blocks={} give_max={}",
+            self.dtype, self.d, self.hq, self.hk, self.causal, self.window, self.softcap, self.page, self.counts, self.seqs, self.extra_blocks, self.give_max
         )
     }
 }
@@ -153,8 +155,8 @@ fn run_paged(c: &Case, x: &Inputs, device: Device, kernels: KernelChoice) -> fla
     let paged = PagedVarlen {
         cu_seqlens_q: &cu_q,
         cu_seqlens_k: (!matches!(c.counts, Counts::UsedOnly)).then_some(&cu_k),
-        max_seqlen_q: max_q,
-        max_seqlen_k: max_k,
+        max_seqlen_q: c.give_max.then_some(max_q),
+        max_seqlen_k: c.give_max.then_some(max_k),
         seqused_q: None,
         seqused_k: (!matches!(c.counts, Counts::CuSeqlens)).then_some(&used_k),
         block_table: &table,
@@ -170,7 +172,7 @@ fn run_contiguous(c: &Case, x: &Inputs, kernels: KernelChoice) -> FwdOutput {
     let (cu_q, cu_k, used_k) = (ints(&x.cu_q), ints(&x.cu_k), ints(&x.used_k));
     let max_q = c.seqs.iter().map(|s| s.0).max().unwrap_or(0);
     let max_k = c.max_keys();
-    let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k: (!matches!(c.counts, Counts::CuSeqlens)).then_some(&used_k) };
+    let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: None, seqused_k: (!matches!(c.counts, Counts::CuSeqlens)).then_some(&used_k) };
     varlen_fwd(&t(&x.q, &[tq, c.hq, c.d]), &t(&x.k, &[tk, c.hk, c.d]), &t(&x.v, &[tk, c.hk, c.d]), &vl, &c.opts(kernels)).unwrap()
 }
 
@@ -257,7 +259,7 @@ fn paged_every_page_size_head_dim_and_mask() {
                 i += 1;
                 let n = rng.gen_range(1..=4);
                 let seqs = random_seqs(&mut rng, n, 150, 330);
-                let c = Case { dtype, d, hq, hk, causal, window, softcap, seqs, page, counts, extra_blocks: rng.gen_range(0..4) };
+                let c = Case { dtype, d, hq, hk, causal, window, softcap, seqs, page, counts, extra_blocks: rng.gen_range(0..4), give_max: rng.gen_bool(0.7) };
                 paged_case(&c, &mut rng, &mut tally).unwrap_or_else(|e| panic!("{}: {e}", c.describe()));
             }
         }
@@ -273,7 +275,7 @@ fn paged_decode_and_long_prefill() {
     let mut tally = Tally::new("gpu_paged::paged_decode_and_long_prefill");
     for (d, page, sq, sk, causal) in [(128, 16, 1, 3000, true), (128, 256, 4, 2500, true), (64, 64, 1, 1500, false), (256, 16, 4, 900, true), (128, 64, 700, 700, true), (96, 3, 300, 500, true)] {
         let seqs: Vec<(usize, usize, usize)> = (0..3).map(|_| sk - rng.gen_range(0..sk / 4)).map(|k| (sq, k, k)).collect();
-        let c = Case { dtype: DType::BF16, d, hq: 8, hk: 2, causal, window: (-1, -1), softcap: 0.0, seqs, page, counts: Counts::CuAndUsed, extra_blocks: 2 };
+        let c = Case { dtype: DType::BF16, d, hq: 8, hk: 2, causal, window: (-1, -1), softcap: 0.0, seqs, page, counts: Counts::CuAndUsed, extra_blocks: 2, give_max: true };
         paged_case(&c, &mut rng, &mut tally).unwrap_or_else(|e| panic!("{}: {e}", c.describe()));
     }
     tally.report();
@@ -309,8 +311,8 @@ fn bogus_block_table_does_not_fault() {
                         let paged = PagedVarlen {
                             cu_seqlens_q: &cu_q_t,
                             cu_seqlens_k: (!matches!(counts, Counts::UsedOnly)).then_some(&cu_k_t),
-                            max_seqlen_q: 135,
-                            max_seqlen_k: 1000,
+                            max_seqlen_q: Some(135),
+                            max_seqlen_k: Some(1000),
                             seqused_q: None,
                             seqused_k: (!matches!(counts, Counts::CuSeqlens)).then_some(&used_t),
                             block_table: &table_t,

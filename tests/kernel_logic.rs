@@ -231,6 +231,59 @@ proptest! {
         }
     }
 
+    /// Slot scheduling (varlen without max lengths): the `slot_count` virtual row blocks cover every row
+    /// block of every slice (the sequences and the tail) exactly once, on both sides; bogus cu_seqlens
+    /// give only in-range slices and non-negative blocks.
+    #[test]
+    fn slots_cover_every_row_block_once(lens in prop::collection::vec(0..700i32, 0..9), tail in 0..300i32, bm in prop::sample::select(vec![16, 64, 128]), keys in any::<bool>(), bogus in prop::collection::vec(any::<i32>(), 0..9)) {
+        let mut cu = vec![0i32];
+        for (i, &l) in lens.iter().enumerate() {
+            cu.push(cu[i] + l);
+        }
+        let batch = lens.len() as i32;
+        let total = cu[lens.len()] + tail;
+        let slots = flash_attn::problem::slot_count(total as usize, lens.len(), bm as usize).unwrap() as i32;
+        let lengths = |cu_addr: u64| seqlen::Lengths {
+            cu_seqlens_q: if keys { 99 } else { cu_addr },
+            cu_seqlens_k: if keys { cu_addr } else { 99 },
+            seqused_q: 0,
+            seqused_k: 0,
+            batch,
+            seqlen_q: 1,
+            seqlen_k: 1,
+            total_q: if keys { 0 } else { total },
+            total_k: if keys { total } else { 0 },
+            paged_keys: None,
+            k_first: 0,
+            seqused_k_add: 0,
+        };
+        let l = lengths(1);
+        let read = |ptr: u64, i: i32| {
+            assert_eq!(ptr, 1, "read of the other side's array");
+            cu[i as usize]
+        };
+        let mut seen = std::collections::HashSet::new();
+        for v in 0..slots {
+            let (b, m) = l.slot_block(v, bm, keys, slots, read);
+            prop_assert!((0..=batch).contains(&b) && m >= 0);
+            let (sq, sk) = l.slice(b, |p, i| if p == 1 { cu[i as usize] } else { 0 });
+            let s = if keys { sk } else { sq };
+            if m * bm < s.slot_len {
+                prop_assert!(seen.insert((b, m)), "slot {} repeats slice {} block {}", v, b, m);
+            }
+        }
+        let want: usize = lens.iter().chain(std::iter::once(&tail)).map(|&n| (n as usize).div_ceil(bm as usize)).sum();
+        prop_assert_eq!(seen.len(), want);
+        // Unsorted entries: still a slice of the batch and a block the kernels stride from safely.
+        let mut junk = bogus.clone();
+        junk.resize(lens.len() + 1, 0);
+        let l = lengths(1);
+        for v in 0..slots {
+            let (b, m) = l.slot_block(v, bm, keys, slots, |_, i| junk[i as usize]);
+            prop_assert!((0..=batch).contains(&b) && (0..=slots).contains(&m));
+        }
+    }
+
     /// Paged key counts (the paged forward kernels): within [0, capacity] whatever cu_seqlens_k and
     /// seqused_k hold, exact for valid ones, and no cu_seqlens_k read without one.
     #[test]

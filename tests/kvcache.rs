@@ -135,14 +135,14 @@ fn run_paged(c: &PagedCase) -> (FwdOutput, FwdOutput) {
     let max_q = c.seqs.iter().map(|s| s.0).max().unwrap_or(0);
     let max_k = (0..c.seqs.len()).map(|b| if c.counts == 0 { c.seqs[b].1 } else { used_k[b] }).max().unwrap_or(0);
     let seqused_k = (c.counts > 0).then_some(&used_t);
-    let contiguous = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: None, seqused_k };
+    let contiguous = Varlen { cu_seqlens_q: &cu_q_t, cu_seqlens_k: &cu_k_t, max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: None, seqused_k };
     let want = varlen_fwd(&t(&q, &[tq, hq, d]), &t(&k, &[tk, hk, d]), &t(&v, &[tk, hk, d]), &contiguous, &c.opts.attn()).unwrap();
     let table_t = Tensor::from_i32(table, &[c.seqs.len(), max_blocks]).unwrap();
     let paged = PagedVarlen {
         cu_seqlens_q: &cu_q_t,
         cu_seqlens_k: (c.counts < 2).then_some(&cu_k_t),
-        max_seqlen_q: max_q,
-        max_seqlen_k: max_k,
+        max_seqlen_q: Some(max_q),
+        max_seqlen_k: Some(max_k),
         seqused_q: None,
         seqused_k,
         block_table: &table_t,
@@ -989,7 +989,7 @@ fn kvcache_raw_outputs_and_cuda() {
     let cu = [0i32, 4];
     let table = [1i32];
     let i32v = |x: &[i32], shape: &'static [usize]| View { addr: x.as_ptr() as u64, dtype: DType::I32, shape, strides: leak(contiguous(shape)) };
-    let pv = PagedVarlenViews { cu_seqlens_q: i32v(&cu, leak(vec![2])), cu_seqlens_k: Some(i32v(&cu, leak(vec![2]))), max_seqlen_q: 4, max_seqlen_k: 4, seqused_q: None, seqused_k: None, block_table: i32v(&table, leak(vec![1, 1])) };
+    let pv = PagedVarlenViews { cu_seqlens_q: i32v(&cu, leak(vec![2])), cu_seqlens_k: Some(i32v(&cu, leak(vec![2]))), max_seqlen_q: Some(4), max_seqlen_k: Some(4), seqused_q: None, seqused_k: None, block_table: i32v(&table, leak(vec![1, 1])) };
     let lse2 = vec![0.0f32; h * 4];
     let fv = raw::FwdViews { q: qv, k: pages, v: at(2, leak(vec![2, 4, h, d])), out: at(5, leak(vec![4, h, d])), lse: View { addr: lse2.as_ptr() as u64, dtype: DType::F32, shape: leak(vec![h, 4]), strides: leak(vec![4, 1]) }, alibi_slopes: None, s_dmask: None };
     assert!(unsafe { raw::varlen_fwd_paged(&fv, &pv, &o, Target::Cpu) }.is_ok());
@@ -1022,7 +1022,7 @@ fn paged_varlen_errors_name_the_argument() {
     let (cu_q, cu_k) = (ints(&[0, 2, 6], &[3]), ints(&[0, 5, 8], &[3]));
     let table = ints(&[3, 0, 1, 2], &[2, 2]);
     let run = |cu_k: Option<&Tensor>, used_k: Option<&Tensor>, table: &Tensor, max_k: usize, pages: &Tensor| {
-        let pv = PagedVarlen { cu_seqlens_q: &cu_q, cu_seqlens_k: cu_k, max_seqlen_q: 4, max_seqlen_k: max_k, seqused_q: None, seqused_k: used_k, block_table: table };
+        let pv = PagedVarlen { cu_seqlens_q: &cu_q, cu_seqlens_k: cu_k, max_seqlen_q: Some(4), max_seqlen_k: Some(max_k), seqused_q: None, seqused_k: used_k, block_table: table };
         varlen_fwd_paged(&q, pages, pages, &pv, &AttnOptions::default())
     };
     assert!(run(Some(&cu_k), None, &table, 5, &pages).is_ok());

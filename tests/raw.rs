@@ -110,7 +110,7 @@ fn varlen_forward_on_host_memory() {
         s_dmask: None,
     };
     let vec1 = |x: &Vec<i32>| view(x, 0, DType::I32, leak(vec![x.len()]), leak(vec![1]));
-    let vl = VarlenViews { cu_seqlens_q: vec1(&cu_q), cu_seqlens_k: vec1(&cu_k), max_seqlen_q: 45, max_seqlen_k: 50, seqused_q: Some(vec1(&used_q)), seqused_k: Some(vec1(&used_k)) };
+    let vl = VarlenViews { cu_seqlens_q: vec1(&cu_q), cu_seqlens_k: vec1(&cu_k), max_seqlen_q: Some(45), max_seqlen_k: Some(50), seqused_q: Some(vec1(&used_q)), seqused_k: Some(vec1(&used_k)) };
     let opts = AttnOptions { causal: true, ..Default::default() };
     unsafe { raw::varlen_fwd(&views, &vl, &opts, Target::Cpu) }.unwrap();
     let us = |x: &[i32]| x.iter().map(|&v| v as usize).collect::<Vec<_>>();

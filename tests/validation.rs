@@ -3,7 +3,7 @@
 
 use flash_attn::problem::Problem;
 use flash_attn::validate::validate_fwd;
-use flash_attn::{check_varlen_contents, fwd, varlen_fwd, AttnOptions, DType, Device, Error, FwdOutput, Result, Tensor, Varlen};
+use flash_attn::{check_varlen_contents, fwd, varlen_fwd, varlen_fwd_with, AttnOptions, Extras, DType, Device, Error, FwdOutput, Result, Tensor, Varlen};
 use proptest::prelude::*;
 
 fn t(shape: &[usize], dtype: DType) -> Tensor {
@@ -52,8 +52,8 @@ impl V {
         Varlen {
             cu_seqlens_q: &self.cu_q,
             cu_seqlens_k: &self.cu_k,
-            max_seqlen_q: self.max_q,
-            max_seqlen_k: self.max_k,
+            max_seqlen_q: Some(self.max_q),
+            max_seqlen_k: Some(self.max_k),
             seqused_q: self.used_q.as_ref(),
             seqused_k: self.used_k.as_ref(),
         }
@@ -203,6 +203,28 @@ fn max_seqlen_and_seqused() {
     let mut v = V::ok();
     v.used_k = Some(Tensor::from_f32(&[1.0, 1.0], &[2], DType::F16).unwrap());
     expect_err(v.run(), |e| matches!(e, Error::DType { arg: "seqused_k", .. }), "seqused_k");
+}
+
+#[test]
+fn max_seqlen_may_be_absent() {
+    // Not given, the max lengths bound nothing: the call runs, bitwise as with them, and its lengths are
+    // still checked (on the CPU, where they are host memory).
+    let v = V::ok();
+    let (q, k) = (t(&[v.tq, 2, 64], DType::BF16), t(&[v.tk, 2, 64], DType::BF16));
+    let opts = AttnOptions::default();
+    let given = varlen_fwd(&q, &k, &k, &v.varlen(), &opts).unwrap();
+    for (max_q, max_k) in [(None, None), (Some(3), None), (None, Some(4))] {
+        let vl = Varlen { max_seqlen_q: max_q, max_seqlen_k: max_k, ..v.varlen() };
+        let o = varlen_fwd(&q, &k, &k, &vl, &opts).unwrap();
+        assert_eq!((o.out.to_f32_vec().unwrap(), o.lse.to_f32_vec().unwrap()), (given.out.to_f32_vec().unwrap(), given.lse.to_f32_vec().unwrap()));
+        // s_dmask's shape is [B, H, max_seqlen_q, max_seqlen_k]: both are required for it.
+        let probs = Extras { return_attn_probs: true, ..Default::default() };
+        expect_err(varlen_fwd_with(&q, &k, &k, &vl, &probs, &opts), |e| matches!(e, Error::Value { arg: "max_seqlen_q", .. }), "max_seqlen_q");
+    }
+    let mut v = V::ok();
+    v.used_k = Some(i32s(&[5, 0]));
+    let vl = Varlen { max_seqlen_q: None, max_seqlen_k: None, ..v.varlen() };
+    expect_err(varlen_fwd(&q, &k, &k, &vl, &opts), |e| matches!(e, Error::SeqLens { arg: "seqused_k", .. }), "seqused_k");
 }
 
 #[test]
@@ -361,7 +383,7 @@ impl Garbage {
         let result = if self.varlen {
             let (cu_q, cu_k) = (i32s(&cu[0]), i32s(&cu[1]));
             let (uq, uk) = (self.seqused.0.then(|| i32s(&used[0])), self.seqused.1.then(|| i32s(&used[1])));
-            let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: max[0], max_seqlen_k: max[1], seqused_q: uq.as_ref(), seqused_k: uk.as_ref() };
+            let vl = Varlen { cu_seqlens_q: &cu_q, cu_seqlens_k: &cu_k, max_seqlen_q: Some(max[0]), max_seqlen_k: Some(max[1]), seqused_q: uq.as_ref(), seqused_k: uk.as_ref() };
             varlen_fwd(&q, &k, &v, &vl, &self.opts)
         } else {
             fwd(&q, &k, &v, &self.opts)

@@ -140,12 +140,12 @@ fn main() {
             let v = Tensor::from_f32(&rnd(tk * hk * d, &mut seed), &[tk, hk, d], dt).unwrap();
             let g = Tensor::from_f32(&rnd(tq * hq * d, &mut seed), &[tq, hq, d], dt).unwrap();
             let opts = AttnOptions { causal: true, ..Default::default() };
-            let vl = Varlen { cu_seqlens_q: &cq, cu_seqlens_k: &ck, max_seqlen_q: 130, max_seqlen_k: 129, seqused_q: Some(&uq), seqused_k: Some(&uk) };
+            let vl = Varlen { cu_seqlens_q: &cq, cu_seqlens_k: &ck, max_seqlen_q: Some(130), max_seqlen_k: Some(129), seqused_q: Some(&uq), seqused_k: Some(&uk) };
             let f = varlen_fwd(&q, &k, &v, &vl, &opts).unwrap();
             let c = varlen_bwd(&g, &q, &k, &v, &f.out, &f.lse, &vl, &opts, true).unwrap();
             let on = |t: &Tensor| t.to_device(gpu).unwrap();
             let (gcq, gck, guq, guk) = (on(&cq), on(&ck), on(&uq), on(&uk));
-            let gvl = Varlen { cu_seqlens_q: &gcq, cu_seqlens_k: &gck, max_seqlen_q: 130, max_seqlen_k: 129, seqused_q: Some(&guq), seqused_k: Some(&guk) };
+            let gvl = Varlen { cu_seqlens_q: &gcq, cu_seqlens_k: &gck, max_seqlen_q: Some(130), max_seqlen_k: Some(129), seqused_q: Some(&guq), seqused_k: Some(&guk) };
             for det in [false, true] {
                 match varlen_bwd(&on(&g), &on(&q), &on(&k), &on(&v), &on(&f.out), &on(&f.lse), &gvl, &opts, det) {
                     Ok(r) => {

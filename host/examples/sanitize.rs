@@ -75,6 +75,16 @@ const SLOTS_K: [usize; 4] = [60, 40, 200, 20];
 const USED_Q: [usize; 4] = [70, 0, 140, 30];
 const USED_K: [usize; 4] = [40, 33, 170, 0];
 const TAIL: (usize, usize) = (7, 5);
+/// The masks from this index on run their packed problem without the modifiers with no max_seqlen_q/k:
+/// slot-scheduled (the grids walk every sequence's row and key blocks from cu_seqlens), the
+/// deterministic backward scheduled by the mean lengths (its CTAs stride over the longer sequences).
+const NO_MAX_FROM: usize = 1;
+
+/// The mean rows per sequence of slots `slots` plus `tail` rows: the library's stand-in for a
+/// max_seqlen not given.
+fn mean_len(slots: &[usize], tail: usize) -> usize {
+    (slots.iter().sum::<usize>() + tail).div_ceil(slots.len())
+}
 /// The chained-grid forward: b=1, as many q heads as multiprocessors on one kv head, sq=130 (2 row
 /// blocks), sk=200.
 const CHAINED: (usize, usize) = (130, 200);
@@ -166,32 +176,47 @@ impl Plan {
         // The wgmma backward: prep + dK/dV, + convert unless one CTA covers the key blocks.
         let wg = |gx: usize| if gx == 1 { 2 } else { 3 };
         let max_k = USED_K.iter().copied().max().unwrap();
-        let mut n = 0;
         // Each forward run: dense, packed, and packed over each page size.
         let fwd = 2 + PAGES.len();
-        if self.mma {
-            n += fwd + 2 * (3 + 3);
-        }
-        if self.wg_fwd || self.wg_bwd {
-            n += fwd;
-        }
-        if self.wg_fwd {
-            // The forward without warp specialization (fwd_no_ws).
-            n += fwd;
-        }
-        if self.wg_bwd {
-            // Default, deterministic (ordered or split copies: one CTA or split per key block here), chained.
-            n += 2 * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2 * wg(1);
-        }
+        // The runs' launches, the packed backward taking `packed.0` launches by default and `packed.1`
+        // deterministic.
+        let runs = |packed: (usize, usize)| {
+            let mut n = 0;
+            if self.mma {
+                n += fwd + 2 * (3 + 3);
+            }
+            if self.wg_fwd || self.wg_bwd {
+                n += fwd;
+            }
+            if self.wg_fwd {
+                // The forward without warp specialization (fwd_no_ws).
+                n += fwd;
+            }
+            if self.wg_bwd {
+                // Default, deterministic (ordered or split copies: one CTA or split per key block here), chained.
+                n += 2 * wg(blocks(DENSE.2)) + packed.0 + packed.1 + 2 * wg(1);
+            }
+            n
+        };
+        let given = (wg(blocks(max_k)), wg(blocks(max_k)));
+        let n = runs(given);
         let fwd_runs = [self.mma, self.wg_fwd || self.wg_bwd, self.wg_fwd].iter().filter(|&&r| r).count();
         // With the modifiers, the single-modifier runs: ALiBi alone (the `_alibi` kernels: forward, and
         // backward where the wgmma one runs), then dropout alone (the forward's `_dropout`), each dense
         // and packed.
         let single = usize::from(self.wg_fwd) * (2 + usize::from(self.wg_bwd) * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2);
-        let per_mask = usize::from(self.mods.0) * n + usize::from(self.mods.1) * (n + fwd_runs * fwd + single);
-        let no_ws_bwd = usize::from(self.ws_bwd && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
-        let ordered = usize::from(self.ordered_opt_in && self.mods.0) * (wg(blocks(DENSE.2)) + wg(blocks(max_k)));
-        (per_mask + no_ws_bwd + ordered) * MASKS.len() + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
+        let with_mods = usize::from(self.mods.1) * (n + fwd_runs * fwd + single);
+        // Without the modifiers the masks from `NO_MAX_FROM` on pass no max lengths: the packed default
+        // backward is slot-scheduled (three launches), the deterministic one's grid comes from the mean
+        // key count.
+        let plain = |packed: (usize, usize)| {
+            let no_ws_bwd = usize::from(self.ws_bwd) * (wg(blocks(DENSE.2)) + packed.0);
+            let ordered = usize::from(self.ordered_opt_in) * (wg(blocks(DENSE.2)) + packed.1);
+            usize::from(self.mods.0) * (runs(packed) + no_ws_bwd + ordered)
+        };
+        let no_max = (3, wg(blocks(mean_len(&SLOTS_K, TAIL.1))));
+        let masks = (0..MASKS.len()).map(|m| plain(if m < NO_MAX_FROM { given } else { no_max }) + with_mods).sum::<usize>();
+        masks + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
     }
     /// The wide-tile forward's launches: dense and packed, per mask, without the modifiers.
     fn wide_launches(&self) -> usize {
@@ -296,8 +321,8 @@ fn main() -> flash_attn::Result<()> {
     let varlen = Varlen {
         cu_seqlens_q: &cu_q,
         cu_seqlens_k: &cu_k,
-        max_seqlen_q: USED_Q.iter().copied().max().unwrap(),
-        max_seqlen_k: USED_K.iter().copied().max().unwrap(),
+        max_seqlen_q: Some(USED_Q.iter().copied().max().unwrap()),
+        max_seqlen_k: Some(USED_K.iter().copied().max().unwrap()),
         seqused_q: Some(&used_q),
         seqused_k: Some(&used_k),
     };
@@ -325,7 +350,8 @@ fn main() -> flash_attn::Result<()> {
             Tensor::from_f32(&v, shape, DType::F32)?.to_device(gpu)
         };
         let (dense_slopes, packed_slopes) = (slopes(&[b, hq], &mut seed)?, slopes(&[hq], &mut seed)?);
-        for (mask, causal, window, softcap) in MASKS {
+        let no_max = Varlen { max_seqlen_q: None, max_seqlen_k: None, ..varlen };
+        for (mask_index, (mask, causal, window, softcap)) in MASKS.into_iter().enumerate() {
             let case_start = Instant::now();
             let opts = |kernels, mods: bool| AttnOptions { causal, window, softcap, kernels, dropout: if mods { DROPOUT } else { Dropout::default() }, ..Default::default() };
             let mut ran: Vec<String> = Vec::new();
@@ -336,9 +362,13 @@ fn main() -> flash_attn::Result<()> {
                     true => (Extras { alibi_slopes: Some(&dense_slopes), return_attn_probs: true }, Extras { alibi_slopes: Some(&packed_slopes), return_attn_probs: true }),
                     false => (Extras::default(), Extras::default()),
                 };
-                let tag = if mods { " +mods" } else { "" };
+                let (varlen, tag) = match mods {
+                    true => (&varlen, " +mods"),
+                    false if mask_index >= NO_MAX_FROM => (&no_max, " (packed: no max_seqlen)"),
+                    false => (&varlen, ""),
+                };
                 let f = fwd_with(&q, &k, &v, &dense_x, &opts(kernels, mods))?;
-                let pf = varlen_fwd_with(&pq, &pk, &pv, &varlen, &packed_x, &opts(kernels, mods))?;
+                let pf = varlen_fwd_with(&pq, &pk, &pv, varlen, &packed_x, &opts(kernels, mods))?;
                 fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
                 fetch(&f.s_dmask.iter().chain(&pf.s_dmask).collect::<Vec<_>>())?;
                 ran.push(format!("{label} fwd{tag}"));
@@ -351,7 +381,7 @@ fn main() -> flash_attn::Result<()> {
                 }
                 for &(choice, det, what) in bwds {
                     let gd = bwd_with(&g, &q, &k, &v, &f.out, &f.lse, &dense_x, &opts(choice, mods), det)?;
-                    let gp = varlen_bwd_with(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, &varlen, &packed_x, &opts(choice, mods), det)?;
+                    let gp = varlen_bwd_with(&pg, &pq, &pk, &pv, &pf.out, &pf.lse, varlen, &packed_x, &opts(choice, mods), det)?;
                     fetch(&[&gd.dq, &gd.dk, &gd.dv, &gp.dq, &gp.dk, &gp.dv])?;
                     ran.push(format!("{what}{tag}"));
                 }
@@ -427,8 +457,8 @@ fn main() -> flash_attn::Result<()> {
             let wide_varlen = Varlen {
                 cu_seqlens_q: &cu_wq,
                 cu_seqlens_k: &cu_wk,
-                max_seqlen_q: WIDE_USED.iter().map(|u| u.0).max().unwrap(),
-                max_seqlen_k: WIDE_USED.iter().map(|u| u.1).max().unwrap(),
+                max_seqlen_q: Some(WIDE_USED.iter().map(|u| u.0).max().unwrap()),
+                max_seqlen_k: Some(WIDE_USED.iter().map(|u| u.1).max().unwrap()),
                 seqused_q: Some(&used_wq),
                 seqused_k: Some(&used_wk),
             };

@@ -17,10 +17,10 @@ pub struct Varlen<'a> {
     pub cu_seqlens_q: &'a Tensor,
     /// int32 `[B+1]`: sequence b's keys are rows `cu_seqlens_k[b]..cu_seqlens_k[b+1]` of k and v.
     pub cu_seqlens_k: &'a Tensor,
-    /// At least every (used) query length.
-    pub max_seqlen_q: usize,
-    /// At least every (used) key length.
-    pub max_seqlen_k: usize,
+    /// At least every (used) query length; `None`: not known (see `VarlenViews::max_seqlen_k`).
+    pub max_seqlen_q: Option<usize>,
+    /// At least every (used) key length; `None`: not known.
+    pub max_seqlen_k: Option<usize>,
     /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
     pub seqused_q: Option<&'a Tensor>,
     /// int32 `[B]`: only the first `seqused_k[b]` keys of slot b are attended to.
@@ -51,10 +51,10 @@ pub struct PagedVarlen<'a> {
     /// int32 `[B+1]`: sequence b has `cu_seqlens_k[b+1] - cu_seqlens_k[b]` keys. `None`: `seqused_k`
     /// gives the key counts and is required.
     pub cu_seqlens_k: Option<&'a Tensor>,
-    /// At least every (used) query length.
-    pub max_seqlen_q: usize,
-    /// At least every key count.
-    pub max_seqlen_k: usize,
+    /// At least every (used) query length; `None`: not known (see `VarlenViews::max_seqlen_k`).
+    pub max_seqlen_q: Option<usize>,
+    /// At least every key count; `None`: not known.
+    pub max_seqlen_k: Option<usize>,
     /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
     pub seqused_q: Option<&'a Tensor>,
     /// int32 `[B]`: sequence b attends to its first `seqused_k[b]` keys.
@@ -261,7 +261,7 @@ pub fn varlen_fwd_paged_with(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedV
     validate::check_alibi(&mut p, extras.alibi_slopes.map(Tensor::view).as_ref())?;
     let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
     let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
-    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape(), DType::F32, device)?) } else { None };
+    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape()?, DType::F32, device)?) } else { None };
     let views = FwdViews {
         q: q.view(),
         k: k.view(),
@@ -402,7 +402,7 @@ fn run_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, extr
     validate::check_alibi(&mut p, extras.alibi_slopes.map(Tensor::view).as_ref())?;
     let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
     let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
-    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape(), DType::F32, device)?) } else { None };
+    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape()?, DType::F32, device)?) } else { None };
     run_fwd_into(q, k, v, varlen, extras.alibi_slopes, opts, &mut out, &mut lse, s_dmask.as_mut())?;
     Ok(FwdOutput { out, lse, s_dmask })
 }

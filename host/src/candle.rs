@@ -457,8 +457,8 @@ mod host {
         let views = VarlenViews {
             cu_seqlens_q: int_view("seqlens_q", &cq.0, cq.1)?,
             cu_seqlens_k: int_view("seqlens_k", &ck.0, ck.1)?,
-            max_seqlen_q: vl.max_seqlen_q,
-            max_seqlen_k: vl.max_seqlen_k,
+            max_seqlen_q: Some(vl.max_seqlen_q),
+            max_seqlen_k: Some(vl.max_seqlen_k),
             seqused_q: uq.as_ref().map(|(s, l)| int_view("seqused_q", s, l)).transpose()?,
             seqused_k: uk.as_ref().map(|(s, l)| int_view("seqused_k", s, l)).transpose()?,
         };
@@ -473,8 +473,8 @@ mod host {
         let views = PagedVarlenViews {
             cu_seqlens_q: int_view("seqlens_q", &cq.0, cq.1)?,
             cu_seqlens_k: Some(int_view("seqlens_k", &ck.0, ck.1)?),
-            max_seqlen_q: vl.max_seqlen_q,
-            max_seqlen_k: vl.max_seqlen_k,
+            max_seqlen_q: Some(vl.max_seqlen_q),
+            max_seqlen_k: Some(vl.max_seqlen_k),
             seqused_q: None,
             seqused_k: None,
             block_table: int_view("block_table", &bt.0, bt.1)?,

@@ -70,7 +70,11 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
     let dtype = kernel_dtype(p.dtype)?;
     let twin = Twin::of(p);
     let z = p.batch + usize::from(p.varlen);
-    let grid = |c: &FwdConfig| (p.seqlen_q.max(1).div_ceil(c.block_m()) as u32, p.hq as u32, z as u32);
+    // With slot scheduling (`Problem::fwd_slots`) grid x walks the slots, z one slice.
+    let grid = |c: &FwdConfig| match p.fwd_slots(c.block_m()) {
+        Some(slots) => (slots as u32, p.hq as u32, 1),
+        None => (p.seqlen_q.max(1).div_ceil(c.block_m()) as u32, p.hq as u32, z as u32),
+    };
     let wg_name = match twin {
         Twin::Plain => fwd_wg_kernel_name(p.head_dim, dtype),
         Twin::Paged => fwd_wg_paged_kernel_name(p.head_dim, dtype),
@@ -164,8 +168,12 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
         }
         (Twin::Paged | Twin::PagedMods, _) => return None,
     };
-    let m_blocks = p.seqlen_q.max(1).div_ceil(config.block_m());
-    let tiles = m_blocks.checked_mul(p.hq)?.checked_mul(p.batch + usize::from(p.varlen))?;
+    // With slot scheduling (`Problem::fwd_slots`): the slots of one slice.
+    let (m_blocks, slices) = match p.fwd_slots(config.block_m()) {
+        Some(slots) => (slots, 1),
+        None => (p.seqlen_q.max(1).div_ceil(config.block_m()), p.batch + usize::from(p.varlen)),
+    };
+    let tiles = m_blocks.checked_mul(p.hq)?.checked_mul(slices)?;
     if tiles > i32::MAX as usize {
         return None;
     }
@@ -195,13 +203,15 @@ pub struct Launches {
     pub ws: bool,
     /// The deterministic mode in order (`BwdParams::dq_sem`): one accumulator and the turn counters.
     pub ordered: bool,
+    /// Slot scheduling (`BwdParams::slots`): every grid x is its side's slot count, grid z one slice.
+    pub slots: bool,
 }
 
 impl Launches {
     fn new(l: &[Launch], dq_splits: usize) -> Launches {
         let mut items = [l[0]; 3];
         items[..l.len()].copy_from_slice(l);
-        Launches { items, len: l.len(), dq_splits, ws: false, ordered: false }
+        Launches { items, len: l.len(), dq_splits, ws: false, ordered: false, slots: false }
     }
 }
 
@@ -235,16 +245,24 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
         _ => bwd_wg_kernel_name(p.head_dim, dtype),
     };
     let c = bwd_config(p.head_dim);
-    let z = (p.batch + usize::from(p.varlen)) as u32;
+    // Slot scheduling (varlen without the max lengths, default mode): each grid x walks the slots of its
+    // side (queries or keys) for its block size (`problem::slot_count`), grid z one slice.
+    let slotted = bwd_slotted(p, deterministic, chain_all);
+    let z = if slotted { 1 } else { (p.batch + usize::from(p.varlen)) as u32 };
     let rows = BWD_ROWS_PER_BLOCK;
     let blocks = |n: usize, per: usize| n.max(1).div_ceil(per) as u32;
-    let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, p.batch as u32), block: rows as u32, smem_bytes: 0 };
-    let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (blocks(p.seqlen_q, rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
+    let slots = |total: usize, per: usize| crate::problem::slot_count(total, p.batch, per).unwrap_or(0) as u32;
+    let q_blocks = |per: usize| if slotted { slots(p.total_q, per) } else { blocks(p.seqlen_q, per) };
+    let k_blocks = |per: usize| if slotted { slots(p.total_k, per) } else { blocks(p.seqlen_k, per) };
+    let prep = Launch { kernel: bwd_prep_kernel_name(dtype), grid: (q_blocks(rows), p.hq as u32, if slotted { 1 } else { p.batch as u32 }), block: rows as u32, smem_bytes: 0 };
+    let convert = Launch { kernel: bwd_convert_kernel_name(dtype), grid: (q_blocks(rows), p.hq as u32, z), block: rows as u32, smem_bytes: 0 };
     // The deterministic mode in order: the `_det` twin of the warp-specialized kernel (where allowed) or
     // of the wgmma one, one CTA per key block (CTA x on block gx - 1 - x), each step's dq added after the
     // CTA before it added its own, into one accumulator (the workspace holds one and the turn counters:
-    // `dq_copies >= 1`).
-    if deterministic && !mods && !chain_all && dq_copies >= 1 && hopper_sms.is_some() && (ordered_all || bwd_ordered_by_default(p.head_dim)) {
+    // `dq_copies >= 1`). Only with the max lengths: its turns need every key block in a CTA of its own
+    // (a CTA striding over two would wait for a turn its own later block holds), and without them the
+    // grid comes from the mean key count.
+    if deterministic && !mods && !chain_all && dq_copies >= 1 && hopper_sms.is_some() && p.max_given && (ordered_all || bwd_ordered_by_default(p.head_dim)) {
         let ws_det = if ws { bwd_ws_det_kernel_name(p.head_dim, dtype) } else { None };
         let main = match (ws_det, bwd_wg_det_kernel_name(p.head_dim, dtype)) {
             (Some(kernel), _) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) }),
@@ -261,6 +279,7 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     }
     if let (Some(sms), Some(kernel)) = (hopper_sms, wg_kernel) {
         let (gx, splits) = match deterministic {
+            false if slotted => (k_blocks(bwd_wg_block_n(p.head_dim)), 1),
             false => (if chain_all { 1 } else { bwd_wg_grid_x(p, sms) }, 1),
             true => {
                 let s = bwd_det_splits(p, sms, dq_copies, chain_all);
@@ -274,18 +293,29 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
                 None => Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
             };
             let mut l = if gx == 1 { Launches::new(&[prep, main], splits) } else { Launches::new(&[prep, main, convert], splits) };
-            l.ws = ws_kernel.is_some();
+            (l.ws, l.slots) = (ws_kernel.is_some(), slotted);
             return Some(l);
         }
     }
-    let main = Launch { kernel: dkdv, grid: (blocks(p.seqlen_k, c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
+    let main = Launch { kernel: dkdv, grid: (k_blocks(c.block_n), p.hk as u32, z), block: c.threads() as u32, smem_bytes: c.smem_bytes() };
     let last = if deterministic {
         let q = dq_config(p.head_dim);
         Launch { kernel: dq, grid: (blocks(p.seqlen_q, q.block_m()), p.hq as u32, z), block: q.threads() as u32, smem_bytes: dq_smem_bytes(&q) }
     } else {
         convert
     };
-    Some(Launches::new(&[prep, main, last], usize::from(!deterministic)))
+    let mut l = Launches::new(&[prep, main, last], usize::from(!deterministic));
+    l.slots = slotted;
+    Some(l)
+}
+
+/// Whether the backward of `p` runs slot-scheduled (`BwdParams::slots`): varlen without the max lengths
+/// (`Problem::max_given`), with at least one sequence, in the default mode (the deterministic one's dq
+/// copies and turns follow grid x; `chain_all` asks for one CTA per pair), where every side's slots fit
+/// (`problem::slot_count` for the smallest block, 1 row).
+pub fn bwd_slotted(p: &Problem, deterministic: bool, chain_all: bool) -> bool {
+    let fits = |total| crate::problem::slot_count(total, p.batch, 1).is_some();
+    p.varlen && !p.max_given && p.batch >= 1 && !deterministic && !chain_all && fits(p.total_q) && fits(p.total_k)
 }
 
 /// The deterministic backward on Hopper: how many CTAs (grid x) share each (kv head, sequence) pair's key
@@ -336,11 +366,11 @@ pub fn dq_copies_for(pairs: usize) -> usize {
 /// The probabilities kernel (`s_dmask`, flash-attn's return_attn_probs) after the forward of `p`, writing
 /// f32 (`out_f32`) or q's dtype: one thread per key, x over blocks of `PROBS_THREADS` keys, y over the
 /// rows (at most 65535: the kernel strides over the rest), z over the (sequence, head) pairs (the caller
-/// checks this against CUDA's 65535). Rows and keys are `Problem::s_dmask_shape`'s.
+/// checks this against CUDA's 65535). Rows and keys are `Problem::s_dmask_shape`'s (the output check
+/// made sure there is one).
 pub fn probs_launch(p: &Problem, out_f32: bool) -> Option<Launch> {
     let dtype = kernel_dtype(p.dtype)?;
-    let shape = p.s_dmask_shape();
-    let (rows, cols) = (shape[2], shape[3]);
+    let (rows, cols) = (p.seqlen_q, p.seqlen_k);
     let pairs = p.batch.saturating_mul(p.hq).min(u32::MAX as usize);
     let grid = (cols.div_ceil(PROBS_THREADS) as u32, rows.min(65535) as u32, pairs as u32);
     Some(Launch { kernel: probs_kernel_name(dtype, out_f32), grid, block: PROBS_THREADS as u32, smem_bytes: 0 })
@@ -397,6 +427,7 @@ mod tests {
             varlen,
             seqlen_q: seqlen,
             seqlen_k: seqlen,
+            max_given: true,
             total_q: batch * seqlen,
             total_k: batch * seqlen,
             window_left: -1,
@@ -690,6 +721,38 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Varlen without the max lengths: every forward and default-mode backward grid walks the slots of
+    /// its side and block size in x (the ws forward: `m_blocks` slots of one slice), z one slice; the
+    /// deterministic backward and dense problems keep their grids.
+    #[test]
+    fn slot_scheduled_grids_without_max_lengths() {
+        use crate::problem::slot_count;
+        for d in [64, 128, 256] {
+            let (batch, total_q, total_k) = (5, 1000, 1300);
+            let p = Problem { total_q, total_k, seqlen_q: total_q / batch, seqlen_k: total_k / batch, max_given: false, ..problem(d, 7, batch, 4, true, true) };
+            let slots = |total, per| slot_count(total, batch, per).unwrap() as u32;
+            for sms in [None, Some(132)] {
+                let f = fwd_launch(&p, sms).unwrap();
+                assert_eq!(f.grid, (slots(total_q, f.config.block_m()), 4, 1), "d{d} {sms:?}");
+                let l = bwd_launches(&p, false, sms, false, 1, false, false).unwrap();
+                assert!(l.slots, "d{d} {sms:?}");
+                let bn = if sms.is_some() { bwd_wg_block_n(d) } else { bwd_config(d).block_n };
+                assert_eq!(l[0].grid, (slots(total_q, BWD_ROWS_PER_BLOCK), 4, 1));
+                assert_eq!(l[1].grid, (slots(total_k, bn), 4, 1), "d{d} {sms:?}");
+                assert_eq!(l[2].grid, (slots(total_q, BWD_ROWS_PER_BLOCK), 4, 1));
+                let det = bwd_launches(&p, true, sms, false, 1, false, false).unwrap();
+                assert!(!det.slots && det[1].grid.2 == batch as u32 + 1, "d{d} {sms:?}");
+                // Never the ordered deterministic mode: its CTAs must not stride over key blocks.
+                assert!(!bwd_launches(&p, true, sms, false, 1, true, true).unwrap().ordered, "d{d} {sms:?}");
+                let given = Problem { max_given: true, ..p.clone() };
+                assert_eq!(fwd_launch(&given, sms).unwrap().grid.2, batch as u32 + 1);
+                assert!(!bwd_launches(&given, false, sms, false, 1, false, false).unwrap().slots);
+            }
+            let (ws, m_blocks) = fwd_ws_launch(&p, 132).unwrap();
+            assert_eq!((m_blocks as u32, ws.grid), (slots(total_q, ws.config.block_m()), ((m_blocks as u32 * 4).min(132), 1, 1)), "d{d}");
         }
     }
 

@@ -170,7 +170,9 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         Some(l) if !zero_probs => Some(gpu.function(l.kernel, l.smem_bytes)?),
         _ => None,
     };
-    let params = fwd_params(p, t, lengths, block_table, m_blocks);
+    let mut params = fwd_params(p, t, lengths, block_table, m_blocks);
+    // Slot scheduling, as the dispatch sized the grid (or the ws kernel's `m_blocks`) for it.
+    params.slots = p.fwd_slots(launch.config.block_m()).map_or(0, |s| s as i32);
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
     if ws.is_none() {
         unsafe { queue(f, &l, &params, stream) }?;
@@ -256,6 +258,8 @@ fn fwd_params(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Opt
         seqused_k_add: 0,
         q_pack: 1,
         q_pack_head_stride: 0,
+        slots: 0,
+        _pad: 0,
     }
 }
 
@@ -559,7 +563,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         scale_log2,
         softcap_pre,
         scale: p.scale,
-        _pad: 0,
+        slots: i32::from(launches.slots),
         mods: score_mods(p, t.alibi_slopes.as_ref()),
         // Copies past the first only where the Hopper kernel splits (`bwd_det_splits`): CTA x adds to copy
         // x, prep zeroes and the convert sums `dq_splits` of them. Otherwise every CTA adds to the one

@@ -32,10 +32,15 @@ pub struct Problem {
     pub hk: usize,
     pub head_dim: usize,
     pub varlen: bool,
-    /// Dense: rows per sequence. Varlen: max_seqlen_q / max_seqlen_k. KV cache: Sq / the keys a cache
-    /// row holds.
+    /// Dense: rows per sequence. Varlen: max_seqlen_q / max_seqlen_k, or where the caller gave none the
+    /// mean lengths (`max_given` false: an estimate for the heuristics and the grids that are not
+    /// slot-scheduled, whose blocks stride over longer sequences). KV cache: Sq / the keys a cache row
+    /// holds.
     pub seqlen_q: usize,
     pub seqlen_k: usize,
+    /// Varlen: seqlen_q and seqlen_k are the caller's max_seqlen_q and max_seqlen_k (bounds, not
+    /// estimates). Always true for dense and KV-cache problems.
+    pub max_given: bool,
     /// Rows of the q (and out) buffer and of the k/v buffers: B*S dense, T varlen.
     pub total_q: usize,
     pub total_k: usize,
@@ -128,6 +133,14 @@ impl std::ops::Deref for Dims {
 }
 
 impl Problem {
+    /// The forward's slot count (`slot_count`) with row blocks of `block_m`: varlen without the max
+    /// lengths only (the caller gave none, so the grid cannot be sized by them), where it fits.
+    pub fn fwd_slots(&self, block_m: usize) -> Option<usize> {
+        if !self.varlen || self.max_given {
+            return None;
+        }
+        slot_count(self.total_q, self.batch, block_m)
+    }
     /// Output shape: `[B, Sq, Hq, D]`, or `[Tq, Hq, D]` for varlen.
     pub fn out_shape(&self) -> Dims {
         if self.varlen { Dims::new(&[self.total_q, self.hq, self.head_dim]) } else { Dims::new(&[self.batch, self.seqlen_q, self.hq, self.head_dim]) }
@@ -141,9 +154,13 @@ impl Problem {
         if self.varlen { Dims::new(&[self.total_k, self.hk, self.head_dim]) } else { Dims::new(&[self.batch, self.seqlen_k, self.hk, self.head_dim]) }
     }
     /// Shape of the probabilities (`s_dmask`): `[B, Hq, Sq, Sk]`, for varlen `[B, Hq, max_seqlen_q,
-    /// max_seqlen_k]`.
-    pub fn s_dmask_shape(&self) -> Dims {
-        Dims::new(&[self.batch, self.hq, self.seqlen_q, self.seqlen_k])
+    /// max_seqlen_k]` (an error when the caller gave no max_seqlen).
+    pub fn s_dmask_shape(&self) -> crate::error::Result<Dims> {
+        if !self.max_given {
+            let msg = "is required with s_dmask (return_attn_probs), whose shape it sets".into();
+            return Err(crate::error::Error::Value { arg: "max_seqlen_q", msg });
+        }
+        Ok(Dims::new(&[self.batch, self.hq, self.seqlen_q, self.seqlen_k]))
     }
     /// (batch, head) strides of the contiguous LSE.
     pub fn lse_strides(&self) -> (usize, usize) {
@@ -274,4 +291,14 @@ pub struct BwdProblem {
     pub fwd: Problem,
     pub dout: Strides,
     pub out: Strides,
+}
+
+/// Slot scheduling (a varlen grid sized without the max lengths): the virtual row blocks of `bm` rows
+/// over `total` rows of `batch` sequences that the kernels' `seqlen::Lengths::slot_block` maps to
+/// (sequence, row block), `total / bm + batch + 1`; None where twice their rows would not fit i32 (the
+/// kernels form `(block + slots) * bm`).
+pub fn slot_count(total: usize, batch: usize, bm: usize) -> Option<usize> {
+    let slots = (total / bm.max(1)).checked_add(batch)?.checked_add(1)?;
+    let rows = slots.checked_mul(bm)?.checked_mul(2)?;
+    (rows <= i32::MAX as usize).then_some(slots)
 }

@@ -152,10 +152,14 @@ pub struct VarlenViews<'a> {
     pub cu_seqlens_q: View<'a>,
     /// int32 `[B+1]`: sequence b's keys are rows `cu_seqlens_k[b]..cu_seqlens_k[b+1]` of k and v.
     pub cu_seqlens_k: View<'a>,
-    /// At least every (used) query length.
-    pub max_seqlen_q: usize,
-    /// At least every (used) key length.
-    pub max_seqlen_k: usize,
+    /// At least every (used) query length; `None`: not known (see `max_seqlen_k`).
+    pub max_seqlen_q: Option<usize>,
+    /// At least every (used) key length. `None` (either): nothing needs the lengths on the host, and no
+    /// call synchronizes. The forward and the default backward then size their grids from the row counts
+    /// (slot scheduling: each block finds its sequence and row block in cu_seqlens on the device); the
+    /// deterministic backward schedules by the mean lengths (total rows / B), its blocks striding over
+    /// longer sequences. Only `s_dmask`, whose shape they set, needs both.
+    pub max_seqlen_k: Option<usize>,
     /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
     pub seqused_q: Option<View<'a>>,
     /// int32 `[B]`: only the first `seqused_k[b]` keys of slot b are attended to.
@@ -172,10 +176,10 @@ pub struct PagedVarlenViews<'a> {
     /// int32 `[B+1]`: sequence b has `cu_seqlens_k[b+1] - cu_seqlens_k[b]` keys (where they are is the
     /// block table's business). `None`: `seqused_k` gives the key counts and is required.
     pub cu_seqlens_k: Option<View<'a>>,
-    /// At least every (used) query length.
-    pub max_seqlen_q: usize,
-    /// At least every key count.
-    pub max_seqlen_k: usize,
+    /// At least every (used) query length; `None`: not known (as in `VarlenViews`).
+    pub max_seqlen_q: Option<usize>,
+    /// At least every key count; `None`: not known (as in `VarlenViews`).
+    pub max_seqlen_k: Option<usize>,
     /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
     pub seqused_q: Option<View<'a>>,
     /// int32 `[B]`: sequence b attends to its first `seqused_k[b]` keys.

@@ -30,7 +30,7 @@ pub fn validate_fwd(q: &View<'_>, k: &View<'_>, v: &View<'_>, varlen: Option<&Va
         }
         Some(vl) => {
             let batch = check_varlen_structure(vl)?;
-            (batch, vl.max_seqlen_q, vl.max_seqlen_k, qs[0], ks[0])
+            (batch, vl.max_seqlen_q.unwrap_or(mean_len(qs[0], batch)), vl.max_seqlen_k.unwrap_or(mean_len(ks[0], batch)), qs[0], ks[0])
         }
     };
     check_options(opts)?;
@@ -62,6 +62,7 @@ pub fn validate_fwd(q: &View<'_>, k: &View<'_>, v: &View<'_>, varlen: Option<&Va
         varlen: varlen.is_some(),
         seqlen_q,
         seqlen_k,
+        max_given: varlen.is_none_or(|vl| vl.max_seqlen_q.is_some() && vl.max_seqlen_k.is_some()),
         total_q,
         total_k,
         window_left,
@@ -194,8 +195,11 @@ pub fn validate_varlen_paged(q: &View<'_>, k: &View<'_>, v: &View<'_>, pv: &Page
     fits_i32("cu_seqlens_q", "batch size", batch)?;
     fits_i32("q", "num_heads", hq)?;
     fits_i32("k", "num_heads_k", hk)?;
-    fits_i32("max_seqlen_q", "seqlen_q", pv.max_seqlen_q)?;
-    fits_i32("max_seqlen_k", "seqlen_k", pv.max_seqlen_k)?;
+    let seqlen_q = pv.max_seqlen_q.unwrap_or(mean_len(total_q, batch));
+    // Without cu_seqlens_k the pool's rows are no sequence's: the mean is at most a table row's keys.
+    let seqlen_k = pv.max_seqlen_k.unwrap_or(mean_len(total_k, batch).min(paged.capacity()));
+    fits_i32("max_seqlen_q", "seqlen_q", seqlen_q)?;
+    fits_i32("max_seqlen_k", "seqlen_k", seqlen_k)?;
     fits_i32("q", "total query rows", total_q)?;
     fits_i32("block_table", "keys per sequence (max_blocks * page_size)", paged.capacity())?;
     for (arg, t) in [("q", q), ("k", k), ("v", v), ("block_table", &pv.block_table)] {
@@ -210,8 +214,9 @@ pub fn validate_varlen_paged(q: &View<'_>, k: &View<'_>, v: &View<'_>, pv: &Page
         hk,
         head_dim: d,
         varlen: true,
-        seqlen_q: pv.max_seqlen_q,
-        seqlen_k: pv.max_seqlen_k,
+        seqlen_q,
+        seqlen_k,
+        max_given: pv.max_seqlen_q.is_some() && pv.max_seqlen_k.is_some(),
         total_q,
         total_k,
         window_left,
@@ -272,7 +277,7 @@ pub fn check_paged_fwd_outputs(p: &Problem, t: &FwdViews<'_>, pv: &PagedVarlenVi
 /// `validate_varlen_paged` returned it: the query side as `check_varlen_contents` does, the key counts
 /// (from cu_seqlens_k, cut to seqused_k where given; else seqused_k) within max_seqlen_k and the keys a
 /// block table row addresses, and every block a sequence reads inside k.
-pub fn check_paged_varlen_contents(p: &Problem, host: HostPagedSeqlens, max_seqlen_q: usize, max_seqlen_k: usize) -> Result<(HostSeqlens, HostKeys)> {
+pub fn check_paged_varlen_contents(p: &Problem, host: HostPagedSeqlens, max_seqlen_q: Option<usize>, max_seqlen_k: Option<usize>) -> Result<(HostSeqlens, HostKeys)> {
     let paged = p.paged.ok_or_else(|| Error::Value { arg: "block_table", msg: "the problem is not paged".into() })?;
     let batch = p.batch;
     let sizes = [("cu_seqlens_q", Some(host.cu_seqlens_q.len()), batch + 1), ("cu_seqlens_k", host.cu_seqlens_k.as_ref().map(Vec::len), batch + 1)];
@@ -426,6 +431,7 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
         varlen: false,
         seqlen_q,
         seqlen_k: capacity,
+        max_given: true,
         total_q,
         total_k,
         window_left,
@@ -805,7 +811,7 @@ pub fn check_grid(grid: (u32, u32, u32)) -> Result<()> {
 
 /// Checks the contents of the varlen lengths (host copies): the check `validate_fwd` cannot make for
 /// device memory. `total_q`/`total_k` are the row counts of q and k.
-pub fn check_varlen_contents(seqlens: HostSeqlens, max_seqlen_q: usize, max_seqlen_k: usize, total_q: usize, total_k: usize) -> Result<HostSeqlens> {
+pub fn check_varlen_contents(seqlens: HostSeqlens, max_seqlen_q: Option<usize>, max_seqlen_k: Option<usize>, total_q: usize, total_k: usize) -> Result<HostSeqlens> {
     let len_q = seqlens.cu_seqlens_q.len();
     if len_q == 0 {
         return Err(Error::Shape { arg: "cu_seqlens_q", msg: "must have B+1 >= 1 entries, got 0".into() });
@@ -829,8 +835,8 @@ pub fn check_varlen_contents(seqlens: HostSeqlens, max_seqlen_q: usize, max_seql
 }
 
 /// One side's lengths: slots from `cu` (checked against `total` rows where the rows are addressed by
-/// it), each cut to `used[b]` where given, none longer than `max`. Returns the lengths.
-fn seq_lengths(cu: Option<(&'static str, &[i32])>, used: Option<(&'static str, &[i32])>, (max_arg, max_seqlen): (&'static str, usize), total: Option<usize>, batch: usize) -> Result<Vec<usize>> {
+/// it), each cut to `used[b]` where given, none longer than `max` where given. Returns the lengths.
+fn seq_lengths(cu: Option<(&'static str, &[i32])>, used: Option<(&'static str, &[i32])>, (max_arg, max_seqlen): (&'static str, Option<usize>), total: Option<usize>, batch: usize) -> Result<Vec<usize>> {
     if let Some((arg, cu)) = cu {
         check_cu_seqlens(arg, cu, total)?;
     }
@@ -847,7 +853,9 @@ fn seq_lengths(cu: Option<(&'static str, &[i32])>, used: Option<(&'static str, &
                 (None, Some(slot)) => slot,
                 (None, None) => 0,
             };
-            if len as u64 > max_seqlen as u64 {
+            if let Some(max_seqlen) = max_seqlen
+                && len as u64 > max_seqlen as u64
+            {
                 return Err(Error::SeqLens { arg: max_arg, msg: format!("{max_seqlen} is below the length {len} of sequence {b}") });
             }
             Ok(len as usize)
@@ -982,7 +990,13 @@ fn check_s_dmask(p: &Problem, t: &View<'_>) -> Result<()> {
     if t.dtype != dtype {
         return Err(Error::DType { arg, got: t.dtype.to_string(), expected: "f32 or q's dtype" });
     }
-    check_like(arg, t, dtype, &p.s_dmask_shape(), false)
+    check_like(arg, t, dtype, &p.s_dmask_shape()?, false)
+}
+
+/// The mean length of `batch` sequences in `total` rows (rounded up; 0 for no rows): the scheduling
+/// estimate that stands in for a max_seqlen the caller did not give.
+fn mean_len(total: usize, batch: usize) -> usize {
+    total.div_ceil(batch.max(1))
 }
 
 fn checked_rows(arg: &'static str, batch: usize, seqlen: usize) -> Result<usize> {

@@ -125,6 +125,32 @@ impl Lengths {
         }
     }
 
+    /// Slot scheduling, for a varlen grid sized without the max lengths: virtual row block `v` of
+    /// `slots = total / bm + batch + 1` (`problem::slot_count` on the host) on the query side (`keys`: the key side) as
+    /// (sequence slice, its row block). Sequence b owns the `cu[b+1] / bm - cu[b] / bm + 1` slots from
+    /// `cu[b] / bm + b` on (at least its row blocks), the tail slice (b = batch) the rest, so every row
+    /// block of every slice has one slot; a slot past its slice's rows has nothing to do. Found by binary
+    /// search over cu_seqlens (clamped as `SeqlenInfo::varlen` does); unsorted (bogus) cu_seqlens get
+    /// some slice, or row block `slots`, past every slice's rows: never a negative block.
+    #[inline(always)]
+    pub fn slot_block(&self, v: i32, bm: i32, keys: bool, slots: i32, read: impl Fn(u64, i32) -> i32) -> (i32, i32) {
+        let (cu, total) = if keys { (self.cu_seqlens_k, self.total_k) } else { (self.cu_seqlens_q, self.total_q) };
+        let total = if total > 0 { total } else { 0 };
+        // Unchecked in effect: bm is a positive constant where the kernels call this.
+        let first = |b: i32| clamp(read(cu, b), 0, total) / bm + b;
+        let (mut lo, mut hi) = (0, self.batch + 1);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if first(mid) <= v {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let at = first(lo);
+        if at <= v { (lo, v - at) } else { (lo, slots) }
+    }
+
     /// Dense queries over a paged (or KV-cache) sequence's keys: `seqused_k[b] + seqused_k_add` keys of
     /// its table row (all `capacity` without seqused_k), from position `k_first[b]` on (`start`), all
     /// clamped to the row: `start + used <= capacity`.

@@ -8,9 +8,11 @@ Python API.
 The flash_attn_*_func functions and flash_attn_with_kvcache take flash-attn 2.8's arguments, defaults and
 layouts and return what it returns (with `return_attn_probs=True`: `(out, softmax_lse, S_dmask)`, S_dmask
 None unless dropout_p > 0); `flash_attn_varlen_func` also takes `seqused_q` / `seqused_k` (int32 `[B]`:
-only the first `seqused[b]` rows of slot b are real) and `block_table` (paged K/V). `fwd`, `varlen_fwd`,
-`bwd` and `varlen_bwd` are the kernels hub's low-level functions (flash-attn's C++ ops), returning lists
-whose first entries are out and softmax_lse (dq, dk, dv for the backward).
+only the first `seqused[b]` rows of slot b are real) and `block_table` (paged K/V), and every varlen
+function takes max_seqlen_q / max_seqlen_k None (not known: nothing reads cu_seqlens on the host; needed
+only to size S_dmask). `fwd`, `varlen_fwd`, `bwd` and `varlen_bwd` are the kernels hub's low-level
+functions (flash-attn's C++ ops), returning lists whose first entries are out and softmax_lse (dq, dk, dv
+for the backward).
 
 - PyTorch tensors: CUDA tensors (float16 / bfloat16) run the GPU kernels on the current stream, in place,
   without synchronizing; CPU tensors run the CPU path. Differentiable (the backward reads the saved out
@@ -150,7 +152,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            seqused_k=None, *, rng_state=None):
     """Attention over packed sequences: q `[Tq, H, D]`, k and v `[Tk, Hk, D]`; sequence b is rows
     cu_seqlens_q[b]..cu_seqlens_q[b+1] of q and cu_seqlens_k[b]..cu_seqlens_k[b+1] of k and v (int32
-    `[B+1]`, on q's device); max_seqlen_q/k bound the lengths. seqused_q / seqused_k (int32 `[B]`, optional):
+    `[B+1]`, on q's device). max_seqlen_q / max_seqlen_k: ints at least every length, or None (not known:
+    the kernels then find each sequence in cu_seqlens on the device, so nothing reads it back to the host and the
+    call does not synchronize; both are required only where S_dmask is made, i.e. return_attn_probs with
+    dropout_p > 0: ValueError naming max_seqlen_q otherwise). seqused_q / seqused_k (int32 `[B]`, optional):
     only the first seqused[b] rows of slot b are used; the other query rows (and rows past
     cu_seqlens_q[B]) get out 0 and softmax_lse -inf. Masks, ALiBi, dropout as in flash_attn_func, per
     sequence (S_dmask `[B, H, max_seqlen_q, max_seqlen_k]`, each sequence at its block's top left).
@@ -174,7 +179,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False, *, rng_state=None):
-    """flash_attn_varlen_func over one packed qkv `[T, 3, H, D]` (one cu_seqlens for q and k)."""
+    """flash_attn_varlen_func over one packed qkv `[T, 3, H, D]` (one cu_seqlens for q and k; max_seqlen
+    an int or None, as there)."""
     path = _path(qkv, "qkv")
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, rng_state)
@@ -186,7 +192,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
                                     rng_state=None):
-    """flash_attn_varlen_func over q `[Tq, H, D]` and one packed kv `[Tk, 2, Hk, D]`."""
+    """flash_attn_varlen_func over q `[Tq, H, D]` and one packed kv `[Tk, 2, Hk, D]` (max_seqlen_q /
+    max_seqlen_k ints or None, as there)."""
     path = _path(q, "q")
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, rng_state)
@@ -243,13 +250,15 @@ def fwd(q, k, v, out=None, alibi_slopes=None, p_dropout=0.0, softmax_scale=None,
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, leftpad_k=None, block_table=None,
-               alibi_slopes=None, max_seqlen_q=0, max_seqlen_k=0, p_dropout=0.0, softmax_scale=None,
+               alibi_slopes=None, max_seqlen_q=None, max_seqlen_k=None, p_dropout=0.0, softmax_scale=None,
                zero_tensors=False, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
                return_softmax=False, gen=None):
     """flash-attn's `varlen_fwd` op: q `[Tq, H, D]`, k and v `[Tk, Hk, D]` (with block_table int32
     `[B, max_blocks]`: pages `[num_blocks, page_size, Hk, D]`), int32 cu_seqlens `[B+1]`. Returns [out,
-    softmax_lse `[H, Tq]`, S_dmask, rng_state] as `fwd`. zero_tensors is accepted and has no effect (every
-    row of out is written)."""
+    softmax_lse `[H, Tq]`, S_dmask, rng_state] as `fwd`. max_seqlen_q / max_seqlen_k: ints, or None (the
+    default: not known, as in flash_attn_varlen_func; both are required with return_softmax, which sizes
+    S_dmask `[B, H, max_seqlen_q, max_seqlen_k]` by them). zero_tensors is accepted and has no effect
+    (every row of out is written)."""
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, return_softmax)
@@ -273,10 +282,11 @@ def bwd(dout, q, k, v, out, softmax_lse, dq=None, dk=None, dv=None, alibi_slopes
 
 
 def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=None, dk=None, dv=None,
-               alibi_slopes=None, max_seqlen_q=0, max_seqlen_k=0, p_dropout=0.0, softmax_scale=None,
+               alibi_slopes=None, max_seqlen_q=None, max_seqlen_k=None, p_dropout=0.0, softmax_scale=None,
                zero_tensors=False, is_causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0,
                deterministic=False, gen=None, rng_state=None):
-    """flash-attn's `varlen_bwd` op over varlen_fwd's layouts. Returns [dq, dk, dv, None]."""
+    """flash-attn's `varlen_bwd` op over varlen_fwd's layouts (max_seqlen_q / max_seqlen_k ints or None, as
+    there). Returns [dq, dk, dv, None]."""
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, deterministic=deterministic, rng_state=rng_state)

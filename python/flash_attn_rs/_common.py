@@ -137,11 +137,19 @@ def check_head_dims(d, others):
             raise ValueError(f"{name}: head dim {t.shape[-1]} must equal q's head dim {d}")
 
 
+#: The library's error (ValueError) for a varlen S_dmask without both max lengths.
+MAX_SEQLEN_REQUIRED = "max_seqlen_q: is required with s_dmask (return_attn_probs), whose shape it sets"
+
+
 def s_dmask_shape(q, lens, k=None):
-    """S_dmask's shape: `[B, H, Sq, Sk]`, varlen `[B, H, max_seqlen_q, max_seqlen_k]`."""
+    """S_dmask's shape: `[B, H, Sq, Sk]`, varlen `[B, H, max_seqlen_q, max_seqlen_k]` (ValueError, as the
+    library's, where either max is None: nothing else sets that shape, and reading cu_seqlens for it would
+    synchronize)."""
     if lens is None:
         return (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     cu_q, _, max_q, max_k = lens[:4]
+    if max_q is None or max_k is None:
+        raise ValueError(MAX_SEQLEN_REQUIRED)
     return (cu_q.shape[0] - 1 if cu_q.ndim == 1 else 0, q.shape[1], max_q, max_k)
 
 
@@ -161,6 +169,12 @@ def index(x, name):
     if x < 0:
         raise ValueError(f"{name}: must be >= 0, got {x}")
     return x
+
+
+def max_seqlen(x, name):
+    """A max_seqlen_q / max_seqlen_k: None (not known: the kernels find the lengths on the device) or an
+    int >= 0, as a Python int."""
+    return None if x is None else index(x, name)
 
 
 def unsupported_varlen(leftpad_k=None):

@@ -85,7 +85,7 @@ def _lens(lens):
     names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
     arrays = [None if t is None else _array(t, n, "int32") for n, t in zip(names, (cu_q, cu_k, used_q, used_k))]
     descs = [None if t is None else _desc(t, n, "int32") for n, t in zip(names, arrays)]
-    max_q, max_k = _common.index(max_q, "max_seqlen_q"), _common.index(max_k, "max_seqlen_k")
+    max_q, max_k = _common.max_seqlen(max_q, "max_seqlen_q"), _common.max_seqlen(max_k, "max_seqlen_k")
     return arrays, (descs[0], descs[1], max_q, max_k, descs[2], descs[3])
 
 
@@ -281,7 +281,7 @@ def paged(q, k, v, lens, block_table, o):
     if arrays[0] is None:
         raise TypeError("cu_seqlens_q: expected a numpy.ndarray, got NoneType")
     descs = [None if t is None else _desc(t, n, "int32") for n, t in zip(names, arrays)]
-    max_q, max_k = _common.index(max_q, "max_seqlen_q"), _common.index(max_k, "max_seqlen_k")
+    max_q, max_k = _common.max_seqlen(max_q, "max_seqlen_q"), _common.max_seqlen(max_k, "max_seqlen_k")
     out = np.empty(q.shape, q.dtype)
     lse = np.empty((q.shape[1], q.shape[0]), np.float32)
     kw, keep = _extras(o, q, (arrays[0], None, max_q, max_k), k, seed_offset(o))

@@ -174,8 +174,8 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k,
 
 def _fwd_body(q: Tensor, k: Optional[Tensor], v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
               cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
-              max_seqlen_q: int, max_seqlen_k: int, pack: int, softmax_scale: float, causal: bool,
-              window_size_left: int, window_size_right: int, softcap: float,
+              max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], pack: int, softmax_scale: float,
+              causal: bool, window_size_left: int, window_size_right: int, softcap: float,
               deterministic: bool) -> Tuple[Tensor, Tensor]:
     qq, kk, vv = _split(q, k, v, pack)
     out = torch.empty(qq.shape, dtype=qq.dtype, device=qq.device)
@@ -187,8 +187,8 @@ def _fwd_body(q: Tensor, k: Optional[Tensor], v: Optional[Tensor], cu_seqlens_q:
 
 def _fwd_into_body(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q: Optional[Tensor],
                    cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
-                   max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window_size_left: int,
-                   window_size_right: int, softcap: float) -> Tensor:
+                   max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], softmax_scale: float, causal: bool,
+                   window_size_left: int, window_size_right: int, softcap: float) -> Tensor:
     lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
     target = out if _rows_aligned(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     _launch_fwd(q, k, v, target, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
@@ -200,9 +200,9 @@ def _fwd_into_body(q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q: O
 
 def _bwd_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor, dq: Tensor,
               dk: Tensor, dv: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-              seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-              softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int, softcap: float,
-              deterministic: bool) -> None:
+              seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], max_seqlen_q: Optional[int],
+              max_seqlen_k: Optional[int], softmax_scale: float, causal: bool, window_size_left: int,
+              window_size_right: int, softcap: float, deterministic: bool) -> None:
     _launch_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                 max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
                 deterministic)
@@ -441,8 +441,12 @@ def _pad(t, dp):
 
 
 def _seqlen(x, name):
+    """A max_seqlen_q / max_seqlen_k: an int (or SymInt), or None (not known: the kernels find each
+    sequence in cu_seqlens on the device, and nothing reads it back to the host)."""
+    if x is None:
+        return None
     if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
-        raise TypeError(f"{name}: must be an int, got {type(x).__name__}")
+        raise TypeError(f"{name}: must be an int or None, got {type(x).__name__}")
     return x
 
 
@@ -621,8 +625,7 @@ def _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale
     alibi = _alibi(alibi, qq)
     extras = _bwd_extras(alibi, dropout)
     if want_probs:
-        shape = (cu_q.shape[0] - 1 if cu_q.ndim == 1 else 0, qq.shape[1], max_q, max_k) if varlen else \
-            (qq.shape[0], qq.shape[2], qq.shape[1], kk.shape[1])
+        shape = _common.s_dmask_shape(qq, (cu_q, cu_k, max_q, max_k) if varlen else None, kk)
         s_dmask = torch.zeros(shape, dtype=qq.dtype, device=qq.device)
         extras["s_dmask"] = _desc(s_dmask, "s_dmask")
     else:
@@ -674,8 +677,8 @@ def _seeds_of(dropout_p, rng_state):
 
 def _fwd_ext_body(q: Tensor, k: Optional[Tensor], v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                   cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor], seqused_k: Optional[Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, pack: int, softmax_scale: float, causal: bool,
-                  window_size_left: int, window_size_right: int, softcap: float, deterministic: bool,
+                  max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], pack: int, softmax_scale: float,
+                  causal: bool, window_size_left: int, window_size_right: int, softcap: float, deterministic: bool,
                   alibi_slopes: Optional[Tensor], dropout_p: float, rng_state: Optional[Tensor],
                   return_probs: bool) -> Tuple[Tensor, Tensor, Tensor]:
     return _ext_fwd_body(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, pack,
@@ -685,10 +688,10 @@ def _fwd_ext_body(q: Tensor, k: Optional[Tensor], v: Optional[Tensor], cu_seqlen
 
 def _bwd_ext_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor, dq: Tensor,
                   dk: Tensor, dv: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                  seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                  softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int, softcap: float,
-                  deterministic: bool, alibi_slopes: Optional[Tensor], dropout_p: float,
-                  rng_state: Optional[Tensor]) -> None:
+                  seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], max_seqlen_q: Optional[int],
+                  max_seqlen_k: Optional[int], softmax_scale: float, causal: bool, window_size_left: int,
+                  window_size_right: int, softcap: float, deterministic: bool, alibi_slopes: Optional[Tensor],
+                  dropout_p: float, rng_state: Optional[Tensor]) -> None:
     extras = _bwd_extras(_alibi(alibi_slopes, q), _seeds_of(dropout_p, rng_state))
     _launch_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                 max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
@@ -708,9 +711,8 @@ def _fwd_ext_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max
     out = torch.empty(qq.shape, dtype=qq.dtype, device=qq.device)
     lse = torch.empty(_lse_shape(qq, varlen), dtype=torch.float32, device=qq.device)
     if return_probs:
-        shape = (cu_seqlens_q.shape[0] - 1, qq.shape[1], max_seqlen_q, max_seqlen_k) if varlen else \
-            (qq.shape[0], qq.shape[2], qq.shape[1], kk.shape[1])
-        s_dmask = torch.empty(shape, dtype=qq.dtype, device=qq.device)
+        lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) if varlen else None
+        s_dmask = torch.empty(_common.s_dmask_shape(qq, lens, kk), dtype=qq.dtype, device=qq.device)
     else:
         s_dmask = torch.empty(0, dtype=qq.dtype, device=qq.device)
     return out, lse, s_dmask
@@ -793,9 +795,9 @@ def _launch_paged(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, table, max_q, m
 
 
 def _paged_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor],
-                seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], block_table: Tensor, max_seqlen_q: int,
-                max_seqlen_k: int, softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int,
-                softcap: float) -> Tuple[Tensor, Tensor]:
+                seqused_q: Optional[Tensor], seqused_k: Optional[Tensor], block_table: Tensor,
+                max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], softmax_scale: float, causal: bool,
+                window_size_left: int, window_size_right: int, softcap: float) -> Tuple[Tensor, Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     _launch_paged(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, block_table, max_seqlen_q,

@@ -53,6 +53,14 @@ fn uint(obj: &Bound<'_, PyAny>, arg: &str, what: &str, max: u64) -> PyResult<u64
     }
 }
 
+/// None (not known) or a Python int (not a bool) in `0..=max`: a `max_seqlen_q` / `max_seqlen_k`.
+fn opt_uint(obj: &Bound<'_, PyAny>, arg: &str, what: &str, max: u64) -> PyResult<Option<usize>> {
+    if obj.is_none() {
+        return Ok(None);
+    }
+    uint(obj, arg, what, max).map(|v| Some(v as usize))
+}
+
 /// A Python int (not a bool) that fits i64.
 fn int(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<i64> {
     if !obj.is_instance_of::<PyInt>() || obj.is_instance_of::<PyBool>() {
@@ -197,8 +205,8 @@ fn workspace(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Workspace> {
 struct Lens {
     cu_q: Arg,
     cu_k: Arg,
-    max_q: usize,
-    max_k: usize,
+    max_q: Option<usize>,
+    max_k: Option<usize>,
     used_q: Option<Arg>,
     used_k: Option<Arg>,
 }
@@ -208,8 +216,8 @@ impl Lens {
         Ok(Lens {
             cu_q: Arg::parse(cu_q, "cu_seqlens_q")?,
             cu_k: Arg::parse(cu_k, "cu_seqlens_k")?,
-            max_q: uint(max_q, "max_seqlen_q", "value", 1 << 62)? as usize,
-            max_k: uint(max_k, "max_seqlen_k", "value", 1 << 62)? as usize,
+            max_q: opt_uint(max_q, "max_seqlen_q", "value", 1 << 62)?,
+            max_k: opt_uint(max_k, "max_seqlen_k", "value", 1 << 62)?,
             used_q: Arg::optional(used_q, "seqused_q")?,
             used_k: Arg::optional(used_k, "seqused_k")?,
         })
@@ -388,8 +396,10 @@ fn fwd_dense(
 ///            alibi_slopes=None, s_dmask=None, dropout=None)
 ///
 /// Packed forward: q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]`, int32 cu_seqlens `[B+1]` (and optional
-/// seqused `[B]`, or None) into out `[Tq, Hq, D]` and lse (contiguous f32 `[Hq, Tq]`). The optional
-/// arguments as for `fwd` (s_dmask `[B, Hq, max_seqlen_q, max_seqlen_k]`).
+/// seqused `[B]`, or None) into out `[Tq, Hq, D]` and lse (contiguous f32 `[Hq, Tq]`). `max_seqlen_q` /
+/// `max_seqlen_k`: an int at least every (used) length, or None (not known: the CUDA kernels then
+/// find each sequence in cu_seqlens on the device, so nothing reads it on the host); both are required with
+/// s_dmask. The optional arguments as for `fwd` (s_dmask `[B, Hq, max_seqlen_q, max_seqlen_k]`).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, device, alibi_slopes=None, s_dmask=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]
@@ -434,7 +444,8 @@ fn varlen_fwd(
 ///
 /// Packed forward over paged K/V: q `[Tq, Hq, D]`, k and v `[num_blocks, page_size, Hk, D]`, int32
 /// block_table `[B, max_blocks]`; key counts from cu_seqlens_k `[B+1]` (cut to seqused_k where given) or,
-/// with cu_seqlens_k None, from seqused_k `[B]`. Out and lse as `varlen_fwd`.
+/// with cu_seqlens_k None, from seqused_k `[B]`. Out, lse and the max lengths (int or None) as
+/// `varlen_fwd`.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, block_table, softmax_scale, causal, window_size_left, window_size_right, softcap, device, alibi_slopes=None, s_dmask=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]
@@ -466,8 +477,8 @@ fn varlen_fwd_paged(
     let (out, lse) = (Arg::parse(out, "out")?, Arg::parse(lse, "lse")?);
     let cu_q = Arg::parse(cu_seqlens_q, "cu_seqlens_q")?;
     let cu_k = Arg::optional(Some(cu_seqlens_k), "cu_seqlens_k")?;
-    let max_q = uint(max_seqlen_q, "max_seqlen_q", "value", 1 << 62)? as usize;
-    let max_k = uint(max_seqlen_k, "max_seqlen_k", "value", 1 << 62)? as usize;
+    let max_q = opt_uint(max_seqlen_q, "max_seqlen_q", "value", 1 << 62)?;
+    let max_k = opt_uint(max_seqlen_k, "max_seqlen_k", "value", 1 << 62)?;
     let used_q = Arg::optional(Some(seqused_q), "seqused_q")?;
     let used_k = Arg::optional(Some(seqused_k), "seqused_k")?;
     let table = Arg::parse(block_table, "block_table")?;
@@ -620,7 +631,8 @@ fn bwd(
 ///            max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal, window_size_left,
 ///            window_size_right, softcap, deterministic, workspace, device)
 ///
-/// Packed backward, over `varlen_fwd`'s layouts (optional arguments as for `bwd`).
+/// Packed backward, over `varlen_fwd`'s layouts (max lengths int or None as there; optional arguments
+/// as for `bwd`).
 #[pyfunction]
 #[pyo3(signature = (dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic, workspace, device, alibi_slopes=None, dropout=None))]
 #[allow(clippy::too_many_arguments)]

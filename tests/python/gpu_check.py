@@ -16,6 +16,8 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
 - a non-default stream: the kernels run after earlier work on that stream, not on the default stream;
 - packed versus separate: flash_attn_varlen_func over a packed batch (and its gradients) against
   flash_attn_func per sequence;
+- max_seqlen_q / max_seqlen_k None on a skewed batch: the same out, lse and gradients as with the maxima
+  (eager path, custom ops, torch.compile), no device synchronization, S_dmask without them a ValueError;
 - a kernels-hub-style script through fwd / varlen_fwd / bwd against SDPA;
 - paged K/V (flash_attn_varlen_func with block_table, the hub's varlen_fwd with block_table): against the
   contiguous varlen call over the same keys and against flash-attn's semantics computed in torch (keys
@@ -436,6 +438,100 @@ def check_packed_vs_separate(dev, quick):
     g2 = torch.autograd.grad(o2, qkv2, torch.ones_like(o2))[0]
     report("flash_attn_qkvpacked_func == flash_attn_func on the unpacked views (out and packed gradient)",
            torch.equal(o1, o2) and max_err(g1, g2) <= 1e-2 * g2.abs().max().item() and g1.shape == qkv.shape)
+
+
+# --- max_seqlen None (not known) ----------------------------------------------------------------------
+
+@check("max_seqlen None")
+def check_max_seqlen_none(dev, quick):
+    """flash_attn_varlen_func with max_seqlen_q / max_seqlen_k None (the kernels find each sequence in
+    cu_seqlens on the device; nothing reads it on the host) against the same call with the
+    maxima, on a skewed batch (two sequences far longer than the mean, an empty one): forward out and lse,
+    autograd's gradients; eagerly, through the custom ops and under torch.compile(fullgraph=True); no
+    device synchronization on the way; S_dmask without the maxima a ValueError naming max_seqlen_q."""
+    from flash_attn_rs import _torch_impl
+    torch.manual_seed(12)
+    lens_q, lens_k = [1500, 3, 40, 0, 700], [1300, 9, 40, 0, 900]
+    if quick:
+        lens_q, lens_k = [300, 3, 40, 0, 140], [260, 9, 40, 0, 180]
+    h, hk, d, dtype = 8, 2, 128, torch.bfloat16
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device=dev)
+    q = torch.randn(sum(lens_q), h, d, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lens_k), hk, d, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lens_k), hk, d, device=dev, dtype=dtype, requires_grad=True)
+    dout = torch.randn(sum(lens_q), h, d, device=dev, dtype=dtype)
+    mq, mk = max(lens_q), max(lens_k)
+
+    def run(max_q, max_k, **kw):
+        out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **kw)
+        return (out, lse) + torch.autograd.grad(out, (q, k, v), dout)
+
+    def rel(a, b):
+        return max_err(a, b) / max(b.abs().max().item(), 1e-6)
+
+    def lse_err(a, b):
+        fin = torch.isfinite(b)
+        if not torch.equal(torch.isfinite(a), fin):
+            return float("inf")
+        return max_err(a[fin], b[fin]) if fin.any() else 0.0
+
+    for opts in (dict(causal=True), dict(causal=False), dict(window_size=(200, 17), softcap=5.0)):
+        for fast in (True, False):
+            _torch_impl.EAGER_FAST_PATH = fast
+            try:
+                want = run(mq, mk, **opts)
+                for max_q, max_k in ((None, None), (mq, None), (None, mk)):
+                    got = run(max_q, max_k, **opts)
+                    e_out, e_lse = rel(got[0], want[0]), lse_err(got[1], want[1])
+                    e_g = [rel(a, b) for a, b in zip(got[2:], want[2:])]
+                    # The forward: the same per-row arithmetic (expected bitwise); the default backward sums
+                    # dq with atomics, whose order the schedule changes.
+                    ok = e_out <= 1e-3 and e_lse <= 1e-4 and max(e_g) <= 1e-2
+                    report(f"max_seqlen ({max_q}, {max_k}) == ({mq}, {mk}): {opts}, "
+                           f"{'eager path' if fast else 'custom ops'}", ok,
+                           f"out {'bitwise' if torch.equal(got[0], want[0]) else f'{e_out:.1e}'}, "
+                           f"lse {e_lse:.1e}, dq {e_g[0]:.1e}, dk {e_g[1]:.1e}, dv {e_g[2]:.1e}")
+            finally:
+                _torch_impl.EAGER_FAST_PATH = True
+    if dev.type == "cuda":
+        # No host read of cu_seqlens anywhere on the way (forward and backward): a synchronizing op raises.
+        want = run(mq, mk, causal=True)
+        torch.cuda.synchronize(dev)
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = run(None, None, causal=True)
+            ok, detail = True, ""
+        except RuntimeError as e:
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        if ok:
+            ok = rel(got[0], want[0]) <= 1e-3
+            detail = f"out {'bitwise' if torch.equal(got[0], want[0]) else f'{rel(got[0], want[0]):.1e}'}"
+        report("max_seqlen None: forward and backward without a device synchronization", ok, detail)
+    # torch.compile(fullgraph=True): None through the ops' `SymInt?` arguments, forward and backward.
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, None, None, causal=True),
+                       fullgraph=True)
+    out = fn(q, k, v)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    want = run(mq, mk, causal=True)
+    e_g = max(rel(a, b) for a, b in zip(g, want[2:]))
+    report("torch.compile(fullgraph=True) with max_seqlen None == eager with the maxima",
+           rel(out, want[0]) <= 1e-3 and e_g <= 1e-2, f"out {rel(out, want[0]):.1e}, gradients {e_g:.1e}")
+    # S_dmask's shape is [B, H, max_seqlen_q, max_seqlen_k]: without them, a clear error (and no launch).
+    for name, fn in (("flash_attn_varlen_func(dropout_p=0.1, return_attn_probs=True)",
+                      lambda: fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, None, mk, dropout_p=0.1,
+                                                        return_attn_probs=True)),
+                     ("hub varlen_fwd(return_softmax=True)",
+                      lambda: fa.varlen_fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k, return_softmax=True))):
+        try:
+            fn()
+            report(f"error: max_seqlen None with S_dmask, {name}", False, "no exception")
+        except ValueError as e:
+            report(f"error: max_seqlen None with S_dmask, {name}", "max_seqlen_q" in str(e), str(e))
 
 
 # --- The hub's functions -----------------------------------------------------------------------------
@@ -901,6 +997,7 @@ def main():
     check_paths(dev, quick)
     check_compile(dev, quick)
     check_packed_vs_separate(dev, quick)
+    check_max_seqlen_none(dev, quick)
     check_hub(dev, quick)
     check_errors(dev, quick)
     check_layouts(dev, quick)

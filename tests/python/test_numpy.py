@@ -522,6 +522,144 @@ def test_paged_padded_head_dim_and_alibi():
     assert got.shape == q.shape and np.array_equal(got, want), seed
 
 
+# --- max_seqlen None (not known) ----------------------------------------------------------------------
+
+def skewed_varlen(rng, hq=4, hk=2, d=64):
+    """A packed batch whose lengths are far from their mean (one long sequence, an empty one, short ones;
+    random each run): (lq, lk, cu_seqlens_q, cu_seqlens_k, q, k, v)."""
+    lq, lk = random_lengths(rng, 5, 12), random_lengths(rng, 5, 12)
+    lq[0], lk[0] = rng.integers(100, 160), rng.integers(120, 200)
+    lq[3] = lk[3] = 0
+    lq[4], lk[4] = rng.integers(40, 80), rng.integers(40, 80)
+    cq, ck = cu(lq), cu(lk)
+    q, k, v = randn(rng, (cq[-1], hq, d)), randn(rng, (ck[-1], hk, d)), randn(rng, (ck[-1], hk, d))
+    return lq, lk, cq, ck, q, k, v
+
+
+@pytest.mark.parametrize("causal,window,softcap", [MASKS[0], MASKS[1], MASKS[2], MASKS[7]])
+def test_varlen_max_seqlen_none(causal, window, softcap):
+    """max_seqlen_q / max_seqlen_k None: bitwise the call with the exact maxima (out and lse), through
+    flash_attn_varlen_func (also with seqused_k), the kvpacked and qkvpacked variants, paged K/V and the
+    hub's varlen_fwd (whose defaults are None)."""
+    seed, rng = new_rng("test_varlen_max_seqlen_none")
+    lq, lk, cq, ck, q, k, v = skewed_varlen(rng)
+    mq, mk = int(lq.max()), int(lk.max())
+    opts = dict(causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
+    want, want_lse, _ = fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **opts)
+    for mq2, mk2 in ((None, None), (None, mk), (mq, None)):
+        got, got_lse, s = fa.flash_attn_varlen_func(q, k, v, cq, ck, mq2, mk2, **opts)
+        assert s is None, seed  # return_attn_probs without dropout: no S_dmask, so no max is needed
+        assert np.array_equal(got, want) and np.array_equal(got_lse, want_lse), f"seed {seed}: {mq2}, {mk2}"
+    used = (lk // 2).astype(np.int32)
+    want_u = fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, seqused_k=used, **opts)
+    got_u = fa.flash_attn_varlen_func(q, k, v, cq, ck, None, None, seqused_k=used, **opts)
+    assert np.array_equal(got_u[0], want_u[0]) and np.array_equal(got_u[1], want_u[1]), seed
+    # kvpacked; qkvpacked (one cu_seqlens for q and k).
+    kv = np.stack([k, v], axis=1)
+    want2 = fa.flash_attn_varlen_kvpacked_func(q, kv, cq, ck, mq, mk, **opts)
+    got2 = fa.flash_attn_varlen_kvpacked_func(q, kv, cq, ck, None, None, **opts)
+    assert np.array_equal(got2[0], want2[0]) and np.array_equal(got2[1], want2[1]), seed
+    qkv = randn(rng, (cq[-1], 3, 2, 64))
+    want3 = fa.flash_attn_varlen_qkvpacked_func(qkv, cq, mq, **opts)
+    got3 = fa.flash_attn_varlen_qkvpacked_func(qkv, cq, None, **opts)
+    assert np.array_equal(got3[0], want3[0]) and np.array_equal(got3[1], want3[1]), seed
+    # Paged K/V: key counts from cu_seqlens_k, and from seqused_k alone.
+    (kp, vp), table = to_pages(rng, [k, v], lk, 16)
+    got4 = fa.flash_attn_varlen_func(q, kp, vp, cq, ck, None, None, block_table=table, **opts)
+    assert np.array_equal(got4[0], want) and np.array_equal(got4[1], want_lse), seed
+    got5 = fa.flash_attn_varlen_func(q, kp, vp, cq, None, None, None, block_table=table,
+                                     seqused_k=lk.astype(np.int32), **opts)
+    assert np.array_equal(got5[0], want) and np.array_equal(got5[1], want_lse), seed
+    # The hub's varlen_fwd: max_seqlen_q / max_seqlen_k default to None, contiguous and paged.
+    hub = dict(is_causal=causal, window_size_left=window[0], window_size_right=window[1], softcap=softcap)
+    res = fa.varlen_fwd(q, k, v, cq, ck, **hub)
+    assert np.array_equal(res[0], want) and np.array_equal(res[1], want_lse), seed
+    res = fa.varlen_fwd(q, kp, vp, cq, ck, block_table=table, **hub)
+    assert np.array_equal(res[0], want) and np.array_equal(res[1], want_lse), seed
+
+
+def test_varlen_max_seqlen_none_backward_and_extras():
+    """With max_seqlen None the hub's varlen_fwd and varlen_bwd are bitwise the calls with the maxima, plain,
+    with ALiBi and with dropout (the same seed: the mask does not depend on the maxima)."""
+    seed, rng = new_rng("test_varlen_max_seqlen_none_backward_and_extras")
+    lq, lk, cq, ck, q, k, v = skewed_varlen(rng, hq=4, hk=1, d=32)
+    maxima = dict(max_seqlen_q=int(lq.max()), max_seqlen_k=int(lk.max()))
+    dout = randn(rng, q.shape)
+    slopes = rng.uniform(0.01, 0.5, 4).astype(np.float32)
+    for extra in (dict(), dict(alibi_slopes=slopes), dict(p_dropout=0.2)):
+        what = f"seed {seed}: {list(extra)}"
+        draw = int(rng.integers(2**62))
+        out, lse, _, rs = fa.varlen_fwd(q, k, v, cq, ck, is_causal=True, gen=np.random.default_rng(draw),
+                                        **maxima, **extra)
+        got = fa.varlen_fwd(q, k, v, cq, ck, is_causal=True, gen=np.random.default_rng(draw), **extra)
+        assert np.array_equal(got[0], out) and np.array_equal(got[1], lse), what
+        assert (rs is None) == (got[3] is None) and (rs is None or np.array_equal(got[3], rs)), what
+        want_g = fa.varlen_bwd(dout, q, k, v, out, lse, cq, ck, is_causal=True, rng_state=rs, **maxima, **extra)
+        got_g = fa.varlen_bwd(dout, q, k, v, out, lse, cq, ck, is_causal=True, rng_state=rs, **extra)
+        for name, a, b in zip(("dq", "dk", "dv"), got_g, want_g):
+            assert np.array_equal(a, b), f"{what}: {name}"
+    # Dropout through flash_attn_varlen_func with an explicit (seed, offset).
+    rs = (int(rng.integers(2**63)), 0)
+    want = fa.flash_attn_varlen_func(q, k, v, cq, ck, *maxima.values(), dropout_p=0.2, causal=True, rng_state=rs)
+    got = fa.flash_attn_varlen_func(q, k, v, cq, ck, None, None, dropout_p=0.2, causal=True, rng_state=rs)
+    assert np.array_equal(got, want), seed
+
+
+def test_varlen_max_seqlen_none_with_s_dmask_raises():
+    """S_dmask (return_attn_probs with dropout, the hub's return_softmax) is [B, H, max_seqlen_q,
+    max_seqlen_k]: without both maxima every entry raises the library's ValueError naming max_seqlen_q,
+    the native layer included; nothing else reads the lengths for it."""
+    seed, rng = new_rng("test_varlen_max_seqlen_none_with_s_dmask_raises")
+    lq, lk, cq, ck, q, k, v = skewed_varlen(rng)
+    mq, mk = int(lq.max()), int(lk.max())
+    (kp, vp), table = to_pages(rng, [k, v], lk, 16)
+    kv, qkv = np.stack([k, v], axis=1), randn(rng, (cq[-1], 3, 2, 64))
+    probs = dict(dropout_p=0.1, return_attn_probs=True, rng_state=(1, 2))
+    calls = {
+        "varlen_func (None, None)": lambda: fa.flash_attn_varlen_func(q, k, v, cq, ck, None, None, **probs),
+        "varlen_func (max, None)": lambda: fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, None, **probs),
+        "varlen_func (None, max)": lambda: fa.flash_attn_varlen_func(q, k, v, cq, ck, None, mk, **probs),
+        "varlen_func paged": lambda: fa.flash_attn_varlen_func(q, kp, vp, cq, ck, None, None, block_table=table,
+                                                               **probs),
+        "varlen_kvpacked_func": lambda: fa.flash_attn_varlen_kvpacked_func(q, kv, cq, ck, None, None, **probs),
+        "varlen_qkvpacked_func": lambda: fa.flash_attn_varlen_qkvpacked_func(qkv, cq, None, **probs),
+        "hub varlen_fwd": lambda: fa.varlen_fwd(q, k, v, cq, ck, return_softmax=True),
+        "hub varlen_fwd paged": lambda: fa.varlen_fwd(q, kp, vp, cq, ck, block_table=table, max_seqlen_q=mq,
+                                                      return_softmax=True),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except ValueError as e:
+            assert "max_seqlen_q: is required with s_dmask" in str(e), f"seed {seed}: {name}: {e}"
+        else:
+            pytest.fail(f"seed {seed}: {name}: no error")
+    # The native layer: the library's own check (Error::Value, mapped to ValueError).
+    out, lse = np.empty_like(q), np.empty((q.shape[1], q.shape[0]), np.float32)
+    s_dmask = np.zeros((5, q.shape[1], mq, mk), np.float32)
+    args = (_d(q), _d(k), _d(v), _d(out), _d(lse), _d(cq), _d(ck))
+    tail = (None, None, None, False, -1, -1, 0.0, "cpu")
+    with pytest.raises(ValueError, match="max_seqlen_q: is required with s_dmask"):
+        _native.varlen_fwd(*args, None, mk, *tail, s_dmask=_d(s_dmask))
+    _native.varlen_fwd(*args, mq, mk, *tail, s_dmask=_d(s_dmask))
+    want = out.copy()
+    _native.varlen_fwd(*args, None, None, *tail)
+    assert np.array_equal(out, want), seed
+
+
+@pytest.mark.parametrize("value,exc", [(-1, ValueError), (2**70, ValueError), (8.0, TypeError), (True, TypeError),
+                                       ("8", TypeError)])
+def test_native_max_seqlen_bad_values(value, exc):
+    """The native layer takes None or an int in 0..=2^62 for each max, and names the argument otherwise."""
+    q, k, v, c = _vq()
+    out, lse = np.empty_like(q), np.empty((q.shape[1], q.shape[0]), np.float32)
+    args = (_d(q), _d(k), _d(v), _d(out), _d(lse), _d(c), _d(c))
+    tail = (None, None, None, False, -1, -1, 0.0, "cpu")
+    for name, pair in (("max_seqlen_q", (value, None)), ("max_seqlen_k", (None, value))):
+        with pytest.raises(exc, match=name):
+            _native.varlen_fwd(*args, *pair, *tail)
+
+
 # --- KV cache ----------------------------------------------------------------------------------------
 
 def rotate(x, cos, sin, pos, interleaved):

@@ -317,7 +317,7 @@ fn run(args: &RunArgs) -> Result<()> {
         // The library reads device lengths and tables without checking them (the kernels clamp): check
         // the host copies here, where a bad one can still be reported.
         if args.device != Device::Cpu {
-            let host = PagedVarlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_seqlens_k.as_ref(), max_seqlen_q: max_q, max_seqlen_k: max_k, seqused_q: seqused_q.as_ref(), seqused_k: seqused_k.as_ref(), block_table: table };
+            let host = PagedVarlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_seqlens_k.as_ref(), max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: seqused_q.as_ref(), seqused_k: seqused_k.as_ref(), block_table: table };
             flash_attn::check_paged_varlen_contents(&q, &k, &v, &host, &args.opts)?;
         }
         let opt = |t: &Option<Tensor>| t.as_ref().map(dev).transpose();
@@ -325,8 +325,8 @@ fn run(args: &RunArgs) -> Result<()> {
         let varlen = PagedVarlen {
             cu_seqlens_q: &cu_q_d,
             cu_seqlens_k: cu_k_d.as_ref(),
-            max_seqlen_q: max_q,
-            max_seqlen_k: max_k,
+            max_seqlen_q: Some(max_q),
+            max_seqlen_k: Some(max_k),
             seqused_q: used_q_d.as_ref(),
             seqused_k: used_k_d.as_ref(),
             block_table: &table_d,
@@ -353,8 +353,8 @@ fn run(args: &RunArgs) -> Result<()> {
             let host = Varlen {
                 cu_seqlens_q: cu_q,
                 cu_seqlens_k: cu_k,
-                max_seqlen_q: max_seqlen(cu_q, seqused_q.as_ref())?,
-                max_seqlen_k: max_seqlen(cu_k, seqused_k.as_ref())?,
+                max_seqlen_q: Some(max_seqlen(cu_q, seqused_q.as_ref())?),
+                max_seqlen_k: Some(max_seqlen(cu_k, seqused_k.as_ref())?),
                 seqused_q: seqused_q.as_ref(),
                 seqused_k: seqused_k.as_ref(),
             };
@@ -524,7 +524,7 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
 
     let cu = Tensor::from_i32(cu_seqlens.clone(), &[cu_seqlens.len()])?.to_device(device)?;
     let max_seqlen = *SEQLENS.iter().max().unwrap();
-    let varlen = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: max_seqlen, max_seqlen_k: max_seqlen, seqused_q: None, seqused_k: None };
+    let varlen = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: Some(max_seqlen), max_seqlen_k: Some(max_seqlen), seqused_q: None, seqused_k: None };
     let packed = |x: &[bf16], heads: usize| Tensor::from_bf16(x.to_vec(), &[total, heads, d])?.to_device(device);
     let p = varlen_fwd(&packed(&q, hq)?, &packed(&k, hk)?, &packed(&v, hk)?, &varlen, &opts)?;
     let (p_out, p_lse) = (p.out.to_f32_vec()?, p.lse.to_f32_vec()?);

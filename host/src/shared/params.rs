@@ -137,10 +137,15 @@ pub struct FwdParams {
     /// (`q_head_stride` is then q_pack times q's head stride, which `q_pack_head_stride` is).
     pub q_pack: i32,
     pub q_pack_head_stride: i64,
+    /// Slot scheduling (varlen without the max lengths; 0 = off): grid x (the warp-specialized kernel:
+    /// `m_blocks`) walks `slots` virtual row blocks of the packed q (`seqlen::Lengths::slot_block`), the
+    /// grid one slice; a block strides by `slots`, past any sequence.
+    pub slots: i32,
+    pub _pad: i32,
 }
 
 /// Size the host's launch code relies on; both sides assert it.
-pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE + 8 + 2 * 4 + 8;
+pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE + 8 + 2 * 4 + 8 + 2 * 4;
 const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
@@ -249,7 +254,9 @@ pub struct BwdParams {
     pub softcap_pre: f32,
     /// The softmax scale, which dq and dk carry.
     pub scale: f32,
-    pub _pad: i32,
+    /// Slot scheduling (varlen without the max lengths, not deterministic; 0 = off): each kernel's grid x
+    /// is the slot count of its side and block size (`seqlen::Lengths::slot_block`), its grid z one slice.
+    pub slots: i32,
     /// ALiBi and dropout, as the forward had them.
     pub mods: ScoreMods,
     /// The deterministic backward on Hopper: `dq_splits` f32 dq accumulators `dqa_split_stride` elements

@@ -2,10 +2,10 @@
 //! `BwdParams::dq_splits`), in the input type; rows of no sequence get 0. Head dim at run time. The
 //! Hopper dK/dV kernel runs `convert_rows` itself when one CTA walks all key blocks.
 
-use super::{dqa_addr, row_addr, sequences};
+use super::{dqa_addr, grid_block, row_addr, sequences};
 use crate::arch::math::div_rem_u32;
 use crate::arch::mem::{ld_global_v4, st_global_v4};
-use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::tile::{Elem, BF16, F16};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
@@ -77,9 +77,9 @@ pub(super) unsafe fn convert_rows<E: Elem, const THREADS: usize, const UNROLL: u
 #[inline(always)]
 unsafe fn convert_entry<E: Elem>(p: &BwdParams) {
     let bm = BWD_ROWS_PER_BLOCK as i32;
-    let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let h = block_idx_y() as i32;
+    let (bidb, mut m_block) = grid_block(p, bm, false, false);
     let (sq, _) = sequences(p, bidb);
-    let mut m_block = block_idx_x() as i32;
     while m_block * bm < sq.slot_len {
         let m0 = m_block * bm;
         let m1 = if sq.slot_len - m0 < bm { sq.slot_len } else { m0 + bm };

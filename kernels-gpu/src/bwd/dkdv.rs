@@ -2,13 +2,13 @@
 //! group and every query block that sees the keys (S^T = K Q^T, dP^T = V dO^T, P and dS in registers,
 //! dV += P^T dO, dK += dS^T Q); dQ = dS K goes to the f32 accumulator with atomics when there is one.
 
-use super::{add_dq_fragment, dqa_addr, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr, grad_tile, grid_block, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
-use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
 use crate::block::tile_needs_mask;
 use crate::params::BwdParams;
@@ -248,7 +248,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
 #[inline(always)]
 unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, const NW: usize, const KT: usize, const DQT: usize, const DWN: usize, const QN: usize, const MODS: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
-    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let hk = block_idx_y() as i32;
+    let (bidb, mut n_block) = grid_block(p, BN as i32, true, false);
     let (sq, sk) = sequences(p, bidb);
     let wn_count = BN / (16 * KT);
     let (warp, lane) = (tid / 32, tid % 32);
@@ -257,7 +258,6 @@ unsafe fn dkdv_entry<E: Elem, const D: usize, const BN: usize, const BM: usize, 
     let kv_row = (16 * KT * wn) as i32 + g;
     let d_col = (wm * DWN * 8) as i32 + 2 * t;
 
-    let mut n_block = block_idx_x() as i32;
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc_dk = [[[0f32; 4]; DWN]; KT];

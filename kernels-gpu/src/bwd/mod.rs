@@ -30,6 +30,7 @@ mod ws;
 
 use crate::arch::math::{exp2, fma, tanh};
 use crate::arch::mem::ld_global_nc_i32;
+use crate::arch::sreg::{block_idx_x, block_idx_z, grid_dim_x};
 use crate::arch::smem;
 use crate::block::m_block_range;
 use crate::mask::for_each_hidden_kq;
@@ -41,6 +42,19 @@ use crate::seqlen::SeqlenInfo;
 #[inline(always)]
 fn sequences(p: &BwdParams, bidb: i32) -> (SeqlenInfo, SeqlenInfo) {
     p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) })
+}
+
+/// This CTA's grid slice and first block of `bm` query rows (`keys`: keys), from which it strides by grid
+/// x: slice z from block x (`rev`: `gx - 1 - x`); with slot scheduling (`BwdParams::slots`, never with
+/// `rev`) grid x's slot (`seqlen::Lengths::slot_block`), grid x being the slot count.
+#[inline(always)]
+fn grid_block(p: &BwdParams, bm: i32, keys: bool, rev: bool) -> (i32, i32) {
+    let (x, gx) = (block_idx_x() as i32, grid_dim_x() as i32);
+    if !rev && p.slots != 0 {
+        p.lengths().slot_block(x, bm, keys, gx, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) })
+    } else {
+        (block_idx_z() as i32, if rev { gx - 1 - x } else { x })
+    }
 }
 
 /// Byte address of row `row` (of sequence `bidb`, head `h`) in a 16-bit operand.

@@ -1,11 +1,11 @@
 //! prep: D_i = dout_i . out_i and the LSE in base 2 for every real row, and (atomic dq path) the f32 dq
 //! accumulator (each of its copies) zeroed wherever the dk/dv kernels add to it. Head dim at run time; four threads per row.
 
-use super::{dq_turn_counter, dqa_addr, lse_index, row_addr, sequences};
+use super::{dq_turn_counter, dqa_addr, grid_block, lse_index, row_addr, sequences};
 use crate::arch::math::fma;
 use crate::arch::mem::{ld_global_nc_f32, ld_global_nc_v4, st_global_f32, st_global_u32, st_global_v4};
 use crate::arch::shfl::shfl_xor_f32;
-use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::tile::{Elem, BF16, F16};
 use crate::params::BwdParams;
 use crate::block::dq_accum_rows;
@@ -24,14 +24,14 @@ const PREP_LANES: i32 = 4;
 unsafe fn prep_entry<E: Elem>(p: &BwdParams) {
     let bm = BWD_ROWS_PER_BLOCK as i32;
     let rows_per_pass = BWD_ROWS_PER_BLOCK as i32 / PREP_LANES;
-    let (h, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let h = block_idx_y() as i32;
+    let (bidb, mut m_block) = grid_block(p, bm, false, false);
     let (sq, _) = sequences(p, bidb);
     let tid = thread_idx_x() as i32;
     let (sub, row_in_pass) = (tid % PREP_LANES, tid / PREP_LANES);
     let chunks = p.head_dim / 8;
     // A multiple of DQ_ACCUM_BLOCK_M, so of prep's blocks only those holding real rows hold these rows.
     let accum_rows = if p.dq_accum != 0 { dq_accum_rows(sq.used, DQ_ACCUM_BLOCK_M as i32) } else { 0 };
-    let mut m_block = block_idx_x() as i32;
     while m_block * bm < sq.used {
         let mut pass = 0;
         while pass < bm {

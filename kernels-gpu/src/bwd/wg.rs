@@ -13,13 +13,13 @@
 //! (N-major, in whole 64-column groups), run over 128 columns (the last 32 zero, never stored).
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, lse_index, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, lse_index, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
-use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::InteriorRows;
@@ -400,15 +400,15 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
 #[inline(always)]
 unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
-    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let hk = block_idx_y() as i32;
+    // The ordered deterministic mode (`ORDERED`, bwd/ws.rs): one key block per CTA, in reverse.
+    let (bidb, mut n_block) = grid_block(p, BN as i32, true, ORDERED);
     let (sq, sk) = sequences(p, bidb);
     let Place { t, key0, .. } = Place::of(tid);
 
     // Key blocks x, x + gx, ...: the host gives a CTA one key block, or all of them (grid x = 1,
     // `bwd_wg_grid_x`), each one's first copies then overlapping its predecessor's last step.
     let mut pipe = Pipe { kv: 0, stage0: 0, prefetched: false };
-    // The ordered deterministic mode (`ORDERED`, bwd/ws.rs): one key block per CTA, in reverse.
-    let mut n_block = if ORDERED { (grid_dim_x() - 1 - block_idx_x()) as i32 } else { block_idx_x() as i32 };
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc_dk = [[0f32; 4]; DN];

@@ -15,12 +15,12 @@
 use super::convert::convert_rows;
 use super::wg::{load_step_to, StepStages};
 use super::wg::BAR_TURN;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
-use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
@@ -237,15 +237,15 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
 #[inline(always)]
 pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
     let tid = thread_idx_x() as usize;
-    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+    let hk = block_idx_y() as i32;
+    // The ordered deterministic mode: one key block per CTA, in reverse (bwd/ws.rs).
+    let (bidb, mut n_block) = grid_block(p, BN as i32, true, ORDERED);
     let (sq, sk) = sequences(p, bidb);
     let (warp, lane) = (tid / 32, tid % 32);
     let wg = warp / 4;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let key0 = (16 * (warp % 4)) as i32 + g;
 
-    // The ordered deterministic mode: one key block per CTA, in reverse (bwd/ws.rs).
-    let mut n_block = if ORDERED { (grid_dim_x() - 1 - block_idx_x()) as i32 } else { block_idx_x() as i32 };
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc = [[0f32; 4]; DN];

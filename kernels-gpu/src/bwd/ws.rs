@@ -21,13 +21,13 @@
 
 use super::convert::convert_rows;
 use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
-use super::{lse_index, sequences, step_walk, DqTurn, KvArgs};
+use super::{grid_block, lse_index, sequences, step_walk, DqTurn, KvArgs};
 use crate::block::InteriorRows;
 use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
-use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
+use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
 use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
@@ -97,23 +97,24 @@ impl Pipes {
     }
 }
 
-/// The key blocks this CTA walks (grid x strides over them, as the wg kernel's): `f(n0, args)` for each,
-/// `args` when the block has keys of the sequence.
+/// The key blocks this CTA walks (grid x strides over them, as the wg kernel's): `f(slice, n0, args)` for
+/// each, `args` when the block has keys of the sequence. Returns the CTA's grid slice.
 #[inline(always)]
-fn for_each_key_block<const ORDERED: bool>(p: &BwdParams, mut f: impl FnMut(i32, Option<KvArgs>)) {
-    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
+fn for_each_key_block<const ORDERED: bool>(p: &BwdParams, mut f: impl FnMut(i32, i32, Option<KvArgs>)) -> i32 {
+    let hk = block_idx_y() as i32;
+    // The ordered deterministic mode: one key block per CTA, in reverse (CTA x - 1 holds the next block,
+    // whose dq adds come first: on a causal mask it reaches each query block first).
+    let (bidb, mut n_block) = grid_block(p, BN as i32, true, ORDERED);
     let (sq, sk) = sequences(p, bidb);
     // Unchecked (`div_rem_u32`): h_k >= 1 by validation.
     let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
-    // The ordered deterministic mode: one key block per CTA, in reverse (CTA x - 1 holds the next block,
-    // whose dq adds come first: on a causal mask it reaches each query block first).
-    let mut n_block = if ORDERED { (grid_dim_x() - 1 - block_idx_x()) as i32 } else { block_idx_x() as i32 };
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let args = (n0 < sk.used).then(|| KvArgs { bidb, hk, group, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } });
-        f(n0, args);
+        f(bidb, n0, args);
         n_block += grid_dim_x() as i32;
     }
+    bidb
 }
 
 /// The producer warp: for every key block with steps, K and V, then each step's Q, dO (lane 0, tensor
@@ -133,7 +134,7 @@ unsafe fn produce<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
     let varlen = p.cu_seqlens_q != 0;
     let mut kvs = Stage::<1>::START;
     let mut ss = Stage::<STAGES>::START;
-    for_each_key_block::<ORDERED>(p, #[inline(always)] |_, args| {
+    for_each_key_block::<ORDERED>(p, #[inline(always)] |_, _, args| {
         let Some(a) = args else { return };
         let (steps, next_step, mut cur) = step_walk(p, &a, BM as i32);
         if steps == 0 {
@@ -306,8 +307,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const ORDERED: bool>
     let leader = ctid % 128 == 0;
     let Place { t, key0, .. } = Place::of(ctid);
     let mut st = Consumer { kv: Stage::START, step: Stage::START, steps_done: 0 };
-    let (hk, bidb) = (block_idx_y() as i32, block_idx_z() as i32);
-    for_each_key_block::<ORDERED>(p, #[inline(always)] |n0, args| {
+    let hk = block_idx_y() as i32;
+    let bidb = for_each_key_block::<ORDERED>(p, #[inline(always)] |bidb, n0, args| {
         let mut acc_dk = [[0f32; 4]; DN];
         let mut acc_dv = [[0f32; 4]; DN];
         let sk = match &args {

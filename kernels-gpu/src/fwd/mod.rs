@@ -588,6 +588,15 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
     let z = block_idx_z() as i32;
+    // Row blocks x, x + stride, .. of slice z, heaviest (last) first; with slot scheduling
+    // (`FwdParams::slots`) grid x walks the virtual row blocks of every slice instead.
+    let (grid_m, x) = (grid_dim_x() as i32, block_idx_x() as i32);
+    let (z, mut m_block, stride) = if !DECODE && p.slots > 0 {
+        let (b, m) = p.lengths().slot_block(p.slots - 1 - x, bm, false, p.slots, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
+        (b, m, p.slots)
+    } else {
+        (z, grid_m - 1 - x, grid_m)
+    };
     let mut head = if DECODE || (PAGED && p.num_splits > 1) {
         // Unchecked division: num_splits >= 1.
         let (bidb, split) = div_rem_u32(z as u32, p.num_splits as u32);
@@ -605,17 +614,15 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const
         crate::arch::sync::grid_dependency_wait();
     }
     let sq = head.sq;
-    let grid_m = grid_dim_x() as i32;
-    let mut m_block = grid_m - 1 - block_idx_x() as i32;
     while m_block * bm < sq.slot_len {
         let m0 = m_block * bm;
         if m0 < sq.used {
-            let next_m0 = m0 + grid_m * bm;
+            let next_m0 = m0 + stride * bm;
             let next = if next_m0 < sq.used { Some(head.args_at(p, next_m0)) } else { None };
             attend(&head.args_at(p, m0), next.as_ref(), tid);
         }
         unsafe { head.pad_block::<D>(p, m0, bm, tid, threads) };
-        m_block += grid_m;
+        m_block += stride;
     }
 }
 

@@ -8,6 +8,7 @@
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
+use crate::arch::mem::ld_global_nc_i32;
 use crate::arch::shfl::any_lane;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
@@ -63,7 +64,8 @@ const WS_MASKED_WAVES: u32 = 4;
 /// the blocks in flight share a few heads' keys and values in L2 instead of streaming every head's from
 /// DRAM (one section of all pairs, as before: H200 hdim 128 S=8192, 2.5 GB of DRAM reads for 256 MB of
 /// q, k, v, o, nsight compute). Producer and consumers walk it alike. A tile also covers row blocks
-/// `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`).
+/// `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`). With slot scheduling
+/// (`FwdParams::slots`) the tiles are (slot, head) pairs, each slot a row block of some slice.
 struct Tiles {
     m_blocks: i32,
     heads: i32,
@@ -77,7 +79,8 @@ struct Tiles {
 impl Tiles {
     #[inline(always)]
     fn new<const D: usize>(p: &FwdParams) -> Tiles {
-        let slices = p.batch + (p.cu_seqlens_q != 0) as i32;
+        // Slot scheduling (`FwdParams::slots`): one slice whose `m_blocks` row blocks are the slots.
+        let slices = if p.slots > 0 { 1 } else { p.batch + (p.cu_seqlens_q != 0) as i32 };
         let pairs = p.h * slices;
         // Unchecked divisions (see `next`): h_k >= 1, and the key count is made >= 1.
         let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
@@ -121,6 +124,7 @@ impl Tiles {
     #[inline(always)]
     fn for_each<const PAGED: bool, const MODS: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
         while let Some((m_block, bidh, bidb)) = self.next() {
+            let (bidb, m_block) = if p.slots > 0 { p.lengths().slot_block(m_block, BM as i32, false, p.slots, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) }) } else { (bidb, m_block) };
             let mut head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
             // Varlen pages only (the KV cache runs the mma.sync kernels): no identity table, no leftpad.
             head.kv.pages.kv_cache = false;
