@@ -134,9 +134,11 @@ impl std::ops::Deref for Dims {
 
 impl Problem {
     /// The forward's slot count (`slot_count`) with row blocks of `block_m`: varlen without the max
-    /// lengths only (the caller gave none, so the grid cannot be sized by them), where it fits.
+    /// lengths only (the caller gave none, so the grid cannot be sized by them), where it fits, and
+    /// without ALiBi or dropout (the ws forward's modifier copies take no slots: kernels-gpu fwd/ws.rs
+    /// `Tiles::new`; those problems schedule by the mean lengths).
     pub fn fwd_slots(&self, block_m: usize) -> Option<usize> {
-        if !self.varlen || self.max_given {
+        if !self.varlen || self.max_given || self.alibi.is_some() || self.dropout.is_some() {
             return None;
         }
         slot_count(self.total_q, self.batch, block_m)

@@ -74,13 +74,19 @@ struct Tiles {
     section: i32,
     count: i32,
     next: i32,
+    /// Slot scheduling (`Tiles::new`).
+    slotted: bool,
 }
 
 impl Tiles {
     #[inline(always)]
-    fn new<const D: usize>(p: &FwdParams) -> Tiles {
-        // Slot scheduling (`FwdParams::slots`): one slice whose `m_blocks` row blocks are the slots.
-        let slices = if p.slots > 0 { 1 } else { p.batch + (p.cu_seqlens_q != 0) as i32 };
+    /// Slot scheduling (`FwdParams::slots`) in the kernels without score modifiers (`MODS`) only: in the
+    /// modifiers' copies the walk's slot path cost the tile loop spills (hdim 128 `_dropout`: 9 -> 58
+    /// spill loads per tile), so the host gives them no slots. Producer and consumers pass the same.
+    fn new<const D: usize, const MODS: bool>(p: &FwdParams) -> Tiles {
+        // Slot scheduling: one slice whose `m_blocks` row blocks are the slots.
+        let slotted = !MODS && p.slots > 0;
+        let slices = if slotted { 1 } else { p.batch + (p.cu_seqlens_q != 0) as i32 };
         let pairs = p.h * slices;
         // Unchecked divisions (see `next`): h_k >= 1, and the key count is made >= 1.
         let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
@@ -97,7 +103,7 @@ impl Tiles {
             }
         }
         let section = if section < pairs { section } else { pairs };
-        Tiles { m_blocks: p.m_blocks, heads: p.h, pairs, section, count: p.m_blocks * pairs, next: block_idx_x() as i32 }
+        Tiles { m_blocks: p.m_blocks, heads: p.h, pairs, section, count: p.m_blocks * pairs, next: block_idx_x() as i32, slotted }
     }
 
     /// The next (first row block, head, sequence slice).
@@ -124,7 +130,7 @@ impl Tiles {
     #[inline(always)]
     fn for_each<const PAGED: bool, const MODS: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
         while let Some((m_block, bidh, bidb)) = self.next() {
-            let (bidb, m_block) = if p.slots > 0 { p.lengths().slot_block(m_block, BM as i32, false, p.slots, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) }) } else { (bidb, m_block) };
+            let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, BM as i32, false, p.slots, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) }) } else { (bidb, m_block) };
             let mut head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
             // Varlen pages only (the KV cache runs the mma.sync kernels): no identity table, no leftpad.
             head.kv.pages.kv_cache = false;
@@ -153,7 +159,7 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
 /// K tile ahead (the lookups of a tile in flight together, under the wait for a free stage) and issues
 /// box j's copies (a lookup per box by one thread: pages of 16 at 0.66x contiguous).
 #[inline(always)]
-unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
+unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
     let base = smem::base();
     let (q_map, k_map, v_map) = (maps, maps + 128, maps + 256);
     if lane == 0 {
@@ -171,7 +177,7 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool>(p: &FwdPar
     // This lane's box of a paged tile: its first row in the tile, and whether the tile has it.
     let box_r = lane as i32 * box_rows;
     let has_box = box_r < BN as i32;
-    Tiles::new::<D>(p).for_each::<PAGED, false>(p, #[inline(always)] |head, m0| {
+    Tiles::new::<D, MODS>(p).for_each::<PAGED, false>(p, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
             return;
         }
@@ -414,7 +420,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         tma::regs_dec::<PRODUCER_REGS>();
         if tid == 0 || (PAGED && tid < 32) {
             // Contiguous: thread 0 alone (its lane folds to a constant).
-            unsafe { produce::<D, BN, PAGED>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
+            unsafe { produce::<D, BN, PAGED, MODS>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
         }
     } else {
         tma::regs_inc::<CONSUMER_REGS>();
@@ -425,7 +431,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             pass_turn(1);
         }
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
-        Tiles::new::<D>(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
+        Tiles::new::<D, MODS>(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
                 unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
