@@ -753,6 +753,11 @@ mod tests {
             }
             let (ws, m_blocks) = fwd_ws_launch(&p, 132).unwrap();
             assert_eq!((m_blocks as u32, ws.grid), (slots(total_q, ws.config.block_m()), ((m_blocks as u32 * 4).min(132), 1, 1)), "d{d}");
+            // With a score modifier the forward is not slot-scheduled (the ws kernels' modifier copies
+            // take no slots): mean-based grids, one slice per sequence and the tail.
+            let dropout = Problem { dropout: crate::dropout::DropoutParams::new(0.1, 1, 0), ..p.clone() };
+            assert_eq!(fwd_launch(&dropout, Some(132)).unwrap().grid.2, batch as u32 + 1, "d{d}");
+            assert_eq!(fwd_ws_launch(&dropout, 132).unwrap().1 as usize, (total_q / batch).div_ceil(128), "d{d}");
         }
     }
 

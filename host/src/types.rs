@@ -156,9 +156,10 @@ pub struct VarlenViews<'a> {
     pub max_seqlen_q: Option<usize>,
     /// At least every (used) key length. `None` (either): nothing needs the lengths on the host, and no
     /// call synchronizes. The forward and the default backward then size their grids from the row counts
-    /// (slot scheduling: each block finds its sequence and row block in cu_seqlens on the device); the
-    /// deterministic backward schedules by the mean lengths (total rows / B), its blocks striding over
-    /// longer sequences. Only `s_dmask`, whose shape they set, needs both.
+    /// (slot scheduling: each block finds its sequence and row block in cu_seqlens on the device); a
+    /// forward with ALiBi or dropout and the deterministic backward schedule by the mean lengths (total
+    /// rows / B), their blocks striding over longer sequences. Only `s_dmask`, whose shape they set,
+    /// needs both.
     pub max_seqlen_k: Option<usize>,
     /// int32 `[B]`: only the first `seqused_q[b]` rows of slot b are real; the rest are written as 0.
     pub seqused_q: Option<View<'a>>,
