@@ -48,6 +48,13 @@ pub unsafe fn ld_global_nc_i32(addr: u64) -> i32 {
     v
 }
 
+/// Element `i` of the int32 device array at `ptr` (`ld_global_nc_i32`): the reader `seqlen::Lengths`
+/// takes, over the length arrays the kernel parameters address.
+#[inline(always)]
+pub fn ld_i32_at(ptr: u64, i: i32) -> i32 {
+    unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) }
+}
+
 /// Load one f32 through the read-only path.
 #[inline(always)]
 pub unsafe fn ld_global_nc_f32(addr: u64) -> f32 {

@@ -29,7 +29,7 @@ mod wide;
 mod ws;
 
 use crate::arch::math::{exp2, fma, tanh};
-use crate::arch::mem::ld_global_nc_i32;
+use crate::arch::mem::ld_i32_at;
 use crate::arch::sreg::{block_idx_x, block_idx_z, grid_dim_x};
 use crate::arch::smem;
 use crate::block::m_block_range;
@@ -41,7 +41,7 @@ use crate::seqlen::SeqlenInfo;
 /// The (q, k) sequences of grid slice `bidb` (`seqlen::Lengths::slice`).
 #[inline(always)]
 fn sequences(p: &BwdParams, bidb: i32) -> (SeqlenInfo, SeqlenInfo) {
-    p.lengths().slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) })
+    p.lengths().slice(bidb, ld_i32_at)
 }
 
 /// This CTA's grid slice and first block of `bm` query rows (`keys`: keys), from which it strides by grid
@@ -51,7 +51,7 @@ fn sequences(p: &BwdParams, bidb: i32) -> (SeqlenInfo, SeqlenInfo) {
 fn grid_block(p: &BwdParams, bm: i32, keys: bool, rev: bool) -> (i32, i32) {
     let (x, gx) = (block_idx_x() as i32, grid_dim_x() as i32);
     if !rev && p.slots != 0 {
-        p.lengths().slot_block(x, bm, keys, gx, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) })
+        p.lengths().slot_block(x, bm, keys, gx, ld_i32_at)
     } else {
         (block_idx_z() as i32, if rev { gx - 1 - x } else { x })
     }

@@ -14,7 +14,7 @@ mod ws;
 use crate::arch::cp_async::{commit_group, wait_group};
 use crate::arch::math::{div_rem_u32, fma, tanh};
 use crate::arch::shfl::shfl_idx_u32;
-use crate::arch::mem::{ld_global_nc_i32, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
+use crate::arch::mem::{ld_i32_at, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
 use crate::arch::sync::sync_threads;
@@ -494,7 +494,7 @@ impl HeadSlice {
             lengths.paged_keys = Some(Pages::capacity(p));
             (lengths.k_first, lengths.seqused_k_add) = (p.cache_leftpad, p.seqused_k_add);
         }
-        let (sq, sk) = lengths.slice(bidb, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
+        let (sq, sk) = lengths.slice(bidb, ld_i32_at);
         // Unchecked divisions (arch::math::div_rem_u32): h and h_k are positive by validation.
         let bidh_kv = div_rem_u32(bidh as u32, div_rem_u32(p.h as u32, p.h_k as u32).0).0 as i32;
         let (b, h, hk) = (bidb as i64, bidh as i64, bidh_kv as i64);
@@ -592,7 +592,7 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const
     // (`FwdParams::slots`) grid x walks the virtual row blocks of every slice instead.
     let (grid_m, x) = (grid_dim_x() as i32, block_idx_x() as i32);
     let (z, mut m_block, stride) = if !DECODE && p.slots > 0 {
-        let (b, m) = p.lengths().slot_block(p.slots - 1 - x, bm, false, p.slots, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) });
+        let (b, m) = p.lengths().slot_block(p.slots - 1 - x, bm, false, p.slots, ld_i32_at);
         (b, m, p.slots)
     } else {
         (z, grid_m - 1 - x, grid_m)

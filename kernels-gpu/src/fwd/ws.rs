@@ -8,7 +8,7 @@
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
-use crate::arch::mem::ld_global_nc_i32;
+use crate::arch::mem::ld_i32_at;
 use crate::arch::shfl::any_lane;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
@@ -130,7 +130,7 @@ impl Tiles {
     #[inline(always)]
     fn for_each<const PAGED: bool, const MODS: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
         while let Some((m_block, bidh, bidb)) = self.next() {
-            let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, BM as i32, false, p.slots, |ptr, i| unsafe { ld_global_nc_i32(ptr + (i as u64) * 4) }) } else { (bidb, m_block) };
+            let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, BM as i32, false, p.slots, ld_i32_at) } else { (bidb, m_block) };
             let mut head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
             // Varlen pages only (the KV cache runs the mma.sync kernels): no identity table, no leftpad.
             head.kv.pages.kv_cache = false;
