@@ -8,7 +8,11 @@
 //! row (B * ctx * Hk * D * 2 * 2) plus q and out; benches/decode_table.py sets them against PyTorch's
 //! SDPA and the copy bandwidth torch_decode.py measures in the same run. FA_BENCH_FILTER selects shapes;
 //! FA_DECODE_SPLITS=n fixes num_splits (default 0, the heuristic); FA_DECODE_APPEND=1 appends one new
-//! key per row in every call (the serving step: append, then decode and combine).
+//! key per row in every call (the serving step: append, then decode and combine). FA_DECODE_GRAPH=1
+//! times the same calls as a serving engine runs them, captured into a CUDA graph (`GRAPH_STEPS` calls
+//! on a stream of the caller's, the graph replayed on the legacy stream): the device's time per call
+//! without the host's validation and launches; rows named `.../graph`, whose RESULT ms cover the
+//! `GRAPH_STEPS` calls of one replay (GB/s: all their bytes).
 
 mod common;
 
@@ -20,6 +24,8 @@ pub const HQ: usize = 32;
 pub const HK: usize = 8;
 pub const D: usize = 128;
 const MAX_CACHE_BYTES: usize = 17 << 30;
+/// Calls per captured graph (FA_DECODE_GRAPH=1).
+const GRAPH_STEPS: usize = 16;
 
 fn main() {
     if !cuda::available() {
@@ -33,7 +39,13 @@ fn main() {
     // FA_DECODE_APPEND=1: each call also appends one new key and value per row (`k_new`, `v_new`; the
     // cache holds ctx - 1 keys before it, the same slot rewritten every call), rows named `.../new1`.
     let append = std::env::var_os("FA_DECODE_APPEND").is_some();
-    let suffix = if append { "/new1" } else { "" };
+    let graph = std::env::var_os("FA_DECODE_GRAPH").is_some();
+    let suffix = match (append, graph) {
+        (false, false) => "",
+        (true, false) => "/new1",
+        (false, true) => "/graph",
+        (true, true) => "/new1/graph",
+    };
     for ctx in [1024usize, 8192, 32768, 131072] {
         for b in [1usize, 8, 64] {
             let kv_bytes = 2 * b * ctx * HK * D * 2;
@@ -85,6 +97,27 @@ fn main() {
                 let workspace = Workspace { addr: ws.view().addr, bytes };
                 let moved = (kv_bytes + 2 * b * sq * HQ * D * 2) as f64;
                 // bench's last column is `flops / s / 1e12`: moved bytes * 1e3 make it GB/s.
+                if graph {
+                    // GRAPH_STEPS calls captured on a stream of our own (the legacy stream cannot be
+                    // captured), the graph then launched on the legacy stream that `bench` times.
+                    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+                    unsafe { ctx.disable_event_tracking() };
+                    let stream = ctx.new_stream().unwrap();
+                    let on = Target::Cuda { ordinal: 0, stream: stream.cu_stream() as usize };
+                    unsafe { raw::fwd_kvcache(&t, &opts, &kv, workspace, on) }.unwrap();
+                    stream.synchronize().unwrap();
+                    stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+                    let queued: flash_attn::Result<()> = (0..GRAPH_STEPS).try_for_each(|_| unsafe { raw::fwd_kvcache(&t, &opts, &kv, workspace, on) });
+                    let g = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+                    queued.unwrap();
+                    let exec = g.cu_graph_exec();
+                    // `bench` prints ms per closure call: GRAPH_STEPS calls, so its GB/s counts them all.
+                    bench(&mut c, "ours", &name, moved * 1e3 * GRAPH_STEPS as f64, || {
+                        let r = unsafe { cudarc::driver::sys::cuGraphLaunch(exec, std::ptr::null_mut()) };
+                        if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(flash_attn::Error::Cuda(format!("cuGraphLaunch: {r:?}"))) }
+                    });
+                    continue;
+                }
                 bench(&mut c, "ours", &name, moved * 1e3, || unsafe { raw::fwd_kvcache(&t, &opts, &kv, workspace, target) });
             }
         }

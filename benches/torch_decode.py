@@ -2,7 +2,9 @@
 and the cuDNN backends (q [B, Hq, Sq, D] over the cache [B, Hk, ctx, D] as transposed views of the
 [B, ctx, Hk, D] cache, enable_gqa, not causal), and the copy bandwidth of this GPU in the same run (a
 2 GiB device-to-device copy: 2 x its bytes moved). Prints `RESULT <backend> <shape> <median ms> <GB/s>`
-with decode.rs's byte count. CUDA events, warm-up, median of 30."""
+with decode.rs's byte count. CUDA events, warm-up, median of 30. FA_DECODE_GRAPH=1: 16 calls captured
+into a CUDA graph and the graph replayed (decode.rs's `/graph` rows: ms per replay, GB/s of all 16)."""
+import os
 import sys
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch_fwd import report
 
 HQ, HK, D = 32, 8, 128
 MAX_CACHE_BYTES = 17 << 30
+GRAPH_STEPS = 16  # decode.rs's
 
 
 def main():
@@ -37,6 +40,19 @@ def main():
                     def run(kind=kind):
                         with sdpa_kernel(kind):
                             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                    if os.environ.get("FA_DECODE_GRAPH"):
+                        side = torch.cuda.Stream()
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            run()
+                        torch.cuda.current_stream().wait_stream(side)
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g):
+                            for _ in range(GRAPH_STEPS):
+                                run()
+                        report(backend, name + "/graph", nbytes * 1e3 * GRAPH_STEPS, g.replay)
+                        del g
+                        continue
                     report(backend, name, nbytes * 1e3, run)
                 del q, k, v
                 torch.cuda.empty_cache()

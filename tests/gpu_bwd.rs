@@ -1255,3 +1255,30 @@ fn tolerance_rejects_kernel_mistakes() {
         }
     }
 }
+
+/// The ordered deterministic mode's turns hold one key block per CTA. A max_seqlen_k below a sequence's
+/// key count (invalid input the device cannot report) gives a grid short of its key blocks: the call must
+/// still return, with finite gradients and dk = dv = 0 on the keys past the grid, never wait for a turn
+/// that has passed. Every head dim, the ordered mode forced (`bwd_ordered_all`).
+#[test]
+fn ordered_mode_with_a_short_max_seqlen_k_returns() {
+    require_gpu!();
+    let (seed, mut rng) = seeded("ordered_mode_with_a_short_max_seqlen_k_returns");
+    let ordered = KernelChoice { bwd_ordered_all: true, ..Default::default() };
+    for d in [64, 96, 128, 192, 256] {
+        let c = Case { dtype: DType::BF16, d, hq: 2, hk: 1, opts: plain(true, (-1, -1), 0.0), amp: Amp { q: 1.0, k: 1.0, v: 1.0 } };
+        let p = Packing { slots_q: vec![300, 40], slots_k: vec![700, 60], used_q: None, used_k: None, tail: (0, 0), extra_max: Some((0, 0)) };
+        let h = Host::packed(&mut rng, &c, &p);
+        let mut dv = h.upload(&mut rng, [false; 4]);
+        let f = dv.fwd().unwrap_or_else(|e| panic!("seed {seed}: d{d}: {e}"));
+        // 130 of the 700 keys: a grid of one or two key blocks.
+        dv.lengths.as_mut().unwrap().max_k = Some(130);
+        let g = grads(&dv.bwd_with(&f.out, &f.lse, true, ordered).unwrap_or_else(|e| panic!("seed {seed}: d{d}: {e}")));
+        assert!(g.iter().flatten().all(|x| x.is_finite()), "seed {seed}: d{d}: NaN or inf in a gradient");
+        // Keys 256.. of sequence 0 lie past any grid of at most two 128-key blocks.
+        let row = c.hk * d;
+        for w in [1, 2] {
+            assert!(g[w][256 * row..700 * row].iter().all(|&x| x == 0.0), "seed {seed}: d{d}: {} past the grid is not 0", NAMES[w]);
+        }
+    }
+}

@@ -276,22 +276,36 @@ impl On {
         }
     }
     fn varlen(&self, l: &Layout) -> Option<Varlen<'_>> {
+        self.varlen_as(l, true)
+    }
+    /// Varlen views with the max lengths (`maxima`) or without (None: the kernels schedule from
+    /// cu_seqlens; s_dmask then cannot be asked for).
+    fn varlen_as(&self, l: &Layout, maxima: bool) -> Option<Varlen<'_>> {
         let (max_q, max_k) = l.max();
-        (!l.dense).then_some(Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() })
+        let (max_seqlen_q, max_seqlen_k) = if maxima { (Some(max_q), Some(max_k)) } else { (None, None) };
+        (!l.dense).then_some(Varlen { cu_seqlens_q: &self.cu_q, cu_seqlens_k: &self.cu_k, max_seqlen_q, max_seqlen_k, seqused_q: self.used_q.as_ref(), seqused_k: self.used_k.as_ref() })
     }
     fn extras(&self, probs: bool) -> Extras<'_> {
         Extras { alibi_slopes: self.slopes.as_ref(), return_attn_probs: probs }
     }
     fn fwd(&self, h: &Host, kernels: KernelChoice) -> flash_attn::Result<FwdOutput> {
+        self.fwd_as(h, kernels, true)
+    }
+    /// The forward, varlen with or without the max lengths (`varlen_as`; s_dmask only with them).
+    fn fwd_as(&self, h: &Host, kernels: KernelChoice, maxima: bool) -> flash_attn::Result<FwdOutput> {
         let o = h.c.opts(kernels);
-        match self.varlen(&h.l) {
+        match self.varlen_as(&h.l, maxima) {
             None => fwd_with(&self.q, &self.k, &self.v, &self.extras(true), &o),
-            Some(vl) => varlen_fwd_with(&self.q, &self.k, &self.v, &vl, &self.extras(true), &o),
+            Some(vl) => varlen_fwd_with(&self.q, &self.k, &self.v, &vl, &self.extras(maxima), &o),
         }
     }
     fn bwd(&self, h: &Host, out: &Tensor, lse: &Tensor, deterministic: bool, kernels: KernelChoice) -> flash_attn::Result<BwdOutput> {
+        self.bwd_as(h, out, lse, deterministic, kernels, true)
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_as(&self, h: &Host, out: &Tensor, lse: &Tensor, deterministic: bool, kernels: KernelChoice, maxima: bool) -> flash_attn::Result<BwdOutput> {
         let o = h.c.opts(kernels);
-        match self.varlen(&h.l) {
+        match self.varlen_as(&h.l, maxima) {
             None => bwd_with(&self.dout, &self.q, &self.k, &self.v, out, lse, &self.extras(false), &o, deterministic),
             Some(vl) => varlen_bwd_with(&self.dout, &self.q, &self.k, &self.v, out, lse, &vl, &self.extras(false), &o, deterministic),
         }
@@ -518,6 +532,12 @@ fn run_case(rng: &mut StdRng, h: &Host, backward: bool, tally: &mut Tally) -> Re
         tally.add(name, fam, d);
         first.get_or_insert(got);
     }
+    // Varlen without the max lengths (the grids from cu_seqlens or the mean lengths; no s_dmask).
+    if !h.l.dense {
+        let got = gpu_on.fwd_as(h, KernelChoice::default(), false).map_err(|e| format!("forward without max lengths: {e}"))?;
+        check_fwd(h, &got, &cpu).map_err(|e| format!("forward without max lengths vs CPU: {e}"))?;
+        tally.add("forward, no max lengths", mods_family(h, KernelChoice::default()), d);
+    }
     // s_dmask in q's dtype, through the raw layer.
     let (_, _, s) = gpu_on.fwd_raw(h, h.c.dtype, KernelChoice::default(), dev()).map_err(|e| format!("raw forward, s_dmask in {}: {e}", h.c.dtype))?;
     check_probs(h, &s, cpu.s_dmask.as_ref().unwrap()).map_err(|e| format!("s_dmask in {} vs CPU: {e}", h.c.dtype))?;
@@ -538,6 +558,11 @@ fn run_case(rng: &mut StdRng, h: &Host, backward: bool, tally: &mut Tally) -> Re
             let g = gpu_on.bwd(h, &f.out, &f.lse, deterministic, choice).map_err(|e| at(e.to_string()))?;
             check_grads(h, &g, &cpu_g, &mag).map_err(|e| at(format!("vs CPU: {e}")))?;
             tally.add(name, fam, d);
+        }
+        if !h.l.dense {
+            let g = gpu_on.bwd_as(h, &f.out, &f.lse, deterministic, KernelChoice::default(), false).map_err(|e| format!("backward (deterministic {deterministic}) without max lengths: {e}"))?;
+            check_grads(h, &g, &cpu_g, &mag).map_err(|e| format!("backward (deterministic {deterministic}) without max lengths vs CPU: {e}"))?;
+            tally.add("backward, no max lengths", if deterministic { "deterministic" } else { "default" }, d);
         }
     }
     Ok(())

@@ -352,3 +352,118 @@ fn packed_qkv_views() {
         assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "seed {seed}: {name} in the packed buffer");
     }
 }
+
+/// One serving step through the raw layer on the caller's non-blocking stream: append one new key and
+/// value per row with rotary (q turned too), decode over the cache with split-KV (the append, decode and
+/// combine kernels, chained by programmatic launches on Hopper), over a contiguous and a paged cache.
+/// A direct call and a CUDA graph of the step (captured once, replayed over new q / new keys written
+/// into the same buffers, the caches reset) each give bitwise what the `Tensor` API gives on the same
+/// inputs: out, lse and both updated caches.
+#[test]
+fn kvcache_step_on_a_caller_stream_and_in_a_graph() {
+    require_gpu!();
+    let (seed, mut rng) = seeded("kvcache_step_on_a_caller_stream_and_in_a_graph");
+    use flash_attn::raw::KvCacheViews;
+    use flash_attn::{KvCache, KvCacheOptions};
+    let (b, cap, hq, hk, d, rot, page) = (3usize, 384usize, 8usize, 2usize, 128usize, 64usize, 64usize);
+    let lens = [300i32, 17, 200];
+    let opts = AttnOptions { causal: true, ..Default::default() };
+    let kv = KvCacheOptions { rotary_interleaved: false, num_splits: 3 };
+    // Rotary tables [cap, rot / 2] (f32), the usual inverse-frequency angles.
+    let (cos, sin): (Vec<f32>, Vec<f32>) = (0..cap * rot / 2).map(|i| {
+        let (pos, j) = (i / (rot / 2), i % (rot / 2));
+        let a = pos as f64 / 10000f64.powf(2.0 * j as f64 / rot as f64);
+        (a.cos() as f32, a.sin() as f32)
+    }).unzip();
+    let (_ctx, stream) = caller_stream();
+    raw::preload(0).unwrap();
+    let target = Target::Cuda { ordinal: 0, stream: stream.cu_stream() as usize };
+    let gpu = Device::Cuda(0);
+    for paged in [false, true] {
+        let (cache_shape, table): ([usize; 4], Option<Vec<i32>>) = if paged {
+            // Row r's i-th page: a fixed scatter over the pool.
+            let blocks = b * cap / page;
+            ([blocks, page, hk, d], Some((0..blocks).map(|i| ((i * 7 + 3) % blocks) as i32).collect()))
+        } else {
+            ([b, cap, hk, d], None)
+        };
+        let n_cache: usize = cache_shape.iter().product();
+        let (k0, v0) = (random_values(&mut rng, n_cache, 1.0, DType::BF16), random_values(&mut rng, n_cache, 1.0, DType::BF16));
+        let step = |rng: &mut rand::rngs::StdRng| [b * hq * d, b * hk * d, b * hk * d].map(|n| random_values(rng, n, 1.0, DType::BF16));
+        // The Tensor API on the legacy stream: out, lse, k_cache, v_cache.
+        let reference = |x: &[Vec<f32>; 3]| -> [Vec<f32>; 4] {
+            let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(v, shape, DType::BF16).unwrap().to_device(gpu).unwrap();
+            let (q, k_new, v_new) = (t(&x[0], &[b, 1, hq, d]), t(&x[1], &[b, 1, hk, d]), t(&x[2], &[b, 1, hk, d]));
+            let (mut kc, mut vc) = (t(&k0, &cache_shape), t(&v0, &cache_shape));
+            let seqlens = Tensor::from_i32(lens.to_vec(), &[b]).unwrap().to_device(gpu).unwrap();
+            let table_t = table.as_ref().map(|e| Tensor::from_i32(e.clone(), &[b, cap / page]).unwrap().to_device(gpu).unwrap());
+            let f32t = |v: &[f32]| Tensor::from_f32(v, &[cap, rot / 2], DType::F32).unwrap().to_device(gpu).unwrap();
+            let (cos_t, sin_t) = (f32t(&cos), f32t(&sin));
+            let cache = KvCache { block_table: table_t.as_ref(), k_new: Some(&k_new), v_new: Some(&v_new), rotary_cos: Some(&cos_t), rotary_sin: Some(&sin_t), ..KvCache::new(&seqlens) };
+            let o = flash_attn::fwd_kvcache(&q, &mut kc, &mut vc, &cache, &opts, &kv).unwrap();
+            [o.out.to_f32_vec().unwrap(), o.lse.to_f32_vec().unwrap(), kc.to_f32_vec().unwrap(), vc.to_f32_vec().unwrap()]
+        };
+        // The caller's buffers.
+        let x0 = step(&mut rng);
+        let (mut q_buf, mut kn_buf, mut vn_buf) = (stream.clone_htod(&bits(&x0[0])).unwrap(), stream.clone_htod(&bits(&x0[1])).unwrap(), stream.clone_htod(&bits(&x0[2])).unwrap());
+        let (mut kc_buf, mut vc_buf) = (stream.clone_htod(&bits(&k0)).unwrap(), stream.clone_htod(&bits(&v0)).unwrap());
+        let lens_buf = stream.clone_htod(&lens).unwrap();
+        let table_buf = table.as_ref().map(|e| stream.clone_htod(e).unwrap());
+        let (cos_buf, sin_buf) = (stream.clone_htod(&cos).unwrap(), stream.clone_htod(&sin).unwrap());
+        let out_buf = stream.alloc_zeros::<u16>(b * hq * d).unwrap();
+        let lse_buf = stream.alloc_zeros::<f32>(b * hq).unwrap();
+        let (q_shape, new_shape, lse_shape, rot_shape, b_shape, t_shape) = ([b, 1, hq, d], [b, 1, hk, d], [b, hq, 1], [cap, rot / 2], [b], [b, cap / page]);
+        let (sq, snew, scache, slse, srot, sb, st) = (contiguous(&q_shape), contiguous(&new_shape), contiguous(&cache_shape), contiguous(&lse_shape), contiguous(&rot_shape), vec![1usize], contiguous(&t_shape));
+        let view = |addr, dtype, shape: &'static [usize], strides: &'static [usize]| View { addr, dtype, shape, strides };
+        let leak = |v: Vec<usize>| -> &'static [usize] { Vec::leak(v) };
+        let (q_shape, new_shape, cache_shape_s, lse_shape, rot_shape, b_shape, t_shape) = (leak(q_shape.to_vec()), leak(new_shape.to_vec()), leak(cache_shape.to_vec()), leak(lse_shape.to_vec()), leak(rot_shape.to_vec()), leak(b_shape.to_vec()), leak(t_shape.to_vec()));
+        let (sq, snew, scache, slse, srot, sb, st) = (leak(sq), leak(snew), leak(scache), leak(slse), leak(srot), leak(sb), leak(st));
+        let bf = DType::BF16;
+        let views = KvCacheViews {
+            q: view(ptr(&q_buf, &stream), bf, q_shape, sq),
+            k_cache: view(ptr(&kc_buf, &stream), bf, cache_shape_s, scache),
+            v_cache: view(ptr(&vc_buf, &stream), bf, cache_shape_s, scache),
+            cache_seqlens: view(ptr(&lens_buf, &stream), DType::I32, b_shape, sb),
+            block_table: table_buf.as_ref().map(|t| view(ptr(t, &stream), DType::I32, t_shape, st)),
+            k_new: Some(view(ptr(&kn_buf, &stream), bf, new_shape, snew)),
+            v_new: Some(view(ptr(&vn_buf, &stream), bf, new_shape, snew)),
+            rotary_cos: Some(view(ptr(&cos_buf, &stream), DType::F32, rot_shape, srot)),
+            rotary_sin: Some(view(ptr(&sin_buf, &stream), DType::F32, rot_shape, srot)),
+            cache_batch_idx: None,
+            cache_leftpad: None,
+            alibi_slopes: None,
+            out: view(ptr(&out_buf, &stream), bf, q_shape, sq),
+            lse: view(ptr(&lse_buf, &stream), DType::F32, lse_shape, slse),
+        };
+        let ws_bytes = raw::kvcache_workspace_bytes(&views, &opts, &kv, target).unwrap();
+        let ws_buf = stream.alloc_zeros::<u8>(ws_bytes.max(1)).unwrap();
+        let ws = Workspace { addr: ptr(&ws_buf, &stream), bytes: ws_bytes };
+        let results = |kc: &CudaSlice<u16>, vc: &CudaSlice<u16>| -> [Vec<f32>; 4] {
+            [floats(&stream.clone_dtoh(&out_buf).unwrap()), stream.clone_dtoh(&lse_buf).unwrap(), floats(&stream.clone_dtoh(kc).unwrap()), floats(&stream.clone_dtoh(vc).unwrap())]
+        };
+        let check = |got: &[Vec<f32>; 4], want: &[Vec<f32>; 4], what: &str| {
+            for (i, name) in ["out", "lse", "k_cache", "v_cache"].iter().enumerate() {
+                assert_eq!(got[i].len(), want[i].len(), "{what}: {name} length");
+                assert!(got[i].iter().zip(&want[i]).all(|(a, b)| a.to_bits() == b.to_bits()), "seed {seed}: paged {paged}: {what}: {name} differs from the Tensor API");
+            }
+        };
+        // A direct call on the caller's stream.
+        unsafe { raw::fwd_kvcache(&views, &opts, &kv, ws, target) }.unwrap();
+        check(&results(&kc_buf, &vc_buf), &reference(&x0), "direct call");
+        // The step captured once, then replayed over new inputs.
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+        let queued = unsafe { raw::fwd_kvcache(&views, &opts, &kv, ws, target) };
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+        queued.unwrap();
+        for replay in 0..2 {
+            let x = step(&mut rng);
+            stream.memcpy_htod(&bits(&x[0]), &mut q_buf).unwrap();
+            stream.memcpy_htod(&bits(&x[1]), &mut kn_buf).unwrap();
+            stream.memcpy_htod(&bits(&x[2]), &mut vn_buf).unwrap();
+            stream.memcpy_htod(&bits(&k0), &mut kc_buf).unwrap();
+            stream.memcpy_htod(&bits(&v0), &mut vc_buf).unwrap();
+            graph.launch().unwrap();
+            check(&results(&kc_buf, &vc_buf), &reference(&x), &format!("graph replay {replay}"));
+        }
+    }
+}

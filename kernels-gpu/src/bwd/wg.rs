@@ -308,9 +308,13 @@ struct Pipe {
     prefetched: bool,
 }
 
-/// The key block after `a` in this CTA (the grid strides over key blocks), if it has keys.
+/// The key block after `a` in this CTA (the grid strides over key blocks), if it has keys; none in the
+/// ordered mode (one key block per CTA).
 #[inline(always)]
-fn successor(a: &KvArgs) -> Option<KvArgs> {
+fn successor<const ORDERED: bool>(a: &KvArgs) -> Option<KvArgs> {
+    if ORDERED {
+        return None;
+    }
     let n0 = a.n0 + grid_dim_x() as i32 * BN as i32;
     (n0 < a.sk.used).then(|| KvArgs { n0, cols: if a.sk.used - n0 < BN as i32 { a.sk.used - n0 } else { BN as i32 }, ..*a })
 }
@@ -350,7 +354,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         if it + 1 < end {
             unsafe { load_step::<D>(p, a, base, 1 - stage, nxt.0, nxt.1 * BM as i32, tid) };
             commit_group();
-        } else if let Some(b) = successor(a) {
+        } else if let Some(b) = successor::<ORDERED>(a) {
             // The successor's K/V go to the other buffer (its predecessor's reads are behind the
             // barrier at the start of this block's first step), its first step to the other stage.
             let (b_steps, _, first) = step_walk(p, &b, BM as i32);
@@ -414,14 +418,17 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         let mut acc_dk = [[0f32; 4]; DN];
         let mut acc_dv = [[0f32; 4]; DN];
         let mut prefetched = false;
-        if n0 < sk.used {
+        // The ordered mode's turns hold one key block per CTA (`n_block < gx`): a grid short of the
+        // sequence's key blocks (a max_seqlen_k below its key count, invalid input) leaves the rest at
+        // dk = dv = 0 rather than wait for a turn that has passed.
+        if n0 < sk.used && (!ORDERED || n_block < grid_dim_x() as i32) {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
             let steps = unsafe { block::<E, D, DN, MODS, ORDERED>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
             if steps > 0 {
                 pipe.kv ^= 1;
                 pipe.stage0 ^= steps & 1;
                 // What the last step started (the same test).
-                prefetched = successor(&args).is_some_and(|b| step_walk(p, &b, BM as i32).0 > 0);
+                prefetched = successor::<ORDERED>(&args).is_some_and(|b| step_walk(p, &b, BM as i32).0 > 0);
             }
         }
         pipe.prefetched = prefetched;

@@ -110,7 +110,10 @@ fn for_each_key_block<const ORDERED: bool>(p: &BwdParams, mut f: impl FnMut(i32,
     let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
-        let args = (n0 < sk.used).then(|| KvArgs { bidb, hk, group, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } });
+        // The ordered mode's turns hold one key block per CTA (`n_block < gx`): a grid short of the
+        // sequence's key blocks (a max_seqlen_k below its key count, invalid input) leaves the rest at
+        // dk = dv = 0 rather than wait for a turn that has passed.
+        let args = (n0 < sk.used && (!ORDERED || n_block < grid_dim_x() as i32)).then(|| KvArgs { bidb, hk, group, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } });
         f(bidb, n0, args);
         n_block += grid_dim_x() as i32;
     }
