@@ -414,26 +414,26 @@ fn kvcache_step_on_a_caller_stream_and_in_a_graph() {
         let lse_buf = stream.alloc_zeros::<f32>(b * hq).unwrap();
         let (q_shape, new_shape, lse_shape, rot_shape, b_shape, t_shape) = ([b, 1, hq, d], [b, 1, hk, d], [b, hq, 1], [cap, rot / 2], [b], [b, cap / page]);
         let (sq, snew, scache, slse, srot, sb, st) = (contiguous(&q_shape), contiguous(&new_shape), contiguous(&cache_shape), contiguous(&lse_shape), contiguous(&rot_shape), vec![1usize], contiguous(&t_shape));
-        let view = |addr, dtype, shape: &'static [usize], strides: &'static [usize]| View { addr, dtype, shape, strides };
-        let leak = |v: Vec<usize>| -> &'static [usize] { Vec::leak(v) };
-        let (q_shape, new_shape, cache_shape_s, lse_shape, rot_shape, b_shape, t_shape) = (leak(q_shape.to_vec()), leak(new_shape.to_vec()), leak(cache_shape.to_vec()), leak(lse_shape.to_vec()), leak(rot_shape.to_vec()), leak(b_shape.to_vec()), leak(t_shape.to_vec()));
-        let (sq, snew, scache, slse, srot, sb, st) = (leak(sq), leak(snew), leak(scache), leak(slse), leak(srot), leak(sb), leak(st));
+        fn view<'a>(addr: u64, dtype: DType, shape: &'a [usize], strides: &'a [usize]) -> View<'a> {
+            View { addr, dtype, shape, strides }
+        }
+        let cache_shape_s = &cache_shape[..];
         let bf = DType::BF16;
         let views = KvCacheViews {
-            q: view(ptr(&q_buf, &stream), bf, q_shape, sq),
-            k_cache: view(ptr(&kc_buf, &stream), bf, cache_shape_s, scache),
-            v_cache: view(ptr(&vc_buf, &stream), bf, cache_shape_s, scache),
-            cache_seqlens: view(ptr(&lens_buf, &stream), DType::I32, b_shape, sb),
-            block_table: table_buf.as_ref().map(|t| view(ptr(t, &stream), DType::I32, t_shape, st)),
-            k_new: Some(view(ptr(&kn_buf, &stream), bf, new_shape, snew)),
-            v_new: Some(view(ptr(&vn_buf, &stream), bf, new_shape, snew)),
-            rotary_cos: Some(view(ptr(&cos_buf, &stream), DType::F32, rot_shape, srot)),
-            rotary_sin: Some(view(ptr(&sin_buf, &stream), DType::F32, rot_shape, srot)),
+            q: view(ptr(&q_buf, &stream), bf, &q_shape, &sq),
+            k_cache: view(ptr(&kc_buf, &stream), bf, cache_shape_s, &scache),
+            v_cache: view(ptr(&vc_buf, &stream), bf, cache_shape_s, &scache),
+            cache_seqlens: view(ptr(&lens_buf, &stream), DType::I32, &b_shape, &sb),
+            block_table: table_buf.as_ref().map(|t| view(ptr(t, &stream), DType::I32, &t_shape, &st)),
+            k_new: Some(view(ptr(&kn_buf, &stream), bf, &new_shape, &snew)),
+            v_new: Some(view(ptr(&vn_buf, &stream), bf, &new_shape, &snew)),
+            rotary_cos: Some(view(ptr(&cos_buf, &stream), DType::F32, &rot_shape, &srot)),
+            rotary_sin: Some(view(ptr(&sin_buf, &stream), DType::F32, &rot_shape, &srot)),
             cache_batch_idx: None,
             cache_leftpad: None,
             alibi_slopes: None,
-            out: view(ptr(&out_buf, &stream), bf, q_shape, sq),
-            lse: view(ptr(&lse_buf, &stream), DType::F32, lse_shape, slse),
+            out: view(ptr(&out_buf, &stream), bf, &q_shape, &sq),
+            lse: view(ptr(&lse_buf, &stream), DType::F32, &lse_shape, &slse),
         };
         let ws_bytes = raw::kvcache_workspace_bytes(&views, &opts, &kv, target).unwrap();
         let ws_buf = stream.alloc_zeros::<u8>(ws_bytes.max(1)).unwrap();

@@ -57,6 +57,15 @@ fn grid_block(p: &BwdParams, bm: i32, keys: bool, rev: bool) -> (i32, i32) {
     }
 }
 
+/// Whether a dK/dV CTA takes key block `n_block` of its grid-strided walk: always, but in the ordered
+/// deterministic mode (`ORDERED`) only the first, as its turns hold one key block per CTA. A grid short of
+/// the sequence's key blocks (a max_seqlen_k below its key count, invalid input) then leaves the rest at
+/// dk = dv = 0 rather than wait for a turn that has passed.
+#[inline(always)]
+fn takes_key_block<const ORDERED: bool>(n_block: i32) -> bool {
+    !ORDERED || n_block < grid_dim_x() as i32
+}
+
 /// Byte address of row `row` (of sequence `bidb`, head `h`) in a 16-bit operand.
 #[inline(always)]
 fn row_addr(base: u64, batch_stride: i64, row_stride: i64, head_stride: i64, b: i32, row: i32, h: i32) -> u64 {

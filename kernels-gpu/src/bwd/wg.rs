@@ -13,7 +13,7 @@
 //! (N-major, in whole 64-column groups), run over 128 columns (the last 32 zero, never stored).
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, lse_index, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, lse_index, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, takes_key_block, DqTurn, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::st_global_u32;
@@ -418,10 +418,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         let mut acc_dk = [[0f32; 4]; DN];
         let mut acc_dv = [[0f32; 4]; DN];
         let mut prefetched = false;
-        // The ordered mode's turns hold one key block per CTA (`n_block < gx`): a grid short of the
-        // sequence's key blocks (a max_seqlen_k below its key count, invalid input) leaves the rest at
-        // dk = dv = 0 rather than wait for a turn that has passed.
-        if n0 < sk.used && (!ORDERED || n_block < grid_dim_x() as i32) {
+        if n0 < sk.used && takes_key_block::<ORDERED>(n_block) {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
             let steps = unsafe { block::<E, D, DN, MODS, ORDERED>(p, &args, pipe, tid, &mut acc_dk, &mut acc_dv) };
             if steps > 0 {

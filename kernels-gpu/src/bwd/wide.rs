@@ -15,7 +15,7 @@
 use super::convert::convert_rows;
 use super::wg::{load_step_to, StepStages};
 use super::wg::BAR_TURN;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, takes_key_block, DqTurn, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
@@ -249,10 +249,7 @@ pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MOD
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
         let mut acc = [[0f32; 4]; DN];
-        // The ordered mode's turns hold one key block per CTA (`n_block < gx`): a grid short of the
-        // sequence's key blocks (a max_seqlen_k below its key count, invalid input) leaves the rest at
-        // dk = dv = 0 rather than wait for a turn that has passed.
-        if n0 < sk.used && (!ORDERED || n_block < grid_dim_x() as i32) {
+        if n0 < sk.used && takes_key_block::<ORDERED>(n_block) {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
             unsafe { block::<E, D, DN, MODS, ORDERED>(p, &args, tid, &mut acc) };
         }

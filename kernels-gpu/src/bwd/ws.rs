@@ -21,7 +21,7 @@
 
 use super::convert::convert_rows;
 use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
-use super::{grid_block, lse_index, sequences, step_walk, DqTurn, KvArgs};
+use super::{grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
 use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
@@ -110,10 +110,7 @@ fn for_each_key_block<const ORDERED: bool>(p: &BwdParams, mut f: impl FnMut(i32,
     let group = div_rem_u32(p.h as u32, p.h_k as u32).0 as i32;
     while n_block * (BN as i32) < sk.slot_len {
         let n0 = n_block * BN as i32;
-        // The ordered mode's turns hold one key block per CTA (`n_block < gx`): a grid short of the
-        // sequence's key blocks (a max_seqlen_k below its key count, invalid input) leaves the rest at
-        // dk = dv = 0 rather than wait for a turn that has passed.
-        let args = (n0 < sk.used && (!ORDERED || n_block < grid_dim_x() as i32)).then(|| KvArgs { bidb, hk, group, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } });
+        let args = (n0 < sk.used && takes_key_block::<ORDERED>(n_block)).then(|| KvArgs { bidb, hk, group, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } });
         f(bidb, n0, args);
         n_block += grid_dim_x() as i32;
     }
