@@ -13,6 +13,8 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
 - torch.compile(fullgraph=True) of small attention modules (dense, qkv-packed, varlen): no graph break,
   same results and gradients as eager;
 - CUDA graph capture and replay of the forward and of forward + backward, with new inputs copied in;
+  and of a KV-cache serving step (flash_attn_with_kvcache: append + rotary, split-KV; contiguous and
+  paged), bitwise against eager calls (out, lse, caches);
 - a non-default stream: the kernels run after earlier work on that stream, not on the default stream;
 - packed versus separate: flash_attn_varlen_func over a packed batch (and its gradients) against
   flash_attn_func per sequence;
