@@ -417,12 +417,11 @@ fn kvcache_step_on_a_caller_stream_and_in_a_graph() {
         fn view<'a>(addr: u64, dtype: DType, shape: &'a [usize], strides: &'a [usize]) -> View<'a> {
             View { addr, dtype, shape, strides }
         }
-        let cache_shape_s = &cache_shape[..];
         let bf = DType::BF16;
         let views = KvCacheViews {
             q: view(ptr(&q_buf, &stream), bf, &q_shape, &sq),
-            k_cache: view(ptr(&kc_buf, &stream), bf, cache_shape_s, &scache),
-            v_cache: view(ptr(&vc_buf, &stream), bf, cache_shape_s, &scache),
+            k_cache: view(ptr(&kc_buf, &stream), bf, &cache_shape, &scache),
+            v_cache: view(ptr(&vc_buf, &stream), bf, &cache_shape, &scache),
             cache_seqlens: view(ptr(&lens_buf, &stream), DType::I32, &b_shape, &sb),
             block_table: table_buf.as_ref().map(|t| view(ptr(t, &stream), DType::I32, &t_shape, &st)),
             k_new: Some(view(ptr(&kn_buf, &stream), bf, &new_shape, &snew)),
