@@ -69,7 +69,9 @@ fn main() {
                     let entries: Vec<i32> = (0..blocks).map(|i| ((i * stride) % blocks) as i32).collect();
                     ([blocks, page, HK, D], Some(Tensor::from_i32(entries, &[b, per_row]).unwrap().to_device(gpu).unwrap()))
                 };
-                let strides = [shape[1] * HK * D, HK * D, D, 1];
+                // FA_DECODE_HEAD_MAJOR=1 (contiguous caches): each kv head's keys contiguous, the cache
+                // `[b, Hk, ctx, D]` in memory seen as `[b, ctx, Hk, D]` (DRAM locality of one head's reads).
+                let strides = if page == 0 && std::env::var_os("FA_DECODE_HEAD_MAJOR").is_some() { [ctx * HK * D, D, ctx * D, 1] } else { [shape[1] * HK * D, HK * D, D, 1] };
                 let (mut kc, mut vc) = (k.as_strided(&shape, &strides, 0).unwrap(), v.as_strided(&shape, &strides, 0).unwrap());
                 let mut out = Tensor::zeros(&[b, sq, HQ, D], DType::BF16, gpu).unwrap();
                 let mut lse = Tensor::zeros(&[b, HQ, sq], DType::F32, gpu).unwrap();

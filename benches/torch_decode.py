@@ -34,7 +34,10 @@ def main():
                 if kv_bytes > MAX_CACHE_BYTES or filt not in name:
                     continue
                 q = torch.rand(b, sq, HQ, D, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2)
-                k, v = (torch.rand(b, ctx, HK, D, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2) for _ in range(2))
+                if os.environ.get("FA_DECODE_HEAD_MAJOR"):
+                    k, v = (torch.rand(b, HK, ctx, D, device=dev, dtype=torch.bfloat16).sub_(0.5) for _ in range(2))
+                else:
+                    k, v = (torch.rand(b, ctx, HK, D, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2) for _ in range(2))
                 nbytes = kv_bytes + 2 * b * sq * HQ * D * 2
                 for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                     def run(kind=kind):

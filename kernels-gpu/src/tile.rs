@@ -170,6 +170,25 @@ pub(crate) fn warp_gemm<E: Elem, const MT: usize, const N: usize>(acc: &mut [[[f
 /// compile-time constants after inlining (stable const generics cannot take `16 * MT * NW`).
 #[inline(always)]
 pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
+    unsafe { load_tile_as::<D, false>(dst, src, row_stride_bytes, valid_rows, tid, rows, threads) }
+}
+
+/// `load_tile` with a loop of its own for a whole tile (`valid_rows >= rows`), whose copies then test no
+/// row (the decode kernels, whose tiles are nearly all whole: a compare and two selects less per copy).
+#[inline(always)]
+pub(crate) unsafe fn load_tile_whole_fast<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
+    unsafe {
+        if valid_rows >= rows as i32 {
+            load_tile_as::<D, true>(dst, src, row_stride_bytes, valid_rows, tid, rows, threads)
+        } else {
+            load_tile_as::<D, false>(dst, src, row_stride_bytes, valid_rows, tid, rows, threads)
+        }
+    }
+}
+
+/// `load_tile`; `WHOLE`: every row is valid (no row test).
+#[inline(always)]
+unsafe fn load_tile_as<const D: usize, const WHOLE: bool>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
     let chunks = D / 8;
     let row_bytes = row_pitch_bytes(D) as u32;
     // Recompute the per-thread offsets here, each tile, instead of keeping them all live (opaque_u32).
@@ -185,7 +204,7 @@ pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_by
         let mut s = dst + r0 as u32 * row_bytes + c as u32 * 16;
         let mut i = 0;
         while i < rows / pass_rows {
-            let valid = ((r0 + i * pass_rows) as i32) < valid_rows;
+            let valid = WHOLE || ((r0 + i * pass_rows) as i32) < valid_rows;
             unsafe { cp_async_16(s, if valid { g } else { src }, valid) };
             g = g.wrapping_add(g_step);
             s += pass_rows as u32 * row_bytes;
@@ -197,7 +216,7 @@ pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_by
     while i < rows * chunks / threads {
         let idx = tid + i * threads;
         let (r, c) = (idx / chunks, idx % chunks);
-        let valid = (r as i32) < valid_rows;
+        let valid = WHOLE || (r as i32) < valid_rows;
         let g = if valid { src.wrapping_add((r as i64 * row_stride_bytes + c as i64 * 16) as u64) } else { src };
         unsafe { cp_async_16(dst + r as u32 * row_bytes + c as u32 * 16, g, valid) };
         i += 1;

@@ -27,7 +27,7 @@ use crate::softmax::{finalize_row, update_row, update_row_offset, RowState};
 use crate::tile::{warp_gemm, SmemTile};
 use crate::variants::FwdConfig;
 // The tile vocabulary, also imported from here by the kernels of this module.
-pub(crate) use crate::tile::{a_fragment, load_tile, load_tile_rows};
+pub(crate) use crate::tile::{a_fragment, load_tile, load_tile_rows, load_tile_whole_fast};
 use kv::{KvRows, Pages, Rows, TilePages};
 pub use crate::tile::{Elem, BF16, F16};
 
@@ -147,7 +147,7 @@ impl BlockArgs {
 
 /// One block's attention over rows `[m0, m0 + BM) ∩ [0, seqlen_q)`.
 #[inline(always)]
-unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize>(a: &BlockArgs, tid: usize) {
+unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const DECODE: bool>(a: &BlockArgs, tid: usize) {
     let () = Shape::<D, DN, MT, NW, BN, NN>::CHECK;
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
@@ -190,7 +190,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         let n_tiles = n_max - n_min;
         let paged = a.kv.pages.paged();
         let pages_of = |n_block: i32| if paged { unsafe { a.kv.tile_pages(n_block * BN as i32, BN, tid) } } else { TilePages::NONE };
-        unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
+        unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
         commit_group();
         let mut ahead = if n_tiles > 1 { pages_of(n_max - 2) } else { TilePages::NONE };
 
@@ -199,7 +199,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             let n_block = n_max - 1 - it;
             let stage = (it & 1) as usize;
             if it + 1 < n_tiles {
-                unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 1 - stage, a, n_block - 1, ahead, tid) };
+                unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 1 - stage, a, n_block - 1, ahead, tid) };
                 commit_group();
                 if it + 2 < n_tiles {
                     ahead = pages_of(n_block - 2);
@@ -232,7 +232,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             );
 
             // P overwrites S (online softmax); a row whose max moved rescales its O.
-            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, false, false, #[inline(always)]
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, false, DECODE, #[inline(always)]
             |mt, h, f| {
                 for frag in acc_o[mt].iter_mut() {
                     frag[2 * h] *= f;
@@ -416,12 +416,12 @@ pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs
 
 /// Start the copies of K/V tile `n_block` into stage `stage`.
 #[inline(always)]
-unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tp: TilePages, tid: usize) {
+unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const DECODE: bool>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tp: TilePages, tid: usize) {
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
     let valid = a.seqlen_k - n_block * BN as i32;
     let (k_dst, v_dst) = (Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage), Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage));
     if a.kv.pages.paged() {
-        unsafe { load_kv_paged::<D>(k_dst, v_dst, a, n_block, valid, tp, tid, BN, threads) };
+        unsafe { load_kv_paged::<D, DECODE>(k_dst, v_dst, a, n_block, valid, tp, tid, BN, threads) };
         return;
     }
     let (k, v) = (a.kv.tile::<false>(n_block, BN), a.kv.tile::<true>(n_block, BN));
@@ -435,7 +435,7 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
 /// the tile's keys share a page, else row by row through the block table (one lookup per row for both).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n_block: i32, valid: i32, tp: TilePages, tid: usize, bn: usize, threads: usize) {
+unsafe fn load_kv_paged<const D: usize, const DECODE: bool>(k_dst: u32, v_dst: u32, a: &BlockArgs, n_block: i32, valid: i32, tp: TilePages, tid: usize, bn: usize, threads: usize) {
     let n0 = n_block * bn as i32;
     let (k, v) = (&a.kv.k, &a.kv.v);
     unsafe {
@@ -443,8 +443,13 @@ unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n
             // One page: its rows follow at the row stride.
             let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
             let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
-            load_tile::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
-            load_tile::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
+            if DECODE {
+                load_tile_whole_fast::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
+                load_tile_whole_fast::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
+            } else {
+                load_tile::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
+                load_tile::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
+            }
         } else if tp.span <= 32 {
             a.kv.load_pages::<D>(k_dst, v_dst, tp, valid, tid, bn, threads);
         } else {
@@ -463,7 +468,7 @@ unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n
 unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool, const MODS: bool, const DECODE: bool>(p: &FwdParams) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    unsafe { for_each_row_block::<D, PAGED, MODS, DECODE>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR>(args, tid)) }
+    unsafe { for_each_row_block::<D, PAGED, MODS, DECODE>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR, DECODE>(args, tid)) }
 }
 
 /// One (sequence, head) of a forward problem: its rows in the buffers and its lengths. Grid slice
@@ -644,7 +649,9 @@ macro_rules! fwd_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
                 unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false, false>(&p) }
             }
-            // Decode over a KV cache (packed GQA, one warp per 16 packed rows, f32 partials).
+            // Decode over a KV cache (packed GQA, one warp per 16 packed rows, f32 partials; the lazy
+            // max, and whole tiles copied without row tests: H200, 0.96-0.99x the time without them
+            // on the contiguous decode rows, benches/RESULTS.md).
             #[unsafe(export_name = concat!($name, "_decode"))]
             pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams) {
                 const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
