@@ -650,8 +650,8 @@ macro_rules! fwd_kernels {
                 unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false, false>(&p) }
             }
             // Decode over a KV cache (packed GQA, one warp per 16 packed rows, f32 partials; the lazy
-            // max, and whole tiles copied without row tests: H200, 0.96-0.99x the time without them
-            // on the contiguous decode rows, benches/RESULTS.md).
+            // max, and whole tiles copied without row tests: H200, 0.95-1.00x the time without them
+            // on the decode rows, benches/RESULTS.md).
             #[unsafe(export_name = concat!($name, "_decode"))]
             pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams) {
                 const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
