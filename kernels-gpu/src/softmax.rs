@@ -33,10 +33,11 @@ fn quad_sum(x: f32) -> f32 {
 /// lazy (the ws forward above head dim 64, without score modifiers; the `_decode` kernels). Below it the
 /// row keeps its max, the tile's probabilities are at most 2^8 (f16 and bf16 hold them; O and the sums
 /// are f32), and neither O nor the sum is rescaled: the kernel then skips O's rescale for the warp
-/// (`any_lane`), which after a row's first tiles is nearly always (FA4's conditional rescale). The sum and the final LSE
-/// are taken against the same max, so the result is exact either way. (The wg kernel keeps the eager
-/// max: the lazy update there made ptxas serialize its wgmma, C7513. The mma.sync decode kernels take
-/// it, each thread skipping its own rows' rescale; the other mma.sync kernels were not measured with it.)
+/// (`any_lane`), which after a row's first tiles is nearly always (FA4's conditional rescale). The sum
+/// and the final LSE are taken against the same max, so the result is exact either way. (The wg kernel
+/// keeps the eager max: the lazy update there made ptxas serialize its wgmma, C7513. The mma.sync decode
+/// kernels take it, each thread skipping its own rows' rescale; the other mma.sync kernels were not
+/// measured with it.)
 pub const RESCALE_LOG2: f32 = 8.0;
 
 /// Fold one tile of a row into its state. `s` holds this thread's scores of the row (pairs from each n8
