@@ -12,7 +12,8 @@
 //! times the same calls as a serving engine runs them, captured into a CUDA graph (`GRAPH_STEPS` calls
 //! on a stream of the caller's, the graph replayed on the legacy stream): the device's time per call
 //! without the host's validation and launches; rows named `.../graph`, whose RESULT ms cover the
-//! `GRAPH_STEPS` calls of one replay (GB/s: all their bytes).
+//! `GRAPH_STEPS` calls of one replay (GB/s: all their bytes). FA_DECODE_HEAD_MAJOR=1 lays each
+//! contiguous cache out with each kv head's keys contiguous (`[b, Hk, ctx, D]` seen as `[b, ctx, Hk, D]`).
 
 mod common;
 
@@ -40,6 +41,7 @@ fn main() {
     // cache holds ctx - 1 keys before it, the same slot rewritten every call), rows named `.../new1`.
     let append = std::env::var_os("FA_DECODE_APPEND").is_some();
     let graph = std::env::var_os("FA_DECODE_GRAPH").is_some();
+    let head_major = std::env::var_os("FA_DECODE_HEAD_MAJOR").is_some();
     let suffix = match (append, graph) {
         (false, false) => "",
         (true, false) => "/new1",
@@ -71,7 +73,7 @@ fn main() {
                 };
                 // FA_DECODE_HEAD_MAJOR=1 (contiguous caches): each kv head's keys contiguous, the cache
                 // `[b, Hk, ctx, D]` in memory seen as `[b, ctx, Hk, D]` (DRAM locality of one head's reads).
-                let strides = if page == 0 && std::env::var_os("FA_DECODE_HEAD_MAJOR").is_some() { [ctx * HK * D, D, ctx * D, 1] } else { [shape[1] * HK * D, HK * D, D, 1] };
+                let strides = if page == 0 && head_major { [ctx * HK * D, D, ctx * D, 1] } else { [shape[1] * HK * D, HK * D, D, 1] };
                 let (mut kc, mut vc) = (k.as_strided(&shape, &strides, 0).unwrap(), v.as_strided(&shape, &strides, 0).unwrap());
                 let mut out = Tensor::zeros(&[b, sq, HQ, D], DType::BF16, gpu).unwrap();
                 let mut lse = Tensor::zeros(&[b, HQ, sq], DType::F32, gpu).unwrap();

@@ -443,13 +443,9 @@ unsafe fn load_kv_paged<const D: usize, const DECODE: bool>(k_dst: u32, v_dst: u
             // One page: its rows follow at the row stride.
             let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
             let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
-            if DECODE {
-                load_tile_whole_fast::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
-                load_tile_whole_fast::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
-            } else {
-                load_tile::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
-                load_tile::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
-            }
+            // The decode kernels' whole tiles without row tests.
+            load_tile_whole_fast::<D, DECODE>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
+            load_tile_whole_fast::<D, DECODE>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
         } else if tp.span <= 32 {
             a.kv.load_pages::<D>(k_dst, v_dst, tp, valid, tid, bn, threads);
         } else {
