@@ -649,6 +649,10 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
 /// or two where the tile or the Q copy does not divide by four) and merge their softmax states at the
 /// end, so a tile's products, softmax and copies are spread over several schedulers (one warp of the
 /// 16 rows doing all of them was issue-bound: nsight compute, 4.7 cycles per instruction).
+/// Blocks of a decode kernel per multiprocessor that its registers must leave room for (the PTX's
+/// `.minnctapersm`, added by xtask): as many as its shared memory allows up to head dim 128.
+pub const DECODE_BLOCKS_PER_SM: usize = 3;
+
 pub const fn decode_config(head_dim: usize) -> FwdConfig {
     let block_n = if head_dim > 128 { 32 } else { 64 };
     let key_warps = if block_n == 64 && head_dim % 64 == 0 { 4 } else { 2 };

@@ -50,7 +50,7 @@ impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN
         assert!(DN * 8 == D && NN * 8 * Self::KW == BN && NW % Self::KW == 0 && D % 16 == 0 && NN % 2 == 0);
         assert!((Self::BM * D / 8) % Self::THREADS == 0 && (BN * D / 8) % Self::THREADS == 0);
         // The merge's scratch (`merge_key_warps`) fits in the K/V stages.
-        assert!(Self::KW == 1 || (NW * 32 * (MT * DN * 16 + MT * 16)) as u32 <= 4 * Self::KV_BYTES);
+        assert!(Self::KW == 1 || (Self::KW <= 8 && (NW * 32 * (MT * DN * 16 + MT * 16)) as u32 <= 4 * Self::KV_BYTES));
     };
 
     /// Shared address of K stage `s` (V stage `s` follows both K stages).
@@ -297,22 +297,38 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
     if key_part > 0 {
         return false;
     }
-    for part in 1..kw {
-        for mt in 0..MT {
-            let other = unsafe { smem::ld_v4(at(part, MT * DN + mt)) }.map(f32::from_bits);
+    for mt in 0..MT {
+        // The rows' common max and each side's factor against it: exp2(-inf) == 0 drops a side that saw
+        // no key; rows no side saw a key of stay -inf / 0.
+        let mut others = [[0f32; 4]; 8];
+        let mut max = [row_state[mt][0].max, row_state[mt][1].max];
+        for part in 1..kw {
+            others[part] = unsafe { smem::ld_v4(at(part, MT * DN + mt)) }.map(f32::from_bits);
             for h in 0..2 {
-                let (max, sum) = (other[2 * h], other[2 * h + 1]);
-                let mine = &mut row_state[mt][h];
-                let new_max = if max > mine.max { max } else { mine.max };
-                // exp2(-inf) == 0 drops a side that saw no key; both without keys stay -inf / 0.
-                let (f_mine, f_other) = if new_max == f32::NEG_INFINITY { (0.0, 0.0) } else { (exp2((mine.max - new_max) * scale_log2), exp2((max - new_max) * scale_log2)) };
-                mine.sum = mine.sum * f_mine + sum * f_other;
-                mine.max = new_max;
-                for j in 0..DN {
-                    let o = unsafe { smem::ld_v4(at(part, mt * DN + j)) }.map(f32::from_bits);
-                    let frag = &mut acc_o[mt][j];
-                    frag[2 * h] = frag[2 * h] * f_mine + o[2 * h] * f_other;
-                    frag[2 * h + 1] = frag[2 * h + 1] * f_mine + o[2 * h + 1] * f_other;
+                max[h] = if others[part][2 * h] > max[h] { others[part][2 * h] } else { max[h] };
+            }
+        }
+        let factor = |m: f32, h: usize| if max[h] == f32::NEG_INFINITY { 0.0 } else { exp2((m - max[h]) * scale_log2) };
+        let mut f = [[0f32; 2]; 8];
+        for h in 0..2 {
+            let mine = &mut row_state[mt][h];
+            f[0][h] = factor(mine.max, h);
+            mine.sum *= f[0][h];
+            for part in 1..kw {
+                f[part][h] = factor(others[part][2 * h], h);
+                mine.sum += others[part][2 * h + 1] * f[part][h];
+            }
+            mine.max = max[h];
+        }
+        for j in 0..DN {
+            let frag = &mut acc_o[mt][j];
+            for (i, x) in frag.iter_mut().enumerate() {
+                *x *= f[0][i / 2];
+            }
+            for part in 1..kw {
+                let o = unsafe { smem::ld_v4(at(part, mt * DN + j)) }.map(f32::from_bits);
+                for (i, x) in frag.iter_mut().enumerate() {
+                    *x += o[i] * f[part][i / 2];
                 }
             }
         }
