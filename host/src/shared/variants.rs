@@ -8,8 +8,11 @@ pub struct FwdConfig {
     pub head_dim: usize,
     /// m16 tiles per warp.
     pub m_tiles: usize,
-    /// Warps per block; each owns `16 * m_tiles` query rows.
+    /// Warps per block; each group of `key_warps` owns `16 * m_tiles` query rows.
     pub warps: usize,
+    /// Warps that share rows and split each K/V tile's keys between them (their online softmax states
+    /// merged at the end; the `_decode` kernels), 1 elsewhere.
+    pub key_warps: usize,
     /// Keys per K/V tile.
     pub block_n: usize,
     /// Keep the warp's Q fragments in registers across K/V tiles.
@@ -18,7 +21,7 @@ pub struct FwdConfig {
 
 impl FwdConfig {
     pub const fn block_m(&self) -> usize {
-        16 * self.m_tiles * self.warps
+        16 * self.m_tiles * (self.warps / self.key_warps)
     }
     pub const fn threads(&self) -> usize {
         32 * self.warps
@@ -87,8 +90,8 @@ macro_rules! __variants_shapes {
         /// op where the registers allow it; the large head dims trade that for eight warps instead.
         pub const fn fwd_config(head_dim: usize) -> FwdConfig {
             match head_dim {
-                $($d => FwdConfig { head_dim, m_tiles: $mt, warps: $w, block_n: $bn, q_in_regs: $crate::__variants_flag!($qr) },)*
-                _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false },
+                $($d => FwdConfig { head_dim, m_tiles: $mt, warps: $w, key_warps: 1, block_n: $bn, q_in_regs: $crate::__variants_flag!($qr) },)*
+                _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, key_warps: 1, block_n: 64, q_in_regs: false },
             }
         }
 
@@ -118,7 +121,7 @@ macro_rules! __variants_shapes {
                 $($d => $dqn,)*
                 _ => 32,
             };
-            FwdConfig { head_dim, m_tiles: 1, warps: 4, block_n, q_in_regs: false }
+            FwdConfig { head_dim, m_tiles: 1, warps: 4, key_warps: 1, block_n, q_in_regs: false }
         }
     };
 }
@@ -143,7 +146,7 @@ macro_rules! __variants_wg {
         None
     };
     ($h:ident, $n:literal) => {
-        Some(FwdConfig { head_dim: $h, m_tiles: 1, warps: 8, block_n: $n, q_in_regs: false })
+        Some(FwdConfig { head_dim: $h, m_tiles: 1, warps: 8, key_warps: 1, block_n: $n, q_in_regs: false })
     };
 }
 
@@ -639,12 +642,21 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
         (KernelDType::F16, false) => "flash_probs_f16",
     }
 }
-/// The decode kernels' shape (`_decode`, the KV cache with q packed): one warp of 16 packed rows (the q
-/// heads of a kv head times the queries), key tiles of 64 (32 past head dim 128) in two stages: about
+/// The decode kernels' shape (`_decode`, the KV cache with q packed): 16 packed rows (the q heads of a
+/// kv head times the queries) per block, key tiles of 64 (32 past head dim 128) in two stages: about
 /// 68-72 KB of shared memory, three blocks per multiprocessor, enough bytes in flight to stream the
-/// cache at the memory's bandwidth while the tensor cores do 16 rows of work per key.
+/// cache at the memory's bandwidth. The block's warps split each tile's keys (16 keys each: four warps,
+/// or two where the tile or the Q copy does not divide by four) and merge their softmax states at the
+/// end, so a tile's products, softmax and copies are spread over several schedulers (one warp of the
+/// 16 rows doing all of them was issue-bound: nsight compute, 4.7 cycles per instruction).
+/// Blocks of a decode kernel per multiprocessor that its registers must leave room for (the PTX's
+/// `.minnctapersm`, added by xtask): as many as its shared memory allows up to head dim 128.
+pub const DECODE_BLOCKS_PER_SM: usize = 3;
+
 pub const fn decode_config(head_dim: usize) -> FwdConfig {
-    FwdConfig { head_dim, m_tiles: 1, warps: 1, block_n: if head_dim > 128 { 32 } else { 64 }, q_in_regs: false }
+    let block_n = if head_dim > 128 { 32 } else { 64 };
+    let key_warps = if block_n == 64 && head_dim % 64 == 0 { 4 } else { 2 };
+    FwdConfig { head_dim, m_tiles: 1, warps: key_warps, key_warps, block_n, q_in_regs: false }
 }
 
 /// Threads per block of the probabilities kernel (keys of one query row).

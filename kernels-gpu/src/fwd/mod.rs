@@ -12,7 +12,7 @@ pub(crate) mod wg;
 mod ws;
 
 use crate::arch::cp_async::{commit_group, wait_group};
-use crate::arch::math::{div_rem_u32, fma, tanh};
+use crate::arch::math::{div_rem_u32, exp2, fma, tanh};
 use crate::arch::shfl::shfl_idx_u32;
 use crate::arch::mem::{ld_i32_at, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
@@ -32,20 +32,25 @@ use kv::{KvRows, Pages, Rows, TilePages};
 pub use crate::tile::{Elem, BF16, F16};
 
 /// Compile-time shape of a kernel: head dim `D` (`DN = D / 8` n8 tiles), `MT` m16 tiles per warp, `NW`
-/// warps, `BN` keys per tile (`NN = BN / 8`). Stable Rust cannot size arrays by `D / 8`, so both are given.
+/// warps, `BN` keys per tile, `NN` n8 tiles of them per warp: `BN / 8`, or with `KW = BN / (8 NN)` > 1
+/// (`FwdConfig::key_warps`, the decode kernels) each group of `KW` warps shares its rows and splits the
+/// tile's keys. Stable Rust cannot size arrays by `D / 8`, so both are given.
 struct Shape<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>;
 
 impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize> Shape<D, DN, MT, NW, BN, NN> {
+    const KW: usize = BN / (8 * NN);
     /// The layout arithmetic is the host's too (grid, shared-memory size): one definition in variants.rs.
-    const CONFIG: FwdConfig = FwdConfig { head_dim: D, m_tiles: MT, warps: NW, block_n: BN, q_in_regs: false };
+    const CONFIG: FwdConfig = FwdConfig { head_dim: D, m_tiles: MT, warps: NW, key_warps: Self::KW, block_n: BN, q_in_regs: false };
     const BM: usize = Self::CONFIG.block_m();
     const THREADS: usize = Self::CONFIG.threads();
     const ROW_BYTES: u32 = Self::CONFIG.row_bytes() as u32;
     const Q_BYTES: u32 = Self::BM as u32 * Self::ROW_BYTES;
     const KV_BYTES: u32 = BN as u32 * Self::ROW_BYTES;
     const CHECK: () = {
-        assert!(DN * 8 == D && NN * 8 == BN && D % 16 == 0 && BN % 16 == 0);
+        assert!(DN * 8 == D && NN * 8 * Self::KW == BN && NW % Self::KW == 0 && D % 16 == 0 && NN % 2 == 0);
         assert!((Self::BM * D / 8) % Self::THREADS == 0 && (BN * D / 8) % Self::THREADS == 0);
+        // The merge's scratch (`merge_key_warps`) fits in the K/V stages.
+        assert!(Self::KW == 1 || (Self::KW <= 8 && (NW * 32 * (MT * DN * 16 + MT * 16)) as u32 <= 4 * Self::KV_BYTES));
     };
 
     /// Shared address of K stage `s` (V stage `s` follows both K stages).
@@ -153,7 +158,10 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
     let row_bytes = Shape::<D, DN, MT, NW, BN, NN>::ROW_BYTES;
     let base = smem::base();
-    let warp = tid / 32;
+    let kw = Shape::<D, DN, MT, NW, BN, NN>::KW;
+    // This warp's rows (16 MT from `row_warp * 16 MT`) and, with key warps, its keys of each tile
+    // (8 NN from `key_part * 8 NN`).
+    let (row_warp, key_part) = (tid / 32 / kw, tid / 32 % kw);
     let lane = tid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let rows = {
@@ -213,11 +221,12 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             let masked = tile_needs_mask(qm0, qrows, n0, BN as i32, sq, a.seqlen_k, a.window_left, a.window_right);
             let k_s = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage);
             let v_s = Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage);
+            let key0 = key_part * 8 * NN;
 
-            // S = Q K^T for this warp's 16*MT rows and the tile's BN keys.
+            // S = Q K^T for this warp's 16*MT rows and its 8*NN keys of the tile.
             let mut acc_s = [[[0f32; 4]; NN]; MT];
-            let q = SmemTile::new(base, row_bytes).at(warp * 16 * MT, 0).a(lane);
-            let k = SmemTile::new(k_s, row_bytes).b(lane);
+            let q = SmemTile::new(base, row_bytes).at(row_warp * 16 * MT, 0).a(lane);
+            let k = SmemTile::new(k_s, row_bytes).at(key0, 0).b(lane);
             if QR > 0 && it == 0 {
                 for (mt, regs) in q_regs.iter_mut().enumerate() {
                     for (kk, frag) in regs.iter_mut().enumerate() {
@@ -232,7 +241,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             );
 
             // P overwrites S (online softmax); a row whose max moved rescales its O.
-            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, false, DECODE, #[inline(always)]
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (row_warp * 16 * MT) as i32 + g, n0 + key0 as i32, t, scale_log2, false, DECODE, #[inline(always)]
             |mt, h, f| {
                 for frag in acc_o[mt].iter_mut() {
                     frag[2 * h] *= f;
@@ -241,7 +250,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             });
 
             // O += P V: the S accumulator layout of two n8 tiles is exactly the A fragment of one k16 step.
-            let v = SmemTile::new(v_s, row_bytes).b_trans(lane);
+            let v = SmemTile::new(v_s, row_bytes).at(key0, 0).b_trans(lane);
             warp_gemm::<E, MT, DN>(
                 &mut acc_o, NN / 2, DN / 2,
                 #[inline(always)] |kk, mt| a_fragment::<E>(&acc_s[mt][2 * kk], &acc_s[mt][2 * kk + 1]),
@@ -253,7 +262,78 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         }
     }
 
-    store_out::<E, MT, DN>(a, &acc_o, &row_state, D, (warp * 16 * MT) as i32 + g, rows, t, scale_log2);
+    if kw > 1 {
+        // Every warp reaches this (the loop's bounds are the block's); the stages are free after it.
+        let scratch = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 0);
+        if !unsafe { merge_key_warps::<MT, DN>(scratch, &mut acc_o, &mut row_state, key_part, kw, row_warp, lane, scale_log2) } {
+            return;
+        }
+    }
+    store_out::<E, MT, DN>(a, &acc_o, &row_state, D, (row_warp * 16 * MT) as i32 + g, rows, t, scale_log2);
+}
+
+/// Key warps (`FwdConfig::key_warps`): the `kw` warps of each row group hold online-softmax states of
+/// the same rows over different keys, element for element in the same fragment layout. Each writes
+/// its state to `scratch` (shared memory past the Q tile, free once the tile loop is done), and the
+/// group's first warp (`key_part` 0) folds the others' into its own against the rows' common max and
+/// returns true: it alone stores the rows. Rows that no warp saw a key of stay max -inf, sum 0.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o: &mut [[[f32; 4]; DN]; MT], row_state: &mut [[RowState; 2]; MT], key_part: usize, kw: usize, row_warp: usize, lane: usize, scale_log2: f32) -> bool {
+    // Per warp: its O fragments (MT DN float4s per lane), then its row states (MT float4s per lane:
+    // max and sum of both row halves); lane-interleaved, so each 16-byte access is conflict-free.
+    let per_warp = (32 * 16 * (MT * DN + MT)) as u32;
+    let at = |part: usize, i: usize| scratch + (row_warp * kw + part) as u32 * per_warp + ((i * 32 + lane) * 16) as u32;
+    if key_part > 0 {
+        for mt in 0..MT {
+            for (j, frag) in acc_o[mt].iter().enumerate() {
+                unsafe { smem::st_v4(at(key_part, mt * DN + j), frag.map(f32::to_bits)) };
+            }
+            let rs = &row_state[mt];
+            unsafe { smem::st_v4(at(key_part, MT * DN + mt), [rs[0].max, rs[0].sum, rs[1].max, rs[1].sum].map(f32::to_bits)) };
+        }
+    }
+    sync_threads();
+    if key_part > 0 {
+        return false;
+    }
+    for mt in 0..MT {
+        // The rows' common max and each side's factor against it: exp2(-inf) == 0 drops a side that saw
+        // no key; rows no side saw a key of stay -inf / 0.
+        let mut others = [[0f32; 4]; 8];
+        let mut max = [row_state[mt][0].max, row_state[mt][1].max];
+        for part in 1..kw {
+            others[part] = unsafe { smem::ld_v4(at(part, MT * DN + mt)) }.map(f32::from_bits);
+            for h in 0..2 {
+                max[h] = if others[part][2 * h] > max[h] { others[part][2 * h] } else { max[h] };
+            }
+        }
+        let factor = |m: f32, h: usize| if max[h] == f32::NEG_INFINITY { 0.0 } else { exp2((m - max[h]) * scale_log2) };
+        let mut f = [[0f32; 2]; 8];
+        for h in 0..2 {
+            let mine = &mut row_state[mt][h];
+            f[0][h] = factor(mine.max, h);
+            mine.sum *= f[0][h];
+            for part in 1..kw {
+                f[part][h] = factor(others[part][2 * h], h);
+                mine.sum += others[part][2 * h + 1] * f[part][h];
+            }
+            mine.max = max[h];
+        }
+        for j in 0..DN {
+            let frag = &mut acc_o[mt][j];
+            for (i, x) in frag.iter_mut().enumerate() {
+                *x *= f[0][i / 2];
+            }
+            for part in 1..kw {
+                let o = unsafe { smem::ld_v4(at(part, mt * DN + j)) }.map(f32::from_bits);
+                for (i, x) in frag.iter_mut().enumerate() {
+                    *x += o[i] * f[part][i / 2];
+                }
+            }
+        }
+    }
+    true
 }
 
 /// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
@@ -649,13 +729,13 @@ macro_rules! fwd_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
                 unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false, false>(&p) }
             }
-            // Decode over a KV cache (packed GQA, one warp per 16 packed rows, f32 partials; the lazy
-            // max, and whole tiles copied without row tests: H200, 0.95-1.00x the time without them
-            // on the decode rows, benches/RESULTS.md).
+            // Decode over a KV cache (packed GQA, 16 packed rows per block, its warps splitting each
+            // tile's keys: `decode_config`; f32 partials; the lazy max, and whole tiles copied without
+            // row tests).
             #[unsafe(export_name = concat!($name, "_decode"))]
             pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams) {
                 const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 }, 0, true, false, true>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 / K.key_warps }, 0, true, false, true>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams) {
