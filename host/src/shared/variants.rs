@@ -650,13 +650,23 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
 /// end, so a tile's products, softmax and copies are spread over several schedulers (one warp of the
 /// 16 rows doing all of them was issue-bound: nsight compute, 4.7 cycles per instruction).
 /// Blocks of a decode kernel per multiprocessor that its registers must leave room for (the PTX's
-/// `.minnctapersm`, added by xtask): as many as its shared memory allows up to head dim 128.
-pub const DECODE_BLOCKS_PER_SM: usize = 3;
+/// `.minnctapersm`, added by xtask; the host's split heuristic counts no more). WIP: cuDNN's decode
+/// (benches/RESULTS.md) runs two blocks of four warps per multiprocessor.
+pub const DECODE_BLOCKS_PER_SM: usize = 2;
 
+/// WIP (branch decode-kw128, not measured): cuDNN's decode shape. 128-key tiles (64 past head dim 128)
+/// split over four key warps (two where the head dim is not a multiple of 64), single K and V buffers
+/// loaded in turns (`decode_smem_bytes`).
 pub const fn decode_config(head_dim: usize) -> FwdConfig {
-    let block_n = if head_dim > 128 { 32 } else { 64 };
-    let key_warps = if block_n == 64 && head_dim % 64 == 0 { 4 } else { 2 };
+    let block_n = if head_dim > 128 { 64 } else { 128 };
+    let key_warps = if head_dim % 64 == 0 { 4 } else { 2 };
     FwdConfig { head_dim, m_tiles: 1, warps: key_warps, key_warps, block_n, q_in_regs: false }
+}
+
+/// The decode kernels' shared memory: the Q tile, one K and one V buffer (the merge's scratch reuses
+/// them).
+pub const fn decode_smem_bytes(c: &FwdConfig) -> usize {
+    (c.block_m() + 2 * c.block_n) * c.row_bytes()
 }
 
 /// Threads per block of the probabilities kernel (keys of one query row).

@@ -167,10 +167,10 @@ impl KvRows {
     /// K and V tiles (`D` columns, padded rows) with `threads` threads, their pages' entries `tp` (from
     /// `tile_pages`, for the same tile): each page's block from the lane holding it (a shuffle), its
     /// rows walked without divisions. Called by whole warps, outside divergent code, for tiles of at
-    /// most 32 pages.
+    /// most 32 pages. `PART`: 0 both, 1 K alone, 2 V alone.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn load_pages<const D: usize>(&self, k_dst: u32, v_dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
+    pub(crate) unsafe fn load_pages<const D: usize, const PART: u8>(&self, k_dst: u32, v_dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
         let page_size = self.pages.page_size as u32;
         let chunks = D / 8;
         let row_bytes = row_pitch_bytes(D) as u32;
@@ -200,8 +200,12 @@ impl KvRows {
                 while r < hi {
                     let ok = (r as i32) < valid;
                     unsafe {
-                        cp_async_16(k_dst + at, if ok { k } else { self.k.base }, ok);
-                        cp_async_16(v_dst + at, if ok { v } else { self.v.base }, ok);
+                        if PART != 2 {
+                            cp_async_16(k_dst + at, if ok { k } else { self.k.base }, ok);
+                        }
+                        if PART != 1 {
+                            cp_async_16(v_dst + at, if ok { v } else { self.v.base }, ok);
+                        }
                     }
                     k = k.wrapping_add(k_step);
                     v = v.wrapping_add(v_step);
@@ -225,8 +229,12 @@ impl KvRows {
             let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
             let at = r as u32 * row_bytes + c as u32 * 16;
             unsafe {
-                cp_async_16(k_dst + at, if ok { k.wrapping_add(c as u64 * 16) } else { self.k.base }, ok);
-                cp_async_16(v_dst + at, if ok { v.wrapping_add(c as u64 * 16) } else { self.v.base }, ok);
+                if PART != 2 {
+                    cp_async_16(k_dst + at, if ok { k.wrapping_add(c as u64 * 16) } else { self.k.base }, ok);
+                }
+                if PART != 1 {
+                    cp_async_16(v_dst + at, if ok { v.wrapping_add(c as u64 * 16) } else { self.v.base }, ok);
+                }
             }
             i += 1;
         }

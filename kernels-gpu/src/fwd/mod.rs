@@ -50,7 +50,7 @@ impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN
         assert!(DN * 8 == D && NN * 8 * Self::KW == BN && NW % Self::KW == 0 && D % 16 == 0 && NN % 2 == 0);
         assert!((Self::BM * D / 8) % Self::THREADS == 0 && (BN * D / 8) % Self::THREADS == 0);
         // The merge's scratch (`merge_key_warps`) fits in the K/V stages.
-        assert!(Self::KW == 1 || (Self::KW <= 8 && (NW * 32 * (MT * DN * 16 + MT * 16)) as u32 <= 4 * Self::KV_BYTES));
+        assert!(Self::KW == 1 || (Self::KW <= 8 && (NW * 32 * (MT * DN * 16 + MT * 16)) as u32 <= 2 * Self::KV_BYTES));
     };
 
     /// Shared address of K stage `s` (V stage `s` follows both K stages).
@@ -198,15 +198,30 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         let n_tiles = n_max - n_min;
         let paged = a.kv.pages.paged();
         let pages_of = |n_block: i32| if paged { unsafe { a.kv.tile_pages(n_block * BN as i32, BN, tid) } } else { TilePages::NONE };
-        unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
-        commit_group();
+        // Key warps (the decode kernels): one K and one V buffer, loaded in turns: V_i under S_i's
+        // product, K_{i+1} under P_i V_i (groups Q + K_0, V_0, then K, V alternately; empty past the
+        // last tile, so that `wait_group::<1>` always finds the operand about to be read).
+        let staggered = Shape::<D, DN, MT, NW, BN, NN>::KW > 1;
+        let (k_buf, v_buf) = (Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 0), Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 1));
+        if staggered {
+            let tp = pages_of(n_max - 1);
+            unsafe { load_one::<D, false>(k_buf, a, n_max - 1, tp, tid, BN, threads) };
+            commit_group();
+            unsafe { load_one::<D, true>(v_buf, a, n_max - 1, tp, tid, BN, threads) };
+            commit_group();
+        } else {
+            unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
+            commit_group();
+        }
         let mut ahead = if n_tiles > 1 { pages_of(n_max - 2) } else { TilePages::NONE };
 
         let mut it = 0;
         while it < n_tiles {
             let n_block = n_max - 1 - it;
             let stage = (it & 1) as usize;
-            if it + 1 < n_tiles {
+            if staggered {
+                wait_group::<1>();
+            } else if it + 1 < n_tiles {
                 unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 1 - stage, a, n_block - 1, ahead, tid) };
                 commit_group();
                 if it + 2 < n_tiles {
@@ -219,8 +234,8 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             sync_threads();
             let n0 = n_block * BN as i32;
             let masked = tile_needs_mask(qm0, qrows, n0, BN as i32, sq, a.seqlen_k, a.window_left, a.window_right);
-            let k_s = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage);
-            let v_s = Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage);
+            let k_s = if staggered { k_buf } else { Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage) };
+            let v_s = if staggered { v_buf } else { Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage) };
             let key0 = key_part * 8 * NN;
 
             // S = Q K^T for this warp's 16*MT rows and its 8*NN keys of the tile.
@@ -240,6 +255,15 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
                 #[inline(always)] |kk, np| unsafe { k.load(np * 16, kk * 16) },
             );
 
+            if staggered {
+                // Every warp is done with K_i: K_{i+1} into its buffer.
+                sync_threads();
+                if it + 1 < n_tiles {
+                    unsafe { load_one::<D, false>(k_buf, a, n_block - 1, ahead, tid, BN, threads) };
+                }
+                commit_group();
+            }
+
             // P overwrites S (online softmax); a row whose max moved rescales its O.
             scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (row_warp * 16 * MT) as i32 + g, n0 + key0 as i32, t, scale_log2, false, DECODE, #[inline(always)]
             |mt, h, f| {
@@ -249,6 +273,11 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
                 }
             });
 
+            if staggered {
+                // V_i (K_{i+1} may still be in flight).
+                wait_group::<1>();
+                sync_threads();
+            }
             // O += P V: the S accumulator layout of two n8 tiles is exactly the A fragment of one k16 step.
             let v = SmemTile::new(v_s, row_bytes).at(key0, 0).b_trans(lane);
             warp_gemm::<E, MT, DN>(
@@ -258,6 +287,15 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             );
             // The next iteration's copy overwrites this stage.
             sync_threads();
+            if staggered {
+                if it + 1 < n_tiles {
+                    unsafe { load_one::<D, true>(v_buf, a, n_block - 1, ahead, tid, BN, threads) };
+                    if it + 2 < n_tiles {
+                        ahead = pages_of(n_block - 2);
+                    }
+                }
+                commit_group();
+            }
             it += 1;
         }
     }
@@ -511,6 +549,34 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
     }
 }
 
+/// K (`V` false) or V of tile `n_block` alone (the staggered decode loop; paged, as the decode kernels
+/// are): as `load_kv_paged`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn load_one<const D: usize, const V: bool>(dst: u32, a: &BlockArgs, n_block: i32, tp: TilePages, tid: usize, bn: usize, threads: usize) {
+    let n0 = n_block * bn as i32;
+    let valid = a.seqlen_k - n0;
+    let rows = if V { &a.kv.v } else { &a.kv.k };
+    unsafe {
+        if tp.span == 1 {
+            let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
+            let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
+            load_tile_whole_fast::<D>(dst, rows.at(block, tp.off0 as i32), rows.row_bytes, valid, tid, bn, threads);
+        } else if tp.span <= 32 {
+            if V {
+                a.kv.load_pages::<D, 2>(dst, dst, tp, valid, tid, bn, threads);
+            } else {
+                a.kv.load_pages::<D, 1>(dst, dst, tp, valid, tid, bn, threads);
+            }
+        } else {
+            load_tile_rows::<D, 1>([dst], [rows.base], valid, tid, bn, threads, #[inline(always)] |r| {
+                let (block, off) = a.kv.pages.locate(n0 + r);
+                [rows.at(block, off)]
+            });
+        }
+    }
+}
+
 /// Paged K and V of tile `n_block` (`bn` keys, `valid` of them in the sequence): at the row stride where
 /// the tile's keys share a page, else row by row through the block table (one lookup per row for both).
 #[inline(always)]
@@ -531,7 +597,7 @@ unsafe fn load_kv_paged<const D: usize, const DECODE: bool>(k_dst: u32, v_dst: u
                 load_tile::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
             }
         } else if tp.span <= 32 {
-            a.kv.load_pages::<D>(k_dst, v_dst, tp, valid, tid, bn, threads);
+            a.kv.load_pages::<D, 0>(k_dst, v_dst, tp, valid, tid, bn, threads);
         } else {
             // More than 32 pages (tiny pages): row by row.
             load_tile_rows::<D, 2>([k_dst, v_dst], [k.base, v.base], valid, tid, bn, threads, #[inline(always)] |r| {
