@@ -311,10 +311,14 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 }
 
 /// Key warps (`FwdConfig::key_warps`): the `kw` warps of each row group hold online-softmax states of
-/// the same rows over different keys, element for element in the same fragment layout. Each writes
-/// its state to `scratch` (shared memory past the Q tile, free once the tile loop is done), and the
-/// group's first warp (`key_part` 0) folds the others' into its own against the rows' common max and
-/// returns true: it alone stores the rows. Rows that no warp saw a key of stay max -inf, sum 0.
+/// the same rows over different keys, element for element in the same fragment layout. They merge in a
+/// tree through `scratch` (shared memory past the Q tile, free once the tile loop is done): each round
+/// the upper half of the warps still holding a state writes it, and the lower half folds the partner's
+/// into its own against the rows' common max, one partner per round, so no warp holds more than its own
+/// O and one partner's fragments (a merge of every part at once kept three parts' O in registers and
+/// spilled). The group's first warp (`key_part` 0) ends with the whole state and returns true: it
+/// alone stores the rows. Rows that no warp saw a key of stay max -inf, sum 0. Every warp of the
+/// block reaches the barriers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o: &mut [[[f32; 4]; DN]; MT], row_state: &mut [[RowState; 2]; MT], key_part: usize, kw: usize, row_warp: usize, lane: usize, scale_log2: f32) -> bool {
@@ -322,56 +326,46 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
     // max and sum of both row halves); lane-interleaved, so each 16-byte access is conflict-free.
     let per_warp = (32 * 16 * (MT * DN + MT)) as u32;
     let at = |part: usize, i: usize| scratch + (row_warp * kw + part) as u32 * per_warp + ((i * 32 + lane) * 16) as u32;
-    if key_part > 0 {
-        for mt in 0..MT {
-            for (j, frag) in acc_o[mt].iter().enumerate() {
-                unsafe { smem::st_v4(at(key_part, mt * DN + j), frag.map(f32::to_bits)) };
-            }
-            let rs = &row_state[mt];
-            unsafe { smem::st_v4(at(key_part, MT * DN + mt), [rs[0].max, rs[0].sum, rs[1].max, rs[1].sum].map(f32::to_bits)) };
-        }
-    }
-    sync_threads();
-    if key_part > 0 {
-        return false;
-    }
-    for mt in 0..MT {
-        // The rows' common max and each side's factor against it: exp2(-inf) == 0 drops a side that saw
-        // no key; rows no side saw a key of stay -inf / 0.
-        let mut others = [[0f32; 4]; 8];
-        let mut max = [row_state[mt][0].max, row_state[mt][1].max];
-        for part in 1..kw {
-            others[part] = unsafe { smem::ld_v4(at(part, MT * DN + mt)) }.map(f32::from_bits);
-            for h in 0..2 {
-                max[h] = if others[part][2 * h] > max[h] { others[part][2 * h] } else { max[h] };
+    let mut half = kw / 2;
+    while half >= 1 {
+        let writes = key_part >= half && key_part < 2 * half;
+        if writes {
+            for mt in 0..MT {
+                for (j, frag) in acc_o[mt].iter().enumerate() {
+                    unsafe { smem::st_v4(at(key_part, mt * DN + j), frag.map(f32::to_bits)) };
+                }
+                let rs = &row_state[mt];
+                unsafe { smem::st_v4(at(key_part, MT * DN + mt), [rs[0].max, rs[0].sum, rs[1].max, rs[1].sum].map(f32::to_bits)) };
             }
         }
-        let factor = |m: f32, h: usize| if max[h] == f32::NEG_INFINITY { 0.0 } else { exp2((m - max[h]) * scale_log2) };
-        let mut f = [[0f32; 2]; 8];
-        for h in 0..2 {
-            let mine = &mut row_state[mt][h];
-            f[0][h] = factor(mine.max, h);
-            mine.sum *= f[0][h];
-            for part in 1..kw {
-                f[part][h] = factor(others[part][2 * h], h);
-                mine.sum += others[part][2 * h + 1] * f[part][h];
-            }
-            mine.max = max[h];
-        }
-        for j in 0..DN {
-            let frag = &mut acc_o[mt][j];
-            for (i, x) in frag.iter_mut().enumerate() {
-                *x *= f[0][i / 2];
-            }
-            for part in 1..kw {
-                let o = unsafe { smem::ld_v4(at(part, mt * DN + j)) }.map(f32::from_bits);
-                for (i, x) in frag.iter_mut().enumerate() {
-                    *x += o[i] * f[part][i / 2];
+        sync_threads();
+        if key_part < half {
+            let partner = key_part + half;
+            for mt in 0..MT {
+                let other = unsafe { smem::ld_v4(at(partner, MT * DN + mt)) }.map(f32::from_bits);
+                let mut f = [[0f32; 2]; 2];
+                for h in 0..2 {
+                    let mine = &mut row_state[mt][h];
+                    let (om, os) = (other[2 * h], other[2 * h + 1]);
+                    let max = if om > mine.max { om } else { mine.max };
+                    // exp2(-inf) == 0 drops a side that saw no key; rows neither side saw stay -inf / 0.
+                    let factor = |m: f32| if max == f32::NEG_INFINITY { 0.0 } else { exp2((m - max) * scale_log2) };
+                    f[0][h] = factor(mine.max);
+                    f[1][h] = factor(om);
+                    mine.sum = mine.sum * f[0][h] + os * f[1][h];
+                    mine.max = max;
+                }
+                for j in 0..DN {
+                    let o = unsafe { smem::ld_v4(at(partner, mt * DN + j)) }.map(f32::from_bits);
+                    for (i, x) in acc_o[mt][j].iter_mut().enumerate() {
+                        *x = *x * f[0][i / 2] + o[i] * f[1][i / 2];
+                    }
                 }
             }
         }
+        half /= 2;
     }
-    true
+    key_part == 0
 }
 
 /// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
