@@ -240,6 +240,46 @@ impl KvRows {
         }
     }
 
+    /// Paged K (`V` false) or V alone, as `load_pages`, with the tile's pages dealt out to the warps
+    /// (warp w copies pages w, w + warps, ...): each warp walks only its own pages, so a tile over many
+    /// small pages costs each thread a few page steps rather than all of them (the decode kernels' 128-key
+    /// tiles over pages of 16: eight steps of two copies each). A page's rows go `32 / (D / 8)` at a time,
+    /// a lane keeping its column. Needs `D / 8` to divide 32 (else `load_pages`); called by whole warps,
+    /// for tiles of at most 32 pages.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn load_pages_by_warp<const D: usize, const V: bool>(&self, dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
+        let chunks = (D / 8) as u32;
+        let page_size = self.pages.page_size as u32;
+        let rows = self.rows::<V>();
+        let row_bytes = row_pitch_bytes(D) as u32;
+        let tid = opaque_u32(tid as u32);
+        let (warp, lane) = (tid / 32, tid % 32);
+        let warps = (threads / 32) as u32;
+        // The lane's first row of a page's rows and its column; its rows follow `pass` apart.
+        let pass = 32 / chunks;
+        let (r0, c) = (lane / chunks, (lane % chunks) as u64);
+        let step = (pass as i64 * rows.row_bytes) as u64;
+        let mut slot = warp;
+        while slot < tp.span {
+            let block = clamp(shfl_idx_u32(tp.raw as u32, slot) as i32, 0, self.pages.num_blocks - 1);
+            // Tile rows [lo, hi) lie in this page, from its row `first_off`.
+            let (lo, first_off) = if slot == 0 { (0, tp.off0) } else { (slot * page_size - tp.off0, 0) };
+            let hi = if page_size - first_off < bn as u32 - lo { lo + page_size - first_off } else { bn as u32 };
+            let mut r = lo + r0;
+            let mut src = rows.at(block, (first_off + r0) as i32).wrapping_add(c * 16);
+            let mut at = r * row_bytes + c as u32 * 16;
+            while r < hi {
+                let ok = (r as i32) < valid;
+                unsafe { cp_async_16(dst + at, if ok { src } else { rows.base }, ok) };
+                src = src.wrapping_add(step);
+                at += pass * row_bytes;
+                r += pass;
+            }
+            slot += warps;
+        }
+    }
+
     /// Paged K/V: (block, row in it) of key `n0` when keys `n0..n0 + n` share its page (so they follow
     /// at the row stride), else None (rows one by one: `Pages::locate`).
     #[inline(always)]

@@ -556,6 +556,8 @@ unsafe fn load_one<const D: usize, const V: bool>(dst: u32, a: &BlockArgs, n_blo
             let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
             let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
             load_tile_whole_fast::<D>(dst, rows.at(block, tp.off0 as i32), rows.row_bytes, valid, tid, bn, threads);
+        } else if tp.span <= 32 && 32 % (D / 8) == 0 {
+            a.kv.load_pages_by_warp::<D, V>(dst, tp, valid, tid, bn, threads);
         } else if tp.span <= 32 {
             if V {
                 a.kv.load_pages::<D, 2>(dst, dst, tp, valid, tid, bn, threads);
