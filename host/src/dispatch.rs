@@ -119,13 +119,13 @@ pub fn kvcache_decodes(p: &Problem) -> bool {
     p.alibi.is_none() && kernel_dtype(p.dtype).is_some_and(|dt| fwd_decode_kernel_name(p.head_dim, dt).is_some()) && rows <= DECODE_MAX_ROWS
 }
 
-/// The KV-cache forward's tile shape: the decode kernels' (`kvcache_decodes`), else the mma.sync
-/// forward's.
 /// The KV-cache forward's dynamic shared memory (`kvcache_config`'s kernel).
 pub fn kvcache_smem_bytes(p: &Problem) -> usize {
     if kvcache_decodes(p) { variants::decode_smem_bytes(&decode_config(p.head_dim)) } else { fwd_config(p.head_dim).smem_bytes() }
 }
 
+/// The KV-cache forward's tile shape: the decode kernels' (`kvcache_decodes`), else the mma.sync
+/// forward's.
 pub fn kvcache_config(p: &Problem) -> FwdConfig {
     if kvcache_decodes(p) { decode_config(p.head_dim) } else { fwd_config(p.head_dim) }
 }

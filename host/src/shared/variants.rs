@@ -642,21 +642,17 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
         (KernelDType::F16, false) => "flash_probs_f16",
     }
 }
-/// The decode kernels' shape (`_decode`, the KV cache with q packed): 16 packed rows (the q heads of a
-/// kv head times the queries) per block, key tiles of 64 (32 past head dim 128) in two stages: about
-/// 68-72 KB of shared memory, three blocks per multiprocessor, enough bytes in flight to stream the
-/// cache at the memory's bandwidth. The block's warps split each tile's keys (16 keys each: four warps,
-/// or two where the tile or the Q copy does not divide by four) and merge their softmax states at the
-/// end, so a tile's products, softmax and copies are spread over several schedulers (one warp of the
-/// 16 rows doing all of them was issue-bound: nsight compute, 4.7 cycles per instruction).
-/// Blocks of a decode kernel per multiprocessor that its registers must leave room for (the PTX's
-/// `.minnctapersm`, added by xtask; the host's split heuristic counts no more). WIP: cuDNN's decode
-/// (benches/RESULTS.md) runs two blocks of four warps per multiprocessor.
+/// Blocks of a decode kernel per multiprocessor: its registers leave room for that many (the PTX's
+/// `.minnctapersm`, added by xtask) and the host's split heuristic counts no more.
 pub const DECODE_BLOCKS_PER_SM: usize = 2;
 
-/// WIP (branch decode-kw128, not measured): cuDNN's decode shape. 128-key tiles (64 past head dim 128)
-/// split over four key warps (two where the head dim is not a multiple of 64), single K and V buffers
-/// loaded in turns (`decode_smem_bytes`).
+/// The decode kernels' shape (`_decode`, the KV cache with q packed), cuDNN's decode shape: 16 packed
+/// rows (the q heads of a kv head times the queries) per block, 128-key tiles (64 past head dim 128)
+/// whose keys are split over four key warps (two where the head dim is not a multiple of 64; their
+/// softmax states merged at the end), one K and one V buffer loaded in turns (`decode_smem_bytes`), two
+/// blocks per multiprocessor. A tile's products, softmax and copies spread over the block's schedulers
+/// (one warp doing all of them for its 16 rows was issue-bound: nsight compute, 4.7 cycles per
+/// instruction). H200: 0.95-0.98x the time of one warp over 64-key tiles in two stages (benches/RESULTS.md).
 pub const fn decode_config(head_dim: usize) -> FwdConfig {
     let block_n = if head_dim > 128 { 64 } else { 128 };
     let key_warps = if head_dim % 64 == 0 { 4 } else { 2 };

@@ -13,6 +13,7 @@ mod ws;
 
 use crate::arch::cp_async::{commit_group, wait_group};
 use crate::arch::math::{div_rem_u32, exp2, fma, tanh};
+use crate::arch::reg::opaque_u32;
 use crate::arch::shfl::shfl_idx_u32;
 use crate::arch::mem::{ld_i32_at, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
@@ -328,7 +329,12 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
     let at = |part: usize, i: usize| scratch + (row_warp * kw + part) as u32 * per_warp + ((i * 32 + lane) * 16) as u32;
     let mut half = kw / 2;
     while half >= 1 {
-        let writes = key_part >= half && key_part < 2 * half;
+        // `key_part` laundered at each use: LLVM otherwise threads the writers' branch into the readers'
+        // past the barrier (the two conditions are correlated) and duplicates the barrier into both,
+        // so the block's warps would meet at two different bar.sync (compute-sanitizer synccheck:
+        // "divergent threads in block"; rust-lang/rust#137086).
+        let part = opaque_u32(key_part as u32) as usize;
+        let writes = part >= half && part < 2 * half;
         if writes {
             for mt in 0..MT {
                 for (j, frag) in acc_o[mt].iter().enumerate() {
@@ -339,8 +345,9 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
             }
         }
         sync_threads();
-        if key_part < half {
-            let partner = key_part + half;
+        let part = opaque_u32(key_part as u32) as usize;
+        if part < half {
+            let partner = part + half;
             for mt in 0..MT {
                 let other = unsafe { smem::ld_v4(at(partner, MT * DN + mt)) }.map(f32::from_bits);
                 let mut f = [[0f32; 2]; 2];
