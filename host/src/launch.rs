@@ -641,7 +641,8 @@ impl KvWorkspace {
                 // Work tiles: row blocks of each head (decode: packed rows of each kv head); the decode
                 // kernels run several blocks per multiprocessor (their shared memory allowing).
                 let (tiles, processors) = if decode {
-                    let per_sm = ((gpu.max_smem_optin + 1024) / (c.smem_bytes() + 1024)).clamp(1, 16);
+                    let smem = crate::dispatch::kvcache_smem_bytes(p);
+                    let per_sm = ((gpu.max_smem_optin + 1024) / (smem + 1024)).clamp(1, crate::dispatch::DECODE_BLOCKS_PER_SM);
                     (p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()), gpu.sm_count * per_sm)
                 } else {
                     (p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()), gpu.sm_count)

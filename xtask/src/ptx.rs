@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::variants::{decode_config, fwd_decode_kernel_name, KernelDType, DECODE_BLOCKS_PER_SM};
+
 /// One PTX module: the same kernel sources for one GPU generation.
 pub struct PtxTarget {
     /// File stem of the `.ptx` (the host embeds `<stem>.ptx`).
@@ -107,24 +109,36 @@ pub fn build_ptx(cargo: &Path, root: &Path, out_dir: &Path) -> Result<Vec<PathBu
 /// `BWD_WS_THREADS`), one block per multiprocessor.
 const LAUNCH_BOUNDS: &[(&str, u32)] = &[("flash_fwd_ws_", 384), ("flash_bwd_ws_", 384)];
 
-/// `ptx` with `.maxntid N, 1, 1` and `.minnctapersm 1` after the parameter list of each kernel in
-/// `LAUNCH_BOUNDS`, whose second parameter (`TmaMaps`: tensor maps, which the copy engine reads in place)
-/// gets the 64-byte alignment a tensor map needs.
+/// A kernel's launch bounds: (threads per block, blocks per multiprocessor, whether its second
+/// parameter holds tensor maps): `LAUNCH_BOUNDS`, and the decode kernels (`decode_config`'s threads,
+/// `DECODE_BLOCKS_PER_SM` blocks, so that their registers leave room for that many).
+fn bounds(name: &str) -> Option<(u32, u32, bool)> {
+    if let Some(&(_, n)) = LAUNCH_BOUNDS.iter().find(|(prefix, _)| name.starts_with(prefix)) {
+        return Some((n, 1, true));
+    }
+    let name = name.split(['(', ' ']).next().unwrap_or(name);
+    (1..=256).find(|&d| [KernelDType::BF16, KernelDType::F16].iter().any(|&dt| fwd_decode_kernel_name(d, dt) == Some(name)))
+        .map(|d| (decode_config(d).threads() as u32, DECODE_BLOCKS_PER_SM as u32, false))
+}
+
+/// `ptx` with `.maxntid N, 1, 1` and `.minnctapersm B` after the parameter list of each kernel with
+/// `bounds`; where its second parameter is `TmaMaps` (tensor maps, which the copy engine reads in place)
+/// it gets the 64-byte alignment a tensor map needs.
 fn launch_bounds(ptx: &str) -> String {
     let mut out = String::with_capacity(ptx.len() + 1024);
-    let mut pending: Option<u32> = None;
+    let mut pending: Option<(u32, u32, bool)> = None;
     for line in ptx.lines() {
         if let Some(name) = line.trim_start().strip_prefix(".visible .entry ") {
-            pending = LAUNCH_BOUNDS.iter().find(|(prefix, _)| name.starts_with(prefix)).map(|&(_, n)| n);
+            pending = bounds(name);
         }
-        if pending.is_some() && line.contains("_param_1[") {
+        if pending.is_some_and(|b| b.2) && line.contains("_param_1[") {
             out.push_str(&line.replacen(".param .align 16 ", ".param .align 64 ", 1));
             out.push('\n');
             continue;
         }
-        if let (Some(n), true) = (pending, line.trim() == ")") {
+        if let (Some((n, blocks, _)), true) = (pending, line.trim() == ")") {
             out.push_str(line);
-            out.push_str(&format!("\n.maxntid {n}, 1, 1\n.minnctapersm 1\n"));
+            out.push_str(&format!("\n.maxntid {n}, 1, 1\n.minnctapersm {blocks}\n"));
             pending = None;
             continue;
         }

@@ -8,8 +8,11 @@ pub struct FwdConfig {
     pub head_dim: usize,
     /// m16 tiles per warp.
     pub m_tiles: usize,
-    /// Warps per block; each owns `16 * m_tiles` query rows.
+    /// Warps per block; each group of `key_warps` owns `16 * m_tiles` query rows.
     pub warps: usize,
+    /// Warps that share rows and split each K/V tile's keys between them (their online softmax states
+    /// merged at the end; the `_decode` kernels), 1 elsewhere.
+    pub key_warps: usize,
     /// Keys per K/V tile.
     pub block_n: usize,
     /// Keep the warp's Q fragments in registers across K/V tiles.
@@ -18,7 +21,7 @@ pub struct FwdConfig {
 
 impl FwdConfig {
     pub const fn block_m(&self) -> usize {
-        16 * self.m_tiles * self.warps
+        16 * self.m_tiles * (self.warps / self.key_warps)
     }
     pub const fn threads(&self) -> usize {
         32 * self.warps
@@ -87,8 +90,8 @@ macro_rules! __variants_shapes {
         /// op where the registers allow it; the large head dims trade that for eight warps instead.
         pub const fn fwd_config(head_dim: usize) -> FwdConfig {
             match head_dim {
-                $($d => FwdConfig { head_dim, m_tiles: $mt, warps: $w, block_n: $bn, q_in_regs: $crate::__variants_flag!($qr) },)*
-                _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, block_n: 64, q_in_regs: false },
+                $($d => FwdConfig { head_dim, m_tiles: $mt, warps: $w, key_warps: 1, block_n: $bn, q_in_regs: $crate::__variants_flag!($qr) },)*
+                _ => FwdConfig { head_dim, m_tiles: 1, warps: 8, key_warps: 1, block_n: 64, q_in_regs: false },
             }
         }
 
@@ -118,7 +121,7 @@ macro_rules! __variants_shapes {
                 $($d => $dqn,)*
                 _ => 32,
             };
-            FwdConfig { head_dim, m_tiles: 1, warps: 4, block_n, q_in_regs: false }
+            FwdConfig { head_dim, m_tiles: 1, warps: 4, key_warps: 1, block_n, q_in_regs: false }
         }
     };
 }
@@ -143,7 +146,7 @@ macro_rules! __variants_wg {
         None
     };
     ($h:ident, $n:literal) => {
-        Some(FwdConfig { head_dim: $h, m_tiles: 1, warps: 8, block_n: $n, q_in_regs: false })
+        Some(FwdConfig { head_dim: $h, m_tiles: 1, warps: 8, key_warps: 1, block_n: $n, q_in_regs: false })
     };
 }
 
@@ -639,12 +642,27 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
         (KernelDType::F16, false) => "flash_probs_f16",
     }
 }
-/// The decode kernels' shape (`_decode`, the KV cache with q packed): one warp of 16 packed rows (the q
-/// heads of a kv head times the queries), key tiles of 64 (32 past head dim 128) in two stages: about
-/// 68-72 KB of shared memory, three blocks per multiprocessor, enough bytes in flight to stream the
-/// cache at the memory's bandwidth while the tensor cores do 16 rows of work per key.
+/// Blocks of a decode kernel per multiprocessor: its registers leave room for that many (the PTX's
+/// `.minnctapersm`, added by xtask) and the host's split heuristic counts no more.
+pub const DECODE_BLOCKS_PER_SM: usize = 2;
+
+/// The decode kernels' shape (`_decode`, the KV cache with q packed), cuDNN's decode shape: 16 packed
+/// rows (the q heads of a kv head times the queries) per block, 128-key tiles (64 past head dim 128)
+/// whose keys are split over four key warps (two where the head dim is not a multiple of 64; their
+/// softmax states merged at the end), one K and one V buffer loaded in turns (`decode_smem_bytes`), two
+/// blocks per multiprocessor. A tile's products, softmax and copies spread over the block's schedulers
+/// (one warp doing all of them for its 16 rows was issue-bound: nsight compute, 4.7 cycles per
+/// instruction). H200: 0.95-0.98x the time of one warp over 64-key tiles in two stages (benches/RESULTS.md).
 pub const fn decode_config(head_dim: usize) -> FwdConfig {
-    FwdConfig { head_dim, m_tiles: 1, warps: 1, block_n: if head_dim > 128 { 32 } else { 64 }, q_in_regs: false }
+    let block_n = if head_dim > 128 { 64 } else { 128 };
+    let key_warps = if head_dim % 64 == 0 { 4 } else { 2 };
+    FwdConfig { head_dim, m_tiles: 1, warps: key_warps, key_warps, block_n, q_in_regs: false }
+}
+
+/// The decode kernels' shared memory: the Q tile, one K and one V buffer (the merge's scratch reuses
+/// them).
+pub const fn decode_smem_bytes(c: &FwdConfig) -> usize {
+    (c.block_m() + 2 * c.block_n) * c.row_bytes()
 }
 
 /// Threads per block of the probabilities kernel (keys of one query row).

@@ -32,7 +32,7 @@ fn grad_elem(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32
 #[inline(always)]
 unsafe fn dq_entry<E: Elem, const D: usize, const DN: usize, const NW: usize, const BN: usize, const NN: usize, const MODS: bool>(p: &BwdParams) {
     const fn cfg(d: usize, nw: usize, bn: usize) -> FwdConfig {
-        FwdConfig { head_dim: d, m_tiles: 1, warps: nw, block_n: bn, q_in_regs: false }
+        FwdConfig { head_dim: d, m_tiles: 1, warps: nw, key_warps: 1, block_n: bn, q_in_regs: false }
     }
     let c = cfg(D, NW, BN);
     let bm = c.block_m() as i32;

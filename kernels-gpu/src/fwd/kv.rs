@@ -167,10 +167,10 @@ impl KvRows {
     /// K and V tiles (`D` columns, padded rows) with `threads` threads, their pages' entries `tp` (from
     /// `tile_pages`, for the same tile): each page's block from the lane holding it (a shuffle), its
     /// rows walked without divisions. Called by whole warps, outside divergent code, for tiles of at
-    /// most 32 pages.
+    /// most 32 pages. `PART`: 0 both, 1 K alone, 2 V alone.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn load_pages<const D: usize>(&self, k_dst: u32, v_dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
+    pub(crate) unsafe fn load_pages<const D: usize, const PART: u8>(&self, k_dst: u32, v_dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
         let page_size = self.pages.page_size as u32;
         let chunks = D / 8;
         let row_bytes = row_pitch_bytes(D) as u32;
@@ -200,8 +200,12 @@ impl KvRows {
                 while r < hi {
                     let ok = (r as i32) < valid;
                     unsafe {
-                        cp_async_16(k_dst + at, if ok { k } else { self.k.base }, ok);
-                        cp_async_16(v_dst + at, if ok { v } else { self.v.base }, ok);
+                        if PART != 2 {
+                            cp_async_16(k_dst + at, if ok { k } else { self.k.base }, ok);
+                        }
+                        if PART != 1 {
+                            cp_async_16(v_dst + at, if ok { v } else { self.v.base }, ok);
+                        }
                     }
                     k = k.wrapping_add(k_step);
                     v = v.wrapping_add(v_step);
@@ -225,10 +229,54 @@ impl KvRows {
             let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
             let at = r as u32 * row_bytes + c as u32 * 16;
             unsafe {
-                cp_async_16(k_dst + at, if ok { k.wrapping_add(c as u64 * 16) } else { self.k.base }, ok);
-                cp_async_16(v_dst + at, if ok { v.wrapping_add(c as u64 * 16) } else { self.v.base }, ok);
+                if PART != 2 {
+                    cp_async_16(k_dst + at, if ok { k.wrapping_add(c as u64 * 16) } else { self.k.base }, ok);
+                }
+                if PART != 1 {
+                    cp_async_16(v_dst + at, if ok { v.wrapping_add(c as u64 * 16) } else { self.v.base }, ok);
+                }
             }
             i += 1;
+        }
+    }
+
+    /// Paged K (`V` false) or V alone, as `load_pages`, with the tile's pages dealt out to the warps
+    /// (warp w copies pages w, w + warps, ...): each warp walks only its own pages, so a tile over many
+    /// small pages costs each thread a few page steps rather than all of them (the decode kernels' 128-key
+    /// tiles over pages of 16: eight steps of two copies each). A page's rows go `32 / (D / 8)` at a time,
+    /// a lane keeping its column. Needs `D / 8` to divide 32 (else `load_pages`); called by whole warps,
+    /// for tiles of at most 32 pages.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn load_pages_by_warp<const D: usize, const V: bool>(&self, dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
+        let chunks = (D / 8) as u32;
+        let page_size = self.pages.page_size as u32;
+        let rows = self.rows::<V>();
+        let row_bytes = row_pitch_bytes(D) as u32;
+        let tid = opaque_u32(tid as u32);
+        let (warp, lane) = (tid / 32, tid % 32);
+        let warps = (threads / 32) as u32;
+        // The lane's first row of a page's rows and its column; its rows follow `pass` apart.
+        let pass = 32 / chunks;
+        let (r0, c) = (lane / chunks, (lane % chunks) as u64);
+        let step = (pass as i64 * rows.row_bytes) as u64;
+        let mut slot = warp;
+        while slot < tp.span {
+            let block = clamp(shfl_idx_u32(tp.raw as u32, slot) as i32, 0, self.pages.num_blocks - 1);
+            // Tile rows [lo, hi) lie in this page, from its row `first_off`.
+            let (lo, first_off) = if slot == 0 { (0, tp.off0) } else { (slot * page_size - tp.off0, 0) };
+            let hi = if page_size - first_off < bn as u32 - lo { lo + page_size - first_off } else { bn as u32 };
+            let mut r = lo + r0;
+            let mut src = rows.at(block, (first_off + r0) as i32).wrapping_add(c * 16);
+            let mut at = r * row_bytes + c as u32 * 16;
+            while r < hi {
+                let ok = (r as i32) < valid;
+                unsafe { cp_async_16(dst + at, if ok { src } else { rows.base }, ok) };
+                src = src.wrapping_add(step);
+                at += pass * row_bytes;
+                r += pass;
+            }
+            slot += warps;
         }
     }
 

@@ -12,7 +12,8 @@ pub(crate) mod wg;
 mod ws;
 
 use crate::arch::cp_async::{commit_group, wait_group};
-use crate::arch::math::{div_rem_u32, fma, tanh};
+use crate::arch::math::{div_rem_u32, exp2, fma, tanh};
+use crate::arch::reg::opaque_u32;
 use crate::arch::shfl::shfl_idx_u32;
 use crate::arch::mem::{ld_i32_at, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
@@ -32,20 +33,25 @@ use kv::{KvRows, Pages, Rows, TilePages};
 pub use crate::tile::{Elem, BF16, F16};
 
 /// Compile-time shape of a kernel: head dim `D` (`DN = D / 8` n8 tiles), `MT` m16 tiles per warp, `NW`
-/// warps, `BN` keys per tile (`NN = BN / 8`). Stable Rust cannot size arrays by `D / 8`, so both are given.
+/// warps, `BN` keys per tile, `NN` n8 tiles of them per warp: `BN / 8`, or with `KW = BN / (8 NN)` > 1
+/// (`FwdConfig::key_warps`, the decode kernels) each group of `KW` warps shares its rows and splits the
+/// tile's keys. Stable Rust cannot size arrays by `D / 8`, so both are given.
 struct Shape<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>;
 
 impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize> Shape<D, DN, MT, NW, BN, NN> {
+    const KW: usize = BN / (8 * NN);
     /// The layout arithmetic is the host's too (grid, shared-memory size): one definition in variants.rs.
-    const CONFIG: FwdConfig = FwdConfig { head_dim: D, m_tiles: MT, warps: NW, block_n: BN, q_in_regs: false };
+    const CONFIG: FwdConfig = FwdConfig { head_dim: D, m_tiles: MT, warps: NW, key_warps: Self::KW, block_n: BN, q_in_regs: false };
     const BM: usize = Self::CONFIG.block_m();
     const THREADS: usize = Self::CONFIG.threads();
     const ROW_BYTES: u32 = Self::CONFIG.row_bytes() as u32;
     const Q_BYTES: u32 = Self::BM as u32 * Self::ROW_BYTES;
     const KV_BYTES: u32 = BN as u32 * Self::ROW_BYTES;
     const CHECK: () = {
-        assert!(DN * 8 == D && NN * 8 == BN && D % 16 == 0 && BN % 16 == 0);
+        assert!(DN * 8 == D && NN * 8 * Self::KW == BN && NW % Self::KW == 0 && D % 16 == 0 && NN % 2 == 0);
         assert!((Self::BM * D / 8) % Self::THREADS == 0 && (BN * D / 8) % Self::THREADS == 0);
+        // The merge's scratch (`merge_key_warps`) fits in the K/V stages.
+        assert!(Self::KW == 1 || (Self::KW <= 8 && (NW * 32 * (MT * DN * 16 + MT * 16)) as u32 <= 2 * Self::KV_BYTES));
     };
 
     /// Shared address of K stage `s` (V stage `s` follows both K stages).
@@ -153,7 +159,10 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
     let row_bytes = Shape::<D, DN, MT, NW, BN, NN>::ROW_BYTES;
     let base = smem::base();
-    let warp = tid / 32;
+    let kw = Shape::<D, DN, MT, NW, BN, NN>::KW;
+    // This warp's rows (16 MT from `row_warp * 16 MT`) and, with key warps, its keys of each tile
+    // (8 NN from `key_part * 8 NN`).
+    let (row_warp, key_part) = (tid / 32 / kw, tid / 32 % kw);
     let lane = tid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let rows = {
@@ -190,15 +199,30 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         let n_tiles = n_max - n_min;
         let paged = a.kv.pages.paged();
         let pages_of = |n_block: i32| if paged { unsafe { a.kv.tile_pages(n_block * BN as i32, BN, tid) } } else { TilePages::NONE };
-        unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
-        commit_group();
+        // Key warps (the decode kernels): one K and one V buffer, loaded in turns: V_i under S_i's
+        // product, K_{i+1} under P_i V_i (groups Q + K_0, V_0, then K, V alternately; empty past the
+        // last tile, so that `wait_group::<1>` always finds the operand about to be read).
+        let staggered = Shape::<D, DN, MT, NW, BN, NN>::KW > 1;
+        let (k_buf, v_buf) = (Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 0), Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 1));
+        if staggered {
+            let tp = pages_of(n_max - 1);
+            unsafe { load_one::<D, false>(k_buf, a, n_max - 1, tp, tid, BN, threads) };
+            commit_group();
+            unsafe { load_one::<D, true>(v_buf, a, n_max - 1, tp, tid, BN, threads) };
+            commit_group();
+        } else {
+            unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
+            commit_group();
+        }
         let mut ahead = if n_tiles > 1 { pages_of(n_max - 2) } else { TilePages::NONE };
 
         let mut it = 0;
         while it < n_tiles {
             let n_block = n_max - 1 - it;
             let stage = (it & 1) as usize;
-            if it + 1 < n_tiles {
+            if staggered {
+                wait_group::<1>();
+            } else if it + 1 < n_tiles {
                 unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 1 - stage, a, n_block - 1, ahead, tid) };
                 commit_group();
                 if it + 2 < n_tiles {
@@ -211,13 +235,14 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             sync_threads();
             let n0 = n_block * BN as i32;
             let masked = tile_needs_mask(qm0, qrows, n0, BN as i32, sq, a.seqlen_k, a.window_left, a.window_right);
-            let k_s = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage);
-            let v_s = Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage);
+            let k_s = if staggered { k_buf } else { Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage) };
+            let v_s = if staggered { v_buf } else { Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage) };
+            let key0 = key_part * 8 * NN;
 
-            // S = Q K^T for this warp's 16*MT rows and the tile's BN keys.
+            // S = Q K^T for this warp's 16*MT rows and its 8*NN keys of the tile.
             let mut acc_s = [[[0f32; 4]; NN]; MT];
-            let q = SmemTile::new(base, row_bytes).at(warp * 16 * MT, 0).a(lane);
-            let k = SmemTile::new(k_s, row_bytes).b(lane);
+            let q = SmemTile::new(base, row_bytes).at(row_warp * 16 * MT, 0).a(lane);
+            let k = SmemTile::new(k_s, row_bytes).at(key0, 0).b(lane);
             if QR > 0 && it == 0 {
                 for (mt, regs) in q_regs.iter_mut().enumerate() {
                     for (kk, frag) in regs.iter_mut().enumerate() {
@@ -231,8 +256,17 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
                 #[inline(always)] |kk, np| unsafe { k.load(np * 16, kk * 16) },
             );
 
+            if staggered {
+                // Every warp is done with K_i: K_{i+1} into its buffer.
+                sync_threads();
+                if it + 1 < n_tiles {
+                    unsafe { load_one::<D, false>(k_buf, a, n_block - 1, ahead, tid, BN, threads) };
+                }
+                commit_group();
+            }
+
             // P overwrites S (online softmax); a row whose max moved rescales its O.
-            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (warp * 16 * MT) as i32 + g, n0, t, scale_log2, false, DECODE, #[inline(always)]
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (row_warp * 16 * MT) as i32 + g, n0 + key0 as i32, t, scale_log2, false, DECODE, #[inline(always)]
             |mt, h, f| {
                 for frag in acc_o[mt].iter_mut() {
                     frag[2 * h] *= f;
@@ -240,8 +274,13 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
                 }
             });
 
+            if staggered {
+                // V_i (K_{i+1} may still be in flight).
+                wait_group::<1>();
+                sync_threads();
+            }
             // O += P V: the S accumulator layout of two n8 tiles is exactly the A fragment of one k16 step.
-            let v = SmemTile::new(v_s, row_bytes).b_trans(lane);
+            let v = SmemTile::new(v_s, row_bytes).at(key0, 0).b_trans(lane);
             warp_gemm::<E, MT, DN>(
                 &mut acc_o, NN / 2, DN / 2,
                 #[inline(always)] |kk, mt| a_fragment::<E>(&acc_s[mt][2 * kk], &acc_s[mt][2 * kk + 1]),
@@ -249,11 +288,91 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             );
             // The next iteration's copy overwrites this stage.
             sync_threads();
+            if staggered {
+                if it + 1 < n_tiles {
+                    unsafe { load_one::<D, true>(v_buf, a, n_block - 1, ahead, tid, BN, threads) };
+                    if it + 2 < n_tiles {
+                        ahead = pages_of(n_block - 2);
+                    }
+                }
+                commit_group();
+            }
             it += 1;
         }
     }
 
-    store_out::<E, MT, DN>(a, &acc_o, &row_state, D, (warp * 16 * MT) as i32 + g, rows, t, scale_log2);
+    if kw > 1 {
+        // Every warp reaches this (the loop's bounds are the block's); the stages are free after it.
+        let scratch = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 0);
+        if !unsafe { merge_key_warps::<MT, DN>(scratch, &mut acc_o, &mut row_state, key_part, kw, row_warp, lane, scale_log2) } {
+            return;
+        }
+    }
+    store_out::<E, MT, DN>(a, &acc_o, &row_state, D, (row_warp * 16 * MT) as i32 + g, rows, t, scale_log2);
+}
+
+/// Key warps (`FwdConfig::key_warps`): the `kw` warps of each row group hold online-softmax states of
+/// the same rows over different keys, element for element in the same fragment layout. They merge in a
+/// tree through `scratch` (shared memory past the Q tile, free once the tile loop is done): each round
+/// the upper half of the warps still holding a state writes it, and the lower half folds the partner's
+/// into its own against the rows' common max, one partner per round, so no warp holds more than its own
+/// O and one partner's fragments (a merge of every part at once kept three parts' O in registers and
+/// spilled). The group's first warp (`key_part` 0) ends with the whole state and returns true: it
+/// alone stores the rows. Rows that no warp saw a key of stay max -inf, sum 0. Every warp of the
+/// block reaches the barriers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o: &mut [[[f32; 4]; DN]; MT], row_state: &mut [[RowState; 2]; MT], key_part: usize, kw: usize, row_warp: usize, lane: usize, scale_log2: f32) -> bool {
+    // Per warp: its O fragments (MT DN float4s per lane), then its row states (MT float4s per lane:
+    // max and sum of both row halves); lane-interleaved, so each 16-byte access is conflict-free.
+    let per_warp = (32 * 16 * (MT * DN + MT)) as u32;
+    let at = |part: usize, i: usize| scratch + (row_warp * kw + part) as u32 * per_warp + ((i * 32 + lane) * 16) as u32;
+    let mut half = kw / 2;
+    while half >= 1 {
+        // `key_part` laundered at each use: LLVM otherwise threads the writers' branch into the readers'
+        // past the barrier (the two conditions are correlated) and duplicates the barrier into both,
+        // so the block's warps would meet at two different bar.sync (compute-sanitizer synccheck:
+        // "divergent threads in block"; rust-lang/rust#137086).
+        let part = opaque_u32(key_part as u32) as usize;
+        let writes = part >= half && part < 2 * half;
+        if writes {
+            for mt in 0..MT {
+                for (j, frag) in acc_o[mt].iter().enumerate() {
+                    unsafe { smem::st_v4(at(key_part, mt * DN + j), frag.map(f32::to_bits)) };
+                }
+                let rs = &row_state[mt];
+                unsafe { smem::st_v4(at(key_part, MT * DN + mt), [rs[0].max, rs[0].sum, rs[1].max, rs[1].sum].map(f32::to_bits)) };
+            }
+        }
+        sync_threads();
+        let part = opaque_u32(key_part as u32) as usize;
+        if part < half {
+            let partner = part + half;
+            for mt in 0..MT {
+                let other = unsafe { smem::ld_v4(at(partner, MT * DN + mt)) }.map(f32::from_bits);
+                let mut f = [[0f32; 2]; 2];
+                for h in 0..2 {
+                    let mine = &mut row_state[mt][h];
+                    let (om, os) = (other[2 * h], other[2 * h + 1]);
+                    let max = if om > mine.max { om } else { mine.max };
+                    // exp2(-inf) == 0 drops a side that saw no key; rows neither side saw stay -inf / 0.
+                    let factor = |m: f32| if max == f32::NEG_INFINITY { 0.0 } else { exp2((m - max) * scale_log2) };
+                    f[0][h] = factor(mine.max);
+                    f[1][h] = factor(om);
+                    mine.sum = mine.sum * f[0][h] + os * f[1][h];
+                    mine.max = max;
+                }
+                for j in 0..DN {
+                    let o = unsafe { smem::ld_v4(at(partner, mt * DN + j)) }.map(f32::from_bits);
+                    for (i, x) in acc_o[mt][j].iter_mut().enumerate() {
+                        *x = *x * f[0][i / 2] + o[i] * f[1][i / 2];
+                    }
+                }
+            }
+        }
+        half /= 2;
+    }
+    key_part == 0
 }
 
 /// The scores of one K/V tile -> unnormalized P in place (the online softmax), for this thread's `MT`
@@ -431,6 +550,36 @@ unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: us
     }
 }
 
+/// K (`V` false) or V of tile `n_block` alone (the staggered decode loop; paged, as the decode kernels
+/// are): as `load_kv_paged`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn load_one<const D: usize, const V: bool>(dst: u32, a: &BlockArgs, n_block: i32, tp: TilePages, tid: usize, bn: usize, threads: usize) {
+    let n0 = n_block * bn as i32;
+    let valid = a.seqlen_k - n0;
+    let rows = if V { &a.kv.v } else { &a.kv.k };
+    unsafe {
+        if tp.span == 1 {
+            let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
+            let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
+            load_tile_whole_fast::<D>(dst, rows.at(block, tp.off0 as i32), rows.row_bytes, valid, tid, bn, threads);
+        } else if tp.span <= 32 && 32 % (D / 8) == 0 {
+            a.kv.load_pages_by_warp::<D, V>(dst, tp, valid, tid, bn, threads);
+        } else if tp.span <= 32 {
+            if V {
+                a.kv.load_pages::<D, 2>(dst, dst, tp, valid, tid, bn, threads);
+            } else {
+                a.kv.load_pages::<D, 1>(dst, dst, tp, valid, tid, bn, threads);
+            }
+        } else {
+            load_tile_rows::<D, 1>([dst], [rows.base], valid, tid, bn, threads, #[inline(always)] |r| {
+                let (block, off) = a.kv.pages.locate(n0 + r);
+                [rows.at(block, off)]
+            });
+        }
+    }
+}
+
 /// Paged K and V of tile `n_block` (`bn` keys, `valid` of them in the sequence): at the row stride where
 /// the tile's keys share a page, else row by row through the block table (one lookup per row for both).
 #[inline(always)]
@@ -447,7 +596,7 @@ unsafe fn load_kv_paged<const D: usize, const DECODE: bool>(k_dst: u32, v_dst: u
             load_tile_whole_fast::<D, DECODE>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
             load_tile_whole_fast::<D, DECODE>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
         } else if tp.span <= 32 {
-            a.kv.load_pages::<D>(k_dst, v_dst, tp, valid, tid, bn, threads);
+            a.kv.load_pages::<D, 0>(k_dst, v_dst, tp, valid, tid, bn, threads);
         } else {
             // More than 32 pages (tiny pages): row by row.
             load_tile_rows::<D, 2>([k_dst, v_dst], [k.base, v.base], valid, tid, bn, threads, #[inline(always)] |r| {
@@ -645,13 +794,13 @@ macro_rules! fwd_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
                 unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false, false>(&p) }
             }
-            // Decode over a KV cache (packed GQA, one warp per 16 packed rows, f32 partials; the lazy
-            // max, and whole tiles copied without row tests: H200, 0.95-1.00x the time without them
-            // on the decode rows, benches/RESULTS.md).
+            // Decode over a KV cache (packed GQA, 16 packed rows per block, its warps splitting each
+            // tile's keys: `decode_config`; f32 partials; the lazy max, and whole tiles copied without
+            // row tests).
             #[unsafe(export_name = concat!($name, "_decode"))]
             pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams) {
                 const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 }, 0, true, false, true>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 / K.key_warps }, 0, true, false, true>(&p) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams) {
