@@ -173,13 +173,12 @@ pub(crate) unsafe fn load_tile<const D: usize>(dst: u32, src: u64, row_stride_by
     unsafe { load_tile_as::<D, false>(dst, src, row_stride_bytes, valid_rows, tid, rows, threads) }
 }
 
-/// `load_tile`; with `WHOLE_FAST`, a whole tile (`valid_rows >= rows`) takes a loop of its own whose
-/// copies test no row (the decode kernels, whose tiles are nearly all whole: a compare and two selects
-/// less per copy).
+/// `load_tile`, where a whole tile (`valid_rows >= rows`) takes a loop of its own whose copies test no
+/// row (the decode kernels, whose tiles are nearly all whole: a compare and two selects less per copy).
 #[inline(always)]
-pub(crate) unsafe fn load_tile_whole_fast<const D: usize, const WHOLE_FAST: bool>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
+pub(crate) unsafe fn load_tile_whole_fast<const D: usize>(dst: u32, src: u64, row_stride_bytes: i64, valid_rows: i32, tid: usize, rows: usize, threads: usize) {
     unsafe {
-        if WHOLE_FAST && valid_rows >= rows as i32 {
+        if valid_rows >= rows as i32 {
             load_tile_as::<D, true>(dst, src, row_stride_bytes, valid_rows, tid, rows, threads)
         } else {
             load_tile_as::<D, false>(dst, src, row_stride_bytes, valid_rows, tid, rows, threads)

@@ -163,6 +163,13 @@ impl KvRows {
         TilePages { off0, span, raw }
     }
 
+    /// The block of a tile's first page (`tile_pages`'s entry in lane 0), clamped into `[0, num_blocks)`.
+    #[inline(always)]
+    pub(crate) fn page0_block(&self, tp: TilePages) -> i32 {
+        let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
+        if block < 0 { 0 } else if block >= self.pages.num_blocks { self.pages.num_blocks - 1 } else { block }
+    }
+
     /// Paged K/V: copy `bn` keys from `n0` (the first `valid` of them real; the rest zero-filled) into
     /// K and V tiles (`D` columns, padded rows) with `threads` threads, their pages' entries `tp` (from
     /// `tile_pages`, for the same tile): each page's block from the lane holding it (a shuffle), its

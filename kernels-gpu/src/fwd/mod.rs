@@ -14,7 +14,6 @@ mod ws;
 use crate::arch::cp_async::{commit_group, wait_group};
 use crate::arch::math::{div_rem_u32, exp2, fma, tanh};
 use crate::arch::reg::opaque_u32;
-use crate::arch::shfl::shfl_idx_u32;
 use crate::arch::mem::{ld_i32_at, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
@@ -211,7 +210,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             unsafe { load_one::<D, true>(v_buf, a, n_max - 1, tp, tid, BN, threads) };
             commit_group();
         } else {
-            unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
+            unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 0, a, n_max - 1, pages_of(n_max - 1), tid) };
             commit_group();
         }
         let mut ahead = if n_tiles > 1 { pages_of(n_max - 2) } else { TilePages::NONE };
@@ -223,7 +222,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             if staggered {
                 wait_group::<1>();
             } else if it + 1 < n_tiles {
-                unsafe { load_kv::<D, DN, MT, NW, BN, NN, DECODE>(base, 1 - stage, a, n_block - 1, ahead, tid) };
+                unsafe { load_kv::<D, DN, MT, NW, BN, NN>(base, 1 - stage, a, n_block - 1, ahead, tid) };
                 commit_group();
                 if it + 2 < n_tiles {
                     ahead = pages_of(n_block - 2);
@@ -535,12 +534,12 @@ pub(crate) fn store_out<E: Elem, const MT: usize, const DN: usize>(a: &BlockArgs
 
 /// Start the copies of K/V tile `n_block` into stage `stage`.
 #[inline(always)]
-unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const DECODE: bool>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tp: TilePages, tid: usize) {
+unsafe fn load_kv<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize>(base: u32, stage: usize, a: &BlockArgs, n_block: i32, tp: TilePages, tid: usize) {
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
     let valid = a.seqlen_k - n_block * BN as i32;
     let (k_dst, v_dst) = (Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, stage), Shape::<D, DN, MT, NW, BN, NN>::v_stage(base, stage));
     if a.kv.pages.paged() {
-        unsafe { load_kv_paged::<D, DECODE>(k_dst, v_dst, a, n_block, valid, tp, tid, BN, threads) };
+        unsafe { load_kv_paged::<D>(k_dst, v_dst, a, n_block, valid, tp, tid, BN, threads) };
         return;
     }
     let (k, v) = (a.kv.tile::<false>(n_block, BN), a.kv.tile::<true>(n_block, BN));
@@ -560,8 +559,7 @@ unsafe fn load_one<const D: usize, const V: bool>(dst: u32, a: &BlockArgs, n_blo
     let rows = if V { &a.kv.v } else { &a.kv.k };
     unsafe {
         if tp.span == 1 {
-            let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
-            let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
+            let block = a.kv.page0_block(tp);
             load_tile_whole_fast::<D>(dst, rows.at(block, tp.off0 as i32), rows.row_bytes, valid, tid, bn, threads);
         } else if tp.span <= 32 && 32 % (D / 8) == 0 {
             a.kv.load_pages_by_warp::<D, V>(dst, tp, valid, tid, bn, threads);
@@ -584,17 +582,15 @@ unsafe fn load_one<const D: usize, const V: bool>(dst: u32, a: &BlockArgs, n_blo
 /// the tile's keys share a page, else row by row through the block table (one lookup per row for both).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn load_kv_paged<const D: usize, const DECODE: bool>(k_dst: u32, v_dst: u32, a: &BlockArgs, n_block: i32, valid: i32, tp: TilePages, tid: usize, bn: usize, threads: usize) {
+unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n_block: i32, valid: i32, tp: TilePages, tid: usize, bn: usize, threads: usize) {
     let n0 = n_block * bn as i32;
     let (k, v) = (&a.kv.k, &a.kv.v);
     unsafe {
         if tp.span == 1 {
             // One page: its rows follow at the row stride.
-            let block = shfl_idx_u32(tp.raw as u32, 0) as i32;
-            let block = if block < 0 { 0 } else if block >= a.kv.pages.num_blocks { a.kv.pages.num_blocks - 1 } else { block };
-            // The decode kernels' whole tiles without row tests.
-            load_tile_whole_fast::<D, DECODE>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
-            load_tile_whole_fast::<D, DECODE>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
+            let block = a.kv.page0_block(tp);
+            load_tile::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
+            load_tile::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
         } else if tp.span <= 32 {
             a.kv.load_pages::<D, 0>(k_dst, v_dst, tp, valid, tid, bn, threads);
         } else {
