@@ -638,11 +638,17 @@ impl KvWorkspace {
             0 => {
                 let c = crate::dispatch::kvcache_config(p);
                 let gpu = gpu(ordinal)?;
-                // Work tiles: row blocks of each head (decode: packed rows of each kv head); the decode
-                // kernels run several blocks per multiprocessor (their shared memory allowing).
+                // Work tiles: row blocks of each head (decode: packed rows of each kv head). A decode
+                // kernel's two blocks per multiprocessor count as one processor where its tiles are
+                // copied whole (a contiguous cache, pages of a tile or more): the second block shares
+                // its multiprocessor's bandwidth rather than adding its own (H200, batch 1 at 8k-128k
+                // keys: 16 splits, 0.90-0.97x the time of the 32 that counting both picked). Tiles over
+                // several pages, whose copies wait on more latency, count both (pages of 16 at batch 8:
+                // 2 splits took 1.29x the time of 4; benches/RESULTS.md).
                 let (tiles, processors) = if decode {
-                    let smem = crate::dispatch::kvcache_smem_bytes(p);
-                    let per_sm = ((gpu.max_smem_optin + 1024) / (smem + 1024)).clamp(1, crate::dispatch::DECODE_BLOCKS_PER_SM);
+                    let small_pages = p.paged.as_ref().is_some_and(|g| g.page_size < c.block_n);
+                    let fit = (gpu.max_smem_optin + 1024) / (crate::dispatch::decode_smem_bytes(&c) + 1024);
+                    let per_sm = if small_pages { fit.clamp(1, crate::dispatch::DECODE_BLOCKS_PER_SM) } else { 1 };
                     (p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()), gpu.sm_count * per_sm)
                 } else {
                     (p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()), gpu.sm_count)

@@ -643,7 +643,7 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
     }
 }
 /// Blocks of a decode kernel per multiprocessor: its registers leave room for that many (the PTX's
-/// `.minnctapersm`, added by xtask) and the host's split heuristic counts no more.
+/// `.minnctapersm`, added by xtask), which the host's split heuristic counts where tiles span pages.
 pub const DECODE_BLOCKS_PER_SM: usize = 2;
 
 /// The decode kernels' shape (`_decode`, the KV cache with q packed), cuDNN's decode shape: 16 packed
