@@ -103,6 +103,11 @@ fn clamp(x: i32, lo: i32, hi: i32) -> i32 {
     if x < lo { lo } else { x }
 }
 
+/// `KvRows::load_pages`'s `PART`: which of K and V a call copies.
+pub(crate) const K_AND_V: u8 = 0;
+pub(crate) const K_ONLY: u8 = 1;
+pub(crate) const V_ONLY: u8 = 2;
+
 /// A tile's block-table entries, read ahead (`KvRows::tile_pages`): the first key's row in its first
 /// page, the pages it spans, and this lane's raw entry (of the lane-th page).
 #[derive(Clone, Copy)]
@@ -174,7 +179,7 @@ impl KvRows {
     /// K and V tiles (`D` columns, padded rows) with `threads` threads, their pages' entries `tp` (from
     /// `tile_pages`, for the same tile): each page's block from the lane holding it (a shuffle), its
     /// rows walked without divisions. Called by whole warps, outside divergent code, for tiles of at
-    /// most 32 pages. `PART`: 0 both, 1 K alone, 2 V alone.
+    /// most 32 pages. `PART`: `K_AND_V`, `K_ONLY` or `V_ONLY`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn load_pages<const D: usize, const PART: u8>(&self, k_dst: u32, v_dst: u32, tp: TilePages, valid: i32, tid: usize, bn: usize, threads: usize) {
@@ -207,10 +212,10 @@ impl KvRows {
                 while r < hi {
                     let ok = (r as i32) < valid;
                     unsafe {
-                        if PART != 2 {
+                        if PART != V_ONLY {
                             cp_async_16(k_dst + at, if ok { k } else { self.k.base }, ok);
                         }
-                        if PART != 1 {
+                        if PART != K_ONLY {
                             cp_async_16(v_dst + at, if ok { v } else { self.v.base }, ok);
                         }
                     }
@@ -236,10 +241,10 @@ impl KvRows {
             let (k, v) = (self.k.at(block, off as i32), self.v.at(block, off as i32));
             let at = r as u32 * row_bytes + c as u32 * 16;
             unsafe {
-                if PART != 2 {
+                if PART != V_ONLY {
                     cp_async_16(k_dst + at, if ok { k.wrapping_add(c as u64 * 16) } else { self.k.base }, ok);
                 }
-                if PART != 1 {
+                if PART != K_ONLY {
                     cp_async_16(v_dst + at, if ok { v.wrapping_add(c as u64 * 16) } else { self.v.base }, ok);
                 }
             }

@@ -565,9 +565,9 @@ unsafe fn load_one<const D: usize, const V: bool>(dst: u32, a: &BlockArgs, n_blo
             a.kv.load_pages_by_warp::<D, V>(dst, tp, valid, tid, bn, threads);
         } else if tp.span <= 32 {
             if V {
-                a.kv.load_pages::<D, 2>(dst, dst, tp, valid, tid, bn, threads);
+                a.kv.load_pages::<D, { kv::V_ONLY }>(dst, dst, tp, valid, tid, bn, threads);
             } else {
-                a.kv.load_pages::<D, 1>(dst, dst, tp, valid, tid, bn, threads);
+                a.kv.load_pages::<D, { kv::K_ONLY }>(dst, dst, tp, valid, tid, bn, threads);
             }
         } else {
             load_tile_rows::<D, 1>([dst], [rows.base], valid, tid, bn, threads, #[inline(always)] |r| {
@@ -592,7 +592,7 @@ unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n
             load_tile::<D>(k_dst, k.at(block, tp.off0 as i32), k.row_bytes, valid, tid, bn, threads);
             load_tile::<D>(v_dst, v.at(block, tp.off0 as i32), v.row_bytes, valid, tid, bn, threads);
         } else if tp.span <= 32 {
-            a.kv.load_pages::<D, 0>(k_dst, v_dst, tp, valid, tid, bn, threads);
+            a.kv.load_pages::<D, { kv::K_AND_V }>(k_dst, v_dst, tp, valid, tid, bn, threads);
         } else {
             // More than 32 pages (tiny pages): row by row.
             load_tile_rows::<D, 2>([k_dst, v_dst], [k.base, v.base], valid, tid, bn, threads, #[inline(always)] |r| {
