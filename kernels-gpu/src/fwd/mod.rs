@@ -302,6 +302,8 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
 
     if kw > 1 {
         // Every warp reaches this (the loop's bounds are the block's); the stages are free after it.
+        // The warps that return early start no copy into them: a decode block attends one row block
+        // (its grid's x covers them all), so nothing overwrites the scratch while warp 0 reads it.
         let scratch = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 0);
         if !unsafe { merge_key_warps::<MT, DN>(scratch, &mut acc_o, &mut row_state, key_part, kw, row_warp, lane, scale_log2) } {
             return;
