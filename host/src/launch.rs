@@ -647,7 +647,7 @@ impl KvWorkspace {
                 // 2 splits took 1.29x the time of 4; benches/RESULTS.md).
                 let (tiles, processors) = if decode {
                     let small_pages = p.paged.as_ref().is_some_and(|g| g.page_size < c.block_n);
-                    let fit = (gpu.max_smem_optin + 1024) / (crate::dispatch::decode_smem_bytes(&c) + 1024);
+                    let fit = (gpu.max_smem_optin + 1024) / (c.smem_bytes() + 1024);
                     let per_sm = if small_pages { fit.clamp(1, crate::dispatch::DECODE_BLOCKS_PER_SM) } else { 1 };
                     (p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()), gpu.sm_count * per_sm)
                 } else {

@@ -31,9 +31,11 @@ impl FwdConfig {
     pub const fn row_bytes(&self) -> usize {
         row_pitch_bytes(self.head_dim)
     }
-    /// Dynamic shared memory: the Q tile and two stages of K and V tiles.
+    /// Dynamic shared memory: the Q tile and two stages of K and V tiles; with key warps (the decode
+    /// kernels) one K and one V buffer, loaded in turns (the merge's scratch reuses them).
     pub const fn smem_bytes(&self) -> usize {
-        (self.block_m() + 4 * self.block_n) * self.row_bytes()
+        let stages = if self.key_warps > 1 { 1 } else { 2 };
+        (self.block_m() + 2 * stages * self.block_n) * self.row_bytes()
     }
 }
 
@@ -649,20 +651,15 @@ pub const DECODE_BLOCKS_PER_SM: usize = 2;
 /// The decode kernels' shape (`_decode`, the KV cache with q packed), cuDNN's decode shape: 16 packed
 /// rows (the q heads of a kv head times the queries) per block, 128-key tiles (64 past head dim 128)
 /// whose keys are split over four key warps (two where the head dim is not a multiple of 64; their
-/// softmax states merged at the end), one K and one V buffer loaded in turns (`decode_smem_bytes`), two
+/// softmax states merged at the end), one K and one V buffer loaded in turns (`FwdConfig::smem_bytes`), two
 /// blocks per multiprocessor. A tile's products, softmax and copies spread over the block's schedulers
 /// (one warp doing all of them for its 16 rows was issue-bound: nsight compute, 4.7 cycles per
-/// instruction). H200: 0.95-0.98x the time of one warp over 64-key tiles in two stages (benches/RESULTS.md).
+/// instruction). H200: 0.95-0.99x the time of one warp over 64-key tiles in two stages on nine of eleven
+/// decode rows (benches/RESULTS.md).
 pub const fn decode_config(head_dim: usize) -> FwdConfig {
     let block_n = if head_dim > 128 { 64 } else { 128 };
     let key_warps = if head_dim % 64 == 0 { 4 } else { 2 };
     FwdConfig { head_dim, m_tiles: 1, warps: key_warps, key_warps, block_n, q_in_regs: false }
-}
-
-/// The decode kernels' shared memory: the Q tile, one K and one V buffer (the merge's scratch reuses
-/// them).
-pub const fn decode_smem_bytes(c: &FwdConfig) -> usize {
-    (c.block_m() + 2 * c.block_n) * c.row_bytes()
 }
 
 /// Threads per block of the probabilities kernel (keys of one query row).

@@ -49,6 +49,9 @@ impl<const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN
     const CHECK: () = {
         assert!(DN * 8 == D && NN * 8 * Self::KW == BN && NW % Self::KW == 0 && D % 16 == 0 && NN % 2 == 0);
         assert!((Self::BM * D / 8) % Self::THREADS == 0 && (BN * D / 8) % Self::THREADS == 0);
+        // The layout below is the one the host sizes: the Q tile, then two stages of K and V, or with
+        // key warps one K and one V buffer.
+        assert!((Self::Q_BYTES + if Self::KW > 1 { 2 } else { 4 } * Self::KV_BYTES) as usize == Self::CONFIG.smem_bytes());
         // The merge's scratch (`merge_key_warps`) fits in the K/V stages.
         assert!(Self::KW == 1 || (Self::KW <= 8 && (NW * 32 * (MT * DN * 16 + MT * 16)) as u32 <= 2 * Self::KV_BYTES));
     };
