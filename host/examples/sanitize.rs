@@ -22,7 +22,8 @@
 //!   dense and packed (`WIDE_*`), both masks.
 //!
 //! - the KV cache (`KV_CASES`, with the mma.sync family): the append kernel (new keys rotated, q rotated
-//!   or packed), the decode kernel (packed GQA, f32 partials, the combine) over a contiguous cache read
+//!   or packed), the decode kernel (packed GQA; its splits merged in a cluster, or beyond the cluster's
+//!   size f32 partials and the combine) over a contiguous cache read
 //!   through cache_batch_idx and over pages, the paged forward for many query rows and for ALiBi (with
 //!   the modifiers' runs), split and not; and the public combine.
 //!
@@ -104,7 +105,7 @@ const PAGES: [usize; 2] = [16, 3];
 /// rotated (rotary_dim D/2, f32 tables), so: the append kernel, then the decode kernel (q packed, up to
 /// 64 packed rows; always merged by the combine) or, with 40 query rows (80 packed) or ALiBi, the paged
 /// forward (merged where split).
-const KV_CASES: [(usize, usize, usize, bool, bool); 6] = [(0, 1, 0, true, false), (0, 1, 3, false, false), (16, 3, 1, true, false), (16, 3, 4, false, false), (0, 40, 2, true, false), (16, 1, 2, true, true)];
+const KV_CASES: [(usize, usize, usize, bool, bool); 7] = [(0, 1, 0, true, false), (0, 1, 3, false, false), (16, 3, 1, true, false), (16, 3, 4, false, false), (0, 1, 17, false, false), (0, 40, 2, true, false), (16, 1, 2, true, true)];
 const KV_CAPACITY: usize = 96;
 
 /// The modifiers' dropout (the slopes are drawn per problem).
@@ -228,7 +229,12 @@ impl Plan {
         if !self.mma {
             return 0;
         }
-        let n: usize = KV_CASES.iter().filter(|c| if c.4 { self.mods.1 } else { self.mods.0 }).map(|&(_, sq, splits, _, alibi)| 2 + usize::from(!alibi && sq * 2 <= 64 || splits != 1)).sum();
+        // The append, the attention, and the combine where split-KV's partials need it: the paged
+        // forward's splits, or the decode kernel's beyond the cluster that merges them on an H200.
+        let n: usize = KV_CASES.iter().filter(|c| if c.4 { self.mods.1 } else { self.mods.0 }).map(|&(_, sq, splits, _, alibi)| {
+            let decode = !alibi && sq * 2 <= 64;
+            2 + usize::from(if decode { splits > flash_attn::cuda::MAX_DECODE_CLUSTER } else { splits != 1 })
+        }).sum();
         n + usize::from(self.mods.0)
     }
 }

@@ -7,6 +7,10 @@ use crate::types::Device;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::sync::Arc;
 
+/// The most splits (`KvCacheOptions::num_splits`) whose blocks a Hopper decode merges in one cluster,
+/// writing out and lse itself; more splits go through partial results and the combine kernel.
+pub use crate::dispatch::MAX_DECODE_CLUSTER;
+
 /// Whether a CUDA driver and at least one GPU are present (never panics without libcuda).
 pub fn available() -> bool {
     crate::module::cuda_available()

@@ -8,7 +8,7 @@ use crate::module::{gpu, Function, Gpu};
 use crate::params::{AppendParams, BwdParams, BwdTmaMaps, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
 use crate::problem::{BwdProblem, CombineProblem, KvCacheProblem, Problem, Strides};
 use crate::types::{BwdViews, CombineViews, DType, FwdViews, KernelChoice, KvCacheViews, PagedVarlenViews, VarlenViews, View};
-use crate::dispatch::{combine_warps_per_row, kvcache_append_kernel_name, KernelDType, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS};
+use crate::dispatch::{combine_warps_per_row, kvcache_append_kernel_name, KernelDType, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, MAX_DECODE_CLUSTER};
 use crate::validate::check_grid;
 use cudarc::driver::{result, sys};
 use std::sync::OnceLock;
@@ -99,10 +99,26 @@ unsafe fn queue_after<P>(f: Function, l: &Launch, params: &P, dependent: bool, s
         return unsafe { queue(f, l, params, stream) };
     }
     let mut args = [params as *const P as *mut std::ffi::c_void];
-    // SAFETY (zeroed): a plain C struct and union of integers.
-    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
+    unsafe { queue_ex(f, l, &mut args, dependent, 1, stream) }
+}
+
+/// Queue `launch` of `f` with the parameters `args` points to on `stream`: where `dependent` as a
+/// programmatic dependent launch (`queue_after`), and in clusters of `cluster_z` blocks along grid z
+/// (1: no cluster).
+unsafe fn queue_ex(f: Function, l: &Launch, args: &mut [*mut std::ffi::c_void], dependent: bool, cluster_z: u32, stream: usize) -> Result<()> {
+    // SAFETY (zeroed): plain C structs and unions of integers.
+    let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+    let mut n = 0;
+    if dependent {
+        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[n].value.programmaticStreamSerializationAllowed = 1;
+        n += 1;
+    }
+    if cluster_z > 1 {
+        attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        (attrs[n].value.clusterDim.x, attrs[n].value.clusterDim.y, attrs[n].value.clusterDim.z) = (1, 1, cluster_z);
+        n += 1;
+    }
     let config = sys::CUlaunchConfig {
         gridDimX: l.grid.0,
         gridDimY: l.grid.1,
@@ -112,8 +128,8 @@ unsafe fn queue_after<P>(f: Function, l: &Launch, params: &P, dependent: bool, s
         blockDimZ: 1,
         sharedMemBytes: l.smem_bytes as u32,
         hStream: stream as sys::CUstream,
-        attrs: &mut attr,
-        numAttrs: 1,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: n as u32,
     };
     unsafe { sys::cuLaunchKernelEx(&config, f.0, args.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
     Ok(())
@@ -622,8 +638,13 @@ unsafe fn zero(v: &View<'_>, varlen: bool, stream: usize) -> Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvWorkspace {
     pub splits: usize,
-    /// The decode kernels run (`dispatch::kvcache_decodes`): q packed, partials merged by the combine.
+    /// The decode kernels run (`dispatch::kvcache_decodes`): q packed.
     pub decode: bool,
+    /// The decode kernels write out and lse themselves (`splits` 1, or on Hopper the splits' blocks
+    /// merged in a cluster of up to `MAX_DECODE_CLUSTER`): no partials, no combine kernel. Else the
+    /// decode kernels' partials are merged by the combine (`FLASH_ATTN_DECODE_COMBINE` forces that, for
+    /// A/B runs).
+    pub fused: bool,
     pub q_rot: Option<usize>,
     pub partials: Option<(usize, usize)>,
     pub bytes: usize,
@@ -634,24 +655,24 @@ impl KvWorkspace {
     pub fn new(kp: &KvCacheProblem, ordinal: usize) -> Result<KvWorkspace> {
         let p = &kp.fwd;
         let decode = crate::dispatch::kvcache_decodes(p);
+        let c = crate::dispatch::kvcache_config(p);
+        let gpu = gpu(ordinal)?;
+        // Work tiles: row blocks of each head (decode: packed rows of each kv head).
+        let tiles = if decode { p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()) } else { p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()) };
         let splits = match kp.num_splits {
             0 => {
-                let c = crate::dispatch::kvcache_config(p);
-                let gpu = gpu(ordinal)?;
-                // Work tiles: row blocks of each head (decode: packed rows of each kv head). A decode
-                // kernel's two blocks per multiprocessor count as one processor where its tiles are
-                // copied whole (a contiguous cache, pages of a tile or more): the second block shares
+                // A decode kernel's two blocks per multiprocessor count as one processor where its tiles
+                // are copied whole (a contiguous cache, pages of a tile or more): the second block shares
                 // its multiprocessor's bandwidth rather than adding its own (H200, batch 1 at 8k-128k
                 // keys: 16 splits, 0.90-0.97x the time of the 32 that counting both picked). Tiles over
                 // several pages, whose copies wait on more latency, count both (pages of 16 at batch 8:
                 // 2 splits took 1.29x the time of 4; benches/RESULTS.md).
-                let (tiles, processors) = if decode {
+                let processors = if decode {
                     let small_pages = p.paged.as_ref().is_some_and(|g| g.page_size < c.block_n);
                     let fit = (gpu.max_smem_optin + 1024) / (c.smem_bytes() + 1024);
-                    let per_sm = if small_pages { fit.clamp(1, crate::dispatch::DECODE_BLOCKS_PER_SM) } else { 1 };
-                    (p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()), gpu.sm_count * per_sm)
+                    gpu.sm_count * if small_pages { fit.clamp(1, crate::dispatch::DECODE_BLOCKS_PER_SM) } else { 1 }
                 } else {
-                    (p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()), gpu.sm_count)
+                    gpu.sm_count
                 };
                 let key_blocks = p.seqlen_k.div_ceil(c.block_n);
                 if decode { crate::problem::num_splits_waves(tiles, key_blocks, processors) } else { crate::problem::num_splits_heuristic(tiles, key_blocks, processors) }
@@ -660,6 +681,13 @@ impl KvWorkspace {
         };
         // Grid z holds batch * splits slices.
         let splits = splits.min((65535 / p.batch.max(1)).max(1));
+        // The decode kernels finish their rows themselves with one split, and on Hopper with up to
+        // MAX_DECODE_CLUSTER splits (a cluster each) where the grid has a multiprocessor per block: a
+        // cluster's blocks are placed in one GPC, so a larger grid (or clusters of 16, tried) packs two
+        // blocks on a multiprocessor that the plain grid spreads out (H200: batch 1 at 8k-128k keys in
+        // clusters of 16 took 1.08-1.35x the time of the combine's path; pages of 16 at batch 8, 256
+        // blocks in clusters of 4, 1.52x; benches/RESULTS.md).
+        let fused = decode && !decode_combine() && (splits == 1 || (gpu.is_hopper() && splits <= MAX_DECODE_CLUSTER && tiles * splits <= gpu.sm_count));
         let too_large = || Error::TooLarge { arg: "q", msg: "the KV-cache workspace exceeds the address space".into() };
         let q_elems = p.batch.checked_mul(p.seqlen_q).and_then(|x| x.checked_mul(p.hq)).and_then(|x| x.checked_mul(p.head_dim)).ok_or_else(too_large)?;
         let lse_elems = p.batch * p.hq * p.seqlen_q;
@@ -672,7 +700,7 @@ impl KvWorkspace {
         } else {
             None
         };
-        let partials = if splits > 1 || decode {
+        let partials = if !fused && (splits > 1 || decode) {
             let o = bytes;
             let l = align(o.checked_add(q_elems.checked_mul(4 * splits).ok_or_else(too_large)?).ok_or_else(too_large)?)?;
             bytes = align(l + lse_elems * 4 * splits)?;
@@ -680,15 +708,16 @@ impl KvWorkspace {
         } else {
             None
         };
-        Ok(KvWorkspace { splits, decode, q_rot, partials, bytes })
+        Ok(KvWorkspace { splits, decode, fused, q_rot, partials, bytes })
     }
 }
 
 /// The KV-cache forward on `stream`: the append (k_new / v_new into the caches, k turned; q turned into
 /// the workspace) where there is one, then the paged forward's mma.sync kernel over the caches (a
 /// contiguous cache read as one page per row, through cache_batch_idx or row b), keys counted from
-/// cache_seqlens + S_new - cache_leftpad on the device; with split-KV its partial results go to the
-/// workspace and the combine kernel merges them into out and lse.
+/// cache_seqlens + S_new - cache_leftpad on the device (decode: the `_decode` kernels); with split-KV
+/// its partial results go to the workspace and the combine kernel merges them into out and lse, except
+/// where the decode kernels finish the rows themselves (`KvWorkspace::fused`).
 ///
 /// # Safety
 /// As `raw::fwd_kvcache` on CUDA, with `ws_addr` the caller's workspace of at least `ws.bytes` bytes.
@@ -733,39 +762,22 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     let mut params = fwd_params(&fp, &views, [0, 0, 0, t.cache_seqlens.addr], table, launch.grid.0 as i32);
     (params.cache_leftpad, params.seqused_k_add) = (opt(&t.cache_leftpad), kp.seqlen_new as i32);
     let l = Launch { kernel: launch.kernel, grid: launch.grid, block: launch.block, smem_bytes: launch.smem_bytes };
-    let Some((o_at, lse_at)) = ws.partials else {
-        return unsafe { queue_after(f, &l, &params, after_append, stream) };
-    };
-    // Split-KV: f32 partials, the o strides in 2-byte units (FwdParams::num_splits).
     let (d, hq, sq) = (p.head_dim as i64, p.hq as i64, p.seqlen_q as i64);
     let b = p.batch as i64;
     params.num_splits = ws.splits as i32;
     let pack = if ws.decode { (p.hq / p.hk) as i64 } else { 1 };
-    let (po_strides, pl_strides) = if ws.decode {
-        // Packed: each kv head's `rows` rows (query i of q head hk * pack + g at row i * pack + g), the
-        // partial out and lse.
-        let (hk, rows) = (p.hk as i64, sq * pack);
-        // q (or its rotated copy) read in place: packed row i * pack + g of kv head hk is query i of q
-        // head hk * pack + g.
+    let (hk, rows) = (p.hk as i64, sq * pack);
+    if ws.decode {
+        // Packed: each kv head's `rows` rows (query i of q head hk * pack + g at row i * pack + g). q (or
+        // its rotated copy) read in place: packed row i * pack + g of kv head hk is query i of q head
+        // hk * pack + g.
         (params.q_head_stride, params.q_pack_head_stride) = (pack * params.q_head_stride, params.q_head_stride);
         (params.h, params.h_k, params.seqlen_q, params.total_q, params.q_pack) = (p.hk as i32, p.hk as i32, rows as i32, (b * rows) as i32, pack as i32);
-        (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * hk * rows * d, 2 * d, 2 * rows * d);
-        (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hk * rows, rows);
-        ([b * hk * rows * d, hk * rows * d, d, rows * d], [b * hk * rows, hk * rows, rows, 1])
-    } else {
-        (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * sq * hq * d, 2 * hq * d, 2 * d);
-        (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hq * sq, sq);
-        ([b * sq * hq * d, sq * hq * d, hq * d, d], [b * hq * sq, hq * sq, sq, 1])
-    };
-    unsafe { queue_after(f, &l, &params, after_append, stream) }?;
+    }
     let out = |i: usize| t.out.strides[i] as i64;
-    let cp = CombineParams {
-        partial_out: params.o,
-        partial_lse: params.lse,
+    let mut cp = CombineParams {
         out: t.out.addr,
         lse: t.lse.addr,
-        po_strides,
-        pl_strides,
         out_strides: [out(0), out(1), out(2)],
         lse_strides: [hq * sq, sq, 1],
         rows: b * sq * hq,
@@ -777,10 +789,49 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         in_dtype: DTYPE_F32,
         out_dtype: dtype_code(p.dtype),
         pack: pack as i32,
+        ..CombineParams::default()
     };
+    if let Some((o_at, lse_at)) = ws.partials {
+        // Split-KV: f32 partials, the o strides in 2-byte units (FwdParams::num_splits).
+        let (po_strides, pl_strides) = if ws.decode {
+            // The packed rows' partial out and lse.
+            (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * hk * rows * d, 2 * d, 2 * rows * d);
+            (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hk * rows, rows);
+            ([b * hk * rows * d, hk * rows * d, d, rows * d], [b * hk * rows, hk * rows, rows, 1])
+        } else {
+            (params.o, params.o_batch_stride, params.o_row_stride, params.o_head_stride) = (ws_addr + o_at as u64, 2 * sq * hq * d, 2 * hq * d, 2 * d);
+            (params.lse, params.lse_batch_stride, params.lse_head_stride) = (ws_addr + lse_at as u64, hq * sq, sq);
+            ([b * sq * hq * d, sq * hq * d, hq * d, d], [b * hq * sq, hq * sq, sq, 1])
+        };
+        (cp.partial_out, cp.partial_lse, cp.po_strides, cp.pl_strides) = (params.o, params.lse, po_strides, pl_strides);
+    }
+    if ws.decode {
+        // The decode kernels' second parameter: where they write out and lse themselves (`fused`: a
+        // cluster of the row block's splits merges them, `finish_decode`), or out 0: partials only.
+        let fin = if ws.fused { cp } else { CombineParams::default() };
+        if ws.fused {
+            // Nothing is written through these.
+            (params.o, params.lse) = (0, 0);
+        }
+        let cluster = if ws.fused { ws.splits as u32 } else { 1 };
+        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &fin as *const CombineParams as *mut std::ffi::c_void];
+        unsafe { queue_ex(f, &l, &mut args, after_append, cluster, stream) }?;
+    } else {
+        unsafe { queue_after(f, &l, &params, after_append, stream) }?;
+    }
+    if ws.partials.is_none() {
+        return Ok(());
+    }
     let combine_f = combine_f.ok_or_else(|| Error::Cuda("internal: the combine kernel was not loaded".into()))?;
     // The decode kernels let the combine start early (`launch_dependents`); measured in RESULTS.md.
     unsafe { queue_combine(combine_f, &cp, ws.decode && pdl(&gpu), stream) }
+}
+
+/// Whether `FLASH_ATTN_DECODE_COMBINE` is set (any value, read once): the decode kernels then always
+/// write partials for the combine kernel, as before they merged their splits themselves (A/B runs).
+fn decode_combine() -> bool {
+    static SET: OnceLock<bool> = OnceLock::new();
+    *SET.get_or_init(|| std::env::var_os("FLASH_ATTN_DECODE_COMBINE").is_some())
 }
 
 /// The caches as pages: a paged cache's, or a contiguous one's B_cache rows as pages of S_cache keys.

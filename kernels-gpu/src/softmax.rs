@@ -24,7 +24,7 @@ fn quad_max(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn quad_sum(x: f32) -> f32 {
+pub(crate) fn quad_sum(x: f32) -> f32 {
     let x = x + shfl_xor_f32(x, 1);
     x + shfl_xor_f32(x, 2)
 }

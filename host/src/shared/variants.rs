@@ -648,6 +648,10 @@ pub fn probs_kernel_name(dtype: KernelDType, out_f32: bool) -> &'static str {
 /// `.minnctapersm`, added by xtask), which the host's split heuristic counts where tiles span pages.
 pub const DECODE_BLOCKS_PER_SM: usize = 2;
 
+/// The most splits whose blocks the decode kernels merge in one cluster (sm_90; the portable cluster
+/// size): more splits write partial results for the combine kernel.
+pub const MAX_DECODE_CLUSTER: usize = 8;
+
 /// The decode kernels' shape (`_decode`, the KV cache with q packed), cuDNN's decode shape: 16 packed
 /// rows (the q heads of a kv head times the queries) per block, 128-key tiles (64 past head dim 128)
 /// whose keys are split over four key warps (two where the head dim is not a multiple of 64; their

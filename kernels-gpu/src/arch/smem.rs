@@ -49,3 +49,28 @@ pub unsafe fn ld_v2_f32(addr: u32) -> [f32; 2] {
     }
     [x, y]
 }
+
+/// Load an f32 from the shared memory of block `rank` of this block's cluster at the offset `addr` has in
+/// this block's (sm_90: `mapa` then `ld.shared::cluster`; `rank` below the cluster's size). Before sm_90,
+/// where every block is its own cluster, `rank` must be 0: this block's own.
+#[inline(always)]
+pub unsafe fn ld_cluster_f32(addr: u32, rank: u32) -> f32 {
+    let x: f32;
+    #[cfg(fa_sm90)]
+    unsafe {
+        asm!("mapa.shared::cluster.u32 {r}, {a}, {k};", "ld.shared::cluster.f32 {x}, [{r}];", a = in(reg32) addr, k = in(reg32) rank,
+            r = out(reg32) _, x = out(reg32) x, options(nostack, readonly))
+    }
+    #[cfg(not(fa_sm90))]
+    unsafe {
+        let _ = rank;
+        asm!("ld.shared.f32 {x}, [{a}];", a = in(reg32) addr, x = out(reg32) x, options(nostack, readonly))
+    }
+    x
+}
+
+/// Store two f32 to shared memory (`addr` 8-byte aligned).
+#[inline(always)]
+pub unsafe fn st_v2_f32(addr: u32, v: [f32; 2]) {
+    unsafe { asm!("st.shared.v2.f32 [{a}], {{{x}, {y}}};", a = in(reg32) addr, x = in(reg32) v[0], y = in(reg32) v[1], options(nostack)) }
+}

@@ -54,3 +54,18 @@ pub fn launch_dependents() {
         asm!("griddepcontrol.launch_dependents;", options(nostack))
     }
 }
+
+/// A barrier over every thread of the block's cluster (sm_90: `barrier.cluster.arrive.release` then
+/// `barrier.cluster.wait.acquire`, so each block's shared-memory writes before it are visible to the
+/// cluster's `smem::ld_cluster_f32` after it); a block launched without a cluster is a cluster of one. Before
+/// sm_90 there are no clusters: `bar.sync 0`. Every thread of every block of the cluster, in uniform
+/// control flow.
+#[inline(always)]
+pub fn cluster_sync() {
+    #[cfg(fa_sm90)]
+    unsafe {
+        asm!("barrier.cluster.arrive.release.aligned;", "barrier.cluster.wait.acquire.aligned;", options(nostack))
+    }
+    #[cfg(not(fa_sm90))]
+    sync_threads();
+}

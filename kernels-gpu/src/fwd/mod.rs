@@ -17,13 +17,13 @@ use crate::arch::reg::opaque_u32;
 use crate::arch::mem::{ld_i32_at, st_global_f32, st_global_u32, st_global_v2_f32, st_global_v4};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, thread_idx_x};
-use crate::arch::sync::sync_threads;
+use crate::arch::sync::{cluster_sync, sync_threads};
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::mask::{allowed, for_each_hidden_qk};
 use crate::mods::{alibi_qk, keep_qk, HeadMods, MIN_ALIBI_SCALE};
-use crate::params::FwdParams;
+use crate::params::{CombineParams, FwdParams};
 use crate::seqlen::SeqlenInfo;
-use crate::softmax::{finalize_row, update_row, update_row_offset, RowState};
+use crate::softmax::{finalize_row, quad_sum, update_row, update_row_offset, RowState};
 use crate::tile::{warp_gemm, SmemTile};
 use crate::variants::FwdConfig;
 // The tile vocabulary, also imported from here by the kernels of this module.
@@ -114,6 +114,48 @@ pub(crate) struct BlockArgs {
     /// Packed GQA (`FwdParams::q_pack`, the `_decode` kernels): row r is query `r / q_pack` of
     /// `seqlen_q / q_pack`; 1 elsewhere.
     pub(crate) q_pack: i32,
+    /// The decode kernels' own epilogue (`DecodeOut`); `DecodeOut::NONE` elsewhere.
+    pub(crate) fin: DecodeOut,
+}
+
+/// Where a decode block that finishes its rows itself writes them (`CombineParams` as the decode kernels'
+/// second parameter, `out` nonzero): the out row of query 0 of the kv head's first q head in this
+/// sequence, and the elements between queries (`out_row`) and between the group's q heads (`out_head`);
+/// the same for the LSE (f32). The blocks of one row block's `num_splits` splits form a cluster (one block
+/// without split-KV) and merge their states through distributed shared memory (`finish_decode`), so no
+/// partial results and no combine kernel. `fused` false: f32 partials for the combine kernel.
+#[derive(Clone, Copy)]
+pub(crate) struct DecodeOut {
+    pub(crate) fused: bool,
+    pub(crate) out: u64,
+    pub(crate) out_row: i64,
+    pub(crate) out_head: i64,
+    pub(crate) lse: u64,
+    pub(crate) lse_row: i64,
+    pub(crate) lse_head: i64,
+}
+
+impl DecodeOut {
+    pub(crate) const NONE: DecodeOut = DecodeOut { fused: false, out: 0, out_row: 0, out_head: 0, lse: 0, lse_row: 0, lse_head: 0 };
+
+    /// Kv head `hk` of sequence `b` (q heads `hk * pack..`) in `cp`'s out and lse (2-byte out elements).
+    #[inline(always)]
+    fn new(cp: &CombineParams, b: i32, hk: i32) -> DecodeOut {
+        if cp.out == 0 {
+            return DecodeOut::NONE;
+        }
+        let (b, h0) = (b as i64, hk as i64 * cp.pack as i64);
+        let ([ob, or, oh], [lb, lh, lr]) = (cp.out_strides, cp.lse_strides);
+        DecodeOut {
+            fused: true,
+            out: cp.out.wrapping_add(((b * ob + h0 * oh) * 2) as u64),
+            out_row: or,
+            out_head: oh,
+            lse: cp.lse.wrapping_add(((b * lb + h0 * lh) * 4) as u64),
+            lse_row: lr,
+            lse_head: lh,
+        }
+    }
 }
 
 impl BlockArgs {
@@ -308,12 +350,111 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
         // The warps that return early start no copy into them: a decode block attends one row block
         // (its grid's x covers them all), so nothing overwrites the scratch while warp 0 reads it.
         let scratch = Shape::<D, DN, MT, NW, BN, NN>::k_stage(base, 0);
-        if !unsafe { merge_key_warps::<MT, DN>(scratch, &mut acc_o, &mut row_state, key_part, kw, row_warp, lane, scale_log2) } {
+        let holds = unsafe { merge_key_warps::<MT, DN>(scratch, &mut acc_o, &mut row_state, key_part, kw, row_warp, lane, scale_log2) };
+        if DECODE && a.fin.fused {
+            // The first key warp's area of the merge's scratch, which the merge never writes (the
+            // upper halves write, the lower read their partners').
+            let publish = scratch;
+            unsafe { finish_decode::<E, D, DN, MT>(a, &acc_o, &row_state, holds, publish, rows, tid, threads, scale_log2) };
+            return;
+        }
+        if !holds {
             return;
         }
     }
     store_out::<E, MT, DN>(a, &acc_o, &row_state, D, (row_warp * 16 * MT) as i32 + g, rows, t, scale_log2);
 }
+
+/// The decode kernels' own epilogue (`DecodeOut`): the warp holding the block's merged state (`holds`:
+/// the first key warp, rows 0..16 MT of the block) publishes it in shared memory at `publish` (O
+/// unnormalized, f32 `[16 MT][D]`, then each row's max in base-2 units and its sum); after a cluster
+/// barrier the cluster's blocks (one per split, `a.split` its rank) share out the rows, rank r taking
+/// rows r, r + splits, ..: each merges the row's states of every block against their common max and
+/// writes the row's out (q's dtype) and LSE, at the unpacked query and q head. A second cluster barrier
+/// keeps every block's shared memory alive until the cluster has read it. Every thread of the block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn finish_decode<E: Elem, const D: usize, const DN: usize, const MT: usize>(a: &BlockArgs, acc_o: &[[[f32; 4]; DN]; MT], row_state: &[[RowState; 2]; MT], holds: bool, publish: u32, rows: i32, tid: usize, threads: usize, scale_log2: f32) {
+    let bm = 16 * MT;
+    let () = PublishFits::<D, DN, MT>::CHECK;
+    let lane = tid % 32;
+    let (g, t) = (lane / 4, lane % 4);
+    let o_at = |r: usize, c: usize| publish + ((r * D + c) * 4) as u32;
+    let ml_at = |r: usize| publish + ((bm * D + 2 * r) * 4) as u32;
+    // Laundered like the merge's conditions: one barrier, reached by every warp.
+    if opaque_u32(holds as u32) != 0 {
+        for mt in 0..MT {
+            for h in 0..2 {
+                let r = 16 * mt + 8 * h + g;
+                let st = &row_state[mt][h];
+                let sum = quad_sum(st.sum);
+                for (j, frag) in acc_o[mt].iter().enumerate() {
+                    unsafe { smem::st_v2_f32(o_at(r, 8 * j + 2 * t), [frag[2 * h], frag[2 * h + 1]]) };
+                }
+                if t == 0 {
+                    let m = if st.max == f32::NEG_INFINITY { f32::NEG_INFINITY } else { st.max * scale_log2 };
+                    unsafe { smem::st_v2_f32(ml_at(r), [m, sum]) };
+                }
+            }
+        }
+    }
+    cluster_sync();
+    let (splits, rank) = (a.num_splits as usize, a.split as usize);
+    let mine = (rows as usize).saturating_sub(rank).div_ceil(splits);
+    let mut item = tid;
+    while item < mine * D {
+        let (k, c) = (item / D, item % D);
+        let r = rank + k * splits;
+        // The row's state in each block: its max (base 2, -inf where it saw no key), sum, and O column c.
+        let mut m = [f32::NEG_INFINITY; MAX_DECODE_CLUSTER];
+        let mut l = [0f32; MAX_DECODE_CLUSTER];
+        let mut o = [0f32; MAX_DECODE_CLUSTER];
+        for s in 0..MAX_DECODE_CLUSTER {
+            if s < splits {
+                unsafe {
+                    m[s] = smem::ld_cluster_f32(ml_at(r), s as u32);
+                    l[s] = smem::ld_cluster_f32(ml_at(r) + 4, s as u32);
+                    o[s] = smem::ld_cluster_f32(o_at(r, c), s as u32);
+                }
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        for &x in m.iter() {
+            max = if x > max { x } else { max };
+        }
+        let (mut sum, mut acc) = (0f32, 0f32);
+        if max != f32::NEG_INFINITY {
+            for s in 0..MAX_DECODE_CLUSTER {
+                // exp2(-inf) == 0: a block that saw no key of the row (or no block past `splits`) adds nothing.
+                let w = exp2(m[s] - max);
+                if w > 0.0 {
+                    sum += w * l[s];
+                    acc += w * o[s];
+                }
+            }
+        }
+        // As `finalize_row`: a row without keys (or a NaN) is out 0, LSE -inf.
+        let (inv, lse) = if sum == 0.0 || sum != sum { (0.0, f32::NEG_INFINITY) } else { (crate::arch::math::rcp(sum) * a.mods.scale, (max + crate::arch::math::log2(sum)) * core::f32::consts::LN_2) };
+        let (i, gq) = div_rem_u32((a.m0 + r as i32) as u32, a.q_pack as u32);
+        let out = a.fin.out.wrapping_add(((i as i64 * a.fin.out_row + gq as i64 * a.fin.out_head + c as i64) * 2) as u64);
+        unsafe { crate::arch::mem::st_global_u16(out, E::pack(acc * inv, 0.0)) };
+        if c == 0 {
+            unsafe { st_global_f32(a.fin.lse.wrapping_add(((i as i64 * a.fin.lse_row + gq as i64 * a.fin.lse_head) * 4) as u64), lse) };
+        }
+        item += threads;
+    }
+    cluster_sync();
+}
+
+/// `finish_decode`'s published state fits the first key warp's area of `merge_key_warps`' scratch.
+struct PublishFits<const D: usize, const DN: usize, const MT: usize>;
+impl<const D: usize, const DN: usize, const MT: usize> PublishFits<D, DN, MT> {
+    const CHECK: () = assert!(16 * MT * D * 4 + 16 * MT * 8 <= 32 * 16 * (MT * DN + MT));
+}
+
+/// The most blocks (splits) one decode cluster merges (`finish_decode`); the host launches more splits
+/// with partial results and the combine kernel.
+pub(crate) const MAX_DECODE_CLUSTER: usize = crate::variants::MAX_DECODE_CLUSTER;
 
 /// Key warps (`FwdConfig::key_warps`): the `kw` warps of each row group hold online-softmax states of
 /// the same rows over different keys, element for element in the same fragment layout. They merge in a
@@ -611,10 +752,10 @@ unsafe fn load_kv_paged<const D: usize>(k_dst: u32, v_dst: u32, a: &BlockArgs, n
 /// Kernel body: find this block's (sequence, head), then stride over its row blocks, last first (long
 /// sequences' and causal blocks' heavy tiles start earliest). Padding rows are written here too.
 #[inline(always)]
-unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool, const MODS: bool, const DECODE: bool>(p: &FwdParams) {
+unsafe fn fwd_entry<E: Elem, const D: usize, const DN: usize, const MT: usize, const NW: usize, const BN: usize, const NN: usize, const QR: usize, const PAGED: bool, const MODS: bool, const DECODE: bool>(p: &FwdParams, fin: Option<&CombineParams>) {
     let bm = Shape::<D, DN, MT, NW, BN, NN>::BM;
     let threads = Shape::<D, DN, MT, NW, BN, NN>::THREADS;
-    unsafe { for_each_row_block::<D, PAGED, MODS, DECODE>(p, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR, DECODE>(args, tid)) }
+    unsafe { for_each_row_block::<D, PAGED, MODS, DECODE>(p, fin, bm, threads, #[inline(always)] |args, _next, tid| attend::<E, D, DN, MT, NW, BN, NN, QR, DECODE>(args, tid)) }
 }
 
 /// One (sequence, head) of a forward problem: its rows in the buffers and its lengths. Grid slice
@@ -634,6 +775,7 @@ pub(crate) struct HeadSlice {
     num_splits: i32,
     o_f32: bool,
     q_pack: i32,
+    fin: DecodeOut,
 }
 
 impl HeadSlice {
@@ -677,6 +819,7 @@ impl HeadSlice {
             num_splits: 1,
             o_f32: false,
             q_pack: 1,
+            fin: DecodeOut::NONE,
         }
     }
 
@@ -713,6 +856,7 @@ impl HeadSlice {
             num_splits: self.num_splits,
             o_f32: self.o_f32,
             q_pack: self.q_pack,
+            fin: self.fin,
         }
     }
 
@@ -735,7 +879,7 @@ impl HeadSlice {
 #[inline(always)]
 /// `DECODE` (the `_decode` kernels): q packed (`FwdParams::q_pack`), f32 partial results whatever the
 /// split count (the combine kernel unpacks them).
-pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const MODS: bool, const DECODE: bool>(p: &FwdParams, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
+pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const MODS: bool, const DECODE: bool>(p: &FwdParams, fin: Option<&CombineParams>, bm: usize, threads: usize, mut attend: impl FnMut(&BlockArgs, Option<&BlockArgs>, usize)) {
     let bm = bm as i32;
     let tid = thread_idx_x() as usize;
     let z = block_idx_z() as i32;
@@ -757,6 +901,9 @@ pub(crate) unsafe fn for_each_row_block<const D: usize, const PAGED: bool, const
     };
     if DECODE {
         head.q_pack = p.q_pack;
+        if let Some(cp) = fin {
+            head.fin = DecodeOut::new(cp, head.bidb, head.bidh);
+        }
         // The combine after this grid (launched programmatically on Hopper) may start once every block
         // of this one has: its blocks take the slots ours leave and wait for our partials.
         crate::arch::sync::launch_dependents();
@@ -785,27 +932,27 @@ macro_rules! fwd_kernels {
             const C: crate::variants::FwdConfig = crate::variants::fwd_config($d);
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, false, false>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, false, false>(&p, None) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, true, false>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, false, true, false>(&p, None) }
             }
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false, false>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, false, false>(&p, None) }
             }
             // Decode over a KV cache (packed GQA, 16 packed rows per block, its warps splitting each
             // tile's keys: `decode_config`; f32 partials; the lazy max, and whole tiles copied without
             // row tests).
             #[unsafe(export_name = concat!($name, "_decode"))]
-            pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams) {
+            pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams, fin: CombineParams) {
                 const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 / K.key_warps }, 0, true, false, true>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 / K.key_warps }, 0, true, false, true>(&p, Some(&fin)) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams) {
-                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, true, false>(&p) }
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { C.m_tiles }, { C.warps }, { C.block_n }, { C.block_n / 8 }, { if C.q_in_regs { $d / 16 } else { 0 } }, true, true, false>(&p, None) }
             }
         };
     )*};

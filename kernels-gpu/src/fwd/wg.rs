@@ -537,7 +537,7 @@ unsafe fn wg_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     let mut prefetched = false;
     unsafe {
         // No score modifiers (the mma.sync and ws kernels have them).
-        for_each_row_block::<D, PAGED, false, false>(p, BM, THREADS, #[inline(always)] |args, next, tid| {
+        for_each_row_block::<D, PAGED, false, false>(p, None, BM, THREADS, #[inline(always)] |args, next, tid| {
             (t0, prefetched) = attend::<E, D, DN, BN, NN, KP>(args, next, t0, prefetched, tid);
         })
     }
