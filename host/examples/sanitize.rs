@@ -224,13 +224,12 @@ impl Plan {
         usize::from(self.wide && self.mods.0) * 2 * MASKS.len()
     }
     /// The KV-cache cases' launches (run once per dtype and head dim, with the mma.sync family): the
-    /// append, the attention, the combine (decode: always; else where split), the public combine.
+    /// append, the attention, the combine where split-KV's partials need it (the paged forward's splits,
+    /// or the decode kernel's beyond the cluster that merges them on an H200), the public combine.
     fn kv_launches(&self) -> usize {
         if !self.mma {
             return 0;
         }
-        // The append, the attention, and the combine where split-KV's partials need it: the paged
-        // forward's splits, or the decode kernel's beyond the cluster that merges them on an H200.
         let n: usize = KV_CASES.iter().filter(|c| if c.4 { self.mods.1 } else { self.mods.0 }).map(|&(_, sq, splits, _, alibi)| {
             let decode = !alibi && sq * 2 <= 64;
             2 + usize::from(if decode { splits > flash_attn::cuda::MAX_DECODE_CLUSTER } else { splits != 1 })

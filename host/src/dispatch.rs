@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -127,14 +127,16 @@ pub fn kvcache_config(p: &Problem) -> FwdConfig {
 
 /// The KV-cache forward over `p` (its cache as pages: `p.paged`), grid z over `batch * splits`
 /// (split-KV's slices): the `_decode` kernel over `seqlen_q * Hq / Hk` packed rows of each kv head
-/// where `kvcache_decodes`, else the paged twin of the mma.sync forward (`_paged_mods` with ALiBi).
-pub fn kvcache_launch(p: &Problem, splits: usize) -> Option<FwdLaunch> {
+/// where `kvcache_decodes` (`_decode_fin` where it finishes its rows itself: `fused`), else the paged
+/// twin of the mma.sync forward (`_paged_mods` with ALiBi).
+pub fn kvcache_launch(p: &Problem, splits: usize, fused: bool) -> Option<FwdLaunch> {
     debug_assert!(p.paged.is_some() && !p.varlen);
     let z = u32::try_from(p.batch.checked_mul(splits)?).ok()?;
     if kvcache_decodes(p) {
         let config = decode_config(p.head_dim);
         let rows = p.seqlen_q * (p.hq / p.hk);
-        let kernel = fwd_decode_kernel_name(p.head_dim, kernel_dtype(p.dtype)?)?;
+        let dt = kernel_dtype(p.dtype)?;
+        let kernel = if fused { fwd_decode_fin_kernel_name(p.head_dim, dt)? } else { fwd_decode_kernel_name(p.head_dim, dt)? };
         let grid = (rows.max(1).div_ceil(config.block_m()) as u32, p.hk as u32, z);
         return Some(FwdLaunch { kernel, config, grid, block: config.threads() as u32, smem_bytes: config.smem_bytes() });
     }
@@ -818,7 +820,7 @@ mod tests {
         for d in 0..=512 {
             for kd in [KernelDType::F16, KernelDType::BF16] {
                 let singles = [
-                    fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name, fwd_decode_kernel_name, fwd_wg_kernel_name, fwd_wg_paged_kernel_name,
+                    fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name, fwd_decode_kernel_name, fwd_decode_fin_kernel_name, fwd_wg_kernel_name, fwd_wg_paged_kernel_name,
                     fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name,
                     bwd_ws_kernel_name, bwd_ws_det_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_det_kernel_name,
                 ];

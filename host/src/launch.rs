@@ -640,10 +640,10 @@ pub struct KvWorkspace {
     pub splits: usize,
     /// The decode kernels run (`dispatch::kvcache_decodes`): q packed.
     pub decode: bool,
-    /// The decode kernels write out and lse themselves (`splits` 1, or on Hopper the splits' blocks
-    /// merged in a cluster of up to `MAX_DECODE_CLUSTER`): no partials, no combine kernel. Else the
-    /// decode kernels' partials are merged by the combine (`FLASH_ATTN_DECODE_COMBINE` forces that, for
-    /// A/B runs).
+    /// The decode kernels write out and lse themselves (`_decode_fin`: `splits` 1, or on Hopper the
+    /// splits' blocks merged in a cluster of up to `MAX_DECODE_CLUSTER`): the partials go unused and no
+    /// combine kernel runs. Else the decode kernels' partials are merged by the combine
+    /// (`FLASH_ATTN_DECODE_COMBINE` forces that, for A/B runs).
     pub fused: bool,
     pub q_rot: Option<usize>,
     pub partials: Option<(usize, usize)>,
@@ -656,7 +656,6 @@ impl KvWorkspace {
         let p = &kp.fwd;
         let decode = crate::dispatch::kvcache_decodes(p);
         let c = crate::dispatch::kvcache_config(p);
-        let gpu = gpu(ordinal)?;
         // Work tiles: row blocks of each head (decode: packed rows of each kv head).
         let tiles = if decode { p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()) } else { p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()) };
         let splits = match kp.num_splits {
@@ -667,6 +666,7 @@ impl KvWorkspace {
                 // keys: 16 splits, 0.90-0.97x the time of the 32 that counting both picked). Tiles over
                 // several pages, whose copies wait on more latency, count both (pages of 16 at batch 8:
                 // 2 splits took 1.29x the time of 4; benches/RESULTS.md).
+                let gpu = gpu(ordinal)?;
                 let processors = if decode {
                     let small_pages = p.paged.as_ref().is_some_and(|g| g.page_size < c.block_n);
                     let fit = (gpu.max_smem_optin + 1024) / (c.smem_bytes() + 1024);
@@ -681,13 +681,13 @@ impl KvWorkspace {
         };
         // Grid z holds batch * splits slices.
         let splits = splits.min((65535 / p.batch.max(1)).max(1));
-        // The decode kernels finish their rows themselves with one split, and on Hopper with up to
-        // MAX_DECODE_CLUSTER splits (a cluster each) where the grid has a multiprocessor per block: a
-        // cluster's blocks are placed in one GPC, so a larger grid (or clusters of 16, tried) packs two
-        // blocks on a multiprocessor that the plain grid spreads out (H200: batch 1 at 8k-128k keys in
-        // clusters of 16 took 1.08-1.35x the time of the combine's path; pages of 16 at batch 8, 256
-        // blocks in clusters of 4, 1.52x; benches/RESULTS.md).
-        let fused = decode && !decode_combine() && (splits == 1 || (gpu.is_hopper() && splits <= MAX_DECODE_CLUSTER && tiles * splits <= gpu.sm_count));
+        // The decode kernels finish their rows themselves (`_decode_fin`) with one split, and on Hopper
+        // with up to MAX_DECODE_CLUSTER splits (a cluster each) where the grid has a multiprocessor per
+        // block (H200: batch 1 from 8k keys in clusters of 16 took 1.08-1.35x the combine path's time,
+        // one block per multiprocessor forced or not; 64 clusters of 4 at batch 8 over pages of 16 do
+        // not fit at once: 1.52x; benches/RESULTS.md). Where no GPU answers (a size query), the
+        // combine's path: the workspace below does not depend on it.
+        let fused = decode && !decode_combine() && gpu(ordinal).is_ok_and(|gpu| splits == 1 || (gpu.is_hopper() && splits <= MAX_DECODE_CLUSTER && tiles * splits <= gpu.sm_count));
         let too_large = || Error::TooLarge { arg: "q", msg: "the KV-cache workspace exceeds the address space".into() };
         let q_elems = p.batch.checked_mul(p.seqlen_q).and_then(|x| x.checked_mul(p.hq)).and_then(|x| x.checked_mul(p.head_dim)).ok_or_else(too_large)?;
         let lse_elems = p.batch * p.hq * p.seqlen_q;
@@ -700,7 +700,9 @@ impl KvWorkspace {
         } else {
             None
         };
-        let partials = if !fused && (splits > 1 || decode) {
+        // Split-KV's partials (the decode kernels': always), also where `fused` leaves them unused, so
+        // that the size a call needs does not depend on the GPU answering.
+        let partials = if splits > 1 || decode {
             let o = bytes;
             let l = align(o.checked_add(q_elems.checked_mul(4 * splits).ok_or_else(too_large)?).ok_or_else(too_large)?)?;
             bytes = align(l + lse_elems * 4 * splits)?;
@@ -736,13 +738,13 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         (None, Some(idx)) => Some((idx.addr, 1)),
         (None, None) => Some((0, 0)),
     };
-    let launch = crate::dispatch::kvcache_launch(&fp, ws.splits).ok_or(Error::HeadDim { got: p.head_dim })?;
+    let launch = crate::dispatch::kvcache_launch(&fp, ws.splits, ws.fused).ok_or(Error::HeadDim { got: p.head_dim })?;
     check_grid(launch.grid)?;
     if p.batch == 0 || p.seqlen_q == 0 || p.hq == 0 {
         return unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }.map(|_| ());
     }
     let f = gpu.function(launch.kernel, launch.smem_bytes)?;
-    let combine_f = if ws.partials.is_some() { Some(gpu.function(COMBINE_KERNEL_NAME, 0)?) } else { None };
+    let combine_f = if ws.partials.is_some() && !ws.fused { Some(gpu.function(COMBINE_KERNEL_NAME, 0)?) } else { None };
     let appended = unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }?;
     // The decode kernels wait for the append at their start (`griddepcontrol.wait`), so on Hopper they go
     // out as its programmatic dependents; the other kernels do not wait, so they follow it plainly.
@@ -805,21 +807,16 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         };
         (cp.partial_out, cp.partial_lse, cp.po_strides, cp.pl_strides) = (params.o, params.lse, po_strides, pl_strides);
     }
-    if ws.decode {
-        // The decode kernels' second parameter: where they write out and lse themselves (`fused`: a
-        // cluster of the row block's splits merges them, `finish_decode`), or out 0: partials only.
-        let fin = if ws.fused { cp } else { CombineParams::default() };
-        if ws.fused {
-            // Nothing is written through these.
-            (params.o, params.lse) = (0, 0);
-        }
-        let cluster = if ws.fused { ws.splits as u32 } else { 1 };
-        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &fin as *const CombineParams as *mut std::ffi::c_void];
-        unsafe { queue_ex(f, &l, &mut args, after_append, cluster, stream) }?;
+    if ws.fused {
+        // The `_decode_fin` kernel's second parameter: where it writes out and lse itself (a cluster of
+        // the row block's splits merges them, `finish_decode`). Nothing is written through params' o, lse.
+        (params.o, params.lse) = (0, 0);
+        let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &cp as *const CombineParams as *mut std::ffi::c_void];
+        unsafe { queue_ex(f, &l, &mut args, after_append, ws.splits as u32, stream) }?;
     } else {
         unsafe { queue_after(f, &l, &params, after_append, stream) }?;
     }
-    if ws.partials.is_none() {
+    if ws.fused || ws.partials.is_none() {
         return Ok(());
     }
     let combine_f = combine_f.ok_or_else(|| Error::Cuda("internal: the combine kernel was not loaded".into()))?;

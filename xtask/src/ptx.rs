@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::variants::{decode_config, fwd_decode_kernel_name, KernelDType, DECODE_BLOCKS_PER_SM};
+use crate::variants::{decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, KernelDType, DECODE_BLOCKS_PER_SM};
 
 /// One PTX module: the same kernel sources for one GPU generation.
 pub struct PtxTarget {
@@ -117,7 +117,7 @@ fn bounds(name: &str) -> Option<(u32, u32, bool)> {
         return Some((n, 1, true));
     }
     let name = name.split(['(', ' ']).next().unwrap_or(name);
-    (1..=256).find(|&d| [KernelDType::BF16, KernelDType::F16].iter().any(|&dt| fwd_decode_kernel_name(d, dt) == Some(name)))
+    (1..=256).find(|&d| [KernelDType::BF16, KernelDType::F16].iter().any(|&dt| [fwd_decode_kernel_name(d, dt), fwd_decode_fin_kernel_name(d, dt)].contains(&Some(name))))
         .map(|d| (decode_config(d).threads() as u32, DECODE_BLOCKS_PER_SM as u32, false))
 }
 

@@ -360,9 +360,9 @@ const _: () = assert!(core::mem::size_of::<AppendParams>() == APPEND_PARAMS_SIZE
 /// The combine kernel's parameter (`kvcache::combine`): the warps of a (batch, row, head), one per 32
 /// columns, merge `splits` partial (out, lse) pairs. Element strides: partial_out (split, batch, row, head), partial_lse (split,
 /// batch, head, row), out (batch, row, head), lse (batch, head, row). Dtypes: 0 f32, 1 bf16, 2 f16.
-/// Also the decode kernels' second parameter: with `out` nonzero they write out (q's dtype) and lse
-/// themselves at these strides, merging a row block's `splits` blocks in their cluster (the partial
-/// fields unused); with `out` 0 they write f32 partials for this kernel.
+/// Also the `_decode_fin` kernels' second parameter: they write out (q's dtype) and lse themselves at
+/// these strides, merging a row block's `splits` blocks in their cluster (the partial fields unused;
+/// with `out` 0 they would write partials through `FwdParams`' o and lse, as `_decode` does).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CombineParams {

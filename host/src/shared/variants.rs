@@ -251,6 +251,12 @@ macro_rules! name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_decode")); })*
             None
         }
+        /// The decode kernel that writes out and lse itself (`CombineParams` its second parameter; one
+        /// split, or a cluster of them): the export name with `_decode_fin`.
+        pub fn fwd_decode_fin_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_decode_fin")); })*
+            None
+        }
         /// Its twin with score modifiers (`FwdParams::mods`: ALiBi, dropout): the export name with `_mods`.
         pub fn fwd_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*

@@ -118,8 +118,8 @@ pub(crate) struct BlockArgs {
     pub(crate) fin: DecodeOut,
 }
 
-/// Where a decode block that finishes its rows itself writes them (`CombineParams` as the decode kernels'
-/// second parameter, `out` nonzero): the out row of query 0 of the kv head's first q head in this
+/// Where a decode block that finishes its rows itself writes them (`CombineParams`, the `_decode_fin`
+/// kernels' second parameter, `out` nonzero): the out row of query 0 of the kv head's first q head in this
 /// sequence, and the elements between queries (`out_row`) and between the group's q heads (`out_head`);
 /// the same for the LSE (f32). The blocks of one row block's `num_splits` splits form a cluster (one block
 /// without split-KV) and merge their states through distributed shared memory (`finish_decode`), so no
@@ -946,7 +946,15 @@ macro_rules! fwd_kernels {
             // tile's keys: `decode_config`; f32 partials; the lazy max, and whole tiles copied without
             // row tests).
             #[unsafe(export_name = concat!($name, "_decode"))]
-            pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams, fin: CombineParams) {
+            pub unsafe extern "ptx-kernel" fn kernel_decode(p: FwdParams) {
+                const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
+                unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 / K.key_warps }, 0, true, false, true>(&p, None) }
+            }
+            // The same, finishing its rows itself (`DecodeOut`, `finish_decode`): its own export, so that
+            // the partials' kernel above keeps its code (with the epilogue's registers, batch 1 at 8k keys
+            // ran 1.04x slower through it).
+            #[unsafe(export_name = concat!($name, "_decode_fin"))]
+            pub unsafe extern "ptx-kernel" fn kernel_decode_fin(p: FwdParams, fin: CombineParams) {
                 const K: crate::variants::FwdConfig = crate::variants::decode_config($d);
                 unsafe { fwd_entry::<$dt, $d, { $d / 8 }, { K.m_tiles }, { K.warps }, { K.block_n }, { K.block_n / 8 / K.key_warps }, 0, true, false, true>(&p, Some(&fin)) }
             }
