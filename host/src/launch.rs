@@ -656,6 +656,8 @@ impl KvWorkspace {
         let p = &kp.fwd;
         let decode = crate::dispatch::kvcache_decodes(p);
         let c = crate::dispatch::kvcache_config(p);
+        // Looked up once (a lock and a context bind): the heuristic needs it, the fused choice asks it.
+        let gpu = gpu(ordinal);
         // Work tiles: row blocks of each head (decode: packed rows of each kv head).
         let tiles = if decode { p.batch * p.hk * (p.seqlen_q * (p.hq / p.hk)).div_ceil(c.block_m()) } else { p.batch * p.hq * p.seqlen_q.div_ceil(c.block_m()) };
         let splits = match kp.num_splits {
@@ -666,7 +668,7 @@ impl KvWorkspace {
                 // keys: 16 splits, 0.90-0.97x the time of the 32 that counting both picked). Tiles over
                 // several pages, whose copies wait on more latency, count both (pages of 16 at batch 8:
                 // 2 splits took 1.29x the time of 4; benches/RESULTS.md).
-                let gpu = gpu(ordinal)?;
+                let gpu = gpu.clone()?;
                 let processors = if decode {
                     let small_pages = p.paged.as_ref().is_some_and(|g| g.page_size < c.block_n);
                     let fit = (gpu.max_smem_optin + 1024) / (c.smem_bytes() + 1024);
@@ -687,7 +689,7 @@ impl KvWorkspace {
         // one block per multiprocessor forced or not; 64 clusters of 4 at batch 8 over pages of 16 do
         // not fit at once: 1.52x; benches/RESULTS.md). Where no GPU answers (a size query), the
         // combine's path: the workspace below does not depend on it.
-        let fused = decode && !decode_combine() && gpu(ordinal).is_ok_and(|gpu| splits == 1 || (gpu.is_hopper() && splits <= MAX_DECODE_CLUSTER && tiles * splits <= gpu.sm_count));
+        let fused = decode && !decode_combine() && gpu.is_ok_and(|gpu| splits == 1 || (gpu.is_hopper() && splits <= MAX_DECODE_CLUSTER && tiles * splits <= gpu.sm_count));
         let too_large = || Error::TooLarge { arg: "q", msg: "the KV-cache workspace exceeds the address space".into() };
         let q_elems = p.batch.checked_mul(p.seqlen_q).and_then(|x| x.checked_mul(p.hq)).and_then(|x| x.checked_mul(p.head_dim)).ok_or_else(too_large)?;
         let lse_elems = p.batch * p.hq * p.seqlen_q;
