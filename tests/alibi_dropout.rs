@@ -74,16 +74,19 @@ fn philox_known_answers() {
 fn documented_keep(p: f32, seed: u64, offset: u64, bh: u64, i: u32, j: u32) -> bool {
     let key = [seed as u32, (seed >> 32) as u32];
     let sub = offset.wrapping_add(bh);
-    let counter = [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32];
-    let word = (j % 2 + 2 * ((i / 8) % 2)) as usize;
-    let draw = (philox4x32_10(counter, key)[word] >> (16 * ((j / 8) % 2))) & 0xffff;
-    let threshold = ((1.0 - p as f64) * 2f64.powi(16)).floor().min(65535.0) as u32;
+    let counter = [(j / 32) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32];
+    let word = ((j % 32) / 8) as usize;
+    let byte = j % 2 + 2 * ((i / 8) % 2);
+    let draw = (philox4x32_10(counter, key)[word] >> (8 * byte)) & 0xff;
+    let threshold = ((1.0 - p as f64) * 256.0).round().clamp(1.0, 255.0) as u32;
     draw < threshold
 }
 
 #[test]
 fn keep_threshold_and_scale() {
-    for (p, t) in [(0.5f32, 1u32 << 15), (0.25, 3 << 14), (0.75, 1 << 14), (1.0 - f32::EPSILON / 2.0, 0), (1e-30, 65535), (0.1, 58982)] {
+    // Round to nearest (0.9 * 256 = 230.4, 0.7 * 256 = 179.2, 0.3 * 256 = 76.8), at least 1 score in 256
+    // dropped and 1 kept.
+    for (p, t) in [(0.5f32, 128u32), (0.25, 192), (0.75, 64), (0.1, 230), (0.3, 179), (0.7, 77), (1.0 - f32::EPSILON / 2.0, 1), (0.999, 1), (1e-30, 255), (0.001, 255)] {
         let d = DropoutParams::new(p, 0, 0).unwrap();
         assert_eq!(d.threshold, t, "p = {p}");
         assert_eq!(d.scale, (1.0 / (1.0 - p as f64)) as f32, "p = {p}");
@@ -391,12 +394,13 @@ fn keep_rate_is_binomial() {
     let [q, k, v, _] = dense_inputs(&mut r, b, s, h, d);
     for p in [0.1f32, 0.5, 0.9] {
         let (_, m) = probs_of(&q, &k, &v, &Extras::default(), &dropout(p, r.r#gen(), r.r#gen()));
-        let keep_p = DropoutParams::new(p, 0, 0).unwrap().threshold as f64 / 2f64.powi(16);
-        // Overall, and per (i % 16, j % 16) class: each Philox word, 16-bit half and row half on its own.
-        let mut dropped = [0usize; 256];
+        let keep_p = DropoutParams::new(p, 0, 0).unwrap().threshold as f64 / 256.0;
+        assert!((keep_p - (1.0 - p as f64)).abs() <= 1.0 / 512.0, "p {p}: keep probability {keep_p}");
+        // Overall, and per (i % 16, j % 32) class: each Philox word, byte and call position on its own.
+        let mut dropped = [0usize; 512];
         for (e, x) in m.iter().enumerate() {
             let (i, j) = ((e / s) % s, e % s);
-            dropped[(i % 16) * 16 + j % 16] += usize::from(x.is_sign_negative());
+            dropped[(i % 16) * 32 + j % 32] += usize::from(x.is_sign_negative());
         }
         let check = |n: usize, count: usize, what: &str| {
             let mean = n as f64 * (1.0 - keep_p);
@@ -405,7 +409,7 @@ fn keep_rate_is_binomial() {
         };
         check(m.len(), dropped.iter().sum(), "all");
         for (class, &c) in dropped.iter().enumerate() {
-            check(m.len() / 256, c, &format!("class i%16 = {}, j%16 = {}", class / 16, class % 16));
+            check(m.len() / 512, c, &format!("class i%16 = {}, j%32 = {}", class / 32, class % 32));
         }
         // Heads draw independent masks: two heads agree on about p^2 + (1-p)^2 of their scores.
         let agree = (0..s * s).filter(|&e| m[e].is_sign_negative() == m[s * s + e].is_sign_negative()).count();

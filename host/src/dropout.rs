@@ -12,7 +12,7 @@ pub struct DropoutParams {
     pub p: f32,
     pub seed: u64,
     pub offset: u64,
-    /// Keep iff the 16-bit draw is below this (`keep_threshold(p)`).
+    /// Keep iff the 8-bit draw is below this (`keep_threshold(p)`).
     pub threshold: u32,
     /// `1 / (1 - p)`, rounded to f32 once: the factor of every kept probability.
     pub scale: f32,
@@ -38,23 +38,24 @@ impl DropoutParams {
         draw(&words, i, j) < self.threshold
     }
 
-    /// The keep decisions of scores (i, j0), (i, j0 + 1), .. of head `bh` into `keep` (one Philox call
-    /// per run of keys sharing a call: j / 16 and (j % 8) / 2 equal).
+    /// The keep decisions of scores (i, j0), (i, j0 + 1), .. of head `bh` into `keep` (the four Philox
+    /// calls of a 32-key group drawn once for its keys).
     pub fn keep_row(&self, bh: u64, i: u32, j0: u32, keep: &mut [bool]) {
         let (sub, key) = (self.offset.wrapping_add(bh), self.key());
-        let mut cached: Option<([u32; 4], [u32; 4])> = None;
+        let mut group: Option<(u32, [[u32; 4]; 4])> = None;
         for (at, k) in keep.iter_mut().enumerate() {
             let j = j0.wrapping_add(at as u32);
-            let c = counter(sub, i, j);
-            let words = match cached {
-                Some((cc, w)) if cc == c => w,
+            let words = match group {
+                Some((gj, w)) if gj == j / 32 => w,
                 _ => {
-                    let w = philox4x32_10(c, key);
-                    cached = Some((c, w));
+                    // The calls of keys j & !31 + 2 c, c = 0..4 (j % 8 / 2 = c).
+                    let base = j & !31;
+                    let w = core::array::from_fn(|c| philox4x32_10(counter(sub, i, base + 2 * c as u32), key));
+                    group = Some((j / 32, w));
                     w
                 }
             };
-            *k = draw(&words, i, j) < self.threshold;
+            *k = draw(&words[((j % 8) / 2) as usize], i, j) < self.threshold;
         }
     }
 }

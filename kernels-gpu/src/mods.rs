@@ -5,13 +5,15 @@
 //! uniform branch, and leaves the arithmetic exactly the plain kernel's. (Measured, H200: carrying them
 //! in every paged kernel cost the ragged paged batch 9% at page 256, hence separate `_paged_mods`.)
 //!
-//! Dropout's draws are `dropout.rs`'s (the host's file, compiled here too): one Philox call per 16 x 16
-//! block of scores per thread, whose eight 16-bit draws are exactly the thread's elements there in the
-//! query-major layout (S = Q K^T); the key-major kernels (S^T = K Q^T) make the same call as the lane
-//! in that position and trade the decisions with two shuffles.
+//! Dropout's draws are `dropout.rs`'s (the host's file, compiled here too): one Philox call per 16 x 32
+//! block of scores per thread, whose sixteen 8-bit draws are exactly the thread's elements there in the
+//! query-major layout (S = Q K^T; word w = n8 tile w, byte e = element e); the key-major kernels (S^T = K
+//! Q^T, a warp holding 16 keys) make the same call as the lane in that position, take the half of its
+//! draws their 16 keys own, and trade the decisions with two shuffles.
 
 use crate::arch::math::fma;
 use crate::arch::mem::ld_global_nc_f32;
+use crate::arch::reg::prmt;
 use crate::arch::shfl::shfl_idx_u32;
 use crate::dropout::{key, philox4x32_10};
 use crate::params::{ScoreMods, DROPOUT_OFF};
@@ -65,15 +67,22 @@ impl HeadMods {
         }
     }
 
-    /// The eight draws of the call for counter `(x, y)` as keep bits: bit `2 w + half` for word `w`'s
-    /// 16-bit half `half`.
+    /// The call for counter `(x, y)`.
     #[inline(always)]
-    fn keep_bits(&self, x: u32, y: u32) -> u32 {
-        let w = philox4x32_10([x, y, self.sub as u32, (self.sub >> 32) as u32], key(self.seed));
+    fn words(&self, x: u32, y: u32) -> [u32; 4] {
+        philox4x32_10([x, y, self.sub as u32, (self.sub >> 32) as u32], key(self.seed))
+    }
+
+    /// Half `half` of the call for counter `(x, y)` (its words 2 half and 2 half + 1: one 16-key half of
+    /// the call's 32 keys) as keep bits: bit `2 e + w` for byte `e` of word `2 half + w`.
+    #[inline(always)]
+    fn keep_bits(&self, x: u32, y: u32, half: u32) -> u32 {
+        let w = self.words(x, y);
+        let (lo, hi) = if half == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
         let mut bits = 0u32;
-        for (i, word) in w.iter().enumerate() {
-            bits |= (((word & 0xffff) < self.threshold) as u32) << (2 * i);
-            bits |= (((word >> 16) < self.threshold) as u32) << (2 * i + 1);
+        for e in 0..4 {
+            bits |= ((((lo >> (8 * e)) & 0xff) < self.threshold) as u32) << (2 * e);
+            bits |= ((((hi >> (8 * e)) & 0xff) < self.threshold) as u32) << (2 * e + 1);
         }
         bits
     }
@@ -111,45 +120,111 @@ impl HeadMods {
     }
 }
 
-/// Dropout's decisions for query-major fragments (as `alibi_qk`; `row0 = 16 a + g`, `key0 = 16 c + 2
-/// t`: this lane's position in 16 x 16 blocks): `f(mt, j, i, keep)`. `NN` even. Each decision is one
-/// compare of the draw's word (the high half: `word < threshold << 16`; the low half shifted up first).
+/// Dropout's decisions for query-major fragments (as `alibi_qk`; `row0 = 16 a + g`, `key0 = 8 c + 2 t`:
+/// this lane's position in its 16-row block and 8-key tile): `f(mt, j, i, keep)`. `NN` even; with `NN %
+/// 4 == 0` the keys start at a multiple of 32 (one call per 32 keys), else at a multiple of 16 (one call
+/// per 16 keys, half of its draws taken).
 #[inline(always)]
 pub(crate) fn keep_qk<const MT: usize, const NN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
     let y0 = ((row0 >> 4) * 8 + (row0 & 7)) as u32;
-    let x0 = ((key0 >> 4) * 4 + ((key0 & 7) >> 1)) as u32;
-    // threshold <= 2^16 - 1 where dropout is on.
-    let thr_hi = m.threshold << 16;
+    let x0 = ((key0 >> 5) * 4 + ((key0 & 7) >> 1)) as u32;
+    let byte = |word: u32, e: usize| (word >> (8 * e)) & 0xff;
     for mt in 0..MT {
-        for k in 0..NN / 2 {
-            let w = philox4x32_10([x0 + 4 * k as u32, y0 + 8 * mt as u32, m.sub as u32, (m.sub >> 32) as u32], key(m.seed));
-            for (i, word) in w.iter().enumerate() {
-                f(mt, 2 * k, i, (word << 16) < thr_hi);
-                f(mt, 2 * k + 1, i, *word < thr_hi);
+        if NN % 4 == 0 {
+            for k in 0..NN / 4 {
+                let w = m.words(x0 + 4 * k as u32, y0 + 8 * mt as u32);
+                for (c, word) in w.iter().enumerate() {
+                    for e in 0..4 {
+                        f(mt, 4 * k + c, e, byte(*word, e) < m.threshold);
+                    }
+                }
+            }
+        } else {
+            // The 16-key piece k starts at key0 - 2t + 16 k: its call's half (key / 16) % 2.
+            let half0 = ((key0 >> 4) & 1) as u32;
+            for k in 0..NN / 2 {
+                let (half, x) = ((half0 + k as u32) & 1, x0 + 4 * ((half0 + k as u32) >> 1));
+                let w = m.words(x, y0 + 8 * mt as u32);
+                let (lo, hi) = if half == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
+                for e in 0..4 {
+                    f(mt, 2 * k, e, byte(lo, e) < m.threshold);
+                    f(mt, 2 * k + 1, e, byte(hi, e) < m.threshold);
+                }
             }
         }
     }
 }
 
+/// Dropout's verdicts on a thread's packed P of one key tile (`kept_p`): for call k (keys 32 k..) word w
+/// (n8 tile 4 k + w), the top bit of byte e set iff element e of that tile is kept. The draws do not
+/// depend on the scores, so kernels compute these while the tile's S = Q K^T is still in flight.
+#[derive(Clone, Copy)]
+pub(crate) struct KeptP(pub [[u32; 4]; 4]);
+
+impl KeptP {
+    /// Every score kept (no dropout).
+    pub(crate) const ALL: KeptP = KeptP([[!0; 4]; 4]);
+}
+
+/// `KeptP` of the `KP` A fragments of a P V product on wgmma (`KP <= 8`: n8 tiles 0..2 KP; `row0 = 16 a +
+/// g`, `key0` = the tile's first key (a multiple of 32) + 2 t). Per call (16 scores) three integer
+/// operations per word: `draw < threshold` is the absence of a carry out of `draw + 256 - threshold`,
+/// bytewise.
+#[inline(always)]
+pub(crate) fn kept_p<const KP: usize>(m: &HeadMods, row0: i32, key0: i32) -> KeptP {
+    let y0 = ((row0 >> 4) * 8 + (row0 & 7)) as u32;
+    let x0 = ((key0 >> 5) * 4 + ((key0 & 7) >> 1)) as u32;
+    // c = 256 - threshold in every byte: its low 7 bits added without carries between bytes, its top
+    // bits as the third input of the carry-out majority.
+    let c = (256 - m.threshold) * 0x0101_0101;
+    let c_low = c & 0x7f7f_7f7f;
+    let mut kept = KeptP::ALL;
+    for k in 0..KP.div_ceil(2) {
+        let w = m.words(x0 + 4 * k as u32, y0);
+        for (c_i, word) in w.iter().enumerate() {
+            let s = (word & 0x7f7f_7f7f) + c_low;
+            // The top bit of each byte: 1 iff no carry out of draw + c, i.e. draw < threshold.
+            kept.0[k][c_i] = !((word & s) | (word & c) | (s & c));
+        }
+    }
+    kept
+}
+
+/// Dropout on packed P (`pa[kk]` = rows g, g + 8 of n8 tiles 2 kk and 2 kk + 1, two 16-bit probabilities
+/// per register): per register a `prmt` spreads two bytes' verdicts over their 16-bit halves and an AND
+/// zeroes the dropped ones.
+#[inline(always)]
+pub(crate) fn drop_p<const KP: usize>(kept: &KeptP, pa: &mut [[u32; 4]; KP]) {
+    for (kk, frag) in pa.iter_mut().enumerate() {
+        for tile in 0..2 {
+            let v = kept.0[kk / 2][2 * (kk % 2) + tile];
+            frag[2 * tile] &= prmt(v, 0, 0x9988);
+            frag[2 * tile + 1] &= prmt(v, 0, 0xbbaa);
+        }
+    }
+}
+
 /// Dropout's decisions for key-major fragments (as `alibi_kq`; `key0 = 16 a + g`, `row0 = 16 c + 2 t`):
-/// `f(kt, j, i, keep)`. Each lane draws for the (query, key) block position of the query-major lane
-/// with its (g, t), then takes its own decisions from the two lanes that drew them (`4 (2 t + e) + g /
-/// 2`). Every lane of the warp must call this (shuffles). `QN` even.
+/// `f(kt, j, i, keep)`. Each lane draws for the (query, key) position of the query-major lane with its
+/// (g, t) in the 16 x 32 block around its key tile, keeps the half of the call its 16 keys own, then
+/// takes its own decisions from the two lanes that drew them (`4 (2 t + e) + g / 2`). Every lane of the
+/// warp must call this (shuffles). `QN` even.
 #[inline(always)]
 pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
     let (g, t) = ((key0 & 7) as u32, ((row0 & 7) >> 1) as u32);
     // As the query-major lane (g, t): query row g of its 16-row block, key pair t.
     let y0 = ((row0 >> 4) * 8) as u32 + g;
-    let x0 = ((key0 >> 4) * 4) as u32 + t;
+    let tile0 = (key0 >> 4) as u32;
     for kt in 0..KT {
+        let (x, half) = (((tile0 + kt as u32) >> 1) * 4 + t, (tile0 + kt as u32) & 1);
         for k in 0..QN / 2 {
-            let bits = m.keep_bits(x0 + 4 * kt as u32, y0 + 8 * k as u32);
+            let bits = m.keep_bits(x, y0 + 8 * k as u32, half);
             for e in 0..2u32 {
                 // Lane (2t + e, g / 2) drew queries 2t + e (+ 8) against keys (g & !1) + {0, 1} (+ 8).
                 let theirs = shfl_idx_u32(bits, 4 * (2 * t + e) + g / 2);
                 for kk in 0..2u32 {
                     for h in 0..2u32 {
-                        // Their word g % 2 + 2 kk (query 8 kk + 2t + e, key g % 2 (+ 8 h)), half h.
+                        // Their byte g % 2 + 2 kk (query 8 kk + 2t + e, key g % 2) of word h (key + 8 h).
                         let bit = (theirs >> (2 * (g % 2 + 2 * kk) + h)) & 1;
                         f(kt, (2 * k as u32 + kk) as usize, (2 * h + e) as usize, bit != 0);
                     }

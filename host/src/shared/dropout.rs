@@ -7,25 +7,29 @@
 //!
 //! Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3", SC11; the
 //! Random123 definition) maps a 128-bit counter `[c0, c1, c2, c3]` and a 64-bit key `[k0, k1]` to four
-//! 32-bit words `x[0..4]`, eight 16-bit draws. Score (i, j) of query head `h` of sequence `b` (the batch
-//! index, or the sequence's index in `cu_seqlens` for packed inputs; `i` and `j` count from the
-//! sequence's first query and first key, 0-based) is kept iff
+//! 32-bit words `x[0..4]`, sixteen 8-bit draws (flash-attn 2's and PyTorch's draw width). Score (i, j) of
+//! query head `h` of sequence `b` (the batch index, or the sequence's index in `cu_seqlens` for packed
+//! inputs; `i` and `j` count from the sequence's first query and first key, 0-based) is kept iff
 //!
 //! ```text
 //! key     = [seed as u32, (seed >> 32) as u32]
 //! sub     = offset.wrapping_add(b * Hq + h)                      (u64; Hq = the number of query heads)
-//! counter = [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
-//! word    = j % 2 + 2 * ((i / 8) % 2)
-//! draw    = (philox4x32_10(counter, key)[word] >> (16 * ((j / 8) % 2))) & 0xffff
-//! keep    = draw < threshold,   threshold = min(floor((1 - p) * 2^16), 2^16 - 1)   (f64, on the host)
+//! counter = [(j / 32) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
+//! word    = (j % 32) / 8
+//! byte    = j % 2 + 2 * ((i / 8) % 2)
+//! draw    = (philox4x32_10(counter, key)[word] >> (8 * byte)) & 0xff
+//! keep    = draw < threshold,   threshold = round((1 - p) * 256) clamped to [1, 255]   (f64, on the host)
 //! ```
 //!
-//! So one Philox call decides the 2 x 4 scores of rows {i, i + 8} and keys {j, j + 1, j + 8, j + 9}
-//! (i % 16 < 8, j % 16 < 8, j even): exactly the eight accumulator elements one thread holds in a 16 x
-//! 16 block of an `mma.sync` m16n8 or `wgmma` m64nN product of S = Q K^T (a kernel computing S^T = K
-//! Q^T makes the same call and trades the draws with two warp shuffles). Kept scores are scaled by
-//! `1 / (1 - p)` (an f32 computed on the host). The keep probability is `threshold / 2^16`, within
-//! 2^-16 of 1 - p.
+//! So one Philox call decides the 2 x 8 scores of rows {i, i + 8} and keys {j, j + 1} + {0, 8, 16, 24}
+//! (i % 16 < 8, j % 32 < 8, j even): exactly the sixteen accumulator elements one thread holds in a 16 x
+//! 32 block of an `mma.sync` m16n8 or `wgmma` m64nN product of S = Q K^T, word w being its n8 tile w and
+//! byte e its element e, so the bytes of a word are the two packed pairs of P that tile gives the P V
+//! product (a kernel computing S^T = K Q^T makes the same call and trades the draws with two warp
+//! shuffles). Kept scores are scaled by `1 / (1 - p)` (an f32 computed on the host). The keep
+//! probability is `threshold / 256`: within 2^-9 of 1 - p for p in [2^-9, 1 - 2^-9] (exact where p is a
+//! multiple of 1/256), and every p > 0 drops at least 1 score in 256 (flash-attn 2 also quantizes p to
+//! 8 bits).
 //!
 //! A call uses the subsequences `offset .. offset + B * Hq`: callers drawing independent masks for
 //! consecutive calls with one seed advance `offset` by at least `B * Hq` (torch's generator, as
@@ -71,18 +75,18 @@ pub fn key(seed: u64) -> [u32; 2] {
 /// The counter of the call deciding score (i, j) of subsequence `sub` (`offset + b * Hq + h`).
 #[inline(always)]
 pub fn counter(sub: u64, i: u32, j: u32) -> [u32; 4] {
-    [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
+    [(j / 32) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
 }
 
-/// Score (i, j)'s 16-bit draw among its call's words.
+/// Score (i, j)'s 8-bit draw among its call's words.
 #[inline(always)]
 pub fn draw(words: &[u32; 4], i: u32, j: u32) -> u32 {
-    (words[(j % 2 + 2 * ((i / 8) % 2)) as usize] >> (16 * ((j / 8) % 2))) & 0xffff
+    (words[((j % 32) / 8) as usize] >> (8 * (j % 2 + 2 * ((i / 8) % 2)))) & 0xff
 }
 
-/// The keep threshold of dropout probability `p` in (0, 1): keep iff a 16-bit draw is below it.
+/// The keep threshold of dropout probability `p` in (0, 1): keep iff an 8-bit draw is below it.
 pub fn keep_threshold(p: f32) -> u32 {
-    // `as` truncates: the floor of a positive value.
-    let t = (1.0 - p as f64) * 65536.0;
-    if t >= 65535.0 { 65535 } else if t <= 0.0 { 0 } else { t as u32 }
+    // Round half up; `as` truncates a positive value.
+    let t = ((1.0 - p as f64) * 256.0 + 0.5) as u32;
+    t.clamp(1, 255)
 }

@@ -18,14 +18,14 @@ pub struct ScoreMods {
     /// Dropout's Philox key (the seed) and subsequence offset (`shared/dropout.rs`).
     pub dropout_seed: u64,
     pub dropout_offset: u64,
-    /// Keep a score iff its 16-bit draw is below this; `DROPOUT_OFF` (2^16) = no dropout.
+    /// Keep a score iff its 8-bit draw is below this; `DROPOUT_OFF` (256) = no dropout.
     pub dropout_threshold: u32,
     /// `1 / (1 - p)` (f32), the factor of every kept probability; 1 without dropout.
     pub dropout_scale: f32,
 }
 
-/// `ScoreMods::dropout_threshold` of a call without dropout: every 16-bit draw is below it.
-pub const DROPOUT_OFF: u32 = 1 << 16;
+/// `ScoreMods::dropout_threshold` of a call without dropout: every 8-bit draw is below it.
+pub const DROPOUT_OFF: u32 = 1 << 8;
 pub const SCORE_MODS_SIZE: usize = 5 * 8 + 2 * 4;
 const _: () = assert!(core::mem::size_of::<ScoreMods>() == SCORE_MODS_SIZE);
 

@@ -20,3 +20,13 @@ pub fn opaque_i64(x: i64) -> i64 {
     unsafe { asm!("mov.b64 {r}, {x};", r = out(reg64) r, x = in(reg64) x, options(nomem, nostack, preserves_flags)) }
     r
 }
+
+/// `prmt.b32` in its default mode: byte k of the result is the byte of {`b`:`a`} (a bytes 0-3, b 4-7)
+/// that nibble k of `sel` names by its bits 0-2, or, where that nibble's bit 3 is set, that byte's top
+/// bit replicated over all eight bits.
+#[inline(always)]
+pub fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+    let r: u32;
+    unsafe { asm!("prmt.b32 {r}, {a}, {b}, {s};", r = out(reg32) r, a = in(reg32) a, b = in(reg32) b, s = in(reg32) sel, options(pure, nomem, nostack, preserves_flags)) }
+    r
+}

@@ -2,7 +2,7 @@
 //! group and every query block that sees the keys (S^T = K Q^T, dP^T = V dO^T, P and dS in registers,
 //! dV += P^T dO, dK += dS^T Q); dQ = dS K goes to the f32 accumulator with atomics when there is one.
 
-use super::{add_dq_fragment, dqa_addr, grad_tile, grid_block, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr, grad_tile, grid_block, keep_tile, lse_index, mask_tile, row_addr, sequences, step_walk, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::mem::st_global_u32;
@@ -168,7 +168,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         let delta_s = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::delta_stage(base, stage);
         let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
         let at = KqAt { row0: m0 + q_col0 as i32 + 2 * t, key0: a.n0 + kv_row0 as i32 + g, shift: a.sk.used - a.sq.used };
-        grad_tile::<KT, QN, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
+        let keep = keep_tile::<KT, QN>(&mods, &at);
+        grad_tile::<KT, QN, MODS>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
         // On boundary tiles only, P and dS of hidden pairs are zeroed.
         if masked {
             mask_tile::<KT, QN>(p, a, &mut acc_s, &mut acc_dp, m0, rows, kv_row0 as i32 + g, q_col0 as i32 + 2 * t);

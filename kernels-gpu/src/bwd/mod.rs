@@ -255,28 +255,36 @@ struct KqAt {
 /// past the sequence are zero-filled, so finite); softcap, and dropout, decided once per tile, outside
 /// the loops (inside, LLVM kept one branch per element). With score modifiers (`MODS`): ALiBi's bias
 /// in the exponent, and dropout: P^T (what dV takes) is P Z and dS = P (dP Z - D), with Z = 1 / (1 - p)
-/// where kept and 0 where dropped. Shared by the mma.sync and wgmma kernels.
+/// where kept and 0 where dropped (`keep`: the tile's `keep_tile`). Shared by the mma.sync and wgmma
+/// kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u64, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
     match (p.softcap_pre != 0.0, mods.dropout) {
-        (true, true) => grad_tile_with::<KT, QN, true, MODS, true>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
-        (true, false) => grad_tile_with::<KT, QN, true, MODS, false>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
-        (false, true) => grad_tile_with::<KT, QN, false, MODS, true>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
-        (false, false) => grad_tile_with::<KT, QN, false, MODS, false>(p, mods, at, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (true, true) => grad_tile_with::<KT, QN, true, MODS, true>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (true, false) => grad_tile_with::<KT, QN, true, MODS, false>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (false, true) => grad_tile_with::<KT, QN, false, MODS, true>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (false, false) => grad_tile_with::<KT, QN, false, MODS, false>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
     }
+}
+
+/// Dropout's decisions for a key-major tile at `at` (`grad_tile`'s `keep`: bit (kt QN + j) 4 + i; 0
+/// without dropout). The draws do not depend on the scores: the kernels call this before their S^T
+/// and dP^T products land, so the integer work runs under them. Every lane of the warp (shuffles).
+#[inline(always)]
+fn keep_tile<const KT: usize, const QN: usize>(mods: &HeadMods, at: &KqAt) -> u64 {
+    const { assert!(KT * QN * 4 <= 64) };
+    let mut keep = 0u64;
+    if mods.dropout {
+        keep_kq::<KT, QN>(mods, at.row0, at.key0, #[inline(always)] |kt, j, i, k| keep |= (k as u64) << ((kt * QN + j) * 4 + i));
+    }
+    keep
 }
 
 /// `grad_tile`'s loops, with softcap and dropout fixed at compile time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const MODS: bool, const DROP: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
-    const { assert!(KT * QN * 4 <= 64) };
-    // Dropout's decisions, bit (kt QN + j) 4 + i.
-    let mut keep = 0u64;
-    if DROP {
-        keep_kq::<KT, QN>(mods, at.row0, at.key0, #[inline(always)] |kt, j, i, k| keep |= (k as u64) << ((kt * QN + j) * 4 + i));
-    }
+fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const MODS: bool, const DROP: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u64, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
     // ALiBi: |query + shift - key| = |base + (8 j + i % 2) - (16 kt + 8 (i / 2))|.
     let base = (at.row0 + at.shift - at.key0) as f32;
     for j in 0..QN {

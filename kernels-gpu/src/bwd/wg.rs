@@ -13,7 +13,7 @@
 //! (N-major, in whole 64-column groups), run over 128 columns (the last 32 zero, never stored).
 
 use super::convert::convert_rows;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, lse_index, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, takes_key_block, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, keep_tile, lse_index, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, takes_key_block, DqTurn, KqAt, KvArgs};
 use crate::mods::HeadMods;
 use crate::arch::cp_async::{commit_group, cp_async_4};
 use crate::arch::mem::st_global_u32;
@@ -183,11 +183,13 @@ pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: 
         issue_keys_x_queries::<E, D>(&mut acc_s[0], k_s, q_s, wg);
         issue_keys_x_queries::<E, D>(&mut acc_dp[0], v_s, do_s, wg);
     }
-    wgmma::wait1_n64(&mut acc_s[0]);
-    wgmma::wait0_n64(&mut acc_dp[0]);
+    // Dropout's decisions while the products run.
     let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
     let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
-    grad_tile::<1, 8, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
+    let keep = keep_tile::<1, 8>(&mods, &at);
+    wgmma::wait1_n64(&mut acc_s[0]);
+    wgmma::wait0_n64(&mut acc_dp[0]);
+    grad_tile::<1, 8, MODS>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
     if rows < BM as i32 || interior.needs_mask(m0, BM as i32) {
         mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
     }

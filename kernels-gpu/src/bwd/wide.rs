@@ -15,7 +15,7 @@
 use super::convert::convert_rows;
 use super::wg::{load_step_to, StepStages};
 use super::wg::BAR_TURN;
-use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, takes_key_block, DqTurn, KqAt, KvArgs};
+use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, keep_tile, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, takes_key_block, DqTurn, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
@@ -156,13 +156,15 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
             issue_scores::<E, D>(&mut acc_s[0], k_s, q_s, q0);
             issue_scores::<E, D>(&mut acc_dp[0], v_s, do_s, q0);
         }
+        // Dropout's decisions while the products run.
+        let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
+        let at = KqAt { row0: m0 + q0 as i32 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
+        let keep = keep_tile::<1, 4>(&mods, &at);
         wait_acc::<1, 4>(&mut acc_s[0]);
         wait_acc::<0, 4>(&mut acc_dp[0]);
 
         // P^T and dS^T in place (one key tile, four query tiles per warp).
-        let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
-        let at = KqAt { row0: m0 + q0 as i32 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
-        grad_tile::<1, 4, MODS>(p, &mods, at, &mut acc_s, &mut acc_dp, lse_s, delta_s, q0 as usize, t);
+        grad_tile::<1, 4, MODS>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, q0 as usize, t);
         if rows < BM as i32 || tile_needs_mask(m0, rows, a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right) {
             mask_tile::<1, 4>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, q0 as i32 + 2 * t);
         }

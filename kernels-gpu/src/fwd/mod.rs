@@ -310,7 +310,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             }
 
             // P overwrites S (online softmax); a row whose max moved rescales its O.
-            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (row_warp * 16 * MT) as i32 + g, n0 + key0 as i32, t, scale_log2, false, DECODE, #[inline(always)]
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (row_warp * 16 * MT) as i32 + g, n0 + key0 as i32, t, scale_log2, false, DECODE, false, #[inline(always)]
             |mt, h, f| {
                 for frag in acc_o[mt].iter_mut() {
                     frag[2 * h] *= f;
@@ -531,9 +531,11 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
 /// wgmma kernels take it at head dims <= 64 (H200, hdim 64: ALiBi's forward cost 1.32-1.34 -> 1.23-1.29); at 128 it
 /// raised the `_mods` kernels' spills (188/200 -> 380/476 bytes) and the cost (1.10-1.11 -> 1.13-1.20);
 /// the ws forward's `_alibi` copies (no dropout code) take it up to head dim 128.
+/// `packed_dropout` (a constant per kernel): dropout is left to the caller, which applies it to P once
+/// packed (`mods::drop_packed`, the wgmma kernels).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, lazy: bool, mut rescale: impl FnMut(usize, usize, f32)) {
+pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, lazy: bool, packed_dropout: bool, mut rescale: impl FnMut(usize, usize, f32)) {
     if a.softcap_pre != 0.0 {
         for mt in 0..MT {
             for j in 0..NN {
@@ -625,7 +627,7 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
         }
     }
     // Dropped probabilities leave O (kept ones are scaled by 1 / (1 - p) in the epilogue).
-    if a.mods.dropout {
+    if a.mods.dropout && !packed_dropout {
         keep_qk::<MT, NN>(&a.mods, row0, n0 + 2 * t, #[inline(always)] |mt, j, i, keep| {
             if !keep {
                 acc_s[mt][j][i] = 0.0;

@@ -5,7 +5,7 @@
 //! The consumers take turns at the tensor cores (one's products run under the other's softmax), and the
 //! grid is persistent: blocks stride over (row block, head, sequence) tiles, heaviest row blocks first.
 
-use super::wg::{block_plan, issue_pv, issue_s, keep_p, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
+use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
 use crate::arch::mem::ld_i32_at;
@@ -333,12 +333,13 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         take_turn(wg);
         unsafe { issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize) };
         pass_turn(wg);
+        let kept = kept_of::<BN, KP>(a, n_max - 1, warp);
         wait_s::<0, NN>(&mut acc_s);
         release(&pipes.k, &mut st.k);
         if n_tiles == 1 {
             release_q(st.q);
         }
-        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, LINEAR, lazy);
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, LINEAR, lazy);
 
         // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
         // the second product, O rescaled once it lands.
@@ -357,6 +358,8 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
                 issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize);
             }
             pass_turn(wg);
+            // Dropout's verdicts for the tile while its S is in flight.
+            let kept = kept_of::<BN, KP>(a, n_max - 2 - i, warp);
             wait_s::<1, NN>(&mut acc_s);
             release(&pipes.k, &mut st.k);
             if i + 2 == n_tiles {
@@ -373,7 +376,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             if !lazy || any_lane(factor[0] != 1.0 || factor[1] != 1.0) {
                 rescale_o(&mut acc_o, &factor);
             }
-            pack_p::<E, NN, KP>(&acc_s, &mut pa);
+            pack_p::<E, NN, KP>(a, &acc_s, &mut pa, &kept);
             i += 1;
         }
         unsafe { pipes.v.consumer_wait(st.v) };
