@@ -269,8 +269,9 @@ fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, 
 }
 
 /// Dropout's decisions for a key-major tile at `at` (`grad_tile`'s `keep`: bit (kt QN + j) 4 + i; 0
-/// without dropout). The draws do not depend on the scores: the kernels call this before their S^T
-/// and dP^T products land, so the integer work runs under them. Every lane of the warp (shuffles).
+/// without dropout). The draws do not depend on the scores: the wgmma kernels call this before their
+/// S^T and dP^T products land, so the integer work runs under them (the mma.sync kernel after its
+/// products). Every lane of the warp (shuffles).
 #[inline(always)]
 fn keep_tile<const KT: usize, const QN: usize>(mods: &HeadMods, at: &KqAt) -> u64 {
     const { assert!(KT * QN * 4 <= 64) };
