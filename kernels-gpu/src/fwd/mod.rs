@@ -532,7 +532,7 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
 /// raised the `_mods` kernels' spills (188/200 -> 380/476 bytes) and the cost (1.10-1.11 -> 1.13-1.20);
 /// the ws forward's `_alibi` copies (no dropout code) take it up to head dim 128.
 /// `packed_dropout` (a constant per kernel): dropout is left to the caller, which applies it to P once
-/// packed (`mods::drop_packed`, the wgmma kernels).
+/// packed (`pack_p` with `mods::drop_p`, the wgmma kernels).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, lazy: bool, packed_dropout: bool, mut rescale: impl FnMut(usize, usize, f32)) {
