@@ -746,6 +746,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
         return unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }.map(|_| ());
     }
     let f = gpu.function(launch.kernel, launch.smem_bytes)?;
+    // The combine merges split-KV's partials unless the decode kernel finishes its rows itself.
     let combine_f = if ws.partials.is_some() && !ws.fused { Some(gpu.function(COMBINE_KERNEL_NAME, 0)?) } else { None };
     let appended = unsafe { kvcache_append(kp, t, dtype, ws, ws_addr, &gpu, stream) }?;
     // The decode kernels wait for the append at their start (`griddepcontrol.wait`), so on Hopper they go
@@ -818,10 +819,9 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
     } else {
         unsafe { queue_after(f, &l, &params, after_append, stream) }?;
     }
-    if ws.fused || ws.partials.is_none() {
+    let Some(combine_f) = combine_f else {
         return Ok(());
-    }
-    let combine_f = combine_f.ok_or_else(|| Error::Cuda("internal: the combine kernel was not loaded".into()))?;
+    };
     // The decode kernels let the combine start early (`launch_dependents`); measured in RESULTS.md.
     unsafe { queue_combine(combine_f, &cp, ws.decode && pdl(&gpu), stream) }
 }
