@@ -50,7 +50,7 @@ use flash_attn::raw::{self, FwdViews};
 use flash_attn::{
     bwd_with, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, BwdOutput, DType, Device, Dropout, Extras, FwdOutput, KernelChoice, PagedVarlen, Target, Tensor, Varlen,
 };
-use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, no_ws, Tally};
+use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, bwd_mods_family, Tally};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -550,10 +550,9 @@ fn run_case(rng: &mut StdRng, h: &Host, backward: bool, tally: &mut Tally) -> Re
     let mag = magnitudes(h, &host_f32(cpu.s_dmask.as_ref().unwrap()), &host_f32(&out_host));
     let max_k = h.l.max().1;
     for deterministic in [false, true] {
-        // (`bwd_no_ws` runs the same `_mods` kernel as the default.)
-        let choices = if dry_run() { vec![("default", KernelChoice::default())] } else { bwd_choices(d, h.c.dtype, deterministic, max_k).into_iter().filter(|c| c.0 != "bwd_no_ws").collect() };
+        let choices = if dry_run() { vec![("default", KernelChoice::default())] } else { bwd_choices(d, h.c.dtype, deterministic, max_k) };
         for (name, choice) in choices {
-            let fam = if dry_run() { "cpu path" } else { no_ws(bwd_family(d, h.c.dtype, deterministic, choice, max_k)) };
+            let fam = if dry_run() { "cpu path" } else { bwd_mods_family(bwd_family(d, h.c.dtype, deterministic, choice, max_k)) };
             let at = |e: String| format!("[backward {name}: {fam} _mods] {e}");
             let g = gpu_on.bwd(h, &f.out, &f.lse, deterministic, choice).map_err(|e| at(e.to_string()))?;
             check_grads(h, &g, &cpu_g, &mag).map_err(|e| at(format!("vs CPU: {e}")))?;
@@ -750,9 +749,9 @@ fn dropout_mask_is_the_cpu_mask_bit_for_bit() {
                     let cpu_dv = host_f32(&cpu_g.dv);
                     let max_k = h.l.max().1;
                     for deterministic in [false, true] {
-                        let choices = if dry_run() { vec![("default", KernelChoice::default())] } else { bwd_choices(d, dtype, deterministic, max_k).into_iter().filter(|c| c.0 != "bwd_no_ws").collect() };
+                        let choices = if dry_run() { vec![("default", KernelChoice::default())] } else { bwd_choices(d, dtype, deterministic, max_k) };
                         for (bname, bchoice) in choices {
-                            let bfam = if dry_run() { "cpu path" } else { no_ws(bwd_family(d, dtype, deterministic, bchoice, max_k)) };
+                            let bfam = if dry_run() { "cpu path" } else { bwd_mods_family(bwd_family(d, dtype, deterministic, bchoice, max_k)) };
                             let g = gpu_on.bwd(&h, &got.out, &got.lse, deterministic, bchoice).unwrap_or_else(|e| panic!("{ctx} [backward {bname}: {bfam}]: {e}"));
                             let gdv = host_f32(&g.dv);
                             if zeros(&gdv) != zeros(&cpu_dv) {

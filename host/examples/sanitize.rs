@@ -36,13 +36,13 @@
 //! Every run above runs twice: as described, and with the score modifiers (the `_mods` kernels and the
 //! paged ones with their modifiers on): ALiBi (dense: slopes `[B, Hq]`, packed and paged: `[Hq]`),
 //! dropout (p = 0.17) and the probabilities (s_dmask, f32: the probabilities kernel after each forward),
-//! plus, where the ws forward runs, ALiBi alone (its and the wgmma dK/dV kernel's `_alibi` copies: the
-//! forward and the default backward) and dropout alone (its `_dropout` copy, `_mods` at head dim 96: the
-//! forward), dense and packed,
+//! plus, where the ws forward runs, ALiBi alone (its and the default dK/dV kernel's `_alibi` copies, ws
+//! at head dims 64-128: the forward and the default backward) and dropout alone (its `_dropout` copy,
+//! `_mods` at head dim 96: the forward), dense and packed,
 //! forward, backward and deterministic backward; on Hopper the forward's `fwd_no_ws` run is then the
 //! mma.sync `_mods` kernel (the cp.async wgmma forward has no such twin). Where the default backward is
-//! the warp-specialized kernel (head dims 64-128), the `fwd_no_ws` run without modifiers also runs the
-//! backward without it (`bwd_no_ws`).
+//! the warp-specialized kernel (head dims 64-128), the `fwd_no_ws` run also runs the backward without
+//! it (`bwd_no_ws`; with modifiers: the wgmma dK/dV kernel's `_mods` twin).
 //!
 //! Sizes: dense b=2, sq=190 (2 forward row blocks of 128, 3 backward query steps of 64), sk=280 (3 K/V
 //! tiles of 128, 5 of 64: both pipeline stages reused; causal: the first row block skips the last
@@ -143,7 +143,7 @@ struct Plan {
     wg_fwd: bool,
     wg_bwd: bool,
     /// The default backward is the warp-specialized one (head dims 64-128): the `fwd_no_ws` run then
-    /// also runs the backward without it (`bwd_no_ws`), without score modifiers.
+    /// also runs the backward without it (`bwd_no_ws`), with and without score modifiers.
     ws_bwd: bool,
     /// The deterministic backward's default is the split accumulator copies (head dims 64-128): the
     /// ordered `_det` twin also runs (`bwd_ordered_all`), without score modifiers.
@@ -206,14 +206,14 @@ impl Plan {
         // backward where the wgmma one runs), then dropout alone (the forward's `_dropout`), each dense
         // and packed.
         let single = usize::from(self.wg_fwd) * (2 + usize::from(self.wg_bwd) * (wg(blocks(DENSE.2)) + wg(blocks(max_k))) + 2);
-        let with_mods = usize::from(self.mods.1) * (n + fwd_runs * fwd + single);
+        let no_ws_bwd = |packed: (usize, usize)| usize::from(self.ws_bwd) * (wg(blocks(DENSE.2)) + packed.0);
+        let with_mods = usize::from(self.mods.1) * (n + fwd_runs * fwd + single + no_ws_bwd(given));
         // Without the modifiers the masks from `NO_MAX_FROM` on pass no max lengths: the packed default
         // backward is slot-scheduled (three launches), the deterministic one's grid comes from the mean
         // key count.
         let plain = |packed: (usize, usize)| {
-            let no_ws_bwd = usize::from(self.ws_bwd) * (wg(blocks(DENSE.2)) + packed.0);
             let ordered = usize::from(self.ordered_opt_in) * (wg(blocks(DENSE.2)) + packed.1);
-            usize::from(self.mods.0) * (runs(packed) + no_ws_bwd + ordered)
+            usize::from(self.mods.0) * (runs(packed) + no_ws_bwd(packed) + ordered)
         };
         let no_max = (3, wg(blocks(mean_len(&SLOTS_K, TAIL.1))));
         let masks = (0..MASKS.len()).map(|m| plain(if m < NO_MAX_FROM { given } else { no_max }) + with_mods).sum::<usize>();
@@ -407,12 +407,12 @@ fn main() -> flash_attn::Result<()> {
                     run(DEFAULT, if plan.wg_fwd { "wgmma ws" } else { "default (mma.sync)" }, &bwds, mods)?;
                 }
                 if plan.wg_fwd {
-                    let bwds: &[(KernelChoice, bool, &str)] = if plan.ws_bwd && !mods { &[(NO_WS, false, "wgmma bwd (bwd_no_ws)")] } else { &[] };
+                    let bwds: &[(KernelChoice, bool, &str)] = if plan.ws_bwd { &[(NO_WS, false, "wgmma bwd (bwd_no_ws)")] } else { &[] };
                     run(if bwds.is_empty() { FWD_NO_WS } else { NO_WS }, if mods { "mma.sync (fwd_no_ws)" } else { "wgmma (fwd_no_ws)" }, bwds, mods)?;
                 }
             }
             if plan.wg_fwd && plan.mods.1 {
-                // ALiBi without dropout: the ws forward's and the wgmma dK/dV kernel's `_alibi` copies,
+                // ALiBi without dropout: the ws forward's and the default dK/dV kernel's `_alibi` copies,
                 // dense and packed.
                 let o = opts(DEFAULT, false);
                 let (dense_x, packed_x) = (Extras { alibi_slopes: Some(&dense_slopes), return_attn_probs: false }, Extras { alibi_slopes: Some(&packed_slopes), return_attn_probs: false });

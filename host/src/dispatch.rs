@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
@@ -235,16 +235,17 @@ impl std::ops::Deref for Launches {
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes (ALiBi
 /// alone: the wgmma dK/dV kernel's `_alibi` copy, its dropout compiled out).
-/// `ws`: the default mode without score modifiers runs the warp-specialized dK/dV kernel (head dims 64,
-/// 96, 128) in the wgmma kernel's grid (the caller checked that the copy engine can address the operands).
+/// `ws`: the default mode runs the warp-specialized dK/dV kernel (head dims 64, 96, 128; its `_mods` and
+/// `_alibi` twins as the wgmma kernel's) in the wgmma kernel's grid (the caller checked that the copy
+/// engine can address the operands).
 pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>, chain_all: bool, dq_copies: usize, ws: bool, ordered_all: bool) -> Option<Launches> {
     let dtype = kernel_dtype(p.dtype)?;
     let mods = Twin::of(p) == Twin::Mods;
     let (dkdv, dq) = if mods { bwd_mods_kernel_names(p.head_dim, dtype)? } else { bwd_kernel_names(p.head_dim, dtype)? };
-    let wg_kernel = match (mods, p.dropout.is_some()) {
-        (true, false) => bwd_wg_alibi_kernel_name(p.head_dim, dtype),
-        (true, true) => bwd_wg_mods_kernel_name(p.head_dim, dtype),
-        _ => bwd_wg_kernel_name(p.head_dim, dtype),
+    let (wg_kernel, ws_kernel) = match (mods, p.dropout.is_some()) {
+        (true, false) => (bwd_wg_alibi_kernel_name(p.head_dim, dtype), bwd_ws_alibi_kernel_name(p.head_dim, dtype)),
+        (true, true) => (bwd_wg_mods_kernel_name(p.head_dim, dtype), bwd_ws_mods_kernel_name(p.head_dim, dtype)),
+        _ => (bwd_wg_kernel_name(p.head_dim, dtype), bwd_ws_kernel_name(p.head_dim, dtype)),
     };
     let c = bwd_config(p.head_dim);
     // Slot scheduling (varlen without the max lengths, default mode): each grid x walks the slots of its
@@ -289,7 +290,7 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
             }
         };
         if gx > 0 {
-            let ws_kernel = if ws && !deterministic && !mods { bwd_ws_kernel_name(p.head_dim, dtype) } else { None };
+            let ws_kernel = if ws && !deterministic { ws_kernel } else { None };
             let main = match ws_kernel {
                 Some(kernel) => Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) },
                 None => Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
@@ -468,9 +469,10 @@ mod tests {
         }
     }
 
-    /// The warp-specialized dK/dV kernel: where allowed, in the default mode without score modifiers at
-    /// head dims 64, 96 and 128, in the wgmma kernel's grid with 384 threads, and its ordered twin in
-    /// deterministic mode; never with modifiers, at other head dims or without sm_90a.
+    /// The warp-specialized dK/dV kernel: where allowed, in the default mode at head dims 64, 96 and 128,
+    /// in the wgmma kernel's grid with 384 threads (with modifiers its `_mods` / `_alibi` twins:
+    /// `score_mods_run_the_mods_twins`), and its ordered twin in
+    /// deterministic mode without modifiers; never at other head dims or without sm_90a.
     #[test]
     fn hopper_backward_takes_the_warp_specialized_kernel_where_it_exists() {
         for d in [32, 64, 96, 128, 192, 256] {
@@ -652,8 +654,8 @@ mod tests {
     /// `_alibi` copy, dropout alone its `_dropout` copy): the warp-specialized one on Hopper, the
     /// mma.sync one wherever the cp.async wgmma forward would run (it has no twin: `fwd_no_ws`, operands
     /// the copy engine cannot address, or no Hopper); paged K/V the `_paged_mods` twins likewise.
-    /// The backward's dK/dV and deterministic dq kernels (mma.sync and Hopper) run their `_mods` twins in
-    /// the plain launch shapes; prep and convert are shared.
+    /// The backward's dK/dV and deterministic dq kernels (mma.sync, wgmma and warp-specialized) run their
+    /// `_mods` twins in the plain launch shapes; prep and convert are shared.
     #[test]
     fn score_mods_run_the_mods_twins() {
         use crate::dropout::DropoutParams;
@@ -705,13 +707,18 @@ mod tests {
                     }
                     // Backward: every launch as the plain one's, the dK/dV / dq kernels renamed.
                     let (dkdv, dq) = bwd_mods_kernel_names(d, kd).unwrap();
-                    for (det, sms, chain) in [(false, None, false), (true, None, false), (false, Some(132), false), (true, Some(132), false), (false, Some(132), true)] {
-                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0, false, false).unwrap(), bwd_launches(&plain, det, sms, chain, 0, false, false).unwrap());
+                    for (det, sms, chain, ws) in [(false, None, false, false), (true, None, false, false), (false, Some(132), false, false), (true, Some(132), false, false), (false, Some(132), true, false), (false, Some(132), false, true), (true, Some(132), false, true)] {
+                        let (b, b0) = (bwd_launches(&p, det, sms, chain, 0, ws, false).unwrap(), bwd_launches(&plain, det, sms, chain, 0, ws, false).unwrap());
                         assert_eq!(b.len(), b0.len(), "{at} det {det}");
+                        assert_eq!(b.ws, b0.ws, "{at} det {det} ws {ws}");
                         let wg = sms.is_some() && !det && bwd_wg_kernel_name(d, kd).is_some();
+                        let on_ws = wg && ws && bwd_ws_kernel_name(d, kd).is_some();
+                        assert_eq!(b.ws, on_ws, "{at} det {det} ws {ws}");
                         for (i, (l, l0)) in b.iter().zip(b0.iter()).enumerate() {
                             assert_eq!((l.grid, l.block, l.smem_bytes), (l0.grid, l0.block, l0.smem_bytes), "{at} det {det} launch {i}");
                             let want = match i {
+                                1 if on_ws && dr.is_none() => bwd_ws_alibi_kernel_name(d, kd).unwrap(),
+                                1 if on_ws => bwd_ws_mods_kernel_name(d, kd).unwrap(),
                                 1 if wg && dr.is_none() => bwd_wg_alibi_kernel_name(d, kd).unwrap(),
                                 1 if wg => bwd_wg_mods_kernel_name(d, kd).unwrap(),
                                 1 => dkdv,
@@ -822,7 +829,7 @@ mod tests {
                 let singles = [
                     fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name, fwd_decode_kernel_name, fwd_decode_fin_kernel_name, fwd_wg_kernel_name, fwd_wg_paged_kernel_name,
                     fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name,
-                    bwd_ws_kernel_name, bwd_ws_det_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_det_kernel_name,
+                    bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_det_kernel_name,
                 ];
                 named.extend(singles.iter().filter_map(|f| f(d, kd)));
                 named.extend(fwd_ws_wide_kernel(d, kd).map(|w| w.0));

@@ -79,12 +79,45 @@ impl HeadMods {
     fn keep_bits(&self, x: u32, y: u32, half: u32) -> u32 {
         let w = self.words(x, y);
         let (lo, hi) = if half == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
-        let mut bits = 0u32;
-        for e in 0..4 {
-            bits |= ((((lo >> (8 * e)) & 0xff) < self.threshold) as u32) << (2 * e);
-            bits |= ((((hi >> (8 * e)) & 0xff) < self.threshold) as u32) << (2 * e + 1);
-        }
-        bits
+        let c = Carry::of(self.threshold);
+        // Verdict top bits to bits 8 e (lo) and 8 e + 1 (hi), then the four byte pairs to bits 2 e, 2 e + 1.
+        let x = ((c.kept_bytes(lo) & 0x8080_8080) >> 7) | ((c.kept_bytes(hi) & 0x8080_8080) >> 6);
+        let x = x | (x >> 6);
+        (x & 0xf) | ((x >> 12) & 0xf0)
+    }
+}
+
+/// The counter's (x, y) of a query-major lane at query `row0 = 16 a + g` and key `key0 = 32 c + 8 w + 2
+/// t` (+ 1): `dropout.rs`'s `[(j / 32) 4 + (j % 8) / 2, (i / 16) 8 + i % 8]`.
+#[inline(always)]
+fn counter_qk(row0: i32, key0: i32) -> (u32, u32) {
+    (((key0 >> 5) * 4 + ((key0 & 7) >> 1)) as u32, ((row0 >> 4) * 8 + (row0 & 7)) as u32)
+}
+
+/// The bytewise test `draw < threshold` on a word of four 8-bit draws: `draw < threshold` is the
+/// absence of a carry out of `draw + 256 - threshold`.
+#[derive(Clone, Copy)]
+struct Carry {
+    /// 256 - threshold in every byte.
+    c: u32,
+    /// Its low 7 bits, added without carries between bytes (the top bits are the third input of the
+    /// carry-out majority).
+    c_low: u32,
+}
+
+impl Carry {
+    #[inline(always)]
+    fn of(threshold: u32) -> Carry {
+        let c = (256 - threshold) * 0x0101_0101;
+        Carry { c, c_low: c & 0x7f7f_7f7f }
+    }
+
+    /// The top bit of each byte set iff that byte's draw is kept (the other bits are junk). Three
+    /// integer operations besides the majority's.
+    #[inline(always)]
+    fn kept_bytes(self, word: u32) -> u32 {
+        let s = (word & 0x7f7f_7f7f) + self.c_low;
+        !((word & s) | (word & self.c) | (s & self.c))
     }
 }
 
@@ -126,8 +159,7 @@ impl HeadMods {
 /// per 16 keys, half of its draws taken).
 #[inline(always)]
 pub(crate) fn keep_qk<const MT: usize, const NN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
-    let y0 = ((row0 >> 4) * 8 + (row0 & 7)) as u32;
-    let x0 = ((key0 >> 5) * 4 + ((key0 & 7) >> 1)) as u32;
+    let (x0, y0) = counter_qk(row0, key0);
     let byte = |word: u32, e: usize| (word >> (8 * e)) & 0xff;
     for mt in 0..MT {
         if NN % 4 == 0 {
@@ -157,7 +189,8 @@ pub(crate) fn keep_qk<const MT: usize, const NN: usize>(m: &HeadMods, row0: i32,
 
 /// Dropout's verdicts on a thread's packed P of one key tile (`kept_p`): for call k (keys 32 k..) word w
 /// (n8 tile 4 k + w), the top bit of byte e set iff element e of that tile is kept. The draws do not
-/// depend on the scores, so kernels compute these while the tile's S = Q K^T is still in flight.
+/// depend on the scores, so kernels compute them where an asynchronous product hides the integer work
+/// (`fwd::ws`'s `kept_under_s`).
 #[derive(Clone, Copy)]
 pub(crate) struct KeptP(pub [[u32; 4]; 4]);
 
@@ -167,24 +200,17 @@ impl KeptP {
 }
 
 /// `KeptP` of the `KP` A fragments of a P V product on wgmma (`KP <= 8`: n8 tiles 0..2 KP; `row0 = 16 a +
-/// g`, `key0` = the tile's first key (a multiple of 32) + 2 t). Per call (16 scores) three integer
-/// operations per word: `draw < threshold` is the absence of a carry out of `draw + 256 - threshold`,
-/// bytewise.
+/// g`, `key0` = the tile's first key (a multiple of 32) + 2 t). Per call (16 scores) one
+/// `Carry::kept_bytes` per word.
 #[inline(always)]
 pub(crate) fn kept_p<const KP: usize>(m: &HeadMods, row0: i32, key0: i32) -> KeptP {
-    let y0 = ((row0 >> 4) * 8 + (row0 & 7)) as u32;
-    let x0 = ((key0 >> 5) * 4 + ((key0 & 7) >> 1)) as u32;
-    // c = 256 - threshold in every byte: its low 7 bits added without carries between bytes, its top
-    // bits as the third input of the carry-out majority.
-    let c = (256 - m.threshold) * 0x0101_0101;
-    let c_low = c & 0x7f7f_7f7f;
+    let (x0, y0) = counter_qk(row0, key0);
+    let carry = Carry::of(m.threshold);
     let mut kept = KeptP::ALL;
     for k in 0..KP.div_ceil(2) {
         let w = m.words(x0 + 4 * k as u32, y0);
-        for (c_i, word) in w.iter().enumerate() {
-            let s = (word & 0x7f7f_7f7f) + c_low;
-            // The top bit of each byte: 1 iff no carry out of draw + c, i.e. draw < threshold.
-            kept.0[k][c_i] = !((word & s) | (word & c) | (s & c));
+        for (c, word) in w.iter().enumerate() {
+            kept.0[k][c] = carry.kept_bytes(*word);
         }
     }
     kept

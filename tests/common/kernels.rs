@@ -145,12 +145,10 @@ pub fn bwd_choices(d: usize, dtype: DType, deterministic: bool, max_seqlen_k: us
     c
 }
 
-/// The family with score modifiers, which run the `_mods` twins (no warp-specialized one).
-pub fn no_ws(family: &'static str) -> &'static str {
+/// The backward family with score modifiers, which run the `_mods` twins of the same kernels, except the ordered
+/// deterministic mode, which has none (the split copies run).
+pub fn bwd_mods_family(family: &'static str) -> &'static str {
     match family {
-        "wgmma ws" => "wgmma",
-        "wgmma ws chained" => "wgmma chained",
-        // Score modifiers have no ordered deterministic twin: the split copies.
         "wgmma ws deterministic ordered" | "wgmma deterministic ordered" => "wgmma deterministic",
         f => f,
     }

@@ -535,6 +535,17 @@ macro_rules! bwd_ws_name_lookup {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some($name); })*
             None
         }
+        /// Its twin with score modifiers (`BwdParams::mods`): the export name with `_mods`.
+        pub fn bwd_ws_mods_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_mods")); })*
+            None
+        }
+        /// The `_mods` twin for ALiBi without dropout, its dropout compiled out: the export name with
+        /// `_alibi`.
+        pub fn bwd_ws_alibi_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_alibi")); })*
+            None
+        }
         /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.
         pub fn bwd_ws_det_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_det")); })*

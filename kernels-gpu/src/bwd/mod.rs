@@ -269,9 +269,9 @@ fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, 
 }
 
 /// Dropout's decisions for a key-major tile at `at` (`grad_tile`'s `keep`: bit (kt QN + j) 4 + i; 0
-/// without dropout). The draws do not depend on the scores: the wgmma kernels call this before their
-/// S^T and dP^T products land, so the integer work runs under them (the mma.sync kernel after its
-/// products). Every lane of the warp (shuffles).
+/// without dropout). Called once the S^T and dP^T products have landed: drawn before their waits, the
+/// decisions ran 1-4% slower on the wgmma kernels (H200, benches/RESULTS.md). Every lane of the warp
+/// (shuffles).
 #[inline(always)]
 fn keep_tile<const KT: usize, const QN: usize>(mods: &HeadMods, at: &KqAt) -> u64 {
     const { assert!(KT * QN * 4 <= 64) };

@@ -183,12 +183,11 @@ pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: 
         issue_keys_x_queries::<E, D>(&mut acc_s[0], k_s, q_s, wg);
         issue_keys_x_queries::<E, D>(&mut acc_dp[0], v_s, do_s, wg);
     }
-    // Dropout's decisions while the products run.
+    wgmma::wait1_n64(&mut acc_s[0]);
+    wgmma::wait0_n64(&mut acc_dp[0]);
     let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
     let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
     let keep = keep_tile::<1, 8>(&mods, &at);
-    wgmma::wait1_n64(&mut acc_s[0]);
-    wgmma::wait0_n64(&mut acc_dp[0]);
     grad_tile::<1, 8, MODS>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
     if rows < BM as i32 || interior.needs_mask(m0, BM as i32) {
         mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);

@@ -156,12 +156,11 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
             issue_scores::<E, D>(&mut acc_s[0], k_s, q_s, q0);
             issue_scores::<E, D>(&mut acc_dp[0], v_s, do_s, q0);
         }
-        // Dropout's decisions while the products run.
+        wait_acc::<1, 4>(&mut acc_s[0]);
+        wait_acc::<0, 4>(&mut acc_dp[0]);
         let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
         let at = KqAt { row0: m0 + q0 as i32 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
         let keep = keep_tile::<1, 4>(&mods, &at);
-        wait_acc::<1, 4>(&mut acc_s[0]);
-        wait_acc::<0, 4>(&mut acc_dp[0]);
 
         // P^T and dS^T in place (one key tile, four query tiles per warp).
         grad_tile::<1, 4, MODS>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, q0 as usize, t);

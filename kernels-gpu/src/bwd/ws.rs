@@ -218,7 +218,7 @@ struct Consumer {
 /// wg kernel's `block` on pipeline stages; `leader` releases the stages for its warpgroup.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
+unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
     let base = smem::base();
     let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
     if steps == 0 {
@@ -248,7 +248,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: boo
         // dS^T to this step's buffer.
         let parity = st.steps_done & 1;
         let ds_s = base + Lay::<D>::DS + parity * Lay::<D>::DST;
-        let (mut pa, mut da) = unsafe { step_grads::<E, D, false>(p, a, interior, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
+        let (mut pa, mut da) = unsafe { step_grads::<E, D, MODS>(p, a, interior, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
         // dV += P^T dO and dK += dS^T Q.
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
@@ -283,7 +283,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const ORDERED: boo
 /// Kernel body: barriers set up by thread 0, then the roles. Keys of no sequence get dk = dv = 0; with
 /// grid x = 1 the consumers also convert dq of the group's rows (as the wg kernel).
 #[inline(always)]
-unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const ORDERED: bool>(p: &BwdParams, maps: u64) {
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, maps: u64) {
     let () = Lay::<D>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D>(smem::base());
@@ -313,7 +313,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const ORDERED: bool>
         let mut acc_dv = [[0f32; 4]; DN];
         let sk = match &args {
             Some(a) => {
-                unsafe { consume::<E, D, DN, ORDERED>(p, a, &pipes, &mut st, ctid, leader, &mut acc_dk, &mut acc_dv) };
+                unsafe { consume::<E, D, DN, MODS, ORDERED>(p, a, &pipes, &mut st, ctid, leader, &mut acc_dk, &mut acc_dv) };
                 a.sk
             }
             None => sequences(p, bidb).1,
@@ -339,13 +339,26 @@ macro_rules! bwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams, _maps: BwdTmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, false>(&p, maps) }
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, false, false>(&p, maps) }
+            }
+            // With score modifiers (`BwdParams::mods`), as the wg kernel's `_mods` twin.
+            #[unsafe(export_name = concat!($name, "_mods"))]
+            pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_mods_param_1"));
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, true, false>(&p, maps) }
+            }
+            /// ALiBi without dropout: the parameters' dropout set off, so the compiler drops its code.
+            #[unsafe(export_name = concat!($name, "_alibi"))]
+            pub unsafe extern "ptx-kernel" fn kernel_alibi(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
+                let p = BwdParams { mods: p.mods.without_dropout(), ..p };
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, true, false>(&p, maps) }
             }
             // The ordered deterministic mode (`BwdParams::dq_sem`).
             #[unsafe(export_name = concat!($name, "_det"))]
             pub unsafe extern "ptx-kernel" fn kernel_det(p: BwdParams, _maps: BwdTmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_det_param_1"));
-                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, true>(&p, maps) }
+                unsafe { entry::<$dt, $d, { ($d as usize).div_ceil(64) * 8 }, false, true>(&p, maps) }
             }
         };
     )*};

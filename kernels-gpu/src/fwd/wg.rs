@@ -406,8 +406,8 @@ pub(crate) fn pack_p<E: WgElem, const NN: usize, const KP: usize>(a: &BlockArgs,
     }
 }
 
-/// Dropout's verdicts for key tile `n_block` of this warp's rows (`KeptP::ALL` without dropout): called
-/// between the tile's S = Q K^T issue and its wait, where the integer work runs under the product.
+/// Dropout's verdicts for key tile `n_block` of this warp's rows (`KeptP::ALL` without dropout), drawn
+/// where an asynchronous product hides the integer work (`ws::kept_under_s` says which).
 #[inline(always)]
 pub(crate) fn kept_of<const BN: usize, const KP: usize>(a: &BlockArgs, n_block: i32, warp: usize) -> KeptP {
     if !a.mods.dropout {

@@ -7,6 +7,7 @@
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
+use crate::mods::KeptP;
 use crate::arch::math::div_rem_u32;
 use crate::arch::mem::ld_i32_at;
 use crate::arch::shfl::any_lane;
@@ -333,12 +334,13 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         take_turn(wg);
         unsafe { issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize) };
         pass_turn(wg);
-        let kept = kept_of::<BN, KP>(a, n_max - 1, warp);
+        let early = kept_early::<D, BN, KP>(a, n_max - 1, warp);
         wait_s::<0, NN>(&mut acc_s);
         release(&pipes.k, &mut st.k);
         if n_tiles == 1 {
             release_q(st.q);
         }
+        let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, n_max - 1, warp) };
         softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, LINEAR, lazy);
 
         // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
@@ -358,8 +360,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
                 issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize);
             }
             pass_turn(wg);
-            // Dropout's verdicts for the tile while its S is in flight.
-            let kept = kept_of::<BN, KP>(a, n_max - 2 - i, warp);
+            let early = kept_early::<D, BN, KP>(a, n_max - 2 - i, warp);
             wait_s::<1, NN>(&mut acc_s);
             release(&pipes.k, &mut st.k);
             if i + 2 == n_tiles {
@@ -368,6 +369,8 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             // P stays in acc_s until the product reading the previous P has landed: one P's registers.
             let mut factor = [1f32; 2];
             softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, LINEAR, lazy);
+            // Otherwise dropout's verdicts under the P V product.
+            let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, n_max - 2 - i, warp) };
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
             release(&pipes.v, &mut st.v);
@@ -390,6 +393,21 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         st.q.advance();
     }
     store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
+}
+
+/// Whether dropout's verdicts for a tile (`kept_of`) are drawn between its S = Q K^T issue and wait at
+/// head dim `d`, rather than after its softmax, under the P V product. Measured on the H200
+/// (benches/RESULTS.md): after the softmax ran 0.84-0.87 of the time at hdim 64 and 0.92-0.95 at 128
+/// (drawing under S kept 16 more registers live across the softmax, and ptxas spilled), but 1.04-1.09 at
+/// 256, where drawing under S spilled less.
+const fn kept_under_s(d: usize) -> bool {
+    d > 128
+}
+
+/// `kept_of` where `kept_under_s(D)`, else `KeptP::ALL` (not used).
+#[inline(always)]
+fn kept_early<const D: usize, const BN: usize, const KP: usize>(a: &BlockArgs, n_block: i32, warp: usize) -> KeptP {
+    if kept_under_s(D) { kept_of::<BN, KP>(a, n_block, warp) } else { KeptP::ALL }
 }
 
 /// `wait_acc` for S, which also takes the wide kernel's 112-key tile at head dim 192. Kept out of
