@@ -231,12 +231,13 @@ pub(crate) fn drop_p<const KP: usize>(kept: &KeptP, pa: &mut [[u32; 4]; KP]) {
 }
 
 /// Dropout's decisions for key-major fragments (as `alibi_kq`; `key0 = 16 a + g`, `row0 = 16 c + 2 t`):
-/// `f(kt, j, i, keep)`. Each lane draws for the (query, key) position of the query-major lane with its
-/// (g, t) in the 16 x 32 block around its key tile, keeps the half of the call its 16 keys own, then
-/// takes its own decisions from the two lanes that drew them (`4 (2 t + e) + g / 2`). Every lane of the
-/// warp must call this (shuffles). `QN` even.
+/// `f(kt, k, bits)` per key tile `kt` and pair `k` of query tiles (2 k, 2 k + 1), bit `4 kk + 2 (i % 2) +
+/// i / 2` of `bits` set iff element `i` of tile (kt, 2 k + kk) is kept. Each lane draws for the (query,
+/// key) position of the query-major lane with its (g, t) in the 16 x 32 block around its key tile, keeps
+/// the half of the call its 16 keys own, then takes its own decisions from the two lanes that drew them
+/// (`4 (2 t + e) + g / 2`). Every lane of the warp must call this (shuffles). `QN` even.
 #[inline(always)]
-pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
+pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, u32)) {
     let (g, t) = ((key0 & 7) as u32, ((row0 & 7) >> 1) as u32);
     // As the query-major lane (g, t): query row g of its 16-row block, key pair t.
     let y0 = ((row0 >> 4) * 8) as u32 + g;
@@ -245,17 +246,11 @@ pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32,
         let (x, half) = (((tile0 + kt as u32) >> 1) * 4 + t, (tile0 + kt as u32) & 1);
         for k in 0..QN / 2 {
             let bits = m.keep_bits(x, y0 + 8 * k as u32, half);
-            for e in 0..2u32 {
-                // Lane (2t + e, g / 2) drew queries 2t + e (+ 8) against keys (g & !1) + {0, 1} (+ 8).
-                let theirs = shfl_idx_u32(bits, 4 * (2 * t + e) + g / 2);
-                for kk in 0..2u32 {
-                    for h in 0..2u32 {
-                        // Their byte g % 2 + 2 kk (query 8 kk + 2t + e, key g % 2) of word h (key + 8 h).
-                        let bit = (theirs >> (2 * (g % 2 + 2 * kk) + h)) & 1;
-                        f(kt, (2 * k as u32 + kk) as usize, (2 * h + e) as usize, bit != 0);
-                    }
-                }
-            }
+            // Lane (2t + e, g / 2) drew queries 2t + e (+ 8) against keys (g & !1) + {0, 1} (+ 8): its bit
+            // 2 (g % 2 + 2 kk) + h is query 8 kk + 2t + e, key g (+ 8 h). Shifted by 2 (g % 2): 4 kk + h.
+            let r0 = shfl_idx_u32(bits, 8 * t + g / 2) >> (2 * (g % 2));
+            let r1 = shfl_idx_u32(bits, 8 * t + 4 + g / 2) >> (2 * (g % 2));
+            f(kt, k, (r0 & 0x33) | ((r1 << 2) & 0xcc));
         }
     }
 }

@@ -268,7 +268,8 @@ fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, 
     }
 }
 
-/// Dropout's decisions for a key-major tile at `at` (`grad_tile`'s `keep`: bit (kt QN + j) 4 + i; 0
+/// Dropout's decisions for a key-major tile at `at` (`grad_tile`'s `keep`: bit (kt QN + j) 4 + 2 (i % 2)
+/// + i / 2 for element i of tile (kt, j), `keep_kq`'s order, so that each element tests a constant bit; 0
 /// without dropout). Called once the S^T and dP^T products have landed: drawn before their waits, the
 /// decisions ran 1-4% slower on the wgmma kernels (H200, benches/RESULTS.md). Every lane of the warp
 /// (shuffles).
@@ -277,7 +278,7 @@ fn keep_tile<const KT: usize, const QN: usize>(mods: &HeadMods, at: &KqAt) -> u6
     const { assert!(KT * QN * 4 <= 64) };
     let mut keep = 0u64;
     if mods.dropout {
-        keep_kq::<KT, QN>(mods, at.row0, at.key0, #[inline(always)] |kt, j, i, k| keep |= (k as u64) << ((kt * QN + j) * 4 + i));
+        keep_kq::<KT, QN>(mods, at.row0, at.key0, #[inline(always)] |kt, k, bits| keep |= (bits as u64) << ((kt * QN + 2 * k) * 4));
     }
     keep
 }
@@ -300,7 +301,7 @@ fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const M
                     let d = base + ((8 * j + i % 2) as i32 - (16 * kt + 8 * (i / 2)) as i32) as f32;
                     l = fma(mods.slope_log2, d.abs(), l);
                 }
-                let z = if DROP && (keep >> ((kt * QN + j) * 4 + i)) & 1 != 0 { mods.scale } else { 0.0 };
+                let z = if DROP && (keep >> ((kt * QN + j) * 4 + 2 * (i % 2) + i / 2)) & 1 != 0 { mods.scale } else { 0.0 };
                 if DROP {
                     dp *= z;
                 }
