@@ -234,7 +234,7 @@ impl std::ops::Deref for Launches {
 /// accumulator (`bwd_det_splits`; else the mma.sync kernels and the deterministic dq kernel).
 /// `chain_all` forces a grid x of 1 on the Hopper kernel (`KernelChoice::bwd_chain_all`).
 /// ALiBi / dropout run the `_mods` twins of the dK/dV and dq kernels, in the same launch shapes (ALiBi
-/// alone: the wgmma dK/dV kernel's `_alibi` copy, its dropout compiled out).
+/// alone: the wgmma or warp-specialized dK/dV kernel's `_alibi` copy, its dropout compiled out).
 /// `ws`: the default mode runs the warp-specialized dK/dV kernel (head dims 64, 96, 128; its `_mods` and
 /// `_alibi` twins as the wgmma kernel's) in the wgmma kernel's grid (the caller checked that the copy
 /// engine can address the operands).

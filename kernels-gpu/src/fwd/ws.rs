@@ -7,7 +7,6 @@
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
-use crate::mods::KeptP;
 use crate::arch::math::div_rem_u32;
 use crate::arch::mem::ld_i32_at;
 use crate::arch::shfl::any_lane;
@@ -16,6 +15,7 @@ use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
 use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
+use crate::mods::KeptP;
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
@@ -397,9 +397,9 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 
 /// Whether dropout's verdicts for a tile (`kept_of`) are drawn between its S = Q K^T issue and wait at
 /// head dim `d`, rather than after its softmax, under the P V product. Measured on the H200
-/// (benches/RESULTS.md): after the softmax ran 0.84-0.87 of the time at hdim 64 and 0.92-0.95 at 128
-/// (drawing under S kept 16 more registers live across the softmax, and ptxas spilled), but 1.04-1.09 at
-/// 256, where drawing under S spilled less.
+/// (benches/RESULTS.md): after the softmax ran 0.92-0.98 of the time at hdim 64 and 0.96-1.02 at 128
+/// (drawing under S kept 16 more registers live across the softmax, and ptxas spilled more), but
+/// 1.04-1.09 at 256, where drawing under S spilled less.
 const fn kept_under_s(d: usize) -> bool {
     d > 128
 }
