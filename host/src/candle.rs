@@ -578,8 +578,8 @@ mod cuda {
         let views = VarlenViews {
             cu_seqlens_q,
             cu_seqlens_k,
-            max_seqlen_q: vl.max_seqlen_q,
-            max_seqlen_k: vl.max_seqlen_k,
+            max_seqlen_q: Some(vl.max_seqlen_q),
+            max_seqlen_k: Some(vl.max_seqlen_k),
             seqused_q: uq.as_ref().map(|(v, _)| *v),
             seqused_k: uk.as_ref().map(|(v, _)| *v),
         };
@@ -598,8 +598,8 @@ mod cuda {
         let views = PagedVarlenViews {
             cu_seqlens_q,
             cu_seqlens_k: Some(cu_seqlens_k),
-            max_seqlen_q: vl.max_seqlen_q,
-            max_seqlen_k: vl.max_seqlen_k,
+            max_seqlen_q: Some(vl.max_seqlen_q),
+            max_seqlen_k: Some(vl.max_seqlen_k),
             seqused_q: None,
             seqused_k: None,
             block_table,
