@@ -623,7 +623,9 @@ fn dense_every_head_dim_dtype_and_mask() {
     tally.report();
 }
 
-/// Longer sequences (several key blocks per CTA, and chained Hopper grids).
+/// Longer sequences (several key blocks per CTA, and chained Hopper grids). With dropout, and ALiBi alone
+/// (on Hopper the ws forward's `_alibi` copy, which adds the bias in S's product on every tile beside the
+/// diagonal: both sides, every head dim, and the general form where softcap rules the fold out).
 #[test]
 fn dense_long_sequences() {
     require_gpu!();
@@ -634,6 +636,17 @@ fn dense_long_sequences() {
         let c = Case { dtype, d, hq: 4, hk: 2, causal, window: (-1, -1), softcap: 0.0, slopes: Slopes::Heads, slope_max: 0.02, dropout, amp: 1.0 };
         let h = Host::new(&mut rng, c, Layout::dense(1, 700, 900));
         run_case(&mut rng, &h, true, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
+    }
+    let no_dropout = Dropout { p: 0.0, seed: 0, offset: 0 };
+    for (i, d) in HEAD_DIMS.into_iter().enumerate() {
+        for (j, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
+            let (causal, window, softcap) = [(false, (-1, -1), 0.0), (true, (-1, -1), 0.0), (false, (300, 200), 0.0), (false, (-1, -1), 8.0)][(i + j) % 4];
+            let slopes = [Slopes::Heads, Slopes::PerSequence][(i + j) % 2];
+            let c = Case { dtype, d, hq: 4, hk: 2, causal, window, softcap, slopes, slope_max: [0.02, 0.1][i % 2], dropout: no_dropout, amp: 1.0 };
+            let (sq, sk) = [(700, 900), (900, 700)][j];
+            let h = Host::new(&mut rng, c, Layout::dense(2, sq, sk));
+            run_case(&mut rng, &h, i % 2 == 0, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
+        }
     }
     tally.report();
 }

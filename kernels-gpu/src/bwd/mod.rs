@@ -176,6 +176,24 @@ fn grad_elem_softcap(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (
     (pr, pr * (dp - delta) * (1.0 - t * t))
 }
 
+/// `grad_elem_plain` with dropout: `(P z, P (z dP - D))` as `(P z, (P z) dP - P D)`, `z` being 1 / (1 - p)
+/// where the score is kept and 0 where dropped (one multiply and the select more than the plain step).
+#[inline(always)]
+fn grad_elem_plain_drop(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, z: f32) -> (f32, f32) {
+    let pr = exp2(fma(s, p.scale_log2, -lse2));
+    let pz = pr * z;
+    (pz, fma(pz, dp, -(pr * delta)))
+}
+
+/// `grad_elem_softcap` with dropout, as `grad_elem_plain_drop`.
+#[inline(always)]
+fn grad_elem_softcap_drop(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, z: f32) -> (f32, f32) {
+    let t = tanh(s * p.softcap_pre);
+    let pr = exp2(fma(t, p.scale_log2, -lse2));
+    let pz = pr * z;
+    (pz, fma(pz, dp, -(pr * delta)) * (1.0 - t * t))
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Shared by the dk/dv kernels (mma.sync, dkdv.rs, and wgmma, wg.rs): the walk and the element-wise step.
 
@@ -295,18 +313,22 @@ fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const M
         let delta = unsafe { smem::ld_v2_f32(delta_s + qc * 4) };
         for kt in 0..KT {
             for i in 0..4 {
-                let (s, mut dp) = (acc_s[kt][j][i], acc_dp[kt][j][i]);
+                let (s, dp) = (acc_s[kt][j][i], acc_dp[kt][j][i]);
                 let mut l = lse2[i % 2];
                 if MODS {
                     let d = base + ((8 * j + i % 2) as i32 - (16 * kt + 8 * (i / 2)) as i32) as f32;
                     l = fma(mods.slope_log2, d.abs(), l);
                 }
-                let z = if DROP && (keep >> ((kt * QN + j) * 4 + 2 * (i % 2) + i / 2)) & 1 != 0 { mods.scale } else { 0.0 };
-                if DROP {
-                    dp *= z;
-                }
-                let (pr, ds) = if SOFTCAP { grad_elem_softcap(p, s, dp, l, delta[i % 2]) } else { grad_elem_plain(p, s, dp, l, delta[i % 2]) };
-                acc_s[kt][j][i] = if DROP { pr * z } else { pr };
+                let (pr, ds) = if DROP {
+                    // P Z and dS = P Z dP - P D (one FMA where the plain step subtracts, then multiplies).
+                    let z = if (keep >> ((kt * QN + j) * 4 + 2 * (i % 2) + i / 2)) & 1 != 0 { mods.scale } else { 0.0 };
+                    if SOFTCAP { grad_elem_softcap_drop(p, s, dp, l, delta[i % 2], z) } else { grad_elem_plain_drop(p, s, dp, l, delta[i % 2], z) }
+                } else if SOFTCAP {
+                    grad_elem_softcap(p, s, dp, l, delta[i % 2])
+                } else {
+                    grad_elem_plain(p, s, dp, l, delta[i % 2])
+                };
+                acc_s[kt][j][i] = pr;
                 acc_dp[kt][j][i] = ds;
             }
         }
