@@ -624,8 +624,8 @@ fn dense_every_head_dim_dtype_and_mask() {
 }
 
 /// Longer sequences (several key blocks per CTA, and chained Hopper grids). With dropout, and ALiBi alone
-/// (on Hopper the ws forward's `_alibi` copy, which adds the bias in S's product on every tile beside the
-/// diagonal: both sides, every head dim, and the general form where softcap rules the fold out).
+/// (on Hopper the ws forward's `_alibi` copy, whose linear form takes the tiles beside the diagonal: both
+/// sides of it, windows, every head dim, both dtypes, and softcap's general form).
 #[test]
 fn dense_long_sequences() {
     require_gpu!();
