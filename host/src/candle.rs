@@ -395,6 +395,19 @@ impl FlashAttnOp {
     }
 }
 
+/// The raw layer's varlen views of a call's lengths (`cu_*` and `used_*` viewed by the caller: candle's CPU
+/// or CUDA storage). Shared by both memories, so that a build without `candle-cuda` type-checks what the
+/// CUDA path passes too.
+fn varlen_views<'a>(vl: &VarlenArgs, cu_q: View<'a>, cu_k: View<'a>, used_q: Option<View<'a>>, used_k: Option<View<'a>>) -> VarlenViews<'a> {
+    // candle-flash-attn's calls always give the maxima.
+    VarlenViews { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: Some(vl.max_seqlen_q), max_seqlen_k: Some(vl.max_seqlen_k), seqused_q: used_q, seqused_k: used_k }
+}
+
+/// The raw layer's paged varlen views (as `varlen_views`; key counts from `cu_k`).
+fn paged_views<'a>(vl: &VarlenArgs, cu_q: View<'a>, cu_k: View<'a>, block_table: View<'a>) -> PagedVarlenViews<'a> {
+    PagedVarlenViews { cu_seqlens_q: cu_q, cu_seqlens_k: Some(cu_k), max_seqlen_q: Some(vl.max_seqlen_q), max_seqlen_k: Some(vl.max_seqlen_k), seqused_q: None, seqused_k: None, block_table }
+}
+
 /// Host memory: views of candle's CPU storage.
 mod host {
     use super::*;
@@ -454,14 +467,13 @@ mod host {
         let ck = vl.seqlens_k.storage_and_layout();
         let uq = vl.seqused_q.as_ref().map(|t| t.storage_and_layout());
         let uk = vl.seqused_k.as_ref().map(|t| t.storage_and_layout());
-        let views = VarlenViews {
-            cu_seqlens_q: int_view("seqlens_q", &cq.0, cq.1)?,
-            cu_seqlens_k: int_view("seqlens_k", &ck.0, ck.1)?,
-            max_seqlen_q: Some(vl.max_seqlen_q),
-            max_seqlen_k: Some(vl.max_seqlen_k),
-            seqused_q: uq.as_ref().map(|(s, l)| int_view("seqused_q", s, l)).transpose()?,
-            seqused_k: uk.as_ref().map(|(s, l)| int_view("seqused_k", s, l)).transpose()?,
-        };
+        let views = varlen_views(
+            vl,
+            int_view("seqlens_q", &cq.0, cq.1)?,
+            int_view("seqlens_k", &ck.0, ck.1)?,
+            uq.as_ref().map(|(s, l)| int_view("seqused_q", s, l)).transpose()?,
+            uk.as_ref().map(|(s, l)| int_view("seqused_k", s, l)).transpose()?,
+        );
         f(&views)
     }
 
@@ -470,15 +482,7 @@ mod host {
         let cq = vl.seqlens_q.storage_and_layout();
         let ck = vl.seqlens_k.storage_and_layout();
         let bt = pg.block_table.storage_and_layout();
-        let views = PagedVarlenViews {
-            cu_seqlens_q: int_view("seqlens_q", &cq.0, cq.1)?,
-            cu_seqlens_k: Some(int_view("seqlens_k", &ck.0, ck.1)?),
-            max_seqlen_q: Some(vl.max_seqlen_q),
-            max_seqlen_k: Some(vl.max_seqlen_k),
-            seqused_q: None,
-            seqused_k: None,
-            block_table: int_view("block_table", &bt.0, bt.1)?,
-        };
+        let views = paged_views(vl, int_view("seqlens_q", &cq.0, cq.1)?, int_view("seqlens_k", &ck.0, ck.1)?, int_view("block_table", &bt.0, bt.1)?);
         f(&views)
     }
 }
@@ -575,14 +579,7 @@ mod cuda {
         let (cu_seqlens_k, _g2) = int_view("seqlens_k", &ck.0, ck.1, dev, stream)?;
         let uq = uq.as_ref().map(|(s, l)| int_view("seqused_q", s, l, dev, stream)).transpose()?;
         let uk = uk.as_ref().map(|(s, l)| int_view("seqused_k", s, l, dev, stream)).transpose()?;
-        let views = VarlenViews {
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q: Some(vl.max_seqlen_q),
-            max_seqlen_k: Some(vl.max_seqlen_k),
-            seqused_q: uq.as_ref().map(|(v, _)| *v),
-            seqused_k: uk.as_ref().map(|(v, _)| *v),
-        };
+        let views = varlen_views(vl, cu_seqlens_q, cu_seqlens_k, uq.as_ref().map(|(v, _)| *v), uk.as_ref().map(|(v, _)| *v));
         f(&views)
     }
 
@@ -595,15 +592,7 @@ mod cuda {
         let (cu_seqlens_q, _g1) = int_view("seqlens_q", &cq.0, cq.1, dev, stream)?;
         let (cu_seqlens_k, _g2) = int_view("seqlens_k", &ck.0, ck.1, dev, stream)?;
         let (block_table, _g3) = int_view("block_table", &bt.0, bt.1, dev, stream)?;
-        let views = PagedVarlenViews {
-            cu_seqlens_q,
-            cu_seqlens_k: Some(cu_seqlens_k),
-            max_seqlen_q: Some(vl.max_seqlen_q),
-            max_seqlen_k: Some(vl.max_seqlen_k),
-            seqused_q: None,
-            seqused_k: None,
-            block_table,
-        };
+        let views = paged_views(vl, cu_seqlens_q, cu_seqlens_k, block_table);
         f(&views)
     }
 }
