@@ -159,20 +159,32 @@ impl DqTurn {
     }
 }
 
-/// P and dS of one visible score without softcap: `s` = q.k, `dp` = dout . v, `lse2` the row's LSE in
-/// base 2 (less ALiBi's base-2 bias, with score modifiers), `delta` = D_i.
+/// P of one visible score without softcap: `s` = q.k, `lse2` the row's LSE in base 2 (less ALiBi's
+/// base-2 bias, with score modifiers).
+#[inline(always)]
+fn prob_plain(p: &BwdParams, s: f32, lse2: f32) -> f32 {
+    exp2(fma(s, p.scale_log2, -lse2))
+}
+
+/// The same with softcap: the score is `tanh(s * softcap_pre)` (times scale_log2); P and that tanh, whose
+/// derivative `1 - tanh^2` multiplies dS.
+#[inline(always)]
+fn prob_softcap(p: &BwdParams, s: f32, lse2: f32) -> (f32, f32) {
+    let t = tanh(s * p.softcap_pre);
+    (exp2(fma(t, p.scale_log2, -lse2)), t)
+}
+
+/// P and dS of one visible score without softcap (`prob_plain`): `dp` = dout . v, `delta` = D_i.
 #[inline(always)]
 fn grad_elem_plain(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32) {
-    let pr = exp2(fma(s, p.scale_log2, -lse2));
+    let pr = prob_plain(p, s, lse2);
     (pr, pr * (dp - delta))
 }
 
-/// The same with softcap: the score is `tanh(s * softcap_pre)` (times scale_log2), whose derivative
-/// `1 - tanh^2` multiplies dS.
+/// The same with softcap (`prob_softcap`).
 #[inline(always)]
 fn grad_elem_softcap(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (f32, f32) {
-    let t = tanh(s * p.softcap_pre);
-    let pr = exp2(fma(t, p.scale_log2, -lse2));
+    let (pr, t) = prob_softcap(p, s, lse2);
     (pr, pr * (dp - delta) * (1.0 - t * t))
 }
 
@@ -180,7 +192,7 @@ fn grad_elem_softcap(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32) -> (
 /// where the score is kept and 0 where dropped (one multiply and the select more than the plain step).
 #[inline(always)]
 fn grad_elem_plain_drop(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, z: f32) -> (f32, f32) {
-    let pr = exp2(fma(s, p.scale_log2, -lse2));
+    let pr = prob_plain(p, s, lse2);
     let pz = pr * z;
     (pz, fma(pz, dp, -(pr * delta)))
 }
@@ -188,8 +200,7 @@ fn grad_elem_plain_drop(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, z
 /// `grad_elem_softcap` with dropout, as `grad_elem_plain_drop`.
 #[inline(always)]
 fn grad_elem_softcap_drop(p: &BwdParams, s: f32, dp: f32, lse2: f32, delta: f32, z: f32) -> (f32, f32) {
-    let t = tanh(s * p.softcap_pre);
-    let pr = exp2(fma(t, p.scale_log2, -lse2));
+    let (pr, t) = prob_softcap(p, s, lse2);
     let pz = pr * z;
     (pz, fma(pz, dp, -(pr * delta)) * (1.0 - t * t))
 }
