@@ -74,9 +74,9 @@ fn philox_known_answers() {
 fn documented_keep(p: f32, seed: u64, offset: u64, bh: u64, i: u32, j: u32) -> bool {
     let key = [seed as u32, (seed >> 32) as u32];
     let sub = offset.wrapping_add(bh);
-    let counter = [(j / 32) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32];
-    let word = ((j % 32) / 8) as usize;
-    let byte = j % 2 + 2 * ((i / 8) % 2);
+    let counter = [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 4 + (i % 8) / 2, sub as u32, (sub >> 32) as u32];
+    let word = (2 * ((i % 2) ^ ((j / 16) % 2)) + ((j % 2) ^ ((i / 16) % 2))) as usize;
+    let byte = (j / 8) % 2 + 2 * ((i / 8) % 2);
     let draw = (philox4x32_10(counter, key)[word] >> (8 * byte)) & 0xff;
     let threshold = ((1.0 - p as f64) * 256.0).round().clamp(1.0, 255.0) as u32;
     draw < threshold

@@ -623,7 +623,8 @@ fn dense_every_head_dim_dtype_and_mask() {
     tally.report();
 }
 
-/// Longer sequences (several key blocks per CTA, and chained Hopper grids). With dropout, and ALiBi alone
+/// Longer sequences (several key blocks per CTA, and chained Hopper grids). With dropout (also at head dim
+/// 192 past 2048 keys), and ALiBi alone
 /// (on Hopper the ws forward's `_alibi` copy, whose linear form takes the tiles beside the diagonal: both
 /// sides of it, windows, every head dim, both dtypes, and softcap's general form).
 #[test]
@@ -637,6 +638,12 @@ fn dense_long_sequences() {
         let h = Host::new(&mut rng, c, Layout::dense(1, 700, 900));
         run_case(&mut rng, &h, true, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
     }
+    // Head dim 192 from 2048 keys: the ws forward's 112-key tiles, seven 16-key blocks of dropout's calls
+    // (three traded pairs and one block drawn alone), with the tiles' block parity alternating.
+    let dropout = Dropout { p: 0.2, seed: rng.r#gen(), offset: rng.gen_range(0..1 << 20) };
+    let c = Case { dtype: DType::BF16, d: 192, hq: 2, hk: 1, causal: false, window: (-1, -1), softcap: 0.0, slopes: Slopes::None, slope_max: 0.02, dropout, amp: 1.0 };
+    let h = Host::new(&mut rng, c, Layout::dense(1, 130, 2100));
+    run_case(&mut rng, &h, true, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
     let no_dropout = Dropout { p: 0.0, seed: 0, offset: 0 };
     for (i, d) in HEAD_DIMS.into_iter().enumerate() {
         for (j, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {

@@ -39,19 +39,19 @@ impl DropoutParams {
     }
 
     /// The keep decisions of scores (i, j0), (i, j0 + 1), .. of head `bh` into `keep` (the four Philox
-    /// calls of a 32-key group drawn once for its keys).
+    /// calls of a 16-key block drawn once for its keys).
     pub fn keep_row(&self, bh: u64, i: u32, j0: u32, keep: &mut [bool]) {
         let (sub, key) = (self.offset.wrapping_add(bh), self.key());
-        let mut group: Option<(u32, [[u32; 4]; 4])> = None;
+        let mut block: Option<(u32, [[u32; 4]; 4])> = None;
         for (at, k) in keep.iter_mut().enumerate() {
             let j = j0.wrapping_add(at as u32);
-            let words = match group {
-                Some((gj, w)) if gj == j / 32 => w,
+            let words = match block {
+                Some((bj, w)) if bj == j / 16 => w,
                 _ => {
-                    // The calls of keys j & !31 + 2 c, c = 0..4 (j % 8 / 2 = c).
-                    let base = j & !31;
+                    // The calls of keys j & !15 + 2 c, c = 0..4 (j % 8 / 2 = c).
+                    let base = j & !15;
                     let w = core::array::from_fn(|c| philox4x32_10(counter(sub, i, base + 2 * c as u32), key));
-                    group = Some((j / 32, w));
+                    block = Some((j / 16, w));
                     w
                 }
             };

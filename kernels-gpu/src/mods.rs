@@ -5,16 +5,16 @@
 //! uniform branch, and leaves the arithmetic exactly the plain kernel's. (Measured, H200: carrying them
 //! in every paged kernel cost the ragged paged batch 9% at page 256, hence separate `_paged_mods`.)
 //!
-//! Dropout's draws are `dropout.rs`'s (the host's file, compiled here too): one Philox call per 16 x 32
-//! block of scores per thread, whose sixteen 8-bit draws are exactly the thread's elements there in the
-//! query-major layout (S = Q K^T; word w = n8 tile w, byte e = element e); the key-major kernels (S^T = K
-//! Q^T, a warp holding 16 keys) make the same call as the lane in that position, take the half of its
-//! draws their 16 keys own, and trade the decisions with two shuffles.
+//! Dropout's draws are `dropout.rs`'s (the host's file, compiled here too): one Philox call decides a
+//! 4 x 4 set of a 16 x 16 block, half of it held by a lane and half by lane ^ 4, in both the query-major
+//! layout (S = Q K^T) and the key-major one (S^T = K Q^T). The two lanes draw the calls of two
+//! neighbouring blocks, one each, and trade halves with two shuffles (`traded`): one call per 16 scores
+//! per lane either way.
 
 use crate::arch::math::fma;
 use crate::arch::mem::ld_global_nc_f32;
 use crate::arch::reg::prmt;
-use crate::arch::shfl::shfl_idx_u32;
+use crate::arch::shfl::shfl_xor_u32;
 use crate::dropout::{key, philox4x32_10};
 use crate::params::{ScoreMods, DROPOUT_OFF};
 
@@ -72,26 +72,41 @@ impl HeadMods {
     fn words(&self, x: u32, y: u32) -> [u32; 4] {
         philox4x32_10([x, y, self.sub as u32, (self.sub >> 32) as u32], key(self.seed))
     }
-
-    /// Half `half` of the call for counter `(x, y)` (its words 2 half and 2 half + 1: one 16-key half of
-    /// the call's 32 keys) as keep bits: bit `2 e + w` for byte `e` of word `2 half + w`.
-    #[inline(always)]
-    fn keep_bits(&self, x: u32, y: u32, half: u32) -> u32 {
-        let w = self.words(x, y);
-        let (lo, hi) = if half == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
-        let c = Carry::of(self.threshold);
-        // Verdict top bits to bits 8 e (lo) and 8 e + 1 (hi), then the four byte pairs to bits 2 e, 2 e + 1.
-        let x = ((c.kept_bytes(lo) & 0x8080_8080) >> 7) | ((c.kept_bytes(hi) & 0x8080_8080) >> 6);
-        let x = x | (x >> 6);
-        (x & 0xf) | ((x >> 12) & 0xf0)
-    }
 }
 
-/// The counter's (x, y) of a query-major lane at query `row0 = 16 a + g` and key `key0 = 32 c + 8 w + 2
-/// t` (+ 1): `dropout.rs`'s `[(j / 32) 4 + (j % 8) / 2, (i / 16) 8 + i % 8]`.
+/// A lane pair's trade (lanes L and L ^ 4, see the module doc): of this lane's call `w`, it keeps words
+/// 0 and 1 (query-major) or 0 and 2 (`KEY_MAJOR`), its own half, and gets its partner's call's words
+/// that hold this lane's half of the partner's block, in the same order. Every lane of the warp must call
+/// this (shuffles).
 #[inline(always)]
-fn counter_qk(row0: i32, key0: i32) -> (u32, u32) {
-    (((key0 >> 5) * 4 + ((key0 & 7) >> 1)) as u32, ((row0 >> 4) * 8 + (row0 & 7)) as u32)
+fn traded<const KEY_MAJOR: bool>(w: [u32; 4]) -> ([u32; 2], [u32; 2]) {
+    let (own, send) = if KEY_MAJOR { ([w[0], w[2]], [w[1], w[3]]) } else { ([w[0], w[1]], [w[2], w[3]]) };
+    (own, [shfl_xor_u32(send[0], 4), shfl_xor_u32(send[1], 4)])
+}
+
+/// The words deciding a query-major lane's scores in `nb` 16 x 16 blocks of keys: its rows `row0 = 16 qb +
+/// g` and g + 8, keys `key0 = 16 kb0 + 2 t` (+ 1, + 8, + 9) of block `kb0 + b` for `f(b, words)`.
+/// `words[0]` holds the keys of parity qb % 2, `words[1]` the others; byte `tile + 2 (row / 8)` is n8
+/// tile `tile` of the block (`dropout.rs`). Pairs of blocks are traded; an odd last block is this lane's
+/// own call, half of it used. Every lane of the warp must call this.
+#[inline(always)]
+fn qk_words(m: &HeadMods, row0: i32, key0: i32, nb: usize, mut f: impl FnMut(usize, [u32; 2])) {
+    let p = (row0 & 1) as u32;
+    let y = ((row0 >> 4) * 4 + ((row0 & 7) >> 1)) as u32;
+    let (kb0, t) = ((key0 >> 4) as u32, ((key0 & 7) >> 1) as u32);
+    // This lane draws the block of the pair whose parity is its row parity.
+    let second = (kb0 ^ p) & 1;
+    for c in 0..nb / 2 {
+        let (own, got) = traded::<false>(m.words(4 * (kb0 + 2 * c as u32 + second) + t, y));
+        let (first, other) = if second == 0 { (own, got) } else { (got, own) };
+        f(2 * c, first);
+        f(2 * c + 1, other);
+    }
+    if nb % 2 == 1 {
+        let kb = kb0 + (nb - 1) as u32;
+        let w = m.words(4 * kb + t, y);
+        f(nb - 1, if (p ^ kb) & 1 == 0 { [w[0], w[1]] } else { [w[2], w[3]] });
+    }
 }
 
 /// The bytewise test `draw < threshold` on a word of four 8-bit draws: `draw < threshold` is the
@@ -153,104 +168,121 @@ impl HeadMods {
     }
 }
 
-/// Dropout's decisions for query-major fragments (as `alibi_qk`; `row0 = 16 a + g`, `key0 = 8 c + 2 t`:
-/// this lane's position in its 16-row block and 8-key tile): `f(mt, j, i, keep)`. `NN` even; with `NN %
-/// 4 == 0` the keys start at a multiple of 32 (one call per 32 keys), else at a multiple of 16 (one call
-/// per 16 keys, half of its draws taken).
+/// Dropout's decisions for query-major fragments (as `alibi_qk`; `row0 = 16 a + g`, `key0 = 16 c + 2 t`:
+/// this lane's position in its 16-row block and 16-key block): `f(mt, j, i, keep)`. `NN` even. Every lane
+/// of the warp must call this (shuffles).
 #[inline(always)]
 pub(crate) fn keep_qk<const MT: usize, const NN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, usize, bool)) {
-    let (x0, y0) = counter_qk(row0, key0);
-    let byte = |word: u32, e: usize| (word >> (8 * e)) & 0xff;
     for mt in 0..MT {
-        if NN % 4 == 0 {
-            for k in 0..NN / 4 {
-                let w = m.words(x0 + 4 * k as u32, y0 + 8 * mt as u32);
-                for (c, word) in w.iter().enumerate() {
-                    for e in 0..4 {
-                        f(mt, 4 * k + c, e, byte(*word, e) < m.threshold);
-                    }
+        let row = row0 + 16 * mt as i32;
+        let odd = ((row >> 4) & 1) as usize;
+        qk_words(m, row, key0, NN / 2, #[inline(always)] |b, w| {
+            for tile in 0..2 {
+                for i in 0..4 {
+                    let byte = (w[(i % 2) ^ odd] >> (8 * (tile + 2 * (i / 2)))) & 0xff;
+                    f(mt, 2 * b + tile, i, byte < m.threshold);
                 }
             }
-        } else {
-            // The 16-key piece k starts at key0 - 2t + 16 k: its call's half (key / 16) % 2.
-            let half0 = ((key0 >> 4) & 1) as u32;
-            for k in 0..NN / 2 {
-                let (half, x) = ((half0 + k as u32) & 1, x0 + 4 * ((half0 + k as u32) >> 1));
-                let w = m.words(x, y0 + 8 * mt as u32);
-                let (lo, hi) = if half == 0 { (w[0], w[1]) } else { (w[2], w[3]) };
-                for e in 0..4 {
-                    f(mt, 2 * k, e, byte(lo, e) < m.threshold);
-                    f(mt, 2 * k + 1, e, byte(hi, e) < m.threshold);
-                }
-            }
-        }
+        });
     }
 }
 
-/// Dropout's verdicts on a thread's packed P of one key tile (`kept_p`): for call k (keys 32 k..) word w
-/// (n8 tile 4 k + w), the top bit of byte e set iff element e of that tile is kept. The draws do not
-/// depend on the scores, so kernels compute them where an asynchronous product hides the integer work
-/// (`fwd::ws`'s `kept_under_s`).
+/// Dropout's verdicts on a thread's packed P of one key tile (`kept_p`): for 16-key block b, `words[b]`
+/// are `qk_words`'s two words after `Carry::kept_bytes` (the top bit of each byte set iff kept), and
+/// `odd_rows` says whether the rows' 16-row block is odd (then `words[b][0]` holds the odd keys). The
+/// draws do not depend on the scores, so kernels compute them where an asynchronous product hides the
+/// integer work (`fwd::ws`'s `kept_under_s`).
 #[derive(Clone, Copy)]
-pub(crate) struct KeptP(pub [[u32; 4]; 4]);
+pub(crate) struct KeptP {
+    pub words: [[u32; 2]; 8],
+    pub odd_rows: bool,
+}
 
 impl KeptP {
     /// Every score kept (no dropout).
-    pub(crate) const ALL: KeptP = KeptP([[!0; 4]; 4]);
+    pub(crate) const ALL: KeptP = KeptP { words: [[!0; 2]; 8], odd_rows: false };
 }
 
-/// `KeptP` of the `KP` A fragments of a P V product on wgmma (`KP <= 8`: n8 tiles 0..2 KP; `row0 = 16 a +
-/// g`, `key0` = the tile's first key (a multiple of 32) + 2 t). Per call (16 scores) one
-/// `Carry::kept_bytes` per word.
+/// `KeptP` of the `KP` A fragments of a P V product on wgmma (`KP <= 8` 16-key blocks; `row0 = 16 a + g`,
+/// `key0` = the tile's first key (a multiple of 16) + 2 t). Per call (16 scores) one
+/// `Carry::kept_bytes` per word. Every lane of the warp must call this (shuffles).
 #[inline(always)]
 pub(crate) fn kept_p<const KP: usize>(m: &HeadMods, row0: i32, key0: i32) -> KeptP {
-    let (x0, y0) = counter_qk(row0, key0);
+    const { assert!(KP <= 8) };
     let carry = Carry::of(m.threshold);
-    let mut kept = KeptP::ALL;
-    for k in 0..KP.div_ceil(2) {
-        let w = m.words(x0 + 4 * k as u32, y0);
-        for (c, word) in w.iter().enumerate() {
-            kept.0[k][c] = carry.kept_bytes(*word);
-        }
-    }
+    let mut kept = KeptP { words: KeptP::ALL.words, odd_rows: (row0 >> 4) & 1 != 0 };
+    qk_words(m, row0, key0, KP, #[inline(always)] |b, w| kept.words[b] = [carry.kept_bytes(w[0]), carry.kept_bytes(w[1])]);
     kept
 }
 
 /// Dropout on packed P (`pa[kk]` = rows g, g + 8 of n8 tiles 2 kk and 2 kk + 1, two 16-bit probabilities
-/// per register): per register a `prmt` spreads two bytes' verdicts over their 16-bit halves and an AND
-/// zeroes the dropped ones.
+/// per register, the even key's low): per register a `prmt` spreads two verdicts (byte `tile` or `tile +
+/// 2` of the even and the odd keys' words) over its 16-bit halves and an AND zeroes the dropped ones.
 #[inline(always)]
 pub(crate) fn drop_p<const KP: usize>(kept: &KeptP, pa: &mut [[u32; 4]; KP]) {
+    // Selectors with words[b][0] as the even keys' word; odd rows swap the two sources (bit 2 of each nibble).
+    let swap = if kept.odd_rows { 0x4444 } else { 0 };
+    let sel = [[0xCC88 ^ swap, 0xEEAA ^ swap], [0xDD99 ^ swap, 0xFFBB ^ swap]];
     for (kk, frag) in pa.iter_mut().enumerate() {
+        let [k0, k1] = kept.words[kk];
         for tile in 0..2 {
-            let v = kept.0[kk / 2][2 * (kk % 2) + tile];
-            frag[2 * tile] &= prmt(v, 0, 0x9988);
-            frag[2 * tile + 1] &= prmt(v, 0, 0xbbaa);
+            frag[2 * tile] &= prmt(k0, k1, sel[tile][0]);
+            frag[2 * tile + 1] &= prmt(k0, k1, sel[tile][1]);
         }
     }
 }
 
-/// Dropout's decisions for key-major fragments (as `alibi_kq`; `key0 = 16 a + g`, `row0 = 16 c + 2 t`):
-/// `f(kt, k, bits)` per key tile `kt` and pair `k` of query tiles (2 k, 2 k + 1), bit `4 kk + 2 (i % 2) +
-/// i / 2` of `bits` set iff element `i` of tile (kt, 2 k + kk) is kept. Each lane draws for the (query,
-/// key) position of the query-major lane with its (g, t) in the 16 x 32 block around its key tile, keeps
-/// the half of the call its 16 keys own, then takes its own decisions from the two lanes that drew them
-/// (`4 (2 t + e) + g / 2`). Every lane of the warp must call this (shuffles). `QN` even.
+/// The bit of `keep_kq`'s word that decides element `i` of key tile `kt`, query tile `j` (of `QN`), a
+/// constant once inlined: byte `i / 2 + 2 (j % 2)` (the call's byte), bit `7 - i % 2 - 2 ((u / 2) % 2) - 4 (u
+/// / 4)` in it, u = kt QN + j (query parity, the 16-query block's place in its pair, the pair).
 #[inline(always)]
-pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32, key0: i32, mut f: impl FnMut(usize, usize, u32)) {
-    let (g, t) = ((key0 & 7) as u32, ((row0 & 7) >> 1) as u32);
-    // As the query-major lane (g, t): query row g of its 16-row block, key pair t.
-    let y0 = ((row0 >> 4) * 8) as u32 + g;
-    let tile0 = (key0 >> 4) as u32;
+pub(crate) const fn kq_bit<const QN: usize>(kt: usize, j: usize, i: usize) -> u32 {
+    let u = kt * QN + j;
+    (8 * (i / 2 + 2 * (j % 2)) + 7 - i % 2 - 2 * ((u / 2) % 2) - 4 * (u / 4)) as u32
+}
+
+/// Dropout's decisions for key-major fragments (as `alibi_kq`; `key0 = 16 a + g`, `row0 = 16 c + 2 t`;
+/// `KT` key tiles of 16 x `QN` query tiles of 8, `KT QN <= 8`): element `i` of tile (kt, j) is kept iff
+/// bit `kq_bit::<QN>(kt, j, i)` is set. Pairs of 16-query blocks are traded (`traded`); with one block
+/// per key tile (`QN == 2`) each lane draws that block's call and uses half of it. Every lane of the warp
+/// must call this (shuffles).
+#[inline(always)]
+pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32, key0: i32) -> u32 {
+    const { assert!(KT * QN <= 8 && QN % 2 == 0 && (QN == 2 || QN % 4 == 0)) };
+    let carry = Carry::of(m.threshold);
+    let (p, gp) = ((key0 & 1) as u32, ((key0 & 7) >> 1) as u32);
+    let (qb0, t) = ((row0 >> 4) as u32, ((row0 & 7) >> 1) as u32);
+    let kb0 = (key0 >> 4) as u32;
+    let mut keep = 0u32;
     for kt in 0..KT {
-        let (x, half) = (((tile0 + kt as u32) >> 1) * 4 + t, (tile0 + kt as u32) & 1);
-        for k in 0..QN / 2 {
-            let bits = m.keep_bits(x, y0 + 8 * k as u32, half);
-            // Lane (2t + e, g / 2) drew queries 2t + e (+ 8) against keys (g & !1) + {0, 1} (+ 8): its bit
-            // 2 (g % 2 + 2 kk) + h is query 8 kk + 2t + e, key g (+ 8 h). Shifted by 2 (g % 2): 4 kk + h.
-            let r0 = shfl_idx_u32(bits, 8 * t + g / 2) >> (2 * (g % 2));
-            let r1 = shfl_idx_u32(bits, 8 * t + 4 + g / 2) >> (2 * (g % 2));
-            f(kt, k, (r0 & 0x33) | ((r1 << 2) & 0xcc));
+        let kb = kb0 + kt as u32;
+        let x = 4 * kb + gp;
+        // A block's two words as verdicts: the even queries' at bit 7 of each byte, the odd ones' at bit 6
+        // (words[0] holds the queries of parity kb % 2); the bits below are junk.
+        let bits = #[inline(always)] |w: [u32; 2]| {
+            let (e, o) = if kb & 1 == 0 { (w[0], w[1]) } else { (w[1], w[0]) };
+            let (e, o) = (carry.kept_bytes(e), carry.kept_bytes(o));
+            (e & 0x8080_8080) | ((o >> 1) & !0x8080_8080)
+        };
+        if QN == 2 {
+            // One block: this lane's own call, the words of its keys (parity p): (p ^ qb % 2) + {0, 2}.
+            let w = m.words(x, 4 * qb0 + t);
+            let own = if (p ^ qb0) & 1 == 0 { [w[0], w[2]] } else { [w[1], w[3]] };
+            let b = bits(own);
+            let shift = 2 * (kt % 2) + 4 * (kt / 2);
+            keep |= (b >> shift) & (0xc0c0_c0c0 >> shift);
+        } else {
+            // This lane draws the block of each pair whose parity is its key parity.
+            let second = (qb0 ^ p) & 1;
+            for c in 0..QN / 4 {
+                let (own, got) = traded::<true>(m.words(x, 4 * (qb0 + 2 * c as u32 + second) + t));
+                let (own, got) = (bits(own), bits(got));
+                let (first, other) = if second == 0 { (own, got) } else { (got, own) };
+                let pair = (first & 0xc0c0_c0c0) | ((other >> 2) & !0xc0c0_c0c0);
+                let shift = 4 * (kt * QN / 4 + c);
+                keep |= (pair >> shift) & (0xf0f0_f0f0 >> shift);
+            }
         }
     }
+    keep
 }

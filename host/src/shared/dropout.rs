@@ -14,19 +14,24 @@
 //! ```text
 //! key     = [seed as u32, (seed >> 32) as u32]
 //! sub     = offset.wrapping_add(b * Hq + h)                      (u64; Hq = the number of query heads)
-//! counter = [(j / 32) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
-//! word    = (j % 32) / 8
-//! byte    = j % 2 + 2 * ((i / 8) % 2)
+//! counter = [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 4 + (i % 8) / 2, sub as u32, (sub >> 32) as u32]
+//! word    = 2 * ((i % 2) ^ ((j / 16) % 2)) + ((j % 2) ^ ((i / 16) % 2))
+//! byte    = (j / 8) % 2 + 2 * ((i / 8) % 2)
 //! draw    = (philox4x32_10(counter, key)[word] >> (8 * byte)) & 0xff
 //! keep    = draw < threshold,   threshold = round((1 - p) * 256) clamped to [1, 255]   (f64, on the host)
 //! ```
 //!
-//! So one Philox call decides the 2 x 8 scores of rows {i, i + 8} and keys {j, j + 1} + {0, 8, 16, 24}
-//! (i % 16 < 8, j % 32 < 8, j even): exactly the sixteen accumulator elements one thread holds in a 16 x
-//! 32 block of an `mma.sync` m16n8 or `wgmma` m64nN product of S = Q K^T, word w being its n8 tile w and
-//! byte e its element e, so the bytes of a word are the two packed pairs of P that tile gives the P V
-//! product (a kernel computing S^T = K Q^T makes the same call and trades the draws with two warp
-//! shuffles). Kept scores are scaled by `1 / (1 - p)` (an f32 computed on the host). The keep
+//! So one Philox call decides the 4 x 4 scores of rows {i, i + 1, i + 8, i + 9} and keys {j, j + 1, j +
+//! 8, j + 9} of a 16 x 16 block (i % 16 and j % 16 in {0, 2, 4, 6}). In an `mma.sync` m16n8 or `wgmma`
+//! accumulator a thread holds 8 scores of such a block: rows {g, g + 8} x keys {2t, 2t + 1, 2t + 8, 2t +
+//! 9} of S = Q K^T, or keys {g, g + 8} x queries {2t, .., 2t + 9} of S^T = K Q^T. Either way that is half
+//! of one call, and the lane with g ^ 1 (lane ^ 4) holds the other half. So the two lanes share the
+//! calls of two neighbouring blocks: each draws the block whose index (key block for S, query block for
+//! S^T) has its g's parity, keeps the two words of its own half (words 0, 1 for S and 0, 2 for S^T: that
+//! is what the XORs in `word` arrange) and trades the other two for its partner's: one call per 16
+//! scores per thread in both layouts, and two shuffles. The bytes of a word are the thread's two rows
+//! (S) or keys (S^T) times its two n8 tiles of the block.
+//! Kept scores are scaled by `1 / (1 - p)` (an f32 computed on the host). The keep
 //! probability is `threshold / 256`: within 2^-9 of 1 - p for p in [2^-9, 1 - 2^-9] (exact where p is a
 //! multiple of 1/256), and every p > 0 drops at least 1 score in 256 (flash-attn 2 also quantizes p to
 //! 8 bits).
@@ -75,13 +80,14 @@ pub fn key(seed: u64) -> [u32; 2] {
 /// The counter of the call deciding score (i, j) of subsequence `sub` (`offset + b * Hq + h`).
 #[inline(always)]
 pub fn counter(sub: u64, i: u32, j: u32) -> [u32; 4] {
-    [(j / 32) * 4 + (j % 8) / 2, (i / 16) * 8 + i % 8, sub as u32, (sub >> 32) as u32]
+    [(j / 16) * 4 + (j % 8) / 2, (i / 16) * 4 + (i % 8) / 2, sub as u32, (sub >> 32) as u32]
 }
 
 /// Score (i, j)'s 8-bit draw among its call's words.
 #[inline(always)]
 pub fn draw(words: &[u32; 4], i: u32, j: u32) -> u32 {
-    (words[((j % 32) / 8) as usize] >> (8 * (j % 2 + 2 * ((i / 8) % 2)))) & 0xff
+    let word = 2 * ((i % 2) ^ ((j / 16) % 2)) + ((j % 2) ^ ((i / 16) % 2));
+    (words[word as usize] >> (8 * ((j / 8) % 2 + 2 * ((i / 8) % 2)))) & 0xff
 }
 
 /// The keep threshold of dropout probability `p` in (0, 1): keep iff an 8-bit draw is below it.

@@ -14,6 +14,17 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     r
 }
 
+/// `shfl.sync.bfly` on a 32-bit integer (as `shfl_xor_f32`).
+#[inline(always)]
+pub fn shfl_xor_u32(v: u32, mask: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 0x1f, 0xffffffff;", r = out(reg32) r, v = in(reg32) v,
+            m = in(reg32) mask, options(nomem, nostack))
+    }
+    r
+}
+
 /// `shfl.sync.idx`: lane `src`'s value (all 32 lanes take part; not `pure`, as above).
 #[inline(always)]
 pub fn shfl_idx_u32(v: u32, src: u32) -> u32 {

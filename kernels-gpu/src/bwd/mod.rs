@@ -34,7 +34,7 @@ use crate::arch::sreg::{block_idx_x, block_idx_z, grid_dim_x};
 use crate::arch::smem;
 use crate::block::m_block_range;
 use crate::mask::for_each_hidden_kq;
-use crate::mods::{keep_kq, HeadMods};
+use crate::mods::{keep_kq, kq_bit, HeadMods};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 
@@ -288,7 +288,7 @@ struct KqAt {
 /// kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u64, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u32, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
     match (p.softcap_pre != 0.0, mods.dropout) {
         (true, true) => grad_tile_with::<KT, QN, true, MODS, true>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
         (true, false) => grad_tile_with::<KT, QN, true, MODS, false>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
@@ -297,25 +297,19 @@ fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, 
     }
 }
 
-/// Dropout's decisions for a key-major tile at `at` (`grad_tile`'s `keep`: bit (kt QN + j) 4 + 2 (i % 2)
-/// + i / 2 for element i of tile (kt, j), `keep_kq`'s order, so that each element tests a constant bit; 0
-/// without dropout). Called once the S^T and dP^T products have landed: drawn before their waits, the
-/// decisions ran 1-4% slower on the wgmma kernels (H200, benches/RESULTS.md). Every lane of the warp
-/// (shuffles).
+/// Dropout's decisions for a key-major tile at `at` (`grad_tile`'s `keep`: `mods::keep_kq`'s word, bit
+/// `kq_bit` for each element; 0 without dropout). Called once the S^T and dP^T products have landed:
+/// drawn before their waits, the decisions ran 1-4% slower on the wgmma kernels (H200,
+/// benches/RESULTS.md). Every lane of the warp (shuffles).
 #[inline(always)]
-fn keep_tile<const KT: usize, const QN: usize>(mods: &HeadMods, at: &KqAt) -> u64 {
-    const { assert!(KT * QN * 4 <= 64) };
-    let mut keep = 0u64;
-    if mods.dropout {
-        keep_kq::<KT, QN>(mods, at.row0, at.key0, #[inline(always)] |kt, k, bits| keep |= (bits as u64) << ((kt * QN + 2 * k) * 4));
-    }
-    keep
+fn keep_tile<const KT: usize, const QN: usize>(mods: &HeadMods, at: &KqAt) -> u32 {
+    if mods.dropout { keep_kq::<KT, QN>(mods, at.row0, at.key0) } else { 0 }
 }
 
 /// `grad_tile`'s loops, with softcap and dropout fixed at compile time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const MODS: bool, const DROP: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u64, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const MODS: bool, const DROP: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u32, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
     // ALiBi: |query + shift - key| = |base + (8 j + i % 2) - (16 kt + 8 (i / 2))|.
     let base = (at.row0 + at.shift - at.key0) as f32;
     for j in 0..QN {
@@ -332,7 +326,7 @@ fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const M
                 }
                 let (pr, ds) = if DROP {
                     // P Z and dS = P Z dP - P D (one FMA where the plain step subtracts, then multiplies).
-                    let z = if (keep >> ((kt * QN + j) * 4 + 2 * (i % 2) + i / 2)) & 1 != 0 { mods.scale } else { 0.0 };
+                    let z = if (keep >> kq_bit::<QN>(kt, j, i)) & 1 != 0 { mods.scale } else { 0.0 };
                     if SOFTCAP { grad_elem_softcap_drop(p, s, dp, l, delta[i % 2], z) } else { grad_elem_plain_drop(p, s, dp, l, delta[i % 2], z) }
                 } else if SOFTCAP {
                     grad_elem_softcap(p, s, dp, l, delta[i % 2])
