@@ -86,8 +86,8 @@ fn traded<const KEY_MAJOR: bool>(w: [u32; 4]) -> ([u32; 2], [u32; 2]) {
 
 /// The words deciding a query-major lane's scores in `nb` 16 x 16 blocks of keys: its rows `row0 = 16 qb +
 /// g` and g + 8, keys `key0 = 16 kb0 + 2 t` (+ 1, + 8, + 9) of block `kb0 + b` for `f(b, words)`.
-/// `words[0]` holds the keys of parity qb % 2, `words[1]` the others; byte `tile + 2 (row / 8)` is n8
-/// tile `tile` of the block (`dropout.rs`). Pairs of blocks are traded; an odd last block is this lane's
+/// `words[0]` holds the keys of parity qb % 2, `words[1]` the others; byte `tile + 2 h` is row g + 8 h
+/// in n8 tile `tile` of the block (`dropout.rs`). Pairs of blocks are traded; an odd last block is this lane's
 /// own call, half of it used. Every lane of the warp must call this.
 #[inline(always)]
 fn qk_words(m: &HeadMods, row0: i32, key0: i32, nb: usize, mut f: impl FnMut(usize, [u32; 2])) {
