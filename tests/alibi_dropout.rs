@@ -396,11 +396,12 @@ fn keep_rate_is_binomial() {
         let (_, m) = probs_of(&q, &k, &v, &Extras::default(), &dropout(p, r.r#gen(), r.r#gen()));
         let keep_p = DropoutParams::new(p, 0, 0).unwrap().threshold as f64 / 256.0;
         assert!((keep_p - (1.0 - p as f64)).abs() <= 1.0 / 512.0, "p {p}: keep probability {keep_p}");
-        // Overall, and per (i % 16, j % 32) class: each Philox word, byte and call position on its own.
-        let mut dropped = [0usize; 512];
+        // Overall, and per (i % 32, j % 32) class: each Philox word, byte and call position on its own (the
+        // word depends on i / 16 and j / 16 being odd).
+        let mut dropped = [0usize; 1024];
         for (e, x) in m.iter().enumerate() {
             let (i, j) = ((e / s) % s, e % s);
-            dropped[(i % 16) * 32 + j % 32] += usize::from(x.is_sign_negative());
+            dropped[(i % 32) * 32 + j % 32] += usize::from(x.is_sign_negative());
         }
         let check = |n: usize, count: usize, what: &str| {
             let mean = n as f64 * (1.0 - keep_p);
@@ -409,7 +410,7 @@ fn keep_rate_is_binomial() {
         };
         check(m.len(), dropped.iter().sum(), "all");
         for (class, &c) in dropped.iter().enumerate() {
-            check(m.len() / 512, c, &format!("class i%16 = {}, j%32 = {}", class / 32, class % 32));
+            check(m.len() / 1024, c, &format!("class i%32 = {}, j%32 = {}", class / 32, class % 32));
         }
         // Heads draw independent masks: two heads agree on about p^2 + (1-p)^2 of their scores.
         let agree = (0..s * s).filter(|&e| m[e].is_sign_negative() == m[s * s + e].is_sign_negative()).count();
