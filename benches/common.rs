@@ -27,10 +27,10 @@ pub fn dense_name(d: usize, s: usize, b: usize, h: usize, causal: bool) -> Strin
     format!("fwd/hdim{d}/s{s}/b{b}/h{h}/causal{}", causal as u8)
 }
 
-/// The score-modifier rows: hdim 64, 128 and 256 at S 2048 and 8192 (the dense table's batch and heads),
+/// The score-modifier rows: hdim 64, 96, 128, 192 and 256 at S 2048 and 8192 (the dense table's batch and heads),
 /// each without modifiers, with ALiBi and with dropout (p = `MODS_DROPOUT`), named `mods_name`.
 pub fn mods_shapes() -> Vec<(usize, usize, usize, usize)> {
-    dense_shapes().into_iter().filter(|&(d, s, _, _)| matches!(d, 64 | 128 | 256) && matches!(s, 2048 | 8192)).collect()
+    dense_shapes().into_iter().filter(|&(d, s, _, _)| matches!(d, 64 | 96 | 128 | 192 | 256) && matches!(s, 2048 | 8192)).collect()
 }
 
 /// Dropout probability of the `dropout` rows (flash-attn's typical training value).

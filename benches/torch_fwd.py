@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MASK64 = (1 << 64) - 1
 # benches/common.rs's score-modifier rows: (head dim, seqlen) and the dropout probability.
-MODS_SHAPES = [(d, s) for d in (64, 128, 256) for s in (2048, 8192)]
+MODS_SHAPES = [(d, s) for d in (64, 96, 128, 192, 256) for s in (2048, 8192)]
 MODS_DROPOUT = 0.1
 
 

@@ -655,6 +655,17 @@ fn dense_long_sequences() {
             run_case(&mut rng, &h, i % 2 == 0, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
         }
     }
+    // ALiBi alone with steep slopes, no causal mask: the `_alibi` copies at head dims 96-192 visit a row
+    // block's key tiles from its diagonal outwards, with the lazy max (ws.rs `first_tile`, `lazy_max`);
+    // the steep bias moves a row's max by far more than the lazy bound where its diagonal is not in the
+    // first tile. More keys than queries and fewer (the first tile clamped to the block's first).
+    for (i, d) in HEAD_DIMS.into_iter().filter(|&d| d > 64).enumerate() {
+        let c = Case { dtype: [DType::BF16, DType::F16][i % 2], d, hq: 4, hk: 2, causal: false, window: (-1, -1), softcap: 0.0, slopes: Slopes::Heads, slope_max: 1.0, dropout: no_dropout, amp: 1.0 };
+        for (sq, sk) in [(333, 1000), (1000, 333)] {
+            let h = Host::new(&mut rng, c, Layout::dense(1, sq, sk));
+            run_case(&mut rng, &h, false, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
+        }
+    }
     tally.report();
 }
 

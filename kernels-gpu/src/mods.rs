@@ -74,14 +74,25 @@ impl HeadMods {
     }
 }
 
-/// A lane pair's trade (lanes L and L ^ 4, see the module doc): of this lane's call `w`, it keeps words
-/// 0 and 1 (query-major) or 0 and 2 (`KEY_MAJOR`), its own half, and gets its partner's call's words
-/// that hold this lane's half of the partner's block, in the same order. Every lane of the warp must call
-/// this (shuffles).
+/// One lane's half of a call `w` (see the module doc): words 0 and 1, or 2 and 3 where `second`
+/// (query-major); words 0 and 2, or 1 and 3 (`KEY_MAJOR`).
+#[inline(always)]
+fn half<const KEY_MAJOR: bool>(w: [u32; 4], second: bool) -> [u32; 2] {
+    match (KEY_MAJOR, second) {
+        (false, false) => [w[0], w[1]],
+        (false, true) => [w[2], w[3]],
+        (true, false) => [w[0], w[2]],
+        (true, true) => [w[1], w[3]],
+    }
+}
+
+/// A lane pair's trade (lanes L and L ^ 4, see the module doc): of this lane's call `w`, it keeps the
+/// first half (`half`), its own, and gets its partner's call's words that hold this lane's half of the
+/// partner's block, in the same order. Every lane of the warp must call this (shuffles).
 #[inline(always)]
 fn traded<const KEY_MAJOR: bool>(w: [u32; 4]) -> ([u32; 2], [u32; 2]) {
-    let (own, send) = if KEY_MAJOR { ([w[0], w[2]], [w[1], w[3]]) } else { ([w[0], w[1]], [w[2], w[3]]) };
-    (own, [shfl_xor_u32(send[0], 4), shfl_xor_u32(send[1], 4)])
+    let send = half::<KEY_MAJOR>(w, true);
+    (half::<KEY_MAJOR>(w, false), [shfl_xor_u32(send[0], 4), shfl_xor_u32(send[1], 4)])
 }
 
 /// The words deciding a query-major lane's scores in `nb` 16 x 16 blocks of keys: its rows `row0 = 16 qb +
@@ -105,7 +116,7 @@ fn qk_words(m: &HeadMods, row0: i32, key0: i32, nb: usize, mut f: impl FnMut(usi
     if nb % 2 == 1 {
         let kb = kb0 + (nb - 1) as u32;
         let w = m.words(4 * kb + t, y);
-        f(nb - 1, if (p ^ kb) & 1 == 0 { [w[0], w[1]] } else { [w[2], w[3]] });
+        f(nb - 1, half::<false>(w, (p ^ kb) & 1 != 0));
     }
 }
 
@@ -267,7 +278,7 @@ pub(crate) fn keep_kq<const KT: usize, const QN: usize>(m: &HeadMods, row0: i32,
         if QN == 2 {
             // One block: this lane's own call, the words of its keys (parity p): (p ^ qb % 2) + {0, 2}.
             let w = m.words(x, 4 * qb0 + t);
-            let own = if (p ^ qb0) & 1 == 0 { [w[0], w[2]] } else { [w[1], w[3]] };
+            let own = half::<true>(w, (p ^ qb0) & 1 != 0);
             let b = bits(own);
             let shift = 2 * (kt % 2) + 4 * (kt / 2);
             keep |= (b >> shift) & (0xc0c0_c0c0 >> shift);

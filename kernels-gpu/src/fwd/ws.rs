@@ -144,6 +144,28 @@ impl Tiles {
     }
 }
 
+/// The first key tile a row block visits: `n_max - 1` (then leftwards), or with `DIAG` (the `_alibi`
+/// copies where `lazy_max`) this one: the tile holding the diagonal of the block's last row, clamped into
+/// the block's tiles, then rightwards to `n_max - 1`, then leftwards from it. ALiBi's bias is largest on
+/// the diagonal and falls away from it both ways, so a row's max is found in its first tiles and the lazy
+/// max rarely moves after them (from the right end the max rose tile after tile without a causal mask).
+/// With a causal mask both orders are the same.
+#[inline(always)]
+fn first_tile<const BN: usize>(a: &BlockArgs, rows: i32, n_min: i32, n_max: i32) -> i32 {
+    let key = a.m0 + rows - 1 + a.seqlen_k - a.seqlen_q;
+    let d = if key < 0 { -1 } else { key / BN as i32 };
+    if d >= n_max { n_max - 1 } else if d < n_min { n_min } else { d }
+}
+
+/// Tile number `i` of a row block's visit order with `DIAG` (`first_tile`); without it tile `i` is
+/// `n_max - 1 - i`, which the callers write out (`pick`: the kernels without `DIAG` keep their code as
+/// it was; a shared form raised the plain hdim 256 kernel's spills 188 -> 348 bytes).
+#[inline(always)]
+fn tile_at(i: i32, first: i32, n_max: i32) -> i32 {
+    let right = n_max - first;
+    if i < right { first + i } else { first - 1 - (i - right) }
+}
+
 /// Where the copy engine reads a head's rows: (first row, batch coordinate) of the 4-d tensor maps
 /// (varlen: rows of the packed buffer, one batch; dense: rows of sequence `bidb`).
 #[inline(always)]
@@ -160,7 +182,7 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
 /// K tile ahead (the lookups of a tile in flight together, under the wait for a free stage) and issues
 /// box j's copies (a lookup per box by one thread: pages of 16 at 0.66x contiguous).
 #[inline(always)]
-unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
+unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS: bool, const DIAG: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
     let base = smem::base();
     let (q_map, k_map, v_map) = (maps, maps + 128, maps + 256);
     if lane == 0 {
@@ -182,10 +204,13 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
         if m0 >= head.sq.used {
             return;
         }
-        let (_, n_min, n_max) = block_plan::<BN>(&head.args_at(p, m0));
+        let (rows, n_min, n_max) = block_plan::<BN>(&head.args_at(p, m0));
         if n_max <= n_min {
             return;
         }
+        let first = if DIAG { first_tile::<BN>(&head.args_at(p, m0), rows, n_min, n_max) } else { 0 };
+        // Tile number `i`, given as `n_max - 1 - i` (`tile_at`).
+        let pick = #[inline(always)] |i: i32, from_last: i32| if DIAG { tile_at(i, first, n_max) } else { from_last };
         let (q_row, k_row, b) = row_coords(p, head);
         if lane == 0 {
             unsafe {
@@ -226,25 +251,25 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
             s.advance();
         };
         // K runs a tile ahead of V; each K tile's boxes are looked up before the previous one's copies.
-        let mut k_at = lookup(n_max - 1);
-        load(&pipes.k, &mut ks, k_map, false, n_max - 1, k_at);
+        let mut k_at = lookup(pick(0, n_max - 1));
+        load(&pipes.k, &mut ks, k_map, false, pick(0, n_max - 1), k_at);
         let n_tiles = n_max - n_min;
         let mut v_at = k_at;
         if n_tiles > 1 {
-            k_at = lookup(n_max - 2);
+            k_at = lookup(pick(1, n_max - 2));
         }
         let mut i = 0;
         while i < n_tiles {
             if i + 1 < n_tiles {
-                load(&pipes.k, &mut ks, k_map, false, n_max - 2 - i, k_at);
+                load(&pipes.k, &mut ks, k_map, false, pick(i + 1, n_max - 2 - i), k_at);
                 let next_v = k_at;
                 if i + 2 < n_tiles {
-                    k_at = lookup(n_max - 3 - i);
+                    k_at = lookup(pick(i + 2, n_max - 3 - i));
                 }
-                load(&pipes.v, &mut vs, v_map, true, n_max - 1 - i, v_at);
+                load(&pipes.v, &mut vs, v_map, true, pick(i, n_max - 1 - i), v_at);
                 v_at = next_v;
             } else {
-                load(&pipes.v, &mut vs, v_map, true, n_max - 1 - i, v_at);
+                load(&pipes.v, &mut vs, v_map, true, pick(i, n_max - 1 - i), v_at);
             }
             i += 1;
         }
@@ -296,17 +321,15 @@ struct ConsumerStages {
 /// releases the stages for its warpgroup.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
     let base = smem::base();
     let warp = ctid / 32;
     let wg = (warp / 4) as u32;
     let lane = ctid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let scale_log2 = a.softmax_scale();
-    // The lazy max (`softmax::RESCALE_LOG2`) above head dim 64, without score modifiers (H200, S=8192:
-    // hdim 256 1.05-1.07x, 192 1.03x, 128 1.01-1.02x; at 64, where O is 32 registers, the vote cost
-    // more than it saved, 0.98x; ALiBi at 128 lost 3%: its max moves along the keys).
-    let lazy = D > 64 && !a.mods.modded;
+    // The lazy max (`softmax::RESCALE_LOG2`, `LAZY`: see `lazy_max`).
+    let lazy = LAZY;
     let (rows, n_min, n_max) = block_plan::<BN>(a);
     let mut acc_o = [[0f32; 4]; DN];
     let mut row_state = [RowState::EMPTY; 2];
@@ -314,6 +337,9 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     if n_max > n_min {
         let n_tiles = n_max - n_min;
         let tail_valid = a.seqlen_k - (n_max - 1) * BN as i32;
+        let first = if DIAG { first_tile::<BN>(a, rows, n_min, n_max) } else { 0 };
+        // Tile number `i`, given as `n_max - 1 - i` (`tile_at`).
+        let pick = #[inline(always)] |i: i32, from_last: i32| if DIAG { tile_at(i, first, n_max) } else { from_last };
         let release = |pipe: &Pipeline<KV_STAGES>, s: &mut Stage<KV_STAGES>| {
             if leader {
                 unsafe { pipe.consumer_release(*s) };
@@ -334,14 +360,14 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         take_turn(wg);
         unsafe { issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize) };
         pass_turn(wg);
-        let early = kept_early::<D, BN, KP>(a, n_max - 1, warp);
+        let early = kept_early::<D, BN, KP>(a, pick(0, n_max - 1), warp);
         wait_s::<0, NN>(&mut acc_s);
         release(&pipes.k, &mut st.k);
         if n_tiles == 1 {
             release_q(st.q);
         }
-        let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, n_max - 1, warp) };
-        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, LINEAR, lazy);
+        let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, pick(0, n_max - 1), warp) };
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], pick(0, n_max - 1), rows, warp, scale_log2, LINEAR, lazy);
 
         // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
         // the second product, O rescaled once it lands.
@@ -351,7 +377,12 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
                 pipes.k.consumer_wait(st.k);
                 pipes.v.consumer_wait(st.v);
             }
-            if i == 0 {
+            // The tail tile's V (the first tile's, unless `DIAG`).
+            if DIAG {
+                if tile_at(i, first, n_max) == n_max - 1 {
+                    unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+                }
+            } else if i == 0 {
                 unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
             }
             take_turn(wg);
@@ -360,7 +391,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
                 issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize);
             }
             pass_turn(wg);
-            let early = kept_early::<D, BN, KP>(a, n_max - 2 - i, warp);
+            let early = kept_early::<D, BN, KP>(a, pick(i + 1, n_max - 2 - i), warp);
             wait_s::<1, NN>(&mut acc_s);
             release(&pipes.k, &mut st.k);
             if i + 2 == n_tiles {
@@ -368,9 +399,9 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
             // P stays in acc_s until the product reading the previous P has landed: one P's registers.
             let mut factor = [1f32; 2];
-            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, n_max - 2 - i, rows, warp, scale_log2, LINEAR, lazy);
+            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, pick(i + 1, n_max - 2 - i), rows, warp, scale_log2, LINEAR, lazy);
             // Otherwise dropout's verdicts under the P V product.
-            let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, n_max - 2 - i, warp) };
+            let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, pick(i + 1, n_max - 2 - i), warp) };
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
             release(&pipes.v, &mut st.v);
@@ -383,7 +414,11 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             i += 1;
         }
         unsafe { pipes.v.consumer_wait(st.v) };
-        if n_tiles == 1 {
+        if DIAG {
+            if tile_at(n_tiles - 1, first, n_max) == n_max - 1 {
+                unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+            }
+        } else if n_tiles == 1 {
             unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
         }
         unsafe { issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize) };
@@ -393,6 +428,18 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         st.q.advance();
     }
     store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
+}
+
+/// Whether a kernel at head dim `d` keeps the lazy max (`softmax::RESCALE_LOG2`): the plain kernels
+/// above head dim 64 (H200, S=8192: hdim 256 1.05-1.07x, 192 1.03x, 128 1.01-1.02x; at 64, where O is 32
+/// registers, the vote cost more than it saved, 0.98x), and the `_alibi` copies (`alibi`) at 96, 128 and
+/// 192, which also visit the key tiles from the diagonal outwards (`first_tile`). H200, ALiBi's forward
+/// against the eager max from the right end (benches/RESULTS.md): 0.93-0.96x at hdim 96, 0.96-0.98 at
+/// 128, 0.97-0.98 non-causal and 0.99-1.00 causal at 192. Not at 256: there the diagonal order raised the
+/// spills (180 -> 336 bytes) and ran 1.03-1.05x slower, and the lazy max alone 0.985 causal but 1.01-1.02
+/// non-causal. Not the `_mods` and `_dropout` copies.
+const fn lazy_max(d: usize, alibi: bool) -> bool {
+    if alibi { d > 64 && d < 256 } else { d > 64 }
 }
 
 /// Whether dropout's verdicts for a tile (`kept_of`) are drawn between its S = Q K^T issue and wait at
@@ -424,7 +471,7 @@ fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
 
 /// Kernel body: barriers set up by thread 0, then the roles.
 #[inline(always)]
-unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool>(p: &FwdParams, maps: u64) {
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool>(p: &FwdParams, maps: u64) {
     let () = Tile::<D, BN>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D, BN>(smem::base());
@@ -441,7 +488,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         tma::regs_dec::<PRODUCER_REGS>();
         if tid == 0 || (PAGED && tid < 32) {
             // Contiguous: thread 0 alone (its lane folds to a constant).
-            unsafe { produce::<D, BN, PAGED, MODS>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
+            unsafe { produce::<D, BN, PAGED, MODS, DIAG>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
         }
     } else {
         tma::regs_inc::<CONSUMER_REGS>();
@@ -454,7 +501,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
         Tiles::new::<D, MODS>(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
-                unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
             unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
         });
@@ -471,7 +518,7 @@ macro_rules! fwd_ws_dropout_kernel {
         pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
             let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
             let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }>(&p, maps) }
+            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false>(&p, maps) }
         }
     };
 }
@@ -484,12 +531,12 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false>(&p, maps) }
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
             /// the compiler drops the dropout code (and its registers) from this copy. Without them
@@ -499,18 +546,18 @@ macro_rules! fwd_ws_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }>(&p, maps) }
             }
             fwd_ws_dropout_kernel!($d, $dt, $name, BN);
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false>(&p, maps) }
             }
         };
     )*};
@@ -524,7 +571,7 @@ macro_rules! fwd_ws_wide_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false>(&p, maps) }
             }
         };
     )*};
