@@ -5,7 +5,7 @@
 //! Skips with a notice when there is no GPU. FLOPs: 4 * B * H * Sq * Sk * D, halved for causal.
 //! The ragged batch also runs over paged K/V (`varlen_fwd_paged`: pages of 16, 64 and 256 rows, each
 //! sequence's pages scattered over the pool), named `paged/...`, to set against the contiguous row.
-//! The score modifiers (`mods/...`): hdim 64, 128 and 256 at S 2048 and 8192, causal and not, each without
+//! The score modifiers (`mods/...`): hdim 64, 96, 128, 192 and 256 at S 2048 and 8192, causal and not, each without
 //! modifiers, with ALiBi (slopes `[H]`) and with dropout (p = 0.1), the same FLOPs counted for all three.
 //! The ragged batch and a skewed one (`skewed64`: one sequence of 16384 tokens, 63 of 256) also run without
 //! max_seqlen (`/nomax`: scheduled by the mean length).
