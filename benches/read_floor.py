@@ -2,35 +2,17 @@
 are (16 calls captured in a CUDA graph and replayed; ms per call, median of 30 replays). Reads:
 torch.sum(x, dtype=float32) and torch.amax over a bf16 tensor of N bytes; copy: N/2 bytes read and N/2
 written. N = the K/V bytes of decode's batch-1 rows at 8k, 32k and 128k keys (Hk 8, D 128, bf16).
-Run on the GPU machine: `python3 benches/read_floor.py`."""
-import statistics
-
+Run on the GPU machine from benches/ (it imports torch_decode and torch_fwd): `python3 read_floor.py`."""
 import torch
 
-STEPS = 16
+# decode's graph capture (its `/graph` rows) and torch_fwd's timing: CUDA events, warm-up, median of 30.
+from torch_decode import GRAPH_STEPS, captured
+from torch_fwd import median_ms
 
 
-def timed(fn, reps=30):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(STEPS):
-            fn()
-    for _ in range(5):
-        g.replay()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / STEPS)
-    return statistics.median(ts)
+def timed(fn):
+    """Milliseconds per call of `fn`, timed as decode's graph rows: a replay of GRAPH_STEPS calls / GRAPH_STEPS."""
+    return median_ms(captured(fn).replay) / GRAPH_STEPS
 
 
 def main():

@@ -19,6 +19,20 @@ MAX_CACHE_BYTES = 17 << 30
 GRAPH_STEPS = 16  # decode.rs's
 
 
+def captured(fn, steps=GRAPH_STEPS):
+    """A CUDA graph of `steps` calls of `fn` (run once on a side stream first, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(steps):
+            fn()
+    return g
+
+
 def main():
     filt = sys.argv[1] if len(sys.argv) > 1 else ""
     dev = "cuda"
@@ -45,15 +59,7 @@ def main():
                         with sdpa_kernel(kind):
                             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
                     if os.environ.get("FA_DECODE_GRAPH"):
-                        side = torch.cuda.Stream()
-                        side.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(side):
-                            run()
-                        torch.cuda.current_stream().wait_stream(side)
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g):
-                            for _ in range(GRAPH_STEPS):
-                                run()
+                        g = captured(run)
                         report(backend, name + "/graph", nbytes * 1e3 * GRAPH_STEPS, g.replay)
                         del g
                         continue
