@@ -50,7 +50,7 @@ use flash_attn::raw::{self, FwdViews};
 use flash_attn::{
     bwd_with, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, BwdOutput, DType, Device, Dropout, Extras, FwdOutput, KernelChoice, PagedVarlen, Target, Tensor, Varlen,
 };
-use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, bwd_mods_family, Tally};
+use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, fwd_family_keys, bwd_mods_family, Tally, FWD_WS_WIDE_MIN_KEYS};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -95,7 +95,8 @@ struct Case {
     window: (i64, i64),
     softcap: f32,
     slopes: Slopes,
-    /// Largest slope (slopes are drawn from (0, this]).
+    /// Largest slope: slopes are drawn from [this / 20, this] (a negative one: negative slopes, whose
+    /// bias grows with the distance).
     slope_max: f32,
     dropout: Dropout,
     /// Amplitudes of q, k (uniform in [-amp, amp]) and v.
@@ -112,7 +113,7 @@ impl Case {
     /// Bound on |score|, the ALiBi bias over distances up to `dist` included.
     fn smax(&self, dist: usize) -> f64 {
         let qk = if self.softcap > 0.0 { self.softcap as f64 } else { self.scale() * self.d as f64 * (self.amp as f64).powi(2) };
-        let bias = if self.slopes == Slopes::None { 0.0 } else { self.slope_max as f64 * dist as f64 };
+        let bias = if self.slopes == Slopes::None { 0.0 } else { self.slope_max.abs() as f64 * dist as f64 };
         qk + bias
     }
     /// Bound on |Z v|: dropout scales kept values by 1 / (1 - p).
@@ -220,7 +221,8 @@ impl Host {
             Slopes::Heads => c.hq,
             Slopes::PerSequence => l.batch() * c.hq,
         };
-        let slopes = (0..n).map(|_| rng.gen_range(c.slope_max * 0.05..=c.slope_max)).collect();
+        let (a, b) = (c.slope_max * 0.05, c.slope_max);
+        let slopes = (0..n).map(|_| rng.gen_range(a.min(b)..=a.max(b))).collect();
         Host { c, l, q, k, v, dout, slopes }
     }
     fn slopes_shape(&self) -> Vec<usize> {
@@ -501,6 +503,8 @@ fn mods_family(h: &Host, choice: KernelChoice) -> &'static str {
     match (fwd_family(h.c.d, h.c.dtype, choice), h.c.slopes, h.c.dropout.p > 0.0) {
         (_, Slopes::None, false) => fwd_family(h.c.d, h.c.dtype, choice),
         // ALiBi without dropout: the `_mods` kernel's `_alibi` copy, its dropout compiled out.
+        // From `FWD_WS_WIDE_MIN_KEYS` keys at head dim 192: the wide-tile kernel's `_alibi` copy.
+        ("wgmma ws", _, false) if fwd_family_keys(h.c.d, h.c.dtype, choice, h.l.max().1) == "wgmma ws wide" => "wgmma ws wide _alibi",
         ("wgmma ws", _, false) => "wgmma ws _alibi",
         // Dropout without ALiBi: its `_dropout` copy, the ALiBi code compiled out (none at head dim 96,
         // which runs `_mods`).
@@ -663,6 +667,17 @@ fn dense_long_sequences() {
         let c = Case { dtype: [DType::BF16, DType::F16][i % 2], d, hq: 4, hk: 2, causal: false, window: (-1, -1), softcap: 0.0, slopes: Slopes::Heads, slope_max: 1.0, dropout: no_dropout, amp: 1.0 };
         for (sq, sk) in [(333, 1000), (1000, 333)] {
             let h = Host::new(&mut rng, c, Layout::dense(1, sq, sk));
+            run_case(&mut rng, &h, false, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
+        }
+    }
+    // ALiBi alone at head dims 192 and 256 with slopes of both signs (a negative slope's bias grows with
+    // the distance): past `FWD_WS_WIDE_MIN_KEYS` keys at head dim 192 the wide-tile kernel's `_alibi`
+    // copy (112-key tiles; `mods::alibi_qk_fast`, a loop for each sign), causal or not, both dtypes.
+    for (i, (d, sk)) in [(192, FWD_WS_WIDE_MIN_KEYS + 52), (192, 900), (256, 900)].into_iter().enumerate() {
+        for (j, slope_max) in [0.1f32, -0.02].into_iter().enumerate() {
+            let (dtype, causal) = ([DType::BF16, DType::F16][(i + j) % 2], j == i % 2);
+            let c = Case { dtype, d, hq: 4, hk: 2, causal, window: (-1, -1), softcap: 0.0, slopes: [Slopes::Heads, Slopes::PerSequence][j], slope_max, dropout: no_dropout, amp: 1.0 };
+            let h = Host::new(&mut rng, c, Layout::dense(2, 150, sk));
             run_case(&mut rng, &h, false, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
         }
     }

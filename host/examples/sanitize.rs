@@ -19,7 +19,8 @@
 //!   dK/dV); plus one forward whose grid chains row blocks (one CTA per (head, sequence), as many heads
 //!   as multiprocessors: the dispatch's own choice at that size), and the wide-tile ws forward where
 //!   there is one (head dim 192: what a plain problem with `FWD_WS_WIDE_MIN_KEYS` keys or more runs),
-//!   dense and packed (`WIDE_*`), both masks.
+//!   dense and packed (`WIDE_*`), both masks; with the modifiers its `_alibi` copy (ALiBi alone, slopes
+//!   of either sign).
 //!
 //! - the KV cache (`KV_CASES`, with the mma.sync family): the append kernel (new keys rotated, q rotated
 //!   or packed), the decode kernel (packed GQA; its splits merged in a cluster, or beyond the cluster's
@@ -219,9 +220,10 @@ impl Plan {
         let masks = (0..MASKS.len()).map(|m| plain(if m < NO_MAX_FROM { given } else { no_max }) + with_mods).sum::<usize>();
         masks + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
     }
-    /// The wide-tile forward's launches: dense and packed, per mask, without the modifiers.
+    /// The wide-tile forward's launches: dense and packed, per mask, without the modifiers, and with them
+    /// ALiBi alone (its `_alibi` copy; positive slopes dense, negative packed).
     fn wide_launches(&self) -> usize {
-        usize::from(self.wide && self.mods.0) * 2 * MASKS.len()
+        (usize::from(self.wide && self.mods.0) + usize::from(self.wide && self.mods.1)) * 2 * MASKS.len()
     }
     /// The KV-cache cases' launches (run once per dtype and head dim, with the mma.sync family): the
     /// append, the attention, the combine where split-KV's partials need it (the paged forward's splits,
@@ -467,14 +469,25 @@ fn main() -> flash_attn::Result<()> {
                 seqused_q: Some(&used_wq),
                 seqused_k: Some(&used_wk),
             };
+            // ALiBi alone: `[Hq]` slopes, positive (dense) and negative (packed): the copies for each sign.
+            let neg_slopes: Vec<f32> = packed_slopes.to_f32_vec()?.iter().map(|s| -0.25 * s).collect();
+            let neg_slopes = Tensor::from_f32(&neg_slopes, &[hq], DType::F32)?.to_device(gpu)?;
+            let (alibi_x, neg_x) = (Extras { alibi_slopes: Some(&packed_slopes), return_attn_probs: false }, Extras { alibi_slopes: Some(&neg_slopes), return_attn_probs: false });
             for (_, causal, window, softcap) in MASKS {
                 let opts = AttnOptions { causal, window, softcap, kernels: DEFAULT, ..Default::default() };
-                let f = fwd(&q, &k, &v, &opts)?;
-                let pf = varlen_fwd_with(&pq, &pk, &pv, &wide_varlen, &Extras::default(), &opts)?;
-                fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                if plan.mods.0 {
+                    let f = fwd(&q, &k, &v, &opts)?;
+                    let pf = varlen_fwd_with(&pq, &pk, &pv, &wide_varlen, &Extras::default(), &opts)?;
+                    fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                }
+                if plan.mods.1 {
+                    let f = fwd_with(&q, &k, &v, &alibi_x, &opts)?;
+                    let pf = varlen_fwd_with(&pq, &pk, &pv, &wide_varlen, &neg_x, &opts)?;
+                    fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                }
             }
             done += 1;
-            println!("case {done}/{cases} {dtype} d{d} causal, window(20,10)+softcap3: wide-tile ws fwd, dense 1x{wq}x{wk} and packed {twq}x{twk} ({:.2} s, {:.0} s total)", case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
+            println!("case {done}/{cases} {dtype} d{d} causal, window(20,10)+softcap3: wide-tile ws fwd{}, dense 1x{wq}x{wk} and packed {twq}x{twk} ({:.2} s, {:.0} s total)", if plan.mods.1 { " (+alibi)" } else { "" }, case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
         }
         if plan.kv_launches() > 0 {
             // The KV cache: append + rotary, decode or paged forward, split-KV's combine; the public combine.

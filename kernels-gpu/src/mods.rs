@@ -11,7 +11,7 @@
 //! neighbouring blocks, one each, and trade halves with two shuffles (`traded`): one call per 16 scores
 //! per lane either way.
 
-use crate::arch::math::fma;
+use crate::arch::math::{fma, sub_abs_fma};
 use crate::arch::mem::ld_global_nc_f32;
 use crate::arch::reg::prmt;
 use crate::arch::shfl::shfl_xor_u32;
@@ -150,7 +150,7 @@ impl Carry {
 /// ALiBi on query-major fragments of raw scores (S = Q K^T: `MT` m16 x `NN` n8 tiles, element `i` of
 /// tile (mt, j) at query `row0 + 16 mt + 8 (i / 2)`, key `key0 + 8 j + i % 2`): `s -= slope_raw |i +
 /// shift - j|`, with `slope_raw` the slope in the softmax's raw units (`HeadMods::raw_slope`). One add
-/// and one FMA per score. `shift` = seqlen_k - seqlen_q.
+/// and one FMA per score (and in SASS an AND for |d|). `shift` = seqlen_k - seqlen_q.
 #[inline(always)]
 pub(crate) fn alibi_qk<const MT: usize, const NN: usize>(acc: &mut [[[f32; 4]; NN]; MT], slope_raw: f32, row0: i32, key0: i32, shift: i32) {
     for mt in 0..MT {
@@ -163,6 +163,48 @@ pub(crate) fn alibi_qk<const MT: usize, const NN: usize>(acc: &mut [[[f32; 4]; N
                 }
             }
         }
+    }
+}
+
+/// `alibi_qk` in two instructions per score: slope |d| = |slope d| (slope >= 0; below 0 the bias adds),
+/// and slope d = slope base - slope c, with base the row's distance to `key0` and c the key's offset from
+/// it, a constant: one FMA with c as its immediate, then one add with |.| on its operand
+/// (`sub_abs_fma`; `alibi_qk`'s takes three: an add, an AND for |d|, the FMA). The product slope base is
+/// rounded once per row, so the bias carries an error of about 2^-24 slope (|d| + 8 NN). The slope's
+/// sign picks one of two loops (warp-uniform: one head per row block).
+#[inline(always)]
+pub(crate) fn alibi_qk_fast<const MT: usize, const NN: usize>(acc: &mut [[[f32; 4]; NN]; MT], slope_raw: f32, row0: i32, key0: i32, shift: i32) {
+    if slope_raw >= 0.0 { alibi_qk_sign::<MT, NN, false>(acc, slope_raw, row0, key0, shift) } else { alibi_qk_sign::<MT, NN, true>(acc, slope_raw, row0, key0, shift) }
+}
+
+/// `alibi_qk_fast`'s loop for slopes below 0 (`NEG`; NaN too) or not.
+#[inline(always)]
+fn alibi_qk_sign<const MT: usize, const NN: usize, const NEG: bool>(acc: &mut [[[f32; 4]; NN]; MT], slope_raw: f32, row0: i32, key0: i32, shift: i32) {
+    for mt in 0..MT {
+        for h in 0..2 {
+            let sb = slope_raw * (row0 + (16 * mt + 8 * h) as i32 + shift - key0) as f32;
+            for j in 0..NN {
+                for e in 0..2 {
+                    let s = &mut acc[mt][j][2 * h + e];
+                    *s = sub_abs_fma::<NEG>(*s, -slope_raw, (8 * j + e) as f32, sb);
+                }
+            }
+        }
+    }
+}
+
+/// How a forward kernel applies ALiBi's bias (constants per kernel): `linear`, the linear form on tiles
+/// beside the diagonal (`fwd::scores_to_p`); `fast`, the general form as `alibi_qk_fast` (else
+/// `alibi_qk`).
+#[derive(Clone, Copy)]
+pub(crate) struct AlibiCode {
+    pub linear: bool,
+    pub fast: bool,
+}
+
+impl AlibiCode {
+    pub(crate) const fn general(linear: bool) -> AlibiCode {
+        AlibiCode { linear, fast: false }
     }
 }
 

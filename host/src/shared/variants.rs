@@ -381,8 +381,8 @@ macro_rules! ws_name_lookup {
 }
 for_each_fwd_ws_variant!(ws_name_lookup);
 
-/// The warp-specialized forward's wide-tile plain kernels (contiguous K/V, no score modifiers; export
-/// name `_wide`): (head dim, keys per tile, dtype, name). At head dim 192, two stages of 112-key K and V
+/// The warp-specialized forward's wide-tile kernels (contiguous K/V; export name `_wide`, and `_wide_alibi`
+/// for ALiBi without dropout): (head dim, keys per tile, dtype, name). At head dim 192, two stages of 112-key K and V
 /// tiles beside Q fill 216 KB of shared memory, and every per-tile cost (barriers, row reductions, the
 /// products' issue) comes 43% less often than over 64 keys. Below `FWD_WS_WIDE_MIN_KEYS` keys the
 /// partly filled last tile costs more than that saves, and the 64-key kernel runs (benches/RESULTS.md;
@@ -411,6 +411,12 @@ macro_rules! ws_wide_lookup {
         pub fn fwd_ws_wide_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
             let config = FwdConfig { block_n: fwd_ws_wide_block_n(head_dim)?, ..fwd_wg_config(head_dim)? };
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, config)); })*
+            None
+        }
+        /// Its `_alibi` copy (ALiBi without dropout), with the same tiles.
+        pub fn fwd_ws_wide_alibi_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { block_n: fwd_ws_wide_block_n(head_dim)?, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_alibi"), config)); })*
             None
         }
     };

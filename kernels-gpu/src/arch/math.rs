@@ -41,6 +41,21 @@ pub fn fma(a: f32, b: f32, c: f32) -> f32 {
     r
 }
 
+/// `s - |a b + c|` (`ADD`: `s + |a b + c|`) in one asm block: an FMA, then one add with |.| on its
+/// operand. One block, so that LLVM neither keeps |.| as an integer AND (it holds asm values in b32
+/// registers) nor hoists the FMAs of both signs' loops (`mods::alibi_qk_fast`) above their branch, which
+/// kept all of them live at once.
+#[inline(always)]
+pub fn sub_abs_fma<const ADD: bool>(s: f32, a: f32, b: f32, c: f32) -> f32 {
+    let r: f32;
+    if ADD {
+        unsafe { asm!("{{ .reg .f32 t; fma.rn.f32 t, {a}, {b}, {c}; abs.f32 t, t; add.rn.f32 {r}, {s}, t; }}", r = out(reg32) r, s = in(reg32) s, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c, options(pure, nomem, nostack)) }
+    } else {
+        unsafe { asm!("{{ .reg .f32 t; fma.rn.f32 t, {a}, {b}, {c}; abs.f32 t, t; sub.rn.f32 {r}, {s}, t; }}", r = out(reg32) r, s = in(reg32) s, a = in(reg32) a, b = in(reg32) b, c = in(reg32) c, options(pure, nomem, nostack)) }
+    }
+    r
+}
+
 /// Pack two f32 into bf16x2 (`lo` in the low half), round to nearest even.
 #[inline(always)]
 pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {

@@ -20,7 +20,7 @@ use crate::arch::sreg::{block_idx_x, block_idx_y, block_idx_z, grid_dim_x, threa
 use crate::arch::sync::{cluster_sync, sync_threads};
 use crate::block::{n_block_range, tile_needs_mask};
 use crate::mask::{allowed, for_each_hidden_qk};
-use crate::mods::{alibi_qk, keep_qk, HeadMods, MIN_ALIBI_SCALE};
+use crate::mods::{alibi_qk, alibi_qk_fast, keep_qk, AlibiCode, HeadMods, MIN_ALIBI_SCALE};
 use crate::params::{CombineParams, FwdParams};
 use crate::seqlen::SeqlenInfo;
 use crate::softmax::{finalize_row, quad_sum, update_row, update_row_offset, RowState};
@@ -310,7 +310,7 @@ unsafe fn attend<E: Elem, const D: usize, const DN: usize, const MT: usize, cons
             }
 
             // P overwrites S (online softmax); a row whose max moved rescales its O.
-            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (row_warp * 16 * MT) as i32 + g, n0 + key0 as i32, t, scale_log2, false, DECODE, false, #[inline(always)]
+            scores_to_p::<MT, NN>(a, &mut acc_s, &mut row_state, masked, a.m0 + (row_warp * 16 * MT) as i32 + g, n0 + key0 as i32, t, scale_log2, AlibiCode::general(false), DECODE, false, #[inline(always)]
             |mt, h, f| {
                 for frag in acc_o[mt].iter_mut() {
                     frag[2 * h] *= f;
@@ -527,7 +527,8 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
 /// then each row's update (the row sums take every probability), then dropout's zeros;
 /// `rescale(mt, h, f)` for each row whose max moved. Shared by the mma.sync and wgmma kernels.
 /// `lazy` (a constant per kernel): `softmax::RESCALE_LOG2`'s lazy max.
-/// `linear_alibi` (a constant per kernel): ALiBi's linear form on tiles beside the diagonal (below). The
+/// `alibi_code` (a constant per kernel): its `linear`, ALiBi's linear form on tiles beside the diagonal
+/// (below), and its `fast` general form (`mods::alibi_qk_fast`). The linear form: the
 /// wgmma kernels take it at head dims <= 64 (H200, hdim 64: ALiBi's forward cost 1.32-1.34 -> 1.23-1.29); at 128 it
 /// raised the `_mods` kernels' spills (188/200 -> 380/476 bytes) and the cost (1.10-1.11 -> 1.13-1.20);
 /// the ws forward's `_alibi` copies (no dropout code) take it up to head dim 128.
@@ -535,7 +536,7 @@ unsafe fn merge_key_warps<const MT: usize, const DN: usize>(scratch: u32, acc_o:
 /// packed (`pack_p` with `mods::drop_p`, the wgmma kernels).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, linear_alibi: bool, lazy: bool, packed_dropout: bool, mut rescale: impl FnMut(usize, usize, f32)) {
+pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[[f32; 4]; NN]; MT], row_state: &mut [[RowState; 2]; MT], masked: bool, row0: i32, n0: i32, t: i32, scale_log2: f32, alibi_code: AlibiCode, lazy: bool, packed_dropout: bool, mut rescale: impl FnMut(usize, usize, f32)) {
     if a.softcap_pre != 0.0 {
         for mt in 0..MT {
             for j in 0..NN {
@@ -560,6 +561,7 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
     // score gets side slope c (c = 8 j + e, its key's offset from key0: one FFMA), each thread-row the rest,
     // -side slope (row + shift - key0), as the offset of its softmax update. Else the general form.
     // (Without `linear_alibi`, the general form exactly as it was: that branch's code is unchanged.)
+    let linear_alibi = alibi_code.linear;
     let (side, slope_raw) = if linear_alibi && a.mods.alibi {
         let slope_raw = a.mods.raw_slope(a.softmax_scale());
         (alibi_side::<MT, NN>(row0, n0, a.seqlen_k - a.seqlen_q), slope_raw)
@@ -568,7 +570,8 @@ pub(crate) fn scores_to_p<const MT: usize, const NN: usize>(a: &BlockArgs, acc_s
     };
     if a.mods.alibi {
         if side == 0 {
-            alibi_qk::<MT, NN>(acc_s, a.mods.raw_slope(a.softmax_scale()), row0, n0 + 2 * t, a.seqlen_k - a.seqlen_q);
+            let (slope, key0, shift) = (a.mods.raw_slope(a.softmax_scale()), n0 + 2 * t, a.seqlen_k - a.seqlen_q);
+            if alibi_code.fast { alibi_qk_fast::<MT, NN>(acc_s, slope, row0, key0, shift) } else { alibi_qk::<MT, NN>(acc_s, slope, row0, key0, shift) }
         } else {
             let sl = if side > 0 { slope_raw } else { -slope_raw };
             for mt in 0..MT {

@@ -15,7 +15,7 @@ use crate::arch::sreg::thread_idx_x;
 use crate::arch::sync::sync_threads;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::{n_block_range, tile_needs_mask};
-use crate::mods::{drop_p, kept_p, KeptP};
+use crate::mods::{drop_p, kept_p, AlibiCode, KeptP};
 use crate::params::FwdParams;
 use crate::softmax::RowState;
 use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes, fwd_ws_wide_block_n, FwdConfig};
@@ -375,8 +375,8 @@ pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const 
 /// each row's O rescale factor (`factor`, 1 when the max did not move).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], pa: &mut [[u32; 4]; KP], kept: &KeptP, factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32, linear_alibi: bool, lazy: bool) {
-    softmax_in_place::<BN, NN>(a, acc_s, row_state, factor, n_block, rows, warp, scale_log2, linear_alibi, lazy);
+pub(crate) fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], pa: &mut [[u32; 4]; KP], kept: &KeptP, factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32, alibi_code: AlibiCode, lazy: bool) {
+    softmax_in_place::<BN, NN>(a, acc_s, row_state, factor, n_block, rows, warp, scale_log2, alibi_code, lazy);
     pack_p::<E, NN, KP>(a, acc_s, pa, kept);
 }
 
@@ -384,13 +384,13 @@ pub(crate) fn softmax<E: WgElem, const BN: usize, const NN: usize, const KP: usi
 /// registers of the previous P are free.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn softmax_in_place<const BN: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32, linear_alibi: bool, lazy: bool) {
+pub(crate) fn softmax_in_place<const BN: usize, const NN: usize>(a: &BlockArgs, acc_s: &mut [[f32; 4]; NN], row_state: &mut [RowState; 2], factor: &mut [f32; 2], n_block: i32, rows: i32, warp: usize, scale_log2: f32, alibi_code: AlibiCode, lazy: bool) {
     let lane = opaque_u32(thread_idx_x()) as usize % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let n0 = n_block * BN as i32;
     let masked = tile_needs_mask(a.m0, rows, n0, BN as i32, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right);
     let row0 = a.m0 + (warp * 16) as i32 + g;
-    scores_to_p::<1, NN>(a, core::array::from_mut(acc_s), core::array::from_mut(row_state), masked, row0, n0, t, scale_log2, linear_alibi, lazy, true, #[inline(always)] |_, h, f| factor[h] = f);
+    scores_to_p::<1, NN>(a, core::array::from_mut(acc_s), core::array::from_mut(row_state), masked, row0, n0, t, scale_log2, alibi_code, lazy, true, #[inline(always)] |_, h, f| factor[h] = f);
 }
 
 /// P (f32, in the accumulator layout) -> the A fragments of the P V product: its k16 steps are pairs of
@@ -492,7 +492,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         let kept = kept_of::<BN, KP>(a, n_max - 1, warp);
         wait_acc::<0, NN>(&mut acc_s);
         let mut pa = [[0u32; 4]; KP];
-        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, D <= 64, false);
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], n_max - 1, rows, warp, scale_log2, AlibiCode::general(D <= 64), false);
 
         // Iteration i < n_tiles - 1: S of tile i+1 and O += P_i V_i go to the tensor cores back to back; the
         // softmax of tile i+1 runs while O's product is in flight, and O is rescaled once it lands. Both
@@ -517,7 +517,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             wait_acc::<1, NN>(&mut acc_s);
             let mut pa_next = [[0u32; 4]; KP];
             let mut factor = [1f32; 2];
-            softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa_next, &kept, &mut factor, n_max - 2 - i, rows, warp, scale_log2, D <= 64, false);
+            softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa_next, &kept, &mut factor, n_max - 2 - i, rows, warp, scale_log2, AlibiCode::general(D <= 64), false);
             wait_acc::<0, DN>(&mut acc_o);
             keep_p::<KP>(&mut pa);
             rescale_o(&mut acc_o, &factor);

@@ -15,7 +15,7 @@ use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
 use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
-use crate::mods::KeptP;
+use crate::mods::{AlibiCode, KeptP};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
@@ -321,7 +321,7 @@ struct ConsumerStages {
 /// releases the stages for its warpgroup.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
     let base = smem::base();
     let warp = ctid / 32;
     let wg = (warp / 4) as u32;
@@ -367,7 +367,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             release_q(st.q);
         }
         let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, pick(0, n_max - 1), warp) };
-        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], pick(0, n_max - 1), rows, warp, scale_log2, LINEAR, lazy);
+        softmax::<E, BN, NN, KP>(a, &mut acc_s, &mut row_state, &mut pa, &kept, &mut [1f32; 2], pick(0, n_max - 1), rows, warp, scale_log2, AlibiCode { linear: LINEAR, fast: FAST }, lazy);
 
         // As the wg kernel: S of tile i+1 and O += P_i V_i back to back, the softmax of tile i+1 under
         // the second product, O rescaled once it lands.
@@ -399,7 +399,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
             // P stays in acc_s until the product reading the previous P has landed: one P's registers.
             let mut factor = [1f32; 2];
-            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, pick(i + 1, n_max - 2 - i), rows, warp, scale_log2, LINEAR, lazy);
+            softmax_in_place::<BN, NN>(a, &mut acc_s, &mut row_state, &mut factor, pick(i + 1, n_max - 2 - i), rows, warp, scale_log2, AlibiCode { linear: LINEAR, fast: FAST }, lazy);
             // Otherwise dropout's verdicts under the P V product.
             let kept = if kept_under_s(D) { early } else { kept_of::<BN, KP>(a, pick(i + 1, n_max - 2 - i), warp) };
             wait_acc::<0, DN>(&mut acc_o);
@@ -471,7 +471,7 @@ fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
 
 /// Kernel body: barriers set up by thread 0, then the roles.
 #[inline(always)]
-unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool>(p: &FwdParams, maps: u64) {
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool>(p: &FwdParams, maps: u64) {
     let () = Tile::<D, BN>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D, BN>(smem::base());
@@ -501,7 +501,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
         Tiles::new::<D, MODS>(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
-                unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
             unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
         });
@@ -518,7 +518,7 @@ macro_rules! fwd_ws_dropout_kernel {
         pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
             let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
             let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false>(&p, maps) }
+            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false>(&p, maps) }
         }
     };
 }
@@ -531,47 +531,58 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false, false>(&p, maps) }
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
             /// the compiler drops the dropout code (and its registers) from this copy. Without them
             /// ALiBi's linear form fits up to head dim 128 (no spill in the tile loop; 192 untried on the
-            /// GPU, at 256 it spills).
+            /// GPU, at 256 it spills). Not the two-instruction general form (`mods::alibi_qk_fast`) at 256:
+            /// the slope's sign branch there raised the spills (180/176 -> 324/416 bytes, 3 spill loads in
+            /// the tile loop; in two copies of the consumer, 428/680 and 1.03-1.08x the time).
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }, false>(&p, maps) }
             }
             fwd_ws_dropout_kernel!($d, $dt, $name, BN);
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false, false>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false, false>(&p, maps) }
             }
         };
     )*};
 }
 crate::for_each_fwd_ws_variant!(fwd_ws_kernels);
 
-/// The wide-tile plain kernels (`for_each_fwd_ws_wide_variant`).
+/// The wide-tile kernels (`for_each_fwd_ws_wide_variant`): plain, and `_alibi` (ALiBi without dropout, as
+/// the 64-key `_alibi` copy at head dim 192: the lazy max, the diagonal-first order, and the general form
+/// everywhere, in two instructions per score (`mods::alibi_qk_fast`); the linear form spilled in its tile
+/// loop).
 macro_rules! fwd_ws_wide_kernels {
     ($(($d:literal, $bn:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false>(&p, maps) }
+            }
+            #[unsafe(export_name = concat!($name, "_alibi"))]
+            pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
+                let p = FwdParams { mods: p.mods.without_dropout(), ..p };
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true>(&p, maps) }
             }
         };
     )*};
