@@ -15,9 +15,10 @@
 //! - the probabilities kernel: the signs of `s_dmask` (negative where dropped, -0.0 included) are the
 //!   CPU's, bitwise, wherever a key is visible;
 //! - the forward kernels: with v_j the unit vector e_j (key j of a sequence, Sk <= D), out_i[j] =
-//!   P_ij Z_ij, exactly zero iff (i, j) is dropped or hidden; the zero set of out is the CPU's;
-//! - the dK/dV kernels: with dout_i = e_i (Sq <= D), dv_j[i] sums P_ij Z_ij over the kv head's query
-//!   heads: its zero set is the CPU's;
+//!   P_ij Z_ij, exactly zero iff (i, j) is dropped or hidden; the zero set of out is the CPU's (past
+//!   8192 keys at head dim 192, the wide kernel: v_j = e_(j mod D) under a window of D keys per row);
+//! - the dK/dV kernels: with dout_i = e_i (Sq <= D; there e_(i mod D)), dv_j[i] sums P_ij Z_ij over the
+//!   kv head's query heads: its zero set is the CPU's;
 //! - dq (atomic and deterministic kernels): compared within the tolerance below, where a wrong keep bit
 //!   moves dq_i by |scale| P_ij |dP_ij| / (1 - p) |k_j|, far past it.
 //!
@@ -50,7 +51,7 @@ use flash_attn::raw::{self, FwdViews};
 use flash_attn::{
     bwd_with, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, BwdOutput, DType, Device, Dropout, Extras, FwdOutput, KernelChoice, PagedVarlen, Target, Tensor, Varlen,
 };
-use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, fwd_family_keys, bwd_mods_family, Tally, FWD_WS_WIDE_MIN_KEYS};
+use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, fwd_family_keys, bwd_mods_family, Tally, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -500,14 +501,16 @@ fn mods_family(h: &Host, choice: KernelChoice) -> &'static str {
     if dry_run() {
         return "cpu path";
     }
+    // From `FWD_WS_WIDE_MIN_KEYS` keys at head dim 192 the wide-tile kernel's copies (one modifier alone).
+    let wide = fwd_family_keys(h.c.d, h.c.dtype, choice, h.l.max().1) == "wgmma ws wide";
     match (fwd_family(h.c.d, h.c.dtype, choice), h.c.slopes, h.c.dropout.p > 0.0) {
         (_, Slopes::None, false) => fwd_family(h.c.d, h.c.dtype, choice),
         // ALiBi without dropout: the `_mods` kernel's `_alibi` copy, its dropout compiled out.
-        // From `FWD_WS_WIDE_MIN_KEYS` keys at head dim 192: the wide-tile kernel's `_alibi` copy.
-        ("wgmma ws", _, false) if fwd_family_keys(h.c.d, h.c.dtype, choice, h.l.max().1) == "wgmma ws wide" => "wgmma ws wide _alibi",
+        ("wgmma ws", _, false) if wide => "wgmma ws wide _alibi",
         ("wgmma ws", _, false) => "wgmma ws _alibi",
         // Dropout without ALiBi: its `_dropout` copy, the ALiBi code compiled out (none at head dim 96,
         // which runs `_mods`).
+        ("wgmma ws", Slopes::None, true) if wide && h.l.max().1 >= FWD_WS_WIDE_DROPOUT_MIN_KEYS => "wgmma ws wide _dropout",
         ("wgmma ws", Slopes::None, true) if h.c.d != 96 => "wgmma ws _dropout",
         ("wgmma ws", _, true) => "wgmma ws _mods",
         _ => "mma.sync _mods",
@@ -642,12 +645,15 @@ fn dense_long_sequences() {
         let h = Host::new(&mut rng, c, Layout::dense(1, 700, 900));
         run_case(&mut rng, &h, true, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
     }
-    // Head dim 192 from 2048 keys: the ws forward's 112-key tiles, seven 16-key blocks of dropout's calls
-    // (three traded pairs and one block drawn alone), with the tiles' block parity alternating.
-    let dropout = Dropout { p: 0.2, seed: rng.r#gen(), offset: rng.gen_range(0..1 << 20) };
-    let c = Case { dtype: DType::BF16, d: 192, hq: 2, hk: 1, causal: false, window: (-1, -1), softcap: 0.0, slopes: Slopes::None, slope_max: 0.02, dropout, amp: 1.0 };
-    let h = Host::new(&mut rng, c, Layout::dense(1, 130, 2100));
-    run_case(&mut rng, &h, true, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
+    // Head dim 192 from `FWD_WS_WIDE_DROPOUT_MIN_KEYS`: the wide ws forward's `_dropout` copy (112-key tiles), seven 16-key
+    // blocks of dropout's calls (three traded pairs and one block drawn alone), with the tiles' block
+    // parity alternating; both dtypes.
+    for (dtype, causal) in [(DType::BF16, false), (DType::F16, true)] {
+        let dropout = Dropout { p: 0.2, seed: rng.r#gen(), offset: rng.gen_range(0..1 << 20) };
+        let c = Case { dtype, d: 192, hq: 2, hk: 1, causal, window: (-1, -1), softcap: 0.0, slopes: Slopes::None, slope_max: 0.02, dropout, amp: 1.0 };
+        let h = Host::new(&mut rng, c, Layout::dense(1, 130, FWD_WS_WIDE_DROPOUT_MIN_KEYS + 52));
+        run_case(&mut rng, &h, true, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
+    }
     let no_dropout = Dropout { p: 0.0, seed: 0, offset: 0 };
     for (i, d) in HEAD_DIMS.into_iter().enumerate() {
         for (j, dtype) in [DType::BF16, DType::F16].into_iter().enumerate() {
@@ -719,14 +725,14 @@ fn varlen_random_layouts() {
 // ---------------------------------------------------------------------------------------------------
 // 3. The dropout mask, bit for bit, in the forward and dK/dV kernels (the header).
 
-/// Rows of `[rows, heads, d]` with row r of every head the unit vector e_(r - first(r)) (r counted within
-/// its sequence, `cu` and `used` giving the sequences); rows of no sequence 0.
+/// Rows of `[rows, heads, d]` with row r of every head the unit vector e_((r - first(r)) mod d) (r counted
+/// within its sequence, `cu` and `used` giving the sequences); rows of no sequence 0.
 fn unit_rows(cu: &[usize], used: &[usize], rows: usize, heads: usize, d: usize) -> Vec<f32> {
     let mut x = vec![0.0f32; rows * heads * d];
     for b in 0..used.len() {
         for r in 0..used[b] {
             for hh in 0..heads {
-                x[((cu[b] + r) * heads + hh) * d + r] = 1.0;
+                x[((cu[b] + r) * heads + hh) * d + r % d] = 1.0;
             }
         }
     }
@@ -744,15 +750,22 @@ fn dropout_mask_is_the_cpu_mask_bit_for_bit() {
     let (seed, mut rng) = seeded("dropout_mask_is_the_cpu_mask_bit_for_bit");
     let mut tally = Tally::new("gpu_mods::dropout_mask_is_the_cpu_mask_bit_for_bit");
     let mut case = 0;
-    for d in [64, 128, 256] {
+    // `wide`: head dim 192 past `FWD_WS_WIDE_DROPOUT_MIN_KEYS` keys (the wide ws forward's `_dropout`
+    // copy; 700 queries, so the last ~900 keys), a window of D keys per row: every key a row sees in a
+    // column of its own (`unit_rows`: key j in column j mod D).
+    for (d, wide) in [(64, false), (128, false), (256, false), (192, true)] {
         for dtype in [DType::BF16, DType::F16] {
-            for p in [0.1f32, 0.5, 0.9] {
+            for p in if wide { &[0.5f32][..] } else { &[0.1f32, 0.5, 0.9][..] } {
+                let p = *p;
                 case += 1;
                 let (hq, hk) = if case % 3 == 0 { (4, 2) } else { (2, 2) };
                 let dropout = Dropout { p, seed: if case % 4 == 1 { u64::MAX - case as u64 } else { rng.r#gen() }, offset: if case % 5 == 2 { u64::MAX - 1 } else { rng.gen_range(0..1 << 30) } };
                 // Small scores (no kept probability underflows), every key of a sequence below D.
-                let c = Case { dtype, d, hq, hk, causal: case % 2 == 0, window: (-1, -1), softcap: 0.0, slopes: [Slopes::None, Slopes::Heads, Slopes::PerSequence][case % 3], slope_max: 0.005, dropout, amp: 0.25 };
-                let l = if case % 2 == 0 {
+                let (causal, window, slopes) = if wide { (false, (d as i64 / 2 - 1, d as i64 / 2), Slopes::None) } else { (case % 2 == 0, (-1, -1), [Slopes::None, Slopes::Heads, Slopes::PerSequence][case % 3]) };
+                let c = Case { dtype, d, hq, hk, causal, window, softcap: 0.0, slopes, slope_max: 0.005, dropout, amp: 0.25 };
+                let l = if wide {
+                    Layout::dense(1, 700, FWD_WS_WIDE_DROPOUT_MIN_KEYS + 52)
+                } else if case % 2 == 0 {
                     Layout::dense(2, d.min(100), d)
                 } else {
                     let len = |rng: &mut StdRng| rng.gen_range(0..=d);

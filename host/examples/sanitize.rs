@@ -20,7 +20,7 @@
 //!   as multiprocessors: the dispatch's own choice at that size), and the wide-tile ws forward where
 //!   there is one (head dim 192: what a plain problem with `FWD_WS_WIDE_MIN_KEYS` keys or more runs),
 //!   dense and packed (`WIDE_*`), both masks; with the modifiers its `_alibi` copy (ALiBi alone, slopes
-//!   of either sign).
+//!   of either sign) and its `_dropout` copy (dropout alone, dense 1x130x8242).
 //!
 //! - the KV cache (`KV_CASES`, with the mma.sync family): the append kernel (new keys rotated, q rotated
 //!   or packed), the decode kernel (packed GQA; its splits merged in a cluster, or beyond the cluster's
@@ -97,6 +97,8 @@ const WIDE_DENSE: (usize, usize) = (190, variants::FWD_WS_WIDE_MIN_KEYS + 50);
 const WIDE_SLOTS: [(usize, usize); 2] = [(160, 2150), (40, 60)];
 const WIDE_USED: [(usize, usize); 2] = [(150, variants::FWD_WS_WIDE_MIN_KEYS + 50), (40, 60)];
 const WIDE_TAIL: (usize, usize) = (3, 2);
+/// The wide-tile forward's dropout problem: b=1, sq 130, sk `FWD_WS_WIDE_DROPOUT_MIN_KEYS` + 50.
+const WIDE_DROPOUT: (usize, usize) = (130, variants::FWD_WS_WIDE_DROPOUT_MIN_KEYS + 50);
 /// Page sizes of the paged forward cases.
 const PAGES: [usize; 2] = [16, 3];
 
@@ -221,9 +223,10 @@ impl Plan {
         masks + usize::from(self.wg_fwd && self.mods.0) + self.wide_launches() + self.kv_launches()
     }
     /// The wide-tile forward's launches: dense and packed, per mask, without the modifiers, and with them
-    /// ALiBi alone (its `_alibi` copy; positive slopes dense, negative packed).
+    /// ALiBi alone (its `_alibi` copy; positive slopes dense, negative packed) and dropout alone (its
+    /// `_dropout` copy, dense over `WIDE_DROPOUT` keys).
     fn wide_launches(&self) -> usize {
-        (usize::from(self.wide && self.mods.0) + usize::from(self.wide && self.mods.1)) * 2 * MASKS.len()
+        (2 * usize::from(self.wide && self.mods.0) + 3 * usize::from(self.wide && self.mods.1)) * MASKS.len()
     }
     /// The KV-cache cases' launches (run once per dtype and head dim, with the mma.sync family): the
     /// append, the attention, the combine where split-KV's partials need it (the paged forward's splits,
@@ -473,6 +476,8 @@ fn main() -> flash_attn::Result<()> {
             let neg_slopes: Vec<f32> = packed_slopes.to_f32_vec()?.iter().map(|s| -0.25 * s).collect();
             let neg_slopes = Tensor::from_f32(&neg_slopes, &[hq], DType::F32)?.to_device(gpu)?;
             let (alibi_x, neg_x) = (Extras { alibi_slopes: Some(&packed_slopes), return_attn_probs: false }, Extras { alibi_slopes: Some(&neg_slopes), return_attn_probs: false });
+            let (dq_, dk_) = WIDE_DROPOUT;
+            let (lq, lk, lv) = (t(&[1, dq_, hq, d])?, t(&[1, dk_, hk, d])?, t(&[1, dk_, hk, d])?);
             for (_, causal, window, softcap) in MASKS {
                 let opts = AttnOptions { causal, window, softcap, kernels: DEFAULT, ..Default::default() };
                 if plan.mods.0 {
@@ -484,10 +489,12 @@ fn main() -> flash_attn::Result<()> {
                     let f = fwd_with(&q, &k, &v, &alibi_x, &opts)?;
                     let pf = varlen_fwd_with(&pq, &pk, &pv, &wide_varlen, &neg_x, &opts)?;
                     fetch(&[&f.out, &f.lse, &pf.out, &pf.lse])?;
+                    let f = fwd(&lq, &lk, &lv, &AttnOptions { dropout: DROPOUT, ..opts })?;
+                    fetch(&[&f.out, &f.lse])?;
                 }
             }
             done += 1;
-            println!("case {done}/{cases} {dtype} d{d} causal, window(20,10)+softcap3: wide-tile ws fwd{}, dense 1x{wq}x{wk} and packed {twq}x{twk} ({:.2} s, {:.0} s total)", if plan.mods.1 { " (+alibi)" } else { "" }, case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
+            println!("case {done}/{cases} {dtype} d{d} causal, window(20,10)+softcap3: wide-tile ws fwd{}, dense 1x{wq}x{wk} and packed {twq}x{twk} ({:.2} s, {:.0} s total)", if plan.mods.1 { " (+alibi, +dropout)" } else { "" }, case_start.elapsed().as_secs_f64(), start.elapsed().as_secs_f64());
         }
         if plan.kv_launches() > 0 {
             // The KV cache: append + rotary, decode or paged forward, split-KV's combine; the public combine.

@@ -7,8 +7,8 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_alibi_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
-    TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FwdConfig, KernelDType,
+    TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
 use crate::problem::Problem;
@@ -150,8 +150,8 @@ pub fn kvcache_launch(p: &Problem, splits: usize, fused: bool) -> Option<FwdLaun
 /// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
 /// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
 /// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
-/// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy, or the wide kernel's where a plain problem
-/// runs the wide one; dropout alone its `_dropout` copy; paged: the `_paged` one).
+/// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy, dropout alone its `_dropout` copy, each the
+/// wide kernel's where a plain problem runs the wide one; paged: the `_paged` one).
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
@@ -164,6 +164,7 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
             Some(wide) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
             _ => (fwd_ws_alibi_kernel_name(p.head_dim, dtype)?, config),
         },
+        (Twin::Mods, _) if p.alibi.is_none() && p.seqlen_k >= FWD_WS_WIDE_DROPOUT_MIN_KEYS && fwd_ws_wide_dropout_kernel(p.head_dim, dtype).is_some() => fwd_ws_wide_dropout_kernel(p.head_dim, dtype)?,
         (Twin::Mods, _) => match fwd_ws_dropout_kernel_name(p.head_dim, dtype) {
             Some(name) if p.alibi.is_none() => (name, config),
             _ => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
@@ -616,7 +617,8 @@ mod tests {
 
     /// A plain problem with `FWD_WS_WIDE_MIN_KEYS` keys or more runs the wide-tile ws kernel where there
     /// is one (head dim 192: 112 keys, its shared memory and the same grid), and with ALiBi alone its
-    /// `_alibi` copy; fewer keys, dropout or paged K/V run the 64-key kernels.
+    /// `_alibi` copy, with dropout alone from `FWD_WS_WIDE_DROPOUT_MIN_KEYS` keys its `_dropout` copy; fewer
+    /// keys, both modifiers or paged K/V run the 64-key kernels.
     #[test]
     fn long_plain_problems_run_the_wide_kernel() {
         use crate::problem::{Alibi, Paged};
@@ -624,7 +626,7 @@ mod tests {
             for dtype in [DType::BF16, DType::F16] {
                 let kd = kernel_dtype(dtype).unwrap();
                 for varlen in [false, true] {
-                    for sk in [FWD_WS_WIDE_MIN_KEYS - 1, FWD_WS_WIDE_MIN_KEYS, 3 * FWD_WS_WIDE_MIN_KEYS] {
+                    for sk in [FWD_WS_WIDE_MIN_KEYS - 1, FWD_WS_WIDE_MIN_KEYS, 3 * FWD_WS_WIDE_MIN_KEYS, FWD_WS_WIDE_DROPOUT_MIN_KEYS] {
                         let p = Problem { dtype, seqlen_k: sk, ..problem(d, 300, 2, 4, true, varlen) };
                         let (Some(w), Some(short)) = (fwd_ws_launch(&p, 132), fwd_ws_launch(&Problem { seqlen_k: 300, ..p.clone() }, 132)) else {
                             assert!(fwd_ws_kernel_name(d, kd).is_none(), "d{d}");
@@ -644,10 +646,18 @@ mod tests {
                         // ALiBi alone: the wide kernel's `_alibi` copy where the plain problem runs the wide one.
                         let alibi = Problem { alibi: Some(Alibi { batch_stride: 0, head_stride: 1 }), ..p.clone() };
                         let a = fwd_ws_launch(&alibi, 132).unwrap().0;
+                        // Dropout alone: likewise its `_dropout` copy (none at head dim 96: `_mods`).
+                        let dropout = Problem { dropout: crate::dropout::DropoutParams::new(0.1, 1, 2), ..p.clone() };
+                        let dr = fwd_ws_launch(&dropout, 132).unwrap().0;
                         if w.0.kernel == short.0.kernel {
                             assert_eq!(a.kernel, fwd_ws_alibi_kernel_name(d, kd).unwrap());
                         } else {
                             assert_eq!((a.kernel, a.config, a.smem_bytes, a.grid), (format!("{}_alibi", w.0.kernel).as_str(), w.0.config, w.0.smem_bytes, w.0.grid));
+                        }
+                        if w.0.kernel == short.0.kernel || sk < FWD_WS_WIDE_DROPOUT_MIN_KEYS {
+                            assert_eq!(dr.kernel, fwd_ws_dropout_kernel_name(d, kd).or(fwd_ws_mods_kernel_name(d, kd)).unwrap());
+                        } else {
+                            assert_eq!((dr.kernel, dr.config, dr.smem_bytes, dr.grid), (format!("{}_dropout", w.0.kernel).as_str(), w.0.config, w.0.smem_bytes, w.0.grid));
                         }
                         let paged = Problem { paged: Some(Paged { page_size: 64, num_blocks: 100, max_blocks: 50 }), ..p.clone() };
                         if let Some(pw) = fwd_ws_launch(&paged, 132) {
@@ -843,6 +853,7 @@ mod tests {
                 named.extend(singles.iter().filter_map(|f| f(d, kd)));
                 named.extend(fwd_ws_wide_kernel(d, kd).map(|w| w.0));
                 named.extend(fwd_ws_wide_alibi_kernel(d, kd).map(|w| w.0));
+                named.extend(fwd_ws_wide_dropout_kernel(d, kd).map(|w| w.0));
                 for pair in [bwd_kernel_names(d, kd), bwd_mods_kernel_names(d, kd)].into_iter().flatten() {
                     named.extend([pair.0, pair.1]);
                 }

@@ -84,6 +84,8 @@ pub fn fwd_family(d: usize, dtype: DType, choice: KernelChoice) -> &'static str 
 
 /// Keys from which a plain problem (and ALiBi alone) runs the wide-tile ws forward where there is one.
 pub const FWD_WS_WIDE_MIN_KEYS: usize = variants::FWD_WS_WIDE_MIN_KEYS;
+/// Keys from which dropout alone runs the wide-tile ws forward's `_dropout` copy.
+pub const FWD_WS_WIDE_DROPOUT_MIN_KEYS: usize = variants::FWD_WS_WIDE_DROPOUT_MIN_KEYS;
 
 /// `fwd_family` of a plain problem with `max_seqlen_k` keys: "wgmma ws wide" where the dispatch runs the
 /// wide-tile ws kernel (`fwd_ws_wide_kernel`, from `FWD_WS_WIDE_MIN_KEYS` keys on).

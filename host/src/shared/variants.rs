@@ -381,8 +381,8 @@ macro_rules! ws_name_lookup {
 }
 for_each_fwd_ws_variant!(ws_name_lookup);
 
-/// The warp-specialized forward's wide-tile kernels (contiguous K/V; export name `_wide`, and `_wide_alibi`
-/// for ALiBi without dropout): (head dim, keys per tile, dtype, name). At head dim 192, two stages of 112-key K and V
+/// The warp-specialized forward's wide-tile kernels (contiguous K/V; export name `_wide`, `_wide_alibi`
+/// for ALiBi without dropout, `_wide_dropout` for dropout without ALiBi): (head dim, keys per tile, dtype, name). At head dim 192, two stages of 112-key K and V
 /// tiles beside Q fill 216 KB of shared memory, and every per-tile cost (barriers, row reductions, the
 /// products' issue) comes 43% less often than over 64 keys. Below `FWD_WS_WIDE_MIN_KEYS` keys the
 /// partly filled last tile costs more than that saves, and the 64-key kernel runs (benches/RESULTS.md;
@@ -399,6 +399,10 @@ macro_rules! for_each_fwd_ws_wide_variant {
 
 /// Keys (`seqlen_k`; varlen: `max_seqlen_k`) from which a plain problem runs the wide-tile kernel.
 pub const FWD_WS_WIDE_MIN_KEYS: usize = 2048;
+
+/// Keys from which dropout alone runs the wide-tile kernel's `_dropout` copy (H200, hdim 192, against the
+/// 64-key copy: 0.94-0.96x the time at 8192 keys, 1.00-1.05 at 2048; benches/RESULTS.md).
+pub const FWD_WS_WIDE_DROPOUT_MIN_KEYS: usize = 8192;
 
 macro_rules! ws_wide_lookup {
     ($(($d:literal, $bn:literal, $dt:ident, $name:expr)),* $(,)?) => {
@@ -417,6 +421,12 @@ macro_rules! ws_wide_lookup {
         pub fn fwd_ws_wide_alibi_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
             let config = FwdConfig { block_n: fwd_ws_wide_block_n(head_dim)?, ..fwd_wg_config(head_dim)? };
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_alibi"), config)); })*
+            None
+        }
+        /// Its `_dropout` copy (dropout without ALiBi), with the same tiles.
+        pub fn fwd_ws_wide_dropout_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { block_n: fwd_ws_wide_block_n(head_dim)?, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_dropout"), config)); })*
             None
         }
     };

@@ -566,10 +566,10 @@ macro_rules! fwd_ws_kernels {
 }
 crate::for_each_fwd_ws_variant!(fwd_ws_kernels);
 
-/// The wide-tile kernels (`for_each_fwd_ws_wide_variant`): plain, and `_alibi` (ALiBi without dropout, as
+/// The wide-tile kernels (`for_each_fwd_ws_wide_variant`): plain; `_alibi` (ALiBi without dropout, as
 /// the 64-key `_alibi` copy at head dim 192: the lazy max, the diagonal-first order, and the general form
 /// everywhere, in two instructions per score (`mods::alibi_qk_fast`); the linear form spilled in its tile
-/// loop).
+/// loop); `_dropout` (dropout without ALiBi, as `fwd_ws_dropout_kernel!`'s copy).
 macro_rules! fwd_ws_wide_kernels {
     ($(($d:literal, $bn:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
@@ -583,6 +583,12 @@ macro_rules! fwd_ws_wide_kernels {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
                 unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true>(&p, maps) }
+            }
+            #[unsafe(export_name = concat!($name, "_dropout"))]
+            pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
+                let p = FwdParams { mods: p.mods.without_alibi(), ..p };
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false>(&p, maps) }
             }
         };
     )*};
