@@ -645,9 +645,9 @@ fn dense_long_sequences() {
         let h = Host::new(&mut rng, c, Layout::dense(1, 700, 900));
         run_case(&mut rng, &h, true, &mut tally).unwrap_or_else(|e| panic!("seed {seed}: {}: {e}", h.describe()));
     }
-    // Head dim 192 from `FWD_WS_WIDE_DROPOUT_MIN_KEYS`: the wide ws forward's `_dropout` copy (112-key tiles), seven 16-key
-    // blocks of dropout's calls (three traded pairs and one block drawn alone), with the tiles' block
-    // parity alternating; both dtypes.
+    // Head dim 192 from `FWD_WS_WIDE_DROPOUT_MIN_KEYS` keys: the wide ws forward's `_dropout` copy
+    // (112-key tiles), seven 16-key blocks of dropout's calls (three traded pairs and one block drawn
+    // alone), with the tiles' block parity alternating; both dtypes.
     for (dtype, causal) in [(DType::BF16, false), (DType::F16, true)] {
         let dropout = Dropout { p: 0.2, seed: rng.r#gen(), offset: rng.gen_range(0..1 << 20) };
         let c = Case { dtype, d: 192, hq: 2, hk: 1, causal, window: (-1, -1), softcap: 0.0, slopes: Slopes::None, slope_max: 0.02, dropout, amp: 1.0 };

@@ -164,9 +164,9 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
             Some(wide) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
             _ => (fwd_ws_alibi_kernel_name(p.head_dim, dtype)?, config),
         },
-        (Twin::Mods, _) if p.alibi.is_none() && p.seqlen_k >= FWD_WS_WIDE_DROPOUT_MIN_KEYS && fwd_ws_wide_dropout_kernel(p.head_dim, dtype).is_some() => fwd_ws_wide_dropout_kernel(p.head_dim, dtype)?,
-        (Twin::Mods, _) => match fwd_ws_dropout_kernel_name(p.head_dim, dtype) {
-            Some(name) if p.alibi.is_none() => (name, config),
+        (Twin::Mods, _) => match (fwd_ws_wide_dropout_kernel(p.head_dim, dtype), fwd_ws_dropout_kernel_name(p.head_dim, dtype)) {
+            (Some(wide), _) if p.alibi.is_none() && p.seqlen_k >= FWD_WS_WIDE_DROPOUT_MIN_KEYS => wide,
+            (_, Some(name)) if p.alibi.is_none() => (name, config),
             _ => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
         },
         (twin @ (Twin::Paged | Twin::PagedMods), Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => {
