@@ -76,8 +76,10 @@ fn main() {
     for page in [16, 64, 256] {
         let max_blocks = max.div_ceil(page);
         let blocks: usize = lens.iter().map(|l| l.div_ceil(page)).sum::<usize>() + 7;
-        // Sequence b's i-th page: a fixed scatter over the pool (stride coprime with its size).
-        let stride = (1..).map(|s| 2 * s + 1).find(|s| gcd(*s, blocks) == 1).unwrap();
+        // Sequence b's i-th page: a fixed scatter over the pool (stride coprime with its size);
+        // `FA_BENCH_PAGE_STRIDE=1` lays the pages out in order (the contiguous rows' layout).
+        let scatter = (1..).map(|s| 2 * s + 1).find(|s| gcd(*s, blocks) == 1).unwrap();
+        let stride = std::env::var("FA_BENCH_PAGE_STRIDE").ok().and_then(|s| s.parse::<usize>().ok()).filter(|s| gcd(*s, blocks) == 1).unwrap_or(scatter);
         let mut next = 0;
         let mut table = vec![0i32; lens.len() * max_blocks];
         for (b, l) in lens.iter().enumerate() {

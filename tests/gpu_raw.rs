@@ -305,6 +305,83 @@ fn threads_with_their_own_streams_and_no_allocation() {
     }
 }
 
+/// The warp-specialized forward's dynamic tile scheduling (a counter entry per launch in flight, reset
+/// by each launch's last block) with more tiles than multiprocessors: four host threads with their own
+/// streams run a causal forward of 288 row-block tiles at once, eight times each, over outputs first set
+/// to NaN, and a graph of two such launches is replayed three times. Every result equals the `Tensor`
+/// API's bitwise (a tile drawn twice or never would leave a difference or a NaN), and every row's lse is
+/// finite (each has keys).
+#[test]
+fn many_tiles_on_several_streams_at_once() {
+    require_gpu!();
+    let (seed, mut rng) = seeded("many_tiles_on_several_streams_at_once");
+    let (b, s, h, d) = (3usize, 1536usize, 8usize, 128usize);
+    let (shape, lse_shape) = ([b, s, h, d], [b, h, s]);
+    let (strides, lse_strides) = (contiguous(&shape), contiguous(&lse_shape));
+    let r = |rng: &mut _| random_values(rng, b * s * h * d, 1.0, DType::BF16);
+    let x = Arc::new([r(&mut rng), r(&mut rng), r(&mut rng)]);
+    let o = AttnOptions { causal: true, ..Default::default() };
+    let want = {
+        let t = |v: &[f32]| Tensor::from_f32(v, &shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap();
+        let f = flash_attn::fwd(&t(&x[0]), &t(&x[1]), &t(&x[2]), &o).unwrap();
+        Arc::new((bits(&f.out.to_f32_vec().unwrap()), f.lse.to_f32_vec().unwrap()))
+    };
+    assert!(want.1.iter().all(|l| l.is_finite()), "seed {seed}: the Tensor API gave a non-finite lse");
+    let run = move |t: usize, calls: usize, graph: bool| {
+        let (_ctx, stream) = caller_stream();
+        let up = |v: &[f32]| stream.clone_htod(&bits(v)).unwrap();
+        let (q, k, v) = (up(&x[0]), up(&x[1]), up(&x[2]));
+        let mut out = stream.alloc_zeros::<u16>(b * s * h * d).unwrap();
+        let mut lse = stream.alloc_zeros::<f32>(b * h * s).unwrap();
+        let view = |addr, shape: &'static [usize], strides: &'static [usize], dtype| View { addr, dtype, shape, strides };
+        // 'static views of this closure's shapes (leaked once per thread: a test).
+        let (sh, st): (&'static [usize], &'static [usize]) = (Box::leak(Box::new(shape)), Box::leak(strides.clone().into_boxed_slice()));
+        let (lsh, lst): (&'static [usize], &'static [usize]) = (Box::leak(Box::new(lse_shape)), Box::leak(lse_strides.clone().into_boxed_slice()));
+        let fv = FwdViews {
+            q: view(ptr(&q, &stream), sh, st, DType::BF16),
+            k: view(ptr(&k, &stream), sh, st, DType::BF16),
+            v: view(ptr(&v, &stream), sh, st, DType::BF16),
+            out: view(ptr(&out, &stream), sh, st, DType::BF16),
+            lse: view(ptr(&lse, &stream), lsh, lst, DType::F32),
+            alibi_slopes: None,
+            s_dmask: None,
+        };
+        let target = Target::Cuda { ordinal: 0, stream: stream.cu_stream() as usize };
+        let check = |out: &CudaSlice<u16>, lse: &CudaSlice<f32>, what: String| {
+            let (got_o, got_l) = (stream.clone_dtoh(out).unwrap(), stream.clone_dtoh(lse).unwrap());
+            assert!(got_o == want.0, "seed {seed}: {what}: out differs from the Tensor API");
+            assert!(got_l.iter().zip(&want.1).all(|(a, b)| a.to_bits() == b.to_bits()), "seed {seed}: {what}: lse differs from the Tensor API");
+        };
+        let nan = |out: &mut CudaSlice<u16>, lse: &mut CudaSlice<f32>| {
+            stream.memcpy_htod(&vec![0x7fc0u16; b * s * h * d], out).unwrap();
+            stream.memcpy_htod(&vec![f32::NAN; b * h * s], lse).unwrap();
+        };
+        if graph {
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+            let queued = unsafe { raw::fwd(&fv, &o, target).and_then(|()| raw::fwd(&fv, &o, target)) };
+            let g = stream.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+            queued.unwrap();
+            for i in 0..calls {
+                nan(&mut out, &mut lse);
+                g.launch().unwrap();
+                check(&out, &lse, format!("graph replay {i}"));
+            }
+        } else {
+            for i in 0..calls {
+                nan(&mut out, &mut lse);
+                unsafe { raw::fwd(&fv, &o, target) }.unwrap();
+                check(&out, &lse, format!("thread {t} call {i}"));
+            }
+        }
+    };
+    raw::preload(0).unwrap();
+    let handles: Vec<_> = (0..4).map(|t| { let run = run.clone(); std::thread::spawn(move || run(t, 8, false)) }).collect();
+    for h in handles {
+        h.join().expect("a thread failed");
+    }
+    run(0, 3, true);
+}
+
 /// q, k, v as interleaved slices of one packed `[B, S, 3, H, D]` buffer and dq, dk, dv written into one
 /// packed gradient buffer (flash-attn's qkvpacked layout): accepted (no false alias), and bitwise equal
 /// to contiguous inputs; the gradient buffer's every element is written.

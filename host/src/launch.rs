@@ -20,6 +20,17 @@ fn env_choice() -> KernelChoice {
     *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS"), bwd_no_ws: set("FLASH_ATTN_BWD_NO_WS"), bwd_ordered_all: set("FLASH_ATTN_BWD_ORDERED_ALL") })
 }
 
+/// The warp-specialized forward's tile counter entry for the next launch (`FwdParams::tile_slot`): the
+/// entries in turn, or -1 (static scheduling) under `FLASH_ATTN_FWD_STATIC_TILES`.
+fn fwd_tile_slot() -> i32 {
+    static STATIC: OnceLock<bool> = OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if *STATIC.get_or_init(|| std::env::var_os("FLASH_ATTN_FWD_STATIC_TILES").is_some()) {
+        return -1;
+    }
+    (NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % crate::dispatch::FWD_WS_TILE_SLOTS) as i32
+}
+
 /// The kernel choice in force: the call's, or the environment's where it forces one.
 fn choice(call: KernelChoice) -> KernelChoice {
     let env = env_choice();
@@ -193,6 +204,7 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
     if ws.is_none() {
         unsafe { queue(f, &l, &params, stream) }?;
     } else {
+        params.tile_slot = fwd_tile_slot();
         // The tensor maps travel as the kernel's second parameter.
         let maps = tma_maps(p, t, &launch.config)?;
         let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
@@ -275,7 +287,7 @@ fn fwd_params(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Opt
         q_pack: 1,
         q_pack_head_stride: 0,
         slots: 0,
-        _pad: 0,
+        tile_slot: -1,
     }
 }
 

@@ -141,7 +141,9 @@ pub struct FwdParams {
     /// `m_blocks`) walks `slots` virtual row blocks of the packed q (`seqlen::Lengths::slot_block`), the
     /// grid one slice; a block strides by `slots`, past any sequence.
     pub slots: i32,
-    pub _pad: i32,
+    /// Dynamic tile scheduling (the warp-specialized forward; -1 = static): the entry of the module's
+    /// tile counters this launch draws its tiles from (`FWD_WS_TILE_SLOTS` entries; see fwd/ws.rs).
+    pub tile_slot: i32,
 }
 
 /// Size the host's launch code relies on; both sides assert it.

@@ -304,7 +304,8 @@ for_each_fwd_wg_variant!(wg_name_lookup);
 /// on a persistent grid.
 pub const FWD_WS_THREADS: usize = 384;
 /// Bytes after the tiles for the pipeline's barriers (Q full / empty, two stages each of K and V full /
-/// empty: 10 barriers of 8 bytes).
+/// empty: 10 barriers of 8 bytes) and the tile ring (two stages' full / empty barriers and tile numbers:
+/// 40 bytes).
 pub const FWD_WS_BARRIER_BYTES: usize = 128;
 /// The warp-specialized forward's tile scheduler walks the (sequence, head) pairs in sections whose K
 /// and V take at most this many bytes (a third of the H100 / H200 L2, so that the section being
@@ -312,6 +313,11 @@ pub const FWD_WS_BARRIER_BYTES: usize = 128;
 /// (Read by the device code only.)
 #[cfg_attr(not(target_os = "cuda"), allow(dead_code))]
 pub const FWD_WS_L2_SECTION_BYTES: usize = 16 << 20;
+/// Entries of the warp-specialized forward's tile counters (a module global: each launch draws its
+/// tiles from entry `FwdParams::tile_slot`, which the host deals out in turn, and its last block to
+/// finish sets the entry back to zero), so that launches in flight together on other streams draw from
+/// other entries.
+pub const FWD_WS_TILE_SLOTS: usize = 1024;
 
 /// Rows per bulk tensor copy of a paged K/V tile in the warp-specialized forward: the largest power of
 /// two dividing both the page size and `block_n` (rows of one box lie in one page, and the boxes of a

@@ -130,3 +130,27 @@ pub unsafe fn ld_acquire_gpu_u32(addr: u64) -> u32 {
 pub unsafe fn st_release_gpu_u32(addr: u64, v: u32) {
     unsafe { asm!("st.release.gpu.global.u32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
 }
+
+/// `atom.relaxed.gpu.add.u32` on a generic address: add `v`, return the old value (a work counter's
+/// next index; no ordering with this thread's other accesses).
+#[inline(always)]
+pub unsafe fn atom_add_relaxed_gpu_u32(addr: u64, v: u32) -> u32 {
+    let old: u32;
+    unsafe { asm!("atom.relaxed.gpu.add.u32 {o}, [{a}], {v};", o = out(reg32) old, a = in(reg64) addr, v = in(reg32) v, options(nostack)) };
+    old
+}
+
+/// `atom.acq_rel.gpu.add.u32` on a generic address: add `v`, return the old value; this thread's earlier
+/// accesses stay before it and its later ones after it (a count of finished blocks).
+#[inline(always)]
+pub unsafe fn atom_add_acq_rel_gpu_u32(addr: u64, v: u32) -> u32 {
+    let old: u32;
+    unsafe { asm!("atom.acq_rel.gpu.add.u32 {o}, [{a}], {v};", o = out(reg32) old, a = in(reg64) addr, v = in(reg32) v, options(nostack)) };
+    old
+}
+
+/// `st.relaxed.gpu.u32` on a generic address.
+#[inline(always)]
+pub unsafe fn st_relaxed_gpu_u32(addr: u64, v: u32) {
+    unsafe { asm!("st.relaxed.gpu.u32 [{a}], {v};", a = in(reg64) addr, v = in(reg32) v, options(nostack)) }
+}

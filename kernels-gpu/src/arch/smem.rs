@@ -39,6 +39,14 @@ pub unsafe fn st_u32(addr: u32, v: u32) {
     unsafe { asm!("st.shared.b32 [{a}], {v};", a = in(reg32) addr, v = in(reg32) v, options(nostack)) }
 }
 
+/// Load 4 bytes from shared memory.
+#[inline(always)]
+pub unsafe fn ld_u32(addr: u32) -> u32 {
+    let v: u32;
+    unsafe { asm!("ld.shared.b32 {v}, [{a}];", v = out(reg32) v, a = in(reg32) addr, options(nostack, readonly)) };
+    v
+}
+
 /// Load two f32 from shared memory (`addr` 8-byte aligned).
 #[inline(always)]
 pub unsafe fn ld_v2_f32(addr: u32) -> [f32; 2] {

@@ -8,8 +8,8 @@
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
-use crate::arch::mem::ld_i32_at;
-use crate::arch::shfl::any_lane;
+use crate::arch::mem::{atom_add_acq_rel_gpu_u32, atom_add_relaxed_gpu_u32, ld_i32_at, st_relaxed_gpu_u32};
+use crate::arch::shfl::{any_lane, shfl_idx_u32};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{named_arrive, named_sync, sync_threads, sync_warp};
@@ -19,7 +19,8 @@ use crate::mods::{AlibiCode, KeptP};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
-use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS};
+use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
+use core::sync::atomic::AtomicU32;
 
 /// Query rows per tile (64 per consumer warpgroup) and consumer threads.
 const BM: usize = 128;
@@ -38,21 +39,42 @@ const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(FWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
 
-/// The three pipelines, their barriers after the tiles.
+/// Stages of the tile ring (`Tiles`: the producer's tile numbers for the consumers).
+const TILE_STAGES: u32 = 2;
+
+/// The three pipelines and the tile ring (its barriers, then its stages' tile numbers), after the tiles.
 struct Pipes {
     q: Pipeline<1>,
     k: Pipeline<KV_STAGES>,
     v: Pipeline<KV_STAGES>,
+    tiles: Pipeline<TILE_STAGES>,
+    tile_ids: u32,
 }
 
 impl Pipes {
     #[inline(always)]
     fn at<const D: usize, const BN: usize>(base: u32) -> Pipes {
         let bars = base + Tile::<D, BN>::Q_BYTES + 4 * Tile::<D, BN>::KV_BYTES;
-        const { assert!(Pipeline::<1>::BYTES + 2 * Pipeline::<KV_STAGES>::BYTES <= FWD_WS_BARRIER_BYTES as u32) };
-        Pipes { q: Pipeline::at(bars), k: Pipeline::at(bars + Pipeline::<1>::BYTES), v: Pipeline::at(bars + Pipeline::<1>::BYTES + Pipeline::<KV_STAGES>::BYTES) }
+        const KV: u32 = Pipeline::<1>::BYTES;
+        const TILES: u32 = KV + 2 * Pipeline::<KV_STAGES>::BYTES;
+        const IDS: u32 = TILES + Pipeline::<TILE_STAGES>::BYTES;
+        const { assert!(IDS + 4 * TILE_STAGES <= FWD_WS_BARRIER_BYTES as u32) };
+        Pipes {
+            q: Pipeline::at(bars),
+            k: Pipeline::at(bars + KV),
+            v: Pipeline::at(bars + KV + Pipeline::<KV_STAGES>::BYTES),
+            tiles: Pipeline::at(bars + TILES),
+            tile_ids: bars + IDS,
+        }
     }
 }
+
+/// Dynamic tile scheduling's counters (`FwdParams::tile_slot`): entry e is words 2e (tiles handed out
+/// past each block's first) and 2e + 1 (blocks done). Zero at module load; a launch's last block to
+/// finish sets its entry back to zero, so the next launch on that entry finds it so (launches on one
+/// stream run in turn; the host deals entries out in turn, so launches on other streams use others).
+#[unsafe(no_mangle)]
+static FA_FWD_WS_TILE_COUNTERS: [AtomicU32; 2 * FWD_WS_TILE_SLOTS] = [const { AtomicU32::new(0) }; 2 * FWD_WS_TILE_SLOTS];
 
 /// Waves of tiles per section at least, for causal and windowed problems (see `Tiles::new`).
 const WS_MASKED_WAVES: u32 = 4;
@@ -67,6 +89,13 @@ const WS_MASKED_WAVES: u32 = 4;
 /// q, k, v, o, nsight compute). Producer and consumers walk it alike. A tile also covers row blocks
 /// `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`). With slot scheduling
 /// (`FwdParams::slots`) the tiles are (slot, head) pairs, each slot a row block of some slice.
+/// Which block takes which tile: static, block `b` takes tiles `b, b + grid, ..`; dynamic
+/// (`FwdParams::tile_slot` >= 0), block `b` takes tile `b` first, then its producer draws the next tile
+/// from a counter in global memory each time it has issued a tile's copies, so that the blocks stay
+/// within a wave of tiles of each other: a ragged varlen batch's tiles differ in work, and statically
+/// the blocks drifted apart, each streaming other sections' keys (H200, hdim 128 ragged batch: 10.7 GB
+/// of DRAM reads for 1.6 GB of q, k and v), and causal blocks ended unevenly. The producer passes each
+/// tile number (and the end, a number past the tiles) to the consumers through the tile ring.
 struct Tiles {
     m_blocks: i32,
     heads: i32,
@@ -74,9 +103,15 @@ struct Tiles {
     /// Pairs per section (>= 1, at most `pairs`).
     section: i32,
     count: i32,
+    /// Static: this block's next tile. Dynamic: its first tile, then -1 (the counter's turn).
     next: i32,
     /// Slot scheduling (`Tiles::new`).
     slotted: bool,
+    /// Dynamic: the counter entry's generic address (0: static).
+    counter: u64,
+    ring: Pipeline<TILE_STAGES>,
+    ids: u32,
+    stage: Stage<TILE_STAGES>,
 }
 
 impl Tiles {
@@ -84,7 +119,7 @@ impl Tiles {
     /// Slot scheduling (`FwdParams::slots`) in the kernels without score modifiers (`MODS`) only: in the
     /// modifiers' copies the walk's slot path cost the tile loop spills (hdim 128 `_dropout`: 9 -> 58
     /// spill loads per tile), so the host gives them no slots. Producer and consumers pass the same.
-    fn new<const D: usize, const MODS: bool>(p: &FwdParams) -> Tiles {
+    fn new<const D: usize, const MODS: bool>(p: &FwdParams, pipes: &Pipes) -> Tiles {
         // Slot scheduling: one slice whose `m_blocks` row blocks are the slots.
         let slotted = !MODS && p.slots > 0;
         let slices = if slotted { 1 } else { p.batch + (p.cu_seqlens_q != 0) as i32 };
@@ -104,17 +139,69 @@ impl Tiles {
             }
         }
         let section = if section < pairs { section } else { pairs };
-        Tiles { m_blocks: p.m_blocks, heads: p.h, pairs, section, count: p.m_blocks * pairs, next: block_idx_x() as i32, slotted }
+        let counter = if p.tile_slot >= 0 {
+            let e = if (p.tile_slot as usize) < FWD_WS_TILE_SLOTS { p.tile_slot as usize } else { FWD_WS_TILE_SLOTS - 1 };
+            FA_FWD_WS_TILE_COUNTERS.as_ptr() as u64 + 8 * e as u64
+        } else {
+            0
+        };
+        let count = p.m_blocks * pairs;
+        Tiles { m_blocks: p.m_blocks, heads: p.h, pairs, section, count, next: block_idx_x() as i32, slotted, counter, ring: pipes.tiles, ids: pipes.tile_ids, stage: Stage::START }
+    }
+
+    /// This block's next tile number (past `count`: none left). Dynamic: the producer (`PRODUCER`; lane
+    /// 0 of its warp, `warp` when the whole warp walks) draws it and puts it in the tile ring, the
+    /// consumers take it from there; the producer's last draw also counts the block done, and the
+    /// launch's last block resets the counter entry.
+    #[inline(always)]
+    fn next_tile<const PRODUCER: bool>(&mut self, lane: u32, warp: bool) -> i32 {
+        if self.counter == 0 {
+            let t = self.next;
+            self.next += grid_dim_x() as i32;
+            return t;
+        }
+        let s = self.stage;
+        self.stage.advance();
+        let id = self.ids + 4 * s.index;
+        if PRODUCER {
+            let mut t = self.next;
+            self.next = -1;
+            if t < 0 && lane == 0 {
+                t = grid_dim_x() as i32 + unsafe { atom_add_relaxed_gpu_u32(self.counter, 1) } as i32;
+            }
+            if warp {
+                t = shfl_idx_u32(t as u32, 0) as i32;
+            }
+            if lane == 0 {
+                unsafe {
+                    self.ring.producer_acquire(s);
+                    smem::st_u32(id, t as u32);
+                    mbarrier::arrive(self.ring.full_barrier(s));
+                    if t >= self.count && atom_add_acq_rel_gpu_u32(self.counter + 4, 1) == grid_dim_x() - 1 {
+                        // Every block has drawn its last tile (each counted itself done after it).
+                        st_relaxed_gpu_u32(self.counter, 0);
+                        st_relaxed_gpu_u32(self.counter + 4, 0);
+                    }
+                }
+            }
+            t
+        } else {
+            unsafe {
+                self.ring.consumer_wait(s);
+                let t = smem::ld_u32(id) as i32;
+                self.ring.consumer_release(s);
+                t
+            }
+        }
     }
 
     /// The next (first row block, head, sequence slice).
     #[inline(always)]
-    fn next(&mut self) -> Option<(i32, i32, i32)> {
-        if self.next >= self.count {
+    fn next<const PRODUCER: bool>(&mut self, lane: u32, warp: bool) -> Option<(i32, i32, i32)> {
+        let t = self.next_tile::<PRODUCER>(lane, warp);
+        if t >= self.count {
             return None;
         }
-        let t = self.next;
-        self.next += grid_dim_x() as i32;
         // Unchecked divisions: a trap path here would cost the consumers their register budget (see
         // div_rem_u32); every divisor is positive (the host launches only with tiles to do). The last
         // section may hold fewer pairs; the ones before it are whole.
@@ -129,8 +216,9 @@ impl Tiles {
     /// Walk every row block of every tile of this block: `f(head, m0)` (with the score modifiers where
     /// `MODS`).
     #[inline(always)]
-    fn for_each<const PAGED: bool, const MODS: bool>(mut self, p: &FwdParams, mut f: impl FnMut(&HeadSlice, i32)) {
-        while let Some((m_block, bidh, bidb)) = self.next() {
+    fn for_each<const PAGED: bool, const MODS: bool, const PRODUCER: bool>(mut self, p: &FwdParams, lane: u32, mut f: impl FnMut(&HeadSlice, i32)) {
+        // The paged producer's whole warp walks (`produce`); the contiguous one is lane 0 alone.
+        while let Some((m_block, bidh, bidb)) = self.next::<PRODUCER>(lane, PAGED && PRODUCER) {
             let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, BM as i32, false, p.slots, ld_i32_at) } else { (bidb, m_block) };
             let mut head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
             // Varlen pages only (the KV cache runs the mma.sync kernels): no identity table, no leftpad.
@@ -200,7 +288,7 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
     // This lane's box of a paged tile: its first row in the tile, and whether the tile has it.
     let box_r = lane as i32 * box_rows;
     let has_box = box_r < BN as i32;
-    Tiles::new::<D, MODS>(p).for_each::<PAGED, false>(p, #[inline(always)] |head, m0| {
+    Tiles::new::<D, MODS>(p, pipes).for_each::<PAGED, false, true>(p, lane, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
             return;
         }
@@ -480,6 +568,8 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             pipes.q.init(2);
             pipes.k.init(2);
             pipes.v.init(2);
+            // Every consumer thread takes each tile number.
+            pipes.tiles.init(CONSUMERS as u32);
         }
         mbarrier::fence_init();
     }
@@ -499,7 +589,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             pass_turn(1);
         }
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
-        Tiles::new::<D, MODS>(p).for_each::<PAGED, MODS>(p, #[inline(always)] |head, m0| {
+        Tiles::new::<D, MODS>(p, &pipes).for_each::<PAGED, MODS, false>(p, 0, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
                 unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
             }
