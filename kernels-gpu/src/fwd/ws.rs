@@ -3,7 +3,8 @@
 //! and two K and V stages, completing on barriers; warpgroups 1 and 2 consume (64 query rows each): they
 //! wait for a stage, run S = Q K^T and O += P V on wgmma with the online softmax in registers, release it.
 //! The consumers take turns at the tensor cores (one's products run under the other's softmax), and the
-//! grid is persistent: blocks stride over (row block, head, sequence) tiles, heaviest row blocks first.
+//! grid is persistent: the blocks walk (row block, head, sequence) tiles, heaviest row blocks first, each
+//! drawing its next tile from a counter once its producer has issued the last one's copies (`Tiles`).
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
