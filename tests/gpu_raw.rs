@@ -333,10 +333,10 @@ fn many_tiles_on_several_streams_at_once() {
         let (q, k, v) = (up(&x[0]), up(&x[1]), up(&x[2]));
         let mut out = stream.alloc_zeros::<u16>(b * s * h * d).unwrap();
         let mut lse = stream.alloc_zeros::<f32>(b * h * s).unwrap();
-        let view = |addr, shape: &'static [usize], strides: &'static [usize], dtype| View { addr, dtype, shape, strides };
-        // 'static views of this closure's shapes (leaked once per thread: a test).
-        let (sh, st): (&'static [usize], &'static [usize]) = (Box::leak(Box::new(shape)), Box::leak(strides.clone().into_boxed_slice()));
-        let (lsh, lst): (&'static [usize], &'static [usize]) = (Box::leak(Box::new(lse_shape)), Box::leak(lse_strides.clone().into_boxed_slice()));
+        fn view<'a>(addr: u64, shape: &'a [usize], strides: &'a [usize], dtype: DType) -> View<'a> {
+            View { addr, dtype, shape, strides }
+        }
+        let (sh, st, lsh, lst) = (&shape[..], &strides[..], &lse_shape[..], &lse_strides[..]);
         let fv = FwdViews {
             q: view(ptr(&q, &stream), sh, st, DType::BF16),
             k: view(ptr(&k, &stream), sh, st, DType::BF16),
