@@ -3,8 +3,9 @@
 //! events through criterion's `iter_custom`. Besides criterion's report, each shape prints one line
 //! `RESULT ours <shape> <median ms> <TFLOP/s>` that benches/compare.py joins with PyTorch's numbers.
 //! Skips with a notice when there is no GPU. FLOPs: 4 * B * H * Sq * Sk * D, halved for causal.
-//! The ragged batch also runs over paged K/V (`varlen_fwd_paged`: pages of 16, 64 and 256 rows, each
-//! sequence's pages scattered over the pool), named `paged/...`, to set against the contiguous row.
+//! The ragged batch also runs over paged K/V (`varlen_fwd_paged`: pages of 16, 64 and 256 rows, or
+//! `FA_BENCH_PAGES=8,32`; each sequence's pages scattered over the pool), named `paged/...`, to set
+//! against the contiguous row.
 //! The score modifiers (`mods/...`): hdim 64, 96, 128, 192 and 256 at S 2048 and 8192, causal and not, each without
 //! modifiers, with ALiBi (slopes `[H]`) and with dropout (p = 0.1), the same FLOPs counted for all three.
 //! The ragged batch and a skewed one (`skewed64`: one sequence of 16384 tokens, 63 of 256) also run without
@@ -73,7 +74,9 @@ fn main() {
     let cu = cu_seqlens(&lens);
     let q = device_tensor(&[total, h, d], 4);
     let max = *lens.iter().max().unwrap();
-    for page in [16, 64, 256] {
+    // `FA_BENCH_PAGES=16,32`: other page sizes than these.
+    let pages: Vec<usize> = std::env::var("FA_BENCH_PAGES").ok().map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).filter(|&x| x > 0).collect()).unwrap_or_else(|| vec![16, 64, 256]);
+    for page in pages {
         let max_blocks = max.div_ceil(page);
         let blocks: usize = lens.iter().map(|l| l.div_ceil(page)).sum::<usize>() + 7;
         // Sequence b's i-th page: a fixed scatter over the pool (stride coprime with its size);

@@ -232,7 +232,10 @@ fn paged_case(c: &Case, rng: &mut StdRng, tally: &mut Tally) -> Result<(), Strin
 }
 
 const MASKS: [(bool, (i64, i64), f32); 5] = [(false, (-1, -1), 0.0), (true, (-1, -1), 0.0), (false, (37, 5), 0.0), (true, (70, -1), 0.0), (false, (-1, -1), 15.0)];
-const PAGES: [usize; 5] = [1, 3, 16, 64, 256];
+/// 16 and 24: the ws forward's producer gathers (cp.async) at head dims 64 / 128 / 256 (24: 8-row groups
+/// at three offsets of a page, pages not aligned with the tiles); 64 / 256: its bulk-copy boxes; 1, 3:
+/// the cp.async kernels.
+const PAGES: [usize; 6] = [1, 3, 16, 24, 64, 256];
 
 fn random_seqs(rng: &mut StdRng, n: usize, max_q: usize, max_k: usize) -> Vec<(usize, usize, usize)> {
     (0..n)

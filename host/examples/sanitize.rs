@@ -99,8 +99,9 @@ const WIDE_USED: [(usize, usize); 2] = [(150, variants::FWD_WS_WIDE_MIN_KEYS + 5
 const WIDE_TAIL: (usize, usize) = (3, 2);
 /// The wide-tile forward's dropout problem: b=1, sq 130, sk `FWD_WS_WIDE_DROPOUT_MIN_KEYS` + 50.
 const WIDE_DROPOUT: (usize, usize) = (130, variants::FWD_WS_WIDE_DROPOUT_MIN_KEYS + 50);
-/// Page sizes of the paged forward cases.
-const PAGES: [usize; 2] = [16, 3];
+/// Page sizes of the paged forward cases: 16 (the ws producer warpgroup's cp.async gather at head dims
+/// 64 / 128 / 256, bulk-copy boxes at 96 / 192), 64 (boxes), 3 (the cp.async kernels).
+const PAGES: [usize; 3] = [16, 64, 3];
 
 /// KV-cache cases (issue 13), per (dtype, head dim): (page size, 0 = contiguous with cache_batch_idx;
 /// query rows; num_splits, 0 = the heuristic; causal, else window (20, 0) + softcap; ALiBi). B = 2, Hq
@@ -344,8 +345,8 @@ fn main() -> flash_attn::Result<()> {
         let mut t = |shape: &[usize]| Tensor::from_f32(&values(shape.iter().product(), &mut seed), shape, dtype)?.to_device(gpu);
         let (q, k, v, g) = (t(&[b, sq, hq, d])?, t(&[b, sk, hk, d])?, t(&[b, sk, hk, d])?, t(&[b, sq, hq, d])?);
         let (pq, pk, pv, pg) = (t(&[tq, hq, d])?, t(&[tk, hk, d])?, t(&[tk, hk, d])?, t(&[tq, hq, d])?);
-        // Paged K/V (pages of 16 rows: the bulk-copy path, and 3: the cp.async gather), each sequence's
-        // pages scattered over a pool with spare blocks, key counts from seqused_k.
+        // Paged K/V (`PAGES`), each sequence's pages scattered over a pool with spare blocks, key counts
+        // from seqused_k.
         let mut pools = Vec::new();
         for page in PAGES {
             let max_blocks = USED_K.iter().copied().max().unwrap().div_ceil(page);

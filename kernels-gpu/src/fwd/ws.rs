@@ -43,6 +43,18 @@ const _: () = assert!(FWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS +
 /// Stages of the tile ring (`Tiles`: the producer's tile numbers for the consumers).
 const TILE_STAGES: u32 = 2;
 
+/// Producer warps that issue a paged tile's boxes.
+const SPREAD_WARPS: u32 = 4;
+
+/// Whether a `PAGED` kernel's paged tiles take more than one box per 64-column group, so that the whole
+/// producer warpgroup issues them (`produce`): warps 1..3 then take the tile numbers from the tile ring
+/// as the consumers do. (A cp.async gather of such tiles by the whole warpgroup instead ran 1.14x the
+/// one-warp boxes' time at pages of 8-64, H200 hdim 128.)
+#[inline(always)]
+fn spreads<const BN: usize, const PAGED: bool>(p: &FwdParams) -> bool {
+    PAGED && tma_page_box_rows(p.page_size as usize, BN) < BN
+}
+
 /// The three pipelines and the tile ring (its barriers, then its stages' tile numbers), after the tiles.
 struct Pipes {
     q: Pipeline<1>,
@@ -152,8 +164,8 @@ impl Tiles {
 
     /// This block's next tile number (past `count`: none left). Dynamic: the producer (`PRODUCER`; lane
     /// 0 of its warp, `warp` when the whole warp walks) draws it and puts it in the tile ring, the
-    /// consumers take it from there; the producer's last draw also counts the block done, and the
-    /// launch's last block resets the counter entry.
+    /// consumers (and a spread producer's warps 1..3, `lane` >= 32) take it from there; the producer's
+    /// last draw also counts the block done, and the launch's last block resets the counter entry.
     #[inline(always)]
     fn next_tile<const PRODUCER: bool>(&mut self, lane: u32, warp: bool) -> i32 {
         if self.counter == 0 {
@@ -164,7 +176,7 @@ impl Tiles {
         let s = self.stage;
         self.stage.advance();
         let id = self.ids + 4 * s.index;
-        if PRODUCER {
+        if PRODUCER && lane < 32 {
             let mut t = self.next;
             self.next = -1;
             if t < 0 && lane == 0 {
@@ -269,7 +281,10 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
 /// are `[num_blocks][page_size][heads][head dim]`); the boxes of whole 8-row swizzle atoms land where one
 /// whole-tile box would put their rows. There the whole warp produces: lane j looks up box j's block one
 /// K tile ahead (the lookups of a tile in flight together, under the wait for a free stage) and issues
-/// box j's copies (a lookup per box by one thread: pages of 16 at 0.66x contiguous).
+/// box j's copies (a lookup per box by one thread: pages of 16 at 0.66x contiguous). Where a tile takes
+/// several boxes per 64-column group (`spreads`), the whole warpgroup does: lane j of warp w has box
+/// w + 4j, and lane 0 of each warp waits for the stage before its warp's copies (the copies of one warp,
+/// issued lane by lane, held pages of 16 at 0.85x contiguous; spread 0.94x).
 #[inline(always)]
 unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS: bool, const DIAG: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
     let base = smem::base();
@@ -285,9 +300,12 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
     let mut qs = Stage::<1>::START;
     let mut ks = Stage::<KV_STAGES>::START;
     let mut vs = Stage::<KV_STAGES>::START;
+    let spread = spreads::<BN, PAGED>(p);
     let box_rows = if PAGED { tma_page_box_rows(p.page_size as usize, BN) as i32 } else { BN as i32 };
-    // This lane's box of a paged tile: its first row in the tile, and whether the tile has it.
-    let box_r = lane as i32 * box_rows;
+    // This lane's box of a paged tile: its first row in the tile, and whether the tile has it. Spread
+    // over the warpgroup, lane j of warp w has box w + 4j.
+    let (warp, wl) = (lane / 32, lane % 32);
+    let box_r = if spread { (warp + SPREAD_WARPS * wl) as i32 * box_rows } else { lane as i32 * box_rows };
     let has_box = box_r < BN as i32;
     Tiles::new::<D, MODS>(p, pipes).for_each::<PAGED, false, true>(p, lane, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
@@ -321,6 +339,10 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
                 if lane == 0 {
                     pipe.producer_acquire(*s);
                     pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
+                } else if spread && wl == 0 {
+                    // Warps 1..3: the stage is free before their boxes go in (their bytes may land
+                    // before lane 0 announces them; its pending arrival holds the phase open).
+                    pipe.producer_acquire(*s);
                 }
                 let bar = pipe.full_barrier(*s);
                 if PAGED {
@@ -564,20 +586,21 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     let () = Tile::<D, BN>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D, BN>(smem::base());
+    let spread = spreads::<BN, PAGED>(p);
     if tid == 0 {
         unsafe {
             pipes.q.init(2);
             pipes.k.init(2);
             pipes.v.init(2);
-            // Every consumer thread takes each tile number.
-            pipes.tiles.init(CONSUMERS as u32);
+            // Every consumer thread takes each tile number (and warps 1..3 of a spread producer).
+            pipes.tiles.init(CONSUMERS as u32 + if spread { 32 * (SPREAD_WARPS - 1) } else { 0 });
         }
         mbarrier::fence_init();
     }
     sync_threads();
     if tid < 128 {
         tma::regs_dec::<PRODUCER_REGS>();
-        if tid == 0 || (PAGED && tid < 32) {
+        if tid == 0 || (PAGED && (tid < 32 || (spread && tid < 32 * SPREAD_WARPS as usize))) {
             // Contiguous: thread 0 alone (its lane folds to a constant).
             unsafe { produce::<D, BN, PAGED, MODS, DIAG>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
         }
