@@ -232,9 +232,9 @@ fn paged_case(c: &Case, rng: &mut StdRng, tally: &mut Tally) -> Result<(), Strin
 }
 
 const MASKS: [(bool, (i64, i64), f32); 5] = [(false, (-1, -1), 0.0), (true, (-1, -1), 0.0), (false, (37, 5), 0.0), (true, (70, -1), 0.0), (false, (-1, -1), 15.0)];
-/// 16 and 24: the ws forward's producer gathers (cp.async) at head dims 64 / 128 / 256 (24: 8-row groups
-/// at three offsets of a page, pages not aligned with the tiles); 64 / 256: its bulk-copy boxes; 1, 3:
-/// the cp.async kernels.
+/// 16 and 24: the ws forward's page boxes issued by its whole producer warpgroup (24: 8-row boxes at
+/// three offsets of a page, pages not aligned with the tiles); 64 / 256: by its first warp (two boxes
+/// per column group at 128-key tiles, one at 64-key tiles / one); 1, 3: the cp.async kernels.
 const PAGES: [usize; 6] = [1, 3, 16, 24, 64, 256];
 
 fn random_seqs(rng: &mut StdRng, n: usize, max_q: usize, max_k: usize) -> Vec<(usize, usize, usize)> {
@@ -265,6 +265,36 @@ fn paged_every_page_size_head_dim_and_mask() {
                 let c = Case { dtype, d, hq, hk, causal, window, softcap, seqs, page, counts, extra_blocks: rng.gen_range(0..4), give_max: rng.gen_bool(0.7) };
                 paged_case(&c, &mut rng, &mut tally).unwrap_or_else(|e| panic!("{}: {e}", c.describe()));
             }
+        }
+    }
+    tally.report();
+}
+
+/// Batches of many more tiles than the grid has blocks (the ws forward's blocks draw tiles from its
+/// counter and its producer walks many of them), over every page size the ws kernel takes at 128- and
+/// 64-key tiles (boxes issued by the whole producer warpgroup or by its first warp): the paged result
+/// must be the contiguous one bit for bit (the same kernel family), with finite outputs. Pages of 64
+/// with every producer warp waiting for each stage once hung such a batch (a warp without a box of
+/// its own fell behind a stage's barrier phases).
+#[test]
+fn paged_many_tiles_match_contiguous_bitwise() {
+    require_gpu!();
+    let (_, mut rng) = seeded("gpu_paged::paged_many_tiles_match_contiguous_bitwise");
+    let mut tally = Tally::new("gpu_paged::paged_many_tiles_match_contiguous_bitwise");
+    let choice = KernelChoice::default();
+    for (i, d) in [128usize, 256].into_iter().enumerate() {
+        for (j, page) in [8usize, 16, 24, 32, 64, 128, 256].into_iter().enumerate() {
+            let seqs: Vec<(usize, usize, usize)> = (0..32).map(|_| rng.gen_range(64..=768)).map(|l| (l, l, l)).collect();
+            let causal = (i + j) % 2 == 1;
+            let c = Case { dtype: DType::BF16, d, hq: 4, hk: 4, causal, window: (-1, -1), softcap: 0.0, seqs, page, counts: Counts::CuSeqlens, extra_blocks: 3, give_max: true };
+            let x = inputs(&c, &mut rng);
+            let family = paged_family(c.d, c.dtype, choice, c.page);
+            assert_eq!(family, fwd_family_keys(c.d, c.dtype, choice, c.max_keys()), "{}: the paged and contiguous calls run one family", c.describe());
+            let got = host(&run_paged(&c, &x, GPU, choice).unwrap_or_else(|e| panic!("{}: {e}", c.describe())));
+            let want = host(&run_contiguous(&c, &x, choice));
+            assert!(got.0.iter().all(|v| v.is_finite()) && got.1.iter().all(|v| v.is_finite()), "{}: non-finite output", c.describe());
+            assert!(bits(&got.0) == bits(&want.0) && bits(&got.1) == bits(&want.1), "{}: paged differs from contiguous varlen_fwd ({family})", c.describe());
+            tally.add("default", family, c.d);
         }
     }
     tally.report();

@@ -99,8 +99,8 @@ const WIDE_USED: [(usize, usize); 2] = [(150, variants::FWD_WS_WIDE_MIN_KEYS + 5
 const WIDE_TAIL: (usize, usize) = (3, 2);
 /// The wide-tile forward's dropout problem: b=1, sq 130, sk `FWD_WS_WIDE_DROPOUT_MIN_KEYS` + 50.
 const WIDE_DROPOUT: (usize, usize) = (130, variants::FWD_WS_WIDE_DROPOUT_MIN_KEYS + 50);
-/// Page sizes of the paged forward cases: 16 (the ws producer warpgroup's cp.async gather at head dims
-/// 64 / 128 / 256, bulk-copy boxes at 96 / 192), 64 (boxes), 3 (the cp.async kernels).
+/// Page sizes of the paged forward cases: 16 (the ws forward's page boxes issued by its whole producer
+/// warpgroup), 64 (by its first warp at 128-key tiles), 3 (the cp.async kernels).
 const PAGES: [usize; 3] = [16, 64, 3];
 
 /// KV-cache cases (issue 13), per (dtype, head dim): (page size, 0 = contiguous with cache_batch_idx;

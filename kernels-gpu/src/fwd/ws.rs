@@ -46,13 +46,17 @@ const TILE_STAGES: u32 = 2;
 /// Producer warps that issue a paged tile's boxes.
 const SPREAD_WARPS: u32 = 4;
 
-/// Whether a `PAGED` kernel's paged tiles take more than one box per 64-column group, so that the whole
-/// producer warpgroup issues them (`produce`): warps 1..3 then take the tile numbers from the tile ring
-/// as the consumers do. (A cp.async gather of such tiles by the whole warpgroup instead ran 1.14x the
-/// one-warp boxes' time at pages of 8-64, H200 hdim 128.)
+/// Whether a `PAGED` kernel's paged tiles take at least `SPREAD_WARPS` boxes per 64-column group, so
+/// that the whole producer warpgroup issues them (`produce`): warps 1..3 then take the tile numbers from
+/// the tile ring as the consumers do. Every spread warp must have a box of every tile: a warp without
+/// one still waits for each stage, but no stage waits for it, so it could fall two phases behind on a
+/// stage's barrier, read the parity as not yet flipped and hold up the tile ring (H200: pages of 64,
+/// two boxes per group, hung the ragged batch). Fewer boxes stay with warp 0. (A cp.async gather of
+/// such tiles by the whole warpgroup instead ran 1.14x the one-warp boxes' time at pages of 8-64, hdim
+/// 128.)
 #[inline(always)]
 fn spreads<const BN: usize, const PAGED: bool>(p: &FwdParams) -> bool {
-    PAGED && tma_page_box_rows(p.page_size as usize, BN) < BN
+    PAGED && tma_page_box_rows(p.page_size as usize, BN) * SPREAD_WARPS as usize <= BN
 }
 
 /// The three pipelines and the tile ring (its barriers, then its stages' tile numbers), after the tiles.
@@ -282,7 +286,7 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
 /// whole-tile box would put their rows. There the whole warp produces: lane j looks up box j's block one
 /// K tile ahead (the lookups of a tile in flight together, under the wait for a free stage) and issues
 /// box j's copies (a lookup per box by one thread: pages of 16 at 0.66x contiguous). Where a tile takes
-/// several boxes per 64-column group (`spreads`), the whole warpgroup does: lane j of warp w has box
+/// four or more boxes per 64-column group (`spreads`), the whole warpgroup does: lane j of warp w has box
 /// w + 4j, and lane 0 of each warp waits for the stage before its warp's copies (the copies of one warp,
 /// issued lane by lane, held pages of 16 at 0.85x contiguous; spread 0.94x).
 #[inline(always)]
