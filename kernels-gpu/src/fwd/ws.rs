@@ -39,6 +39,21 @@ const BAR_CONSUMERS: u32 = 3;
 const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(FWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
+/// The paged hdim 128 kernel's split (`_paged`, no score modifiers): its producer warps issue the page
+/// boxes (`produce`), and with 24 registers they spilled in their tile loop (11 spill loads per tile;
+/// none at 40), the consumers' loop spills none at 232 either (H200 ragged batch, pages of 8 / 16 / 32:
+/// 0.96-0.98x the time of 24 / 240). Not the other head dims or `_paged_mods` (ptxas: hdim 64's tile
+/// loop 1150 -> 1322 instructions, more spills at 96 / 256 and in the `_mods` copies). The split is a
+/// pair of `ws_entry` parameters, so that the other kernels' code stays as it was (a branch on it in
+/// `ws_entry`, though folded, changed every kernel's PTX).
+const PAGED_PRODUCER_REGS: u32 = 40;
+const PAGED_CONSUMER_REGS: u32 = 232;
+const _: () = assert!(128 * PAGED_PRODUCER_REGS + CONSUMERS as u32 * PAGED_CONSUMER_REGS <= 168 * 384);
+
+/// The `_paged` kernel's (producer, consumer) registers at head dim `d`.
+const fn paged_regs(d: usize) -> (u32, u32) {
+    if d == 128 { (PAGED_PRODUCER_REGS, PAGED_CONSUMER_REGS) } else { (PRODUCER_REGS, CONSUMER_REGS) }
+}
 
 /// Stages of the tile ring (`Tiles`: the producer's tile numbers for the consumers).
 const TILE_STAGES: u32 = 2;
@@ -584,9 +599,10 @@ fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
     }
 }
 
-/// Kernel body: barriers set up by thread 0, then the roles.
+/// Kernel body: barriers set up by thread 0, then the roles, the producer warpgroup with `PREGS` registers
+/// per thread and the consumers with `CREGS` (`PRODUCER_REGS` / `CONSUMER_REGS`, or `paged_regs`).
 #[inline(always)]
-unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool>(p: &FwdParams, maps: u64) {
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const PREGS: u32, const CREGS: u32>(p: &FwdParams, maps: u64) {
     let () = Tile::<D, BN>::CHECK;
     let tid = thread_idx_x() as usize;
     let pipes = Pipes::at::<D, BN>(smem::base());
@@ -603,13 +619,13 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
     }
     sync_threads();
     if tid < 128 {
-        tma::regs_dec::<PRODUCER_REGS>();
+        tma::regs_dec::<PREGS>();
         if tid == 0 || (PAGED && (tid < 32 || (spread && tid < 32 * SPREAD_WARPS as usize))) {
             // Contiguous: thread 0 alone (its lane folds to a constant).
             unsafe { produce::<D, BN, PAGED, MODS, DIAG>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
         }
     } else {
-        tma::regs_inc::<CONSUMER_REGS>();
+        tma::regs_inc::<CREGS>();
         let ctid = tid - 128;
         let leader = ctid % 128 == 0;
         // Warpgroup 0 takes the first turn.
@@ -636,7 +652,7 @@ macro_rules! fwd_ws_dropout_kernel {
         pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
             let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
             let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false>(&p, maps) }
+            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
         }
     };
 }
@@ -649,12 +665,12 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
             /// the compiler drops the dropout code (and its registers) from this copy. Without them
@@ -666,18 +682,18 @@ macro_rules! fwd_ws_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
             }
             fwd_ws_dropout_kernel!($d, $dt, $name, BN);
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { paged_regs($d).0 }, { paged_regs($d).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
             }
         };
     )*};
@@ -694,19 +710,19 @@ macro_rules! fwd_ws_wide_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_dropout"))]
             pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
                 let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
             }
         };
     )*};
