@@ -40,7 +40,7 @@ const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(FWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
 /// The paged hdim 128 kernel's split (`_paged`, no score modifiers): its producer warps issue the page
-/// boxes (`produce`), and with 24 registers they spilled in their tile loop (11 spill loads per tile;
+/// boxes (`produce`), and with 24 registers they spilled in their tile loop (9 spill loads per key tile;
 /// none at 40), the consumers' loop spills none at 232 either (H200 ragged batch, pages of 8 / 16 / 32:
 /// 0.96-0.98x the time of 24 / 240). Not the other head dims or `_paged_mods` (ptxas: hdim 64's tile
 /// loop 1150 -> 1322 instructions, more spills at 96 / 256 and in the `_mods` copies). The split is a
