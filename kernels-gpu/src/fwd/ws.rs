@@ -39,20 +39,40 @@ const BAR_CONSUMERS: u32 = 3;
 const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(FWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
-/// The paged hdim 128 kernel's split (`_paged`, no score modifiers): its producer warps issue the page
-/// boxes (`produce`), and with 24 registers they spilled in their tile loop (9 spill loads per key tile;
-/// none at 40), the consumers' loop spills none at 232 either (H200 ragged batch, pages of 8 / 16 / 32:
-/// 0.96-0.98x the time of 24 / 240). Not the other head dims or `_paged_mods` (ptxas: hdim 64's tile
-/// loop 1150 -> 1322 instructions, more spills at 96 / 256 and in the `_mods` copies). The split is a
-/// pair of `ws_entry` parameters, so that the other kernels' code stays as it was (a branch on it in
-/// `ws_entry`, though folded, changed every kernel's PTX).
-const PAGED_PRODUCER_REGS: u32 = 40;
-const PAGED_CONSUMER_REGS: u32 = 232;
-const _: () = assert!(128 * PAGED_PRODUCER_REGS + CONSUMERS as u32 * PAGED_CONSUMER_REGS <= 168 * 384);
+/// The other split, 40 / 232: the producers (which issue the page boxes in `_paged`) spill none in their
+/// tile loop (9 spill loads per key tile at 24 in the hdim 128 `_paged` copy), the consumers' loop none
+/// either where it is taken (`ws_regs`). A pair of `ws_entry` parameters, so that the kernels that keep
+/// 24 / 240 keep their PTX (a branch on it in `ws_entry`, though folded, changed every kernel's PTX).
+const SPLIT_PRODUCER_REGS: u32 = 40;
+const SPLIT_CONSUMER_REGS: u32 = 232;
+const _: () = assert!(128 * SPLIT_PRODUCER_REGS + CONSUMERS as u32 * SPLIT_CONSUMER_REGS <= 168 * 384);
 
-/// The `_paged` kernel's (producer, consumer) registers at head dim `d`.
-const fn paged_regs(d: usize) -> (u32, u32) {
-    if d == 128 { (PAGED_PRODUCER_REGS, PAGED_CONSUMER_REGS) } else { (PRODUCER_REGS, CONSUMER_REGS) }
+/// Which copy of the ws forward a kernel is (`ws_regs`).
+#[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+enum WsCopy {
+    PLAIN,
+    MODS,
+    ALIBI,
+    DROPOUT,
+    PAGED,
+    PAGED_MODS,
+    WIDE,
+    WIDE_ALIBI,
+    WIDE_DROPOUT,
+}
+
+/// A kernel's (producer, consumer) registers: 40 / 232 where the H200 measured it faster than 24 / 240
+/// (benches/RESULTS.md): hdim 128 plain (1-3%) and `_paged` (2-4%), hdim 96 `_alibi` and `_mods` (the
+/// latter also runs dropout alone there; 8-13%). Measured slower and so not split: hdim 64 plain,
+/// `_alibi` (1-2%), hdim 128 `_alibi` (4-7%), the hdim 192 wide `_alibi` (1-2%); no faster: the
+/// `_dropout` copies, hdim 256; more spills (ptxas): `_paged_mods`.
+const fn ws_regs(d: usize, copy: WsCopy) -> (u32, u32) {
+    let split = match copy {
+        WsCopy::PLAIN | WsCopy::PAGED => d == 128,
+        WsCopy::MODS | WsCopy::ALIBI => d == 96,
+        WsCopy::DROPOUT | WsCopy::PAGED_MODS | WsCopy::WIDE | WsCopy::WIDE_ALIBI | WsCopy::WIDE_DROPOUT => false,
+    };
+    if split { (SPLIT_PRODUCER_REGS, SPLIT_CONSUMER_REGS) } else { (PRODUCER_REGS, CONSUMER_REGS) }
 }
 
 /// Stages of the tile ring (`Tiles`: the producer's tile numbers for the consumers).
@@ -600,7 +620,7 @@ fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
 }
 
 /// Kernel body: barriers set up by thread 0, then the roles, the producer warpgroup with `PREGS` registers
-/// per thread and the consumers with `CREGS` (`PRODUCER_REGS` / `CONSUMER_REGS`, or `paged_regs`).
+/// per thread and the consumers with `CREGS` (`PRODUCER_REGS` / `CONSUMER_REGS`, or `ws_regs`).
 #[inline(always)]
 unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const PREGS: u32, const CREGS: u32>(p: &FwdParams, maps: u64) {
     let () = Tile::<D, BN>::CHECK;
@@ -652,7 +672,7 @@ macro_rules! fwd_ws_dropout_kernel {
         pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
             let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
             let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::DROPOUT).0 }, { ws_regs($d, WsCopy::DROPOUT).1 }>(&p, maps) }
         }
     };
 }
@@ -665,12 +685,12 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::PLAIN).0 }, { ws_regs($d, WsCopy::PLAIN).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::MODS).0 }, { ws_regs($d, WsCopy::MODS).1 }>(&p, maps) }
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
             /// the compiler drops the dropout code (and its registers) from this copy. Without them
@@ -682,18 +702,18 @@ macro_rules! fwd_ws_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }, false, { ws_regs($d, WsCopy::ALIBI).0 }, { ws_regs($d, WsCopy::ALIBI).1 }>(&p, maps) }
             }
             fwd_ws_dropout_kernel!($d, $dt, $name, BN);
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { paged_regs($d).0 }, { paged_regs($d).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::PAGED).0 }, { ws_regs($d, WsCopy::PAGED).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::PAGED_MODS).0 }, { ws_regs($d, WsCopy::PAGED_MODS).1 }>(&p, maps) }
             }
         };
     )*};
@@ -710,19 +730,19 @@ macro_rules! fwd_ws_wide_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::WIDE).0 }, { ws_regs($d, WsCopy::WIDE).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true, { ws_regs($d, WsCopy::WIDE_ALIBI).0 }, { ws_regs($d, WsCopy::WIDE_ALIBI).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_dropout"))]
             pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
                 let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, PRODUCER_REGS, CONSUMER_REGS>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::WIDE_DROPOUT).0 }, { ws_regs($d, WsCopy::WIDE_DROPOUT).1 }>(&p, maps) }
             }
         };
     )*};
