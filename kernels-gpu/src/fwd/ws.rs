@@ -694,15 +694,17 @@ macro_rules! fwd_ws_kernels {
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
             /// the compiler drops the dropout code (and its registers) from this copy. Without them
-            /// ALiBi's linear form fits up to head dim 128 (no spill in the tile loop; 192 untried on the
-            /// GPU, at 256 it spills). Not the two-instruction general form (`mods::alibi_qk_fast`) at 256:
+            /// ALiBi's linear form beside the diagonal fits at head dims 64 and 96 (no spill in the tile
+            /// loop; at 256 it spills). At 128 the two-instruction general form (`mods::alibi_qk_fast`)
+            /// on every tile: spills 192 -> 152 bytes, 0.97-0.98x the linear form's time (H200,
+            /// benches/RESULTS.md). Not the general fast form at 256:
             /// the slope's sign branch there raised the spills (180/176 -> 324/416 bytes, 3 spill loads in
             /// the tile loop; in two copies of the consumer, 428/680 and 1.03-1.08x the time).
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 128 }, { lazy_max($d, true) }, { lazy_max($d, true) }, false, { ws_regs($d, WsCopy::ALIBI).0 }, { ws_regs($d, WsCopy::ALIBI).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 96 }, { lazy_max($d, true) }, { lazy_max($d, true) }, { $d == 128 }, { ws_regs($d, WsCopy::ALIBI).0 }, { ws_regs($d, WsCopy::ALIBI).1 }>(&p, maps) }
             }
             fwd_ws_dropout_kernel!($d, $dt, $name, BN);
             #[unsafe(export_name = concat!($name, "_paged"))]
