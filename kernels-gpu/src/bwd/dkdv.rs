@@ -169,7 +169,8 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
         let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
         let at = KqAt { row0: m0 + q_col0 as i32 + 2 * t, key0: a.n0 + kv_row0 as i32 + g, shift: a.sk.used - a.sq.used };
         let keep = keep_tile::<KT, QN>(&mods, &at);
-        grad_tile::<KT, QN, MODS>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
+        // ALiBi's three-instruction form (the two-instruction one is not measured on these kernels).
+        grad_tile::<KT, QN, MODS, false>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, q_col0, t);
         // On boundary tiles only, P and dS of hidden pairs are zeroed.
         if masked {
             mask_tile::<KT, QN>(p, a, &mut acc_s, &mut acc_dp, m0, rows, kv_row0 as i32 + g, q_col0 as i32 + 2 * t);

@@ -28,7 +28,7 @@ mod wide;
 #[cfg(fa_sm90)]
 mod ws;
 
-use crate::arch::math::{exp2, fma, tanh};
+use crate::arch::math::{exp2, fma, sub_abs_fma, tanh};
 use crate::arch::mem::ld_i32_at;
 use crate::arch::sreg::{block_idx_x, block_idx_z, grid_dim_x};
 use crate::arch::smem;
@@ -288,12 +288,24 @@ struct KqAt {
 /// kernels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile<const KT: usize, const QN: usize, const MODS: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u32, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+fn grad_tile<const KT: usize, const QN: usize, const MODS: bool, const FAST: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u32, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+    if MODS && FAST && mods.slope_log2 < 0.0 {
+        grad_tile_signed::<KT, QN, MODS, FAST, false>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t)
+    } else {
+        grad_tile_signed::<KT, QN, MODS, FAST, true>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t)
+    }
+}
+
+/// `grad_tile` with the ALiBi form fixed: `FAST` with the slope's sign, `ADD` where it is 0 or above
+/// (also NaN and no ALiBi): l + |slope d|, else l - |slope d|.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grad_tile_signed<const KT: usize, const QN: usize, const MODS: bool, const FAST: bool, const ADD: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u32, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
     match (p.softcap_pre != 0.0, mods.dropout) {
-        (true, true) => grad_tile_with::<KT, QN, true, MODS, true>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
-        (true, false) => grad_tile_with::<KT, QN, true, MODS, false>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
-        (false, true) => grad_tile_with::<KT, QN, false, MODS, true>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
-        (false, false) => grad_tile_with::<KT, QN, false, MODS, false>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (true, true) => grad_tile_with::<KT, QN, true, MODS, true, FAST, ADD>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (true, false) => grad_tile_with::<KT, QN, true, MODS, false, FAST, ADD>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (false, true) => grad_tile_with::<KT, QN, false, MODS, true, FAST, ADD>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
+        (false, false) => grad_tile_with::<KT, QN, false, MODS, false, FAST, ADD>(p, mods, at, keep, acc_s, acc_dp, lse_s, delta_s, q_col0, t),
     }
 }
 
@@ -306,12 +318,16 @@ fn keep_tile<const KT: usize, const QN: usize>(mods: &HeadMods, at: &KqAt) -> u3
     if mods.dropout { keep_kq::<KT, QN>(mods, at.row0, at.key0) } else { 0 }
 }
 
-/// `grad_tile`'s loops, with softcap and dropout fixed at compile time.
+/// `grad_tile`'s loops, with softcap, dropout and ALiBi's form fixed at compile time. ALiBi's bias:
+/// slope |d| with d an add and |d| an AND (three instructions per score), or with `FAST` in two
+/// (`sub_abs_fma`, as the forward's `mods::alibi_qk_fast`): ±|slope base + slope c|, the element's
+/// offset c an immediate, slope base once per tile.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const MODS: bool, const DROP: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u32, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
+fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const MODS: bool, const DROP: bool, const FAST: bool, const ADD: bool>(p: &BwdParams, mods: &HeadMods, at: KqAt, keep: u32, acc_s: &mut [[[f32; 4]; QN]; KT], acc_dp: &mut [[[f32; 4]; QN]; KT], lse_s: u32, delta_s: u32, q_col0: usize, t: i32) {
     // ALiBi: |query + shift - key| = |base + (8 j + i % 2) - (16 kt + 8 (i / 2))|.
     let base = (at.row0 + at.shift - at.key0) as f32;
+    let sb = mods.slope_log2 * base;
     for j in 0..QN {
         let qc = (q_col0 + 8 * j) as u32 + 2 * t as u32;
         let lse2 = unsafe { smem::ld_v2_f32(lse_s + qc * 4) };
@@ -320,7 +336,10 @@ fn grad_tile_with<const KT: usize, const QN: usize, const SOFTCAP: bool, const M
             for i in 0..4 {
                 let (s, dp) = (acc_s[kt][j][i], acc_dp[kt][j][i]);
                 let mut l = lse2[i % 2];
-                if MODS {
+                if MODS && FAST {
+                    let c = ((8 * j + i % 2) as i32 - (16 * kt + 8 * (i / 2)) as i32) as f32;
+                    l = sub_abs_fma::<ADD>(l, mods.slope_log2, c, sb);
+                } else if MODS {
                     let d = base + ((8 * j + i % 2) as i32 - (16 * kt + 8 * (i / 2)) as i32) as f32;
                     l = fma(mods.slope_log2, d.abs(), l);
                 }

@@ -188,7 +188,13 @@ pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: 
     let mods = HeadMods::new::<MODS>(&p.mods, a.bidb, h, p.h, p.batch);
     let at = KqAt { row0: m0 + 2 * t, key0: a.n0 + key0, shift: a.sk.used - a.sq.used };
     let keep = keep_tile::<1, 8>(&mods, &at);
-    grad_tile::<1, 8, MODS>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
+    // ALiBi's two-instruction form above head dim 64 (H200: 0.97-0.99x the time at 96 / 128; at 64 one
+    // run had it 1.02-1.03x, benches/RESULTS.md).
+    if D > 64 {
+        grad_tile::<1, 8, MODS, true>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
+    } else {
+        grad_tile::<1, 8, MODS, false>(p, &mods, at, keep, &mut acc_s, &mut acc_dp, lse_s, delta_s, 0, t);
+    }
     if rows < BM as i32 || interior.needs_mask(m0, BM as i32) {
         mask_tile::<1, 8>(p, a, &mut acc_s, &mut acc_dp, m0, rows, key0, 2 * t);
     }
