@@ -63,7 +63,7 @@ enum WsCopy {
 
 /// A kernel's (producer, consumer) registers: 40 / 232 where the H200 measured it faster than 24 / 240
 /// (benches/RESULTS.md): hdim 128 plain (1-3%) and `_paged` (2-4%), hdim 96 `_alibi` and `_mods` (the
-/// latter also runs dropout alone there; 8-13%). Measured slower and so not split: hdim 64 plain,
+/// latter also runs dropout alone there; 7-13%). Measured slower and so not split: hdim 64 plain,
 /// `_alibi` (1-2%), hdim 128 `_alibi` (4-7%), the hdim 192 wide `_alibi` (1-2%); no faster: the
 /// `_dropout` copies, hdim 256; more spills (ptxas): `_paged_mods`.
 const fn ws_regs(d: usize, copy: WsCopy) -> (u32, u32) {
