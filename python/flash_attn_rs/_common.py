@@ -117,6 +117,13 @@ def padded_head_dim(d, arg):
                      f"({', '.join(map(str, HEAD_DIMS))} directly, others zero-padded to the next of these)")
 
 
+def default_scale(scale, d):
+    """`scale`, or 1/sqrt(d) when it is None; `d` (q's head dim) checked first, so that a head dim of 0
+    gets `padded_head_dim`'s error naming q rather than a ZeroDivisionError."""
+    padded_head_dim(d, "q")
+    return d ** -0.5 if scale is None else scale
+
+
 def check_rank(t, name, rank):
     if t.ndim != rank:
         raise ValueError(f"{name}: expected {rank} dimensions, got {t.ndim} (shape {tuple(t.shape)})")

@@ -157,7 +157,7 @@ def attention(pack, q, k, v, lens, o):
             _common.check_rank(t, name, rank)
         d, inputs = q.shape[-1], [q, k, v]
         _common.check_head_dims(d, [("k", k), ("v", v)])
-    scale = o.softmax_scale if o.softmax_scale is not None else d ** -0.5
+    scale = _common.default_scale(o.softmax_scale, d)
     dp = _common.padded_head_dim(d, "q")
     inputs = [_pad(t, dp) for t in inputs] + [None] * (3 - len(inputs))
     q, k, v = _split(*inputs, pack)
@@ -190,8 +190,7 @@ def fwd(q, k, v, out, lens, scale, o, gen=None):
     varlen = lens is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_rank(t, name, 3 if varlen else 4)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = _common.default_scale(scale, q.shape[-1])
     if out is None:
         target, copy_back = np.empty(q.shape, q.dtype), False
     else:
@@ -220,8 +219,7 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o):
     varlen = lens is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_rank(t, name, 3 if varlen else 4)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = _common.default_scale(scale, q.shape[-1])
     if o.dropout_p > 0 and o.rng_state is None:
         raise ValueError("rng_state: the forward's rng_state (seed, offset) is needed for a backward with "
                          "p_dropout > 0 (it regenerates the forward's mask)")
@@ -271,7 +269,7 @@ def paged(q, k, v, lens, block_table, o):
     _common.check_rank(v, "v", 4)
     d = q.shape[-1]
     _common.check_head_dims(d, [("k", k), ("v", v)])
-    scale = o.softmax_scale if o.softmax_scale is not None else d ** -0.5
+    scale = _common.default_scale(o.softmax_scale, d)
     dp = _common.padded_head_dim(d, "q")
     q, k, v = _pad(q, dp), _pad(k, dp), _pad(v, dp)
     cu_q, cu_k, max_q, max_k, used_q, used_k = lens
@@ -313,7 +311,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     appending = k is not None or v is not None
     kc, kc_back = _cache(k_cache, "k_cache", appending)
     vc, vc_back = _cache(v_cache, "v_cache", appending)
-    scale = o.softmax_scale if o.softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = _common.default_scale(o.softmax_scale, q.shape[-1])
     if block_table is not None:
         block_table = _array(block_table, "block_table", "int32")
     if cache_seqlens is None or isinstance(cache_seqlens, (int, np.integer)):

@@ -479,7 +479,7 @@ def attention(pack, q, k, v, lens, o):
             _common.check_rank(t, name, rank)
         d = q.shape[-1]
         _common.check_head_dims(d, [("k", k), ("v", v)])
-    scale = o.softmax_scale if o.softmax_scale is not None else d ** -0.5
+    scale = _common.default_scale(o.softmax_scale, d)
     dp = _common.padded_head_dim(d, "q")
     q = _maybe_contiguous(_pad(q, dp))
     k = None if k is None else _maybe_contiguous(_pad(k, dp))
@@ -504,8 +504,7 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
     rank = 3 if lens is not None else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_rank(t, name, rank)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = _common.default_scale(scale, q.shape[-1])
     q, k, v = _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v)
     if lens is not None:
         cu_q, cu_k, used_q, used_k, max_q, max_k = _lens(lens)
@@ -540,8 +539,7 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
     rank = 3 if lens is not None else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_rank(t, name, rank)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = _common.default_scale(scale, q.shape[-1])
     if lens is not None:
         cu_q, cu_k, used_q, used_k, max_q, max_k = _lens(lens)
     else:
@@ -824,7 +822,7 @@ def paged(q, k, v, lens, block_table, o):
     _common.check_rank(v, "v", 4)
     d = q.shape[-1]
     _common.check_head_dims(d, [("k", k), ("v", v)])
-    scale = o.softmax_scale if o.softmax_scale is not None else d ** -0.5
+    scale = _common.default_scale(o.softmax_scale, d)
     dp = _common.padded_head_dim(d, "q")
     q, k, v = (_maybe_contiguous(_pad(t, dp)) for t in (q, k, v))
     cu_q, cu_k, max_q, max_k, used_q, used_k = lens
@@ -885,7 +883,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
     _common.check_rank(q, "q", 4)
     q = _maybe_contiguous(q)
-    scale = o.softmax_scale if o.softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = _common.default_scale(o.softmax_scale, q.shape[-1])
     named = [("block_table", block_table), ("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
              ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("alibi_slopes", o.alibi_slopes)]
     named = [(n, _opt_input(t, n)) for n, t in named]

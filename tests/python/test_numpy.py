@@ -1098,6 +1098,16 @@ BAD = [
                                               dq=np.empty_like(k)), ValueError, ["dq"]),
     ("hub dk aliases dv", lambda q, k, v, c: (lambda g: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 8), np.float32),
                                                                dk=g, dv=g))(np.empty_like(k)), ValueError, ["dk"]),
+    # Head dim 0 with the default scale (1/sqrt(0)): the head dim's error naming q, at every entry point.
+    ("head dim 0", lambda q, k, v, c: fa.flash_attn_func(*(q[..., :0],) * 3), ValueError, ["q", "head dim 0"]),
+    ("varlen head dim 0", lambda q, k, v, c: fa.flash_attn_varlen_func(*(q[0, ..., :0],) * 3, c, c, 8, 8), ValueError,
+     ["q", "head dim 0"]),
+    ("kvcache head dim 0", lambda q, k, v, c: fa.flash_attn_with_kvcache(q[..., :0], k[..., :0], v[..., :0],
+                                                                         cache_seqlens=np.array([8], np.int32)),
+     ValueError, ["q", "head dim 0"]),
+    ("hub head dim 0", lambda q, k, v, c: fa.fwd(*(q[..., :0],) * 3), ValueError, ["q", "head dim 0"]),
+    ("hub bwd head dim 0", lambda q, k, v, c: fa.bwd(*(q[..., :0],) * 5, np.zeros((1, 4, 8), np.float32)), ValueError,
+     ["q", "head dim 0"]),
     ("preload without CUDA", lambda q, k, v, c: fa.preload(0) if not fa.cuda_available() else
      (_ for _ in ()).throw(RuntimeError("cuda: skipped, CUDA present")), RuntimeError, ["cuda"]),
     ("preload bad device", lambda q, k, v, c: fa.preload("gpu"), ValueError, ["device"]),
