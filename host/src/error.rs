@@ -17,7 +17,7 @@ pub enum Error {
     Shape { arg: &'static str, msg: String },
     /// The last dimension must have stride 1.
     NotContiguous { arg: &'static str },
-    /// Head dimension outside the supported set.
+    /// Head dimension (q's; k and v must match it) outside the supported set.
     HeadDim { got: usize },
     /// `num_heads % num_heads_k != 0`.
     Heads { hq: usize, hk: usize },
@@ -46,7 +46,7 @@ impl fmt::Display for Error {
             Error::Rank { arg, got, expected } => write!(f, "{arg}: expected {expected} dimensions, got {got}"),
             Error::Shape { arg, msg } => write!(f, "{arg}: {msg}"),
             Error::NotContiguous { arg } => write!(f, "{arg}: the last dimension (head dim) must be contiguous (stride 1)"),
-            Error::HeadDim { got } => write!(f, "head dim {got} is not supported; supported: 32, 64, 96, 128, 192, 256"),
+            Error::HeadDim { got } => write!(f, "q: head dim {got} is not supported; supported: 32, 64, 96, 128, 192, 256"),
             Error::Heads { hq, hk } => write!(f, "num_heads (q: {hq}) must be a multiple of num_heads_k (k/v: {hk})"),
             Error::Value { arg, msg } => write!(f, "{arg}: {msg}"),
             Error::SeqLens { arg, msg } => write!(f, "{arg}: {msg}"),
