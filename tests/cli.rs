@@ -692,6 +692,117 @@ fn alibi_dropout_errors_exit_2() {
     expect_failure(&run(&["--dropout", "0.1", "--seed", "1"]), "dropout_p");
 }
 
+/// One random input file for `malformed_inputs_exit_0_or_2`: the tensor names of one mode (dense, packed,
+/// paged, KV cache) in their expected dtypes and shapes, index tensors counting up within range, then a
+/// few of them broken at random (another dtype, also ones the CLI never takes; another rank or dim;
+/// index values at the edges of i32; a tensor left out), float bytes at random (NaN and infinities too).
+fn malformed_file(rng: &mut StdRng, path: &Path) {
+    let pick = |rng: &mut StdRng, xs: &[usize]| xs[rng.gen_range(0..xs.len())];
+    let (b, s, sk, h, d) = (pick(rng, &[0, 1, 2, 3]), pick(rng, &[0, 1, 3, 9]), pick(rng, &[0, 1, 5, 17]), pick(rng, &[1, 2, 4]), pick(rng, &[0, 32, 48, 64, 64, 128, 300]));
+    let hk = pick(rng, &[1, h, 3]);
+    let (t, blocks, page, bc) = (b * s, pick(rng, &[1, 3, 8]), pick(rng, &[1, 2, 16]), b + pick(rng, &[0, 0, 1]));
+    let mode = rng.gen_range(0..4);
+    // (name, dtype, shape, largest index value); the ones the mode needs always, the rest now and then.
+    let tensors: Vec<(&str, Dtype, Vec<usize>, i32)> = match mode {
+        0 => vec![("q", Dtype::BF16, vec![b, s, h, d], 0), ("k", Dtype::BF16, vec![b, sk, hk, d], 0), ("v", Dtype::BF16, vec![b, sk, hk, d], 0), ("dout", Dtype::BF16, vec![b, s, h, d], 0), ("alibi_slopes", Dtype::F32, vec![h], 0)],
+        1 => vec![("q", Dtype::BF16, vec![t, h, d], 0), ("k", Dtype::BF16, vec![t, hk, d], 0), ("v", Dtype::BF16, vec![t, hk, d], 0), ("cu_seqlens_q", Dtype::I32, vec![b + 1], t as i32), ("cu_seqlens_k", Dtype::I32, vec![b + 1], t as i32), ("seqused_q", Dtype::I32, vec![b], s as i32), ("seqused_k", Dtype::I32, vec![b], s as i32), ("alibi_slopes", Dtype::F32, vec![h], 0)],
+        2 => vec![("q", Dtype::BF16, vec![t, h, d], 0), ("k", Dtype::BF16, vec![blocks, page, hk, d], 0), ("v", Dtype::BF16, vec![blocks, page, hk, d], 0), ("cu_seqlens_q", Dtype::I32, vec![b + 1], t as i32), ("block_table", Dtype::I32, vec![b, 2], blocks as i32 - 1), ("cu_seqlens_k", Dtype::I32, vec![b + 1], (2 * page * b) as i32), ("seqused_k", Dtype::I32, vec![b], (2 * page) as i32)],
+        _ => vec![("q", Dtype::BF16, vec![b, s, h, d], 0), ("k_cache", Dtype::BF16, vec![bc, sk, hk, d], 0), ("v_cache", Dtype::BF16, vec![bc, sk, hk, d], 0), ("cache_seqlens", Dtype::I32, vec![b], sk as i32), ("k_new", Dtype::BF16, vec![b, 1, hk, d], 0), ("v_new", Dtype::BF16, vec![b, 1, hk, d], 0), ("rotary_cos", Dtype::BF16, vec![sk + 2, d / 2], 0), ("rotary_sin", Dtype::BF16, vec![sk + 2, d / 2], 0), ("cache_batch_idx", Dtype::I32, vec![b], bc as i32 - 1), ("cache_leftpad", Dtype::I32, vec![b], 1), ("alibi_slopes", Dtype::F32, vec![h], 0)],
+    };
+    let needed = [3, 5, 5, 4][mode];
+    let dtypes = [Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::I32, Dtype::I64, Dtype::U8, Dtype::F64];
+    let edges = [-1i32, 0, 1, 100, i32::MAX, i32::MIN];
+    let mut owned: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, (name, mut dtype, mut shape, top)) in tensors.into_iter().enumerate() {
+        if i >= needed && rng.gen_bool(0.6) {
+            continue;
+        }
+        let broken = rng.gen_bool(0.1);
+        if broken {
+            match rng.gen_range(0..3) {
+                0 => dtype = dtypes[rng.gen_range(0..dtypes.len())],
+                1 => shape = (0..rng.gen_range(0..6)).map(|_| pick(rng, &[0, 1, 2, 3, 9])).collect(),
+                _ => {
+                    let at = rng.gen_range(0..shape.len());
+                    shape[at] = pick(rng, &[0, 1, 2, 5, 300]);
+                }
+            }
+        }
+        let n: usize = shape.iter().product();
+        let data: Vec<u8> = if dtype == Dtype::I32 && !(broken && rng.gen_bool(0.5)) {
+            // Counting up within range (cumulative lengths), as a valid input would.
+            let mut x = 0i32;
+            (0..n).flat_map(|_| { let v = x.min(top.max(0)); x = x.saturating_add(rng.gen_range(0..=2)); v.to_le_bytes() }).collect()
+        } else if dtype == Dtype::I32 {
+            (0..n).flat_map(|_| edges[rng.gen_range(0..edges.len())].to_le_bytes()).collect()
+        } else if matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) && !broken {
+            // Small finite values: [-1, 1) at the dtype's top bits (bf16 / f16 / f32 from an f32's high half).
+            (0..n).flat_map(|_| { let x: f32 = rng.gen_range(-1.0..1.0); let w = x.to_bits(); match dtype { Dtype::F32 => w.to_le_bytes().to_vec(), Dtype::BF16 => ((w >> 16) as u16).to_le_bytes().to_vec(), _ => half::f16::from_f32(x).to_bits().to_le_bytes().to_vec() } }).collect()
+        } else {
+            (0..n * dtype.size()).map(|_| rng.gen_range(0..=255u8)).collect()
+        };
+        owned.push((name, dtype, shape, data));
+    }
+    let views: Vec<(&str, TensorView<'_>)> = owned.iter().map(|(name, dtype, shape, data)| (*name, TensorView::new(*dtype, shape.clone(), data).unwrap())).collect();
+    safetensors::serialize_to_file(views, &None, path).unwrap();
+}
+
+/// Random, mostly malformed inputs and option sets: the CLI exits 0, or 2 with a `flash-attn:` message,
+/// never anything else (a panic exits 101, a crash by signal) and never prints a panic (CPU, and CUDA
+/// where present). Seeded (`FA_TEST_SEED`).
+#[test]
+fn malformed_inputs_exit_0_or_2() {
+    let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    eprintln!("malformed_inputs_exit_0_or_2: seed {seed} (rerun with FA_TEST_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = TempDir::new();
+    let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+    // (flag, good values, bad values): a flag now and then, mostly with a good value.
+    let flags: [(&str, &[&str], &[&str]); 9] = [
+        ("--causal", &[], &[]),
+        ("--window", &["-1,0", "3,-1", "2,1"], &["a,b", "99999999999,0", "-2,1"]),
+        ("--softcap", &["0", "5"], &["-1", "nan"]),
+        ("--scale", &["0.1", "-0.5"], &["nan", "inf"]),
+        ("--dropout", &["0.1", "0.5"], &["1", "-0.1", "nan"]),
+        ("--num-splits", &["0", "3", "100000"], &["-1"]),
+        ("--backward", &[], &[]),
+        ("--return-probs", &[], &[]),
+        ("--deterministic", &[], &[]),
+    ];
+    let devices: &[&str] = if flash_attn::cuda::available() { &["cpu", "cuda"] } else { &["cpu"] };
+    let mut ok = 0;
+    const CASES: usize = 400;
+    for case in 0..CASES {
+        malformed_file(&mut rng, &input);
+        let device = devices[case % devices.len()];
+        let mut args: Vec<String> = ["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--device", device].map(String::from).to_vec();
+        for (flag, good, bad) in flags {
+            if rng.gen_bool(0.15) {
+                args.push(flag.into());
+                let values = if bad.is_empty() || rng.gen_bool(0.85) { good } else { bad };
+                if !values.is_empty() {
+                    args.push(values[rng.gen_range(0..values.len())].into());
+                }
+            }
+        }
+        // --seed with --dropout nearly always, alone now and then.
+        if rng.gen_bool(if args.iter().any(|a| a == "--dropout") { 0.9 } else { 0.05 }) {
+            args.extend(["--seed".into(), if rng.gen_bool(0.9) { "7" } else { "x" }.into()]);
+        }
+        let o = cli(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let code = o.status.code();
+        assert!(code == Some(0) || code == Some(2), "case {case} (seed {seed}): flash-attn {args:?} exited {:?}: {stderr}", o.status);
+        assert!(!stderr.contains("panicked"), "case {case} (seed {seed}): flash-attn {args:?} panicked: {stderr}");
+        if code == Some(2) {
+            assert!(stderr.starts_with("flash-attn: "), "case {case} (seed {seed}): flash-attn {args:?}: {stderr}");
+        } else {
+            ok += 1;
+        }
+    }
+    eprintln!("malformed_inputs_exit_0_or_2: {ok} of {CASES} ran, the rest exited 2 with a message");
+}
+
 #[test]
 fn demo_finds_no_difference() {
     let o = cli(&["demo", "--device", "cpu"]);
