@@ -1199,3 +1199,94 @@ def test_import_needs_no_torch():
         assert "flash_attn_rs._torch_impl" not in sys.modules
     assert fa.cuda_available() in (True, False)
     assert fa.HEAD_DIMS == (32, 64, 96, 128, 192, 256)
+
+
+def _random_call(rng):
+    """One call of a public entry point with random, mostly ill-formed arguments (shapes, dtypes, index
+    arrays at the edges, options out of range): `(name, thunk)`."""
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]
+    b, s, sk, h, d = pick([0, 1, 2]), pick([0, 1, 3, 9]), pick([0, 1, 5]), pick([1, 2, 4]), pick([0, 7, 32, 64, 64, 300])
+    hk = pick([1, h, 3])
+
+    def arr(shape):
+        dt = pick([F16] * 6 + [np.float32, np.int32, np.float64])
+        a = (rng.standard_normal([abs(x) for x in shape]) * pick([1.0, 1.0, 1e4])).astype(dt)
+        if rng.random() < 0.1 and a.ndim >= 2:
+            a = np.swapaxes(a, 0, 1)
+        return a
+
+    def ints(shape):
+        return np.array([pick([0, 1, 2, 3, 5, 8, -1, 100, 2**31 - 1]) for _ in range(int(np.prod(shape)))],
+                        dtype=pick([np.int32] * 5 + [np.int64])).reshape(shape)
+
+    opts = {}
+    for key, values in (("causal", [True, False, None]), ("window_size", [(-1, 0), (3, -1), (-2, 1), (1,), "ab"]),
+                        ("softcap", [0.0, 5.0, -1.0, float("nan")]), ("softmax_scale", [None, 0.1, float("nan"), 0.0])):
+        if rng.random() < 0.25:
+            opts[key] = pick(values)
+    which = pick(["func", "varlen", "kvcache", "qkv", "hub"])
+    if which == "func":
+        if rng.random() < 0.2:
+            opts["dropout_p"] = pick([0.1, 1.0, -0.1, float("nan")])
+        if rng.random() < 0.2:
+            opts["alibi_slopes"] = arr(pick([[h], [b, h], [h + 1]]))
+        if rng.random() < 0.2:
+            opts["return_attn_probs"] = True
+        q, k, v = arr([b, s, h, d]), arr([b, sk, hk, d]), arr([b, sk, hk, pick([d, d, d + 1])])
+        return which, lambda: fa.flash_attn_func(q, k, v, **opts)
+    if which == "varlen":
+        t = pick([0, 4, 9])
+        if rng.random() < 0.3:
+            nb, page = pick([0, 1, 3]), pick([1, 2, 16])
+            k, v = arr([nb, page, hk, d]), arr([nb, page, hk, d])
+            opts["block_table"] = ints([b, pick([0, 1, 2])])
+        else:
+            k, v = arr([t, hk, d]), arr([t, hk, d])
+        if rng.random() < 0.2:
+            opts["seqused_k"] = ints([b])
+        q, cq, ck = arr([t, h, d]), ints([b + 1]), ints([b + 1])
+        mq, mk = pick([None, 0, 4, -1, 10**12]), pick([None, 4, 9])
+        return which, lambda: fa.flash_attn_varlen_func(q, k, v, cq, ck, mq, mk, **opts)
+    if which == "kvcache":
+        sc, kw = pick([0, 4, 8]), {k: opts[k] for k in opts if k != "return_attn_probs"}
+        if rng.random() < 0.4:
+            sn = pick([0, 1, 2])
+            kw["k"], kw["v"] = arr([b, sn, hk, d]), arr([b, sn, hk, d])
+        if rng.random() < 0.3:
+            rd = pick([0, 2, 4, d, d + 2])
+            kw["rotary_cos"], kw["rotary_sin"] = arr([8, rd // 2]), arr([8, rd // 2])
+        for key in ("cache_batch_idx", "cache_leftpad"):
+            if rng.random() < 0.2:
+                kw[key] = ints([b])
+        if rng.random() < 0.2:
+            kw["block_table"] = ints([b, 2])
+        if rng.random() < 0.3:
+            kw["num_splits"] = pick([0, 3, -1, 10**6])
+        if rng.random() < 0.8:
+            kw["cache_seqlens"] = pick([ints([b]), 3, -1])
+        q, kc, vc = arr([b, s, h, d]), arr([pick([b, b + 1, 1]), sc, hk, d]), arr([b, sc, hk, d])
+        return which, lambda: fa.flash_attn_with_kvcache(q, kc, vc, **kw)
+    if which == "qkv":
+        qkv = arr([b, s, 3, h, d])
+        return which, lambda: fa.flash_attn_qkvpacked_func(qkv, **opts)
+    q, k, v = arr([b, s, h, d]), arr([b, sk, hk, d]), arr([b, sk, hk, d])
+    out = pick([None, arr([b, s, h, d])])
+    return which, lambda: fa.fwd(q, k, v, out=out, p_dropout=pick([0.0, 0.2]))
+
+
+def test_random_bad_input_raises_typed_errors():
+    """Random, mostly ill-formed calls of the public entry points either run or raise ValueError,
+    TypeError or NotImplementedError (never another exception: a ZeroDivisionError from the default
+    scale at head dim 0 was one)."""
+    seed, rng = new_rng("test_random_bad_input_raises_typed_errors")
+    ran = 0
+    for i in range(600):
+        which, call = _random_call(rng)
+        try:
+            call()
+            ran += 1
+        except (ValueError, TypeError, NotImplementedError):
+            pass
+        except Exception as e:  # anything else fails the test, with the call that raised it
+            raise AssertionError(f"seed {seed}: call {i} ({which}) raised {type(e).__name__}: {e}") from e
+    print(f"test_random_bad_input_raises_typed_errors: {ran} of 600 calls ran")
