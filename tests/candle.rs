@@ -5,8 +5,9 @@
 //! forward dense (causal, windows, softcap, GQA, strided inputs), varlen against per-sequence dense calls
 //! of the reference, seqused, paged, `*_with_lse` against the reference's logsumexp, gradients through
 //! candle's autograd (`Var` + `backward()`, loss = sum(out * w)) against the reference's, bad inputs
-//! through every function (errors, never panics), and the same comparisons on candle CUDA tensors when
-//! built with `candle-cuda` and a GPU is present (else `SKIPPED candle cuda: ...`).
+//! through every function and 300 random ill-formed calls (errors, never panics), and the same
+//! comparisons on candle CUDA tensors when built with `candle-cuda` and a GPU is present (else
+//! `SKIPPED candle cuda: ...`).
 //!
 //! Tolerances: inputs are rounded to bf16/f16 before both sides see them, so the differences are the
 //! library's (f32 accumulation, P rounded to the input dtype on the GPU, out and gradients rounded to the
@@ -1050,4 +1051,94 @@ fn cuda_paged_and_alibi() {
     let [qg, kg, vg, ag] = [&q, &k, &v, &al].map(|t| t.to_device(&dev).unwrap());
     check("cuda alibi out vs cpu out", &fa::flash_attn_alibi(&qg, &kg, &vg, &ag, 0.09, true).unwrap(), &cpu, out_tol(c.dtype));
     expect_err("alibi slopes on the CPU, q on CUDA", || fa::flash_attn_alibi(&qg, &kg, &kg, &al, 0.1, true));
+}
+
+/// One random call for `random_bad_inputs_are_errors`: a dense, varlen, seqused or paged function on
+/// tensors of random shapes and dtypes (also ones the library never takes) and seqlens / block tables
+/// holding edge values, on `dev`. Returns its name and its outcome (an error or the output's shape).
+fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Result<Vec<usize>, String>) {
+    let pick = |rng: &mut StdRng, xs: &[usize]| xs[rng.gen_range(0..xs.len())];
+    let (b, s, h, d) = (pick(rng, &[0, 1, 2]), pick(rng, &[0, 1, 3, 9]), pick(rng, &[1, 2, 4]), pick(rng, &[0, 32, 40, 64, 64, 64, 128, 300]));
+    let hk = pick(rng, &[1, h, h, 3]);
+    let dtypes = [DType::BF16, DType::F16, DType::F32, DType::U32];
+    let main = dtypes[rng.gen_range(0..2)];
+    let t = |rng: &mut StdRng, shape: &[usize]| {
+        let dt = if rng.gen_bool(0.9) { main } else { dtypes[rng.gen_range(0..dtypes.len())] };
+        let x = rand_tensor(rng, shape, 1.0, DType::F32);
+        x.to_dtype(dt).unwrap().to_device(dev).unwrap()
+    };
+    let edges = [0u32, 1, 2, 3, 5, 9, 100, u32::MAX];
+    let idx = |rng: &mut StdRng, n: usize| {
+        let v: Vec<u32> = (0..n).map(|_| if rng.gen_bool(0.7) { rng.gen_range(0..=(b * s) as u32) } else { edges[rng.gen_range(0..edges.len())] }).collect();
+        let mut v = v;
+        if rng.gen_bool(0.7) {
+            v.sort_unstable();
+        }
+        u32s(&v, dev)
+    };
+    let window = |rng: &mut StdRng| if rng.gen_bool(0.5) { None } else { Some(pick(rng, &[0, 2, usize::MAX])) };
+    let scale = [0.125f32, 0.0, -1.0, f32::NAN][rng.gen_range(0..4)];
+    let shape = |r: Result<Tensor>| r.map(|x| x.dims().to_vec()).map_err(|e| e.to_string());
+    match rng.gen_range(0..4) {
+        0 => {
+            let dv = pick(rng, &[d, d, d + 1]);
+            let (q, k, v) = (t(rng, &[b, s, h, d]), t(rng, &[b, s, hk, d]), t(rng, &[b, s, hk, dv]));
+            let ha = pick(rng, &[h, h + 1]);
+            let alibi = if rng.gen_bool(0.3) { Some(if rng.gen_bool(0.8) { rand_tensor(rng, &[ha], 0.5, DType::F32).to_device(dev).unwrap() } else { t(rng, &[ha]) }) } else { None };
+            let (wl, wr) = (window(rng), window(rng));
+            let softcap = [0.0, 5.0, -1.0][rng.gen_range(0..3)];
+            ("dense", shape(fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, alibi.as_ref(), scale, wl, wr, softcap)))
+        }
+        1 => {
+            let tq = b * s;
+            let (q, k, v) = (t(rng, &[tq, h, d]), t(rng, &[tq, hk, d]), t(rng, &[tq, hk, d]));
+            let nk = pick(rng, &[b + 1, b + 1, b]);
+            let (cq, ck) = (idx(rng, b + 1), idx(rng, nk));
+            let (wl, wr) = (window(rng), window(rng));
+            let (mq, mk) = (pick(rng, &[0, s, 10_000]), pick(rng, &[0, s, 10_000]));
+            ("varlen", shape(fa::flash_attn_varlen_windowed(&q, &k, &v, &cq, &ck, mq, mk, scale, wl, wr)))
+        }
+        2 => {
+            let tq = b * s;
+            let (q, k, v) = (t(rng, &[tq, h, d]), t(rng, &[tq, hk, d]), t(rng, &[tq, hk, d]));
+            let (cq, ck) = (idx(rng, b + 1), idx(rng, b + 1));
+            let nu = pick(rng, &[b, b + 1]);
+            let used = if rng.gen_bool(0.5) { Some(idx(rng, nu)) } else { None };
+            ("seqused", shape(fa::flash_attn_varlen_seqused(&q, &k, &v, &cq, &ck, None, used.as_ref(), s, s, scale, None, None, 0.0)))
+        }
+        _ => {
+            let (blocks, page) = (pick(rng, &[0, 1, 3]), pick(rng, &[1, 2, 16]));
+            let tq = b * s;
+            let (q, k, v) = (t(rng, &[tq, h, d]), t(rng, &[blocks, page, hk, d]), t(rng, &[blocks, page, hk, d]));
+            let (cq, ck, table) = (idx(rng, b + 1), idx(rng, b + 1), idx(rng, b * 2).reshape((b, 2)).unwrap());
+            let (wl, wr) = (window(rng), window(rng));
+            let pbs = pick(rng, &[page, page, page + 1]);
+            ("paged", shape(fa::flash_attn_varlen_paged_windowed(&q, &k, &v, &cq, &ck, &table, None, s, 2 * page, scale, wl, wr, pbs, None)))
+        }
+    }
+}
+
+/// Random, mostly ill-formed calls (`random_call`): each returns an error or an output, never panics;
+/// on the CPU, and on candle CUDA tensors where built with `candle-cuda` and a GPU is present.
+#[test]
+fn random_bad_inputs_are_errors() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut devices = vec![Device::Cpu];
+    match cuda_device() {
+        Ok(dev) => devices.push(dev),
+        Err(why) => println!("SKIPPED candle cuda (random bad inputs): {why}"),
+    }
+    for dev in &devices {
+        let mut ran = 0;
+        for i in 0..300 {
+            let (_, outcome) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| random_call(&mut rng, dev))) {
+                Ok(x) => x,
+                Err(_) => panic!("call {i} on {dev:?} panicked (see the seed above)"),
+            };
+            if outcome.is_ok() {
+                ran += 1;
+            }
+        }
+        println!("random_bad_inputs_are_errors on {dev:?}: {ran} of 300 calls ran, the rest returned errors");
+    }
 }
