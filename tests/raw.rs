@@ -1,7 +1,8 @@
 //! The raw layer on host memory (CPU target): results against the f64 reference, strided caller outputs
 //! written exactly within their views, backward bitwise equal to the `Tensor` API, and every bad input
 //! (aliasing outputs, short workspace, misaligned CUDA rows, mismatched strides) a typed error naming the
-//! argument, checked before any device memory would be touched.
+//! argument, checked before any device memory would be touched; random output layouts in one arena: a
+//! call writes only within its out and lse views, a refused one writes nothing.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -214,4 +215,114 @@ fn bad_raw_calls_are_typed_errors() {
     }
     assert!(matches!(raw::bwd_workspace_bytes(&[2, 3, 48], false), Err(Error::HeadDim { got: 48 })));
     assert!(matches!(raw::bwd_workspace_bytes(&[2, 3], false), Err(Error::Rank { .. })));
+}
+
+/// Every element address of `v` (elements of `size` bytes), as byte ranges `[start, end)`.
+fn view_bytes(v: &View<'_>, size: usize) -> Vec<(u64, u64)> {
+    let n: usize = v.shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    for mut i in 0..n {
+        let mut off = 0;
+        for (&dim, &stride) in v.shape.iter().zip(v.strides).rev() {
+            off += (i % dim) * stride;
+            i /= dim;
+        }
+        let start = v.addr + (off * size) as u64;
+        out.push((start, start + size as u64));
+    }
+    out
+}
+
+/// Random dense forwards on host memory whose out and lse views sit at random places of one arena, with
+/// random strides (padded, permuted, zero: self-overlapping), dtypes and head dims now and then wrong,
+/// and the two views sometimes overlapping: a call either fails with a typed error and the arena is
+/// untouched, or succeeds and changes no arena byte outside its two views.
+#[test]
+fn random_raw_outputs_stay_within_their_views() {
+    let (seed, mut rng) = seeded("random_raw_outputs_stay_within_their_views");
+    let mut ran = 0;
+    for case in 0..300 {
+        let (b, sq, sk, hq) = (rng.gen_range(1..3), rng.gen_range(1..9), rng.gen_range(1..9), [1, 2, 4][rng.gen_range(0..3)]);
+        let hk = if rng.gen_bool(0.9) { [1, hq][rng.gen_range(0..2)] } else { 3 };
+        let d = [32, 64, 64, 40][rng.gen_range(0..4)];
+        let qs = leak(vec![b, sq, hq, d]);
+        let ks = leak(vec![b, sk, hk, d]);
+        let ls = leak(vec![b, hq, sq]);
+        let qb: Vec<bf16> = (0..b * sq * hq * d).map(|_| bf16::from_f32(rng.gen_range(-1.0..1.0))).collect();
+        let kb: Vec<bf16> = (0..b * sk * hk * d).map(|_| bf16::from_f32(rng.gen_range(-1.0..1.0))).collect();
+        let vb: Vec<bf16> = (0..b * sk * hk * d).map(|_| bf16::from_f32(rng.gen_range(-1.0..1.0))).collect();
+        // Strides for out and lse: contiguous with random padding per dimension, now and then a 0 or the
+        // dimensions swapped (the CPU writes any layout; overlapping elements must be refused).
+        let strides_for = |shape: &[usize], rng: &mut rand::rngs::StdRng| -> Vec<usize> {
+            let mut s = vec![1; shape.len()];
+            for i in (0..shape.len().saturating_sub(1)).rev() {
+                s[i] = s[i + 1] * shape[i + 1] + if rng.gen_bool(0.3) { rng.gen_range(0..5) } else { 0 };
+            }
+            if rng.gen_bool(0.05) {
+                let i = rng.gen_range(0..shape.len());
+                s[i] = 0;
+            }
+            if rng.gen_bool(0.05) && shape.len() >= 2 {
+                s.swap(0, 1);
+            }
+            s
+        };
+        let out_strides = leak(strides_for(qs, &mut rng));
+        let lse_strides = leak(strides_for(ls, &mut rng));
+        let span = |shape: &[usize], strides: &[usize]| shape.iter().zip(strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>() + 1;
+        let (out_bytes, lse_bytes) = (span(qs, out_strides) * 2, span(ls, lse_strides) * 4);
+        // One arena of u32 words (aligned for f32), filled with a sentinel; out and lse at random word
+        // offsets, overlapping now and then.
+        let words = (out_bytes + lse_bytes) / 4 + 64;
+        let sentinel = 0xA5A5_A5A5u32;
+        let mut arena = vec![sentinel; words];
+        let out_at = rng.gen_range(0..4usize);
+        let lse_at = if rng.gen_bool(0.1) { rng.gen_range(0..out_bytes / 4 + 1) } else { out_at + out_bytes / 4 + 1 + rng.gen_range(0..4usize) };
+        let base = arena.as_mut_ptr() as u64;
+        let out_dtype = if rng.gen_bool(0.95) { DType::BF16 } else { DType::F16 };
+        let lse_dtype = if rng.gen_bool(0.95) { DType::F32 } else { DType::BF16 };
+        let views = FwdViews {
+            q: view(&qb, 0, DType::BF16, qs, leak(contiguous(qs))),
+            k: view(&kb, 0, DType::BF16, ks, leak(contiguous(ks))),
+            v: view(&vb, 0, DType::BF16, ks, leak(contiguous(ks))),
+            out: View { addr: base + (out_at * 4) as u64, dtype: out_dtype, shape: qs, strides: out_strides },
+            lse: View { addr: base + (lse_at * 4) as u64, dtype: lse_dtype, shape: ls, strides: lse_strides },
+            alibi_slopes: None,
+            s_dmask: None,
+        };
+        let causal = rng.gen_bool(0.5);
+        let opts = AttnOptions { causal, ..Default::default() };
+        let lse_size = if lse_dtype == DType::F32 { 4 } else { 2 };
+        let mut allowed: Vec<(u64, u64)> = view_bytes(&views.out, 2);
+        allowed.extend(view_bytes(&views.lse, lse_size));
+        let within_arena = allowed.iter().all(|&(s, e)| s >= base && e <= base + (words * 4) as u64);
+        assert!(within_arena, "seed {seed}: case {case}: the test placed a view outside its arena");
+        // SAFETY: every view lies within its buffer (checked just above for out and lse).
+        let result = unsafe { raw::fwd(&views, &opts, Target::Cpu) };
+        let bytes = unsafe { std::slice::from_raw_parts(arena.as_ptr() as *const u8, words * 4) };
+        let sentinel_bytes = sentinel.to_le_bytes();
+        match result {
+            Ok(()) => {
+                ran += 1;
+                allowed.sort_unstable();
+                let mut next = 0;
+                for (i, &byte) in bytes.iter().enumerate() {
+                    let addr = base + i as u64;
+                    while next < allowed.len() && allowed[next].1 <= addr {
+                        next += 1;
+                    }
+                    let inside = next < allowed.len() && allowed[next].0 <= addr;
+                    if !inside {
+                        assert_eq!(byte, sentinel_bytes[i % 4], "seed {seed}: case {case}: byte {i} of the arena, outside out and lse, was written");
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(!msg.is_empty(), "seed {seed}: case {case}: an error without a message");
+                assert!(arena.iter().all(|&w| w == sentinel), "seed {seed}: case {case}: {msg}, but the arena was written");
+            }
+        }
+    }
+    eprintln!("random_raw_outputs_stay_within_their_views: {ran} of 300 calls ran, the rest were refused");
 }
