@@ -319,6 +319,12 @@ fn errors_exit_2_with_a_message() {
     inputs[3].1 = i32s(&[0, 5, 3, 17]);
     write(&input, &inputs);
     expect_failure(&run(&[]), "cu_seqlens_q");
+    // A packed q with k of rank 0 (it panicked once, indexing k's rows).
+    let mut inputs = varlen_inputs(DType::BF16, false);
+    let k_at = inputs.iter().position(|(n, _)| *n == "k").unwrap();
+    inputs[k_at].1 = Tensor::from_f32(&[0.5], &[], DType::BF16).unwrap();
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "k: expected 3 dimensions");
 
     // --backward without dout, and dout of the wrong dtype or shape.
     write(&input, &dense_inputs(DType::BF16, 4));

@@ -359,7 +359,10 @@ fn run(args: &RunArgs) -> Result<()> {
                 seqused_k: seqused_k.as_ref(),
             };
             // The library reads lengths on device tensors without checking them; check them here, on the
-            // host, where bad ones can still be reported.
+            // host, where bad ones can still be reported (against k's rows: its rank first).
+            if k.rank() != 3 {
+                fail!("k: expected 3 dimensions (packed [T, H, D], as q), got {}", k.rank());
+            }
             flash_attn::check_varlen_contents(&host, q.shape()[0], k.shape()[0])?;
             let used_q_d = seqused_q.as_ref().map(dev).transpose()?;
             let used_k_d = seqused_k.as_ref().map(dev).transpose()?;
