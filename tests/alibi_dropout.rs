@@ -30,12 +30,6 @@ use proptest::test_runner::TestCaseError;
 use rand::rngs::StdRng;
 use rand::Rng;
 
-fn seeded(test: &str) -> (u64, StdRng) {
-    let seed: u64 = rand::thread_rng().r#gen();
-    eprintln!("{test}: seed {seed}");
-    (seed, rng(seed))
-}
-
 fn bits(t: &Tensor) -> Vec<u32> {
     t.to_f32_vec().unwrap().iter().map(|v| v.to_bits()).collect()
 }

@@ -51,7 +51,7 @@ use flash_attn::raw::{self, FwdViews};
 use flash_attn::{
     bwd_with, fwd_with, varlen_bwd_with, varlen_fwd_paged_with, varlen_fwd_with, AttnOptions, BwdOutput, DType, Device, Dropout, Extras, FwdOutput, KernelChoice, PagedVarlen, Target, Tensor, Varlen,
 };
-use kernels::{seeded, bwd_choices, bwd_family, fwd_choices, fwd_family, fwd_family_keys, bwd_mods_family, Tally, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS};
+use kernels::{bwd_choices, bwd_family, fwd_choices, fwd_family, fwd_family_keys, bwd_mods_family, Tally, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;

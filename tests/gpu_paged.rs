@@ -18,7 +18,7 @@ mod kernels;
 
 use common::*;
 use flash_attn::{varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, FwdOutput, KernelChoice, PagedVarlen, Tensor, Varlen};
-use kernels::{seeded, fwd_choices, fwd_family, fwd_family_keys, Tally};
+use kernels::{fwd_choices, fwd_family, fwd_family_keys, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
 

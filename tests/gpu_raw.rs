@@ -12,7 +12,6 @@ use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use flash_attn::raw::{self, BwdViews, FwdViews, Workspace};
 use flash_attn::{AttnOptions, DType, Device, Target, Tensor, View};
 use half::bf16;
-use rand::Rng;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::Write;
@@ -44,12 +43,6 @@ macro_rules! require_gpu {
             return;
         }
     };
-}
-
-fn seeded(test: &str) -> (u64, rand::rngs::StdRng) {
-    let seed: u64 = rand::thread_rng().r#gen();
-    eprintln!("{test}: seed {seed}");
-    (seed, rng(seed))
 }
 
 /// Dense problem sizes: (b, sq, sk, hq, hk, d).

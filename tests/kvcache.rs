@@ -30,12 +30,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-fn seeded(test: &str) -> (u64, StdRng) {
-    let seed: u64 = rand::thread_rng().r#gen();
-    eprintln!("{test}: seed {seed}");
-    (seed, rng(seed))
-}
-
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
@@ -1161,7 +1155,7 @@ macro_rules! require_gpu {
 #[test]
 fn gpu_kvcache_matches_reference() {
     require_gpu!();
-    let (seed, _) = kernels::seeded("gpu_kvcache_matches_reference");
+    let (seed, _) = seeded("gpu_kvcache_matches_reference");
     let mut runner = seeded_runner(seed, 300);
     let case = (kv_case(), proptest::sample::select(vec![32usize, 64, 96, 128, 192, 256]));
     let r = runner.run(&case, |(c, d)| {
@@ -1200,7 +1194,7 @@ fn within_gpu_rounding(c: &KvCase, what: &str, got: (&[f32], &[f32]), want: (&[f
 #[test]
 fn gpu_leftpad_batch_idx_and_decode_splits() {
     require_gpu!();
-    let (seed, mut rng) = kernels::seeded("gpu_leftpad_batch_idx_and_decode_splits");
+    let (seed, mut rng) = seeded("gpu_leftpad_batch_idx_and_decode_splits");
     for c in leftpad_cases(&mut rng) {
         run_kv_case_on(&c, GPU).unwrap_or_else(|e| panic!("seed {seed}: {c:?}: {e}"));
     }
@@ -1215,7 +1209,7 @@ fn gpu_leftpad_batch_idx_and_decode_splits() {
 #[test]
 fn gpu_splits_agree_within_rounding() {
     require_gpu!();
-    let (seed, _) = kernels::seeded("gpu_splits_agree_within_rounding");
+    let (seed, _) = seeded("gpu_splits_agree_within_rounding");
     let mut runner = seeded_runner(seed, 100);
     let r = runner.run(&(kv_case(), 2usize..=40), |(c, n)| {
         let x = c.inputs();
@@ -1240,7 +1234,7 @@ fn gpu_splits_agree_within_rounding() {
 #[test]
 fn gpu_combine_matches_the_merge() {
     require_gpu!();
-    let (seed, mut rng) = kernels::seeded("gpu_combine_matches_the_merge");
+    let (seed, mut rng) = seeded("gpu_combine_matches_the_merge");
     let dtypes = [DType::F32, DType::BF16, DType::F16];
     for trial in 0..60 {
         let n = rng.gen_range(0..40);
@@ -1296,7 +1290,7 @@ fn gpu_combine_matches_the_merge() {
 #[test]
 fn gpu_kvcache_bogus_indices_do_not_fault() {
     require_gpu!();
-    let (seed, _) = kernels::seeded("gpu_kvcache_bogus_indices_do_not_fault");
+    let (seed, _) = seeded("gpu_kvcache_bogus_indices_do_not_fault");
     let mut runner = seeded_runner(seed, 300);
     let ran = std::cell::Cell::new(0usize);
     let r = runner.run(&garbage(), |g| {
@@ -1323,7 +1317,7 @@ fn gpu_kvcache_bogus_indices_do_not_fault() {
 #[test]
 fn gpu_kvcache_alibi_matches_cpu() {
     require_gpu!();
-    let (seed, _) = kernels::seeded("gpu_kvcache_alibi_matches_cpu");
+    let (seed, _) = seeded("gpu_kvcache_alibi_matches_cpu");
     let mut runner = seeded_runner(seed, 60);
     let r = runner.run(&(kv_case(), 0usize..=6), |(c, splits)| {
         let x = c.inputs();

@@ -13,12 +13,6 @@ use flash_attn::{AttnOptions, DType, Error, Target, Tensor, VarlenViews, View};
 use half::bf16;
 use rand::Rng;
 
-fn seeded(test: &str) -> (u64, rand::rngs::StdRng) {
-    let seed: u64 = rand::thread_rng().r#gen();
-    eprintln!("{test}: seed {seed}");
-    (seed, rng(seed))
-}
-
 fn contiguous(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {

@@ -29,12 +29,6 @@ pub fn gpu_or_skip(suite: &str, dry_run: bool, line: u32) -> bool {
     false
 }
 
-/// A fresh seed per run (or FA_TEST_SEED), printed past the capture so that a failure reproduces.
-pub fn seeded(test: &str) -> (u64, rand::rngs::StdRng) {
-    let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    let _ = writeln!(std::io::stderr(), "{test}: seed {seed} (rerun with FA_TEST_SEED={seed})");
-    (seed, super::common::rng(seed))
-}
 
 pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
 pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, ..DEFAULT };

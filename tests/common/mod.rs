@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use std::io::Write;
 
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
 
@@ -147,6 +148,13 @@ pub fn random_values(rng: &mut StdRng, n: usize, amp: f32, dtype: DType) -> Vec<
 
 pub fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
+}
+
+/// A fresh seed per run (or FA_TEST_SEED), printed past the capture so that a failure reproduces.
+pub fn seeded(test: &str) -> (u64, StdRng) {
+    let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let _ = writeln!(std::io::stderr(), "{test}: seed {seed} (rerun with FA_TEST_SEED={seed})");
+    (seed, rng(seed))
 }
 
 /// A host tensor holding `logical` (row-major values of `shape`, last dim contiguous). With `strided`,
