@@ -361,7 +361,7 @@ fn run(args: &RunArgs) -> Result<()> {
             // The library reads lengths on device tensors without checking them; check them here, on the
             // host, where bad ones can still be reported (against k's rows: its rank first).
             if k.rank() != 3 {
-                fail!("k: expected 3 dimensions (packed [T, H, D], as q), got {}", k.rank());
+                return Err(flash_attn::Error::Rank { arg: "k", got: k.rank(), expected: 3 }.into());
             }
             flash_attn::check_varlen_contents(&host, q.shape()[0], k.shape()[0])?;
             let used_q_d = seqused_q.as_ref().map(dev).transpose()?;
