@@ -1055,8 +1055,8 @@ fn cuda_paged_and_alibi() {
 
 /// One random call for `random_bad_inputs_are_errors`: a dense, varlen, seqused or paged function on
 /// tensors of random shapes and dtypes (also ones the library never takes) and seqlens / block tables
-/// holding edge values, on `dev`. Returns its name and its outcome (an error or the output's shape).
-fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Result<Vec<usize>, String>) {
+/// holding edge values, on `dev`. Returns whether it ran (else it returned an error).
+fn random_call(rng: &mut StdRng, dev: &Device) -> bool {
     let pick = |rng: &mut StdRng, xs: &[usize]| xs[rng.gen_range(0..xs.len())];
     let (b, s, h, d) = (pick(rng, &[0, 1, 2]), pick(rng, &[0, 1, 3, 9]), pick(rng, &[1, 2, 4]), pick(rng, &[0, 32, 40, 64, 64, 64, 128, 300]));
     let hk = pick(rng, &[1, h, h, 3]);
@@ -1069,8 +1069,7 @@ fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Re
     };
     let edges = [0u32, 1, 2, 3, 5, 9, 100, u32::MAX];
     let idx = |rng: &mut StdRng, n: usize| {
-        let v: Vec<u32> = (0..n).map(|_| if rng.gen_bool(0.7) { rng.gen_range(0..=(b * s) as u32) } else { edges[rng.gen_range(0..edges.len())] }).collect();
-        let mut v = v;
+        let mut v: Vec<u32> = (0..n).map(|_| if rng.gen_bool(0.7) { rng.gen_range(0..=(b * s) as u32) } else { edges[rng.gen_range(0..edges.len())] }).collect();
         if rng.gen_bool(0.7) {
             v.sort_unstable();
         }
@@ -1078,7 +1077,6 @@ fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Re
     };
     let window = |rng: &mut StdRng| if rng.gen_bool(0.5) { None } else { Some(pick(rng, &[0, 2, usize::MAX])) };
     let scale = [0.125f32, 0.0, -1.0, f32::NAN][rng.gen_range(0..4)];
-    let shape = |r: Result<Tensor>| r.map(|x| x.dims().to_vec()).map_err(|e| e.to_string());
     match rng.gen_range(0..4) {
         0 => {
             let dv = pick(rng, &[d, d, d + 1]);
@@ -1087,7 +1085,7 @@ fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Re
             let alibi = if rng.gen_bool(0.3) { Some(if rng.gen_bool(0.8) { rand_tensor(rng, &[ha], 0.5, DType::F32).to_device(dev).unwrap() } else { t(rng, &[ha]) }) } else { None };
             let (wl, wr) = (window(rng), window(rng));
             let softcap = [0.0, 5.0, -1.0][rng.gen_range(0..3)];
-            ("dense", shape(fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, alibi.as_ref(), scale, wl, wr, softcap)))
+            fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, alibi.as_ref(), scale, wl, wr, softcap).is_ok()
         }
         1 => {
             let tq = b * s;
@@ -1096,7 +1094,7 @@ fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Re
             let (cq, ck) = (idx(rng, b + 1), idx(rng, nk));
             let (wl, wr) = (window(rng), window(rng));
             let (mq, mk) = (pick(rng, &[0, s, 10_000]), pick(rng, &[0, s, 10_000]));
-            ("varlen", shape(fa::flash_attn_varlen_windowed(&q, &k, &v, &cq, &ck, mq, mk, scale, wl, wr)))
+            fa::flash_attn_varlen_windowed(&q, &k, &v, &cq, &ck, mq, mk, scale, wl, wr).is_ok()
         }
         2 => {
             let tq = b * s;
@@ -1104,7 +1102,7 @@ fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Re
             let (cq, ck) = (idx(rng, b + 1), idx(rng, b + 1));
             let nu = pick(rng, &[b, b + 1]);
             let used = if rng.gen_bool(0.5) { Some(idx(rng, nu)) } else { None };
-            ("seqused", shape(fa::flash_attn_varlen_seqused(&q, &k, &v, &cq, &ck, None, used.as_ref(), s, s, scale, None, None, 0.0)))
+            fa::flash_attn_varlen_seqused(&q, &k, &v, &cq, &ck, None, used.as_ref(), s, s, scale, None, None, 0.0).is_ok()
         }
         _ => {
             let (blocks, page) = (pick(rng, &[0, 1, 3]), pick(rng, &[1, 2, 16]));
@@ -1113,7 +1111,7 @@ fn random_call(rng: &mut StdRng, dev: &Device) -> (&'static str, std::result::Re
             let (cq, ck, table) = (idx(rng, b + 1), idx(rng, b + 1), idx(rng, b * 2).reshape((b, 2)).unwrap());
             let (wl, wr) = (window(rng), window(rng));
             let pbs = pick(rng, &[page, page, page + 1]);
-            ("paged", shape(fa::flash_attn_varlen_paged_windowed(&q, &k, &v, &cq, &ck, &table, None, s, 2 * page, scale, wl, wr, pbs, None)))
+            fa::flash_attn_varlen_paged_windowed(&q, &k, &v, &cq, &ck, &table, None, s, 2 * page, scale, wl, wr, pbs, None).is_ok()
         }
     }
 }
@@ -1131,12 +1129,10 @@ fn random_bad_inputs_are_errors() {
     for dev in &devices {
         let mut ran = 0;
         for i in 0..300 {
-            let (_, outcome) = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| random_call(&mut rng, dev))) {
-                Ok(x) => x,
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| random_call(&mut rng, dev))) {
+                Ok(true) => ran += 1,
+                Ok(false) => {}
                 Err(_) => panic!("call {i} on {dev:?} panicked (see the seed above)"),
-            };
-            if outcome.is_ok() {
-                ran += 1;
             }
         }
         println!("random_bad_inputs_are_errors on {dev:?}: {ran} of 300 calls ran, the rest returned errors");
