@@ -3,6 +3,9 @@
 //! take effect, every bad input exits with code 2 and a message, and `demo` finds no difference between
 //! packed and separate sequences. Everything runs on the CPU.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use flash_attn::{
     bwd, bwd_with, fwd, fwd_kvcache, fwd_with, varlen_bwd, varlen_bwd_with, varlen_fwd, varlen_fwd_paged, varlen_fwd_with, AttnOptions, DType, Dropout, Extras, KvCache, KvCacheOptions, PagedVarlen,
     Tensor, Varlen,
@@ -758,9 +761,7 @@ fn malformed_file(rng: &mut StdRng, path: &Path) {
 /// where present). Seeded (`FA_TEST_SEED`).
 #[test]
 fn malformed_inputs_exit_0_or_2() {
-    let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
-    eprintln!("malformed_inputs_exit_0_or_2: seed {seed} (rerun with FA_TEST_SEED={seed})");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = common::seeded("malformed_inputs_exit_0_or_2");
     let dir = TempDir::new();
     let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
     // (flag, good values, bad values): a flag now and then, mostly with a good value.
