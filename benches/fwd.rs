@@ -10,12 +10,14 @@
 //! modifiers, with ALiBi (slopes `[H]`) and with dropout (p = 0.1), the same FLOPs counted for all three.
 //! The ragged batch and a skewed one (`skewed64`: one sequence of 16384 tokens, 63 of 256) also run without
 //! max_seqlen (`/nomax`: scheduled by the mean length).
-//! Filter shapes with FA_BENCH_FILTER=substring.
+//! Filter shapes with FA_BENCH_FILTER=substring. FA_BENCH_RAW=1: the dense rows through `raw::fwd` into
+//! outputs allocated once (the `Tensor` API allocates out and lse in every call).
 
 mod common;
 
 use common::{alibi_slopes, bench, cu_seqlens, dense_name, dense_shapes, device_tensor, fwd_flops, mods_name, mods_shapes, ragged_lengths, selected, skewed_lengths, varlen_name, MODS, MODS_DROPOUT, RAGGED_D, RAGGED_H};
-use flash_attn::{cuda, fwd, fwd_with, varlen_fwd, varlen_fwd_paged, AttnOptions, Device, Dropout, Extras, PagedVarlen, Tensor, Varlen};
+use flash_attn::raw::{self, FwdViews};
+use flash_attn::{cuda, fwd, fwd_with, varlen_fwd, varlen_fwd_paged, AttnOptions, DType, Device, Dropout, Extras, PagedVarlen, Target, Tensor, Varlen};
 
 fn main() {
     if !cuda::available() {
@@ -24,13 +26,25 @@ fn main() {
     }
     println!("device: {}", cuda::device_name(0).unwrap());
     let mut c = common::criterion();
+    // FA_BENCH_RAW: the dense rows through the raw layer into out and lse allocated once (as a framework
+    // calls it), instead of the `Tensor` API, which allocates both per call.
+    let raw_layer = std::env::var_os("FA_BENCH_RAW").is_some();
     for (d, s, b, h) in dense_shapes() {
         let (q, k, v) = (device_tensor(&[b, s, h, d], 1), device_tensor(&[b, s, h, d], 2), device_tensor(&[b, s, h, d], 3));
         for causal in [false, true] {
             let opts = AttnOptions { causal, ..Default::default() };
-            bench(&mut c, "ours", &dense_name(d, s, b, h, causal), b as f64 * fwd_flops(h, s, s, d, causal), || {
-                fwd(&q, &k, &v, &opts).map(|o| drop(std::hint::black_box(o)))
-            });
+            let (name, flops) = (dense_name(d, s, b, h, causal), b as f64 * fwd_flops(h, s, s, d, causal));
+            if !raw_layer {
+                bench(&mut c, "ours", &name, flops, || fwd(&q, &k, &v, &opts).map(|o| drop(std::hint::black_box(o))));
+            } else if selected(&name) {
+                let mut out = device_tensor(&[b, s, h, d], 4);
+                let mut lse = Tensor::zeros(&[b, h, s], DType::F32, Device::Cuda(0)).unwrap();
+                let views = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view_mut(), lse: lse.view_mut(), alibi_slopes: None, s_dmask: None };
+                // The legacy default stream, which the `Tensor` API and the timing events use.
+                let target = Target::Cuda { ordinal: 0, stream: 0 };
+                // SAFETY: every view is a live device tensor of its shape, out and lse written by this call only.
+                bench(&mut c, "ours", &name, flops, || unsafe { raw::fwd(&views, &opts, target) });
+            }
         }
     }
     for (d, s, b, h) in mods_shapes() {
