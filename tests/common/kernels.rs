@@ -29,7 +29,6 @@ pub fn gpu_or_skip(suite: &str, dry_run: bool, line: u32) -> bool {
     false
 }
 
-
 pub const DEFAULT: KernelChoice = KernelChoice { no_wgmma: false, bwd_chain_all: false, fwd_no_ws: false, bwd_no_ws: false, bwd_ordered_all: false };
 pub const NO_WGMMA: KernelChoice = KernelChoice { no_wgmma: true, ..DEFAULT };
 pub const CHAIN_ALL: KernelChoice = KernelChoice { bwd_chain_all: true, ..DEFAULT };
