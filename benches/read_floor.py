@@ -1,11 +1,12 @@
 """Issue 13's read floor: how fast one kernel reads N bytes on this GPU when timed as decode.rs's graph rows
-are (16 calls captured in a CUDA graph and replayed; ms per call, median of 30 replays). Reads:
+are (16 calls captured in a CUDA graph and replayed; ms per call, the median of criterion-like samples of
+back-to-back replays). Reads:
 torch.sum(x, dtype=float32) and torch.amax over a bf16 tensor of N bytes; copy: N/2 bytes read and N/2
 written. N = the K/V bytes of decode's batch-1 rows at 8k, 32k and 128k keys (Hk 8, D 128, bf16).
 Run on the GPU machine from benches/ (it imports torch_decode and torch_fwd): `python3 read_floor.py`."""
 import torch
 
-# decode's graph capture (its `/graph` rows) and torch_fwd's timing: CUDA events, warm-up, median of 30.
+# decode's graph capture (its `/graph` rows) and torch_fwd's timing (`median_ms`: criterion's scheme).
 from torch_decode import GRAPH_STEPS, captured
 from torch_fwd import median_ms
 

@@ -4,7 +4,7 @@ varlen batch; on the score-modifier rows (`mods/...`) SDPA flash and cuDNN witho
 dropout_p = 0.1 (no ALiBi there). Each is timed twice: the backward alone (given one forward's graph or
 outputs) and forward + backward. Prints `RESULT <backend>-bwd|<backend>-fwdbwd <shape> <median ms> <TFLOP/s>` lines, or
 `SKIPPED <backend>-<kind> <shape>: <error>` where a backend rejects a shape or an op is missing.
-CUDA events, warm-up, median of 30 (torch_fwd.py's timing). FLOPs: backward 2.5x the forward's
+CUDA events around back-to-back calls, timed as criterion times ours (torch_fwd.py's `median_ms`). FLOPs: backward 2.5x the forward's
 4*B*H*Sq*Sk*D (halved for causal), forward + backward 3.5x."""
 import sys
 import torch

@@ -4,8 +4,9 @@ head dim 128 when the flash_attn_rs wheel is importable, our kernels through the
 (`flash_attn_func`, backend `python`) and, on the same tensors, through its native call with precomputed
 arguments (backend `direct`). The score-modifier rows (`mods/...`, benches/fwd.rs's): SDPA flash and
 cuDNN without modifiers and with dropout_p = 0.1 (SDPA's flash backend takes no ALiBi bias: the `alibi`
-rows are ours only). Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA events,
-warm-up, median of 30."""
+rows are ours only). Prints `RESULT <backend> <shape> <median ms> <TFLOP/s>` lines. CUDA events around
+back-to-back calls, warm-up and samples as criterion takes ours (`median_ms`)."""
+import os
 import sys
 import torch
 
@@ -33,18 +34,39 @@ def ragged_lengths():
     return out
 
 
-def median_ms(fn, iters=30, warmup=5):
-    for _ in range(warmup):
+def batch_ms(fn, n):
+    """GPU milliseconds of `n` calls queued back to back between two events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
         fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+# benches/common.rs's criterion settings (its `--warm-up-time` / `--measurement-time` flags: set the same here).
+WARMUP_S = float(os.environ.get("FA_BENCH_WARMUP_S", "0.3"))
+MEASURE_S = float(os.environ.get("FA_BENCH_MEASURE_S", "1.2"))
+SAMPLES = 10
+
+
+def median_ms(fn):
+    """Milliseconds per call, timed as criterion times our rows (benches/common.rs): calls back to back in
+    doubling batches for WARMUP_S of GPU time, then SAMPLES samples of d, 2d, .., SAMPLES*d back-to-back
+    calls (d sized so that they take about MEASURE_S), each between two CUDA events; the median of the
+    samples' per-call times. Both sides thus keep the GPU busy for the same time: 30 single calls with a
+    synchronization after each (this script's timing before 2026-12-04) leave it idle between calls and
+    ran the other backends on clocks our sustained rows did not get (hdim 128 S=8192: ours 645 TFLOP/s
+    in 0.5 s samples, 585 in the table's 1.2 s)."""
+    spent, calls, n = 0.0, 0, 1
+    while spent < WARMUP_S * 1e3:
+        spent += batch_ms(fn, n)
+        calls += n
+        n *= 2
+    per_call = spent / calls
+    d = max(1, round(MEASURE_S * 1e3 / per_call / (SAMPLES * (SAMPLES + 1) / 2)))
+    times = sorted(batch_ms(fn, d * i) / (d * i) for i in range(1, SAMPLES + 1))
     return times[len(times) // 2]
 
 
