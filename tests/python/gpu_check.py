@@ -652,6 +652,16 @@ def check_errors(dev, quick):
         ("window_size", lambda: fa.flash_attn_func(q, q, q, window_size=3), TypeError),
         ("head dim 512", lambda: fa.flash_attn_func(*(torch.zeros(1, 4, 1, 512, device=dev,
                                                                   dtype=torch.bfloat16),) * 3), ValueError),
+        ("head dim 0", lambda: fa.flash_attn_func(*(torch.zeros(1, 4, 1, 0, device=dev,
+                                                                dtype=torch.bfloat16),) * 3), ValueError),
+        ("head dim 0, varlen", lambda: fa.flash_attn_varlen_func(
+            *(torch.zeros(4, 1, 0, device=dev, dtype=torch.bfloat16),) * 3,
+            torch.tensor([0, 4], dtype=torch.int32, device=dev), torch.tensor([0, 4], dtype=torch.int32, device=dev),
+            4, 4), ValueError),
+        ("head dim 0, kv cache", lambda: fa.flash_attn_with_kvcache(
+            torch.zeros(1, 1, 1, 0, device=dev, dtype=torch.bfloat16),
+            *(torch.zeros(1, 8, 1, 0, device=dev, dtype=torch.bfloat16),) * 2,
+            cache_seqlens=torch.tensor([4], dtype=torch.int32, device=dev)), ValueError),
     ]
     if dev.type == "cuda":
         cu = torch.tensor([0, 16], dtype=torch.int32)
