@@ -55,10 +55,10 @@ def median_ms(fn):
     """Milliseconds per call, timed as criterion times our rows (benches/common.rs): calls back to back in
     doubling batches for WARMUP_S of GPU time, then SAMPLES samples of d, 2d, .., SAMPLES*d back-to-back
     calls (d sized so that they take about MEASURE_S), each between two CUDA events; the median of the
-    samples' per-call times. Both sides thus keep the GPU busy for the same time: 30 single calls with a
-    synchronization after each (this script's timing before 2026-12-04) leave it idle between calls and
-    ran the other backends on clocks our sustained rows did not get (hdim 128 S=8192: ours 645 TFLOP/s
-    in 0.5 s samples, 585 in the table's 1.2 s)."""
+    samples' per-call times. Both sides thus keep the GPU busy for the same time. This script's timing
+    before 2026-12-04, 30 single calls with a synchronization after each, left the GPU idle between calls,
+    and how long it has been busy matters (ours at hdim 128 S=8192: 645 TFLOP/s in 0.5 s samples, 585 in
+    the table's 1.2 s ones)."""
     spent, calls, n = 0.0, 0, 1
     while spent < WARMUP_S * 1e3:
         spent += batch_ms(fn, n)
