@@ -16,7 +16,8 @@
 # `sanitize: PASS` or `sanitize: FAIL`; exits 1 on any finding, on a tool that did not finish (timeout,
 # crash, refused device) or on a driver error. Logs: ${OUT:-.}/sanitize-TOOL.log.
 # Environment: SANITIZE_TIMEOUT (seconds per tool, default 400), SANITIZE_BIN (default
-# ./example-sanitize), COMPUTE_SANITIZER (the tool's path), SANITIZE_PADDING (memcheck --padding bytes).
+# ./example-sanitize; ./sanitize_torch.py drives the Python package on torch tensors instead, the wheel
+# importable), COMPUTE_SANITIZER (the tool's path), SANITIZE_PADDING (memcheck --padding bytes).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")"
