@@ -17,7 +17,9 @@
 # crash, refused device) or on a driver error. Logs: ${OUT:-.}/sanitize-TOOL.log.
 # Environment: SANITIZE_TIMEOUT (seconds per tool, default 400), SANITIZE_BIN (default
 # ./example-sanitize; ./sanitize_torch.py drives the Python package on torch tensors instead, the wheel
-# importable), COMPUTE_SANITIZER (the tool's path), SANITIZE_PADDING (memcheck --padding bytes).
+# importable), COMPUTE_SANITIZER (the tool's path), SANITIZE_PADDING (memcheck --padding bytes),
+# SANITIZE_EXTRA (more compute-sanitizer options for every tool, split on spaces: e.g.
+# `--racecheck-report all --print-limit 0` to have racecheck name each hazard's kind and threads).
 set -uo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")"
@@ -54,6 +56,8 @@ for tool in $tools; do
     # allocations).
     [ "$tool" = racecheck ] && has '--racecheck-memcpy-async' && opts+=(--racecheck-memcpy-async yes)
     [ "$tool" = memcheck ] && [ -n "${SANITIZE_PADDING:-}" ] && has '--padding' && opts+=(--padding "$SANITIZE_PADDING")
+    # shellcheck disable=SC2206 # split on purpose: several options in one variable
+    [ -n "${SANITIZE_EXTRA:-}" ] && opts+=(${SANITIZE_EXTRA})
     start=$SECONDS
     timeout --kill-after=10 "$limit" "$cs" "${opts[@]}" "$bin" "$@" > "$log" 2>&1
     rc=$?
