@@ -57,11 +57,19 @@ if fwd_names or not (bwd_names or mods_names):
     # direct: the native call with precomputed arguments on the same tensors, in the same harness.
     py = any("python" in rows[name] for name in fwd_names)
     extra = (" ours via Python TFLOP/s | ours direct TFLOP/s | Python/direct |", "---:|---:|---:|") if py else ("", "")
+    # ours-py: flash_attn_func timed by torch_fwd.py right after the SDPA rows of the same shape (same
+    # process, same harness), where the wheel was importable.
+    same = any("ours-py" in rows[name] for name in fwd_names)
+    if same:
+        extra = (" ours in torch_fwd.py TFLOP/s | that/cuDNN |" + extra[0], "---:|---:|" + extra[1])
     print("| shape | ours TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | ours/flash | ours/cuDNN |" + extra[0])
     print("|---|---:|---:|---:|---:|---:|" + extra[1])
     for name in fwd_names:
         ours, fl, cu = (rows[name].get(b, NAN) for b in FWD)
         line = f"| {name} | {fmt(ours)} | {fmt(fl)} | {fmt(cu)} | {ratio(ours, fl)} | {ratio(ours, cu)} |"
+        if same:
+            o = rows[name].get("ours-py", NAN)
+            line += f" {fmt(o)} | {ratio(o, cu)} |"
         if py:
             p, d = rows[name].get("python", NAN), rows[name].get("direct", NAN)
             line += f" {fmt(p)} | {fmt(d)} | {ratio(p, d)} |"
