@@ -78,9 +78,13 @@ if bwd_names:
     if fwd_names:
         print()
     print("Backward, TFLOP/s (bwd counts 2.5x the forward's FLOPs, fwd+bwd 3.5x; shapes named as in the forward):\n")
+    # ours-py-*: flash_attn_func timed by torch_bwd.py right after the SDPA rows (where the wheel was importable).
+    same = any("ours-py-bwd" in rows[name] for name in bwd_names)
     cols = []
     for kind in ("bwd", "fwd+bwd"):
         cols += [f"ours {kind}", f"flash {kind}", f"cuDNN {kind}", "ours/flash", "ours/cuDNN"]
+        if same:
+            cols += [f"ours {kind} in torch_bwd.py", "that/cuDNN"]
     print("| shape | " + " | ".join(cols) + " |")
     print("|---|" + "---:|" * len(cols))
     for name in bwd_names:
@@ -88,6 +92,9 @@ if bwd_names:
         for kind in ("bwd", "fwdbwd"):
             ours, fl, cu = (rows[name].get(f"{b}-{kind}", NAN) for b in FWD)
             cells += [fmt(ours), fmt(fl), fmt(cu), ratio(ours, fl), ratio(ours, cu)]
+            if same:
+                o = rows[name].get(f"ours-py-{kind}", NAN)
+                cells += [fmt(o), ratio(o, cu)]
         print(f"| {name} | " + " | ".join(cells) + " |")
 if mods_names:
     # mods/<shape>/<modifier>: one row per (shape, pass), a column per (backend, modifier).

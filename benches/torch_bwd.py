@@ -1,7 +1,8 @@
 """PyTorch's side of the backward comparison, on the shapes (and shape names) of benches/bwd.rs: SDPA with
 the flash backend and with the cuDNN backend, and aten._flash_attention_forward / _backward for the ragged
 varlen batch; on the score-modifier rows (`mods/...`) SDPA flash and cuDNN without modifiers and with
-dropout_p = 0.1 (no ALiBi there). Each is timed twice: the backward alone (given one forward's graph or
+dropout_p = 0.1 (no ALiBi there); with the flash_attn_rs wheel importable, ours through flash_attn_func on
+the dense rows, right after them (`ours-py`). Each is timed twice: the backward alone (given one forward's graph or
 outputs) and forward + backward. Prints `RESULT <backend>-bwd|<backend>-fwdbwd <shape> <median ms> <TFLOP/s>` lines, or
 `SKIPPED <backend>-<kind> <shape>: <error>` where a backend rejects a shape or an op is missing.
 CUDA events around back-to-back calls, timed as criterion times ours (torch_fwd.py's `median_ms`). FLOPs: backward 2.5x the forward's
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torch_fwd import MODS_DROPOUT, MODS_SHAPES, median_ms, ragged_lengths
+from torch_fwd import MODS_DROPOUT, MODS_SHAPES, flash_attn_rs, median_ms, ragged_lengths
 
 BWD_FLOPS, FWDBWD_FLOPS = 2.5, 3.5
 
@@ -73,6 +74,18 @@ def main():
                         return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
 
                     bench_pair(backend, name, flops, forward, backward)
+                if flash_attn_rs is not None:
+                    # Ours through flash_attn_func (its custom op's backward node) on the same leaves, timed
+                    # right after the SDPA rows (`ours-py`): the comparison within one process and harness.
+                    qs, ks, vs, dos = (t.transpose(1, 2) for t in (q, k, v, dout))
+
+                    def forward(causal=causal):
+                        return flash_attn_rs.flash_attn_func(qs, ks, vs, causal=causal)
+
+                    def backward(out):
+                        return torch.autograd.grad(out, (qs, ks, vs), dos, retain_graph=True)
+
+                    bench_pair("ours-py", name, flops, forward, backward)
     for d, s in MODS_SHAPES:
         h, b = 2048 // d, tokens // s
         q, k, v = (rand(b, s, h, d).requires_grad_().transpose(1, 2) for _ in range(3))
