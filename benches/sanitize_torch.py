@@ -7,7 +7,9 @@ causal and not, default and deterministic backward, bf16, at the head dims asked
 Run from the bundle with the wheel importable and torch's python first on PATH, through sanitize.sh:
     SANITIZE_BIN=./sanitize_torch.py bash sanitize.sh racecheck 64
 Arguments: head dims (`64,128`; `all`; default 64); sanitize.sh's other driver words (`wgmma`, `bf16`, ...)
-are accepted and ignored. `--plan` prints the plan only (sanitize.sh runs it first). Prints `SANITIZE done
+are accepted and ignored. PyTorch's own kernels (random inputs, autograd's) run under the tool too; to check
+ours alone pass its kernel-name filter through SANITIZE_EXTRA (`--kernel-name kns=flash` in recent versions,
+`--filter kns=flash` in older ones: see `compute-sanitizer --help`). `--plan` prints the plan only (sanitize.sh runs it first). Prints `SANITIZE done
 N cases` at the end, as example-sanitize does (the kernel launches are not counted here)."""
 import sys
 import time
