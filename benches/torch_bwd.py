@@ -2,11 +2,11 @@
 the flash backend and with the cuDNN backend, and aten._flash_attention_forward / _backward for the ragged
 varlen batch; on the score-modifier rows (`mods/...`) SDPA flash and cuDNN without modifiers and with
 dropout_p = 0.1 (no ALiBi there); with the flash_attn_rs wheel importable, ours through flash_attn_func on
-the dense rows, right after them (`ours-py`). Each is timed twice: the backward alone (given one forward's graph or
-outputs) and forward + backward. Prints `RESULT <backend>-bwd|<backend>-fwdbwd <shape> <median ms> <TFLOP/s>` lines, or
-`SKIPPED <backend>-<kind> <shape>: <error>` where a backend rejects a shape or an op is missing.
-CUDA events around back-to-back calls, timed as criterion times ours (torch_fwd.py's `median_ms`). FLOPs: backward 2.5x the forward's
-4*B*H*Sq*Sk*D (halved for causal), forward + backward 3.5x."""
+the dense rows, right after them (`ours-py`). Each is timed twice: the backward alone (given one forward's
+graph or outputs) and forward + backward. Prints `RESULT <backend>-bwd|<backend>-fwdbwd <shape> <median ms>
+<TFLOP/s>` lines, or `SKIPPED <backend>-<kind> <shape>: <error>` where a backend rejects a shape or an op is
+missing. CUDA events around back-to-back calls, timed as criterion times ours (torch_fwd.py's `median_ms`).
+FLOPs: backward 2.5x the forward's 4*B*H*Sq*Sk*D (halved for causal), forward + backward 3.5x."""
 import sys
 import torch
 import torch.nn.functional as F

@@ -2,8 +2,9 @@
 and the cuDNN backends (q [B, Hq, Sq, D] over the cache [B, Hk, ctx, D] as transposed views of the
 [B, ctx, Hk, D] cache, enable_gqa, not causal), and the copy bandwidth of this GPU in the same run (a
 2 GiB device-to-device copy: 2 x its bytes moved). Prints `RESULT <backend> <shape> <median ms> <GB/s>`
-with decode.rs's byte count. Timed as criterion times ours (torch_fwd.py's `median_ms`). FA_DECODE_GRAPH=1: 16 calls captured
-into a CUDA graph and the graph replayed (decode.rs's `/graph` rows: ms per replay, GB/s of all 16).
+with decode.rs's byte count. Timed as criterion times ours (torch_fwd.py's `median_ms`). FA_DECODE_GRAPH=1:
+16 calls captured into a CUDA graph and the graph replayed (decode.rs's `/graph` rows: ms per replay, GB/s
+of all 16).
 FA_DECODE_HEAD_MAJOR=1: the cache contiguous as [B, Hk, ctx, D] (decode.rs's option of that name)."""
 import os
 import sys

@@ -83,13 +83,7 @@ def loop_ms(fn, n=10):
     """Milliseconds per call of `n` calls queued back to back between two events, as a training loop
     queues them (a call's host time overlaps the previous call's kernel)."""
     fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / n
+    return batch_ms(fn, n) / n
 
 
 def report_pair(name, flops, python, direct_call, rounds=9):

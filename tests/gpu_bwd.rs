@@ -59,7 +59,7 @@ mod kernels;
 
 use common::*;
 use flash_attn::{bwd, fwd, varlen_bwd, varlen_fwd, AttnOptions, BwdOutput, DType, Device, Error, FwdOutput, KernelChoice, Tensor, Varlen};
-use kernels::{Tally};
+use kernels::Tally;
 use rand::rngs::StdRng;
 use rand::Rng;
 
