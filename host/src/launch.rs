@@ -490,6 +490,13 @@ impl BwdWorkspace {
     }
 }
 
+/// `FLASH_ATTN_BWD_NO_ROTATE` (any value, read once): the ordered deterministic mode without the rotated
+/// walk (`BwdParams::dq_rotate`).
+fn no_rotate() -> bool {
+    static NO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NO.get_or_init(|| std::env::var_os("FLASH_ATTN_BWD_NO_ROTATE").is_some())
+}
+
 /// The backward's kernels on `stream`: prep, dk/dv, and dq (bwd_launches). Every element of dq, dk, dv
 /// is written.
 ///
@@ -598,7 +605,9 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         // accumulator (stride 0).
         dqa_split_stride: if launches.dq_splits > 1 { (ws.accum_bytes / 4) as i64 } else { 0 },
         dq_splits: launches.dq_splits as i32,
-        _pad2: 0,
+        // Every CTA of the dK/dV grid resident at once (one per multiprocessor), else a CTA could wait on
+        // one not yet running (the rotated turns wait on higher CTAs too). FLASH_ATTN_BWD_NO_ROTATE: off.
+        dq_rotate: i32::from(launches.ordered && launches.iter().nth(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate()),
         // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
         dq_sem: match (launches.ordered, ws.dq_sem) {
             (true, Some(o)) => ws_addr + o as u64,

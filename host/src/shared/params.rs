@@ -266,7 +266,12 @@ pub struct BwdParams {
     /// convert summing the copies in order 0, 1, ... Otherwise 1 and 0: one accumulator all CTAs add to.
     pub dqa_split_stride: i64,
     pub dq_splits: i32,
-    pub _pad2: i32,
+    /// The ordered mode's rotated walk (0: off; the host sets it where every CTA of a grid can be resident
+    /// at once: grid x <= the multiprocessors): on a sequence where every key block sees every query block
+    /// (no causal mask, no window) and there are no more key blocks than query blocks, the CTA of key
+    /// block kb walks the query blocks from kb on (wrapping), and the turn order of query block m is the
+    /// order the CTAs reach it in (`bwd::DqTurn`), so no CTA waits on another's walk.
+    pub dq_rotate: i32,
     /// The deterministic backward in order (0: off): one f32 dq accumulator and a u32 turn counter per
     /// (accumulator row, q head, column half) here, zeroed by prep, `[rows][Hq][2]` like the accumulator
     /// (`sem_batch_stride` counters between dense batches, 0 for varlen). The dK/dV kernels' CTA x takes

@@ -100,7 +100,7 @@ unsafe fn dkdv_block<E: Elem, const D: usize, const BN: usize, const BM: usize, 
     let threads = S::<D, BN, BM, NW, KT, DQT, DWN, QN>::THREADS;
     let base = smem::base();
 
-    let (steps, next, mut cur) = step_walk(p, a, BM as i32);
+    let (steps, next, mut cur) = step_walk::<false>(p, a, BN as i32, BM as i32);
     if steps == 0 {
         return;
     }

@@ -112,6 +112,9 @@ fn dq_turn_counter(p: &BwdParams, b: i32, row: i32, h: i32, half: u32) -> u64 {
 pub(super) struct DqTurn {
     pub x: u32,
     pub pred: (i32, i32),
+    /// The rotated walk (`rotation`): the sequence's key blocks n (0: not rotated); `x` is then the key
+    /// block's index kb.
+    pub rot_n: i32,
 }
 
 #[cfg(fa_sm90)]
@@ -121,7 +124,10 @@ impl DqTurn {
     #[inline(always)]
     pub(super) fn of<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> DqTurn {
         if !ORDERED {
-            return DqTurn { x: 0, pred: (0, 0) };
+            return DqTurn { x: 0, pred: (0, 0), rot_n: 0 };
+        }
+        if let Some((kb, n)) = rotation(p, a, bn, bm) {
+            return DqTurn { x: kb as u32, pred: (0, 0), rot_n: n };
         }
         let n0 = a.n0 + bn;
         let pred = if n0 < a.sk.used {
@@ -130,7 +136,22 @@ impl DqTurn {
         } else {
             (0, 0)
         };
-        DqTurn { x: crate::arch::sreg::block_idx_x(), pred }
+        DqTurn { x: crate::arch::sreg::block_idx_x(), pred, rot_n: 0 }
+    }
+
+    /// The counter value query block `m` shows when this CTA's turn comes, and whether it waits for it.
+    /// Rotated (`rot_n` = n): the key blocks reach m in the order min(m, n - 1), .., 0, n - 1, .., m + 1
+    /// (their walks start at their index), so kb's turn is (min(m, n - 1) - kb) mod n, and it always waits
+    /// (turn 0 finds the counter prep zeroed). Otherwise x, waited for where CTA x - 1 adds to m too.
+    #[inline(always)]
+    fn turn(&self, m: i32) -> (u32, bool) {
+        if self.rot_n > 0 {
+            let last = if m < self.rot_n - 1 { m } else { self.rot_n - 1 };
+            let d = last - self.x as i32;
+            ((if d < 0 { d + self.rot_n } else { d }) as u32, true)
+        } else {
+            (self.x, self.pred.0 <= m && m < self.pred.1)
+        }
     }
 
     /// Waits for this step's turn on `counter` (the step's row block starts at `m0`, `bm` rows per block)
@@ -138,23 +159,24 @@ impl DqTurn {
     /// CTA passed the turn on, and the warpgroup meets at named barrier `bar`.
     #[inline(always)]
     pub(super) unsafe fn wait(&self, counter: u64, m0: i32, bm: i32, leader: bool, bar: u32) {
-        let m = m0 / bm;
-        if self.pred.0 <= m && m < self.pred.1 {
+        let (turn, waits) = self.turn(m0 / bm);
+        if waits {
             if leader {
-                while unsafe { crate::arch::mem::ld_acquire_gpu_u32(counter) } != self.x {}
+                while unsafe { crate::arch::mem::ld_acquire_gpu_u32(counter) } != turn {}
             }
             crate::arch::sync::named_sync(bar, 128);
         }
     }
 
-    /// Passes the turn on to CTA x + 1 once every thread of the warpgroup has made its reductions:
-    /// fence, named barrier `bar`, then the `leader`'s `st.release` of x + 1.
+    /// Passes the turn on (the counter to this CTA's turn + 1: CTA x + 1's, or the next key block to
+    /// reach query block `m0 / bm` in the rotated walk) once every thread of the warpgroup has made its
+    /// reductions: fence, named barrier `bar`, then the `leader`'s `st.release`.
     #[inline(always)]
-    pub(super) unsafe fn pass(&self, counter: u64, leader: bool, bar: u32) {
+    pub(super) unsafe fn pass(&self, counter: u64, m0: i32, bm: i32, leader: bool, bar: u32) {
         crate::arch::sync::fence_gpu();
         crate::arch::sync::named_sync(bar, 128);
         if leader {
-            unsafe { crate::arch::mem::st_release_gpu_u32(counter, self.x + 1) };
+            unsafe { crate::arch::mem::st_release_gpu_u32(counter, self.turn(m0 / bm).0 + 1) };
         }
     }
 }
@@ -222,13 +244,38 @@ pub(super) struct KvArgs {
 /// The steps a key block walks, (q head, query block) in order: head-major over its group, query blocks
 /// `m_min..m_max` of `bm` rows (those that see its keys). Returns the step count, the successor of a step
 /// and the first step. Counters, not `it / m_count`: a division by a runtime value costs dozens of
-/// instructions per step.
+/// instructions per step. In the ordered mode's rotated walk (`rotation`) each head's query blocks start
+/// at this key block's index kb and wrap: kb, kb + 1, .., m_max - 1, m_min, .., kb - 1.
 #[inline(always)]
-fn step_walk(p: &BwdParams, a: &KvArgs, bm: i32) -> (i32, impl Fn((i32, i32)) -> (i32, i32), (i32, i32)) {
+fn step_walk<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> (i32, impl Fn((i32, i32)) -> (i32, i32), (i32, i32)) {
     let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, bm);
     let m_count = if m_max > m_min { m_max - m_min } else { 0 };
-    let next = move |(h, m): (i32, i32)| if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) };
-    (m_count * a.group, next, (a.hk * a.group, m_min))
+    let start = if ORDERED { rotation(p, a, bn, bm).map_or(m_min, |(kb, _)| kb) } else { m_min };
+    let next = move |(h, m): (i32, i32)| {
+        if !ORDERED {
+            if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) }
+        } else {
+            let m2 = if m + 1 < m_max { m + 1 } else { m_min };
+            if m2 == start { (h + 1, start) } else { (h, m2) }
+        }
+    };
+    (m_count * a.group, next, (a.hk * a.group, start))
+}
+
+/// The ordered mode's rotated walk (`BwdParams::dq_rotate`) for key block `a` (`bn` keys per block, `bm`
+/// query rows per step): `(kb, n)`, its index among the sequence's `n` key blocks, where the host allows
+/// it and every key block of the sequence sees every query block (no causal mask, no window; then
+/// `m_block_range` is `[0, M)` for each) and `n <= M`; else None (the walk from `m_min`, the turns by CTA
+/// index). The CTA of key block kb reaches query block m at its step `(m - kb) mod M` of each head, all
+/// those times distinct when n <= M; `DqTurn::turn` orders the adds by them.
+#[inline(always)]
+fn rotation(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> Option<(i32, i32)> {
+    if p.dq_rotate == 0 || p.window_left >= 0 || p.window_right >= 0 || a.sq.used <= 0 || a.sk.used <= 0 {
+        return None;
+    }
+    let n = (a.sk.used - 1) / bn + 1;
+    let m = (a.sq.used - 1) / bm + 1;
+    (n <= m).then_some((a.n0 / bn, n))
 }
 
 /// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq

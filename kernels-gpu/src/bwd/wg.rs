@@ -253,7 +253,7 @@ pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: 
         }
     }
     if ORDERED {
-        unsafe { turn.pass(counter, leader, BAR_TURN + wg) };
+        unsafe { turn.pass(counter, m0, BM as i32, leader, BAR_TURN + wg) };
     }
 }
 
@@ -333,7 +333,7 @@ fn successor<const ORDERED: bool>(a: &KvArgs) -> Option<KvArgs> {
 unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipe: Pipe, tid: usize, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
-    let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
+    let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, a, BN as i32, BM as i32);
     if steps == 0 {
         return 0;
     }
@@ -364,7 +364,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         } else if let Some(b) = successor::<ORDERED>(a) {
             // The successor's K/V go to the other buffer (its predecessor's reads are behind the
             // barrier at the start of this block's first step), its first step to the other stage.
-            let (b_steps, _, first) = step_walk(p, &b, BM as i32);
+            let (b_steps, _, first) = step_walk::<ORDERED>(p, &b, BN as i32, BM as i32);
             if b_steps > 0 {
                 unsafe {
                     load_kv::<D>(p, &b, base, 1 - pipe.kv, tid);
@@ -432,7 +432,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
                 pipe.kv ^= 1;
                 pipe.stage0 ^= steps & 1;
                 // What the last step started (the same test).
-                prefetched = successor::<ORDERED>(&args).is_some_and(|b| step_walk(p, &b, BM as i32).0 > 0);
+                prefetched = successor::<ORDERED>(&args).is_some_and(|b| step_walk::<ORDERED>(p, &b, BN as i32, BM as i32).0 > 0);
             }
         }
         pipe.prefetched = prefetched;

@@ -112,7 +112,7 @@ unsafe fn issue_grad<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32
 unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, tid: usize, acc: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
-    let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
+    let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, a, BN as i32, BM as i32);
     if steps == 0 {
         return 0;
     }
@@ -223,7 +223,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
             c += 2;
         }
         if ORDERED {
-            unsafe { turn.pass(counter, leader, BAR_TURN + wg) };
+            unsafe { turn.pass(counter, m0, BM as i32, leader, BAR_TURN + wg) };
         }
         // dV / dK have landed (the next step overwrites P^T and dS^T).
         wait_acc::<0, DN>(acc);

@@ -136,7 +136,7 @@ unsafe fn produce<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
     let mut ss = Stage::<STAGES>::START;
     for_each_key_block::<ORDERED>(p, #[inline(always)] |_, _, args| {
         let Some(a) = args else { return };
-        let (steps, next_step, mut cur) = step_walk(p, &a, BM as i32);
+        let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, &a, BN as i32, BM as i32);
         if steps == 0 {
             return;
         }
@@ -220,7 +220,7 @@ struct Consumer {
 #[allow(clippy::too_many_arguments)]
 unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
     let base = smem::base();
-    let (steps, next_step, mut cur) = step_walk(p, a, BM as i32);
+    let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, a, BN as i32, BM as i32);
     if steps == 0 {
         return;
     }
