@@ -215,7 +215,8 @@ struct Consumer {
 }
 
 /// One key block's steps for this consumer thread (`ctid`, warpgroup `ctid / 128` with keys 64 wg..): the
-/// wg kernel's `block` on pipeline stages; `leader` releases the stages for its warpgroup.
+/// wg kernel's `block` on pipeline stages; `leader` releases K and V for its warpgroup, every thread the
+/// step stages.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
@@ -265,10 +266,12 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         wait_acc::<0, DN>(acc_dk);
         wgmma::keep_a4(&mut pa);
         wgmma::keep_a4(&mut da);
-        // This warpgroup is done with the stage (its products have landed).
-        if leader {
-            unsafe { pipes.step.consumer_release(st.step) };
-        }
+        // This thread is done with the stage (its reads of lse_log2 and D, and its warpgroup's products,
+        // which have landed). Every consumer thread arrives, not one per warpgroup: the bar.sync above
+        // orders all their reads before a leader's arrival too, but racecheck (compute-sanitizer
+        // 2025.3) reported hazards between those reads and the producer's next copies into the stage
+        // in some builds (RESULTS, Host side), and an arrival by each reader is the form it follows.
+        unsafe { pipes.step.consumer_release(st.step) };
         st.step.advance();
         st.steps_done += 1;
         it += 1;
@@ -290,7 +293,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     if tid == 0 {
         unsafe {
             pipes.kv.init(2);
-            pipes.step.init_with(STEP_PRODUCERS, 2);
+            pipes.step.init_with(STEP_PRODUCERS, CONSUMERS as u32);
         }
         mbarrier::fence_init();
     }
