@@ -23,7 +23,7 @@ use super::convert::convert_rows;
 use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
 use super::{grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
-use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
+use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
@@ -48,7 +48,7 @@ const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(BWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
 /// Arrivals that fill a step stage: the producer lane announcing the tensor copies' bytes, and the 32
-/// lanes' cp.async arrivals (lse_log2 and D).
+/// lanes' arrivals once their lse_log2 and D copies have landed.
 const STEP_PRODUCERS: u32 = 1 + 32;
 
 /// Shared memory for head dim `D`: K and V (BN rows), `STAGES` stages of Q and of dO (BM rows), two dS^T
@@ -178,14 +178,19 @@ unsafe fn produce<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
                     cp_async_4(lse_s + r as u32 * 4, p.lse_log2.wrapping_add(at), valid);
                     cp_async_4(delta_s + r as u32 * 4, p.delta.wrapping_add(at), valid);
                 }
-                arrive_on_noinc(pipes.step.full_barrier(ss));
+                // Each lane waits for its own copies, then arrives (a release of what they wrote): the
+                // form compute-sanitizer's racecheck follows. With `cp.async.mbarrier.arrive.noinc`
+                // instead (the copies completing on the barrier by themselves) racecheck reported
+                // hazards between these copies and the consumers' reads under some host allocation
+                // patterns (PyTorch's caching allocator, a pool; RESULTS, Host side).
+                commit_group();
+                wait_group::<0>();
+                mbarrier::arrive(pipes.step.full_barrier(ss));
             }
             ss.advance();
             it += 1;
         }
     });
-    // The last lse_log2 and D copies have landed before the warp leaves.
-    wait_group::<0>();
 }
 
 /// Zero rows `[valid, ROWS)` of a `ROWS`-row swizzled tile at `tile` (`D` columns in 64-column groups):
