@@ -431,6 +431,43 @@ fn fully_masked_rows_are_zero_not_nan() {
     tally.report();
 }
 
+/// The `Tensor` API's memory pool: a dropped tensor's memory stays with the process (the next allocation
+/// reuses it without mapping it again) until `cuda::release_cached_memory` gives it back, and tensors made
+/// after a release hold what was written to them. 8 GiB dwarfs what the suite's other tests, running in
+/// parallel, hold at once (2 GiB of slack for them).
+#[test]
+fn tensor_memory_is_cached_until_released() {
+    require_gpu!();
+    const BIG: usize = 8 << 30;
+    const SLACK: usize = 2 << 30;
+    let free = || {
+        flash_attn::cuda::device_name(0).unwrap(); // makes the device's primary context current
+        cudarc::driver::result::mem_get_info().unwrap().0
+    };
+    let pools = cudarc::driver::CudaContext::new(0).unwrap().has_async_alloc();
+    let f0 = free();
+    let big = Tensor::zeros(&[BIG / 2], DType::BF16, GPU).unwrap();
+    let f1 = free();
+    assert!(f0 >= f1 + BIG - SLACK, "an 8 GiB tensor took {} MiB of device memory", (f0 - f1.min(f0)) >> 20);
+    drop(big);
+    let f2 = free();
+    if pools {
+        assert!(f0 >= f2 + BIG - SLACK, "a dropped 8 GiB tensor's memory was unmapped at once ({} MiB still held)", (f0 - f2.min(f0)) >> 20);
+    }
+    flash_attn::cuda::release_cached_memory(0).unwrap();
+    let f3 = free();
+    assert!(f3 + SLACK >= f2 + BIG, "release_cached_memory gave back {} MiB of 8 GiB", (f3 - f3.min(f2)) >> 20);
+    let mut rng = rng(rand::random());
+    let vals: Vec<f32> = (0..(1 << 20) + 3).map(|_| rng.gen_range(-4.0f32..4.0)).collect();
+    for _ in 0..3 {
+        let t = Tensor::from_f32(&vals, &[vals.len()], DType::F32).unwrap().to_device(GPU).unwrap();
+        let z = Tensor::zeros(&[vals.len()], DType::F32, GPU).unwrap();
+        assert_eq!(t.to_f32_vec().unwrap(), vals, "a tensor made after release_cached_memory");
+        assert!(z.to_f32_vec().unwrap().iter().all(|&x| x == 0.0), "Tensor::zeros after release_cached_memory");
+        flash_attn::cuda::release_cached_memory(0).unwrap();
+    }
+}
+
 #[test]
 fn gpu_matches_cpu_path() {
     require_gpu!();

@@ -19,11 +19,23 @@ struct Module(sys::CUmodule, bool);
 unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
+/// The memory pool the `Tensor` API's buffers come from (`cuda::DeviceBuffer`). Its release threshold is
+/// unbounded: memory freed back to it stays mapped across synchronizations (as PyTorch's caching allocator
+/// keeps it), where the device's default pool would unmap it at every synchronization and map it again on
+/// the next allocation. `cuda::release_cached_memory` trims it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MemPool(pub sys::CUmemoryPool);
+unsafe impl Send for MemPool {}
+unsafe impl Sync for MemPool {}
+
 /// One CUDA device as the library uses it.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     module: OnceLock<std::result::Result<Module, String>>,
     functions: Mutex<HashMap<&'static str, Function>>,
+    /// The `Tensor` API's memory pool, created on first use; None where the device has no memory pools
+    /// (its buffers then use cuMemAlloc / cuMemFree).
+    pool: OnceLock<Option<MemPool>>,
     /// Largest dynamic shared memory a block may opt in to.
     pub max_smem_optin: usize,
     /// Compute capability: picks the module (`module`).
@@ -94,7 +106,7 @@ impl Gpu {
         let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let cc_major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let cc_minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-        Ok(Gpu { ctx, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), max_smem_optin, cc_major, cc_minor, sm_count })
+        Ok(Gpu { ctx, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), pool: OnceLock::new(), max_smem_optin, cc_major, cc_minor, sm_count })
     }
 
     /// The kernels for this device, loaded on first use: the shipped cubin where it runs natively
@@ -124,6 +136,39 @@ impl Gpu {
             Ok(m) => Ok(m),
             Err(e) => Err(Error::Cuda(format!("loading the kernel module: {e}"))),
         }
+    }
+
+    /// The `Tensor` API's memory pool (see `MemPool`), or None where the device has none or creating it
+    /// failed (allocations then fall back to cuMemAlloc).
+    pub(crate) fn tensor_pool(&self) -> Option<MemPool> {
+        *self.pool.get_or_init(|| {
+            if !self.ctx.has_async_alloc() || self.ctx.bind_to_thread().is_err() {
+                return None;
+            }
+            // SAFETY: props is zeroed (every field's valid value) and then given the three fields that
+            // matter; the pool handle is checked before use and destroyed if configuring it fails.
+            unsafe {
+                let mut props: sys::CUmemPoolProps = std::mem::zeroed();
+                props.allocType = sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+                props.handleTypes = sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
+                props.location.type_ = sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+                // The device ordinal: `id`, the int after `type_` (a plain field before CUDA 13.2, a
+                // one-member union since, depending on the cudarc version feature a build selects).
+                const { assert!(std::mem::size_of::<sys::CUmemLocation>() == 8) };
+                std::ptr::addr_of_mut!(props.location).cast::<i32>().add(1).write(self.ctx.ordinal() as i32);
+                let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+                if sys::cuMemPoolCreate(&mut pool, &props) != sys::CUresult::CUDA_SUCCESS || pool.is_null() {
+                    return None;
+                }
+                let mut threshold = u64::MAX;
+                let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+                if sys::cuMemPoolSetAttribute(pool, attr, (&raw mut threshold).cast()) != sys::CUresult::CUDA_SUCCESS {
+                    sys::cuMemPoolDestroy(pool);
+                    return None;
+                }
+                Some(MemPool(pool))
+            }
+        })
     }
 
     /// Compute capability 9.0 (H100, H200) with the sm_90a module loaded: its wgmma kernels run here.

@@ -23,7 +23,7 @@ use super::convert::convert_rows;
 use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
 use super::{grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
-use crate::arch::cp_async::{arrive_on_noinc, cp_async_4, wait_group};
+use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
@@ -48,7 +48,7 @@ const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(BWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
 /// Arrivals that fill a step stage: the producer lane announcing the tensor copies' bytes, and the 32
-/// lanes' cp.async arrivals (lse_log2 and D).
+/// lanes' arrivals once their lse_log2 and D copies have landed.
 const STEP_PRODUCERS: u32 = 1 + 32;
 
 /// Shared memory for head dim `D`: K and V (BN rows), `STAGES` stages of Q and of dO (BM rows), two dS^T
@@ -178,14 +178,19 @@ unsafe fn produce<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
                     cp_async_4(lse_s + r as u32 * 4, p.lse_log2.wrapping_add(at), valid);
                     cp_async_4(delta_s + r as u32 * 4, p.delta.wrapping_add(at), valid);
                 }
-                arrive_on_noinc(pipes.step.full_barrier(ss));
+                // Each lane waits for its own copies, then arrives (a release of what they wrote): the
+                // form compute-sanitizer's racecheck follows. With `cp.async.mbarrier.arrive.noinc`
+                // instead (the copies completing on the barrier by themselves) racecheck reported
+                // hazards between these copies and the consumers' reads under some host allocation
+                // patterns (PyTorch's caching allocator, a pool; RESULTS, Host side).
+                commit_group();
+                wait_group::<0>();
+                mbarrier::arrive(pipes.step.full_barrier(ss));
             }
             ss.advance();
             it += 1;
         }
     });
-    // The last lse_log2 and D copies have landed before the warp leaves.
-    wait_group::<0>();
 }
 
 /// Zero rows `[valid, ROWS)` of a `ROWS`-row swizzled tile at `tile` (`D` columns in 64-column groups):
@@ -215,7 +220,8 @@ struct Consumer {
 }
 
 /// One key block's steps for this consumer thread (`ctid`, warpgroup `ctid / 128` with keys 64 wg..): the
-/// wg kernel's `block` on pipeline stages; `leader` releases the stages for its warpgroup.
+/// wg kernel's `block` on pipeline stages; `leader` releases K and V for its warpgroup, every thread the
+/// step stages.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, pipes: &Pipes, st: &mut Consumer, ctid: usize, leader: bool, acc_dk: &mut [[f32; 4]; DN], acc_dv: &mut [[f32; 4]; DN]) {
@@ -265,10 +271,12 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         wait_acc::<0, DN>(acc_dk);
         wgmma::keep_a4(&mut pa);
         wgmma::keep_a4(&mut da);
-        // This warpgroup is done with the stage (its products have landed).
-        if leader {
-            unsafe { pipes.step.consumer_release(st.step) };
-        }
+        // This thread is done with the stage (its reads of lse_log2 and D, and its warpgroup's products,
+        // which have landed). Every consumer thread arrives, not one per warpgroup: the bar.sync above
+        // orders all their reads before a leader's arrival too, but racecheck (compute-sanitizer
+        // 2025.3) reported hazards between those reads and the producer's next copies into the stage
+        // in some builds (RESULTS, Host side), and an arrival by each reader is the form it follows.
+        unsafe { pipes.step.consumer_release(st.step) };
         st.step.advance();
         st.steps_done += 1;
         it += 1;
@@ -290,7 +298,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     if tid == 0 {
         unsafe {
             pipes.kv.init(2);
-            pipes.step.init_with(STEP_PRODUCERS, 2);
+            pipes.step.init_with(STEP_PRODUCERS, CONSUMERS as u32);
         }
         mbarrier::fence_init();
     }
