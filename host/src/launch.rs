@@ -605,8 +605,10 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         // accumulator (stride 0).
         dqa_split_stride: if launches.dq_splits > 1 { (ws.accum_bytes / 4) as i64 } else { 0 },
         dq_splits: launches.dq_splits as i32,
-        // Every CTA of the dK/dV grid resident at once (one per multiprocessor), else a CTA could wait on
-        // one not yet running (the rotated turns wait on higher CTAs too). FLASH_ATTN_BWD_NO_ROTATE: off.
+        // Only where grid x fits the multiprocessors (one CTA each): CTAs start in x-fastest order, so the
+        // lowest unfinished (kv head, sequence) always has all its CTAs running, and a rotated turn (which
+        // waits on lower and higher CTAs of its pair alike) never waits on one not yet started.
+        // FLASH_ATTN_BWD_NO_ROTATE: off.
         dq_rotate: i32::from(launches.ordered && launches.iter().nth(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate()),
         // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
         dq_sem: match (launches.ordered, ws.dq_sem) {
