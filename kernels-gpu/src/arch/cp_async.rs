@@ -34,10 +34,3 @@ pub unsafe fn cp_async_4(dst: u32, src: u64, valid: bool) {
             n = in(reg32) src_bytes, options(nostack))
     }
 }
-
-/// Arrive on the shared-memory barrier at `bar` once every cp.async this thread issued so far has landed
-/// (`.noinc`: the arrival is one of the barrier's expected arrivals, not an extra one).
-#[inline(always)]
-pub unsafe fn arrive_on_noinc(bar: u32) {
-    unsafe { asm!("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{b}];", b = in(reg32) bar, options(nostack)) }
-}

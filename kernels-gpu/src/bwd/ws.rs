@@ -274,8 +274,8 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         // This thread is done with the stage (its reads of lse_log2 and D, and its warpgroup's products,
         // which have landed). Every consumer thread arrives, not one per warpgroup: the bar.sync above
         // orders all their reads before a leader's arrival too, but racecheck (compute-sanitizer
-        // 2025.3) reported hazards between those reads and the producer's next copies into the stage
-        // in some builds (RESULTS, Host side), and an arrival by each reader is the form it follows.
+        // 2025.3) reported hazards on these rows under some host allocation patterns until both this
+        // and the producer lanes' plain arrivals were in (RESULTS, Host side).
         unsafe { pipes.step.consumer_release(st.step) };
         st.step.advance();
         st.steps_done += 1;
