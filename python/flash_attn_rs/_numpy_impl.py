@@ -55,11 +55,11 @@ def _layout_ok(a):
 def _desc(a, name, expected=_FLOAT):
     """The native module's view of `a`: (address, dtype, shape, element strides)."""
     item = a.itemsize
-    # A dimension of extent 1 may have any stride in numpy (even a negative one): give it the one a
-    # contiguous array would have.
+    # A dimension of extent 1 may have any stride in numpy (even a negative one), and an empty array may
+    # have all strides 0: give those the strides a contiguous array would have.
     strides, run = [], 1
     for n, s in zip(reversed(a.shape), reversed(a.strides)):
-        strides.append(run if n == 1 else s // item)
+        strides.append(run if n == 1 or a.size == 0 else s // item)
         run *= n
     return (a.ctypes.data, _dtype_name(a, name, expected), a.shape, tuple(reversed(strides)))
 

@@ -204,6 +204,28 @@ def test_defaults_and_scale():
     assert np.array_equal(fa.flash_attn_func(q, k, v, window_size=(-5, -2)), out), seed
 
 
+def test_empty_arrays():
+    """Empty batches, queries or keys, as numpy makes them with astype (every stride 0): the forward and
+    backward return arrays of the right shapes, no error; rows that see no key come out 0 with lse -inf,
+    and every gradient is 0 (no key: out is constant in q; no query: nothing depends on k, v)."""
+    seed, rng = new_rng("test_empty_arrays")
+    for qs, ks in [((0, 4, 2, 64), (0, 4, 2, 64)), ((1, 0, 2, 64), (1, 5, 2, 64)), ((1, 3, 2, 64), (1, 0, 2, 64))]:
+        q = rng.standard_normal(qs).astype(F16)
+        k, v = rng.standard_normal(ks).astype(F16), rng.standard_normal(ks).astype(F16)
+        out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True)
+        assert out.shape == qs and lse.shape == (qs[0], qs[2], qs[1]), (seed, qs, ks)
+        if ks[1] == 0:
+            assert np.all(out == 0) and np.all(np.isneginf(lse)), (seed, qs, ks)
+        dq, dk, dv, _ = fa.bwd(rng.standard_normal(qs).astype(F16), q, k, v, out, lse)
+        assert (dq.shape, dk.shape, dv.shape) == (qs, ks, ks), (seed, qs, ks)
+        assert not dq.any() and not dk.any() and not dv.any(), (seed, qs, ks)
+    # Packed: no rows at all, one empty sequence.
+    q = rng.standard_normal((0, 2, 64)).astype(F16)
+    cu = np.array([0, 0], np.int32)
+    out, lse, _ = fa.flash_attn_varlen_func(q, q, q, cu, cu, 0, 0, return_attn_probs=True)
+    assert out.shape == (0, 2, 64) and lse.shape == (2, 0), seed
+
+
 def test_causal_bottom_right_and_empty_rows():
     """Sq > Sk, causal: query i sees keys j <= i + Sk - Sq, so the first Sq - Sk rows see nothing and
     come out exactly 0 with lse -inf (never NaN)."""
