@@ -696,6 +696,27 @@ def check_layouts(dev, quick):
     report("misaligned and non-contiguous inputs copied, a misaligned out written through a temporary", ok)
 
 
+@check("empty")
+def check_empty(dev, quick):
+    """Empty batches, queries or keys (dense and packed): forward and backward through autograd return
+    tensors of the right shapes; rows that see no key come out 0 with lse -inf, every gradient is 0."""
+    torch.manual_seed(9)
+    for qs, ks in [((0, 4, 2, 64), (0, 4, 2, 64)), ((1, 0, 2, 64), (1, 5, 2, 64)), ((1, 3, 2, 64), (1, 0, 2, 64))]:
+        q = torch.randn(qs, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(ks, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True)
+        out.backward(torch.randn_like(out))
+        ok = out.shape == qs and lse.shape == (qs[0], qs[2], qs[1])
+        ok &= all(t.grad is not None and t.grad.shape == t.shape and not t.grad.any() for t in (q, k, v))
+        if ks[1] == 0:
+            ok &= not out.any() and bool(torch.isneginf(lse).all())
+        report(f"empty: q {qs}, k {ks}", ok)
+    q = torch.zeros(0, 2, 64, device=dev, dtype=torch.bfloat16)
+    cu = torch.zeros(2, dtype=torch.int32, device=dev)
+    out = fa.flash_attn_varlen_func(q, q, q, cu, cu, 0, 0)
+    report("empty: packed, one empty sequence", out.shape == (0, 2, 64))
+
+
 # --- Paged K/V ---------------------------------------------------------------------------------------
 
 def _paged_case(dev, dtype, lens_q, lens_k, page, h, hk, d, causal, seed):
@@ -1069,6 +1090,7 @@ def main():
     check_hub(dev, quick)
     check_errors(dev, quick)
     check_layouts(dev, quick)
+    check_empty(dev, quick)
     check_paged(dev, quick)
     check_extras(dev, quick)
     if dev.type == "cuda":
