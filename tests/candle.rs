@@ -256,6 +256,37 @@ fn dense_forward_lse_and_gradients() {
     }
 }
 
+/// Empty batches, queries or keys: out and lse of the right shapes (rows that see no key: out 0, lse
+/// -inf), and gradients through candle's autograd of the right shapes, all 0; the packed call with no rows.
+#[test]
+fn empty_tensors() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    for (qs, ks) in [([0usize, 4, 2, 64], [0usize, 4, 2, 64]), ([1, 0, 2, 64], [1, 5, 2, 64]), ([1, 3, 2, 64], [1, 0, 2, 64])] {
+        let (q, k, v) = (rand_tensor(&mut rng, &qs, 1.0, DType::BF16), rand_tensor(&mut rng, &ks, 1.0, DType::BF16), rand_tensor(&mut rng, &ks, 1.0, DType::BF16));
+        let (out, lse) = fa::flash_attn_with_lse(&q, &k, &v, 0.125, false).unwrap();
+        assert_eq!(out.dims(), &qs[..], "out for q {qs:?}, k {ks:?}");
+        assert_eq!(lse.dims(), &[qs[0], qs[2], qs[1]][..], "lse for q {qs:?}, k {ks:?}");
+        if ks[1] == 0 {
+            assert!(host(&out).iter().all(|&x| x == 0.0), "out of rows that see no key");
+            assert!(host(&lse).iter().all(|&x| x == f32::NEG_INFINITY), "lse of rows that see no key");
+        }
+        let (qv, kv, vv) = (Var::from_tensor(&q).unwrap(), Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+        let out = fa::flash_attn(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.125, true).unwrap();
+        let grads = out.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var, shape) in [("q", &qv, &qs), ("k", &kv, &ks), ("v", &vv, &ks)] {
+            // A gradient that nothing reached may be absent; one that is present is all 0.
+            if let Some(g) = grads.get(var.as_tensor()) {
+                assert_eq!(g.dims(), &shape[..], "d{name} for q {qs:?}, k {ks:?}");
+                assert!(host(g).iter().all(|&x| x == 0.0), "d{name} for q {qs:?}, k {ks:?}");
+            }
+        }
+    }
+    let q = rand_tensor(&mut rng, &[0, 2, 64], 1.0, DType::BF16);
+    let cu = u32s(&[0, 0], &Device::Cpu);
+    let out = fa::flash_attn_varlen(&q, &q, &q, &cu, &cu, 0, 0, 0.125, false).unwrap();
+    assert_eq!(out.dims(), &[0, 2, 64][..]);
+}
+
 /// Strided inputs: q/k/v as transposes of `[B, H, S, D]` tensors (strides passed through), and a q whose
 /// head dim is not contiguous (copied first); a broadcast incoming gradient (loss = out.sum()).
 #[test]
