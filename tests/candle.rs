@@ -195,6 +195,11 @@ fn dense_cases() -> Vec<Dense> {
         c(1, 16, 16, 2, 2, 64, (Some(100), Some(100)), 0.0, DType::BF16),
         // Left-only window: right becomes Sk (candle-flash-attn's rule), which binds when Sq > 2 Sk.
         c(1, 40, 12, 2, 2, 64, (Some(3), None), 0.0, DType::BF16),
+        // Head dims without kernels of their own (zero-padded to 96, 64, 192, 32 by the adapter).
+        c(2, 29, 33, 4, 2, 80, (None, Some(0)), 0.0, DType::BF16),
+        c(1, 21, 21, 2, 2, 40, (None, None), 12.0, DType::F16),
+        c(1, 17, 26, 2, 1, 160, (Some(4), Some(1)), 0.0, DType::BF16),
+        c(1, 9, 9, 2, 2, 8, (None, Some(0)), 0.0, DType::F16),
     ]
 }
 
@@ -392,6 +397,8 @@ fn packed_cases(rng: &mut StdRng) -> Vec<Packed> {
         p(vec![17, 0, 33], vec![25, 9, 0], 2, 2, 64, (None, None), 20.0, DType::BF16),
         // Windows resolve against max_seqlen_k (30), not each sequence's length (as candle-flash-attn).
         p(vec![8, 5], vec![1, 30], 2, 1, 64, (Some(6), Some(2)), 0.0, DType::F16),
+        // A head dim without kernels of its own (zero-padded to 96 by the adapter).
+        p(c.clone(), d.clone(), 4, 2, 80, (None, Some(0)), 0.0, DType::BF16),
     ];
     // seqused: slots with padding, used <= slot; and rows past the last slot.
     let mut s = p(vec![20, 31, 12], vec![24, 18, 30], 4, 2, 64, (None, Some(0)), 0.0, DType::BF16);
@@ -662,7 +669,8 @@ fn paged_cases(rng: &mut StdRng, dev: &Device, page_sizes: &[usize], exact: bool
             let (lens_q, mut lens_k) = (lens(3, 12), lens(3, 45));
             lens_k[1] = lens_k[1].max(1);
             lens_k[0] = lens_k[0].max(pbs); // sequence 0 has a first block to share
-            let (hq, hk, d) = [(4, 2, 64), (2, 2, 128)][i];
+            // d 80: a head dim without kernels of its own (the adapter pads the whole cache to 96).
+            let (hq, hk, d) = [(4, 2, 64), (2, 2, 80)][i];
             let p = paged_setup(rng, pbs, hq, hk, d, &lens_q, &lens_k, 5, i == 1, dtype);
             for (win, softcap) in [((None, None), 0.0), ((None, Some(0)), 0.0), ((Some(5), Some(2)), 0.0), ((None, Some(0)), 15.0)] {
                 println!("paged pbs {pbs} {dtype:?} lens_q {lens_q:?} lens_k {lens_k:?} hq {hq} hk {hk} d {d} win {win:?} softcap {softcap} shared {} on {:?}", i == 1, dev.location());
@@ -847,8 +855,8 @@ fn bad_inputs_are_errors() {
     let kf16 = k.to_dtype(DType::F16).unwrap();
     let q3 = t(&mut rng, &[8, 4, 64], bf);
     let k3 = t(&mut rng, &[8, 2, 64], bf);
-    let q_d40 = t(&mut rng, &[1, 8, 4, 40], bf);
-    let k_d40 = t(&mut rng, &[1, 8, 2, 40], bf);
+    let q_d264 = t(&mut rng, &[1, 8, 4, 264], bf);
+    let k_d264 = t(&mut rng, &[1, 8, 2, 264], bf);
     let q_h3 = t(&mut rng, &[1, 8, 3, 64], bf);
     let k_b2 = t(&mut rng, &[2, 8, 2, 64], bf);
     let k_d32 = t(&mut rng, &[1, 8, 2, 32], bf);
@@ -865,7 +873,7 @@ fn bad_inputs_are_errors() {
     expect_err("f32 q only", || fa::flash_attn(&q32, qr, qr, 0.1, false));
     expect_err("q rank 3", || fa::flash_attn(&q3, kr, kr, 0.1, false));
     expect_err("k rank 3", || fa::flash_attn(qr, &k3, &k3, 0.1, false));
-    expect_err("head dim 40", || fa::flash_attn(&q_d40, &k_d40, &k_d40, 0.1, false));
+    expect_err("head dim 264", || fa::flash_attn(&q_d264, &k_d264, &k_d264, 0.1, false));
     expect_err("k head dim != q head dim", || fa::flash_attn(qr, &k_d32, &k_d32, 0.1, false));
     expect_err("Hq % Hk != 0", || fa::flash_attn(&q_h3, kr, kr, 0.1, false));
     expect_err("k dtype != q dtype", || fa::flash_attn(qr, &kf16, &kf16, 0.1, false));
@@ -885,7 +893,7 @@ fn bad_inputs_are_errors() {
     expect_err("alibi_windowed_softcap Some([Hq - 1])", || fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, Some(&alibi3), 0.1, None, None, 0.0));
     expect_err("FlashAttn op alibi [Hq - 1]", || q.apply_op3(kr, kr, fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(alibi3.clone()), window_size_left: None, window_size_right: None, softcap: None }));
     expect_err("FlashAttn op alibi bf16", || q.apply_op3(kr, kr, fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(alibi_bf16.clone()), window_size_left: None, window_size_right: None, softcap: None }));
-    expect_err("alibi_windowed_softcap bad head dim", || fa::flash_attn_alibi_windowed_softcap(&q_d40, &k_d40, &k_d40, None, 0.1, None, None, 1.0));
+    expect_err("alibi_windowed_softcap bad head dim", || fa::flash_attn_alibi_windowed_softcap(&q_d264, &k_d264, &k_d264, None, 0.1, None, None, 1.0));
     expect_err("with_lse f32", || fa::flash_attn_with_lse(&q32, &k32, &k32, 0.1, true).map(|r| r.0));
     expect_err("windowed_softcap_with_lse Hq % Hk", || fa::flash_attn_windowed_softcap_with_lse(&q_h3, kr, kr, 0.1, None, None, 0.0).map(|r| r.0));
 
@@ -900,13 +908,13 @@ fn bad_inputs_are_errors() {
     let cu_huge = u32s(&[0, 3, 0x8000_0000], &dev);
     let k3f16 = k3.to_dtype(DType::F16).unwrap();
     let q3_32 = q3.to_dtype(DType::F32).unwrap();
-    let q3_d40 = t(&mut rng, &[8, 4, 40], bf);
-    let k3_d40 = t(&mut rng, &[8, 2, 40], bf);
+    let q3_d264 = t(&mut rng, &[8, 4, 264], bf);
+    let k3_d264 = t(&mut rng, &[8, 2, 264], bf);
     let q3_h3 = t(&mut rng, &[8, 3, 64], bf);
     let (q3r, k3r, cur) = (&q3, &k3, &cu);
     expect_err("varlen f32", || fa::flash_attn_varlen(&q3_32, &q3_32, &q3_32, cur, cur, 5, 5, 0.1, false));
     expect_err("varlen q rank 4", || fa::flash_attn_varlen(qr, kr, kr, cur, cur, 5, 5, 0.1, false));
-    expect_err("varlen head dim 40", || fa::flash_attn_varlen(&q3_d40, &k3_d40, &k3_d40, cur, cur, 5, 5, 0.1, false));
+    expect_err("varlen head dim 264", || fa::flash_attn_varlen(&q3_d264, &k3_d264, &k3_d264, cur, cur, 5, 5, 0.1, false));
     expect_err("varlen Hq % Hk", || fa::flash_attn_varlen(&q3_h3, k3r, k3r, cur, cur, 5, 5, 0.1, false));
     expect_err("varlen k dtype", || fa::flash_attn_varlen(q3r, &k3f16, &k3f16, cur, cur, 5, 5, 0.1, false));
     expect_err("seqlens_k length != seqlens_q length", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu2, 5, 8, 0.1, false));
@@ -977,7 +985,7 @@ fn bad_inputs_are_errors() {
     expect_err("paged max_seqlen_k too small", || fa::flash_attn_varlen_paged_windowed(q3r, kcr, kcr, cur, cukr, tr, None, 5, 19, 0.1, None, None, 16, None));
     expect_err("paged max_seqlen_q too small", || fa::flash_attn_varlen_paged_windowed(q3r, kcr, kcr, cur, cukr, tr, None, 4, 20, 0.1, None, None, 16, None));
     expect_err("paged seqlens_q past total_q", || paged(q3r, kcr, &cu_long, cukr, tr, None, 16));
-    expect_err("paged head dim 40", || paged(&q3_d40, &t(&mut rng, &[4, 16, 2, 40], bf), cur, cukr, tr, None, 16));
+    expect_err("paged head dim 264", || paged(&q3_d264, &t(&mut rng, &[4, 16, 2, 264], bf), cur, cukr, tr, None, 16));
     expect_err("paged Hq % Hk", || paged(&q3_h3, kcr, cur, cukr, tr, None, 16));
 }
 

@@ -6,7 +6,9 @@
 //! `(None, Some(0))`, bottom-right aligned). Layouts are candle-flash-attn's: q `[B, Sq, Hq, D]`, k and v
 //! `[B, Sk, Hk, D]`; packed (varlen) q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]` with cumulative lengths
 //! `seqlens_q` / `seqlens_k`, u32 `[B+1]` (i32 accepted too). Inputs are f16 or bf16 (as in
-//! candle-flash-attn; f32 is an error), head dims 32, 64, 96, 128, 192, 256, GQA/MQA with `Hq % Hk == 0`.
+//! candle-flash-attn; f32 is an error), head dims up to 256 (32, 64, 96, 128, 192 and 256 on kernels of their
+//! own, any other zero-padded to the next of these: a copy of q, k and v, of the whole cache with pages),
+//! GQA/MQA with `Hq % Hk == 0`.
 //!
 //! Beyond candle-flash-attn:
 //! - CPU tensors work (our CPU path), not only CUDA ones.
@@ -617,9 +619,40 @@ fn conform(t: &Tensor) -> Result<Tensor> {
     if last_ok && aligned { Ok(t.clone()) } else { t.force_contiguous() }
 }
 
+/// q, k and v as the raw layer takes them (`check_qkv`), and the caller's head dim `d`, which `apply`
+/// cuts the output back to.
+struct Qkv {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    d: usize,
+}
+
+/// The head dim the kernels run for `d`: `d` itself where it has kernels, else the next one up (None
+/// above 256 and for 0: the raw layer's error names them).
+fn padded_head_dim(d: usize) -> Option<usize> {
+    if d == 0 { None } else { crate::HEAD_DIMS.iter().copied().find(|&h| h >= d) }
+}
+
 /// q of rank `q_rank`, k and v of rank `kv_rank` (4: `[B, S, H, D]`, or a paged cache with q of rank
-/// 3; 3: `[T, H, D]`), f16/bf16, on q's device; conformed.
-fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, q_rank: usize, kv_rank: usize) -> Result<(Tensor, Tensor, Tensor)> {
+/// 3; 3: `[T, H, D]`), f16/bf16, on q's device; conformed. A head dim without kernels of its own (1 to
+/// 255; candle-flash-attn runs any up to 256 too) is zero-padded to the next one that has them (a candle
+/// copy of q, k and v: of the whole cache for the paged call): the zero columns add nothing to q.k, and
+/// those of v only to output columns `apply` cuts off, so out and lse are the unpadded problem's, and
+/// gradients flow back through candle's pad and narrow.
+fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, q_rank: usize, kv_rank: usize) -> Result<Qkv> {
+    let (q, k, v) = check_qkv_layout(q, k, v, q_rank, kv_rank)?;
+    let d = q.dim(q_rank - 1)?;
+    match padded_head_dim(d) {
+        Some(dp) if dp != d && k.dim(kv_rank - 1)? == d && v.dim(kv_rank - 1)? == d => {
+            let pad = |t: &Tensor| t.pad_with_zeros(t.rank() - 1, 0, dp - d);
+            Ok(Qkv { q: pad(&q)?, k: pad(&k)?, v: pad(&v)?, d })
+        }
+        _ => Ok(Qkv { q, k, v, d }),
+    }
+}
+
+fn check_qkv_layout(q: &Tensor, k: &Tensor, v: &Tensor, q_rank: usize, kv_rank: usize) -> Result<(Tensor, Tensor, Tensor)> {
     for (arg, t) in [("q", q), ("k", k), ("v", v)] {
         let rank = if arg == "q" { q_rank } else { kv_rank };
         if t.rank() != rank {
@@ -697,10 +730,14 @@ impl FlashAttnOp {
     }
 }
 
-/// Applies the op; returns (out, lse).
-fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: FlashAttnOp) -> Result<(Tensor, Tensor)> {
+/// Applies the op; returns (out, lse), out cut back to the caller's head dim where q was padded.
+fn apply(t: &Qkv, op: FlashAttnOp) -> Result<(Tensor, Tensor)> {
     let slot = op.lse.clone();
-    let out = q.apply_op3_arc(k, v, Arc::new(Box::new(op)))?;
+    let mut out = t.q.apply_op3_arc(&t.k, &t.v, Arc::new(Box::new(op)))?;
+    let last = out.rank() - 1;
+    if out.dim(last)? != t.d {
+        out = out.narrow(last, 0, t.d)?.contiguous()?;
+    }
     let lse = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
     match lse {
         Some(lse) => Ok((out, lse)),
@@ -710,10 +747,10 @@ fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: FlashAttnOp) -> Result<(Tensor,
 
 #[allow(clippy::too_many_arguments)]
 fn dense(q: &Tensor, k: &Tensor, v: &Tensor, alibi_slopes: Option<&Tensor>, softmax_scale: f32, window_size_left: Option<usize>, window_size_right: Option<usize>, softcap: Option<f32>) -> Result<(Tensor, Tensor)> {
-    let (q, k, v) = check_qkv(q, k, v, 4, 4)?;
-    let alibi = check_alibi(alibi_slopes, &q)?;
-    let opts = options(softmax_scale, window_size_left, window_size_right, softcap, k.dim(1)?);
-    apply(&q, &k, &v, FlashAttnOp::new(opts, None, None, alibi))
+    let t = check_qkv(q, k, v, 4, 4)?;
+    let alibi = check_alibi(alibi_slopes, &t.q)?;
+    let opts = options(softmax_scale, window_size_left, window_size_right, softcap, t.k.dim(1)?);
+    apply(&t, FlashAttnOp::new(opts, None, None, alibi))
 }
 
 /// The checked varlen lengths (cumulative, and used where given) of packed q.
@@ -746,11 +783,11 @@ fn varlen(
     window_size_right: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<(Tensor, Tensor)> {
-    let (q, k, v) = check_qkv(q, k, v, 3, 3)?;
-    let alibi = check_alibi(alibi_slopes, &q)?;
-    let vl = varlen_args(&q, seqlens_q, seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k)?;
+    let t = check_qkv(q, k, v, 3, 3)?;
+    let alibi = check_alibi(alibi_slopes, &t.q)?;
+    let vl = varlen_args(&t.q, seqlens_q, seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k)?;
     let opts = options(softmax_scale, window_size_left, window_size_right, softcap, max_seqlen_k);
-    apply(&q, &k, &v, FlashAttnOp::new(opts, Some(vl), None, alibi))
+    apply(&t, FlashAttnOp::new(opts, Some(vl), None, alibi))
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -759,7 +796,8 @@ fn varlen(
 
 /// candle-flash-attn's dense op, for code that applies it directly (`q.apply_op3(k, v, FlashAttn { .. })`).
 /// The functions below are the better way in: they copy inputs whose head dim is strided (or, on CUDA,
-/// whose rows are misaligned), which this op reports as errors instead, and their backward reuses the
+/// whose rows are misaligned) and pad head dims without kernels of their own, which this op reports as
+/// errors instead, and their backward reuses the
 /// forward's LSE where this op's backward, having nowhere to keep it, runs the forward once more.
 pub struct FlashAttn {
     pub softmax_scale: f32,
@@ -802,7 +840,8 @@ impl CustomOp3 for FlashAttn {
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = self.op(k.dims())?;
-        let (_, lse) = apply(&q.detach(), &k.detach(), &v.detach(), self.op(k.dims())?)?;
+        let t = Qkv { q: q.detach(), k: k.detach(), v: v.detach(), d: q.dim(q.rank() - 1)? };
+        let (_, lse) = apply(&t, self.op(k.dims())?)?;
         op.store_lse(lse);
         op.bwd(q, k, v, res, grad_res)
     }
@@ -941,8 +980,8 @@ pub fn flash_attn_varlen_paged_windowed(
     if mm_prefix_ranges.is_some() {
         fail!("mm_prefix_ranges: not supported yet (pass None)");
     }
-    let (q, k, v) = check_qkv(q, k, v, 3, 4)?;
-    if k.dim(1)? != page_block_size {
+    let t = check_qkv(q, k, v, 3, 4)?;
+    if t.k.dim(1)? != page_block_size {
         fail!("page_block_size: {page_block_size} does not match k's shape {:?}", k.dims());
     }
     if block_table.rank() != 2 {
@@ -951,16 +990,16 @@ pub fn flash_attn_varlen_paged_windowed(
     if !matches!(block_table.dtype(), CDType::U32 | CDType::I32) {
         fail!("block_table: dtype {:?} is not supported, expected u32 or i32", block_table.dtype());
     }
-    if !block_table.device().same_device(q.device()) {
-        fail!("block_table: is on {:?} but q is on {:?}", block_table.device().location(), q.device().location());
+    if !block_table.device().same_device(t.q.device()) {
+        fail!("block_table: is on {:?} but q is on {:?}", block_table.device().location(), t.q.device().location());
     }
-    let vl = varlen_args(&q, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k)?;
+    let vl = varlen_args(&t.q, seqlens_q, seqlens_k, None, None, max_seqlen_q, max_seqlen_k)?;
     if vl.seqlens_q.dim(0)? != block_table.dim(0)? + 1 {
         fail!("block_table: has {} rows, expected one per sequence ({})", block_table.dim(0)?, vl.seqlens_q.dim(0)? - 1);
     }
     let paged = PagedArgs { block_table: block_table.contiguous()? };
     let opts = options(softmax_scale, window_size_left, window_size_right, softcap, max_seqlen_k);
-    Ok(apply(&q, &k, &v, FlashAttnOp::new(opts, Some(vl), Some(paged), None))?.0)
+    Ok(apply(&t, FlashAttnOp::new(opts, Some(vl), Some(paged), None))?.0)
 }
 
 /// [`flash_attn_varlen`] with ALiBi: `alibi_slopes` f32 `(num_heads_q)` (or `(batch, num_heads_q)`),
