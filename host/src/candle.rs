@@ -797,8 +797,8 @@ fn varlen(
 /// candle-flash-attn's dense op, for code that applies it directly (`q.apply_op3(k, v, FlashAttn { .. })`).
 /// The functions below are the better way in: they copy inputs whose head dim is strided (or, on CUDA,
 /// whose rows are misaligned) and pad head dims without kernels of their own, which this op reports as
-/// errors instead, and their backward reuses the
-/// forward's LSE where this op's backward, having nowhere to keep it, runs the forward once more.
+/// errors instead, and their backward reuses the forward's LSE where this op's backward, having nowhere
+/// to keep it, runs the forward once more.
 pub struct FlashAttn {
     pub softmax_scale: f32,
     /// f32 `[Hq]` (or `[B, Hq]`), contiguous, on q's device: ALiBi. Not differentiated.
