@@ -117,6 +117,22 @@ def padded_head_dim(d, arg):
                      f"({', '.join(map(str, HEAD_DIMS))} directly, others zero-padded to the next of these)")
 
 
+def check_rotary_dim(rotary_cos, d):
+    """flash_attn_with_kvcache at a padded head dim: the library sees the padded one, so the rotary dim
+    (twice rotary_cos's columns) is checked against the caller's `d` here."""
+    if rotary_cos is not None and getattr(rotary_cos, "ndim", 0) == 2 and 2 * rotary_cos.shape[1] > d:
+        raise ValueError(f"rotary_cos: rotary_dim {2 * rotary_cos.shape[1]} (twice its {rotary_cos.shape[1]} columns) "
+                         f"exceeds the head dim {d}")
+
+
+def check_head_dim(t, name, d):
+    """`t` (new keys or values of flash_attn_with_kvcache) if its head dim is q's `d`, else a ValueError."""
+    if t.shape[-1:] != (d,):
+        raise ValueError(f"{name}: head dim {t.shape[-1] if t.ndim else None} must equal q's head dim {d} "
+                         f"(shape {tuple(t.shape)})")
+    return t
+
+
 def default_scale(scale, d):
     """`scale`, or 1/sqrt(d) when it is None; `d` (q's head dim) checked first, so that a head dim of 0
     gets `padded_head_dim`'s error naming q rather than a ZeroDivisionError."""

@@ -311,7 +311,21 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     appending = k is not None or v is not None
     kc, kc_back = _cache(k_cache, "k_cache", appending)
     vc, vc_back = _cache(v_cache, "v_cache", appending)
-    scale = _common.default_scale(o.softmax_scale, q.shape[-1])
+    d = q.shape[-1]
+    scale = _common.default_scale(o.softmax_scale, d)
+    # A head dim without kernels of its own: q, the caches and the new keys zero-padded to the next one
+    # (copies of the whole caches, written back when appending), out cut back.
+    dp = _common.padded_head_dim(d, "q")
+    if dp != d:
+        _common.check_rotary_dim(rotary_cos, d)
+        if kc.ndim == 4 and vc.ndim == 4 and kc.shape[-1] == d and vc.shape[-1] == d:
+            q = _pad(q, dp)
+            kc_back, vc_back = (kc_back if kc_back is not None else kc), (vc_back if vc_back is not None else vc)
+            kc, vc = _pad(kc, dp), _pad(vc, dp)
+            k = None if k is None else _pad(_common.check_head_dim(_array(k, "k"), "k", d), dp)
+            v = None if v is None else _pad(_common.check_head_dim(_array(v, "v"), "v", d), dp)
+            if not appending:
+                kc_back = vc_back = None
     if block_table is not None:
         block_table = _array(block_table, "block_table", "int32")
     if cache_seqlens is None or isinstance(cache_seqlens, (int, np.integer)):
@@ -349,9 +363,11 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
                         scale, o.causal, o.window_left, o.window_right, o.softcap, rotary_interleaved, num_splits,
                         "cpu", **opt)
     if kc_back is not None:
-        kc_back[...] = kc
+        kc_back[...] = kc[..., :kc_back.shape[-1]]
     if vc_back is not None:
-        vc_back[...] = vc
+        vc_back[...] = vc[..., :vc_back.shape[-1]]
+    if out.shape[-1] != d:
+        out = np.ascontiguousarray(out[..., :d])
     return out, lse
 
 

@@ -883,7 +883,20 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
     _common.check_rank(q, "q", 4)
     q = _maybe_contiguous(q)
-    scale = _common.default_scale(o.softmax_scale, q.shape[-1])
+    d = q.shape[-1]
+    scale = _common.default_scale(o.softmax_scale, d)
+    # A head dim without kernels of its own: q, the caches and the new keys zero-padded to the next one
+    # (copies of the whole caches, copied back into the caller's when appending), out cut back.
+    dp = _common.padded_head_dim(d, "q")
+    back = None
+    if dp != d and k_cache.ndim == 4 and v_cache.ndim == 4 and k_cache.shape[-1] == d and v_cache.shape[-1] == d:
+        _common.check_rotary_dim(rotary_cos, d)
+        if k is not None:
+            back = (k_cache, v_cache)
+        q = _pad(q, dp).contiguous()
+        k_cache, v_cache = _pad(k_cache, dp).contiguous(), _pad(v_cache, dp).contiguous()
+        k = None if k is None else _pad(_common.check_head_dim(_tensor(k, "k"), "k", d), dp).contiguous()
+        v = None if v is None else _pad(_common.check_head_dim(_tensor(v, "v"), "v", d), dp).contiguous()
     named = [("block_table", block_table), ("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
              ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("alibi_slopes", o.alibi_slopes)]
     named = [(n, _opt_input(t, n)) for n, t in named]
@@ -922,4 +935,9 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         ws = torch.empty(need, dtype=torch.uint8, device=q.device)
         need = _on_device(q, _native.fwd_kvcache, *args, workspace=(ws.data_ptr(), need), **kw)
         assert need == 0, need
+    if back is not None:
+        back[0].copy_(k_cache[..., :d])
+        back[1].copy_(v_cache[..., :d])
+    if out.shape[-1] != d:
+        out = out[..., :d].contiguous()
     return out, lse

@@ -706,12 +706,14 @@ def rotate(x, cos, sin, pos, interleaved):
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("paged", [False, True])
-def test_kvcache_append_rotary(interleaved, causal, paged):
+@pytest.mark.parametrize("d", [64, 80])
+def test_kvcache_append_rotary(interleaved, causal, paged, d):
     """flash_attn_with_kvcache: k and v appended in place (k rotated) at cache_seqlens, q rotated at its
     position, attention over each row's cache against a reference written here; cache_seqlens as an int
-    and as an array; entries beyond the appended ones untouched; paged equals contiguous bitwise."""
+    and as an array; entries beyond the appended ones untouched; paged equals contiguous bitwise. Head dim
+    80 has no kernels of its own (padded to 96 around the call, the caches copied back)."""
     seed, rng = new_rng("test_kvcache_append_rotary")
-    b, s_cache, hq, hk, d, s_new, sq, rd = 3, 64, 4, 2, 64, 3, 3, 32
+    b, s_cache, hq, hk, s_new, sq, rd = 3, 64, 4, 2, 3, 3, 32
     seqlens = np.array([0, 17, 50], np.int32)
     k_cache, v_cache = randn(rng, (b, s_cache, hk, d)), randn(rng, (b, s_cache, hk, d))
     q, k_new, v_new = randn(rng, (b, sq, hq, d)), randn(rng, (b, s_new, hk, d)), randn(rng, (b, s_new, hk, d))
