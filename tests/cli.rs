@@ -308,10 +308,18 @@ fn errors_exit_2_with_a_message() {
     write(&input, &inputs);
     expect_failure(&run(&[]), "'q'");
 
-    // A library error: head dim 48 has no kernel.
-    let inputs: Inputs = ["q", "k", "v"].map(|n| (n, random(&mut rng, &[1, 4, 2, 48], DType::BF16, 1.0))).to_vec();
+    // A library error: head dim 264, past the largest (head dims below 256 are padded).
+    let inputs: Inputs = ["q", "k", "v"].map(|n| (n, random(&mut rng, &[1, 4, 2, 264], DType::BF16, 1.0))).to_vec();
     write(&input, &inputs);
-    expect_failure(&run(&[]), "head dim 48");
+    expect_failure(&run(&[]), "head dim 264");
+    // k's head dim differing from q's (no padding then): the library names k.
+    let inputs: Inputs = vec![
+        ("q", random(&mut rng, &[1, 4, 2, 80], DType::BF16, 1.0)),
+        ("k", random(&mut rng, &[1, 4, 2, 96], DType::BF16, 1.0)),
+        ("v", random(&mut rng, &[1, 4, 2, 96], DType::BF16, 1.0)),
+    ];
+    write(&input, &inputs);
+    expect_failure(&run(&[]), "k: head dim 96 must equal q's head dim 80");
 
     // Rank 3 without cu_seqlens, and bad lengths.
     let mut inputs = varlen_inputs(DType::BF16, false);
@@ -471,6 +479,106 @@ fn kvcache_matches_library() {
         minimal.retain(|(n, _)| ["q", "k_cache", "v_cache", "cache_seqlens", "block_table"].contains(n));
         assert_same_tensors(&run_cli(&dir, &minimal, &[]), &library_kvcache(&minimal, &base, &KvCacheOptions::default()));
     }
+}
+
+/// Host tensor `t` with its last dim zero-padded to `dp` (the test's own copy of what the CLI does).
+fn padded(t: &Tensor, dp: usize) -> Tensor {
+    let (bytes, es, d) = (t.to_bytes().unwrap(), t.dtype().size(), *t.shape().last().unwrap());
+    let mut out = vec![0u8; bytes.len() / d * dp];
+    for (r, row) in bytes.chunks(d * es).enumerate() {
+        out[r * dp * es..][..d * es].copy_from_slice(row);
+    }
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().unwrap() = dp;
+    Tensor::from_bytes(&out, &shape, t.dtype()).unwrap()
+}
+
+/// `t` with its last dim cut to `d`; asserts the columns cut off are all zero (what makes padding exact).
+fn cut(t: &Tensor, d: usize) -> Tensor {
+    let (bytes, es, dp) = (t.to_bytes().unwrap(), t.dtype().size(), *t.shape().last().unwrap());
+    let mut out = Vec::new();
+    for row in bytes.chunks(dp * es) {
+        out.extend_from_slice(&row[..d * es]);
+        assert!(row[d * es..].iter().all(|&b| b == 0), "a padded column came out nonzero");
+    }
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().unwrap() = d;
+    Tensor::from_bytes(&out, &shape, t.dtype()).unwrap()
+}
+
+/// Head dims without kernels of their own (80 -> 96, 48 -> 64): the CLI pads the file's tensors, scales
+/// by 1/sqrt(d) of the file's head dim and writes outputs of that head dim, bitwise what the library
+/// gives on the same inputs padded by hand; out also against the f64 reference (dense); the KV cache
+/// (appended rows, rotary) too.
+#[test]
+fn head_dims_without_kernels_are_padded() {
+    let dir = TempDir::new();
+    let mut rng = StdRng::seed_from_u64(31);
+    // Dense with the backward, d 80.
+    let (b, sq, sk, hq, hk, d, dp) = (2, 7, 11, 4, 2, 80, 96);
+    let inputs: Inputs = vec![
+        ("q", random(&mut rng, &[b, sq, hq, d], DType::BF16, 2.0)),
+        ("k", random(&mut rng, &[b, sk, hk, d], DType::BF16, 2.0)),
+        ("v", random(&mut rng, &[b, sk, hk, d], DType::BF16, 1.0)),
+        ("dout", random(&mut rng, &[b, sq, hq, d], DType::BF16, 1.0)),
+    ];
+    let got = run_cli(&dir, &inputs, &["--causal", "--backward"]);
+    let pad: Inputs = inputs.iter().map(|(n, t)| (*n, padded(t, dp))).collect();
+    let opts = AttnOptions { causal: true, softmax_scale: Some(1.0 / (d as f32).sqrt()), ..Default::default() };
+    let (f, g) = library_bwd(&pad, &opts, false);
+    let want = [("out", cut(&f.out, d)), ("lse", f.lse.clone()), ("dq", cut(&g.dq, d)), ("dk", cut(&g.dk, d)), ("dv", cut(&g.dv, d))];
+    assert_same_tensors(&got, &want);
+    let f32s = |n: &str| get(&inputs, n).unwrap().to_f32_vec().unwrap();
+    let o = common::RefOpts { scale: 1.0 / (d as f64).sqrt(), softcap: 0.0, causal: true, window: (-1, -1) };
+    let (ro, _) = common::reference_fwd(&f32s("q"), &f32s("k"), &f32s("v"), b, sq, sk, hq, hk, d, &o);
+    let out = want[0].1.to_f32_vec().unwrap();
+    let err = out.iter().zip(&ro).map(|(a, r)| (*a as f64 - r).abs()).fold(0.0, f64::max);
+    assert!(err < 2e-2, "out against the f64 reference: max |diff| {err}");
+    // Packed, d 48.
+    let (d, dp) = (48, 64);
+    let inputs: Inputs = vec![
+        ("q", random(&mut rng, &[9, 2, d], DType::F16, 2.0)),
+        ("k", random(&mut rng, &[12, 1, d], DType::F16, 2.0)),
+        ("v", random(&mut rng, &[12, 1, d], DType::F16, 1.0)),
+        ("cu_seqlens_q", i32s(&[0, 4, 9])),
+        ("cu_seqlens_k", i32s(&[0, 5, 12])),
+    ];
+    let got = run_cli(&dir, &inputs, &[]);
+    let pad: Inputs = inputs.iter().map(|(n, t)| (*n, if n.starts_with("cu_") { t.clone() } else { padded(t, dp) })).collect();
+    let f = library(&pad, &AttnOptions { softmax_scale: Some(1.0 / (d as f32).sqrt()), ..Default::default() });
+    assert_same_tensors(&got, &[("out", cut(&f.out, d)), ("lse", f.lse.clone())]);
+    // KV cache with appended rows and rotary, d 80.
+    let (d, dp, cap) = (80, 96, 20);
+    let inputs: Inputs = vec![
+        ("q", random(&mut rng, &[2, 1, 4, d], DType::BF16, 2.0)),
+        ("k_cache", random(&mut rng, &[2, cap, 2, d], DType::BF16, 2.0)),
+        ("v_cache", random(&mut rng, &[2, cap, 2, d], DType::BF16, 1.0)),
+        ("cache_seqlens", i32s(&[3, 15])),
+        ("k_new", random(&mut rng, &[2, 2, 2, d], DType::BF16, 2.0)),
+        ("v_new", random(&mut rng, &[2, 2, 2, d], DType::BF16, 1.0)),
+        ("rotary_cos", random(&mut rng, &[cap, 16], DType::F32, 1.0)),
+        ("rotary_sin", random(&mut rng, &[cap, 16], DType::F32, 1.0)),
+    ];
+    let got = run_cli(&dir, &inputs, &["--causal"]);
+    let pad: Inputs = inputs
+        .iter()
+        .map(|(n, t)| (*n, if ["q", "k_cache", "v_cache", "k_new", "v_new"].contains(n) { padded(t, dp) } else { t.clone() }))
+        .collect();
+    let opts = AttnOptions { causal: true, softmax_scale: Some(1.0 / (d as f32).sqrt()), ..Default::default() };
+    let want: Vec<(&str, Tensor)> =
+        library_kvcache(&pad, &opts, &KvCacheOptions::default()).into_iter().map(|(n, t)| (n, if n == "lse" { t } else { cut(&t, d) })).collect();
+    assert_same_tensors(&got, &want);
+    assert!(got["k_cache"].2 != get(&inputs, "k_cache").unwrap().to_bytes().unwrap(), "the appended rows changed k_cache");
+    // A rotary dim past the file's head dim (but within the padded one) is the caller's error.
+    let mut wide = inputs.clone();
+    for (n, t) in wide.iter_mut() {
+        if n.starts_with("rotary_") {
+            *t = random(&mut rng, &[cap, 44], DType::F32, 1.0);
+        }
+    }
+    let input = dir.path("wide.safetensors");
+    write(&input, &wide);
+    expect_failure(&[OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], "rotary_cos");
 }
 
 /// On a GPU (skipped with a notice elsewhere): `--device cuda` writes bitwise what the library's CUDA

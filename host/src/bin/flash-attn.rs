@@ -21,7 +21,8 @@ Usage:
 
 run: reads q, k, v (f16 or bf16): rank 4 [B, S, H, D] for a dense batch, or rank 3 [T, H, D] packed, with
 int32 cu_seqlens_q and cu_seqlens_k [B+1] and optionally int32 seqused_q, seqused_k [B]. Writes out (the
-input dtype) and lse (f32) to OUT.
+input dtype) and lse (f32) to OUT. Head dims D up to 256: 32, 64, 96, 128, 192, 256 run as they are, any
+other is zero-padded to the next of these on the host (outputs, gradients and caches cut back).
   Paged K/V: a packed q with k, v of rank 4 [num_blocks, page_size, H, D] and an int32 block_table
   [B, max_blocks]; the key counts come from cu_seqlens_k, or from seqused_k when cu_seqlens_k is absent.
   KV cache (flash_attn_with_kvcache), when the file holds k_cache: q [B, Sq, H, D], k_cache and v_cache
@@ -266,6 +267,50 @@ impl DemoArgs {
 /// Names only a KV-cache input file holds (beside k_cache).
 const KVCACHE_ONLY: [&str; 7] = ["cache_seqlens", "k_new", "v_new", "rotary_cos", "rotary_sin", "cache_batch_idx", "cache_leftpad"];
 
+/// A head dim without kernels of its own (1 to 255: flash-attn runs any up to 256): `(d, dp)`, the file's
+/// head dim and the next one with kernels, when q's last dim is such a `d` and every tensor in `same` has
+/// it too (else None: the library's checks report whatever is wrong). The inputs are then zero-padded on
+/// the host (`pad_head_dim`), the scale defaults to 1/sqrt(d), and out, the gradients and the caches are
+/// cut back before writing: the zero columns add nothing to q.k, and those of v only to output columns
+/// that are cut off.
+fn head_dim_padding(q: &Tensor, same: &[&Tensor]) -> Option<(usize, usize)> {
+    let d = *q.shape().last()?;
+    let dp = flash_attn::HEAD_DIMS.iter().copied().find(|&h| h >= d)?;
+    (d > 0 && dp != d && same.iter().all(|t| t.shape().last() == Some(&d))).then_some((d, dp))
+}
+
+/// Host tensor `t` with its last dim zero-padded from `d` to `dp`.
+fn pad_head_dim(t: &Tensor, d: usize, dp: usize) -> Result<Tensor> {
+    let (bytes, es) = (t.to_bytes()?, t.dtype().size());
+    let rows = bytes.len() / (d * es);
+    let mut out = vec![0u8; rows * dp * es];
+    for r in 0..rows {
+        out[r * dp * es..(r * dp + d) * es].copy_from_slice(&bytes[r * d * es..(r + 1) * d * es]);
+    }
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().expect("a padded tensor has a head dim") = dp;
+    Ok(Tensor::from_bytes(&out, &shape, t.dtype())?)
+}
+
+/// `t` (on any device) with its last dim cut from `dp` back to `d`, on the host.
+fn cut_head_dim(t: &Tensor, d: usize) -> Result<Tensor> {
+    let (bytes, es) = (t.to_bytes()?, t.dtype().size());
+    let dp = *t.shape().last().expect("a cut tensor has a head dim");
+    let rows = bytes.len() / (dp * es);
+    let mut out = Vec::with_capacity(rows * d * es);
+    for r in 0..rows {
+        out.extend_from_slice(&bytes[r * dp * es..(r * dp + d) * es]);
+    }
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().expect("a cut tensor has a head dim") = d;
+    Ok(Tensor::from_bytes(&out, &shape, t.dtype())?)
+}
+
+/// `opts` with the scale the caller's head dim `d` gives by default (the library would take the padded one's).
+fn options_for(opts: &flash_attn::AttnOptions, d: usize) -> flash_attn::AttnOptions {
+    flash_attn::AttnOptions { softmax_scale: Some(opts.softmax_scale.unwrap_or(1.0 / (d as f32).sqrt())), ..*opts }
+}
+
 fn run(args: &RunArgs) -> Result<()> {
     let input = &args.input;
     let bytes = std::fs::read(input).map_err(|e| Fail(format!("cannot read {}: {e}", input.display())))?;
@@ -298,6 +343,17 @@ fn run(args: &RunArgs) -> Result<()> {
         true => Some(get("dout", &float)?.ok_or_else(|| Fail(format!("{}: has no tensor 'dout' (needed by --backward)", input.display())))?),
         false => None,
     };
+    let padding = head_dim_padding(&q, &[&k, &v]);
+    let (q, k, v, dout, opts) = match padding {
+        None => (q, k, v, dout, args.opts),
+        Some((d, dp)) => {
+            let pad = |t: &Tensor| pad_head_dim(t, d, dp);
+            // dout of another head dim stays as given: the library's check names it.
+            let dout = dout.map(|t| if t.shape().last() == Some(&d) { pad(&t) } else { Ok(t) }).transpose()?;
+            (pad(&q)?, pad(&k)?, pad(&v)?, dout, options_for(&args.opts, d))
+        }
+    };
+    let cut = |t: &Tensor| -> Result<Tensor> { padding.map_or_else(|| Ok(t.clone()), |(d, _)| cut_head_dim(t, d)) };
 
     let dev = |t: &Tensor| t.to_device(args.device);
     let (q_d, k_d, v_d) = (dev(&q)?, dev(&k)?, dev(&v)?);
@@ -318,7 +374,7 @@ fn run(args: &RunArgs) -> Result<()> {
         // the host copies here, where a bad one can still be reported.
         if args.device != Device::Cpu {
             let host = PagedVarlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_seqlens_k.as_ref(), max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: seqused_q.as_ref(), seqused_k: seqused_k.as_ref(), block_table: table };
-            flash_attn::check_paged_varlen_contents(&q, &k, &v, &host, &args.opts)?;
+            flash_attn::check_paged_varlen_contents(&q, &k, &v, &host, &opts)?;
         }
         let opt = |t: &Option<Tensor>| t.as_ref().map(dev).transpose();
         let (cu_q_d, cu_k_d, used_q_d, used_k_d, table_d) = (dev(cu_q)?, opt(&cu_seqlens_k)?, opt(&seqused_q)?, opt(&seqused_k)?, dev(table)?);
@@ -331,7 +387,8 @@ fn run(args: &RunArgs) -> Result<()> {
             seqused_k: used_k_d.as_ref(),
             block_table: &table_d,
         };
-        let result = varlen_fwd_paged_with(&q_d, &k_d, &v_d, &varlen, &extras, &args.opts)?;
+        let mut result = varlen_fwd_paged_with(&q_d, &k_d, &v_d, &varlen, &extras, &opts)?;
+        result.out = cut(&result.out)?;
         return write_outputs(&args.output, &fwd_outputs(&result));
     }
     // Device copies of the varlen lengths, for packed inputs.
@@ -380,22 +437,25 @@ fn run(args: &RunArgs) -> Result<()> {
     });
 
     let result = match &varlen {
-        None => fwd_with(&q_d, &k_d, &v_d, &extras, &args.opts)?,
-        Some(varlen) => varlen_fwd_with(&q_d, &k_d, &v_d, varlen, &extras, &args.opts)?,
+        None => fwd_with(&q_d, &k_d, &v_d, &extras, &opts)?,
+        Some(varlen) => varlen_fwd_with(&q_d, &k_d, &v_d, varlen, &extras, &opts)?,
     };
-    let mut outputs = fwd_outputs(&result);
     let grads = match &dout {
         None => None,
         Some(dout) => {
             let (dout, out, lse) = (dev(dout)?, &result.out, &result.lse);
             Some(match &varlen {
-                None => bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, &extras, &args.opts, args.deterministic)?,
-                Some(varlen) => varlen_bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, varlen, &extras, &args.opts, args.deterministic)?,
+                None => bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, &extras, &opts, args.deterministic)?,
+                Some(varlen) => varlen_bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, varlen, &extras, &opts, args.deterministic)?,
             })
         }
     };
-    if let Some(g) = &grads {
-        outputs.extend([("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)]);
+    let out = cut(&result.out)?;
+    let mut outputs = fwd_outputs(&result);
+    outputs[0].1 = &out;
+    let grads = grads.map(|g| Ok::<_, Fail>([cut(&g.dq)?, cut(&g.dk)?, cut(&g.dv)?])).transpose()?;
+    if let Some([dq, dk, dv]) = &grads {
+        outputs.extend([("dq", dq), ("dk", dk), ("dv", dv)]);
     }
     write_outputs(&args.output, &outputs)
 }
@@ -441,11 +501,31 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
         let [block_table, k_new, v_new, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes] = t.each_ref().map(Option::as_ref);
         KvCache { cache_seqlens, block_table, k_new, v_new, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes }
     }
+    // Head dims without kernels of their own: q, the caches and the new keys padded (as in `run`).
+    let (mut q_h, mut kc_h, mut vc_h, mut optional_h) = (q_h, kc_h, vc_h, optional_h);
+    let padding = head_dim_padding(&q_h, &[&kc_h, &vc_h]);
+    let mut opts = args.opts;
+    if let Some((d, dp)) = padding {
+        if let Some(cos) = &optional_h[3]
+            && cos.rank() == 2
+            && 2 * cos.shape()[1] > d
+        {
+            return Err(flash_attn::Error::Value { arg: "rotary_cos", msg: format!("rotary_dim {} (twice its {} columns) exceeds the head dim {d}", 2 * cos.shape()[1], cos.shape()[1]) }.into());
+        }
+        (q_h, kc_h, vc_h) = (pad_head_dim(&q_h, d, dp)?, pad_head_dim(&kc_h, d, dp)?, pad_head_dim(&vc_h, d, dp)?);
+        for t in optional_h[1..3].iter_mut().flatten() {
+            if t.shape().last() == Some(&d) {
+                *t = pad_head_dim(t, d, dp)?;
+            }
+        }
+        opts = options_for(&args.opts, d);
+    }
+    let cut = |t: &Tensor| -> Result<Tensor> { padding.map_or_else(|| Ok(t.clone()), |(d, _)| cut_head_dim(t, d)) };
     let kv = KvCacheOptions { rotary_interleaved: args.rotary_interleaved, num_splits: args.num_splits.unwrap_or(0) };
     // On a GPU the library reads the index tensors without checking them (the kernels clamp): their host
     // copies are checked here, where a bad one can still be reported.
     if args.device != Device::Cpu {
-        flash_attn::check_kvcache_contents(&q_h, &kc_h, &vc_h, &cache_of(&seqlens_h, &optional_h), &args.opts, &kv)?;
+        flash_attn::check_kvcache_contents(&q_h, &kc_h, &vc_h, &cache_of(&seqlens_h, &optional_h), &opts, &kv)?;
     }
     let to = |t: &Tensor| t.to_device(args.device);
     let (q, mut k_cache, mut v_cache, cache_seqlens) = (to(&q_h)?, to(&kc_h)?, to(&vc_h)?, to(&seqlens_h)?);
@@ -454,8 +534,9 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
         *d = h.as_ref().map(to).transpose()?;
     }
     let cache = cache_of(&cache_seqlens, &optional);
-    let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &args.opts, &kv)?;
-    write_outputs(&args.output, &[("out", &result.out), ("lse", &result.lse), ("k_cache", &k_cache), ("v_cache", &v_cache)])
+    let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &opts, &kv)?;
+    let (out, k_cache, v_cache) = (cut(&result.out)?, cut(&k_cache)?, cut(&v_cache)?);
+    write_outputs(&args.output, &[("out", &out), ("lse", &result.lse), ("k_cache", &k_cache), ("v_cache", &v_cache)])
 }
 
 /// Writes the named tensors to a safetensors file.
