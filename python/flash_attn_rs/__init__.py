@@ -237,15 +237,46 @@ def _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_s
     return o
 
 
+def _hub_padding(q, others, o):
+    """The hub ops at a head dim without kernels of their own (up to 256, as flash-attn's ops take): (d, dp),
+    q's head dim and the next one with kernels, when every tensor in `others` has q's head dim too (else
+    None: the library's checks report what is wrong). o's scale then defaults to 1/sqrt(d)."""
+    d = q.shape[-1] if getattr(q, "ndim", 0) else 0
+    if d == 0 or d in HEAD_DIMS or d > HEAD_DIMS[-1]:
+        return None
+    if any(getattr(t, "ndim", 0) == 0 or t.shape[-1] != d for t in others):
+        return None
+    o.softmax_scale = _common.default_scale(o.softmax_scale, d)
+    return d, _common.padded_head_dim(d, "q")
+
+
+def _cut_into(path, t, d, given, name):
+    """`t` (a padded result) cut to head dim `d`, written into `given` when there is one (returned)."""
+    if given is None:
+        return path.cut(t, d)
+    shape = tuple(t.shape[:-1]) + (d,)
+    if tuple(given.shape) != shape:
+        raise ValueError(f"{name}: shape {tuple(given.shape)} must be {shape}")
+    path.assign(given, t[..., :d])
+    return given
+
+
 def fwd(q, k, v, out=None, alibi_slopes=None, p_dropout=0.0, softmax_scale=None, is_causal=False,
         window_size_left=-1, window_size_right=-1, softcap=0.0, return_softmax=False, gen=None):
-    """flash-attn's `fwd` op: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]` (D one of HEAD_DIMS), into `out`
-    if given. Returns [out, softmax_lse, S_dmask, rng_state]: S_dmask `[B, H, Sq, Sk]` with return_softmax
-    (else None), rng_state int64 `[2]` (seed, offset) with p_dropout > 0 (else None), for bwd. `gen`: the
-    generator the dropout seed is drawn from (torch: a torch.Generator; numpy: a numpy.random.Generator)."""
+    """flash-attn's `fwd` op: q `[B, Sq, H, D]`, k and v `[B, Sk, Hk, D]`, into `out` if given. Returns
+    [out, softmax_lse, S_dmask, rng_state]: S_dmask `[B, H, Sq, Sk]` with return_softmax (else None),
+    rng_state int64 `[2]` (seed, offset) with p_dropout > 0 (else None), for bwd. `gen`: the generator the
+    dropout seed is drawn from (torch: a torch.Generator; numpy: a numpy.random.Generator). D up to 256:
+    those not in HEAD_DIMS run zero-padded to the next one (copies)."""
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, return_softmax)
+    pad = _hub_padding(q, (k, v), o)
+    if pad is not None:
+        d, dp = pad
+        res = path.fwd(path._pad(q, dp), path._pad(k, dp), path._pad(v, dp), None, None, o.softmax_scale, o, gen)
+        res[0] = _cut_into(path, res[0], d, out, "out")
+        return res
     return path.fwd(q, k, v, out, None, o.softmax_scale, o, gen)
 
 
@@ -264,6 +295,16 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, le
                      alibi_slopes, return_softmax)
     _common.unsupported_varlen(leftpad_k)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, seqused_k)
+    pad = _hub_padding(q, (k, v), o)
+    if pad is not None:
+        d, dp = pad
+        q, k, v = path._pad(q, dp), path._pad(k, dp), path._pad(v, dp)
+        if block_table is not None:
+            res = path.fwd_paged(q, k, v, None, lens, block_table, o, gen)
+        else:
+            res = path.fwd(q, k, v, None, lens, o.softmax_scale, o, gen)
+        res[0] = _cut_into(path, res[0], d, out, "out")
+        return res
     if block_table is not None:
         return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
     return path.fwd(q, k, v, out, lens, o.softmax_scale, o, gen)
@@ -278,7 +319,20 @@ def bwd(dout, q, k, v, out, softmax_lse, dq=None, dk=None, dv=None, alibi_slopes
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, deterministic=deterministic, rng_state=rng_state)
-    return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, None, o.softmax_scale, o)
+    return _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, None, o)
+
+
+def _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
+    """bwd / varlen_bwd, padded as fwd is at head dims without kernels of their own (the gradients cut back
+    into dq, dk, dv where given)."""
+    pad = _hub_padding(q, (k, v, dout, out), o)
+    if pad is None:
+        return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o.softmax_scale, o)
+    d, dp = pad
+    padded = [path._pad(t, dp) for t in (dout, q, k, v, out)]
+    grads = path.bwd(*padded, softmax_lse, None, None, None, lens, o.softmax_scale, o)
+    return [_cut_into(path, g, d, given, name) for g, given, name in zip(grads[:3], (dq, dk, dv), ("dq", "dk", "dv"))] \
+        + [None]
 
 
 def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=None, dk=None, dv=None,
@@ -291,7 +345,7 @@ def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=N
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, deterministic=deterministic, rng_state=rng_state)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None)
-    return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o.softmax_scale, o)
+    return _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o)
 
 
 # --- Utilities ---------------------------------------------------------------------------------------

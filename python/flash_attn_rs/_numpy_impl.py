@@ -89,6 +89,15 @@ def _lens(lens):
     return arrays, (descs[0], descs[1], max_q, max_k, descs[2], descs[3])
 
 
+def cut(a, d):
+    """`a` with its last dim cut to `d` (a contiguous copy)."""
+    return np.ascontiguousarray(a[..., :d])
+
+
+def assign(dst, src):
+    dst[...] = src
+
+
 def _pad(a, dp):
     d = a.shape[-1]
     if d == dp:

@@ -435,6 +435,15 @@ def _maybe_contiguous(t):
     return t.contiguous() if t.stride(-1) != 1 else t
 
 
+def cut(t, d):
+    """`t` with its last dim cut to `d` (a contiguous copy)."""
+    return t[..., :d].contiguous()
+
+
+def assign(dst, src):
+    dst.copy_(src)
+
+
 def _pad(t, dp):
     d = t.shape[-1]
     return t if d == dp else torch.nn.functional.pad(t, [0, dp - d])

@@ -627,6 +627,23 @@ def check_hub(dev, quick):
                                                               ("dv", dv, rv, lv))]
     report("hub bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, is_causal=True) vs SDPA math",
            all(o for o, _ in oks) and res[0] is dq, ", ".join(d for _, d in oks))
+    # Head dim 80 (no kernels of its own, padded around the hub calls) against SDPA math too.
+    d = 80
+    q, k, v, dout = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    out = torch.empty_like(q)
+    res = flash_attn.fwd(q, k, v, out=out, is_causal=True)
+    dq, dk, dv, _ = flash_attn.bwd(dout, q, k, v, out, res[1], is_causal=True)
+    ref = sdpa_math(q, k, v, d ** -0.5, True)
+    low = sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16)
+    ok, det = compare("out", out, ref, low, 2, 1e-3)
+    _, (rq, rk, rv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True), (q.double(), k.double(),
+                                                                                     v.double()), dout.double())
+    _, (lq, lk, lv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16), (q, k, v), dout)
+    oks = [compare(n, a, r, lo, 3, 3e-3) for n, a, r, lo in (("dq", dq, rq, lq), ("dk", dk, rk, lk),
+                                                              ("dv", dv, rv, lv))]
+    report("hub fwd / bwd at head dim 80 (padded) vs SDPA math",
+           ok and all(o for o, _ in oks) and res[0] is out and dq.shape == q.shape,
+           ", ".join([det] + [d_ for _, d_ in oks]))
 
 
 # --- Errors ------------------------------------------------------------------------------------------
