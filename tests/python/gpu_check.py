@@ -594,6 +594,16 @@ def check_max_seqlen_none(dev, quick):
 
 # --- The hub's functions -----------------------------------------------------------------------------
 
+def _causal_grads_vs_sdpa(q, k, v, dout, grads):
+    """(ok, detail) for each of dq, dk, dv of causal attention against autograd through SDPA math in float64
+    (and in the input dtype, for the tolerance)."""
+    d = q.shape[-1]
+    _, ref = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True), (q.double(), k.double(), v.double()),
+                      dout.double())
+    _, low = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16), (q, k, v), dout)
+    return [compare(n, a, r, lo, 3, 3e-3) for n, a, r, lo in zip(("dq", "dk", "dv"), grads, ref, low)]
+
+
 @check("kernels-hub-style script")
 def check_hub(dev, quick):
     import flash_attn_rs as flash_attn  # what kernels.get_kernel("kernels-community/flash-attn") would give
@@ -620,11 +630,7 @@ def check_hub(dev, quick):
     dout = torch.randn_like(q)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     res = flash_attn.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, is_causal=True)
-    _, (rq, rk, rv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True), (q.double(), k.double(),
-                                                                                     v.double()), dout.double())
-    _, (lq, lk, lv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16), (q, k, v), dout)
-    oks = [compare(n, a, r, lo, 3, 3e-3) for n, a, r, lo in (("dq", dq, rq, lq), ("dk", dk, rk, lk),
-                                                              ("dv", dv, rv, lv))]
+    oks = _causal_grads_vs_sdpa(q, k, v, dout, (dq, dk, dv))
     report("hub bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, is_causal=True) vs SDPA math",
            all(o for o, _ in oks) and res[0] is dq, ", ".join(d for _, d in oks))
     # Head dim 80 (no kernels of its own, padded around the hub calls) against SDPA math too.
@@ -636,11 +642,7 @@ def check_hub(dev, quick):
     ref = sdpa_math(q, k, v, d ** -0.5, True)
     low = sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16)
     ok, det = compare("out", out, ref, low, 2, 1e-3)
-    _, (rq, rk, rv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True), (q.double(), k.double(),
-                                                                                     v.double()), dout.double())
-    _, (lq, lk, lv) = grads_of(lambda q, k, v: sdpa_math(q, k, v, d ** -0.5, True, torch.bfloat16), (q, k, v), dout)
-    oks = [compare(n, a, r, lo, 3, 3e-3) for n, a, r, lo in (("dq", dq, rq, lq), ("dk", dk, rk, lk),
-                                                              ("dv", dv, rv, lv))]
+    oks = _causal_grads_vs_sdpa(q, k, v, dout, (dq, dk, dv))
     report("hub fwd / bwd at head dim 80 (padded) vs SDPA math",
            ok and all(o for o, _ in oks) and res[0] is out and dq.shape == q.shape,
            ", ".join([det] + [d_ for _, d_ in oks]))
