@@ -31,8 +31,8 @@ same on both devices for the same (seed, offset), and the backward (autograd, or
 rng_state) regenerates it. ALiBi, dropout and S_dmask run eagerly on torch (torch.compile breaks the graph
 there; a captured CUDA graph replays the seed drawn at capture).
 Head dims up to 256 (32, 64, 96, 128, 192 and 256 directly, others zero-padded to the next of these: in
-flash_attn_with_kvcache that copies the whole caches each call, and back into the caller's when appending). Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the
-argument.
+flash_attn_with_kvcache that copies the whole caches each call, and back into the caller's when appending).
+Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the argument.
 
 Importing this package needs neither torch nor numpy, and no CUDA: libcuda is loaded at the first CUDA
 call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
