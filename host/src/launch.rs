@@ -13,6 +13,12 @@ use crate::validate::check_grid;
 use cudarc::driver::{result, sys};
 use std::sync::OnceLock;
 
+/// Whether environment variable `name` is set (any value), read once into `cell`: a call must not
+/// allocate.
+fn env_set(cell: &'static OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var_os(name).is_some())
+}
+
 /// The environment's process-wide kernel overrides (read once: a call must not allocate).
 fn env_choice() -> KernelChoice {
     static ENV: OnceLock<KernelChoice> = OnceLock::new();
@@ -25,7 +31,7 @@ fn env_choice() -> KernelChoice {
 fn fwd_tile_slot() -> i32 {
     static STATIC: OnceLock<bool> = OnceLock::new();
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    if *STATIC.get_or_init(|| std::env::var_os("FLASH_ATTN_FWD_STATIC_TILES").is_some()) {
+    if env_set(&STATIC, "FLASH_ATTN_FWD_STATIC_TILES") {
         return -1;
     }
     (NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % crate::dispatch::FWD_WS_TILE_SLOTS) as i32
@@ -42,7 +48,7 @@ fn choice(call: KernelChoice) -> KernelChoice {
 /// `griddepcontrol.wait`): not where `FLASH_ATTN_NO_PDL` is set (any value, read once; for A/B runs).
 fn pdl(gpu: &Gpu) -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
-    gpu.is_hopper() && !*OFF.get_or_init(|| std::env::var_os("FLASH_ATTN_NO_PDL").is_some())
+    gpu.is_hopper() && !env_set(&OFF, "FLASH_ATTN_NO_PDL")
 }
 
 /// Multiprocessors for the sm_90a module's wgmma kernels: a Hopper GPU unless `no_wgmma`.
@@ -493,8 +499,8 @@ impl BwdWorkspace {
 /// `FLASH_ATTN_BWD_NO_ROTATE` (any value, read once): the ordered deterministic mode without the rotated
 /// walk (`BwdParams::dq_rotate`).
 fn no_rotate() -> bool {
-    static NO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *NO.get_or_init(|| std::env::var_os("FLASH_ATTN_BWD_NO_ROTATE").is_some())
+    static NO: OnceLock<bool> = OnceLock::new();
+    env_set(&NO, "FLASH_ATTN_BWD_NO_ROTATE")
 }
 
 /// The backward's kernels on `stream`: prep, dk/dv, and dq (bwd_launches). Every element of dq, dk, dv
@@ -853,7 +859,7 @@ pub(crate) unsafe fn fwd_kvcache(kp: &KvCacheProblem, t: &KvCacheViews<'_>, ws: 
 /// write partials for the combine kernel, as before they merged their splits themselves (A/B runs).
 fn decode_combine() -> bool {
     static SET: OnceLock<bool> = OnceLock::new();
-    *SET.get_or_init(|| std::env::var_os("FLASH_ATTN_DECODE_COMBINE").is_some())
+    env_set(&SET, "FLASH_ATTN_DECODE_COMBINE")
 }
 
 /// The caches as pages: a paged cache's, or a contiguous one's B_cache rows as pages of S_cache keys.
