@@ -628,12 +628,6 @@ struct Qkv {
     d: usize,
 }
 
-/// The head dim the kernels run for `d`: `d` itself where it has kernels, else the next one up (None
-/// above 256 and for 0: the raw layer's error names them).
-fn padded_head_dim(d: usize) -> Option<usize> {
-    if d == 0 { None } else { crate::HEAD_DIMS.iter().copied().find(|&h| h >= d) }
-}
-
 /// q of rank `q_rank`, k and v of rank `kv_rank` (4: `[B, S, H, D]`, or a paged cache with q of rank
 /// 3; 3: `[T, H, D]`), f16/bf16, on q's device; conformed. A head dim without kernels of its own (1 to
 /// 255; candle-flash-attn runs any up to 256 too) is zero-padded to the next one that has them (a candle
@@ -643,7 +637,8 @@ fn padded_head_dim(d: usize) -> Option<usize> {
 fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, q_rank: usize, kv_rank: usize) -> Result<Qkv> {
     let (q, k, v) = check_qkv_layout(q, k, v, q_rank, kv_rank)?;
     let d = q.dim(q_rank - 1)?;
-    match padded_head_dim(d) {
+    // None above 256 and for 0: the raw layer's error names them.
+    match crate::padded_head_dim(d) {
         Some(dp) if dp != d && k.dim(kv_rank - 1)? == d && v.dim(kv_rank - 1)? == d => {
             let pad = |t: &Tensor| t.pad_with_zeros(t.rank() - 1, 0, dp - d);
             Ok(Qkv { q: pad(&q)?, k: pad(&k)?, v: pad(&v)?, d })

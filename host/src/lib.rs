@@ -44,3 +44,9 @@ pub use types::{AttnOptions, CombineViews, DType, Device, Dropout, KernelChoice,
 
 /// Head dimensions with a kernel variant (and accepted by the CPU path).
 pub const HEAD_DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
+
+/// The head dim of `HEAD_DIMS` a head dim `d` runs at when zero-padded (as the adapters pad the others):
+/// `d` itself or the next one up; None for 0 and above 256.
+pub fn padded_head_dim(d: usize) -> Option<usize> {
+    if d == 0 { None } else { HEAD_DIMS.iter().copied().find(|&h| h >= d) }
+}

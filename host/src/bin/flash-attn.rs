@@ -275,8 +275,8 @@ const KVCACHE_ONLY: [&str; 7] = ["cache_seqlens", "k_new", "v_new", "rotary_cos"
 /// that are cut off.
 fn head_dim_padding(q: &Tensor, same: &[&Tensor]) -> Option<(usize, usize)> {
     let d = *q.shape().last()?;
-    let dp = flash_attn::HEAD_DIMS.iter().copied().find(|&h| h >= d)?;
-    (d > 0 && dp != d && same.iter().all(|t| t.shape().last() == Some(&d))).then_some((d, dp))
+    let dp = flash_attn::padded_head_dim(d)?;
+    (dp != d && same.iter().all(|t| t.shape().last() == Some(&d))).then_some((d, dp))
 }
 
 /// Host tensor `t` with its last dim zero-padded from `d` to `dp`.
@@ -304,6 +304,11 @@ fn cut_head_dim(t: &Tensor, d: usize) -> Result<Tensor> {
     let mut shape = t.shape().to_vec();
     *shape.last_mut().expect("a cut tensor has a head dim") = d;
     Ok(Tensor::from_bytes(&out, &shape, t.dtype())?)
+}
+
+/// `t` cut back to the file's head dim where `head_dim_padding` padded the inputs, else `t` itself.
+fn cut_back(t: &Tensor, padding: Option<(usize, usize)>) -> Result<Tensor> {
+    padding.map_or_else(|| Ok(t.clone()), |(d, _)| cut_head_dim(t, d))
 }
 
 /// `opts` with the scale the caller's head dim `d` gives by default (the library would take the padded one's).
@@ -353,7 +358,7 @@ fn run(args: &RunArgs) -> Result<()> {
             (pad(&q)?, pad(&k)?, pad(&v)?, dout, options_for(&args.opts, d))
         }
     };
-    let cut = |t: &Tensor| -> Result<Tensor> { padding.map_or_else(|| Ok(t.clone()), |(d, _)| cut_head_dim(t, d)) };
+    let cut = |t: &Tensor| cut_back(t, padding);
 
     let dev = |t: &Tensor| t.to_device(args.device);
     let (q_d, k_d, v_d) = (dev(&q)?, dev(&k)?, dev(&v)?);
@@ -520,7 +525,7 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
         }
         opts = options_for(&args.opts, d);
     }
-    let cut = |t: &Tensor| -> Result<Tensor> { padding.map_or_else(|| Ok(t.clone()), |(d, _)| cut_head_dim(t, d)) };
+    let cut = |t: &Tensor| cut_back(t, padding);
     let kv = KvCacheOptions { rotary_interleaved: args.rotary_interleaved, num_splits: args.num_splits.unwrap_or(0) };
     // On a GPU the library reads the index tensors without checking them (the kernels clamp): their host
     // copies are checked here, where a bad one can still be reported.
