@@ -578,7 +578,50 @@ fn head_dims_without_kernels_are_padded() {
     }
     let input = dir.path("wide.safetensors");
     write(&input, &wide);
-    expect_failure(&[OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], "rotary_cos");
+    let fails = |input: &Path, needle: &str| expect_failure(&[OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], needle);
+    fails(&input, "rotary_cos");
+    // New keys already at the padded width would pass the library's checks and lose their extra
+    // columns: an error naming them.
+    for name in ["k_new", "v_new"] {
+        let mut wide = inputs.clone();
+        for (n, t) in wide.iter_mut() {
+            if *n == name {
+                *t = random(&mut rng, &[2, 2, 2, dp], DType::BF16, 1.0);
+            }
+        }
+        write(&input, &wide);
+        fails(&input, &format!("{name}: head dim {dp} must be q's head dim {d}"));
+    }
+    // The same for dout, and a shape error the library finds on padded inputs says so.
+    let (b, s, d, dp) = (1, 5, 40, 64);
+    let dense = |dout_d: usize, kh: usize, rng: &mut StdRng| -> Inputs {
+        vec![
+            ("q", random(rng, &[b, s, 2, d], DType::F16, 1.0)),
+            ("k", random(rng, &[b, s, kh, d], DType::F16, 1.0)),
+            ("v", random(rng, &[b, s, kh, d], DType::F16, 1.0)),
+            ("dout", random(rng, &[b, s, 2, dout_d], DType::F16, 1.0)),
+        ]
+    };
+    let input = dir.path("dense.safetensors");
+    let fails_bwd = |input: &Path, needle: &str| expect_failure(&[OsStr::new("run"), OsStr::new("--backward"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], needle);
+    write(&input, &dense(dp, 1, &mut rng));
+    fails_bwd(&input, &format!("dout: head dim {dp} must be q's head dim {d}"));
+    write(&input, &dense(d, 3, &mut rng));
+    fails_bwd(&input, &format!("head dim {d} runs zero-padded to {dp}"));
+}
+
+/// A tensor the mode does not read is an error naming it (a misspelt `alibi_slopes` would otherwise
+/// run without ALiBi), in each mode.
+#[test]
+fn unknown_tensors_exit_2() {
+    let dir = TempDir::new();
+    let mut rng = StdRng::seed_from_u64(44);
+    let input = dir.path("in.safetensors");
+    for (mut inputs, extra) in [(dense_inputs(DType::BF16, 41), "alibi_slope"), (varlen_inputs(DType::F16, true), "seqused_K"), (kvcache_inputs(DType::BF16, false, 42), "rotary_coss")] {
+        inputs.push((extra, random(&mut rng, &[4], DType::F32, 1.0)));
+        write(&input, &inputs);
+        expect_failure(&[OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], &format!("unknown tensor '{extra}'"));
+    }
 }
 
 /// On a GPU (skipped with a notice elsewhere): `--device cuda` writes bitwise what the library's CUDA

@@ -22,7 +22,8 @@ Usage:
 run: reads q, k, v (f16 or bf16): rank 4 [B, S, H, D] for a dense batch, or rank 3 [T, H, D] packed, with
 int32 cu_seqlens_q and cu_seqlens_k [B+1] and optionally int32 seqused_q, seqused_k [B]. Writes out (the
 input dtype) and lse (f32) to OUT. Head dims D up to 256: 32, 64, 96, 128, 192, 256 run as they are, any
-other is zero-padded to the next of these on the host (outputs, gradients and caches cut back).
+other is zero-padded to the next of these on the host (outputs, gradients and caches cut back). A tensor
+in IN that the mode does not read (a misspelt name) is an error.
   Paged K/V: a packed q with k, v of rank 4 [num_blocks, page_size, H, D] and an int32 block_table
   [B, max_blocks]; the key counts come from cu_seqlens_k, or from seqused_k when cu_seqlens_k is absent.
   KV cache (flash_attn_with_kvcache), when the file holds k_cache: q [B, Sq, H, D], k_cache and v_cache
@@ -311,6 +312,34 @@ fn cut_back(t: &Tensor, padding: Option<(usize, usize)>) -> Result<Tensor> {
     padding.map_or_else(|| Ok(t.clone()), |(d, _)| cut_head_dim(t, d))
 }
 
+/// `t` padded as q was: its last dim must be the file's head dim `d` (a tensor of the padded width would
+/// otherwise pass the library's checks and have its extra columns dropped).
+fn pad_as_q(t: &Tensor, name: &'static str, d: usize, dp: usize) -> Result<Tensor> {
+    match t.shape().last() {
+        Some(&x) if x == d => pad_head_dim(t, d, dp),
+        x => Err(flash_attn::Error::Shape { arg: name, msg: format!("head dim {} must be q's head dim {d}", x.map_or("none".into(), |x| x.to_string())) }.into()),
+    }
+}
+
+/// A library error, with a word on the head dim where the inputs were padded (its shapes show `dp`).
+fn lib_error(padding: Option<(usize, usize)>) -> impl Fn(flash_attn::Error) -> Fail {
+    move |e| match padding {
+        Some((d, dp)) => Fail(format!("{e} (head dim {d} runs zero-padded to {dp}: shapes above show {dp})")),
+        None => Fail(e.to_string()),
+    }
+}
+
+/// Fails on a tensor of the input file that this mode does not read (a misspelt `alibi_slopes` would
+/// otherwise run without ALiBi).
+fn check_names(file: &SafeTensors<'_>, path: &Path, known: &[&str]) -> Result<()> {
+    let mut names = file.names();
+    names.sort();
+    match names.into_iter().find(|n| !known.contains(&n.as_str())) {
+        Some(name) => fail!("{}: unknown tensor '{name}' (this mode reads {})", path.display(), known.join(", ")),
+        None => Ok(()),
+    }
+}
+
 /// `opts` with the scale the caller's head dim `d` gives by default (the library would take the padded one's).
 fn options_for(opts: &flash_attn::AttnOptions, d: usize) -> flash_attn::AttnOptions {
     flash_attn::AttnOptions { softmax_scale: Some(opts.softmax_scale.unwrap_or(1.0 / (d as f32).sqrt())), ..*opts }
@@ -326,6 +355,7 @@ fn run(args: &RunArgs) -> Result<()> {
     if let Some(name) = KVCACHE_ONLY.iter().find(|n| file.tensor(n).is_ok()) {
         fail!("{name} is given but {} holds no k_cache (KV-cache inputs need k_cache and v_cache)", input.display());
     }
+    check_names(&file, input, &["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "block_table", "alibi_slopes", "dout"])?;
     for (flag, given) in [("--rotary-interleaved", args.rotary_interleaved), ("--num-splits", args.num_splits.is_some())] {
         if given {
             fail!("{flag} applies to the KV-cache forward only, but {} holds no k_cache", input.display());
@@ -353,12 +383,12 @@ fn run(args: &RunArgs) -> Result<()> {
         None => (q, k, v, dout, args.opts),
         Some((d, dp)) => {
             let pad = |t: &Tensor| pad_head_dim(t, d, dp);
-            // dout of another head dim stays as given: the library's check names it.
-            let dout = dout.map(|t| if t.shape().last() == Some(&d) { pad(&t) } else { Ok(t) }).transpose()?;
+            let dout = dout.map(|t| pad_as_q(&t, "dout", d, dp)).transpose()?;
             (pad(&q)?, pad(&k)?, pad(&v)?, dout, options_for(&args.opts, d))
         }
     };
     let cut = |t: &Tensor| cut_back(t, padding);
+    let lib = lib_error(padding);
 
     let dev = |t: &Tensor| t.to_device(args.device);
     let (q_d, k_d, v_d) = (dev(&q)?, dev(&k)?, dev(&v)?);
@@ -379,7 +409,7 @@ fn run(args: &RunArgs) -> Result<()> {
         // the host copies here, where a bad one can still be reported.
         if args.device != Device::Cpu {
             let host = PagedVarlen { cu_seqlens_q: cu_q, cu_seqlens_k: cu_seqlens_k.as_ref(), max_seqlen_q: Some(max_q), max_seqlen_k: Some(max_k), seqused_q: seqused_q.as_ref(), seqused_k: seqused_k.as_ref(), block_table: table };
-            flash_attn::check_paged_varlen_contents(&q, &k, &v, &host, &opts)?;
+            flash_attn::check_paged_varlen_contents(&q, &k, &v, &host, &opts).map_err(&lib)?;
         }
         let opt = |t: &Option<Tensor>| t.as_ref().map(dev).transpose();
         let (cu_q_d, cu_k_d, used_q_d, used_k_d, table_d) = (dev(cu_q)?, opt(&cu_seqlens_k)?, opt(&seqused_q)?, opt(&seqused_k)?, dev(table)?);
@@ -392,7 +422,7 @@ fn run(args: &RunArgs) -> Result<()> {
             seqused_k: used_k_d.as_ref(),
             block_table: &table_d,
         };
-        let mut result = varlen_fwd_paged_with(&q_d, &k_d, &v_d, &varlen, &extras, &opts)?;
+        let mut result = varlen_fwd_paged_with(&q_d, &k_d, &v_d, &varlen, &extras, &opts).map_err(&lib)?;
         result.out = cut(&result.out)?;
         return write_outputs(&args.output, &fwd_outputs(&result));
     }
@@ -425,7 +455,7 @@ fn run(args: &RunArgs) -> Result<()> {
             if k.rank() != 3 {
                 return Err(flash_attn::Error::Rank { arg: "k", got: k.rank(), expected: 3 }.into());
             }
-            flash_attn::check_varlen_contents(&host, q.shape()[0], k.shape()[0])?;
+            flash_attn::check_varlen_contents(&host, q.shape()[0], k.shape()[0]).map_err(&lib)?;
             let used_q_d = seqused_q.as_ref().map(dev).transpose()?;
             let used_k_d = seqused_k.as_ref().map(dev).transpose()?;
             Some((dev(cu_q)?, dev(cu_k)?, used_q_d, used_k_d, host.max_seqlen_q, host.max_seqlen_k))
@@ -442,16 +472,16 @@ fn run(args: &RunArgs) -> Result<()> {
     });
 
     let result = match &varlen {
-        None => fwd_with(&q_d, &k_d, &v_d, &extras, &opts)?,
-        Some(varlen) => varlen_fwd_with(&q_d, &k_d, &v_d, varlen, &extras, &opts)?,
+        None => fwd_with(&q_d, &k_d, &v_d, &extras, &opts).map_err(&lib)?,
+        Some(varlen) => varlen_fwd_with(&q_d, &k_d, &v_d, varlen, &extras, &opts).map_err(&lib)?,
     };
     let grads = match &dout {
         None => None,
         Some(dout) => {
             let (dout, out, lse) = (dev(dout)?, &result.out, &result.lse);
             Some(match &varlen {
-                None => bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, &extras, &opts, args.deterministic)?,
-                Some(varlen) => varlen_bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, varlen, &extras, &opts, args.deterministic)?,
+                None => bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, &extras, &opts, args.deterministic).map_err(&lib)?,
+                Some(varlen) => varlen_bwd_with(&dout, &q_d, &k_d, &v_d, out, lse, varlen, &extras, &opts, args.deterministic).map_err(&lib)?,
             })
         }
     };
@@ -486,6 +516,7 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
     if args.return_probs {
         fail!("--return-probs: the KV-cache forward does not return the probabilities");
     }
+    check_names(file, input, &["q", "k_cache", "v_cache", "cache_seqlens", "block_table", "k_new", "v_new", "rotary_cos", "rotary_sin", "cache_batch_idx", "cache_leftpad", "alibi_slopes"])?;
     let get = |name: &str, accepted: &[DType]| load(file, input, name, accepted);
     let missing = |name: &str| Fail(format!("{}: has no tensor '{name}' (KV-cache inputs need q, k_cache, v_cache and cache_seqlens)", input.display()));
     let (float, int) = ([DType::F16, DType::BF16], [DType::I32]);
@@ -518,19 +549,20 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
             return Err(flash_attn::Error::Value { arg: "rotary_cos", msg: format!("rotary_dim {} (twice its {} columns) exceeds the head dim {d}", 2 * cos.shape()[1], cos.shape()[1]) }.into());
         }
         (q_h, kc_h, vc_h) = (pad_head_dim(&q_h, d, dp)?, pad_head_dim(&kc_h, d, dp)?, pad_head_dim(&vc_h, d, dp)?);
-        for t in optional_h[1..3].iter_mut().flatten() {
-            if t.shape().last() == Some(&d) {
-                *t = pad_head_dim(t, d, dp)?;
+        for (t, name) in optional_h[1..3].iter_mut().zip(["k_new", "v_new"]) {
+            if let Some(t) = t {
+                *t = pad_as_q(t, name, d, dp)?;
             }
         }
         opts = options_for(&args.opts, d);
     }
     let cut = |t: &Tensor| cut_back(t, padding);
+    let lib = lib_error(padding);
     let kv = KvCacheOptions { rotary_interleaved: args.rotary_interleaved, num_splits: args.num_splits.unwrap_or(0) };
     // On a GPU the library reads the index tensors without checking them (the kernels clamp): their host
     // copies are checked here, where a bad one can still be reported.
     if args.device != Device::Cpu {
-        flash_attn::check_kvcache_contents(&q_h, &kc_h, &vc_h, &cache_of(&seqlens_h, &optional_h), &opts, &kv)?;
+        flash_attn::check_kvcache_contents(&q_h, &kc_h, &vc_h, &cache_of(&seqlens_h, &optional_h), &opts, &kv).map_err(&lib)?;
     }
     let to = |t: &Tensor| t.to_device(args.device);
     let (q, mut k_cache, mut v_cache, cache_seqlens) = (to(&q_h)?, to(&kc_h)?, to(&vc_h)?, to(&seqlens_h)?);
@@ -539,7 +571,7 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
         *d = h.as_ref().map(to).transpose()?;
     }
     let cache = cache_of(&cache_seqlens, &optional);
-    let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &opts, &kv)?;
+    let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &opts, &kv).map_err(&lib)?;
     let (out, k_cache, v_cache) = (cut(&result.out)?, cut(&k_cache)?, cut(&v_cache)?);
     write_outputs(&args.output, &[("out", &out), ("lse", &result.lse), ("k_cache", &k_cache), ("v_cache", &v_cache)])
 }
