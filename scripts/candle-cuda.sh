@@ -65,6 +65,7 @@ export CUDA_HOME="$HOME_DIR"         # cudarc's -L search: $CUDA_HOME/lib (stub 
 export CUDARC_CUDA_VERSION=13000     # the driver's CUDA API level on the GPU machine
 export CUDA_COMPUTE_CAP=90           # candle's kernels for sm_90 (H100/H200), no nvidia-smi needed
 export CARGO_TARGET_DIR="$ROOT/target/candle-cuda"
+mkdir -p "$CARGO_TARGET_DIR"          # the build's executable list is written there (a fresh clone has none)
 cargo build --release -p flash-attn --features candle-cuda --test candle --bench candle_step --message-format=json \
     | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 > "$CARGO_TARGET_DIR/executables.txt"
 out="$CARGO_TARGET_DIR/candle-cuda"
