@@ -358,10 +358,11 @@ impl KvCase {
         let w = hk * d;
         let interleaved = self.rotary.is_some_and(|r| r.1);
         let o = self.opts.reference(d);
-        // flash-attn: q rows take their own positions under causal or windowed attention; a window side
-        // of at least the capacity counts as unbounded.
-        let binds = |s: i64| s >= 0 && (s as usize) < self.capacity;
-        let q_per_row = o.causal || binds(o.window.0) || binds(o.window.1);
+        // flash-attn: q rows take their own positions under causal or local attention, where a window
+        // side binds some row: the left one below the keys a row can see (at most the capacity), the
+        // right one below the query count.
+        let binds = |s: i64, n: usize| s >= 0 && (s as usize) < n;
+        let q_per_row = o.causal || binds(o.window.0, self.capacity) || binds(o.window.1, sq);
         let (mut out, mut lse) = (Vec::new(), Vec::new());
         let (mut k_after, mut v_after) = (x.k_rows.clone(), x.v_rows.clone());
         for (b, &(seqlen, leftpad)) in self.rows.iter().enumerate() {
@@ -525,6 +526,33 @@ fn leftpad_cases(rng: &mut StdRng) -> Vec<KvCase> {
         });
     }
     cases
+}
+
+/// q's rotary positions follow the window the call applies: more query rows (8) than the cache holds (4),
+/// where a right side between the two still masks some rows (per-row positions, as causal) and one of at
+/// least the query count does not (every row at cache_seqlens).
+#[test]
+fn rotary_positions_follow_the_window() {
+    let (seed, mut rng) = seeded("rotary_positions_follow_the_window");
+    for window in [(-1, 5), (-1, 3), (-1, 8), (2, 6)] {
+        let c = KvCase {
+            dtype: DType::F16,
+            d: 32,
+            heads: (2, 1),
+            opts: Opts { causal: false, window, softcap: 0.0, scale: None, kernels: Default::default() },
+            sq: 8,
+            s_new: 1,
+            capacity: 4,
+            rows: vec![(2, 0), (3, 0)],
+            leftpad: false,
+            batch_idx: false,
+            page_size: None,
+            rotary: Some((4, rng.r#gen(), rng.r#gen())),
+            num_splits: 1,
+            seed: rng.r#gen(),
+        };
+        run_kv_case(&c).unwrap_or_else(|e| panic!("seed {seed}: window {window:?}: {e}"));
+    }
 }
 
 /// A decode call on long caches (one new key, rotary on f32 tables, pages of 64): `heads`, `capacity`

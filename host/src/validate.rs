@@ -378,10 +378,10 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
         return Err(Error::Value { arg: "num_splits", msg: format!("{} exceeds the most splits, {MAX_SPLITS} (0 = a heuristic)", kv.num_splits) });
     }
     let capacity = paged.map_or(cs[1], |p| p.capacity());
-    // As in flash-attn, q rows take their own positions under causal or windowed attention; a window
-    // side of at least the cache's capacity never binds and counts as unbounded.
-    let binds = |w: i64| w >= 0 && (w as u64) < capacity as u64;
-    let q_per_row = opts.causal || binds(opts.window.0) || binds(opts.window.1);
+    // As in flash-attn, q rows take their own positions under causal or local attention: where the
+    // window the kernels apply (`canonical_window`: a side that cannot bind is unbounded) bounds a side.
+    let (window_left, window_right) = canonical_window(opts, seqlen_q, capacity);
+    let q_per_row = window_left >= 0 || window_right >= 0;
     let rotary = match (&t.rotary_cos, &t.rotary_sin) {
         (None, None) => None,
         (Some(cos), Some(sin)) => Some(check_rotary(cos, sin, t.q.dtype, d, kv.rotary_interleaved, q_per_row)?),
@@ -421,7 +421,6 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
         no_alias(&outputs, inputs.chain(caches))?;
     }
 
-    let (window_left, window_right) = canonical_window(opts, seqlen_q, capacity);
     let mut fwd = Problem {
         dtype: t.q.dtype,
         batch,
