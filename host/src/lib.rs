@@ -15,7 +15,7 @@
 //! # Ok::<(), flash_attn::Error>(())
 //! ```
 
-mod alias;
+pub mod alias;
 pub mod api;
 #[cfg(feature = "candle")]
 pub mod candle;

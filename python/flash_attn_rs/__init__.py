@@ -239,24 +239,38 @@ def _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_s
 
 def _hub_padding(q, others, o):
     """The hub ops at a head dim without kernels of their own (up to 256, as flash-attn's ops take): (d, dp),
-    q's head dim and the next one with kernels, when every tensor in `others` has q's head dim too (else
-    None: the library's checks report what is wrong). o's scale then defaults to 1/sqrt(d)."""
+    q's head dim and the next one with kernels, else None. Every (name, tensor) in `others` must then have
+    q's head dim (a ValueError naming it: the library would only see q's unpadded dim). o's scale then
+    defaults to 1/sqrt(d)."""
     d = q.shape[-1] if getattr(q, "ndim", 0) else 0
     if d == 0 or d in HEAD_DIMS or d > HEAD_DIMS[-1]:
         return None
-    if any(getattr(t, "ndim", 0) == 0 or t.shape[-1] != d for t in others):
-        return None
+    for name, t in others:
+        if getattr(t, "ndim", 0) == 0:
+            raise TypeError(f"{name}: expected a {type(q).__name__} like q, got {type(t).__name__}")
+        if t.shape[-1] != d:
+            raise ValueError(f"{name}: head dim {t.shape[-1]} must equal q's head dim {d}")
     o.softmax_scale = _common.default_scale(o.softmax_scale, d)
     return d, _common.padded_head_dim(d, "q")
 
 
-def _cut_into(path, t, d, given, name):
-    """`t` (a padded result) cut to head dim `d`, written into `given` when there is one (returned)."""
+def _check_given(path, given, inputs):
+    """The caller's outputs at a padded head dim, (name, array or None, the input it is shaped like), before
+    the call: checked as the library checks those it writes at the other head dims (type, dtype, shape,
+    device, writable; no element shared with an input or another output)."""
+    for name, t, like in given:
+        if t is not None:
+            path.check_output(t, name, like)
+    # Inputs of another kind are the call's own error, found later.
+    inputs = [(name, t) for name, t in inputs if isinstance(t, path.ARRAY)]
+    _common.check_disjoint([(name, t) for name, t, _ in given], inputs, path.overlaps)
+
+
+def _cut_into(path, t, d, given):
+    """`t` (a padded result) cut to head dim `d`, written into `given` (checked by `_check_given`) when there
+    is one (returned)."""
     if given is None:
         return path.cut(t, d)
-    shape = tuple(t.shape[:-1]) + (d,)
-    if tuple(given.shape) != shape:
-        raise ValueError(f"{name}: shape {tuple(given.shape)} must be {shape}")
     path.assign(given, t[..., :d])
     return given
 
@@ -271,11 +285,12 @@ def fwd(q, k, v, out=None, alibi_slopes=None, p_dropout=0.0, softmax_scale=None,
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, return_softmax)
-    pad = _hub_padding(q, (k, v), o)
+    pad = _hub_padding(q, (("k", k), ("v", v)), o)
     if pad is not None:
         d, dp = pad
+        _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
         res = path.fwd(path._pad(q, dp), path._pad(k, dp), path._pad(v, dp), None, None, o.softmax_scale, o, gen)
-        res[0] = _cut_into(path, res[0], d, out, "out")
+        res[0] = _cut_into(path, res[0], d, out)
         return res
     return path.fwd(q, k, v, out, None, o.softmax_scale, o, gen)
 
@@ -295,15 +310,16 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, le
                      alibi_slopes, return_softmax)
     _common.unsupported_varlen(leftpad_k)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, seqused_k)
-    pad = _hub_padding(q, (k, v), o)
+    pad = _hub_padding(q, (("k", k), ("v", v)), o)
     if pad is not None:
         d, dp = pad
+        _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
         q, k, v = path._pad(q, dp), path._pad(k, dp), path._pad(v, dp)
         if block_table is not None:
             res = path.fwd_paged(q, k, v, None, lens, block_table, o, gen)
         else:
             res = path.fwd(q, k, v, None, lens, o.softmax_scale, o, gen)
-        res[0] = _cut_into(path, res[0], d, out, "out")
+        res[0] = _cut_into(path, res[0], d, out)
         return res
     if block_table is not None:
         return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
@@ -325,14 +341,15 @@ def bwd(dout, q, k, v, out, softmax_lse, dq=None, dk=None, dv=None, alibi_slopes
 def _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
     """bwd / varlen_bwd, padded as fwd is at head dims without kernels of their own (the gradients cut back
     into dq, dk, dv where given)."""
-    pad = _hub_padding(q, (k, v, dout, out), o)
+    pad = _hub_padding(q, (("k", k), ("v", v), ("dout", dout), ("out", out)), o)
     if pad is None:
         return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o.softmax_scale, o)
     d, dp = pad
+    _check_given(path, [("dq", dq, q), ("dk", dk, k), ("dv", dv, v)],
+                 [("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("softmax_lse", softmax_lse)])
     padded = [path._pad(t, dp) for t in (dout, q, k, v, out)]
     grads = path.bwd(*padded, softmax_lse, None, None, None, lens, o.softmax_scale, o)
-    return [_cut_into(path, g, d, given, name) for g, given, name in zip(grads[:3], (dq, dk, dv), ("dq", "dk", "dv"))] \
-        + [None]
+    return [_cut_into(path, g, d, given) for g, given in zip(grads[:3], (dq, dk, dv))] + [None]
 
 
 def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=None, dk=None, dv=None,

@@ -4,6 +4,7 @@ Nothing here touches a tensor's data, so it also runs while torch.compile traces
 """
 
 import math
+import numbers
 import operator
 
 from . import _native
@@ -72,18 +73,18 @@ def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes
             return_probs=False, rng_state_=None):
     """Checks flash-attn's options. `return_probs`: the caller asked for the probabilities
     (return_attn_probs / return_softmax); as in flash-attn, S_dmask is made only when dropout_p > 0 too."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: must be a float, got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)
     if not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
             raise TypeError(f"softmax_scale: must be a float or None, got {type(softmax_scale).__name__}")
         softmax_scale = float(softmax_scale)
         if not math.isfinite(softmax_scale):
             raise ValueError(f"softmax_scale: must be finite, got {softmax_scale}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap: must be a float, got {type(softcap).__name__}")
     softcap = float(softcap)
     if math.isnan(softcap) or math.isinf(softcap):
@@ -151,6 +152,18 @@ def check_packed(t, name, n, rank):
     if t.shape[-3] != n:
         what = "q, k, v" if n == 3 else "k, v"
         raise ValueError(f"{name}: dimension {rank - 3} must have size {n} ({what}), got shape {tuple(t.shape)}")
+
+
+def check_disjoint(outputs, inputs, overlaps):
+    """No output (name, array) shares an element with an input or another output (None entries skipped),
+    by `overlaps` (the path's, the library's rule): the check the library makes on the outputs it writes,
+    for those the package writes itself (head dims that run padded)."""
+    outputs = [(n, t) for n, t in outputs if t is not None]
+    inputs = [(n, t) for n, t in inputs if t is not None]
+    for i, (name, t) in enumerate(outputs):
+        for other, u in inputs + outputs[i + 1:]:
+            if overlaps(t, u):
+                raise ValueError(f"{name}: overlaps {other}: an output may not alias an input or another output")
 
 
 def check_head_dims(d, others):

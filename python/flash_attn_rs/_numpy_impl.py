@@ -14,6 +14,9 @@ from ._common import PACK_KV, PACK_NONE, PACK_QKV
 _FLOAT = "float16 or bfloat16"
 
 
+_TOO_HARD = getattr(getattr(np, "exceptions", np), "TooHardError", None) or np.TooHardError
+
+
 def _dtype_name(a, name, expected):
     dt = a.dtype
     if dt.type is np.float16:
@@ -73,7 +76,7 @@ def _output(a, name, shape, dtype):
         raise ValueError(f"{name}: is read-only")
     if a.shape != tuple(shape):
         raise ValueError(f"{name}: shape {a.shape} must be {tuple(shape)} (from q's shape)")
-    if a.dtype != dtype:
+    if a.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"{name}: dtype {a.dtype} does not match q's dtype {dtype}")
     if a.dtype.isnative and _layout_ok(a):
         return a, False
@@ -87,6 +90,23 @@ def _lens(lens):
     descs = [None if t is None else _desc(t, n, "int32") for n, t in zip(names, arrays)]
     max_q, max_k = _common.max_seqlen(max_q, "max_seqlen_q"), _common.max_seqlen(max_k, "max_seqlen_k")
     return arrays, (descs[0], descs[1], max_q, max_k, descs[2], descs[3])
+
+
+#: The array type this path takes.
+ARRAY = np.ndarray
+
+
+def check_output(a, name, like):
+    """A caller's output array for a result shaped and typed like `like` (raises as the library would)."""
+    _output(a, name, like.shape, like.dtype)
+
+
+def overlaps(a, b):
+    """Whether arrays `a` and `b` share an element (numpy's exact test, any strides; too hard counts as yes)."""
+    try:
+        return bool(np.shares_memory(a, b, max_work=4096))
+    except _TOO_HARD:
+        return True
 
 
 def cut(a, d):
@@ -328,6 +348,11 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     if dp != d:
         _common.check_rotary_dim(rotary_cos, d)
         if kc.ndim == 4 and vc.ndim == 4 and kc.shape[-1] == d and vc.shape[-1] == d:
+            if appending:
+                # The library's check on the caches it appends to, which it sees only as copies here.
+                _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
+                                       [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if isinstance(t, ARRAY)],
+                                       overlaps)
             q = _pad(q, dp)
             kc_back, vc_back = (kc_back if kc_back is not None else kc), (vc_back if vc_back is not None else vc)
             kc, vc = _pad(kc, dp), _pad(vc, dp)

@@ -435,6 +435,27 @@ def _maybe_contiguous(t):
     return t.contiguous() if t.stride(-1) != 1 else t
 
 
+#: The array type this path takes.
+ARRAY = torch.Tensor
+
+
+def check_output(t, name, like):
+    """A caller's output tensor for a result shaped, typed and placed like `like` (raises as the library
+    would)."""
+    _tensor(t, name)
+    if tuple(t.shape) != tuple(like.shape):
+        raise ValueError(f"{name}: shape {tuple(t.shape)} must be {tuple(like.shape)} (from q's shape)")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {like.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: is on {t.device} but q is on {like.device}")
+
+
+def overlaps(a, b):
+    """Whether tensors `a` and `b` share an element (the library's rule)."""
+    return _native.overlaps(_desc(a, "a"), _desc(b, "b"))
+
+
 def cut(t, d):
     """`t` with its last dim cut to `d` (a contiguous copy)."""
     return t[..., :d].contiguous()
@@ -902,6 +923,10 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         _common.check_rotary_dim(rotary_cos, d)
         if k is not None:
             back = (k_cache, v_cache)
+            # The library's check on the caches it appends to, which it sees only as copies here.
+            _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
+                                   [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if isinstance(t, ARRAY)],
+                                   overlaps)
         q = _pad(q, dp).contiguous()
         k_cache, v_cache = _pad(k_cache, dp).contiguous(), _pad(v_cache, dp).contiguous()
         k = None if k is None else _pad(_common.check_head_dim(_tensor(k, "k"), "k", d), dp).contiguous()

@@ -235,6 +235,17 @@ impl Lens {
     }
 }
 
+/// overlaps(a, b) -> bool
+///
+/// Whether two views (address, dtype, shape, strides) share an element, by the rule the raw layer refuses
+/// aliased outputs with (`flash_attn::alias::overlap`): for the padded head dims, whose outputs the
+/// package writes itself.
+#[pyfunction]
+fn overlaps(a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let (a, b) = (Arg::parse(a, "a")?, Arg::parse(b, "b")?);
+    Ok(flash_attn::alias::overlap(&a.view(), &b.view()))
+}
+
 /// Runs `f` (a raw call) without the GIL; a panic comes back as RuntimeError rather than unwinding into
 /// Python.
 fn call<T: Send, F>(py: Python<'_>, f: F) -> PyResult<T>
@@ -729,6 +740,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(varlen_bwd, m)?)?;
     m.add_function(wrap_pyfunction!(bwd_workspace_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(overlaps, m)?)?;
     m.add_function(wrap_pyfunction!(preload, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add("HEAD_DIMS", PyTuple::new(m.py(), flash_attn::HEAD_DIMS)?)?;

@@ -682,6 +682,20 @@ def check_errors(dev, quick):
             *(torch.zeros(1, 8, 1, 0, device=dev, dtype=torch.bfloat16),) * 2,
             cache_seqlens=torch.tensor([4], dtype=torch.int32, device=dev)), ValueError),
     ]
+    # At head dim 40 (run padded: the package writes the hub ops' given outputs and the caches itself) the
+    # same errors as where the library writes them.
+    q40 = torch.randn(1, 16, 2, 40, device=dev, dtype=torch.bfloat16)
+    lse40 = torch.zeros(1, 2, 16, device=dev)
+    both = torch.empty_like(q40)
+    cache40 = torch.zeros(1, 8, 2, 40, device=dev, dtype=torch.bfloat16)
+    cases += [
+        ("hub fwd out float32, head dim 40", lambda: fa.fwd(q40, q40, q40, torch.empty(q40.shape, device=dev)),
+         TypeError),
+        ("hub bwd dk is dv, head dim 40", lambda: fa.bwd(q40, q40, q40, q40, q40, lse40, None, both, both), ValueError),
+        ("hub bwd out of head dim 64, q 40", lambda: fa.bwd(q40, q40, q40, q40, q, lse40), ValueError),
+        ("kv cache k_cache is v_cache, head dim 40", lambda: fa.flash_attn_with_kvcache(
+            q40[:, :1], cache40, cache40, q40[:, :1], q40[:, :1], cache_seqlens=2), ValueError),
+    ]
     if dev.type == "cuda":
         cu = torch.tensor([0, 16], dtype=torch.int32)
         cases += [

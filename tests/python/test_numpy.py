@@ -443,6 +443,66 @@ def test_hub_fwd_bwd(causal, window, softcap, d):
     assert np.array_equal(gq, dq) and np.array_equal(gk, dk) and np.array_equal(gv, dv), seed
 
 
+@pytest.mark.parametrize("d", [64, 40])
+def test_hub_given_outputs_are_checked(d):
+    """The hub ops' given outputs get the same errors, naming them, at a head dim that runs padded (40: the
+    package writes them itself) as at one with kernels (64): wrong type, dtype or shape, read-only, aliased;
+    and an out / dout of another head dim is named, not q."""
+    seed, rng = new_rng("test_hub_given_outputs_are_checked")
+    q, k, v = randn(rng, (1, 5, 2, d)), randn(rng, (1, 6, 2, d)), randn(rng, (1, 6, 2, d))
+    for bad, err, msg in [([0], TypeError, "out: expected a numpy.ndarray"),
+                          (np.empty(q.shape, np.int8), TypeError, "out: dtype int8"),
+                          (np.empty(q.shape, np.float32), TypeError, "out: dtype float32"),
+                          (np.empty((1, 5, 2, d + 8), F16), ValueError, "out: shape"),
+                          (np.empty_like(q), ValueError, "out: is read-only")]:
+        if msg.endswith("read-only"):
+            bad.flags.writeable = False
+        with pytest.raises(err, match=msg):
+            fa.fwd(q, k, v, bad)
+    with pytest.raises(ValueError, match="out: overlaps q"):
+        fa.fwd(q, k, v, q)
+    out, lse, *_ = fa.fwd(q, k, v)
+    dout = randn(rng, q.shape)
+    both = np.empty_like(k)
+    with pytest.raises(ValueError, match="dk: overlaps dv"):
+        fa.bwd(dout, q, k, v, out, lse, None, both, both)
+    with pytest.raises(TypeError, match="dk: expected a numpy.ndarray"):
+        fa.bwd(dout, q, k, v, out, lse, None, "x")
+    dq, dk, dv, _ = fa.bwd(dout, q, k, v, out, lse)
+    gk = np.full_like(k, 9.0)
+    res = fa.bwd(dout, q, k, v, out, lse, None, gk)
+    assert res[1] is gk and np.array_equal(gk, dk) and np.array_equal(res[0], dq), seed
+    if d == 40:
+        wide = randn(rng, (1, 5, 2, 64))
+        for name, args in [("out", (dout, q, k, v, wide, lse)), ("dout", (wide, q, k, v, out, lse))]:
+            with pytest.raises(ValueError, match=f"{name}: head dim 64 must equal q's head dim 40"):
+                fa.bwd(*args)
+
+
+@pytest.mark.parametrize("d", [64, 40])
+def test_kvcache_aliased_caches_are_refused(d):
+    """Appending into one array given as both caches is refused at every head dim (at 40 the package
+    appends into its padded copies and writes them back)."""
+    seed, rng = new_rng("test_kvcache_aliased_caches_are_refused")
+    cache = randn(rng, (1, 8, 1, d))
+    q, kn, vn = randn(rng, (1, 1, 2, d)), randn(rng, (1, 1, 1, d)), randn(rng, (1, 1, 1, d))
+    with pytest.raises(ValueError, match="k_cache: overlaps v_cache"):
+        fa.flash_attn_with_kvcache(q, cache, cache, kn, vn, cache_seqlens=3)
+    assert np.isfinite(fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3)).all(), seed
+
+
+def test_numpy_float_scalars_as_options():
+    """numpy scalars (float32 too) are floats for softmax_scale, softcap and dropout_p, as Python floats
+    (values exact in float32, so both calls must give the same bits)."""
+    seed, rng = new_rng("test_numpy_float_scalars_as_options")
+    q, k, v = randn(rng, (1, 7, 2, 64)), randn(rng, (1, 9, 2, 64)), randn(rng, (1, 9, 2, 64))
+    state = (int(rng.integers(2**63)), 3)
+    for kw in [dict(softmax_scale=0.125, softcap=3.0), dict(dropout_p=0.25, softcap=0.5)]:
+        want = fa.flash_attn_func(q, k, v, **kw, rng_state=state)
+        got = fa.flash_attn_func(q, k, v, **{n: np.float32(x) for n, x in kw.items()}, rng_state=state)
+        assert np.array_equal(got, want), (seed, kw)
+
+
 @pytest.mark.parametrize("d", [32, 48])
 def test_hub_varlen_fwd_bwd(d):
     seed, rng = new_rng("test_hub_varlen_fwd_bwd")
