@@ -293,12 +293,15 @@ fn empty_tensors() {
 }
 
 /// Strided inputs: q/k/v as transposes of `[B, H, S, D]` tensors (strides passed through), and a q whose
-/// head dim is not contiguous (copied first); a broadcast incoming gradient (loss = out.sum()).
+/// head dim is not contiguous (copied first); a broadcast incoming gradient (loss = out.sum()). Also at a
+/// head dim the adapter pads (80), whose padded copies must be conformed too, and q, k, v sliced out of a
+/// fused qkv tensor there.
 #[test]
 fn dense_strided_inputs() {
     let mut rng = StdRng::seed_from_u64(seed());
-    let (b, s, h, d) = (2, 21, 4, 64);
-    for dtype in [DType::BF16, DType::F16] {
+    let (b, s, h) = (2, 21, 4);
+    for (dtype, d) in [(DType::BF16, 64), (DType::F16, 64), (DType::BF16, 80), (DType::F16, 80)] {
+        println!("{dtype:?}, head dim {d}");
         let qh = rand_tensor(&mut rng, &[b, h, s, d], 2.0, dtype);
         let kh = rand_tensor(&mut rng, &[b, h, s, d], 2.0, dtype);
         let vh = rand_tensor(&mut rng, &[b, h, s, d], 1.0, dtype);
@@ -308,6 +311,12 @@ fn dense_strided_inputs() {
         let (rout, _) = reference(&q.to_dtype(DType::F32).unwrap(), &k.to_dtype(DType::F32).unwrap(), &v.to_dtype(DType::F32).unwrap(), scale, (None, Some(0)), 0.0).unwrap();
         let out = fa::flash_attn(&q, &k, &v, scale, true).unwrap();
         check("out (strided q/k/v)", &out, &rout, out_tol(dtype));
+        // q, k, v as slices of one fused [B, S, 3, H, D] tensor.
+        let qkv = Tensor::stack(&[&q, &k, &v], 2).unwrap();
+        let [qs, ks, vs] = [0, 1, 2].map(|i| qkv.narrow(2, i, 1).unwrap().squeeze(2).unwrap());
+        assert!(!qs.is_contiguous());
+        let out = fa::flash_attn(&qs, &ks, &vs, scale, true).unwrap();
+        check("out (slices of a fused qkv)", &out, &rout, out_tol(dtype));
         // q with the head dim strided: [B, S, H, D] from a [B, S, D, H] tensor.
         let qt = q.contiguous().unwrap().transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
         assert_eq!(qt.stride()[3], h);
@@ -880,6 +889,10 @@ fn bad_inputs_are_errors() {
     expect_err("v dtype != k dtype", || fa::flash_attn(qr, kr, &kf16, 0.1, false));
     expect_err("batch mismatch", || fa::flash_attn(qr, &k_b2, &k_b2, 0.1, false));
     expect_err("v shape != k shape", || fa::flash_attn(qr, kr, &k_b2, 0.1, false));
+    // At a head dim the adapter pads, the library's message says its shapes are the padded ones.
+    let (q40, k40, v40) = (t(&mut rng, &[1, 8, 4, 40], bf), t(&mut rng, &[1, 8, 2, 40], bf), t(&mut rng, &[1, 7, 2, 40], bf));
+    let e = fa::flash_attn(&q40, &k40, &v40, 0.1, false).expect_err("v shape != k shape at head dim 40");
+    assert!(e.to_string().contains("head dim 40 runs zero-padded to 64"), "{e}");
     expect_err("windowed: f32", || fa::flash_attn_windowed(&q32, &k32, &k32, 0.1, Some(1), None));
     expect_err("windowed: rank", || fa::flash_attn_windowed(&q3, &k3, &k3, 0.1, Some(1), Some(0)));
     assert!(fa::flash_attn_alibi(qr, kr, kr, &alibi, 0.1, true).is_ok(), "alibi: the good call must work");

@@ -149,8 +149,8 @@ impl CustomOp3 for FlashAttnOp {
         let out_shape = q_l.dims().to_vec();
         let lse_shape = self.lse_shape(&out_shape)?;
         let (out_strides, lse_strides) = (contiguous_strides(&out_shape), contiguous_strides(&lse_shape));
-        let mut out = host::alloc(dtype, numel(&out_shape));
-        let mut lse = vec![0f32; numel(&lse_shape)];
+        let mut out = host::alloc(dtype, numel(&out_shape))?;
+        let mut lse = host::zeros(numel(&lse_shape), 0f32)?;
         let alibi = self.alibi.as_ref().map(|t| t.storage_and_layout());
         let t = FwdViews {
             q: host::view("q", q, q_l)?,
@@ -307,9 +307,9 @@ impl FlashAttnOp {
         let alibi = self.alibi.as_ref().map(|t| t.storage_and_layout());
         let (q_shape, kv_shape) = (q.dims().to_vec(), k.dims().to_vec());
         let (q_strides, kv_strides) = (contiguous_strides(&q_shape), contiguous_strides(&kv_shape));
-        let mut dq = host::alloc(dtype, numel(&q_shape));
-        let mut dk = host::alloc(dtype, numel(&kv_shape));
-        let mut dv = host::alloc(dtype, numel(&kv_shape));
+        let mut dq = host::alloc(dtype, numel(&q_shape))?;
+        let mut dk = host::alloc(dtype, numel(&kv_shape))?;
+        let mut dv = host::alloc(dtype, numel(&kv_shape))?;
         let t = BwdViews {
             dout: views[0],
             q: views[1],
@@ -431,13 +431,24 @@ mod host {
         Ok(View { addr: base + (l.start_offset() * dtype.size()) as u64, dtype, shape: l.dims(), strides: l.stride() })
     }
 
-    pub(super) fn alloc(dtype: DType, n: usize) -> CpuStorage {
-        match dtype {
-            DType::F16 => CpuStorage::F16(vec![f16::ZERO; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
-            DType::F32 => CpuStorage::F32(vec![0.0; n]),
-            DType::I32 => CpuStorage::I32(vec![0; n]),
+    /// `n` zeros of `dtype`; an allocation the system refuses is an error, not an abort (a broadcast q can
+    /// be far larger than its storage).
+    pub(super) fn alloc(dtype: DType, n: usize) -> Result<CpuStorage> {
+        Ok(match dtype {
+            DType::F16 => CpuStorage::F16(zeros(n, f16::ZERO)?),
+            DType::BF16 => CpuStorage::BF16(zeros(n, bf16::ZERO)?),
+            DType::F32 => CpuStorage::F32(zeros(n, 0.0)?),
+            DType::I32 => CpuStorage::I32(zeros(n, 0)?),
+        })
+    }
+
+    pub(super) fn zeros<T: Clone>(n: usize, zero: T) -> Result<Vec<T>> {
+        let mut v = Vec::new();
+        if v.try_reserve_exact(n).is_err() {
+            fail!("cannot allocate an output of {n} elements of {} bytes", std::mem::size_of::<T>());
         }
+        v.resize(n, zero);
+        Ok(v)
     }
 
     pub(super) fn addr_mut(s: &mut CpuStorage) -> u64 {
@@ -640,7 +651,9 @@ fn check_qkv(q: &Tensor, k: &Tensor, v: &Tensor, q_rank: usize, kv_rank: usize) 
     // None above 256 and for 0: the raw layer's error names them.
     match crate::padded_head_dim(d) {
         Some(dp) if dp != d && k.dim(kv_rank - 1)? == d && v.dim(kv_rank - 1)? == d => {
-            let pad = |t: &Tensor| t.pad_with_zeros(t.rank() - 1, 0, dp - d);
+            // Conformed again: candle pads a strided tensor (a transposed view, a slice of a fused qkv)
+            // into one whose head dim is strided.
+            let pad = |t: &Tensor| conform(&t.pad_with_zeros(t.rank() - 1, 0, dp - d)?);
             Ok(Qkv { q: pad(&q)?, k: pad(&k)?, v: pad(&v)?, d })
         }
         _ => Ok(Qkv { q, k, v, d }),
@@ -728,8 +741,13 @@ impl FlashAttnOp {
 /// Applies the op; returns (out, lse), out cut back to the caller's head dim where q was padded.
 fn apply(t: &Qkv, op: FlashAttnOp) -> Result<(Tensor, Tensor)> {
     let slot = op.lse.clone();
-    let mut out = t.q.apply_op3_arc(&t.k, &t.v, Arc::new(Box::new(op)))?;
-    let last = out.rank() - 1;
+    let last = t.q.rank() - 1;
+    let dp = t.q.dim(last)?;
+    // The library's errors on padded inputs show their shapes: say so.
+    let mut out = t.q.apply_op3_arc(&t.k, &t.v, Arc::new(Box::new(op))).map_err(|e| match e {
+        candle_core::Error::Msg(m) if dp != t.d => candle_core::Error::Msg(format!("{m} (head dim {} runs zero-padded to {dp}: shapes above show {dp})", t.d)),
+        e => e,
+    })?;
     if out.dim(last)? != t.d {
         out = out.narrow(last, 0, t.d)?.contiguous()?;
     }
