@@ -98,7 +98,7 @@ ARRAY = np.ndarray
 
 def check_output(a, name, like):
     """A caller's output array for a result shaped and typed like `like` (raises as the library would)."""
-    _output(a, name, like.shape, like.dtype)
+    _output(a, name, like.shape, like.dtype.newbyteorder("="))
 
 
 def overlaps(a, b):
