@@ -185,6 +185,10 @@ fn bad_raw_calls_are_typed_errors() {
         is(fwd_err(FwdViews { out: at(0), ..good }, target), "out"); // out is q
         is(fwd_err(FwdViews { out: View { addr: at(2).addr + 64, ..at(2) }, ..good }, target), "out"); // overlaps v
         is(fwd_err(FwdViews { lse: View { addr: at(3).addr, ..lse_v }, ..good }, target), "lse"); // overlaps out
+        // An out whose rows share memory (a broadcast over the sequence, heads one row apart).
+        let shared = FwdViews { out: View { strides: leak(vec![s * h * d, 0, d, 1]), ..at(3) }, ..good };
+        is(fwd_err(shared, target), "out: has elements that share memory");
+        is(fwd_err(FwdViews { out: View { strides: leak(vec![s * h * d, h * d, d / 2, 1]), ..at(3) }, ..good }, target), "out: has elements");
         is(fwd_err(FwdViews { q: View { strides: leak(vec![1]), ..at(0) }, ..good }, target), "q"); // strides of the wrong rank
         is(fwd_err(FwdViews { lse: View { dtype: DType::BF16, ..lse_v }, ..good }, target), "lse");
         is(fwd_err(FwdViews { out: View { shape: leak(vec![b, s, h, 32]), strides: leak(contiguous(&[b, s, h, 32])), ..at(3) }, ..good }, target), "out");
@@ -206,6 +210,7 @@ fn bad_raw_calls_are_typed_errors() {
     for target in [Target::Cpu, cuda] {
         is(bwd_err(BwdViews { dk: g(0), ..bv }, Workspace { addr: 1 << 20, bytes: need }, target), "dq");
         is(bwd_err(BwdViews { dv: at(1), ..bv }, Workspace { addr: 1 << 20, bytes: need }, target), "dv");
+        is(bwd_err(BwdViews { dk: View { strides: leak(vec![s * h * d, 0, d, 1]), ..g(1) }, ..bv }, Workspace { addr: 1 << 20, bytes: need }, target), "dk: has elements that share memory");
     }
     assert!(matches!(raw::bwd_workspace_bytes(&[2, 3, 48], false), Err(Error::HeadDim { got: 48 })));
     assert!(matches!(raw::bwd_workspace_bytes(&[2, 3], false), Err(Error::Rank { .. })));

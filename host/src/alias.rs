@@ -50,6 +50,40 @@ pub fn overlap(a: &View<'_>, b: &View<'_>) -> bool {
     solvable(dims, &reach, 0, delta / size, &mut budget)
 }
 
+/// Whether two elements of one view may share memory (an output written through such a view races with
+/// itself, and the result depends on the order of the writes): its dimensions of extent above 1, ordered
+/// by stride, must each step past everything the smaller ones span. Every dense, transposed, sliced or
+/// packed layout passes; a broadcast (stride 0) one fails, and so does any other that this sufficient
+/// test cannot clear. (Fixed arrays: the CUDA path allocates nothing per call.)
+pub fn self_overlap(v: &View<'_>) -> bool {
+    if v.shape.contains(&0) {
+        return false;
+    }
+    let mut dims = [(0usize, 0usize); 8];
+    let mut n = 0;
+    for (&extent, &stride) in v.shape.iter().zip(v.strides).filter(|(e, _)| **e > 1) {
+        if n == dims.len() {
+            return true;
+        }
+        dims[n] = (stride, extent);
+        n += 1;
+    }
+    let dims = &mut dims[..n];
+    dims.sort_unstable();
+    // The largest offset the smaller dimensions reach.
+    let mut reach = 0usize;
+    for &(stride, extent) in dims.iter() {
+        if stride <= reach {
+            return true;
+        }
+        match (extent - 1).checked_mul(stride).and_then(|x| x.checked_add(reach)) {
+            Some(r) => reach = r,
+            None => return true,
+        }
+    }
+    false
+}
+
 fn solvable(dims: &[(i128, i128, i128)], reach: &[(i128, i128)], k: usize, rem: i128, budget: &mut usize) -> bool {
     if k == dims.len() {
         return rem == 0;
@@ -117,6 +151,44 @@ mod tests {
         assert!(overlap(&view(at(1), &shape, &strides), &view(at(1), &shape, &strides)));
         // A head shifted by one element overlaps.
         assert!(overlap(&view(0, &shape, &strides), &view(2, &shape, &strides)));
+    }
+
+    #[test]
+    fn self_overlap_is_found_and_common_layouts_pass() {
+        let cases: [(&[usize], &[usize], bool); 6] = [
+            (&[2, 3, 4], &[12, 4, 1], false),
+            (&[2, 3, 4], &[4, 8, 1], false),
+            (&[2, 3, 4], &[0, 4, 1], true),
+            (&[1, 3, 4], &[0, 4, 1], false),
+            (&[2, 3, 4], &[12, 2, 1], true),
+            (&[2, 0, 4], &[0, 0, 0], false),
+        ];
+        for (shape, strides, want) in cases {
+            assert_eq!(self_overlap(&view(0, shape, strides)), want, "{shape:?} {strides:?}");
+        }
+        // Sufficient: a view it clears has no element twice (brute force).
+        let mut state = 0x2545f4914f6cdd1du64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for _ in 0..3000 {
+            let shape = [1 + next(3) as usize, 1 + next(4) as usize, 1 + next(4) as usize];
+            let strides = [next(30) as usize, next(10) as usize, next(3) as usize];
+            let v = view(0, &shape, &strides);
+            if !self_overlap(&v) {
+                let mut seen = std::collections::HashSet::new();
+                for i in 0..shape[0] {
+                    for j in 0..shape[1] {
+                        for k in 0..shape[2] {
+                            assert!(seen.insert(i * strides[0] + j * strides[1] + k * strides[2]), "{v:?}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

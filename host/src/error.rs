@@ -45,7 +45,7 @@ impl fmt::Display for Error {
             Error::DeviceMismatch { arg, got, expected } => write!(f, "{arg}: is on {got} but q is on {expected}"),
             Error::Rank { arg, got, expected } => write!(f, "{arg}: expected {expected} dimensions, got {got}"),
             Error::Shape { arg, msg } => write!(f, "{arg}: {msg}"),
-            Error::NotContiguous { arg } => write!(f, "{arg}: the last dimension (head dim) must be contiguous (stride 1)"),
+            Error::NotContiguous { arg } => write!(f, "{arg}: the last dimension must be contiguous (stride 1)"),
             Error::HeadDim { got } => write!(f, "q: head dim {got} is not supported; supported: 32, 64, 96, 128, 192, 256"),
             Error::Heads { hq, hk } => write!(f, "num_heads (q: {hq}) must be a multiple of num_heads_k (k/v: {hk})"),
             Error::Value { arg, msg } => write!(f, "{arg}: {msg}"),

@@ -741,10 +741,13 @@ fn check_no_alias(outputs: &[(&'static str, &View<'_>)], inputs: &[(&'static str
     no_alias(outputs, inputs.iter().copied().chain(lens.iter().flatten().flatten().map(|(a, t)| (*a, t))))
 }
 
-/// No output shares an element with an input or with another output. (No allocation: the CUDA path
+/// No output shares an element with an input, with another output or with itself. (No allocation: the CUDA path
 /// allocates nothing per call.)
 fn no_alias<'v, 'a: 'v>(outputs: &[(&'static str, &'v View<'a>)], inputs: impl Iterator<Item = (&'static str, &'v View<'a>)> + Clone) -> Result<()> {
     for (i, &(arg, o)) in outputs.iter().enumerate() {
+        if crate::alias::self_overlap(o) {
+            return Err(Error::Value { arg, msg: "has elements that share memory (a broadcast or overlapping layout): an output needs its own memory at every position".into() });
+        }
         for (other, t) in inputs.clone().chain(outputs[i + 1..].iter().copied()) {
             if crate::alias::overlap(o, t) {
                 return Err(Error::Value { arg, msg: format!("overlaps {other}: an output may not alias an input or another output") });
