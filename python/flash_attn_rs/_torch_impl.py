@@ -19,7 +19,9 @@ and the gradients 16-byte aligned on CUDA: an input that is not (a view at an od
 and a caller's output that is not is written through a temporary.
 """
 
+import functools
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -235,6 +237,37 @@ def _bwd_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seql
     return None
 
 
+#: What differentiating the attention backward's gradients raises (create_graph=True, e.g. a gradient
+#: penalty): the backward is not itself differentiable.
+_TWICE = b"flash_attn_rs: the attention backward is not differentiable (double backward, as in a gradient " \
+    b"penalty through create_graph=True, is not supported)"
+
+
+def _not_twice(grads):
+    """`grads` as they are outside grad mode; under create_graph=True (grad mode on in the backward) each
+    tensor behind a node that raises `_TWICE` when differentiated, where they would otherwise be constants
+    and a second derivative would silently miss this backward's terms. (torch's once_differentiable does
+    this only when an incoming gradient requires grad.)"""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    tensors = [g for g in grads if isinstance(g, torch.Tensor)]
+    if not tensors:
+        return grads
+    guarded = torch._C._functions.DelayedError(_TWICE, len(tensors))(*[g.detach().requires_grad_(True) for g in tensors])
+    it = iter((guarded,) if isinstance(guarded, torch.Tensor) else guarded)
+    return tuple(next(it) if isinstance(g, torch.Tensor) else g for g in grads)
+
+
+def _once(backward):
+    """An autograd.Function backward run without grad, its gradients passed through `_not_twice`."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *args):
+        with torch.no_grad():
+            grads = backward(ctx, *args)
+        return _not_twice(grads)
+    return wrapper
+
+
 def _backward(saved, params, dout, bwd):
     """The gradients of fwd's differentiable inputs (q, k, v; or q, kv; or qkv, each packed gradient one
     buffer), by `bwd` (the op, or its body on the eager path) from the saved out and lse."""
@@ -253,11 +286,13 @@ def _fwd_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, cu_q, cu_k, used_q, used_k, out, lse)
     ctx.params = (max_q, max_k, pack, scale, causal, wl, wr, softcap, det)
+    # As on the eager path: the LSE carries no gradient (flash-attn drops it too).
+    ctx.mark_non_differentiable(lse)
 
 
 def _fwd_backward(ctx, dout, dlse):
     # dlse is dropped: the LSE is an auxiliary output, as in flash-attn.
-    return _backward(ctx.saved_tensors, ctx.params, dout, torch.ops.flash_attn_rs.bwd) + (None,) * 13
+    return _not_twice(_backward(ctx.saved_tensors, ctx.params, dout, torch.ops.flash_attn_rs.bwd) + (None,) * 13)
 
 
 _fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -276,7 +311,7 @@ class _EagerFwd(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once
     def backward(ctx, dout, dlse):
         return _backward(ctx.saved_tensors, ctx.params, dout, _bwd_body) + (None,) * 13
 
@@ -360,7 +395,7 @@ class _FastFwd(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         _, _, _, _, _, _, _, scale, causal, wl, wr, softcap, det = ctx.a
@@ -439,10 +474,29 @@ def _maybe_contiguous(t):
 ARRAY = torch.Tensor
 
 
+def _writable(t, name):
+    """`t`, an output the package writes in place: not a leaf that requires grad (torch refuses in-place
+    writes to those), as torch's own copy would say."""
+    if t.requires_grad and t.is_leaf and torch.is_grad_enabled():
+        raise ValueError(f"{name}: is a leaf tensor that requires grad; it is written in place (pass one "
+                         f"that does not, or call under torch.no_grad())")
+    return t
+
+
+def _written(*tensors):
+    """Marks tensors the native code wrote in place as modified (their version counter), so that autograd
+    sees the write as it sees torch's own in-place ops."""
+    if torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
 def check_output(t, name, like):
     """A caller's output tensor for a result shaped, typed and placed like `like` (raises as the library
     would)."""
-    _tensor(t, name)
+    _writable(_tensor(t, name), name)
     if tuple(t.shape) != tuple(like.shape):
         raise ValueError(f"{name}: shape {tuple(t.shape)} must be {tuple(like.shape)} (from q's shape)")
     if t.dtype != like.dtype:
@@ -475,9 +529,11 @@ def _seqlen(x, name):
     sequence in cu_seqlens on the device, and nothing reads it back to the host)."""
     if x is None:
         return None
-    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
+    if isinstance(x, torch.SymInt):
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name}: must be an int or None, got {type(x).__name__}")
-    return x
+    return int(x)
 
 
 def _optional_tensor(t, name):
@@ -541,8 +597,9 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
     else:
         cu_q = cu_k = used_q = used_k = None
         max_q = max_k = 0
+    given = out
     if out is not None:
-        _tensor(out, "out")
+        _writable(_tensor(out, "out"), "out")
         if tuple(out.shape) != tuple(q.shape):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
     if o.extras:
@@ -559,6 +616,7 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _call_fwd_into(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, o.causal, o.window_left,
                          o.window_right, o.softcap)
+    _written(given)
     return [out, lse, None, None]
 
 
@@ -579,7 +637,7 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
     for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if g is None:
             g = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        elif tuple(_tensor(g, name).shape) != tuple(like.shape):
+        elif tuple(_writable(_tensor(g, name), name).shape) != tuple(like.shape):
             raise ValueError(f"{name}: shape {tuple(g.shape)} must be {tuple(like.shape)}")
         grads.append(g)
     args = (_maybe_contiguous(dout), _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v),
@@ -593,6 +651,7 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
         _launch_bwd(*args, extras=_bwd_extras(alibi, _common.dropout_arg(o, o.rng_state)))
     else:
         _call_bwd(*args)
+    _written(dq, dk, dv)
     return grads + [None]
 
 
@@ -678,7 +737,7 @@ class _ExtFwd(torch.autograd.Function):
         return out, lse, s_dmask
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_once
     def backward(ctx, dout, dlse, ds_dmask):
         q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi = ctx.saved_tensors
         max_q, max_k, pack, scale, causal, wl, wr, softcap, det, dropout = ctx.params
@@ -756,8 +815,9 @@ def _bwd_ext_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_
 def _fwd_ext_setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, causal, wl, wr, softcap, det, alibi, p, rng,
      _) = inputs
-    out, lse, _ = output
+    out, lse, s_dmask = output
     ctx.save_for_backward(q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi, rng)
+    ctx.mark_non_differentiable(lse, s_dmask)
     ctx.params = (max_q, max_k, pack, scale, causal, wl, wr, softcap, det, p)
 
 
@@ -769,7 +829,7 @@ def _fwd_ext_backward(ctx, dout, dlse, ds_dmask):
     dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
     torch.ops.flash_attn_rs.bwd_ext(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k,
                                     scale, causal, wl, wr, softcap, det, alibi, p, rng)
-    return tuple(grads) + (None,) * 17
+    return _not_twice(tuple(grads) + (None,) * 17)
 
 
 _fwd_ext.register_autograd(_fwd_ext_backward, setup_context=_fwd_ext_setup_context)
@@ -911,6 +971,10 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
     place."""
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
+    if k is not None or v is not None:
+        _writable(k_cache, "k_cache")
+        _writable(v_cache, "v_cache")
+    given_caches = (k_cache, v_cache)
     _common.check_rank(q, "q", 4)
     q = _maybe_contiguous(q)
     d = q.shape[-1]
@@ -972,6 +1036,8 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     if back is not None:
         back[0].copy_(k_cache[..., :d])
         back[1].copy_(v_cache[..., :d])
+    elif "k_new" in kw:
+        _written(*given_caches)
     if out.shape[-1] != d:
         out = out[..., :d].contiguous()
     return out, lse

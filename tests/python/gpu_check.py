@@ -710,6 +710,61 @@ def check_errors(dev, quick):
             report(f"error: {name}", True, f"{type(e).__name__}: {e}")
 
 
+@check("autograd edges")
+def check_autograd_edges(dev, quick):
+    """What autograd must not get silently wrong: a second derivative through the attention raises (not a
+    gradient missing its terms), eagerly and through the custom ops; the LSE carries no gradient on either
+    path; in-place writes into a caller's tensors bump its version counter; outputs whose elements share
+    memory (expanded views) are refused."""
+    q = torch.randn(1, 24, 2, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    from flash_attn_rs import _torch_impl
+
+    def via_ops(fn):
+        def run():
+            _torch_impl.EAGER_FAST_PATH = False
+            try:
+                return fn()
+            finally:
+                _torch_impl.EAGER_FAST_PATH = True
+        return run
+
+    plain = lambda: fa.flash_attn_func(q, q, q, causal=True)  # noqa: E731
+    alibi = lambda: fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=dev))  # noqa: E731
+    for path, fn in [("eager", plain), ("ALiBi path", alibi), ("custom ops", via_ops(plain)),
+                     ("custom ops, ALiBi", via_ops(alibi)), ("compiled", torch.compile(plain, fullgraph=True))]:
+        (g,) = torch.autograd.grad(fn().float().sum(), q, create_graph=True)
+        try:
+            g.float().square().sum().backward()
+            report(f"double backward raises ({path})", False, "no exception")
+        except RuntimeError as e:
+            # Compiled graphs: torch's own refusal (AOTAutograd has no double backward).
+            report(f"double backward raises ({path})", "not differentiable" in str(e) or path == "compiled",
+                   str(e)[:100])
+    compiled = torch.compile(lambda: fa.flash_attn_func(q, q, q, return_attn_probs=True)[1], fullgraph=True)
+    report("LSE carries no gradient (eager, compiled)",
+           not fa.flash_attn_func(q, q, q, return_attn_probs=True)[1].requires_grad and not compiled().requires_grad)
+    x = q.detach()
+    out = torch.empty_like(x)
+    before = out._version
+    fa.fwd(x, x, x, out)
+    report("hub fwd bumps out's version counter", out._version > before, f"{before} -> {out._version}")
+    cache = torch.zeros(2, 8, 2, 64, device=dev, dtype=torch.bfloat16)
+    before = cache._version
+    fa.flash_attn_with_kvcache(x[:, :1], cache[:1], cache[1:], x[:, :1], x[:, :1], cache_seqlens=2)
+    report("kv cache append bumps the caches' version counter", cache._version > before)
+    wide = torch.empty(1, 1, 2, 64, device=dev, dtype=torch.bfloat16).expand(2, 24, 2, 64)
+    x2 = torch.cat([x, x])
+    for name, fn in [("hub fwd into an expanded out", lambda: fa.fwd(x2, x2, x2, wide)),
+                     ("kv cache append into an expanded cache", lambda: fa.flash_attn_with_kvcache(
+                         x2[:, :1], cache[:1].expand(2, 8, 2, 64), cache[1:].expand(2, 8, 2, 64), x2[:, :1],
+                         x2[:, :1], cache_seqlens=2))]:
+        try:
+            fn()
+            report(f"error: {name}", False, "no exception")
+        except ValueError as e:
+            report(f"error: {name}", "share memory" in str(e), str(e)[:120])
+
+
 @check("layouts")
 def check_layouts(dev, quick):
     """Tensors the kernels cannot read in place (rows not 16-byte aligned, head dim not contiguous) are
@@ -1127,6 +1182,7 @@ def main():
     check_hub(dev, quick)
     check_errors(dev, quick)
     check_layouts(dev, quick)
+    check_autograd_edges(dev, quick)
     check_empty(dev, quick)
     check_paged(dev, quick)
     check_extras(dev, quick)

@@ -479,6 +479,17 @@ def test_hub_given_outputs_are_checked(d):
                 fa.bwd(*args)
 
 
+def test_outputs_sharing_memory_are_refused():
+    """An out whose elements share memory (a writable stride-0 view) is refused, naming it, rather than
+    written in an order that decides the result."""
+    seed, rng = new_rng("test_outputs_sharing_memory_are_refused")
+    q = randn(rng, (2, 6, 2, 64))
+    base = np.empty((1, 6, 2, 64), F16)
+    shared = np.lib.stride_tricks.as_strided(base, shape=q.shape, strides=(0,) + base.strides[1:], writeable=True)
+    with pytest.raises(ValueError, match="out: has elements that share memory"):
+        fa.fwd(q, q, q, shared)
+
+
 @pytest.mark.parametrize("d", [64, 40])
 def test_kvcache_aliased_caches_are_refused(d):
     """Appending into one array given as both caches is refused at every head dim (at 40 the package
