@@ -441,3 +441,36 @@ fn fwd_into_outputs() {
     let all = view.as_strided(&[b * s, 2, h * d], &[pitch, h * d, 1], 0).unwrap().to_f32_vec().unwrap();
     assert!(all.chunks(h * d).skip(1).step_by(2).all(|gap| gap.iter().all(|&x| x == 7.0)), "gap written");
 }
+
+/// Inputs that describe outputs far larger than memory (broadcast views, loose max_seqlen bounds with
+/// S_dmask) get errors, not a panic or an abort of the process; so do empty views past their storage.
+#[test]
+fn outputs_too_large_to_allocate_are_errors() {
+    let too_large = |e: &Error| matches!(e, Error::TooLarge { .. } | Error::Data { .. });
+    expect_err(Tensor::zeros(&[1 << 63], DType::F16, Device::Cpu), too_large, "");
+    let one = t(&[1], DType::BF16);
+    // q: 2^20 x 2^20 rows x 256, all one element: its out (2^49 bytes) lies past any 47-bit address space,
+    // so no allocation can succeed, whatever the machine's overcommit policy.
+    let q = one.as_strided(&[1 << 20, 1 << 20, 1, 256], &[0, 0, 0, 0], 0).unwrap();
+    let k = one.as_strided(&[1 << 20, 4, 1, 256], &[0, 0, 0, 0], 0).unwrap();
+    assert!(dense(&q, &k, &k).is_err());
+    let cache = t(&[1, 8, 1, 256], DType::BF16);
+    let (mut kc, mut vc) = (cache.clone(), cache.clone());
+    let lens = Tensor::from_i32(vec![1; 1 << 20], &[1 << 20]).unwrap();
+    let q1 = one.as_strided(&[1 << 20, 1 << 20, 1, 256], &[0, 0, 0, 0], 0).unwrap();
+    assert!(flash_attn::fwd_kvcache(&q1, &mut kc, &mut vc, &flash_attn::KvCache::new(&lens), &AttnOptions::default(), &Default::default()).is_err());
+    // combine over a broadcast [1, 2^31, 2^31, 1, 1] partial out: 2^62 elements, more bytes than usize holds.
+    let lse1 = Tensor::zeros(&[1], DType::F32, Device::Cpu).unwrap();
+    let po = one.as_strided(&[1, 1 << 31, 1 << 31, 1, 1], &[0; 5], 0).unwrap();
+    let pl = lse1.as_strided(&[1, 1 << 31, 1, 1 << 31], &[0; 4], 0).unwrap();
+    assert!(flash_attn::combine(&po, &pl).is_err());
+    // S_dmask sized by max_seqlen bounds of 2^30 for sequences of 4 keys.
+    let (q, k) = (t(&[4, 1, 32], DType::BF16), t(&[4, 1, 32], DType::BF16));
+    let cu = i32s(&[0, 4]);
+    let vl = Varlen { cu_seqlens_q: &cu, cu_seqlens_k: &cu, max_seqlen_q: Some(1 << 30), max_seqlen_k: Some(1 << 30), seqused_q: None, seqused_k: None };
+    let extras = Extras { alibi_slopes: None, return_attn_probs: true };
+    assert!(varlen_fwd_with(&q, &k, &k, &vl, &extras, &AttnOptions::default()).is_err());
+    // An empty view may start at the end of its storage, not past it.
+    assert!(one.as_strided(&[0, 3], &[1, 1], 1).is_ok());
+    expect_err(one.as_strided(&[0, 3], &[1, 1], usize::MAX / 2), |e| matches!(e, Error::Data { .. }), "offset");
+}

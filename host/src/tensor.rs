@@ -46,13 +46,23 @@ impl CpuData {
             CpuData::I32(v) => v[i] as f32,
         }
     }
-    fn zeros(dtype: DType, n: usize) -> CpuData {
-        match dtype {
-            DType::F16 => CpuData::F16(vec![f16::ZERO; n]),
-            DType::BF16 => CpuData::BF16(vec![bf16::ZERO; n]),
-            DType::F32 => CpuData::F32(vec![0.0; n]),
-            DType::I32 => CpuData::I32(vec![0; n]),
+    /// `n` zeros; a size past the address space, or an allocation the system refuses, is an error rather
+    /// than a panic or an abort (a broadcast input can describe an output far larger than its storage).
+    fn zeros(dtype: DType, n: usize) -> Result<CpuData> {
+        fn filled<T: Clone>(n: usize, zero: T) -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            if n.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) || v.try_reserve_exact(n).is_err() {
+                return Err(Error::TooLarge { arg: "output", msg: format!("{n} elements of {} bytes cannot be allocated", std::mem::size_of::<T>()) });
+            }
+            v.resize(n, zero);
+            Ok(v)
         }
+        Ok(match dtype {
+            DType::F16 => CpuData::F16(filled(n, f16::ZERO)?),
+            DType::BF16 => CpuData::BF16(filled(n, bf16::ZERO)?),
+            DType::F32 => CpuData::F32(filled(n, 0.0)?),
+            DType::I32 => CpuData::I32(filled(n, 0)?),
+        })
     }
     fn from_f32(dtype: DType, data: &[f32]) -> Result<CpuData> {
         Ok(match dtype {
@@ -146,8 +156,11 @@ impl Tensor {
     pub fn zeros(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
         let n = numel(shape)?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuData::zeros(dtype, n)),
-            Device::Cuda(ordinal) => Storage::Cuda(crate::cuda::DeviceBuffer::zeros(ordinal, n * dtype.size())?),
+            Device::Cpu => Storage::Cpu(CpuData::zeros(dtype, n)?),
+            Device::Cuda(ordinal) => {
+                let bytes = n.checked_mul(dtype.size()).ok_or_else(|| Error::Data { msg: format!("shape {shape:?} overflows usize") })?;
+                Storage::Cuda(crate::cuda::DeviceBuffer::zeros(ordinal, bytes)?)
+            }
         };
         Ok(Tensor { storage, dtype, shape: shape.to_vec(), strides: contiguous_strides(shape), offset: 0 })
     }
@@ -159,6 +172,9 @@ impl Tensor {
             return Err(Error::Data { msg: format!("shape {shape:?} and strides {strides:?} differ in rank") });
         }
         let capacity = self.storage_len();
+        if offset > capacity {
+            return Err(Error::Data { msg: format!("offset {offset} exceeds storage of {capacity} elements") });
+        }
         if numel(shape)? > 0 {
             let last = shape.iter().zip(strides).try_fold(offset, |acc, (&d, &s)| (d - 1).checked_mul(s).and_then(|x| x.checked_add(acc)));
             match last {
