@@ -118,6 +118,16 @@ mod tests {
         View { addr, dtype: DType::BF16, shape, strides }
     }
 
+    /// A xorshift64 stream from `state`: `next(n)` draws below n.
+    fn xorshift(mut state: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        }
+    }
+
     /// Brute force: the byte sets of both views.
     fn brute(a: &View<'_>, b: &View<'_>) -> bool {
         let bytes = |v: &View<'_>| {
@@ -167,13 +177,7 @@ mod tests {
             assert_eq!(self_overlap(&view(0, shape, strides)), want, "{shape:?} {strides:?}");
         }
         // Sufficient: a view it clears has no element twice (brute force).
-        let mut state = 0x2545f4914f6cdd1du64;
-        let mut next = |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut next = xorshift(0x2545f4914f6cdd1d);
         for _ in 0..3000 {
             let shape = [1 + next(3) as usize, 1 + next(4) as usize, 1 + next(4) as usize];
             let strides = [next(30) as usize, next(10) as usize, next(3) as usize];
@@ -193,13 +197,7 @@ mod tests {
 
     #[test]
     fn exact_search_matches_brute_force() {
-        let mut state = 0x9e3779b97f4a7c15u64;
-        let mut next = |n: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % n
-        };
+        let mut next = xorshift(0x9e3779b97f4a7c15);
         for _ in 0..3000 {
             let shape_a = [1 + next(3) as usize, 1 + next(3) as usize, 1 + next(4) as usize];
             let shape_b = [1 + next(3) as usize, 1 + next(3) as usize, 1 + next(4) as usize];
