@@ -1391,3 +1391,71 @@ def test_random_bad_input_raises_typed_errors():
         except Exception as e:  # anything else fails the test, with the call that raised it
             raise AssertionError(f"seed {seed}: call {i} ({which}) raised {type(e).__name__}: {e}") from e
     print(f"test_random_bad_input_raises_typed_errors: {ran} of 600 calls ran")
+
+
+# --- Random bad arguments ----------------------------------------------------------------------------
+
+def _odd_values(rng, d):
+    """Values of every kind an argument might wrongly get (and some right ones)."""
+    r = lambda *s, dt=F16: randn(rng, s, dt)  # noqa: E731
+    return [None, 0, 1, -1, 2**31, 2**63, -2**63, 1.5, float("nan"), float("inf"), -0.0, True, "x", b"x", [], (),
+            [1, 2], (1, 2), (1, 2, 3), (-5, -5), (2**40, -2**40), np.int32(3), np.float32(0.5), np.array(3),
+            np.array([]), np.zeros((0,), np.int32), np.zeros((2,), np.int32), np.array([0, 3, 8], np.int64),
+            np.array([-1, 3, 8], np.int32), np.array([0, 9, 8], np.int32), np.array([0, 2**31 - 1], np.int32),
+            np.zeros((3, 3), np.int32), np.full((2,), 2**30, np.int32), np.zeros(4, np.float32),
+            np.full(4, np.nan, np.float32), np.full((2, 2), 99, np.int32), r(2, 8, 4, d), r(8, 4, d), r(2, 8, 4, 40),
+            r(2, 8, 4, d, dt=np.float32), r(2, 12, 2, d)[:, ::-1], r(1, 1, 1, 1), r(0, 0, 0, 0), r(2, 8, 3, 4, d),
+            np.zeros((2, 8, 4, d), F16)[..., ::2], np.zeros((2, 8, 4, d), F16)[:, :, :1].repeat(4, 2), object(), {}]
+
+
+@pytest.mark.parametrize("d", [64, 40])
+def test_random_bad_arguments_raise_typed_errors(d):
+    """Every entry point with one or two arguments replaced by odd values (wrong types, shapes, dtypes,
+    lengths, strides; at a head dim with kernels and at one that runs padded) either runs or raises
+    TypeError / ValueError / NotImplementedError: never another exception, nor the native layer's
+    internal error (a Rust panic)."""
+    import inspect
+    seed, rng = new_rng("test_random_bad_arguments_raise_typed_errors")
+    r = lambda *s: randn(rng, s)  # noqa: E731
+    cu = np.array([0, 3, 8], np.int32)
+    q, k, v = r(2, 8, 4, d), r(2, 12, 2, d), r(2, 12, 2, d)
+    qp, kp, vp = r(8, 4, d), r(8, 2, d), r(8, 2, d)
+    out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True)
+    outp, lsep, _ = fa.flash_attn_varlen_func(qp, kp, vp, cu, cu, 5, 5, return_attn_probs=True)
+    entries = {
+        "flash_attn_func": dict(q=q, k=k, v=v),
+        "flash_attn_kvpacked_func": dict(q=q, kv=r(2, 12, 2, 2, d)),
+        "flash_attn_qkvpacked_func": dict(qkv=r(2, 8, 3, 4, d)),
+        "flash_attn_varlen_func": dict(q=qp, k=kp, v=vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5,
+                                       max_seqlen_k=5),
+        "flash_attn_varlen_qkvpacked_func": dict(qkv=r(8, 3, 4, d), cu_seqlens=cu, max_seqlen=5),
+        "flash_attn_with_kvcache": dict(q=r(2, 1, 4, d), k_cache=r(2, 16, 2, d), v_cache=r(2, 16, 2, d),
+                                        k=r(2, 1, 2, d), v=r(2, 1, 2, d), cache_seqlens=np.array([3, 5], np.int32)),
+        "fwd": dict(q=q, k=k, v=v),
+        "varlen_fwd": dict(q=qp, k=kp, v=vp, cu_seqlens_q=cu, cu_seqlens_k=cu),
+        "bwd": dict(dout=r(2, 8, 4, d), q=q, k=k, v=v, out=out, softmax_lse=lse),
+        "varlen_bwd": dict(dout=r(8, 4, d), q=qp, k=kp, v=vp, out=outp, softmax_lse=lsep, cu_seqlens_q=cu,
+                           cu_seqlens_k=cu),
+    }
+    odd = _odd_values(rng, d)
+    calls = 0
+    for name, base in entries.items():
+        fn = getattr(fa, name)
+        params = [p for p in inspect.signature(fn).parameters if p != "gen"]
+        for _ in range(150):
+            kw = {n: (x.copy() if isinstance(x, np.ndarray) else x) for n, x in base.items()}
+            changed = {}
+            for _ in range(int(rng.integers(1, 3))):
+                p = params[int(rng.integers(len(params)))]
+                kw[p] = changed[p] = odd[int(rng.integers(len(odd)))]
+            calls += 1
+            what = f"seed {seed}: {name}({', '.join(f'{p}={type(x).__name__}' for p, x in changed.items())})"
+            try:
+                fn(**kw)
+            except (TypeError, ValueError, NotImplementedError) as e:
+                assert "internal error" not in str(e) and "panick" not in str(e), f"{what}: {e}"
+            except MemoryError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                raise AssertionError(f"{what}: untyped {type(e).__name__}: {e}") from e
+    assert calls == 150 * len(entries)
