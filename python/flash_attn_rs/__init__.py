@@ -94,7 +94,7 @@ def _path(x, name):
 
 def _result(r, return_attn_probs):
     out, lse, s_dmask = r
-    return (out, lse, s_dmask) if return_attn_probs else out
+    return (out, lse, s_dmask) if _common.flag(return_attn_probs, "return_attn_probs") else out
 
 
 # --- flash-attn 2.8's functions ----------------------------------------------------------------------
@@ -119,7 +119,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if _dense_fast is not None and rng_state is None:
         r = _dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
         if r is not None:
-            return (r[0], r[1], None) if return_attn_probs else r[0]
+            return _result((r[0], r[1], None), return_attn_probs)
     path = _path(q, "q")
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, rng_state)
@@ -221,6 +221,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if isinstance(rotary_interleaved, bool) is False:
         raise TypeError(f"rotary_interleaved: must be a bool, got {type(rotary_interleaved).__name__}")
     num_splits = _common.index(num_splits, "num_splits")
+    return_softmax_lse = _common.flag(return_softmax_lse, "return_softmax_lse")
     out, lse = path.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                             cache_leftpad, block_table, o, rotary_interleaved, num_splits)
     return (out, lse) if return_softmax_lse else out
@@ -233,7 +234,7 @@ def _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_s
     o = _common.options(p_dropout, softmax_scale, is_causal, (window_size_left, window_size_right), softcap,
                         alibi_slopes, deterministic, False, rng_state)
     # The hub's return_softmax makes S_dmask whenever asked (flash-attn's op requires p_dropout > 0 for it).
-    o.return_probs = bool(return_softmax)
+    o.return_probs = _common.flag(return_softmax, "return_softmax")
     return o
 
 

@@ -47,6 +47,15 @@ class Options:
         return self.alibi_slopes is not None or self.dropout_p > 0 or self.return_probs
 
 
+def flag(x, name):
+    """A flag as flash-attn reads it (any value with a truth value: bool, int, numpy bool, a one-element
+    tensor); a value without one (a tensor of several elements) is a TypeError naming it."""
+    try:
+        return bool(x)
+    except Exception as e:  # noqa: BLE001 - whatever __bool__ raises, the caller gets the argument's name
+        raise TypeError(f"{name}: must be a bool, got {type(x).__name__} ({e})") from None
+
+
 def _is_int(x):
     return isinstance(x, int) or hasattr(type(x), "__index__")
 
@@ -103,8 +112,9 @@ def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes
     right = -1 if right < 0 else right
     if left >= 2**62 or right >= 2**62:
         raise ValueError(f"window_size: {window_size!r} is out of range")
-    return Options(softmax_scale, bool(causal), left, right, softcap, bool(deterministic), dropout_p, alibi_slopes,
-                   bool(return_probs) and dropout_p > 0, rng_state(rng_state_))
+    return Options(softmax_scale, flag(causal, "causal"), left, right, softcap, flag(deterministic, "deterministic"),
+                   dropout_p, alibi_slopes, flag(return_probs, "return_attn_probs") and dropout_p > 0,
+                   rng_state(rng_state_))
 
 
 def padded_head_dim(d, arg):

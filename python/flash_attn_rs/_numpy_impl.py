@@ -99,6 +99,11 @@ ARRAY = np.ndarray
 def check_output(a, name, like):
     """A caller's output array for a result shaped and typed like `like` (raises as the library would)."""
     _output(a, name, like.shape, like.dtype.newbyteorder("="))
+    item = a.itemsize
+    if all(st % item == 0 for st in a.strides) and _native.overlaps(
+            (0, _dtype_name(a, name, _FLOAT), a.shape, tuple(abs(st) // item for st in a.strides)), None):
+        raise ValueError(f"{name}: has elements that share memory (a broadcast or overlapping layout): an output "
+                         f"needs its own memory at every position")
 
 
 def overlaps(a, b):

@@ -77,6 +77,8 @@ def _same_device(q, named):
 
 def _rows_aligned(t):
     """The library's layout: head dim contiguous and, on CUDA, every row 16-byte aligned."""
+    if t.ndim == 0:
+        return True  # the library's rank check names it
     if t.stride(-1) != 1 and t.shape[-1] > 1:
         return False
     if not t.is_cuda:
@@ -467,7 +469,8 @@ def _tensor(t, name):
 
 
 def _maybe_contiguous(t):
-    return t.contiguous() if t.stride(-1) != 1 else t
+    # A 0-dim tensor passes as it is: the library's rank check names it.
+    return t.contiguous() if t.ndim and t.stride(-1) != 1 else t
 
 
 #: The array type this path takes.
@@ -503,6 +506,9 @@ def check_output(t, name, like):
         raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {like.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name}: is on {t.device} but q is on {like.device}")
+    if _native.overlaps(_desc(t, name), None):
+        raise ValueError(f"{name}: has elements that share memory (a broadcast or overlapping layout): an output "
+                         f"needs its own memory at every position")
 
 
 def overlaps(a, b):

@@ -237,13 +237,16 @@ impl Lens {
 
 /// overlaps(a, b) -> bool
 ///
-/// Whether two views (address, dtype, shape, strides) share an element, by the rule the raw layer refuses
-/// aliased outputs with (`flash_attn::alias::overlap`): for the padded head dims, whose outputs the
-/// package writes itself.
+/// Whether two views (address, dtype, shape, strides) share an element, or with b None whether two
+/// elements of a do, by the rules the raw layer refuses aliased outputs with (`flash_attn::alias`): for
+/// the padded head dims, whose outputs the package writes itself.
 #[pyfunction]
-fn overlaps(a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let (a, b) = (Arg::parse(a, "a")?, Arg::parse(b, "b")?);
-    Ok(flash_attn::alias::overlap(&a.view(), &b.view()))
+fn overlaps(a: &Bound<'_, PyAny>, b: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+    let a = Arg::parse(a, "a")?;
+    Ok(match Arg::optional(b, "b")? {
+        Some(b) => flash_attn::alias::overlap(&a.view(), &b.view()),
+        None => flash_attn::alias::self_overlap(&a.view()),
+    })
 }
 
 /// Runs `f` (a raw call) without the GIL; a panic comes back as RuntimeError rather than unwinding into

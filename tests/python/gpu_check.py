@@ -765,6 +765,67 @@ def check_autograd_edges(dev, quick):
             report(f"error: {name}", "share memory" in str(e), str(e)[:120])
 
 
+@check("random bad arguments")
+def check_random_arguments(dev, quick):
+    """Every entry point with one or two arguments replaced by odd values (types, shapes, dtypes, devices,
+    lengths, strides), at head dims 64 and 40 (padded): it runs or raises TypeError / ValueError /
+    NotImplementedError, never another exception or the native layer's internal error."""
+    import inspect
+    seed = int(torch.randint(2**62, ()))
+    gen = torch.Generator().manual_seed(seed)
+    bad = []
+    calls = 0
+    for d in (64, 40):
+        def r(*s, dt=torch.bfloat16, on=dev):
+            return torch.randn(*s, generator=gen).to(dtype=dt, device=on)
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=dev)
+        q, k, v = r(2, 8, 4, d), r(2, 12, 2, d), r(2, 12, 2, d)
+        qp, kp, vp = r(8, 4, d), r(8, 2, d), r(8, 2, d)
+        out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True)
+        outp, lsep, _ = fa.flash_attn_varlen_func(qp, kp, vp, cu, cu, 5, 5, return_attn_probs=True)
+        odd = [None, 0, -1, 2**31, 2**63, 1.5, float("nan"), True, "x", [], (1, 2), (-5, -5), (2**40, -2**40),
+               torch.tensor(3), torch.zeros(0, dtype=torch.int32, device=dev),
+               torch.tensor([0, 3, 8], dtype=torch.int64, device=dev), torch.tensor([0, 9, 8], dtype=torch.int32, device=dev),
+               torch.tensor([0, 3, 8], dtype=torch.int32), torch.full((2, 2), 99, dtype=torch.int32, device=dev),
+               torch.full((4,), float("nan"), device=dev), r(2, 8, 4, d), r(8, 4, d), r(2, 8, 4, 40),
+               r(2, 8, 4, d, dt=torch.float32), r(2, 8, 4, d, on="cpu"), r(2, 12, 2, d).transpose(1, 2),
+               r(0, 0, 0, 0), r(2, 8, 3, 4, d), r(2, 8, 4, 2 * d)[..., ::2], r(1, 1, 4, d).expand(2, 8, 4, d),
+               torch.empty(2, 8, 4, d, device="meta"), object()]
+        entries = {
+            "flash_attn_func": dict(q=q, k=k, v=v),
+            "flash_attn_qkvpacked_func": dict(qkv=r(2, 8, 3, 4, d)),
+            "flash_attn_varlen_func": dict(q=qp, k=kp, v=vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5,
+                                           max_seqlen_k=5),
+            "flash_attn_with_kvcache": dict(q=r(2, 1, 4, d), k_cache=r(2, 16, 2, d), v_cache=r(2, 16, 2, d),
+                                            k=r(2, 1, 2, d), v=r(2, 1, 2, d),
+                                            cache_seqlens=torch.tensor([3, 5], dtype=torch.int32, device=dev)),
+            "fwd": dict(q=q, k=k, v=v),
+            "bwd": dict(dout=r(2, 8, 4, d), q=q, k=k, v=v, out=out, softmax_lse=lse),
+            "varlen_bwd": dict(dout=r(8, 4, d), q=qp, k=kp, v=vp, out=outp, softmax_lse=lsep, cu_seqlens_q=cu,
+                               cu_seqlens_k=cu),
+        }
+        for name, base in entries.items():
+            fn = getattr(fa, name)
+            params = [p for p in inspect.signature(fn).parameters if p != "gen"]
+            for _ in range(15 if quick else 40):
+                kw = {n: (x.clone() if isinstance(x, torch.Tensor) else x) for n, x in base.items()}
+                changed = {}
+                for _ in range(int(torch.randint(1, 3, (), generator=gen))):
+                    p = params[int(torch.randint(len(params), (), generator=gen))]
+                    kw[p] = changed[p] = odd[int(torch.randint(len(odd), (), generator=gen))]
+                calls += 1
+                try:
+                    fn(**kw)
+                except (TypeError, ValueError, NotImplementedError) as e:
+                    if "internal error" in str(e) or "panick" in str(e):
+                        bad.append(f"d {d} {name}({', '.join(changed)}): {e}")
+                except Exception as e:  # noqa: BLE001
+                    bad.append(f"d {d} {name}({', '.join(f'{p}={type(x).__name__}' for p, x in changed.items())}): "
+                               f"{type(e).__name__}: {str(e)[:120]}")
+    report("random bad arguments raise typed errors", not bad,
+           f"seed {seed}, {calls} calls" + ("; " + " | ".join(bad[:3]) if bad else ""))
+
+
 @check("layouts")
 def check_layouts(dev, quick):
     """Tensors the kernels cannot read in place (rows not 16-byte aligned, head dim not contiguous) are
@@ -1183,6 +1244,7 @@ def main():
     check_errors(dev, quick)
     check_layouts(dev, quick)
     check_autograd_edges(dev, quick)
+    check_random_arguments(dev, quick)
     check_empty(dev, quick)
     check_paged(dev, quick)
     check_extras(dev, quick)
