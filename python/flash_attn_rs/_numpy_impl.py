@@ -99,6 +99,12 @@ ARRAY = np.ndarray
 def check_output(a, name, like):
     """A caller's output array for a result shaped and typed like `like` (raises as the library would)."""
     _output(a, name, like.shape, like.dtype.newbyteorder("="))
+    _own_memory(a, name)
+
+
+def _own_memory(a, name):
+    """`a`, an output the package writes itself: no two elements share memory (the library's rule for the
+    outputs it writes; strides of whole elements, their signs aside)."""
     item = a.itemsize
     if all(st % item == 0 for st in a.strides) and _native.overlaps(
             (0, _dtype_name(a, name, _FLOAT), a.shape, tuple(abs(st) // item for st in a.strides)), None):
@@ -354,7 +360,9 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         _common.check_rotary_dim(rotary_cos, d)
         if kc.ndim == 4 and vc.ndim == 4 and kc.shape[-1] == d and vc.shape[-1] == d:
             if appending:
-                # The library's check on the caches it appends to, which it sees only as copies here.
+                # The library's checks on the caches it appends to, which it sees only as copies here.
+                _own_memory(k_cache, "k_cache")
+                _own_memory(v_cache, "v_cache")
                 _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
                                        [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if isinstance(t, ARRAY)],
                                        overlaps)

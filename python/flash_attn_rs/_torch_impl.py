@@ -506,6 +506,12 @@ def check_output(t, name, like):
         raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {like.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name}: is on {t.device} but q is on {like.device}")
+    _own_memory(t, name)
+
+
+def _own_memory(t, name):
+    """`t`, an output the package writes itself: no two elements share memory (the library's rule for the
+    outputs it writes)."""
     if _native.overlaps(_desc(t, name), None):
         raise ValueError(f"{name}: has elements that share memory (a broadcast or overlapping layout): an output "
                          f"needs its own memory at every position")
@@ -993,7 +999,9 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         _common.check_rotary_dim(rotary_cos, d)
         if k is not None:
             back = (k_cache, v_cache)
-            # The library's check on the caches it appends to, which it sees only as copies here.
+            # The library's checks on the caches it appends to, which it sees only as copies here.
+            _own_memory(k_cache, "k_cache")
+            _own_memory(v_cache, "v_cache")
             _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
                                    [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if isinstance(t, ARRAY)],
                                    overlaps)
