@@ -594,19 +594,19 @@ fn head_dims_without_kernels_are_padded() {
     }
     // The same for dout, and a shape error the library finds on padded inputs says so.
     let (b, s, d, dp) = (1, 5, 40, 64);
-    let dense = |dout_d: usize, kh: usize, rng: &mut StdRng| -> Inputs {
+    let dense = |dout_d: usize, v_len: usize, rng: &mut StdRng| -> Inputs {
         vec![
             ("q", random(rng, &[b, s, 2, d], DType::F16, 1.0)),
-            ("k", random(rng, &[b, s, kh, d], DType::F16, 1.0)),
-            ("v", random(rng, &[b, s, kh, d], DType::F16, 1.0)),
+            ("k", random(rng, &[b, s, 1, d], DType::F16, 1.0)),
+            ("v", random(rng, &[b, v_len, 1, d], DType::F16, 1.0)),
             ("dout", random(rng, &[b, s, 2, dout_d], DType::F16, 1.0)),
         ]
     };
     let input = dir.path("dense.safetensors");
     let fails_bwd = |input: &Path, needle: &str| expect_failure(&[OsStr::new("run"), OsStr::new("--backward"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], needle);
-    write(&input, &dense(dp, 1, &mut rng));
+    write(&input, &dense(dp, s, &mut rng));
     fails_bwd(&input, &format!("dout: head dim {dp} must be q's head dim {d}"));
-    write(&input, &dense(d, 3, &mut rng));
+    write(&input, &dense(d, s + 1, &mut rng));
     fails_bwd(&input, &format!("head dim {d} runs zero-padded to {dp}"));
 }
 

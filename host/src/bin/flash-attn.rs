@@ -321,11 +321,12 @@ fn pad_as_q(t: &Tensor, name: &'static str, d: usize, dp: usize) -> Result<Tenso
     }
 }
 
-/// A library error, with a word on the head dim where the inputs were padded (its shapes show `dp`).
+/// A library error, with a word on the head dim where the inputs were padded and the error shows shapes
+/// (which then end in `dp`).
 fn lib_error(padding: Option<(usize, usize)>) -> impl Fn(flash_attn::Error) -> Fail {
-    move |e| match padding {
-        Some((d, dp)) => Fail(format!("{e} (head dim {d} runs zero-padded to {dp}: shapes above show {dp})")),
-        None => Fail(e.to_string()),
+    move |e| match (padding, &e) {
+        (Some((d, dp)), flash_attn::Error::Shape { .. }) => Fail(format!("{e} (head dim {d} runs zero-padded to {dp}: shapes above show {dp})")),
+        _ => Fail(e.to_string()),
     }
 }
 
