@@ -622,6 +622,14 @@ fn unknown_tensors_exit_2() {
         write(&input, &inputs);
         expect_failure(&[OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], &format!("unknown tensor '{extra}'"));
     }
+    // An earlier run's outputs in the file are not read: the same results as without them.
+    let inputs = with_dout(dense_inputs(DType::BF16, 45), 46);
+    let plain = run_cli(&dir, &inputs, &["--causal", "--backward"]);
+    let mut with_outputs = inputs.clone();
+    for name in ["out", "lse", "dq", "dk", "dv", "s_dmask"] {
+        with_outputs.push((name, random(&mut rng, &[4], DType::F32, 1.0)));
+    }
+    assert_eq!(run_cli(&dir, &with_outputs, &["--causal", "--backward"]), plain);
 }
 
 /// On a GPU (skipped with a notice elsewhere): `--device cuda` writes bitwise what the library's CUDA

@@ -23,7 +23,8 @@ run: reads q, k, v (f16 or bf16): rank 4 [B, S, H, D] for a dense batch, or rank
 int32 cu_seqlens_q and cu_seqlens_k [B+1] and optionally int32 seqused_q, seqused_k [B]. Writes out (the
 input dtype) and lse (f32) to OUT. Head dims D up to 256: 32, 64, 96, 128, 192, 256 run as they are, any
 other is zero-padded to the next of these on the host (outputs, gradients and caches cut back). A tensor
-in IN that the mode does not read (a misspelt name) is an error.
+in IN that the mode neither reads nor writes (a misspelt name) is an error; out, lse, s_dmask, dq, dk, dv
+(an earlier run's outputs) are ignored.
   Paged K/V: a packed q with k, v of rank 4 [num_blocks, page_size, H, D] and an int32 block_table
   [B, max_blocks]; the key counts come from cu_seqlens_k, or from seqused_k when cu_seqlens_k is absent.
   KV cache (flash_attn_with_kvcache), when the file holds k_cache: q [B, Sq, H, D], k_cache and v_cache
@@ -330,13 +331,17 @@ fn lib_error(padding: Option<(usize, usize)>) -> impl Fn(flash_attn::Error) -> F
     }
 }
 
-/// Fails on a tensor of the input file that this mode does not read (a misspelt `alibi_slopes` would
-/// otherwise run without ALiBi).
+/// What `run` writes: a file may carry these from an earlier run (a backward's input made of the
+/// forward's files), and they are not read.
+const OUTPUT_NAMES: [&str; 6] = ["out", "lse", "s_dmask", "dq", "dk", "dv"];
+
+/// Fails on a tensor of the input file that this mode neither reads nor writes (a misspelt
+/// `alibi_slopes` would otherwise run without ALiBi).
 fn check_names(file: &SafeTensors<'_>, path: &Path, known: &[&str]) -> Result<()> {
     let mut names = file.names();
     names.sort();
-    match names.into_iter().find(|n| !known.contains(&n.as_str())) {
-        Some(name) => fail!("{}: unknown tensor '{name}' (this mode reads {})", path.display(), known.join(", ")),
+    match names.into_iter().find(|n| !known.contains(&n.as_str()) && !OUTPUT_NAMES.contains(&n.as_str())) {
+        Some(name) => fail!("{}: unknown tensor '{name}' (this mode reads {}; {} are outputs, not read)", path.display(), known.join(", "), OUTPUT_NAMES.join(", ")),
         None => Ok(()),
     }
 }
