@@ -431,8 +431,7 @@ mod host {
         Ok(View { addr: base + (l.start_offset() * dtype.size()) as u64, dtype, shape: l.dims(), strides: l.stride() })
     }
 
-    /// `n` zeros of `dtype`; an allocation the system refuses is an error, not an abort (a broadcast q can
-    /// be far larger than its storage).
+    /// `n` zeros of `dtype` (`zeros`).
     pub(super) fn alloc(dtype: DType, n: usize) -> Result<CpuStorage> {
         Ok(match dtype {
             DType::F16 => CpuStorage::F16(zeros(n, f16::ZERO)?),
@@ -442,13 +441,10 @@ mod host {
         })
     }
 
+    /// `n` copies of `zero`; an allocation the system refuses is an error, not an abort (a broadcast q can
+    /// be far larger than its storage).
     pub(super) fn zeros<T: Clone>(n: usize, zero: T) -> Result<Vec<T>> {
-        let mut v = Vec::new();
-        if v.try_reserve_exact(n).is_err() {
-            fail!("cannot allocate an output of {n} elements of {} bytes", std::mem::size_of::<T>());
-        }
-        v.resize(n, zero);
-        Ok(v)
+        crate::tensor::filled(n, zero).map_err(fa_err)
     }
 
     pub(super) fn addr_mut(s: &mut CpuStorage) -> u64 {

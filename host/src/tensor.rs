@@ -16,6 +16,17 @@ pub enum CpuData {
     I32(Vec<i32>),
 }
 
+/// `n` copies of `zero`; a size past the address space, or an allocation the system refuses, is an error
+/// rather than a panic or an abort (a broadcast input can describe an output far larger than its storage).
+pub(crate) fn filled<T: Clone>(n: usize, zero: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    if n.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) || v.try_reserve_exact(n).is_err() {
+        return Err(Error::TooLarge { arg: "output", msg: format!("{n} elements of {} bytes cannot be allocated", std::mem::size_of::<T>()) });
+    }
+    v.resize(n, zero);
+    Ok(v)
+}
+
 impl CpuData {
     pub fn len(&self) -> usize {
         match self {
@@ -46,17 +57,8 @@ impl CpuData {
             CpuData::I32(v) => v[i] as f32,
         }
     }
-    /// `n` zeros; a size past the address space, or an allocation the system refuses, is an error rather
-    /// than a panic or an abort (a broadcast input can describe an output far larger than its storage).
+    /// `n` zeros (`filled`).
     fn zeros(dtype: DType, n: usize) -> Result<CpuData> {
-        fn filled<T: Clone>(n: usize, zero: T) -> Result<Vec<T>> {
-            let mut v = Vec::new();
-            if n.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) || v.try_reserve_exact(n).is_err() {
-                return Err(Error::TooLarge { arg: "output", msg: format!("{n} elements of {} bytes cannot be allocated", std::mem::size_of::<T>()) });
-            }
-            v.resize(n, zero);
-            Ok(v)
-        }
         Ok(match dtype {
             DType::F16 => CpuData::F16(filled(n, f16::ZERO)?),
             DType::BF16 => CpuData::BF16(filled(n, bf16::ZERO)?),
