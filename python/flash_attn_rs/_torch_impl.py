@@ -615,21 +615,36 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
         if tuple(out.shape) != tuple(q.shape):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
     if o.extras:
-        seeds = seed_offset(o, q, gen)
-        res, lse, s_dmask = _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, PACK_NONE, scale,
-                                          o.causal, o.window_left, o.window_right, o.softcap, o.alibi_slopes,
-                                          _common.dropout_arg(o, seeds), o.return_probs)
-        if out is None:
-            out = res
-        else:
-            out.copy_(res)
-        return [out, lse, s_dmask if o.return_probs else None, _rng_tensor(seeds, q)]
+        return _hub_fwd_ext(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, o, gen)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = _call_fwd_into(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, o.causal, o.window_left,
                          o.window_right, o.softcap)
     _written(given)
     return [out, lse, None, None]
+
+
+# The hub ops' ALiBi / dropout calls go to the native bodies directly (not through the custom ops), which
+# hand tensors' addresses to native code: never traced, so under torch.compile they run eagerly, whole,
+# on real tensors (traced, a temporary made in the graph, such as a contiguous copy of strided slopes,
+# was freed before the native call read it).
+@torch.compiler.disable
+def _hub_fwd_ext(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, o, gen):
+    seeds = seed_offset(o, q, gen)
+    res, lse, s_dmask = _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, PACK_NONE, scale,
+                                      o.causal, o.window_left, o.window_right, o.softcap, o.alibi_slopes,
+                                      _common.dropout_arg(o, seeds), o.return_probs)
+    if out is None:
+        out = res
+    else:
+        out.copy_(res)
+    return [out, lse, s_dmask if o.return_probs else None, _rng_tensor(seeds, q)]
+
+
+@torch.compiler.disable
+def _hub_bwd_ext(args, q, o):
+    alibi = _alibi(o.alibi_slopes, q)
+    _launch_bwd(*args, extras=_bwd_extras(alibi, _common.dropout_arg(o, o.rng_state)))
 
 
 def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Tensor]]:
@@ -659,8 +674,7 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
         if o.dropout_p > 0 and o.rng_state is None:
             raise ValueError("rng_state: the forward's rng_state (seed, offset) is needed for a backward with "
                              "p_dropout > 0 (it regenerates the forward's mask)")
-        alibi = _alibi(o.alibi_slopes, q)
-        _launch_bwd(*args, extras=_bwd_extras(alibi, _common.dropout_arg(o, o.rng_state)))
+        _hub_bwd_ext(args, q, o)
     else:
         _call_bwd(*args)
     _written(dq, dk, dv)
@@ -915,6 +929,22 @@ def _fwd_paged_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, b
             torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
 
 
+# Paged K/V with ALiBi / dropout / S_dmask: the native body directly, never traced (as `_hub_fwd_ext`).
+@torch.compiler.disable
+def _paged_ext(q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    alibi = _alibi(o.alibi_slopes, q)
+    extras = _bwd_extras(alibi, _common.dropout_arg(o, seed_offset(o, q)))
+    s_dmask = None
+    if o.return_probs:
+        s_dmask = torch.zeros(_common.s_dmask_shape(q, (cu_q, None, max_q, max_k)), dtype=q.dtype, device=q.device)
+        extras["s_dmask"] = _desc(s_dmask, "s_dmask")
+    _launch_paged(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o.causal,
+                  o.window_left, o.window_right, o.softcap, extras)
+    return out, lse, s_dmask
+
+
 def paged(q, k, v, lens, block_table, o):
     """flash_attn_varlen_func with block_table: (out, lse, S_dmask or None); forward only (the op has no
     autograd: a backward through it raises)."""
@@ -935,15 +965,7 @@ def paged(q, k, v, lens, block_table, o):
     block_table = _maybe_contiguous(block_table) if block_table.ndim else block_table
     s_dmask = None
     if o.extras:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-        alibi = _alibi(o.alibi_slopes, q)
-        extras = _bwd_extras(alibi, _common.dropout_arg(o, seed_offset(o, q)))
-        if o.return_probs:
-            s_dmask = torch.zeros(_common.s_dmask_shape(q, (cu_q, None, max_q, max_k)), dtype=q.dtype, device=q.device)
-            extras["s_dmask"] = _desc(s_dmask, "s_dmask")
-        _launch_paged(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o.causal,
-                      o.window_left, o.window_right, o.softcap, extras)
+        out, lse, s_dmask = _paged_ext(q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o)
     else:
         args = (q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o.causal, o.window_left,
                 o.window_right, o.softcap)
@@ -978,6 +1000,10 @@ def _opt_input(t, name):
     return _maybe_contiguous(t) if t.ndim else t
 
 
+# Never traced: it hands tensors' addresses to the native call and writes the caches in place, so under
+# torch.compile it runs eagerly, whole (a graph break around it). Traced, Dynamo put the int cache_seqlens'
+# torch.full in a graph of its own and the native call read that tensor's memory after it was freed.
+@torch.compiler.disable
 def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, o, rotary_interleaved, num_splits):
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in

@@ -765,6 +765,36 @@ def check_autograd_edges(dev, quick):
             report(f"error: {name}", "share memory" in str(e), str(e)[:120])
 
 
+@check("compiled native calls")
+def check_compiled_native_calls(dev, quick):
+    """The calls that hand tensors' addresses to native code outside the custom ops (the KV cache, the hub
+    ops' and paged K/V's ALiBi / dropout) give under torch.compile what they give eagerly: traced, a
+    temporary made in the graph (an int cache_seqlens' tensor, a contiguous copy of strided slopes) was
+    freed before the native call read it."""
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=dev, dtype=torch.bfloat16)  # noqa: E731
+    slopes = torch.tensor([[0.5, 9.0], [0.25, 9.0], [0.1, 9.0], [0.3, 9.0]], device=dev)[:, 0]  # strided
+    q, k, v = r(1, 16, 4, 64), r(1, 16, 2, 64), r(1, 16, 2, 64)
+    qp, kp, vp = r(10, 4, 64), r(6, 4, 2, 64), r(6, 4, 2, 64)
+    cu_q = torch.tensor([0, 4, 10], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 7, 16], dtype=torch.int32, device=dev)
+    table = torch.tensor([[0, 1, 5, 5], [2, 3, 4, 5]], dtype=torch.int32, device=dev)
+    cache = r(1, 16, 2, 64)
+    calls = {
+        "KV cache, int cache_seqlens": lambda q: fa.flash_attn_with_kvcache(q[:, :1], cache, cache, cache_seqlens=3),
+        "hub fwd, strided ALiBi slopes": lambda q: fa.fwd(q, k, v, alibi_slopes=slopes)[0],
+        "paged K/V, strided ALiBi slopes": lambda q: fa.flash_attn_varlen_func(
+            qp, kp, vp, cu_q, cu_k, 6, 9, block_table=table, alibi_slopes=slopes),
+    }
+    for name, fn in calls.items():
+        want = fn(q)
+        ok = True
+        for _ in range(2 if quick else 4):
+            torch._dynamo.reset()
+            ok &= torch.equal(torch.compile(fn, backend="eager")(q), want)
+        report(f"compiled == eager: {name}", ok)
+
+
 @check("random bad arguments")
 def check_random_arguments(dev, quick):
     """Every entry point with one or two arguments replaced by odd values (types, shapes, dtypes, devices,
@@ -1245,6 +1275,7 @@ def main():
     check_layouts(dev, quick)
     check_autograd_edges(dev, quick)
     check_random_arguments(dev, quick)
+    check_compiled_native_calls(dev, quick)
     check_empty(dev, quick)
     check_paged(dev, quick)
     check_extras(dev, quick)
