@@ -2,8 +2,8 @@
 //! in Rust and compiled to PTX, and on the CPU where no GPU is present; so does the backward (`bwd`,
 //! `varlen_bwd`), with ALiBi, dropout and the attention probabilities (`fwd_with`, `bwd_with`,
 //! `AttnOptions::dropout`; the mask's definition is in `dropout`). For inference, `varlen_fwd_paged`
-//! (paged K/V) runs on both; `fwd_kvcache` (append to a KV cache, rotary, split-KV) and `combine` (merge
-//! partial results) run on the CPU so far.
+//! (paged K/V), `fwd_kvcache` (append to a KV cache, rotary, split-KV) and `combine` (merge partial
+//! results) run on both too.
 //!
 //! ```no_run
 //! use flash_attn::{fwd, AttnOptions, DType, Device, Tensor};

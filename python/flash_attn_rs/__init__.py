@@ -28,8 +28,9 @@ hub's `leftpad_k`. Dropout's (seed, offset): the keyword-only `rng_state=(seed, 
 flash_attn_*_func functions, else a seed drawn from torch's default CPU generator (torch tensors on either
 device: torch.manual_seed replays it) or numpy's global RNG (np.random.seed), offset 0; the mask is the
 same on both devices for the same (seed, offset), and the backward (autograd, or the hub's bwd given fwd's
-rng_state) regenerates it. ALiBi, dropout and S_dmask run eagerly on torch (torch.compile breaks the graph
-there; a captured CUDA graph replays the seed drawn at capture).
+rng_state) regenerates it. ALiBi, dropout and S_dmask go through custom ops of their own (fwd_ext, bwd_ext),
+which torch.compile traces (the seed is then the compiled graph's own draw unless rng_state is given); a
+captured CUDA graph replays the seed drawn at capture.
 Head dims up to 256 (32, 64, 96, 128, 192 and 256 directly, others zero-padded to the next of these: in
 flash_attn_with_kvcache that copies the whole caches each call, and back into the caller's when appending).
 Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the argument.
@@ -58,7 +59,7 @@ if not _os.environ.get("FLASH_ATTN_RS_NO_TORCH"):
     except ImportError:
         _torch = None
 if _torch is not None:
-    from . import _torch_impl  # registers the custom ops (flash_attn_rs::fwd, fwd_into, bwd)
+    from . import _torch_impl  # registers the custom ops (flash_attn_rs::fwd, fwd_into, bwd, fwd_ext, bwd_ext, fwd_paged)
     _dense_fast = _torch_impl.dense_fast
 else:
     _torch_impl = _dense_fast = None
