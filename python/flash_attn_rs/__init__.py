@@ -250,8 +250,7 @@ def _hub_padding(q, others, o):
     for name, t in others:
         if getattr(t, "ndim", 0) == 0:
             raise TypeError(f"{name}: expected a {type(q).__name__} like q, got {type(t).__name__}")
-        if t.shape[-1] != d:
-            raise ValueError(f"{name}: head dim {t.shape[-1]} must equal q's head dim {d}")
+    _common.check_head_dims(d, others)
     o.softmax_scale = _common.default_scale(o.softmax_scale, d)
     return d, _common.padded_head_dim(d, "q")
 
@@ -287,14 +286,7 @@ def fwd(q, k, v, out=None, alibi_slopes=None, p_dropout=0.0, softmax_scale=None,
     path = _path(q, "q")
     o = _hub_options(p_dropout, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
                      alibi_slopes, return_softmax)
-    pad = _hub_padding(q, (("k", k), ("v", v)), o)
-    if pad is not None:
-        d, dp = pad
-        _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
-        res = path.fwd(path._pad(q, dp), path._pad(k, dp), path._pad(v, dp), None, None, o.softmax_scale, o, gen)
-        res[0] = _cut_into(path, res[0], d, out)
-        return res
-    return path.fwd(q, k, v, out, None, o.softmax_scale, o, gen)
+    return _hub_fwd(path, q, k, v, out, None, None, o, gen)
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, leftpad_k=None, block_table=None,
@@ -312,20 +304,24 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, le
                      alibi_slopes, return_softmax)
     _common.unsupported_varlen(leftpad_k)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, seqused_k)
-    pad = _hub_padding(q, (("k", k), ("v", v)), o)
-    if pad is not None:
-        d, dp = pad
-        _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
-        q, k, v = path._pad(q, dp), path._pad(k, dp), path._pad(v, dp)
+    return _hub_fwd(path, q, k, v, out, lens, block_table, o, gen)
+
+
+def _hub_fwd(path, q, k, v, out, lens, block_table, o, gen):
+    """fwd / varlen_fwd (paged with `block_table`), padded at head dims without kernels of their own (the
+    output cut back into `out` where given)."""
+    def call(q, k, v, out):
         if block_table is not None:
-            res = path.fwd_paged(q, k, v, None, lens, block_table, o, gen)
-        else:
-            res = path.fwd(q, k, v, None, lens, o.softmax_scale, o, gen)
-        res[0] = _cut_into(path, res[0], d, out)
-        return res
-    if block_table is not None:
-        return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
-    return path.fwd(q, k, v, out, lens, o.softmax_scale, o, gen)
+            return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
+        return path.fwd(q, k, v, out, lens, o.softmax_scale, o, gen)
+    pad = _hub_padding(q, (("k", k), ("v", v)), o)
+    if pad is None:
+        return call(q, k, v, out)
+    d, dp = pad
+    _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
+    res = call(path._pad(q, dp), path._pad(k, dp), path._pad(v, dp), None)
+    res[0] = _cut_into(path, res[0], d, out)
+    return res
 
 
 def bwd(dout, q, k, v, out, softmax_lse, dq=None, dk=None, dv=None, alibi_slopes=None, p_dropout=0.0,

@@ -136,14 +136,6 @@ def check_rotary_dim(rotary_cos, d):
                          f"exceeds the head dim {d}")
 
 
-def check_head_dim(t, name, d):
-    """`t` (new keys or values of flash_attn_with_kvcache) if its head dim is q's `d`, else a ValueError."""
-    if t.shape[-1:] != (d,):
-        raise ValueError(f"{name}: head dim {t.shape[-1] if t.ndim else None} must equal q's head dim {d} "
-                         f"(shape {tuple(t.shape)})")
-    return t
-
-
 def default_scale(scale, d):
     """`scale`, or 1/sqrt(d) when it is None; `d` (q's head dim) checked first, so that a head dim of 0
     gets `padded_head_dim`'s error naming q rather than a ZeroDivisionError."""
@@ -179,8 +171,17 @@ def check_disjoint(outputs, inputs, overlaps):
 def check_head_dims(d, others):
     """Every (name, tensor) of `others` has head dim `d` (before padding, so the message is the user's)."""
     for name, t in others:
-        if t.shape[-1] != d:
-            raise ValueError(f"{name}: head dim {t.shape[-1]} must equal q's head dim {d}")
+        if t.shape[-1:] != (d,):
+            raise ValueError(f"{name}: head dim {t.shape[-1] if t.ndim else None} must equal q's head dim {d} "
+                             f"(shape {tuple(t.shape)})")
+
+
+def check_own_memory(t, name, self_overlaps):
+    """`t`, an output the package writes itself (head dims that run padded): no two elements share memory
+    (`self_overlaps`, the path's test by the library's rule), as the library requires of those it writes."""
+    if self_overlaps(t):
+        raise ValueError(f"{name}: has elements that share memory (a broadcast or overlapping layout): an output "
+                         f"needs its own memory at every position")
 
 
 #: The library's error (ValueError) for a varlen S_dmask without both max lengths.

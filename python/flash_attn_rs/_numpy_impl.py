@@ -99,17 +99,15 @@ ARRAY = np.ndarray
 def check_output(a, name, like):
     """A caller's output array for a result shaped and typed like `like` (raises as the library would)."""
     _output(a, name, like.shape, like.dtype.newbyteorder("="))
-    _own_memory(a, name)
+    _common.check_own_memory(a, name, _self_overlaps)
 
 
-def _own_memory(a, name):
-    """`a`, an output the package writes itself: no two elements share memory (the library's rule for the
-    outputs it writes; strides of whole elements, their signs aside)."""
+def _self_overlaps(a):
+    """Whether two elements of float array `a` share memory, by the library's rule (strides of whole
+    elements, their signs aside; others are written through a copy)."""
     item = a.itemsize
-    if all(st % item == 0 for st in a.strides) and _native.overlaps(
-            (0, _dtype_name(a, name, _FLOAT), a.shape, tuple(abs(st) // item for st in a.strides)), None):
-        raise ValueError(f"{name}: has elements that share memory (a broadcast or overlapping layout): an output "
-                         f"needs its own memory at every position")
+    return all(st % item == 0 for st in a.strides) and _native.overlaps(
+        (0, _dtype_name(a, "a", _FLOAT), a.shape, tuple(abs(st) // item for st in a.strides)), None)
 
 
 def overlaps(a, b):
@@ -361,16 +359,17 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         if kc.ndim == 4 and vc.ndim == 4 and kc.shape[-1] == d and vc.shape[-1] == d:
             if appending:
                 # The library's checks on the caches it appends to, which it sees only as copies here.
-                _own_memory(k_cache, "k_cache")
-                _own_memory(v_cache, "v_cache")
+                _common.check_own_memory(k_cache, "k_cache", _self_overlaps)
+                _common.check_own_memory(v_cache, "v_cache", _self_overlaps)
                 _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
                                        [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if isinstance(t, ARRAY)],
                                        overlaps)
             q = _pad(q, dp)
             kc_back, vc_back = (kc_back if kc_back is not None else kc), (vc_back if vc_back is not None else vc)
             kc, vc = _pad(kc, dp), _pad(vc, dp)
-            k = None if k is None else _pad(_common.check_head_dim(_array(k, "k"), "k", d), dp)
-            v = None if v is None else _pad(_common.check_head_dim(_array(v, "v"), "v", d), dp)
+            k, v = (None if t is None else _array(t, n) for t, n in ((k, "k"), (v, "v")))
+            _common.check_head_dims(d, [(n, t) for n, t in (("k", k), ("v", v)) if t is not None])
+            k, v = (None if t is None else _pad(t, dp) for t in (k, v))
             if not appending:
                 kc_back = vc_back = None
     if block_table is not None:

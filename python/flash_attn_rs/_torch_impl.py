@@ -506,15 +506,12 @@ def check_output(t, name, like):
         raise TypeError(f"{name}: dtype {t.dtype} does not match q's dtype {like.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name}: is on {t.device} but q is on {like.device}")
-    _own_memory(t, name)
+    _common.check_own_memory(t, name, _self_overlaps)
 
 
-def _own_memory(t, name):
-    """`t`, an output the package writes itself: no two elements share memory (the library's rule for the
-    outputs it writes)."""
-    if _native.overlaps(_desc(t, name), None):
-        raise ValueError(f"{name}: has elements that share memory (a broadcast or overlapping layout): an output "
-                         f"needs its own memory at every position")
+def _self_overlaps(t):
+    """Whether two elements of tensor `t` share memory, by the library's rule."""
+    return _native.overlaps(_desc(t, "t"), None)
 
 
 def overlaps(a, b):
@@ -1026,15 +1023,16 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         if k is not None:
             back = (k_cache, v_cache)
             # The library's checks on the caches it appends to, which it sees only as copies here.
-            _own_memory(k_cache, "k_cache")
-            _own_memory(v_cache, "v_cache")
+            _common.check_own_memory(k_cache, "k_cache", _self_overlaps)
+            _common.check_own_memory(v_cache, "v_cache", _self_overlaps)
             _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
                                    [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if isinstance(t, ARRAY)],
                                    overlaps)
         q = _pad(q, dp).contiguous()
         k_cache, v_cache = _pad(k_cache, dp).contiguous(), _pad(v_cache, dp).contiguous()
-        k = None if k is None else _pad(_common.check_head_dim(_tensor(k, "k"), "k", d), dp).contiguous()
-        v = None if v is None else _pad(_common.check_head_dim(_tensor(v, "v"), "v", d), dp).contiguous()
+        k, v = (None if t is None else _tensor(t, n) for t, n in ((k, "k"), (v, "v")))
+        _common.check_head_dims(d, [(n, t) for n, t in (("k", k), ("v", v)) if t is not None])
+        k, v = (None if t is None else _pad(t, dp).contiguous() for t in (k, v))
     named = [("block_table", block_table), ("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
              ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("alibi_slopes", o.alibi_slopes)]
     named = [(n, _opt_input(t, n)) for n, t in named]
