@@ -170,10 +170,12 @@ impl DqTurn {
 
     /// Passes the turn on (the counter to this CTA's turn + 1: CTA x + 1's, or the next key block to
     /// reach query block `m0 / bm` in the rotated walk) once every thread of the warpgroup has made its
-    /// reductions: fence, named barrier `bar`, then the `leader`'s `st.release`.
+    /// reductions: named barrier `bar`, then the `leader`'s `st.release` (cumulative: it releases the
+    /// reductions the barrier ordered before it, as CUTLASS's semaphore releases a block's stores). No
+    /// fence in every thread: `fence.acq_rel.gpu` is a MEMBAR.GPU and an L1 invalidation (CCTL.IVALL) in
+    /// each warp, every step.
     #[inline(always)]
     pub(super) unsafe fn pass(&self, counter: u64, m0: i32, bm: i32, leader: bool, bar: u32) {
-        crate::arch::sync::fence_gpu();
         crate::arch::sync::named_sync(bar, 128);
         if leader {
             unsafe { crate::arch::mem::st_release_gpu_u32(counter, self.turn(m0 / bm).0 + 1) };
