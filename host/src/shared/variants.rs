@@ -621,10 +621,11 @@ for_each_bwd_wg_variant!(bwd_wg_name_lookup);
 /// Whether the deterministic Hopper backward runs in order (the `_det` twins: one dq accumulator, each key
 /// block's reductions after the next block's) rather than over split accumulator copies, unless the
 /// caller asks for it everywhere (`KernelChoice::bwd_ordered_all`). Measured on the H200 (RESULTS.md):
-/// faster at head dim 256 (the wide kernels, which 192 shares: 1.16-1.37x the split copies), slower at 64
-/// (0.84-0.93x) and 128 (0.92-0.98x).
+/// faster at head dim 256 (the wide kernels, which 192 shares: 1.16-1.37x the split copies) and, since the
+/// turn is passed without a fence in every thread, at 128 (1.03-1.07x); slower at 64 (0.93-0.94x). 96 (not
+/// measured) stays on the split copies.
 pub fn bwd_ordered_by_default(head_dim: usize) -> bool {
-    head_dim > 128
+    head_dim >= 128
 }
 
 
