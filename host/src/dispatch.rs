@@ -6,7 +6,7 @@
 mod variants;
 
 pub use variants::{
-    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
+    bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_wg_mods_det_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
     fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_smem_bytes, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FWD_WS_TILE_SLOTS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
@@ -269,9 +269,12 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
     // `dq_copies >= 1`). Only with the max lengths: its turns need every key block in a CTA of its own
     // (a CTA striding over two would wait for a turn its own later block holds), and without them the
     // grid comes from the mean key count.
-    if deterministic && !mods && !chain_all && dq_copies >= 1 && hopper_sms.is_some() && p.max_given && (ordered_all || bwd_ordered_by_default(p.head_dim)) {
-        let ws_det = if ws { bwd_ws_det_kernel_name(p.head_dim, dtype) } else { None };
-        let main = match (ws_det, bwd_wg_det_kernel_name(p.head_dim, dtype)) {
+    // With score modifiers only the wide head dims have an ordered twin (`_mods_det`); elsewhere the
+    // split copies run.
+    if deterministic && !chain_all && dq_copies >= 1 && hopper_sms.is_some() && p.max_given && (ordered_all || bwd_ordered_by_default(p.head_dim)) {
+        let ws_det = if ws && !mods { bwd_ws_det_kernel_name(p.head_dim, dtype) } else { None };
+        let wg_det = if mods { bwd_wg_mods_det_kernel_name(p.head_dim, dtype) } else { bwd_wg_det_kernel_name(p.head_dim, dtype) };
+        let main = match (ws_det, wg_det) {
             (Some(kernel), _) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WS_THREADS as u32, smem_bytes: bwd_ws_smem_bytes(p.head_dim) }),
             (None, Some(kernel)) => Some(Launch { kernel, grid: (0, 0, 0), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) }),
             (None, None) => None,
@@ -523,26 +526,44 @@ mod tests {
         }
     }
 
-    /// The deterministic backward on Hopper with score modifiers (no ordered twin): the wgmma kernel
-    /// wherever the workspace holds a dq copy, its grid x the split count (each split its own copy, never
-    /// more than the copies or the key blocks), two launches when one CTA walks every key block (it
-    /// converts dq itself); the mma.sync kernels and the dq kernel without copies or without sm_90a.
+    /// The deterministic backward on Hopper with score modifiers: at the wide head dims (192, 256) the
+    /// ordered `_mods_det` twin (one CTA per key block) wherever the workspace holds the accumulator and
+    /// the max lengths are given; at 64-128 (no ordered twin with modifiers, `ordered_all` or not), and
+    /// under `chain_all`, the wgmma kernel wherever the workspace holds a dq copy, its grid x the split
+    /// count (each split its own copy, never more than the copies or the key blocks), two launches when
+    /// one CTA walks every key block (it converts dq itself); the mma.sync kernels and the dq kernel
+    /// without copies or without sm_90a.
     #[test]
     fn deterministic_hopper_backward_splits_key_blocks_over_dq_copies() {
         let alibi = Some(crate::problem::Alibi { batch_stride: 0, head_stride: 1 });
+        let dropout = crate::dropout::DropoutParams::new(0.1, 7, 0);
         for d in [64, 96, 128, 192, 256] {
             for (s, b, h, causal) in [(1024, 2, 4, false), (8192, 2, 16, true), (512, 32, 32, false), (300, 1, 1, true), (16384, 1, 8, false)] {
                 let p = Problem { alibi, ..problem(d, s, b, h, causal, false) };
                 let n = s.div_ceil(bwd_wg_block_n(d));
                 for copies in [0, 1, 2, 5, DQ_COPIES_MAX] {
-                    let l = bwd_launches(&p, true, Some(132), false, copies, false, false).unwrap();
                     let at = format!("d{d} s{s} b{b} h{h} copies {copies}");
+                    if d > 128 && copies >= 1 {
+                        for p in [p.clone(), Problem { dropout, ..p.clone() }, Problem { alibi: None, dropout, ..p.clone() }] {
+                            let l = bwd_launches(&p, true, Some(132), false, copies, false, false).unwrap();
+                            assert!(l.ordered && l[1].kernel.ends_with("_mods_det"), "{at}: {}", l[1].kernel);
+                            assert_eq!((l[1].grid.0 as usize, l.dq_splits), (n, 1), "{at}");
+                            assert_eq!(l.len(), if n == 1 { 2 } else { 3 }, "{at}");
+                            // Without the max lengths, or chained: the split copies.
+                            let no_max = Problem { max_given: false, ..p.clone() };
+                            assert!(!bwd_launches(&no_max, true, Some(132), false, copies, false, false).unwrap().ordered, "{at}");
+                        }
+                        assert_eq!(bwd_launches(&p, true, Some(132), true, copies, false, false).unwrap()[1].grid.0, 1, "{at} chain_all");
+                        continue;
+                    }
+                    let l = bwd_launches(&p, true, Some(132), false, copies, false, false).unwrap();
+                    assert!(!l.ordered && !bwd_launches(&p, true, Some(132), false, copies, true, true).unwrap().ordered, "{at}");
                     if copies == 0 {
                         assert!(!l[1].kernel.contains("_wg_"), "{at}");
                         assert_eq!(l.dq_splits, 0, "{at}");
                         continue;
                     }
-                    assert!(l[1].kernel.contains("_wg_"), "{at}: {}", l[1].kernel);
+                    assert!(l[1].kernel.contains("_wg_") && !l[1].kernel.ends_with("_det"), "{at}: {}", l[1].kernel);
                     let splits = l[1].grid.0 as usize;
                     assert_eq!(splits, l.dq_splits, "{at}");
                     assert!(splits >= 1 && splits <= copies.min(n), "{at}: {splits}");
@@ -848,7 +869,7 @@ mod tests {
                 let singles = [
                     fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name, fwd_decode_kernel_name, fwd_decode_fin_kernel_name, fwd_wg_kernel_name, fwd_wg_paged_kernel_name,
                     fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name,
-                    bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_det_kernel_name,
+                    bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_det_kernel_name, bwd_wg_mods_det_kernel_name,
                 ];
                 named.extend(singles.iter().filter_map(|f| f(d, kd)));
                 named.extend(fwd_ws_wide_kernel(d, kd).map(|w| w.0));

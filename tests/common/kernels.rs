@@ -103,8 +103,8 @@ pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelCho
         match (deterministic, chained) {
             (false, false) if ws => "wgmma ws",
             (false, true) if ws => "wgmma ws chained",
-            // The ordered twins (one accumulator, turn counters; without score modifiers), not under
-            // bwd_chain_all; by default at head dims 192 and 256 only.
+            // The ordered twins (one accumulator, turn counters; with score modifiers at 192 / 256 only:
+            // bwd_mods_family), not under bwd_chain_all; by default at head dims 128, 192 and 256.
             (true, _) if ws && ordered => "wgmma ws deterministic ordered",
             (true, _) if ordered => "wgmma deterministic ordered",
             (false, false) => "wgmma",
@@ -128,7 +128,7 @@ pub fn fwd_choices() -> Vec<(&'static str, KernelChoice)> {
 /// The backward's: the default and `no_wgmma` on Hopper, plus `bwd_chain_all` where it picks another path than the default
 /// (the chained wgmma kernel over several key blocks), `bwd_no_ws` where the default is the
 /// warp-specialized kernel (the wgmma one without it) and `bwd_ordered_all` where the deterministic
-/// default is the split copies (the ordered `_det` twins at head dims 64-128).
+/// default is the split copies (the ordered `_det` twins at head dims 64 and 96).
 pub fn bwd_choices(d: usize, dtype: DType, deterministic: bool, max_seqlen_k: usize) -> Vec<(&'static str, KernelChoice)> {
     let mut c = if hopper() { vec![("default", DEFAULT), ("no_wgmma", NO_WGMMA)] } else { vec![("default", DEFAULT)] };
     if bwd_family(d, dtype, deterministic, CHAIN_ALL, max_seqlen_k) != bwd_family(d, dtype, deterministic, DEFAULT, max_seqlen_k) {
@@ -144,10 +144,11 @@ pub fn bwd_choices(d: usize, dtype: DType, deterministic: bool, max_seqlen_k: us
 }
 
 /// The backward family with score modifiers, which run the `_mods` twins of the same kernels, except the ordered
-/// deterministic mode, which has none (the split copies run).
-pub fn bwd_mods_family(family: &'static str) -> &'static str {
+/// deterministic mode, which has a `_mods_det` twin at the wide head dims (192, 256) only (elsewhere the split
+/// copies run).
+pub fn bwd_mods_family(family: &'static str, d: usize) -> &'static str {
     match family {
-        "wgmma ws deterministic ordered" | "wgmma deterministic ordered" => "wgmma deterministic",
+        "wgmma ws deterministic ordered" | "wgmma deterministic ordered" if d <= 128 => "wgmma deterministic",
         f => f,
     }
 }

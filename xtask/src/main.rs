@@ -242,9 +242,9 @@ fn pack_chunks(raw: &[u8]) -> Result<Vec<u8>, String> {
 /// Dynamic shared memory the host launches a kernel with (from the shared variant table).
 fn dynamic_smem(kernel: &str) -> String {
     // A paged, modifier (`_alibi` / `_dropout`: the ALiBi-only / dropout-only copies) or ordered
-    // deterministic twin launches like its contiguous kernel.
-    let kernel = kernel.strip_suffix("_mods").or_else(|| kernel.strip_suffix("_alibi")).or_else(|| kernel.strip_suffix("_dropout")).unwrap_or(kernel);
+    // deterministic (`_det`, `_mods_det`) twin launches like its contiguous kernel.
     let kernel = kernel.strip_suffix("_det").unwrap_or(kernel);
+    let kernel = kernel.strip_suffix("_mods").or_else(|| kernel.strip_suffix("_alibi")).or_else(|| kernel.strip_suffix("_dropout")).unwrap_or(kernel);
     let kernel = kernel.strip_suffix("_paged").unwrap_or(kernel);
     for d in [32, 64, 96, 128, 192, 256] {
         for dt in [variants::KernelDType::BF16, variants::KernelDType::F16] {

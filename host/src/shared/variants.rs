@@ -197,13 +197,14 @@ macro_rules! __variants_hopper_fwd {
 #[macro_export]
 macro_rules! __variants_hopper_bwd {
     ($m:ident, $stem:literal; $($rows:tt)*) => { $crate::__variants_hopper_bwd!(@ $m, $stem, []; $($rows)*); };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, $hf:tt, hopper_bwd), $($rest:tt)*) => {
+    // Head dims as token trees (kernels-gpu/src/bwd/wg.rs's `mods_det!` matches 64, 96, 128).
+    (@ $m:ident, $stem:literal, [$($acc:tt)*]; ($d:tt, $f:tt, $b:tt, $q:tt, $hf:tt, hopper_bwd), $($rest:tt)*) => {
         $crate::__variants_hopper_bwd!(@ $m, $stem, [$($acc)* $d]; $($rest)*);
     };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*]; ($d:literal, $f:tt, $b:tt, $q:tt, $hf:tt, -), $($rest:tt)*) => {
+    (@ $m:ident, $stem:literal, [$($acc:tt)*]; ($d:tt, $f:tt, $b:tt, $q:tt, $hf:tt, -), $($rest:tt)*) => {
         $crate::__variants_hopper_bwd!(@ $m, $stem, [$($acc)*]; $($rest)*);
     };
-    (@ $m:ident, $stem:literal, [$($acc:literal)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
+    (@ $m:ident, $stem:literal, [$($acc:tt)*];) => { $crate::__variants_emit!($m, $stem; $($acc)*); };
 }
 
 /// The backward's `(head_dim, dtype, dk/dv kernel, deterministic dq kernel)` over every head dim.
@@ -607,6 +608,12 @@ macro_rules! bwd_wg_name_lookup {
         /// `_alibi`.
         pub fn bwd_wg_alibi_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(concat!($name, "_alibi")); })*
+            None
+        }
+        /// The ordered deterministic twin of the `_mods` kernel, at the wide head dims (above 128) only:
+        /// the export name with `_mods_det`.
+        pub fn bwd_wg_mods_det_kernel_name(head_dim: usize, dtype: KernelDType) -> Option<&'static str> {
+            $(if head_dim == $d && $d > 128 && dtype == KernelDType::$dt { return Some(concat!($name, "_mods_det")); })*
             None
         }
         /// Its ordered deterministic twin (`BwdParams::dq_sem`): the export name with `_det`.

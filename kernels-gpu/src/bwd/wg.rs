@@ -474,7 +474,8 @@ use super::wide::entry as wide_entry;
 dim_kernel!(64 => entry, 96 => entry, 128 => entry, 192 => wide_entry, 256 => wide_entry);
 
 macro_rules! bwd_wg_kernels {
-    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
+    // `$d` a token tree, so `mods_det!` can match the literal head dims.
+    ($(($d:tt, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
@@ -496,7 +497,22 @@ macro_rules! bwd_wg_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_det(p: BwdParams) {
                 unsafe { <Dim<$d> as Kernel>::run::<$dt, false, true>(&p) }
             }
+            mods_det!($d, $dt, $name);
         };
     )*};
+}
+/// The ordered deterministic mode with score modifiers (`_mods_det`), at the wide head dims only, where the
+/// ordered mode runs by default (`bwd_ordered_by_default`; at 64-128 ALiBi / dropout keep the split
+/// copies, and `bwd_wg_mods_det_kernel_name` names none).
+macro_rules! mods_det {
+    (64, $dt:ident, $name:expr) => {};
+    (96, $dt:ident, $name:expr) => {};
+    (128, $dt:ident, $name:expr) => {};
+    ($d:tt, $dt:ident, $name:expr) => {
+        #[unsafe(export_name = concat!($name, "_mods_det"))]
+        pub unsafe extern "ptx-kernel" fn kernel_mods_det(p: BwdParams) {
+            unsafe { <Dim<$d> as Kernel>::run::<$dt, true, true>(&p) }
+        }
+    };
 }
 crate::for_each_bwd_wg_variant!(bwd_wg_kernels);
