@@ -501,9 +501,9 @@ macro_rules! bwd_wg_kernels {
         };
     )*};
 }
-/// The ordered deterministic mode with score modifiers (`_mods_det`), at the wide head dims only, where the
-/// ordered mode runs by default (`bwd_ordered_by_default`; at 64-128 ALiBi / dropout keep the split
-/// copies, and `bwd_wg_mods_det_kernel_name` names none).
+/// The ordered deterministic mode with score modifiers (`_mods_det`), at the wide head dims only (there the
+/// split copies ran at 0.61-0.67x the default mode; at 64-128 ALiBi / dropout keep the split copies, at
+/// 0.85-0.88x, and `bwd_wg_mods_det_kernel_name` names none).
 macro_rules! mods_det {
     (64, $dt:ident, $name:expr) => {};
     (96, $dt:ident, $name:expr) => {};

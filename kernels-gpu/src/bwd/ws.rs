@@ -7,9 +7,9 @@
 //! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
 //! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
 //! at step i - 2, before either warpgroup passed step i - 1's barrier).
-//! The deterministic mode stays on the wg kernel's split copies by default at these head dims (they
-//! measured faster: RESULTS.md); under `bwd_ordered_all` it runs the `_det` twin (`ORDERED`): one key
-//! block per CTA as in the default mode, CTA x on block gx - 1 - x, and every step's dq adds in a fixed
+//! The deterministic mode runs the `_det` twin (`ORDERED`) by default at head dim 128 (at 64 and 96 the
+//! wg kernel's split copies, which measured faster there: RESULTS.md; `bwd_ordered_all` runs the twin
+//! at every head dim): one key block per CTA as in the default mode, CTA x on block gx - 1 - x, and every step's dq adds in a fixed
 //! order across CTAs: CTA x adds after CTA x - 1 (the next key block) where that one adds to the same
 //! rows, waiting on a counter per (row block, q head, column half) that prep zeroes
 //! (`BwdParams::dq_sem`, `step_dq`). Within a CTA an element gets one add per step, from one thread.
