@@ -1190,3 +1190,98 @@ fn random_bad_inputs_are_errors() {
         println!("random_bad_inputs_are_errors on {dev:?}: {ran} of 300 calls ran, the rest returned errors");
     }
 }
+
+/// Gradients of sum(out * w) for `f` on (q, k, v) moved to `dev`, as host f32 vectors (dq, dk, dv).
+fn grads_on(dev: &Device, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>) -> [Vec<f32>; 3] {
+    let [qv, kv, vv] = [q, k, v].map(|t| Var::from_tensor(&t.to_device(dev).unwrap()).unwrap());
+    let out = f(qv.as_tensor(), kv.as_tensor(), vv.as_tensor()).unwrap();
+    let grads = (out.to_dtype(DType::F32).unwrap() * w.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    [&qv, &kv, &vv].map(|x| host(grads.get(x.as_tensor()).expect("no gradient")))
+}
+
+/// Runs `body` with `set_deterministic_backward(on)`, restoring the setting after.
+fn with_deterministic<T>(on: bool, body: impl FnOnce() -> T) -> T {
+    let was = fa::deterministic_backward();
+    fa::set_deterministic_backward(on);
+    let r = body();
+    fa::set_deterministic_backward(was);
+    r
+}
+
+/// The calls `deterministic_backward_*` run: (what, dense shape, function). Several key blocks per
+/// sequence (the dq of a query row gets several key blocks' adds: atomics would order them by timing),
+/// GQA, causal and not, ALiBi (at head dim 256 the `_mods_det` kernels), varlen.
+fn deterministic_calls(rng: &mut StdRng) -> Vec<(&'static str, Dense, Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>>)> {
+    let c = |b, sq, sk, hq, hk, d, dtype| Dense { b, sq, sk, hq, hk, d, win: (None, None), softcap: 0.0, dtype };
+    let al = slopes(rng, 2, 4, true);
+    let al2 = al.clone();
+    vec![
+        ("dense hdim 128 causal", c(2, 300, 517, 8, 2, 128, DType::BF16), Box::new(|q: &Tensor, k: &Tensor, v: &Tensor| fa::flash_attn(q, k, v, 0.09, true))),
+        ("dense hdim 64", c(1, 400, 400, 4, 4, 64, DType::F16), Box::new(|q: &Tensor, k: &Tensor, v: &Tensor| fa::flash_attn(q, k, v, 0.125, false))),
+        (
+            "dense hdim 256 alibi",
+            c(2, 200, 333, 4, 2, 256, DType::BF16),
+            Box::new(move |q: &Tensor, k: &Tensor, v: &Tensor| fa::flash_attn_alibi(q, k, v, &al.to_device(q.device())?, 0.06, false)),
+        ),
+        (
+            "dense hdim 192 alibi causal",
+            c(2, 150, 260, 4, 1, 192, DType::F16),
+            Box::new(move |q: &Tensor, k: &Tensor, v: &Tensor| fa::flash_attn_alibi(q, k, v, &al2.to_device(q.device())?, 0.07, true)),
+        ),
+        (
+            "varlen hdim 128 (the dense batch packed)",
+            c(1, 480, 480, 4, 2, 128, DType::BF16),
+            Box::new(|q: &Tensor, k: &Tensor, v: &Tensor| {
+                let (q, k, v) = (q.squeeze(0)?, k.squeeze(0)?, v.squeeze(0)?);
+                let cu = u32s(&[0, 130, 130, 480], q.device());
+                fa::flash_attn_varlen(&q, &k, &v, &cu, &cu, 350, 350, 0.09, true)?.unsqueeze(0)
+            }),
+        ),
+    ]
+}
+
+/// `set_deterministic_backward` on the CPU path (deterministic either way): the gradients with it on are
+/// the ones with it off, bit for bit, and the setting reads back.
+#[test]
+fn deterministic_backward_setting_on_the_cpu() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    for (what, c, f) in deterministic_calls(&mut rng) {
+        let (q, k, v) = dense_inputs(&mut rng, &c);
+        let w = rand_tensor(&mut rng, &[c.b, c.sq, c.hq, c.d], 1.0, DType::F32);
+        let off = with_deterministic(false, || grads_on(&Device::Cpu, &q, &k, &v, &w, &f));
+        let on = with_deterministic(true, || {
+            assert!(fa::deterministic_backward());
+            grads_on(&Device::Cpu, &q, &k, &v, &w, &f)
+        });
+        for (name, a, b) in [("dq", &on[0], &off[0]), ("dk", &on[1], &off[1]), ("dv", &on[2], &off[2])] {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: {name} changed with the setting on the CPU");
+        }
+    }
+}
+
+/// `set_deterministic_backward(true)` on CUDA: each call's backward twice gives the same bits, within
+/// the gradient tolerance of the CPU path's (itself checked against the reference elsewhere).
+#[test]
+fn deterministic_backward_on_cuda() {
+    let dev = match cuda_device() {
+        Ok(d) => d,
+        Err(why) => {
+            println!("SKIPPED candle cuda: {why}");
+            return;
+        }
+    };
+    let mut rng = StdRng::seed_from_u64(seed());
+    for (what, c, f) in deterministic_calls(&mut rng) {
+        println!("deterministic: {what}");
+        let (q, k, v) = dense_inputs(&mut rng, &c);
+        let w = rand_tensor(&mut rng, &[c.b, c.sq, c.hq, c.d], 1.0, DType::F32);
+        let cpu = grads_on(&Device::Cpu, &q, &k, &v, &w, &f);
+        let (first, second) = with_deterministic(true, || (grads_on(&dev, &q, &k, &v, &w, &f), grads_on(&dev, &q, &k, &v, &w, &f)));
+        for (i, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+            assert!(first[i].iter().zip(&second[i]).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: deterministic {name} not reproducible");
+            let scale = cpu[i].iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-2);
+            let err = first[i].iter().zip(&cpu[i]).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+            assert!(err <= grad_tol(c.dtype), "{what}: {name} vs the CPU path: relative max err {err:e} > {:e}", grad_tol(c.dtype));
+        }
+    }
+}

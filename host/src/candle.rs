@@ -22,6 +22,8 @@
 //!   rows come out as 0 (lse -inf) and get zero gradients.
 //! - [`flash_attn_varlen_paged_windowed`] is differentiable too (its backward gathers the pages; see
 //!   there), and accepts any page size.
+//! - [`set_deterministic_backward`]: bitwise-reproducible gradients on CUDA (process-wide, as
+//!   `torch.use_deterministic_algorithms`; the CPU path always is).
 //!
 //! ALiBi (`flash_attn_alibi*`, `flash_attn_varlen_alibi*`, `FlashAttn::alibi_slopes`: f32 `[Hq]` or
 //! `[B, Hq]`, on q's device) runs on both, forward and backward; on CUDA the kernels read the slopes in
@@ -34,6 +36,7 @@
 //! candle stream, and nothing synchronizes. Inputs whose head dim is not contiguous (or, on CUDA, whose
 //! rows are not 16-byte aligned) are first copied contiguous with candle ops.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
@@ -730,8 +733,26 @@ fn causal_window(causal: bool) -> (Option<usize>, Option<usize>) {
 
 impl FlashAttnOp {
     fn new(opts: AttnOptions, varlen: Option<VarlenArgs>, paged: Option<PagedArgs>, alibi: Option<Tensor>) -> Self {
-        FlashAttnOp { opts, varlen, paged, alibi, lse: Arc::new(Mutex::new(None)), deterministic: false }
+        FlashAttnOp { opts, varlen, paged, alibi, lse: Arc::new(Mutex::new(None)), deterministic: deterministic_backward() }
     }
+}
+
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Makes the backward of the attention calls made from now on bitwise reproducible on CUDA (`true`) or
+/// not (`false`, the default: dq accumulated with atomics, faster): process-wide, as PyTorch's
+/// `torch.use_deterministic_algorithms`. A call's backward follows the setting its forward saw (the
+/// functions), or, for a [`FlashAttn`] op applied directly, the one in force when the backward runs.
+/// The deterministic backward sums every dq element in one fixed order (the library's `deterministic`
+/// mode: on an H100 / H200 0.8-0.9x the default's speed, `benches/RESULTS.md`); it needs a larger
+/// workspace, which candle's allocator provides per backward. The CPU path is deterministic either way.
+pub fn set_deterministic_backward(on: bool) {
+    DETERMINISTIC.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_deterministic_backward`] is on.
+pub fn deterministic_backward() -> bool {
+    DETERMINISTIC.load(Ordering::Relaxed)
 }
 
 /// Applies the op; returns (out, lse), out cut back to the caller's head dim where q was padded.
