@@ -35,6 +35,9 @@ Head dims up to 256 (32, 64, 96, 128, 192 and 256 directly, others zero-padded t
 flash_attn_with_kvcache that copies the whole caches each call, and back into the caller's when appending).
 Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the argument.
 
+scaled_dot_product_attention: torch.nn.functional.scaled_dot_product_attention's arguments and layout on
+these kernels (torch tensors), handing what they do not cover (attn_mask, float32, ...) to PyTorch's own.
+
 Importing this package needs neither torch nor numpy, and no CUDA: libcuda is loaded at the first CUDA
 call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
 """
@@ -72,6 +75,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "scaled_dot_product_attention",
     "fwd",
     "varlen_fwd",
     "bwd",
@@ -361,6 +365,70 @@ def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=N
                      alibi_slopes, deterministic=deterministic, rng_state=rng_state)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None)
     return _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o)
+
+
+# --- PyTorch's SDPA ----------------------------------------------------------------------------------
+
+_torch_sdpa = _torch.nn.functional.scaled_dot_product_attention if _torch is not None else None
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, fallback=True):
+    """torch.nn.functional.scaled_dot_product_attention's arguments, layout and result on these kernels:
+    query `[N, Hq, L, E]`, key and value `[N, Hk, S, E]` (torch tensors, CPU or CUDA, float16 / bfloat16;
+    Hq a multiple of Hk with enable_gqa=True), returning `[N, Hq, L, E]` (a transposed view of a
+    `[N, L, Hq, E]` result, as PyTorch's flash backend returns) and differentiable.
+
+    is_causal is PyTorch's: aligned to the top-left corner (query i sees keys j <= i), unlike flash-attn's
+    bottom-right `causal`; scale defaults to 1/sqrt(E); dropout_p drops probabilities whenever it is above
+    0 (as PyTorch's function does, training or not; the mask's seed is drawn from torch's default CPU
+    generator, see flash_attn_func). Calls these kernels do not cover run PyTorch's own function
+    instead, captured at import (so that this one can replace torch.nn.functional's): an attn_mask, other
+    ranks, dtypes or devices, head dims above 256, key and value of different head dims, different head
+    counts without enable_gqa, is_causal with fewer queries than keys (L < S: its top-left mask hides
+    keys past the last row's, which a bottom-right window cannot express), empty tensors. With
+    `fallback=False` those raise NotImplementedError instead.
+    """
+    if _torch is None:
+        raise TypeError("scaled_dot_product_attention: needs torch (not installed, or FLASH_ATTN_RS_NO_TORCH set)")
+    why = _sdpa_unsupported(query, key, value, attn_mask, is_causal, enable_gqa)
+    if why is not None:
+        if not _common.flag(fallback, "fallback"):
+            raise NotImplementedError(f"scaled_dot_product_attention: {why} (fallback=True runs PyTorch's)")
+        kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, **kw)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    window = (-1, q.shape[1] - k.shape[1]) if _common.flag(is_causal, "is_causal") else (-1, -1)
+    out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, window_size=window)
+    return out.transpose(1, 2)
+
+
+def _sdpa_unsupported(q, k, v, attn_mask, is_causal, enable_gqa):
+    """Why these kernels cannot run an SDPA call (None: they can)."""
+    t = _torch.Tensor
+    if not (isinstance(q, t) and isinstance(k, t) and isinstance(v, t)):
+        return "query, key and value must be torch tensors"
+    if attn_mask is not None:
+        return "attn_mask"
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"query, key, value of rank {q.ndim}, {k.ndim}, {v.ndim} (4 here: [N, H, L, E])"
+    if q.dtype not in (_torch.float16, _torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (float16 or bfloat16, all three the same)"
+    if q.device.type not in ("cpu", "cuda") or k.device != q.device or v.device != q.device:
+        return f"devices {q.device}, {k.device}, {v.device}"
+    (n, hq, l, e), (nk, hk, s, ek), (nv, hv, sv, ev) = q.shape, k.shape, v.shape
+    if nk != n or nv != n or hv != hk or sv != s or ek != e or ev != e:
+        return f"shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if e > 256:
+        return f"head dim {e} (at most 256)"
+    if hq != hk and (not _common.flag(enable_gqa, "enable_gqa") or hk == 0 or hq % hk):
+        return f"{hq} query heads over {hk} key heads" + ("" if enable_gqa else " without enable_gqa")
+    if _common.flag(is_causal, "is_causal") and l < s:
+        return f"is_causal (top-left) with fewer queries ({l}) than keys ({s})"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty tensors"
+    return None
 
 
 # --- Utilities ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ are copied first, as flash-attn copies tensors whose last dimension is not conti
 import numpy as np
 
 from . import _common, _native
-from ._common import PACK_KV, PACK_NONE, PACK_QKV
+from ._common import PACK_KV, PACK_QKV
 
 _FLOAT = "float16 or bfloat16"
 

@@ -9,6 +9,9 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
 - forward and gradients against PyTorch's SDPA math backend in float64 (causal bottom-right through an
   explicit mask, GQA through repeat_interleave), and against a float64 reference of the definition for
   what SDPA lacks (sliding window, softcap), in bf16 and f16; deterministic=True gives the same bits twice;
+- scaled_dot_product_attention against PyTorch's own function in float64 (top-left is_causal, GQA, scale,
+  a padded head dim), the calls it hands to PyTorch (attn_mask, float32, ...) giving PyTorch's bits, also
+  when patched into torch.nn.functional;
 - the eager path (plain tensors, no compile) and the custom ops give the same bits;
 - torch.compile(fullgraph=True) of small attention modules (dense, qkv-packed, varlen): no graph break,
   same results and gradients as eager;
@@ -196,6 +199,96 @@ def check_forward_backward(dev, quick):
     forward_backward_case(dev, torch.float16, 2, 130, 130, 4, 4, 128, True, (-1, -1), 30.0, use_sdpa=False)
     forward_backward_case(dev, torch.bfloat16, 1, 90, 90, 2, 2, 80, True)  # head dim 80 -> 96
     forward_backward_case(dev, torch.float16, 1, 64, 100, 2, 1, 40, False)  # head dim 40 -> 64
+
+
+@check("scaled_dot_product_attention")
+def check_sdpa(dev, quick):
+    """fa.scaled_dot_product_attention against PyTorch's own function: out and gradients within the
+    input-dtype math's error of float64 SDPA (torch's is_causal: top-left), the layout and dtype it
+    returns; the calls it hands to PyTorch (attn_mask, float32, is_causal with L < S, GQA without
+    enable_gqa) give PyTorch's bits, or NotImplementedError with fallback=False; dropout's mask is
+    flash_attn_func's for the same seed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def torch_sdpa(q, k, v, dt, **kw):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), **kw)
+
+    cases = [  # dtype, N, Hq, Hk, L, S, E, is_causal, scale
+        (torch.bfloat16, 2, 4, 4, 96, 96, 64, True, None),
+        (torch.float16, 2, 8, 2, 130, 70, 128, True, 0.05),  # GQA, L > S: top-left rows see every key from S - 1 on
+        (torch.bfloat16, 1, 4, 1, 50, 190, 96, False, None),  # MQA, L < S
+        (torch.float16, 1, 2, 2, 33, 33, 80, True, None),  # head dim 80, padded
+    ]
+    if not quick and dev.type == "cuda":
+        cases += [(torch.bfloat16, 2, 16, 4, 1024, 1024, 128, True, None), (torch.float16, 1, 8, 8, 700, 300, 256, True, None)]
+    for dtype, n, hq, hk, l, s_, e, causal, scale in cases:
+        seed = zlib.crc32(repr((n, hq, hk, l, s_, e, causal, scale, str(dtype))).encode())
+        torch.manual_seed(seed)
+        q = torch.randn(n, hq, l, e, device=dev, dtype=dtype)
+        k = torch.randn(n, hk, s_, e, device=dev, dtype=dtype)
+        v = torch.randn(n, hk, s_, e, device=dev, dtype=dtype)
+        dout = torch.randn(n, hq, l, e, device=dev, dtype=dtype)
+        kw = dict(is_causal=causal, scale=scale, enable_gqa=hq != hk)
+        out, grads = grads_of(lambda q, k, v: fa.scaled_dot_product_attention(q, k, v, **kw, fallback=False), (q, k, v), dout)
+        ro, rgrads = grads_of(lambda q, k, v: torch_sdpa(q, k, v, torch.float64, **kw), (q.double(), k.double(), v.double()), dout.double())
+        lo, lgrads = grads_of(lambda q, k, v: torch_sdpa(q, k, v, dtype, **kw), (q, k, v), dout)
+        what = f"{str(dtype)[6:]} N{n} H{hq}/{hk} L{l} S{s_} E{e} is_causal={causal} scale={scale}"
+        ok = out.shape == (n, hq, l, e) and out.dtype == dtype and out.device == q.device
+        details = [f"shape {tuple(out.shape)} {out.dtype}"]
+        for name, ours, r, low, factor in (("out", out, ro, lo, 2), ("dq", grads[0], rgrads[0], lgrads[0], 3),
+                                           ("dk", grads[1], rgrads[1], lgrads[1], 3), ("dv", grads[2], rgrads[2], lgrads[2], 3)):
+            good, det = compare(name, ours, r, low, factor, 1e-3 if name == "out" else 3e-3)
+            ok &= good
+            details.append(det)
+        report(f"scaled_dot_product_attention vs PyTorch's [{what}]", ok, ", ".join(details) + f" (seed {seed})")
+
+    # Handed to PyTorch: its own result, bit for bit; NotImplementedError with fallback=False.
+    torch.manual_seed(7)
+    q = torch.randn(2, 4, 40, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 60, 64, device=dev, dtype=torch.bfloat16)
+    mask = torch.rand(40, 60, device=dev) > 0.3
+    handed = [
+        ("attn_mask", (q, k[:, :1].expand(2, 4, 60, 64), k[:, :1].expand(2, 4, 60, 64)), dict(attn_mask=mask)),
+        ("float32", (q.float(), k.float(), k.float()), dict(enable_gqa=True)),
+        ("is_causal with L < S", (q, k, k), dict(is_causal=True, enable_gqa=True)),
+        ("rank 3", (q[0], k[0], k[0]), dict(enable_gqa=True)),
+        ("value head dim 32", (q, k, k[..., :32]), dict(enable_gqa=True)),
+    ]
+    bad = []
+    for name, args, kw in handed:
+        want = F.scaled_dot_product_attention(*args, **kw)
+        got = fa.scaled_dot_product_attention(*args, **kw)
+        if not torch.equal(got, want):
+            bad.append(f"{name}: not PyTorch's result")
+        try:
+            fa.scaled_dot_product_attention(*args, **kw, fallback=False)
+            bad.append(f"{name}: ran with fallback=False")
+        except NotImplementedError:
+            pass
+    # In place of torch.nn.functional's (the handed calls reach PyTorch's, not this one again).
+    orig = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = fa.scaled_dot_product_attention
+    try:
+        name, args, kw = handed[0]
+        if not torch.equal(F.scaled_dot_product_attention(*args, **kw), orig(*args, **kw)):
+            bad.append("patched into torch.nn.functional: not PyTorch's result")
+    finally:
+        F.scaled_dot_product_attention = orig
+    # GQA without enable_gqa: PyTorch's error.
+    try:
+        fa.scaled_dot_product_attention(q, k, k)
+        bad.append("GQA without enable_gqa ran")
+    except RuntimeError:
+        pass
+    # Dropout: flash_attn_func's mask for the same seed.
+    torch.manual_seed(11)
+    got = fa.scaled_dot_product_attention(q, k, k, dropout_p=0.3, enable_gqa=True)
+    torch.manual_seed(11)
+    want = fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), dropout_p=0.3).transpose(1, 2)
+    if not torch.equal(got, want):
+        bad.append("dropout: not flash_attn_func's mask")
+    report("scaled_dot_product_attention hands the rest to PyTorch", not bad, "; ".join(bad))
 
 
 @check("deterministic backward")
@@ -1265,6 +1358,7 @@ def main():
         print(f"device: {torch.cuda.get_device_name(dev)}", flush=True)
     quick = a.quick or dev.type == "cpu"
     check_forward_backward(dev, quick)
+    check_sdpa(dev, quick)
     check_deterministic(dev, quick)
     check_paths(dev, quick)
     check_compile(dev, quick)

@@ -1459,3 +1459,15 @@ def test_random_bad_arguments_raise_typed_errors(d):
             except Exception as e:  # noqa: BLE001
                 raise AssertionError(f"{what}: untyped {type(e).__name__}: {e}") from e
     assert calls == 150 * len(entries)
+
+
+def test_sdpa_needs_torch():
+    """scaled_dot_product_attention (PyTorch's SDPA on these kernels) is torch-only: without torch (this
+    CI's venv, or FLASH_ATTN_RS_NO_TORCH) it raises TypeError naming what it needs, for numpy arrays too."""
+    if fa._torch is not None:
+        pytest.skip("torch importable here: tests/python/gpu_check.py covers the function")
+    seed, rng = new_rng("test_sdpa_needs_torch")
+    q = randn(rng, (1, 2, 5, 64))
+    with pytest.raises(TypeError, match="needs torch"):
+        fa.scaled_dot_product_attention(q, q, q)
+    assert "scaled_dot_product_attention" in fa.__all__
