@@ -42,6 +42,8 @@ Importing this package needs neither torch nor numpy, and no CUDA: libcuda is lo
 call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
 """
 
+import math as _math
+import numbers as _numbers
 import os as _os
 
 from . import _common, _native
@@ -372,8 +374,8 @@ def varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, dq=N
 _torch_sdpa = _torch.nn.functional.scaled_dot_product_attention if _torch is not None else None
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, fallback=True):
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None,
+                                 enable_gqa=False, fallback=True):
     """torch.nn.functional.scaled_dot_product_attention's arguments, layout and result on these kernels:
     query `[N, Hq, L, E]`, key and value `[N, Hk, S, E]` (torch tensors, CPU or CUDA, float16 / bfloat16;
     Hq a multiple of Hk with enable_gqa=True), returning `[N, Hq, L, E]` (a transposed view of a
@@ -386,12 +388,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     instead, captured at import (so that this one can replace torch.nn.functional's): an attn_mask, other
     ranks, dtypes or devices, head dims above 256, key and value of different head dims, different head
     counts without enable_gqa, is_causal with fewer queries than keys (L < S: its top-left mask hides
-    keys past the last row's, which a bottom-right window cannot express), empty tensors. With
+    keys past the last row's, which a bottom-right window cannot express), empty tensors, a dropout_p
+    outside [0, 1) or a scale that is not a finite number (PyTorch's answer, or its error). With
     `fallback=False` those raise NotImplementedError instead.
     """
     if _torch is None:
         raise TypeError("scaled_dot_product_attention: needs torch (not installed, or FLASH_ATTN_RS_NO_TORCH set)")
-    why = _sdpa_unsupported(query, key, value, attn_mask, is_causal, enable_gqa)
+    why = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if why is not None:
         if not _common.flag(fallback, "fallback"):
             raise NotImplementedError(f"scaled_dot_product_attention: {why} (fallback=True runs PyTorch's)")
@@ -404,13 +407,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.transpose(1, 2)
 
 
-def _sdpa_unsupported(q, k, v, attn_mask, is_causal, enable_gqa):
+def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """Why these kernels cannot run an SDPA call (None: they can)."""
     t = _torch.Tensor
     if not (isinstance(q, t) and isinstance(k, t) and isinstance(v, t)):
         return "query, key and value must be torch tensors"
     if attn_mask is not None:
         return "attn_mask"
+    real = lambda x: isinstance(x, _numbers.Real) and not isinstance(x, bool) and _math.isfinite(x)  # noqa: E731
+    if not (real(dropout_p) and 0 <= dropout_p < 1):
+        return f"dropout_p {dropout_p!r} (a number in [0, 1) here)"
+    if scale is not None and not real(scale):
+        return f"scale {scale!r} (a finite number here)"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return f"query, key, value of rank {q.ndim}, {k.ndim}, {v.ndim} (4 here: [N, H, L, E])"
     if q.dtype not in (_torch.float16, _torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:

@@ -254,6 +254,7 @@ def check_sdpa(dev, quick):
         ("is_causal with L < S", (q, k, k), dict(is_causal=True, enable_gqa=True)),
         ("rank 3", (q[0], k[0], k[0]), dict(enable_gqa=True)),
         ("value head dim 32", (q, k, k[..., :32]), dict(enable_gqa=True)),
+        ("dropout_p 1", (q, k, k), dict(dropout_p=1.0, enable_gqa=True)),
     ]
     bad = []
     for name, args, kw in handed:
