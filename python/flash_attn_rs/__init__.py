@@ -390,7 +390,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     counts without enable_gqa, is_causal with fewer queries than keys (L < S: its top-left mask hides
     keys past the last row's, which a bottom-right window cannot express), empty tensors, a dropout_p
     outside [0, 1) or a scale that is not a finite number (PyTorch's answer, or its error). With
-    `fallback=False` those raise NotImplementedError instead.
+    `fallback=False` those raise NotImplementedError instead. Decoding steps (at most 64 query rows per key
+    head, nothing to differentiate, no dropout, eager) run flash_attn_with_kvcache's split-KV decode path
+    over key and value in place, where flash_attn_func's one tile per (sequence, head) would leave most of
+    the GPU idle.
     """
     if _torch is None:
         raise TypeError("scaled_dot_product_attention: needs torch (not installed, or FLASH_ATTN_RS_NO_TORCH set)")
@@ -403,8 +406,29 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            scale=scale, **kw)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     window = (-1, q.shape[1] - k.shape[1]) if _common.flag(is_causal, "is_causal") else (-1, -1)
-    out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, window_size=window)
+    if _sdpa_decodes(q, k, v, dropout_p):
+        # A decoding step (few query rows per key head, no gradient): the KV cache's split-KV decode
+        # kernels over key and value as a full cache, in place (their workspace from PyTorch's allocator).
+        out = flash_attn_with_kvcache(q, k, v, cache_seqlens=k.shape[1], softmax_scale=scale, window_size=window)
+    else:
+        out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, window_size=window)
     return out.transpose(1, 2)
+
+
+# The library's DECODE_MAX_ROWS: query rows per key head up to which the KV cache runs its decode kernels.
+_SDPA_DECODE_ROWS = 64
+
+
+def _sdpa_decodes(q, k, v, dropout_p):
+    """Whether an SDPA call (q `[N, L, Hq, E]`, k, v `[N, S, Hk, E]`) runs flash_attn_with_kvcache's decode
+    path: eager (traced calls stay on the custom ops), nothing to differentiate, no dropout, a head dim
+    with kernels of its own (no padded copy of the keys) and at most _SDPA_DECODE_ROWS query rows per key
+    head (where flash_attn_func's row tiles would leave most of the GPU idle: one per (sequence, head))."""
+    if dropout_p != 0 or _torch_impl._is_compiling() or _torch_impl._functorch_active():
+        return False
+    if _torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return q.shape[3] in HEAD_DIMS and q.shape[1] * (q.shape[2] // k.shape[2]) <= _SDPA_DECODE_ROWS
 
 
 def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):

@@ -243,6 +243,33 @@ def check_sdpa(dev, quick):
             details.append(det)
         report(f"scaled_dot_product_attention vs PyTorch's [{what}]", ok, ", ".join(details) + f" (seed {seed})")
 
+    # Decoding steps (few query rows per key head, no gradient) run flash_attn_with_kvcache's decode path:
+    # its bits, and PyTorch's result within the input-dtype math's error; with gradients flash_attn_func.
+    for dtype, n, hq, hk, l, s_, e, causal in [(torch.bfloat16, 2, 8, 2, 1, 300, 128, False),
+                                                (torch.float16, 1, 4, 4, 4, 1000, 64, False),
+                                                (torch.bfloat16, 3, 8, 1, 8, 5, 128, True)]:
+        torch.manual_seed(n * 1000 + l)
+        q = torch.randn(n, hq, l, e, device=dev, dtype=dtype)
+        k = torch.randn(n, hk, s_, e, device=dev, dtype=dtype)
+        v = torch.randn(n, hk, s_, e, device=dev, dtype=dtype)
+        kw = dict(is_causal=causal, enable_gqa=hq != hk)
+        with torch.no_grad():
+            got = fa.scaled_dot_product_attention(q, k, v, **kw, fallback=False)
+            window = (-1, l - s_) if causal else (-1, -1)
+            want = fa.flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=s_,
+                                              window_size=window).transpose(1, 2)
+        ro = torch_sdpa(q, k, v, torch.float64, **kw)
+        lo = torch_sdpa(q, k, v, dtype, **kw)
+        ok, det = compare("out", got, ro, lo, 2, 1e-3)
+        ok &= torch.equal(got, want) and got.shape == (n, hq, l, e)
+        qg = q.clone().requires_grad_(True)
+        dense = fa.scaled_dot_product_attention(qg, k, v, **kw)
+        ok2, det2 = compare("out with grad (flash_attn_func)", dense.detach(), ro, lo, 2, 1e-3)
+        dense.float().sum().backward()
+        report(f"scaled_dot_product_attention decoding step [{str(dtype)[6:]} N{n} H{hq}/{hk} L{l} S{s_} E{e} "
+               f"is_causal={causal}]", ok and ok2 and qg.grad is not None,
+               f"{det}, {det2}, the KV cache's bits: {torch.equal(got, want)}")
+
     # Handed to PyTorch: its own result, bit for bit; NotImplementedError with fallback=False.
     torch.manual_seed(7)
     q = torch.randn(2, 4, 40, 64, device=dev, dtype=torch.bfloat16)
