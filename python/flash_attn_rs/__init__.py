@@ -428,7 +428,10 @@ def _sdpa_decodes(q, k, v, dropout_p):
         return False
     if _torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    return q.shape[3] in HEAD_DIMS and q.shape[1] * (q.shape[2] // k.shape[2]) <= _SDPA_DECODE_ROWS
+    # The KV cache takes its caches as they are (it appends in place): key and value's last dimension must
+    # be contiguous already (flash_attn_func copies them otherwise).
+    return (q.shape[3] in HEAD_DIMS and q.shape[1] * (q.shape[2] // k.shape[2]) <= _SDPA_DECODE_ROWS
+            and k.stride(3) == 1 and v.stride(3) == 1)
 
 
 def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):

@@ -270,6 +270,23 @@ def check_sdpa(dev, quick):
                f"is_causal={causal}]", ok and ok2 and qg.grad is not None,
                f"{det}, {det2}, the KV cache's bits: {torch.equal(got, want)}")
 
+    # Decoding steps over keys / values in odd layouts (broadcast along the batch, the heads, the head dim:
+    # the last runs flash_attn_func, which copies it).
+    torch.manual_seed(5)
+    q = torch.randn(3, 8, 2, 64, device=dev, dtype=torch.bfloat16)
+    layouts = {"batch": torch.randn(1, 2, 70, 64, device=dev, dtype=torch.bfloat16).expand(3, 2, 70, 64),
+               "heads": torch.randn(3, 1, 70, 64, device=dev, dtype=torch.bfloat16).expand(3, 2, 70, 64),
+               "head dim": torch.randn(3, 2, 70, 1, device=dev, dtype=torch.bfloat16).expand(3, 2, 70, 64)}
+    odd = []
+    for name, kv in layouts.items():
+        with torch.no_grad():
+            got = fa.scaled_dot_product_attention(q, kv, kv, enable_gqa=True, fallback=False)
+        ok, det = compare("out", got, torch_sdpa(q, kv, kv, torch.float64, enable_gqa=True),
+                          torch_sdpa(q, kv, kv, torch.bfloat16, enable_gqa=True), 2, 1e-3)
+        if not ok:
+            odd.append(f"{name}: {det}")
+    report("scaled_dot_product_attention decoding steps over broadcast keys", not odd, "; ".join(odd))
+
     # Handed to PyTorch: its own result, bit for bit; NotImplementedError with fallback=False.
     torch.manual_seed(7)
     q = torch.randn(2, 4, 40, 64, device=dev, dtype=torch.bfloat16)
