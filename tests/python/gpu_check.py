@@ -10,8 +10,9 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   explicit mask, GQA through repeat_interleave), and against a float64 reference of the definition for
   what SDPA lacks (sliding window, softcap), in bf16 and f16; deterministic=True gives the same bits twice;
 - scaled_dot_product_attention against PyTorch's own function in float64 (top-left is_causal, GQA, scale,
-  a padded head dim), the calls it hands to PyTorch (attn_mask, float32, ...) giving PyTorch's bits, also
-  when patched into torch.nn.functional;
+  a padded head dim; decoding steps on the KV cache's path, its bits, also over broadcast keys), the calls
+  it hands to PyTorch (attn_mask, float32, ...) giving PyTorch's bits, also when patched into
+  torch.nn.functional;
 - the eager path (plain tensors, no compile) and the custom ops give the same bits;
 - torch.compile(fullgraph=True) of small attention modules (dense, qkv-packed, varlen): no graph break,
   same results and gradients as eager;
@@ -35,7 +36,8 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   flash_attn_with_kvcache on CUDA equals the CPU's call (caches bitwise, out and lse within rounding;
   rotary, paged, split-KV) and on the CPU appends in place.
 Then, unless --no-bench: Python-level overhead per call against calling the native function directly,
-and for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct".
+for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct", and SDPA decoding steps
+(scaled_dot_product_attention, flash_attn_func, PyTorch's SDPA).
 
 --device cpu runs what applies to CPU tensors (the CPU path), at smaller sizes: for a machine without a GPU.
 """
