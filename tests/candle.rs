@@ -1199,8 +1199,11 @@ fn grads_on(dev: &Device, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, f: imp
     [&qv, &kv, &vv].map(|x| host(grads.get(x.as_tensor()).expect("no gradient")))
 }
 
-/// Runs `body` with `set_deterministic_backward(on)`, restoring the setting after.
+/// Runs `body` with `set_deterministic_backward(on)`, restoring the setting after; one such body at a
+/// time (the setting is process-wide and the tests run on parallel threads).
 fn with_deterministic<T>(on: bool, body: impl FnOnce() -> T) -> T {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let was = fa::deterministic_backward();
     fa::set_deterministic_backward(on);
     let r = body();
