@@ -1043,15 +1043,15 @@ fn cuda_device() -> std::result::Result<Device, String> {
     Err("built without feature candle-cuda".into())
 }
 
+/// The CUDA device for a CUDA test, or None after printing the skip notice (no GPU, or built without
+/// `candle-cuda`).
+fn cuda_or_skip() -> Option<Device> {
+    cuda_device().map_err(|why| println!("SKIPPED candle cuda: {why}")).ok()
+}
+
 #[test]
 fn cuda_forward_and_gradients() {
-    let dev = match cuda_device() {
-        Ok(d) => d,
-        Err(why) => {
-            println!("SKIPPED candle cuda: {why}");
-            return;
-        }
-    };
+    let Some(dev) = cuda_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(seed());
     for c in dense_cases() {
         dense_case(&mut rng, &c, &dev);
@@ -1080,13 +1080,7 @@ fn cuda_forward_and_gradients() {
 /// gradients against the reference, plus CUDA against our CPU path on the same inputs.
 #[test]
 fn cuda_paged_and_alibi() {
-    let dev = match cuda_device() {
-        Ok(d) => d,
-        Err(why) => {
-            println!("SKIPPED candle cuda: {why}");
-            return;
-        }
-    };
+    let Some(dev) = cuda_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(seed());
     paged_cases(&mut rng, &dev, &[1, 3, 8, 16, 32, 64, 256], false);
     // A longer cache: several pages per sequence on the warp-specialized kernel, GQA, causal.
@@ -1266,13 +1260,7 @@ fn deterministic_backward_setting_on_the_cpu() {
 /// the gradient tolerance of the CPU path's (itself checked against the reference elsewhere).
 #[test]
 fn deterministic_backward_on_cuda() {
-    let dev = match cuda_device() {
-        Ok(d) => d,
-        Err(why) => {
-            println!("SKIPPED candle cuda: {why}");
-            return;
-        }
-    };
+    let Some(dev) = cuda_or_skip() else { return };
     let mut rng = StdRng::seed_from_u64(seed());
     for (what, c, f) in deterministic_calls(&mut rng) {
         println!("deterministic: {what}");
