@@ -2,7 +2,8 @@
 //! naive attention composed from candle ops in f32 (q k^T * scale, softcap, masks built as tensors,
 //! softmax, times v; GQA by repeating kv heads), on fresh random inputs (the seed is printed;
 //! `FA_TEST_SEED=<seed>` replays a run):
-//! forward dense (causal, windows, softcap, GQA, strided inputs), varlen against per-sequence dense calls
+//! forward dense (causal, windows, softcap, GQA, strided inputs; decoding steps, which CUDA runs on the KV
+//! cache's decode kernels), varlen against per-sequence dense calls
 //! of the reference, seqused, paged, `*_with_lse` against the reference's logsumexp, gradients through
 //! candle's autograd (`Var` + `backward()`, loss = sum(out * w)) against the reference's, bad inputs
 //! through every function and 300 random ill-formed calls (errors, never panics), and the same
@@ -1274,5 +1275,61 @@ fn deterministic_backward_on_cuda() {
             let err = first[i].iter().zip(&cpu[i]).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
             assert!(err <= grad_tol(c.dtype), "{what}: {name} vs the CPU path: relative max err {err:e} > {:e}", grad_tol(c.dtype));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Decoding steps: few query rows per kv head, which the CUDA path runs on the KV cache's decode kernels
+// (`flash_attn::raw::dense_fwd_decodes`).
+
+fn decode_cases() -> Vec<Dense> {
+    let c = |b, sq, sk, hq, hk, d, win, softcap, dtype| Dense { b, sq, sk, hq, hk, d, win, softcap, dtype };
+    vec![
+        c(1, 1, 700, 32, 8, 128, (None, None), 0.0, DType::BF16),
+        c(2, 1, 1, 8, 8, 64, (None, Some(0)), 0.0, DType::F16),
+        c(3, 4, 300, 16, 2, 64, (None, Some(0)), 0.0, DType::BF16),
+        c(1, 2, 129, 8, 1, 256, (Some(17), Some(0)), 0.0, DType::BF16),
+        c(2, 1, 200, 4, 4, 96, (Some(40), Some(3)), 20.0, DType::F16),
+        c(1, 8, 64, 8, 1, 32, (None, None), 5.0, DType::BF16),
+        c(1, 1, 2500, 16, 2, 192, (None, Some(0)), 0.0, DType::BF16),
+        // Sq > Sk under causal: rows that see no key (out 0, lse -inf).
+        c(1, 6, 3, 4, 2, 64, (None, Some(0)), 0.0, DType::F16),
+    ]
+}
+
+/// Decoding steps on the CPU (the same comparisons as the dense cases; the CPU path runs `raw::fwd`).
+#[test]
+fn decoding_steps() {
+    let mut rng = StdRng::seed_from_u64(seed());
+    for c in decode_cases() {
+        dense_case(&mut rng, &c, &Device::Cpu);
+    }
+}
+
+/// Decoding steps on CUDA, which the adapter runs on the KV cache's decode kernels: forward, lse and
+/// gradients (from the saved lse) against the reference; and a generation loop's calls, keys and values
+/// narrowed out of a preallocated cache (candle-nn's KV cache), against our CPU path.
+#[test]
+fn cuda_decoding_steps() {
+    let Some(dev) = cuda_or_skip() else { return };
+    let mut rng = StdRng::seed_from_u64(seed());
+    for c in decode_cases() {
+        let dt = if c.dtype == DType::BF16 { flash_attn::DType::BF16 } else { flash_attn::DType::F16 };
+        let opts = flash_attn::AttnOptions::default();
+        assert!(flash_attn::raw::dense_fwd_decodes(&[c.b, c.sq, c.hq, c.d], &[c.b, c.sk, c.hk, c.d], dt, &opts, false), "{c:?} must be routed");
+        dense_case(&mut rng, &c, &dev);
+    }
+    let (b, hq, hk, d, cap) = (2, 32, 8, 128, 4096);
+    let kc = rand_tensor(&mut rng, &[b, cap, hk, d], 2.0, DType::BF16);
+    let vc = rand_tensor(&mut rng, &[b, cap, hk, d], 1.0, DType::BF16);
+    let (kg, vg) = (kc.to_device(&dev).unwrap(), vc.to_device(&dev).unwrap());
+    for sk in [1, 31, 1000, 4096] {
+        let q = rand_tensor(&mut rng, &[b, 1, hq, d], 2.0, DType::BF16);
+        let (k, v) = (kc.narrow(1, 0, sk).unwrap(), vc.narrow(1, 0, sk).unwrap());
+        let cpu = fa::flash_attn_with_lse(&q, &k, &v, 0.088, true).unwrap();
+        let (k, v) = (kg.narrow(1, 0, sk).unwrap(), vg.narrow(1, 0, sk).unwrap());
+        let gpu = fa::flash_attn_with_lse(&q.to_device(&dev).unwrap(), &k, &v, 0.088, true).unwrap();
+        check(&format!("decode step over {sk} cached keys: cuda out vs cpu"), &gpu.0, &cpu.0, out_tol(DType::BF16));
+        check_abs(&format!("decode step over {sk} cached keys: cuda lse vs cpu"), &gpu.1, &cpu.1, 2e-3);
     }
 }

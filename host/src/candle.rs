@@ -32,9 +32,11 @@
 //!
 //! On CUDA (feature `candle-cuda`) the calls are zero-copy on candle's storage (the paged forward too:
 //! the kernels read the pages in place): outputs, LSE and the backward's workspace come from candle's
-//! device allocator, the kernels are queued on the device's
-//! candle stream, and nothing synchronizes. Inputs whose head dim is not contiguous (or, on CUDA, whose
-//! rows are not 16-byte aligned) are first copied contiguous with candle ops.
+//! device allocator, the kernels are queued on the device's candle stream, and nothing synchronizes.
+//! Dense decoding steps (`raw::dense_fwd_decodes`: at most 64 query rows per kv head, no ALiBi) run the
+//! KV cache's split-KV decode kernels over k and v in place, their `cache_seqlens` and workspace from
+//! candle's allocator too. Inputs whose head dim is not contiguous (or, on CUDA, whose rows are not
+//! 16-byte aligned) are first copied contiguous with candle ops.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +46,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, DType as CDType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use crate::raw::{self, BwdViews, FwdViews, PagedVarlenViews, Workspace};
+use crate::raw::{self, BwdViews, FwdViews, KvCacheViews, PagedVarlenViews, Workspace};
 use crate::types::{AttnOptions, DType, Target, VarlenViews, View};
 
 /// A flash-attn error as a candle error, keeping its message (which names the argument at fault).
@@ -210,6 +212,8 @@ impl CustomOp3 for FlashAttnOp {
                 s_dmask: None,
             };
             match (&self.varlen, &self.paged) {
+                // Decoding steps run the KV cache's split-KV decode kernels over k and v in place.
+                (None, _) if raw::dense_fwd_decodes(&out_shape, k_l.dims(), dtype, &self.opts, self.alibi.is_some()) => cuda::decode_fwd(&t, &self.opts, &dev, &stream, target)?,
                 (None, _) => unsafe { raw::fwd(&t, &self.opts, target) }.map_err(fa_err)?,
                 (Some(vl), None) => cuda::with_varlen(vl, &dev, &stream, |vls| unsafe { raw::varlen_fwd(&t, vls, &self.opts, target) }.map_err(fa_err))?,
                 (Some(vl), Some(pg)) => {
@@ -408,6 +412,29 @@ fn varlen_views<'a>(vl: &VarlenArgs, cu_q: View<'a>, cu_k: View<'a>, used_q: Opt
     VarlenViews { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: Some(vl.max_seqlen_q), max_seqlen_k: Some(vl.max_seqlen_k), seqused_q: used_q, seqused_k: used_k }
 }
 
+/// A dense forward's views as the KV-cache call that runs it where `raw::dense_fwd_decodes` (k and v as
+/// the caches, read in place, nothing appended; `cache_seqlens` Sk for every row). Shared by both
+/// memories, as `varlen_views` (the CPU path runs `raw::fwd`: a unit test checks this mapping there).
+#[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+fn decode_views<'a>(t: &FwdViews<'a>, cache_seqlens: View<'a>) -> KvCacheViews<'a> {
+    KvCacheViews {
+        q: t.q,
+        k_cache: t.k,
+        v_cache: t.v,
+        cache_seqlens,
+        block_table: None,
+        k_new: None,
+        v_new: None,
+        rotary_cos: None,
+        rotary_sin: None,
+        cache_batch_idx: None,
+        cache_leftpad: None,
+        alibi_slopes: t.alibi_slopes,
+        out: t.out,
+        lse: t.lse,
+    }
+}
+
 /// The raw layer's paged varlen views (as `varlen_views`; key counts from `cu_k`).
 fn paged_views<'a>(vl: &VarlenArgs, cu_q: View<'a>, cu_k: View<'a>, block_table: View<'a>) -> PagedVarlenViews<'a> {
     PagedVarlenViews { cu_seqlens_q: cu_q, cu_seqlens_k: Some(cu_k), max_seqlen_q: Some(vl.max_seqlen_q), max_seqlen_k: Some(vl.max_seqlen_k), seqused_q: None, seqused_k: None, block_table }
@@ -507,6 +534,8 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
     use candle_core::{CudaDevice, CudaStorage};
 
+    use crate::raw::KvCacheOptions;
+
     /// candle's stream of `dev` and the raw layer's target for it (the context is the device's primary
     /// one, as cudarc's always is).
     pub(super) fn target(dev: &CudaDevice) -> (Arc<CudaStream>, Target) {
@@ -579,6 +608,25 @@ mod cuda {
             fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", s.dtype());
         }
         storage_view(arg, s, l, dev, stream)
+    }
+
+    /// A dense forward as a KV-cache call over k and v in place (`raw::dense_fwd_decodes`, `decode_views`):
+    /// `cache_seqlens` (Sk for every row, a candle fill) and the workspace from candle's allocator, both
+    /// freed stream-ordered after the kernels.
+    pub(super) fn decode_fwd(t: &FwdViews<'_>, opts: &AttnOptions, dev: &CudaDevice, stream: &CudaStream, target: Target) -> Result<()> {
+        let (batch, sk) = (t.q.shape[0], t.k.shape[1]);
+        let Ok(sk) = u32::try_from(sk) else { fail!("k: {sk} keys per sequence exceed the KV cache's 2^31 - 1") };
+        let lens = Tensor::full(sk, batch, &candle_core::Device::Cuda(dev.clone()))?;
+        let (ls, ll) = lens.storage_and_layout();
+        let (cache_seqlens, _gl) = storage_view("cache_seqlens", &ls, ll, dev, stream)?;
+        let views = decode_views(t, cache_seqlens);
+        let kv = KvCacheOptions::default();
+        let bytes = raw::kvcache_workspace_bytes(&views, opts, &kv, target).map_err(fa_err)?;
+        // 256 bytes more than needed, so that the workspace can start 256-byte aligned.
+        let mut ws = unsafe { dev.alloc::<u8>(bytes + 256)? };
+        let (ws_addr, _gw) = ws.device_ptr_mut(stream);
+        let workspace = Workspace { addr: (ws_addr as u64).div_ceil(256) * 256, bytes };
+        unsafe { raw::fwd_kvcache(&views, opts, &kv, workspace, target) }.map_err(fa_err)
     }
 
     /// The varlen lengths as int32 views of their device storage, alive while `f` runs.
@@ -1226,4 +1274,81 @@ pub fn flash_attn_varlen_seqused_with_lse(
         window_size_right,
         Some(softcap),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// `decode_views` (the CUDA path's routing of decoding steps) on the CPU: the KV-cache call over k and
+    /// v in place gives the dense forward's out and lse, on candle tensors (k and v narrowed out of a
+    /// larger preallocated cache, as candle-nn's KV cache hands them), with GQA, causal, windows and
+    /// softcap, in shapes `raw::dense_fwd_decodes` routes.
+    #[test]
+    fn decode_views_run_the_dense_forward() {
+        let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+        println!("seed = {seed} (FA_TEST_SEED={seed} replays this run)");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let cpu = candle_core::Device::Cpu;
+        let cases = [
+            (1, 1, 32, 8, 128, 700, (-1, -1), 0.0, CDType::BF16),
+            (2, 1, 8, 8, 64, 33, (-1, 0), 0.0, CDType::F16),
+            (3, 4, 16, 2, 64, 300, (-1, 0), 0.0, CDType::BF16),
+            (1, 2, 8, 1, 256, 129, (17, 0), 0.0, CDType::BF16),
+            (2, 1, 4, 4, 96, 200, (40, 3), 20.0, CDType::F16),
+            (1, 8, 8, 1, 32, 64, (-1, -1), 5.0, CDType::BF16),
+        ];
+        for (b, sq, hq, hk, d, sk, (wl, wr), softcap, dt) in cases {
+            let rand = |rng: &mut rand::rngs::StdRng, shape: &[usize]| {
+                let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+                Tensor::from_vec(v, shape, &cpu).unwrap().to_dtype(dt).unwrap()
+            };
+            let spare = rng.gen_range(0..50);
+            let q = rand(&mut rng, &[b, sq, hq, d]);
+            let (kc, vc) = (rand(&mut rng, &[b, sk + spare, hk, d]), rand(&mut rng, &[b, sk + spare, hk, d]));
+            let (k, v) = (kc.narrow(1, 0, sk).unwrap(), vc.narrow(1, 0, sk).unwrap());
+            let opts = AttnOptions { softmax_scale: Some(rng.gen_range(0.05..0.2)), causal: wl < 0 && wr == 0, window: (wl, wr), softcap, ..Default::default() };
+            let dtype = float_dtype("q", dt).unwrap();
+            println!("b {b} sq {sq} hq {hq} hk {hk} d {d} sk {sk} (of {}) window ({wl}, {wr}) softcap {softcap} {dt:?}", sk + spare);
+            assert!(raw::dense_fwd_decodes(q.dims(), k.dims(), dtype, &opts, false), "the case must be one the CUDA path routes");
+
+            let run = |kvcache: bool| -> (Vec<f32>, Vec<f32>) {
+                let (qs, ks, vs) = (q.storage_and_layout(), k.storage_and_layout(), v.storage_and_layout());
+                let out_shape = q.dims().to_vec();
+                let lse_shape = vec![b, hq, sq];
+                let (os, ls) = (contiguous_strides(&out_shape), contiguous_strides(&lse_shape));
+                let mut out = host::alloc(dtype, numel(&out_shape)).unwrap();
+                let mut lse = vec![0f32; numel(&lse_shape)];
+                let lens = vec![sk as i32; b];
+                let lens_shape = [b];
+                let t = FwdViews {
+                    q: host::storage_view("q", &qs.0, qs.1).unwrap(),
+                    k: host::storage_view("k", &ks.0, ks.1).unwrap(),
+                    v: host::storage_view("v", &vs.0, vs.1).unwrap(),
+                    out: View { addr: host::addr_mut(&mut out), dtype, shape: &out_shape, strides: &os },
+                    lse: View { addr: lse.as_mut_ptr() as u64, dtype: DType::F32, shape: &lse_shape, strides: &ls },
+                    alibi_slopes: None,
+                    s_dmask: None,
+                };
+                if kvcache {
+                    let cache_seqlens = View { addr: lens.as_ptr() as u64, dtype: DType::I32, shape: &lens_shape, strides: &[1] };
+                    // Several splits where the keys allow: the merge is part of what the CUDA path runs.
+                    let kv = raw::KvCacheOptions { num_splits: 3, ..Default::default() };
+                    unsafe { raw::fwd_kvcache(&decode_views(&t, cache_seqlens), &opts, &kv, Workspace::default(), Target::Cpu) }.unwrap();
+                } else {
+                    unsafe { raw::fwd(&t, &opts, Target::Cpu) }.unwrap();
+                }
+                drop((qs, ks, vs));
+                let out = Tensor::from_storage(Storage::Cpu(out), out_shape, BackpropOp::none(), false);
+                (out.to_dtype(CDType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap(), lse)
+            };
+            let ((out_d, lse_d), (out_k, lse_k)) = (run(false), run(true));
+            let tol = if dt == CDType::BF16 { 1.6e-2 } else { 2e-3 };
+            let out_err = out_d.iter().zip(&out_k).map(|(a, b)| (a - b).abs() / (1.0 + a.abs())).fold(0f32, f32::max);
+            let lse_err = lse_d.iter().zip(&lse_k).map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() }).fold(0f32, f32::max);
+            assert!(out_err <= tol, "out: the KV-cache call differs from the dense forward by {out_err:e} (> {tol:e})");
+            assert!(lse_err <= 1e-4, "lse: the KV-cache call differs from the dense forward by {lse_err:e}");
+        }
+    }
 }

@@ -116,8 +116,14 @@ pub const DECODE_MAX_ROWS: usize = 64;
 /// Whether a KV-cache call over `p` runs the `_decode` kernels (q packed per kv head): no ALiBi (their
 /// rows are of several heads), a head dim they have, at most `DECODE_MAX_ROWS` packed rows.
 pub fn kvcache_decodes(p: &Problem) -> bool {
-    let rows = p.seqlen_q.saturating_mul(p.hq / p.hk.max(1));
-    p.alibi.is_none() && kernel_dtype(p.dtype).is_some_and(|dt| fwd_decode_kernel_name(p.head_dim, dt).is_some()) && rows <= DECODE_MAX_ROWS
+    decodes(p.seqlen_q, p.hq, p.hk, p.head_dim, p.dtype, p.alibi.is_some())
+}
+
+/// `kvcache_decodes` from the sizes: `seqlen_q * hq / hk` packed rows, no ALiBi, decode kernels for
+/// (head_dim, dtype).
+pub fn decodes(seqlen_q: usize, hq: usize, hk: usize, head_dim: usize, dtype: DType, alibi: bool) -> bool {
+    let rows = seqlen_q.saturating_mul(hq / hk.max(1));
+    !alibi && kernel_dtype(dtype).is_some_and(|dt| fwd_decode_kernel_name(head_dim, dt).is_some()) && rows <= DECODE_MAX_ROWS
 }
 
 /// The KV-cache forward's tile shape: the decode kernels' (`kvcache_decodes`), else the mma.sync

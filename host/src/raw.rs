@@ -157,6 +157,22 @@ pub unsafe fn fwd_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCache
     }
 }
 
+/// Whether a dense forward (`fwd`: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]`) on CUDA runs faster as
+/// a KV-cache call over k and v in place: `fwd_kvcache` with k and v as the caches, `cache_seqlens` Sk
+/// for every row, nothing appended, the same options (same result up to rounding: the keys may be split
+/// and merged). True for decoding steps: at most `DECODE_MAX_ROWS` (64) query rows per kv head
+/// (`Sq * Hq / Hk`), a head dim and dtype with decode kernels, no ALiBi, no dropout. There `fwd` runs a
+/// row tile per (sequence, q head) over all the keys, which leaves most of a GPU idle (a tile per head
+/// at batch 1) and reads each kv head's keys once per q head; the KV cache's decode kernels pack a kv
+/// head's query rows into one tile and split the keys over the multiprocessors. The candle adapter
+/// routes such calls (it has an allocator for `cache_seqlens` and the workspace); so does the Python
+/// package's `scaled_dot_product_attention`.
+pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::types::DType, opts: &AttnOptions, alibi: bool) -> bool {
+    let (&[b, sq, hq, d], &[kb, sk, hk, kd]) = (q_shape, k_shape) else { return false };
+    let sizes_ok = b > 0 && sq > 0 && sk > 0 && hk > 0 && kb == b && kd == d && hq % hk == 0;
+    sizes_ok && opts.dropout.p == 0.0 && crate::dispatch::decodes(sq, hq, hk, d, dtype, alibi)
+}
+
 /// Bytes of workspace `fwd_kvcache` needs for these views and options on `target`: 0 on the CPU.
 pub fn kvcache_workspace_bytes(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOptions, target: Target) -> Result<usize> {
     let kp = validate::validate_kvcache(t, opts, kv)?;
