@@ -3,7 +3,7 @@
 //! composed from its ops (q k^T, causal mask, softmax in f32, times v). On a CUDA GPU when built with
 //! `candle-cuda`, else on the CPU with a smaller shape. Prints `CANDLE_STEP <device> <shape> ours <ms>
 //! naive <ms> speedup <x>` (medians over timed steps after warm-up, each ended by a device
-//! synchronize).
+//! synchronize). Then cached generation's decoding steps (`decode`): `CANDLE_DECODE ...` lines.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::time::Instant;
@@ -64,5 +64,59 @@ fn main() -> Result<()> {
     let naive = median_ms(&dev, &x, &w, false, scale, iters)?;
     let where_ = if dev.is_cuda() { "cuda" } else { "cpu" };
     println!("CANDLE_STEP {where_} b{b} s{s} h{h} d{d} {dtype:?} causal ours {ours:.3} ms naive {naive:.3} ms speedup {:.2}x", naive / ours);
+    let rows: &[(usize, usize)] = if dev.is_cuda() { &[(1, 1024), (1, 8192), (1, 32768), (8, 8192)] } else { &[(1, 1024)] };
+    for &(b, sk) in rows {
+        decode(&dev, b, sk)?;
+    }
     Ok(())
+}
+
+/// Cached generation's attention: one query per step over `sk` keys narrowed out of a preallocated cache
+/// (candle-nn's KV cache), Hq 32, Hk 8, D 128, bf16, causal; `STEPS` calls queued back to back, one
+/// synchronize, microseconds per call (median of 5 such runs). `flash_attn::candle::flash_attn` (the KV
+/// cache's decode kernels, or with `FLASH_ATTN_NO_DENSE_DECODE` set the dense forward) against candle's
+/// naive attention (k and v repeated to Hq heads, as candle-transformers' models do).
+fn decode(dev: &Device, b: usize, sk: usize) -> Result<()> {
+    const STEPS: usize = 50;
+    let (hq, hk, d) = (32, 8, 128);
+    let cache = |s: u64| -> Result<Tensor> { (Tensor::randn(0f32, 1.0, (b, sk + 64, hk, d), dev)? * (s as f64))?.to_dtype(DType::BF16) };
+    let (kc, vc) = (cache(1)?, cache(1)?);
+    let (k, v) = (kc.narrow(1, 0, sk)?, vc.narrow(1, 0, sk)?);
+    let q = Tensor::randn(0f32, 1.0, (b, 1, hq, d), dev)?.to_dtype(DType::BF16)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let naive_step = || -> Result<Tensor> {
+        let rep = |t: &Tensor| t.unsqueeze(3)?.broadcast_as((b, sk, hk, hq / hk, d))?.reshape((b, sk, hq, d));
+        naive_decode(&q, &rep(&k)?, &rep(&v)?, scale)
+    };
+    let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+        for _ in 0..3 {
+            f()?;
+        }
+        dev.synchronize()?;
+        let mut t = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            for _ in 0..STEPS {
+                std::hint::black_box(f()?);
+            }
+            dev.synchronize()?;
+            t.push(t0.elapsed().as_secs_f64() * 1e6 / STEPS as f64);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[2])
+    };
+    let ours = time(&|| flash_attn::candle::flash_attn(&q, &k, &v, scale as f32, true))?;
+    let naive = time(&naive_step)?;
+    let routed = std::env::var_os("FLASH_ATTN_NO_DENSE_DECODE").is_none() && dev.is_cuda();
+    println!("CANDLE_DECODE b{b} sk{sk} hq{hq} hk{hk} d{d} bf16 ours{} {ours:.1} us naive {naive:.1} us speedup {:.2}x", if routed { "" } else { "(dense)" }, naive / ours);
+    Ok(())
+}
+
+/// One query row per sequence: no mask (causal at Sq = 1 sees every key).
+fn naive_decode(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (q, k, v) = (q.transpose(1, 2)?.contiguous()?, k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?.contiguous()?);
+    let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let e = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(v.dtype())?;
+    p.matmul(&v)?.transpose(1, 2)
 }

@@ -166,8 +166,13 @@ pub unsafe fn fwd_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCache
 /// at batch 1) and reads each kv head's keys once per q head; the KV cache's decode kernels pack a kv
 /// head's query rows into one tile and split the keys over the multiprocessors. The candle adapter
 /// routes such calls (it has an allocator for `cache_seqlens` and the workspace); so does the Python
-/// package's `scaled_dot_product_attention`.
+/// package's `scaled_dot_product_attention`. `FLASH_ATTN_NO_DENSE_DECODE` (any value, read once) makes it
+/// false everywhere, for A/B runs.
 pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::types::DType, opts: &AttnOptions, alibi: bool) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var_os("FLASH_ATTN_NO_DENSE_DECODE").is_some()) {
+        return false;
+    }
     let (&[b, sq, hq, d], &[kb, sk, hk, kd]) = (q_shape, k_shape) else { return false };
     let sizes_ok = b > 0 && sq > 0 && sk > 0 && hk > 0 && kb == b && kd == d && hq % hk == 0;
     sizes_ok && opts.dropout.p == 0.0 && crate::dispatch::decodes(sq, hq, hk, d, dtype, alibi)
