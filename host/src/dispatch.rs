@@ -109,8 +109,8 @@ pub fn fwd_launch(p: &Problem, hopper_sms: Option<usize>) -> Option<FwdLaunch> {
 }
 
 /// Packed rows (q heads per kv head times queries) up to which a KV-cache call runs the `_decode`
-/// kernels; more rows (prefill-like calls) run the paged forward. (The Python package's
-/// `_SDPA_DECODE_ROWS` repeats it: its SDPA sends such calls to the KV cache.)
+/// kernels; more rows (prefill-like calls) run the paged forward. `raw::dense_fwd_decodes` (the adapters'
+/// routing of dense decoding steps to the KV cache) follows it too.
 pub const DECODE_MAX_ROWS: usize = 64;
 
 /// Whether a KV-cache call over `p` runs the `_decode` kernels (q packed per kv head): no ALiBi (their

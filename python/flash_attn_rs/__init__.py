@@ -415,23 +415,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.transpose(1, 2)
 
 
-# The library's DECODE_MAX_ROWS: query rows per key head up to which the KV cache runs its decode kernels.
-_SDPA_DECODE_ROWS = 64
-
-
 def _sdpa_decodes(q, k, v, dropout_p):
     """Whether an SDPA call (q `[N, L, Hq, E]`, k, v `[N, S, Hk, E]`) runs flash_attn_with_kvcache's decode
-    path: eager (traced calls stay on the custom ops), nothing to differentiate, no dropout, a head dim
-    with kernels of its own (no padded copy of the keys) and at most _SDPA_DECODE_ROWS query rows per key
-    head (where flash_attn_func's row tiles would leave most of the GPU idle: one per (sequence, head))."""
+    path: eager (traced calls stay on the custom ops), nothing to differentiate, no dropout, and the
+    library's rule for a dense forward as decoding steps (`dense_fwd_decodes`: at most 64 query rows per key
+    head, a head dim with decode kernels; where flash_attn_func's row tiles would leave most of the GPU
+    idle: one per (sequence, head))."""
     if dropout_p != 0 or _torch_impl._is_compiling() or _torch_impl._functorch_active():
         return False
     if _torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     # The KV cache takes its caches as they are (it appends in place): key and value's last dimension must
     # be contiguous already (flash_attn_func copies them otherwise).
-    return (q.shape[3] in HEAD_DIMS and q.shape[1] * (q.shape[2] // k.shape[2]) <= _SDPA_DECODE_ROWS
-            and k.stride(3) == 1 and v.stride(3) == 1)
+    return (k.stride(3) == 1 and v.stride(3) == 1 and q.dtype in _torch_impl._DTYPES
+            and _native.dense_fwd_decodes(tuple(q.shape), tuple(k.shape), _torch_impl._DTYPES[q.dtype]))
 
 
 def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
