@@ -1298,6 +1298,8 @@ mod tests {
             (1, 2, 8, 1, 256, 129, (17, 0), 0.0, CDType::BF16),
             (2, 1, 4, 4, 96, 200, (40, 3), 20.0, CDType::F16),
             (1, 8, 8, 1, 32, 64, (-1, -1), 5.0, CDType::BF16),
+            // More queries than keys under causal: the first rows see no key (out 0, lse -inf).
+            (2, 6, 4, 2, 64, 3, (-1, 0), 0.0, CDType::F16),
         ];
         for (b, sq, hq, hk, d, sk, (wl, wr), softcap, dt) in cases {
             let rand = |rng: &mut rand::rngs::StdRng, shape: &[usize]| {
