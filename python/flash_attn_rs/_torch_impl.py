@@ -270,6 +270,41 @@ def _once(backward):
     return wrapper
 
 
+class _TwiceGuard(torch.autograd.Function):
+    """`_not_twice` under torch.func transforms (where requires_grad_ is not allowed): the gradients, made
+    to depend on the backward's inputs (`anchors`) through a node that raises `_TWICE` when differentiated;
+    a nested torch.func.grad would otherwise see constants and return a zero second derivative."""
+
+    @staticmethod
+    def forward(n, *tensors):
+        return tuple(t.clone() for t in tensors[len(tensors) - n:])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_TWICE.decode())
+
+
+def _func_once(grads_fn):
+    """A backward for torch.func transforms: `grads_fn` without grad (functorch runs backwards with grad
+    on, which would send the bwd ops through their own autograd wrappers), its gradients behind
+    `_TwiceGuard` anchored on the saved tensors and the incoming gradients."""
+    @functools.wraps(grads_fn)
+    def wrapper(ctx, *args):
+        with torch.no_grad():
+            grads = grads_fn(ctx, *args)
+        tensors = [g for g in grads if isinstance(g, torch.Tensor)]
+        anchors = [t for t in (*ctx.saved_tensors, *args) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not tensors or not torch.is_grad_enabled():
+            return grads
+        it = iter(_TwiceGuard.apply(len(tensors), *anchors, *tensors))
+        return tuple(next(it) if isinstance(g, torch.Tensor) else g for g in grads)
+    return wrapper
+
+
 def _backward(saved, params, dout, bwd):
     """The gradients of fwd's differentiable inputs (q, k, v; or q, kv; or qkv, each packed gradient one
     buffer), by `bwd` (the op, or its body on the eager path) from the saved out and lse."""
@@ -292,9 +327,13 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _fwd_backward(ctx, dout, dlse):
+def _fwd_grads(ctx, dout, dlse):
     # dlse is dropped: the LSE is an auxiliary output, as in flash-attn.
-    return _not_twice(_backward(ctx.saved_tensors, ctx.params, dout, torch.ops.flash_attn_rs.bwd) + (None,) * 13)
+    return _backward(ctx.saved_tensors, ctx.params, dout, torch.ops.flash_attn_rs.bwd) + (None,) * 13
+
+
+def _fwd_backward(ctx, dout, dlse):
+    return _not_twice(_fwd_grads(ctx, dout, dlse))
 
 
 _fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -318,6 +357,21 @@ class _EagerFwd(torch.autograd.Function):
         return _backward(ctx.saved_tensors, ctx.params, dout, _bwd_body) + (None,) * 13
 
 
+_fwd_ad = torch.autograd.forward_ad
+
+
+def _no_forward_ad(*tensors):
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad's dual tensors) has no rule here: an error,
+    where the result would otherwise come back without its tangent (or with a zero one)."""
+    if _fwd_ad._current_level < 0:
+        return
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and _fwd_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError("flash_attn_rs: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+                                      "is not supported: the kernels have no JVP rule (reverse mode is: backward, "
+                                      "torch.autograd.grad, torch.func.grad / vjp)")
+
+
 #: Set to False to send every call through the custom ops (tests compare the two paths).
 EAGER_FAST_PATH = True
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -332,9 +386,33 @@ def _eager(*tensors):
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+class _FuncFwd(torch.autograd.Function):
+    """The fwd op under torch.func transforms (grad, vjp, functional_call under grad): functorch takes only
+    autograd.Functions with a separate setup_context, which the op's `register_autograd` does not make. The
+    same op, context and backward (the bwd op)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.flash_attn_rs.fwd(*args)
+
+    setup_context = staticmethod(_fwd_setup_context)
+    backward = staticmethod(_func_once(_fwd_grads))
+
+
+def _functorch(*tensors):
+    """Whether a call runs under a torch.func transform and needs its gradient (not inside torch.compile,
+    which traces the custom ops)."""
+    return (_functorch_active() and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in tensors))
+
+
 def _call_fwd(*args):
     q, k, v, cu_q, cu_k, used_q, used_k = args[:7]
     if not _eager(q, k, v, cu_q, cu_k, used_q, used_k):
+        if _functorch(q, k, v):
+            return _FuncFwd.apply(*args)
         return torch.ops.flash_attn_rs.fwd(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v)):
         return _EagerFwd.apply(*args)
@@ -417,7 +495,7 @@ except AttributeError:  # pragma: no cover - another torch
 
 def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
     """flash_attn_func's (out, lse) for the common call, or None: then `attention` must run."""
-    if not EAGER_FAST_PATH or _is_compiling() or _functorch_active() or _dispatch_depth():
+    if not EAGER_FAST_PATH or _is_compiling() or _functorch_active() or _dispatch_depth() or _fwd_ad._current_level >= 0:
         return None
     if (type(q) not in _PLAIN or type(k) not in _PLAIN or type(v) not in _PLAIN or alibi_slopes is not None
             or type(causal) is not bool or type(deterministic) is not bool or type(dropout_p) is not float
@@ -557,6 +635,7 @@ def _lens(lens):
 
 def attention(pack, q, k, v, lens, o):
     """flash_attn_*_func on tensors: returns (out, lse); differentiable in q, k, v (or kv, qkv)."""
+    _no_forward_ad(q, k, v, o.alibi_slopes)
     varlen = lens is not None
     rank = 3 if varlen else 4
     if pack == PACK_QKV:
@@ -595,6 +674,7 @@ def attention(pack, q, k, v, lens, o):
 
 def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
     """The hub's fwd / varlen_fwd; returns [out, softmax_lse, S_dmask, rng_state]."""
+    _no_forward_ad(q, k, v, o.alibi_slopes)
     k, v = _tensor(k, "k"), _tensor(v, "v")
     rank = 3 if lens is not None else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -646,6 +726,7 @@ def _hub_bwd_ext(args, q, o):
 
 def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Tensor]]:
     """The hub's bwd / varlen_bwd; returns [dq, dk, dv, None]."""
+    _no_forward_ad(dout, q, k, v, out, lse)
     k, v, out, lse, dout = _tensor(k, "k"), _tensor(v, "v"), _tensor(out, "out"), _tensor(lse, "softmax_lse"), \
         _tensor(dout, "dout")
     rank = 3 if lens is not None else 4
@@ -844,7 +925,7 @@ def _fwd_ext_setup_context(ctx, inputs, output):
     ctx.params = (max_q, max_k, pack, scale, causal, wl, wr, softcap, det, p)
 
 
-def _fwd_ext_backward(ctx, dout, dlse, ds_dmask):
+def _fwd_ext_grads(ctx, dout, dlse, ds_dmask):
     q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi, rng = ctx.saved_tensors
     max_q, max_k, pack, scale, causal, wl, wr, softcap, det, p = ctx.params
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
@@ -852,10 +933,27 @@ def _fwd_ext_backward(ctx, dout, dlse, ds_dmask):
     dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
     torch.ops.flash_attn_rs.bwd_ext(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k,
                                     scale, causal, wl, wr, softcap, det, alibi, p, rng)
-    return _not_twice(tuple(grads) + (None,) * 17)
+    return tuple(grads) + (None,) * 17
+
+
+def _fwd_ext_backward(ctx, dout, dlse, ds_dmask):
+    return _not_twice(_fwd_ext_grads(ctx, dout, dlse, ds_dmask))
 
 
 _fwd_ext.register_autograd(_fwd_ext_backward, setup_context=_fwd_ext_setup_context)
+
+
+class _FuncFwdExt(torch.autograd.Function):
+    """The fwd_ext op under torch.func transforms (as `_FuncFwd`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return torch.ops.flash_attn_rs.fwd_ext(*args)
+
+    setup_context = staticmethod(_fwd_ext_setup_context)
+    backward = staticmethod(_func_once(_fwd_ext_grads))
 
 
 def _rng_state_tensor(o):
@@ -875,7 +973,8 @@ def _attention_ext(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scal
     if not _eager(q, k, v, cu_q, cu_k, used_q, used_k, alibi if isinstance(alibi, torch.Tensor) else None):
         if alibi is not None:
             alibi = _alibi(alibi, q)
-        out, lse, s_dmask = torch.ops.flash_attn_rs.fwd_ext(
+        op = _FuncFwdExt.apply if _functorch(q, k, v) else torch.ops.flash_attn_rs.fwd_ext
+        out, lse, s_dmask = op(
             q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale, o.causal, o.window_left, o.window_right,
             o.softcap, o.deterministic, alibi, float(o.dropout_p), _rng_state_tensor(o), bool(o.return_probs))
         return out, lse, (s_dmask if o.return_probs else None)
@@ -945,6 +1044,7 @@ def _paged_ext(q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, s
 def paged(q, k, v, lens, block_table, o):
     """flash_attn_varlen_func with block_table: (out, lse, S_dmask or None); forward only (the op has no
     autograd: a backward through it raises)."""
+    _no_forward_ad(q, k, v, o.alibi_slopes)
     k, v, block_table = _tensor(k, "k"), _tensor(v, "v"), _tensor(block_table, "block_table")
     _common.check_rank(q, "q", 3)
     _common.check_rank(k, "k", 4)
@@ -976,6 +1076,7 @@ def paged(q, k, v, lens, block_table, o):
 
 def fwd_paged(q, k, v, out, lens, block_table, o, gen=None):
     """The hub's varlen_fwd with block_table: [out, lse, S_dmask, rng_state]."""
+    _no_forward_ad(q, k, v, o.alibi_slopes)
     seeds = seed_offset(o, q, gen)
     o.rng_state = seeds
     res, lse, s_dmask = paged(q, k, v, lens, block_table, o)
@@ -1005,6 +1106,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
             block_table, o, rotary_interleaved, num_splits):
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
     place."""
+    _no_forward_ad(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, o.alibi_slopes)
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
     if k is not None or v is not None:
         _writable(k_cache, "k_cache")

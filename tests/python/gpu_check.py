@@ -905,6 +905,68 @@ def check_autograd_edges(dev, quick):
             report(f"error: {name}", "share memory" in str(e), str(e)[:120])
 
 
+@check("torch.func transforms")
+def check_torch_func(dev, quick):
+    """torch.func's reverse mode (grad, vjp) through the attention gives bitwise what autograd gives (the same
+    kernels: dense, GQA, causal, varlen, packed qkv, ALiBi, dropout with a fixed rng_state, SDPA); a nested
+    grad (a second derivative) raises, as double backward does; forward mode (torch.func.jvp,
+    torch.autograd.forward_ad) raises NotImplementedError instead of returning a zero or missing tangent;
+    vmap over the forward gives the per-example calls' results."""
+    import torch.autograd.forward_ad as fwAD
+    g = torch.Generator().manual_seed(11)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dev, torch.bfloat16)  # noqa: E731
+    q, k, v = r(2, 40, 4, 64), r(2, 33, 2, 64), r(2, 33, 2, 64)
+    qp, kp = r(40, 4, 64), r(33, 2, 64)
+    cu_q = torch.tensor([0, 15, 40], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 20, 33], dtype=torch.int32, device=dev)
+    slopes = torch.rand(4, generator=g).to(dev)
+    qkv = r(2, 40, 3, 4, 64)
+    calls = [
+        ("dense, GQA, causal", lambda q: fa.flash_attn_func(q, k, v, causal=True), q),
+        ("window, softcap", lambda q: fa.flash_attn_func(q, k, v, window_size=(7, 2), softcap=5.0), q),
+        ("varlen", lambda q: fa.flash_attn_varlen_func(q, kp, kp, cu_q, cu_k, 25, 20, causal=True), qp),
+        ("packed qkv", lambda x: fa.flash_attn_qkvpacked_func(x, causal=True), qkv),
+        ("ALiBi", lambda q: fa.flash_attn_func(q, k, v, alibi_slopes=slopes), q),
+        ("dropout", lambda q: fa.flash_attn_func(q, k, v, dropout_p=0.25, rng_state=(9, 0)), q),
+        ("SDPA", lambda q: fa.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           is_causal=True, enable_gqa=True).transpose(1, 2), q),
+    ]
+    for name, f, x in calls:
+        wo = torch.randn(f(x).shape, generator=g).to(dev)
+        loss = lambda x: (f(x).float() * wo).sum()  # noqa: E731
+        got = torch.func.grad(loss)(x)
+        xr = x.clone().requires_grad_(True)
+        loss(xr).backward()
+        out, vjp_fn = torch.func.vjp(f, x)
+        (vj,) = vjp_fn(torch.ones_like(out))
+        xr2 = x.clone().requires_grad_(True)
+        f(xr2).float().sum().backward()
+        report(f"torch.func.grad / vjp == autograd ({name})",
+               torch.equal(got, xr.grad) and torch.equal(vj, xr2.grad),
+               f"max |diff| {(got.float() - xr.grad.float()).abs().max().item():.2e}")
+    try:
+        torch.func.grad(lambda q: torch.func.grad(lambda q: fa.flash_attn_func(q, k, v).float().sum())(q).float().sum())(q)
+        report("nested torch.func.grad raises", False, "no exception")
+    except RuntimeError as e:
+        report("nested torch.func.grad raises", "not differentiable" in str(e), str(e)[:100])
+    for name, fn in [("torch.func.jvp", lambda: torch.func.jvp(lambda q: fa.flash_attn_func(q, k, v), (q,), (q,))),
+                     ("forward_ad", lambda: _dual_call(fwAD, q, k, v))]:
+        try:
+            fn()
+            report(f"forward-mode AD raises ({name})", False, "no exception")
+        except NotImplementedError as e:
+            report(f"forward-mode AD raises ({name})", "forward-mode AD" in str(e), str(e)[:80])
+    batched = torch.func.vmap(lambda q: fa.flash_attn_func(q, k, v, causal=True))(torch.stack([q, q.flip(1)]))
+    report("vmap over the forward == per-example calls",
+           torch.equal(batched[0], fa.flash_attn_func(q, k, v, causal=True))
+           and torch.equal(batched[1], fa.flash_attn_func(q.flip(1), k, v, causal=True)))
+
+
+def _dual_call(fwAD, q, k, v):
+    with fwAD.dual_level():
+        return fa.flash_attn_func(fwAD.make_dual(q, torch.ones_like(q)), k, v)
+
+
 @check("compiled native calls")
 def check_compiled_native_calls(dev, quick):
     """The calls that hand tensors' addresses to native code outside the custom ops (the KV cache, the hub
@@ -1430,6 +1492,7 @@ def main():
     check_errors(dev, quick)
     check_layouts(dev, quick)
     check_autograd_edges(dev, quick)
+    check_torch_func(dev, quick)
     check_random_arguments(dev, quick)
     check_compiled_native_calls(dev, quick)
     check_empty(dev, quick)
