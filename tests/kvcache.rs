@@ -358,11 +358,11 @@ impl KvCase {
         let w = hk * d;
         let interleaved = self.rotary.is_some_and(|r| r.1);
         let o = self.opts.reference(d);
-        // flash-attn: q rows take their own positions under causal or local attention, where a window
-        // side binds some row: the left one below the keys a row can see (at most the capacity), the
-        // right one below the query count.
+        // flash-attn: q rows take their own positions under causal or local attention: a window side
+        // below the capacity (flash-attn drops the others), or a right side below the query count (it
+        // masks some row, also with more queries than the cache holds).
         let binds = |s: i64, n: usize| s >= 0 && (s as usize) < n;
-        let q_per_row = o.causal || binds(o.window.0, self.capacity) || binds(o.window.1, sq);
+        let q_per_row = o.causal || binds(o.window.0, self.capacity) || binds(o.window.1, self.capacity) || binds(o.window.1, sq);
         let (mut out, mut lse) = (Vec::new(), Vec::new());
         let (mut k_after, mut v_after) = (x.k_rows.clone(), x.v_rows.clone());
         for (b, &(seqlen, leftpad)) in self.rows.iter().enumerate() {
@@ -528,22 +528,34 @@ fn leftpad_cases(rng: &mut StdRng) -> Vec<KvCase> {
     cases
 }
 
-/// q's rotary positions follow the window the call applies: more query rows (8) than the cache holds (4),
-/// where a right side between the two still masks some rows (per-row positions, as causal) and one of at
-/// least the query count does not (every row at cache_seqlens).
+/// q's rotary positions follow the window: more query rows (8) than the cache holds (4), where a right
+/// side between the two still masks some rows (per-row positions, as causal) and one of at least the
+/// query count does not (every row at cache_seqlens); and few query rows (2) on a larger cache (16),
+/// where a side below the capacity makes the call local as in flash-attn (per-row positions) although it
+/// masks nothing, and one at or above it does not.
 #[test]
 fn rotary_positions_follow_the_window() {
     let (seed, mut rng) = seeded("rotary_positions_follow_the_window");
-    for window in [(-1, 5), (-1, 3), (-1, 8), (2, 6)] {
+    for (window, sq, capacity, rows) in [
+        ((-1, 5), 8, 4, vec![(2, 0), (3, 0)]),
+        ((-1, 3), 8, 4, vec![(2, 0), (3, 0)]),
+        ((-1, 8), 8, 4, vec![(2, 0), (3, 0)]),
+        ((2, 6), 8, 4, vec![(2, 0), (3, 0)]),
+        ((-1, 3), 2, 16, vec![(5, 0), (9, 0)]),
+        ((-1, 15), 2, 16, vec![(5, 0), (9, 0)]),
+        ((-1, 16), 2, 16, vec![(5, 0), (9, 0)]),
+        ((40, -1), 2, 16, vec![(5, 0), (9, 0)]),
+        ((12, 30), 2, 16, vec![(5, 0), (14, 0)]),
+    ] {
         let c = KvCase {
             dtype: DType::F16,
             d: 32,
             heads: (2, 1),
             opts: Opts { causal: false, window, softcap: 0.0, scale: None, kernels: Default::default() },
-            sq: 8,
+            sq,
             s_new: 1,
-            capacity: 4,
-            rows: vec![(2, 0), (3, 0)],
+            capacity,
+            rows,
             leftpad: false,
             batch_idx: false,
             page_size: None,

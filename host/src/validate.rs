@@ -378,10 +378,13 @@ pub fn validate_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCacheOp
         return Err(Error::Value { arg: "num_splits", msg: format!("{} exceeds the most splits, {MAX_SPLITS} (0 = a heuristic)", kv.num_splits) });
     }
     let capacity = paged.map_or(cs[1], |p| p.capacity());
-    // As in flash-attn, q rows take their own positions under causal or local attention: where the
-    // window the kernels apply (`canonical_window`: a side that cannot bind is unbounded) bounds a side.
+    // As in flash-attn, q rows take their own positions under causal or local attention: a window side
+    // below the cache's capacity (flash-attn drops the others as unbounded), or one that the kernels apply
+    // here (`canonical_window`: it bounds some row; a right side at or above the capacity still does with
+    // more query rows than the cache holds).
     let (window_left, window_right) = canonical_window(opts, seqlen_q, capacity);
-    let q_per_row = window_left >= 0 || window_right >= 0;
+    let local = |w: i64| w >= 0 && (w as u64) < capacity as u64;
+    let q_per_row = opts.causal || local(opts.window.0) || local(opts.window.1) || window_left >= 0 || window_right >= 0;
     let rotary = match (&t.rotary_cos, &t.rotary_sin) {
         (None, None) => None,
         (Some(cos), Some(sin)) => Some(check_rotary(cos, sin, t.q.dtype, d, kv.rotary_interleaved, q_per_row)?),
