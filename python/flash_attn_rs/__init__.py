@@ -343,6 +343,18 @@ def bwd(dout, q, k, v, out, softmax_lse, dq=None, dk=None, dv=None, alibi_slopes
 
 
 def _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
+    """bwd / varlen_bwd: the library names the forward's LSE `lse`, these ops `softmax_lse` (its errors are
+    renamed)."""
+    try:
+        return _hub_bwd_padded(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        if not msg.startswith("lse:"):
+            raise
+        raise type(e)("softmax_lse:" + msg[len("lse:"):]) from None
+
+
+def _hub_bwd_padded(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
     """bwd / varlen_bwd, padded as fwd is at head dims without kernels of their own (the gradients cut back
     into dq, dk, dv where given)."""
     pad = _hub_padding(q, (("k", k), ("v", v), ("dout", dout), ("out", out)), o)

@@ -692,6 +692,9 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
         if tuple(out.shape) != tuple(q.shape):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
     if o.extras:
+        if out is not None:
+            # Checked as the plain path's native call checks it (this path copies into it).
+            check_output(out, "out", q)
         return _hub_fwd_ext(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, o, gen)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -1077,13 +1080,12 @@ def paged(q, k, v, lens, block_table, o):
 def fwd_paged(q, k, v, out, lens, block_table, o, gen=None):
     """The hub's varlen_fwd with block_table: [out, lse, S_dmask, rng_state]."""
     _no_forward_ad(q, k, v, o.alibi_slopes)
+    if out is not None:
+        check_output(out, "out", _tensor(q, "q"))
     seeds = seed_offset(o, q, gen)
     o.rng_state = seeds
     res, lse, s_dmask = paged(q, k, v, lens, block_table, o)
     if out is not None:
-        _tensor(out, "out")
-        if tuple(out.shape) != tuple(res.shape):
-            raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(res.shape)} (from q's shape)")
         out.copy_(res)
     return [res if out is None else out, lse, s_dmask, _rng_tensor(seeds, q)]
 

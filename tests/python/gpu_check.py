@@ -836,18 +836,36 @@ def check_errors(dev, quick):
         ("kv cache k_cache is v_cache, head dim 40", lambda: fa.flash_attn_with_kvcache(
             q40[:, :1], cache40, cache40, q40[:, :1], q40[:, :1], cache_seqlens=2), ValueError),
     ]
+    # The hub's fwd with ALiBi / dropout and with block_table (paths that copy their result into `out`) check
+    # it as the plain path's native call does; bwd names the forward's LSE as its argument, softmax_lse.
+    slopes = torch.ones(2, device=dev)
+    qp = q[0]
+    cu_p = torch.tensor([0, 16], dtype=torch.int32, device=dev)
+    pages = torch.zeros(2, 8, 2, 64, device=dev, dtype=torch.bfloat16)
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device=dev)
+    wide = torch.empty(1, 1, 2, 64, device=dev, dtype=torch.bfloat16).expand(q.shape)
+    cases += [
+        ("hub fwd ALiBi, out float32", lambda: fa.fwd(q, q, q, torch.empty(q.shape, device=dev), slopes), TypeError,
+         "out"),
+        ("hub fwd dropout, out expanded", lambda: fa.fwd(q, q, q, wide, p_dropout=0.1), ValueError, "out"),
+        ("hub varlen_fwd paged, out float32", lambda: fa.varlen_fwd(
+            qp, pages, pages, cu_p, cu_p, torch.empty(qp.shape, device=dev), block_table=table), TypeError, "out"),
+        ("hub bwd softmax_lse float16", lambda: fa.bwd(q, q, q, q, q, torch.zeros(1, 2, 16, device=dev).half()),
+         TypeError, "softmax_lse"),
+    ]
     if dev.type == "cuda":
         cu = torch.tensor([0, 16], dtype=torch.int32)
         cases += [
             ("k on the CPU", lambda: fa.flash_attn_func(q, q.cpu(), q.cpu()), ValueError),
             ("cu_seqlens on the CPU", lambda: fa.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 16, 16), ValueError),
         ]
-    for name, fn, exc in cases:
+    for name, fn, exc, *arg in cases:
         try:
             fn()
             report(f"error: {name}", False, "no exception")
         except exc as e:
-            report(f"error: {name}", True, f"{type(e).__name__}: {e}")
+            # Where given, the argument the message must begin with.
+            report(f"error: {name}", not arg or str(e).startswith(arg[0] + ":"), f"{type(e).__name__}: {e}")
 
 
 @check("autograd edges")
