@@ -11,6 +11,8 @@ functions without graph breaks (plain eager calls run the same bodies without th
 - `bwd`: the backward into dq, dk, dv (mutated in place).
 - `fwd_ext` / `bwd_ext`: the same with ALiBi, dropout (its (seed, offset) an int64 [2] CPU tensor) and
   S_dmask; `fwd_paged`: paged K/V, forward only.
+- `fwd_kvcache` / `fwd_kvcache_read`: flash_attn_with_kvcache's native call over prepared tensors, with an
+  append (k_cache, v_cache mutated) or without; eagerly the same body runs without the ops' dispatch.
 
 Outputs and the backward's workspace come from torch.empty on q's device (so from PyTorch's caching
 allocator, and from a graph's private pool while capturing a CUDA graph); the kernels are queued on
@@ -1100,10 +1102,9 @@ def _opt_input(t, name):
     return _maybe_contiguous(t) if t.ndim else t
 
 
-# Never traced: it hands tensors' addresses to the native call and writes the caches in place, so under
-# torch.compile it runs eagerly, whole (a graph break around it). Traced, Dynamo put the int cache_seqlens'
-# torch.full in a graph of its own and the native call read that tensor's memory after it was freed.
-@torch.compiler.disable
+# Eagerly the native call directly; under torch.compile the custom op `fwd_kvcache` (declared to write
+# k_cache and v_cache), so a compiled decoding step is one graph (CUDA graphs capture it too) and every
+# tensor the native call reads (an int cache_seqlens' tensor, padded copies) is one the op was handed.
 def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
             block_table, o, rotary_interleaved, num_splits):
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
@@ -1126,7 +1127,9 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         _common.check_rotary_dim(rotary_cos, d)
         if k is not None:
             back = (k_cache, v_cache)
-            # The library's checks on the caches it appends to, which it sees only as copies here.
+        if k is not None and not torch.compiler.is_compiling():
+            # The library's checks on the caches it appends to, which it sees only as copies here (by the
+            # tensors' addresses: eagerly only).
             _common.check_own_memory(k_cache, "k_cache", _self_overlaps)
             _common.check_own_memory(v_cache, "v_cache", _self_overlaps)
             _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
@@ -1157,17 +1160,42 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         if not -2**31 <= n < 2**31:
             raise ValueError(f"cache_seqlens: {n} is out of range")
         cache_seqlens = torch.full((q.shape[0],), n, dtype=torch.int32, device=q.device)
+    if not torch.compiler.is_compiling():
+        launch = _kvcache_launch
+    else:
+        # The op that writes the caches only where there is something to append.
+        launch = torch.ops.flash_attn_rs.fwd_kvcache if k is not None else torch.ops.flash_attn_rs.fwd_kvcache_read
+    out, lse = launch(q, k_cache, v_cache, cache_seqlens, *(t for _, t in named), scale, o.causal, o.window_left,
+                      o.window_right, o.softcap, rotary_interleaved, num_splits)
+    if back is not None:
+        back[0].copy_(k_cache[..., :d])
+        back[1].copy_(v_cache[..., :d])
+    elif k is not None:
+        _written(*given_caches)
+    if out.shape[-1] != d:
+        out = out[..., :d].contiguous()
+    return out, lse
+
+
+def _kvcache_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor],
+                    k: Optional[Tensor], v: Optional[Tensor], rotary_cos: Optional[Tensor],
+                    rotary_sin: Optional[Tensor], cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor],
+                    alibi_slopes: Optional[Tensor], softmax_scale: float, causal: bool, window_size_left: int,
+                    window_size_right: int, softcap: float, rotary_interleaved: bool,
+                    num_splits: int) -> Tuple[Tensor, Tensor]:
+    """The native KV-cache call over prepared tensors (`kvcache`): new out and lse, the caches appended to
+    in place; the CUDA workspace from PyTorch's allocator, on the call's stream."""
+    named = [("block_table", block_table), ("k", k), ("v", v), ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin),
+             ("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad), ("alibi_slopes", alibi_slopes)]
     _same_device(q, [("k_cache", k_cache), ("v_cache", v_cache), ("cache_seqlens", cache_seqlens)] + named)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
-    expected = {"block_table": "torch.int32", "cache_batch_idx": "torch.int32", "cache_leftpad": "torch.int32",
-                "alibi_slopes": "torch.float32", "rotary_cos": "torch.float16, torch.bfloat16 or torch.float32",
-                "rotary_sin": "torch.float16, torch.bfloat16 or torch.float32"}
-    kw = {("k_new" if n == "k" else "v_new" if n == "v" else n): _desc(t, n, expected.get(n, _FLOAT))
+    kw = {("k_new" if n == "k" else "v_new" if n == "v" else n): _desc(t, n, _KVCACHE_EXPECTED.get(n, _FLOAT))
           for n, t in named if t is not None}
     args = (_desc(q, "q"), _desc(k_cache, "k_cache"), _desc(v_cache, "v_cache"),
             _desc(cache_seqlens, "cache_seqlens", "torch.int32"), _desc(out, "out"), _desc(lse, "lse", "torch.float32"),
-            scale, o.causal, o.window_left, o.window_right, o.softcap, rotary_interleaved, num_splits, _device(q))
+            softmax_scale, causal, window_size_left, window_size_right, softcap, rotary_interleaved, num_splits,
+            _device(q))
     # A call without the workspace it needs (CUDA: q rotated, split-KV's partials) runs nothing and says
     # how many bytes: they come from PyTorch's caching allocator, on the call's stream.
     need = _on_device(q, _native.fwd_kvcache, *args, **kw)
@@ -1175,11 +1203,22 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         ws = torch.empty(need, dtype=torch.uint8, device=q.device)
         need = _on_device(q, _native.fwd_kvcache, *args, workspace=(ws.data_ptr(), need), **kw)
         assert need == 0, need
-    if back is not None:
-        back[0].copy_(k_cache[..., :d])
-        back[1].copy_(v_cache[..., :d])
-    elif "k_new" in kw:
-        _written(*given_caches)
-    if out.shape[-1] != d:
-        out = out[..., :d].contiguous()
     return out, lse
+
+
+_KVCACHE_EXPECTED = {"block_table": "torch.int32", "cache_batch_idx": "torch.int32", "cache_leftpad": "torch.int32",
+                     "alibi_slopes": "torch.float32",
+                     "rotary_cos": "torch.float16, torch.bfloat16 or torch.float32",
+                     "rotary_sin": "torch.float16, torch.bfloat16 or torch.float32"}
+
+def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, block_table, k, v, rotary_cos, rotary_sin, cache_batch_idx,
+                  cache_leftpad, alibi_slopes, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                  rotary_interleaved, num_splits):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device))
+
+
+# Appending (k, v given) writes the caches; without, the call only reads them.
+torch.library.custom_op("flash_attn_rs::fwd_kvcache", _kvcache_launch,
+                        mutates_args=("k_cache", "v_cache")).register_fake(_kvcache_fake)
+torch.library.custom_op("flash_attn_rs::fwd_kvcache_read", _kvcache_launch, mutates_args=()).register_fake(_kvcache_fake)

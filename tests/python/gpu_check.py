@@ -574,6 +574,22 @@ def check_kvcache_graph(dev, quick):
         torch.cuda.synchronize(dev)
         report(f"flash_attn_with_kvcache (append + rotary, split-KV{', paged' if paged else ''}) captured in a "
                "CUDA graph and replayed == eager, bitwise (out, lse, caches)", ok)
+        # The same step compiled with CUDA graphs (torch.compile's reduce-overhead: the custom op inside).
+        torch._dynamo.reset()
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        ok = True
+        for _ in range(3):
+            q.copy_(torch.randn_like(q))
+            kn.copy_(torch.randn_like(kn))
+            kc.copy_(k0)
+            vc.copy_(v0)
+            got = [t.clone() for t in compiled(q, kc, vc, kn, vn)] + [kc.clone(), vc.clone()]
+            kc2, vc2 = k0.clone(), v0.clone()
+            want = step(q, kc2, vc2, kn, vn)
+            ok &= all(torch.equal(a, w) for a, w in zip(got, [want[0], want[1], kc2, vc2]))
+        torch.cuda.synchronize(dev)
+        report(f"flash_attn_with_kvcache{' (paged)' if paged else ''} under torch.compile(mode='reduce-overhead') "
+               "== eager, bitwise (out, lse, caches)", ok)
 
 
 @check("non-default stream")
@@ -1013,6 +1029,32 @@ def check_compiled_native_calls(dev, quick):
             torch._dynamo.reset()
             ok &= torch.equal(torch.compile(fn, backend="eager")(q), want)
         report(f"compiled == eager: {name}", ok)
+    # The KV cache is a custom op under torch.compile: one graph (fullgraph), appends included, the caches
+    # written as eagerly (also at head dim 40, run padded).
+    lens = torch.tensor([5], dtype=torch.int32, device=dev)
+    cos, sin = torch.rand(24, 16, generator=g).to(dev), torch.rand(24, 16, generator=g).to(dev)
+    for d in (64, 40):
+        qd, cd, kn = r(1, 2, 4, d), r(1, 16, 2, d), r(1, 2, 2, d)
+
+        def step(q, kc, vc, kn):
+            return fa.flash_attn_with_kvcache(q, kc, vc, kn, kn, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens,
+                                              causal=True, return_softmax_lse=True)
+
+        def read(q, kc, vc):
+            return fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=9, window_size=(3, 0))
+
+        kc1, vc1 = cd.clone(), cd.clone()
+        want = step(qd, kc1, vc1, kn)
+        want_read = read(qd, kc1, vc1)
+        for backend in ("eager", "aot_eager") if quick else ("eager", "aot_eager", "inductor"):
+            torch._dynamo.reset()
+            kc2, vc2 = cd.clone(), cd.clone()
+            got = torch.compile(step, backend=backend, fullgraph=True)(qd, kc2, vc2, kn)
+            got_read = torch.compile(read, backend=backend, fullgraph=True)(qd, kc2, vc2)
+            report(f"KV cache under torch.compile(fullgraph=True, backend={backend}) == eager (head dim {d}: out, lse, "
+                   "caches, then a read-only call)",
+                   torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(kc2, kc1)
+                   and torch.equal(vc2, vc1) and torch.equal(got_read, want_read))
 
 
 @check("random bad arguments")
