@@ -169,13 +169,27 @@ pub unsafe fn fwd_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCache
 /// package's `scaled_dot_product_attention`. `FLASH_ATTN_NO_DENSE_DECODE` (any value, read once) makes it
 /// false everywhere, for A/B runs.
 pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::types::DType, opts: &AttnOptions, alibi: bool) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *OFF.get_or_init(|| std::env::var_os("FLASH_ATTN_NO_DENSE_DECODE").is_some()) {
+    if dense_decode_off() {
         return false;
     }
     let (&[b, sq, hq, d], &[kb, sk, hk, kd]) = (q_shape, k_shape) else { return false };
     let sizes_ok = b > 0 && sq > 0 && sk > 0 && hk > 0 && kb == b && kd == d && hq % hk == 0;
     sizes_ok && opts.dropout.p == 0.0 && crate::dispatch::decodes(sq, hq, hk, d, dtype, alibi)
+}
+
+/// `dense_fwd_decodes`'s limits, for an adapter that decides without calling it (a Python call being traced
+/// by torch.compile): the most query rows per kv head (0 with `FLASH_ATTN_NO_DENSE_DECODE`), and the head
+/// dims with decode kernels in both f16 and bf16. With q and k of those layouts, no ALiBi or dropout, and
+/// every size above 0, `dense_fwd_decodes` is `Sq * Hq / Hk <= rows && D in head_dims`.
+pub fn dense_decode_limits() -> (usize, Vec<usize>) {
+    let dims = crate::HEAD_DIMS.iter().copied().filter(|&d| [crate::types::DType::F16, crate::types::DType::BF16].iter().all(|&dt| crate::dispatch::decodes(1, 1, 1, d, dt, false))).collect();
+    (if dense_decode_off() { 0 } else { crate::dispatch::DECODE_MAX_ROWS }, dims)
+}
+
+/// `FLASH_ATTN_NO_DENSE_DECODE` (any value, read once).
+fn dense_decode_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("FLASH_ATTN_NO_DENSE_DECODE").is_some())
 }
 
 /// Bytes of workspace `fwd_kvcache` needs for these views and options on `target`: 0 on the CPU.

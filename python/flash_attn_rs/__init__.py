@@ -403,7 +403,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     keys past the last row's, which a bottom-right window cannot express), empty tensors, a dropout_p
     outside [0, 1) or a scale that is not a finite number (PyTorch's answer, or its error). With
     `fallback=False` those raise NotImplementedError instead. Decoding steps (at most 64 query rows per key
-    head, nothing to differentiate, no dropout, eager) run flash_attn_with_kvcache's split-KV decode path
+    head, nothing to differentiate, no dropout; also compiled) run flash_attn_with_kvcache's split-KV decode path
     over key and value in place, where flash_attn_func's one tile per (sequence, head) would leave most of
     the GPU idle.
     """
@@ -429,18 +429,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def _sdpa_decodes(q, k, v, dropout_p):
     """Whether an SDPA call (q `[N, L, Hq, E]`, k, v `[N, S, Hk, E]`) runs flash_attn_with_kvcache's decode
-    path: eager (traced calls stay on the custom ops), nothing to differentiate, no dropout, and the
-    library's rule for a dense forward as decoding steps (`dense_fwd_decodes`: at most 64 query rows per key
-    head, a head dim with decode kernels; where flash_attn_func's row tiles would leave most of the GPU
-    idle: one per (sequence, head))."""
-    if dropout_p != 0 or _torch_impl._is_compiling() or _torch_impl._functorch_active():
+    path: nothing to differentiate, no dropout, and the library's rule for a dense forward as decoding steps
+    (`raw::dense_fwd_decodes`: at most DENSE_DECODE_MAX_ROWS query rows per key head, a head dim with decode
+    kernels; where flash_attn_func's row tiles would leave most of the GPU idle: one per (sequence, head)).
+    Plain Python over the library's limits, so torch.compile traces the choice (and the KV cache's op)."""
+    if dropout_p != 0 or _torch_impl._functorch_active():
         return False
     if _torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     # The KV cache takes its caches as they are (it appends in place): key and value's last dimension must
     # be contiguous already (flash_attn_func copies them otherwise).
-    return (k.stride(3) == 1 and v.stride(3) == 1 and q.dtype in _torch_impl._DTYPES
-            and _native.dense_fwd_decodes(tuple(q.shape), tuple(k.shape), _torch_impl._DTYPES[q.dtype]))
+    return (k.stride(3) == 1 and v.stride(3) == 1 and q.dtype in (_torch.float16, _torch.bfloat16)
+            and q.shape[3] in _DECODE_HEAD_DIMS and q.shape[1] * (q.shape[2] // k.shape[2]) <= _DECODE_ROWS)
+
+
+_DECODE_ROWS, _DECODE_HEAD_DIMS = _native.DENSE_DECODE_MAX_ROWS, frozenset(_native.DENSE_DECODE_HEAD_DIMS)
 
 
 def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):

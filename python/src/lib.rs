@@ -715,19 +715,6 @@ fn bwd_workspace_bytes(q_shape: &Bound<'_, PyAny>, deterministic: &Bound<'_, PyA
     }
 }
 
-/// dense_fwd_decodes(q_shape, k_shape, dtype) -> bool
-///
-/// Whether a dense forward over q `[B, Sq, Hq, D]` and k `[B, Sk, Hk, D]` of `dtype` (no ALiBi, no
-/// dropout) runs faster on CUDA as the KV cache's decode path over k and v in place (the library's
-/// `raw::dense_fwd_decodes`: at most 64 query rows per kv head and a head dim with decode kernels).
-#[pyfunction]
-fn dense_fwd_decodes(q_shape: &Bound<'_, PyAny>, k_shape: &Bound<'_, PyAny>, dtype: &Bound<'_, PyAny>) -> PyResult<bool> {
-    let q = uints(q_shape, "q_shape", "shape", 1 << 62)?;
-    let k = uints(k_shape, "k_shape", "shape", 1 << 62)?;
-    let dt = self::dtype(dtype, "dtype")?;
-    Ok(raw::dense_fwd_decodes(&q, &k, dt, &flash_attn::AttnOptions::default(), false))
-}
-
 /// preload(ordinal)
 ///
 /// Loads the kernels of CUDA device `ordinal` now (e.g. before capturing a CUDA graph) so that no later
@@ -758,9 +745,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bwd_workspace_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(overlaps, m)?)?;
     m.add_function(wrap_pyfunction!(preload, m)?)?;
-    m.add_function(wrap_pyfunction!(dense_fwd_decodes, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add("HEAD_DIMS", PyTuple::new(m.py(), flash_attn::HEAD_DIMS)?)?;
+    // raw::dense_fwd_decodes's limits (scaled_dot_product_attention's decode routing decides in Python,
+    // which torch.compile traces).
+    let (rows, dims) = raw::dense_decode_limits();
+    m.add("DENSE_DECODE_MAX_ROWS", rows)?;
+    m.add("DENSE_DECODE_HEAD_DIMS", PyTuple::new(m.py(), dims)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

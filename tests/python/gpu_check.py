@@ -260,17 +260,29 @@ def check_sdpa(dev, quick):
             window = (-1, l - s_) if causal else (-1, -1)
             want = fa.flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=s_,
                                               window_size=window).transpose(1, 2)
+            # Compiled, the same choice and the KV cache's op (in the one graph): the same bits.
+            torch._dynamo.reset()
+            traced = []
+
+            def backend(gm, example_inputs):
+                traced.extend(str(node.target) for node in gm.graph.nodes)
+                return gm.forward
+
+            compiled = torch.compile(lambda q, k, v: fa.scaled_dot_product_attention(q, k, v, **kw, fallback=False),
+                                     backend=backend, fullgraph=True)(q, k, v)
+            via_op = any("fwd_kvcache_read" in t for t in traced)
         ro = torch_sdpa(q, k, v, torch.float64, **kw)
         lo = torch_sdpa(q, k, v, dtype, **kw)
         ok, det = compare("out", got, ro, lo, 2, 1e-3)
-        ok &= torch.equal(got, want) and got.shape == (n, hq, l, e)
+        ok &= torch.equal(got, want) and torch.equal(compiled, want) and via_op and got.shape == (n, hq, l, e)
         qg = q.clone().requires_grad_(True)
         dense = fa.scaled_dot_product_attention(qg, k, v, **kw)
         ok2, det2 = compare("out with grad (flash_attn_func)", dense.detach(), ro, lo, 2, 1e-3)
         dense.float().sum().backward()
         report(f"scaled_dot_product_attention decoding step [{str(dtype)[6:]} N{n} H{hq}/{hk} L{l} S{s_} E{e} "
                f"is_causal={causal}]", ok and ok2 and qg.grad is not None,
-               f"{det}, {det2}, the KV cache's bits: {torch.equal(got, want)}")
+               f"{det}, {det2}, the KV cache's bits: {torch.equal(got, want)}, compiled: {torch.equal(compiled, want)} "
+               f"(its op traced: {via_op})")
 
     # Decoding steps over keys / values in odd layouts (broadcast along the batch, the heads, the head dim:
     # the last runs flash_attn_func, which copies it).
