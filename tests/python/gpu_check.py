@@ -1543,6 +1543,7 @@ def main():
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true", help="fewer and smaller cases")
     p.add_argument("--no-bench", action="store_true")
+    p.add_argument("--bench-only", action="store_true", help="the benchmarks alone (CUDA)")
     a = p.parse_args()
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}, flash_attn_rs {fa.__version__}, "
           f"cuda_available={fa.cuda_available()}", flush=True)
@@ -1553,6 +1554,12 @@ def main():
     if dev.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(dev)}", flush=True)
     quick = a.quick or dev.type == "cpu"
+    if a.bench_only:
+        if dev.type != "cuda":
+            print("FAIL --bench-only needs CUDA")
+            return 1
+        bench(dev, quick)
+        return 0
     check_forward_backward(dev, quick)
     check_sdpa(dev, quick)
     check_deterministic(dev, quick)
