@@ -501,9 +501,9 @@ fn check_rotary(cos: &View<'_>, sin: &View<'_>, q_dtype: DType, d: usize, interl
 }
 
 /// Checks the contents of a KV-cache call's index tensors (host copies) for `kp` as `validate_kvcache`
-/// returned it, and resolves each row's keys: cache_seqlens[b] >= 0; cache_leftpad[b] in
-/// 0..=cache_seqlens[b]; cache_seqlens[b] + S_new within a cache row (or what its block table row
-/// addresses); cache_batch_idx[b] a row of the cache; every block a row reads inside the cache; no cache
+/// returned it, and resolves each row's keys: `cache_seqlens[b] >= 0`; `cache_leftpad[b]` in
+/// `0..=cache_seqlens[b]`; `cache_seqlens[b] + S_new` within a cache row (or what its block table row
+/// addresses); `cache_batch_idx[b]` a row of the cache; every block a row reads inside the cache; no cache
 /// entry appended to twice; and the rotary tables long enough for every position they are read at.
 pub fn check_kvcache_contents(kp: &KvCacheProblem, host: HostKvCache) -> Result<HostKeys> {
     let p = &kp.fwd;
