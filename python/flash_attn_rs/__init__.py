@@ -42,7 +42,6 @@ Importing this package needs neither torch nor numpy, and no CUDA: libcuda is lo
 call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
 """
 
-import math as _math
 import numbers as _numbers
 import os as _os
 
@@ -316,6 +315,9 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, out=None, seqused_k=None, le
 def _hub_fwd(path, q, k, v, out, lens, block_table, o, gen):
     """fwd / varlen_fwd (paged with `block_table`), padded at head dims without kernels of their own (the
     output cut back into `out` where given)."""
+    if path is _torch_impl:
+        _torch_impl._no_functorch("varlen_fwd" if lens is not None else "fwd")
+
     def call(q, k, v, out):
         if block_table is not None:
             return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
@@ -357,6 +359,8 @@ def _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
 def _hub_bwd_padded(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
     """bwd / varlen_bwd, padded as fwd is at head dims without kernels of their own (the gradients cut back
     into dq, dk, dv where given)."""
+    if path is _torch_impl:
+        _torch_impl._no_functorch("varlen_bwd" if lens is not None else "bwd")
     pad = _hub_padding(q, (("k", k), ("v", v), ("dout", dout), ("out", out)), o)
     if pad is None:
         return path.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o.softmax_scale, o)
@@ -453,7 +457,7 @@ def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gq
         return "query, key and value must be torch tensors"
     if attn_mask is not None:
         return "attn_mask"
-    real = lambda x: isinstance(x, _numbers.Real) and not isinstance(x, bool) and _math.isfinite(x)  # noqa: E731
+    real = lambda x: isinstance(x, _numbers.Real) and not isinstance(x, bool) and _common.finite(x)  # noqa: E731
     if not (real(dropout_p) and 0 <= dropout_p < 1):
         return f"dropout_p {dropout_p!r} (a number in [0, 1) here)"
     if scale is not None and not real(scale):

@@ -78,6 +78,12 @@ def rng_state(x):
     return seed, offset
 
 
+def finite(x):
+    """Whether a float is finite, by comparisons only (which torch.compile traces on a symbolic float, where
+    math.isfinite breaks the graph)."""
+    return -math.inf < x < math.inf
+
+
 def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
             return_probs=False, rng_state_=None):
     """Checks flash-attn's options. `return_probs`: the caller asked for the probabilities
@@ -91,12 +97,12 @@ def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
             raise TypeError(f"softmax_scale: must be a float or None, got {type(softmax_scale).__name__}")
         softmax_scale = float(softmax_scale)
-        if not math.isfinite(softmax_scale):
+        if not finite(softmax_scale):
             raise ValueError(f"softmax_scale: must be finite, got {softmax_scale}")
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap: must be a float, got {type(softcap).__name__}")
     softcap = float(softcap)
-    if math.isnan(softcap) or math.isinf(softcap):
+    if not finite(softcap):
         raise ValueError(f"softcap: must be finite (0.0 = off), got {softcap}")
     # flash-attn: softcap > 0 turns it on, anything else leaves it off.
     softcap = max(softcap, 0.0)

@@ -243,39 +243,14 @@ def _bwd_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seql
 
 #: What differentiating the attention backward's gradients raises (create_graph=True, e.g. a gradient
 #: penalty): the backward is not itself differentiable.
-_TWICE = b"flash_attn_rs: the attention backward is not differentiable (double backward, as in a gradient " \
-    b"penalty through create_graph=True, is not supported)"
-
-
-def _not_twice(grads):
-    """`grads` as they are outside grad mode; under create_graph=True (grad mode on in the backward) each
-    tensor behind a node that raises `_TWICE` when differentiated, where they would otherwise be constants
-    and a second derivative would silently miss this backward's terms. (torch's once_differentiable does
-    this only when an incoming gradient requires grad.)"""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return grads
-    tensors = [g for g in grads if isinstance(g, torch.Tensor)]
-    if not tensors:
-        return grads
-    guarded = torch._C._functions.DelayedError(_TWICE, len(tensors))(*[g.detach().requires_grad_(True) for g in tensors])
-    it = iter((guarded,) if isinstance(guarded, torch.Tensor) else guarded)
-    return tuple(next(it) if isinstance(g, torch.Tensor) else g for g in grads)
-
-
-def _once(backward):
-    """An autograd.Function backward run without grad, its gradients passed through `_not_twice`."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *args):
-        with torch.no_grad():
-            grads = backward(ctx, *args)
-        return _not_twice(grads)
-    return wrapper
+_TWICE = ("flash_attn_rs: the attention backward is not differentiable (double backward, as in a gradient "
+          "penalty through create_graph=True, is not supported)")
 
 
 class _TwiceGuard(torch.autograd.Function):
-    """`_not_twice` under torch.func transforms (where requires_grad_ is not allowed): the gradients, made
-    to depend on the backward's inputs (`anchors`) through a node that raises `_TWICE` when differentiated;
-    a nested torch.func.grad would otherwise see constants and return a zero second derivative."""
+    """The backward's gradients (the last `n` tensors), made to depend on the backward's inputs (the others:
+    the saved tensors and the incoming gradients that require grad) through a node that raises `_TWICE`
+    when differentiated (`_once`)."""
 
     @staticmethod
     def forward(n, *tensors):
@@ -287,20 +262,25 @@ class _TwiceGuard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(_TWICE.decode())
+        raise RuntimeError(_TWICE)
 
 
-def _func_once(grads_fn):
-    """A backward for torch.func transforms: `grads_fn` without grad (functorch runs backwards with grad
-    on, which would send the bwd ops through their own autograd wrappers), its gradients behind
-    `_TwiceGuard` anchored on the saved tensors and the incoming gradients."""
-    @functools.wraps(grads_fn)
+def _once(backward):
+    """An autograd.Function backward (or an op's registered one) run without grad. Under create_graph=True
+    (grad mode on in the backward: a gradient penalty, a nested torch.func.grad) its gradients come out of
+    `_TwiceGuard`, connected to q, k, v and dout, so that differentiating them again raises instead of
+    treating them as constants and silently leaving this backward's second-order terms out. (torch's
+    once_differentiable does this only when an incoming gradient requires grad.)"""
+    @functools.wraps(backward)
     def wrapper(ctx, *args):
         with torch.no_grad():
-            grads = grads_fn(ctx, *args)
+            grads = backward(ctx, *args)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return grads
         tensors = [g for g in grads if isinstance(g, torch.Tensor)]
-        anchors = [t for t in (*ctx.saved_tensors, *args) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        if not tensors or not torch.is_grad_enabled():
+        anchors = [t for t in (*ctx.saved_tensors, *args)
+                   if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+        if not tensors or not anchors:
             return grads
         it = iter(_TwiceGuard.apply(len(tensors), *anchors, *tensors))
         return tuple(next(it) if isinstance(g, torch.Tensor) else g for g in grads)
@@ -334,11 +314,7 @@ def _fwd_grads(ctx, dout, dlse):
     return _backward(ctx.saved_tensors, ctx.params, dout, torch.ops.flash_attn_rs.bwd) + (None,) * 13
 
 
-def _fwd_backward(ctx, dout, dlse):
-    return _not_twice(_fwd_grads(ctx, dout, dlse))
-
-
-_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+_fwd.register_autograd(_once(_fwd_grads), setup_context=_fwd_setup_context)
 
 
 class _EagerFwd(torch.autograd.Function):
@@ -374,6 +350,26 @@ def _no_forward_ad(*tensors):
                                       "torch.autograd.grad, torch.func.grad / vjp)")
 
 
+_is_grad_tracking = getattr(torch._C._functorch, "is_gradtrackingtensor", lambda t: False)
+
+
+def _no_functorch(name):
+    """Calls that do not run under torch.func transforms (the hub's ops, paged K/V): an error naming them,
+    where a transform would otherwise fail inside torch with a message about data pointers or
+    setup_context."""
+    if _functorch_active():
+        raise NotImplementedError(f"{name}: does not run under torch.func transforms (vmap, grad, jvp, ...); "
+                                  "flash_attn_func and the other flash_attn_*_func functions do (reverse mode)")
+
+
+def _no_slope_grads(alibi):
+    """torch.func.grad with respect to alibi_slopes would return zeros (the kernels compute no gradient for
+    the slopes): an error instead."""
+    if isinstance(alibi, torch.Tensor) and _functorch_active() and _is_grad_tracking(alibi):
+        raise NotImplementedError("alibi_slopes: gradients with respect to the slopes are not computed "
+                                  "(torch.func.grad would return zeros for them)")
+
+
 #: Set to False to send every call through the custom ops (tests compare the two paths).
 EAGER_FAST_PATH = True
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -400,7 +396,7 @@ class _FuncFwd(torch.autograd.Function):
         return torch.ops.flash_attn_rs.fwd(*args)
 
     setup_context = staticmethod(_fwd_setup_context)
-    backward = staticmethod(_func_once(_fwd_grads))
+    backward = staticmethod(_once(_fwd_grads))
 
 
 def _functorch(*tensors):
@@ -638,6 +634,7 @@ def _lens(lens):
 def attention(pack, q, k, v, lens, o):
     """flash_attn_*_func on tensors: returns (out, lse); differentiable in q, k, v (or kv, qkv)."""
     _no_forward_ad(q, k, v, o.alibi_slopes)
+    _no_slope_grads(o.alibi_slopes)
     varlen = lens is not None
     rank = 3 if varlen else 4
     if pack == PACK_QKV:
@@ -676,7 +673,8 @@ def attention(pack, q, k, v, lens, o):
 
 def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
     """The hub's fwd / varlen_fwd; returns [out, softmax_lse, S_dmask, rng_state]."""
-    _no_forward_ad(q, k, v, o.alibi_slopes)
+    _no_functorch("fwd / varlen_fwd")
+    _no_forward_ad(q, k, v, out, o.alibi_slopes)
     k, v = _tensor(k, "k"), _tensor(v, "v")
     rank = 3 if lens is not None else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -731,7 +729,8 @@ def _hub_bwd_ext(args, q, o):
 
 def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Tensor]]:
     """The hub's bwd / varlen_bwd; returns [dq, dk, dv, None]."""
-    _no_forward_ad(dout, q, k, v, out, lse)
+    _no_functorch("bwd / varlen_bwd")
+    _no_forward_ad(dout, q, k, v, out, lse, dq, dk, dv, o.alibi_slopes)
     k, v, out, lse, dout = _tensor(k, "k"), _tensor(v, "v"), _tensor(out, "out"), _tensor(lse, "softmax_lse"), \
         _tensor(dout, "dout")
     rank = 3 if lens is not None else 4
@@ -941,11 +940,7 @@ def _fwd_ext_grads(ctx, dout, dlse, ds_dmask):
     return tuple(grads) + (None,) * 17
 
 
-def _fwd_ext_backward(ctx, dout, dlse, ds_dmask):
-    return _not_twice(_fwd_ext_grads(ctx, dout, dlse, ds_dmask))
-
-
-_fwd_ext.register_autograd(_fwd_ext_backward, setup_context=_fwd_ext_setup_context)
+_fwd_ext.register_autograd(_once(_fwd_ext_grads), setup_context=_fwd_ext_setup_context)
 
 
 class _FuncFwdExt(torch.autograd.Function):
@@ -958,7 +953,7 @@ class _FuncFwdExt(torch.autograd.Function):
         return torch.ops.flash_attn_rs.fwd_ext(*args)
 
     setup_context = staticmethod(_fwd_ext_setup_context)
-    backward = staticmethod(_func_once(_fwd_ext_grads))
+    backward = staticmethod(_once(_fwd_ext_grads))
 
 
 def _rng_state_tensor(o):
@@ -1049,6 +1044,7 @@ def _paged_ext(q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, s
 def paged(q, k, v, lens, block_table, o):
     """flash_attn_varlen_func with block_table: (out, lse, S_dmask or None); forward only (the op has no
     autograd: a backward through it raises)."""
+    _no_functorch("flash_attn_varlen_func with block_table (paged K/V)")
     _no_forward_ad(q, k, v, o.alibi_slopes)
     k, v, block_table = _tensor(k, "k"), _tensor(v, "v"), _tensor(block_table, "block_table")
     _common.check_rank(q, "q", 3)
@@ -1081,7 +1077,8 @@ def paged(q, k, v, lens, block_table, o):
 
 def fwd_paged(q, k, v, out, lens, block_table, o, gen=None):
     """The hub's varlen_fwd with block_table: [out, lse, S_dmask, rng_state]."""
-    _no_forward_ad(q, k, v, o.alibi_slopes)
+    _no_functorch("varlen_fwd")
+    _no_forward_ad(q, k, v, out, o.alibi_slopes)
     if out is not None:
         check_output(out, "out", _tensor(q, "q"))
     seeds = seed_offset(o, q, gen)
@@ -1110,6 +1107,11 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
     place."""
     _no_forward_ad(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, o.alibi_slopes)
+    if _functorch_active() and any(isinstance(t, torch.Tensor) and _is_grad_tracking(t)
+                                   for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, o.alibi_slopes)):
+        # torch.func.grad would return zeros through a call that has no backward.
+        raise NotImplementedError("flash_attn_with_kvcache: has no backward (as flash-attn's); torch.func.grad "
+                                  "through it is not supported")
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
     if k is not None or v is not None:
         _writable(k_cache, "k_cache")
@@ -1160,13 +1162,16 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         if not -2**31 <= n < 2**31:
             raise ValueError(f"cache_seqlens: {n} is out of range")
         cache_seqlens = torch.full((q.shape[0],), n, dtype=torch.int32, device=q.device)
-    if not torch.compiler.is_compiling():
-        launch = _kvcache_launch
+    args = (q, k_cache, v_cache, cache_seqlens, *(t for _, t in named), scale, o.causal, o.window_left,
+            o.window_right, o.softcap, rotary_interleaved, num_splits)
+    if not (torch.compiler.is_compiling() or _functorch_active()):
+        out, lse = _kvcache_launch(*args)
     else:
-        # The op that writes the caches only where there is something to append.
-        launch = torch.ops.flash_attn_rs.fwd_kvcache if k is not None else torch.ops.flash_attn_rs.fwd_kvcache_read
-    out, lse = launch(q, k_cache, v_cache, cache_seqlens, *(t for _, t in named), scale, o.causal, o.window_left,
-                      o.window_right, o.softcap, rotary_interleaved, num_splits)
+        # The op that writes the caches only where there is something to append; without grad (out carries
+        # none, as eagerly: the KV cache has no backward).
+        op = torch.ops.flash_attn_rs.fwd_kvcache if k is not None else torch.ops.flash_attn_rs.fwd_kvcache_read
+        with torch.no_grad():
+            out, lse = op(*args)
     if back is not None:
         back[0].copy_(k_cache[..., :d])
         back[1].copy_(v_cache[..., :d])

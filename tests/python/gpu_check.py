@@ -918,14 +918,21 @@ def check_autograd_edges(dev, quick):
     alibi = lambda: fa.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=dev))  # noqa: E731
     for path, fn in [("eager", plain), ("ALiBi path", alibi), ("custom ops", via_ops(plain)),
                      ("custom ops, ALiBi", via_ops(alibi)), ("compiled", torch.compile(plain, fullgraph=True))]:
-        (g,) = torch.autograd.grad(fn().float().sum(), q, create_graph=True)
-        try:
-            g.float().square().sum().backward()
-            report(f"double backward raises ({path})", False, "no exception")
-        except RuntimeError as e:
-            # Compiled graphs: torch's own refusal (AOTAutograd has no double backward).
-            report(f"double backward raises ({path})", "not differentiable" in str(e) or path == "compiled",
-                   str(e)[:100])
+        for how in ("backward()", "autograd.grad(loss + penalty, q)"):
+            loss = fn().float().sum()
+            (g,) = torch.autograd.grad(loss, q, create_graph=True)
+            penalty = g.float().square().sum()
+            try:
+                if how == "backward()":
+                    penalty.backward()
+                else:
+                    # The gradient penalty's way: the second-order term must not be silently left out.
+                    torch.autograd.grad(loss + penalty, q)
+                report(f"double backward raises ({path}, {how})", False, "no exception")
+            except RuntimeError as e:
+                # Compiled graphs: torch's own refusal (AOTAutograd has no double backward).
+                report(f"double backward raises ({path}, {how})", "not differentiable" in str(e) or path == "compiled",
+                       str(e)[:100])
     compiled = torch.compile(lambda: fa.flash_attn_func(q, q, q, return_attn_probs=True)[1], fullgraph=True)
     report("LSE carries no gradient (eager, compiled)",
            not fa.flash_attn_func(q, q, q, return_attn_probs=True)[1].requires_grad and not compiled().requires_grad)
@@ -1006,6 +1013,40 @@ def check_torch_func(dev, quick):
     report("vmap over the forward == per-example calls",
            torch.equal(batched[0], fa.flash_attn_func(q, k, v, causal=True))
            and torch.equal(batched[1], fa.flash_attn_func(q.flip(1), k, v, causal=True)))
+    cache = r(2, 40, 2, 64)
+    batched = torch.func.vmap(lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33))(
+        torch.stack([q[:, :1], q[:, 1:2]]))
+    report("vmap over flash_attn_with_kvcache == per-example calls",
+           torch.equal(batched[1], fa.flash_attn_with_kvcache(q[:, 1:2], cache, cache, cache_seqlens=33)))
+    # What has no derivative here raises under torch.func rather than giving zeros or failing inside torch.
+    refused = {
+        "grad with respect to alibi_slopes": lambda: torch.func.grad(
+            lambda s: fa.flash_attn_func(q, k, v, alibi_slopes=s).float().sum())(slopes),
+        "grad through flash_attn_with_kvcache": lambda: torch.func.grad(
+            lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33).float().sum())(q[:, :1]),
+        "hub fwd under vmap": lambda: torch.func.vmap(lambda q: fa.fwd(q, k, v, alibi_slopes=slopes)[0])(q[None]),
+        "hub bwd under grad": lambda: torch.func.grad(lambda q: fa.bwd(q, q, k, v, q, torch.zeros(
+            2, 4, 40, device=dev))[0].float().sum())(q),
+        "paged K/V under vmap": lambda: torch.func.vmap(lambda q: fa.flash_attn_varlen_func(
+            q, cache.reshape(5, 16, 2, 64), cache.reshape(5, 16, 2, 64), cu_q, cu_k, 25, 20,
+            block_table=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=dev)))(qp[None]),
+    }
+    for name, fn in refused.items():
+        try:
+            fn()
+            report(f"NotImplementedError: {name}", False, "no exception")
+        except NotImplementedError as e:
+            report(f"NotImplementedError: {name}", True, str(e)[:90])
+    # torch.compile: a float option that changes between calls (a symbolic float on the recompile) and a
+    # KV-cache call on inputs that require grad (no backward: out carries no grad, as eagerly).
+    f = torch.compile(lambda q, c: fa.flash_attn_func(q, k, v, softcap=c), fullgraph=True, backend="aot_eager")
+    ok = all(torch.equal(f(q, c), fa.flash_attn_func(q, k, v, softcap=c)) for c in (2.0, 3.0, 4.5))
+    qg = q[:, :1].clone().requires_grad_(True)
+    dec = torch.compile(lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33), fullgraph=True,
+                        backend="aot_eager")(qg)
+    report("torch.compile: changing float options, a KV-cache call on requires_grad inputs == eager",
+           ok and not dec.requires_grad and torch.equal(dec, fa.flash_attn_with_kvcache(qg, cache, cache,
+                                                                                         cache_seqlens=33)))
 
 
 def _dual_call(fwAD, q, k, v):
