@@ -222,12 +222,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns out `[B, Sq, H, D]`, or (out, softmax_lse `[B, H, Sq]`) with return_softmax_lse.
     CPU (numpy arrays, CPU tensors) and CUDA tensors. No gradient.
     """
+    return_softmax_lse = _common.flag(return_softmax_lse, "return_softmax_lse")
+    if _torch_impl is not None:
+        r = _torch_impl.kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                                     cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                                     rotary_interleaved, alibi_slopes, num_splits)
+        if r is not None:
+            return r if return_softmax_lse else r[0]
     path = _path(q, "q")
     o = _common.options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, False)
     if isinstance(rotary_interleaved, bool) is False:
         raise TypeError(f"rotary_interleaved: must be a bool, got {type(rotary_interleaved).__name__}")
     num_splits = _common.index(num_splits, "num_splits")
-    return_softmax_lse = _common.flag(return_softmax_lse, "return_softmax_lse")
     out, lse = path.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                             cache_leftpad, block_table, o, rotary_interleaved, num_splits)
     return (out, lse) if return_softmax_lse else out

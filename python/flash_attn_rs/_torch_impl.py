@@ -1182,6 +1182,86 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     return out, lse
 
 
+# --- flash_attn_with_kvcache's fast path ------------------------------------------------------------------
+#
+# A serving loop's eager call (plain tensors of a kernel's head dim, float16 / bfloat16, on q's device; an
+# int32 tensor or an int cache_seqlens; the options in their plain types) in as few Python steps as it takes:
+# the checks the native call cannot make (devices, in-place writes into tensors autograd tracks), out and lse
+# allocated, the workspace's size remembered per problem shape (it depends on the shapes and options only),
+# one native call. Anything else, and every error, goes the general way (`kvcache`).
+
+_KV_NEED = {}
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _kv_desc(t):
+    return (t.data_ptr(), _DTYPES[t.dtype], tuple(t.shape), t.stride())
+
+
+def kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                 block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
+                 num_splits):
+    """flash_attn_with_kvcache's (out, lse) for the common eager call, or None: then `kvcache` must run."""
+    if _is_compiling() or _functorch_active() or _dispatch_depth() or _fwd_ad._current_level >= 0:
+        return None
+    if (type(q) not in _PLAIN or type(k_cache) not in _PLAIN or type(v_cache) not in _PLAIN or alibi_slopes is not None
+            or type(causal) is not bool or type(rotary_interleaved) is not bool or type(softcap) is not float
+            or not _isfinite(softcap) or type(window_size) is not tuple or len(window_size) != 2
+            or type(num_splits) is not int or num_splits < 0):
+        return None
+    wl, wr = window_size
+    if type(wl) is not int or type(wr) is not int or wl >= 2**62 or wr >= 2**62:
+        return None
+    if softmax_scale is not None and (type(softmax_scale) is not float or not _isfinite(softmax_scale)):
+        return None
+    dt = _HALF.get(q.dtype)
+    if dt is None or q.ndim != 4 or q.shape[3] not in _KERNEL_HEAD_DIMS or q.stride(3) != 1:
+        return None
+    dev = q.device
+    n = q.shape[0]
+    if type(cache_seqlens) is int:
+        if not 0 <= cache_seqlens < 2**31:
+            return None
+        cache_seqlens = torch.full((n,), cache_seqlens, dtype=torch.int32, device=dev)
+    elif type(cache_seqlens) not in _PLAIN:
+        return None
+    optional = (block_table, k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad)
+    for t in (k_cache, v_cache, cache_seqlens, *optional):
+        if t is not None and (type(t) not in _PLAIN or t.device != dev or t.dtype not in _DTYPES
+                              or (t.ndim and t.stride(-1) != 1)):
+            return None
+    if k is not None and (k_cache.requires_grad or v_cache.requires_grad) and torch.is_grad_enabled():
+        return None  # the general path says why not
+    scale = q.shape[3] ** -0.5 if softmax_scale is None else softmax_scale
+    wl, wr = (-1 if wl < 0 else wl), (-1 if wr < 0 else wr)
+    softcap = max(softcap, 0.0)
+    out = _empty(q.shape, dtype=q.dtype, device=dev)
+    lse = _empty((n, q.shape[2], q.shape[1]), dtype=_float32, device=dev)
+    kw = {name: _kv_desc(t) for name, t in zip(("block_table", "k_new", "v_new", "rotary_cos", "rotary_sin",
+                                                  "cache_batch_idx", "cache_leftpad"), optional) if t is not None}
+    args = (_kv_desc(q), _kv_desc(k_cache), _kv_desc(v_cache), _kv_desc(cache_seqlens), _kv_desc(out), _kv_desc(lse),
+            scale, causal, wl, wr, softcap, rotary_interleaved, num_splits, _device(q))
+    if dev.type == "cuda":
+        key = (dev.index, tuple(q.shape), tuple(k_cache.shape), None if k is None else tuple(k.shape),
+               None if block_table is None else tuple(block_table.shape), rotary_cos is not None, causal, wl, wr,
+               num_splits)
+        need = _KV_NEED.get(key)
+        if need is None:
+            need = _on_device(q, _native.fwd_kvcache, *args, **kw)
+            if len(_KV_NEED) > 1024:
+                _KV_NEED.clear()
+            _KV_NEED[key] = need
+        if need:
+            ws = torch.empty(need, dtype=torch.uint8, device=dev)
+            kw["workspace"] = (ws.data_ptr(), need)
+    left = _on_device(q, _native.fwd_kvcache, *args, **kw)
+    if left:
+        return None  # a size the remembered one did not cover: the general path asks again
+    if k is not None:
+        _written(k_cache, v_cache)
+    return out, lse
+
+
 def _kvcache_launch(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, block_table: Optional[Tensor],
                     k: Optional[Tensor], v: Optional[Tensor], rotary_cos: Optional[Tensor],
                     rotary_sin: Optional[Tensor], cache_batch_idx: Optional[Tensor], cache_leftpad: Optional[Tensor],
