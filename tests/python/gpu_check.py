@@ -1256,6 +1256,65 @@ def _gather_ref(q, kp, vp, table, cu_q, lens_k, causal, scale):
     return torch.cat(outs)
 
 
+@check("KV cache fast path")
+def check_kvcache_fast_path(dev, quick):
+    """flash_attn_with_kvcache's eager fast path (`_torch_impl.kvcache_fast`) gives the general path's bits
+    (out, lse, both caches) over random calls: contiguous and paged caches, appends, rotary (both layouts,
+    f32 and input-dtype tables), cache_batch_idx, cache_leftpad, int and tensor cache_seqlens, windows, causal,
+    softcap, GQA, head dims with kernels and padded ones (which the general path takes)."""
+    import random
+    from flash_attn_rs import _torch_impl
+    fast = _torch_impl.kvcache_fast
+    seed = random.randrange(2**31)
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, dt: torch.randn(*shape, generator=g).to(dev, dt)  # noqa: E731
+    odd = []
+    for case in range(30 if quick else 120):
+        dt = rnd.choice([torch.float16, torch.bfloat16])
+        d = rnd.choice([32, 64, 128, 256, 40])
+        b, hk = rnd.randint(1, 3), rnd.choice([1, 2])
+        hq, sq, snew = hk * rnd.choice([1, 2, 4]), rnd.choice([1, 1, 2, 4]), rnd.choice([0, 0, 1, 2])
+        paged, cap = rnd.random() < 0.3, rnd.choice([16, 32, 64])
+        if paged:
+            page = rnd.choice([1, 8, 16])
+            nb = b * cap // page
+            kc, table = r(nb, page, hk, d, dt=dt), torch.randperm(nb, generator=g).to(dev, torch.int32).reshape(b, -1)
+        else:
+            kc, table = r(b + 1, cap, hk, d, dt=dt), None
+        vc = r(*kc.shape, dt=dt)
+        lens_l = [rnd.randint(0, cap - snew) for _ in range(b)]
+        lens = rnd.choice([torch.tensor(lens_l, dtype=torch.int32, device=dev), min(lens_l)])
+        kn, vn = (r(b, snew, hk, d, dt=dt), r(b, snew, hk, d, dt=dt)) if snew else (None, None)
+        cos = sin = None
+        if rnd.random() < 0.4:
+            ang = torch.rand(cap + sq + 2, rnd.choice([8, 16]), generator=g).to(dev) * 6
+            cos, sin = (ang.cos(), ang.sin()) if rnd.random() < 0.5 else (ang.cos().to(dt), ang.sin().to(dt))
+        bidx = (torch.tensor(rnd.sample(range(b + 1), b), dtype=torch.int32, device=dev)
+                if not paged and rnd.random() < 0.3 else None)
+        lp = None
+        if rnd.random() < 0.2:
+            lp = torch.tensor([rnd.randint(0, x) for x in lens_l], dtype=torch.int32, device=dev)
+            lens = torch.tensor(lens_l, dtype=torch.int32, device=dev)
+        kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens, cache_batch_idx=bidx, cache_leftpad=lp,
+                  block_table=table, softmax_scale=rnd.choice([None, 0.1]), causal=rnd.random() < 0.5,
+                  window_size=rnd.choice([(-1, -1), (3, 0), (-1, 2)]), softcap=rnd.choice([0.0, 3.0]),
+                  rotary_interleaved=rnd.random() < 0.5, num_splits=rnd.choice([0, 1, 3]), return_softmax_lse=True)
+        q = r(b, sq, hq, d, dt=dt)
+        got = []
+        for use_fast in (True, False):
+            _torch_impl.kvcache_fast = fast if use_fast else (lambda *a: None)
+            try:
+                kc2, vc2 = kc.clone(), vc.clone()
+                out, lse = fa.flash_attn_with_kvcache(q, kc2, vc2, kn, vn, **kw)
+                got.append((out, lse, kc2, vc2))
+            finally:
+                _torch_impl.kvcache_fast = fast
+        if not all(torch.equal(a, w) for a, w in zip(*got)):
+            odd.append(f"case {case} (d {d}, paged {paged}, append {snew}, rotary {cos is not None})")
+    report("flash_attn_with_kvcache's fast path == the general path, bitwise", not odd, f"seed {seed}; " + "; ".join(odd))
+
+
 @check("paged K/V")
 def check_paged(dev, quick):
     lens_q, lens_k = [1, 77, 200, 5], [300, 77, 200, 1]
@@ -1629,6 +1688,7 @@ def main():
     check_empty(dev, quick)
     check_paged(dev, quick)
     check_extras(dev, quick)
+    check_kvcache_fast_path(dev, quick)
     if dev.type == "cuda":
         check_cuda_graph(dev, quick)
         check_kvcache_graph(dev, quick)
