@@ -615,8 +615,9 @@ mod cuda {
     /// freed stream-ordered after the kernels.
     pub(super) fn decode_fwd(t: &FwdViews<'_>, opts: &AttnOptions, dev: &CudaDevice, stream: &CudaStream, target: Target) -> Result<()> {
         let (batch, sk) = (t.q.shape[0], t.k.shape[1]);
-        let Ok(sk) = u32::try_from(sk) else { fail!("k: {sk} keys per sequence exceed the KV cache's 2^31 - 1") };
-        let lens = Tensor::full(sk, batch, &candle_core::Device::Cuda(dev.clone()))?;
+        let Ok(sk) = i32::try_from(sk) else { fail!("k: {sk} keys per sequence exceed the KV cache's 2^31 - 1") };
+        // u32, which candle fills on the device; read as int32 (the same bits below 2^31).
+        let lens = Tensor::full(sk as u32, batch, &candle_core::Device::Cuda(dev.clone()))?;
         let (ls, ll) = lens.storage_and_layout();
         let (cache_seqlens, _gl) = storage_view("cache_seqlens", &ls, ll, dev, stream)?;
         let views = decode_views(t, cache_seqlens);
