@@ -219,6 +219,35 @@ _fwd_into = torch.library.custom_op("flash_attn_rs::fwd_into", _fwd_into_body, m
 _bwd = torch.library.custom_op("flash_attn_rs::bwd", _bwd_body, mutates_args=("dq", "dk", "dv"))
 
 
+def _bwd_new_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
+                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor],
+                  seqused_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+                  softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int, softcap: float,
+                  deterministic: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """`bwd` returning new gradients (for torch.func: vmap batches an op that mutates nothing)."""
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _bwd_body(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+              max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
+              deterministic)
+    return dq, dk, dv
+
+
+def _grads_like_fake(dout, q, k, v, *args):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+torch.library.custom_op("flash_attn_rs::bwd_new", _bwd_new_body, mutates_args=()).register_fake(_grads_like_fake)
+
+
+def _packed_grads(pack, dq, dk, dv):
+    """New dq, dk, dv in the gradient layout of fwd's differentiable inputs (q, k, v; q, kv; or qkv)."""
+    if pack == PACK_QKV:
+        return torch.stack([dq, dk, dv], dim=-3), None, None
+    if pack == PACK_KV:
+        return dq, torch.stack([dk, dv], dim=-3), None
+    return dq, dk, dv
+
+
 @_fwd.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, pack,
               softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic):
@@ -251,6 +280,8 @@ class _TwiceGuard(torch.autograd.Function):
     """The backward's gradients (the last `n` tensors), made to depend on the backward's inputs (the others:
     the saved tensors and the incoming gradients that require grad) through a node that raises `_TWICE`
     when differentiated (`_once`)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(n, *tensors):
@@ -384,6 +415,15 @@ def _eager(*tensors):
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def _func_fwd_grads(ctx, dout, dlse):
+    q, k, v, cu_q, cu_k, used_q, used_k, out, lse = ctx.saved_tensors
+    max_q, max_k, pack, scale, causal, wl, wr, softcap, det = ctx.params
+    qq, kk, vv = _split(q, k, v, pack)
+    grads = torch.ops.flash_attn_rs.bwd_new(dout, qq, kk, vv, out, lse, cu_q, cu_k, used_q, used_k, max_q, max_k,
+                                            scale, causal, wl, wr, softcap, det)
+    return _packed_grads(pack, *grads) + (None,) * 13
+
+
 class _FuncFwd(torch.autograd.Function):
     """The fwd op under torch.func transforms (grad, vjp, functional_call under grad): functorch takes only
     autograd.Functions with a separate setup_context, which the op's `register_autograd` does not make. The
@@ -396,7 +436,8 @@ class _FuncFwd(torch.autograd.Function):
         return torch.ops.flash_attn_rs.fwd(*args)
 
     setup_context = staticmethod(_fwd_setup_context)
-    backward = staticmethod(_once(_fwd_grads))
+    # The functional bwd op, so that vmap over the gradient (per-example gradients, jacrev) batches it.
+    backward = staticmethod(_once(_func_fwd_grads))
 
 
 def _functorch(*tensors):
@@ -897,6 +938,24 @@ _fwd_ext = torch.library.custom_op("flash_attn_rs::fwd_ext", _fwd_ext_body, muta
 _bwd_ext = torch.library.custom_op("flash_attn_rs::bwd_ext", _bwd_ext_body, mutates_args=("dq", "dk", "dv"))
 
 
+def _bwd_ext_new_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, softmax_lse: Tensor,
+                      cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], seqused_q: Optional[Tensor],
+                      seqused_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+                      softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int,
+                      softcap: float, deterministic: bool, alibi_slopes: Optional[Tensor], dropout_p: float,
+                      rng_state: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """`bwd_ext` returning new gradients (as `bwd_new`)."""
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _bwd_ext_body(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+                  max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                  deterministic, alibi_slopes, dropout_p, rng_state)
+    return dq, dk, dv
+
+
+torch.library.custom_op("flash_attn_rs::bwd_ext_new", _bwd_ext_new_body,
+                        mutates_args=()).register_fake(_grads_like_fake)
+
+
 @_fwd_ext.register_fake
 def _fwd_ext_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, pack,
                   softmax_scale, causal, window_size_left, window_size_right, softcap, deterministic, alibi_slopes,
@@ -943,6 +1002,15 @@ def _fwd_ext_grads(ctx, dout, dlse, ds_dmask):
 _fwd_ext.register_autograd(_once(_fwd_ext_grads), setup_context=_fwd_ext_setup_context)
 
 
+def _func_fwd_ext_grads(ctx, dout, dlse, ds_dmask):
+    q, k, v, cu_q, cu_k, used_q, used_k, out, lse, alibi, rng = ctx.saved_tensors
+    max_q, max_k, pack, scale, causal, wl, wr, softcap, det, p = ctx.params
+    qq, kk, vv = _split(q, k, v, pack)
+    grads = torch.ops.flash_attn_rs.bwd_ext_new(dout, qq, kk, vv, out, lse, cu_q, cu_k, used_q, used_k, max_q, max_k,
+                                                scale, causal, wl, wr, softcap, det, alibi, p, rng)
+    return _packed_grads(pack, *grads) + (None,) * 17
+
+
 class _FuncFwdExt(torch.autograd.Function):
     """The fwd_ext op under torch.func transforms (as `_FuncFwd`)."""
 
@@ -953,7 +1021,7 @@ class _FuncFwdExt(torch.autograd.Function):
         return torch.ops.flash_attn_rs.fwd_ext(*args)
 
     setup_context = staticmethod(_fwd_ext_setup_context)
-    backward = staticmethod(_once(_fwd_ext_grads))
+    backward = staticmethod(_once(_func_fwd_ext_grads))
 
 
 def _rng_state_tensor(o):

@@ -1013,6 +1013,20 @@ def check_torch_func(dev, quick):
     report("vmap over the forward == per-example calls",
            torch.equal(batched[0], fa.flash_attn_func(q, k, v, causal=True))
            and torch.equal(batched[1], fa.flash_attn_func(q.flip(1), k, v, causal=True)))
+    # Per-example gradients (vmap over grad: the backward's functional op, batched per example) and jacrev.
+    per = lambda q, k, v: fa.flash_attn_func(q[None], k[None], v[None], alibi_slopes=slopes).float().sum()  # noqa: E731
+    grads = torch.func.vmap(torch.func.grad(per, argnums=(0, 1, 2)))(q, k, v)
+    loop = [torch.stack(t) for t in zip(*[torch.func.grad(per, argnums=(0, 1, 2))(q[i], k[i], v[i]) for i in range(2)])]
+    qs, ks = q[:1, :3, :1, :32].contiguous(), k[:1, :4, :1, :32].contiguous()
+    jac = torch.func.jacrev(lambda q: fa.flash_attn_func(q, ks, ks).float())(qs)
+    rows = []
+    for idx in range(qs.numel()):
+        qr = qs.clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(fa.flash_attn_func(qr, ks, ks).float().flatten()[idx], qr)
+        rows.append(gr)
+    report("vmap(grad) per-example gradients == a loop of grads; jacrev == autograd's rows",
+           all(torch.equal(a, b) for a, b in zip(grads, loop))
+           and torch.equal(jac.reshape(qs.numel(), *qs.shape), torch.stack(rows)))
     cache = r(2, 40, 2, 64)
     batched = torch.func.vmap(lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33))(
         torch.stack([q[:, :1], q[:, 1:2]]))
