@@ -1309,22 +1309,24 @@ def kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
                                                   "cache_batch_idx", "cache_leftpad"), optional) if t is not None}
     args = (_kv_desc(q), _kv_desc(k_cache), _kv_desc(v_cache), _kv_desc(cache_seqlens), _kv_desc(out), _kv_desc(lse),
             scale, causal, wl, wr, softcap, rotary_interleaved, num_splits, _device(q))
+    ran = False
     if dev.type == "cuda":
         key = (dev.index, tuple(q.shape), tuple(k_cache.shape), None if k is None else tuple(k.shape),
                None if block_table is None else tuple(block_table.shape), rotary_cos is not None, causal, wl, wr,
                num_splits)
         need = _KV_NEED.get(key)
         if need is None:
+            # Without a workspace the call says how many bytes it needs, or runs when it needs none.
             need = _on_device(q, _native.fwd_kvcache, *args, **kw)
             if len(_KV_NEED) > 1024:
                 _KV_NEED.clear()
             _KV_NEED[key] = need
+            ran = need == 0
         if need:
             ws = torch.empty(need, dtype=torch.uint8, device=dev)
             kw["workspace"] = (ws.data_ptr(), need)
-    left = _on_device(q, _native.fwd_kvcache, *args, **kw)
-    if left:
-        return None  # a size the remembered one did not cover: the general path asks again
+    if not ran and _on_device(q, _native.fwd_kvcache, *args, **kw):
+        return None  # a size the remembered one did not cover (it ran nothing): the general path asks again
     if k is not None:
         _written(k_cache, v_cache)
     return out, lse
