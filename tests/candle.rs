@@ -1319,17 +1319,22 @@ fn cuda_decoding_steps() {
         assert!(flash_attn::raw::dense_fwd_decodes(&[c.b, c.sq, c.hq, c.d], &[c.b, c.sk, c.hk, c.d], dt, &opts, false), "{c:?} must be routed");
         dense_case(&mut rng, &c, &dev);
     }
+    // Caches seq-major ([B, S, Hk, D], narrowed) and head-major ([B, Hk, S, D], narrowed and transposed
+    // for the call, as candle-transformers' models keep theirs).
     let (b, hq, hk, d, cap) = (2, 32, 8, 128, 4096);
-    let kc = rand_tensor(&mut rng, &[b, cap, hk, d], 2.0, DType::BF16);
-    let vc = rand_tensor(&mut rng, &[b, cap, hk, d], 1.0, DType::BF16);
-    let (kg, vg) = (kc.to_device(&dev).unwrap(), vc.to_device(&dev).unwrap());
-    for sk in [1, 31, 1000, 4096] {
-        let q = rand_tensor(&mut rng, &[b, 1, hq, d], 2.0, DType::BF16);
-        let (k, v) = (kc.narrow(1, 0, sk).unwrap(), vc.narrow(1, 0, sk).unwrap());
-        let cpu = fa::flash_attn_with_lse(&q, &k, &v, 0.088, true).unwrap();
-        let (k, v) = (kg.narrow(1, 0, sk).unwrap(), vg.narrow(1, 0, sk).unwrap());
-        let gpu = fa::flash_attn_with_lse(&q.to_device(&dev).unwrap(), &k, &v, 0.088, true).unwrap();
-        check(&format!("decode step over {sk} cached keys: cuda out vs cpu"), &gpu.0, &cpu.0, out_tol(DType::BF16));
-        check_abs(&format!("decode step over {sk} cached keys: cuda lse vs cpu"), &gpu.1, &cpu.1, 2e-3);
+    for head_major in [false, true] {
+        let shape = if head_major { [b, hk, cap, d] } else { [b, cap, hk, d] };
+        let kc = rand_tensor(&mut rng, &shape, 2.0, DType::BF16);
+        let vc = rand_tensor(&mut rng, &shape, 1.0, DType::BF16);
+        let (kg, vg) = (kc.to_device(&dev).unwrap(), vc.to_device(&dev).unwrap());
+        let keys = |t: &Tensor, sk: usize| if head_major { t.narrow(2, 0, sk).unwrap().transpose(1, 2).unwrap() } else { t.narrow(1, 0, sk).unwrap() };
+        for sk in [1, 31, 1000, 4096] {
+            let q = rand_tensor(&mut rng, &[b, 1, hq, d], 2.0, DType::BF16);
+            let cpu = fa::flash_attn_with_lse(&q, &keys(&kc, sk), &keys(&vc, sk), 0.088, true).unwrap();
+            let gpu = fa::flash_attn_with_lse(&q.to_device(&dev).unwrap(), &keys(&kg, sk), &keys(&vg, sk), 0.088, true).unwrap();
+            let what = format!("decode step over {sk} cached keys (head-major {head_major})");
+            check(&format!("{what}: cuda out vs cpu"), &gpu.0, &cpu.0, out_tol(DType::BF16));
+            check_abs(&format!("{what}: cuda lse vs cpu"), &gpu.1, &cpu.1, 2e-3);
+        }
     }
 }

@@ -1309,11 +1309,19 @@ mod tests {
             };
             let spare = rng.gen_range(0..50);
             let q = rand(&mut rng, &[b, sq, hq, d]);
-            let (kc, vc) = (rand(&mut rng, &[b, sk + spare, hk, d]), rand(&mut rng, &[b, sk + spare, hk, d]));
-            let (k, v) = (kc.narrow(1, 0, sk).unwrap(), vc.narrow(1, 0, sk).unwrap());
+            // Half the cases head-major, as candle-transformers' models keep their caches ([B, H, S, D],
+            // transposed for the call): the keys' head stride then spans the whole cache row.
+            let head_major = rng.gen_bool(0.5);
+            let (k, v) = if head_major {
+                let (kc, vc) = (rand(&mut rng, &[b, hk, sk + spare, d]), rand(&mut rng, &[b, hk, sk + spare, d]));
+                (kc.narrow(2, 0, sk).unwrap().transpose(1, 2).unwrap(), vc.narrow(2, 0, sk).unwrap().transpose(1, 2).unwrap())
+            } else {
+                let (kc, vc) = (rand(&mut rng, &[b, sk + spare, hk, d]), rand(&mut rng, &[b, sk + spare, hk, d]));
+                (kc.narrow(1, 0, sk).unwrap(), vc.narrow(1, 0, sk).unwrap())
+            };
             let opts = AttnOptions { softmax_scale: Some(rng.gen_range(0.05..0.2)), causal: wl < 0 && wr == 0, window: (wl, wr), softcap, ..Default::default() };
             let dtype = float_dtype("q", dt).unwrap();
-            println!("b {b} sq {sq} hq {hq} hk {hk} d {d} sk {sk} (of {}) window ({wl}, {wr}) softcap {softcap} {dt:?}", sk + spare);
+            println!("b {b} sq {sq} hq {hq} hk {hk} d {d} sk {sk} (of {}, head-major {head_major}) window ({wl}, {wr}) softcap {softcap} {dt:?}", sk + spare);
             assert!(raw::dense_fwd_decodes(q.dims(), k.dims(), dtype, &opts, false), "the case must be one the CUDA path routes");
 
             let run = |kvcache: bool| -> (Vec<f32>, Vec<f32>) {
