@@ -936,6 +936,9 @@ fn bad_inputs_are_errors() {
     expect_err("seqlens_k past total_k", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu_long, 5, 6, 0.1, false));
     expect_err("seqlens decreasing", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_down, &cu_down, 5, 5, 0.1, false));
     expect_err("seqlens >= 2^31 (as u32)", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_huge, cur, 5, 5, 0.1, false));
+    // ... named as the caller's value, not as the negative int32 it reads as.
+    let e = fa::flash_attn_varlen(q3r, k3r, k3r, &cu_huge, cur, 5, 5, 0.1, false).unwrap_err().to_string();
+    assert!(e.contains("seqlens_q: entry") && e.contains("exceeds 2^31 - 1"), "seqlens >= 2^31: {e}");
     expect_err("seqlens f32", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_f32, &cu_f32, 5, 5, 0.1, false));
     expect_err("seqlens rank 2", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_rank2, &cu_rank2, 5, 5, 0.1, false));
     expect_err("seqlens empty", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_empty, &cu_empty, 5, 5, 0.1, false));

@@ -497,6 +497,14 @@ mod host {
         if !matches!(s.dtype(), CDType::U32 | CDType::I32) {
             fail!("{arg}: dtype {:?} is not supported, expected u32 (or i32)", s.dtype());
         }
+        // Lengths are read as int32: a u32 one of 2^31 or more would read as negative (block-table
+        // entries may be anything: those past a sequence's keys are not read).
+        if let (Storage::Cpu(CpuStorage::U32(v)), true) = (s, arg.starts_with("seqlens") || arg.starts_with("seqused")) {
+            let n = l.dims().iter().product::<usize>();
+            if let Some(x) = v.get(l.start_offset()..).into_iter().flat_map(|v| v.iter().take(n)).find(|&&x| x > i32::MAX as u32) {
+                fail!("{arg}: entry {x} exceeds 2^31 - 1");
+            }
+        }
         storage_view(arg, s, l)
     }
 
