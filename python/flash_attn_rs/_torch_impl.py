@@ -532,13 +532,11 @@ except AttributeError:  # pragma: no cover - another torch
     _fast_fwd_apply = None
 
 
-def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
-    """flash_attn_func's (out, lse) for the common call, or None: then `attention` must run."""
-    if not EAGER_FAST_PATH or _is_compiling() or _functorch_active() or _dispatch_depth() or _fwd_ad._current_level >= 0:
-        return None
-    if (type(q) not in _PLAIN or type(k) not in _PLAIN or type(v) not in _PLAIN or alibi_slopes is not None
-            or type(causal) is not bool or type(deterministic) is not bool or type(dropout_p) is not float
-            or dropout_p != 0.0 or type(softcap) is not float or not _isfinite(softcap)
+def _plain_options(softmax_scale, causal, window_size, softcap):
+    """The fast paths' shared options in their plain types, made canonical as `_common.options` makes them:
+    (window left, window right, softcap) with a negative side -1 and softcap at least 0; None where the
+    general path must check them."""
+    if (type(causal) is not bool or type(softcap) is not float or not _isfinite(softcap)
             or type(window_size) is not tuple or len(window_size) != 2):
         return None
     wl, wr = window_size
@@ -546,6 +544,20 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         return None
     if softmax_scale is not None and (type(softmax_scale) is not float or not _isfinite(softmax_scale)):
         return None
+    return -1 if wl < 0 else wl, -1 if wr < 0 else wr, max(softcap, 0.0)
+
+
+def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
+    """flash_attn_func's (out, lse) for the common call, or None: then `attention` must run."""
+    if not EAGER_FAST_PATH or _is_compiling() or _functorch_active() or _dispatch_depth() or _fwd_ad._current_level >= 0:
+        return None
+    if (type(q) not in _PLAIN or type(k) not in _PLAIN or type(v) not in _PLAIN or alibi_slopes is not None
+            or type(deterministic) is not bool or type(dropout_p) is not float or dropout_p != 0.0):
+        return None
+    plain = _plain_options(softmax_scale, causal, window_size, softcap)
+    if plain is None:
+        return None
+    wl, wr, softcap = plain
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return None
     dt = _HALF.get(q.dtype)
@@ -568,8 +580,8 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         ordinal, stream = -1, 0
     else:
         return None
-    a = (dt, qs, qst, kst, vst, ordinal, stream, d ** -0.5 if softmax_scale is None else softmax_scale, causal,
-         -1 if wl < 0 else wl, -1 if wr < 0 else wr, max(softcap, 0.0), deterministic)
+    a = (dt, qs, qst, kst, vst, ordinal, stream, d ** -0.5 if softmax_scale is None else softmax_scale, causal, wl, wr,
+         softcap, deterministic)
     if _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if _fast_fwd_apply is None:
             return _FastFwd.apply(q, k, v, a)
@@ -1273,15 +1285,12 @@ def kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
     if _is_compiling() or _functorch_active() or _dispatch_depth() or _fwd_ad._current_level >= 0:
         return None
     if (type(q) not in _PLAIN or type(k_cache) not in _PLAIN or type(v_cache) not in _PLAIN or alibi_slopes is not None
-            or type(causal) is not bool or type(rotary_interleaved) is not bool or type(softcap) is not float
-            or not _isfinite(softcap) or type(window_size) is not tuple or len(window_size) != 2
-            or type(num_splits) is not int or num_splits < 0):
+            or type(rotary_interleaved) is not bool or type(num_splits) is not int or num_splits < 0):
         return None
-    wl, wr = window_size
-    if type(wl) is not int or type(wr) is not int or wl >= 2**62 or wr >= 2**62:
+    plain = _plain_options(softmax_scale, causal, window_size, softcap)
+    if plain is None:
         return None
-    if softmax_scale is not None and (type(softmax_scale) is not float or not _isfinite(softmax_scale)):
-        return None
+    wl, wr, softcap = plain
     dt = _HALF.get(q.dtype)
     if dt is None or q.ndim != 4 or q.shape[3] not in _KERNEL_HEAD_DIMS or q.stride(3) != 1:
         return None
@@ -1301,8 +1310,6 @@ def kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
     if k is not None and (k_cache.requires_grad or v_cache.requires_grad) and torch.is_grad_enabled():
         return None  # the general path says why not
     scale = q.shape[3] ** -0.5 if softmax_scale is None else softmax_scale
-    wl, wr = (-1 if wl < 0 else wl), (-1 if wr < 0 else wr)
-    softcap = max(softcap, 0.0)
     out = _empty(q.shape, dtype=q.dtype, device=dev)
     lse = _empty((n, q.shape[2], q.shape[1]), dtype=_float32, device=dev)
     kw = {name: _kv_desc(t) for name, t in zip(("block_table", "k_new", "v_new", "rotary_cos", "rotary_sin",
