@@ -568,40 +568,34 @@ def check_kvcache_graph(dev, quick):
         with torch.cuda.stream(side):
             step(q, kc, vc, kn, vn)
         torch.cuda.current_stream(dev).wait_stream(side)
+        def matches_eager(run, rounds):
+            """`run()` (out, lse) over new q / new keys, the caches reset, against an eager step on the same
+            inputs, bitwise (out, lse, caches), `rounds` times."""
+            ok = True
+            for _ in range(rounds):
+                q.copy_(torch.randn_like(q))
+                kn.copy_(torch.randn_like(kn))
+                vn.copy_(torch.randn_like(vn))
+                kc.copy_(k0)
+                vc.copy_(v0)
+                got = [t.clone() for t in run()] + [kc.clone(), vc.clone()]
+                kc2, vc2 = k0.clone(), v0.clone()
+                want = step(q, kc2, vc2, kn, vn)
+                ok &= all(torch.equal(a, w) for a, w in zip(got, [want[0], want[1], kc2, vc2]))
+            torch.cuda.synchronize(dev)
+            return ok
+
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             static = step(q, kc, vc, kn, vn)
-        ok = True
-        for _ in range(2):
-            q.copy_(torch.randn_like(q))
-            kn.copy_(torch.randn_like(kn))
-            vn.copy_(torch.randn_like(vn))
-            kc.copy_(k0)
-            vc.copy_(v0)
-            g.replay()
-            got = [static[0].clone(), static[1].clone(), kc.clone(), vc.clone()]
-            kc2, vc2 = k0.clone(), v0.clone()
-            want = step(q, kc2, vc2, kn, vn)
-            ok &= all(torch.equal(a, w) for a, w in zip(got, [want[0], want[1], kc2, vc2]))
-        torch.cuda.synchronize(dev)
         report(f"flash_attn_with_kvcache (append + rotary, split-KV{', paged' if paged else ''}) captured in a "
-               "CUDA graph and replayed == eager, bitwise (out, lse, caches)", ok)
+               "CUDA graph and replayed == eager, bitwise (out, lse, caches)",
+               matches_eager(lambda: (g.replay(), static)[1], 2))
         # The same step compiled with CUDA graphs (torch.compile's reduce-overhead: the custom op inside).
         torch._dynamo.reset()
         compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-        ok = True
-        for _ in range(3):
-            q.copy_(torch.randn_like(q))
-            kn.copy_(torch.randn_like(kn))
-            kc.copy_(k0)
-            vc.copy_(v0)
-            got = [t.clone() for t in compiled(q, kc, vc, kn, vn)] + [kc.clone(), vc.clone()]
-            kc2, vc2 = k0.clone(), v0.clone()
-            want = step(q, kc2, vc2, kn, vn)
-            ok &= all(torch.equal(a, w) for a, w in zip(got, [want[0], want[1], kc2, vc2]))
-        torch.cuda.synchronize(dev)
         report(f"flash_attn_with_kvcache{' (paged)' if paged else ''} under torch.compile(mode='reduce-overhead') "
-               "== eager, bitwise (out, lse, caches)", ok)
+               "== eager, bitwise (out, lse, caches)", matches_eager(lambda: compiled(q, kc, vc, kn, vn), 3))
 
 
 @check("non-default stream")
