@@ -257,7 +257,8 @@ fn dense_case(rng: &mut StdRng, c: &Dense, dev: &Device) {
 #[test]
 fn dense_forward_lse_and_gradients() {
     let mut rng = StdRng::seed_from_u64(seed());
-    for c in dense_cases() {
+    // With the decoding steps' shapes (the CPU path runs `raw::fwd` for them; CUDA the KV cache's kernels).
+    for c in dense_cases().into_iter().chain(decode_cases()) {
         dense_case(&mut rng, &c, &Device::Cpu);
     }
 }
@@ -1298,15 +1299,6 @@ fn decode_cases() -> Vec<Dense> {
         // Sq > Sk under causal: rows that see no key (out 0, lse -inf).
         c(1, 6, 3, 4, 2, 64, (None, Some(0)), 0.0, DType::F16),
     ]
-}
-
-/// Decoding steps on the CPU (the same comparisons as the dense cases; the CPU path runs `raw::fwd`).
-#[test]
-fn decoding_steps() {
-    let mut rng = StdRng::seed_from_u64(seed());
-    for c in decode_cases() {
-        dense_case(&mut rng, &c, &Device::Cpu);
-    }
 }
 
 /// Decoding steps on CUDA, which the adapter runs on the KV cache's decode kernels: forward, lse and
