@@ -1,0 +1,254 @@
+"""Hugging Face transformers on these kernels: an attention function for transformers' AttentionInterface.
+
+    import flash_attn_rs.hf
+    flash_attn_rs.hf.register()                  # registers the name "fa_rs"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fa_rs", dtype=torch.bfloat16)
+    # or: model.set_attn_implementation("fa_rs")
+
+(Not a name with "flash" in it: transformers takes any such name for a flash-attn package or hub kernel.)
+
+What transformers' `flash_attention_2` runs through flash-attn, this runs here, without the flash-attn package
+and without synchronizing where the kernels do not need it:
+
+- No padding: `flash_attn_func`, causal (or the module's `is_causal`), the model's scaling, `sliding_window` as
+  flash-attn's window `(w - 1, w - 1)`, `softcap` (Gemma 2), dropout while training, GQA / MQA. Decoding steps
+  that need no gradient run the KV cache's split-KV decode kernels over the cache in place.
+- A padding mask (`attention_mask` `[B, L]`, what transformers' flash mask function gives: None unless a row has
+  padding): each row's run of real tokens becomes one sequence of a varlen call over the padded batch, in place,
+  through `cu_seqlens` and `seqused` computed on the device: no unpadding gather, no `.item()`, no copy where the
+  batch is laid out token-major (else one `reshape`), and the padded rows come out 0 (gradients 0) from the kernels
+  themselves. Causal is per sequence, aligned bottom-right as in flash-attn's varlen call, so left and right
+  padding, chunked prefill and decoding over a padded cache all give what transformers' flash-attn path gives.
+  Decoding steps (one query row) run the KV cache's kernels over the cache in place, with `cache_leftpad`.
+  A row whose real tokens are not one run (holes in the mask) is compacted first (an argsort and a gather,
+  then the result scattered back); eager calls check for holes once per mask (one host read per forward: every
+  layer gets the same mask), compiled ones assume padding masks (one run per row), as tokenizers and transformers'
+  caches make them.
+- Packed sequences (padding-free training): `cu_seq_lens_q` / `cu_seq_lens_k` from the collator
+  (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) run as they are; with only `position_ids`
+  (batch 1, each sequence restarting at the smallest position) the sequence starts are found once per
+  `position_ids` tensor (one host read, as transformers' flash-attn path does in every layer).
+
+Not implemented: attention sinks (`s_aux`, gpt-oss): NotImplementedError. float32 inputs run in autocast's dtype
+when autocast is on, else raise TypeError (as flash-attn does). `output_attentions` returns None weights.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from . import _DECODE_HEAD_DIMS, _sdpa_decodes, _torch_impl, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+NAME = "fa_rs"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def register(name=NAME):
+    """Registers `attention` with transformers' AttentionInterface under `name` and `padding_mask` as its mask
+    function, and returns the name: pass it as `attn_implementation`. Needs transformers 5 (AttentionInterface,
+    AttentionMaskInterface). `name` must not contain "flash" (transformers would look for a flash-attn package)."""
+    if "flash" in name:
+        raise ValueError(f"flash_attn_rs.hf.register: name {name!r}: transformers takes names with 'flash' for "
+                         "flash-attn packages or hub kernels")
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+    except ImportError as e:
+        raise ImportError(f"flash_attn_rs.hf.register: needs transformers with AttentionInterface ({e})") from e
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, padding_mask)
+    return name
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+                 **kwargs):
+    """The mask function registered with `attention`: transformers' flash-attn one (the `[B, L]` padding mask's last
+    kv_length columns, None where nothing is padded), and where the caller's mask was dropped as all ones but the
+    keys include a static cache's unwritten slots (positions from q_offset + q_length on), the mask of the written
+    ones (`arange(kv_length) < q_offset + q_length`: a tensor q_offset, as static caches pass, is not read)."""
+    from transformers.masking_utils import flash_attention_mask
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                                **kwargs)
+    if mask is not None or (not isinstance(q_offset, torch.Tensor) and q_offset + q_length >= kv_length):
+        return mask
+    device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
+    return (torch.arange(kv_length, device=device) < q_offset + q_length).expand(batch_size, kv_length)
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None,
+              is_causal=None, s_aux=None, **kwargs):
+    """transformers' attention-interface call: query `[B, Hq, Sq, D]`, key and value `[B, Hk, Sk, D]`,
+    attention_mask a `[B, L]` padding mask (L <= Sk: keys past L are not used) or None. Returns
+    (out `[B, Sq, Hq, Dv]`, None)."""
+    if s_aux is not None:
+        raise NotImplementedError("flash_attn_rs.hf.attention: attention sinks (s_aux) are not implemented")
+    q, k, v = _half(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:  # e.g. MLA's value head dim below the query's: zero columns, cut from the result below
+        v = F.pad(v, [0, d - dv])
+    elif dv > d:
+        raise ValueError(f"flash_attn_rs.hf.attention: value's head dim {dv} exceeds query's {d}")
+    deterministic = kwargs.get("deterministic")
+    if deterministic is None:
+        deterministic = os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1"
+    opts = {
+        "softmax_scale": scaling,
+        "causal": bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)),
+        "window_size": (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1),
+        "softcap": softcap if softcap else 0.0,
+    }
+    train = {"dropout_p": dropout, "deterministic": bool(deterministic)}
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if attention_mask is not None:
+        out = _padded(q, k, v, attention_mask, opts, train)
+    elif cu_q is not None and cu_k is not None:
+        out = _packed(q, k, v, cu_q, cu_k, kwargs.get("max_length_q"), kwargs.get("max_length_k"), opts, train)
+    elif (cu := _position_starts(kwargs.get("position_ids"), q)) is not None:
+        out = _packed(q, k, v, cu[0], cu[0], cu[1], cu[1], opts, train)
+    elif _sdpa_decodes(q, k, v, dropout):
+        out = flash_attn_with_kvcache(q, k, v, cache_seqlens=k.shape[1], **opts)
+    else:
+        out = flash_attn_func(q, k, v, **opts, **train)
+    return (out[..., :dv] if dv < d else out), None
+
+
+def _half(q, k, v):
+    """q, k, v in one half dtype: q's, or autocast's for float32 under autocast."""
+    dt = q.dtype
+    if dt not in _HALF:
+        dev = q.device.type
+        if dt == torch.float32 and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in _HALF:
+            dt = torch.get_autocast_dtype(dev)
+        else:
+            raise TypeError(f"flash_attn_rs.hf.attention: query is {dt}: the kernels take torch.float16 or "
+                            "torch.bfloat16 (load the model in one, or run it under autocast)")
+    return tuple(t if t.dtype == dt else t.to(dt) for t in (q, k, v))
+
+
+def _flat(t):
+    """t `[B, S, H, D]` as `[B * S, H, D]` (a view where the layout allows, else a copy)."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+
+
+def _packed(q, k, v, cu_q, cu_k, max_q, max_k, opts, train):
+    """Sequences packed along the batch's rows (batch 1 in practice), cut by int32 cu_seqlens."""
+    b, sq = q.shape[:2]
+    lens = [c if c.dtype == torch.int32 else c.to(torch.int32) for c in (cu_q, cu_k)]
+    # Lengths held in tensors stay on the device: the kernels find each sequence themselves.
+    max_q, max_k = (m if isinstance(m, int) else None for m in (max_q, max_k))
+    out = flash_attn_varlen_func(_flat(q), _flat(k), _flat(v), lens[0], lens[1], max_q, max_k, **opts, **train)
+    return out.view(b, sq, *out.shape[1:])
+
+
+# Per-tensor results of host reads and small index computations, so that the layers of one forward, which get
+# the same mask / position_ids tensor, pay for them once. Keyed weakly on the tensor and checked against its
+# version counter (an in-place write invalidates the entry).
+_MEMO = WeakTensorKeyDictionary()
+
+
+def _memo(t, key, compute):
+    if torch.compiler.is_compiling():
+        return compute()
+    entry = _MEMO.get(t)
+    if entry is None or entry[0] != t._version:
+        entry = (t._version, {})
+        _MEMO[t] = entry
+    if key not in entry[1]:
+        entry[1][key] = compute()
+    return entry[1][key]
+
+
+def _position_starts(pos, q):
+    """(cu_seqlens int32, longest) when position_ids `[1, S]` packs several sequences (each restarting at
+    the smallest position), else None."""
+    if pos is None or q.shape[0] != 1 or q.shape[1] == 1 or pos.dim() != 2 or pos.shape != (1, q.shape[1]):
+        return None
+
+    def compute():
+        p = pos.reshape(-1)
+        start = p == p.min()
+        start[0] = True
+        starts = start.nonzero().flatten().to(torch.int32)
+        if starts.numel() < 2:
+            return None
+        cu = torch.cat([starts, starts.new_tensor([p.numel()])]).to(q.device)
+        return cu, int(cu.diff().max())
+
+    return _memo(pos, ("pos", q.device), compute)
+
+
+def _runs(m):
+    """Per row of a bool mask `[B, L]`: the first real position and the count of real ones (int32)."""
+    count = m.sum(1, dtype=torch.int32)
+    first = m.to(torch.int32).argmax(1).to(torch.int32)  # the first maximum: the first True (0 for none)
+    return first, count
+
+
+def _has_holes(m, first, count):
+    """Whether some row's real positions are not one run (read back to the host)."""
+    last = m.shape[1] - 1 - m.flip(1).to(torch.int32).argmax(1)
+    return bool(((count > 0) & (last - first + 1 != count)).any())
+
+
+def _slots(first, count, s):
+    """cu_seqlens and seqused of the padded batch's rows `[B * s]` as B + 1 sequences: an empty one over
+    row 0's leading padding, then row b's run of `count[b]` real tokens from `b * s + first[b]`, whose slot
+    reaches to the start of the next row's run (its padding and the next row's leading padding: written 0)."""
+    b = first.shape[0]
+    zero = first.new_zeros(1)
+    starts = torch.arange(b, dtype=torch.int32, device=first.device) * s + first
+    return torch.cat([zero, starts, zero + b * s]), torch.cat([zero, count])
+
+
+def _padded(q, k, v, mask, opts, train):
+    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > sk:
+        raise ValueError(f"flash_attn_rs.hf.attention: attention_mask of shape {tuple(mask.shape)}: expected a padding "
+                         f"mask [{b}, L] with L <= {sk} keys (register() installs transformers' flash mask function)")
+    lk = mask.shape[1]
+    if lk < sk:  # a static cache's unused tail
+        k, v = k[:, :lk], v[:, :lk]
+    if sq > lk:
+        raise ValueError(f"flash_attn_rs.hf.attention: {sq} queries over an attention_mask of {lk} keys")
+
+    def compute():
+        m = (mask if mask.dtype == torch.bool else mask != 0).to(q.device)
+        if torch.compiler.is_compiling() or not _has_holes(m, *_runs(m)):
+            first_k, count_k = _runs(m)
+            if sq == lk:
+                runs_q = first_k, count_k
+            else:
+                # The queries are the last sq real positions (one row in a decoding step, which is always real, as
+                # in flash-attn's path): with left padding the mask's last sq, with a static cache's unwritten
+                # tail the sq before it.
+                count_q = count_k.clamp(max=sq)
+                runs_q = sq - count_q, count_q
+            return None, None, (first_k + count_k, first_k), _slots(*runs_q, sq) + _slots(first_k, count_k, lk)
+        # Holes: each row's real tokens moved to its front, in order (what unpadding does), put back after; the
+        # queries are the mask's last sq positions (flash-attn's path), or the one row of a decoding step.
+        mq = torch.ones(b, 1, dtype=torch.bool, device=m.device) if sq == 1 else m[:, lk - sq:]
+        perm = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
+        perm_q = None if sq == 1 else perm if sq == lk else torch.argsort((~mq).to(torch.int8), dim=1, stable=True)
+        m, mq = m.gather(1, perm), (mq if perm_q is None else mq.gather(1, perm_q))
+        (first_k, count_k), (first_q, count_q) = _runs(m), _runs(mq)
+        return perm, perm_q, (first_k + count_k, first_k), _slots(first_q, count_q, sq) + _slots(first_k, count_k, lk)
+
+    perm, perm_q, cache, slots = _memo(mask, ("mask", sq, lk, q.device), compute)
+    if perm is not None:
+        k, v = (t.gather(1, perm[:, :, None, None].expand_as(t)) for t in (k, v))
+    if perm_q is not None:
+        q = q.gather(1, perm_q[:, :, None, None].expand_as(q))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (sq == 1 and not grad and train["dropout_p"] == 0 and k.stride(3) == 1 and v.stride(3) == 1
+            and q.shape[3] in _DECODE_HEAD_DIMS and not _torch_impl._functorch_active()):
+        # A decoding step over a padded cache: the KV cache's kernels over key and value in place, each row
+        # seeing its keys from cache_leftpad to cache_seqlens (the one query row is real, as in flash-attn's path).
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=cache[0], cache_leftpad=cache[1], **opts)
+    cu_q, used_q, cu_k, used_k = slots
+    out = flash_attn_varlen_func(_flat(q), _flat(k), _flat(v), cu_q, cu_k, None, None, seqused_q=used_q,
+                                 seqused_k=used_k, **opts, **train)
+    out = out.view(b, sq, *out.shape[1:])
+    if perm_q is not None:
+        out = torch.empty_like(out).scatter_(1, perm_q[:, :, None, None].expand_as(out), out)
+    return out
