@@ -38,6 +38,9 @@ Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the argu
 scaled_dot_product_attention: torch.nn.functional.scaled_dot_product_attention's arguments and layout on
 these kernels (torch tensors), handing what they do not cover (attn_mask, float32, ...) to PyTorch's own.
 
+flash_attn_rs.hf: Hugging Face transformers' attention interface (`flash_attn_rs.hf.register()`, then
+`attn_implementation="fa_rs"`), padded batches as varlen calls in place.
+
 Importing this package needs neither torch nor numpy, and no CUDA: libcuda is loaded at the first CUDA
 call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
 """

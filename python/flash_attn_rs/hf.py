@@ -63,15 +63,19 @@ def register(name=NAME):
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                  **kwargs):
-    """The mask function registered with `attention`: transformers' flash-attn one (the `[B, L]` padding mask's last
-    kv_length columns, None where nothing is padded), and where the caller's mask was dropped as all ones but the
-    keys include a static cache's unwritten slots (positions from q_offset + q_length on), the mask of the written
-    ones (`arange(kv_length) < q_offset + q_length`: a tensor q_offset, as static caches pass, is not read)."""
-    from transformers.masking_utils import flash_attention_mask
-    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
-                                **kwargs)
-    if mask is not None or (not isinstance(q_offset, torch.Tensor) and q_offset + q_length >= kv_length):
-        return mask
+    """The mask function registered with `attention` (transformers calls it once per forward; every layer gets its
+    result): the caller's `[B, L]` padding mask's last kv_length columns, as flash-attn's path takes them; None in
+    eager calls where nothing is padded (one host read; compiled calls keep the mask, whose all-ones rows cost a
+    varlen call instead of a dense one, rather than break the graph). Where the caller's mask was dropped as all ones
+    but the keys include a static cache's unwritten slots (positions from q_offset + q_length on), the mask of the
+    written ones, `arange(kv_length) < q_offset + q_length` (a tensor q_offset, as static caches pass, is not read)."""
+    if attention_mask is not None:
+        mask = attention_mask[:, -kv_length:]
+        if torch.compiler.is_compiling() or mask.shape[1] != kv_length or not bool(mask.all()):
+            return mask
+        return None
+    if not isinstance(q_offset, torch.Tensor) and q_offset + q_length >= kv_length:
+        return None
     device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
     return (torch.arange(kv_length, device=device) < q_offset + q_length).expand(batch_size, kv_length)
 
@@ -205,7 +209,7 @@ def _padded(q, k, v, mask, opts, train):
     b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > sk:
         raise ValueError(f"flash_attn_rs.hf.attention: attention_mask of shape {tuple(mask.shape)}: expected a padding "
-                         f"mask [{b}, L] with L <= {sk} keys (register() installs transformers' flash mask function)")
+                         f"mask [{b}, L] with L <= {sk} keys (the mask function register() installs, padding_mask, gives one)")
     lk = mask.shape[1]
     if lk < sk:  # a static cache's unused tail
         k, v = k[:, :lk], v[:, :lk]

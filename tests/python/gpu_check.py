@@ -34,7 +34,8 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   the custom ops fwd_ext / bwd_ext give the eager path's bits and torch.compile(fullgraph=True) traces them;
   on CUDA the same rng_state drops the same scores as the CPU (S_dmask's signs bitwise);
   flash_attn_with_kvcache on CUDA equals the CPU's call (caches bitwise, out and lse within rounding;
-  rotary, paged, split-KV) and on the CPU appends in place.
+  rotary, paged, split-KV) and on the CPU appends in place;
+- flash_attn_rs.hf (transformers' attention interface): hf_check.py's checks.
 Then, unless --no-bench: Python-level overhead per call against calling the native function directly,
 for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct", and SDPA decoding steps
 (scaled_dot_product_attention, flash_attn_func, PyTorch's SDPA).
@@ -1657,6 +1658,13 @@ def bench(dev, quick):
         torch.cuda.empty_cache()
 
 
+def check_hf(dev, quick):
+    """hf_check.py's checks (flash_attn_rs.hf, transformers' attention interface; the model checks need
+    transformers and print a SKIP line without it), their failures counted here."""
+    import hf_check
+    FAILURES.extend(hf_check.run(dev, quick))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -1697,6 +1705,7 @@ def main():
     check_paged(dev, quick)
     check_extras(dev, quick)
     check_kvcache_fast_path(dev, quick)
+    check_hf(dev, quick)
     if dev.type == "cuda":
         check_cuda_graph(dev, quick)
         check_kvcache_graph(dev, quick)

@@ -354,6 +354,25 @@ def model_case(dev, seed, label, cls, cfg, name):
         what = "a left-padded batch" if (am == 0).any() else "an unpadded batch"
         report(f"transformers {label}: greedy generation from {what} ({cache} cache), step logits vs eager float32",
                e <= 2 * base + 2e-2, f"err {e:.2e} (eager bf16 {base:.2e})")
+    # torch.compile(fullgraph=True) (aot_eager: the custom ops' fake functions and the traced routing) of a padded
+    # forward and of a training step: the eager calls' results.
+    am = padded.clone()
+    am[0, 20:] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        same_fwd = torch.equal(compiled(input_ids=ids, attention_mask=am).logits, ours(input_ids=ids, attention_mask=am).logits)
+    grads = []
+    for m in (compiled, ours):
+        ours.zero_grad()
+        ours.train()
+        m(input_ids=ids, attention_mask=am, labels=labels).loss.backward()
+        ours.eval()
+        grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
+    report(f"transformers {label}: torch.compile(fullgraph=True) of a padded forward and training step == eager",
+           same_fwd and torch.equal(*grads), f"forward {'equal' if same_fwd else 'differs'}, gradients differ by "
+           f"{max_err(*grads):.1e}")
     # A packed batch (position_ids restarting) against its sequences one by one.
     lens = [9, 4, 11]
     seqs = [torch.randint(3, cfg.vocab_size, (1, n), device=dev) for n in lens]
