@@ -13,12 +13,14 @@ and without synchronizing where the kernels do not need it:
 - No padding: `flash_attn_func`, causal (or the module's `is_causal`), the model's scaling, `sliding_window` as
   flash-attn's window `(w - 1, w - 1)`, `softcap` (Gemma 2), dropout while training, GQA / MQA. Decoding steps
   that need no gradient run the KV cache's split-KV decode kernels over the cache in place.
-- A padding mask (`attention_mask` `[B, L]`, what transformers' flash mask function gives: None unless a row has
-  padding): each row's run of real tokens becomes one sequence of a varlen call over the padded batch, in place,
-  through `cu_seqlens` and `seqused` computed on the device: no unpadding gather, no `.item()`, no copy where the
-  batch is laid out token-major (else one `reshape`), and the padded rows come out 0 (gradients 0) from the kernels
-  themselves. Causal is per sequence, aligned bottom-right as in flash-attn's varlen call, so left and right
-  padding, chunked prefill and decoding over a padded cache all give what transformers' flash-attn path gives.
+- A padding mask (`attention_mask` `[B, L]`, what `padding_mask`, the registered mask function, gives: None unless a
+  row has padding or a static cache unwritten slots): each row's run of real tokens becomes one sequence of a varlen
+  call over the padded batch, in place, through `cu_seqlens` and `seqused` computed on the device: no unpadding
+  gather, no `.item()`, no copy where the batch is laid out token-major (else one `reshape`). Causal is per sequence,
+  aligned bottom-right as in flash-attn's varlen call, so left and right padding, chunked prefill, static caches and
+  decoding over a padded cache give what transformers' flash-attn path gives; in causal or windowed calls the padded
+  query rows come out 0 (gradients 0) from the kernels themselves. Without a causal mask or window (encoders,
+  an encoder-decoder's cross-attention over the encoder's padding) every query row is computed over the real keys.
   Decoding steps (one query row) run the KV cache's kernels over the cache in place, with `cache_leftpad`.
   A row whose real tokens are not one run (holes in the mask) is compacted first (an argsort and a gather,
   then the result scattered back); eager calls check for holes once per mask (one host read per forward: every
@@ -67,14 +69,16 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     result): the caller's `[B, L]` padding mask's last kv_length columns, as flash-attn's path takes them; None in
     eager calls where nothing is padded (one host read; compiled calls keep the mask, whose all-ones rows cost a
     varlen call instead of a dense one, rather than break the graph). Where the caller's mask was dropped as all ones
-    but the keys include a static cache's unwritten slots (positions from q_offset + q_length on), the mask of the
-    written ones, `arange(kv_length) < q_offset + q_length` (a tensor q_offset, as static caches pass, is not read)."""
+    but a causal mask's keys include a static cache's unwritten slots (positions from q_offset + q_length on), the
+    mask of the written ones, `arange(kv_length) < q_offset + q_length` (a tensor q_offset, as static caches pass, is
+    not read). A bidirectional mask (an encoder's, cross-attention's) without a caller's mask: None, every key real."""
     if attention_mask is not None:
         mask = attention_mask[:, -kv_length:]
         if torch.compiler.is_compiling() or mask.shape[1] != kv_length or not bool(mask.all()):
             return mask
         return None
-    if not isinstance(q_offset, torch.Tensor) and q_offset + q_length >= kv_length:
+    # transformers' bidirectional masks (encoders, cross-attention) pass allow_is_bidirectional_skip, causal ones not.
+    if "allow_is_bidirectional_skip" in kwargs or (not isinstance(q_offset, torch.Tensor) and q_offset + q_length >= kv_length):
         return None
     device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
     return (torch.arange(kv_length, device=device) < q_offset + q_length).expand(batch_size, kv_length)
@@ -213,32 +217,38 @@ def _padded(q, k, v, mask, opts, train):
     lk = mask.shape[1]
     if lk < sk:  # a static cache's unused tail
         k, v = k[:, :lk], v[:, :lk]
-    if sq > lk:
+    # Without a causal mask or window every query row sees every real key, wherever it stands: each is computed
+    # (padded ones too, harmlessly, as SDPA does). That keeps the decoder's rows of an encoder-decoder's
+    # cross-attention (not causal, over the encoder's padding mask, other lengths or not) all real.
+    every = not opts["causal"] and tuple(opts["window_size"]) == (-1, -1)
+    if sq > lk and not every:
         raise ValueError(f"flash_attn_rs.hf.attention: {sq} queries over an attention_mask of {lk} keys")
 
     def compute():
         m = (mask if mask.dtype == torch.bool else mask != 0).to(q.device)
-        if torch.compiler.is_compiling() or not _has_holes(m, *_runs(m)):
-            first_k, count_k = _runs(m)
-            if sq == lk:
-                runs_q = first_k, count_k
-            else:
-                # The queries are the last sq real positions (one row in a decoding step, which is always real, as
-                # in flash-attn's path): with left padding the mask's last sq, with a static cache's unwritten
-                # tail the sq before it.
-                count_q = count_k.clamp(max=sq)
-                runs_q = sq - count_q, count_q
-            return None, None, (first_k + count_k, first_k), _slots(*runs_q, sq) + _slots(first_k, count_k, lk)
-        # Holes: each row's real tokens moved to its front, in order (what unpadding does), put back after; the
-        # queries are the mask's last sq positions (flash-attn's path), or the one row of a decoding step.
-        mq = torch.ones(b, 1, dtype=torch.bool, device=m.device) if sq == 1 else m[:, lk - sq:]
-        perm = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
-        perm_q = None if sq == 1 else perm if sq == lk else torch.argsort((~mq).to(torch.int8), dim=1, stable=True)
-        m, mq = m.gather(1, perm), (mq if perm_q is None else mq.gather(1, perm_q))
-        (first_k, count_k), (first_q, count_q) = _runs(m), _runs(mq)
-        return perm, perm_q, (first_k + count_k, first_k), _slots(first_q, count_q, sq) + _slots(first_k, count_k, lk)
+        perm = perm_q = None
+        if not torch.compiler.is_compiling() and _has_holes(m, *_runs(m)):
+            # Holes: each row's real tokens moved to its front, in order (what unpadding does), put back after; the
+            # queries are then the mask's last sq positions (flash-attn's path), the one row of a decoding step.
+            mq = torch.ones(b, 1, dtype=torch.bool, device=m.device) if sq == 1 else m[:, lk - sq:]
+            perm = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
+            if not every and sq > 1:
+                perm_q = perm if sq == lk else torch.argsort((~mq).to(torch.int8), dim=1, stable=True)
+            m = m.gather(1, perm)
+            runs_q = _runs(mq if perm_q is None else mq.gather(1, perm_q))
+        first_k, count_k = _runs(m)
+        if every:
+            runs_q = torch.zeros_like(count_k), torch.full_like(count_k, sq)
+        elif sq == lk:
+            runs_q = first_k, count_k
+        elif perm is None:
+            # The queries are the last sq real positions (one row in a decoding step, always real as in flash-attn's
+            # path): with left padding the mask's last sq, with a static cache's unwritten tail the sq before it.
+            count_q = count_k.clamp(max=sq)
+            runs_q = sq - count_q, count_q
+        return perm, perm_q, (first_k + count_k, first_k), _slots(*runs_q, sq) + _slots(first_k, count_k, lk)
 
-    perm, perm_q, cache, slots = _memo(mask, ("mask", sq, lk, q.device), compute)
+    perm, perm_q, cache, slots = _memo(mask, ("mask", sq, lk, every, q.device), compute)
     if perm is not None:
         k, v = (t.gather(1, perm[:, :, None, None].expand_as(t)) for t in (k, v))
     if perm_q is not None:

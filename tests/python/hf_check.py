@@ -14,7 +14,8 @@ gpu_check.py runs these too. Checks, each a PASS or FAIL line:
   window) and Gemma 2 (softcap, alternating sliding layers) models with `attn_implementation` the registered
   name against the same models' eager attention in float32: logits of padded batches (left and right padding),
   a training step's loss and gradients with padding, greedy generation from a left-padded batch (each step's
-  logits against a full recomputation), and a packed batch against its sequences.
+  logits against a full recomputation), and a packed batch against its sequences; a small BART (cross-attention over
+  a padded encoder batch, cached generation) and BERT (right padding).
 """
 
 import argparse
@@ -65,7 +66,7 @@ def ref_dense(q, k, v, scale, causal, window, softcap):
 def ref_padded(q, k, v, mask, scale, causal, window, softcap):
     """q [B, Sq, H, D], k, v [B, Sk, Hk, D], mask bool [B, L] or None: each row's real keys (mask) and real
     queries compacted and attended to as one sequence (flash-attn's unpadding); padded query rows 0. The real
-    queries: with Sq = L the mask's; else where the row's real keys are one run the last Sq of them, with holes
+    queries: without a causal mask or window all (an encoder-decoder's cross-attention); with Sq = L the mask's; else where the row's real keys are one run the last Sq of them, with holes
     the mask's last Sq positions (flash-attn's path; the one query of a decoding step)."""
     b, sq = q.shape[:2]
     out = torch.zeros_like(q[..., :v.shape[-1]])
@@ -77,7 +78,9 @@ def ref_padded(q, k, v, mask, scale, causal, window, softcap):
             lk = mask.shape[1]
             kq = mask[i].nonzero().flatten().cpu()
             one_run = len(kq) == 0 or int(kq[-1] - kq[0]) + 1 == len(kq)
-            if sq == lk:
+            if not causal and window == (-1, -1):  # every query sees every real key: all real
+                qq = torch.arange(sq)
+            elif sq == lk:
                 qq = kq
             elif one_run:  # the last sq real positions (a static cache's unwritten tail, left padding)
                 qq = torch.arange(max(sq - len(kq), 0), sq)
@@ -89,14 +92,16 @@ def ref_padded(q, k, v, mask, scale, causal, window, softcap):
     return out
 
 
-def real_queries(mask, sq):
+def real_queries(mask, sq, causal, window):
     """The real query rows `[B, Sq]` of ref_padded's rule."""
     lk = mask.shape[1]
     rows = []
     for i in range(mask.shape[0]):
         kq = mask[i].nonzero().flatten()
         one_run = len(kq) == 0 or int(kq[-1] - kq[0]) + 1 == len(kq)
-        if sq == lk:
+        if not causal and window == (-1, -1):
+            rows.append(torch.ones(sq, dtype=torch.bool, device=mask.device))
+        elif sq == lk:
             rows.append(mask[i])
         elif one_run:
             rows.append(torch.arange(sq, device=mask.device) >= sq - len(kq))
@@ -139,13 +144,13 @@ def padded_case(dev, rng, dtype, case):
     b = rng.randint(1, 4)
     h, hk = rng.choice([(4, 4), (8, 2), (6, 1)])
     d = rng.choice([64, 128, 80])
-    mode = rng.choice(["prefill", "prefill", "decode", "chunk", "static"])
+    mode = rng.choice(["prefill", "prefill", "decode", "chunk", "static", "cross"])
     lk = rng.randint(2, 70)
     sk = lk + (rng.randint(1, 9) if mode == "static" else 0)
-    sq = {"prefill": lk, "static": lk, "decode": 1, "chunk": rng.randint(2, min(lk, 7))}[mode]
-    kind = rng.choice(["left", "right", "mixed", "holes"] if mode in ("prefill", "static") else ["left", "mixed", "holes"])
-    causal = rng.random() < 0.7
-    window = (rng.randint(1, lk), rng.randint(1, lk)) if rng.random() < 0.3 else (-1, -1)
+    sq = {"prefill": lk, "static": lk, "decode": 1, "chunk": rng.randint(2, min(lk, 7)), "cross": rng.randint(1, 80)}[mode]
+    kind = rng.choice(["left", "right", "mixed", "holes"] if mode in ("prefill", "static", "cross") else ["left", "mixed", "holes"])
+    causal = rng.random() < 0.7 and mode != "cross"  # cross: an encoder-decoder's (decoder queries, encoder keys)
+    window = (rng.randint(1, lk), rng.randint(1, lk)) if rng.random() < 0.3 and mode != "cross" else (-1, -1)
     window = (window[0], window[0]) if window[0] >= 0 else window  # transformers' (w - 1, w - 1)
     softcap = rng.choice([0.0, 0.0, 5.0])
     scale = rng.choice([None, 0.3])
@@ -188,7 +193,7 @@ def padded_case(dev, rng, dtype, case):
         ok &= math.isfinite(e) and e <= factor * base + floor
         details.append(f"{name} {e:.1e} ({base:.1e})")
     # Padded rows exactly 0: out and dq at padded queries, dk and dv at keys no row sees.
-    mq = real_queries(mask, sq)
+    mq = real_queries(mask, sq, causal, window)
     zeros = [o[~mq]] + ([g[0][~mq], g[1][:, :lk][~mask], g[2][:, :lk][~mask], g[1][:, lk:], g[2][:, lk:]] if grad else [])
     exact = all(bool((z == 0).all()) for z in zeros)
     report(f"hf.attention padded [{what}]", ok and exact, ", ".join(details) + ("" if exact else ", padded rows not 0"))
@@ -275,6 +280,11 @@ def check_models(dev, seed):
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             report(f"transformers {label}", False, f"{type(e).__name__}: {e}")
+    try:
+        check_encoder_decoder(dev, seed, name)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        report("transformers BART / BERT", False, f"{type(e).__name__}: {e}")
 
 
 def count_calls(model):
@@ -387,6 +397,61 @@ def model_case(dev, seed, label, cls, cfg, name):
            f"err {e:.2e} (alone {base:.2e})")
     report(f"transformers {label}: the model ran hf.attention", calls[0] > 0 and ours.config._attn_implementation == name,
            f"{calls[0]} calls")
+
+
+def check_encoder_decoder(dev, seed, name):
+    """A small random BART (encoder self-attention, causal decoder, cross-attention over the encoder's padding) and
+    BERT (an encoder over right padding), against their eager attention in float32."""
+    import transformers as tr
+    torch.manual_seed(seed)
+    b, s_enc, s_dec = 3, 19, 11
+    enc_am = torch.ones(b, s_enc, dtype=torch.long, device=dev)
+    enc_am[1, 12:] = 0
+    enc_am[2, 4:] = 0
+    common = dict(vocab_size=211, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=64)
+    cfg = tr.BartConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    models = []
+    for impl, dt in (("eager", torch.float32), (name, torch.bfloat16), ("eager", torch.bfloat16)):
+        torch.manual_seed(seed)
+        m = tr.BartForConditionalGeneration(copy.deepcopy(cfg)).to(dev).to(dt).eval()
+        m.set_attn_implementation(impl)
+        models.append(m)
+    ref, ours, low = models
+    calls = count_calls(ours)
+    ids = torch.randint(3, cfg.vocab_size, (b, s_enc), device=dev)
+    dec = torch.randint(3, cfg.vocab_size, (b, s_dec), device=dev)
+    with torch.no_grad():
+        lr, lo, ll = (m(input_ids=ids, attention_mask=enc_am, decoder_input_ids=dec).logits.float() for m in models)
+    e, base = max_err(lo, lr), max_err(ll, lr)
+    report("transformers BART: logits over a padded encoder batch (cross-attention) vs eager float32",
+           e <= 2 * base + 1e-2, f"err {e:.2e} (eager bf16 {base:.2e})")
+    with torch.no_grad():
+        g = ours.generate(input_ids=ids, attention_mask=enc_am, max_new_tokens=5, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, min_new_tokens=5)
+        full = g.sequences
+        lr = ref(input_ids=ids, attention_mask=enc_am, decoder_input_ids=full[:, :-1]).logits.float()
+        ll = low(input_ids=ids, attention_mask=enc_am, decoder_input_ids=full[:, :-1]).logits.float()
+    steps = torch.stack([x.float() for x in g.logits], 1)
+    e, base = max_err(steps, lr), max_err(ll, lr)
+    report("transformers BART: greedy generation (cached cross-attention), step logits vs eager float32",
+           e <= 2 * base + 2e-2, f"err {e:.2e} (eager bf16 {base:.2e})")
+    report("transformers BART: the model ran hf.attention", calls[0] > 0, f"{calls[0]} calls")
+    bcfg = tr.BertConfig(vocab_size=211, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=256, max_position_embeddings=64)
+    models = []
+    for impl, dt in (("eager", torch.float32), (name, torch.bfloat16), ("eager", torch.bfloat16)):
+        torch.manual_seed(seed)
+        m = tr.BertModel(copy.deepcopy(bcfg)).to(dev).to(dt).eval()
+        m.set_attn_implementation(impl)
+        models.append(m)
+    calls = count_calls(models[1])
+    with torch.no_grad():
+        hr, ho, hl = (m(input_ids=ids, attention_mask=enc_am).last_hidden_state.float() for m in models)
+    real = enc_am.bool()
+    e, base = max_err(ho[real], hr[real]), max_err(hl[real], hr[real])
+    report("transformers BERT: hidden states of a right-padded batch vs eager float32", e <= 2 * base + 1e-2 and calls[0] > 0,
+           f"err {e:.2e} (eager bf16 {base:.2e}), {calls[0]} calls")
 
 
 def run(dev, quick, seed=None, cases=None):
