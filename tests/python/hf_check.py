@@ -301,18 +301,20 @@ def count_calls(model):
     return counter
 
 
+def three_models(cls, cfg, dev, seed, name):
+    """The same random weights as (eager float32, `name` bfloat16, eager bfloat16) models, each with its own config
+    (set_attn_implementation writes into it), and a counter of the middle one's hf.attention calls."""
+    models = []
+    for impl, dt in (("eager", torch.float32), (name, torch.bfloat16), ("eager", torch.bfloat16)):
+        torch.manual_seed(seed)
+        m = cls(copy.deepcopy(cfg)).to(dev).to(dt).eval()
+        m.set_attn_implementation(impl)
+        models.append(m)
+    return (*models, count_calls(models[1]))
+
+
 def model_case(dev, seed, label, cls, cfg, name):
-    torch.manual_seed(seed)
-    # Each model its own config: set_attn_implementation writes into it.
-    ref = cls(copy.deepcopy(cfg)).to(dev).eval()
-    ref.set_attn_implementation("eager")
-    ours = cls(copy.deepcopy(cfg)).to(dev).to(torch.bfloat16).eval()
-    ours.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
-    ours.set_attn_implementation(name)
-    low = cls(copy.deepcopy(cfg)).to(dev).to(torch.bfloat16).eval()
-    low.load_state_dict(ours.state_dict())
-    low.set_attn_implementation("eager")
-    calls = count_calls(ours)
+    ref, ours, low, calls = three_models(cls, cfg, dev, seed, name)
     b, s = 3, 24
     ids = torch.randint(3, cfg.vocab_size, (b, s), device=dev)
     for side in ("left", "right"):
@@ -411,18 +413,11 @@ def check_encoder_decoder(dev, seed, name):
     common = dict(vocab_size=211, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=64)
     cfg = tr.BartConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
-    models = []
-    for impl, dt in (("eager", torch.float32), (name, torch.bfloat16), ("eager", torch.bfloat16)):
-        torch.manual_seed(seed)
-        m = tr.BartForConditionalGeneration(copy.deepcopy(cfg)).to(dev).to(dt).eval()
-        m.set_attn_implementation(impl)
-        models.append(m)
-    ref, ours, low = models
-    calls = count_calls(ours)
+    ref, ours, low, calls = three_models(tr.BartForConditionalGeneration, cfg, dev, seed, name)
     ids = torch.randint(3, cfg.vocab_size, (b, s_enc), device=dev)
     dec = torch.randint(3, cfg.vocab_size, (b, s_dec), device=dev)
     with torch.no_grad():
-        lr, lo, ll = (m(input_ids=ids, attention_mask=enc_am, decoder_input_ids=dec).logits.float() for m in models)
+        lr, lo, ll = (m(input_ids=ids, attention_mask=enc_am, decoder_input_ids=dec).logits.float() for m in (ref, ours, low))
     e, base = max_err(lo, lr), max_err(ll, lr)
     report("transformers BART: logits over a padded encoder batch (cross-attention) vs eager float32",
            e <= 2 * base + 1e-2, f"err {e:.2e} (eager bf16 {base:.2e})")
@@ -439,13 +434,7 @@ def check_encoder_decoder(dev, seed, name):
     report("transformers BART: the model ran hf.attention", calls[0] > 0, f"{calls[0]} calls")
     bcfg = tr.BertConfig(vocab_size=211, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=256, max_position_embeddings=64)
-    models = []
-    for impl, dt in (("eager", torch.float32), (name, torch.bfloat16), ("eager", torch.bfloat16)):
-        torch.manual_seed(seed)
-        m = tr.BertModel(copy.deepcopy(bcfg)).to(dev).to(dt).eval()
-        m.set_attn_implementation(impl)
-        models.append(m)
-    calls = count_calls(models[1])
+    *models, calls = three_models(tr.BertModel, bcfg, dev, seed, name)
     with torch.no_grad():
         hr, ho, hl = (m(input_ids=ids, attention_mask=enc_am).last_hidden_state.float() for m in models)
     real = enc_am.bool()
