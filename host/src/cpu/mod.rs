@@ -12,6 +12,7 @@
 mod bwd;
 pub(crate) mod combine;
 mod kv;
+mod math;
 pub(crate) mod kvcache;
 mod mask;
 mod rotary;
@@ -283,7 +284,8 @@ fn load_rows(data: HostSlice<'_>, first: usize, stride: usize, n: usize, d: usiz
         let at = first + r * stride;
         match data {
             HostSlice::F16(x) => x[at..at + d].convert_to_f32_slice(row),
-            HostSlice::BF16(x) => x[at..at + d].convert_to_f32_slice(row),
+            // Exact: bf16 is f32's upper half (a loop that vectorizes, where half's converter did not).
+            HostSlice::BF16(x) => row.iter_mut().zip(&x[at..at + d]).for_each(|(o, h)| *o = f32::from_bits(u32::from(h.to_bits()) << 16)),
             HostSlice::F32(x) => row.copy_from_slice(&x[at..at + d]),
         }
     }

@@ -91,13 +91,6 @@ impl Score {
         Score { scale: p.scale, softcap: p.softcap, softcap_pre, slope: m.slope, shift: seqlen_k as i64 - seqlen_q as i64 }
     }
 
-    /// The score of query i and key j from their dot product.
-    #[inline(always)]
-    pub(crate) fn score(&self, qk: f32, i: usize, j: usize) -> f32 {
-        let s = if self.softcap > 0.0 { self.softcap * (qk * self.softcap_pre).tanh() } else { qk * self.scale };
-        self.biased(s, i, j)
-    }
-
     /// The score and its derivative with respect to x = scale q.k (s = c tanh(x / c): 1 - tanh^2 =
     /// sech^2; ALiBi's bias is constant in x). sech^2(y) = 4 e / (1 + e)^2 with e = exp(-2 |y|), to full
     /// relative precision: `1 - t * t` cancels where tanh saturates (|y| of a few units up), and there
@@ -112,6 +105,22 @@ impl Score {
             (qk * self.scale, 1.0)
         };
         (self.biased(s, i, j), ds_dx)
+    }
+
+    /// `score` of query i against keys j0.. in place: `s[t]` holds q.k of key j0 + t on entry (the
+    /// same operations per element, the branches out of the loops).
+    #[inline(always)]
+    pub(crate) fn apply(&self, s: &mut [f32], i: usize, j0: usize) {
+        if self.softcap > 0.0 {
+            s.iter_mut().for_each(|x| *x = self.softcap * (*x * self.softcap_pre).tanh());
+        } else {
+            s.iter_mut().for_each(|x| *x *= self.scale);
+        }
+        if self.slope.is_some() {
+            for (t, x) in s.iter_mut().enumerate() {
+                *x = self.biased(*x, i, j0 + t);
+            }
+        }
     }
 
     #[inline(always)]

@@ -4,6 +4,7 @@
 
 use super::kv::KeyRows;
 use super::mask::key_range;
+use super::math::exp;
 use super::score::{HeadMods, Score};
 use super::seqlen::SeqInfo;
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
@@ -30,8 +31,53 @@ pub(crate) struct TileOut {
 /// Query tile `m_block` of sequence `s` over the key tiles of `n_blocks` that its rows can see, with the
 /// head's ALiBi and dropout (`m`): dropped probabilities count in the row sum (the LSE is that of every
 /// visible score) but not in the accumulator, and kept ones enter it times 1 / (1 - p).
+///
+/// Compiled once per head dim (the loops over D unrolled, a row's accumulator in registers) and, on x86-64
+/// with AVX2, once more for it (8-wide vectors: the same operations in the same order, so the same bits;
+/// nothing is fused into FMAs).
 pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
-    let d = p.head_dim;
+    macro_rules! dims {
+        ($($d:literal)*) => {
+            match p.head_dim {
+                $($d => attend_dim::<$d>(p, x, s, m, m_block, n_blocks),)*
+                _ => attend_dim::<0>(p, x, s, m, m_block, n_blocks),
+            }
+        };
+    }
+    dims!(32 64 96 128 192 256)
+}
+
+fn attend_dim<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // Safety: the CPU has AVX-512F.
+            return unsafe { attend_avx512::<D>(p, x, s, m, m_block, n_blocks) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safety: the CPU has AVX2.
+            return unsafe { attend_avx2::<D>(p, x, s, m, m_block, n_blocks) };
+        }
+    }
+    attend_in::<D>(p, x, s, m, m_block, n_blocks)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
+    attend_in::<D>(p, x, s, m, m_block, n_blocks)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
+    attend_in::<D>(p, x, s, m, m_block, n_blocks)
+}
+
+/// `attend` for head dim D (0: `p.head_dim`, not known at compile time).
+#[inline(always)]
+fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
+    let d = if D > 0 { D } else { p.head_dim };
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let i0 = m_block * BLOCK_M;
     let rows = (sq - i0).min(BLOCK_M);
@@ -46,15 +92,18 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m
     let (lo, _) = range(i0);
     let (_, hi) = range(i0 + rows - 1);
     let mut k = vec![0.0f32; BLOCK_N * d];
+    let mut kt = KeysT::new(d);
     let mut v = vec![0.0f32; BLOCK_N * d];
     let mut scores = [0.0f32; BLOCK_N];
     let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
     let score = Score::new(p, m, sq, sk);
+    let dropout = m.dropout.is_some();
     for n_block in (lo / BLOCK_N).max(n_blocks.start)..hi.div_ceil(BLOCK_N).min(n_blocks.end) {
         let j0 = n_block * BLOCK_N;
         let cols = (sk - j0).min(BLOCK_N);
         x.keys.load(x.k, &p.k, s, s.k_base, x.k_head, j0, cols, d, &mut k);
         x.keys.load(x.v, &p.v, s, s.v_base, x.v_head, j0, cols, d, &mut v);
+        kt.set(&k, cols);
         for r in 0..rows {
             let (a, b) = range(i0 + r);
             let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
@@ -63,16 +112,10 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m
                 // other rows share its tile.
                 continue;
             }
-            let (i, q_row) = (i0 + r, &q[r * d..][..d]);
+            let i = i0 + r;
+            kt.scores::<D>(&q[r * d..][..d], &mut scores);
             let s_row = &mut scores[a..b];
-            let k_rows = &k[a * d..b * d];
-            for (t, (sc4, k4)) in s_row.chunks_mut(4).zip(k_rows.chunks(4 * d)).enumerate() {
-                let qk = dot4(q_row, k4, d);
-                for (u, (sc, &qk)) in sc4.iter_mut().zip(&qk).enumerate() {
-                    *sc = score.score(qk, i, j0 + a + 4 * t + u);
-                }
-            }
-            let dropout = m.dropout.is_some();
+            score.apply(s_row, i, j0 + a);
             if dropout {
                 m.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
             }
@@ -81,34 +124,17 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m
             let new_max = row_max[r].max(block_max);
             let acc_row = &mut acc[r * d..][..d];
             if new_max != row_max[r] {
-                let alpha = (row_max[r] - new_max).exp();
+                let alpha = exp(row_max[r] - new_max);
                 row_sum[r] *= alpha;
                 acc_row.iter_mut().for_each(|o| *o *= alpha);
                 row_max[r] = new_max;
             }
-            for ((sc4, f4), v4) in s_row.chunks(4).zip(factor[a..b].chunks(4)).zip(v[a * d..b * d].chunks(4 * d)) {
-                let mut pr = [0.0f32; 4];
-                for ((pr, &sc), &f) in pr.iter_mut().zip(sc4).zip(f4) {
-                    *pr = (sc - new_max).exp();
-                    row_sum[r] += *pr;
-                    if dropout {
-                        *pr *= f;
-                    }
-                }
-                if v4.len() == 4 * d {
-                    // Same order as one key at a time; four keys per pass just saves loads and stores of acc.
-                    let (v0, rest) = v4.split_at(d);
-                    let (v1, rest) = rest.split_at(d);
-                    let (v2, v3) = rest.split_at(d);
-                    for ((o, (&x0, &x1)), (&x2, &x3)) in acc_row.iter_mut().zip(v0.iter().zip(v1)).zip(v2.iter().zip(v3)) {
-                        *o = (((*o + pr[0] * x0) + pr[1] * x1) + pr[2] * x2) + pr[3] * x3;
-                    }
-                } else {
-                    for (&pr, v_row) in pr.iter().zip(v4.chunks_exact(d)) {
-                        acc_row.iter_mut().zip(v_row).for_each(|(o, &x)| *o += pr * x);
-                    }
-                }
+            s_row.iter_mut().for_each(|sc| *sc = exp(*sc - new_max));
+            row_sum[r] += lane_sum(s_row);
+            if dropout {
+                s_row.iter_mut().zip(&factor[a..b]).for_each(|(pr, f)| *pr *= f);
             }
+            pv::<D>(acc_row, s_row, &v[a * d..b * d]);
         }
     }
 
@@ -121,6 +147,98 @@ pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m
         }
     }
     TileOut { out: acc, lse }
+}
+
+/// The sum of `x` in eight lanes (element t in lane t mod 8), then a fixed tree over the lanes: vectorized,
+/// and the same for a row whatever its tile-mates.
+#[inline(always)]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut l = [0.0f32; 8];
+    let (chunks, rest) = x.as_chunks::<8>();
+    for c in chunks {
+        for (l, &v) in l.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    for (l, &v) in l.iter_mut().zip(rest) {
+        *l += v;
+    }
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+}
+
+/// `acc += sum over j of p[j] v_j` (v's rows `d` apart), key after key for each element. For a known D in
+/// column blocks of 64 (then 32), each block's accumulators in registers over the keys.
+#[inline(always)]
+fn pv<const D: usize>(acc: &mut [f32], p: &[f32], v: &[f32]) {
+    if D > 0 {
+        let mut c = 0;
+        while c + 64 <= D {
+            pv_cols::<64>(acc, p, v, c, D);
+            c += 64;
+        }
+        if c < D {
+            pv_cols::<32>(acc, p, v, c, D);
+        }
+    } else {
+        let d = acc.len();
+        for (&pr, v_row) in p.iter().zip(v.chunks_exact(d)) {
+            acc.iter_mut().zip(v_row).for_each(|(o, &x)| *o += pr * x);
+        }
+    }
+}
+
+/// `pv` over columns `c..c + W` of rows `d` wide.
+#[inline(always)]
+fn pv_cols<const W: usize>(acc: &mut [f32], p: &[f32], v: &[f32], c: usize, d: usize) {
+    let at: &mut [f32; W] = (&mut acc[c..c + W]).try_into().expect("W columns");
+    let mut o = *at;
+    for (j, &pr) in p.iter().enumerate() {
+        let row: &[f32; W] = v[j * d + c..][..W].try_into().expect("W columns");
+        for (o, &x) in o.iter_mut().zip(row) {
+            *o += pr * x;
+        }
+    }
+    *at = o;
+}
+
+/// A key tile transposed, `[D][BLOCK_N]`, so that a query row's scores against all its keys are one
+/// vector accumulation per head-dim element: q.k_j = sum over e of q[e] k_j[e], e in order, the same for
+/// every key wherever it stands in the tile (`attend` and `probs` share it, so s_dmask's scores are the
+/// forward's bit for bit). Columns past the tile's keys hold zeros or an earlier tile's keys: their
+/// scores are never read.
+pub(crate) struct KeysT {
+    t: Vec<f32>,
+    d: usize,
+}
+
+impl KeysT {
+    pub(crate) fn new(d: usize) -> KeysT {
+        KeysT { t: vec![0.0; d * BLOCK_N], d }
+    }
+
+    /// Transposes the first `cols` keys of `k` (`[cols][d]`).
+    #[inline(always)]
+    pub(crate) fn set(&mut self, k: &[f32], cols: usize) {
+        let d = self.d;
+        for (j, k_row) in k.chunks_exact(d).take(cols).enumerate() {
+            for (e, &x) in k_row.iter().enumerate() {
+                self.t[e * BLOCK_N + j] = x;
+            }
+        }
+    }
+
+    /// q.k_j for every column j of the tile.
+    #[inline(always)]
+    pub(crate) fn scores<const D: usize>(&self, q: &[f32], out: &mut [f32; BLOCK_N]) {
+        let mut s = [0.0f32; BLOCK_N];
+        let d = if D > 0 { D } else { self.d };
+        for (&qe, k_e) in q[..d].iter().zip(self.t.as_chunks::<BLOCK_N>().0) {
+            for (s, &x) in s.iter_mut().zip(k_e) {
+                *s += qe * x;
+            }
+        }
+        *out = s;
+    }
 }
 
 /// The probabilities of query tile `m_block` of sequence `s` (`s_dmask` rows, `rows * seqlen_k`):
@@ -136,6 +254,8 @@ pub(crate) fn probs(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_
     load_rows(x.q, s.q_base + i0 * p.q.row + x.q_head, p.q.row, rows, d, &mut q);
     let mut probs = vec![0.0f32; rows * sk];
     let mut k = vec![0.0f32; BLOCK_N * d];
+    let mut kt = KeysT::new(d);
+    let mut scores = [0.0f32; BLOCK_N];
     let (mut keep, mut factor) = ([true; BLOCK_N], [1.0f32; BLOCK_N]);
     let score = Score::new(p, m, sq, sk);
     let (lo, _) = range(i0);
@@ -144,6 +264,7 @@ pub(crate) fn probs(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_
         let j0 = n_block * BLOCK_N;
         let cols = (sk - j0).min(BLOCK_N);
         x.keys.load(x.k, &p.k, s, s.k_base, x.k_head, j0, cols, d, &mut k);
+        kt.set(&k, cols);
         for r in 0..rows {
             let (a, b) = range(i0 + r);
             let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
@@ -154,49 +275,14 @@ pub(crate) fn probs(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_
             if m.dropout.is_some() {
                 m.dropout_row(i, j0 + a, &mut keep[a..b], &mut factor[a..b]);
             }
+            kt.scores::<0>(&q[r * d..][..d], &mut scores);
+            score.apply(&mut scores[a..b], i, j0 + a);
             let out = &mut probs[r * sk + j0..][..cols];
-            for (t, k4) in k[a * d..b * d].chunks(4 * d).enumerate() {
-                for (u, &qk) in dot4(&q[r * d..][..d], k4, d).iter().enumerate().take(k4.len() / d) {
-                    let c = a + 4 * t + u;
-                    let pr = (score.score(qk, i, j0 + c) - lse[r]).exp();
-                    out[c] = if keep[c] { pr } else { -pr };
-                }
+            for c in a..b {
+                let pr = exp(scores[c] - lse[r]);
+                out[c] = if keep[c] { pr } else { -pr };
             }
         }
     }
     probs
-}
-
-/// q.k for up to four keys (`k4` holds them, `d` apart), each with eight independent partial sums so it
-/// vectorizes; head dims are multiples of 32. A key's result does not depend on its neighbours.
-#[inline(always)]
-fn dot4(q: &[f32], k4: &[f32], d: usize) -> [f32; 4] {
-    let n = k4.len() / d;
-    let mut acc = [[0.0f32; 8]; 4];
-    if n == 4 {
-        let (k0, rest) = k4.split_at(d);
-        let (k1, rest) = rest.split_at(d);
-        let (k2, k3) = rest.split_at(d);
-        fn chunks(x: &[f32]) -> std::slice::Iter<'_, [f32; 8]> {
-            x.as_chunks::<8>().0.iter()
-        }
-        let keys = chunks(k0).zip(chunks(k1)).zip(chunks(k2).zip(chunks(k3)));
-        for (qc, ((c0, c1), (c2, c3))) in chunks(q).zip(keys) {
-            for l in 0..8 {
-                acc[0][l] += qc[l] * c0[l];
-                acc[1][l] += qc[l] * c1[l];
-                acc[2][l] += qc[l] * c2[l];
-                acc[3][l] += qc[l] * c3[l];
-            }
-        }
-    } else {
-        for (t, k_row) in k4.chunks_exact(d).enumerate() {
-            for (x, y) in q.chunks_exact(8).zip(k_row.chunks_exact(8)) {
-                for l in 0..8 {
-                    acc[t][l] += x[l] * y[l];
-                }
-            }
-        }
-    }
-    acc.map(|a| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])))
 }
