@@ -63,25 +63,73 @@ def register(name=NAME):
     return name
 
 
+# The mask functions transformers composes that a padding mask plus the attention call's causal flag and window
+# express (sliding windows come to `attention` as `sliding_window`; packed sequences through position_ids or
+# cu_seq_lens). Anything else (chunked attention, bidirectional image-token blocks, a model's own or_mask /
+# and_mask functions) would be dropped: `padding_mask` raises for it instead.
+_PLAIN_MASK_PARTS = frozenset({
+    "causal_mask_function", "bidirectional_mask_function", "sliding_window_overlay.<locals>.inner_mask",
+    "sliding_window_bidirectional_overlay.<locals>.inner_mask", "packed_sequence_mask_function.<locals>.inner_mask",
+})
+
+
+def _unplain_mask_part(fn):
+    """The qualified name of a part of transformers' mask function `fn` outside `_PLAIN_MASK_PARTS` (through
+    and_masks' compositions), or None."""
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    if name == "and_masks.<locals>.and_mask":
+        for cell in fn.__closure__ or ():
+            parts = cell.cell_contents
+            for part in parts if isinstance(parts, tuple) else ():
+                if (bad := _unplain_mask_part(part)) is not None:
+                    return bad
+        return None
+    return None if name in _PLAIN_MASK_PARTS else name
+
+
+# `padding_mask`'s entry for a static cache's slots past the tokens so far (not written yet).
+UNWRITTEN = -1
+
+
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                  **kwargs):
     """The mask function registered with `attention` (transformers calls it once per forward; every layer gets its
     result): the caller's `[B, L]` padding mask's last kv_length columns, as flash-attn's path takes them; None in
     eager calls where nothing is padded (one host read; compiled calls keep the mask, whose all-ones rows cost a
-    varlen call instead of a dense one, rather than break the graph). Where the caller's mask was dropped as all ones
-    but a causal mask's keys include a static cache's unwritten slots (positions from q_offset + q_length on), the
-    mask of the written ones, `arange(kv_length) < q_offset + q_length` (a tensor q_offset, as static caches pass, is
-    not read). A bidirectional mask (an encoder's, cross-attention's) without a caller's mask: None, every key real."""
-    if attention_mask is not None:
-        mask = attention_mask[:, -kv_length:]
-        if torch.compiler.is_compiling() or mask.shape[1] != kv_length or not bool(mask.all()):
-            return mask
-        return None
-    # transformers' bidirectional masks (encoders, cross-attention) pass allow_is_bidirectional_skip, causal ones not.
-    if "allow_is_bidirectional_skip" in kwargs or (not isinstance(q_offset, torch.Tensor) and q_offset + q_length >= kv_length):
-        return None
-    device = q_offset.device if isinstance(q_offset, torch.Tensor) else kwargs.get("device")
-    return (torch.arange(kv_length, device=device) < q_offset + q_length).expand(batch_size, kv_length)
+    varlen call instead of a dense one, rather than break the graph). Where a causal mask's keys include slots past
+    the last query's position (a static cache's unwritten ones, from q_offset + q_length on; a tensor q_offset, as
+    static caches pass, is not read): an int8 mask, 1 / 0 for the written slots (real / padding) and UNWRITTEN (-1)
+    for the others; `attention` then takes the queries as the last q_length written positions. A bidirectional
+    mask (an encoder's, cross-attention's) without padding: None, every key real.
+
+    Raises NotImplementedError where the model's mask is more than that (`_PLAIN_MASK_PARTS`: chunked attention,
+    prefix-LM image blocks, a model's own mask functions) or it adds ALiBi to its mask (Falcon with alibi=True):
+    these kernels would attend to keys the model's mask hides."""
+    config = kwargs.get("config")
+    if getattr(config, "alibi", False):
+        raise NotImplementedError("flash_attn_rs.hf: models that add ALiBi to their attention mask (config.alibi) are "
+                                  "not supported here; use attn_implementation='sdpa'")
+    if mask_function is not None and not torch.compiler.is_compiling():
+        bad = _unplain_mask_part(mask_function)
+        if bad is not None:
+            raise NotImplementedError(f"flash_attn_rs.hf: this model's attention mask has a part ({bad}) beyond a "
+                                      "causal, sliding-window or bidirectional mask over padding, which these kernels "
+                                      "would not apply; use attn_implementation='sdpa'")
+    mask = None if attention_mask is None else attention_mask[:, -kv_length:]
+    # A causal mask's keys past the last query's position hold no token yet (a static cache's unwritten slots; the
+    # caller's mask, or generate's all-ones one, may cover them): q_offset + q_length - kv_offset slots are written.
+    bidirectional = "allow_is_bidirectional_skip" in kwargs  # transformers' bidirectional masks pass it
+    written = q_offset + q_length - kv_offset
+    if bidirectional or (not isinstance(written, torch.Tensor) and written >= kv_length):
+        if mask is None or (not torch.compiler.is_compiling() and mask.shape[1] == kv_length and bool(mask.all())):
+            return None
+        return mask
+    device = written.device if isinstance(written, torch.Tensor) else mask.device if mask is not None else kwargs.get("device")
+    slot = torch.arange(kv_length, device=device)
+    real = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    if mask is not None:  # as long as kv_length or shorter (then its end is the tokens' end)
+        real[:, :mask.shape[1]] = mask.to(device=device, dtype=torch.bool)
+    return torch.where(slot < written, real.to(torch.int8), UNWRITTEN).to(torch.int8)
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None,
@@ -91,6 +139,14 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     (out `[B, Sq, Hq, Dv]`, None)."""
     if s_aux is not None:
         raise NotImplementedError("flash_attn_rs.hf.attention: attention sinks (s_aux) are not implemented")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"flash_attn_rs.hf.attention: query, key, value of ranks {query.dim()}, {key.dim()}, "
+                         f"{value.dim()}: expected [B, H, S, D] each")
+    (bq, _, _, dq), (bk, hk, sk, dk), (bv, hv, sv, _) = query.shape, key.shape, value.shape
+    if bk != bq or bv != bq or hv != hk or sv != sk or dk != dq:
+        raise ValueError(f"flash_attn_rs.hf.attention: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}: key and value must share the batch ({bq}), heads and length, and key "
+                         "the query's head dim")
     q, k, v = _half(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
     d, dv = q.shape[-1], v.shape[-1]
     if dv < d:  # e.g. MLA's value head dim below the query's: zero columns, cut from the result below
@@ -215,6 +271,8 @@ def _padded(q, k, v, mask, opts, train):
         raise ValueError(f"flash_attn_rs.hf.attention: attention_mask of shape {tuple(mask.shape)}: expected a padding "
                          f"mask [{b}, L] with L <= {sk} keys (the mask function register() installs, padding_mask, gives one)")
     lk = mask.shape[1]
+    if lk == 0 or sq == 0:  # no keys (or no queries): every query row sees nothing, out 0
+        return q.new_zeros(b, sq, *q.shape[2:])
     if lk < sk:  # a static cache's unused tail
         k, v = k[:, :lk], v[:, :lk]
     # Without a causal mask or window every query row sees every real key, wherever it stands: each is computed
@@ -225,27 +283,30 @@ def _padded(q, k, v, mask, opts, train):
         raise ValueError(f"flash_attn_rs.hf.attention: {sq} queries over an attention_mask of {lk} keys")
 
     def compute():
-        m = (mask if mask.dtype == torch.bool else mask != 0).to(q.device)
+        mk = mask.to(q.device)
+        m = mk if mk.dtype == torch.bool else mk > 0
+        # The queries are the last sq positions (flash-attn's path), or with a static cache's unwritten slots
+        # (UNWRITTEN entries) the last sq written ones; the one row of a decoding step is real.
+        if sq == 1:
+            mq = torch.ones(b, 1, dtype=torch.bool, device=m.device)
+        elif mk.dtype == torch.bool:
+            mq = m[:, lk - sq:]
+        else:
+            at = (mk >= 0).sum(1, keepdim=True) - sq + torch.arange(sq, device=m.device)
+            mq = m.gather(1, at.clamp(min=0)) & (at >= 0)
         perm = perm_q = None
         if not torch.compiler.is_compiling() and _has_holes(m, *_runs(m)):
-            # Holes: each row's real tokens moved to its front, in order (what unpadding does), put back after; the
-            # queries are then the mask's last sq positions (flash-attn's path), the one row of a decoding step.
-            mq = torch.ones(b, 1, dtype=torch.bool, device=m.device) if sq == 1 else m[:, lk - sq:]
+            # Holes: each row's real tokens moved to its front, in order (what unpadding does), put back after.
             perm = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
             if not every and sq > 1:
                 perm_q = perm if sq == lk else torch.argsort((~mq).to(torch.int8), dim=1, stable=True)
             m = m.gather(1, perm)
-            runs_q = _runs(mq if perm_q is None else mq.gather(1, perm_q))
+            if perm_q is not None:
+                mq = mq.gather(1, perm_q)
         first_k, count_k = _runs(m)
-        if every:
-            runs_q = torch.zeros_like(count_k), torch.full_like(count_k, sq)
-        elif sq == lk:
-            runs_q = first_k, count_k
-        elif perm is None:
-            # The queries are the last sq real positions (one row in a decoding step, always real as in flash-attn's
-            # path): with left padding the mask's last sq, with a static cache's unwritten tail the sq before it.
-            count_q = count_k.clamp(max=sq)
-            runs_q = sq - count_q, count_q
+        # A query sees keys up to its own position: the real queries end where the real keys do (a suffix of
+        # one run), so each row's bottom-right alignment of count_q queries over count_k keys is the causal one.
+        runs_q = (torch.zeros_like(count_k), torch.full_like(count_k, sq)) if every else _runs(mq)
         return perm, perm_q, (first_k + count_k, first_k), _slots(*runs_q, sq) + _slots(first_k, count_k, lk)
 
     perm, perm_q, cache, slots = _memo(mask, ("mask", sq, lk, every, q.device), compute)

@@ -64,49 +64,37 @@ def ref_dense(q, k, v, scale, causal, window, softcap):
 
 
 def ref_padded(q, k, v, mask, scale, causal, window, softcap):
-    """q [B, Sq, H, D], k, v [B, Sk, Hk, D], mask bool [B, L] or None: each row's real keys (mask) and real
-    queries compacted and attended to as one sequence (flash-attn's unpadding); padded query rows 0. The real
-    queries: without a causal mask or window all (an encoder-decoder's cross-attention); with Sq = L the mask's; else where the row's real keys are one run the last Sq of them, with holes
-    the mask's last Sq positions (flash-attn's path; the one query of a decoding step)."""
+    """q [B, Sq, H, D], k, v [B, Sk, Hk, D], mask [B, L] (bool, or int8 with hf.UNWRITTEN for a static cache's
+    unwritten slots) or None: each row's real keys (mask > 0) and real queries compacted and attended to as one
+    sequence (flash-attn's unpadding); padded query rows 0. The queries (`real_queries`): without a causal mask or
+    window all (an encoder-decoder's cross-attention); else the last Sq positions, or the last Sq written ones, each
+    real where the mask is (the one query of a decoding step always)."""
     b, sq = q.shape[:2]
     out = torch.zeros_like(q[..., :v.shape[-1]])
-    rows = []
+    real_q = None if mask is None else real_queries(mask, sq, causal, window)
     for i in range(b):
         if mask is None:
             kq, qq = torch.arange(k.shape[1]), torch.arange(sq)
         else:
-            lk = mask.shape[1]
-            kq = mask[i].nonzero().flatten().cpu()
-            one_run = len(kq) == 0 or int(kq[-1] - kq[0]) + 1 == len(kq)
-            if not causal and window == (-1, -1):  # every query sees every real key: all real
-                qq = torch.arange(sq)
-            elif sq == lk:
-                qq = kq
-            elif one_run:  # the last sq real positions (a static cache's unwritten tail, left padding)
-                qq = torch.arange(max(sq - len(kq), 0), sq)
-            else:  # flash-attn's path: the mask's last sq positions (the one row of a decoding step)
-                qq = torch.zeros(1, dtype=torch.long) if sq == 1 else mask[i, lk - sq:].nonzero().flatten().cpu()
-        rows.append((qq, ref_dense(q[i, qq], k[i, kq], v[i, kq], scale, causal, window, softcap)))
-    for i, (qq, o) in enumerate(rows):
+            kq = (mask[i] > 0).nonzero().flatten().cpu()
+            qq = real_q[i].nonzero().flatten().cpu()
+        o = ref_dense(q[i, qq], k[i, kq], v[i, kq], scale, causal, window, softcap)
         out = out.index_put((torch.tensor([i]).expand(len(qq)), qq), o)
     return out
 
 
 def real_queries(mask, sq, causal, window):
     """The real query rows `[B, Sq]` of ref_padded's rule."""
-    lk = mask.shape[1]
     rows = []
     for i in range(mask.shape[0]):
-        kq = mask[i].nonzero().flatten()
-        one_run = len(kq) == 0 or int(kq[-1] - kq[0]) + 1 == len(kq)
         if not causal and window == (-1, -1):
             rows.append(torch.ones(sq, dtype=torch.bool, device=mask.device))
-        elif sq == lk:
-            rows.append(mask[i])
-        elif one_run:
-            rows.append(torch.arange(sq, device=mask.device) >= sq - len(kq))
+        elif sq == 1:
+            rows.append(torch.ones(1, dtype=torch.bool, device=mask.device))
         else:
-            rows.append(torch.ones(1, dtype=torch.bool, device=mask.device) if sq == 1 else mask[i, lk - sq:])
+            n = int((mask[i] >= 0).sum()) if mask.dtype != torch.bool else mask.shape[1]
+            rows.append(torch.tensor([n - sq + j >= 0 and bool(mask[i, n - sq + j] > 0) for j in range(sq)],
+                                     device=mask.device))
     return torch.stack(rows)
 
 
@@ -144,11 +132,13 @@ def padded_case(dev, rng, dtype, case):
     b = rng.randint(1, 4)
     h, hk = rng.choice([(4, 4), (8, 2), (6, 1)])
     d = rng.choice([64, 128, 80])
-    mode = rng.choice(["prefill", "prefill", "decode", "chunk", "static", "cross"])
+    mode = rng.choice(["prefill", "prefill", "decode", "chunk", "static", "cross", "tail"])
     lk = rng.randint(2, 70)
     sk = lk + (rng.randint(1, 9) if mode == "static" else 0)
-    sq = {"prefill": lk, "static": lk, "decode": 1, "chunk": rng.randint(2, min(lk, 7)), "cross": rng.randint(1, 80)}[mode]
-    kind = rng.choice(["left", "right", "mixed", "holes"] if mode in ("prefill", "static", "cross") else ["left", "mixed", "holes"])
+    sq = {"prefill": lk, "static": lk, "decode": 1, "chunk": rng.randint(2, min(lk, 7)), "cross": rng.randint(1, 80),
+          "tail": rng.randint(1, min(lk, 7))}[mode]
+    kind = rng.choice(["left", "right", "mixed", "holes"] if mode in ("prefill", "static", "cross", "chunk") else
+                      ["left", "mixed"])
     causal = rng.random() < 0.7 and mode != "cross"  # cross: an encoder-decoder's (decoder queries, encoder keys)
     window = (rng.randint(1, lk), rng.randint(1, lk)) if rng.random() < 0.3 and mode != "cross" else (-1, -1)
     window = (window[0], window[0]) if window[0] >= 0 else window  # transformers' (w - 1, w - 1)
@@ -159,6 +149,13 @@ def padded_case(dev, rng, dtype, case):
     seed = rng.randrange(1 << 30)
     torch.manual_seed(seed)
     mask = random_mask(rng, b, lk, kind).to(dev)
+    if mode == "tail":
+        # A static cache's mask as hf.padding_mask makes it: the written slots (1, or 0 where padded) then
+        # hf.UNWRITTEN ones; the queries are the last sq written positions.
+        written = torch.tensor([rng.randint(sq, lk) for _ in range(b)], device=dev)
+        slot = torch.arange(lk, device=dev)[None]
+        shifted = torch.stack([torch.roll(mask[i], int(written[i]) - lk) for i in range(b)])
+        mask = torch.where(slot < written[:, None], shifted.to(torch.int8), torch.tensor(hf.UNWRITTEN, dtype=torch.int8, device=dev))
     q = torch.randn(b, sq, h, d, device=dev, dtype=dtype)
     k = torch.randn(b, sk, hk, d, device=dev, dtype=dtype)
     v = torch.randn(b, sk, hk, d, device=dev, dtype=dtype)
@@ -194,7 +191,8 @@ def padded_case(dev, rng, dtype, case):
         details.append(f"{name} {e:.1e} ({base:.1e})")
     # Padded rows exactly 0: out and dq at padded queries, dk and dv at keys no row sees.
     mq = real_queries(mask, sq, causal, window)
-    zeros = [o[~mq]] + ([g[0][~mq], g[1][:, :lk][~mask], g[2][:, :lk][~mask], g[1][:, lk:], g[2][:, lk:]] if grad else [])
+    mk = mask > 0
+    zeros = [o[~mq]] + ([g[0][~mq], g[1][:, :lk][~mk], g[2][:, :lk][~mk], g[1][:, lk:], g[2][:, lk:]] if grad else [])
     exact = all(bool((z == 0).all()) for z in zeros)
     report(f"hf.attention padded [{what}]", ok and exact, ", ".join(details) + ("" if exact else ", padded rows not 0"))
 
