@@ -1,9 +1,11 @@
-//! CPU forward timing (the CPU path), median of 7: `cargo run --release --example cpu_bench`.
-use flash_attn::{fwd, AttnOptions, DType, Tensor};
+//! CPU timing (the CPU path), median of 7: `cargo run --release -p flash-attn --example cpu_bench [case] [bwd]`:
+//! the forward, or with `bwd` the backward.
+use flash_attn::{bwd, fwd, AttnOptions, DType, Tensor};
 use std::time::Instant;
 
 fn main() {
     let only: Option<usize> = std::env::args().nth(1).and_then(|a| a.parse().ok());
+    let backward = std::env::args().any(|a| a == "bwd");
     let cases = [(1usize, 1024usize, 8usize, 64usize, true), (4, 256, 8, 128, true), (1, 2048, 4, 64, false), (1, 1024, 8, 128, true)];
     for &(b, s, h, d, causal) in cases.iter().enumerate().filter(|(i, _)| only.is_none_or(|o| o == *i)).map(|(_, c)| c) {
         let n = b * s * h * d;
@@ -17,15 +19,20 @@ fn main() {
         let data: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rnd()).collect()).collect();
         let t: Vec<Tensor> = data.iter().map(|v| Tensor::from_f32(v, &[b, s, h, d], DType::BF16).unwrap()).collect();
         let opts = AttnOptions { causal, ..Default::default() };
+        let o = fwd(&t[0], &t[1], &t[2], &opts).unwrap();
         let mut times = Vec::new();
         for _ in 0..7 {
             let t0 = Instant::now();
-            let o = fwd(&t[0], &t[1], &t[2], &opts).unwrap();
-            std::hint::black_box(&o);
+            if backward {
+                std::hint::black_box(bwd(&t[0], &t[0], &t[1], &t[2], &o.out, &o.lse, &opts, false).unwrap());
+            } else {
+                std::hint::black_box(fwd(&t[0], &t[1], &t[2], &opts).unwrap());
+            }
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let flops = 4.0 * (b * h * s * s * d) as f64 / if causal { 2.0 } else { 1.0 };
-        println!("B{b} S{s} H{h} D{d} causal={causal}: {:.2} ms, {:.1} GFLOP/s", times[3], flops / times[3] / 1e6);
+        let flops = 4.0 * (b * h * s * s * d) as f64 / if causal { 2.0 } else { 1.0 } * if backward { 2.5 } else { 1.0 };
+        let what = if backward { "bwd" } else { "fwd" };
+        println!("{what} B{b} S{s} H{h} D{d} causal={causal}: {:.2} ms, {:.1} GFLOP/s", times[3], flops / times[3] / 1e6);
     }
 }

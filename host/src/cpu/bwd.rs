@@ -12,10 +12,15 @@
 //! Every gradient element is one sequential f32 sum in a fixed order (q heads of the group, then queries
 //! or keys ascending), so the result is bitwise the same whatever the thread count or schedule:
 //! `deterministic` holds trivially. Each row's and key's arithmetic depends only on its own sequence, so
-//! a packed batch gives bitwise the result of one call per sequence.
+//! a packed batch gives bitwise the result of one call per sequence. The scores are the forward's and
+//! s_dmask's bit for bit (`tile::KeysT`, `Score`, P = exp(s - lse) as s_dmask's); both passes are compiled per
+//! head dim with AVX2 / AVX-512 variants (`simd`), the same bits in each.
 
 use super::mask::key_range;
-use super::score::{Mods, Score};
+use super::math::exp;
+use super::score::{HeadMods, Mods, Score};
+use super::simd::{by_head_dim, multiversion};
+use super::tile::{weighted_rows, KeysT};
 use super::seqlen::{self, SeqInfo};
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::error::Result;
@@ -108,7 +113,15 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
 /// dk and dv (`cols * D` each) of key tile `n_block` of kv head `hk`.
 #[allow(clippy::too_many_arguments)]
 fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) {
-    let (s, d) = (&seq.s, p.head_dim);
+    by_head_dim!(p.head_dim, dkdv_dim(p, bp, x, seq, bidb, lse_head_stride, hk, group, n_block))
+}
+
+multiversion!(fn dkdv_dim<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) = dkdv_in);
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) {
+    let (s, d) = (&seq.s, if D > 0 { D } else { p.head_dim });
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
     let j0 = n_block * BLOCK_N;
@@ -116,9 +129,15 @@ fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usiz
     let (mut k, mut v) = (vec![0.0f32; cols * d], vec![0.0f32; cols * d]);
     load_rows(x.k, s.k_base + j0 * p.k.row + hk * p.k.head, p.k.row, cols, d, &mut k);
     load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
+    let (mut kt, mut vt) = (KeysT::new(d), KeysT::new(d));
+    kt.set(&k, cols);
+    vt.set(&v, cols);
     let (mut dk, mut dv) = (vec![0.0f32; cols * d], vec![0.0f32; cols * d]);
     let (mut q, mut g) = (vec![0.0f32; BLOCK_M * d], vec![0.0f32; BLOCK_M * d]);
-    let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
+    // Per row of the query tile: P Z and dX against the tile's keys (0 where the row does not see a key).
+    let (mut pz, mut dx) = (vec![[0.0f32; BLOCK_N]; BLOCK_M], vec![[0.0f32; BLOCK_N]; BLOCK_M]);
+    let mut seen = [(0usize, 0usize); BLOCK_M];
+    let mut t = Tile::new();
 
     for h in hk * group..(hk + 1) * group {
         let mods = x.mods.head(bidb, h);
@@ -136,20 +155,19 @@ fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usiz
             load_rows(x.dout, seq.dout_base + i0 * bp.dout.row + h * bp.dout.head, bp.dout.row, rows, d, &mut g);
             for r in 0..rows {
                 let at = s.lse_base + h * lse_head_stride + i0 + r;
-                let (lse, delta) = (x.lse[at], x.delta[at]);
                 let (a, b) = range(i0 + r);
                 let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
-                if a >= b || lse == f32::NEG_INFINITY {
-                    continue;
+                seen[r] = if a >= b || x.lse[at] == f32::NEG_INFINITY { (0, 0) } else { (a, b) };
+                if seen[r].0 < seen[r].1 {
+                    t.grads::<D>(&score, &mods, &kt, &vt, &q[r * d..][..d], &g[r * d..][..d], x.lse[at], x.delta[at], i0 + r, j0, (a, b));
+                    pz[r][a..b].copy_from_slice(&t.pz[a..b]);
+                    dx[r][a..b].copy_from_slice(&t.dx[a..b]);
                 }
-                let (i, q_row, g_row) = (i0 + r, &q[r * d..][..d], &g[r * d..][..d]);
-                mods.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
-                for c in a..b {
-                    let (k_row, v_row) = (&k[c * d..][..d], &v[c * d..][..d]);
-                    let (pz, dx) = grad(&score, q_row, k_row, g_row, v_row, lse, delta, i, j0 + c, factor[c]);
-                    axpy(&mut dv[c * d..][..d], pz, g_row);
-                    axpy(&mut dk[c * d..][..d], dx, q_row);
-                }
+            }
+            // Each key's sums over the tile's rows, in row order.
+            for c in 0..cols {
+                rows_into::<D>(&mut dv[c * d..][..d], &pz[..rows], &seen[..rows], c, &g, d);
+                rows_into::<D>(&mut dk[c * d..][..d], &dx[..rows], &seen[..rows], c, &q, d);
             }
         }
     }
@@ -157,10 +175,37 @@ fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usiz
     (dk, dv)
 }
 
+/// `acc += w[r][c] * rows_r` over the rows r that see key c, in row order (rows `d` wide).
+#[inline(always)]
+fn rows_into<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], seen: &[(usize, usize)], c: usize, rows: &[f32], d: usize) {
+    let mut col = [0.0f32; BLOCK_M];
+    let mut n = 0;
+    let mut at = [0usize; BLOCK_M];
+    for (r, (w, &(a, b))) in w.iter().zip(seen).enumerate() {
+        if a <= c && c < b {
+            col[n] = w[c];
+            at[n] = r;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        return;
+    }
+    weighted_rows::<D>(acc, &col[..n], |i| &rows[at[i] * d..][..d]);
+}
+
 /// dq (`rows * D`) of query tile `m_block` of q head `h`.
 #[allow(clippy::too_many_arguments)]
 fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> {
-    let (s, d) = (&seq.s, p.head_dim);
+    by_head_dim!(p.head_dim, dq_dim(p, bp, x, seq, bidb, lse_head_stride, h, group, m_block))
+}
+
+multiversion!(fn dq_dim<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> = dq_in);
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dq_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> {
+    let (s, d) = (&seq.s, if D > 0 { D } else { p.head_dim });
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
     let i0 = m_block * BLOCK_M;
@@ -173,9 +218,10 @@ fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize,
     let (lse, delta) = (&x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows]);
     let mut dq = vec![0.0f32; rows * d];
     let (mut k, mut v) = (vec![0.0f32; BLOCK_N * d], vec![0.0f32; BLOCK_N * d]);
+    let (mut kt, mut vt) = (KeysT::new(d), KeysT::new(d));
     let mods = x.mods.head(bidb, h);
     let score = Score::new(p, &mods, sq, sk);
-    let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
+    let mut t = Tile::new();
 
     let (lo, _) = range(i0);
     let (_, hi) = range(i0 + rows - 1);
@@ -184,37 +230,57 @@ fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize,
         let cols = (sk - j0).min(BLOCK_N);
         load_rows(x.k, s.k_base + j0 * p.k.row + hk * p.k.head, p.k.row, cols, d, &mut k);
         load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
+        kt.set(&k, cols);
+        vt.set(&v, cols);
         for r in 0..rows {
             let (a, b) = range(i0 + r);
             let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
             if a >= b || lse[r] == f32::NEG_INFINITY {
                 continue;
             }
-            let (i, q_row, g_row) = (i0 + r, &q[r * d..][..d], &g[r * d..][..d]);
-            let dq_row = &mut dq[r * d..][..d];
-            mods.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
-            for c in a..b {
-                let (_, dx) = grad(&score, q_row, &k[c * d..][..d], g_row, &v[c * d..][..d], lse[r], delta[r], i, j0 + c, factor[c]);
-                axpy(dq_row, dx, &k[c * d..][..d]);
-            }
+            t.grads::<D>(&score, &mods, &kt, &vt, &q[r * d..][..d], &g[r * d..][..d], lse[r], delta[r], i0 + r, j0, (a, b));
+            // dq_r += dX_rj k_j, key after key.
+            weighted_rows::<D>(&mut dq[r * d..][..d], &t.dx[a..b], |i| &k[(a + i) * d..][..d]);
         }
     }
     dq.iter_mut().for_each(|x| *x *= p.scale);
     dq
 }
 
-/// The per-(query, key) arithmetic both passes share, so they agree on every P and dX bit for bit:
-/// (P_ij Z_ij, dX_ij) with Z_ij = `factor` dropout's 1 / (1 - p) where kept, 0 where dropped (1 without
-/// dropout), and dX the gradient with respect to q.k without the factor `scale`:
-/// dX = P (Z dout.v - D) ds/dx, since out = sum_j P_j Z_j v_j makes dL/dP_j = Z_j dout.v_j and
-/// sum_j P_j Z_j dout.v_j = dout.out = D.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn grad(score: &Score, q: &[f32], k: &[f32], dout: &[f32], v: &[f32], lse: f32, delta: f32, i: usize, j: usize, factor: f32) -> (f32, f32) {
-    let (s, ds_dx) = score.score_grad(dot(q, k), i, j);
-    let pr = (s - lse).exp();
-    let dp = dot(dout, v);
-    (pr * factor, pr * (dp * factor - delta) * ds_dx)
+/// One query row's (P_j Z_j, dX_j) against a key tile, both passes' shared arithmetic, so they agree on every
+/// P and dX bit for bit: Z_j = dropout's 1 / (1 - p) where kept, 0 where dropped (1 without dropout), and dX
+/// the gradient with respect to q.k without the factor `scale`: dX = P (Z dout.v - D) ds/dx, since
+/// out = sum_j P_j Z_j v_j makes dL/dP_j = Z_j dout.v_j and sum_j P_j Z_j dout.v_j = dout.out = D. The
+/// scores are the forward's (`KeysT`, `Score`), P = exp(s - lse) as s_dmask's.
+struct Tile {
+    s: [f32; BLOCK_N],
+    dp: [f32; BLOCK_N],
+    ds_dx: [f32; BLOCK_N],
+    keep: [bool; BLOCK_N],
+    factor: [f32; BLOCK_N],
+    pz: [f32; BLOCK_N],
+    dx: [f32; BLOCK_N],
+}
+
+impl Tile {
+    fn new() -> Tile {
+        Tile { s: [0.0; BLOCK_N], dp: [0.0; BLOCK_N], ds_dx: [0.0; BLOCK_N], keep: [false; BLOCK_N], factor: [1.0; BLOCK_N], pz: [0.0; BLOCK_N], dx: [0.0; BLOCK_N] }
+    }
+
+    /// `pz[a..b]`, `dx[a..b]` of query i (`q`, `dout` its rows) against keys j0 + a..j0 + b.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn grads<const D: usize>(&mut self, score: &Score, mods: &HeadMods, kt: &KeysT, vt: &KeysT, q: &[f32], dout: &[f32], lse: f32, delta: f32, i: usize, j0: usize, (a, b): (usize, usize)) {
+        kt.scores::<D>(q, &mut self.s);
+        vt.scores::<D>(dout, &mut self.dp);
+        score.apply_grad(&mut self.s[a..b], &mut self.ds_dx[a..b], i, j0 + a);
+        mods.dropout_row(i, j0 + a, &mut self.keep, &mut self.factor[a..b]);
+        for j in a..b {
+            let pr = exp(self.s[j] - lse);
+            self.pz[j] = pr * self.factor[j];
+            self.dx[j] = pr * (self.dp[j] * self.factor[j] - delta) * self.ds_dx[j];
+        }
+    }
 }
 
 /// Dot product with eight independent partial sums so it vectorizes; head dims are multiples of 32.
@@ -227,11 +293,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
-}
-
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, &x)| *y += a * x);
 }
 
 /// Storage index of row 0, head 0 of sequence `b` in an operand with strides `st` shaped like q.

@@ -17,6 +17,7 @@ pub(crate) mod kvcache;
 mod mask;
 mod rotary;
 mod score;
+mod simd;
 mod seqlen;
 mod tile;
 

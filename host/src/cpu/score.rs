@@ -91,20 +91,28 @@ impl Score {
         Score { scale: p.scale, softcap: p.softcap, softcap_pre, slope: m.slope, shift: seqlen_k as i64 - seqlen_q as i64 }
     }
 
-    /// The score and its derivative with respect to x = scale q.k (s = c tanh(x / c): 1 - tanh^2 =
-    /// sech^2; ALiBi's bias is constant in x). sech^2(y) = 4 e / (1 + e)^2 with e = exp(-2 |y|), to full
-    /// relative precision: `1 - t * t` cancels where tanh saturates (|y| of a few units up), and there
+    /// `apply`, and the scores' derivatives with respect to x = scale q.k into `ds_dx` (s = c tanh(x / c):
+    /// 1 - tanh^2 = sech^2; ALiBi's bias is constant in x). sech^2(y) = 4 e / (1 + e)^2 with e = exp(-2 |y|),
+    /// to full relative precision: `1 - t * t` cancels where tanh saturates (|y| of a few units up), and there
     /// dS, dq and dk are made of these small derivatives.
     #[inline(always)]
-    pub(crate) fn score_grad(&self, qk: f32, i: usize, j: usize) -> (f32, f32) {
-        let (s, ds_dx) = if self.softcap > 0.0 {
-            let y = qk * self.softcap_pre;
-            let e = (-2.0 * y.abs()).exp();
-            (self.softcap * y.tanh(), 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    pub(crate) fn apply_grad(&self, s: &mut [f32], ds_dx: &mut [f32], i: usize, j0: usize) {
+        if self.softcap > 0.0 {
+            for (x, g) in s.iter_mut().zip(ds_dx.iter_mut()) {
+                let y = *x * self.softcap_pre;
+                let e = (-2.0 * y.abs()).exp();
+                *x = self.softcap * y.tanh();
+                *g = 4.0 * e / ((1.0 + e) * (1.0 + e));
+            }
         } else {
-            (qk * self.scale, 1.0)
-        };
-        (self.biased(s, i, j), ds_dx)
+            s.iter_mut().for_each(|x| *x *= self.scale);
+            ds_dx.fill(1.0);
+        }
+        if self.slope.is_some() {
+            for (t, x) in s.iter_mut().enumerate() {
+                *x = self.biased(*x, i, j0 + t);
+            }
+        }
     }
 
     /// `score` of query i against keys j0.. in place: `s[t]` holds q.k of key j0 + t on entry (the

@@ -5,6 +5,7 @@
 use super::kv::KeyRows;
 use super::mask::key_range;
 use super::math::exp;
+use super::simd::{by_head_dim, multiversion};
 use super::score::{HeadMods, Score};
 use super::seqlen::SeqInfo;
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
@@ -36,43 +37,10 @@ pub(crate) struct TileOut {
 /// with AVX2, once more for it (8-wide vectors: the same operations in the same order, so the same bits;
 /// nothing is fused into FMAs).
 pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
-    macro_rules! dims {
-        ($($d:literal)*) => {
-            match p.head_dim {
-                $($d => attend_dim::<$d>(p, x, s, m, m_block, n_blocks),)*
-                _ => attend_dim::<0>(p, x, s, m, m_block, n_blocks),
-            }
-        };
-    }
-    dims!(32 64 96 128 192 256)
+    by_head_dim!(p.head_dim, attend_dim(p, x, s, m, m_block, n_blocks))
 }
 
-fn attend_dim<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // Safety: the CPU has AVX-512F.
-            return unsafe { attend_avx512::<D>(p, x, s, m, m_block, n_blocks) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // Safety: the CPU has AVX2.
-            return unsafe { attend_avx2::<D>(p, x, s, m, m_block, n_blocks) };
-        }
-    }
-    attend_in::<D>(p, x, s, m, m_block, n_blocks)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
-    attend_in::<D>(p, x, s, m, m_block, n_blocks)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
-    attend_in::<D>(p, x, s, m, m_block, n_blocks)
-}
+multiversion!(fn attend_dim<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut = attend_in);
 
 /// `attend` for head dim D (0: `p.head_dim`, not known at compile time).
 #[inline(always)]
@@ -166,36 +134,42 @@ fn lane_sum(x: &[f32]) -> f32 {
     ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
 }
 
-/// `acc += sum over j of p[j] v_j` (v's rows `d` apart), key after key for each element. For a known D in
-/// column blocks of 64 (then 32), each block's accumulators in registers over the keys.
+/// `acc += sum over j of p[j] v_j` (v's rows `d` apart), key after key for each element.
 #[inline(always)]
 fn pv<const D: usize>(acc: &mut [f32], p: &[f32], v: &[f32]) {
+    let d = acc.len();
+    weighted_rows::<D>(acc, p, |j| &v[j * d..][..d]);
+}
+
+/// `acc += sum over i of w[i] row(i)`, i ascending for each element (rows as long as acc). For a known D in
+/// column blocks of 64 (then 32), each block's accumulators in registers over the rows.
+#[inline(always)]
+pub(crate) fn weighted_rows<'a, const D: usize>(acc: &mut [f32], w: &[f32], row: impl Fn(usize) -> &'a [f32]) {
     if D > 0 {
         let mut c = 0;
         while c + 64 <= D {
-            pv_cols::<64>(acc, p, v, c, D);
+            weighted_cols::<64>(acc, w, &row, c);
             c += 64;
         }
         if c < D {
-            pv_cols::<32>(acc, p, v, c, D);
+            weighted_cols::<32>(acc, w, &row, c);
         }
     } else {
-        let d = acc.len();
-        for (&pr, v_row) in p.iter().zip(v.chunks_exact(d)) {
-            acc.iter_mut().zip(v_row).for_each(|(o, &x)| *o += pr * x);
+        for (i, &wi) in w.iter().enumerate() {
+            acc.iter_mut().zip(row(i)).for_each(|(o, &x)| *o += wi * x);
         }
     }
 }
 
-/// `pv` over columns `c..c + W` of rows `d` wide.
+/// `weighted_rows` over columns `c..c + W`.
 #[inline(always)]
-fn pv_cols<const W: usize>(acc: &mut [f32], p: &[f32], v: &[f32], c: usize, d: usize) {
+fn weighted_cols<'a, const W: usize>(acc: &mut [f32], w: &[f32], row: &impl Fn(usize) -> &'a [f32], c: usize) {
     let at: &mut [f32; W] = (&mut acc[c..c + W]).try_into().expect("W columns");
     let mut o = *at;
-    for (j, &pr) in p.iter().enumerate() {
-        let row: &[f32; W] = v[j * d + c..][..W].try_into().expect("W columns");
-        for (o, &x) in o.iter_mut().zip(row) {
-            *o += pr * x;
+    for (i, &wi) in w.iter().enumerate() {
+        let r: &[f32; W] = row(i)[c..c + W].try_into().expect("W columns");
+        for (o, &x) in o.iter_mut().zip(r) {
+            *o += wi * x;
         }
     }
     *at = o;

@@ -1,0 +1,55 @@
+//! The CPU path's hot loops, compiled per head dim and per vector ISA: `by_head_dim!` calls a
+//! `<const D: usize>` function with D the problem's head dim (0 for one not in the list: the loops then
+//! read it at run time), and `multiversion!` wraps such a function in copies compiled for AVX-512F and
+//! AVX2, picked at run time. The copies perform the same operations in the same order (Rust fuses no
+//! multiply-add on its own), so every variant gives the same bits; only the vector width differs.
+
+/// `by_head_dim!(d, f(args..))`: `f::<d>(args..)` for the head dims the kernels take, else `f::<0>`.
+macro_rules! by_head_dim {
+    ($d:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $d {
+            32 => $f::<32>($($arg),*),
+            64 => $f::<64>($($arg),*),
+            96 => $f::<96>($($arg),*),
+            128 => $f::<128>($($arg),*),
+            192 => $f::<192>($($arg),*),
+            256 => $f::<256>($($arg),*),
+            _ => $f::<0>($($arg),*),
+        }
+    };
+}
+
+/// `multiversion!(fn name<const D>(args) -> Ret = body)`: defines `name`, which runs `body::<D>` (an
+/// `#[inline(always)]` function with the same arguments) compiled with AVX-512F or AVX2 where the CPU
+/// has them, else as compiled.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<const D: usize>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $body:ident) => {
+        $(#[$meta])*
+        $vis fn $name<const D: usize>($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512<const D: usize>($($arg: $ty),*) -> $ret {
+                    $body::<D>($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2<const D: usize>($($arg: $ty),*) -> $ret {
+                    $body::<D>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // Safety: the CPU has AVX-512F.
+                    return unsafe { avx512::<D>($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // Safety: the CPU has AVX2.
+                    return unsafe { avx2::<D>($($arg),*) };
+                }
+            }
+            $body::<D>($($arg),*)
+        }
+    };
+}
+
+pub(crate) use {by_head_dim, multiversion};
