@@ -77,10 +77,11 @@ def _unplain_mask_part(fn):
     """The qualified name of a part of transformers' mask function `fn` outside `_PLAIN_MASK_PARTS` (through
     and_masks' compositions), or None."""
     name = getattr(fn, "__qualname__", type(fn).__name__)
-    if name == "and_masks.<locals>.and_mask":
+    if name in ("and_masks.<locals>.and_mask", "remap_positions_for_packed_sequence.<locals>.inner_mask"):
+        # A conjunction, or a mask function over per-sequence positions (packing, which `attention` does itself).
         for cell in fn.__closure__ or ():
             parts = cell.cell_contents
-            for part in parts if isinstance(parts, tuple) else ():
+            for part in parts if isinstance(parts, tuple) else (parts,) if callable(parts) else ():
                 if (bad := _unplain_mask_part(part)) is not None:
                     return bad
         return None
