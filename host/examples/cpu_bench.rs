@@ -1,11 +1,18 @@
 //! CPU timing (the CPU path), median of 7: `cargo run --release -p flash-attn --example cpu_bench [case] [bwd]`:
-//! the forward, or with `bwd` the backward.
+//! the forward, or with `bwd` the backward. `FA_CPU_VECTORS=baseline|avx2|avx512` caps the vector variant.
 use flash_attn::{bwd, fwd, AttnOptions, DType, Tensor};
 use std::time::Instant;
 
 fn main() {
     let only: Option<usize> = std::env::args().nth(1).and_then(|a| a.parse().ok());
     let backward = std::env::args().any(|a| a == "bwd");
+    use flash_attn::cpu::{set_vectors, Vectors};
+    match std::env::var("FA_CPU_VECTORS").as_deref() {
+        Ok("baseline") => set_vectors(Vectors::Baseline),
+        Ok("avx2") => set_vectors(Vectors::Avx2),
+        Ok("avx512") => set_vectors(Vectors::Avx512),
+        _ => {}
+    }
     let cases = [(1usize, 1024usize, 8usize, 64usize, true), (4, 256, 8, 128, true), (1, 2048, 4, 64, false), (1, 1024, 8, 128, true)];
     for &(b, s, h, d, causal) in cases.iter().enumerate().filter(|(i, _)| only.is_none_or(|o| o == *i)).map(|(_, c)| c) {
         let n = b * s * h * d;

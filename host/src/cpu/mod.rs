@@ -28,6 +28,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use score::Mods;
+pub use simd::{set_vectors, Vectors};
 use seqlen::SeqInfo;
 
 /// Query rows per work item and keys per tile.
