@@ -73,10 +73,33 @@ _PLAIN_MASK_PARTS = frozenset({
 })
 
 
+def _relative_interval(fn, reach=4096):
+    """Whether mask function `fn` is a function of kv - q alone that holds on one interval of it around 0 (what a
+    causal flag and a window express), probed at two far-apart query positions over |kv - q| <= reach (and past
+    it: the interval's ends must lie inside); False where it is not, or reads state it cannot be probed on."""
+    try:
+        rel = torch.arange(-reach - 2, reach + 3)
+        rows = []
+        for base in (reach + 3, 20 * reach):
+            v = fn(torch.tensor(0), torch.tensor(0), torch.tensor(base), base + rel)
+            rows.append(torch.as_tensor(v, dtype=torch.bool).expand(rel.shape))
+    except Exception:  # noqa: BLE001 - indexing a batch's tensors out of range, a model's own state, ...
+        return False
+    if not torch.equal(rows[0], rows[1]) or not bool(rows[0][reach + 2]):
+        return False
+    on = rows[0].nonzero().flatten()
+    one_run = int(on[-1] - on[0]) + 1 == len(on)
+    # Both ends inside the probed range (or the whole of it: unbounded on that side).
+    return one_run and bool(rows[0][0] == rows[0][1]) and bool(rows[0][-1] == rows[0][-2])
+
+
 def _unplain_mask_part(fn):
     """The qualified name of a part of transformers' mask function `fn` outside `_PLAIN_MASK_PARTS` (through
-    and_masks' compositions), or None."""
+    and_masks' compositions; an or_masks composition counts where it is a function of kv - q on one interval around
+    0, as a model's bidirectional layers make it: Gemma 3's use_bidirectional_attention), or None."""
     name = getattr(fn, "__qualname__", type(fn).__name__)
+    if name == "or_masks.<locals>.or_mask":
+        return None if _relative_interval(fn) else name
     if name in ("and_masks.<locals>.and_mask", "remap_positions_for_packed_sequence.<locals>.inner_mask"):
         # A conjunction, or a mask function over per-sequence positions (packing, which `attention` does itself).
         for cell in fn.__closure__ or ():

@@ -439,6 +439,23 @@ def check_encoder_decoder(dev, seed, name):
     e, base = max_err(ho[real], hr[real]), max_err(hl[real], hr[real])
     report("transformers BERT: hidden states of a right-padded batch vs eager float32", e <= 2 * base + 1e-2 and calls[0] > 0,
            f"err {e:.2e} (eager bf16 {base:.2e}), {calls[0]} calls")
+    # Gemma 3 with bidirectional attention (EmbeddingGemma's layers: an or_masks composition over kv - q).
+    gcfg = tr.Gemma3TextConfig(vocab_size=211, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=5,
+                               use_bidirectional_attention=True, layer_types=["sliding_attention", "full_attention"])
+    *models, calls = three_models(tr.Gemma3TextModel, gcfg, dev, seed, name)
+    with torch.no_grad():
+        hr, ho, hl = (m(input_ids=ids, attention_mask=enc_am).last_hidden_state.float() for m in models)
+    e, base = max_err(ho[real], hr[real]), max_err(hl[real], hr[real])
+    report("transformers Gemma 3 bidirectional: hidden states of a right-padded batch vs eager float32",
+           e <= 2 * base + 1e-2 and calls[0] > 0, f"err {e:.2e} (eager bf16 {base:.2e}), {calls[0]} calls")
+    # A mask beyond a padding mask plus causal / window: transformers' chunked attention (Llama 4) raises.
+    from transformers.masking_utils import chunked_causal_mask_function
+    try:
+        hf.padding_mask(1, 4, 4, mask_function=chunked_causal_mask_function(2, torch.zeros(1, dtype=torch.long)))
+        report("hf.padding_mask raises on chunked attention's mask function", False, "no error")
+    except NotImplementedError as e:
+        report("hf.padding_mask raises on chunked attention's mask function", "chunked" in str(e), str(e)[:80])
 
 
 def run(dev, quick, seed=None, cases=None):
