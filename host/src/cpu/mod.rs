@@ -7,7 +7,9 @@
 //! packed varlen batch gives bitwise the same result as one call per sequence. Keys come through
 //! `kv::KeyRows` (contiguous rows or pages), which changes addresses only: a paged call is bitwise the
 //! contiguous one. The KV-cache forward (kvcache.rs) appends to the cache first; with split-KV, each
-//! split of a row's key tiles is a work item of its own and `combine::merge` joins them.
+//! split of a row's key tiles is a work item of its own and `combine::merge` joins them. The hot loops
+//! (`tile.rs`, `bwd.rs`) are compiled per head dim and vector ISA (`simd.rs`), with e^x from `math.rs`;
+//! every variant gives the same bits (`set_vectors`, tests/cpu_simd.rs).
 
 mod bwd;
 pub(crate) mod combine;

@@ -33,9 +33,8 @@ pub(crate) struct TileOut {
 /// head's ALiBi and dropout (`m`): dropped probabilities count in the row sum (the LSE is that of every
 /// visible score) but not in the accumulator, and kept ones enter it times 1 / (1 - p).
 ///
-/// Compiled once per head dim (the loops over D unrolled, a row's accumulator in registers) and, on x86-64
-/// with AVX2, once more for it (8-wide vectors: the same operations in the same order, so the same bits;
-/// nothing is fused into FMAs).
+/// Compiled per head dim (the loops over D unrolled, a row's accumulator in registers) and per vector ISA
+/// (`simd`: AVX-512F, AVX2, the baseline; the same operations in the same order, so the same bits).
 pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
     by_head_dim!(p.head_dim, attend_dim(p, x, s, m, m_block, n_blocks))
 }
