@@ -231,7 +231,8 @@ def _packed(q, k, v, cu_q, cu_k, max_q, max_k, opts, train):
 
 # Per-tensor results of host reads and small index computations, so that the layers of one forward, which get
 # the same mask / position_ids tensor, pay for them once. Keyed weakly on the tensor and checked against its
-# version counter (an in-place write invalidates the entry).
+# version counter: an in-place write invalidates the entry (one through `.data`, which PyTorch does not count,
+# does not).
 _MEMO = WeakTensorKeyDictionary()
 
 
