@@ -23,8 +23,9 @@ and without synchronizing where the kernels do not need it:
   an encoder-decoder's cross-attention over the encoder's padding) every query row is computed over the real keys.
   Decoding steps (one query row) run the KV cache's kernels over the cache in place, with `cache_leftpad`.
   A row whose real tokens are not one run (holes in the mask) is compacted first (an argsort and a gather,
-  then the result scattered back); eager calls check for holes once per mask (one host read per forward: every
-  layer gets the same mask), compiled ones assume padding masks (one run per row), as tokenizers and transformers'
+  then the result scattered back; a sliding window then counts real tokens, as flash-attn's path does, where eager
+  attention counts positions); eager calls check for holes once per mask (one host read per forward: every layer
+  gets the same mask), compiled ones assume padding masks (one run per row), as tokenizers and transformers'
   caches make them.
 - Packed sequences (padding-free training): `cu_seq_lens_q` / `cu_seq_lens_k` from the collator
   (`DataCollatorWithFlattening(return_flash_attn_kwargs=True)`) run as they are; with only `position_ids`
