@@ -10,6 +10,8 @@ gpu_check.py runs these too. Checks, each a PASS or FAIL line:
   of flash-attn's padded semantics (each row's real tokens compacted, causal bottom-right per row): out, and the
   gradients of q, k, v; padded query rows and the gradients at padded rows exactly 0;
 - packed sequences through position_ids and through the collator's cu_seq_lens kwargs, against each sequence alone;
+- hf.padding_mask on transformers' calls: padding, static caches' unwritten slots (int and tensor q_offset),
+  bidirectional masks;
 - with transformers installed (skipped with a notice otherwise): small random Llama (GQA), Mistral (sliding
   window) and Gemma 2 (softcap, alternating sliding layers) models with `attn_implementation` the registered
   name against the same models' eager attention in float32: logits of padded batches (left and right padding),
@@ -252,6 +254,32 @@ def check_errors(dev):
             report(f"hf.attention raises on {name}", "hf.attention" in str(e), f"{type(e).__name__}: {e}")
 
 
+def check_padding_mask(dev):
+    """hf.padding_mask (the registered mask function; no transformers needed) on transformers' calls."""
+    u = hf.UNWRITTEN
+    ones = torch.ones(2, 6, dtype=torch.bool, device=dev)
+    left = ones.clone()
+    left[0, :2] = False
+    kw = {"device": dev}
+    cases = [
+        ("no padding, no cache slots past the tokens", hf.padding_mask(2, 6, 6, attention_mask=ones, **kw), None),
+        ("left padding: the mask's last kv_length columns", hf.padding_mask(2, 6, 6, attention_mask=left, **kw), left),
+        ("a static cache's prefill (int q_offset)", hf.padding_mask(2, 4, 6, 0, **kw), [[1, 1, 1, 1, u, u]] * 2),
+        ("a static cache's decoding step (tensor q_offset)",
+         hf.padding_mask(2, 1, 6, torch.tensor(3, device=dev), **kw), [[1, 1, 1, 1, u, u]] * 2),
+        ("a static cache under a shorter padded mask", hf.padding_mask(2, 6, 8, 0, attention_mask=left, **kw),
+         [[0, 0, 1, 1, 1, 1, u, u], [1, 1, 1, 1, 1, 1, u, u]]),
+        ("a bidirectional mask without padding", hf.padding_mask(2, 3, 6, allow_is_bidirectional_skip=True, **kw), None),
+    ]
+    for what, got, want in cases:
+        if want is None:
+            ok = got is None
+        else:
+            want = want if isinstance(want, torch.Tensor) else torch.tensor(want, dtype=torch.int8, device=dev)
+            ok = got is not None and got.dtype == want.dtype and torch.equal(got.to(dev), want)
+        report(f"hf.padding_mask: {what}", ok, f"got {None if got is None else got.tolist()}")
+
+
 # --- Whole models (transformers) ----------------------------------------------------------------------
 
 def tiny_models():
@@ -464,6 +492,7 @@ def run(dev, quick, seed=None, cases=None):
     check_padded(dev, cases or (40 if quick else 150), seed)
     check_packed(dev, seed)
     check_errors(dev)
+    check_padding_mask(dev)
     check_models(dev, seed)
     return FAILURES
 
