@@ -36,7 +36,8 @@ flash_attn_with_kvcache that copies the whole caches each call, and back into th
 Bad arguments raise TypeError, ValueError or RuntimeError (CUDA) naming the argument.
 
 scaled_dot_product_attention: torch.nn.functional.scaled_dot_product_attention's arguments and layout on
-these kernels (torch tensors), handing what they do not cover (attn_mask, float32, ...) to PyTorch's own.
+these kernels (torch tensors; boolean key-padding masks too), handing what they do not cover (other masks,
+float32, ...) to PyTorch's own.
 
 flash_attn_rs.hf: Hugging Face transformers' attention interface (`flash_attn_rs.hf.register()`, then
 `attn_implementation="fa_rs"`), padded batches as varlen calls in place.
@@ -409,8 +410,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     is_causal is PyTorch's: aligned to the top-left corner (query i sees keys j <= i), unlike flash-attn's
     bottom-right `causal`; scale defaults to 1/sqrt(E); dropout_p drops probabilities whenever it is above
     0 (as PyTorch's function does, training or not; the mask's seed is drawn from torch's default CPU
-    generator, see flash_attn_func). Calls these kernels do not cover run PyTorch's own function
-    instead, captured at import (so that this one can replace torch.nn.functional's): an attn_mask, other
+    generator, see flash_attn_func). A boolean key-padding attn_mask `[N or 1, 1, 1, S]` (True: attend; an
+    encoder's or a cross-attention's padding) runs here too, without is_causal, in place: each row's real keys
+    as one varlen sequence (masks whose real keys are not one run are compacted first; eager calls read the
+    mask back once per mask tensor to tell); a query whose keys are all masked gets 0 (PyTorch's math backend:
+    NaN). Calls these kernels do not cover run PyTorch's own function
+    instead, captured at import (so that this one can replace torch.nn.functional's): another attn_mask, other
     ranks, dtypes or devices, head dims above 256, key and value of different head dims, different head
     counts without enable_gqa, is_causal with fewer queries than keys (L < S: its top-left mask hides
     keys past the last row's, which a bottom-right window cannot express), empty tensors, a dropout_p
@@ -430,6 +435,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, **kw)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if attn_mask is not None:
+        # A boolean key-padding mask `[N or 1, 1, 1, S]` (what _sdpa_unsupported lets through): each row's real
+        # keys, every query row real, as flash_attn_rs.hf runs a padded encoder (in place, no unpadding gather).
+        from . import hf
+        mask = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[3]).expand(q.shape[0], -1)
+        opts = {"softmax_scale": scale, "causal": False, "window_size": (-1, -1), "softcap": 0.0}
+        train = {"dropout_p": dropout_p, "deterministic": False}
+        return hf._padded(q, k, v, mask, opts, train, memo_key=attn_mask).transpose(1, 2)
     window = (-1, q.shape[1] - k.shape[1]) if _common.flag(is_causal, "is_causal") else (-1, -1)
     if _sdpa_decodes(q, k, v, dropout_p):
         # A decoding step (few query rows per key head, no gradient): the KV cache's split-KV decode
@@ -464,8 +477,11 @@ def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gq
     t = _torch.Tensor
     if not (isinstance(q, t) and isinstance(k, t) and isinstance(v, t)):
         return "query, key and value must be torch tensors"
-    if attn_mask is not None:
-        return "attn_mask"
+    if attn_mask is not None and not (
+            isinstance(attn_mask, t) and attn_mask.dtype == _torch.bool and attn_mask.ndim == 4 and not is_causal
+            and q.ndim == 4 and k.ndim == 4 and attn_mask.shape[0] in (1, q.shape[0]) and attn_mask.shape[1] == 1
+            and attn_mask.shape[2] == 1 and attn_mask.shape[3] == k.shape[2] and attn_mask.device == q.device):
+        return "attn_mask (other than a boolean key-padding mask [N or 1, 1, 1, S] without is_causal)"
     real = lambda x: isinstance(x, _numbers.Real) and not isinstance(x, bool) and _common.finite(x)  # noqa: E731
     if not (real(dropout_p) and 0 <= dropout_p < 1):
         return f"dropout_p {dropout_p!r} (a number in [0, 1) here)"

@@ -291,7 +291,9 @@ def _slots(first, count, s):
     return torch.cat([zero, starts, zero + b * s]), torch.cat([zero, count])
 
 
-def _padded(q, k, v, mask, opts, train):
+def _padded(q, k, v, mask, opts, train, memo_key=None):
+    """Attention over the padded batch under `mask` `[B, L]` (see the module); `memo_key`: the tensor whose version
+    keys the cached index computations (default `mask`; a caller's own mask that `mask` is a view of)."""
     b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > sk:
         raise ValueError(f"flash_attn_rs.hf.attention: attention_mask of shape {tuple(mask.shape)}: expected a padding "
@@ -335,7 +337,7 @@ def _padded(q, k, v, mask, opts, train):
         runs_q = (torch.zeros_like(count_k), torch.full_like(count_k, sq)) if every else _runs(mq)
         return perm, perm_q, (first_k + count_k, first_k), _slots(*runs_q, sq) + _slots(first_k, count_k, lk)
 
-    perm, perm_q, cache, slots = _memo(mask, ("mask", sq, lk, every, q.device), compute)
+    perm, perm_q, cache, slots = _memo(mask if memo_key is None else memo_key, ("mask", b, sq, lk, every, q.device), compute)
     if perm is not None:
         k, v = (t.gather(1, perm[:, :, None, None].expand_as(t)) for t in (k, v))
     if perm_q is not None:

@@ -11,7 +11,7 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   what SDPA lacks (sliding window, softcap), in bf16 and f16; deterministic=True gives the same bits twice;
 - scaled_dot_product_attention against PyTorch's own function in float64 (top-left is_causal, GQA, scale,
   a padded head dim; decoding steps on the KV cache's path, its bits, also over broadcast keys), the calls
-  it hands to PyTorch (attn_mask, float32, ...) giving PyTorch's bits, also when patched into
+  it hands to PyTorch (another attn_mask, float32, ...) giving PyTorch's bits, also when patched into
   torch.nn.functional;
 - the eager path (plain tensors, no compile) and the custom ops give the same bits;
 - torch.compile(fullgraph=True) of small attention modules (dense, qkv-packed, varlen): no graph break,
@@ -352,6 +352,50 @@ def check_sdpa(dev, quick):
 
 
 @check("deterministic backward")
+@check("scaled_dot_product_attention with a key-padding mask")
+def check_sdpa_key_padding(dev, quick):
+    """A boolean key-padding attn_mask [N or 1, 1, 1, S] runs on these kernels (fallback=False): out and gradients
+    against PyTorch's SDPA in float64 with the same mask (rows with a real key), one-run and holed masks, GQA,
+    decoding steps, more queries than keys; a query whose keys are all masked gets 0."""
+    torch.manual_seed(21)
+    bad = []
+    for n, hq, hk, l, s, holes in ((3, 4, 4, 20, 33, False), (3, 8, 2, 1, 40, False), (2, 4, 4, 17, 17, True),
+                                   (2, 4, 2, 50, 9, True), (1, 2, 2, 64, 64, False)):
+        q = torch.randn(n, hq, l, 64, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(n, hk, s, 64, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(n, hk, s, 64, device=dev, dtype=torch.bfloat16)
+        dout = torch.randn(n, hq, l, 64, device=dev, dtype=torch.bfloat16)
+        m = torch.zeros(n, 1, 1, s, dtype=torch.bool, device=dev)
+        for i in range(n):
+            if holes:
+                m[i, 0, 0] = torch.rand(s, device=dev) < 0.6
+            else:
+                m[i, 0, 0, int(torch.randint(0, s // 2, ())):] = True
+            m[i, 0, 0, -1] = True
+        gqa = hq != hk
+        run = lambda q, k, v, dt: F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=m,  # noqa: E731
+                                                                 enable_gqa=gqa)
+        out, grads = grads_of(lambda q, k, v: fa.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=gqa,
+                                                                              fallback=False), (q, k, v), dout)
+        ro, rg = grads_of(lambda q, k, v: run(q, k, v, torch.float64), (q, k, v), dout.double())
+        lo, lg = grads_of(lambda q, k, v: run(q, k, v, torch.bfloat16), (q, k, v), dout)
+        for name, a, r, low, factor, floor in [("out", out, ro, lo, 2, 1e-3)] + [
+                (nm, a, r, low, 3, 3e-3) for nm, a, r, low in zip(("dq", "dk", "dv"), grads, rg, lg)]:
+            ok, det = compare(name, a, r, low, factor, floor)
+            if not ok:
+                bad.append(f"N{n} H{hq}/{hk} L{l} S{s} holes={holes}: {det}")
+    # A row with no real key: 0, not NaN.
+    q = torch.randn(2, 2, 3, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 5, 64, device=dev, dtype=torch.bfloat16)
+    m = torch.ones(2, 1, 1, 5, dtype=torch.bool, device=dev)
+    m[1] = False
+    o = fa.scaled_dot_product_attention(q, k, k, attn_mask=m, fallback=False)
+    if not (torch.isfinite(o).all() and (o[1] == 0).all()):
+        bad.append("a fully masked row is not 0")
+    report("scaled_dot_product_attention with a key-padding mask vs PyTorch's in float64 (out, gradients)", not bad,
+           "; ".join(bad))
+
+
 def check_deterministic(dev, quick):
     torch.manual_seed(1)
     q = torch.randn(2, 512, 8, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -1689,6 +1733,7 @@ def main():
         return 0
     check_forward_backward(dev, quick)
     check_sdpa(dev, quick)
+    check_sdpa_key_padding(dev, quick)
     check_deterministic(dev, quick)
     check_paths(dev, quick)
     check_compile(dev, quick)
