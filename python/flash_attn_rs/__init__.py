@@ -412,9 +412,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     0 (as PyTorch's function does, training or not; the mask's seed is drawn from torch's default CPU
     generator, see flash_attn_func). A boolean key-padding attn_mask `[N or 1, 1, 1, S]` (True: attend; an
     encoder's or a cross-attention's padding) runs here too, without is_causal, in place: each row's real keys
-    as one varlen sequence (masks whose real keys are not one run are compacted first; eager calls read the
-    mask back once per mask tensor to tell); a query whose keys are all masked gets 0 (PyTorch's math backend:
-    NaN). Calls these kernels do not cover run PyTorch's own function
+    as one varlen sequence (masks whose real keys are not one run are compacted first: eager calls read the
+    mask back once per mask tensor to tell, compiled ones compact every mask); a query whose keys are all masked
+    gets 0 (PyTorch's math backend: NaN). Calls these kernels do not cover run PyTorch's own function
     instead, captured at import (so that this one can replace torch.nn.functional's): another attn_mask, other
     ranks, dtypes or devices, head dims above 256, key and value of different head dims, different head
     counts without enable_gqa, is_causal with fewer queries than keys (L < S: its top-left mask hides
@@ -442,7 +442,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask = attn_mask.reshape(attn_mask.shape[0], attn_mask.shape[3]).expand(q.shape[0], -1)
         opts = {"softmax_scale": scale, "causal": False, "window_size": (-1, -1), "softcap": 0.0}
         train = {"dropout_p": dropout_p, "deterministic": False}
-        return hf._padded(q, k, v, mask, opts, train, memo_key=attn_mask).transpose(1, 2)
+        return hf._padded(q, k, v, mask, opts, train, memo_key=attn_mask, compact_compiled=True).transpose(1, 2)
     window = (-1, q.shape[1] - k.shape[1]) if _common.flag(is_causal, "is_causal") else (-1, -1)
     if _sdpa_decodes(q, k, v, dropout_p):
         # A decoding step (few query rows per key head, no gradient): the KV cache's split-KV decode

@@ -232,13 +232,13 @@ def _packed(q, k, v, cu_q, cu_k, max_q, max_k, opts, train):
 
 # Per-tensor results of host reads and small index computations, so that the layers of one forward, which get
 # the same mask / position_ids tensor, pay for them once. Keyed weakly on the tensor and checked against its
-# version counter: an in-place write invalidates the entry (one through `.data`, which PyTorch does not count,
-# does not).
+# version counter: an in-place write invalidates the entry (one through `.data` or a numpy view, which PyTorch does
+# not count, does not). Inference tensors (torch.inference_mode) have no version counter: each call recomputes.
 _MEMO = WeakTensorKeyDictionary()
 
 
 def _memo(t, key, compute):
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or t.is_inference():  # inference tensors have no version counter
         return compute()
     entry = _MEMO.get(t)
     if entry is None or entry[0] != t._version:
@@ -291,9 +291,11 @@ def _slots(first, count, s):
     return torch.cat([zero, starts, zero + b * s]), torch.cat([zero, count])
 
 
-def _padded(q, k, v, mask, opts, train, memo_key=None):
+def _padded(q, k, v, mask, opts, train, memo_key=None, compact_compiled=False):
     """Attention over the padded batch under `mask` `[B, L]` (see the module); `memo_key`: the tensor whose version
-    keys the cached index computations (default `mask`; a caller's own mask that `mask` is a view of)."""
+    keys the cached index computations (default `mask`; a caller's own mask that `mask` is a view of). Compiled
+    calls cannot look for holes: with `compact_compiled` they compact every mask (correct for any mask, a gather of
+    k and v more), else they take the mask as one run per row."""
     b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] > sk:
         raise ValueError(f"flash_attn_rs.hf.attention: attention_mask of shape {tuple(mask.shape)}: expected a padding "
@@ -323,7 +325,7 @@ def _padded(q, k, v, mask, opts, train, memo_key=None):
             at = (mk >= 0).sum(1, keepdim=True) - sq + torch.arange(sq, device=m.device)
             mq = m.gather(1, at.clamp(min=0)) & (at >= 0)
         perm = perm_q = None
-        if not torch.compiler.is_compiling() and _has_holes(m, *_runs(m)):
+        if (compact_compiled if torch.compiler.is_compiling() else _has_holes(m, *_runs(m))):
             # Holes: each row's real tokens moved to its front, in order (what unpadding does), put back after.
             perm = torch.argsort((~m).to(torch.int8), dim=1, stable=True)
             if not every and sq > 1:

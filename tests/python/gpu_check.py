@@ -392,6 +392,17 @@ def check_sdpa_key_padding(dev, quick):
     o = fa.scaled_dot_product_attention(q, k, k, attn_mask=m, fallback=False)
     if not (torch.isfinite(o).all() and (o[1] == 0).all()):
         bad.append("a fully masked row is not 0")
+    # Compiled (no host read: every mask compacted) equals eager on a mask with holes; a mask made under
+    # torch.inference_mode (no version counter to cache by) runs.
+    m = torch.tensor([True, False, True, False, True], device=dev).reshape(1, 1, 1, 5).expand(2, 1, 1, 5)
+    f = lambda q, k, m: fa.scaled_dot_product_attention(q, k, k, attn_mask=m, fallback=False)  # noqa: E731
+    torch._dynamo.reset()
+    if not torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, m), f(q, k, m)):
+        bad.append("compiled with holes differs from eager")
+    with torch.inference_mode():
+        mi = m.clone()
+        if not torch.equal(f(q, k, mi), f(q, k, m)):
+            bad.append("an inference-mode mask differs")
     report("scaled_dot_product_attention with a key-padding mask vs PyTorch's in float64 (out, gradients)", not bad,
            "; ".join(bad))
 
