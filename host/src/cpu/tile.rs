@@ -101,7 +101,7 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &Hea
             if dropout {
                 s_row.iter_mut().zip(&factor[a..b]).for_each(|(pr, f)| *pr *= f);
             }
-            pv::<D>(acc_row, s_row, &v[a * d..b * d]);
+            weighted_rows::<D>(acc_row, s_row, |j| &v[(a + j) * d..][..d]);
         }
     }
 
@@ -131,13 +131,6 @@ fn lane_sum(x: &[f32]) -> f32 {
         *l += v;
     }
     ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
-}
-
-/// `acc += sum over j of p[j] v_j` (v's rows `d` apart), key after key for each element.
-#[inline(always)]
-fn pv<const D: usize>(acc: &mut [f32], p: &[f32], v: &[f32]) {
-    let d = acc.len();
-    weighted_rows::<D>(acc, p, |j| &v[j * d..][..d]);
 }
 
 /// `acc += sum over i of w[i] row(i)`, i ascending for each element (rows as long as acc). For a known D in
