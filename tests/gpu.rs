@@ -24,7 +24,7 @@ mod common;
 mod kernels;
 
 use common::*;
-use flash_attn::{fwd, fwd_into, varlen_fwd, varlen_fwd_into, AttnOptions, DType, Device, KernelChoice, Tensor, Varlen};
+use flash_attn::{fwd, fwd_into, fwd_kvcache, raw, varlen_fwd, varlen_fwd_into, AttnOptions, DType, Device, KernelChoice, KvCache, KvCacheOptions, Tensor, Varlen};
 use kernels::{fwd_choices, fwd_family, fwd_family_keys, Tally};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -428,6 +428,74 @@ fn fully_masked_rows_are_zero_not_nan() {
             tally.add(name, family, d);
         }
     }
+    tally.report();
+}
+
+/// Decoding steps (at most `DENSE_DECODE_MAX_ROWS` query rows per kv head) through the `Tensor` API's dense
+/// forward on CUDA run the KV cache's split-KV decode kernels over k and v in place
+/// (`raw::dense_fwd_decodes`): out and lse are `fwd_kvcache`'s bits with k and v as full caches, within the
+/// tolerance of the f64 reference, k and v unchanged, through `fwd` and `fwd_into` alike; a forced kernel
+/// family keeps the dense kernels (within the tolerance too). GQA, causal, windows, softcap, strided
+/// inputs, key counts from 1 to several splits' worth.
+#[test]
+fn decoding_steps_run_the_kv_cache_kernels() {
+    require_gpu!();
+    let (seed, mut rng) = seeded("decoding_steps_run_the_kv_cache_kernels");
+    let (max_rows, dims) = raw::dense_decode_limits();
+    if max_rows == 0 {
+        eprintln!("decoding_steps_run_the_kv_cache_kernels: FLASH_ATTN_NO_DENSE_DECODE is set: the routing is off, the dense kernels checked only");
+    }
+    let mut tally = Tally::new("gpu::decoding_steps_run_the_kv_cache_kernels");
+    let masks: [(bool, (i64, i64), f32); 4] = [(false, (-1, -1), 0.0), (true, (-1, -1), 0.0), (false, (90, 0), 0.0), (true, (-1, -1), 20.0)];
+    let mut routed = 0;
+    for dtype in [DType::BF16, DType::F16] {
+        for &d in &dims {
+            for (i, &(causal, window, softcap)) in masks.iter().enumerate() {
+                let (hk, group) = [(1, 8), (2, 4), (4, 1), (8, 4)][rng.gen_range(0..4)];
+                let hq = hk * group;
+                let sq = rng.gen_range(1..=(64 / group).min(4));
+                let b = rng.gen_range(1..=3);
+                let sk = [1, rng.gen_range(2..300), rng.gen_range(300..5000)][i % 3];
+                let c = Case { dtype, d, hq, hk, causal, window, softcap };
+                let ctx = format!("seed {seed}: {dtype} d={d} b={b} sq={sq} sk={sk} hq={hq} hk={hk} causal={causal} window={window:?} softcap={softcap}");
+                let q = random_values(&mut rng, b * sq * hq * d, 1.0, dtype);
+                let k = random_values(&mut rng, b * sk * hk * d, 1.0, dtype);
+                let v = random_values(&mut rng, b * sk * hk * d, 1.0, dtype);
+                let strided = rng.gen_bool(0.5);
+                let qt = device_tensor(&q, &[b, sq, hq, d], dtype, strided, &mut rng);
+                let kt = device_tensor(&k, &[b, sk, hk, d], dtype, strided, &mut rng);
+                let vt = device_tensor(&v, &[b, sk, hk, d], dtype, strided, &mut rng);
+                let (ro, rl) = reference_fwd(&q, &k, &v, b, sq, sk, hq, hk, d, &c.ref_opts());
+                let tol = gpu_tolerance(dtype, 1.0, c.smax());
+                let opts = c.opts(KernelChoice::default());
+                let routes = raw::dense_fwd_decodes(&[b, sq, hq, d], &[b, sk, hk, d], dtype, &opts, false);
+                assert_eq!(routes, max_rows > 0, "{ctx}: a decoding step the routing should take");
+                let o = fwd(&qt, &kt, &vt, &opts).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let (out, lse) = (o.out.to_f32_vec().unwrap(), o.lse.to_f32_vec().unwrap());
+                check_close(&out, &lse, &ro, &rl, &tol).unwrap_or_else(|e| panic!("{ctx}: fwd: {e}"));
+                let mut out_into = Tensor::zeros(&[b, sq, hq, d], dtype, GPU).unwrap();
+                let mut lse_into = Tensor::zeros(&[b, hq, sq], DType::F32, GPU).unwrap();
+                fwd_into(&qt, &kt, &vt, &opts, &mut out_into, &mut lse_into).unwrap_or_else(|e| panic!("{ctx}: fwd_into: {e}"));
+                let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same(&out, &out_into.to_f32_vec().unwrap()) && same(&lse, &lse_into.to_f32_vec().unwrap()), "{ctx}: fwd_into differs from fwd");
+                if routes {
+                    let (mut kc, mut vc) = (kt.clone(), vt.clone());
+                    let lens = i32_tensor(&vec![sk; b], GPU);
+                    let kv = fwd_kvcache(&qt, &mut kc, &mut vc, &KvCache::new(&lens), &opts, &KvCacheOptions::default()).unwrap_or_else(|e| panic!("{ctx}: fwd_kvcache: {e}"));
+                    assert!(same(&out, &kv.out.to_f32_vec().unwrap()) && same(&lse, &kv.lse.to_f32_vec().unwrap()), "{ctx}: not the KV cache's bits");
+                    routed += 1;
+                    tally.add("default", "decode (KV cache)", d);
+                }
+                assert!(same(&kt.to_f32_vec().unwrap(), &k) && same(&vt.to_f32_vec().unwrap(), &v), "{ctx}: k or v changed");
+                for (name, choice) in fwd_choices().into_iter().filter(|(_, ch)| *ch != KernelChoice::default()) {
+                    let o = fwd(&qt, &kt, &vt, &c.opts(choice)).unwrap_or_else(|e| panic!("{ctx} [{name}]: {e}"));
+                    check_close(&o.out.to_f32_vec().unwrap(), &o.lse.to_f32_vec().unwrap(), &ro, &rl, &tol).unwrap_or_else(|e| panic!("{ctx} [{name}]: {e}"));
+                    tally.add(name, fwd_family_keys(d, dtype, choice, sk), d);
+                }
+            }
+        }
+    }
+    eprintln!("decoding_steps_run_the_kv_cache_kernels: {routed} calls routed to the KV cache's kernels");
     tally.report();
 }
 

@@ -424,6 +424,17 @@ fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>,
         alibi_slopes: alibi_slopes.map(Tensor::view),
         s_dmask: s_dmask.map(|m| m.view_mut()),
     };
+    // Decoding steps on CUDA (`raw::dense_fwd_decodes`) run the KV cache's split-KV decode kernels over k and
+    // v in place, once the call is known valid as a dense forward (errors name its arguments).
+    if let (Device::Cuda(ordinal), None, true) = (device, varlen, views.alibi_slopes.is_none() && views.s_dmask.is_none()) {
+        if raw::dense_fwd_decodes(q.shape(), k.shape(), q.dtype(), opts, false) {
+            let p = validate::validate_fwd(&views.q, &views.k, &views.v, None, opts)?;
+            validate::check_fwd_outputs(&p, &views, None)?;
+            if let Ok(sk) = i32::try_from(p.seqlen_k) {
+                return decode_fwd(&views, sk, opts, ordinal);
+            }
+        }
+    }
     // Safety: every view is of a live tensor on `device`, which the legacy stream orders its frees after.
     unsafe {
         match varlen {
@@ -431,6 +442,21 @@ fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>,
             Some(vl) => raw::varlen_fwd(&views, &vl.views(), opts, target(device)),
         }
     }
+}
+
+/// A validated dense forward on device `ordinal` as a KV-cache call over k and v in place
+/// (`KvCacheViews::of_dense`): `cache_seqlens` (Sk for every row) and the workspace allocated here, freed
+/// after the kernels on the legacy stream.
+fn decode_fwd(views: &FwdViews<'_>, sk: i32, opts: &AttnOptions, ordinal: usize) -> Result<()> {
+    let device = Device::Cuda(ordinal);
+    let lens = Tensor::from_i32(vec![sk; views.q.shape[0]], &[views.q.shape[0]])?.to_device(device)?;
+    let kv_views = KvCacheViews::of_dense(views, lens.view());
+    let kv = KvCacheOptions::default();
+    let bytes = raw::kvcache_workspace_bytes(&kv_views, opts, &kv, target(device))?;
+    let ws_buf = crate::cuda::DeviceBuffer::uninit(ordinal, bytes.max(1))?;
+    let workspace = Workspace { addr: ws_buf.ptr(), bytes: ws_buf.len_bytes() };
+    // Safety: every view is of a live tensor on `device` (k and v only read: nothing is appended).
+    unsafe { raw::fwd_kvcache(&kv_views, opts, &kv, workspace, target(device)) }
 }
 
 #[allow(clippy::too_many_arguments)]

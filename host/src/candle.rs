@@ -412,29 +412,6 @@ fn varlen_views<'a>(vl: &VarlenArgs, cu_q: View<'a>, cu_k: View<'a>, used_q: Opt
     VarlenViews { cu_seqlens_q: cu_q, cu_seqlens_k: cu_k, max_seqlen_q: Some(vl.max_seqlen_q), max_seqlen_k: Some(vl.max_seqlen_k), seqused_q: used_q, seqused_k: used_k }
 }
 
-/// A dense forward's views as the KV-cache call that runs it where `raw::dense_fwd_decodes` (k and v as
-/// the caches, read in place, nothing appended; `cache_seqlens` Sk for every row). Shared by both
-/// memories, as `varlen_views` (the CPU path runs `raw::fwd`: a unit test checks this mapping there).
-#[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
-fn decode_views<'a>(t: &FwdViews<'a>, cache_seqlens: View<'a>) -> KvCacheViews<'a> {
-    KvCacheViews {
-        q: t.q,
-        k_cache: t.k,
-        v_cache: t.v,
-        cache_seqlens,
-        block_table: None,
-        k_new: None,
-        v_new: None,
-        rotary_cos: None,
-        rotary_sin: None,
-        cache_batch_idx: None,
-        cache_leftpad: None,
-        alibi_slopes: t.alibi_slopes,
-        out: t.out,
-        lse: t.lse,
-    }
-}
-
 /// The raw layer's paged varlen views (as `varlen_views`; key counts from `cu_k`).
 fn paged_views<'a>(vl: &VarlenArgs, cu_q: View<'a>, cu_k: View<'a>, block_table: View<'a>) -> PagedVarlenViews<'a> {
     PagedVarlenViews { cu_seqlens_q: cu_q, cu_seqlens_k: Some(cu_k), max_seqlen_q: Some(vl.max_seqlen_q), max_seqlen_k: Some(vl.max_seqlen_k), seqused_q: None, seqused_k: None, block_table }
@@ -618,7 +595,7 @@ mod cuda {
         storage_view(arg, s, l, dev, stream)
     }
 
-    /// A dense forward as a KV-cache call over k and v in place (`raw::dense_fwd_decodes`, `decode_views`):
+    /// A dense forward as a KV-cache call over k and v in place (`raw::dense_fwd_decodes`, `KvCacheViews::of_dense`):
     /// `cache_seqlens` (Sk for every row, a candle fill) and the workspace from candle's allocator, both
     /// freed stream-ordered after the kernels.
     pub(super) fn decode_fwd(t: &FwdViews<'_>, opts: &AttnOptions, dev: &CudaDevice, stream: &CudaStream, target: Target) -> Result<()> {
@@ -628,7 +605,7 @@ mod cuda {
         let lens = Tensor::full(sk as u32, batch, &candle_core::Device::Cuda(dev.clone()))?;
         let (ls, ll) = lens.storage_and_layout();
         let (cache_seqlens, _gl) = storage_view("cache_seqlens", &ls, ll, dev, stream)?;
-        let views = decode_views(t, cache_seqlens);
+        let views = KvCacheViews::of_dense(t, cache_seqlens);
         let kv = KvCacheOptions::default();
         let bytes = raw::kvcache_workspace_bytes(&views, opts, &kv, target).map_err(fa_err)?;
         // 256 bytes more than needed, so that the workspace can start 256-byte aligned.
@@ -1290,12 +1267,12 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// `decode_views` (the CUDA path's routing of decoding steps) on the CPU: the KV-cache call over k and
+    /// `KvCacheViews::of_dense` (the CUDA path's routing of decoding steps) on the CPU: the KV-cache call over k and
     /// v in place gives the dense forward's out and lse, on candle tensors (k and v narrowed out of a
     /// larger preallocated cache, as candle-nn's KV cache hands them), with GQA, causal, windows and
     /// softcap, in shapes `raw::dense_fwd_decodes` routes.
     #[test]
-    fn decode_views_run_the_dense_forward() {
+    fn dense_as_kvcache_runs_the_dense_forward() {
         let seed = std::env::var("FA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
         println!("seed = {seed} (FA_TEST_SEED={seed} replays this run)");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -1354,7 +1331,7 @@ mod tests {
                     let cache_seqlens = View { addr: lens.as_ptr() as u64, dtype: DType::I32, shape: &lens_shape, strides: &[1] };
                     // Several splits where the keys allow: the merge is part of what the CUDA path runs.
                     let kv = raw::KvCacheOptions { num_splits: 3, ..Default::default() };
-                    unsafe { raw::fwd_kvcache(&decode_views(&t, cache_seqlens), &opts, &kv, Workspace::default(), Target::Cpu) }.unwrap();
+                    unsafe { raw::fwd_kvcache(&KvCacheViews::of_dense(&t, cache_seqlens), &opts, &kv, Workspace::default(), Target::Cpu) }.unwrap();
                 } else {
                     unsafe { raw::fwd(&t, &opts, Target::Cpu) }.unwrap();
                 }

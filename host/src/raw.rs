@@ -161,12 +161,14 @@ pub unsafe fn fwd_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCache
 /// a KV-cache call over k and v in place: `fwd_kvcache` with k and v as the caches, `cache_seqlens` Sk
 /// for every row, nothing appended, the same options (same result up to rounding: the keys may be split
 /// and merged). True for decoding steps: at most `DECODE_MAX_ROWS` (64) query rows per kv head
-/// (`Sq * Hq / Hk`), a head dim and dtype with decode kernels, no ALiBi, no dropout. There `fwd` runs a
+/// (`Sq * Hq / Hk`), a head dim and dtype with decode kernels, no ALiBi, no dropout, no kernel family forced
+/// (`opts.kernels` the default). There `fwd` runs a
 /// row tile per (sequence, q head) over all the keys, which leaves most of a GPU idle (a tile per head
 /// at batch 1) and reads each kv head's keys once per q head; the KV cache's decode kernels pack a kv
 /// head's query rows into one tile and split the keys over the multiprocessors. The candle adapter
-/// routes such calls (it has an allocator for `cache_seqlens` and the workspace); so does the Python
-/// package's `scaled_dot_product_attention`. `FLASH_ATTN_NO_DENSE_DECODE` (any value, read once) makes it
+/// routes such calls (it has an allocator for `cache_seqlens` and the workspace); so do the `Tensor` API's
+/// dense forward (`fwd`, `fwd_into`) and the Python package's `scaled_dot_product_attention` and eager
+/// `flash_attn_func`. `FLASH_ATTN_NO_DENSE_DECODE` (any value, read once) makes it
 /// false everywhere, for A/B runs.
 pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::types::DType, opts: &AttnOptions, alibi: bool) -> bool {
     if dense_decode_off() {
@@ -174,7 +176,7 @@ pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::typ
     }
     let (&[b, sq, hq, d], &[kb, sk, hk, kd]) = (q_shape, k_shape) else { return false };
     let sizes_ok = b > 0 && sq > 0 && sk > 0 && hk > 0 && kb == b && kd == d && hq % hk == 0;
-    sizes_ok && opts.dropout.p == 0.0 && crate::dispatch::decodes(sq, hq, hk, d, dtype, alibi)
+    sizes_ok && opts.dropout.p == 0.0 && opts.kernels == crate::types::KernelChoice::default() && crate::dispatch::decodes(sq, hq, hk, d, dtype, alibi)
 }
 
 /// `dense_fwd_decodes`'s limits, for an adapter that decides without calling it (a Python call being traced

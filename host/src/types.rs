@@ -230,6 +230,29 @@ pub struct KvCacheViews<'a> {
 }
 
 impl<'a> KvCacheViews<'a> {
+    /// A dense forward (`FwdViews`: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]`) as a KV-cache call over k
+    /// and v in place: the same result up to the rounding of split keys' merge, nothing appended (k and v
+    /// are read only), `cache_seqlens` int32 `[B]` holding Sk for every row. What the adapters run where
+    /// `raw::dense_fwd_decodes` (decoding steps on CUDA).
+    pub fn of_dense(t: &FwdViews<'a>, cache_seqlens: View<'a>) -> KvCacheViews<'a> {
+        KvCacheViews {
+            q: t.q,
+            k_cache: t.k,
+            v_cache: t.v,
+            cache_seqlens,
+            block_table: None,
+            k_new: None,
+            v_new: None,
+            rotary_cos: None,
+            rotary_sin: None,
+            cache_batch_idx: None,
+            cache_leftpad: None,
+            alibi_slopes: t.alibi_slopes,
+            out: t.out,
+            lse: t.lse,
+        }
+    }
+
     /// Every view of the call, named as its argument.
     pub(crate) fn named(&self) -> impl Iterator<Item = (&'static str, View<'a>)> {
         let given = [("q", self.q), ("k_cache", self.k_cache), ("v_cache", self.v_cache), ("cache_seqlens", self.cache_seqlens), ("out", self.out), ("lse", self.lse)];

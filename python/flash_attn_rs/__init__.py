@@ -124,7 +124,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Returns out `[B, Sq, H, D]`, or with return_attn_probs (out, softmax_lse `[B, H, Sq]` float32, S_dmask),
     S_dmask `[B, H, Sq, Sk]` in q's dtype (the probabilities, negated where dropped) when dropout_p > 0,
     else None (as flash-attn). A query that sees no key gets out 0 and softmax_lse -inf.
-    ALiBi, dropout and S_dmask run on CPU and CUDA tensors alike.
+    ALiBi, dropout and S_dmask run on CPU and CUDA tensors alike. On CUDA, eager decoding steps without
+    gradients (at most 64 query rows per key head, a head dim with decode kernels, no ALiBi or dropout) run
+    flash_attn_with_kvcache's split-KV decode kernels over k and v in place: the same result up to the
+    rounding of the split keys' merge, where one row tile per (sequence, head) would leave most of the GPU idle.
     """
     if _dense_fast is not None and rng_state is None:
         r = _dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)

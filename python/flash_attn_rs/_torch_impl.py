@@ -586,7 +586,27 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         if _fast_fwd_apply is None:
             return _FastFwd.apply(q, k, v, a)
         return _fast_fwd_apply(_unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v), a)
+    if ordinal >= 0 and _dense_decodes(qs, k.shape, v.shape):
+        # A decoding step on CUDA: the KV cache's split-KV decode kernels over k and v as full caches, in
+        # place (a row tile per (sequence, head) would leave most of the GPU idle and read each kv head
+        # once per q head); the same result up to the rounding of the split keys' merge.
+        r = kvcache_fast(q, k, v, None, None, None, None, k.shape[1], None, None, None, softmax_scale, causal,
+                         window_size, softcap, False, None, 0)
+        if r is not None:
+            return r
     return _dense_launch(q, k, v, a)
+
+
+_DECODE_ROWS, _DECODE_HEAD_DIMS = _native.DENSE_DECODE_MAX_ROWS, frozenset(_native.DENSE_DECODE_HEAD_DIMS)
+
+
+def _dense_decodes(qs, ks, vs):
+    """`raw::dense_fwd_decodes` for an eager dense forward without ALiBi or dropout (q `[B, Sq, Hq, D]`, k, v
+    `[B, Sk, Hk, D]`): every size above 0, at most DENSE_DECODE_MAX_ROWS query rows per kv head, a head dim
+    with decode kernels. Shapes that do not fit together run the dense path (whose validation names them)."""
+    b, sq, hq, d = qs
+    return (ks == vs and ks[0] == b and ks[3] == d and 0 < b and 0 < ks[1] < 2**31 and 0 < ks[2] and hq % ks[2] == 0
+            and 0 < sq * (hq // ks[2]) <= _DECODE_ROWS and d in _DECODE_HEAD_DIMS)
 
 
 # --- The public functions' torch path (traced by torch.compile) --------------------------------------

@@ -1387,6 +1387,50 @@ def check_kvcache_fast_path(dev, quick):
     report("flash_attn_with_kvcache's fast path == the general path, bitwise", not odd, f"seed {seed}; " + "; ".join(odd))
 
 
+@check("flash_attn_func decoding steps")
+def check_func_decoding(dev, quick):
+    """flash_attn_func at decoding shapes without gradients (at most DENSE_DECODE_MAX_ROWS query rows per key
+    head, a head dim with decode kernels) runs flash_attn_with_kvcache's split-KV decode kernels on CUDA: its
+    bits (out and lse), within the input-dtype math's error of float64; with inputs requiring grad the dense
+    kernels (differentiable). GQA, causal, windows, softcap, strided keys, random key counts."""
+    import random
+    from flash_attn_rs import _DECODE_HEAD_DIMS, _DECODE_ROWS
+    seed = random.randrange(2**31)
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    odd = []
+    for case in range(12 if quick else 40):
+        dt = rnd.choice([torch.float16, torch.bfloat16])
+        d = rnd.choice(sorted(_DECODE_HEAD_DIMS))
+        hk, group = rnd.choice([(1, 8), (2, 4), (4, 1), (8, 4)])
+        b, sq, sk = rnd.randint(1, 3), rnd.randint(1, max(1, min(4, _DECODE_ROWS // group))), rnd.choice([1, rnd.randint(2, 4000)])
+        causal, window, softcap = rnd.choice([(False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (50, 0), 0.0),
+                                              (True, (-1, -1), 10.0)])
+        q = torch.randn(b, sq, hk * group, d, generator=g).to(dev, dt)
+        k = torch.randn(b, hk, sk, d, generator=g).to(dev, dt).transpose(1, 2)  # head-major, as SDPA's caches
+        v = torch.randn(b, sk, hk, d, generator=g).to(dev, dt)
+        kw = dict(causal=causal, window_size=window, softcap=softcap)
+        with torch.no_grad():
+            out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+            want, want_lse = fa.flash_attn_with_kvcache(q, k, v, cache_seqlens=sk, return_softmax_lse=True, **kw)
+        ro, rl = ref_attention(q.double(), k.double(), v.double(), d ** -0.5, causal, window, softcap)
+        lo, _ = ref_attention(q, k, v, d ** -0.5, causal, window, softcap)
+        ok, det = compare("out", out, ro, lo, 2, 1e-3)
+        live = torch.isfinite(rl)
+        ok &= bool(torch.equal(torch.isfinite(lse), live)) and max_err(lse[live], rl[live]) < 1e-3
+        routed = torch.equal(out, want) and torch.equal(lse, want_lse)
+        if dev.type == "cuda" and _DECODE_ROWS > 0:
+            ok &= routed
+        qg = q.clone().requires_grad_(True)
+        dense = fa.flash_attn_func(qg, k, v, **kw)
+        ok2, det2 = compare("out with grad", dense.detach(), ro, lo, 2, 1e-3)
+        dense.float().sum().backward()
+        if not (ok and ok2 and qg.grad is not None and torch.isfinite(qg.grad).all()):
+            odd.append(f"case {case} ({str(dt)[6:]} d{d} b{b} sq{sq} sk{sk} h{hk * group}/{hk} causal={causal} "
+                       f"window={window} softcap={softcap}): {det}, {det2}, the KV cache's bits: {routed}")
+    report("flash_attn_func decoding steps (the KV cache's kernels on CUDA)", not odd, f"seed {seed}; " + "; ".join(odd))
+
+
 @check("paged K/V")
 def check_paged(dev, quick):
     lens_q, lens_k = [1, 77, 200, 5], [300, 77, 200, 1]
@@ -1769,6 +1813,7 @@ def main():
     check_paged(dev, quick)
     check_extras(dev, quick)
     check_kvcache_fast_path(dev, quick)
+    check_func_decoding(dev, quick)
     check_hf(dev, quick)
     if dev.type == "cuda":
         check_cuda_graph(dev, quick)
