@@ -524,7 +524,7 @@ fn head_dims_without_kernels_are_padded() {
     ];
     let got = run_cli(&dir, &inputs, &["--causal", "--backward"]);
     let pad: Inputs = inputs.iter().map(|(n, t)| (*n, padded(t, dp))).collect();
-    let opts = AttnOptions { causal: true, softmax_scale: Some(1.0 / (d as f32).sqrt()), ..Default::default() };
+    let opts = AttnOptions { causal: true, softmax_scale: Some(AttnOptions::default_scale(d)), ..Default::default() };
     let (f, g) = library_bwd(&pad, &opts, false);
     let want = [("out", cut(&f.out, d)), ("lse", f.lse.clone()), ("dq", cut(&g.dq, d)), ("dk", cut(&g.dk, d)), ("dv", cut(&g.dv, d))];
     assert_same_tensors(&got, &want);
@@ -545,7 +545,7 @@ fn head_dims_without_kernels_are_padded() {
     ];
     let got = run_cli(&dir, &inputs, &[]);
     let pad: Inputs = inputs.iter().map(|(n, t)| (*n, if n.starts_with("cu_") { t.clone() } else { padded(t, dp) })).collect();
-    let f = library(&pad, &AttnOptions { softmax_scale: Some(1.0 / (d as f32).sqrt()), ..Default::default() });
+    let f = library(&pad, &AttnOptions { softmax_scale: Some(AttnOptions::default_scale(d)), ..Default::default() });
     assert_same_tensors(&got, &[("out", cut(&f.out, d)), ("lse", f.lse.clone())]);
     // KV cache with appended rows and rotary, d 80.
     let (d, dp, cap) = (80, 96, 20);
@@ -564,7 +564,7 @@ fn head_dims_without_kernels_are_padded() {
         .iter()
         .map(|(n, t)| (*n, if ["q", "k_cache", "v_cache", "k_new", "v_new"].contains(n) { padded(t, dp) } else { t.clone() }))
         .collect();
-    let opts = AttnOptions { causal: true, softmax_scale: Some(1.0 / (d as f32).sqrt()), ..Default::default() };
+    let opts = AttnOptions { causal: true, softmax_scale: Some(AttnOptions::default_scale(d)), ..Default::default() };
     let want: Vec<(&str, Tensor)> =
         library_kvcache(&pad, &opts, &KvCacheOptions::default()).into_iter().map(|(n, t)| (n, if n == "lse" { t } else { cut(&t, d) })).collect();
     assert_same_tensors(&got, &want);

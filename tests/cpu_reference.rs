@@ -308,6 +308,12 @@ fn fully_masked_rows_are_zero_with_lse_minus_inf() {
 
 #[test]
 fn default_scale_is_inverse_sqrt_head_dim() {
+    // 1/sqrt(d) rounded once to f32, as flash-attn's Python `d ** -0.5` reaches its kernels (the Python
+    // package pads head dims without kernels and passes that value: the CLI and the library must agree).
+    for d in 1..=512usize {
+        let want = (d as f64).powf(-0.5) as f32;
+        assert_eq!(AttnOptions::default_scale(d), want, "d = {d}");
+    }
     for &d in &HEAD_DIMS {
         let mut r = rng(rand::random());
         let (sq, sk) = (17, 23);
@@ -317,7 +323,7 @@ fn default_scale_is_inverse_sqrt_head_dim() {
         let t = |x: &[f32], s: usize| Tensor::from_f32(x, &[1, s, 1, d], DType::BF16).unwrap();
         let (qt, kt, vt) = (t(&q, sq), t(&k, sk), t(&v, sk));
         let default = outputs(&fwd(&qt, &kt, &vt, &AttnOptions::default()).unwrap());
-        let explicit = outputs(&fwd(&qt, &kt, &vt, &AttnOptions { softmax_scale: Some(1.0 / (d as f32).sqrt()), ..Default::default() }).unwrap());
+        let explicit = outputs(&fwd(&qt, &kt, &vt, &AttnOptions { softmax_scale: Some(AttnOptions::default_scale(d)), ..Default::default() }).unwrap());
         assert_eq!(bits(&default.0), bits(&explicit.0), "d = {d}");
         assert_eq!(bits(&default.1), bits(&explicit.1), "d = {d}");
         let o = RefOpts { scale: 1.0 / (d as f64).sqrt(), softcap: 0.0, causal: false, window: (-1, -1) };

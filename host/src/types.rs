@@ -53,7 +53,7 @@ impl std::fmt::Display for Device {
 /// Options shared by every entry point, with flash-attn 2's meaning.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnOptions {
-    /// Multiplies q.k; `None` = 1/sqrt(head_dim).
+    /// Multiplies q.k; `None` = 1/sqrt(head_dim) (`AttnOptions::default_scale`).
     pub softmax_scale: Option<f32>,
     /// Causal mask aligned to the bottom-right corner: query i sees key j iff j <= i + Sk - Sq.
     pub causal: bool,
@@ -66,6 +66,20 @@ pub struct AttnOptions {
     /// Dropout on the attention probabilities (training); the default, p = 0, is off and costs nothing.
     /// The backward must be given the same options: it regenerates the forward's mask.
     pub dropout: Dropout,
+}
+
+impl AttnOptions {
+    /// The scale `softmax_scale: None` means for head dim `d`: 1/sqrt(d) rounded once to f32, as flash-attn's
+    /// `d ** -0.5` (a Python float) reaches its kernels, so that every entry point (the library, the CLI,
+    /// Python, whose head dims without kernels pad d and pass this scale) gives the same bits.
+    pub fn default_scale(d: usize) -> f32 {
+        (1.0 / (d as f64).sqrt()) as f32
+    }
+
+    /// `softmax_scale`, or the default for head dim `d`.
+    pub fn scale_for(&self, d: usize) -> f32 {
+        self.softmax_scale.unwrap_or_else(|| AttnOptions::default_scale(d))
+    }
 }
 
 impl Default for AttnOptions {

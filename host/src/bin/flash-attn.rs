@@ -348,7 +348,7 @@ fn check_names(file: &SafeTensors<'_>, path: &Path, known: &[&str]) -> Result<()
 
 /// `opts` with the scale the caller's head dim `d` gives by default (the library would take the padded one's).
 fn options_for(opts: &flash_attn::AttnOptions, d: usize) -> flash_attn::AttnOptions {
-    flash_attn::AttnOptions { softmax_scale: Some(opts.softmax_scale.unwrap_or(1.0 / (d as f32).sqrt())), ..*opts }
+    flash_attn::AttnOptions { softmax_scale: Some(opts.scale_for(d)), ..*opts }
 }
 
 fn run(args: &RunArgs) -> Result<()> {
