@@ -275,9 +275,18 @@ fn packing_is_bitwise_independent() {
             let opts = AttnOptions { causal, window, kernels: choice, ..Default::default() };
             let packed = varlen_fwd(&qp, &kp, &vp, &varlen, &opts).unwrap();
             let (pout, plse) = (packed.out.to_bytes().unwrap(), packed.lse.to_f32_vec().unwrap());
-            for (b, &(sq, _)) in lens.iter().enumerate() {
+            for (b, &(sq, sk)) in lens.iter().enumerate() {
                 let [qs, ks, vs] = &singles[b];
-                let one = fwd(qs, ks, vs, &opts).unwrap();
+                // Decoding shapes through `fwd` run the KV cache's kernels (`raw::dense_fwd_decodes`): a
+                // one-sequence varlen call runs the dense kernels on them.
+                let one = if raw::dense_fwd_decodes(qs.shape(), ks.shape(), dtype, &opts, false) {
+                    let (c1, c2) = (i32_tensor(&[0, sq], GPU), i32_tensor(&[0, sk], GPU));
+                    let vl = Varlen { cu_seqlens_q: &c1, cu_seqlens_k: &c2, max_seqlen_q: Some(sq), max_seqlen_k: Some(sk), seqused_q: None, seqused_k: None };
+                    let (qo, ko) = (cu_q[b] * hq * d, cu_k[b] * hk * d);
+                    varlen_fwd(&up(&q[qo..][..sq * hq * d], &[sq, hq, d]), &up(&k[ko..][..sk * hk * d], &[sk, hk, d]), &up(&v[ko..][..sk * hk * d], &[sk, hk, d]), &vl, &opts).unwrap()
+                } else {
+                    fwd(qs, ks, vs, &opts).unwrap()
+                };
                 let row_bytes = hq * d * 2;
                 assert_eq!(&pout[cu_q[b] * row_bytes..][..sq * row_bytes], &one.out.to_bytes().unwrap()[..], "[{name}: {family}] out of sequence {b} differs ({dtype} d={d})");
                 let lse1 = one.lse.to_f32_vec().unwrap();
