@@ -435,6 +435,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if not _common.flag(fallback, "fallback"):
             raise NotImplementedError(f"scaled_dot_product_attention: {why} (fallback=True runs PyTorch's)")
         kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        if type(dropout_p) in (int, float) and dropout_p == 1 and isinstance(query, _torch.Tensor) and query.is_cuda:
+            # PyTorch 2.11's cuDNN backend raises for dropout_p 1 on the first call and crashes the process on
+            # the next: its math backend answers (every probability dropped: out 0, gradients 0).
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH):
+                return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                   scale=scale, **kw)
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, **kw)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
