@@ -125,7 +125,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     S_dmask `[B, H, Sq, Sk]` in q's dtype (the probabilities, negated where dropped) when dropout_p > 0,
     else None (as flash-attn). A query that sees no key gets out 0 and softmax_lse -inf.
     ALiBi, dropout and S_dmask run on CPU and CUDA tensors alike. On CUDA, eager decoding steps without
-    gradients (at most 64 query rows per key head, a head dim with decode kernels, no ALiBi or dropout) run
+    gradients (at most 64 query rows per key head, a head dim with decode kernels, no ALiBi or dropout; from
+    32768 key rows times kv heads, B * Sk * Hk, or whenever a CUDA graph is being captured) run
     flash_attn_with_kvcache's split-KV decode kernels over k and v in place: the same result up to the
     rounding of the split keys' merge, where one row tile per (sequence, head) would leave most of the GPU idle.
     """

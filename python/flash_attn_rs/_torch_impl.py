@@ -586,7 +586,7 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         if _fast_fwd_apply is None:
             return _FastFwd.apply(q, k, v, a)
         return _fast_fwd_apply(_unwrap_if_dead(q), _unwrap_if_dead(k), _unwrap_if_dead(v), a)
-    if ordinal >= 0 and _dense_decodes(qs, k.shape, v.shape):
+    if ordinal >= 0 and _dense_decodes(qs, k.shape, v.shape) and _eager_route_pays(k.shape):
         # A decoding step on CUDA: the KV cache's split-KV decode kernels over k and v as full caches, in
         # place (a row tile per (sequence, head) would leave most of the GPU idle and read each kv head
         # once per q head); the same result up to the rounding of the split keys' merge.
@@ -598,6 +598,18 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
 
 
 _DECODE_ROWS, _DECODE_HEAD_DIMS = _native.DENSE_DECODE_MAX_ROWS, frozenset(_native.DENSE_DECODE_HEAD_DIMS)
+# Key rows times kv heads (B * Sk * Hk) from which an eager decoding step runs faster on the KV cache's kernels
+# than on the dense ones: the KV cache path's host time per call (about 52-58 us on the H200 machine, where the
+# dense path's is 18) exceeds the dense kernel's device time below it (17 us at batch 1, 8 kv heads, 1k keys;
+# 103 at 8k: about 12 us more per 1k keys, so even from about 4k keys). benches/RESULTS.md, "KV-cache decode".
+_EAGER_ROUTE_MIN_KEYS = 32768
+
+
+def _eager_route_pays(ks):
+    """Whether an eager decoding step (k `[B, Sk, Hk, D]`) runs the KV cache's kernels: always while a CUDA graph
+    is being captured (replays cost device time only, where they are 2-9x faster), else from
+    `_EAGER_ROUTE_MIN_KEYS` key rows times kv heads."""
+    return ks[0] * ks[1] * ks[2] >= _EAGER_ROUTE_MIN_KEYS or torch.cuda.is_current_stream_capturing()
 
 
 def _dense_decodes(qs, ks, vs):
