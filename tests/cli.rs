@@ -78,10 +78,21 @@ fn i32s(x: &[i32]) -> Tensor {
     Tensor::from_i32(x.to_vec(), &[x.len()]).unwrap()
 }
 
-/// The CLI binary: cargo's, or FLASH_ATTN_CLI (the bundle's copy on the GPU machine).
+/// The CLI binary: FLASH_ATTN_CLI if set, else cargo's where it exists, else a `flash-attn` beside this test
+/// binary (the bundle's copy on the GPU machine, where cargo's build path does not exist).
 fn cli<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    let bin = std::env::var_os("FLASH_ATTN_CLI").unwrap_or_else(|| BIN.into());
-    Command::new(bin).args(args).output().expect("the flash-attn binary runs")
+    static BIN_PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let bin = BIN_PATH.get_or_init(|| {
+        if let Some(b) = std::env::var_os("FLASH_ATTN_CLI") {
+            return b.into();
+        }
+        let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("flash-attn")));
+        match beside {
+            Some(b) if !Path::new(BIN).exists() && b.exists() => b,
+            _ => BIN.into(),
+        }
+    });
+    Command::new(bin).args(args).output().unwrap_or_else(|e| panic!("the flash-attn binary {} runs: {e}", bin.display()))
 }
 
 /// Runs `flash-attn run --device cpu` on `inputs` with `extra` options; returns out and lse as written.
