@@ -425,9 +425,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     keys past the last row's, which a bottom-right window cannot express), empty tensors, a dropout_p
     outside [0, 1) or a scale that is not a finite number (PyTorch's answer, or its error). With
     `fallback=False` those raise NotImplementedError instead. Decoding steps (at most 64 query rows per key
-    head, nothing to differentiate, no dropout; also compiled) run flash_attn_with_kvcache's split-KV decode path
-    over key and value in place, where flash_attn_func's one tile per (sequence, head) would leave most of
-    the GPU idle.
+    head, nothing to differentiate, no dropout; compiled, or eager on CUDA from 32768 key rows times key heads
+    N * S * Hk or under CUDA-graph capture, as flash_attn_func) run flash_attn_with_kvcache's split-KV decode
+    path over key and value in place, where flash_attn_func's one tile per (sequence, head) would leave most
+    of the GPU idle.
     """
     if _torch is None:
         raise TypeError("scaled_dot_product_attention: needs torch (not installed, or FLASH_ATTN_RS_NO_TORCH set)")
@@ -476,8 +477,11 @@ def _sdpa_decodes(q, k, v, dropout_p):
         return False
     # The KV cache takes its caches as they are (it appends in place): key and value's last dimension must
     # be contiguous already (flash_attn_func copies them otherwise).
-    return (k.stride(3) == 1 and v.stride(3) == 1 and q.dtype in (_torch.float16, _torch.bfloat16)
+    fits = (k.stride(3) == 1 and v.stride(3) == 1 and q.dtype in (_torch.float16, _torch.bfloat16)
             and q.shape[3] in _DECODE_HEAD_DIMS and q.shape[1] * (q.shape[2] // k.shape[2]) <= _DECODE_ROWS)
+    # Eager calls on CUDA: only where the KV cache path's host time pays (`_torch_impl._eager_route_pays`);
+    # compiled ones always (their graph's host time is not per call).
+    return fits and (not q.is_cuda or _torch_impl._is_compiling() or _torch_impl._eager_route_pays(k.shape))
 
 
 _DECODE_ROWS, _DECODE_HEAD_DIMS = _native.DENSE_DECODE_MAX_ROWS, frozenset(_native.DENSE_DECODE_HEAD_DIMS)

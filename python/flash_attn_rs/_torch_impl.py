@@ -606,8 +606,8 @@ _EAGER_ROUTE_MIN_KEYS = 32768
 
 
 def _eager_route_pays(ks):
-    """Whether an eager decoding step (k `[B, Sk, Hk, D]`) runs the KV cache's kernels: always while a CUDA graph
-    is being captured (replays cost device time only, where they are 2-9x faster), else from
+    """Whether an eager decoding step on CUDA (k `[B, Sk, Hk, D]`) runs the KV cache's kernels: always while a CUDA
+    graph is being captured (replays cost device time only, where they are 2-9x faster), else from
     `_EAGER_ROUTE_MIN_KEYS` key rows times kv heads."""
     return ks[0] * ks[1] * ks[2] >= _EAGER_ROUTE_MIN_KEYS or torch.cuda.is_current_stream_capturing()
 
