@@ -1,6 +1,6 @@
 """Dense calls at decoding shapes from Python, one process (benches/RESULTS.md, "KV-cache decode"): flash_attn_func
-without grad routed to the KV cache's decode kernels against the same call with the routing off (the module's row
-limit set to 0: one row tile per (sequence, head)), flash_attn_rs.scaled_dot_product_attention, PyTorch's SDPA; eager
+without grad routed to the KV cache's decode kernels (the eager threshold set to 0) against the same call with the
+routing off (the module's row limit set to 0: one row tile per (sequence, head)) and with the shipped rule, flash_attn_rs.scaled_dot_product_attention, PyTorch's SDPA; eager
 back-to-back calls and CUDA-graph replays (device time); us per call, median of 7.
 Run on the GPU machine: PYTHONPATH=<the wheel's install dir> python3 benches/py_decode_routes.py"""
 import statistics, torch, torch.nn.functional as F
@@ -35,7 +35,7 @@ def graph_us(fn, n=16, reps=7):
     return statistics.median(out)
 
 rows0 = _torch_impl._DECODE_ROWS
-print("DECODE  shape            | func routed  func dense  x | fa sdpa  torch sdpa | graph: routed  dense  x  torch sdpa", flush=True)
+print("DECODE  shape            | func routed  func dense  x | func default | fa sdpa routed  torch sdpa | graph: routed  dense  x  torch sdpa", flush=True)
 with torch.no_grad():
     for n, s in [(1, 1024), (1, 8192), (1, 32768), (8, 8192), (32, 4096), (64, 8192)]:
         torch.manual_seed(0)
@@ -47,13 +47,16 @@ with torch.no_grad():
         sd = lambda: fa.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
         ts = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
         _torch_impl._DECODE_ROWS = rows0
+        default_e = eager_us(f)  # the shipped rule (routed from _EAGER_ROUTE_MIN_KEYS key rows x kv heads)
+        min_keys, _torch_impl._EAGER_ROUTE_MIN_KEYS = _torch_impl._EAGER_ROUTE_MIN_KEYS, 0
         r_e, r_g = eager_us(f), graph_us(f)
         sd_e = eager_us(sd)
+        _torch_impl._EAGER_ROUTE_MIN_KEYS = min_keys
         _torch_impl._DECODE_ROWS = 0
         d_e, d_g = eager_us(f), graph_us(f)
         _torch_impl._DECODE_ROWS = rows0
         t_e, t_g = eager_us(ts), graph_us(ts)
-        print(f"DECODE  N{n} S{s:<6} | {r_e:9.1f} {d_e:10.1f} {d_e / r_e:5.2f} | {sd_e:7.1f} {t_e:10.1f} | "
+        print(f"DECODE  N{n} S{s:<6} | {r_e:9.1f} {d_e:10.1f} {d_e / r_e:5.2f} | {default_e:12.1f} | {sd_e:14.1f} {t_e:10.1f} | "
               f"{r_g:13.1f} {d_g:6.1f} {d_g / r_g:5.2f} {t_g:10.1f}", flush=True)
         del q, k, v, qt, kt, vt
         torch.cuda.empty_cache()
