@@ -445,12 +445,15 @@ fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>,
 }
 
 /// A validated dense forward on device `ordinal` as a KV-cache call over k and v in place
-/// (`KvCacheViews::of_dense`): `cache_seqlens` (Sk for every row) and the workspace allocated here, freed
-/// after the kernels on the legacy stream.
+/// (`KvCacheViews::of_dense`): `cache_seqlens` (Sk for every row, set by a memset: nothing waits on the
+/// host) and the workspace allocated here, freed after the kernels on the legacy stream.
 fn decode_fwd(views: &FwdViews<'_>, sk: i32, opts: &AttnOptions, ordinal: usize) -> Result<()> {
     let device = Device::Cuda(ordinal);
-    let lens = Tensor::from_i32(vec![sk; views.q.shape[0]], &[views.q.shape[0]])?.to_device(device)?;
-    let kv_views = KvCacheViews::of_dense(views, lens.view());
+    let batch = views.q.shape[0];
+    let lens = crate::cuda::DeviceBuffer::filled_i32(ordinal, sk, batch)?;
+    let (shape, strides) = ([batch], [1usize]);
+    let lens_view = View { addr: lens.ptr(), dtype: DType::I32, shape: &shape, strides: &strides };
+    let kv_views = KvCacheViews::of_dense(views, lens_view);
     let kv = KvCacheOptions::default();
     let bytes = raw::kvcache_workspace_bytes(&kv_views, opts, &kv, target(device))?;
     let ws_buf = crate::cuda::DeviceBuffer::uninit(ordinal, bytes.max(1))?;
