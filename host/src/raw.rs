@@ -167,9 +167,9 @@ pub unsafe fn fwd_kvcache(t: &KvCacheViews<'_>, opts: &AttnOptions, kv: &KvCache
 /// at batch 1) and reads each kv head's keys once per q head; the KV cache's decode kernels pack a kv
 /// head's query rows into one tile and split the keys over the multiprocessors. The candle adapter
 /// routes such calls (it has an allocator for `cache_seqlens` and the workspace); so do the `Tensor` API's
-/// dense forward (`fwd`, `fwd_into`) and the Python package's `scaled_dot_product_attention` and eager
-/// `flash_attn_func`. `FLASH_ATTN_NO_DENSE_DECODE` (any value, read once) makes it
-/// false everywhere, for A/B runs.
+/// dense forward (`fwd`, `fwd_into`) and the Python package's `scaled_dot_product_attention` and
+/// `flash_attn_func` (eager calls there only from enough keys, where the Python KV cache path's host time
+/// pays). `FLASH_ATTN_NO_DENSE_DECODE` (any value, read once) makes it false everywhere, for A/B runs.
 pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::types::DType, opts: &AttnOptions, alibi: bool) -> bool {
     if dense_decode_off() {
         return false;
