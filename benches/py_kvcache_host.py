@@ -36,11 +36,11 @@ with torch.no_grad():
     rows["native fwd_kvcache, args precomputed"] = lambda: ti._native.fwd_kvcache(*args, workspace=(ws.data_ptr(), need))
     rows["native fwd_kvcache, size query only"] = lambda: ti._native.fwd_kvcache(*args)
     rows["_device(q)"] = lambda: ti._device(q)
-    ti._DECODE_ROWS = 0
+    rows0, ti._DECODE_ROWS = ti._DECODE_ROWS, 0
     rows["flash_attn_func (dense)"] = lambda: fa.flash_attn_func(q, k, v)
     for name, fn in rows.items():
         print(f"PROF {name:<40} {host_us(fn):8.1f} us", flush=True)
-    ti._DECODE_ROWS = fa._DECODE_ROWS
+    ti._DECODE_ROWS = rows0
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(2000):

@@ -468,8 +468,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 def _sdpa_decodes(q, k, v, dropout_p):
     """Whether an SDPA call (q `[N, L, Hq, E]`, k, v `[N, S, Hk, E]`) runs flash_attn_with_kvcache's decode
     path: nothing to differentiate, no dropout, and the library's rule for a dense forward as decoding steps
-    (`raw::dense_fwd_decodes`: at most DENSE_DECODE_MAX_ROWS query rows per key head, a head dim with decode
-    kernels; where flash_attn_func's row tiles would leave most of the GPU idle: one per (sequence, head)).
+    (`_torch_impl._dense_decodes`, flash_attn_func's too: at most DENSE_DECODE_MAX_ROWS query rows per key head,
+    a head dim with decode kernels; where flash_attn_func's row tiles would leave most of the GPU idle: one per
+    (sequence, head)).
     Plain Python over the library's limits, so torch.compile traces the choice (and the KV cache's op)."""
     if dropout_p != 0 or _torch_impl._functorch_active():
         return False
@@ -478,13 +479,11 @@ def _sdpa_decodes(q, k, v, dropout_p):
     # The KV cache takes its caches as they are (it appends in place): key and value's last dimension must
     # be contiguous already (flash_attn_func copies them otherwise).
     fits = (k.stride(3) == 1 and v.stride(3) == 1 and q.dtype in (_torch.float16, _torch.bfloat16)
-            and q.shape[3] in _DECODE_HEAD_DIMS and q.shape[1] * (q.shape[2] // k.shape[2]) <= _DECODE_ROWS)
+            and _torch_impl._dense_decodes(q.shape, k.shape, v.shape))
     # Eager calls on CUDA: only where the KV cache path's host time pays (`_torch_impl._eager_route_pays`);
     # compiled ones always (their graph's host time is not per call).
     return fits and (not q.is_cuda or _torch_impl._is_compiling() or _torch_impl._eager_route_pays(k.shape))
 
-
-_DECODE_ROWS, _DECODE_HEAD_DIMS = _native.DENSE_DECODE_MAX_ROWS, frozenset(_native.DENSE_DECODE_HEAD_DIMS)
 
 
 def _sdpa_unsupported(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):

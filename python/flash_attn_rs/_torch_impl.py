@@ -613,9 +613,10 @@ def _eager_route_pays(ks):
 
 
 def _dense_decodes(qs, ks, vs):
-    """`raw::dense_fwd_decodes` for an eager dense forward without ALiBi or dropout (q `[B, Sq, Hq, D]`, k, v
-    `[B, Sk, Hk, D]`): every size above 0, at most DENSE_DECODE_MAX_ROWS query rows per kv head, a head dim
-    with decode kernels. Shapes that do not fit together run the dense path (whose validation names them)."""
+    """`raw::dense_fwd_decodes` for a dense forward without ALiBi or dropout (q `[B, Sq, Hq, D]`, k, v
+    `[B, Sk, Hk, D]`; flash_attn_func's eager route and scaled_dot_product_attention's, which torch.compile
+    traces): every size above 0, at most DENSE_DECODE_MAX_ROWS query rows per kv head, a head dim with decode
+    kernels. Shapes that do not fit together run the dense path (whose validation names them)."""
     b, sq, hq, d = qs
     return (ks == vs and ks[0] == b and ks[3] == d and 0 < b and 0 < ks[1] < 2**31 and 0 < ks[2] and hq % ks[2] == 0
             and 0 < sq * (hq // ks[2]) <= _DECODE_ROWS and d in _DECODE_HEAD_DIMS)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import _DECODE_HEAD_DIMS, _sdpa_decodes, _torch_impl, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from . import _sdpa_decodes, _torch_impl, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 NAME = "fa_rs"
 _HALF = (torch.float16, torch.bfloat16)
@@ -346,7 +346,7 @@ def _padded(q, k, v, mask, opts, train, memo_key=None, compact_compiled=False):
         q = q.gather(1, perm_q[:, :, None, None].expand_as(q))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if (sq == 1 and not grad and train["dropout_p"] == 0 and k.stride(3) == 1 and v.stride(3) == 1
-            and q.shape[3] in _DECODE_HEAD_DIMS and not _torch_impl._functorch_active()):
+            and q.shape[3] in _torch_impl._DECODE_HEAD_DIMS and not _torch_impl._functorch_active()):
         # A decoding step over a padded cache: the KV cache's kernels over key and value in place, each row
         # seeing its keys from cache_leftpad to cache_seqlens (the one query row is real, as in flash-attn's path).
         return flash_attn_with_kvcache(q, k, v, cache_seqlens=cache[0], cache_leftpad=cache[1], **opts)

@@ -1407,7 +1407,8 @@ def check_func_decoding(dev, quick):
     flash_attn_with_kvcache's split-KV decode kernels on CUDA: its bits (out and lse), within the input-dtype
     math's error of float64; with inputs requiring grad the dense kernels (differentiable). GQA, causal, windows, softcap, strided keys, random key counts."""
     import random
-    from flash_attn_rs import _DECODE_HEAD_DIMS, _DECODE_ROWS, _torch_impl
+    from flash_attn_rs import _torch_impl
+    from flash_attn_rs._torch_impl import _DECODE_HEAD_DIMS, _DECODE_ROWS
     seed = random.randrange(2**31)
     rnd = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
