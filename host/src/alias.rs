@@ -39,7 +39,7 @@ pub fn overlap(a: &View<'_>, b: &View<'_>) -> bool {
         n += 1;
     }
     let dims = &mut all[..n];
-    dims.sort_unstable_by(|x, y| y.0.cmp(&x.0));
+    dims.sort_unstable_by_key(|x| std::cmp::Reverse(x.0));
     // Reach of the dimensions from k on: the smallest and largest sums they can make.
     let mut reach = [(0i128, 0i128); 5];
     for k in (0..dims.len()).rev() {

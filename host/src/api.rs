@@ -426,13 +426,13 @@ fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>,
     };
     // Decoding steps on CUDA (`raw::dense_fwd_decodes`) run the KV cache's split-KV decode kernels over k and
     // v in place, once the call is known valid as a dense forward (errors name its arguments).
-    if let (Device::Cuda(ordinal), None, true) = (device, varlen, views.alibi_slopes.is_none() && views.s_dmask.is_none()) {
-        if raw::dense_fwd_decodes(q.shape(), k.shape(), q.dtype(), opts, false) {
-            let p = validate::validate_fwd(&views.q, &views.k, &views.v, None, opts)?;
-            validate::check_fwd_outputs(&p, &views, None)?;
-            if let Ok(sk) = i32::try_from(p.seqlen_k) {
-                return decode_fwd(&views, sk, opts, ordinal);
-            }
+    if let (Device::Cuda(ordinal), None, true) = (device, varlen, views.alibi_slopes.is_none() && views.s_dmask.is_none())
+        && raw::dense_fwd_decodes(q.shape(), k.shape(), q.dtype(), opts, false)
+    {
+        let p = validate::validate_fwd(&views.q, &views.k, &views.v, None, opts)?;
+        validate::check_fwd_outputs(&p, &views, None)?;
+        if let Ok(sk) = i32::try_from(p.seqlen_k) {
+            return decode_fwd(&views, sk, opts, ordinal);
         }
     }
     // Safety: every view is of a live tensor on `device`, which the legacy stream orders its frees after.

@@ -615,7 +615,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         // lowest unfinished (kv head, sequence) always has all its CTAs running, and a rotated turn (which
         // waits on lower and higher CTAs of its pair alike) never waits on one not yet started.
         // FLASH_ATTN_BWD_NO_ROTATE: off.
-        dq_rotate: i32::from(launches.ordered && launches.iter().nth(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate()),
+        dq_rotate: i32::from(launches.ordered && launches.get(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate()),
         // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
         dq_sem: match (launches.ordered, ws.dq_sem) {
             (true, Some(o)) => ws_addr + o as u64,
