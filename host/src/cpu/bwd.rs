@@ -4,11 +4,13 @@
 //! dS_ij = P_ij (Z_ij dout_i . v_j - D_i), then dV = (P Z)^T dout, dK = scale dX^T Q and dQ = scale dX K,
 //! where dX = dS * ds/dx carries the softcap's tanh (1 - tanh^2); the bias is constant in q and k.
 //!
-//! Two passes, each writing disjoint outputs, so no sum is ever split between threads and no float
-//! atomics are needed:
-//!   dk/dv: one work item per (sequence, kv head, key tile) walks its group's q heads and the queries
-//!          that see the tile;
-//!   dq:    one work item per (sequence, q head, query tile) walks the key tiles its rows see.
+//! Work items write disjoint outputs, so no sum is ever split between threads and no float atomics are
+//! needed. Two walks, the same sums in the same order (so the same bits):
+//!   fused (enough (sequence, kv head) pairs for the threads): one work item per pair walks its key
+//!          tiles in order; per tile it walks its group's q heads and the queries that see the tile,
+//!          summing dK / dV for the tile and adding the tile's dq terms to the pair's dq rows;
+//!   two passes (else): dk/dv per (sequence, kv head, key tile) as above without dq, then dq per
+//!          (sequence, q head, query tile) over the key tiles its rows see, recomputing S and dP.
 //! Every gradient element is one sequential f32 sum in a fixed order (q heads of the group, then queries
 //! or keys ascending), so the result is bitwise the same whatever the thread count or schedule:
 //! `deterministic` holds trivially. Each row's and key's arithmetic depends only on its own sequence, so
@@ -20,7 +22,7 @@ use super::mask::key_range;
 use super::math::exp;
 use super::score::{HeadMods, Mods, Score};
 use super::simd::{by_head_dim, multiversion};
-use super::tile::{weighted_rows, KeysT};
+use super::tile::{weighted_rows, weighted_tile, weighted_tile_of, KeysT};
 use super::seqlen::{self, SeqInfo};
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::error::Result;
@@ -81,25 +83,60 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
     }
     let x = Inputs { q: qd, k: kd, v: vd, dout: dod, lse, delta: &delta, mods };
 
-    // dk, dv: per (sequence, kv head, key tile). Keys of no sequence stay 0.
-    let kv_items: Vec<(usize, usize, usize)> =
-        infos.iter().enumerate().flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| (0..s.seqlen_k.div_ceil(BLOCK_N)).map(move |n| (b, hk, n)))).collect();
-    let kv_tiles: Vec<(Vec<f32>, Vec<f32>)> = kv_items.par_iter().map(|&(b, hk, n)| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n)).collect();
+    // Keys and rows of no sequence stay 0.
     let mut dk = vec![0.0f32; p.total_k * p.hk * d];
     let mut dv = vec![0.0f32; p.total_k * p.hk * d];
-    for (&(b, hk, n_block), (tk, tv)) in kv_items.iter().zip(&kv_tiles) {
+    let mut dq = vec![0.0f32; p.total_q * p.hq * d];
+    let mut put_keys = |b: usize, hk: usize, n_block: usize, tk: &[f32], tv: &[f32]| {
         for (c, (k_row, v_row)) in tk.chunks_exact(d).zip(tv.chunks_exact(d)).enumerate() {
             let at = ((seqs[b].key_row0 + n_block * BLOCK_N + c) * p.hk + hk) * d;
             dk[at..at + d].copy_from_slice(k_row);
             dv[at..at + d].copy_from_slice(v_row);
         }
+    };
+    if seqs.len() * p.hk >= 2 * rayon::current_num_threads() {
+        // Enough (sequence, kv head) pairs to keep every thread busy: one work item per pair walks its key
+        // tiles in order and adds each tile's dq terms to its group's rows there, the dq pass's sums in the
+        // dq pass's order (the same bits), so each tile's S and dP are computed once.
+        let items: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|b| (0..p.hk).map(move |hk| (b, hk))).collect();
+        // Per pair: its key tiles' (dk, dv), its group's dq rows.
+        type Pair = (Vec<(Vec<f32>, Vec<f32>)>, Vec<f32>);
+        let parts: Vec<Pair> = items
+            .par_iter()
+            .map(|&(b, hk)| {
+                let s = &infos[b];
+                let mut group_dq = vec![0.0f32; group * s.seqlen_q * d];
+                let tiles = (0..s.seqlen_k.div_ceil(BLOCK_N)).map(|n| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n, Some(&mut group_dq))).collect();
+                group_dq.iter_mut().for_each(|x| *x *= p.scale);
+                (tiles, group_dq)
+            })
+            .collect();
+        for (&(b, hk), (tiles, group_dq)) in items.iter().zip(&parts) {
+            for (n_block, (tk, tv)) in tiles.iter().enumerate() {
+                put_keys(b, hk, n_block, tk, tv);
+            }
+            for (g, rows) in group_dq.chunks_exact(infos[b].seqlen_q.max(1) * d).enumerate() {
+                for (r, row) in rows.chunks_exact(d).enumerate() {
+                    let at = ((infos[b].out_row0 + r) * p.hq + hk * group + g) * d;
+                    dq[at..at + d].copy_from_slice(row);
+                }
+            }
+        }
+        return Ok([dq, dk, dv]);
     }
 
-    // dq: per (sequence, q head, query tile). Rows of no sequence stay 0.
+    // dk, dv: per (sequence, kv head, key tile).
+    let kv_items: Vec<(usize, usize, usize)> =
+        infos.iter().enumerate().flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| (0..s.seqlen_k.div_ceil(BLOCK_N)).map(move |n| (b, hk, n)))).collect();
+    let kv_tiles: Vec<(Vec<f32>, Vec<f32>)> = kv_items.par_iter().map(|&(b, hk, n)| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n, None)).collect();
+    for (&(b, hk, n_block), (tk, tv)) in kv_items.iter().zip(&kv_tiles) {
+        put_keys(b, hk, n_block, tk, tv);
+    }
+
+    // dq: per (sequence, q head, query tile).
     let q_items: Vec<(usize, usize, usize)> =
         infos.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
     let q_tiles: Vec<Vec<f32>> = q_items.par_iter().map(|&(b, h, m)| dq_tile(p, bp, &x, &seqs[b], b, lse_head_stride, h, group, m)).collect();
-    let mut dq = vec![0.0f32; p.total_q * p.hq * d];
     for (&(b, h, m_block), t) in q_items.iter().zip(&q_tiles) {
         for (r, row) in t.chunks_exact(d).enumerate() {
             let at = ((seqs[b].s.out_row0 + m_block * BLOCK_M + r) * p.hq + h) * d;
@@ -110,17 +147,18 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
     Ok([dq, dk, dv])
 }
 
-/// dk and dv (`cols * D` each) of key tile `n_block` of kv head `hk`.
+/// dk and dv (`cols * D` each) of key tile `n_block` of kv head `hk`; with `dq` (the group's q heads' rows of
+/// the sequence, `[group][seqlen_q][D]`), the tile's dq terms (before the factor `scale`) added to it.
 #[allow(clippy::too_many_arguments)]
-fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) {
-    by_head_dim!(p.head_dim, dkdv_dim(p, bp, x, seq, bidb, lse_head_stride, hk, group, n_block))
+fn dkdv_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize, dq: Option<&mut [f32]>) -> (Vec<f32>, Vec<f32>) {
+    by_head_dim!(p.head_dim, dkdv_dim(p, bp, x, seq, bidb, lse_head_stride, hk, group, n_block, dq))
 }
 
-multiversion!(fn dkdv_dim<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) = dkdv_in);
+multiversion!(#[allow(clippy::too_many_arguments)] fn dkdv_dim<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize, dq: Option<&mut [f32]>) -> (Vec<f32>, Vec<f32>) = dkdv_in);
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize) -> (Vec<f32>, Vec<f32>) {
+fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize, mut dq: Option<&mut [f32]>) -> (Vec<f32>, Vec<f32>) {
     let (s, d) = (&seq.s, if D > 0 { D } else { p.head_dim });
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
@@ -134,10 +172,7 @@ fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &S
     vt.set(&v, cols);
     let (mut dk, mut dv) = (vec![0.0f32; cols * d], vec![0.0f32; cols * d]);
     let (mut q, mut g) = (vec![0.0f32; BLOCK_M * d], vec![0.0f32; BLOCK_M * d]);
-    // Per row of the query tile: P Z and dX against the tile's keys (0 where the row does not see a key).
-    let (mut pz, mut dx) = (vec![[0.0f32; BLOCK_N]; BLOCK_M], vec![[0.0f32; BLOCK_N]; BLOCK_M]);
-    let mut seen = [(0usize, 0usize); BLOCK_M];
-    let mut t = Tile::new();
+    let mut t = Grads::new();
 
     for h in hk * group..(hk + 1) * group {
         let mods = x.mods.head(bidb, h);
@@ -145,29 +180,23 @@ fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &S
         for m_block in 0..sq.div_ceil(BLOCK_M) {
             let i0 = m_block * BLOCK_M;
             let rows = (sq - i0).min(BLOCK_M);
-            // Both ends of a row's key range grow with the row, so the tile's rows see keys lo..hi.
-            let (lo, _) = range(i0);
-            let (_, hi) = range(i0 + rows - 1);
-            if hi <= j0 || lo >= j0 + cols {
-                continue;
-            }
+            let seen = |r: usize| {
+                let (a, b) = range(i0 + r);
+                (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0))
+            };
+            let Some((first, last, span)) = seen_rows(rows, seen) else { continue };
             load_rows(x.q, s.q_base + i0 * p.q.row + h * p.q.head, p.q.row, rows, d, &mut q);
             load_rows(x.dout, seq.dout_base + i0 * bp.dout.row + h * bp.dout.head, bp.dout.row, rows, d, &mut g);
-            for r in 0..rows {
-                let at = s.lse_base + h * lse_head_stride + i0 + r;
-                let (a, b) = range(i0 + r);
-                let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
-                seen[r] = if a >= b || x.lse[at] == f32::NEG_INFINITY { (0, 0) } else { (a, b) };
-                if seen[r].0 < seen[r].1 {
-                    t.grads::<D>(&score, &mods, &kt, &vt, &q[r * d..][..d], &g[r * d..][..d], x.lse[at], x.delta[at], i0 + r, j0, (a, b));
-                    pz[r][a..b].copy_from_slice(&t.pz[a..b]);
-                    dx[r][a..b].copy_from_slice(&t.dx[a..b]);
-                }
-            }
-            // Each key's sums over the tile's rows, in row order.
-            for c in 0..cols {
-                rows_into::<D>(&mut dv[c * d..][..d], &pz[..rows], &seen[..rows], c, &g, d);
-                rows_into::<D>(&mut dk[c * d..][..d], &dx[..rows], &seen[..rows], c, &q, d);
+            let at0 = s.lse_base + h * lse_head_stride + i0;
+            t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, &x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows], i0, j0, first..last, seen, span.clone());
+            // Each key's sums over the tile's rows, in row order (rows that do not see a key weigh 0 there).
+            let keys = span.start * d..span.end * d;
+            weighted_keys::<D>(&mut dv[keys.clone()], &t.pz[first..last], span.start, &g[first * d..last * d]);
+            weighted_keys::<D>(&mut dk[keys], &t.dx[first..last], span.start, &q[first * d..last * d]);
+            if let Some(dq) = dq.as_deref_mut() {
+                // dq_r += dX_rj k_j, as the dq pass adds them.
+                let at = ((h - hk * group) * sq + i0 + first) * d;
+                weighted_tile_of::<D>(&mut dq[at..at + (last - first) * d], &t.dx[first..last], span.clone(), &k, d);
             }
         }
     }
@@ -175,24 +204,47 @@ fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &S
     (dk, dv)
 }
 
-/// `acc += w[r][c] * rows_r` over the rows r that see key c, in row order (rows `d` wide).
+/// For each key c of `acc`'s rows (key c0 first, rows `d` wide): `acc_c += w[r][c] * rows_r` over the rows r,
+/// in row order; four keys at a time share each row's loads (per element the same operations as one key at
+/// a time, so the same bits).
 #[inline(always)]
-fn rows_into<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], seen: &[(usize, usize)], c: usize, rows: &[f32], d: usize) {
-    let mut col = [0.0f32; BLOCK_M];
-    let mut n = 0;
-    let mut at = [0usize; BLOCK_M];
-    for (r, (w, &(a, b))) in w.iter().zip(seen).enumerate() {
-        if a <= c && c < b {
-            col[n] = w[c];
-            at[n] = r;
-            n += 1;
+fn weighted_keys<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c0: usize, rows: &[f32]) {
+    let d = if D > 0 { D } else { rows.len() / w.len().max(1) };
+    let mut blocks = acc.chunks_exact_mut(KEYS * d);
+    let mut c = c0;
+    for block in &mut blocks {
+        for e in (0..d).step_by(32) {
+            let mut o = [[0.0f32; 32]; KEYS];
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = block[i * d + e..][..32].try_into().expect("32 columns");
+            }
+            for (wr, row) in w.iter().zip(rows.chunks_exact(d)) {
+                let x: &[f32; 32] = row[e..e + 32].try_into().expect("32 columns");
+                for (i, o) in o.iter_mut().enumerate() {
+                    let wi = wr[c + i];
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o += wi * x;
+                    }
+                }
+            }
+            for (i, o) in o.iter().enumerate() {
+                block[i * d + e..][..32].copy_from_slice(o);
+            }
         }
+        c += KEYS;
     }
-    if n == 0 {
-        return;
+    for a in blocks.into_remainder().chunks_exact_mut(d) {
+        let mut col = [0.0f32; BLOCK_M];
+        for (x, w) in col.iter_mut().zip(w) {
+            *x = w[c];
+        }
+        weighted_rows::<D>(a, &col[..w.len()], |i| &rows[i * d..][..d]);
+        c += 1;
     }
-    weighted_rows::<D>(acc, &col[..n], |i| &rows[at[i] * d..][..d]);
 }
+
+/// Keys per block of `weighted_keys`.
+const KEYS: usize = 4;
 
 /// dq (`rows * D`) of query tile `m_block` of q head `h`.
 #[allow(clippy::too_many_arguments)]
@@ -200,7 +252,7 @@ fn dq_tile(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize,
     by_head_dim!(p.head_dim, dq_dim(p, bp, x, seq, bidb, lse_head_stride, h, group, m_block))
 }
 
-multiversion!(fn dq_dim<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> = dq_in);
+multiversion!(#[allow(clippy::too_many_arguments)] fn dq_dim<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> = dq_in);
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -221,64 +273,96 @@ fn dq_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq
     let (mut kt, mut vt) = (KeysT::new(d), KeysT::new(d));
     let mods = x.mods.head(bidb, h);
     let score = Score::new(p, &mods, sq, sk);
-    let mut t = Tile::new();
+    let mut t = Grads::new();
 
     let (lo, _) = range(i0);
     let (_, hi) = range(i0 + rows - 1);
     for n_block in lo / BLOCK_N..hi.div_ceil(BLOCK_N) {
         let j0 = n_block * BLOCK_N;
         let cols = (sk - j0).min(BLOCK_N);
+        let seen = |r: usize| {
+            let (a, b) = range(i0 + r);
+            (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0))
+        };
+        let Some((first, last, span)) = seen_rows(rows, seen) else { continue };
         load_rows(x.k, s.k_base + j0 * p.k.row + hk * p.k.head, p.k.row, cols, d, &mut k);
         load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
         kt.set(&k, cols);
         vt.set(&v, cols);
-        for r in 0..rows {
-            let (a, b) = range(i0 + r);
-            let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
-            if a >= b || lse[r] == f32::NEG_INFINITY {
-                continue;
-            }
-            t.grads::<D>(&score, &mods, &kt, &vt, &q[r * d..][..d], &g[r * d..][..d], lse[r], delta[r], i0 + r, j0, (a, b));
-            // dq_r += dX_rj k_j, key after key.
-            weighted_rows::<D>(&mut dq[r * d..][..d], &t.dx[a..b], |i| &k[(a + i) * d..][..d]);
-        }
+        t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, lse, delta, i0, j0, first..last, seen, span.clone());
+        // dq_r += dX_rj k_j, key after key (0 where the row does not see the key).
+        weighted_tile::<D>(&mut dq[first * d..last * d], &t.dx[first..last], span, |j| &k[j * d..][..d]);
     }
     dq.iter_mut().for_each(|x| *x *= p.scale);
     dq
 }
 
-/// One query row's (P_j Z_j, dX_j) against a key tile, both passes' shared arithmetic, so they agree on every
-/// P and dX bit for bit: Z_j = dropout's 1 / (1 - p) where kept, 0 where dropped (1 without dropout), and dX
+/// The tile's rows that see a key of a key tile (`seen(r)`: row r's keys, tile-relative; consecutive rows,
+/// both ends of a row's range growing with the row) and every key one of them sees; None when no row does.
+#[inline(always)]
+pub(crate) fn seen_rows(rows: usize, seen: impl Fn(usize) -> (usize, usize)) -> Option<(usize, usize, std::ops::Range<usize>)> {
+    let sees = |r: usize| {
+        let (a, b) = seen(r);
+        a < b
+    };
+    let first = (0..rows).find(|&r| sees(r))?;
+    let last = (first..rows).take_while(|&r| sees(r)).last().unwrap_or(first) + 1;
+    Some((first, last, seen(first).0..seen(last - 1).1))
+}
+
+/// A query tile's (P_ij Z_ij, dX_ij) against a key tile, both passes' shared arithmetic, so they agree on every
+/// P and dX bit for bit: Z_ij = dropout's 1 / (1 - p) where kept, 0 where dropped (1 without dropout), and dX
 /// the gradient with respect to q.k without the factor `scale`: dX = P (Z dout.v - D) ds/dx, since
 /// out = sum_j P_j Z_j v_j makes dL/dP_j = Z_j dout.v_j and sum_j P_j Z_j dout.v_j = dout.out = D. The
 /// scores are the forward's (`KeysT`, `Score`), P = exp(s - lse) as s_dmask's.
-struct Tile {
-    s: [f32; BLOCK_N],
-    dp: [f32; BLOCK_N],
+struct Grads {
+    s: Vec<[f32; BLOCK_N]>,
+    dp: Vec<[f32; BLOCK_N]>,
     ds_dx: [f32; BLOCK_N],
     keep: [bool; BLOCK_N],
     factor: [f32; BLOCK_N],
-    pz: [f32; BLOCK_N],
-    dx: [f32; BLOCK_N],
+    pz: Vec<[f32; BLOCK_N]>,
+    dx: Vec<[f32; BLOCK_N]>,
 }
 
-impl Tile {
-    fn new() -> Tile {
-        Tile { s: [0.0; BLOCK_N], dp: [0.0; BLOCK_N], ds_dx: [0.0; BLOCK_N], keep: [false; BLOCK_N], factor: [1.0; BLOCK_N], pz: [0.0; BLOCK_N], dx: [0.0; BLOCK_N] }
+impl Grads {
+    fn new() -> Grads {
+        let tile = || vec![[0.0f32; BLOCK_N]; BLOCK_M];
+        Grads { s: tile(), dp: tile(), ds_dx: [0.0; BLOCK_N], keep: [false; BLOCK_N], factor: [1.0; BLOCK_N], pz: tile(), dx: tile() }
     }
 
-    /// `pz[a..b]`, `dx[a..b]` of query i (`q`, `dout` its rows) against keys j0 + a..j0 + b.
+    /// `pz[r]`, `dx[r]` over the keys `span` for the rows r of `rows` (`q`, `dout` hold the query tile's rows
+    /// from its row 0, which is query i0; `lse`, `delta` its rows' values) against the key tile from key j0:
+    /// row r's keys `seen(r)`, 0 at the span's other keys and in rows whose LSE is -inf (they see no key).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn grads<const D: usize>(&mut self, score: &Score, mods: &HeadMods, kt: &KeysT, vt: &KeysT, q: &[f32], dout: &[f32], lse: f32, delta: f32, i: usize, j0: usize, (a, b): (usize, usize)) {
-        kt.scores::<D>(q, &mut self.s);
-        vt.scores::<D>(dout, &mut self.dp);
-        score.apply_grad(&mut self.s[a..b], &mut self.ds_dx[a..b], i, j0 + a);
-        mods.dropout_row(i, j0 + a, &mut self.keep, &mut self.factor[a..b]);
-        for j in a..b {
-            let pr = exp(self.s[j] - lse);
-            self.pz[j] = pr * self.factor[j];
-            self.dx[j] = pr * (self.dp[j] * self.factor[j] - delta) * self.ds_dx[j];
+    fn tile<const D: usize>(&mut self, score: &Score, mods: &HeadMods, kt: &KeysT, vt: &KeysT, q: &[f32], dout: &[f32], lse: &[f32], delta: &[f32], i0: usize, j0: usize, rows: std::ops::Range<usize>, seen: impl Fn(usize) -> (usize, usize), span: std::ops::Range<usize>) {
+        let d = if D > 0 { D } else { kt.d() };
+        let (first, last) = (rows.start, rows.end);
+        kt.scores_rows::<D>(&q[first * d..last * d], &mut self.s[first..last]);
+        vt.scores_rows::<D>(&dout[first * d..last * d], &mut self.dp[first..last]);
+        for r in rows {
+            let (pz, dx) = (&mut self.pz[r], &mut self.dx[r]);
+            if lse[r] == f32::NEG_INFINITY {
+                pz[span.clone()].fill(0.0);
+                dx[span.clone()].fill(0.0);
+                continue;
+            }
+            let (a, b) = seen(r);
+            let i = i0 + r;
+            let s = &mut self.s[r];
+            score.apply_grad(&mut s[a..b], &mut self.ds_dx[a..b], i, j0 + a);
+            mods.dropout_row(i, j0 + a, &mut self.keep, &mut self.factor[a..b]);
+            let dp = &self.dp[r];
+            for j in a..b {
+                let pr = exp(s[j] - lse[r]);
+                pz[j] = pr * self.factor[j];
+                dx[j] = pr * (dp[j] * self.factor[j] - delta[r]) * self.ds_dx[j];
+            }
+            pz[span.start..a].fill(0.0);
+            dx[span.start..a].fill(0.0);
+            pz[b..span.end].fill(0.0);
+            dx[b..span.end].fill(0.0);
         }
     }
 }

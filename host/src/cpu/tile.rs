@@ -61,39 +61,42 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &Hea
     let mut k = vec![0.0f32; BLOCK_N * d];
     let mut kt = KeysT::new(d);
     let mut v = vec![0.0f32; BLOCK_N * d];
-    let mut scores = [0.0f32; BLOCK_N];
+    // The tile's scores, then its probabilities, row by row (0 outside each row's keys).
+    let mut probs = vec![[0.0f32; BLOCK_N]; rows];
     let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
     let score = Score::new(p, m, sq, sk);
     let dropout = m.dropout.is_some();
     for n_block in (lo / BLOCK_N).max(n_blocks.start)..hi.div_ceil(BLOCK_N).min(n_blocks.end) {
         let j0 = n_block * BLOCK_N;
         let cols = (sk - j0).min(BLOCK_N);
+        // The rows that see a key of this tile (consecutive: both ends of a row's range grow with the row)
+        // and every key one of them sees.
+        let seen = |r: usize| {
+            let (a, b) = range(i0 + r);
+            (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0))
+        };
+        let Some(first) = (0..rows).find(|&r| seen(r).0 < seen(r).1) else { continue };
+        let last = (first..rows).take_while(|&r| seen(r).0 < seen(r).1).last().unwrap_or(first) + 1;
+        let (span_lo, span_hi) = (seen(first).0, seen(last - 1).1);
         x.keys.load(x.k, &p.k, s, s.k_base, x.k_head, j0, cols, d, &mut k);
         x.keys.load(x.v, &p.v, s, s.v_base, x.v_head, j0, cols, d, &mut v);
         kt.set(&k, cols);
-        for r in 0..rows {
-            let (a, b) = range(i0 + r);
-            let (a, b) = (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0));
-            if a >= b {
-                // Nothing visible here: the row's state is untouched, so its result never depends on which
-                // other rows share its tile.
-                continue;
-            }
+        kt.scores_rows::<D>(&q[first * d..last * d], &mut probs[first..last]);
+        for r in first..last {
+            let (a, b) = seen(r);
             let i = i0 + r;
-            kt.scores::<D>(&q[r * d..][..d], &mut scores);
-            let s_row = &mut scores[a..b];
+            let row = &mut probs[r];
+            let s_row = &mut row[a..b];
             score.apply(s_row, i, j0 + a);
             if dropout {
                 m.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
             }
             // Online softmax: rescale what was accumulated under the old max.
-            let block_max = s_row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = row_max[r].max(block_max);
-            let acc_row = &mut acc[r * d..][..d];
+            let new_max = row_max[r].max(lane_max(s_row));
             if new_max != row_max[r] {
                 let alpha = exp(row_max[r] - new_max);
                 row_sum[r] *= alpha;
-                acc_row.iter_mut().for_each(|o| *o *= alpha);
+                acc[r * d..][..d].iter_mut().for_each(|o| *o *= alpha);
                 row_max[r] = new_max;
             }
             s_row.iter_mut().for_each(|sc| *sc = exp(*sc - new_max));
@@ -101,8 +104,11 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &Hea
             if dropout {
                 s_row.iter_mut().zip(&factor[a..b]).for_each(|(pr, f)| *pr *= f);
             }
-            weighted_rows::<D>(acc_row, s_row, |j| &v[(a + j) * d..][..d]);
+            // Keys the tile's other rows see weigh 0 here: adding 0 v_j leaves the row's sums as they were.
+            row[span_lo..a].fill(0.0);
+            row[b..span_hi].fill(0.0);
         }
+        weighted_tile::<D>(&mut acc[first * d..last * d], &probs[first..last], span_lo..span_hi, |j| &v[j * d..][..d]);
     }
 
     let mut lse = vec![f32::NEG_INFINITY; rows];
@@ -167,6 +173,82 @@ fn weighted_cols<'a, const W: usize>(acc: &mut [f32], w: &[f32], row: &impl Fn(u
     *at = o;
 }
 
+/// The largest of `x` (-inf when empty; NaNs skipped, as `f32::max` does) in eight lanes: vectorized.
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut l = [f32::NEG_INFINITY; 8];
+    let (chunks, rest) = x.as_chunks::<8>();
+    for c in chunks {
+        for (l, &v) in l.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    for (l, &v) in l.iter_mut().zip(rest) {
+        *l = l.max(v);
+    }
+    (l[0].max(l[4]).max(l[1].max(l[5]))).max(l[2].max(l[6]).max(l[3].max(l[7])))
+}
+
+/// `weighted_rows` for each row r of `acc` (rows `d` wide) with weights `w[r][keys]`: four rows at a time share
+/// each key row's loads (the same operations per element as `weighted_rows`, so the same bits).
+#[inline(always)]
+pub(crate) fn weighted_tile<'a, const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], keys: std::ops::Range<usize>, row: impl Fn(usize) -> &'a [f32]) {
+    let d = if D > 0 { D } else { acc.len() / w.len().max(1) };
+    let (blocks, rest) = w.as_chunks::<ROWS>();
+    let (acc_blocks, acc_rest) = acc.split_at_mut(blocks.len() * ROWS * d);
+    for (wb, ab) in blocks.iter().zip(acc_blocks.chunks_exact_mut(ROWS * d)) {
+        if D > 0 {
+            let mut c = 0;
+            while c < D {
+                weighted_cols_rows::<32>(ab, d, wb, keys.clone(), &row, c);
+                c += 32;
+            }
+        } else {
+            for (r, a) in ab.chunks_exact_mut(d).enumerate() {
+                weighted_rows::<D>(a, &wb[r][keys.clone()], |i| row(keys.start + i));
+            }
+        }
+    }
+    for (wr, a) in rest.iter().zip(acc_rest.chunks_exact_mut(d)) {
+        weighted_rows::<D>(a, &wr[keys.clone()], |i| row(keys.start + i));
+    }
+}
+
+multiversion!(
+    /// `weighted_tile` with the key rows in one slice (row j at `j * d`), compiled on its own: inlined into the
+    /// backward's dK / dV loop, LLVM left it scalar.
+    pub(crate) fn weighted_tile_of<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], keys: std::ops::Range<usize>, rows: &[f32], d: usize) -> () = weighted_tile_of_in
+);
+
+#[inline(always)]
+fn weighted_tile_of_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], keys: std::ops::Range<usize>, rows: &[f32], d: usize) {
+    weighted_tile::<D>(acc, w, keys, |j| &rows[j * d..][..d]);
+}
+
+/// Rows per block of `weighted_tile` and `KeysT::scores_rows`.
+const ROWS: usize = 4;
+
+/// `weighted_tile` of ROWS rows over columns `c..c + W`, their accumulators in registers.
+#[inline(always)]
+fn weighted_cols_rows<'a, const W: usize>(acc: &mut [f32], d: usize, w: &[[f32; BLOCK_N]; ROWS], keys: std::ops::Range<usize>, row: &impl Fn(usize) -> &'a [f32], c: usize) {
+    let mut o = [[0.0f32; W]; ROWS];
+    for (r, o) in o.iter_mut().enumerate() {
+        *o = acc[r * d + c..][..W].try_into().expect("W columns");
+    }
+    for j in keys {
+        let x: &[f32; W] = row(j)[c..c + W].try_into().expect("W columns");
+        for (o, w) in o.iter_mut().zip(w) {
+            let wj = w[j];
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o += wj * x;
+            }
+        }
+    }
+    for (r, o) in o.iter().enumerate() {
+        acc[r * d + c..][..W].copy_from_slice(o);
+    }
+}
+
 /// A key tile transposed, `[D][BLOCK_N]`, so that a query row's scores against all its keys are one
 /// vector accumulation per head-dim element: q.k_j = sum over e of q[e] k_j[e], e in order, the same for
 /// every key wherever it stands in the tile (`attend` and `probs` share it, so s_dmask's scores are the
@@ -182,14 +264,64 @@ impl KeysT {
         KeysT { t: vec![0.0; d * BLOCK_N], d }
     }
 
-    /// Transposes the first `cols` keys of `k` (`[cols][d]`).
+    /// The head dim.
+    pub(crate) fn d(&self) -> usize {
+        self.d
+    }
+
+    /// Transposes the first `cols` keys of `k` (`[cols][d]`): in 8 x 8 blocks (which vectorize), the last
+    /// `cols % 8` keys one by one.
     #[inline(always)]
     pub(crate) fn set(&mut self, k: &[f32], cols: usize) {
         let d = self.d;
-        for (j, k_row) in k.chunks_exact(d).take(cols).enumerate() {
+        let full = cols / 8 * 8;
+        for j0 in (0..full).step_by(8) {
+            for e0 in (0..d).step_by(8) {
+                let mut b = [[0.0f32; 8]; 8];
+                for (j, b) in b.iter_mut().enumerate() {
+                    *b = k[(j0 + j) * d + e0..][..8].try_into().expect("8 elements");
+                }
+                for e in 0..8 {
+                    let dst: &mut [f32; 8] = (&mut self.t[(e0 + e) * BLOCK_N + j0..][..8]).try_into().expect("8 keys");
+                    for (x, b) in dst.iter_mut().zip(&b) {
+                        *x = b[e];
+                    }
+                }
+            }
+        }
+        for (j, k_row) in k.chunks_exact(d).enumerate().take(cols).skip(full) {
             for (e, &x) in k_row.iter().enumerate() {
                 self.t[e * BLOCK_N + j] = x;
             }
+        }
+    }
+
+    /// `scores` of each row of `q` (rows `d` wide) into `out`, four rows at a time sharing each key
+    /// element's loads (the same sums in the same order, so the same bits).
+    #[inline(always)]
+    pub(crate) fn scores_rows<const D: usize>(&self, q: &[f32], out: &mut [[f32; BLOCK_N]]) {
+        let d = if D > 0 { D } else { self.d };
+        let (blocks, rest) = out.as_chunks_mut::<ROWS>();
+        let (q_blocks, q_rest) = q.split_at(blocks.len() * ROWS * d);
+        for (ob, qb) in blocks.iter_mut().zip(q_blocks.chunks_exact(ROWS * d)) {
+            for half in 0..BLOCK_N / 32 {
+                let mut s = [[0.0f32; 32]; ROWS];
+                for (e, k_e) in self.t.as_chunks::<BLOCK_N>().0[..d].iter().enumerate() {
+                    let k_e: &[f32; 32] = k_e[half * 32..][..32].try_into().expect("32 keys");
+                    for (r, s) in s.iter_mut().enumerate() {
+                        let qe = qb[r * d + e];
+                        for (s, &x) in s.iter_mut().zip(k_e) {
+                            *s += qe * x;
+                        }
+                    }
+                }
+                for (o, s) in ob.iter_mut().zip(&s) {
+                    o[half * 32..][..32].copy_from_slice(s);
+                }
+            }
+        }
+        for (o, qr) in rest.iter_mut().zip(q_rest.chunks_exact(d)) {
+            self.scores::<D>(qr, o);
         }
     }
 
