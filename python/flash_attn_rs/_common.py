@@ -57,7 +57,17 @@ def flag(x, name):
 
 
 def _is_int(x):
-    return isinstance(x, int) or hasattr(type(x), "__index__")
+    """An int, or a value that is one (numpy / torch integer scalars, 0-dim integer arrays); arrays of several
+    elements are not (their __index__ raises)."""
+    if isinstance(x, int):
+        return True
+    if not hasattr(type(x), "__index__"):
+        return False
+    try:
+        operator.index(x)
+    except Exception:  # noqa: BLE001 - whatever __index__ raises, the value is not an int
+        return False
+    return True
 
 
 def rng_state(x):
@@ -150,6 +160,9 @@ def default_scale(scale, d):
 
 
 def check_rank(t, name, rank):
+    layout = getattr(t, "layout", None)
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"{name}: must be a dense (strided) tensor, got layout {layout}")
     if t.ndim != rank:
         raise ValueError(f"{name}: expected {rank} dimensions, got {t.ndim} (shape {tuple(t.shape)})")
 

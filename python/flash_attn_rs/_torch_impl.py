@@ -627,6 +627,8 @@ def _dense_decodes(qs, ks, vs):
 def _tensor(t, name):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor (like q), got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: must be a dense (strided) tensor, got layout {t.layout}")
     return t
 
 
@@ -640,10 +642,12 @@ ARRAY = torch.Tensor
 
 
 def _writable(t, name):
-    """`t`, an output the package writes in place: not a leaf that requires grad (torch refuses in-place
-    writes to those), as torch's own copy would say."""
-    if t.requires_grad and t.is_leaf and torch.is_grad_enabled():
-        raise ValueError(f"{name}: is a leaf tensor that requires grad; it is written in place (pass one "
+    """`t`, an output the package writes in place, outside autograd: not a tensor that requires grad while
+    grad is enabled. torch refuses in-place writes to such leaves and `out=` tensors that require grad; into
+    a non-leaf the write would be invisible to the graph, whose gradients would then be wrong."""
+    if t.requires_grad and torch.is_grad_enabled():
+        what = "a leaf tensor that requires grad" if t.is_leaf else "a tensor that requires grad"
+        raise ValueError(f"{name}: is {what}; it is written in place, where autograd cannot follow (pass one "
                          f"that does not, or call under torch.no_grad())")
     return t
 

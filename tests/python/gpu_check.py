@@ -51,6 +51,7 @@ import time
 import traceback
 import zlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -951,6 +952,22 @@ def check_errors(dev, quick):
             qp, pages, pages, cu_p, cu_p, torch.empty(qp.shape, device=dev), block_table=table), TypeError, "out"),
         ("hub bwd softmax_lse float16", lambda: fa.bwd(q, q, q, q, q, torch.zeros(1, 2, 16, device=dev).half()),
          TypeError, "softmax_lse"),
+    ]
+    # Arguments that only look like what they should be: several-element arrays where an int goes, sparse
+    # tensors, a cache that requires grad (a non-leaf too: autograd would not see the append).
+    cache = torch.zeros(1, 8, 2, 64, device=dev, dtype=torch.bfloat16)
+    grad_cache = torch.zeros(1, 8, 2, 64, device=dev, requires_grad=True) * 1
+    cases += [
+        ("cache_seqlens a numpy array", lambda: fa.flash_attn_with_kvcache(
+            q[:, :1], cache, cache.clone(), cache_seqlens=np.array([3], np.int32)), TypeError, "cache_seqlens"),
+        ("window_size of arrays", lambda: fa.flash_attn_func(q, q, q, window_size=(torch.tensor([2, 3]), 1)),
+         TypeError, "window_size"),
+        ("sparse k", lambda: fa.flash_attn_func(q, q.to_sparse(), q), TypeError, "k"),
+        ("sparse q, kv cache", lambda: fa.flash_attn_with_kvcache(q[:, :1].to_sparse(), cache, cache.clone()),
+         TypeError, "q"),
+        ("non-leaf k_cache requiring grad, appended to", lambda: fa.flash_attn_with_kvcache(
+            q[:, :1], grad_cache.bfloat16(), cache.clone(), q[:, :1], q[:, :1], cache_seqlens=2), ValueError,
+         "k_cache"),
     ]
     if dev.type == "cuda":
         cu = torch.tensor([0, 16], dtype=torch.int32)
