@@ -22,7 +22,7 @@ use super::mask::key_range;
 use super::math::exp;
 use super::score::{HeadMods, Mods, Score};
 use super::simd::{by_head_dim, multiversion};
-use super::tile::{weighted_rows, weighted_tile, weighted_tile_of, KeysT};
+use super::tile::{seen_rows, weighted_rows, weighted_tile, weighted_tile_of, KeysT};
 use super::seqlen::{self, SeqInfo};
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::error::Result;
@@ -295,19 +295,6 @@ fn dq_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq
     }
     dq.iter_mut().for_each(|x| *x *= p.scale);
     dq
-}
-
-/// The tile's rows that see a key of a key tile (`seen(r)`: row r's keys, tile-relative; consecutive rows,
-/// both ends of a row's range growing with the row) and every key one of them sees; None when no row does.
-#[inline(always)]
-pub(crate) fn seen_rows(rows: usize, seen: impl Fn(usize) -> (usize, usize)) -> Option<(usize, usize, std::ops::Range<usize>)> {
-    let sees = |r: usize| {
-        let (a, b) = seen(r);
-        a < b
-    };
-    let first = (0..rows).find(|&r| sees(r))?;
-    let last = (first..rows).take_while(|&r| sees(r)).last().unwrap_or(first) + 1;
-    Some((first, last, seen(first).0..seen(last - 1).1))
 }
 
 /// A query tile's (P_ij Z_ij, dX_ij) against a key tile, both passes' shared arithmetic, so they agree on every

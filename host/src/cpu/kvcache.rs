@@ -4,7 +4,7 @@
 //! (`Problem::keys`), split into `num_splits` key ranges whose partial results are merged.
 
 use super::rotary::Rope;
-use super::{host_slice, load_rows, scatter, store_row, HostSlice, BLOCK_M, BLOCK_N};
+use super::{host_slice, load_rows, scatter, store_row, HostSlice, BLOCK_N};
 use crate::error::{Error, Result};
 use crate::problem::{num_splits_heuristic, HostKeys, KvCacheProblem, Strides};
 use crate::types::{DType, KvCacheViews};
@@ -56,7 +56,7 @@ pub(crate) fn splits(kp: &KvCacheProblem) -> usize {
         return kp.num_splits;
     }
     let p = &kp.fwd;
-    let tiles = p.batch * p.hq * p.seqlen_q.div_ceil(BLOCK_M);
+    let tiles = p.batch * p.hk * super::tile::TileRows::tiles(p.seqlen_q, 0, p.hq / p.hk.max(1)).count();
     num_splits_heuristic(tiles, p.seqlen_k.div_ceil(BLOCK_N), rayon::current_num_threads())
 }
 

@@ -198,10 +198,10 @@ fn probs(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, mods: &Mods, lse: &[
         .par_iter()
         .map(|&(b, h, m_block)| {
             let s = &seqs[b];
-            let operands = tile::Operands { q: qd, k: kd, v: kd, keys: &keys, q_head: h * p.q.head, k_head: (h / group) * p.k.head, v_head: 0 };
+            let operands = tile::Operands { q: qd, k: kd, v: kd, keys: &keys, k_head: (h / group) * p.k.head, v_head: 0 };
             let at = s.lse_base + h * lse_head_stride + m_block * BLOCK_M;
             let rows = (s.seqlen_q - m_block * BLOCK_M).min(BLOCK_M);
-            tile::probs(p, &operands, s, &mods.head(b, h), m_block, &lse[at..at + rows])
+            tile::probs(p, &operands, s, &mods.head(b, h), h * p.q.head, m_block, &lse[at..at + rows])
         })
         .collect();
     let mut all = vec![0.0f32; p.batch * p.hq * sq_max * sk_max];
@@ -242,18 +242,20 @@ fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mod
     let group = p.hq / p.hk;
     let splits = splits.max(1);
 
-    let items: Vec<(usize, usize, usize, usize)> = seqs
+    // Work items: a tile of one (sequence, kv head) (`TileRows`: with GQA the group's q heads share it) and a
+    // split of its key tiles.
+    let items: Vec<(usize, usize, tile::TileRows, usize)> = seqs
         .iter()
         .enumerate()
-        .flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).flat_map(move |m| (0..splits).map(move |i| (b, h, m, i)))))
+        .flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| tile::TileRows::tiles(s.seqlen_q, hk * group, group).flat_map(move |t| (0..splits).map(move |i| (b, hk, t, i)))))
         .collect();
     let tiles: Vec<tile::TileOut> = items
         .par_iter()
-        .map(|&(b, h, m_block, split)| {
-            let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, q_head: h * p.q.head, k_head: (h / group) * p.k.head, v_head: (h / group) * p.v.head };
+        .map(|&(b, hk, rows, split)| {
+            let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, k_head: hk * p.k.head, v_head: hk * p.v.head };
             let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
             let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
-            tile::attend(p, &operands, &seqs[b], &mods.head(b, h), m_block, n_blocks)
+            tile::attend(p, &operands, &seqs[b], mods, b, rows, n_blocks)
         })
         .collect();
 
@@ -262,12 +264,11 @@ fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mod
     let mut lse = vec![f32::NEG_INFINITY; p.hq * p.total_q];
     let mut parts = vec![0.0f32; splits];
     for (work, split_tiles) in items.chunks_exact(splits).zip(tiles.chunks_exact(splits)) {
-        let (b, h, m_block, _) = work[0];
+        let (b, _, rows, _) = work[0];
         let s: &SeqInfo = &seqs[b];
-        let i0 = m_block * BLOCK_M;
-        for r in 0..split_tiles[0].lse.len() {
-            let row = s.out_row0 + i0 + r;
-            let o_row = &mut out[(row * p.hq + h) * d..][..d];
+        for r in 0..rows.len() {
+            let (i, h) = rows.at(r);
+            let o_row = &mut out[((s.out_row0 + i) * p.hq + h) * d..][..d];
             let l = if splits == 1 {
                 o_row.copy_from_slice(&split_tiles[0].out[r * d..][..d]);
                 split_tiles[0].lse[r]
@@ -275,7 +276,7 @@ fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mod
                 parts.iter_mut().zip(split_tiles).for_each(|(x, t)| *x = t.lse[r]);
                 combine::merge(&parts, |i| &split_tiles[i].out[r * d..][..d], o_row)
             };
-            lse[s.lse_base + h * lse_head_stride + i0 + r] = l;
+            lse[s.lse_base + h * lse_head_stride + i] = l;
         }
     }
     Ok((out, lse))

@@ -43,6 +43,11 @@ impl Mods {
         Ok(Mods { slopes, dropout: p.dropout, hq: p.hq })
     }
 
+    /// The call's dropout.
+    pub(crate) fn dropout(&self) -> Option<DropoutParams> {
+        self.dropout
+    }
+
     /// The modifiers of sequence b, query head h.
     pub(crate) fn head(&self, b: usize, h: usize) -> HeadMods {
         HeadMods { slope: self.slopes.as_ref().map(|s| s[b * self.hq + h]), dropout: self.dropout, bh: (b * self.hq + h) as u64 }

@@ -1,26 +1,60 @@
-//! One query tile of one (sequence, head): the mainloop over key tiles with the online softmax, and the
+//! One query tile of one (sequence, kv head): the mainloop over key tiles with the online softmax, and the
 //! epilogue that normalizes the accumulator and forms the LSE. Empty rows end with sum 0: out 0, LSE -inf.
-//! A split-KV work item walks only its range of key tiles; its result is merged with the other splits'.
+//! A tile's rows are query positions times q heads of one kv head's group (`TileRows`: with GQA the group's
+//! heads share each K / V tile's loads); each row's arithmetic is its own, the same whatever its
+//! tile-mates. A split-KV work item walks only its range of key tiles; its result is merged with the other
+//! splits'.
 
 use super::kv::KeyRows;
 use super::mask::key_range;
 use super::math::exp;
 use super::simd::{by_head_dim, multiversion};
-use super::score::{HeadMods, Score};
+use super::score::{HeadMods, Mods, Score};
 use super::seqlen::SeqInfo;
 use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
 use crate::problem::Problem;
 
-/// The input storages and the element offset of this work item's q head and kv head.
+/// The input storages and the element offset of this work item's kv head.
 pub(crate) struct Operands<'a> {
     pub q: HostSlice<'a>,
     pub k: HostSlice<'a>,
     pub v: HostSlice<'a>,
     /// Where the rows of k and v are.
     pub keys: &'a KeyRows<'a>,
-    pub q_head: usize,
     pub k_head: usize,
     pub v_head: usize,
+}
+
+/// A tile's rows: query positions `i0..i0 + positions`, each with q heads `h0..h0 + heads` (row r is position
+/// `i0 + r / heads`, head `h0 + r % heads`); at most BLOCK_M rows.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TileRows {
+    pub i0: usize,
+    pub positions: usize,
+    pub h0: usize,
+    pub heads: usize,
+}
+
+impl TileRows {
+    pub(crate) fn len(&self) -> usize {
+        self.positions * self.heads
+    }
+
+    /// Row r's (query position, q head).
+    pub(crate) fn at(&self, r: usize) -> (usize, usize) {
+        (self.i0 + r / self.heads, self.h0 + r % self.heads)
+    }
+
+    /// The tiles of one sequence (`seqlen_q` queries) for a kv head with `group` q heads from `h0`: the
+    /// group's heads in chunks of up to BLOCK_M, each chunk's positions in tiles of BLOCK_M / chunk rows.
+    pub(crate) fn tiles(seqlen_q: usize, h0: usize, group: usize) -> impl Iterator<Item = TileRows> {
+        let per = group.min(BLOCK_M);
+        let positions = BLOCK_M / per;
+        (0..group.div_ceil(per)).flat_map(move |c| {
+            let heads = per.min(group - c * per);
+            (0..seqlen_q.div_ceil(positions)).map(move |t| TileRows { i0: t * positions, positions: positions.min(seqlen_q - t * positions), h0: h0 + c * per, heads })
+        })
+    }
 }
 
 /// Normalized f32 output rows (`rows * D`) and their LSE.
@@ -29,67 +63,73 @@ pub(crate) struct TileOut {
     pub lse: Vec<f32>,
 }
 
-/// Query tile `m_block` of sequence `s` over the key tiles of `n_blocks` that its rows can see, with the
-/// head's ALiBi and dropout (`m`): dropped probabilities count in the row sum (the LSE is that of every
-/// visible score) but not in the accumulator, and kept ones enter it times 1 / (1 - p).
+/// The tile `rows` of sequence `s` (batch entry `bidb`) over the key tiles of `n_blocks` that its rows can see,
+/// with each head's ALiBi and dropout (`mods`): dropped probabilities count in the row sum (the LSE is that of
+/// every visible score) but not in the accumulator, and kept ones enter it times 1 / (1 - p).
 ///
 /// Compiled per head dim (the loops over D unrolled, a row's accumulator in registers) and per vector ISA
 /// (`simd`: AVX-512F, AVX2, the baseline; the same operations in the same order, so the same bits).
-pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
-    by_head_dim!(p.head_dim, attend_dim(p, x, s, m, m_block, n_blocks))
+pub(crate) fn attend(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &Mods, bidb: usize, rows: TileRows, n_blocks: std::ops::Range<usize>) -> TileOut {
+    by_head_dim!(p.head_dim, attend_dim(p, x, s, mods, bidb, rows, n_blocks))
 }
 
-multiversion!(fn attend_dim<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut = attend_in);
+multiversion!(fn attend_dim<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &Mods, bidb: usize, rows: TileRows, n_blocks: std::ops::Range<usize>) -> TileOut = attend_in);
 
 /// `attend` for head dim D (0: `p.head_dim`, not known at compile time).
 #[inline(always)]
-fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, n_blocks: std::ops::Range<usize>) -> TileOut {
+fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &Mods, bidb: usize, tile: TileRows, n_blocks: std::ops::Range<usize>) -> TileOut {
     let d = if D > 0 { D } else { p.head_dim };
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
-    let i0 = m_block * BLOCK_M;
-    let rows = (sq - i0).min(BLOCK_M);
+    let rows = tile.len();
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
+    let heads: Vec<HeadMods> = (0..tile.heads).map(|g| mods.head(bidb, tile.h0 + g)).collect();
+    let scores: Vec<Score> = heads.iter().map(|m| Score::new(p, m, sq, sk)).collect();
 
     let mut q = vec![0.0f32; rows * d];
-    load_rows(x.q, s.q_base + i0 * p.q.row + x.q_head, p.q.row, rows, d, &mut q);
+    if tile.heads == 1 {
+        load_rows(x.q, s.q_base + tile.i0 * p.q.row + tile.h0 * p.q.head, p.q.row, rows, d, &mut q);
+    } else {
+        for (r, row) in q.chunks_exact_mut(d).enumerate() {
+            let (i, h) = tile.at(r);
+            load_rows(x.q, s.q_base + i * p.q.row + h * p.q.head, 0, 1, d, row);
+        }
+    }
     let mut acc = vec![0.0f32; rows * d];
     let mut row_max = vec![f32::NEG_INFINITY; rows];
     let mut row_sum = vec![0.0f32; rows];
 
-    let (lo, _) = range(i0);
-    let (_, hi) = range(i0 + rows - 1);
+    let (lo, _) = range(tile.at(0).0);
+    let (_, hi) = range(tile.at(rows - 1).0);
     let mut k = vec![0.0f32; BLOCK_N * d];
     let mut kt = KeysT::new(d);
     let mut v = vec![0.0f32; BLOCK_N * d];
     // The tile's scores, then its probabilities, row by row (0 outside each row's keys).
     let mut probs = vec![[0.0f32; BLOCK_N]; rows];
     let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
-    let score = Score::new(p, m, sq, sk);
-    let dropout = m.dropout.is_some();
+    let dropout = mods.dropout().is_some();
     for n_block in (lo / BLOCK_N).max(n_blocks.start)..hi.div_ceil(BLOCK_N).min(n_blocks.end) {
         let j0 = n_block * BLOCK_N;
         let cols = (sk - j0).min(BLOCK_N);
         // The rows that see a key of this tile (consecutive: both ends of a row's range grow with the row)
         // and every key one of them sees.
         let seen = |r: usize| {
-            let (a, b) = range(i0 + r);
+            let (a, b) = range(tile.at(r).0);
             (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0))
         };
-        let Some(first) = (0..rows).find(|&r| seen(r).0 < seen(r).1) else { continue };
-        let last = (first..rows).take_while(|&r| seen(r).0 < seen(r).1).last().unwrap_or(first) + 1;
-        let (span_lo, span_hi) = (seen(first).0, seen(last - 1).1);
+        let Some((first, last, span)) = seen_rows(rows, seen) else { continue };
+        let (span_lo, span_hi) = (span.start, span.end);
         x.keys.load(x.k, &p.k, s, s.k_base, x.k_head, j0, cols, d, &mut k);
         x.keys.load(x.v, &p.v, s, s.v_base, x.v_head, j0, cols, d, &mut v);
         kt.set(&k, cols);
         kt.scores_rows::<D>(&q[first * d..last * d], &mut probs[first..last]);
         for r in first..last {
             let (a, b) = seen(r);
-            let i = i0 + r;
+            let i = tile.at(r).0;
             let row = &mut probs[r];
             let s_row = &mut row[a..b];
-            score.apply(s_row, i, j0 + a);
+            scores[r % tile.heads].apply(s_row, i, j0 + a);
             if dropout {
-                m.dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
+                heads[r % tile.heads].dropout_row(i, j0 + a, &mut keep, &mut factor[a..b]);
             }
             // Online softmax: rescale what was accumulated under the old max.
             let new_max = row_max[r].max(lane_max(s_row));
@@ -120,6 +160,19 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &Hea
         }
     }
     TileOut { out: acc, lse }
+}
+
+/// The tile's rows that see a key of a key tile (`seen(r)`: row r's keys, tile-relative; consecutive rows,
+/// both ends of a row's range growing with the row) and every key one of them sees; None when no row does.
+#[inline(always)]
+pub(crate) fn seen_rows(rows: usize, seen: impl Fn(usize) -> (usize, usize)) -> Option<(usize, usize, std::ops::Range<usize>)> {
+    let sees = |r: usize| {
+        let (a, b) = seen(r);
+        a < b
+    };
+    let first = (0..rows).find(|&r| sees(r))?;
+    let last = (first..rows).take_while(|&r| sees(r)).last().unwrap_or(first) + 1;
+    Some((first, last, seen(first).0..seen(last - 1).1))
 }
 
 /// The sum of `x` in eight lanes (element t in lane t mod 8), then a fixed tree over the lanes: vectorized,
@@ -342,14 +395,14 @@ impl KeysT {
 /// The probabilities of query tile `m_block` of sequence `s` (`s_dmask` rows, `rows * seqlen_k`):
 /// P = exp(s - lse) for the keys each row sees, negated where dropout drops them, +0 elsewhere; `lse`
 /// holds the tile's rows' forward LSE. The scores are the forward's bit for bit.
-pub(crate) fn probs(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, m_block: usize, lse: &[f32]) -> Vec<f32> {
+pub(crate) fn probs(p: &Problem, x: &Operands<'_>, s: &SeqInfo, m: &HeadMods, q_head: usize, m_block: usize, lse: &[f32]) -> Vec<f32> {
     let d = p.head_dim;
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let i0 = m_block * BLOCK_M;
     let rows = (sq - i0).min(BLOCK_M);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
     let mut q = vec![0.0f32; rows * d];
-    load_rows(x.q, s.q_base + i0 * p.q.row + x.q_head, p.q.row, rows, d, &mut q);
+    load_rows(x.q, s.q_base + i0 * p.q.row + q_head, p.q.row, rows, d, &mut q);
     let mut probs = vec![0.0f32; rows * sk];
     let mut k = vec![0.0f32; BLOCK_N * d];
     let mut kt = KeysT::new(d);
