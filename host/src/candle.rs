@@ -46,7 +46,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, DType as CDType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use crate::raw::{self, BwdViews, FwdViews, KvCacheViews, PagedVarlenViews, Workspace};
+use crate::raw::{self, BwdViews, FwdViews, PagedVarlenViews, Workspace};
 use crate::types::{AttnOptions, DType, Target, VarlenViews, View};
 
 /// A flash-attn error as a candle error, keeping its message (which names the argument at fault).
@@ -519,7 +519,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
     use candle_core::{CudaDevice, CudaStorage};
 
-    use crate::raw::KvCacheOptions;
+    use crate::raw::{KvCacheOptions, KvCacheViews};
 
     /// candle's stream of `dev` and the raw layer's target for it (the context is the device's primary
     /// one, as cudarc's always is).
@@ -1265,6 +1265,7 @@ pub fn flash_attn_varlen_seqused_with_lse(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raw::KvCacheViews;
     use rand::{Rng, SeedableRng};
 
     /// `KvCacheViews::of_dense` (the CUDA path's routing of decoding steps) on the CPU: the KV-cache call over k and
