@@ -417,3 +417,36 @@ fn zero_sizes() {
         assert!(g.dk.to_f32_vec().unwrap().iter().chain(&g.dq.to_f32_vec().unwrap()).all(|&x| x == 0.0));
     }
 }
+
+/// The backward's two walks (one per (sequence, kv head) adding dq as it goes, or dk/dv then dq in two
+/// passes: which one runs depends on the thread count) give the same bits, on problems large enough to run
+/// on rayon's threads, with every score modifier.
+#[test]
+fn backward_walks_give_the_same_bits() {
+    use rand::Rng;
+    let (seed, mut r) = seeded("backward_walks_give_the_same_bits");
+    for n in 0..6 {
+        let d = [64, 128, 32][n % 3];
+        let dtype = if r.gen_bool(0.5) { DType::BF16 } else { DType::F16 };
+        let (b, hk, group) = (2, 2, r.gen_range(1..=3));
+        let hq = hk * group;
+        let (sq, sk) = (r.gen_range(100..=260), r.gen_range(100..=260));
+        let causal = r.gen_bool(0.5);
+        let window = if r.gen_bool(0.3) { (r.gen_range(0..80) as i64, r.gen_range(0..80) as i64) } else { (-1, -1) };
+        let softcap = if r.gen_bool(0.3) { 5.0 } else { 0.0 };
+        let dropout = if r.gen_bool(0.3) { flash_attn::Dropout { p: 0.2, seed: r.r#gen(), offset: r.gen_range(0..1000) } } else { flash_attn::Dropout::default() };
+        let opts = AttnOptions { causal, window, softcap, dropout, ..Default::default() };
+        let mut t = |shape: &[usize]| Tensor::from_f32(&random_values(&mut r, shape.iter().product(), 2.0, dtype), shape, dtype).unwrap();
+        let (q, k, v, dout) = (t(&[b, sq, hq, d]), t(&[b, sk, hk, d]), t(&[b, sk, hk, d]), t(&[b, sq, hq, d]));
+        let slopes = r.gen_bool(0.4).then(|| Tensor::from_f32(&random_values(&mut r, hq, 0.5, DType::F32), &[hq], DType::F32).unwrap());
+        let extras = flash_attn::Extras { alibi_slopes: slopes.as_ref(), return_attn_probs: false };
+        let o = flash_attn::fwd_with(&q, &k, &v, &extras, &opts).unwrap();
+        let grads = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let g = pool.install(|| flash_attn::bwd_with(&dout, &q, &k, &v, &o.out, &o.lse, &extras, &opts, false).unwrap());
+            [bits(&g.dq), bits(&g.dk), bits(&g.dv)]
+        };
+        // One thread: B * Hk = 4 pairs fill it (one walk); 32 threads: they do not (two passes).
+        assert!(grads(1) == grads(32), "seed {seed}, case {n} (D {d}, {dtype:?}, Sq {sq}, Sk {sk}, H {hq}/{hk}, {opts:?}): the walks differ");
+    }
+}

@@ -6,7 +6,8 @@
 //!
 //! Work items write disjoint outputs, so no sum is ever split between threads and no float atomics are
 //! needed. Two walks, the same sums in the same order (so the same bits):
-//!   fused (enough (sequence, kv head) pairs for the threads): one work item per pair walks its key
+//!   fused (enough (sequence, kv head) pairs for the threads, or a call small enough to run on the calling
+//!          thread alone, `map_items`): one work item per pair walks its key
 //!          tiles in order; per tile it walks its group's q heads and the queries that see the tile,
 //!          summing dK / dV for the tile and adding the tile's dq terms to the pair's dq rows;
 //!   two passes (else): dk/dv per (sequence, kv head, key tile) as above without dq, then dq per
@@ -24,10 +25,9 @@ use super::score::{HeadMods, Mods, Score};
 use super::simd::{by_head_dim, multiversion};
 use super::tile::{seen_rows, weighted_rows, weighted_tile, weighted_tile_of, KeysT};
 use super::seqlen::{self, SeqInfo};
-use super::{load_rows, HostSlice, BLOCK_M, BLOCK_N};
+use super::{call_work, load_rows, map_items, serial, HostSlice, BLOCK_M, BLOCK_N};
 use crate::error::Result;
 use crate::problem::{BwdProblem, Problem, Strides};
-use rayon::prelude::*;
 
 /// The storages and per-row values every work item reads.
 struct Inputs<'a> {
@@ -66,16 +66,14 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
 
     // D_i = dout_i . out_i, laid out like the LSE (rows of no sequence are never read).
     let heads: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|b| (0..p.hq).map(move |h| (b, h))).collect();
-    let rows_delta: Vec<Vec<f32>> = heads
-        .par_iter()
-        .map(|&(b, h)| {
+    let work = 3 * call_work(p);
+    let rows_delta: Vec<Vec<f32>> = map_items(&heads, work, |&(b, h)| {
             let sq = seqs[b].s.seqlen_q;
             let (mut o, mut g) = (vec![0.0f32; sq * d], vec![0.0f32; sq * d]);
             load_rows(od, out_base[b] + h * bp.out.head, bp.out.row, sq, d, &mut o);
             load_rows(dod, seqs[b].dout_base + h * bp.dout.head, bp.dout.row, sq, d, &mut g);
             o.chunks_exact(d).zip(g.chunks_exact(d)).map(|(o, g)| dot(o, g)).collect()
-        })
-        .collect();
+        });
     let mut delta = vec![0.0f32; lse.len()];
     for (&(b, h), r) in heads.iter().zip(&rows_delta) {
         let at = seqs[b].s.lse_base + h * lse_head_stride;
@@ -94,23 +92,20 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
             dv[at..at + d].copy_from_slice(v_row);
         }
     };
-    if seqs.len() * p.hk >= 2 * rayon::current_num_threads() {
+    if serial(work) || seqs.len() * p.hk >= 2 * rayon::current_num_threads() {
         // Enough (sequence, kv head) pairs to keep every thread busy: one work item per pair walks its key
         // tiles in order and adds each tile's dq terms to its group's rows there, the dq pass's sums in the
         // dq pass's order (the same bits), so each tile's S and dP are computed once.
         let items: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|b| (0..p.hk).map(move |hk| (b, hk))).collect();
         // Per pair: its key tiles' (dk, dv), its group's dq rows.
         type Pair = (Vec<(Vec<f32>, Vec<f32>)>, Vec<f32>);
-        let parts: Vec<Pair> = items
-            .par_iter()
-            .map(|&(b, hk)| {
+        let parts: Vec<Pair> = map_items(&items, work, |&(b, hk)| {
                 let s = &infos[b];
                 let mut group_dq = vec![0.0f32; group * s.seqlen_q * d];
                 let tiles = (0..s.seqlen_k.div_ceil(BLOCK_N)).map(|n| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n, Some(&mut group_dq))).collect();
                 group_dq.iter_mut().for_each(|x| *x *= p.scale);
                 (tiles, group_dq)
-            })
-            .collect();
+            });
         for (&(b, hk), (tiles, group_dq)) in items.iter().zip(&parts) {
             for (n_block, (tk, tv)) in tiles.iter().enumerate() {
                 put_keys(b, hk, n_block, tk, tv);
@@ -128,7 +123,7 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
     // dk, dv: per (sequence, kv head, key tile).
     let kv_items: Vec<(usize, usize, usize)> =
         infos.iter().enumerate().flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| (0..s.seqlen_k.div_ceil(BLOCK_N)).map(move |n| (b, hk, n)))).collect();
-    let kv_tiles: Vec<(Vec<f32>, Vec<f32>)> = kv_items.par_iter().map(|&(b, hk, n)| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n, None)).collect();
+    let kv_tiles: Vec<(Vec<f32>, Vec<f32>)> = map_items(&kv_items, work, |&(b, hk, n)| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n, None));
     for (&(b, hk, n_block), (tk, tv)) in kv_items.iter().zip(&kv_tiles) {
         put_keys(b, hk, n_block, tk, tv);
     }
@@ -136,7 +131,7 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
     // dq: per (sequence, q head, query tile).
     let q_items: Vec<(usize, usize, usize)> =
         infos.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
-    let q_tiles: Vec<Vec<f32>> = q_items.par_iter().map(|&(b, h, m)| dq_tile(p, bp, &x, &seqs[b], b, lse_head_stride, h, group, m)).collect();
+    let q_tiles: Vec<Vec<f32>> = map_items(&q_items, work, |&(b, h, m)| dq_tile(p, bp, &x, &seqs[b], b, lse_head_stride, h, group, m));
     for (&(b, h, m_block), t) in q_items.iter().zip(&q_tiles) {
         for (r, row) in t.chunks_exact(d).enumerate() {
             let at = ((seqs[b].s.out_row0 + m_block * BLOCK_M + r) * p.hq + h) * d;

@@ -56,6 +56,9 @@ pub(crate) fn splits(kp: &KvCacheProblem) -> usize {
         return kp.num_splits;
     }
     let p = &kp.fwd;
+    if super::serial(super::call_work(p)) {
+        return 1; // one thread runs it (`map_items`): splits would only add their merge
+    }
     let tiles = p.batch * p.hk * super::tile::TileRows::tiles(p.seqlen_q, 0, p.hq / p.hk.max(1)).count();
     num_splits_heuristic(tiles, p.seqlen_k.div_ceil(BLOCK_N), rayon::current_num_threads())
 }

@@ -37,6 +37,27 @@ use seqlen::SeqInfo;
 pub(crate) const BLOCK_M: usize = 64;
 pub(crate) const BLOCK_N: usize = 64;
 
+/// `f` over `items`, in order: on rayon's threads, or on this one where the call is too small to pay for waking
+/// them (`work`: about its multiply-adds; below 2^20, tens of microseconds of arithmetic, about what waking the pool costs). Each item's
+/// result is its own either way.
+pub(crate) fn map_items<T: Sync, R: Send>(items: &[T], work: usize, f: impl Fn(&T) -> R + Sync + Send) -> Vec<R> {
+    if serial(work) || items.len() < 2 {
+        items.iter().map(f).collect()
+    } else {
+        items.par_iter().map(f).collect()
+    }
+}
+
+/// Whether `map_items` runs a call of this much work on the calling thread alone.
+pub(crate) fn serial(work: usize) -> bool {
+    work < 1 << 20
+}
+
+/// About the multiply-adds of an attention call (every query against every key, twice over D).
+pub(crate) fn call_work(p: &Problem) -> usize {
+    p.total_q.saturating_mul(p.hq).saturating_mul(p.seqlen_k.max(1)).saturating_mul(2 * p.head_dim)
+}
+
 /// Host memory of one input, typed so reads need no casts: its elements from the view's first one to
 /// its last (indices are strides from there).
 #[derive(Clone, Copy, Debug)]
@@ -194,16 +215,13 @@ fn probs(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, mods: &Mods, lse: &[
     let group = p.hq / p.hk;
     let (sq_max, sk_max) = (p.seqlen_q, p.seqlen_k);
     let items: Vec<(usize, usize, usize)> = seqs.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
-    let tiles: Vec<Vec<f32>> = items
-        .par_iter()
-        .map(|&(b, h, m_block)| {
+    let tiles: Vec<Vec<f32>> = map_items(&items, call_work(p), |&(b, h, m_block)| {
             let s = &seqs[b];
             let operands = tile::Operands { q: qd, k: kd, v: kd, keys: &keys, k_head: (h / group) * p.k.head, v_head: 0 };
             let at = s.lse_base + h * lse_head_stride + m_block * BLOCK_M;
             let rows = (s.seqlen_q - m_block * BLOCK_M).min(BLOCK_M);
             tile::probs(p, &operands, s, &mods.head(b, h), h * p.q.head, m_block, &lse[at..at + rows])
-        })
-        .collect();
+        });
     let mut all = vec![0.0f32; p.batch * p.hq * sq_max * sk_max];
     for (&(b, h, m_block), t) in items.iter().zip(&tiles) {
         let sk = seqs[b].seqlen_k;
@@ -249,15 +267,12 @@ fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mod
         .enumerate()
         .flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| tile::TileRows::tiles(s.seqlen_q, hk * group, group).flat_map(move |t| (0..splits).map(move |i| (b, hk, t, i)))))
         .collect();
-    let tiles: Vec<tile::TileOut> = items
-        .par_iter()
-        .map(|&(b, hk, rows, split)| {
+    let tiles: Vec<tile::TileOut> = map_items(&items, call_work(p), |&(b, hk, rows, split)| {
             let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, k_head: hk * p.k.head, v_head: hk * p.v.head };
             let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
             let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
             tile::attend(p, &operands, &seqs[b], mods, b, rows, n_blocks)
-        })
-        .collect();
+        });
 
     // Rows no tile covers (varlen padding past seqused_q or cu_seqlens_q[B]) stay out 0, LSE -inf.
     let mut out = vec![0.0f32; p.total_q * p.hq * d];
