@@ -144,7 +144,8 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &
             if dropout {
                 s_row.iter_mut().zip(&factor[a..b]).for_each(|(pr, f)| *pr *= f);
             }
-            // Keys the tile's other rows see weigh 0 here: adding 0 v_j leaves the row's sums as they were.
+            // Keys the tile's other rows see weigh 0 here: adding 0 v_j leaves the row's sums as they were
+            // (a non-finite v_j makes them NaN, as it does on the GPU, whose masked P enters P V as 0 too).
             row[span_lo..a].fill(0.0);
             row[b..span_hi].fill(0.0);
         }
