@@ -450,3 +450,59 @@ fn backward_walks_give_the_same_bits() {
         assert!(grads(1) == grads(32), "seed {seed}, case {n} (D {d}, {dtype:?}, Sq {sq}, Sk {sk}, H {hq}/{hk}, {opts:?}): the walks differ");
     }
 }
+
+/// Keys a query does not see never reach its results, even non-finite ones (a cache row that overflowed, say):
+/// with inf and NaN in some keys' k and v, the out, LSE and dq of every query that sees none of them are bitwise
+/// those of the same call with finite values there. Causal and windowed masks, GQA, problems of several tiles
+/// (the CPU path's tiles share loads between rows whose keys differ).
+#[test]
+fn hidden_non_finite_keys_never_reach_a_row() {
+    use rand::Rng;
+    let (seed, mut r) = seeded("hidden_non_finite_keys_never_reach_a_row");
+    for n in 0..8 {
+        let d = [64, 128, 32, 96][n % 4];
+        let dtype = if r.gen_bool(0.5) { DType::BF16 } else { DType::F16 };
+        let (hk, group) = (r.gen_range(1..=2), r.gen_range(1..=3));
+        let hq = hk * group;
+        let s: usize = r.gen_range(70..=200);
+        let window = if n % 2 == 0 { (-1, 0) } else { (r.gen_range(5..40) as i64, r.gen_range(0..4) as i64) };
+        let opts = AttnOptions { window, ..Default::default() };
+        // Keys from `hidden` on hold inf / NaN in the poisoned call; query i sees key j iff
+        // i - left <= j <= i + right, so queries below hidden - right see none of them (the window's left side
+        // only hides more).
+        let hidden = r.gen_range(s / 2..s - 1);
+        let clean_rows = hidden.saturating_sub(window.1 as usize);
+        let values = |r: &mut rand::rngs::StdRng, n: usize| random_values(r, n, 2.0, dtype);
+        let (q, k, v, dout) = (values(&mut r, s * hq * d), values(&mut r, s * hk * d), values(&mut r, s * hk * d), values(&mut r, s * hq * d));
+        let (mut k_bad, mut v_bad) = (k.clone(), v.clone());
+        for j in hidden..s {
+            for x in 0..hk * d {
+                k_bad[j * hk * d + x] = if x % 3 == 0 { f32::NAN } else { f32::INFINITY };
+                v_bad[j * hk * d + x] = if x % 2 == 0 { f32::NEG_INFINITY } else { f32::NAN };
+            }
+        }
+        let t = |x: &[f32], h: usize| Tensor::from_f32(x, &[1, s, h, d], dtype).unwrap();
+        let run = |k: &[f32], v: &[f32]| {
+            let (qt, kt, vt, gt) = (t(&q, hq), t(k, hk), t(v, hk), t(&dout, hq));
+            let o = fwd(&qt, &kt, &vt, &opts).unwrap();
+            let g = bwd(&gt, &qt, &kt, &vt, &o.out, &o.lse, &opts, false).unwrap();
+            (o.out.to_f32_vec().unwrap(), o.lse.to_f32_vec().unwrap(), g.dq.to_f32_vec().unwrap())
+        };
+        let (clean, bad) = (run(&k, &v), run(&k_bad, &v_bad));
+        let rows = clean_rows * hq * d;
+        let case = format!("seed {seed}, case {n} (D {d}, {dtype:?}, S {s}, H {hq}/{hk}, window {window:?}, keys {hidden}.. poisoned)");
+        // The first element whose bits differ, if any.
+        let differs = |a: &[f32], b: &[f32]| a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
+        if let Some(at) = differs(&clean.0[..rows], &bad.0[..rows]) {
+            panic!("out element {at} (row {}) differs: {} vs {}; {case}", at / (hq * d), clean.0[at], bad.0[at]);
+        }
+        if let Some(at) = differs(&clean.2[..rows], &bad.2[..rows]) {
+            panic!("dq element {at} (row {}) differs: {} vs {}; {case}", at / (hq * d), clean.2[at], bad.2[at]);
+        }
+        for h in 0..hq {
+            if let Some(i) = differs(&clean.1[h * s..h * s + clean_rows], &bad.1[h * s..h * s + clean_rows]) {
+                panic!("lse of head {h}, row {i} differs; {case}");
+            }
+        }
+    }
+}

@@ -168,6 +168,7 @@ fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &S
     let (mut dk, mut dv) = (vec![0.0f32; cols * d], vec![0.0f32; cols * d]);
     let (mut q, mut g) = (vec![0.0f32; BLOCK_M * d], vec![0.0f32; BLOCK_M * d]);
     let mut t = Grads::new();
+    let mut by_key = [(0usize, 0usize); BLOCK_N];
 
     for h in hk * group..(hk + 1) * group {
         let mods = x.mods.head(bidb, h);
@@ -183,15 +184,19 @@ fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &S
             load_rows(x.q, s.q_base + i0 * p.q.row + h * p.q.head, p.q.row, rows, d, &mut q);
             load_rows(x.dout, seq.dout_base + i0 * bp.dout.row + h * bp.dout.head, bp.dout.row, rows, d, &mut g);
             let at0 = s.lse_base + h * lse_head_stride + i0;
-            t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, &x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows], i0, j0, first..last, seen, span.clone());
-            // Each key's sums over the tile's rows, in row order (rows that do not see a key weigh 0 there).
-            let keys = span.start * d..span.end * d;
-            weighted_keys::<D>(&mut dv[keys.clone()], &t.pz[first..last], span.start, &g[first * d..last * d]);
-            weighted_keys::<D>(&mut dk[keys], &t.dx[first..last], span.start, &q[first * d..last * d]);
+            t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, &x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows], i0, j0, first..last, seen);
+            // Each key's sums over the rows that see it, in row order.
+            let (ranges, keys) = (&t.ranges[first..last], span.start * d..span.end * d);
+            let by_key = t.ordered.then(|| {
+                rows_by_key(ranges, span.clone(), &mut by_key);
+                &by_key
+            });
+            weighted_keys::<D>(&mut dv[keys.clone()], &t.pz[first..last], span.start, &g[first * d..last * d], ranges, by_key);
+            weighted_keys::<D>(&mut dk[keys], &t.dx[first..last], span.start, &q[first * d..last * d], ranges, by_key);
             if let Some(dq) = dq.as_deref_mut() {
                 // dq_r += dX_rj k_j, as the dq pass adds them.
                 let at = ((h - hk * group) * sq + i0 + first) * d;
-                weighted_tile_of::<D>(&mut dq[at..at + (last - first) * d], &t.dx[first..last], span.clone(), &k, d);
+                weighted_tile_of::<D>(&mut dq[at..at + (last - first) * d], &t.dx[first..last], ranges, &k, d);
             }
         }
     }
@@ -199,42 +204,105 @@ fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &S
     (dk, dv)
 }
 
-/// For each key c of `acc`'s rows (key c0 first, rows `d` wide): `acc_c += w[r][c] * rows_r` over the rows r,
-/// in row order; four keys at a time share each row's loads (per element the same operations as one key at
-/// a time, so the same bits).
+/// For each key c of `acc`'s rows (key c0 first, rows `d` wide): `acc_c += w[r][c] * rows_r` over the rows r that
+/// see it (`ranges[r]` holds row r's keys), in row order. Where the ranges are ordered (both ends growing with the
+/// row) `by_key[c]` holds the rows that see key c (consecutive, `rows_by_key`): four keys at a time share each
+/// row's loads over the rows that see all four, each key's other rows before and after those on their own;
+/// otherwise key by key. Per element the same operations as key by key (the same bits); no row is read for a key
+/// it does not see.
 #[inline(always)]
-fn weighted_keys<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c0: usize, rows: &[f32]) {
+fn weighted_keys<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c0: usize, rows: &[f32], ranges: &[(usize, usize)], by_key: Option<&[(usize, usize); BLOCK_N]>) {
     let d = if D > 0 { D } else { rows.len() / w.len().max(1) };
+    let Some(by_key) = by_key else {
+        for (i, a) in acc.chunks_exact_mut(d).enumerate() {
+            let c = c0 + i;
+            let seen: Vec<usize> = (0..w.len()).filter(|&r| ranges[r].0 <= c && c < ranges[r].1).collect();
+            key_rows::<D>(a, w, c, rows, seen.into_iter());
+        }
+        return;
+    };
     let mut blocks = acc.chunks_exact_mut(KEYS * d);
     let mut c = c0;
     for block in &mut blocks {
-        for e in (0..d).step_by(32) {
-            let mut o = [[0.0f32; 32]; KEYS];
-            for (i, o) in o.iter_mut().enumerate() {
-                *o = block[i * d + e..][..32].try_into().expect("32 columns");
+        let (r0, r1) = (by_key[c + KEYS - 1].0, by_key[c].1);
+        if D == 0 || r0 >= r1 {
+            for (i, a) in block.chunks_exact_mut(d).enumerate() {
+                let (f, e) = by_key[c + i];
+                key_rows::<D>(a, w, c + i, rows, f..e);
             }
-            for (wr, row) in w.iter().zip(rows.chunks_exact(d)) {
-                let x: &[f32; 32] = row[e..e + 32].try_into().expect("32 columns");
-                for (i, o) in o.iter_mut().enumerate() {
-                    let wi = wr[c + i];
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o += wi * x;
-                    }
-                }
+        } else {
+            for (i, a) in block.chunks_exact_mut(d).enumerate() {
+                key_rows::<D>(a, w, c + i, rows, by_key[c + i].0..r0);
             }
-            for (i, o) in o.iter().enumerate() {
-                block[i * d + e..][..32].copy_from_slice(o);
+            keys_block::<D>(block, &w[r0..r1], c, &rows[r0 * d..r1 * d], d);
+            for (i, a) in block.chunks_exact_mut(d).enumerate() {
+                key_rows::<D>(a, w, c + i, rows, r1..by_key[c + i].1);
             }
         }
         c += KEYS;
     }
     for a in blocks.into_remainder().chunks_exact_mut(d) {
-        let mut col = [0.0f32; BLOCK_M];
-        for (x, w) in col.iter_mut().zip(w) {
-            *x = w[c];
-        }
-        weighted_rows::<D>(a, &col[..w.len()], |i| &rows[i * d..][..d]);
+        let (f, e) = by_key[c];
+        key_rows::<D>(a, w, c, rows, f..e);
         c += 1;
+    }
+}
+
+/// For each key c of `keys`, the rows of `ranges` (ordered: both ends growing with the row) that see it: from the
+/// first whose range ends after c to the first whose range starts after it.
+fn rows_by_key(ranges: &[(usize, usize)], keys: std::ops::Range<usize>, by_key: &mut [(usize, usize); BLOCK_N]) {
+    let (mut first, mut end) = (0, 0);
+    for c in keys {
+        while first < ranges.len() && ranges[first].1 <= c {
+            first += 1;
+        }
+        while end < ranges.len() && ranges[end].0 <= c {
+            end += 1;
+        }
+        by_key[c] = (first, end);
+    }
+}
+
+/// `acc += w[r][c] * rows_r` over the rows r of `among` (rows `acc.len()` wide), in order.
+#[inline(always)]
+fn key_rows<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c: usize, rows: &[f32], among: impl Iterator<Item = usize>) {
+    let d = acc.len();
+    let (mut col, mut at, mut n) = ([0.0f32; BLOCK_M], [0usize; BLOCK_M], 0);
+    for r in among {
+        (col[n], at[n]) = (w[r][c], r);
+        n += 1;
+    }
+    if n > 0 {
+        weighted_rows::<D>(acc, &col[..n], |i| &rows[at[i] * d..][..d]);
+    }
+}
+
+multiversion!(
+    /// `weighted_keys`' shared part: KEYS keys of `acc` (key c first) over all the rows of `w` / `rows`, compiled on
+    /// its own (inlined into the tile loop, LLVM may leave it scalar).
+    fn keys_block<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c: usize, rows: &[f32], d: usize) -> () = keys_block_in
+);
+
+#[inline(always)]
+fn keys_block_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c: usize, rows: &[f32], d: usize) {
+    let d = if D > 0 { D } else { d };
+    for e in (0..d).step_by(32) {
+        let mut o = [[0.0f32; 32]; KEYS];
+        for (i, o) in o.iter_mut().enumerate() {
+            *o = acc[i * d + e..][..32].try_into().expect("32 columns");
+        }
+        for (wr, row) in w.iter().zip(rows.chunks_exact(d)) {
+            let x: &[f32; 32] = row[e..e + 32].try_into().expect("32 columns");
+            for (i, o) in o.iter_mut().enumerate() {
+                let wi = wr[c + i];
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o += wi * x;
+                }
+            }
+        }
+        for (i, o) in o.iter().enumerate() {
+            acc[i * d + e..][..32].copy_from_slice(o);
+        }
     }
 }
 
@@ -279,14 +347,14 @@ fn dq_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq
             let (a, b) = range(i0 + r);
             (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0))
         };
-        let Some((first, last, span)) = seen_rows(rows, seen) else { continue };
+        let Some((first, last, _)) = seen_rows(rows, seen) else { continue };
         load_rows(x.k, s.k_base + j0 * p.k.row + hk * p.k.head, p.k.row, cols, d, &mut k);
         load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
         kt.set(&k, cols);
         vt.set(&v, cols);
-        t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, lse, delta, i0, j0, first..last, seen, span.clone());
-        // dq_r += dX_rj k_j, key after key (0 where the row does not see the key).
-        weighted_tile::<D>(&mut dq[first * d..last * d], &t.dx[first..last], span, |j| &k[j * d..][..d]);
+        t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, lse, delta, i0, j0, first..last, seen);
+        // dq_r += dX_rj k_j, key after key.
+        weighted_tile::<D>(&mut dq[first * d..last * d], &t.dx[first..last], &t.ranges[first..last], &k);
     }
     dq.iter_mut().for_each(|x| *x *= p.scale);
     dq
@@ -305,46 +373,47 @@ struct Grads {
     factor: [f32; BLOCK_N],
     pz: Vec<[f32; BLOCK_N]>,
     dx: Vec<[f32; BLOCK_N]>,
+    /// Each row's keys in the tile (none for a row whose LSE is -inf), and whether the rows' ranges are ordered
+    /// (both ends growing with the row; a row of -inf LSE among rows that see keys breaks that).
+    ranges: [(usize, usize); BLOCK_M],
+    ordered: bool,
 }
 
 impl Grads {
     fn new() -> Grads {
         let tile = || vec![[0.0f32; BLOCK_N]; BLOCK_M];
-        Grads { s: tile(), dp: tile(), ds_dx: [0.0; BLOCK_N], keep: [false; BLOCK_N], factor: [1.0; BLOCK_N], pz: tile(), dx: tile() }
+        Grads { s: tile(), dp: tile(), ds_dx: [0.0; BLOCK_N], keep: [false; BLOCK_N], factor: [1.0; BLOCK_N], pz: tile(), dx: tile(), ranges: [(0, 0); BLOCK_M], ordered: true }
     }
 
-    /// `pz[r]`, `dx[r]` over the keys `span` for the rows r of `rows` (`q`, `dout` hold the query tile's rows
-    /// from its row 0, which is query i0; `lse`, `delta` its rows' values) against the key tile from key j0:
-    /// row r's keys `seen(r)`, 0 at the span's other keys and in rows whose LSE is -inf (they see no key).
+    /// `pz[r]`, `dx[r]` over row r's keys `seen(r)` (`ranges[r]`; none where its LSE is -inf: it sees no key) for
+    /// the rows r of `rows` (`q`, `dout` hold the query tile's rows from its row 0, which is query i0; `lse`,
+    /// `delta` its rows' values) against the key tile from key j0.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn tile<const D: usize>(&mut self, score: &Score, mods: &HeadMods, kt: &KeysT, vt: &KeysT, q: &[f32], dout: &[f32], lse: &[f32], delta: &[f32], i0: usize, j0: usize, rows: std::ops::Range<usize>, seen: impl Fn(usize) -> (usize, usize), span: std::ops::Range<usize>) {
+    fn tile<const D: usize>(&mut self, score: &Score, mods: &HeadMods, kt: &KeysT, vt: &KeysT, q: &[f32], dout: &[f32], lse: &[f32], delta: &[f32], i0: usize, j0: usize, rows: std::ops::Range<usize>, seen: impl Fn(usize) -> (usize, usize)) {
         let d = if D > 0 { D } else { kt.d() };
         let (first, last) = (rows.start, rows.end);
         kt.scores_rows::<D>(&q[first * d..last * d], &mut self.s[first..last]);
         vt.scores_rows::<D>(&dout[first * d..last * d], &mut self.dp[first..last]);
+        self.ordered = true;
         for r in rows {
-            let (pz, dx) = (&mut self.pz[r], &mut self.dx[r]);
             if lse[r] == f32::NEG_INFINITY {
-                pz[span.clone()].fill(0.0);
-                dx[span.clone()].fill(0.0);
+                self.ranges[r] = (0, 0);
+                self.ordered = false;
                 continue;
             }
             let (a, b) = seen(r);
+            self.ranges[r] = (a, b);
             let i = i0 + r;
             let s = &mut self.s[r];
             score.apply_grad(&mut s[a..b], &mut self.ds_dx[a..b], i, j0 + a);
             mods.dropout_row(i, j0 + a, &mut self.keep, &mut self.factor[a..b]);
-            let dp = &self.dp[r];
+            let (dp, pz, dx) = (&self.dp[r], &mut self.pz[r], &mut self.dx[r]);
             for j in a..b {
                 let pr = exp(s[j] - lse[r]);
                 pz[j] = pr * self.factor[j];
                 dx[j] = pr * (dp[j] * self.factor[j] - delta[r]) * self.ds_dx[j];
             }
-            pz[span.start..a].fill(0.0);
-            dx[span.start..a].fill(0.0);
-            pz[b..span.end].fill(0.0);
-            dx[b..span.end].fill(0.0);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! the block table. Only the addresses differ, so a paged call's arithmetic is bitwise the contiguous one.
 
 use super::seqlen::SeqInfo;
-use super::{load_rows, HostSlice};
+use super::{load_rows, prefetch_rows, HostSlice};
 use crate::problem::{Problem, Strides};
 
 pub(crate) struct KeyRows<'a> {
@@ -16,9 +16,25 @@ impl<'a> KeyRows<'a> {
         KeyRows { pages: table.zip(p.paged.map(|pg| pg.page_size)) }
     }
 
+    /// `prefetch_rows` for the keys `load` would read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prefetch(&self, data: HostSlice<'_>, st: &Strides, s: &SeqInfo, base: usize, head: usize, j0: usize, n: usize, d: usize) {
+        match (s.pages, self.pages) {
+            (Some(pg), Some((table, page_size))) => {
+                for r in 0..n {
+                    let t = pg.first + j0 + r;
+                    let block = table[pg.table_row + t / page_size] as usize;
+                    prefetch_rows(data, block * st.batch + (t % page_size) * st.row + head, 0, 1, d);
+                }
+            }
+            _ => prefetch_rows(data, base + j0 * st.row + head, st.row, n, d),
+        }
+    }
+
     /// Keys `j0..j0 + n` of sequence `s` from `data` (k or v: strides `st`, the sequence's `base`, the
     /// head's offset `head`), each `d` wide, widened to f32 into `dst`.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     pub fn load(&self, data: HostSlice<'_>, st: &Strides, s: &SeqInfo, base: usize, head: usize, j0: usize, n: usize, d: usize, dst: &mut [f32]) {
         match (s.pages, self.pages) {
             (Some(pg), Some((table, page_size))) => {

@@ -103,8 +103,9 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &
     let mut k = vec![0.0f32; BLOCK_N * d];
     let mut kt = KeysT::new(d);
     let mut v = vec![0.0f32; BLOCK_N * d];
-    // The tile's scores, then its probabilities, row by row (0 outside each row's keys).
+    // The tile's scores, then its probabilities, row by row (each row's keys `ranges`).
     let mut probs = vec![[0.0f32; BLOCK_N]; rows];
+    let mut ranges = [(0usize, 0usize); BLOCK_M];
     let (mut keep, mut factor) = ([false; BLOCK_N], [1.0f32; BLOCK_N]);
     let dropout = mods.dropout().is_some();
     for n_block in (lo / BLOCK_N).max(n_blocks.start)..hi.div_ceil(BLOCK_N).min(n_blocks.end) {
@@ -116,10 +117,15 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &
             let (a, b) = range(tile.at(r).0);
             (a.max(j0) - j0, b.min(j0 + cols).saturating_sub(j0))
         };
-        let Some((first, last, span)) = seen_rows(rows, seen) else { continue };
-        let (span_lo, span_hi) = (span.start, span.end);
+        let Some((first, last, _)) = seen_rows(rows, seen) else { continue };
         x.keys.load(x.k, &p.k, s, s.k_base, x.k_head, j0, cols, d, &mut k);
         x.keys.load(x.v, &p.v, s, s.v_base, x.v_head, j0, cols, d, &mut v);
+        if n_block + 1 < hi.div_ceil(BLOCK_N).min(n_blocks.end) {
+            // The next tile's keys, on their way while this one is computed.
+            let (j1, next) = (j0 + BLOCK_N, (sk - j0 - BLOCK_N).min(BLOCK_N));
+            x.keys.prefetch(x.k, &p.k, s, s.k_base, x.k_head, j1, next, d);
+            x.keys.prefetch(x.v, &p.v, s, s.v_base, x.v_head, j1, next, d);
+        }
         kt.set(&k, cols);
         kt.scores_rows::<D>(&q[first * d..last * d], &mut probs[first..last]);
         for r in first..last {
@@ -144,12 +150,9 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &
             if dropout {
                 s_row.iter_mut().zip(&factor[a..b]).for_each(|(pr, f)| *pr *= f);
             }
-            // Keys the tile's other rows see weigh 0 here: adding 0 v_j leaves the row's sums as they were
-            // (a non-finite v_j makes them NaN, as it does on the GPU, whose masked P enters P V as 0 too).
-            row[span_lo..a].fill(0.0);
-            row[b..span_hi].fill(0.0);
+            ranges[r] = (a, b);
         }
-        weighted_tile::<D>(&mut acc[first * d..last * d], &probs[first..last], span_lo..span_hi, |j| &v[j * d..][..d]);
+        weighted_tile::<D>(&mut acc[first * d..last * d], &probs[first..last], &ranges[first..last], &v);
     }
 
     let mut lse = vec![f32::NEG_INFINITY; rows];
@@ -243,40 +246,69 @@ fn lane_max(x: &[f32]) -> f32 {
     (l[0].max(l[4]).max(l[1].max(l[5]))).max(l[2].max(l[6]).max(l[3].max(l[7])))
 }
 
-/// `weighted_rows` for each row r of `acc` (rows `d` wide) with weights `w[r][keys]`: four rows at a time share
-/// each key row's loads (the same operations per element as `weighted_rows`, so the same bits).
+/// `weighted_rows` for each row r of `acc` (rows `d` wide) over its keys `ranges[r]` (key j's row at `rows[j * d..]`)
+/// with weights `w[r]`, keys
+/// ascending: four rows at a time share each key row's loads over the keys all four see, each row's other keys
+/// before and after those on its own. Per element the same operations as `weighted_rows` (the same bits); no
+/// key outside a row's range is read.
 #[inline(always)]
-pub(crate) fn weighted_tile<'a, const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], keys: std::ops::Range<usize>, row: impl Fn(usize) -> &'a [f32]) {
+pub(crate) fn weighted_tile<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], ranges: &[(usize, usize)], rows: &[f32]) {
     let d = if D > 0 { D } else { acc.len() / w.len().max(1) };
+    let row = |j: usize| &rows[j * d..][..d];
+    let one = |a: &mut [f32], w: &[f32; BLOCK_N], (lo, hi): (usize, usize)| {
+        if lo < hi {
+            weighted_rows::<D>(a, &w[lo..hi], |i| row(lo + i));
+        }
+    };
     let (blocks, rest) = w.as_chunks::<ROWS>();
     let (acc_blocks, acc_rest) = acc.split_at_mut(blocks.len() * ROWS * d);
-    for (wb, ab) in blocks.iter().zip(acc_blocks.chunks_exact_mut(ROWS * d)) {
-        if D > 0 {
-            let mut c = 0;
-            while c < D {
-                weighted_cols_rows::<32>(ab, d, wb, keys.clone(), &row, c);
-                c += 32;
+    for ((wb, ab), rb) in blocks.iter().zip(acc_blocks.chunks_exact_mut(ROWS * d)).zip(ranges.chunks_exact(ROWS)) {
+        let lo = rb.iter().map(|r| r.0).max().unwrap_or(0);
+        let hi = rb.iter().map(|r| r.1).min().unwrap_or(0);
+        if D == 0 || lo >= hi {
+            for ((a, w), &r) in ab.chunks_exact_mut(d).zip(wb).zip(rb) {
+                one(a, w, r);
             }
-        } else {
-            for (r, a) in ab.chunks_exact_mut(d).enumerate() {
-                weighted_rows::<D>(a, &wb[r][keys.clone()], |i| row(keys.start + i));
-            }
+            continue;
+        }
+        for ((a, w), &(a0, _)) in ab.chunks_exact_mut(d).zip(wb).zip(rb) {
+            one(a, w, (a0, lo));
+        }
+        rows_block::<D>(ab, wb, lo..hi, &rows[lo * d..hi * d], d);
+        for ((a, w), &(_, b0)) in ab.chunks_exact_mut(d).zip(wb).zip(rb) {
+            one(a, w, (hi, b0));
         }
     }
-    for (wr, a) in rest.iter().zip(acc_rest.chunks_exact_mut(d)) {
-        weighted_rows::<D>(a, &wr[keys.clone()], |i| row(keys.start + i));
+    for ((w, a), &r) in rest.iter().zip(acc_rest.chunks_exact_mut(d)).zip(&ranges[blocks.len() * ROWS..]) {
+        one(a, w, r);
     }
 }
 
 multiversion!(
     /// `weighted_tile` with the key rows in one slice (row j at `j * d`), compiled on its own: inlined into the
     /// backward's dK / dV loop, LLVM left it scalar.
-    pub(crate) fn weighted_tile_of<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], keys: std::ops::Range<usize>, rows: &[f32], d: usize) -> () = weighted_tile_of_in
+    pub(crate) fn weighted_tile_of<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], ranges: &[(usize, usize)], rows: &[f32], d: usize) -> () = weighted_tile_of_in
 );
 
 #[inline(always)]
-fn weighted_tile_of_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], keys: std::ops::Range<usize>, rows: &[f32], d: usize) {
-    weighted_tile::<D>(acc, w, keys, |j| &rows[j * d..][..d]);
+fn weighted_tile_of_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], ranges: &[(usize, usize)], rows: &[f32], _d: usize) {
+    weighted_tile::<D>(acc, w, ranges, rows);
+}
+
+multiversion!(
+    /// `weighted_tile`'s shared part: ROWS rows of `acc` over keys `keys` (key rows in `rows` from the range's first,
+    /// `d` apart), compiled on its own (inlined into the tile loops, LLVM left it scalar).
+    fn rows_block<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]; ROWS], keys: std::ops::Range<usize>, rows: &[f32], d: usize) -> () = rows_block_in
+);
+
+#[inline(always)]
+fn rows_block_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]; ROWS], keys: std::ops::Range<usize>, rows: &[f32], d: usize) {
+    let j0 = keys.start;
+    let mut c = 0;
+    while c < d {
+        weighted_cols_rows::<32>(acc, d, w, keys.clone(), &|j| &rows[(j - j0) * d..][..d], c);
+        c += 32;
+    }
 }
 
 /// Rows per block of `weighted_tile` and `KeysT::scores_rows`.
