@@ -46,6 +46,7 @@ Importing this package needs neither torch nor numpy, and no CUDA: libcuda is lo
 call. Set FLASH_ATTN_RS_NO_TORCH=1 to keep it from importing torch (numpy arrays only).
 """
 
+import re as _re
 import numbers as _numbers
 import os as _os
 
@@ -230,6 +231,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns out `[B, Sq, H, D]`, or (out, softmax_lse `[B, H, Sq]`) with return_softmax_lse.
     CPU (numpy arrays, CPU tensors) and CUDA tensors. No gradient.
     """
+    try:
+        return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                             cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                             rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
+    except (TypeError, ValueError) as e:
+        # The library calls the new keys and values k_new and v_new; here they are the arguments k and v.
+        msg = _NEW_KV.sub(r"\1", str(e))
+        if msg == str(e):
+            raise
+        raise type(e)(msg) from None
+
+
+_NEW_KV = _re.compile(r"\b([kv])_new\b")
+
+
+def _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                  block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
+                  num_splits, return_softmax_lse):
     return_softmax_lse = _common.flag(return_softmax_lse, "return_softmax_lse")
     if _torch_impl is not None:
         r = _torch_impl.kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,

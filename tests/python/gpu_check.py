@@ -965,6 +965,8 @@ def check_errors(dev, quick):
         ("sparse k", lambda: fa.flash_attn_func(q, q.to_sparse(), q), TypeError, "k"),
         ("sparse q, kv cache", lambda: fa.flash_attn_with_kvcache(q[:, :1].to_sparse(), cache, cache.clone()),
          TypeError, "q"),
+        ("kv cache k of the wrong heads (named k, not k_new)", lambda: fa.flash_attn_with_kvcache(
+            q[:, :1], cache, cache.clone(), q[:, :1, :1], q[:, :1], cache_seqlens=2), ValueError, "k"),
         ("non-leaf k_cache requiring grad, appended to", lambda: fa.flash_attn_with_kvcache(
             q[:, :1], grad_cache.bfloat16(), cache.clone(), q[:, :1], q[:, :1], cache_seqlens=2), ValueError,
          "k_cache"),

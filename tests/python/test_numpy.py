@@ -502,6 +502,20 @@ def test_kvcache_aliased_caches_are_refused(d):
     assert np.isfinite(fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3)).all(), seed
 
 
+def test_kvcache_errors_name_k_and_v():
+    """flash_attn_with_kvcache's new keys and values are its arguments k and v: errors about them say so (the
+    library's own names for them are k_new and v_new)."""
+    seed, rng = new_rng("test_kvcache_errors_name_k_and_v")
+    q, kc, vc = randn(rng, (1, 1, 2, 64)), randn(rng, (1, 8, 2, 64)), randn(rng, (1, 8, 2, 64))
+    with pytest.raises(ValueError, match=r"^k: shape \[1, 1, 3, 64\]"):
+        fa.flash_attn_with_kvcache(q, kc, vc, randn(rng, (1, 1, 3, 64)), randn(rng, (1, 1, 2, 64)), cache_seqlens=2)
+    with pytest.raises(ValueError, match=r"^v: is missing: k and v are appended together"):
+        fa.flash_attn_with_kvcache(q, kc, vc, randn(rng, (1, 1, 2, 64)), cache_seqlens=2)
+    with pytest.raises(TypeError, match=r"^v: dtype"):
+        fa.flash_attn_with_kvcache(q, kc, vc, randn(rng, (1, 1, 2, 64)), randn(rng, (1, 1, 2, 64)).astype(np.float32),
+                                   cache_seqlens=2)
+
+
 def test_numpy_float_scalars_as_options():
     """numpy scalars (float32 too) are floats for softmax_scale, softcap and dropout_p, as Python floats
     (values exact in float32, so both calls must give the same bits)."""
