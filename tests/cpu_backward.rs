@@ -416,6 +416,16 @@ fn zero_sizes() {
         let g = bwd(&q, &q, &k, &k, &q, &z(&[b, 2, sq], DType::F32), &o, true).unwrap();
         assert!(g.dk.to_f32_vec().unwrap().iter().chain(&g.dq.to_f32_vec().unwrap()).all(|&x| x == 0.0));
     }
+    // No q heads (one kv head): forward, backward and the KV cache run and return empty results.
+    let (q, k) = (z(&[2, 3, 0, 32], bf), z(&[2, 5, 1, 32], bf));
+    let f = fwd(&q, &k, &k, &o).unwrap();
+    assert_eq!((f.out.shape(), f.lse.shape()), (&[2, 3, 0, 32][..], &[2, 0, 3][..]));
+    let g = bwd(&q, &q, &k, &k, &f.out, &f.lse, &o, false).unwrap();
+    assert!(g.dk.to_f32_vec().unwrap().iter().all(|&x| x == 0.0));
+    let (mut kc, mut vc) = (k.clone(), k.clone());
+    let lens = Tensor::from_i32(vec![5, 4], &[2]).unwrap();
+    let r = flash_attn::fwd_kvcache(&q, &mut kc, &mut vc, &flash_attn::KvCache::new(&lens), &o, &flash_attn::KvCacheOptions::default()).unwrap();
+    assert_eq!(r.out.shape(), &[2, 3, 0, 32][..]);
 }
 
 /// The backward's two walks (one per (sequence, kv head) adding dq as it goes, or dk/dv then dq in two

@@ -261,7 +261,7 @@ pub fn varlen_fwd_paged_with(q: &Tensor, k: &Tensor, v: &Tensor, varlen: &PagedV
     validate::check_alibi(&mut p, extras.alibi_slopes.map(Tensor::view).as_ref())?;
     let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
     let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
-    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape()?, DType::F32, device)?) } else { None };
+    let mut s_dmask = if extras.return_attn_probs { Some(s_dmask_tensor(&p.s_dmask_shape()?, device)?) } else { None };
     let views = FwdViews {
         q: q.view(),
         k: k.view(),
@@ -402,7 +402,7 @@ fn run_fwd(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>, extr
     validate::check_alibi(&mut p, extras.alibi_slopes.map(Tensor::view).as_ref())?;
     let mut out = Tensor::uninit(&p.out_shape(), q.dtype(), device)?;
     let mut lse = Tensor::uninit(&p.lse_shape(), DType::F32, device)?;
-    let mut s_dmask = if extras.return_attn_probs { Some(Tensor::zeros(&p.s_dmask_shape()?, DType::F32, device)?) } else { None };
+    let mut s_dmask = if extras.return_attn_probs { Some(s_dmask_tensor(&p.s_dmask_shape()?, device)?) } else { None };
     run_fwd_into(q, k, v, varlen, extras.alibi_slopes, opts, &mut out, &mut lse, s_dmask.as_mut())?;
     Ok(FwdOutput { out, lse, s_dmask })
 }
@@ -442,6 +442,14 @@ fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>,
             Some(vl) => raw::varlen_fwd(&views, &vl.views(), opts, target(device)),
         }
     }
+}
+
+/// return_attn_probs' output, f32 of `shape` (O(S^2): too large for memory is an error naming it).
+fn s_dmask_tensor(shape: &[usize], device: Device) -> Result<Tensor> {
+    Tensor::zeros(shape, DType::F32, device).map_err(|e| match e {
+        Error::TooLarge { msg, .. } => Error::TooLarge { arg: "s_dmask", msg: format!("{shape:?} f32 (return_attn_probs): {msg}") },
+        e => e,
+    })
 }
 
 /// A validated dense forward on device `ordinal` as a KV-cache call over k and v in place

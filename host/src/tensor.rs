@@ -16,15 +16,34 @@ pub enum CpuData {
     I32(Vec<i32>),
 }
 
-/// `n` copies of `zero`; a size past the address space, or an allocation the system refuses, is an error
-/// rather than a panic or an abort (a broadcast input can describe an output far larger than its storage).
+/// `n` copies of `zero`; a size past the address space, an allocation the system refuses, or (on Linux) one
+/// larger than the memory available is an error rather than a panic, an abort or the kernel's OOM killer (a
+/// broadcast input can describe an output far larger than its storage; `s_dmask` is O(S^2)).
 pub(crate) fn filled<T: Clone>(n: usize, zero: T) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    if n.checked_mul(std::mem::size_of::<T>()).is_none_or(|b| b > isize::MAX as usize) || v.try_reserve_exact(n).is_err() {
-        return Err(Error::TooLarge { arg: "output", msg: format!("{n} elements of {} bytes cannot be allocated", std::mem::size_of::<T>()) });
+    let bytes = n.checked_mul(std::mem::size_of::<T>());
+    let too_large = |msg: String| Err(Error::TooLarge { arg: "output", msg });
+    if bytes.is_none_or(|b| b > isize::MAX as usize) || v.try_reserve_exact(n).is_err() {
+        return too_large(format!("{n} elements of {} bytes cannot be allocated", std::mem::size_of::<T>()));
+    }
+    let bytes = bytes.unwrap_or(0);
+    // Overcommit lets the reservation above succeed whatever its size; filling it would then be killed.
+    if bytes >= 1 << 28
+        && let Some(available) = available_memory()
+        && bytes > available
+    {
+        return too_large(format!("{bytes} bytes exceed the {available} bytes of memory available"));
     }
     v.resize(n, zero);
     Ok(v)
+}
+
+/// The memory the system can still hand out (Linux's MemAvailable), where known.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 impl CpuData {
@@ -297,7 +316,28 @@ impl Tensor {
 
     /// Raw little-endian bytes in row-major logical order.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        if let Some(b) = self.host_bytes() {
+            return Ok(b.to_vec());
+        }
         Ok(self.to_cpu()?.cpu_data().expect("to_cpu returns host storage").to_bytes())
+    }
+
+    /// The raw little-endian bytes of a host tensor whose storage it covers in row-major order (contiguous,
+    /// offset 0), borrowed; None for any other tensor (`to_bytes` copies those) and on big-endian targets.
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        let Storage::Cpu(d) = &self.storage else { return None };
+        if cfg!(target_endian = "big") || self.offset != 0 || !self.is_contiguous() || d.len() != self.numel() {
+            return None;
+        }
+        let (ptr, len) = match d {
+            CpuData::F16(v) => (v.as_ptr() as *const u8, std::mem::size_of_val(v.as_slice())),
+            CpuData::BF16(v) => (v.as_ptr() as *const u8, std::mem::size_of_val(v.as_slice())),
+            CpuData::F32(v) => (v.as_ptr() as *const u8, std::mem::size_of_val(v.as_slice())),
+            CpuData::I32(v) => (v.as_ptr() as *const u8, std::mem::size_of_val(v.as_slice())),
+        };
+        // Safety: plain-old-data elements (f16 / bf16 are transparent u16s) viewed as the bytes they occupy,
+        // borrowed from `self`.
+        Some(unsafe { std::slice::from_raw_parts(ptr, len) })
     }
 }
 

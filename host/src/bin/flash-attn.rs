@@ -584,7 +584,14 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
 
 /// Writes the named tensors to a safetensors file.
 fn write_outputs(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
-    let bytes = tensors.iter().map(|(_, t)| t.to_bytes()).collect::<flash_attn::Result<Vec<_>>>()?;
+    // Host tensors lend their bytes (s_dmask is O(S^2): no copy of it).
+    let bytes = tensors
+        .iter()
+        .map(|(_, t)| Ok(match t.host_bytes() {
+            Some(b) => std::borrow::Cow::Borrowed(b),
+            None => std::borrow::Cow::Owned(t.to_bytes()?),
+        }))
+        .collect::<flash_attn::Result<Vec<_>>>()?;
     let views = tensors.iter().zip(&bytes).map(|((name, t), b)| Ok((*name, st_view(t, b)?))).collect::<Result<Vec<_>>>()?;
     safetensors::serialize_to_file(views, &None, path).map_err(|e| Fail(format!("cannot write {}: {e:?}", path.display())))
 }

@@ -193,44 +193,61 @@ pub(crate) unsafe fn fwd_into(p: &Problem, t: &FwdViews<'_>) -> Result<()> {
     let (q, k, v) = unsafe { (host_slice("q", &t.q)?, host_slice("k", &t.k)?, host_slice("v", &t.v)?) };
     let mods = unsafe { Mods::read(p, t.alibi_slopes.as_ref())? };
     let (out, lse) = fwd(p, q, k, v, &mods, 1)?;
-    let s_dmask = match &t.s_dmask {
-        Some(_) => Some(probs(p, q, k, &mods, &lse)?),
-        None => None,
-    };
     unsafe {
+        if let Some(view) = &t.s_dmask {
+            probs_into(p, q, k, &mods, &lse, view)?;
+        }
         scatter(&t.out, &out);
         scatter(&t.lse, &lse);
-        if let (Some(view), Some(values)) = (&t.s_dmask, &s_dmask) {
-            scatter(view, values);
-        }
     }
     Ok(())
 }
 
-/// The probabilities of every (sequence, head) (`tile::probs`), contiguous `[B, Hq, Sq, Sk]` (varlen:
-/// `[B, Hq, max_seqlen_q, max_seqlen_k]`, each sequence at the top left of its block, zero-padded).
-fn probs(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, mods: &Mods, lse: &[f32]) -> Result<Vec<f32>> {
+/// The probabilities of every (sequence, head) (`tile::probs`) into `view`, `[B, Hq, Sq, Sk]` (varlen:
+/// `[B, Hq, max_seqlen_q, max_seqlen_k]`, each sequence at the top left of its block, zero-padded; the last
+/// dimension contiguous). O(S^2): the tiles go in chunks of a few per thread, straight into the view, so the
+/// memory beyond the view's own is a few tiles.
+///
+/// # Safety
+/// As `scatter` for `view`.
+unsafe fn probs_into(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, mods: &Mods, lse: &[f32], view: &View<'_>) -> Result<()> {
     let (seqs, lse_head_stride) = seqlen::sequences(p)?;
     let keys = kv::KeyRows::new(p);
     let group = p.hq / p.hk;
     let (sq_max, sk_max) = (p.seqlen_q, p.seqlen_k);
+    if p.batch * p.hq * sq_max * sk_max == 0 {
+        return Ok(());
+    }
+    // Row (b, h, i) of the view; every row 0 first (the padding), then the sequences' rows over it.
+    let row_at = |b: usize, h: usize, i: usize| b * view.strides[0] + h * view.strides[1] + i * view.strides[2];
+    let zeros = vec![0.0f32; sk_max];
+    for b in 0..p.batch {
+        for h in 0..p.hq {
+            for i in 0..sq_max {
+                unsafe { store_row(view, row_at(b, h, i), &zeros) };
+            }
+        }
+    }
     let items: Vec<(usize, usize, usize)> = seqs.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
-    let tiles: Vec<Vec<f32>> = map_items(&items, call_work(p), |&(b, h, m_block)| {
+    for chunk in items.chunks(4 * rayon::current_num_threads()) {
+        let tiles: Vec<Vec<f32>> = map_items(chunk, call_work(p), |&(b, h, m_block)| {
             let s = &seqs[b];
             let operands = tile::Operands { q: qd, k: kd, v: kd, keys: &keys, k_head: (h / group) * p.k.head, v_head: 0 };
             let at = s.lse_base + h * lse_head_stride + m_block * BLOCK_M;
             let rows = (s.seqlen_q - m_block * BLOCK_M).min(BLOCK_M);
             tile::probs(p, &operands, s, &mods.head(b, h), h * p.q.head, m_block, &lse[at..at + rows])
         });
-    let mut all = vec![0.0f32; p.batch * p.hq * sq_max * sk_max];
-    for (&(b, h, m_block), t) in items.iter().zip(&tiles) {
-        let sk = seqs[b].seqlen_k;
-        for (r, row) in t.chunks_exact(sk.max(1)).enumerate() {
-            let at = ((b * p.hq + h) * sq_max + m_block * BLOCK_M + r) * sk_max;
-            all[at..at + sk].copy_from_slice(&row[..sk]);
+        for (&(b, h, m_block), t) in chunk.iter().zip(&tiles) {
+            let sk = seqs[b].seqlen_k;
+            if sk == 0 {
+                continue;
+            }
+            for (r, row) in t.chunks_exact(sk).enumerate() {
+                unsafe { store_row(view, row_at(b, h, m_block * BLOCK_M + r), row) };
+            }
         }
     }
-    Ok(all)
+    Ok(())
 }
 
 /// The backward on host memory, into the caller's dq, dk, dv.
