@@ -68,12 +68,12 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
     let heads: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|b| (0..p.hq).map(move |h| (b, h))).collect();
     let work = 3 * call_work(p);
     let rows_delta: Vec<Vec<f32>> = map_items(&heads, work, |&(b, h)| {
-            let sq = seqs[b].s.seqlen_q;
-            let (mut o, mut g) = (vec![0.0f32; sq * d], vec![0.0f32; sq * d]);
-            load_rows(od, out_base[b] + h * bp.out.head, bp.out.row, sq, d, &mut o);
-            load_rows(dod, seqs[b].dout_base + h * bp.dout.head, bp.dout.row, sq, d, &mut g);
-            o.chunks_exact(d).zip(g.chunks_exact(d)).map(|(o, g)| dot(o, g)).collect()
-        });
+        let sq = seqs[b].s.seqlen_q;
+        let (mut o, mut g) = (vec![0.0f32; sq * d], vec![0.0f32; sq * d]);
+        load_rows(od, out_base[b] + h * bp.out.head, bp.out.row, sq, d, &mut o);
+        load_rows(dod, seqs[b].dout_base + h * bp.dout.head, bp.dout.row, sq, d, &mut g);
+        o.chunks_exact(d).zip(g.chunks_exact(d)).map(|(o, g)| dot(o, g)).collect()
+    });
     let mut delta = vec![0.0f32; lse.len()];
     for (&(b, h), r) in heads.iter().zip(&rows_delta) {
         let at = seqs[b].s.lse_base + h * lse_head_stride;
@@ -93,19 +93,19 @@ pub(crate) fn bwd(bp: &BwdProblem, dod: HostSlice<'_>, qd: HostSlice<'_>, kd: Ho
         }
     };
     if serial(work) || seqs.len() * p.hk >= 2 * rayon::current_num_threads() {
-        // Enough (sequence, kv head) pairs to keep every thread busy: one work item per pair walks its key
+        // Enough (sequence, kv head) pairs to keep every thread busy, or one thread for all: one work item per pair walks its key
         // tiles in order and adds each tile's dq terms to its group's rows there, the dq pass's sums in the
         // dq pass's order (the same bits), so each tile's S and dP are computed once.
         let items: Vec<(usize, usize)> = (0..seqs.len()).flat_map(|b| (0..p.hk).map(move |hk| (b, hk))).collect();
         // Per pair: its key tiles' (dk, dv), its group's dq rows.
         type Pair = (Vec<(Vec<f32>, Vec<f32>)>, Vec<f32>);
         let parts: Vec<Pair> = map_items(&items, work, |&(b, hk)| {
-                let s = &infos[b];
-                let mut group_dq = vec![0.0f32; group * s.seqlen_q * d];
-                let tiles = (0..s.seqlen_k.div_ceil(BLOCK_N)).map(|n| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n, Some(&mut group_dq))).collect();
-                group_dq.iter_mut().for_each(|x| *x *= p.scale);
-                (tiles, group_dq)
-            });
+            let s = &infos[b];
+            let mut group_dq = vec![0.0f32; group * s.seqlen_q * d];
+            let tiles = (0..s.seqlen_k.div_ceil(BLOCK_N)).map(|n| dkdv_tile(p, bp, &x, &seqs[b], b, lse_head_stride, hk, group, n, Some(&mut group_dq))).collect();
+            group_dq.iter_mut().for_each(|x| *x *= p.scale);
+            (tiles, group_dq)
+        });
         for (&(b, hk), (tiles, group_dq)) in items.iter().zip(&parts) {
             for (n_block, (tk, tv)) in tiles.iter().enumerate() {
                 put_keys(b, hk, n_block, tk, tv);

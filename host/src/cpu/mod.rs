@@ -285,11 +285,11 @@ fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mod
         .flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| tile::TileRows::tiles(s.seqlen_q, hk * group, group).flat_map(move |t| (0..splits).map(move |i| (b, hk, t, i)))))
         .collect();
     let tiles: Vec<tile::TileOut> = map_items(&items, call_work(p), |&(b, hk, rows, split)| {
-            let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, k_head: hk * p.k.head, v_head: hk * p.v.head };
-            let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
-            let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
-            tile::attend(p, &operands, &seqs[b], mods, b, rows, n_blocks)
-        });
+        let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, k_head: hk * p.k.head, v_head: hk * p.v.head };
+        let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
+        let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
+        tile::attend(p, &operands, &seqs[b], mods, b, rows, n_blocks)
+    });
 
     // Rows no tile covers (varlen padding past seqused_q or cu_seqlens_q[B]) stay out 0, LSE -inf.
     let mut out = vec![0.0f32; p.total_q * p.hq * d];

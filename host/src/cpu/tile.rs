@@ -48,7 +48,8 @@ impl TileRows {
     /// The tiles of one sequence (`seqlen_q` queries) for a kv head with `group` q heads from `h0`: the
     /// group's heads in chunks of up to BLOCK_M, each chunk's positions in tiles of BLOCK_M / chunk rows.
     pub(crate) fn tiles(seqlen_q: usize, h0: usize, group: usize) -> impl Iterator<Item = TileRows> {
-        let per = group.min(BLOCK_M);
+        // No q heads (a legal empty problem): no chunks.
+        let per = group.clamp(1, BLOCK_M);
         let positions = BLOCK_M / per;
         (0..group.div_ceil(per)).flat_map(move |c| {
             let heads = per.min(group - c * per);
