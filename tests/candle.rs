@@ -853,6 +853,18 @@ fn expect_err(what: &str, f: impl FnOnce() -> Result<Tensor>) {
     }
 }
 
+/// `expect_err` whose message names `arg` as this API calls it (the library's cu_seqlens_* are seqlens_* here).
+fn expect_err_naming(what: &str, arg: &str, f: impl FnOnce() -> Result<Tensor>) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(_)) => panic!("{what}: expected an error, got Ok"),
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("{arg}:")) && !msg.contains("cu_seqlens"), "{what}: the message {msg:?} does not name {arg}");
+        }
+        Err(_) => panic!("{what}: panicked instead of returning an error"),
+    }
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let dev = Device::Cpu;
@@ -932,9 +944,9 @@ fn bad_inputs_are_errors() {
     expect_err("varlen head dim 264", || fa::flash_attn_varlen(&q3_d264, &k3_d264, &k3_d264, cur, cur, 5, 5, 0.1, false));
     expect_err("varlen Hq % Hk", || fa::flash_attn_varlen(&q3_h3, k3r, k3r, cur, cur, 5, 5, 0.1, false));
     expect_err("varlen k dtype", || fa::flash_attn_varlen(q3r, &k3f16, &k3f16, cur, cur, 5, 5, 0.1, false));
-    expect_err("seqlens_k length != seqlens_q length", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu2, 5, 8, 0.1, false));
+    expect_err_naming("seqlens_k length != seqlens_q length", "seqlens_k", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu2, 5, 8, 0.1, false));
     expect_err("seqlens_q past total_q", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_long, cur, 6, 5, 0.1, false));
-    expect_err("seqlens_k past total_k", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu_long, 5, 6, 0.1, false));
+    expect_err_naming("seqlens_k past total_k", "seqlens_k", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, &cu_long, 5, 6, 0.1, false));
     expect_err("seqlens decreasing", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_down, &cu_down, 5, 5, 0.1, false));
     expect_err("seqlens >= 2^31 (as u32)", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_huge, cur, 5, 5, 0.1, false));
     // ... named as the caller's value, not as the negative int32 it reads as.

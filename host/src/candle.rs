@@ -49,9 +49,10 @@ use half::{bf16, f16};
 use crate::raw::{self, BwdViews, FwdViews, PagedVarlenViews, Workspace};
 use crate::types::{AttnOptions, DType, Target, VarlenViews, View};
 
-/// A flash-attn error as a candle error, keeping its message (which names the argument at fault).
+/// A flash-attn error as a candle error, keeping its message (which names the argument at fault; the
+/// library's cu_seqlens_q / cu_seqlens_k are this API's seqlens_q / seqlens_k, as in candle-flash-attn).
 fn fa_err(e: crate::Error) -> candle_core::Error {
-    candle_core::Error::Msg(format!("flash-attn: {e}"))
+    candle_core::Error::Msg(format!("flash-attn: {e}").replace("cu_seqlens_", "seqlens_"))
 }
 
 macro_rules! fail {
