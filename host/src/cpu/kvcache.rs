@@ -42,9 +42,8 @@ pub(crate) unsafe fn fwd_kvcache_into(kp: &KvCacheProblem, t: &KvCacheViews<'_>)
     // Read only now: the append above wrote these.
     let (k, v) = unsafe { (host_slice("k_cache", &t.k_cache)?, host_slice("v_cache", &t.v_cache)?) };
     let mods = unsafe { super::score::Mods::read(&p, t.alibi_slopes.as_ref())? };
-    let (out, lse) = super::fwd(&p, q, k, v, &mods, splits(kp))?;
     unsafe {
-        scatter(&t.out, &out);
+        let lse = super::fwd(&p, q, k, v, &mods, splits(kp), &t.out)?;
         scatter(&t.lse, &lse);
     }
     Ok(())

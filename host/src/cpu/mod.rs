@@ -169,20 +169,22 @@ unsafe fn store_row(t: &View<'_>, at: usize, src: &[f32]) {
 /// # Safety
 /// The view must be valid host memory for writes over its whole span, aliasing nothing being read.
 unsafe fn scatter(t: &View<'_>, values: &[f32]) {
-    let rank = t.rank();
-    let n = t.numel();
-    if n == 0 {
+    if t.numel() == 0 {
         return;
     }
-    let last = t.shape[rank - 1];
-    for (r, src) in values.chunks_exact(last).enumerate() {
-        let (mut lin, mut off) = (r, 0usize);
-        for d in (0..rank - 1).rev() {
-            off += (lin % t.shape[d]) * t.strides[d];
-            lin /= t.shape[d];
-        }
-        unsafe { store_row(t, off, src) };
+    for (r, src) in values.chunks_exact(t.shape[t.rank() - 1]).enumerate() {
+        unsafe { store_row(t, row_offset(t, r), src) };
     }
+}
+
+/// Element offset of row `r` (row-major over every dimension but the last) of a view.
+fn row_offset(t: &View<'_>, r: usize) -> usize {
+    let (mut lin, mut off) = (r, 0usize);
+    for d in (0..t.rank() - 1).rev() {
+        off += (lin % t.shape[d]) * t.strides[d];
+        lin /= t.shape[d];
+    }
+    off
 }
 
 /// The forward on host memory, into the caller's out and lse.
@@ -192,12 +194,11 @@ unsafe fn scatter(t: &View<'_>, values: &[f32]) {
 pub(crate) unsafe fn fwd_into(p: &Problem, t: &FwdViews<'_>) -> Result<()> {
     let (q, k, v) = unsafe { (host_slice("q", &t.q)?, host_slice("k", &t.k)?, host_slice("v", &t.v)?) };
     let mods = unsafe { Mods::read(p, t.alibi_slopes.as_ref())? };
-    let (out, lse) = fwd(p, q, k, v, &mods, 1)?;
     unsafe {
+        let lse = fwd(p, q, k, v, &mods, 1, &t.out)?;
         if let Some(view) = &t.s_dmask {
             probs_into(p, q, k, &mods, &lse, view)?;
         }
-        scatter(&t.out, &out);
         scatter(&t.lse, &lse);
     }
     Ok(())
@@ -267,15 +268,31 @@ pub(crate) unsafe fn bwd_into(bp: &BwdProblem, t: &BwdViews<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Forward pass on host memory described by a validated `Problem`: out (f32, contiguous `out_shape`)
-/// and lse (contiguous `lse_shape`). With `splits` > 1 each row's key tiles are cut into that many
-/// ranges (as even as whole tiles allow; some may be empty), attended to separately and merged.
-fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mods: &Mods, splits: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+/// Forward pass on host memory described by a validated `Problem`: out straight into `out` (a view shaped
+/// `out_shape`, last dimension contiguous, rounded to its dtype once), the work items in chunks so that
+/// only a few tiles' f32 rows exist at a time; the lse returned (contiguous `lse_shape`). With `splits` > 1 each
+/// row's key tiles are cut into that many ranges (as even as whole tiles allow; some may be empty), attended
+/// to separately and merged.
+///
+/// # Safety
+/// As `scatter` for `out`, which aliases nothing the call reads.
+unsafe fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mods: &Mods, splits: usize, out: &View<'_>) -> Result<Vec<f32>> {
     let (seqs, lse_head_stride) = seqlen::sequences(p)?;
     let keys = kv::KeyRows::new(p);
     let d = p.head_dim;
     let group = p.hq / p.hk;
     let splits = splits.max(1);
+
+    // Rows no tile covers (varlen padding past seqused_q or cu_seqlens_q[B]) stay out 0, LSE -inf: every row
+    // 0 first.
+    let mut lse = vec![f32::NEG_INFINITY; p.hq * p.total_q];
+    if out.numel() == 0 {
+        return Ok(lse);
+    }
+    let mut row = vec![0.0f32; d];
+    for r in 0..p.total_q * p.hq {
+        unsafe { store_row(out, row_offset(out, r), &row) };
+    }
 
     // Work items: a tile of one (sequence, kv head) (`TileRows`: with GQA the group's q heads share it) and a
     // split of its key tiles.
@@ -284,34 +301,32 @@ fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'_>, mod
         .enumerate()
         .flat_map(|(b, s)| (0..p.hk).flat_map(move |hk| tile::TileRows::tiles(s.seqlen_q, hk * group, group).flat_map(move |t| (0..splits).map(move |i| (b, hk, t, i)))))
         .collect();
-    let tiles: Vec<tile::TileOut> = map_items(&items, call_work(p), |&(b, hk, rows, split)| {
-        let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, k_head: hk * p.k.head, v_head: hk * p.v.head };
-        let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
-        let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
-        tile::attend(p, &operands, &seqs[b], mods, b, rows, n_blocks)
-    });
-
-    // Rows no tile covers (varlen padding past seqused_q or cu_seqlens_q[B]) stay out 0, LSE -inf.
-    let mut out = vec![0.0f32; p.total_q * p.hq * d];
-    let mut lse = vec![f32::NEG_INFINITY; p.hq * p.total_q];
     let mut parts = vec![0.0f32; splits];
-    for (work, split_tiles) in items.chunks_exact(splits).zip(tiles.chunks_exact(splits)) {
-        let (b, _, rows, _) = work[0];
-        let s: &SeqInfo = &seqs[b];
-        for r in 0..rows.len() {
-            let (i, h) = rows.at(r);
-            let o_row = &mut out[((s.out_row0 + i) * p.hq + h) * d..][..d];
-            let l = if splits == 1 {
-                o_row.copy_from_slice(&split_tiles[0].out[r * d..][..d]);
-                split_tiles[0].lse[r]
-            } else {
-                parts.iter_mut().zip(split_tiles).for_each(|(x, t)| *x = t.lse[r]);
-                combine::merge(&parts, |i| &split_tiles[i].out[r * d..][..d], o_row)
-            };
-            lse[s.lse_base + h * lse_head_stride + i] = l;
+    for chunk in items.chunks(splits * 64 * rayon::current_num_threads()) {
+        let tiles: Vec<tile::TileOut> = map_items(chunk, call_work(p), |&(b, hk, rows, split)| {
+            let operands = tile::Operands { q: qd, k: kd, v: vd, keys: &keys, k_head: hk * p.k.head, v_head: hk * p.v.head };
+            let per_split = seqs[b].seqlen_k.div_ceil(BLOCK_N).div_ceil(splits);
+            let n_blocks = if splits == 1 { 0..usize::MAX } else { split * per_split..(split + 1) * per_split };
+            tile::attend(p, &operands, &seqs[b], mods, b, rows, n_blocks)
+        });
+        for (work, split_tiles) in chunk.chunks_exact(splits).zip(tiles.chunks_exact(splits)) {
+            let (b, _, rows, _) = work[0];
+            let s: &SeqInfo = &seqs[b];
+            for r in 0..rows.len() {
+                let (i, h) = rows.at(r);
+                let l = if splits == 1 {
+                    row.copy_from_slice(&split_tiles[0].out[r * d..][..d]);
+                    split_tiles[0].lse[r]
+                } else {
+                    parts.iter_mut().zip(split_tiles).for_each(|(x, t)| *x = t.lse[r]);
+                    combine::merge(&parts, |i| &split_tiles[i].out[r * d..][..d], &mut row)
+                };
+                unsafe { store_row(out, row_offset(out, (s.out_row0 + i) * p.hq + h), &row) };
+                lse[s.lse_base + h * lse_head_stride + i] = l;
+            }
         }
     }
-    Ok((out, lse))
+    Ok(lse)
 }
 
 /// Asks the CPU to fetch rows `first, first + stride, ..` (n of them, each `d` contiguous elements) of `data`
