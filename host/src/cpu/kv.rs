@@ -1,7 +1,7 @@
 //! Where K/V rows come from, behind one call: contiguous rows from a sequence's base, or pages through
 //! the block table. Only the addresses differ, so a paged call's arithmetic is bitwise the contiguous one.
 
-use super::seqlen::SeqInfo;
+use super::seqlen::{Pages, SeqInfo};
 use super::{load_rows, prefetch_rows, HostSlice};
 use crate::problem::{Problem, Strides};
 
@@ -22,9 +22,7 @@ impl<'a> KeyRows<'a> {
         match (s.pages, self.pages) {
             (Some(pg), Some((table, page_size))) => {
                 for r in 0..n {
-                    let t = pg.first + j0 + r;
-                    let block = table[pg.table_row + t / page_size] as usize;
-                    prefetch_rows(data, block * st.batch + (t % page_size) * st.row + head, 0, 1, d);
+                    prefetch_rows(data, paged_row(table, page_size, pg, st, head, j0 + r), 0, 1, d);
                 }
             }
             _ => prefetch_rows(data, base + j0 * st.row + head, st.row, n, d),
@@ -39,13 +37,19 @@ impl<'a> KeyRows<'a> {
         match (s.pages, self.pages) {
             (Some(pg), Some((table, page_size))) => {
                 for (r, row) in dst.chunks_exact_mut(d).take(n).enumerate() {
-                    let t = pg.first + j0 + r;
-                    // validate.rs checked every entry a sequence reads: in 0..num_blocks.
-                    let block = table[pg.table_row + t / page_size] as usize;
-                    load_rows(data, block * st.batch + (t % page_size) * st.row + head, 0, 1, d, row);
+                    load_rows(data, paged_row(table, page_size, pg, st, head, j0 + r), 0, 1, d, row);
                 }
             }
             _ => load_rows(data, base + j0 * st.row + head, st.row, n, d, dst),
         }
     }
+}
+
+/// Element offset of key j of a paged sequence (`pg`: its table row and first position) at head offset `head`.
+#[inline(always)]
+fn paged_row(table: &[i32], page_size: usize, pg: Pages, st: &Strides, head: usize, j: usize) -> usize {
+    let t = pg.first + j;
+    // validate.rs checked every entry a sequence reads: in 0..num_blocks.
+    let block = table[pg.table_row + t / page_size] as usize;
+    block * st.batch + (t % page_size) * st.row + head
 }

@@ -177,6 +177,21 @@ unsafe fn scatter(t: &View<'_>, values: &[f32]) {
     }
 }
 
+/// Writes 0 over every element of a view whose last dimension is contiguous.
+///
+/// # Safety
+/// As `scatter`.
+unsafe fn zero_rows(t: &View<'_>) {
+    if t.numel() == 0 {
+        return;
+    }
+    let last = t.shape[t.rank() - 1];
+    let zeros = vec![0.0f32; last];
+    for r in 0..t.numel() / last {
+        unsafe { store_row(t, row_offset(t, r), &zeros) };
+    }
+}
+
 /// Element offset of row `r` (row-major over every dimension but the last) of a view.
 fn row_offset(t: &View<'_>, r: usize) -> usize {
     let (mut lin, mut off) = (r, 0usize);
@@ -219,16 +234,9 @@ unsafe fn probs_into(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, mods: &M
     if p.batch * p.hq * sq_max * sk_max == 0 {
         return Ok(());
     }
-    // Row (b, h, i) of the view; every row 0 first (the padding), then the sequences' rows over it.
-    let row_at = |b: usize, h: usize, i: usize| b * view.strides[0] + h * view.strides[1] + i * view.strides[2];
-    let zeros = vec![0.0f32; sk_max];
-    for b in 0..p.batch {
-        for h in 0..p.hq {
-            for i in 0..sq_max {
-                unsafe { store_row(view, row_at(b, h, i), &zeros) };
-            }
-        }
-    }
+    // Every row 0 first (the padding), then the sequences' rows over it; row (b, h, i) of the view.
+    unsafe { zero_rows(view) };
+    let row_at = |b: usize, h: usize, i: usize| row_offset(view, (b * p.hq + h) * sq_max + i);
     let items: Vec<(usize, usize, usize)> = seqs.iter().enumerate().flat_map(|(b, s)| (0..p.hq).flat_map(move |h| (0..s.seqlen_q.div_ceil(BLOCK_M)).map(move |m| (b, h, m)))).collect();
     for chunk in items.chunks(4 * rayon::current_num_threads()) {
         let tiles: Vec<Vec<f32>> = map_items(chunk, call_work(p), |&(b, h, m_block)| {
@@ -289,10 +297,8 @@ unsafe fn fwd(p: &Problem, qd: HostSlice<'_>, kd: HostSlice<'_>, vd: HostSlice<'
     if out.numel() == 0 {
         return Ok(lse);
     }
+    unsafe { zero_rows(out) };
     let mut row = vec![0.0f32; d];
-    for r in 0..p.total_q * p.hq {
-        unsafe { store_row(out, row_offset(out, r), &row) };
-    }
 
     // Work items: a tile of one (sequence, kv head) (`TileRows`: with GQA the group's q heads share it) and a
     // split of its key tiles.
