@@ -37,7 +37,7 @@ def graph_us(fn, n=16, reps=7):
 rows0 = _torch_impl._DECODE_ROWS
 print("DECODE  shape            | func routed  func dense  x | func default | fa sdpa routed  torch sdpa | graph: routed  dense  x  torch sdpa", flush=True)
 with torch.no_grad():
-    for n, s in [(1, 1024), (1, 8192), (1, 32768), (8, 8192), (32, 4096), (64, 8192)]:
+    for n, s in [(1, 256), (1, 512), (1, 1024), (2, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 32768), (8, 8192), (32, 4096), (64, 8192)]:
         torch.manual_seed(0)
         q = torch.randn(n, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(n, s, 8, 128, device="cuda", dtype=torch.bfloat16)

@@ -80,6 +80,43 @@ fn dense_forward_into_strided_caller_memory() {
     }
 }
 
+/// `fwd_decode` on the CPU is `fwd`, bit for bit, with no workspace; on CUDA targets it decides without a GPU
+/// which calls are decoding steps (`dense_fwd_decodes`).
+#[test]
+fn fwd_decode_on_the_cpu_is_fwd() {
+    let (seed, mut rng) = seeded("fwd_decode_on_the_cpu_is_fwd");
+    for (sq, causal, window, softcap) in [(1, false, (-1, -1), 0.0), (3, true, (-1, -1), 0.0), (2, false, (7, 0), 0.0), (1, false, (-1, -1), 5.0)] {
+        let (b, sk, hq, hk, d) = (3, 45, 8, 2, 64);
+        let q = bf(&random_values(&mut rng, b * sq * hq * d, 1.0, DType::BF16));
+        let k = bf(&random_values(&mut rng, b * sk * hk * d, 1.0, DType::BF16));
+        let v = bf(&random_values(&mut rng, b * sk * hk * d, 1.0, DType::BF16));
+        let (qs, ks, ls) = (leak(vec![b, sq, hq, d]), leak(vec![b, sk, hk, d]), leak(vec![b, hq, sq]));
+        let run = |decode: bool| {
+            let mut out = vec![bf16::ZERO; q.len()];
+            let mut lse = vec![0f32; b * hq * sq];
+            let views = FwdViews {
+                q: view(&q, 0, DType::BF16, qs, leak(contiguous(qs))),
+                k: view(&k, 0, DType::BF16, ks, leak(contiguous(ks))),
+                v: view(&v, 0, DType::BF16, ks, leak(contiguous(ks))),
+                out: View { addr: out.as_mut_ptr() as u64, dtype: DType::BF16, shape: qs, strides: leak(contiguous(qs)) },
+                lse: View { addr: lse.as_mut_ptr() as u64, dtype: DType::F32, shape: ls, strides: leak(contiguous(ls)) },
+                alibi_slopes: None,
+                s_dmask: None,
+            };
+            let opts = AttnOptions { causal, window, softcap, ..Default::default() };
+            assert!(raw::dense_fwd_decodes(qs, ks, DType::BF16, &opts, false), "a decoding step's shape");
+            assert_eq!(raw::decode_workspace_bytes(&views, &opts, Target::Cpu).unwrap(), 0);
+            if decode {
+                unsafe { raw::fwd_decode(&views, &opts, Workspace::default(), Target::Cpu) }.unwrap();
+            } else {
+                unsafe { raw::fwd(&views, &opts, Target::Cpu) }.unwrap();
+            }
+            (out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        assert!(run(true) == run(false), "seed {seed}: sq {sq} causal {causal} window {window:?} softcap {softcap}: fwd_decode differs from fwd");
+    }
+}
+
 /// Packed forward with seqused and a tail on host memory: matches the f64 reference, padding rows 0 /
 /// -inf.
 #[test]
@@ -176,7 +213,13 @@ fn bad_raw_calls_are_typed_errors() {
     let good = FwdViews { q: at(0), k: at(1), v: at(2), out: at(3), lse: lse_v, alibi_slopes: None, s_dmask: None };
     let o = AttnOptions::default();
     let cuda = Target::Cuda { ordinal: 0, stream: 0 };
-    let fwd_err = |t: FwdViews<'_>, target| unsafe { raw::fwd(&t, &o, target) }.expect_err("must fail");
+    // fwd_decode (a decoding step's shape: 16 query rows per kv head) fails as fwd does, naming the same argument.
+    let fwd_err = |t: FwdViews<'_>, target| {
+        let e = unsafe { raw::fwd(&t, &o, target) }.expect_err("must fail");
+        let d = unsafe { raw::fwd_decode(&t, &o, Workspace::default(), target) }.expect_err("fwd_decode must fail");
+        assert_eq!(e.to_string(), d.to_string(), "fwd_decode's error");
+        e
+    };
     let is = |e: Error, arg: &str| {
         let msg = e.to_string();
         assert!(msg.contains(arg), "{msg:?} should name {arg}");

@@ -425,15 +425,11 @@ fn run_fwd_into(q: &Tensor, k: &Tensor, v: &Tensor, varlen: Option<&Varlen<'_>>,
         s_dmask: s_dmask.map(|m| m.view_mut()),
     };
     // Decoding steps on CUDA (`raw::dense_fwd_decodes`) run the KV cache's split-KV decode kernels over k and
-    // v in place, once the call is known valid as a dense forward (errors name its arguments).
+    // v in place (`raw::fwd_decode`; errors name the dense forward's arguments).
     if let (Device::Cuda(ordinal), None, true) = (device, varlen, views.alibi_slopes.is_none() && views.s_dmask.is_none())
         && raw::dense_fwd_decodes(q.shape(), k.shape(), q.dtype(), opts, false)
     {
-        let p = validate::validate_fwd(&views.q, &views.k, &views.v, None, opts)?;
-        validate::check_fwd_outputs(&p, &views, None)?;
-        if let Ok(sk) = i32::try_from(p.seqlen_k) {
-            return decode_fwd(&views, sk, opts, ordinal);
-        }
+        return decode_fwd(&views, opts, ordinal);
     }
     // Safety: every view is of a live tensor on `device`, which the legacy stream orders its frees after.
     unsafe {
@@ -452,22 +448,15 @@ fn s_dmask_tensor(shape: &[usize], device: Device) -> Result<Tensor> {
     })
 }
 
-/// A validated dense forward on device `ordinal` as a KV-cache call over k and v in place
-/// (`KvCacheViews::of_dense`): `cache_seqlens` (Sk for every row, set by a memset: nothing waits on the
-/// host) and the workspace allocated here, freed after the kernels on the legacy stream.
-fn decode_fwd(views: &FwdViews<'_>, sk: i32, opts: &AttnOptions, ordinal: usize) -> Result<()> {
+/// A dense forward on device `ordinal` as a decoding step (`raw::fwd_decode`), with its workspace (where it
+/// needs one) allocated here and freed after the kernels on the legacy stream.
+fn decode_fwd(views: &FwdViews<'_>, opts: &AttnOptions, ordinal: usize) -> Result<()> {
     let device = Device::Cuda(ordinal);
-    let batch = views.q.shape[0];
-    let lens = crate::cuda::DeviceBuffer::filled_i32(ordinal, sk, batch)?;
-    let (shape, strides) = ([batch], [1usize]);
-    let lens_view = View { addr: lens.ptr(), dtype: DType::I32, shape: &shape, strides: &strides };
-    let kv_views = KvCacheViews::of_dense(views, lens_view);
-    let kv = KvCacheOptions::default();
-    let bytes = raw::kvcache_workspace_bytes(&kv_views, opts, &kv, target(device))?;
-    let ws_buf = crate::cuda::DeviceBuffer::uninit(ordinal, bytes.max(1))?;
-    let workspace = Workspace { addr: ws_buf.ptr(), bytes: ws_buf.len_bytes() };
-    // Safety: every view is of a live tensor on `device` (k and v only read: nothing is appended).
-    unsafe { raw::fwd_kvcache(&kv_views, opts, &kv, workspace, target(device)) }
+    let bytes = raw::decode_workspace_bytes(views, opts, target(device))?;
+    let ws_buf = if bytes > 0 { Some(crate::cuda::DeviceBuffer::uninit(ordinal, bytes)?) } else { None };
+    let workspace = ws_buf.as_ref().map_or(Workspace::default(), |b| Workspace { addr: b.ptr(), bytes: b.len_bytes() });
+    // Safety: every view is of a live tensor on `device` (k and v only read).
+    unsafe { raw::fwd_decode(views, opts, workspace, target(device)) }
 }
 
 #[allow(clippy::too_many_arguments)]

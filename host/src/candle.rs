@@ -596,24 +596,19 @@ mod cuda {
         storage_view(arg, s, l, dev, stream)
     }
 
-    /// A dense forward as a KV-cache call over k and v in place (`raw::dense_fwd_decodes`, `KvCacheViews::of_dense`):
-    /// `cache_seqlens` (Sk for every row, a candle fill) and the workspace from candle's allocator, both
-    /// freed stream-ordered after the kernels.
+    /// A dense forward as a decoding step (`raw::dense_fwd_decodes`, `raw::fwd_decode`: the KV cache's decode
+    /// kernels over k and v in place), its workspace (where it needs one) from candle's allocator, freed
+    /// stream-ordered after the kernels.
     pub(super) fn decode_fwd(t: &FwdViews<'_>, opts: &AttnOptions, dev: &CudaDevice, stream: &CudaStream, target: Target) -> Result<()> {
-        let (batch, sk) = (t.q.shape[0], t.k.shape[1]);
-        let Ok(sk) = i32::try_from(sk) else { fail!("k: {sk} keys per sequence exceed the KV cache's 2^31 - 1") };
-        // u32, which candle fills on the device; read as int32 (the same bits below 2^31).
-        let lens = Tensor::full(sk as u32, batch, &candle_core::Device::Cuda(dev.clone()))?;
-        let (ls, ll) = lens.storage_and_layout();
-        let (cache_seqlens, _gl) = storage_view("cache_seqlens", &ls, ll, dev, stream)?;
-        let views = KvCacheViews::of_dense(t, cache_seqlens);
-        let kv = KvCacheOptions::default();
-        let bytes = raw::kvcache_workspace_bytes(&views, opts, &kv, target).map_err(fa_err)?;
+        let bytes = raw::decode_workspace_bytes(t, opts, target).map_err(fa_err)?;
+        if bytes == 0 {
+            return unsafe { raw::fwd_decode(t, opts, Workspace::default(), target) }.map_err(fa_err);
+        }
         // 256 bytes more than needed, so that the workspace can start 256-byte aligned.
         let mut ws = unsafe { dev.alloc::<u8>(bytes + 256)? };
         let (ws_addr, _gw) = ws.device_ptr_mut(stream);
         let workspace = Workspace { addr: (ws_addr as u64).div_ceil(256) * 256, bytes };
-        unsafe { raw::fwd_kvcache(&views, opts, &kv, workspace, target) }.map_err(fa_err)
+        unsafe { raw::fwd_decode(t, opts, workspace, target) }.map_err(fa_err)
     }
 
     /// The varlen lengths as int32 views of their device storage, alive while `f` runs.

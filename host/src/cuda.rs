@@ -88,14 +88,6 @@ impl DeviceBuffer {
         unsafe { result::memset_d8_async(b.alloc.ptr, 0, n.max(16), legacy_stream())? };
         Ok(b)
     }
-    /// `n` int32 entries equal to `value` on device `ordinal`, set on the legacy stream: a memset, with no
-    /// host-to-device copy (whose pageable source would synchronize the stream first).
-    pub(crate) fn filled_i32(ordinal: usize, value: i32, n: usize) -> Result<Self> {
-        let b = Self::uninit(ordinal, 4 * n.max(1))?;
-        // SAFETY: the allocation holds at least 4 max(n, 1) bytes, n of its 4-byte words set.
-        unsafe { sys::cuMemsetD32Async(b.alloc.ptr, value as u32, n, legacy_stream()).result()? };
-        Ok(b)
-    }
     /// `n` bytes whose contents the caller will overwrite entirely (kernel outputs, workspace).
     pub(crate) fn uninit(ordinal: usize, n: usize) -> Result<Self> {
         Ok(DeviceBuffer { alloc: Arc::new(Allocation::new(gpu(ordinal)?, n)?), len: n })

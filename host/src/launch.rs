@@ -670,8 +670,8 @@ pub struct KvWorkspace {
     /// The decode kernels run (`dispatch::kvcache_decodes`): q packed.
     pub decode: bool,
     /// The decode kernels write out and lse themselves (`_decode_fin`: `splits` 1, or on Hopper the
-    /// splits' blocks merged in a cluster of up to `MAX_DECODE_CLUSTER`): the partials go unused and no
-    /// combine kernel runs. Else the decode kernels' partials are merged by the combine
+    /// splits' blocks merged in a cluster of up to `MAX_DECODE_CLUSTER`): no partials (`partials` None,
+    /// so a call without rotary needs no workspace) and no combine kernel. Else the decode kernels' partials are merged by the combine
     /// (`FLASH_ATTN_DECODE_COMBINE` forces that, for A/B runs).
     pub fused: bool,
     pub q_rot: Option<usize>,
@@ -731,9 +731,9 @@ impl KvWorkspace {
         } else {
             None
         };
-        // Split-KV's partials (the decode kernels': always), also where `fused` leaves them unused, so
-        // that the size a call needs does not depend on the GPU answering.
-        let partials = if splits > 1 || decode {
+        // Split-KV's partials (the decode kernels': always, unless `fused`, which writes none). Where no
+        // GPU answers, `fused` is false: a size asked for then covers the call's on any device.
+        let partials = if (splits > 1 || decode) && !fused {
             let o = bytes;
             let l = align(o.checked_add(q_elems.checked_mul(4 * splits).ok_or_else(too_large)?).ok_or_else(too_large)?)?;
             bytes = align(l + lse_elems * 4 * splits)?;

@@ -179,6 +179,55 @@ pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::typ
     sizes_ok && opts.dropout.p == 0.0 && opts.kernels == crate::types::KernelChoice::default() && crate::dispatch::decodes(sq, hq, hk, d, dtype, alibi)
 }
 
+/// A dense forward (as `fwd`), run where `dense_fwd_decodes` says it is a decoding step on CUDA (no ALiBi, no
+/// `s_dmask`) on the KV cache's decode kernels over k and v in place, every row's cache full (its Sk keys):
+/// the same result as `fwd` up to the rounding of the split keys' merge; elsewhere `fwd` itself. Unlike
+/// `fwd_kvcache` over `KvCacheViews::of_dense`, it needs no `cache_seqlens` tensor (the kernels take a row's
+/// whole cache) and, where the launch's blocks merge their splits themselves, no workspace:
+/// `decode_workspace_bytes` (0 then, and wherever `fwd` runs). Errors name the dense forward's arguments.
+///
+/// # Safety
+/// As for `fwd`, with the workspace valid for writes.
+pub unsafe fn fwd_decode(t: &FwdViews<'_>, opts: &AttnOptions, workspace: Workspace, target: Target) -> Result<()> {
+    let ran = decode_call(t, opts, target, |kp, kv, ordinal, stream| {
+        let ws = crate::launch::KvWorkspace::new(kp, ordinal)?;
+        validate::check_workspace_of(&workspace, ws.bytes, "decode_workspace_bytes", kv.named())?;
+        unsafe { crate::launch::fwd_kvcache(kp, kv, &ws, workspace.addr, ordinal, stream) }
+    })?;
+    match ran {
+        Some(()) => Ok(()),
+        None => unsafe { fwd(t, opts, target) },
+    }
+}
+
+/// Bytes of workspace `fwd_decode` needs for these views and options on `target` (0: none, as on the CPU).
+pub fn decode_workspace_bytes(t: &FwdViews<'_>, opts: &AttnOptions, target: Target) -> Result<usize> {
+    Ok(decode_call(t, opts, target, |kp, _, ordinal, _| Ok(crate::launch::KvWorkspace::new(kp, ordinal)?.bytes))?.unwrap_or(0))
+}
+
+/// `f` over `t` as a validated KV-cache call (`fwd_decode`) on CUDA device `ordinal` and `stream`, or None
+/// where `fwd` runs the call. The cache lengths are no tensor: `cache_seqlens` is a view at address 0,
+/// which the launch passes on as no lengths (the kernels then take each row's capacity, Sk keys) and which
+/// nothing reads, since nothing is appended or rotated.
+fn decode_call<R>(t: &FwdViews<'_>, opts: &AttnOptions, target: Target, f: impl FnOnce(&crate::problem::KvCacheProblem, &KvCacheViews<'_>, usize, usize) -> Result<R>) -> Result<Option<R>> {
+    let Target::Cuda { ordinal, stream } = target else { return Ok(None) };
+    if t.alibi_slopes.is_some() || t.s_dmask.is_some() || !dense_fwd_decodes(t.q.shape, t.k.shape, t.q.dtype, opts, false) {
+        return Ok(None);
+    }
+    // Checked as the dense forward first, so that errors name its arguments (k, not k_cache).
+    let p = validate::validate_fwd(&t.q, &t.k, &t.v, None, opts)?;
+    validate::check_fwd_outputs(&p, t, None)?;
+    validate::check_cuda_rows(&[("q", &t.q), ("k", &t.k), ("v", &t.v), ("out", &t.out)])?;
+    if i32::try_from(p.seqlen_k).is_err() {
+        return Ok(None);
+    }
+    let (shape, strides) = ([p.batch], [1usize]);
+    let lens = crate::types::View { addr: 0, dtype: crate::types::DType::I32, shape: &shape, strides: &strides };
+    let kv = KvCacheViews::of_dense(t, lens);
+    let kp = validate::validate_kvcache(&kv, opts, &KvCacheOptions::default())?;
+    f(&kp, &kv, ordinal, stream).map(Some)
+}
+
 /// `dense_fwd_decodes`'s limits, for an adapter that decides without calling it (a Python call being traced
 /// by torch.compile): the most query rows per kv head (0 with `FLASH_ATTN_NO_DENSE_DECODE`), and the head
 /// dims with decode kernels in both f16 and bf16. With q and k of those layouts, no ALiBi or dropout, and

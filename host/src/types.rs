@@ -246,8 +246,8 @@ pub struct KvCacheViews<'a> {
 impl<'a> KvCacheViews<'a> {
     /// A dense forward (`FwdViews`: q `[B, Sq, Hq, D]`, k and v `[B, Sk, Hk, D]`) as a KV-cache call over k
     /// and v in place: the same result up to the rounding of split keys' merge, nothing appended (k and v
-    /// are read only), `cache_seqlens` int32 `[B]` holding Sk for every row. What the adapters run where
-    /// `raw::dense_fwd_decodes` (decoding steps on CUDA).
+    /// are read only), `cache_seqlens` int32 `[B]` holding Sk for every row. `raw::fwd_decode` runs the same
+    /// without a lengths tensor (what the adapters run where `raw::dense_fwd_decodes`: decoding steps on CUDA).
     pub fn of_dense(t: &FwdViews<'a>, cache_seqlens: View<'a>) -> KvCacheViews<'a> {
         KvCacheViews {
             q: t.q,

@@ -478,7 +478,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if _sdpa_decodes(q, k, v, dropout_p):
         # A decoding step (few query rows per key head, no gradient): the KV cache's split-KV decode
         # kernels over key and value as a full cache, in place (their workspace from PyTorch's allocator).
-        out = flash_attn_with_kvcache(q, k, v, cache_seqlens=k.shape[1], softmax_scale=scale, window_size=window)
+        # Eager on CUDA through flash_attn_func, whose fast path runs them with no cache lengths tensor
+        # (`raw::fwd_decode`); compiled (the KV cache's op traces) and on the CPU as a KV cache call.
+        if q.is_cuda and not _torch_impl._is_compiling():
+            out = flash_attn_func(q, k, v, softmax_scale=scale, window_size=window)
+        else:
+            out = flash_attn_with_kvcache(q, k, v, cache_seqlens=k.shape[1], softmax_scale=scale, window_size=window)
     else:
         out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, window_size=window)
     return out.transpose(1, 2)

@@ -480,7 +480,8 @@ def _call_bwd(*args):
 _HALF = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _KERNEL_HEAD_DIMS = frozenset(_common.HEAD_DIMS)
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
-_empty, _empty_like, _float32, _contiguous = torch.empty, torch.empty_like, torch.float32, torch.contiguous_format
+_empty, _empty_like, _float32, _uint8, _contiguous = (torch.empty, torch.empty_like, torch.float32, torch.uint8,
+                                                     torch.contiguous_format)
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _dispatch_depth = torch._C._len_torch_dispatch_stack
@@ -497,6 +498,39 @@ def _dense_launch(q, k, v, a):
     lse = _empty(qs[0], qs[2], qs[1], dtype=_float32, device=q.device)
     if _native_fwd_dense(dt, q.data_ptr(), qs, qst, k.data_ptr(), k.shape, kst, v.data_ptr(), v.shape, vst,
                          out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream):
+        # A row of q, k or v is not 16-byte aligned: the general body copies it.
+        return _fwd_body(q, k, v, None, None, None, None, 0, 0, PACK_NONE, scale, causal, wl, wr, softcap, a[12])
+    return out, lse
+
+
+_native_fwd_decode = _native.fwd_decode
+# Workspace bytes `_decode_launch` last needed per problem (0 for most: blocks that merge their splits
+# themselves need none). A size that falls short is asked again, so the key only has to be usually right.
+_DECODE_NEED = {}
+
+
+def _decode_launch(q, k, v, a):
+    """`_dense_launch` for a decoding step on CUDA (`raw::fwd_decode`: the KV cache's decode kernels over k
+    and v in place, no cache lengths tensor; the workspace, where one is needed, from PyTorch's allocator)."""
+    dt, qs, qst, kst, vst, ordinal, stream, scale, causal, wl, wr, softcap, _ = a
+    dev = q.device
+    out = _empty_like(q, memory_format=_contiguous)
+    lse = _empty(qs[0], qs[2], qs[1], dtype=_float32, device=dev)
+    ks = k.shape
+    key = (ordinal, qs, ks, causal, wl, wr)
+    need = _DECODE_NEED.get(key, 0)
+    ws = _empty(need, dtype=_uint8, device=dev) if need else None
+    while True:
+        r = _native_fwd_decode(dt, q.data_ptr(), qs, qst, k.data_ptr(), ks, kst, v.data_ptr(), v.shape, vst,
+                               out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream,
+                               0 if ws is None else ws.data_ptr(), need)
+        if r <= 0:
+            break
+        if len(_DECODE_NEED) > 1024:
+            _DECODE_NEED.clear()
+        _DECODE_NEED[key] = need = r
+        ws = _empty(need, dtype=_uint8, device=dev)
+    if r < 0:
         # A row of q, k or v is not 16-byte aligned: the general body copies it.
         return _fwd_body(q, k, v, None, None, None, None, 0, 0, PACK_NONE, scale, causal, wl, wr, softcap, a[12])
     return out, lse
@@ -590,10 +624,7 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         # A decoding step on CUDA: the KV cache's split-KV decode kernels over k and v as full caches, in
         # place (a row tile per (sequence, head) would leave most of the GPU idle and read each kv head
         # once per q head); the same result up to the rounding of the split keys' merge.
-        r = kvcache_fast(q, k, v, None, None, None, None, k.shape[1], None, None, None, softmax_scale, causal,
-                         window_size, softcap, False, None, 0)
-        if r is not None:
-            return r
+        return _decode_launch(q, k, v, a)
     return _dense_launch(q, k, v, a)
 
 
