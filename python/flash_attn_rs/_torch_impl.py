@@ -519,17 +519,22 @@ def _decode_launch(q, k, v, a):
     ks = k.shape
     key = (ordinal, qs, ks, causal, wl, wr)
     need = _DECODE_NEED.get(key, 0)
-    ws = _empty(need, dtype=_uint8, device=dev) if need else None
-    while True:
-        r = _native_fwd_decode(dt, q.data_ptr(), qs, qst, k.data_ptr(), ks, kst, v.data_ptr(), v.shape, vst,
-                               out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream,
-                               0 if ws is None else ws.data_ptr(), need)
-        if r <= 0:
-            break
+
+    def run(need):
+        ws = _empty(need, dtype=_uint8, device=dev) if need else None
+        return _native_fwd_decode(dt, q.data_ptr(), qs, qst, k.data_ptr(), ks, kst, v.data_ptr(), v.shape, vst,
+                                  out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream,
+                                  0 if ws is None else ws.data_ptr(), need)
+
+    r = run(need)
+    if r > 0:
+        # The bytes this problem needs (it ran nothing): remembered, then given.
         if len(_DECODE_NEED) > 1024:
             _DECODE_NEED.clear()
-        _DECODE_NEED[key] = need = r
-        ws = _empty(need, dtype=_uint8, device=dev)
+        _DECODE_NEED[key] = r
+        r = run(r)
+        if r > 0:  # pragma: no cover - the size depends on the problem only
+            raise RuntimeError(f"flash_attn_rs: internal error: the decode path asked for {r} more workspace bytes")
     if r < 0:
         # A row of q, k or v is not 16-byte aligned: the general body copies it.
         return _fwd_body(q, k, v, None, None, None, None, 0, 0, PACK_NONE, scale, causal, wl, wr, softcap, a[12])
