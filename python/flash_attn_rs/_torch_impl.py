@@ -503,7 +503,6 @@ def _dense_launch(q, k, v, a):
     return out, lse
 
 
-_native_fwd_decode = _native.fwd_decode
 # Workspace bytes `_decode_launch` last needed per problem (0 for most: blocks that merge their splits
 # themselves need none). A size that falls short is asked again, so the key only has to be usually right.
 _DECODE_NEED = {}
@@ -522,9 +521,9 @@ def _decode_launch(q, k, v, a):
 
     def run(need):
         ws = _empty(need, dtype=_uint8, device=dev) if need else None
-        return _native_fwd_decode(dt, q.data_ptr(), qs, qst, k.data_ptr(), ks, kst, v.data_ptr(), v.shape, vst,
-                                  out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream,
-                                  0 if ws is None else ws.data_ptr(), need)
+        return _native_fwd_dense(dt, q.data_ptr(), qs, qst, k.data_ptr(), ks, kst, v.data_ptr(), v.shape, vst,
+                                 out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream,
+                                 (0 if ws is None else ws.data_ptr(), need))
 
     r = run(need)
     if r > 0:

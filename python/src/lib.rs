@@ -334,15 +334,20 @@ fn rows_aligned(a: &Arg) -> bool {
 }
 
 /// fwd_dense(dtype, q, q_shape, q_strides, k, k_shape, k_strides, v, v_shape, v_strides, out, lse,
-///           softmax_scale, causal, window_size_left, window_size_right, softcap, ordinal, stream) -> int
+///           softmax_scale, causal, window_size_left, window_size_right, softcap, ordinal, stream,
+///           decode=None) -> int
 ///
 /// `fwd` in the form the Python package's fast path calls it (fewer Python objects to build): q, k and v
 /// are addresses with their shapes and element strides, all of dtype `dtype`; out and lse are the
 /// addresses of new contiguous buffers of q's shape (dtype `dtype`) and of `[B, Hq, Sq]` (f32). `ordinal`
-/// -1 is the CPU, else CUDA device `ordinal` with `stream` a raw `CUstream`. On CUDA, where a row of q, k
-/// or v is not 16-byte aligned this launches nothing and returns a mask of them (1 q, 2 k, 4 v), for the
-/// caller to copy them; else it runs (queues) the forward and returns 0.
+/// -1 is the CPU, else CUDA device `ordinal` with `stream` a raw `CUstream`. `decode`, a workspace
+/// `(address, bytes)` (`(0, 0)`: none), runs `raw::fwd_decode` instead (a decoding step on CUDA: the KV
+/// cache's decode kernels over k and v in place where `raw::dense_fwd_decodes` says so). Returns 0 once
+/// the forward is queued (run); on CUDA, where a row of q, k or v is not 16-byte aligned, minus a mask of
+/// them (1 q, 2 k, 4 v), launching nothing, for the caller to copy them; with `decode`, where the
+/// workspace is smaller than the call needs, those bytes, launching nothing.
 #[pyfunction]
+#[pyo3(signature = (dtype, q, q_shape, q_strides, k, k_shape, k_strides, v, v_shape, v_strides, out, lse, softmax_scale, causal, window_size_left, window_size_right, softcap, ordinal, stream, decode=None))]
 #[allow(clippy::too_many_arguments)]
 fn fwd_dense(
     py: Python<'_>,
@@ -365,59 +370,20 @@ fn fwd_dense(
     softcap: &Bound<'_, PyAny>,
     ordinal: &Bound<'_, PyAny>,
     stream: &Bound<'_, PyAny>,
-) -> PyResult<u32> {
-    let a = DenseArgs::parse(dtype, [(q, q_shape, q_strides), (k, k_shape, k_strides), (v, v_shape, v_strides)], out, lse, [softmax_scale, causal, window_size_left, window_size_right, softcap], ordinal, stream)?;
-    let mask = a.misaligned();
-    if mask != 0 {
-        return Ok(mask);
-    }
-    call(py, || unsafe { raw::fwd(&a.views(), &a.opts, a.target) })?;
-    Ok(0)
-}
-
-/// fwd_decode(dtype, q, q_shape, q_strides, k, k_shape, k_strides, v, v_shape, v_strides, out, lse,
-///            softmax_scale, causal, window_size_left, window_size_right, softcap, ordinal, stream,
-///            workspace, workspace_bytes) -> int
-///
-/// `fwd_dense` for a decoding step: `raw::fwd_decode` (on CUDA the KV cache's decode kernels over k and v
-/// in place where `raw::dense_fwd_decodes` says so, else the dense forward), `workspace` the address of
-/// `workspace_bytes` bytes of device memory (0, 0: none). Returns 0 once queued; the bytes of workspace
-/// the call needs where it was given fewer (it ran nothing); minus `fwd_dense`'s mask where a row of q, k
-/// or v is not 16-byte aligned (it ran nothing).
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn fwd_decode(
-    py: Python<'_>,
-    dtype: &Bound<'_, PyAny>,
-    q: &Bound<'_, PyAny>,
-    q_shape: &Bound<'_, PyAny>,
-    q_strides: &Bound<'_, PyAny>,
-    k: &Bound<'_, PyAny>,
-    k_shape: &Bound<'_, PyAny>,
-    k_strides: &Bound<'_, PyAny>,
-    v: &Bound<'_, PyAny>,
-    v_shape: &Bound<'_, PyAny>,
-    v_strides: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    lse: &Bound<'_, PyAny>,
-    softmax_scale: &Bound<'_, PyAny>,
-    causal: &Bound<'_, PyAny>,
-    window_size_left: &Bound<'_, PyAny>,
-    window_size_right: &Bound<'_, PyAny>,
-    softcap: &Bound<'_, PyAny>,
-    ordinal: &Bound<'_, PyAny>,
-    stream: &Bound<'_, PyAny>,
-    workspace: &Bound<'_, PyAny>,
-    workspace_bytes: &Bound<'_, PyAny>,
+    decode: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<i64> {
     let a = DenseArgs::parse(dtype, [(q, q_shape, q_strides), (k, k_shape, k_strides), (v, v_shape, v_strides)], out, lse, [softmax_scale, causal, window_size_left, window_size_right, softcap], ordinal, stream)?;
-    let ws = Workspace { addr: uint(workspace, "workspace", "address", u64::MAX)?, bytes: uint(workspace_bytes, "workspace", "size", usize::MAX as u64)? as usize };
+    let decode = decode.filter(|o| !o.is_none());
+    let (decoding, ws) = (decode.is_some(), workspace(decode)?);
     let mask = a.misaligned();
     if mask != 0 {
         return Ok(-(mask as i64));
     }
     call(py, || {
         let t = a.views();
+        if !decoding {
+            return unsafe { raw::fwd(&t, &a.opts, a.target) }.map(|()| 0);
+        }
         let need = raw::decode_workspace_bytes(&t, &a.opts, a.target)?;
         if need > ws.bytes {
             return Ok(need as i64);
@@ -426,7 +392,7 @@ fn fwd_decode(
     })
 }
 
-/// `fwd_dense`'s and `fwd_decode`'s arguments, parsed.
+/// `fwd_dense`'s arguments, parsed.
 struct DenseArgs {
     q: Arg,
     k: Arg,
@@ -817,7 +783,6 @@ fn cuda_available(py: Python<'_>) -> bool {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd, m)?)?;
     m.add_function(wrap_pyfunction!(fwd_dense, m)?)?;
-    m.add_function(wrap_pyfunction!(fwd_decode, m)?)?;
     m.add_function(wrap_pyfunction!(varlen_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(varlen_fwd_paged, m)?)?;
     m.add_function(wrap_pyfunction!(fwd_kvcache, m)?)?;
