@@ -384,11 +384,15 @@ fn fwd_dense(
         if !decoding {
             return unsafe { raw::fwd(&t, &a.opts, a.target) }.map(|()| 0);
         }
-        let need = raw::decode_workspace_bytes(&t, &a.opts, a.target)?;
-        if need > ws.bytes {
-            return Ok(need as i64);
+        // Validated once where the workspace suffices (the usual call); sized only where it did not.
+        let r = unsafe { raw::fwd_decode(&t, &a.opts, ws, a.target) };
+        if let Err(flash_attn::Error::Value { arg: "workspace", .. }) = &r {
+            let need = raw::decode_workspace_bytes(&t, &a.opts, a.target)?;
+            if need > ws.bytes {
+                return Ok(need as i64);
+            }
         }
-        unsafe { raw::fwd_decode(&t, &a.opts, ws, a.target) }.map(|()| 0)
+        r.map(|()| 0)
     })
 }
 
