@@ -539,8 +539,8 @@ fn kvcache_step_on_a_caller_stream_and_in_a_graph() {
 
 /// `raw::fwd_decode` (a dense forward's decoding step on the KV cache's decode kernels, no cache lengths
 /// tensor) on a caller's stream: out and lse against the f64 reference at shapes whose blocks merge their
-/// splits themselves and at ones that take a workspace and the combine kernel; a workspace one byte short is
-/// an error naming it; the call captured into a graph and replayed over new inputs equals a direct call bit
+/// splits themselves and at ones that take a workspace and the combine kernel; a workspace one byte short, or
+/// over k, is an error naming it (and k); the call captured into a graph and replayed over new inputs equals a direct call bit
 /// for bit; and it allocates nothing on the host.
 #[test]
 fn dense_decode_on_a_caller_stream_and_in_a_graph() {
@@ -586,6 +586,10 @@ fn dense_decode_on_a_caller_stream_and_in_a_graph() {
             let short = Workspace { bytes: need - 1, ..ws };
             let e = unsafe { raw::fwd_decode(&views(&bufs), &opts, short, target) }.expect_err("a short workspace must fail");
             assert!(e.to_string().contains("workspace"), "{what}: {e}");
+            // Over k (a 256-byte aligned allocation): named as the dense call's argument.
+            let over_k = Workspace { addr: ptr(&bufs[1], &stream), bytes: need };
+            let e = unsafe { raw::fwd_decode(&views(&bufs), &opts, over_k, target) }.expect_err("a workspace over k must fail");
+            assert!(e.to_string().contains("overlaps k") && !e.to_string().contains("k_cache"), "{what}: {e}");
         }
         let results = || (floats(&stream.clone_dtoh(&out).unwrap()), stream.clone_dtoh(&lse).unwrap());
         // The first call loads its kernels; the second is counted.

@@ -191,7 +191,9 @@ pub fn dense_fwd_decodes(q_shape: &[usize], k_shape: &[usize], dtype: crate::typ
 pub unsafe fn fwd_decode(t: &FwdViews<'_>, opts: &AttnOptions, workspace: Workspace, target: Target) -> Result<()> {
     let ran = decode_call(t, opts, target, |kp, kv, ordinal, stream| {
         let ws = crate::launch::KvWorkspace::new(kp, ordinal)?;
-        validate::check_workspace_of(&workspace, ws.bytes, "decode_workspace_bytes", kv.named())?;
+        // Against the dense call's own tensors, under their names (not the KV cache's, nor its absent lengths).
+        let views = [("q", t.q), ("k", t.k), ("v", t.v), ("out", t.out), ("lse", t.lse)];
+        validate::check_workspace_of(&workspace, ws.bytes, "decode_workspace_bytes", views)?;
         unsafe { crate::launch::fwd_kvcache(kp, kv, &ws, workspace.addr, ordinal, stream) }
     })?;
     match ran {

@@ -478,10 +478,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if _sdpa_decodes(q, k, v, dropout_p):
         # A decoding step (few query rows per key head, no gradient): the KV cache's split-KV decode
         # kernels over key and value as a full cache, in place (their workspace from PyTorch's allocator).
-        # Eager on CUDA through flash_attn_func, whose fast path runs them with no cache lengths tensor
-        # (`raw::fwd_decode`); compiled (the KV cache's op traces) and on the CPU as a KV cache call.
-        if q.is_cuda and not _torch_impl._is_compiling():
-            out = flash_attn_func(q, k, v, softmax_scale=scale, window_size=window)
+        # Eager on CUDA through flash_attn_func's fast path, which runs them with no cache lengths tensor
+        # (`raw::fwd_decode`); where it does not take the call (another current device, a scale that is not
+        # a float, ...), compiled calls (the KV cache's op traces) and on the CPU as a KV cache call.
+        fast = (_torch_impl.dense_fast(q, k, v, 0.0, scale, False, window, 0.0, None, False)
+                if q.is_cuda and not _torch_impl._is_compiling() else None)
+        if fast is not None:
+            out = fast[0]
         else:
             out = flash_attn_with_kvcache(q, k, v, cache_seqlens=k.shape[1], softmax_scale=scale, window_size=window)
     else:
