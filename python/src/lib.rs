@@ -372,87 +372,55 @@ fn fwd_dense(
     stream: &Bound<'_, PyAny>,
     decode: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<i64> {
-    let a = DenseArgs::parse(dtype, [(q, q_shape, q_strides), (k, k_shape, k_strides), (v, v_shape, v_strides)], out, lse, [softmax_scale, causal, window_size_left, window_size_right, softcap], ordinal, stream)?;
+    let dtype = self::dtype(dtype, "dtype")?;
+    let arg = |addr: &Bound<'_, PyAny>, shape: &Bound<'_, PyAny>, strides: &Bound<'_, PyAny>, name: &str| -> PyResult<Arg> {
+        let a = Arg {
+            addr: uint(addr, name, "address", u64::MAX)?,
+            dtype,
+            shape: uints(shape, name, "shape", 1 << 62)?,
+            strides: uints(strides, name, "strides", 1 << 62)?,
+        };
+        if a.shape.len() != a.strides.len() {
+            return Err(PyValueError::new_err(format!("{name}: {} strides for {} dimensions", a.strides.len(), a.shape.len())));
+        }
+        Ok(a)
+    };
+    let (q, k, v) = (arg(q, q_shape, q_strides, "q")?, arg(k, k_shape, k_strides, "k")?, arg(v, v_shape, v_strides, "v")?);
+    if q.shape.len() != 4 {
+        return Err(PyValueError::new_err(format!("q: expected 4 dimensions, got {}", q.shape.len())));
+    }
+    let (b, s, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let out = Arg { addr: uint(out, "out", "address", u64::MAX)?, dtype, shape: q.shape.clone(), strides: vec![s * h * d, h * d, d, 1] };
+    let lse = Arg { addr: uint(lse, "lse", "address", u64::MAX)?, dtype: DType::F32, shape: vec![b, h, s], strides: vec![h * s, s, 1] };
+    let opts = options(softmax_scale, causal, window_size_left, window_size_right, softcap)?;
+    let target = if int(ordinal, "ordinal")? < 0 {
+        Target::Cpu
+    } else {
+        Target::Cuda { ordinal: uint(ordinal, "device", "ordinal", i32::MAX as u64)? as usize, stream: uint(stream, "device", "stream", usize::MAX as u64)? as usize }
+    };
     let decode = decode.filter(|o| !o.is_none());
     let (decoding, ws) = (decode.is_some(), workspace(decode)?);
-    let mask = a.misaligned();
-    if mask != 0 {
-        return Ok(-(mask as i64));
+    if matches!(target, Target::Cuda { .. }) {
+        let mask = [&q, &k, &v].iter().enumerate().filter(|(_, a)| !rows_aligned(a)).fold(0u32, |m, (i, _)| m | 1 << i);
+        if mask != 0 {
+            return Ok(-(mask as i64));
+        }
     }
     call(py, || {
-        let t = a.views();
+        let t = FwdViews { q: q.view(), k: k.view(), v: v.view(), out: out.view(), lse: lse.view(), alibi_slopes: None, s_dmask: None };
         if !decoding {
-            return unsafe { raw::fwd(&t, &a.opts, a.target) }.map(|()| 0);
+            return unsafe { raw::fwd(&t, &opts, target) }.map(|()| 0);
         }
         // Validated once where the workspace suffices (the usual call); sized only where it did not.
-        let r = unsafe { raw::fwd_decode(&t, &a.opts, ws, a.target) };
+        let r = unsafe { raw::fwd_decode(&t, &opts, ws, target) };
         if let Err(flash_attn::Error::Value { arg: "workspace", .. }) = &r {
-            let need = raw::decode_workspace_bytes(&t, &a.opts, a.target)?;
+            let need = raw::decode_workspace_bytes(&t, &opts, target)?;
             if need > ws.bytes {
                 return Ok(need as i64);
             }
         }
         r.map(|()| 0)
     })
-}
-
-/// `fwd_dense`'s arguments, parsed.
-struct DenseArgs {
-    q: Arg,
-    k: Arg,
-    v: Arg,
-    out: Arg,
-    lse: Arg,
-    opts: AttnOptions,
-    target: Target,
-}
-
-type PyTensorParts<'a, 'py> = (&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>);
-
-impl DenseArgs {
-    fn parse(dtype: &Bound<'_, PyAny>, qkv: [PyTensorParts<'_, '_>; 3], out: &Bound<'_, PyAny>, lse: &Bound<'_, PyAny>, options: [&Bound<'_, PyAny>; 5], ordinal: &Bound<'_, PyAny>, stream: &Bound<'_, PyAny>) -> PyResult<DenseArgs> {
-        let dtype = self::dtype(dtype, "dtype")?;
-        let arg = |(addr, shape, strides): PyTensorParts<'_, '_>, name: &str| -> PyResult<Arg> {
-            let a = Arg {
-                addr: uint(addr, name, "address", u64::MAX)?,
-                dtype,
-                shape: uints(shape, name, "shape", 1 << 62)?,
-                strides: uints(strides, name, "strides", 1 << 62)?,
-            };
-            if a.shape.len() != a.strides.len() {
-                return Err(PyValueError::new_err(format!("{name}: {} strides for {} dimensions", a.strides.len(), a.shape.len())));
-            }
-            Ok(a)
-        };
-        let [q, k, v] = qkv;
-        let (q, k, v) = (arg(q, "q")?, arg(k, "k")?, arg(v, "v")?);
-        if q.shape.len() != 4 {
-            return Err(PyValueError::new_err(format!("q: expected 4 dimensions, got {}", q.shape.len())));
-        }
-        let (b, s, h, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
-        let out = Arg { addr: uint(out, "out", "address", u64::MAX)?, dtype, shape: q.shape.clone(), strides: vec![s * h * d, h * d, d, 1] };
-        let lse = Arg { addr: uint(lse, "lse", "address", u64::MAX)?, dtype: DType::F32, shape: vec![b, h, s], strides: vec![h * s, s, 1] };
-        let [scale, causal, wl, wr, softcap] = options;
-        let opts = self::options(scale, causal, wl, wr, softcap)?;
-        let target = if int(ordinal, "ordinal")? < 0 {
-            Target::Cpu
-        } else {
-            Target::Cuda { ordinal: uint(ordinal, "device", "ordinal", i32::MAX as u64)? as usize, stream: uint(stream, "device", "stream", usize::MAX as u64)? as usize }
-        };
-        Ok(DenseArgs { q, k, v, out, lse, opts, target })
-    }
-
-    /// On CUDA, the mask of q, k and v (1, 2, 4) whose rows are not 16-byte aligned (`rows_aligned`).
-    fn misaligned(&self) -> u32 {
-        if !matches!(self.target, Target::Cuda { .. }) {
-            return 0;
-        }
-        [&self.q, &self.k, &self.v].iter().enumerate().filter(|(_, a)| !rows_aligned(a)).fold(0u32, |m, (i, _)| m | 1 << i)
-    }
-
-    fn views(&self) -> FwdViews<'_> {
-        FwdViews { q: self.q.view(), k: self.k.view(), v: self.v.view(), out: self.out.view(), lse: self.lse.view(), alibi_slopes: None, s_dmask: None }
-    }
 }
 
 /// varlen_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
