@@ -671,8 +671,8 @@ pub struct KvWorkspace {
     pub decode: bool,
     /// The decode kernels write out and lse themselves (`_decode_fin`: `splits` 1, or on Hopper the
     /// splits' blocks merged in a cluster of up to `MAX_DECODE_CLUSTER`): no partials (`partials` None,
-    /// so a call without rotary needs no workspace) and no combine kernel. Else the decode kernels' partials are merged by the combine
-    /// (`FLASH_ATTN_DECODE_COMBINE` forces that, for A/B runs).
+    /// so a call without rotary needs no workspace) and no combine kernel. Else the decode kernels'
+    /// partials are merged by the combine (`FLASH_ATTN_DECODE_COMBINE` forces that, for A/B runs).
     pub fused: bool,
     pub q_rot: Option<usize>,
     pub partials: Option<(usize, usize)>,

@@ -491,39 +491,36 @@ _isfinite = math.isfinite
 _native_fwd_dense = _native.fwd_dense
 
 
-def _dense_launch(q, k, v, a):
-    """The forward of `dense_fast`'s checked call `a` (its `_FastFwd` params): (out, lse)."""
+def _dense_launch(q, k, v, a, decode=False):
+    """The forward of `dense_fast`'s checked call `a` (its `_FastFwd` params): (out, lse). `decode`: a decoding
+    step on CUDA, run by `raw::fwd_decode` (the KV cache's decode kernels over k and v in place, no cache lengths
+    tensor; the workspace, where one is needed, from PyTorch's allocator: `_decode_call`)."""
     dt, qs, qst, kst, vst, ordinal, stream, scale, causal, wl, wr, softcap, _ = a
     out = _empty_like(q, memory_format=_contiguous)
     lse = _empty(qs[0], qs[2], qs[1], dtype=_float32, device=q.device)
-    if _native_fwd_dense(dt, q.data_ptr(), qs, qst, k.data_ptr(), k.shape, kst, v.data_ptr(), v.shape, vst,
-                         out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream):
+    args = (dt, q.data_ptr(), qs, qst, k.data_ptr(), k.shape, kst, v.data_ptr(), v.shape, vst, out.data_ptr(),
+            lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream)
+    if (_decode_call(args, q.device) if decode else _native_fwd_dense(*args)):
         # A row of q, k or v is not 16-byte aligned: the general body copies it.
         return _fwd_body(q, k, v, None, None, None, None, 0, 0, PACK_NONE, scale, causal, wl, wr, softcap, a[12])
     return out, lse
 
 
-# Workspace bytes `_decode_launch` last needed per problem (0 for most: blocks that merge their splits
+# Workspace bytes `_decode_call` last needed per problem (0 for most: blocks that merge their splits
 # themselves need none). A size that falls short is asked again, so the key only has to be usually right.
 _DECODE_NEED = {}
 
 
-def _decode_launch(q, k, v, a):
-    """`_dense_launch` for a decoding step on CUDA (`raw::fwd_decode`: the KV cache's decode kernels over k
-    and v in place, no cache lengths tensor; the workspace, where one is needed, from PyTorch's allocator)."""
-    dt, qs, qst, kst, vst, ordinal, stream, scale, causal, wl, wr, softcap, _ = a
-    dev = q.device
-    out = _empty_like(q, memory_format=_contiguous)
-    lse = _empty(qs[0], qs[2], qs[1], dtype=_float32, device=dev)
-    ks = k.shape
-    key = (ordinal, qs, ks, causal, wl, wr)
+def _decode_call(args, dev):
+    """`fwd_dense`'s decode mode over `_dense_launch`'s `args`, with the workspace it needs: 0, or minus the
+    misaligned rows' mask (as `fwd_dense`)."""
+    # (ordinal, q's shape, k's shape, causal, window): what the workspace's size depends on.
+    key = (args[17], args[2], args[5], args[13], args[14], args[15])
     need = _DECODE_NEED.get(key, 0)
 
     def run(need):
         ws = _empty(need, dtype=_uint8, device=dev) if need else None
-        return _native_fwd_dense(dt, q.data_ptr(), qs, qst, k.data_ptr(), ks, kst, v.data_ptr(), v.shape, vst,
-                                 out.data_ptr(), lse.data_ptr(), scale, causal, wl, wr, softcap, ordinal, stream,
-                                 (0 if ws is None else ws.data_ptr(), need))
+        return _native_fwd_dense(*args, (0 if ws is None else ws.data_ptr(), need))
 
     r = run(need)
     if r > 0:
@@ -534,10 +531,7 @@ def _decode_launch(q, k, v, a):
         r = run(r)
         if r > 0:  # pragma: no cover - the size depends on the problem only
             raise RuntimeError(f"flash_attn_rs: internal error: the decode path asked for {r} more workspace bytes")
-    if r < 0:
-        # A row of q, k or v is not 16-byte aligned: the general body copies it.
-        return _fwd_body(q, k, v, None, None, None, None, 0, 0, PACK_NONE, scale, causal, wl, wr, softcap, a[12])
-    return out, lse
+    return r
 
 
 class _FastFwd(torch.autograd.Function):
@@ -628,7 +622,7 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         # A decoding step on CUDA: the KV cache's split-KV decode kernels over k and v as full caches, in
         # place (a row tile per (sequence, head) would leave most of the GPU idle and read each kv head
         # once per q head); the same result up to the rounding of the split keys' merge.
-        return _decode_launch(q, k, v, a)
+        return _dense_launch(q, k, v, a, decode=True)
     return _dense_launch(q, k, v, a)
 
 
