@@ -17,31 +17,23 @@ fn acc_operands(out: &mut String, n_acc: usize) {
 }
 
 /// (N, k16 steps) of the smem x smem products (S = Q K^T: N = keys per tile, K = head dim / 16).
-const SS: [(usize, usize); 10] = [(128, 4), (128, 8), (64, 16), (64, 4), (64, 8), (64, 12), (128, 6), (64, 6), (32, 12), (32, 16)];
+const SS: [(usize, usize); 5] = [(128, 4), (128, 8), (64, 16), (64, 12), (128, 6)];
 /// (N, k16 steps) of the register x smem products (O += P V: N = head dim, K = keys per tile / 16).
-const RS: [(usize, usize); 7] = [(64, 8), (128, 8), (256, 4), (64, 4), (128, 4), (192, 4), (192, 7)];
-/// (N, k16 steps) of the smem x smem products with both operands transposed on read (backward dQ = dS K:
-/// A = dS^T stored keys x queries, B = K stored keys x head dim).
-const TT: [(usize, usize); 2] = [(64, 8), (64, 4)];
-/// (N, k16 steps) of the smem x smem products with only B transposed on read (the wide backward's dV +=
-/// P^T dO and dK += dS^T Q: A = P^T / dS^T stored keys x queries, B = dO / Q stored queries x head dim).
-const ST: [(usize, usize); 2] = [(192, 4), (256, 4)];
+const RS: [(usize, usize); 4] = [(64, 8), (128, 8), (256, 4), (192, 4)];
 
-/// One smem x smem batch: `{prefix}_n{n}_k{k}_{suf}`, k products of m64n{n}k16 with descriptors for both
-/// operands (`trans`: the imm-trans-a, imm-trans-b pair), the first one ignoring `d`'s values in unless
-/// `keep_d` (then every product adds to `d`).
-#[allow(clippy::too_many_arguments)]
-fn smem_x_smem(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: usize, k: usize, trans: &str, keep_d: bool) {
+/// One smem x smem batch: `ss_n{n}_k{k}_{suf}`, k products of m64n{n}k16 with descriptors for both K-major
+/// operands, the first one ignoring `d`'s values in.
+fn smem_x_smem(o: &mut String, doc: &str, ty: &str, suf: &str, n: usize, k: usize) {
     let acc = n / 2;
     writeln!(o, "/// {doc}").unwrap();
-    writeln!(o, "#[inline(always)]\npub unsafe fn {prefix}_n{n}_k{k}_{suf}(d: &mut [[f32; 4]; {}], a: &[u64; {k}], b: &[u64; {k}]) {{", n / 8).unwrap();
+    writeln!(o, "#[inline(always)]\npub unsafe fn ss_n{n}_k{k}_{suf}(d: &mut [[f32; 4]; {}], a: &[u64; {k}], b: &[u64; {k}]) {{", n / 8).unwrap();
     writeln!(o, "    unsafe {{\n        asm!(").unwrap();
     let zero = acc + 2 * k;
     writeln!(o, "            \"{{{{ .reg .pred p0, p1; setp.ne.u32 p0, {{{zero}}}, 0; setp.eq.u32 p1, {{{zero}}}, 0;\",").unwrap();
     writeln!(o, "            \"wgmma.fence.sync.aligned;\",").unwrap();
     for i in 0..k {
-        let p = if i == 0 && !keep_d { "p0" } else { "p1" };
-        writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {{{}}}, {{{}}}, {p}, 1, 1, {trans};\",", regs(acc), acc + i, acc + k + i).unwrap();
+        let p = if i == 0 { "p0" } else { "p1" };
+        writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {{{}}}, {{{}}}, {p}, 1, 1, 0, 0;\",", regs(acc), acc + i, acc + k + i).unwrap();
     }
     writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}}\",").unwrap();
     acc_operands(o, acc);
@@ -54,41 +46,85 @@ fn smem_x_smem(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: 
     writeln!(o, "            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
 }
 
-/// `smem_x_smem` for K-major operands whose k16 steps are 32 bytes apart inside a 64-column group and
-/// `group` descriptor units apart between groups: `{prefix}_n{n}_k{k}_{suf}_inc` takes the first step's
-/// descriptors and the two group strides, and forms each step's descriptors inside the asm block (two
-/// 64-bit registers live instead of 2k: the descriptors of 16 steps took 64 registers at head dim 256).
-fn smem_x_smem_inc(o: &mut String, prefix: &str, ty: &str, suf: &str, n: usize, k: usize) {
+/// The high 32 bits of every 128-byte-swizzled descriptor the `_lo` forms build: 1024 bytes between 8-row
+/// groups (`sbo`), the 128-byte swizzle mode (`arch::wgmma::desc_sw128`).
+const DESC_HI: u32 = (1024 >> 4) | (1 << 30);
+
+/// `smem_x_smem` with descriptors given as their low words (`_lo`): one 32-bit register per operand goes
+/// in, step i's low words are those plus `a_off(i)` and `b_off(i)` (constants of the function), the high
+/// word `DESC_HI`; `keep_d` as `smem_x_smem`'s. Each step costs an add and a move, not a descriptor's construction (about six
+/// instructions per product in ptxas's code).
+#[allow(clippy::too_many_arguments)]
+fn smem_x_smem_lo(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: usize, k: usize, trans: &str, keep_d: bool, a_off: impl Fn(usize) -> usize, b_off: impl Fn(usize) -> usize) {
     let acc = n / 2;
-    writeln!(o, "/// `{prefix}_n{n}_k{k}_{suf}` with step i's descriptors `a0 + (i / 4) a_group + 2 (i % 4)` (and `b0`, `b_group` alike):\n/// K-major tiles, k16 steps 32 bytes apart inside each 64-column group.").unwrap();
-    writeln!(o, "#[inline(always)]\npub unsafe fn {prefix}_n{n}_k{k}_{suf}_inc(d: &mut [[f32; 4]; {}], a0: u64, b0: u64, a_group: u64, b_group: u64) {{", n / 8).unwrap();
+    writeln!(o, "/// {doc}").unwrap();
+    writeln!(o, "#[inline(always)]\npub unsafe fn {prefix}_n{n}_k{k}_{suf}_lo(d: &mut [[f32; 4]; {}], a: u32, b: u32) {{", n / 8).unwrap();
     writeln!(o, "    unsafe {{\n        asm!(").unwrap();
-    let (a0, b0, ag, bg, zero) = (acc, acc + 1, acc + 2, acc + 3, acc + 4);
-    writeln!(o, "            \"{{{{ .reg .pred p0, p1; .reg .b64 ga, gb, ra, rb; setp.ne.u32 p0, {{{zero}}}, 0; setp.eq.u32 p1, {{{zero}}}, 0;\",").unwrap();
-    writeln!(o, "            \"mov.b64 ga, {{{a0}}}; mov.b64 gb, {{{b0}}};\",").unwrap();
+    let (a0, b0, zero) = (acc, acc + 1, acc + 2);
+    writeln!(o, "            \"{{{{ .reg .pred p0, p1; .reg .b32 hi, la, lb; .reg .b64 da, db; setp.ne.u32 p0, {{{zero}}}, 0; setp.eq.u32 p1, {{{zero}}}, 0; mov.b32 hi, {DESC_HI};\",").unwrap();
     writeln!(o, "            \"wgmma.fence.sync.aligned;\",").unwrap();
     for i in 0..k {
-        let p = if i == 0 { "p0" } else { "p1" };
-        if i > 0 && i % 4 == 0 {
-            writeln!(o, "            \"add.s64 ga, ga, {{{ag}}}; add.s64 gb, gb, {{{bg}}};\",").unwrap();
-        }
-        let (ra, rb) = if i % 4 == 0 {
-            ("ga", "gb")
-        } else {
-            writeln!(o, "            \"add.s64 ra, ga, {}; add.s64 rb, gb, {};\",", 2 * (i % 4), 2 * (i % 4)).unwrap();
-            ("ra", "rb")
-        };
-        writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {ra}, {rb}, {p}, 1, 1, 0, 0;\",", regs(acc)).unwrap();
+        let p = if i == 0 && !keep_d { "p0" } else { "p1" };
+        writeln!(o, "            \"add.u32 la, {{{a0}}}, {}; add.u32 lb, {{{b0}}}, {}; mov.b64 da, {{{{la, hi}}}}; mov.b64 db, {{{{lb, hi}}}};\",", a_off(i), b_off(i)).unwrap();
+        writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, da, db, {p}, 1, 1, {trans};\",", regs(acc)).unwrap();
     }
-    // (Named in a comment too: at 4 steps or fewer they go unused.)
-    writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}} // {{{ag}}} {{{bg}}}\",").unwrap();
+    writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}}\",").unwrap();
     acc_operands(o, acc);
-    writeln!(o, "            in(reg64) a0,\n            in(reg64) b0,\n            in(reg64) a_group,\n            in(reg64) b_group,").unwrap();
+    writeln!(o, "            in(reg32) a,\n            in(reg32) b,").unwrap();
     writeln!(o, "            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
 }
 
-/// (N, k16 steps) of the forward's S = Q K^T that also get an `_inc` form (`smem_x_smem_inc`).
-const SS_INC: [(usize, usize); 2] = [(64, 16), (112, 12)];
+/// (N, k16 steps, A's and B's group strides in descriptor units) of the K-major S = Q K^T products that
+/// also get a `_lo` form (`smem_x_smem_lo`; k16 steps 32 bytes apart inside a 64-column group, groups
+/// rows x 128 bytes apart): the forward's at 128-row Q and 128-key K tiles, the backward's S^T = K Q^T and
+/// dP^T = V dO^T at 128-key and 64-query tiles (n64) and at 64-key and 64-query tiles (n32, head dims 192
+/// and 256). The forward's at 64 keys (n64, head dims 192 and 256) and 112 keys (n112, the wide 192) too.
+const SS_LO: [(usize, usize, usize, usize); 11] = [
+    (128, 4, 1024, 1024),
+    (128, 6, 1024, 1024),
+    (128, 8, 1024, 1024),
+    (64, 4, 1024, 512),
+    (64, 6, 1024, 512),
+    (64, 8, 1024, 512),
+    (64, 12, 1024, 512),
+    (64, 16, 1024, 512),
+    (112, 12, 1024, 896),
+    (32, 12, 512, 512),
+    (32, 16, 512, 512),
+];
+/// (N, k16 steps) of the register x smem products that also get a `_lo` form (the forward's O += P V, the
+/// backward's dV and dK): B's steps 16 rows (2048 bytes, 128 descriptor units) apart.
+const RS_LO: [(usize, usize); 7] = [(64, 8), (128, 8), (256, 4), (192, 4), (192, 7), (64, 4), (128, 4)];
+/// (N, k16 steps) of the both-transposed products that also get a `_lo` form (the backward's dQ = dS K):
+/// both operands' steps 16 rows (128 descriptor units) apart.
+const TT_LO: [(usize, usize); 2] = [(64, 8), (64, 4)];
+/// (N, k16 steps) of the B-transposed products that also get a `_lo` form (the wide backward's dV and dK):
+/// A's steps 32 bytes apart in one 64-column group, B's 16 rows (128 descriptor units).
+const ST_LO: [(usize, usize); 2] = [(192, 4), (256, 4)];
+
+
+/// `rs_n{n}_k{k}` with B's step i descriptor from the low word `b + 128 i` (high word `DESC_HI`): one 32-bit
+/// register in for B, not k 64-bit descriptors.
+fn register_x_smem_lo(o: &mut String, ty: &str, suf: &str, n: usize, k: usize) {
+    let acc = n / 2;
+    writeln!(o, "/// `rs_n{n}_k{k}_{suf}` with step i's B descriptor from the low word `b + 128 i` (high word {DESC_HI:#x}): B's k16 steps\n/// 16 rows (2048 bytes) apart.").unwrap();
+    writeln!(o, "#[inline(always)]\npub unsafe fn rs_n{n}_k{k}_{suf}_lo(d: &mut [[f32; 4]; {}], a: &[[u32; 4]; {k}], b: u32) {{", n / 8).unwrap();
+    writeln!(o, "    unsafe {{\n        asm!(").unwrap();
+    let (b0, zero) = (acc + 4 * k, acc + 4 * k + 1);
+    writeln!(o, "            \"{{{{ .reg .pred p1; .reg .b32 hi, lb; .reg .b64 db; setp.eq.u32 p1, {{{zero}}}, 0; mov.b32 hi, {DESC_HI};\",").unwrap();
+    writeln!(o, "            \"wgmma.fence.sync.aligned;\",").unwrap();
+    for i in 0..k {
+        let r = acc + 4 * i;
+        writeln!(o, "            \"add.u32 lb, {{{b0}}}, {}; mov.b64 db, {{{{lb, hi}}}};\",", 128 * i).unwrap();
+        writeln!(o, "            \"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{{{}}}}}, {{{{{{{}}}, {{{}}}, {{{}}}, {{{}}}}}}}, db, p1, 1, 1, 1;\",", regs(acc), r, r + 1, r + 2, r + 3).unwrap();
+    }
+    writeln!(o, "            \"wgmma.commit_group.sync.aligned; }}}}\",").unwrap();
+    acc_operands(o, acc);
+    for i in 0..k {
+        writeln!(o, "            in(reg32) a[{i}][0], in(reg32) a[{i}][1], in(reg32) a[{i}][2], in(reg32) a[{i}][3],").unwrap();
+    }
+    writeln!(o, "            in(reg32) b,\n            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
+}
 
 pub fn generate() -> String {
     let mut o = String::new();
@@ -102,18 +138,19 @@ pub fn generate() -> String {
     for (ty, suf) in TYPES {
         for (n, k) in SS {
             let doc = format!("`d = sum over {k} k16 steps of A_i B_i^T`: A_i 64x16 and B_i {n}x16, K-major 128-byte-swizzled in shared\n/// memory (descriptors `a[i]`, `b[i]`); `d`'s values in are ignored.");
-            smem_x_smem(&mut o, &doc, "ss", ty, suf, n, k, "0, 0", false);
+            smem_x_smem(&mut o, &doc, ty, suf, n, k);
         }
-        for (n, k) in SS_INC {
-            smem_x_smem_inc(&mut o, "ss", ty, suf, n, k);
+        for (n, k, ag, bg) in SS_LO {
+            let doc = format!("`ss_n{n}_k{k}_{suf}` with step i's descriptors from low words `a + (i / 4) {ag} + 2 (i % 4)` and `b + (i / 4)\n/// {bg} + 2 (i % 4)` (high word {DESC_HI:#x}): K-major tiles, k16 steps 32 bytes apart in each 64-column group.");
+            smem_x_smem_lo(&mut o, &doc, "ss", ty, suf, n, k, "0, 0", false, |i| (i / 4) * ag + 2 * (i % 4), |i| (i / 4) * bg + 2 * (i % 4));
         }
-        for (n, k) in ST {
-            let doc = format!("`d += sum over {k} k16 steps of A_i B_i`: A_i 64x16 K-major and B_i 16x{n} N-major, 128-byte-swizzled in\n/// shared memory (descriptors `a[i]`, `b[i]`; B transposed on read); `d`'s values in are kept.");
-            smem_x_smem(&mut o, &doc, "st", ty, suf, n, k, "0, 1", true);
+        for (n, k) in TT_LO {
+            let doc = format!("`tt_n{n}_k{k}_{suf}` with step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word\n/// {DESC_HI:#x}): both operands' k16 steps 16 rows (2048 bytes) apart.");
+            smem_x_smem_lo(&mut o, &doc, "tt", ty, suf, n, k, "1, 1", false, |i| 128 * i, |i| 128 * i);
         }
-        for (n, k) in TT {
-            let doc = format!("`d = sum over {k} k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x{n} N-major, 128-byte-swizzled in\n/// shared memory (descriptors `a[i]`, `b[i]`; both transposed on read); `d`'s values in are ignored.");
-            smem_x_smem(&mut o, &doc, "tt", ty, suf, n, k, "1, 1", false);
+        for (n, k) in ST_LO {
+            let doc = format!("`st_n{n}_k{k}_{suf}` with step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word\n/// {DESC_HI:#x}): A's k16 steps 32 bytes apart, B's 16 rows (2048 bytes); `d`'s values in are kept.");
+            smem_x_smem_lo(&mut o, &doc, "st", ty, suf, n, k, "0, 1", true, |i| 2 * i, |i| 128 * i);
         }
         for (n, k) in RS {
             let acc = n / 2;
@@ -137,8 +174,12 @@ pub fn generate() -> String {
             }
             writeln!(o, "            in(reg32) 0u32,\n            options(nostack)\n        )\n    }}\n}}\n").unwrap();
         }
+        for (n, k) in RS_LO {
+            register_x_smem_lo(&mut o, ty, suf, n, k);
+        }
     }
-    for n in SS.iter().chain(SS_INC.iter()).chain(RS.iter()).chain(TT.iter()).map(|&(n, _)| n).collect::<std::collections::BTreeSet<_>>() {
+    let lo = SS_LO.iter().map(|&(n, k, _, _)| (n, k)).chain(RS_LO).chain(TT_LO).chain(ST_LO);
+    for n in SS.iter().copied().chain(RS).chain(lo).map(|(n, _)| n).collect::<std::collections::BTreeSet<_>>() {
         let acc = n / 2;
         for pending in [0, 1] {
             writeln!(o, "/// Wait until at most {pending} wgmma group(s) of this warpgroup are in flight; `d` (the accumulators of the\n/// groups that completed) is read only after.").unwrap();
@@ -159,4 +200,53 @@ pub fn generate() -> String {
         writeln!(o, "            options(nostack, nomem, preserves_flags)\n        )\n    }}\n}}\n").unwrap();
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 128-byte-swizzled descriptor as the kernels build it (`arch::wgmma::desc_sw128`), written out
+    /// again here from the PTX ISA's layout: address / 16 in bits 0-13, `lbo` / 16 from bit 16, `sbo` / 16
+    /// from bit 32, the swizzle mode in bits 62-63.
+    fn desc(addr: u32, lbo: u32, sbo: u32) -> u64 {
+        (((addr & 0x3ffff) >> 4) as u64) | (((lbo >> 4) as u64) << 16) | (((sbo >> 4) as u64) << 32) | (1u64 << 62)
+    }
+
+    #[test]
+    fn generated_wrappers_are_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-gpu/src/arch/wgmma_ops.rs");
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert!(file == generate(), "{} is stale: run `cargo xtask gen-wgmma`", path.display());
+    }
+
+    /// The `_lo` forms' constants against each step's descriptor built whole: the high word, and the low
+    /// word's offset for a K-major step (32 bytes per k16 step, a 64-column group every four) and for a
+    /// 16-row step (2048 bytes), at every shared address a tile can start at.
+    #[test]
+    fn low_word_steps_match_whole_descriptors() {
+        for base in (0..228 * 1024u32).step_by(1024) {
+            for lbo in [16, 64 * 128, 112 * 128, 128 * 128] {
+                assert_eq!((desc(base, lbo, 1024) >> 32) as u32, DESC_HI);
+                for &(_, k, ag, bg) in &SS_LO {
+                    for (group, rows) in [(ag, ag / 8), (bg, bg / 8)] {
+                        for i in 0..k {
+                            let step = base + (i / 4) as u32 * rows as u32 * 128 + (i % 4) as u32 * 32;
+                            if step >= 232448 {
+                                continue;
+                            }
+                            let lo = desc(base, lbo, 1024) as u32 + ((i / 4) * group + 2 * (i % 4)) as u32;
+                            assert_eq!(lo, desc(step, lbo, 1024) as u32, "base {base} step {i} group {group}");
+                        }
+                    }
+                }
+                for i in 0..16u32 {
+                    let step = base + 2048 * i;
+                    if step < 232448 {
+                        assert_eq!(desc(base, lbo, 1024) as u32 + 128 * i, desc(step, lbo, 1024) as u32);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -23,7 +23,7 @@ use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::InteriorRows;
-use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
+use crate::fwd::wg::{copies_visible, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::params::BwdParams;
 use crate::seqlen::SeqlenInfo;
 use crate::tile::{a_fragment, BF16, F16};
@@ -132,17 +132,15 @@ unsafe fn load_kv<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, kv: u32,
 /// `cols` the step's query tile (Q or dO), both K-major. Issued and committed, not waited for.
 #[inline(always)]
 pub(super) unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 8], keys: u32, queries: u32, wg: u32) {
-    let mut ad = [0u64; 8];
-    let mut bd = [0u64; 8];
-    for kk in 0..D / 16 {
-        ad[kk] = kmajor_desc(keys, BN as u32, wg * 64, kk);
-        bd[kk] = kmajor_desc(queries, BM as u32, 0, kk);
-    }
+    // Descriptors from their low words, formed inside the asm block (`*_lo`; group strides BN and BM
+    // rows of 128 bytes: the generated functions' constants).
+    const { assert!(BN == 128 && BM == 64) };
+    let (ad, bd) = (kmajor_desc(keys, BN as u32, wg * 64, 0) as u32, kmajor_desc(queries, BM as u32, 0, 0) as u32);
     unsafe {
         match D {
-            64 => E::ss_n64_k4(acc, &first(&ad), &first(&bd)),
-            96 => E::ss_n64_k6(acc, &first(&ad), &first(&bd)),
-            _ => E::ss_n64_k8(acc, &ad, &bd),
+            64 => E::ss_n64_k4_lo(acc, ad, bd),
+            96 => E::ss_n64_k6_lo(acc, ad, bd),
+            _ => E::ss_n64_k8_lo(acc, ad, bd),
         }
     }
 }
@@ -151,15 +149,12 @@ pub(super) unsafe fn issue_keys_x_queries<E: WgElem, const D: usize>(acc: &mut [
 /// step's query tile (dO or Q, [query][D], transposed on read). Issued and committed, not waited for.
 #[inline(always)]
 pub(super) unsafe fn issue_keys_x_dim<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32; 4]; DN], frags: &[[u32; 4]; 4], tile: u32) {
-    let mut bd = [0u64; 4];
-    for (kk, d) in bd.iter_mut().enumerate() {
-        *d = desc_sw128(tile + kk as u32 * 16 * 128, BM as u32 * 128, 1024);
-    }
+    let bd = desc_sw128(tile, BM as u32 * 128, 1024) as u32;
     unsafe {
         if D == 64 {
-            E::rs_n64_k4(sized(acc), frags, &bd)
+            E::rs_n64_k4_lo(sized(acc), frags, bd)
         } else {
-            E::rs_n128_k4(sized(acc), frags, &bd)
+            E::rs_n128_k4_lo(sized(acc), frags, bd)
         }
     }
 }
@@ -230,14 +225,9 @@ pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: 
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, ds_s: u32, k_s: u32, h: i32, m0: i32, wg: u32, warp: usize, g: i32, t: i32, turn: &DqTurn) {
     let c0 = if D != 64 { wg * 64 } else { 0 };
-    let mut ad = [0u64; 8];
-    let mut bd = [0u64; 8];
-    for kk in 0..8u32 {
-        ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
-        bd[kk as usize] = desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
-    }
+    let (ad, bd) = (desc_sw128(ds_s, 16, 1024) as u32, desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128), 16, 1024) as u32);
     let mut acc_q = [[0f32; 4]; 8];
-    unsafe { E::tt_n64_k8(&mut acc_q, &ad, &bd) };
+    unsafe { E::tt_n64_k8_lo(&mut acc_q, ad, bd) };
     let leader = warp % 4 == 0 && g == 0 && t == 0;
     let counter = if ORDERED { dq_turn_counter(p, a.bidb, a.sq.start + m0, h, if D == 64 { 0 } else { wg }) } else { 0 };
     if ORDERED {

@@ -24,7 +24,7 @@ use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
 use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
-use crate::fwd::wg::{copies_visible, first, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
+use crate::fwd::wg::{copies_visible, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::mods::HeadMods;
 use crate::params::BwdParams;
 use crate::variants::{bwd_wg_block_n, bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
@@ -70,17 +70,15 @@ unsafe fn load_step<const D: usize>(p: &BwdParams, a: &KvArgs, base: u32, stage:
 /// for.
 #[inline(always)]
 unsafe fn issue_scores<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 4], keys: u32, queries: u32, q0: u32) {
-    let mut ad = [0u64; 16];
-    let mut bd = [0u64; 16];
-    for kk in 0..D / 16 {
-        ad[kk] = kmajor_desc(keys, BN as u32, 0, kk);
-        bd[kk] = kmajor_desc(queries, BM as u32, q0, kk);
-    }
+    // Descriptors from their low words (`*_lo`; group strides BN and BM rows of 128 bytes, the generated
+    // functions' constants).
+    const { assert!(BN == 64 && BM == 64) };
+    let (ad, bd) = (kmajor_desc(keys, BN as u32, 0, 0) as u32, kmajor_desc(queries, BM as u32, q0, 0) as u32);
     unsafe {
         if D == 192 {
-            E::ss_n32_k12(acc, &first(&ad), &first(&bd))
+            E::ss_n32_k12_lo(acc, ad, bd)
         } else {
-            E::ss_n32_k16(acc, &ad, &bd)
+            E::ss_n32_k16_lo(acc, ad, bd)
         }
     }
 }
@@ -90,17 +88,12 @@ unsafe fn issue_scores<E: WgElem, const D: usize>(acc: &mut [[f32; 4]; 4], keys:
 /// committed, not waited for.
 #[inline(always)]
 unsafe fn issue_grad<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32; 4]; DN], keys_x_queries: u32, tile: u32) {
-    let mut ad = [0u64; 4];
-    let mut bd = [0u64; 4];
-    for kk in 0..4 {
-        ad[kk] = kmajor_desc(keys_x_queries, BN as u32, 0, kk);
-        bd[kk] = desc_sw128(tile + kk as u32 * 16 * 128, BM as u32 * 128, 1024);
-    }
+    let (ad, bd) = (kmajor_desc(keys_x_queries, BN as u32, 0, 0) as u32, desc_sw128(tile, BM as u32 * 128, 1024) as u32);
     unsafe {
         if D == 192 {
-            E::st_n192_k4(sized(acc), &ad, &bd)
+            E::st_n192_k4_lo(sized(acc), ad, bd)
         } else {
-            E::st_n256_k4(sized(acc), &ad, &bd)
+            E::st_n256_k4_lo(sized(acc), ad, bd)
         }
     }
 }
@@ -205,14 +198,9 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         }
         let mut c = wg as usize;
         while c < D / 64 {
-            let mut ad = [0u64; 4];
-            let mut bd = [0u64; 4];
-            for kk in 0..4u32 {
-                ad[kk as usize] = desc_sw128(ds_s + kk * 16 * 128, 16, 1024);
-                bd[kk as usize] = desc_sw128(k_s + c as u32 * (BN as u32 * 128) + kk * 16 * 128, 16, 1024);
-            }
+            let (ad, bd) = (desc_sw128(ds_s, 16, 1024) as u32, desc_sw128(k_s + c as u32 * (BN as u32 * 128), 16, 1024) as u32);
             let mut acc_q = [[0f32; 4]; 8];
-            unsafe { E::tt_n64_k4(&mut acc_q, &ad, &bd) };
+            unsafe { E::tt_n64_k4_lo(&mut acc_q, ad, bd) };
             wgmma::wait0_n64(&mut acc_q);
             // Rows past the sequence carry exact zeros to rows prep zeroed (the accumulator has slack
             // rows), as in the other kernels.

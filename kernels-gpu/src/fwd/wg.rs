@@ -29,8 +29,8 @@ const SLOTS: usize = 2;
 
 /// The 16-bit input type's wgmma products at the shapes the Hopper kernels use (each one fenced, issued
 /// and committed as one group; arch/wgmma_ops.rs). Forward: S at 128 keys (head dim 64, 96, 128) or 64
-/// keys (192, 256), O at the head dim. Backward (bwd/wg.rs): S^T and dP^T at 64 queries, dV and dK at the head dim
-/// over 64 queries, dQ (both operands transposed).
+/// keys (192, 256), O at the head dim. Backward (bwd/wg.rs, bwd/wide.rs; `_lo` forms only): S^T and dP^T
+/// at 64 queries, dV and dK at the head dim over 64 queries, dQ (both operands transposed).
 pub trait WgElem: Elem {
     unsafe fn ss_n128_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
     unsafe fn ss_n128_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
@@ -41,25 +41,35 @@ pub trait WgElem: Elem {
     unsafe fn rs_n128_k8(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
     unsafe fn rs_n256_k4(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: &[u64; 4]);
     unsafe fn rs_n192_k4(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    unsafe fn ss_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
-    unsafe fn ss_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
-    unsafe fn rs_n64_k4(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    unsafe fn rs_n128_k4(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    unsafe fn tt_n64_k8(d: &mut [[f32; 4]; 8], a: &[u64; 8], b: &[u64; 8]);
-    unsafe fn ss_n64_k6(d: &mut [[f32; 4]; 8], a: &[u64; 6], b: &[u64; 6]);
-    unsafe fn ss_n32_k12(d: &mut [[f32; 4]; 4], a: &[u64; 12], b: &[u64; 12]);
-    unsafe fn ss_n32_k16(d: &mut [[f32; 4]; 4], a: &[u64; 16], b: &[u64; 16]);
-    unsafe fn st_n192_k4(d: &mut [[f32; 4]; 24], a: &[u64; 4], b: &[u64; 4]);
-    unsafe fn st_n256_k4(d: &mut [[f32; 4]; 32], a: &[u64; 4], b: &[u64; 4]);
-    unsafe fn tt_n64_k4(d: &mut [[f32; 4]; 8], a: &[u64; 4], b: &[u64; 4]);
-    /// `ss_n64_k16` with its descriptors formed in the asm block (`ss_*_inc`).
-    unsafe fn ss_n64_k16_inc(d: &mut [[f32; 4]; 8], a0: u64, b0: u64, a_group: u64, b_group: u64);
-    unsafe fn ss_n112_k12_inc(d: &mut [[f32; 4]; 14], a0: u64, b0: u64, a_group: u64, b_group: u64);
-    unsafe fn rs_n192_k7(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: &[u64; 7]);
+    /// The ws forward's products with descriptors from their low words (`*_lo`: one 32-bit register per
+    /// shared operand; `issue_s` / `issue_pv` with `INC`).
+    unsafe fn ss_n128_k4_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32);
+    unsafe fn ss_n128_k6_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32);
+    unsafe fn ss_n128_k8_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32);
+    unsafe fn rs_n64_k8_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: u32);
+    unsafe fn rs_n128_k8_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: u32);
+    unsafe fn ss_n112_k12_lo(d: &mut [[f32; 4]; 14], a: u32, b: u32);
+    unsafe fn ss_n64_k12_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
+    unsafe fn ss_n64_k16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
+    unsafe fn rs_n192_k7_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: u32);
+    unsafe fn rs_n192_k4_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: u32);
+    unsafe fn rs_n256_k4_lo(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: u32);
+    /// The backward's (bwd/wg.rs, bwd/wide.rs), likewise.
+    unsafe fn ss_n64_k4_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
+    unsafe fn ss_n64_k6_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
+    unsafe fn ss_n64_k8_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
+    unsafe fn tt_n64_k8_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
+    unsafe fn rs_n64_k4_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: u32);
+    unsafe fn rs_n128_k4_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: u32);
+    unsafe fn ss_n32_k12_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32);
+    unsafe fn ss_n32_k16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32);
+    unsafe fn tt_n64_k4_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
+    unsafe fn st_n192_k4_lo(d: &mut [[f32; 4]; 24], a: u32, b: u32);
+    unsafe fn st_n256_k4_lo(d: &mut [[f32; 4]; 32], a: u32, b: u32);
 }
 
 macro_rules! wg_elem {
-    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?; $($iname:ident => $if:ident($id:ty)),* $(,)?) => {
+    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?; $($lname:ident => $lf:ident($ld:ty, $la:ty)),* $(,)?) => {
         impl WgElem for $t {
             $(
                 #[inline(always)]
@@ -69,8 +79,8 @@ macro_rules! wg_elem {
             )*
             $(
                 #[inline(always)]
-                unsafe fn $iname(d: $id, a0: u64, b0: u64, a_group: u64, b_group: u64) {
-                    unsafe { wgmma::$if(d, a0, b0, a_group, b_group) }
+                unsafe fn $lname(d: $ld, a: $la, b: u32) {
+                    unsafe { wgmma::$lf(d, a, b) }
                 }
             )*
         }
@@ -85,21 +95,29 @@ wg_elem!(BF16,
     rs_n64_k8 => rs_n64_k8_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_bf16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n192_k4 => rs_n192_k4_bf16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]),
-    ss_n64_k4 => ss_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
-    ss_n64_k8 => ss_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-    rs_n64_k4 => rs_n64_k4_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n128_k4 => rs_n128_k4_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
-    tt_n64_k8 => tt_n64_k8_bf16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-    ss_n64_k6 => ss_n64_k6_bf16(&mut [[f32; 4]; 8], &[u64; 6], &[u64; 6]),
-    ss_n32_k12 => ss_n32_k12_bf16(&mut [[f32; 4]; 4], &[u64; 12], &[u64; 12]),
-    ss_n32_k16 => ss_n32_k16_bf16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
-    st_n192_k4 => st_n192_k4_bf16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
-    st_n256_k4 => st_n256_k4_bf16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
-    tt_n64_k4 => tt_n64_k4_bf16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
-    rs_n192_k7 => rs_n192_k7_bf16(&mut [[f32; 4]; 24], &[[u32; 4]; 7], &[u64; 7]);
-    ss_n64_k16_inc => ss_n64_k16_bf16_inc(&mut [[f32; 4]; 8]),
-    ss_n112_k12_inc => ss_n112_k12_bf16_inc(&mut [[f32; 4]; 14]),
+    rs_n192_k4 => rs_n192_k4_bf16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]);
+    ss_n128_k4_lo => ss_n128_k4_bf16_lo(&mut [[f32; 4]; 16], u32),
+    ss_n128_k6_lo => ss_n128_k6_bf16_lo(&mut [[f32; 4]; 16], u32),
+    ss_n128_k8_lo => ss_n128_k8_bf16_lo(&mut [[f32; 4]; 16], u32),
+    rs_n64_k8_lo => rs_n64_k8_bf16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 8]),
+    rs_n128_k8_lo => rs_n128_k8_bf16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 8]),
+    ss_n112_k12_lo => ss_n112_k12_bf16_lo(&mut [[f32; 4]; 14], u32),
+    ss_n64_k12_lo => ss_n64_k12_bf16_lo(&mut [[f32; 4]; 8], u32),
+    ss_n64_k16_lo => ss_n64_k16_bf16_lo(&mut [[f32; 4]; 8], u32),
+    rs_n192_k7_lo => rs_n192_k7_bf16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 7]),
+    rs_n192_k4_lo => rs_n192_k4_bf16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 4]),
+    rs_n256_k4_lo => rs_n256_k4_bf16_lo(&mut [[f32; 4]; 32], &[[u32; 4]; 4]),
+    ss_n64_k4_lo => ss_n64_k4_bf16_lo(&mut [[f32; 4]; 8], u32),
+    ss_n64_k6_lo => ss_n64_k6_bf16_lo(&mut [[f32; 4]; 8], u32),
+    ss_n64_k8_lo => ss_n64_k8_bf16_lo(&mut [[f32; 4]; 8], u32),
+    tt_n64_k8_lo => tt_n64_k8_bf16_lo(&mut [[f32; 4]; 8], u32),
+    rs_n64_k4_lo => rs_n64_k4_bf16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 4]),
+    rs_n128_k4_lo => rs_n128_k4_bf16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 4]),
+    ss_n32_k12_lo => ss_n32_k12_bf16_lo(&mut [[f32; 4]; 4], u32),
+    ss_n32_k16_lo => ss_n32_k16_bf16_lo(&mut [[f32; 4]; 4], u32),
+    tt_n64_k4_lo => tt_n64_k4_bf16_lo(&mut [[f32; 4]; 8], u32),
+    st_n192_k4_lo => st_n192_k4_bf16_lo(&mut [[f32; 4]; 24], u32),
+    st_n256_k4_lo => st_n256_k4_bf16_lo(&mut [[f32; 4]; 32], u32),
 );
 wg_elem!(F16,
     ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
@@ -110,21 +128,29 @@ wg_elem!(F16,
     rs_n64_k8 => rs_n64_k8_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
     rs_n128_k8 => rs_n128_k8_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
     rs_n256_k4 => rs_n256_k4_f16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n192_k4 => rs_n192_k4_f16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]),
-    ss_n64_k4 => ss_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
-    ss_n64_k8 => ss_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-    rs_n64_k4 => rs_n64_k4_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n128_k4 => rs_n128_k4_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 4], &[u64; 4]),
-    tt_n64_k8 => tt_n64_k8_f16(&mut [[f32; 4]; 8], &[u64; 8], &[u64; 8]),
-    ss_n64_k6 => ss_n64_k6_f16(&mut [[f32; 4]; 8], &[u64; 6], &[u64; 6]),
-    ss_n32_k12 => ss_n32_k12_f16(&mut [[f32; 4]; 4], &[u64; 12], &[u64; 12]),
-    ss_n32_k16 => ss_n32_k16_f16(&mut [[f32; 4]; 4], &[u64; 16], &[u64; 16]),
-    st_n192_k4 => st_n192_k4_f16(&mut [[f32; 4]; 24], &[u64; 4], &[u64; 4]),
-    st_n256_k4 => st_n256_k4_f16(&mut [[f32; 4]; 32], &[u64; 4], &[u64; 4]),
-    tt_n64_k4 => tt_n64_k4_f16(&mut [[f32; 4]; 8], &[u64; 4], &[u64; 4]),
-    rs_n192_k7 => rs_n192_k7_f16(&mut [[f32; 4]; 24], &[[u32; 4]; 7], &[u64; 7]);
-    ss_n64_k16_inc => ss_n64_k16_f16_inc(&mut [[f32; 4]; 8]),
-    ss_n112_k12_inc => ss_n112_k12_f16_inc(&mut [[f32; 4]; 14]),
+    rs_n192_k4 => rs_n192_k4_f16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]);
+    ss_n128_k4_lo => ss_n128_k4_f16_lo(&mut [[f32; 4]; 16], u32),
+    ss_n128_k6_lo => ss_n128_k6_f16_lo(&mut [[f32; 4]; 16], u32),
+    ss_n128_k8_lo => ss_n128_k8_f16_lo(&mut [[f32; 4]; 16], u32),
+    rs_n64_k8_lo => rs_n64_k8_f16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 8]),
+    rs_n128_k8_lo => rs_n128_k8_f16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 8]),
+    ss_n112_k12_lo => ss_n112_k12_f16_lo(&mut [[f32; 4]; 14], u32),
+    ss_n64_k12_lo => ss_n64_k12_f16_lo(&mut [[f32; 4]; 8], u32),
+    ss_n64_k16_lo => ss_n64_k16_f16_lo(&mut [[f32; 4]; 8], u32),
+    rs_n192_k7_lo => rs_n192_k7_f16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 7]),
+    rs_n192_k4_lo => rs_n192_k4_f16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 4]),
+    rs_n256_k4_lo => rs_n256_k4_f16_lo(&mut [[f32; 4]; 32], &[[u32; 4]; 4]),
+    ss_n64_k4_lo => ss_n64_k4_f16_lo(&mut [[f32; 4]; 8], u32),
+    ss_n64_k6_lo => ss_n64_k6_f16_lo(&mut [[f32; 4]; 8], u32),
+    ss_n64_k8_lo => ss_n64_k8_f16_lo(&mut [[f32; 4]; 8], u32),
+    tt_n64_k8_lo => tt_n64_k8_f16_lo(&mut [[f32; 4]; 8], u32),
+    rs_n64_k4_lo => rs_n64_k4_f16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 4]),
+    rs_n128_k4_lo => rs_n128_k4_f16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 4]),
+    ss_n32_k12_lo => ss_n32_k12_f16_lo(&mut [[f32; 4]; 4], u32),
+    ss_n32_k16_lo => ss_n32_k16_f16_lo(&mut [[f32; 4]; 4], u32),
+    tt_n64_k4_lo => tt_n64_k4_f16_lo(&mut [[f32; 4]; 8], u32),
+    st_n192_k4_lo => st_n192_k4_f16_lo(&mut [[f32; 4]; 24], u32),
+    st_n256_k4_lo => st_n256_k4_f16_lo(&mut [[f32; 4]; 32], u32),
 );
 
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
@@ -298,24 +324,31 @@ unsafe fn load_tile_sw128_rows<const D: usize, const ROWS: usize>(dst: u32, fall
 }
 
 /// S = Q K^T of running tile `t` for warpgroup `wg`'s 64 rows: k16 steps along the head dim, four per
-/// 64-column group (+32 bytes inside the swizzled row). Issued and committed, not waited for. `INC`: at
-/// head dim 256 the descriptors are formed inside the asm block (the ws kernel; in the wg kernel's paged
-/// twin they raised ptxas's spills from 20 to 200 bytes, so the wg kernel keeps them in registers).
+/// 64-column group (+32 bytes inside the swizzled row). Issued and committed, not waited for. `INC` (the
+/// ws kernel): the descriptors are formed inside the asm block from their low words (`*_lo`; in the wg
+/// kernel's paged twin a 64-bit form of that raised ptxas's spills from 20 to 200 bytes, so the wg kernel
+/// keeps them in registers).
 #[inline(always)]
 pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize, const INC: bool>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
     let k_s = Tile::<D, BN>::k_slot(base, t);
-    if INC && D == 192 && BN == 112 {
-        let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0), kmajor_desc(k_s, BN as u32, 0, 0));
-        unsafe { E::ss_n112_k12_inc(sized(acc_s), qa, kb, (BM * 8) as u64, (BN * 8) as u64) };
-        return;
-    }
-    if INC && D == 256 {
-        // Step kk's descriptors are the first's plus (kk / 4) groups and (kk % 4) 32-byte steps
-        // (`kmajor_desc`), formed inside the asm block: two 64-bit registers instead of 32 (ptxas, ws
-        // kernel: spills 352/392 -> 184/176 bytes; at 128 and 192 they grew, 148 -> 200, 124 -> 148).
-        let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0), kmajor_desc(k_s, BN as u32, 0, 0));
-        unsafe { E::ss_n64_k16_inc(sized(acc_s), qa, kb, (BM * 8) as u64, (BN * 8) as u64) };
+    if INC {
+        // Descriptors from their low words, formed inside the asm block (`*_lo`: an add and a move per
+        // step, against about six instructions per product where they are built here; one 32-bit register
+        // per operand, where 64-bit ones had raised ptxas's spills). Group strides: BM and BN rows of 128
+        // bytes (the generated functions' constants).
+        const { assert!(BM == 128) };
+        let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0) as u32, kmajor_desc(k_s, BN as u32, 0, 0) as u32);
+        unsafe {
+            match (D, BN) {
+                (64, _) => E::ss_n128_k4_lo(sized(acc_s), qa, kb),
+                (96, _) => E::ss_n128_k6_lo(sized(acc_s), qa, kb),
+                (128, _) => E::ss_n128_k8_lo(sized(acc_s), qa, kb),
+                (192, 112) => E::ss_n112_k12_lo(sized(acc_s), qa, kb),
+                (192, _) => E::ss_n64_k12_lo(sized(acc_s), qa, kb),
+                _ => E::ss_n64_k16_lo(sized(acc_s), qa, kb),
+            }
+        }
         return;
     }
     let mut qa = [0u64; 16];
@@ -350,10 +383,28 @@ pub(crate) fn kmajor_desc(tile: u32, rows: u32, r0: u32, kk: usize) -> u64 {
 }
 
 /// O += P V with V of running tile `t` ([keys][D], N-major: 16 keys = two 8-row groups, 2048 bytes;
-/// 64-column groups BN * 128 bytes apart). Issued and committed, not waited for.
+/// 64-column groups BN * 128 bytes apart). Issued and committed, not waited for. `INC` (the ws kernel):
+/// the descriptors are formed inside the asm block from their low word (`*_lo`).
 #[inline(always)]
-pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const KP: usize>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
+pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const KP: usize, const INC: bool>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
     let v_s = Tile::<D, BN>::v_slot(opaque_u32(base), t);
+    if INC {
+        // B's descriptors from the low word (`rs_*_lo`; see `issue_s`).
+        let vb = desc_sw128(v_s, BN as u32 * 128, 1024) as u32;
+        let mut pa = *pa;
+        unsafe {
+            match D {
+                64 => E::rs_n64_k8_lo(sized(acc_o), sized(&mut pa), vb),
+                96 | 128 => E::rs_n128_k8_lo(sized(acc_o), sized(&mut pa), vb),
+                192 if KP == 7 => E::rs_n192_k7_lo(sized(acc_o), sized(&mut pa), vb),
+                192 => E::rs_n192_k4_lo(sized(acc_o), sized(&mut pa), vb),
+                _ => E::rs_n256_k4_lo(sized(acc_o), sized(&mut pa), vb),
+            }
+        }
+        return;
+    }
+    // (The 112-key tiles, KP = 7, are the ws kernel's.)
+    const { assert!(INC || KP != 7) };
     let mut vb = [0u64; KP];
     for (kk, d) in vb.iter_mut().enumerate() {
         *d = desc_sw128(v_s + kk as u32 * 16 * 128, BN as u32 * 128, 1024);
@@ -364,7 +415,6 @@ pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const 
             64 => E::rs_n64_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             96 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             128 => E::rs_n128_k8(sized(acc_o), sized(&mut pa), sized(&mut vb)),
-            192 if KP == 7 => E::rs_n192_k7(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             192 => E::rs_n192_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
             _ => E::rs_n256_k4(sized(acc_o), sized(&mut pa), sized(&mut vb)),
         }
@@ -511,7 +561,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             commit_group();
             unsafe {
                 issue_s::<E, D, BN, NN, false>(&mut acc_s, base, wg, tile(i + 1));
-                issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, tile(i));
+                issue_pv::<E, D, DN, BN, KP, false>(&mut acc_o, &pa, base, tile(i));
             }
             let kept = kept_of::<BN, KP>(a, n_max - 2 - i, warp);
             wait_acc::<1, NN>(&mut acc_s);
@@ -538,7 +588,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
         }
         // The last tile: O += P V only.
-        unsafe { issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, tile(n_tiles - 1)) };
+        unsafe { issue_pv::<E, D, DN, BN, KP, false>(&mut acc_o, &pa, base, tile(n_tiles - 1)) };
         wait_acc::<0, DN>(&mut acc_o);
         keep_p::<KP>(&mut pa);
     }

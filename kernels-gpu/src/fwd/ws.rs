@@ -538,7 +538,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             take_turn(wg);
             unsafe {
                 issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize);
-                issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize);
+                issue_pv::<E, D, DN, BN, KP, true>(&mut acc_o, &pa, base, st.v.index as usize);
             }
             pass_turn(wg);
             let early = kept_early::<D, BN, KP>(a, pick(i + 1, n_max - 2 - i), warp);
@@ -571,7 +571,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         } else if n_tiles == 1 {
             unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
         }
-        unsafe { issue_pv::<E, D, DN, BN, KP>(&mut acc_o, &pa, base, st.v.index as usize) };
+        unsafe { issue_pv::<E, D, DN, BN, KP, true>(&mut acc_o, &pa, base, st.v.index as usize) };
         wait_acc::<0, DN>(&mut acc_o);
         keep_p::<KP>(&mut pa);
         release(&pipes.v, &mut st.v);
