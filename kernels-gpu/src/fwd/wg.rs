@@ -388,8 +388,8 @@ pub(crate) fn kmajor_desc(tile: u32, rows: u32, r0: u32, kk: usize) -> u64 {
 #[inline(always)]
 pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const KP: usize, const INC: bool>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
     let v_s = Tile::<D, BN>::v_slot(opaque_u32(base), t);
-    if INC {
-        // B's descriptors from the low word (`rs_*_lo`; see `issue_s`).
+    if INC || KP == 7 {
+        // B's descriptors from the low word (`rs_*_lo`; see `issue_s`; the 112-key tiles have no other form).
         let vb = desc_sw128(v_s, BN as u32 * 128, 1024) as u32;
         let mut pa = *pa;
         unsafe {
@@ -403,8 +403,6 @@ pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const 
         }
         return;
     }
-    // (The 112-key tiles, KP = 7, are the ws kernel's.)
-    const { assert!(INC || KP != 7) };
     let mut vb = [0u64; KP];
     for (kk, d) in vb.iter_mut().enumerate() {
         *d = desc_sw128(v_s + kk as u32 * 16 * 128, BN as u32 * 128, 1024);

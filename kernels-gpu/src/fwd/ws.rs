@@ -471,7 +471,7 @@ struct ConsumerStages {
 /// releases the stages for its warpgroup.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
     let base = smem::base();
     let warp = ctid / 32;
     let wg = (warp / 4) as u32;
@@ -508,7 +508,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             pipes.k.consumer_wait(st.k);
         }
         take_turn(wg);
-        unsafe { issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize) };
+        unsafe { issue_s::<E, D, BN, NN, LO>(&mut acc_s, base, wg, st.k.index as usize) };
         pass_turn(wg);
         let early = kept_early::<D, BN, KP>(a, pick(0, n_max - 1), warp);
         wait_s::<0, NN>(&mut acc_s);
@@ -537,8 +537,8 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             }
             take_turn(wg);
             unsafe {
-                issue_s::<E, D, BN, NN, true>(&mut acc_s, base, wg, st.k.index as usize);
-                issue_pv::<E, D, DN, BN, KP, true>(&mut acc_o, &pa, base, st.v.index as usize);
+                issue_s::<E, D, BN, NN, LO>(&mut acc_s, base, wg, st.k.index as usize);
+                issue_pv::<E, D, DN, BN, KP, LO>(&mut acc_o, &pa, base, st.v.index as usize);
             }
             pass_turn(wg);
             let early = kept_early::<D, BN, KP>(a, pick(i + 1, n_max - 2 - i), warp);
@@ -571,7 +571,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         } else if n_tiles == 1 {
             unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
         }
-        unsafe { issue_pv::<E, D, DN, BN, KP, true>(&mut acc_o, &pa, base, st.v.index as usize) };
+        unsafe { issue_pv::<E, D, DN, BN, KP, LO>(&mut acc_o, &pa, base, st.v.index as usize) };
         wait_acc::<0, DN>(&mut acc_o);
         keep_p::<KP>(&mut pa);
         release(&pipes.v, &mut st.v);
@@ -655,7 +655,15 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
         Tiles::new::<D, MODS>(p, &pipes).for_each::<PAGED, MODS, false>(p, 0, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
-                unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                // The products' descriptors from their low words (`issue_s`'s `INC`), but for the score-modifier
+                // and paged copies at head dims 96 / 128: there ptxas spilled more with them (hdim 128 `_alibi`
+                // 232/220 -> 376/412 bytes, `_paged` 204/216 -> 332/396) and the `_alibi` / `_mods` forwards ran
+                // 1.04-1.10x the time on the H200 (2026-12-05).
+                if (MODS || PAGED) && (D == 96 || D == 128) {
+                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, false>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                } else {
+                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, true>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                }
             }
             unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
         });
