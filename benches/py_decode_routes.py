@@ -48,7 +48,7 @@ with torch.no_grad():
         sd = lambda: fa.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
         ts = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
         _torch_impl._DECODE_ROWS = rows0
-        default_e = eager_us(f)  # the shipped rule (routed from _EAGER_ROUTE_MIN_KEYS key rows x kv heads)
+        default_e = eager_us(f)  # the shipped rule (`_torch_impl._eager_route_pays`)
         min_keys, _torch_impl._EAGER_ROUTE_MIN_KEYS = _torch_impl._EAGER_ROUTE_MIN_KEYS, 0
         r_e, r_g = eager_us(f), graph_us(f)
         sd_e = eager_us(sd)

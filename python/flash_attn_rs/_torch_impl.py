@@ -627,18 +627,22 @@ def dense_fast(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
 
 
 _DECODE_ROWS, _DECODE_HEAD_DIMS = _native.DENSE_DECODE_MAX_ROWS, frozenset(_native.DENSE_DECODE_HEAD_DIMS)
-# Key rows times kv heads (B * Sk * Hk) from which an eager decoding step runs faster on the KV cache's kernels
-# than on the dense ones: the KV cache path's host time per call (about 52-58 us on the H200 machine, where the
-# dense path's is 18) exceeds the dense kernel's device time below it (17 us at batch 1, 8 kv heads, 1k keys;
-# 103 at 8k: about 12 us more per 1k keys, so even from about 4k keys). benches/RESULTS.md, "KV-cache decode".
+# When an eager decoding step runs faster on the KV cache's kernels than on the dense ones (benches/RESULTS.md,
+# "KV-cache decode"; py_decode_routes.py on the H200 machine, 2026-12-05): with raw::fwd_decode both paths cost about
+# the same host time (18-21 us per call at 256-1k keys, the routed one 0.89-0.96x as fast there), and the dense
+# kernel's time grows with the keys of each sequence (one row tile per sequence and head: 31 us at batch 1 and 2k
+# keys against the routed call's 27). Hence from 2k keys, or from B * Sk * Hk = 32768 key rows times kv heads
+# (where the earlier table had the routed call ahead at every batch).
+_EAGER_ROUTE_MIN_SEQ = 2048
 _EAGER_ROUTE_MIN_KEYS = 32768
 
 
 def _eager_route_pays(ks):
     """Whether an eager decoding step on CUDA (k `[B, Sk, Hk, D]`) runs the KV cache's kernels: always while a CUDA
-    graph is being captured (replays cost device time only, where they are 2-9x faster), else from
-    `_EAGER_ROUTE_MIN_KEYS` key rows times kv heads."""
-    return ks[0] * ks[1] * ks[2] >= _EAGER_ROUTE_MIN_KEYS or torch.cuda.is_current_stream_capturing()
+    graph is being captured (replays cost device time only, where they are 1.1-9x faster), else from
+    `_EAGER_ROUTE_MIN_SEQ` keys or `_EAGER_ROUTE_MIN_KEYS` key rows times kv heads."""
+    return (ks[1] >= _EAGER_ROUTE_MIN_SEQ or ks[0] * ks[1] * ks[2] >= _EAGER_ROUTE_MIN_KEYS
+            or torch.cuda.is_current_stream_capturing())
 
 
 def _dense_decodes(qs, ks, vs):
