@@ -657,8 +657,8 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             if m0 < head.sq.used {
                 // The products' descriptors from their low words (`issue_s`'s `INC`), but for the score-modifier
                 // and paged copies at head dims 96 / 128: there ptxas spilled more with them (hdim 128 `_alibi`
-                // 232/220 -> 376/412 bytes, `_paged` 204/216 -> 332/396) and the `_alibi` / `_mods` forwards ran
-                // 1.04-1.10x the time on the H200 (2026-12-05).
+                // 232/220 -> 376/412 bytes, `_paged` 204/216 -> 332/396), and on the H200 (2026-12-05) the ALiBi
+                // forward at 128 ran about 1.07x, dropout's at 96 / 128 1.01-1.10x the time.
                 if (MODS || PAGED) && (D == 96 || D == 128) {
                     unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, false>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
                 } else {
