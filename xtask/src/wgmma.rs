@@ -50,10 +50,11 @@ fn smem_x_smem(o: &mut String, doc: &str, ty: &str, suf: &str, n: usize, k: usiz
 /// groups (`sbo`), the 128-byte swizzle mode (`arch::wgmma::desc_sw128`).
 const DESC_HI: u32 = (1024 >> 4) | (1 << 30);
 
-/// `smem_x_smem` with descriptors given as their low words (`_lo`): one 32-bit register per operand goes
-/// in, step i's low words are those plus `a_off(i)` and `b_off(i)` (constants of the function), the high
-/// word `DESC_HI`; `keep_d` as `smem_x_smem`'s. Each step costs an add and a move, not a descriptor's construction (about six
-/// instructions per product in ptxas's code).
+/// One smem x smem batch with descriptors given as their low words: `{prefix}_n{n}_k{k}_{suf}_lo`, k products
+/// of m64n{n}k16 (`trans`: the imm-trans-a, imm-trans-b pair), the first one ignoring `d`'s values in unless
+/// `keep_d`. One 32-bit register per operand goes in; step i's low words are those plus `a_off(i)` and
+/// `b_off(i)` (constants of the function), the high word `DESC_HI`. Each step costs an add and a move, not a
+/// descriptor's construction (about six instructions per product in ptxas's code).
 #[allow(clippy::too_many_arguments)]
 fn smem_x_smem_lo(o: &mut String, doc: &str, prefix: &str, ty: &str, suf: &str, n: usize, k: usize, trans: &str, keep_d: bool, a_off: impl Fn(usize) -> usize, b_off: impl Fn(usize) -> usize) {
     let acc = n / 2;
@@ -102,12 +103,11 @@ const TT_LO: [(usize, usize); 2] = [(64, 8), (64, 4)];
 /// A's steps 32 bytes apart in one 64-column group, B's 16 rows (128 descriptor units).
 const ST_LO: [(usize, usize); 2] = [(192, 4), (256, 4)];
 
-
-/// `rs_n{n}_k{k}` with B's step i descriptor from the low word `b + 128 i` (high word `DESC_HI`): one 32-bit
-/// register in for B, not k 64-bit descriptors.
+/// One register x smem batch with B's descriptors from its low word: `rs_n{n}_k{k}_{suf}_lo`, step i's B
+/// descriptor from `b + 128 i` (high word `DESC_HI`): one 32-bit register in for B, not k 64-bit descriptors.
 fn register_x_smem_lo(o: &mut String, ty: &str, suf: &str, n: usize, k: usize) {
     let acc = n / 2;
-    writeln!(o, "/// `rs_n{n}_k{k}_{suf}` with step i's B descriptor from the low word `b + 128 i` (high word {DESC_HI:#x}): B's k16 steps\n/// 16 rows (2048 bytes) apart.").unwrap();
+    writeln!(o, "/// `d += sum over {k} k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i\n/// 16x{n} N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word\n/// `b + 128 i` (high word {DESC_HI:#x}): B's k16 steps 16 rows (2048 bytes) apart.").unwrap();
     writeln!(o, "#[inline(always)]\npub unsafe fn rs_n{n}_k{k}_{suf}_lo(d: &mut [[f32; 4]; {}], a: &[[u32; 4]; {k}], b: u32) {{", n / 8).unwrap();
     writeln!(o, "    unsafe {{\n        asm!(").unwrap();
     let (b0, zero) = (acc + 4 * k, acc + 4 * k + 1);
@@ -141,15 +141,15 @@ pub fn generate() -> String {
             smem_x_smem(&mut o, &doc, ty, suf, n, k);
         }
         for (n, k, ag, bg) in SS_LO {
-            let doc = format!("`ss_n{n}_k{k}_{suf}` with step i's descriptors from low words `a + (i / 4) {ag} + 2 (i % 4)` and `b + (i / 4)\n/// {bg} + 2 (i % 4)` (high word {DESC_HI:#x}): K-major tiles, k16 steps 32 bytes apart in each 64-column group.");
+            let doc = format!("`d = sum over {k} k16 steps of A_i B_i^T`: A_i 64x16 and B_i {n}x16, K-major 128-byte-swizzled in shared memory,\n/// step i's descriptors from low words `a + (i / 4) {ag} + 2 (i % 4)` and `b + (i / 4) {bg} + 2 (i % 4)` (high word\n/// {DESC_HI:#x}): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.");
             smem_x_smem_lo(&mut o, &doc, "ss", ty, suf, n, k, "0, 0", false, |i| (i / 4) * ag + 2 * (i % 4), |i| (i / 4) * bg + 2 * (i % 4));
         }
         for (n, k) in TT_LO {
-            let doc = format!("`tt_n{n}_k{k}_{suf}` with step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word\n/// {DESC_HI:#x}): both operands' k16 steps 16 rows (2048 bytes) apart.");
+            let doc = format!("`d = sum over {k} k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x{n} N-major, 128-byte-swizzled in shared\n/// memory (both transposed on read), step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word\n/// {DESC_HI:#x}): both operands' k16 steps 16 rows (2048 bytes) apart; `d`'s values in are ignored.");
             smem_x_smem_lo(&mut o, &doc, "tt", ty, suf, n, k, "1, 1", false, |i| 128 * i, |i| 128 * i);
         }
         for (n, k) in ST_LO {
-            let doc = format!("`st_n{n}_k{k}_{suf}` with step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word\n/// {DESC_HI:#x}): A's k16 steps 32 bytes apart, B's 16 rows (2048 bytes); `d`'s values in are kept.");
+            let doc = format!("`d += sum over {k} k16 steps of A_i B_i`: A_i 64x16 K-major and B_i 16x{n} N-major, 128-byte-swizzled in shared\n/// memory (B transposed on read), step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word\n/// {DESC_HI:#x}): A's k16 steps 32 bytes apart, B's 16 rows (2048 bytes); `d`'s values in are kept.");
             smem_x_smem_lo(&mut o, &doc, "st", ty, suf, n, k, "0, 1", true, |i| 2 * i, |i| 128 * i);
         }
         for (n, k) in RS {

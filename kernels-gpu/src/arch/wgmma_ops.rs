@@ -475,8 +475,9 @@ pub unsafe fn ss_n128_k6_bf16(d: &mut [[f32; 4]; 16], a: &[u64; 6], b: &[u64; 6]
     }
 }
 
-/// `ss_n128_k4_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 1024 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 4 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 128x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 1024 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n128_k4_bf16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     unsafe {
@@ -564,8 +565,9 @@ pub unsafe fn ss_n128_k4_bf16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     }
 }
 
-/// `ss_n128_k6_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 1024 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 6 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 128x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 1024 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n128_k6_bf16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     unsafe {
@@ -657,8 +659,9 @@ pub unsafe fn ss_n128_k6_bf16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     }
 }
 
-/// `ss_n128_k8_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 1024 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 8 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 128x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 1024 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n128_k8_bf16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     unsafe {
@@ -754,8 +757,9 @@ pub unsafe fn ss_n128_k8_bf16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k4_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 4 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k4_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -811,8 +815,9 @@ pub unsafe fn ss_n64_k4_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k6_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 6 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k6_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -872,8 +877,9 @@ pub unsafe fn ss_n64_k6_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k8_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 8 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k8_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -937,8 +943,9 @@ pub unsafe fn ss_n64_k8_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k12_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 12 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k12_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -1010,8 +1017,9 @@ pub unsafe fn ss_n64_k12_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k16_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 16 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k16_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -1091,8 +1099,9 @@ pub unsafe fn ss_n64_k16_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n112_k12_bf16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 896 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 12 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 112x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 896 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n112_k12_bf16_lo(d: &mut [[f32; 4]; 14], a: u32, b: u32) {
     unsafe {
@@ -1188,8 +1197,9 @@ pub unsafe fn ss_n112_k12_bf16_lo(d: &mut [[f32; 4]; 14], a: u32, b: u32) {
     }
 }
 
-/// `ss_n32_k12_bf16` with step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 12 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 32x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n32_k12_bf16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     unsafe {
@@ -1245,8 +1255,9 @@ pub unsafe fn ss_n32_k12_bf16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     }
 }
 
-/// `ss_n32_k16_bf16` with step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 16 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 32x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n32_k16_bf16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     unsafe {
@@ -1310,8 +1321,9 @@ pub unsafe fn ss_n32_k16_bf16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     }
 }
 
-/// `tt_n64_k8_bf16` with step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
-/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart.
+/// `d = sum over 8 k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x64 N-major, 128-byte-swizzled in shared
+/// memory (both transposed on read), step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
+/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn tt_n64_k8_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -1375,8 +1387,9 @@ pub unsafe fn tt_n64_k8_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `tt_n64_k4_bf16` with step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
-/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart.
+/// `d = sum over 4 k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x64 N-major, 128-byte-swizzled in shared
+/// memory (both transposed on read), step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
+/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn tt_n64_k4_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -1432,7 +1445,8 @@ pub unsafe fn tt_n64_k4_bf16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `st_n192_k4_bf16` with step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 K-major and B_i 16x192 N-major, 128-byte-swizzled in shared
+/// memory (B transposed on read), step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
 /// 0x40000040): A's k16 steps 32 bytes apart, B's 16 rows (2048 bytes); `d`'s values in are kept.
 #[inline(always)]
 pub unsafe fn st_n192_k4_bf16_lo(d: &mut [[f32; 4]; 24], a: u32, b: u32) {
@@ -1553,7 +1567,8 @@ pub unsafe fn st_n192_k4_bf16_lo(d: &mut [[f32; 4]; 24], a: u32, b: u32) {
     }
 }
 
-/// `st_n256_k4_bf16` with step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 K-major and B_i 16x256 N-major, 128-byte-swizzled in shared
+/// memory (B transposed on read), step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
 /// 0x40000040): A's k16 steps 32 bytes apart, B's 16 rows (2048 bytes); `d`'s values in are kept.
 #[inline(always)]
 pub unsafe fn st_n256_k4_bf16_lo(d: &mut [[f32; 4]; 32], a: u32, b: u32) {
@@ -2158,8 +2173,9 @@ pub unsafe fn rs_n192_k4_bf16(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: &[u6
     }
 }
 
-/// `rs_n64_k8_bf16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 8 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x64 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n64_k8_bf16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: u32) {
     unsafe {
@@ -2230,8 +2246,9 @@ pub unsafe fn rs_n64_k8_bf16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: u32
     }
 }
 
-/// `rs_n128_k8_bf16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 8 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x128 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n128_k8_bf16_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: u32) {
     unsafe {
@@ -2334,8 +2351,9 @@ pub unsafe fn rs_n128_k8_bf16_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: u
     }
 }
 
-/// `rs_n256_k4_bf16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x256 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n256_k4_bf16_lo(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
@@ -2490,8 +2508,9 @@ pub unsafe fn rs_n256_k4_bf16_lo(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: u
     }
 }
 
-/// `rs_n192_k4_bf16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x192 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n192_k4_bf16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
@@ -2614,8 +2633,9 @@ pub unsafe fn rs_n192_k4_bf16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: u
     }
 }
 
-/// `rs_n192_k7_bf16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 7 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x192 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n192_k7_bf16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: u32) {
     unsafe {
@@ -2747,8 +2767,9 @@ pub unsafe fn rs_n192_k7_bf16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: u
     }
 }
 
-/// `rs_n64_k4_bf16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x64 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n64_k4_bf16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
@@ -2807,8 +2828,9 @@ pub unsafe fn rs_n64_k4_bf16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: u32
     }
 }
 
-/// `rs_n128_k4_bf16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x128 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n128_k4_bf16_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
@@ -3368,8 +3390,9 @@ pub unsafe fn ss_n128_k6_f16(d: &mut [[f32; 4]; 16], a: &[u64; 6], b: &[u64; 6])
     }
 }
 
-/// `ss_n128_k4_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 1024 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 4 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 128x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 1024 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n128_k4_f16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     unsafe {
@@ -3457,8 +3480,9 @@ pub unsafe fn ss_n128_k4_f16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     }
 }
 
-/// `ss_n128_k6_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 1024 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 6 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 128x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 1024 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n128_k6_f16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     unsafe {
@@ -3550,8 +3574,9 @@ pub unsafe fn ss_n128_k6_f16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     }
 }
 
-/// `ss_n128_k8_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 1024 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 8 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 128x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 1024 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n128_k8_f16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     unsafe {
@@ -3647,8 +3672,9 @@ pub unsafe fn ss_n128_k8_f16_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k4_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 4 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k4_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -3704,8 +3730,9 @@ pub unsafe fn ss_n64_k4_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k6_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 6 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k6_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -3765,8 +3792,9 @@ pub unsafe fn ss_n64_k6_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k8_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 8 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k8_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -3830,8 +3858,9 @@ pub unsafe fn ss_n64_k8_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k12_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 12 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k12_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -3903,8 +3932,9 @@ pub unsafe fn ss_n64_k12_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n64_k16_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 16 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 64x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n64_k16_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -3984,8 +4014,9 @@ pub unsafe fn ss_n64_k16_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `ss_n112_k12_f16` with step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4)
-/// 896 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 12 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 112x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 1024 + 2 (i % 4)` and `b + (i / 4) 896 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n112_k12_f16_lo(d: &mut [[f32; 4]; 14], a: u32, b: u32) {
     unsafe {
@@ -4081,8 +4112,9 @@ pub unsafe fn ss_n112_k12_f16_lo(d: &mut [[f32; 4]; 14], a: u32, b: u32) {
     }
 }
 
-/// `ss_n32_k12_f16` with step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 12 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 32x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n32_k12_f16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     unsafe {
@@ -4138,8 +4170,9 @@ pub unsafe fn ss_n32_k12_f16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     }
 }
 
-/// `ss_n32_k16_f16` with step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4)
-/// 512 + 2 (i % 4)` (high word 0x40000040): K-major tiles, k16 steps 32 bytes apart in each 64-column group.
+/// `d = sum over 16 k16 steps of A_i B_i^T`: A_i 64x16 and B_i 32x16, K-major 128-byte-swizzled in shared memory,
+/// step i's descriptors from low words `a + (i / 4) 512 + 2 (i % 4)` and `b + (i / 4) 512 + 2 (i % 4)` (high word
+/// 0x40000040): k16 steps 32 bytes apart in each 64-column group; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn ss_n32_k16_f16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     unsafe {
@@ -4203,8 +4236,9 @@ pub unsafe fn ss_n32_k16_f16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32) {
     }
 }
 
-/// `tt_n64_k8_f16` with step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
-/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart.
+/// `d = sum over 8 k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x64 N-major, 128-byte-swizzled in shared
+/// memory (both transposed on read), step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
+/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn tt_n64_k8_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -4268,8 +4302,9 @@ pub unsafe fn tt_n64_k8_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `tt_n64_k4_f16` with step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
-/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart.
+/// `d = sum over 4 k16 steps of A_i B_i`: A_i 64x16 M-major and B_i 16x64 N-major, 128-byte-swizzled in shared
+/// memory (both transposed on read), step i's descriptors from low words `a + 128 i` and `b + 128 i` (high word
+/// 0x40000040): both operands' k16 steps 16 rows (2048 bytes) apart; `d`'s values in are ignored.
 #[inline(always)]
 pub unsafe fn tt_n64_k4_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     unsafe {
@@ -4325,7 +4360,8 @@ pub unsafe fn tt_n64_k4_f16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32) {
     }
 }
 
-/// `st_n192_k4_f16` with step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 K-major and B_i 16x192 N-major, 128-byte-swizzled in shared
+/// memory (B transposed on read), step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
 /// 0x40000040): A's k16 steps 32 bytes apart, B's 16 rows (2048 bytes); `d`'s values in are kept.
 #[inline(always)]
 pub unsafe fn st_n192_k4_f16_lo(d: &mut [[f32; 4]; 24], a: u32, b: u32) {
@@ -4446,7 +4482,8 @@ pub unsafe fn st_n192_k4_f16_lo(d: &mut [[f32; 4]; 24], a: u32, b: u32) {
     }
 }
 
-/// `st_n256_k4_f16` with step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 K-major and B_i 16x256 N-major, 128-byte-swizzled in shared
+/// memory (B transposed on read), step i's descriptors from low words `a + 2 i` and `b + 128 i` (high word
 /// 0x40000040): A's k16 steps 32 bytes apart, B's 16 rows (2048 bytes); `d`'s values in are kept.
 #[inline(always)]
 pub unsafe fn st_n256_k4_f16_lo(d: &mut [[f32; 4]; 32], a: u32, b: u32) {
@@ -5051,8 +5088,9 @@ pub unsafe fn rs_n192_k4_f16(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: &[u64
     }
 }
 
-/// `rs_n64_k8_f16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 8 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x64 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n64_k8_f16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: u32) {
     unsafe {
@@ -5123,8 +5161,9 @@ pub unsafe fn rs_n64_k8_f16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: u32)
     }
 }
 
-/// `rs_n128_k8_f16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 8 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x128 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n128_k8_f16_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: u32) {
     unsafe {
@@ -5227,8 +5266,9 @@ pub unsafe fn rs_n128_k8_f16_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: u3
     }
 }
 
-/// `rs_n256_k4_f16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x256 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n256_k4_f16_lo(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
@@ -5383,8 +5423,9 @@ pub unsafe fn rs_n256_k4_f16_lo(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: u3
     }
 }
 
-/// `rs_n192_k4_f16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x192 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n192_k4_f16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
@@ -5507,8 +5548,9 @@ pub unsafe fn rs_n192_k4_f16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: u3
     }
 }
 
-/// `rs_n192_k7_f16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 7 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x192 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n192_k7_f16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: u32) {
     unsafe {
@@ -5640,8 +5682,9 @@ pub unsafe fn rs_n192_k7_f16_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: u3
     }
 }
 
-/// `rs_n64_k4_f16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x64 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n64_k4_f16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
@@ -5700,8 +5743,9 @@ pub unsafe fn rs_n64_k4_f16_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: u32)
     }
 }
 
-/// `rs_n128_k4_f16` with step i's B descriptor from the low word `b + 128 i` (high word 0x40000040): B's k16 steps
-/// 16 rows (2048 bytes) apart.
+/// `d += sum over 4 k16 steps of A_i B_i`: A_i 64x16 from registers (mma.sync's A fragment per warp), B_i
+/// 16x128 N-major 128-byte-swizzled in shared memory (transposed on read), step i's descriptor from the low word
+/// `b + 128 i` (high word 0x40000040): B's k16 steps 16 rows (2048 bytes) apart.
 #[inline(always)]
 pub unsafe fn rs_n128_k4_f16_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: u32) {
     unsafe {
