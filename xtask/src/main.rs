@@ -30,7 +30,7 @@ const USAGE: &str = "usage: cargo xtask <ptx|ship-ptx|package-check|bundle|gen-w
   bundle         build release test/CLI/bench binaries and PTX into bundle/ for the GPU machine
                  (`bundle --only test-gpu_bwd,bench-bwd,example-sanitize,flash-attn`: just those
                  binaries and the scripts, no PTX: a few MiB, so several variants fit one device call)
-  gen-wgmma      write kernels-gpu/src/arch/wgmma_ops.rs";
+  gen-wgmma      write kernels-gpu/src/arch/wgmma_ops.rs and kernels-gpu/src/fwd/wg_elem.rs";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -47,10 +47,10 @@ fn main() -> ExitCode {
             (Some("--only"), Some(names)) => cmd_bundle_only(names),
             _ => Err(USAGE.into()),
         },
-        Some("gen-wgmma") => {
-            let path = root().join("kernels-gpu/src/arch/wgmma_ops.rs");
-            std::fs::write(&path, wgmma::generate()).map_err(|e| format!("{}: {e}", path.display()))
-        }
+        Some("gen-wgmma") => [("kernels-gpu/src/arch/wgmma_ops.rs", wgmma::generate()), ("kernels-gpu/src/fwd/wg_elem.rs", wgmma::generate_elem())].into_iter().try_for_each(|(file, text)| {
+            let path = root().join(file);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+        }),
         _ => Err(USAGE.into()),
     };
     match result {

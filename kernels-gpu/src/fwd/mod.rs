@@ -9,6 +9,8 @@ mod probs;
 #[cfg(fa_sm90)]
 pub(crate) mod wg;
 #[cfg(fa_sm90)]
+mod wg_elem;
+#[cfg(fa_sm90)]
 mod ws;
 
 use crate::arch::cp_async::{commit_group, wait_group};

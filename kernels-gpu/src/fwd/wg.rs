@@ -7,7 +7,7 @@
 //! accumulators are 1.5 and 2 times as large); head dim 96 runs O += P V at 128 columns over zero-filled
 //! V columns (measured: n96 products ran the kernel at 0.83 of flash).
 
-use super::{a_fragment, for_each_row_block, scores_to_p, store_out, BlockArgs, Elem, BF16, F16};
+use super::{a_fragment, for_each_row_block, scores_to_p, store_out, BlockArgs, BF16, F16};
 use crate::arch::cp_async::{commit_group, cp_async_16, wait_group};
 use crate::arch::reg::{opaque_i64, opaque_u32};
 use crate::arch::smem;
@@ -27,131 +27,7 @@ pub(crate) const THREADS: usize = 256;
 /// ahead of V); tile t of the running count sits in slot t % 2 of each.
 const SLOTS: usize = 2;
 
-/// The 16-bit input type's wgmma products at the shapes the Hopper kernels use (each one fenced, issued
-/// and committed as one group; arch/wgmma_ops.rs). Forward: S at 128 keys (head dim 64, 96, 128) or 64
-/// keys (192, 256), O at the head dim. Backward (bwd/wg.rs, bwd/wide.rs; `_lo` forms only): S^T and dP^T
-/// at 64 queries, dV and dK at the head dim over 64 queries, dQ (both operands transposed).
-pub trait WgElem: Elem {
-    unsafe fn ss_n128_k4(d: &mut [[f32; 4]; 16], a: &[u64; 4], b: &[u64; 4]);
-    unsafe fn ss_n128_k8(d: &mut [[f32; 4]; 16], a: &[u64; 8], b: &[u64; 8]);
-    unsafe fn ss_n64_k16(d: &mut [[f32; 4]; 8], a: &[u64; 16], b: &[u64; 16]);
-    unsafe fn ss_n64_k12(d: &mut [[f32; 4]; 8], a: &[u64; 12], b: &[u64; 12]);
-    unsafe fn ss_n128_k6(d: &mut [[f32; 4]; 16], a: &[u64; 6], b: &[u64; 6]);
-    unsafe fn rs_n64_k8(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: &[u64; 8]);
-    unsafe fn rs_n128_k8(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: &[u64; 8]);
-    unsafe fn rs_n256_k4(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    unsafe fn rs_n192_k4(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: &[u64; 4]);
-    /// The ws forward's products with descriptors from their low words (`*_lo`: one 32-bit register per
-    /// shared operand; `issue_s` / `issue_pv` with `INC`).
-    unsafe fn ss_n128_k4_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32);
-    unsafe fn ss_n128_k6_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32);
-    unsafe fn ss_n128_k8_lo(d: &mut [[f32; 4]; 16], a: u32, b: u32);
-    unsafe fn rs_n64_k8_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 8], b: u32);
-    unsafe fn rs_n128_k8_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 8], b: u32);
-    unsafe fn ss_n112_k12_lo(d: &mut [[f32; 4]; 14], a: u32, b: u32);
-    unsafe fn ss_n64_k12_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
-    unsafe fn ss_n64_k16_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
-    unsafe fn rs_n192_k7_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 7], b: u32);
-    unsafe fn rs_n192_k4_lo(d: &mut [[f32; 4]; 24], a: &[[u32; 4]; 4], b: u32);
-    unsafe fn rs_n256_k4_lo(d: &mut [[f32; 4]; 32], a: &[[u32; 4]; 4], b: u32);
-    /// The backward's (bwd/wg.rs, bwd/wide.rs), likewise.
-    unsafe fn ss_n64_k4_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
-    unsafe fn ss_n64_k6_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
-    unsafe fn ss_n64_k8_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
-    unsafe fn tt_n64_k8_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
-    unsafe fn rs_n64_k4_lo(d: &mut [[f32; 4]; 8], a: &[[u32; 4]; 4], b: u32);
-    unsafe fn rs_n128_k4_lo(d: &mut [[f32; 4]; 16], a: &[[u32; 4]; 4], b: u32);
-    unsafe fn ss_n32_k12_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32);
-    unsafe fn ss_n32_k16_lo(d: &mut [[f32; 4]; 4], a: u32, b: u32);
-    unsafe fn tt_n64_k4_lo(d: &mut [[f32; 4]; 8], a: u32, b: u32);
-    unsafe fn st_n192_k4_lo(d: &mut [[f32; 4]; 24], a: u32, b: u32);
-    unsafe fn st_n256_k4_lo(d: &mut [[f32; 4]; 32], a: u32, b: u32);
-}
-
-macro_rules! wg_elem {
-    ($t:ident, $($name:ident => $f:ident($d:ty, $a:ty, $b:ty)),* $(,)?; $($lname:ident => $lf:ident($ld:ty, $la:ty)),* $(,)?) => {
-        impl WgElem for $t {
-            $(
-                #[inline(always)]
-                unsafe fn $name(d: $d, a: $a, b: $b) {
-                    unsafe { wgmma::$f(d, a, b) }
-                }
-            )*
-            $(
-                #[inline(always)]
-                unsafe fn $lname(d: $ld, a: $la, b: u32) {
-                    unsafe { wgmma::$lf(d, a, b) }
-                }
-            )*
-        }
-    };
-}
-wg_elem!(BF16,
-    ss_n128_k4 => ss_n128_k4_bf16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
-    ss_n128_k8 => ss_n128_k8_bf16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
-    ss_n64_k16 => ss_n64_k16_bf16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
-    ss_n64_k12 => ss_n64_k12_bf16(&mut [[f32; 4]; 8], &[u64; 12], &[u64; 12]),
-    ss_n128_k6 => ss_n128_k6_bf16(&mut [[f32; 4]; 16], &[u64; 6], &[u64; 6]),
-    rs_n64_k8 => rs_n64_k8_bf16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
-    rs_n128_k8 => rs_n128_k8_bf16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
-    rs_n256_k4 => rs_n256_k4_bf16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n192_k4 => rs_n192_k4_bf16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]);
-    ss_n128_k4_lo => ss_n128_k4_bf16_lo(&mut [[f32; 4]; 16], u32),
-    ss_n128_k6_lo => ss_n128_k6_bf16_lo(&mut [[f32; 4]; 16], u32),
-    ss_n128_k8_lo => ss_n128_k8_bf16_lo(&mut [[f32; 4]; 16], u32),
-    rs_n64_k8_lo => rs_n64_k8_bf16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 8]),
-    rs_n128_k8_lo => rs_n128_k8_bf16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 8]),
-    ss_n112_k12_lo => ss_n112_k12_bf16_lo(&mut [[f32; 4]; 14], u32),
-    ss_n64_k12_lo => ss_n64_k12_bf16_lo(&mut [[f32; 4]; 8], u32),
-    ss_n64_k16_lo => ss_n64_k16_bf16_lo(&mut [[f32; 4]; 8], u32),
-    rs_n192_k7_lo => rs_n192_k7_bf16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 7]),
-    rs_n192_k4_lo => rs_n192_k4_bf16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 4]),
-    rs_n256_k4_lo => rs_n256_k4_bf16_lo(&mut [[f32; 4]; 32], &[[u32; 4]; 4]),
-    ss_n64_k4_lo => ss_n64_k4_bf16_lo(&mut [[f32; 4]; 8], u32),
-    ss_n64_k6_lo => ss_n64_k6_bf16_lo(&mut [[f32; 4]; 8], u32),
-    ss_n64_k8_lo => ss_n64_k8_bf16_lo(&mut [[f32; 4]; 8], u32),
-    tt_n64_k8_lo => tt_n64_k8_bf16_lo(&mut [[f32; 4]; 8], u32),
-    rs_n64_k4_lo => rs_n64_k4_bf16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 4]),
-    rs_n128_k4_lo => rs_n128_k4_bf16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 4]),
-    ss_n32_k12_lo => ss_n32_k12_bf16_lo(&mut [[f32; 4]; 4], u32),
-    ss_n32_k16_lo => ss_n32_k16_bf16_lo(&mut [[f32; 4]; 4], u32),
-    tt_n64_k4_lo => tt_n64_k4_bf16_lo(&mut [[f32; 4]; 8], u32),
-    st_n192_k4_lo => st_n192_k4_bf16_lo(&mut [[f32; 4]; 24], u32),
-    st_n256_k4_lo => st_n256_k4_bf16_lo(&mut [[f32; 4]; 32], u32),
-);
-wg_elem!(F16,
-    ss_n128_k4 => ss_n128_k4_f16(&mut [[f32; 4]; 16], &[u64; 4], &[u64; 4]),
-    ss_n128_k8 => ss_n128_k8_f16(&mut [[f32; 4]; 16], &[u64; 8], &[u64; 8]),
-    ss_n64_k16 => ss_n64_k16_f16(&mut [[f32; 4]; 8], &[u64; 16], &[u64; 16]),
-    ss_n64_k12 => ss_n64_k12_f16(&mut [[f32; 4]; 8], &[u64; 12], &[u64; 12]),
-    ss_n128_k6 => ss_n128_k6_f16(&mut [[f32; 4]; 16], &[u64; 6], &[u64; 6]),
-    rs_n64_k8 => rs_n64_k8_f16(&mut [[f32; 4]; 8], &[[u32; 4]; 8], &[u64; 8]),
-    rs_n128_k8 => rs_n128_k8_f16(&mut [[f32; 4]; 16], &[[u32; 4]; 8], &[u64; 8]),
-    rs_n256_k4 => rs_n256_k4_f16(&mut [[f32; 4]; 32], &[[u32; 4]; 4], &[u64; 4]),
-    rs_n192_k4 => rs_n192_k4_f16(&mut [[f32; 4]; 24], &[[u32; 4]; 4], &[u64; 4]);
-    ss_n128_k4_lo => ss_n128_k4_f16_lo(&mut [[f32; 4]; 16], u32),
-    ss_n128_k6_lo => ss_n128_k6_f16_lo(&mut [[f32; 4]; 16], u32),
-    ss_n128_k8_lo => ss_n128_k8_f16_lo(&mut [[f32; 4]; 16], u32),
-    rs_n64_k8_lo => rs_n64_k8_f16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 8]),
-    rs_n128_k8_lo => rs_n128_k8_f16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 8]),
-    ss_n112_k12_lo => ss_n112_k12_f16_lo(&mut [[f32; 4]; 14], u32),
-    ss_n64_k12_lo => ss_n64_k12_f16_lo(&mut [[f32; 4]; 8], u32),
-    ss_n64_k16_lo => ss_n64_k16_f16_lo(&mut [[f32; 4]; 8], u32),
-    rs_n192_k7_lo => rs_n192_k7_f16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 7]),
-    rs_n192_k4_lo => rs_n192_k4_f16_lo(&mut [[f32; 4]; 24], &[[u32; 4]; 4]),
-    rs_n256_k4_lo => rs_n256_k4_f16_lo(&mut [[f32; 4]; 32], &[[u32; 4]; 4]),
-    ss_n64_k4_lo => ss_n64_k4_f16_lo(&mut [[f32; 4]; 8], u32),
-    ss_n64_k6_lo => ss_n64_k6_f16_lo(&mut [[f32; 4]; 8], u32),
-    ss_n64_k8_lo => ss_n64_k8_f16_lo(&mut [[f32; 4]; 8], u32),
-    tt_n64_k8_lo => tt_n64_k8_f16_lo(&mut [[f32; 4]; 8], u32),
-    rs_n64_k4_lo => rs_n64_k4_f16_lo(&mut [[f32; 4]; 8], &[[u32; 4]; 4]),
-    rs_n128_k4_lo => rs_n128_k4_f16_lo(&mut [[f32; 4]; 16], &[[u32; 4]; 4]),
-    ss_n32_k12_lo => ss_n32_k12_f16_lo(&mut [[f32; 4]; 4], u32),
-    ss_n32_k16_lo => ss_n32_k16_f16_lo(&mut [[f32; 4]; 4], u32),
-    tt_n64_k4_lo => tt_n64_k4_f16_lo(&mut [[f32; 4]; 8], u32),
-    st_n192_k4_lo => st_n192_k4_f16_lo(&mut [[f32; 4]; 24], u32),
-    st_n256_k4_lo => st_n256_k4_f16_lo(&mut [[f32; 4]; 32], u32),
-);
+pub(crate) use super::wg_elem::WgElem;
 
 /// Reinterpret `&mut [T; N]` as `&mut [T; M]` where the caller has checked `N == M` (const generics
 /// cannot name the concrete length the generated wrappers take).
