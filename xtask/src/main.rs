@@ -1,7 +1,8 @@
 //! Project tasks: `cargo xtask ptx` (build the device crate to PTX and check it with ptxas for every
 //! target GPU), `cargo xtask ship-ptx` (the same, then compress the PTX into `host/ptx/`, which the package
 //! embeds), `cargo xtask package-check` (the packaged crate builds and runs on stable with no CUDA),
-//! `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine).
+//! `cargo xtask bundle` (release binaries + PTX + scripts for the GPU machine), `cargo xtask gen-wgmma` (the
+//! generated wgmma wrappers and the `WgElem` trait over them).
 
 mod package_check;
 mod ptx;
@@ -47,10 +48,13 @@ fn main() -> ExitCode {
             (Some("--only"), Some(names)) => cmd_bundle_only(names),
             _ => Err(USAGE.into()),
         },
-        Some("gen-wgmma") => [("kernels-gpu/src/arch/wgmma_ops.rs", wgmma::generate()), ("kernels-gpu/src/fwd/wg_elem.rs", wgmma::generate_elem())].into_iter().try_for_each(|(file, text)| {
-            let path = root().join(file);
-            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
-        }),
+        Some("gen-wgmma") => {
+            let files = [("kernels-gpu/src/arch/wgmma_ops.rs", wgmma::generate()), ("kernels-gpu/src/fwd/wg_elem.rs", wgmma::generate_elem())];
+            files.into_iter().try_for_each(|(file, text)| {
+                let path = root().join(file);
+                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+            })
+        }
         _ => Err(USAGE.into()),
     };
     match result {

@@ -270,6 +270,7 @@ mod tests {
         (((addr & 0x3ffff) >> 4) as u64) | (((lbo >> 4) as u64) << 16) | (((sbo >> 4) as u64) << 32) | (1u64 << 62)
     }
 
+    /// wgmma_ops.rs and wg_elem.rs are what `generate` and `generate_elem` write now.
     #[test]
     fn generated_wrappers_are_current() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-gpu/src/arch/wgmma_ops.rs");
