@@ -180,8 +180,8 @@ pub fn generate() -> String {
             register_x_smem_lo(&mut o, ty, suf, n, k);
         }
     }
-    let lo = SS_LO.iter().map(|&(n, k, _, _)| (n, k)).chain(RS_LO).chain(TT_LO).chain(ST_LO);
-    for n in SS.iter().copied().chain(RS).chain(lo).map(|(n, _)| n).collect::<std::collections::BTreeSet<_>>() {
+    // A wait for every product's N.
+    for n in elem_methods().into_iter().map(|(_, n8, _)| 8 * n8).collect::<std::collections::BTreeSet<_>>() {
         let acc = n / 2;
         for pending in [0, 1] {
             writeln!(o, "/// Wait until at most {pending} wgmma group(s) of this warpgroup are in flight; `d` (the accumulators of the\n/// groups that completed) is read only after.").unwrap();
