@@ -537,10 +537,19 @@ pub const BWD_WS_STAGES: usize = 2;
 pub const BWD_WS_BARRIER_BYTES: usize = 128;
 
 /// Its dynamic shared memory: K and V, the step stages' Q and dO, two dS^T buffers, the stages' lse_log2
-/// and D, the barriers.
+/// and D, above head dim 64 the step's dQ (f32, `bwd_ws_dq_helpers`), the barriers.
 pub const fn bwd_ws_smem_bytes(head_dim: usize) -> usize {
     let padded = head_dim.div_ceil(64) * 64;
-    (2 * BWD_WG_BLOCK_N + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M) * padded * 2 + 2 * BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M * 4 + BWD_WS_BARRIER_BYTES
+    let dq = if bwd_ws_dq_helpers(head_dim) { BWD_WG_BLOCK_M * padded * 4 } else { 0 };
+    (2 * BWD_WG_BLOCK_N + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M) * padded * 2 + 2 * BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M * 4 + dq + BWD_WS_BARRIER_BYTES
+}
+
+/// Whether the warp-specialized backward's score-modifier twins (`_mods`, `_alibi`) hand each step's dQ
+/// to the producer warpgroup's three idle warps through shared memory (they add it to the accumulator)
+/// instead of adding it themselves: at head dim 128 (measured there: ALiBi 0.95x, dropout 0.87x the
+/// time; the plain kernels 1.02x at 128 and 1.11x at 96, so they keep their own adds; RESULTS.md).
+pub const fn bwd_ws_dq_helpers(head_dim: usize) -> bool {
+    head_dim == 128
 }
 
 /// The warp-specialized backward's entry points (sm_90a module only): head dims 64, 96 and 128.

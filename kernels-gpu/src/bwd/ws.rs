@@ -21,6 +21,8 @@
 
 use super::convert::convert_rows;
 use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
+use super::dqa_addr_split;
+use crate::arch::mem::red_add_v4_f32;
 use super::{grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
@@ -35,7 +37,7 @@ use crate::fwd::wg::{wait_acc, WgElem};
 use crate::params::{BwdParams, BwdTmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::tile::{BF16, F16};
-use crate::variants::{bwd_ws_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WS_BARRIER_BYTES, BWD_WS_STAGES, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M};
+use crate::variants::{bwd_ws_dq_helpers, bwd_ws_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WS_BARRIER_BYTES, BWD_WS_STAGES, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M};
 
 const BN: usize = BWD_WG_BLOCK_N;
 const BM: usize = BWD_WG_BLOCK_M;
@@ -43,6 +45,8 @@ const STAGES: u32 = BWD_WS_STAGES as u32;
 const CONSUMERS: usize = 256;
 /// Named barriers (0 is the block's): both consumer warpgroups.
 const BAR_CONSUMERS: u32 = 1;
+/// The dQ helpers (`helps`): warps 1-3 of the producer warpgroup.
+const HELPERS: usize = 96;
 /// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
 const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
@@ -68,12 +72,15 @@ impl<const D: usize> Lay<D> {
     const DS: u32 = Self::DO + STAGES * Self::QT;
     const LSE: u32 = Self::DS + 2 * Self::DST;
     const DELTA: u32 = Self::LSE + STAGES * (BM * 4) as u32;
-    const BARS: u32 = Self::DELTA + STAGES * (BM * 4) as u32;
+    /// A step's dQ (f32) in fragment order (`dq_slot`), where the consumers hand it to the helpers.
+    const DQ: u32 = Self::DELTA + STAGES * (BM * 4) as u32;
+    const DQB: u32 = if bwd_ws_dq_helpers(D) { (BM * Self::DP * 4) as u32 } else { 0 };
+    const BARS: u32 = Self::DQ + Self::DQB;
     const CHECK: () = {
         assert!(D == 64 || D == 96 || D == 128);
         assert!(BN == 128 && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
         assert!(Self::LSE % 1024 == 0 && Self::BARS % 8 == 0);
-        assert!(Pipeline::<1>::BYTES + Pipeline::<STAGES>::BYTES <= BWD_WS_BARRIER_BYTES as u32);
+        assert!(2 * Pipeline::<1>::BYTES + Pipeline::<STAGES>::BYTES <= BWD_WS_BARRIER_BYTES as u32);
         assert!((Self::BARS as usize + BWD_WS_BARRIER_BYTES) == bwd_ws_smem_bytes(D));
     };
     /// Stage `s`'s Q, dO, lse_log2 and D.
@@ -83,18 +90,88 @@ impl<const D: usize> Lay<D> {
     }
 }
 
-/// The two pipelines: K/V (one stage, a key block's) and the steps'.
+/// Whether the helpers add dQ (`bwd_ws_dq_helpers`: the score-modifier twins at head dim 128, default mode).
+const fn helps(d: usize, mods: bool, ordered: bool) -> bool {
+    bwd_ws_dq_helpers(d) && mods && !ordered
+}
+
+/// The pipelines: K/V (one stage, a key block's), the steps', and a step's dQ from the consumers (its
+/// producers: every consumer thread arrives) to the helpers.
 struct Pipes {
     kv: Pipeline<1>,
     step: Pipeline<STAGES>,
+    dq: Pipeline<1>,
 }
 
 impl Pipes {
     #[inline(always)]
     fn at<const D: usize>(base: u32) -> Pipes {
         let bars = base + Lay::<D>::BARS;
-        Pipes { kv: Pipeline::at(bars), step: Pipeline::at(bars + Pipeline::<1>::BYTES) }
+        Pipes { kv: Pipeline::at(bars), step: Pipeline::at(bars + Pipeline::<1>::BYTES), dq: Pipeline::at(bars + Pipeline::<1>::BYTES + Pipeline::<STAGES>::BYTES) }
     }
+}
+
+/// Byte offset in the dQ buffer of consumer thread `ctid`'s fragment `j`, row half `half` (two f32): the
+/// buffer is ordered by (warpgroup, j, half, thread), so a warp's stores fill 256 contiguous bytes and two
+/// neighbouring threads' pairs are four adjacent columns of one row (`add_dq_slots`).
+#[inline(always)]
+fn dq_slot(ctid: usize, j: usize, half: usize) -> u32 {
+    ((((ctid / 128) * 8 + j) * 2 + half) * 128 + ctid % 128) as u32 * 8
+}
+
+/// The dQ helpers' adds of one step (q head `h`, rows from `m0`): helper `hid` of `HELPERS` takes every
+/// `HELPERS`-th 16-byte slot pair of the buffer, loads its four columns and adds them to the accumulator
+/// (16-byte reductions). Rows past the sequence carry exact zeros to the accumulator's slack rows, as
+/// the consumers' own adds (`step_dq`).
+#[inline(always)]
+unsafe fn add_dq_slots<const D: usize>(p: &BwdParams, a: &KvArgs, dq_s: u32, h: i32, m0: i32, hid: usize) {
+    let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
+    let quads = 2 * 8 * 2 * 64;
+    let mut f = hid;
+    while f < quads {
+        // Slot pair f: threads 2 (f % 64) and 2 (f % 64) + 1 of fragment (wg, j, half) = f / 64.
+        let tin = 2 * (f % 64);
+        let rest = f / 64;
+        let (half, j, wg) = (rest % 2, (rest / 2) % 8, rest / 16);
+        let lane = tin % 32;
+        let row = (16 * (tin / 32) + lane / 4 + 8 * half) as i64;
+        let col = (wg * 64 + 8 * j + 2 * (lane % 4)) as i64;
+        if D != 96 || col < D as i64 {
+            let v = unsafe { smem::ld_v4(dq_s + f as u32 * 16) };
+            let at = dqa.wrapping_add(((row * p.dqa_row_stride + col) * 4) as u64);
+            unsafe { red_add_v4_f32(at, [f32::from_bits(v[0]), f32::from_bits(v[1]), f32::from_bits(v[2]), f32::from_bits(v[3])]) };
+        }
+        f += HELPERS;
+    }
+}
+
+/// The helper warps (`helps`, thread `hid` of `HELPERS`): for every step of every key block, wait for the
+/// consumers' dQ, add it, release the buffer. With one CTA (grid x = 1) a fence before each release, so
+/// the consumers that wait for the last one convert dq with every add landed.
+#[inline(always)]
+unsafe fn help_dq<const D: usize>(p: &BwdParams, pipes: &Pipes, hid: usize) {
+    let base = smem::base();
+    let single = grid_dim_x() == 1;
+    let mut ds = Stage::<1>::START;
+    for_each_key_block::<false>(p, #[inline(always)] |_, _, args| {
+        let Some(a) = args else { return };
+        let (steps, next_step, mut cur) = step_walk::<false>(p, &a, BN as i32, BM as i32);
+        let mut it = 0;
+        while it < steps {
+            let (h, m0) = (cur.0, cur.1 * BM as i32);
+            cur = next_step(cur);
+            unsafe {
+                pipes.dq.consumer_wait(ds);
+                add_dq_slots::<D>(p, &a, base + Lay::<D>::DQ, h, m0, hid);
+                if single {
+                    fence_gpu();
+                }
+                pipes.dq.consumer_release(ds);
+            }
+            ds.advance();
+            it += 1;
+        }
+    });
 }
 
 /// The key blocks this CTA walks (grid x strides over them, as the wg kernel's): `f(slice, n0, args)` for
@@ -216,6 +293,7 @@ unsafe fn zero_rows<const D: usize, const ROWS: usize>(tiles: [u32; 2], valid: i
 struct Consumer {
     kv: Stage<1>,
     step: Stage<STAGES>,
+    dq: Stage<1>,
     steps_done: u32,
 }
 
@@ -263,8 +341,10 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         // Both warpgroups' dS^T is in the buffer.
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
 
-        // dQ (at d64 on the warpgroups in turn).
-        if D != 64 || wg == parity {
+        // dQ (at d64 on the warpgroups in turn): to the helpers, or added here.
+        if helps(D, MODS, ORDERED) {
+            unsafe { hand_dq::<E, D>(pipes, &mut st.dq, ds_s, k_s, wg, ctid) };
+        } else if D != 64 || wg == parity {
             unsafe { step_dq::<E, D, ORDERED>(p, a, ds_s, k_s, h, m0, wg, warp, g, t, &turn) };
         }
         wait_acc::<0, DN>(acc_dv);
@@ -288,6 +368,27 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
     st.kv.advance();
 }
 
+/// A step's dQ = dS K for warpgroup `wg` (its 64 head-dim columns, `step_dq`'s product) into the dQ
+/// buffer once the helpers released it, then this thread's arrival on its full barrier.
+#[inline(always)]
+unsafe fn hand_dq<E: WgElem, const D: usize>(pipes: &Pipes, ds: &mut Stage<1>, ds_s: u32, k_s: u32, wg: u32, ctid: usize) {
+    let (ad, bd) = (wgmma::desc_sw128(ds_s, 16, 1024) as u32, wgmma::desc_sw128(k_s + wg * (BN as u32 * 128), 16, 1024) as u32);
+    let mut acc_q = [[0f32; 4]; 8];
+    unsafe { E::tt_n64_k8_lo(&mut acc_q, ad, bd) };
+    wgmma::wait0_n64(&mut acc_q);
+    let dq_s = smem::base() + Lay::<D>::DQ;
+    unsafe {
+        pipes.dq.producer_acquire(*ds);
+        for j in 0..8 {
+            for half in 0..2usize {
+                smem::st_v2_f32(dq_s + dq_slot(ctid, j, half), [acc_q[j][2 * half], acc_q[j][2 * half + 1]]);
+            }
+        }
+        mbarrier::arrive(pipes.dq.full_barrier(*ds));
+    }
+    ds.advance();
+}
+
 /// Kernel body: barriers set up by thread 0, then the roles. Keys of no sequence get dk = dv = 0; with
 /// grid x = 1 the consumers also convert dq of the group's rows (as the wg kernel).
 #[inline(always)]
@@ -299,6 +400,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         unsafe {
             pipes.kv.init(2);
             pipes.step.init_with(STEP_PRODUCERS, CONSUMERS as u32);
+            pipes.dq.init_with(CONSUMERS as u32, HELPERS as u32);
         }
         mbarrier::fence_init();
     }
@@ -307,6 +409,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         tma::regs_dec::<PRODUCER_REGS>();
         if tid < 32 {
             unsafe { produce::<D, ORDERED>(p, maps, &pipes, tid as u32) };
+        } else if helps(D, MODS, ORDERED) {
+            unsafe { help_dq::<D>(p, &pipes, tid - 32) };
         }
         return;
     }
@@ -314,7 +418,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     let ctid = tid - 128;
     let leader = ctid % 128 == 0;
     let Place { t, key0, .. } = Place::of(ctid);
-    let mut st = Consumer { kv: Stage::START, step: Stage::START, steps_done: 0 };
+    let mut st = Consumer { kv: Stage::START, step: Stage::START, dq: Stage::START, steps_done: 0 };
     let hk = block_idx_y() as i32;
     let bidb = for_each_key_block::<ORDERED>(p, #[inline(always)] |bidb, n0, args| {
         let mut acc_dk = [[0f32; 4]; DN];
@@ -329,6 +433,10 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         unsafe { store_dk_dv::<E, D, DN>(p, &sk, bidb, hk, n0, &acc_dk, &acc_dv, key0, t) };
     });
     if grid_dim_x() == 1 {
+        if helps(D, MODS, ORDERED) {
+            // The helpers released the last step's dQ: their adds have landed (`help_dq`).
+            unsafe { pipes.dq.producer_acquire(st.dq) };
+        }
         fence_gpu();
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
         let (sq, _) = sequences(p, bidb);
