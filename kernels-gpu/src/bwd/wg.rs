@@ -225,9 +225,7 @@ pub(super) unsafe fn step_grads<E: WgElem, const D: usize, const MODS: bool>(p: 
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, ds_s: u32, k_s: u32, h: i32, m0: i32, wg: u32, warp: usize, g: i32, t: i32, turn: &DqTurn) {
     let c0 = if D != 64 { wg * 64 } else { 0 };
-    let (ad, bd) = (desc_sw128(ds_s, 16, 1024) as u32, desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128), 16, 1024) as u32);
-    let mut acc_q = [[0f32; 4]; 8];
-    unsafe { E::tt_n64_k8_lo(&mut acc_q, ad, bd) };
+    let mut acc_q = unsafe { issue_dq::<E>(ds_s, k_s, c0) };
     let leader = warp % 4 == 0 && g == 0 && t == 0;
     let counter = if ORDERED { dq_turn_counter(p, a.bidb, a.sq.start + m0, h, if D == 64 { 0 } else { wg }) } else { 0 };
     if ORDERED {
@@ -245,6 +243,16 @@ pub(super) unsafe fn step_dq<E: WgElem, const D: usize, const ORDERED: bool>(p: 
     if ORDERED {
         unsafe { turn.pass(counter, m0, BM as i32, leader, BAR_TURN + wg) };
     }
+}
+
+/// Issue a step's dQ = dS K over the head-dim columns `c0..c0 + 64` (both warpgroups' dS^T at `ds_s`, K at
+/// `k_s`); the caller waits for it (`wgmma::wait0_n64`).
+#[inline(always)]
+pub(super) unsafe fn issue_dq<E: WgElem>(ds_s: u32, k_s: u32, c0: u32) -> [[f32; 4]; 8] {
+    let (ad, bd) = (desc_sw128(ds_s, 16, 1024) as u32, desc_sw128(k_s + (c0 / 64) * (BN as u32 * 128), 16, 1024) as u32);
+    let mut acc_q = [[0f32; 4]; 8];
+    unsafe { E::tt_n64_k8_lo(&mut acc_q, ad, bd) };
+    acc_q
 }
 
 /// Named barriers 2 and 3: the ordered mode's turn of warpgroup 0 and 1 (`step_dq`; the wg kernel uses

@@ -7,6 +7,10 @@
 //! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
 //! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
 //! at step i - 2, before either warpgroup passed step i - 1's barrier).
+//! In the score-modifier twins at head dim 128 (`helps`) warpgroup 0's other three warps add dQ to the
+//! accumulator: the consumers put each step's dQ in a shared buffer (fragment order, `dq_slot`; one stage,
+//! its own barriers) and go on, the helpers load it and reduce it into global memory, so the consumers'
+//! issue no longer waits on the LG queue (RESULTS.md, Backward). Every hdim 128 kernel reserves the 32 KB.
 //! The deterministic mode runs the `_det` twin (`ORDERED`) by default at head dim 128 (at 64 and 96 the
 //! wg kernel's split copies, which measured faster there: RESULTS.md; `bwd_ordered_all` runs the twin
 //! at every head dim): one key block per CTA as in the default mode, CTA x on block gx - 1 - x, and every step's dq adds in a fixed
@@ -20,10 +24,9 @@
 //! before the products read them: the same operands the wg kernel's zero-filling copies give.
 
 use super::convert::convert_rows;
-use super::wg::{issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
-use super::dqa_addr_split;
+use super::wg::{issue_dq, issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
+use super::{dqa_addr_split, grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::arch::mem::red_add_v4_f32;
-use super::{grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
@@ -372,9 +375,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
 /// buffer once the helpers released it, then this thread's arrival on its full barrier.
 #[inline(always)]
 unsafe fn hand_dq<E: WgElem, const D: usize>(pipes: &Pipes, ds: &mut Stage<1>, ds_s: u32, k_s: u32, wg: u32, ctid: usize) {
-    let (ad, bd) = (wgmma::desc_sw128(ds_s, 16, 1024) as u32, wgmma::desc_sw128(k_s + wg * (BN as u32 * 128), 16, 1024) as u32);
-    let mut acc_q = [[0f32; 4]; 8];
-    unsafe { E::tt_n64_k8_lo(&mut acc_q, ad, bd) };
+    let mut acc_q = unsafe { issue_dq::<E>(ds_s, k_s, wg * 64) };
     wgmma::wait0_n64(&mut acc_q);
     let dq_s = smem::base() + Lay::<D>::DQ;
     unsafe {
