@@ -49,8 +49,7 @@ fn main() -> ExitCode {
             _ => Err(USAGE.into()),
         },
         Some("gen-wgmma") => {
-            let files = [("kernels-gpu/src/arch/wgmma_ops.rs", wgmma::generate()), ("kernels-gpu/src/fwd/wg_elem.rs", wgmma::generate_elem())];
-            files.into_iter().try_for_each(|(file, text)| {
+            wgmma::generated_files().into_iter().try_for_each(|(file, text)| {
                 let path = root().join(file);
                 std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
             })

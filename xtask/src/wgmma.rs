@@ -224,6 +224,11 @@ fn elem_methods() -> Vec<(String, usize, String)> {
     m
 }
 
+/// The files `cargo xtask gen-wgmma` writes (paths from the repository root) and their text now.
+pub fn generated_files() -> [(&'static str, String); 2] {
+    [("kernels-gpu/src/arch/wgmma_ops.rs", generate()), ("kernels-gpu/src/fwd/wg_elem.rs", generate_elem())]
+}
+
 /// kernels-gpu/src/fwd/wg_elem.rs: the `WgElem` trait and its bf16 and f16 implementations.
 pub fn generate_elem() -> String {
     let methods = elem_methods();
@@ -273,12 +278,11 @@ mod tests {
     /// wgmma_ops.rs and wg_elem.rs are what `generate` and `generate_elem` write now.
     #[test]
     fn generated_wrappers_are_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-gpu/src/arch/wgmma_ops.rs");
-        let file = std::fs::read_to_string(&path).unwrap();
-        assert!(file == generate(), "{} is stale: run `cargo xtask gen-wgmma`", path.display());
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-gpu/src/fwd/wg_elem.rs");
-        let file = std::fs::read_to_string(&path).unwrap();
-        assert!(file == generate_elem(), "{} is stale: run `cargo xtask gen-wgmma`", path.display());
+        for (file, text) in generated_files() {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+            let on_disk = std::fs::read_to_string(&path).unwrap();
+            assert!(on_disk == text, "{} is stale: run `cargo xtask gen-wgmma`", path.display());
+        }
     }
 
     /// The `_lo` forms' constants against each step's descriptor built whole: the high word, and the low
