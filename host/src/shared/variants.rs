@@ -537,7 +537,7 @@ pub const BWD_WS_STAGES: usize = 2;
 pub const BWD_WS_BARRIER_BYTES: usize = 128;
 
 /// Its dynamic shared memory: K and V, the step stages' Q and dO, two dS^T buffers, the stages' lse_log2
-/// and D, above head dim 64 the step's dQ (f32, `bwd_ws_dq_helpers`), the barriers.
+/// and D, at the head dims of `bwd_ws_dq_helpers` a step's dQ (f32), the barriers.
 pub const fn bwd_ws_smem_bytes(head_dim: usize) -> usize {
     let padded = head_dim.div_ceil(64) * 64;
     let dq = if bwd_ws_dq_helpers(head_dim) { BWD_WG_BLOCK_M * padded * 4 } else { 0 };
