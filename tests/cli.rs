@@ -249,8 +249,9 @@ fn backward_matches_library() {
         let opts = AttnOptions { softcap: 2.0, softmax_scale: Some(0.2), ..causal };
         assert_same_bwd(&got, &library_bwd(inputs, &opts, false));
         assert!(got["dq"] != plain["dq"], "options left dq unchanged");
-        // Without --backward, dout is ignored and only out and lse are written.
-        assert_same(&run_cli(&dir, inputs, &[]), &library(inputs, &AttnOptions::default()));
+        // dout without --backward is an error (the run would write no gradients), naming dout.
+        let (input, output) = (dir.path("in.safetensors"), dir.path("out.safetensors"));
+        expect_failure(&[OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), output.as_os_str(), OsStr::new("--device"), OsStr::new("cpu")], "dout is given but --backward is not");
     }
 }
 
@@ -821,7 +822,8 @@ fn alibi_dropout_and_probs_match_library() {
         };
         let mut want = vec![("out", f.out.clone()), ("lse", f.lse.clone())];
         want.extend(f.s_dmask.clone().map(|m| ("s_dmask", m)));
-        assert_same_tensors(&run_cli(&dir, &inputs, args), &want);
+        let forward_only: Inputs = inputs.iter().filter(|(name, _)| *name != "dout").cloned().collect();
+        assert_same_tensors(&run_cli(&dir, &forward_only, args), &want);
 
         // --backward: the gradients of the same mask.
         let dout = get(&inputs, "dout").unwrap();
@@ -987,4 +989,69 @@ fn demo_finds_no_difference() {
     assert!(o.status.success(), "demo failed: {stdout}{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout.contains("device: cpu"), "{stdout}");
     assert!(stdout.lines().any(|l| l == "overall max abs diff: 0"), "{stdout}");
+}
+
+/// `cli` with standard input from `stdin` and standard output to `stdout` (Linux: /dev/full, a pipe).
+#[cfg(target_os = "linux")]
+fn cli_with<S: AsRef<OsStr>>(args: &[S], stdin: std::process::Stdio, stdout: std::process::Stdio) -> Output {
+    let bin = std::env::var_os("FLASH_ATTN_CLI").map(PathBuf::from).unwrap_or_else(|| {
+        let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("flash-attn")));
+        match beside {
+            Some(b) if !Path::new(BIN).exists() && b.exists() => b,
+            _ => BIN.into(),
+        }
+    });
+    Command::new(bin).args(args).stdin(stdin).stdout(stdout).stderr(std::process::Stdio::piped()).output().expect("the flash-attn binary runs")
+}
+
+/// Paths are taken as the OS gives them (not UTF-8 on Linux here), streams as far as their header says
+/// (an endless one is refused, not read until memory runs out), a standard output that fails is an
+/// error, and inputs or flags the run would ignore are errors: exit 2 with a message, never a panic.
+#[test]
+#[cfg(target_os = "linux")]
+fn paths_streams_and_outputs_fail_cleanly() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::process::Stdio;
+    let dir = TempDir::new();
+    let inputs = dense_inputs(DType::BF16, 47);
+    let want = library(&inputs, &AttnOptions { causal: true, ..Default::default() });
+    // A non-UTF-8 input and output path.
+    let (input, output) = (dir.0.join(OsStr::from_bytes(b"in\xff.safetensors")), dir.0.join(OsStr::from_bytes(b"out\xfe.safetensors")));
+    write(&input, &inputs);
+    let args = [OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), output.as_os_str(), OsStr::new("--device=cpu"), OsStr::new("--causal")];
+    let o = cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&read_outputs(&output), &want);
+    // The same file as a stream on standard input.
+    let streamed = dir.path("streamed.safetensors");
+    let stdin = std::fs::File::open(&input).unwrap();
+    let o = cli_with(&[OsStr::new("run"), OsStr::new("--input"), OsStr::new("/dev/stdin"), OsStr::new("--output"), streamed.as_os_str(), OsStr::new("--device"), OsStr::new("cpu"), OsStr::new("--causal")], stdin.into(), Stdio::null());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&read_outputs(&streamed), &want);
+    // A stream cut short inside its tensors, and an endless one.
+    let bytes = std::fs::read(&input).unwrap();
+    let cut = dir.path("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 3]).unwrap();
+    let o = cli_with(&["run", "--input", "/dev/stdin", "--output", dir.path("o.safetensors").to_str().unwrap()], std::fs::File::open(&cut).unwrap().into(), Stdio::null());
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a safetensors file"));
+    expect_failure(&["run", "--input", "/dev/zero", "--output", dir.path("o.safetensors").to_str().unwrap()], "not a safetensors file");
+    // Standard output that cannot be written.
+    for args in [&["--help"][..], &["demo", "--device", "cpu"][..]] {
+        let o = cli_with(args, Stdio::null(), std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap().into());
+        assert_eq!(o.status.code(), Some(2), "flash-attn {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("cannot write to standard output"));
+    }
+    // A non-UTF-8 command and flag value.
+    expect_failure(&[OsStr::from_bytes(b"r\xffn")], "unknown command");
+    expect_failure(&[OsStr::new("run"), OsStr::new("--input"), input.as_os_str(), OsStr::new("--output"), output.as_os_str(), OsStr::new("--softcap"), OsStr::from_bytes(b"1\xff")], "--softcap: the value is not valid UTF-8");
+    // dout without --backward (dense and paged), --deterministic without --backward (also KV cache).
+    let plain = dir.path("plain.safetensors");
+    write(&plain, &with_dout(dense_inputs(DType::F16, 48), 49));
+    let p = plain.to_str().unwrap();
+    expect_failure(&["run", "--input", p, "--output", dir.path("o.safetensors").to_str().unwrap()], "dout is given but --backward is not");
+    write(&plain, &with_dout(paged_inputs(DType::BF16, 0), 50));
+    expect_failure(&["run", "--input", p, "--output", dir.path("o.safetensors").to_str().unwrap()], "dout is given but --backward is not");
+    write(&plain, &kvcache_inputs(DType::BF16, false, 51));
+    expect_failure(&["run", "--input", p, "--output", dir.path("o.safetensors").to_str().unwrap(), "--deterministic"], "--deterministic applies only with --backward");
 }

@@ -10,6 +10,8 @@ use flash_attn::{
 };
 use half::bf16;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -73,61 +75,91 @@ macro_rules! fail {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // As the OS gives them: a path need not be UTF-8 (`Flags` checks the other values).
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") || args.first().is_some_and(|a| a == "help") {
-        print!("{USAGE}");
-        return ExitCode::SUCCESS;
+        return match std::io::stdout().lock().write_all(USAGE.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report(&Fail(format!("cannot write to standard output: {e}"))),
+        };
     }
     let Some((command, rest)) = args.split_first() else {
-        eprint!("{USAGE}");
+        // Nothing to do if standard error is gone too.
+        let _ = std::io::stderr().lock().write_all(USAGE.as_bytes());
         return ExitCode::from(2);
     };
-    let result = match command.as_str() {
-        "run" => RunArgs::parse(rest).and_then(|a| run(&a)).map(|()| ExitCode::SUCCESS),
-        "demo" => DemoArgs::parse(rest).and_then(|a| demo(&a)),
-        other => Err(Fail(format!("unknown command '{other}' (expected run or demo; see --help)"))),
+    let result = match command.to_str() {
+        Some("run") => RunArgs::parse(rest).and_then(|a| run(&a)).map(|()| ExitCode::SUCCESS),
+        Some("demo") => DemoArgs::parse(rest).and_then(|a| demo(&a)),
+        _ => Err(Fail(format!("unknown command '{}' (expected run or demo; see --help)", command.to_string_lossy()))),
     };
-    result.unwrap_or_else(|Fail(msg)| {
-        eprintln!("flash-attn: {msg}");
-        ExitCode::from(2)
-    })
+    result.unwrap_or_else(|e| report(&e))
+}
+
+/// Print `flash-attn: <message>` on standard error (if it can) and give exit code 2.
+fn report(Fail(msg): &Fail) -> ExitCode {
+    let _ = writeln!(std::io::stderr().lock(), "flash-attn: {msg}");
+    ExitCode::from(2)
+}
+
+/// `println!` to standard output whose failure (a closed pipe, a full disk) is a `Fail`, not a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(|e| Fail(format!("cannot write to standard output: {e}")))?
+    };
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // Arguments
 
 /// Walks `--flag` / `--flag value` / `--flag=value` arguments. A value is taken verbatim, so negative
-/// numbers such as `--window -1,0` need no quoting.
+/// numbers such as `--window -1,0` need no quoting; paths as the OS gave them (`path`), every other
+/// value as UTF-8 (`value`).
 struct Flags<'a> {
-    args: std::slice::Iter<'a, String>,
+    args: std::slice::Iter<'a, OsString>,
 }
 
 impl<'a> Flags<'a> {
-    fn new(args: &'a [String]) -> Self {
+    fn new(args: &'a [OsString]) -> Self {
         Flags { args: args.iter() }
     }
 
     /// The next flag's name and its inline `=value`, if any.
-    fn next_flag(&mut self) -> Result<Option<(&'a str, Option<&'a str>)>> {
+    fn next_flag(&mut self) -> Result<Option<(&'a str, Option<&'a OsStr>)>> {
         let Some(arg) = self.args.next() else { return Ok(None) };
-        if !arg.starts_with("--") {
-            fail!("unexpected argument '{arg}' (see --help)");
+        let bytes = arg.as_encoded_bytes();
+        let (name, inline) = match bytes.iter().position(|&c| c == b'=') {
+            // SAFETY: split at an ASCII byte, so both halves are encoded OS strings (`OsStr` docs).
+            Some(i) => (&bytes[..i], Some(unsafe { OsStr::from_encoded_bytes_unchecked(&bytes[i + 1..]) })),
+            None => (bytes, None),
+        };
+        match std::str::from_utf8(name) {
+            Ok(name) if name.starts_with("--") => Ok(Some((name, inline))),
+            _ => fail!("unexpected argument '{}' (see --help)", arg.to_string_lossy()),
         }
-        Ok(Some(match arg.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
-            None => (arg.as_str(), None),
-        }))
     }
 
-    fn value(&mut self, name: &str, inline: Option<&'a str>) -> Result<&'a str> {
+    /// The flag's value as the OS gave it.
+    fn raw(&mut self, name: &str, inline: Option<&'a OsStr>) -> Result<&'a OsStr> {
         match inline {
             Some(v) => Ok(v),
-            None => self.args.next().map(String::as_str).ok_or_else(|| Fail(format!("{name} needs a value"))),
+            None => self.args.next().map(OsString::as_os_str).ok_or_else(|| Fail(format!("{name} needs a value"))),
         }
+    }
+
+    /// The flag's value, which must be UTF-8.
+    fn value(&mut self, name: &str, inline: Option<&'a OsStr>) -> Result<&'a str> {
+        let v = self.raw(name, inline)?;
+        v.to_str().ok_or_else(|| Fail(format!("{name}: the value is not valid UTF-8 ('{}')", v.to_string_lossy())))
+    }
+
+    /// The flag's value as a path (any bytes the OS allows).
+    fn path(&mut self, name: &str, inline: Option<&'a OsStr>) -> Result<PathBuf> {
+        Ok(PathBuf::from(self.raw(name, inline)?))
     }
 }
 
-fn no_value(name: &str, inline: Option<&str>) -> Result<()> {
+fn no_value(name: &str, inline: Option<&OsStr>) -> Result<()> {
     match inline {
         Some(_) => fail!("{name} takes no value"),
         None => Ok(()),
@@ -186,7 +218,7 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn parse(args: &[String]) -> Result<RunArgs> {
+    fn parse(args: &[OsString]) -> Result<RunArgs> {
         let (mut input, mut output, mut device) = (None, None, None);
         let mut opts = AttnOptions::default();
         let (mut backward, mut deterministic, mut rotary_interleaved, mut num_splits) = (false, false, false, None);
@@ -194,8 +226,8 @@ impl RunArgs {
         let mut flags = Flags::new(args);
         while let Some((name, inline)) = flags.next_flag()? {
             match name {
-                "--input" => input = Some(PathBuf::from(flags.value(name, inline)?)),
-                "--output" => output = Some(PathBuf::from(flags.value(name, inline)?)),
+                "--input" => input = Some(flags.path(name, inline)?),
+                "--output" => output = Some(flags.path(name, inline)?),
                 "--causal" => {
                     no_value(name, inline)?;
                     opts.causal = true;
@@ -235,6 +267,9 @@ impl RunArgs {
         }
         let Some(input) = input else { fail!("run: --input is required") };
         let Some(output) = output else { fail!("run: --output is required") };
+        if deterministic && !backward {
+            fail!("--deterministic applies only with --backward (it asks the backward pass for reproducible gradients)");
+        }
         match (dropout, seed) {
             (Some(p), Some(seed)) => opts.dropout = Dropout { p, seed, offset: offset.unwrap_or(0) },
             (Some(_), None) => fail!("--dropout needs --seed S (the mask's Philox key)"),
@@ -250,7 +285,7 @@ struct DemoArgs {
 }
 
 impl DemoArgs {
-    fn parse(args: &[String]) -> Result<DemoArgs> {
+    fn parse(args: &[OsString]) -> Result<DemoArgs> {
         let mut device = None;
         let mut flags = Flags::new(args);
         while let Some((name, inline)) = flags.next_flag()? {
@@ -351,9 +386,44 @@ fn options_for(opts: &flash_attn::AttnOptions, d: usize) -> flash_attn::AttnOpti
     flash_attn::AttnOptions { softmax_scale: Some(opts.scale_for(d)), ..*opts }
 }
 
+/// The bytes of the input file. A regular file is read whole (the safetensors parser checks it); anything
+/// else (a pipe, a device) only as far as its header says the tensors reach, so that an endless stream is
+/// refused after its header instead of read until memory runs out.
+fn read_input(input: &Path) -> Result<Vec<u8>> {
+    let cannot = |e: std::io::Error| Fail(format!("cannot read {}: {e}", input.display()));
+    let not_safetensors = |why: &str| Fail(format!("{}: not a safetensors file: {why}", input.display()));
+    let mut f = std::fs::File::open(input).map_err(cannot)?;
+    if f.metadata().map_err(cannot)?.is_file() {
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map_err(cannot)?;
+        return Ok(bytes);
+    }
+    // safetensors' own bound on the header (its MAX_HEADER_SIZE).
+    const MAX_HEADER: u64 = 100_000_000;
+    let mut bytes = vec![0u8; 8];
+    f.read_exact(&mut bytes).map_err(|_| not_safetensors("shorter than its 8-byte header length"))?;
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER {
+        return Err(not_safetensors(&format!("a header of {n} bytes (at most {MAX_HEADER})")));
+    }
+    let header_end = 8 + n as usize;
+    bytes.resize(header_end, 0);
+    f.read_exact(&mut bytes[8..]).map_err(|_| not_safetensors(&format!("shorter than its {n}-byte header")))?;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..]).map_err(|e| not_safetensors(&format!("its header is not JSON: {e}")))?;
+    let Some(entries) = header.as_object() else { return Err(not_safetensors("its header is not a JSON object")) };
+    // Where the last tensor's data ends (the parser checks the entries themselves).
+    let data_end = entries.iter().filter(|(name, _)| *name != "__metadata__").filter_map(|(_, e)| e.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0);
+    let total = (header_end as u64).checked_add(data_end).ok_or_else(|| not_safetensors("data offsets past 2^64"))?;
+    let rest = f.take(total - header_end as u64).read_to_end(&mut bytes).map_err(cannot)?;
+    if (rest as u64) < data_end {
+        return Err(not_safetensors(&format!("its tensors reach byte {total} but it ends at byte {}", header_end + rest)));
+    }
+    Ok(bytes)
+}
+
 fn run(args: &RunArgs) -> Result<()> {
     let input = &args.input;
-    let bytes = std::fs::read(input).map_err(|e| Fail(format!("cannot read {}: {e}", input.display())))?;
+    let bytes = read_input(input)?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| Fail(format!("{}: not a safetensors file: {e:?}", input.display())))?;
     if file.tensor("k_cache").is_ok() {
         return run_kvcache(args, &file);
@@ -362,6 +432,9 @@ fn run(args: &RunArgs) -> Result<()> {
         fail!("{name} is given but {} holds no k_cache (KV-cache inputs need k_cache and v_cache)", input.display());
     }
     check_names(&file, input, &["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "block_table", "alibi_slopes", "dout"])?;
+    if !args.backward && file.tensor("dout").is_ok() {
+        fail!("dout is given but --backward is not: only the backward pass reads it (pass --backward, or leave dout out)");
+    }
     for (flag, given) in [("--rotary-interleaved", args.rotary_interleaved), ("--num-splits", args.num_splits.is_some())] {
         if given {
             fail!("{flag} applies to the KV-cache forward only, but {} holds no k_cache", input.display());
@@ -644,9 +717,9 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
     let (hq, hk, d) = (8, 2, 128);
     let opts = AttnOptions { causal: true, ..Default::default() };
     let device = args.device;
-    println!("device: {device}");
+    say!("device: {device}");
     let total: usize = SEQLENS.iter().sum();
-    println!("{} causal bf16 sequences of lengths {SEQLENS:?} ({total} tokens), Hq={hq}, Hk={hk}, D={d}", SEQLENS.len());
+    say!("{} causal bf16 sequences of lengths {SEQLENS:?} ({total} tokens), Hq={hq}, Hk={hk}, D={d}", SEQLENS.len());
 
     let mut rng = SplitMix64(0x5eed);
     let mut random = |rows: usize, heads: usize| -> Vec<bf16> { (0..rows * heads * d).map(|_| bf16::from_f32(rng.uniform())).collect() };
@@ -673,15 +746,15 @@ fn demo(args: &DemoArgs) -> Result<ExitCode> {
         // Rows of this sequence: out [T, Hq, D] is row-major by token; lse [Hq, T] is by head, then token.
         let out_diff = max_abs_diff(&p_out[start * hq * d..(start + s) * hq * d], &out);
         let lse_diff = (0..hq).map(|h| max_abs_diff(&p_lse[h * total + start..h * total + start + s], &lse[h * s..(h + 1) * s])).fold(0.0, f32::max);
-        println!("seq {b}: len {s:>3}  max |out diff| = {out_diff}  max |lse diff| = {lse_diff}");
+        say!("seq {b}: len {s:>3}  max |out diff| = {out_diff}  max |lse diff| = {lse_diff}");
         overall = overall.max(out_diff).max(lse_diff);
     }
-    println!("overall max abs diff: {overall}");
+    say!("overall max abs diff: {overall}");
     if overall == 0.0 {
-        println!("packed and separate results are identical");
+        say!("packed and separate results are identical");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("packed and separate results differ (expected exactly 0)");
+        say!("packed and separate results differ (expected exactly 0)");
         Ok(ExitCode::from(1))
     }
 }
