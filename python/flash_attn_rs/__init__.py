@@ -436,7 +436,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     generator, see flash_attn_func). A boolean key-padding attn_mask `[N or 1, 1, 1, S]` (True: attend; an
     encoder's or a cross-attention's padding) runs here too, without is_causal, in place: each row's real keys
     as one varlen sequence (masks whose real keys are not one run are compacted first: eager calls read the
-    mask back once per mask tensor to tell, compiled ones compact every mask); a query whose keys are all masked
+    mask back once per mask tensor to tell, and again when it changes: a CPU mask's contents are compared at each
+    call, a CUDA mask's version counter only, which writes through `.data` or DLPack do not move; compiled calls
+    compact every mask); a query whose keys are all masked
     gets 0 (PyTorch's math backend: NaN). Calls these kernels do not cover run PyTorch's own function
     instead, captured at import (so that this one can replace torch.nn.functional's): another attn_mask, other
     ranks, dtypes or devices, head dims above 256, key and value of different head dims, different head

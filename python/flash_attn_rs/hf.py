@@ -232,8 +232,10 @@ def _packed(q, k, v, cu_q, cu_k, max_q, max_k, opts, train):
 
 # Per-tensor results of host reads and small index computations, so that the layers of one forward, which get
 # the same mask / position_ids tensor, pay for them once. Keyed weakly on the tensor and checked against its
-# version counter: an in-place write invalidates the entry (one through `.data` or a numpy view, which PyTorch does
-# not count, does not). Inference tensors (torch.inference_mode) have no version counter: each call recomputes.
+# version counter: an in-place write invalidates the entry. Writes PyTorch does not count (through `.data`, a
+# numpy view of a CPU tensor, DLPack) are caught for CPU tensors by a copy of their contents, compared at each
+# call (cheap beside the attention; a device tensor's would be a read back and a synchronization: there only the
+# counter). Inference tensors (torch.inference_mode) have no version counter: each call recomputes.
 _MEMO = WeakTensorKeyDictionary()
 
 
@@ -241,12 +243,17 @@ def _memo(t, key, compute):
     if torch.compiler.is_compiling() or t.is_inference():  # inference tensors have no version counter
         return compute()
     entry = _MEMO.get(t)
-    if entry is None or entry[0] != t._version:
-        entry = (t._version, {})
+    host = t.device.type == "cpu"
+    if entry is None or entry[0] != t._version or (host and not _same_contents(entry[1], t)):
+        entry = (t._version, t.detach().clone() if host else None, {})
         _MEMO[t] = entry
-    if key not in entry[1]:
-        entry[1][key] = compute()
-    return entry[1][key]
+    if key not in entry[2]:
+        entry[2][key] = compute()
+    return entry[2][key]
+
+
+def _same_contents(copy, t):
+    return copy.shape == t.shape and copy.dtype == t.dtype and bool(torch.equal(copy, t.detach()))
 
 
 def _position_starts(pos, q):

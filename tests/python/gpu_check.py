@@ -425,6 +425,30 @@ def check_sdpa_key_padding(dev, quick):
         mi = m.clone()
         if not torch.equal(f(q, k, mi), f(q, k, m)):
             bad.append("an inference-mode mask differs")
+    # One CPU mask tensor refilled between calls by writes PyTorch's version counter does not see (through .data,
+    # or a numpy buffer): each call follows the mask's contents, as PyTorch's function does (a CUDA mask's are
+    # compared by the version counter only: reading them back would synchronize every call).
+    if dev == "cpu":
+        m = torch.zeros(2, 1, 1, 5, dtype=torch.bool, device=dev)
+        for lens in ((5, 2), (1, 4), (3, 5)):
+            m.data.zero_()
+            for i, n_real in enumerate(lens):
+                m.data[i, 0, 0, :n_real] = True
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), k.double(), attn_mask=m)
+            low = F.scaled_dot_product_attention(q, k, k, attn_mask=m)
+            if not compare(f"out, .data refill {lens}", f(q, k, m), ref, low, 2, 1e-3)[0]:
+                bad.append(f"a mask refilled through .data ({lens}) runs with an earlier fill's layout")
+        import numpy as np
+        buf = np.zeros((2, 1, 1, 5), dtype=np.bool_)
+        mn = torch.from_numpy(buf)
+        for lens in ((5, 2), (1, 4)):
+            buf[:] = False
+            for i, n_real in enumerate(lens):
+                buf[i, 0, 0, :n_real] = True
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), k.double(), attn_mask=mn)
+            low = F.scaled_dot_product_attention(q, k, k, attn_mask=mn)
+            if not compare(f"out, numpy refill {lens}", f(q, k, mn), ref, low, 2, 1e-3)[0]:
+                bad.append(f"a mask refilled through its numpy buffer ({lens}) runs with an earlier fill's layout")
     report("scaled_dot_product_attention with a key-padding mask vs PyTorch's in float64 (out, gradients)", not bad,
            "; ".join(bad))
 
