@@ -921,6 +921,17 @@ fn bad_inputs_are_errors() {
     expect_err("FlashAttn op alibi [Hq - 1]", || q.apply_op3(kr, kr, fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(alibi3.clone()), window_size_left: None, window_size_right: None, softcap: None }));
     expect_err("FlashAttn op alibi bf16", || q.apply_op3(kr, kr, fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: Some(alibi_bf16.clone()), window_size_left: None, window_size_right: None, softcap: None }));
     expect_err("alibi_windowed_softcap bad head dim", || fa::flash_attn_alibi_windowed_softcap(&q_d264, &k_d264, &k_d264, None, 0.1, None, None, 1.0));
+    // candle-flash-attn's softcap: a negative one is off (as 0); NaN and infinities are errors here.
+    let off = fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, None, 0.1, None, Some(0), 0.0).unwrap();
+    for c in [-1.0f32, -0.0, -1e30] {
+        let got = fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, None, 0.1, None, Some(0), c).unwrap();
+        assert_eq!(got.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), off.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap(), "softcap {c} is not off");
+    }
+    let capped = fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, None, 0.1, None, Some(0), 0.5).unwrap();
+    assert!(capped.sub(&off).unwrap().abs().unwrap().to_dtype(DType::F32).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "softcap 0.5 changed nothing");
+    expect_err("softcap NaN", || fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, None, 0.1, None, None, f32::NAN));
+    expect_err("softcap inf", || fa::flash_attn_alibi_windowed_softcap(qr, kr, kr, None, 0.1, None, None, f32::INFINITY));
+    expect_err("FlashAttn op softcap -inf", || q.apply_op3(kr, kr, fa::FlashAttn { softmax_scale: 0.1, alibi_slopes: None, window_size_left: None, window_size_right: None, softcap: Some(f32::NEG_INFINITY) }));
     expect_err("with_lse f32", || fa::flash_attn_with_lse(&q32, &k32, &k32, 0.1, true).map(|r| r.0));
     expect_err("windowed_softcap_with_lse Hq % Hk", || fa::flash_attn_windowed_softcap_with_lse(&q_h3, kr, kr, 0.1, None, None, 0.0).map(|r| r.0));
 

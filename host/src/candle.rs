@@ -7,8 +7,8 @@
 //! `[B, Sk, Hk, D]`; packed (varlen) q `[Tq, Hq, D]`, k and v `[Tk, Hk, D]` with cumulative lengths
 //! `seqlens_q` / `seqlens_k`, u32 `[B+1]` (i32 accepted too). Inputs are f16 or bf16 (as in
 //! candle-flash-attn; f32 is an error), head dims up to 256 (32, 64, 96, 128, 192 and 256 on kernels of their
-//! own, any other zero-padded to the next of these: a copy of q, k and v, of the whole cache with pages),
-//! GQA/MQA with `Hq % Hk == 0`.
+//! own, any other zero-padded to the next of these: a copy of q, k and v, of the whole cache with pages;
+//! candle-flash-attn 0.11 also runs 264..512, an error here), GQA/MQA with `Hq % Hk == 0`.
 //!
 //! Beyond candle-flash-attn:
 //! - CPU tensors work (our CPU path), not only CUDA ones.
@@ -745,7 +745,9 @@ fn check_alibi(alibi_slopes: Option<&Tensor>, q: &Tensor) -> Result<Option<Tenso
 
 /// candle-flash-attn's window semantics: `None`, or a size above `seqlen_k`, is unbounded; `(None,
 /// Some(0))` is causal; with only the right bound given, the left one is unbounded, and with only the
-/// left one, the right one is `seqlen_k` (as flash-attn's C++ API that candle-flash-attn calls).
+/// left one, the right one is `seqlen_k` (as flash-attn's C++ API that candle-flash-attn calls). Its
+/// softcap too: a negative one is off, as 0 (flash-attn applies it only above 0); NaN and infinities stay
+/// errors (the library's), where candle-flash-attn would drop them silently.
 fn options(softmax_scale: f32, window_size_left: Option<usize>, window_size_right: Option<usize>, softcap: Option<f32>, seqlen_k: usize) -> AttnOptions {
     let bound = |w: Option<usize>| w.filter(|&w| w <= seqlen_k).map_or(-1, |w| w as i64);
     let (left, mut right) = (bound(window_size_left), bound(window_size_right));
@@ -754,7 +756,8 @@ fn options(softmax_scale: f32, window_size_left: Option<usize>, window_size_righ
     if left >= 0 && right < 0 {
         right = seqlen_k as i64;
     }
-    AttnOptions { softmax_scale: Some(softmax_scale), causal, window: (left, right), softcap: softcap.unwrap_or(0.0), ..Default::default() }
+    let softcap = softcap.map_or(0.0, |c| if c.is_finite() && c < 0.0 { 0.0 } else { c });
+    AttnOptions { softmax_scale: Some(softmax_scale), causal, window: (left, right), softcap, ..Default::default() }
 }
 
 fn causal_window(causal: bool) -> (Option<usize>, Option<usize>) {
