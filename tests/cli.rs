@@ -1036,6 +1036,8 @@ fn paths_streams_and_outputs_fail_cleanly() {
     assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a safetensors file"));
     expect_failure(&["run", "--input", "/dev/zero", "--output", dir.path("o.safetensors").to_str().unwrap()], "not a safetensors file");
+    // A directory is the read's failure, named as such.
+    expect_failure(&[OsStr::new("run"), OsStr::new("--input"), dir.0.as_os_str(), OsStr::new("--output"), dir.path("o.safetensors").as_os_str()], "cannot read");
     // Standard output that cannot be written.
     for args in [&["--help"][..], &["demo", "--device", "cpu"][..]] {
         let o = cli_with(args, Stdio::null(), std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap().into());

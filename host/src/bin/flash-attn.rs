@@ -400,15 +400,17 @@ fn read_input(input: &Path) -> Result<Vec<u8>> {
     }
     // safetensors' own bound on the header (its MAX_HEADER_SIZE).
     const MAX_HEADER: u64 = 100_000_000;
+    // A short read is not a safetensors file; any other failure (a directory, say) is the read's.
+    let short = |e: std::io::Error, why: &str| if e.kind() == std::io::ErrorKind::UnexpectedEof { not_safetensors(why) } else { cannot(e) };
     let mut bytes = vec![0u8; 8];
-    f.read_exact(&mut bytes).map_err(|_| not_safetensors("shorter than its 8-byte header length"))?;
+    f.read_exact(&mut bytes).map_err(|e| short(e, "shorter than its 8-byte header length"))?;
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     if n > MAX_HEADER {
         return Err(not_safetensors(&format!("a header of {n} bytes (at most {MAX_HEADER})")));
     }
     let header_end = 8 + n as usize;
     bytes.resize(header_end, 0);
-    f.read_exact(&mut bytes[8..]).map_err(|_| not_safetensors(&format!("shorter than its {n}-byte header")))?;
+    f.read_exact(&mut bytes[8..]).map_err(|e| short(e, &format!("shorter than its {n}-byte header")))?;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..]).map_err(|e| not_safetensors(&format!("its header is not JSON: {e}")))?;
     let Some(entries) = header.as_object() else { return Err(not_safetensors("its header is not a JSON object")) };
     // Where the last tensor's data ends (the parser checks the entries themselves).
