@@ -127,7 +127,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     else None (as flash-attn). A query that sees no key gets out 0 and softmax_lse -inf.
     ALiBi, dropout and S_dmask run on CPU and CUDA tensors alike. On CUDA, eager decoding steps without
     gradients (at most 64 query rows per key head, a head dim with decode kernels, no ALiBi or dropout; from
-    32768 key rows times kv heads, B * Sk * Hk, or whenever a CUDA graph is being captured) run
+    2048 keys per sequence or 32768 key rows times kv heads, B * Sk * Hk, or whenever a CUDA graph is being
+    captured) run
     flash_attn_with_kvcache's split-KV decode kernels over k and v in place: the same result up to the
     rounding of the split keys' merge, where one row tile per (sequence, head) would leave most of the GPU idle.
     """
@@ -446,8 +447,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     keys past the last row's, which a bottom-right window cannot express), empty tensors, a dropout_p
     outside [0, 1) or a scale that is not a finite number (PyTorch's answer, or its error). With
     `fallback=False` those raise NotImplementedError instead. Decoding steps (at most 64 query rows per key
-    head, nothing to differentiate, no dropout; compiled, or eager on CUDA from 32768 key rows times key heads
-    N * S * Hk or under CUDA-graph capture, as flash_attn_func) run flash_attn_with_kvcache's split-KV decode
+    head, nothing to differentiate, no dropout; compiled; eager on the CPU; eager on CUDA from 2048 keys per
+    sequence or 32768 key rows times key heads N * S * Hk, or under CUDA-graph capture, as flash_attn_func) run flash_attn_with_kvcache's split-KV decode
     path over key and value in place, where flash_attn_func's one tile per (sequence, head) would leave most
     of the GPU idle.
     """
