@@ -357,17 +357,30 @@ fn copy_addressable(v: &View<'_>, st: &Strides, batched: bool) -> bool {
 }
 
 /// The warp-specialized backward's tensor maps (`BwdTmaMaps`): q and dout in boxes of 64 rows, k and v
-/// of 128 keys (`tma_maps`' layout).
-fn bwd_tma_maps(bp: &BwdProblem, t: &BwdViews<'_>) -> Result<BwdTmaMaps> {
+/// of 128 keys (`tma_maps`' layout); the f32 dq accumulator at `dq_accum` (0: none, a zeroed map) as
+/// `[batches][rows][Hq][head dim]` like q (its layout: `launch`'s `acc_*` strides) in boxes of 64 rows x
+/// 32 columns (128 bytes: the 128-byte swizzle's row), for the dQ helpers' reductions. Rows past a
+/// sequence's end (exact zeros) are cut at the map's end: dense, at Sq; varlen, at the packed rows' end.
+fn bwd_tma_maps(bp: &BwdProblem, t: &BwdViews<'_>, dq_accum: u64) -> Result<BwdTmaMaps> {
     let p = &bp.fwd;
     let (rows_q, rows_k) = if p.varlen { (p.total_q, p.total_k) } else { (p.seqlen_q, p.seqlen_k) };
     let dense = (!p.varlen).then_some(p.batch);
     let (bm, bn) = (crate::dispatch::BWD_WG_BLOCK_M, crate::dispatch::BWD_WG_BLOCK_N);
+    let dq_accum = if dq_accum == 0 {
+        [0; 16]
+    } else {
+        let row = (p.hq * p.head_dim * 4) as u64;
+        let rows = rows_q.max(1) as u64;
+        let dims = [p.head_dim as u64, rows, p.hq as u64, dense.unwrap_or(1).max(1) as u64];
+        let strides = [row, (p.head_dim * 4) as u64, (rows * row).next_multiple_of(16)];
+        encode_map(sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, dq_accum, dims, strides, [32, bm as u32, 1, 1])?
+    };
     Ok(BwdTmaMaps {
         q: tensor_map(p, &t.q, &p.q, rows_q, p.hq, bm, dense)?,
         k: tensor_map(p, &t.k, &p.k, rows_k, p.hk, bn, dense)?,
         v: tensor_map(p, &t.v, &p.v, rows_k, p.hk, bn, dense)?,
         dout: tensor_map(p, &t.dout, &bp.dout, rows_q, p.hq, bm, dense)?,
+        dq_accum,
     })
 }
 
@@ -385,7 +398,12 @@ fn tensor_map(p: &Problem, v: &View<'_>, st: &Strides, rows: usize, heads: usize
     };
     let dims = [p.head_dim as u64, rows.max(1) as u64, heads as u64, batches.max(1) as u64];
     let strides = [(st.row * 2) as u64, (st.head * 2) as u64, batch_bytes.next_multiple_of(16)];
-    let boxes = [64u32, box_rows as u32, 1, 1];
+    encode_map(dtype, v.addr, dims, strides, [64, box_rows as u32, 1, 1])
+}
+
+/// A 4-d tensor map (dims innermost first, the three outer strides in bytes) in boxes `boxes`, with the
+/// 128-byte swizzle the wgmma tiles use; rows past the tensor's end read as zeros (and are not written).
+fn encode_map(dtype: sys::CUtensorMapDataType, addr: u64, dims: [u64; 4], strides: [u64; 3], boxes: [u32; 4]) -> Result<[u64; 16]> {
     let elem = [1u32; 4];
     let mut m = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     let r = unsafe {
@@ -393,7 +411,7 @@ fn tensor_map(p: &Problem, v: &View<'_>, st: &Strides, rows: usize, heads: usize
             m.as_mut_ptr(),
             dtype,
             4,
-            v.addr as *mut std::ffi::c_void,
+            addr as *mut std::ffi::c_void,
             dims.as_ptr(),
             strides.as_ptr(),
             boxes.as_ptr(),
@@ -624,7 +642,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         sem_batch_stride: if p.varlen { 0 } else { 2 * (p.seqlen_q * p.hq) as i64 },
     };
     // The tensor maps travel as the warp-specialized kernel's second parameter (built before any launch).
-    let maps = if launches.ws { Some(bwd_tma_maps(bp, t)?) } else { None };
+    let maps = if launches.ws { Some(bwd_tma_maps(bp, t, if launches.ordered { 0 } else { params.dq_accum })?) } else { None };
     for (i, (l, f)) in launches.iter().zip(funcs).enumerate() {
         if l.grid.2 == 0 {
             continue;

@@ -180,9 +180,12 @@ pub struct BwdTmaMaps {
     pub k: [u64; 16],
     pub v: [u64; 16],
     pub dout: [u64; 16],
+    /// The f32 dq accumulator (`BwdParams::dq_accum`) in boxes of 64 rows x 32 columns, which the dQ
+    /// helpers reduce into (`cp.reduce.async.bulk.tensor ... add`); zeros where nothing accumulates dq.
+    pub dq_accum: [u64; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<BwdTmaMaps>() == 512);
+const _: () = assert!(core::mem::size_of::<BwdTmaMaps>() == 640);
 
 /// Backward-pass parameters, shared by its four kernels (prep, dk/dv with atomic dq, deterministic dq,
 /// dq conversion). Same conventions as `FwdParams`; dq/dk/dv/dq_accum strides are in elements too.

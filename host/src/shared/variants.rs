@@ -544,12 +544,11 @@ pub const fn bwd_ws_smem_bytes(head_dim: usize) -> usize {
     (2 * BWD_WG_BLOCK_N + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M) * padded * 2 + 2 * BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M * 4 + dq + BWD_WS_BARRIER_BYTES
 }
 
-/// Whether the warp-specialized backward's score-modifier twins (`_mods`, `_alibi`) hand each step's dQ
-/// to the producer warpgroup's three idle warps through shared memory (they add it to the accumulator)
-/// instead of adding it themselves: at head dim 128 (measured there: ALiBi 0.95x, dropout 0.87x the
-/// time; the plain kernels 1.02x at 128 and 1.11x at 96, so they keep their own adds; RESULTS.md).
+/// Whether the warp-specialized backward's default-mode kernels hand each step's dQ to the producer
+/// warpgroup through shared memory (one thread reduces it into the accumulator with bulk tensor
+/// reductions) instead of adding it themselves: every head dim (branch `dq-bulk`, to measure).
 pub const fn bwd_ws_dq_helpers(head_dim: usize) -> bool {
-    head_dim == 128
+    head_dim == 64 || head_dim == 96 || head_dim == 128
 }
 
 /// The warp-specialized backward's entry points (sm_90a module only): head dims 64, 96 and 128.

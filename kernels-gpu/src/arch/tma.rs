@@ -28,6 +28,41 @@ pub unsafe fn load_4d(dst: u32, map: u64, c: [i32; 4], bar: u32) {
     }
 }
 
+/// Add the f32 box in shared memory at `src` (the map's box, in its swizzle) to the 4-d tensor `map` at
+/// coordinates `c` (innermost first), element by element (atomic at each element; out-of-bounds elements
+/// are skipped). Completes with this thread's bulk group (`bulk_commit`, `bulk_wait_read`, `bulk_wait`);
+/// the shared memory must be made visible to the async proxy first (`fence.proxy.async.shared::cta` by
+/// its writers, before the barrier the issuing thread waits on).
+#[inline(always)]
+pub unsafe fn reduce_add_4d(src: u32, map: u64, c: [i32; 4]) {
+    unsafe {
+        asm!(
+            "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group [{m}, {{{c0}, {c1}, {c2}, {c3}}}], [{s}];",
+            s = in(reg32) src, m = in(reg64) map, c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+            options(nostack)
+        )
+    }
+}
+
+/// Close this thread's bulk group of the operations issued since the last one.
+#[inline(always)]
+pub unsafe fn bulk_commit() {
+    unsafe { asm!("cp.async.bulk.commit_group;", options(nostack)) }
+}
+
+/// Wait until at most `N` of this thread's bulk groups still read their shared memory sources.
+#[inline(always)]
+pub unsafe fn bulk_wait_read<const N: u32>() {
+    unsafe { asm!("cp.async.bulk.wait_group.read {n};", n = const N, options(nostack)) }
+}
+
+/// Wait until at most `N` of this thread's bulk groups are incomplete (their writes performed), then make
+/// those writes of the async proxy visible to the generic proxy (`fence.proxy.async.global`).
+#[inline(always)]
+pub unsafe fn bulk_wait<const N: u32>() {
+    unsafe { asm!("cp.async.bulk.wait_group {n};", "fence.proxy.async.global;", n = const N, options(nostack)) }
+}
+
 /// Fetch the tensor map at `map` into the copy engine's descriptor cache.
 #[inline(always)]
 pub unsafe fn prefetch_map(map: u64) {

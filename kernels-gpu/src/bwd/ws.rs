@@ -7,10 +7,11 @@
 //! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
 //! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
 //! at step i - 2, before either warpgroup passed step i - 1's barrier).
-//! In the score-modifier twins at head dim 128 (`helps`) warpgroup 0's other three warps add dQ to the
-//! accumulator: the consumers put each step's dQ in a shared buffer (fragment order, `dq_slot`; one stage,
-//! its own barriers) and go on, the helpers load it and reduce it into global memory, so the consumers'
-//! issue no longer waits on the LG queue (RESULTS.md, Backward). Every hdim 128 kernel reserves the 32 KB.
+//! In the default mode (`helps`) the consumers put each step's dQ in a shared buffer (f32, in the boxes
+//! of the accumulator's tensor map: `dq_offset`; one stage, its own barriers) and go on; one thread of
+//! warpgroup 0's second warp reduces the buffer into the accumulator with bulk tensor reductions
+//! (`cp.reduce.async.bulk.tensor ... add`, one per 32-column box), so the consumers' issue no longer
+//! waits on the LG queue (RESULTS.md, Backward).
 //! The deterministic mode runs the `_det` twin (`ORDERED`) by default at head dim 128 (at 64 and 96 the
 //! wg kernel's split copies, which measured faster there: RESULTS.md; `bwd_ordered_all` runs the twin
 //! at every head dim): one key block per CTA as in the default mode, CTA x on block gx - 1 - x, and every step's dq adds in a fixed
@@ -25,8 +26,7 @@
 
 use super::convert::convert_rows;
 use super::wg::{issue_dq, issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
-use super::{dqa_addr_split, grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
-use crate::arch::mem::red_add_v4_f32;
+use super::{grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
@@ -48,8 +48,10 @@ const STAGES: u32 = BWD_WS_STAGES as u32;
 const CONSUMERS: usize = 256;
 /// Named barriers (0 is the block's): both consumer warpgroups.
 const BAR_CONSUMERS: u32 = 1;
-/// The dQ helpers (`helps`): warps 1-3 of the producer warpgroup.
-const HELPERS: usize = 96;
+/// The dQ helper (`helps`): lane 0 of the producer warpgroup's second warp.
+const HELPER_TID: usize = 32;
+/// Arrivals that fill the dQ buffer: both consumer warpgroups, at head dim 64 the one whose turn it is.
+const DQ_PRODUCERS: [u32; 2] = [CONSUMERS as u32, 128];
 /// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
 const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
@@ -75,14 +77,14 @@ impl<const D: usize> Lay<D> {
     const DS: u32 = Self::DO + STAGES * Self::QT;
     const LSE: u32 = Self::DS + 2 * Self::DST;
     const DELTA: u32 = Self::LSE + STAGES * (BM * 4) as u32;
-    /// A step's dQ (f32) in fragment order (`dq_slot`), where the consumers hand it to the helpers.
+    /// A step's dQ (f32, `dq_offset`), where the consumers hand it to the helper.
     const DQ: u32 = Self::DELTA + STAGES * (BM * 4) as u32;
     const DQB: u32 = if bwd_ws_dq_helpers(D) { (BM * Self::DP * 4) as u32 } else { 0 };
     const BARS: u32 = Self::DQ + Self::DQB;
     const CHECK: () = {
         assert!(D == 64 || D == 96 || D == 128);
         assert!(BN == 128 && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
-        assert!(Self::LSE % 1024 == 0 && Self::BARS % 8 == 0);
+        assert!(Self::LSE % 1024 == 0 && Self::DQ % 1024 == 0 && Self::BARS % 8 == 0);
         assert!(2 * Pipeline::<1>::BYTES + Pipeline::<STAGES>::BYTES <= BWD_WS_BARRIER_BYTES as u32);
         assert!((Self::BARS as usize + BWD_WS_BARRIER_BYTES) == bwd_ws_smem_bytes(D));
     };
@@ -93,9 +95,9 @@ impl<const D: usize> Lay<D> {
     }
 }
 
-/// Whether the helpers add dQ (`bwd_ws_dq_helpers`: the score-modifier twins at head dim 128, default mode).
-const fn helps(d: usize, mods: bool, ordered: bool) -> bool {
-    bwd_ws_dq_helpers(d) && mods && !ordered
+/// Whether the helper adds dQ (`bwd_ws_dq_helpers`, default mode).
+const fn helps(d: usize, ordered: bool) -> bool {
+    bwd_ws_dq_helpers(d) && !ordered
 }
 
 /// The pipelines: K/V (one stage, a key block's), the steps', and a step's dQ from the consumers (its
@@ -114,60 +116,52 @@ impl Pipes {
     }
 }
 
-/// Byte offset in the dQ buffer of consumer thread `ctid`'s fragment `j`, row half `half` (two f32): the
-/// buffer is ordered by (warpgroup, j, half, thread), so a warp's stores fill 256 contiguous bytes and two
-/// neighbouring threads' pairs are four adjacent columns of one row (`add_dq_slots`).
+/// Byte offset in the dQ buffer of (row, column `col`) of a step's dQ: the accumulator map's boxes of 64
+/// rows x 32 f32 columns (128 bytes) in the copy engine's 128-byte swizzle, the layout of the bf16
+/// tiles' 64-column groups (`sw128_offset`; the buffer 1024-aligned), so that a warp's `st.shared.v2`
+/// of eight rows x four column pairs fills two wavefronts.
 #[inline(always)]
-fn dq_slot(ctid: usize, j: usize, half: usize) -> u32 {
-    ((((ctid / 128) * 8 + j) * 2 + half) * 128 + ctid % 128) as u32 * 8
+fn dq_offset(row: u32, col: u32) -> u32 {
+    sw128_offset(BM as u32, row, col / 4) + (col % 4) * 4
 }
 
-/// The dQ helpers' adds of one step (q head `h`, rows from `m0`): helper `hid` of `HELPERS` takes every
-/// `HELPERS`-th 16-byte slot pair of the buffer, loads its four columns and adds them to the accumulator
-/// (16-byte reductions). Rows past the sequence carry exact zeros to the accumulator's slack rows, as
-/// the consumers' own adds (`step_dq`).
+/// The dQ helper: for every step of every key block, wait for the consumers' dQ, reduce its boxes into
+/// the accumulator (q head `h`, rows from `m0`; rows past the map's end are skipped, rows past the
+/// sequence inside it carry exact zeros, as the consumers' own adds: `step_dq`), wait until the copy
+/// engine has read the buffer, release it. With one CTA (grid x = 1) each step's reductions complete
+/// before the release, so the consumers that wait for the last one convert dq with every add landed.
 #[inline(always)]
-unsafe fn add_dq_slots<const D: usize>(p: &BwdParams, a: &KvArgs, dq_s: u32, h: i32, m0: i32, hid: usize) {
-    let dqa = dqa_addr_split(p, a.bidb, a.sq.start + m0, h);
-    let quads = 2 * 8 * 2 * 64;
-    let mut f = hid;
-    while f < quads {
-        // Slot pair f: threads 2 (f % 64) and 2 (f % 64) + 1 of fragment (wg, j, half) = f / 64.
-        let tin = 2 * (f % 64);
-        let rest = f / 64;
-        let (half, j, wg) = (rest % 2, (rest / 2) % 8, rest / 16);
-        let lane = tin % 32;
-        let row = (16 * (tin / 32) + lane / 4 + 8 * half) as i64;
-        let col = (wg * 64 + 8 * j + 2 * (lane % 4)) as i64;
-        if D != 96 || col < D as i64 {
-            let v = unsafe { smem::ld_v4(dq_s + f as u32 * 16) };
-            let at = dqa.wrapping_add(((row * p.dqa_row_stride + col) * 4) as u64);
-            unsafe { red_add_v4_f32(at, [f32::from_bits(v[0]), f32::from_bits(v[1]), f32::from_bits(v[2]), f32::from_bits(v[3])]) };
-        }
-        f += HELPERS;
-    }
-}
-
-/// The helper warps (`helps`, thread `hid` of `HELPERS`): for every step of every key block, wait for the
-/// consumers' dQ, add it, release the buffer. With one CTA (grid x = 1) a fence before each release, so
-/// the consumers that wait for the last one convert dq with every add landed.
-#[inline(always)]
-unsafe fn help_dq<const D: usize>(p: &BwdParams, pipes: &Pipes, hid: usize) {
+unsafe fn help_dq<const D: usize>(p: &BwdParams, maps: u64, pipes: &Pipes) {
     let base = smem::base();
+    let dq_map = maps + 512;
     let single = grid_dim_x() == 1;
+    let on = p.dq_accum != 0;
+    if on {
+        unsafe { tma::prefetch_map(dq_map) };
+    }
+    let varlen = p.cu_seqlens_q != 0;
     let mut ds = Stage::<1>::START;
     for_each_key_block::<false>(p, #[inline(always)] |_, _, args| {
         let Some(a) = args else { return };
         let (steps, next_step, mut cur) = step_walk::<false>(p, &a, BN as i32, BM as i32);
+        let (q_row, b) = if varlen { (a.sq.start, 0) } else { (0, a.bidb) };
         let mut it = 0;
         while it < steps {
             let (h, m0) = (cur.0, cur.1 * BM as i32);
             cur = next_step(cur);
             unsafe {
                 pipes.dq.consumer_wait(ds);
-                add_dq_slots::<D>(p, &a, base + Lay::<D>::DQ, h, m0, hid);
-                if single {
-                    fence_gpu();
+                if on {
+                    for c in 0..D / 32 {
+                        tma::reduce_add_4d(base + Lay::<D>::DQ + (c * BM * 128) as u32, dq_map, [(32 * c) as i32, q_row + m0, h, b]);
+                    }
+                    tma::bulk_commit();
+                    if single {
+                        tma::bulk_wait::<0>();
+                        fence_gpu();
+                    } else {
+                        tma::bulk_wait_read::<0>();
+                    }
                 }
                 pipes.dq.consumer_release(ds);
             }
@@ -175,6 +169,7 @@ unsafe fn help_dq<const D: usize>(p: &BwdParams, pipes: &Pipes, hid: usize) {
             it += 1;
         }
     });
+    unsafe { tma::bulk_wait::<0>() };
 }
 
 /// The key blocks this CTA walks (grid x strides over them, as the wg kernel's): `f(slice, n0, args)` for
@@ -344,9 +339,14 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         // Both warpgroups' dS^T is in the buffer.
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
 
-        // dQ (at d64 on the warpgroups in turn): to the helpers, or added here.
-        if helps(D, MODS, ORDERED) {
-            unsafe { hand_dq::<E, D>(pipes, &mut st.dq, ds_s, k_s, wg, ctid) };
+        // dQ (at d64 on the warpgroups in turn): to the helper, or added here.
+        if helps(D, ORDERED) {
+            if D != 64 || wg == parity {
+                unsafe { hand_dq::<E, D>(pipes, &mut st.dq, ds_s, k_s, wg, ctid) };
+            } else {
+                // The other warpgroup fills the buffer this step: both keep count of the fills.
+                st.dq.advance();
+            }
         } else if D != 64 || wg == parity {
             unsafe { step_dq::<E, D, ORDERED>(p, a, ds_s, k_s, h, m0, wg, warp, g, t, &turn) };
         }
@@ -371,20 +371,29 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
     st.kv.advance();
 }
 
-/// A step's dQ = dS K for warpgroup `wg` (its 64 head-dim columns, `step_dq`'s product) into the dQ
-/// buffer once the helpers released it, then this thread's arrival on its full barrier.
+/// A step's dQ = dS K for warpgroup `wg` (its 64 head-dim columns, at 64 all: `step_dq`'s product) into
+/// the dQ buffer once the helper released it, visible to the copy engine, then this thread's arrival on
+/// its full barrier.
 #[inline(always)]
 unsafe fn hand_dq<E: WgElem, const D: usize>(pipes: &Pipes, ds: &mut Stage<1>, ds_s: u32, k_s: u32, wg: u32, ctid: usize) {
-    let mut acc_q = unsafe { issue_dq::<E>(ds_s, k_s, wg * 64) };
+    // Head-dim columns c0.. (at 64 all of them, one warpgroup per step).
+    let c0 = if D != 64 { 64 * wg } else { 0 };
+    let mut acc_q = unsafe { issue_dq::<E>(ds_s, k_s, c0) };
     wgmma::wait0_n64(&mut acc_q);
     let dq_s = smem::base() + Lay::<D>::DQ;
+    // This thread's rows 16 (warp % 4) + g (+ 8), columns c0 + 8 j + 2 t (+ 1).
+    let (lane, warp) = ((ctid % 32) as u32, ((ctid / 32) % 4) as u32);
+    let row = 16 * warp + lane / 4;
+    let col = c0 + 2 * (lane % 4);
     unsafe {
         pipes.dq.producer_acquire(*ds);
-        for j in 0..8 {
-            for half in 0..2usize {
-                smem::st_v2_f32(dq_s + dq_slot(ctid, j, half), [acc_q[j][2 * half], acc_q[j][2 * half + 1]]);
+        for j in 0..8u32 {
+            for half in 0..2u32 {
+                let k = (2 * half) as usize;
+                smem::st_v2_f32(dq_s + dq_offset(row + 8 * half, col + 8 * j), [acc_q[j as usize][k], acc_q[j as usize][k + 1]]);
             }
         }
+        fence_proxy_async_shared();
         mbarrier::arrive(pipes.dq.full_barrier(*ds));
     }
     ds.advance();
@@ -401,7 +410,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         unsafe {
             pipes.kv.init(2);
             pipes.step.init_with(STEP_PRODUCERS, CONSUMERS as u32);
-            pipes.dq.init_with(CONSUMERS as u32, HELPERS as u32);
+            pipes.dq.init_with(DQ_PRODUCERS[(D == 64) as usize], 1);
         }
         mbarrier::fence_init();
     }
@@ -410,8 +419,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         tma::regs_dec::<PRODUCER_REGS>();
         if tid < 32 {
             unsafe { produce::<D, ORDERED>(p, maps, &pipes, tid as u32) };
-        } else if helps(D, MODS, ORDERED) {
-            unsafe { help_dq::<D>(p, &pipes, tid - 32) };
+        } else if helps(D, ORDERED) && tid == HELPER_TID {
+            unsafe { help_dq::<D>(p, maps, &pipes) };
         }
         return;
     }
@@ -434,8 +443,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         unsafe { store_dk_dv::<E, D, DN>(p, &sk, bidb, hk, n0, &acc_dk, &acc_dv, key0, t) };
     });
     if grid_dim_x() == 1 {
-        if helps(D, MODS, ORDERED) {
-            // The helpers released the last step's dQ: their adds have landed (`help_dq`).
+        if helps(D, ORDERED) {
+            // The helper released the last step's dQ: its reductions have landed (`help_dq`).
             unsafe { pipes.dq.producer_acquire(st.dq) };
         }
         fence_gpu();
