@@ -546,7 +546,8 @@ pub const fn bwd_ws_smem_bytes(head_dim: usize) -> usize {
 
 /// Whether the warp-specialized backward's default-mode kernels hand each step's dQ to the producer
 /// warpgroup through shared memory (one thread reduces it into the accumulator with bulk tensor
-/// reductions) instead of adding it themselves: every head dim (branch `dq-bulk`, to measure).
+/// reductions) instead of adding it themselves: every head dim it has (H100: backward 0.83-0.86x the
+/// time at 128, 0.86-0.90 at 64, 0.90-0.92 at 96; benches/RESULTS.md, Backward).
 pub const fn bwd_ws_dq_helpers(head_dim: usize) -> bool {
     head_dim == 64 || head_dim == 96 || head_dim == 128
 }
