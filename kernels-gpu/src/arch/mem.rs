@@ -91,17 +91,6 @@ pub unsafe fn red_add_v2_f32(addr: u64, v: [f32; 2]) {
     }
 }
 
-/// `addr[0..4] += v` in global memory, atomically per element, one request (`addr` 16-byte aligned;
-/// sm_90, PTX 8.1).
-#[cfg(fa_sm90)]
-#[inline(always)]
-pub unsafe fn red_add_v4_f32(addr: u64, v: [f32; 4]) {
-    unsafe {
-        asm!("red.global.add.v4.f32 [{a}], {{{x}, {y}, {z}, {w}}};", a = in(reg64) addr,
-            x = in(reg32) v[0], y = in(reg32) v[1], z = in(reg32) v[2], w = in(reg32) v[3], options(nostack))
-    }
-}
-
 /// Store two f32 to global memory (`addr` 8-byte aligned).
 #[inline(always)]
 pub unsafe fn st_global_v2_f32(addr: u64, v: [f32; 2]) {
