@@ -375,6 +375,138 @@ fn many_tiles_on_several_streams_at_once() {
     run(0, 3, true);
 }
 
+/// Holds a stream at a host function until `GATE_OPEN` (`launches_in_flight_at_once_never_share_a_tile_counter`).
+static GATE_OPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+unsafe extern "C" fn gate(_: *mut std::ffi::c_void) {
+    while !GATE_OPEN.load(Ordering::Acquire) {
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// The warp-specialized forward's launches in flight at once each draw their tiles from a counter entry
+/// no other one uses. Two causal forwards of 1024 tiles are held behind one gate on streams A and C, with
+/// 1023 small launches on stream B queued between them (dealt in turn, 1024 entries, as before, A's and
+/// C's launches would meet on one entry and skip each other's tiles), then released together: both
+/// equal the `Tensor` API bitwise over outputs first set to NaN. Then the same with two graphs, captured
+/// 1024 launches apart on A and C, replayed at once.
+#[test]
+fn launches_in_flight_at_once_never_share_a_tile_counter() {
+    require_gpu!();
+    let (seed, mut rng) = seeded("launches_in_flight_at_once_never_share_a_tile_counter");
+    let (b, s, h, d) = (1usize, 8192usize, 16usize, 128usize);
+    let (shape, lse_shape) = ([b, s, h, d], [b, h, s]);
+    let (strides, lse_strides) = (contiguous(&shape), contiguous(&lse_shape));
+    let n = b * s * h * d;
+    let x: Vec<Vec<f32>> = (0..3).map(|_| random_values(&mut rng, n, 1.0, DType::BF16)).collect();
+    let o = AttnOptions { causal: true, ..Default::default() };
+    let (want_o, want_l) = {
+        let t = |v: &[f32]| Tensor::from_f32(v, &shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap();
+        let f = flash_attn::fwd(&t(&x[0]), &t(&x[1]), &t(&x[2]), &o).unwrap();
+        (f.out.to_f32_vec().unwrap(), f.lse.to_f32_vec().unwrap())
+    };
+    let want_o = bits(&want_o);
+    assert!(want_l.iter().all(|l| l.is_finite()), "seed {seed}: the Tensor API gave a non-finite lse");
+    let ctx = CudaContext::new(0).unwrap();
+    unsafe { ctx.disable_event_tracking() };
+    let (sa, sb, sc) = (ctx.new_stream().unwrap(), ctx.new_stream().unwrap(), ctx.new_stream().unwrap());
+    let (q, k, v) = (sa.clone_htod(&bits(&x[0])).unwrap(), sa.clone_htod(&bits(&x[1])).unwrap(), sa.clone_htod(&bits(&x[2])).unwrap());
+    let mut outs: Vec<(CudaSlice<u16>, CudaSlice<f32>)> = (0..2).map(|_| (sa.alloc_zeros::<u16>(n).unwrap(), sa.alloc_zeros::<f32>(b * h * s).unwrap())).collect();
+    // The small problem: 1 x 128 x 1 x 128, one tile.
+    let small_shape = [1usize, 128, 1, 128];
+    let small_strides = contiguous(&small_shape);
+    let (small_lse_shape, small_lse_strides) = ([1usize, 1, 128], [128usize, 128, 1]);
+    let sm: Vec<CudaSlice<u16>> = (0..4).map(|_| sb.clone_htod(&bits(&random_values(&mut rng, 128 * 128, 1.0, DType::BF16))).unwrap()).collect();
+    let sm_lse = sb.alloc_zeros::<f32>(128).unwrap();
+    sa.synchronize().unwrap();
+    sb.synchronize().unwrap();
+    fn view<'a>(addr: u64, shape: &'a [usize], strides: &'a [usize], dtype: DType) -> View<'a> {
+        View { addr, dtype, shape, strides }
+    }
+    let (sh, st, lsh, lst) = (&shape[..], &strides[..], &lse_shape[..], &lse_strides[..]);
+    let (ssh, sst) = (&small_shape[..], &small_strides[..]);
+    let out_addrs: Vec<(u64, u64)> = outs.iter().map(|(o, l)| (ptr(o, &sa), ptr(l, &sa))).collect();
+    let big = |i: usize, stream: &Arc<CudaStream>| FwdViews {
+        q: view(ptr(&q, stream), sh, st, DType::BF16),
+        k: view(ptr(&k, stream), sh, st, DType::BF16),
+        v: view(ptr(&v, stream), sh, st, DType::BF16),
+        out: view(out_addrs[i].0, sh, st, DType::BF16),
+        lse: view(out_addrs[i].1, lsh, lst, DType::F32),
+        alibi_slopes: None,
+        s_dmask: None,
+    };
+    let small = FwdViews {
+        q: view(ptr(&sm[0], &sb), ssh, sst, DType::BF16),
+        k: view(ptr(&sm[1], &sb), ssh, sst, DType::BF16),
+        v: view(ptr(&sm[2], &sb), ssh, sst, DType::BF16),
+        out: view(ptr(&sm[3], &sb), ssh, sst, DType::BF16),
+        lse: view(ptr(&sm_lse, &sb), &small_lse_shape, &small_lse_strides, DType::F32),
+        alibi_slopes: None,
+        s_dmask: None,
+    };
+    let target = |s: &Arc<CudaStream>| Target::Cuda { ordinal: 0, stream: s.cu_stream() as usize };
+    let smalls = || {
+        for _ in 0..1023 {
+            unsafe { raw::fwd(&small, &AttnOptions::default(), target(&sb)) }.unwrap();
+        }
+    };
+    raw::preload(0).unwrap();
+    // A host function holds A; C waits for A to pass it.
+    let hold = || {
+        GATE_OPEN.store(false, Ordering::Release);
+        unsafe { sys::cuLaunchHostFunc(sa.cu_stream(), Some(gate), std::ptr::null_mut()) }.result().unwrap();
+        sc.wait(&sa.record_event(None).unwrap()).unwrap();
+    };
+    let nan = |outs: &mut Vec<(CudaSlice<u16>, CudaSlice<f32>)>| {
+        for (out, lse) in outs.iter_mut() {
+            sa.memcpy_htod(&vec![0x7fc0u16; n], out).unwrap();
+            sa.memcpy_htod(&vec![f32::NAN; b * h * s], lse).unwrap();
+        }
+        sa.synchronize().unwrap();
+    };
+    let check = |outs: &Vec<(CudaSlice<u16>, CudaSlice<f32>)>, what: &str| {
+        for (i, (out, lse)) in outs.iter().enumerate() {
+            let (got_o, got_l) = (sa.clone_dtoh(out).unwrap(), sa.clone_dtoh(lse).unwrap());
+            let wrong = got_o.iter().zip(&want_o).filter(|(a, b)| a != b).count();
+            assert!(wrong == 0, "seed {seed}: {what}: launch {i}'s out differs from the Tensor API in {wrong} of {n} elements");
+            assert!(got_l.iter().zip(&want_l).all(|(a, b)| a.to_bits() == b.to_bits()), "seed {seed}: {what}: launch {i}'s lse differs from the Tensor API");
+        }
+    };
+    // Eager launches.
+    nan(&mut outs);
+    hold();
+    let queued = unsafe { raw::fwd(&big(0, &sa), &o, target(&sa)) };
+    smalls();
+    let queued = queued.and_then(|()| unsafe { raw::fwd(&big(1, &sc), &o, target(&sc)) });
+    GATE_OPEN.store(true, Ordering::Release);
+    queued.unwrap();
+    for st in [&sa, &sb, &sc] {
+        st.synchronize().unwrap();
+    }
+    check(&outs, "eager launches on A and C");
+    // Graphs captured 1024 launches apart, replayed at once.
+    let capture = |stream: &Arc<CudaStream>, i: usize| {
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+        let queued = unsafe { raw::fwd(&big(i, stream), &o, target(stream)) };
+        let g = stream.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
+        queued.unwrap();
+        g
+    };
+    let ga = capture(&sa, 0);
+    smalls();
+    sb.synchronize().unwrap();
+    let gc = capture(&sc, 1);
+    nan(&mut outs);
+    hold();
+    let replayed = ga.launch().and_then(|()| gc.launch());
+    GATE_OPEN.store(true, Ordering::Release);
+    replayed.unwrap();
+    for st in [&sa, &sc] {
+        st.synchronize().unwrap();
+    }
+    check(&outs, "graphs replayed on A and C");
+}
+
 /// q, k, v as interleaved slices of one packed `[B, S, 3, H, D]` buffer and dq, dk, dv written into one
 /// packed gradient buffer (flash-attn's qkvpacked layout): accepted (no false alias), and bitwise equal
 /// to contiguous inputs; the gradient buffer's every element is written.

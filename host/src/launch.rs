@@ -26,16 +26,52 @@ fn env_choice() -> KernelChoice {
     *ENV.get_or_init(|| KernelChoice { no_wgmma: set("FLASH_ATTN_NO_WGMMA"), bwd_chain_all: set("FLASH_ATTN_BWD_CHAIN_ALL"), fwd_no_ws: set("FLASH_ATTN_FWD_NO_WS"), bwd_no_ws: set("FLASH_ATTN_BWD_NO_WS"), bwd_ordered_all: set("FLASH_ATTN_BWD_ORDERED_ALL") })
 }
 
-/// The warp-specialized forward's tile counter entry for the next launch (`FwdParams::tile_slot`): the
-/// entries in turn, or -1 (static scheduling) under `FLASH_ATTN_FWD_STATIC_TILES`.
-fn fwd_tile_slot() -> i32 {
+/// The warp-specialized forward's tile counter entry for a launch on `stream` of device `ordinal`
+/// (`FwdParams::tile_slot`), or -1: static scheduling. A launch's blocks draw tiles from one entry, which
+/// its last block sets back to zero, so two launches in flight at once must never share one (they would
+/// each skip the tiles the other drew: silently wrong output). Hence:
+/// - an eager launch takes its stream's own entry, one of the first `FWD_WS_STREAM_SLOTS`, given to each
+///   (device, stream) the first time it launches and kept for the process (launches on one stream run
+///   in turn; the per-thread default stream counts once per host thread); past that many streams, static;
+/// - a launch being captured into a CUDA graph takes an entry no other launch ever gets (the rest, each
+///   given once), since its graph may be replayed on any stream at any time; once those are spent,
+///   static. (One graph exec's replays run in turn; two execs instantiated from one captured graph share
+///   its entries, as they share every address captured in it.)
+/// - `FLASH_ATTN_FWD_STATIC_TILES`: static always.
+fn fwd_tile_slot(ordinal: usize, stream: usize) -> i32 {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
     static STATIC: OnceLock<bool> = OnceLock::new();
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static STREAMS: Mutex<Vec<(usize, usize, Option<std::thread::ThreadId>)>> = Mutex::new(Vec::new());
+    static CAPTURED: AtomicUsize = AtomicUsize::new(FWD_WS_STREAM_SLOTS);
     if env_set(&STATIC, "FLASH_ATTN_FWD_STATIC_TILES") {
         return -1;
     }
-    (NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % crate::dispatch::FWD_WS_TILE_SLOTS) as i32
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // (A query that fails, e.g. the legacy stream while another stream captures globally: static; the
+    // launch itself reports the error.)
+    if unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) } != sys::cudaError_enum::CUDA_SUCCESS {
+        return -1;
+    }
+    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+        let e = CAPTURED.fetch_add(1, Ordering::Relaxed);
+        return if e < crate::dispatch::FWD_WS_TILE_SLOTS { e as i32 } else { -1 };
+    }
+    // CU_STREAM_PER_THREAD: each host thread's own stream under one handle.
+    let key = (ordinal, stream, (stream == 2).then(|| std::thread::current().id()));
+    let mut streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(i) = streams.iter().position(|k| *k == key) {
+        return i as i32;
+    }
+    if streams.len() < FWD_WS_STREAM_SLOTS {
+        streams.push(key);
+        return (streams.len() - 1) as i32;
+    }
+    -1
 }
+
+/// Tile counter entries given to streams (`fwd_tile_slot`); the rest go to captured launches.
+const FWD_WS_STREAM_SLOTS: usize = 1024;
 
 /// The kernel choice in force: the call's, or the environment's where it forces one.
 fn choice(call: KernelChoice) -> KernelChoice {
@@ -210,7 +246,7 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
     if ws.is_none() {
         unsafe { queue(f, &l, &params, stream) }?;
     } else {
-        params.tile_slot = fwd_tile_slot();
+        params.tile_slot = fwd_tile_slot(ordinal, stream);
         // The tensor maps travel as the kernel's second parameter.
         let maps = tma_maps(p, t, &launch.config)?;
         let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];

@@ -7,9 +7,11 @@
 //! the kernels, which clamp every index), so a call can be captured into a CUDA graph. The first call on
 //! a device loads the kernels (see `preload`: do it before capturing). Calls from several threads and
 //! on several streams at once are fine: the only shared state is the loaded module (with the Hopper
-//! forward's tile counters, an entry per launch dealt out in turn: up to `FWD_WS_TILE_SLOTS` = 1024 of
-//! its launches in flight at once; a captured graph replays its launches' entries, so one graph must not
-//! be replayed on two streams at the same time).
+//! forward's tile counters: an entry of its own for each stream, the first 1024 streams a process
+//! launches on, and for each launch captured into a graph, the first 64512; past those, its tiles in a
+//! fixed order, as fast where every tile is as much work; two graph execs instantiated from one
+//! captured graph share its entries, as they share every address captured in it, so they must not run
+//! at once).
 //!
 //! Layouts are flash-attn 2's: q `[B, Sq, Hq, D]` (varlen `[Tq, Hq, D]`), k and v `[B, Sk, Hk, D]`
 //! (`[Tk, Hk, D]`), out and dout like q, lse contiguous f32 `[B, Hq, Sq]` (`[Hq, Tq]`), dq like q, dk and

@@ -314,11 +314,11 @@ pub const FWD_WS_BARRIER_BYTES: usize = 128;
 /// (Read by the device code only.)
 #[cfg_attr(not(target_os = "cuda"), allow(dead_code))]
 pub const FWD_WS_L2_SECTION_BYTES: usize = 16 << 20;
-/// Entries of the warp-specialized forward's tile counters (a module global: each launch draws its
-/// tiles from entry `FwdParams::tile_slot`, which the host deals out in turn, and its last block to
-/// finish sets the entry back to zero), so that launches in flight together on other streams draw from
-/// other entries.
-pub const FWD_WS_TILE_SLOTS: usize = 1024;
+/// Entries of the warp-specialized forward's tile counters (a module global, 512 KB: each launch draws
+/// its tiles from entry `FwdParams::tile_slot`, and its last block to finish sets the entry back to
+/// zero). The host gives each stream an entry of its own and each captured launch one no other launch
+/// gets (`fwd_tile_slot` in launch.rs), so that no two launches in flight at once share one.
+pub const FWD_WS_TILE_SLOTS: usize = 65536;
 
 /// Rows per bulk tensor copy of a paged K/V tile in the warp-specialized forward: the largest power of
 /// two dividing both the page size and `block_n` (rows of one box lie in one page, and the boxes of a
