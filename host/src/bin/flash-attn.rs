@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--help" || a == "-h") || args.first().is_some_and(|a| a == "help") {
         return match std::io::stdout().lock().write_all(USAGE.as_bytes()) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => report(&Fail(format!("cannot write to standard output: {e}"))),
+            Err(e) => report(&stdout_failed(e)),
         };
     }
     let Some((command, rest)) = args.split_first() else {
@@ -105,8 +105,13 @@ fn report(Fail(msg): &Fail) -> ExitCode {
 /// `println!` to standard output whose failure (a closed pipe, a full disk) is a `Fail`, not a panic.
 macro_rules! say {
     ($($arg:tt)*) => {
-        writeln!(std::io::stdout().lock(), $($arg)*).map_err(|e| Fail(format!("cannot write to standard output: {e}")))?
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(stdout_failed)?
     };
+}
+
+/// A failed write to standard output.
+fn stdout_failed(e: std::io::Error) -> Fail {
+    Fail(format!("cannot write to standard output: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------------------
