@@ -10,8 +10,13 @@
 //! forward's tile counters: an entry of its own for each stream, the first 1024 streams a process
 //! launches on, and for each launch captured into a graph, the first 64512; past those, its tiles in a
 //! fixed order, as fast where every tile is as much work; two graph execs instantiated from one
-//! captured graph share its entries, as they share every address captured in it, so they must not run
-//! at once).
+//! captured graph, a graph cloned or embedded twice as a child graph, share its entries, as they share
+//! every address captured in it, so they must not run at once). The first call on a device (or
+//! `preload`) initializes the driver, the device's primary context and the module, which allocates:
+//! not while another thread captures in global mode. Each call makes the device's primary context
+//! current on the calling thread (as cudarc, candle and PyTorch do) and leaves it so. The `Tensor` API
+//! (not this layer) works on the legacy default stream: not while another thread captures in global
+//! mode either.
 //!
 //! Layouts are flash-attn 2's: q `[B, Sq, Hq, D]` (varlen `[Tq, Hq, D]`), k and v `[B, Sk, Hk, D]`
 //! (`[Tk, Hk, D]`), out and dout like q, lse contiguous f32 `[B, Hq, Sq]` (`[Hq, Tq]`), dq like q, dk and
