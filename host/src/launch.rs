@@ -60,6 +60,10 @@ fn fwd_tile_slot(ordinal: usize, stream: usize) -> i32 {
     // CU_STREAM_PER_THREAD: each host thread's own stream under one handle.
     let key = (ordinal, stream, (stream == 2).then(|| std::thread::current().id()));
     let mut streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+    // Room for every entry at the first launch, so that a stream's first launch later allocates nothing.
+    if streams.capacity() == 0 {
+        streams.reserve_exact(FWD_WS_STREAM_SLOTS);
+    }
     if let Some(i) = streams.iter().position(|k| *k == key) {
         return i as i32;
     }
