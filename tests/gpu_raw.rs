@@ -117,6 +117,18 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
     p
 }
 
+/// A view of `addr` (the forward tests' argument order).
+fn view<'a>(addr: u64, shape: &'a [usize], strides: &'a [usize], dtype: DType) -> View<'a> {
+    View { addr, dtype, shape, strides }
+}
+
+/// The `Tensor` API's dense bf16 forward of q, k, v = `x[0..3]` (all of shape `shape`): out's bits and lse.
+fn tensor_api_fwd(x: &[Vec<f32>], shape: &[usize], o: &AttnOptions) -> (Vec<u16>, Vec<f32>) {
+    let t = |v: &[f32]| Tensor::from_f32(v, shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap();
+    let f = flash_attn::fwd(&t(&x[0]), &t(&x[1]), &t(&x[2]), o).unwrap();
+    (bits(&f.out.to_f32_vec().unwrap()), f.lse.to_f32_vec().unwrap())
+}
+
 impl Buffers {
     fn new(stream: &Arc<CudaStream>, x: &Inputs, deterministic: bool) -> Buffers {
         let (b, sq, sk, hq, hk, d) = DIMS;
@@ -314,11 +326,7 @@ fn many_tiles_on_several_streams_at_once() {
     let r = |rng: &mut _| random_values(rng, b * s * h * d, 1.0, DType::BF16);
     let x = Arc::new([r(&mut rng), r(&mut rng), r(&mut rng)]);
     let o = AttnOptions { causal: true, ..Default::default() };
-    let want = {
-        let t = |v: &[f32]| Tensor::from_f32(v, &shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap();
-        let f = flash_attn::fwd(&t(&x[0]), &t(&x[1]), &t(&x[2]), &o).unwrap();
-        Arc::new((bits(&f.out.to_f32_vec().unwrap()), f.lse.to_f32_vec().unwrap()))
-    };
+    let want = Arc::new(tensor_api_fwd(&x[..], &shape, &o));
     assert!(want.1.iter().all(|l| l.is_finite()), "seed {seed}: the Tensor API gave a non-finite lse");
     let run = move |t: usize, calls: usize, graph: bool| {
         let (_ctx, stream) = caller_stream();
@@ -326,9 +334,6 @@ fn many_tiles_on_several_streams_at_once() {
         let (q, k, v) = (up(&x[0]), up(&x[1]), up(&x[2]));
         let mut out = stream.alloc_zeros::<u16>(b * s * h * d).unwrap();
         let mut lse = stream.alloc_zeros::<f32>(b * h * s).unwrap();
-        fn view<'a>(addr: u64, shape: &'a [usize], strides: &'a [usize], dtype: DType) -> View<'a> {
-            View { addr, dtype, shape, strides }
-        }
         let (sh, st, lsh, lst) = (&shape[..], &strides[..], &lse_shape[..], &lse_strides[..]);
         let fv = FwdViews {
             q: view(ptr(&q, &stream), sh, st, DType::BF16),
@@ -402,12 +407,7 @@ fn launches_in_flight_at_once_never_share_a_tile_counter() {
     let n = b * s * h * d;
     let x: Vec<Vec<f32>> = (0..3).map(|_| random_values(&mut rng, n, 1.0, DType::BF16)).collect();
     let o = AttnOptions { causal: true, ..Default::default() };
-    let (want_o, want_l) = {
-        let t = |v: &[f32]| Tensor::from_f32(v, &shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap();
-        let f = flash_attn::fwd(&t(&x[0]), &t(&x[1]), &t(&x[2]), &o).unwrap();
-        (f.out.to_f32_vec().unwrap(), f.lse.to_f32_vec().unwrap())
-    };
-    let want_o = bits(&want_o);
+    let (want_o, want_l) = tensor_api_fwd(&x, &shape, &o);
     assert!(want_l.iter().all(|l| l.is_finite()), "seed {seed}: the Tensor API gave a non-finite lse");
     let ctx = CudaContext::new(0).unwrap();
     unsafe { ctx.disable_event_tracking() };
@@ -422,9 +422,6 @@ fn launches_in_flight_at_once_never_share_a_tile_counter() {
     let sm_lse = sb.alloc_zeros::<f32>(128).unwrap();
     sa.synchronize().unwrap();
     sb.synchronize().unwrap();
-    fn view<'a>(addr: u64, shape: &'a [usize], strides: &'a [usize], dtype: DType) -> View<'a> {
-        View { addr, dtype, shape, strides }
-    }
     let (sh, st, lsh, lst) = (&shape[..], &strides[..], &lse_shape[..], &lse_strides[..]);
     let (ssh, sst) = (&small_shape[..], &small_strides[..]);
     let out_addrs: Vec<(u64, u64)> = outs.iter().map(|(o, l)| (ptr(o, &sa), ptr(l, &sa))).collect();
