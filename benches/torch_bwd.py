@@ -46,6 +46,11 @@ def rand(*shape):
     return torch.rand(*shape, device="cuda", dtype=torch.bfloat16).sub_(0.5)
 
 
+def selected(name, filt):
+    """The run's shape filter: comma-separated substrings, any of them (as FA_BENCH_FILTER in the Rust benches)."""
+    return any(f in name for f in filt.split(","))
+
+
 def main():
     filt = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.manual_seed(0)
@@ -62,7 +67,7 @@ def main():
             dout = rand(b, s, h, d).transpose(1, 2)
             for causal in (False, True):
                 name = f"fwd/hdim{d}/s{s}/b{b}/h{h}/causal{int(causal)}"
-                if filt not in name:
+                if not selected(name, filt):
                     continue
                 flops = 4 * b * h * s * s * d / (2 if causal else 1)
                 for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -94,7 +99,7 @@ def main():
             flops = 4 * b * h * s * s * d / (2 if causal else 1)
             for mod, p in (("none", 0.0), (f"dropout{MODS_DROPOUT}", MODS_DROPOUT)):
                 name = f"mods/hdim{d}/s{s}/b{b}/h{h}/causal{int(causal)}/{mod}"
-                if filt not in name:
+                if not selected(name, filt):
                     continue
                 for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                     def forward(kind=kind, causal=causal, p=p):
@@ -113,7 +118,7 @@ def main():
     mx = max(lens)
     for causal in (False, True):
         name = f"varlen/hdim{d}/ragged64/h{h}/causal{int(causal)}"
-        if filt not in name:
+        if not selected(name, filt):
             continue
         flops = sum(4 * h * l * l * d for l in lens) / (2 if causal else 1)
 

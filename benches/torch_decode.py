@@ -34,6 +34,11 @@ def captured(fn, steps=GRAPH_STEPS):
     return g
 
 
+def selected(name, filt):
+    """The run's shape filter: comma-separated substrings, any of them (as FA_BENCH_FILTER in the Rust benches)."""
+    return any(f in name for f in filt.split(","))
+
+
 def main():
     filt = sys.argv[1] if len(sys.argv) > 1 else ""
     dev = "cuda"
@@ -47,7 +52,7 @@ def main():
             for b in (1, 8, 64):
                 kv_bytes = 2 * b * ctx * HK * D * 2
                 name = f"decode/sq{sq}/ctx{ctx}/b{b}/page0"
-                if kv_bytes > MAX_CACHE_BYTES or filt not in name:
+                if kv_bytes > MAX_CACHE_BYTES or not selected(name, filt):
                     continue
                 q = torch.rand(b, sq, HQ, D, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2)
                 if os.environ.get("FA_DECODE_HEAD_MAJOR"):

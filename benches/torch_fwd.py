@@ -111,6 +111,11 @@ def direct(q, k, v, causal):
     return lambda: flash_attn_rs._native.fwd(*args)
 
 
+def selected(name, filt):
+    """The run's shape filter: comma-separated substrings, any of them (as FA_BENCH_FILTER in the Rust benches)."""
+    return any(f in name for f in filt.split(","))
+
+
 def main():
     filt = sys.argv[1] if len(sys.argv) > 1 else ""
     torch.manual_seed(0)
@@ -125,7 +130,7 @@ def main():
             q, k, v = (torch.rand(b, s, h, d, device=dev, dtype=torch.bfloat16).sub_(0.5).transpose(1, 2) for _ in range(3))
             for causal in (False, True):
                 name = f"fwd/hdim{d}/s{s}/b{b}/h{h}/causal{int(causal)}"
-                if filt not in name:
+                if not selected(name, filt):
                     continue
                 flops = 4 * b * h * s * s * d / (2 if causal else 1)
                 for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -149,7 +154,7 @@ def main():
             flops = 4 * b * h * s * s * d / (2 if causal else 1)
             for mod, p in (("none", 0.0), (f"dropout{MODS_DROPOUT}", MODS_DROPOUT)):
                 name = f"mods/hdim{d}/s{s}/b{b}/h{h}/causal{int(causal)}/{mod}"
-                if filt not in name:
+                if not selected(name, filt):
                     continue
                 for backend, kind in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                     def run(kind=kind, causal=causal, p=p):
@@ -164,7 +169,7 @@ def main():
     mx = max(lens)
     for causal in (False, True):
         name = f"varlen/hdim{d}/ragged64/h{h}/causal{int(causal)}"
-        if filt not in name:
+        if not selected(name, filt):
             continue
         flops = sum(4 * h * l * l * d for l in lens) / (2 if causal else 1)
         def run(causal=causal):
