@@ -35,8 +35,9 @@ fn env_choice() -> KernelChoice {
 ///   in turn; the per-thread default stream counts once per host thread); past that many streams, static;
 /// - a launch being captured into a CUDA graph takes an entry no other launch ever gets (the rest, each
 ///   given once), since its graph may be replayed on any stream at any time; once those are spent,
-///   static. (One graph exec's replays run in turn; two execs instantiated from one captured graph share
-///   its entries, as they share every address captured in it.)
+///   static. (One graph exec's replays run in turn; two execs instantiated from one captured graph, or a
+///   graph cloned or embedded twice as a child graph, share its entries, as they share every address
+///   captured in it.)
 /// - `FLASH_ATTN_FWD_STATIC_TILES`: static always.
 fn fwd_tile_slot(ordinal: usize, stream: usize) -> i32 {
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,7 +51,7 @@ fn fwd_tile_slot(ordinal: usize, stream: usize) -> i32 {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     // (A query that fails, e.g. the legacy stream while another stream captures globally: static; the
     // launch itself reports the error.)
-    if unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) } != sys::cudaError_enum::CUDA_SUCCESS {
+    if unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) } != sys::CUresult::CUDA_SUCCESS {
         return -1;
     }
     if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
@@ -60,6 +61,10 @@ fn fwd_tile_slot(ordinal: usize, stream: usize) -> i32 {
     // CU_STREAM_PER_THREAD: each host thread's own stream under one handle.
     let key = (ordinal, stream, (stream == 2).then(|| std::thread::current().id()));
     let mut streams = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+    // Room for every entry at the first launch, so that a stream's first launch later allocates nothing.
+    if streams.capacity() == 0 {
+        streams.reserve_exact(FWD_WS_STREAM_SLOTS);
+    }
     if let Some(i) = streams.iter().position(|k| *k == key) {
         return i as i32;
     }
