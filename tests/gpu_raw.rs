@@ -506,6 +506,41 @@ fn launches_in_flight_at_once_never_share_a_tile_counter() {
     check(&outs, "graphs replayed on A and C");
 }
 
+/// The first call on a device (the module's load, which allocates) while another thread captures a graph in
+/// global mode: the load succeeds and the other thread's capture stays valid. Run in a child process of this
+/// test binary (`FA_FIRST_LOAD_CHILD`), where nothing has loaded the module yet.
+#[test]
+fn first_load_during_another_threads_global_capture() {
+    require_gpu!();
+    if std::env::var_os("FA_FIRST_LOAD_CHILD").is_none() {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let o = std::process::Command::new(exe)
+            .env("FA_FIRST_LOAD_CHILD", "1")
+            .args(["--exact", "first_load_during_another_threads_global_capture", "--test-threads", "1", "--nocapture"])
+            .output()
+            .expect("the test binary runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success() && text.contains("1 passed"), "in a fresh process:\n{text}");
+        return;
+    }
+    let ctx = CudaContext::new(0).unwrap();
+    let capturing = ctx.new_stream().unwrap();
+    let (begun_tx, begun_rx) = std::sync::mpsc::channel();
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<()>();
+    let capturer = std::thread::spawn(move || {
+        capturing.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL).unwrap();
+        begun_tx.send(()).unwrap();
+        loaded_rx.recv().unwrap();
+        capturing.end_capture(sys::CUgraphInstantiate_flags(0)).map(|g| g.is_some())
+    });
+    begun_rx.recv().unwrap();
+    let loaded = raw::preload(0);
+    loaded_tx.send(()).unwrap();
+    let captured = capturer.join().expect("the capturing thread");
+    loaded.expect("the module's load during another thread's global capture");
+    assert!(matches!(captured, Ok(_)), "the other thread's capture was invalidated: {captured:?}");
+}
+
 /// q, k, v as interleaved slices of one packed `[B, S, 3, H, D]` buffer and dq, dk, dv written into one
 /// packed gradient buffer (flash-attn's qkvpacked layout): accepted (no false alias), and bitwise equal
 /// to contiguous inputs; the gradient buffer's every element is written.

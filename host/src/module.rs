@@ -31,7 +31,9 @@ unsafe impl Sync for MemPool {}
 /// One CUDA device as the library uses it.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
-    module: OnceLock<std::result::Result<Module, String>>,
+    module: OnceLock<Module>,
+    /// Held while a thread loads the module (a failed load is not kept: the next call tries again).
+    module_loading: Mutex<()>,
     functions: Mutex<HashMap<&'static str, Function>>,
     /// The `Tensor` API's memory pool, created on first use; None where the device has no memory pools
     /// (its buffers then use cuMemAlloc / cuMemFree).
@@ -106,7 +108,7 @@ impl Gpu {
         let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let cc_major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let cc_minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-        Ok(Gpu { ctx, module: OnceLock::new(), functions: Mutex::new(HashMap::new()), pool: OnceLock::new(), max_smem_optin, cc_major, cc_minor, sm_count })
+        Ok(Gpu { ctx, module: OnceLock::new(), module_loading: Mutex::new(()), functions: Mutex::new(HashMap::new()), pool: OnceLock::new(), max_smem_optin, cc_major, cc_minor, sm_count })
     }
 
     /// The kernels for this device, loaded on first use: the shipped cubin where it runs natively
@@ -117,25 +119,45 @@ impl Gpu {
     }
 
     fn loaded(&self) -> Result<&Module> {
-        let m = self.module.get_or_init(|| {
-            self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
-            let cubin = match (self.cc_major, self.cc_minor) {
-                (9, 0) => Some((crate::ptx::cubin_sm90()?, true)),
-                (8, _) => Some((crate::ptx::cubin_sm80()?, false)),
-                _ => None,
-            };
-            if let Some((image, sm90)) = cubin
-                && let Ok(m) = unsafe { result::module::load_data(image.as_ptr() as *const _) }
-            {
-                return Ok(Module(m, sm90));
-            }
-            let image = std::ffi::CString::new(crate::ptx::ptx_sm80()?).map_err(|e| e.to_string())?;
-            unsafe { result::module::load_data(image.as_ptr() as *const _) }.map(|m| Module(m, false)).map_err(|e| e.to_string())
-        });
-        match m {
-            Ok(m) => Ok(m),
-            Err(e) => Err(Error::Cuda(format!("loading the kernel module: {e}"))),
+        if let Some(m) = self.module.get() {
+            return Ok(m);
         }
+        let _loading = self.module_loading.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = self.module.get() {
+            return Ok(m);
+        }
+        self.ctx.bind_to_thread()?;
+        // Relaxed capture mode on this thread for the load (which allocates), so that another thread's
+        // global-mode capture neither fails it nor is invalidated by it; restored after.
+        let mut mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        let relaxed = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) } == sys::CUresult::CUDA_SUCCESS;
+        let m = self.load();
+        if relaxed {
+            unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut mode) };
+        }
+        let m = m.map_err(|e| Error::Cuda(format!("loading the kernel module: {e}")))?;
+        Ok(self.module.get_or_init(|| m))
+    }
+
+    /// Load the shipped cubin where it runs natively, else (or where the driver refuses it for a reason
+    /// that will not pass: not for out-of-memory or a capture in the way, which are returned, and the
+    /// next call tries again) the sm_80 PTX.
+    fn load(&self) -> std::result::Result<Module, String> {
+        use sys::CUresult as R;
+        let cubin = match (self.cc_major, self.cc_minor) {
+            (9, 0) => Some((crate::ptx::cubin_sm90()?, true)),
+            (8, _) => Some((crate::ptx::cubin_sm80()?, false)),
+            _ => None,
+        };
+        if let Some((image, sm90)) = cubin {
+            match unsafe { result::module::load_data(image.as_ptr() as *const _) } {
+                Ok(m) => return Ok(Module(m, sm90)),
+                Err(e) if matches!(e.0, R::CUDA_ERROR_OUT_OF_MEMORY | R::CUDA_ERROR_NOT_PERMITTED | R::CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED | R::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED | R::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT | R::CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD) => return Err(e.to_string()),
+                Err(_) => {}
+            }
+        }
+        let image = std::ffi::CString::new(crate::ptx::ptx_sm80()?).map_err(|e| e.to_string())?;
+        unsafe { result::module::load_data(image.as_ptr() as *const _) }.map(|m| Module(m, false)).map_err(|e| e.to_string())
     }
 
     /// The `Tensor` API's memory pool (see `MemPool`), or None where the device has none or creating it
