@@ -122,10 +122,11 @@ fn view<'a>(addr: u64, shape: &'a [usize], strides: &'a [usize], dtype: DType) -
     View { addr, dtype, shape, strides }
 }
 
-/// The `Tensor` API's dense bf16 forward of q, k, v = `x[0..3]` (all of shape `shape`): out's bits and lse.
-fn tensor_api_fwd(x: &[Vec<f32>], shape: &[usize], o: &AttnOptions) -> (Vec<u16>, Vec<f32>) {
-    let t = |v: &[f32]| Tensor::from_f32(v, shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap();
-    let f = flash_attn::fwd(&t(&x[0]), &t(&x[1]), &t(&x[2]), o).unwrap();
+/// The `Tensor` API's dense bf16 forward of q, k, v = `x[0..3]` (q of shape `q_shape`, k and v of
+/// `kv_shape`): out's bits and lse.
+fn tensor_api_fwd(x: &[Vec<f32>], q_shape: &[usize], kv_shape: &[usize], o: &AttnOptions) -> (Vec<u16>, Vec<f32>) {
+    let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(v, shape, DType::BF16).unwrap().to_device(Device::Cuda(0)).unwrap();
+    let f = flash_attn::fwd(&t(&x[0], q_shape), &t(&x[1], kv_shape), &t(&x[2], kv_shape), o).unwrap();
     (bits(&f.out.to_f32_vec().unwrap()), f.lse.to_f32_vec().unwrap())
 }
 
@@ -326,7 +327,7 @@ fn many_tiles_on_several_streams_at_once() {
     let r = |rng: &mut _| random_values(rng, b * s * h * d, 1.0, DType::BF16);
     let x = Arc::new([r(&mut rng), r(&mut rng), r(&mut rng)]);
     let o = AttnOptions { causal: true, ..Default::default() };
-    let want = Arc::new(tensor_api_fwd(&x[..], &shape, &o));
+    let want = Arc::new(tensor_api_fwd(&x[..], &shape, &shape, &o));
     assert!(want.1.iter().all(|l| l.is_finite()), "seed {seed}: the Tensor API gave a non-finite lse");
     let run = move |t: usize, calls: usize, graph: bool| {
         let (_ctx, stream) = caller_stream();
@@ -380,6 +381,61 @@ fn many_tiles_on_several_streams_at_once() {
     run(0, 3, true);
 }
 
+/// One dense bf16 problem of `launches_in_flight_at_once_never_share_a_tile_counter` on the caller's
+/// memory: inputs, outputs (set to NaN before each run) and the `Tensor` API's result.
+struct Held {
+    q_shape: [usize; 4],
+    kv_shape: [usize; 4],
+    lse_shape: [usize; 3],
+    strides: [Vec<usize>; 3],
+    bufs: [CudaSlice<u16>; 4],
+    lse: CudaSlice<f32>,
+    opts: AttnOptions,
+    want: (Vec<u16>, Vec<f32>),
+}
+
+impl Held {
+    fn new(rng: &mut rand::rngs::StdRng, stream: &Arc<CudaStream>, (b, sq, sk, hq, hk, d): (usize, usize, usize, usize, usize, usize), causal: bool) -> Held {
+        let (q_shape, kv_shape, lse_shape) = ([b, sq, hq, d], [b, sk, hk, d], [b, hq, sq]);
+        let x = [random_values(rng, b * sq * hq * d, 1.0, DType::BF16), random_values(rng, b * sk * hk * d, 1.0, DType::BF16), random_values(rng, b * sk * hk * d, 1.0, DType::BF16)];
+        let opts = AttnOptions { causal, ..Default::default() };
+        let want = tensor_api_fwd(&x, &q_shape, &kv_shape, &opts);
+        assert!(want.1.iter().all(|l| l.is_finite()), "the Tensor API gave a non-finite lse");
+        let up = |v: &[f32]| stream.clone_htod(&bits(v)).unwrap();
+        let bufs = [up(&x[0]), up(&x[1]), up(&x[2]), stream.alloc_zeros::<u16>(x[0].len()).unwrap()];
+        let lse = stream.alloc_zeros::<f32>(b * hq * sq).unwrap();
+        Held { q_shape, kv_shape, lse_shape, strides: [contiguous(&q_shape), contiguous(&kv_shape), contiguous(&lse_shape)], bufs, lse, opts, want }
+    }
+
+    fn views<'a>(&'a self, stream: &Arc<CudaStream>) -> FwdViews<'a> {
+        let v = |i: usize, shape: &'a [usize], st: &'a [usize]| view(ptr(&self.bufs[i], stream), shape, st, DType::BF16);
+        let (q, kv) = (&self.q_shape[..], &self.kv_shape[..]);
+        FwdViews {
+            q: v(0, q, &self.strides[0]),
+            k: v(1, kv, &self.strides[1]),
+            v: v(2, kv, &self.strides[1]),
+            out: v(3, q, &self.strides[0]),
+            lse: view(ptr(&self.lse, stream), &self.lse_shape, &self.strides[2], DType::F32),
+            alibi_slopes: None,
+            s_dmask: None,
+        }
+    }
+
+    fn set_nan(&mut self, stream: &Arc<CudaStream>) {
+        let (n, m) = (self.bufs[3].len(), self.lse.len());
+        stream.memcpy_htod(&vec![0x7fc0u16; n], &mut self.bufs[3]).unwrap();
+        stream.memcpy_htod(&vec![f32::NAN; m], &mut self.lse).unwrap();
+        stream.synchronize().unwrap();
+    }
+
+    fn check(&self, stream: &Arc<CudaStream>, seed: u64, what: &str) {
+        let (got_o, got_l) = (stream.clone_dtoh(&self.bufs[3]).unwrap(), stream.clone_dtoh(&self.lse).unwrap());
+        let wrong = got_o.iter().zip(&self.want.0).filter(|(a, b)| a != b).count();
+        let wrong_l = got_l.iter().zip(&self.want.1).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert!(wrong == 0 && wrong_l == 0, "seed {seed}: {what}: out differs from the Tensor API in {wrong} of {} elements, lse in {wrong_l} of {}", got_o.len(), got_l.len());
+    }
+}
+
 /// Holds a stream at a host function until `GATE_OPEN` (`launches_in_flight_at_once_never_share_a_tile_counter`).
 static GATE_OPEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -390,120 +446,92 @@ unsafe extern "C" fn gate(_: *mut std::ffi::c_void) {
 }
 
 /// The warp-specialized forward's launches in flight at once each draw their tiles from a counter entry
-/// no other one uses. Two causal forwards of 1024 tiles are held behind one gate on streams A and C, with
-/// 1023 small launches on stream B queued between them (with the entries dealt in turn, 1024 of them, as
-/// before, A's and C's launches got one entry), then released together: both equal the `Tensor` API
-/// bitwise over outputs first set to NaN. Then the same with two graphs, captured 1024 launches apart on
-/// A and C, replayed at once (captured launches have entries of their own). (With every SM given to A
-/// first, A's blocks have drawn all its tiles before C's start: the old dealing passed this too on an
-/// H100. Branch tile-test-priority holds a form whose draws overlap, not yet run on a GPU.)
+/// no other one uses. Launch A (1024 tiles of 128 queries against 16384 keys) on a stream of the lowest
+/// priority and launch C (2048 short tiles) on one of the highest are held behind one gate, 1023 small
+/// launches queued on a third stream between them (with the entries dealt in turn, 1024 of them, as
+/// before, A and C met on one entry); a launch D of SMs / 2 one-millisecond tiles goes out just before
+/// the gate opens, so that A starts on the SMs D leaves and C takes D's when they free up, while A's
+/// blocks are still drawing: A and C draw at once (on one entry each would skip the tiles the other
+/// drew). All three equal the `Tensor` API bitwise over outputs first set to NaN. Then two graphs,
+/// captured 1024 launches apart on two streams, replayed at once.
 #[test]
 fn launches_in_flight_at_once_never_share_a_tile_counter() {
     require_gpu!();
     let (seed, mut rng) = seeded("launches_in_flight_at_once_never_share_a_tile_counter");
-    let (b, s, h, d) = (1usize, 8192usize, 16usize, 128usize);
-    let (shape, lse_shape) = ([b, s, h, d], [b, h, s]);
-    let (strides, lse_strides) = (contiguous(&shape), contiguous(&lse_shape));
-    let n = b * s * h * d;
-    let x: Vec<Vec<f32>> = (0..3).map(|_| random_values(&mut rng, n, 1.0, DType::BF16)).collect();
-    let o = AttnOptions { causal: true, ..Default::default() };
-    let (want_o, want_l) = tensor_api_fwd(&x, &shape, &o);
-    assert!(want_l.iter().all(|l| l.is_finite()), "seed {seed}: the Tensor API gave a non-finite lse");
     let ctx = CudaContext::new(0).unwrap();
     unsafe { ctx.disable_event_tracking() };
+    let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap() as usize;
     let (sa, sb, sc) = (ctx.new_stream().unwrap(), ctx.new_stream().unwrap(), ctx.new_stream().unwrap());
-    let (q, k, v) = (sa.clone_htod(&bits(&x[0])).unwrap(), sa.clone_htod(&bits(&x[1])).unwrap(), sa.clone_htod(&bits(&x[2])).unwrap());
-    let mut outs: Vec<(CudaSlice<u16>, CudaSlice<f32>)> = (0..2).map(|_| (sa.alloc_zeros::<u16>(n).unwrap(), sa.alloc_zeros::<f32>(b * h * s).unwrap())).collect();
-    // The small problem: 1 x 128 x 1 x 128, one tile.
-    let small_shape = [1usize, 128, 1, 128];
-    let small_strides = contiguous(&small_shape);
-    let (small_lse_shape, small_lse_strides) = ([1usize, 1, 128], [128usize, 128, 1]);
-    let sm: Vec<CudaSlice<u16>> = (0..4).map(|_| sb.clone_htod(&bits(&random_values(&mut rng, 128 * 128, 1.0, DType::BF16))).unwrap()).collect();
-    let sm_lse = sb.alloc_zeros::<f32>(128).unwrap();
+    let mut held = [Held::new(&mut rng, &sa, (1, 128, 16384, 1024, 1, 128), false), Held::new(&mut rng, &sa, (1, 16384, 128, 16, 16, 128), false)];
+    let mut blocker = Held::new(&mut rng, &sa, (1, 128, 65536, sms / 2, 1, 128), false);
+    let small = Held::new(&mut rng, &sb, (1, 128, 128, 1, 1, 128), false);
     sa.synchronize().unwrap();
     sb.synchronize().unwrap();
-    let (sh, st, lsh, lst) = (&shape[..], &strides[..], &lse_shape[..], &lse_strides[..]);
-    let (ssh, sst) = (&small_shape[..], &small_strides[..]);
-    let out_addrs: Vec<(u64, u64)> = outs.iter().map(|(o, l)| (ptr(o, &sa), ptr(l, &sa))).collect();
-    let big = |i: usize, stream: &Arc<CudaStream>| FwdViews {
-        q: view(ptr(&q, stream), sh, st, DType::BF16),
-        k: view(ptr(&k, stream), sh, st, DType::BF16),
-        v: view(ptr(&v, stream), sh, st, DType::BF16),
-        out: view(out_addrs[i].0, sh, st, DType::BF16),
-        lse: view(out_addrs[i].1, lsh, lst, DType::F32),
-        alibi_slopes: None,
-        s_dmask: None,
-    };
-    let small = FwdViews {
-        q: view(ptr(&sm[0], &sb), ssh, sst, DType::BF16),
-        k: view(ptr(&sm[1], &sb), ssh, sst, DType::BF16),
-        v: view(ptr(&sm[2], &sb), ssh, sst, DType::BF16),
-        out: view(ptr(&sm[3], &sb), ssh, sst, DType::BF16),
-        lse: view(ptr(&sm_lse, &sb), &small_lse_shape, &small_lse_strides, DType::F32),
-        alibi_slopes: None,
-        s_dmask: None,
-    };
     let target = |s: &Arc<CudaStream>| Target::Cuda { ordinal: 0, stream: s.cu_stream() as usize };
     let smalls = || {
+        let v = small.views(&sb);
         for _ in 0..1023 {
-            unsafe { raw::fwd(&small, &AttnOptions::default(), target(&sb)) }.unwrap();
+            unsafe { raw::fwd(&v, &small.opts, target(&sb)) }.unwrap();
         }
     };
     raw::preload(0).unwrap();
-    // A host function holds A; C waits for A to pass it.
-    let hold = || {
+    // A host function holds A's stream; `waiting` waits for A's to pass it.
+    let hold = |waiting: sys::CUstream| {
         GATE_OPEN.store(false, Ordering::Release);
         unsafe { sys::cuLaunchHostFunc(sa.cu_stream(), Some(gate), std::ptr::null_mut()) }.result().unwrap();
-        sc.wait(&sa.record_event(None).unwrap()).unwrap();
+        let passed = sa.record_event(None).unwrap();
+        unsafe { sys::cuStreamWaitEvent(waiting, passed.cu_event(), 0) }.result().unwrap();
     };
-    let nan = |outs: &mut Vec<(CudaSlice<u16>, CudaSlice<f32>)>| {
-        for (out, lse) in outs.iter_mut() {
-            sa.memcpy_htod(&vec![0x7fc0u16; n], out).unwrap();
-            sa.memcpy_htod(&vec![f32::NAN; b * h * s], lse).unwrap();
-        }
-        sa.synchronize().unwrap();
-    };
-    let check = |outs: &Vec<(CudaSlice<u16>, CudaSlice<f32>)>, what: &str| {
-        for (i, (out, lse)) in outs.iter().enumerate() {
-            let (got_o, got_l) = (sa.clone_dtoh(out).unwrap(), sa.clone_dtoh(lse).unwrap());
-            let wrong = got_o.iter().zip(&want_o).filter(|(a, b)| a != b).count();
-            assert!(wrong == 0, "seed {seed}: {what}: launch {i}'s out differs from the Tensor API in {wrong} of {n} elements");
-            assert!(got_l.iter().zip(&want_l).all(|(a, b)| a.to_bits() == b.to_bits()), "seed {seed}: {what}: launch {i}'s lse differs from the Tensor API");
-        }
-    };
-    // Eager launches.
-    nan(&mut outs);
-    hold();
-    let queued = unsafe { raw::fwd(&big(0, &sa), &o, target(&sa)) };
+    // Eager launches, C on a stream of the highest priority.
+    ctx.bind_to_thread().unwrap();
+    let (mut least, mut greatest) = (0, 0);
+    unsafe { sys::cuCtxGetStreamPriorityRange(&mut least, &mut greatest) }.result().unwrap();
+    let mut high: sys::CUstream = std::ptr::null_mut();
+    unsafe { sys::cuStreamCreateWithPriority(&mut high, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32, greatest) }.result().unwrap();
+    for h in held.iter_mut().chain([&mut blocker]) {
+        h.set_nan(&sa);
+    }
+    hold(high);
+    let queued = unsafe { raw::fwd(&held[0].views(&sa), &held[0].opts, target(&sa)) };
     smalls();
-    let queued = queued.and_then(|()| unsafe { raw::fwd(&big(1, &sc), &o, target(&sc)) });
+    let high_target = Target::Cuda { ordinal: 0, stream: high as usize };
+    let queued = queued.and_then(|()| unsafe { raw::fwd(&held[1].views(&sa), &held[1].opts, high_target) });
+    sb.synchronize().unwrap();
+    let queued = queued.and_then(|()| unsafe { raw::fwd(&blocker.views(&sb), &blocker.opts, target(&sb)) });
     GATE_OPEN.store(true, Ordering::Release);
     queued.unwrap();
-    for st in [&sa, &sb, &sc] {
+    for st in [&sa, &sb] {
         st.synchronize().unwrap();
     }
-    check(&outs, "eager launches on A and C");
+    unsafe { sys::cuStreamSynchronize(high) }.result().unwrap();
+    unsafe { sys::cuStreamDestroy_v2(high) }.result().unwrap();
+    held[0].check(&sa, seed, "eager launch A");
+    held[1].check(&sa, seed, "eager launch C (high priority)");
+    blocker.check(&sa, seed, "eager launch D");
     // Graphs captured 1024 launches apart, replayed at once.
-    let capture = |stream: &Arc<CudaStream>, i: usize| {
+    let capture = |stream: &Arc<CudaStream>, h: &Held| {
         stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
-        let queued = unsafe { raw::fwd(&big(i, stream), &o, target(stream)) };
+        let queued = unsafe { raw::fwd(&h.views(stream), &h.opts, target(stream)) };
         let g = stream.end_capture(sys::CUgraphInstantiate_flags(0)).unwrap().expect("a captured graph");
         queued.unwrap();
         g
     };
-    let ga = capture(&sa, 0);
+    let ga = capture(&sa, &held[0]);
     smalls();
     sb.synchronize().unwrap();
-    let gc = capture(&sc, 1);
-    nan(&mut outs);
-    hold();
+    let gc = capture(&sc, &held[1]);
+    for h in held.iter_mut() {
+        h.set_nan(&sa);
+    }
+    hold(sc.cu_stream());
     let replayed = ga.launch().and_then(|()| gc.launch());
     GATE_OPEN.store(true, Ordering::Release);
     replayed.unwrap();
     for st in [&sa, &sc] {
         st.synchronize().unwrap();
     }
-    check(&outs, "graphs replayed on A and C");
+    held[0].check(&sa, seed, "graph A");
+    held[1].check(&sa, seed, "graph C");
 }
 
 /// The first call on a device (the module's load, which allocates) while another thread captures a graph in
