@@ -336,10 +336,24 @@ pub const fn tma_page_box_rows(page_size: usize, block_n: usize) -> usize {
 }
 pub const TMA_PAGE_BOX_MIN: usize = 8;
 
+/// Whether the warp-specialized forward at `head_dim` over `block_n`-key tiles stages O through shared
+/// memory of its own (`fwd_ws_o_stage_bytes`): each consumer warpgroup writes its 64 rows there, then
+/// stores them 16 bytes a thread, whole rows per warp, instead of 4 bytes a thread straight from the
+/// accumulator's fragments. Head dims 64 and 128 (the swizzle of the 16-byte chunks takes a power of two of
+/// them per row), where the 128-key tiles leave room for it (not the 64- or 112-key wide tiles).
+pub const fn fwd_ws_o_staged(head_dim: usize, block_n: usize) -> bool {
+    (head_dim == 64 || head_dim == 128) && block_n >= 128
+}
+
+/// Bytes of the O stage (`fwd_ws_o_staged`): 128 rows of the head dim's elements, or none.
+pub const fn fwd_ws_o_stage_bytes(head_dim: usize, block_n: usize) -> usize {
+    if fwd_ws_o_staged(head_dim, block_n) { 128 * head_dim * 2 } else { 0 }
+}
+
 /// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
-/// barriers.
+/// barriers, then the O stage (`fwd_ws_o_stage_bytes`).
 pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
-    fwd_wg_smem_bytes(c) + FWD_WS_BARRIER_BYTES
+    fwd_wg_smem_bytes(c) + FWD_WS_BARRIER_BYTES + fwd_ws_o_stage_bytes(c.head_dim, c.block_n)
 }
 
 /// The warp-specialized forward's entry points (sm_90a module only), like `for_each_fwd_variant`.
