@@ -339,10 +339,10 @@ pub const TMA_PAGE_BOX_MIN: usize = 8;
 /// Whether the warp-specialized forward at `head_dim` over `block_n`-key tiles stages O through shared
 /// memory of its own (`fwd_ws_o_stage_bytes`): each consumer warpgroup writes its 64 rows there, then
 /// stores them 16 bytes a thread, whole rows per warp, instead of 4 bytes a thread straight from the
-/// accumulator's fragments. Head dims 64 and 128 (the swizzle of the 16-byte chunks takes a power of two of
-/// them per row), where the 128-key tiles leave room for it (not the 64- or 112-key wide tiles).
+/// accumulator's fragments. Head dims 64, 96 and 128, where the 128-key tiles leave room for it (not the
+/// 64- or 112-key tiles of head dims 192 and 256).
 pub const fn fwd_ws_o_staged(head_dim: usize, block_n: usize) -> bool {
-    (head_dim == 64 || head_dim == 128) && block_n >= 128
+    (head_dim == 64 || head_dim == 96 || head_dim == 128) && block_n >= 128
 }
 
 /// Bytes of the O stage (`fwd_ws_o_staged`): 128 rows of the head dim's elements, or none.

@@ -588,12 +588,22 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     }
 }
 
+/// Where chunk `k` (8 columns, 16 bytes) of a row whose index is `r8` modulo 8 lies in the O stage: `k ^ r8`
+/// where a row has a multiple of 8 chunks (rows of 128 or 256 bytes start on one bank: the 8 rows of a
+/// warp's store then take 8 different chunk slots), else (head dim 96: 12 chunks, 192-byte rows, odd rows
+/// a half bank row over) `k ^ (r8 / 2)`, which stays in k's group of 4.
+#[inline(always)]
+fn o_chunk<const D: usize>(k: usize, r8: usize) -> usize {
+    if (D / 8) % 8 == 0 { k ^ r8 } else { k ^ (r8 / 2) }
+}
+
 /// The epilogue through the O stage (`fwd_ws_o_staged`: after the barriers, 64 rows of `D` elements per
 /// consumer warpgroup): each thread writes its fragments of O / rowsum (4 bytes per row and 8-column
-/// chunk; chunk `c` of row `r` at chunk `c ^ (r % 8)`, so a warp's stores of one chunk column meet no bank
-/// twice), the warpgroup syncs, then each thread copies 16-byte chunks to global memory, a warp two (hdim
-/// 128) or four (hdim 64) whole rows per store, and the warpgroup syncs again before the stage is
-/// written next. As `store_out`: rows past `rows` are not written, the LSE by the quad's first thread.
+/// chunk, at the chunk `o_chunk` gives, so that a warp's stores of one chunk column meet no bank twice),
+/// the warpgroup syncs, then each thread copies 16-byte chunks to global memory (a warp's 32 chunks run
+/// along its rows: 512 contiguous bytes where the rows are), and the warpgroup syncs again before the
+/// stage is written next. As `store_out`: rows
+/// past `rows` are not written, the LSE by the quad's first thread.
 #[inline(always)]
 unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, rows: i32, scale_log2: f32) {
     let chunks = D / 8;
@@ -607,9 +617,9 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         let inv_sum = inv_sum * a.mods.scale;
         // This warpgroup's row (0..64); its low 3 bits are g.
         let r = (warp * 16 + 8 * h + g) as u32;
-        for j in 0..DN {
+        for j in 0..chunks {
             let w = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
-            unsafe { smem::st_u32(stage + r * row_bytes + ((j ^ g) * 16) as u32 + (4 * t) as u32, w) };
+            unsafe { smem::st_u32(stage + r * row_bytes + (o_chunk::<D>(j, g) * 16) as u32 + (4 * t) as u32, w) };
         }
         let r_block = (wg * 64) as i32 + r as i32;
         if t == 0 && r_block < rows {
@@ -622,7 +632,7 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         let (r, k) = (c / chunks, c % chunks);
         let r_block = (wg * 64 + r) as i32;
         if r_block < rows {
-            let v = unsafe { smem::ld_v4(stage + (r as u32) * row_bytes + ((k ^ (r % 8)) * 16) as u32) };
+            let v = unsafe { smem::ld_v4(stage + (r as u32) * row_bytes + (o_chunk::<D>(k, r % 8) * 16) as u32) };
             unsafe { st_global_v4(a.o + (r_block as i64 * a.o_row_stride * 2) as u64 + (k * 16) as u64, v) };
         }
         c += 128;
