@@ -589,12 +589,11 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
 }
 
 /// Where chunk `k` (8 columns, 16 bytes) of a row whose index is `r8` modulo 8 lies in the O stage: `k ^ r8`
-/// where a row has a multiple of 8 chunks (rows of 128 or 256 bytes start on one bank: the 8 rows of a
-/// warp's store then take 8 different chunk slots), else (head dim 96: 12 chunks, 192-byte rows, odd rows
-/// a half bank row over) `k ^ (r8 / 2)`, which stays in k's group of 4.
+/// (rows of a multiple of 8 chunks start on one bank: the 8 rows of a warp's store of one chunk column
+/// then take 8 different chunk slots; `fwd_ws_o_staged` holds only for such head dims).
 #[inline(always)]
-fn o_chunk<const D: usize>(k: usize, r8: usize) -> usize {
-    if (D / 8) % 8 == 0 { k ^ r8 } else { k ^ (r8 / 2) }
+fn o_chunk(k: usize, r8: usize) -> usize {
+    k ^ r8
 }
 
 /// The epilogue through the O stage (`fwd_ws_o_staged`: after the barriers, 64 rows of `D` elements per
@@ -619,7 +618,7 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         let r = (warp * 16 + 8 * h + g) as u32;
         for j in 0..chunks {
             let w = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
-            unsafe { smem::st_u32(stage + r * row_bytes + (o_chunk::<D>(j, g) * 16) as u32 + (4 * t) as u32, w) };
+            unsafe { smem::st_u32(stage + r * row_bytes + (o_chunk(j, g) * 16) as u32 + (4 * t) as u32, w) };
         }
         let r_block = (wg * 64) as i32 + r as i32;
         if t == 0 && r_block < rows {
@@ -632,7 +631,7 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         let (r, k) = (c / chunks, c % chunks);
         let r_block = (wg * 64 + r) as i32;
         if r_block < rows {
-            let v = unsafe { smem::ld_v4(stage + (r as u32) * row_bytes + (o_chunk::<D>(k, r % 8) * 16) as u32) };
+            let v = unsafe { smem::ld_v4(stage + (r as u32) * row_bytes + (o_chunk(k, r % 8) * 16) as u32) };
             unsafe { st_global_v4(a.o + (r_block as i64 * a.o_row_stride * 2) as u64 + (k * 16) as u64, v) };
         }
         c += 128;
