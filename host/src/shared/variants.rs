@@ -336,10 +336,25 @@ pub const fn tma_page_box_rows(page_size: usize, block_n: usize) -> usize {
 }
 pub const TMA_PAGE_BOX_MIN: usize = 8;
 
+/// Whether the warp-specialized forward at `head_dim` over `block_n`-key tiles stages O through shared
+/// memory of its own (`fwd_ws_o_stage_bytes`): each consumer warpgroup writes its 64 rows there, then
+/// stores them 16 bytes a thread, whole rows per warp, instead of 4 bytes a thread straight from the
+/// accumulator's fragments. Head dim 128 only (H100, one run against the direct stores, benches/RESULTS.md:
+/// S=512 0.95x the time, S=2048 0.98-0.99x, S=8192 1.00x; at head dim 64 1.005-1.008x, at 96 1.10-1.13x at
+/// S=512, so not there; 192 and 256 have no room beside their tiles).
+pub const fn fwd_ws_o_staged(head_dim: usize, block_n: usize) -> bool {
+    head_dim == 128 && block_n >= 128
+}
+
+/// Bytes of the O stage (`fwd_ws_o_staged`): 128 rows of the head dim's elements, or none.
+pub const fn fwd_ws_o_stage_bytes(head_dim: usize, block_n: usize) -> usize {
+    if fwd_ws_o_staged(head_dim, block_n) { 128 * head_dim * 2 } else { 0 }
+}
+
 /// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
-/// barriers.
+/// barriers, then the O stage (`fwd_ws_o_stage_bytes`).
 pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
-    fwd_wg_smem_bytes(c) + FWD_WS_BARRIER_BYTES
+    fwd_wg_smem_bytes(c) + FWD_WS_BARRIER_BYTES + fwd_ws_o_stage_bytes(c.head_dim, c.block_n)
 }
 
 /// The warp-specialized forward's entry points (sm_90a module only), like `for_each_fwd_variant`.

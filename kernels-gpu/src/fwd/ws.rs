@@ -8,6 +8,8 @@
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
+use crate::arch::mem::{st_global_f32, st_global_v4};
+use crate::softmax::finalize_row;
 use crate::arch::math::div_rem_u32;
 use crate::arch::mem::{atom_add_acq_rel_gpu_u32, atom_add_relaxed_gpu_u32, ld_i32_at, st_relaxed_gpu_u32};
 use crate::arch::shfl::{any_lane, shfl_idx_u32};
@@ -20,7 +22,7 @@ use crate::mods::{AlibiCode, KeptP};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::RowState;
-use crate::variants::{fwd_wg_config, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
+use crate::variants::{fwd_wg_config, fwd_ws_o_staged, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
 use core::sync::atomic::AtomicU32;
 
 /// Query rows per tile (64 per consumer warpgroup) and consumer threads.
@@ -35,6 +37,8 @@ const BAR_TURN: u32 = 1;
 /// 541 vs 517 TFLOP/s without, S=16384 569 vs 540; causal within 1%).
 const PINGPONG: bool = true;
 const BAR_CONSUMERS: u32 = 3;
+/// 4 + w: consumer warpgroup w alone (its O stage, `store_out_staged`).
+const BAR_WG: u32 = 4;
 /// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
 const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
@@ -577,7 +581,62 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         release(&pipes.v, &mut st.v);
         st.q.advance();
     }
-    store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
+    if fwd_ws_o_staged(D, BN) {
+        unsafe { store_out_staged::<E, D, DN, BN>(a, &acc_o, &row_state, ctid, rows, scale_log2) };
+    } else {
+        store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
+    }
+}
+
+/// Where chunk `k` (8 columns, 16 bytes) of a row whose index is `r8` modulo 8 lies in the O stage: `k ^ r8`
+/// (rows of a multiple of 8 chunks start on one bank: the 8 rows of a warp's store of one chunk column
+/// then take 8 different chunk slots; `fwd_ws_o_staged` holds only for such head dims).
+#[inline(always)]
+fn o_chunk(k: usize, r8: usize) -> usize {
+    k ^ r8
+}
+
+/// The epilogue through the O stage (`fwd_ws_o_staged`: after the barriers, 64 rows of `D` elements per
+/// consumer warpgroup): each thread writes its fragments of O / rowsum (4 bytes per row and 8-column
+/// chunk, at the chunk `o_chunk` gives, so that a warp's stores of one chunk column meet no bank twice),
+/// the warpgroup syncs, then each thread copies 16-byte chunks to global memory (a warp's 32 chunks run
+/// along its rows: 512 contiguous bytes where the rows are), and the warpgroup syncs again before the
+/// stage is written next. As `store_out`: rows
+/// past `rows` are not written, the LSE by the quad's first thread.
+#[inline(always)]
+unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, rows: i32, scale_log2: f32) {
+    let chunks = D / 8;
+    let wg = ctid / 128;
+    let (warp, lane) = ((ctid % 128) / 32, ctid % 32);
+    let (g, t) = (lane / 4, lane % 4);
+    let row_bytes = (D * 2) as u32;
+    let stage = smem::base() + Tile::<D, BN>::Q_BYTES + 4 * Tile::<D, BN>::KV_BYTES + FWD_WS_BARRIER_BYTES as u32 + (wg * 64) as u32 * row_bytes;
+    for h in 0..2 {
+        let (inv_sum, lse) = finalize_row(&row_state[h], scale_log2);
+        let inv_sum = inv_sum * a.mods.scale;
+        // This warpgroup's row (0..64); its low 3 bits are g.
+        let r = (warp * 16 + 8 * h + g) as u32;
+        for j in 0..chunks {
+            let w = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
+            unsafe { smem::st_u32(stage + r * row_bytes + (o_chunk(j, g) * 16) as u32 + (4 * t) as u32, w) };
+        }
+        let r_block = (wg * 64) as i32 + r as i32;
+        if t == 0 && r_block < rows {
+            unsafe { st_global_f32(a.lse + (r_block * 4) as u64, lse) };
+        }
+    }
+    named_sync(BAR_WG + wg as u32, 128);
+    let mut c = ctid % 128;
+    while c < 64 * chunks {
+        let (r, k) = (c / chunks, c % chunks);
+        let r_block = (wg * 64 + r) as i32;
+        if r_block < rows {
+            let v = unsafe { smem::ld_v4(stage + (r as u32) * row_bytes + (o_chunk(k, r % 8) * 16) as u32) };
+            unsafe { st_global_v4(a.o + (r_block as i64 * a.o_row_stride * 2) as u64 + (k * 16) as u64, v) };
+        }
+        c += 128;
+    }
+    named_sync(BAR_WG + wg as u32, 128);
 }
 
 /// Whether a kernel at head dim `d` keeps the lazy max (`softmax::RESCALE_LOG2`): the plain kernels
