@@ -5,13 +5,13 @@
 //! The consumers take turns at the tensor cores (one's products run under the other's softmax), and the
 //! grid is persistent: the blocks walk (row block, head, sequence) tiles, heaviest row blocks first, each
 //! drawing its next tile from a counter once its producer has issued the last one's copies (`Tiles`).
+//! At head dim 128 each consumer warpgroup hands O to global memory through a shared-memory stage of its
+//! own (`store_out_staged`).
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
-use crate::arch::mem::{st_global_f32, st_global_v4};
-use crate::softmax::finalize_row;
 use crate::arch::math::div_rem_u32;
-use crate::arch::mem::{atom_add_acq_rel_gpu_u32, atom_add_relaxed_gpu_u32, ld_i32_at, st_relaxed_gpu_u32};
+use crate::arch::mem::{atom_add_acq_rel_gpu_u32, atom_add_relaxed_gpu_u32, ld_i32_at, st_global_f32, st_global_v4, st_relaxed_gpu_u32};
 use crate::arch::shfl::{any_lane, shfl_idx_u32};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
@@ -21,7 +21,7 @@ use crate::arch::{mbarrier, tma};
 use crate::mods::{AlibiCode, KeptP};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
-use crate::softmax::RowState;
+use crate::softmax::{finalize_row, RowState};
 use crate::variants::{fwd_wg_config, fwd_ws_o_staged, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
 use core::sync::atomic::AtomicU32;
 
@@ -601,8 +601,8 @@ fn o_chunk(k: usize, r8: usize) -> usize {
 /// chunk, at the chunk `o_chunk` gives, so that a warp's stores of one chunk column meet no bank twice),
 /// the warpgroup syncs, then each thread copies 16-byte chunks to global memory (a warp's 32 chunks run
 /// along its rows: 512 contiguous bytes where the rows are), and the warpgroup syncs again before the
-/// stage is written next. As `store_out`: rows
-/// past `rows` are not written, the LSE by the quad's first thread.
+/// stage is written next. As `store_out`: rows past `rows` are not written, the LSE by the quad's first
+/// thread.
 #[inline(always)]
 unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, rows: i32, scale_log2: f32) {
     let chunks = D / 8;
