@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torch_fwd import MODS_DROPOUT, MODS_SHAPES, flash_attn_rs, median_ms, ragged_lengths
+from torch_fwd import MODS_DROPOUT, MODS_SHAPES, flash_attn_rs, median_ms, ragged_lengths, selected
 
 BWD_FLOPS, FWDBWD_FLOPS = 2.5, 3.5
 
@@ -44,11 +44,6 @@ def bench_pair(backend, name, fwd_flops, forward, backward):
 def rand(*shape):
     """Uniform in [-0.5, 0.5), bf16, on the GPU."""
     return torch.rand(*shape, device="cuda", dtype=torch.bfloat16).sub_(0.5)
-
-
-def selected(name, filt):
-    """The run's shape filter: comma-separated substrings, any of them (as FA_BENCH_FILTER in the Rust benches)."""
-    return any(f in name for f in filt.split(","))
 
 
 def main():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # torch_fwd's timing; its report's last column is `flops / s / 1e12`: bytes * 1e3 make it GB/s.
-from torch_fwd import report
+from torch_fwd import report, selected
 
 HQ, HK, D = 32, 8, 128
 MAX_CACHE_BYTES = 17 << 30
@@ -32,11 +32,6 @@ def captured(fn, steps=GRAPH_STEPS):
         for _ in range(steps):
             fn()
     return g
-
-
-def selected(name, filt):
-    """The run's shape filter: comma-separated substrings, any of them (as FA_BENCH_FILTER in the Rust benches)."""
-    return any(f in name for f in filt.split(","))
 
 
 def main():
