@@ -31,20 +31,27 @@ pub(crate) struct Pages {
 
 /// One `SeqInfo` per sequence, and the distance between heads in `lse`.
 pub(crate) fn sequences(p: &Problem) -> Result<(Vec<SeqInfo>, usize)> {
+    // A dense batch of empty tensors passes validation at any size (up to i32::MAX sequences). With no
+    // query and no key rows there is nothing to attend (every output is empty too): no table. Otherwise
+    // the batch is bounded by the tensors' bytes, and the table is asked for, not assumed, so that one
+    // past the host's memory is an error, not an abort.
+    if !p.varlen && p.keys.is_none() && p.seqlen_q * p.hq == 0 && p.seqlen_k * p.hk == 0 {
+        return Ok((Vec::new(), p.seqlen_q));
+    }
+    let mut table = Vec::new();
+    table.try_reserve_exact(p.batch).map_err(|_| Error::TooLarge { arg: "q", msg: format!("the CPU path's table of {} sequences cannot be allocated", p.batch) })?;
     if !p.varlen {
-        let seqs = (0..p.batch)
-            .map(|b| SeqInfo {
-                q_base: b * p.q.batch,
-                k_base: b * p.k.batch,
-                v_base: b * p.v.batch,
-                out_row0: b * p.seqlen_q,
-                lse_base: b * p.hq * p.seqlen_q,
-                seqlen_q: p.seqlen_q,
-                seqlen_k: p.seqlen_k,
-                pages: None,
-            })
-            .collect();
-        return Ok((with_keys(p, seqs)?, p.seqlen_q));
+        table.extend((0..p.batch).map(|b| SeqInfo {
+            q_base: b * p.q.batch,
+            k_base: b * p.k.batch,
+            v_base: b * p.v.batch,
+            out_row0: b * p.seqlen_q,
+            lse_base: b * p.hq * p.seqlen_q,
+            seqlen_q: p.seqlen_q,
+            seqlen_k: p.seqlen_k,
+            pages: None,
+        }));
+        return Ok((with_keys(p, table)?, p.seqlen_q));
     }
     let s = p.seqlens.as_ref().ok_or_else(|| Error::Value { arg: "cu_seqlens_q", msg: "the CPU path needs host cu_seqlens".into() })?;
     // validate.rs guarantees 0 <= cu[b] <= cu[b+1] <= total and 0 <= seqused[b] <= cu[b+1] - cu[b].
@@ -54,23 +61,21 @@ pub(crate) fn sequences(p: &Problem) -> Result<(Vec<SeqInfo>, usize)> {
     };
     // Keys resolved on the host replace cu_seqlens_k (which a paged call may not have).
     let keys_here = p.keys.is_none();
-    let seqs = (0..p.batch)
-        .map(|b| {
-            let row_q = s.cu_seqlens_q[b] as usize;
-            let row_k = if keys_here { s.cu_seqlens_k[b] as usize } else { 0 };
-            SeqInfo {
-                q_base: row_q * p.q.row,
-                k_base: row_k * p.k.row,
-                v_base: row_k * p.v.row,
-                out_row0: row_q,
-                lse_base: row_q,
-                seqlen_q: len(&s.cu_seqlens_q, &s.seqused_q, b),
-                seqlen_k: if keys_here { len(&s.cu_seqlens_k, &s.seqused_k, b) } else { 0 },
-                pages: None,
-            }
-        })
-        .collect();
-    Ok((with_keys(p, seqs)?, p.total_q))
+    table.extend((0..p.batch).map(|b| {
+        let row_q = s.cu_seqlens_q[b] as usize;
+        let row_k = if keys_here { s.cu_seqlens_k[b] as usize } else { 0 };
+        SeqInfo {
+            q_base: row_q * p.q.row,
+            k_base: row_k * p.k.row,
+            v_base: row_k * p.v.row,
+            out_row0: row_q,
+            lse_base: row_q,
+            seqlen_q: len(&s.cu_seqlens_q, &s.seqused_q, b),
+            seqlen_k: if keys_here { len(&s.cu_seqlens_k, &s.seqused_k, b) } else { 0 },
+            pages: None,
+        }
+    }));
+    Ok((with_keys(p, table)?, p.total_q))
 }
 
 /// The sequences with their keys where `Problem::keys` puts them: rows `first..` of entry `batch[b]` of
