@@ -392,6 +392,52 @@ fn errors_exit_2_with_a_message() {
     assert!(!output.exists(), "no output file is written on failure");
 }
 
+/// `--output` naming the input file (the same path, another spelling of it, a hard link) is refused before
+/// anything is written: the input is left as it was.
+#[test]
+fn output_naming_the_input_is_refused() {
+    let dir = TempDir::new();
+    let input = dir.path("in.safetensors");
+    write(&input, &dense_inputs(DType::BF16, 4));
+    let before = std::fs::read(&input).unwrap();
+    let inp = input.to_str().unwrap().to_string();
+    let respelt = format!("{}/./in.safetensors", input.parent().unwrap().to_str().unwrap());
+    let mut outputs = vec![inp.clone(), respelt];
+    #[cfg(unix)]
+    {
+        let link = dir.path("link.safetensors");
+        std::fs::hard_link(&input, &link).unwrap();
+        outputs.push(link.to_str().unwrap().to_string());
+    }
+    for out in &outputs {
+        expect_failure(&["run", "--input", inp.as_str(), "--output", out.as_str(), "--device", "cpu"], "--output");
+        assert!(std::fs::read(&input).unwrap() == before, "--output {out}: the input file changed");
+    }
+}
+
+/// A dense batch of empty tensors (no query and no key rows) at the largest batch validation admits runs in
+/// no time and memory (the CPU path's per-sequence table was allocated for it: 172 GB, an abort), forward and
+/// backward, and writes empty outputs of the right shapes.
+#[test]
+fn empty_tensors_in_a_huge_batch_run() {
+    let dir = TempDir::new();
+    let b = i32::MAX as usize - 1;
+    let empty = |shape: &[usize]| Tensor::from_f32(&[], shape, DType::F16).unwrap();
+    let inputs: Inputs = vec![("q", empty(&[b, 0, 2, 64])), ("k", empty(&[b, 0, 2, 64])), ("v", empty(&[b, 0, 2, 64]))];
+    let got = run_cli(&dir, &inputs, &[]);
+    assert_eq!(got["out"].1, [b, 0, 2, 64]);
+    assert_eq!(got["lse"].1, [b, 2, 0]);
+    let mut inputs = inputs;
+    inputs.push(("dout", empty(&[b, 0, 2, 64])));
+    let got = run_cli(&dir, &inputs, &["--backward"]);
+    for name in ["dq", "dk", "dv"] {
+        assert_eq!(got[name].1, [b, 0, 2, 64], "{name}");
+    }
+    // Heads instead of rows: q [B, 1, 0, D] (no query heads), k and v [B, 0, 1, D].
+    let inputs: Inputs = vec![("q", empty(&[b, 1, 0, 64])), ("k", empty(&[b, 0, 1, 64])), ("v", empty(&[b, 0, 1, 64]))];
+    assert_eq!(run_cli(&dir, &inputs, &[])["out"].1, [b, 1, 0, 64]);
+}
+
 /// A KV-cache input file: B = 3, Sq = 2, S_new = 3, Hq = 4, Hk = 2, D = 64, caches of 40 entries per row
 /// (contiguous, 5 rows picked by cache_batch_idx; or paged, 8 blocks of 5 per row from a pool of 30),
 /// rotary over half the head dim in f32, leftpad on the first row.

@@ -430,6 +430,9 @@ fn read_input(input: &Path) -> Result<Vec<u8>> {
 
 fn run(args: &RunArgs) -> Result<()> {
     let input = &args.input;
+    if same_file(input, &args.output) {
+        fail!("--output {} is the input file, which writing the outputs would destroy: name another file", args.output.display());
+    }
     let bytes = read_input(input)?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| Fail(format!("{}: not a safetensors file: {e:?}", input.display())))?;
     if file.tensor("k_cache").is_ok() {
@@ -660,6 +663,26 @@ fn run_kvcache(args: &RunArgs, file: &SafeTensors<'_>) -> Result<()> {
     let result = fwd_kvcache(&q, &mut k_cache, &mut v_cache, &cache, &opts, &kv).map_err(&lib)?;
     let (out, k_cache, v_cache) = (cut(&result.out)?, cut(&k_cache)?, cut(&v_cache)?);
     write_outputs(&args.output, &[("out", &out), ("lse", &result.lse), ("k_cache", &k_cache), ("v_cache", &v_cache)])
+}
+
+/// Whether `output` names the file `input` does (through another spelling, a link, or a hard link). An
+/// output that does not exist yet is no input.
+fn same_file(input: &Path, output: &Path) -> bool {
+    match (std::fs::metadata(input), std::fs::metadata(output)) {
+        (Ok(a), Ok(b)) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                (a.dev(), a.ino()) == (b.dev(), b.ino())
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = (a, b);
+                matches!((std::fs::canonicalize(input), std::fs::canonicalize(output)), (Ok(x), Ok(y)) if x == y)
+            }
+        }
+        _ => false,
+    }
 }
 
 /// Writes the named tensors to a safetensors file.
