@@ -354,6 +354,10 @@ def _hub_fwd(path, q, k, v, out, lens, block_table, o, gen):
 
     def call(q, k, v, out):
         if block_table is not None:
+            if out is not None:
+                # The paged path fills the caller's out from its own result: the library's check on the
+                # outputs it writes (here out against q, k and v), made before.
+                _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
             return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
         return path.fwd(q, k, v, out, lens, o.softmax_scale, o, gen)
     pad = _hub_padding(q, (("k", k), ("v", v)), o)

@@ -1200,6 +1200,13 @@ BAD = [
     ("hub out read-only", lambda q, k, v, c: fa.fwd(q, k, v, out=np.broadcast_to(np.zeros(1, F16), q.shape)),
      ValueError, ["out", "read-only"]),
     ("hub out aliases q", lambda q, k, v, c: fa.fwd(q, k, v, out=q), ValueError, ["out", "overlaps q"]),
+    ("varlen S_dmask past memory", lambda q, k, v, c: fa.flash_attn_varlen_func(
+        q[0], k[0], v[0], c, c, 2 ** 40, 2 ** 40, dropout_p=0.5, return_attn_probs=True), ValueError,
+     ["max_seqlen_q", "S_dmask"]),
+    ("hub paged out aliases q", lambda q, k, v, c: (lambda qt, kp: fa.varlen_fwd(
+        qt, kp, kp.copy(), np.array([0, 4, 10], np.int32), np.array([0, 5, 13], np.int32), out=qt,
+        block_table=np.array([[0, 1], [2, 3]], np.int32), max_seqlen_q=6, max_seqlen_k=8))(
+        np.zeros((10, 4, 64), F16), np.zeros((4, 4, 2, 64), F16)), ValueError, ["out", "overlaps q"]),
     ("hub head dim 264", lambda q, k, v, c: fa.fwd(*(np.zeros((1, 4, 1, 264), F16),) * 3), ValueError,
      ["head dim 264"]),
     ("hub out of the wrong head dim", lambda q, k, v, c: fa.fwd(*(np.zeros((1, 4, 1, 40), F16),) * 3,
