@@ -78,6 +78,8 @@ pub(crate) struct Tile<const D: usize, const BN: usize>;
 impl<const D: usize, const BN: usize> Tile<D, BN> {
     pub(crate) const Q_BYTES: u32 = (BM * D.div_ceil(64) * 64 * 2) as u32;
     pub(crate) const KV_BYTES: u32 = (BN * D.div_ceil(64) * 64 * 2) as u32;
+    /// Q and both slots of K and V: where the tiles end (the ws forward's barriers start there).
+    pub(crate) const BYTES: u32 = Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES;
     pub(crate) const CHECK: () = {
         let c = match fwd_wg_config(D) {
             Some(c) => c,
@@ -87,7 +89,7 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
         // The wg kernel's shapes, or the warp-specialized wide-tile kernel's.
         assert!(c.block_n == BN || matches!(fwd_ws_wide_block_n(D), Some(n) if n == BN));
         assert!((D == 64 && BN == 128) || (D == 96 && BN == 128) || (D == 128 && BN == 128) || (D == 192 && (BN == 64 || BN == 112)) || (D == 256 && BN == 64));
-        assert!(fwd_wg_smem_bytes(&FwdConfig { block_n: BN, ..c }) == (Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES) as usize);
+        assert!(fwd_wg_smem_bytes(&FwdConfig { block_n: BN, ..c }) == Self::BYTES as usize);
     };
     #[inline(always)]
     pub(crate) fn k_slot(base: u32, t: usize) -> u32 {

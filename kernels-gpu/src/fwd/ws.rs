@@ -110,7 +110,7 @@ struct Pipes {
 impl Pipes {
     #[inline(always)]
     fn at<const D: usize, const BN: usize>(base: u32) -> Pipes {
-        let bars = base + Tile::<D, BN>::Q_BYTES + 4 * Tile::<D, BN>::KV_BYTES;
+        let bars = base + Tile::<D, BN>::BYTES;
         const KV: u32 = Pipeline::<1>::BYTES;
         const TILES: u32 = KV + 2 * Pipeline::<KV_STAGES>::BYTES;
         const IDS: u32 = TILES + Pipeline::<TILE_STAGES>::BYTES;
@@ -610,7 +610,7 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
     let (warp, lane) = ((ctid % 128) / 32, ctid % 32);
     let (g, t) = (lane / 4, lane % 4);
     let row_bytes = (D * 2) as u32;
-    let stage = smem::base() + Tile::<D, BN>::Q_BYTES + 4 * Tile::<D, BN>::KV_BYTES + FWD_WS_BARRIER_BYTES as u32 + (wg * 64) as u32 * row_bytes;
+    let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_BARRIER_BYTES as u32 + (wg * 64) as u32 * row_bytes;
     for h in 0..2 {
         let (inv_sum, lse) = finalize_row(&row_state[h], scale_log2);
         let inv_sum = inv_sum * a.mods.scale;
