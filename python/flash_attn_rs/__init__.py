@@ -355,8 +355,9 @@ def _hub_fwd(path, q, k, v, out, lens, block_table, o, gen):
     def call(q, k, v, out):
         if block_table is not None:
             if out is not None:
-                # The paged path fills the caller's out from its own result: the library's check on the
-                # outputs it writes (here out against q, k and v), made before.
+                # The paged path fills the caller's out from its own result: the library's checks on the
+                # outputs it writes (type, dtype, shape, writable; no element shared with q, k or v), made
+                # here, before the call, for both paths.
                 _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
             return path.fwd_paged(q, k, v, out, lens, block_table, o, gen)
         return path.fwd(q, k, v, out, lens, o.softmax_scale, o, gen)

@@ -1226,11 +1226,10 @@ def paged(q, k, v, lens, block_table, o):
 
 
 def fwd_paged(q, k, v, out, lens, block_table, o, gen=None):
-    """The hub's varlen_fwd with block_table: [out, lse, S_dmask, rng_state]."""
+    """The hub's varlen_fwd with block_table: [out, lse, S_dmask, rng_state] (a given `out` checked by the
+    hub, `_hub_fwd`)."""
     _no_functorch("varlen_fwd")
     _no_forward_ad(q, k, v, out, o.alibi_slopes)
-    if out is not None:
-        check_output(out, "out", _tensor(q, "q"))
     seeds = seed_offset(o, q, gen)
     o.rng_state = seeds
     res, lse, s_dmask = paged(q, k, v, lens, block_table, o)
