@@ -12,6 +12,7 @@ use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
 use crate::arch::math::div_rem_u32;
 use crate::arch::mem::{atom_add_acq_rel_gpu_u32, atom_add_relaxed_gpu_u32, ld_i32_at, st_global_f32, st_global_v4, st_relaxed_gpu_u32};
+use crate::arch::reg::opaque_u32;
 use crate::arch::shfl::{any_lane, shfl_idx_u32};
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_x, grid_dim_x, thread_idx_x};
@@ -472,10 +473,10 @@ struct ConsumerStages {
 }
 
 /// One consumer warpgroup's rows of one row block (the wg kernel's `attend` on pipeline stages); `leader`
-/// releases the stages for its warpgroup.
+/// releases the stages for its warpgroup. `PAGED`: a `_paged` copy (`store_out_staged`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool, const PAGED: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
     let base = smem::base();
     let warp = ctid / 32;
     let wg = (warp / 4) as u32;
@@ -582,7 +583,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         st.q.advance();
     }
     if fwd_ws_o_staged(D, BN) {
-        unsafe { store_out_staged::<E, D, DN, BN>(a, &acc_o, &row_state, ctid, rows, scale_log2) };
+        unsafe { store_out_staged::<E, D, DN, BN, PAGED>(a, &acc_o, &row_state, ctid, rows, scale_log2) };
     } else {
         store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
     }
@@ -604,13 +605,22 @@ fn o_chunk(k: usize, r8: usize) -> usize {
 /// stage is written next. As `store_out`: rows past `rows` are not written, the LSE by the quad's first
 /// thread.
 #[inline(always)]
-unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, rows: i32, scale_log2: f32) {
+unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize, const PAGED: bool>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, rows: i32, scale_log2: f32) {
     let chunks = D / 8;
     let wg = ctid / 128;
     let (warp, lane) = ((ctid % 128) / 32, ctid % 32);
     let (g, t) = (lane / 4, lane % 4);
     let row_bytes = (D * 2) as u32;
     let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_BARRIER_BYTES as u32 + (wg * 64) as u32 * row_bytes;
+    // Outside the `_paged` copies (`ox`): this thread's offset in the stage for chunk j of its row of half h
+    // as `y_h ^ 16 j`, with y_h = r row_bytes + 4 t + 16 g (disjoint bits, so the XOR makes chunk
+    // `o_chunk(j, g)`), from one offset laundered per call. Without it ptxas hoisted the sixteen offsets (the
+    // same every tile) out of the tile loop into 13 registers held for the whole kernel and spilled the tile
+    // scheduler's state around them. H100 (benches/RESULTS.md): plain 0.98-1.00x the time, dropout
+    // 0.93-0.94x; the `_paged` copy, where ptxas then spilled more (27 / 30 -> 47 / 58 STL / LDL), 1.04-1.05x.
+    let ox = !PAGED;
+    const { assert!(!fwd_ws_o_staged(D, BN) || D == 128) };
+    let y0 = if ox { opaque_u32(((warp * 16 + g) as u32) * row_bytes + (4 * t) as u32 + ((g as u32) << 4)) } else { 0 };
     for h in 0..2 {
         let (inv_sum, lse) = finalize_row(&row_state[h], scale_log2);
         let inv_sum = inv_sum * a.mods.scale;
@@ -618,7 +628,8 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         let r = (warp * 16 + 8 * h + g) as u32;
         for j in 0..chunks {
             let w = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
-            unsafe { smem::st_u32(stage + r * row_bytes + (o_chunk(j, g) * 16) as u32 + (4 * t) as u32, w) };
+            let at = if ox { (y0 + (8 * h) as u32 * row_bytes) ^ ((j as u32) << 4) } else { r * row_bytes + (o_chunk(j, g) * 16) as u32 + (4 * t) as u32 };
+            unsafe { smem::st_u32(stage + at, w) };
         }
         let r_block = (wg * 64) as i32 + r as i32;
         if t == 0 && r_block < rows {
@@ -626,7 +637,7 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         }
     }
     named_sync(BAR_WG + wg as u32, 128);
-    let mut c = ctid % 128;
+    let mut c = if ox { opaque_u32((ctid % 128) as u32) as usize } else { ctid % 128 };
     while c < 64 * chunks {
         let (r, k) = (c / chunks, c % chunks);
         let r_block = (wg * 64 + r) as i32;
@@ -719,9 +730,9 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
                 // 232/220 -> 376/412 bytes, `_paged` 204/216 -> 332/396), and on the H200 (2026-12-05) the ALiBi
                 // forward at 128 ran about 1.07x, dropout's at 96 / 128 1.01-1.10x the time.
                 if (MODS || PAGED) && (D == 96 || D == 128) {
-                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, false>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, false, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
                 } else {
-                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, true>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, true, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
                 }
             }
             unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
