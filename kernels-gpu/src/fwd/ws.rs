@@ -115,7 +115,7 @@ impl Pipes {
         const KV: u32 = Pipeline::<1>::BYTES;
         const TILES: u32 = KV + 2 * Pipeline::<KV_STAGES>::BYTES;
         const IDS: u32 = TILES + Pipeline::<TILE_STAGES>::BYTES;
-        const { assert!(IDS + 4 * TILE_STAGES <= FWD_WS_BARRIER_BYTES as u32) };
+        const { assert!(IDS + 12 * TILE_STAGES <= FWD_WS_BARRIER_BYTES as u32) };
         Pipes {
             q: Pipeline::at(bars),
             k: Pipeline::at(bars + KV),
@@ -206,60 +206,39 @@ impl Tiles {
         Tiles { m_blocks: p.m_blocks, heads: p.h, pairs, section, count, next: block_idx_x() as i32, slotted, counter, ring: pipes.tiles, ids: pipes.tile_ids, stage: Stage::START }
     }
 
-    /// This block's next tile number (past `count`: none left). Dynamic: the producer (`PRODUCER`; lane
-    /// 0 of its warp, `warp` when the whole warp walks) draws it and puts it in the tile ring, the
-    /// consumers (and a spread producer's warps 1..3, `lane` >= 32) take it from there; the producer's
-    /// last draw also counts the block done, and the launch's last block resets the counter entry.
+    /// This block's next tile number (past `count`: none left), drawn by the producer (`PRODUCER`, lane 0
+    /// of its warp; `warp` when the whole warp walks). Static: `b, b + grid, ..`; dynamic: the first, then
+    /// from the counter; the producer's last draw also counts the block done, and the launch's last block
+    /// resets the counter entry.
     #[inline(always)]
-    fn next_tile<const PRODUCER: bool>(&mut self, lane: u32, warp: bool) -> i32 {
+    fn draw(&mut self, lane: u32, warp: bool) -> i32 {
         if self.counter == 0 {
             let t = self.next;
             self.next += grid_dim_x() as i32;
             return t;
         }
-        let s = self.stage;
-        self.stage.advance();
-        let id = self.ids + 4 * s.index;
-        if PRODUCER && lane < 32 {
-            let mut t = self.next;
-            self.next = -1;
-            if t < 0 && lane == 0 {
-                t = grid_dim_x() as i32 + unsafe { atom_add_relaxed_gpu_u32(self.counter, 1) } as i32;
-            }
-            if warp {
-                t = shfl_idx_u32(t as u32, 0) as i32;
-            }
-            if lane == 0 {
-                unsafe {
-                    self.ring.producer_acquire(s);
-                    smem::st_u32(id, t as u32);
-                    mbarrier::arrive(self.ring.full_barrier(s));
-                    if t >= self.count && atom_add_acq_rel_gpu_u32(self.counter + 4, 1) == grid_dim_x() - 1 {
-                        // Every block has drawn its last tile (each counted itself done after it).
-                        st_relaxed_gpu_u32(self.counter, 0);
-                        st_relaxed_gpu_u32(self.counter + 4, 0);
-                    }
-                }
-            }
-            t
-        } else {
+        let mut t = self.next;
+        self.next = -1;
+        if t < 0 && lane == 0 {
+            t = grid_dim_x() as i32 + unsafe { atom_add_relaxed_gpu_u32(self.counter, 1) } as i32;
+        }
+        if warp {
+            t = shfl_idx_u32(t as u32, 0) as i32;
+        }
+        if lane == 0 && t >= self.count && unsafe { atom_add_acq_rel_gpu_u32(self.counter + 4, 1) } == grid_dim_x() - 1 {
+            // Every block has drawn its last tile (each counted itself done after it).
             unsafe {
-                self.ring.consumer_wait(s);
-                let t = smem::ld_u32(id) as i32;
-                self.ring.consumer_release(s);
-                t
+                st_relaxed_gpu_u32(self.counter, 0);
+                st_relaxed_gpu_u32(self.counter + 4, 0);
             }
         }
+        t
     }
 
-    /// The next (first row block, head, sequence slice).
+    /// Tile `t`'s (first row block, head, sequence slice), slot scheduling's mapping applied.
     #[inline(always)]
-    fn next<const PRODUCER: bool>(&mut self, lane: u32, warp: bool) -> Option<(i32, i32, i32)> {
-        let t = self.next_tile::<PRODUCER>(lane, warp);
-        if t >= self.count {
-            return None;
-        }
-        // Unchecked divisions: a trap path here would cost the consumers their register budget (see
+    fn decode(&self, p: &FwdParams, t: i32) -> (i32, i32, i32) {
+        // Unchecked divisions: a trap path here would cost the producer its register budget (see
         // div_rem_u32); every divisor is positive (the host launches only with tiles to do). The last
         // section may hold fewer pairs; the ones before it are whole.
         let (sec, r) = div_rem_u32(t as u32, (self.m_blocks * self.section) as u32);
@@ -267,7 +246,43 @@ impl Tiles {
         let n = if self.pairs - first < self.section { self.pairs - first } else { self.section };
         let (m, j) = div_rem_u32(r, n as u32);
         let (bidb, bidh) = div_rem_u32((first + j as i32) as u32, self.heads as u32);
-        Some((self.m_blocks - 1 - m as i32, bidh as i32, bidb as i32))
+        let m_block = self.m_blocks - 1 - m as i32;
+        let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, BM as i32, false, p.slots, ld_i32_at) } else { (bidb as i32, m_block) };
+        (m_block, bidh as i32, bidb)
+    }
+
+    /// The next (first row block, head, sequence slice). The producer draws and decodes it and puts it in
+    /// the tile ring (-1 for the end); the consumers (and a spread producer's warps 1..3, `lane` >= 32)
+    /// take it from there, so that they hold no scheduler state across a tile but the ring's stage (held
+    /// over the tile loop, the state had spilled: the consumers' tile header waited on its reloads for
+    /// about 3.4% of their samples at hdim 128 S=512, nsight compute).
+    #[inline(always)]
+    fn next<const PRODUCER: bool>(&mut self, p: &FwdParams, lane: u32, warp: bool) -> Option<(i32, i32, i32)> {
+        let s = self.stage;
+        self.stage.advance();
+        let id = self.ids + 12 * s.index;
+        if PRODUCER && lane < 32 {
+            let t = self.draw(lane, warp);
+            let tile = if t >= self.count { None } else { Some(self.decode(p, t)) };
+            if lane == 0 {
+                let (m_block, bidh, bidb) = tile.unwrap_or((-1, 0, 0));
+                unsafe {
+                    self.ring.producer_acquire(s);
+                    smem::st_u32(id, m_block as u32);
+                    smem::st_u32(id + 4, bidh as u32);
+                    smem::st_u32(id + 8, bidb as u32);
+                    mbarrier::arrive(self.ring.full_barrier(s));
+                }
+            }
+            tile
+        } else {
+            unsafe {
+                self.ring.consumer_wait(s);
+                let (m_block, bidh, bidb) = (smem::ld_u32(id), smem::ld_u32(id + 4), smem::ld_u32(id + 8));
+                self.ring.consumer_release(s);
+                if (m_block as i32) < 0 { None } else { Some((m_block as i32, bidh as i32, bidb as i32)) }
+            }
+        }
     }
 
     /// Walk every row block of every tile of this block: `f(head, m0)` (with the score modifiers where
@@ -275,15 +290,14 @@ impl Tiles {
     #[inline(always)]
     fn for_each<const PAGED: bool, const MODS: bool, const PRODUCER: bool>(mut self, p: &FwdParams, lane: u32, mut f: impl FnMut(&HeadSlice, i32)) {
         // The paged producer's whole warp walks (`produce`); the contiguous one is lane 0 alone.
-        while let Some((m_block, bidh, bidb)) = self.next::<PRODUCER>(lane, PAGED && PRODUCER) {
-            let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, BM as i32, false, p.slots, ld_i32_at) } else { (bidb, m_block) };
+        while let Some((m_block, bidh, bidb)) = self.next::<PRODUCER>(p, lane, PAGED && PRODUCER) {
             let mut head = HeadSlice::new::<PAGED, MODS>(p, bidb, bidh);
             // Varlen pages only (the KV cache runs the mma.sync kernels): no identity table, no leftpad.
             head.kv.pages.kv_cache = false;
             let mut mb = m_block;
             while mb * (BM as i32) < head.sq.slot_len {
                 f(&head, mb * BM as i32);
-                mb += self.m_blocks;
+                mb += p.m_blocks;
             }
         }
     }
