@@ -143,16 +143,16 @@ const WS_MASKED_WAVES: u32 = 4;
 /// section are its last (for causal: heaviest) row blocks. Block `b` takes tiles `b, b + grid, ..`, so
 /// the blocks in flight share a few heads' keys and values in L2 instead of streaming every head's from
 /// DRAM (one section of all pairs, as before: H200 hdim 128 S=8192, 2.5 GB of DRAM reads for 256 MB of
-/// q, k, v, o, nsight compute). Producer and consumers walk it alike. A tile also covers row blocks
-/// `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`). With slot scheduling
-/// (`FwdParams::slots`) the tiles are (slot, head) pairs, each slot a row block of some slice.
+/// q, k, v, o, nsight compute). The producer walks it; the consumers take its tiles. A tile also covers
+/// row blocks `m_blocks` apart past the first (a varlen sequence longer than `max_seqlen_q`). With slot
+/// scheduling (`FwdParams::slots`) the tiles are (slot, head) pairs, each slot a row block of some slice.
 /// Which block takes which tile: static, block `b` takes tiles `b, b + grid, ..`; dynamic
 /// (`FwdParams::tile_slot` >= 0), block `b` takes tile `b` first, then its producer draws the next tile
 /// from a counter in global memory each time it has issued a tile's copies, so that the blocks stay
 /// within a wave of tiles of each other: a ragged varlen batch's tiles differ in work, and statically
 /// the blocks drifted apart, each streaming other sections' keys (H200, hdim 128 ragged batch: 10.7 GB
-/// of DRAM reads for 1.6 GB of q, k and v), and causal blocks ended unevenly. The producer passes each
-/// tile number (and the end, a number past the tiles) to the consumers through the tile ring.
+/// of DRAM reads for 1.6 GB of q, k and v), and causal blocks ended unevenly. Either way the producer
+/// passes each tile, decoded, (and the end) to the consumers through the tile ring (`next`).
 struct Tiles {
     m_blocks: i32,
     heads: i32,
