@@ -306,7 +306,7 @@ for_each_fwd_wg_variant!(wg_name_lookup);
 pub const FWD_WS_THREADS: usize = 384;
 /// Bytes after the tiles for the pipeline's barriers (Q full / empty, two stages each of K and V full /
 /// empty: 10 barriers of 8 bytes) and the tile ring (two stages' full / empty barriers and decoded tiles
-/// of 12 bytes: 56 bytes).
+/// of 12 bytes: 56 bytes), rounded up so that the O stage after them starts 128-byte aligned.
 pub const FWD_WS_BARRIER_BYTES: usize = 256;
 /// The warp-specialized forward's tile scheduler walks the (sequence, head) pairs in sections whose K
 /// and V take at most this many bytes (a third of the H100 / H200 L2, so that the section being
