@@ -219,6 +219,19 @@ def s_dmask_shape(q, lens, k=None):
     return (cu_q.shape[0] - 1 if cu_q.ndim == 1 else 0, q.shape[1], max_q, max_k)
 
 
+def alloc_s_dmask(alloc, q, lens, k=None):
+    """S_dmask (`s_dmask_shape`) from `alloc(shape)`. The array library's own error where it cannot be
+    allocated (numpy's MemoryError / ValueError, torch's RuntimeError) names no argument: a ValueError naming
+    what sets the shape instead (the max lengths for varlen, else return_attn_probs over q and k)."""
+    shape = s_dmask_shape(q, lens, k)
+    try:
+        return alloc(shape)
+    except (MemoryError, ValueError, RuntimeError):
+        what = "max_seqlen_q, max_seqlen_k" if lens is not None else "return_attn_probs"
+        raise ValueError(f"{what}: S_dmask of shape {tuple(shape)} ({q.dtype}, O(S^2)) cannot be "
+                         f"allocated") from None
+
+
 def dropout_arg(o, seed_offset):
     """The native dropout argument: None, or (p, seed, offset)."""
     return (o.dropout_p,) + tuple(seed_offset) if o.dropout_p > 0 else None

@@ -164,16 +164,7 @@ def _extras(o, q, lens, k, seeds):
     """The native forward's optional arguments (alibi_slopes, s_dmask, dropout) and the S_dmask array (or
     None). `lens`: the checked varlen tuple (cu_q, cu_k, max_q, max_k, ...) or None."""
     alibi = None if o.alibi_slopes is None else _array(o.alibi_slopes, "alibi_slopes", "float32")
-    s_dmask = None
-    if o.return_probs:
-        shape = _common.s_dmask_shape(q, lens, k)
-        try:
-            s_dmask = np.zeros(shape, q.dtype)
-        except (MemoryError, ValueError):
-            # numpy's own errors name no argument: the shape comes from the max lengths (varlen) or q and k.
-            what = "max_seqlen_q, max_seqlen_k" if lens is not None else "return_attn_probs"
-            raise ValueError(f"{what}: S_dmask of shape {tuple(shape)} ({q.dtype}, O(S^2)) cannot be "
-                             f"allocated") from None
+    s_dmask = _common.alloc_s_dmask(lambda shape: np.zeros(shape, q.dtype), q, lens, k) if o.return_probs else None
     kw = {}
     if alibi is not None:
         kw["alibi_slopes"] = _desc(alibi, "alibi_slopes", "float32")

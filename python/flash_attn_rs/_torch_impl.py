@@ -943,8 +943,9 @@ def _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale
     alibi = _alibi(alibi, qq)
     extras = _bwd_extras(alibi, dropout)
     if want_probs:
-        shape = _common.s_dmask_shape(qq, (cu_q, cu_k, max_q, max_k) if varlen else None, kk)
-        s_dmask = torch.zeros(shape, dtype=qq.dtype, device=qq.device)
+        lens = (cu_q, cu_k, max_q, max_k) if varlen else None
+        s_dmask = _common.alloc_s_dmask(lambda shape: torch.zeros(shape, dtype=qq.dtype, device=qq.device), qq, lens,
+                                        kk)
         extras["s_dmask"] = _desc(s_dmask, "s_dmask")
     else:
         s_dmask = torch.empty(0, dtype=qq.dtype, device=qq.device)
@@ -1184,7 +1185,8 @@ def _paged_ext(q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, s
     extras = _bwd_extras(alibi, _common.dropout_arg(o, seed_offset(o, q)))
     s_dmask = None
     if o.return_probs:
-        s_dmask = torch.zeros(_common.s_dmask_shape(q, (cu_q, None, max_q, max_k)), dtype=q.dtype, device=q.device)
+        s_dmask = _common.alloc_s_dmask(lambda shape: torch.zeros(shape, dtype=q.dtype, device=q.device), q,
+                                        (cu_q, None, max_q, max_k))
         extras["s_dmask"] = _desc(s_dmask, "s_dmask")
     _launch_paged(q, k, v, out, lse, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o.causal,
                   o.window_left, o.window_right, o.softcap, extras)
