@@ -676,6 +676,14 @@ const fn lazy_max(d: usize, alibi: bool) -> bool {
     if alibi { d > 64 && d < 256 } else { d > 64 }
 }
 
+/// Whether the `_dropout` copy (64-key tiles) at head dim `d` keeps the lazy max: at 128 only. H100, one
+/// call against the eager max (benches/RESULTS.md, ALiBi and dropout): hdim 128 0.96x the time at S=8192
+/// non-causal, 1.01 at S=2048 causal; 1.02-1.08x at 96 (a `_dropout` copy there, against `_mods`), 1.02 at 256,
+/// and 1.04 in the wide copy at 192 (not lazy: `fwd_ws_wide_kernels`).
+const fn dropout_lazy(d: usize) -> bool {
+    d == 128
+}
+
 /// Whether dropout's verdicts for a tile (`kept_of`) are drawn between its S = Q K^T issue and wait at
 /// head dim `d`, rather than after its softmax, under the P V product. Measured on the H200
 /// (benches/RESULTS.md): after the softmax ran 0.92-0.98 of the time at hdim 64 and 0.96-1.02 at 128
@@ -764,7 +772,7 @@ macro_rules! fwd_ws_dropout_kernel {
         pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
             let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
             let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::DROPOUT).0 }, { ws_regs($d, WsCopy::DROPOUT).1 }>(&p, maps) }
+            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, { dropout_lazy($d) }, false, false, { ws_regs($d, WsCopy::DROPOUT).0 }, { ws_regs($d, WsCopy::DROPOUT).1 }>(&p, maps) }
         }
     };
 }
