@@ -763,8 +763,9 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
 }
 
 /// The `_mods` kernel for dropout without ALiBi: the parameters' slopes are set off at entry, so the
-/// compiler drops the ALiBi code from this copy. None at head dim 96, where the copy spilled in its tile
-/// loop (7 spill loads; `_mods` has none) and `fwd_ws_dropout_kernel_name` sends dropout to `_mods`.
+/// compiler drops the ALiBi code from this copy. None at head dim 96 (`fwd_ws_dropout_kernel_name` sends
+/// dropout to `_mods`): the copy first spilled in its tile loop (7 spill loads); since the decoded tiles it
+/// does not, but ran 1.02-1.08x `_mods`' time (H100, benches/RESULTS.md, branch `flips`).
 macro_rules! fwd_ws_dropout_kernel {
     (96, $dt:ident, $name:expr, $bn:ident) => {};
     ($d:tt, $dt:ident, $name:expr, $bn:ident) => {
