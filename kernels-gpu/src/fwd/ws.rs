@@ -671,7 +671,8 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
 /// against the eager max from the right end (benches/RESULTS.md): 0.93-0.96x at hdim 96, 0.96-0.98 at
 /// 128, 0.97-0.98 non-causal and 0.99-1.00 causal at 192. Not at 256: there the diagonal order raised the
 /// spills (180 -> 336 bytes) and ran 1.03-1.05x slower, and the lazy max alone 0.985 causal but 1.01-1.02
-/// non-causal. Not the `_mods` and `_dropout` copies.
+/// non-causal; with both, again after the decoded tiles (no spill), 1.04-1.05x at 256 and 1.02-1.04x at 64
+/// (H100, branch `flips`). Not the `_mods` copies; the `_dropout` ones: `dropout_lazy`.
 const fn lazy_max(d: usize, alibi: bool) -> bool {
     if alibi { d > 64 && d < 256 } else { d > 64 }
 }
