@@ -11,6 +11,8 @@
 # FA_DECODE_GRAPH, ...) reach every run alike.
 # Prints each run's RESULT lines prefixed with the round and the build's index, then per row and timing kind
 # the median milliseconds of each build over its rounds and their ratio to the first build (`time/b0`).
+# A TERM or INT (an outer `timeout`, whose limit a run started just before `-t` can pass) stops the runs and
+# prints the table of the runs so far (missing cells `-`), exit status 124.
 set -uo pipefail
 rounds=2
 limit=0
@@ -31,18 +33,9 @@ for d in "${dirs[@]}"; do
 done
 read -r -a args <<< "${AB_ARGS:---warm-up-time 0.15 --measurement-time 0.5}"
 log=$(mktemp)
-t0=$SECONDS
-for ((r = 1; r <= rounds; r++)); do
-    for i in "${!dirs[@]}"; do
-        if [ "$limit" -gt 0 ] && [ $((SECONDS - t0)) -ge "$limit" ]; then
-            echo "ab: time limit ($limit s) reached before round $r, build $i"
-            break 2
-        fi
-        echo "ab: round $r build $i ${dirs[$i]}"
-        (cd "${dirs[$i]}" && FA_BENCH_FILTER=$filter "./$bench" --bench "${args[@]}" 2>/dev/null) | grep '^RESULT' | sed "s/^/r$r b$i /" | tee -a "$log"
-    done
-done
-python3 - "$log" "${#dirs[@]}" <<'PY'
+# The table from the runs so far: at the end, or when a TERM / INT (an outer `timeout`) stops the runs.
+summary() {
+    python3 - "$log" "${#dirs[@]}" <<'PY'
 import collections, statistics, sys
 path, n = sys.argv[1], int(sys.argv[2])
 ms = collections.defaultdict(lambda: [[] for _ in range(n)])
@@ -64,4 +57,18 @@ for key in order:
     ratios = [f"{m / med[0]:.3f}" if m is not None and med[0] else "-" for m in med[1:]]
     print(f"| {key[1]} | {key[0]} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
 PY
+}
+trap 'echo "ab: stopped; the table holds the runs so far"; summary; rm -f "$log"; exit 124' TERM INT
+t0=$SECONDS
+for ((r = 1; r <= rounds; r++)); do
+    for i in "${!dirs[@]}"; do
+        if [ "$limit" -gt 0 ] && [ $((SECONDS - t0)) -ge "$limit" ]; then
+            echo "ab: time limit ($limit s) reached before round $r, build $i"
+            break 2
+        fi
+        echo "ab: round $r build $i ${dirs[$i]}"
+        (cd "${dirs[$i]}" && FA_BENCH_FILTER=$filter "./$bench" --bench "${args[@]}" 2>/dev/null) | grep --line-buffered '^RESULT' | sed -u "s/^/r$r b$i /" | tee -a "$log"
+    done
+done
+summary
 rm -f "$log"
