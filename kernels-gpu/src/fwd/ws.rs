@@ -186,10 +186,12 @@ impl Tiles {
         let keys = if p.seqlen_k > 1 { p.seqlen_k } else { 1 };
         let kv_heads = div_rem_u32((FWD_WS_L2_SECTION_BYTES / (4 * D)) as u32, keys as u32).0 as i32;
         let mut section = if kv_heads > 1 { kv_heads } else { 1 }.saturating_mul(group);
-        if p.window_left >= 0 || p.window_right >= 0 {
-            // Causal / windowed row blocks differ in work: a section of at least `WS_MASKED_WAVES`
-            // waves of tiles, so that walking each section heaviest first still balances the blocks
-            // (H200, sections of one or two waves: causal hdim 256 S >= 2048 0.73-0.83x one section).
+        if (p.window_left >= 0 || p.window_right >= 0) && p.tile_slot < 0 {
+            // Causal / windowed row blocks differ in work: statically scheduled, a section of at least
+            // `WS_MASKED_WAVES` waves of tiles, so that walking each section heaviest first still
+            // balances the blocks (H200, sections of one or two waves: causal hdim 256 S >= 2048
+            // 0.73-0.83x one section). Drawn from the counter, the blocks balance themselves and the
+            // sections keep the L2's share.
             let waves = div_rem_u32(WS_MASKED_WAVES * grid_dim_x() + p.m_blocks as u32 - 1, p.m_blocks as u32).0 as i32;
             if section < waves {
                 section = waves;
