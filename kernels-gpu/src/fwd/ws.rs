@@ -133,7 +133,7 @@ impl Pipes {
 #[unsafe(no_mangle)]
 static FA_FWD_WS_TILE_COUNTERS: [AtomicU32; 2 * FWD_WS_TILE_SLOTS] = [const { AtomicU32::new(0) }; 2 * FWD_WS_TILE_SLOTS];
 
-/// Waves of tiles per section at least, for causal and windowed problems (see `Tiles::new`).
+/// Waves of tiles per section at least, for statically scheduled causal and windowed problems (`Tiles::new`).
 const WS_MASKED_WAVES: u32 = 4;
 
 /// The tile scheduler. The (sequence slice, head) pairs are cut into sections whose K and V fit a share
