@@ -7,9 +7,9 @@ Replays the order `Tiles` (kernels-gpu/src/fwd/ws.rs) hands out causal tiles in:
 sections, inside a section row block `m_blocks - 1 - r / n` of pair `r % n` (heaviest first), each block drawing
 the next tile when it finishes its last (the dynamic scheduler), a key tile taking one time unit and a row block
 one more. Every Q tile, K/V key tile and O tile goes through an LRU cache of `--l2-mb`: misses of Q and K/V and
-every O write count as DRAM bytes. Prints, per shape, main's section (the L2 share, at least
-`WS_MASKED_WAVES` = 4 waves) against sections capped at twice and once the L2 share: DRAM MB and the makespan in
-key tiles. A model: the H100 / H200 L2 is two partitions, not one LRU, and timing is not modelled beyond order.
+every O write count as DRAM bytes. Prints, per shape, the section before 2cb69a9 (the L2 share, at least
+`WS_MASKED_WAVES` = 4 waves, now static scheduling's only) against sections capped at twice and once the L2 share
+(once: every ws launch since 2cb69a9, whose tiles come from the counter): DRAM MB and the makespan in key tiles. A model: the H100 / H200 L2 is two partitions, not one LRU, and timing is not modelled beyond order.
 """
 import argparse, collections, heapq
 
@@ -73,7 +73,7 @@ def main():
         waves = (MASKED_WAVES * a.sms + s // BM - 1) // (s // BM)
         main_section = max(l2_pairs, waves)
         cells = []
-        for name, sec in [("main", main_section), ("cap 2x", min(main_section, 2 * l2_pairs)), ("cap 1x", min(main_section, l2_pairs))]:
+        for name, sec in [("4 waves", main_section), ("cap 2x", min(main_section, 2 * l2_pairs)), ("cap 1x (main)", min(main_section, l2_pairs))]:
             mb, span = simulate(b, h, s, d, sec, a.sms, l2)
             cells.append(f"{name} ({sec} pairs) {mb:.0f} MB, {span:.0f}")
         print(f"causal hdim {d} S={s} B={b} H={h}: " + " | ".join(cells))
