@@ -9,7 +9,7 @@ the next tile when it finishes its last (the dynamic scheduler), a key tile taki
 one more. Every Q tile, K/V key tile and O tile goes through an LRU cache of `--l2-mb`: misses of Q and K/V and
 every O write count as DRAM bytes. Prints, per shape, the section before 2cb69a9 (the L2 share, at least
 `WS_MASKED_WAVES` = 4 waves, now static scheduling's only) against sections capped at twice and once the L2 share
-(once: every ws launch since 2cb69a9, whose tiles come from the counter): DRAM MB and the makespan in key tiles.
+(once: ws launches since 2cb69a9 whose tiles come from the counter, nearly all): DRAM MB and the makespan in key tiles.
 A model: the H100 / H200 L2 is two partitions, not one LRU, and timing is not modelled beyond order.
 """
 import argparse, collections, heapq
