@@ -72,9 +72,10 @@ def main():
     for b, h, s, d in [(32, 8, 512, 256), (8, 8, 2048, 256), (2, 8, 8192, 256), (32, 16, 512, 128), (8, 16, 2048, 128), (2, 16, 8192, 128)]:
         l2_pairs = max(1, L2_SECTION_BYTES // (4 * d) // s)
         waves = (MASKED_WAVES * a.sms + s // BM - 1) // (s // BM)
-        main_section = max(l2_pairs, waves)
+        # Before 2cb69a9 (static scheduling's rule still): the L2 share, at least `MASKED_WAVES` waves.
+        waves_section = max(l2_pairs, waves)
         cells = []
-        for name, sec in [("4 waves", main_section), ("cap 2x", min(main_section, 2 * l2_pairs)), ("cap 1x (main)", min(main_section, l2_pairs))]:
+        for name, sec in [("4 waves", waves_section), ("cap 2x", min(waves_section, 2 * l2_pairs)), ("cap 1x (main)", l2_pairs)]:
             mb, span = simulate(b, h, s, d, sec, a.sms, l2)
             cells.append(f"{name} ({sec} pairs) {mb:.0f} MB, {span:.0f}")
         print(f"causal hdim {d} S={s} B={b} H={h}: " + " | ".join(cells))
