@@ -254,6 +254,10 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
         params.tile_slot = fwd_tile_slot(ordinal, stream);
         // The tensor maps travel as the kernel's second parameter.
         let maps = tma_maps(p, t, &launch.config)?;
+        // The bulk stores write whole 64-row boxes: dense problems without seqused_q only, where the
+        // rows past a block's real ones are past the map's (varlen: the next sequence's; seqused_q:
+        // padding, which the kernel writes as zeros).
+        params.o_tma = i32::from(maps.o != [0; 16] && params.cu_seqlens_q == 0 && params.seqused_q == 0 && params.slots == 0);
         let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
         unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
     }
@@ -335,6 +339,8 @@ fn fwd_params(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table: Opt
         q_pack_head_stride: 0,
         slots: 0,
         tile_slot: -1,
+        o_tma: 0,
+        _o_pad: 0,
     }
 }
 
@@ -467,6 +473,12 @@ fn encode_map(dtype: sys::CUtensorMapDataType, addr: u64, dims: [u64; 4], stride
     Ok(unsafe { m.assume_init() }.opaque)
 }
 
+/// `FLASH_ATTN_FWD_NO_TMA_O=1` (read once): the O stage stored by the threads only (a diagnostic).
+fn no_tma_o() -> bool {
+    static NO: OnceLock<bool> = OnceLock::new();
+    *NO.get_or_init(|| std::env::var_os("FLASH_ATTN_FWD_NO_TMA_O").is_some_and(|v| v == "1"))
+}
+
 /// The copy engine's view of q, k and v (`TmaMaps`): 4-d tensors `[batch][rows][heads][head dim]`
 /// (varlen: one batch of every packed row; paged k / v: `[num_blocks][page_size]`), boxes of 64 columns x
 /// 128 query rows / `block_n` keys (paged: `tma_page_box_rows`), in the 128-byte swizzle the wgmma tiles
@@ -479,10 +491,20 @@ fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) 
         Some(pg) => (pg.page_size, crate::dispatch::tma_page_box_rows(pg.page_size, config.block_n), Some(pg.num_blocks)),
         None => (rows_k, config.block_n, dense),
     };
+    // Out in boxes of 64 rows (a consumer warpgroup's) where the kernel has an O stage and the copy
+    // engine can address out; else no map (`FwdParams::o_tma` 0).
+    let (o_batch, o_row, o_head) = bsh(&t.out, p.varlen);
+    let o_st = Strides { batch: o_batch as usize, row: o_row as usize, head: o_head as usize };
+    let o = if crate::dispatch::fwd_ws_o_staged(p.head_dim, config.block_n) && !no_tma_o() && copy_addressable(&t.out, &o_st, !p.varlen) {
+        map(&t.out, &o_st, rows_q, p.hq, 64, dense)?
+    } else {
+        [0; 16]
+    };
     Ok(TmaMaps {
         q: map(&t.q, &p.q, rows_q, p.hq, config.block_m(), dense)?,
         k: map(&t.k, &p.k, rows_k, p.hk, box_k, batches_k)?,
         v: map(&t.v, &p.v, rows_k, p.hk, box_k, batches_k)?,
+        o,
     })
 }
 

@@ -144,10 +144,15 @@ pub struct FwdParams {
     /// Dynamic tile scheduling (the warp-specialized forward; -1 = static): the entry of the module's
     /// tile counters this launch draws its tiles from (`FWD_WS_TILE_SLOTS` entries; see fwd/ws.rs).
     pub tile_slot: i32,
+    /// The warp-specialized forward with an O stage (`variants::fwd_ws_o_staged`): 1 where `TmaMaps::o`
+    /// addresses the output, so that a consumer warpgroup whose 64 rows are all real hands its stage to
+    /// the copy engine (a bulk tensor store); 0: every row stored by the threads.
+    pub o_tma: i32,
+    pub _o_pad: i32,
 }
 
 /// Size the host's launch code relies on; both sides assert it.
-pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE + 8 + 2 * 4 + 8 + 2 * 4;
+pub const FWD_PARAMS_SIZE: usize = 9 * 8 + 14 * 8 + 12 * 4 + 2 * 8 + 4 * 4 + SCORE_MODS_SIZE + 8 + 2 * 4 + 8 + 2 * 4 + 2 * 4;
 const _: () = assert!(core::mem::size_of::<FwdParams>() == FWD_PARAMS_SIZE);
 const _: () = assert!(core::mem::align_of::<FwdParams>() == 8);
 const _: () = assert!(core::mem::offset_of!(FwdParams, q_batch_stride) == 72);
@@ -156,7 +161,7 @@ const _: () = assert!(core::mem::offset_of!(FwdParams, block_table) == 232);
 const _: () = assert!(core::mem::offset_of!(FwdParams, page_size) == 248);
 
 /// The Hopper warp-specialized forward's second parameter: the tensor maps (`cuTensorMapEncodeTiled`,
-/// 128 opaque bytes each) of q, k and v as 4-d tensors `[batch][rows][heads][head dim]` (varlen: one
+/// 128 opaque bytes each) of q, k, v (and out, `FwdParams::o_tma`; boxes of 64 rows) as 4-d tensors `[batch][rows][heads][head dim]` (varlen: one
 /// batch of all packed rows; paged K/V: `[num_blocks][page_size][heads][head dim]` in boxes of
 /// `variants::tma_page_box_rows` rows), boxes of 64 columns in the 128-byte swizzle. Passed by value: the copy
 /// engine reads a map where it lies, in kernel parameter space, 64-byte aligned. Rust's kernel ABI takes
@@ -167,9 +172,10 @@ pub struct TmaMaps {
     pub q: [u64; 16],
     pub k: [u64; 16],
     pub v: [u64; 16],
+    pub o: [u64; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<TmaMaps>() == 384);
+const _: () = assert!(core::mem::size_of::<TmaMaps>() == 512);
 
 /// The warp-specialized backward's tensor maps (as `TmaMaps`): q, k, v and dout, boxes of 64 columns x
 /// 64 query rows (q, dout) / 128 keys (k, v).

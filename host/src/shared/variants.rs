@@ -351,10 +351,16 @@ pub const fn fwd_ws_o_stage_bytes(head_dim: usize, block_n: usize) -> usize {
     if fwd_ws_o_staged(head_dim, block_n) { 128 * head_dim * 2 } else { 0 }
 }
 
+/// Where the O stage starts past the tiles: after the barriers (`FWD_WS_BARRIER_BYTES`), 1024-byte
+/// aligned, as the 128-byte swizzle of its bulk tensor stores (`FwdParams::o_tma`) needs.
+pub const FWD_WS_O_STAGE_AT: usize = 1024;
+const _: () = assert!(FWD_WS_BARRIER_BYTES <= FWD_WS_O_STAGE_AT);
+
 /// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
-/// barriers, then the O stage (`fwd_ws_o_stage_bytes`).
+/// barriers, then (from `FWD_WS_O_STAGE_AT`) the O stage (`fwd_ws_o_stage_bytes`).
 pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
-    fwd_wg_smem_bytes(c) + FWD_WS_BARRIER_BYTES + fwd_ws_o_stage_bytes(c.head_dim, c.block_n)
+    let o = fwd_ws_o_stage_bytes(c.head_dim, c.block_n);
+    fwd_wg_smem_bytes(c) + if o > 0 { FWD_WS_O_STAGE_AT + o } else { FWD_WS_BARRIER_BYTES }
 }
 
 /// The warp-specialized forward's entry points (sm_90a module only), like `for_each_fwd_variant`.

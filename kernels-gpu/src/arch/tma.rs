@@ -44,6 +44,20 @@ pub unsafe fn reduce_add_4d(src: u32, map: u64, c: [i32; 4]) {
     }
 }
 
+/// Store the box at coordinates `c` (innermost first) of the 4-d tensor `map` from shared memory at `src`
+/// (the map's box, in its swizzle); out-of-bounds elements are not written. Completes with this thread's
+/// bulk group, and the shared memory must be made visible to the async proxy first, as `reduce_add_4d`.
+#[inline(always)]
+pub unsafe fn store_4d(src: u32, map: u64, c: [i32; 4]) {
+    unsafe {
+        asm!(
+            "cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [{m}, {{{c0}, {c1}, {c2}, {c3}}}], [{s}];",
+            s = in(reg32) src, m = in(reg64) map, c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+            options(nostack)
+        )
+    }
+}
+
 /// Close this thread's bulk group of the operations issued since the last one.
 #[inline(always)]
 pub unsafe fn bulk_commit() {

@@ -23,7 +23,7 @@ use crate::mods::{AlibiCode, KeptP};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::{finalize_row, RowState};
-use crate::variants::{fwd_wg_config, fwd_ws_o_staged, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
+use crate::variants::{fwd_wg_config, fwd_ws_o_staged, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_O_STAGE_AT, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
 use core::sync::atomic::AtomicU32;
 
 /// Query rows per tile (64 per consumer warpgroup) and consumer threads.
@@ -492,7 +492,7 @@ struct ConsumerStages {
 /// releases the stages for its warpgroup. `PAGED`: a `_paged` copy (`store_out_staged`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool, const PAGED: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool, const PAGED: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool, o_tma: bool) {
     let base = smem::base();
     let warp = ctid / 32;
     let wg = (warp / 4) as u32;
@@ -599,44 +599,67 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         st.q.advance();
     }
     if fwd_ws_o_staged(D, BN) {
-        unsafe { store_out_staged::<E, D, DN, BN, PAGED>(a, &acc_o, &row_state, ctid, rows, scale_log2) };
+        unsafe { store_out_staged::<E, D, DN, BN, PAGED>(a, &acc_o, &row_state, ctid, leader, rows, scale_log2, o_tma) };
     } else {
         store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
     }
 }
 
-/// Where chunk `k` (8 columns, 16 bytes) of a row whose index is `r8` modulo 8 lies in the O stage: `k ^ r8`
-/// (rows of a multiple of 8 chunks start on one bank: the 8 rows of a warp's store of one chunk column
-/// then take 8 different chunk slots; `fwd_ws_o_staged` holds only for such head dims).
+/// Where chunk `k` (8 columns, 16 bytes) of a row whose index is `r8` modulo 8 lies in its 128-byte row of
+/// the O stage: `k ^ r8`, the 128-byte swizzle of out's tensor map (the 8 rows of a warp's store of one
+/// chunk column then take 8 different chunk slots).
 #[inline(always)]
 fn o_chunk(k: usize, r8: usize) -> usize {
     k ^ r8
 }
 
-/// The epilogue through the O stage (`fwd_ws_o_staged`: after the barriers, 64 rows of `D` elements per
-/// consumer warpgroup): each thread writes its fragments of O / rowsum (4 bytes per row and 8-column
-/// chunk, at the chunk `o_chunk` gives, so that a warp's stores of one chunk column meet no bank twice),
-/// the warpgroup syncs, then each thread copies 16-byte chunks to global memory (a warp's 32 chunks run
-/// along its rows: 512 contiguous bytes where the rows are), and the warpgroup syncs again before the
-/// stage is written next. As `store_out`: rows past `rows` are not written, the LSE by the quad's first
-/// thread.
+/// Where consumer warpgroup `wg`'s leader keeps out's tensor map's address (two words) and its tile's
+/// coordinates there (first row, head, batch) for the O stage's bulk stores: between the barriers and
+/// the O stage (`FWD_WS_O_STAGE_AT`), in the kernels that have it.
 #[inline(always)]
-unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize, const PAGED: bool>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, rows: i32, scale_log2: f32) {
+fn o_bulk_at<const D: usize, const BN: usize>(wg: usize) -> u32 {
+    const { assert!(FWD_WS_BARRIER_BYTES + 2 * 32 <= FWD_WS_O_STAGE_AT) };
+    smem::base() + Tile::<D, BN>::BYTES + FWD_WS_BARRIER_BYTES as u32 + 32 * wg as u32
+}
+
+/// Bytes of one 64-column group of a consumer warpgroup's O stage: 64 rows of 128 bytes, the box of out's
+/// tensor map.
+const O_GROUP_BYTES: u32 = 64 * 128;
+
+/// The epilogue through the O stage (`fwd_ws_o_staged`: from `FWD_WS_O_STAGE_AT` past the tiles, 64 rows
+/// of `D` elements per consumer warpgroup, laid out as out's tensor map's boxes: 64-column groups of 64
+/// rows x 128 bytes in the 128-byte swizzle). The warpgroup syncs (its leader first waits until its last
+/// bulk store has read the stage), each thread writes its fragments of O / rowsum (4 bytes per row and
+/// 8-column chunk, at the chunk `o_chunk` gives, so that a warp's stores of one chunk column meet no bank
+/// twice), the warpgroup syncs again, then: where out has a map (`o_tma`: dense, no seqused_q; its
+/// address and the tile's first row there from `o_bulk_at`), its leader hands the stage to the copy
+/// engine (one bulk tensor store per group, rows past the sequence cut at the map's end; nothing for the
+/// threads to copy); else each thread copies 16-byte chunks to global memory (a warp's 32 chunks run
+/// along its rows: 512 contiguous bytes where the rows are), rows past `rows` not written. The LSE by the
+/// quad's first thread, as `store_out`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize, const PAGED: bool>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, leader: bool, rows: i32, scale_log2: f32, o_tma: bool) {
     let chunks = D / 8;
     let wg = ctid / 128;
     let (warp, lane) = ((ctid % 128) / 32, ctid % 32);
     let (g, t) = (lane / 4, lane % 4);
-    let row_bytes = (D * 2) as u32;
-    let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_BARRIER_BYTES as u32 + (wg * 64) as u32 * row_bytes;
-    // Outside the `_paged` copies (`ox`): this thread's offset in the stage for chunk j of its row of half h
-    // as `y_h ^ 16 j`, with y_h = r row_bytes + 4 t + 16 g (disjoint bits, so the XOR makes chunk
-    // `o_chunk(j, g)`), from one offset laundered per call. Without it ptxas hoisted the sixteen offsets (the
-    // same every tile) out of the tile loop into 13 registers held for the whole kernel and spilled the tile
-    // scheduler's state around them. H100 (benches/RESULTS.md): plain 0.98-1.00x the time, dropout
-    // 0.93-0.94x; the `_paged` copy, where ptxas then spilled more (27 / 30 -> 47 / 58 STL / LDL), 1.04-1.05x.
-    let ox = !PAGED;
     const { assert!(!fwd_ws_o_staged(D, BN) || D == 128) };
-    let y0 = if ox { opaque_u32(((warp * 16 + g) as u32) * row_bytes + (4 * t) as u32 + ((g as u32) << 4)) } else { 0 };
+    const { assert!(Tile::<D, BN>::BYTES % 1024 == 0) };
+    let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_O_STAGE_AT as u32 + wg as u32 * (D / 64) as u32 * O_GROUP_BYTES;
+    // Outside the `_paged` copies (`ox`): this thread's offset in the stage for chunk j of its row of half h
+    // as `(y_h ^ 16 (j % 8)) + (j / 8) O_GROUP_BYTES`, with y_h = 128 r + 4 t + 16 g (disjoint bits, so the
+    // XOR makes chunk `o_chunk(j % 8, g)`), from one offset laundered per call. Without it ptxas hoisted the
+    // offsets (the same every tile) out of the tile loop into 13 registers held for the whole kernel and
+    // spilled the tile scheduler's state around them. H100 (benches/RESULTS.md): plain 0.98-1.00x the time,
+    // dropout 0.93-0.94x; the `_paged` copy, where ptxas then spilled more (27 / 30 -> 47 / 58 STL / LDL),
+    // 1.04-1.05x.
+    let ox = !PAGED;
+    let y0 = if ox { opaque_u32(((warp * 16 + g) as u32) * 128 + (4 * t) as u32 + ((g as u32) << 4)) } else { 0 };
+    if leader {
+        unsafe { tma::bulk_wait_read::<0>() };
+    }
+    named_sync(BAR_WG + wg as u32, 128);
     for h in 0..2 {
         let (inv_sum, lse) = finalize_row(&row_state[h], scale_log2);
         let inv_sum = inv_sum * a.mods.scale;
@@ -644,7 +667,8 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         let r = (warp * 16 + 8 * h + g) as u32;
         for j in 0..chunks {
             let w = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
-            let at = if ox { (y0 + (8 * h) as u32 * row_bytes) ^ ((j as u32) << 4) } else { r * row_bytes + (o_chunk(j, g) * 16) as u32 + (4 * t) as u32 };
+            let group = (j / 8) as u32 * O_GROUP_BYTES;
+            let at = if ox { ((y0 + (8 * h) as u32 * 128) ^ (((j % 8) as u32) << 4)) + group } else { group + r * 128 + (o_chunk(j % 8, g) * 16) as u32 + (4 * t) as u32 };
             unsafe { smem::st_u32(stage + at, w) };
         }
         let r_block = (wg * 64) as i32 + r as i32;
@@ -652,18 +676,40 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
             unsafe { st_global_f32(a.lse + (r_block * 4) as u64, lse) };
         }
     }
+    // Every row of the stage, even past `rows`: those are past out's map's rows (`FwdParams::o_tma`).
+    // (A per-warpgroup choice between the two paths, bulk where its 64 rows were all real, also varlen,
+    // spilled 300 bytes in the hdim 128 plain kernel against 148 with this one.) Not in the `_paged`
+    // copies: varlen, never `o_tma`.
+    let bulk = !PAGED && o_tma;
+    if bulk {
+        fence_proxy_async_shared();
+    }
     named_sync(BAR_WG + wg as u32, 128);
+    if bulk {
+        if leader {
+            unsafe {
+                let at = o_bulk_at::<D, BN>(wg);
+                let o_map = smem::ld_u32(at) as u64 | (smem::ld_u32(at + 4) as u64) << 32;
+                let (row, head, b) = (smem::ld_u32(at + 8) as i32, smem::ld_u32(at + 12) as i32, smem::ld_u32(at + 16) as i32);
+                for c in 0..D / 64 {
+                    tma::store_4d(stage + c as u32 * O_GROUP_BYTES, o_map, [(c * 64) as i32, row + (wg * 64) as i32, head, b]);
+                }
+                tma::bulk_commit();
+            }
+        }
+        return;
+    }
+    // The next call's first sync keeps the stage until every thread has read it.
     let mut c = if ox { opaque_u32((ctid % 128) as u32) as usize } else { ctid % 128 };
     while c < 64 * chunks {
         let (r, k) = (c / chunks, c % chunks);
         let r_block = (wg * 64 + r) as i32;
         if r_block < rows {
-            let v = unsafe { smem::ld_v4(stage + (r as u32) * row_bytes + (o_chunk(k, r % 8) * 16) as u32) };
+            let v = unsafe { smem::ld_v4(stage + (k / 8) as u32 * O_GROUP_BYTES + (r as u32) * 128 + (o_chunk(k % 8, r % 8) * 16) as u32) };
             unsafe { st_global_v4(a.o + (r_block as i64 * a.o_row_stride * 2) as u64 + (k * 16) as u64, v) };
         }
         c += 128;
     }
-    named_sync(BAR_WG + wg as u32, 128);
 }
 
 /// Whether a kernel at head dim `d` keeps the lazy max (`softmax::RESCALE_LOG2`): the plain kernels
@@ -748,20 +794,46 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
             pass_turn(1);
         }
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
+        let staged = fwd_ws_o_staged(D, BN);
+        // Out's tensor map (`FwdParams::o_tma`, after q's, k's and v's) and each tile's coordinates in it
+        // wait for the epilogue in shared memory (`o_bulk_at`): the warpgroup's leader, which stores it,
+        // holds no registers for them over the tile loop (held, they doubled the plain hdim 128 kernel's
+        // spills, 136 -> 316 bytes).
+        let o_bulk = o_bulk_at::<D, BN>(ctid / 128);
+        if staged && leader {
+            let o_map = maps + 384;
+            unsafe {
+                smem::st_u32(o_bulk, o_map as u32);
+                smem::st_u32(o_bulk + 4, (o_map >> 32) as u32);
+            }
+        }
         Tiles::new::<D, MODS>(p, &pipes).for_each::<PAGED, MODS, false>(p, 0, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
+                if staged && !PAGED && leader && p.o_tma != 0 {
+                    // The block's first row in out's map.
+                    let (q_row, _, b) = row_coords(p, head);
+                    unsafe {
+                        smem::st_u32(o_bulk + 8, (q_row + m0) as u32);
+                        smem::st_u32(o_bulk + 12, head.bidh as u32);
+                        smem::st_u32(o_bulk + 16, b as u32);
+                    }
+                }
                 // The products' descriptors from their low words (`issue_s`'s `INC`), but for the score-modifier
                 // and paged copies at head dims 96 / 128: there ptxas spilled more with them (hdim 128 `_alibi`
                 // 232/220 -> 376/412 bytes, `_paged` 204/216 -> 332/396), and on the H200 (2026-12-05) the ALiBi
                 // forward at 128 ran about 1.07x, dropout's at 96 / 128 1.01-1.10x the time.
                 if (MODS || PAGED) && (D == 96 || D == 128) {
-                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, false, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, false, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader, p.o_tma != 0) };
                 } else {
-                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, true, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader) };
+                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, true, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader, p.o_tma != 0) };
                 }
             }
             unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
         });
+        if staged && leader {
+            // The last bulk store has read its stage before the block's shared memory goes.
+            unsafe { tma::bulk_wait_read::<0>() };
+        }
     }
 }
 
