@@ -343,7 +343,7 @@ pub const TMA_PAGE_BOX_MIN: usize = 8;
 /// S=512 0.95x the time, S=2048 0.98-0.99x, S=8192 1.00x; at head dim 64 1.005-1.008x, at 96 1.10-1.13x at
 /// S=512, so not there; 192 and 256 have no room beside their tiles).
 pub const fn fwd_ws_o_staged(head_dim: usize, block_n: usize) -> bool {
-    head_dim == 128 && block_n >= 128
+    (head_dim == 64 || head_dim == 128) && block_n >= 128
 }
 
 /// Bytes of the O stage (`fwd_ws_o_staged`): 128 rows of the head dim's elements, or none.

@@ -644,7 +644,7 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
     let wg = ctid / 128;
     let (warp, lane) = ((ctid % 128) / 32, ctid % 32);
     let (g, t) = (lane / 4, lane % 4);
-    const { assert!(!fwd_ws_o_staged(D, BN) || D == 128) };
+    const { assert!(!fwd_ws_o_staged(D, BN) || D % 64 == 0) };
     const { assert!(Tile::<D, BN>::BYTES % 1024 == 0) };
     let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_O_STAGE_AT as u32 + wg as u32 * (D / 64) as u32 * O_GROUP_BYTES;
     // Outside the `_paged` copies (`ox`): this thread's offset in the stage for chunk j of its row of half h
