@@ -145,8 +145,9 @@ pub struct FwdParams {
     /// tile counters this launch draws its tiles from (`FWD_WS_TILE_SLOTS` entries; see fwd/ws.rs).
     pub tile_slot: i32,
     /// The warp-specialized forward with an O stage (`variants::fwd_ws_o_staged`): 1 where `TmaMaps::o`
-    /// addresses the output, so that a consumer warpgroup whose 64 rows are all real hands its stage to
-    /// the copy engine (a bulk tensor store); 0: every row stored by the threads.
+    /// addresses the output of a dense problem without seqused_q, so that each consumer warpgroup hands
+    /// its stage to the copy engine (bulk tensor stores; rows past Sq cut at the map's end); 0: the
+    /// threads store the real rows.
     pub o_tma: i32,
     pub _o_pad: i32,
 }
@@ -161,11 +162,12 @@ const _: () = assert!(core::mem::offset_of!(FwdParams, block_table) == 232);
 const _: () = assert!(core::mem::offset_of!(FwdParams, page_size) == 248);
 
 /// The Hopper warp-specialized forward's second parameter: the tensor maps (`cuTensorMapEncodeTiled`,
-/// 128 opaque bytes each) of q, k, v (and out, `FwdParams::o_tma`; boxes of 64 rows) as 4-d tensors `[batch][rows][heads][head dim]` (varlen: one
-/// batch of all packed rows; paged K/V: `[num_blocks][page_size][heads][head dim]` in boxes of
-/// `variants::tma_page_box_rows` rows), boxes of 64 columns in the 128-byte swizzle. Passed by value: the copy
-/// engine reads a map where it lies, in kernel parameter space, 64-byte aligned. Rust's kernel ABI takes
-/// alignments up to 16, so xtask raises this parameter's to 64 in the emitted PTX.
+/// 128 opaque bytes each) of q, k, v and out (`FwdParams::o_tma`; boxes of 64 rows) as 4-d tensors
+/// `[batch][rows][heads][head dim]` (varlen: one batch of all packed rows; paged K/V:
+/// `[num_blocks][page_size][heads][head dim]` in boxes of `variants::tma_page_box_rows` rows), boxes of
+/// 64 columns in the 128-byte swizzle. Passed by value: the copy engine reads a map where it lies, in
+/// kernel parameter space, 64-byte aligned. Rust's kernel ABI takes alignments up to 16, so xtask raises
+/// this parameter's to 64 in the emitted PTX.
 #[repr(C, align(16))]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TmaMaps {

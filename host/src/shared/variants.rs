@@ -306,7 +306,7 @@ for_each_fwd_wg_variant!(wg_name_lookup);
 pub const FWD_WS_THREADS: usize = 384;
 /// Bytes after the tiles for the pipeline's barriers (Q full / empty, two stages each of K and V full /
 /// empty: 10 barriers of 8 bytes) and the tile ring (two stages' full / empty barriers and decoded tiles
-/// of 12 bytes: 56 bytes), rounded up so that the O stage after them starts 128-byte aligned.
+/// of 12 bytes: 56 bytes), rounded up (the O stage, where there is one, from `FWD_WS_O_STAGE_AT`).
 pub const FWD_WS_BARRIER_BYTES: usize = 256;
 /// The warp-specialized forward's tile scheduler walks the (sequence, head) pairs in sections whose K
 /// and V take at most this many bytes (a third of the H100 / H200 L2, so that the section being
@@ -337,11 +337,13 @@ pub const fn tma_page_box_rows(page_size: usize, block_n: usize) -> usize {
 pub const TMA_PAGE_BOX_MIN: usize = 8;
 
 /// Whether the warp-specialized forward at `head_dim` over `block_n`-key tiles stages O through shared
-/// memory of its own (`fwd_ws_o_stage_bytes`): each consumer warpgroup writes its 64 rows there, then
-/// stores them 16 bytes a thread, whole rows per warp, instead of 4 bytes a thread straight from the
-/// accumulator's fragments. Head dim 128 only (H100, one run against the direct stores, benches/RESULTS.md:
-/// S=512 0.95x the time, S=2048 0.98-0.99x, S=8192 1.00x; at head dim 64 1.005-1.008x, at 96 1.10-1.13x at
-/// S=512, so not there; 192 and 256 have no room beside their tiles).
+/// memory of its own (`fwd_ws_o_stage_bytes`): each consumer warpgroup writes its 64 rows there, then its
+/// leader hands them to the copy engine (bulk tensor stores, `FwdParams::o_tma`), or the threads store
+/// them 16 bytes a thread, whole rows per warp, instead of 4 bytes a thread straight from the
+/// accumulator's fragments. Head dims 64 and 128 (benches/RESULTS.md, against the direct stores: the
+/// threads' stores at 128 S=512 0.95x the time, S=2048 0.98-0.99x, S=8192 1.00x, at 64 1.005-1.008x; the
+/// bulk stores another 0.96x at 128 S=512 and 0.975x at 64; at 96 the threads' 1.10-1.13x at S=512, so not
+/// there; 192 and 256 have no room beside their tiles).
 pub const fn fwd_ws_o_staged(head_dim: usize, block_n: usize) -> bool {
     (head_dim == 64 || head_dim == 128) && block_n >= 128
 }
