@@ -796,9 +796,8 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
         let staged = fwd_ws_o_staged(D, BN);
         // Out's tensor map (`FwdParams::o_tma`, after q's, k's and v's) and each tile's coordinates in it
-        // wait for the epilogue in shared memory (`o_bulk_at`): the warpgroup's leader, which stores it,
-        // holds no registers for them over the tile loop (held, they doubled the plain hdim 128 kernel's
-        // spills, 136 -> 316 bytes).
+        // wait for the epilogue in shared memory (`o_bulk_at`), written and read by the warpgroup's leader,
+        // so that no register holds them over the tile loop.
         let o_bulk = o_bulk_at::<D, BN>(ctid / 128);
         if staged && leader {
             let o_map = maps + 384;
