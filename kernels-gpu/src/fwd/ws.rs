@@ -489,7 +489,8 @@ struct ConsumerStages {
 }
 
 /// One consumer warpgroup's rows of one row block (the wg kernel's `attend` on pipeline stages); `leader`
-/// releases the stages for its warpgroup. `PAGED`: a `_paged` copy (`store_out_staged`).
+/// releases the stages for its warpgroup. `PAGED`: a `_paged` copy; `o_tma`: O by bulk tensor stores
+/// (both `store_out_staged`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool, const PAGED: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool, o_tma: bool) {
