@@ -253,11 +253,12 @@ unsafe fn fwd_any(p: &Problem, t: &FwdViews<'_>, lengths: [u64; 4], block_table:
     } else {
         params.tile_slot = fwd_tile_slot(ordinal, stream);
         // The tensor maps travel as the kernel's second parameter.
-        let maps = tma_maps(p, t, &launch.config)?;
-        // The bulk stores write whole 64-row boxes: dense problems without seqused_q only, where the
+        // The bulk O stores write whole 64-row boxes: dense problems without seqused_q only, where the
         // rows past a block's real ones are past the map's (varlen: the next sequence's; seqused_q:
         // padding, which the kernel writes as zeros).
-        params.o_tma = i32::from(maps.o != [0; 16] && params.cu_seqlens_q == 0 && params.seqused_q == 0 && params.slots == 0);
+        let o_bulk = params.cu_seqlens_q == 0 && params.seqused_q == 0 && params.slots == 0;
+        let maps = tma_maps(p, t, &launch.config, o_bulk)?;
+        params.o_tma = i32::from(maps.o != [0; 16]);
         let mut args = [&params as *const FwdParams as *mut std::ffi::c_void, &maps as *const TmaMaps as *mut std::ffi::c_void];
         unsafe { result::launch_kernel(f.0, l.grid, (l.block, 1, 1), l.smem_bytes as u32, stream as sys::CUstream, &mut args) }?;
     }
@@ -473,17 +474,17 @@ fn encode_map(dtype: sys::CUtensorMapDataType, addr: u64, dims: [u64; 4], stride
     Ok(unsafe { m.assume_init() }.opaque)
 }
 
-/// `FLASH_ATTN_FWD_NO_TMA_O=1` (read once): the O stage stored by the threads only (a diagnostic).
+/// `FLASH_ATTN_FWD_NO_TMA_O` (any value, read once): the O stage stored by the threads only.
 fn no_tma_o() -> bool {
     static NO: OnceLock<bool> = OnceLock::new();
-    *NO.get_or_init(|| std::env::var_os("FLASH_ATTN_FWD_NO_TMA_O").is_some_and(|v| v == "1"))
+    env_set(&NO, "FLASH_ATTN_FWD_NO_TMA_O")
 }
 
 /// The copy engine's view of q, k and v (`TmaMaps`): 4-d tensors `[batch][rows][heads][head dim]`
 /// (varlen: one batch of every packed row; paged k / v: `[num_blocks][page_size]`), boxes of 64 columns x
 /// 128 query rows / `block_n` keys (paged: `tma_page_box_rows`), in the 128-byte swizzle the wgmma tiles
-/// use; rows past a tensor's end read as zeros.
-fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) -> Result<TmaMaps> {
+/// use; rows past a tensor's end read as zeros. Out's map where `o_bulk` allows the bulk O stores (below).
+fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig, o_bulk: bool) -> Result<TmaMaps> {
     let map = |v: &View<'_>, st: &Strides, rows: usize, heads: usize, box_rows: usize, batches: Option<usize>| tensor_map(p, v, st, rows, heads, box_rows, batches);
     let (rows_q, rows_k) = if p.varlen { (p.total_q, p.total_k) } else { (p.seqlen_q, p.seqlen_k) };
     let dense = (!p.varlen).then_some(p.batch);
@@ -491,11 +492,11 @@ fn tma_maps(p: &Problem, t: &FwdViews<'_>, config: &crate::dispatch::FwdConfig) 
         Some(pg) => (pg.page_size, crate::dispatch::tma_page_box_rows(pg.page_size, config.block_n), Some(pg.num_blocks)),
         None => (rows_k, config.block_n, dense),
     };
-    // Out in boxes of 64 rows (a consumer warpgroup's) where the kernel has an O stage and the copy
-    // engine can address out; else no map (`FwdParams::o_tma` 0).
+    // Out in boxes of 64 rows (a consumer warpgroup's) where the bulk stores may write it (`o_bulk`), the
+    // kernel has an O stage and the copy engine can address out; else no map (`FwdParams::o_tma` 0).
     let (o_batch, o_row, o_head) = bsh(&t.out, p.varlen);
     let o_st = Strides { batch: o_batch as usize, row: o_row as usize, head: o_head as usize };
-    let o = if crate::dispatch::fwd_ws_o_staged(p.head_dim, config.block_n) && !no_tma_o() && copy_addressable(&t.out, &o_st, !p.varlen) {
+    let o = if o_bulk && crate::dispatch::fwd_ws_o_staged(p.head_dim, config.block_n) && !no_tma_o() && copy_addressable(&t.out, &o_st, !p.varlen) {
         map(&t.out, &o_st, rows_q, p.hq, 64, dense)?
     } else {
         [0; 16]
