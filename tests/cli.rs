@@ -324,6 +324,8 @@ fn errors_exit_2_with_a_message() {
     let inputs: Inputs = ["q", "k", "v"].map(|n| (n, random(&mut rng, &[1, 4, 2, 264], DType::BF16, 1.0))).to_vec();
     write(&input, &inputs);
     expect_failure(&run(&[]), "head dim 264");
+    // The message gives the head dims the CLI runs (it pads those between the library's).
+    expect_failure(&run(&[]), "supported: 1 to 256");
     // k's head dim differing from q's (no padding then): the library names k.
     let inputs: Inputs = vec![
         ("q", random(&mut rng, &[1, 4, 2, 80], DType::BF16, 1.0)),
@@ -374,6 +376,10 @@ fn errors_exit_2_with_a_message() {
     expect_failure(&run(&["--window"]), "--window");
     expect_failure(&run(&["--scale", "x"]), "--scale");
     expect_failure(&run(&["--softcap", "inf"]), "--softcap");
+    // Values float32 cannot hold fail rather than round: a softcap or dropout rounded to 0 would be off.
+    for (flag, bad) in [("--softcap", "1e-300"), ("--softcap", "1e39"), ("--scale", "1e-50"), ("--dropout", "1e-46"), ("--dropout", "0.9999999999")] {
+        expect_failure(&run(&[flag, bad, "--seed", "1"]), flag);
+    }
     expect_failure(&run(&["--device", "tpu"]), "--device");
     expect_failure(&["run", "--output", out], "--input");
     expect_failure(&["frobnicate"], "frobnicate");
@@ -986,9 +992,9 @@ fn malformed_inputs_exit_0_or_2() {
     let flags: [(&str, &[&str], &[&str]); 9] = [
         ("--causal", &[], &[]),
         ("--window", &["-1,0", "3,-1", "2,1"], &["a,b", "99999999999,0", "-2,1"]),
-        ("--softcap", &["0", "5"], &["-1", "nan"]),
+        ("--softcap", &["0", "5"], &["-1", "nan", "1e-300"]),
         ("--scale", &["0.1", "-0.5"], &["nan", "inf"]),
-        ("--dropout", &["0.1", "0.5"], &["1", "-0.1", "nan"]),
+        ("--dropout", &["0.1", "0.5"], &["1", "-0.1", "nan", "1e-46"]),
         ("--num-splits", &["0", "3", "100000"], &["-1"]),
         ("--backward", &[], &[]),
         ("--return-probs", &[], &[]),

@@ -251,6 +251,7 @@ def _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
                   block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
                   num_splits, return_softmax_lse):
     return_softmax_lse = _common.flag(return_softmax_lse, "return_softmax_lse")
+    rotary_interleaved = _common.flag(rotary_interleaved, "rotary_interleaved")
     if _torch_impl is not None:
         r = _torch_impl.kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                      cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
@@ -259,8 +260,6 @@ def _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
             return r if return_softmax_lse else r[0]
     path = _path(q, "q")
     o = _common.options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, False)
-    if isinstance(rotary_interleaved, bool) is False:
-        raise TypeError(f"rotary_interleaved: must be a bool, got {type(rotary_interleaved).__name__}")
     num_splits = _common.index(num_splits, "num_splits")
     out, lse = path.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                             cache_leftpad, block_table, o, rotary_interleaved, num_splits)
@@ -366,7 +365,7 @@ def _hub_fwd(path, q, k, v, out, lens, block_table, o, gen):
         return call(q, k, v, out)
     d, dp = pad
     _check_given(path, [("out", out, q)], [("q", q), ("k", k), ("v", v)])
-    res = call(path._pad(q, dp), path._pad(k, dp), path._pad(v, dp), None)
+    res = call(path._pad(q, dp, "q"), path._pad(k, dp, "k"), path._pad(v, dp, "v"), None)
     res[0] = _cut_into(path, res[0], d, out)
     return res
 
@@ -390,9 +389,15 @@ def _hub_bwd(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
         return _hub_bwd_padded(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o)
     except (TypeError, ValueError) as e:
         msg = str(e)
-        if not msg.startswith("lse:"):
+        renamed = _LSE.sub("softmax_lse", msg)
+        if renamed == msg:
             raise
-        raise type(e)("softmax_lse:" + msg[len("lse:"):]) from None
+        raise type(e)(renamed) from None
+
+
+# The library's name of the forward's LSE where it names an argument: first in a message, or what an output
+# overlaps ("dq: overlaps lse").
+_LSE = _re.compile(r"^lse\b|(?<=overlaps )lse\b")
 
 
 def _hub_bwd_padded(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
@@ -406,7 +411,7 @@ def _hub_bwd_padded(path, dout, q, k, v, out, softmax_lse, dq, dk, dv, lens, o):
     d, dp = pad
     _check_given(path, [("dq", dq, q), ("dk", dk, k), ("dv", dv, v)],
                  [("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("softmax_lse", softmax_lse)])
-    padded = [path._pad(t, dp) for t in (dout, q, k, v, out)]
+    padded = [path._pad(t, dp, n) for t, n in zip((dout, q, k, v, out), ("dout", "q", "k", "v", "out"))]
     grads = path.bwd(*padded, softmax_lse, None, None, None, lens, o.softmax_scale, o)
     return [_cut_into(path, g, d, given) for g, given in zip(grads[:3], (dq, dk, dv))] + [None]
 

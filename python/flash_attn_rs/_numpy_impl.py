@@ -80,7 +80,7 @@ def _output(a, name, shape, dtype):
         raise TypeError(f"{name}: dtype {a.dtype} does not match q's dtype {dtype}")
     if a.dtype.isnative and _layout_ok(a):
         return a, False
-    return np.empty(shape, dtype), True
+    return _empty(shape, dtype, name), True
 
 
 def _lens(lens):
@@ -123,15 +123,25 @@ def cut(a, d):
     return np.ascontiguousarray(a[..., :d])
 
 
+def _empty(shape, dtype, name, zeros=False):
+    """An output (or padded copy) the call allocates. numpy's own MemoryError / ValueError where it cannot
+    names no argument: a ValueError naming the input whose shape sets it instead."""
+    try:
+        return (np.zeros if zeros else np.empty)(shape, dtype)
+    except (MemoryError, ValueError):
+        raise ValueError(f"{name}: an array of shape {tuple(shape)} ({np.dtype(dtype)}) cannot be allocated "
+                         f"(its shape follows from {name}'s)") from None
+
+
 def assign(dst, src):
     dst[...] = src
 
 
-def _pad(a, dp):
+def _pad(a, dp, name="q"):
     d = a.shape[-1]
     if d == dp:
         return a
-    p = np.zeros(a.shape[:-1] + (dp,), a.dtype)
+    p = _empty(a.shape[:-1] + (dp,), a.dtype, name, zeros=True)
     p[..., :d] = a
     return p
 
@@ -182,26 +192,26 @@ def attention(pack, q, k, v, lens, o):
     if pack == PACK_QKV:
         q = _array(q, "qkv")
         _common.check_packed(q, "qkv", 3, rank + 1)
-        d, inputs = q.shape[-1], [q]
+        d, inputs, names = q.shape[-1], [q], ("qkv",)
     elif pack == PACK_KV:
         q, k = _array(q, "q"), _array(k, "kv")
         _common.check_rank(q, "q", rank)
         _common.check_packed(k, "kv", 2, rank + 1)
-        d, inputs = q.shape[-1], [q, k]
+        d, inputs, names = q.shape[-1], [q, k], ("q", "kv")
         _common.check_head_dims(d, [("kv", k)])
     else:
         q, k, v = _array(q, "q"), _array(k, "k"), _array(v, "v")
         for name, t in (("q", q), ("k", k), ("v", v)):
             _common.check_rank(t, name, rank)
-        d, inputs = q.shape[-1], [q, k, v]
+        d, inputs, names = q.shape[-1], [q, k, v], ("q", "k", "v")
         _common.check_head_dims(d, [("k", k), ("v", v)])
     scale = _common.default_scale(o.softmax_scale, d)
     dp = _common.padded_head_dim(d, "q")
-    inputs = [_pad(t, dp) for t in inputs] + [None] * (3 - len(inputs))
+    inputs = [_pad(t, dp, n) for t, n in zip(inputs, names)] + [None] * (3 - len(inputs))
     q, k, v = _split(*inputs, pack)
-    out = np.empty(q.shape, q.dtype)
+    out = _empty(q.shape, q.dtype, "q")
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-    lse = np.empty(lse_shape, np.float32)
+    lse = _empty(lse_shape, np.float32, "q")
     s_dmask = _run_fwd(q, k, v, out, lse, lens, scale, o, seed_offset(o))
     return (out[..., :d] if dp != d else out), lse, s_dmask
 
@@ -230,11 +240,11 @@ def fwd(q, k, v, out, lens, scale, o, gen=None):
         _common.check_rank(t, name, 3 if varlen else 4)
     scale = _common.default_scale(scale, q.shape[-1])
     if out is None:
-        target, copy_back = np.empty(q.shape, q.dtype), False
+        target, copy_back = _empty(q.shape, q.dtype, "q"), False
     else:
         target, copy_back = _output(out, "out", q.shape, q.dtype)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-    lse = np.empty(lse_shape, np.float32)
+    lse = _empty(lse_shape, np.float32, "q")
     seeds = seed_offset(o, gen)
     s_dmask = _run_fwd(q, k, v, target, lse, lens, scale, o, seeds)
     if copy_back:
@@ -264,7 +274,7 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o):
     grads = []
     for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if g is None:
-            grads.append((np.empty(like.shape, like.dtype), None))
+            grads.append((_empty(like.shape, like.dtype, name[1:]), None))
         else:
             t, copy_back = _output(g, name, like.shape, q.dtype)
             grads.append((t, g if copy_back else None))
@@ -309,7 +319,7 @@ def paged(q, k, v, lens, block_table, o):
     _common.check_head_dims(d, [("k", k), ("v", v)])
     scale = _common.default_scale(o.softmax_scale, d)
     dp = _common.padded_head_dim(d, "q")
-    q, k, v = _pad(q, dp), _pad(k, dp), _pad(v, dp)
+    q, k, v = _pad(q, dp, "q"), _pad(k, dp, "k"), _pad(v, dp, "v")
     cu_q, cu_k, max_q, max_k, used_q, used_k = lens
     names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "block_table")
     arrays = [None if t is None else _array(t, n, "int32")
@@ -318,8 +328,8 @@ def paged(q, k, v, lens, block_table, o):
         raise TypeError("cu_seqlens_q: expected a numpy.ndarray, got NoneType")
     descs = [None if t is None else _desc(t, n, "int32") for n, t in zip(names, arrays)]
     max_q, max_k = _common.max_seqlen(max_q, "max_seqlen_q"), _common.max_seqlen(max_k, "max_seqlen_k")
-    out = np.empty(q.shape, q.dtype)
-    lse = np.empty((q.shape[1], q.shape[0]), np.float32)
+    out = _empty(q.shape, q.dtype, "q")
+    lse = _empty((q.shape[1], q.shape[0]), np.float32, "q")
     kw, keep = _extras(o, q, (arrays[0], None, max_q, max_k), k, seed_offset(o))
     _native.varlen_fwd_paged(_desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"),
                              _desc(lse, "lse", "float32"), descs[0], descs[1], max_q, max_k, descs[2], descs[3],
@@ -364,12 +374,12 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
                 _common.check_disjoint([("k_cache", k_cache), ("v_cache", v_cache)],
                                        [(n, t) for n, t in (("q", q), ("k", k), ("v", v)) if isinstance(t, ARRAY)],
                                        overlaps)
-            q = _pad(q, dp)
+            q = _pad(q, dp, "q")
             kc_back, vc_back = (kc_back if kc_back is not None else kc), (vc_back if vc_back is not None else vc)
-            kc, vc = _pad(kc, dp), _pad(vc, dp)
+            kc, vc = _pad(kc, dp, "k_cache"), _pad(vc, dp, "v_cache")
             k, v = (None if t is None else _array(t, n) for t, n in ((k, "k"), (v, "v")))
             _common.check_head_dims(d, [(n, t) for n, t in (("k", k), ("v", v)) if t is not None])
-            k, v = (None if t is None else _pad(t, dp) for t in (k, v))
+            k, v = (None if t is None else _pad(t, dp, n) for t, n in ((k, "k"), (v, "v")))
             if not appending:
                 kc_back = vc_back = None
     if block_table is not None:
@@ -402,8 +412,8 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
             keep.append(a)
             opt[name] = _desc(a, label, expected)
     seqlens = _array(cache_seqlens, "cache_seqlens", "int32")
-    out = np.empty(q.shape, q.dtype)
-    lse = np.empty((q.shape[0], q.shape[2], q.shape[1]), np.float32)
+    out = _empty(q.shape, q.dtype, "q")
+    lse = _empty((q.shape[0], q.shape[2], q.shape[1]), np.float32, "q")
     _native.fwd_kvcache(_desc(q, "q"), _desc(kc, "k_cache"), _desc(vc, "v_cache"),
                         _desc(seqlens, "cache_seqlens", "int32"), _desc(out, "out"), _desc(lse, "lse", "float32"),
                         scale, o.causal, o.window_left, o.window_right, o.softcap, rotary_interleaved, num_splits,

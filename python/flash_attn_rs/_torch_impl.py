@@ -727,7 +727,8 @@ def assign(dst, src):
     dst.copy_(src)
 
 
-def _pad(t, dp):
+def _pad(t, dp, name=None):
+    """`t` zero-padded to head dim `dp` (`name`: the numpy path's, for its allocation errors; unused here)."""
     d = t.shape[-1]
     return t if d == dp else torch.nn.functional.pad(t, [0, dp - d])
 

@@ -75,7 +75,17 @@ fn float(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<f32> {
         return Err(PyTypeError::new_err(format!("{arg}: must be a float, got {}", type_name(obj))));
     }
     let v: f64 = obj.extract().map_err(|_| PyValueError::new_err(format!("{arg}: does not fit a float")))?;
-    Ok(v as f32)
+    f32_of(v, arg)
+}
+
+/// `v` as the kernels' f32. A finite value that float32 cannot hold is a ValueError naming `arg`: one that
+/// rounds to 0 (below 2^-149: for softcap and dropout_p, 0 would silently mean "off") or past its range.
+fn f32_of(v: f64, arg: &str) -> PyResult<f32> {
+    let f = v as f32;
+    if v.is_finite() && (f.is_infinite() || (f == 0.0 && v != 0.0)) {
+        return Err(PyValueError::new_err(format!("{arg}: {v:e} cannot be held by a float32, which the kernels compute in (0 or past its range)")));
+    }
+    Ok(f)
 }
 
 fn flag(obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<bool> {
@@ -188,7 +198,13 @@ fn with_dropout(mut opts: AttnOptions, obj: Option<&Bound<'_, PyAny>>) -> PyResu
     if t.len() != 3 {
         return Err(PyTypeError::new_err(format!("dropout: expected a tuple (p, seed, offset), got {} items", t.len())));
     }
-    opts.dropout = Dropout { p: float(&t.get_item(0)?, "dropout_p")?, seed: uint(&t.get_item(1)?, "dropout", "seed", u64::MAX)?, offset: uint(&t.get_item(2)?, "dropout", "offset", u64::MAX)? };
+    let p_obj = t.get_item(0)?;
+    let p = float(&p_obj, "dropout_p")?;
+    // Below 1 in float64 but 1 in float32 (from 1 - 2^-25): the library would report "got 1".
+    if p == 1.0 && p_obj.extract::<f64>().is_ok_and(|v| v < 1.0) {
+        return Err(PyValueError::new_err(format!("dropout_p: must be in [0, 1), got {} (1 in float32)", p_obj.extract::<f64>()?)));
+    }
+    opts.dropout = Dropout { p, seed: uint(&t.get_item(1)?, "dropout", "seed", u64::MAX)?, offset: uint(&t.get_item(2)?, "dropout", "offset", u64::MAX)? };
     Ok(opts)
 }
 

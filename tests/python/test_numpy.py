@@ -798,7 +798,8 @@ def rotate(x, cos, sin, pos, interleaved):
 def test_kvcache_append_rotary(interleaved, causal, paged, d):
     """flash_attn_with_kvcache: k and v appended in place (k rotated) at cache_seqlens, q rotated at its
     position, attention over each row's cache against a reference written here; cache_seqlens as an int
-    and as an array; entries beyond the appended ones untouched; paged equals contiguous bitwise. Head dim
+    and as an array; entries beyond the appended ones untouched; paged equals contiguous bitwise (the paged calls
+    pass rotary_interleaved as a numpy bool, which is a flag as any other). Head dim
     80 has no kernels of its own (padded to 96 around the call, the caches copied back)."""
     seed, rng = new_rng("test_kvcache_append_rotary")
     b, s_cache, hq, hk, s_new, sq, rd = 3, 64, 4, 2, 3, 3, 32
@@ -820,7 +821,8 @@ def test_kvcache_append_rotary(interleaved, causal, paged, d):
         table, kc, vc = None, k_cache, v_cache
     out, lse = fa.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, rotary_cos=cos, rotary_sin=sin,
                                          cache_seqlens=seqlens, block_table=table, causal=causal,
-                                         rotary_interleaved=interleaved, return_softmax_lse=True)
+                                         rotary_interleaved=np.bool_(interleaved) if paged else interleaved,
+                                         return_softmax_lse=True)
     if paged:
         k_cache, v_cache = kc[table.reshape(-1)].reshape(kc0.shape), vc[table.reshape(-1)].reshape(vc0.shape)
     for i in range(b):
@@ -1071,6 +1073,12 @@ def _inputs():
     return q, k, v, c
 
 
+def _dq_over_lse(q, k, v):
+    """The hub's bwd with dq laid over softmax_lse (one buffer: lse its first 32 floats)."""
+    buf = np.zeros(q.size // 2, np.float32)
+    return fa.bwd(q, q, k, v, q, buf[:32].reshape(1, 4, 8), dq=buf.view(F16).reshape(q.shape))
+
+
 def _vq():
     q, k, v, c = _inputs()
     return q[0], k[0], v[0], c
@@ -1184,9 +1192,24 @@ BAD = [
         q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), k=k[:, :2], v=v[:, :2],
         cache_seqlens=3, rotary_cos=np.ones((4, 16), np.float32), rotary_sin=np.ones((4, 16), np.float32)),
      ValueError, ["rotary"]),
-    ("kvcache rotary_interleaved int", lambda q, k, v, c: fa.flash_attn_with_kvcache(
+    ("kvcache rotary_interleaved array", lambda q, k, v, c: fa.flash_attn_with_kvcache(
         q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=3,
-        rotary_interleaved=1), TypeError, ["rotary_interleaved"]),
+        rotary_interleaved=np.ones(2, bool)), TypeError, ["rotary_interleaved"]),
+    # Scalars float32 cannot hold (the kernels' precision): an error, not a value rounded to 0 (softcap and
+    # dropout_p would be off) or past the range.
+    ("softcap rounds to 0 in float32", lambda q, k, v, c: fa.flash_attn_func(q, k, v, softcap=1e-300), ValueError,
+     ["softcap", "float32"]),
+    ("dropout_p rounds to 0 in float32", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=1e-46), ValueError,
+     ["dropout_p", "float32"]),
+    ("dropout_p rounds to 1 in float32", lambda q, k, v, c: fa.flash_attn_func(q, k, v, dropout_p=0.999999999),
+     ValueError, ["dropout_p", "[0, 1)", "0.999999999"]),
+    ("softmax_scale past float32", lambda q, k, v, c: fa.flash_attn_func(q, k, v, softmax_scale=1e300), ValueError,
+     ["softmax_scale", "float32"]),
+    ("hub softcap rounds to 0 in float32", lambda q, k, v, c: fa.fwd(q, k, v, softcap=1e-300), ValueError,
+     ["softcap", "float32"]),
+    ("out past memory", lambda q, k, v, c: (lambda t: fa.flash_attn_func(t, t, t))(np.lib.stride_tricks.as_strided(
+        np.zeros(64, F16), (1, 2 ** 40, 1, 64), (0, 0, 0, 2))), ValueError, ["q", "allocated"]),
+    ("hub dq aliases softmax_lse", lambda q, k, v, c: _dq_over_lse(q, k, v), ValueError, ["dq", "overlaps softmax_lse"]),
     ("kvcache num_splits negative", lambda q, k, v, c: fa.flash_attn_with_kvcache(
         q[:, :1], np.zeros((1, 16, 2, 64), F16), np.zeros((1, 16, 2, 64), F16), cache_seqlens=3, num_splits=-1),
      ValueError, ["num_splits"]),

@@ -171,9 +171,20 @@ fn no_value(name: &str, inline: Option<&OsStr>) -> Result<()> {
     }
 }
 
+/// A finite number as the kernels' f32. One that float32 cannot hold fails rather than round: to 0 (below
+/// 2^-149, where 0 would turn --softcap or --dropout off) or past its range.
 fn parse_f32(name: &str, s: &str) -> Result<f32> {
-    match s.trim().parse::<f32>() {
-        Ok(x) if x.is_finite() => Ok(x),
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() => {
+            let f = x as f32;
+            if f.is_infinite() || (f == 0.0 && x != 0.0) {
+                fail!("{name}: '{s}' cannot be held by a float32, which the kernels compute in (0 or past its range)");
+            }
+            if name == "--dropout" && f == 1.0 && x < 1.0 {
+                fail!("--dropout: must be in [0, 1), got '{s}' (1 in float32)");
+            }
+            Ok(f)
+        }
         _ => fail!("{name}: expected a finite number, got '{s}'"),
     }
 }
@@ -367,6 +378,8 @@ fn pad_as_q(t: &Tensor, name: &'static str, d: usize, dp: usize) -> Result<Tenso
 fn lib_error(padding: Option<(usize, usize)>) -> impl Fn(flash_attn::Error) -> Fail {
     move |e| match (padding, &e) {
         (Some((d, dp)), flash_attn::Error::Shape { .. }) => Fail(format!("{e} (head dim {d} runs zero-padded to {dp}: shapes above show {dp})")),
+        // The CLI pads the head dims between the library's: any from 1 to 256 runs.
+        (None, flash_attn::Error::HeadDim { got }) => Fail(format!("q: head dim {got} is not supported; supported: 1 to 256 (32, 64, 96, 128, 192 and 256 natively, the others zero-padded to the next)")),
         _ => Fail(e.to_string()),
     }
 }
