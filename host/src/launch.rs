@@ -100,7 +100,7 @@ fn hopper_sms(gpu: &Gpu, k: KernelChoice) -> Option<usize> {
 /// The softmax constants both passes use: (scale_log2, softcap_pre); see `FwdParams`.
 fn score_constants(p: &Problem) -> (f32, f32) {
     if p.softcap > 0.0 {
-        (p.softcap * std::f32::consts::LOG2_E, p.scale / p.softcap)
+        (p.softcap * std::f32::consts::LOG2_E, p.softcap_pre())
     } else {
         (p.scale * std::f32::consts::LOG2_E, 0.0)
     }

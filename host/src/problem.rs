@@ -133,6 +133,13 @@ impl std::ops::Deref for Dims {
 }
 
 impl Problem {
+    /// scale / softcap, the multiplier of q.k inside the softcap's tanh (0 without a softcap), held within
+    /// f32's range: a softcap so small that the quotient overflows would make 0 * inf = NaN of a zero
+    /// score. Every score then lies within softcap of 0 whatever the multiplier, so the clamp changes
+    /// nothing the softmax can see.
+    pub fn softcap_pre(&self) -> f32 {
+        if self.softcap > 0.0 { (self.scale / self.softcap).clamp(-f32::MAX, f32::MAX) } else { 0.0 }
+    }
     /// The forward's slot count (`slot_count`) with row blocks of `block_m`: varlen without the max
     /// lengths only (the caller gave none, so the grid cannot be sized by them), where it fits, and
     /// without ALiBi or dropout (the ws forward's modifier copies take no slots: kernels-gpu fwd/ws.rs

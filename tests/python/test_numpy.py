@@ -516,6 +516,24 @@ def test_kvcache_errors_name_k_and_v():
                                    cache_seqlens=2)
 
 
+def test_tiny_softcap_is_finite():
+    """A softcap so small that scale / softcap overflows float32: every score is within softcap of 0, so the
+    attention is the mean of v (lse log Sk), forward and backward finite, zero q rows too (0 * inf was
+    NaN)."""
+    seed, rng = new_rng("test_tiny_softcap_is_finite")
+    q, k, v = randn(rng, (2, 5, 2, 32)), randn(rng, (2, 7, 2, 32)), randn(rng, (2, 7, 2, 32))
+    q[0, 1] = 0
+    for c in (1e-40, 1e-30):
+        out, lse, _ = fa.flash_attn_func(q, k, v, softcap=c, return_attn_probs=True)
+        mean = v.astype(np.float64).mean(axis=1, keepdims=True)
+        assert np.isfinite(out).all() and np.isfinite(lse).all(), (seed, c)
+        assert np.abs(out - mean).max() < 1e-2, (seed, c)
+        assert np.abs(lse - np.log(7)).max() < 1e-5, (seed, c)
+        dq, dk, dv = fa.bwd(np.ones_like(out), q, k, v, out, lse, softcap=c)[:3]
+        for g in (dq, dk, dv):
+            assert np.isfinite(g).all(), (seed, c)
+
+
 def test_numpy_float_scalars_as_options():
     """numpy scalars (float32 too) are floats for softmax_scale, softcap and dropout_p, as Python floats
     (values exact in float32, so both calls must give the same bits)."""

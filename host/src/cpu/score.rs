@@ -92,7 +92,7 @@ pub(crate) struct Score {
 
 impl Score {
     pub(crate) fn new(p: &Problem, m: &HeadMods, seqlen_q: usize, seqlen_k: usize) -> Score {
-        let softcap_pre = if p.softcap > 0.0 { p.scale / p.softcap } else { 0.0 };
+        let softcap_pre = p.softcap_pre();
         Score { scale: p.scale, softcap: p.softcap, softcap_pre, slope: m.slope, shift: seqlen_k as i64 - seqlen_q as i64 }
     }
 
