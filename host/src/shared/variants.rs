@@ -340,17 +340,28 @@ pub const TMA_PAGE_BOX_MIN: usize = 8;
 /// memory of its own (`fwd_ws_o_stage_bytes`): each consumer warpgroup writes its 64 rows there, then its
 /// leader hands them to the copy engine (bulk tensor stores, `FwdParams::o_tma`), or the threads store
 /// them 16 bytes a thread, whole rows per warp, instead of 4 bytes a thread straight from the
-/// accumulator's fragments. Head dims 64 and 128 (benches/RESULTS.md, against the direct stores: the
-/// threads' stores at 128 S=512 0.95x the time, S=2048 0.98-0.99x, S=8192 1.00x, at 64 1.005-1.008x; the
-/// bulk stores another 0.96x at 128 S=512 and 0.975x at 64; at 96 the threads' 1.10-1.13x at S=512, so not
-/// there; 192 and 256 have no room beside their tiles).
+/// accumulator's fragments. Head dims 64 and 128 over 128-key tiles (benches/RESULTS.md, against the
+/// direct stores: the threads' stores at 128 S=512 0.95x the time, S=2048 0.98-0.99x, S=8192 1.00x, at 64
+/// 1.005-1.008x; the bulk stores another 0.96x at 128 S=512 and 0.975x at 64; at 96 the threads' 1.10-1.13x
+/// at S=512, so not there), 192 and 256 over 64-key tiles (at 256 in two rounds of 128 columns,
+/// `fwd_ws_o_stage_cols`: the whole 64 KiB has no room beside the tiles); not the 112-key wide tiles.
 pub const fn fwd_ws_o_staged(head_dim: usize, block_n: usize) -> bool {
-    (head_dim == 64 || head_dim == 128) && block_n >= 128
+    match head_dim {
+        64 | 128 => block_n >= 128,
+        192 | 256 => block_n == 64,
+        _ => false,
+    }
 }
 
-/// Bytes of the O stage (`fwd_ws_o_staged`): 128 rows of the head dim's elements, or none.
+/// Columns of the O stage (`fwd_ws_o_staged`): the head dim, but 128 at 256, whose epilogue stages and
+/// stores O in two rounds of 128 columns.
+pub const fn fwd_ws_o_stage_cols(head_dim: usize) -> usize {
+    if head_dim > 128 && head_dim % 128 == 0 { 128 } else { head_dim }
+}
+
+/// Bytes of the O stage (`fwd_ws_o_staged`): 128 rows of `fwd_ws_o_stage_cols` elements, or none.
 pub const fn fwd_ws_o_stage_bytes(head_dim: usize, block_n: usize) -> usize {
-    if fwd_ws_o_staged(head_dim, block_n) { 128 * head_dim * 2 } else { 0 }
+    if fwd_ws_o_staged(head_dim, block_n) { 128 * fwd_ws_o_stage_cols(head_dim) * 2 } else { 0 }
 }
 
 /// Where the O stage starts past the tiles: after the barriers (`FWD_WS_BARRIER_BYTES`), 1024-byte

@@ -23,7 +23,7 @@ use crate::mods::{AlibiCode, KeptP};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::{finalize_row, RowState};
-use crate::variants::{fwd_wg_config, fwd_ws_o_staged, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_O_STAGE_AT, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
+use crate::variants::{fwd_wg_config, fwd_ws_o_stage_cols, fwd_ws_o_staged, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_O_STAGE_AT, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
 use core::sync::atomic::AtomicU32;
 
 /// Query rows per tile (64 per consumer warpgroup) and consumer threads.
@@ -628,26 +628,29 @@ fn o_bulk_at<const D: usize, const BN: usize>(wg: usize) -> u32 {
 const O_GROUP_BYTES: u32 = 64 * 128;
 
 /// The epilogue through the O stage (`fwd_ws_o_staged`: from `FWD_WS_O_STAGE_AT` past the tiles, 64 rows
-/// of `D` elements per consumer warpgroup, laid out as out's tensor map's boxes: 64-column groups of 64
-/// rows x 128 bytes in the 128-byte swizzle). The warpgroup syncs (its leader first waits until its last
-/// bulk store has read the stage), each thread writes its fragments of O / rowsum (4 bytes per row and
-/// 8-column chunk, at the chunk `o_chunk` gives, so that a warp's stores of one chunk column meet no bank
-/// twice), the warpgroup syncs again, then: where out has a map (`o_tma`: dense, no seqused_q; its
-/// address and the tile's first row there from `o_bulk_at`), its leader hands the stage to the copy
-/// engine (one bulk tensor store per group, rows past the sequence cut at the map's end; nothing for the
-/// threads to copy); else each thread copies 16-byte chunks to global memory (a warp's 32 chunks run
-/// along its rows: 512 contiguous bytes where the rows are), rows past `rows` not written. The LSE by the
-/// quad's first thread, as `store_out`.
+/// of `fwd_ws_o_stage_cols` elements per consumer warpgroup, laid out as out's tensor map's boxes: 64-column
+/// groups of 64 rows x 128 bytes in the 128-byte swizzle), in `D / cols` rounds of that many columns (two at
+/// head dim 256, else one). Each round: the warpgroup syncs (its leader first waits until its last bulk
+/// store has read the stage), each thread writes its fragments of O / rowsum for the round's columns (4
+/// bytes per row and 8-column chunk, at the chunk `o_chunk` gives, so that a warp's stores of one chunk
+/// column meet no bank twice), the warpgroup syncs again, then: where out has a map (`o_tma`: dense, no
+/// seqused_q; its address and the tile's first row there from `o_bulk_at`), its leader hands the stage to
+/// the copy engine (one bulk tensor store per group, rows past the sequence cut at the map's end; nothing
+/// for the threads to copy); else each thread copies 16-byte chunks to global memory (a warp's 32 chunks
+/// run along its rows: 512 contiguous bytes where the rows are), rows past `rows` not written. The LSE by
+/// the quad's first thread, as `store_out`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize, const PAGED: bool>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, leader: bool, rows: i32, scale_log2: f32, o_tma: bool) {
-    let chunks = D / 8;
+    // Chunks (8 columns) of a round, and rounds.
+    const { assert!(!fwd_ws_o_staged(D, BN) || (fwd_ws_o_stage_cols(D) % 64 == 0 && D % fwd_ws_o_stage_cols(D) == 0)) };
+    let chunks = fwd_ws_o_stage_cols(D) / 8;
+    let rounds = D / fwd_ws_o_stage_cols(D);
     let wg = ctid / 128;
     let (warp, lane) = ((ctid % 128) / 32, ctid % 32);
     let (g, t) = (lane / 4, lane % 4);
-    const { assert!(!fwd_ws_o_staged(D, BN) || D % 64 == 0) };
     const { assert!(Tile::<D, BN>::BYTES % 1024 == 0) };
-    let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_O_STAGE_AT as u32 + wg as u32 * (D / 64) as u32 * O_GROUP_BYTES;
+    let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_O_STAGE_AT as u32 + wg as u32 * (chunks / 8) as u32 * O_GROUP_BYTES;
     // Outside the `_paged` copies (`ox`): this thread's offset in the stage for chunk j of its row of half h
     // as `(y_h ^ 16 (j % 8)) + (j / 8) O_GROUP_BYTES`, with y_h = 128 r + 4 t + 16 g (disjoint bits, so the
     // XOR makes chunk `o_chunk(j % 8, g)`), from one offset laundered per call. Without it ptxas hoisted the
@@ -657,59 +660,63 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
     // 1.04-1.05x.
     let ox = !PAGED;
     let y0 = if ox { opaque_u32(((warp * 16 + g) as u32) * 128 + (4 * t) as u32 + ((g as u32) << 4)) } else { 0 };
-    if leader {
-        unsafe { tma::bulk_wait_read::<0>() };
-    }
-    named_sync(BAR_WG + wg as u32, 128);
-    for h in 0..2 {
-        let (inv_sum, lse) = finalize_row(&row_state[h], scale_log2);
-        let inv_sum = inv_sum * a.mods.scale;
-        // This warpgroup's row (0..64); its low 3 bits are g.
-        let r = (warp * 16 + 8 * h + g) as u32;
-        for j in 0..chunks {
-            let w = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
-            let group = (j / 8) as u32 * O_GROUP_BYTES;
-            let at = if ox { ((y0 + (8 * h) as u32 * 128) ^ (((j % 8) as u32) << 4)) + group } else { group + r * 128 + (o_chunk(j % 8, g) * 16) as u32 + (4 * t) as u32 };
-            unsafe { smem::st_u32(stage + at, w) };
-        }
-        let r_block = (wg * 64) as i32 + r as i32;
-        if t == 0 && r_block < rows {
-            unsafe { st_global_f32(a.lse + (r_block * 4) as u64, lse) };
-        }
-    }
     // Every row of the stage, even past `rows`: those are past out's map's rows (`FwdParams::o_tma`).
     // (A per-warpgroup choice between the two paths, bulk where its 64 rows were all real, also varlen,
     // spilled 300 bytes in the hdim 128 plain kernel against 148 with this one.) Not in the `_paged`
     // copies: varlen, never `o_tma`.
     let bulk = !PAGED && o_tma;
-    if bulk {
-        fence_proxy_async_shared();
-    }
-    named_sync(BAR_WG + wg as u32, 128);
-    if bulk {
+    for round in 0..rounds {
         if leader {
-            unsafe {
-                let at = o_bulk_at::<D, BN>(wg);
-                let o_map = smem::ld_u32(at) as u64 | (smem::ld_u32(at + 4) as u64) << 32;
-                let (row, head, b) = (smem::ld_u32(at + 8) as i32, smem::ld_u32(at + 12) as i32, smem::ld_u32(at + 16) as i32);
-                for c in 0..D / 64 {
-                    tma::store_4d(stage + c as u32 * O_GROUP_BYTES, o_map, [(c * 64) as i32, row + (wg * 64) as i32, head, b]);
-                }
-                tma::bulk_commit();
+            unsafe { tma::bulk_wait_read::<0>() };
+        }
+        // Also, from the second round on, keeps the stage until every thread has copied the last round out.
+        named_sync(BAR_WG + wg as u32, 128);
+        for h in 0..2 {
+            let (inv_sum, lse) = finalize_row(&row_state[h], scale_log2);
+            let inv_sum = inv_sum * a.mods.scale;
+            // This warpgroup's row (0..64); its low 3 bits are g.
+            let r = (warp * 16 + 8 * h + g) as u32;
+            for jj in 0..chunks {
+                let j = round * chunks + jj;
+                let w = E::pack(acc_o[j][2 * h] * inv_sum, acc_o[j][2 * h + 1] * inv_sum);
+                let group = (jj / 8) as u32 * O_GROUP_BYTES;
+                let at = if ox { ((y0 + (8 * h) as u32 * 128) ^ (((jj % 8) as u32) << 4)) + group } else { group + r * 128 + (o_chunk(jj % 8, g) * 16) as u32 + (4 * t) as u32 };
+                unsafe { smem::st_u32(stage + at, w) };
+            }
+            let r_block = (wg * 64) as i32 + r as i32;
+            if round == 0 && t == 0 && r_block < rows {
+                unsafe { st_global_f32(a.lse + (r_block * 4) as u64, lse) };
             }
         }
-        return;
-    }
-    // The next call's first sync keeps the stage until every thread has read it.
-    let mut c = if ox { opaque_u32((ctid % 128) as u32) as usize } else { ctid % 128 };
-    while c < 64 * chunks {
-        let (r, k) = (c / chunks, c % chunks);
-        let r_block = (wg * 64 + r) as i32;
-        if r_block < rows {
-            let v = unsafe { smem::ld_v4(stage + (k / 8) as u32 * O_GROUP_BYTES + (r as u32) * 128 + (o_chunk(k % 8, r % 8) * 16) as u32) };
-            unsafe { st_global_v4(a.o + (r_block as i64 * a.o_row_stride * 2) as u64 + (k * 16) as u64, v) };
+        if bulk {
+            fence_proxy_async_shared();
         }
-        c += 128;
+        named_sync(BAR_WG + wg as u32, 128);
+        if bulk {
+            if leader {
+                unsafe {
+                    let at = o_bulk_at::<D, BN>(wg);
+                    let o_map = smem::ld_u32(at) as u64 | (smem::ld_u32(at + 4) as u64) << 32;
+                    let (row, head, b) = (smem::ld_u32(at + 8) as i32, smem::ld_u32(at + 12) as i32, smem::ld_u32(at + 16) as i32);
+                    for c in 0..chunks / 8 {
+                        tma::store_4d(stage + c as u32 * O_GROUP_BYTES, o_map, [(round * chunks * 8 + c * 64) as i32, row + (wg * 64) as i32, head, b]);
+                    }
+                    tma::bulk_commit();
+                }
+            }
+            continue;
+        }
+        // The next round's or call's first sync keeps the stage until every thread has read it.
+        let mut c = if ox { opaque_u32((ctid % 128) as u32) as usize } else { ctid % 128 };
+        while c < 64 * chunks {
+            let (r, k) = (c / chunks, c % chunks);
+            let r_block = (wg * 64 + r) as i32;
+            if r_block < rows {
+                let v = unsafe { smem::ld_v4(stage + (k / 8) as u32 * O_GROUP_BYTES + (r as u32) * 128 + (o_chunk(k % 8, r % 8) * 16) as u32) };
+                unsafe { st_global_v4(a.o + (r_block as i64 * a.o_row_stride * 2) as u64 + ((round * chunks + k) * 16) as u64, v) };
+            }
+            c += 128;
+        }
     }
 }
 
