@@ -137,7 +137,7 @@ def assign(dst, src):
     dst[...] = src
 
 
-def _pad(a, dp, name="q"):
+def _pad(a, dp, name):
     d = a.shape[-1]
     if d == dp:
         return a

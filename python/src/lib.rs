@@ -201,8 +201,11 @@ fn with_dropout(mut opts: AttnOptions, obj: Option<&Bound<'_, PyAny>>) -> PyResu
     let p_obj = t.get_item(0)?;
     let p = float(&p_obj, "dropout_p")?;
     // Below 1 in float64 but 1 in float32 (from 1 - 2^-25): the library would report "got 1".
-    if p == 1.0 && p_obj.extract::<f64>().is_ok_and(|v| v < 1.0) {
-        return Err(PyValueError::new_err(format!("dropout_p: must be in [0, 1), got {} (1 in float32)", p_obj.extract::<f64>()?)));
+    if p == 1.0 {
+        let v: f64 = p_obj.extract()?;
+        if v < 1.0 {
+            return Err(PyValueError::new_err(format!("dropout_p: must be in [0, 1), got {v} (1 in float32)")));
+        }
     }
     opts.dropout = Dropout { p, seed: uint(&t.get_item(1)?, "dropout", "seed", u64::MAX)?, offset: uint(&t.get_item(2)?, "dropout", "offset", u64::MAX)? };
     Ok(opts)

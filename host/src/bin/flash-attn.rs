@@ -180,9 +180,6 @@ fn parse_f32(name: &str, s: &str) -> Result<f32> {
             if f.is_infinite() || (f == 0.0 && x != 0.0) {
                 fail!("{name}: '{s}' cannot be held by a float32, which the kernels compute in (0 or past its range)");
             }
-            if name == "--dropout" && f == 1.0 && x < 1.0 {
-                fail!("--dropout: must be in [0, 1), got '{s}' (1 in float32)");
-            }
             Ok(f)
         }
         _ => fail!("{name}: expected a finite number, got '{s}'"),
@@ -271,7 +268,15 @@ impl RunArgs {
                     no_value(name, inline)?;
                     return_probs = true;
                 }
-                "--dropout" => dropout = Some(parse_f32(name, flags.value(name, inline)?)?),
+                "--dropout" => {
+                    let v = flags.value(name, inline)?;
+                    let p = parse_f32(name, v)?;
+                    // Below 1 but 1 in float32 (from 1 - 2^-25): the library would report "got 1".
+                    if p == 1.0 && v.trim().parse::<f64>().is_ok_and(|x| x < 1.0) {
+                        fail!("--dropout: must be in [0, 1), got '{v}' (1 in float32)");
+                    }
+                    dropout = Some(p);
+                }
                 "--seed" => seed = Some(parse_u64(name, flags.value(name, inline)?)?),
                 "--offset" => offset = Some(parse_u64(name, flags.value(name, inline)?)?),
                 "--window" => opts.window = parse_window(flags.value(name, inline)?)?,
