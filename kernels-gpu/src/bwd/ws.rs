@@ -331,10 +331,16 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         let parity = st.steps_done & 1;
         let ds_s = base + Lay::<D>::DS + parity * Lay::<D>::DST;
         let (mut pa, mut da) = unsafe { step_grads::<E, D, MODS>(p, a, interior, [k_s, v_s], [q_s, do_s, lse_s, delta_s], ds_s, h, m0, wg, key0, t) };
-        // dV += P^T dO and dK += dS^T Q.
+        // dV += P^T dO and dK += dS^T Q. Where both warpgroups hand the helper dQ every step (`dq_first`:
+        // head dims 96 / 128), dK is issued after dQ, so that dQ's wait leaves dK's product in flight
+        // under the dQ buffer's stores (0.97-0.98x the time, RESULTS.md, Backward). Not at 64, where the
+        // warpgroups take the steps' dQ in turns: there synccheck reported divergent barriers.
+        let dq_first = helps(D, ORDERED) && D != 64;
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
-            issue_keys_x_dim::<E, D, DN>(acc_dk, &da, q_s);
+            if !dq_first {
+                issue_keys_x_dim::<E, D, DN>(acc_dk, &da, q_s);
+            }
         }
         // Both warpgroups' dS^T is in the buffer.
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
@@ -342,7 +348,8 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         // dQ (at d64 on the warpgroups in turn): to the helper, or added here.
         if helps(D, ORDERED) {
             if D != 64 || wg == parity {
-                unsafe { hand_dq::<E, D>(pipes, &mut st.dq, ds_s, k_s, wg, ctid) };
+                let dk = if dq_first { Some((&mut *acc_dk, &da, q_s)) } else { None };
+                unsafe { hand_dq::<E, D, DN>(pipes, &mut st.dq, ds_s, k_s, wg, ctid, dk) };
             } else {
                 // The other warpgroup fills the buffer this step: both keep count of the fills.
                 st.dq.advance();
@@ -373,13 +380,20 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
 
 /// A step's dQ = dS K for warpgroup `wg` (its 64 head-dim columns, at 64 all: `step_dq`'s product) into
 /// the dQ buffer once the helper released it, visible to the copy engine, then this thread's arrival on
-/// its full barrier.
+/// its full barrier. With `dk` (dK += dS^T Q: the accumulator, dS^T's A fragments, Q) that product is
+/// issued right after dQ's and left in flight (the caller waits for it), under the buffer's stores.
 #[inline(always)]
-unsafe fn hand_dq<E: WgElem, const D: usize>(pipes: &Pipes, ds: &mut Stage<1>, ds_s: u32, k_s: u32, wg: u32, ctid: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn hand_dq<E: WgElem, const D: usize, const DN: usize>(pipes: &Pipes, ds: &mut Stage<1>, ds_s: u32, k_s: u32, wg: u32, ctid: usize, dk: Option<(&mut [[f32; 4]; DN], &[[u32; 4]; 4], u32)>) {
     // Head-dim columns c0.. (at 64 all of them, one warpgroup per step).
     let c0 = if D != 64 { 64 * wg } else { 0 };
     let mut acc_q = unsafe { issue_dq::<E>(ds_s, k_s, c0) };
-    wgmma::wait0_n64(&mut acc_q);
+    if let Some((acc_dk, da, q_s)) = dk {
+        unsafe { issue_keys_x_dim::<E, D, DN>(acc_dk, da, q_s) };
+        wgmma::wait1_n64(&mut acc_q);
+    } else {
+        wgmma::wait0_n64(&mut acc_q);
+    }
     let dq_s = smem::base() + Lay::<D>::DQ;
     // This thread's rows 16 (warp % 4) + g (+ 8), columns c0 + 8 j + 2 t (+ 1).
     let (lane, warp) = ((ctid % 32) as u32, ((ctid / 32) % 4) as u32);
