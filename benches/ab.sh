@@ -7,6 +7,8 @@
 #   BENCH   a bench binary of the bundles (bench-fwd, bench-bwd, bench-decode, ...)
 #   FILTER  FA_BENCH_FILTER: comma-separated substrings of the row names (e.g. fwd/hdim128/s8192,mods/hdim64/)
 #   -r      rounds (default 2); -t: stop starting runs once SECONDS have passed (default: no limit)
+#   DIR@VAR=VALUE[,VAR=VALUE...] runs that bundle with those environment variables set (a knob's A/B within
+#   one bundle: e.g. `/tmp/a/bundle /tmp/a/bundle@FLASH_ATTN_BWD_CHAIN_ALL=1`)
 # Environment: AB_ARGS replaces `--warm-up-time 0.15 --measurement-time 0.5`; other variables (FLASH_ATTN_*,
 # FA_DECODE_GRAPH, ...) reach every run alike.
 # Prints each run's RESULT lines prefixed with the round and the build's index, then per row and timing kind
@@ -20,15 +22,23 @@ while getopts "r:t:" o; do
     case $o in
         r) rounds=$OPTARG ;;
         t) limit=$OPTARG ;;
-        *) sed -n '2,13p' "$0"; exit 2 ;;
+        *) sed -n '2,15p' "$0"; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
-if [ $# -lt 3 ]; then sed -n '2,13p' "$0"; exit 2; fi
+if [ $# -lt 3 ]; then sed -n '2,15p' "$0"; exit 2; fi
 bench=$1 filter=$2
 shift 2
 dirs=("$@")
+# Each build's folder and environment (`DIR@VAR=VALUE,...`: the assignments after the @, split on commas).
+paths=() envs=()
 for d in "${dirs[@]}"; do
+    case $d in
+        *@*) paths+=("${d%%@*}"); envs+=("${d#*@}") ;;
+        *) paths+=("$d"); envs+=("") ;;
+    esac
+done
+for d in "${paths[@]}"; do
     if [ ! -x "$d/$bench" ]; then echo "ab: $d/$bench not found"; exit 2; fi
 done
 read -r -a args <<< "${AB_ARGS:---warm-up-time 0.15 --measurement-time 0.5}"
@@ -67,7 +77,8 @@ for ((r = 1; r <= rounds; r++)); do
             break 2
         fi
         echo "ab: round $r build $i ${dirs[$i]}"
-        (cd "${dirs[$i]}" && FA_BENCH_FILTER=$filter "./$bench" --bench "${args[@]}" 2>/dev/null) | grep --line-buffered '^RESULT' | sed -u "s/^/r$r b$i /" | tee -a "$log"
+        IFS=, read -r -a vars <<< "${envs[$i]}"
+        (cd "${paths[$i]}" && env "${vars[@]}" FA_BENCH_FILTER="$filter" "./$bench" --bench "${args[@]}" 2>/dev/null) | grep --line-buffered '^RESULT' | sed -u "s/^/r$r b$i /" | tee -a "$log"
     done
 done
 summary
