@@ -706,7 +706,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         sem_batch_stride: if p.varlen { 0 } else { 2 * (p.seqlen_q * p.hq) as i64 },
     };
     // The tensor maps travel as the warp-specialized kernel's second parameter (built before any launch).
-    let maps = if launches.ws { Some(bwd_tma_maps(bp, t, if launches.ordered { 0 } else { params.dq_accum })?) } else { None };
+    let maps = if launches.ws { Some(bwd_tma_maps(bp, t, params.dq_accum)?) } else { None };
     for (i, (l, f)) in launches.iter().zip(funcs).enumerate() {
         if l.grid.2 == 0 {
             continue;

@@ -168,6 +168,24 @@ impl DqTurn {
         }
     }
 
+    /// `wait` for a lone thread (the ws kernel's dQ helper, `bwd::ws`): spins with `ld.acquire` until
+    /// CTA x - 1 passed the turn on, where it adds to the same rows.
+    #[inline(always)]
+    pub(super) unsafe fn wait_alone(&self, counter: u64, m0: i32, bm: i32) {
+        let (turn, waits) = self.turn(m0 / bm);
+        if waits {
+            while unsafe { crate::arch::mem::ld_acquire_gpu_u32(counter) } != turn {}
+        }
+    }
+
+    /// `pass` for a lone thread whose reductions have completed (`cp.async.bulk.wait_group 0`): a
+    /// `fence.acq_rel.gpu`, then the `st.release` of this CTA's turn + 1.
+    #[inline(always)]
+    pub(super) unsafe fn pass_alone(&self, counter: u64, m0: i32, bm: i32) {
+        crate::arch::sync::fence_gpu();
+        unsafe { crate::arch::mem::st_release_gpu_u32(counter, self.turn(m0 / bm).0 + 1) };
+    }
+
     /// Passes the turn on (the counter to this CTA's turn + 1: CTA x + 1's, or the next key block to
     /// reach query block `m0 / bm` in the rotated walk) once every thread of the warpgroup has made its
     /// reductions: named barrier `bar`, then the `leader`'s `st.release` (cumulative: it releases the

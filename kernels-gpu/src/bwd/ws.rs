@@ -26,7 +26,7 @@
 
 use super::convert::convert_rows;
 use super::wg::{issue_dq, issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
-use super::{grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
+use super::{dq_turn_counter, grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
 use crate::arch::math::div_rem_u32;
@@ -95,9 +95,10 @@ impl<const D: usize> Lay<D> {
     }
 }
 
-/// Whether the helper adds dQ (`bwd_ws_dq_helpers`, default mode).
-const fn helps(d: usize, ordered: bool) -> bool {
-    bwd_ws_dq_helpers(d) && !ordered
+/// Whether the helper adds dQ (`bwd_ws_dq_helpers`), in the default mode and the ordered deterministic
+/// one (there in turn: `help_dq`).
+const fn helps(d: usize) -> bool {
+    bwd_ws_dq_helpers(d)
 }
 
 /// The pipelines: K/V (one stage, a key block's), the steps', and a step's dQ from the consumers (its
@@ -130,8 +131,11 @@ fn dq_offset(row: u32, col: u32) -> u32 {
 /// sequence inside it carry exact zeros, as the consumers' own adds: `step_dq`), wait until the copy
 /// engine has read the buffer, release it. With one CTA (grid x = 1) each step's reductions complete
 /// before the release, so the consumers that wait for the last one convert dq with every add landed.
+/// In the ordered deterministic mode (`ORDERED`) the helper waits for each step's turn (`DqTurn`, the
+/// counter of the step's rows and column half 0) before its reductions and passes it on once they have
+/// completed (as FA3's deterministic dQ writer): one f32 add order per element whichever CTA runs first.
 #[inline(always)]
-unsafe fn help_dq<const D: usize>(p: &BwdParams, maps: u64, pipes: &Pipes) {
+unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64, pipes: &Pipes) {
     let base = smem::base();
     let dq_map = maps + 512;
     let single = grid_dim_x() == 1;
@@ -141,16 +145,21 @@ unsafe fn help_dq<const D: usize>(p: &BwdParams, maps: u64, pipes: &Pipes) {
     }
     let varlen = p.cu_seqlens_q != 0;
     let mut ds = Stage::<1>::START;
-    for_each_key_block::<false>(p, #[inline(always)] |_, _, args| {
+    for_each_key_block::<ORDERED>(p, #[inline(always)] |_, _, args| {
         let Some(a) = args else { return };
-        let (steps, next_step, mut cur) = step_walk::<false>(p, &a, BN as i32, BM as i32);
+        let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, &a, BN as i32, BM as i32);
+        let turn = DqTurn::of::<ORDERED>(p, &a, BN as i32, BM as i32);
         let (q_row, b) = if varlen { (a.sq.start, 0) } else { (0, a.bidb) };
         let mut it = 0;
         while it < steps {
             let (h, m0) = (cur.0, cur.1 * BM as i32);
             cur = next_step(cur);
+            let counter = if ORDERED { dq_turn_counter(p, a.bidb, a.sq.start + m0, h, 0) } else { 0 };
             unsafe {
                 pipes.dq.consumer_wait(ds);
+                if ORDERED {
+                    turn.wait_alone(counter, m0, BM as i32);
+                }
                 if on {
                     for c in 0..D / 32 {
                         tma::reduce_add_4d(base + Lay::<D>::DQ + (c * BM * 128) as u32, dq_map, [(32 * c) as i32, q_row + m0, h, b]);
@@ -164,6 +173,11 @@ unsafe fn help_dq<const D: usize>(p: &BwdParams, maps: u64, pipes: &Pipes) {
                     }
                 }
                 pipes.dq.consumer_release(ds);
+                if ORDERED {
+                    // The reductions complete before the next CTA's turn.
+                    tma::bulk_wait::<0>();
+                    turn.pass_alone(counter, m0, BM as i32);
+                }
             }
             ds.advance();
             it += 1;
@@ -335,7 +349,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         // head dims 96 / 128), dK is issued after dQ, so that dQ's wait leaves dK's product in flight
         // under the dQ buffer's stores (0.97-0.98x the time, RESULTS.md, Backward). Not at 64, where the
         // warpgroups take the steps' dQ in turns: there synccheck reported divergent barriers.
-        let dq_first = helps(D, ORDERED) && D != 64;
+        let dq_first = helps(D) && D != 64;
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
             if !dq_first {
@@ -346,7 +360,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
 
         // dQ (at d64 on the warpgroups in turn): to the helper, or added here.
-        if helps(D, ORDERED) {
+        if helps(D) {
             if D != 64 || wg == parity {
                 let dk = if dq_first { Some((&mut *acc_dk, &da, q_s)) } else { None };
                 unsafe { hand_dq::<E, D, DN>(pipes, &mut st.dq, ds_s, k_s, wg, ctid, dk) };
@@ -433,8 +447,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         tma::regs_dec::<PRODUCER_REGS>();
         if tid < 32 {
             unsafe { produce::<D, ORDERED>(p, maps, &pipes, tid as u32) };
-        } else if helps(D, ORDERED) && tid == HELPER_TID {
-            unsafe { help_dq::<D>(p, maps, &pipes) };
+        } else if helps(D) && tid == HELPER_TID {
+            unsafe { help_dq::<D, ORDERED>(p, maps, &pipes) };
         }
         return;
     }
@@ -457,7 +471,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         unsafe { store_dk_dv::<E, D, DN>(p, &sk, bidb, hk, n0, &acc_dk, &acc_dv, key0, t) };
     });
     if grid_dim_x() == 1 {
-        if helps(D, ORDERED) {
+        if helps(D) {
             // The helper released the last step's dQ: its reductions have landed (`help_dq`).
             unsafe { pipes.dq.producer_acquire(st.dq) };
         }
