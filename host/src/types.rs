@@ -124,10 +124,11 @@ pub struct KernelChoice {
     /// copies by a producer warpgroup), the default mode's kernel where the copy engine can address the
     /// operands.
     pub bwd_no_ws: bool,
-    /// Run the deterministic Hopper backward in order (one dq accumulator and turn counters) at head dims
-    /// 64 and 96 too, not only where it measured faster than the split accumulator copies (128, 192,
-    /// 256); the split copies still run where the ordered mode has no kernel (ALiBi or dropout at 64-128)
-    /// or no lengths (varlen without max_seqlen).
+    /// Run the deterministic Hopper backward in order (one dq accumulator and turn counters) at every
+    /// head dim where `dispatch::bwd_ordered_by_default` would not (since the ordered ws twin's bulk
+    /// reductions it does at every head dim: kept for A/B runs and the suites); the split copies still run
+    /// where the ordered mode has no kernel (ALiBi or dropout at 64-128) or no lengths (varlen without
+    /// max_seqlen).
     pub bwd_ordered_all: bool,
 }
 

@@ -104,7 +104,7 @@ pub fn bwd_family(d: usize, dtype: DType, deterministic: bool, choice: KernelCho
             (false, false) if ws => "wgmma ws",
             (false, true) if ws => "wgmma ws chained",
             // The ordered twins (one accumulator, turn counters; with score modifiers at 192 / 256 only:
-            // bwd_mods_family), not under bwd_chain_all; by default at head dims 128, 192 and 256.
+            // bwd_mods_family), not under bwd_chain_all; by default at every head dim (64-256).
             (true, _) if ws && ordered => "wgmma ws deterministic ordered",
             (true, _) if ordered => "wgmma deterministic ordered",
             (false, false) => "wgmma",

@@ -670,12 +670,14 @@ for_each_bwd_wg_variant!(bwd_wg_name_lookup);
 
 /// Whether the deterministic Hopper backward runs in order (the `_det` twins: one dq accumulator, each key
 /// block's reductions after the next block's) rather than over split accumulator copies, unless the
-/// caller asks for it everywhere (`KernelChoice::bwd_ordered_all`). Measured on the H200 (RESULTS.md):
-/// faster at head dim 256 (the wide kernels, which 192 shares: 1.16-1.37x the split copies) and, since the
-/// turn is passed without a fence in every thread, at 128 (1.03-1.07x); slower at 64 (0.93-0.94x). 96 (not
-/// measured) stays on the split copies.
+/// caller asks for it everywhere (`KernelChoice::bwd_ordered_all`): at every head dim since the ordered
+/// ws twin's dQ goes through the helper's bulk reductions in turn (H100, RESULTS.md, Deterministic
+/// backward: 0.45-0.52x the split copies' time at 96, 0.76-0.80 at 64; at 128 0.73-0.78x the ordered
+/// mode before). Before that, on the H200: faster at head dim 256 (the wide kernels, which 192 shares:
+/// 1.16-1.37x the split copies) and at 128 (1.03-1.07x); slower at 64 (0.93-0.94x, the wg kernel's turns,
+/// which the fallback without the copy engine still takes).
 pub fn bwd_ordered_by_default(head_dim: usize) -> bool {
-    head_dim >= 128
+    head_dim >= 64
 }
 
 
