@@ -12,12 +12,12 @@
 //! warpgroup 0's second warp reduces the buffer into the accumulator with bulk tensor reductions
 //! (`cp.reduce.async.bulk.tensor ... add`, one per 32-column box), so the consumers' issue no longer
 //! waits on the LG queue (RESULTS.md, Backward).
-//! The deterministic mode runs the `_det` twin (`ORDERED`) by default at head dim 128 (at 64 and 96 the
-//! wg kernel's split copies, which measured faster there: RESULTS.md; `bwd_ordered_all` runs the twin
-//! at every head dim): one key block per CTA as in the default mode, CTA x on block gx - 1 - x, and every step's dq adds in a fixed
-//! order across CTAs: CTA x adds after CTA x - 1 (the next key block) where that one adds to the same
-//! rows, waiting on a counter per (row block, q head, column half) that prep zeroes
-//! (`BwdParams::dq_sem`, `step_dq`). Within a CTA an element gets one add per step, from one thread.
+//! The deterministic mode runs the `_det` twin (`ORDERED`, at every head dim: `bwd_ordered_by_default`):
+//! one key block per CTA as in the default mode, CTA x on block gx - 1 - x, and every step's dq adds in a
+//! fixed order across CTAs: the helper adds CTA x's after CTA x - 1 (the next key block) added its own to
+//! the same rows, waiting on a counter per (row block, q head) that prep zeroes (`BwdParams::dq_sem`,
+//! `help_dq`), and passes the turn on once its reductions have completed. Within a CTA an element gets
+//! one add per step.
 //! (This kernel does not run the split copies: their CTAs walk several key blocks, which one K/V stage
 //! here serializes: 0.95x the wg kernel at hdim 128.)
 //! The copy engine reads rows past a sequence (the next sequence's, or the caller's padding, not zeros),
@@ -25,7 +25,7 @@
 //! before the products read them: the same operands the wg kernel's zero-filling copies give.
 
 use super::convert::convert_rows;
-use super::wg::{issue_dq, issue_keys_x_dim, step_dq, step_grads, store_dk_dv, Place};
+use super::wg::{issue_dq, issue_keys_x_dim, step_grads, store_dk_dv, Place};
 use super::{dq_turn_counter, grid_block, lse_index, sequences, step_walk, takes_key_block, DqTurn, KvArgs};
 use crate::block::InteriorRows;
 use crate::arch::cp_async::{commit_group, cp_async_4, wait_group};
@@ -320,7 +320,6 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
     if steps == 0 {
         return;
     }
-    let turn = DqTurn::of::<ORDERED>(p, a, BN as i32, BM as i32);
     let interior = InteriorRows::of(a.n0, BN as i32, a.sq.used, a.sk.used, p.window_left, p.window_right);
     let (k_s, v_s) = (base + Lay::<D>::K, base + Lay::<D>::V);
     unsafe { pipes.kv.consumer_wait(st.kv) };
@@ -331,7 +330,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
     while it < steps {
         let base = opaque_u32(base);
         let ctid = opaque_u32(ctid as u32) as usize;
-        let Place { warp, wg, g, t, key0 } = Place::of(ctid);
+        let Place { wg, t, key0, .. } = Place::of(ctid);
         let (h, m0) = (cur.0, cur.1 * BM as i32);
         cur = next_step(cur);
         let rows = a.sq.used - m0;
@@ -359,17 +358,13 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         // Both warpgroups' dS^T is in the buffer.
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
 
-        // dQ (at d64 on the warpgroups in turn): to the helper, or added here.
-        if helps(D) {
-            if D != 64 || wg == parity {
-                let dk = if dq_first { Some((&mut *acc_dk, &da, q_s)) } else { None };
-                unsafe { hand_dq::<E, D, DN>(pipes, &mut st.dq, ds_s, k_s, wg, ctid, dk) };
-            } else {
-                // The other warpgroup fills the buffer this step: both keep count of the fills.
-                st.dq.advance();
-            }
-        } else if D != 64 || wg == parity {
-            unsafe { step_dq::<E, D, ORDERED>(p, a, ds_s, k_s, h, m0, wg, warp, g, t, &turn) };
+        // dQ (at d64 on the warpgroups in turn) to the helper.
+        if D != 64 || wg == parity {
+            let dk = if dq_first { Some((&mut *acc_dk, &da, q_s)) } else { None };
+            unsafe { hand_dq::<E, D, DN>(pipes, &mut st.dq, ds_s, k_s, wg, ctid, dk) };
+        } else {
+            // The other warpgroup fills the buffer this step: both keep count of the fills.
+            st.dq.advance();
         }
         wait_acc::<0, DN>(acc_dv);
         wait_acc::<0, DN>(acc_dk);
