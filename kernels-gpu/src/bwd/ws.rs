@@ -7,7 +7,7 @@
 //! wait for a stage, run the step, and release it once their products have read it; their dS^T halves
 //! meet in one of two dS^T buffers (one named barrier per step: the buffer written at step i was last read
 //! at step i - 2, before either warpgroup passed step i - 1's barrier).
-//! In the default mode (`helps`) the consumers put each step's dQ in a shared buffer (f32, in the boxes
+//! In both modes (`bwd_ws_dq_helpers`: every head dim here) the consumers put each step's dQ in a shared buffer (f32, in the boxes
 //! of the accumulator's tensor map: `dq_offset`; one stage, its own barriers) and go on; one thread of
 //! warpgroup 0's second warp reduces the buffer into the accumulator with bulk tensor reductions
 //! (`cp.reduce.async.bulk.tensor ... add`, one per 32-column box), so the consumers' issue no longer
@@ -48,7 +48,7 @@ const STAGES: u32 = BWD_WS_STAGES as u32;
 const CONSUMERS: usize = 256;
 /// Named barriers (0 is the block's): both consumer warpgroups.
 const BAR_CONSUMERS: u32 = 1;
-/// The dQ helper (`helps`): lane 0 of the producer warpgroup's second warp.
+/// The dQ helper: lane 0 of the producer warpgroup's second warp.
 const HELPER_TID: usize = 32;
 /// Arrivals that fill the dQ buffer: both consumer warpgroups, at head dim 64 the one whose turn it is.
 const DQ_PRODUCERS: [u32; 2] = [CONSUMERS as u32, 128];
@@ -79,10 +79,12 @@ impl<const D: usize> Lay<D> {
     const DELTA: u32 = Self::LSE + STAGES * (BM * 4) as u32;
     /// A step's dQ (f32, `dq_offset`), where the consumers hand it to the helper.
     const DQ: u32 = Self::DELTA + STAGES * (BM * 4) as u32;
-    const DQB: u32 = if bwd_ws_dq_helpers(D) { (BM * Self::DP * 4) as u32 } else { 0 };
+    const DQB: u32 = (BM * Self::DP * 4) as u32;
     const BARS: u32 = Self::DQ + Self::DQB;
     const CHECK: () = {
         assert!(D == 64 || D == 96 || D == 128);
+        // Every head dim here hands dQ to the helper, in both modes (the dQ buffer's bytes).
+        assert!(bwd_ws_dq_helpers(D));
         assert!(BN == 128 && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
         assert!(Self::LSE % 1024 == 0 && Self::DQ % 1024 == 0 && Self::BARS % 8 == 0);
         assert!(2 * Pipeline::<1>::BYTES + Pipeline::<STAGES>::BYTES <= BWD_WS_BARRIER_BYTES as u32);
@@ -93,12 +95,6 @@ impl<const D: usize> Lay<D> {
     fn stage(base: u32, s: u32) -> [u32; 4] {
         [base + Self::Q + s * Self::QT, base + Self::DO + s * Self::QT, base + Self::LSE + s * (BM * 4) as u32, base + Self::DELTA + s * (BM * 4) as u32]
     }
-}
-
-/// Whether the helper adds dQ (`bwd_ws_dq_helpers`), in the default mode and the ordered deterministic
-/// one (there in turn: `help_dq`).
-const fn helps(d: usize) -> bool {
-    bwd_ws_dq_helpers(d)
 }
 
 /// The pipelines: K/V (one stage, a key block's), the steps', and a step's dQ from the consumers (its
@@ -348,7 +344,7 @@ unsafe fn consume<E: WgElem, const D: usize, const DN: usize, const MODS: bool, 
         // head dims 96 / 128), dK is issued after dQ, so that dQ's wait leaves dK's product in flight
         // under the dQ buffer's stores (0.97-0.98x the time, RESULTS.md, Backward). Not at 64, where the
         // warpgroups take the steps' dQ in turns: there synccheck reported divergent barriers.
-        let dq_first = helps(D) && D != 64;
+        let dq_first = D != 64;
         unsafe {
             issue_keys_x_dim::<E, D, DN>(acc_dv, &pa, do_s);
             if !dq_first {
@@ -442,7 +438,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         tma::regs_dec::<PRODUCER_REGS>();
         if tid < 32 {
             unsafe { produce::<D, ORDERED>(p, maps, &pipes, tid as u32) };
-        } else if helps(D) && tid == HELPER_TID {
+        } else if tid == HELPER_TID {
             unsafe { help_dq::<D, ORDERED>(p, maps, &pipes) };
         }
         return;
@@ -466,10 +462,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         unsafe { store_dk_dv::<E, D, DN>(p, &sk, bidb, hk, n0, &acc_dk, &acc_dv, key0, t) };
     });
     if grid_dim_x() == 1 {
-        if helps(D) {
-            // The helper released the last step's dQ: its reductions have landed (`help_dq`).
-            unsafe { pipes.dq.producer_acquire(st.dq) };
-        }
+        // The helper released the last step's dQ: its reductions have landed (`help_dq`).
+        unsafe { pipes.dq.producer_acquire(st.dq) };
         fence_gpu();
         named_sync(BAR_CONSUMERS, CONSUMERS as u32);
         let (sq, _) = sequences(p, bidb);
