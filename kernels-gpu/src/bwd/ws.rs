@@ -55,7 +55,12 @@ const DQ_PRODUCERS: [u32; 2] = [CONSUMERS as u32, 128];
 /// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
 const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
+/// At head dim 64 the consumers' accumulators are smaller: registers moved to the producer warpgroup,
+/// whose dQ helper spilled at 24.
+const PRODUCER_REGS_64: u32 = 56;
+const CONSUMER_REGS_64: u32 = 224;
 const _: () = assert!(BWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
+const _: () = assert!(128 * PRODUCER_REGS_64 + CONSUMERS as u32 * CONSUMER_REGS_64 <= 168 * 384);
 /// Arrivals that fill a step stage: the producer lane announcing the tensor copies' bytes, and the 32
 /// lanes' arrivals once their lse_log2 and D copies have landed.
 const STEP_PRODUCERS: u32 = 1 + 32;
@@ -435,7 +440,11 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     }
     sync_threads();
     if tid < 128 {
-        tma::regs_dec::<PRODUCER_REGS>();
+        if D == 64 {
+            tma::regs_dec::<PRODUCER_REGS_64>();
+        } else {
+            tma::regs_dec::<PRODUCER_REGS>();
+        }
         if tid < 32 {
             unsafe { produce::<D, ORDERED>(p, maps, &pipes, tid as u32) };
         } else if tid == HELPER_TID {
@@ -443,7 +452,11 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         }
         return;
     }
-    tma::regs_inc::<CONSUMER_REGS>();
+    if D == 64 {
+        tma::regs_inc::<CONSUMER_REGS_64>();
+    } else {
+        tma::regs_inc::<CONSUMER_REGS>();
+    }
     let ctid = tid - 128;
     let leader = ctid % 128 == 0;
     let Place { t, key0, .. } = Place::of(ctid);
