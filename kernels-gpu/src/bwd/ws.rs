@@ -61,6 +61,9 @@ const PRODUCER_REGS_64: u32 = 56;
 const CONSUMER_REGS_64: u32 = 224;
 const _: () = assert!(BWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
 const _: () = assert!(128 * PRODUCER_REGS_64 + CONSUMERS as u32 * CONSUMER_REGS_64 <= 168 * 384);
+const PRODUCER_REGS_96: u32 = 40;
+const CONSUMER_REGS_96: u32 = 232;
+const _: () = assert!(128 * PRODUCER_REGS_96 + CONSUMERS as u32 * CONSUMER_REGS_96 <= 168 * 384);
 /// Arrivals that fill a step stage: the producer lane announcing the tensor copies' bytes, and the 32
 /// lanes' arrivals once their lse_log2 and D copies have landed.
 const STEP_PRODUCERS: u32 = 1 + 32;
@@ -442,6 +445,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     if tid < 128 {
         if D == 64 {
             tma::regs_dec::<PRODUCER_REGS_64>();
+        } else if D == 96 {
+            tma::regs_dec::<PRODUCER_REGS_96>();
         } else {
             tma::regs_dec::<PRODUCER_REGS>();
         }
@@ -454,6 +459,8 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     }
     if D == 64 {
         tma::regs_inc::<CONSUMER_REGS_64>();
+    } else if D == 96 {
+        tma::regs_inc::<CONSUMER_REGS_96>();
     } else {
         tma::regs_inc::<CONSUMER_REGS>();
     }
