@@ -445,7 +445,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     if tid < 128 {
         if D == 64 {
             tma::regs_dec::<PRODUCER_REGS_64>();
-        } else if D == 96 {
+        } else if D == 96 && ORDERED {
             tma::regs_dec::<PRODUCER_REGS_96>();
         } else {
             tma::regs_dec::<PRODUCER_REGS>();
@@ -459,7 +459,7 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     }
     if D == 64 {
         tma::regs_inc::<CONSUMER_REGS_64>();
-    } else if D == 96 {
+    } else if D == 96 && ORDERED {
         tma::regs_inc::<CONSUMER_REGS_96>();
     } else {
         tma::regs_inc::<CONSUMER_REGS>();
