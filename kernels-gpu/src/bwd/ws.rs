@@ -52,10 +52,20 @@ const BAR_CONSUMERS: u32 = 1;
 const HELPER_TID: usize = 32;
 /// Arrivals that fill the dQ buffer: both consumer warpgroups, at head dim 64 the one whose turn it is.
 const DQ_PRODUCERS: [u32; 2] = [CONSUMERS as u32, 128];
-/// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
-const PRODUCER_REGS: u32 = 24;
-const CONSUMER_REGS: u32 = 240;
-const _: () = assert!(BWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
+/// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers), the producer
+/// warpgroup's and the consumers'. Where the consumers' accumulators leave room, more for the producer
+/// warpgroup, whose copy warp and dQ helper spilled at 24 (the ordered helper reloaded its spills from L2 each
+/// step: its turn spin's `ld.acquire` invalidates L1): at head dim 64, and at 96 in the `_det` twin only (its
+/// default-mode twins ran 1-4% slower at 40 / 232; RESULTS.md, Deterministic backward).
+const REGS: (u32, u32) = (24, 240);
+const REGS_64: (u32, u32) = (56, 224);
+const REGS_96_DET: (u32, u32) = (40, 232);
+const _: () = {
+    assert!(BWD_WS_THREADS == 128 + CONSUMERS);
+    assert!(128 * REGS.0 + CONSUMERS as u32 * REGS.1 <= 168 * 384);
+    assert!(128 * REGS_64.0 + CONSUMERS as u32 * REGS_64.1 <= 168 * 384);
+    assert!(128 * REGS_96_DET.0 + CONSUMERS as u32 * REGS_96_DET.1 <= 168 * 384);
+};
 /// Arrivals that fill a step stage: the producer lane announcing the tensor copies' bytes, and the 32
 /// lanes' arrivals once their lse_log2 and D copies have landed.
 const STEP_PRODUCERS: u32 = 1 + 32;
@@ -435,7 +445,13 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     }
     sync_threads();
     if tid < 128 {
-        tma::regs_dec::<PRODUCER_REGS>();
+        if D == 64 {
+            tma::regs_dec::<{ REGS_64.0 }>();
+        } else if D == 96 && ORDERED {
+            tma::regs_dec::<{ REGS_96_DET.0 }>();
+        } else {
+            tma::regs_dec::<{ REGS.0 }>();
+        }
         if tid < 32 {
             unsafe { produce::<D, ORDERED>(p, maps, &pipes, tid as u32) };
         } else if tid == HELPER_TID {
@@ -443,7 +459,13 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         }
         return;
     }
-    tma::regs_inc::<CONSUMER_REGS>();
+    if D == 64 {
+        tma::regs_inc::<{ REGS_64.1 }>();
+    } else if D == 96 && ORDERED {
+        tma::regs_inc::<{ REGS_96_DET.1 }>();
+    } else {
+        tma::regs_inc::<{ REGS.1 }>();
+    }
     let ctid = tid - 128;
     let leader = ctid % 128 == 0;
     let Place { t, key0, .. } = Place::of(ctid);
