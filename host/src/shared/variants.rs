@@ -578,10 +578,11 @@ pub const fn bwd_ws_smem_bytes(head_dim: usize) -> usize {
     (2 * BWD_WG_BLOCK_N + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M) * padded * 2 + 2 * BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 2 * BWD_WS_STAGES * BWD_WG_BLOCK_M * 4 + dq + BWD_WS_BARRIER_BYTES
 }
 
-/// Whether the warp-specialized backward's default-mode kernels hand each step's dQ to the producer
-/// warpgroup through shared memory (one thread reduces it into the accumulator with bulk tensor
-/// reductions) instead of adding it themselves: every head dim it has (H100: backward 0.83-0.86x the
-/// time at 128, 0.86-0.90 at 64, 0.90-0.92 at 96; benches/RESULTS.md, Backward).
+/// Whether the warp-specialized backward's kernels hand each step's dQ to the producer warpgroup through
+/// shared memory (one thread reduces it into the accumulator with bulk tensor reductions, in turn in the
+/// ordered deterministic twins) instead of adding it themselves: every head dim it has (default mode,
+/// H100: backward 0.83-0.86x the time at 128, 0.86-0.90 at 64, 0.90-0.92 at 96; benches/RESULTS.md,
+/// Backward).
 pub const fn bwd_ws_dq_helpers(head_dim: usize) -> bool {
     head_dim == 64 || head_dim == 96 || head_dim == 128
 }

@@ -134,7 +134,7 @@ fn dq_offset(row: u32, col: u32) -> u32 {
 
 /// The dQ helper: for every step of every key block, wait for the consumers' dQ, reduce its boxes into
 /// the accumulator (q head `h`, rows from `m0`; rows past the map's end are skipped, rows past the
-/// sequence inside it carry exact zeros, as the consumers' own adds: `step_dq`), wait until the copy
+/// sequence inside it carry exact zeros, as the wg kernel's own adds: `wg::step_dq`), wait until the copy
 /// engine has read the buffer, release it. With one CTA (grid x = 1) each step's reductions complete
 /// before the release, so the consumers that wait for the last one convert dq with every add landed.
 /// In the ordered deterministic mode (`ORDERED`) the helper waits for each step's turn (`DqTurn`, the
