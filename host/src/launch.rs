@@ -585,6 +585,18 @@ fn no_rotate() -> bool {
     env_set(&NO, "FLASH_ATTN_BWD_NO_ROTATE")
 }
 
+/// `FLASH_ATTN_BWD_SPREAD` (any value, read once): the rotated walk with spread starts (`BwdParams::dq_rotate` 2).
+fn spread_rotate() -> bool {
+    static SPREAD: OnceLock<bool> = OnceLock::new();
+    env_set(&SPREAD, "FLASH_ATTN_BWD_SPREAD")
+}
+
+/// `FLASH_ATTN_BWD_NO_PASS_FENCE` (any value, read once): the ws helper's turn passed on by `st.release` alone.
+fn no_pass_fence() -> bool {
+    static NO: OnceLock<bool> = OnceLock::new();
+    env_set(&NO, "FLASH_ATTN_BWD_NO_PASS_FENCE")
+}
+
 /// The backward's kernels on `stream`: prep, dk/dv, and dq (bwd_launches). Every element of dq, dk, dv
 /// is written.
 ///
@@ -697,7 +709,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         // lowest unfinished (kv head, sequence) always has all its CTAs running, and a rotated turn (which
         // waits on lower and higher CTAs of its pair alike) never waits on one not yet started.
         // FLASH_ATTN_BWD_NO_ROTATE: off.
-        dq_rotate: i32::from(launches.ordered && launches.get(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate()),
+        dq_rotate: i32::from(launches.ordered && launches.get(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate()) * (1 + i32::from(spread_rotate())) | (i32::from(no_pass_fence()) << 2),
         // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
         dq_sem: match (launches.ordered, ws.dq_sem) {
             (true, Some(o)) => ws_addr + o as u64,

@@ -155,6 +155,11 @@ unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
         let Some(a) = args else { return };
         let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, &a, BN as i32, BM as i32);
         let turn = DqTurn::of::<ORDERED>(p, &a, BN as i32, BM as i32);
+        let defer = ORDERED && turn.defers();
+        let fence = p.dq_rotate & 4 == 0;
+        // A deferred turn (`DqTurn::defers`): the last step's counter and rows, passed on once the next
+        // step's reductions are issued and its own have completed.
+        let mut pending: Option<(u64, i32)> = None;
         let (q_row, b) = if varlen { (a.sq.start, 0) } else { (0, a.bidb) };
         let mut it = 0;
         while it < steps {
@@ -179,14 +184,28 @@ unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
                     }
                 }
                 pipes.dq.consumer_release(ds);
-                if ORDERED {
+                if defer {
+                    // The last step's reductions (every group but this step's) complete before its turn
+                    // passes on.
+                    if let Some((c, r)) = pending {
+                        tma::bulk_wait::<1>();
+                        turn.pass_alone(c, r, BM as i32, fence);
+                    }
+                    pending = Some((counter, m0));
+                } else if ORDERED {
                     // The reductions complete before the next CTA's turn.
                     tma::bulk_wait::<0>();
-                    turn.pass_alone(counter, m0, BM as i32);
+                    turn.pass_alone(counter, m0, BM as i32, fence);
                 }
             }
             ds.advance();
             it += 1;
+        }
+        if let Some((c, r)) = pending {
+            unsafe {
+                tma::bulk_wait::<0>();
+                turn.pass_alone(c, r, BM as i32, fence);
+            }
         }
     });
     unsafe { tma::bulk_wait::<0>() };
