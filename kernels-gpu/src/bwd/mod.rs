@@ -178,8 +178,10 @@ impl DqTurn {
         }
     }
 
-    /// Whether this CTA may pass a step's turn on after its next step's adds were issued
-    /// (`Rotation::hops_apart`).
+    /// Whether this CTA may pass a step's turn on after its next step's adds were issued: spread starts
+    /// and M >= 2 n, so that consecutive key blocks reach each query block at least two steps apart
+    /// (floor(M / n) >= 2 between starts, ceil(M / n) across the wrap), and a step's turn waits only on
+    /// turns of earlier steps.
     #[inline(always)]
     pub(super) fn defers(&self) -> bool {
         self.rot_m > 0 && 2 * self.rot_n <= self.rot_m
@@ -195,8 +197,11 @@ impl DqTurn {
         }
     }
 
-    /// `pass` for a lone thread whose reductions have completed (`cp.async.bulk.wait_group 0`): a
-    /// `fence.acq_rel.gpu`, then the `st.release` of this CTA's turn + 1.
+    /// `pass` for a lone thread whose reductions have completed (`tma::bulk_wait`: the wait, then
+    /// `fence.proxy.async.global`): the `st.release` of this CTA's turn + 1, after a `fence.acq_rel.gpu`
+    /// only with `fence` (`BwdParams::dq_rotate` bit 2 clear). Without it the deferred pass
+    /// (`DqTurn::defers`) ran 0.84x the time at head dim 64 (RESULTS.md, Deterministic backward): the fence
+    /// also waited for the next step's reductions in flight.
     #[inline(always)]
     pub(super) unsafe fn pass_alone(&self, counter: u64, m0: i32, bm: i32, fence: bool) {
         if fence {
@@ -305,7 +310,7 @@ fn step_walk<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -
 /// query rows per step), where the host allows it and every key block of the sequence sees every query
 /// block (no causal mask, no window; then `m_block_range` is `[0, M)` for each) and `n <= M`; else None
 /// (the walk from `m_min`, the turns by CTA index). Key block kb's walk starts at query block kb, or
-/// spread (`dq_rotate` 2) at floor(kb M / n), so that where M >= 2 n the key blocks reach each query block
+/// spread (`dq_rotate` bit 1) at floor(kb M / n), so that where M >= 2 n the key blocks reach each query block
 /// at least two steps apart. The CTA of key block kb reaches query block m at its step `(m - start) mod
 /// M` of each head, all those times distinct (the starts are); `DqTurn::turn` orders the adds by them.
 #[inline(always)]
@@ -317,6 +322,7 @@ fn rotation(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> Option<Rotation> {
     let m = (a.sq.used - 1) / bm + 1;
     let kb = a.n0 / bn;
     let spread = p.dq_rotate & 2 != 0;
+    // No overflow: the host rotates only where grid x (>= n) fits the multiprocessors.
     let start = if spread { crate::arch::math::div_rem_u32((kb * m) as u32, n as u32).0 as i32 } else { kb };
     (n <= m).then_some(Rotation { kb, n, m, start, spread })
 }
@@ -330,16 +336,6 @@ struct Rotation {
     m: i32,
     start: i32,
     spread: bool,
-}
-
-impl Rotation {
-    /// Whether consecutive key blocks reach each query block at least two steps apart (spread starts and
-    /// M >= 2 n: floor(M / n) >= 2 between starts, and ceil(M / n) across the wrap), so that a CTA may pass
-    /// a turn on after its next step's adds were issued: that step waits only on turns of earlier steps.
-    #[inline(always)]
-    fn hops_apart(&self) -> bool {
-        self.spread && 2 * self.n <= self.m
-    }
 }
 
 /// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq

@@ -140,6 +140,9 @@ fn dq_offset(row: u32, col: u32) -> u32 {
 /// In the ordered deterministic mode (`ORDERED`) the helper waits for each step's turn (`DqTurn`, the
 /// counter of the step's rows and column half 0) before its reductions and passes it on once they have
 /// completed (as FA3's deterministic dQ writer): one f32 add order per element whichever CTA runs first.
+/// Where the CTAs reach each query block at least two steps apart (`DqTurn::defers`: spread walks) it
+/// passes a step's turn on after the next step's reductions are issued, so its wait for their completion
+/// overlaps them.
 #[inline(always)]
 unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64, pipes: &Pipes) {
     let base = smem::base();
