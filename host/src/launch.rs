@@ -585,6 +585,20 @@ fn no_rotate() -> bool {
     env_set(&NO, "FLASH_ATTN_BWD_NO_ROTATE")
 }
 
+/// `FLASH_ATTN_BWD_NO_SPREAD` (any value, read once): the rotated walk's starts not spread (`BwdParams::dq_rotate`
+/// bit 1 off: each key block starts at its own index, and the ws helper passes each turn on right away).
+fn no_spread() -> bool {
+    static NO: OnceLock<bool> = OnceLock::new();
+    env_set(&NO, "FLASH_ATTN_BWD_NO_SPREAD")
+}
+
+/// `FLASH_ATTN_BWD_PASS_FENCE` (any value, read once): the ws helper's `fence.acq_rel.gpu` before each turn's
+/// `st.release` (`BwdParams::dq_rotate` bit 2 off), as before session 25.
+fn pass_fence() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    env_set(&ON, "FLASH_ATTN_BWD_PASS_FENCE")
+}
+
 /// The backward's kernels on `stream`: prep, dk/dv, and dq (bwd_launches). Every element of dq, dk, dv
 /// is written.
 ///
@@ -697,7 +711,15 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         // lowest unfinished (kv head, sequence) always has all its CTAs running, and a rotated turn (which
         // waits on lower and higher CTAs of its pair alike) never waits on one not yet started.
         // FLASH_ATTN_BWD_NO_ROTATE: off.
-        dq_rotate: i32::from(launches.ordered && launches.get(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate()),
+        // Spread starts only in the warp-specialized kernel at head dims 64 / 96, whose helper then passes
+        // turns on a step later (RESULTS.md, Deterministic backward: 0.92x the time at 64, 0.98 at 96; at 128
+        // 1.03x, and the wg kernel's turns ran 5% slower on spread walks). Bit 2: the helper's turns passed
+        // on by `st.release` alone.
+        dq_rotate: {
+            let rotate = launches.ordered && launches.get(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate();
+            let spread = rotate && launches.ws && p.head_dim <= 96 && !no_spread();
+            i32::from(rotate) | i32::from(spread) << 1 | i32::from(!pass_fence()) << 2
+        },
         // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
         dq_sem: match (launches.ordered, ws.dq_sem) {
             (true, Some(o)) => ws_addr + o as u64,

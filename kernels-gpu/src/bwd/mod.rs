@@ -115,6 +115,8 @@ pub(super) struct DqTurn {
     /// The rotated walk (`rotation`): the sequence's key blocks n (0: not rotated); `x` is then the key
     /// block's index kb.
     pub rot_n: i32,
+    /// With spread starts (`Rotation::spread`): the sequence's query blocks M; else 0.
+    pub rot_m: i32,
 }
 
 #[cfg(fa_sm90)]
@@ -124,10 +126,10 @@ impl DqTurn {
     #[inline(always)]
     pub(super) fn of<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> DqTurn {
         if !ORDERED {
-            return DqTurn { x: 0, pred: (0, 0), rot_n: 0 };
+            return DqTurn { x: 0, pred: (0, 0), rot_n: 0, rot_m: 0 };
         }
-        if let Some((kb, n)) = rotation(p, a, bn, bm) {
-            return DqTurn { x: kb as u32, pred: (0, 0), rot_n: n };
+        if let Some(r) = rotation(p, a, bn, bm) {
+            return DqTurn { x: r.kb as u32, pred: (0, 0), rot_n: r.n, rot_m: if r.spread { r.m } else { 0 } };
         }
         let n0 = a.n0 + bn;
         let pred = if n0 < a.sk.used {
@@ -136,17 +138,25 @@ impl DqTurn {
         } else {
             (0, 0)
         };
-        DqTurn { x: crate::arch::sreg::block_idx_x(), pred, rot_n: 0 }
+        DqTurn { x: crate::arch::sreg::block_idx_x(), pred, rot_n: 0, rot_m: 0 }
     }
 
     /// The counter value query block `m` shows when this CTA's turn comes, and whether it waits for it.
-    /// Rotated (`rot_n` = n): the key blocks reach m in the order min(m, n - 1), .., 0, n - 1, .., m + 1
-    /// (their walks start at their index), so kb's turn is (min(m, n - 1) - kb) mod n, and it always waits
-    /// (turn 0 finds the counter prep zeroed). Otherwise x, waited for where CTA x - 1 adds to m too.
+    /// Rotated (`rot_n` = n): the key blocks reach m in the order last, .., 0, n - 1, .., last + 1, where
+    /// last is the highest key block whose walk starts at or before m: min(m, n - 1) where key block kb
+    /// starts at kb, ((m + 1) n - 1) / M where it starts at floor(kb M / n) (spread); kb's turn is
+    /// (last - kb) mod n, and it always waits (turn 0 finds the counter prep zeroed). Otherwise x, waited
+    /// for where CTA x - 1 adds to m too.
     #[inline(always)]
     fn turn(&self, m: i32) -> (u32, bool) {
         if self.rot_n > 0 {
-            let last = if m < self.rot_n - 1 { m } else { self.rot_n - 1 };
+            let last = if self.rot_m > 0 {
+                crate::arch::math::div_rem_u32(((m + 1) * self.rot_n - 1) as u32, self.rot_m as u32).0 as i32
+            } else if m < self.rot_n - 1 {
+                m
+            } else {
+                self.rot_n - 1
+            };
             let d = last - self.x as i32;
             ((if d < 0 { d + self.rot_n } else { d }) as u32, true)
         } else {
@@ -168,6 +178,15 @@ impl DqTurn {
         }
     }
 
+    /// Whether this CTA may pass a step's turn on after its next step's adds were issued: spread starts
+    /// and M >= 2 n, so that consecutive key blocks reach each query block at least two steps apart
+    /// (floor(M / n) >= 2 between starts, ceil(M / n) across the wrap), and a step's turn waits only on
+    /// turns of earlier steps.
+    #[inline(always)]
+    pub(super) fn defers(&self) -> bool {
+        self.rot_m > 0 && 2 * self.rot_n <= self.rot_m
+    }
+
     /// `wait` for a lone thread (the ws kernel's dQ helper, `bwd::ws`): spins with `ld.acquire` until
     /// CTA x - 1 passed the turn on, where it adds to the same rows.
     #[inline(always)]
@@ -178,11 +197,16 @@ impl DqTurn {
         }
     }
 
-    /// `pass` for a lone thread whose reductions have completed (`cp.async.bulk.wait_group 0`): a
-    /// `fence.acq_rel.gpu`, then the `st.release` of this CTA's turn + 1.
+    /// `pass` for a lone thread whose reductions have completed (`tma::bulk_wait`: the wait, then
+    /// `fence.proxy.async.global`): the `st.release` of this CTA's turn + 1, after a `fence.acq_rel.gpu`
+    /// only with `fence` (`BwdParams::dq_rotate` bit 2 clear). Without it the deferred pass
+    /// (`DqTurn::defers`) ran 0.84x the time at head dim 64 (RESULTS.md, Deterministic backward): the fence
+    /// also waited for the next step's reductions in flight.
     #[inline(always)]
-    pub(super) unsafe fn pass_alone(&self, counter: u64, m0: i32, bm: i32) {
-        crate::arch::sync::fence_gpu();
+    pub(super) unsafe fn pass_alone(&self, counter: u64, m0: i32, bm: i32, fence: bool) {
+        if fence {
+            crate::arch::sync::fence_gpu();
+        }
         unsafe { crate::arch::mem::st_release_gpu_u32(counter, self.turn(m0 / bm).0 + 1) };
     }
 
@@ -270,7 +294,7 @@ pub(super) struct KvArgs {
 fn step_walk<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> (i32, impl Fn((i32, i32)) -> (i32, i32), (i32, i32)) {
     let (m_min, m_max) = m_block_range(a.n0, a.cols, a.sq.used, a.sk.used, p.window_left, p.window_right, bm);
     let m_count = if m_max > m_min { m_max - m_min } else { 0 };
-    let start = if ORDERED { rotation(p, a, bn, bm).map_or(m_min, |(kb, _)| kb) } else { m_min };
+    let start = if ORDERED { rotation(p, a, bn, bm).map_or(m_min, |r| r.start) } else { m_min };
     let next = move |(h, m): (i32, i32)| {
         if !ORDERED {
             if m + 1 < m_max { (h, m + 1) } else { (h + 1, m_min) }
@@ -283,19 +307,35 @@ fn step_walk<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -
 }
 
 /// The ordered mode's rotated walk (`BwdParams::dq_rotate`) for key block `a` (`bn` keys per block, `bm`
-/// query rows per step): `(kb, n)`, its index among the sequence's `n` key blocks, where the host allows
-/// it and every key block of the sequence sees every query block (no causal mask, no window; then
-/// `m_block_range` is `[0, M)` for each) and `n <= M`; else None (the walk from `m_min`, the turns by CTA
-/// index). The CTA of key block kb reaches query block m at its step `(m - kb) mod M` of each head, all
-/// those times distinct when n <= M; `DqTurn::turn` orders the adds by them.
+/// query rows per step), where the host allows it and every key block of the sequence sees every query
+/// block (no causal mask, no window; then `m_block_range` is `[0, M)` for each) and `n <= M`; else None
+/// (the walk from `m_min`, the turns by CTA index). Key block kb's walk starts at query block kb, or
+/// spread (`dq_rotate` bit 1) at floor(kb M / n), so that where M >= 2 n the key blocks reach each query block
+/// at least two steps apart. The CTA of key block kb reaches query block m at its step `(m - start) mod
+/// M` of each head, all those times distinct (the starts are); `DqTurn::turn` orders the adds by them.
 #[inline(always)]
-fn rotation(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> Option<(i32, i32)> {
-    if p.dq_rotate == 0 || p.window_left >= 0 || p.window_right >= 0 || a.sq.used <= 0 || a.sk.used <= 0 {
+fn rotation(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> Option<Rotation> {
+    if p.dq_rotate & 3 == 0 || p.window_left >= 0 || p.window_right >= 0 || a.sq.used <= 0 || a.sk.used <= 0 {
         return None;
     }
     let n = (a.sk.used - 1) / bn + 1;
     let m = (a.sq.used - 1) / bm + 1;
-    (n <= m).then_some((a.n0 / bn, n))
+    let kb = a.n0 / bn;
+    let spread = p.dq_rotate & 2 != 0;
+    // No overflow: the host rotates only where grid x (>= n) fits the multiprocessors.
+    let start = if spread { crate::arch::math::div_rem_u32((kb * m) as u32, n as u32).0 as i32 } else { kb };
+    (n <= m).then_some(Rotation { kb, n, m, start, spread })
+}
+
+/// A key block's rotated walk (`rotation`): its index kb among the sequence's n key blocks, the query
+/// blocks M, the walk's first query block, and whether the starts are spread.
+#[derive(Clone, Copy)]
+struct Rotation {
+    kb: i32,
+    n: i32,
+    m: i32,
+    start: i32,
+    spread: bool,
 }
 
 /// Add one n8 accumulator fragment (rows `row_a`, `row_a + 8`; columns `col`, `col + 1`) to the f32 dq

@@ -140,6 +140,9 @@ fn dq_offset(row: u32, col: u32) -> u32 {
 /// In the ordered deterministic mode (`ORDERED`) the helper waits for each step's turn (`DqTurn`, the
 /// counter of the step's rows and column half 0) before its reductions and passes it on once they have
 /// completed (as FA3's deterministic dQ writer): one f32 add order per element whichever CTA runs first.
+/// Where the CTAs reach each query block at least two steps apart (`DqTurn::defers`: spread walks) it
+/// passes a step's turn on after the next step's reductions are issued, so its wait for their completion
+/// overlaps them.
 #[inline(always)]
 unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64, pipes: &Pipes) {
     let base = smem::base();
@@ -155,6 +158,11 @@ unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
         let Some(a) = args else { return };
         let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, &a, BN as i32, BM as i32);
         let turn = DqTurn::of::<ORDERED>(p, &a, BN as i32, BM as i32);
+        let defer = ORDERED && turn.defers();
+        let fence = p.dq_rotate & 4 == 0;
+        // A deferred turn (`DqTurn::defers`): the last step's counter and rows, passed on once the next
+        // step's reductions are issued and its own have completed.
+        let mut pending: Option<(u64, i32)> = None;
         let (q_row, b) = if varlen { (a.sq.start, 0) } else { (0, a.bidb) };
         let mut it = 0;
         while it < steps {
@@ -179,14 +187,28 @@ unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
                     }
                 }
                 pipes.dq.consumer_release(ds);
-                if ORDERED {
+                if defer {
+                    // The last step's reductions (every group but this step's) complete before its turn
+                    // passes on.
+                    if let Some((c, r)) = pending {
+                        tma::bulk_wait::<1>();
+                        turn.pass_alone(c, r, BM as i32, fence);
+                    }
+                    pending = Some((counter, m0));
+                } else if ORDERED {
                     // The reductions complete before the next CTA's turn.
                     tma::bulk_wait::<0>();
-                    turn.pass_alone(counter, m0, BM as i32);
+                    turn.pass_alone(counter, m0, BM as i32, fence);
                 }
             }
             ds.advance();
             it += 1;
+        }
+        if let Some((c, r)) = pending {
+            unsafe {
+                tma::bulk_wait::<0>();
+                turn.pass_alone(c, r, BM as i32, fence);
+            }
         }
     });
     unsafe { tma::bulk_wait::<0>() };
