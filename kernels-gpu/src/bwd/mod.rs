@@ -310,9 +310,10 @@ fn step_walk<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -
 /// query rows per step), where the host allows it and every key block of the sequence sees every query
 /// block (no causal mask, no window; then `m_block_range` is `[0, M)` for each) and `n <= M`; else None
 /// (the walk from `m_min`, the turns by CTA index). Key block kb's walk starts at query block kb, or
-/// spread (`dq_rotate` bit 1) at floor(kb M / n), so that where M >= 2 n the key blocks reach each query block
-/// at least two steps apart. The CTA of key block kb reaches query block m at its step `(m - start) mod
-/// M` of each head, all those times distinct (the starts are); `DqTurn::turn` orders the adds by them.
+/// spread (`dq_rotate` bit 1) at floor(kb M / n), so that where M >= 2 n the key blocks reach each query
+/// block at least two steps apart. The CTA of key block kb reaches query block m at its step `(m -
+/// start) mod M` of each head, all those times distinct (the starts are); `DqTurn::turn` orders the adds
+/// by them.
 #[inline(always)]
 fn rotation(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> Option<Rotation> {
     if p.dq_rotate & 3 == 0 || p.window_left >= 0 || p.window_right >= 0 || a.sq.used <= 0 || a.sk.used <= 0 {
