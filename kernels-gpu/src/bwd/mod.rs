@@ -329,8 +329,10 @@ fn rotation(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> Option<Rotation> {
 }
 
 /// A key block's rotated walk (`rotation`): its index kb among the sequence's n key blocks, the query
-/// blocks M, the walk's first query block, and whether the starts are spread.
+/// blocks M, the walk's first query block, and whether the starts are spread (all but the start read by
+/// `DqTurn`, which only sm_90 builds have).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(fa_sm90), allow(dead_code))]
 struct Rotation {
     kb: i32,
     n: i32,
