@@ -5,7 +5,7 @@
 use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, probs_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
-use crate::params::{AppendParams, BwdParams, BwdTmaMaps, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
+use crate::params::{AppendParams, BwdParams, BwdTmaMaps, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DQ_PASS_NO_FENCE, DQ_ROTATE, DQ_ROTATE_SPREAD, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
 use crate::problem::{BwdProblem, CombineProblem, KvCacheProblem, Problem, Strides};
 use crate::types::{BwdViews, CombineViews, DType, FwdViews, KernelChoice, KvCacheViews, PagedVarlenViews, VarlenViews, View};
 use crate::dispatch::{combine_warps_per_row, kvcache_append_kernel_name, KernelDType, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, MAX_DECODE_CLUSTER};
@@ -718,7 +718,7 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         dq_rotate: {
             let rotate = launches.ordered && launches.get(1).is_some_and(|l| l.grid.0 as usize <= gpu.sm_count) && !no_rotate();
             let spread = rotate && launches.ws && p.head_dim <= 96 && !no_spread();
-            i32::from(rotate) | i32::from(spread) << 1 | i32::from(!pass_fence()) << 2
+            (if rotate { DQ_ROTATE } else { 0 }) | (if spread { DQ_ROTATE_SPREAD } else { 0 }) | (if pass_fence() { 0 } else { DQ_PASS_NO_FENCE })
         },
         // The ordered deterministic mode: counters `[rows][Hq][2]` like the accumulator's rows.
         dq_sem: match (launches.ordered, ws.dq_sem) {

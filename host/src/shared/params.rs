@@ -26,6 +26,11 @@ pub struct ScoreMods {
 
 /// `ScoreMods::dropout_threshold` of a call without dropout: every 8-bit draw is below it.
 pub const DROPOUT_OFF: u32 = 1 << 8;
+/// `BwdParams::dq_rotate`'s bits: the rotated walk, its spread starts, the ws helper's turn passed on
+/// without a fence.
+pub const DQ_ROTATE: i32 = 1;
+pub const DQ_ROTATE_SPREAD: i32 = 2;
+pub const DQ_PASS_NO_FENCE: i32 = 4;
 pub const SCORE_MODS_SIZE: usize = 5 * 8 + 2 * 4;
 const _: () = assert!(core::mem::size_of::<ScoreMods>() == SCORE_MODS_SIZE);
 
@@ -277,15 +282,16 @@ pub struct BwdParams {
     /// convert summing the copies in order 0, 1, ... Otherwise 1 and 0: one accumulator all CTAs add to.
     pub dqa_split_stride: i64,
     pub dq_splits: i32,
-    /// The ordered mode's turns, bits. Bit 0, the rotated walk (the host sets it where every CTA of a grid
-    /// can be resident at once: grid x <= the multiprocessors): on a sequence where every key block sees
-    /// every query block (no causal mask, no window) and there are no more key blocks than query blocks,
-    /// the CTA of key block kb walks the query blocks from kb on (wrapping), and the turn order of query
-    /// block m is the order the CTAs reach it in (`bwd::DqTurn`), so no CTA waits on another's walk. Bit 1
-    /// (with bit 0), spread starts: from query block floor(kb M / n) (M query blocks, n key blocks), so
-    /// that where M >= 2 n the CTAs reach each query block at least two steps apart and the ws kernel's
-    /// dQ helper passes each turn on after its next step's reductions are issued. Bit 2: the ws helper
-    /// passes turns on by `st.release` alone (no `fence.acq_rel.gpu` before it).
+    /// The ordered mode's turns, bits (`DQ_ROTATE`, `DQ_ROTATE_SPREAD`, `DQ_PASS_NO_FENCE`). Bit 0, the
+    /// rotated walk (the host sets it where every CTA of a grid can be resident at once: grid x <= the
+    /// multiprocessors): on a sequence where every key block sees every query block (no causal mask, no
+    /// window) and there are no more key blocks than query blocks, the CTA of key block kb walks the query
+    /// blocks from kb on (wrapping), and the turn order of query block m is the order the CTAs reach it in
+    /// (`bwd::DqTurn`), so no CTA waits on another's walk. Bit 1 (with bit 0), spread starts: from query
+    /// block floor(kb M / n) (M query blocks, n key blocks), so that where M >= 2 n the CTAs reach each
+    /// query block at least two steps apart and the ws kernel's dQ helper passes each turn on after its
+    /// next step's reductions are issued. Bit 2: the ws helper passes turns on by `st.release` alone (no
+    /// `fence.acq_rel.gpu` before it).
     pub dq_rotate: i32,
     /// The deterministic backward in order (0: off): one f32 dq accumulator and a u32 turn counter per
     /// (accumulator row, q head, column half) here, zeroed by prep, `[rows][Hq][2]` like the accumulator

@@ -35,7 +35,7 @@ use crate::arch::smem;
 use crate::block::m_block_range;
 use crate::mask::for_each_hidden_kq;
 use crate::mods::{keep_kq, kq_bit, HeadMods};
-use crate::params::BwdParams;
+use crate::params::{BwdParams, DQ_ROTATE, DQ_ROTATE_SPREAD};
 use crate::seqlen::SeqlenInfo;
 
 /// The (q, k) sequences of grid slice `bidb` (`seqlen::Lengths::slice`).
@@ -316,13 +316,13 @@ fn step_walk<const ORDERED: bool>(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -
 /// by them.
 #[inline(always)]
 fn rotation(p: &BwdParams, a: &KvArgs, bn: i32, bm: i32) -> Option<Rotation> {
-    if p.dq_rotate & 3 == 0 || p.window_left >= 0 || p.window_right >= 0 || a.sq.used <= 0 || a.sk.used <= 0 {
+    if p.dq_rotate & (DQ_ROTATE | DQ_ROTATE_SPREAD) == 0 || p.window_left >= 0 || p.window_right >= 0 || a.sq.used <= 0 || a.sk.used <= 0 {
         return None;
     }
     let n = (a.sk.used - 1) / bn + 1;
     let m = (a.sq.used - 1) / bm + 1;
     let kb = a.n0 / bn;
-    let spread = p.dq_rotate & 2 != 0;
+    let spread = p.dq_rotate & DQ_ROTATE_SPREAD != 0;
     // No overflow: the host rotates only where grid x (>= n) fits the multiprocessors.
     let start = if spread { crate::arch::math::div_rem_u32((kb * m) as u32, n as u32).0 as i32 } else { kb };
     (n <= m).then_some(Rotation { kb, n, m, start, spread })

@@ -37,7 +37,7 @@ use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
 use crate::arch::wgmma::{self, fence_proxy_async_shared, sw128_offset};
 use crate::arch::{mbarrier, tma};
 use crate::fwd::wg::{wait_acc, WgElem};
-use crate::params::{BwdParams, BwdTmaMaps};
+use crate::params::{BwdParams, BwdTmaMaps, DQ_PASS_NO_FENCE};
 use crate::pipeline::{Pipeline, Stage};
 use crate::tile::{BF16, F16};
 use crate::variants::{bwd_ws_dq_helpers, bwd_ws_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WS_BARRIER_BYTES, BWD_WS_STAGES, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M};
@@ -159,7 +159,7 @@ unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
         let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, &a, BN as i32, BM as i32);
         let turn = DqTurn::of::<ORDERED>(p, &a, BN as i32, BM as i32);
         let defer = ORDERED && turn.defers();
-        let fence = p.dq_rotate & 4 == 0;
+        let fence = p.dq_rotate & DQ_PASS_NO_FENCE == 0;
         // A deferred turn (`DqTurn::defers`): the last step's counter and rows, passed on once the next
         // step's reductions are issued and its own have completed.
         let mut pending: Option<(u64, i32)> = None;
