@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_wg_mods_det_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_o_staged, fwd_ws_smem_bytes, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FWD_WS_TILE_SLOTS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_o_staged, fwd_ws_smem_bytes, fwd_ws_tall_kernel, fwd_ws_threads, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_TALL_ROWS, FWD_WS_TILE_SLOTS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -159,12 +159,26 @@ pub fn kvcache_launch(p: &Problem, splits: usize, fused: bool) -> Option<FwdLaun
 /// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
 /// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy, dropout alone its `_dropout` copy, each the
 /// wide kernel's where a plain problem runs the wide one; paged: the `_paged` one).
+#[cfg(test)]
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
+    fwd_ws_launch_with(p, sms, None)
+}
+
+/// Whether a plain problem runs the tall-tile kernel (`fwd_ws_tall_kernel`) where it has one: `tall`
+/// where given (`FLASH_ATTN_FWD_TALL`), else not (not yet measured).
+pub fn fwd_ws_tall(p: &Problem, tall: Option<bool>) -> bool {
+    let _ = p;
+    tall.unwrap_or(false)
+}
+
+/// `fwd_ws_launch` with the tall tiles' choice (`fwd_ws_tall`) given.
+pub fn fwd_ws_launch_with(p: &Problem, sms: usize, tall: Option<bool>) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
     let (kernel, config) = match (Twin::of(p), p.paged) {
-        (Twin::Plain, _) => match fwd_ws_wide_kernel(p.head_dim, dtype) {
-            Some(wide) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
+        (Twin::Plain, _) => match (fwd_ws_wide_kernel(p.head_dim, dtype), fwd_ws_tall_kernel(p.head_dim, dtype)) {
+            (Some(wide), _) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
+            (_, Some(tall_kernel)) if fwd_ws_tall(p, tall) => tall_kernel,
             _ => (fwd_ws_kernel_name(p.head_dim, dtype)?, config),
         },
         (Twin::Mods, _) if p.dropout.is_none() => match fwd_ws_wide_alibi_kernel(p.head_dim, dtype) {
@@ -191,7 +205,7 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
         return None;
     }
     let grid = (tiles.min(sms).max(1) as u32, 1, 1);
-    Some((FwdLaunch { kernel, config, grid, block: FWD_WS_THREADS as u32, smem_bytes: fwd_ws_smem_bytes(&config) }, m_blocks as i32))
+    Some((FwdLaunch { kernel, config, grid, block: fwd_ws_threads(config.block_m()) as u32, smem_bytes: fwd_ws_smem_bytes(&config) }, m_blocks as i32))
 }
 
 /// One kernel launch: export name, grid, threads per block, dynamic shared memory.
@@ -641,6 +655,45 @@ mod tests {
         let mut p = problem(128, 300, 2, 4, true, true);
         p.paged = Some(Paged { page_size: 16, num_blocks: 0, max_blocks: 10 });
         assert!(fwd_ws_launch(&p, 132).is_none(), "no blocks: the cp.async kernel (it reads nothing)");
+    }
+
+    /// The tall tiles (`fwd_ws_tall_kernel`): head dim 64 only, plain problems only (modifiers, paged K/V
+    /// keep their 128-row kernels), 192-row blocks, 512 threads, shared memory for Q's 192 rows and the O
+    /// stage's; `Some(false)` never takes them.
+    #[test]
+    fn tall_tiles_run_plain_hdim64_problems() {
+        use crate::problem::{Alibi, Paged};
+        for d in [32, 64, 96, 128, 192, 256] {
+            for dtype in [DType::BF16, DType::F16] {
+                let kd = kernel_dtype(dtype).unwrap();
+                for varlen in [false, true] {
+                    let p = problem(d, 1000, 2, 4, true, varlen);
+                    let (Some(base), Some(off)) = (fwd_ws_launch_with(&p, 132, None), fwd_ws_launch_with(&p, 132, Some(false))) else { continue };
+                    assert_eq!(base, off, "d{d}: not measured, so off by default");
+                    let (t, m_blocks) = fwd_ws_launch_with(&p, 132, Some(true)).unwrap();
+                    let Some((name, c)) = fwd_ws_tall_kernel(d, kd) else {
+                        assert_eq!((t, m_blocks), base, "d{d}");
+                        continue;
+                    };
+                    assert_eq!(d, 64);
+                    assert_eq!((t.kernel, t.config, c.block_m(), t.block), (name, c, FWD_WS_TALL_ROWS, 512));
+                    assert!(name.starts_with("flash_fwd_ws3_"), "{name}: xtask's launch bounds");
+                    assert_eq!(t.smem_bytes, fwd_ws_smem_bytes(&c));
+                    assert_eq!(t.smem_bytes, base.0.smem_bytes + 64 * 64 * 2 + 64 * 64 * 2, "Q and the O stage 64 rows more");
+                    let slots = p.fwd_slots(FWD_WS_TALL_ROWS);
+                    assert_eq!(m_blocks as usize, slots.unwrap_or(1000usize.div_ceil(FWD_WS_TALL_ROWS)));
+                    for other in [
+                        Problem { alibi: Some(Alibi { batch_stride: 0, head_stride: 1 }), ..p.clone() },
+                        Problem { dropout: crate::dropout::DropoutParams::new(0.1, 1, 2), ..p.clone() },
+                        Problem { paged: Some(Paged { page_size: 64, num_blocks: 100, max_blocks: 50 }), ..p.clone() },
+                    ] {
+                        if let Some((o, _)) = fwd_ws_launch_with(&other, 132, Some(true)) {
+                            assert!(!o.kernel.starts_with("flash_fwd_ws3_") && o.config.block_m() == 128, "{}", o.kernel);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A plain problem with `FWD_WS_WIDE_MIN_KEYS` keys or more runs the wide-tile ws kernel where there
