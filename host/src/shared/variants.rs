@@ -446,8 +446,8 @@ macro_rules! for_each_fwd_ws_wide_variant {
     };
 }
 
-/// The warp-specialized forward's tall-tile kernels (contiguous K/V, no score modifiers; export names
-/// `flash_fwd_ws3_*`): (head dim, dtype, name). Tiles of `FWD_WS_TALL_ROWS` query rows, three consumer
+/// The warp-specialized forward's tall-tile kernels (contiguous K/V; plain, and `_alibi` / `_dropout`
+/// copies for one modifier alone; export names `flash_fwd_ws3_*`): (head dim, dtype, name). Tiles of `FWD_WS_TALL_ROWS` query rows, three consumer
 /// warpgroups of 64 rows taking turns at the tensor cores, 512 threads (160 registers per consumer
 /// thread): at head dim 64, where a consumer warp's tile waits on its own dependencies more than on the
 /// issue slots, a third warpgroup's warps fill the gaps, and K / V tiles serve 1.5x the rows.
@@ -467,6 +467,18 @@ macro_rules! ws_tall_lookup {
         pub fn fwd_ws_tall_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
             let config = FwdConfig { warps: FWD_WS_TALL_ROWS / 16, m_tiles: 1, key_warps: 1, ..fwd_wg_config(head_dim)? };
             $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, config)); })*
+            None
+        }
+        /// Its `_alibi` copy (ALiBi without dropout), with the same tiles.
+        pub fn fwd_ws_tall_alibi_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { warps: FWD_WS_TALL_ROWS / 16, m_tiles: 1, key_warps: 1, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_alibi"), config)); })*
+            None
+        }
+        /// Its `_dropout` copy (dropout without ALiBi), with the same tiles.
+        pub fn fwd_ws_tall_dropout_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { warps: FWD_WS_TALL_ROWS / 16, m_tiles: 1, key_warps: 1, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_dropout"), config)); })*
             None
         }
     };

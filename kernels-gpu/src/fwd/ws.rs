@@ -951,8 +951,9 @@ macro_rules! fwd_ws_wide_kernels {
 }
 crate::for_each_fwd_ws_wide_variant!(fwd_ws_wide_kernels);
 
-/// The tall kernels (`for_each_fwd_ws_tall_variant`): the plain copy over tiles of `FWD_WS_TALL_ROWS`
-/// (192) query rows, three consumer warpgroups taking turns in a ring, 512 threads (`fwd_ws_threads`).
+/// The tall kernels (`for_each_fwd_ws_tall_variant`): the plain, `_alibi` and `_dropout` copies over
+/// tiles of `FWD_WS_TALL_ROWS` (192) query rows, three consumer warpgroups taking turns in a ring, 512
+/// threads (`fwd_ws_threads`).
 macro_rules! fwd_ws_tall_kernels {
     ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
         const _: () = {
@@ -961,6 +962,20 @@ macro_rules! fwd_ws_tall_kernels {
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
                 unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, FWD_WS_TALL_ROWS, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, TALL_PRODUCER_REGS, TALL_CONSUMER_REGS>(&p, maps) }
+            }
+            /// ALiBi without dropout, as the 128-row `_alibi` copy.
+            #[unsafe(export_name = concat!($name, "_alibi"))]
+            pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
+                let p = FwdParams { mods: p.mods.without_dropout(), ..p };
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, FWD_WS_TALL_ROWS, { BN / 8 }, { BN / 16 }, false, true, { $d <= 96 }, { lazy_max($d, true) }, { lazy_max($d, true) }, { $d == 128 }, TALL_PRODUCER_REGS, TALL_CONSUMER_REGS>(&p, maps) }
+            }
+            /// Dropout without ALiBi, as the 128-row `_dropout` copy.
+            #[unsafe(export_name = concat!($name, "_dropout"))]
+            pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
+                let p = FwdParams { mods: p.mods.without_alibi(), ..p };
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, FWD_WS_TALL_ROWS, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, { dropout_lazy($d) }, false, false, TALL_PRODUCER_REGS, TALL_CONSUMER_REGS>(&p, maps) }
             }
         };
     )*};
