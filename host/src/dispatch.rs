@@ -165,14 +165,20 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
 }
 
 /// Whether a problem runs a tall-tile kernel (`fwd_ws_tall_kernel` and its `_alibi` / `_dropout`
-/// copies) where it has one: `tall` where given (`FLASH_ATTN_FWD_TALL`), else unmasked problems and
-/// masked ones (causal, window) from `FWD_WS_TALL_MASKED_MIN_ROWS` query rows (H100, hdim 64, against
-/// the 128-row tiles: 0.80-0.87x the time unmasked from 2048 rows, 0.93x at 512; causal 0.85-0.94x from
-/// 2048 rows but 1.15x at 512, where a causal row block's masked tiles are a larger share;
-/// benches/RESULTS.md).
+/// copies) where it has one: `tall` where given (`FLASH_ATTN_FWD_TALL`), else by what measured faster
+/// than the 128-row tiles (H100, hdim 64, benches/RESULTS.md): plain problems unmasked (0.80-0.87x the
+/// time from 2048 rows, 0.93x at 512) and masked (causal, window) from `FWD_WS_TALL_MASKED_MIN_ROWS`
+/// query rows (0.85-0.94x; 1.15x at 512, where a causal row block's masked tiles are a larger share);
+/// ALiBi alone unmasked (0.91-0.96x; causal 0.97-1.10x); dropout never (0.98-1.24x: its tall copy
+/// spills in the tile loop).
 pub fn fwd_ws_tall(p: &Problem, tall: Option<bool>) -> bool {
     let masked = p.window_left >= 0 || p.window_right >= 0;
-    tall.unwrap_or(!masked || p.seqlen_q >= FWD_WS_TALL_MASKED_MIN_ROWS)
+    let measured = match (p.alibi.is_some(), p.dropout.is_some()) {
+        (false, false) => !masked || p.seqlen_q >= FWD_WS_TALL_MASKED_MIN_ROWS,
+        (true, false) => !masked,
+        _ => false,
+    };
+    tall.unwrap_or(measured)
 }
 
 /// Query rows (`seqlen_q`; varlen: `max_seqlen_q`) from which a causal or windowed problem runs the
@@ -669,7 +675,8 @@ mod tests {
 
     /// The tall tiles (`fwd_ws_tall_kernel`): head dim 64 only, plain problems and ALiBi or dropout alone
     /// (their `_alibi` / `_dropout` copies; both modifiers and paged K/V keep the 128-row kernels), by
-    /// default unmasked or from `FWD_WS_TALL_MASKED_MIN_ROWS` rows; 192-row blocks, 512 threads, shared
+    /// default plain problems unmasked or from `FWD_WS_TALL_MASKED_MIN_ROWS` rows, ALiBi unmasked,
+    /// dropout never; 192-row blocks, 512 threads, shared
     /// memory for Q's 192 rows and the O stage's; `Some(false)` never takes them, `Some(true)` always.
     #[test]
     fn tall_tiles_run_hdim64_problems() {
@@ -699,12 +706,16 @@ mod tests {
                     assert_eq!(t.smem_bytes, off.0.smem_bytes + 64 * 64 * 2 + 64 * 64 * 2, "Q and the O stage 64 rows more");
                     assert_eq!(m_blocks as usize, p.fwd_slots(FWD_WS_TALL_ROWS).unwrap_or(s.div_ceil(FWD_WS_TALL_ROWS)));
                     // One modifier alone: its tall copy, on the same tiles.
-                    let a = fwd_ws_launch_with(&Problem { alibi, ..p.clone() }, 132, Some(true)).unwrap().0;
+                    let ap = Problem { alibi, ..p.clone() };
+                    let a = fwd_ws_launch_with(&ap, 132, Some(true)).unwrap().0;
                     assert_eq!((a.kernel, a.config, a.block), (format!("{name}_alibi").as_str(), c, 512));
+                    assert_eq!(fwd_ws_launch_with(&ap, 132, None).unwrap().0.kernel == a.kernel, !causal, "ALiBi: tall unmasked only");
                     let dr = Problem { dropout: crate::dropout::DropoutParams::new(0.1, 1, 2), ..p.clone() };
                     let dr_on = fwd_ws_launch_with(&dr, 132, Some(true)).unwrap().0;
                     assert_eq!((dr_on.kernel, dr_on.config, dr_on.smem_bytes), (format!("{name}_dropout").as_str(), c, t.smem_bytes));
-                    assert_eq!(fwd_ws_launch_with(&dr, 132, Some(false)).unwrap().0.kernel, fwd_ws_dropout_kernel_name(d, kd).unwrap());
+                    for dr_tall in [Some(false), None] {
+                        assert_eq!(fwd_ws_launch_with(&dr, 132, dr_tall).unwrap().0.kernel, fwd_ws_dropout_kernel_name(d, kd).unwrap(), "dropout: tall only when asked");
+                    }
                     for other in [Problem { alibi, ..dr.clone() }, Problem { paged: Some(Paged { page_size: 64, num_blocks: 100, max_blocks: 50 }), ..p.clone() }] {
                         if let Some((o, _)) = fwd_ws_launch_with(&other, 132, Some(true)) {
                             assert!(!o.kernel.starts_with("flash_fwd_ws3_") && o.config.block_m() == 128, "{}", o.kernel);
