@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_wg_mods_det_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_o_staged, fwd_ws_smem_bytes, fwd_ws_tall_alibi_kernel, fwd_ws_tall_dropout_kernel, fwd_ws_tall_kernel, fwd_ws_threads, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_TALL_ROWS, FWD_WS_TILE_SLOTS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_o_staged, fwd_ws_smem_bytes, fwd_ws_tall_alibi_kernel, fwd_ws_tall_dropout_kernel, fwd_ws_tall_kernel, fwd_ws_threads, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_TILE_SLOTS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -152,13 +152,7 @@ pub fn kvcache_launch(p: &Problem, splits: usize, fused: bool) -> Option<FwdLaun
     Some(l)
 }
 
-/// The warp-specialized Hopper forward (fwd/ws.rs) on `sms` multiprocessors: a persistent grid of at
-/// most one block per multiprocessor over the (row block, head, sequence) tiles; `m_blocks` row blocks
-/// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
-/// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
-/// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
-/// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy, dropout alone its `_dropout` copy, each the
-/// wide kernel's where a plain problem runs the wide one; paged: the `_paged` one).
+/// `fwd_ws_launch_with` with the tall tiles' default choice.
 #[cfg(test)]
 pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
     fwd_ws_launch_with(p, sms, None)
@@ -185,7 +179,15 @@ pub fn fwd_ws_tall(p: &Problem, tall: Option<bool>) -> bool {
 /// tall tiles (`fwd_ws_tall`).
 pub const FWD_WS_TALL_MASKED_MIN_ROWS: usize = 2048;
 
-/// `fwd_ws_launch` with the tall tiles' choice (`fwd_ws_tall`) given.
+/// The warp-specialized Hopper forward (fwd/ws.rs) on `sms` multiprocessors: a persistent grid of at
+/// most one block per multiprocessor over the (row block, head, sequence) tiles; `m_blocks` row blocks
+/// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
+/// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
+/// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
+/// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy, dropout alone its `_dropout` copy, each the
+/// wide kernel's where a plain problem runs the wide one; paged: the `_paged` one). At head dim 64 the plain
+/// kernel and those two copies may run tall tiles (`fwd_ws_tall`, with `tall` the environment's choice,
+/// `FLASH_ATTN_FWD_TALL`).
 pub fn fwd_ws_launch_with(p: &Problem, sms: usize, tall: Option<bool>) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
@@ -680,6 +682,7 @@ mod tests {
     /// memory for Q's 192 rows and the O stage's; `Some(false)` never takes them, `Some(true)` always.
     #[test]
     fn tall_tiles_run_hdim64_problems() {
+        use super::variants::FWD_WS_TALL_ROWS;
         use crate::problem::{Alibi, Paged};
         let alibi = Some(Alibi { batch_stride: 0, head_stride: 1 });
         for d in [32, 64, 96, 128, 192, 256] {

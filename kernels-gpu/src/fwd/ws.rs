@@ -6,7 +6,8 @@
 //! grid is persistent: the blocks walk (row block, head, sequence) tiles, heaviest row blocks first, each
 //! drawing its next tile from a counter once its producer has issued the last one's copies (`Tiles`).
 //! At head dim 128 each consumer warpgroup hands O to global memory through a shared-memory stage of its
-//! own (`store_out_staged`).
+//! own (`store_out_staged`). The tall kernels (head dim 64, `fwd_ws_tall_kernels`) have three consumer
+//! warpgroups over 192-row tiles (`QM`), taking turns in a ring.
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
