@@ -7,7 +7,7 @@ mod variants;
 
 pub use variants::{
     bwd_config, bwd_convert_kernel_name, bwd_ordered_by_default, bwd_kernel_names, bwd_mods_kernel_names, bwd_prep_kernel_name, bwd_wg_alibi_kernel_name, bwd_wg_block_n, bwd_wg_kernel_name, bwd_wg_mods_kernel_name, bwd_wg_smem_bytes, bwd_wg_det_kernel_name, bwd_wg_mods_det_kernel_name, bwd_ws_alibi_kernel_name, bwd_ws_det_kernel_name, bwd_ws_kernel_name, bwd_ws_mods_kernel_name, bwd_ws_smem_bytes, dq_config, dq_smem_bytes, fwd_config, fwd_kernel_name, fwd_mods_kernel_name, fwd_paged_kernel_name, fwd_paged_mods_kernel_name,
-    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_o_staged, fwd_ws_smem_bytes, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_THREADS, FWD_WS_TILE_SLOTS, FwdConfig, KernelDType,
+    fwd_wg_config, fwd_wg_kernel_name, fwd_wg_paged_kernel_name, fwd_wg_smem_bytes, fwd_ws_alibi_kernel_name, fwd_ws_dropout_kernel_name, fwd_ws_kernel_name, fwd_ws_mods_kernel_name, fwd_ws_paged_kernel_name, fwd_ws_paged_mods_kernel_name, fwd_ws_o_staged, fwd_ws_smem_bytes, fwd_ws_tall_alibi_kernel, fwd_ws_tall_dropout_kernel, fwd_ws_tall_kernel, fwd_ws_threads, fwd_ws_wide_alibi_kernel, fwd_ws_wide_dropout_kernel, fwd_ws_wide_kernel, probs_kernel_name, tma_page_box_rows, decode_config, fwd_decode_fin_kernel_name, fwd_decode_kernel_name, kvcache_append_kernel_name, APPEND_THREADS, COMBINE_KERNEL_NAME, COMBINE_WARPS, combine_warps_per_row, FWD_WS_TILE_SLOTS, FwdConfig, KernelDType,
     TMA_PAGE_BOX_MIN, DECODE_BLOCKS_PER_SM, MAX_DECODE_CLUSTER, FWD_WS_WIDE_DROPOUT_MIN_KEYS, FWD_WS_WIDE_MIN_KEYS, BWD_ROWS_PER_BLOCK, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, BWD_WS_THREADS, DQ_ACCUM_BLOCK_M, PROBS_THREADS,
 };
 
@@ -152,27 +152,59 @@ pub fn kvcache_launch(p: &Problem, splits: usize, fused: bool) -> Option<FwdLaun
     Some(l)
 }
 
+/// `fwd_ws_launch_with` with the tall tiles' default choice.
+#[cfg(test)]
+pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
+    fwd_ws_launch_with(p, sms, None)
+}
+
+/// Whether a problem runs a tall-tile kernel (`fwd_ws_tall_kernel` and its `_alibi` / `_dropout`
+/// copies) where it has one: `tall` where given (`FLASH_ATTN_FWD_TALL`), else by what measured faster
+/// than the 128-row tiles (H100, hdim 64, benches/RESULTS.md): plain problems unmasked (0.80-0.87x the
+/// time from 2048 rows, 0.93x at 512) and masked (causal, window) from `FWD_WS_TALL_MASKED_MIN_ROWS`
+/// query rows (0.85-0.94x; 1.15x at 512, where a causal row block's masked tiles are a larger share);
+/// ALiBi alone unmasked (0.91-0.96x; causal 0.97-1.10x); dropout never (0.98-1.24x: its tall copy
+/// spills in the tile loop).
+pub fn fwd_ws_tall(p: &Problem, tall: Option<bool>) -> bool {
+    let masked = p.window_left >= 0 || p.window_right >= 0;
+    let measured = match (p.alibi.is_some(), p.dropout.is_some()) {
+        (false, false) => !masked || p.seqlen_q >= FWD_WS_TALL_MASKED_MIN_ROWS,
+        (true, false) => !masked,
+        _ => false,
+    };
+    tall.unwrap_or(measured)
+}
+
+/// Query rows (`seqlen_q`; varlen: `max_seqlen_q`) from which a causal or windowed problem runs the
+/// tall tiles (`fwd_ws_tall`).
+pub const FWD_WS_TALL_MASKED_MIN_ROWS: usize = 2048;
+
 /// The warp-specialized Hopper forward (fwd/ws.rs) on `sms` multiprocessors: a persistent grid of at
 /// most one block per multiprocessor over the (row block, head, sequence) tiles; `m_blocks` row blocks
 /// per sequence slot. None where it has no kernel, or for paged K/V whose pages the copy engine would
 /// copy in boxes of fewer than `TMA_PAGE_BOX_MIN` rows (page sizes not a multiple of 8, which the
 /// cp.async kernels take; see `tma_page_box_rows`) or that has no pages at all. ALiBi / dropout run on
 /// its `_mods` twin (ALiBi alone: that twin's `_alibi` copy, dropout alone its `_dropout` copy, each the
-/// wide kernel's where a plain problem runs the wide one; paged: the `_paged` one).
-pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
+/// wide kernel's where a plain problem runs the wide one; paged: the `_paged` one). At head dim 64 the plain
+/// kernel and those two copies may run tall tiles (`fwd_ws_tall`, with `tall` the environment's choice,
+/// `FLASH_ATTN_FWD_TALL`).
+pub fn fwd_ws_launch_with(p: &Problem, sms: usize, tall: Option<bool>) -> Option<(FwdLaunch, i32)> {
     let dtype = kernel_dtype(p.dtype)?;
     let config = fwd_wg_config(p.head_dim)?;
     let (kernel, config) = match (Twin::of(p), p.paged) {
-        (Twin::Plain, _) => match fwd_ws_wide_kernel(p.head_dim, dtype) {
-            Some(wide) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
+        (Twin::Plain, _) => match (fwd_ws_wide_kernel(p.head_dim, dtype), fwd_ws_tall_kernel(p.head_dim, dtype)) {
+            (Some(wide), _) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
+            (_, Some(tall_kernel)) if fwd_ws_tall(p, tall) => tall_kernel,
             _ => (fwd_ws_kernel_name(p.head_dim, dtype)?, config),
         },
-        (Twin::Mods, _) if p.dropout.is_none() => match fwd_ws_wide_alibi_kernel(p.head_dim, dtype) {
-            Some(wide) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
+        (Twin::Mods, _) if p.dropout.is_none() => match (fwd_ws_wide_alibi_kernel(p.head_dim, dtype), fwd_ws_tall_alibi_kernel(p.head_dim, dtype)) {
+            (Some(wide), _) if p.seqlen_k >= FWD_WS_WIDE_MIN_KEYS => wide,
+            (_, Some(tall_kernel)) if fwd_ws_tall(p, tall) => tall_kernel,
             _ => (fwd_ws_alibi_kernel_name(p.head_dim, dtype)?, config),
         },
         (Twin::Mods, _) => match (fwd_ws_wide_dropout_kernel(p.head_dim, dtype), fwd_ws_dropout_kernel_name(p.head_dim, dtype)) {
             (Some(wide), _) if p.alibi.is_none() && p.seqlen_k >= FWD_WS_WIDE_DROPOUT_MIN_KEYS => wide,
+            (_, Some(_)) if p.alibi.is_none() && fwd_ws_tall(p, tall) && fwd_ws_tall_dropout_kernel(p.head_dim, dtype).is_some() => fwd_ws_tall_dropout_kernel(p.head_dim, dtype)?,
             (_, Some(name)) if p.alibi.is_none() => (name, config),
             _ => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
         },
@@ -191,7 +223,7 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
         return None;
     }
     let grid = (tiles.min(sms).max(1) as u32, 1, 1);
-    Some((FwdLaunch { kernel, config, grid, block: FWD_WS_THREADS as u32, smem_bytes: fwd_ws_smem_bytes(&config) }, m_blocks as i32))
+    Some((FwdLaunch { kernel, config, grid, block: fwd_ws_threads(config.block_m()) as u32, smem_bytes: fwd_ws_smem_bytes(&config) }, m_blocks as i32))
 }
 
 /// One kernel launch: export name, grid, threads per block, dynamic shared memory.
@@ -643,6 +675,60 @@ mod tests {
         assert!(fwd_ws_launch(&p, 132).is_none(), "no blocks: the cp.async kernel (it reads nothing)");
     }
 
+    /// The tall tiles (`fwd_ws_tall_kernel`): head dim 64 only, plain problems and ALiBi or dropout alone
+    /// (their `_alibi` / `_dropout` copies; both modifiers and paged K/V keep the 128-row kernels), by
+    /// default plain problems unmasked or from `FWD_WS_TALL_MASKED_MIN_ROWS` rows, ALiBi unmasked,
+    /// dropout never; 192-row blocks, 512 threads, shared
+    /// memory for Q's 192 rows and the O stage's; `Some(false)` never takes them, `Some(true)` always.
+    #[test]
+    fn tall_tiles_run_hdim64_problems() {
+        use super::variants::FWD_WS_TALL_ROWS;
+        use crate::problem::{Alibi, Paged};
+        let alibi = Some(Alibi { batch_stride: 0, head_stride: 1 });
+        for d in [32, 64, 96, 128, 192, 256] {
+            for dtype in [DType::BF16, DType::F16] {
+                let kd = kernel_dtype(dtype).unwrap();
+                for (varlen, causal, s) in [false, true].into_iter().flat_map(|v| [(v, false, 500), (v, true, 500), (v, true, FWD_WS_TALL_MASKED_MIN_ROWS - 1), (v, true, FWD_WS_TALL_MASKED_MIN_ROWS)]) {
+                    let p = Problem { dtype, ..problem(d, s, 2, 4, causal, varlen) };
+                    let Some(off) = fwd_ws_launch_with(&p, 132, Some(false)) else { continue };
+                    let on = fwd_ws_launch_with(&p, 132, Some(true)).unwrap();
+                    let default = fwd_ws_launch_with(&p, 132, None).unwrap();
+                    assert!(!off.0.kernel.starts_with("flash_fwd_ws3_") && off.0.config.block_m() == 128, "{}", off.0.kernel);
+                    let by_default = !causal || s >= FWD_WS_TALL_MASKED_MIN_ROWS;
+                    assert_eq!(fwd_ws_tall(&p, None), by_default);
+                    assert_eq!(default, if by_default { on } else { off }, "d{d} causal {causal} s {s}");
+                    let Some((name, c)) = fwd_ws_tall_kernel(d, kd) else {
+                        assert_eq!(on, off, "d{d}");
+                        continue;
+                    };
+                    assert_eq!(d, 64);
+                    let (t, m_blocks) = on;
+                    assert_eq!((t.kernel, t.config, c.block_m(), t.block), (name, c, FWD_WS_TALL_ROWS, 512));
+                    assert!(name.starts_with("flash_fwd_ws3_"), "{name}: xtask's launch bounds");
+                    assert_eq!(t.smem_bytes, fwd_ws_smem_bytes(&c));
+                    assert_eq!(t.smem_bytes, off.0.smem_bytes + 64 * 64 * 2 + 64 * 64 * 2, "Q and the O stage 64 rows more");
+                    assert_eq!(m_blocks as usize, p.fwd_slots(FWD_WS_TALL_ROWS).unwrap_or(s.div_ceil(FWD_WS_TALL_ROWS)));
+                    // One modifier alone: its tall copy, on the same tiles.
+                    let ap = Problem { alibi, ..p.clone() };
+                    let a = fwd_ws_launch_with(&ap, 132, Some(true)).unwrap().0;
+                    assert_eq!((a.kernel, a.config, a.block), (format!("{name}_alibi").as_str(), c, 512));
+                    assert_eq!(fwd_ws_launch_with(&ap, 132, None).unwrap().0.kernel == a.kernel, !causal, "ALiBi: tall unmasked only");
+                    let dr = Problem { dropout: crate::dropout::DropoutParams::new(0.1, 1, 2), ..p.clone() };
+                    let dr_on = fwd_ws_launch_with(&dr, 132, Some(true)).unwrap().0;
+                    assert_eq!((dr_on.kernel, dr_on.config, dr_on.smem_bytes), (format!("{name}_dropout").as_str(), c, t.smem_bytes));
+                    for dr_tall in [Some(false), None] {
+                        assert_eq!(fwd_ws_launch_with(&dr, 132, dr_tall).unwrap().0.kernel, fwd_ws_dropout_kernel_name(d, kd).unwrap(), "dropout: tall only when asked");
+                    }
+                    for other in [Problem { alibi, ..dr.clone() }, Problem { paged: Some(Paged { page_size: 64, num_blocks: 100, max_blocks: 50 }), ..p.clone() }] {
+                        if let Some((o, _)) = fwd_ws_launch_with(&other, 132, Some(true)) {
+                            assert!(!o.kernel.starts_with("flash_fwd_ws3_") && o.config.block_m() == 128, "{}", o.kernel);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// A plain problem with `FWD_WS_WIDE_MIN_KEYS` keys or more runs the wide-tile ws kernel where there
     /// is one (head dim 192: 112 keys, its shared memory and the same grid), and with ALiBi alone its
     /// `_alibi` copy, with dropout alone from `FWD_WS_WIDE_DROPOUT_MIN_KEYS` keys its `_dropout` copy; fewer
@@ -882,6 +968,9 @@ mod tests {
                 named.extend(fwd_ws_wide_kernel(d, kd).map(|w| w.0));
                 named.extend(fwd_ws_wide_alibi_kernel(d, kd).map(|w| w.0));
                 named.extend(fwd_ws_wide_dropout_kernel(d, kd).map(|w| w.0));
+                named.extend(fwd_ws_tall_kernel(d, kd).map(|w| w.0));
+                named.extend(fwd_ws_tall_alibi_kernel(d, kd).map(|w| w.0));
+                named.extend(fwd_ws_tall_dropout_kernel(d, kd).map(|w| w.0));
                 for pair in [bwd_kernel_names(d, kd), bwd_mods_kernel_names(d, kd)].into_iter().flatten() {
                     named.extend([pair.0, pair.1]);
                 }

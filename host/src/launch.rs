@@ -2,7 +2,7 @@
 //! Nothing here allocates, synchronizes or copies; dispatch.rs picks the kernels, validate.rs has
 //! checked every argument (and checks the grids here before anything is queued).
 
-use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch, probs_launch, Launch};
+use crate::dispatch::{bwd_launches, fwd_launch, fwd_ws_launch_with, probs_launch, Launch};
 use crate::error::{Error, Result};
 use crate::module::{gpu, Function, Gpu};
 use crate::params::{AppendParams, BwdParams, BwdTmaMaps, CombineParams, FwdParams, ProbsParams, ScoreMods, TmaMaps, DQ_PASS_NO_FENCE, DQ_ROTATE, DQ_ROTATE_SPREAD, DROPOUT_OFF, DTYPE_BF16, DTYPE_F16, DTYPE_F32};
@@ -394,7 +394,14 @@ fn ws_forward(p: &Problem, t: &FwdViews<'_>, gpu: &Gpu, kernels: KernelChoice) -
     if !addressable {
         return None;
     }
-    fwd_ws_launch(p, sms)
+    fwd_ws_launch_with(p, sms, fwd_tall())
+}
+
+/// `FLASH_ATTN_FWD_TALL`: `1` runs the tall-tile forward wherever it has a kernel, `0` nowhere; unset,
+/// `dispatch::fwd_ws_tall` decides (read once: a call must not allocate).
+fn fwd_tall() -> Option<bool> {
+    static TALL: OnceLock<Option<bool>> = OnceLock::new();
+    *TALL.get_or_init(|| std::env::var("FLASH_ATTN_FWD_TALL").ok().map(|v| v.trim() != "0"))
 }
 
 /// Whether the copy engine can address view `v` (strides `st`; `batched`: through its batch stride too):

@@ -106,8 +106,8 @@ pub fn build_ptx(cargo: &Path, root: &Path, out_dir: &Path) -> Result<Vec<PathBu
 /// Kernels whose register budget comes from their block size (ptxas assumes 1024 threads otherwise):
 /// export-name prefix, threads per block. rustc has no launch-bounds attribute, so the directives are
 /// added to the emitted PTX. The warp-specialized forward and backward: 384 threads (`FWD_WS_THREADS`,
-/// `BWD_WS_THREADS`), one block per multiprocessor.
-const LAUNCH_BOUNDS: &[(&str, u32)] = &[("flash_fwd_ws_", 384), ("flash_bwd_ws_", 384)];
+/// `BWD_WS_THREADS`), the tall forward (`flash_fwd_ws3_`) 512, one block per multiprocessor.
+const LAUNCH_BOUNDS: &[(&str, u32)] = &[("flash_fwd_ws_", 384), ("flash_fwd_ws3_", 512), ("flash_bwd_ws_", 384)];
 
 /// A kernel's launch bounds: (threads per block, blocks per multiprocessor, whether its second
 /// parameter holds tensor maps): `LAUNCH_BOUNDS`, and the decode kernels (`decode_config`'s threads,

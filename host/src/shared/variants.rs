@@ -304,6 +304,14 @@ for_each_fwd_wg_variant!(wg_name_lookup);
 /// tensor copies) and two consumer warpgroups of 64 query rows each over the tiles of `fwd_wg_config`,
 /// on a persistent grid.
 pub const FWD_WS_THREADS: usize = 384;
+/// Threads of a warp-specialized forward over tiles of `block_m` query rows: the producer warpgroup and
+/// a consumer warpgroup per 64 rows (384 for the 128-row tiles, 512 for the tall ones).
+pub const fn fwd_ws_threads(block_m: usize) -> usize {
+    128 + 2 * block_m
+}
+const _: () = assert!(fwd_ws_threads(128) == FWD_WS_THREADS);
+/// Query rows of the tall tiles (`for_each_fwd_ws_tall_variant`): three consumer warpgroups.
+pub const FWD_WS_TALL_ROWS: usize = 192;
 /// Bytes after the tiles for the pipeline's barriers (Q full / empty, two stages each of K and V full /
 /// empty: 10 barriers of 8 bytes) and the tile ring (two stages' full / empty barriers and decoded tiles
 /// of 12 bytes: 56 bytes), rounded up (the O stage, where there is one, from `FWD_WS_O_STAGE_AT`).
@@ -359,9 +367,9 @@ pub const fn fwd_ws_o_stage_cols(head_dim: usize) -> usize {
     if head_dim > 128 && head_dim % 128 == 0 { 128 } else { head_dim }
 }
 
-/// Bytes of the O stage (`fwd_ws_o_staged`): 128 rows of `fwd_ws_o_stage_cols` elements, or none.
-pub const fn fwd_ws_o_stage_bytes(head_dim: usize, block_n: usize) -> usize {
-    if fwd_ws_o_staged(head_dim, block_n) { 128 * fwd_ws_o_stage_cols(head_dim) * 2 } else { 0 }
+/// Bytes of the O stage (`fwd_ws_o_staged`): `block_m` rows of `fwd_ws_o_stage_cols` elements, or none.
+pub const fn fwd_ws_o_stage_bytes(head_dim: usize, block_n: usize, block_m: usize) -> usize {
+    if fwd_ws_o_staged(head_dim, block_n) { block_m * fwd_ws_o_stage_cols(head_dim) * 2 } else { 0 }
 }
 
 /// Where the O stage starts past the tiles: after the barriers (`FWD_WS_BARRIER_BYTES`), 1024-byte
@@ -372,7 +380,7 @@ const _: () = assert!(FWD_WS_BARRIER_BYTES <= FWD_WS_O_STAGE_AT);
 /// Dynamic shared memory of the warp-specialized forward: the tiles of `fwd_wg_smem_bytes`, then the
 /// barriers, then (from `FWD_WS_O_STAGE_AT`) the O stage (`fwd_ws_o_stage_bytes`).
 pub const fn fwd_ws_smem_bytes(c: &FwdConfig) -> usize {
-    let o = fwd_ws_o_stage_bytes(c.head_dim, c.block_n);
+    let o = fwd_ws_o_stage_bytes(c.head_dim, c.block_n, c.block_m());
     fwd_wg_smem_bytes(c) + if o > 0 { FWD_WS_O_STAGE_AT + o } else { FWD_WS_BARRIER_BYTES }
 }
 
@@ -437,6 +445,45 @@ macro_rules! for_each_fwd_ws_wide_variant {
         }
     };
 }
+
+/// The warp-specialized forward's tall-tile kernels (contiguous K/V; plain, and `_alibi` / `_dropout`
+/// copies for one modifier alone; export names `flash_fwd_ws3_*`): (head dim, dtype, name). Tiles of `FWD_WS_TALL_ROWS` query rows, three consumer
+/// warpgroups of 64 rows taking turns at the tensor cores, 512 threads (160 registers per consumer
+/// thread): at head dim 64, where a consumer warp's tile waits on its own dependencies more than on the
+/// issue slots, a third warpgroup's warps fill the gaps, and K / V tiles serve 1.5x the rows.
+#[macro_export]
+macro_rules! for_each_fwd_ws_tall_variant {
+    ($m:ident) => {
+        $m! {
+            (64, BF16, "flash_fwd_ws3_hdim64_bf16"),
+            (64, F16, "flash_fwd_ws3_hdim64_f16"),
+        }
+    };
+}
+
+macro_rules! ws_tall_lookup {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {
+        /// Export name and tiles of the tall-tile ws forward for `(head_dim, dtype)`, if there is one.
+        pub fn fwd_ws_tall_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { warps: FWD_WS_TALL_ROWS / 16, m_tiles: 1, key_warps: 1, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some(($name, config)); })*
+            None
+        }
+        /// Its `_alibi` copy (ALiBi without dropout), with the same tiles.
+        pub fn fwd_ws_tall_alibi_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { warps: FWD_WS_TALL_ROWS / 16, m_tiles: 1, key_warps: 1, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_alibi"), config)); })*
+            None
+        }
+        /// Its `_dropout` copy (dropout without ALiBi), with the same tiles.
+        pub fn fwd_ws_tall_dropout_kernel(head_dim: usize, dtype: KernelDType) -> Option<(&'static str, FwdConfig)> {
+            let config = FwdConfig { warps: FWD_WS_TALL_ROWS / 16, m_tiles: 1, key_warps: 1, ..fwd_wg_config(head_dim)? };
+            $(if head_dim == $d && dtype == KernelDType::$dt { return Some((concat!($name, "_dropout"), config)); })*
+            None
+        }
+    };
+}
+for_each_fwd_ws_tall_variant!(ws_tall_lookup);
 
 /// Keys (`seqlen_k`; varlen: `max_seqlen_k`) from which a plain problem runs the wide-tile kernel.
 pub const FWD_WS_WIDE_MIN_KEYS: usize = 2048;

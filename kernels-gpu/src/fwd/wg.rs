@@ -18,7 +18,7 @@ use crate::block::{n_block_range, tile_needs_mask};
 use crate::mods::{drop_p, kept_p, AlibiCode, KeptP};
 use crate::params::FwdParams;
 use crate::softmax::RowState;
-use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes, fwd_ws_wide_block_n, FwdConfig};
+use crate::variants::{fwd_wg_config, fwd_wg_smem_bytes, fwd_ws_wide_block_n, FwdConfig, FWD_WS_TALL_ROWS};
 
 /// Query rows per block (two warpgroups of 64) and threads.
 const BM: usize = 128;
@@ -72,11 +72,12 @@ pub(crate) fn keep_p<const KP: usize>(pa: &mut [[u32; 4]; KP]) {
 /// Shared-memory layout for head dim `D` and `BN` keys per tile: Q, two K slots, two V slots, each tile
 /// `[ceil(D / 64)][rows][64]` swizzled (sw128_offset), every 64-column group 1024-byte aligned (at head
 /// dim 96 the second group's upper half is zeros: S reads up to column 96, P V all 128, O's last 32
-/// columns come out 0 and are not stored).
-pub(crate) struct Tile<const D: usize, const BN: usize>;
+/// columns come out 0 and are not stored). `QM` query rows: the wg kernel's 128, or the ws forward's
+/// tall tiles' 192 (`FWD_WS_TALL_ROWS`, three consumer warpgroups).
+pub(crate) struct Tile<const D: usize, const BN: usize, const QM: usize>;
 
-impl<const D: usize, const BN: usize> Tile<D, BN> {
-    pub(crate) const Q_BYTES: u32 = (BM * D.div_ceil(64) * 64 * 2) as u32;
+impl<const D: usize, const BN: usize, const QM: usize> Tile<D, BN, QM> {
+    pub(crate) const Q_BYTES: u32 = (QM * D.div_ceil(64) * 64 * 2) as u32;
     pub(crate) const KV_BYTES: u32 = (BN * D.div_ceil(64) * 64 * 2) as u32;
     /// Q and both slots of K and V: where the tiles end (the ws forward's barriers start there).
     pub(crate) const BYTES: u32 = Self::Q_BYTES + 2 * SLOTS as u32 * Self::KV_BYTES;
@@ -86,10 +87,13 @@ impl<const D: usize, const BN: usize> Tile<D, BN> {
             None => panic!("no Hopper forward for this head dim"),
         };
         assert!(c.block_m() == BM && c.threads() == THREADS);
+        // The tall tiles: head dim 64 only (one 64-column group, so the products' `*_lo` forms, whose
+        // group strides are 128 rows, hold).
+        assert!(QM == BM || (QM == FWD_WS_TALL_ROWS && D == 64));
         // The wg kernel's shapes, or the warp-specialized wide-tile kernel's.
         assert!(c.block_n == BN || matches!(fwd_ws_wide_block_n(D), Some(n) if n == BN));
         assert!((D == 64 && BN == 128) || (D == 96 && BN == 128) || (D == 128 && BN == 128) || (D == 192 && (BN == 64 || BN == 112)) || (D == 256 && BN == 64));
-        assert!(fwd_wg_smem_bytes(&FwdConfig { block_n: BN, ..c }) == Self::BYTES as usize);
+        assert!(fwd_wg_smem_bytes(&FwdConfig { block_n: BN, warps: QM / 16, ..c }) == Self::BYTES as usize);
     };
     #[inline(always)]
     pub(crate) fn k_slot(base: u32, t: usize) -> u32 {
@@ -162,7 +166,7 @@ unsafe fn copy_column<const ROWS: usize>(dst: u32, src: u64, row_stride_bytes: i
 #[inline(always)]
 unsafe fn load_kv<const D: usize, const BN: usize, const V: bool>(base: u32, t: usize, a: &BlockArgs, n_block: i32, tid: usize) {
     let valid = a.seqlen_k - n_block * BN as i32;
-    let dst = if V { Tile::<D, BN>::v_slot(base, t) } else { Tile::<D, BN>::k_slot(base, t) };
+    let dst = if V { Tile::<D, BN, BM>::v_slot(base, t) } else { Tile::<D, BN, BM>::k_slot(base, t) };
     let rows = a.kv.rows::<V>();
     if !a.kv.pages.paged() {
         unsafe { load_tile_sw128::<D, BN>(dst, a.kv.tile::<V>(n_block, BN), rows.row_bytes, valid, tid) };
@@ -207,16 +211,16 @@ unsafe fn load_tile_sw128_rows<const D: usize, const ROWS: usize>(dst: u32, fall
 /// kernel's paged twin a 64-bit form of that raised ptxas's spills from 20 to 200 bytes, so the wg kernel
 /// keeps them in registers).
 #[inline(always)]
-pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const NN: usize, const INC: bool>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
+pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const QM: usize, const NN: usize, const INC: bool>(acc_s: &mut [[f32; 4]; NN], base: u32, wg: u32, t: usize) {
     let base = opaque_u32(base);
-    let k_s = Tile::<D, BN>::k_slot(base, t);
+    let k_s = Tile::<D, BN, QM>::k_slot(base, t);
     if INC {
         // Descriptors from their low words, formed inside the asm block (`*_lo`: an add and a move per
         // step, against about six instructions per product where they are built here; one 32-bit register
-        // per operand, where 64-bit ones had raised ptxas's spills). Group strides: BM and BN rows of 128
-        // bytes (the generated functions' constants).
-        const { assert!(BM == 128) };
-        let (qa, kb) = (kmajor_desc(base, BM as u32, wg * 64, 0) as u32, kmajor_desc(k_s, BN as u32, 0, 0) as u32);
+        // per operand, where 64-bit ones had raised ptxas's spills). Group strides: 128 and BN rows of
+        // 128 bytes (the generated functions' constants; at head dim 64, one group, Q's is not used).
+        const { assert!(QM == 128 || D == 64) };
+        let (qa, kb) = (kmajor_desc(base, QM as u32, wg * 64, 0) as u32, kmajor_desc(k_s, BN as u32, 0, 0) as u32);
         unsafe {
             match (D, BN) {
                 (64, _) => E::ss_n128_k4_lo(sized(acc_s), qa, kb),
@@ -232,7 +236,7 @@ pub(crate) unsafe fn issue_s<E: WgElem, const D: usize, const BN: usize, const N
     let mut qa = [0u64; 16];
     let mut kb = [0u64; 16];
     for kk in 0..D / 16 {
-        qa[kk] = kmajor_desc(base, BM as u32, wg * 64, kk);
+        qa[kk] = kmajor_desc(base, QM as u32, wg * 64, kk);
         kb[kk] = kmajor_desc(k_s, BN as u32, 0, kk);
     }
     // (D, BN) is one of Tile::CHECK's five.
@@ -264,8 +268,8 @@ pub(crate) fn kmajor_desc(tile: u32, rows: u32, r0: u32, kk: usize) -> u64 {
 /// 64-column groups BN * 128 bytes apart). Issued and committed, not waited for. `INC` (the ws kernel):
 /// the descriptors are formed inside the asm block from their low word (`*_lo`).
 #[inline(always)]
-pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const KP: usize, const INC: bool>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
-    let v_s = Tile::<D, BN>::v_slot(opaque_u32(base), t);
+pub(crate) unsafe fn issue_pv<E: WgElem, const D: usize, const DN: usize, const BN: usize, const QM: usize, const KP: usize, const INC: bool>(acc_o: &mut [[f32; 4]; DN], pa: &[[u32; 4]; KP], base: u32, t: usize) {
+    let v_s = Tile::<D, BN, QM>::v_slot(opaque_u32(base), t);
     if INC || KP == 7 {
         // B's descriptors from the low word (`rs_*_lo`; see `issue_s`; the 112-key tiles have no other form).
         let vb = desc_sw128(v_s, BN as u32 * 128, 1024) as u32;
@@ -355,12 +359,12 @@ pub(crate) fn rescale_o<const DN: usize>(acc_o: &mut [[f32; 4]; DN], factor: &[f
     }
 }
 
-/// Rows of the block inside the sequence (at most BM) and its key tiles `[n_min, n_max)`.
+/// Rows of the block inside the sequence (at most `QM`) and its key tiles `[n_min, n_max)`.
 #[inline(always)]
-pub(crate) fn block_plan<const BN: usize>(a: &BlockArgs) -> (i32, i32, i32) {
+pub(crate) fn block_plan<const BN: usize, const QM: usize>(a: &BlockArgs) -> (i32, i32, i32) {
     let rows = {
         let r = a.seqlen_q - a.m0;
-        if r > BM as i32 { BM as i32 } else { r }
+        if r > QM as i32 { QM as i32 } else { r }
     };
     let (n_min, n_max) = n_block_range(a.m0, rows, a.seqlen_q, a.seqlen_k, a.window_left, a.window_right, BN as i32);
     let (n_min, n_max) = a.split_range(n_min, n_max);
@@ -391,14 +395,14 @@ unsafe fn load_first<const D: usize, const BN: usize>(base: u32, a: &BlockArgs, 
 /// and whether its copies are started.
 #[inline(always)]
 unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize>(a: &BlockArgs, next: Option<&BlockArgs>, t0: usize, prefetched: bool, tid: usize) -> (usize, bool) {
-    let () = Tile::<D, BN>::CHECK;
+    let () = Tile::<D, BN, BM>::CHECK;
     let base = smem::base();
     let warp = tid / 32;
     let wg = (warp / 4) as u32;
     let lane = tid % 32;
     let (g, t) = ((lane / 4) as i32, (lane % 4) as i32);
     let scale_log2 = a.softmax_scale();
-    let (rows, n_min, n_max) = block_plan::<BN>(a);
+    let (rows, n_min, n_max) = block_plan::<BN, BM>(a);
 
     let mut acc_o = [[0f32; 4]; DN];
     let mut row_state = [RowState::EMPTY; 2];
@@ -414,7 +418,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         }
         copies_visible::<1>();
         let mut acc_s = [[0f32; 4]; NN];
-        unsafe { issue_s::<E, D, BN, NN, false>(&mut acc_s, base, wg, tile(0)) };
+        unsafe { issue_s::<E, D, BN, BM, NN, false>(&mut acc_s, base, wg, tile(0)) };
         let kept = kept_of::<BN, KP>(a, n_max - 1, warp);
         wait_acc::<0, NN>(&mut acc_s);
         let mut pa = [[0u32; 4]; KP];
@@ -436,8 +440,8 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             unsafe { load_kv::<D, BN, true>(base, tile(i + 1), a, n_max - 2 - i, tid) };
             commit_group();
             unsafe {
-                issue_s::<E, D, BN, NN, false>(&mut acc_s, base, wg, tile(i + 1));
-                issue_pv::<E, D, DN, BN, KP, false>(&mut acc_o, &pa, base, tile(i));
+                issue_s::<E, D, BN, BM, NN, false>(&mut acc_s, base, wg, tile(i + 1));
+                issue_pv::<E, D, DN, BN, BM, KP, false>(&mut acc_o, &pa, base, tile(i));
             }
             let kept = kept_of::<BN, KP>(a, n_max - 2 - i, warp);
             wait_acc::<1, NN>(&mut acc_s);
@@ -457,14 +461,14 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         let t_next = tile(n_tiles);
         ret = (t_next, false);
         if let Some(nx) = next {
-            let (rows_nx, n_min_nx, n_max_nx) = block_plan::<BN>(nx);
+            let (rows_nx, n_min_nx, n_max_nx) = block_plan::<BN, BM>(nx);
             if n_max_nx > n_min_nx {
                 unsafe { load_first::<D, BN>(base, nx, rows_nx, n_max_nx, n_max_nx - n_min_nx, t_next, tid) };
                 ret = (t_next, true);
             }
         }
         // The last tile: O += P V only.
-        unsafe { issue_pv::<E, D, DN, BN, KP, false>(&mut acc_o, &pa, base, tile(n_tiles - 1)) };
+        unsafe { issue_pv::<E, D, DN, BN, BM, KP, false>(&mut acc_o, &pa, base, tile(n_tiles - 1)) };
         wait_acc::<0, DN>(&mut acc_o);
         keep_p::<KP>(&mut pa);
     }

@@ -6,7 +6,8 @@
 //! grid is persistent: the blocks walk (row block, head, sequence) tiles, heaviest row blocks first, each
 //! drawing its next tile from a counter once its producer has issued the last one's copies (`Tiles`).
 //! At head dim 128 each consumer warpgroup hands O to global memory through a shared-memory stage of its
-//! own (`store_out_staged`).
+//! own (`store_out_staged`). The tall kernels (head dim 64, `fwd_ws_tall_kernels`) have three consumer
+//! warpgroups over 192-row tiles (`QM`), taking turns in a ring.
 
 use super::wg::{block_plan, issue_pv, issue_s, keep_p, kept_of, pack_p, rescale_o, sized, softmax, softmax_in_place, wait_acc, Tile, WgElem};
 use super::{store_out, BlockArgs, HeadSlice, BF16, F16};
@@ -23,12 +24,19 @@ use crate::mods::{AlibiCode, KeptP};
 use crate::params::{FwdParams, TmaMaps};
 use crate::pipeline::{Pipeline, Stage};
 use crate::softmax::{finalize_row, RowState};
-use crate::variants::{fwd_wg_config, fwd_ws_o_stage_cols, fwd_ws_o_staged, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_O_STAGE_AT, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
+use crate::variants::{fwd_wg_config, fwd_ws_o_stage_cols, fwd_ws_o_staged, fwd_ws_threads, tma_page_box_rows, FWD_WS_BARRIER_BYTES, FWD_WS_L2_SECTION_BYTES, FWD_WS_O_STAGE_AT, FWD_WS_TALL_ROWS, FWD_WS_THREADS, FWD_WS_TILE_SLOTS};
 use core::sync::atomic::AtomicU32;
 
-/// Query rows per tile (64 per consumer warpgroup) and consumer threads.
+/// Query rows per tile: 64 per consumer warpgroup, two of them (`QM` 128), or three in the tall kernels
+/// (`QM` = `FWD_WS_TALL_ROWS`, 192, at head dim 64; `fwd_ws_threads`).
 const BM: usize = 128;
-const CONSUMERS: usize = 256;
+/// Consumer threads of a tile of `qm` rows.
+const fn consumers(qm: usize) -> usize {
+    2 * qm
+}
+const CONSUMERS: usize = consumers(BM);
+/// Threads at a turn barrier: the warpgroup waiting for its turn and the one passing it.
+const TURN_THREADS: u32 = 256;
 /// K and V stages (the wg kernel's two slots each: `Tile` lays them out).
 const KV_STAGES: u32 = 2;
 /// Named barriers (0 is the block's): 1 + w, consumer warpgroup w's turn at the tensor cores; 3, both
@@ -38,12 +46,18 @@ const BAR_TURN: u32 = 1;
 /// 541 vs 517 TFLOP/s without, S=16384 569 vs 540; causal within 1%).
 const PINGPONG: bool = true;
 const BAR_CONSUMERS: u32 = 3;
+/// All consumer warpgroups of a tall kernel (whose turns take barriers 1..=3).
+const BAR_CONSUMERS_TALL: u32 = 7;
 /// 4 + w: consumer warpgroup w alone (its O stage, `store_out_staged`).
 const BAR_WG: u32 = 4;
 /// Registers per thread after the split (the block starts at 168: 384 threads in 64K registers).
 const PRODUCER_REGS: u32 = 24;
 const CONSUMER_REGS: u32 = 240;
 const _: () = assert!(FWD_WS_THREADS == 128 + CONSUMERS && 128 * PRODUCER_REGS + CONSUMERS as u32 * CONSUMER_REGS <= 168 * 384);
+/// The tall kernels' split: 512 threads start at 128 registers; three consumer warpgroups at 160.
+const TALL_PRODUCER_REGS: u32 = 24;
+const TALL_CONSUMER_REGS: u32 = 160;
+const _: () = assert!(fwd_ws_threads(FWD_WS_TALL_ROWS) == 128 + consumers(FWD_WS_TALL_ROWS) && 128 * TALL_PRODUCER_REGS + consumers(FWD_WS_TALL_ROWS) as u32 * TALL_CONSUMER_REGS <= 65536);
 /// The other split, 40 / 232: the producers (which issue the page boxes in `_paged`) spill none in their
 /// tile loop (9 spill loads per key tile at 24 in the hdim 128 `_paged` copy), the consumers' loop none
 /// either where it is taken (`ws_regs`). A pair of `ws_entry` parameters, so that the kernels that keep
@@ -110,8 +124,8 @@ struct Pipes {
 
 impl Pipes {
     #[inline(always)]
-    fn at<const D: usize, const BN: usize>(base: u32) -> Pipes {
-        let bars = base + Tile::<D, BN>::BYTES;
+    fn at<const D: usize, const BN: usize, const QM: usize>(base: u32) -> Pipes {
+        let bars = base + Tile::<D, BN, QM>::BYTES;
         const KV: u32 = Pipeline::<1>::BYTES;
         const TILES: u32 = KV + 2 * Pipeline::<KV_STAGES>::BYTES;
         const IDS: u32 = TILES + Pipeline::<TILE_STAGES>::BYTES;
@@ -153,7 +167,7 @@ const WS_MASKED_WAVES: u32 = 4;
 /// the blocks drifted apart, each streaming other sections' keys (H200, hdim 128 ragged batch: 10.7 GB
 /// of DRAM reads for 1.6 GB of q, k and v), and causal blocks ended unevenly. Either way the producer
 /// passes each tile, decoded, (and the end) to the consumers through the tile ring (`next`).
-struct Tiles {
+struct Tiles<const QM: usize> {
     m_blocks: i32,
     heads: i32,
     pairs: i32,
@@ -171,12 +185,12 @@ struct Tiles {
     stage: Stage<TILE_STAGES>,
 }
 
-impl Tiles {
+impl<const QM: usize> Tiles<QM> {
     #[inline(always)]
     /// Slot scheduling (`FwdParams::slots`) in the kernels without score modifiers (`MODS`) only: in the
     /// modifiers' copies the walk's slot path cost the tile loop spills (hdim 128 `_dropout`: 9 -> 58
     /// spill loads per tile), so the host gives them no slots. Producer and consumers pass the same.
-    fn new<const D: usize, const MODS: bool>(p: &FwdParams, pipes: &Pipes) -> Tiles {
+    fn new<const D: usize, const MODS: bool>(p: &FwdParams, pipes: &Pipes) -> Tiles<QM> {
         // Slot scheduling: one slice whose `m_blocks` row blocks are the slots.
         let slotted = !MODS && p.slots > 0;
         let slices = if slotted { 1 } else { p.batch + (p.cu_seqlens_q != 0) as i32 };
@@ -249,7 +263,7 @@ impl Tiles {
         let (m, j) = div_rem_u32(r, n as u32);
         let (bidb, bidh) = div_rem_u32((first + j as i32) as u32, self.heads as u32);
         let m_block = self.m_blocks - 1 - m as i32;
-        let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, BM as i32, false, p.slots, ld_i32_at) } else { (bidb as i32, m_block) };
+        let (bidb, m_block) = if self.slotted { p.lengths().slot_block(m_block, QM as i32, false, p.slots, ld_i32_at) } else { (bidb as i32, m_block) };
         (m_block, bidh as i32, bidb)
     }
 
@@ -297,8 +311,8 @@ impl Tiles {
             // Varlen pages only (the KV cache runs the mma.sync kernels): no identity table, no leftpad.
             head.kv.pages.kv_cache = false;
             let mut mb = m_block;
-            while mb * (BM as i32) < head.sq.slot_len {
-                f(&head, mb * BM as i32);
+            while mb * (QM as i32) < head.sq.slot_len {
+                f(&head, mb * QM as i32);
                 mb += p.m_blocks;
             }
         }
@@ -346,7 +360,7 @@ fn row_coords(p: &FwdParams, head: &HeadSlice) -> (i32, i32, i32) {
 /// w + 4j, and lane 0 of each warp waits for the stage before its warp's copies (the copies of one warp,
 /// issued lane by lane, held pages of 16 at 0.85x contiguous; spread 0.94x).
 #[inline(always)]
-unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS: bool, const DIAG: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
+unsafe fn produce<const D: usize, const BN: usize, const QM: usize, const PAGED: bool, const MODS: bool, const DIAG: bool>(p: &FwdParams, maps: u64, pipes: &Pipes, lane: u32) {
     let base = smem::base();
     let (q_map, k_map, v_map) = (maps, maps + 128, maps + 256);
     if lane == 0 {
@@ -367,11 +381,11 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
     let (warp, wl) = (lane / 32, lane % 32);
     let box_r = if spread { (warp + SPREAD_WARPS * wl) as i32 * box_rows } else { lane as i32 * box_rows };
     let has_box = box_r < BN as i32;
-    Tiles::new::<D, MODS>(p, pipes).for_each::<PAGED, false, true>(p, lane, #[inline(always)] |head, m0| {
+    Tiles::<QM>::new::<D, MODS>(p, pipes).for_each::<PAGED, false, true>(p, lane, #[inline(always)] |head, m0| {
         if m0 >= head.sq.used {
             return;
         }
-        let (rows, n_min, n_max) = block_plan::<BN>(&head.args_at(p, m0));
+        let (rows, n_min, n_max) = block_plan::<BN, QM>(&head.args_at(p, m0));
         if n_max <= n_min {
             return;
         }
@@ -382,9 +396,9 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
         if lane == 0 {
             unsafe {
                 pipes.q.producer_acquire(qs);
-                let bar = pipes.q.producer_expect(qs, Tile::<D, BN>::Q_BYTES);
+                let bar = pipes.q.producer_expect(qs, Tile::<D, BN, QM>::Q_BYTES);
                 for c in 0..groups {
-                    tma::load_4d(base + (c * BM * 128) as u32, q_map, [(c * 64) as i32, q_row + m0, head.bidh, b], bar);
+                    tma::load_4d(base + (c * QM * 128) as u32, q_map, [(c * 64) as i32, q_row + m0, head.bidh, b], bar);
                 }
             }
         }
@@ -394,11 +408,11 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
         let lookup = #[inline(always)] |n_block: i32| if PAGED && has_box { unsafe { head.kv.pages.locate(n_block * BN as i32 + box_r) } } else { (0, 0) };
         let load = #[inline(always)]
         |pipe: &Pipeline<KV_STAGES>, s: &mut Stage<KV_STAGES>, map: u64, v: bool, n_block: i32, (block, off): (i32, i32)| {
-            let dst = if v { Tile::<D, BN>::v_slot(base, s.index as usize) } else { Tile::<D, BN>::k_slot(base, s.index as usize) };
+            let dst = if v { Tile::<D, BN, QM>::v_slot(base, s.index as usize) } else { Tile::<D, BN, QM>::k_slot(base, s.index as usize) };
             unsafe {
                 if lane == 0 {
                     pipe.producer_acquire(*s);
-                    pipe.producer_expect(*s, Tile::<D, BN>::KV_BYTES);
+                    pipe.producer_expect(*s, Tile::<D, BN, QM>::KV_BYTES);
                 } else if spread && wl == 0 {
                     // Warps 1..3: the stage is free before their boxes go in (their bytes may land
                     // before lane 0 announces them; its pending arrival holds the phase open).
@@ -448,36 +462,38 @@ unsafe fn produce<const D: usize, const BN: usize, const PAGED: bool, const MODS
 }
 
 /// Zero rows `[valid, BN)` of V stage `slot` (keys past the sequence, which the copy engine read from
-/// whatever follows it in the buffer), by both consumer warpgroups, before either multiplies by them.
+/// whatever follows it in the buffer), by all consumer warpgroups, before any multiplies by them.
 #[inline(always)]
-unsafe fn clear_v_tail<const D: usize, const BN: usize>(base: u32, slot: u32, valid: i32, ctid: usize) {
+unsafe fn clear_v_tail<const D: usize, const BN: usize, const QM: usize>(base: u32, slot: u32, valid: i32, ctid: usize) {
     if valid >= BN as i32 {
         return;
     }
-    let v_s = Tile::<D, BN>::v_slot(base, slot as usize);
+    let v_s = Tile::<D, BN, QM>::v_slot(base, slot as usize);
     let chunks = D / 8;
     let n = (BN - valid as usize) * chunks;
     let mut idx = ctid;
     while idx < n {
         let (r, c) = (valid as usize + idx / chunks, idx % chunks);
         unsafe { smem::st_v4(v_s + sw128_offset(BN as u32, r as u32, c as u32), [0; 4]) };
-        idx += CONSUMERS;
+        idx += consumers(QM);
     }
     fence_proxy_async_shared();
-    named_sync(BAR_CONSUMERS, CONSUMERS as u32);
+    named_sync(if QM == BM { BAR_CONSUMERS } else { BAR_CONSUMERS_TALL }, consumers(QM) as u32);
 }
 
-/// Wait for this consumer warpgroup's turn at the tensor cores / hand the turn to the other one.
+/// Wait for this consumer warpgroup's turn at the tensor cores / hand the turn to the next one (of
+/// `QM / 64`, in a ring).
 #[inline(always)]
 fn take_turn(wg: u32) {
     if PINGPONG {
-        named_sync(BAR_TURN + wg, CONSUMERS as u32);
+        named_sync(BAR_TURN + wg, TURN_THREADS);
     }
 }
 #[inline(always)]
-fn pass_turn(wg: u32) {
+fn pass_turn<const QM: usize>(wg: u32) {
     if PINGPONG {
-        named_arrive(BAR_TURN + (1 - wg), CONSUMERS as u32);
+        let next = if QM == BM { 1 - wg } else if wg + 1 == (QM / 64) as u32 { 0 } else { wg + 1 };
+        named_arrive(BAR_TURN + next, TURN_THREADS);
     }
 }
 
@@ -493,7 +509,7 @@ struct ConsumerStages {
 /// (both `store_out_staged`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool, const PAGED: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool, o_tma: bool) {
+unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, const QM: usize, const NN: usize, const KP: usize, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const LO: bool, const PAGED: bool>(a: &BlockArgs, pipes: &Pipes, st: &mut ConsumerStages, ctid: usize, leader: bool, o_tma: bool) {
     let base = smem::base();
     let warp = ctid / 32;
     let wg = (warp / 4) as u32;
@@ -502,7 +518,7 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
     let scale_log2 = a.softmax_scale();
     // The lazy max (`softmax::RESCALE_LOG2`, `LAZY`: see `lazy_max`).
     let lazy = LAZY;
-    let (rows, n_min, n_max) = block_plan::<BN>(a);
+    let (rows, n_min, n_max) = block_plan::<BN, QM>(a);
     let mut acc_o = [[0f32; 4]; DN];
     let mut row_state = [RowState::EMPTY; 2];
 
@@ -530,8 +546,8 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             pipes.k.consumer_wait(st.k);
         }
         take_turn(wg);
-        unsafe { issue_s::<E, D, BN, NN, LO>(&mut acc_s, base, wg, st.k.index as usize) };
-        pass_turn(wg);
+        unsafe { issue_s::<E, D, BN, QM, NN, LO>(&mut acc_s, base, wg, st.k.index as usize) };
+        pass_turn::<QM>(wg);
         let early = kept_early::<D, BN, KP>(a, pick(0, n_max - 1), warp);
         wait_s::<0, NN>(&mut acc_s);
         release(&pipes.k, &mut st.k);
@@ -552,17 +568,17 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
             // The tail tile's V (the first tile's, unless `DIAG`).
             if DIAG {
                 if tile_at(i, first, n_max) == n_max - 1 {
-                    unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+                    unsafe { clear_v_tail::<D, BN, QM>(base, st.v.index, tail_valid, ctid) };
                 }
             } else if i == 0 {
-                unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+                unsafe { clear_v_tail::<D, BN, QM>(base, st.v.index, tail_valid, ctid) };
             }
             take_turn(wg);
             unsafe {
-                issue_s::<E, D, BN, NN, LO>(&mut acc_s, base, wg, st.k.index as usize);
-                issue_pv::<E, D, DN, BN, KP, LO>(&mut acc_o, &pa, base, st.v.index as usize);
+                issue_s::<E, D, BN, QM, NN, LO>(&mut acc_s, base, wg, st.k.index as usize);
+                issue_pv::<E, D, DN, BN, QM, KP, LO>(&mut acc_o, &pa, base, st.v.index as usize);
             }
-            pass_turn(wg);
+            pass_turn::<QM>(wg);
             let early = kept_early::<D, BN, KP>(a, pick(i + 1, n_max - 2 - i), warp);
             wait_s::<1, NN>(&mut acc_s);
             release(&pipes.k, &mut st.k);
@@ -588,19 +604,19 @@ unsafe fn attend<E: WgElem, const D: usize, const DN: usize, const BN: usize, co
         unsafe { pipes.v.consumer_wait(st.v) };
         if DIAG {
             if tile_at(n_tiles - 1, first, n_max) == n_max - 1 {
-                unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+                unsafe { clear_v_tail::<D, BN, QM>(base, st.v.index, tail_valid, ctid) };
             }
         } else if n_tiles == 1 {
-            unsafe { clear_v_tail::<D, BN>(base, st.v.index, tail_valid, ctid) };
+            unsafe { clear_v_tail::<D, BN, QM>(base, st.v.index, tail_valid, ctid) };
         }
-        unsafe { issue_pv::<E, D, DN, BN, KP, LO>(&mut acc_o, &pa, base, st.v.index as usize) };
+        unsafe { issue_pv::<E, D, DN, BN, QM, KP, LO>(&mut acc_o, &pa, base, st.v.index as usize) };
         wait_acc::<0, DN>(&mut acc_o);
         keep_p::<KP>(&mut pa);
         release(&pipes.v, &mut st.v);
         st.q.advance();
     }
     if fwd_ws_o_staged(D, BN) {
-        unsafe { store_out_staged::<E, D, DN, BN, PAGED>(a, &acc_o, &row_state, ctid, leader, rows, scale_log2, o_tma) };
+        unsafe { store_out_staged::<E, D, DN, BN, QM, PAGED>(a, &acc_o, &row_state, ctid, leader, rows, scale_log2, o_tma) };
     } else {
         store_out::<E, 1, DN>(a, core::array::from_ref(&acc_o), core::array::from_ref(&row_state), D, (warp * 16) as i32 + g, rows, t, scale_log2);
     }
@@ -618,9 +634,9 @@ fn o_chunk(k: usize, r8: usize) -> usize {
 /// coordinates there (first row, head, batch) for the O stage's bulk stores: between the barriers and
 /// the O stage (`FWD_WS_O_STAGE_AT`), in the kernels that have it.
 #[inline(always)]
-fn o_bulk_at<const D: usize, const BN: usize>(wg: usize) -> u32 {
-    const { assert!(FWD_WS_BARRIER_BYTES + 2 * 32 <= FWD_WS_O_STAGE_AT) };
-    smem::base() + Tile::<D, BN>::BYTES + FWD_WS_BARRIER_BYTES as u32 + 32 * wg as u32
+fn o_bulk_at<const D: usize, const BN: usize, const QM: usize>(wg: usize) -> u32 {
+    const { assert!(FWD_WS_BARRIER_BYTES + (QM / 64) * 32 <= FWD_WS_O_STAGE_AT) };
+    smem::base() + Tile::<D, BN, QM>::BYTES + FWD_WS_BARRIER_BYTES as u32 + 32 * wg as u32
 }
 
 /// Bytes of one 64-column group of a consumer warpgroup's O stage: 64 rows of 128 bytes, the box of out's
@@ -641,7 +657,7 @@ const O_GROUP_BYTES: u32 = 64 * 128;
 /// the quad's first thread, as `store_out`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize, const PAGED: bool>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, leader: bool, rows: i32, scale_log2: f32, o_tma: bool) {
+unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN: usize, const QM: usize, const PAGED: bool>(a: &BlockArgs, acc_o: &[[f32; 4]; DN], row_state: &[RowState; 2], ctid: usize, leader: bool, rows: i32, scale_log2: f32, o_tma: bool) {
     // Chunks (8 columns) of a round, and rounds.
     const { assert!(!fwd_ws_o_staged(D, BN) || (fwd_ws_o_stage_cols(D) % 64 == 0 && D % fwd_ws_o_stage_cols(D) == 0)) };
     let chunks = fwd_ws_o_stage_cols(D) / 8;
@@ -649,8 +665,8 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
     let wg = ctid / 128;
     let (warp, lane) = ((ctid % 128) / 32, ctid % 32);
     let (g, t) = (lane / 4, lane % 4);
-    const { assert!(Tile::<D, BN>::BYTES % 1024 == 0) };
-    let stage = smem::base() + Tile::<D, BN>::BYTES + FWD_WS_O_STAGE_AT as u32 + wg as u32 * (chunks / 8) as u32 * O_GROUP_BYTES;
+    const { assert!(Tile::<D, BN, QM>::BYTES % 1024 == 0) };
+    let stage = smem::base() + Tile::<D, BN, QM>::BYTES + FWD_WS_O_STAGE_AT as u32 + wg as u32 * (chunks / 8) as u32 * O_GROUP_BYTES;
     // Outside the `_paged` copies (`ox`): this thread's offset in the stage for chunk j of its row of half h
     // as `(y_h ^ 16 (j % 8)) + (j / 8) O_GROUP_BYTES`, with y_h = 128 r + 4 t + 16 g (disjoint bits, so the
     // XOR makes chunk `o_chunk(j % 8, g)`), from one offset laundered per call. Without it ptxas hoisted the
@@ -695,7 +711,7 @@ unsafe fn store_out_staged<E: WgElem, const D: usize, const DN: usize, const BN:
         if bulk {
             if leader {
                 unsafe {
-                    let at = o_bulk_at::<D, BN>(wg);
+                    let at = o_bulk_at::<D, BN, QM>(wg);
                     let o_map = smem::ld_u32(at) as u64 | (smem::ld_u32(at + 4) as u64) << 32;
                     let (row, head, b) = (smem::ld_u32(at + 8) as i32, smem::ld_u32(at + 12) as i32, smem::ld_u32(at + 16) as i32);
                     for c in 0..chunks / 8 {
@@ -771,18 +787,20 @@ fn wait_s<const PENDING: u32, const NN: usize>(acc_s: &mut [[f32; 4]; NN]) {
 /// Kernel body: barriers set up by thread 0, then the roles, the producer warpgroup with `PREGS` registers
 /// per thread and the consumers with `CREGS` (`PRODUCER_REGS` / `CONSUMER_REGS`, or `ws_regs`).
 #[inline(always)]
-unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const PREGS: u32, const CREGS: u32>(p: &FwdParams, maps: u64) {
-    let () = Tile::<D, BN>::CHECK;
+unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, const QM: usize, const NN: usize, const KP: usize, const PAGED: bool, const MODS: bool, const LINEAR: bool, const LAZY: bool, const DIAG: bool, const FAST: bool, const PREGS: u32, const CREGS: u32>(p: &FwdParams, maps: u64) {
+    let () = Tile::<D, BN, QM>::CHECK;
+    // Consumer warpgroups (each one's leader releases the stages) and threads.
+    let (wgs, consumer_threads) = ((QM / 64) as u32, consumers(QM));
     let tid = thread_idx_x() as usize;
-    let pipes = Pipes::at::<D, BN>(smem::base());
+    let pipes = Pipes::at::<D, BN, QM>(smem::base());
     let spread = spreads::<BN, PAGED>(p);
     if tid == 0 {
         unsafe {
-            pipes.q.init(2);
-            pipes.k.init(2);
-            pipes.v.init(2);
+            pipes.q.init(wgs);
+            pipes.k.init(wgs);
+            pipes.v.init(wgs);
             // Every consumer thread takes each tile number (and warps 1..3 of a spread producer).
-            pipes.tiles.init(CONSUMERS as u32 + if spread { 32 * (SPREAD_WARPS - 1) } else { 0 });
+            pipes.tiles.init(consumer_threads as u32 + if spread { 32 * (SPREAD_WARPS - 1) } else { 0 });
         }
         mbarrier::fence_init();
     }
@@ -791,22 +809,22 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
         tma::regs_dec::<PREGS>();
         if tid == 0 || (PAGED && (tid < 32 || (spread && tid < 32 * SPREAD_WARPS as usize))) {
             // Contiguous: thread 0 alone (its lane folds to a constant).
-            unsafe { produce::<D, BN, PAGED, MODS, DIAG>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
+            unsafe { produce::<D, BN, QM, PAGED, MODS, DIAG>(p, maps, &pipes, if PAGED { tid as u32 } else { 0 }) };
         }
     } else {
         tma::regs_inc::<CREGS>();
         let ctid = tid - 128;
         let leader = ctid % 128 == 0;
         // Warpgroup 0 takes the first turn.
-        if ctid >= 128 {
-            pass_turn(1);
+        if if QM == BM { ctid >= 128 } else { ctid / 128 == QM / 64 - 1 } {
+            pass_turn::<QM>((QM / 64 - 1) as u32);
         }
         let mut st = ConsumerStages { q: Stage::START, k: Stage::START, v: Stage::START };
         let staged = fwd_ws_o_staged(D, BN);
         // Out's tensor map (`FwdParams::o_tma`, after q's, k's and v's) and each tile's coordinates in it
         // wait for the epilogue in shared memory (`o_bulk_at`), written and read by the warpgroup's leader,
         // so that no register holds them over the tile loop.
-        let o_bulk = o_bulk_at::<D, BN>(ctid / 128);
+        let o_bulk = o_bulk_at::<D, BN, QM>(ctid / 128);
         if staged && leader {
             let o_map = maps + 384;
             unsafe {
@@ -814,7 +832,7 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
                 smem::st_u32(o_bulk + 4, (o_map >> 32) as u32);
             }
         }
-        Tiles::new::<D, MODS>(p, &pipes).for_each::<PAGED, MODS, false>(p, 0, #[inline(always)] |head, m0| {
+        Tiles::<QM>::new::<D, MODS>(p, &pipes).for_each::<PAGED, MODS, false>(p, 0, #[inline(always)] |head, m0| {
             if m0 < head.sq.used {
                 if staged && !PAGED && leader && p.o_tma != 0 {
                     // The block's first row in out's map.
@@ -830,12 +848,12 @@ unsafe fn ws_entry<E: WgElem, const D: usize, const DN: usize, const BN: usize, 
                 // 232/220 -> 376/412 bytes, `_paged` 204/216 -> 332/396), and on the H200 (2026-12-05) the ALiBi
                 // forward at 128 ran about 1.07x, dropout's at 96 / 128 1.01-1.10x the time.
                 if (MODS || PAGED) && (D == 96 || D == 128) {
-                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, false, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader, p.o_tma != 0) };
+                    unsafe { attend::<E, D, DN, BN, QM, NN, KP, LINEAR, LAZY, DIAG, FAST, false, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader, p.o_tma != 0) };
                 } else {
-                    unsafe { attend::<E, D, DN, BN, NN, KP, LINEAR, LAZY, DIAG, FAST, true, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader, p.o_tma != 0) };
+                    unsafe { attend::<E, D, DN, BN, QM, NN, KP, LINEAR, LAZY, DIAG, FAST, true, PAGED>(&head.args_at(p, m0), &pipes, &mut st, ctid, leader, p.o_tma != 0) };
                 }
             }
-            unsafe { head.pad_block::<D>(p, m0, BM as i32, ctid, CONSUMERS) };
+            unsafe { head.pad_block::<D>(p, m0, QM as i32, ctid, consumer_threads) };
         });
         if staged && leader {
             // The last bulk store has read its stage before the block's shared memory goes.
@@ -855,7 +873,7 @@ macro_rules! fwd_ws_dropout_kernel {
         pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
             let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
             let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, { dropout_lazy($d) }, false, false, { ws_regs($d, WsCopy::DROPOUT).0 }, { ws_regs($d, WsCopy::DROPOUT).1 }>(&p, maps) }
+            unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, 128, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, { dropout_lazy($d) }, false, false, { ws_regs($d, WsCopy::DROPOUT).0 }, { ws_regs($d, WsCopy::DROPOUT).1 }>(&p, maps) }
         }
     };
 }
@@ -868,12 +886,12 @@ macro_rules! fwd_ws_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::PLAIN).0 }, { ws_regs($d, WsCopy::PLAIN).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, 128, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::PLAIN).0 }, { ws_regs($d, WsCopy::PLAIN).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::MODS).0 }, { ws_regs($d, WsCopy::MODS).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, 128, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::MODS).0 }, { ws_regs($d, WsCopy::MODS).1 }>(&p, maps) }
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
             /// the compiler drops the dropout code (and its registers) from this copy. Without them
@@ -887,18 +905,18 @@ macro_rules! fwd_ws_kernels {
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, false, true, { $d <= 96 }, { lazy_max($d, true) }, { lazy_max($d, true) }, { $d == 128 }, { ws_regs($d, WsCopy::ALIBI).0 }, { ws_regs($d, WsCopy::ALIBI).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, 128, { BN / 8 }, { BN / 16 }, false, true, { $d <= 96 }, { lazy_max($d, true) }, { lazy_max($d, true) }, { $d == 128 }, { ws_regs($d, WsCopy::ALIBI).0 }, { ws_regs($d, WsCopy::ALIBI).1 }>(&p, maps) }
             }
             fwd_ws_dropout_kernel!($d, $dt, $name, BN);
             #[unsafe(export_name = concat!($name, "_paged"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::PAGED).0 }, { ws_regs($d, WsCopy::PAGED).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, 128, { BN / 8 }, { BN / 16 }, true, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::PAGED).0 }, { ws_regs($d, WsCopy::PAGED).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_paged_mods"))]
             pub unsafe extern "ptx-kernel" fn kernel_paged_mods(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_paged_mods_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::PAGED_MODS).0 }, { ws_regs($d, WsCopy::PAGED_MODS).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, 128, { BN / 8 }, { BN / 16 }, true, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::PAGED_MODS).0 }, { ws_regs($d, WsCopy::PAGED_MODS).1 }>(&p, maps) }
             }
         };
     )*};
@@ -915,21 +933,52 @@ macro_rules! fwd_ws_wide_kernels {
             #[unsafe(export_name = $name)]
             pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_param_1"));
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::WIDE).0 }, { ws_regs($d, WsCopy::WIDE).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, 128, { $bn / 8 }, { $bn / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, { ws_regs($d, WsCopy::WIDE).0 }, { ws_regs($d, WsCopy::WIDE).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_alibi"))]
             pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = FwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true, { ws_regs($d, WsCopy::WIDE_ALIBI).0 }, { ws_regs($d, WsCopy::WIDE_ALIBI).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, 128, { $bn / 8 }, { $bn / 16 }, false, true, false, { lazy_max($d, true) }, { lazy_max($d, true) }, true, { ws_regs($d, WsCopy::WIDE_ALIBI).0 }, { ws_regs($d, WsCopy::WIDE_ALIBI).1 }>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_dropout"))]
             pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
                 let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
                 let p = FwdParams { mods: p.mods.without_alibi(), ..p };
-                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::WIDE_DROPOUT).0 }, { ws_regs($d, WsCopy::WIDE_DROPOUT).1 }>(&p, maps) }
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, $bn, 128, { $bn / 8 }, { $bn / 16 }, false, true, { $d <= 64 }, false, false, false, { ws_regs($d, WsCopy::WIDE_DROPOUT).0 }, { ws_regs($d, WsCopy::WIDE_DROPOUT).1 }>(&p, maps) }
             }
         };
     )*};
 }
 crate::for_each_fwd_ws_wide_variant!(fwd_ws_wide_kernels);
+
+/// The tall kernels (`for_each_fwd_ws_tall_variant`): the plain, `_alibi` and `_dropout` copies over
+/// tiles of `FWD_WS_TALL_ROWS` (192) query rows, three consumer warpgroups taking turns in a ring, 512
+/// threads (`fwd_ws_threads`).
+macro_rules! fwd_ws_tall_kernels {
+    ($(($d:literal, $dt:ident, $name:expr)),* $(,)?) => {$(
+        const _: () = {
+            const BN: usize = match fwd_wg_config($d) { Some(c) => c.block_n, None => 0 };
+            #[unsafe(export_name = $name)]
+            pub unsafe extern "ptx-kernel" fn kernel(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_param_1"));
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, FWD_WS_TALL_ROWS, { BN / 8 }, { BN / 16 }, false, false, { $d <= 64 }, { lazy_max($d, false) }, false, false, TALL_PRODUCER_REGS, TALL_CONSUMER_REGS>(&p, maps) }
+            }
+            /// ALiBi without dropout, as the 128-row `_alibi` copy.
+            #[unsafe(export_name = concat!($name, "_alibi"))]
+            pub unsafe extern "ptx-kernel" fn kernel_alibi(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
+                let p = FwdParams { mods: p.mods.without_dropout(), ..p };
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, FWD_WS_TALL_ROWS, { BN / 8 }, { BN / 16 }, false, true, { $d <= 96 }, { lazy_max($d, true) }, { lazy_max($d, true) }, { $d == 128 }, TALL_PRODUCER_REGS, TALL_CONSUMER_REGS>(&p, maps) }
+            }
+            /// Dropout without ALiBi, as the 128-row `_dropout` copy.
+            #[unsafe(export_name = concat!($name, "_dropout"))]
+            pub unsafe extern "ptx-kernel" fn kernel_dropout(p: FwdParams, _maps: TmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_dropout_param_1"));
+                let p = FwdParams { mods: p.mods.without_alibi(), ..p };
+                unsafe { ws_entry::<$dt, $d, { ($d + 63) / 64 * 8 }, BN, FWD_WS_TALL_ROWS, { BN / 8 }, { BN / 16 }, false, true, { $d <= 64 }, { dropout_lazy($d) }, false, false, TALL_PRODUCER_REGS, TALL_CONSUMER_REGS>(&p, maps) }
+            }
+        };
+    )*};
+}
+crate::for_each_fwd_ws_tall_variant!(fwd_ws_tall_kernels);
