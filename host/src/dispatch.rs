@@ -202,10 +202,10 @@ pub fn fwd_ws_launch_with(p: &Problem, sms: usize, tall: Option<bool>) -> Option
             (_, Some(tall_kernel)) if fwd_ws_tall(p, tall) => tall_kernel,
             _ => (fwd_ws_alibi_kernel_name(p.head_dim, dtype)?, config),
         },
-        (Twin::Mods, _) => match (fwd_ws_wide_dropout_kernel(p.head_dim, dtype), fwd_ws_dropout_kernel_name(p.head_dim, dtype)) {
-            (Some(wide), _) if p.alibi.is_none() && p.seqlen_k >= FWD_WS_WIDE_DROPOUT_MIN_KEYS => wide,
-            (_, Some(_)) if p.alibi.is_none() && fwd_ws_tall(p, tall) && fwd_ws_tall_dropout_kernel(p.head_dim, dtype).is_some() => fwd_ws_tall_dropout_kernel(p.head_dim, dtype)?,
-            (_, Some(name)) if p.alibi.is_none() => (name, config),
+        (Twin::Mods, _) => match (fwd_ws_wide_dropout_kernel(p.head_dim, dtype), fwd_ws_tall_dropout_kernel(p.head_dim, dtype), fwd_ws_dropout_kernel_name(p.head_dim, dtype)) {
+            (Some(wide), _, _) if p.alibi.is_none() && p.seqlen_k >= FWD_WS_WIDE_DROPOUT_MIN_KEYS => wide,
+            (_, Some(tall_kernel), _) if p.alibi.is_none() && fwd_ws_tall(p, tall) => tall_kernel,
+            (_, _, Some(name)) if p.alibi.is_none() => (name, config),
             _ => (fwd_ws_mods_kernel_name(p.head_dim, dtype)?, config),
         },
         (twin @ (Twin::Paged | Twin::PagedMods), Some(pg)) if pg.num_blocks > 0 && pg.max_blocks > 0 && tma_page_box_rows(pg.page_size, config.block_n) >= TMA_PAGE_BOX_MIN => {
