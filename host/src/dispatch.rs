@@ -162,8 +162,8 @@ pub fn fwd_ws_launch(p: &Problem, sms: usize) -> Option<(FwdLaunch, i32)> {
 /// copies) where it has one: `tall` where given (`FLASH_ATTN_FWD_TALL`), else by what measured faster
 /// than the 128-row tiles (H100, hdim 64, benches/RESULTS.md): plain problems unmasked (0.80-0.87x the
 /// time from 2048 rows, 0.93x at 512) and masked (causal, window) from `FWD_WS_TALL_MASKED_MIN_ROWS`
-/// query rows (0.85-0.94x; 1.15x at 512, where a causal row block's masked tiles are a larger share);
-/// ALiBi alone unmasked (0.91-0.96x; causal 0.97-1.10x); dropout never (0.98-1.24x: its tall copy
+/// query rows (0.85-0.92x; 1.09x at 512, where a causal row block's masked tiles are a larger share);
+/// ALiBi alone unmasked (0.91-0.96x; causal 0.97-1.03x); dropout never (0.98-1.12x: its tall copy
 /// spills in the tile loop).
 pub fn fwd_ws_tall(p: &Problem, tall: Option<bool>) -> bool {
     let masked = p.window_left >= 0 || p.window_right >= 0;

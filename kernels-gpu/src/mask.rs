@@ -58,18 +58,22 @@ impl Band {
 /// `hide(mt, j, i)` for each element of a thread's query-major fragments (S = Q K^T: the forward kernels
 /// and the backward's dq kernel) whose key its query does not see: `MT` m16 tiles of queries x `NN` n8
 /// tiles of keys, element `i` of tile (mt, j) at query `row0 + 16 mt + 8 (i / 2)`, key
-/// `key0 + 8 j + i % 2`. One `key_range` per query (it also bounds the keys by `seqlen_k`), two compares
-/// per element.
+/// `key0 + 8 j + i % 2`. One `key_range` per query (it also bounds the keys by `seqlen_k`), taken relative
+/// to `key0`, then two compares per element against the element's compile-time offset `8 j + i % 2`.
+/// (Comparing the keys themselves, `key0 + 8 j + e`, made ptxas hold all 2 NN of them in registers across
+/// both rows: in the 160-register tall kernels that spilled about 35 loads / stores per masked tile.)
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn for_each_hidden_qk<const MT: usize, const NN: usize>(row0: i32, key0: i32, seqlen_q: i32, seqlen_k: i32, window_left: i32, window_right: i32, mut hide: impl FnMut(usize, usize, usize)) {
     for mt in 0..MT {
         for h in 0..2 {
             let (lo, hi) = key_range(row0 + (mt * 16 + 8 * h) as i32, seqlen_q, seqlen_k, window_left, window_right);
+            // Both within [-1 - key0, seqlen_k - key0]: no overflow for keys in i32.
+            let (lo, hi) = (lo - key0, hi - key0);
             for j in 0..NN {
                 for e in 0..2 {
-                    let key = key0 + 8 * j as i32 + e as i32;
-                    if key < lo || key > hi {
+                    let off = 8 * j as i32 + e as i32;
+                    if off < lo || off > hi {
                         hide(mt, j, 2 * h + e);
                     }
                 }
