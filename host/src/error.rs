@@ -47,6 +47,7 @@ impl fmt::Display for Error {
             Error::Shape { arg, msg } => write!(f, "{arg}: {msg}"),
             Error::NotContiguous { arg } => write!(f, "{arg}: the last dimension must be contiguous (stride 1)"),
             Error::HeadDim { got } => write!(f, "q: head dim {got} is not supported; supported: 32, 64, 96, 128, 192, 256"),
+            Error::Heads { hq, hk: 0 } => write!(f, "num_heads_k (k/v): must be at least 1, got 0 (q has {hq} heads)"),
             Error::Heads { hq, hk } => write!(f, "num_heads (q: {hq}) must be a multiple of num_heads_k (k/v: {hk})"),
             Error::Value { arg, msg } => write!(f, "{arg}: {msg}"),
             Error::SeqLens { arg, msg } => write!(f, "{arg}: {msg}"),
