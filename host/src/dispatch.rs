@@ -243,9 +243,12 @@ pub struct Launches {
     /// The backward's copies of the f32 dq accumulator (`BwdParams::dq_splits`): more than one only in
     /// the deterministic mode on Hopper; 0 where nothing accumulates dq (the mma.sync deterministic path).
     pub dq_splits: usize,
-    /// The dK/dV launch (the second) is the warp-specialized kernel, whose second parameter is the
-    /// tensor maps (`params::BwdTmaMaps`).
+    /// The dK/dV launch (the second) is the warp-specialized kernel, which reads every tensor map of its
+    /// second parameter (`params::BwdTmaMaps`).
     pub ws: bool,
+    /// The dK/dV launch is a Hopper kernel (warp-specialized or wgmma): its second parameter is the tensor
+    /// maps; outside `ws` only the dq accumulator's is read (the wide kernels' bulk reductions).
+    pub maps: bool,
     /// The deterministic mode in order (`BwdParams::dq_sem`): one accumulator and the turn counters.
     pub ordered: bool,
     /// Slot scheduling (`BwdParams::slots`): every grid x is its side's slot count, grid z one slice.
@@ -256,7 +259,7 @@ impl Launches {
     fn new(l: &[Launch], dq_splits: usize) -> Launches {
         let mut items = [l[0]; 3];
         items[..l.len()].copy_from_slice(l);
-        Launches { items, len: l.len(), dq_splits, ws: false, ordered: false, slots: false }
+        Launches { items, len: l.len(), dq_splits, ws: false, maps: false, ordered: false, slots: false }
     }
 }
 
@@ -322,7 +325,7 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
             let gx = bwd_wg_key_blocks(p) as u32;
             main.grid = (gx, p.hk as u32, z);
             let mut l = if gx == 1 { Launches::new(&[prep, main], 1) } else { Launches::new(&[prep, main, convert], 1) };
-            (l.ws, l.ordered) = (ws_det.is_some(), true);
+            (l.ws, l.maps, l.ordered) = (ws_det.is_some(), true, true);
             return Some(l);
         }
     }
@@ -342,7 +345,7 @@ pub fn bwd_launches(p: &Problem, deterministic: bool, hopper_sms: Option<usize>,
                 None => Launch { kernel, grid: (gx, p.hk as u32, z), block: BWD_WG_THREADS as u32, smem_bytes: bwd_wg_smem_bytes(p.head_dim) },
             };
             let mut l = if gx == 1 { Launches::new(&[prep, main], splits) } else { Launches::new(&[prep, main, convert], splits) };
-            (l.ws, l.slots) = (ws_kernel.is_some(), slotted);
+            (l.ws, l.maps, l.slots) = (ws_kernel.is_some(), true, slotted);
             return Some(l);
         }
     }
@@ -509,8 +512,11 @@ mod tests {
             for det in [false, true] {
                 let b = bwd_launches(&p, det, Some(132), false, 0, false, false).unwrap();
                 assert_eq!(b[1].kernel.contains("_wg_"), !det && d != 32, "bwd d{d} det {det}: {}", b[1].kernel);
+                // Every Hopper dK/dV kernel takes the tensor maps second; the mma.sync ones do not.
+                assert_eq!(b.maps, b[1].kernel.contains("_wg_"), "bwd d{d} det {det}: {}", b[1].kernel);
                 assert!(b[1].smem_bytes <= 227 * 1024);
-                assert!(!bwd_launches(&p, det, None, false, 0, false, false).unwrap()[1].kernel.contains("_wg_"));
+                let ampere = bwd_launches(&p, det, None, false, 0, false, false).unwrap();
+                assert!(!ampere[1].kernel.contains("_wg_") && !ampere.maps);
             }
         }
     }
@@ -527,7 +533,7 @@ mod tests {
                 let wg = bwd_launches(&p, false, Some(132), false, 1, false, false).unwrap();
                 let ws = bwd_launches(&p, false, Some(132), false, 1, true, false).unwrap();
                 let at = format!("d{d} s{s} b{b} h{h} causal {causal} varlen {varlen}");
-                assert!(!wg.ws, "{at}");
+                assert!(!wg.ws && wg.maps == (d != 32) && ws.maps == (d != 32), "{at}");
                 assert_eq!(ws.ws, matches!(d, 64 | 96 | 128), "{at}");
                 if ws.ws {
                     assert!(ws[1].kernel.starts_with("flash_bwd_ws_hdim"), "{at}: {}", ws[1].kernel);

@@ -421,22 +421,29 @@ fn bwd_tma_maps(bp: &BwdProblem, t: &BwdViews<'_>, dq_accum: u64) -> Result<BwdT
     let (rows_q, rows_k) = if p.varlen { (p.total_q, p.total_k) } else { (p.seqlen_q, p.seqlen_k) };
     let dense = (!p.varlen).then_some(p.batch);
     let (bm, bn) = (crate::dispatch::BWD_WG_BLOCK_M, crate::dispatch::BWD_WG_BLOCK_N);
-    let dq_accum = if dq_accum == 0 {
-        [0; 16]
-    } else {
-        let row = (p.hq * p.head_dim * 4) as u64;
-        let rows = rows_q.max(1) as u64;
-        let dims = [p.head_dim as u64, rows, p.hq as u64, dense.unwrap_or(1).max(1) as u64];
-        let strides = [row, (p.head_dim * 4) as u64, (rows * row).next_multiple_of(16)];
-        encode_map(sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, dq_accum, dims, strides, [32, bm as u32, 1, 1])?
-    };
     Ok(BwdTmaMaps {
         q: tensor_map(p, &t.q, &p.q, rows_q, p.hq, bm, dense)?,
         k: tensor_map(p, &t.k, &p.k, rows_k, p.hk, bn, dense)?,
         v: tensor_map(p, &t.v, &p.v, rows_k, p.hk, bn, dense)?,
         dout: tensor_map(p, &t.dout, &bp.dout, rows_q, p.hq, bm, dense)?,
-        dq_accum,
+        dq_accum: dq_accum_map(p, dq_accum)?,
     })
+}
+
+/// The f32 dq accumulator at `dq_accum` as a tensor map (`[batches][rows][Hq][D]`, varlen one batch of
+/// the packed rows; boxes of 32 columns x 64 rows): the warp-specialized kernels' and the wide wgmma
+/// kernels' bulk reductions. Zeros where there is no accumulator (`dq_accum` 0).
+fn dq_accum_map(p: &Problem, dq_accum: u64) -> Result<[u64; 16]> {
+    if dq_accum == 0 {
+        return Ok([0; 16]);
+    }
+    let rows_q = if p.varlen { p.total_q } else { p.seqlen_q };
+    let batches = if p.varlen { 1 } else { p.batch.max(1) };
+    let row = (p.hq * p.head_dim * 4) as u64;
+    let rows = rows_q.max(1) as u64;
+    let dims = [p.head_dim as u64, rows, p.hq as u64, batches as u64];
+    let strides = [row, (p.head_dim * 4) as u64, (rows * row).next_multiple_of(16)];
+    encode_map(sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32, dq_accum, dims, strides, [32, crate::dispatch::BWD_WG_BLOCK_M as u32, 1, 1])
 }
 
 /// One tensor map of `tma_maps`: `v` (strides `st`) as `[batches][rows][heads][head dim]` (`batches`
@@ -735,7 +742,15 @@ pub(crate) unsafe fn bwd(bp: &BwdProblem, t: &BwdViews<'_>, varlen: Option<&Varl
         sem_batch_stride: if p.varlen { 0 } else { 2 * (p.seqlen_q * p.hq) as i64 },
     };
     // The tensor maps travel as the warp-specialized kernel's second parameter (built before any launch).
-    let maps = if launches.ws { Some(bwd_tma_maps(bp, t, params.dq_accum)?) } else { None };
+    // The wgmma kernels read only the accumulator's map (the others zeros: their operands need not suit
+    // the copy engine).
+    let maps = if launches.ws {
+        Some(bwd_tma_maps(bp, t, params.dq_accum)?)
+    } else if launches.maps {
+        Some(BwdTmaMaps { q: [0; 16], k: [0; 16], v: [0; 16], dout: [0; 16], dq_accum: dq_accum_map(&bp.fwd, params.dq_accum)? })
+    } else {
+        None
+    };
     for (i, (l, f)) in launches.iter().zip(funcs).enumerate() {
         if l.grid.2 == 0 {
             continue;

@@ -595,15 +595,25 @@ pub const BWD_WG_BLOCK_N: usize = 128;
 pub const BWD_WG_BLOCK_M: usize = 64;
 pub const BWD_WG_THREADS: usize = 256;
 
+/// Whether the wide Hopper dK/dV kernel (bwd/wide.rs) at `head_dim` adds dQ by the copy engine's bulk
+/// reductions through shared memory (two 64-column f32 buffers per warpgroup, 64 KB): at 192, where they
+/// fit beside the tiles (230,400 bytes in all); at 256 the tiles leave 18 KB, and the threads add dQ
+/// themselves. Its default mode only (the deterministic modes keep the threads' adds).
+pub const fn bwd_wide_dq_bulk(head_dim: usize) -> bool {
+    head_dim == 192
+}
+
 /// Its dynamic shared memory: two buffers of K and V (the next key block's are loaded during the last
 /// step of this one), two stages of Q and dO, dS^T, two stages of lse_log2 and D.
 pub const fn bwd_wg_smem_bytes(head_dim: usize) -> usize {
     // Tiles of whole 64-column groups (head dim 96: two).
     let padded = head_dim.div_ceil(64) * 64;
     if head_dim > 128 {
-        // The wide kernel (bwd/wide.rs): one K/V buffer, P^T beside dS^T.
+        // The wide kernel (bwd/wide.rs): one K/V buffer, P^T beside dS^T; with `bwd_wide_dq_bulk` four dQ
+        // buffers of 64 f32 columns.
         let n = bwd_wg_block_n(head_dim);
-        return (2 * n + 4 * BWD_WG_BLOCK_M) * padded * 2 + 2 * n * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4;
+        let dq = if bwd_wide_dq_bulk(head_dim) { 4 * BWD_WG_BLOCK_M * 64 * 4 } else { 0 };
+        return (2 * n + 4 * BWD_WG_BLOCK_M) * padded * 2 + 2 * n * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4 + dq;
     }
     (4 * BWD_WG_BLOCK_N + 4 * BWD_WG_BLOCK_M) * padded * 2 + BWD_WG_BLOCK_N * BWD_WG_BLOCK_M * 2 + 4 * BWD_WG_BLOCK_M * 4
 }

@@ -24,7 +24,7 @@ use crate::arch::sync::{fence_gpu, sync_threads};
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::InteriorRows;
 use crate::fwd::wg::{copies_visible, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
-use crate::params::BwdParams;
+use crate::params::{BwdParams, BwdTmaMaps};
 use crate::seqlen::SeqlenInfo;
 use crate::tile::{a_fragment, BF16, F16};
 use crate::variants::{bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_BLOCK_N, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
@@ -407,7 +407,7 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 /// With grid x = 1 also dq of the group's rows (see the end).
 #[inline(always)]
-unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
+unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, _maps: u64) {
     let tid = thread_idx_x() as usize;
     let hk = block_idx_y() as i32;
     // The ordered deterministic mode (`ORDERED`, bwd/ws.rs): one key block per CTA, in reverse.
@@ -455,15 +455,17 @@ unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
 /// The Hopper dK/dV kernel of each head dim: this file's 128-key kernel up to 128, the 64-key one of
 /// wide.rs above (only the one a head dim runs is instantiated).
 pub(super) struct Dim<const D: usize>;
+/// `maps`: the address of the kernel's second parameter (`BwdTmaMaps`), whose dq accumulator map the wide
+/// kernels' bulk reductions use (`wide::dq_bulk`); the 128-key kernel reads none.
 pub(super) trait Kernel {
-    unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams);
+    unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams, maps: u64);
 }
 macro_rules! dim_kernel {
     ($($d:literal => $entry:ident),*) => {$(
         impl Kernel for Dim<$d> {
             #[inline(always)]
-            unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
-                unsafe { $entry::<E, $d, { ($d as usize).div_ceil(64) * 8 }, MODS, ORDERED>(p) }
+            unsafe fn run<E: WgElem, const MODS: bool, const ORDERED: bool>(p: &BwdParams, maps: u64) {
+                unsafe { $entry::<E, $d, { ($d as usize).div_ceil(64) * 8 }, MODS, ORDERED>(p, maps) }
             }
         }
     )*};
@@ -474,26 +476,32 @@ dim_kernel!(64 => entry, 96 => entry, 128 => entry, 192 => wide_entry, 256 => wi
 macro_rules! bwd_wg_kernels {
     // `$d` a token tree, so `mods_det!` can match the literal head dims.
     ($(($d:tt, $dt:ident, $name:expr)),* $(,)?) => {$(
+        // Every export takes the tensor maps second (`BwdTmaMaps`; the host passes them to every Hopper
+        // dK/dV kernel), as the warp-specialized kernels do.
         const _: () = {
             #[unsafe(export_name = $name)]
-            pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams) {
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, false>(&p) }
+            pub unsafe extern "ptx-kernel" fn kernel(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_param_1"));
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, false>(&p, maps) }
             }
             #[unsafe(export_name = concat!($name, "_mods"))]
-            pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams) {
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, true, false>(&p) }
+            pub unsafe extern "ptx-kernel" fn kernel_mods(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_mods_param_1"));
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, true, false>(&p, maps) }
             }
             /// The `_mods` kernel for ALiBi without dropout: the parameters' dropout is set off here, so
             /// the compiler drops the dropout code (and its registers) from this copy.
             #[unsafe(export_name = concat!($name, "_alibi"))]
-            pub unsafe extern "ptx-kernel" fn kernel_alibi(p: BwdParams) {
+            pub unsafe extern "ptx-kernel" fn kernel_alibi(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_alibi_param_1"));
                 let p = BwdParams { mods: p.mods.without_dropout(), ..p };
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, true, false>(&p) }
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, true, false>(&p, maps) }
             }
             // The ordered deterministic mode (`BwdParams::dq_sem`).
             #[unsafe(export_name = concat!($name, "_det"))]
-            pub unsafe extern "ptx-kernel" fn kernel_det(p: BwdParams) {
-                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, true>(&p) }
+            pub unsafe extern "ptx-kernel" fn kernel_det(p: BwdParams, _maps: BwdTmaMaps) {
+                let maps = crate::param_address!(concat!($name, "_det_param_1"));
+                unsafe { <Dim<$d> as Kernel>::run::<$dt, false, true>(&p, maps) }
             }
             mods_det!($d, $dt, $name);
         };
@@ -508,8 +516,9 @@ macro_rules! mods_det {
     (128, $dt:ident, $name:expr) => {};
     ($d:tt, $dt:ident, $name:expr) => {
         #[unsafe(export_name = concat!($name, "_mods_det"))]
-        pub unsafe extern "ptx-kernel" fn kernel_mods_det(p: BwdParams) {
-            unsafe { <Dim<$d> as Kernel>::run::<$dt, true, true>(&p) }
+        pub unsafe extern "ptx-kernel" fn kernel_mods_det(p: BwdParams, _maps: BwdTmaMaps) {
+            let maps = crate::param_address!(concat!($name, "_mods_det_param_1"));
+            unsafe { <Dim<$d> as Kernel>::run::<$dt, true, true>(&p, maps) }
         }
     };
 }

@@ -8,26 +8,30 @@
 //!   P^T and dS^T to shared memory ([key][query]);
 //!   warpgroup 0: dV += P^T dO, warpgroup 1: dK += dS^T Q, over every head-dim column (A from shared
 //!   memory, B read transposed);
-//!   dQ = dS K in 64-column chunks, even chunks warpgroup 0, odd ones 1, added to the f32 accumulator.
+//!   dQ = dS K in 64-column chunks, even chunks warpgroup 0, odd ones 1, added to the f32 accumulator:
+//!   at head dim 192 (`bwd_wide_dq_bulk`) through shared memory by the copy engine's bulk reductions
+//!   (`dq_bulk`), elsewhere by each thread's vector reductions.
 //! No second K/V buffer (at d256 the tiles take 209 KB): a key block's copies start after its
 //! predecessor's last step.
 
 use super::convert::convert_rows;
 use super::wg::{load_step_to, StepStages};
 use super::wg::BAR_TURN;
+use super::ws::dq_offset;
 use super::{add_dq_fragment, dqa_addr_split, grad_tile, grid_block, keep_tile, mask_tile, row_addr, sequences, step_walk, dq_turn_counter, takes_key_block, DqTurn, KqAt, KvArgs};
 use crate::arch::cp_async::commit_group;
 use crate::arch::mem::st_global_u32;
 use crate::arch::reg::opaque_u32;
 use crate::arch::smem;
 use crate::arch::sreg::{block_idx_y, grid_dim_x, thread_idx_x};
-use crate::arch::sync::{fence_gpu, sync_threads};
+use crate::arch::sync::{fence_gpu, named_sync, sync_threads};
+use crate::arch::tma;
 use crate::arch::wgmma::{self, desc_sw128, sw128_offset};
 use crate::block::tile_needs_mask;
 use crate::fwd::wg::{copies_visible, kmajor_desc, load_tile_sw128, sized, wait_acc, WgElem, THREADS as COPY_THREADS};
 use crate::mods::HeadMods;
 use crate::params::BwdParams;
-use crate::variants::{bwd_wg_block_n, bwd_wg_smem_bytes, BWD_WG_BLOCK_M, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
+use crate::variants::{bwd_wg_block_n, bwd_wg_smem_bytes, bwd_wide_dq_bulk, BWD_WG_BLOCK_M, BWD_WG_THREADS, DQ_ACCUM_BLOCK_M};
 
 const BN: usize = 64;
 const BM: usize = BWD_WG_BLOCK_M;
@@ -47,13 +51,17 @@ impl<const D: usize> Lay<D> {
     const PT: u32 = Self::DO + 2 * Self::QT;
     const DS: u32 = Self::PT + (BN * BM * 2) as u32;
     const LSE: u32 = Self::DS + (BN * BM * 2) as u32;
-    const END: u32 = Self::LSE + (4 * BM * 4) as u32;
+    /// With `bwd_wide_dq_bulk`: two dQ buffers per warpgroup, each a 64-column chunk (f32) as two of the
+    /// accumulator map's boxes (`dq_offset`), warpgroup w's at `DQ + 2 w DQB`.
+    const DQ: u32 = Self::LSE + (4 * BM * 4) as u32;
+    const DQB: u32 = (BM * 64 * 4) as u32;
+    const END: u32 = Self::DQ + if bwd_wide_dq_bulk(D) { 4 * Self::DQB } else { 0 };
     const CHECK: () = {
         assert!(D == 192 || D == 256);
         assert!(BN == bwd_wg_block_n(D) && BM == 64 && DQ_ACCUM_BLOCK_M % BM == 0);
         // The tile copies are the forward's, written for its 256 threads.
         assert!(BWD_WG_THREADS == COPY_THREADS);
-        assert!(Self::LSE % 1024 == 0 && Self::END as usize == bwd_wg_smem_bytes(D));
+        assert!(Self::LSE % 1024 == 0 && Self::DQ % 1024 == 0 && Self::END as usize == bwd_wg_smem_bytes(D));
     };
     /// The step stages (`StepStages`).
     const STAGES: StepStages = StepStages { q: Self::Q, dout: Self::DO, qt: Self::QT, lse: Self::LSE };
@@ -102,7 +110,7 @@ unsafe fn issue_grad<E: WgElem, const D: usize, const DN: usize>(acc: &mut [[f32
 /// q heads and the query blocks that see the keys; dQ contributions go to the accumulator. Returns its
 /// step count.
 #[inline(always)]
-unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, a: &KvArgs, tid: usize, acc: &mut [[f32; 4]; DN]) -> i32 {
+unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, maps: u64, a: &KvArgs, tid: usize, acc: &mut [[f32; 4]; DN]) -> i32 {
     let () = Lay::<D>::CHECK;
     let base = smem::base();
     let (steps, next_step, mut cur) = step_walk::<ORDERED>(p, a, BN as i32, BM as i32);
@@ -110,6 +118,15 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         return 0;
     }
     let turn = DqTurn::of::<ORDERED>(p, a, BN as i32, BM as i32);
+    // dQ by bulk reductions (`dq_bulk`): at the head dims with room for the buffers, in the default mode
+    // with one accumulator (the split copies of the deterministic mode, `dqa_split_stride`, and the ordered
+    // one keep the threads' reductions). The accumulator's map is the fifth of `maps` (`BwdTmaMaps`);
+    // its rows are the sequence's (dense, at batch `bidb`) or the packed ones (varlen).
+    let bulk = bwd_wide_dq_bulk(D) && !ORDERED && p.dqa_split_stride == 0;
+    let dq_map = maps + 512;
+    let (q_row, q_batch) = if p.cu_seqlens_q != 0 { (a.sq.start, 0) } else { (0, a.bidb) };
+    // This warpgroup's bulk chunks so far in this key block: their buffers alternate.
+    let mut chunks = 0u32;
     unsafe {
         let k = row_addr(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
         let v = row_addr(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride, a.bidb, a.sk.start + a.n0, a.hk);
@@ -202,11 +219,17 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
             let mut acc_q = [[0f32; 4]; 8];
             unsafe { E::tt_n64_k4_lo(&mut acc_q, ad, bd) };
             wgmma::wait0_n64(&mut acc_q);
-            // Rows past the sequence carry exact zeros to rows prep zeroed (the accumulator has slack
-            // rows), as in the other kernels.
-            for j in 0..8 {
-                let col = (64 * c + 8 * j) as i64 + 2 * t as i64;
-                unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
+            if bulk {
+                let buf = base + Lay::<D>::DQ + (2 * wg + (chunks & 1)) * Lay::<D>::DQB;
+                unsafe { dq_bulk(buf, dq_map, &acc_q, [(64 * c) as i32, q_row + m0, h, q_batch], row as u32, t as u32, wg, leader) };
+                chunks += 1;
+            } else {
+                // Rows past the sequence carry exact zeros to rows prep zeroed (the accumulator has slack
+                // rows), as in the other kernels.
+                for j in 0..8 {
+                    let col = (64 * c + 8 * j) as i64 + 2 * t as i64;
+                    unsafe { add_dq_fragment(dqa, p.dqa_row_stride, row, col, acc_q[j]) };
+                }
             }
             c += 2;
         }
@@ -217,15 +240,62 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
         wait_acc::<0, DN>(acc);
         it += 1;
     }
+    if bulk && tid % 128 == 0 {
+        // The copy engine has read this block's last dQ buffers (the next block's first chunks write them,
+        // and the CTA may exit next); with one CTA per (sequence, kv head) the reductions have landed, for
+        // the convert at the end (`entry`'s fence).
+        unsafe {
+            if grid_dim_x() == 1 {
+                tma::bulk_wait::<0>();
+            } else {
+                tma::bulk_wait_read::<0>();
+            }
+        }
+    }
     // Every warp is done reading this block's K/V and stages before the next block loads over them.
     sync_threads();
     steps
 }
 
+/// The named barrier of warpgroup `wg`'s dQ buffers (`dq_bulk`): ids `BAR_DQ`, `BAR_DQ + 1`.
+const BAR_DQ: u32 = BAR_TURN + 2;
+
+/// Reduce a 64-column chunk of a step's dQ (`acc_q`: this thread's fragment of rows `row`, `row + 8`,
+/// columns `8 j + 2 t`, + 1) into the accumulator at map coordinates `at` (first column, first row, q
+/// head, batch) through warpgroup `wg`'s buffer `buf`: once the copy engine has read the buffer's last
+/// chunk (this warpgroup's chunk before last: the buffers alternate, `bulk_wait_read::<1>` by the
+/// warpgroup's leader, which issued it), the threads write the fragment in the map's two boxes of 32
+/// columns (`ws::dq_offset`'s layout), and the leader issues both boxes' reductions as one bulk group.
+/// Rows past the map's end are skipped; rows past the sequence inside it add exact zeros (dS is zero
+/// there), as the threads' own reductions do. Every thread of the warpgroup.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dq_bulk(buf: u32, dq_map: u64, acc_q: &[[f32; 4]; 8], at: [i32; 4], row: u32, t: u32, wg: u32, leader: bool) {
+    if leader {
+        unsafe { tma::bulk_wait_read::<1>() };
+    }
+    named_sync(BAR_DQ + wg, 128);
+    for (j, frag) in acc_q.iter().enumerate() {
+        let col = 8 * j as u32 + 2 * t;
+        for half in 0..2usize {
+            unsafe { smem::st_v2_f32(buf + dq_offset(row + 8 * half as u32, col), [frag[2 * half], frag[2 * half + 1]]) };
+        }
+    }
+    wgmma::fence_proxy_async_shared();
+    named_sync(BAR_DQ + wg, 128);
+    if leader {
+        unsafe {
+            tma::reduce_add_4d(buf, dq_map, at);
+            tma::reduce_add_4d(buf + (BM * 128) as u32, dq_map, [at[0] + 32, at[1], at[2], at[3]]);
+            tma::bulk_commit();
+        }
+    }
+}
+
 /// Kernel body: stride over this (sequence, kv head)'s key blocks; keys of no sequence get dk = dv = 0.
 /// With grid x = 1 also dq of the group's rows (as the 128-key kernel).
 #[inline(always)]
-pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams) {
+pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MODS: bool, const ORDERED: bool>(p: &BwdParams, maps: u64) {
     let tid = thread_idx_x() as usize;
     let hk = block_idx_y() as i32;
     // The ordered deterministic mode: one key block per CTA, in reverse (bwd/ws.rs).
@@ -241,7 +311,7 @@ pub(super) unsafe fn entry<E: WgElem, const D: usize, const DN: usize, const MOD
         let mut acc = [[0f32; 4]; DN];
         if n0 < sk.used && takes_key_block::<ORDERED>(n_block) {
             let args = KvArgs { bidb, hk, group: p.h / p.h_k, sq, sk, n0, cols: if sk.used - n0 < BN as i32 { sk.used - n0 } else { BN as i32 } };
-            unsafe { block::<E, D, DN, MODS, ORDERED>(p, &args, tid, &mut acc) };
+            unsafe { block::<E, D, DN, MODS, ORDERED>(p, maps, &args, tid, &mut acc) };
         }
         // Warpgroup 0 writes dV, warpgroup 1 dK (scaled).
         for half in 0..2usize {

@@ -128,7 +128,7 @@ impl Pipes {
 /// tiles' 64-column groups (`sw128_offset`; the buffer 1024-aligned), so that a warp's `st.shared.v2`
 /// of eight rows x four column pairs fills two wavefronts.
 #[inline(always)]
-fn dq_offset(row: u32, col: u32) -> u32 {
+pub(super) fn dq_offset(row: u32, col: u32) -> u32 {
     sw128_offset(BM as u32, row, col / 4) + (col % 4) * 4
 }
 
