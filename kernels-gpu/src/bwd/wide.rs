@@ -37,8 +37,8 @@ const BN: usize = 64;
 const BM: usize = BWD_WG_BLOCK_M;
 
 /// Shared memory for head dim `D`: K, V (BN rows), two stages of Q and of dO (BM rows), P^T and dS^T (BN
-/// keys x BM queries, queries contiguous), two stages of the rows' lse_log2 and D. Tiles swizzled in
-/// 64-column groups, 1024-aligned.
+/// keys x BM queries, queries contiguous), two stages of the rows' lse_log2 and D, and with
+/// `bwd_wide_dq_bulk` the warpgroups' dQ buffers. Tiles swizzled in 64-column groups, 1024-aligned.
 struct Lay<const D: usize>;
 
 impl<const D: usize> Lay<D> {
