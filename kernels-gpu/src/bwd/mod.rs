@@ -285,6 +285,17 @@ pub(super) struct KvArgs {
     cols: i32,
 }
 
+impl KvArgs {
+    /// Where this key block's sequence starts in the 4-d tensor maps (Q, K, V, dO and the dq
+    /// accumulator: columns, rows, heads, batches): varlen, at its packed rows of batch 0; dense, at row 0
+    /// of batch `bidb`. Returns (Q's first row, K's first row, batch).
+    #[cfg(fa_sm90)]
+    #[inline(always)]
+    fn map_origin(&self, p: &BwdParams) -> (i32, i32, i32) {
+        if p.cu_seqlens_q != 0 { (self.sq.start, self.sk.start, 0) } else { (0, 0, self.bidb) }
+    }
+}
+
 /// The steps a key block walks, (q head, query block) in order: head-major over its group, query blocks
 /// `m_min..m_max` of `bm` rows (those that see its keys). Returns the step count, the successor of a step
 /// and the first step. Counters, not `it / m_count`: a division by a runtime value costs dozens of

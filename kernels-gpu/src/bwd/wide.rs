@@ -121,10 +121,10 @@ unsafe fn block<E: WgElem, const D: usize, const DN: usize, const MODS: bool, co
     // dQ by bulk reductions (`dq_bulk`): at the head dims with room for the buffers, in the default mode
     // with one accumulator (the split copies of the deterministic mode, `dqa_split_stride`, and the ordered
     // one keep the threads' reductions). The accumulator's map is the fifth of `maps` (`BwdTmaMaps`);
-    // its rows are the sequence's (dense, at batch `bidb`) or the packed ones (varlen).
+    // its rows start where `map_origin` says.
     let bulk = bwd_wide_dq_bulk(D) && !ORDERED && p.dqa_split_stride == 0;
     let dq_map = maps + 512;
-    let (q_row, q_batch) = if p.cu_seqlens_q != 0 { (a.sq.start, 0) } else { (0, a.bidb) };
+    let (q_row, _, q_batch) = a.map_origin(p);
     // This warpgroup's bulk chunks so far in this key block: their buffers alternate.
     let mut chunks = 0u32;
     unsafe {

@@ -152,7 +152,6 @@ unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
     if on {
         unsafe { tma::prefetch_map(dq_map) };
     }
-    let varlen = p.cu_seqlens_q != 0;
     let mut ds = Stage::<1>::START;
     for_each_key_block::<ORDERED>(p, #[inline(always)] |_, _, args| {
         let Some(a) = args else { return };
@@ -163,7 +162,7 @@ unsafe fn help_dq<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
         // A deferred turn (`DqTurn::defers`): the last step's counter and rows, passed on once the next
         // step's reductions are issued and its own have completed.
         let mut pending: Option<(u64, i32)> = None;
-        let (q_row, b) = if varlen { (a.sq.start, 0) } else { (0, a.bidb) };
+        let (q_row, _, b) = a.map_origin(p);
         let mut it = 0;
         while it < steps {
             let (h, m0) = (cur.0, cur.1 * BM as i32);
@@ -248,7 +247,6 @@ unsafe fn produce<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
         }
     }
     let groups = D.div_ceil(64);
-    let varlen = p.cu_seqlens_q != 0;
     let mut kvs = Stage::<1>::START;
     let mut ss = Stage::<STAGES>::START;
     for_each_key_block::<ORDERED>(p, #[inline(always)] |_, _, args| {
@@ -257,8 +255,7 @@ unsafe fn produce<const D: usize, const ORDERED: bool>(p: &BwdParams, maps: u64,
         if steps == 0 {
             return;
         }
-        // Rows of the 4-d maps: varlen, packed rows of batch 0; dense, rows of sequence `bidb`.
-        let (q_row, k_row, b) = if varlen { (a.sq.start, a.sk.start, 0) } else { (0, 0, a.bidb) };
+        let (q_row, k_row, b) = a.map_origin(p);
         if lane == 0 {
             unsafe {
                 pipes.kv.producer_acquire(kvs);
