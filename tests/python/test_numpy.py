@@ -587,6 +587,32 @@ def test_options_past_a_float_are_value_errors():
                 assert np.array_equal(w, g), (seed, name)
 
 
+def test_varlen_without_cu_seqlens_is_a_type_error_naming_it():
+    """A varlen call (no block_table) with cu_seqlens_q or cu_seqlens_k None: a TypeError naming that argument
+    and asking for an array, as for any other wrong type (the native layer's "(address, dtype, shape,
+    strides)" tuple is nothing a caller passes). With both given the same call runs."""
+    seed, rng = new_rng("test_varlen_without_cu_seqlens_is_a_type_error_naming_it")
+    lens = rng.integers(0, 9, int(rng.integers(1, 4)))
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    t, hk, d = int(cu[-1]), int(rng.integers(1, 3)), int(rng.choice([32, 40, 64]))
+    q, k, v = randn(rng, (t, 2 * hk, d)), randn(rng, (t, hk, d)), randn(rng, (t, hk, d))
+    lse = np.zeros((2 * hk, t), np.float32)
+    calls = {
+        "flash_attn_varlen_func": lambda cq, ck: fa.flash_attn_varlen_func(q, k, v, cq, ck, None, None),
+        "flash_attn_varlen_kvpacked_func": lambda cq, ck: fa.flash_attn_varlen_kvpacked_func(
+            q, np.stack([k, v], axis=1), cq, ck, None, None),
+        "varlen_fwd": lambda cq, ck: fa.varlen_fwd(q, k, v, cq, ck),
+        "varlen_bwd": lambda cq, ck: fa.varlen_bwd(q, q, k, v, q, lse, cq, ck),
+    }
+    for name, call in calls.items():
+        call(cu, cu)
+        for missing, args in (("cu_seqlens_q", (None, cu)), ("cu_seqlens_k", (cu, None))):
+            with pytest.raises(TypeError) as info:
+                call(*args)
+            msg = str(info.value)
+            assert msg.startswith(missing + ":") and "numpy.ndarray" in msg, (seed, name, msg)
+
+
 def test_kvcache_int_seqlens_over_a_huge_batch_is_a_value_error():
     """An int cache_seqlens becomes one entry per batch entry of q: a (zero-size) q whose batch is past the
     i32 range is a ValueError naming q, as the library's checks name it, not numpy's MemoryError from
