@@ -94,24 +94,34 @@ def finite(x):
     return -math.inf < x < math.inf
 
 
+def _float(x, name):
+    """A real number argument (an int, a float, a numpy scalar, a Fraction, ...) as a Python float. One
+    that a float cannot hold (an int or Fraction past 1.8e308, whose float() raises OverflowError) is a
+    ValueError naming the argument, as other out-of-range values are."""
+    try:
+        return float(x)
+    except (OverflowError, ValueError):
+        raise ValueError(f"{name}: {type(x).__name__} value out of a float's range") from None
+
+
 def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
             return_probs=False, rng_state_=None):
     """Checks flash-attn's options. `return_probs`: the caller asked for the probabilities
     (return_attn_probs / return_softmax); as in flash-attn, S_dmask is made only when dropout_p > 0 too."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: must be a float, got {type(dropout_p).__name__}")
-    dropout_p = float(dropout_p)
+    dropout_p = _float(dropout_p, "dropout_p")
     if not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p: must be in [0, 1), got {dropout_p}")
     if softmax_scale is not None:
         if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
             raise TypeError(f"softmax_scale: must be a float or None, got {type(softmax_scale).__name__}")
-        softmax_scale = float(softmax_scale)
+        softmax_scale = _float(softmax_scale, "softmax_scale")
         if not finite(softmax_scale):
             raise ValueError(f"softmax_scale: must be finite, got {softmax_scale}")
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap: must be a float, got {type(softcap).__name__}")
-    softcap = float(softcap)
+    softcap = _float(softcap, "softcap")
     if not finite(softcap):
         raise ValueError(f"softcap: must be finite (0.0 = off), got {softcap}")
     # flash-attn: softcap > 0 turns it on, anything else leaves it off.

@@ -86,6 +86,11 @@ def _output(a, name, shape, dtype):
 def _lens(lens):
     cu_q, cu_k, max_q, max_k, used_q, used_k = lens
     names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
+    # Both cu_seqlens are required here (only paged K/V, `paged`, takes the key counts from seqused_k alone):
+    # a missing one is named as any other argument of the wrong type, not as the native layer's tuple.
+    for name, t in zip(names, (cu_q, cu_k)):
+        if t is None:
+            raise TypeError(f"{name}: expected a numpy.ndarray (int32 [B+1]), got NoneType")
     arrays = [None if t is None else _array(t, n, "int32") for n, t in zip(names, (cu_q, cu_k, used_q, used_k))]
     descs = [None if t is None else _desc(t, n, "int32") for n, t in zip(names, arrays)]
     max_q, max_k = _common.max_seqlen(max_q, "max_seqlen_q"), _common.max_seqlen(max_k, "max_seqlen_k")
@@ -398,7 +403,12 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         n = int(cache_seqlens)
         if not -2**31 <= n < 2**31:
             raise ValueError(f"cache_seqlens: {n} is out of range")
-        cache_seqlens = np.full(q.shape[0], n, np.int32)
+        # One entry per batch entry of q: a batch past the i32 range (which the library refuses) or too large
+        # to allocate is a ValueError naming q, whose shape sets it, not numpy's MemoryError.
+        if q.shape[0] >= 2**31:
+            raise ValueError(f"q: batch size {q.shape[0]} exceeds the i32 range")
+        cache_seqlens = _empty((q.shape[0],), np.int32, "q")
+        cache_seqlens[...] = n
     opt = {}
     keep = []
     for name, t, expected in (("block_table", block_table, "int32"), ("k_new", k, _FLOAT), ("v_new", v, _FLOAT),

@@ -546,6 +546,88 @@ def test_numpy_float_scalars_as_options():
         assert np.array_equal(got, want), (seed, kw)
 
 
+def test_options_past_a_float_are_value_errors():
+    """softmax_scale, softcap and dropout_p that a float cannot hold (ints and Fractions past 1.8e308: their
+    float() raises OverflowError) are ValueErrors naming the argument, at every entry point; values a float
+    holds still run (and give the same bits as the equal float)."""
+    from fractions import Fraction
+    seed, rng = new_rng("test_options_past_a_float_are_value_errors")
+    b, sq, sk, hq, hk, d = 2, int(rng.integers(1, 9)), int(rng.integers(1, 9)), 4, 2, int(rng.choice([32, 40, 64]))
+    q, k, v = randn(rng, (b, sq, hq, d)), randn(rng, (b, sk, hk, d)), randn(rng, (b, sk, hk, d))
+    out, lse, _ = fa.flash_attn_func(q, k, v, return_attn_probs=True)
+    cu_q = np.arange(0, (b + 1) * sq, sq, dtype=np.int32)
+    cu_k = np.arange(0, (b + 1) * sk, sk, dtype=np.int32)
+    packed = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
+    calls = {
+        "flash_attn_func": lambda **kw: fa.flash_attn_func(q, k, v, **kw),
+        "flash_attn_varlen_func": lambda **kw: fa.flash_attn_varlen_func(packed(q), packed(k), packed(v), cu_q, cu_k,
+                                                                         sq, sk, **kw),
+        "fwd": lambda softmax_scale=None, softcap=0.0, dropout_p=0.0: fa.fwd(
+            q, k, v, softmax_scale=softmax_scale, softcap=softcap, p_dropout=dropout_p),
+        "bwd": lambda softmax_scale=None, softcap=0.0, dropout_p=0.0: fa.bwd(
+            out, q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, p_dropout=dropout_p,
+            rng_state=(1, 0)),
+        "flash_attn_with_kvcache": lambda softmax_scale=None, softcap=0.0: fa.flash_attn_with_kvcache(
+            q, k, v, cache_seqlens=sk, softmax_scale=softmax_scale, softcap=softcap),
+    }
+    huge = [10**400, -10**400, Fraction(10**400, 3)]
+    for name, call in calls.items():
+        options = ["softmax_scale", "softcap"] + (["dropout_p"] if name != "flash_attn_with_kvcache" else [])
+        for opt in options:
+            for x in huge:
+                with pytest.raises(ValueError) as info:
+                    call(**{opt: x})
+                assert opt in str(info.value), (seed, name, opt, str(info.value))
+        # Ints and Fractions a float holds run as that float.
+        want = call(softmax_scale=0.5, softcap=4.0)
+        got = call(softmax_scale=Fraction(1, 2), softcap=4)
+        listed = lambda r: r if isinstance(r, (list, tuple)) else [r]  # noqa: E731
+        for w, g in zip(listed(want), listed(got)):
+            if w is not None:
+                assert np.array_equal(w, g), (seed, name)
+
+
+def test_varlen_without_cu_seqlens_is_a_type_error_naming_it():
+    """A varlen call (no block_table) with cu_seqlens_q or cu_seqlens_k None: a TypeError naming that argument
+    and asking for an array, as for any other wrong type (the native layer's "(address, dtype, shape,
+    strides)" tuple is nothing a caller passes). With both given the same call runs."""
+    seed, rng = new_rng("test_varlen_without_cu_seqlens_is_a_type_error_naming_it")
+    lens = rng.integers(0, 9, int(rng.integers(1, 4)))
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    t, hk, d = int(cu[-1]), int(rng.integers(1, 3)), int(rng.choice([32, 40, 64]))
+    q, k, v = randn(rng, (t, 2 * hk, d)), randn(rng, (t, hk, d)), randn(rng, (t, hk, d))
+    lse = np.zeros((2 * hk, t), np.float32)
+    calls = {
+        "flash_attn_varlen_func": lambda cq, ck: fa.flash_attn_varlen_func(q, k, v, cq, ck, None, None),
+        "flash_attn_varlen_kvpacked_func": lambda cq, ck: fa.flash_attn_varlen_kvpacked_func(
+            q, np.stack([k, v], axis=1), cq, ck, None, None),
+        "varlen_fwd": lambda cq, ck: fa.varlen_fwd(q, k, v, cq, ck),
+        "varlen_bwd": lambda cq, ck: fa.varlen_bwd(q, q, k, v, q, lse, cq, ck),
+    }
+    for name, call in calls.items():
+        call(cu, cu)
+        for missing, args in (("cu_seqlens_q", (None, cu)), ("cu_seqlens_k", (cu, None))):
+            with pytest.raises(TypeError) as info:
+                call(*args)
+            msg = str(info.value)
+            assert msg.startswith(missing + ":") and "numpy.ndarray" in msg, (seed, name, msg)
+
+
+def test_kvcache_int_seqlens_over_a_huge_batch_is_a_value_error():
+    """An int cache_seqlens becomes one entry per batch entry of q: a (zero-size) q whose batch is past the
+    i32 range is a ValueError naming q, as the library's checks name it, not numpy's MemoryError from
+    allocating that vector."""
+    seed, rng = new_rng("test_kvcache_int_seqlens_over_a_huge_batch_is_a_value_error")
+    hk, d = int(rng.integers(1, 3)), int(rng.choice([32, 40, 64]))
+    batch = int(rng.integers(2**31, 2**44))
+    q = np.empty((batch, 0, 2 * hk, d), F16)
+    kc, vc = np.empty((batch, 0, hk, d), F16), np.empty((batch, 0, hk, d), F16)
+    for seqlens in (0, None):
+        with pytest.raises(ValueError) as info:
+            fa.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens)
+        assert str(info.value).startswith("q:") and "batch" in str(info.value), (seed, batch, str(info.value))
+
+
 @pytest.mark.parametrize("d", [32, 48])
 def test_hub_varlen_fwd_bwd(d):
     seed, rng = new_rng("test_hub_varlen_fwd_bwd")
