@@ -1313,6 +1313,10 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
             n = int(cache_seqlens)
         if not -2**31 <= n < 2**31:
             raise ValueError(f"cache_seqlens: {n} is out of range")
+        # One entry per batch entry of q: a batch past the i32 range (which the library refuses) is a
+        # ValueError naming q, as on numpy, not torch's allocation error.
+        if q.shape[0] >= 2**31:
+            raise ValueError(f"q: batch size {q.shape[0]} exceeds the i32 range")
         cache_seqlens = torch.full((q.shape[0],), n, dtype=torch.int32, device=q.device)
     args = (q, k_cache, v_cache, cache_seqlens, *(t for _, t in named), scale, o.causal, o.window_left,
             o.window_right, o.softcap, rotary_interleaved, num_splits)
@@ -1369,7 +1373,7 @@ def kvcache_fast(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
     dev = q.device
     n = q.shape[0]
     if type(cache_seqlens) is int:
-        if not 0 <= cache_seqlens < 2**31:
+        if not 0 <= cache_seqlens < 2**31 or n >= 2**31:
             return None
         cache_seqlens = torch.full((n,), cache_seqlens, dtype=torch.int32, device=dev)
     elif type(cache_seqlens) not in _PLAIN:
