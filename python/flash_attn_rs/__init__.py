@@ -149,7 +149,8 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     path = _path(qkv, "qkv")
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, rng_state)
-    return _result(path.attention(PACK_QKV, qkv, None, None, None, o), return_attn_probs)
+    with _named(_QKV):
+        return _result(path.attention(PACK_QKV, qkv, None, None, None, o), return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -159,7 +160,8 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     path = _path(q, "q")
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, rng_state)
-    return _result(path.attention(PACK_KV, q, kv, None, None, o), return_attn_probs)
+    with _named(_KV):
+        return _result(path.attention(PACK_KV, q, kv, None, None, o), return_attn_probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -201,7 +203,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, rng_state)
     lens = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None)
-    return _result(path.attention(PACK_QKV, qkv, None, None, lens, o), return_attn_probs)
+    with _named(_QKV):
+        return _result(path.attention(PACK_QKV, qkv, None, None, lens, o), return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -214,7 +217,34 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     o = _common.options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, rng_state)
     lens = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None)
-    return _result(path.attention(PACK_KV, q, kv, None, lens, o), return_attn_probs)
+    with _named(_KV):
+        return _result(path.attention(PACK_KV, q, kv, None, lens, o), return_attn_probs)
+
+
+# The packed functions' errors in their own arguments' names: the library checks q, k and v (and one
+# sequence's lengths for each side), which qkv / kv hold.
+_QKV = {"q": "qkv", "k": "qkv", "v": "qkv", "cu_seqlens_q": "cu_seqlens", "cu_seqlens_k": "cu_seqlens",
+        "max_seqlen_q": "max_seqlen", "max_seqlen_k": "max_seqlen"}
+_KV = {"k": "kv", "v": "kv"}
+_ARG = _re.compile(r"\b(cu_seqlens_[qk]|max_seqlen_[qk]|[qkv])\b")
+
+
+class _named:
+    """Re-raise a TypeError / ValueError from the block with the library's argument names mapped by `names`."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is None or not issubclass(kind, (TypeError, ValueError)):
+            return False
+        msg = _ARG.sub(lambda m: self.names.get(m.group(1), m.group(1)), str(e))
+        if msg == str(e):
+            return False
+        raise kind(msg) from None
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

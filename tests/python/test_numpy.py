@@ -841,7 +841,9 @@ def test_varlen_max_seqlen_none_with_s_dmask_raises():
         try:
             call()
         except ValueError as e:
-            assert "max_seqlen_q: is required with s_dmask" in str(e), f"seed {seed}: {name}: {e}"
+            # The qkv-packed function names its own argument (one max_seqlen for both sides).
+            arg = "max_seqlen" if "qkvpacked" in name else "max_seqlen_q"
+            assert f"{arg}: is required with s_dmask" in str(e), f"seed {seed}: {name}: {e}"
         else:
             pytest.fail(f"seed {seed}: {name}: no error")
     # The native layer: the library's own check (Error::Value, mapped to ValueError).
@@ -1616,3 +1618,31 @@ def test_sdpa_needs_torch():
     with pytest.raises(TypeError, match="needs torch"):
         fa.scaled_dot_product_attention(q, q, q)
     assert "scaled_dot_product_attention" in fa.__all__
+
+
+def test_packed_functions_name_their_own_arguments():
+    """Errors of the packed functions name qkv / kv, cu_seqlens and max_seqlen (their arguments), not the q,
+    k, v, cu_seqlens_q / _k and max_seqlen_q / _k the library checks; q keeps its name beside kv."""
+    seed, rng = new_rng("test_packed_functions_name_their_own_arguments")
+    b, s, h, d = 2, int(rng.integers(3, 40)), 2, 64
+    q = randn(rng, (b, s, h, d))
+    qkv32 = rng.standard_normal((b, s, 3, h, d)).astype(np.float32)
+    kv32 = rng.standard_normal((b, s, 2, h, d)).astype(np.float32)
+    cu = np.array([0, s, 2 * s], np.int32)
+    cases = [
+        (lambda: fa.flash_attn_qkvpacked_func(qkv32), "qkv:"),
+        (lambda: fa.flash_attn_kvpacked_func(q, kv32), "kv:"),
+        (lambda: fa.flash_attn_kvpacked_func(q.astype(np.float32), randn(rng, (b, s, 2, h, d))), "q:"),
+        (lambda: fa.flash_attn_varlen_qkvpacked_func(randn(rng, (2 * s, 3, h, d)), cu[::-1].copy(), s),
+         "cu_seqlens:"),
+        (lambda: fa.flash_attn_varlen_qkvpacked_func(randn(rng, (2 * s, 3, h, d)), cu, -1), "max_seqlen:"),
+        (lambda: fa.flash_attn_varlen_kvpacked_func(q.reshape(-1, h, d), kv32.reshape(-1, 2, h, d), cu, cu, s, s),
+         "kv:"),
+    ]
+    for call, want in cases:
+        with pytest.raises((TypeError, ValueError)) as e:
+            call()
+        msg = str(e.value)
+        assert want in msg, f"seed {seed}: {msg!r} should name {want}"
+        for lib in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"):
+            assert lib not in msg, f"seed {seed}: {msg!r} names {lib}"
