@@ -221,12 +221,14 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
         return _result(path.attention(PACK_KV, q, kv, None, lens, o), return_attn_probs)
 
 
-# The packed functions' errors in their own arguments' names: the library checks q, k and v (and one
-# sequence's lengths for each side), which qkv / kv hold.
+# Errors in the caller's argument names where the library's differ: the packed functions' library checks
+# q, k and v (and one sequence's lengths for each side), which qkv / kv hold; flash_attn_with_kvcache's
+# new keys and values are the library's k_new and v_new.
 _QKV = {"q": "qkv", "k": "qkv", "v": "qkv", "cu_seqlens_q": "cu_seqlens", "cu_seqlens_k": "cu_seqlens",
         "max_seqlen_q": "max_seqlen", "max_seqlen_k": "max_seqlen"}
 _KV = {"k": "kv", "v": "kv"}
-_ARG = _re.compile(r"\b(cu_seqlens_[qk]|max_seqlen_[qk]|[qkv])\b")
+_NEW_KV = {"k_new": "k", "v_new": "v"}
+_ARG = _re.compile(r"\b(cu_seqlens_[qk]|max_seqlen_[qk]|[kv]_new|[qkv])\b")
 
 
 class _named:
@@ -262,19 +264,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns out `[B, Sq, H, D]`, or (out, softmax_lse `[B, H, Sq]`) with return_softmax_lse.
     CPU (numpy arrays, CPU tensors) and CUDA tensors. No gradient.
     """
-    try:
+    with _named(_NEW_KV):
         return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
                              rotary_interleaved, alibi_slopes, num_splits, return_softmax_lse)
-    except (TypeError, ValueError) as e:
-        # The library calls the new keys and values k_new and v_new; here they are the arguments k and v.
-        msg = _NEW_KV.sub(r"\1", str(e))
-        if msg == str(e):
-            raise
-        raise type(e)(msg) from None
-
-
-_NEW_KV = _re.compile(r"\b([kv])_new\b")
 
 
 def _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
