@@ -104,6 +104,16 @@ def _float(x, name):
         raise ValueError(f"{name}: {type(x).__name__} value out of a float's range") from None
 
 
+def check_int_cache_seqlens(n, batch):
+    """flash_attn_with_kvcache's int cache_seqlens `n`, which becomes one entry per batch entry of q: `n` and
+    the batch (that vector's length) in the i32 range the library takes, else a ValueError naming
+    cache_seqlens or q, not the allocation error (naming nothing) of a vector past it."""
+    if not -2**31 <= n < 2**31:
+        raise ValueError(f"cache_seqlens: {n} is out of range")
+    if batch >= 2**31:
+        raise ValueError(f"q: batch size {batch} exceeds the i32 range")
+
+
 def options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
             return_probs=False, rng_state_=None):
     """Checks flash-attn's options. `return_probs`: the caller asked for the probabilities

@@ -401,12 +401,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
             else:
                 cache_seqlens = kc.shape[1]
         n = int(cache_seqlens)
-        if not -2**31 <= n < 2**31:
-            raise ValueError(f"cache_seqlens: {n} is out of range")
-        # One entry per batch entry of q: a batch past the i32 range (which the library refuses) or too large
-        # to allocate is a ValueError naming q, whose shape sets it, not numpy's MemoryError.
-        if q.shape[0] >= 2**31:
-            raise ValueError(f"q: batch size {q.shape[0]} exceeds the i32 range")
+        _common.check_int_cache_seqlens(n, q.shape[0])
         cache_seqlens = _empty((q.shape[0],), np.int32, "q")
         cache_seqlens[...] = n
     opt = {}

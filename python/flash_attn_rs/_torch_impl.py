@@ -1311,12 +1311,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
             if isinstance(cache_seqlens, bool) or not _common._is_int(cache_seqlens):
                 raise TypeError(f"cache_seqlens: must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
             n = int(cache_seqlens)
-        if not -2**31 <= n < 2**31:
-            raise ValueError(f"cache_seqlens: {n} is out of range")
-        # One entry per batch entry of q: a batch past the i32 range (which the library refuses) is a
-        # ValueError naming q, as on numpy, not torch's allocation error.
-        if q.shape[0] >= 2**31:
-            raise ValueError(f"q: batch size {q.shape[0]} exceeds the i32 range")
+        _common.check_int_cache_seqlens(n, q.shape[0])
         cache_seqlens = torch.full((q.shape[0],), n, dtype=torch.int32, device=q.device)
     args = (q, k_cache, v_cache, cache_seqlens, *(t for _, t in named), scale, o.causal, o.window_left,
             o.window_right, o.softcap, rotary_interleaved, num_splits)
