@@ -153,7 +153,7 @@ multiversion!(#[allow(clippy::too_many_arguments)] fn dkdv_dim<const D: usize>(p
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize, mut dq: Option<&mut [f32]>) -> (Vec<f32>, Vec<f32>) {
+fn dkdv_in<const D: usize, const W: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, hk: usize, group: usize, n_block: usize, mut dq: Option<&mut [f32]>) -> (Vec<f32>, Vec<f32>) {
     let (s, d) = (&seq.s, if D > 0 { D } else { p.head_dim });
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
@@ -184,7 +184,7 @@ fn dkdv_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &S
             load_rows(x.q, s.q_base + i0 * p.q.row + h * p.q.head, p.q.row, rows, d, &mut q);
             load_rows(x.dout, seq.dout_base + i0 * bp.dout.row + h * bp.dout.head, bp.dout.row, rows, d, &mut g);
             let at0 = s.lse_base + h * lse_head_stride + i0;
-            t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, &x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows], i0, j0, first..last, seen);
+            t.tile::<D, W>(&score, &mods, &kt, &vt, &q, &g, &x.lse[at0..at0 + rows], &x.delta[at0..at0 + rows], i0, j0, first..last, seen);
             // Each key's sums over the rows that see it, in row order.
             let (ranges, keys) = (&t.ranges[first..last], span.start * d..span.end * d);
             let by_key = t.ordered.then(|| {
@@ -284,15 +284,15 @@ multiversion!(
 );
 
 #[inline(always)]
-fn keys_block_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c: usize, rows: &[f32], d: usize) {
+fn keys_block_in<const D: usize, const W: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c: usize, rows: &[f32], d: usize) {
     let d = if D > 0 { D } else { d };
-    for e in (0..d).step_by(32) {
-        let mut o = [[0.0f32; 32]; KEYS];
+    for e in (0..d).step_by(W) {
+        let mut o = [[0.0f32; W]; KEYS];
         for (i, o) in o.iter_mut().enumerate() {
-            *o = acc[i * d + e..][..32].try_into().expect("32 columns");
+            *o = acc[i * d + e..][..W].try_into().expect("W columns");
         }
         for (wr, row) in w.iter().zip(rows.chunks_exact(d)) {
-            let x: &[f32; 32] = row[e..e + 32].try_into().expect("32 columns");
+            let x: &[f32; W] = row[e..e + W].try_into().expect("W columns");
             for (i, o) in o.iter_mut().enumerate() {
                 let wi = wr[c + i];
                 for (o, &x) in o.iter_mut().zip(x) {
@@ -301,7 +301,7 @@ fn keys_block_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], c: usize
             }
         }
         for (i, o) in o.iter().enumerate() {
-            acc[i * d + e..][..32].copy_from_slice(o);
+            acc[i * d + e..][..W].copy_from_slice(o);
         }
     }
 }
@@ -319,7 +319,7 @@ multiversion!(#[allow(clippy::too_many_arguments)] fn dq_dim<const D: usize>(p: 
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dq_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> {
+fn dq_in<const D: usize, const W: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq, bidb: usize, lse_head_stride: usize, h: usize, group: usize, m_block: usize) -> Vec<f32> {
     let (s, d) = (&seq.s, if D > 0 { D } else { p.head_dim });
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let range = |i: usize| key_range(i, sq, sk, p.window_left, p.window_right);
@@ -352,7 +352,7 @@ fn dq_in<const D: usize>(p: &Problem, bp: &BwdProblem, x: &Inputs<'_>, seq: &Seq
         load_rows(x.v, s.v_base + j0 * p.v.row + hk * p.v.head, p.v.row, cols, d, &mut v);
         kt.set(&k, cols);
         vt.set(&v, cols);
-        t.tile::<D>(&score, &mods, &kt, &vt, &q, &g, lse, delta, i0, j0, first..last, seen);
+        t.tile::<D, W>(&score, &mods, &kt, &vt, &q, &g, lse, delta, i0, j0, first..last, seen);
         // dq_r += dX_rj k_j, key after key.
         weighted_tile::<D>(&mut dq[first * d..last * d], &t.dx[first..last], &t.ranges[first..last], &k);
     }
@@ -390,11 +390,11 @@ impl Grads {
     /// `delta` its rows' values) against the key tile from key j0.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn tile<const D: usize>(&mut self, score: &Score, mods: &HeadMods, kt: &KeysT, vt: &KeysT, q: &[f32], dout: &[f32], lse: &[f32], delta: &[f32], i0: usize, j0: usize, rows: std::ops::Range<usize>, seen: impl Fn(usize) -> (usize, usize)) {
+    fn tile<const D: usize, const W: usize>(&mut self, score: &Score, mods: &HeadMods, kt: &KeysT, vt: &KeysT, q: &[f32], dout: &[f32], lse: &[f32], delta: &[f32], i0: usize, j0: usize, rows: std::ops::Range<usize>, seen: impl Fn(usize) -> (usize, usize)) {
         let d = if D > 0 { D } else { kt.d() };
         let (first, last) = (rows.start, rows.end);
-        kt.scores_rows::<D>(&q[first * d..last * d], &mut self.s[first..last]);
-        vt.scores_rows::<D>(&dout[first * d..last * d], &mut self.dp[first..last]);
+        kt.scores_rows::<D, W>(&q[first * d..last * d], &mut self.s[first..last]);
+        vt.scores_rows::<D, W>(&dout[first * d..last * d], &mut self.dp[first..last]);
         self.ordered = true;
         for r in rows {
             if lse[r] == f32::NEG_INFINITY {

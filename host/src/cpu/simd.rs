@@ -66,9 +66,13 @@ macro_rules! by_head_dim {
     };
 }
 
-/// `multiversion!(fn name<const D>(args) -> Ret = body)`: defines `name`, which runs `body::<D>` (an
+/// `multiversion!(fn name<const D>(args) -> Ret = body)`: defines `name`, which runs `body::<D, W>` (an
 /// `#[inline(always)]` function with the same arguments) compiled with AVX-512F or AVX2 where the CPU
-/// has them (and `set_vectors` allows them), else as compiled.
+/// has them (and `set_vectors` allows them), else as compiled. `W` is the width of the register-blocked
+/// loops, the f32 values of two of the variant's vector registers: 32 with AVX-512F, 16 with AVX2, 8 as
+/// compiled (SSE2). Four rows by W keys or columns of accumulators then take 8 of the variant's
+/// registers and leave room for the operands (AVX2's 16 registers spilled them at 32); the blocking
+/// does not change any element's operations or their order, so every W gives the same bits.
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident<const D: usize>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $body:ident) => {
         $(#[$meta])*
@@ -78,12 +82,12 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx512f")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512<const D: usize>($($arg: $ty),*) -> $ret {
-                    $body::<D>($($arg),*)
+                    $body::<D, 32>($($arg),*)
                 }
                 #[target_feature(enable = "avx2")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2<const D: usize>($($arg: $ty),*) -> $ret {
-                    $body::<D>($($arg),*)
+                    $body::<D, 16>($($arg),*)
                 }
                 if $crate::cpu::simd::avx512() {
                     // Safety: the CPU has AVX-512F.
@@ -94,7 +98,7 @@ macro_rules! multiversion {
                     return unsafe { avx2::<D>($($arg),*) };
                 }
             }
-            $body::<D>($($arg),*)
+            $body::<D, 8>($($arg),*)
         }
     };
 }

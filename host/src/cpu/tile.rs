@@ -78,7 +78,7 @@ multiversion!(fn attend_dim<const D: usize>(p: &Problem, x: &Operands<'_>, s: &S
 
 /// `attend` for head dim D (0: `p.head_dim`, not known at compile time).
 #[inline(always)]
-fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &Mods, bidb: usize, tile: TileRows, n_blocks: std::ops::Range<usize>) -> TileOut {
+fn attend_in<const D: usize, const W: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &Mods, bidb: usize, tile: TileRows, n_blocks: std::ops::Range<usize>) -> TileOut {
     let d = if D > 0 { D } else { p.head_dim };
     let (sq, sk) = (s.seqlen_q, s.seqlen_k);
     let rows = tile.len();
@@ -128,7 +128,7 @@ fn attend_in<const D: usize>(p: &Problem, x: &Operands<'_>, s: &SeqInfo, mods: &
             x.keys.prefetch(x.v, &p.v, s, s.v_base, x.v_head, j1, next, d);
         }
         kt.set(&k, cols);
-        kt.scores_rows::<D>(&q[first * d..last * d], &mut probs[first..last]);
+        kt.scores_rows::<D, W>(&q[first * d..last * d], &mut probs[first..last]);
         for r in first..last {
             let (a, b) = seen(r);
             let i = tile.at(r).0;
@@ -292,7 +292,7 @@ multiversion!(
 );
 
 #[inline(always)]
-fn weighted_tile_of_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], ranges: &[(usize, usize)], rows: &[f32], _d: usize) {
+fn weighted_tile_of_in<const D: usize, const W: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]], ranges: &[(usize, usize)], rows: &[f32], _d: usize) {
     weighted_tile::<D>(acc, w, ranges, rows);
 }
 
@@ -303,12 +303,12 @@ multiversion!(
 );
 
 #[inline(always)]
-fn rows_block_in<const D: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]; ROWS], keys: std::ops::Range<usize>, rows: &[f32], d: usize) {
+fn rows_block_in<const D: usize, const W: usize>(acc: &mut [f32], w: &[[f32; BLOCK_N]; ROWS], keys: std::ops::Range<usize>, rows: &[f32], d: usize) {
     let j0 = keys.start;
     let mut c = 0;
     while c < d {
-        weighted_cols_rows::<32>(acc, d, w, keys.clone(), &|j| &rows[(j - j0) * d..][..d], c);
-        c += 32;
+        weighted_cols_rows::<W>(acc, d, w, keys.clone(), &|j| &rows[(j - j0) * d..][..d], c);
+        c += W;
     }
 }
 
@@ -383,18 +383,18 @@ impl KeysT {
         }
     }
 
-    /// `scores` of each row of `q` (rows `d` wide) into `out`, four rows at a time sharing each key
-    /// element's loads (the same sums in the same order, so the same bits).
+    /// `scores` of each row of `q` (rows `d` wide) into `out`, four rows by W keys at a time sharing each key
+    /// element's loads (the same sums in the same order, so the same bits; W: `multiversion!`'s).
     #[inline(always)]
-    pub(crate) fn scores_rows<const D: usize>(&self, q: &[f32], out: &mut [[f32; BLOCK_N]]) {
+    pub(crate) fn scores_rows<const D: usize, const W: usize>(&self, q: &[f32], out: &mut [[f32; BLOCK_N]]) {
         let d = if D > 0 { D } else { self.d };
         let (blocks, rest) = out.as_chunks_mut::<ROWS>();
         let (q_blocks, q_rest) = q.split_at(blocks.len() * ROWS * d);
         for (ob, qb) in blocks.iter_mut().zip(q_blocks.chunks_exact(ROWS * d)) {
-            for half in 0..BLOCK_N / 32 {
-                let mut s = [[0.0f32; 32]; ROWS];
+            for part in 0..BLOCK_N / W {
+                let mut s = [[0.0f32; W]; ROWS];
                 for (e, k_e) in self.t.as_chunks::<BLOCK_N>().0[..d].iter().enumerate() {
-                    let k_e: &[f32; 32] = k_e[half * 32..][..32].try_into().expect("32 keys");
+                    let k_e: &[f32; W] = k_e[part * W..][..W].try_into().expect("W keys");
                     for (r, s) in s.iter_mut().enumerate() {
                         let qe = qb[r * d + e];
                         for (s, &x) in s.iter_mut().zip(k_e) {
@@ -403,7 +403,7 @@ impl KeysT {
                     }
                 }
                 for (o, s) in ob.iter_mut().zip(&s) {
-                    o[half * 32..][..32].copy_from_slice(s);
+                    o[part * W..][..W].copy_from_slice(s);
                 }
             }
         }
