@@ -1455,3 +1455,66 @@ def _kvcache_fake(q, k_cache, v_cache, cache_seqlens, block_table, k, v, rotary_
 torch.library.custom_op("flash_attn_rs::fwd_kvcache", _kvcache_launch,
                         mutates_args=("k_cache", "v_cache")).register_fake(_kvcache_fake)
 torch.library.custom_op("flash_attn_rs::fwd_kvcache_read", _kvcache_launch, mutates_args=()).register_fake(_kvcache_fake)
+
+
+# --- vmap (torch.func) --------------------------------------------------------------------------------
+#
+# Batching rules for the functional ops that torch.func reaches (the forward, the functional backwards):
+# a dense call's batch entries are independent, so the vmapped dim folds into the batch (examples x batch
+# entries in one call; an input without the vmapped dim is repeated per example), and each example's out and
+# lse are the bits of its own call (its gradients too, but for the order of the GPU's dq sums, which may
+# depend on the batch). A call that does not fold (varlen, seqused, dropout: its keep-mask depends on the
+# batch entry) runs once per example, as PyTorch's fallback would, without its warning.
+
+def _vmap_loop(op, out_count):
+    """A `register_vmap` rule for `op` that calls it once per example and stacks the results."""
+    def rule(info, in_dims, *args):
+        outs = [op(*[a if d is None else a.select(d, j) for a, d in zip(args, in_dims)]) for j in range(info.batch_size)]
+        return tuple(torch.stack([o[i] for o in outs]) for i in range(out_count)), (0,) * out_count
+    return rule
+
+
+def _vmap_rule(op, tensors, out_count):
+    """A `register_vmap` rule for `op`: `tensors` are the positions of its batch-major tensor arguments
+    (None allowed), the other tensors (int32 lengths, rng_state) and `alibi_slopes` keep their meaning."""
+    named = {a.name: i for i, a in enumerate(op.default._schema.arguments)}
+    loop = _vmap_loop(op, out_count)
+
+    def rule(info, in_dims, *args):
+        n = info.batch_size
+        lengths = [named[k] for k in ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k") if k in named]
+        dropout = "dropout_p" in named and args[named["dropout_p"]] != 0
+        first = args[tensors[0]]
+        per_rank = first.dim() - (in_dims[tensors[0]] is not None)
+        folds = (not dropout and per_rank >= 1 and all(args[i] is None for i in lengths)
+                 and all(in_dims[i] is None for i in range(len(args)) if i not in tensors and i != named.get("alibi_slopes")))
+        if not folds:
+            return loop(info, in_dims, *args)
+        front = lambda x, d: x.movedim(d, 0) if d is not None else x.unsqueeze(0).expand(n, *x.shape)  # noqa: E731
+        b = front(first, in_dims[tensors[0]]).shape[1]
+        folded = list(args)
+        for i in tensors:
+            if args[i] is not None:
+                x = front(args[i], in_dims[i])
+                folded[i] = x.reshape(n * b, *x.shape[2:])
+        i = named.get("alibi_slopes")
+        if i is not None and args[i] is not None and (in_dims[i] is not None or args[i].dim() == 2):
+            x = front(args[i], in_dims[i])  # [n, Hq] or [n, B, Hq]
+            if x.dim() == 2:
+                x = x.unsqueeze(1).expand(n, b, x.shape[-1])
+            folded[i] = x.reshape(n * b, x.shape[-1])
+        outs = op(*folded)
+        # Every output is batch-major but fwd_ext's empty s_dmask (no return_probs), the same for all.
+        empty = [o.dim() == 1 and o.numel() == 0 for o in outs]
+        return (tuple(o if e else o.reshape(n, b, *o.shape[1:]) for o, e in zip(outs, empty)),
+                tuple(None if e else 0 for e in empty))
+    return rule
+
+
+for _name, _tensors, _outs in (("fwd", (0, 1, 2), 2), ("fwd_ext", (0, 1, 2), 3),
+                               ("bwd_new", (0, 1, 2, 3, 4, 5), 3), ("bwd_ext_new", (0, 1, 2, 3, 4, 5), 3)):
+    _op = getattr(torch.ops.flash_attn_rs, _name)
+    torch.library.register_vmap(f"flash_attn_rs::{_name}", _vmap_rule(_op, _tensors, _outs))
+del _name, _tensors, _outs, _op
+# KV-cache reads (no append: the op that mutates nothing) per example: folding would repeat the caches.
+torch.library.register_vmap("flash_attn_rs::fwd_kvcache_read", _vmap_loop(torch.ops.flash_attn_rs.fwd_kvcache_read, 2))

@@ -35,6 +35,8 @@ Checks, each printed as a PASS or FAIL line (exit status 1 if any failed):
   on CUDA the same rng_state drops the same scores as the CPU (S_dmask's signs bitwise);
   flash_attn_with_kvcache on CUDA equals the CPU's call (caches bitwise, out and lse within rounding;
   rotary, paged, split-KV) and on the CPU appends in place;
+- torch.func: grad / vjp against autograd; vmap through the ops' own batching rules with PyTorch's fallback
+  switched off (dense calls folded into the batch, varlen / dropout per example), each example's bits;
 - flash_attn_rs.hf (transformers' attention interface): hf_check.py's checks.
 Then, unless --no-bench: Python-level overhead per call against calling the native function directly,
 for head dim 128, S >= 2048 the time of "ours via Python" against "ours direct", and SDPA decoding steps
@@ -1182,6 +1184,59 @@ def _dual_call(fwAD, q, k, v):
         return fa.flash_attn_func(fwAD.make_dual(q, torch.ones_like(q)), k, v)
 
 
+@check("torch.func vmap rules")
+def check_vmap_rules(dev, quick):
+    """The ops' own batching rules: with PyTorch's per-example fallback switched off, vmap still runs every
+    functional op (dense calls folded into the batch, varlen and dropout calls per example) and gives each
+    example its own call's out and lse bitwise: the vmapped dim anywhere, inputs with and without it, ALiBi
+    slopes per example, qkv packed; vmap(grad) equals a loop of grads."""
+    import torch._C._functorch as functorch
+    g = torch.Generator().manual_seed(12)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dev, torch.bfloat16)  # noqa: E731
+    q, k, v = r(2, 40, 4, 64), r(2, 33, 2, 64), r(2, 33, 2, 64)
+    qp, kp = r(40, 4, 64), r(33, 2, 64)
+    cu_q = torch.tensor([0, 15, 40], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 20, 33], dtype=torch.int32, device=dev)
+    n = 3
+    qs = torch.stack([q, q.flip(1), q * 2])
+    ks = torch.stack([k, k.flip(1), -k])
+    slopes = torch.rand(n, 2, 4, generator=g).to(q.device)
+    qkv = r(2, 40, n, 3, 4, 64)
+    qps = torch.stack([qp, qp.flip(0), qp * 2])
+    each = lambda f, *xs: [f(*(x[i] for x in xs)) for i in range(n)]  # noqa: E731
+    cases = [
+        ("dense, GQA, causal (q batched)", lambda q: fa.flash_attn_func(q, k, v, causal=True), (qs,), 0),
+        ("q and k batched, window, softcap", lambda q, k: fa.flash_attn_func(q, k, v, window_size=(5, 3), softcap=4.0),
+         (qs, ks), 0),
+        ("ALiBi slopes per example [B, H]", lambda q, s: fa.flash_attn_func(q, k, v, alibi_slopes=s), (qs, slopes), 0),
+        ("qkv packed, vmapped dim 2", lambda x: fa.flash_attn_qkvpacked_func(x, causal=True), (qkv,), 2),
+        ("varlen (per example)", lambda q: fa.flash_attn_varlen_func(q, kp, kp, cu_q, cu_k, 25, 20, causal=True),
+         (qps,), 0),
+        ("dropout (per example)", lambda q: fa.flash_attn_func(q, k, v, dropout_p=0.3, rng_state=(5, 0)), (qs,), 0),
+        ("lse returned", lambda q: fa.flash_attn_func(q, k, v, return_attn_probs=True)[:2], (qs,), 0),
+    ]
+    was = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)
+    try:
+        for name, f, xs, dim in cases:
+            try:
+                got = torch.func.vmap(f, in_dims=dim)(*xs)
+                want = each(f, *(x.movedim(dim, 0) for x in xs))
+                got = list(got) if isinstance(got, tuple) else [got]
+                want = [list(w) if isinstance(w, tuple) else [w] for w in want]
+                ok = all(torch.equal(got[o][i], want[i][o]) for i in range(n) for o in range(len(got)))
+                report(f"vmap rule: {name} == per-example calls", ok)
+            except Exception as e:  # noqa: BLE001
+                report(f"vmap rule: {name} == per-example calls", False, f"{type(e).__name__}: {str(e)[:120]}")
+        per = lambda q, k, v: fa.flash_attn_func(q[None], k[None], v[None], causal=True).float().sum()  # noqa: E731
+        grads = torch.func.vmap(torch.func.grad(per, argnums=(0, 1, 2)))(q, k, v)
+        loop = [torch.stack(t) for t in zip(*[torch.func.grad(per, argnums=(0, 1, 2))(q[i], k[i], v[i]) for i in range(2)])]
+        report("vmap rule: vmap(grad) == a loop of grads (no fallback)",
+               all(torch.allclose(a.float(), b.float(), rtol=0, atol=0) for a, b in zip(grads, loop)))
+    finally:
+        functorch._set_vmap_fallback_enabled(was)
+
+
 @check("compiled native calls")
 def check_compiled_native_calls(dev, quick):
     """The calls that hand tensors' addresses to native code outside the custom ops (the KV cache, the hub
@@ -1865,6 +1920,7 @@ def main():
     check_layouts(dev, quick)
     check_autograd_edges(dev, quick)
     check_torch_func(dev, quick)
+    check_vmap_rules(dev, quick)
     check_random_arguments(dev, quick)
     check_compiled_native_calls(dev, quick)
     check_empty(dev, quick)
