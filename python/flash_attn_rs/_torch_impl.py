@@ -1511,10 +1511,14 @@ def _vmap_rule(op, tensors, out_count):
     return rule
 
 
-for _name, _tensors, _outs in (("fwd", (0, 1, 2), 2), ("fwd_ext", (0, 1, 2), 3),
-                               ("bwd_new", (0, 1, 2, 3, 4, 5), 3), ("bwd_ext_new", (0, 1, 2, 3, 4, 5), 3)):
-    _op = getattr(torch.ops.flash_attn_rs, _name)
-    torch.library.register_vmap(f"flash_attn_rs::{_name}", _vmap_rule(_op, _tensors, _outs))
-del _name, _tensors, _outs, _op
-# KV-cache reads (no append: the op that mutates nothing) per example: folding would repeat the caches.
-torch.library.register_vmap("flash_attn_rs::fwd_kvcache_read", _vmap_loop(torch.ops.flash_attn_rs.fwd_kvcache_read, 2))
+def _register_vmap_rules():
+    if not hasattr(torch.library, "register_vmap"):  # older PyTorch: its per-example fallback
+        return
+    for name, tensors, outs in (("fwd", (0, 1, 2), 2), ("fwd_ext", (0, 1, 2), 3),
+                                ("bwd_new", (0, 1, 2, 3, 4, 5), 3), ("bwd_ext_new", (0, 1, 2, 3, 4, 5), 3)):
+        torch.library.register_vmap(f"flash_attn_rs::{name}", _vmap_rule(getattr(torch.ops.flash_attn_rs, name), tensors, outs))
+    # KV-cache reads (the op that appends nothing) per example: folding would repeat the caches.
+    torch.library.register_vmap("flash_attn_rs::fwd_kvcache_read", _vmap_loop(torch.ops.flash_attn_rs.fwd_kvcache_read, 2))
+
+
+_register_vmap_rules()
