@@ -977,7 +977,10 @@ class _ExtFwd(torch.autograd.Function):
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
         qq, kk, vv = _split(q, k, v, pack)
         dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
-        extras = _bwd_extras(_alibi(alibi, qq), dropout)
+        # The slopes the native call reads (a contiguous copy of strided ones) held until it returns: `extras`
+        # keeps only their address.
+        alibi = _alibi(alibi, qq)
+        extras = _bwd_extras(alibi, dropout)
         _launch_bwd(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal,
                     wl, wr, softcap, det, extras)
         return tuple(grads) + (None,) * 16
@@ -1012,7 +1015,8 @@ def _bwd_ext_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, so
                   max_seqlen_k: Optional[int], softmax_scale: float, causal: bool, window_size_left: int,
                   window_size_right: int, softcap: float, deterministic: bool, alibi_slopes: Optional[Tensor],
                   dropout_p: float, rng_state: Optional[Tensor]) -> None:
-    extras = _bwd_extras(_alibi(alibi_slopes, q), _seeds_of(dropout_p, rng_state))
+    alibi = _alibi(alibi_slopes, q)  # held until the native call returns (`extras` keeps its address only)
+    extras = _bwd_extras(alibi, _seeds_of(dropout_p, rng_state))
     _launch_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                 max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
                 deterministic, extras)

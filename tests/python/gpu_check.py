@@ -1567,6 +1567,24 @@ def check_extras(dev, quick):
                                       causal=True, alibi_slopes=slopes, block_table=table)
     report(f"{where} paged alibi_slopes vs reference", max_err(out_p.view_as(ref), ref) <= 2e-2,
            f"err {max_err(out_p.view_as(ref), ref):.2e}")
+    # Strided slopes (a column of a [H, 2] tensor): the same out and gradients as contiguous ones, eagerly and
+    # through the custom ops (the backward read a contiguous copy it had already freed).
+    strided = torch.stack([slopes, torch.full_like(slopes, 1e4)], 1)[:, 0]
+    dout = torch.randn_like(q)
+
+    def alibi_grads(sl, fast):
+        fa._torch_impl.EAGER_FAST_PATH = fast
+        try:
+            x = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            o = fa.flash_attn_func(*x, causal=True, alibi_slopes=sl, deterministic=True)
+            o.backward(dout)
+            return [o.detach()] + [t.grad for t in x]
+        finally:
+            fa._torch_impl.EAGER_FAST_PATH = True
+
+    want = alibi_grads(slopes, True)
+    ok = all(all(torch.equal(a, b) for a, b in zip(alibi_grads(strided, fast), want)) for fast in (True, False))
+    report(f"{where} strided alibi_slopes: out and gradients == contiguous slopes' (eager, custom ops)", ok)
     # Dropout: autograd's gradients equal the hub's bwd given the forward's rng_state; manual_seed replays.
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     rs = (2**63 + 5, 3)
