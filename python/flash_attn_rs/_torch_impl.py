@@ -708,6 +708,19 @@ def check_output(t, name, like):
     _common.check_own_memory(t, name, _self_overlaps)
 
 
+def _check_copied_output(t, name, like, inputs):
+    """A caller's output `t` that the package fills from a result of its own (a layout the library cannot
+    write in place, or the ALiBi / dropout path): checked as the library checks those it writes (dtype,
+    device, every element its own, no element shared with an input or another output among `inputs`), which
+    the copy into it would otherwise skip (torch's copy_ into an expanded tensor raises a RuntimeError).
+    Unsupported dtypes are left to the call's own error naming them."""
+    if like.dtype not in _HALF:
+        return
+    check_output(t, name, like)
+    _common.check_disjoint([(name, t)], [(n, x) for n, x in inputs if n != name and isinstance(x, torch.Tensor)
+                                         and x.dtype in _DTYPES and x.device == t.device], overlaps)
+
+
 def _self_overlaps(t):
     """Whether two elements of tensor `t` share memory, by the library's rule."""
     return _native.overlaps(_desc(t, "t"), None)
@@ -815,6 +828,8 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
         _writable(_tensor(out, "out"), "out")
         if tuple(out.shape) != tuple(q.shape):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
+        if o.extras or not _rows_aligned(out):
+            _check_copied_output(out, "out", q, [("q", q), ("k", k), ("v", v)])
     if o.extras:
         if out is not None:
             # Checked as the plain path's native call checks it (this path copies into it).
@@ -872,6 +887,9 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
             g = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         elif tuple(_writable(_tensor(g, name), name).shape) != tuple(like.shape):
             raise ValueError(f"{name}: shape {tuple(g.shape)} must be {tuple(like.shape)}")
+        elif not _rows_aligned(g):
+            _check_copied_output(g, name, like, [("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out),
+                                                 ("softmax_lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)])
         grads.append(g)
     args = (_maybe_contiguous(dout), _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v),
             _maybe_contiguous(out), lse, grads[0], grads[1], grads[2], cu_q, cu_k, used_q, used_k, max_q, max_k,

@@ -1070,6 +1070,27 @@ def check_autograd_edges(dev, quick):
             report(f"error: {name}", False, "no exception")
         except ValueError as e:
             report(f"error: {name}", "share memory" in str(e), str(e)[:120])
+    # Outputs the package fills from a result of its own (a head dim that is not contiguous, the ALiBi path):
+    # the library's checks, not torch's RuntimeError from copy_ into an expanded tensor, nor a silent write
+    # into an input.
+    lse = fa.fwd(x2, x2, x2)[1]
+    flat = torch.zeros(1, device=dev, dtype=torch.bfloat16).expand(x2.shape)  # head dim stride 0
+    alias = x2.clone()
+    wide = torch.empty(*x2.shape[:-1], 128, device=dev, dtype=torch.bfloat16)
+    for name, fn, want in [
+            ("hub fwd into an out expanded along the head dim", lambda: fa.fwd(x2, x2, x2, flat), "share memory"),
+            ("hub bwd into a dq expanded along the head dim", lambda: fa.bwd(x2, x2, x2, x2, x2, lse, dq=flat),
+             "share memory"),
+            ("hub bwd into strided dq and dk sharing memory", lambda: fa.bwd(
+                x2, x2, x2, x2, x2, lse, dq=wide[..., ::2], dk=wide[..., ::2]), "dq: overlaps dk"),
+            ("hub fwd with ALiBi into an out that is q", lambda: fa.fwd(alias, x2, x2, alias,
+                                                                       alibi_slopes=torch.ones(2, device=dev)),
+             "overlaps q")]:
+        try:
+            fn()
+            report(f"error: {name}", False, "no exception")
+        except ValueError as e:
+            report(f"error: {name}", want in str(e), str(e)[:120])
 
 
 @check("torch.func transforms")
