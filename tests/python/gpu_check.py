@@ -371,6 +371,27 @@ def check_sdpa(dev, quick):
     if not torch.equal(got, want):
         bad.append("dropout: not flash_attn_func's mask")
     report("scaled_dot_product_attention hands the rest to PyTorch", not bad, "; ".join(bad))
+    # Key / value without heads: PyTorch 2.11's own function divides by their count (SIGFPE with enable_gqa,
+    # or when query has none either): a ValueError naming them, in a child process (a crash ends only it).
+    # enable_gqa without a truth value: a TypeError naming it.
+    import subprocess
+    child = ("import torch, flash_attn_rs as fa\n"
+             "q = torch.randn(2, 4, 8, 64, device=%r, dtype=torch.bfloat16)\n"
+             "for hq, hk, hv, gqa in ((4, 0, 0, True), (4, 2, 0, True), (0, 0, 0, False)):\n"
+             "    try:\n"
+             "        fa.scaled_dot_product_attention(q[:, :hq], q[:, :hk], q[:, :hv], enable_gqa=gqa)\n"
+             "        print('ran', hq, hk, hv)\n"
+             "    except ValueError as e:\n"
+             "        print('ValueError', str(e).split(':')[0])\n"
+             "try:\n"
+             "    fa.scaled_dot_product_attention(q, q, q, enable_gqa=torch.ones(2))\n"
+             "except TypeError as e:\n"
+             "    print('TypeError', str(e).split(':')[0])\n") % str(dev)
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    want = "ValueError key\nValueError value\nValueError key\nTypeError enable_gqa\n"
+    report("scaled_dot_product_attention: key / value without heads a ValueError (not PyTorch's SIGFPE), "
+           "enable_gqa without a truth value a TypeError", run.returncode == 0 and run.stdout == want,
+           f"exit {run.returncode}: {run.stdout!r} {run.stderr[-200:]!r}")
 
 
 @check("deterministic backward")
