@@ -817,6 +817,7 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_rank(t, name, rank)
     scale = _common.default_scale(scale, q.shape[-1])
+    inputs = [("q", q), ("k", k), ("v", v)]  # the caller's tensors (those below may be copies)
     q, k, v = _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v)
     if lens is not None:
         cu_q, cu_k, used_q, used_k, max_q, max_k = _lens(lens)
@@ -829,7 +830,7 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
         if tuple(out.shape) != tuple(q.shape):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
         if o.extras or not _rows_aligned(out):
-            _check_copied_output(out, "out", q, [("q", q), ("k", k), ("v", v)])
+            _check_copied_output(out, "out", q, inputs)
     if o.extras:
         if out is not None:
             # Checked as the plain path's native call checks it (this path copies into it).
