@@ -1104,6 +1104,8 @@ def check_autograd_edges(dev, quick):
              "share memory"),
             ("hub bwd into strided dq and dk sharing memory", lambda: fa.bwd(
                 x2, x2, x2, x2, x2, lse, dq=wide[..., ::2], dk=wide[..., ::2]), "dq: overlaps dk"),
+            ("hub fwd into a strided out that is the strided q", lambda: (lambda w: fa.fwd(w, x2, x2, w))(
+                torch.cat([x2, x2], -1)[..., ::2]), "overlaps q"),
             ("hub fwd with ALiBi into an out that is q", lambda: fa.fwd(alias, x2, x2, alias,
                                                                        alibi_slopes=torch.ones(2, device=dev)),
              "overlaps q")]:
