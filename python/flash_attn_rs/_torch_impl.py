@@ -382,6 +382,22 @@ def _no_forward_ad(*tensors):
 
 
 _is_grad_tracking = getattr(torch._C._functorch, "is_gradtrackingtensor", lambda t: False)
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_unwrapped = getattr(torch._C._functorch, "get_unwrapped", None)
+
+
+def _tracks_grad(t):
+    """Whether a torch.func grad transform differentiates through tensor `t`: at some level of its functorch
+    wrappers, a grad-tracking tensor that requires grad. vmap's batched wrapper hides that (its requires_grad
+    is False inside vmap under grad); a tensor made inside the differentiated function is grad-tracking but
+    requires no grad (a constant there)."""
+    while _is_wrapped(t):
+        if _is_grad_tracking(t) and t.requires_grad:
+            return True
+        if _unwrapped is None:  # pragma: no cover - another torch
+            return False
+        t = _unwrapped(t)
+    return False
 
 
 def _no_functorch(name):
@@ -396,7 +412,7 @@ def _no_functorch(name):
 def _no_slope_grads(alibi):
     """torch.func.grad with respect to alibi_slopes would return zeros (the kernels compute no gradient for
     the slopes): an error instead."""
-    if isinstance(alibi, torch.Tensor) and _functorch_active() and _is_grad_tracking(alibi):
+    if isinstance(alibi, torch.Tensor) and _functorch_active() and _tracks_grad(alibi):
         raise NotImplementedError("alibi_slopes: gradients with respect to the slopes are not computed "
                                   "(torch.func.grad would return zeros for them)")
 
@@ -442,9 +458,10 @@ class _FuncFwd(torch.autograd.Function):
 
 def _functorch(*tensors):
     """Whether a call runs under a torch.func transform and needs its gradient (not inside torch.compile,
-    which traces the custom ops)."""
+    which traces the custom ops), also where vmap's wrapper hides it (`_tracks_grad`: grad(vmap(f)), where the
+    op's own autograd is refused)."""
     return (_functorch_active() and not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors))
+            and any(t is not None and (t.requires_grad or _tracks_grad(t)) for t in tensors))
 
 
 def _call_fwd(*args):
@@ -1282,7 +1299,7 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
     place."""
     _no_forward_ad(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, o.alibi_slopes)
-    if _functorch_active() and any(isinstance(t, torch.Tensor) and _is_grad_tracking(t)
+    if _functorch_active() and any(isinstance(t, torch.Tensor) and _tracks_grad(t)
                                    for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, o.alibi_slopes)):
         # torch.func.grad would return zeros through a call that has no backward.
         raise NotImplementedError("flash_attn_with_kvcache: has no backward (as flash-attn's); torch.func.grad "

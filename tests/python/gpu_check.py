@@ -1185,7 +1185,26 @@ def check_torch_func(dev, quick):
     report("vmap(grad) per-example gradients == a loop of grads; jacrev == autograd's rows",
            all(torch.equal(a, b) for a, b in zip(grads, loop))
            and torch.equal(jac.reshape(qs.numel(), *qs.shape), torch.stack(rows)))
+    # grad over vmap (the other nesting: vmap's wrapper hides that grad tracks the inputs), also with slopes
+    # made inside the differentiated function (constants there, not a gradient with respect to them).
+    qs3 = torch.stack([q, q.flip(1)])
+    wo = torch.randn(qs3.shape, generator=g).to(dev)
+    ok = True
+    for f in (lambda q: fa.flash_attn_func(q, k, v, causal=True),
+              lambda q: fa.flash_attn_func(q, k, v, alibi_slopes=torch.full((4,), 0.25, device=dev))):
+        got = torch.func.grad(lambda x: (torch.func.vmap(f)(x).float() * wo).sum())(qs3)
+        xr = qs3.clone().requires_grad_(True)
+        (torch.stack([f(xr[i]) for i in range(2)]).float() * wo).sum().backward()
+        ok &= torch.equal(got, xr.grad)
+    report("torch.func.grad(vmap(f)) == autograd over the examples (plain; ALiBi slopes made inside)", ok)
     cache = r(2, 40, 2, 64)
+    try:
+        got = torch.func.grad(lambda x: torch.func.vmap(lambda q: fa.flash_attn_with_kvcache(
+            q, cache, cache, cache_seqlens=33))(x).float().sum())(torch.stack([q[:, :1], q[:, 1:2]]))
+        report("NotImplementedError: grad over vmap through flash_attn_with_kvcache", False,
+               f"no exception (gradient of abs sum {got.float().abs().sum().item()})")
+    except NotImplementedError as e:
+        report("NotImplementedError: grad over vmap through flash_attn_with_kvcache", True, str(e)[:90])
     batched = torch.func.vmap(lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33))(
         torch.stack([q[:, :1], q[:, 1:2]]))
     report("vmap over flash_attn_with_kvcache == per-example calls",
