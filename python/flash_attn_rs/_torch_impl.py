@@ -384,6 +384,18 @@ def _no_forward_ad(*tensors):
 _is_grad_tracking = getattr(torch._C._functorch, "is_gradtrackingtensor", lambda t: False)
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 _unwrapped = getattr(torch._C._functorch, "get_unwrapped", None)
+_is_batched = getattr(torch._C._functorch, "is_batchedtensor", lambda t: False)
+
+
+def _batched(t):
+    """Whether tensor `t` is batched by vmap at some level of its functorch wrappers."""
+    while _is_wrapped(t):
+        if _is_batched(t):
+            return True
+        if _unwrapped is None:  # pragma: no cover - another torch
+            return False
+        t = _unwrapped(t)
+    return False
 
 
 def _tracks_grad(t):
@@ -1305,6 +1317,11 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
         raise NotImplementedError("flash_attn_with_kvcache: has no backward (as flash-attn's); torch.func.grad "
                                   "through it is not supported")
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
+    if (k is not None or v is not None) and _functorch_active() and any(
+            isinstance(t, torch.Tensor) and _batched(t) for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin)):
+        # vmap has no batching rule for an op that writes its inputs (torch's RuntimeError about out= ops).
+        raise NotImplementedError("flash_attn_with_kvcache: appending k and v (written into the caches in place) "
+                                  "does not run under torch.func.vmap; call it per example, or without k and v")
     if k is not None or v is not None:
         _writable(k_cache, "k_cache")
         _writable(v_cache, "v_cache")

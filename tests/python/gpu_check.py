@@ -1216,6 +1216,8 @@ def check_torch_func(dev, quick):
         "grad through flash_attn_with_kvcache": lambda: torch.func.grad(
             lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33).float().sum())(q[:, :1]),
         "hub fwd under vmap": lambda: torch.func.vmap(lambda q: fa.fwd(q, k, v, alibi_slopes=slopes)[0])(q[None]),
+        "vmap over a KV cache append": lambda: torch.func.vmap(lambda q, kn: fa.flash_attn_with_kvcache(
+            q, cache.clone(), cache.clone(), kn, kn, cache_seqlens=3))(q[None, :, :1], k[None, :, :1]),
         "hub bwd under grad": lambda: torch.func.grad(lambda q: fa.bwd(q, q, k, v, q, torch.zeros(
             2, 4, 40, device=dev))[0].float().sum())(q),
         "paged K/V under vmap": lambda: torch.func.vmap(lambda q: fa.flash_attn_varlen_func(
