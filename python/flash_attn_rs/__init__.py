@@ -478,7 +478,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     ranks, dtypes or devices, head dims above 256, key and value of different head dims, different head
     counts without enable_gqa, is_causal with fewer queries than keys (L < S: its top-left mask hides
     keys past the last row's, which a bottom-right window cannot express), empty tensors, a dropout_p
-    outside [0, 1) or a scale that is not a finite number (PyTorch's answer, or its error). With
+    outside [0, 1) or a scale that is not a finite number (PyTorch's answer, or its error; key or value without
+    heads, where PyTorch 2.11's function divides by zero and kills the process, a ValueError naming it). With
     `fallback=False` those raise NotImplementedError instead. Decoding steps (at most 64 query rows per key
     head, nothing to differentiate, no dropout; compiled; eager on the CPU; eager on CUDA from 2048 keys per
     sequence or 32768 key rows times key heads N * S * Hk, or under CUDA-graph capture, as flash_attn_func) run flash_attn_with_kvcache's split-KV decode
@@ -487,11 +488,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if _torch is None:
         raise TypeError("scaled_dot_product_attention: needs torch (not installed, or FLASH_ATTN_RS_NO_TORCH set)")
+    _common.flag(enable_gqa, "enable_gqa")  # a value without a truth value is a TypeError naming it, on every path
     why = _sdpa_unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if why is not None:
         if not _common.flag(fallback, "fallback"):
             raise NotImplementedError(f"scaled_dot_product_attention: {why} (fallback=True runs PyTorch's)")
         kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
+        for name, t in (("key", key), ("value", value)):
+            if isinstance(t, _torch.Tensor) and t.ndim >= 3 and t.shape[-3] == 0:
+                # PyTorch 2.11's function divides by the key / value heads (SIGFPE, the process dies) with
+                # enable_gqa, and without it where query has none either: an error naming them instead.
+                raise ValueError(f"{name}: has 0 heads (dimension {t.ndim - 3} of shape {tuple(t.shape)}), "
+                                 f"which PyTorch's scaled_dot_product_attention cannot take")
         if type(dropout_p) in (int, float) and dropout_p == 1 and isinstance(query, _torch.Tensor) and query.is_cuda:
             # PyTorch 2.11's cuDNN backend raises for dropout_p 1 on the first call and crashes the process on
             # the next: its math backend answers (every probability dropped: out 0, gradients 0).

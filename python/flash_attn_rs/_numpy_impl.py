@@ -107,6 +107,15 @@ def check_output(a, name, like):
     _common.check_own_memory(a, name, _self_overlaps)
 
 
+def _check_copied_output(a, name, inputs):
+    """A caller's output `a` written through a temporary (a layout the library cannot write in place): checked
+    as the library checks those it writes (every element its own; none shared with an input or another output
+    among `inputs`), which copying the result into it would otherwise skip."""
+    _common.check_own_memory(a, name, _self_overlaps)
+    _common.check_disjoint([(name, a)], [(n, x) for n, x in inputs if n != name and isinstance(x, np.ndarray)],
+                           overlaps)
+
+
 def _self_overlaps(a):
     """Whether two elements of float array `a` share memory, by the library's rule (strides of whole
     elements, their signs aside; others are written through a copy)."""
@@ -239,6 +248,7 @@ def _run_fwd(q, k, v, out, lse, lens, scale, o, seeds=None):
 def fwd(q, k, v, out, lens, scale, o, gen=None):
     """The hub's fwd / varlen_fwd: no padding, optional caller's out; returns [out, lse, S_dmask,
     rng_state] (S_dmask with return_softmax, rng_state int64 [seed, offset] with dropout, else None)."""
+    given = [("q", q), ("k", k), ("v", v)]  # the caller's arrays (those below may be copies)
     q, k, v = _array(q, "q"), _array(k, "k"), _array(v, "v")
     varlen = lens is not None
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -248,6 +258,8 @@ def fwd(q, k, v, out, lens, scale, o, gen=None):
         target, copy_back = _empty(q.shape, q.dtype, "q"), False
     else:
         target, copy_back = _output(out, "out", q.shape, q.dtype)
+        if copy_back:
+            _check_copied_output(out, "out", given)
     lse_shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
     lse = _empty(lse_shape, np.float32, "q")
     seeds = seed_offset(o, gen)
@@ -264,6 +276,9 @@ def _rng_array(seeds):
 
 def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o):
     """The hub's bwd / varlen_bwd; returns [dq, dk, dv, None]. With dropout, o.rng_state is the forward's."""
+    # The caller's arrays (those below may be copies), for the outputs written through temporaries.
+    given = [("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out), ("softmax_lse", lse), ("dq", dq), ("dk", dk),
+             ("dv", dv)]
     q, k, v = _array(q, "q"), _array(k, "k"), _array(v, "v")
     dout, out = _array(dout, "dout"), _array(out, "out")
     lse = _array(lse, "softmax_lse", "float32")
@@ -282,6 +297,8 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o):
             grads.append((_empty(like.shape, like.dtype, name[1:]), None))
         else:
             t, copy_back = _output(g, name, like.shape, q.dtype)
+            if copy_back:
+                _check_copied_output(g, name, given)
             grads.append((t, g if copy_back else None))
     (tq, _), (tk, _), (tv, _) = grads
     args = (_desc(dout, "dout"), _desc(q, "q"), _desc(k, "k"), _desc(v, "v"), _desc(out, "out"),

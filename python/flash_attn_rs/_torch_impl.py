@@ -382,6 +382,34 @@ def _no_forward_ad(*tensors):
 
 
 _is_grad_tracking = getattr(torch._C._functorch, "is_gradtrackingtensor", lambda t: False)
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_unwrapped = getattr(torch._C._functorch, "get_unwrapped", None)
+_is_batched = getattr(torch._C._functorch, "is_batchedtensor", lambda t: False)
+
+
+def _batched(t):
+    """Whether tensor `t` is batched by vmap at some level of its functorch wrappers."""
+    while _is_wrapped(t):
+        if _is_batched(t):
+            return True
+        if _unwrapped is None:  # pragma: no cover - another torch
+            return False
+        t = _unwrapped(t)
+    return False
+
+
+def _tracks_grad(t):
+    """Whether a torch.func grad transform differentiates through tensor `t`: at some level of its functorch
+    wrappers, a grad-tracking tensor that requires grad. vmap's batched wrapper hides that (its requires_grad
+    is False inside vmap under grad); a tensor made inside the differentiated function is grad-tracking but
+    requires no grad (a constant there)."""
+    while _is_wrapped(t):
+        if _is_grad_tracking(t) and t.requires_grad:
+            return True
+        if _unwrapped is None:  # pragma: no cover - another torch
+            return False
+        t = _unwrapped(t)
+    return False
 
 
 def _no_functorch(name):
@@ -396,7 +424,7 @@ def _no_functorch(name):
 def _no_slope_grads(alibi):
     """torch.func.grad with respect to alibi_slopes would return zeros (the kernels compute no gradient for
     the slopes): an error instead."""
-    if isinstance(alibi, torch.Tensor) and _functorch_active() and _is_grad_tracking(alibi):
+    if isinstance(alibi, torch.Tensor) and _functorch_active() and _tracks_grad(alibi):
         raise NotImplementedError("alibi_slopes: gradients with respect to the slopes are not computed "
                                   "(torch.func.grad would return zeros for them)")
 
@@ -442,9 +470,10 @@ class _FuncFwd(torch.autograd.Function):
 
 def _functorch(*tensors):
     """Whether a call runs under a torch.func transform and needs its gradient (not inside torch.compile,
-    which traces the custom ops)."""
+    which traces the custom ops), also where vmap's wrapper hides it (`_tracks_grad`: grad(vmap(f)), where the
+    op's own autograd is refused)."""
     return (_functorch_active() and not torch.compiler.is_compiling() and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors))
+            and any(t is not None and (t.requires_grad or _tracks_grad(t)) for t in tensors))
 
 
 def _call_fwd(*args):
@@ -708,6 +737,19 @@ def check_output(t, name, like):
     _common.check_own_memory(t, name, _self_overlaps)
 
 
+def _check_copied_output(t, name, like, inputs):
+    """A caller's output `t` that the package fills from a result of its own (a layout the library cannot
+    write in place, or the ALiBi / dropout path): checked as the library checks those it writes (dtype,
+    device, every element its own, no element shared with an input or another output among `inputs`), which
+    the copy into it would otherwise skip (torch's copy_ into an expanded tensor raises a RuntimeError).
+    Unsupported dtypes are left to the call's own error naming them."""
+    if like.dtype not in _HALF:
+        return
+    check_output(t, name, like)
+    _common.check_disjoint([(name, t)], [(n, x) for n, x in inputs if n != name and isinstance(x, torch.Tensor)
+                                         and x.dtype in _DTYPES and x.device == t.device], overlaps)
+
+
 def _self_overlaps(t):
     """Whether two elements of tensor `t` share memory, by the library's rule."""
     return _native.overlaps(_desc(t, "t"), None)
@@ -804,6 +846,7 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _common.check_rank(t, name, rank)
     scale = _common.default_scale(scale, q.shape[-1])
+    inputs = [("q", q), ("k", k), ("v", v)]  # the caller's tensors (those below may be copies)
     q, k, v = _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v)
     if lens is not None:
         cu_q, cu_k, used_q, used_k, max_q, max_k = _lens(lens)
@@ -815,6 +858,8 @@ def fwd(q, k, v, out, lens, scale, o, gen=None) -> List[Optional[Tensor]]:
         _writable(_tensor(out, "out"), "out")
         if tuple(out.shape) != tuple(q.shape):
             raise ValueError(f"out: shape {tuple(out.shape)} must be {tuple(q.shape)} (from q's shape)")
+        if o.extras or not _rows_aligned(out):
+            _check_copied_output(out, "out", q, inputs)
     if o.extras:
         if out is not None:
             # Checked as the plain path's native call checks it (this path copies into it).
@@ -872,6 +917,9 @@ def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Te
             g = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         elif tuple(_writable(_tensor(g, name), name).shape) != tuple(like.shape):
             raise ValueError(f"{name}: shape {tuple(g.shape)} must be {tuple(like.shape)}")
+        elif not _rows_aligned(g):
+            _check_copied_output(g, name, like, [("dout", dout), ("q", q), ("k", k), ("v", v), ("out", out),
+                                                 ("softmax_lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)])
         grads.append(g)
     args = (_maybe_contiguous(dout), _maybe_contiguous(q), _maybe_contiguous(k), _maybe_contiguous(v),
             _maybe_contiguous(out), lse, grads[0], grads[1], grads[2], cu_q, cu_k, used_q, used_k, max_q, max_k,
@@ -977,7 +1025,10 @@ class _ExtFwd(torch.autograd.Function):
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
         qq, kk, vv = _split(q, k, v, pack)
         dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
-        extras = _bwd_extras(_alibi(alibi, qq), dropout)
+        # The slopes the native call reads (a contiguous copy of strided ones) held until it returns: `extras`
+        # keeps only their address.
+        alibi = _alibi(alibi, qq)
+        extras = _bwd_extras(alibi, dropout)
         _launch_bwd(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal,
                     wl, wr, softcap, det, extras)
         return tuple(grads) + (None,) * 16
@@ -1012,7 +1063,8 @@ def _bwd_ext_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, so
                   max_seqlen_k: Optional[int], softmax_scale: float, causal: bool, window_size_left: int,
                   window_size_right: int, softcap: float, deterministic: bool, alibi_slopes: Optional[Tensor],
                   dropout_p: float, rng_state: Optional[Tensor]) -> None:
-    extras = _bwd_extras(_alibi(alibi_slopes, q), _seeds_of(dropout_p, rng_state))
+    alibi = _alibi(alibi_slopes, q)  # held until the native call returns (`extras` keeps its address only)
+    extras = _bwd_extras(alibi, _seeds_of(dropout_p, rng_state))
     _launch_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                 max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
                 deterministic, extras)
@@ -1259,12 +1311,17 @@ def kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ca
     """flash_attn_with_kvcache on tensors: (out, lse); k and v are written into k_cache and v_cache in
     place."""
     _no_forward_ad(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, o.alibi_slopes)
-    if _functorch_active() and any(isinstance(t, torch.Tensor) and _is_grad_tracking(t)
+    if _functorch_active() and any(isinstance(t, torch.Tensor) and _tracks_grad(t)
                                    for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, o.alibi_slopes)):
         # torch.func.grad would return zeros through a call that has no backward.
         raise NotImplementedError("flash_attn_with_kvcache: has no backward (as flash-attn's); torch.func.grad "
                                   "through it is not supported")
     k_cache, v_cache = _tensor(k_cache, "k_cache"), _tensor(v_cache, "v_cache")
+    if (k is not None or v is not None) and _functorch_active() and any(
+            isinstance(t, torch.Tensor) and _batched(t) for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin)):
+        # vmap has no batching rule for an op that writes its inputs (torch's RuntimeError about out= ops).
+        raise NotImplementedError("flash_attn_with_kvcache: appending k and v (written into the caches in place) "
+                                  "does not run under torch.func.vmap; call it per example, or without k and v")
     if k is not None or v is not None:
         _writable(k_cache, "k_cache")
         _writable(v_cache, "v_cache")

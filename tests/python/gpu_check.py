@@ -373,6 +373,27 @@ def check_sdpa(dev, quick):
     if not torch.equal(got, want):
         bad.append("dropout: not flash_attn_func's mask")
     report("scaled_dot_product_attention hands the rest to PyTorch", not bad, "; ".join(bad))
+    # Key / value without heads: PyTorch 2.11's own function divides by their count (SIGFPE with enable_gqa,
+    # or when query has none either): a ValueError naming them, in a child process (a crash ends only it).
+    # enable_gqa without a truth value: a TypeError naming it.
+    import subprocess
+    child = ("import torch, flash_attn_rs as fa\n"
+             "q = torch.randn(2, 4, 8, 64, device=%r, dtype=torch.bfloat16)\n"
+             "for hq, hk, hv, gqa in ((4, 0, 0, True), (4, 2, 0, True), (0, 0, 0, False)):\n"
+             "    try:\n"
+             "        fa.scaled_dot_product_attention(q[:, :hq], q[:, :hk], q[:, :hv], enable_gqa=gqa)\n"
+             "        print('ran', hq, hk, hv)\n"
+             "    except ValueError as e:\n"
+             "        print('ValueError', str(e).split(':')[0])\n"
+             "try:\n"
+             "    fa.scaled_dot_product_attention(q, q, q, enable_gqa=torch.ones(2))\n"
+             "except TypeError as e:\n"
+             "    print('TypeError', str(e).split(':')[0])\n") % str(dev)
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    want = "ValueError key\nValueError value\nValueError key\nTypeError enable_gqa\n"
+    report("scaled_dot_product_attention: key / value without heads a ValueError (not PyTorch's SIGFPE), "
+           "enable_gqa without a truth value a TypeError", run.returncode == 0 and run.stdout == want,
+           f"exit {run.returncode}: {run.stdout!r} {run.stderr[-200:]!r}")
 
 
 @check("deterministic backward")
@@ -1072,6 +1093,29 @@ def check_autograd_edges(dev, quick):
             report(f"error: {name}", False, "no exception")
         except ValueError as e:
             report(f"error: {name}", "share memory" in str(e), str(e)[:120])
+    # Outputs the package fills from a result of its own (a head dim that is not contiguous, the ALiBi path):
+    # the library's checks, not torch's RuntimeError from copy_ into an expanded tensor, nor a silent write
+    # into an input.
+    lse = fa.fwd(x2, x2, x2)[1]
+    flat = torch.zeros(1, device=dev, dtype=torch.bfloat16).expand(x2.shape)  # head dim stride 0
+    alias = x2.clone()
+    wide = torch.empty(*x2.shape[:-1], 128, device=dev, dtype=torch.bfloat16)
+    for name, fn, want in [
+            ("hub fwd into an out expanded along the head dim", lambda: fa.fwd(x2, x2, x2, flat), "share memory"),
+            ("hub bwd into a dq expanded along the head dim", lambda: fa.bwd(x2, x2, x2, x2, x2, lse, dq=flat),
+             "share memory"),
+            ("hub bwd into strided dq and dk sharing memory", lambda: fa.bwd(
+                x2, x2, x2, x2, x2, lse, dq=wide[..., ::2], dk=wide[..., ::2]), "dq: overlaps dk"),
+            ("hub fwd into a strided out that is the strided q", lambda: (lambda w: fa.fwd(w, x2, x2, w))(
+                torch.cat([x2, x2], -1)[..., ::2]), "overlaps q"),
+            ("hub fwd with ALiBi into an out that is q", lambda: fa.fwd(alias, x2, x2, alias,
+                                                                       alibi_slopes=torch.ones(2, device=dev)),
+             "overlaps q")]:
+        try:
+            fn()
+            report(f"error: {name}", False, "no exception")
+        except ValueError as e:
+            report(f"error: {name}", want in str(e), str(e)[:120])
 
 
 @check("torch.func transforms")
@@ -1143,7 +1187,26 @@ def check_torch_func(dev, quick):
     report("vmap(grad) per-example gradients == a loop of grads; jacrev == autograd's rows",
            all(torch.equal(a, b) for a, b in zip(grads, loop))
            and torch.equal(jac.reshape(qs.numel(), *qs.shape), torch.stack(rows)))
+    # grad over vmap (the other nesting: vmap's wrapper hides that grad tracks the inputs), also with slopes
+    # made inside the differentiated function (constants there, not a gradient with respect to them).
+    qs3 = torch.stack([q, q.flip(1)])
+    wo = torch.randn(qs3.shape, generator=g).to(dev)
+    ok = True
+    for f in (lambda q: fa.flash_attn_func(q, k, v, causal=True),
+              lambda q: fa.flash_attn_func(q, k, v, alibi_slopes=torch.full((4,), 0.25, device=dev))):
+        got = torch.func.grad(lambda x: (torch.func.vmap(f)(x).float() * wo).sum())(qs3)
+        xr = qs3.clone().requires_grad_(True)
+        (torch.stack([f(xr[i]) for i in range(2)]).float() * wo).sum().backward()
+        ok &= torch.equal(got, xr.grad)
+    report("torch.func.grad(vmap(f)) == autograd over the examples (plain; ALiBi slopes made inside)", ok)
     cache = r(2, 40, 2, 64)
+    try:
+        got = torch.func.grad(lambda x: torch.func.vmap(lambda q: fa.flash_attn_with_kvcache(
+            q, cache, cache, cache_seqlens=33))(x).float().sum())(torch.stack([q[:, :1], q[:, 1:2]]))
+        report("NotImplementedError: grad over vmap through flash_attn_with_kvcache", False,
+               f"no exception (gradient of abs sum {got.float().abs().sum().item()})")
+    except NotImplementedError as e:
+        report("NotImplementedError: grad over vmap through flash_attn_with_kvcache", True, str(e)[:90])
     batched = torch.func.vmap(lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33))(
         torch.stack([q[:, :1], q[:, 1:2]]))
     report("vmap over flash_attn_with_kvcache == per-example calls",
@@ -1155,6 +1218,8 @@ def check_torch_func(dev, quick):
         "grad through flash_attn_with_kvcache": lambda: torch.func.grad(
             lambda q: fa.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=33).float().sum())(q[:, :1]),
         "hub fwd under vmap": lambda: torch.func.vmap(lambda q: fa.fwd(q, k, v, alibi_slopes=slopes)[0])(q[None]),
+        "vmap over a KV cache append": lambda: torch.func.vmap(lambda q, kn: fa.flash_attn_with_kvcache(
+            q, cache.clone(), cache.clone(), kn, kn, cache_seqlens=3))(q[None, :, :1], k[None, :, :1]),
         "hub bwd under grad": lambda: torch.func.grad(lambda q: fa.bwd(q, q, k, v, q, torch.zeros(
             2, 4, 40, device=dev))[0].float().sum())(q),
         "paged K/V under vmap": lambda: torch.func.vmap(lambda q: fa.flash_attn_varlen_func(
@@ -1622,6 +1687,24 @@ def check_extras(dev, quick):
                                       causal=True, alibi_slopes=slopes, block_table=table)
     report(f"{where} paged alibi_slopes vs reference", max_err(out_p.view_as(ref), ref) <= 2e-2,
            f"err {max_err(out_p.view_as(ref), ref):.2e}")
+    # Strided slopes (a column of a [H, 2] tensor): the same out and gradients as contiguous ones, eagerly and
+    # through the custom ops (the backward read a contiguous copy it had already freed).
+    strided = torch.stack([slopes, torch.full_like(slopes, 1e4)], 1)[:, 0]
+    dout = torch.randn_like(q)
+
+    def alibi_grads(sl, fast):
+        fa._torch_impl.EAGER_FAST_PATH = fast
+        try:
+            x = [t.clone().requires_grad_(True) for t in (q, k, v)]
+            o = fa.flash_attn_func(*x, causal=True, alibi_slopes=sl, deterministic=True)
+            o.backward(dout)
+            return [o.detach()] + [t.grad for t in x]
+        finally:
+            fa._torch_impl.EAGER_FAST_PATH = True
+
+    want = alibi_grads(slopes, True)
+    ok = all(all(torch.equal(a, b) for a, b in zip(alibi_grads(strided, fast), want)) for fast in (True, False))
+    report(f"{where} strided alibi_slopes: out and gradients == contiguous slopes' (eager, custom ops)", ok)
     # Dropout: autograd's gradients equal the hub's bwd given the forward's rng_state; manual_seed replays.
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     rs = (2**63 + 5, 3)

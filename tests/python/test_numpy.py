@@ -1346,6 +1346,14 @@ BAD = [
                                               dq=np.empty_like(k)), ValueError, ["dq"]),
     ("hub dk aliases dv", lambda q, k, v, c: (lambda g: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 8), np.float32),
                                                                dk=g, dv=g))(np.empty_like(k)), ValueError, ["dk"]),
+    # Outputs of a layout the library cannot write in place (filled from a temporary): the same checks.
+    ("hub out with a zero-stride head dim", lambda q, k, v, c: fa.fwd(q, k, v, out=np.lib.stride_tricks.as_strided(
+        np.zeros(1, F16), q.shape, (0,) * 4)), ValueError, ["out", "share memory"]),
+    ("hub strided out over a strided q", lambda q, k, v, c: (lambda w: fa.fwd(w[..., ::2], k, v, out=w[..., ::2]))(
+        np.repeat(q, 2, axis=-1)), ValueError, ["out", "overlaps q"]),
+    ("hub strided dk aliases dv", lambda q, k, v, c: (lambda w: fa.bwd(q, q, k, v, q, np.zeros((1, 4, 8), np.float32),
+                                                                       dk=w[..., ::2], dv=w[..., ::2]))(
+        np.zeros(k.shape[:-1] + (2 * k.shape[-1],), F16)), ValueError, ["dk", "overlaps dv"]),
     # Head dim 0 with the default scale (1/sqrt(0)): the head dim's error naming q, at every entry point.
     ("head dim 0", lambda q, k, v, c: fa.flash_attn_func(*(q[..., :0],) * 3), ValueError, ["q", "head dim 0"]),
     ("varlen head dim 0", lambda q, k, v, c: fa.flash_attn_varlen_func(*(q[0, ..., :0],) * 3, c, c, 8, 8), ValueError,
