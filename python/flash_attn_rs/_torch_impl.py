@@ -387,15 +387,20 @@ _unwrapped = getattr(torch._C._functorch, "get_unwrapped", None)
 _is_batched = getattr(torch._C._functorch, "is_batchedtensor", lambda t: False)
 
 
-def _batched(t):
-    """Whether tensor `t` is batched by vmap at some level of its functorch wrappers."""
+def _some_level(t, holds):
+    """Whether `holds(w)` for some level w of tensor `t`'s functorch wrappers."""
     while _is_wrapped(t):
-        if _is_batched(t):
+        if holds(t):
             return True
         if _unwrapped is None:  # pragma: no cover - another torch
             return False
         t = _unwrapped(t)
     return False
+
+
+def _batched(t):
+    """Whether tensor `t` is batched by vmap at some level of its functorch wrappers."""
+    return _some_level(t, _is_batched)
 
 
 def _tracks_grad(t):
@@ -403,13 +408,7 @@ def _tracks_grad(t):
     wrappers, a grad-tracking tensor that requires grad. vmap's batched wrapper hides that (its requires_grad
     is False inside vmap under grad); a tensor made inside the differentiated function is grad-tracking but
     requires no grad (a constant there)."""
-    while _is_wrapped(t):
-        if _is_grad_tracking(t) and t.requires_grad:
-            return True
-        if _unwrapped is None:  # pragma: no cover - another torch
-            return False
-        t = _unwrapped(t)
-    return False
+    return _some_level(t, lambda w: _is_grad_tracking(w) and w.requires_grad)
 
 
 def _no_functorch(name):

@@ -1118,6 +1118,18 @@ def check_autograd_edges(dev, quick):
             report(f"error: {name}", want in str(e), str(e)[:120])
 
 
+def _func_inputs(dev, seed):
+    """torch.func checks' inputs: a generator, a bf16 randn on dev, then dense GQA q, k, v, packed qp, kp and
+    their cu_seqlens (two sequences)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dev, torch.bfloat16)  # noqa: E731
+    q, k, v = r(2, 40, 4, 64), r(2, 33, 2, 64), r(2, 33, 2, 64)
+    qp, kp = r(40, 4, 64), r(33, 2, 64)
+    cu_q = torch.tensor([0, 15, 40], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 20, 33], dtype=torch.int32, device=dev)
+    return g, r, (q, k, v, qp, kp, cu_q, cu_k)
+
+
 @check("torch.func transforms")
 def check_torch_func(dev, quick):
     """torch.func's reverse mode (grad, vjp) through the attention gives bitwise what autograd gives (the same
@@ -1126,12 +1138,7 @@ def check_torch_func(dev, quick):
     torch.autograd.forward_ad) raises NotImplementedError instead of returning a zero or missing tangent;
     vmap over the forward gives the per-example calls' results."""
     import torch.autograd.forward_ad as fwAD
-    g = torch.Generator().manual_seed(11)
-    r = lambda *shape: torch.randn(*shape, generator=g).to(dev, torch.bfloat16)  # noqa: E731
-    q, k, v = r(2, 40, 4, 64), r(2, 33, 2, 64), r(2, 33, 2, 64)
-    qp, kp = r(40, 4, 64), r(33, 2, 64)
-    cu_q = torch.tensor([0, 15, 40], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, 20, 33], dtype=torch.int32, device=dev)
+    g, r, (q, k, v, qp, kp, cu_q, cu_k) = _func_inputs(dev, 11)
     slopes = torch.rand(4, generator=g).to(dev)
     qkv = r(2, 40, 3, 4, 64)
     calls = [
@@ -1256,12 +1263,7 @@ def check_vmap_rules(dev, quick):
     example its own call's out and lse bitwise: the vmapped dim anywhere, inputs with and without it, ALiBi
     slopes per example, qkv packed; vmap(grad) equals a loop of grads."""
     import torch._C._functorch as functorch
-    g = torch.Generator().manual_seed(12)
-    r = lambda *shape: torch.randn(*shape, generator=g).to(dev, torch.bfloat16)  # noqa: E731
-    q, k, v = r(2, 40, 4, 64), r(2, 33, 2, 64), r(2, 33, 2, 64)
-    qp, kp = r(40, 4, 64), r(33, 2, 64)
-    cu_q = torch.tensor([0, 15, 40], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, 20, 33], dtype=torch.int32, device=dev)
+    g, r, (q, k, v, qp, kp, cu_q, cu_k) = _func_inputs(dev, 12)
     n = 3
     qs = torch.stack([q, q.flip(1), q * 2])
     ks = torch.stack([k, k.flip(1), -k])
