@@ -968,6 +968,9 @@ fn bad_inputs_are_errors() {
     expect_err("seqlens empty", || fa::flash_attn_varlen(q3r, k3r, k3r, &cu_empty, &cu_empty, 5, 5, 0.1, false));
     expect_err("max_seqlen_q too small", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, cur, 2, 5, 0.1, false));
     expect_err("max_seqlen_k too small", || fa::flash_attn_varlen(q3r, k3r, k3r, cur, cur, 5, 2, 0.1, false));
+    // A max_seqlen_k past i64 with a window size past i64 too: named as max_seqlen_k (the window once
+    // wrapped to a negative left bound, and the error named the window).
+    expect_err_naming("max_seqlen_k past i64 with a window", "max_seqlen_k", || fa::flash_attn_varlen_windowed(q3r, k3r, k3r, cur, cur, 5, usize::MAX, 0.1, Some(1 << 63), None));
     expect_err("varlen_windowed seqlens len", || fa::flash_attn_varlen_windowed(q3r, k3r, k3r, cur, &cu2, 5, 8, 0.1, Some(2), Some(0)));
     assert!(fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi_b2, cur, cur, 5, 5, 0.1, true).is_ok(), "varlen_alibi [B, Hq]: the good call must work");
     expect_err("varlen_alibi [Hq - 1]", || fa::flash_attn_varlen_alibi(q3r, k3r, k3r, &alibi3, cur, cur, 5, 5, 0.1, true));

@@ -749,12 +749,14 @@ fn check_alibi(alibi_slopes: Option<&Tensor>, q: &Tensor) -> Result<Option<Tenso
 /// softcap too: a negative one is off, as 0 (flash-attn applies it only above 0); NaN and infinities stay
 /// errors (the library's), where candle-flash-attn would drop them silently.
 fn options(softmax_scale: f32, window_size_left: Option<usize>, window_size_right: Option<usize>, softcap: Option<f32>, seqlen_k: usize) -> AttnOptions {
-    let bound = |w: Option<usize>| w.filter(|&w| w <= seqlen_k).map_or(-1, |w| w as i64);
+    // Saturating: a size past i64 (possible only with such a max_seqlen_k, which the library then
+    // refuses by name) must not wrap to a negative window.
+    let bound = |w: Option<usize>| w.filter(|&w| w <= seqlen_k).map_or(-1, |w| i64::try_from(w).unwrap_or(i64::MAX));
     let (left, mut right) = (bound(window_size_left), bound(window_size_right));
     let causal = left < 0 && right == 0;
     // (left < 0, right >= 0): candle sets left = seqlen_k, which never binds: -1 is the same mask.
     if left >= 0 && right < 0 {
-        right = seqlen_k as i64;
+        right = i64::try_from(seqlen_k).unwrap_or(i64::MAX);
     }
     let softcap = softcap.map_or(0.0, |c| if c.is_finite() && c < 0.0 { 0.0 } else { c });
     AttnOptions { softmax_scale: Some(softmax_scale), causal, window: (left, right), softcap, ..Default::default() }
