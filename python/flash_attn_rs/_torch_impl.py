@@ -891,8 +891,7 @@ def _hub_fwd_ext(q, k, v, out, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, 
 
 @torch.compiler.disable
 def _hub_bwd_ext(args, q, o):
-    alibi = _alibi(o.alibi_slopes, q)
-    _launch_bwd(*args, extras=_bwd_extras(alibi, _common.dropout_arg(o, o.rng_state)))
+    _launch_bwd(*args, extras=_bwd_extras(o.alibi_slopes, q, _common.dropout_arg(o, o.rng_state)))
 
 
 def bwd(dout, q, k, v, out, lse, dq, dk, dv, lens, scale, o) -> List[Optional[Tensor]]:
@@ -972,9 +971,19 @@ def _alibi(alibi, q):
     return _maybe_contiguous(alibi) if alibi.ndim else alibi
 
 
-def _bwd_extras(alibi, dropout):
-    extras = {}
+class _Extras(dict):
+    """The native calls' keyword arguments for ALiBi / dropout / S_dmask. They carry addresses only, so the
+    dict holds the slopes it took one from (a contiguous copy of strided ones) for as long as it lives: the
+    whole native call, which it is passed to."""
+    keep = None
+
+
+def _bwd_extras(alibi_slopes, q, dropout):
+    """`_Extras` for the slopes (checked against q, made contiguous) and the native dropout argument."""
+    extras = _Extras()
+    alibi = _alibi(alibi_slopes, q)
     if alibi is not None:
+        extras.keep = alibi
         extras["alibi_slopes"] = _desc(alibi, "alibi_slopes", "torch.float32")
     if dropout is not None:
         extras["dropout"] = dropout
@@ -988,8 +997,7 @@ def _ext_fwd_body(q, k, v, cu_q, cu_k, used_q, used_k, max_q, max_k, pack, scale
     out = torch.empty(qq.shape, dtype=qq.dtype, device=qq.device)
     varlen = cu_q is not None
     lse = torch.empty(_lse_shape(qq, varlen), dtype=torch.float32, device=qq.device)
-    alibi = _alibi(alibi, qq)
-    extras = _bwd_extras(alibi, dropout)
+    extras = _bwd_extras(alibi, qq, dropout)
     if want_probs:
         lens = (cu_q, cu_k, max_q, max_k) if varlen else None
         s_dmask = _common.alloc_s_dmask(lambda shape: torch.zeros(shape, dtype=qq.dtype, device=qq.device), qq, lens,
@@ -1024,10 +1032,7 @@ class _ExtFwd(torch.autograd.Function):
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in (q, k, v)]
         qq, kk, vv = _split(q, k, v, pack)
         dq, dk, dv = _split(grads[0], grads[1], grads[2], pack)
-        # The slopes the native call reads (a contiguous copy of strided ones) held until it returns: `extras`
-        # keeps only their address.
-        alibi = _alibi(alibi, qq)
-        extras = _bwd_extras(alibi, dropout)
+        extras = _bwd_extras(alibi, qq, dropout)
         _launch_bwd(dout, qq, kk, vv, out, lse, dq, dk, dv, cu_q, cu_k, used_q, used_k, max_q, max_k, scale, causal,
                     wl, wr, softcap, det, extras)
         return tuple(grads) + (None,) * 16
@@ -1062,8 +1067,7 @@ def _bwd_ext_body(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, so
                   max_seqlen_k: Optional[int], softmax_scale: float, causal: bool, window_size_left: int,
                   window_size_right: int, softcap: float, deterministic: bool, alibi_slopes: Optional[Tensor],
                   dropout_p: float, rng_state: Optional[Tensor]) -> None:
-    alibi = _alibi(alibi_slopes, q)  # held until the native call returns (`extras` keeps its address only)
-    extras = _bwd_extras(alibi, _seeds_of(dropout_p, rng_state))
+    extras = _bwd_extras(alibi_slopes, q, _seeds_of(dropout_p, rng_state))
     _launch_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
                 max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
                 deterministic, extras)
@@ -1233,8 +1237,7 @@ def _fwd_paged_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, b
 def _paged_ext(q, k, v, cu_q, cu_k, used_q, used_k, block_table, max_q, max_k, scale, o):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    alibi = _alibi(o.alibi_slopes, q)
-    extras = _bwd_extras(alibi, _common.dropout_arg(o, seed_offset(o, q)))
+    extras = _bwd_extras(o.alibi_slopes, q, _common.dropout_arg(o, seed_offset(o, q)))
     s_dmask = None
     if o.return_probs:
         s_dmask = _common.alloc_s_dmask(lambda shape: torch.zeros(shape, dtype=q.dtype, device=q.device), q,
