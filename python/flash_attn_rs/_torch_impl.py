@@ -1538,15 +1538,17 @@ def _vmap_rule(op, tensors, out_count):
     (None allowed), the other tensors (int32 lengths, rng_state) and `alibi_slopes` keep their meaning."""
     named = {a.name: i for i, a in enumerate(op.default._schema.arguments)}
     loop = _vmap_loop(op, out_count)
+    lengths = [named[k] for k in ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k") if k in named]
+    dropout_p, slopes = named.get("dropout_p"), named.get("alibi_slopes")
+    # Arguments whose vmapped dim cannot fold (lengths, rng_state, ...): batched, the call runs per example.
+    unfolded = [i for i in range(len(named)) if i not in tensors and i != slopes]
 
     def rule(info, in_dims, *args):
         n = info.batch_size
-        lengths = [named[k] for k in ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k") if k in named]
-        dropout = "dropout_p" in named and args[named["dropout_p"]] != 0
         first = args[tensors[0]]
         per_rank = first.dim() - (in_dims[tensors[0]] is not None)
-        folds = (not dropout and per_rank >= 1 and all(args[i] is None for i in lengths)
-                 and all(in_dims[i] is None for i in range(len(args)) if i not in tensors and i != named.get("alibi_slopes")))
+        folds = ((dropout_p is None or args[dropout_p] == 0) and per_rank >= 1 and all(args[i] is None for i in lengths)
+                 and all(in_dims[i] is None for i in unfolded))
         if not folds:
             return loop(info, in_dims, *args)
         front = lambda x, d: x.movedim(d, 0) if d is not None else x.unsqueeze(0).expand(n, *x.shape)  # noqa: E731
@@ -1556,7 +1558,7 @@ def _vmap_rule(op, tensors, out_count):
             if args[i] is not None:
                 x = front(args[i], in_dims[i])
                 folded[i] = x.reshape(n * b, *x.shape[2:])
-        i = named.get("alibi_slopes")
+        i = slopes
         if i is not None and args[i] is not None and (in_dims[i] is not None or args[i].dim() == 2):
             x = front(args[i], in_dims[i])  # [n, Hq] or [n, B, Hq]
             if x.dim() == 2:
